@@ -1,0 +1,84 @@
+#include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace fxp {
+namespace {
+
+using Generator = std::optional<at::Generator>;
+using Str = c10::string_view;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
+}
+
+}  // namespace
+
+at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
+                    Str overflow, const Generator& generator) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>(
+          "fxp::quantize");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+at::Tensor& quantize_(at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
+                      Str overflow, const Generator& generator) {
+  static const auto op =
+      find_op<at::Tensor&(at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>(
+          "fxp::quantize_");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
+                                                  int64_t frac_bits, Str rounding, Str overflow,
+                                                  const Generator& generator) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>("fxp::quantize_stats");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_mask(const at::Tensor& x, int64_t total_bits,
+                                                 int64_t frac_bits, Str rounding, Str overflow,
+                                                 const Generator& generator) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>("fxp::quantize_mask");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+at::Tensor quantize_ste(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
+                        Str overflow, const Generator& generator, bool zero_grad_saturated) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&, bool)>(
+          "fxp::quantize_ste");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator, zero_grad_saturated);
+}
+
+at::Tensor quantize_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                           Str rounding, int64_t seed, int64_t offset, Str overflow) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
+          "fxp::quantize_seeded");
+  return op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+at::Tensor& quantize_seeded_(at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
+                             int64_t seed, int64_t offset, Str overflow) {
+  static const auto op =
+      find_op<at::Tensor&(at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
+          "fxp::quantize_seeded_");
+  return op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor& x, int64_t total_bits,
+                                                         int64_t frac_bits, Str rounding,
+                                                         int64_t seed, int64_t offset,
+                                                         Str overflow) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
+      "fxp::quantize_seeded_stats");
+  return op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+}  // namespace fxp

@@ -1,0 +1,61 @@
+#include "quantize_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace fxp {
+
+void check_fxp_format(const char* op, int64_t total_bits, int64_t frac_bits) {
+  TORCH_CHECK(total_bits >= kMinTotalBits && total_bits <= kMaxTotalBits, op,
+              ": total_bits must be in [", kMinTotalBits, ", ", kMaxTotalBits, "], but got ",
+              total_bits);
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= total_bits - 1, op,
+              ": frac_bits must be in [0, total_bits - 1] = [0, ", total_bits - 1, "], but got ",
+              frac_bits);
+}
+
+Rounding parse_rounding(const char* op, c10::string_view name) {
+  if (name == "nearest_even") return Rounding::NearestEven;
+  if (name == "stochastic") return Rounding::Stochastic;
+  if (name == "floor") return Rounding::Floor;
+  if (name == "nearest_away") return Rounding::NearestAway;
+  TORCH_CHECK(false, op, ": unknown rounding '", name,
+              "'; expected one of nearest_even, stochastic, floor, nearest_away");
+}
+
+Overflow parse_overflow(const char* op, c10::string_view name) {
+  if (name == "saturate") return Overflow::Saturate;
+  if (name == "wrap") return Overflow::Wrap;
+  TORCH_CHECK(false, op, ": unknown overflow '", name, "'; expected one of saturate, wrap");
+}
+
+kernels::QuantizeParams parse_quantize_args(const char* op, const at::Tensor& x, int64_t total_bits,
+                                            int64_t frac_bits, c10::string_view rounding,
+                                            c10::string_view overflow) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": x must be float32, float64, float16 or bfloat16, but got ", dtype);
+  check_fxp_format(op, total_bits, frac_bits);
+  return kernels::QuantizeParams{static_cast<int>(total_bits), static_cast<int>(frac_bits),
+                                 parse_rounding(op, rounding), parse_overflow(op, overflow)};
+}
+
+void check_same_device(const char* op, const at::Tensor& x, const at::Tensor& other,
+                       const char* other_name) {
+  TORCH_CHECK(x.device() == other.device(), op, ": expected ", other_name,
+              " on the same device as x (", x.device(), "), but got ", other.device());
+}
+
+void check_generator_device(const char* op, const at::Tensor& x,
+                            const std::optional<at::Generator>& generator) {
+  if (!generator.has_value() || !generator->defined()) return;
+  TORCH_CHECK(generator->device().type() == x.device().type(), op,
+              ": expected a generator for ", x.device().type(), " (the device of x), but got one for ",
+              generator->device());
+}
+
+void check_philox_offset(const char* op, int64_t offset) {
+  TORCH_CHECK(offset >= 0, op, ": offset must be non-negative, but got ", offset);
+}
+
+}  // namespace fxp

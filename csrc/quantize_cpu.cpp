@@ -1,0 +1,43 @@
+// CPU kernels of the quantize ops.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "quantize_ops.h"
+
+namespace fxp {
+namespace {
+
+struct CpuBackend {
+  struct Philox {
+    uint64_t seed = 0;
+    uint64_t offset = 0;
+  };
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+  static constexpr bool kCheckGenerator = true;
+
+  // A fresh 64-bit key per call, drawn from the CPU generator under its lock.
+  static Philox from_generator(const std::optional<at::Generator>& generator) {
+    auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+        generator, at::detail::getDefaultCPUGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    return Philox{gen->random64(), 0};
+  }
+  static Philox from_seed(uint64_t seed, uint64_t offset) { return Philox{seed, offset}; }
+
+  static void launch(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
+                     const Philox& philox, const at::Tensor& saturated,
+                     const at::Tensor& saturated_count) {
+    kernels::quantize_cpu(x, out, params, philox.seed, philox.offset, saturated, saturated_count);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CPU, m) { FXP_REGISTER_QUANTIZE_OPS(m, CpuBackend); }
+
+}  // namespace fxp

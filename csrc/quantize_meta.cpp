@@ -1,0 +1,28 @@
+// Meta kernels of the quantize ops: shapes, dtypes and argument checks only,
+// for FakeTensor, torch.compile and torch.library.opcheck.
+#include <torch/library.h>
+
+#include "quantize_ops.h"
+
+namespace fxp {
+namespace {
+
+struct MetaBackend {
+  struct Philox {};
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+  // Under FakeTensor the generator keeps its real device while x is meta.
+  static constexpr bool kCheckGenerator = false;
+
+  static Philox from_generator(const std::optional<at::Generator>&) { return {}; }
+  static Philox from_seed(uint64_t, uint64_t) { return {}; }
+  static void launch(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
+                     const Philox&, const at::Tensor&, const at::Tensor&) {}
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, Meta, m) { FXP_REGISTER_QUANTIZE_OPS(m, MetaBackend); }
+
+}  // namespace fxp

@@ -1,0 +1,202 @@
+// The quantize ops, written once over a Backend that supplies random-number
+// state and a launcher. quantize_cpu.cpp, quantize_cuda.cpp and
+// quantize_meta.cpp instantiate it and register the kernels.
+//
+// A Backend provides:
+//   using Philox = ...;                      // what the launcher needs for SR
+//   using DeviceGuard = ...;                 // constructed from x.device()
+//   static constexpr bool kCheckGenerator;   // false for Meta (fake tensors)
+//   static Philox from_generator(const std::optional<at::Generator>&);
+//   static Philox from_seed(uint64_t seed, uint64_t offset);
+//   static void launch(x, out, params, philox, saturated, saturated_count);
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/native/Resize.h>
+
+#include <optional>
+#include <tuple>
+
+#include "quantize_args.h"
+
+namespace fxp {
+
+template <class Backend>
+struct QuantizeOps {
+  using Philox = typename Backend::Philox;
+  using Generator = std::optional<at::Generator>;
+
+  // Result of every quantize op: contiguous, same shape and dtype as x.
+  static at::Tensor empty_result(const at::Tensor& x) {
+    return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+
+  // Quantizes x into out (same shape; any strides; out may be x). The kernel
+  // sees contiguous tensors, so element order is logical row-major whatever
+  // the strides of x and out.
+  static void run(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
+                  const Philox& philox, const at::Tensor& saturated = {},
+                  const at::Tensor& saturated_count = {}) {
+    const at::Tensor x_contig = x.contiguous();
+    const bool direct = out.is_contiguous();
+    const at::Tensor target = direct ? out : empty_result(x_contig);
+    Backend::launch(x_contig, target, params, philox, saturated, saturated_count);
+    if (!direct) out.copy_(target);
+  }
+
+  static Philox philox_from_generator(const char* op, const at::Tensor& x,
+                                      const kernels::QuantizeParams& params,
+                                      const Generator& generator) {
+    if constexpr (Backend::kCheckGenerator) check_generator_device(op, x, generator);
+    // Deterministic roundings leave the generator untouched.
+    if (params.rounding != Rounding::Stochastic) return Philox{};
+    return Backend::from_generator(generator);
+  }
+
+  static Philox philox_from_seed(const char* op, int64_t seed, int64_t offset) {
+    check_philox_offset(op, offset);
+    return Backend::from_seed(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  }
+
+  static void check_out(const char* op, const at::Tensor& x, const at::Tensor& out) {
+    check_same_device(op, x, out, "out");
+    TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": expected out to have dtype ",
+                x.scalar_type(), " like x, but got ", out.scalar_type());
+    at::native::resize_output(out, x.sizes());
+    at::assert_no_internal_overlap(out);
+    at::assert_no_partial_overlap(out, x);
+  }
+
+  // --- generator-driven ---------------------------------------------------
+  static at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                             c10::string_view rounding, c10::string_view overflow,
+                             const Generator& generator) {
+    constexpr const char* op = "fxp::quantize";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    run(x, out, params, philox_from_generator(op, x, params, generator));
+    return out;
+  }
+
+  static at::Tensor& quantize_(at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                               c10::string_view rounding, c10::string_view overflow,
+                               const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::assert_no_internal_overlap(x);
+    run(x, x, params, philox_from_generator(op, x, params, generator));
+    return x;
+  }
+
+  static at::Tensor& quantize_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                  c10::string_view rounding, c10::string_view overflow,
+                                  const Generator& generator, at::Tensor& out) {
+    constexpr const char* op = "fxp::quantize.out";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    check_out(op, x, out);
+    run(x, out, params, philox_from_generator(op, x, params, generator));
+    return out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
+                                                           int64_t frac_bits, c10::string_view rounding,
+                                                           c10::string_view overflow,
+                                                           const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_stats";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
+    run(x, out, params, philox_from_generator(op, x, params, generator), {}, count);
+    return {out, count};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_mask(const at::Tensor& x, int64_t total_bits,
+                                                          int64_t frac_bits, c10::string_view rounding,
+                                                          c10::string_view overflow,
+                                                          const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_mask";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor saturated = at::empty(x.sizes(), x.options().dtype(at::kBool));
+    run(x, out, params, philox_from_generator(op, x, params, generator), saturated);
+    return {out, saturated};
+  }
+
+  // Without autograd this is quantize; the Autograd kernel (quantize_autograd.cpp)
+  // adds the straight-through gradient.
+  static at::Tensor quantize_ste(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                 c10::string_view rounding, c10::string_view overflow,
+                                 const Generator& generator, bool /*zero_grad_saturated*/) {
+    return quantize(x, total_bits, frac_bits, rounding, overflow, generator);
+  }
+
+  // --- explicit (seed, offset) --------------------------------------------
+  static at::Tensor quantize_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                    c10::string_view rounding, int64_t seed, int64_t offset,
+                                    c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    run(x, out, params, philox_from_seed(op, seed, offset));
+    return out;
+  }
+
+  static at::Tensor& quantize_seeded_(at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                      c10::string_view rounding, int64_t seed, int64_t offset,
+                                      c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded_";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::assert_no_internal_overlap(x);
+    run(x, x, params, philox_from_seed(op, seed, offset));
+    return x;
+  }
+
+  static at::Tensor& quantize_seeded_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                         c10::string_view rounding, int64_t seed, int64_t offset,
+                                         c10::string_view overflow, at::Tensor& out) {
+    constexpr const char* op = "fxp::quantize_seeded.out";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    check_out(op, x, out);
+    run(x, out, params, philox_from_seed(op, seed, offset));
+    return out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(
+      const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+      int64_t seed, int64_t offset, c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded_stats";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
+    run(x, out, params, philox_from_seed(op, seed, offset), {}, count);
+    return {out, count};
+  }
+};
+
+// Registers every quantize op of QuantizeOps<Backend> on the library m.
+#define FXP_REGISTER_QUANTIZE_OPS(m, Backend)                                   \
+  do {                                                                          \
+    using Ops = ::fxp::QuantizeOps<Backend>;                                    \
+    (m).impl("quantize", &Ops::quantize);                                       \
+    (m).impl("quantize_", &Ops::quantize_);                                     \
+    (m).impl("quantize.out", &Ops::quantize_out);                               \
+    (m).impl("quantize_stats", &Ops::quantize_stats);                           \
+    (m).impl("quantize_mask", &Ops::quantize_mask);                             \
+    (m).impl("quantize_ste", &Ops::quantize_ste);                               \
+    (m).impl("quantize_seeded", &Ops::quantize_seeded);                         \
+    (m).impl("quantize_seeded_", &Ops::quantize_seeded_);                       \
+    (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
+    (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
+  } while (false)
+
+}  // namespace fxp

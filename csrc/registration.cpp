@@ -1,0 +1,43 @@
+// Every fxp op schema lives in this one TORCH_LIBRARY block. Backend kernels
+// are registered next to their implementations (csrc/*_cpu.cpp, *_cuda.cpp,
+// *_meta.cpp, *_autograd.cpp).
+#include <torch/library.h>
+
+TORCH_LIBRARY(fxp, m) {
+  // Fixed-point fake quantization, FxP(total_bits, frac_bits); see docs/design.md.
+  m.def(
+      "quantize(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
+  m.def(
+      "quantize_(Tensor(a!) x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> Tensor(a!)");
+  m.def(
+      "quantize.out(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None, *, Tensor(a!) out) -> Tensor(a!)");
+  // (output, number of saturated elements as an int64 0-dim tensor), one pass.
+  m.def(
+      "quantize_stats(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> (Tensor, Tensor)");
+  // (output, bool tensor that is true where the element saturated), one pass.
+  m.def(
+      "quantize_mask(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> (Tensor, Tensor)");
+  // Straight-through estimator: gradient passes unchanged, or zeroed where saturated.
+  m.def(
+      "quantize_ste(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None, bool zero_grad_saturated=False) "
+      "-> Tensor");
+  // Explicit Philox counter: element i uses lane i % 4 of block (offset, i / 4) under key seed.
+  m.def(
+      "quantize_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> Tensor");
+  m.def(
+      "quantize_seeded_(Tensor(a!) x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> Tensor(a!)");
+  m.def(
+      "quantize_seeded.out(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\", *, Tensor(a!) out) -> Tensor(a!)");
+  m.def(
+      "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");
+}

@@ -1,0 +1,144 @@
+// CUDA quantize kernel: one thread per Philox block of four elements, a
+// grid-stride loop, and vector loads and stores where the pointers allow.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "fxp_math.h"
+#include "quantize_cuda.h"
+
+namespace fxp::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+struct alignas(4 * sizeof(scalar_t)) Vec4 {
+  scalar_t v[4];
+};
+
+template <typename scalar_t, Rounding R, Overflow O, bool kWriteMask, bool kCount>
+__global__ void __launch_bounds__(kThreads)
+    quantize_kernel(const scalar_t* x, scalar_t* y,  // may alias (in-place)
+                    bool* __restrict__ saturated, int64_t n,
+                    FxpSpec<at::opmath_type<scalar_t>> spec, at::PhiloxCudaState philox,
+                    unsigned long long* __restrict__ saturated_count, bool aligned) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  uint64_t seed = 0, offset = 0;
+  if constexpr (R == Rounding::Stochastic) {
+    const auto seeds = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(seeds);
+    offset = std::get<1>(seeds);
+  }
+  const int64_t nblocks = (n + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned long long local = 0;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nblocks;
+       b += stride) {
+    PhiloxBlock bits{{0u, 0u, 0u, 0u}};
+    if constexpr (R == Rounding::Stochastic) bits = philox4x32_10(seed, offset, static_cast<uint64_t>(b));
+    const int64_t i0 = b * 4;
+    bool sat[4] = {false, false, false, false};
+    if (aligned && i0 + 4 <= n) {
+      Vec4<scalar_t> in = reinterpret_cast<const Vec4<scalar_t>*>(x)[b];
+      Vec4<scalar_t> res;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        res.v[l] = static_cast<scalar_t>(
+            quantize_value<R, O>(static_cast<opmath_t>(in.v[l]), spec, bits.lane[l], &sat[l]));
+      }
+      reinterpret_cast<Vec4<scalar_t>*>(y)[b] = res;
+    } else {
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        if (i0 + l < n) {
+          y[i0 + l] = static_cast<scalar_t>(
+              quantize_value<R, O>(static_cast<opmath_t>(x[i0 + l]), spec, bits.lane[l], &sat[l]));
+        }
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if constexpr (kWriteMask) {
+        if (i0 + l < n) saturated[i0 + l] = sat[l];
+      }
+      local += sat[l];
+    }
+  }
+  if constexpr (kCount) {
+    for (int delta = 16; delta > 0; delta /= 2) local += __shfl_down_sync(0xffffffffu, local, delta);
+    if ((threadIdx.x & 31) == 0 && local != 0) atomicAdd(saturated_count, local);
+  }
+}
+
+template <typename scalar_t, Rounding R, Overflow O>
+void launch_typed(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
+                  at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.numel();
+  const auto* xp = x.const_data_ptr<scalar_t>();
+  auto* yp = out.mutable_data_ptr<scalar_t>();
+  const auto spec = make_fxp_spec<opmath_t>(params.total_bits, params.frac_bits);
+  constexpr auto kVecBytes = sizeof(Vec4<scalar_t>);
+  const bool aligned = reinterpret_cast<uintptr_t>(xp) % kVecBytes == 0 &&
+                       reinterpret_cast<uintptr_t>(yp) % kVecBytes == 0;
+  const int64_t nblocks = (n + 3) / 4;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t grid = std::min<int64_t>((nblocks + kThreads - 1) / kThreads, int64_t{sms} * 16);
+  auto stream = at::cuda::getCurrentCUDAStream();
+#define FXP_LAUNCH(MASK, COUNT)                                                                  \
+  quantize_kernel<scalar_t, R, O, MASK, COUNT><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>( \
+      xp, yp, saturated, n, spec, philox, count, aligned)
+  if (saturated != nullptr && count != nullptr) FXP_LAUNCH(true, true);
+  else if (saturated != nullptr) FXP_LAUNCH(true, false);
+  else if (count != nullptr) FXP_LAUNCH(false, true);
+  else FXP_LAUNCH(false, false);
+#undef FXP_LAUNCH
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <Rounding R, Overflow O>
+void launch_dtype(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
+                  at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_quantize_cuda", [&] {
+    launch_typed<scalar_t, R, O>(x, out, params, philox, saturated, count);
+  });
+}
+
+template <Rounding R>
+void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
+                     at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+  if (params.overflow == Overflow::Wrap) {
+    launch_dtype<R, Overflow::Wrap>(x, out, params, philox, saturated, count);
+  } else {
+    launch_dtype<R, Overflow::Saturate>(x, out, params, philox, saturated, count);
+  }
+}
+
+}  // namespace
+
+void quantize_cuda(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
+                   at::PhiloxCudaState philox, const at::Tensor& saturated,
+                   const at::Tensor& saturated_count) {
+  if (x.numel() == 0) return;
+  bool* sat = saturated.defined() ? saturated.data_ptr<bool>() : nullptr;
+  auto* count = saturated_count.defined()
+                    ? reinterpret_cast<unsigned long long*>(saturated_count.data_ptr<int64_t>())
+                    : nullptr;
+  switch (params.rounding) {
+    case Rounding::NearestEven:
+      return launch_overflow<Rounding::NearestEven>(x, out, params, philox, sat, count);
+    case Rounding::Stochastic:
+      return launch_overflow<Rounding::Stochastic>(x, out, params, philox, sat, count);
+    case Rounding::Floor:
+      return launch_overflow<Rounding::Floor>(x, out, params, philox, sat, count);
+    case Rounding::NearestAway:
+      return launch_overflow<Rounding::NearestAway>(x, out, params, philox, sat, count);
+  }
+}
+
+}  // namespace fxp::kernels

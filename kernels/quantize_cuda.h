@@ -1,0 +1,15 @@
+// CUDA quantize launcher. Same contract as quantize_cpu in quantize.h; runs on
+// the current stream of x's device (the caller holds the device guard).
+#pragma once
+
+#include <ATen/cuda/PhiloxCudaState.h>
+
+#include "quantize.h"
+
+namespace fxp::kernels {
+
+void quantize_cuda(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
+                   at::PhiloxCudaState philox, const at::Tensor& saturated,
+                   const at::Tensor& saturated_count);
+
+}  // namespace fxp::kernels

@@ -1,0 +1,141 @@
+// The fxp quantize ops through the dispatcher, as C++ users call them.
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops.h"
+
+namespace {
+
+using torch::Tensor;
+
+Tensor values(std::vector<float> v) { return torch::tensor(v, torch::kFloat); }
+
+void expect_error(const std::function<void()>& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing: " << needle;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST(QuantizeOp, TiesGoToEvenCode) {
+  // FxP(8, 4): LSB 1/16. (k + 1/2) / 16 must become the even one of k, k + 1.
+  auto k = torch::arange(-128, 127, torch::kFloat);
+  const Tensor y = fxp::quantize((k + 0.5) / 16, 8, 4);
+  const Tensor codes = y * 16;
+  EXPECT_TRUE(torch::equal(torch::fmod(codes, 2), torch::zeros_like(codes)));
+  EXPECT_TRUE(torch::equal((codes - k).abs(), torch::where(torch::fmod(k, 2) == 0, 0.0, 1.0).to(torch::kFloat)));
+}
+
+TEST(QuantizeOp, SaturateAndWrapAtBothEnds) {
+  const Tensor x = values({100.f, 7.9375f, 8.0f, -8.0f, -8.0625f, -100.f});
+  EXPECT_TRUE(torch::equal(fxp::quantize(x, 8, 4),
+                           values({7.9375f, 7.9375f, 7.9375f, -8.f, -8.f, -8.f})));
+  // 8.0 is code 128 -> -128; -8.0625 is code -129 -> 127; 100 is code 1600 -> 64.
+  EXPECT_TRUE(torch::equal(fxp::quantize(x, 8, 4, "nearest_even", "wrap"),
+                           values({4.f, 7.9375f, -8.f, -8.f, 7.9375f, -4.f})));
+  auto [y, count] = fxp::quantize_stats(x, 8, 4);
+  EXPECT_EQ(count.item<int64_t>(), 4);
+  auto [y2, mask] = fxp::quantize_mask(x, 8, 4);
+  EXPECT_TRUE(torch::equal(mask, torch::tensor({true, false, true, false, true, true})));
+}
+
+TEST(QuantizeOp, NanStaysNanInfSaturates) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const Tensor x = values({std::nanf(""), inf, -inf});
+  for (const char* overflow : {"saturate", "wrap"}) {
+    for (const char* rounding : {"nearest_even", "stochastic", "floor", "nearest_away"}) {
+      auto [y, count] = fxp::quantize_stats(x, 8, 4, rounding, overflow);
+      EXPECT_TRUE(std::isnan(y[0].item<float>()));
+      EXPECT_EQ(y[1].item<float>(), 7.9375f) << rounding << " " << overflow;
+      EXPECT_EQ(y[2].item<float>(), -8.0f) << rounding << " " << overflow;
+      EXPECT_EQ(count.item<int64_t>(), 2);
+    }
+  }
+}
+
+TEST(QuantizeOp, StochasticResultIndependentOfThreadCount) {
+  const Tensor x = torch::randn({1 << 20}, torch::kDouble);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  const Tensor one = fxp::quantize_seeded(x, 16, 10, "stochastic", 5, 3);
+  at::set_num_threads(3);
+  const Tensor three = fxp::quantize_seeded(x, 16, 10, "stochastic", 5, 3);
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(one, three));
+  EXPECT_FALSE(torch::equal(one, fxp::quantize_seeded(x, 16, 10, "stochastic", 5, 4)));
+}
+
+TEST(QuantizeOp, InPlaceEqualsOutOfPlace) {
+  Tensor x = torch::randn({37, 5}).t();  // non-contiguous
+  const Tensor expected = fxp::quantize_seeded(x, 12, 6, "stochastic", 11, 0);
+  fxp::quantize_seeded_(x, 12, 6, "stochastic", 11, 0);
+  EXPECT_TRUE(torch::equal(x, expected));
+}
+
+TEST(QuantizeOp, StraightThroughGradient) {
+  const Tensor x = values({0.3f, 100.f, -100.f, 1.0f}).requires_grad_();
+  const Tensor g = values({1.f, 2.f, 3.f, 4.f});
+  fxp::quantize_ste(x, 8, 4).backward(g);
+  EXPECT_TRUE(torch::equal(x.grad(), g));
+  x.mutable_grad() = Tensor();
+  fxp::quantize_ste(x, 8, 4, "stochastic", "saturate", std::nullopt, true).backward(g);
+  EXPECT_TRUE(torch::equal(x.grad(), values({1.f, 0.f, 0.f, 4.f})));
+}
+
+TEST(QuantizeOp, BadArgumentsGiveClearErrors) {
+  const Tensor x = torch::randn({4});
+  expect_error([&] { fxp::quantize(x, 33, 4); }, "total_bits must be in [2, 32], but got 33");
+  expect_error([&] { fxp::quantize(x, 1, 0); }, "total_bits must be in [2, 32], but got 1");
+  expect_error([&] { fxp::quantize(x, 8, 8); }, "frac_bits must be in [0, total_bits - 1] = [0, 7], but got 8");
+  expect_error([&] { fxp::quantize(x, 8, -1); }, "frac_bits must be in");
+  expect_error([&] { fxp::quantize(x, 8, 4, "round"); }, "unknown rounding 'round'");
+  expect_error([&] { fxp::quantize(x, 8, 4, "nearest_even", "clip"); }, "unknown overflow 'clip'");
+  expect_error([&] { fxp::quantize(torch::ones({3}, torch::kInt), 8, 4); },
+               "x must be float32, float64, float16 or bfloat16, but got Int");
+  expect_error([&] { fxp::quantize_seeded(x, 8, 4, "stochastic", 0, -1); },
+               "offset must be non-negative");
+}
+
+// --- CUDA: compiled everywhere, run where a GPU is present ------------------
+class QuantizeCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
+  }
+};
+
+TEST_F(QuantizeCuda, BitIdenticalToCpu) {
+  for (auto dtype : {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    const Tensor x = (torch::randn({1000003}) * 50).to(dtype);
+    for (const char* rounding : {"nearest_even", "stochastic", "floor", "nearest_away"}) {
+      for (const char* overflow : {"saturate", "wrap"}) {
+        auto [cpu, cpu_count] = fxp::quantize_seeded_stats(x, 10, 3, rounding, 99, 7, overflow);
+        auto [gpu, gpu_count] =
+            fxp::quantize_seeded_stats(x.cuda(), 10, 3, rounding, 99, 7, overflow);
+        EXPECT_TRUE(torch::equal(cpu.view(torch::kByte), gpu.cpu().view(torch::kByte)))
+            << dtype << " " << rounding << " " << overflow;
+        EXPECT_EQ(cpu_count.item<int64_t>(), gpu_count.item<int64_t>());
+      }
+    }
+  }
+}
+
+TEST_F(QuantizeCuda, MixedDevicesAreRejected) {
+  const Tensor x = torch::randn({4});
+  Tensor out = torch::empty({4}, torch::kCUDA);
+  expect_error([&] { at::Tensor y = fxp::quantize(x.cuda(), 8, 4); (void)y;
+                     c10::Dispatcher::singleton().findSchemaOrThrow("fxp::quantize", "out")
+                         .typed<at::Tensor&(const at::Tensor&, int64_t, int64_t, c10::string_view,
+                                            c10::string_view, const std::optional<at::Generator>&,
+                                            at::Tensor&)>()
+                         .call(x, 8, 4, "nearest_even", "saturate", std::nullopt, out); },
+               "expected out on the same device as x");
+}
+
+}  // namespace
