@@ -26,9 +26,10 @@ at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, 
 at::Tensor& quantize_(at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
                       Str overflow, const Generator& generator) {
   static const auto op =
-      find_op<at::Tensor&(at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>(
+      find_op<void(const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>(
           "fxp::quantize_");
-  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+  op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
@@ -66,9 +67,10 @@ at::Tensor quantize_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac
 at::Tensor& quantize_seeded_(at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding,
                              int64_t seed, int64_t offset, Str overflow) {
   static const auto op =
-      find_op<at::Tensor&(at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
+      find_op<void(const at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
           "fxp::quantize_seeded_");
-  return op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+  op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor& x, int64_t total_bits,

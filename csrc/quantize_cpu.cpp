@@ -18,7 +18,7 @@ struct CpuBackend {
   struct DeviceGuard {
     explicit DeviceGuard(at::Device) {}
   };
-  static constexpr bool kCheckGenerator = true;
+  static constexpr bool kIsMeta = false;
 
   // A fresh 64-bit key per call, drawn from the CPU generator under its lock.
   static Philox from_generator(const std::optional<at::Generator>& generator) {

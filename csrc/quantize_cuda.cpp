@@ -15,7 +15,7 @@ namespace {
 struct CudaBackend {
   using Philox = at::PhiloxCudaState;
   using DeviceGuard = c10::cuda::CUDAGuard;
-  static constexpr bool kCheckGenerator = true;
+  static constexpr bool kIsMeta = false;
 
   // Note [Philox offsets from the CUDA generator]
   // Each call reserves 4 counter values of the generator (its increment must

@@ -12,8 +12,7 @@ struct MetaBackend {
   struct DeviceGuard {
     explicit DeviceGuard(at::Device) {}
   };
-  // Under FakeTensor the generator keeps its real device while x is meta.
-  static constexpr bool kCheckGenerator = false;
+  static constexpr bool kIsMeta = true;
 
   static Philox from_generator(const std::optional<at::Generator>&) { return {}; }
   static Philox from_seed(uint64_t, uint64_t) { return {}; }

@@ -5,7 +5,7 @@
 // A Backend provides:
 //   using Philox = ...;                      // what the launcher needs for SR
 //   using DeviceGuard = ...;                 // constructed from x.device()
-//   static constexpr bool kCheckGenerator;   // false for Meta (fake tensors)
+//   static constexpr bool kIsMeta;           // shapes only: no launch, no generator check
 //   static Philox from_generator(const std::optional<at::Generator>&);
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
@@ -29,7 +29,8 @@ struct QuantizeOps {
 
   // Result of every quantize op: contiguous, same shape and dtype as x.
   static at::Tensor empty_result(const at::Tensor& x) {
-    return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    // sym_sizes: under torch.compile the Meta kernel sees symbolic shapes.
+    return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   }
 
   // Quantizes x into out (same shape; any strides; out may be x). The kernel
@@ -38,6 +39,7 @@ struct QuantizeOps {
   static void run(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
                   const Philox& philox, const at::Tensor& saturated = {},
                   const at::Tensor& saturated_count = {}) {
+    if constexpr (Backend::kIsMeta) return;
     const at::Tensor x_contig = x.contiguous();
     const bool direct = out.is_contiguous();
     const at::Tensor target = direct ? out : empty_result(x_contig);
@@ -48,7 +50,8 @@ struct QuantizeOps {
   static Philox philox_from_generator(const char* op, const at::Tensor& x,
                                       const kernels::QuantizeParams& params,
                                       const Generator& generator) {
-    if constexpr (Backend::kCheckGenerator) check_generator_device(op, x, generator);
+    // Under FakeTensor the generator keeps its real device while x is meta.
+    if constexpr (!Backend::kIsMeta) check_generator_device(op, x, generator);
     // Deterministic roundings leave the generator untouched.
     if (params.rounding != Rounding::Stochastic) return Philox{};
     return Backend::from_generator(generator);
@@ -63,9 +66,11 @@ struct QuantizeOps {
     check_same_device(op, x, out, "out");
     TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": expected out to have dtype ",
                 x.scalar_type(), " like x, but got ", out.scalar_type());
-    at::native::resize_output(out, x.sizes());
-    at::assert_no_internal_overlap(out);
-    at::assert_no_partial_overlap(out, x);
+    at::native::resize_output_symint(out, x.sym_sizes());
+    if constexpr (!Backend::kIsMeta) {
+      at::assert_no_internal_overlap(out);
+      at::assert_no_partial_overlap(out, x);
+    }
   }
 
   // --- generator-driven ---------------------------------------------------
@@ -80,26 +85,24 @@ struct QuantizeOps {
     return out;
   }
 
-  static at::Tensor& quantize_(at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+  static void quantize_(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                c10::string_view rounding, c10::string_view overflow,
                                const Generator& generator) {
     constexpr const char* op = "fxp::quantize_";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
     typename Backend::DeviceGuard guard(x.device());
-    at::assert_no_internal_overlap(x);
+    if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
     run(x, x, params, philox_from_generator(op, x, params, generator));
-    return x;
   }
 
-  static at::Tensor& quantize_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+  static void quantize_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                   c10::string_view rounding, c10::string_view overflow,
-                                  const Generator& generator, at::Tensor& out) {
+                                  const Generator& generator, const at::Tensor& out) {
     constexpr const char* op = "fxp::quantize.out";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
     typename Backend::DeviceGuard guard(x.device());
     check_out(op, x, out);
     run(x, out, params, philox_from_generator(op, x, params, generator));
-    return out;
   }
 
   static std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
@@ -123,7 +126,7 @@ struct QuantizeOps {
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
-    at::Tensor saturated = at::empty(x.sizes(), x.options().dtype(at::kBool));
+    at::Tensor saturated = at::empty_symint(x.sym_sizes(), x.options().dtype(at::kBool));
     run(x, out, params, philox_from_generator(op, x, params, generator), saturated);
     return {out, saturated};
   }
@@ -148,26 +151,24 @@ struct QuantizeOps {
     return out;
   }
 
-  static at::Tensor& quantize_seeded_(at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+  static void quantize_seeded_(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                       c10::string_view rounding, int64_t seed, int64_t offset,
                                       c10::string_view overflow) {
     constexpr const char* op = "fxp::quantize_seeded_";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
     typename Backend::DeviceGuard guard(x.device());
-    at::assert_no_internal_overlap(x);
+    if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
     run(x, x, params, philox_from_seed(op, seed, offset));
-    return x;
   }
 
-  static at::Tensor& quantize_seeded_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+  static void quantize_seeded_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                          c10::string_view rounding, int64_t seed, int64_t offset,
-                                         c10::string_view overflow, at::Tensor& out) {
+                                         c10::string_view overflow, const at::Tensor& out) {
     constexpr const char* op = "fxp::quantize_seeded.out";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
     typename Backend::DeviceGuard guard(x.device());
     check_out(op, x, out);
     run(x, out, params, philox_from_seed(op, seed, offset));
-    return out;
   }
 
   static std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(

@@ -3,6 +3,9 @@
 // *_meta.cpp, *_autograd.cpp).
 #include <torch/library.h>
 
+// Mutating ops (in-place `_` and `.out`) return nothing, which keeps them
+// functionalizable for torch.compile; the Python and C++ wrappers return the
+// mutated tensor.
 TORCH_LIBRARY(fxp, m) {
   // Fixed-point fake quantization, FxP(total_bits, frac_bits); see docs/design.md.
   m.def(
@@ -10,10 +13,10 @@ TORCH_LIBRARY(fxp, m) {
       "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
   m.def(
       "quantize_(Tensor(a!) x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
-      "str overflow=\"saturate\", Generator? generator=None) -> Tensor(a!)");
+      "str overflow=\"saturate\", Generator? generator=None) -> ()");
   m.def(
       "quantize.out(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
-      "str overflow=\"saturate\", Generator? generator=None, *, Tensor(a!) out) -> Tensor(a!)");
+      "str overflow=\"saturate\", Generator? generator=None, *, Tensor(a!) out) -> ()");
   // (output, number of saturated elements as an int64 0-dim tensor), one pass.
   m.def(
       "quantize_stats(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
@@ -33,10 +36,10 @@ TORCH_LIBRARY(fxp, m) {
       "int offset, str overflow=\"saturate\") -> Tensor");
   m.def(
       "quantize_seeded_(Tensor(a!) x, int total_bits, int frac_bits, str rounding, int seed, "
-      "int offset, str overflow=\"saturate\") -> Tensor(a!)");
+      "int offset, str overflow=\"saturate\") -> ()");
   m.def(
       "quantize_seeded.out(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
-      "int offset, str overflow=\"saturate\", *, Tensor(a!) out) -> Tensor(a!)");
+      "int offset, str overflow=\"saturate\", *, Tensor(a!) out) -> ()");
   m.def(
       "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
       "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");

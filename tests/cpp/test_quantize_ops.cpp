@@ -131,9 +131,9 @@ TEST_F(QuantizeCuda, MixedDevicesAreRejected) {
   Tensor out = torch::empty({4}, torch::kCUDA);
   expect_error([&] { at::Tensor y = fxp::quantize(x.cuda(), 8, 4); (void)y;
                      c10::Dispatcher::singleton().findSchemaOrThrow("fxp::quantize", "out")
-                         .typed<at::Tensor&(const at::Tensor&, int64_t, int64_t, c10::string_view,
-                                            c10::string_view, const std::optional<at::Generator>&,
-                                            at::Tensor&)>()
+                         .typed<void(const at::Tensor&, int64_t, int64_t, c10::string_view,
+                                     c10::string_view, const std::optional<at::Generator>&,
+                                     const at::Tensor&)>()
                          .call(x, 8, 4, "nearest_even", "saturate", std::nullopt, out); },
                "expected out on the same device as x");
 }

@@ -1,0 +1,35 @@
+"""fxp: fixed-point quantization and quantized parameter updates for PyTorch.
+
+Importing fxp loads libfxp, which registers the ``torch.ops.fxp.*`` operators.
+"""
+
+from ._library import load as _load
+
+library_path = _load()
+
+from .format import FxpFormat  # noqa: E402
+from .ops import (  # noqa: E402
+    quantize,
+    quantize_,
+    quantize_mask,
+    quantize_seeded,
+    quantize_seeded_,
+    quantize_seeded_stats,
+    quantize_stats,
+    quantize_ste,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FxpFormat",
+    "library_path",
+    "quantize",
+    "quantize_",
+    "quantize_mask",
+    "quantize_seeded",
+    "quantize_seeded_",
+    "quantize_seeded_stats",
+    "quantize_stats",
+    "quantize_ste",
+]
