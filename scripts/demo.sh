@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The README's main-job command: sets everything up, then runs the quantize demo.
+# Arguments go to scripts/demo.py (see --help). fxp-train replaces this later.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+"$ROOT/scripts/setup.sh" >&2
+if [[ "${FXP_SYSTEM_PYTHON:-0}" == 1 ]]; then PYTHON=$(command -v python3); else PYTHON=${FXP_VENV:-$HOME/.cache/fxp/venv}/bin/python; fi
+exec "$PYTHON" "$ROOT/scripts/demo.py" "$@"
