@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Benchmark fxp.quantize against baselines measured in the same run.
+
+For each size, times (median of torch.utils.benchmark's blocked_autorange):
+  clone          x.clone(), the memory-bandwidth ceiling (one read, one write)
+  fxp HTE/SR     fxp.quantize, nearest_even and stochastic (default generator)
+  torch HTE/SR   the composite: mul/round/clamp/div, and mul/add rand_like/floor/clamp/div
+  fake_quant     torch.fake_quantize_per_tensor_affine (HTE only)
+  qtorch HTE/SR  QPyTorch's fixed_point_quantize, nearest and stochastic
+and prints GB/s (bytes read + written), each method's time relative to clone,
+and fxp's speed-up over each baseline. --markdown writes the same tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from datetime import datetime, timezone
+
+import torch
+import torch.utils.benchmark as tbench
+from rich.console import Console
+from rich.table import Table
+
+import fxp
+
+TARGETS = {
+    "cpu": "HTE and SR within 1.5x of clone at >= 1e7 elements; >= 3x faster than the torch composite and QPyTorch",
+    "cuda": ">= 85% of clone bandwidth; >= 2.5x QPyTorch",
+}
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(s)) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes: expected numbers like 1e4,1e6, got {text!r}")
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError("--sizes: every size must be positive")
+    return sizes
+
+
+def load_qtorch():
+    try:
+        from qtorch.quant import fixed_point_quantize  # JIT-builds its extension on first import
+    except Exception as exc:  # noqa: BLE001 - any failure means "baseline unavailable"
+        print(f"QPyTorch unavailable, skipping it: {exc}", file=sys.stderr)
+        return None
+    return fixed_point_quantize
+
+
+def methods(fmt: fxp.FxpFormat, qtorch_fpq):
+    b, f = fmt.total_bits, fmt.frac_bits
+    scale, lo, hi = float(2**f), float(fmt.code_min), float(fmt.code_max)
+
+    def torch_hte(x):
+        return torch.clamp(torch.round(x * scale), lo, hi) / scale
+
+    def torch_sr(x):
+        return torch.clamp(torch.floor(x * scale + torch.rand_like(x)), lo, hi) / scale
+
+    table = {
+        "clone": lambda x: x.clone(),
+        "fxp HTE": lambda x: fxp.quantize(x, b, f),
+        "fxp SR": lambda x: fxp.quantize(x, b, f, "stochastic"),
+        "torch HTE": torch_hte,
+        "torch SR": torch_sr,
+        "fake_quant HTE": lambda x: torch.fake_quantize_per_tensor_affine(x, 2.0**-f, 0, int(lo), int(hi)),
+    }
+    if qtorch_fpq is not None:
+        table["qtorch HTE"] = lambda x: qtorch_fpq(x, b, f, rounding="nearest")
+        table["qtorch SR"] = lambda x: qtorch_fpq(x, b, f, rounding="stochastic")
+    return table
+
+
+def time_one(fn, x, min_run_time: float) -> float:
+    timer = tbench.Timer(stmt="fn(x)", globals={"fn": fn, "x": x})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"),
+                        help="comma-separated element counts (default 1e4,1e5,1e6,1e7,1e8)")
+    parser.add_argument("--format", default="8,4", help="total_bits,frac_bits (default 8,4)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--no-qtorch", action="store_true", help="leave QPyTorch out")
+    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    try:
+        fmt = fxp.FxpFormat(*[int(v) for v in args.format.split(",")])
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--format: {exc}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    qtorch_fpq = None if args.no_qtorch else load_qtorch()
+    fns = methods(fmt, qtorch_fpq)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    header = (f"fxp quantize benchmark, {fmt}, float32, {args.device} ({device_name}, "
+              f"{torch.get_num_threads()} threads), torch {torch.__version__}, "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}")
+    console = Console(width=120)
+    console.print(header)
+    md = [f"### {header}", "", f"Targets: {TARGETS[args.device]}.", ""]
+
+    for n in args.sizes:
+        x = torch.randn(n, device=args.device)
+        times = {name: time_one(fn, x, args.min_run_time) for name, fn in fns.items()}
+        bytes_moved = 2 * n * x.element_size()
+        table = Table(title=f"{n:.0e} elements ({bytes_moved / 1e6:.1f} MB moved)")
+        cols = ["method", "time (us)", "GB/s", "time / clone", "fxp HTE speed-up", "fxp SR speed-up"]
+        for c in cols:
+            table.add_column(c, justify="right")
+        md += [f"**{n:.0e} elements**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for name, t in times.items():
+            hte = f"{t / times['fxp HTE']:.2f}x" if "HTE" in name or name == "clone" else ""
+            sr = f"{t / times['fxp SR']:.2f}x" if "SR" in name or name == "clone" else ""
+            row = [name, f"{t * 1e6:.1f}", f"{bytes_moved / t / 1e9:.1f}", f"{t / times['clone']:.2f}", hte, sr]
+            table.add_row(*row)
+            md.append("| " + " | ".join(row) + " |")
+        md.append("")
+        console.print(table)
+
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write("\n".join(md) + "\n")
+        console.print(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
