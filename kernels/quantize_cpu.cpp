@@ -65,7 +65,7 @@ int64_t quantize_chunk(const scalar_t* x, scalar_t* y, bool* saturated, int64_t 
   const int64_t n = end - begin;
   const scalar_t* xs = x + begin;
   scalar_t* ys = y + begin;
-  int64_t count = 0;
+  int32_t count = 0;  // a chunk has at most kChunkElems elements; int32 keeps the loop narrow
   for (int64_t i = 0; i < n; ++i) {
     bool sat;
     const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
