@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <string>
 
 #include "fxp_math.h"
 
@@ -17,6 +18,16 @@ struct QuantizeParams {
   Overflow overflow;
 };
 
+// What one CPU kernel call needs beyond the tensors and the format (internal to
+// quantize_cpu*.cpp): the Philox key and offset, where to write the per-element
+// saturation flags (or null), and whether to count saturated elements.
+struct CpuQuantizeRequest {
+  uint64_t seed;
+  uint64_t offset;
+  bool* saturated;
+  bool count;
+};
+
 // Quantizes the contiguous x into the contiguous out (same shape and dtype;
 // out may be x). Element i, in row-major order, takes lane i % 4 of the
 // Philox block (seed, offset, i / 4) when rounding is stochastic.
@@ -26,5 +37,14 @@ struct QuantizeParams {
 void quantize_cpu(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
                   uint64_t seed, uint64_t offset, const at::Tensor& saturated,
                   const at::Tensor& saturated_count);
+
+// The Philox words of blocks first_block .. first_block + nblocks - 1, in
+// element order, as computed by the CPU build named capability ("default",
+// "avx2", "avx512"). For tests; errors if the build or the CPU lacks it.
+void philox_fill_cpu(const std::string& capability, uint64_t seed, uint64_t offset,
+                     uint64_t first_block, int64_t nblocks, uint32_t* out);
+
+// Whether this build and CPU have the named capability.
+bool cpu_capability_available(const std::string& capability);
 
 }  // namespace fxp::kernels

@@ -148,8 +148,12 @@ void philox_chunk(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t 
   }
 }
 
+// What the element loop records besides the output. Without statistics the
+// saturation test compiles away.
+enum class Stats { kNone, kCount, kMaskAndCount };
+
 // The element loop over n elements; random_bits[i] is element i's draw (SR only).
-template <typename scalar_t, Rounding R, Overflow O, bool kWriteMask>
+template <typename scalar_t, Rounding R, Overflow O, Stats S>
 int32_t quantize_span(const scalar_t* xs, scalar_t* ys, bool* saturated, int64_t n,
                       const FxpSpec<at::opmath_type<scalar_t>>& spec, const uint32_t* random_bits) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -162,8 +166,8 @@ int32_t quantize_span(const scalar_t* xs, scalar_t* ys, bool* saturated, int64_t
     const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
     const opmath_t v = quantize_value<R, O>(static_cast<opmath_t>(xs[i]), spec, bits, &sat);
     ys[i] = static_cast<scalar_t>(v);
-    if constexpr (kWriteMask) saturated[i] = sat;
-    count += sat;
+    if constexpr (S == Stats::kMaskAndCount) saturated[i] = sat;
+    if constexpr (S != Stats::kNone) count += sat;
   }
   return count;
 }
@@ -174,13 +178,14 @@ int32_t quantize_span(const scalar_t* xs, scalar_t* ys, bool* saturated, int64_t
 // loads and stores instead of leaving the memory system idle in between.
 constexpr int64_t kSpanElems = 256;
 
-template <typename scalar_t, Rounding R, Overflow O, bool kWriteMask>
+template <typename scalar_t, Rounding R, Overflow O, Stats S>
 int64_t quantize_chunk(const scalar_t* x, scalar_t* y, bool* saturated, int64_t begin,
                        int64_t end, const FxpSpec<at::opmath_type<scalar_t>>& spec, uint64_t seed,
                        uint64_t offset) {
+  constexpr bool kWriteMask = S == Stats::kMaskAndCount;
   bool* sat = kWriteMask ? saturated + begin : nullptr;
   if constexpr (R != Rounding::Stochastic) {
-    return quantize_span<scalar_t, R, O, kWriteMask>(x + begin, y + begin, sat, end - begin, spec,
+    return quantize_span<scalar_t, R, O, S>(x + begin, y + begin, sat, end - begin, spec,
                                                      nullptr);
   } else {
     alignas(64) uint32_t random_bits[kSpanElems];
@@ -188,16 +193,16 @@ int64_t quantize_chunk(const scalar_t* x, scalar_t* y, bool* saturated, int64_t 
     for (int64_t s = begin; s < end; s += kSpanElems) {  // begin is a multiple of 4
       const int64_t n = std::min(kSpanElems, end - s);
       philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (n + 3) / 4, random_bits);
-      count += quantize_span<scalar_t, R, O, kWriteMask>(x + s, y + s, kWriteMask ? sat + (s - begin) : nullptr,
+      count += quantize_span<scalar_t, R, O, S>(x + s, y + s, kWriteMask ? sat + (s - begin) : nullptr,
                                                          n, spec, random_bits);
     }
     return count;
   }
 }
 
-template <typename scalar_t, Rounding R, Overflow O>
+template <typename scalar_t, Rounding R, Overflow O, Stats S>
 int64_t quantize_typed(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                       uint64_t seed, uint64_t offset, bool* saturated) {
+                       const CpuQuantizeRequest& request) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto spec = make_fxp_spec<opmath_t>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -210,48 +215,60 @@ int64_t quantize_typed(const at::Tensor& x, const at::Tensor& out, const Quantiz
     int64_t local = 0;
     for (int64_t c = cbegin; c < cend; ++c) {
       const int64_t b = c * kChunkElems, e = std::min(n, b + kChunkElems);
-      local += saturated != nullptr
-                   ? quantize_chunk<scalar_t, R, O, true>(xp, yp, saturated, b, e, spec, seed, offset)
-                   : quantize_chunk<scalar_t, R, O, false>(xp, yp, nullptr, b, e, spec, seed, offset);
+      local += quantize_chunk<scalar_t, R, O, S>(xp, yp, request.saturated, b, e, spec, request.seed,
+                                                 request.offset);
     }
     total.fetch_add(local, std::memory_order_relaxed);
   });
   return total.load();
 }
 
-template <Rounding R, Overflow O>
+template <Rounding R, Overflow O, Stats S>
 int64_t quantize_dispatch_dtype(const at::Tensor& x, const at::Tensor& out,
-                                const QuantizeParams& params, uint64_t seed, uint64_t offset,
-                                bool* saturated) {
+                                const QuantizeParams& params, const CpuQuantizeRequest& request) {
   int64_t count = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_quantize_cpu", [&] {
-    count = quantize_typed<scalar_t, R, O>(x, out, params, seed, offset, saturated);
+    count = quantize_typed<scalar_t, R, O, S>(x, out, params, request);
   });
   return count;
 }
 
+template <Rounding R, Overflow O>
+int64_t quantize_dispatch_stats(const at::Tensor& x, const at::Tensor& out,
+                                const QuantizeParams& params, const CpuQuantizeRequest& request) {
+  if (request.saturated != nullptr) {
+    return quantize_dispatch_dtype<R, O, Stats::kMaskAndCount>(x, out, params, request);
+  }
+  return request.count ? quantize_dispatch_dtype<R, O, Stats::kCount>(x, out, params, request)
+                       : quantize_dispatch_dtype<R, O, Stats::kNone>(x, out, params, request);
+}
+
 template <Rounding R>
 int64_t quantize_dispatch_overflow(const at::Tensor& x, const at::Tensor& out,
-                                   const QuantizeParams& params, uint64_t seed, uint64_t offset,
-                                   bool* saturated) {
+                                   const QuantizeParams& params, const CpuQuantizeRequest& request) {
   return params.overflow == Overflow::Wrap
-             ? quantize_dispatch_dtype<R, Overflow::Wrap>(x, out, params, seed, offset, saturated)
-             : quantize_dispatch_dtype<R, Overflow::Saturate>(x, out, params, seed, offset, saturated);
+             ? quantize_dispatch_stats<R, Overflow::Wrap>(x, out, params, request)
+             : quantize_dispatch_stats<R, Overflow::Saturate>(x, out, params, request);
 }
 
 }  // namespace
 
+void philox_fill(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,
+                 uint32_t* out) {
+  philox_chunk(seed, offset, first_block, nblocks, out);
+}
+
 int64_t quantize_cpu_impl(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                          uint64_t seed, uint64_t offset, bool* saturated) {
+                          const CpuQuantizeRequest& request) {
   switch (params.rounding) {
     case Rounding::NearestEven:
-      return quantize_dispatch_overflow<Rounding::NearestEven>(x, out, params, seed, offset, saturated);
+      return quantize_dispatch_overflow<Rounding::NearestEven>(x, out, params, request);
     case Rounding::Stochastic:
-      return quantize_dispatch_overflow<Rounding::Stochastic>(x, out, params, seed, offset, saturated);
+      return quantize_dispatch_overflow<Rounding::Stochastic>(x, out, params, request);
     case Rounding::Floor:
-      return quantize_dispatch_overflow<Rounding::Floor>(x, out, params, seed, offset, saturated);
+      return quantize_dispatch_overflow<Rounding::Floor>(x, out, params, request);
     case Rounding::NearestAway:
-      return quantize_dispatch_overflow<Rounding::NearestAway>(x, out, params, seed, offset, saturated);
+      return quantize_dispatch_overflow<Rounding::NearestAway>(x, out, params, request);
   }
   return 0;
 }

@@ -13,8 +13,9 @@ namespace fxp::kernels {
 #define FXP_DECLARE_CPU_IMPL(capability)                                                  \
   namespace capability {                                                                   \
   int64_t quantize_cpu_impl(const at::Tensor& x, const at::Tensor& out,                    \
-                            const QuantizeParams& params, uint64_t seed, uint64_t offset, \
-                            bool* saturated);                                              \
+                            const QuantizeParams& params, const CpuQuantizeRequest& request); \
+  void philox_fill(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,      \
+                   uint32_t* out);                                                             \
   }
 FXP_DECLARE_CPU_IMPL(default_)
 #if defined(FXP_HAVE_X86_CAPABILITIES)
@@ -25,26 +26,40 @@ FXP_DECLARE_CPU_IMPL(avx512)
 
 namespace {
 using QuantizeImpl = int64_t (*)(const at::Tensor&, const at::Tensor&, const QuantizeParams&,
-                                 uint64_t, uint64_t, bool*);
+                                 const CpuQuantizeRequest&);
+
+bool has_avx2() {
+#if defined(FXP_HAVE_X86_CAPABILITIES)
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
+bool has_avx512() {
+#if defined(FXP_HAVE_X86_CAPABILITIES)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+void check_capability(const std::string& name) {
+  TORCH_CHECK(name == "default" || name == "avx2" || name == "avx512",
+              "FXP_CPU_CAPABILITY must be default, avx2 or avx512, not '", name, "'");
+  TORCH_CHECK(cpu_capability_available(name), "CPU capability ", name,
+              " is not available (not built here, or this CPU lacks it)");
+}
 
 QuantizeImpl select_cpu_impl() {
   const char* env = std::getenv("FXP_CPU_CAPABILITY");
-  const std::string wanted = env != nullptr ? env : "";
-  if (wanted == "default") return &default_::quantize_cpu_impl;
+  std::string name = env != nullptr ? env : "";
+  if (name.empty()) name = has_avx512() ? "avx512" : has_avx2() ? "avx2" : "default";
+  check_capability(name);
 #if defined(FXP_HAVE_X86_CAPABILITIES)
-  const bool has_avx2 = __builtin_cpu_supports("avx2");
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  if (wanted == "avx2" || wanted == "avx512") {
-    TORCH_CHECK(wanted == "avx2" ? has_avx2 : has_avx512, "FXP_CPU_CAPABILITY=", wanted,
-                " but this CPU does not support it");
-    return wanted == "avx2" ? &avx2::quantize_cpu_impl : &avx512::quantize_cpu_impl;
-  }
-  TORCH_CHECK(wanted.empty(), "FXP_CPU_CAPABILITY must be default, avx2 or avx512, not '", wanted, "'");
-  if (has_avx512) return &avx512::quantize_cpu_impl;
-  if (has_avx2) return &avx2::quantize_cpu_impl;
-#else
-  TORCH_CHECK(wanted.empty(), "FXP_CPU_CAPABILITY='", wanted, "' but only the default build exists here");
+  if (name == "avx512") return &avx512::quantize_cpu_impl;
+  if (name == "avx2") return &avx2::quantize_cpu_impl;
 #endif
   return &default_::quantize_cpu_impl;
 }
@@ -54,9 +69,28 @@ void quantize_cpu(const at::Tensor& x, const at::Tensor& out, const QuantizePara
                   uint64_t seed, uint64_t offset, const at::Tensor& saturated,
                   const at::Tensor& saturated_count) {
   static const QuantizeImpl impl = select_cpu_impl();
-  bool* saturated_ptr = saturated.defined() ? saturated.data_ptr<bool>() : nullptr;
-  const int64_t count = x.numel() == 0 ? 0 : impl(x, out, params, seed, offset, saturated_ptr);
+  const CpuQuantizeRequest request{seed, offset,
+                                   saturated.defined() ? saturated.data_ptr<bool>() : nullptr,
+                                   saturated_count.defined()};
+  const int64_t count = x.numel() == 0 ? 0 : impl(x, out, params, request);
   if (saturated_count.defined()) *saturated_count.data_ptr<int64_t>() += count;
+}
+
+bool cpu_capability_available(const std::string& capability) {
+  if (capability == "default") return true;
+  if (capability == "avx2") return has_avx2();
+  if (capability == "avx512") return has_avx512();
+  return false;
+}
+
+void philox_fill_cpu(const std::string& capability, uint64_t seed, uint64_t offset,
+                     uint64_t first_block, int64_t nblocks, uint32_t* out) {
+  check_capability(capability);
+#if defined(FXP_HAVE_X86_CAPABILITIES)
+  if (capability == "avx512") return avx512::philox_fill(seed, offset, first_block, nblocks, out);
+  if (capability == "avx2") return avx2::philox_fill(seed, offset, first_block, nblocks, out);
+#endif
+  default_::philox_fill(seed, offset, first_block, nblocks, out);
 }
 
 }  // namespace fxp::kernels

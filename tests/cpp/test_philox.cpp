@@ -5,6 +5,11 @@
 #include <random>
 
 #include "fxp_math.h"
+#include "quantize.h"
+
+#include <iostream>
+#include <string>
+#include <vector>
 
 namespace {
 
@@ -40,6 +45,39 @@ TEST(Philox, MatchesATenEngine) {
     const auto r = fxp::philox4x32_10(seed, offset, block);
     for (int l = 0; l < 4; ++l) ASSERT_EQ(r.lane[l], engine()) << "trial " << trial << " lane " << l;
   }
+}
+
+}  // namespace
+
+namespace {
+
+// Every CPU build's vectorized Philox equals the scalar definition, including
+// block indices whose low word wraps (the carry into the high word) and runs
+// that end in the scalar tail.
+TEST(Philox, CpuBuildsMatchScalar) {
+  const uint64_t firsts[] = {0, (uint64_t{1} << 32) - 21, (uint64_t{1} << 33) - 3, 123456789};
+  for (const std::string cap : {"default", "avx2", "avx512"}) {
+    if (!fxp::kernels::cpu_capability_available(cap)) {
+      std::cout << "[   INFO   ] " << cap << " not available on this CPU\n";
+      continue;
+    }
+    for (const uint64_t first : firsts) {
+      constexpr int64_t kBlocks = 16 + 8 + 5;
+      std::vector<uint32_t> got(4 * kBlocks);
+      fxp::kernels::philox_fill_cpu(cap, 0xDEADBEEFCAFEF00Dull, 99, first, kBlocks, got.data());
+      for (int64_t j = 0; j < kBlocks; ++j) {
+        const auto r = fxp::philox4x32_10(0xDEADBEEFCAFEF00Dull, 99, first + j);
+        for (int l = 0; l < 4; ++l) {
+          ASSERT_EQ(got[4 * j + l], r.lane[l]) << cap << " first " << first << " block " << j;
+        }
+      }
+    }
+  }
+}
+
+TEST(Philox, UnknownCapabilityIsAnError) {
+  uint32_t out[4];
+  EXPECT_THROW(fxp::kernels::philox_fill_cpu("sse9", 0, 0, 0, 1, out), c10::Error);
 }
 
 }  // namespace

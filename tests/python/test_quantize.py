@@ -432,3 +432,44 @@ def test_64bit_indexing(device):
     tail = codes(y[-40:].cpu(), 4).numpy()
     expect = [1.0 if philox_word(5, 1, i) < 2**31 else 0.0 for i in range(n - 40, n)]
     np.testing.assert_array_equal(tail, expect)
+
+
+# --- every CPU build gives the same bits ---------------------------------------
+_CAPABILITY_SCRIPT = r"""
+import sys, torch, fxp
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    x = (torch.randn(10_007, dtype=torch.float64) * 30).to(dtype)
+    x[::97] = float("nan"); x[1::97] = float("inf"); x[2::97] = -float("inf")
+    for rounding in ("nearest_even", "stochastic", "floor", "nearest_away"):
+        for overflow in ("saturate", "wrap"):
+            for b, f in ((8, 3), (16, 10), (32, 24)):
+                y, c = fxp.quantize_seeded_stats(x, b, f, rounding, seed=-3, offset=7, overflow=overflow)
+                _, m = fxp.quantize_mask(x, b, f, rounding, overflow, torch.Generator().manual_seed(1))
+                outs += [y.view(torch.uint8), c.view(1).view(torch.uint8), m.view(torch.uint8)]
+torch.save(torch.cat([o.flatten() for o in outs]), sys.argv[1])
+"""
+
+
+def test_every_cpu_build_gives_the_same_bits(tmp_path):
+    """The default (SSE2), AVX2 and AVX-512 builds of the CPU kernel, forced with
+    FXP_CPU_CAPABILITY, agree bit for bit on every dtype, rounding and overflow."""
+    import subprocess
+    import sys
+
+    results = {}
+    for cap in ("default", "avx2", "avx512"):
+        path = tmp_path / f"{cap}.pt"
+        env = dict(os.environ, FXP_CPU_CAPABILITY=cap)
+        proc = subprocess.run([sys.executable, "-c", _CAPABILITY_SCRIPT, str(path)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 and "is not available" in proc.stderr:
+            continue  # this CPU lacks it
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results[cap] = torch.load(path)
+    assert "default" in results
+    if len(results) < 2:
+        pytest.skip("this CPU has only the default build; nothing to compare it with")
+    for cap, bits in results.items():
+        assert torch.equal(bits, results["default"]), f"{cap} differs from default"
