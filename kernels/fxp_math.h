@@ -217,7 +217,10 @@ FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bi
   const bool above = q > spec.code_max;
   const bool below = q < spec.code_min;
   *saturated = above || below;
-  T c = above ? spec.code_max : (below ? spec.code_min : q);  // NaN falls through
+  // Written as x86's min/max select, so the compiler emits one instruction
+  // each; a NaN q falls through both.
+  T c = spec.code_max < q ? spec.code_max : q;
+  c = spec.code_min > c ? spec.code_min : c;
   if constexpr (O == Overflow::Wrap) {
     if ((above || below) && fxp_abs(q) != T(INFINITY)) c = wrap_code(q, spec.total_bits);
   }
