@@ -11,10 +11,10 @@ _LIBRARY_NAME = "libfxp.so"
 
 
 def _candidates() -> list[Path]:
+    if os.environ.get("FXP_LIBRARY"):  # explicit: use exactly this one
+        return [Path(os.environ["FXP_LIBRARY"])]
     here = Path(__file__).resolve().parent
     found = []
-    if os.environ.get("FXP_LIBRARY"):
-        found.append(Path(os.environ["FXP_LIBRARY"]))
     found.append(here / _LIBRARY_NAME)  # a non-editable install ships it here
     found.append(here.parent.parent / "build" / _LIBRARY_NAME)  # editable install of a checkout
     return found
