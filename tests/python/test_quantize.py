@@ -473,3 +473,14 @@ def test_every_cpu_build_gives_the_same_bits(tmp_path):
         pytest.skip("this CPU has only the default build; nothing to compare it with")
     for cap, bits in results.items():
         assert torch.equal(bits, results["default"]), f"{cap} differs from default"
+
+
+def test_docstring_examples():
+    import doctest
+
+    import fxp.format
+    import fxp.ops
+
+    for module in (fxp.ops, fxp.format):
+        result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
