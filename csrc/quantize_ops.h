@@ -42,7 +42,8 @@ struct QuantizeOps {
     if constexpr (Backend::kIsMeta) return;
     const at::Tensor x_contig = x.contiguous();
     const bool direct = out.is_contiguous();
-    const at::Tensor target = direct ? out : empty_result(x_contig);
+    // A strided x was copied; its copy can take the result in place.
+    const at::Tensor target = direct ? out : x_contig.is_same(x) ? empty_result(x) : x_contig;
     Backend::launch(x_contig, target, params, philox, saturated, saturated_count);
     if (!direct) out.copy_(target);
   }

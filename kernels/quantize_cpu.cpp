@@ -24,10 +24,10 @@ namespace fxp::kernels::FXP_CPU_CAPABILITY {
 namespace {
 
 // Note [CPU chunking]
-// Work is split into chunks of whole Philox blocks. A chunk first generates
-// its random words with the blocks laid out structure-of-arrays, so that the
-// Philox rounds vectorize across blocks, then runs a branch-free element loop.
-// Every element's bits depend only on its index, never on the chunk or thread.
+// at::parallel_for hands out chunks of kChunkElems elements (whole Philox
+// blocks). Every element's bits depend only on its index, never on the chunk,
+// the thread or the vector width, so results do not depend on the thread count
+// or the CPU build.
 constexpr int64_t kChunkBlocks = 512;
 constexpr int64_t kChunkElems = kChunkBlocks * 4;
 
