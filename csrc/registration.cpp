@@ -43,4 +43,14 @@ TORCH_LIBRARY(fxp, m) {
   m.def(
       "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
       "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");
+
+  // The fused QPU SGD step over a parameter group (docs/design.md, "Methods"):
+  // updates params and momentum_buffers in place and returns int64 counts
+  // [len(params), 2] of (saturated, vanished) elements per tensor. Random
+  // numbers come from (seed, step); see kernels/qpu_sgd.h.
+  m.def(
+      "qpu_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, float momentum, float weight_decay, bool nesterov, int total_bits, int frac_bits, "
+      "int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, int step, "
+      "str momentum_form=\"standard\") -> Tensor");
 }

@@ -228,3 +228,66 @@ FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bi
 }
 
 }  // namespace fxp
+
+namespace fxp {
+
+// ---------------------------------------------------------------------------
+// Quantized parameter update (QPU), one element. See docs/design.md, "Methods".
+// ---------------------------------------------------------------------------
+enum class MomentumForm : int8_t { Standard, PaperEq6 };
+
+struct QpuHyper {
+  double lr;
+  double momentum;      // mu; 0 means no momentum buffer
+  double weight_decay;  // lambda (L2: g + lambda * w)
+  bool nesterov;
+};
+
+struct QpuElementResult {
+  double param;     // new parameter, on the parameter grid
+  double momentum;  // new momentum buffer value, on the momentum grid (if any)
+  bool saturated;   // the parameter's rounded code was clamped
+  bool vanished;    // a nonzero update left the parameter unchanged
+};
+
+// Note [QPU update in float64]
+// The update is computed in float64 and rounded once: standard form
+//   v = mu v + (g + lambda w);  d = nesterov ? (g + lambda w) + mu v : v
+//   w' = Q_r(w - lr d);  v is stored as Q_r(v) in the momentum format,
+// and paper_eq6 form
+//   delta = Q_r((mu delta + g + lambda w) lr) in the momentum format;  w' = Q_r(w - delta).
+// Rounding fl32(w - lr d) instead would drop the low bits of a small update
+// before stochastic rounding sees them, biasing it. Every operation is a
+// separate IEEE double operation (no contraction), so CPU and CUDA agree.
+template <Rounding R, MomentumForm Form, bool kHasMomentum>
+FXP_HOST_DEVICE QpuElementResult qpu_update_element(double w, double g, double v,
+                                                    const QpuHyper& h,
+                                                    const FxpSpec<double>& param_spec,
+                                                    const FxpSpec<double>& momentum_spec,
+                                                    uint32_t param_bits, uint32_t momentum_bits) {
+  QpuElementResult r;
+  const double grad = g + h.weight_decay * w;
+  bool unused;
+  double step;  // what is subtracted from w before rounding
+  if constexpr (Form == MomentumForm::PaperEq6) {
+    const double delta = kHasMomentum ? (h.momentum * v + grad) * h.lr : grad * h.lr;
+    step = quantize_value<R, Overflow::Saturate>(delta, momentum_spec, momentum_bits, &unused);
+    r.momentum = step;
+    r.param = quantize_value<R, Overflow::Saturate>(w - step, param_spec, param_bits, &r.saturated);
+    r.vanished = delta != 0.0 && r.param == w;
+  } else {
+    double d = grad;
+    r.momentum = 0.0;
+    if constexpr (kHasMomentum) {
+      const double v_new = h.momentum * v + grad;
+      d = h.nesterov ? grad + h.momentum * v_new : v_new;
+      r.momentum = quantize_value<R, Overflow::Saturate>(v_new, momentum_spec, momentum_bits, &unused);
+    }
+    step = h.lr * d;
+    r.param = quantize_value<R, Overflow::Saturate>(w - step, param_spec, param_bits, &r.saturated);
+    r.vanished = step != 0.0 && r.param == w;
+  }
+  return r;
+}
+
+}  // namespace fxp

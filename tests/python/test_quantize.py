@@ -448,13 +448,22 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 y, c = fxp.quantize_seeded_stats(x, b, f, rounding, seed=-3, offset=7, overflow=overflow)
                 _, m = fxp.quantize_mask(x, b, f, rounding, overflow, torch.Generator().manual_seed(1))
                 outs += [y.view(torch.uint8), c.view(1).view(torch.uint8), m.view(torch.uint8)]
+for dtype in (torch.float32, torch.float64):
+    for rounding in ("nearest_even", "stochastic"):
+        for form, momentum in (("standard", 0.9), ("paper_eq6", 0.9), ("standard", 0.0)):
+            w = [fxp.quantize(torch.randn(n, dtype=dtype), 12, 8) for n in (5000, 37)]
+            g = [torch.randn_like(t) for t in w]
+            v = [torch.randn_like(t) * 0.1 for t in w] if momentum else []
+            c = torch.ops.fxp.qpu_sgd_step_(w, g, v, 0.05, momentum, 1e-3, False, 12, 8, 10, 8, rounding, 9, 4, form)
+            outs += [t.view(torch.uint8) for t in w + v] + [c.view(torch.uint8)]
 torch.save(torch.cat([o.flatten() for o in outs]), sys.argv[1])
 """
 
 
 def test_every_cpu_build_gives_the_same_bits(tmp_path):
-    """The default (SSE2), AVX2 and AVX-512 builds of the CPU kernel, forced with
-    FXP_CPU_CAPABILITY, agree bit for bit on every dtype, rounding and overflow."""
+    """The default (SSE2), AVX2 and AVX-512 builds of the CPU kernels, forced with
+    FXP_CPU_CAPABILITY, agree bit for bit: quantize on every dtype, rounding and
+    overflow, and the QPU step on every form."""
     import subprocess
     import sys
 

@@ -1,0 +1,80 @@
+#include "qpu_sgd_args.h"
+
+#include <c10/util/Exception.h>
+
+#include "quantize_args.h"
+
+namespace fxp {
+
+namespace {
+constexpr const char* kOp = "fxp::qpu_sgd_step_";
+}
+
+kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
+                                    at::TensorList momentum_buffers, const QpuSgdArgs& a,
+                                    bool check_memory) {
+  check_fxp_format(kOp, a.total_bits, a.frac_bits);
+  check_fxp_format(kOp, a.momentum_total_bits, a.momentum_frac_bits);
+  const Rounding rounding = parse_rounding(kOp, a.rounding);
+  TORCH_CHECK(rounding == Rounding::NearestEven || rounding == Rounding::Stochastic, kOp,
+              ": rounding must be nearest_even (HTEQPU) or stochastic (SQPU), but got '", a.rounding, "'");
+  MomentumForm form;
+  if (a.momentum_form == "standard") {
+    form = MomentumForm::Standard;
+  } else if (a.momentum_form == "paper_eq6") {
+    form = MomentumForm::PaperEq6;
+  } else {
+    TORCH_CHECK(false, kOp, ": unknown momentum_form '", a.momentum_form,
+                "'; expected one of standard, paper_eq6");
+  }
+  TORCH_CHECK(a.lr >= 0, kOp, ": lr must be non-negative, but got ", a.lr);
+  TORCH_CHECK(a.momentum >= 0, kOp, ": momentum must be non-negative, but got ", a.momentum);
+  TORCH_CHECK(a.weight_decay >= 0, kOp, ": weight_decay must be non-negative, but got ", a.weight_decay);
+  TORCH_CHECK(!a.nesterov || (a.momentum > 0 && form == MomentumForm::Standard), kOp,
+              ": nesterov needs momentum > 0 and momentum_form='standard'");
+  TORCH_CHECK(a.step >= 0 && a.step < (int64_t{1} << 32), kOp, ": step must be in [0, 2^32), but got ",
+              a.step);
+
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, kOp, ": expected as many grads as params (", n, "), but got ",
+              grads.size());
+  const bool has_momentum = a.momentum != 0;
+  TORCH_CHECK(momentum_buffers.size() == (has_momentum ? n : 0), kOp,
+              has_momentum ? ": momentum > 0 needs one momentum buffer per param ("
+                           : ": momentum == 0 takes no momentum buffers (",
+              has_momentum ? n : 0, "), but got ", momentum_buffers.size());
+  TORCH_CHECK(n < (size_t{1} << 31), kOp, ": too many tensors (", n, ")");
+  for (size_t k = 0; k < n; ++k) {
+    const at::Tensor& w = params[k];
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, kOp, ": params[", k,
+                "] must be float32 or float64, but got ", w.scalar_type());
+    TORCH_CHECK(w.device() == params[0].device(), kOp, ": params[", k, "] is on ", w.device(),
+                " but params[0] is on ", params[0].device(), "; all tensors must share one device");
+    auto check_like = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK(t.device() == w.device(), kOp, ": ", name, "[", k, "] is on ", t.device(),
+                  " but params[", k, "] is on ", w.device());
+      TORCH_CHECK(t.scalar_type() == w.scalar_type(), kOp, ": ", name, "[", k, "] has dtype ",
+                  t.scalar_type(), " but params[", k, "] has ", w.scalar_type());
+      TORCH_CHECK(t.sym_sizes() == w.sym_sizes(), kOp, ": ", name, "[", k, "] has shape ", t.sym_sizes(),
+                  " but params[", k, "] has ", w.sym_sizes());
+      if (check_memory) TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, "[", k, "] must be contiguous");
+    };
+    check_like(grads[k], "grads");
+    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers");
+    if (check_memory) TORCH_CHECK(w.is_contiguous(), kOp, ": params[", k, "] must be contiguous");
+  }
+
+  kernels::QpuSgdParams p;
+  p.hyper = QpuHyper{a.lr, a.momentum, a.weight_decay, a.nesterov};
+  p.total_bits = static_cast<int>(a.total_bits);
+  p.frac_bits = static_cast<int>(a.frac_bits);
+  p.momentum_total_bits = static_cast<int>(a.momentum_total_bits);
+  p.momentum_frac_bits = static_cast<int>(a.momentum_frac_bits);
+  p.rounding = rounding;
+  p.form = form;
+  p.seed = static_cast<uint64_t>(a.seed);
+  p.step = static_cast<uint64_t>(a.step);
+  return p;
+}
+
+}  // namespace fxp

@@ -1,0 +1,22 @@
+// CPU kernel of the fused QPU SGD step.
+#include <torch/library.h>
+
+#include "qpu_sgd_ops.h"
+
+namespace fxp {
+namespace {
+struct CpuBackend {
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+  static constexpr bool kIsMeta = false;
+  static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                     const kernels::QpuSgdParams& p, const at::Tensor& counts) {
+    kernels::qpu_sgd_cpu(params, grads, momentum, p, counts);
+  }
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CPU, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<CpuBackend>); }
+
+}  // namespace fxp

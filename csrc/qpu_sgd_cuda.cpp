@@ -1,0 +1,22 @@
+// CUDA kernel of the fused QPU SGD step.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "qpu_sgd_cuda.h"
+#include "qpu_sgd_ops.h"
+
+namespace fxp {
+namespace {
+struct CudaBackend {
+  using DeviceGuard = c10::cuda::CUDAGuard;
+  static constexpr bool kIsMeta = false;
+  static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                     const kernels::QpuSgdParams& p, const at::Tensor& counts) {
+    kernels::qpu_sgd_cuda(params, grads, momentum, p, counts);
+  }
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CUDA, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>); }
+
+}  // namespace fxp

@@ -1,0 +1,50 @@
+// The fused QPU (quantized parameter update) SGD step: compute only.
+// csrc/qpu_sgd_*.cpp validate the lists and register the op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "fxp_math.h"
+
+namespace fxp::kernels {
+
+struct QpuSgdParams {
+  QpuHyper hyper;
+  int total_bits, frac_bits;                    // parameter format
+  int momentum_total_bits, momentum_frac_bits;  // momentum-buffer format
+  Rounding rounding;                            // NearestEven (HTEQPU) or Stochastic (SQPU)
+  MomentumForm form;
+  uint64_t seed;
+  uint64_t step;
+};
+
+// Note [QPU random streams]
+// Tensor k of a step draws its parameter rounding from Philox offset
+// step * 2^32 + 2k and its momentum rounding from step * 2^32 + 2k + 1, with
+// key seed; element i uses lane i % 4 of block i / 4 as in quantize_seeded.
+// So a step is reproducible from (seed, step) alone, identical on CPU and
+// CUDA, and equal to quantize_seeded applied to the float64 update.
+FXP_HOST_DEVICE uint64_t qpu_param_offset(uint64_t step, int64_t index) {
+  return (step << 32) + 2 * static_cast<uint64_t>(index);
+}
+FXP_HOST_DEVICE uint64_t qpu_momentum_offset(uint64_t step, int64_t index) {
+  return qpu_param_offset(step, index) + 1;
+}
+
+// The format prepared for float64 compute but bounded so the result is
+// representable in the storage dtype (Note [Saturation bound in float32]).
+inline FxpSpec<double> qpu_storage_spec(int total_bits, int frac_bits, bool float32_storage) {
+  FxpSpec<double> spec = make_fxp_spec<double>(total_bits, frac_bits);
+  if (float32_storage) spec.code_max = make_fxp_spec<float>(total_bits, frac_bits).code_max;
+  return spec;
+}
+
+// Updates params[k] and momentum[k] (empty list: no momentum) in place from
+// grads[k]; all contiguous, same dtype (float32 or float64) and numel per k.
+// counts: int64 [n, 2], receives (saturated, vanished) per tensor.
+void qpu_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                 const QpuSgdParams& p, const at::Tensor& counts);
+
+}  // namespace fxp::kernels

@@ -1,0 +1,159 @@
+// CUDA kernel of the fused QPU SGD step, with multi-tensor chunking in the
+// style of PyTorch's multi_tensor_apply: the tensor pointers and a
+// (tensor, chunk) table for every CUDA block travel as a kernel argument, so
+// one launch updates many tensors.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "fxp_math.h"
+#include "qpu_sgd_cuda.h"
+
+namespace fxp::kernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxTensors = 36;
+constexpr int kMaxBlocks = 320;
+constexpr int64_t kChunkElems = 65536;  // elements per CUDA block and chunk
+
+template <typename scalar_t>
+struct TensorListMeta {
+  scalar_t* w[kMaxTensors];
+  const scalar_t* g[kMaxTensors];
+  scalar_t* v[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t index[kMaxTensors];  // position in the whole list: Philox offsets and counts
+  int32_t block_tensor[kMaxBlocks];
+  int32_t block_chunk[kMaxBlocks];
+};
+
+template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
+__global__ void __launch_bounds__(kThreads)
+    qpu_sgd_kernel(TensorListMeta<scalar_t> meta, QpuSgdParams p, FxpSpec<double> wspec,
+                   FxpSpec<double> vspec, unsigned long long* counts) {
+  const int t = meta.block_tensor[blockIdx.x];
+  const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElems;
+  const int64_t n = meta.numel[t];
+  const int64_t chunk_end = min(n, chunk_begin + kChunkElems);
+  const int64_t index = meta.index[t];
+  const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
+  scalar_t* w = meta.w[t];
+  const scalar_t* g = meta.g[t];
+  scalar_t* v = meta.v[t];
+  unsigned long long saturated = 0, vanished = 0;
+  // One Philox block (four elements) per thread and iteration; chunks start on
+  // a multiple of four, so blocks never straddle chunks.
+  for (int64_t i0 = chunk_begin + 4 * static_cast<int64_t>(threadIdx.x); i0 < chunk_end;
+       i0 += 4 * kThreads) {
+    PhiloxBlock wbits{{0u, 0u, 0u, 0u}}, vbits{{0u, 0u, 0u, 0u}};
+    if constexpr (R == Rounding::Stochastic) {
+      wbits = philox4x32_10(p.seed, woff, static_cast<uint64_t>(i0 / 4));
+      if constexpr (kMomentum || Form == MomentumForm::PaperEq6) {
+        vbits = philox4x32_10(p.seed, voff, static_cast<uint64_t>(i0 / 4));
+      }
+    }
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = i0 + l;
+      if (i < chunk_end) {
+        const double vi = kMomentum ? static_cast<double>(v[i]) : 0.0;
+        const QpuElementResult r = qpu_update_element<R, Form, kMomentum>(
+            static_cast<double>(w[i]), static_cast<double>(g[i]), vi, p.hyper, wspec, vspec,
+            wbits.lane[l], vbits.lane[l]);
+        w[i] = static_cast<scalar_t>(r.param);
+        if constexpr (kMomentum) v[i] = static_cast<scalar_t>(r.momentum);
+        saturated += r.saturated;
+        vanished += r.vanished;
+      }
+    }
+  }
+  for (int delta = 16; delta > 0; delta /= 2) {
+    saturated += __shfl_down_sync(0xffffffffu, saturated, delta);
+    vanished += __shfl_down_sync(0xffffffffu, vanished, delta);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    if (saturated != 0) atomicAdd(counts + 2 * index, saturated);
+    if (vanished != 0) atomicAdd(counts + 2 * index + 1, vanished);
+  }
+}
+
+template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
+void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                const QpuSgdParams& p, const at::Tensor& counts) {
+  constexpr bool kFloat32 = std::is_same_v<scalar_t, float>;
+  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, kFloat32);
+  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, kFloat32);
+  auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  TensorListMeta<scalar_t> meta{};
+  int tensors = 0, blocks = 0;
+  auto launch = [&] {
+    if (blocks == 0) return;
+    qpu_sgd_kernel<scalar_t, R, Form, kMomentum>
+        <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  for (size_t k = 0; k < params.size(); ++k) {
+    const int64_t n = params[k].numel();
+    if (n == 0) continue;
+    meta.w[tensors] = params[k].data_ptr<scalar_t>();
+    meta.g[tensors] = grads[k].const_data_ptr<scalar_t>();
+    meta.v[tensors] = kMomentum ? momentum[k].data_ptr<scalar_t>() : nullptr;
+    meta.numel[tensors] = n;
+    meta.index[tensors] = static_cast<int64_t>(k);
+    const int64_t chunks = (n + kChunkElems - 1) / kChunkElems;
+    for (int64_t c = 0; c < chunks; ++c) {
+      meta.block_tensor[blocks] = tensors;
+      meta.block_chunk[blocks] = static_cast<int32_t>(c);
+      if (++blocks == kMaxBlocks) {  // full: launch, keep this tensor for the next launch
+        launch();
+        blocks = 0;
+        meta.w[0] = meta.w[tensors];
+        meta.g[0] = meta.g[tensors];
+        meta.v[0] = meta.v[tensors];
+        meta.numel[0] = meta.numel[tensors];
+        meta.index[0] = meta.index[tensors];
+        tensors = 0;
+      }
+    }
+    // A tensor whose last chunk ended a launch is done; otherwise keep its slot.
+    if (blocks > 0 && meta.block_tensor[blocks - 1] == tensors) ++tensors;
+    if (tensors == kMaxTensors) {
+      launch();
+      blocks = 0;
+      tensors = 0;
+    }
+  }
+  launch();
+}
+
+template <Rounding R>
+void dispatch_form(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                   const QpuSgdParams& p, const at::Tensor& counts) {
+  const bool paper = p.form == MomentumForm::PaperEq6;
+  const bool has_momentum = !momentum.empty();
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "fxp_qpu_sgd_cuda", [&] {
+    if (has_momentum) {
+      paper ? launch_all<scalar_t, R, MomentumForm::PaperEq6, true>(params, grads, momentum, p, counts)
+            : launch_all<scalar_t, R, MomentumForm::Standard, true>(params, grads, momentum, p, counts);
+    } else {
+      paper ? launch_all<scalar_t, R, MomentumForm::PaperEq6, false>(params, grads, momentum, p, counts)
+            : launch_all<scalar_t, R, MomentumForm::Standard, false>(params, grads, momentum, p, counts);
+    }
+  });
+}
+
+}  // namespace
+
+void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                  const QpuSgdParams& p, const at::Tensor& counts) {
+  if (params.empty()) return;
+  if (p.rounding == Rounding::Stochastic) {
+    dispatch_form<Rounding::Stochastic>(params, grads, momentum, p, counts);
+  } else {
+    dispatch_form<Rounding::NearestEven>(params, grads, momentum, p, counts);
+  }
+}
+
+}  // namespace fxp::kernels

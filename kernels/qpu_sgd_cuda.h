@@ -1,0 +1,13 @@
+// CUDA launcher of the fused QPU SGD step; same contract as qpu_sgd_cpu in
+// qpu_sgd.h. One launch covers up to kQpuMaxTensors tensors (a whole group
+// when it is small), on the current stream of the tensors' device.
+#pragma once
+
+#include "qpu_sgd.h"
+
+namespace fxp::kernels {
+
+void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                  const QpuSgdParams& p, const at::Tensor& counts);
+
+}  // namespace fxp::kernels

@@ -1,0 +1,261 @@
+"""The fused QPU SGD step (torch.ops.fxp.qpu_sgd_step_) and fxp.optim.QPUSGD."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fxp
+from fxp.optim import QPUSGD
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+SIGMAS = 6.0
+step_op = torch.ops.fxp.qpu_sgd_step_
+
+
+def on_grid(t: torch.Tensor, fmt: fxp.FxpFormat) -> bool:
+    codes = t.double() * 2.0**fmt.frac_bits
+    return bool(torch.all(codes == torch.round(codes)) and torch.all(codes <= fmt.code_max) and torch.all(codes >= fmt.code_min))
+
+
+def reference_step(w, g, v, *, lr, momentum, wd, nesterov, fmt, mfmt, rounding, seed, step, form="standard"):
+    """The contract written with float64 torch ops and quantize_seeded (Note [QPU random streams])."""
+    out_w, out_v = [], []
+    for k, (wk, gk) in enumerate(zip(w, g)):
+        woff, voff = (step << 32) + 2 * k, (step << 32) + 2 * k + 1
+        w64, grad = wk.double(), gk.double() + wk.double() * wd
+        vk = v[k].double() if v else None
+        if form == "paper_eq6":
+            delta = ((momentum * vk + grad) if vk is not None else grad) * lr
+            dq = fxp.quantize_seeded(delta, mfmt, rounding=rounding, seed=seed, offset=voff)
+            new_w = fxp.quantize_seeded(w64 - dq, fmt, rounding=rounding, seed=seed, offset=woff)
+            new_v = dq
+        else:
+            d = grad
+            new_v = None
+            if vk is not None:
+                v_new = momentum * vk + grad
+                d = grad + momentum * v_new if nesterov else v_new
+                new_v = fxp.quantize_seeded(v_new, mfmt, rounding=rounding, seed=seed, offset=voff)
+            new_w = fxp.quantize_seeded(w64 - lr * d, fmt, rounding=rounding, seed=seed, offset=woff)
+        out_w.append(new_w.to(wk.dtype))
+        out_v.append(None if new_v is None else new_v.to(wk.dtype))
+    return out_w, out_v
+
+
+def run_op(w, g, v, *, lr, momentum, wd, nesterov, fmt, mfmt, rounding, seed, step, form="standard"):
+    return step_op(w, g, v, lr, momentum, wd, nesterov, fmt.total_bits, fmt.frac_bits, mfmt.total_bits,
+                   mfmt.frac_bits, rounding, seed, step, form)
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+@pytest.mark.parametrize("form,momentum,nesterov", [("standard", 0.9, False), ("standard", 0.9, True),
+                                                    ("standard", 0.0, False), ("paper_eq6", 0.9, False),
+                                                    ("paper_eq6", 0.0, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_equals_the_contract_bit_for_bit(rounding, form, momentum, nesterov, dtype):
+    torch.manual_seed(0)
+    fmt, mfmt = fxp.FxpFormat(12, 8), fxp.FxpFormat(10, 9)
+    shapes = [(37,), (5, 7), (1,), (4099,)]
+    w = [fxp.quantize(torch.randn(s, dtype=dtype), fmt) for s in shapes]
+    g = [torch.randn(s, dtype=dtype) * 0.3 for s in shapes]
+    v = [fxp.quantize(torch.randn(s, dtype=dtype) * 0.2, mfmt) for s in shapes] if momentum else []
+    kw = dict(lr=0.05, momentum=momentum, wd=1e-2, nesterov=nesterov, fmt=fmt, mfmt=mfmt, rounding=rounding,
+              seed=-77, step=3, form=form)
+    exp_w, exp_v = reference_step(w, g, v, **kw)
+    run_op(w, g, v, **kw)
+    for k in range(len(shapes)):
+        assert torch.equal(w[k], exp_w[k]), k
+        if momentum:
+            assert torch.equal(v[k], exp_v[k]), k
+
+
+def test_hteqpu_by_hand():
+    fmt = fxp.FxpFormat(8, 4)  # LSB 1/16
+    w = [torch.tensor([0.5, 0.25, 0.0, 7.875])]
+    g = [torch.tensor([0.1, -0.3, 0.0625, -1.0])]
+    v = [torch.zeros(4)]
+    counts = run_op(w, g, v, lr=0.5, momentum=0.5, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt,
+                    rounding="nearest_even", seed=0, step=0)
+    # v = g; w - 0.5 v = [0.45, 0.4, -0.03125, 8.375] -> codes [7.2, 6.4, -0.5 (tie), 134] -> [7, 6, 0, 127]
+    assert w[0].tolist() == [7 / 16, 6 / 16, 0.0, 127 / 16]
+    # v stored on the grid: [0.1 -> 1.6 -> 2/16, -0.3 -> -4.8 -> -5/16, 0.0625, -1.0]
+    assert v[0].tolist() == [2 / 16, -5 / 16, 1 / 16, -1.0]
+    assert counts.tolist() == [[1, 1]]  # 7.875 + 0.5 saturated; the 0.0 tie vanished
+    # second step, by hand: v = 0.5 v + g
+    g = [torch.tensor([0.0, 0.0, 0.0, 0.0])]
+    run_op(w, g, v, lr=0.5, momentum=0.5, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt,
+           rounding="nearest_even", seed=0, step=1)
+    # v = [1/16, -2.5/16, 0.5/16, -0.5]; w - 0.5 v = [6.5, 7.25, -0.25, 131]/16 -> [6, 7, 0, 127]/16
+    assert w[0].tolist() == [6 / 16, 7 / 16, 0.0, 127 / 16]
+    assert v[0].tolist() == [1 / 16, -2 / 16, 0.0, -0.5]  # -2.5 -> -2 (even), 0.5 -> 0 (even)
+
+
+def test_fine_format_matches_torch_sgd():
+    torch.manual_seed(1)
+    target = torch.randn(64, dtype=torch.float64)
+    fmt = fxp.FxpFormat(32, 26)  # LSB 1.5e-8; |w| < 32
+    w_ref = torch.zeros(64, dtype=torch.float64, requires_grad=True)
+    w_qpu = torch.zeros(64, dtype=torch.float64, requires_grad=True)
+    ref = torch.optim.SGD([w_ref], lr=0.05, momentum=0.9, weight_decay=1e-3)
+    qpu = QPUSGD([w_qpu], lr=0.05, momentum=0.9, weight_decay=1e-3, format=fmt, rounding="nearest_even")
+    for _ in range(200):
+        for w, opt in ((w_ref, ref), (w_qpu, qpu)):
+            opt.zero_grad()
+            ((w - target) ** 2).sum().backward()
+            opt.step()
+    assert (w_ref - w_qpu).abs().max().item() < 1e-6
+    assert (w_ref - target).abs().max().item() < 1e-2  # it did converge
+
+
+def test_sqpu_update_is_unbiased():
+    """2^20 copies of one update 0.33 LSB in size: the mean new value equals w - lr g."""
+    n, fmt = 1 << 20, fxp.FxpFormat(8, 6)
+    w = [torch.full((n,), 0.5, dtype=torch.float64)]
+    g = [torch.full((n,), 0.33 / 64 / 0.1, dtype=torch.float64)]
+    run_op(w, g, [], lr=0.1, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt, rounding="stochastic",
+           seed=5, step=0)
+    moved = (0.5 - w[0]) * 64  # in LSBs: 0 or 1
+    assert set(moved.unique().tolist()) <= {0.0, 1.0}
+    assert abs(moved.mean().item() - 0.33) <= SIGMAS * math.sqrt(0.33 * 0.67 / n)
+    # HTE loses the whole update
+    w2 = [torch.full((n,), 0.5, dtype=torch.float64)]
+    counts = run_op(w2, g, [], lr=0.1, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt,
+                    rounding="nearest_even", seed=5, step=0)
+    assert torch.all(w2[0] == 0.5) and counts.tolist() == [[0, n]]
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+def test_parameters_and_momentum_stay_on_grid_and_saturate(rounding):
+    torch.manual_seed(2)
+    fmt, mfmt = fxp.FxpFormat(8, 5), fxp.FxpFormat(8, 6)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    fxp.optim.quantize_parameters_(model.parameters(), fmt, rounding)
+    opt = QPUSGD(model.parameters(), lr=0.5, momentum=0.9, format=fmt, momentum_format=mfmt, rounding=rounding)
+    x, y = torch.randn(64, 8), torch.randn(64, 1) * 10
+    saturated = 0
+    for _ in range(20):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        saturated += int(opt.last_counts[0][:, 0].sum())
+        for p in model.parameters():
+            assert on_grid(p, fmt)
+            assert on_grid(opt.state[p]["momentum_buffer"], mfmt)
+    assert saturated > 0  # lr 0.5 on targets of size 10 drives weights into the bounds
+    assert any(torch.any(p.abs() == fmt.max_value) or torch.any(p == fmt.min_value) for p in model.parameters())
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    torch.manual_seed(3)
+
+    def make():
+        m = torch.nn.Linear(10, 4)
+        fxp.optim.quantize_parameters_(m.parameters(), fxp.FxpFormat(12, 8))
+        return m
+
+    def train(model, opt, steps, x):
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+    x = torch.randn(32, 10)
+    a = make()
+    opt_a = QPUSGD(a.parameters(), lr=0.1, momentum=0.9, format=fxp.FxpFormat(12, 8), seed=11)
+    train(a, opt_a, 3, x)
+    b = copy.deepcopy(a)
+    opt_b = QPUSGD(b.parameters(), lr=0.7, momentum=0.1, format=fxp.FxpFormat(12, 8), seed=99)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    train(a, opt_a, 5, x)
+    train(b, opt_b, 5, x)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_works_with_lr_scheduler():
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = QPUSGD([w], lr=1.0, format=fxp.FxpFormat(16, 10), rounding="nearest_even")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for expected_step in (1.0, 0.5, 0.25):
+        before = w.detach().clone()
+        w.grad = torch.ones(4)
+        opt.step()
+        sched.step()
+        assert torch.allclose(before - w.detach(), torch.full((4,), expected_step))
+
+
+def test_errors():
+    w, g = [torch.zeros(3)], [torch.zeros(3)]
+    base = dict(lr=0.1, momentum=0.0, wd=0.0, nesterov=False, fmt=fxp.FxpFormat(8, 4), mfmt=fxp.FxpFormat(8, 4),
+                rounding="stochastic", seed=0, step=0)
+    with pytest.raises(RuntimeError, match="expected as many grads as params"):
+        run_op(w, [], [], **base)
+    with pytest.raises(RuntimeError, match="momentum > 0 needs one momentum buffer per param"):
+        run_op(w, g, [], **{**base, "momentum": 0.9})
+    with pytest.raises(RuntimeError, match="rounding must be nearest_even .* or stochastic"):
+        run_op(w, g, [], **{**base, "rounding": "floor"})
+    with pytest.raises(RuntimeError, match="nesterov needs momentum > 0"):
+        run_op(w, g, [], **{**base, "nesterov": True})
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Double but params\[0\] has Float"):
+        run_op(w, [torch.zeros(3, dtype=torch.float64)], [], **base)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be float32 or float64, but got Half"):
+        run_op([torch.zeros(3, dtype=torch.half)], [torch.zeros(3, dtype=torch.half)], [], **base)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] has shape \[4\] but params\[0\] has \[3\]"):
+        run_op(w, [torch.zeros(4)], [], **base)
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be contiguous"):
+        run_op([torch.zeros(3, 2).t()], [torch.zeros(3, 2).t().contiguous()], [], **base)
+    with pytest.raises(RuntimeError, match="unknown momentum_form 'eq7'"):
+        run_op(w, g, [], **{**base, "form": "eq7"})
+    with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
+        QPUSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, nesterov=True)
+
+
+def test_opcheck():
+    torch.manual_seed(4)
+    w = [torch.randn(5), torch.randn(3, 2)]
+    args = (w, [torch.randn_like(t) for t in w], [torch.zeros_like(t) for t in w], 0.1, 0.9, 1e-3, False,
+            8, 4, 8, 5, "stochastic", 1, 2, "standard")
+    torch.library.opcheck(step_op.default, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_bit_identical_to_cpu(rounding, dtype):
+    torch.manual_seed(5)
+    fmt = fxp.FxpFormat(16, 10)
+    shapes = [(100_003,), (7, 9)] + [(1000,)] * 50 + [(200_000,)]  # several launches, chunk edges
+    w = [fxp.quantize(torch.randn(s, dtype=dtype), fmt) for s in shapes]
+    g = [torch.randn(s, dtype=dtype) for s in shapes]
+    v = [torch.zeros(s, dtype=dtype) for s in shapes]
+    wc, gc, vc = [t.cuda() for t in w], [t.cuda() for t in g], [t.cuda() for t in v]
+    kw = dict(lr=0.01, momentum=0.9, wd=1e-4, nesterov=False, fmt=fmt, mfmt=fmt, rounding=rounding, seed=3, step=7)
+    counts = run_op(w, g, v, **kw)
+    counts_c = run_op(wc, gc, vc, **kw)
+    for a, b in zip(w + v, wc + vc):
+        assert torch.equal(a, b.cpu())
+    assert torch.equal(counts, counts_c.cpu())
+
+
+def test_result_independent_of_thread_count():
+    torch.manual_seed(6)
+    fmt = fxp.FxpFormat(16, 10)
+    w0 = [fxp.quantize(torch.randn(300_001), fmt), fxp.quantize(torch.randn(50), fmt)]
+    g = [torch.randn_like(t) for t in w0]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            w, v = [x.clone() for x in w0], [torch.zeros_like(x) for x in w0]
+            c = run_op(w, g, v, lr=0.01, momentum=0.9, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt,
+                       rounding="stochastic", seed=1, step=0)
+            results.append((w, v, c))
+    finally:
+        torch.set_num_threads(threads)
+    (w1, v1, c1), (w3, v3, c3) = results
+    assert all(torch.equal(a, b) for a, b in zip(w1 + v1, w3 + v3)) and torch.equal(c1, c3)

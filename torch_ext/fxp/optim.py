@@ -1,0 +1,148 @@
+"""Optimizers that keep parameters on a fixed-point grid (QPU, Buron et al. 2025)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Literal, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .format import FxpFormat
+
+__all__ = ["QPUSGD", "quantize_parameters_", "INIT_KEY_DELTA"]
+
+INIT_KEY_DELTA = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: keeps init draws off the update streams
+
+Rounding = Literal["nearest_even", "stochastic"]
+MomentumForm = Literal["standard", "paper_eq6"]
+
+
+class QPUSGD(Optimizer):
+    """SGD with quantized parameter updates: SQPU (``rounding="stochastic"``) or
+    HTEQPU (``rounding="nearest_even"``). No float master copy is kept.
+
+    Per parameter ``w`` with gradient ``g`` and momentum buffer ``v`` (float64 math)::
+
+        v = momentum * v + (g + weight_decay * w)
+        w = Q(w - lr * v)              # nesterov: Q(w - lr * (g' + momentum * v))
+        v is stored as Q(v)            # in momentum_format (default: format)
+
+    ``momentum_form="paper_eq6"`` takes the paper's equation 6 literally
+    (``delta = Q((momentum * delta + g') * lr); w = Q(w - delta)``). Every write
+    saturates to the format's range. The whole group is one fused
+    ``torch.ops.fxp.qpu_sgd_step_`` call. Rounding draws come from
+    ``(seed + group index, step)`` (see docs/design.md), so a run is reproducible
+    and CPU and CUDA agree bit for bit. Parameters should start on the grid:
+    see :func:`quantize_parameters_`.
+
+    After each step, ``last_counts[i]`` is the int64 tensor ``[n, 2]`` of
+    (saturated, vanished) elements for the parameters of group ``i`` that had
+    gradients, in order: vanished updates were nonzero but left ``w`` unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        format: FxpFormat = FxpFormat(16, 10),
+        momentum_format: Optional[FxpFormat] = None,
+        rounding: Rounding = "stochastic",
+        momentum_form: MomentumForm = "standard",
+        seed: int = 0,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"QPUSGD: lr must be non-negative, but got {lr}")
+        if momentum < 0:
+            raise ValueError(f"QPUSGD: momentum must be non-negative, but got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"QPUSGD: weight_decay must be non-negative, but got {weight_decay}")
+        if rounding not in ("nearest_even", "stochastic"):
+            raise ValueError(f"QPUSGD: rounding must be 'nearest_even' or 'stochastic', but got {rounding!r}")
+        if momentum_form not in ("standard", "paper_eq6"):
+            raise ValueError(f"QPUSGD: momentum_form must be 'standard' or 'paper_eq6', but got {momentum_form!r}")
+        if nesterov and (momentum <= 0 or momentum_form != "standard"):
+            raise ValueError("QPUSGD: nesterov needs momentum > 0 and momentum_form='standard'")
+        if not isinstance(format, FxpFormat):
+            raise TypeError(f"QPUSGD: format must be an FxpFormat, but got {format!r}")
+        mfmt = momentum_format or format
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            total_bits=format.total_bits,
+            frac_bits=format.frac_bits,
+            momentum_total_bits=mfmt.total_bits,
+            momentum_frac_bits=mfmt.frac_bits,
+            rounding=rounding,
+            momentum_form=momentum_form,
+        )
+        self._base_seed = int(seed)
+        super().__init__(params, defaults)
+        self.last_counts: list[Tensor] = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        index = len(self.param_groups)
+        param_group.setdefault("seed", self._base_seed + index)
+        param_group.setdefault("step", 0)
+        super().add_param_group(param_group)
+        FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # validates
+        FxpFormat(param_group["momentum_total_bits"], param_group["momentum_frac_bits"])
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_counts = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                self.last_counts.append(torch.zeros(0, 2, dtype=torch.long))
+                continue
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            buffers = []
+            if group["momentum"] != 0:
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    buffers.append(state["momentum_buffer"])
+            counts = torch.ops.fxp.qpu_sgd_step_(
+                params,
+                grads,
+                buffers,
+                float(group["lr"]),
+                float(group["momentum"]),
+                float(group["weight_decay"]),
+                bool(group["nesterov"]),
+                group["total_bits"],
+                group["frac_bits"],
+                group["momentum_total_bits"],
+                group["momentum_frac_bits"],
+                group["rounding"],
+                int(group["seed"]),
+                int(group["step"]),
+                group["momentum_form"],
+            )
+            group["step"] += 1
+            self.last_counts.append(counts)
+        return loss
+
+
+@torch.no_grad()
+def quantize_parameters_(
+    params: Iterable[Tensor], format: FxpFormat, rounding: Rounding = "stochastic", seed: int = 0
+) -> None:
+    """Puts parameters on the grid of ``format`` in place (QPU's initialization).
+    Tensor ``k`` rounds with Philox key ``seed + INIT_KEY_DELTA`` and offset ``k``:
+    a key of its own, so these draws are independent of the optimizer's."""
+    key = (int(seed) + INIT_KEY_DELTA) % (1 << 64)
+    key = key - (1 << 64) if key >= (1 << 63) else key  # as the op's signed int64
+    for k, p in enumerate(params):
+        torch.ops.fxp.quantize_seeded_(p, format.total_bits, format.frac_bits, rounding, key, k)
