@@ -1,5 +1,6 @@
 #include "qpu_sgd_args.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include "quantize_args.h"
@@ -61,7 +62,14 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
     };
     check_like(grads[k], "grads");
     if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers");
-    if (check_memory) TORCH_CHECK(w.is_contiguous(), kOp, ": params[", k, "] must be contiguous");
+    if (check_memory) {
+      TORCH_CHECK(w.is_contiguous(), kOp, ": params[", k, "] must be contiguous");
+      at::assert_no_overlap(w, grads[k]);
+      if (has_momentum) {
+        at::assert_no_overlap(w, momentum_buffers[k]);
+        at::assert_no_overlap(grads[k], momentum_buffers[k]);
+      }
+    }
   }
 
   kernels::QpuSgdParams p;

@@ -240,7 +240,7 @@ struct QpuHyper {
   double lr;
   double momentum;      // mu; 0 means no momentum buffer
   double weight_decay;  // lambda (L2: g + lambda * w)
-  bool nesterov;
+  bool nesterov;  // kernels pass it as the template argument kNesterov
 };
 
 struct QpuElementResult {
@@ -259,7 +259,7 @@ struct QpuElementResult {
 // Rounding fl32(w - lr d) instead would drop the low bits of a small update
 // before stochastic rounding sees them, biasing it. Every operation is a
 // separate IEEE double operation (no contraction), so CPU and CUDA agree.
-template <Rounding R, MomentumForm Form, bool kHasMomentum>
+template <Rounding R, MomentumForm Form, bool kHasMomentum, bool kNesterov>
 FXP_HOST_DEVICE QpuElementResult qpu_update_element(double w, double g, double v,
                                                     const QpuHyper& h,
                                                     const FxpSpec<double>& param_spec,
@@ -280,7 +280,7 @@ FXP_HOST_DEVICE QpuElementResult qpu_update_element(double w, double g, double v
     r.momentum = 0.0;
     if constexpr (kHasMomentum) {
       const double v_new = h.momentum * v + grad;
-      d = h.nesterov ? grad + h.momentum * v_new : v_new;
+      d = kNesterov ? grad + h.momentum * v_new : v_new;
       r.momentum = quantize_value<R, Overflow::Saturate>(v_new, momentum_spec, momentum_bits, &unused);
     }
     step = h.lr * d;

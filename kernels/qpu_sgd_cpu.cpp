@@ -21,23 +21,60 @@ struct Counts {
   int64_t vanished = 0;
 };
 
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_span(scalar_t* w, const scalar_t* g, scalar_t* v, int64_t n, const QpuSgdParams& p,
-                   const FxpSpec<double>& wspec, const FxpSpec<double>& vspec,
-                   const uint32_t* wbits, const uint32_t* vbits) {
+// The element loop on float64 arrays: n <= kSpanElems.
+template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
+Counts update_span_f64(double* w, const double* g, double* v, int64_t n, const QpuHyper hyper,
+                       const FxpSpec<double> wspec, const FxpSpec<double> vspec,
+                       const uint32_t* wbits, const uint32_t* vbits) {
+  // hyper and the specs by value: a double store through w could otherwise
+  // alias them, which keeps the compiler from holding them in registers.
   int32_t saturated = 0, vanished = 0;
+  // w, g, v and the draws never overlap (the op checks w, g and v), and each
+  // element reads only its own index before writing it.
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t wb = R == Rounding::Stochastic ? wbits[i] : 0u;
     const uint32_t vb = R == Rounding::Stochastic && (kMomentum || Form == MomentumForm::PaperEq6) ? vbits[i] : 0u;
-    const double vi = kMomentum ? static_cast<double>(v[i]) : 0.0;
-    const QpuElementResult r = qpu_update_element<R, Form, kMomentum>(
-        static_cast<double>(w[i]), static_cast<double>(g[i]), vi, p.hyper, wspec, vspec, wb, vb);
-    w[i] = static_cast<scalar_t>(r.param);
-    if constexpr (kMomentum) v[i] = static_cast<scalar_t>(r.momentum);
+    double vi = 0.0;
+    if constexpr (kMomentum) vi = v[i];
+    const QpuElementResult r =
+        qpu_update_element<R, Form, kMomentum, kNesterov>(w[i], g[i], vi, hyper, wspec, vspec, wb, vb);
+    w[i] = r.param;
+    if constexpr (kMomentum) v[i] = r.momentum;
     saturated += r.saturated;
     vanished += r.vanished;
   }
   return Counts{saturated, vanished};
+}
+
+// float32 storage: widen the span to float64 scratch arrays first, so the
+// compute loop sees one element type (GCC does not vectorize the mixed loop).
+template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
+Counts update_span(scalar_t* w, const scalar_t* g, scalar_t* v, int64_t n, const QpuHyper& hyper,
+                   const FxpSpec<double>& wspec, const FxpSpec<double>& vspec,
+                   const uint32_t* wbits, const uint32_t* vbits) {
+  // A loop per nesterov value: a run-time flag inside the loop stops GCC vectorizing it.
+  auto compute = [&](double* w64, const double* g64, double* v64) {
+    return hyper.nesterov
+               ? update_span_f64<R, Form, kMomentum, true>(w64, g64, v64, n, hyper, wspec, vspec, wbits, vbits)
+               : update_span_f64<R, Form, kMomentum, false>(w64, g64, v64, n, hyper, wspec, vspec, wbits, vbits);
+  };
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return compute(w, g, v);
+  } else {
+    alignas(64) double w64[kSpanElems], g64[kSpanElems], v64[kSpanElems];
+    for (int64_t i = 0; i < n; ++i) {
+      w64[i] = w[i];
+      g64[i] = g[i];
+      if constexpr (kMomentum) v64[i] = v[i];
+    }
+    const Counts c = compute(w64, g64, v64);
+    for (int64_t i = 0; i < n; ++i) {
+      w[i] = static_cast<scalar_t>(w64[i]);
+      if constexpr (kMomentum) v[i] = static_cast<scalar_t>(v64[i]);
+    }
+    return c;
+  }
 }
 
 template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
@@ -64,7 +101,7 @@ Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::
         }
       }
       const Counts c = update_span<scalar_t, R, Form, kMomentum>(
-          w + s, g + s, kMomentum ? v + s : nullptr, len, p, wspec, vspec, wbits, vbits);
+          w + s, g + s, kMomentum ? v + s : nullptr, len, p.hyper, wspec, vspec, wbits, vbits);
       local.saturated += c.saturated;
       local.vanished += c.vanished;
     }

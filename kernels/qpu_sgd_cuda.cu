@@ -28,7 +28,7 @@ struct TensorListMeta {
   int32_t block_chunk[kMaxBlocks];
 };
 
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
+template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
     qpu_sgd_kernel(TensorListMeta<scalar_t> meta, QpuSgdParams p, FxpSpec<double> wspec,
                    FxpSpec<double> vspec, unsigned long long* counts) {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + l;
       if (i < chunk_end) {
         const double vi = kMomentum ? static_cast<double>(v[i]) : 0.0;
-        const QpuElementResult r = qpu_update_element<R, Form, kMomentum>(
+        const QpuElementResult r = qpu_update_element<R, Form, kMomentum, kNesterov>(
             static_cast<double>(w[i]), static_cast<double>(g[i]), vi, p.hyper, wspec, vspec,
             wbits.lane[l], vbits.lane[l]);
         w[i] = static_cast<scalar_t>(r.param);
@@ -90,8 +90,13 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
   int tensors = 0, blocks = 0;
   auto launch = [&] {
     if (blocks == 0) return;
-    qpu_sgd_kernel<scalar_t, R, Form, kMomentum>
-        <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+    if (p.hyper.nesterov) {
+      qpu_sgd_kernel<scalar_t, R, Form, kMomentum, true>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+    } else {
+      qpu_sgd_kernel<scalar_t, R, Form, kMomentum, false>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   for (size_t k = 0; k < params.size(); ++k) {

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Benchmark the fused QPU SGD step against torch's SGD, measured in the same run.
+
+For two parameter sets (the paper's CNN, 184,490 parameters in 6 tensors, and
+a large set of about 1e8 parameters in a few hundred tensors) it times one
+optimizer step (median of torch.utils.benchmark's blocked_autorange) of:
+  torch SGD foreach   torch.optim.SGD(momentum=0.9, foreach=True)
+  torch SGD fused     torch.optim.SGD(momentum=0.9, fused=True)
+  fxp SQPU / HTEQPU   fxp.optim.QPUSGD, one fused op per group
+  unfused SQPU        a torch SGD (foreach) step, then fxp.quantize_seeded_ on every w and v
+and prints each time relative to torch's fused SGD. Target: fused QPU <= 1.2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from datetime import datetime, timezone
+
+import torch
+import torch.utils.benchmark as tbench
+from rich.console import Console
+from rich.table import Table
+
+import fxp
+from fxp.optim import QPUSGD
+
+FMT = fxp.FxpFormat(16, 10)
+
+
+def paper_cnn_shapes() -> list[tuple[int, ...]]:
+    return [(32, 1, 5, 5), (64, 32, 5, 5), (128, 1024), (128,), (10, 128), (10,)]
+
+
+def large_shapes(total: int, count: int) -> list[tuple[int, ...]]:
+    # Mixed sizes around total / count, like the layers of a large network.
+    base = total // count
+    return [(base * (1 + (i % 3)) // 2,) for i in range(count)]
+
+
+def make_params(shapes, device):
+    params = [torch.nn.Parameter(fxp.quantize(torch.randn(s, device=device) * 0.1, FMT)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.01
+    return params
+
+
+def optimizers(shapes, device):
+    def torch_sgd(**kw):
+        return torch.optim.SGD(make_params(shapes, device), lr=0.01, momentum=0.9, **kw)
+
+    def qpu(rounding):
+        return QPUSGD(make_params(shapes, device), lr=0.01, momentum=0.9, format=FMT, rounding=rounding)
+
+    class UnfusedSQPU:
+        """torch SGD, then quantize every parameter and momentum buffer separately."""
+
+        def __init__(self):
+            self.sgd = torch_sgd(foreach=True)
+            self.count = 0
+
+        def step(self):
+            self.sgd.step()
+            self.count += 1
+            for k, p in enumerate(self.sgd.param_groups[0]["params"]):
+                off = (self.count << 32) + 2 * k
+                fxp.quantize_seeded_(p.data, FMT, seed=0, offset=off)
+                buf = self.sgd.state[p].get("momentum_buffer")
+                if buf is not None:
+                    fxp.quantize_seeded_(buf, FMT, seed=0, offset=off + 1)
+
+    table = {
+        "torch SGD foreach": lambda: torch_sgd(foreach=True),
+        "torch SGD fused": lambda: torch_sgd(fused=True),
+        "fxp SQPU (fused)": lambda: qpu("stochastic"),
+        "fxp HTEQPU (fused)": lambda: qpu("nearest_even"),
+        "unfused SQPU": UnfusedSQPU,
+    }
+    return table
+
+
+def time_step(make, device, min_run_time):
+    opt = make()
+    opt.step()  # creates momentum buffers
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    timer = tbench.Timer(stmt="opt.step(); sync()", globals={"opt": opt, "sync": sync})
+    t = timer.blocked_autorange(min_run_time=min_run_time).median
+    del opt
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--large-total", type=float, default=1e8, help="parameters in the large set (default 1e8)")
+    parser.add_argument("--large-tensors", type=int, default=300, help="tensors in the large set (default 300)")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.large_total < 1 or args.large_tensors < 1:
+        parser.error("--large-total and --large-tensors must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
+    header = (f"fxp optimizer-step benchmark, {FMT} parameters and momentum, float32, {args.device} "
+              f"({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}")
+    console = Console(width=120)
+    console.print(header)
+    md = [f"### {header}", "", "Target: fused QPU step <= 1.2x torch's fused SGD step.", ""]
+    sets = {
+        "paper CNN (184,490 parameters, 6 tensors)": paper_cnn_shapes(),
+        f"large set ({args.large_total:.0e} parameters, {args.large_tensors} tensors)":
+            large_shapes(int(args.large_total), args.large_tensors),
+    }
+    for name, shapes in sets.items():
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        times = {label: time_step(make, args.device, args.min_run_time)
+                 for label, make in optimizers(shapes, args.device).items()}
+        table = Table(title=f"{name}: {numel:,} parameters")
+        cols = ["method", "time per step (ms)", "ns / parameter", "time / torch fused"]
+        for c in cols:
+            table.add_column(c, justify="right")
+        md += [f"**{name}: {numel:,} parameters**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for label, t in times.items():
+            row = [label, f"{t * 1e3:.3f}", f"{t / numel * 1e9:.2f}", f"{t / times['torch SGD fused']:.2f}"]
+            table.add_row(*row)
+            md.append("| " + " | ".join(row) + " |")
+        md.append("")
+        console.print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write("\n".join(md) + "\n")
+        console.print(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
