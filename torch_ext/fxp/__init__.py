@@ -7,7 +7,7 @@ from ._library import load as _load
 
 library_path = _load()
 
-from . import optim  # noqa: E402
+from . import nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
     quantize,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FxpFormat",
     "library_path",
+    "nn",
     "optim",
     "quantize",
     "quantize_",

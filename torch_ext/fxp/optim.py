@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .format import FxpFormat
 
-__all__ = ["QPUSGD", "quantize_parameters_", "INIT_KEY_DELTA"]
+__all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer", "INIT_KEY_DELTA"]
 
 INIT_KEY_DELTA = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: keeps init draws off the update streams
 
@@ -146,3 +146,28 @@ def quantize_parameters_(
     key = key - (1 << 64) if key >= (1 << 63) else key  # as the op's signed int64
     for k, p in enumerate(params):
         torch.ops.fxp.quantize_seeded_(p, format.total_bits, format.frac_bits, rounding, key, k)
+
+
+def make_optimizer(
+    params: Iterable[Any],
+    method: str,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    format: Optional[FxpFormat] = None,
+    momentum_format: Optional[FxpFormat] = None,
+    seed: int = 0,
+) -> Optimizer:
+    """The optimizer each of the paper's methods trains with: ``torch.optim.SGD``
+    on the float weights for ``fp32`` and ``ste`` (STE's master copy), and
+    :class:`QPUSGD` with stochastic (``sqpu``) or half-to-even (``hteqpu``)
+    rounding in ``format``."""
+    if method in ("fp32", "ste"):
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if method not in ("sqpu", "hteqpu"):
+        raise ValueError(f"make_optimizer: method must be fp32, ste, sqpu or hteqpu, but got {method!r}")
+    if format is None:
+        raise ValueError(f"make_optimizer: method {method!r} needs a format")
+    return QPUSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, format=format,
+                  momentum_format=momentum_format, rounding="stochastic" if method == "sqpu" else "nearest_even",
+                  seed=seed)

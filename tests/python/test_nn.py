@@ -1,0 +1,124 @@
+"""fxp.nn layers, the paper's network, and short behavioural training runs."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fxp
+from fxp.nn import PaperCNN, QConv2d, QLinear, quantize_model
+
+F16_10, F16_8, F8_5, F8_3 = fxp.FxpFormat(16, 10), fxp.FxpFormat(16, 8), fxp.FxpFormat(8, 5), fxp.FxpFormat(8, 3)
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def on_grid(t, fmt):
+    c = t.detach().double() * 2.0**fmt.frac_bits
+    return bool(torch.all(c == torch.round(c)))
+
+
+@pytest.mark.parametrize("method", fxp.nn.METHODS)
+def test_paper_cnn_matches_table_1(method):
+    model = PaperCNN(method, F16_10, F16_8)
+    assert sum(p.numel() for p in model.parameters()) == 184_490
+    assert model.conv1.bias is None and model.conv2.bias is None and model.fc1.bias is not None
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_ste_layer_quantizes_weights_on_read_and_outputs():
+    torch.manual_seed(0)
+    layer = QLinear(6, 4, weight_mode="ste", param_format=F8_5, act_format=F8_3, act_rounding="hte")
+    x = torch.randn(5, 6)
+    y = layer(x)
+    assert on_grid(y, F8_3) and not on_grid(layer.weight, F8_5)  # the master copy stays float
+    expect = fxp.quantize(torch.nn.functional.linear(x, fxp.quantize(layer.weight, F8_5), fxp.quantize(layer.bias, F8_5)), F8_3)
+    assert torch.equal(y, expect)
+    y.sum().backward()
+    assert layer.weight.grad is not None and torch.count_nonzero(layer.weight.grad) > 0
+
+
+def test_formats_are_runtime_state():
+    layer = QConv2d(1, 2, 3, weight_mode="ste", param_format=F16_10, act_format=F16_8)
+    x = torch.randn(1, 1, 5, 5)
+    layer.act_format = F8_3  # AdaPT-style change between steps, no rebuild
+    assert on_grid(layer(x), F8_3)
+
+
+def test_quantize_model_replaces_layers_and_puts_qpu_weights_on_grid():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Sequential(torch.nn.Linear(4 * 26 * 26, 10)))
+    w_before = model[3][0].weight.detach().clone()
+    quantize_model(model, "sqpu", F8_5, F8_3)
+    assert isinstance(model[0], QConv2d) and isinstance(model[3][0], QLinear)
+    assert all(on_grid(p, F8_5) for p in model.parameters())
+    assert (model[3][0].weight - w_before).abs().max() <= F8_5.resolution
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_model(model, "int8", F8_5, F8_3)
+
+
+def _fashion_slice(n):
+    """The first n training images of Fashion-MNIST, or None if the dataset is absent."""
+    images, labels = FASHION / "train-images-idx3-ubyte.gz", FASHION / "train-labels-idx1-ubyte.gz"
+    if not images.exists() or not labels.exists():
+        return None
+    with gzip.open(images) as fh:
+        x = np.frombuffer(fh.read(), dtype=np.uint8, offset=16)[: n * 784].reshape(n, 1, 28, 28)
+    with gzip.open(labels) as fh:
+        y = np.frombuffer(fh.read(), dtype=np.uint8, offset=8)[:n]
+    x = (torch.from_numpy(x.astype(np.float32)) / 255.0 - 0.1307) / 0.3081
+    return x, torch.from_numpy(y.astype(np.int64))
+
+
+def _synthetic(n):
+    g = torch.Generator().manual_seed(0)
+    templates = torch.randn(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return templates[y] + 0.8 * torch.randn(n, 1, 28, 28, generator=g), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _fashion_slice(2000) or _synthetic(2000)
+
+
+def _train(data, method, pfmt, afmt, epochs=2, lr=0.01):
+    x, y = data
+    torch.manual_seed(0)  # the same initialisation for every method
+    model = PaperCNN(method, pfmt, afmt, act_rounding="sr")
+    if method in ("sqpu", "hteqpu"):
+        model.conv1.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even")
+        for layer in (model.conv2, model.fc1, model.fc2):
+            layer.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even")
+    opt = fxp.optim.make_optimizer(model.parameters(), method, lr=lr, momentum=0.9, format=pfmt)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def eval_loss():
+        with torch.no_grad():
+            return loss_fn(model(x[:500]), y[:500]).item()
+
+    before = eval_loss()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return before, eval_loss()
+
+
+@pytest.mark.parametrize("method", ["fp32", "ste", "sqpu"])
+def test_loss_falls_at_16_bits(data, method):
+    before, after = _train(data, method, F16_10, F16_8)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_hteqpu_stalls_at_8_bits_where_sqpu_learns(data):
+    hte_before, hte_after = _train(data, "hteqpu", F8_5, F8_3)
+    sr_before, sr_after = _train(data, "sqpu", F8_5, F8_3)
+    assert abs(hte_after - hte_before) < 0.1 * hte_before, (hte_before, hte_after)
+    assert sr_after < 0.8 * sr_before, (sr_before, sr_after)
