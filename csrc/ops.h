@@ -4,6 +4,7 @@
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -51,5 +52,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor& x, in
                                                          int64_t frac_bits, c10::string_view rounding,
                                                          int64_t seed, int64_t offset,
                                                          c10::string_view overflow = "saturate");
+
+// The fused QPU SGD step over a parameter group; see docs/design.md. Updates
+// params and momentum_buffers in place; returns int64 [n, 2] of
+// (saturated, vanished) elements per tensor.
+at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                         double lr, double momentum, double weight_decay, bool nesterov,
+                         int64_t total_bits, int64_t frac_bits, int64_t momentum_total_bits,
+                         int64_t momentum_frac_bits, c10::string_view rounding, int64_t seed,
+                         int64_t step, c10::string_view momentum_form = "standard");
 
 }  // namespace fxp

@@ -259,3 +259,22 @@ def test_result_independent_of_thread_count():
         torch.set_num_threads(threads)
     (w1, v1, c1), (w3, v3, c3) = results
     assert all(torch.equal(a, b) for a, b in zip(w1 + v1, w3 + v3)) and torch.equal(c1, c3)
+
+
+def test_optimizer_equals_the_fused_op_with_group_seeds():
+    """QPUSGD group i uses key seed + i and its own step count, like fxp::optim::QpuSgd in C++."""
+    torch.manual_seed(7)
+    fmt = fxp.FxpFormat(12, 8)
+    groups = [[torch.nn.Parameter(fxp.quantize(torch.randn(n), fmt)) for n in (37, 1000)] for _ in range(2)]
+    direct = [[p.detach().clone() for p in g] for g in groups]
+    buffers = [[torch.zeros_like(p) for p in g] for g in groups]
+    opt = QPUSGD([{"params": g} for g in groups], lr=0.05, momentum=0.9, weight_decay=1e-3, format=fmt, seed=21)
+    for step in range(3):
+        for gi, g in enumerate(groups):
+            for p in g:
+                p.grad = torch.randn_like(p) * 0.5
+            run_op(direct[gi], [p.grad for p in g], buffers[gi], lr=0.05, momentum=0.9, wd=1e-3, nesterov=False,
+                   fmt=fmt, mfmt=fmt, rounding="stochastic", seed=21 + gi, step=step)
+        opt.step()
+    for g, d in zip(groups, direct):
+        assert all(torch.equal(p.detach(), q) for p, q in zip(g, d))

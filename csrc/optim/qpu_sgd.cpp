@@ -1,0 +1,134 @@
+#include "optim/qpu_sgd.h"
+
+#include <torch/autograd.h>
+
+#include "ops.h"
+#include "quantize_args.h"
+
+namespace fxp::optim {
+
+void QpuSgdOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(lr);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(weight_decay);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(nesterov);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(total_bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(frac_bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_total_bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_frac_bits);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(rounding);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_form);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(seed);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(step);
+}
+
+void QpuSgdOptions::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(bool, nesterov);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, total_bits);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, frac_bits);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, momentum_total_bits);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, momentum_frac_bits);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, rounding);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, momentum_form);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
+}
+
+bool operator==(const QpuSgdOptions& a, const QpuSgdOptions& b) {
+  return a.lr() == b.lr() && a.momentum() == b.momentum() && a.weight_decay() == b.weight_decay() &&
+         a.nesterov() == b.nesterov() && a.total_bits() == b.total_bits() &&
+         a.frac_bits() == b.frac_bits() && a.momentum_total_bits() == b.momentum_total_bits() &&
+         a.momentum_frac_bits() == b.momentum_frac_bits() && a.rounding() == b.rounding() &&
+         a.momentum_form() == b.momentum_form() && a.seed() == b.seed() && a.step() == b.step();
+}
+
+void QpuSgdParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(momentum_buffer);
+}
+
+void QpuSgdParamState::serialize(torch::serialize::InputArchive& archive) {
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(torch::Tensor, momentum_buffer);
+}
+
+bool operator==(const QpuSgdParamState& a, const QpuSgdParamState& b) {
+  return torch::equal(a.momentum_buffer(), b.momentum_buffer());
+}
+
+namespace {
+constexpr const char* kName = "fxp::optim::QpuSgd";
+
+void check_options(const QpuSgdOptions& o) {
+  TORCH_CHECK(o.lr() >= 0, kName, ": lr must be non-negative, but got ", o.lr());
+  TORCH_CHECK(o.momentum() >= 0, kName, ": momentum must be non-negative, but got ", o.momentum());
+  TORCH_CHECK(o.weight_decay() >= 0, kName, ": weight_decay must be non-negative, but got ",
+              o.weight_decay());
+  TORCH_CHECK(o.rounding() == "stochastic" || o.rounding() == "nearest_even", kName,
+              ": rounding must be stochastic or nearest_even, but got '", o.rounding(), "'");
+  TORCH_CHECK(o.momentum_form() == "standard" || o.momentum_form() == "paper_eq6", kName,
+              ": momentum_form must be standard or paper_eq6, but got '", o.momentum_form(), "'");
+  TORCH_CHECK(!o.nesterov() || (o.momentum() > 0 && o.momentum_form() == "standard"), kName,
+              ": nesterov needs momentum > 0 and momentum_form='standard'");
+  check_fxp_format(kName, o.total_bits(), o.frac_bits());
+  if (o.momentum_total_bits() >= 0) check_fxp_format(kName, o.momentum_total_bits(), o.momentum_frac_bits());
+}
+}  // namespace
+
+QpuSgd::QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+               QpuSgdOptions defaults)
+    : torch::optim::Optimizer(param_groups, std::make_unique<QpuSgdOptions>(defaults)) {
+  check_options(defaults);
+  // Groups given without options copy the defaults; give each its own seed.
+  for (size_t i = 0; i < param_groups_.size(); ++i) {
+    auto& options = static_cast<QpuSgdOptions&>(param_groups_[i].options());
+    if (!param_groups[i].has_options()) options.seed(defaults.seed() + static_cast<int64_t>(i));
+    check_options(options);
+  }
+}
+
+torch::Tensor QpuSgd::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure != nullptr) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  last_counts_.clear();
+  for (auto& group : param_groups_) {
+    auto& o = static_cast<QpuSgdOptions&>(group.options());
+    std::vector<torch::Tensor> params, grads, buffers;
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      params.push_back(p);
+      grads.push_back(p.grad().contiguous());
+      if (o.momentum() != 0) {
+        auto it = state_.find(p.unsafeGetTensorImpl());
+        if (it == state_.end()) {
+          auto state = std::make_unique<QpuSgdParamState>();
+          state->momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+          it = state_.emplace(p.unsafeGetTensorImpl(), std::move(state)).first;
+        }
+        buffers.push_back(static_cast<QpuSgdParamState&>(*it->second).momentum_buffer());
+      }
+    }
+    if (params.empty()) {
+      last_counts_.push_back(torch::zeros({0, 2}, torch::kLong));
+      continue;
+    }
+    const int64_t mtb = o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
+    const int64_t mfb = o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
+    last_counts_.push_back(qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(),
+                                         o.nesterov(), o.total_bits(), o.frac_bits(), mtb, mfb,
+                                         o.rounding(), o.seed(), o.step(), o.momentum_form()));
+    o.step(o.step() + 1);
+  }
+  return loss;
+}
+
+void QpuSgd::save(torch::serialize::OutputArchive& archive) const { serialize(*this, archive); }
+
+void QpuSgd::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }
+
+}  // namespace fxp::optim

@@ -1,0 +1,71 @@
+// fxp::optim::QpuSgd: SGD with quantized parameter updates (SQPU / HTEQPU) for
+// LibTorch, over the fused op fxp::qpu_sgd_step_. The semantics, the random
+// streams and the state match fxp.optim.QPUSGD in Python (docs/design.md).
+#pragma once
+
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/serialize/archive.h>
+
+#include <string>
+#include <vector>
+
+namespace fxp::optim {
+
+struct QpuSgdOptions : public torch::optim::OptimizerCloneableOptions<QpuSgdOptions> {
+  explicit QpuSgdOptions(double lr) : lr_(lr) {}
+  TORCH_ARG(double, lr);
+  TORCH_ARG(double, momentum) = 0;
+  TORCH_ARG(double, weight_decay) = 0;
+  TORCH_ARG(bool, nesterov) = false;
+  TORCH_ARG(int64_t, total_bits) = 16;  // parameter format FxP(total_bits, frac_bits)
+  TORCH_ARG(int64_t, frac_bits) = 10;
+  TORCH_ARG(int64_t, momentum_total_bits) = -1;  // -1: the parameter format
+  TORCH_ARG(int64_t, momentum_frac_bits) = -1;
+  TORCH_ARG(std::string, rounding) = "stochastic";  // or "nearest_even" (HTEQPU)
+  TORCH_ARG(std::string, momentum_form) = "standard";  // or "paper_eq6"
+  TORCH_ARG(int64_t, seed) = 0;  // Philox key of this group
+  TORCH_ARG(int64_t, step) = 0;  // steps taken by this group; part of the state
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override { return lr(); }
+  void set_lr(const double lr) override { this->lr(lr); }
+  friend bool operator==(const QpuSgdOptions& lhs, const QpuSgdOptions& rhs);
+};
+
+struct QpuSgdParamState : public torch::optim::OptimizerCloneableParamState<QpuSgdParamState> {
+  TORCH_ARG(torch::Tensor, momentum_buffer);
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const QpuSgdParamState& lhs, const QpuSgdParamState& rhs);
+};
+
+class QpuSgd : public torch::optim::Optimizer {
+ public:
+  // Group i defaults to seed defaults.seed() + i, as in Python.
+  QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, QpuSgdOptions defaults);
+  QpuSgd(std::vector<torch::Tensor> params, QpuSgdOptions defaults)
+      : QpuSgd({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+  // Per group, after the last step: int64 [n, 2] of (saturated, vanished)
+  // elements for the group's parameters that had gradients, in order.
+  const std::vector<torch::Tensor>& last_counts() const { return last_counts_; }
+
+ private:
+  std::vector<torch::Tensor> last_counts_;
+
+  template <typename Self, typename Archive>
+  static void serialize(Self& self, Archive& archive) {
+    torch::optim::serialize<QpuSgdParamState, QpuSgdOptions>(archive, self);
+  }
+};
+
+}  // namespace fxp::optim
