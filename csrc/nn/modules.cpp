@@ -1,0 +1,109 @@
+#include "nn/modules.h"
+
+#include <torch/nn/functional.h>
+#include <torch/torch.h>
+
+#include "ops.h"
+#include "quantize_args.h"
+
+namespace fxp::nn {
+namespace {
+
+const char* op_rounding(const std::string& act_rounding) {
+  TORCH_CHECK(act_rounding == "hte" || act_rounding == "sr",
+              "fxp::nn: act_rounding must be hte or sr, but got '", act_rounding, "'");
+  return act_rounding == "hte" ? "nearest_even" : "stochastic";
+}
+
+void check_config(const QuantConfig& c) {
+  check_fxp_format("fxp::nn", c.param_total_bits, c.param_frac_bits);
+  check_fxp_format("fxp::nn", c.act_total_bits, c.act_frac_bits);
+  op_rounding(c.act_rounding);
+}
+
+torch::Tensor weight_on_read(const torch::Tensor& w, const QuantConfig& c) {
+  if (c.weight_mode != WeightMode::Ste) return w;  // fp32, or qpu: already on the grid
+  return quantize_ste(w, c.param_total_bits, c.param_frac_bits, op_rounding(c.act_rounding));
+}
+
+torch::Tensor output(const torch::Tensor& y, const QuantConfig& c) {
+  if (c.weight_mode == WeightMode::Fp32) return y;
+  return quantize_ste(y, c.act_total_bits, c.act_frac_bits, op_rounding(c.act_rounding));
+}
+
+int64_t init_key(int64_t seed) {
+  return static_cast<int64_t>(static_cast<uint64_t>(seed) + kInitKeyDelta);
+}
+
+// Quantizes tensors in order; tensor k uses offset first_offset + k. Returns the next offset.
+int64_t quantize_in_place(const std::vector<torch::Tensor>& tensors, const QuantConfig& c,
+                          const std::string& rounding, int64_t seed, int64_t first_offset) {
+  torch::NoGradGuard no_grad;
+  int64_t offset = first_offset;
+  for (auto t : tensors) {
+    quantize_seeded_(t, c.param_total_bits, c.param_frac_bits, rounding, init_key(seed), offset++);
+  }
+  return offset;
+}
+
+}  // namespace
+
+WeightMode weight_mode_for(const std::string& method) {
+  if (method == "fp32") return WeightMode::Fp32;
+  if (method == "ste") return WeightMode::Ste;
+  if (method == "sqpu" || method == "hteqpu") return WeightMode::Qpu;
+  TORCH_CHECK(false, "fxp::nn: method must be fp32, ste, sqpu or hteqpu, but got '", method, "'");
+}
+
+QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config_)
+    : config(std::move(config_)) {
+  check_config(config);
+  linear = register_module("linear", torch::nn::Linear(torch::nn::LinearOptions(in_features, out_features).bias(bias)));
+}
+
+torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
+  const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
+  return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config);
+}
+
+void QLinearImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
+  quantize_in_place(parameters(), config, rounding, seed, 0);
+}
+
+QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
+  check_config(config);
+  conv = register_module("conv", torch::nn::Conv2d(options));
+}
+
+torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
+  const auto& o = conv->options;
+  const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
+  const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
+  const auto y = torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
+                               o.dilation(), o.groups());
+  return output(y, config);
+}
+
+void QConv2dImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
+  quantize_in_place(parameters(), config, rounding, seed, 0);
+}
+
+PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
+  conv1 = register_module("conv1", QConv2d(torch::nn::Conv2dOptions(1, 32, 5).bias(false), config));
+  conv2 = register_module("conv2", QConv2d(torch::nn::Conv2dOptions(32, 64, 5).bias(false), config));
+  fc1 = register_module("fc1", QLinear(1024, 128, true, config));
+  fc2 = register_module("fc2", QLinear(128, 10, true, config));
+}
+
+torch::Tensor PaperCNNImpl::forward(torch::Tensor x) {
+  x = torch::max_pool2d(torch::relu(conv1->forward(x)), 2);
+  x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);
+  x = torch::relu(fc1->forward(x.flatten(1)));
+  return fc2->forward(x);
+}
+
+void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
+  quantize_in_place(parameters(), conv1->config, rounding, seed, 0);
+}
+
+}  // namespace fxp::nn

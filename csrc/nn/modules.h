@@ -1,0 +1,64 @@
+// Quantized layers and the paper's network for LibTorch: the C++ twins of
+// fxp.nn (torch_ext/fxp/nn.py), thin wrappers over the fxp ops.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <string>
+
+namespace fxp::nn {
+
+enum class WeightMode { Fp32, Ste, Qpu };
+
+// The paper's method name (fp32, ste, sqpu, hteqpu) -> how a layer treats its weights.
+WeightMode weight_mode_for(const std::string& method);
+
+// A layer's quantization, kept as plain runtime state: it may change between
+// steps (AdaPT, MSQ) without rebuilding the model or the optimizer.
+struct QuantConfig {
+  WeightMode weight_mode = WeightMode::Fp32;
+  int64_t param_total_bits = 16, param_frac_bits = 10;
+  int64_t act_total_bits = 16, act_frac_bits = 8;
+  std::string act_rounding = "sr";  // "hte" or "sr": layer outputs, and STE weights on read
+};
+
+// Philox key delta of QPU's initial quantization (same as fxp.optim.INIT_KEY_DELTA).
+constexpr uint64_t kInitKeyDelta = 0x9E3779B97F4A7C15ull;
+
+class QLinearImpl : public torch::nn::Module {
+ public:
+  QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
+  torch::Tensor forward(const torch::Tensor& x);
+  // Puts weight (and bias) on the parameter grid: QPU's initialization.
+  void quantize_parameters_(const std::string& rounding, int64_t seed);
+  QuantConfig config;
+  torch::nn::Linear linear{nullptr};
+};
+TORCH_MODULE(QLinear);
+
+class QConv2dImpl : public torch::nn::Module {
+ public:
+  QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config);
+  torch::Tensor forward(const torch::Tensor& x);
+  void quantize_parameters_(const std::string& rounding, int64_t seed);
+  QuantConfig config;
+  torch::nn::Conv2d conv{nullptr};
+};
+TORCH_MODULE(QConv2d);
+
+// The paper's Table 1 network (Gupta et al. 2015), 184,490 parameters.
+class PaperCNNImpl : public torch::nn::Module {
+ public:
+  explicit PaperCNNImpl(QuantConfig config);
+  torch::Tensor forward(torch::Tensor x);  // logits
+  // QPU's initialization for every layer; tensor k of the model gets offset k.
+  void quantize_parameters_(const std::string& rounding, int64_t seed);
+  QConv2d conv1{nullptr}, conv2{nullptr};
+  QLinear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(PaperCNN);
+
+}  // namespace fxp::nn
