@@ -19,8 +19,7 @@ from datetime import datetime, timezone
 
 import torch
 import torch.utils.benchmark as tbench
-from rich.console import Console
-from rich.table import Table
+from bench_report import BenchReport
 
 import fxp
 from fxp.optim import QPUSGD
@@ -110,9 +109,7 @@ def main() -> None:
     header = (f"fxp optimizer-step benchmark, {FMT} parameters and momentum, float32, {args.device} "
               f"({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}")
-    console = Console(width=120)
-    console.print(header)
-    md = [f"### {header}", "", "Target: fused QPU step <= 1.2x torch's fused SGD step.", ""]
+    report = BenchReport(header, "Target: fused QPU step <= 1.2x torch's fused SGD step.")
     sets = {
         "paper CNN (184,490 parameters, 6 tensors)": paper_cnn_shapes(),
         f"large set ({args.large_total:.0e} parameters, {args.large_tensors} tensors)":
@@ -122,22 +119,11 @@ def main() -> None:
         numel = sum(torch.Size(s).numel() for s in shapes)
         times = {label: time_step(make, args.device, args.min_run_time)
                  for label, make in optimizers(shapes, args.device).items()}
-        table = Table(title=f"{name}: {numel:,} parameters")
-        cols = ["method", "time per step (ms)", "ns / parameter", "time / torch fused"]
-        for c in cols:
-            table.add_column(c, justify="right")
-        md += [f"**{name}: {numel:,} parameters**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for label, t in times.items():
-            row = [label, f"{t * 1e3:.3f}", f"{t / numel * 1e9:.2f}", f"{t / times['torch SGD fused']:.2f}"]
-            table.add_row(*row)
-            md.append("| " + " | ".join(row) + " |")
-        md.append("")
-        console.print(table)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write("\n".join(md) + "\n")
-        console.print(f"wrote {args.markdown}")
-
+        rows = [[label, f"{t * 1e3:.3f}", f"{t / numel * 1e9:.2f}", f"{t / times['torch SGD fused']:.2f}"]
+                for label, t in times.items()]
+        report.table(f"{name}: {numel:,} parameters",
+                     ["method", "time per step (ms)", "ns / parameter", "time / torch fused"], rows)
+    report.save(args.markdown)
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,7 @@ from datetime import datetime, timezone
 
 import torch
 import torch.utils.benchmark as tbench
-from rich.console import Console
-from rich.table import Table
+from bench_report import BenchReport
 
 import fxp
 
@@ -105,33 +104,19 @@ def main() -> None:
     header = (f"fxp quantize benchmark, {fmt}, float32, {args.device} ({device_name}, "
               f"{torch.get_num_threads()} threads), torch {torch.__version__}, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}")
-    console = Console(width=120)
-    console.print(header)
-    md = [f"### {header}", "", f"Targets: {TARGETS[args.device]}.", ""]
-
+    report = BenchReport(header, f"Targets: {TARGETS[args.device]}.")
     for n in args.sizes:
         x = torch.randn(n, device=args.device)
         times = {name: time_one(fn, x, args.min_run_time) for name, fn in fns.items()}
         bytes_moved = 2 * n * x.element_size()
-        table = Table(title=f"{n:.0e} elements ({bytes_moved / 1e6:.1f} MB moved)")
-        cols = ["method", "time (us)", "GB/s", "time / clone", "fxp HTE speed-up", "fxp SR speed-up"]
-        for c in cols:
-            table.add_column(c, justify="right")
-        md += [f"**{n:.0e} elements**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        rows = []
         for name, t in times.items():
             hte = f"{t / times['fxp HTE']:.2f}x" if "HTE" in name or name == "clone" else ""
             sr = f"{t / times['fxp SR']:.2f}x" if "SR" in name or name == "clone" else ""
-            row = [name, f"{t * 1e6:.1f}", f"{bytes_moved / t / 1e9:.1f}", f"{t / times['clone']:.2f}", hte, sr]
-            table.add_row(*row)
-            md.append("| " + " | ".join(row) + " |")
-        md.append("")
-        console.print(table)
-
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write("\n".join(md) + "\n")
-        console.print(f"wrote {args.markdown}")
-
+            rows.append([name, f"{t * 1e6:.1f}", f"{bytes_moved / t / 1e9:.1f}", f"{t / times['clone']:.2f}", hte, sr])
+        report.table(f"{n:.0e} elements ({bytes_moved / 1e6:.1f} MB moved)",
+                     ["method", "time (us)", "GB/s", "time / clone", "fxp HTE speed-up", "fxp SR speed-up"], rows)
+    report.save(args.markdown)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fxp
-from reference import codes_to_values, philox_word, quantize_nearest_even
+from reference import philox_word, quantize_nearest_even
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ROUNDINGS = ["nearest_even", "stochastic", "floor", "nearest_away"]
