@@ -13,8 +13,8 @@ namespace fxp::kernels {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxTensors = 36;
-constexpr int kMaxBlocks = 320;
+constexpr int kMaxTensors = 32;  // keeps the kernel argument under 4 KB, like PyTorch's
+constexpr int kMaxBlocks = 256;
 constexpr int64_t kChunkElems = 65536;  // elements per CUDA block and chunk
 
 template <typename scalar_t>
