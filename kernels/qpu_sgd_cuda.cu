@@ -28,6 +28,10 @@ struct TensorListMeta {
   int32_t block_chunk[kMaxBlocks];
 };
 
+static_assert(sizeof(TensorListMeta<double>) + sizeof(QpuSgdParams) + 2 * sizeof(FxpSpec<double>) +
+                      sizeof(void*) <= 4096,
+              "the kernel's arguments must fit the classic 4 KB limit");
+
 template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
     qpu_sgd_kernel(TensorListMeta<scalar_t> meta, QpuSgdParams p, FxpSpec<double> wspec,
