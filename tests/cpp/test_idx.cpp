@@ -1,0 +1,129 @@
+// The IDX reader on files the test writes: good, gzipped, truncated, wrong magic, missing.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+#if defined(FXP_HAVE_ZLIB)
+#include <zlib.h>
+#endif
+
+#include "data/idx.h"
+
+namespace {
+
+// Note: no std::filesystem here; libtorch.so exports its own copies of those
+// symbols, and calls that bind to them crash.
+
+class IdxReader : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char templ[] = "/tmp/fxp_idx_test_XXXXXX";
+    ASSERT_NE(::mkdtemp(templ), nullptr);
+    dir_ = templ;
+  }
+  void TearDown() override {
+    for (const auto& f : files_) std::remove(f.c_str());
+    ::rmdir(dir_.c_str());
+  }
+
+  std::string path(const std::string& name) {
+    files_.push_back(dir_ + "/" + name);
+    return files_.back();
+  }
+
+  std::string write(const std::string& name, const std::vector<uint8_t>& bytes) {
+    const auto p = path(name);
+    std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    return p;
+  }
+
+  static std::vector<uint8_t> header(uint8_t type, std::vector<uint32_t> dims) {
+    std::vector<uint8_t> h = {0, 0, type, static_cast<uint8_t>(dims.size())};
+    for (uint32_t d : dims) {
+      for (int s = 24; s >= 0; s -= 8) h.push_back(static_cast<uint8_t>(d >> s));
+    }
+    return h;
+  }
+
+  std::string dir_;
+  std::vector<std::string> files_;
+};
+
+void expect_error(const std::function<void()>& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected an error containing: " << needle;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(IdxReader, ReadsUint8AndBigEndianInt32) {
+  auto bytes = header(0x08, {2, 3});
+  for (uint8_t v = 0; v < 6; ++v) bytes.push_back(v * 10);
+  const auto t = fxp::data::read_idx(write("u8.idx", bytes));
+  EXPECT_EQ(t.scalar_type(), torch::kByte);
+  EXPECT_TRUE(torch::equal(t, torch::tensor({0, 10, 20, 30, 40, 50}, torch::kByte).view({2, 3})));
+
+  auto ints = header(0x0C, {2});
+  for (uint8_t b : {0x00, 0x01, 0x02, 0x03, 0xFF, 0xFF, 0xFF, 0xFE}) ints.push_back(b);
+  const auto i = fxp::data::read_idx(write("i32.idx", ints));
+  EXPECT_EQ(i[0].item<int32_t>(), 0x00010203);
+  EXPECT_EQ(i[1].item<int32_t>(), -2);
+}
+
+TEST_F(IdxReader, BadFilesGiveErrorsNamingTheFile) {
+  auto bytes = header(0x08, {10, 28, 28});
+  bytes.resize(bytes.size() + 100);  // 7840 payload bytes expected
+  const auto truncated = write("truncated.idx", bytes);
+  expect_error([&] { fxp::data::read_idx(truncated); }, truncated + ": truncated IDX file");
+  auto magic = header(0x08, {1});
+  magic[0] = 7;
+  magic.push_back(1);
+  const auto bad_magic = write("magic.idx", magic);
+  expect_error([&] { fxp::data::read_idx(bad_magic); }, bad_magic + ": not an IDX file (bad magic number");
+  auto type = header(0x42, {1});
+  type.push_back(1);
+  const auto bad_type = write("type.idx", type);
+  expect_error([&] { fxp::data::read_idx(bad_type); }, "unknown IDX element type 0x42");
+  const auto missing = dir_ + "/nope.idx";
+  expect_error([&] { fxp::data::read_idx(missing); }, "cannot open IDX file " + missing);
+  expect_error([&] { fxp::data::read_mnist_split(dir_, "train"); },
+               "missing dataset file " + dir_ + "/train-images-idx3-ubyte");
+}
+
+#if defined(FXP_HAVE_ZLIB)
+TEST_F(IdxReader, ReadsGzipAndRejectsATruncatedOne) {
+  auto bytes = header(0x08, {4});
+  for (uint8_t v : {1, 2, 3, 4}) bytes.push_back(v);
+  const auto file = path("a.idx.gz");
+  gzFile gz = gzopen(file.c_str(), "wb");
+  gzwrite(gz, bytes.data(), static_cast<unsigned>(bytes.size()));
+  gzclose(gz);
+  EXPECT_TRUE(torch::equal(fxp::data::read_idx(file), torch::tensor({1, 2, 3, 4}, torch::kByte)));
+  struct stat info {};
+  ASSERT_EQ(::stat(file.c_str(), &info), 0);
+  ASSERT_EQ(::truncate(file.c_str(), info.st_size - 6), 0);
+  expect_error([&] { fxp::data::read_idx(file); }, file + " is not a valid gzip file (truncated)");
+}
+#endif
+
+TEST(FashionMnist, DebianFilesLoad) {
+  const std::string dir = "/usr/share/datasets/fashion-mnist";
+  struct stat info {};
+  if (::stat(dir.c_str(), &info) != 0) GTEST_SKIP() << "dataset-fashion-mnist is not installed";
+  const auto train = fxp::data::read_mnist_split(dir, "train");
+  EXPECT_EQ(train.images.sizes(), (std::vector<int64_t>{60000, 28, 28}));
+  EXPECT_EQ(train.labels.min().item<int64_t>(), 0);
+  EXPECT_EQ(train.labels.max().item<int64_t>(), 9);
+  const auto test = fxp::data::read_mnist_split(dir, "t10k");
+  EXPECT_EQ(test.images.size(0), 10000);
+}
+
+}  // namespace
