@@ -102,6 +102,37 @@ torch::Tensor PaperCNNImpl::forward(torch::Tensor x) {
   return fc2->forward(x);
 }
 
+std::vector<LayerRow> PaperCNNImpl::describe() {
+  torch::NoGradGuard no_grad;
+  std::vector<LayerRow> rows;
+  auto shape = [](const torch::Tensor& t) { return t.sizes().slice(1).vec(); };
+  auto count_params = [](torch::nn::Module& m) {
+    int64_t n = 0;
+    for (const auto& p : m.parameters()) n += p.numel();
+    return n;
+  };
+  auto record = [&](const std::string& name, const torch::Tensor& in, const torch::Tensor& out, bool rounds,
+                    int64_t params) {
+    rows.push_back({name, in[0].numel(), rounds ? out[0].numel() : 0, params, shape(in), shape(out)});
+  };
+  torch::Tensor x = torch::zeros({1, 1, 28, 28});
+  torch::Tensor y = conv1->forward(x);
+  record("Conv2d", x, y, true, count_params(*conv1));
+  x = torch::max_pool2d(torch::relu(y), 2);
+  record("MaxPool2d", y, x, false, 0);
+  y = conv2->forward(x);
+  record("Conv2d", x, y, true, count_params(*conv2));
+  x = torch::max_pool2d(torch::relu(y), 2).flatten(1);
+  record("MaxPool2d", y, x, false, 0);
+  y = fc1->forward(x);
+  record("Linear", x, y, true, count_params(*fc1));
+  x = torch::relu(y);
+  y = fc2->forward(x);
+  record("Linear", x, y, true, count_params(*fc2));
+  record("Softmax", y, torch::softmax(y, 1), false, 0);
+  return rows;
+}
+
 void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
   quantize_in_place(parameters(), conv1->config, rounding, seed, 0);
 }

@@ -49,11 +49,23 @@ class QConv2dImpl : public torch::nn::Module {
 };
 TORCH_MODULE(QConv2d);
 
+// One row of the paper's Table 1, measured on the model: values per sample.
+struct LayerRow {
+  std::string layer;    // Conv2d, MaxPool2d, Linear, Softmax
+  int64_t inputs;       // elements entering the layer (saved for the backward pass)
+  int64_t rounded;      // elements the layer's output quantization rounds (0: none)
+  int64_t parameters;   // learnable elements
+  std::vector<int64_t> in_shape, out_shape;  // [C, H, W] or [F]
+};
+
 // The paper's Table 1 network (Gupta et al. 2015), 184,490 parameters.
 class PaperCNNImpl : public torch::nn::Module {
  public:
   explicit PaperCNNImpl(QuantConfig config);
   torch::Tensor forward(torch::Tensor x);  // logits
+  // Table 1, derived by running the layers on one 28x28 input (the same
+  // sequence as forward, with the softmax of the loss as the last row).
+  std::vector<LayerRow> describe();
   // QPU's initialization for every layer; tensor k of the model gets offset k.
   void quantize_parameters_(const std::string& rounding, int64_t seed);
   QConv2d conv1{nullptr}, conv2{nullptr};

@@ -31,6 +31,30 @@ TEST(Modules, PaperCnnHasTable1ParameterCount) {
   }
 }
 
+// The paper's Table 1, computed from the model: per-layer inputs, rounded
+// outputs and parameters, with the paper's totals.
+TEST(Modules, Table1FromTheModel) {
+  fxp::nn::PaperCNN model(config("sqpu"));
+  const auto rows = model->describe();
+  ASSERT_EQ(rows.size(), 7u);
+  const std::vector<int64_t> inputs = {784, 18432, 4608, 4096, 1024, 128, 10};
+  const std::vector<int64_t> rounded = {18432, 0, 4096, 0, 128, 10, 0};
+  const std::vector<int64_t> params = {800, 0, 51200, 0, 131200, 1290, 0};
+  int64_t sum_in = 0, sum_round = 0, sum_params = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(rows[i].inputs, inputs[i]) << i;
+    EXPECT_EQ(rows[i].rounded, rounded[i]) << i;
+    EXPECT_EQ(rows[i].parameters, params[i]) << i;
+    sum_in += rows[i].inputs;
+    sum_round += rows[i].rounded;
+    sum_params += rows[i].parameters;
+  }
+  EXPECT_EQ(sum_in, 29082);
+  EXPECT_EQ(sum_round, 22666);
+  EXPECT_EQ(sum_params, 184490);
+  EXPECT_EQ(rows[0].out_shape, (std::vector<int64_t>{32, 24, 24}));
+}
+
 TEST(Modules, SteQuantizesOnReadAndPassesGradients) {
   fxp::nn::QLinear layer(6, 4, true, config("ste"));
   const auto x = torch::randn({5, 6});
