@@ -35,15 +35,14 @@ int64_t init_key(int64_t seed) {
   return static_cast<int64_t>(static_cast<uint64_t>(seed) + kInitKeyDelta);
 }
 
-// Quantizes tensors in order; tensor k uses offset first_offset + k. Returns the next offset.
-int64_t quantize_in_place(const std::vector<torch::Tensor>& tensors, const QuantConfig& c,
-                          const std::string& rounding, int64_t seed, int64_t first_offset) {
+// Quantizes tensors in order; tensor k uses Philox offset k.
+void quantize_in_place(const std::vector<torch::Tensor>& tensors, const QuantConfig& c,
+                       const std::string& rounding, int64_t seed) {
   torch::NoGradGuard no_grad;
-  int64_t offset = first_offset;
+  int64_t offset = 0;
   for (auto t : tensors) {
     quantize_seeded_(t, c.param_total_bits, c.param_frac_bits, rounding, init_key(seed), offset++);
   }
-  return offset;
 }
 
 }  // namespace
@@ -66,10 +65,6 @@ torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
   return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config);
 }
 
-void QLinearImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
-  quantize_in_place(parameters(), config, rounding, seed, 0);
-}
-
 QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
   check_config(config);
   conv = register_module("conv", torch::nn::Conv2d(options));
@@ -82,10 +77,6 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto y = torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
                                o.dilation(), o.groups());
   return output(y, config);
-}
-
-void QConv2dImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
-  quantize_in_place(parameters(), config, rounding, seed, 0);
 }
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
@@ -134,7 +125,7 @@ std::vector<LayerRow> PaperCNNImpl::describe() {
 }
 
 void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
-  quantize_in_place(parameters(), conv1->config, rounding, seed, 0);
+  quantize_in_place(parameters(), conv1->config, rounding, seed);
 }
 
 }  // namespace fxp::nn

@@ -32,8 +32,6 @@ class QLinearImpl : public torch::nn::Module {
  public:
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
-  // Puts weight (and bias) on the parameter grid: QPU's initialization.
-  void quantize_parameters_(const std::string& rounding, int64_t seed);
   QuantConfig config;
   torch::nn::Linear linear{nullptr};
 };
@@ -43,7 +41,6 @@ class QConv2dImpl : public torch::nn::Module {
  public:
   QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
-  void quantize_parameters_(const std::string& rounding, int64_t seed);
   QuantConfig config;
   torch::nn::Conv2d conv{nullptr};
 };
@@ -66,7 +63,8 @@ class PaperCNNImpl : public torch::nn::Module {
   // Table 1, derived by running the layers on one 28x28 input (the same
   // sequence as forward, with the softmax of the loss as the last row).
   std::vector<LayerRow> describe();
-  // QPU's initialization for every layer; tensor k of the model gets offset k.
+  // QPU's initialization for every layer; tensor k of the model gets its own
+  // offset k (per-layer offsets would repeat, and layers would share draws).
   void quantize_parameters_(const std::string& rounding, int64_t seed);
   QConv2d conv1{nullptr}, conv2{nullptr};
   QLinear fc1{nullptr}, fc2{nullptr};

@@ -15,6 +15,8 @@
 
 #include "data/idx.h"
 
+#include "test_util.h"
+
 namespace {
 
 // Note: no std::filesystem here; libtorch.so exports its own copies of those
@@ -55,14 +57,7 @@ class IdxReader : public ::testing::Test {
   std::vector<std::string> files_;
 };
 
-void expect_error(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using fxp::testing::expect_error;
 
 TEST_F(IdxReader, ReadsUint8AndBigEndianInt32) {
   auto bytes = header(0x08, {2, 3});

@@ -8,20 +8,15 @@
 
 #include "ops.h"
 
+#include "test_util.h"
+
 namespace {
 
 using torch::Tensor;
 
 Tensor values(std::vector<float> v) { return torch::tensor(v, torch::kFloat); }
 
-void expect_error(const std::function<void()>& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const c10::Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using fxp::testing::expect_error;
 
 TEST(QuantizeOp, TiesGoToEvenCode) {
   // FxP(8, 4): LSB 1/16. (k + 1/2) / 16 must become the even one of k, k + 1.
@@ -129,12 +124,10 @@ TEST_F(QuantizeCuda, BitIdenticalToCpu) {
 TEST_F(QuantizeCuda, MixedDevicesAreRejected) {
   const Tensor x = torch::randn({4});
   Tensor out = torch::empty({4}, torch::kCUDA);
-  expect_error([&] { at::Tensor y = fxp::quantize(x.cuda(), 8, 4); (void)y;
-                     c10::Dispatcher::singleton().findSchemaOrThrow("fxp::quantize", "out")
-                         .typed<void(const at::Tensor&, int64_t, int64_t, c10::string_view,
-                                     c10::string_view, const std::optional<at::Generator>&,
-                                     const at::Tensor&)>()
-                         .call(x, 8, 4, "nearest_even", "saturate", std::nullopt, out); },
+  const auto quantize_out = c10::Dispatcher::singleton().findSchemaOrThrow("fxp::quantize", "out").typed<void(
+      const at::Tensor&, int64_t, int64_t, c10::string_view, c10::string_view,
+      const std::optional<at::Generator>&, const at::Tensor&)>();
+  expect_error([&] { quantize_out.call(x, 8, 4, "nearest_even", "saturate", std::nullopt, out); },
                "expected out on the same device as x");
 }
 

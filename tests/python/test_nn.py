@@ -61,6 +61,21 @@ def test_quantize_model_replaces_layers_and_puts_qpu_weights_on_grid():
         quantize_model(model, "int8", F8_5, F8_3)
 
 
+def test_qpu_initialization_gives_every_tensor_its_own_stream():
+    """Layers with identical float weights must not round identically: the
+    model-level init gives tensor k offset k, like fxp.optim.quantize_parameters_."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(model[0].weight)
+    float_weights = [p.detach().clone() for p in model.parameters()]
+    quantize_model(model, "sqpu", F8_5, F8_3, seed=4)
+    assert not torch.equal(model[0].weight, model[1].weight)
+    expected = [w.clone() for w in float_weights]
+    fxp.optim.quantize_parameters_(expected, F8_5, "stochastic", seed=4)
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+
+
 def _fashion_slice(n):
     """The first n training images of Fashion-MNIST, or None if the dataset is absent."""
     images, labels = FASHION / "train-images-idx3-ubyte.gz", FASHION / "train-labels-idx1-ubyte.gz"
@@ -91,9 +106,7 @@ def _train(data, method, pfmt, afmt, epochs=2, lr=0.01):
     torch.manual_seed(0)  # the same initialisation for every method
     model = PaperCNN(method, pfmt, afmt, act_rounding="sr")
     if method in ("sqpu", "hteqpu"):
-        model.conv1.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even")
-        for layer in (model.conv2, model.fc1, model.fc2):
-            layer.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even")
+        model.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even")
     opt = fxp.optim.make_optimizer(model.parameters(), method, lr=lr, momentum=0.9, format=pfmt)
     loss_fn = torch.nn.CrossEntropyLoss()
 

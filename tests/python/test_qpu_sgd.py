@@ -215,6 +215,10 @@ def test_errors():
         run_op(w, g, [], **{**base, "form": "eq7"})
     with pytest.raises(ValueError, match="nesterov needs momentum > 0"):
         QPUSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, nesterov=True)
+    opt = QPUSGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match=r"frac_bits must be in \[0, total_bits - 1\] = \[0, 7\], but got 9"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "total_bits": 8, "frac_bits": 9})
+    assert len(opt.param_groups) == 1  # a rejected group is not added
 
 
 def test_opcheck():

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .format import FxpFormat
 from .ops import quantize_ste
 
-__all__ = ["QLinear", "QConv2d", "PaperCNN", "quantize_model", "METHODS", "WEIGHT_MODES"]
+__all__ = ["QLinear", "QConv2d", "PaperCNN", "quantize_model", "quantize_parameters_", "METHODS", "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -50,13 +50,6 @@ class _QuantizedLayer(nn.Module):
         if self.weight_mode == "fp32":
             return y
         return quantize_ste(y, self.act_format, rounding=_OP_ROUNDING[self.act_rounding])
-
-    @torch.no_grad()
-    def quantize_parameters_(self, rounding: str = "stochastic", seed: int = 0) -> None:
-        """Puts the weights (and bias) on the parameter grid: QPU's initialization."""
-        from .optim import quantize_parameters_
-
-        quantize_parameters_(self.parameters(), self.param_format, rounding, seed)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight_mode={self.weight_mode}, param_format={self.param_format}, "
@@ -113,6 +106,10 @@ class PaperCNN(nn.Module):
         self.fc1 = QLinear(1024, 128, **q)
         self.fc2 = QLinear(128, 10, **q)
 
+    def quantize_parameters_(self, rounding: str = "stochastic", seed: int = 0) -> None:
+        """QPU's initialization: every parameter onto the grid (see :func:`quantize_parameters_`)."""
+        quantize_parameters_(self, rounding, seed)
+
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
@@ -151,9 +148,24 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     _replace_layers(model, dict(weight_mode=WEIGHT_MODES[method], param_format=param_format,
                                 act_format=act_format, act_rounding=act_rounding))
     if method in ("sqpu", "hteqpu"):
-        from .optim import quantize_parameters_
-
-        layers = [m for m in model.modules() if isinstance(m, (QLinear, QConv2d))]
-        params = [p for m in layers for p in m.parameters(recurse=False)]
-        quantize_parameters_(params, param_format, "stochastic" if method == "sqpu" else "nearest_even", seed)
+        quantize_parameters_(model, "stochastic" if method == "sqpu" else "nearest_even", seed)
     return model
+
+
+def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:
+    """Puts the parameters of every quantized layer of ``model`` on its layer's
+    parameter grid: QPU's initialization. Tensor ``k`` (in parameter order over
+    the whole model) rounds with its own Philox offset ``k`` (key ``seed +
+    fxp.optim.INIT_KEY_DELTA``), as ``fxp::nn::PaperCNN::quantize_parameters_``
+    does in C++. Done per layer, offsets would repeat and layers would share draws."""
+    from .optim import init_key
+
+    key = init_key(seed)
+    k = 0
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (QLinear, QConv2d)):
+                fmt = layer.param_format
+                for p in layer.parameters(recurse=False):
+                    torch.ops.fxp.quantize_seeded_(p, fmt.total_bits, fmt.frac_bits, rounding, key, k)
+                    k += 1

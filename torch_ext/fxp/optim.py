@@ -89,9 +89,11 @@ class QPUSGD(Optimizer):
         index = len(self.param_groups)
         param_group.setdefault("seed", self._base_seed + index)
         param_group.setdefault("step", 0)
-        super().add_param_group(param_group)
-        FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # validates
+        for key, value in self.defaults.items():  # as torch does, so the formats can be checked first
+            param_group.setdefault(key, value)
+        FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # raises on a bad format
         FxpFormat(param_group["momentum_total_bits"], param_group["momentum_frac_bits"])
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -142,10 +144,15 @@ def quantize_parameters_(
     """Puts parameters on the grid of ``format`` in place (QPU's initialization).
     Tensor ``k`` rounds with Philox key ``seed + INIT_KEY_DELTA`` and offset ``k``:
     a key of its own, so these draws are independent of the optimizer's."""
-    key = (int(seed) + INIT_KEY_DELTA) % (1 << 64)
-    key = key - (1 << 64) if key >= (1 << 63) else key  # as the op's signed int64
+    key = init_key(seed)
     for k, p in enumerate(params):
         torch.ops.fxp.quantize_seeded_(p, format.total_bits, format.frac_bits, rounding, key, k)
+
+
+def init_key(seed: int) -> int:
+    """The Philox key of QPU's initial quantization, as the op's signed int64."""
+    key = (int(seed) + INIT_KEY_DELTA) % (1 << 64)
+    return key - (1 << 64) if key >= (1 << 63) else key
 
 
 def make_optimizer(
