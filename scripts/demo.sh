@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's main-job command: sets everything up, then runs the quantize demo.
-# Arguments go to scripts/demo.py (see --help). fxp-train replaces this later.
+# Sets everything up, then runs the quantize demo.
+# Arguments go to scripts/demo.py (see --help). The main job is now scripts/train.sh.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$ROOT/scripts/setup.sh" >&2

@@ -3,11 +3,13 @@
 # Reference machine: one H100, python3 with torch 2.11.0+cu130, nvcc 13.0,
 # cmake and ninja, no apt and no network. Logs go to $OUT (or gpu-logs/).
 #
-# That machine lacks GoogleTest and QPyTorch. On the development machine run
+# That machine lacks GoogleTest, CLI11, nlohmann-json, Fashion-MNIST and QPyTorch.
+# On the development machine run
 #   scripts/gpu_check.sh --prepare
-# which copies Debian's GoogleTest sources and downloads the QPyTorch wheel into
-# .deps/ (git-ignored); carry .deps to the GPU machine. Without it the C++
-# tests and the QPyTorch baseline are skipped, and the rest still runs.
+# which copies Debian's GoogleTest sources, the CLI11 and nlohmann-json headers
+# and the Fashion-MNIST files, and downloads the QPyTorch wheel, into .deps/
+# (git-ignored); carry .deps to the GPU machine. Without it the C++ tests,
+# fxp-train and the QPyTorch baseline are skipped, and the rest still runs.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -16,6 +18,12 @@ if [[ "${1:-}" == "--prepare" ]]; then
   [[ -d /usr/src/googletest ]] || { echo "gpu_check --prepare: /usr/src/googletest missing (apt-get install googletest)" >&2; exit 1; }
   rm -rf "$ROOT/.deps/googletest" && mkdir -p "$ROOT/.deps/wheels"
   cp -r /usr/src/googletest "$ROOT/.deps/googletest"
+  for h in /usr/include/CLI /usr/include/nlohmann; do
+    [[ -d $h ]] || { echo "gpu_check --prepare: $h missing (run scripts/setup.sh)" >&2; exit 1; }
+  done
+  rm -rf "$ROOT/.deps/include" "$ROOT/.deps/fashion-mnist" && mkdir -p "$ROOT/.deps/include"
+  cp -r /usr/include/CLI /usr/include/nlohmann "$ROOT/.deps/include/"
+  cp -r /usr/share/datasets/fashion-mnist "$ROOT/.deps/fashion-mnist"
   qtorch=$(grep -E '^qtorch==' "$ROOT/scripts/requirements.txt")
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$ROOT/.deps/wheels" "$qtorch"
   echo "prepared $ROOT/.deps ($(du -sh "$ROOT/.deps" | cut -f1)); carry .deps to the GPU machine"
@@ -56,6 +64,20 @@ if compgen -G "$ROOT/.deps/wheels/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/fxp-site "$ROOT"/.deps/wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/fxp-site
 fi
+# fxp-train's tests and runs read Fashion-MNIST from here: the carried .gz files,
+# decompressed by Python (the GPU box may have no zlib headers, so libfxp may lack gzip).
+if [[ -z ${FXP_FASHION_MNIST:-} && -d $ROOT/.deps/fashion-mnist ]]; then
+  export FXP_FASHION_MNIST=$BUILD/fashion-mnist
+  "$PYTHON" - "$ROOT/.deps/fashion-mnist" "$FXP_FASHION_MNIST" <<'PY'
+import gzip, pathlib, shutil, sys
+src, dst = map(pathlib.Path, sys.argv[1:])
+dst.mkdir(parents=True, exist_ok=True)
+for f in src.glob("*.gz"):
+    with gzip.open(f) as i, open(dst / f.stem, "wb") as o:
+        shutil.copyfileobj(i, o)
+PY
+fi
+export FXP_FASHION_MNIST=${FXP_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 if [[ -x $BUILD/tests/cpp/fxp_tests ]]; then
   run ctest ctest --test-dir "$BUILD" --output-on-failure
 else
@@ -65,5 +87,15 @@ run pytest env FXP_LARGE_TESTS=1 "$PYTHON" -m pytest "$ROOT/tests/python" -ra
 run bench_quantize "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --markdown "$LOGS/bench_quantize_cuda.md"
 run bench_optim "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
 run demo "$PYTHON" "$ROOT/scripts/demo.py" --device cuda
+# fxp-train on the GPU: two epochs of each Exp 2 method at batch 256 (throughput),
+# and the default run.
+if [[ -x $BUILD/fxp-train ]]; then
+  for config in exp2-fp32 exp2-ste-16 exp2-sqpu-16 exp2-hteqpu-16 exp2-sqpu-8; do
+    run "train_$config" "$BUILD/fxp-train" -c "$ROOT/configs/runs/$config.yaml" --device cuda --epochs 2 \
+      --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/$config" --overwrite --no-progress
+  done
+  run train_default "$BUILD/fxp-train" --device cuda --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/default" \
+    --overwrite --no-progress
+fi
 echo "gpu_check: $([[ $status == 0 ]] && echo PASSED || echo FAILED); logs in $LOGS"
 exit $status

@@ -26,8 +26,14 @@ torch::Tensor weight_on_read(const torch::Tensor& w, const QuantConfig& c) {
   return quantize_ste(w, c.param_total_bits, c.param_frac_bits, op_rounding(c.act_rounding));
 }
 
-torch::Tensor output(const torch::Tensor& y, const QuantConfig& c) {
+torch::Tensor output(const torch::Tensor& y, const QuantConfig& c, OutputStats& stats) {
   if (c.weight_mode == WeightMode::Fp32) return y;
+  if (stats.enabled && !torch::GradMode::is_enabled()) {
+    auto [out, saturated] = quantize_stats(y, c.act_total_bits, c.act_frac_bits, op_rounding(c.act_rounding));
+    stats.saturated = stats.saturated.defined() ? stats.saturated + saturated : saturated;
+    stats.elements += y.numel();
+    return out;
+  }
   return quantize_ste(y, c.act_total_bits, c.act_frac_bits, op_rounding(c.act_rounding));
 }
 
@@ -62,7 +68,7 @@ QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, Q
 
 torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
   const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-  return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config);
+  return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config, output_stats);
 }
 
 QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
@@ -76,7 +82,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   const auto y = torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
                                o.dilation(), o.groups());
-  return output(y, config);
+  return output(y, config, output_stats);
 }
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
@@ -106,7 +112,7 @@ std::vector<LayerRow> PaperCNNImpl::describe() {
                     int64_t params) {
     rows.push_back({name, in[0].numel(), rounds ? out[0].numel() : 0, params, shape(in), shape(out)});
   };
-  torch::Tensor x = torch::zeros({1, 1, 28, 28});
+  torch::Tensor x = torch::zeros({1, 1, 28, 28}, conv1->conv->weight.options());
   torch::Tensor y = conv1->forward(x);
   record("Conv2d", x, y, true, count_params(*conv1));
   x = torch::max_pool2d(torch::relu(y), 2);
@@ -122,6 +128,11 @@ std::vector<LayerRow> PaperCNNImpl::describe() {
   record("Linear", x, y, true, count_params(*fc2));
   record("Softmax", y, torch::softmax(y, 1), false, 0);
   return rows;
+}
+
+std::vector<std::pair<std::string, OutputStats*>> PaperCNNImpl::output_stats() {
+  return {{"conv1", &conv1->output_stats}, {"conv2", &conv2->output_stats},
+          {"fc1", &fc1->output_stats}, {"fc2", &fc2->output_stats}};
 }
 
 void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {

@@ -8,6 +8,8 @@
 #include <torch/nn/pimpl.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace fxp::nn {
 
@@ -25,6 +27,17 @@ struct QuantConfig {
   std::string act_rounding = "sr";  // "hte" or "sr": layer outputs, and STE weights on read
 };
 
+// Validation statistics of a layer's output quantization. While `enabled` and
+// autograd is off, the forward counts saturated output elements (from the same
+// pass, via quantize_stats) into `saturated`, an int64 0-dim tensor on the
+// layer's device; `elements` counts the outputs seen.
+struct OutputStats {
+  bool enabled = false;
+  torch::Tensor saturated;
+  int64_t elements = 0;
+  void reset() { saturated = torch::Tensor(), elements = 0; }
+};
+
 // Philox key delta of QPU's initial quantization (same as fxp.optim.INIT_KEY_DELTA).
 constexpr uint64_t kInitKeyDelta = 0x9E3779B97F4A7C15ull;
 
@@ -33,6 +46,7 @@ class QLinearImpl : public torch::nn::Module {
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
   QuantConfig config;
+  OutputStats output_stats;
   torch::nn::Linear linear{nullptr};
 };
 TORCH_MODULE(QLinear);
@@ -42,6 +56,7 @@ class QConv2dImpl : public torch::nn::Module {
   QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
   QuantConfig config;
+  OutputStats output_stats;
   torch::nn::Conv2d conv{nullptr};
 };
 TORCH_MODULE(QConv2d);
@@ -66,6 +81,8 @@ class PaperCNNImpl : public torch::nn::Module {
   // QPU's initialization for every layer; tensor k of the model gets its own
   // offset k (per-layer offsets would repeat, and layers would share draws).
   void quantize_parameters_(const std::string& rounding, int64_t seed);
+  // The quantized layers by name (conv1, conv2, fc1, fc2), for per-layer statistics.
+  std::vector<std::pair<std::string, OutputStats*>> output_stats();
   QConv2d conv1{nullptr}, conv2{nullptr};
   QLinear fc1{nullptr}, fc2{nullptr};
 };

@@ -73,3 +73,41 @@ TEST(Modules, QpuInitializationPutsParametersOnTheGrid) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Modules, OutputStatsCountSaturatedOutputsWithoutGrad) {
+  QuantConfig c = config("sqpu");
+  c.act_total_bits = 4;
+  c.act_frac_bits = 3;  // outputs in [-1, 0.875]: many saturate
+  c.act_rounding = "hte";
+  fxp::nn::QLinear layer(8, 6, true, c);
+  const torch::Tensor x = torch::randn({5, 8}) * 4;
+  torch::NoGradGuard no_grad;
+  const torch::Tensor reference = torch::nn::functional::linear(x, layer->linear->weight, layer->linear->bias);
+  const int64_t expected = (reference > 0.875).sum().item<int64_t>() + (reference < -1.0).sum().item<int64_t>();
+  ASSERT_GT(expected, 0);
+
+  layer->forward(x);  // disabled: nothing counted
+  EXPECT_FALSE(layer->output_stats.saturated.defined());
+  layer->output_stats.enabled = true;
+  const torch::Tensor y = layer->forward(x);
+  const torch::Tensor y_again = layer->forward(x);
+  EXPECT_EQ(layer->output_stats.saturated.item<int64_t>(), 2 * expected);  // accumulates
+  EXPECT_EQ(layer->output_stats.elements, 2 * 30);
+  EXPECT_TRUE(torch::equal(y, fxp::quantize(reference, 4, 3)));  // the same values as without stats
+  layer->output_stats.reset();
+  EXPECT_FALSE(layer->output_stats.saturated.defined());
+  EXPECT_EQ(layer->output_stats.elements, 0);
+}
+
+TEST(Modules, OutputStatsStayOffUnderAutograd) {
+  QuantConfig c = config("ste");
+  fxp::nn::QLinear layer(3, 2, false, c);
+  layer->output_stats.enabled = true;
+  layer->forward(torch::randn({4, 3})).sum().backward();  // training keeps the STE path
+  EXPECT_FALSE(layer->output_stats.saturated.defined());
+  EXPECT_TRUE(layer->linear->weight.grad().defined());
+}
+
+}  // namespace

@@ -9,12 +9,12 @@
 
 namespace fxp::testing {
 
-// fn must throw a c10::Error whose message contains needle.
+// fn must throw an exception (c10::Error, or a std:: one) whose message contains needle.
 inline void expect_error(const std::function<void()>& fn, const std::string& needle) {
   try {
     fn();
     ADD_FAILURE() << "expected an error containing: " << needle;
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
   }
 }

@@ -1,0 +1,158 @@
+#include "train/cli.h"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace fxp::train {
+namespace {
+
+using nlohmann::json;
+
+struct FlagHelp {
+  const char* key;
+  const char* help;
+  std::vector<std::string> choices;  // empty: any value of the key's type
+};
+
+// One entry per config key, in the order of config_keys().
+const std::vector<FlagHelp>& flag_help() {
+  static const std::vector<FlagHelp> help = {
+      {"method", "parameter update method", {"fp32", "ste", "sqpu", "hteqpu"}},
+      {"param_bits", "parameter format: total bits (2..32)", {}},
+      {"param_frac", "parameter format: fractional bits", {}},
+      {"out_bits", "layer output (inference) format: total bits (2..32)", {}},
+      {"out_frac", "layer output (inference) format: fractional bits", {}},
+      {"inference_rounding", "rounding of layer outputs (and of STE's weight reads)", {"hte", "sr"}},
+      {"momentum_form", "QPU momentum form (docs/design.md)", {"standard", "paper_eq6"}},
+      {"batch_size", "training batch size", {}},
+      {"lr", "base learning rate", {}},
+      {"lr_scaling", "none, or linear: lr * batch_size / 1024 (the paper's Exp 3)", {"none", "linear"}},
+      {"momentum", "SGD momentum", {}},
+      {"weight_decay", "L2 weight decay", {}},
+      {"scheduler", "plateau: multiply the lr by plateau_factor when the validation loss has not improved "
+                    "for more than plateau_patience epochs (torch's ReduceLROnPlateau)", {"none", "plateau"}},
+      {"plateau_patience", "epochs without validation-loss improvement the plateau scheduler tolerates", {}},
+      {"plateau_factor", "lr factor of the plateau scheduler", {}},
+      {"epochs", "maximum number of epochs", {}},
+      {"early_stopping", "stop after early_stopping_patience epochs with no improvement in validation loss "
+                         "or accuracy, once early_stopping_min_epochs epochs are done", {}},
+      {"early_stopping_patience", "epochs without improvement before early stopping", {}},
+      {"early_stopping_min_epochs", "epochs always trained before early stopping may stop the run", {}},
+      {"seed", "seed of initialization, shuffling and every rounding stream", {}},
+      {"device", "cpu, cuda or cuda:N", {}},
+      {"threads", "CPU threads (0: LibTorch's default)", {}},
+      {"data_dir", "directory with the MNIST-format files (plain or .gz)", {}},
+      {"train_limit", "train on the first N training images only (0: all)", {}},
+      {"val_limit", "validate on the first N test images only (0: all)", {}},
+      {"eval_batch_size", "batch size of the validation pass", {}},
+      {"normalize_mean", "input normalization: mean", {}},
+      {"normalize_std", "input normalization: standard deviation", {}},
+      {"output_dir", "where the run's files go (default: results/<run name>)", {}},
+  };
+  return help;
+}
+
+std::string flag_name(const std::string& key) {
+  std::string name = "--" + key;
+  std::replace(name.begin(), name.end(), '_', '-');
+  return name;
+}
+
+std::string default_text(const json& value) {
+  return value.is_string() ? value.get<std::string>() : value.dump();
+}
+
+}  // namespace
+
+std::optional<int> parse_command_line(const std::vector<std::string>& args, Command& command, std::ostream& out,
+                                      std::ostream& err) {
+  CLI::App app{
+      "fxp-train: train the paper's Fashion-MNIST network with fixed-point parameters (fp32, STE, SQPU, HTEQPU).\n"
+      "With no arguments: SQPU, 16-bit parameters (10 fractional bits), 16-bit outputs (8), SR inference,\n"
+      "batch 64, 3 epochs on /usr/share/datasets/fashion-mnist. Flags override --config, which overrides\n"
+      "the defaults; a config file (YAML or JSON) takes the same keys with underscores.",
+      "fxp-train"};
+  app.option_defaults()->always_capture_default();
+  app.get_formatter()->column_width(38);
+  app.set_version_flag("--version", "fxp-train 0.1.0");
+
+  std::string config_file;
+  app.add_option("-c,--config", config_file, "YAML or JSON file of settings (keys as below, with underscores)")
+      ->check(CLI::ExistingFile);
+
+  json overrides = json::object();
+  const json defaults = to_json(TrainConfig{});
+  const auto& keys = config_keys();
+  for (const auto& h : flag_help()) {
+    if (std::find(keys.begin(), keys.end(), h.key) == keys.end()) {
+      throw std::logic_error(std::string("fxp-train: help for unknown key ") + h.key);
+    }
+    const std::string key = h.key;
+    const json& def = defaults.at(key);
+    const std::string name = flag_name(key) + (key == "output_dir" ? ",-o" : "");
+    CLI::Option* option = nullptr;
+    if (def.is_boolean()) {
+      option = app.add_flag_function(
+          name + ",!--no-" + flag_name(key).substr(2),
+          [&overrides, key](int64_t count) { overrides[key] = count > 0; }, h.help);
+    } else if (def.is_number_integer()) {
+      option = app.add_option_function<int64_t>(name, [&overrides, key](const int64_t& v) { overrides[key] = v; },
+                                                h.help);
+    } else if (def.is_number_float()) {
+      option = app.add_option_function<double>(name, [&overrides, key](const double& v) { overrides[key] = v; },
+                                               h.help);
+    } else {
+      option = app.add_option_function<std::string>(
+          name, [&overrides, key](const std::string& v) { overrides[key] = v; }, h.help);
+    }
+    if (!h.choices.empty()) option->check(CLI::IsMember(h.choices));
+    if (!def.is_boolean()) option->default_str(default_text(def));
+    option->group("Run settings");
+  }
+
+  bool describe = false, print_config = false;
+  app.add_flag("--resume", command.resume,
+               "continue the run in the output directory from its last checkpoint (starts it when there is none)")
+      ->group("Modes");
+  app.add_flag("--overwrite", command.overwrite, "discard a run already in the output directory")->group("Modes");
+  app.add_flag("-q,--quiet", command.quiet, "print nothing but errors (for sweeps)")->group("Modes");
+  app.add_flag("--no-progress", command.no_progress, "no progress bar (it is drawn only on a terminal anyway)")
+      ->group("Modes");
+  app.add_flag("--describe-model", describe,
+               "print the paper's Table 1, the rounding counts (Table 3) and the training-memory model (Eq. 5, "
+               "Figure 2) for these settings, then exit")
+      ->group("Modes");
+  app.add_flag("--json", command.json, "with --describe-model: print JSON")->group("Modes");
+  app.add_flag("--print-config", print_config, "print the resolved settings as JSON, then exit")->group("Modes");
+
+  std::vector<const char*> argv = {"fxp-train"};
+  for (const auto& a : args) argv.push_back(a.c_str());
+  try {
+    app.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const CLI::ParseError& e) {
+    // CLI11 has one exit code per error kind; keep the usual 2 for every usage error.
+    return app.exit(e, out, err) == 0 ? 0 : 2;
+  }
+  if (describe && print_config) {
+    err << "fxp-train: --describe-model and --print-config cannot be combined\n";
+    return 2;
+  }
+  if (command.resume && command.overwrite) {
+    err << "fxp-train: --resume and --overwrite cannot be combined\n";
+    return 2;
+  }
+  command.mode = describe ? Mode::DescribeModel : print_config ? Mode::PrintConfig : Mode::Train;
+  try {
+    if (!config_file.empty()) apply_json(command.config, read_config_file(config_file), config_file);
+    apply_json(command.config, overrides, "command line");
+    command.config.validate();
+  } catch (const std::exception& e) {
+    err << "fxp-train: " << e.what() << "\nRun with --help for more information.\n";
+    return 2;
+  }
+  return std::nullopt;
+}
+
+}  // namespace fxp::train

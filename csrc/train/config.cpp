@@ -1,0 +1,253 @@
+#include "train/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#if defined(FXP_HAVE_YAML)
+#include <yaml-cpp/yaml.h>
+#endif
+
+namespace fxp::train {
+namespace {
+
+using nlohmann::json;
+
+// One accessor per key: reads and writes the field as JSON. The table is the
+// single list of keys (config files, to_json, resume checks and the CLI all use it).
+struct Field {
+  std::function<json(const TrainConfig&)> get;
+  std::function<void(TrainConfig&, const json&)> set;
+};
+
+template <typename T>
+Field field(T TrainConfig::*member) {
+  return {[member](const TrainConfig& c) { return json(c.*member); },
+          [member](TrainConfig& c, const json& v) { c.*member = v.get<T>(); }};
+}
+
+const std::vector<std::pair<std::string, Field>>& fields() {
+  static const std::vector<std::pair<std::string, Field>> table = {
+      {"method", field(&TrainConfig::method)},
+      {"param_bits", field(&TrainConfig::param_bits)},
+      {"param_frac", field(&TrainConfig::param_frac)},
+      {"out_bits", field(&TrainConfig::out_bits)},
+      {"out_frac", field(&TrainConfig::out_frac)},
+      {"inference_rounding", field(&TrainConfig::inference_rounding)},
+      {"momentum_form", field(&TrainConfig::momentum_form)},
+      {"batch_size", field(&TrainConfig::batch_size)},
+      {"lr", field(&TrainConfig::lr)},
+      {"lr_scaling", field(&TrainConfig::lr_scaling)},
+      {"momentum", field(&TrainConfig::momentum)},
+      {"weight_decay", field(&TrainConfig::weight_decay)},
+      {"scheduler", field(&TrainConfig::scheduler)},
+      {"plateau_patience", field(&TrainConfig::plateau_patience)},
+      {"plateau_factor", field(&TrainConfig::plateau_factor)},
+      {"epochs", field(&TrainConfig::epochs)},
+      {"early_stopping", field(&TrainConfig::early_stopping)},
+      {"early_stopping_patience", field(&TrainConfig::early_stopping_patience)},
+      {"early_stopping_min_epochs", field(&TrainConfig::early_stopping_min_epochs)},
+      {"seed", field(&TrainConfig::seed)},
+      {"device", field(&TrainConfig::device)},
+      {"threads", field(&TrainConfig::threads)},
+      {"data_dir", field(&TrainConfig::data_dir)},
+      {"train_limit", field(&TrainConfig::train_limit)},
+      {"val_limit", field(&TrainConfig::val_limit)},
+      {"eval_batch_size", field(&TrainConfig::eval_batch_size)},
+      {"normalize_mean", field(&TrainConfig::normalize_mean)},
+      {"normalize_std", field(&TrainConfig::normalize_std)},
+      {"output_dir", field(&TrainConfig::output_dir)},
+  };
+  return table;
+}
+
+[[noreturn]] void bad(const std::string& key, const std::string& why) {
+  throw std::invalid_argument(key + ": " + why);
+}
+
+void one_of(const std::string& key, const std::string& value, std::initializer_list<const char*> allowed) {
+  std::string list;
+  for (const char* a : allowed) {
+    if (value == a) return;
+    list += (list.empty() ? "" : ", ") + std::string(a);
+  }
+  bad(key, "must be one of " + list + ", but got '" + value + "'");
+}
+
+void at_least(const std::string& key, int64_t value, int64_t min) {
+  if (value < min) bad(key, "must be at least " + std::to_string(min) + ", but got " + std::to_string(value));
+}
+
+void check_format(const std::string& bits_key, int64_t bits, const std::string& frac_key, int64_t frac) {
+  if (bits < 2 || bits > 32) bad(bits_key, "total bits must be in [2, 32], but got " + std::to_string(bits));
+  if (frac < 0 || frac > bits - 1) {
+    bad(frac_key, "fractional bits must be in [0, " + std::to_string(bits - 1) + "] for " +
+                      std::to_string(bits) + " total bits, but got " + std::to_string(frac));
+  }
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+#if defined(FXP_HAVE_YAML)
+// YAML scalars carry no type; take the JSON type the text spells.
+json yaml_to_json(const YAML::Node& node, const std::string& path) {
+  switch (node.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined:
+      return nullptr;
+    case YAML::NodeType::Sequence: {
+      json out = json::array();
+      for (const auto& item : node) out.push_back(yaml_to_json(item, path));
+      return out;
+    }
+    case YAML::NodeType::Map: {
+      json out = json::object();
+      for (const auto& kv : node) out[kv.first.as<std::string>()] = yaml_to_json(kv.second, path);
+      return out;
+    }
+    case YAML::NodeType::Scalar: {
+      const std::string text = node.Scalar();
+      if (node.Tag() == "!") return text;  // quoted: a string
+      if (text == "true" || text == "True") return true;
+      if (text == "false" || text == "False") return false;
+      if (text == "null" || text == "~") return nullptr;
+      try {
+        size_t used = 0;
+        const long long i = std::stoll(text, &used);
+        if (used == text.size()) return i;
+      } catch (const std::exception&) {
+      }
+      try {
+        size_t used = 0;
+        const double d = std::stod(text, &used);
+        if (used == text.size()) return d;
+      } catch (const std::exception&) {
+      }
+      return text;
+    }
+  }
+  return nullptr;
+}
+#endif
+
+}  // namespace
+
+double TrainConfig::initial_lr() const {
+  return lr_scaling == "linear" ? lr * static_cast<double>(batch_size) / 1024.0 : lr;
+}
+
+std::string TrainConfig::run_name() const {
+  std::ostringstream name;
+  name << method;
+  if (method != "fp32") {
+    name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
+         << inference_rounding;
+  }
+  name << "-b" << batch_size << "-s" << seed;
+  return name.str();
+}
+
+void TrainConfig::validate() const {
+  one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu"});
+  check_format("param_bits", param_bits, "param_frac", param_frac);
+  check_format("out_bits", out_bits, "out_frac", out_frac);
+  one_of("inference_rounding", inference_rounding, {"hte", "sr"});
+  one_of("momentum_form", momentum_form, {"standard", "paper_eq6"});
+  at_least("batch_size", batch_size, 1);
+  if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
+  one_of("lr_scaling", lr_scaling, {"none", "linear"});
+  if (!(momentum >= 0 && momentum < 1)) bad("momentum", "must be in [0, 1), but got " + std::to_string(momentum));
+  if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
+    bad("weight_decay", "must be a non-negative number, but got " + std::to_string(weight_decay));
+  }
+  one_of("scheduler", scheduler, {"none", "plateau"});
+  at_least("plateau_patience", plateau_patience, 0);
+  if (!(plateau_factor > 0 && plateau_factor < 1)) {
+    bad("plateau_factor", "must be in (0, 1), but got " + std::to_string(plateau_factor));
+  }
+  at_least("epochs", epochs, 1);
+  at_least("early_stopping_patience", early_stopping_patience, 1);
+  at_least("early_stopping_min_epochs", early_stopping_min_epochs, 0);
+  at_least("threads", threads, 0);
+  at_least("train_limit", train_limit, 0);
+  at_least("val_limit", val_limit, 0);
+  at_least("eval_batch_size", eval_batch_size, 1);
+  if (!(normalize_std > 0)) bad("normalize_std", "must be positive, but got " + std::to_string(normalize_std));
+  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
+    bad("device", "must be cpu, cuda or cuda:N, but got '" + device + "'");
+  }
+  if (data_dir.empty()) bad("data_dir", "must not be empty");
+}
+
+const std::vector<std::string>& config_keys() {
+  static const std::vector<std::string> keys = [] {
+    std::vector<std::string> k;
+    for (const auto& f : fields()) k.push_back(f.first);
+    return k;
+  }();
+  return keys;
+}
+
+json to_json(const TrainConfig& config) {
+  json out = json::object();
+  for (const auto& [key, f] : fields()) out[key] = f.get(config);
+  return out;
+}
+
+void apply_json(TrainConfig& config, const json& values, const std::string& origin) {
+  if (!values.is_object()) throw std::invalid_argument(origin + ": expected a mapping of keys to values");
+  for (const auto& [key, value] : values.items()) {
+    auto it = std::find_if(fields().begin(), fields().end(), [&](const auto& f) { return f.first == key; });
+    if (it == fields().end()) throw std::invalid_argument(origin + ": unknown key '" + key + "'");
+    const json current = it->second.get(config);
+    // Accept 1 for 1.0; reject every other type mismatch (e.g. "16" for a number).
+    const bool ok = (current.is_number_float() && value.is_number()) ||
+                    (current.is_number_integer() && value.is_number_integer()) ||
+                    (current.is_boolean() && value.is_boolean()) || (current.is_string() && value.is_string());
+    if (!ok) {
+      throw std::invalid_argument(origin + ": key '" + key + "' needs a " + current.type_name() + ", but got " +
+                                  value.dump());
+    }
+    it->second.set(config, value);
+  }
+}
+
+json read_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::invalid_argument("cannot open config file " + path);
+  std::stringstream text;
+  text << in.rdbuf();
+  if (ends_with(path, ".json")) {
+    try {
+      return json::parse(text.str());
+    } catch (const json::parse_error& e) {
+      throw std::invalid_argument("config file " + path + " is not valid JSON: " + e.what());
+    }
+  }
+  if (ends_with(path, ".yaml") || ends_with(path, ".yml")) {
+#if defined(FXP_HAVE_YAML)
+    try {
+      return yaml_to_json(YAML::Load(text.str()), path);
+    } catch (const YAML::Exception& e) {
+      throw std::invalid_argument("config file " + path + " is not valid YAML: " + e.what());
+    }
+#else
+    throw std::invalid_argument("config file " + path +
+                                ": this build has no yaml-cpp (install libyaml-cpp-dev and rebuild), "
+                                "use a .json config instead");
+#endif
+  }
+  throw std::invalid_argument("config file " + path + ": the name must end in .yaml, .yml or .json");
+}
+
+bool key_may_change_on_resume(const std::string& key) {
+  return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads";
+}
+
+}  // namespace fxp::train

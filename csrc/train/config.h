@@ -1,0 +1,71 @@
+// The settings of one fxp-train run. The same keys are accepted from a YAML or
+// JSON config file and (with dashes instead of underscores) from the command
+// line; see docs/train.md for each key.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fxp::train {
+
+struct TrainConfig {
+  // method and formats
+  std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu
+  int64_t param_bits = 16, param_frac = 10;
+  int64_t out_bits = 16, out_frac = 8;
+  std::string inference_rounding = "sr";  // hte | sr
+  std::string momentum_form = "standard";  // standard | paper_eq6 (QPU only)
+
+  // optimization
+  int64_t batch_size = 64;
+  double lr = 0.01;
+  std::string lr_scaling = "none";  // none | linear (lr * batch_size / 1024)
+  double momentum = 0.9;
+  double weight_decay = 0.0;
+  std::string scheduler = "none";  // none | plateau
+  int64_t plateau_patience = 5;
+  double plateau_factor = 0.5;
+  int64_t epochs = 3;
+  bool early_stopping = false;
+  int64_t early_stopping_patience = 10;
+  int64_t early_stopping_min_epochs = 20;
+
+  // run environment
+  int64_t seed = 0;
+  std::string device = "cpu";  // cpu | cuda | cuda:N
+  int64_t threads = 0;         // 0: LibTorch's default
+  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  int64_t train_limit = 0;  // 0: the whole split; else its first N images
+  int64_t val_limit = 0;
+  int64_t eval_batch_size = 1000;
+  double normalize_mean = 0.1307, normalize_std = 0.3081;
+  std::string output_dir;  // empty: results/<run name>
+
+  // The effective learning rate after lr_scaling.
+  double initial_lr() const;
+  // A readable, filesystem-safe name, e.g. sqpu-p16.10-o16.8-sr-b64-s0.
+  std::string run_name() const;
+  // Throws std::invalid_argument naming the key and the bad value.
+  void validate() const;
+};
+
+// Every key a config file may hold, in documentation order.
+const std::vector<std::string>& config_keys();
+
+nlohmann::json to_json(const TrainConfig& config);
+// Applies the keys present in `values` over `config`. Unknown keys and values
+// of the wrong type are errors (std::invalid_argument naming the key and `origin`).
+void apply_json(TrainConfig& config, const nlohmann::json& values, const std::string& origin);
+
+// Reads a YAML (.yaml/.yml) or JSON (.json) file into a JSON object.
+nlohmann::json read_config_file(const std::string& path);
+
+// Keys that may differ between a run and its --resume: epochs extends a run,
+// output_dir and data_dir only locate files. threads may change too, but a CPU
+// run is bit-reproducible only at one thread count, so fxp-train warns.
+bool key_may_change_on_resume(const std::string& key);
+
+}  // namespace fxp::train

@@ -1,0 +1,454 @@
+// fxp-train: the command line, config files, the paper's bookkeeping, and
+// short runs on a Fashion-MNIST subset (JSON outputs, determinism, resume).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "nn/modules.h"
+#include "train/bookkeeping.h"
+#include "train/cli.h"
+#include "train/config.h"
+#include "train/io.h"
+#include "train/trainer.h"
+
+#include "test_util.h"
+
+namespace {
+
+using fxp::testing::expect_error;
+using nlohmann::json;
+namespace ft = fxp::train;
+
+std::string temp_dir() {
+  char templ[] = "/tmp/fxp_train_test_XXXXXX";
+  EXPECT_NE(::mkdtemp(templ), nullptr);
+  return templ;
+}
+
+void remove_tree(const std::string& dir) {
+  const std::string command = "rm -rf '" + dir + "'";
+  EXPECT_EQ(std::system(command.c_str()), 0);
+}
+
+struct Parsed {
+  int code = -1;  // -1: parsed
+  ft::Command command;
+  std::string out, err;
+};
+
+Parsed parse(const std::vector<std::string>& args) {
+  Parsed p;
+  std::ostringstream out, err;
+  if (auto code = ft::parse_command_line(args, p.command, out, err)) p.code = *code;
+  p.out = out.str();
+  p.err = err.str();
+  return p;
+}
+
+// ---- command line and config files ---------------------------------------------
+
+TEST(TrainCli, NoArgumentsIsThePaperDefault) {
+  const Parsed p = parse({});
+  ASSERT_EQ(p.code, -1) << p.err;
+  const ft::TrainConfig& c = p.command.config;
+  EXPECT_EQ(c.method, "sqpu");
+  EXPECT_EQ(c.param_bits, 16);
+  EXPECT_EQ(c.param_frac, 10);
+  EXPECT_EQ(c.out_bits, 16);
+  EXPECT_EQ(c.out_frac, 8);
+  EXPECT_EQ(c.inference_rounding, "sr");
+  EXPECT_EQ(c.batch_size, 64);
+  EXPECT_EQ(c.normalize_mean, 0.1307);
+  EXPECT_EQ(c.normalize_std, 0.3081);
+  EXPECT_EQ(c.data_dir, "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(p.command.mode, ft::Mode::Train);
+}
+
+TEST(TrainCli, FlagsSetEveryKind) {
+  const Parsed p = parse({"--method", "hteqpu", "--param-bits", "8", "--param-frac", "5", "--out-bits", "8",
+                          "--out-frac", "3", "--inference-rounding", "hte", "--batch-size", "16", "--lr", "0.02",
+                          "--lr-scaling", "linear", "--weight-decay", "5e-4", "--scheduler", "plateau",
+                          "--early-stopping", "--early-stopping-min-epochs", "7", "--device", "cuda:1", "-o", "x"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  const ft::TrainConfig& c = p.command.config;
+  EXPECT_EQ(c.method, "hteqpu");
+  EXPECT_EQ(c.param_frac, 5);
+  EXPECT_EQ(c.out_frac, 3);
+  EXPECT_EQ(c.inference_rounding, "hte");
+  EXPECT_EQ(c.weight_decay, 5e-4);
+  EXPECT_TRUE(c.early_stopping);
+  EXPECT_EQ(c.early_stopping_min_epochs, 7);
+  EXPECT_EQ(c.device, "cuda:1");
+  EXPECT_EQ(c.output_dir, "x");
+  EXPECT_DOUBLE_EQ(c.initial_lr(), 0.02 * 16 / 1024);
+  EXPECT_FALSE(parse({"--early-stopping", "--no-early-stopping"}).command.config.early_stopping);
+}
+
+TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {{"--bogus"}, "--bogus"},
+      {{"--method", "adam"}, "adam"},
+      {{"--batch-size", "many"}, "many"},
+      {{"--inference-rounding", "up"}, "up"},
+      {{"--param-bits", "40"}, "param_bits: total bits must be in [2, 32], but got 40"},
+      {{"--param-bits", "8", "--param-frac", "8"}, "param_frac: fractional bits must be in [0, 7]"},
+      {{"--batch-size", "0"}, "batch_size: must be at least 1"},
+      {{"--lr", "-1"}, "lr: must be a positive number"},
+      {{"--momentum", "1.5"}, "momentum: must be in [0, 1)"},
+      {{"--device", "tpu"}, "device: must be cpu, cuda or cuda:N"},
+      {{"--config", "/nonexistent/run.yaml"}, "/nonexistent/run.yaml"},
+      {{"--resume", "--overwrite"}, "cannot be combined"},
+  };
+  for (const auto& c : cases) {
+    const Parsed p = parse(c.args);
+    EXPECT_EQ(p.code, 2) << c.args[0];
+    EXPECT_NE(p.err.find(c.needle), std::string::npos) << "stderr: " << p.err;
+  }
+}
+
+TEST(TrainCli, HelpDocumentsEveryKey) {
+  const Parsed p = parse({"--help"});
+  EXPECT_EQ(p.code, 0);
+  for (const auto& key : ft::config_keys()) {
+    std::string flag = "--" + key;
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    EXPECT_NE(p.out.find(flag), std::string::npos) << flag;
+  }
+  for (const char* mode : {"--config", "--resume", "--quiet", "--describe-model", "--overwrite"}) {
+    EXPECT_NE(p.out.find(mode), std::string::npos) << mode;
+  }
+}
+
+class TrainFiles : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = temp_dir(); }
+  void TearDown() override { remove_tree(dir_); }
+  std::string write(const std::string& name, const std::string& text) {
+    const std::string path = dir_ + "/" + name;
+    std::ofstream(path) << text;
+    return path;
+  }
+  std::string dir_;
+};
+
+TEST_F(TrainFiles, ConfigFileThenFlagsOverride) {
+  const std::string yaml = write("run.yaml", "method: ste\nbatch_size: 256\nlr: 1\nearly_stopping: true\n"
+                                             "data_dir: '/data'\n");
+  Parsed p = parse({"--config", yaml, "--batch-size", "32"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.method, "ste");
+  EXPECT_EQ(p.command.config.batch_size, 32);  // the flag wins
+  EXPECT_EQ(p.command.config.lr, 1.0);         // an integer is fine for a float key
+  EXPECT_TRUE(p.command.config.early_stopping);
+  EXPECT_EQ(p.command.config.data_dir, "/data");
+
+  const std::string js = write("run.json", R"({"method": "fp32", "epochs": 7})");
+  p = parse({"-c", js});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.method, "fp32");
+  EXPECT_EQ(p.command.config.epochs, 7);
+}
+
+TEST_F(TrainFiles, BadConfigFilesNameTheProblem) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {write("unknown.yaml", "methd: ste\n"), "unknown key 'methd'"},
+      {write("type.yaml", "batch_size: \"64\"\n"), "key 'batch_size' needs a number, but got \"64\""},
+      {write("value.json", R"({"scheduler": "cosine"})"), "scheduler: must be one of none, plateau"},
+      {write("broken.json", "{\"method\": "), "is not valid JSON"},
+      {write("broken.yaml", "method: [ste\n"), "is not valid YAML"},
+      {write("list.yaml", "- method\n"), "expected a mapping"},
+      {write("run.toml", "method = 'ste'\n"), "must end in .yaml, .yml or .json"},
+  };
+  for (const auto& [path, needle] : cases) {
+    const Parsed p = parse({"--config", path});
+    EXPECT_EQ(p.code, 2) << path;
+    EXPECT_NE(p.err.find(needle), std::string::npos) << path << ": " << p.err;
+  }
+}
+
+TEST_F(TrainFiles, ShippedConfigsParse) {
+  // Every single-run config in configs/runs must load and validate.
+  const std::string list = dir_ + "/configs.txt";
+  const std::string command = "ls " FXP_SOURCE_DIR "/configs/runs/*.yaml > " + list;
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  std::ifstream in(list);
+  int count = 0;
+  for (std::string path; std::getline(in, path); ++count) {
+    const Parsed p = parse({"--config", path});
+    EXPECT_EQ(p.code, -1) << path << ": " << p.err;
+  }
+  EXPECT_GE(count, 6);
+}
+
+TEST_F(TrainFiles, AtomicWriteReplacesWholeFiles) {
+  const std::string path = dir_ + "/f.json";
+  ft::atomic_write(path, "first");
+  ft::atomic_write(path, "second");
+  EXPECT_EQ(ft::read_text(path), "second");
+  EXPECT_FALSE(ft::path_exists(path + ".tmp"));
+  ft::make_dirs(dir_ + "/a/b/c");
+  EXPECT_TRUE(ft::path_exists(dir_ + "/a/b/c"));
+  expect_error([&] { ft::make_dirs(path + "/x"); }, path);
+}
+
+// ---- the paper's bookkeeping ---------------------------------------------------------
+
+ft::ModelCounts paper_counts() {
+  fxp::nn::PaperCNN model(fxp::nn::QuantConfig{});
+  return ft::model_counts(model->describe());
+}
+
+TEST(Bookkeeping, Table1Totals) {
+  const ft::ModelCounts c = paper_counts();
+  EXPECT_EQ(c.saved_inputs, 29082);
+  EXPECT_EQ(c.rounded_outputs, 22666);
+  EXPECT_EQ(c.parameters, 184490);
+  EXPECT_EQ(c.input_elements, 784);
+}
+
+TEST(Bookkeeping, Table3RoundingCounts) {
+  const ft::ModelCounts c = paper_counts();
+  // Per sample (batch 1), as the paper's Table 3: STE rounds the outputs and every weight read.
+  auto ste = ft::rounding_counts(c, "ste", "sr", true, 1);
+  EXPECT_EQ(ste.inference, 22666 + 184490);
+  EXPECT_EQ(ste.update, 0);
+  EXPECT_EQ(ste.total(), 207156);  // the paper's "Sum" row
+  EXPECT_EQ(ste.stochastic, 207156);
+  // QPU rounds the outputs, then the weights and the momentum buffer at the update.
+  auto sqpu = ft::rounding_counts(c, "sqpu", "sr", true, 1);
+  EXPECT_EQ(sqpu.inference, 22666);
+  EXPECT_EQ(sqpu.update, 2 * 184490);
+  auto hte = ft::rounding_counts(c, "hteqpu", "sr", false, 1);  // no momentum: weights only
+  EXPECT_EQ(hte.update, 184490);
+  EXPECT_EQ(hte.total(), 207156);  // the paper's sum, which leaves the momentum out
+  EXPECT_EQ(hte.stochastic, 22666);
+  // Outputs scale with the batch; weight roundings do not.
+  EXPECT_EQ(ft::rounding_counts(c, "ste", "hte", true, 1024).inference, 1024 * 22666 + 184490);
+  EXPECT_EQ(ft::rounding_counts(c, "ste", "hte", true, 1024).stochastic, 0);
+  EXPECT_EQ(ft::rounding_counts(c, "fp32", "sr", true, 64).total(), 0);
+}
+
+TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
+  const ft::ModelCounts c = paper_counts();
+  auto ratio = [&](const std::string& accounting, int64_t bits, int64_t batch) {
+    return ft::estimate_memory(c, accounting, "sqpu", bits, bits, true, batch).total_bytes() /
+           ft::estimate_memory(c, accounting, "ste", bits, bits, true, batch).total_bytes();
+  };
+  EXPECT_NEAR(ratio("paper", 16, 16), 0.57, 0.005);  // Section 4.3: "0.57 ... at 16 total bits, batch 16"
+  EXPECT_LT(ratio("paper", 12, 16), 0.50);            // "below 50% ... 12 total bits, batch 16"
+  // Parameter memory alone (Section 4.1): 737.96 kB at 32 bits, 184.49 kB at 8 bits.
+  const auto q8 = ft::estimate_memory(c, "paper", "sqpu", 8, 8, false, 1);
+  EXPECT_DOUBLE_EQ(q8.terms.front().bytes(), 184490.0);
+  const auto f32 = ft::estimate_memory(c, "paper", "fp32", 32, 32, false, 1);
+  EXPECT_DOUBLE_EQ(f32.terms.front().bytes(), 737960.0);
+  // Every term of the full model, STE at 16 bits, batch 2, with momentum.
+  const auto full = ft::estimate_memory(c, "full", "ste", 16, 12, true, 2);
+  const double P = 184490;
+  EXPECT_DOUBLE_EQ(full.total_bytes(), P * 4 + P * 2 + P * 4 + P * 4 + 2 * 784 * 4 + 2 * (29082 - 784) * 1.5);
+  expect_error([&] { ft::estimate_memory(c, "guess", "ste", 16, 16, true, 1); }, "accounting must be paper or full");
+}
+
+TEST(Bookkeeping, DescribeModelReport) {
+  fxp::nn::PaperCNN model(fxp::nn::QuantConfig{});
+  const json report = ft::describe_model(model->describe(), "sqpu", "sr", 16, 16, true, 16);
+  EXPECT_EQ(report["table1"]["totals"]["parameters"], 184490);
+  EXPECT_EQ(report["table1"]["layers"].size(), 7u);
+  EXPECT_NEAR(report["memory"]["paper"]["methods"]["sqpu"]["ratio_to_ste"].get<double>(), 0.57, 0.005);
+  EXPECT_EQ(report["memory"]["paper"]["figure2"]["sqpu_over_ste"].size(), 5u);
+  const std::string text = ft::describe_model_text(report);
+  for (const char* needle : {"29082", "22666", "184490", "Table 3", "Figure 2"}) {
+    EXPECT_NE(text.find(needle), std::string::npos) << needle;
+  }
+}
+
+// ---- short runs on the Debian Fashion-MNIST ----------------------------------------
+
+// Debian's dataset-fashion-mnist, or FXP_FASHION_MNIST (scripts/gpu_check.sh carries a copy).
+const std::string kFashion = std::getenv("FXP_FASHION_MNIST") ? std::getenv("FXP_FASHION_MNIST")
+                                                                : "/usr/share/datasets/fashion-mnist";
+
+class TrainRun : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!ft::path_exists(kFashion + "/train-images-idx3-ubyte.gz") &&
+        !ft::path_exists(kFashion + "/train-images-idx3-ubyte")) {
+      GTEST_SKIP() << "Fashion-MNIST is not in " << kFashion
+                   << " (apt-get install dataset-fashion-mnist, or set FXP_FASHION_MNIST)";
+    }
+    dir_ = temp_dir();
+    config_.data_dir = kFashion;
+    config_.train_limit = 2000;
+    config_.val_limit = 500;
+    config_.epochs = 1;
+    config_.threads = 1;
+  }
+  void TearDown() override {
+    if (!dir_.empty()) remove_tree(dir_);
+  }
+  json run(const std::string& name, ft::TrainConfig config, bool resume = false) {
+    config.output_dir = dir_ + "/" + name;
+    ft::RunOptions options;
+    options.resume = resume;
+    return ft::run_training(config, options);
+  }
+  std::vector<json> metrics(const std::string& name) {
+    std::vector<json> lines;
+    std::ifstream in(dir_ + "/" + name + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line));
+    return lines;
+  }
+  static json without_timing(json record) {
+    for (const char* key : {"epoch_time_s", "train_time_s", "images_per_s"}) record.erase(key);
+    return record;
+  }
+  std::string dir_;
+  ft::TrainConfig config_;
+};
+
+TEST_F(TrainRun, OneEpochWritesEveryField) {
+  const json summary = run("sqpu", config_);
+  const auto lines = metrics("sqpu");
+  ASSERT_EQ(lines.size(), 1u);
+  const json& e = lines[0];
+  for (const char* key : {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_time_s", "images_per_s",
+                          "layers", "vanished_update_fraction"}) {
+    EXPECT_TRUE(e.contains(key)) << key;
+  }
+  EXPECT_EQ(e["epoch"], 1);
+  EXPECT_GT(e["val_accuracy"].get<double>(), 0.3);  // learns something in one epoch of 2,000 images
+  EXPECT_LT(e["train_loss"].get<double>(), 2.3);
+  EXPECT_GT(e["images_per_s"].get<double>(), 0);
+  for (const char* layer : {"conv1", "conv2", "fc1", "fc2"}) {
+    const json& l = e["layers"][layer];
+    EXPECT_GE(l["output_saturated"].get<int64_t>(), 0) << layer;
+    EXPECT_GE(l["param_saturated"].get<int64_t>(), 0) << layer;
+  }
+  const double vanished = e["vanished_update_fraction"];
+  EXPECT_GT(vanished, 0.0);
+  EXPECT_LT(vanished, 1.0);
+
+  for (const char* key : {"best_val_accuracy", "best_epoch", "final_val_accuracy", "stop_reason", "wall_time_s",
+                          "memory_model", "measured_memory", "config", "train_images_per_s"}) {
+    EXPECT_TRUE(summary.contains(key)) << key;
+  }
+  EXPECT_EQ(summary["stop_reason"], "epochs");
+  EXPECT_EQ(summary["best_val_accuracy"], e["val_accuracy"]);
+  EXPECT_EQ(summary["train_images"], 2000);
+  EXPECT_GT(summary["measured_memory"]["process_peak_rss_bytes"].get<int64_t>(), 0);
+  EXPECT_GT(summary["memory_model"]["paper"]["total_bytes"].get<double>(), 0);
+  // The files on disk are complete JSON, equal to what the run returned.
+  EXPECT_EQ(json::parse(ft::read_text(dir_ + "/sqpu/summary.json")), summary);
+  EXPECT_EQ(json::parse(ft::read_text(dir_ + "/sqpu/config.json"))["method"], "sqpu");
+  EXPECT_TRUE(ft::path_exists(dir_ + "/sqpu/checkpoint.pt"));
+
+  // A second run into the same directory needs --resume or --overwrite.
+  expect_error([&] { run("sqpu", config_); }, "already holds a run");
+}
+
+TEST_F(TrainRun, SameSeedSameInitialWeightsForEveryMethod) {
+  // Zero epochs of training are not allowed, so compare the first epoch's
+  // validation of a run with a tiny lr: all methods start from one init, and
+  // fp32 and STE (whose master copy is that init) see identical inputs.
+  ft::TrainConfig c = config_;
+  c.train_limit = 64;
+  c.lr = 1e-12;
+  c.method = "fp32";
+  const double fp32 = run("fp32", c)["final_val_loss"];
+  c.method = "ste";
+  c.param_bits = c.out_bits = 32;
+  c.param_frac = c.out_frac = 24;
+  c.inference_rounding = "hte";
+  const double ste = run("ste", c)["final_val_loss"];
+  EXPECT_NEAR(fp32, ste, 1e-5);  // 24 fractional bits: the rounding changes the loss only slightly
+  c.method = "sqpu";
+  EXPECT_NEAR(fp32, run("sqpu", c)["final_val_loss"].get<double>(), 1e-5);
+}
+
+TEST_F(TrainRun, DeterministicWithTheSameSeedAndThreads) {
+  config_.method = "sqpu";
+  config_.epochs = 2;
+  run("a", config_);
+  run("b", config_);
+  const auto a = metrics("a"), b = metrics("b");
+  ASSERT_EQ(a.size(), 2u);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i]));
+  config_.seed = 1;
+  run("c", config_);
+  EXPECT_NE(metrics("c")[1]["train_loss"], a[1]["train_loss"]);
+}
+
+TEST_F(TrainRun, ResumeEqualsAnUninterruptedRun) {
+  for (const std::string method : {"sqpu", "ste"}) {
+    ft::TrainConfig c = config_;
+    c.method = method;
+    c.scheduler = "plateau";
+    c.plateau_patience = 0;  // the lr changes between epochs, so the scheduler state must resume too
+    c.epochs = 3;
+    const json whole = run(method + "-whole", c);
+    c.epochs = 1;
+    run(method + "-split", c);
+    c.epochs = 3;
+    const json resumed = run(method + "-split", c, /*resume=*/true);
+    const auto a = metrics(method + "-whole"), b = metrics(method + "-split");
+    ASSERT_EQ(a.size(), 3u);
+    ASSERT_EQ(b.size(), 3u);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
+    EXPECT_EQ(whole["best_val_accuracy"], resumed["best_val_accuracy"]);
+    EXPECT_EQ(whole["final_lr"], resumed["final_lr"]);
+    // The weights themselves, bit for bit.
+    auto load = [&](const std::string& name) {
+      torch::serialize::InputArchive archive, model;
+      archive.load_from(dir_ + "/" + name + "/checkpoint.pt");
+      archive.read("model", model);
+      fxp::nn::PaperCNN m(fxp::nn::QuantConfig{});
+      m->load(model);
+      return m->parameters();
+    };
+    const auto wa = load(method + "-whole"), wb = load(method + "-split");
+    for (size_t i = 0; i < wa.size(); ++i) EXPECT_TRUE(torch::equal(wa[i], wb[i])) << method << " tensor " << i;
+  }
+}
+
+TEST_F(TrainRun, ResumeRefusesChangedSettings) {
+  run("r", config_);
+  ft::TrainConfig c = config_;
+  c.lr = 0.5;
+  expect_error([&] { run("r", c, true); }, "lr (0.01 in the run, 0.5 now)");
+}
+
+TEST_F(TrainRun, EarlyStoppingAndItsMinimum) {
+  ft::TrainConfig c = config_;
+  c.train_limit = 128;
+  c.lr = 1e-12;  // nothing improves after the first epoch
+  c.epochs = 10;
+  c.early_stopping = true;
+  c.early_stopping_patience = 2;
+  c.early_stopping_min_epochs = 4;
+  const json s = run("stop", c);
+  EXPECT_EQ(s["stop_reason"], "early_stopping");
+  EXPECT_EQ(s["epochs_completed"], 4);  // patience ran out at epoch 3, the minimum held it to 4
+}
+
+TEST_F(TrainRun, MissingDataIsAClearError) {
+  ft::TrainConfig c = config_;
+  c.data_dir = dir_ + "/nowhere";
+  expect_error([&] { run("x", c); }, dir_ + "/nowhere");
+  c = config_;
+  c.train_limit = 70000;
+  expect_error([&] { run("y", c); }, "train_limit 70000 is larger than the 60000 images");
+  c = config_;
+  c.device = "cuda";
+  if (!torch::cuda::is_available()) expect_error([&] { run("z", c); }, "no CUDA device is available");
+}
+
+}  // namespace
