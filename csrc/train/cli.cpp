@@ -92,20 +92,22 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
     const std::string key = h.key;
     const json& def = defaults.at(key);
     const std::string name = flag_name(key) + (key == "output_dir" ? ",-o" : "");
+    // Each flag records its value under its key; the override is applied after the config file.
+    auto typed_option = [&](auto type_tag) {
+      using T = decltype(type_tag);
+      return app.add_option_function<T>(name, [&overrides, key](const T& v) { overrides[key] = v; }, h.help);
+    };
     CLI::Option* option = nullptr;
     if (def.is_boolean()) {
       option = app.add_flag_function(
           name + ",!--no-" + flag_name(key).substr(2),
           [&overrides, key](int64_t count) { overrides[key] = count > 0; }, h.help);
     } else if (def.is_number_integer()) {
-      option = app.add_option_function<int64_t>(name, [&overrides, key](const int64_t& v) { overrides[key] = v; },
-                                                h.help);
+      option = typed_option(int64_t{});
     } else if (def.is_number_float()) {
-      option = app.add_option_function<double>(name, [&overrides, key](const double& v) { overrides[key] = v; },
-                                               h.help);
+      option = typed_option(double{});
     } else {
-      option = app.add_option_function<std::string>(
-          name, [&overrides, key](const std::string& v) { overrides[key] = v; }, h.help);
+      option = typed_option(std::string{});
     }
     if (!h.choices.empty()) option->check(CLI::IsMember(h.choices));
     if (!def.is_boolean()) option->default_str(default_text(def));

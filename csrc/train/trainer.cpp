@@ -117,32 +117,10 @@ struct RunState {
   double wall_time_s = 0;
   std::string stop_reason;  // empty while the run may go on
   json history = json::array();
-
-  json to_json() const {
-    return {{"epochs_done", epochs_done}, {"lr", lr},
-            {"plateau_best", plateau_best}, {"plateau_bad", plateau_bad},
-            {"stop_best_loss", stop_best_loss}, {"stop_best_accuracy", stop_best_accuracy},
-            {"stop_bad", stop_bad}, {"best_accuracy", best_accuracy},
-            {"best_epoch", best_epoch}, {"wall_time_s", wall_time_s},
-            {"stop_reason", stop_reason}, {"history", history}};
-  }
-  static RunState from_json(const json& j) {
-    RunState s;
-    s.epochs_done = j.at("epochs_done");
-    s.lr = j.at("lr");
-    s.plateau_best = j.at("plateau_best");
-    s.plateau_bad = j.at("plateau_bad");
-    s.stop_best_loss = j.at("stop_best_loss");
-    s.stop_best_accuracy = j.at("stop_best_accuracy");
-    s.stop_bad = j.at("stop_bad");
-    s.best_accuracy = j.at("best_accuracy");
-    s.best_epoch = j.at("best_epoch");
-    s.wall_time_s = j.at("wall_time_s");
-    s.stop_reason = j.at("stop_reason");
-    s.history = j.at("history");
-    return s;
-  }
 };
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(RunState, epochs_done, lr, plateau_best, plateau_bad, stop_best_loss,
+                                   stop_best_accuracy, stop_bad, best_accuracy, best_epoch, wall_time_s, stop_reason,
+                                   history)
 
 // Default generators whose state the run's random draws depend on: the CPU one
 // (initialization; SR on CPU) and the training device's (SR on CUDA).
@@ -161,7 +139,7 @@ void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim:
   optimizer.save(optimizer_archive);
   archive.write("model", model_archive);
   archive.write("optimizer", optimizer_archive);
-  archive.write("state", c10::IValue(state.to_json().dump()));
+  archive.write("state", c10::IValue(json(state).dump()));
   for (auto& [key, generator] : run_generators(device)) {
     std::lock_guard<std::mutex> lock(generator.mutex());
     archive.write(key, generator.get_state());
@@ -188,7 +166,7 @@ RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::op
     std::lock_guard<std::mutex> lock(generator.mutex());
     generator.set_state(generator_state.cpu());
   }
-  return RunState::from_json(json::parse(state.toStringRef()));
+  return json::parse(state.toStringRef()).get<RunState>();
 }
 
 json measured_memory(const torch::Device& device) {
@@ -489,6 +467,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     };
     json j = to_json(estimate(config.method));
     j["ratio_to_ste"] = estimate(config.method).total_bytes() / estimate("ste").total_bytes();
+    j["ratio_to_fp32"] = estimate(config.method).total_bytes() / estimate("fp32").total_bytes();
     memory_model[accounting] = j;
   }
   json summary = {{"run_name", config.run_name()},

@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Collect fxp-train run summaries into tables and draw the paper's figures.
+
+Reads every summary.json below the given directories (sweep outputs or single
+runs), writes runs.csv (one row per run) and stats.csv (accuracy over seeds
+per configuration), heat maps as PNG (the paper's Figures 3-10), the accuracy
+against memory plot (Figure 11), and report.md, which sets the measured
+results beside the paper's stated numbers.
+
+Example:
+  scripts/report results/exp1 results/exp2 --out results/report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pandas as pd
+
+METHODS = ["ste", "sqpu", "hteqpu"]
+CONFIG_COLUMNS = ["method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
+                  "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed"]
+
+
+def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
+    """One row per run summary found below the roots (failed runs: status failed)."""
+    rows = []
+    for root in roots:
+        for summary_path in sorted(root.rglob("summary.json")):
+            d = summary_path.parent
+            s = json.loads(summary_path.read_text())
+            sweep = json.loads((d / "sweep-run.json").read_text()) if (d / "sweep-run.json").exists() else {}
+            c = s.get("config", {})
+            paper = s.get("memory_model", {}).get("paper", {})
+            rows.append({
+                "grid": sweep.get("grid", "single"), "id": sweep.get("id", d.name), "dir": str(d), "status": "finished",
+                **{k: c.get(k) for k in CONFIG_COLUMNS},
+                "best_val_accuracy": s.get("best_val_accuracy"), "best_epoch": s.get("best_epoch"),
+                "final_val_accuracy": s.get("final_val_accuracy"), "epochs_completed": s.get("epochs_completed"),
+                "stop_reason": s.get("stop_reason"), "wall_time_s": s.get("wall_time_s"),
+                "train_images_per_s": s.get("train_images_per_s"),
+                "memory_ratio_to_ste": paper.get("ratio_to_ste"), "memory_ratio_to_fp32": paper.get("ratio_to_fp32"),
+            })
+        for failed in sorted(root.rglob("failed.json")):
+            d = failed.parent
+            if (d / "summary.json").exists() or not (d / "sweep-run.json").exists():
+                continue
+            sweep = json.loads((d / "sweep-run.json").read_text())
+            rows.append({"grid": sweep["grid"], "id": sweep["id"], "dir": str(d), "status": "failed",
+                         **{k: sweep["settings"].get(k) for k in CONFIG_COLUMNS},
+                         "error": json.loads(failed.read_text()).get("error")})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["fxp"] = [f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method != "fp32" else "fp32"
+                 for r in df.itertuples()]
+    return df
+
+
+def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
+    """Validation accuracy (each run's best epoch) over seeds, per configuration."""
+    done = df[df.status == "finished"]
+    keys = ["grid", "method", "fxp", "param_bits", "param_frac", "out_frac", "inference_rounding", "batch_size"]
+    g = done.groupby(keys, dropna=False)["best_val_accuracy"]
+    return g.agg(max="max", min="min", mean="mean", std="std", runs="count").reset_index()
+
+
+def _heatmap(ax, matrix: pd.DataFrame, title: str, fmt: str, vmin: float, vmax: float, cmap: str):
+    values = matrix.to_numpy(dtype=float)
+    im = ax.imshow(values, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index])
+    ax.set_title(title)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not math.isnan(values[i, j]):
+                v = values[i, j]
+                r, g, b, _ = im.cmap(im.norm(v))
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    return im
+
+
+def _fxp_order(labels):
+    return sorted(labels, key=lambda s: [-int(x) for x in s.split("/")])
+
+
+def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """One panel per method, numbers in the cells. A grid that varies the batch
+    size (Exp 2/3) gets one figure per statistic (max, mean, std over seeds)
+    with the configurations as rows and the batch sizes as columns (Figures
+    5-10); otherwise (Exp 1) one figure per inference rounding with the
+    configurations as rows and the best and worst run as columns (Figures 3-4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    q = stats[stats.method.isin(METHODS)]
+    for grid, g in q.groupby("grid"):
+        baseline = stats[(stats.grid == grid) & (stats.method == "fp32")]
+        by_batch = g.batch_size.nunique() > 1
+        if by_batch:
+            figures = [(stat, None) for stat in ["max", "mean", "std"]]
+        else:
+            figures = [(f"best-worst-{r}", r) for r in sorted(g.inference_rounding.dropna().unique())]
+        for name, rounding in figures:
+            sub = g if rounding is None else g[g.inference_rounding == rounding]
+            methods = [m for m in METHODS if m in set(sub.method)]
+            rows = _fxp_order(sub.fxp.unique())
+            fig, axes = plt.subplots(1, len(methods), squeeze=False, sharey=True, constrained_layout=True,
+                                     figsize=(1.2 + (0.55 * sub.batch_size.nunique() + 0.6 if by_batch else 1.9)
+                                              * len(methods), 1.2 + 0.42 * len(rows)))
+            is_std = name == "std"
+            for col, method in enumerate(methods):
+                m = sub[sub.method == method]
+                if by_batch:
+                    matrix = m.pivot_table(index="fxp", columns="batch_size", values=name, aggfunc="first")
+                    matrix = matrix.reindex(index=rows, columns=sorted(matrix.columns, reverse=True))
+                    xlabel = "batch size"
+                else:
+                    matrix = m.set_index("fxp")[["max", "min"]].rename(columns={"max": "best", "min": "worst"})
+                    matrix = matrix.reindex(index=rows)
+                    xlabel = ""
+                ax = axes[0][col]
+                im = _heatmap(ax, 100 * matrix, method.upper(), ".1f", 0, 20 if is_std else 100,
+                              "viridis_r" if is_std else "viridis")
+                ax.set_xlabel(xlabel)
+            axes[0][0].set_ylabel("total / param frac / output frac bits")
+            fig.colorbar(im, ax=axes, shrink=0.9, label="std of accuracy (points)" if is_std else "accuracy (%)")
+            what = {"max": "max over seeds", "mean": "mean over seeds", "std": "std over seeds"}.get(
+                name, f"best and worst run, {str(rounding).upper()} inference")
+            base_text = f"; fp32 best {100 * baseline['max'].max():.1f}%" if not baseline.empty else ""
+            fig.suptitle(f"{grid}: validation accuracy, {what}{base_text}")
+            path = out / f"{grid}-{name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def draw_memory_plot(df: pd.DataFrame, out: pathlib.Path) -> pathlib.Path | None:
+    """Figure 11: best accuracy over seeds against the paper-model memory
+    relative to fp32 training at the same batch size, for STE and SQPU."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = df[(df.status == "finished") & df.method.isin(["ste", "sqpu"]) & df.memory_ratio_to_fp32.notna()]
+    if done.empty:
+        return None
+    best = done.groupby(["grid", "method", "fxp", "batch_size"], dropna=False).agg(
+        accuracy=("best_val_accuracy", "max"), memory=("memory_ratio_to_fp32", "first")).reset_index()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (grid, method), g in best.groupby(["grid", "method"]):
+        ax.scatter(g.memory, 100 * g.accuracy, label=f"{grid} {method.upper()}", alpha=0.8,
+                   marker="o" if method == "sqpu" else "x")
+    ax.set_xlabel("training memory relative to fp32 (paper accounting, docs/train.md)")
+    ax.set_ylabel("max validation accuracy over seeds (%)")
+    ax.set_title("Accuracy against memory (Figure 11)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = out / "memory-accuracy.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# The paper's stated numbers, with how to read the same quantity off our runs.
+def _pick(stats, grid, method, stat, **where):
+    s = stats[(stats.grid == grid) & (stats.method == method)]
+    for k, v in where.items():
+        s = s[s[k] == v]
+    return float(s[stat].max()) if not s.empty else float("nan")
+
+
+CLAIMS = [
+    ("exp1", "fp32 baseline, best run", 0.90, lambda st: _pick(st, "exp1", "fp32", "max")),
+    ("exp1", "fp32 baseline, worst run", 0.76, lambda st: _pick(st, "exp1", "fp32", "min")),
+    ("exp1", "SQPU 16/10, SR inference, best run (equals STE's)", None,
+     lambda st: _pick(st, "exp1", "sqpu", "max", fxp="16/10/10", inference_rounding="sr")),
+    ("exp1", "STE 16/10, SR inference, best run", None,
+     lambda st: _pick(st, "exp1", "ste", "max", fxp="16/10/10", inference_rounding="sr")),
+    ("exp1", "HTEQPU 12/6, HTE inference, best run (paper: under 12% below 16 bits)", 0.12,
+     lambda st: _pick(st, "exp1", "hteqpu", "max", fxp="12/6/6", inference_rounding="hte")),
+    ("exp2", "fp32 baseline, batch 256, max over seeds", 0.92,
+     lambda st: _pick(st, "exp2", "fp32", "max", batch_size=256)),
+    ("exp2", "STE 16/10/8, batch 256, max", 0.92, lambda st: _pick(st, "exp2", "ste", "max", fxp="16/10/8",
+                                                                   batch_size=256)),
+    ("exp2", "SQPU 16/10/8, batch 256, max (paper: at least 91%)", 0.91,
+     lambda st: _pick(st, "exp2", "sqpu", "max", fxp="16/10/8", batch_size=256)),
+    ("exp2", "SQPU 8/5/3, batch 64, max (paper: 4 points below baseline)", 0.88,
+     lambda st: _pick(st, "exp2", "sqpu", "max", fxp="8/5/3", batch_size=64)),
+    ("exp3", "STE 6/4/2, max over batch sizes (paper: about 78%)", 0.78,
+     lambda st: _pick(st, "exp3", "ste", "max", fxp="6/4/2")),
+    ("exp3", "SQPU 16/10/8, batch 16, max (Fig. 11: near baseline at 0.57 of STE's memory)", 0.92,
+     lambda st: _pick(st, "exp3", "sqpu", "max", fxp="16/10/8", batch_size=16)),
+    ("exp3", "SQPU 12/8/6, batch 16, max (Fig. 11: 1.5 points below, under 0.50 of STE's memory)", 0.905,
+     lambda st: _pick(st, "exp3", "sqpu", "max", fxp="12/8/6", batch_size=16)),
+]
+
+
+def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.Path]) -> str:
+    def pct(x):
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+    lines = ["# fxp sweep report", "",
+             f"{int((df.status == 'finished').sum())} finished runs, {int((df.status == 'failed').sum())} failed, "
+             f"in grids {', '.join(sorted(df.grid.unique()))}.", "",
+             "## Beside the paper's stated numbers", "",
+             "| grid | quantity | paper | measured |", "| --- | --- | --- | --- |"]
+    for grid, text, paper, measure in CLAIMS:
+        if grid in set(df.grid):
+            lines.append(f"| {grid} | {text} | {pct(paper)} | {pct(measure(stats))} |")
+    lines += ["", "## Accuracy over seeds", "",
+              "| grid | method | FxP | inference | batch | runs | max | mean | std | min |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in stats.sort_values(["grid", "method", "param_bits", "batch_size"],
+                               ascending=[True, True, False, False]).itertuples():
+        std = "–" if pd.isna(r.std) else f"{100 * r.std:.1f}"
+        lines.append(f"| {r.grid} | {r.method} | {r.fxp} | {r.inference_rounding if r.method != 'fp32' else '–'} | "
+                     f"{r.batch_size} | {r.runs} | {pct(r.max)} | {pct(r.mean)} | {std} | {pct(r.min)} |")
+    if images:
+        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("roots", nargs="+", type=pathlib.Path, help="directories holding run outputs")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/report"),
+                   help="where the CSV, PNG and markdown files go (default: results/report)")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.roots if not r.is_dir()]
+    if missing:
+        print(f"report: not a directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    df = collect(args.roots)
+    if df.empty or not (df.status == "finished").any():
+        print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    stats = seed_stats(df)
+    df.to_csv(args.out / "runs.csv", index=False)
+    stats.to_csv(args.out / "stats.csv", index=False)
+    images = draw_heatmaps(stats, args.out)
+    memory = draw_memory_plot(df, args.out)
+    if memory:
+        images.append(memory)
+    (args.out / "report.md").write_text(markdown_report(df, stats, images))
+    print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

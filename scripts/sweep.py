@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Run an experiment grid of fxp-train runs: locally, on one GPU, or sharded
+across a cluster (scripts/slurm/). Finished runs are skipped, killed runs
+resume from their checkpoints, failed runs are recorded and the sweep goes on.
+
+Examples:
+  scripts/sweep configs/grids/exp1.yaml --dry-run
+  scripts/sweep configs/grids/exp1.yaml --seeds 1 --set epochs=5 --jobs 2
+  scripts/sweep configs/grids/exp2.yaml --device cuda --jobs 4 --filter batch_size=256,1024
+  scripts/sweep configs/grids/exp3.yaml --shard 3/16          # one machine's share
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import pathlib
+import signal
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import sweeplib  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid", help="grid file (configs/grids/*.yaml)")
+    p.add_argument("--out", help="root of the run directories (default: results/<grid name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the run counts (by method and by status) and the first runs; run nothing")
+    p.add_argument("--list", action="store_true", help="with --dry-run: print every selected run id")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=V[,V]",
+                   help="keep runs whose KEY is one of the values (repeatable; format=16/10/8 also works)")
+    p.add_argument("--seeds", type=int, help="keep only the first N seeds of the grid")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting in every run, e.g. epochs=5 or train_limit=10000")
+    p.add_argument("--limit", type=int, help="run at most N runs (after filters and sharding)")
+    p.add_argument("--shard", default="0/1", metavar="i/N", help="run only shard i of N (0-based)")
+    p.add_argument("--jobs", type=int, default=1, help="concurrent fxp-train processes")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per process (default: the CPUs divided among the jobs)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
+    p.add_argument("--fxp-train", default=str(sweeplib.ROOT / "build" / "fxp-train"),
+                   help="the fxp-train executable (default: build/fxp-train)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        grid = sweeplib.load_grid(args.grid)
+        runs = sweeplib.expand(grid)
+        runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter), args.seeds,
+                               sweeplib.parse_assignments(args.set))
+        runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard))
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        runs = runs[: args.limit]
+    out = pathlib.Path(args.out or sweeplib.ROOT / "results" / grid["name"])
+
+    if args.dry_run:
+        by_method = collections.Counter(r.config.get("method") for r in runs)
+        quantized = sum(n for m, n in by_method.items() if m != "fp32")
+        by_status = collections.Counter(sweeplib.status(out, r) for r in runs)
+        print(f"grid {grid['name']}: {len(runs)} runs ({quantized} quantized, {by_method.get('fp32', 0)} fp32 "
+              f"baseline); shard {args.shard}; output {out}")
+        print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
+        print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
+        for r in runs if args.list else runs[:5]:
+            print(f"  {r.id}")
+        if not args.list and len(runs) > 5:
+            print(f"  ... ({len(runs) - 5} more; --list shows all)")
+        return 0
+
+    if not os.access(args.fxp_train, os.X_OK):
+        print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
+              file=sys.stderr)
+        return 2
+    jobs = max(1, args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    processes = sweeplib.Processes()
+    runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # SLURM's stop
+
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(runs), unit="run", desc=grid["name"], dynamic_ncols=True)
+
+    def on_update(counts):
+        if bar is not None:
+            bar.n = counts["done"] + counts["failed"] + counts["skipped"] + counts["conflict"]
+            bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"],
+                            pending=counts["pending"], refresh=False)
+            bar.refresh()
+
+    print(f"sweep {grid['name']}: {len(runs)} runs, {jobs} jobs x {threads} threads -> {out}", file=sys.stderr)
+    try:
+        counts = sweeplib.execute(runs, out, runner, jobs, on_update)
+    except KeyboardInterrupt:
+        processes.stop()
+        if bar is not None:
+            bar.close()
+        print("sweep: interrupted; unfinished runs resume from their checkpoints next time", file=sys.stderr)
+        return 130
+    if bar is not None:
+        bar.close()
+    print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
+          f"{counts['failed']} failed, {counts['conflict']} conflicting", file=sys.stderr)
+    for r in runs:
+        if sweeplib.status(out, r) in ("failed", "conflict"):
+            reason = (out / r.id / "failed.json").read_text() if sweeplib.status(out, r) == "failed" \
+                else "its directory holds a finished run with other settings"
+            print(f"  {r.id}: {reason.strip()}", file=sys.stderr)
+    return 1 if counts["failed"] or counts["conflict"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

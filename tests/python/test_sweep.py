@@ -1,0 +1,269 @@
+"""The experiment grids, the sweep runner (resume, sharding, failures) and the report."""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import sys
+import threading
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import report  # noqa: E402
+import sweep  # noqa: E402
+import sweeplib  # noqa: E402
+
+GRIDS = ROOT / "configs" / "grids"
+
+
+def grid_runs(name):
+    return sweeplib.expand(sweeplib.load_grid(GRIDS / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("name,total,quantized", [("exp1", 395, 390), ("exp2", 2750, 2640), ("exp3", 2500, 2400)])
+def test_grid_counts(name, total, quantized):
+    runs = grid_runs(name)
+    assert len(runs) == total
+    assert sum(r.config["method"] != "fp32" for r in runs) == quantized
+    assert len({r.id for r in runs}) == total
+
+
+def test_grid_contents_match_the_paper():
+    exp1 = grid_runs("exp1")
+    formats = {(r.config["param_bits"], r.config["param_frac"]) for r in exp1 if r.config["method"] != "fp32"}
+    assert formats == {(32, 24), (32, 20), (32, 16), (24, 16), (24, 14), (24, 12), (16, 10), (16, 8), (12, 8),
+                       (12, 6), (8, 5), (8, 4), (8, 3)}
+    assert all(r.config["param_frac"] == r.config["out_frac"] for r in exp1 if r.config["method"] != "fp32")
+    assert {r.config["batch_size"] for r in exp1} == {256}
+    exp2 = grid_runs("exp2")
+    assert {r.config["batch_size"] for r in exp2} == {1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1}
+    assert {f"{r.config['param_bits']}/{r.config['param_frac']}/{r.config['out_frac']}" for r in exp2
+            if r.config["method"] != "fp32"} == {"32/20/16", "24/16/12", "20/12/10", "16/10/8", "12/8/6", "10/6/4",
+                                                 "8/5/3", "6/4/2"}
+    assert all(r.config["weight_decay"] == 0.0005 and r.config["early_stopping"] for r in exp2)
+    exp3 = grid_runs("exp3")
+    assert 1024 not in {r.config["batch_size"] for r in exp3}
+    assert all(r.config["lr_scaling"] == "linear" for r in exp3)
+
+
+def test_run_ids_are_stable():
+    r = grid_runs("exp2")[0]
+    assert r.id == "ste-p32.20-o32.16-sr-b1024-s0"
+    assert grid_runs("exp2")[0] == r
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 16])
+def test_shards_cover_every_run_exactly_once(count):
+    runs = grid_runs("exp1")
+    shards = [sweeplib.shard(runs, i, count) for i in range(count)]
+    ids = [r.id for s in shards for r in s]
+    assert sorted(ids) == sorted(r.id for r in runs)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert sweeplib.shard(list(reversed(runs)), 0, count) == shards[0]  # independent of the input order
+
+
+def test_select_filters_seeds_and_overrides():
+    runs = grid_runs("exp2")
+    sel = sweeplib.select(runs, sweeplib.parse_filters(["method=sqpu,ste", "batch_size=256"]), seeds=2,
+                          overrides=sweeplib.parse_assignments(["epochs=3", "train_limit=1000"]))
+    assert len(sel) == 2 * 8 * 2
+    assert all(r.config["epochs"] == 3 and r.config["train_limit"] == 1000 for r in sel)
+    assert {r.config["seed"] for r in sel} == {0, 1}
+    assert len(sweeplib.select(runs, sweeplib.parse_filters(["format=16/10/8"]))) == 11 * 3 * 10
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sweeplib.parse_filters(["method"])
+    with pytest.raises(ValueError, match="i/N"):
+        sweeplib.parse_shard("one")
+    with pytest.raises(ValueError, match="0 <= i < N"):
+        sweeplib.shard(runs, 4, 4)
+
+
+def test_duplicate_ids_are_an_error():
+    grid = {"name": "g", "blocks": [{"axes": {"lr": [0.1, 0.2]}}]}  # lr is not in the id
+    with pytest.raises(ValueError, match="share the id"):
+        sweeplib.expand(grid)
+
+
+# ---- the runner, with stub runs ---------------------------------------------------
+
+EPOCHS = 3
+
+
+class StubTrainer:
+    """Acts like fxp-train --resume: EPOCHS epochs, a checkpoint after each, a
+    summary at the end. Records every epoch it trains; can 'kill the sweep'
+    after a given number of epochs in total."""
+
+    def __init__(self, kill_after: int | None = None, fail: set[str] = frozenset()):
+        self.epochs: list[tuple[str, int]] = []
+        self.kill_after = kill_after
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, run, d: pathlib.Path):
+        if run.id in self.fail:
+            raise sweeplib.RunFailed("diverged")
+        ckpt = d / "checkpoint.json"
+        done = json.loads(ckpt.read_text())["epochs"] if ckpt.exists() else 0
+        for epoch in range(done + 1, EPOCHS + 1):
+            with self.lock:
+                if self.kill_after is not None and len(self.epochs) >= self.kill_after:
+                    raise KeyboardInterrupt  # the sweep is killed here, mid-run
+                self.epochs.append((run.id, epoch))
+            sweeplib.atomic_write_json(ckpt, {"epochs": epoch})
+        sweeplib.atomic_write_json(d / "summary.json", {"config": run.config, "best_val_accuracy": 0.5})
+
+
+def small_runs():
+    grid = {"name": "mini", "base": {"batch_size": 64},
+            "blocks": [{"axes": {"method": ["ste", "sqpu"], "seed": [0, 1, 2, 3, 4]}}]}
+    return sweeplib.expand(grid)
+
+
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_killed_sweep_resumes_without_losing_or_repeating_work(tmp_path, jobs):
+    runs = small_runs()
+    first = StubTrainer(kill_after=13)  # 4 runs finished, the 5th killed after one epoch (jobs=1)
+    with pytest.raises(KeyboardInterrupt):
+        sweeplib.execute(runs, tmp_path, first, jobs=jobs)
+    finished = [r for r in runs if sweeplib.status(tmp_path, r) == "done"]
+    assert 0 < len(finished) < len(runs)
+    second = StubTrainer()
+    counts = sweeplib.execute(runs, tmp_path, second, jobs=jobs)
+    assert counts["skipped"] == len(finished)
+    assert counts["done"] == len(runs) - len(finished)
+    assert all(sweeplib.status(tmp_path, r) == "done" for r in runs)
+    trained = first.epochs + second.epochs
+    assert sorted(trained) == sorted((r.id, e) for r in runs for e in range(1, EPOCHS + 1))  # each epoch once
+    assert not any(run_id in {r.id for r in finished} for run_id, _ in second.epochs)  # finished runs not rerun
+    third = StubTrainer()
+    assert sweeplib.execute(runs, tmp_path, third)["skipped"] == len(runs)
+    assert third.epochs == []
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    runs = small_runs()
+    bad = runs[2].id
+    counts = sweeplib.execute(runs, tmp_path, StubTrainer(fail={bad}), jobs=2)
+    assert counts["failed"] == 1 and counts["done"] == len(runs) - 1
+    assert sweeplib.status(tmp_path, runs[2]) == "failed"
+    assert "diverged" in json.loads((tmp_path / bad / "failed.json").read_text())["error"]
+    # A later sweep retries it; success clears the record.
+    assert sweeplib.execute(runs, tmp_path, StubTrainer())["done"] == 1
+    assert not (tmp_path / bad / "failed.json").exists()
+
+
+def test_a_directory_holding_other_settings_is_a_conflict(tmp_path):
+    runs = small_runs()
+    sweeplib.execute(runs[:1], tmp_path, StubTrainer())
+    changed = sweeplib.select(runs[:1], overrides={"epochs": 7})
+    assert sweeplib.status(tmp_path, changed[0]) == "conflict"
+    assert sweeplib.execute(changed, tmp_path, StubTrainer())["conflict"] == 1
+
+
+def test_sweep_cli_dry_run(capsys, tmp_path):
+    assert sweep.main([str(GRIDS / "exp2.yaml"), "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2750 runs (2640 quantized, 110 fp32 baseline)" in out
+    assert sweep.main([str(GRIDS / "exp3.yaml"), "--dry-run", "--shard", "1/4", "--out", str(tmp_path)]) == 0
+    assert "625 runs" in capsys.readouterr().out
+    assert sweep.main([str(GRIDS / "exp1.yaml"), "--shard", "x"]) == 2
+    assert "i/N" in capsys.readouterr().err
+    assert sweep.main([str(tmp_path / "missing.yaml"), "--dry-run"]) == 2
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--help"])
+    assert e.value.code == 0
+
+
+FXP_TRAIN = ROOT / "build" / "fxp-train"
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+def test_sweep_runs_fxp_train_end_to_end(tmp_path):
+    grid = tmp_path / "tiny.yaml"
+    grid.write_text("name: tiny\nbase: {epochs: 1, train_limit: 256, val_limit: 200, batch_size: 64}\n"
+                    "blocks:\n  - axes: {method: [sqpu, hteqpu]}\n  - set: {method: ste, lr: -1}\n    axes: {seed: [5]}\n")
+    out = tmp_path / "out"
+    code = sweep.main([str(grid), "--out", str(out), "--jobs", "2", "--threads", "1", "--no-progress"])
+    assert code == 1  # the ste run has a bad lr
+    assert json.loads((out / "sqpu-p16.10-o16.8-sr-b64-s0" / "summary.json").read_text())["epochs_completed"] == 1
+    assert (out / "hteqpu-p16.10-o16.8-sr-b64-s0" / "summary.json").exists()
+    assert "lr: must be a positive number" in (out / "ste-p16.10-o16.8-sr-b64-s5" / "failed.json").read_text()
+    # Everything finished is skipped the second time.
+    assert sweep.main([str(grid), "--out", str(out), "--filter", "method=sqpu,hteqpu", "--no-progress"]) == 0
+
+
+# ---- the report on synthetic results ---------------------------------------------------
+
+def synthetic_results(root: pathlib.Path, grid_name: str, runs) -> dict:
+    rng = random.Random(0)
+    accuracy = {}
+    for r in runs:
+        d = root / r.id
+        d.mkdir(parents=True)
+        acc = round(rng.uniform(0.1, 0.92), 4)
+        accuracy[r.id] = acc
+        sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid_name, "id": r.id, "settings": r.config})
+        sweeplib.atomic_write_json(d / "summary.json", {
+            "config": r.config, "best_val_accuracy": acc, "best_epoch": 3, "final_val_accuracy": acc,
+            "epochs_completed": 5, "stop_reason": "epochs", "wall_time_s": 1.0, "train_images_per_s": 1000.0,
+            "memory_model": {"paper": {"ratio_to_ste": 0.6, "ratio_to_fp32": 0.5}}})
+    return accuracy
+
+
+def test_report_draws_the_figures_and_tables(tmp_path):
+    exp1 = sweeplib.select(grid_runs("exp1"), seeds=2)
+    exp2 = sweeplib.select(grid_runs("exp2"), sweeplib.parse_filters(["batch_size=256,16,1"]), seeds=3)
+    acc1 = synthetic_results(tmp_path / "exp1", "exp1", exp1)
+    synthetic_results(tmp_path / "exp2", "exp2", exp2)
+    (tmp_path / "exp2" / "broken").mkdir()
+    sweeplib.atomic_write_json(tmp_path / "exp2" / "broken" / "sweep-run.json",
+                               {"grid": "exp2", "id": "broken", "settings": exp2[0].config})
+    sweeplib.atomic_write_json(tmp_path / "exp2" / "broken" / "failed.json", {"error": "boom"})
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "exp1"), str(tmp_path / "exp2"), "--out", str(out)]) == 0
+    for name in ["runs.csv", "stats.csv", "report.md", "exp1-best-worst-hte.png", "exp1-best-worst-sr.png",
+                 "exp2-max.png", "exp2-mean.png", "exp2-std.png", "memory-accuracy.png"]:
+        assert (out / name).stat().st_size > 0, name
+    import pandas as pd
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == len(exp1) + len(exp2) + 1
+    assert (runs.status == "failed").sum() == 1
+    stats = pd.read_csv(out / "stats.csv")
+    # best over the two seeds of one Exp 1 configuration, computed by hand
+    ids = [r.id for r in exp1 if r.config["method"] == "sqpu" and r.config["param_bits"] == 16
+           and r.config["param_frac"] == 10 and r.config["inference_rounding"] == "sr"]
+    row = stats[(stats.grid == "exp1") & (stats.method == "sqpu") & (stats.fxp == "16/10/10")
+                & (stats.inference_rounding == "sr")]
+    assert row["max"].item() == pytest.approx(max(acc1[i] for i in ids))
+    assert row["min"].item() == pytest.approx(min(acc1[i] for i in ids))
+    assert row["runs"].item() == 2
+    md = (out / "report.md").read_text()
+    assert "| exp1 | fp32 baseline, best run | 90.0% |" in md
+    assert "![exp2-max](exp2-max.png)" in md
+
+
+def test_report_without_results_is_an_error(tmp_path, capsys):
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert "no finished runs" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_slurm_array_task_runs_its_shard(tmp_path):
+    import os
+    import subprocess
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MIN="4", SLURM_ARRAY_TASK_COUNT="4",
+               SLURM_CPUS_PER_TASK="8", SLURM_SUBMIT_DIR=str(ROOT), FXP_SYSTEM_PYTHON="1",
+               PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(ROOT / "scripts/slurm/sweep.sbatch"), str(GRIDS / "exp2.yaml"), "--dry-run",
+                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "688 runs" in p.stdout and "shard 1/4" in p.stdout  # 2750 runs: shards of 688, 688, 687, 687
+    env.pop("SLURM_ARRAY_TASK_ID")
+    p = subprocess.run(["bash", str(ROOT / "scripts/slurm/sweep.sbatch"), str(GRIDS / "exp2.yaml")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "job array" in p.stderr
