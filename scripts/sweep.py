@@ -30,6 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="print the run counts (by method and by status) and the first runs; run nothing")
     p.add_argument("--list", action="store_true", help="with --dry-run: print every selected run id")
+    p.add_argument("--estimate", metavar="CSV",
+                   help="with --dry-run: extrapolate the wall time from a throughput CSV of scripts/bench_train.py")
+    p.add_argument("--typical-epochs", type=float,
+                   help="with --estimate: epochs a run with early stopping lasts (default: the midpoint of "
+                        "its minimum and maximum); bounds are printed too")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=V[,V]",
                    help="keep runs whose KEY is one of the values (repeatable; format=16/10/8 also works)")
     p.add_argument("--seeds", type=int, help="keep only the first N seeds of the grid")
@@ -70,6 +75,17 @@ def main(argv=None) -> int:
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
+        if args.estimate:
+            try:
+                low, mid, high = sweeplib.estimate_seconds(runs, sweeplib.load_throughput(args.estimate),
+                                                           args.typical_epochs)
+            except (OSError, ValueError, KeyError) as e:
+                print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
+                return 2
+            jobs = max(1, args.jobs)
+            print(f"  estimated wall time with {jobs} job(s) at the measured throughput: {mid / 3600 / jobs:.1f} h "
+                  f"(from {low / 3600 / jobs:.1f} h if every run stops at its minimum epochs to "
+                  f"{high / 3600 / jobs:.1f} h if none stops early)")
         for r in runs if args.list else runs[:5]:
             print(f"  {r.id}")
         if not args.list and len(runs) > 5:

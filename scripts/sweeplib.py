@@ -295,3 +295,54 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
             f.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
     return counts
+
+
+# ---- wall-time estimates -----------------------------------------------------------
+
+def load_throughput(path) -> dict:
+    """{method: [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's CSV."""
+    import csv
+    table: dict = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["method"], []).append(
+                (int(row["batch_size"]), float(row["train_images_per_s"]), float(row["val_images_per_s"])))
+    if not table:
+        raise ValueError("no measurements")
+    return {m: sorted(v) for m, v in table.items()}
+
+
+def _interpolate(points, batch: int, column: int) -> float:
+    """Log-log interpolation over batch size, constant beyond the measured range."""
+    import math
+    if batch <= points[0][0]:
+        return points[0][column]
+    if batch >= points[-1][0]:
+        return points[-1][column]
+    for (b0, *v0), (b1, *v1) in zip(points, points[1:]):
+        if b0 <= batch <= b1:
+            t = (math.log(batch) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return math.exp((1 - t) * math.log(v0[column - 1]) + t * math.log(v1[column - 1]))
+    raise AssertionError("unreachable")
+
+
+def estimate_seconds(runs: list[Run], throughput: dict, typical_epochs: float | None = None):
+    """(earliest, typical, latest) total seconds of the runs, one at a time.
+    A run without early stopping lasts its epochs; one with it lasts between
+    its minimum and its maximum, `typical_epochs` (default: the midpoint)."""
+    totals = [0.0, 0.0, 0.0]
+    for r in runs:
+        c = r.config
+        points = throughput[c.get("method", "sqpu")]
+        batch = c.get("batch_size", 64)
+        per_epoch = ((c.get("train_limit") or 60000) / _interpolate(points, batch, 1)
+                     + (c.get("val_limit") or 10000) / _interpolate(points, batch, 2))
+        most = c.get("epochs", 3)
+        if c.get("early_stopping"):
+            least = min(most, c.get("early_stopping_min_epochs", 20))
+            typical = typical_epochs if typical_epochs is not None else (least + most) / 2
+        else:
+            least = typical = most
+        for i, e in enumerate((least, min(typical, most), most)):
+            totals[i] += e * per_epoch
+    return tuple(totals)

@@ -267,3 +267,19 @@ def test_slurm_array_task_runs_its_shard(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "scripts/slurm/sweep.sbatch"), str(GRIDS / "exp2.yaml")], env=env,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "job array" in p.stderr
+
+
+def test_wall_time_estimate(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("method,batch_size,train_images_per_s,val_images_per_s\n"
+                   "sqpu,1,100,1000\nsqpu,100,10000,1000\nfp32,1,100,1000\n")
+    table = sweeplib.load_throughput(csv)
+    run = lambda **c: sweeplib.Run("g", "r", tuple(sorted(c.items())))  # noqa: E731
+    # No early stopping: 2 epochs x (60000/10000 + 10000/1000) s = 32 s, whatever the typical epochs.
+    assert sweeplib.estimate_seconds([run(method="sqpu", batch_size=100, epochs=2)], table) == (32, 32, 32)
+    # Batch 10 lies halfway between 1 and 100 in log space: 1000 images/s.
+    low, mid, high = sweeplib.estimate_seconds(
+        [run(method="sqpu", batch_size=10, epochs=100, early_stopping=True, early_stopping_min_epochs=20,
+             train_limit=1000, val_limit=1000)], table)
+    assert (low, mid, high) == pytest.approx((20 * 2, 60 * 2, 100 * 2))
+    assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Training throughput of fxp-train per method and batch size, as images/s and
+as a ratio to the fp32 baseline measured in the same run.
+
+Each point is a short fxp-train run (two epochs on a slice of the training
+set; the second epoch is timed, so start-up and warm-up do not count). The
+CSV it writes is what `scripts/sweep --estimate` extrapolates full grids from.
+
+  scripts/bench_train.py --csv results/throughput-cpu.csv --markdown results/throughput-cpu.md
+  scripts/bench_train.py --device cuda --csv gpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_report import BenchReport  # noqa: E402
+
+
+def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
+            threads: int, data_dir: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [fxp_train, "--method", method, "--batch-size", str(batch), "--epochs", "2",
+               "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
+               "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        subprocess.run(cmd, check=True)
+        epoch = [json.loads(line) for line in open(pathlib.Path(tmp) / "metrics.jsonl")][-1]
+    val_time = epoch["epoch_time_s"] - epoch["train_time_s"]
+    return {"method": method, "batch_size": batch, "device": device, "threads": threads,
+            "train_images_per_s": epoch["images_per_s"], "val_images_per_s": val_images / max(val_time, 1e-9)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu")
+    p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
+    p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
+    p.add_argument("--val-images", type=int, default=2000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
+    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
+    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
+    p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    args = p.parse_args(argv)
+
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        images = min(60000, max(1024, args.steps * batch))
+        for method in args.methods.split(","):
+            r = measure(args.fxp_train, method, batch, images, args.val_images, args.device, args.threads,
+                        args.data_dir)
+            rows.append(r)
+            print(f"{method:7s} batch {batch:5d}: {r['train_images_per_s']:9.0f} train img/s, "
+                  f"{r['val_images_per_s']:9.0f} validation img/s", flush=True)
+    baseline = {r["batch_size"]: r["train_images_per_s"] for r in rows if r["method"] == "fp32"}
+    table = []
+    for r in rows:
+        ratio = baseline[r["batch_size"]] / r["train_images_per_s"] if r["batch_size"] in baseline else float("nan")
+        r["time_over_fp32"] = ratio
+        table.append([r["method"], str(r["batch_size"]), f"{r['train_images_per_s']:.0f}",
+                      f"{r['val_images_per_s']:.0f}", f"{ratio:.2f}x"])
+    report = BenchReport(f"fxp-train throughput on {args.device} ({args.threads or 'default'} threads)",
+                         "Training images/s of the second of two epochs; time per image relative to fp32 "
+                         "at the same batch size, measured in the same run.")
+    report.table("fxp-train throughput", ["method", "batch", "train images/s", "validation images/s",
+                                          "time / fp32"], table)
+    report.save(str(args.markdown) if args.markdown else None)
+    if args.csv:
+        import csv
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
