@@ -96,6 +96,8 @@ if [[ -x $BUILD/fxp-train ]]; then
   done
   run train_default "$BUILD/fxp-train" --device cuda --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/default" \
     --overwrite --no-progress
+  run bench_train "$PYTHON" "$ROOT/scripts/bench_train.py" --device cuda --fxp-train "$BUILD/fxp-train" \
+    --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
 fi
 echo "gpu_check: $([[ $status == 0 ]] && echo PASSED || echo FAILED); logs in $LOGS"
 exit $status

@@ -237,15 +237,31 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   make_dirs(files.dir);
 
   const bool have_checkpoint = path_exists(files.checkpoint), have_summary = path_exists(files.summary);
-  if (options.overwrite) {
-    for (const auto& f : {files.checkpoint, files.summary, files.metrics, files.config}) remove_file(f);
-  } else if (!options.resume && (have_checkpoint || have_summary)) {
-    throw std::invalid_argument("output directory " + files.dir +
-                                " already holds a run; pass --resume to continue it or --overwrite to start again");
-  }
-  const bool resuming = options.resume && !options.overwrite && have_checkpoint;
   json config_json = to_json(config);
   config_json["output_dir"] = files.dir;
+  if (options.overwrite) {
+    for (const auto& f : {files.checkpoint, files.summary, files.metrics, files.config}) remove_file(f);
+  } else if (!options.resume && have_summary) {
+    // Running the same command twice is not an error: the run is done.
+    json summary = json::parse(read_text(files.summary));
+    const json& stored = summary["config"];
+    bool same = true;
+    for (const auto& key : config_keys()) {
+      const bool location = key == "output_dir" || key == "data_dir" || key == "threads";
+      same = same && (location || stored.value(key, json()) == config_json[key]);
+    }
+    if (same) {
+      if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
+      return summary;
+    }
+    throw std::invalid_argument("output directory " + files.dir +
+                                " holds a finished run with other settings; pass --resume to extend it to more epochs, "
+                                "--overwrite to replace it, or choose another --output-dir");
+  } else if (!options.resume && have_checkpoint) {
+    throw std::invalid_argument("output directory " + files.dir +
+                                " holds an unfinished run; pass --resume to continue it or --overwrite to start again");
+  }
+  const bool resuming = options.resume && !options.overwrite && have_checkpoint;
   if (resuming && path_exists(files.config)) {
     const json stored = json::parse(read_text(files.config));
     std::string differ;

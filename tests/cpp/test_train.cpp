@@ -351,8 +351,20 @@ TEST_F(TrainRun, OneEpochWritesEveryField) {
   EXPECT_EQ(json::parse(ft::read_text(dir_ + "/sqpu/config.json"))["method"], "sqpu");
   EXPECT_TRUE(ft::path_exists(dir_ + "/sqpu/checkpoint.pt"));
 
-  // A second run into the same directory needs --resume or --overwrite.
-  expect_error([&] { run("sqpu", config_); }, "already holds a run");
+  // The same run again is done already: its summary comes back, nothing trains.
+  const auto before = ft::read_text(dir_ + "/sqpu/metrics.jsonl");
+  EXPECT_EQ(run("sqpu", config_), summary);
+  EXPECT_EQ(ft::read_text(dir_ + "/sqpu/metrics.jsonl"), before);
+  // Other settings in the same directory need --resume (more epochs) or --overwrite.
+  ft::TrainConfig more = config_;
+  more.epochs = 2;
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings");
+  more = config_;
+  more.lr = 0.02;
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings");
+  // An unfinished run (a checkpoint, no summary) needs --resume or --overwrite.
+  ft::remove_file(dir_ + "/sqpu/summary.json");
+  expect_error([&] { run("sqpu", config_); }, "holds an unfinished run; pass --resume");
 }
 
 TEST_F(TrainRun, SameSeedSameInitialWeightsForEveryMethod) {
