@@ -100,7 +100,9 @@ def main(argv=None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     processes = sweeplib.Processes()
     runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # SLURM's stop
+    def stop_on_term(signum, frame):  # SLURM (and kill) ask with TERM: stop like Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop_on_term)
 
     bar = None
     if not args.no_progress and sys.stderr.isatty():

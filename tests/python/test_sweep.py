@@ -283,3 +283,33 @@ def test_wall_time_estimate(tmp_path):
              train_limit=1000, val_limit=1000)], table)
     assert (low, mid, high) == pytest.approx((20 * 2, 60 * 2, 100 * 2))
     assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
+
+
+@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+def test_killed_sweep_resumes_the_real_run_from_its_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import time
+    grid = tmp_path / "one.yaml"
+    grid.write_text("name: one\nbase: {epochs: 4, train_limit: 3000, val_limit: 200, batch_size: 32}\n"
+                    "blocks:\n  - axes: {method: [sqpu]}\n")
+    out = tmp_path / "out"
+    run_dir = out / "sqpu-p16.10-o16.8-sr-b32-s0"
+    cmd = [sys.executable, str(ROOT / "scripts/sweep.py"), str(grid), "--out", str(out), "--threads", "1",
+           "--no-progress"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:  # after the checkpoint
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # what SLURM sends before the time limit
+    assert p.wait(timeout=60) == 130, p.stderr.read()
+    assert "interrupted" in p.stderr.read()
+    assert not (run_dir / "summary.json").exists()
+    assert not (run_dir / "failed.json").exists()  # stopped, not failed
+    before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= len(before) < 4
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[: len(before)] == before  # the same records, timings included: resumed, not retrained
