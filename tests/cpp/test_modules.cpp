@@ -85,7 +85,9 @@ TEST(Modules, OutputStatsCountSaturatedOutputsWithoutGrad) {
   const torch::Tensor x = torch::randn({5, 8}) * 4;
   torch::NoGradGuard no_grad;
   const torch::Tensor reference = torch::nn::functional::linear(x, layer->linear->weight, layer->linear->bias);
-  const int64_t expected = (reference > 0.875).sum().item<int64_t>() + (reference < -1.0).sum().item<int64_t>();
+  // Saturated: the rounded code (round half to even of x * 2^3) falls outside [-8, 7].
+  const torch::Tensor codes = torch::round(reference * 8);
+  const int64_t expected = (codes > 7).sum().item<int64_t>() + (codes < -8).sum().item<int64_t>();
   ASSERT_GT(expected, 0);
 
   layer->forward(x);  // disabled: nothing counted
