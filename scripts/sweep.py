@@ -130,10 +130,11 @@ def main(argv=None) -> int:
     print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
           f"{counts['failed']} failed, {counts['conflict']} conflicting", file=sys.stderr)
     for r in runs:
-        if sweeplib.status(out, r) in ("failed", "conflict"):
-            reason = (out / r.id / "failed.json").read_text() if sweeplib.status(out, r) == "failed" \
-                else "its directory holds a finished run with other settings"
-            print(f"  {r.id}: {reason.strip()}", file=sys.stderr)
+        s = sweeplib.status(out, r)
+        if s == "failed":
+            print(f"  {r.id}: {(out / r.id / 'failed.json').read_text().strip()}", file=sys.stderr)
+        elif s == "conflict":
+            print(f"  {r.id}: its directory holds a finished run with other settings", file=sys.stderr)
     return 1 if counts["failed"] or counts["conflict"] else 0
 
 

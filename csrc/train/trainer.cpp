@@ -110,7 +110,7 @@ struct RunState {
   double lr = 0;
   double plateau_best = kNone;
   int64_t plateau_bad = 0;
-  double stop_best_loss = kNone, stop_best_accuracy = -1;
+  double stop_best_loss = kNone;  // early stopping's best loss (its best accuracy is best_accuracy)
   int64_t stop_bad = 0;
   double best_accuracy = -1;
   int64_t best_epoch = 0;
@@ -119,7 +119,7 @@ struct RunState {
   json history = json::array();
 };
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(RunState, epochs_done, lr, plateau_best, plateau_bad, stop_best_loss,
-                                   stop_best_accuracy, stop_bad, best_accuracy, best_epoch, wall_time_s, stop_reason,
+                                   stop_bad, best_accuracy, best_epoch, wall_time_s, stop_reason,
                                    history)
 
 // Default generators whose state the run's random draws depend on: the CPU one
@@ -207,6 +207,21 @@ torch::Device parse_device(const std::string& name) {
   return device;
 }
 
+// The settings of a stored run that differ from `current`, as readable text
+// (empty: none). Keys that may change on resume are ignored; epochs only when
+// epochs_may_differ (extending a run) is set.
+std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
+  std::string differ;
+  for (const auto& key : config_keys()) {
+    const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
+    if (!ignored && stored.value(key, json()) != current[key]) {
+      differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
+                current[key].dump() + " now)";
+    }
+  }
+  return differ;
+}
+
 std::string percent(double x) {
   std::ostringstream s;
   s.precision(2);
@@ -244,13 +259,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   } else if (!options.resume && have_summary) {
     // Running the same command twice is not an error: the run is done.
     json summary = json::parse(read_text(files.summary));
-    const json& stored = summary["config"];
-    bool same = true;
-    for (const auto& key : config_keys()) {
-      const bool location = key == "output_dir" || key == "data_dir" || key == "threads";
-      same = same && (location || stored.value(key, json()) == config_json[key]);
-    }
-    if (same) {
+    if (differing_settings(summary["config"], config_json, /*epochs_may_differ=*/false).empty()) {
       if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
       return summary;
     }
@@ -264,13 +273,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   const bool resuming = options.resume && !options.overwrite && have_checkpoint;
   if (resuming && path_exists(files.config)) {
     const json stored = json::parse(read_text(files.config));
-    std::string differ;
-    for (const auto& key : config_keys()) {
-      if (!key_may_change_on_resume(key) && stored.value(key, json()) != config_json[key]) {
-        differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
-                  config_json[key].dump() + " now)";
-      }
-    }
+    const std::string differ = differing_settings(stored, config_json, /*epochs_may_differ=*/true);
     if (!differ.empty()) {
       throw std::invalid_argument("cannot resume " + files.dir + ": its settings differ: " + differ);
     }
@@ -424,9 +427,8 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
         set_lr(*optimizer, state.lr);
       }
     }
-    const bool improved = val_loss < state.stop_best_loss || val_accuracy > state.stop_best_accuracy;
+    const bool improved = val_loss < state.stop_best_loss || val_accuracy > state.best_accuracy;
     if (val_loss < state.stop_best_loss) state.stop_best_loss = val_loss;
-    if (val_accuracy > state.stop_best_accuracy) state.stop_best_accuracy = val_accuracy;
     state.stop_bad = improved ? 0 : state.stop_bad + 1;
     if (val_accuracy > state.best_accuracy) {
       state.best_accuracy = val_accuracy;
