@@ -97,4 +97,67 @@ at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::Tensor
                  momentum_form);
 }
 
+at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding, Str overflow,
+                const Generator& generator) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, Str, Str, const Generator&)>("fxp::pack");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding, int64_t seed,
+                       int64_t offset, Str overflow) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, Str, int64_t, int64_t, Str)>("fxp::pack_seeded");
+  return op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                  std::optional<at::ScalarType> dtype) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, int64_t, int64_t, std::optional<at::ScalarType>)>("fxp::unpack");
+  return op.call(codes, total_bits, frac_bits, dtype);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
+                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         at::OptionalIntArrayRef, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         at::OptionalIntArrayRef)>("fxp::linear");
+  return op.call(x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+}
+
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                  at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
+                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
+                         at::IntArrayRef, at::IntArrayRef, int64_t, at::OptionalIntArrayRef,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         at::OptionalIntArrayRef)>("fxp::conv2d");
+  return op.call(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes, bias_codes,
+                 param_format);
+}
+
+at::Tensor relu_max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size) {
+  static const auto op = find_op<at::Tensor(const at::Tensor&, at::IntArrayRef)>("fxp::relu_max_pool2d");
+  return op.call(x, kernel_size);
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_max_pool2d_with_positions(const at::Tensor& x, at::IntArrayRef kernel_size) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef)>(
+      "fxp::relu_max_pool2d_with_positions");
+  return op.call(x, kernel_size);
+}
+
+at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& positions,
+                                    at::IntArrayRef kernel_size, c10::SymIntArrayRef input_size) {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, c10::SymIntArrayRef)>(
+          "fxp::relu_max_pool2d_backward");
+  return op.call(grad_out, positions, kernel_size, input_size);
+}
+
 }  // namespace fxp

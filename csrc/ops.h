@@ -4,7 +4,10 @@
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/OptionalArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -61,5 +64,41 @@ at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::Tensor
                          int64_t total_bits, int64_t frac_bits, int64_t momentum_total_bits,
                          int64_t momentum_frac_bits, c10::string_view rounding, int64_t seed,
                          int64_t step, c10::string_view momentum_form = "standard");
+
+// Packed storage: integer codes of FxP(total_bits, frac_bits) (int8 for B <= 8,
+// int16 for B <= 16, int32 otherwise), rounded like quantize; NaN is an error.
+at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                c10::string_view rounding = "nearest_even", c10::string_view overflow = "saturate",
+                const std::optional<at::Generator>& generator = std::nullopt);
+at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                       int64_t seed, int64_t offset, c10::string_view overflow = "saturate");
+// codes * 2^-frac_bits, as dtype (default float32).
+at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                  std::optional<at::ScalarType> dtype = std::nullopt);
+
+// torch's linear / conv2d for quantized layers: weights from packed codes
+// (weight_codes, bias_codes in param_format) and the input saved packed in
+// input_format for the backward. See docs/design.md, "Packed storage".
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias = std::nullopt,
+                  at::OptionalIntArrayRef input_format = std::nullopt,
+                  const std::optional<at::Tensor>& weight_codes = std::nullopt,
+                  const std::optional<at::Tensor>& bias_codes = std::nullopt,
+                  at::OptionalIntArrayRef param_format = std::nullopt);
+at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                  at::OptionalIntArrayRef input_format = std::nullopt,
+                  const std::optional<at::Tensor>& weight_codes = std::nullopt,
+                  const std::optional<at::Tensor>& bias_codes = std::nullopt,
+                  at::OptionalIntArrayRef param_format = std::nullopt);
+
+// max_pool2d(relu(x), kernel_size), stride = kernel_size, whose autograd saves
+// one byte per output; gradients equal torch's. See docs/design.md.
+at::Tensor relu_max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size);
+
+// Its parts (what the autograd calls): the output and each output's window
+// position of the maximum (uint8, 255: not positive); the input gradient.
+std::tuple<at::Tensor, at::Tensor> relu_max_pool2d_with_positions(const at::Tensor& x, at::IntArrayRef kernel_size);
+at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& positions,
+                                    at::IntArrayRef kernel_size, c10::SymIntArrayRef input_size);
 
 }  // namespace fxp

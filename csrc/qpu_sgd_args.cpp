@@ -9,7 +9,17 @@ namespace fxp {
 
 namespace {
 constexpr const char* kOp = "fxp::qpu_sgd_step_";
+
+Storage storage_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return Storage::Float64;
+    case at::kChar: return Storage::Int8;
+    case at::kShort: return Storage::Int16;
+    case at::kInt: return Storage::Int32;
+    default: return Storage::Float32;
+  }
 }
+}  // namespace
 
 kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                                     at::TensorList momentum_buffers, const QpuSgdArgs& a,
@@ -45,25 +55,39 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                            : ": momentum == 0 takes no momentum buffers (",
               has_momentum ? n : 0, "), but got ", momentum_buffers.size());
   TORCH_CHECK(n < (size_t{1} << 31), kOp, ": too many tensors (", n, ")");
+  // Storage: grads are float32 or float64; params and momentum buffers hold
+  // floats of the grads' dtype, or codes of their format (packed storage).
+  // Each list has one dtype.
+  const at::ScalarType grad_dtype = n > 0 ? grads[0].scalar_type() : at::kFloat;
+  const at::ScalarType param_dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
+  const at::ScalarType momentum_dtype = has_momentum && n > 0 ? momentum_buffers[0].scalar_type() : grad_dtype;
+  const at::ScalarType param_codes = packed_dtype(static_cast<int>(a.total_bits));
+  const at::ScalarType momentum_codes = packed_dtype(static_cast<int>(a.momentum_total_bits));
+  TORCH_CHECK(grad_dtype == at::kFloat || grad_dtype == at::kDouble, kOp,
+              ": grads must be float32 or float64, but got ", grad_dtype);
+  TORCH_CHECK(param_dtype == grad_dtype || param_dtype == param_codes, kOp, ": params must be ", grad_dtype,
+              " like the grads, or ", param_codes, " codes of FxP(", a.total_bits, ",", a.frac_bits,
+              ") (packed storage), but got ", param_dtype);
+  TORCH_CHECK(momentum_dtype == grad_dtype || momentum_dtype == momentum_codes, kOp, ": momentum_buffers must be ",
+              grad_dtype, " like the grads, or ", momentum_codes, " codes of FxP(", a.momentum_total_bits, ",",
+              a.momentum_frac_bits, ") (packed storage), but got ", momentum_dtype);
   for (size_t k = 0; k < n; ++k) {
     const at::Tensor& w = params[k];
-    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble, kOp, ": params[", k,
-                "] must be float32 or float64, but got ", w.scalar_type());
     TORCH_CHECK(w.device() == params[0].device(), kOp, ": params[", k, "] is on ", w.device(),
                 " but params[0] is on ", params[0].device(), "; all tensors must share one device");
-    auto check_like = [&](const at::Tensor& t, const char* name) {
+    auto check_like = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
       TORCH_CHECK(t.device() == w.device(), kOp, ": ", name, "[", k, "] is on ", t.device(),
                   " but params[", k, "] is on ", w.device());
-      TORCH_CHECK(t.scalar_type() == w.scalar_type(), kOp, ": ", name, "[", k, "] has dtype ",
-                  t.scalar_type(), " but params[", k, "] has ", w.scalar_type());
+      TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, "[", k, "] has dtype ", t.scalar_type(), " but ",
+                  name, "[0] has ", dtype, "; a list has one dtype");
       TORCH_CHECK(t.sym_sizes() == w.sym_sizes(), kOp, ": ", name, "[", k, "] has shape ", t.sym_sizes(),
                   " but params[", k, "] has ", w.sym_sizes());
       if (check_memory) TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, "[", k, "] must be contiguous");
     };
-    check_like(grads[k], "grads");
-    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers");
+    check_like(w, "params", param_dtype);
+    check_like(grads[k], "grads", grad_dtype);
+    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype);
     if (check_memory) {
-      TORCH_CHECK(w.is_contiguous(), kOp, ": params[", k, "] must be contiguous");
       at::assert_no_overlap(w, grads[k]);
       if (has_momentum) {
         at::assert_no_overlap(w, momentum_buffers[k]);
@@ -82,6 +106,9 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   p.form = form;
   p.seed = static_cast<uint64_t>(a.seed);
   p.step = static_cast<uint64_t>(a.step);
+  p.grad_storage = storage_of(grad_dtype);
+  p.param_storage = storage_of(param_dtype);
+  p.momentum_storage = storage_of(momentum_dtype);
   return p;
 }
 

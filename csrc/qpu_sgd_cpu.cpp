@@ -11,8 +11,8 @@ struct CpuBackend {
   };
   static constexpr bool kIsMeta = false;
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                     const kernels::QpuSgdParams& p, const at::Tensor& counts) {
-    kernels::qpu_sgd_cpu(params, grads, momentum, p, counts);
+                     const kernels::QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
+    kernels::qpu_sgd_cpu(params, grads, momentum, p, counts, nan_count);
   }
 };
 }  // namespace

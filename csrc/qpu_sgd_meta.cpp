@@ -11,7 +11,7 @@ struct MetaBackend {
   };
   static constexpr bool kIsMeta = true;
   static void launch(at::TensorList, at::TensorList, at::TensorList, const kernels::QpuSgdParams&,
-                     const at::Tensor&) {}
+                     const at::Tensor&, const at::Tensor&) {}
 };
 }  // namespace
 

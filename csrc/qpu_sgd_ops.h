@@ -1,5 +1,5 @@
 // The fused QPU SGD step op, written once over a Backend (see quantize_ops.h
-// for the pattern): Backend::launch(params, grads, momentum, p, counts),
+// for the pattern): Backend::launch(params, grads, momentum, p, counts, nan_count),
 // Backend::DeviceGuard and Backend::kIsMeta.
 #pragma once
 
@@ -26,7 +26,16 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       typename Backend::DeviceGuard guard(params[0].device());
-      Backend::launch(params, grads, momentum_buffers, p, counts);
+      const bool packed = is_packed(p.param_storage) || is_packed(p.momentum_storage);
+      // Note [Packed QPU step]: NaN results are counted (one device-to-host read on CUDA).
+      const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
+      Backend::launch(params, grads, momentum_buffers, p, counts, nan_count);
+      if (packed) {
+        const int64_t nans = nan_count.item<int64_t>();
+        TORCH_CHECK_VALUE(nans == 0, "fxp::qpu_sgd_step_: ", nans,
+                          " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot "
+                          "hold NaN, so those elements keep their previous codes");
+      }
     }
   }
   return counts;

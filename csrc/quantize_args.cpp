@@ -58,4 +58,29 @@ void check_philox_offset(const char* op, int64_t offset) {
   TORCH_CHECK(offset >= 0, op, ": offset must be non-negative, but got ", offset);
 }
 
+at::ScalarType packed_dtype(int total_bits) {
+  switch (packed_storage_bits(total_bits)) {
+    case 8: return at::kChar;
+    case 16: return at::kShort;
+    default: return at::kInt;
+  }
+}
+
+void check_no_nan(const char* op, int64_t nan_count, int64_t numel) {
+  TORCH_CHECK_VALUE(nan_count == 0, op, ": cannot pack NaN into integer codes: ", nan_count, " of ", numel,
+                    " elements are NaN");
+}
+
+at::ScalarType check_unpack_args(const char* op, const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                                 std::optional<at::ScalarType> dtype) {
+  check_fxp_format(op, total_bits, frac_bits);
+  const at::ScalarType expected = packed_dtype(static_cast<int>(total_bits));
+  TORCH_CHECK(codes.scalar_type() == expected, op, ": codes of FxP(", total_bits, ",", frac_bits, ") must be ",
+              expected, ", but got ", codes.scalar_type());
+  const at::ScalarType out = dtype.value_or(at::kFloat);
+  TORCH_CHECK(out == at::kFloat || out == at::kDouble || out == at::kHalf || out == at::kBFloat16, op,
+              ": dtype must be float32, float64, float16 or bfloat16, but got ", out);
+  return out;
+}
+
 }  // namespace fxp

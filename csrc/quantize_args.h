@@ -28,4 +28,13 @@ void check_generator_device(const char* op, const at::Tensor& x,
                             const std::optional<at::Generator>& generator);
 void check_philox_offset(const char* op, int64_t offset);
 
+// Packed storage: the integer dtype of FxP(B, .) codes (int8 for B <= 8, int16
+// for B <= 16, int32 otherwise).
+at::ScalarType packed_dtype(int total_bits);
+// Raises "cannot pack NaN" with the count when nan_count > 0.
+void check_no_nan(const char* op, int64_t nan_count, int64_t numel);
+// Validates unpack's arguments; returns the output dtype (float32 by default).
+at::ScalarType check_unpack_args(const char* op, const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                                 std::optional<at::ScalarType> dtype);
+
 }  // namespace fxp

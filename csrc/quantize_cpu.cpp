@@ -34,6 +34,13 @@ struct CpuBackend {
                      const at::Tensor& saturated_count) {
     kernels::quantize_cpu(x, out, params, philox.seed, philox.offset, saturated, saturated_count);
   }
+  static int64_t launch_pack(const at::Tensor& x, const at::Tensor& codes, const kernels::QuantizeParams& params,
+                             const Philox& philox) {
+    return kernels::pack_cpu(x, codes, params, philox.seed, philox.offset);
+  }
+  static void launch_unpack(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+    kernels::unpack_cpu(codes, out, frac_bits);
+  }
 };
 
 }  // namespace

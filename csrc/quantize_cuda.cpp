@@ -35,6 +35,16 @@ struct CudaBackend {
                      const at::Tensor& saturated_count) {
     kernels::quantize_cuda(x, out, params, philox, saturated, saturated_count);
   }
+  // The NaN check reads the count back: one device-to-host copy per call.
+  static int64_t launch_pack(const at::Tensor& x, const at::Tensor& codes, const kernels::QuantizeParams& params,
+                             const Philox& philox) {
+    at::Tensor nan_count = at::zeros({}, x.options().dtype(at::kLong));
+    kernels::pack_cuda(x, codes, params, philox, nan_count);
+    return nan_count.item<int64_t>();
+  }
+  static void launch_unpack(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+    kernels::unpack_cuda(codes, out, frac_bits);
+  }
 };
 
 }  // namespace

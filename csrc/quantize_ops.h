@@ -9,6 +9,8 @@
 //   static Philox from_generator(const std::optional<at::Generator>&);
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
+//   static int64_t launch_pack(x, codes, params, philox);  // returns the NaN count
+//   static void launch_unpack(codes, out, frac_bits);
 #pragma once
 
 #include <ATen/ATen.h>
@@ -183,6 +185,52 @@ struct QuantizeOps {
     run(x, out, params, philox_from_seed(op, seed, offset), {}, count);
     return {out, count};
   }
+
+  // --- packed storage -------------------------------------------------------
+  // Codes of FxP(B, F) in the smallest integer type that holds them.
+  static at::Tensor empty_codes(const at::Tensor& x, int64_t total_bits) {
+    return at::empty_symint(x.sym_sizes(), x.options()
+                                               .dtype(packed_dtype(static_cast<int>(total_bits)))
+                                               .memory_format(at::MemoryFormat::Contiguous));
+  }
+
+  static at::Tensor run_pack(const char* op, const at::Tensor& x, const kernels::QuantizeParams& params,
+                             const Philox& philox) {
+    at::Tensor codes = empty_codes(x, params.total_bits);
+    if constexpr (!Backend::kIsMeta) {
+      const at::Tensor x_contig = x.contiguous();
+      check_no_nan(op, Backend::launch_pack(x_contig, codes, params, philox), x.numel());
+    }
+    return codes;
+  }
+
+  static at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                         c10::string_view overflow, const Generator& generator) {
+    constexpr const char* op = "fxp::pack";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    return run_pack(op, x, params, philox_from_generator(op, x, params, generator));
+  }
+
+  static at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                c10::string_view rounding, int64_t seed, int64_t offset,
+                                c10::string_view overflow) {
+    constexpr const char* op = "fxp::pack_seeded";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    typename Backend::DeviceGuard guard(x.device());
+    return run_pack(op, x, params, philox_from_seed(op, seed, offset));
+  }
+
+  static at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                           std::optional<at::ScalarType> dtype) {
+    constexpr const char* op = "fxp::unpack";
+    const at::ScalarType out_dtype = check_unpack_args(op, codes, total_bits, frac_bits, dtype);
+    typename Backend::DeviceGuard guard(codes.device());
+    at::Tensor out = at::empty_symint(codes.sym_sizes(), codes.options().dtype(out_dtype).memory_format(
+                                                             at::MemoryFormat::Contiguous));
+    if constexpr (!Backend::kIsMeta) Backend::launch_unpack(codes.contiguous(), out, static_cast<int>(frac_bits));
+    return out;
+  }
 };
 
 // Registers every quantize op of QuantizeOps<Backend> on the library m.
@@ -199,6 +247,9 @@ struct QuantizeOps {
     (m).impl("quantize_seeded_", &Ops::quantize_seeded_);                       \
     (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
     (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
+    (m).impl("pack", &Ops::pack);                                               \
+    (m).impl("pack_seeded", &Ops::pack_seeded);                                 \
+    (m).impl("unpack", &Ops::unpack);                                           \
   } while (false)
 
 }  // namespace fxp

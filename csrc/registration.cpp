@@ -44,6 +44,41 @@ TORCH_LIBRARY(fxp, m) {
       "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
       "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");
 
+  // Packed storage (docs/design.md, "Packed storage"): integer codes of
+  // FxP(total_bits, frac_bits) in int8 (B <= 8), int16 (B <= 16) or int32.
+  // pack rounds like quantize, saturating to the format's exact bounds; NaN is
+  // an error that gives the count. unpack returns codes * 2^-frac_bits.
+  m.def(
+      "pack(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
+  m.def(
+      "pack_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, int offset, "
+      "str overflow=\"saturate\") -> Tensor");
+  m.def("unpack(Tensor codes, int total_bits, int frac_bits, ScalarType? dtype=None) -> Tensor");
+
+  // The conv and linear of quantized layers: torch's linear / conv2d, with
+  // packed storage (Note [Packed saved inputs]). weight_codes and bias_codes
+  // (codes of param_format) replace the values of weight and bias, which then
+  // only carry shape and dtype and receive the gradients. With input_format,
+  // the autograd saves x as codes of that format, which x must lie on.
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
+      "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None) -> Tensor");
+  m.def(
+      "conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
+      "Tensor? bias_codes=None, int[]? param_format=None) -> Tensor");
+  // max_pool2d(relu(x), kernel_size) over non-overlapping windows, whose
+  // autograd saves one byte per output (Note [Fused ReLU and max-pool])
+  // instead of relu's output and the pool's int64 indices.
+  m.def("relu_max_pool2d(Tensor x, int[2] kernel_size) -> Tensor");
+  // Its parts: the output with each output's window position of the maximum
+  // (uint8; 255: not positive), and the gradient from those positions.
+  m.def("relu_max_pool2d_with_positions(Tensor x, int[2] kernel_size) -> (Tensor, Tensor)");
+  m.def(
+      "relu_max_pool2d_backward(Tensor grad_out, Tensor positions, int[2] kernel_size, SymInt[4] input_size) "
+      "-> Tensor");
+
   // The fused QPU SGD step over a parameter group (docs/design.md, "Methods"):
   // updates params and momentum_buffers in place and returns int64 counts
   // [len(params), 2] of (saturated, vanished) elements per tensor. Random

@@ -207,12 +207,12 @@ FXP_HOST_DEVICE T wrap_code(T q, int total_bits) {
   return static_cast<T>(static_cast<int64_t>(bits << shift) >> shift);
 }
 
-// Quantize one value. Returns x rounded onto the grid of spec; sets
-// *saturated when the rounded code fell outside [code_min, code_max]
-// (it was clamped, or wrapped). NaN stays NaN and is never saturated;
-// +-Inf saturates in both overflow modes.
+// The integer code (as a T) that x quantizes to: rounded, then clamped or
+// wrapped into [code_min, code_max]. Sets *saturated when the rounded code fell
+// outside that range (it was clamped, or wrapped). NaN stays NaN and is never
+// saturated; +-Inf saturates in both overflow modes.
 template <Rounding R, Overflow O, typename T>
-FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bits, bool* saturated) {
+FXP_HOST_DEVICE T quantize_code(T x, const FxpSpec<T>& spec, uint32_t random_bits, bool* saturated) {
   const T q = round_to_code<R>(x * spec.scale, random_bits);
   const bool above = q > spec.code_max;
   const bool below = q < spec.code_min;
@@ -224,7 +224,50 @@ FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bi
   if constexpr (O == Overflow::Wrap) {
     if ((above || below) && fxp_abs(q) != T(INFINITY)) c = wrap_code(q, spec.total_bits);
   }
-  return c * spec.inv_scale;
+  return c;
+}
+
+// Quantize one value: x rounded onto the grid of spec (see quantize_code).
+template <Rounding R, Overflow O, typename T>
+FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bits, bool* saturated) {
+  return quantize_code<R, O>(x, spec, random_bits, saturated) * spec.inv_scale;
+}
+
+// ---------------------------------------------------------------------------
+// Packed storage: a tensor of integer codes q, value q * 2^-F.
+// ---------------------------------------------------------------------------
+// Bits of the integer type that holds the codes of a B-bit format: int8 for
+// B <= 8, int16 for B <= 16, int32 otherwise.
+FXP_HOST_DEVICE int packed_storage_bits(int total_bits) {
+  return total_bits <= 8 ? 8 : total_bits <= 16 ? 16 : 32;
+}
+
+// How a tensor of the QPU step stores its values: floating point, or packed codes.
+enum class Storage : int8_t { Float32, Float64, Int8, Int16, Int32 };
+
+FXP_HOST_DEVICE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
+
+// Element i of a tensor with storage s, as a float64 value (codes times inv_scale: exact).
+FXP_HOST_DEVICE double load_value(const void* p, Storage s, int64_t i, double inv_scale) {
+  switch (s) {
+    case Storage::Float32: return static_cast<const float*>(p)[i];
+    case Storage::Float64: return static_cast<const double*>(p)[i];
+    case Storage::Int8: return static_cast<const int8_t*>(p)[i] * inv_scale;
+    case Storage::Int16: return static_cast<const int16_t*>(p)[i] * inv_scale;
+    case Storage::Int32: return static_cast<const int32_t*>(p)[i] * inv_scale;
+  }
+  return 0.0;
+}
+
+// Stores v, a value on the grid whose code fits the storage, as element i.
+FXP_HOST_DEVICE void store_value(void* p, Storage s, int64_t i, double v, double scale) {
+  switch (s) {
+    case Storage::Float32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
+    case Storage::Float64: static_cast<double*>(p)[i] = v; return;
+    case Storage::Int8: static_cast<int8_t*>(p)[i] = static_cast<int8_t>(v * scale); return;
+    case Storage::Int16: static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v * scale); return;
+    case Storage::Int32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v * scale); return;
+  }
 }
 
 }  // namespace fxp

@@ -18,7 +18,17 @@ struct QpuSgdParams {
   MomentumForm form;
   uint64_t seed;
   uint64_t step;
+  // How each list stores its values; the same for every tensor of a list.
+  // Packed params and momentum hold integer codes (Note [Packed QPU step]).
+  Storage param_storage = Storage::Float32, grad_storage = Storage::Float32, momentum_storage = Storage::Float32;
 };
+
+// Note [Packed QPU step]
+// With packed storage the step reads codes, computes the same float64 update
+// (qpu_update_element) and writes codes: no float copy outlives the step, and
+// the values equal those of float storage whenever float storage is exact
+// (codes below 2^24 in float32). A NaN result cannot be a code: that element
+// keeps its old code, and the kernel counts it so the op can raise.
 
 // Note [QPU random streams]
 // Tensor k of a step draws its parameter rounding from Philox offset
@@ -34,17 +44,20 @@ FXP_HOST_DEVICE uint64_t qpu_momentum_offset(uint64_t step, int64_t index) {
 }
 
 // The format prepared for float64 compute but bounded so the result is
-// representable in the storage dtype (Note [Saturation bound in float32]).
-inline FxpSpec<double> qpu_storage_spec(int total_bits, int frac_bits, bool float32_storage) {
+// representable in the storage (Note [Saturation bound in float32]); codes and
+// float64 take the format's exact bounds.
+inline FxpSpec<double> qpu_storage_spec(int total_bits, int frac_bits, Storage storage) {
   FxpSpec<double> spec = make_fxp_spec<double>(total_bits, frac_bits);
-  if (float32_storage) spec.code_max = make_fxp_spec<float>(total_bits, frac_bits).code_max;
+  if (storage == Storage::Float32) spec.code_max = make_fxp_spec<float>(total_bits, frac_bits).code_max;
   return spec;
 }
 
 // Updates params[k] and momentum[k] (empty list: no momentum) in place from
-// grads[k]; all contiguous, same dtype (float32 or float64) and numel per k.
+// grads[k]; all contiguous, same numel per k, stored as p says.
 // counts: int64 [n, 2], receives (saturated, vanished) per tensor.
+// nan_count (int64 0-dim; only needed with packed storage) receives the
+// number of NaN results that packed storage could not hold.
 void qpu_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                 const QpuSgdParams& p, const at::Tensor& counts);
+                 const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count);
 
 }  // namespace fxp::kernels

@@ -1,10 +1,10 @@
 // CPU kernel of the fused QPU SGD step; compiled once per CPU capability like
 // quantize_cpu.cpp.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include "fxp_math.h"
 #include "philox_cpu.h"
@@ -19,6 +19,7 @@ constexpr int64_t kSpanElems = 256;  // Note [Interleaving Philox with the eleme
 struct Counts {
   int64_t saturated = 0;
   int64_t vanished = 0;
+  int64_t nans = 0;  // NaN results that packed storage could not hold
 };
 
 // The element loop on float64 arrays: n <= kSpanElems.
@@ -44,51 +45,106 @@ Counts update_span_f64(double* w, const double* g, double* v, int64_t n, const Q
     saturated += r.saturated;
     vanished += r.vanished;
   }
-  return Counts{saturated, vanished};
+  return Counts{saturated, vanished, 0};
 }
 
-// float32 storage: widen the span to float64 scratch arrays first, so the
-// compute loop sees one element type (GCC does not vectorize the mixed loop).
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_span(scalar_t* w, const scalar_t* g, scalar_t* v, int64_t n, const QpuHyper& hyper,
-                   const FxpSpec<double>& wspec, const FxpSpec<double>& vspec,
-                   const uint32_t* wbits, const uint32_t* vbits) {
-  // A loop per nesterov value: a run-time flag inside the loop stops GCC vectorizing it.
-  auto compute = [&](double* w64, const double* g64, double* v64) {
-    return hyper.nesterov
-               ? update_span_f64<R, Form, kMomentum, true>(w64, g64, v64, n, hyper, wspec, vspec, wbits, vbits)
-               : update_span_f64<R, Form, kMomentum, false>(w64, g64, v64, n, hyper, wspec, vspec, wbits, vbits);
-  };
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    return compute(w, g, v);
-  } else {
-    alignas(64) double w64[kSpanElems], g64[kSpanElems], v64[kSpanElems];
-    for (int64_t i = 0; i < n; ++i) {
-      w64[i] = w[i];
-      g64[i] = g[i];
-      if constexpr (kMomentum) v64[i] = v[i];
+// Storage <-> float64 scratch, one loop per storage type (a run-time type
+// inside the loop would stop it vectorizing).
+template <typename T>
+void widen_typed(const void* base, int64_t start, int64_t n, double inv_scale, double* out) {
+  const T* p = static_cast<const T*>(base) + start;
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_floating_point_v<T>) {
+      out[i] = static_cast<double>(p[i]);
+    } else {
+      out[i] = static_cast<double>(p[i]) * inv_scale;  // exact
     }
-    const Counts c = compute(w64, g64, v64);
-    for (int64_t i = 0; i < n; ++i) {
-      w[i] = static_cast<scalar_t>(w64[i]);
-      if constexpr (kMomentum) v[i] = static_cast<scalar_t>(v64[i]);
-    }
-    return c;
   }
 }
 
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum,
-                     int64_t index, const QpuSgdParams& p) {
-  constexpr bool kFloat32 = std::is_same_v<scalar_t, float>;
-  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, kFloat32);
-  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, kFloat32);
+void widen(Storage s, const void* base, int64_t start, int64_t n, double inv_scale, double* out) {
+  switch (s) {
+    case Storage::Float32: return widen_typed<float>(base, start, n, inv_scale, out);
+    case Storage::Float64: return widen_typed<double>(base, start, n, inv_scale, out);
+    case Storage::Int8: return widen_typed<int8_t>(base, start, n, inv_scale, out);
+    case Storage::Int16: return widen_typed<int16_t>(base, start, n, inv_scale, out);
+    case Storage::Int32: return widen_typed<int32_t>(base, start, n, inv_scale, out);
+  }
+}
+
+// Writes n grid values back. Codes: value * 2^F is exact; a NaN keeps the
+// old code and is counted (Note [Packed QPU step]).
+template <typename T>
+int32_t narrow_typed(void* base, int64_t start, int64_t n, double scale, const double* in) {
+  T* p = static_cast<T*>(base) + start;
+  int32_t nans = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_floating_point_v<T>) {
+      p[i] = static_cast<T>(in[i]);
+    } else {
+      const bool nan = in[i] != in[i];
+      nans += nan;
+      const T code = static_cast<T>(nan ? 0.0 : in[i] * scale);
+      p[i] = nan ? p[i] : code;
+    }
+  }
+  return nans;
+}
+
+int32_t narrow(Storage s, void* base, int64_t start, int64_t n, double scale, const double* in) {
+  switch (s) {
+    case Storage::Float32: return narrow_typed<float>(base, start, n, scale, in);
+    case Storage::Float64: return narrow_typed<double>(base, start, n, scale, in);
+    case Storage::Int8: return narrow_typed<int8_t>(base, start, n, scale, in);
+    case Storage::Int16: return narrow_typed<int16_t>(base, start, n, scale, in);
+    case Storage::Int32: return narrow_typed<int32_t>(base, start, n, scale, in);
+  }
+  return 0;
+}
+
+struct TensorIo {
+  void* w;
+  const void* g;
+  void* v;
+};
+
+// One span: float64 storage is updated where it lies; any other storage goes
+// through float64 scratch arrays, so the compute loop sees one element type
+// (GCC does not vectorize the mixed loop).
+template <Rounding R, MomentumForm Form, bool kMomentum>
+Counts update_span(const TensorIo& io, int64_t s, int64_t n, const QpuSgdParams& p, const FxpSpec<double>& wspec,
+                   const FxpSpec<double>& vspec, const uint32_t* wbits, const uint32_t* vbits) {
+  // A loop per nesterov value: a run-time flag inside the loop stops GCC vectorizing it.
+  auto compute = [&](double* w64, const double* g64, double* v64) {
+    return p.hyper.nesterov
+               ? update_span_f64<R, Form, kMomentum, true>(w64, g64, v64, n, p.hyper, wspec, vspec, wbits, vbits)
+               : update_span_f64<R, Form, kMomentum, false>(w64, g64, v64, n, p.hyper, wspec, vspec, wbits, vbits);
+  };
+  const bool all_f64 = p.param_storage == Storage::Float64 && p.grad_storage == Storage::Float64 &&
+                       (!kMomentum || p.momentum_storage == Storage::Float64);
+  if (all_f64) {
+    return compute(static_cast<double*>(io.w) + s, static_cast<const double*>(io.g) + s,
+                   kMomentum ? static_cast<double*>(io.v) + s : nullptr);
+  }
+  alignas(64) double w64[kSpanElems], g64[kSpanElems], v64[kSpanElems];
+  widen(p.param_storage, io.w, s, n, wspec.inv_scale, w64);
+  widen(p.grad_storage, io.g, s, n, 1.0, g64);
+  if constexpr (kMomentum) widen(p.momentum_storage, io.v, s, n, vspec.inv_scale, v64);
+  Counts c = compute(w64, g64, v64);
+  c.nans += narrow(p.param_storage, io.w, s, n, wspec.scale, w64);
+  if constexpr (kMomentum) c.nans += narrow(p.momentum_storage, io.v, s, n, vspec.scale, v64);
+  return c;
+}
+
+template <Rounding R, MomentumForm Form, bool kMomentum>
+Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t index,
+                     const QpuSgdParams& p) {
+  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
+  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
   const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
-  scalar_t* w = param.data_ptr<scalar_t>();
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  scalar_t* v = kMomentum ? momentum->data_ptr<scalar_t>() : nullptr;
+  const TensorIo io{param.data_ptr(), grad.const_data_ptr(), kMomentum ? momentum->data_ptr() : nullptr};
   const int64_t n = param.numel();
-  std::atomic<int64_t> saturated{0}, vanished{0};
+  std::atomic<int64_t> saturated{0}, vanished{0}, nans{0};
   at::parallel_for(0, (n + kChunkElems - 1) / kChunkElems, 16, [&](int64_t cb, int64_t ce) {
     alignas(64) uint32_t wbits[kSpanElems], vbits[kSpanElems];
     Counts local;
@@ -100,25 +156,16 @@ Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::
           philox_chunk(p.seed, voff, static_cast<uint64_t>(s / 4), (len + 3) / 4, vbits);
         }
       }
-      const Counts c = update_span<scalar_t, R, Form, kMomentum>(
-          w + s, g + s, kMomentum ? v + s : nullptr, len, p.hyper, wspec, vspec, wbits, vbits);
+      const Counts c = update_span<R, Form, kMomentum>(io, s, len, p, wspec, vspec, wbits, vbits);
       local.saturated += c.saturated;
       local.vanished += c.vanished;
+      local.nans += c.nans;
     }
     saturated.fetch_add(local.saturated, std::memory_order_relaxed);
     vanished.fetch_add(local.vanished, std::memory_order_relaxed);
+    nans.fetch_add(local.nans, std::memory_order_relaxed);
   });
-  return Counts{saturated.load(), vanished.load()};
-}
-
-template <Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_dispatch_dtype(const at::Tensor& param, const at::Tensor& grad,
-                             const at::Tensor* momentum, int64_t index, const QpuSgdParams& p) {
-  Counts c;
-  AT_DISPATCH_FLOATING_TYPES(param.scalar_type(), "fxp_qpu_sgd_cpu", [&] {
-    c = update_tensor<scalar_t, R, Form, kMomentum>(param, grad, momentum, index, p);
-  });
-  return c;
+  return Counts{saturated.load(), vanished.load(), nans.load()};
 }
 
 template <Rounding R>
@@ -126,18 +173,19 @@ Counts update_dispatch(const at::Tensor& param, const at::Tensor& grad, const at
                        int64_t index, const QpuSgdParams& p) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   if (momentum != nullptr) {
-    return paper ? update_dispatch_dtype<R, MomentumForm::PaperEq6, true>(param, grad, momentum, index, p)
-                 : update_dispatch_dtype<R, MomentumForm::Standard, true>(param, grad, momentum, index, p);
+    return paper ? update_tensor<R, MomentumForm::PaperEq6, true>(param, grad, momentum, index, p)
+                 : update_tensor<R, MomentumForm::Standard, true>(param, grad, momentum, index, p);
   }
-  return paper ? update_dispatch_dtype<R, MomentumForm::PaperEq6, false>(param, grad, nullptr, index, p)
-               : update_dispatch_dtype<R, MomentumForm::Standard, false>(param, grad, nullptr, index, p);
+  return paper ? update_tensor<R, MomentumForm::PaperEq6, false>(param, grad, nullptr, index, p)
+               : update_tensor<R, MomentumForm::Standard, false>(param, grad, nullptr, index, p);
 }
 
 }  // namespace
 
-void qpu_sgd_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                      const QpuSgdParams& p, const at::Tensor& counts) {
+int64_t qpu_sgd_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                         const QpuSgdParams& p, const at::Tensor& counts) {
   auto* out = counts.data_ptr<int64_t>();
+  int64_t nans = 0;
   for (size_t k = 0; k < params.size(); ++k) {
     if (params[k].numel() == 0) continue;
     const at::Tensor* v = momentum.empty() ? nullptr : &momentum[k];
@@ -146,7 +194,9 @@ void qpu_sgd_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorLis
                          : update_dispatch<Rounding::NearestEven>(params[k], grads[k], v, k, p);
     out[2 * k] += c.saturated;
     out[2 * k + 1] += c.vanished;
+    nans += c.nans;
   }
+  return nans;
 }
 
 }  // namespace fxp::kernels::FXP_CPU_CAPABILITY

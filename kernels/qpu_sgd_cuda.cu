@@ -2,7 +2,6 @@
 // style of PyTorch's multi_tensor_apply: the tensor pointers and a
 // (tensor, chunk) table for every CUDA block travel as a kernel argument, so
 // one launch updates many tensors.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -17,35 +16,45 @@ constexpr int kMaxTensors = 32;  // keeps the kernel argument under 4 KB, like P
 constexpr int kMaxBlocks = 256;
 constexpr int64_t kChunkElems = 65536;  // elements per CUDA block and chunk
 
-template <typename scalar_t>
+// Untyped pointers: the storage of each list is a kernel parameter
+// (QpuSgdParams), so one kernel serves float and packed storage; the switch on
+// it is uniform across the grid.
 struct TensorListMeta {
-  scalar_t* w[kMaxTensors];
-  const scalar_t* g[kMaxTensors];
-  scalar_t* v[kMaxTensors];
+  void* w[kMaxTensors];
+  const void* g[kMaxTensors];
+  void* v[kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t index[kMaxTensors];  // position in the whole list: Philox offsets and counts
   int32_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
 
-static_assert(sizeof(TensorListMeta<double>) + sizeof(QpuSgdParams) + 2 * sizeof(FxpSpec<double>) +
+static_assert(sizeof(TensorListMeta) + sizeof(QpuSgdParams) + 2 * sizeof(FxpSpec<double>) +
                       sizeof(void*) <= 4096,
               "the kernel's arguments must fit the classic 4 KB limit");
 
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
+// Stores a grid value; a NaN cannot be a code, so packed storage keeps the old
+// code and counts it (Note [Packed QPU step]).
+__device__ __forceinline__ unsigned store_or_count(void* p, Storage s, int64_t i, double v, double scale) {
+  if (is_packed(s) && v != v) return 1u;
+  store_value(p, s, i, v, scale);
+  return 0u;
+}
+
+template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
-    qpu_sgd_kernel(TensorListMeta<scalar_t> meta, QpuSgdParams p, FxpSpec<double> wspec,
-                   FxpSpec<double> vspec, unsigned long long* counts) {
+    qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, FxpSpec<double> wspec,
+                   FxpSpec<double> vspec, unsigned long long* counts, unsigned long long* nan_count) {
   const int t = meta.block_tensor[blockIdx.x];
   const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElems;
   const int64_t n = meta.numel[t];
   const int64_t chunk_end = min(n, chunk_begin + kChunkElems);
   const int64_t index = meta.index[t];
   const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
-  scalar_t* w = meta.w[t];
-  const scalar_t* g = meta.g[t];
-  scalar_t* v = meta.v[t];
-  unsigned long long saturated = 0, vanished = 0;
+  void* w = meta.w[t];
+  const void* g = meta.g[t];
+  void* v = meta.v[t];
+  unsigned long long saturated = 0, vanished = 0, nans = 0;
   // One Philox block (four elements) per thread and iteration; chunks start on
   // a multiple of four, so blocks never straddle chunks.
   for (int64_t i0 = chunk_begin + 4 * static_cast<int64_t>(threadIdx.x); i0 < chunk_end;
@@ -61,12 +70,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int l = 0; l < 4; ++l) {
       const int64_t i = i0 + l;
       if (i < chunk_end) {
-        const double vi = kMomentum ? static_cast<double>(v[i]) : 0.0;
+        const double vi = kMomentum ? load_value(v, p.momentum_storage, i, vspec.inv_scale) : 0.0;
         const QpuElementResult r = qpu_update_element<R, Form, kMomentum, kNesterov>(
-            static_cast<double>(w[i]), static_cast<double>(g[i]), vi, p.hyper, wspec, vspec,
-            wbits.lane[l], vbits.lane[l]);
-        w[i] = static_cast<scalar_t>(r.param);
-        if constexpr (kMomentum) v[i] = static_cast<scalar_t>(r.momentum);
+            load_value(w, p.param_storage, i, wspec.inv_scale), load_value(g, p.grad_storage, i, 1.0), vi,
+            p.hyper, wspec, vspec, wbits.lane[l], vbits.lane[l]);
+        nans += store_or_count(w, p.param_storage, i, r.param, wspec.scale);
+        if constexpr (kMomentum) nans += store_or_count(v, p.momentum_storage, i, r.momentum, vspec.scale);
         saturated += r.saturated;
         vanished += r.vanished;
       }
@@ -75,40 +84,41 @@ __global__ void __launch_bounds__(kThreads)
   for (int delta = 16; delta > 0; delta /= 2) {
     saturated += __shfl_down_sync(0xffffffffu, saturated, delta);
     vanished += __shfl_down_sync(0xffffffffu, vanished, delta);
+    nans += __shfl_down_sync(0xffffffffu, nans, delta);
   }
   if ((threadIdx.x & 31) == 0) {
     if (saturated != 0) atomicAdd(counts + 2 * index, saturated);
     if (vanished != 0) atomicAdd(counts + 2 * index + 1, vanished);
+    if (nans != 0) atomicAdd(nan_count, nans);
   }
 }
 
-template <typename scalar_t, Rounding R, MomentumForm Form, bool kMomentum>
+template <Rounding R, MomentumForm Form, bool kMomentum>
 void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                const QpuSgdParams& p, const at::Tensor& counts) {
-  constexpr bool kFloat32 = std::is_same_v<scalar_t, float>;
-  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, kFloat32);
-  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, kFloat32);
+                const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
+  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
+  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   auto stream = at::cuda::getCurrentCUDAStream();
-  TensorListMeta<scalar_t> meta{};
+  TensorListMeta meta{};
   int tensors = 0, blocks = 0;
   auto launch = [&] {
     if (blocks == 0) return;
     if (p.hyper.nesterov) {
-      qpu_sgd_kernel<scalar_t, R, Form, kMomentum, true>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+      qpu_sgd_kernel<R, Form, kMomentum, true>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr, nan_ptr);
     } else {
-      qpu_sgd_kernel<scalar_t, R, Form, kMomentum, false>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr);
+      qpu_sgd_kernel<R, Form, kMomentum, false>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr, nan_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   for (size_t k = 0; k < params.size(); ++k) {
     const int64_t n = params[k].numel();
     if (n == 0) continue;
-    meta.w[tensors] = params[k].data_ptr<scalar_t>();
-    meta.g[tensors] = grads[k].const_data_ptr<scalar_t>();
-    meta.v[tensors] = kMomentum ? momentum[k].data_ptr<scalar_t>() : nullptr;
+    meta.w[tensors] = params[k].data_ptr();
+    meta.g[tensors] = grads[k].const_data_ptr();
+    meta.v[tensors] = kMomentum ? momentum[k].data_ptr() : nullptr;
     meta.numel[tensors] = n;
     meta.index[tensors] = static_cast<int64_t>(k);
     const int64_t chunks = (n + kChunkElems - 1) / kChunkElems;
@@ -139,29 +149,28 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
 
 template <Rounding R>
 void dispatch_form(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                   const QpuSgdParams& p, const at::Tensor& counts) {
+                   const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
   const bool paper = p.form == MomentumForm::PaperEq6;
-  const bool has_momentum = !momentum.empty();
-  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "fxp_qpu_sgd_cuda", [&] {
-    if (has_momentum) {
-      paper ? launch_all<scalar_t, R, MomentumForm::PaperEq6, true>(params, grads, momentum, p, counts)
-            : launch_all<scalar_t, R, MomentumForm::Standard, true>(params, grads, momentum, p, counts);
-    } else {
-      paper ? launch_all<scalar_t, R, MomentumForm::PaperEq6, false>(params, grads, momentum, p, counts)
-            : launch_all<scalar_t, R, MomentumForm::Standard, false>(params, grads, momentum, p, counts);
-    }
-  });
+  if (!momentum.empty()) {
+    paper ? launch_all<R, MomentumForm::PaperEq6, true>(params, grads, momentum, p, counts, nan_ptr)
+          : launch_all<R, MomentumForm::Standard, true>(params, grads, momentum, p, counts, nan_ptr);
+  } else {
+    paper ? launch_all<R, MomentumForm::PaperEq6, false>(params, grads, momentum, p, counts, nan_ptr)
+          : launch_all<R, MomentumForm::Standard, false>(params, grads, momentum, p, counts, nan_ptr);
+  }
 }
 
 }  // namespace
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                  const QpuSgdParams& p, const at::Tensor& counts) {
+                  const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
   if (params.empty()) return;
+  // Float storage never counts NaNs, so the kernel may take a null counter.
+  auto* nan_ptr = nan_count.defined() ? reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>()) : nullptr;
   if (p.rounding == Rounding::Stochastic) {
-    dispatch_form<Rounding::Stochastic>(params, grads, momentum, p, counts);
+    dispatch_form<Rounding::Stochastic>(params, grads, momentum, p, counts, nan_ptr);
   } else {
-    dispatch_form<Rounding::NearestEven>(params, grads, momentum, p, counts);
+    dispatch_form<Rounding::NearestEven>(params, grads, momentum, p, counts, nan_ptr);
   }
 }
 

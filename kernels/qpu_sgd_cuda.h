@@ -8,6 +8,6 @@
 namespace fxp::kernels {
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                  const QpuSgdParams& p, const at::Tensor& counts);
+                  const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count);
 
 }  // namespace fxp::kernels

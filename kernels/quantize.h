@@ -38,6 +38,17 @@ void quantize_cpu(const at::Tensor& x, const at::Tensor& out, const QuantizePara
                   uint64_t seed, uint64_t offset, const at::Tensor& saturated,
                   const at::Tensor& saturated_count);
 
+// Packs the contiguous x into the contiguous integer tensor codes (same numel;
+// int8, int16 or int32, see packed_storage_bits), rounding like quantize_cpu
+// but in float64, so the bounds are the format's exact ones. Returns the number
+// of NaN elements (their codes are 0; the caller reports the error).
+int64_t pack_cpu(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                 uint64_t offset);
+
+// out = codes * 2^-frac_bits (both contiguous, same numel; out floating point),
+// computed exactly in float64 and rounded once to out's dtype.
+void unpack_cpu(const at::Tensor& codes, const at::Tensor& out, int frac_bits);
+
 // The Philox words of blocks first_block .. first_block + nblocks - 1, in
 // element order, as computed by the CPU build named capability ("default",
 // "avx2", "avx512"). For tests; errors if the build or the CPU lacks it.

@@ -132,7 +132,103 @@ int64_t quantize_dispatch_overflow(const at::Tensor& x, const at::Tensor& out,
              : quantize_dispatch_stats<R, Overflow::Saturate>(x, out, params, request);
 }
 
+// --- packed storage ------------------------------------------------------
+
+// Packs n elements into integer codes, computing in float64 so the bounds are
+// the format's exact ones for every B (Note [Saturation bound in float32] does
+// not apply to integer codes). A NaN element gets code 0 and is counted.
+template <typename scalar_t, typename code_t, Rounding R, Overflow O>
+int32_t pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec<double>& spec,
+                  const uint32_t* random_bits) {
+  int32_t nans = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bool sat;
+    const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
+    const double q = quantize_code<R, O>(static_cast<double>(xs[i]), spec, bits, &sat);
+    const bool nan = q != q;
+    nans += nan;
+    codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
+  }
+  return nans;
+}
+
+template <typename scalar_t, typename code_t, Rounding R, Overflow O>
+int64_t pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                   uint64_t offset) {
+  const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  code_t* cp = codes.data_ptr<code_t>();
+  const int64_t n = x.numel();
+  std::atomic<int64_t> nans{0};
+  at::parallel_for(0, (n + kChunkElems - 1) / kChunkElems, 16, [&](int64_t cbegin, int64_t cend) {
+    alignas(64) uint32_t random_bits[kSpanElems];
+    int64_t local = 0;
+    for (int64_t s = cbegin * kChunkElems, end = std::min(n, cend * kChunkElems); s < end; s += kSpanElems) {
+      const int64_t len = std::min(kSpanElems, end - s);
+      if constexpr (R == Rounding::Stochastic) {
+        philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (len + 3) / 4, random_bits);
+      }
+      local += pack_span<scalar_t, code_t, R, O>(xp + s, cp + s, len, spec, random_bits);
+    }
+    nans.fetch_add(local, std::memory_order_relaxed);
+  });
+  return nans.load();
+}
+
+template <Rounding R, Overflow O>
+int64_t pack_dispatch(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                      uint64_t offset) {
+  int64_t nans = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_pack_cpu", [&] {
+    switch (codes.scalar_type()) {
+      case at::kChar: nans = pack_typed<scalar_t, int8_t, R, O>(x, codes, params, seed, offset); break;
+      case at::kShort: nans = pack_typed<scalar_t, int16_t, R, O>(x, codes, params, seed, offset); break;
+      default: nans = pack_typed<scalar_t, int32_t, R, O>(x, codes, params, seed, offset); break;
+    }
+  });
+  return nans;
+}
+
+template <Rounding R>
+int64_t pack_dispatch_overflow(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
+                               uint64_t seed, uint64_t offset) {
+  return params.overflow == Overflow::Wrap ? pack_dispatch<R, Overflow::Wrap>(x, codes, params, seed, offset)
+                                           : pack_dispatch<R, Overflow::Saturate>(x, codes, params, seed, offset);
+}
+
+template <typename code_t, typename scalar_t>
+void unpack_typed(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+  const double inv_scale = exp2_int<double>(-frac_bits);
+  const code_t* cp = codes.const_data_ptr<code_t>();
+  scalar_t* yp = out.data_ptr<scalar_t>();
+  at::parallel_for(0, codes.numel(), 32768, [&](int64_t begin, int64_t end) {
+    // code * 2^-F is exact in float64; the cast rounds once to the output type.
+    for (int64_t i = begin; i < end; ++i) yp[i] = static_cast<scalar_t>(cp[i] * inv_scale);
+  });
+}
+
 }  // namespace
+
+int64_t pack_cpu_impl(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                      uint64_t offset) {
+  switch (params.rounding) {
+    case Rounding::NearestEven: return pack_dispatch_overflow<Rounding::NearestEven>(x, codes, params, seed, offset);
+    case Rounding::Stochastic: return pack_dispatch_overflow<Rounding::Stochastic>(x, codes, params, seed, offset);
+    case Rounding::Floor: return pack_dispatch_overflow<Rounding::Floor>(x, codes, params, seed, offset);
+    case Rounding::NearestAway: return pack_dispatch_overflow<Rounding::NearestAway>(x, codes, params, seed, offset);
+  }
+  return 0;
+}
+
+void unpack_cpu_impl(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fxp_unpack_cpu", [&] {
+    switch (codes.scalar_type()) {
+      case at::kChar: unpack_typed<int8_t, scalar_t>(codes, out, frac_bits); break;
+      case at::kShort: unpack_typed<int16_t, scalar_t>(codes, out, frac_bits); break;
+      default: unpack_typed<int32_t, scalar_t>(codes, out, frac_bits); break;
+    }
+  });
+}
 
 void philox_fill(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,
                  uint32_t* out) {

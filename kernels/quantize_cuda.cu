@@ -119,7 +119,126 @@ void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeP
   }
 }
 
+// --- packed storage: one thread per Philox block, as above ----------------
+template <typename scalar_t, typename code_t, Rounding R, Overflow O>
+__global__ void __launch_bounds__(kThreads)
+    pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n, FxpSpec<double> spec,
+                at::PhiloxCudaState philox, unsigned long long* __restrict__ nan_count) {
+  uint64_t seed = 0, offset = 0;
+  if constexpr (R == Rounding::Stochastic) {
+    const auto seeds = at::cuda::philox::unpack(philox);
+    seed = std::get<0>(seeds);
+    offset = std::get<1>(seeds);
+  }
+  const int64_t nblocks = (n + 3) / 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned long long nans = 0;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nblocks; b += stride) {
+    PhiloxBlock bits{{0u, 0u, 0u, 0u}};
+    if constexpr (R == Rounding::Stochastic) bits = philox4x32_10(seed, offset, static_cast<uint64_t>(b));
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t i = b * 4 + l;
+      if (i < n) {
+        bool sat;
+        const double q = quantize_code<R, O>(static_cast<double>(x[i]), spec, bits.lane[l], &sat);
+        const bool nan = q != q;
+        nans += nan;
+        codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
+      }
+    }
+  }
+  for (int delta = 16; delta > 0; delta /= 2) nans += __shfl_down_sync(0xffffffffu, nans, delta);
+  if ((threadIdx.x & 31) == 0 && nans != 0) atomicAdd(nan_count, nans);
+}
+
+template <typename code_t, typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    unpack_kernel(const code_t* __restrict__ codes, scalar_t* __restrict__ out, int64_t n, double inv_scale) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = static_cast<scalar_t>(static_cast<double>(codes[i]) * inv_scale);
+  }
+}
+
+int64_t grid_for(int64_t threads_needed) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return std::max<int64_t>(1, std::min<int64_t>((threads_needed + kThreads - 1) / kThreads, int64_t{sms} * 16));
+}
+
+template <Rounding R, Overflow O>
+void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
+                 at::PhiloxCudaState philox, unsigned long long* nan_count) {
+  const int64_t n = x.numel();
+  const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
+  const auto grid = static_cast<unsigned>(grid_for((n + 3) / 4));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_pack_cuda", [&] {
+    const auto* xp = x.const_data_ptr<scalar_t>();
+    switch (codes.scalar_type()) {
+      case at::kChar:
+        pack_kernel<scalar_t, int8_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int8_t>(), n, spec,
+                                                                           philox, nan_count);
+        break;
+      case at::kShort:
+        pack_kernel<scalar_t, int16_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int16_t>(), n, spec,
+                                                                            philox, nan_count);
+        break;
+      default:
+        pack_kernel<scalar_t, int32_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int32_t>(), n, spec,
+                                                                            philox, nan_count);
+        break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <Rounding R>
+void launch_pack_overflow(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
+                          at::PhiloxCudaState philox, unsigned long long* nan_count) {
+  if (params.overflow == Overflow::Wrap) {
+    launch_pack<R, Overflow::Wrap>(x, codes, params, philox, nan_count);
+  } else {
+    launch_pack<R, Overflow::Saturate>(x, codes, params, philox, nan_count);
+  }
+}
+
 }  // namespace
+
+void pack_cuda(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
+               at::PhiloxCudaState philox, const at::Tensor& nan_count) {
+  if (x.numel() == 0) return;
+  auto* count = reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>());
+  switch (params.rounding) {
+    case Rounding::NearestEven: return launch_pack_overflow<Rounding::NearestEven>(x, codes, params, philox, count);
+    case Rounding::Stochastic: return launch_pack_overflow<Rounding::Stochastic>(x, codes, params, philox, count);
+    case Rounding::Floor: return launch_pack_overflow<Rounding::Floor>(x, codes, params, philox, count);
+    case Rounding::NearestAway: return launch_pack_overflow<Rounding::NearestAway>(x, codes, params, philox, count);
+  }
+}
+
+void unpack_cuda(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+  const int64_t n = codes.numel();
+  if (n == 0) return;
+  const double inv_scale = exp2_int<double>(-frac_bits);
+  const auto grid = static_cast<unsigned>(grid_for(n));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fxp_unpack_cuda", [&] {
+    auto* yp = out.data_ptr<scalar_t>();
+    switch (codes.scalar_type()) {
+      case at::kChar:
+        unpack_kernel<int8_t, scalar_t><<<grid, kThreads, 0, stream>>>(codes.const_data_ptr<int8_t>(), yp, n, inv_scale);
+        break;
+      case at::kShort:
+        unpack_kernel<int16_t, scalar_t><<<grid, kThreads, 0, stream>>>(codes.const_data_ptr<int16_t>(), yp, n, inv_scale);
+        break;
+      default:
+        unpack_kernel<int32_t, scalar_t><<<grid, kThreads, 0, stream>>>(codes.const_data_ptr<int32_t>(), yp, n, inv_scale);
+        break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void quantize_cuda(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
                    at::PhiloxCudaState philox, const at::Tensor& saturated,

@@ -51,6 +51,46 @@ void quantize_in_place(const std::vector<torch::Tensor>& tensors, const QuantCon
   }
 }
 
+std::optional<torch::Tensor> optional(const torch::Tensor& t) {
+  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
+}
+
+at::OptionalIntArrayRef format_ref(const std::optional<std::vector<int64_t>>& format) {
+  return format ? at::OptionalIntArrayRef(*format) : std::nullopt;
+}
+
+std::vector<int64_t> param_format(const QuantConfig& c) { return {c.param_total_bits, c.param_frac_bits}; }
+
+// Note [Packed layers]: moves a parameter's value into codes (round half to
+// even: exact, the value is on the grid) registered as buffer `name`, and
+// leaves the parameter a one-element stand-in of the same shape.
+torch::Tensor pack_parameter(torch::nn::Module& layer, torch::Tensor& parameter, const std::string& name,
+                             const QuantConfig& c) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor codes = layer.register_buffer(name, pack(parameter, c.param_total_bits, c.param_frac_bits));
+  parameter.set_data(torch::zeros({}, parameter.options()).expand(parameter.sizes()));
+  return codes;
+}
+
+void pack_layer_weights(torch::nn::Module& layer, torch::Tensor& weight, torch::Tensor& bias, const QuantConfig& c,
+                        PackedState& packed, torch::Tensor& weight_codes, torch::Tensor& bias_codes) {
+  TORCH_CHECK(c.weight_mode == WeightMode::Qpu, "fxp::nn: only QPU layers (sqpu, hteqpu) can pack their weights; ",
+              "STE keeps a float master copy");
+  if (packed.weights) return;
+  weight_codes = pack_parameter(layer, weight, "weight_codes", c);
+  if (bias.defined()) bias_codes = pack_parameter(layer, bias, "bias_codes", c);
+  packed.weights = true;
+}
+
+std::vector<PackedParameter> layer_packed_parameters(const PackedState& packed, const torch::Tensor& weight,
+                                                     const torch::Tensor& bias, const torch::Tensor& weight_codes,
+                                                     const torch::Tensor& bias_codes) {
+  if (!packed.weights) return {};
+  std::vector<PackedParameter> out{{weight, weight_codes}};
+  if (bias.defined()) out.push_back({bias, bias_codes});
+  return out;
+}
+
 }  // namespace
 
 WeightMode weight_mode_for(const std::string& method) {
@@ -67,8 +107,25 @@ QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, Q
 }
 
 torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
-  const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-  return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config, output_stats);
+  torch::Tensor y;
+  if (packed.weights) {
+    y = fxp::linear(x, linear->weight, optional(linear->bias), format_ref(packed.saved_input_format), weight_codes,
+                    optional(bias_codes), param_format(config));
+  } else {
+    const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
+    y = packed.saved_input_format
+            ? fxp::linear(x, weight_on_read(linear->weight, config), optional(bias), format_ref(packed.saved_input_format))
+            : torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias);
+  }
+  return output(y, config, output_stats);
+}
+
+void QLinearImpl::pack_weights_() {
+  pack_layer_weights(*this, linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
+}
+
+std::vector<PackedParameter> QLinearImpl::packed_parameters() const {
+  return layer_packed_parameters(packed, linear->weight, linear->bias, weight_codes, bias_codes);
 }
 
 QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
@@ -78,11 +135,28 @@ QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) 
 
 torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto& o = conv->options;
-  const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
-  const auto y = torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
-                               o.dilation(), o.groups());
+  torch::Tensor y;
+  if (packed.weights) {
+    y = fxp::conv2d(x, conv->weight, optional(conv->bias), o.stride(), padding, o.dilation(), o.groups(),
+                    format_ref(packed.saved_input_format), weight_codes, optional(bias_codes), param_format(config));
+  } else {
+    const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
+    y = packed.saved_input_format
+            ? fxp::conv2d(x, weight_on_read(conv->weight, config), optional(bias), o.stride(), padding,
+                          o.dilation(), o.groups(), format_ref(packed.saved_input_format))
+            : torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding, o.dilation(),
+                            o.groups());
+  }
   return output(y, config, output_stats);
+}
+
+void QConv2dImpl::pack_weights_() {
+  pack_layer_weights(*this, conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
+}
+
+std::vector<PackedParameter> QConv2dImpl::packed_parameters() const {
+  return layer_packed_parameters(packed, conv->weight, conv->bias, weight_codes, bias_codes);
 }
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
@@ -92,9 +166,14 @@ PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
   fc2 = register_module("fc2", QLinear(128, 10, true, config));
 }
 
+torch::Tensor PaperCNNImpl::relu_pool(const torch::Tensor& y) const {
+  // Same values and gradients; the fused op saves one byte per output.
+  return fused_relu_pool ? fxp::relu_max_pool2d(y, {2, 2}) : torch::max_pool2d(torch::relu(y), 2);
+}
+
 torch::Tensor PaperCNNImpl::forward(torch::Tensor x) {
-  x = torch::max_pool2d(torch::relu(conv1->forward(x)), 2);
-  x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);
+  x = relu_pool(conv1->forward(x));
+  x = relu_pool(conv2->forward(x));
   x = torch::relu(fc1->forward(x.flatten(1)));
   return fc2->forward(x);
 }
@@ -135,7 +214,34 @@ std::vector<std::pair<std::string, OutputStats*>> PaperCNNImpl::output_stats() {
           {"fc1", &fc1->output_stats}, {"fc2", &fc2->output_stats}};
 }
 
+void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
+  if (weights) {
+    conv1->pack_weights_();
+    conv2->pack_weights_();
+    fc1->pack_weights_();
+    fc2->pack_weights_();
+  }
+  if (saved_inputs) {
+    // Each input is the previous layer's quantized output after ReLU (and max-pool): on its act grid.
+    TORCH_CHECK(conv1->config.weight_mode != WeightMode::Fp32, "fxp::nn: fp32 layers have no grid to save inputs on");
+    conv2->packed.saved_input_format = std::vector<int64_t>{conv1->config.act_total_bits, conv1->config.act_frac_bits};
+    fc1->packed.saved_input_format = std::vector<int64_t>{conv2->config.act_total_bits, conv2->config.act_frac_bits};
+    fc2->packed.saved_input_format = std::vector<int64_t>{fc1->config.act_total_bits, fc1->config.act_frac_bits};
+    fused_relu_pool = true;
+  }
+}
+
+std::vector<PackedParameter> PaperCNNImpl::packed_parameters() const {
+  std::vector<PackedParameter> out;
+  for (auto layer : {conv1->packed_parameters(), conv2->packed_parameters(), fc1->packed_parameters(),
+                     fc2->packed_parameters()}) {
+    out.insert(out.end(), layer.begin(), layer.end());
+  }
+  return out;
+}
+
 void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
+  TORCH_CHECK(!conv1->packed.weights, "fxp::nn: quantize_parameters_ must come before pack_ (packed weights are codes)");
   quantize_in_place(parameters(), conv1->config, rounding, seed);
 }
 

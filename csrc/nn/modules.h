@@ -7,6 +7,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,6 +39,27 @@ struct OutputStats {
   void reset() { saturated = torch::Tensor(), elements = 0; }
 };
 
+// Note [Packed layers]
+// A layer's packed storage (docs/design.md, "Packed storage"):
+// - pack_weights_() (QPU layers) moves the weight and bias into int codes,
+//   buffers "weight_codes" and "bias_codes". The float parameters stay
+//   registered, as shape-only stand-ins (one element, expanded): autograd
+//   accumulates their gradients, and the optimizer updates the codes
+//   (PackedParameter). The forward unpacks the codes transiently.
+// - saved_input_format (any quantized layer) makes the autograd save the
+//   layer's input as codes of that format; the input must lie on its grid.
+struct PackedState {
+  bool weights = false;
+  std::optional<std::vector<int64_t>> saved_input_format;  // [total_bits, frac_bits]
+};
+
+// A packed parameter: the float stand-in that receives the gradient, and the
+// codes that hold its value.
+struct PackedParameter {
+  torch::Tensor parameter;
+  torch::Tensor codes;
+};
+
 // Philox key delta of QPU's initial quantization (same as fxp.optim.INIT_KEY_DELTA).
 constexpr uint64_t kInitKeyDelta = 0x9E3779B97F4A7C15ull;
 
@@ -45,9 +67,14 @@ class QLinearImpl : public torch::nn::Module {
  public:
   QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
+  // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
+  void pack_weights_();
+  std::vector<PackedParameter> packed_parameters() const;
   QuantConfig config;
   OutputStats output_stats;
+  PackedState packed;
   torch::nn::Linear linear{nullptr};
+  torch::Tensor weight_codes, bias_codes;
 };
 TORCH_MODULE(QLinear);
 
@@ -55,9 +82,14 @@ class QConv2dImpl : public torch::nn::Module {
  public:
   QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
+  // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
+  void pack_weights_();
+  std::vector<PackedParameter> packed_parameters() const;
   QuantConfig config;
   OutputStats output_stats;
+  PackedState packed;
   torch::nn::Conv2d conv{nullptr};
+  torch::Tensor weight_codes, bias_codes;
 };
 TORCH_MODULE(QConv2d);
 
@@ -81,10 +113,20 @@ class PaperCNNImpl : public torch::nn::Module {
   // QPU's initialization for every layer; tensor k of the model gets its own
   // offset k (per-layer offsets would repeat, and layers would share draws).
   void quantize_parameters_(const std::string& rounding, int64_t seed);
+  // Packed storage for the whole network: every layer's weights (QPU methods)
+  // and the saved inputs of conv2, fc1 and fc2, which are layer outputs on the
+  // act grid (conv1's input is the float network input).
+  // saved_inputs also fuses each ReLU + max-pool (fxp::relu_max_pool2d).
+  void pack_(bool weights, bool saved_inputs);
+  std::vector<PackedParameter> packed_parameters() const;
   // The quantized layers by name (conv1, conv2, fc1, fc2), for per-layer statistics.
   std::vector<std::pair<std::string, OutputStats*>> output_stats();
   QConv2d conv1{nullptr}, conv2{nullptr};
   QLinear fc1{nullptr}, fc2{nullptr};
+  bool fused_relu_pool = false;
+
+ private:
+  torch::Tensor relu_pool(const torch::Tensor& y) const;
 };
 TORCH_MODULE(PaperCNN);
 

@@ -98,16 +98,21 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
   last_counts_.clear();
   for (auto& group : param_groups_) {
     auto& o = static_cast<QpuSgdOptions&>(group.options());
+    const int64_t mtb = o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
+    const int64_t mfb = o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
     std::vector<torch::Tensor> params, grads, buffers;
     for (auto& p : group.params()) {
       if (!p.grad().defined()) continue;
-      params.push_back(p);
+      const auto packed = packed_codes_.find(p.unsafeGetTensorImpl());
+      const bool is_packed = packed != packed_codes_.end();
+      params.push_back(is_packed ? packed->second : p);
       grads.push_back(p.grad().contiguous());
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         if (it == state_.end()) {
           auto state = std::make_unique<QpuSgdParamState>();
-          state->momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+          state->momentum_buffer(is_packed ? torch::zeros(p.sizes(), p.options().dtype(packed_dtype(static_cast<int>(mtb))))
+                                           : torch::zeros_like(p, at::MemoryFormat::Contiguous));
           it = state_.emplace(p.unsafeGetTensorImpl(), std::move(state)).first;
         }
         buffers.push_back(static_cast<QpuSgdParamState&>(*it->second).momentum_buffer());
@@ -117,14 +122,30 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
       last_counts_.push_back(torch::zeros({0, 2}, torch::kLong));
       continue;
     }
-    const int64_t mtb = o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
-    const int64_t mfb = o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
     last_counts_.push_back(qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(),
                                          o.nesterov(), o.total_bits(), o.frac_bits(), mtb, mfb,
                                          o.rounding(), o.seed(), o.step(), o.momentum_form()));
     o.step(o.step() + 1);
   }
   return loss;
+}
+
+void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes) {
+  TORCH_CHECK(codes.sizes() == parameter.sizes(), kName, ": codes of shape ", codes.sizes(),
+              " cannot store a parameter of shape ", parameter.sizes());
+  bool found = false;
+  for (const auto& group : param_groups_) {
+    for (const auto& p : group.params()) {
+      if (!p.is_same(parameter)) continue;
+      const auto& o = static_cast<const QpuSgdOptions&>(group.options());
+      const auto expected = packed_dtype(static_cast<int>(o.total_bits()));
+      TORCH_CHECK(codes.scalar_type() == expected, kName, ": codes of FxP(", o.total_bits(), ",", o.frac_bits(),
+                  ") must be ", expected, ", but got ", codes.scalar_type());
+      found = true;
+    }
+  }
+  TORCH_CHECK(found, kName, ": set_packed_storage got a parameter this optimizer does not hold");
+  packed_codes_[parameter.unsafeGetTensorImpl()] = codes;
 }
 
 void QpuSgd::save(torch::serialize::OutputArchive& archive) const { serialize(*this, archive); }

@@ -8,6 +8,7 @@
 #include <torch/serialize/archive.h>
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace fxp::optim {
@@ -55,12 +56,19 @@ class QpuSgd : public torch::optim::Optimizer {
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
+  // Packed storage (Note [Packed QPU step]): `parameter` (a stand-in that
+  // receives the gradient, see fxp::nn::PackedParameter) holds its value in
+  // `codes`, integer codes of its group's format. The step then updates the
+  // codes, and its momentum buffer is kept as codes of the momentum format.
+  void set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes);
+
   // Per group, after the last step: int64 [n, 2] of (saturated, vanished)
   // elements for the group's parameters that had gradients, in order.
   const std::vector<torch::Tensor>& last_counts() const { return last_counts_; }
 
  private:
   std::vector<torch::Tensor> last_counts_;
+  std::unordered_map<c10::TensorImpl*, torch::Tensor> packed_codes_;
 
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {

@@ -39,6 +39,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"out_frac", field(&TrainConfig::out_frac)},
       {"inference_rounding", field(&TrainConfig::inference_rounding)},
       {"momentum_form", field(&TrainConfig::momentum_form)},
+      {"packed", field(&TrainConfig::packed)},
       {"batch_size", field(&TrainConfig::batch_size)},
       {"lr", field(&TrainConfig::lr)},
       {"lr_scaling", field(&TrainConfig::lr_scaling)},
@@ -150,6 +151,7 @@ std::string TrainConfig::run_name() const {
          << inference_rounding;
   }
   name << "-b" << batch_size << "-s" << seed;
+  if (packed) name << "-packed";
   return name.str();
 }
 

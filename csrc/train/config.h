@@ -18,6 +18,7 @@ struct TrainConfig {
   int64_t out_bits = 16, out_frac = 8;
   std::string inference_rounding = "sr";  // hte | sr
   std::string momentum_form = "standard";  // standard | paper_eq6 (QPU only)
+  bool packed = false;  // packed integer storage (docs/memory.md)
 
   // optimization
   int64_t batch_size = 64;

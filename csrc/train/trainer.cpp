@@ -25,6 +25,7 @@
 #include "optim/qpu_sgd.h"
 #include "train/bookkeeping.h"
 #include "train/io.h"
+#include "train/memory.h"
 #include "train/progress.h"
 
 namespace fxp::train {
@@ -169,8 +170,32 @@ RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::op
   return json::parse(state.toStringRef()).get<RunState>();
 }
 
-json measured_memory(const torch::Device& device) {
+std::vector<torch::Tensor> gradients(torch::nn::Module& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model.parameters()) out.push_back(p.grad());
+  return out;
+}
+
+std::vector<torch::Tensor> parameters_and_buffers(torch::nn::Module& model) {
+  std::vector<torch::Tensor> out = model.parameters();
+  for (const auto& b : model.buffers()) out.push_back(b);
+  return out;
+}
+
+std::vector<torch::Tensor> optimizer_state(torch::optim::Optimizer& optimizer) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [key, state] : optimizer.state()) {
+    if (auto* s = dynamic_cast<optim::QpuSgdParamState*>(state.get())) out.push_back(s->momentum_buffer());
+    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(state.get())) out.push_back(s->momentum_buffer());
+  }
+  return out;
+}
+
+// Issue 6: the first training step of this session, by category, and the
+// process-wide peaks.
+json measured_memory(const torch::Device& device, const std::optional<StepMemory>& step) {
   json m = json::object();
+  if (step) m["step"] = to_json(*step, device);
   struct rusage usage {};
   if (getrusage(RUSAGE_SELF, &usage) == 0) m["process_peak_rss_bytes"] = static_cast<int64_t>(usage.ru_maxrss) * 1024;
 #if defined(FXP_WITH_CUDA)
@@ -243,6 +268,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   const auto session_start = Clock::now();
   config.validate();
   const torch::Device device = parse_device(config.device);
+  if (device.is_cpu()) install_cpu_memory_tracking();
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   // Reproducible GPU runs: deterministic cuDNN algorithms, no autotuning (a
   // small cost for this network).
@@ -303,8 +329,15 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   if (is_qpu(config.method)) {
     model->quantize_parameters_(config.method == "sqpu" ? "stochastic" : "nearest_even", config.seed);
   }
+  // Packed storage (docs/memory.md): QPU weights and momentum as codes, and
+  // every saved layer input that is a quantized output as codes. fp32 has no grid.
+  const bool packed = config.packed && config.method != "fp32";
+  if (packed) model->pack_(/*weights=*/is_qpu(config.method), /*saved_inputs=*/true);
   auto optimizer = make_optimizer(config, model);
   auto* qpu = dynamic_cast<optim::QpuSgd*>(optimizer.get());
+  if (qpu) {
+    for (const auto& p : model->packed_parameters()) qpu->set_packed_storage(p.parameter, p.codes);
+  }
 
   RunState state;
   state.lr = config.initial_lr();
@@ -327,6 +360,8 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   }();
   const int64_t batches = (train.size() + config.batch_size - 1) / config.batch_size;
   reset_peak_memory(device);
+  std::optional<StepMemory> step_memory;  // measured on the session's first training step
+  bool diverged = false;                  // packed storage met a NaN
 
   while (state.stop_reason.empty() && state.epochs_done < config.epochs) {
     const int64_t epoch = state.epochs_done + 1;
@@ -340,18 +375,46 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
                                                torch::TensorOptions(torch::kLong).device(device));
     ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(config.epochs), batches);
     for (int64_t b = 0; b < batches; ++b) {
+      optimizer->zero_grad();
+      // The session's second step (its first, if an epoch has one batch), so the
+      // momentum buffers exist and the previous gradients are gone.
+      const bool measure = !step_memory.has_value() && (b == 1 || batches == 1);
+      AllocatorBytes before;
+      int64_t state_before = 0;
+      if (measure) {
+        state_before = storage_bytes(optimizer_state(*optimizer));
+        reset_allocator_peak(device);
+        before = allocator_bytes(device);
+      }
       const int64_t start = b * config.batch_size;
       const torch::Tensor index = order.narrow(0, start, std::min(config.batch_size, train.size() - start));
       const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-      optimizer->zero_grad();
-      const torch::Tensor loss = torch::nn::functional::cross_entropy(model->forward(x), y);
-      loss.backward();
-      optimizer->step();
+      torch::Tensor loss;
+      try {
+        loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+        if (measure) step_memory = StepMemory{0, 0, 0, allocator_bytes(device).current - before.current, 0};
+        loss.backward();
+        if (measure) step_memory->gradients = storage_bytes(gradients(*model));
+        optimizer->step();
+      } catch (const c10::ValueError& e) {
+        // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
+        if (!packed) throw;
+        if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+        diverged = true;
+        break;
+      }
+      if (measure) {
+        step_memory->parameters = storage_bytes(parameters_and_buffers(*model));
+        step_memory->optimizer_state = storage_bytes(optimizer_state(*optimizer));
+        // Everything the step allocated on top of what it found, plus the resident model.
+        step_memory->step_peak = allocator_bytes(device).peak - before.current + step_memory->parameters + state_before;
+      }
       loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(index.size(0)));
       if (qpu) update_counts.add_(qpu->last_counts().at(0));
       bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size())); });
     }
-    const double train_loss = loss_sum.item<double>() / static_cast<double>(train.size());
+    const double train_loss =
+        diverged ? std::numeric_limits<double>::quiet_NaN() : loss_sum.item<double>() / static_cast<double>(train.size());
     if (device.is_cuda()) torch::cuda::synchronize();
     bar.finish();
     const double train_time = seconds_since(epoch_start);
@@ -505,7 +568,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
                   {"val_images", val.size()},
                   {"parameters", n_params},
                   {"memory_model", memory_model},
-                  {"measured_memory", measured_memory(device)},
+                  {"measured_memory", measured_memory(device, step_memory)},
                   {"device", device.str()},
                   {"threads", at::get_num_threads()},
                   {"torch_version", TORCH_VERSION},
@@ -523,7 +586,7 @@ std::string summary_text(const json& s) {
       << s["best_epoch"].get<int64_t>() << ")\n";
   out << "  final validation accuracy " << percent(s["final_val_accuracy"].get<double>()) << " after "
       << s["epochs_completed"].get<int64_t>() << " epochs, stopped by: " << s["stop_reason"].get<std::string>() << "\n";
-  char line[160];
+  char line[256];
   std::snprintf(line, sizeof line, "  wall time %.1f s, %.0f training images/s\n", s["wall_time_s"].get<double>(),
                 s["train_images_per_s"].get<double>());
   out << line;
@@ -531,6 +594,17 @@ std::string summary_text(const json& s) {
     const json& m = s["memory_model"][accounting];
     std::snprintf(line, sizeof line, "  training memory, %s model: %.1f kB (%.3f of STE)\n", accounting.c_str(),
                   m["total_bytes"].get<double>() / 1e3, m["ratio_to_ste"].get<double>());
+    out << line;
+  }
+  if (s["measured_memory"].contains("step")) {
+    const json& m = s["measured_memory"]["step"];
+    std::snprintf(line, sizeof line,
+                  "  measured, one step%s: %.1f kB = parameters %.1f + gradients %.1f + optimizer state %.1f + "
+                  "activations %.1f (peak %.1f kB)\n",
+                  c.value("packed", false) ? " (packed)" : "", m["total_bytes"].get<double>() / 1e3,
+                  m["parameters_bytes"].get<double>() / 1e3, m["gradients_bytes"].get<double>() / 1e3,
+                  m["optimizer_state_bytes"].get<double>() / 1e3, m["activations_bytes"].get<double>() / 1e3,
+                  m["step_peak_bytes"].get<double>() / 1e3);
     out << line;
   }
   return out.str();

@@ -431,6 +431,72 @@ TEST_F(TrainRun, ResumeEqualsAnUninterruptedRun) {
   }
 }
 
+// Issue 6: packed storage changes memory, never a number.
+TEST_F(TrainRun, PackedRunIsBitIdenticalToFloatStorage) {
+  for (const std::string method : {"sqpu", "hteqpu", "ste"}) {
+    ft::TrainConfig c = config_;
+    c.method = method;
+    c.epochs = 2;
+    c.train_limit = 500;
+    const json plain = run(method, c);
+    c.packed = true;
+    const json packed = run(method + "-packed", c);
+    const auto a = metrics(method), b = metrics(method + "-packed");
+    ASSERT_EQ(a.size(), 2u);
+    ASSERT_EQ(b.size(), 2u);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
+    EXPECT_EQ(plain["best_val_accuracy"], packed["best_val_accuracy"]);
+    EXPECT_EQ(packed["run_name"].get<std::string>(), plain["run_name"].get<std::string>() + "-packed");
+  }
+}
+
+TEST_F(TrainRun, PackedRunResumesBitForBit) {
+  ft::TrainConfig c = config_;
+  c.packed = true;
+  c.train_limit = 500;
+  c.epochs = 2;
+  run("whole", c);
+  c.epochs = 1;
+  run("split", c);
+  c.epochs = 2;
+  run("split", c, /*resume=*/true);
+  const auto a = metrics("whole"), b = metrics("split");
+  ASSERT_EQ(b.size(), 2u);
+  EXPECT_EQ(without_timing(a[1]), without_timing(b[1]));
+}
+
+// The measured bytes of a known model: PaperCNN (184,490 parameters, 6 tensors), batch 16.
+TEST_F(TrainRun, MeasuredBytesMatchTheModel) {
+  ft::TrainConfig c = config_;
+  c.train_limit = 64;
+  c.batch_size = 16;
+  const int64_t params = 184490, batch = 16;
+  const json plain = run("plain", c)["measured_memory"]["step"];
+  c.packed = true;
+  const json packed = run("packed", c)["measured_memory"]["step"];
+  EXPECT_EQ(plain["source"], "cpu tracking allocator");
+  EXPECT_EQ(plain["parameters_bytes"], params * 4);
+  EXPECT_EQ(plain["gradients_bytes"], params * 4);
+  EXPECT_EQ(plain["optimizer_state_bytes"], params * 4);
+  EXPECT_EQ(packed["parameters_bytes"], params * 2 + 6 * 4);  // int16 codes, and a 4-byte stand-in per tensor
+  EXPECT_EQ(packed["gradients_bytes"], params * 4);          // gradients stay float32
+  EXPECT_EQ(packed["optimizer_state_bytes"], params * 2);    // int16 momentum codes
+  // Saved per sample: conv2's 32x12x12 and fc1's 1024 inputs go from float32
+  // to int16; fc2's 128 (also kept by its ReLU as float32) gains int16 codes;
+  // each fused ReLU + max-pool keeps a byte per output instead of the ReLU's
+  // float32 output and the pool's int64 indices.
+  const int64_t inputs = (32 * 12 * 12 + 1024) * (4 - 2) - 128 * 2;
+  const int64_t pool1 = 32 * 24 * 24 * 4 + 32 * 12 * 12 * (8 - 1), pool2 = 64 * 8 * 8 * 4 + 64 * 4 * 4 * (8 - 1);
+  const int64_t saved_per_sample = inputs + pool1 + pool2;
+  EXPECT_EQ(plain["activations_bytes"].get<int64_t>() - packed["activations_bytes"].get<int64_t>(),
+            batch * saved_per_sample);
+  EXPECT_EQ(packed["total_bytes"], packed["parameters_bytes"].get<int64_t>() + packed["gradients_bytes"].get<int64_t>() +
+                                       packed["optimizer_state_bytes"].get<int64_t>() +
+                                       packed["activations_bytes"].get<int64_t>());
+  EXPECT_GE(packed["step_peak_bytes"].get<int64_t>(), packed["total_bytes"].get<int64_t>() -
+                                                          packed["optimizer_state_bytes"].get<int64_t>());
+}
+
 TEST_F(TrainRun, ResumeRefusesChangedSettings) {
   run("r", config_);
   ft::TrainConfig c = config_;

@@ -10,6 +10,9 @@ library_path = _load()
 from . import nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
+    pack,
+    pack_seeded,
+    unpack,
     quantize,
     quantize_,
     quantize_mask,
@@ -27,6 +30,9 @@ __all__ = [
     "library_path",
     "nn",
     "optim",
+    "pack",
+    "pack_seeded",
+    "unpack",
     "quantize",
     "quantize_",
     "quantize_mask",

@@ -63,5 +63,12 @@ class FxpFormat:
         """Bits of the smallest integer type that holds a code (8, 16 or 32)."""
         return 8 if self.total_bits <= 8 else 16 if self.total_bits <= 16 else 32
 
+    @property
+    def storage_dtype(self):
+        """The ``torch`` integer dtype of packed codes: int8, int16 or int32 (see :attr:`storage_bits`)."""
+        import torch
+
+        return {8: torch.int8, 16: torch.int16, 32: torch.int32}[self.storage_bits]
+
     def __str__(self) -> str:
         return f"FxP({self.total_bits},{self.frac_bits})"

@@ -6,6 +6,7 @@ changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal, Optional
 
 import torch
@@ -13,9 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .format import FxpFormat
-from .ops import quantize_ste
+from . import ops as fxp_ops
+from .ops import pack, quantize_ste
 
-__all__ = ["QLinear", "QConv2d", "PaperCNN", "quantize_model", "quantize_parameters_", "METHODS", "WEIGHT_MODES"]
+__all__ = ["QLinear", "QConv2d", "PaperCNN", "quantize_model", "quantize_parameters_", "pack_model_",
+           "packed_codes", "METHODS", "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -40,6 +43,73 @@ class _QuantizedLayer(nn.Module):
         self.param_format = param_format
         self.act_format = act_format
         self.act_rounding = act_rounding
+        if not hasattr(self, "saved_input_format"):
+            # Note [Packed layers] (csrc/nn/modules.h): the format the layer's input lies on, if
+            # the autograd should save it as codes of that format.
+            self.saved_input_format: Optional[FxpFormat] = None
+            self.packed_weights = False
+
+    def pack_weights_(self) -> None:
+        """Moves the weight and bias into integer codes of ``param_format``
+        (buffers ``weight_codes``/``bias_codes``); the float parameters stay
+        registered as one-element stand-ins of the same shape, which receive
+        the gradients. :class:`fxp.optim.QPUSGD` then updates the codes. Only
+        for ``weight_mode="qpu"``, whose weights are on the grid."""
+        if self.weight_mode != "qpu":
+            raise ValueError(f"{type(self).__name__}: only QPU layers can pack their weights (STE keeps a float "
+                             f"master copy), but weight_mode is {self.weight_mode!r}")
+        if self.packed_weights:
+            return
+        for name in ("weight", "bias"):
+            param = getattr(self, name)
+            if param is None:
+                continue
+            self.register_buffer(f"{name}_codes", pack(param.detach(), self.param_format))
+            param._fxp_packed = (weakref.ref(self), f"{name}_codes")
+        self.packed_weights = True
+        self._make_stand_ins()
+
+    def _make_stand_ins(self) -> None:
+        for name in ("weight", "bias"):
+            param = getattr(self, name)
+            if param is not None:
+                param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.packed_weights:  # .to() materializes expanded tensors; shrink them again
+            self._make_stand_ins()
+        return module
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.packed_weights:  # the stand-ins carry no values: load the codes, check the shapes
+            for name in ("weight", "bias"):
+                param = getattr(self, name)
+                key = prefix + name
+                if param is not None and key in state_dict:
+                    if state_dict[key].shape != param.shape:
+                        error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} in the "
+                                          f"checkpoint, {tuple(param.shape)} in the model")
+                    state_dict = {k: v for k, v in state_dict.items() if k != key}
+                    self._skip_on_load = getattr(self, "_skip_on_load", set()) | {key}
+        before = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        skipped = getattr(self, "_skip_on_load", set())
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in skipped]
+        self._skip_on_load = set()
+
+    def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
+        """The conv/linear output before quantization, through fxp's op when storage is packed."""
+        fmt = self.saved_input_format
+        if self.packed_weights:
+            y = op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
+                   bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format)
+        else:
+            bias = None if self.bias is None else self._weight(self.bias)
+            y = op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt)
+        return y
 
     def _weight(self, w: Tensor) -> Tensor:
         if self.weight_mode == "ste":  # quantize on read; the fp32 master copy gets the gradient
@@ -67,6 +137,8 @@ class QLinear(nn.Linear, _QuantizedLayer):
         self._setup(weight_mode, param_format, act_format, act_rounding)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed_weights or self.saved_input_format is not None:
+            return self._output(self._layer_output(x, fxp_ops.linear))
         bias = None if self.bias is None else self._weight(self.bias)
         return self._output(F.linear(x, self._weight(self.weight), bias))
 
@@ -81,6 +153,11 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
         self._setup(weight_mode, param_format, act_format, act_rounding)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed_weights or self.saved_input_format is not None:
+            if self.padding_mode != "zeros" or isinstance(self.padding, str):
+                raise ValueError("QConv2d: packed storage supports numeric zero padding only")
+            return self._output(self._layer_output(x, fxp_ops.conv2d, stride=self.stride, padding=self.padding,
+                                                   dilation=self.dilation, groups=self.groups))
         bias = None if self.bias is None else self._weight(self.bias)
         return self._output(self._conv_forward(x, self._weight(self.weight), bias))
 
@@ -95,6 +172,7 @@ class PaperCNN(nn.Module):
 
     def __init__(self, method: Method = "fp32", param_format: Optional[FxpFormat] = None,
                  act_format: Optional[FxpFormat] = None, act_rounding: InferenceRounding = "sr") -> None:
+        # Packed storage: pack_(), after quantize_parameters_() (see pack_model_).
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"PaperCNN: method must be one of {', '.join(METHODS)}, but got {method!r}")
@@ -110,9 +188,29 @@ class PaperCNN(nn.Module):
         """QPU's initialization: every parameter onto the grid (see :func:`quantize_parameters_`)."""
         quantize_parameters_(self, rounding, seed)
 
+    def pack_(self) -> "PaperCNN":
+        """Packed storage for the network (like ``fxp-train --packed``): QPU
+        weights as codes, the saved inputs of conv2, fc1 and fc2 (layer
+        outputs on the act grid) as codes, and each ReLU + max-pool fused
+        (:func:`fxp.ops.relu_max_pool2d`). Call after :meth:`quantize_parameters_`."""
+        if self.method == "fp32":
+            raise ValueError("PaperCNN.pack_: fp32 has no grid to pack onto")
+        if self.method in ("sqpu", "hteqpu"):
+            for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+                layer.pack_weights_()
+        for prev, layer in ((self.conv1, self.conv2), (self.conv2, self.fc1), (self.fc1, self.fc2)):
+            layer.saved_input_format = prev.act_format
+        self.fused_relu_pool = True
+        return self
+
+    def _relu_pool(self, y: Tensor) -> Tensor:
+        if getattr(self, "fused_relu_pool", False):  # saves one byte per output; same values and gradients
+            return fxp_ops.relu_max_pool2d(y, 2)
+        return F.max_pool2d(F.relu(y), 2)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self._relu_pool(self.conv1(x))
+        x = self._relu_pool(self.conv2(x))
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc2(x)  # logits; the softmax lives in the loss
 
@@ -139,17 +237,42 @@ def _replace_layers(model: nn.Module, layer_kwargs: dict) -> None:
 
 def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpFormat] = None,
                    act_format: Optional[FxpFormat] = None, act_rounding: InferenceRounding = "sr",
-                   seed: int = 0) -> nn.Module:
+                   seed: int = 0, packed: bool = False) -> nn.Module:
     """Replaces every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) by
     its quantized twin, keeping the weights. For ``sqpu``/``hteqpu`` the weights
-    are then put on the grid with the update rounding (SR/HTE). Returns ``model``."""
+    are then put on the grid with the update rounding (SR/HTE). With ``packed``,
+    they are then stored as integer codes (:func:`pack_model_`). Returns ``model``."""
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
     _replace_layers(model, dict(weight_mode=WEIGHT_MODES[method], param_format=param_format,
                                 act_format=act_format, act_rounding=act_rounding))
     if method in ("sqpu", "hteqpu"):
         quantize_parameters_(model, "stochastic" if method == "sqpu" else "nearest_even", seed)
+    if packed:
+        pack_model_(model)
     return model
+
+
+def pack_model_(model: nn.Module) -> nn.Module:
+    """Stores the weights of every QPU layer of ``model`` as integer codes
+    (:meth:`QLinear.pack_weights_`); :class:`fxp.optim.QPUSGD` then updates the
+    codes and keeps its momentum as codes. Saved inputs are packed per layer,
+    by setting ``layer.saved_input_format`` to the format its input lies on
+    (only the model knows what feeds a layer; :meth:`PaperCNN.pack_` does it).
+    Call after the model is on its device. Returns ``model``."""
+    for layer in model.modules():
+        if isinstance(layer, (QLinear, QConv2d)) and layer.weight_mode == "qpu":
+            layer.pack_weights_()
+    return model
+
+
+def packed_codes(param: Tensor) -> Optional[Tensor]:
+    """The codes that hold a packed parameter's value, or None if it is not packed."""
+    link = getattr(param, "_fxp_packed", None)
+    if link is None:
+        return None
+    layer = link[0]()
+    return None if layer is None else getattr(layer, link[1])
 
 
 def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:
@@ -165,6 +288,8 @@ def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: i
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, (QLinear, QConv2d)):
+                if layer.packed_weights:
+                    raise ValueError("quantize_parameters_: the weights are packed (codes are on the grid already)")
                 fmt = layer.param_format
                 for p in layer.parameters(recurse=False):
                     torch.ops.fxp.quantize_seeded_(p, fmt.total_bits, fmt.frac_bits, rounding, key, k)

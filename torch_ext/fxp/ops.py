@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union
+from typing import Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -169,3 +169,85 @@ def quantize_ste(
     LibTorch programs get it too."""
     b, f = _bits(fmt, frac_bits)
     return _ops.quantize_ste(x, b, f, rounding, overflow, generator, zero_grad_saturated)
+
+
+def pack(
+    x: Tensor,
+    fmt: FormatLike,
+    frac_bits: Optional[int] = None,
+    rounding: Rounding = "nearest_even",
+    overflow: Overflow = "saturate",
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Rounds ``x`` like :func:`quantize` and returns the integer codes ``q``
+    (value ``q * 2**-F``) in the smallest integer dtype that holds them: int8
+    for B <= 8, int16 for B <= 16, int32 otherwise. Codes saturate to the
+    format's exact bounds. NaN cannot be a code: packing NaN raises
+    ``ValueError`` with the count.
+
+    >>> pack(torch.tensor([0.09375, 100.0, -3.0]), 8, 4)
+    tensor([  2, 127, -48], dtype=torch.int8)
+    """
+    b, f = _bits(fmt, frac_bits)
+    return _ops.pack(x, b, f, rounding, overflow, generator)
+
+
+def pack_seeded(
+    x: Tensor,
+    fmt: FormatLike,
+    frac_bits: Optional[int] = None,
+    rounding: Rounding = "stochastic",
+    *,
+    seed: int,
+    offset: int = 0,
+    overflow: Overflow = "saturate",
+) -> Tensor:
+    """:func:`pack` with the explicit Philox counter of :func:`quantize_seeded`."""
+    b, f = _bits(fmt, frac_bits)
+    return _ops.pack_seeded(x, b, f, rounding, seed, offset, overflow)
+
+
+def unpack(codes: Tensor, fmt: FormatLike, frac_bits: Optional[int] = None,
+           dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``codes * 2**-F`` as ``dtype`` (default float32), computed exactly and
+    rounded once. ``codes`` must have the dtype :func:`pack` gives the format."""
+    b, f = _bits(fmt, frac_bits)
+    return _ops.unpack(codes, b, f, dtype)
+
+
+def _format_list(fmt: Optional[FxpFormat]) -> Optional[list]:
+    return None if fmt is None else [fmt.total_bits, fmt.frac_bits]
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_format: Optional[FxpFormat] = None,
+           weight_codes: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
+           param_format: Optional[FxpFormat] = None) -> Tensor:
+    """``torch.nn.functional.linear`` for quantized layers, with packed storage.
+
+    With ``input_format``, autograd saves ``x`` as codes of that format (``x``
+    must lie on its grid, as a quantized activation does). With
+    ``weight_codes``/``bias_codes`` (codes of ``param_format``), the weight and
+    bias values come from the codes; ``weight``/``bias`` then only give shape
+    and dtype and receive the gradients. The gradients equal those of
+    ``F.linear`` bit for bit (2-D inputs)."""
+    return _ops.linear(x, weight, bias, _format_list(input_format), weight_codes, bias_codes,
+                       _format_list(param_format))
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
+           padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
+           input_format: Optional[FxpFormat] = None, weight_codes: Optional[Tensor] = None,
+           bias_codes: Optional[Tensor] = None, param_format: Optional[FxpFormat] = None) -> Tensor:
+    """``torch.conv2d`` with the packed storage options of :func:`linear`;
+    the gradients equal ``torch.conv2d``'s bit for bit."""
+    return _ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups,
+                       _format_list(input_format), weight_codes, bias_codes, _format_list(param_format))
+
+
+def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Tensor:
+    """``F.max_pool2d(F.relu(x), kernel_size)`` (stride = kernel size) whose
+    autograd saves one byte per output (the window position of the maximum,
+    or that it was not positive) instead of ReLU's float output and the
+    pool's int64 indices. Values and gradients equal torch's bit for bit."""
+    k = [kernel_size, kernel_size] if isinstance(kernel_size, int) else list(kernel_size)
+    return _ops.relu_max_pool2d(x, k)

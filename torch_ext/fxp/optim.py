@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
+from .nn import packed_codes
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer", "INIT_KEY_DELTA"]
 
@@ -35,6 +36,10 @@ class QPUSGD(Optimizer):
     ``(seed + group index, step)`` (see docs/design.md), so a run is reproducible
     and CPU and CUDA agree bit for bit. Parameters should start on the grid:
     see :func:`quantize_parameters_`.
+
+    Packed parameters (:func:`fxp.nn.pack_model_`) are updated in their
+    integer codes, and their momentum buffers are codes of ``momentum_format``:
+    no float copy is kept, and the values equal those of float storage.
 
     After each step, ``last_counts[i]`` is the int64 tensor ``[n, 2]`` of
     (saturated, vanished) elements for the parameters of group ``i`` that had
@@ -108,15 +113,20 @@ class QPUSGD(Optimizer):
                 self.last_counts.append(torch.zeros(0, 2, dtype=torch.long))
                 continue
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+            # Packed parameters (fxp.nn.pack_model_): the step updates their codes.
+            codes = [packed_codes(p) for p in params]
             buffers = []
             if group["momentum"] != 0:
-                for p in params:
+                mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
+                for p, c in zip(params, codes):
                     state = self.state[p]
                     if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        state["momentum_buffer"] = (
+                            torch.zeros_like(p, memory_format=torch.contiguous_format) if c is None
+                            else torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device))
                     buffers.append(state["momentum_buffer"])
             counts = torch.ops.fxp.qpu_sgd_step_(
-                params,
+                [p if c is None else c for p, c in zip(params, codes)],
                 grads,
                 buffers,
                 float(group["lr"]),

@@ -1,0 +1,20 @@
+// Meta kernels of the fused ReLU + max-pool ops: shapes and checks only.
+#include <torch/library.h>
+
+#include "pool_ops.h"
+
+namespace fxp {
+namespace {
+struct MetaBackend {
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+  static constexpr bool kIsMeta = true;
+  static void launch(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}
+  static void launch_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, Meta, m) { FXP_REGISTER_POOL_OPS(m, MetaBackend); }
+
+}  // namespace fxp

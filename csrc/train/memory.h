@@ -1,0 +1,45 @@
+// Measured training memory (issue 6): bytes of parameters, gradients,
+// optimizer state and activations of one training step, taken from the
+// allocator. On CUDA: the caching allocator's statistics. On CPU: a tracking
+// allocator installed in front of LibTorch's CPU allocator, which counts the
+// bytes of every live tensor storage exactly.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace fxp::train {
+
+// Installs the CPU tracking allocator (once per process; later calls do
+// nothing). Storages allocated before it are not counted while they live.
+void install_cpu_memory_tracking();
+
+// Bytes of tensor storage allocated now, and the peak since the last reset,
+// on the device's allocator (CPU: the tracking allocator, which must be installed).
+struct AllocatorBytes {
+  int64_t current = 0;
+  int64_t peak = 0;
+};
+AllocatorBytes allocator_bytes(const torch::Device& device);
+void reset_allocator_peak(const torch::Device& device);
+
+// The bytes of the distinct storages behind these tensors (views and shared
+// storages count once; undefined tensors are skipped).
+int64_t storage_bytes(const std::vector<torch::Tensor>& tensors);
+
+// One training step's memory, by category.
+struct StepMemory {
+  int64_t parameters = 0;       // parameters and their packed codes (module buffers included)
+  int64_t gradients = 0;        // .grad of every parameter, after backward
+  int64_t optimizer_state = 0;  // momentum buffers
+  int64_t activations = 0;      // what the forward left allocated: the batch, saved tensors, the loss
+  int64_t step_peak = 0;        // allocator peak during the step, everything included
+  int64_t total() const { return parameters + gradients + optimizer_state + activations; }
+};
+nlohmann::json to_json(const StepMemory& m, const torch::Device& device);
+
+}  // namespace fxp::train

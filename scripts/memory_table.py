@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Measured training memory per method, bit width and batch size, with and
+without packed storage (issue 6), beside the paper's model (Eq. 5).
+
+Each cell is a short fxp-train run; fxp-train measures one training step by
+category (parameters, gradients, optimizer state, activations) from the
+allocator (CPU: its tracking allocator, exact; CUDA: the caching allocator).
+Writes a CSV, a markdown table (replacing the block between the
+`<!-- memory-table -->` markers of --markdown, or printing it) and a figure.
+
+  scripts/memory_table.py --csv docs/memory.csv --markdown docs/memory.md --figure docs/figures/memory.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BITS = (32, 16, 12, 8)
+BATCHES = (16, 256)
+METHODS = ("fp32", "ste", "sqpu", "hteqpu")
+MARKER = "<!-- memory-table -->"
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+
+
+def cells(bits=BITS, batches=BATCHES):
+    """(method, bits, batch, packed) for every cell; fp32 has no bit width and nothing to pack."""
+    for batch in batches:
+        yield "fp32", 32, batch, False
+        for method in METHODS[1:]:
+            for b in bits:
+                for packed in (False, True):
+                    yield method, b, batch, packed
+
+
+def measure(fxp_train: str, method: str, bits: int, batch: int, packed: bool, device: str, data_dir: str | None):
+    # Formats only choose the storage type; fractions as in the paper's Exp 2 style.
+    param_frac, out_frac = max(bits - 6, 0), max(bits - 8, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [fxp_train, "--method", method, "--param-bits", str(bits), "--param-frac", str(param_frac),
+               "--out-bits", str(bits), "--out-frac", str(out_frac), "--batch-size", str(batch),
+               "--epochs", "1", "--train-limit", str(2 * batch), "--val-limit", "100", "--device", device,
+               "--threads", "1", f"--packed={'true' if packed else 'false'}", "-o", tmp, "--quiet"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        subprocess.run(cmd, check=True)
+        summary = json.loads((pathlib.Path(tmp) / "summary.json").read_text())
+    step = summary["measured_memory"]["step"]
+    row = {"method": method, "bits": bits if method != "fp32" else 32, "batch_size": batch, "packed": packed,
+           "device": device}
+    row.update({f"{c}_bytes": step[f"{c}_bytes"] for c in CATEGORIES})
+    row["total_bytes"] = step["total_bytes"]
+    row["step_peak_bytes"] = step["step_peak_bytes"]
+    for accounting in ("paper", "full"):
+        row[f"model_{accounting}_bytes"] = summary["memory_model"][accounting]["total_bytes"]
+    return row
+
+
+def kb(x: float) -> str:
+    return f"{x / 1e3:,.0f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per batch size; ratios to STE with float storage (the usual STE) at the same bits."""
+    out = []
+    for batch in sorted({r["batch_size"] for r in rows}):
+        sub = [r for r in rows if r["batch_size"] == batch]
+        ste = {r["bits"]: r for r in sub if r["method"] == "ste" and not r["packed"]}
+        out += [f"**Batch {batch}** (kB; ratio = total / STE's total with float storage at the same bits; "
+                f"the paper's model gives the same ratio from Eq. 5)", "",
+                "| method | bits | storage | parameters | gradients | optimizer state | activations | total "
+                "| peak | ratio to STE | paper model ratio |",
+                "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in sub:
+            base = ste.get(r["bits"])
+            ratio = f"{r['total_bytes'] / base['total_bytes']:.3f}" if base else "–"
+            paper = f"{r['model_paper_bytes'] / base['model_paper_bytes']:.3f}" if base else "–"
+            bits = "–" if r["method"] == "fp32" else str(r["bits"])
+            out.append(f"| {r['method']} | {bits} | {'packed' if r['packed'] else 'float'} | "
+                       f"{kb(r['parameters_bytes'])} | {kb(r['gradients_bytes'])} | {kb(r['optimizer_state_bytes'])} | "
+                       f"{kb(r['activations_bytes'])} | {kb(r['total_bytes'])} | {kb(r['step_peak_bytes'])} | "
+                       f"{ratio} | {paper} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def figure(rows: list[dict], path: pathlib.Path, bits: int = 16) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch_size"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2))
+    axes = [axes] if len(batches) == 1 else axes
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    for ax, batch in zip(axes, batches):
+        sub = [r for r in rows if r["batch_size"] == batch and (r["method"] == "fp32" or r["bits"] == bits)]
+        labels = [r["method"].upper() if r["method"] != "fp32" else "fp32" for r in sub]
+        labels = [f"{l}\n{'packed' if r['packed'] else 'float'}" for l, r in zip(labels, sub)]
+        bottom = [0.0] * len(sub)
+        for cat, color in zip(CATEGORIES, colors):
+            values = [r[f"{cat}_bytes"] / 1e6 for r in sub]
+            ax.bar(range(len(sub)), values, bottom=bottom, color=color, label=cat.replace("_", " "))
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(range(len(sub)), labels, fontsize=8)
+        ax.set_ylabel("MB per training step")
+        ax.set_title(f"batch {batch}, {bits}-bit parameters and outputs")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--bits", type=int, nargs="+", default=list(BITS))
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--csv", type=pathlib.Path, help="write the rows here")
+    p.add_argument("--markdown", type=pathlib.Path, help="replace the table between the markers of this file")
+    p.add_argument("--figure", type=pathlib.Path, help="stacked bars at 16 bits")
+    args = p.parse_args(argv)
+    if not pathlib.Path(args.fxp_train).exists():
+        p.error(f"{args.fxp_train} does not exist; build it with scripts/setup.sh")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety
+        def tqdm(x, **_):
+            return x
+    todo = list(cells(args.bits, args.batch_sizes))
+    rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir)
+            for m, b, n, packed in tqdm(todo, desc="memory", unit="run")]
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    table = markdown(rows)
+    if args.markdown:
+        text = args.markdown.read_text()
+        if text.count(MARKER) != 2:
+            p.error(f"{args.markdown} must hold two {MARKER} lines around the table")
+        head, _, tail = text.split(MARKER)
+        args.markdown.write_text(f"{head}{MARKER}\n{table}\n{MARKER}{tail}")
+    else:
+        print(table)
+    if args.figure:
+        figure(rows, args.figure, bits=16 if 16 in args.bits else args.bits[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Packed integer storage (issue 6): pack/unpack exactness and errors, the
+fused QPU step on codes, conv/linear with packed saved inputs and weights,
+packed layers and optimizer, bit-identity with float storage, opcheck, CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxp
+from fxp import FxpFormat
+from fxp.optim import QPUSGD
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+ops = torch.ops.fxp
+
+
+# --- pack / unpack ----------------------------------------------------------
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+def test_pack_unpack_exact_for_every_code(rounding):
+    for total_bits in range(2, 11):
+        for frac_bits in {0, total_bits // 2, total_bits - 1}:
+            fmt = FxpFormat(total_bits, frac_bits)
+            codes = torch.arange(fmt.code_min, fmt.code_max + 1, dtype=torch.int64)
+            values = codes.double() * fmt.resolution
+            for dtype in (torch.float32, torch.float64):
+                packed = fxp.pack_seeded(values.to(dtype), fmt, rounding=rounding, seed=3)
+                assert packed.dtype == fmt.storage_dtype
+                assert torch.equal(packed.long(), codes)
+                assert torch.equal(fxp.unpack(packed, fmt, dtype=dtype), values.to(dtype))
+
+
+def test_storage_dtype_by_total_bits():
+    for bits, dtype in [(2, torch.int8), (8, torch.int8), (9, torch.int16), (16, torch.int16), (17, torch.int32),
+                        (32, torch.int32)]:
+        assert fxp.pack(torch.zeros(3), bits, 1).dtype == dtype == FxpFormat(bits, 1).storage_dtype
+
+
+def test_pack_matches_quantize_and_saturates_to_exact_bounds():
+    torch.manual_seed(0)
+    x = torch.randn(10_000) * 40
+    for fmt in (FxpFormat(8, 4), FxpFormat(16, 10), FxpFormat(24, 12)):
+        for rounding in ("nearest_even", "stochastic", "floor", "nearest_away"):
+            expected = fxp.quantize_seeded(x.double(), fmt, rounding=rounding, seed=9, offset=4)
+            packed = fxp.pack_seeded(x, fmt, rounding=rounding, seed=9, offset=4)
+            assert torch.equal(fxp.unpack(packed, fmt, dtype=torch.float64), expected)
+    # B = 32: the code bound is 2^31 - 1 (float32 storage of quantize stops at 2^31 - 128).
+    big = torch.tensor([1e12, -1e12, float("inf"), float("-inf")])
+    assert fxp.pack(big, 32, 0).tolist() == [2**31 - 1, -(2**31), 2**31 - 1, -(2**31)]
+    assert fxp.pack(torch.tensor([100.0]), 8, 4, overflow="wrap").tolist() == [fxp.quantize(
+        torch.tensor([100.0]), 8, 4, overflow="wrap").item() * 16]
+
+
+def test_pack_unpack_any_layout_and_half_types():
+    x = fxp.quantize(torch.randn(6, 8), 12, 6).t()  # not contiguous
+    assert torch.equal(fxp.unpack(fxp.pack(x, 12, 6), 12, 6), x)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = fxp.quantize(torch.randn(100).to(dtype), 8, 4)
+        assert torch.equal(fxp.unpack(fxp.pack(y, 8, 4), 8, 4, dtype=dtype), y)
+
+
+def test_pack_nan_is_an_error_with_count():
+    x = torch.tensor([1.0, float("nan"), 2.0, float("nan"), float("nan")])
+    with pytest.raises(ValueError, match="cannot pack NaN into integer codes: 3 of 5 elements are NaN"):
+        fxp.pack(x, 8, 4)
+    with pytest.raises(ValueError, match="1 of 1 elements are NaN"):
+        fxp.pack_seeded(torch.tensor([float("nan")]), 16, 8, seed=0)
+
+
+def test_pack_unpack_errors():
+    with pytest.raises(RuntimeError, match="x must be float32, float64, float16 or bfloat16"):
+        fxp.pack(torch.zeros(2, dtype=torch.int32), 8, 4)
+    with pytest.raises(RuntimeError, match=r"frac_bits must be in \[0, total_bits - 1\]"):
+        fxp.pack(torch.zeros(2), 8, 8)
+    with pytest.raises(RuntimeError, match=r"codes of FxP\(16,8\) must be Short, but got Char"):
+        fxp.unpack(torch.zeros(2, dtype=torch.int8), 16, 8)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float64, float16 or bfloat16"):
+        fxp.unpack(torch.zeros(2, dtype=torch.int8), 8, 4, dtype=torch.int32)
+
+
+# --- the fused step on packed storage -----------------------------------------
+STEP_CASES = [
+    dict(rounding="stochastic", momentum=0.9, nesterov=False, form="standard", fmt=(16, 10), mfmt=(16, 10)),
+    dict(rounding="nearest_even", momentum=0.9, nesterov=False, form="standard", fmt=(16, 10), mfmt=(16, 10)),
+    dict(rounding="stochastic", momentum=0.9, nesterov=True, form="standard", fmt=(8, 5), mfmt=(12, 8)),
+    dict(rounding="stochastic", momentum=0.5, nesterov=False, form="paper_eq6", fmt=(12, 9), mfmt=(8, 7)),
+    dict(rounding="stochastic", momentum=0.0, nesterov=False, form="standard", fmt=(20, 14), mfmt=(20, 14)),
+]
+
+
+def _step(params, grads, buffers, case, step, lr=0.05, weight_decay=1e-3):
+    return ops.qpu_sgd_step_(params, grads, buffers, lr, case["momentum"], weight_decay, case["nesterov"],
+                             *case["fmt"], *case["mfmt"], case["rounding"], 11, step, case["form"])
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64])
+def test_packed_step_equals_float_step(case, grad_dtype):
+    torch.manual_seed(1)
+    fmt, mfmt = FxpFormat(*case["fmt"]), FxpFormat(*case["mfmt"])
+    shapes = [(3000,), (7, 9), (5,)]
+    w = [fxp.quantize(torch.randn(s, dtype=grad_dtype), fmt) for s in shapes]
+    w_codes = [fxp.pack(t, fmt) for t in w]
+    has_momentum = case["momentum"] > 0
+    v = [torch.zeros_like(t) for t in w] if has_momentum else []
+    v_codes = [torch.zeros(t.shape, dtype=mfmt.storage_dtype) for t in w] if has_momentum else []
+    for step in range(4):
+        g = [torch.randn_like(t) * 3 for t in w]
+        counts_float = _step(w, g, v, case, step)
+        counts_packed = _step(w_codes, g, v_codes, case, step)
+        assert torch.equal(counts_float, counts_packed)
+        for a, c in zip(w, w_codes):
+            assert c.dtype == fmt.storage_dtype and torch.equal(fxp.unpack(c, fmt, dtype=grad_dtype), a)
+        for a, c in zip(v, v_codes):
+            assert torch.equal(fxp.unpack(c, mfmt, dtype=grad_dtype), a)
+
+
+def test_packed_step_mixed_storage_and_errors():
+    fmt = FxpFormat(16, 10)
+    w = fxp.quantize(torch.randn(100), fmt)
+    g = torch.randn(100)
+    v_float, v_codes = torch.zeros(100), torch.zeros(100, dtype=torch.int16)
+    w_codes = fxp.pack(w, fmt)
+    case = STEP_CASES[0]
+    _step([w], [g], [v_float], case, 0)
+    _step([w_codes], [g], [v_codes], case, 0)
+    assert torch.equal(fxp.unpack(w_codes, fmt), w)
+    w2 = fxp.quantize(torch.randn(100), fmt)
+    w2_codes, v2 = fxp.pack(w2, fmt), torch.zeros(100)
+    _step([w2_codes], [g], [v2], case, 1)  # packed params, float momentum
+    with pytest.raises(RuntimeError, match=r"params must be Float like the grads, or Short codes of FxP\(16,10\)"):
+        _step([w.to(torch.int32)], [g], [v_float], case, 0)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers must be Float like the grads, or Short codes"):
+        _step([w_codes], [g], [v_float.to(torch.int8)], case, 0)
+    with pytest.raises(RuntimeError, match="grads must be float32 or float64"):
+        _step([w_codes], [g.half()], [v_codes], case, 0)
+    with pytest.raises(RuntimeError, match=r"params\[1\] has dtype Float but params\[0\] has Short"):
+        _step([w_codes, w], [g, g], [v_codes, v_codes], case, 0)
+
+
+def test_packed_step_nan_is_an_error_and_keeps_old_codes():
+    fmt = FxpFormat(16, 10)
+    w_codes = fxp.pack(torch.ones(8), fmt)
+    g = torch.ones(8)
+    g[[2, 5]] = float("nan")
+    v = torch.zeros(8, dtype=torch.int16)
+    with pytest.raises(ValueError, match="4 updated values are NaN"):  # two params, two momenta
+        _step([w_codes], [g], [v], STEP_CASES[1], 0)
+    assert w_codes[2].item() == w_codes[5].item() == 1024 and w_codes[0].item() != 1024
+
+
+# --- conv and linear with packed storage ------------------------------------------
+def _grads(fn, inputs, grad_out):
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    out.backward(grad_out)
+    return out.detach().clone(), [None if t.grad is None else t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_packed_gradients_equal_torch(bias):
+    torch.manual_seed(2)
+    in_fmt, p_fmt = FxpFormat(12, 6), FxpFormat(16, 10)
+    x = fxp.quantize(torch.randn(33, 70), in_fmt).requires_grad_()
+    w = fxp.quantize(torch.randn(20, 70), p_fmt).requires_grad_()
+    b = fxp.quantize(torch.randn(20), p_fmt).requires_grad_() if bias else None
+    inputs = [t for t in (x, w, b) if t is not None]
+    g = torch.randn(33, 20)
+    ref = _grads(lambda: F.linear(x, w, b), inputs, g)
+    saved = _grads(lambda: fxp.ops.linear(x, w, b, input_format=in_fmt), inputs, g)
+    stand_w = torch.zeros(()).expand(20, 70).requires_grad_()
+    stand_b = torch.zeros(()).expand(20).requires_grad_() if bias else None
+    w_codes, b_codes = fxp.pack(w.detach(), p_fmt), fxp.pack(b.detach(), p_fmt) if bias else None
+    packed_inputs = [t for t in (x, stand_w, stand_b) if t is not None]
+    packed = _grads(lambda: fxp.ops.linear(x, stand_w, stand_b, input_format=in_fmt, weight_codes=w_codes,
+                                           bias_codes=b_codes, param_format=p_fmt), packed_inputs, g)
+    for out, grads in (saved, packed):
+        assert torch.equal(out, ref[0])
+        assert all(torch.equal(a, b_) for a, b_ in zip(grads, ref[1]))
+
+
+def test_conv2d_packed_gradients_equal_torch():
+    torch.manual_seed(3)
+    in_fmt, p_fmt = FxpFormat(8, 4), FxpFormat(12, 8)
+    x = fxp.quantize(torch.randn(4, 3, 11, 11), in_fmt).requires_grad_()
+    w = fxp.quantize(torch.randn(6, 3, 3, 3), p_fmt).requires_grad_()
+    b = fxp.quantize(torch.randn(6), p_fmt).requires_grad_()
+    g = torch.randn(4, 6, 6, 6)
+    ref = _grads(lambda: torch.conv2d(x, w, b, 2, 1, 1, 1), [x, w, b], g)
+    saved = _grads(lambda: fxp.ops.conv2d(x, w, b, (2, 2), (1, 1), input_format=in_fmt), [x, w, b], g)
+    sw, sb = torch.zeros(()).expand(6, 3, 3, 3).requires_grad_(), torch.zeros(()).expand(6).requires_grad_()
+    packed = _grads(lambda: fxp.ops.conv2d(x, sw, sb, (2, 2), (1, 1), input_format=in_fmt,
+                                           weight_codes=fxp.pack(w.detach(), p_fmt),
+                                           bias_codes=fxp.pack(b.detach(), p_fmt), param_format=p_fmt),
+                    [x, sw, sb], g)
+    for out, grads in (saved, packed):
+        assert torch.equal(out, ref[0]) and all(torch.equal(a, c) for a, c in zip(grads, ref[1]))
+
+
+def test_linear_saves_codes_not_floats():
+    """What the autograd keeps: the input as int16 codes, the weight as its codes."""
+    in_fmt, p_fmt = FxpFormat(16, 8), FxpFormat(8, 4)
+    x = fxp.quantize(torch.randn(4, 6), in_fmt).requires_grad_()
+    w = torch.zeros(()).expand(3, 6).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fxp.ops.linear(x, w, None, input_format=in_fmt, weight_codes=fxp.pack(torch.zeros(3, 6), p_fmt),
+                       param_format=p_fmt)
+    assert sorted(str(t.dtype) for t in saved) == ["torch.int16", "torch.int8"]
+
+
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
+def test_relu_max_pool2d_equals_torch_values_and_gradients(kernel):
+    torch.manual_seed(8)
+    # Coarse quantization: many ties, zeros and negative zeros inside the windows.
+    x = fxp.quantize(torch.randn(3, 4, 13, 11), 4, 1).requires_grad_()
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    g = torch.randn(F.max_pool2d(x, k).shape)
+    g[0, 0, 0, 0] = -0.0
+    ref = _grads(lambda: F.max_pool2d(F.relu(x), k), [x], g)
+    fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, kernel), [x], g)
+    assert torch.equal(fused[0], ref[0])
+    assert torch.equal(fused[1][0].view(torch.int32), ref[1][0].view(torch.int32))  # bits: +0 and -0 too
+
+
+def test_relu_max_pool2d_saves_one_byte_per_output():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fxp.ops.relu_max_pool2d(x, 2)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 2 * 3 * 4 * 4)]
+    with pytest.raises(RuntimeError, match="expected a 4-D x"):
+        fxp.ops.relu_max_pool2d(torch.randn(3, 8, 8), 2)
+    with pytest.raises(RuntimeError, match="is smaller than the kernel"):
+        fxp.ops.relu_max_pool2d(torch.randn(1, 1, 1, 3), 2)
+
+
+def test_layer_op_errors():
+    w = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="weight_codes and param_format go together"):
+        fxp.ops.linear(torch.randn(2, 4), w, weight_codes=fxp.pack(w, 8, 4))
+    with pytest.raises(RuntimeError, match=r"input_format must be \[total_bits, frac_bits\]"):
+        ops.linear(torch.randn(2, 4), w, None, [8])
+    with pytest.raises(RuntimeError, match="weight_codes has shape"):
+        fxp.ops.linear(torch.randn(2, 4), w, weight_codes=fxp.pack(torch.randn(4, 3), 8, 4),
+                       param_format=FxpFormat(8, 4))
+    with pytest.raises(RuntimeError, match="bias must be packed too"):
+        fxp.ops.linear(torch.randn(2, 4), w, torch.randn(3), weight_codes=fxp.pack(w, 8, 4),
+                       param_format=FxpFormat(8, 4))
+    with pytest.raises(ValueError, match="cannot pack NaN"):
+        x = torch.full((2, 4), float("nan"))
+        fxp.ops.linear(x, w.requires_grad_(), input_format=FxpFormat(8, 4))
+
+
+# --- layers, the network and the optimizer --------------------------------------------
+def _paper_run(method, packed, steps=3, batch=8):
+    torch.manual_seed(0)
+    model = fxp.nn.PaperCNN(method, FxpFormat(16, 10), FxpFormat(16, 8), act_rounding="sr")
+    if method in ("sqpu", "hteqpu"):
+        model.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even", 0)
+    if packed:
+        model.pack_()
+    opt = fxp.optim.make_optimizer(model.parameters(), method, lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+                                   seed=1)
+    data = torch.Generator().manual_seed(5)
+    losses = []
+    for step in range(steps):
+        x, y = torch.randn(batch, 1, 28, 28, generator=data), torch.randint(0, 10, (batch,), generator=data)
+        torch.manual_seed(100 + step)  # the output rounding's draws
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses
+
+
+def _values(model):
+    out = {}
+    for name, layer in model.named_children():
+        for p in ("weight", "bias"):
+            if getattr(layer, p) is None:
+                continue
+            out[f"{name}.{p}"] = (fxp.unpack(getattr(layer, p + "_codes"), layer.param_format)
+                                  if layer.packed_weights else getattr(layer, p).detach())
+    return out
+
+
+@pytest.mark.parametrize("method", ["sqpu", "hteqpu", "ste"])
+def test_packed_training_is_bit_identical(method):
+    model_f, opt_f, losses_f = _paper_run(method, packed=False)
+    model_p, opt_p, losses_p = _paper_run(method, packed=True)
+    assert losses_f == losses_p
+    values_f, values_p = _values(model_f), _values(model_p)
+    assert all(torch.equal(values_f[k], values_p[k]) for k in values_f)
+    if method != "ste":
+        assert model_p.fc1.weight.stride() == (0, 0) and model_p.fc1.weight_codes.dtype == torch.int16
+        buffer = opt_p.state[model_p.fc1.weight]["momentum_buffer"]
+        assert buffer.dtype == torch.int16
+        assert torch.equal(fxp.unpack(buffer, 16, 10), opt_f.state[model_f.fc1.weight]["momentum_buffer"])
+
+
+def test_packed_model_state_dict_round_trip():
+    model, _, _ = _paper_run("sqpu", packed=True, steps=1)
+    state = model.state_dict()
+    assert state["fc1.weight_codes"].dtype == torch.int16 and state["fc1.weight"].stride() == (0, 0)
+    fresh = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8)).pack_()
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.conv2.weight_codes, model.conv2.weight_codes)
+    with pytest.raises(RuntimeError, match="size mismatch for fc2.weight"):
+        bad = dict(state, **{"fc2.weight": torch.zeros(3, 3)})
+        fresh.load_state_dict(bad)
+
+
+def test_packed_layer_errors():
+    layer = fxp.nn.QLinear(4, 3, weight_mode="ste", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
+    with pytest.raises(ValueError, match="only QPU layers can pack their weights"):
+        layer.pack_weights_()
+    with pytest.raises(ValueError, match="fp32 has no grid"):
+        fxp.nn.PaperCNN("fp32").pack_()
+    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8)).pack_()
+    with pytest.raises(ValueError, match="the weights are packed"):
+        model.quantize_parameters_()
+
+
+def test_quantize_model_packed_switch():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    fxp.nn.quantize_model(model, "sqpu", FxpFormat(12, 8), FxpFormat(12, 6), packed=True)
+    assert model[0].packed_weights and fxp.nn.packed_codes(model[0].weight) is model[0].weight_codes
+    opt = QPUSGD(model.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(12, 8))
+    model(torch.randn(5, 6)).sum().backward()
+    before = model[2].weight_codes.clone()
+    opt.step()
+    assert not torch.equal(before, model[2].weight_codes)
+
+
+# --- opcheck ---------------------------------------------------------------------
+def _opcheck_cases(device):
+    x = torch.randn(5, 7, device=device, dtype=torch.float64)
+    fmt = [16, 8]
+    xq = fxp.quantize(x, 16, 8).requires_grad_()
+    w = torch.randn(3, 7, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, device=device, dtype=torch.float64, requires_grad=True)
+    wc, bc = fxp.pack(w.detach(), 12, 8), fxp.pack(b.detach(), 12, 8)
+    xc = fxp.quantize(torch.randn(2, 3, 6, 6, device=device, dtype=torch.float64), 8, 4).requires_grad_()
+    wconv = torch.randn(4, 3, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    return [
+        (ops.pack.default, (x, 8, 4), {}),
+        (ops.pack.default, (x, 20, 4, "stochastic", "wrap", torch.Generator(device=device).manual_seed(0)), {}),
+        (ops.pack_seeded.default, (x, 16, 8, "stochastic", 1, 2), {}),
+        (ops.unpack.default, (fxp.pack(x, 12, 4), 12, 4), {}),
+        (ops.unpack.default, (fxp.pack(x, 8, 4), 8, 4, torch.float64), {}),
+        (ops.linear.default, (xq, w, b), {}),
+        (ops.linear.default, (xq, w, b, fmt), {}),
+        (ops.linear.default, (xq, w, b, fmt, wc, bc, [12, 8]), {}),
+        (ops.conv2d.default, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4]), {}),
+        (ops.conv2d.default, (xc, wconv, None, [2, 2], [0, 0], [1, 1], 1, None, fxp.pack(wconv.detach(), 8, 6),
+                              None, [8, 6]), {}),
+        (ops.relu_max_pool2d.default, (xc, [2, 2]), {}),
+        (ops.relu_max_pool2d.default, (torch.randn(2, 3, 7, 9, device=device, requires_grad=True), [3, 2]), {}),
+        (ops.relu_max_pool2d_with_positions.default, (xc.detach(), [2, 2]), {}),
+        (ops.relu_max_pool2d_backward.default, (torch.randn(2, 3, 3, 3, device=device, dtype=torch.float64),
+                                                torch.randint(0, 4, (2, 3, 3, 3), device=device, dtype=torch.uint8),
+                                                [2, 2], [2, 3, 6, 7]), {}),
+    ]
+
+
+def _run_opcheck(device):
+    for op, args, kwargs in _opcheck_cases(device):
+        has_generator = any(isinstance(a, torch.Generator) for a in args)
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(op, args, kwargs, test_utils=checks if has_generator else checks + (
+            "test_aot_dispatch_dynamic",))
+
+
+def test_opcheck_cpu():
+    _run_opcheck("cpu")
+
+
+@requires_cuda
+def test_opcheck_cuda():
+    _run_opcheck("cuda")
+
+
+# --- CUDA ----------------------------------------------------------------------
+@requires_cuda
+def test_cuda_pack_unpack_bit_identical_to_cpu():
+    torch.manual_seed(6)
+    x = torch.randn(100_003) * 50
+    for fmt in (FxpFormat(8, 3), FxpFormat(16, 10), FxpFormat(32, 20)):
+        for rounding in ("nearest_even", "stochastic"):
+            cpu = fxp.pack_seeded(x, fmt, rounding=rounding, seed=4, offset=9)
+            cuda = fxp.pack_seeded(x.cuda(), fmt, rounding=rounding, seed=4, offset=9)
+            assert torch.equal(cpu, cuda.cpu())
+            assert torch.equal(fxp.unpack(cpu, fmt), fxp.unpack(cuda, fmt).cpu())
+    with pytest.raises(ValueError, match="1 of 2 elements are NaN"):
+        fxp.pack(torch.tensor([1.0, float("nan")], device="cuda"), 8, 4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_cuda_packed_step_bit_identical_to_cpu(case):
+    torch.manual_seed(7)
+    fmt, mfmt = FxpFormat(*case["fmt"]), FxpFormat(*case["mfmt"])
+    shapes = [(100_003,), (7, 9)] + [(1000,)] * 40
+    w = [fxp.pack(fxp.quantize(torch.randn(s), fmt), fmt) for s in shapes]
+    v = [torch.zeros(s, dtype=mfmt.storage_dtype) for s in shapes] if case["momentum"] > 0 else []
+    w_cuda, v_cuda = [t.cuda() for t in w], [t.cuda() for t in v]
+    for step in range(3):
+        g = [torch.randn(s) for s in shapes]
+        counts = _step(w, g, v, case, step)
+        counts_cuda = _step(w_cuda, [t.cuda() for t in g], v_cuda, case, step)
+        assert torch.equal(counts, counts_cuda.cpu())
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(w + v, w_cuda + v_cuda))
+
+
+@requires_cuda
+def test_cuda_relu_max_pool2d_equals_torch():
+    torch.manual_seed(9)
+    x = fxp.quantize(torch.randn(8, 32, 24, 24, device="cuda"), 4, 1).requires_grad_()
+    g = torch.randn(8, 32, 12, 12, device="cuda")
+    ref = _grads(lambda: F.max_pool2d(F.relu(x), 2), [x], g)
+    fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, 2), [x], g)
+    assert torch.equal(fused[0], ref[0]) and torch.equal(fused[1][0], ref[1][0])
+
+
+@requires_cuda
+def test_cuda_packed_training_is_bit_identical():
+    def run(packed):
+        torch.manual_seed(0)
+        model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8), act_rounding="hte").cuda()
+        model.quantize_parameters_("stochastic", 0)
+        if packed:
+            model.pack_()
+        opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10))
+        data = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            x, y = torch.randn(16, 1, 28, 28, generator=data).cuda(), torch.randint(0, 10, (16,), generator=data).cuda()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return _values(model)
+
+    torch.backends.cudnn.deterministic = True
+    a, b = run(False), run(True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
