@@ -22,7 +22,7 @@ OptionalFormat parse_format(const char* op, const char* name, at::OptionalIntArr
 at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value,
                        const std::optional<at::Tensor>& codes, const OptionalFormat& param_format);
 
-// Checks the formats and the pairing of codes with param_format.
+// Checks dtypes and the pairing of codes with param_format.
 void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const OptionalFormat& input_format,
                       const std::optional<at::Tensor>& weight_codes, const std::optional<at::Tensor>& bias_codes,

@@ -2,6 +2,8 @@
 // fxp::unpack, so CPU, CUDA and Meta all run through here.
 #include <torch/library.h>
 
+#include <utility>
+
 #include "layers.h"
 #include "ops.h"
 #include "pool_ops.h"
@@ -41,20 +43,28 @@ void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& wei
   TORCH_CHECK(!has_bias_codes || has_bias, op, ": bias_codes needs bias");
   TORCH_CHECK(has_bias_codes == (has_weight_codes && has_bias), op,
               ": with packed weights a bias must be packed too (bias_codes), and only then");
-  (void)input_format;
 }
+
+namespace {
+// The checked float weight and bias of a layer op: from codes when given.
+std::pair<at::Tensor, std::optional<at::Tensor>> layer_weights(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
+    const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+  const OptionalFormat in_fmt = parse_format(op, "input_format", input_format);
+  const OptionalFormat p_fmt = parse_format(op, "param_format", param_format);
+  check_layer_args(op, x, weight, bias, in_fmt, weight_codes, bias_codes, p_fmt);
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined()) b = layer_value(op, "bias", *bias, bias_codes, p_fmt);
+  return {layer_value(op, "weight", weight, weight_codes, p_fmt), b};
+}
+}  // namespace
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
-  constexpr const char* op = "fxp::linear";
-  const OptionalFormat in_fmt = parse_format(op, "input_format", input_format);
-  const OptionalFormat p_fmt = parse_format(op, "param_format", param_format);
-  check_layer_args(op, x, weight, bias, in_fmt, weight_codes, bias_codes, p_fmt);
-  const at::Tensor w = layer_value(op, "weight", weight, weight_codes, p_fmt);
-  const std::optional<at::Tensor> b =
-      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(layer_value(op, "bias", *bias, bias_codes, p_fmt))
-                                          : std::nullopt;
+  const auto [w, b] =
+      layer_weights("fxp::linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
   return at::linear(x, w, b);
 }
 
@@ -62,23 +72,20 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const s
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
-  constexpr const char* op = "fxp::conv2d";
-  const OptionalFormat in_fmt = parse_format(op, "input_format", input_format);
-  const OptionalFormat p_fmt = parse_format(op, "param_format", param_format);
-  check_layer_args(op, x, weight, bias, in_fmt, weight_codes, bias_codes, p_fmt);
-  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": expected a 4-D x (N, C, H, W) and a 4-D weight, but got ",
-              x.dim(), "-D and ", weight.dim(), "-D");
-  const at::Tensor w = layer_value(op, "weight", weight, weight_codes, p_fmt);
-  const std::optional<at::Tensor> b =
-      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(layer_value(op, "bias", *bias, bias_codes, p_fmt))
-                                          : std::nullopt;
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4,
+              "fxp::conv2d: expected a 4-D x (N, C, H, W) and a 4-D weight, but got ", x.dim(), "-D and ",
+              weight.dim(), "-D");
+  const auto [w, b] =
+      layer_weights("fxp::conv2d", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
   // What torch.conv2d computes (at::convolution), so gradients match its autograd.
   return at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
 }
 
+namespace {
 at::Tensor relu_max_pool2d_forward(const at::Tensor& x, at::IntArrayRef kernel_size) {
   return std::get<0>(relu_max_pool2d_with_positions(x, kernel_size));
 }
+}  // namespace
 
 TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_forward);

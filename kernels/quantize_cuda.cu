@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "fxp_math.h"
 #include "quantize_cuda.h"
@@ -15,6 +16,15 @@ namespace fxp::kernels {
 namespace {
 
 constexpr int kThreads = 256;
+
+// The Philox key and counter offset of this launch (on the device, so CUDA-graph
+// replays draw fresh numbers); deterministic roundings need none.
+template <Rounding R>
+__device__ __forceinline__ std::pair<uint64_t, uint64_t> philox_key_and_offset(const at::PhiloxCudaState& philox) {
+  if constexpr (R != Rounding::Stochastic) return {0, 0};
+  const auto seeds = at::cuda::philox::unpack(philox);
+  return {std::get<0>(seeds), std::get<1>(seeds)};
+}
 
 template <typename scalar_t>
 struct alignas(4 * sizeof(scalar_t)) Vec4 {
@@ -28,12 +38,7 @@ __global__ void __launch_bounds__(kThreads)
                     FxpSpec<at::opmath_type<scalar_t>> spec, at::PhiloxCudaState philox,
                     unsigned long long* __restrict__ saturated_count, bool aligned) {
   using opmath_t = at::opmath_type<scalar_t>;
-  uint64_t seed = 0, offset = 0;
-  if constexpr (R == Rounding::Stochastic) {
-    const auto seeds = at::cuda::philox::unpack(philox);
-    seed = std::get<0>(seeds);
-    offset = std::get<1>(seeds);
-  }
+  const auto [seed, offset] = philox_key_and_offset<R>(philox);
   const int64_t nblocks = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned long long local = 0;
@@ -124,12 +129,7 @@ template <typename scalar_t, typename code_t, Rounding R, Overflow O>
 __global__ void __launch_bounds__(kThreads)
     pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n, FxpSpec<double> spec,
                 at::PhiloxCudaState philox, unsigned long long* __restrict__ nan_count) {
-  uint64_t seed = 0, offset = 0;
-  if constexpr (R == Rounding::Stochastic) {
-    const auto seeds = at::cuda::philox::unpack(philox);
-    seed = std::get<0>(seeds);
-    offset = std::get<1>(seeds);
-  }
+  const auto [seed, offset] = philox_key_and_offset<R>(philox);
   const int64_t nblocks = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned long long nans = 0;

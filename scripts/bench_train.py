@@ -8,6 +8,7 @@ CSV it writes is what `scripts/sweep --estimate` extrapolates full grids from.
 
   scripts/bench_train.py --csv results/throughput-cpu.csv --markdown results/throughput-cpu.md
   scripts/bench_train.py --device cuda --csv gpu.csv
+  scripts/bench_train.py --methods fp32,sqpu,sqpu:packed --batch-sizes 16,256   # the cost of packed storage
 """
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ from bench_report import BenchReport  # noqa: E402
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
             threads: int, data_dir: str | None) -> dict:
+    name, _, variant = method.partition(":")  # "sqpu:packed": fxp-train --packed
+    if variant not in ("", "packed"):
+        raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD or METHOD:packed)")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [fxp_train, "--method", method, "--batch-size", str(batch), "--epochs", "2",
+        cmd = [fxp_train, "--method", name, "--batch-size", str(batch), "--epochs", "2",
+               f"--packed={'true' if variant else 'false'}",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
                "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
         if data_dir:
@@ -40,7 +45,8 @@ def measure(fxp_train: str, method: str, batch: int, images: int, val_images: in
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu")
+    p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu",
+                   help="comma-separated; METHOD:packed runs fxp-train --packed")
     p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
     p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
     p.add_argument("--val-images", type=int, default=2000)

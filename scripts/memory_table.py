@@ -108,6 +108,8 @@ def figure(rows: list[dict], path: pathlib.Path, bits: int = 16) -> None:
             values = [r[f"{cat}_bytes"] / 1e6 for r in sub]
             ax.bar(range(len(sub)), values, bottom=bottom, color=color, label=cat.replace("_", " "))
             bottom = [b + v for b, v in zip(bottom, values)]
+        ax.scatter(range(len(sub)), [r["step_peak_bytes"] / 1e6 for r in sub], marker="_", s=600, color="black",
+                   linewidths=2, label="step peak", zorder=3)
         ax.set_xticks(range(len(sub)), labels, fontsize=8)
         ax.set_ylabel("MB per training step")
         ax.set_title(f"batch {batch}, {bits}-bit parameters and outputs")

@@ -44,6 +44,9 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 "stop_reason": s.get("stop_reason"), "wall_time_s": s.get("wall_time_s"),
                 "train_images_per_s": s.get("train_images_per_s"),
                 "memory_ratio_to_ste": paper.get("ratio_to_ste"), "memory_ratio_to_fp32": paper.get("ratio_to_fp32"),
+                # One measured training step (docs/memory.md); absent in runs older than issue 6.
+                "measured_step_bytes": s.get("measured_memory", {}).get("step", {}).get("total_bytes"),
+                "measured_step_peak_bytes": s.get("measured_memory", {}).get("step", {}).get("step_peak_bytes"),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent

@@ -204,6 +204,7 @@ json measured_memory(const torch::Device& device, const std::optional<StepMemory
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
     const auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     m["cuda_peak_allocated_bytes"] = stats.allocated_bytes[aggregate].peak;
+    m["cuda_current_allocated_bytes"] = stats.allocated_bytes[aggregate].current;
     m["cuda_peak_reserved_bytes"] = stats.reserved_bytes[aggregate].peak;
   }
 #endif

@@ -314,6 +314,28 @@ def test_packed_model_state_dict_round_trip():
         fresh.load_state_dict(bad)
 
 
+def test_deep_copied_packed_model_trains_like_the_original():
+    import copy
+
+    model, opt, _ = _paper_run("sqpu", packed=True, steps=1)
+    twin = copy.deepcopy(model)
+    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1)
+    twin_opt.load_state_dict(opt.state_dict())
+    assert twin_opt.state[twin.fc1.weight]["momentum_buffer"].dtype == torch.int16  # torch would cast it to float
+    with pytest.raises(RuntimeError, match="linked to another layer's codes .* run a forward pass"):
+        for p in twin.parameters():
+            p.grad = torch.zeros(p.shape)
+        twin_opt.step()
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        torch.manual_seed(3)
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    assert torch.equal(model.fc1.weight_codes, twin.fc1.weight_codes)
+    assert twin.fc1.weight.stride() == (0, 0)  # the copy's full-size stand-ins shrank again
+
+
 def test_packed_layer_errors():
     layer = fxp.nn.QLinear(4, 3, weight_mode="ste", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
     with pytest.raises(ValueError, match="only QPU layers can pack their weights"):

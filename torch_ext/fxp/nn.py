@@ -17,8 +17,8 @@ from .format import FxpFormat
 from . import ops as fxp_ops
 from .ops import pack, quantize_ste
 
-__all__ = ["QLinear", "QConv2d", "PaperCNN", "quantize_model", "quantize_parameters_", "pack_model_",
-           "packed_codes", "METHODS", "WEIGHT_MODES"]
+__all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "quantize_model", "quantize_parameters_",
+           "pack_model_", "packed_codes", "METHODS", "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -26,6 +26,14 @@ InferenceRounding = Literal["hte", "sr"]
 METHODS = ("fp32", "ste", "sqpu", "hteqpu")
 WEIGHT_MODES = {"fp32": "fp32", "ste": "ste", "sqpu": "qpu", "hteqpu": "qpu"}
 _OP_ROUNDING = {"hte": "nearest_even", "sr": "stochastic"}
+
+
+class PackedParameter(nn.Parameter):
+    """A packed layer's weight or bias: the shape and dtype of the value, a
+    one-element stand-in storage (4 bytes), and the gradient; the value lives
+    in the layer's integer codes (``weight_codes``/``bias_codes``), which
+    :class:`fxp.optim.QPUSGD` updates. A distinct type, so copies of it stay
+    recognizable (:func:`packed_codes`)."""
 
 
 class _QuantizedLayer(nn.Module):
@@ -51,10 +59,11 @@ class _QuantizedLayer(nn.Module):
 
     def pack_weights_(self) -> None:
         """Moves the weight and bias into integer codes of ``param_format``
-        (buffers ``weight_codes``/``bias_codes``); the float parameters stay
-        registered as one-element stand-ins of the same shape, which receive
-        the gradients. :class:`fxp.optim.QPUSGD` then updates the codes. Only
-        for ``weight_mode="qpu"``, whose weights are on the grid."""
+        (buffers ``weight_codes``/``bias_codes``); ``weight`` and ``bias``
+        become :class:`PackedParameter` stand-ins of the same shape, which
+        receive the gradients. :class:`fxp.optim.QPUSGD` then updates the
+        codes. Only for ``weight_mode="qpu"``, whose weights are on the grid.
+        Pack before creating the optimizer: the parameters are new objects."""
         if self.weight_mode != "qpu":
             raise ValueError(f"{type(self).__name__}: only QPU layers can pack their weights (STE keeps a float "
                              f"master copy), but weight_mode is {self.weight_mode!r}")
@@ -65,9 +74,20 @@ class _QuantizedLayer(nn.Module):
             if param is None:
                 continue
             self.register_buffer(f"{name}_codes", pack(param.detach(), self.param_format))
-            param._fxp_packed = (weakref.ref(self), f"{name}_codes")
+            setattr(self, name, PackedParameter(param.detach(), requires_grad=param.requires_grad))
         self.packed_weights = True
         self._make_stand_ins()
+        self._link_stand_ins()
+
+    def _link_stand_ins(self) -> None:
+        # How fxp.optim.QPUSGD finds a stand-in's codes (fxp.nn.packed_codes). Renewed on every
+        # forward: a deep copy's Parameters carry their original's link, and full-size data.
+        if any(p.numel() > 1 and any(st != 0 for st in p.stride()) for p in self.parameters(recurse=False)):
+            self._make_stand_ins()
+        for name in ("weight", "bias"):
+            param = getattr(self, name)
+            if param is not None:
+                param._fxp_packed = (weakref.ref(self), name)
 
     def _make_stand_ins(self) -> None:
         for name in ("weight", "bias"):
@@ -104,6 +124,7 @@ class _QuantizedLayer(nn.Module):
         """The conv/linear output before quantization, through fxp's op when storage is packed."""
         fmt = self.saved_input_format
         if self.packed_weights:
+            self._link_stand_ins()
             y = op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
                    bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format)
         else:
@@ -179,6 +200,7 @@ class PaperCNN(nn.Module):
         q = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
                  act_rounding=act_rounding)
         self.method = method
+        self.fused_relu_pool = False  # pack_() sets it
         self.conv1 = QConv2d(1, 32, 5, bias=False, **q)
         self.conv2 = QConv2d(32, 64, 5, bias=False, **q)
         self.fc1 = QLinear(1024, 128, **q)
@@ -204,7 +226,7 @@ class PaperCNN(nn.Module):
         return self
 
     def _relu_pool(self, y: Tensor) -> Tensor:
-        if getattr(self, "fused_relu_pool", False):  # saves one byte per output; same values and gradients
+        if self.fused_relu_pool:  # saves one byte per output; same values and gradients
             return fxp_ops.relu_max_pool2d(y, 2)
         return F.max_pool2d(F.relu(y), 2)
 
@@ -268,11 +290,15 @@ def pack_model_(model: nn.Module) -> nn.Module:
 
 def packed_codes(param: Tensor) -> Optional[Tensor]:
     """The codes that hold a packed parameter's value, or None if it is not packed."""
-    link = getattr(param, "_fxp_packed", None)
-    if link is None:
+    if not isinstance(param, PackedParameter):
         return None
-    layer = link[0]()
-    return None if layer is None else getattr(layer, link[1])
+    link = getattr(param, "_fxp_packed", None)
+    layer, name = (link[0](), link[1]) if link is not None else (None, None)
+    if layer is None or not layer.packed_weights or getattr(layer, name) is not param:
+        # A copy (copy.deepcopy, pickling) whose own layer has not run yet.
+        raise RuntimeError("fxp: a packed layer's parameter is linked to another layer's codes (a copied "
+                           "model?); run a forward pass of its model first, which links it to its own")
+    return getattr(layer, f"{name}_codes")
 
 
 def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:

@@ -100,6 +100,15 @@ class QPUSGD(Optimizer):
         FxpFormat(param_group["momentum_total_bits"], param_group["momentum_frac_bits"])
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to each parameter's dtype; packed momentum buffers are integer codes.
+        codes = {pid: s["momentum_buffer"] for pid, s in state_dict["state"].items()
+                 if isinstance(s.get("momentum_buffer"), Tensor) and not s["momentum_buffer"].is_floating_point()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]  # torch's id order
+        for pid, buffer in codes.items():
+            self.state[params[pid]]["momentum_buffer"] = buffer.to(device=params[pid].device, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
