@@ -61,6 +61,18 @@ def measure(fxp_train: str, method: str, bits: int, batch: int, packed: bool, de
     return row
 
 
+def read_csv(path: pathlib.Path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            r["packed"] = r["packed"] == "True"
+            for k in r:
+                if k == "bits" or k == "batch_size" or k.endswith("_bytes"):
+                    r[k] = float(r[k]) if "." in r[k] else int(r[k])
+            rows.append(r)
+    return rows
+
+
 def kb(x: float) -> str:
     return f"{x / 1e3:,.0f}"
 
@@ -113,8 +125,9 @@ def figure(rows: list[dict], path: pathlib.Path, bits: int = 16) -> None:
         ax.set_xticks(range(len(sub)), labels, fontsize=8)
         ax.set_ylabel("MB per training step")
         ax.set_title(f"batch {batch}, {bits}-bit parameters and outputs")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 
@@ -130,18 +143,19 @@ def main(argv=None) -> int:
     p.add_argument("--csv", type=pathlib.Path, help="write the rows here")
     p.add_argument("--markdown", type=pathlib.Path, help="replace the table between the markers of this file")
     p.add_argument("--figure", type=pathlib.Path, help="stacked bars at 16 bits")
+    p.add_argument("--from-csv", type=pathlib.Path, help="redraw the table and figure from this CSV; run nothing")
     args = p.parse_args(argv)
-    if not pathlib.Path(args.fxp_train).exists():
-        p.error(f"{args.fxp_train} does not exist; build it with scripts/setup.sh")
-    try:
+    if args.from_csv:
+        rows = read_csv(args.from_csv)
+    else:
+        if not pathlib.Path(args.fxp_train).exists():
+            p.error(f"{args.fxp_train} does not exist; build it with scripts/setup.sh")
         from tqdm import tqdm
-    except ImportError:  # progress is a nicety
-        def tqdm(x, **_):
-            return x
-    todo = list(cells(args.bits, args.batch_sizes))
-    rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir)
-            for m, b, n, packed in tqdm(todo, desc="memory", unit="run")]
-    if args.csv:
+
+        todo = list(cells(args.bits, args.batch_sizes))
+        rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir)
+                for m, b, n, packed in tqdm(todo, desc="memory", unit="run")]
+    if args.csv and not args.from_csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

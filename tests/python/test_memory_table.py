@@ -1,0 +1,62 @@
+"""scripts/memory_table.py: the cells, the table's ratios, the CSV round trip,
+and one real set of cells through fxp-train."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FXP_TRAIN = ROOT / "build" / "fxp-train"
+FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
+memory_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory_table)
+
+
+def test_cells_cover_every_method_bits_batch_and_storage():
+    cells = list(memory_table.cells())
+    assert len(cells) == 2 * (1 + 3 * 4 * 2)  # per batch: fp32 once, three methods x four widths x two storages
+    assert ("fp32", 32, 16, False) in cells and ("sqpu", 12, 256, True) in cells
+    assert not any(m == "fp32" and packed for m, _, _, packed in cells)
+
+
+def _row(method, bits, batch, packed, total, paper):
+    parts = dict(parameters_bytes=total // 4, gradients_bytes=total // 4, optimizer_state_bytes=total // 4)
+    parts["activations_bytes"] = total - 3 * (total // 4)
+    return dict(method=method, bits=bits, batch_size=batch, packed=packed, device="cpu", **parts, total_bytes=total,
+                step_peak_bytes=2 * total, model_paper_bytes=paper, model_full_bytes=paper)
+
+
+def test_markdown_ratios_are_to_ste_with_float_storage(tmp_path):
+    rows = [_row("ste", 16, 16, False, 4000, 1000), _row("sqpu", 16, 16, True, 1000, 500)]
+    table = memory_table.markdown(rows)
+    assert "| sqpu | 16 | packed | 0 | 0 | 0 | 0 | 1 | 2 | 0.250 | 0.500 |" in table
+    md = tmp_path / "memory.md"
+    md.write_text(f"intro\n{memory_table.MARKER}\nold\n{memory_table.MARKER}\noutro\n")
+    csv_path = tmp_path / "rows.csv"
+    with open(csv_path, "w", newline="") as f:
+        import csv
+
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert memory_table.main(["--from-csv", str(csv_path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "old" not in text and "0.250" in text and text.startswith("intro") and text.endswith("outro\n")
+
+
+@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+def test_real_cells_measure_packed_savings(tmp_path):
+    csv_path = tmp_path / "m.csv"
+    assert memory_table.main(["--bits", "8", "--batch-sizes", "16", "--csv", str(csv_path)]) == 0
+    rows = {(r["method"], r["packed"]): r for r in memory_table.read_csv(csv_path)}
+    assert len(rows) == 7
+    float_sqpu, packed_sqpu = rows[("sqpu", False)], rows[("sqpu", True)]
+    assert float_sqpu["parameters_bytes"] == 184490 * 4
+    assert packed_sqpu["parameters_bytes"] == 184490 + 6 * 4  # int8 codes and the stand-ins
+    assert packed_sqpu["total_bytes"] < 0.3 * rows[("ste", False)]["total_bytes"]
