@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/Generator.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <vector>
@@ -32,12 +34,14 @@ void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& wei
 // called by the Autograd kernels below the autograd key.
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format);
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
+                          c10::string_view output_rounding, const std::optional<at::Generator>& generator);
 
 at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format);
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
+                          c10::string_view output_rounding, const std::optional<at::Generator>& generator);
 
 
 }  // namespace fxp

@@ -64,9 +64,13 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, at::OptionalIntArrayRef input_format,
                             const std::optional<at::Tensor>& weight_codes,
-                            const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                            const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                            at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                            const std::optional<at::Generator>& generator) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = linear_forward(x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+    // The output quantization, if any, is straight-through: the backward ignores it.
+    at::Tensor out = linear_forward(x, weight, bias, input_format, weight_codes, bias_codes, param_format,
+                                    output_format, output_rounding, generator);
     // As ATen's mm derivatives: the input only for the weight gradient, the weight only for the input's.
     SavedInputs::save(ctx, x, weight, bias, parse_format("fxp::linear", "input_format", input_format), weight_codes,
                       parse_format("fxp::linear", "param_format", param_format), weight.requires_grad(),
@@ -97,7 +101,9 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_b = at::sum_to(g, ctx->saved_data["bias_sizes"].toIntVector());
     }
-    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list grads(10);  // one per forward argument; only x, weight and bias are differentiable
+    grads[0] = grad_x, grads[1] = grad_w, grads[2] = grad_b;
+    return grads;
   }
 };
 
@@ -107,10 +113,12 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups, at::OptionalIntArrayRef input_format,
                             const std::optional<at::Tensor>& weight_codes,
-                            const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                            const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                            at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                            const std::optional<at::Generator>& generator) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
-                                    bias_codes, param_format);
+                                    bias_codes, param_format, output_format, output_rounding, generator);
     // convolution_backward takes both, whichever gradient is asked for.
     SavedInputs::save(ctx, x, weight, bias, parse_format("fxp::conv2d", "input_format", input_format), weight_codes,
                       parse_format("fxp::conv2d", "param_format", param_format), true, true);
@@ -132,8 +140,9 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false, /*output_padding=*/{0, 0},
         ctx->saved_data["groups"].toInt(), mask);
-    return {grad_x,      grad_w,      grad_b,      at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    variable_list grads(14);  // one per forward argument; only x, weight and bias are differentiable
+    grads[0] = grad_x, grads[1] = grad_w, grads[2] = grad_b;
+    return grads;
   }
 };
 
@@ -175,25 +184,31 @@ at::Tensor relu_max_pool2d_autograd(const at::Tensor& x, at::IntArrayRef kernel_
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                           at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                           const std::optional<at::Generator>& generator) {
   if (!any_requires_grad(x, weight, bias)) {  // inference: nothing to save, nothing to pack
     at::AutoDispatchBelowADInplaceOrView guard;
-    return linear_forward(x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+    return linear_forward(x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+                          output_rounding, generator);
   }
-  return LinearFunction::apply(x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+  return LinearFunction::apply(x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+                               output_rounding, generator);
 }
 
 at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                           at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                           const std::optional<at::Generator>& generator) {
   if (!any_requires_grad(x, weight, bias)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return conv2d_forward(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes, bias_codes,
-                          param_format);
+                          param_format, output_format, output_rounding, generator);
   }
   return Conv2dFunction::apply(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
-                               bias_codes, param_format);
+                               bias_codes, param_format, output_format, output_rounding, generator);
 }
 
 }  // namespace

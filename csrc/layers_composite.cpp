@@ -58,27 +58,41 @@ std::pair<at::Tensor, std::optional<at::Tensor>> layer_weights(
   if (bias.has_value() && bias->defined()) b = layer_value(op, "bias", *bias, bias_codes, p_fmt);
   return {layer_value(op, "weight", weight, weight_codes, p_fmt), b};
 }
+
+// The layer's output quantization, in place on the fresh output (the same
+// generator draws as quantize_ste would take).
+at::Tensor quantize_output(const char* op, at::Tensor y, at::OptionalIntArrayRef output_format,
+                           c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
+  const OptionalFormat fmt = parse_format(op, "output_format", output_format);
+  if (fmt.present) quantize_(y, fmt.total_bits, fmt.frac_bits, output_rounding, "saturate", generator);
+  return y;
+}
 }  // namespace
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
+                          c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
   const auto [w, b] =
       layer_weights("fxp::linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
-  return at::linear(x, w, b);
+  return quantize_output("fxp::linear", at::linear(x, w, b), output_format, output_rounding, generator);
 }
 
 at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
+                          c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4,
               "fxp::conv2d: expected a 4-D x (N, C, H, W) and a 4-D weight, but got ", x.dim(), "-D and ",
               weight.dim(), "-D");
   const auto [w, b] =
       layer_weights("fxp::conv2d", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
   // What torch.conv2d computes (at::convolution), so gradients match its autograd.
-  return at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return quantize_output(
+      "fxp::conv2d",
+      at::convolution(x, w, b, stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+      output_format, output_rounding, generator);
 }
 
 namespace {

@@ -120,25 +120,28 @@ at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                  at::OptionalIntArrayRef output_format, Str output_rounding, const Generator& generator) {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                          at::OptionalIntArrayRef, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                         at::OptionalIntArrayRef)>("fxp::linear");
-  return op.call(x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+                         at::OptionalIntArrayRef, at::OptionalIntArrayRef, Str, const Generator&)>("fxp::linear");
+  return op.call(x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+                 output_rounding, generator);
 }
 
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                   at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
+                  const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                  at::OptionalIntArrayRef output_format, Str output_rounding, const Generator& generator) {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, at::IntArrayRef,
                          at::IntArrayRef, at::IntArrayRef, int64_t, at::OptionalIntArrayRef,
                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                         at::OptionalIntArrayRef)>("fxp::conv2d");
+                         at::OptionalIntArrayRef, at::OptionalIntArrayRef, Str, const Generator&)>("fxp::conv2d");
   return op.call(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes, bias_codes,
-                 param_format);
+                 param_format, output_format, output_rounding, generator);
 }
 
 at::Tensor relu_max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size) {

@@ -77,19 +77,26 @@ at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits
                   std::optional<at::ScalarType> dtype = std::nullopt);
 
 // torch's linear / conv2d for quantized layers: weights from packed codes
-// (weight_codes, bias_codes in param_format) and the input saved packed in
-// input_format for the backward. See docs/design.md, "Packed storage".
+// (weight_codes, bias_codes in param_format), the input saved packed in
+// input_format for the backward, and the output quantized in place to
+// output_format (straight-through). See docs/design.md, "Packed storage".
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias = std::nullopt,
                   at::OptionalIntArrayRef input_format = std::nullopt,
                   const std::optional<at::Tensor>& weight_codes = std::nullopt,
                   const std::optional<at::Tensor>& bias_codes = std::nullopt,
-                  at::OptionalIntArrayRef param_format = std::nullopt);
+                  at::OptionalIntArrayRef param_format = std::nullopt,
+                  at::OptionalIntArrayRef output_format = std::nullopt,
+                  c10::string_view output_rounding = "nearest_even",
+                  const std::optional<at::Generator>& generator = std::nullopt);
 at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                   at::OptionalIntArrayRef input_format = std::nullopt,
                   const std::optional<at::Tensor>& weight_codes = std::nullopt,
                   const std::optional<at::Tensor>& bias_codes = std::nullopt,
-                  at::OptionalIntArrayRef param_format = std::nullopt);
+                  at::OptionalIntArrayRef param_format = std::nullopt,
+                  at::OptionalIntArrayRef output_format = std::nullopt,
+                  c10::string_view output_rounding = "nearest_even",
+                  const std::optional<at::Generator>& generator = std::nullopt);
 
 // max_pool2d(relu(x), kernel_size), stride = kernel_size, whose autograd saves
 // one byte per output; gradients equal torch's. See docs/design.md.

@@ -60,14 +60,18 @@ TORCH_LIBRARY(fxp, m) {
   // packed storage (Note [Packed saved inputs]). weight_codes and bias_codes
   // (codes of param_format) replace the values of weight and bias, which then
   // only carry shape and dtype and receive the gradients. With input_format,
-  // the autograd saves x as codes of that format, which x must lie on.
+  // the autograd saves x as codes of that format, which x must lie on. With
+  // output_format, the output is quantized in place (saturate), as
+  // quantize_ste would, with a straight-through gradient and no extra copy.
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
-      "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None) -> Tensor");
+      "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None, "
+      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
   m.def(
       "conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
-      "Tensor? bias_codes=None, int[]? param_format=None) -> Tensor");
+      "Tensor? bias_codes=None, int[]? param_format=None, int[]? output_format=None, "
+      "str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
   // max_pool2d(relu(x), kernel_size) over non-overlapping windows, whose
   // autograd saves one byte per output (Note [Fused ReLU and max-pool])
   // instead of relu's output and the pool's int64 indices.

@@ -59,6 +59,13 @@ at::OptionalIntArrayRef format_ref(const std::optional<std::vector<int64_t>>& fo
   return format ? at::OptionalIntArrayRef(*format) : std::nullopt;
 }
 
+// Packed layers quantize their output inside the layer op (no float copy),
+// except while validation statistics are collected (quantize_stats).
+std::optional<std::vector<int64_t>> fused_output_format(const QuantConfig& c, const OutputStats& stats) {
+  if (c.weight_mode == WeightMode::Fp32 || (stats.enabled && !torch::GradMode::is_enabled())) return std::nullopt;
+  return std::vector<int64_t>{c.act_total_bits, c.act_frac_bits};
+}
+
 std::vector<int64_t> param_format(const QuantConfig& c) { return {c.param_total_bits, c.param_frac_bits}; }
 
 // Note [Packed layers]: moves a parameter's value into codes (round half to
@@ -107,17 +114,23 @@ QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, Q
 }
 
 torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
+  if (!packed.weights && !packed.saved_input_format) {
+    const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
+    return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config,
+                  output_stats);
+  }
+  const auto out_format = fused_output_format(config, output_stats);
   torch::Tensor y;
   if (packed.weights) {
     y = fxp::linear(x, linear->weight, optional(linear->bias), format_ref(packed.saved_input_format), weight_codes,
-                    optional(bias_codes), param_format(config));
+                    optional(bias_codes), param_format(config), format_ref(out_format),
+                    op_rounding(config.act_rounding));
   } else {
     const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-    y = packed.saved_input_format
-            ? fxp::linear(x, weight_on_read(linear->weight, config), optional(bias), format_ref(packed.saved_input_format))
-            : torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias);
+    y = fxp::linear(x, weight_on_read(linear->weight, config), optional(bias), format_ref(packed.saved_input_format),
+                    std::nullopt, std::nullopt, std::nullopt, format_ref(out_format), op_rounding(config.act_rounding));
   }
-  return output(y, config, output_stats);
+  return out_format ? y : output(y, config, output_stats);
 }
 
 void QLinearImpl::pack_weights_() {
@@ -136,19 +149,25 @@ QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) 
 torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto& o = conv->options;
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
+  if (!packed.weights && !packed.saved_input_format) {
+    const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
+    return output(torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding, o.dilation(),
+                                o.groups()),
+                  config, output_stats);
+  }
+  const auto out_format = fused_output_format(config, output_stats);
   torch::Tensor y;
   if (packed.weights) {
     y = fxp::conv2d(x, conv->weight, optional(conv->bias), o.stride(), padding, o.dilation(), o.groups(),
-                    format_ref(packed.saved_input_format), weight_codes, optional(bias_codes), param_format(config));
+                    format_ref(packed.saved_input_format), weight_codes, optional(bias_codes), param_format(config),
+                    format_ref(out_format), op_rounding(config.act_rounding));
   } else {
     const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
-    y = packed.saved_input_format
-            ? fxp::conv2d(x, weight_on_read(conv->weight, config), optional(bias), o.stride(), padding,
-                          o.dilation(), o.groups(), format_ref(packed.saved_input_format))
-            : torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding, o.dilation(),
-                            o.groups());
+    y = fxp::conv2d(x, weight_on_read(conv->weight, config), optional(bias), o.stride(), padding, o.dilation(),
+                    o.groups(), format_ref(packed.saved_input_format), std::nullopt, std::nullopt, std::nullopt,
+                    format_ref(out_format), op_rounding(config.act_rounding));
   }
-  return output(y, config, output_stats);
+  return out_format ? y : output(y, config, output_stats);
 }
 
 void QConv2dImpl::pack_weights_() {

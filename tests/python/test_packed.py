@@ -199,6 +199,28 @@ def test_conv2d_packed_gradients_equal_torch():
         assert torch.equal(out, ref[0]) and all(torch.equal(a, c) for a, c in zip(grads, ref[1]))
 
 
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+def test_fused_output_quantization_equals_quantize_ste(rounding):
+    torch.manual_seed(10)
+    out_fmt = FxpFormat(8, 3)
+    x = torch.randn(9, 12, requires_grad=True)
+    w = torch.randn(5, 12, requires_grad=True)
+    g = torch.randn(9, 5)
+    ref = _grads(lambda: fxp.quantize_ste(F.linear(x, w), out_fmt, rounding=rounding,
+                                          generator=torch.Generator().manual_seed(4)), [x, w], g)
+    fused = _grads(lambda: fxp.ops.linear(x, w, output_format=out_fmt, output_rounding=rounding,
+                                          generator=torch.Generator().manual_seed(4)), [x, w], g)
+    assert torch.equal(fused[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(fused[1], ref[1]))
+    xc = torch.randn(2, 3, 7, 7, requires_grad=True)
+    wc = torch.randn(4, 3, 3, 3, requires_grad=True)
+    gc = torch.randn(2, 4, 5, 5)
+    ref = _grads(lambda: fxp.quantize_ste(torch.conv2d(xc, wc), out_fmt, rounding=rounding,
+                                          generator=torch.Generator().manual_seed(5)), [xc, wc], gc)
+    fused = _grads(lambda: fxp.ops.conv2d(xc, wc, output_format=out_fmt, output_rounding=rounding,
+                                          generator=torch.Generator().manual_seed(5)), [xc, wc], gc)
+    assert torch.equal(fused[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(fused[1], ref[1]))
+
+
 def test_linear_saves_codes_not_floats():
     """What the autograd keeps: the input as int16 codes, the weight as its codes."""
     in_fmt, p_fmt = FxpFormat(16, 8), FxpFormat(8, 4)
@@ -378,7 +400,11 @@ def _opcheck_cases(device):
         (ops.linear.default, (xq, w, b), {}),
         (ops.linear.default, (xq, w, b, fmt), {}),
         (ops.linear.default, (xq, w, b, fmt, wc, bc, [12, 8]), {}),
+        (ops.linear.default, (xq, w, b, fmt, wc, bc, [12, 8], [8, 4]), {}),
+        (ops.linear.default, (xq, w, None, None, None, None, None, [8, 4], "stochastic",
+                              torch.Generator(device=device).manual_seed(0)), {}),
         (ops.conv2d.default, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4]), {}),
+        (ops.conv2d.default, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4], None, None, None, [12, 6]), {}),
         (ops.conv2d.default, (xc, wconv, None, [2, 2], [0, 0], [1, 1], 1, None, fxp.pack(wconv.detach(), 8, 6),
                               None, [8, 6]), {}),
         (ops.relu_max_pool2d.default, (xc, [2, 2]), {}),

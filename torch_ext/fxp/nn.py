@@ -121,16 +121,17 @@ class _QuantizedLayer(nn.Module):
         self._skip_on_load = set()
 
     def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
-        """The conv/linear output before quantization, through fxp's op when storage is packed."""
+        """The quantized conv/linear output through fxp's layer op (packed storage): the op
+        quantizes its own output in place, with the draws quantize_ste would take."""
         fmt = self.saved_input_format
+        out = dict(output_format=self.act_format, output_rounding=_OP_ROUNDING[self.act_rounding])
         if self.packed_weights:
             self._link_stand_ins()
-            y = op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
-                   bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format)
-        else:
-            bias = None if self.bias is None else self._weight(self.bias)
-            y = op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt)
-        return y
+            return op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
+                      bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
+        bias = None if self.bias is None else self._weight(self.bias)
+        return op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt, **out)
+
 
     def _weight(self, w: Tensor) -> Tensor:
         if self.weight_mode == "ste":  # quantize on read; the fp32 master copy gets the gradient
@@ -159,7 +160,7 @@ class QLinear(nn.Linear, _QuantizedLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed_weights or self.saved_input_format is not None:
-            return self._output(self._layer_output(x, fxp_ops.linear))
+            return self._layer_output(x, fxp_ops.linear)
         bias = None if self.bias is None else self._weight(self.bias)
         return self._output(F.linear(x, self._weight(self.weight), bias))
 
@@ -177,8 +178,8 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
         if self.packed_weights or self.saved_input_format is not None:
             if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise ValueError("QConv2d: packed storage supports numeric zero padding only")
-            return self._output(self._layer_output(x, fxp_ops.conv2d, stride=self.stride, padding=self.padding,
-                                                   dilation=self.dilation, groups=self.groups))
+            return self._layer_output(x, fxp_ops.conv2d, stride=self.stride, padding=self.padding,
+                                      dilation=self.dilation, groups=self.groups)
         bias = None if self.bias is None else self._weight(self.bias)
         return self._output(self._conv_forward(x, self._weight(self.weight), bias))
 

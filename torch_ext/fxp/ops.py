@@ -221,27 +221,34 @@ def _format_list(fmt: Optional[FxpFormat]) -> Optional[list]:
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_format: Optional[FxpFormat] = None,
            weight_codes: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
-           param_format: Optional[FxpFormat] = None) -> Tensor:
+           param_format: Optional[FxpFormat] = None, output_format: Optional[FxpFormat] = None,
+           output_rounding: Rounding = "nearest_even", generator: Optional[torch.Generator] = None) -> Tensor:
     """``torch.nn.functional.linear`` for quantized layers, with packed storage.
 
     With ``input_format``, autograd saves ``x`` as codes of that format (``x``
     must lie on its grid, as a quantized activation does). With
     ``weight_codes``/``bias_codes`` (codes of ``param_format``), the weight and
     bias values come from the codes; ``weight``/``bias`` then only give shape
-    and dtype and receive the gradients. The gradients equal those of
-    ``F.linear`` bit for bit (2-D inputs)."""
+    and dtype and receive the gradients. With ``output_format``, the output is
+    quantized in place (saturating, ``output_rounding``, draws from
+    ``generator``) with a straight-through gradient: ``quantize_ste`` without
+    the extra copy. The gradients equal those of ``F.linear`` bit for bit
+    (2-D inputs)."""
     return _ops.linear(x, weight, bias, _format_list(input_format), weight_codes, bias_codes,
-                       _format_list(param_format))
+                       _format_list(param_format), _format_list(output_format), output_rounding, generator)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
            padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, *,
            input_format: Optional[FxpFormat] = None, weight_codes: Optional[Tensor] = None,
-           bias_codes: Optional[Tensor] = None, param_format: Optional[FxpFormat] = None) -> Tensor:
-    """``torch.conv2d`` with the packed storage options of :func:`linear`;
-    the gradients equal ``torch.conv2d``'s bit for bit."""
+           bias_codes: Optional[Tensor] = None, param_format: Optional[FxpFormat] = None,
+           output_format: Optional[FxpFormat] = None, output_rounding: Rounding = "nearest_even",
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """``torch.conv2d`` with the packed storage and output options of
+    :func:`linear`; the gradients equal ``torch.conv2d``'s bit for bit."""
     return _ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                       _format_list(input_format), weight_codes, bias_codes, _format_list(param_format))
+                       _format_list(input_format), weight_codes, bias_codes, _format_list(param_format),
+                       _format_list(output_format), output_rounding, generator)
 
 
 def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Tensor:
