@@ -1,14 +1,13 @@
 // CPU kernels of the fused ReLU + max-pool ops.
 #include <torch/library.h>
 
+#include "backend.h"
 #include "pool_ops.h"
 
 namespace fxp {
 namespace {
 struct CpuBackend {
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
   static void launch(const at::Tensor& x, const at::Tensor& out, const at::Tensor& positions, int kh, int kw) {
     kernels::relu_max_pool2d_cpu(x, out, positions, kh, kw);

@@ -1,14 +1,13 @@
 // Meta kernels of the fused ReLU + max-pool ops: shapes and checks only.
 #include <torch/library.h>
 
+#include "backend.h"
 #include "pool_ops.h"
 
 namespace fxp {
 namespace {
 struct MetaBackend {
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
   static void launch(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}
   static void launch_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}

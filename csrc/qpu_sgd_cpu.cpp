@@ -1,14 +1,13 @@
 // CPU kernel of the fused QPU SGD step.
 #include <torch/library.h>
 
+#include "backend.h"
 #include "qpu_sgd_ops.h"
 
 namespace fxp {
 namespace {
 struct CpuBackend {
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      const kernels::QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {

@@ -1,14 +1,13 @@
 // Meta kernel of the fused QPU SGD step: argument checks and the counts' shape.
 #include <torch/library.h>
 
+#include "backend.h"
 #include "qpu_sgd_ops.h"
 
 namespace fxp {
 namespace {
 struct MetaBackend {
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
   static void launch(at::TensorList, at::TensorList, at::TensorList, const kernels::QpuSgdParams&,
                      const at::Tensor&, const at::Tensor&) {}

@@ -5,6 +5,7 @@
 
 #include <mutex>
 
+#include "backend.h"
 #include "quantize_ops.h"
 
 namespace fxp {
@@ -15,9 +16,7 @@ struct CpuBackend {
     uint64_t seed = 0;
     uint64_t offset = 0;
   };
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
 
   // A fresh 64-bit key per call, drawn from the CPU generator under its lock.

@@ -2,6 +2,7 @@
 // for FakeTensor, torch.compile and torch.library.opcheck.
 #include <torch/library.h>
 
+#include "backend.h"
 #include "quantize_ops.h"
 
 namespace fxp {
@@ -9,9 +10,7 @@ namespace {
 
 struct MetaBackend {
   struct Philox {};
-  struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
-  };
+  using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
 
   static Philox from_generator(const std::optional<at::Generator>&) { return {}; }
