@@ -48,6 +48,8 @@ struct OutputStats {
 //   (PackedParameter). The forward unpacks the codes transiently.
 // - saved_input_format (any quantized layer) makes the autograd save the
 //   layer's input as codes of that format; the input must lie on its grid.
+// Pack after moving the model to its device: Module::to copies the
+// stand-ins at full size (the values stay right; the memory is lost).
 struct PackedState {
   bool weights = false;
   std::optional<std::vector<int64_t>> saved_input_format;  // [total_bits, frac_bits]
