@@ -26,8 +26,8 @@ const std::vector<FlagHelp>& flag_help() {
       {"out_frac", "layer output (inference) format: fractional bits", {}},
       {"inference_rounding", "rounding of layer outputs (and of STE's weight reads)", {"hte", "sr"}},
       {"momentum_form", "QPU momentum form (docs/design.md)", {"standard", "paper_eq6"}},
-      {"packed", "packed integer storage: QPU parameters and momentum as int codes, and the saved inputs of "
-                 "conv2, fc1 and fc2 as codes of the output format (bit-identical results, less memory)", {}},
+      {"packed", "packed integer storage (docs/memory.md): QPU parameters and momentum as int codes, saved "
+                 "layer inputs as codes, ReLU + max-pool fused; bit-identical results, less memory", {}},
       {"batch_size", "training batch size", {}},
       {"lr", "base learning rate", {}},
       {"lr_scaling", "none, or linear: lr * batch_size / 1024 (the paper's Exp 3)", {"none", "linear"}},
