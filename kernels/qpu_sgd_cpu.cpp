@@ -1,11 +1,8 @@
 // CPU kernel of the fused QPU SGD step; compiled once per CPU capability like
 // quantize_cpu.cpp.
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <atomic>
 #include <type_traits>
 
+#include "cpu_loops.h"
 #include "fxp_math.h"
 #include "philox_cpu.h"
 #include "qpu_sgd.h"
@@ -13,13 +10,14 @@
 namespace fxp::kernels::FXP_CPU_CAPABILITY {
 namespace {
 
-constexpr int64_t kChunkElems = 2048;
-constexpr int64_t kSpanElems = 256;  // Note [Interleaving Philox with the element loop]
-
 struct Counts {
   int64_t saturated = 0;
   int64_t vanished = 0;
   int64_t nans = 0;  // NaN results that packed storage could not hold
+  Counts& operator+=(const Counts& o) {
+    saturated += o.saturated, vanished += o.vanished, nans += o.nans;
+    return *this;
+  }
 };
 
 // The element loop on float64 arrays: n <= kSpanElems.
@@ -143,29 +141,16 @@ Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::
   const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
   const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
   const TensorIo io{param.data_ptr(), grad.const_data_ptr(), kMomentum ? momentum->data_ptr() : nullptr};
-  const int64_t n = param.numel();
-  std::atomic<int64_t> saturated{0}, vanished{0}, nans{0};
-  at::parallel_for(0, (n + kChunkElems - 1) / kChunkElems, 16, [&](int64_t cb, int64_t ce) {
+  return sum_over_spans<Counts>(param.numel(), kSpanElems, [&](int64_t s, int64_t len) {
     alignas(64) uint32_t wbits[kSpanElems], vbits[kSpanElems];
-    Counts local;
-    for (int64_t s = cb * kChunkElems, end = std::min(n, ce * kChunkElems); s < end; s += kSpanElems) {
-      const int64_t len = std::min(kSpanElems, end - s);
-      if constexpr (R == Rounding::Stochastic) {
-        philox_chunk(p.seed, woff, static_cast<uint64_t>(s / 4), (len + 3) / 4, wbits);
-        if (kMomentum || Form == MomentumForm::PaperEq6) {
-          philox_chunk(p.seed, voff, static_cast<uint64_t>(s / 4), (len + 3) / 4, vbits);
-        }
+    if constexpr (R == Rounding::Stochastic) {
+      philox_chunk(p.seed, woff, static_cast<uint64_t>(s / 4), (len + 3) / 4, wbits);
+      if (kMomentum || Form == MomentumForm::PaperEq6) {
+        philox_chunk(p.seed, voff, static_cast<uint64_t>(s / 4), (len + 3) / 4, vbits);
       }
-      const Counts c = update_span<R, Form, kMomentum>(io, s, len, p, wspec, vspec, wbits, vbits);
-      local.saturated += c.saturated;
-      local.vanished += c.vanished;
-      local.nans += c.nans;
     }
-    saturated.fetch_add(local.saturated, std::memory_order_relaxed);
-    vanished.fetch_add(local.vanished, std::memory_order_relaxed);
-    nans.fetch_add(local.nans, std::memory_order_relaxed);
+    return update_span<R, Form, kMomentum>(io, s, len, p, wspec, vspec, wbits, vbits);
   });
-  return Counts{saturated.load(), vanished.load(), nans.load()};
 }
 
 template <Rounding R>

@@ -8,8 +8,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 
+#include "cpu_loops.h"
 #include "fxp_math.h"
 #include "philox_cpu.h"
 #include "quantize.h"
@@ -20,14 +20,6 @@
 
 namespace fxp::kernels::FXP_CPU_CAPABILITY {
 namespace {
-
-// Note [CPU chunking]
-// at::parallel_for hands out chunks of kChunkElems elements (whole Philox
-// blocks). Every element's bits depend only on its index, never on the chunk,
-// the thread or the vector width, so results do not depend on the thread count
-// or the CPU build.
-constexpr int64_t kChunkBlocks = 512;
-constexpr int64_t kChunkElems = kChunkBlocks * 4;
 
 // What the element loop records besides the output. Without statistics the
 // saturation test compiles away.
@@ -53,34 +45,6 @@ int32_t quantize_span(const scalar_t* xs, scalar_t* ys, bool* saturated, int64_t
   return count;
 }
 
-// Note [Interleaving Philox with the element loop]
-// SR generates the draws for a short span (kSpanElems elements, L1-resident)
-// and consumes them at once, so Philox's arithmetic overlaps the streaming
-// loads and stores instead of leaving the memory system idle in between.
-constexpr int64_t kSpanElems = 256;
-
-template <typename scalar_t, Rounding R, Overflow O, Stats S>
-int64_t quantize_chunk(const scalar_t* x, scalar_t* y, bool* saturated, int64_t begin,
-                       int64_t end, const FxpSpec<at::opmath_type<scalar_t>>& spec, uint64_t seed,
-                       uint64_t offset) {
-  constexpr bool kWriteMask = S == Stats::kMaskAndCount;
-  bool* sat = kWriteMask ? saturated + begin : nullptr;
-  if constexpr (R != Rounding::Stochastic) {
-    return quantize_span<scalar_t, R, O, S>(x + begin, y + begin, sat, end - begin, spec,
-                                                     nullptr);
-  } else {
-    alignas(64) uint32_t random_bits[kSpanElems];
-    int64_t count = 0;
-    for (int64_t s = begin; s < end; s += kSpanElems) {  // begin is a multiple of 4
-      const int64_t n = std::min(kSpanElems, end - s);
-      philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (n + 3) / 4, random_bits);
-      count += quantize_span<scalar_t, R, O, S>(x + s, y + s, kWriteMask ? sat + (s - begin) : nullptr,
-                                                         n, spec, random_bits);
-    }
-    return count;
-  }
-}
-
 template <typename scalar_t, Rounding R, Overflow O, Stats S>
 int64_t quantize_typed(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
                        const CpuQuantizeRequest& request) {
@@ -88,20 +52,16 @@ int64_t quantize_typed(const at::Tensor& x, const at::Tensor& out, const Quantiz
   const auto spec = make_fxp_spec<opmath_t>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
-  const int64_t n = x.numel();
-  const int64_t nchunks = (n + kChunkElems - 1) / kChunkElems;
-  std::atomic<int64_t> total{0};
-  // 16 chunks (32K elements) per task keeps scheduling overhead small.
-  at::parallel_for(0, nchunks, 16, [&](int64_t cbegin, int64_t cend) {
-    int64_t local = 0;
-    for (int64_t c = cbegin; c < cend; ++c) {
-      const int64_t b = c * kChunkElems, e = std::min(n, b + kChunkElems);
-      local += quantize_chunk<scalar_t, R, O, S>(xp, yp, request.saturated, b, e, spec, request.seed,
-                                                 request.offset);
+  constexpr bool kStochastic = R == Rounding::Stochastic;
+  // Deterministic roundings need no draws, so a span is a whole chunk.
+  return sum_over_spans<int64_t>(x.numel(), kStochastic ? kSpanElems : kChunkElems, [&](int64_t s, int64_t len) {
+    alignas(64) uint32_t random_bits[kSpanElems];
+    if constexpr (kStochastic) {
+      philox_chunk(request.seed, request.offset, static_cast<uint64_t>(s / 4), (len + 3) / 4, random_bits);
     }
-    total.fetch_add(local, std::memory_order_relaxed);
+    bool* saturated = S == Stats::kMaskAndCount ? request.saturated + s : nullptr;
+    return static_cast<int64_t>(quantize_span<scalar_t, R, O, S>(xp + s, yp + s, saturated, len, spec, random_bits));
   });
-  return total.load();
 }
 
 template <Rounding R, Overflow O, Stats S>
@@ -158,21 +118,13 @@ int64_t pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeP
   const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   code_t* cp = codes.data_ptr<code_t>();
-  const int64_t n = x.numel();
-  std::atomic<int64_t> nans{0};
-  at::parallel_for(0, (n + kChunkElems - 1) / kChunkElems, 16, [&](int64_t cbegin, int64_t cend) {
+  return sum_over_spans<int64_t>(x.numel(), kSpanElems, [&](int64_t s, int64_t len) {
     alignas(64) uint32_t random_bits[kSpanElems];
-    int64_t local = 0;
-    for (int64_t s = cbegin * kChunkElems, end = std::min(n, cend * kChunkElems); s < end; s += kSpanElems) {
-      const int64_t len = std::min(kSpanElems, end - s);
-      if constexpr (R == Rounding::Stochastic) {
-        philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (len + 3) / 4, random_bits);
-      }
-      local += pack_span<scalar_t, code_t, R, O>(xp + s, cp + s, len, spec, random_bits);
+    if constexpr (R == Rounding::Stochastic) {
+      philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (len + 3) / 4, random_bits);
     }
-    nans.fetch_add(local, std::memory_order_relaxed);
+    return static_cast<int64_t>(pack_span<scalar_t, code_t, R, O>(xp + s, cp + s, len, spec, random_bits));
   });
-  return nans.load();
 }
 
 template <Rounding R, Overflow O>
