@@ -19,29 +19,20 @@ struct OptionalFormat {
 };
 OptionalFormat parse_format(const char* op, const char* name, at::OptionalIntArrayRef format);
 
-// The float value of a weight or bias: unpacked from codes when they are given
-// (checked against the float tensor's shape and the format), else the tensor.
-at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value,
-                       const std::optional<at::Tensor>& codes, const OptionalFormat& param_format);
-
-// Checks dtypes and the pairing of codes with param_format.
-void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, const OptionalFormat& input_format,
-                      const std::optional<at::Tensor>& weight_codes, const std::optional<at::Tensor>& bias_codes,
-                      const OptionalFormat& param_format);
-
 // The forwards (no autograd): registered for CompositeExplicitAutograd, and
 // called by the Autograd kernels below the autograd key.
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
-                          c10::string_view output_rounding, const std::optional<at::Generator>& generator);
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                          at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                          const std::optional<at::Generator>& generator);
 
 at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
-                          c10::string_view output_rounding, const std::optional<at::Generator>& generator);
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                          at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                          const std::optional<at::Generator>& generator);
 
 
 }  // namespace fxp

@@ -43,9 +43,14 @@ struct SavedInputs {
     ctx->saved_data["w_format"] = std::vector<int64_t>{defined(weight_codes), param_format.total_bits,
                                                        param_format.frac_bits};
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["in_features"] = weight.dim() == 2 ? weight.size(1) : int64_t{0};
-    ctx->saved_data["bias_sizes"] = defined(bias) ? bias->sizes().vec() : std::vector<int64_t>{};
-    ctx->saved_data["has_bias"] = defined(bias);
+    if (defined(bias)) ctx->saved_data["bias_sizes"] = bias->sizes().vec();
+  }
+
+  // The bias's sizes, if the layer had a bias.
+  static std::optional<std::vector<int64_t>> bias_sizes(AutogradContext* ctx) {
+    const auto it = ctx->saved_data.find("bias_sizes");
+    if (it == ctx->saved_data.end()) return std::nullopt;
+    return it->second.toIntVector();
   }
 
   static std::pair<at::Tensor, at::Tensor> restore(AutogradContext* ctx) {
@@ -90,7 +95,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       grad_x = g2.mm(w);
       if (!two_d) {
         std::vector<int64_t> sizes = g.sizes().vec();
-        sizes.back() = ctx->saved_data["in_features"].toInt();
+        sizes.back() = w.size(1);  // in_features
         grad_x = grad_x.view(sizes);
       }
     }
@@ -98,9 +103,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
       // addmm's mat2 gradient for the column-major weight.t(): grad.t().mm(mat1).t(), then transposed back.
       grad_w = g2.t().mm(two_d ? x : x.reshape({-1, x.size(-1)}));
     }
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
-      grad_b = at::sum_to(g, ctx->saved_data["bias_sizes"].toIntVector());
-    }
+    const auto bias = SavedInputs::bias_sizes(ctx);
+    if (bias && ctx->needs_input_grad(2)) grad_b = at::sum_to(g, *bias);
     variable_list grads(10);  // one per forward argument; only x, weight and bias are differentiable
     grads[0] = grad_x, grads[1] = grad_w, grads[2] = grad_b;
     return grads;
@@ -131,12 +135,11 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto [x, w] = SavedInputs::restore(ctx);
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::vector<int64_t> bias_sizes = ctx->saved_data["bias_sizes"].toIntVector();
+    const auto bias = SavedInputs::bias_sizes(ctx);
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
+                                   bias.has_value() && ctx->needs_input_grad(2)};
     auto [grad_x, grad_w, grad_b] = at::convolution_backward(
-        grad_outputs[0], x, w, has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt,
+        grad_outputs[0], x, w, bias ? at::OptionalIntArrayRef(*bias) : std::nullopt,
         ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
         ctx->saved_data["dilation"].toIntVector(), /*transposed=*/false, /*output_padding=*/{0, 0},
         ctx->saved_data["groups"].toInt(), mask);

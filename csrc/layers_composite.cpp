@@ -19,6 +19,9 @@ OptionalFormat parse_format(const char* op, const char* name, at::OptionalIntArr
   return OptionalFormat{true, (*format)[0], (*format)[1]};
 }
 
+namespace {
+
+// The float value of a weight or bias: unpacked from codes when they are given.
 at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value,
                        const std::optional<at::Tensor>& codes, const OptionalFormat& param_format) {
   if (!codes.has_value() || !codes->defined()) return value;
@@ -27,10 +30,10 @@ at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value
   return unpack(*codes, param_format.total_bits, param_format.frac_bits, value.scalar_type());
 }
 
+// Checks dtypes and the pairing of codes with param_format.
 void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, const OptionalFormat& input_format,
-                      const std::optional<at::Tensor>& weight_codes, const std::optional<at::Tensor>& bias_codes,
-                      const OptionalFormat& param_format) {
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_codes,
+                      const std::optional<at::Tensor>& bias_codes, const OptionalFormat& param_format) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, but got ", x.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (", x.scalar_type(),
               "), but got ", weight.scalar_type());
@@ -45,15 +48,14 @@ void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& wei
               ": with packed weights a bias must be packed too (bias_codes), and only then");
 }
 
-namespace {
 // The checked float weight and bias of a layer op: from codes when given.
 std::pair<at::Tensor, std::optional<at::Tensor>> layer_weights(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
     const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
-  const OptionalFormat in_fmt = parse_format(op, "input_format", input_format);
+  parse_format(op, "input_format", input_format);  // validated here; the autograd uses it
   const OptionalFormat p_fmt = parse_format(op, "param_format", param_format);
-  check_layer_args(op, x, weight, bias, in_fmt, weight_codes, bias_codes, p_fmt);
+  check_layer_args(op, x, weight, bias, weight_codes, bias_codes, p_fmt);
   std::optional<at::Tensor> b;
   if (bias.has_value() && bias->defined()) b = layer_value(op, "bias", *bias, bias_codes, p_fmt);
   return {layer_value(op, "weight", weight, weight_codes, p_fmt), b};
@@ -71,8 +73,9 @@ at::Tensor quantize_output(const char* op, at::Tensor y, at::OptionalIntArrayRef
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
-                          c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                          at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                          const std::optional<at::Generator>& generator) {
   const auto [w, b] =
       layer_weights("fxp::linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
   return quantize_output("fxp::linear", at::linear(x, w, b), output_format, output_rounding, generator);
@@ -81,8 +84,9 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const s
 at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format, at::OptionalIntArrayRef output_format,
-                          c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
+                          const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+                          at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
+                          const std::optional<at::Generator>& generator) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4,
               "fxp::conv2d: expected a 4-D x (N, C, H, W) and a 4-D weight, but got ", x.dim(), "-D and ",
               weight.dim(), "-D");

@@ -1,7 +1,10 @@
 """Shared output of the benchmark scripts: each table goes to the terminal
-(rich) and, in the same words, to a markdown report."""
+(rich) and, in the same words, to a markdown report; rows go to CSV."""
 
 from __future__ import annotations
+
+import csv
+import pathlib
 
 from rich.console import Console
 from rich.table import Table
@@ -29,3 +32,12 @@ class BenchReport:
             with open(path, "w") as fh:
                 fh.write("\n".join(self.markdown) + "\n")
             self.console.print(f"wrote {path}")
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    """Rows of dicts (the keys of the first are the columns) as a CSV file, making its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -21,7 +21,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport  # noqa: E402
+from bench_report import BenchReport, write_csv  # noqa: E402
 
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
@@ -81,12 +81,7 @@ def main(argv=None) -> int:
                                           "time / fp32"], table)
     report.save(str(args.markdown) if args.markdown else None)
     if args.csv:
-        import csv
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
     return 0
 
 

@@ -21,6 +21,9 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_report import write_csv  # noqa: E402
+
 BITS = (32, 16, 12, 8)
 BATCHES = (16, 256)
 METHODS = ("fp32", "ste", "sqpu", "hteqpu")
@@ -156,11 +159,7 @@ def main(argv=None) -> int:
         rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir)
                 for m, b, n, packed in tqdm(todo, desc="memory", unit="run")]
     if args.csv and not args.from_csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
     table = markdown(rows)
     if args.markdown:
         text = args.markdown.read_text()

@@ -66,7 +66,27 @@ std::optional<std::vector<int64_t>> fused_output_format(const QuantConfig& c, co
   return std::vector<int64_t>{c.act_total_bits, c.act_frac_bits};
 }
 
-std::vector<int64_t> param_format(const QuantConfig& c) { return {c.param_total_bits, c.param_frac_bits}; }
+// The weight arguments of fxp::linear / fxp::conv2d: the codes when the layer's
+// weights are packed, else the weights as the layer reads them.
+struct LayerWeights {
+  torch::Tensor weight;
+  std::optional<torch::Tensor> bias, weight_codes, bias_codes;
+  std::optional<std::vector<int64_t>> param_format;
+};
+
+LayerWeights layer_weights(const torch::Tensor& weight, const torch::Tensor& bias, const QuantConfig& c,
+                           const PackedState& packed, const torch::Tensor& weight_codes,
+                           const torch::Tensor& bias_codes) {
+  if (packed.weights) {
+    return {weight, optional(bias), weight_codes, optional(bias_codes),
+            std::vector<int64_t>{c.param_total_bits, c.param_frac_bits}};
+  }
+  // The bias first, as the unpacked path reads them: with SR, STE's reads draw
+  // from the generator, and the order of the draws decides the bits.
+  std::optional<torch::Tensor> b;
+  if (bias.defined()) b = weight_on_read(bias, c);
+  return {weight_on_read(weight, c), b, std::nullopt, std::nullopt, std::nullopt};
+}
 
 // Note [Packed layers]: moves a parameter's value into codes (round half to
 // even: exact, the value is on the grid) registered as buffer `name`, and
@@ -119,17 +139,11 @@ torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
     return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config,
                   output_stats);
   }
+  const LayerWeights w = layer_weights(linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
-  torch::Tensor y;
-  if (packed.weights) {
-    y = fxp::linear(x, linear->weight, optional(linear->bias), format_ref(packed.saved_input_format), weight_codes,
-                    optional(bias_codes), param_format(config), format_ref(out_format),
-                    op_rounding(config.act_rounding));
-  } else {
-    const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-    y = fxp::linear(x, weight_on_read(linear->weight, config), optional(bias), format_ref(packed.saved_input_format),
-                    std::nullopt, std::nullopt, std::nullopt, format_ref(out_format), op_rounding(config.act_rounding));
-  }
+  const torch::Tensor y = fxp::linear(x, w.weight, w.bias, format_ref(packed.saved_input_format), w.weight_codes,
+                                      w.bias_codes, format_ref(w.param_format), format_ref(out_format),
+                                      op_rounding(config.act_rounding));
   return out_format ? y : output(y, config, output_stats);
 }
 
@@ -155,18 +169,12 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
                                 o.groups()),
                   config, output_stats);
   }
+  const LayerWeights w = layer_weights(conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
-  torch::Tensor y;
-  if (packed.weights) {
-    y = fxp::conv2d(x, conv->weight, optional(conv->bias), o.stride(), padding, o.dilation(), o.groups(),
-                    format_ref(packed.saved_input_format), weight_codes, optional(bias_codes), param_format(config),
-                    format_ref(out_format), op_rounding(config.act_rounding));
-  } else {
-    const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
-    y = fxp::conv2d(x, weight_on_read(conv->weight, config), optional(bias), o.stride(), padding, o.dilation(),
-                    o.groups(), format_ref(packed.saved_input_format), std::nullopt, std::nullopt, std::nullopt,
-                    format_ref(out_format), op_rounding(config.act_rounding));
-  }
+  const torch::Tensor y = fxp::conv2d(x, w.weight, w.bias, o.stride(), padding, o.dilation(), o.groups(),
+                                      format_ref(packed.saved_input_format), w.weight_codes, w.bias_codes,
+                                      format_ref(w.param_format), format_ref(out_format),
+                                      op_rounding(config.act_rounding));
   return out_format ? y : output(y, config, output_stats);
 }
 

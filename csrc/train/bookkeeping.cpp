@@ -4,12 +4,12 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "train/config.h"
+
 namespace fxp::train {
 namespace {
 
 using nlohmann::json;
-
-bool is_qpu(const std::string& method) { return method == "sqpu" || method == "hteqpu"; }
 
 const std::vector<std::string> kMethods = {"fp32", "ste", "sqpu", "hteqpu"};
 const std::vector<int64_t> kFigureBits = {32, 24, 16, 12, 8};

@@ -248,6 +248,12 @@ json read_config_file(const std::string& path) {
   throw std::invalid_argument("config file " + path + ": the name must end in .yaml, .yml or .json");
 }
 
+bool is_qpu(const std::string& method) { return method == "sqpu" || method == "hteqpu"; }
+
+const char* update_rounding(const std::string& method) {
+  return method == "sqpu" ? "stochastic" : "nearest_even";
+}
+
 bool key_may_change_on_resume(const std::string& key) {
   return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads";
 }

@@ -53,6 +53,11 @@ struct TrainConfig {
   void validate() const;
 };
 
+// QPU methods (sqpu, hteqpu) keep no float master copy; their update rounding
+// (and initialization) is stochastic for sqpu, nearest_even for hteqpu.
+bool is_qpu(const std::string& method);
+const char* update_rounding(const std::string& method);
+
 // Every key a config file may hold, in documentation order.
 const std::vector<std::string>& config_keys();
 

@@ -2,6 +2,8 @@
 
 #include <c10/core/CPUAllocator.h>
 
+#include <sys/resource.h>
+
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -98,12 +100,19 @@ void install_cpu_memory_tracking() {
   });
 }
 
+#if defined(FXP_WITH_CUDA)
+namespace {
+const c10::CachingAllocator::Stat& aggregate(const c10::CachingAllocator::StatArray& stats) {
+  return stats[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+}
+}  // namespace
+#endif
+
 AllocatorBytes allocator_bytes(const torch::Device& device) {
 #if defined(FXP_WITH_CUDA)
   if (device.is_cuda()) {
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(device));
-    const auto& allocated = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
-    return {allocated.current, allocated.peak};
+    return {aggregate(stats.allocated_bytes).current, aggregate(stats.allocated_bytes).peak};
   }
 #endif
   TORCH_CHECK(device.is_cpu(), "fxp-train: no memory statistics for device ", device);
@@ -140,6 +149,23 @@ nlohmann::json to_json(const StepMemory& m, const torch::Device& device) {
           {"activations_bytes", m.activations},
           {"total_bytes", m.total()},
           {"step_peak_bytes", m.step_peak}};
+}
+
+nlohmann::json measured_memory(const torch::Device& device, const std::optional<StepMemory>& step) {
+  nlohmann::json m = nlohmann::json::object();
+  if (step) m["step"] = to_json(*step, device);
+  struct rusage usage {};
+  if (getrusage(RUSAGE_SELF, &usage) == 0) m["process_peak_rss_bytes"] = static_cast<int64_t>(usage.ru_maxrss) * 1024;
+  if (device.is_cuda()) {
+    const AllocatorBytes allocated = allocator_bytes(device);
+    m["cuda_peak_allocated_bytes"] = allocated.peak;
+    m["cuda_current_allocated_bytes"] = allocated.current;
+#if defined(FXP_WITH_CUDA)
+    m["cuda_peak_reserved_bytes"] =
+        aggregate(c10::cuda::CUDACachingAllocator::getDeviceStats(cuda_index(device)).reserved_bytes).peak;
+#endif
+  }
+  return m;
 }
 
 }  // namespace fxp::train

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace fxp::train {
@@ -41,5 +42,10 @@ struct StepMemory {
   int64_t total() const { return parameters + gradients + optimizer_state + activations; }
 };
 nlohmann::json to_json(const StepMemory& m, const torch::Device& device);
+
+// summary.json's measured_memory: the step (when measured), the process's peak
+// RSS, and on CUDA the caching allocator's allocated bytes (peak since the
+// measured step reset it, and current) and reserved peak.
+nlohmann::json measured_memory(const torch::Device& device, const std::optional<StepMemory>& step);
 
 }  // namespace fxp::train

@@ -5,19 +5,12 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
-#include <sys/resource.h>
-
 #include <chrono>
 #include <cmath>
 #include <limits>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
-
-#if defined(FXP_WITH_CUDA)
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAFunctions.h>
-#endif
 
 #include "data/idx.h"
 #include "nn/modules.h"
@@ -35,8 +28,6 @@ using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
 constexpr double kNone = std::numeric_limits<double>::max();  // "no best value yet"
-
-bool is_qpu(const std::string& method) { return method == "sqpu" || method == "hteqpu"; }
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -89,7 +80,7 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const TrainConfig& c, nn
                                  .weight_decay(c.weight_decay)
                                  .total_bits(c.param_bits)
                                  .frac_bits(c.param_frac)
-                                 .rounding(c.method == "sqpu" ? "stochastic" : "nearest_even")
+                                 .rounding(update_rounding(c.method))
                                  .momentum_form(c.momentum_form)
                                  .seed(c.seed));
   }
@@ -189,34 +180,6 @@ std::vector<torch::Tensor> optimizer_state(torch::optim::Optimizer& optimizer) {
     if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(state.get())) out.push_back(s->momentum_buffer());
   }
   return out;
-}
-
-// Issue 6: the first training step of this session, by category, and the
-// process-wide peaks.
-json measured_memory(const torch::Device& device, const std::optional<StepMemory>& step) {
-  json m = json::object();
-  if (step) m["step"] = to_json(*step, device);
-  struct rusage usage {};
-  if (getrusage(RUSAGE_SELF, &usage) == 0) m["process_peak_rss_bytes"] = static_cast<int64_t>(usage.ru_maxrss) * 1024;
-#if defined(FXP_WITH_CUDA)
-  if (device.is_cuda()) {
-    const auto index = device.has_index() ? device.index() : c10::cuda::current_device();
-    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
-    const auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-    m["cuda_peak_allocated_bytes"] = stats.allocated_bytes[aggregate].peak;
-    m["cuda_current_allocated_bytes"] = stats.allocated_bytes[aggregate].current;
-    m["cuda_peak_reserved_bytes"] = stats.reserved_bytes[aggregate].peak;
-  }
-#endif
-  return m;
-}
-
-void reset_peak_memory(const torch::Device& device) {
-#if defined(FXP_WITH_CUDA)
-  if (device.is_cuda()) {
-    c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index() : c10::cuda::current_device());
-  }
-#endif
 }
 
 torch::Device parse_device(const std::string& name) {
@@ -328,7 +291,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   nn::PaperCNN model(qc);
   model->to(device);
   if (is_qpu(config.method)) {
-    model->quantize_parameters_(config.method == "sqpu" ? "stochastic" : "nearest_even", config.seed);
+    model->quantize_parameters_(update_rounding(config.method), config.seed);
   }
   // Packed storage (docs/memory.md): QPU weights and momentum as codes, and
   // every saved layer input that is a quantized output as codes. fp32 has no grid.
@@ -349,18 +312,13 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   }
 
   std::vector<std::string> parameter_layers;
-  std::vector<std::string> layer_names;
-  for (const auto& item : model->named_parameters()) {
-    parameter_layers.push_back(layer_of(item.key()));
-    if (layer_names.empty() || layer_names.back() != parameter_layers.back()) layer_names.push_back(parameter_layers.back());
-  }
+  for (const auto& item : model->named_parameters()) parameter_layers.push_back(layer_of(item.key()));
   const int64_t n_params = [&] {
     int64_t n = 0;
     for (const auto& p : model->parameters()) n += p.numel();
     return n;
   }();
   const int64_t batches = (train.size() + config.batch_size - 1) / config.batch_size;
-  reset_peak_memory(device);
   std::optional<StepMemory> step_memory;  // measured on the session's first training step
   bool diverged = false;                  // packed storage met a NaN
 
@@ -416,7 +374,6 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     }
     const double train_loss =
         diverged ? std::numeric_limits<double>::quiet_NaN() : loss_sum.item<double>() / static_cast<double>(train.size());
-    if (device.is_cuda()) torch::cuda::synchronize();
     bar.finish();
     const double train_time = seconds_since(epoch_start);
 

@@ -447,6 +447,13 @@ TEST_F(TrainRun, PackedRunIsBitIdenticalToFloatStorage) {
     for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
     EXPECT_EQ(plain["best_val_accuracy"], packed["best_val_accuracy"]);
     EXPECT_EQ(packed["run_name"].get<std::string>(), plain["run_name"].get<std::string>() + "-packed");
+    // ... and packing happened: fewer activation bytes for every method, fewer parameter bytes for QPU.
+    const json& m_plain = plain["measured_memory"]["step"];
+    const json& m_packed = packed["measured_memory"]["step"];
+    EXPECT_LT(m_packed["activations_bytes"].get<int64_t>(), m_plain["activations_bytes"].get<int64_t>() / 4) << method;
+    if (method != "ste") {
+      EXPECT_LT(m_packed["parameters_bytes"].get<int64_t>(), m_plain["parameters_bytes"].get<int64_t>()) << method;
+    }
   }
 }
 

@@ -4,13 +4,8 @@ and one real set of cells through fxp-train."""
 from __future__ import annotations
 
 import importlib.util
-import pathlib
 
-import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-FXP_TRAIN = ROOT / "build" / "fxp-train"
-FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
+from environment import ROOT, requires_fxp_train_and_data
 
 spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
 memory_table = importlib.util.module_from_spec(spec)
@@ -38,19 +33,13 @@ def test_markdown_ratios_are_to_ste_with_float_storage(tmp_path):
     md = tmp_path / "memory.md"
     md.write_text(f"intro\n{memory_table.MARKER}\nold\n{memory_table.MARKER}\noutro\n")
     csv_path = tmp_path / "rows.csv"
-    with open(csv_path, "w", newline="") as f:
-        import csv
-
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    memory_table.write_csv(csv_path, rows)
     assert memory_table.main(["--from-csv", str(csv_path), "--markdown", str(md)]) == 0
     text = md.read_text()
     assert "old" not in text and "0.250" in text and text.startswith("intro") and text.endswith("outro\n")
 
 
-@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+@requires_fxp_train_and_data
 def test_real_cells_measure_packed_savings(tmp_path):
     csv_path = tmp_path / "m.csv"
     assert memory_table.main(["--bits", "8", "--batch-sizes", "16", "--csv", str(csv_path)]) == 0

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import fxp
+from environment import FASHION
 from fxp.nn import PaperCNN, QConv2d, QLinear, quantize_model
 
 F16_10, F16_8, F8_5, F8_3 = fxp.FxpFormat(16, 10), fxp.FxpFormat(16, 8), fxp.FxpFormat(8, 5), fxp.FxpFormat(8, 3)
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def on_grid(t, fmt):

@@ -317,6 +317,14 @@ def test_packed_training_is_bit_identical(method):
     assert losses_f == losses_p
     values_f, values_p = _values(model_f), _values(model_p)
     assert all(torch.equal(values_f[k], values_p[k]) for k in values_f)
+    # The packed run really saved codes: no float tensor as large as a layer input or ReLU output.
+    batch = 8
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model_p(torch.randn(batch, 1, 28, 28))
+    floats = [t for t in saved if t.is_floating_point() and t.numel() > batch * 784]
+    assert floats == [] if method != "ste" else all(t.shape[0] != batch for t in floats)  # STE: weights only
+    assert {torch.int16, torch.uint8} <= {t.dtype for t in saved}
     if method != "ste":
         assert model_p.fc1.weight.stride() == (0, 0) and model_p.fc1.weight_codes.dtype == torch.int16
         buffer = opt_p.state[model_p.fc1.weight]["momentum_buffer"]

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from environment import ROOT, requires_fxp_train_and_data
+
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
 import sweep  # noqa: E402
@@ -177,12 +178,9 @@ def test_sweep_cli_dry_run(capsys, tmp_path):
     assert e.value.code == 0
 
 
-FXP_TRAIN = ROOT / "build" / "fxp-train"
-FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+@requires_fxp_train_and_data
 def test_sweep_runs_fxp_train_end_to_end(tmp_path):
     grid = tmp_path / "tiny.yaml"
     grid.write_text("name: tiny\nbase: {epochs: 1, train_limit: 256, val_limit: 200, batch_size: 64}\n"
@@ -285,8 +283,7 @@ def test_wall_time_estimate(tmp_path):
     assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
 
 
-@pytest.mark.skipif(not FXP_TRAIN.exists(), reason="build/fxp-train is not built")
-@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST is not installed (dataset-fashion-mnist)")
+@requires_fxp_train_and_data
 def test_killed_sweep_resumes_the_real_run_from_its_checkpoint(tmp_path):
     import signal
     import subprocess

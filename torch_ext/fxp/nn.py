@@ -103,22 +103,20 @@ class _QuantizedLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if self.packed_weights:  # the stand-ins carry no values: load the codes, check the shapes
+        stand_ins = set()  # the stand-ins carry no values: load the codes, check the shapes
+        if self.packed_weights:
             for name in ("weight", "bias"):
-                param = getattr(self, name)
-                key = prefix + name
+                param, key = getattr(self, name), prefix + name
                 if param is not None and key in state_dict:
                     if state_dict[key].shape != param.shape:
                         error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} in the "
                                           f"checkpoint, {tuple(param.shape)} in the model")
-                    state_dict = {k: v for k, v in state_dict.items() if k != key}
-                    self._skip_on_load = getattr(self, "_skip_on_load", set()) | {key}
+                    stand_ins.add(key)
+            state_dict = {k: v for k, v in state_dict.items() if k not in stand_ins}
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        skipped = getattr(self, "_skip_on_load", set())
-        missing_keys[before:] = [k for k in missing_keys[before:] if k not in skipped]
-        self._skip_on_load = set()
+        missing_keys[before:] = [k for k in missing_keys[before:] if k not in stand_ins]
 
     def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
         """The quantized conv/linear output through fxp's layer op (packed storage): the op
@@ -131,7 +129,6 @@ class _QuantizedLayer(nn.Module):
                       bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
         bias = None if self.bias is None else self._weight(self.bias)
         return op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt, **out)
-
 
     def _weight(self, w: Tensor) -> Tensor:
         if self.weight_mode == "ste":  # quantize on read; the fp32 master copy gets the gradient
