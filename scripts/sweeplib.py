@@ -36,7 +36,8 @@ class Run:
 
 
 def run_name(s: dict) -> str:
-    """A readable id from the settings, e.g. sqpu-p16.10-o16.8-sr-b256-s3."""
+    """A readable id from the settings, e.g. sqpu-p16.10-o16.8-sr-b256-s3: the
+    name fxp-train gives the run (TrainConfig::run_name; a test keeps the two equal)."""
     parts = [s.get("method", "sqpu")]
     if parts[0] != "fp32":
         parts.append(f"p{s.get('param_bits', 16)}.{s.get('param_frac', 10)}")
@@ -44,6 +45,8 @@ def run_name(s: dict) -> str:
         parts.append(s.get("inference_rounding", "sr"))
     parts.append(f"b{s.get('batch_size', 64)}")
     parts.append(f"s{s.get('seed', 0)}")
+    if s.get("packed", False):
+        parts.append("packed")
     return "-".join(str(p) for p in parts)
 
 

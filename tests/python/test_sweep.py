@@ -5,11 +5,12 @@ import json
 import pathlib
 import random
 import sys
+import subprocess
 import threading
 
 import pytest
 
-from environment import ROOT, requires_fxp_train_and_data
+from environment import FXP_TRAIN, ROOT, requires_fxp_train_and_data
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
@@ -47,6 +48,17 @@ def test_grid_contents_match_the_paper():
     exp3 = grid_runs("exp3")
     assert 1024 not in {r.config["batch_size"] for r in exp3}
     assert all(r.config["lr_scaling"] == "linear" for r in exp3)
+
+
+@requires_fxp_train_and_data
+@pytest.mark.parametrize("settings", [{}, {"method": "fp32", "batch_size": 16, "seed": 3},
+                                      {"method": "hteqpu", "param_bits": 8, "param_frac": 5, "out_bits": 8,
+                                       "out_frac": 3, "inference_rounding": "hte", "packed": True}])
+def test_run_ids_are_fxp_trains_run_names(settings):
+    """sweeplib.run_name mirrors TrainConfig::run_name; fxp-train --print-config shows the latter."""
+    args = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
+    out = subprocess.run([str(FXP_TRAIN), "--print-config", *args], check=True, capture_output=True, text=True)
+    assert pathlib.Path(json.loads(out.stdout)["output_dir"]).name == sweeplib.run_name(settings)
 
 
 def test_run_ids_are_stable():
