@@ -3,9 +3,10 @@
 // Note [Packed saved inputs]
 // The backward needs the layer input (for the weight gradient) and the weight
 // (for the input gradient). With input_format, the input is saved as codes
-// (fxp::pack, round half to even: exact for an input on that grid, which a
-// quantized activation is); with weight_codes, the weight is saved as its
-// codes. The backward unpacks them and calls what ATen's own derivatives call
+// (fxp::pack with rounding "exact": the input must lie on that grid, as a
+// quantized activation does, and an input off the grid is an error, because
+// its codes would give the weight gradient of another input); with
+// weight_codes, the weight is saved as its codes. The backward unpacks them and calls what ATen's own derivatives call
 // (mm in addmm's formulas, at::sum_to for the bias, at::convolution_backward),
 // on equal values, so the gradients equal torch's bit for bit.
 #include <torch/autograd.h>
@@ -30,12 +31,23 @@ bool any_requires_grad(const at::Tensor& x, const at::Tensor& weight, const std:
 // What the forward saves: the input (packed or not) and the weight (its codes
 // or itself), with what it takes to restore them.
 struct SavedInputs {
-  static void save(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+  // x as codes of format, which x must lie on.
+  static at::Tensor pack_on_grid(const char* op, const at::Tensor& x, const OptionalFormat& format) {
+    try {
+      return pack(x, format.total_bits, format.frac_bits, "exact");
+    } catch (const c10::ValueError& e) {
+      TORCH_CHECK_VALUE(false, op, ": input_format promises an input on the grid of FxP(", format.total_bits, ",",
+                        format.frac_bits, ") (a quantized activation), which the autograd saves as codes; but ",
+                        e.what_without_backtrace());
+    }
+  }
+
+  static void save(const char* op, AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                    const std::optional<at::Tensor>& bias, const OptionalFormat& input_format,
                    const std::optional<at::Tensor>& weight_codes, const OptionalFormat& param_format, bool save_x,
                    bool save_w) {
     at::Tensor saved_x, saved_w;
-    if (save_x) saved_x = input_format.present ? pack(x, input_format.total_bits, input_format.frac_bits) : x;
+    if (save_x) saved_x = input_format.present ? pack_on_grid(op, x, input_format) : x;
     if (save_w) saved_w = defined(weight_codes) ? *weight_codes : weight;
     ctx->save_for_backward({saved_x, saved_w});
     ctx->saved_data["x_format"] = std::vector<int64_t>{input_format.present, input_format.total_bits,
@@ -77,7 +89,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     at::Tensor out = linear_forward(x, weight, bias, input_format, weight_codes, bias_codes, param_format,
                                     output_format, output_rounding, generator);
     // As ATen's mm derivatives: the input only for the weight gradient, the weight only for the input's.
-    SavedInputs::save(ctx, x, weight, bias, parse_format("fxp::linear", "input_format", input_format), weight_codes,
+    SavedInputs::save("fxp::linear", ctx, x, weight, bias, parse_format("fxp::linear", "input_format", input_format),
+                      weight_codes,
                       parse_format("fxp::linear", "param_format", param_format), weight.requires_grad(),
                       x.requires_grad());
     return out;
@@ -124,7 +137,8 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
     at::Tensor out = conv2d_forward(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
                                     bias_codes, param_format, output_format, output_rounding, generator);
     // convolution_backward takes both, whichever gradient is asked for.
-    SavedInputs::save(ctx, x, weight, bias, parse_format("fxp::conv2d", "input_format", input_format), weight_codes,
+    SavedInputs::save("fxp::conv2d", ctx, x, weight, bias, parse_format("fxp::conv2d", "input_format", input_format),
+                      weight_codes,
                       parse_format("fxp::conv2d", "param_format", param_format), true, true);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();

@@ -87,14 +87,14 @@ at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::Tensor
                          double lr, double momentum, double weight_decay, bool nesterov,
                          int64_t total_bits, int64_t frac_bits, int64_t momentum_total_bits,
                          int64_t momentum_frac_bits, Str rounding, int64_t seed, int64_t step,
-                         Str momentum_form) {
+                         Str momentum_form, at::OptionalIntArrayRef stream_indices) {
   static const auto op =
       find_op<at::Tensor(at::TensorList, at::TensorList, at::TensorList, double, double, double, bool,
-                         int64_t, int64_t, int64_t, int64_t, Str, int64_t, int64_t, Str)>(
+                         int64_t, int64_t, int64_t, int64_t, Str, int64_t, int64_t, Str, at::OptionalIntArrayRef)>(
           "fxp::qpu_sgd_step_");
   return op.call(params, grads, momentum_buffers, lr, momentum, weight_decay, nesterov, total_bits,
                  frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed, step,
-                 momentum_form);
+                 momentum_form, stream_indices);
 }
 
 at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, Str rounding, Str overflow,

@@ -58,12 +58,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor& x, in
 
 // The fused QPU SGD step over a parameter group; see docs/design.md. Updates
 // params and momentum_buffers in place; returns int64 [n, 2] of
-// (saturated, vanished) elements per tensor.
+// (saturated, vanished) elements per tensor. stream_indices: each tensor's
+// random stream (default: its position in params; Note [QPU random streams]).
 at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                          double lr, double momentum, double weight_decay, bool nesterov,
                          int64_t total_bits, int64_t frac_bits, int64_t momentum_total_bits,
                          int64_t momentum_frac_bits, c10::string_view rounding, int64_t seed,
-                         int64_t step, c10::string_view momentum_form = "standard");
+                         int64_t step, c10::string_view momentum_form = "standard",
+                         at::OptionalIntArrayRef stream_indices = std::nullopt);
 
 // Packed storage: integer codes of FxP(total_bits, frac_bits) (int8 for B <= 8,
 // int16 for B <= 16, int32 otherwise), rounded like quantize; NaN is an error.

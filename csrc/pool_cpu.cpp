@@ -12,9 +12,9 @@ struct CpuBackend {
   static void launch(const at::Tensor& x, const at::Tensor& out, const at::Tensor& positions, int kh, int kw) {
     kernels::relu_max_pool2d_cpu(x, out, positions, kh, kw);
   }
-  static void launch_backward(const at::Tensor& g, const at::Tensor& positions, const at::Tensor& grad_x, int kh,
-                              int kw) {
-    kernels::relu_max_pool2d_backward_cpu(g, positions, grad_x, kh, kw);
+  static int64_t launch_backward(const at::Tensor& g, const at::Tensor& positions, const at::Tensor& grad_x, int kh,
+                                 int kw) {
+    return kernels::relu_max_pool2d_backward_cpu(g, positions, grad_x, kh, kw);
   }
 };
 }  // namespace

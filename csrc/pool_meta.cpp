@@ -10,7 +10,7 @@ struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
   static void launch(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}
-  static void launch_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) {}
+  static int64_t launch_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int, int) { return 0; }
 };
 }  // namespace
 

@@ -1,7 +1,9 @@
 #include "qpu_sgd_args.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include "quantize_args.h"
 
@@ -9,6 +11,43 @@ namespace fxp {
 
 namespace {
 constexpr const char* kOp = "fxp::qpu_sgd_step_";
+
+// The op writes params and momentum buffers while it reads all three lists,
+// so no written tensor may share memory with any other tensor of the call
+// (grads may share memory with each other: they are only read). As torch's
+// fused optimizers, it rejects such calls instead of computing garbage.
+// The memory ranges are sorted, so the check costs O(n log n).
+void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers) {
+  struct Range {
+    uintptr_t begin, end;
+    const char* list;
+    size_t index;
+    bool written;
+  };
+  std::vector<Range> ranges;
+  auto add = [&](at::TensorList tensors, const char* list, bool written) {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      const at::Tensor& t = tensors[k];
+      if (t.numel() == 0) continue;
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), list, k, written});
+    }
+  };
+  add(params, "params", true);
+  add(grads, "grads", false);
+  add(momentum_buffers, "momentum_buffers", true);
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // The range reaching furthest so far, among all ranges and among the written ones.
+  const Range* furthest = nullptr;
+  const Range* furthest_written = nullptr;
+  for (const Range& r : ranges) {
+    const Range* other = r.written ? furthest : furthest_written;
+    TORCH_CHECK(other == nullptr || r.begin >= other->end, kOp, ": ", r.list, "[", r.index, "] and ", other->list,
+                "[", other->index, "] share memory; every parameter and momentum buffer must have memory of its own");
+    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
+    if (r.written && (furthest_written == nullptr || r.end > furthest_written->end)) furthest_written = &r;
+  }
+}
 
 Storage storage_of(at::ScalarType dtype) {
   switch (dtype) {
@@ -38,9 +77,11 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(false, kOp, ": unknown momentum_form '", a.momentum_form,
                 "'; expected one of standard, paper_eq6");
   }
-  TORCH_CHECK(a.lr >= 0, kOp, ": lr must be non-negative, but got ", a.lr);
-  TORCH_CHECK(a.momentum >= 0, kOp, ": momentum must be non-negative, but got ", a.momentum);
-  TORCH_CHECK(a.weight_decay >= 0, kOp, ": weight_decay must be non-negative, but got ", a.weight_decay);
+  TORCH_CHECK(a.lr >= 0 && std::isfinite(a.lr), kOp, ": lr must be a non-negative finite number, but got ", a.lr);
+  TORCH_CHECK(a.momentum >= 0 && std::isfinite(a.momentum), kOp,
+              ": momentum must be a non-negative finite number, but got ", a.momentum);
+  TORCH_CHECK(a.weight_decay >= 0 && std::isfinite(a.weight_decay), kOp,
+              ": weight_decay must be a non-negative finite number, but got ", a.weight_decay);
   TORCH_CHECK(!a.nesterov || (a.momentum > 0 && form == MomentumForm::Standard), kOp,
               ": nesterov needs momentum > 0 and momentum_form='standard'");
   TORCH_CHECK(a.step >= 0 && a.step < (int64_t{1} << 32), kOp, ": step must be in [0, 2^32), but got ",
@@ -87,14 +128,8 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
     check_like(w, "params", param_dtype);
     check_like(grads[k], "grads", grad_dtype);
     if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype);
-    if (check_memory) {
-      at::assert_no_overlap(w, grads[k]);
-      if (has_momentum) {
-        at::assert_no_overlap(w, momentum_buffers[k]);
-        at::assert_no_overlap(grads[k], momentum_buffers[k]);
-      }
-    }
   }
+  if (check_memory) check_no_aliasing(params, grads, momentum_buffers);
 
   kernels::QpuSgdParams p;
   p.hyper = QpuHyper{a.lr, a.momentum, a.weight_decay, a.nesterov};
@@ -110,6 +145,27 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   p.param_storage = storage_of(param_dtype);
   p.momentum_storage = storage_of(momentum_dtype);
   return p;
+}
+
+std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices) {
+  std::vector<int64_t> streams(n);
+  if (!stream_indices.has_value()) {
+    for (size_t k = 0; k < n; ++k) streams[k] = static_cast<int64_t>(k);
+    return streams;
+  }
+  TORCH_CHECK(stream_indices->size() == n, kOp, ": expected one stream index per param (", n, "), but got ",
+              stream_indices->size());
+  for (size_t k = 0; k < n; ++k) {
+    streams[k] = (*stream_indices)[k];
+    TORCH_CHECK(streams[k] >= 0 && streams[k] <= kernels::kMaxStreamIndex, kOp, ": stream_indices[", k,
+                "] must be in [0, 2^31), but got ", streams[k]);
+  }
+  std::vector<int64_t> sorted = streams;
+  std::sort(sorted.begin(), sorted.end());
+  const auto repeated = std::adjacent_find(sorted.begin(), sorted.end());
+  TORCH_CHECK(repeated == sorted.end(), kOp, ": stream index ", repeated == sorted.end() ? 0 : *repeated,
+              " is given twice; two tensors would draw the same random numbers");
+  return streams;
 }
 
 }  // namespace fxp

@@ -10,8 +10,9 @@ struct CpuBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                     const kernels::QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
-    kernels::qpu_sgd_cpu(params, grads, momentum, p, counts, nan_count);
+                     c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
+                     const at::Tensor& nan_count) {
+    kernels::qpu_sgd_cpu(params, grads, momentum, streams, p, counts, nan_count);
   }
 };
 }  // namespace

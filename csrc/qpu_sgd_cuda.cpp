@@ -11,8 +11,9 @@ struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                     const kernels::QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
-    kernels::qpu_sgd_cuda(params, grads, momentum, p, counts, nan_count);
+                     c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
+                     const at::Tensor& nan_count) {
+    kernels::qpu_sgd_cuda(params, grads, momentum, streams, p, counts, nan_count);
   }
 };
 }  // namespace

@@ -9,8 +9,8 @@ namespace {
 struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
-  static void launch(at::TensorList, at::TensorList, at::TensorList, const kernels::QpuSgdParams&,
-                     const at::Tensor&, const at::Tensor&) {}
+  static void launch(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
+                     const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&) {}
 };
 }  // namespace
 

@@ -66,9 +66,25 @@ at::ScalarType packed_dtype(int total_bits) {
   }
 }
 
-void check_no_nan(const char* op, int64_t nan_count, int64_t numel) {
-  TORCH_CHECK_VALUE(nan_count == 0, op, ": cannot pack NaN into integer codes: ", nan_count, " of ", numel,
+PackArgs parse_pack_args(const char* op, const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                         c10::string_view rounding, c10::string_view overflow) {
+  const bool exact = rounding == "exact";
+  return PackArgs{parse_quantize_args(op, x, total_bits, frac_bits, exact ? "nearest_even" : rounding, overflow),
+                  exact};
+}
+
+void check_pack_counts(const char* op, const PackArgs& args, const kernels::PackCounts& counts, int64_t numel) {
+  TORCH_CHECK_VALUE(counts.nan == 0, op, ": cannot pack NaN into integer codes: ", counts.nan, " of ", numel,
                     " elements are NaN");
+  TORCH_CHECK_VALUE(counts.off_grid == 0, op, ": with rounding='exact' x must lie on the grid of FxP(",
+                    args.params.total_bits, ",", args.params.frac_bits, "), but ", counts.off_grid, " of ", numel,
+                    " elements do not (they would be rounded or saturated)");
+}
+
+void check_codes_in_range(const char* op, int64_t outside, int64_t numel, int64_t total_bits, int64_t frac_bits) {
+  TORCH_CHECK_VALUE(outside == 0, op, ": ", outside, " of ", numel, " codes lie outside the range [",
+                    -(int64_t{1} << (total_bits - 1)), ", ", (int64_t{1} << (total_bits - 1)) - 1, "] of FxP(",
+                    total_bits, ",", frac_bits, ")");
 }
 
 at::ScalarType check_unpack_args(const char* op, const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,

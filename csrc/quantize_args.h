@@ -31,8 +31,19 @@ void check_philox_offset(const char* op, int64_t offset);
 // Packed storage: the integer dtype of FxP(B, .) codes (int8 for B <= 8, int16
 // for B <= 16, int32 otherwise).
 at::ScalarType packed_dtype(int total_bits);
-// Raises "cannot pack NaN" with the count when nan_count > 0.
-void check_no_nan(const char* op, int64_t nan_count, int64_t numel);
+// pack's arguments: the kernel parameters, and whether rounding is "exact"
+// (x must lie on the grid already; rounding half to even then changes nothing).
+struct PackArgs {
+  kernels::QuantizeParams params;
+  bool exact;
+};
+PackArgs parse_pack_args(const char* op, const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                         c10::string_view rounding, c10::string_view overflow);
+// Raises ValueError for NaN elements ("cannot pack NaN", with the count) and,
+// with exact, for elements off the grid.
+void check_pack_counts(const char* op, const PackArgs& args, const kernels::PackCounts& counts, int64_t numel);
+// Raises ValueError when `outside` codes lie outside FxP(total_bits, .)'s range.
+void check_codes_in_range(const char* op, int64_t outside, int64_t numel, int64_t total_bits, int64_t frac_bits);
 // Validates unpack's arguments; returns the output dtype (float32 by default).
 at::ScalarType check_unpack_args(const char* op, const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
                                  std::optional<at::ScalarType> dtype);

@@ -33,12 +33,12 @@ struct CpuBackend {
                      const at::Tensor& saturated_count) {
     kernels::quantize_cpu(x, out, params, philox.seed, philox.offset, saturated, saturated_count);
   }
-  static int64_t launch_pack(const at::Tensor& x, const at::Tensor& codes, const kernels::QuantizeParams& params,
-                             const Philox& philox) {
-    return kernels::pack_cpu(x, codes, params, philox.seed, philox.offset);
+  static kernels::PackCounts launch_pack(const at::Tensor& x, const at::Tensor& codes,
+                                         const kernels::QuantizeParams& params, const Philox& philox, bool exact) {
+    return kernels::pack_cpu(x, codes, params, philox.seed, philox.offset, exact);
   }
-  static void launch_unpack(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
-    kernels::unpack_cpu(codes, out, frac_bits);
+  static int64_t launch_unpack(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
+    return kernels::unpack_cpu(codes, out, total_bits, frac_bits);
   }
 };
 

@@ -17,10 +17,11 @@ struct MetaBackend {
   static Philox from_seed(uint64_t, uint64_t) { return {}; }
   static void launch(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
                      const Philox&, const at::Tensor&, const at::Tensor&) {}
-  static int64_t launch_pack(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&, const Philox&) {
-    return 0;
+  static kernels::PackCounts launch_pack(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
+                                         const Philox&, bool) {
+    return {};
   }
-  static void launch_unpack(const at::Tensor&, const at::Tensor&, int) {}
+  static int64_t launch_unpack(const at::Tensor&, const at::Tensor&, int, int) { return 0; }
 };
 
 }  // namespace

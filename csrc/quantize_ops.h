@@ -9,8 +9,8 @@
 //   static Philox from_generator(const std::optional<at::Generator>&);
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
-//   static int64_t launch_pack(x, codes, params, philox);  // returns the NaN count
-//   static void launch_unpack(codes, out, frac_bits);
+//   static kernels::PackCounts launch_pack(x, codes, params, philox, exact);
+//   static int64_t launch_unpack(codes, out, total_bits, frac_bits);  // codes outside the range, if checked
 #pragma once
 
 #include <ATen/ATen.h>
@@ -76,15 +76,22 @@ struct QuantizeOps {
     }
   }
 
+  // Note [Check, then guard]
+  // Every op checks all its arguments, and draws from the generator, before it
+  // takes the device guard: with x on the CPU and out on CUDA the CUDA kernel
+  // runs, and a CUDA guard for x's device would raise its own, unhelpful error
+  // before check_out could say what is wrong.
+
   // --- generator-driven ---------------------------------------------------
   static at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                              c10::string_view rounding, c10::string_view overflow,
                              const Generator& generator) {
     constexpr const char* op = "fxp::quantize";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
-    run(x, out, params, philox_from_generator(op, x, params, generator));
+    run(x, out, params, philox);
     return out;
   }
 
@@ -93,9 +100,10 @@ struct QuantizeOps {
                                const Generator& generator) {
     constexpr const char* op = "fxp::quantize_";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
-    typename Backend::DeviceGuard guard(x.device());
     if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
-    run(x, x, params, philox_from_generator(op, x, params, generator));
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, x, params, philox);
   }
 
   static void quantize_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
@@ -103,9 +111,10 @@ struct QuantizeOps {
                                   const Generator& generator, const at::Tensor& out) {
     constexpr const char* op = "fxp::quantize.out";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
-    typename Backend::DeviceGuard guard(x.device());
     check_out(op, x, out);
-    run(x, out, params, philox_from_generator(op, x, params, generator));
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, out, params, philox);
   }
 
   static std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
@@ -114,10 +123,11 @@ struct QuantizeOps {
                                                            const Generator& generator) {
     constexpr const char* op = "fxp::quantize_stats";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
     at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
-    run(x, out, params, philox_from_generator(op, x, params, generator), {}, count);
+    run(x, out, params, philox, {}, count);
     return {out, count};
   }
 
@@ -127,10 +137,11 @@ struct QuantizeOps {
                                                           const Generator& generator) {
     constexpr const char* op = "fxp::quantize_mask";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
     at::Tensor saturated = at::empty_symint(x.sym_sizes(), x.options().dtype(at::kBool));
-    run(x, out, params, philox_from_generator(op, x, params, generator), saturated);
+    run(x, out, params, philox, saturated);
     return {out, saturated};
   }
 
@@ -148,9 +159,10 @@ struct QuantizeOps {
                                     c10::string_view overflow) {
     constexpr const char* op = "fxp::quantize_seeded";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
-    run(x, out, params, philox_from_seed(op, seed, offset));
+    run(x, out, params, philox);
     return out;
   }
 
@@ -159,9 +171,10 @@ struct QuantizeOps {
                                       c10::string_view overflow) {
     constexpr const char* op = "fxp::quantize_seeded_";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
-    typename Backend::DeviceGuard guard(x.device());
     if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
-    run(x, x, params, philox_from_seed(op, seed, offset));
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, x, params, philox);
   }
 
   static void quantize_seeded_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
@@ -169,9 +182,10 @@ struct QuantizeOps {
                                          c10::string_view overflow, const at::Tensor& out) {
     constexpr const char* op = "fxp::quantize_seeded.out";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
-    typename Backend::DeviceGuard guard(x.device());
     check_out(op, x, out);
-    run(x, out, params, philox_from_seed(op, seed, offset));
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, out, params, philox);
   }
 
   static std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(
@@ -179,10 +193,11 @@ struct QuantizeOps {
       int64_t seed, int64_t offset, c10::string_view overflow) {
     constexpr const char* op = "fxp::quantize_seeded_stats";
     const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
     at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
-    run(x, out, params, philox_from_seed(op, seed, offset), {}, count);
+    run(x, out, params, philox, {}, count);
     return {out, count};
   }
 
@@ -194,12 +209,12 @@ struct QuantizeOps {
                                                .memory_format(at::MemoryFormat::Contiguous));
   }
 
-  static at::Tensor run_pack(const char* op, const at::Tensor& x, const kernels::QuantizeParams& params,
+  static at::Tensor run_pack(const char* op, const at::Tensor& x, const PackArgs& pack,
                              const Philox& philox) {
-    at::Tensor codes = empty_codes(x, params.total_bits);
+    at::Tensor codes = empty_codes(x, pack.params.total_bits);
     if constexpr (!Backend::kIsMeta) {
       const at::Tensor x_contig = x.contiguous();
-      check_no_nan(op, Backend::launch_pack(x_contig, codes, params, philox), x.numel());
+      check_pack_counts(op, pack, Backend::launch_pack(x_contig, codes, pack.params, philox, pack.exact), x.numel());
     }
     return codes;
   }
@@ -207,18 +222,20 @@ struct QuantizeOps {
   static at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
                          c10::string_view overflow, const Generator& generator) {
     constexpr const char* op = "fxp::pack";
-    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const PackArgs args = parse_pack_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, args.params, generator);
     typename Backend::DeviceGuard guard(x.device());
-    return run_pack(op, x, params, philox_from_generator(op, x, params, generator));
+    return run_pack(op, x, args, philox);
   }
 
   static at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                 c10::string_view rounding, int64_t seed, int64_t offset,
                                 c10::string_view overflow) {
     constexpr const char* op = "fxp::pack_seeded";
-    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const PackArgs args = parse_pack_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
     typename Backend::DeviceGuard guard(x.device());
-    return run_pack(op, x, params, philox_from_seed(op, seed, offset));
+    return run_pack(op, x, args, philox);
   }
 
   static at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
@@ -228,7 +245,11 @@ struct QuantizeOps {
     typename Backend::DeviceGuard guard(codes.device());
     at::Tensor out = at::empty_symint(codes.sym_sizes(), codes.options().dtype(out_dtype).memory_format(
                                                              at::MemoryFormat::Contiguous));
-    if constexpr (!Backend::kIsMeta) Backend::launch_unpack(codes.contiguous(), out, static_cast<int>(frac_bits));
+    if constexpr (!Backend::kIsMeta) {
+      const int64_t outside = Backend::launch_unpack(codes.contiguous(), out, static_cast<int>(total_bits),
+                                                     static_cast<int>(frac_bits));
+      check_codes_in_range(op, outside, codes.numel(), total_bits, frac_bits);
+    }
     return out;
   }
 };

@@ -86,10 +86,12 @@ TORCH_LIBRARY(fxp, m) {
   // The fused QPU SGD step over a parameter group (docs/design.md, "Methods"):
   // updates params and momentum_buffers in place and returns int64 counts
   // [len(params), 2] of (saturated, vanished) elements per tensor. Random
-  // numbers come from (seed, step); see kernels/qpu_sgd.h.
+  // numbers come from (seed, step) and each tensor's stream index: its entry
+  // of stream_indices (the optimizers pass its position in the parameter
+  // group), or by default its position in params (Note [QPU random streams]).
   m.def(
       "qpu_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "float lr, float momentum, float weight_decay, bool nesterov, int total_bits, int frac_bits, "
       "int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, int step, "
-      "str momentum_form=\"standard\") -> Tensor");
+      "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
 }

@@ -17,12 +17,13 @@ namespace fxp::kernels {
   int64_t quantize_cpu_impl(const at::Tensor& x, const at::Tensor& out,                           \
                             const QuantizeParams& params, const CpuQuantizeRequest& request);     \
   int64_t qpu_sgd_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum,  \
-                           const QpuSgdParams& p, const at::Tensor& counts);                      \
+                           c10::ArrayRef<int64_t> streams, const QpuSgdParams& p,                 \
+                           const at::Tensor& counts);                                             \
   void philox_fill(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,         \
                    uint32_t* out);                                                                \
-  int64_t pack_cpu_impl(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, \
-                        uint64_t seed, uint64_t offset);                                          \
-  void unpack_cpu_impl(const at::Tensor& codes, const at::Tensor& out, int frac_bits);           \
+  PackCounts pack_cpu_impl(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, \
+                           uint64_t seed, uint64_t offset, bool exact);                            \
+  int64_t unpack_cpu_impl(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits); \
   }
 FXP_DECLARE_CPU_KERNELS(default_)
 #if defined(FXP_HAVE_X86_CAPABILITIES)
@@ -105,21 +106,22 @@ void quantize_cpu(const at::Tensor& x, const at::Tensor& out, const QuantizePara
   if (saturated_count.defined()) *saturated_count.data_ptr<int64_t>() += count;
 }
 
-int64_t pack_cpu(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
-                 uint64_t offset) {
-  if (x.numel() == 0) return 0;
-  FXP_CPU_DISPATCH(selected_capability(), pack_cpu_impl, x, codes, params, seed, offset);
+PackCounts pack_cpu(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                    uint64_t offset, bool exact) {
+  if (x.numel() == 0) return {};
+  FXP_CPU_DISPATCH(selected_capability(), pack_cpu_impl, x, codes, params, seed, offset, exact);
 }
 
-void unpack_cpu(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
-  if (codes.numel() == 0) return;
-  FXP_CPU_DISPATCH(selected_capability(), unpack_cpu_impl, codes, out, frac_bits);
+int64_t unpack_cpu(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
+  if (codes.numel() == 0) return 0;
+  FXP_CPU_DISPATCH(selected_capability(), unpack_cpu_impl, codes, out, total_bits, frac_bits);
 }
 
 void qpu_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                 const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
+                 c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                 const at::Tensor& nan_count) {
   const int64_t nans = [&]() -> int64_t {
-    FXP_CPU_DISPATCH(selected_capability(), qpu_sgd_cpu_impl, params, grads, momentum, p, counts);
+    FXP_CPU_DISPATCH(selected_capability(), qpu_sgd_cpu_impl, params, grads, momentum, streams, p, counts);
   }();
   if (nan_count.defined()) *nan_count.data_ptr<int64_t>() += nans;
 }

@@ -6,11 +6,32 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FXP_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define FXP_HOST_DEVICE inline
+#endif
+
+// Note [One copy of the math per instruction set]
+// The CPU kernels are compiled once per capability (baseline, AVX2, AVX-512;
+// see CMakeLists.txt) and the CUDA sources once more by nvcc. An inline
+// function with external linkage gets one weak copy per object, and the linker
+// keeps one of them for every caller: an AVX-512 copy could then run on a
+// baseline CPU (SIGILL), or a baseline copy slow down the AVX builds. So the
+// functions below live in an inline namespace named after the build, as ATen
+// does with CPU_CAPABILITY: callers still write fxp::f, and each build links
+// its own copy. Types and constants stay in fxp, because the builds share them.
+// tests/python/test_cpu_builds.py inspects the objects' symbols.
+#define FXP_ISA_PASTE(a, b) a##b
+#define FXP_ISA_NAME(a, b) FXP_ISA_PASTE(a, b)
+#if defined(__CUDACC__)
+#define FXP_ISA isa_cuda
+#elif defined(FXP_CPU_CAPABILITY)
+#define FXP_ISA FXP_ISA_NAME(isa_, FXP_CPU_CAPABILITY)
+#else
+#define FXP_ISA isa_generic
 #endif
 
 namespace fxp {
@@ -21,6 +42,42 @@ constexpr int kMaxTotalBits = 32;
 enum class Rounding : int8_t { NearestEven, Stochastic, Floor, NearestAway };
 enum class Overflow : int8_t { Saturate, Wrap };
 
+struct PhiloxBlock {
+  uint32_t lane[4];
+};
+
+// The fixed-point format, prepared for compute type T (float or double).
+template <typename T>
+struct FxpSpec {
+  T scale;      // 2^F
+  T inv_scale;  // 2^-F
+  T code_min;   // -2^(B-1)
+  T code_max;   // largest T <= 2^(B-1)-1; see Note [Saturation bound in float32]
+  int total_bits;
+};
+
+// How a tensor of the QPU step stores its values: floating point, or packed codes.
+enum class Storage : int8_t { Float32, Float64, Int8, Int16, Int32 };
+
+// Note [Philox offsets from a generator]
+// ATen's random kernels read a generator's offset O as Philox counter O / 4:
+// thread t calls curand_init(seed, t, O), which skips O / 4 counter values of
+// subsequence t, and each kernel reserves an increment that is a multiple of 4
+// and covers the counters it uses. fxp's draws from a generator follow the
+// same convention: counter O / 4, with the element block as the subsequence,
+// and an increment of 4 (one counter value). The next torch op then starts at
+// counter O / 4 + 1 or later, so the two never draw the same numbers. (Using O
+// itself as the counter would collide with a later torch op at offset 4 O.)
+// The explicit (seed, offset) ops use their offset as the counter.
+constexpr uint64_t kGeneratorIncrement = 4;
+
+}  // namespace fxp
+
+namespace fxp {
+inline namespace FXP_ISA {
+
+FXP_HOST_DEVICE uint64_t philox_counter_from_generator(uint64_t generator_offset) { return generator_offset / 4; }
+
 // ---------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., SC'11), the same generator as
 // at::Philox4_32 and curand's Philox. Key = seed, counter = (offset, block).
@@ -30,10 +87,6 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 constexpr int kPhiloxRounds = 10;
-
-struct PhiloxBlock {
-  uint32_t lane[4];
-};
 
 FXP_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
                                   uint32_t k0, uint32_t k1) {
@@ -124,17 +177,8 @@ FXP_HOST_DEVICE T exp2_int(int e) {
 }
 
 // ---------------------------------------------------------------------------
-// The fixed-point format, prepared for compute type T (float or double).
+// The fixed-point format (FxpSpec, above) for compute type T.
 // ---------------------------------------------------------------------------
-template <typename T>
-struct FxpSpec {
-  T scale;      // 2^F
-  T inv_scale;  // 2^-F
-  T code_min;   // -2^(B-1)
-  T code_max;   // largest T <= 2^(B-1)-1; see Note [Saturation bound in float32]
-  int total_bits;
-};
-
 // Note [Saturation bound in float32]
 // For B > 25, 2^(B-1)-1 has more significant bits than a float32 holds, so the
 // largest float32 code that fits the format is 2^(B-1) - 2^(B-25). Saturating
@@ -233,6 +277,70 @@ FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bi
   return quantize_code<R, O>(x, spec, random_bits, saturated) * spec.inv_scale;
 }
 
+// Note [NaN keeps its bits]
+// Arithmetic on a NaN gives the input's payload on x86 but the canonical NaN
+// on CUDA (0x7FFFFFFF), and float16/bfloat16 conversions change it again. So
+// a NaN input is not computed with: the kernels store the input element itself,
+// selected by this test on its compute-type value v (exact: a conversion to
+// float32 or float64 keeps NaN a NaN). Every backend then returns the input's bits.
+template <typename S, typename T>
+FXP_HOST_DEVICE S nan_or(S input, T v, T result) {
+  return v != v ? input : static_cast<S>(result);
+}
+
+// The NaN a computed result is stored as (the QPU step on float storage): the
+// default quiet NaN, written as bits, not computed, so CPU and CUDA agree.
+template <typename T>
+FXP_HOST_DEVICE T quiet_nan() {
+  if constexpr (sizeof(T) == 4) {
+    const uint32_t bits = 0x7FC00000u;
+    T v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+  } else {
+    const uint64_t bits = 0x7FF8000000000000ull;
+    T v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+}
+
+// A float64 result stored as float type T: rounded to nearest even, and a NaN as quiet_nan.
+template <typename T>
+FXP_HOST_DEVICE T to_float_storage(double v) {
+  return v != v ? quiet_nan<T>() : static_cast<T>(v);
+}
+
+// Note [Rounding once to float16 and bfloat16]
+// c10::Half and c10::BFloat16 convert from float32, so double -> float ->
+// half rounds twice, and the two roundings can pick a neighbour the exact value
+// is not nearest to (code 2^30 + 2^19 + 1 at F = 30 would become 1.0, not
+// 1 + 2^-10). Rounding to float32 *to odd* first (truncate, then set the last
+// bit if anything was dropped) keeps the information the second rounding
+// needs, because float32 has more than two bits beyond either target's 11 or 8
+// (the standard round-to-odd argument). So round_to_odd_float(v) converted to
+// half or bfloat16 equals v rounded once, to nearest even. Finite v within float range.
+FXP_HOST_DEVICE float round_to_odd_float(double v) {
+  float f = static_cast<float>(v);  // nearest even
+  if (static_cast<double>(f) == v || v != v) return f;
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  if (fxp_abs(static_cast<double>(f)) > fxp_abs(v)) bits -= 1;  // toward zero: the magnitude bits are nonzero
+  bits |= 1u;                                                   // inexact: odd
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// A float64 value v (exact) stored as S, rounded once to nearest even.
+template <typename S>
+FXP_HOST_DEVICE S round_once(double v) {
+  if constexpr (sizeof(S) >= 4) {
+    return static_cast<S>(v);
+  } else {
+    return static_cast<S>(round_to_odd_float(v));
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Packed storage: a tensor of integer codes q, value q * 2^-F.
 // ---------------------------------------------------------------------------
@@ -241,9 +349,6 @@ FXP_HOST_DEVICE T quantize_value(T x, const FxpSpec<T>& spec, uint32_t random_bi
 FXP_HOST_DEVICE int packed_storage_bits(int total_bits) {
   return total_bits <= 8 ? 8 : total_bits <= 16 ? 16 : 32;
 }
-
-// How a tensor of the QPU step stores its values: floating point, or packed codes.
-enum class Storage : int8_t { Float32, Float64, Int8, Int16, Int32 };
 
 FXP_HOST_DEVICE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
 
@@ -259,17 +364,19 @@ FXP_HOST_DEVICE double load_value(const void* p, Storage s, int64_t i, double in
   return 0.0;
 }
 
-// Stores v, a value on the grid whose code fits the storage, as element i.
+// Stores v, a value on the grid whose code fits the storage (or, for float
+// storage, NaN), as element i.
 FXP_HOST_DEVICE void store_value(void* p, Storage s, int64_t i, double v, double scale) {
   switch (s) {
-    case Storage::Float32: static_cast<float*>(p)[i] = static_cast<float>(v); return;
-    case Storage::Float64: static_cast<double*>(p)[i] = v; return;
+    case Storage::Float32: static_cast<float*>(p)[i] = to_float_storage<float>(v); return;
+    case Storage::Float64: static_cast<double*>(p)[i] = to_float_storage<double>(v); return;
     case Storage::Int8: static_cast<int8_t*>(p)[i] = static_cast<int8_t>(v * scale); return;
     case Storage::Int16: static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v * scale); return;
     case Storage::Int32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v * scale); return;
   }
 }
 
+}  // namespace FXP_ISA
 }  // namespace fxp
 
 namespace fxp {
@@ -292,6 +399,8 @@ struct QpuElementResult {
   bool saturated;   // the parameter's rounded code was clamped
   bool vanished;    // a nonzero update left the parameter unchanged
 };
+
+inline namespace FXP_ISA {
 
 // Note [QPU update in float64]
 // The update is computed in float64 and rounded once: standard form
@@ -333,4 +442,5 @@ FXP_HOST_DEVICE QpuElementResult qpu_update_element(double w, double g, double v
   return r;
 }
 
+}  // namespace FXP_ISA
 }  // namespace fxp

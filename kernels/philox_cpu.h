@@ -6,7 +6,16 @@
 
 #include <cstdint>
 #if defined(__AVX2__) || defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics start from deliberately undefined registers
+// (_mm512_undefined_epi32: `__m512i __Y = __Y;`), which -Wuninitialized and
+// -Wmaybe-uninitialized report once they are inlined, notably under
+// -fsanitize. The warnings are the header's, so they are silenced for its
+// lines only (the pragma state is looked up at the warning's location).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 #include "fxp_math.h"

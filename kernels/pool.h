@@ -20,11 +20,15 @@ constexpr uint8_t kNotPositive = 255;
 void relu_max_pool2d_cpu(const at::Tensor& x, const at::Tensor& out, const at::Tensor& positions, int kh, int kw);
 
 // grad_x (contiguous [N, C, H, W]) = 0 + grad_out at each output's position,
-// +0 elsewhere and where the position is kNotPositive.
-void relu_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& grad_x,
-                                  int kh, int kw);
+// +0 elsewhere and where the position is kNotPositive. Returns the number of
+// positions that are neither below kh * kw nor kNotPositive (they write nothing).
+int64_t relu_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& positions,
+                                     const at::Tensor& grad_x, int kh, int kw);
 
 void relu_max_pool2d_cuda(const at::Tensor& x, const at::Tensor& out, const at::Tensor& positions, int kh, int kw);
+// As the CPU kernel, but invalid positions are not counted (a check would
+// cost a device-to-host copy per call); they select no element, so they can
+// never address memory outside grad_x.
 void relu_max_pool2d_backward_cuda(const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& grad_x,
                                    int kh, int kw);
 

@@ -3,6 +3,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
+
 #include "pool.h"
 #include "pool_element.h"
 
@@ -30,16 +32,19 @@ void relu_max_pool2d_cpu(const at::Tensor& x, const at::Tensor& out, const at::T
   });
 }
 
-void relu_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& grad_x,
-                                  int kh, int kw) {
+int64_t relu_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& positions,
+                                     const at::Tensor& grad_x, int kh, int kw) {
   const int64_t planes = grad_x.size(0) * grad_x.size(1), height = grad_x.size(2), width = grad_x.size(3);
   const int64_t out_h = grad_out.size(2), out_w = grad_out.size(3);
+  const int window = kh * kw;
   const uint8_t* pos = positions.const_data_ptr<uint8_t>();
+  std::atomic<int64_t> invalid{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_x.scalar_type(), "fxp_relu_max_pool2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      int64_t bad = 0;
       for (int64_t p = begin; p < end; ++p) {
         scalar_t* plane = gx + p * height * width;
         std::fill(plane, plane + height * width, scalar_t(0));
@@ -47,14 +52,20 @@ void relu_max_pool2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& 
           for (int64_t ow = 0; ow < out_w; ++ow) {
             const int64_t o = (p * out_h + oh) * out_w + ow;
             if (pos[o] == kNotPositive) continue;
+            if (pos[o] >= window) {  // would address another window, or memory past the plane
+              ++bad;
+              continue;
+            }
             // ATen's pool backward adds the gradient to a zero: 0 + g (so -0 becomes +0).
             plane[(oh * kh + pos[o] / kw) * width + ow * kw + pos[o] % kw] =
                 static_cast<scalar_t>(acc_t(0) + static_cast<acc_t>(gp[o]));
           }
         }
       }
+      invalid += bad;
     });
   });
+  return invalid.load();
 }
 
 }  // namespace fxp::kernels

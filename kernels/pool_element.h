@@ -28,7 +28,8 @@ FXP_HOST_DEVICE scalar_t relu_max_window(const scalar_t* plane, int64_t width, i
       }
     }
   }
-  *position = max_value > acc_t(0) ? static_cast<uint8_t>(best) : kNotPositive;
+  // A NaN maximum passes the gradient, as ATen's relu backward does (NaN <= 0 is false).
+  *position = max_value > acc_t(0) || max_value != max_value ? static_cast<uint8_t>(best) : kNotPositive;
   return max_stored;
 }
 

@@ -28,19 +28,31 @@ struct QpuSgdParams {
 // (qpu_update_element) and writes codes: no float copy outlives the step, and
 // the values equal those of float storage whenever float storage is exact
 // (codes below 2^24 in float32). A NaN result cannot be a code: that element
-// keeps its old code, and the kernel counts it so the op can raise.
+// keeps its old code, and the kernel counts it so the op can raise. The op
+// raises after the update: the step has happened (every other element is
+// updated), and the optimizers count it as a step, so a caller that catches
+// the error goes on with fresh random streams. On float storage a NaN result
+// is stored as the default quiet NaN (Note [NaN keeps its bits] explains why
+// not the computed one).
 
 // Note [QPU random streams]
-// Tensor k of a step draws its parameter rounding from Philox offset
-// step * 2^32 + 2k and its momentum rounding from step * 2^32 + 2k + 1, with
-// key seed; element i uses lane i % 4 of block i / 4 as in quantize_seeded.
-// So a step is reproducible from (seed, step) alone, identical on CPU and
-// CUDA, and equal to quantize_seeded applied to the float64 update.
-FXP_HOST_DEVICE uint64_t qpu_param_offset(uint64_t step, int64_t index) {
-  return (step << 32) + 2 * static_cast<uint64_t>(index);
+// The tensor with stream index k draws its parameter rounding from Philox
+// offset step * 2^32 + 2k and its momentum rounding from step * 2^32 + 2k + 1,
+// with key seed; element i uses lane i % 4 of block i / 4 as in
+// quantize_seeded. The optimizers pass each parameter's position in its
+// parameter group as k, whether or not the other parameters have gradients,
+// so a frozen or unused parameter never shifts the draws of the others. A step
+// is reproducible from (seed, step) alone, identical on CPU and CUDA, and
+// equal to quantize_seeded applied to the float64 update.
+// Stream indices are below 2^31, so the offsets of one step never reach the next's.
+constexpr int64_t kMaxStreamIndex = (int64_t{1} << 31) - 1;
+
+inline namespace FXP_ISA {
+FXP_HOST_DEVICE uint64_t qpu_param_offset(uint64_t step, int64_t stream) {
+  return (step << 32) + 2 * static_cast<uint64_t>(stream);
 }
-FXP_HOST_DEVICE uint64_t qpu_momentum_offset(uint64_t step, int64_t index) {
-  return qpu_param_offset(step, index) + 1;
+FXP_HOST_DEVICE uint64_t qpu_momentum_offset(uint64_t step, int64_t stream) {
+  return qpu_param_offset(step, stream) + 1;
 }
 
 // The format prepared for float64 compute but bounded so the result is
@@ -51,13 +63,16 @@ inline FxpSpec<double> qpu_storage_spec(int total_bits, int frac_bits, Storage s
   if (storage == Storage::Float32) spec.code_max = make_fxp_spec<float>(total_bits, frac_bits).code_max;
   return spec;
 }
+}  // namespace FXP_ISA
 
 // Updates params[k] and momentum[k] (empty list: no momentum) in place from
-// grads[k]; all contiguous, same numel per k, stored as p says.
+// grads[k]; all contiguous, same numel per k, stored as p says. streams[k] is
+// tensor k's stream index (Note [QPU random streams]).
 // counts: int64 [n, 2], receives (saturated, vanished) per tensor.
 // nan_count (int64 0-dim; only needed with packed storage) receives the
 // number of NaN results that packed storage could not hold.
 void qpu_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                 const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count);
+                 c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                 const at::Tensor& nan_count);
 
 }  // namespace fxp::kernels

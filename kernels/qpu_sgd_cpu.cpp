@@ -38,8 +38,8 @@ Counts update_span_f64(double* w, const double* g, double* v, int64_t n, const Q
     if constexpr (kMomentum) vi = v[i];
     const QpuElementResult r =
         qpu_update_element<R, Form, kMomentum, kNesterov>(w[i], g[i], vi, hyper, wspec, vspec, wb, vb);
-    w[i] = r.param;
-    if constexpr (kMomentum) v[i] = r.momentum;
+    w[i] = to_float_storage<double>(r.param);
+    if constexpr (kMomentum) v[i] = to_float_storage<double>(r.momentum);
     saturated += r.saturated;
     vanished += r.vanished;
   }
@@ -78,7 +78,7 @@ int32_t narrow_typed(void* base, int64_t start, int64_t n, double scale, const d
   int32_t nans = 0;
   for (int64_t i = 0; i < n; ++i) {
     if constexpr (std::is_floating_point_v<T>) {
-      p[i] = static_cast<T>(in[i]);
+      p[i] = to_float_storage<T>(in[i]);
     } else {
       const bool nan = in[i] != in[i];
       nans += nan;
@@ -135,11 +135,11 @@ Counts update_span(const TensorIo& io, int64_t s, int64_t n, const QpuSgdParams&
 }
 
 template <Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t index,
+Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
                      const QpuSgdParams& p) {
   const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
   const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
-  const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
+  const uint64_t woff = qpu_param_offset(p.step, stream), voff = qpu_momentum_offset(p.step, stream);
   const TensorIo io{param.data_ptr(), grad.const_data_ptr(), kMomentum ? momentum->data_ptr() : nullptr};
   return sum_over_spans<Counts>(param.numel(), kSpanElems, [&](int64_t s, int64_t len) {
     alignas(64) uint32_t wbits[kSpanElems], vbits[kSpanElems];
@@ -155,28 +155,28 @@ Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::
 
 template <Rounding R>
 Counts update_dispatch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum,
-                       int64_t index, const QpuSgdParams& p) {
+                       int64_t stream, const QpuSgdParams& p) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   if (momentum != nullptr) {
-    return paper ? update_tensor<R, MomentumForm::PaperEq6, true>(param, grad, momentum, index, p)
-                 : update_tensor<R, MomentumForm::Standard, true>(param, grad, momentum, index, p);
+    return paper ? update_tensor<R, MomentumForm::PaperEq6, true>(param, grad, momentum, stream, p)
+                 : update_tensor<R, MomentumForm::Standard, true>(param, grad, momentum, stream, p);
   }
-  return paper ? update_tensor<R, MomentumForm::PaperEq6, false>(param, grad, nullptr, index, p)
-               : update_tensor<R, MomentumForm::Standard, false>(param, grad, nullptr, index, p);
+  return paper ? update_tensor<R, MomentumForm::PaperEq6, false>(param, grad, nullptr, stream, p)
+               : update_tensor<R, MomentumForm::Standard, false>(param, grad, nullptr, stream, p);
 }
 
 }  // namespace
 
 int64_t qpu_sgd_cpu_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                         const QpuSgdParams& p, const at::Tensor& counts) {
+                         c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts) {
   auto* out = counts.data_ptr<int64_t>();
   int64_t nans = 0;
   for (size_t k = 0; k < params.size(); ++k) {
     if (params[k].numel() == 0) continue;
     const at::Tensor* v = momentum.empty() ? nullptr : &momentum[k];
     const Counts c = p.rounding == Rounding::Stochastic
-                         ? update_dispatch<Rounding::Stochastic>(params[k], grads[k], v, k, p)
-                         : update_dispatch<Rounding::NearestEven>(params[k], grads[k], v, k, p);
+                         ? update_dispatch<Rounding::Stochastic>(params[k], grads[k], v, streams[k], p)
+                         : update_dispatch<Rounding::NearestEven>(params[k], grads[k], v, streams[k], p);
     out[2 * k] += c.saturated;
     out[2 * k + 1] += c.vanished;
     nans += c.nans;

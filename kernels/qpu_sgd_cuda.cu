@@ -24,14 +24,19 @@ struct TensorListMeta {
   const void* g[kMaxTensors];
   void* v[kMaxTensors];
   int64_t numel[kMaxTensors];
-  int64_t index[kMaxTensors];  // position in the whole list: Philox offsets and counts
+  int64_t stream[kMaxTensors];  // Philox stream index (Note [QPU random streams])
+  int32_t row[kMaxTensors];     // position in the op's lists: the row of counts
   int32_t block_tensor[kMaxBlocks];
   int32_t block_chunk[kMaxBlocks];
 };
 
-static_assert(sizeof(TensorListMeta) + sizeof(QpuSgdParams) + 2 * sizeof(FxpSpec<double>) +
-                      sizeof(void*) <= 4096,
-              "the kernel's arguments must fit the classic 4 KB limit");
+// The bytes a kernel's parameters take, each aligned as the ABI lays them out.
+template <typename... Args>
+constexpr size_t kernel_parameter_bytes(void (*)(Args...)) {
+  size_t bytes = 0;
+  ((bytes = (bytes + alignof(Args) - 1) / alignof(Args) * alignof(Args) + sizeof(Args)), ...);
+  return bytes;
+}
 
 // Stores a grid value; a NaN cannot be a code, so packed storage keeps the old
 // code and counts it (Note [Packed QPU step]).
@@ -49,8 +54,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElems;
   const int64_t n = meta.numel[t];
   const int64_t chunk_end = min(n, chunk_begin + kChunkElems);
-  const int64_t index = meta.index[t];
-  const uint64_t woff = qpu_param_offset(p.step, index), voff = qpu_momentum_offset(p.step, index);
+  const int64_t row = meta.row[t];
+  const uint64_t woff = qpu_param_offset(p.step, meta.stream[t]), voff = qpu_momentum_offset(p.step, meta.stream[t]);
   void* w = meta.w[t];
   const void* g = meta.g[t];
   void* v = meta.v[t];
@@ -87,14 +92,19 @@ __global__ void __launch_bounds__(kThreads)
     nans += __shfl_down_sync(0xffffffffu, nans, delta);
   }
   if ((threadIdx.x & 31) == 0) {
-    if (saturated != 0) atomicAdd(counts + 2 * index, saturated);
-    if (vanished != 0) atomicAdd(counts + 2 * index + 1, vanished);
+    if (saturated != 0) atomicAdd(counts + 2 * row, saturated);
+    if (vanished != 0) atomicAdd(counts + 2 * row + 1, vanished);
     if (nans != 0) atomicAdd(nan_count, nans);
   }
 }
 
+// The classic 4 KB limit on a kernel's parameters (PyTorch's multi_tensor_apply keeps to it too).
+static_assert(kernel_parameter_bytes(&qpu_sgd_kernel<Rounding::Stochastic, MomentumForm::Standard, true, false>) <=
+                  4096,
+              "the QPU kernel's parameters must fit in 4 KB: lower kMaxTensors or kMaxBlocks");
+
 template <Rounding R, MomentumForm Form, bool kMomentum>
-void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum, c10::ArrayRef<int64_t> streams,
                 const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
   const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
   const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
@@ -120,7 +130,8 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
     meta.g[tensors] = grads[k].const_data_ptr();
     meta.v[tensors] = kMomentum ? momentum[k].data_ptr() : nullptr;
     meta.numel[tensors] = n;
-    meta.index[tensors] = static_cast<int64_t>(k);
+    meta.stream[tensors] = streams[k];
+    meta.row[tensors] = static_cast<int32_t>(k);
     const int64_t chunks = (n + kChunkElems - 1) / kChunkElems;
     for (int64_t c = 0; c < chunks; ++c) {
       meta.block_tensor[blocks] = tensors;
@@ -132,7 +143,8 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
         meta.g[0] = meta.g[tensors];
         meta.v[0] = meta.v[tensors];
         meta.numel[0] = meta.numel[tensors];
-        meta.index[0] = meta.index[tensors];
+        meta.stream[0] = meta.stream[tensors];
+        meta.row[0] = meta.row[tensors];
         tensors = 0;
       }
     }
@@ -149,28 +161,30 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
 
 template <Rounding R>
 void dispatch_form(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                   const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
+                   c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                   unsigned long long* nan_ptr) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   if (!momentum.empty()) {
-    paper ? launch_all<R, MomentumForm::PaperEq6, true>(params, grads, momentum, p, counts, nan_ptr)
-          : launch_all<R, MomentumForm::Standard, true>(params, grads, momentum, p, counts, nan_ptr);
+    paper ? launch_all<R, MomentumForm::PaperEq6, true>(params, grads, momentum, streams, p, counts, nan_ptr)
+          : launch_all<R, MomentumForm::Standard, true>(params, grads, momentum, streams, p, counts, nan_ptr);
   } else {
-    paper ? launch_all<R, MomentumForm::PaperEq6, false>(params, grads, momentum, p, counts, nan_ptr)
-          : launch_all<R, MomentumForm::Standard, false>(params, grads, momentum, p, counts, nan_ptr);
+    paper ? launch_all<R, MomentumForm::PaperEq6, false>(params, grads, momentum, streams, p, counts, nan_ptr)
+          : launch_all<R, MomentumForm::Standard, false>(params, grads, momentum, streams, p, counts, nan_ptr);
   }
 }
 
 }  // namespace
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                  const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
+                  c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                  const at::Tensor& nan_count) {
   if (params.empty()) return;
   // Float storage never counts NaNs, so the kernel may take a null counter.
   auto* nan_ptr = nan_count.defined() ? reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>()) : nullptr;
   if (p.rounding == Rounding::Stochastic) {
-    dispatch_form<Rounding::Stochastic>(params, grads, momentum, p, counts, nan_ptr);
+    dispatch_form<Rounding::Stochastic>(params, grads, momentum, streams, p, counts, nan_ptr);
   } else {
-    dispatch_form<Rounding::NearestEven>(params, grads, momentum, p, counts, nan_ptr);
+    dispatch_form<Rounding::NearestEven>(params, grads, momentum, streams, p, counts, nan_ptr);
   }
 }
 

@@ -8,6 +8,7 @@
 namespace fxp::kernels {
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
-                  const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count);
+                  c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                  const at::Tensor& nan_count);
 
 }  // namespace fxp::kernels

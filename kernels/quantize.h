@@ -38,16 +38,30 @@ void quantize_cpu(const at::Tensor& x, const at::Tensor& out, const QuantizePara
                   uint64_t seed, uint64_t offset, const at::Tensor& saturated,
                   const at::Tensor& saturated_count);
 
+// What pack found that it cannot store faithfully: NaN elements (their codes
+// are 0), and with `exact` the elements that are not on the grid (rounded to
+// another value, or saturated). The caller reports the errors.
+struct PackCounts {
+  int64_t nan = 0;
+  int64_t off_grid = 0;
+  PackCounts& operator+=(const PackCounts& o) {
+    nan += o.nan, off_grid += o.off_grid;
+    return *this;
+  }
+};
+
 // Packs the contiguous x into the contiguous integer tensor codes (same numel;
 // int8, int16 or int32, see packed_storage_bits), rounding like quantize_cpu
-// but in float64, so the bounds are the format's exact ones. Returns the number
-// of NaN elements (their codes are 0; the caller reports the error).
-int64_t pack_cpu(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
-                 uint64_t offset);
+// but in float64, so the bounds are the format's exact ones. With exact, it
+// rounds half to even and saturates (params.rounding and overflow are ignored),
+// and counts the elements that this changes.
+PackCounts pack_cpu(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                    uint64_t offset, bool exact);
 
 // out = codes * 2^-frac_bits (both contiguous, same numel; out floating point),
-// computed exactly in float64 and rounded once to out's dtype.
-void unpack_cpu(const at::Tensor& codes, const at::Tensor& out, int frac_bits);
+// computed exactly in float64 and rounded once to out's dtype. Returns the
+// number of codes outside FxP(total_bits, .)'s range (converted all the same).
+int64_t unpack_cpu(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits);
 
 // The Philox words of blocks first_block .. first_block + nblocks - 1, in
 // element order, as computed by the CPU build named capability ("default",

@@ -37,8 +37,8 @@ int32_t quantize_span(const scalar_t* xs, scalar_t* ys, bool* saturated, int64_t
   for (int64_t i = 0; i < n; ++i) {
     bool sat;
     const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
-    const opmath_t v = quantize_value<R, O>(static_cast<opmath_t>(xs[i]), spec, bits, &sat);
-    ys[i] = static_cast<scalar_t>(v);
+    const opmath_t x = static_cast<opmath_t>(xs[i]);
+    ys[i] = nan_or(xs[i], x, quantize_value<R, O>(x, spec, bits, &sat));  // Note [NaN keeps its bits]
     if constexpr (S == Stats::kMaskAndCount) saturated[i] = sat;
     if constexpr (S != Stats::kNone) count += sat;
   }
@@ -96,90 +96,106 @@ int64_t quantize_dispatch_overflow(const at::Tensor& x, const at::Tensor& out,
 
 // Packs n elements into integer codes, computing in float64 so the bounds are
 // the format's exact ones for every B (Note [Saturation bound in float32] does
-// not apply to integer codes). A NaN element gets code 0 and is counted.
-template <typename scalar_t, typename code_t, Rounding R, Overflow O>
-int32_t pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec<double>& spec,
-                  const uint32_t* random_bits) {
-  int32_t nans = 0;
+// not apply to integer codes). A NaN element gets code 0 and is counted. With
+// kExact, elements that are not on the grid (rounded to another value, or
+// saturated) are counted too.
+template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
+PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec<double>& spec,
+                     const uint32_t* random_bits) {
+  int32_t nans = 0, off_grid = 0;
   for (int64_t i = 0; i < n; ++i) {
     bool sat;
     const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
-    const double q = quantize_code<R, O>(static_cast<double>(xs[i]), spec, bits, &sat);
+    const double x = static_cast<double>(xs[i]);
+    const double q = quantize_code<R, O>(x, spec, bits, &sat);
     const bool nan = q != q;
     nans += nan;
+    if constexpr (kExact) off_grid += !nan && (sat || q * spec.inv_scale != x);
     codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
   }
-  return nans;
+  return PackCounts{nans, off_grid};
 }
 
-template <typename scalar_t, typename code_t, Rounding R, Overflow O>
-int64_t pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
-                   uint64_t offset) {
+template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
+PackCounts pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                      uint64_t offset) {
   const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   code_t* cp = codes.data_ptr<code_t>();
-  return sum_over_spans<int64_t>(x.numel(), kSpanElems, [&](int64_t s, int64_t len) {
+  return sum_over_spans<PackCounts>(x.numel(), kSpanElems, [&](int64_t s, int64_t len) {
     alignas(64) uint32_t random_bits[kSpanElems];
     if constexpr (R == Rounding::Stochastic) {
       philox_chunk(seed, offset, static_cast<uint64_t>(s / 4), (len + 3) / 4, random_bits);
     }
-    return static_cast<int64_t>(pack_span<scalar_t, code_t, R, O>(xp + s, cp + s, len, spec, random_bits));
+    return pack_span<scalar_t, code_t, R, O, kExact>(xp + s, cp + s, len, spec, random_bits);
   });
 }
 
-template <Rounding R, Overflow O>
-int64_t pack_dispatch(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
-                      uint64_t offset) {
-  int64_t nans = 0;
+template <Rounding R, Overflow O, bool kExact>
+PackCounts pack_dispatch(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                         uint64_t offset) {
+  PackCounts counts;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_pack_cpu", [&] {
     switch (codes.scalar_type()) {
-      case at::kChar: nans = pack_typed<scalar_t, int8_t, R, O>(x, codes, params, seed, offset); break;
-      case at::kShort: nans = pack_typed<scalar_t, int16_t, R, O>(x, codes, params, seed, offset); break;
-      default: nans = pack_typed<scalar_t, int32_t, R, O>(x, codes, params, seed, offset); break;
+      case at::kChar: counts = pack_typed<scalar_t, int8_t, R, O, kExact>(x, codes, params, seed, offset); break;
+      case at::kShort: counts = pack_typed<scalar_t, int16_t, R, O, kExact>(x, codes, params, seed, offset); break;
+      default: counts = pack_typed<scalar_t, int32_t, R, O, kExact>(x, codes, params, seed, offset); break;
     }
   });
-  return nans;
+  return counts;
 }
 
 template <Rounding R>
-int64_t pack_dispatch_overflow(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
-                               uint64_t seed, uint64_t offset) {
-  return params.overflow == Overflow::Wrap ? pack_dispatch<R, Overflow::Wrap>(x, codes, params, seed, offset)
-                                           : pack_dispatch<R, Overflow::Saturate>(x, codes, params, seed, offset);
+PackCounts pack_dispatch_overflow(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
+                                  uint64_t seed, uint64_t offset) {
+  return params.overflow == Overflow::Wrap ? pack_dispatch<R, Overflow::Wrap, false>(x, codes, params, seed, offset)
+                                           : pack_dispatch<R, Overflow::Saturate, false>(x, codes, params, seed, offset);
 }
 
+// code * 2^-F is exact in float64 and rounded once to the output type (Note
+// [Rounding once to float16 and bfloat16]); codes outside the format are counted.
 template <typename code_t, typename scalar_t>
-void unpack_typed(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+int64_t unpack_typed(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
   const double inv_scale = exp2_int<double>(-frac_bits);
+  const int64_t code_min = -(int64_t{1} << (total_bits - 1)), code_max = (int64_t{1} << (total_bits - 1)) - 1;
   const code_t* cp = codes.const_data_ptr<code_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
-  at::parallel_for(0, codes.numel(), 32768, [&](int64_t begin, int64_t end) {
-    // code * 2^-F is exact in float64; the cast rounds once to the output type.
-    for (int64_t i = begin; i < end; ++i) yp[i] = static_cast<scalar_t>(cp[i] * inv_scale);
+  return sum_over_spans<int64_t>(codes.numel(), kChunkElems, [&](int64_t s, int64_t len) {
+    int64_t outside = 0;
+    for (int64_t i = s; i < s + len; ++i) {
+      yp[i] = round_once<scalar_t>(cp[i] * inv_scale);
+      outside += cp[i] < code_min || cp[i] > code_max;
+    }
+    return outside;
   });
 }
 
 }  // namespace
 
-int64_t pack_cpu_impl(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
-                      uint64_t offset) {
+PackCounts pack_cpu_impl(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
+                         uint64_t offset, bool exact) {
+  if (exact) {  // round half to even, saturating, counting what it changes
+    return pack_dispatch<Rounding::NearestEven, Overflow::Saturate, true>(x, codes, params, seed, offset);
+  }
   switch (params.rounding) {
     case Rounding::NearestEven: return pack_dispatch_overflow<Rounding::NearestEven>(x, codes, params, seed, offset);
     case Rounding::Stochastic: return pack_dispatch_overflow<Rounding::Stochastic>(x, codes, params, seed, offset);
     case Rounding::Floor: return pack_dispatch_overflow<Rounding::Floor>(x, codes, params, seed, offset);
     case Rounding::NearestAway: return pack_dispatch_overflow<Rounding::NearestAway>(x, codes, params, seed, offset);
   }
-  return 0;
+  return {};
 }
 
-void unpack_cpu_impl(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
+int64_t unpack_cpu_impl(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
+  int64_t outside = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fxp_unpack_cpu", [&] {
     switch (codes.scalar_type()) {
-      case at::kChar: unpack_typed<int8_t, scalar_t>(codes, out, frac_bits); break;
-      case at::kShort: unpack_typed<int16_t, scalar_t>(codes, out, frac_bits); break;
-      default: unpack_typed<int32_t, scalar_t>(codes, out, frac_bits); break;
+      case at::kChar: outside = unpack_typed<int8_t, scalar_t>(codes, out, total_bits, frac_bits); break;
+      case at::kShort: outside = unpack_typed<int16_t, scalar_t>(codes, out, total_bits, frac_bits); break;
+      default: outside = unpack_typed<int32_t, scalar_t>(codes, out, total_bits, frac_bits); break;
     }
   });
+  return outside;
 }
 
 void philox_fill(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,

@@ -17,13 +17,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// The Philox key and counter offset of this launch (on the device, so CUDA-graph
-// replays draw fresh numbers); deterministic roundings need none.
+// The Philox key and counter of this launch (see CudaPhilox); deterministic
+// roundings need none.
 template <Rounding R>
-__device__ __forceinline__ std::pair<uint64_t, uint64_t> philox_key_and_offset(const at::PhiloxCudaState& philox) {
+__device__ __forceinline__ std::pair<uint64_t, uint64_t> philox_key_and_counter(const CudaPhilox& philox) {
   if constexpr (R != Rounding::Stochastic) return {0, 0};
-  const auto seeds = at::cuda::philox::unpack(philox);
-  return {std::get<0>(seeds), std::get<1>(seeds)};
+  const auto seeds = at::cuda::philox::unpack(philox.state);
+  const uint64_t offset = std::get<1>(seeds);
+  return {std::get<0>(seeds), philox.from_generator ? philox_counter_from_generator(offset) : offset};
 }
 
 template <typename scalar_t>
@@ -35,10 +36,10 @@ template <typename scalar_t, Rounding R, Overflow O, bool kWriteMask, bool kCoun
 __global__ void __launch_bounds__(kThreads)
     quantize_kernel(const scalar_t* x, scalar_t* y,  // may alias (in-place)
                     bool* __restrict__ saturated, int64_t n,
-                    FxpSpec<at::opmath_type<scalar_t>> spec, at::PhiloxCudaState philox,
+                    FxpSpec<at::opmath_type<scalar_t>> spec, CudaPhilox philox,
                     unsigned long long* __restrict__ saturated_count, bool aligned) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const auto [seed, offset] = philox_key_and_offset<R>(philox);
+  const auto [seed, offset] = philox_key_and_counter<R>(philox);
   const int64_t nblocks = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned long long local = 0;
@@ -53,16 +54,17 @@ __global__ void __launch_bounds__(kThreads)
       Vec4<scalar_t> res;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        res.v[l] = static_cast<scalar_t>(
-            quantize_value<R, O>(static_cast<opmath_t>(in.v[l]), spec, bits.lane[l], &sat[l]));
+        const opmath_t v = static_cast<opmath_t>(in.v[l]);
+        res.v[l] = nan_or(in.v[l], v, quantize_value<R, O>(v, spec, bits.lane[l], &sat[l]));  // Note [NaN keeps its bits]
       }
       reinterpret_cast<Vec4<scalar_t>*>(y)[b] = res;
     } else {
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         if (i0 + l < n) {
-          y[i0 + l] = static_cast<scalar_t>(
-              quantize_value<R, O>(static_cast<opmath_t>(x[i0 + l]), spec, bits.lane[l], &sat[l]));
+          const scalar_t in = x[i0 + l];
+          const opmath_t v = static_cast<opmath_t>(in);
+          y[i0 + l] = nan_or(in, v, quantize_value<R, O>(v, spec, bits.lane[l], &sat[l]));
         }
       }
     }
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, Rounding R, Overflow O>
 void launch_typed(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                  at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+                  const CudaPhilox& philox, bool* saturated, unsigned long long* count) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t n = x.numel();
   const auto* xp = x.const_data_ptr<scalar_t>();
@@ -108,7 +110,7 @@ void launch_typed(const at::Tensor& x, const at::Tensor& out, const QuantizePara
 
 template <Rounding R, Overflow O>
 void launch_dtype(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                  at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+                  const CudaPhilox& philox, bool* saturated, unsigned long long* count) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_quantize_cuda", [&] {
     launch_typed<scalar_t, R, O>(x, out, params, philox, saturated, count);
   });
@@ -116,7 +118,7 @@ void launch_dtype(const at::Tensor& x, const at::Tensor& out, const QuantizePara
 
 template <Rounding R>
 void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                     at::PhiloxCudaState philox, bool* saturated, unsigned long long* count) {
+                     const CudaPhilox& philox, bool* saturated, unsigned long long* count) {
   if (params.overflow == Overflow::Wrap) {
     launch_dtype<R, Overflow::Wrap>(x, out, params, philox, saturated, count);
   } else {
@@ -125,14 +127,15 @@ void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeP
 }
 
 // --- packed storage: one thread per Philox block, as above ----------------
-template <typename scalar_t, typename code_t, Rounding R, Overflow O>
+// counts[0] receives the NaN elements, counts[1] (kExact) the off-grid ones; see pack_span in quantize_cpu.cpp.
+template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
 __global__ void __launch_bounds__(kThreads)
     pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n, FxpSpec<double> spec,
-                at::PhiloxCudaState philox, unsigned long long* __restrict__ nan_count) {
-  const auto [seed, offset] = philox_key_and_offset<R>(philox);
+                CudaPhilox philox, unsigned long long* __restrict__ counts) {
+  const auto [seed, offset] = philox_key_and_counter<R>(philox);
   const int64_t nblocks = (n + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  unsigned long long nans = 0;
+  unsigned long long nans = 0, off_grid = 0;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nblocks; b += stride) {
     PhiloxBlock bits{{0u, 0u, 0u, 0u}};
     if constexpr (R == Rounding::Stochastic) bits = philox4x32_10(seed, offset, static_cast<uint64_t>(b));
@@ -141,15 +144,23 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = b * 4 + l;
       if (i < n) {
         bool sat;
-        const double q = quantize_code<R, O>(static_cast<double>(x[i]), spec, bits.lane[l], &sat);
+        const double v = static_cast<double>(x[i]);
+        const double q = quantize_code<R, O>(v, spec, bits.lane[l], &sat);
         const bool nan = q != q;
         nans += nan;
+        if constexpr (kExact) off_grid += !nan && (sat || q * spec.inv_scale != v);
         codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
       }
     }
   }
-  for (int delta = 16; delta > 0; delta /= 2) nans += __shfl_down_sync(0xffffffffu, nans, delta);
-  if ((threadIdx.x & 31) == 0 && nans != 0) atomicAdd(nan_count, nans);
+  for (int delta = 16; delta > 0; delta /= 2) {
+    nans += __shfl_down_sync(0xffffffffu, nans, delta);
+    off_grid += __shfl_down_sync(0xffffffffu, off_grid, delta);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    if (nans != 0) atomicAdd(counts, nans);
+    if (off_grid != 0) atomicAdd(counts + 1, off_grid);
+  }
 }
 
 template <typename code_t, typename scalar_t>
@@ -157,7 +168,7 @@ __global__ void __launch_bounds__(kThreads)
     unpack_kernel(const code_t* __restrict__ codes, scalar_t* __restrict__ out, int64_t n, double inv_scale) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = static_cast<scalar_t>(static_cast<double>(codes[i]) * inv_scale);
+    out[i] = round_once<scalar_t>(static_cast<double>(codes[i]) * inv_scale);  // Note [Rounding once to float16 and bfloat16]
   }
 }
 
@@ -166,9 +177,9 @@ int64_t grid_for(int64_t threads_needed) {
   return std::max<int64_t>(1, std::min<int64_t>((threads_needed + kThreads - 1) / kThreads, int64_t{sms} * 16));
 }
 
-template <Rounding R, Overflow O>
+template <Rounding R, Overflow O, bool kExact>
 void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
-                 at::PhiloxCudaState philox, unsigned long long* nan_count) {
+                 const CudaPhilox& philox, unsigned long long* counts) {
   const int64_t n = x.numel();
   const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
   const auto grid = static_cast<unsigned>(grid_for((n + 3) / 4));
@@ -177,16 +188,16 @@ void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizePar
     const auto* xp = x.const_data_ptr<scalar_t>();
     switch (codes.scalar_type()) {
       case at::kChar:
-        pack_kernel<scalar_t, int8_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int8_t>(), n, spec,
-                                                                           philox, nan_count);
+        pack_kernel<scalar_t, int8_t, R, O, kExact><<<grid, kThreads, 0, stream>>>(
+            xp, codes.data_ptr<int8_t>(), n, spec, philox, counts);
         break;
       case at::kShort:
-        pack_kernel<scalar_t, int16_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int16_t>(), n, spec,
-                                                                            philox, nan_count);
+        pack_kernel<scalar_t, int16_t, R, O, kExact><<<grid, kThreads, 0, stream>>>(
+            xp, codes.data_ptr<int16_t>(), n, spec, philox, counts);
         break;
       default:
-        pack_kernel<scalar_t, int32_t, R, O><<<grid, kThreads, 0, stream>>>(xp, codes.data_ptr<int32_t>(), n, spec,
-                                                                            philox, nan_count);
+        pack_kernel<scalar_t, int32_t, R, O, kExact><<<grid, kThreads, 0, stream>>>(
+            xp, codes.data_ptr<int32_t>(), n, spec, philox, counts);
         break;
     }
   });
@@ -195,20 +206,21 @@ void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizePar
 
 template <Rounding R>
 void launch_pack_overflow(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
-                          at::PhiloxCudaState philox, unsigned long long* nan_count) {
+                          const CudaPhilox& philox, unsigned long long* counts) {
   if (params.overflow == Overflow::Wrap) {
-    launch_pack<R, Overflow::Wrap>(x, codes, params, philox, nan_count);
+    launch_pack<R, Overflow::Wrap, false>(x, codes, params, philox, counts);
   } else {
-    launch_pack<R, Overflow::Saturate>(x, codes, params, philox, nan_count);
+    launch_pack<R, Overflow::Saturate, false>(x, codes, params, philox, counts);
   }
 }
 
 }  // namespace
 
-void pack_cuda(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
-               at::PhiloxCudaState philox, const at::Tensor& nan_count) {
+void pack_cuda(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, const CudaPhilox& philox,
+               bool exact, const at::Tensor& counts) {
   if (x.numel() == 0) return;
-  auto* count = reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>());
+  auto* count = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  if (exact) return launch_pack<Rounding::NearestEven, Overflow::Saturate, true>(x, codes, params, philox, count);
   switch (params.rounding) {
     case Rounding::NearestEven: return launch_pack_overflow<Rounding::NearestEven>(x, codes, params, philox, count);
     case Rounding::Stochastic: return launch_pack_overflow<Rounding::Stochastic>(x, codes, params, philox, count);
@@ -241,8 +253,7 @@ void unpack_cuda(const at::Tensor& codes, const at::Tensor& out, int frac_bits) 
 }
 
 void quantize_cuda(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& params,
-                   at::PhiloxCudaState philox, const at::Tensor& saturated,
-                   const at::Tensor& saturated_count) {
+                   const CudaPhilox& philox, const at::Tensor& saturated, const at::Tensor& saturated_count) {
   if (x.numel() == 0) return;
   bool* sat = saturated.defined() ? saturated.data_ptr<bool>() : nullptr;
   auto* count = saturated_count.defined()

@@ -8,6 +8,10 @@ Examples:
   scripts/sweep configs/grids/exp1.yaml --seeds 1 --set epochs=5 --jobs 2
   scripts/sweep configs/grids/exp2.yaml --device cuda --jobs 4 --filter batch_size=256,1024
   scripts/sweep configs/grids/exp3.yaml --shard 3/16          # one machine's share
+
+Exit status: 0 every selected run is done; 1 some failed or conflict; 2 a usage
+or grid error; 75 some are busy (another fxp-train trains them), none failed;
+130 interrupted.
 """
 from __future__ import annotations
 
@@ -20,6 +24,16 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sweeplib  # noqa: E402
+
+
+def at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def parse_args(argv=None):
@@ -37,13 +51,13 @@ def parse_args(argv=None):
                         "its minimum and maximum); bounds are printed too")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=V[,V]",
                    help="keep runs whose KEY is one of the values (repeatable; format=16/10/8 also works)")
-    p.add_argument("--seeds", type=int, help="keep only the first N seeds of the grid")
+    p.add_argument("--seeds", type=at_least_one, help="keep only the first N seeds of the grid")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting in every run, e.g. epochs=5 or train_limit=10000")
-    p.add_argument("--limit", type=int, help="run at most N runs (after filters and sharding)")
+    p.add_argument("--limit", type=at_least_one, help="run at most N runs (after filters and sharding)")
     p.add_argument("--shard", default="0/1", metavar="i/N", help="run only shard i of N (0-based)")
-    p.add_argument("--jobs", type=int, default=1, help="concurrent fxp-train processes")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--jobs", type=at_least_one, default=1, help="concurrent fxp-train processes")
+    p.add_argument("--threads", type=at_least_one,
                    help="CPU threads per process (default: the CPUs divided among the jobs)")
     p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
     p.add_argument("--fxp-train", default=str(sweeplib.ROOT / "build" / "fxp-train"),
@@ -55,17 +69,26 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        grid = sweeplib.load_grid(args.grid)
+        # Setting names are checked against fxp-train's own keys; a dry run works without it.
+        keys = sweeplib.config_keys(args.fxp_train) if os.access(args.fxp_train, os.X_OK) else None
+        grid = sweeplib.load_grid(args.grid, keys)
         runs = sweeplib.expand(grid)
-        runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter), args.seeds,
-                               sweeplib.parse_assignments(args.set))
+        runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
+                               sweeplib.parse_assignments(args.set, keys))
         runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard))
+        out = pathlib.Path(args.out or sweeplib.ROOT / "results" / grid["name"])
+        sweeplib.check_out(out)
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
+    if keys is None:
+        if not args.dry_run:
+            print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
+                  file=sys.stderr)
+            return 2
+        print(f"sweep: warning: {args.fxp_train} is not built, so setting keys were not checked", file=sys.stderr)
     if args.limit is not None:
         runs = runs[: args.limit]
-    out = pathlib.Path(args.out or sweeplib.ROOT / "results" / grid["name"])
 
     if args.dry_run:
         by_method = collections.Counter(r.config.get("method") for r in runs)
@@ -82,7 +105,7 @@ def main(argv=None) -> int:
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
-            jobs = max(1, args.jobs)
+            jobs = args.jobs
             print(f"  estimated wall time with {jobs} job(s) at the measured throughput: {mid / 3600 / jobs:.1f} h "
                   f"(from {low / 3600 / jobs:.1f} h if every run stops at its minimum epochs to "
                   f"{high / 3600 / jobs:.1f} h if none stops early)")
@@ -92,11 +115,7 @@ def main(argv=None) -> int:
             print(f"  ... ({len(runs) - 5} more; --list shows all)")
         return 0
 
-    if not os.access(args.fxp_train, os.X_OK):
-        print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
-              file=sys.stderr)
-        return 2
-    jobs = max(1, args.jobs)
+    jobs = args.jobs
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     processes = sweeplib.Processes()
     runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)
@@ -111,8 +130,8 @@ def main(argv=None) -> int:
 
     def on_update(counts):
         if bar is not None:
-            bar.n = counts["done"] + counts["failed"] + counts["skipped"] + counts["conflict"]
-            bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"],
+            bar.n = counts["done"] + counts["failed"] + counts["skipped"] + counts["conflict"] + counts["busy"]
+            bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"], busy=counts["busy"],
                             pending=counts["pending"], refresh=False)
             bar.refresh()
 
@@ -128,14 +147,18 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
-          f"{counts['failed']} failed, {counts['conflict']} conflicting", file=sys.stderr)
+          f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy", file=sys.stderr)
     for r in runs:
         s = sweeplib.status(out, r)
         if s == "failed":
             print(f"  {r.id}: {(out / r.id / 'failed.json').read_text().strip()}", file=sys.stderr)
         elif s == "conflict":
             print(f"  {r.id}: its directory holds a finished run with other settings", file=sys.stderr)
-    return 1 if counts["failed"] or counts["conflict"] else 0
+        elif s == "busy":
+            print(f"  {r.id}: busy, another fxp-train is training it", file=sys.stderr)
+    if counts["failed"] or counts["conflict"]:
+        return 1
+    return sweeplib.BUSY_EXIT if counts["busy"] else 0  # not failed, but not done either: run it again later
 
 
 if __name__ == "__main__":

@@ -7,15 +7,23 @@ and `blocks`. Each block may `set` more settings and has `axes`: an ordered
 mapping from a key to a list of values. A block's runs are the Cartesian
 product of its axes, in order. A value that is a mapping sets several keys at
 once (the `format` axis sets the four format keys).
+
+load_grid checks a grid before anything runs: known keys only (setting keys are
+fxp-train's config keys, from `fxp-train --print-config`), the right shapes,
+and every error one line that names the file and the place.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import fcntl
 import itertools
 import json
 import os
 import pathlib
+import re
 import subprocess
+import threading
 import time
 from typing import Callable, Iterable
 
@@ -50,15 +58,107 @@ def run_name(s: dict) -> str:
     return "-".join(str(p) for p in parts)
 
 
-def load_grid(path: str | os.PathLike) -> dict:
+class Loader(yaml.SafeLoader):
+    """YAML with numbers as users write them. PyYAML implements YAML 1.1, whose
+    floats need a dot, so 1e-3 would be the string '1e-3'; this loader reads
+    floats as YAML 1.2 does (1e-3, 1E5, .5, -2.5e+3). Used for grids and --set."""
+
+
+Loader.yaml_implicit_resolvers = {  # copied per first character, without YAML 1.1's float rule
+    c: [(tag, rx) for tag, rx in rules if tag != "tag:yaml.org,2002:float"]
+    for c, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Loader.add_implicit_resolver(  # a dot or an exponent, so that 1 stays an int
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text to a value; errors are one-line ValueErrors with the line and column."""
+    try:
+        return yaml.load(text, Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(where + (getattr(e, "problem", None) or str(e))) from None
+
+
+GRID_KEYS = ("name", "base", "blocks")
+BLOCK_KEYS = ("name", "set", "axes")
+
+
+def config_keys(fxp_train: str | os.PathLike) -> set[str]:
+    """fxp-train's config keys: those of the JSON object `fxp-train --print-config` prints."""
+    try:
+        p = subprocess.run([str(fxp_train), "--print-config"], capture_output=True, text=True, timeout=120)
+        keys = set(json.loads(p.stdout)) if p.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        keys = None
+    if not keys:
+        raise ValueError(f"{fxp_train} --print-config did not print its settings; rebuild it or pass --fxp-train")
+    return keys
+
+
+def _known(found: Iterable[str], allowed: Iterable[str], where: str, what: str = "key") -> None:
+    allowed = sorted(allowed)
+    for k in found:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, 1)
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else "fxp-train --print-config lists them" if what == "setting"
+                    else f"allowed: {', '.join(allowed)}")
+            raise ValueError(f"{where}: unknown {what} {k!r} ({hint})")
+
+
+def check_settings(settings, where: str, keys: set[str] | None) -> dict:
+    """A mapping of fxp-train settings (None is empty). keys=None: names not checked."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: expected a mapping of setting to value, got {settings!r}")
+    if keys is not None:
+        _known(settings, keys, where, "setting")
+    for k, v in settings.items():
+        if isinstance(v, (dict, list)):
+            raise ValueError(f"{where}: {k} must be a single value, got {v!r}")
+    return settings
+
+
+def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
+    """Reads and checks a grid. `keys`: fxp-train's config keys (config_keys());
+    None leaves setting names unchecked. Errors name the file and the place."""
     path = pathlib.Path(path)
     try:
-        grid = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read grid {path}: {e}") from e
-    if not isinstance(grid, dict) or "blocks" not in grid:
-        raise ValueError(f"grid {path}: expected a mapping with 'name', 'base' and 'blocks'")
+        grid = parse_yaml(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read grid {path}: {e}") from None
+    where = f"grid {path}"
+    if not isinstance(grid, dict):
+        raise ValueError(f"{where}: expected a mapping with name, base and blocks")
+    _known(grid, GRID_KEYS, where)
     grid.setdefault("name", path.stem)
+    if not isinstance(grid["name"], str) or not grid["name"]:
+        raise ValueError(f"{where}: name must be a non-empty string")  # it names the output directory
+    check_settings(grid.get("base"), f"{where}, base", keys)
+    blocks = grid.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{where}: blocks must be a non-empty list of blocks, got {blocks!r}")
+    for b, block in enumerate(blocks):
+        at = f"{where}, block {b}"
+        if not isinstance(block, dict):
+            raise ValueError(f"{at}: expected a mapping with set and axes, got {block!r}")
+        at += f" ({block['name']})" if block.get("name") else ""
+        _known(block, BLOCK_KEYS, at)
+        check_settings(block.get("set"), f"{at}, set", keys)
+        axes = block.get("axes") or {}
+        if not isinstance(axes, dict):
+            raise ValueError(f"{at}: axes must be a mapping of key to values, got {axes!r}")
+        for key, options in axes.items():
+            if not isinstance(options, list) or not options:
+                raise ValueError(f"{at}, axis {key}: needs a non-empty list of values, got {options!r}")
+            for opt in options:  # a mapping sets several keys; the axis's own name is then a label
+                check_settings(opt if isinstance(opt, dict) else {key: opt}, f"{at}, axis {key}", keys)
     return grid
 
 
@@ -66,15 +166,10 @@ def expand(grid: dict) -> list[Run]:
     """Every run of the grid, in grid order. Run ids must come out unique."""
     runs: list[Run] = []
     base = dict(grid.get("base") or {})
-    for b, block in enumerate(grid["blocks"]):
+    for block in grid["blocks"]:
         fixed = {**base, **(block.get("set") or {})}
-        axes = block.get("axes") or {}
-        if not isinstance(axes, dict):
-            raise ValueError(f"grid {grid['name']}, block {b}: axes must be a mapping of key to values")
         values = []
-        for key, options in axes.items():
-            if not isinstance(options, list) or not options:
-                raise ValueError(f"grid {grid['name']}, block {b}: axis {key} needs a non-empty list")
+        for key, options in (block.get("axes") or {}).items():  # checked by load_grid
             values.append([opt if isinstance(opt, dict) else {key: opt} for opt in options])
         for combo in itertools.product(*values):
             settings = dict(fixed)
@@ -90,24 +185,31 @@ def expand(grid: dict) -> list[Run]:
     return runs
 
 
-def parse_filters(filters: Iterable[str]) -> dict[str, set[str]]:
+def parse_filters(filters: Iterable[str], keys: set[str] | None = None) -> dict[str, set[str]]:
+    """--filter KEY=V[,V]; KEY is a setting (checked when `keys` is given) or `format`."""
     out: dict[str, set[str]] = {}
     for f in filters:
         key, sep, value = f.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"--filter {f!r}: expected KEY=VALUE[,VALUE...]")
+        if keys is not None:
+            _known([key], keys | {"format"}, f"--filter {f}", "setting")
         out.setdefault(key, set()).update(value.split(","))
     return out
 
 
-def parse_assignments(items: Iterable[str]) -> dict:
-    """--set KEY=VALUE: the value is read as YAML, so 5 is a number and sr a string."""
+def parse_assignments(items: Iterable[str], keys: set[str] | None = None) -> dict:
+    """--set KEY=VALUE: the value is read as the grids' YAML, so 5 and 1e-3 are numbers and sr a string."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
+        try:
+            value = parse_yaml(value)
+        except ValueError as e:
+            raise ValueError(f"--set {item}: {e}") from None
+        out.update(check_settings({key: value}, f"--set {item}", keys))
     return out
 
 
@@ -149,7 +251,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ---- run state on disk ----------------------------------------------------------
 
 def atomic_write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A temporary name per writer: two sweeps (or threads) may write one run's file at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -162,17 +265,55 @@ def run_dir(out: pathlib.Path, run: Run) -> pathlib.Path:
     return out / run.id
 
 
+def check_out(out: pathlib.Path) -> None:
+    """--out is a directory, or can become one: its nearest existing ancestor is a directory."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a directory")
+
+
+# Settings that cannot change a run's results, so they never make a finished run
+# a conflict. Mirrors fxp-train's key_may_change_on_resume (csrc/train/config.cpp),
+# less epochs, which fxp-train treats separately and the sweep still compares.
+NEVER_CONFLICT = frozenset({"threads", "output_dir", "data_dir"})
+
+# fxp-train holds flock(LOCK_EX) on <run dir>/.lock while it trains there, and
+# exits with 75 (EX_TEMPFAIL) when another process holds it.
+LOCK_FILE = ".lock"
+BUSY_EXIT = 75
+
+
+def busy(d: pathlib.Path) -> bool:
+    """Whether another process (an fxp-train) holds the run directory's lock.
+    Probes and releases at once: fxp-train would refuse a lock the sweep kept."""
+    try:  # read-write: NFS emulates flock with fcntl locks, whose LOCK_EX needs it
+        fd = os.open(d / LOCK_FILE, os.O_RDWR)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # fxp-train never ran here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if the probe took it
+
+
 def status(out: pathlib.Path, run: Run) -> str:
-    """done (its summary exists and is of these settings), conflict (a summary
-    of other settings), failed (the last attempt failed), or pending."""
+    """busy (an fxp-train holds its lock), done (its summary exists and is of
+    these settings), conflict (a summary of other settings), failed (the last
+    attempt failed), or pending."""
     d = run_dir(out, run)
+    if busy(d):
+        return "busy"
     summary = d / "summary.json"
     if summary.exists():
         try:
             config = json.loads(summary.read_text()).get("config", {})
         except json.JSONDecodeError:
             return "pending"  # cannot happen with atomic writes; treat as unfinished
-        mismatch = {k: v for k, v in run.config.items() if k not in config or config[k] != v}
+        mismatch = {k: v for k, v in run.config.items()
+                    if k not in NEVER_CONFLICT and (k not in config or config[k] != v)}
         return "conflict" if mismatch else "done"
     return "failed" if (d / "failed.json").exists() else "pending"
 
@@ -182,6 +323,10 @@ Runner = Callable[[Run, pathlib.Path], None]  # raises RunFailed on failure
 
 class RunFailed(Exception):
     pass
+
+
+class RunBusy(Exception):
+    """Another fxp-train holds the run's lock (it started after the sweep looked)."""
 
 
 class Interrupted(Exception):
@@ -231,6 +376,8 @@ def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | N
                     processes.running.discard(p)
         if processes is not None and processes.stopping:
             raise Interrupted(r.id)
+        if code == BUSY_EXIT:
+            raise RunBusy(r.id)
         if code != 0:
             tail = (d / "stderr.log").read_text(errors="replace").strip().splitlines()[-5:]
             raise RunFailed(f"fxp-train exited with {code}: " + " | ".join(tail))
@@ -239,42 +386,46 @@ def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | N
 
 def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
             on_update: Callable[[dict], None] | None = None) -> dict:
-    """Runs every run that is not done, `jobs` at a time. A failure is recorded
-    in <run>/failed.json and the rest go on. Returns the counts by status.
+    """Runs every run that is not done or busy, `jobs` at a time. A failure is
+    recorded in <run>/failed.json and the rest go on. Returns the counts by status.
     Interrupting (KeyboardInterrupt) stops waiting; unfinished runs keep their
     checkpoints and resume next time."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    counts = {"done": 0, "failed": 0, "conflict": 0, "pending": 0, "skipped": 0}
+    counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "pending": 0, "skipped": 0}
     todo = []
     for r in runs:
         s = status(out, r)
         if s == "done":
             counts["skipped"] += 1
-        elif s == "conflict":
-            counts["conflict"] += 1
+        elif s in ("conflict", "busy"):
+            counts[s] += 1
         else:
             todo.append(r)
     counts["pending"] = len(todo)
     if on_update:
         on_update(counts)
 
-    def attempt(r: Run) -> tuple[Run, str | None]:
+    def attempt(r: Run) -> str:
         d = run_dir(out, r)
+        if busy(d):  # started elsewhere while this run waited in the queue
+            return "busy"
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "sweep-run.json", {"grid": r.grid, "id": r.id, "settings": r.config})
         start = time.time()
         try:
             runner(r, d)
+        except RunBusy:
+            return "busy"  # not failed: the other process owns the directory
         except RunFailed as e:
             atomic_write_json(d / "failed.json", {"error": str(e), "seconds": time.time() - start,
                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            return r, str(e)
+            return "failed"
         (d / "failed.json").unlink(missing_ok=True)
         if not (d / "summary.json").exists():
             atomic_write_json(d / "failed.json", {"error": "the run ended without a summary.json"})
-            return r, "no summary"
-        return r, None
+            return "failed"
+        return "done"
 
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     futures = set()
@@ -285,9 +436,8 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
-                _, error = f.result()
                 counts["pending"] -= 1
-                counts["failed" if error else "done"] += 1
+                counts[f.result()] += 1
                 nxt = next(queue, None)
                 if nxt is not None:
                     futures.add(pool.submit(attempt, nxt))

@@ -101,12 +101,20 @@ at::Tensor read_idx(const std::string& path) {
   TORCH_CHECK(bytes.size() >= header, "fxp: ", path, ": truncated IDX header (", ndim,
               " dimensions need ", header, " bytes, the file has ", bytes.size(), ")");
   std::vector<int64_t> dims(ndim);
-  int64_t count = 1;
+  // The payload must fit in the file, so the element count is checked against
+  // the file's size dimension by dimension: a huge header cannot overflow it.
+  const uint64_t payload_limit = (bytes.size() - header) / static_cast<uint64_t>(type.size);
+  uint64_t count = 1;
+  bool too_large = false;
   for (int d = 0; d < ndim; ++d) {
     dims[d] = big_endian_u32(bytes.data() + 4 + 4 * d);
-    count *= dims[d];
+    const uint64_t dim = static_cast<uint64_t>(dims[d]);
+    too_large = too_large || (dim != 0 && count > payload_limit / dim);
+    count = too_large ? count : count * dim;
   }
-  const size_t expected = header + static_cast<size_t>(count) * type.size;
+  TORCH_CHECK(!too_large, "fxp: ", path, ": truncated IDX file: its header ", dims, " needs more than the ",
+              bytes.size(), " bytes the file has");
+  const size_t expected = header + static_cast<size_t>(count) * static_cast<size_t>(type.size);
   TORCH_CHECK(bytes.size() == expected, "fxp: ", path, ": ",
               bytes.size() < expected ? "truncated" : "oversized", " IDX file: its header ", dims,
               " needs ", expected, " bytes, the file has ", bytes.size());
@@ -114,10 +122,11 @@ at::Tensor read_idx(const std::string& path) {
   // IDX stores big-endian elements; swap multi-byte ones on this little-endian host.
   auto* dst = static_cast<uint8_t*>(out.data_ptr());
   const uint8_t* src = bytes.data() + header;
+  if (count == 0) return out;  // no data: out's pointer may be null, and memcpy must not see it
   if (type.size == 1) {
     std::memcpy(dst, src, static_cast<size_t>(count));
   } else {
-    for (int64_t i = 0; i < count; ++i) {
+    for (int64_t i = 0; i < static_cast<int64_t>(count); ++i) {
       for (int64_t b = 0; b < type.size; ++b) dst[i * type.size + b] = src[i * type.size + type.size - 1 - b];
     }
   }
@@ -135,6 +144,7 @@ MnistSplit read_mnist_split(const std::string& dir, const std::string& split) {
               ": expected uint8 labels [n], got ", s.labels.scalar_type(), " ", s.labels.sizes());
   TORCH_CHECK(s.images.size(0) == s.labels.size(0), "fxp: ", images_path, " has ", s.images.size(0),
               " images but ", labels_path, " has ", s.labels.size(0), " labels");
+  TORCH_CHECK(s.images.size(0) > 0, "fxp: ", images_path, " holds no images");
   s.labels = s.labels.to(at::kLong);
   return s;
 }

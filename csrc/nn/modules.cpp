@@ -109,12 +109,13 @@ void pack_layer_weights(torch::nn::Module& layer, torch::Tensor& weight, torch::
   packed.weights = true;
 }
 
-std::vector<PackedParameter> layer_packed_parameters(const PackedState& packed, const torch::Tensor& weight,
-                                                     const torch::Tensor& bias, const torch::Tensor& weight_codes,
+std::vector<PackedParameter> layer_packed_parameters(const PackedState& packed, const QuantConfig& c,
+                                                     const torch::Tensor& weight, const torch::Tensor& bias,
+                                                     const torch::Tensor& weight_codes,
                                                      const torch::Tensor& bias_codes) {
   if (!packed.weights) return {};
-  std::vector<PackedParameter> out{{weight, weight_codes}};
-  if (bias.defined()) out.push_back({bias, bias_codes});
+  std::vector<PackedParameter> out{{weight, weight_codes, c.param_total_bits, c.param_frac_bits}};
+  if (bias.defined()) out.push_back({bias, bias_codes, c.param_total_bits, c.param_frac_bits});
   return out;
 }
 
@@ -152,7 +153,7 @@ void QLinearImpl::pack_weights_() {
 }
 
 std::vector<PackedParameter> QLinearImpl::packed_parameters() const {
-  return layer_packed_parameters(packed, linear->weight, linear->bias, weight_codes, bias_codes);
+  return layer_packed_parameters(packed, config, linear->weight, linear->bias, weight_codes, bias_codes);
 }
 
 QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
@@ -183,7 +184,7 @@ void QConv2dImpl::pack_weights_() {
 }
 
 std::vector<PackedParameter> QConv2dImpl::packed_parameters() const {
-  return layer_packed_parameters(packed, conv->weight, conv->bias, weight_codes, bias_codes);
+  return layer_packed_parameters(packed, config, conv->weight, conv->bias, weight_codes, bias_codes);
 }
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config) {

@@ -56,10 +56,11 @@ struct PackedState {
 };
 
 // A packed parameter: the float stand-in that receives the gradient, and the
-// codes that hold its value.
+// codes that hold its value, in FxP(total_bits, frac_bits).
 struct PackedParameter {
   torch::Tensor parameter;
   torch::Tensor codes;
+  int64_t total_bits, frac_bits;
 };
 
 // Philox key delta of QPU's initial quantization (same as fxp.optim.INIT_KEY_DELTA).

@@ -2,6 +2,8 @@
 
 #include <torch/autograd.h>
 
+#include <cmath>
+
 #include "ops.h"
 #include "quantize_args.h"
 
@@ -61,10 +63,12 @@ namespace {
 constexpr const char* kName = "fxp::optim::QpuSgd";
 
 void check_options(const QpuSgdOptions& o) {
-  TORCH_CHECK(o.lr() >= 0, kName, ": lr must be non-negative, but got ", o.lr());
-  TORCH_CHECK(o.momentum() >= 0, kName, ": momentum must be non-negative, but got ", o.momentum());
-  TORCH_CHECK(o.weight_decay() >= 0, kName, ": weight_decay must be non-negative, but got ",
-              o.weight_decay());
+  TORCH_CHECK(o.lr() >= 0 && std::isfinite(o.lr()), kName, ": lr must be a non-negative finite number, but got ",
+              o.lr());
+  TORCH_CHECK(o.momentum() >= 0 && std::isfinite(o.momentum()), kName,
+              ": momentum must be a non-negative finite number, but got ", o.momentum());
+  TORCH_CHECK(o.weight_decay() >= 0 && std::isfinite(o.weight_decay()), kName,
+              ": weight_decay must be a non-negative finite number, but got ", o.weight_decay());
   TORCH_CHECK(o.rounding() == "stochastic" || o.rounding() == "nearest_even", kName,
               ": rounding must be stochastic or nearest_even, but got '", o.rounding(), "'");
   TORCH_CHECK(o.momentum_form() == "standard" || o.momentum_form() == "paper_eq6", kName,
@@ -100,13 +104,22 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
     auto& o = static_cast<QpuSgdOptions&>(group.options());
     const int64_t mtb = o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
     const int64_t mfb = o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
+    const auto& group_params = group.params();
     std::vector<torch::Tensor> params, grads, buffers;
-    for (auto& p : group.params()) {
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> strided;  // (parameter, its contiguous copy)
+    std::vector<int64_t> streams;
+    for (size_t k = 0; k < group_params.size(); ++k) {
+      const torch::Tensor& p = group_params[k];
       if (!p.grad().defined()) continue;
       const auto packed = packed_codes_.find(p.unsafeGetTensorImpl());
       const bool is_packed = packed != packed_codes_.end();
-      params.push_back(is_packed ? packed->second : p);
+      // The op takes contiguous storage; a strided parameter is updated in a
+      // contiguous copy (logical order, so the draws are those of its values) and copied back.
+      torch::Tensor storage = is_packed ? packed->second : p.contiguous();
+      if (!storage.is_same(p) && !is_packed) strided.emplace_back(p, storage);
+      params.push_back(storage);
       grads.push_back(p.grad().contiguous());
+      streams.push_back(static_cast<int64_t>(k));  // Note [QPU random streams]: the position in the group
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         if (it == state_.end()) {
@@ -118,19 +131,31 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
         buffers.push_back(static_cast<QpuSgdParamState&>(*it->second).momentum_buffer());
       }
     }
-    if (params.empty()) {
-      last_counts_.push_back(torch::zeros({0, 2}, torch::kLong));
-      continue;
+    if (!params.empty()) {
+      // The step counts even if the op raises (Note [Packed QPU step]): the
+      // update has happened, and the next step must draw fresh numbers.
+      const int64_t step = o.step();
+      o.step(step + 1);
+      const torch::Tensor group_counts =
+          qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
+                        o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step, o.momentum_form(), streams);
+      for (auto& [parameter, copy] : strided) parameter.copy_(copy);
+      if (params.size() == group_params.size()) {
+        last_counts_.push_back(group_counts);
+      } else {  // a row per parameter of the group; those without a gradient keep zeros
+        torch::Tensor counts = torch::zeros({static_cast<int64_t>(group_params.size()), 2}, group_counts.options());
+        counts.index_copy_(0, torch::tensor(streams, torch::kLong).to(counts.device()), group_counts);
+        last_counts_.push_back(counts);
+      }
+    } else {
+      last_counts_.push_back(torch::zeros({static_cast<int64_t>(group_params.size()), 2}, torch::kLong));
     }
-    last_counts_.push_back(qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(),
-                                         o.nesterov(), o.total_bits(), o.frac_bits(), mtb, mfb,
-                                         o.rounding(), o.seed(), o.step(), o.momentum_form()));
-    o.step(o.step() + 1);
   }
   return loss;
 }
 
-void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes) {
+void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes, int64_t total_bits,
+                                int64_t frac_bits) {
   TORCH_CHECK(codes.sizes() == parameter.sizes(), kName, ": codes of shape ", codes.sizes(),
               " cannot store a parameter of shape ", parameter.sizes());
   bool found = false;
@@ -138,6 +163,10 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
     for (const auto& p : group.params()) {
       if (!p.is_same(parameter)) continue;
       const auto& o = static_cast<const QpuSgdOptions&>(group.options());
+      // The codes' format is the group's: the step reads and writes them in it.
+      TORCH_CHECK(total_bits == o.total_bits() && frac_bits == o.frac_bits(), kName, ": the codes are of FxP(",
+                  total_bits, ",", frac_bits, "), but the parameter's group updates FxP(", o.total_bits(), ",",
+                  o.frac_bits(), ")");
       const auto expected = packed_dtype(static_cast<int>(o.total_bits()));
       TORCH_CHECK(codes.scalar_type() == expected, kName, ": codes of FxP(", o.total_bits(), ",", o.frac_bits(),
                   ") must be ", expected, ", but got ", codes.scalar_type());

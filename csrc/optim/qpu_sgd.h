@@ -47,7 +47,9 @@ struct QpuSgdParamState : public torch::optim::OptimizerCloneableParamState<QpuS
 
 class QpuSgd : public torch::optim::Optimizer {
  public:
-  // Group i defaults to seed defaults.seed() + i, as in Python.
+  // Group i defaults to seed defaults.seed() + i, as in Python. Parameter k of
+  // a group draws from stream k (Note [QPU random streams]), whether or not the
+  // others have gradients. Strided parameters are updated through a contiguous copy.
   QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, QpuSgdOptions defaults);
   QpuSgd(std::vector<torch::Tensor> params, QpuSgdOptions defaults)
       : QpuSgd({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
@@ -58,12 +60,15 @@ class QpuSgd : public torch::optim::Optimizer {
 
   // Packed storage (Note [Packed QPU step]): `parameter` (a stand-in that
   // receives the gradient, see fxp::nn::PackedParameter) holds its value in
-  // `codes`, integer codes of its group's format. The step then updates the
-  // codes, and its momentum buffer is kept as codes of the momentum format.
-  void set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes);
+  // `codes`, integer codes of FxP(total_bits, frac_bits), which must be its
+  // group's format. The step then updates the codes, and its momentum buffer
+  // is kept as codes of the momentum format.
+  void set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes, int64_t total_bits,
+                          int64_t frac_bits);
 
   // Per group, after the last step: int64 [n, 2] of (saturated, vanished)
-  // elements for the group's parameters that had gradients, in order.
+  // elements, one row per parameter of the group in order (zeros for those
+  // without a gradient), on the parameters' device.
   const std::vector<torch::Tensor>& last_counts() const { return last_counts_; }
 
  private:

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 
@@ -96,46 +98,117 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 #if defined(FXP_HAVE_YAML)
-// YAML scalars carry no type; take the JSON type the text spells.
-json yaml_to_json(const YAML::Node& node, const std::string& path) {
-  switch (node.Type()) {
-    case YAML::NodeType::Null:
-    case YAML::NodeType::Undefined:
-      return nullptr;
-    case YAML::NodeType::Sequence: {
-      json out = json::array();
-      for (const auto& item : node) out.push_back(yaml_to_json(item, path));
-      return out;
-    }
-    case YAML::NodeType::Map: {
-      json out = json::object();
-      for (const auto& kv : node) out[kv.first.as<std::string>()] = yaml_to_json(kv.second, path);
-      return out;
-    }
-    case YAML::NodeType::Scalar: {
-      const std::string text = node.Scalar();
-      if (node.Tag() == "!") return text;  // quoted: a string
-      if (text == "true" || text == "True") return true;
-      if (text == "false" || text == "False") return false;
-      if (text == "null" || text == "~") return nullptr;
-      try {
-        size_t used = 0;
-        const long long i = std::stoll(text, &used);
-        if (used == text.size()) return i;
-      } catch (const std::exception&) {
-      }
-      try {
-        size_t used = 0;
-        const double d = std::stod(text, &used);
-        if (used == text.size()) return d;
-      } catch (const std::exception&) {
-      }
+// Note [Bounded YAML]
+// yaml-cpp resolves an alias to the node it names, so `a: &x [*x]` is a cycle
+// and nested aliases ("billion laughs") expand exponentially. A config is a
+// flat mapping of keys to scalars, so the conversion refuses anything deeper
+// than kMaxYamlDepth or with more than kMaxYamlNodes values, with an error
+// instead of a stack overflow or unbounded memory.
+constexpr int kMaxYamlDepth = 16;
+constexpr int64_t kMaxYamlNodes = 10000;
+
+struct YamlReader {
+  const std::string& path;
+  int64_t nodes = 0;
+
+  [[noreturn]] void fail(const std::string& why) const {
+    throw std::invalid_argument("config file " + path + ": " + why);
+  }
+
+  // A scalar with an explicit standard tag (!!str, !!int, ...) converts as the tag says.
+  json tagged(const std::string& tag, const std::string& text) const {
+    const std::string kind = tag.substr(tag.rfind(':') + 1);
+    if (kind == "str") return text;
+    json value = plain(text);
+    const bool ok = (kind == "int" && value.is_number_integer()) || (kind == "float" && value.is_number()) ||
+                    (kind == "bool" && value.is_boolean()) || (kind == "null" && value.is_null());
+    if (!ok) fail("'" + text + "' is not a valid !!" + kind);
+    return kind == "float" ? json(value.get<double>()) : value;
+  }
+
+  // YAML scalars carry no type; take the JSON type the text spells.
+  static json plain(const std::string& text) {
+    if (text == "true" || text == "True") return true;
+    if (text == "false" || text == "False") return false;
+    if (text == "null" || text == "~" || text.empty()) return nullptr;
+    try {
+      size_t used = 0;
+      const long long i = std::stoll(text, &used);
+      if (used == text.size()) return i;
+    } catch (const std::out_of_range&) {
+      // An integer outside int64: keep the text, so the key's check names it.
       return text;
+    } catch (const std::exception&) {
+    }
+    try {
+      size_t used = 0;
+      const double d = std::stod(text, &used);
+      if (used == text.size()) return d;
+    } catch (const std::exception&) {
+    }
+    return text;
+  }
+
+  json convert(const YAML::Node& node, int depth) {
+    if (depth > kMaxYamlDepth) fail("nested deeper than " + std::to_string(kMaxYamlDepth) + " levels (a recursive alias?)");
+    if (++nodes > kMaxYamlNodes) {
+      fail("holds more than " + std::to_string(kMaxYamlNodes) + " values (nested aliases?)");
+    }
+    switch (node.Type()) {
+      case YAML::NodeType::Null:
+      case YAML::NodeType::Undefined:
+        return nullptr;
+      case YAML::NodeType::Sequence: {
+        check_tag(node, "seq");
+        json out = json::array();
+        for (const auto& item : node) out.push_back(convert(item, depth + 1));
+        return out;
+      }
+      case YAML::NodeType::Map: {
+        check_tag(node, "map");
+        json out = json::object();
+        for (const auto& kv : node) {
+          if (!kv.first.IsScalar()) fail("a key must be a plain name");
+          const std::string key = kv.first.Scalar();
+          if (out.contains(key)) fail("key '" + key + "' is given twice");
+          out[key] = convert(kv.second, depth + 1);
+        }
+        return out;
+      }
+      case YAML::NodeType::Scalar: {
+        const std::string& tag = node.Tag();
+        if (tag == "!") return node.Scalar();  // quoted: a string
+        if (tag == "?" || tag.empty()) return plain(node.Scalar());
+        if (tag.rfind("tag:yaml.org,2002:", 0) == 0) return tagged(tag, node.Scalar());
+        fail("unknown YAML tag '" + tag + "' on '" + node.Scalar() + "'");
+      }
+    }
+    return nullptr;
+  }
+
+  void check_tag(const YAML::Node& node, const std::string& kind) const {
+    const std::string& tag = node.Tag();
+    if (!(tag.empty() || tag == "?" || tag == "!" || tag == "tag:yaml.org,2002:" + kind)) {
+      fail("unknown YAML tag '" + tag + "'");
     }
   }
-  return nullptr;
-}
+};
 #endif
+
+// json::parse with an error for a key given twice in one object (nlohmann
+// keeps the last one silently).
+json parse_json_strict(const std::string& text, const std::string& path) {
+  std::vector<std::set<std::string>> keys;  // one set per open object
+  json::parser_callback_t check = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    if (event == json::parse_event_t::object_end) keys.pop_back();
+    if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second) {
+      throw std::invalid_argument("config file " + path + ": key '" + parsed.get<std::string>() + "' is given twice");
+    }
+    return true;
+  };
+  return json::parse(text, check);
+}
 
 }  // namespace
 
@@ -164,6 +237,10 @@ void TrainConfig::validate() const {
   at_least("batch_size", batch_size, 1);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
   one_of("lr_scaling", lr_scaling, {"none", "linear"});
+  if (!(initial_lr() > 0) || !std::isfinite(initial_lr())) {
+    bad("lr", "after lr_scaling " + lr_scaling + " it is " + std::to_string(initial_lr()) +
+                  ", which is not a positive finite number");
+  }
   if (!(momentum >= 0 && momentum < 1)) bad("momentum", "must be in [0, 1), but got " + std::to_string(momentum));
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
     bad("weight_decay", "must be a non-negative number, but got " + std::to_string(weight_decay));
@@ -180,7 +257,12 @@ void TrainConfig::validate() const {
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
   at_least("eval_batch_size", eval_batch_size, 1);
-  if (!(normalize_std > 0)) bad("normalize_std", "must be positive, but got " + std::to_string(normalize_std));
+  if (!std::isfinite(normalize_mean)) {
+    bad("normalize_mean", "must be a finite number, but got " + std::to_string(normalize_mean));
+  }
+  if (!(normalize_std > 0) || !std::isfinite(normalize_std)) {
+    bad("normalize_std", "must be a positive finite number, but got " + std::to_string(normalize_std));
+  }
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
     bad("device", "must be cpu, cuda or cuda:N, but got '" + device + "'");
   }
@@ -216,6 +298,12 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
       throw std::invalid_argument(origin + ": key '" + key + "' needs a " + current.type_name() + ", but got " +
                                   value.dump());
     }
+    // nlohmann reads integers above the int64 range as unsigned; get<int64_t> would wrap them.
+    if (current.is_number_integer() && value.is_number_unsigned() &&
+        value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      throw std::invalid_argument(origin + ": key '" + key + "' is " + value.dump() +
+                                  ", outside the 64-bit integer range");
+    }
     it->second.set(config, value);
   }
 }
@@ -227,7 +315,7 @@ json read_config_file(const std::string& path) {
   text << in.rdbuf();
   if (ends_with(path, ".json")) {
     try {
-      return json::parse(text.str());
+      return parse_json_strict(text.str(), path);
     } catch (const json::parse_error& e) {
       throw std::invalid_argument("config file " + path + " is not valid JSON: " + e.what());
     }
@@ -235,7 +323,8 @@ json read_config_file(const std::string& path) {
   if (ends_with(path, ".yaml") || ends_with(path, ".yml")) {
 #if defined(FXP_HAVE_YAML)
     try {
-      return yaml_to_json(YAML::Load(text.str()), path);
+      YamlReader reader{path};
+      return reader.convert(YAML::Load(text.str()), 0);
     } catch (const YAML::Exception& e) {
       throw std::invalid_argument("config file " + path + " is not valid YAML: " + e.what());
     }

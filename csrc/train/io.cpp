@@ -1,5 +1,7 @@
 #include "train/io.h"
 
+#include <c10/util/hash.h>
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -7,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,13 +18,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
-}
-
-void fsync_path(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail("cannot open", path);
-  ::fsync(fd);
-  ::close(fd);
 }
 
 }  // namespace
@@ -44,20 +40,34 @@ void make_dirs(const std::string& path) {
   }
 }
 
-void atomic_replace(const std::string& tmp, const std::string& path) {
-  fsync_path(tmp);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename " + tmp + " to", path);
-}
-
 void atomic_write(const std::string& path, const std::string& contents) {
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot write", tmp);
-    out << contents;
-    if (!out.flush()) fail("cannot write", tmp);
+  auto fail_and_clean = [&](const std::string& what, int error) {
+    ::unlink(tmp.c_str());
+    throw std::runtime_error(what + " " + tmp + ": " + std::strerror(error) + " (" + path + " is unchanged)");
+  };
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) fail_and_clean("cannot create", errno);
+  const char* data = contents.data();
+  size_t left = contents.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd, data, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int error = n < 0 ? errno : ENOSPC;
+      ::close(fd);
+      fail_and_clean("cannot write", error);
+    }
+    data += n;
+    left -= static_cast<size_t>(n);
   }
-  atomic_replace(tmp, path);
+  if (::fsync(fd) != 0) {
+    const int error = errno;
+    ::close(fd);
+    fail_and_clean("cannot flush", error);
+  }
+  if (::close(fd) != 0) fail_and_clean("cannot close", errno);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail_and_clean("cannot rename to " + path + ":", errno);
 }
 
 void remove_file(const std::string& path) {
@@ -75,6 +85,64 @@ std::string read_text(const std::string& path) {
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
   return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+}  // namespace fxp::train
+
+namespace fxp::train {
+namespace {
+constexpr const char* kChecksumTag = "\nfxp-checksum sha1 ";
+constexpr size_t kSha1Hex = 40;
+
+std::string sha1_hex(const char* data, size_t size) { return c10::sha1(std::string(data, size)).str(); }
+}  // namespace
+
+std::string with_checksum(const std::string& contents) {
+  return contents + kChecksumTag + sha1_hex(contents.data(), contents.size()) + " " +
+         std::to_string(contents.size()) + "\n";
+}
+
+std::string without_checksum(const std::string& bytes, const std::string& path) {
+  const size_t tag = bytes.rfind(kChecksumTag);
+  auto refuse = [&](const std::string& why) {
+    throw std::runtime_error("checkpoint " + path + " " + why +
+                             "; it cannot be resumed from (start the run again with --overwrite)");
+  };
+  if (tag == std::string::npos) refuse("has no checksum (truncated, or not written by this fxp-train)");
+  std::istringstream footer(bytes.substr(tag + std::strlen(kChecksumTag)));
+  std::string hex;
+  size_t size = 0;
+  footer >> hex >> size;
+  if (hex.size() != kSha1Hex || size != tag) refuse("has a damaged checksum line (truncated or corrupted)");
+  if (sha1_hex(bytes.data(), tag) != hex) refuse("is corrupted: its SHA-1 does not match the one stored with it");
+  return bytes.substr(0, tag);
+}
+
+DirectoryLock::DirectoryLock(const std::string& dir) {
+  const std::string path = join_path(dir, ".lock");
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0) fail("cannot open the lock file", path);
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    std::string owner = read_text(path);
+    while (!owner.empty() && (owner.back() == '\n' || owner.back() == ' ')) owner.pop_back();
+    ::close(fd_);
+    if (error == EWOULDBLOCK) {
+      throw DirectoryBusy("output directory " + dir + " is in use by another fxp-train" +
+                          (owner.empty() ? std::string() : " (pid " + owner + ")") +
+                          "; wait for it to finish, or stop it first");
+    }
+    errno = error;
+    fail("cannot lock", path);
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    // The pid is only for messages; the lock itself is held.
+  }
+}
+
+DirectoryLock::~DirectoryLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock
 }
 
 }  // namespace fxp::train

@@ -8,6 +8,7 @@
 #include "nn/modules.h"
 #include "train/bookkeeping.h"
 #include "train/cli.h"
+#include "train/io.h"
 #include "train/trainer.h"
 
 int main(int argc, char** argv) {
@@ -41,6 +42,9 @@ int main(int argc, char** argv) {
     const auto summary = run_training(c, options);
     if (!command.quiet) std::cout << summary_text(summary);
     return 0;
+  } catch (const DirectoryBusy& e) {
+    std::cerr << "fxp-train: error: " << e.what() << "\n";
+    return kExitBusy;
   } catch (const std::exception& e) {
     // c10::Error carries a C++ backtrace after the first line in some builds; keep the message.
     std::string message = e.what();

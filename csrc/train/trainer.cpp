@@ -123,8 +123,27 @@ std::vector<std::pair<std::string, at::Generator>> run_generators(const torch::D
   return generators;
 }
 
+// The settings of a stored run that differ from `current`, as readable text
+// (empty: none). Keys that may change on resume are ignored; epochs only when
+// epochs_may_differ (extending a run) is set.
+std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
+  std::string differ;
+  for (const auto& key : config_keys()) {
+    const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
+    if (!ignored && stored.value(key, json()) != current[key]) {
+      differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
+                current[key].dump() + " now)";
+    }
+  }
+  return differ;
+}
+
+// Note [Checkpoints]: the model, the optimizer, the run state, the generators
+// and the run's settings, in one file with a checksum (Note [Checksummed files]),
+// serialized in memory and written atomically, so a full disk leaves the
+// previous checkpoint as it was.
 void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
-                     const RunState& state, const torch::Device& device) {
+                     const RunState& state, const json& settings, const torch::Device& device) {
   torch::serialize::OutputArchive archive;
   torch::serialize::OutputArchive model_archive, optimizer_archive;
   model->save(model_archive);
@@ -132,19 +151,37 @@ void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim:
   archive.write("model", model_archive);
   archive.write("optimizer", optimizer_archive);
   archive.write("state", c10::IValue(json(state).dump()));
+  archive.write("config", c10::IValue(settings.dump()));
   for (auto& [key, generator] : run_generators(device)) {
     std::lock_guard<std::mutex> lock(generator.mutex());
     archive.write(key, generator.get_state());
   }
-  const std::string tmp = path + ".tmp";
-  archive.save_to(tmp);
-  atomic_replace(tmp, path);
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  atomic_write(path, with_checksum(bytes.str()));
 }
 
+// The settings a checkpoint was written with.
+json checkpoint_settings(const std::string& path, torch::serialize::InputArchive& archive) {
+  c10::IValue settings;
+  if (!archive.try_read("config", settings)) {
+    throw std::invalid_argument("checkpoint " + path + " does not record its run's settings; start again with "
+                                "--overwrite");
+  }
+  return json::parse(settings.toStringRef());
+}
+
+// Loads a checkpoint after checking its checksum and that it belongs to a run
+// with the given settings (config.json may be gone; the checkpoint decides).
 RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
-                         const torch::Device& device) {
+                         const json& settings, const torch::Device& device) {
+  const std::string bytes = without_checksum(read_text(path), path);
   torch::serialize::InputArchive archive;
-  archive.load_from(path, device);
+  archive.load_from(bytes.data(), bytes.size(), device);
+  const std::string differ = differing_settings(checkpoint_settings(path, archive), settings, /*epochs_may_differ=*/true);
+  if (!differ.empty()) {
+    throw std::invalid_argument("cannot resume from " + path + ": it was written with other settings: " + differ);
+  }
   torch::serialize::InputArchive model_archive, optimizer_archive;
   archive.read("model", model_archive);
   archive.read("optimizer", optimizer_archive);
@@ -196,21 +233,6 @@ torch::Device parse_device(const std::string& name) {
   return device;
 }
 
-// The settings of a stored run that differ from `current`, as readable text
-// (empty: none). Keys that may change on resume are ignored; epochs only when
-// epochs_may_differ (extending a run) is set.
-std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
-  std::string differ;
-  for (const auto& key : config_keys()) {
-    const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
-    if (!ignored && stored.value(key, json()) != current[key]) {
-      differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
-                current[key].dump() + " now)";
-    }
-  }
-  return differ;
-}
-
 std::string percent(double x) {
   std::ostringstream s;
   s.precision(2);
@@ -240,6 +262,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   at::globalContext().setBenchmarkCuDNN(false);
   const RunFiles files(output_dir_for(config));
   make_dirs(files.dir);
+  const DirectoryLock lock(files.dir);  // Note [Run directory lock]
 
   const bool have_checkpoint = path_exists(files.checkpoint), have_summary = path_exists(files.summary);
   json config_json = to_json(config);
@@ -300,13 +323,15 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   auto optimizer = make_optimizer(config, model);
   auto* qpu = dynamic_cast<optim::QpuSgd*>(optimizer.get());
   if (qpu) {
-    for (const auto& p : model->packed_parameters()) qpu->set_packed_storage(p.parameter, p.codes);
+    for (const auto& p : model->packed_parameters()) {
+      qpu->set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
+    }
   }
 
   RunState state;
   state.lr = config.initial_lr();
   if (resuming) {
-    state = load_checkpoint(files.checkpoint, model, *optimizer, device);
+    state = load_checkpoint(files.checkpoint, model, *optimizer, config_json, device);
     set_lr(*optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
@@ -369,7 +394,9 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
         step_memory->step_peak = allocator_bytes(device).peak - before.current + step_memory->parameters + state_before;
       }
       loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(index.size(0)));
-      if (qpu) update_counts.add_(qpu->last_counts().at(0));
+      // One row per parameter, in the model's order (the optimizer's groups
+      // hold the model's parameters in order; rows of parameters without a gradient are zero).
+      if (qpu) update_counts.add_(torch::cat(qpu->last_counts()));
       bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size())); });
     }
     const double train_loss =
@@ -479,7 +506,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
 
     std::string lines;
     for (const auto& r : state.history) lines += r.dump() + "\n";
-    save_checkpoint(files.checkpoint, model, *optimizer, state, device);
+    save_checkpoint(files.checkpoint, model, *optimizer, state, config_json, device);
     atomic_write(files.metrics, lines);
     if (options.log) {
       char line[256];

@@ -118,7 +118,9 @@ TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
     model->quantize_parameters_("stochastic", 0);
     if (packed) model->pack_(true, true);
     fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(2));
-    for (const auto& p : model->packed_parameters()) opt.set_packed_storage(p.parameter, p.codes);
+    for (const auto& p : model->packed_parameters()) {
+      opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
+    }
     auto data = at::make_generator<at::CPUGeneratorImpl>(9);
     std::vector<double> losses;
     for (int step = 0; step < 3; ++step) {
@@ -157,8 +159,11 @@ TEST(Packed, ClearErrorsForMisuse) {
   expect_error([&] { packed->quantize_parameters_("stochastic", 0); }, "must come before pack_");
   fxp::optim::QpuSgd opt(packed->parameters(), fxp::optim::QpuSgdOptions(0.1).total_bits(8).frac_bits(4));
   const auto p = packed->packed_parameters().at(0);
-  expect_error([&] { opt.set_packed_storage(p.parameter, p.codes); }, "codes of FxP(8,4) must be Char");
-  expect_error([&] { opt.set_packed_storage(torch::zeros(p.parameter.sizes()), p.codes); },
+  // The model's codes are FxP(16,10); the optimizer's group updates FxP(8,4).
+  expect_error([&] { opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits); },
+               "the codes are of FxP(16,10), but the parameter's group updates FxP(8,4)");
+  expect_error([&] { opt.set_packed_storage(p.parameter, p.codes, 8, 4); }, "codes of FxP(8,4) must be Char");
+  expect_error([&] { opt.set_packed_storage(torch::zeros(p.parameter.sizes()), p.codes, 8, 4); },
                "a parameter this optimizer does not hold");
 }
 

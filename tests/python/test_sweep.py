@@ -1,12 +1,14 @@
 """The experiment grids, the sweep runner (resume, sharding, failures) and the report."""
 from __future__ import annotations
 
+import fcntl
 import json
 import pathlib
 import random
 import sys
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -114,8 +116,24 @@ class StubTrainer:
         self.kill_after = kill_after
         self.fail = fail
         self.lock = threading.Lock()
+        self.active = 0
+
+    def wait_idle(self):
+        """A killed sweep's process is gone; here its worker threads may still be
+        finishing a write. Wait for them, so that they do not race the next sweep."""
+        while self.active:
+            time.sleep(0.001)
 
     def __call__(self, run, d: pathlib.Path):
+        with self.lock:
+            self.active += 1
+        try:
+            self.train(run, d)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def train(self, run, d: pathlib.Path):
         if run.id in self.fail:
             raise sweeplib.RunFailed("diverged")
         ckpt = d / "checkpoint.json"
@@ -141,6 +159,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_work(tmp_path, jobs):
     first = StubTrainer(kill_after=13)  # 4 runs finished, the 5th killed after one epoch (jobs=1)
     with pytest.raises(KeyboardInterrupt):
         sweeplib.execute(runs, tmp_path, first, jobs=jobs)
+    first.wait_idle()
     finished = [r for r in runs if sweeplib.status(tmp_path, r) == "done"]
     assert 0 < len(finished) < len(runs)
     second = StubTrainer()
@@ -205,6 +224,239 @@ def test_sweep_runs_fxp_train_end_to_end(tmp_path):
     assert "lr: must be a positive number" in (out / "ste-p16.10-o16.8-sr-b64-s5" / "failed.json").read_text()
     # Everything finished is skipped the second time.
     assert sweep.main([str(grid), "--out", str(out), "--filter", "method=sqpu,hteqpu", "--no-progress"]) == 0
+
+
+# ---- grid and argument checks ---------------------------------------------------------
+
+# fxp-train's config keys (csrc/train/config.cpp), for a stand-in that needs no build.
+KEYS = ["method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding", "momentum_form",
+        "packed", "batch_size", "lr", "lr_scaling", "momentum", "weight_decay", "scheduler", "plateau_patience",
+        "plateau_factor", "epochs", "early_stopping", "early_stopping_patience", "early_stopping_min_epochs",
+        "seed", "device", "threads", "data_dir", "train_limit", "val_limit", "eval_batch_size", "normalize_mean",
+        "normalize_std", "output_dir"]
+
+
+def fake_fxp_train(tmp_path) -> pathlib.Path:
+    """A stand-in for fxp-train that keeps its contract: --print-config prints
+    every key; a run holds <run dir>/.lock (exit 75 when another process has
+    it), trains in no time and writes its summary."""
+    path = tmp_path / "fake-fxp-train"
+    path.write_text(f"""#!{sys.executable}
+import fcntl, json, os, sys
+if "--print-config" in sys.argv:
+    print(json.dumps(dict.fromkeys({KEYS!r})))
+    sys.exit(0)
+config = json.load(open(sys.argv[sys.argv.index("-c") + 1]))
+lock = open(os.path.join(config["output_dir"], ".lock"), "a")
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("fxp-train: " + config["output_dir"] + " is in use by another fxp-train", file=sys.stderr)
+    sys.exit(75)
+with open(os.path.join(config["output_dir"], "summary.json"), "w") as f:
+    json.dump({{"config": config}}, f)
+""")
+    path.chmod(0o755)
+    return path
+
+
+def write_grid(tmp_path, text: str) -> pathlib.Path:
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD_BLOCKS = "blocks:\n  - axes: {seed: [0, 1]}\n"
+
+
+@pytest.mark.parametrize("text,place", [
+    ("blocks: {axes: {seed: [0]}}\n", "blocks must be a non-empty list"),
+    ("blocks: []\n", "blocks must be a non-empty list"),
+    ("blocks:\n", "blocks must be a non-empty list"),
+    ("name: g\n", "blocks must be a non-empty list"),
+    ("base: [1, 2]\n" + GOOD_BLOCKS, ", base: expected a mapping"),
+    ("blocks:\n  - set: [1, 2]\n", "block 0, set: expected a mapping"),
+    ("blocks:\n  - axes: {seed: [0]}\n  -\n", "block 1: expected a mapping"),
+    ("blocks:\n  - axes: [seed]\n", "block 0: axes must be a mapping"),
+    ("blocks:\n  - axes: {seed: 3}\n", "block 0, axis seed: needs a non-empty list"),
+    ("blocks:\n  - axes: {seed: []}\n", "block 0, axis seed: needs a non-empty list"),
+    ("blocks:\n  - name: quick\n    axes: {seed: [[0, 1]]}\n",
+     "block 0 (quick), axis seed: seed must be a single value"),
+    ("[1, 2]\n", "expected a mapping with name, base and blocks"),
+    ("blocks:\n  - axes: {seed: [0, 1}\n", "line 2, column 23: expected ',' or ']', but got '}'"),
+    ("name: [1]\n" + GOOD_BLOCKS, "name must be a non-empty string"),
+    # typos
+    ("blocks:\n  - axis: {method: [ste, sqpu, hteqpu], seed: [0, 1]}\n",
+     "block 0: unknown key 'axis' (did you mean 'axes'?)"),  # was 1 run instead of 6
+    ("bse: {lr: 0.1}\n" + GOOD_BLOCKS, "unknown key 'bse' (did you mean 'base'?)"),
+    ("base: {bse: 3}\n" + GOOD_BLOCKS, ", base: unknown setting 'bse'"),
+    ("blocks:\n  - set: {methd: ste}\n", "block 0, set: unknown setting 'methd' (did you mean 'method'?)"),
+    ("blocks:\n  - axes: {sed: [0, 1]}\n", "block 0, axis sed: unknown setting 'sed'"),
+    ("blocks:\n  - axes: {format: [{param_bits: 8, param_frc: 4}]}\n", "axis format: unknown setting 'param_frc'"),
+])
+def test_malformed_grids_are_one_line_errors(tmp_path, capsys, text, place):
+    grid = write_grid(tmp_path, text)
+    assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"),
+                       "--fxp-train", str(fake_fxp_train(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith((f"sweep: grid {grid}", f"sweep: cannot read grid {grid}")), err
+    assert err.count("\n") == 1, err
+    assert place in err, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--filter", "metod=sqpu"], "--filter metod=sqpu: unknown setting 'metod' (did you mean 'method'?)"),
+    (["--set", "bse=3"], "--set bse=3: unknown setting 'bse' (fxp-train --print-config lists them)"),
+    (["--set", "lr=[1, 2]"], "--set lr=[1, 2]: lr must be a single value, got [1, 2]"),
+    (["--set", "lr=[1"], "--set lr=[1: line 1, column 3: expected ',' or ']', but got '<stream end>'"),
+])
+def test_unknown_filter_and_set_keys_are_errors(tmp_path, capsys, args, message):
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"),
+                       "--fxp-train", str(fake_fxp_train(tmp_path)), *args]) == 2
+    assert capsys.readouterr().err == f"sweep: {message}\n"
+
+
+def test_setting_keys_come_from_fxp_train(tmp_path, capsys):
+    grid = write_grid(tmp_path, "base: {lr: 0.1}\n" + GOOD_BLOCKS)
+    fake = str(fake_fxp_train(tmp_path))
+    common = [str(grid), "--dry-run", "--out", str(tmp_path / "out")]
+    assert sweep.main([*common, "--fxp-train", fake, "--filter", "format=16/10/8", "--filter", "seed=0"]) == 0
+    assert "sweep: warning" not in capsys.readouterr().err
+    # Without fxp-train a dry run still works, and says what it could not check; a real run needs it.
+    missing = ["--fxp-train", str(tmp_path / "missing")]
+    assert sweep.main([*common, *missing, "--set", "bse=3"]) == 0
+    assert "setting keys were not checked" in capsys.readouterr().err
+    assert sweep.main([str(grid), "--out", str(tmp_path / "out"), *missing]) == 2
+    assert "not an executable" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\nexit 3\n")
+    broken.chmod(0o755)
+    assert sweep.main([*common, "--fxp-train", str(broken)]) == 2
+    assert "--print-config" in capsys.readouterr().err
+
+
+@requires_fxp_train_and_data
+def test_the_grids_use_fxp_trains_keys():
+    keys = sweeplib.config_keys(FXP_TRAIN)
+    assert {"lr", "seed", "threads", "output_dir"} <= keys
+    for name in ["exp1", "exp2", "exp3"]:
+        sweeplib.load_grid(GRIDS / f"{name}.yaml", keys)
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--seeds", "--jobs", "--threads"])
+@pytest.mark.parametrize("value", ["0", "-1", "-3", "two"])
+def test_counts_below_one_are_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(GRIDS / "exp1.yaml"), "--dry-run", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and ("must be at least 1" in err or "whole number" in err), err
+
+
+def test_out_under_a_regular_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    for extra in (["--dry-run"], []):
+        assert sweep.main([str(grid), "--out", str(tmp_path / "file" / "out"), "--no-progress",
+                           "--fxp-train", str(fake_fxp_train(tmp_path)), *extra]) == 2
+        assert capsys.readouterr().err == f"sweep: --out {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} " \
+                                          "is not a directory\n"
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("1E5", 1e5), ("-2.5e+3", -2500.0), (".5", 0.5),
+                                        ("1.0", 1.0), ("+1e3", 1000.0), ("1", 1), ("-7", -7), ('"1e-3"', "1e-3"),
+                                        ("'1'", "1"), ("sr", "sr"), ("true", True), ("1e", "1e")])
+def test_numbers_are_read_as_users_write_them(tmp_path, text, value):
+    """YAML 1.2 floats (PyYAML's YAML 1.1 needs a dot), in grids and in --set alike."""
+    run = sweeplib.expand(sweeplib.load_grid(write_grid(tmp_path, f"base: {{lr: {text}}}\n" + GOOD_BLOCKS)))[0]
+    [override] = sweeplib.parse_assignments([f"lr={text}"]).values()
+    for got in (sweeplib.parse_yaml(text), run.config["lr"], override):
+        assert got == value and type(got) is type(value)
+
+
+# ---- busy runs: another process holds the run directory's lock -----------------------
+
+class LockHolder:
+    """A process that holds flock(LOCK_EX) on a run directory's .lock, as a running fxp-train does."""
+
+    def __init__(self, run_dir: pathlib.Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        code = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\ntime.sleep(300)\n")
+        self.p = subprocess.Popen([sys.executable, "-c", code, str(run_dir / ".lock")], stdout=subprocess.PIPE,
+                                  text=True)
+        assert self.p.stdout.readline() == "locked\n"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.p.kill()
+        self.p.wait()
+        self.p.stdout.close()
+
+
+def test_a_run_locked_by_another_process_is_busy_and_not_started(tmp_path):
+    runs = small_runs()
+    busy = runs[1]
+    with LockHolder(tmp_path / busy.id) as holder:
+        assert sweeplib.status(tmp_path, busy) == "busy"
+        assert sweeplib.status(tmp_path, runs[0]) == "pending"
+        stub = StubTrainer()
+        counts = sweeplib.execute(runs, tmp_path, stub, jobs=2)
+        assert counts["busy"] == 1 and counts["failed"] == 0 and counts["done"] == len(runs) - 1
+        assert busy.id not in {run_id for run_id, _ in stub.epochs}
+        assert not (tmp_path / busy.id / "failed.json").exists()
+        assert sweeplib.status(tmp_path, busy) == "busy"  # the probe took nothing from the holder
+        assert holder.p.poll() is None
+    # The probe leaves no lock behind: fxp-train gets it.
+    with open(tmp_path / busy.id / ".lock") as f:
+        assert sweeplib.status(tmp_path, busy) == "pending"
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert sweeplib.execute(runs, tmp_path, StubTrainer())["done"] == 1
+
+
+def test_fxp_train_finding_the_run_locked_makes_it_busy_not_failed(tmp_path):
+    """The race after the probe: fxp-train itself finds the lock taken and exits with 75."""
+    loser = tmp_path / "loser"
+    loser.write_text("#!/bin/sh\necho 'fxp-train: this run is in use by another fxp-train' >&2\nexit 75\n")
+    loser.chmod(0o755)
+    runs = small_runs()[:3]
+    counts = sweeplib.execute(runs, tmp_path, sweeplib.fxp_train_runner(loser, threads=1), jobs=2)
+    assert counts["busy"] == 3 and counts["failed"] == 0
+    assert not any((tmp_path / r.id / "failed.json").exists() for r in runs)
+
+
+def test_sweep_cli_reports_busy_runs(tmp_path, capsys):
+    grid = write_grid(tmp_path, "name: g\nblocks:\n  - axes: {method: [ste, sqpu]}\n")
+    out = tmp_path / "out"
+    cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
+    with LockHolder(out / "ste-p16.10-o16.8-sr-b64-s0"):
+        assert sweep.main([*cmd, "--dry-run"]) == 0
+        assert "by status: busy 1, pending 1" in capsys.readouterr().out
+        assert sweep.main(cmd) == 75
+        err = capsys.readouterr().err
+        assert "1 run now, 0 already done, 0 failed, 0 conflicting, 1 busy" in err
+        assert "  ste-p16.10-o16.8-sr-b64-s0: busy, another fxp-train is training it\n" in err
+        assert (out / "sqpu-p16.10-o16.8-sr-b64-s0" / "summary.json").exists()  # the sweep kept no lock
+        assert not (out / "ste-p16.10-o16.8-sr-b64-s0" / "failed.json").exists()
+    assert sweep.main(cmd) == 0
+    assert "1 run now, 1 already done, 0 failed, 0 conflicting, 0 busy" in capsys.readouterr().err
+
+
+def test_settings_that_cannot_change_results_never_conflict(tmp_path, capsys):
+    runs = small_runs()
+    sweeplib.execute(runs[:1], tmp_path, StubTrainer())
+    for key, value in [("threads", 2), ("output_dir", "/elsewhere"), ("data_dir", "/data")]:
+        assert sweeplib.status(tmp_path, sweeplib.select(runs[:1], overrides={key: value})[0]) == "done", key
+    assert sweeplib.NEVER_CONFLICT == {"threads", "output_dir", "data_dir"}
+    # Through the CLI: fxp-train records the threads it ran with.
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    cmd = [str(grid), "--out", str(tmp_path / "out"), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
+    assert sweep.main([*cmd, "--threads", "1"]) == 0
+    assert sweep.main([*cmd, "--set", "threads=2"]) == 0
+    assert "0 run now, 2 already done, 0 failed, 0 conflicting" in capsys.readouterr().err
 
 
 # ---- the report on synthetic results ---------------------------------------------------

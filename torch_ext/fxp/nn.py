@@ -18,7 +18,7 @@ from . import ops as fxp_ops
 from .ops import pack, quantize_ste
 
 __all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "quantize_model", "quantize_parameters_",
-           "pack_model_", "packed_codes", "METHODS", "WEIGHT_MODES"]
+           "pack_model_", "packed_codes", "packed_format", "METHODS", "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -34,6 +34,16 @@ class PackedParameter(nn.Parameter):
     in the layer's integer codes (``weight_codes``/``bias_codes``), which
     :class:`fxp.optim.QPUSGD` updates. A distinct type, so copies of it stay
     recognizable (:func:`packed_codes`)."""
+
+    def __reduce_ex__(self, protocol):
+        # nn.Parameter pickles as a plain Parameter with its __dict__; this one must stay a
+        # PackedParameter, and its link to the layer (a weakref) cannot be pickled: the
+        # layer renews it when it is unpickled (_QuantizedLayer.__setstate__).
+        return _rebuild_packed_parameter, (self.data, self.requires_grad)
+
+
+def _rebuild_packed_parameter(data: Tensor, requires_grad: bool) -> PackedParameter:
+    return PackedParameter(data, requires_grad=requires_grad)
 
 
 class _QuantizedLayer(nn.Module):
@@ -75,9 +85,21 @@ class _QuantizedLayer(nn.Module):
                 continue
             self.register_buffer(f"{name}_codes", pack(param.detach(), self.param_format))
             setattr(self, name, PackedParameter(param.detach(), requires_grad=param.requires_grad))
+        self._set_codes_format(self.param_format)
         self.packed_weights = True
         self._make_stand_ins()
         self._link_stand_ins()
+
+    def _set_codes_format(self, fmt: FxpFormat) -> None:
+        # The codes' format travels with them in state_dict (buffer codes_format, [B, F]);
+        # the attribute is its host copy, read on every forward without a device sync.
+        self.codes_format_: FxpFormat = fmt
+        self.register_buffer("codes_format", torch.tensor([fmt.total_bits, fmt.frac_bits], device=self.weight.device))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if getattr(self, "packed_weights", False):  # unpickled: link the stand-ins to these codes
+            self._link_stand_ins()
 
     def _link_stand_ins(self) -> None:
         # How fxp.optim.QPUSGD finds a stand-in's codes (fxp.nn.packed_codes). Renewed on every
@@ -101,22 +123,85 @@ class _QuantizedLayer(nn.Module):
             self._make_stand_ins()
         return module
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed_weights:  # the stand-ins carry no values: the codes and their format do
+            for name in ("weight", "bias"):
+                destination.pop(prefix + name, None)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        stand_ins = set()  # the stand-ins carry no values: load the codes, check the shapes
+        # Note [Packed state dicts]: codes load only into a layer of their format
+        # (codes_format); a packed layer packs float weights (which must be on its grid),
+        # and an unpacked layer unpacks codes, so either kind of state dict loads into
+        # either kind of layer, and nothing is loaded in the wrong format.
+        state_dict = dict(state_dict)
+        names = [name for name in ("weight", "bias") if getattr(self, name) is not None]
+        saved_format = self._saved_codes_format(state_dict, prefix, error_msgs)
         if self.packed_weights:
-            for name in ("weight", "bias"):
-                param, key = getattr(self, name), prefix + name
-                if param is not None and key in state_dict:
-                    if state_dict[key].shape != param.shape:
-                        error_msgs.append(f"size mismatch for {key}: {tuple(state_dict[key].shape)} in the "
-                                          f"checkpoint, {tuple(param.shape)} in the model")
-                    stand_ins.add(key)
-            state_dict = {k: v for k, v in state_dict.items() if k not in stand_ins}
+            for name in names:
+                key, codes_key = prefix + name, f"{prefix}{name}_codes"
+                if codes_key not in state_dict and key in state_dict:  # float weights of an unpacked model
+                    try:
+                        state_dict[codes_key] = pack(state_dict[key].detach().to(self.weight.device),
+                                                     self.codes_format_, rounding="exact")
+                    except ValueError as e:
+                        error_msgs.append(f"cannot pack {key} into the codes of {self.codes_format_}: {e}")
+                        continue
+                    saved_format = self.codes_format_
+                    state_dict[prefix + "codes_format"] = self.codes_format.clone()
+                if codes_key in state_dict:
+                    self._check_codes(codes_key, state_dict[codes_key], saved_format, self.codes_format_, error_msgs)
+                stand_in = state_dict.pop(key, None)  # the values are in the codes; check the shape only
+                if stand_in is not None and stand_in.shape != getattr(self, name).shape:
+                    error_msgs.append(f"size mismatch for {key}: {tuple(stand_in.shape)} in the checkpoint, "
+                                      f"{tuple(getattr(self, name).shape)} in the model")
+        elif saved_format is not None:  # codes of a packed model into an unpacked layer: unpack them
+            for name in names:
+                codes_key = f"{prefix}{name}_codes"
+                if codes_key not in state_dict:
+                    continue
+                codes = state_dict.pop(codes_key)
+                target = self.param_format if self.weight_mode == "qpu" else saved_format
+                if self._check_codes(codes_key, codes, saved_format, target, error_msgs):
+                    state_dict[prefix + name] = fxp_ops.unpack(codes, saved_format, dtype=getattr(self, name).dtype)
+            state_dict.pop(prefix + "codes_format", None)
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        missing_keys[before:] = [k for k in missing_keys[before:] if k not in stand_ins]
+        if self.packed_weights:  # a packed layer has no float weights to load
+            missing_keys[before:] = [k for k in missing_keys[before:] if k not in {prefix + n for n in names}]
+
+    @staticmethod
+    def _saved_codes_format(state_dict, prefix, error_msgs) -> Optional[FxpFormat]:
+        fmt = state_dict.get(prefix + "codes_format")
+        has_codes = any(f"{prefix}{n}_codes" in state_dict for n in ("weight", "bias"))
+        if fmt is None:
+            if has_codes:
+                error_msgs.append(f"{prefix}weight_codes comes without {prefix}codes_format, so its format is "
+                                  f"unknown (a state dict of an older fxp?)")
+            return None
+        try:
+            return FxpFormat(*(int(v) for v in fmt.tolist()))
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{prefix}codes_format is not a valid format: {e}")
+            return None
+
+    @staticmethod
+    def _check_codes(key: str, codes: Tensor, saved: Optional[FxpFormat], expected: FxpFormat,
+                     error_msgs: list) -> bool:
+        """Whether codes of format `saved` may load where `expected` codes go; else an error message."""
+        if saved is None:
+            return False
+        if saved != expected:
+            error_msgs.append(f"{key} holds codes of {saved}, but the layer's format is {expected}")
+        elif codes.dtype != saved.storage_dtype:
+            error_msgs.append(f"{key} has dtype {codes.dtype}, but codes of {saved} are {saved.storage_dtype}")
+        elif codes.numel() and not (saved.code_min <= int(codes.min()) and int(codes.max()) <= saved.code_max):
+            error_msgs.append(f"{key} holds codes outside the range [{saved.code_min}, {saved.code_max}] of {saved}")
+        else:
+            return True
+        return False
 
     def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
         """The quantized conv/linear output through fxp's layer op (packed storage): the op
@@ -124,6 +209,9 @@ class _QuantizedLayer(nn.Module):
         fmt = self.saved_input_format
         out = dict(output_format=self.act_format, output_rounding=_OP_ROUNDING[self.act_rounding])
         if self.packed_weights:
+            if self.param_format != self.codes_format_:
+                raise ValueError(f"{type(self).__name__}: param_format is {self.param_format}, but the packed "
+                                 f"weights are codes of {self.codes_format_}; a packed layer's format is fixed")
             self._link_stand_ins()
             return op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
                       bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
@@ -286,17 +374,29 @@ def pack_model_(model: nn.Module) -> nn.Module:
     return model
 
 
-def packed_codes(param: Tensor) -> Optional[Tensor]:
-    """The codes that hold a packed parameter's value, or None if it is not packed."""
+def _packed_layer(param: Tensor):
+    """(layer, name) of a packed parameter, or None if it is not packed."""
     if not isinstance(param, PackedParameter):
         return None
     link = getattr(param, "_fxp_packed", None)
     layer, name = (link[0](), link[1]) if link is not None else (None, None)
     if layer is None or not layer.packed_weights or getattr(layer, name) is not param:
-        # A copy (copy.deepcopy, pickling) whose own layer has not run yet.
+        # A copy (copy.deepcopy) whose own layer has not run yet.
         raise RuntimeError("fxp: a packed layer's parameter is linked to another layer's codes (a copied "
                            "model?); run a forward pass of its model first, which links it to its own")
-    return getattr(layer, f"{name}_codes")
+    return layer, name
+
+
+def packed_codes(param: Tensor) -> Optional[Tensor]:
+    """The codes that hold a packed parameter's value, or None if it is not packed."""
+    found = _packed_layer(param)
+    return None if found is None else getattr(found[0], f"{found[1]}_codes")
+
+
+def packed_format(param: Tensor) -> Optional[FxpFormat]:
+    """The format of a packed parameter's codes, or None if it is not packed."""
+    found = _packed_layer(param)
+    return None if found is None else found[0].codes_format_
 
 
 def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:

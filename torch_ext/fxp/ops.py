@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal, Optional, Sequence, Tuple, Union
 
 import torch
@@ -16,14 +17,52 @@ FormatLike = Union[FxpFormat, int]
 _ops = torch.ops.fxp
 
 
-def _bits(fmt: FormatLike, frac_bits: Optional[int]) -> Tuple[int, int]:
+# Note [Argument checks in Python]: the C++ ops check values (ranges, names,
+# dtypes, devices); these checks catch the wrong *types* first, which the
+# dispatcher would otherwise report as "failed to match any schema", or
+# silently convert (int(8.7) == 8).
+def _int(op: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fxp.{op}: {name} must be an int, but got {value!r}")
+    return int(value)
+
+
+def _tensor(op: str, name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"fxp.{op}: {name} must be a torch.Tensor, but got {type(value).__name__}")
+    return value
+
+
+def _optional_tensor(op: str, name: str, value) -> Optional[Tensor]:
+    return None if value is None else _tensor(op, name, value)
+
+
+def _str(op: str, name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"fxp.{op}: {name} must be a str, but got {value!r}")
+    return value
+
+
+def _generator(op: str, value) -> Optional[torch.Generator]:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"fxp.{op}: generator must be a torch.Generator or None, but got {type(value).__name__}")
+    return value
+
+
+def _bits(fmt: FormatLike, frac_bits: Optional[int], op: str = "quantize") -> Tuple[int, int]:
     if isinstance(fmt, FxpFormat):
         if frac_bits is not None:
-            raise TypeError("fxp: pass either an FxpFormat or total_bits and frac_bits, not both")
+            raise TypeError(f"fxp.{op}: pass either an FxpFormat or total_bits and frac_bits, not both")
         return fmt.total_bits, fmt.frac_bits
     if frac_bits is None:
-        raise TypeError("fxp: frac_bits is required when the format is given as total_bits")
-    return int(fmt), int(frac_bits)
+        raise TypeError(f"fxp.{op}: frac_bits is required when the format is given as total_bits")
+    return _int(op, "total_bits", fmt), _int(op, "frac_bits", frac_bits)
+
+
+def _args(op: str, x, fmt, frac_bits, rounding, overflow) -> Tuple[Tensor, int, int, str, str]:
+    """The checked common arguments of the quantize and pack wrappers."""
+    b, f = _bits(fmt, frac_bits, op)
+    return _tensor(op, "x", x), b, f, _str(op, "rounding", rounding), _str(op, "overflow", overflow)
 
 
 def quantize(
@@ -49,9 +88,10 @@ def quantize(
     >>> quantize(torch.tensor([0.03125, 0.09375, 100.0]), 8, 4)
     tensor([0.0000, 0.1250, 7.9375])
     """
-    b, f = _bits(fmt, frac_bits)
+    x, b, f, rounding, overflow = _args("quantize", x, fmt, frac_bits, rounding, overflow)
+    generator = _generator("quantize", generator)
     if out is not None:
-        _ops.quantize.out(x, b, f, rounding, overflow, generator, out=out)
+        _ops.quantize.out(x, b, f, rounding, overflow, generator, out=_tensor("quantize", "out", out))
         return out
     return _ops.quantize(x, b, f, rounding, overflow, generator)
 
@@ -64,9 +104,11 @@ def quantize_(
     overflow: Overflow = "saturate",
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """In-place :func:`quantize`; returns ``x``."""
-    b, f = _bits(fmt, frac_bits)
-    _ops.quantize_(x, b, f, rounding, overflow, generator)
+    """In-place :func:`quantize`; returns ``x``. Not differentiable: in grad
+    mode it refuses a leaf that requires grad, and bumps ``x``'s version, so a
+    backward that needs the old values raises (as torch's in-place ops do)."""
+    x, b, f, rounding, overflow = _args("quantize_", x, fmt, frac_bits, rounding, overflow)
+    _ops.quantize_(x, b, f, rounding, overflow, _generator("quantize_", generator))
     return x
 
 
@@ -88,9 +130,10 @@ def quantize_seeded(
     ``(seed, offset)`` gives the same bits on CPU and CUDA, for any strides or
     thread count; different offsets give independent streams.
     """
-    b, f = _bits(fmt, frac_bits)
+    x, b, f, rounding, overflow = _args("quantize_seeded", x, fmt, frac_bits, rounding, overflow)
+    seed, offset = _int("quantize_seeded", "seed", seed), _int("quantize_seeded", "offset", offset)
     if out is not None:
-        _ops.quantize_seeded.out(x, b, f, rounding, seed, offset, overflow, out=out)
+        _ops.quantize_seeded.out(x, b, f, rounding, seed, offset, overflow, out=_tensor("quantize_seeded", "out", out))
         return out
     return _ops.quantize_seeded(x, b, f, rounding, seed, offset, overflow)
 
@@ -106,7 +149,8 @@ def quantize_seeded_(
     overflow: Overflow = "saturate",
 ) -> Tensor:
     """In-place :func:`quantize_seeded`; returns ``x``."""
-    b, f = _bits(fmt, frac_bits)
+    x, b, f, rounding, overflow = _args("quantize_seeded_", x, fmt, frac_bits, rounding, overflow)
+    seed, offset = _int("quantize_seeded_", "seed", seed), _int("quantize_seeded_", "offset", offset)
     _ops.quantize_seeded_(x, b, f, rounding, seed, offset, overflow)
     return x
 
@@ -122,8 +166,8 @@ def quantize_stats(
     """:func:`quantize` that also returns, from the same pass, the number of
     saturated elements (rounded code outside the format's range) as an int64
     0-dim tensor on x's device."""
-    b, f = _bits(fmt, frac_bits)
-    return _ops.quantize_stats(x, b, f, rounding, overflow, generator)
+    x, b, f, rounding, overflow = _args("quantize_stats", x, fmt, frac_bits, rounding, overflow)
+    return _ops.quantize_stats(x, b, f, rounding, overflow, _generator("quantize_stats", generator))
 
 
 def quantize_seeded_stats(
@@ -137,7 +181,8 @@ def quantize_seeded_stats(
     overflow: Overflow = "saturate",
 ) -> Tuple[Tensor, Tensor]:
     """:func:`quantize_seeded` plus the saturation count, as :func:`quantize_stats`."""
-    b, f = _bits(fmt, frac_bits)
+    x, b, f, rounding, overflow = _args("quantize_seeded_stats", x, fmt, frac_bits, rounding, overflow)
+    seed, offset = _int("quantize_seeded_stats", "seed", seed), _int("quantize_seeded_stats", "offset", offset)
     return _ops.quantize_seeded_stats(x, b, f, rounding, seed, offset, overflow)
 
 
@@ -150,8 +195,8 @@ def quantize_mask(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`quantize` plus a bool tensor that is True where the element saturated."""
-    b, f = _bits(fmt, frac_bits)
-    return _ops.quantize_mask(x, b, f, rounding, overflow, generator)
+    x, b, f, rounding, overflow = _args("quantize_mask", x, fmt, frac_bits, rounding, overflow)
+    return _ops.quantize_mask(x, b, f, rounding, overflow, _generator("quantize_mask", generator))
 
 
 def quantize_ste(
@@ -167,8 +212,10 @@ def quantize_ste(
     passes unchanged, or is zeroed where the element saturated when
     ``zero_grad_saturated`` is set. The gradient is registered in C++, so
     LibTorch programs get it too."""
-    b, f = _bits(fmt, frac_bits)
-    return _ops.quantize_ste(x, b, f, rounding, overflow, generator, zero_grad_saturated)
+    x, b, f, rounding, overflow = _args("quantize_ste", x, fmt, frac_bits, rounding, overflow)
+    if not isinstance(zero_grad_saturated, bool):
+        raise TypeError(f"fxp.quantize_ste: zero_grad_saturated must be a bool, but got {zero_grad_saturated!r}")
+    return _ops.quantize_ste(x, b, f, rounding, overflow, _generator("quantize_ste", generator), zero_grad_saturated)
 
 
 def pack(
@@ -183,13 +230,15 @@ def pack(
     (value ``q * 2**-F``) in the smallest integer dtype that holds them: int8
     for B <= 8, int16 for B <= 16, int32 otherwise. Codes saturate to the
     format's exact bounds. NaN cannot be a code: packing NaN raises
-    ``ValueError`` with the count.
+    ``ValueError`` with the count. ``rounding="exact"`` is for values that
+    are on the grid already (quantized activations, parameters): anything
+    that would be rounded or saturated raises ``ValueError`` with the count.
 
     >>> pack(torch.tensor([0.09375, 100.0, -3.0]), 8, 4)
     tensor([  2, 127, -48], dtype=torch.int8)
     """
-    b, f = _bits(fmt, frac_bits)
-    return _ops.pack(x, b, f, rounding, overflow, generator)
+    x, b, f, rounding, overflow = _args("pack", x, fmt, frac_bits, rounding, overflow)
+    return _ops.pack(x, b, f, rounding, overflow, _generator("pack", generator))
 
 
 def pack_seeded(
@@ -203,20 +252,43 @@ def pack_seeded(
     overflow: Overflow = "saturate",
 ) -> Tensor:
     """:func:`pack` with the explicit Philox counter of :func:`quantize_seeded`."""
-    b, f = _bits(fmt, frac_bits)
+    x, b, f, rounding, overflow = _args("pack_seeded", x, fmt, frac_bits, rounding, overflow)
+    seed, offset = _int("pack_seeded", "seed", seed), _int("pack_seeded", "offset", offset)
     return _ops.pack_seeded(x, b, f, rounding, seed, offset, overflow)
 
 
 def unpack(codes: Tensor, fmt: FormatLike, frac_bits: Optional[int] = None,
            dtype: Optional[torch.dtype] = None) -> Tensor:
     """``codes * 2**-F`` as ``dtype`` (default float32), computed exactly and
-    rounded once. ``codes`` must have the dtype :func:`pack` gives the format."""
-    b, f = _bits(fmt, frac_bits)
-    return _ops.unpack(codes, b, f, dtype)
+    rounded once (to nearest even, also for float16 and bfloat16). ``codes``
+    must have the dtype :func:`pack` gives the format, and lie in its range
+    (checked on the CPU; on CUDA a check would cost a device-to-host copy)."""
+    b, f = _bits(fmt, frac_bits, "unpack")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"fxp.unpack: dtype must be a torch.dtype or None, but got {dtype!r}")
+    return _ops.unpack(_tensor("unpack", "codes", codes), b, f, dtype)
 
 
-def _format_list(fmt: Optional[FxpFormat]) -> Optional[list]:
+def _format_list(op: str, name: str, fmt: Optional[FxpFormat]) -> Optional[list]:
+    if fmt is not None and not isinstance(fmt, FxpFormat):
+        raise TypeError(f"fxp.{op}: {name} must be an FxpFormat or None, but got {fmt!r}")
     return None if fmt is None else [fmt.total_bits, fmt.frac_bits]
+
+
+def _pair(op: str, name: str, value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [_int(op, name, v) for v in value]
+    return [_int(op, name, value)] * 2
+
+
+def _layer_args(op, x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+                output_rounding, generator) -> tuple:
+    """The checked arguments of linear and conv2d that follow the geometry."""
+    return (_tensor(op, "x", x), _tensor(op, "weight", weight), _optional_tensor(op, "bias", bias),
+            _format_list(op, "input_format", input_format), _optional_tensor(op, "weight_codes", weight_codes),
+            _optional_tensor(op, "bias_codes", bias_codes), _format_list(op, "param_format", param_format),
+            _format_list(op, "output_format", output_format), _str(op, "output_rounding", output_rounding),
+            _generator(op, generator))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_format: Optional[FxpFormat] = None,
@@ -225,17 +297,19 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_fo
            output_rounding: Rounding = "nearest_even", generator: Optional[torch.Generator] = None) -> Tensor:
     """``torch.nn.functional.linear`` for quantized layers, with packed storage.
 
-    With ``input_format``, autograd saves ``x`` as codes of that format (``x``
-    must lie on its grid, as a quantized activation does). With
-    ``weight_codes``/``bias_codes`` (codes of ``param_format``), the weight and
+    With ``input_format``, autograd saves ``x`` as codes of that format: ``x``
+    must lie on its grid, as a quantized activation does, or the call raises
+    ``ValueError`` (its codes would give the weight gradient of another input).
+    With ``weight_codes``/``bias_codes`` (codes of ``param_format``), the weight and
     bias values come from the codes; ``weight``/``bias`` then only give shape
     and dtype and receive the gradients. With ``output_format``, the output is
     quantized in place (saturating, ``output_rounding``, draws from
     ``generator``) with a straight-through gradient: ``quantize_ste`` without
     the extra copy. The gradients equal those of ``F.linear`` bit for bit
     (2-D inputs)."""
-    return _ops.linear(x, weight, bias, _format_list(input_format), weight_codes, bias_codes,
-                       _format_list(param_format), _format_list(output_format), output_rounding, generator)
+    args = _layer_args("linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format,
+                       output_format, output_rounding, generator)
+    return _ops.linear(*args)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
@@ -246,15 +320,16 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Seq
            generator: Optional[torch.Generator] = None) -> Tensor:
     """``torch.conv2d`` with the packed storage and output options of
     :func:`linear`; the gradients equal ``torch.conv2d``'s bit for bit."""
-    return _ops.conv2d(x, weight, bias, list(stride), list(padding), list(dilation), groups,
-                       _format_list(input_format), weight_codes, bias_codes, _format_list(param_format),
-                       _format_list(output_format), output_rounding, generator)
+    x, weight, bias, *rest = _layer_args("conv2d", x, weight, bias, input_format, weight_codes, bias_codes,
+                                         param_format, output_format, output_rounding, generator)
+    return _ops.conv2d(x, weight, bias, _pair("conv2d", "stride", stride), _pair("conv2d", "padding", padding),
+                       _pair("conv2d", "dilation", dilation), _int("conv2d", "groups", groups), *rest)
 
 
 def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Tensor:
     """``F.max_pool2d(F.relu(x), kernel_size)`` (stride = kernel size) whose
     autograd saves one byte per output (the window position of the maximum,
     or that it was not positive) instead of ReLU's float output and the
-    pool's int64 indices. Values and gradients equal torch's bit for bit."""
-    k = [kernel_size, kernel_size] if isinstance(kernel_size, int) else list(kernel_size)
-    return _ops.relu_max_pool2d(x, k)
+    pool's int64 indices. Values and gradients equal torch's bit for bit,
+    also where a window's maximum is NaN (its gradient passes, as ReLU's does)."""
+    return _ops.relu_max_pool2d(_tensor("relu_max_pool2d", "x", x), _pair("relu_max_pool2d", "kernel_size", kernel_size))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Iterable, Literal, Optional
 
 import torch
@@ -9,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .nn import packed_codes
+from .nn import packed_codes, packed_format
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer", "INIT_KEY_DELTA"]
 
@@ -41,9 +43,19 @@ class QPUSGD(Optimizer):
     integer codes, and their momentum buffers are codes of ``momentum_format``:
     no float copy is kept, and the values equal those of float storage.
 
+    Parameter ``k`` of a group draws its rounding from stream ``k``, whether or
+    not the other parameters have gradients, so a frozen or unused parameter
+    never changes the others' draws. A step that raises (a NaN that packed
+    storage cannot hold) has still happened: every other element is updated,
+    and ``step`` has advanced. Strided (e.g. transposed) parameters work, as in
+    ``torch.optim.SGD``. The step bumps the parameters' autograd versions, so a
+    backward through a graph that saved them before the step raises, as with
+    ``torch.optim.SGD``.
+
     After each step, ``last_counts[i]`` is the int64 tensor ``[n, 2]`` of
-    (saturated, vanished) elements for the parameters of group ``i`` that had
-    gradients, in order: vanished updates were nonzero but left ``w`` unchanged.
+    (saturated, vanished) elements, one row per parameter of group ``i`` in
+    order (zeros for those without a gradient): vanished updates were nonzero
+    but left ``w`` unchanged.
     """
 
     def __init__(
@@ -59,12 +71,13 @@ class QPUSGD(Optimizer):
         momentum_form: MomentumForm = "standard",
         seed: int = 0,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"QPUSGD: lr must be non-negative, but got {lr}")
-        if momentum < 0:
-            raise ValueError(f"QPUSGD: momentum must be non-negative, but got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"QPUSGD: weight_decay must be non-negative, but got {weight_decay}")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"QPUSGD: {name} must be a number, but got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"QPUSGD: {name} must be a non-negative finite number, but got {value}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"QPUSGD: seed must be an int, but got {seed!r}")
         if rounding not in ("nearest_even", "stochastic"):
             raise ValueError(f"QPUSGD: rounding must be 'nearest_even' or 'stochastic', but got {rounding!r}")
         if momentum_form not in ("standard", "paper_eq6"):
@@ -73,6 +86,8 @@ class QPUSGD(Optimizer):
             raise ValueError("QPUSGD: nesterov needs momentum > 0 and momentum_form='standard'")
         if not isinstance(format, FxpFormat):
             raise TypeError(f"QPUSGD: format must be an FxpFormat, but got {format!r}")
+        if momentum_format is not None and not isinstance(momentum_format, FxpFormat):
+            raise TypeError(f"QPUSGD: momentum_format must be an FxpFormat or None, but got {momentum_format!r}")
         mfmt = momentum_format or format
         defaults = dict(
             lr=lr,
@@ -96,11 +111,28 @@ class QPUSGD(Optimizer):
         param_group.setdefault("step", 0)
         for key, value in self.defaults.items():  # as torch does, so the formats can be checked first
             param_group.setdefault(key, value)
-        FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # raises on a bad format
+        fmt = FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # raises on a bad format
         FxpFormat(param_group["momentum_total_bits"], param_group["momentum_frac_bits"])
+        params = param_group["params"]
+        for p in [params] if isinstance(params, Tensor) else params:
+            codes_format = packed_format(p)  # a packed parameter's codes are updated in its group's format
+            if codes_format is not None and codes_format != fmt:
+                raise ValueError(f"QPUSGD: a packed parameter holds codes of {codes_format}, but its group's "
+                                 f"format is {fmt}; use format={codes_format}")
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The formats of the saved state are the formats its momentum codes (and
+        # the model's parameters) are in: a group may not load another format.
+        for i, (mine, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            for key in ("total_bits", "frac_bits", "momentum_total_bits", "momentum_frac_bits"):
+                if key in saved and saved[key] != mine[key]:
+                    raise ValueError(
+                        f"QPUSGD.load_state_dict: group {i} was saved with format "
+                        f"{FxpFormat(saved['total_bits'], saved['frac_bits'])} and momentum format "
+                        f"{FxpFormat(saved['momentum_total_bits'], saved['momentum_frac_bits'])}, but this optimizer "
+                        f"has {FxpFormat(mine['total_bits'], mine['frac_bits'])} and "
+                        f"{FxpFormat(mine['momentum_total_bits'], mine['momentum_frac_bits'])}")
         # torch casts loaded state to each parameter's dtype; packed momentum buffers are integer codes.
         codes = {pid: s["momentum_buffer"] for pid, s in state_dict["state"].items()
                  if isinstance(s.get("momentum_buffer"), Tensor) and not s["momentum_buffer"].is_floating_point()}
@@ -117,13 +149,20 @@ class QPUSGD(Optimizer):
                 loss = closure()
         self.last_counts = []
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                self.last_counts.append(torch.zeros(0, 2, dtype=torch.long))
+            everyone = group["params"]
+            # Note [QPU random streams]: parameter k of the group draws from
+            # stream k, whether or not the others have gradients.
+            streams = [k for k, p in enumerate(everyone) if p.grad is not None]
+            if not streams:
+                self.last_counts.append(torch.zeros(len(everyone), 2, dtype=torch.long))
                 continue
+            params = [everyone[k] for k in streams]
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            # Packed parameters (fxp.nn.pack_model_): the step updates their codes.
+            # Packed parameters (fxp.nn.pack_model_): the step updates their codes. A strided
+            # parameter is updated in a contiguous copy (its logical order) and copied back.
             codes = [packed_codes(p) for p in params]
+            storage = [c if c is not None else p if p.is_contiguous() else p.contiguous()
+                       for p, c in zip(params, codes)]
             buffers = []
             if group["momentum"] != 0:
                 mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
@@ -134,24 +173,21 @@ class QPUSGD(Optimizer):
                             torch.zeros_like(p, memory_format=torch.contiguous_format) if c is None
                             else torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device))
                     buffers.append(state["momentum_buffer"])
+            # The step counts even if the op raises (a NaN that packed storage cannot
+            # hold): the update has happened, and the next step draws fresh numbers.
+            step = int(group["step"])
+            group["step"] = step + 1
             counts = torch.ops.fxp.qpu_sgd_step_(
-                [p if c is None else c for p, c in zip(params, codes)],
-                grads,
-                buffers,
-                float(group["lr"]),
-                float(group["momentum"]),
-                float(group["weight_decay"]),
-                bool(group["nesterov"]),
-                group["total_bits"],
-                group["frac_bits"],
-                group["momentum_total_bits"],
-                group["momentum_frac_bits"],
-                group["rounding"],
-                int(group["seed"]),
-                int(group["step"]),
-                group["momentum_form"],
-            )
-            group["step"] += 1
+                storage, grads, buffers, float(group["lr"]), float(group["momentum"]),
+                float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"], group["frac_bits"],
+                group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"], int(group["seed"]),
+                step, group["momentum_form"], streams)
+            for p, c, stored in zip(params, codes, storage):
+                if c is None and stored is not p:
+                    p.copy_(stored)
+            if len(streams) < len(everyone):  # a row per parameter; those without a gradient stay zero
+                counts = torch.zeros(len(everyone), 2, dtype=torch.long, device=counts.device).index_copy_(
+                    0, torch.tensor(streams, device=counts.device), counts)
             self.last_counts.append(counts)
         return loss
 
