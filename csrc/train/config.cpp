@@ -118,6 +118,9 @@ struct YamlReader {
   // A scalar with an explicit standard tag (!!str, !!int, ...) converts as the tag says.
   json tagged(const std::string& tag, const std::string& text) const {
     const std::string kind = tag.substr(tag.rfind(':') + 1);
+    if (kind != "str" && kind != "int" && kind != "float" && kind != "bool" && kind != "null") {
+      fail("unknown YAML tag '" + tag + "' on '" + text + "'");
+    }
     if (kind == "str") return text;
     json value = plain(text);
     const bool ok = (kind == "int" && value.is_number_integer()) || (kind == "float" && value.is_number()) ||

@@ -122,8 +122,14 @@ DirectoryLock::DirectoryLock(const std::string& dir) {
   const std::string path = join_path(dir, ".lock");
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
   if (fd_ < 0) fail("cannot open the lock file", path);
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    const int error = errno;
+  // A sweep probes the lock for an instant (scripts/sweeplib.py); a short retry rides over that.
+  int error = 0;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    error = ::flock(fd_, LOCK_EX | LOCK_NB) == 0 ? 0 : errno;
+    if (error != EWOULDBLOCK) break;
+    ::usleep(50 * 1000);
+  }
+  if (error != 0) {
     std::string owner = read_text(path);
     while (!owner.empty() && (owner.back() == '\n' || owner.back() == ' ')) owner.pop_back();
     ::close(fd_);

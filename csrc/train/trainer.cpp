@@ -161,27 +161,33 @@ void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim:
   atomic_write(path, with_checksum(bytes.str()));
 }
 
-// The settings a checkpoint was written with.
-json checkpoint_settings(const std::string& path, torch::serialize::InputArchive& archive) {
-  c10::IValue settings;
-  if (!archive.try_read("config", settings)) {
+// A checkpoint's archive, after its checksum is verified (Note [Checksummed files]).
+void read_checkpoint(const std::string& path, torch::serialize::InputArchive& archive,
+                     const std::optional<torch::Device>& device) {
+  const std::string bytes = without_checksum(read_text(path), path);
+  archive.load_from(bytes.data(), bytes.size(), device);
+}
+
+// Refuses a checkpoint that is damaged or belongs to a run with other settings
+// (config.json may be gone; the checkpoint records its own).
+void check_checkpoint(const std::string& path, const json& settings) {
+  torch::serialize::InputArchive archive;
+  read_checkpoint(path, archive, torch::Device(torch::kCPU));
+  c10::IValue stored;
+  if (!archive.try_read("config", stored)) {
     throw std::invalid_argument("checkpoint " + path + " does not record its run's settings; start again with "
                                 "--overwrite");
   }
-  return json::parse(settings.toStringRef());
-}
-
-// Loads a checkpoint after checking its checksum and that it belongs to a run
-// with the given settings (config.json may be gone; the checkpoint decides).
-RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
-                         const json& settings, const torch::Device& device) {
-  const std::string bytes = without_checksum(read_text(path), path);
-  torch::serialize::InputArchive archive;
-  archive.load_from(bytes.data(), bytes.size(), device);
-  const std::string differ = differing_settings(checkpoint_settings(path, archive), settings, /*epochs_may_differ=*/true);
+  const std::string differ = differing_settings(json::parse(stored.toStringRef()), settings, /*epochs_may_differ=*/true);
   if (!differ.empty()) {
     throw std::invalid_argument("cannot resume from " + path + ": it was written with other settings: " + differ);
   }
+}
+
+RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+                         const torch::Device& device) {
+  torch::serialize::InputArchive archive;
+  read_checkpoint(path, archive, device);
   torch::serialize::InputArchive model_archive, optimizer_archive;
   archive.read("model", model_archive);
   archive.read("optimizer", optimizer_archive);
@@ -284,6 +290,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
                                 " holds an unfinished run; pass --resume to continue it or --overwrite to start again");
   }
   const bool resuming = options.resume && !options.overwrite && have_checkpoint;
+  if (resuming) check_checkpoint(files.checkpoint, config_json);
   if (resuming && path_exists(files.config)) {
     const json stored = json::parse(read_text(files.config));
     const std::string differ = differing_settings(stored, config_json, /*epochs_may_differ=*/true);
@@ -331,7 +338,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   RunState state;
   state.lr = config.initial_lr();
   if (resuming) {
-    state = load_checkpoint(files.checkpoint, model, *optimizer, config_json, device);
+    state = load_checkpoint(files.checkpoint, model, *optimizer, device);
     set_lr(*optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }

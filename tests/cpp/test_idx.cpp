@@ -121,4 +121,21 @@ TEST(FashionMnist, DebianFilesLoad) {
   EXPECT_EQ(test.images.size(0), 10000);
 }
 
+// Issue 11 (found by UBSan): a header whose dimensions multiply past 2^63 was a
+// signed overflow, and a file without elements passed a null pointer to memcpy.
+TEST_F(IdxReader, HugeDimensionsAreATruncatedFileNotAnOverflow) {
+  auto bytes = header(0x08, {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu});
+  bytes.resize(bytes.size() + 16);
+  const auto huge = write("huge.idx", bytes);
+  expect_error([&] { fxp::data::read_idx(huge); }, huge + ": truncated IDX file");
+  const auto empty = fxp::data::read_idx(write("empty.idx", header(0x08, {0, 28, 28})));
+  EXPECT_EQ(empty.sizes(), (std::vector<int64_t>{0, 28, 28}));
+}
+
+TEST_F(IdxReader, ASplitWithoutImagesIsAnError) {
+  const auto images = write("train-images-idx3-ubyte", header(0x08, {0, 28, 28}));
+  write("train-labels-idx1-ubyte", header(0x08, {0}));
+  expect_error([&] { fxp::data::read_mnist_split(dir_, "train"); }, images + " holds no images");
+}
+
 }  // namespace

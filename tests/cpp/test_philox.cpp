@@ -47,6 +47,35 @@ TEST(Philox, MatchesATenEngine) {
   }
 }
 
+// Note [Philox offsets from a generator]: at generator offset O an fxp op draws
+// counter O / 4 of subsequence b (its element block) and reserves 4. The next
+// torch op starts at offset O' = O + 4: thread t calls curand_init(seed, t, O'),
+// whose k-th block is at::Philox4_32(seed, t, O' / 4 + k). Those never meet.
+TEST(Philox, GeneratorDrawsNeverMeetTheNextTorchOp) {
+  const uint64_t seed = 0x1234567890ABCDEFull;
+  for (const uint64_t offset : {uint64_t{0}, uint64_t{4}, uint64_t{8}, uint64_t{4} * 12345, uint64_t{4} << 40}) {
+    const uint64_t fxp_counter = fxp::philox_counter_from_generator(offset);
+    const uint64_t next_offset = offset + fxp::kGeneratorIncrement;
+    ASSERT_EQ(next_offset % 4, 0u);
+    EXPECT_LT(fxp_counter, next_offset / 4) << "offset " << offset;  // every later counter is larger still
+    for (uint64_t b = 0; b < 64; ++b) {
+      const auto ours = fxp::philox4x32_10(seed, fxp_counter, b);
+      at::Philox4_32 next_op(seed, /*subsequence=*/b, /*offset=*/next_offset / 4);
+      bool all_equal = true;
+      for (int l = 0; l < 4; ++l) all_equal = all_equal && ours.lane[l] == next_op();
+      EXPECT_FALSE(all_equal) << "offset " << offset << " block " << b;
+    }
+  }
+  // The convention it replaces, the generator's offset as the counter, drew
+  // exactly what a later torch op at offset 4 O draws, thread for block.
+  const uint64_t offset = 8;
+  for (uint64_t b = 0; b < 4; ++b) {
+    const auto old = fxp::philox4x32_10(seed, offset, b);
+    at::Philox4_32 later(seed, b, (4 * offset) / 4);
+    for (int l = 0; l < 4; ++l) EXPECT_EQ(old.lane[l], later());
+  }
+}
+
 }  // namespace
 
 namespace {

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "ops.h"
@@ -108,6 +110,58 @@ TEST(QpuSgd, BadOptionsAreRejected) {
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).rounding("floor")), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).nesterov(true)), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).total_bits(40)), c10::Error);
+  EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(std::numeric_limits<double>::infinity())), c10::Error);
+  EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).momentum(std::nan(""))), c10::Error);
+}
+
+// Issue 11: a parameter without a gradient must not shift the draws of the
+// others (Note [QPU random streams]), and the counts keep one row per parameter.
+TEST(QpuSgd, AParameterWithoutGradientShiftsNoStream) {
+  auto all = make_params(3);
+  auto some = make_params(3);
+  QpuSgd opt_all(all, options()), opt_some(some, options());
+  set_grads(all, 7);
+  set_grads(some, 7);
+  some[0].mutable_grad() = torch::Tensor();  // frozen, or unused in this step
+  opt_all.step();
+  opt_some.step();
+  EXPECT_TRUE(torch::equal(all[1].detach(), some[1].detach()));
+  EXPECT_TRUE(torch::equal(all[2].detach(), some[2].detach()));
+  const torch::Tensor counts = opt_some.last_counts().at(0);
+  ASSERT_EQ(counts.sizes(), (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(counts[0].sum().item<int64_t>(), 0);
+  EXPECT_TRUE(torch::equal(counts.narrow(0, 1, 2), opt_all.last_counts()[0].narrow(0, 1, 2)));
+}
+
+TEST(QpuSgd, CountsOfEveryGroupConcatenateToOneRowPerParameter) {
+  auto a = make_params(4);
+  auto b = make_params(5);
+  QpuSgd opt({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+  set_grads(a, 1);
+  set_grads(b, 2);
+  b[2].mutable_grad() = torch::Tensor();
+  opt.step();
+  // fxp-train adds torch::cat(last_counts()) into a [n_params, 2] tensor.
+  EXPECT_EQ(torch::cat(opt.last_counts()).sizes(), (std::vector<int64_t>{6, 2}));
+}
+
+TEST(QpuSgd, AStridedParameterStepsAsItsContiguousCopy) {
+  torch::manual_seed(6);
+  const torch::Tensor values = fxp::quantize(torch::randn({7, 5}), 12, 8);
+  auto strided = values.t().contiguous().t().requires_grad_();  // column-major storage, same values
+  auto plain = values.clone().requires_grad_();
+  ASSERT_FALSE(strided.is_contiguous());
+  QpuSgd opt_s({strided}, options()), opt_p({plain}, options());
+  for (int step = 0; step < 3; ++step) {
+    torch::manual_seed(step);
+    const torch::Tensor g = torch::randn({7, 5});
+    strided.mutable_grad() = g.clone();
+    plain.mutable_grad() = g.clone();
+    opt_s.step();
+    opt_p.step();
+  }
+  EXPECT_FALSE(strided.is_contiguous());  // updated in place, layout kept
+  EXPECT_TRUE(torch::equal(strided.detach(), plain.detach()));
 }
 
 }  // namespace

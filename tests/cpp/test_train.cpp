@@ -176,6 +176,87 @@ TEST_F(TrainFiles, BadConfigFilesNameTheProblem) {
   }
 }
 
+// Issue 11: configs that once crashed fxp-train, grew its memory without bound,
+// or were accepted with a silently different meaning.
+TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
+  // "Billion laughs": ten levels of ten aliases each would expand to 10^10 values.
+  std::string laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n";
+  for (char c = 'b'; c <= 'j'; ++c) {
+    const std::string previous = "*" + std::string(1, static_cast<char>(c - 1));
+    laughs += std::string(1, c) + ": &" + c + " [" + previous;
+    for (int i = 1; i < 10; ++i) laughs += ", " + previous;
+    laughs += "]\n";
+  }
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {write("recursive.yaml", "lr: &a [*a]\n"), "nested deeper than 16 levels (a recursive alias?)"},
+      {write("laughs.yaml", laughs), "holds more than 10000 values (nested aliases?)"},
+      {write("twice.yaml", "lr: 0.1\nbatch_size: 8\nlr: 0.2\n"), "key 'lr' is given twice"},
+      {write("twice.json", R"({"lr": 0.1, "lr": 0.2})"), "key 'lr' is given twice"},
+      {write("tag.yaml", "lr: !!python/object 0.1\n"), "unknown YAML tag 'tag:yaml.org,2002:python/object'"},
+      {write("local_tag.yaml", "method: !custom sqpu\n"), "unknown YAML tag '!custom'"},
+      {write("bad_float_tag.yaml", "lr: !!float fast\n"), "'fast' is not a valid !!float"},
+      {write("seed.json", R"({"seed": 9223372036854775808})"), "outside the 64-bit integer range"},
+      {write("seed.yaml", "seed: 99999999999999999999\n"), "key 'seed' needs a number"},
+  };
+  for (const auto& [path, needle] : cases) {
+    const Parsed p = parse({"--config", path});
+    EXPECT_EQ(p.code, 2) << path;
+    EXPECT_NE(p.err.find(needle), std::string::npos) << path << ": " << p.err;
+  }
+  // Standard tags keep their meaning.
+  const Parsed tagged = parse({"--config", write("tagged.yaml", "lr: !!float 1\nmethod: !!str ste\n")});
+  ASSERT_EQ(tagged.code, -1) << tagged.err;
+  EXPECT_EQ(tagged.command.config.lr, 1.0);
+  EXPECT_EQ(tagged.command.config.method, "ste");
+}
+
+TEST(TrainCli, NonFiniteValuesAreUsageErrors) {
+  struct Case {
+    std::vector<std::string> args;
+    std::string needle;
+  };
+  const std::vector<Case> cases = {
+      {{"--normalize-mean", "nan"}, "normalize_mean: must be a finite number"},
+      {{"--normalize-std", "inf"}, "normalize_std: must be a positive finite number"},
+      {{"--lr", "1e308", "--batch-size", "2048", "--lr-scaling", "linear"},
+       "lr: after lr_scaling linear it is inf, which is not a positive finite number"},
+  };
+  for (const auto& c : cases) {
+    const Parsed p = parse(c.args);
+    EXPECT_EQ(p.code, 2) << c.args[0];
+    EXPECT_NE(p.err.find(c.needle), std::string::npos) << "stderr: " << p.err;
+  }
+}
+
+TEST_F(TrainFiles, ChecksumsRefuseDamagedFiles) {
+  const std::string sealed = ft::with_checksum("payload bytes");
+  EXPECT_EQ(ft::without_checksum(sealed, "c.pt"), "payload bytes");
+  std::string flipped = sealed;
+  flipped[3] ^= 0x01;
+  expect_error([&] { ft::without_checksum(flipped, "c.pt"); }, "checkpoint c.pt is corrupted");
+  expect_error([&] { ft::without_checksum(sealed.substr(0, sealed.size() - 5), "c.pt"); }, "damaged checksum line");
+  expect_error([&] { ft::without_checksum("payload bytes", "c.pt"); }, "has no checksum");
+}
+
+TEST_F(TrainFiles, AFailedWriteKeepsTheOldFileAndLeavesNoTemporary) {
+  const std::string path = dir_ + "/f.json";
+  ft::atomic_write(path, "old");
+  // A directory where the temporary file would go makes every write fail.
+  ASSERT_EQ(::mkdir((path + ".tmp").c_str(), 0777), 0);
+  expect_error([&] { ft::atomic_write(path, "new"); }, path + " is unchanged");
+  EXPECT_EQ(ft::read_text(path), "old");
+  ::rmdir((path + ".tmp").c_str());
+}
+
+TEST_F(TrainFiles, ARunDirectoryIsLockedWhileARunHoldsIt) {
+  {
+    const ft::DirectoryLock first(dir_);
+    expect_error([&] { ft::DirectoryLock second(dir_); },
+                 "is in use by another fxp-train (pid " + std::to_string(::getpid()) + ")");
+  }
+  const ft::DirectoryLock again(dir_);  // released with the first
+}
+
 TEST_F(TrainFiles, ShippedConfigsParse) {
   // Every single-run config in configs/runs must load and validate.
   const std::string list = dir_ + "/configs.txt";
@@ -307,6 +388,7 @@ class TrainRun : public ::testing::Test {
     for (std::string line; std::getline(in, line);) lines.push_back(json::parse(line));
     return lines;
   }
+  void make_dirs_for(const std::string& name) { ft::make_dirs(dir_ + "/" + name); }
   static json without_timing(json record) {
     for (const char* key : {"epoch_time_s", "train_time_s", "images_per_s"}) record.erase(key);
     return record;
@@ -509,6 +591,40 @@ TEST_F(TrainRun, ResumeRefusesChangedSettings) {
   ft::TrainConfig c = config_;
   c.lr = 0.5;
   expect_error([&] { run("r", c, true); }, "lr (0.01 in the run, 0.5 now)");
+}
+
+// Issue 11: a damaged checkpoint, or one of other settings, is never resumed from.
+TEST_F(TrainRun, ResumeRefusesDamagedOrForeignCheckpoints) {
+  run("r", config_);
+  const std::string checkpoint = dir_ + "/r/checkpoint.pt";
+  const std::string good = ft::read_text(checkpoint);
+  ft::TrainConfig more = config_;
+  more.epochs = 2;
+  std::string flipped = good;
+  flipped[flipped.size() / 2] ^= 0x10;
+  ft::atomic_write(checkpoint, flipped);
+  expect_error([&] { run("r", more, true); }, "checkpoint " + checkpoint + " is corrupted");
+  ft::atomic_write(checkpoint, good.substr(0, good.size() / 2));
+  expect_error([&] { run("r", more, true); }, "checkpoint " + checkpoint + " has no checksum");
+  // Without config.json, the checkpoint itself says which settings it belongs to.
+  ft::atomic_write(checkpoint, good);
+  ft::remove_file(dir_ + "/r/config.json");
+  ft::TrainConfig other = more;
+  other.lr = 0.5;
+  expect_error([&] { run("r", other, true); }, "written with other settings: lr (0.01 in the run, 0.5 now)");
+  EXPECT_EQ(run("r", more, true)["epochs_completed"], 2);  // the same settings resume
+}
+
+TEST_F(TrainRun, ASecondRunOnTheSameDirectoryIsRefused) {
+  make_dirs_for("busy");
+  const ft::DirectoryLock held(dir_ + "/busy");
+  try {
+    run("busy", config_);
+    ADD_FAILURE() << "expected DirectoryBusy";
+  } catch (const ft::DirectoryBusy& e) {
+    EXPECT_NE(std::string(e.what()).find("is in use by another fxp-train"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(ft::path_exists(dir_ + "/busy/config.json"));  // refused before it touched the run
 }
 
 TEST_F(TrainRun, EarlyStoppingAndItsMinimum) {

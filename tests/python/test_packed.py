@@ -4,6 +4,9 @@ packed layers and optimizer, bit-identity with float storage, opcheck, CUDA."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +61,57 @@ def test_pack_unpack_any_layout_and_half_types():
     for dtype in (torch.float16, torch.bfloat16):
         y = fxp.quantize(torch.randn(100).to(dtype), 8, 4)
         assert torch.equal(fxp.unpack(fxp.pack(y, 8, 4), 8, 4, dtype=dtype), y)
+
+
+def _bfloat16_nearest_even(v: float) -> float:
+    """v rounded once to bfloat16 (8 significant bits), ties to even: the reference."""
+    if v == 0.0:
+        return v
+    m, e = math.frexp(v)  # v = m * 2**e, 0.5 <= |m| < 1
+    return round(m * 256) / 256 * 2.0**e  # round() ties to even; m * 256 is exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_unpack_rounds_once_from_the_exact_value(dtype):
+    """Note [Rounding once to float16 and bfloat16]: code * 2^-F to nearest even,
+    not through float32 (which rounds twice)."""
+    gen = torch.Generator().manual_seed(0)
+    for frac_bits in (0, 10, 20, 30, 31):
+        codes = torch.randint(-(2**31), 2**31 - 1, (4000,), dtype=torch.int32, generator=gen)
+        # codes just above a tie of the target type: where rounding twice goes wrong
+        codes[:8] = torch.tensor([2**30 + 2**19 + 1, 2**30 + 2**22 + 1, -(2**30 + 2**19 + 1), 2**30 + 2**19,
+                                  2**24 + 2**0, 2**30 + 2**22, 3, -3], dtype=torch.int32)
+        got = fxp.unpack(codes, 32, frac_bits, dtype=dtype)
+        exact = codes.double().numpy() * 2.0**-frac_bits
+        if dtype == torch.float16:
+            with np.errstate(over="ignore"):  # beyond 65504 both give inf
+                expect = torch.from_numpy(exact.astype(np.float16))  # numpy rounds double to half once
+        elif dtype == torch.float32:
+            expect = torch.from_numpy(exact.astype(np.float32))
+        else:
+            expect = torch.tensor([_bfloat16_nearest_even(v) for v in exact.tolist()], dtype=torch.float64)
+            expect = expect.to(torch.bfloat16)  # exact: each value already has 8 significant bits
+        assert torch.equal(got, expect), f"F={frac_bits}"
+    assert fxp.unpack(torch.tensor([2**30 + 2**19 + 1], dtype=torch.int32), 32, 30, dtype=torch.float16) == 1 + 2**-10
+
+
+def test_unpack_refuses_codes_outside_the_format():
+    with pytest.raises(ValueError, match=r"fxp::unpack: 2 of 3 codes lie outside the range \[-2048, 2047\] of FxP\(12,6\)"):
+        fxp.unpack(torch.tensor([3000, 5, -2049], dtype=torch.int16), 12, 6)
+    assert fxp.unpack(torch.tensor([2047, -2048], dtype=torch.int16), 12, 6).tolist() == [2047 / 64, -32.0]
+
+
+def test_pack_exact_refuses_values_off_the_grid():
+    on_grid = fxp.quantize(torch.randn(100), 8, 4)
+    assert torch.equal(fxp.pack(on_grid, 8, 4, rounding="exact"), fxp.pack(on_grid, 8, 4))
+    x = on_grid.clone()
+    x[3] += 1 / 64
+    x[7] = 100.0  # saturates
+    with pytest.raises(ValueError, match=r"with rounding='exact' x must lie on the grid of FxP\(8,4\), but 2 of "
+                                         r"100 elements do not"):
+        fxp.pack(x, 8, 4, rounding="exact")
+    with pytest.raises(ValueError, match="1 of 1 elements are NaN"):
+        fxp.pack(torch.tensor([float("nan")]), 8, 4, rounding="exact")
 
 
 def test_pack_nan_is_an_error_with_count():

@@ -98,6 +98,43 @@ def test_nan_stays_nan_and_inf_saturates(dtype, rounding, overflow):
     assert int(count) == 2
 
 
+# Note [NaN keeps its bits]: a NaN input comes out with its own bits, whatever
+# its payload and sign, in every dtype, rounding and variant, so the CPU and
+# CUDA kernels agree bit for bit (CUDA arithmetic would canonicalize it).
+NAN_BITS = {
+    torch.float32: (np.uint32, [0x7FC00000, 0x7FC00123, 0xFFC00001, 0x7F800001, 0xFFFFFFFF]),
+    torch.float64: (np.uint64, [0x7FF8000000000000, 0x7FF8000000000ABC, 0xFFF8000000000001, 0x7FF0000000000001]),
+    torch.float16: (np.uint16, [0x7E00, 0x7E12, 0xFE01, 0x7C01, 0xFFFF]),
+    torch.bfloat16: (np.uint16, [0x7FC0, 0x7FC5, 0xFFC1, 0x7F81, 0xFFFF]),
+}
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]).numpy()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_nan_inputs_keep_their_bits(dtype, rounding):
+    unsigned, payloads = NAN_BITS[dtype]
+    signed = {np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}[unsigned]
+    raw = np.array(payloads + [0] * 11, dtype=unsigned).view(signed)  # 16 elements: the vector loop sees them
+    x = torch.from_numpy(raw.copy()).view(dtype)
+    x[len(payloads):] = 1.5
+    expect = _raw(x)[: len(payloads)]
+    results = [
+        fxp.quantize(x, 8, 4, rounding, generator=torch.Generator().manual_seed(0)),
+        fxp.quantize(x, 12, 3, rounding, "wrap", generator=torch.Generator().manual_seed(0)),
+        fxp.quantize_seeded(x, 16, 8, rounding, seed=1),
+        fxp.quantize_stats(x, 8, 4, rounding, generator=torch.Generator().manual_seed(0))[0],
+        fxp.quantize_mask(x, 8, 4, rounding, generator=torch.Generator().manual_seed(0))[0],
+        fxp.quantize_seeded_(x.clone(), 8, 4, rounding, seed=2),
+        fxp.quantize(x[::1], 8, 4, rounding, generator=torch.Generator().manual_seed(0), out=torch.empty_like(x)),
+    ]
+    for y in results:
+        np.testing.assert_array_equal(_raw(y)[: len(payloads)], expect)
+
+
 def test_float32_saturation_bound_for_wide_formats():
     """Note [Saturation bound in float32]: the largest float32 code that fits FxP(32, F)."""
     y = fxp.quantize(torch.tensor([1e30, -1e30]), 32, 24)
