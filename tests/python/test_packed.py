@@ -558,3 +558,183 @@ def test_cuda_packed_training_is_bit_identical():
     torch.backends.cudnn.deterministic = True
     a, b = run(False), run(True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- issue 11 ----------------------------------------------------------------------
+def test_an_input_off_its_input_format_is_an_error():
+    """Note [Packed saved inputs]: the codes of an off-grid input would give the
+    weight gradient of another input, silently."""
+    w = torch.randn(3, 4, requires_grad=True)
+    x = fxp.quantize(torch.randn(2, 4), 8, 4)
+    fxp.ops.linear(x, w, input_format=FxpFormat(8, 4)).sum().backward()  # on the grid: fine
+    with pytest.raises(ValueError, match=r"fxp::linear: input_format promises an input on the grid of FxP\(8,4\) "
+                                         r".* 1 of 8 elements do not"):
+        fxp.ops.linear(x + torch.tensor([1 / 64, 0, 0, 0]).expand(2, 4) * torch.tensor([[1.0], [0.0]]), w,
+                       input_format=FxpFormat(8, 4))
+    wc = torch.randn(2, 1, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"fxp::conv2d: input_format promises"):
+        fxp.ops.conv2d(torch.randn(1, 1, 5, 5), wc, input_format=FxpFormat(8, 4))
+
+
+def test_packed_step_that_raises_has_stepped():
+    """Note [Packed QPU step]: the step happened (other elements updated, step
+    counted), so a caller that catches the error goes on with fresh streams."""
+    model, opt, _ = _paper_run("sqpu", packed=True, steps=1)
+    before = model.fc2.weight_codes.clone()
+    for p in model.parameters():
+        p.grad = torch.full(p.shape, 1e-2)
+    model.fc2.weight.grad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="updated values are NaN"):
+        opt.step()
+    assert opt.param_groups[0]["step"] == 2
+    after = model.fc2.weight_codes
+    assert after[0, 0] == before[0, 0] and not torch.equal(after[1:], before[1:])
+
+
+def test_a_packed_model_pickles_and_trains_on():
+    import io
+
+    model, opt, _ = _paper_run("sqpu", packed=True, steps=1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # failed on a weakref before
+    buffer.seek(0)
+    twin = torch.load(buffer, weights_only=False)
+    assert isinstance(twin.fc1.weight, fxp.nn.PackedParameter) and twin.fc1.weight.stride() == (0, 0)
+    assert fxp.nn.packed_codes(twin.fc1.weight) is twin.fc1.weight_codes
+    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1)
+    twin_opt.load_state_dict(opt.state_dict())
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        torch.manual_seed(3)
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
+
+
+def _packed_linear(fmt: FxpFormat, seed: int = 0) -> fxp.nn.QLinear:
+    torch.manual_seed(seed)
+    layer = fxp.nn.QLinear(4, 3, weight_mode="qpu", param_format=fmt, act_format=FxpFormat(16, 8))
+    fxp.nn.quantize_parameters_(layer)
+    layer.pack_weights_()
+    return layer
+
+
+def test_codes_load_only_into_their_format():
+    state = _packed_linear(FxpFormat(8, 4)).state_dict()
+    assert state["codes_format"].tolist() == [8, 4] and "weight" not in state
+    with pytest.raises(RuntimeError, match=r"weight_codes holds codes of FxP\(8,4\), but the layer's format is "
+                                           r"FxP\(8,2\)"):
+        _packed_linear(FxpFormat(8, 2)).load_state_dict(state)  # would scale every value by 4
+    wide = _packed_linear(FxpFormat(16, 4)).state_dict()
+    wide["weight_codes"][0, 0] = 1000
+    with pytest.raises(RuntimeError, match=r"holds codes of FxP\(16,4\), but the layer's format is FxP\(8,4\)"):
+        _packed_linear(FxpFormat(8, 4)).load_state_dict(wide)  # int16 1000 would become int8 -24
+    forged = dict(wide, codes_format=torch.tensor([8, 4]))
+    with pytest.raises(RuntimeError, match=r"weight_codes has dtype torch.int16, but codes of FxP\(8,4\) are "
+                                           r"torch.int8"):
+        _packed_linear(FxpFormat(8, 4)).load_state_dict(forged)
+    out_of_range = dict(state, weight_codes=torch.full((3, 4), -128, dtype=torch.int8))
+    fmt6 = _packed_linear(FxpFormat(6, 4))
+    with pytest.raises(RuntimeError, match=r"holds codes outside the range \[-32, 31\] of FxP\(6,4\)"):
+        fmt6.load_state_dict(dict(out_of_range, codes_format=torch.tensor([6, 4])))
+
+
+def test_packed_and_unpacked_state_dicts_convert_exactly_or_refuse():
+    packed = _packed_linear(FxpFormat(8, 4), seed=1)
+    values = fxp.unpack(packed.weight_codes, FxpFormat(8, 4))
+    # Packed into unpacked: the codes are unpacked, never the zero stand-ins.
+    plain = fxp.nn.QLinear(4, 3, weight_mode="qpu", param_format=FxpFormat(8, 4), act_format=FxpFormat(16, 8))
+    plain.load_state_dict(packed.state_dict())
+    assert torch.equal(plain.weight.detach(), values)
+    torch_linear = torch.nn.Linear(4, 3)
+    kept = torch_linear.weight.detach().clone()
+    result = torch_linear.load_state_dict(packed.state_dict(), strict=False)
+    assert torch.equal(torch_linear.weight.detach(), kept) and "weight" in result.missing_keys
+    # Unpacked into packed: values on the grid are packed; others are refused.
+    fresh = _packed_linear(FxpFormat(8, 4), seed=2)
+    fresh.load_state_dict(plain.state_dict())
+    assert torch.equal(fresh.weight_codes, packed.weight_codes)
+    off_grid = dict(plain.state_dict(), weight=plain.weight.detach() + 1 / 64)
+    with pytest.raises(RuntimeError, match=r"cannot pack weight into the codes of FxP\(8,4\)"):
+        fresh.load_state_dict(off_grid)
+
+
+def test_the_optimizer_keeps_to_the_codes_format():
+    layer = _packed_linear(FxpFormat(8, 4))
+    with pytest.raises(ValueError, match=r"a packed parameter holds codes of FxP\(8,4\), but its group's format is "
+                                         r"FxP\(8,2\)"):
+        QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 2))
+    opt = QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4), momentum_format=FxpFormat(8, 6))
+    for p in layer.parameters():
+        p.grad = torch.ones(p.shape)
+    opt.step()
+    other_layer = _packed_linear(FxpFormat(8, 4))
+    other = QPUSGD(other_layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4))
+    with pytest.raises(ValueError, match=r"group 0 was saved with format FxP\(8,4\) and momentum format FxP\(8,6\), "
+                                         r"but this optimizer has FxP\(8,4\) and FxP\(8,4\)"):
+        other.load_state_dict(opt.state_dict())
+    layer.param_format = FxpFormat(8, 2)  # a packed layer's format is fixed
+    with pytest.raises(ValueError, match=r"param_format is FxP\(8,2\), but the packed weights are codes of "
+                                         r"FxP\(8,4\)"):
+        layer(torch.randn(2, 4))
+
+
+def test_relu_max_pool2d_passes_the_gradient_of_a_nan_maximum_as_torch_does():
+    x = torch.tensor([[[[1.0, float("nan")], [3.0, -1.0]], [[-2.0, -3.0], [-1.0, -4.0]]]]).requires_grad_()
+    g = torch.tensor([[[[5.0]], [[7.0]]]])
+    ref = _grads(lambda: F.max_pool2d(F.relu(x), 2), [x], g)
+    fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, 2), [x], g)
+    assert torch.isnan(fused[0][0, 0, 0, 0]) and torch.equal(fused[0][0, 1], ref[0][0, 1])
+    assert torch.equal(fused[1][0], ref[1][0]) and fused[1][0][0, 0, 0, 1] == 5.0
+
+
+@pytest.mark.parametrize("case, message", [
+    (dict(input_size=[1, 1, 6, 4]), r"an input of size \[1, 1, 6, 4\] pooled by \[2, 2\] does not give"),
+    (dict(input_size=[2, 1, 4, 4]), "disagree on N and C"),
+    (dict(input_size=[1, 1, 4]), "input_size must have 4 entries"),
+    (dict(kernel_size=[2, 0]), "kernel_size must be two positive sizes"),
+    (dict(kernel_size=[16, 16]), "fewer than 255 positions"),
+    (dict(positions_fill=4), r"1 of 4 positions are not window positions \(each must be below 4 = kh \* kw"),
+    (dict(positions_dtype=torch.int64), "positions must be uint8"),
+    (dict(positions_shape=[1, 1, 2, 3]), "but positions has"),
+    (dict(grad_dtype=torch.int32), "grad_out must be floating point"),
+    (dict(grad_shape=[1, 2, 2]), "expected a 4-D grad_out"),
+])
+def test_relu_max_pool2d_backward_checks_every_argument(case, message):
+    """Once a malformed call wrote out of bounds (CPU) or faulted (CUDA)."""
+    grad = torch.ones(case.get("grad_shape", [1, 1, 2, 2]), dtype=case.get("grad_dtype", torch.float32))
+    positions = torch.zeros(case.get("positions_shape", [1, 1, 2, 2]), dtype=case.get("positions_dtype", torch.uint8))
+    if "positions_fill" in case:
+        positions[0, 0, 1, 1] = case["positions_fill"]
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        ops.relu_max_pool2d_backward(grad, positions, case.get("kernel_size", [2, 2]),
+                                     case.get("input_size", [1, 1, 4, 4]))
+
+
+@requires_cuda
+def test_cuda_relu_max_pool2d_backward_is_memory_safe_for_any_positions():
+    """On CUDA invalid positions are not counted (a check would cost a
+    device-to-host copy); they select nothing, and nothing is written out of bounds."""
+    positions = torch.full((1, 1, 2, 2), 200, dtype=torch.uint8, device="cuda")
+    grad = ops.relu_max_pool2d_backward(torch.ones(1, 1, 2, 2, device="cuda"), positions, [2, 2], [1, 1, 4, 4])
+    torch.cuda.synchronize()
+    assert int(grad.count_nonzero()) == 0
+    with pytest.raises(RuntimeError, match="expected positions on the device of grad_out"):
+        ops.relu_max_pool2d_backward(torch.ones(1, 1, 2, 2, device="cuda"), positions.cpu(), [2, 2], [1, 1, 4, 4])
+
+
+@requires_cuda
+def test_cuda_unpack_and_nan_bits_equal_cpu():
+    codes = torch.randint(-(2**31), 2**31 - 1, (100_003,), dtype=torch.int32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        for frac_bits in (0, 17, 31):
+            cpu = fxp.unpack(codes, 32, frac_bits, dtype=dtype)
+            gpu = fxp.unpack(codes.cuda(), 32, frac_bits, dtype=dtype).cpu()
+            assert torch.equal(cpu, gpu), (dtype, frac_bits)
+    w = torch.zeros(8)
+    g = torch.full((8,), float("nan"))
+    wc, gc = w.cuda(), g.cuda()
+    ops.qpu_sgd_step_([w], [g], [], 0.1, 0.0, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+    ops.qpu_sgd_step_([wc], [gc], [], 0.1, 0.0, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+    assert torch.equal(w.view(torch.int32), wc.cpu().view(torch.int32))  # the default quiet NaN on both

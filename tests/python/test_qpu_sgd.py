@@ -285,3 +285,107 @@ def test_optimizer_equals_the_fused_op_with_group_seeds():
         opt.step()
     for g, d in zip(groups, direct):
         assert all(torch.equal(p.detach(), q) for p, q in zip(g, d))
+
+
+# --- issue 11 ----------------------------------------------------------------------
+def _group(seed: int, fmt=fxp.FxpFormat(12, 8)):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(fxp.quantize(torch.randn(n), fmt)) for n in (37, 1000, 5)]
+
+
+def _grads(params, seed: int):
+    torch.manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.5
+
+
+def test_a_parameter_without_gradient_shifts_no_other_stream():
+    """Note [QPU random streams]: parameter k of a group draws from stream k."""
+    fmt = fxp.FxpFormat(12, 8)
+    every, some = _group(1), _group(1)
+    opts = [QPUSGD(ps, lr=0.05, momentum=0.9, format=fmt, seed=4) for ps in (every, some)]
+    for step in range(2):
+        _grads(every, step)
+        _grads(some, step)
+        some[0].grad = None  # frozen, or unused by this batch
+        for opt in opts:
+            opt.step()
+    assert torch.equal(every[1], some[1]) and torch.equal(every[2], some[2])
+    counts = opts[1].last_counts[0]
+    assert counts.shape == (3, 2) and counts[0].tolist() == [0, 0]
+    assert torch.equal(counts[1:], opts[0].last_counts[0][1:])
+
+
+def test_stream_indices_of_the_op():
+    fmt = fxp.FxpFormat(12, 8)
+    w, g = _group(2), None
+    _grads(w, 9)
+    g = [p.grad for p in w]
+    both = [p.detach().clone() for p in w]
+    run_op(both, g, [], lr=0.05, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt, rounding="stochastic",
+           seed=3, step=5)
+    only_last = [w[2].detach().clone()]
+    step_op(only_last, [g[2]], [], 0.05, 0.0, 0.0, False, 12, 8, 12, 8, "stochastic", 3, 5, "standard", [2])
+    assert torch.equal(only_last[0], both[2])
+    args = ([w[0].detach().clone(), w[1].detach().clone()], g[:2], [], 0.05, 0.0, 0.0, False, 12, 8, 12, 8,
+            "stochastic", 3, 5, "standard")
+    with pytest.raises(RuntimeError, match="stream index 4 is given twice"):
+        step_op(*args, [4, 4])
+    with pytest.raises(RuntimeError, match=r"stream_indices\[1\] must be in \[0, 2\^31\), but got -1"):
+        step_op(*args, [0, -1])
+    with pytest.raises(RuntimeError, match=r"expected one stream index per param \(2\), but got 1"):
+        step_op(*args, [0])
+
+
+def test_a_strided_parameter_steps_like_its_contiguous_copy():
+    fmt = fxp.FxpFormat(12, 8)
+    values = fxp.quantize(torch.randn(7, 5), fmt)
+    strided = torch.nn.Parameter(values.t().contiguous().t())  # column-major, as a transposed weight
+    plain = torch.nn.Parameter(values.clone())
+    assert not strided.is_contiguous()
+    opts = [QPUSGD([p], lr=0.05, momentum=0.9, format=fmt, seed=1) for p in (strided, plain)]
+    for step in range(3):
+        g = torch.randn(7, 5)
+        strided.grad, plain.grad = g.clone(), g.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(strided, plain) and not strided.is_contiguous()
+    torch.optim.SGD([strided], lr=0.1)  # which torch accepts too
+
+
+def test_empty_lists_are_a_no_op():
+    counts = step_op([], [], [], 0.1, 0.0, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+    assert counts.shape == (0, 2) and counts.dtype == torch.int64
+    with pytest.raises(RuntimeError, match="lr must be a non-negative finite number, but got inf"):
+        step_op([], [], [], float("inf"), 0.0, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+
+
+def test_tensors_that_share_memory_are_refused():
+    args = (0.1, 0.9, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+    w, g, v = torch.zeros(8), torch.zeros(8), torch.zeros(8)
+    other = torch.zeros(8)
+    with pytest.raises(RuntimeError, match=r"params\[1\] and params\[0\] share memory"):
+        step_op([w, w], [g, torch.zeros(8)], [v, torch.zeros(8)], *args)
+    base = torch.zeros(12)
+    with pytest.raises(RuntimeError, match="share memory"):  # overlapping views
+        step_op([base[:8], base[4:]], [g, torch.zeros(8)], [v, torch.zeros(8)], *args)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] and params\[1\] share memory"):
+        step_op([w, other], [g, torch.zeros(8)], [other, torch.zeros(8)], *args)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] and params\[0\] share memory"):
+        step_op([w], [w], [v], *args)
+    # Gradients are only read: they may share memory with each other.
+    step_op([w, other], [g, g], [v, torch.zeros(8)], *args)
+
+
+def test_a_nan_result_on_float_storage_is_the_default_quiet_nan():
+    """Note [NaN keeps its bits]: a computed NaN is stored as 0x7FC00000 on
+    every backend, not with whatever payload the arithmetic gave it."""
+    for dtype, bits in ((torch.float32, 0x7FC00000), (torch.float64, 0x7FF8000000000000)):
+        w = torch.zeros(4, dtype=dtype)
+        g = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=dtype)
+        payload = torch.tensor([0x7FC00123 if dtype == torch.float32 else 0x7FF8000000000ABC],
+                               dtype=torch.int32 if dtype == torch.float32 else torch.int64)
+        g[1:2] = payload.view(dtype)  # a NaN gradient with a payload of its own
+        step_op([w], [g], [], 0.1, 0.0, 0.0, False, 16, 10, 16, 10, "stochastic", 0, 0)
+        raw = w.view(torch.int32 if dtype == torch.float32 else torch.int64)
+        assert int(raw[1]) == bits and not torch.isnan(w[0])

@@ -448,6 +448,40 @@ def test_cuda_generator_and_stream_and_errors():
 
 
 @requires_cuda
+def test_cuda_generator_draws_are_torchs_convention_and_do_not_overlap():
+    """Note [Philox offsets from a generator]: at generator offset O fxp draws
+    counter O / 4 and reserves 4, so torch's own random ops never repeat its draws."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    n = 4096  # torch.rand(n) then runs one element per thread: thread t draws lane 0 of subsequence t
+    x = torch.full((4 * n,), 1 / 32, device="cuda")  # half an LSB of FxP(8,4): rounds up iff the draw < 2^31
+    offset = 4 * 1000
+    g.set_offset(offset)
+    y = fxp.quantize(x, 8, 4, "stochastic", generator=g)
+    assert g.get_offset() == offset + 4
+    assert torch.equal(y.cpu(), fxp.quantize_seeded(x.cpu(), 8, 4, "stochastic", seed=11, offset=offset // 4))
+    up = (y[::4] > 0.04).cpu()  # lane 0 of block t
+    bound = SIGMAS * 0.5 / math.sqrt(n)
+    # the next torch op, and one at offset 4 O, which drew exactly fxp's words under the old convention
+    for later in (offset + 4, 4 * offset):
+        g.set_offset(later)
+        r = torch.rand(n, device="cuda", generator=g).cpu()
+        agreement = ((r < 0.5) == up).double().mean().item()
+        assert abs(agreement - 0.5) < bound, (later, agreement)
+
+
+@requires_cuda
+def test_cuda_nan_bits_equal_cpu():
+    for dtype, (unsigned, payloads) in NAN_BITS.items():
+        signed = {np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}[unsigned]
+        x = torch.from_numpy(np.array(payloads * 5, dtype=unsigned).view(signed).copy()).view(dtype)
+        for rounding in ROUNDINGS:
+            cpu = fxp.quantize_seeded(x, 8, 4, rounding, seed=1)
+            gpu = fxp.quantize_seeded(x.cuda(), 8, 4, rounding, seed=1).cpu()
+            np.testing.assert_array_equal(_raw(gpu), _raw(cpu))
+            np.testing.assert_array_equal(_raw(cpu), _raw(x))
+
+
+@requires_cuda
 def test_cuda_graph_capture_draws_fresh_randoms_on_replay():
     x = torch.full((1 << 16,), 0.5 / 16, device="cuda")
     fxp.quantize(x, 8, 4, "stochastic")  # warm up
