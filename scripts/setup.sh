@@ -6,7 +6,8 @@
 #   4. the build in build/ (libfxp, tests, examples).
 # Environment: FXP_VENV (venv path), FXP_CUDA=AUTO|ON|OFF (CUDA kernels),
 # FXP_SKIP_APT=1 (no apt-get, e.g. on a box without it),
-# FXP_SYSTEM_PYTHON=1 (use the python3 on PATH as is, with its torch; no venv).
+# FXP_SYSTEM_PYTHON=1 (use the python3 on PATH as is, with its torch; no venv),
+# FXP_SETUP_BUILD=0 (everything but the build in build/).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -62,6 +63,10 @@ if ! "$PYTHON" -c "import fxp._library, pathlib, sys; sys.exit(pathlib.Path(fxp.
 fi
 
 # --- 4. build --------------------------------------------------------------------
+if [[ "${FXP_SETUP_BUILD:-1}" == 0 ]]; then  # scripts/sanitize.sh builds its own tree
+  step "ready: $PYTHON (build/ not built: FXP_SETUP_BUILD=0)"
+  exit 0
+fi
 if [[ -z "${CUDACXX:-}" ]] && ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi

@@ -74,6 +74,20 @@ Loader.add_implicit_resolver(  # a dot or an exponent, so that 1 stays an int
     list("-+0123456789."))
 
 
+def _mapping_without_repeats(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are all different: YAML would keep the last of two silently."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def parse_yaml(text: str):
     """YAML text to a value; errors are one-line ValueErrors with the line and column."""
     try:

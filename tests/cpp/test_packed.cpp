@@ -1,9 +1,11 @@
 // Packed integer storage in C++ (issue 6): the ops, the packed QPU step, the
 // layer ops' gradients, packed layers with fxp::optim::QpuSgd, CPU == CUDA.
-#include <gtest/gtest.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
+
+#include <limits>
 
 #include "nn/modules.h"
 #include "ops.h"
@@ -165,6 +167,26 @@ TEST(Packed, ClearErrorsForMisuse) {
   expect_error([&] { opt.set_packed_storage(p.parameter, p.codes, 8, 4); }, "codes of FxP(8,4) must be Char");
   expect_error([&] { opt.set_packed_storage(torch::zeros(p.parameter.sizes()), p.codes, 8, 4); },
                "a parameter this optimizer does not hold");
+}
+
+// Note [Packed QPU step]: a step that raises (a NaN packed storage cannot
+// hold) has happened, and counts, so the next one draws fresh numbers.
+TEST(Packed, AStepThatRaisesHasStepped) {
+  fxp::nn::QuantConfig qpu;
+  qpu.weight_mode = fxp::nn::WeightMode::Qpu;
+  fxp::nn::PaperCNN model(qpu);
+  model->quantize_parameters_("stochastic", 0);
+  model->pack_(true, false);
+  fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.1).momentum(0.9));
+  for (const auto& p : model->packed_parameters()) opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
+  const auto packed = model->packed_parameters();
+  const torch::Tensor before = packed.back().codes.clone();
+  for (const auto& p : model->parameters()) p.mutable_grad() = torch::full(p.sizes(), 0.01);
+  packed.back().parameter.mutable_grad()[0] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(opt.step(), c10::ValueError);
+  EXPECT_EQ(static_cast<fxp::optim::QpuSgdOptions&>(opt.param_groups()[0].options()).step(), 1);
+  EXPECT_EQ(packed.back().codes[0].item<int>(), before[0].item<int>());    // the NaN element kept its code
+  EXPECT_FALSE(torch::equal(packed.back().codes.narrow(0, 1, 9), before.narrow(0, 1, 9)));  // the others moved
 }
 
 TEST(Packed, CudaPackAndStepEqualCpu) {

@@ -293,6 +293,8 @@ GOOD_BLOCKS = "blocks:\n  - axes: {seed: [0, 1]}\n"
     ("blocks:\n  - set: {methd: ste}\n", "block 0, set: unknown setting 'methd' (did you mean 'method'?)"),
     ("blocks:\n  - axes: {sed: [0, 1]}\n", "block 0, axis sed: unknown setting 'sed'"),
     ("blocks:\n  - axes: {format: [{param_bits: 8, param_frc: 4}]}\n", "axis format: unknown setting 'param_frc'"),
+    # a key given twice: YAML keeps the last one silently
+    ("base: {lr: 0.1, lr: 0.2}\n" + GOOD_BLOCKS, "line 1, column 17: key 'lr' is given twice"),
 ])
 def test_malformed_grids_are_one_line_errors(tmp_path, capsys, text, place):
     grid = write_grid(tmp_path, text)
