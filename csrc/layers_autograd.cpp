@@ -6,9 +6,10 @@
 // (fxp::pack with rounding "exact": the input must lie on that grid, as a
 // quantized activation does, and an input off the grid is an error, because
 // its codes would give the weight gradient of another input); with
-// weight_codes, the weight is saved as its codes. The backward unpacks them and calls what ATen's own derivatives call
-// (mm in addmm's formulas, at::sum_to for the bias, at::convolution_backward),
-// on equal values, so the gradients equal torch's bit for bit.
+// weight_codes, the weight is saved as its codes. The backward unpacks them
+// and calls what ATen's own derivatives call (mm in addmm's formulas,
+// at::sum_to for the bias, at::convolution_backward), on equal values, so the
+// gradients equal torch's bit for bit.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -90,9 +91,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                                     output_format, output_rounding, generator);
     // As ATen's mm derivatives: the input only for the weight gradient, the weight only for the input's.
     SavedInputs::save("fxp::linear", ctx, x, weight, bias, parse_format("fxp::linear", "input_format", input_format),
-                      weight_codes,
-                      parse_format("fxp::linear", "param_format", param_format), weight.requires_grad(),
-                      x.requires_grad());
+                      weight_codes, parse_format("fxp::linear", "param_format", param_format),
+                      weight.requires_grad(), x.requires_grad());
     return out;
   }
 
@@ -138,8 +138,7 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
                                     bias_codes, param_format, output_format, output_rounding, generator);
     // convolution_backward takes both, whichever gradient is asked for.
     SavedInputs::save("fxp::conv2d", ctx, x, weight, bias, parse_format("fxp::conv2d", "input_format", input_format),
-                      weight_codes,
-                      parse_format("fxp::conv2d", "param_format", param_format), true, true);
+                      weight_codes, parse_format("fxp::conv2d", "param_format", param_format), true, true);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();

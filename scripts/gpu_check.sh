@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and tests fxp on a CUDA machine, then runs the benchmark there.
-# Reference machine: one H100, python3 with torch 2.11.0+cu130, nvcc 13.0,
+# Reference machine: one H200, python3 with torch 2.11.0+cu130, nvcc 13.0,
 # cmake and ninja, no apt and no network. Logs go to $OUT (or gpu-logs/).
 #
 # That machine lacks GoogleTest, CLI11, nlohmann-json, Fashion-MNIST and QPyTorch.

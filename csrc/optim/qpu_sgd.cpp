@@ -147,8 +147,10 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
         counts.index_copy_(0, torch::tensor(streams, torch::kLong).to(counts.device()), group_counts);
         last_counts_.push_back(counts);
       }
-    } else {
-      last_counts_.push_back(torch::zeros({static_cast<int64_t>(group_params.size()), 2}, torch::kLong));
+    } else {  // no gradients: zeros, on the device the counts of other groups are on
+      const auto device = group_params.empty() ? torch::Device(torch::kCPU) : group_params[0].device();
+      last_counts_.push_back(
+          torch::zeros({static_cast<int64_t>(group_params.size()), 2}, torch::dtype(torch::kLong).device(device)));
     }
   }
   return loss;

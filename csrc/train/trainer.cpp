@@ -168,9 +168,8 @@ void read_checkpoint(const std::string& path, torch::serialize::InputArchive& ar
   archive.load_from(bytes.data(), bytes.size(), device);
 }
 
-// Refuses a checkpoint that is damaged or belongs to a run with other settings
-// (config.json may be gone; the checkpoint records its own).
-void check_checkpoint(const std::string& path, const json& settings) {
+// The settings a checkpoint was written with, after its checksum is verified.
+json checkpoint_settings(const std::string& path) {
   torch::serialize::InputArchive archive;
   read_checkpoint(path, archive, torch::Device(torch::kCPU));
   c10::IValue stored;
@@ -178,10 +177,7 @@ void check_checkpoint(const std::string& path, const json& settings) {
     throw std::invalid_argument("checkpoint " + path + " does not record its run's settings; start again with "
                                 "--overwrite");
   }
-  const std::string differ = differing_settings(json::parse(stored.toStringRef()), settings, /*epochs_may_differ=*/true);
-  if (!differ.empty()) {
-    throw std::invalid_argument("cannot resume from " + path + ": it was written with other settings: " + differ);
-  }
+  return json::parse(stored.toStringRef());
 }
 
 RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
@@ -290,12 +286,13 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
                                 " holds an unfinished run; pass --resume to continue it or --overwrite to start again");
   }
   const bool resuming = options.resume && !options.overwrite && have_checkpoint;
-  if (resuming) check_checkpoint(files.checkpoint, config_json);
-  if (resuming && path_exists(files.config)) {
-    const json stored = json::parse(read_text(files.config));
+  if (resuming) {
+    // The checkpoint's own record of its settings decides: config.json may be gone, or edited.
+    const json stored = checkpoint_settings(files.checkpoint);
     const std::string differ = differing_settings(stored, config_json, /*epochs_may_differ=*/true);
     if (!differ.empty()) {
-      throw std::invalid_argument("cannot resume " + files.dir + ": its settings differ: " + differ);
+      throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
+                                  differ);
     }
     if (options.log && stored.value("threads", json()) != config_json["threads"]) {
       *options.log << "note: resuming with threads " << config.threads << " instead of " << stored["threads"]

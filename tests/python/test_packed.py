@@ -400,6 +400,16 @@ def test_packed_model_state_dict_round_trip():
         fresh.load_state_dict(bad)
 
 
+def _one_more_step(*models_and_optimizers):
+    """One training step of each (model, optimizer) on the same batch, with the same output-rounding draws."""
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    for model, opt in models_and_optimizers:
+        opt.zero_grad()
+        torch.manual_seed(3)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
 def test_deep_copied_packed_model_trains_like_the_original():
     import copy
 
@@ -411,12 +421,7 @@ def test_deep_copied_packed_model_trains_like_the_original():
     # The copy links its stand-ins to its own codes as it is made (not to the original's).
     assert fxp.nn.packed_codes(twin.fc1.weight) is twin.fc1.weight_codes
     assert fxp.nn.packed_codes(model.fc1.weight) is model.fc1.weight_codes
-    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    for m, o in ((model, opt), (twin, twin_opt)):
-        o.zero_grad()
-        torch.manual_seed(3)
-        F.cross_entropy(m(x), y).backward()
-        o.step()
+    _one_more_step((model, opt), (twin, twin_opt))
     assert torch.equal(model.fc1.weight_codes, twin.fc1.weight_codes)
     assert twin.fc1.weight.stride() == (0, 0)  # the copy's full-size stand-ins shrank again
 
@@ -603,12 +608,7 @@ def test_a_packed_model_pickles_and_trains_on():
     assert fxp.nn.packed_codes(twin.fc1.weight) is twin.fc1.weight_codes
     twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1)
     twin_opt.load_state_dict(opt.state_dict())
-    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    for m, o in ((model, opt), (twin, twin_opt)):
-        o.zero_grad()
-        torch.manual_seed(3)
-        F.cross_entropy(m(x), y).backward()
-        o.step()
+    _one_more_step((model, opt), (twin, twin_opt))
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
 
 

@@ -93,7 +93,7 @@ class _QuantizedLayer(nn.Module):
     def _set_codes_format(self, fmt: FxpFormat) -> None:
         # The codes' format travels with them in state_dict (buffer codes_format, [B, F]);
         # the attribute is its host copy, read on every forward without a device sync.
-        self.codes_format_: FxpFormat = fmt
+        self.packed_format: FxpFormat = fmt
         self.register_buffer("codes_format", torch.tensor([fmt.total_bits, fmt.frac_bits], device=self.weight.device))
 
     def __setstate__(self, state):
@@ -144,14 +144,14 @@ class _QuantizedLayer(nn.Module):
                 if codes_key not in state_dict and key in state_dict:  # float weights of an unpacked model
                     try:
                         state_dict[codes_key] = pack(state_dict[key].detach().to(self.weight.device),
-                                                     self.codes_format_, rounding="exact")
+                                                     self.packed_format, rounding="exact")
                     except ValueError as e:
-                        error_msgs.append(f"cannot pack {key} into the codes of {self.codes_format_}: {e}")
+                        error_msgs.append(f"cannot pack {key} into the codes of {self.packed_format}: {e}")
                         continue
-                    saved_format = self.codes_format_
+                    saved_format = self.packed_format
                     state_dict[prefix + "codes_format"] = self.codes_format.clone()
                 if codes_key in state_dict:
-                    self._check_codes(codes_key, state_dict[codes_key], saved_format, self.codes_format_, error_msgs)
+                    self._check_codes(codes_key, state_dict[codes_key], saved_format, self.packed_format, error_msgs)
                 stand_in = state_dict.pop(key, None)  # the values are in the codes; check the shape only
                 if stand_in is not None and stand_in.shape != getattr(self, name).shape:
                     error_msgs.append(f"size mismatch for {key}: {tuple(stand_in.shape)} in the checkpoint, "
@@ -209,9 +209,9 @@ class _QuantizedLayer(nn.Module):
         fmt = self.saved_input_format
         out = dict(output_format=self.act_format, output_rounding=_OP_ROUNDING[self.act_rounding])
         if self.packed_weights:
-            if self.param_format != self.codes_format_:
+            if self.param_format != self.packed_format:
                 raise ValueError(f"{type(self).__name__}: param_format is {self.param_format}, but the packed "
-                                 f"weights are codes of {self.codes_format_}; a packed layer's format is fixed")
+                                 f"weights are codes of {self.packed_format}; a packed layer's format is fixed")
             self._link_stand_ins()
             return op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
                       bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
@@ -396,7 +396,7 @@ def packed_codes(param: Tensor) -> Optional[Tensor]:
 def packed_format(param: Tensor) -> Optional[FxpFormat]:
     """The format of a packed parameter's codes, or None if it is not packed."""
     found = _packed_layer(param)
-    return None if found is None else found[0].codes_format_
+    return None if found is None else found[0].packed_format
 
 
 def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:
