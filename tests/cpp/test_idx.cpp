@@ -128,6 +128,9 @@ TEST_F(IdxReader, HugeDimensionsAreATruncatedFileNotAnOverflow) {
   bytes.resize(bytes.size() + 16);
   const auto huge = write("huge.idx", bytes);
   expect_error([&] { fxp::data::read_idx(huge); }, huge + ": truncated IDX file");
+  // 2^22 * 2^21 * 2^21 = 2^64: the product wraps to 0, which once passed the size check.
+  const auto wraps = write("wraps.idx", header(0x08, {0x400000u, 0x200000u, 0x200000u}));
+  expect_error([&] { fxp::data::read_idx(wraps); }, wraps + ": truncated IDX file");
   const auto empty = fxp::data::read_idx(write("empty.idx", header(0x08, {0, 28, 28})));
   EXPECT_EQ(empty.sizes(), (std::vector<int64_t>{0, 28, 28}));
 }

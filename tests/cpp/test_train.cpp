@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstdlib>
 #include <fstream>
@@ -238,14 +242,30 @@ TEST_F(TrainFiles, ChecksumsRefuseDamagedFiles) {
   expect_error([&] { ft::without_checksum("payload bytes", "c.pt"); }, "has no checksum");
 }
 
+// A write that fails part-way (a full disk; here a file-size limit, in a
+// child process) removes its temporary file and keeps the old file.
 TEST_F(TrainFiles, AFailedWriteKeepsTheOldFileAndLeavesNoTemporary) {
   const std::string path = dir_ + "/f.json";
   ft::atomic_write(path, "old");
-  // A directory where the temporary file would go makes every write fail.
-  ASSERT_EQ(::mkdir((path + ".tmp").c_str(), 0777), 0);
-  expect_error([&] { ft::atomic_write(path, "new"); }, path + " is unchanged");
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const rlimit limit{1000, 1000};
+    ::setrlimit(RLIMIT_FSIZE, &limit);
+    ::signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing the process
+    try {
+      ft::atomic_write(path, std::string(100000, 'x'));
+    } catch (const std::runtime_error& e) {
+      _exit(std::string(e.what()).find(path + " is unchanged") != std::string::npos ? 0 : 2);
+    }
+    _exit(1);  // no error: wrong
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
   EXPECT_EQ(ft::read_text(path), "old");
-  ::rmdir((path + ".tmp").c_str());
+  EXPECT_FALSE(ft::path_exists(path + ".tmp"));
 }
 
 TEST_F(TrainFiles, ARunDirectoryIsLockedWhileARunHoldsIt) {

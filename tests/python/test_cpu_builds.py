@@ -78,10 +78,12 @@ def _functions(disassembly: str, wanted: set[str]) -> dict[str, list[str]]:
 
 
 def test_functions_the_builds_share_are_linked_as_baseline_code():
-    """Inline functions of LibTorch's headers (c10::Half conversions, error
-    messages) are compiled into every capability object too; the one libfxp
-    keeps must be the baseline build's, or a CPU without AVX would fault. The
-    link order (baseline objects first, CMakeLists.txt) guarantees it."""
+    """A regression guard for the link order. Inline functions of LibTorch's
+    headers (c10::Half conversions, error messages) are compiled into every
+    capability object too; the one libfxp keeps must be the baseline build's,
+    or a CPU without AVX would fault. The link order (baseline objects first,
+    CMakeLists.txt) guarantees it today, as it did before issue 11; this test
+    fails if a change to the build reorders the objects."""
     objects = capability_objects()
     symbols = {cap: defined(objs) for cap, objs in objects.items()}
     vector_caps = [cap for cap in objects if cap not in ("", "default_")]

@@ -47,3 +47,5 @@ def test_torch_cuda_arch_list_from_the_environment_is_respected(tmp_path):
                         f"-DFXP_PYTHON={sys.executable}"], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "fxp: CUDA architectures 8.6+PTX;7.5" in p.stdout
+    flags = _gencode(json.loads((tmp_path / "compile_commands.json").read_text()))
+    assert flags == {"arch=compute_86,code=sm_86", "arch=compute_86,code=compute_86", "arch=compute_75,code=sm_75"}

@@ -92,6 +92,10 @@ def test_unpack_rounds_once_from_the_exact_value(dtype):
             expect = torch.tensor([_bfloat16_nearest_even(v) for v in exact.tolist()], dtype=torch.float64)
             expect = expect.to(torch.bfloat16)  # exact: each value already has 8 significant bits
         assert torch.equal(got, expect), f"F={frac_bits}"
+
+
+def test_unpack_to_float16_example_of_the_issue():
+    # 1 + 2^-11 + 2^-30: through float32 it became the tie 1 + 2^-11, then 1.0
     assert fxp.unpack(torch.tensor([2**30 + 2**19 + 1], dtype=torch.int32), 32, 30, dtype=torch.float16) == 1 + 2**-10
 
 
