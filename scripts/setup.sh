@@ -56,10 +56,17 @@ else
 fi
 
 # --- 3. the fxp package --------------------------------------------------------
+# The checkout's torch_ext/ goes on the environment's path (a .pth file: what an
+# editable install amounts to), and fxp loads build/libfxp.so. `pip install .`
+# is the other way, for users (README.md); it would shadow the checkout, so a
+# pip-installed fxp is removed first.
 if ! "$PYTHON" -c "import fxp._library, pathlib, sys; sys.exit(pathlib.Path(fxp._library.__file__).resolve().parents[2] != pathlib.Path('$ROOT'))" 2>/dev/null; then
-  step "installing the fxp package (editable) from $ROOT/torch_ext"
-  "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e "$ROOT/torch_ext" \
-    || fail "pip install -e torch_ext"
+  step "putting $ROOT/torch_ext on the path of $PYTHON"
+  if "$PYTHON" -m pip show -q fxp >/dev/null 2>&1; then
+    "$PYTHON" -m pip uninstall -q -y fxp || fail "pip uninstall fxp"
+  fi
+  site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || fail "no site-packages for $PYTHON"
+  echo "$ROOT/torch_ext" >"$site/fxp-checkout.pth" || fail "cannot write $site/fxp-checkout.pth"
 fi
 
 # --- 4. build --------------------------------------------------------------------

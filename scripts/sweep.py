@@ -68,11 +68,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not os.access(args.fxp_train, os.X_OK):  # it names the runs and checks their settings, dry runs included
+        print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
+              file=sys.stderr)
+        return 2
     try:
-        # Setting names are checked against fxp-train's own keys; a dry run works without it.
-        keys = sweeplib.config_keys(args.fxp_train) if os.access(args.fxp_train, os.X_OK) else None
+        keys = sweeplib.config_keys(args.fxp_train)
         grid = sweeplib.load_grid(args.grid, keys)
-        runs = sweeplib.expand(grid)
+        runs = sweeplib.expand(grid, args.fxp_train)
         runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
                                sweeplib.parse_assignments(args.set, keys))
         runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard))
@@ -81,14 +84,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    if keys is None:
-        if not args.dry_run:
-            print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
-                  file=sys.stderr)
-            return 2
-        print(f"sweep: warning: {args.fxp_train} is not built, so setting keys were not checked", file=sys.stderr)
     if args.limit is not None:
         runs = runs[: args.limit]
+    invalid = [r for r in runs if r.invalid]
+    for r in invalid[:5]:
+        print(f"sweep: warning: run {r.id} will fail: {r.invalid}", file=sys.stderr)
+    if len(invalid) > 5:
+        print(f"sweep: warning: ... and {len(invalid) - 5} more runs with invalid settings", file=sys.stderr)
 
     if args.dry_run:
         by_method = collections.Counter(r.config.get("method") for r in runs)
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         if args.estimate:
             try:
-                low, mid, high = sweeplib.estimate_seconds(runs, sweeplib.load_throughput(args.estimate),
+                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_configs(runs, args.fxp_train),
+                                                           sweeplib.load_throughput(args.estimate),
                                                            args.typical_epochs)
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)

@@ -37,25 +37,42 @@ class Run:
     grid: str
     id: str  # stable, filesystem-safe; unique within the grid
     settings: tuple  # sorted (key, value) pairs: fxp-train config keys
+    # Why fxp-train would refuse the run ("" if it would not). Such a run still
+    # runs, fails alone, and leaves its failed.json, as any failing run does.
+    invalid: str = dataclasses.field(default="", compare=False)
 
     @property
     def config(self) -> dict:
         return dict(self.settings)
 
 
-def run_name(s: dict) -> str:
-    """A readable id from the settings, e.g. sqpu-p16.10-o16.8-sr-b256-s3: the
-    name fxp-train gives the run (TrainConfig::run_name; a test keeps the two equal)."""
-    parts = [s.get("method", "sqpu")]
-    if parts[0] != "fp32":
-        parts.append(f"p{s.get('param_bits', 16)}.{s.get('param_frac', 10)}")
-        parts.append(f"o{s.get('out_bits', 16)}.{s.get('out_frac', 8)}")
-        parts.append(s.get("inference_rounding", "sr"))
-    parts.append(f"b{s.get('batch_size', 64)}")
-    parts.append(f"s{s.get('seed', 0)}")
-    if s.get("packed", False):
-        parts.append("packed")
-    return "-".join(str(p) for p in parts)
+DEFAULT_FXP_TRAIN = ROOT / "build" / "fxp-train"
+
+
+def resolve(settings: list[dict], fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[dict]:
+    """fxp-train's own resolution of each run's settings (Note [Run names come
+    from fxp-train] in csrc/train/config.h): {"run_name", "output_dir",
+    "config" (every key, defaults filled in), "invalid" (why it would fail, if
+    it would)} or {"error"}. One process for all."""
+    text = "".join(json.dumps(s) + "\n" for s in settings)
+    try:
+        p = subprocess.run([str(fxp_train), "--print-configs", "-"], input=text, capture_output=True, text=True,
+                           timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"cannot run {fxp_train} --print-configs: {e}") from None
+    results = [json.loads(line) for line in p.stdout.splitlines()] if p.returncode == 0 else []
+    if len(results) != len(settings):
+        raise ValueError(f"{fxp_train} --print-configs failed: {p.stderr.strip()[-500:] or 'no answer'}")
+    return results
+
+
+def resolved_configs(runs: list[Run], fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[dict]:
+    """Each run's full config, as fxp-train resolves it (for estimates: no defaults are repeated here)."""
+    results = resolve([r.config for r in runs], fxp_train)
+    for r, res in zip(runs, results):
+        if "error" in res or "invalid" in res:
+            raise ValueError(f"run {r.id}: {res.get('error') or res['invalid']}")
+    return [res["config"] for res in results]
 
 
 class Loader(yaml.SafeLoader):
@@ -176,9 +193,10 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
     return grid
 
 
-def expand(grid: dict) -> list[Run]:
-    """Every run of the grid, in grid order. Run ids must come out unique."""
-    runs: list[Run] = []
+def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[Run]:
+    """Every run of the grid, in grid order, named by fxp-train (resolve), which
+    also checks every value (Run.invalid). Run ids must come out unique."""
+    every: list[dict] = []
     base = dict(grid.get("base") or {})
     for block in grid["blocks"]:
         fixed = {**base, **(block.get("set") or {})}
@@ -189,12 +207,18 @@ def expand(grid: dict) -> list[Run]:
             settings = dict(fixed)
             for part in combo:
                 settings.update(part)
-            runs.append(Run(grid["name"], run_name(settings), tuple(sorted(settings.items()))))
+            every.append(settings)
+    runs: list[Run] = []
+    for settings, res in zip(every, resolve(every, fxp_train)):
+        if "error" in res:
+            raise ValueError(f"grid {grid['name']}: the run {settings} is invalid: {res['error']}")
+        runs.append(Run(grid["name"], res["run_name"], tuple(sorted(settings.items())), res.get("invalid", "")))
     seen: dict[str, Run] = {}
     for r in runs:
         if r.id in seen:
+            why = next((f" ({x.invalid})" for x in (seen[r.id], r) if x.invalid), "")
             raise ValueError(f"grid {grid['name']}: two runs share the id {r.id}; "
-                             f"their settings are {seen[r.id].config} and {r.config}")
+                             f"their settings are {seen[r.id].config} and {r.config}{why}")
         seen[r.id] = r
     return runs
 
@@ -493,20 +517,21 @@ def _interpolate(points, batch: int, column: int) -> float:
     raise AssertionError("unreachable")
 
 
-def estimate_seconds(runs: list[Run], throughput: dict, typical_epochs: float | None = None):
-    """(earliest, typical, latest) total seconds of the runs, one at a time.
-    A run without early stopping lasts its epochs; one with it lasts between
-    its minimum and its maximum, `typical_epochs` (default: the midpoint)."""
+def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: float | None = None):
+    """(earliest, typical, latest) total seconds of the runs, one at a time,
+    from their full configs (resolved_configs). A run without early stopping
+    lasts its epochs; one with it lasts between its minimum and its maximum,
+    `typical_epochs` (default: the midpoint). train_limit/val_limit 0 mean the
+    whole Fashion-MNIST splits (60,000 and 10,000 images)."""
     totals = [0.0, 0.0, 0.0]
-    for r in runs:
-        c = r.config
-        points = throughput[c.get("method", "sqpu")]
-        batch = c.get("batch_size", 64)
+    for c in configs:
+        points = throughput[c["method"]]
+        batch = c["batch_size"]
         per_epoch = ((c.get("train_limit") or 60000) / _interpolate(points, batch, 1)
                      + (c.get("val_limit") or 10000) / _interpolate(points, batch, 2))
-        most = c.get("epochs", 3)
+        most = c["epochs"]
         if c.get("early_stopping"):
-            least = min(most, c.get("early_stopping_min_epochs", 20))
+            least = min(most, c["early_stopping_min_epochs"])
             typical = typical_epochs if typical_epochs is not None else (least + most) / 2
         else:
             least = typical = most

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets up (scripts/setup.sh), then runs the C++ tests under
-# ctest and the Python tests under pytest. Extra arguments go to pytest.
+# ctest, the Python tests under pytest (extra arguments go to pytest), and the
+# install tests (scripts/test_install.sh; FXP_SKIP_INSTALL_TESTS=1 skips them).
 # CUDA tests are compiled everywhere and skipped, with the reason, without a GPU.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,3 +14,8 @@ ctest --test-dir "$ROOT/build" --output-on-failure --timeout 600
 printf '\n==> Python tests (pytest)\n'
 cd "$ROOT"
 "$PYTHON" -m pytest tests/python "$@"
+
+if [[ "${FXP_SKIP_INSTALL_TESTS:-0}" != 1 ]]; then
+  printf '\n==> install tests (pip wheel, cmake --install)\n'
+  "$ROOT/scripts/test_install.sh"
+fi

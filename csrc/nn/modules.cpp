@@ -3,8 +3,8 @@
 #include <torch/nn/functional.h>
 #include <torch/torch.h>
 
-#include "ops.h"
-#include "quantize_args.h"
+#include "ops/ops.h"
+#include "ops/format_args.h"
 
 namespace fxp::nn {
 namespace {
@@ -35,20 +35,6 @@ torch::Tensor output(const torch::Tensor& y, const QuantConfig& c, OutputStats& 
     return out;
   }
   return quantize_ste(y, c.act_total_bits, c.act_frac_bits, op_rounding(c.act_rounding));
-}
-
-int64_t init_key(int64_t seed) {
-  return static_cast<int64_t>(static_cast<uint64_t>(seed) + kInitKeyDelta);
-}
-
-// Quantizes tensors in order; tensor k uses Philox offset k.
-void quantize_in_place(const std::vector<torch::Tensor>& tensors, const QuantConfig& c,
-                       const std::string& rounding, int64_t seed) {
-  torch::NoGradGuard no_grad;
-  int64_t offset = 0;
-  for (auto t : tensors) {
-    quantize_seeded_(t, c.param_total_bits, c.param_frac_bits, rounding, init_key(seed), offset++);
-  }
 }
 
 std::optional<torch::Tensor> optional(const torch::Tensor& t) {
@@ -109,12 +95,12 @@ void pack_layer_weights(torch::nn::Module& layer, torch::Tensor& weight, torch::
   packed.weights = true;
 }
 
-std::vector<PackedParameter> layer_packed_parameters(const PackedState& packed, const QuantConfig& c,
+std::vector<PackedStorage> layer_packed_storage(const PackedState& packed, const QuantConfig& c,
                                                      const torch::Tensor& weight, const torch::Tensor& bias,
                                                      const torch::Tensor& weight_codes,
                                                      const torch::Tensor& bias_codes) {
   if (!packed.weights) return {};
-  std::vector<PackedParameter> out{{weight, weight_codes, c.param_total_bits, c.param_frac_bits}};
+  std::vector<PackedStorage> out{{weight, weight_codes, c.param_total_bits, c.param_frac_bits}};
   if (bias.defined()) out.push_back({bias, bias_codes, c.param_total_bits, c.param_frac_bits});
   return out;
 }
@@ -152,8 +138,8 @@ void QLinearImpl::pack_weights_() {
   pack_layer_weights(*this, linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
 }
 
-std::vector<PackedParameter> QLinearImpl::packed_parameters() const {
-  return layer_packed_parameters(packed, config, linear->weight, linear->bias, weight_codes, bias_codes);
+std::vector<PackedStorage> QLinearImpl::packed_storage() const {
+  return layer_packed_storage(packed, config, linear->weight, linear->bias, weight_codes, bias_codes);
 }
 
 QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
@@ -183,8 +169,8 @@ void QConv2dImpl::pack_weights_() {
   pack_layer_weights(*this, conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
 }
 
-std::vector<PackedParameter> QConv2dImpl::packed_parameters() const {
-  return layer_packed_parameters(packed, config, conv->weight, conv->bias, weight_codes, bias_codes);
+std::vector<PackedStorage> QConv2dImpl::packed_storage() const {
+  return layer_packed_storage(packed, config, conv->weight, conv->bias, weight_codes, bias_codes);
 }
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
@@ -259,10 +245,10 @@ void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
   }
 }
 
-std::vector<PackedParameter> PaperCNNImpl::packed_parameters() const {
-  std::vector<PackedParameter> out;
-  for (auto layer : {conv1->packed_parameters(), conv2->packed_parameters(), fc1->packed_parameters(),
-                     fc2->packed_parameters()}) {
+std::vector<PackedStorage> PaperCNNImpl::packed_storage() const {
+  std::vector<PackedStorage> out;
+  for (auto layer : {conv1->packed_storage(), conv2->packed_storage(), fc1->packed_storage(),
+                     fc2->packed_storage()}) {
     out.insert(out.end(), layer.begin(), layer.end());
   }
   return out;
@@ -270,7 +256,22 @@ std::vector<PackedParameter> PaperCNNImpl::packed_parameters() const {
 
 void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
   TORCH_CHECK(!conv1->packed.weights, "fxp::nn: quantize_parameters_ must come before pack_ (packed weights are codes)");
-  quantize_in_place(parameters(), conv1->config, rounding, seed);
+  // One call for the whole model (Note [QPU initialization]): tensor k of the model gets offset k.
+  std::vector<torch::Tensor> tensors;
+  std::vector<int64_t> total_bits, frac_bits;
+  auto add = [&](const std::vector<torch::Tensor>& layer_params, const QuantConfig& c) {
+    for (const auto& p : layer_params) {
+      tensors.push_back(p);
+      total_bits.push_back(c.param_total_bits);
+      frac_bits.push_back(c.param_frac_bits);
+    }
+  };
+  add(conv1->parameters(), conv1->config);
+  add(conv2->parameters(), conv2->config);
+  add(fc1->parameters(), fc1->config);
+  add(fc2->parameters(), fc2->config);
+  torch::NoGradGuard no_grad;
+  fxp::quantize_parameters_(tensors, total_bits, frac_bits, rounding, seed);
 }
 
 }  // namespace fxp::nn

@@ -45,7 +45,7 @@ struct OutputStats {
 //   buffers "weight_codes" and "bias_codes". The float parameters stay
 //   registered, as shape-only stand-ins (one element, expanded): autograd
 //   accumulates their gradients, and the optimizer updates the codes
-//   (PackedParameter). The forward unpacks the codes transiently.
+//   (PackedStorage). The forward unpacks the codes transiently.
 // - saved_input_format (any quantized layer) makes the autograd save the
 //   layer's input as codes of that format; the input must lie on its grid.
 // Pack after moving the model to its device: Module::to copies the
@@ -57,14 +57,11 @@ struct PackedState {
 
 // A packed parameter: the float stand-in that receives the gradient, and the
 // codes that hold its value, in FxP(total_bits, frac_bits).
-struct PackedParameter {
+struct PackedStorage {
   torch::Tensor parameter;
   torch::Tensor codes;
   int64_t total_bits, frac_bits;
 };
-
-// Philox key delta of QPU's initial quantization (same as fxp.optim.INIT_KEY_DELTA).
-constexpr uint64_t kInitKeyDelta = 0x9E3779B97F4A7C15ull;
 
 class QLinearImpl : public torch::nn::Module {
  public:
@@ -72,7 +69,7 @@ class QLinearImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
   void pack_weights_();
-  std::vector<PackedParameter> packed_parameters() const;
+  std::vector<PackedStorage> packed_storage() const;
   QuantConfig config;
   OutputStats output_stats;
   PackedState packed;
@@ -87,7 +84,7 @@ class QConv2dImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
   // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
   void pack_weights_();
-  std::vector<PackedParameter> packed_parameters() const;
+  std::vector<PackedStorage> packed_storage() const;
   QuantConfig config;
   OutputStats output_stats;
   PackedState packed;
@@ -121,7 +118,7 @@ class PaperCNNImpl : public torch::nn::Module {
   // act grid (conv1's input is the float network input).
   // saved_inputs also fuses each ReLU + max-pool (fxp::relu_max_pool2d).
   void pack_(bool weights, bool saved_inputs);
-  std::vector<PackedParameter> packed_parameters() const;
+  std::vector<PackedStorage> packed_storage() const;
   // The quantized layers by name (conv1, conv2, fc1, fc2), for per-layer statistics.
   std::vector<std::pair<std::string, OutputStats*>> output_stats();
   QConv2d conv1{nullptr}, conv2{nullptr};

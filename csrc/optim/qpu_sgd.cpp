@@ -2,10 +2,8 @@
 
 #include <torch/autograd.h>
 
-#include <cmath>
-
-#include "ops.h"
-#include "quantize_args.h"
+#include "ops/ops.h"
+#include "ops/format_args.h"  // packed_dtype
 
 namespace fxp::optim {
 
@@ -62,21 +60,17 @@ bool operator==(const QpuSgdParamState& a, const QpuSgdParamState& b) {
 namespace {
 constexpr const char* kName = "fxp::optim::QpuSgd";
 
+int64_t momentum_total_bits(const QpuSgdOptions& o) {
+  return o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
+}
+int64_t momentum_frac_bits(const QpuSgdOptions& o) {
+  return o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
+}
+
+// The op's own checks, on a call without tensors (which does nothing else).
 void check_options(const QpuSgdOptions& o) {
-  TORCH_CHECK(o.lr() >= 0 && std::isfinite(o.lr()), kName, ": lr must be a non-negative finite number, but got ",
-              o.lr());
-  TORCH_CHECK(o.momentum() >= 0 && std::isfinite(o.momentum()), kName,
-              ": momentum must be a non-negative finite number, but got ", o.momentum());
-  TORCH_CHECK(o.weight_decay() >= 0 && std::isfinite(o.weight_decay()), kName,
-              ": weight_decay must be a non-negative finite number, but got ", o.weight_decay());
-  TORCH_CHECK(o.rounding() == "stochastic" || o.rounding() == "nearest_even", kName,
-              ": rounding must be stochastic or nearest_even, but got '", o.rounding(), "'");
-  TORCH_CHECK(o.momentum_form() == "standard" || o.momentum_form() == "paper_eq6", kName,
-              ": momentum_form must be standard or paper_eq6, but got '", o.momentum_form(), "'");
-  TORCH_CHECK(!o.nesterov() || (o.momentum() > 0 && o.momentum_form() == "standard"), kName,
-              ": nesterov needs momentum > 0 and momentum_form='standard'");
-  check_fxp_format(kName, o.total_bits(), o.frac_bits());
-  if (o.momentum_total_bits() >= 0) check_fxp_format(kName, o.momentum_total_bits(), o.momentum_frac_bits());
+  qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
+                momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
 }
 }  // namespace
 
@@ -102,8 +96,7 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
   last_counts_.clear();
   for (auto& group : param_groups_) {
     auto& o = static_cast<QpuSgdOptions&>(group.options());
-    const int64_t mtb = o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
-    const int64_t mfb = o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
+    const int64_t mtb = momentum_total_bits(o), mfb = momentum_frac_bits(o);
     const auto& group_params = group.params();
     std::vector<torch::Tensor> params, grads, buffers;
     std::vector<std::pair<torch::Tensor, torch::Tensor>> strided;  // (parameter, its contiguous copy)

@@ -59,7 +59,7 @@ class QpuSgd : public torch::optim::Optimizer {
   void load(torch::serialize::InputArchive& archive) override;
 
   // Packed storage (Note [Packed QPU step]): `parameter` (a stand-in that
-  // receives the gradient, see fxp::nn::PackedParameter) holds its value in
+  // receives the gradient, see fxp::nn::PackedStorage) holds its value in
   // `codes`, integer codes of FxP(total_bits, frac_bits), which must be its
   // group's format. The step then updates the codes, and its momentum buffer
   // is kept as codes of the momentum format.

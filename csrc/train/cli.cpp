@@ -130,6 +130,11 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
       ->group("Modes");
   app.add_flag("--json", command.json, "with --describe-model: print JSON")->group("Modes");
   app.add_flag("--print-config", print_config, "print the resolved settings as JSON, then exit")->group("Modes");
+  app.add_option("--print-configs", command.configs_file,
+                 "read settings as JSON lines from FILE ('-': stdin), one run per line, over the defaults and the "
+                 "flags; print for each a JSON line with its run_name, output_dir and resolved config, or an error "
+                 "(scripts/sweep names its runs this way), then exit")
+      ->group("Modes");
 
   std::vector<const char*> argv = {"fxp-train"};
   for (const auto& a : args) argv.push_back(a.c_str());
@@ -139,15 +144,18 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
     // CLI11 has one exit code per error kind; keep the usual 2 for every usage error.
     return app.exit(e, out, err) == 0 ? 0 : 2;
   }
-  if (describe && print_config) {
-    err << "fxp-train: --describe-model and --print-config cannot be combined\n";
+  if (describe + print_config + !command.configs_file.empty() > 1) {
+    err << "fxp-train: --describe-model, --print-config and --print-configs cannot be combined\n";
     return 2;
   }
   if (command.resume && command.overwrite) {
     err << "fxp-train: --resume and --overwrite cannot be combined\n";
     return 2;
   }
-  command.mode = describe ? Mode::DescribeModel : print_config ? Mode::PrintConfig : Mode::Train;
+  command.mode = describe                         ? Mode::DescribeModel
+                 : print_config                   ? Mode::PrintConfig
+                 : !command.configs_file.empty() ? Mode::PrintConfigs
+                                                  : Mode::Train;
   try {
     if (!config_file.empty()) apply_json(command.config, read_config_file(config_file), config_file);
     apply_json(command.config, overrides, "command line");

@@ -11,13 +11,14 @@
 
 namespace fxp::train {
 
-enum class Mode { Train, DescribeModel, PrintConfig };
+enum class Mode { Train, DescribeModel, PrintConfig, PrintConfigs };
 
 struct Command {
   TrainConfig config;
   Mode mode = Mode::Train;
   bool json = false;  // --describe-model: print JSON instead of text
   bool resume = false, overwrite = false, quiet = false, no_progress = false;
+  std::string configs_file;  // --print-configs: JSON lines of settings ("-": stdin)
 };
 
 // Parses argv. Returns the exit code when the program should stop (0 after

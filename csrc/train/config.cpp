@@ -350,4 +350,16 @@ bool key_may_change_on_resume(const std::string& key) {
   return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads";
 }
 
+std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
+  std::string differ;
+  for (const auto& key : config_keys()) {
+    const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
+    if (!ignored && stored.value(key, json()) != current[key]) {
+      differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
+                current[key].dump() + " now)";
+    }
+  }
+  return differ;
+}
+
 }  // namespace fxp::train

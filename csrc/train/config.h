@@ -48,6 +48,8 @@ struct TrainConfig {
   // The effective learning rate after lr_scaling.
   double initial_lr() const;
   // A readable, filesystem-safe name, e.g. sqpu-p16.10-o16.8-sr-b64-s0.
+  // Note [Run names come from fxp-train]: this is the one definition;
+  // scripts/sweep names its runs by asking `fxp-train --print-configs`.
   std::string run_name() const;
   // Throws std::invalid_argument naming the key and the bad value.
   void validate() const;
@@ -73,5 +75,10 @@ nlohmann::json read_config_file(const std::string& path);
 // output_dir and data_dir only locate files. threads may change too, but a CPU
 // run is bit-reproducible only at one thread count, so fxp-train warns.
 bool key_may_change_on_resume(const std::string& key);
+
+// The settings of a stored run that differ from `current`, as readable text
+// (empty: none). Keys that may change on resume are ignored; epochs only when
+// epochs_may_differ (extending a run) is set.
+std::string differing_settings(const nlohmann::json& stored, const nlohmann::json& current, bool epochs_may_differ);
 
 }  // namespace fxp::train

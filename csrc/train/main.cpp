@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <exception>
+#include <fstream>
 #include <iostream>
 
 #include "nn/modules.h"
@@ -10,6 +11,58 @@
 #include "train/cli.h"
 #include "train/io.h"
 #include "train/trainer.h"
+
+namespace {
+
+// --print-configs: one JSON line out per JSON line in (Note [Run names come from fxp-train]):
+// {"run_name", "output_dir", "config", "invalid" (only when a value is bad)},
+// or {"error"} for a line that is not a JSON object.
+int print_configs(const std::string& file, const fxp::train::TrainConfig& base, std::istream& stdin_stream,
+                  std::ostream& out) {
+  using nlohmann::json;
+  std::ifstream opened;
+  if (file != "-") {
+    opened.open(file);
+    if (!opened) throw std::invalid_argument("cannot open " + file);
+  }
+  std::istream& in = file == "-" ? stdin_stream : opened;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json result;
+    try {
+      const json settings = json::parse(line);
+      if (!settings.is_object()) throw std::invalid_argument("settings: expected a JSON object");
+      // Each key alone, so that a bad value still leaves a named run (whose
+      // "invalid" says why it would fail), as fxp-train -c would report it.
+      fxp::train::TrainConfig c = base;
+      std::string invalid;
+      for (const auto& [key, value] : settings.items()) {
+        try {
+          fxp::train::apply_json(c, json{{key, value}}, "settings");
+        } catch (const std::exception& e) {
+          invalid += (invalid.empty() ? "" : "; ") + std::string(e.what());
+        }
+      }
+      if (invalid.empty()) {
+        try {
+          c.validate();
+        } catch (const std::exception& e) {
+          invalid = e.what();
+        }
+      }
+      json config = fxp::train::to_json(c);
+      config["output_dir"] = fxp::train::output_dir_for(c);
+      result = {{"run_name", c.run_name()}, {"output_dir", config["output_dir"]}, {"config", config}};
+      if (!invalid.empty()) result["invalid"] = invalid;
+    } catch (const std::exception& e) {
+      result = {{"error", e.what()}};
+    }
+    out << result.dump() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace fxp::train;
@@ -24,6 +77,7 @@ int main(int argc, char** argv) {
       std::cout << config.dump(2) << "\n";
       return 0;
     }
+    if (command.mode == Mode::PrintConfigs) return print_configs(command.configs_file, c, std::cin, std::cout);
     if (command.mode == Mode::DescribeModel) {
       fxp::nn::QuantConfig qc;
       qc.weight_mode = fxp::nn::weight_mode_for(c.method);

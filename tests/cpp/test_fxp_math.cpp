@@ -6,7 +6,7 @@
 #include <limits>
 #include <random>
 
-#include "fxp_math.h"
+#include "common/fxp_math.h"
 
 namespace {
 

@@ -3,7 +3,7 @@
 #include <torch/torch.h>
 
 #include "nn/modules.h"
-#include "ops.h"
+#include "ops/ops.h"
 
 namespace {
 

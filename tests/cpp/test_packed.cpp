@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "nn/modules.h"
-#include "ops.h"
+#include "ops/ops.h"
 #include "optim/qpu_sgd.h"
 #include "test_util.h"
 
@@ -120,7 +120,7 @@ TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
     model->quantize_parameters_("stochastic", 0);
     if (packed) model->pack_(true, true);
     fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(2));
-    for (const auto& p : model->packed_parameters()) {
+    for (const auto& p : model->packed_storage()) {
       opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
     }
     auto data = at::make_generator<at::CPUGeneratorImpl>(9);
@@ -136,7 +136,7 @@ TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
     }
     std::vector<torch::Tensor> values;
     if (packed) {
-      for (const auto& p : model->packed_parameters()) values.push_back(fxp::unpack(p.codes, 16, 10));
+      for (const auto& p : model->packed_storage()) values.push_back(fxp::unpack(p.codes, 16, 10));
     } else {
       values = model->parameters();
     }
@@ -160,7 +160,7 @@ TEST(Packed, ClearErrorsForMisuse) {
   packed->pack_(true, true);
   expect_error([&] { packed->quantize_parameters_("stochastic", 0); }, "must come before pack_");
   fxp::optim::QpuSgd opt(packed->parameters(), fxp::optim::QpuSgdOptions(0.1).total_bits(8).frac_bits(4));
-  const auto p = packed->packed_parameters().at(0);
+  const auto p = packed->packed_storage().at(0);
   // The model's codes are FxP(16,10); the optimizer's group updates FxP(8,4).
   expect_error([&] { opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits); },
                "the codes are of FxP(16,10), but the parameter's group updates FxP(8,4)");
@@ -178,8 +178,8 @@ TEST(Packed, AStepThatRaisesHasStepped) {
   model->quantize_parameters_("stochastic", 0);
   model->pack_(true, false);
   fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.1).momentum(0.9));
-  for (const auto& p : model->packed_parameters()) opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
-  const auto packed = model->packed_parameters();
+  for (const auto& p : model->packed_storage()) opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
+  const auto packed = model->packed_storage();
   const torch::Tensor before = packed.back().codes.clone();
   for (const auto& p : model->parameters()) p.mutable_grad() = torch::full(p.sizes(), 0.01);
   packed.back().parameter.mutable_grad()[0] = std::numeric_limits<float>::quiet_NaN();

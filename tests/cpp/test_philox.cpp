@@ -4,8 +4,8 @@
 
 #include <random>
 
-#include "fxp_math.h"
-#include "quantize.h"
+#include "common/fxp_math.h"
+#include "quantize/quantize_kernel.h"
 
 #include <iostream>
 #include <string>

@@ -6,7 +6,7 @@
 #include <limits>
 #include <sstream>
 
-#include "ops.h"
+#include "ops/ops.h"
 #include "optim/qpu_sgd.h"
 
 namespace {

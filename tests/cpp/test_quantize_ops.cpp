@@ -6,7 +6,7 @@
 #include <cmath>
 #include <limits>
 
-#include "ops.h"
+#include "ops/ops.h"
 
 #include "test_util.h"
 

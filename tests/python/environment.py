@@ -14,3 +14,6 @@ FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 requires_fxp_train_and_data = pytest.mark.skipif(
     not FXP_TRAIN.exists() or not FASHION.is_dir(),
     reason="needs build/fxp-train (scripts/setup.sh) and Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+
+requires_fxp_train = pytest.mark.skipif(
+    not FXP_TRAIN.exists(), reason="needs build/fxp-train (scripts/setup.sh; it needs CLI11 and nlohmann-json)")

@@ -343,6 +343,7 @@ def _paper_run(method, packed, steps=3, batch=8):
     if packed:
         model.pack_()
     opt = fxp.optim.make_optimizer(model.parameters(), method, lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+                                   packed=fxp.nn.packed_storage(model),
                                    seed=1)
     data = torch.Generator().manual_seed(5)
     losses = []
@@ -419,12 +420,13 @@ def test_deep_copied_packed_model_trains_like_the_original():
 
     model, opt, _ = _paper_run("sqpu", packed=True, steps=1)
     twin = copy.deepcopy(model)
-    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1)
+    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1,
+                      packed=fxp.nn.packed_storage(twin))
     twin_opt.load_state_dict(opt.state_dict())
     assert twin_opt.state[twin.fc1.weight]["momentum_buffer"].dtype == torch.int16  # torch would cast it to float
-    # The copy links its stand-ins to its own codes as it is made (not to the original's).
-    assert fxp.nn.packed_codes(twin.fc1.weight) is twin.fc1.weight_codes
-    assert fxp.nn.packed_codes(model.fc1.weight) is model.fc1.weight_codes
+    # The copy's packed storage is its own, not the original's.
+    twin_storage = {s.parameter: s.codes for s in fxp.nn.packed_storage(twin)}
+    assert twin_storage[twin.fc1.weight] is twin.fc1.weight_codes and twin.fc1.weight_codes is not model.fc1.weight_codes
     _one_more_step((model, opt), (twin, twin_opt))
     assert torch.equal(model.fc1.weight_codes, twin.fc1.weight_codes)
     assert twin.fc1.weight.stride() == (0, 0)  # the copy's full-size stand-ins shrank again
@@ -445,8 +447,9 @@ def test_quantize_model_packed_switch():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     fxp.nn.quantize_model(model, "sqpu", FxpFormat(12, 8), FxpFormat(12, 6), packed=True)
-    assert model[0].packed_weights and fxp.nn.packed_codes(model[0].weight) is model[0].weight_codes
-    opt = QPUSGD(model.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(12, 8))
+    storage = fxp.nn.packed_storage(model)
+    assert model[0].packed_weights and storage[0] == (model[0].weight, model[0].weight_codes, FxpFormat(12, 8))
+    opt = QPUSGD(model.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(12, 8), packed=storage)
     model(torch.randn(5, 6)).sum().backward()
     before = model[2].weight_codes.clone()
     opt.step()
@@ -555,7 +558,8 @@ def test_cuda_packed_training_is_bit_identical():
         model.quantize_parameters_("stochastic", 0)
         if packed:
             model.pack_()
-        opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10))
+        opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+                     packed=fxp.nn.packed_storage(model))
         data = torch.Generator().manual_seed(5)
         for _ in range(3):
             x, y = torch.randn(16, 1, 28, 28, generator=data).cuda(), torch.randint(0, 10, (16,), generator=data).cuda()
@@ -609,8 +613,8 @@ def test_a_packed_model_pickles_and_trains_on():
     buffer.seek(0)
     twin = torch.load(buffer, weights_only=False)
     assert isinstance(twin.fc1.weight, fxp.nn.PackedParameter) and twin.fc1.weight.stride() == (0, 0)
-    assert fxp.nn.packed_codes(twin.fc1.weight) is twin.fc1.weight_codes
-    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1)
+    twin_opt = QPUSGD(twin.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10), seed=1,
+                      packed=fxp.nn.packed_storage(twin))
     twin_opt.load_state_dict(opt.state_dict())
     _one_more_step((model, opt), (twin, twin_opt))
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), twin.buffers()))
@@ -619,7 +623,7 @@ def test_a_packed_model_pickles_and_trains_on():
 def _packed_linear(fmt: FxpFormat, seed: int = 0) -> fxp.nn.QLinear:
     torch.manual_seed(seed)
     layer = fxp.nn.QLinear(4, 3, weight_mode="qpu", param_format=fmt, act_format=FxpFormat(16, 8))
-    fxp.nn.quantize_parameters_(layer)
+    fxp.nn.quantize_layer_parameters_(layer)
     layer.pack_weights_()
     return layer
 
@@ -666,15 +670,17 @@ def test_packed_and_unpacked_state_dicts_convert_exactly_or_refuse():
 
 def test_the_optimizer_keeps_to_the_codes_format():
     layer = _packed_linear(FxpFormat(8, 4))
-    with pytest.raises(ValueError, match=r"a packed parameter holds codes of FxP\(8,4\), but its group's format is "
+    with pytest.raises(ValueError, match=r"the codes are of FxP\(8,4\), but the parameter's group updates "
                                          r"FxP\(8,2\)"):
-        QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 2))
-    opt = QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4), momentum_format=FxpFormat(8, 6))
+        QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 2), packed=fxp.nn.packed_storage(layer))
+    opt = QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4), momentum_format=FxpFormat(8, 6),
+                 packed=fxp.nn.packed_storage(layer))
     for p in layer.parameters():
         p.grad = torch.ones(p.shape)
     opt.step()
     other_layer = _packed_linear(FxpFormat(8, 4))
-    other = QPUSGD(other_layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4))
+    other = QPUSGD(other_layer.parameters(), lr=0.1, momentum=0.9, format=FxpFormat(8, 4),
+                   packed=fxp.nn.packed_storage(other_layer))
     with pytest.raises(ValueError, match=r"group 0 was saved with format FxP\(8,4\) and momentum format FxP\(8,6\), "
                                          r"but this optimizer has FxP\(8,4\) and FxP\(8,4\)"):
         other.load_state_dict(opt.state_dict())

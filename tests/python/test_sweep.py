@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from environment import FXP_TRAIN, ROOT, requires_fxp_train_and_data
+from environment import FXP_TRAIN, ROOT, requires_fxp_train, requires_fxp_train_and_data
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import report  # noqa: E402
@@ -20,6 +20,10 @@ import sweep  # noqa: E402
 import sweeplib  # noqa: E402
 
 GRIDS = ROOT / "configs" / "grids"
+
+
+# fxp-train names every run (Note [Run names come from fxp-train]).
+pytestmark = requires_fxp_train
 
 
 def grid_runs(name):
@@ -57,10 +61,24 @@ def test_grid_contents_match_the_paper():
                                       {"method": "hteqpu", "param_bits": 8, "param_frac": 5, "out_bits": 8,
                                        "out_frac": 3, "inference_rounding": "hte", "packed": True}])
 def test_run_ids_are_fxp_trains_run_names(settings):
-    """sweeplib.run_name mirrors TrainConfig::run_name; fxp-train --print-config shows the latter."""
+    """The sweep's run ids are TrainConfig::run_name, as fxp-train --print-config shows it."""
     args = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
     out = subprocess.run([str(FXP_TRAIN), "--print-config", *args], check=True, capture_output=True, text=True)
-    assert pathlib.Path(json.loads(out.stdout)["output_dir"]).name == sweeplib.run_name(settings)
+    run = sweeplib.expand({"name": "g", "blocks": [{"set": settings}]})[0]
+    assert pathlib.Path(json.loads(out.stdout)["output_dir"]).name == run.id
+
+
+def test_fxp_train_checks_every_runs_values(tmp_path):
+    """A bad value leaves a named run that says why fxp-train will refuse it."""
+    runs = sweeplib.expand({"name": "g", "base": {"lr": 0.5},
+                            "blocks": [{"axes": {"seed": [0]}}, {"set": {"lr": -1, "seed": 1}},
+                                       {"set": {"lr": "x", "seed": 2}}]})
+    assert [r.id for r in runs] == [f"sqpu-p16.10-o16.8-sr-b64-s{s}" for s in range(3)]
+    assert [r.invalid for r in runs] == ["", "lr: must be a positive number, but got -1.000000",
+                                         'settings: key \'lr\' needs a number, but got "x"']
+    # A bad value of a key that names the run: the id clash says why.
+    with pytest.raises(ValueError, match="two runs share the id .*needs a string"):
+        sweeplib.expand({"name": "g", "blocks": [{"axes": {"method": ["sqpu", 7]}}]})
 
 
 def test_run_ids_are_stable():
@@ -243,9 +261,8 @@ def fake_fxp_train(tmp_path) -> pathlib.Path:
     path = tmp_path / "fake-fxp-train"
     path.write_text(f"""#!{sys.executable}
 import fcntl, json, os, sys
-if "--print-config" in sys.argv:
-    print(json.dumps(dict.fromkeys({KEYS!r})))
-    sys.exit(0)
+if "--print-config" in sys.argv or "--print-configs" in sys.argv:  # the real one names and checks runs
+    os.execv({str(FXP_TRAIN)!r}, [{str(FXP_TRAIN)!r}, *sys.argv[1:]])
 config = json.load(open(sys.argv[sys.argv.index("-c") + 1]))
 lock = open(os.path.join(config["output_dir"], ".lock"), "a")
 try:
@@ -325,12 +342,11 @@ def test_setting_keys_come_from_fxp_train(tmp_path, capsys):
     common = [str(grid), "--dry-run", "--out", str(tmp_path / "out")]
     assert sweep.main([*common, "--fxp-train", fake, "--filter", "format=16/10/8", "--filter", "seed=0"]) == 0
     assert "sweep: warning" not in capsys.readouterr().err
-    # Without fxp-train a dry run still works, and says what it could not check; a real run needs it.
+    # fxp-train names the runs and checks their settings, so even a dry run needs it.
     missing = ["--fxp-train", str(tmp_path / "missing")]
-    assert sweep.main([*common, *missing, "--set", "bse=3"]) == 0
-    assert "setting keys were not checked" in capsys.readouterr().err
-    assert sweep.main([str(grid), "--out", str(tmp_path / "out"), *missing]) == 2
-    assert "not an executable" in capsys.readouterr().err
+    for extra in ([], ["--dry-run"]):
+        assert sweep.main([str(grid), "--out", str(tmp_path / "out"), *missing, *extra]) == 2
+        assert "not an executable" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.write_text("#!/bin/sh\nexit 3\n")
     broken.chmod(0o755)
@@ -538,7 +554,7 @@ def test_wall_time_estimate(tmp_path):
     csv.write_text("method,batch_size,train_images_per_s,val_images_per_s\n"
                    "sqpu,1,100,1000\nsqpu,100,10000,1000\nfp32,1,100,1000\n")
     table = sweeplib.load_throughput(csv)
-    run = lambda **c: sweeplib.Run("g", "r", tuple(sorted(c.items())))  # noqa: E731
+    run = dict  # a run's full config, as sweeplib.resolved_configs gives it
     # No early stopping: 2 epochs x (60000/10000 + 10000/1000) s = 32 s, whatever the typical epochs.
     assert sweeplib.estimate_seconds([run(method="sqpu", batch_size=100, epochs=2)], table) == (32, 32, 32)
     # Batch 10 lies halfway between 1 and 100 in log space: 1000 images/s.

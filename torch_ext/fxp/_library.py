@@ -25,7 +25,14 @@ def load() -> Path:
     candidates = _candidates()
     for path in candidates:
         if path.is_file():
-            torch.ops.load_library(str(path))
+            try:
+                torch.ops.load_library(str(path))
+            except OSError as error:  # most often: built against another torch
+                raise ImportError(
+                    f"fxp: could not load {path} with torch {torch.__version__}: {error}\n"
+                    "libfxp must be built against the torch that loads it: reinstall with "
+                    "`pip install --no-build-isolation .`, or rebuild with scripts/setup.sh."
+                ) from error
             return path
     tried = "\n  ".join(str(p) for p in candidates)
     raise ImportError(

@@ -6,8 +6,7 @@ changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer.
 
 from __future__ import annotations
 
-import weakref
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +16,8 @@ from .format import FxpFormat
 from . import ops as fxp_ops
 from .ops import pack, quantize_ste
 
-__all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "quantize_model", "quantize_parameters_",
-           "pack_model_", "packed_codes", "packed_format", "METHODS", "WEIGHT_MODES"]
+__all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "PackedStorage", "quantize_model",
+           "quantize_layer_parameters_", "pack_model_", "packed_storage", "METHODS", "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -32,13 +31,10 @@ class PackedParameter(nn.Parameter):
     """A packed layer's weight or bias: the shape and dtype of the value, a
     one-element stand-in storage (4 bytes), and the gradient; the value lives
     in the layer's integer codes (``weight_codes``/``bias_codes``), which
-    :class:`fxp.optim.QPUSGD` updates. A distinct type, so copies of it stay
-    recognizable (:func:`packed_codes`)."""
+    :class:`fxp.optim.QPUSGD` updates (:func:`packed_storage`)."""
 
     def __reduce_ex__(self, protocol):
-        # nn.Parameter pickles as a plain Parameter with its __dict__; this one must stay a
-        # PackedParameter, and its link to the layer (a weakref) cannot be pickled: the
-        # layer renews it when it is unpickled (_QuantizedLayer.__setstate__).
+        # nn.Parameter pickles as a plain Parameter: keep the type.
         return _rebuild_packed_parameter, (self.data, self.requires_grad)
 
 
@@ -71,9 +67,10 @@ class _QuantizedLayer(nn.Module):
         """Moves the weight and bias into integer codes of ``param_format``
         (buffers ``weight_codes``/``bias_codes``); ``weight`` and ``bias``
         become :class:`PackedParameter` stand-ins of the same shape, which
-        receive the gradients. :class:`fxp.optim.QPUSGD` then updates the
-        codes. Only for ``weight_mode="qpu"``, whose weights are on the grid.
-        Pack before creating the optimizer: the parameters are new objects."""
+        receive the gradients. :class:`fxp.optim.QPUSGD` updates the codes
+        once it is told where they are (:func:`packed_storage`). Only for
+        ``weight_mode="qpu"``, whose weights are on the grid. Pack before
+        creating the optimizer: the parameters are new objects."""
         if self.weight_mode != "qpu":
             raise ValueError(f"{type(self).__name__}: only QPU layers can pack their weights (STE keeps a float "
                              f"master copy), but weight_mode is {self.weight_mode!r}")
@@ -88,28 +85,12 @@ class _QuantizedLayer(nn.Module):
         self._set_codes_format(self.param_format)
         self.packed_weights = True
         self._make_stand_ins()
-        self._link_stand_ins()
 
     def _set_codes_format(self, fmt: FxpFormat) -> None:
         # The codes' format travels with them in state_dict (buffer codes_format, [B, F]);
         # the attribute is its host copy, read on every forward without a device sync.
         self.packed_format: FxpFormat = fmt
         self.register_buffer("codes_format", torch.tensor([fmt.total_bits, fmt.frac_bits], device=self.weight.device))
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if getattr(self, "packed_weights", False):  # unpickled: link the stand-ins to these codes
-            self._link_stand_ins()
-
-    def _link_stand_ins(self) -> None:
-        # How fxp.optim.QPUSGD finds a stand-in's codes (fxp.nn.packed_codes). Renewed on every
-        # forward: a deep copy's Parameters carry their original's link, and full-size data.
-        if any(p.numel() > 1 and any(st != 0 for st in p.stride()) for p in self.parameters(recurse=False)):
-            self._make_stand_ins()
-        for name in ("weight", "bias"):
-            param = getattr(self, name)
-            if param is not None:
-                param._fxp_packed = (weakref.ref(self), name)
 
     def _make_stand_ins(self) -> None:
         for name in ("weight", "bias"):
@@ -212,7 +193,8 @@ class _QuantizedLayer(nn.Module):
             if self.param_format != self.packed_format:
                 raise ValueError(f"{type(self).__name__}: param_format is {self.param_format}, but the packed "
                                  f"weights are codes of {self.packed_format}; a packed layer's format is fixed")
-            self._link_stand_ins()
+            if any(p.numel() > 1 and any(st != 0 for st in p.stride()) for p in self.parameters(recurse=False)):
+                self._make_stand_ins()  # a deep copy materializes the stand-ins at full size
             return op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
                       bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
         bias = None if self.bias is None else self._weight(self.bias)
@@ -293,8 +275,8 @@ class PaperCNN(nn.Module):
         self.fc2 = QLinear(128, 10, **q)
 
     def quantize_parameters_(self, rounding: str = "stochastic", seed: int = 0) -> None:
-        """QPU's initialization: every parameter onto the grid (see :func:`quantize_parameters_`)."""
-        quantize_parameters_(self, rounding, seed)
+        """QPU's initialization: every parameter onto the grid (see :func:`quantize_layer_parameters_`)."""
+        quantize_layer_parameters_(self, rounding, seed)
 
     def pack_(self) -> "PaperCNN":
         """Packed storage for the network (like ``fxp-train --packed``): QPU
@@ -355,7 +337,7 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     _replace_layers(model, dict(weight_mode=WEIGHT_MODES[method], param_format=param_format,
                                 act_format=act_format, act_rounding=act_rounding))
     if method in ("sqpu", "hteqpu"):
-        quantize_parameters_(model, "stochastic" if method == "sqpu" else "nearest_even", seed)
+        quantize_layer_parameters_(model, "stochastic" if method == "sqpu" else "nearest_even", seed)
     if packed:
         pack_model_(model)
     return model
@@ -374,47 +356,41 @@ def pack_model_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _packed_layer(param: Tensor):
-    """(layer, name) of a packed parameter, or None if it is not packed."""
-    if not isinstance(param, PackedParameter):
-        return None
-    link = getattr(param, "_fxp_packed", None)
-    layer, name = (link[0](), link[1]) if link is not None else (None, None)
-    if layer is None or not layer.packed_weights or getattr(layer, name) is not param:
-        # A copy (copy.deepcopy) whose own layer has not run yet.
-        raise RuntimeError("fxp: a packed layer's parameter is linked to another layer's codes (a copied "
-                           "model?); run a forward pass of its model first, which links it to its own")
-    return layer, name
+class PackedStorage(NamedTuple):
+    """Where a packed parameter's value lives: the stand-in that receives the
+    gradient, its integer codes, and their format. The optimizers take these
+    (:meth:`fxp.optim.QPUSGD.set_packed_storage`; ``fxp::optim::QpuSgd`` in C++
+    takes the same triple)."""
+    parameter: Tensor
+    codes: Tensor
+    format: FxpFormat
 
 
-def packed_codes(param: Tensor) -> Optional[Tensor]:
-    """The codes that hold a packed parameter's value, or None if it is not packed."""
-    found = _packed_layer(param)
-    return None if found is None else getattr(found[0], f"{found[1]}_codes")
+def packed_storage(model: nn.Module) -> list[PackedStorage]:
+    """The packed storage of every packed layer of ``model``, in parameter order."""
+    out = []
+    for layer in model.modules():
+        if isinstance(layer, (QLinear, QConv2d)) and layer.packed_weights:
+            for name in ("weight", "bias"):
+                if getattr(layer, name) is not None:
+                    out.append(PackedStorage(getattr(layer, name), getattr(layer, f"{name}_codes"), layer.packed_format))
+    return out
 
 
-def packed_format(param: Tensor) -> Optional[FxpFormat]:
-    """The format of a packed parameter's codes, or None if it is not packed."""
-    found = _packed_layer(param)
-    return None if found is None else found[0].packed_format
-
-
-def quantize_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:
+def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", seed: int = 0) -> None:
     """Puts the parameters of every quantized layer of ``model`` on its layer's
-    parameter grid: QPU's initialization. Tensor ``k`` (in parameter order over
-    the whole model) rounds with its own Philox offset ``k`` (key ``seed +
-    fxp.optim.INIT_KEY_DELTA``), as ``fxp::nn::PaperCNN::quantize_parameters_``
-    does in C++. Done per layer, offsets would repeat and layers would share draws."""
-    from .optim import init_key
-
-    key = init_key(seed)
-    k = 0
+    parameter grid: QPU's initialization, one ``torch.ops.fxp.quantize_parameters_``
+    call for the whole model (Note [QPU initialization]): tensor ``k``, in
+    parameter order over the model's quantized layers, rounds with its own
+    Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++."""
+    params, total_bits, frac_bits = [], [], []
+    for layer in model.modules():
+        if isinstance(layer, (QLinear, QConv2d)):
+            if layer.packed_weights:
+                raise ValueError("quantize_layer_parameters_: the weights are packed (codes are on the grid already)")
+            for p in layer.parameters(recurse=False):
+                params.append(p)
+                total_bits.append(layer.param_format.total_bits)
+                frac_bits.append(layer.param_format.frac_bits)
     with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, (QLinear, QConv2d)):
-                if layer.packed_weights:
-                    raise ValueError("quantize_parameters_: the weights are packed (codes are on the grid already)")
-                fmt = layer.param_format
-                for p in layer.parameters(recurse=False):
-                    torch.ops.fxp.quantize_seeded_(p, fmt.total_bits, fmt.frac_bits, rounding, key, k)
-                    k += 1
+        torch.ops.fxp.quantize_parameters_(params, total_bits, frac_bits, rounding, seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Iterable, Literal, Optional
 
@@ -11,11 +10,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .nn import packed_codes, packed_format
 
-__all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer", "INIT_KEY_DELTA"]
-
-INIT_KEY_DELTA = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: keeps init draws off the update streams
+__all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
 Rounding = Literal["nearest_even", "stochastic"]
 MomentumForm = Literal["standard", "paper_eq6"]
@@ -41,7 +37,11 @@ class QPUSGD(Optimizer):
 
     Packed parameters (:func:`fxp.nn.pack_model_`) are updated in their
     integer codes, and their momentum buffers are codes of ``momentum_format``:
-    no float copy is kept, and the values equal those of float storage.
+    no float copy is kept, and the values equal those of float storage. The
+    optimizer learns where the codes are from ``packed`` (or
+    :meth:`set_packed_storage`), as ``fxp::optim::QpuSgd`` does in C++:
+    ``QPUSGD(model.parameters(), ..., packed=fxp.nn.packed_storage(model))``.
+    Move the model to its device first (its codes are new tensors after ``.to()``).
 
     Parameter ``k`` of a group draws its rounding from stream ``k``, whether or
     not the other parameters have gradients, so a frozen or unused parameter
@@ -70,24 +70,17 @@ class QPUSGD(Optimizer):
         rounding: Rounding = "stochastic",
         momentum_form: MomentumForm = "standard",
         seed: int = 0,
+        packed: Iterable[Any] = (),
     ) -> None:
+        # Types here; values are checked by the op itself (_check_group).
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"QPUSGD: {name} must be a number, but got {value!r}")
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"QPUSGD: {name} must be a non-negative finite number, but got {value}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"QPUSGD: seed must be an int, but got {seed!r}")
-        if rounding not in ("nearest_even", "stochastic"):
-            raise ValueError(f"QPUSGD: rounding must be 'nearest_even' or 'stochastic', but got {rounding!r}")
-        if momentum_form not in ("standard", "paper_eq6"):
-            raise ValueError(f"QPUSGD: momentum_form must be 'standard' or 'paper_eq6', but got {momentum_form!r}")
-        if nesterov and (momentum <= 0 or momentum_form != "standard"):
-            raise ValueError("QPUSGD: nesterov needs momentum > 0 and momentum_form='standard'")
-        if not isinstance(format, FxpFormat):
-            raise TypeError(f"QPUSGD: format must be an FxpFormat, but got {format!r}")
-        if momentum_format is not None and not isinstance(momentum_format, FxpFormat):
-            raise TypeError(f"QPUSGD: momentum_format must be an FxpFormat or None, but got {momentum_format!r}")
+        for name, value in (("format", format), ("momentum_format", momentum_format or format)):
+            if not isinstance(value, FxpFormat):
+                raise TypeError(f"QPUSGD: {name} must be an FxpFormat, but got {value!r}")
         mfmt = momentum_format or format
         defaults = dict(
             lr=lr,
@@ -102,24 +95,48 @@ class QPUSGD(Optimizer):
             momentum_form=momentum_form,
         )
         self._base_seed = int(seed)
+        self._codes: dict[Tensor, Tensor] = {}  # packed parameter -> its codes
         super().__init__(params, defaults)
         self.last_counts: list[Tensor] = []
+        for storage in packed:
+            self.set_packed_storage(*storage)
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        """The op's own checks, on a call without tensors (which does nothing else)."""
+        try:
+            torch.ops.fxp.qpu_sgd_step_(
+                [], [], [], float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
+                bool(group["nesterov"]), group["total_bits"], group["frac_bits"], group["momentum_total_bits"],
+                group["momentum_frac_bits"], group["rounding"], int(group["seed"]), 0, group["momentum_form"])
+        except RuntimeError as e:
+            raise ValueError(f"QPUSGD: {str(e).splitlines()[0]}") from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
         param_group.setdefault("seed", self._base_seed + index)
         param_group.setdefault("step", 0)
-        for key, value in self.defaults.items():  # as torch does, so the formats can be checked first
+        for key, value in self.defaults.items():  # as torch does, so the group can be checked first
             param_group.setdefault(key, value)
-        fmt = FxpFormat(param_group["total_bits"], param_group["frac_bits"])  # raises on a bad format
-        FxpFormat(param_group["momentum_total_bits"], param_group["momentum_frac_bits"])
-        params = param_group["params"]
-        for p in [params] if isinstance(params, Tensor) else params:
-            codes_format = packed_format(p)  # a packed parameter's codes are updated in its group's format
-            if codes_format is not None and codes_format != fmt:
-                raise ValueError(f"QPUSGD: a packed parameter holds codes of {codes_format}, but its group's "
-                                 f"format is {fmt}; use format={codes_format}")
+        self._check_group(param_group)
         super().add_param_group(param_group)
+
+    def set_packed_storage(self, parameter: Tensor, codes: Tensor, format: FxpFormat) -> None:
+        """Packed storage (Note [Packed QPU step]): ``parameter`` (a stand-in that
+        receives the gradient) holds its value in ``codes``, integer codes of
+        ``format``, which must be its group's format. The step then updates the
+        codes and keeps the momentum as codes (``fxp.nn.packed_storage`` lists a
+        model's)."""
+        group = next((g for g in self.param_groups if any(p is parameter for p in g["params"])), None)
+        if group is None:
+            raise ValueError("QPUSGD.set_packed_storage: got a parameter this optimizer does not hold")
+        group_format = FxpFormat(group["total_bits"], group["frac_bits"])
+        if format != group_format:
+            raise ValueError(f"QPUSGD: the codes are of {format}, but the parameter's group updates {group_format}")
+        if codes.dtype != format.storage_dtype or codes.shape != parameter.shape:
+            raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} must be {format.storage_dtype} of shape "
+                             f"{tuple(parameter.shape)}, but got {codes.dtype} of shape {tuple(codes.shape)}")
+        self._codes[parameter] = codes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The formats of the saved state are the formats its momentum codes (and
@@ -158,9 +175,9 @@ class QPUSGD(Optimizer):
                 continue
             params = [everyone[k] for k in streams]
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            # Packed parameters (fxp.nn.pack_model_): the step updates their codes. A strided
-            # parameter is updated in a contiguous copy (its logical order) and copied back.
-            codes = [packed_codes(p) for p in params]
+            # Packed parameters: the step updates their codes. A strided parameter is
+            # updated in a contiguous copy (its logical order) and copied back.
+            codes = [self._codes.get(p) for p in params]
             storage = [c if c is not None else p if p.is_contiguous() else p.contiguous()
                        for p, c in zip(params, codes)]
             buffers = []
@@ -196,18 +213,14 @@ class QPUSGD(Optimizer):
 def quantize_parameters_(
     params: Iterable[Tensor], format: FxpFormat, rounding: Rounding = "stochastic", seed: int = 0
 ) -> None:
-    """Puts parameters on the grid of ``format`` in place (QPU's initialization).
-    Tensor ``k`` rounds with Philox key ``seed + INIT_KEY_DELTA`` and offset ``k``:
-    a key of its own, so these draws are independent of the optimizer's."""
-    key = init_key(seed)
-    for k, p in enumerate(params):
-        torch.ops.fxp.quantize_seeded_(p, format.total_bits, format.frac_bits, rounding, key, k)
-
-
-def init_key(seed: int) -> int:
-    """The Philox key of QPU's initial quantization, as the op's signed int64."""
-    key = (int(seed) + INIT_KEY_DELTA) % (1 << 64)
-    return key - (1 << 64) if key >= (1 << 63) else key
+    """Puts parameters on the grid of ``format`` in place (QPU's initialization):
+    ``torch.ops.fxp.quantize_parameters_``, tensor ``k`` with its own Philox
+    offset ``k`` under a key of its own, so these draws are independent of the
+    optimizer's. :func:`fxp.nn.quantize_layer_parameters_` does it for a model whose
+    layers have formats of their own."""
+    params = list(params)
+    torch.ops.fxp.quantize_parameters_(params, [format.total_bits] * len(params), [format.frac_bits] * len(params),
+                                       rounding, seed)
 
 
 def make_optimizer(
@@ -219,11 +232,12 @@ def make_optimizer(
     format: Optional[FxpFormat] = None,
     momentum_format: Optional[FxpFormat] = None,
     seed: int = 0,
+    packed: Iterable[Any] = (),
 ) -> Optimizer:
     """The optimizer each of the paper's methods trains with: ``torch.optim.SGD``
     on the float weights for ``fp32`` and ``ste`` (STE's master copy), and
     :class:`QPUSGD` with stochastic (``sqpu``) or half-to-even (``hteqpu``)
-    rounding in ``format``."""
+    rounding in ``format`` (and the packed storage ``packed``)."""
     if method in ("fp32", "ste"):
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if method not in ("sqpu", "hteqpu"):
@@ -232,4 +246,4 @@ def make_optimizer(
         raise ValueError(f"make_optimizer: method {method!r} needs a format")
     return QPUSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, format=format,
                   momentum_format=momentum_format, rounding="stochastic" if method == "sqpu" else "nearest_even",
-                  seed=seed)
+                  seed=seed, packed=packed)

@@ -1,0 +1,8 @@
+// The whole C++ API of fxp: the ops (fxp::quantize, ...), the modules
+// (fxp::nn) and the optimizer (fxp::optim). Installed as <fxp/fxp.h>; link
+// the CMake target fxp::fxp (find_package(fxp)).
+#pragma once
+
+#include "nn/modules.h"
+#include "ops/ops.h"
+#include "optim/qpu_sgd.h"

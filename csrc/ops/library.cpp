@@ -1,0 +1,101 @@
+// Every fxp op schema lives in this one TORCH_LIBRARY block. Each op family
+// registers its kernels next to its implementation: csrc/ops/<family>/
+// <family>_register.cpp (CPU, Meta, Autograd) and <family>_register_cuda.cpp.
+#include <torch/library.h>
+
+// Mutating ops (in-place `_` and `.out`) return nothing, which keeps them
+// functionalizable for torch.compile; the Python and C++ wrappers return the
+// mutated tensor.
+TORCH_LIBRARY(fxp, m) {
+  // Fixed-point fake quantization, FxP(total_bits, frac_bits); see docs/design.md.
+  m.def(
+      "quantize(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
+  m.def(
+      "quantize_(Tensor(a!) x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> ()");
+  m.def(
+      "quantize.out(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None, *, Tensor(a!) out) -> ()");
+  // (output, number of saturated elements as an int64 0-dim tensor), one pass.
+  m.def(
+      "quantize_stats(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> (Tensor, Tensor)");
+  // (output, bool tensor that is true where the element saturated), one pass.
+  m.def(
+      "quantize_mask(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> (Tensor, Tensor)");
+  // Straight-through estimator: gradient passes unchanged, or zeroed where saturated.
+  m.def(
+      "quantize_ste(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None, bool zero_grad_saturated=False) "
+      "-> Tensor");
+  // Explicit Philox counter: element i uses lane i % 4 of block (offset, i / 4) under key seed.
+  m.def(
+      "quantize_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> Tensor");
+  m.def(
+      "quantize_seeded_(Tensor(a!) x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> ()");
+  m.def(
+      "quantize_seeded.out(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\", *, Tensor(a!) out) -> ()");
+  m.def(
+      "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
+      "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");
+
+  // Packed storage (docs/design.md, "Packed storage"): integer codes of
+  // FxP(total_bits, frac_bits) in int8 (B <= 8), int16 (B <= 16) or int32.
+  // pack rounds like quantize, saturating to the format's exact bounds; NaN is
+  // an error that gives the count. unpack returns codes * 2^-frac_bits.
+  m.def(
+      "pack(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
+  m.def(
+      "pack_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, int offset, "
+      "str overflow=\"saturate\") -> Tensor");
+  m.def("unpack(Tensor codes, int total_bits, int frac_bits, ScalarType? dtype=None) -> Tensor");
+
+  // The conv and linear of quantized layers: torch's linear / conv2d, with
+  // packed storage (Note [Packed saved inputs]). weight_codes and bias_codes
+  // (codes of param_format) replace the values of weight and bias, which then
+  // only carry shape and dtype and receive the gradients. With input_format,
+  // the autograd saves x as codes of that format, which x must lie on. With
+  // output_format, the output is quantized in place (saturate), as
+  // quantize_ste would, with a straight-through gradient and no extra copy.
+  m.def(
+      "linear(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
+      "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None, "
+      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+  m.def(
+      "conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
+      "Tensor? bias_codes=None, int[]? param_format=None, int[]? output_format=None, "
+      "str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+  // max_pool2d(relu(x), kernel_size) over non-overlapping windows, whose
+  // autograd saves one byte per output (Note [Fused ReLU and max-pool])
+  // instead of relu's output and the pool's int64 indices.
+  m.def("relu_max_pool2d(Tensor x, int[2] kernel_size) -> Tensor");
+  // Its parts: the output with each output's window position of the maximum
+  // (uint8; 255: not positive), and the gradient from those positions.
+  m.def("relu_max_pool2d_with_positions(Tensor x, int[2] kernel_size) -> (Tensor, Tensor)");
+  m.def(
+      "relu_max_pool2d_backward(Tensor grad_out, Tensor positions, int[2] kernel_size, SymInt[4] input_size) "
+      "-> Tensor");
+
+  // The fused QPU SGD step over a parameter group (docs/design.md, "Methods"):
+  // updates params and momentum_buffers in place and returns int64 counts
+  // [len(params), 2] of (saturated, vanished) elements per tensor. Random
+  // numbers come from (seed, step) and each tensor's stream index: its entry
+  // of stream_indices (the optimizers pass its position in the parameter
+  // group), or by default its position in params (Note [QPU random streams]).
+  m.def(
+      "qpu_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "float lr, float momentum, float weight_decay, bool nesterov, int total_bits, int frac_bits, "
+      "int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, int step, "
+      "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
+  // QPU's initialization (Note [QPU initialization]): params[k] rounded in place
+  // onto FxP(total_bits[k], frac_bits[k]) with Philox key seed + 0x9E3779B97F4A7C15 and offset k.
+  m.def(
+      "quantize_parameters_(Tensor(a!)[] params, int[] total_bits, int[] frac_bits, str rounding, int seed) -> ()");
+}

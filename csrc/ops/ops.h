@@ -1,0 +1,192 @@
+// C++ entry points to the fxp ops (part of <fxp/fxp.h>). They call through the
+// dispatcher, so they pick the CPU, CUDA or Meta kernel and record autograd
+// like any ATen op. Each is declared and defined here, once: the functional
+// ops take their dispatcher signature from their own type (decltype), so an
+// argument list is typed in the schema, the kernel, here and the Python
+// wrapper, and nowhere else.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/OptionalArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fxp {
+
+namespace detail {
+// The typed handle of fxp::<name>, looked up once per entry point.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Signature>();
+}
+}  // namespace detail
+
+// Calls the op of the enclosing entry point, whose signature is the entry's own type.
+#define FXP_CALL_OP(entry, name, ...)                                                     \
+  static const auto op = ::fxp::detail::find_op<decltype(entry)>("fxp::" name);          \
+  return op.call(__VA_ARGS__)
+
+using OptionalGenerator = std::optional<at::Generator>;
+
+inline at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                           c10::string_view rounding = "nearest_even", c10::string_view overflow = "saturate",
+                           const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(quantize, "quantize", x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+// In place; returns x (the op itself returns nothing, which keeps it functionalizable).
+inline at::Tensor& quantize_(at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                             c10::string_view rounding = "nearest_even", c10::string_view overflow = "saturate",
+                             const OptionalGenerator& generator = std::nullopt) {
+  static const auto op = detail::find_op<void(const at::Tensor&, int64_t, int64_t, c10::string_view,
+                                              c10::string_view, const OptionalGenerator&)>("fxp::quantize_");
+  op.call(x, total_bits, frac_bits, rounding, overflow, generator);
+  return x;
+}
+
+// (output, int64 0-dim count of saturated elements)
+inline std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                                         c10::string_view rounding = "nearest_even",
+                                                         c10::string_view overflow = "saturate",
+                                                         const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(quantize_stats, "quantize_stats", x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+// (output, bool tensor: true where saturated)
+inline std::tuple<at::Tensor, at::Tensor> quantize_mask(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                                        c10::string_view rounding = "nearest_even",
+                                                        c10::string_view overflow = "saturate",
+                                                        const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(quantize_mask, "quantize_mask", x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+// Straight-through quantization for training; differentiable.
+inline at::Tensor quantize_ste(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                               c10::string_view rounding = "nearest_even", c10::string_view overflow = "saturate",
+                               const OptionalGenerator& generator = std::nullopt, bool zero_grad_saturated = false) {
+  FXP_CALL_OP(quantize_ste, "quantize_ste", x, total_bits, frac_bits, rounding, overflow, generator,
+              zero_grad_saturated);
+}
+
+inline at::Tensor quantize_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                  c10::string_view rounding, int64_t seed, int64_t offset,
+                                  c10::string_view overflow = "saturate") {
+  FXP_CALL_OP(quantize_seeded, "quantize_seeded", x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+inline at::Tensor& quantize_seeded_(at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                                    int64_t seed, int64_t offset, c10::string_view overflow = "saturate") {
+  static const auto op = detail::find_op<void(const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t,
+                                              int64_t, c10::string_view)>("fxp::quantize_seeded_");
+  op.call(x, total_bits, frac_bits, rounding, seed, offset, overflow);
+  return x;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor& x, int64_t total_bits,
+                                                                int64_t frac_bits, c10::string_view rounding,
+                                                                int64_t seed, int64_t offset,
+                                                                c10::string_view overflow = "saturate") {
+  FXP_CALL_OP(quantize_seeded_stats, "quantize_seeded_stats", x, total_bits, frac_bits, rounding, seed, offset,
+              overflow);
+}
+
+// The fused QPU SGD step over a parameter group; see docs/design.md. Updates
+// params and momentum_buffers in place; returns int64 [n, 2] of
+// (saturated, vanished) elements per tensor. stream_indices: each tensor's
+// random stream (default: its position in params; Note [QPU random streams]).
+inline at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                double lr, double momentum, double weight_decay, bool nesterov, int64_t total_bits,
+                                int64_t frac_bits, int64_t momentum_total_bits, int64_t momentum_frac_bits,
+                                c10::string_view rounding, int64_t seed, int64_t step,
+                                c10::string_view momentum_form = "standard",
+                                at::OptionalIntArrayRef stream_indices = std::nullopt) {
+  FXP_CALL_OP(qpu_sgd_step_, "qpu_sgd_step_", params, grads, momentum_buffers, lr, momentum, weight_decay, nesterov,
+              total_bits, frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
+              stream_indices);
+}
+
+// QPU's initialization: params[k] rounded in place onto FxP(total_bits[k],
+// frac_bits[k]) with the Philox streams of Note [QPU initialization].
+inline void quantize_parameters_(at::TensorList params, at::IntArrayRef total_bits, at::IntArrayRef frac_bits,
+                                 c10::string_view rounding, int64_t seed) {
+  FXP_CALL_OP(quantize_parameters_, "quantize_parameters_", params, total_bits, frac_bits, rounding, seed);
+}
+
+// Packed storage: integer codes of FxP(total_bits, frac_bits) (int8 for B <= 8,
+// int16 for B <= 16, int32 otherwise), rounded like quantize; NaN is an error.
+// rounding "exact": x must lie on the grid already.
+inline at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                       c10::string_view rounding = "nearest_even", c10::string_view overflow = "saturate",
+                       const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(pack, "pack", x, total_bits, frac_bits, rounding, overflow, generator);
+}
+
+inline at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                              int64_t seed, int64_t offset, c10::string_view overflow = "saturate") {
+  FXP_CALL_OP(pack_seeded, "pack_seeded", x, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
+// codes * 2^-frac_bits, as dtype (default float32), rounded once.
+inline at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                         std::optional<at::ScalarType> dtype = std::nullopt) {
+  FXP_CALL_OP(unpack, "unpack", codes, total_bits, frac_bits, dtype);
+}
+
+// torch's linear / conv2d for quantized layers: weights from packed codes
+// (weight_codes, bias_codes in param_format), the input saved packed in
+// input_format for the backward, and the output quantized in place to
+// output_format (straight-through). See docs/design.md, "Packed storage".
+inline at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias = std::nullopt,
+                         at::OptionalIntArrayRef input_format = std::nullopt,
+                         const std::optional<at::Tensor>& weight_codes = std::nullopt,
+                         const std::optional<at::Tensor>& bias_codes = std::nullopt,
+                         at::OptionalIntArrayRef param_format = std::nullopt,
+                         at::OptionalIntArrayRef output_format = std::nullopt,
+                         c10::string_view output_rounding = "nearest_even",
+                         const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(linear, "linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+              output_rounding, generator);
+}
+
+inline at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                         at::OptionalIntArrayRef input_format = std::nullopt,
+                         const std::optional<at::Tensor>& weight_codes = std::nullopt,
+                         const std::optional<at::Tensor>& bias_codes = std::nullopt,
+                         at::OptionalIntArrayRef param_format = std::nullopt,
+                         at::OptionalIntArrayRef output_format = std::nullopt,
+                         c10::string_view output_rounding = "nearest_even",
+                         const OptionalGenerator& generator = std::nullopt) {
+  FXP_CALL_OP(conv2d, "conv2d", x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
+              bias_codes, param_format, output_format, output_rounding, generator);
+}
+
+// max_pool2d(relu(x), kernel_size), stride = kernel_size, whose autograd saves
+// one byte per output; gradients equal torch's. See docs/design.md.
+inline at::Tensor relu_max_pool2d(const at::Tensor& x, at::IntArrayRef kernel_size) {
+  FXP_CALL_OP(relu_max_pool2d, "relu_max_pool2d", x, kernel_size);
+}
+
+// Its parts (what the autograd calls): the output and each output's window
+// position of the maximum (uint8, 255: not positive); the input gradient.
+inline std::tuple<at::Tensor, at::Tensor> relu_max_pool2d_with_positions(const at::Tensor& x,
+                                                                        at::IntArrayRef kernel_size) {
+  FXP_CALL_OP(relu_max_pool2d_with_positions, "relu_max_pool2d_with_positions", x, kernel_size);
+}
+
+inline at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& positions,
+                                           at::IntArrayRef kernel_size, c10::SymIntArrayRef input_size) {
+  FXP_CALL_OP(relu_max_pool2d_backward, "relu_max_pool2d_backward", grad_out, positions, kernel_size, input_size);
+}
+
+#undef FXP_CALL_OP
+
+}  // namespace fxp

@@ -1,0 +1,171 @@
+#include "ops/qpu_sgd/qpu_sgd_args.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "ops/format_args.h"
+
+namespace fxp {
+
+namespace {
+constexpr const char* kOp = "fxp::qpu_sgd_step_";
+
+// The op writes params and momentum buffers while it reads all three lists,
+// so no written tensor may share memory with any other tensor of the call
+// (grads may share memory with each other: they are only read). As torch's
+// fused optimizers, it rejects such calls instead of computing garbage.
+// The memory ranges are sorted, so the check costs O(n log n).
+void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers) {
+  struct Range {
+    uintptr_t begin, end;
+    const char* list;
+    size_t index;
+    bool written;
+  };
+  std::vector<Range> ranges;
+  auto add = [&](at::TensorList tensors, const char* list, bool written) {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      const at::Tensor& t = tensors[k];
+      if (t.numel() == 0) continue;
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), list, k, written});
+    }
+  };
+  add(params, "params", true);
+  add(grads, "grads", false);
+  add(momentum_buffers, "momentum_buffers", true);
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // The range reaching furthest so far, among all ranges and among the written ones.
+  const Range* furthest = nullptr;
+  const Range* furthest_written = nullptr;
+  for (const Range& r : ranges) {
+    const Range* other = r.written ? furthest : furthest_written;
+    TORCH_CHECK(other == nullptr || r.begin >= other->end, kOp, ": ", r.list, "[", r.index, "] and ", other->list,
+                "[", other->index, "] share memory; every parameter and momentum buffer must have memory of its own");
+    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
+    if (r.written && (furthest_written == nullptr || r.end > furthest_written->end)) furthest_written = &r;
+  }
+}
+
+Storage storage_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return Storage::Float64;
+    case at::kChar: return Storage::Int8;
+    case at::kShort: return Storage::Int16;
+    case at::kInt: return Storage::Int32;
+    default: return Storage::Float32;
+  }
+}
+}  // namespace
+
+kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
+                                    at::TensorList momentum_buffers, const QpuSgdArgs& a,
+                                    bool check_memory) {
+  check_fxp_format(kOp, a.total_bits, a.frac_bits);
+  check_fxp_format(kOp, a.momentum_total_bits, a.momentum_frac_bits);
+  const Rounding rounding = parse_rounding(kOp, a.rounding);
+  TORCH_CHECK(rounding == Rounding::NearestEven || rounding == Rounding::Stochastic, kOp,
+              ": rounding must be nearest_even (HTEQPU) or stochastic (SQPU), but got '", a.rounding, "'");
+  MomentumForm form;
+  if (a.momentum_form == "standard") {
+    form = MomentumForm::Standard;
+  } else if (a.momentum_form == "paper_eq6") {
+    form = MomentumForm::PaperEq6;
+  } else {
+    TORCH_CHECK(false, kOp, ": unknown momentum_form '", a.momentum_form,
+                "'; expected one of standard, paper_eq6");
+  }
+  TORCH_CHECK(a.lr >= 0 && std::isfinite(a.lr), kOp, ": lr must be a non-negative finite number, but got ", a.lr);
+  TORCH_CHECK(a.momentum >= 0 && std::isfinite(a.momentum), kOp,
+              ": momentum must be a non-negative finite number, but got ", a.momentum);
+  TORCH_CHECK(a.weight_decay >= 0 && std::isfinite(a.weight_decay), kOp,
+              ": weight_decay must be a non-negative finite number, but got ", a.weight_decay);
+  TORCH_CHECK(!a.nesterov || (a.momentum > 0 && form == MomentumForm::Standard), kOp,
+              ": nesterov needs momentum > 0 and momentum_form='standard'");
+  TORCH_CHECK(a.step >= 0 && a.step < (int64_t{1} << 32), kOp, ": step must be in [0, 2^32), but got ",
+              a.step);
+
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, kOp, ": expected as many grads as params (", n, "), but got ",
+              grads.size());
+  const bool has_momentum = a.momentum != 0;
+  TORCH_CHECK(momentum_buffers.size() == (has_momentum ? n : 0), kOp,
+              has_momentum ? ": momentum > 0 needs one momentum buffer per param ("
+                           : ": momentum == 0 takes no momentum buffers (",
+              has_momentum ? n : 0, "), but got ", momentum_buffers.size());
+  TORCH_CHECK(n < (size_t{1} << 31), kOp, ": too many tensors (", n, ")");
+  // Storage: grads are float32 or float64; params and momentum buffers hold
+  // floats of the grads' dtype, or codes of their format (packed storage).
+  // Each list has one dtype.
+  const at::ScalarType grad_dtype = n > 0 ? grads[0].scalar_type() : at::kFloat;
+  const at::ScalarType param_dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
+  const at::ScalarType momentum_dtype = has_momentum && n > 0 ? momentum_buffers[0].scalar_type() : grad_dtype;
+  const at::ScalarType param_codes = packed_dtype(static_cast<int>(a.total_bits));
+  const at::ScalarType momentum_codes = packed_dtype(static_cast<int>(a.momentum_total_bits));
+  TORCH_CHECK(grad_dtype == at::kFloat || grad_dtype == at::kDouble, kOp,
+              ": grads must be float32 or float64, but got ", grad_dtype);
+  TORCH_CHECK(param_dtype == grad_dtype || param_dtype == param_codes, kOp, ": params must be ", grad_dtype,
+              " like the grads, or ", param_codes, " codes of FxP(", a.total_bits, ",", a.frac_bits,
+              ") (packed storage), but got ", param_dtype);
+  TORCH_CHECK(momentum_dtype == grad_dtype || momentum_dtype == momentum_codes, kOp, ": momentum_buffers must be ",
+              grad_dtype, " like the grads, or ", momentum_codes, " codes of FxP(", a.momentum_total_bits, ",",
+              a.momentum_frac_bits, ") (packed storage), but got ", momentum_dtype);
+  for (size_t k = 0; k < n; ++k) {
+    const at::Tensor& w = params[k];
+    TORCH_CHECK(w.device() == params[0].device(), kOp, ": params[", k, "] is on ", w.device(),
+                " but params[0] is on ", params[0].device(), "; all tensors must share one device");
+    auto check_like = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+      TORCH_CHECK(t.device() == w.device(), kOp, ": ", name, "[", k, "] is on ", t.device(),
+                  " but params[", k, "] is on ", w.device());
+      TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, "[", k, "] has dtype ", t.scalar_type(), " but ",
+                  name, "[0] has ", dtype, "; a list has one dtype");
+      TORCH_CHECK(t.sym_sizes() == w.sym_sizes(), kOp, ": ", name, "[", k, "] has shape ", t.sym_sizes(),
+                  " but params[", k, "] has ", w.sym_sizes());
+      if (check_memory) TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, "[", k, "] must be contiguous");
+    };
+    check_like(w, "params", param_dtype);
+    check_like(grads[k], "grads", grad_dtype);
+    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype);
+  }
+  if (check_memory) check_no_aliasing(params, grads, momentum_buffers);
+
+  kernels::QpuSgdParams p;
+  p.hyper = QpuHyper{a.lr, a.momentum, a.weight_decay, a.nesterov};
+  p.total_bits = static_cast<int>(a.total_bits);
+  p.frac_bits = static_cast<int>(a.frac_bits);
+  p.momentum_total_bits = static_cast<int>(a.momentum_total_bits);
+  p.momentum_frac_bits = static_cast<int>(a.momentum_frac_bits);
+  p.rounding = rounding;
+  p.form = form;
+  p.seed = static_cast<uint64_t>(a.seed);
+  p.step = static_cast<uint64_t>(a.step);
+  p.grad_storage = storage_of(grad_dtype);
+  p.param_storage = storage_of(param_dtype);
+  p.momentum_storage = storage_of(momentum_dtype);
+  return p;
+}
+
+std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices) {
+  std::vector<int64_t> streams(n);
+  if (!stream_indices.has_value()) {
+    for (size_t k = 0; k < n; ++k) streams[k] = static_cast<int64_t>(k);
+    return streams;
+  }
+  TORCH_CHECK(stream_indices->size() == n, kOp, ": expected one stream index per param (", n, "), but got ",
+              stream_indices->size());
+  for (size_t k = 0; k < n; ++k) {
+    streams[k] = (*stream_indices)[k];
+    TORCH_CHECK(streams[k] >= 0 && streams[k] <= kernels::kMaxStreamIndex, kOp, ": stream_indices[", k,
+                "] must be in [0, 2^31), but got ", streams[k]);
+  }
+  std::vector<int64_t> sorted = streams;
+  std::sort(sorted.begin(), sorted.end());
+  const auto repeated = std::adjacent_find(sorted.begin(), sorted.end());
+  TORCH_CHECK(repeated == sorted.end(), kOp, ": stream index ", repeated == sorted.end() ? 0 : *repeated,
+              " is given twice; two tensors would draw the same random numbers");
+  return streams;
+}
+
+}  // namespace fxp

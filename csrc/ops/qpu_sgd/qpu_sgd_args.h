@@ -1,0 +1,35 @@
+// Validation of the fused QPU SGD step's arguments, shared by every backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/OptionalArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <vector>
+
+#include "qpu_sgd/qpu_sgd_kernel.h"
+
+namespace fxp {
+
+// The schema's arguments, as the op receives them.
+struct QpuSgdArgs {
+  double lr, momentum, weight_decay;
+  bool nesterov;
+  int64_t total_bits, frac_bits, momentum_total_bits, momentum_frac_bits;
+  c10::string_view rounding;
+  int64_t seed, step;
+  c10::string_view momentum_form;
+  at::OptionalIntArrayRef stream_indices;
+};
+
+// Checks the lists (lengths, devices, dtypes, shapes, contiguity, overlaps)
+// and the scalars, and returns the kernel parameters. Errors name the bad argument.
+kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
+                                    at::TensorList momentum_buffers, const QpuSgdArgs& args,
+                                    bool check_memory = true);
+
+// Each tensor's stream index (Note [QPU random streams]): stream_indices, or
+// the tensors' positions in the list. Checked: one per tensor, in range, distinct.
+std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices);
+
+}  // namespace fxp

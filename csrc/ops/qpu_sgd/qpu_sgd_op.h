@@ -1,0 +1,45 @@
+// The fused QPU SGD step op, written once over a Backend (see quantize_ops.h
+// for the pattern): Backend::launch(params, grads, momentum, streams, p, counts,
+// nan_count), Backend::DeviceGuard and Backend::kIsMeta.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "ops/qpu_sgd/qpu_sgd_args.h"
+
+namespace fxp {
+
+template <class Backend>
+at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
+                        at::TensorList momentum_buffers, double lr, double momentum,
+                        double weight_decay, bool nesterov, int64_t total_bits, int64_t frac_bits,
+                        int64_t momentum_total_bits, int64_t momentum_frac_bits,
+                        c10::string_view rounding, int64_t seed, int64_t step,
+                        c10::string_view momentum_form, at::OptionalIntArrayRef stream_indices) {
+  const QpuSgdArgs args{lr,        momentum,   weight_decay, nesterov,  total_bits,    frac_bits,
+                        momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
+                        stream_indices};
+  const auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta);
+  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const auto options = params.empty() ? at::TensorOptions(at::kLong) : params[0].options().dtype(at::kLong);
+  // (saturated, vanished) per tensor; see kernels/qpu_sgd.h.
+  at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
+  if constexpr (!Backend::kIsMeta) {
+    if (!params.empty()) {
+      typename Backend::DeviceGuard guard(params[0].device());
+      const bool packed = is_packed(p.param_storage) || is_packed(p.momentum_storage);
+      // Note [Packed QPU step]: NaN results are counted (one device-to-host read on CUDA).
+      const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
+      Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
+      if (packed) {
+        const int64_t nans = nan_count.item<int64_t>();
+        TORCH_CHECK_VALUE(nans == 0, "fxp::qpu_sgd_step_: ", nans,
+                          " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot "
+                          "hold NaN, so those elements keep their previous codes");
+      }
+    }
+  }
+  return counts;
+}
+
+}  // namespace fxp

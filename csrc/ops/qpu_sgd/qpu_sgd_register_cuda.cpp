@@ -1,0 +1,23 @@
+// The fused QPU SGD step's CUDA registration (the others are in qpu_sgd_register.cpp).
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops/qpu_sgd/qpu_sgd_op.h"
+#include "qpu_sgd/qpu_sgd_kernel_cuda.h"
+
+namespace fxp {
+namespace {
+struct CudaBackend {
+  using DeviceGuard = c10::cuda::CUDAGuard;
+  static constexpr bool kIsMeta = false;
+  static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                     c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
+                     const at::Tensor& nan_count) {
+    kernels::qpu_sgd_cuda(params, grads, momentum, streams, p, counts, nan_count);
+  }
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CUDA, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>); }
+
+}  // namespace fxp

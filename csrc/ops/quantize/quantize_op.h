@@ -1,0 +1,276 @@
+// The quantize ops, written once over a Backend that supplies random-number
+// state and a launcher. quantize_register.cpp (CPU, Meta) and
+// quantize_register_cuda.cpp instantiate it and register the kernels.
+//
+// A Backend provides:
+//   using Philox = ...;                      // what the launcher needs for SR
+//   using DeviceGuard = ...;                 // constructed from x.device()
+//   static constexpr bool kIsMeta;           // shapes only: no launch, no generator check
+//   static Philox from_generator(const std::optional<at::Generator>&);
+//   static Philox from_seed(uint64_t seed, uint64_t offset);
+//   static void launch(x, out, params, philox, saturated, saturated_count);
+//   static kernels::PackCounts launch_pack(x, codes, params, philox, exact);
+//   static int64_t launch_unpack(codes, out, total_bits, frac_bits);  // codes outside the range, if checked
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/native/Resize.h>
+
+#include <optional>
+#include <tuple>
+
+#include "ops/quantize/quantize_args.h"
+
+namespace fxp {
+
+template <class Backend>
+struct QuantizeOps {
+  using Philox = typename Backend::Philox;
+  using Generator = std::optional<at::Generator>;
+
+  // Result of every quantize op: contiguous, same shape and dtype as x.
+  static at::Tensor empty_result(const at::Tensor& x) {
+    // sym_sizes: under torch.compile the Meta kernel sees symbolic shapes.
+    return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+
+  // Quantizes x into out (same shape; any strides; out may be x). The kernel
+  // sees contiguous tensors, so element order is logical row-major whatever
+  // the strides of x and out.
+  static void run(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
+                  const Philox& philox, const at::Tensor& saturated = {},
+                  const at::Tensor& saturated_count = {}) {
+    if constexpr (Backend::kIsMeta) return;
+    const at::Tensor x_contig = x.contiguous();
+    const bool direct = out.is_contiguous();
+    // A strided x was copied; its copy can take the result in place.
+    const at::Tensor target = direct ? out : x_contig.is_same(x) ? empty_result(x) : x_contig;
+    Backend::launch(x_contig, target, params, philox, saturated, saturated_count);
+    if (!direct) out.copy_(target);
+  }
+
+  static Philox philox_from_generator(const char* op, const at::Tensor& x,
+                                      const kernels::QuantizeParams& params,
+                                      const Generator& generator) {
+    // Under FakeTensor the generator keeps its real device while x is meta.
+    if constexpr (!Backend::kIsMeta) check_generator_device(op, x, generator);
+    // Deterministic roundings leave the generator untouched.
+    if (params.rounding != Rounding::Stochastic) return Philox{};
+    return Backend::from_generator(generator);
+  }
+
+  static Philox philox_from_seed(const char* op, int64_t seed, int64_t offset) {
+    check_philox_offset(op, offset);
+    return Backend::from_seed(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  }
+
+  static void check_out(const char* op, const at::Tensor& x, const at::Tensor& out) {
+    check_same_device(op, x, out, "out");
+    TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": expected out to have dtype ",
+                x.scalar_type(), " like x, but got ", out.scalar_type());
+    at::native::resize_output_symint(out, x.sym_sizes());
+    if constexpr (!Backend::kIsMeta) {
+      at::assert_no_internal_overlap(out);
+      at::assert_no_partial_overlap(out, x);
+    }
+  }
+
+  // Note [Check, then guard]
+  // Every op checks all its arguments, and draws from the generator, before it
+  // takes the device guard: with x on the CPU and out on CUDA the CUDA kernel
+  // runs, and a CUDA guard for x's device would raise its own, unhelpful error
+  // before check_out could say what is wrong.
+
+  // --- generator-driven ---------------------------------------------------
+  static at::Tensor quantize(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                             c10::string_view rounding, c10::string_view overflow,
+                             const Generator& generator) {
+    constexpr const char* op = "fxp::quantize";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    run(x, out, params, philox);
+    return out;
+  }
+
+  static void quantize_(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                               c10::string_view rounding, c10::string_view overflow,
+                               const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, x, params, philox);
+  }
+
+  static void quantize_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                  c10::string_view rounding, c10::string_view overflow,
+                                  const Generator& generator, const at::Tensor& out) {
+    constexpr const char* op = "fxp::quantize.out";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    check_out(op, x, out);
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, out, params, philox);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_stats(const at::Tensor& x, int64_t total_bits,
+                                                           int64_t frac_bits, c10::string_view rounding,
+                                                           c10::string_view overflow,
+                                                           const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_stats";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
+    run(x, out, params, philox, {}, count);
+    return {out, count};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_mask(const at::Tensor& x, int64_t total_bits,
+                                                          int64_t frac_bits, c10::string_view rounding,
+                                                          c10::string_view overflow,
+                                                          const Generator& generator) {
+    constexpr const char* op = "fxp::quantize_mask";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor saturated = at::empty_symint(x.sym_sizes(), x.options().dtype(at::kBool));
+    run(x, out, params, philox, saturated);
+    return {out, saturated};
+  }
+
+  // Without autograd this is quantize; the Autograd kernel (quantize_register.cpp)
+  // adds the straight-through gradient.
+  static at::Tensor quantize_ste(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                 c10::string_view rounding, c10::string_view overflow,
+                                 const Generator& generator, bool /*zero_grad_saturated*/) {
+    return quantize(x, total_bits, frac_bits, rounding, overflow, generator);
+  }
+
+  // --- explicit (seed, offset) --------------------------------------------
+  static at::Tensor quantize_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                    c10::string_view rounding, int64_t seed, int64_t offset,
+                                    c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    run(x, out, params, philox);
+    return out;
+  }
+
+  static void quantize_seeded_(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                      c10::string_view rounding, int64_t seed, int64_t offset,
+                                      c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded_";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    if constexpr (!Backend::kIsMeta) at::assert_no_internal_overlap(x);
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, x, params, philox);
+  }
+
+  static void quantize_seeded_out(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                         c10::string_view rounding, int64_t seed, int64_t offset,
+                                         c10::string_view overflow, const at::Tensor& out) {
+    constexpr const char* op = "fxp::quantize_seeded.out";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    check_out(op, x, out);
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    run(x, out, params, philox);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(
+      const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+      int64_t seed, int64_t offset, c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_seeded_stats";
+    const auto params = parse_quantize_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    at::Tensor count = at::zeros({}, x.options().dtype(at::kLong));
+    run(x, out, params, philox, {}, count);
+    return {out, count};
+  }
+
+  // --- packed storage -------------------------------------------------------
+  // Codes of FxP(B, F) in the smallest integer type that holds them.
+  static at::Tensor empty_codes(const at::Tensor& x, int64_t total_bits) {
+    return at::empty_symint(x.sym_sizes(), x.options()
+                                               .dtype(packed_dtype(static_cast<int>(total_bits)))
+                                               .memory_format(at::MemoryFormat::Contiguous));
+  }
+
+  static at::Tensor run_pack(const char* op, const at::Tensor& x, const PackArgs& pack,
+                             const Philox& philox) {
+    at::Tensor codes = empty_codes(x, pack.params.total_bits);
+    if constexpr (!Backend::kIsMeta) {
+      const at::Tensor x_contig = x.contiguous();
+      check_pack_counts(op, pack, Backend::launch_pack(x_contig, codes, pack.params, philox, pack.exact), x.numel());
+    }
+    return codes;
+  }
+
+  static at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                         c10::string_view overflow, const Generator& generator) {
+    constexpr const char* op = "fxp::pack";
+    const PackArgs args = parse_pack_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_generator(op, x, args.params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    return run_pack(op, x, args, philox);
+  }
+
+  static at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                c10::string_view rounding, int64_t seed, int64_t offset,
+                                c10::string_view overflow) {
+    constexpr const char* op = "fxp::pack_seeded";
+    const PackArgs args = parse_pack_args(op, x, total_bits, frac_bits, rounding, overflow);
+    const Philox philox = philox_from_seed(op, seed, offset);
+    typename Backend::DeviceGuard guard(x.device());
+    return run_pack(op, x, args, philox);
+  }
+
+  static at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t frac_bits,
+                           std::optional<at::ScalarType> dtype) {
+    constexpr const char* op = "fxp::unpack";
+    const at::ScalarType out_dtype = check_unpack_args(op, codes, total_bits, frac_bits, dtype);
+    typename Backend::DeviceGuard guard(codes.device());
+    at::Tensor out = at::empty_symint(codes.sym_sizes(), codes.options().dtype(out_dtype).memory_format(
+                                                             at::MemoryFormat::Contiguous));
+    if constexpr (!Backend::kIsMeta) {
+      const int64_t outside = Backend::launch_unpack(codes.contiguous(), out, static_cast<int>(total_bits),
+                                                     static_cast<int>(frac_bits));
+      check_codes_in_range(op, outside, codes.numel(), total_bits, frac_bits);
+    }
+    return out;
+  }
+};
+
+// Registers every quantize op of QuantizeOps<Backend> on the library m.
+#define FXP_REGISTER_QUANTIZE_OPS(m, Backend)                                   \
+  do {                                                                          \
+    using Ops = ::fxp::QuantizeOps<Backend>;                                    \
+    (m).impl("quantize", &Ops::quantize);                                       \
+    (m).impl("quantize_", &Ops::quantize_);                                     \
+    (m).impl("quantize.out", &Ops::quantize_out);                               \
+    (m).impl("quantize_stats", &Ops::quantize_stats);                           \
+    (m).impl("quantize_mask", &Ops::quantize_mask);                             \
+    (m).impl("quantize_ste", &Ops::quantize_ste);                               \
+    (m).impl("quantize_seeded", &Ops::quantize_seeded);                         \
+    (m).impl("quantize_seeded_", &Ops::quantize_seeded_);                       \
+    (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
+    (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
+    (m).impl("pack", &Ops::pack);                                               \
+    (m).impl("pack_seeded", &Ops::pack_seeded);                                 \
+    (m).impl("unpack", &Ops::unpack);                                           \
+  } while (false)
+
+}  // namespace fxp

@@ -1,0 +1,57 @@
+// The quantize ops' CUDA registration (the others are in quantize_register.cpp).
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/core/DistributionsHelper.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "ops/quantize/quantize_op.h"
+#include "quantize/quantize_kernel_cuda.h"
+
+namespace fxp {
+namespace {
+
+struct CudaBackend {
+  using Philox = kernels::CudaPhilox;
+  using DeviceGuard = c10::cuda::CUDAGuard;
+  static constexpr bool kIsMeta = false;
+
+  // Note [Philox offsets from a generator] (kernels/fxp_math.h): each call
+  // reserves kGeneratorIncrement (4) of the generator's offset and draws from
+  // counter offset / 4. philox_cuda_state keeps this valid under CUDA-graph
+  // capture; the kernel unpacks it on the device.
+  static Philox from_generator(const std::optional<at::Generator>& generator) {
+    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+        generator, at::cuda::detail::getDefaultCUDAGenerator());
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    return Philox{gen->philox_cuda_state(kGeneratorIncrement), /*from_generator=*/true};
+  }
+  static Philox from_seed(uint64_t seed, uint64_t offset) { return Philox{at::PhiloxCudaState(seed, offset), false}; }
+
+  static void launch(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
+                     const Philox& philox, const at::Tensor& saturated,
+                     const at::Tensor& saturated_count) {
+    kernels::quantize_cuda(x, out, params, philox, saturated, saturated_count);
+  }
+  // The NaN (and off-grid) check reads the counts back: one device-to-host copy per call.
+  static kernels::PackCounts launch_pack(const at::Tensor& x, const at::Tensor& codes,
+                                         const kernels::QuantizeParams& params, const Philox& philox, bool exact) {
+    at::Tensor counts = at::zeros({2}, x.options().dtype(at::kLong));
+    kernels::pack_cuda(x, codes, params, philox, exact, counts);
+    const at::Tensor host = counts.cpu();
+    return kernels::PackCounts{host[0].item<int64_t>(), host[1].item<int64_t>()};
+  }
+  // Codes are not range-checked on CUDA (see unpack_cuda).
+  static int64_t launch_unpack(const at::Tensor& codes, const at::Tensor& out, int /*total_bits*/, int frac_bits) {
+    kernels::unpack_cuda(codes, out, frac_bits);
+    return 0;
+  }
+};
+
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CUDA, m) { FXP_REGISTER_QUANTIZE_OPS(m, CudaBackend); }
+
+}  // namespace fxp

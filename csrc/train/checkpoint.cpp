@@ -1,0 +1,87 @@
+#include "train/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "train/io.h"
+
+namespace fxp::train {
+namespace {
+
+using nlohmann::json;
+
+// Default generators whose state the run's random draws depend on: the CPU one
+// (initialization; SR on CPU) and the training device's (SR on CUDA).
+std::vector<std::pair<std::string, at::Generator>> run_generators(const torch::Device& device) {
+  std::vector<std::pair<std::string, at::Generator>> generators = {
+      {"rng_cpu", at::globalContext().defaultGenerator(torch::kCPU)}};
+  if (device.is_cuda()) generators.emplace_back("rng_cuda", at::globalContext().defaultGenerator(device));
+  return generators;
+}
+
+// A checkpoint's archive, after its checksum is verified.
+void read_checkpoint(const std::string& path, torch::serialize::InputArchive& archive,
+                     const std::optional<torch::Device>& device) {
+  const std::string bytes = without_checksum(read_text(path), path);
+  archive.load_from(bytes.data(), bytes.size(), device);
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+                     const RunState& state, const json& settings, const torch::Device& device) {
+  torch::serialize::OutputArchive archive;
+  torch::serialize::OutputArchive model_archive, optimizer_archive;
+  model->save(model_archive);
+  optimizer.save(optimizer_archive);
+  archive.write("model", model_archive);
+  archive.write("optimizer", optimizer_archive);
+  archive.write("state", c10::IValue(json(state).dump()));
+  archive.write("config", c10::IValue(settings.dump()));
+  for (auto& [key, generator] : run_generators(device)) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    archive.write(key, generator.get_state());
+  }
+  std::ostringstream bytes;
+  archive.save_to(bytes);
+  atomic_write(path, with_checksum(bytes.str()));
+}
+
+json checkpoint_settings(const std::string& path) {
+  torch::serialize::InputArchive archive;
+  read_checkpoint(path, archive, torch::Device(torch::kCPU));
+  c10::IValue stored;
+  if (!archive.try_read("config", stored)) {
+    throw std::invalid_argument("checkpoint " + path + " does not record its run's settings; start again with "
+                                "--overwrite");
+  }
+  return json::parse(stored.toStringRef());
+}
+
+RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+                         const torch::Device& device) {
+  torch::serialize::InputArchive archive;
+  read_checkpoint(path, archive, device);
+  torch::serialize::InputArchive model_archive, optimizer_archive;
+  archive.read("model", model_archive);
+  archive.read("optimizer", optimizer_archive);
+  model->load(model_archive);
+  optimizer.load(optimizer_archive);
+  c10::IValue state;
+  archive.read("state", state);
+  for (auto& [key, generator] : run_generators(device)) {
+    torch::Tensor generator_state;
+    archive.read(key, generator_state);
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(generator_state.cpu());
+  }
+  return json::parse(state.toStringRef()).get<RunState>();
+}
+
+}  // namespace fxp::train

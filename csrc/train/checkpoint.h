@@ -1,0 +1,29 @@
+// Note [Checkpoints]
+// A checkpoint holds the model, the optimizer, the run state, the default
+// generators' states and the run's settings, serialized in memory and written
+// in one atomic write with a checksum (Note [Checksummed files] in io.h): a
+// full disk leaves the previous checkpoint as it was, a damaged file is never
+// resumed from, and the settings travel with the numbers.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <string>
+
+#include "nn/modules.h"
+#include "train/run_state.h"
+
+namespace fxp::train {
+
+void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+                     const RunState& state, const nlohmann::json& settings, const torch::Device& device);
+
+// Restores the model, the optimizer and the generators; returns the run state.
+RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+                         const torch::Device& device);
+
+// The settings a checkpoint was written with, after its checksum is verified.
+nlohmann::json checkpoint_settings(const std::string& path);
+
+}  // namespace fxp::train

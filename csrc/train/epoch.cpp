@@ -1,0 +1,129 @@
+#include "train/epoch.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "train/progress.h"
+
+namespace fxp::train {
+namespace {
+
+// Note [Shuffling]: the order of epoch e is randperm from a generator seeded
+// with mix(seed, e) alone, so a resumed run shuffles exactly as an
+// uninterrupted one, without checkpointing a generator.
+uint64_t mix(uint64_t seed, uint64_t epoch) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + epoch + 0x632BE59BD9B4E019ull;  // splitmix64
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(mix(static_cast<uint64_t>(seed), epoch));
+  return torch::randperm(n, generator, torch::kLong).to(device);
+}
+
+std::vector<torch::Tensor> gradients(torch::nn::Module& model) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model.parameters()) out.push_back(p.grad());
+  return out;
+}
+
+std::vector<torch::Tensor> parameters_and_buffers(torch::nn::Module& model) {
+  std::vector<torch::Tensor> out = model.parameters();
+  for (const auto& b : model.buffers()) out.push_back(b);
+  return out;
+}
+
+std::vector<torch::Tensor> optimizer_state(torch::optim::Optimizer& optimizer) {
+  std::vector<torch::Tensor> out;
+  for (const auto& [key, state] : optimizer.state()) {
+    if (auto* s = dynamic_cast<optim::QpuSgdParamState*>(state.get())) out.push_back(s->momentum_buffer());
+    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(state.get())) out.push_back(s->momentum_buffer());
+  }
+  return out;
+}
+
+// The memory of one training step (docs/memory.md): what the allocator holds
+// before it, what the forward leaves for the backward, the gradients, the
+// model and the optimizer state after it, and the step's peak.
+class StepProbe {
+ public:
+  StepProbe(Training& t, const torch::Device& device) : t_(t), device_(device) {
+    state_before_ = storage_bytes(optimizer_state(*t.optimizer));
+    reset_allocator_peak(device);
+    before_ = allocator_bytes(device);
+  }
+  void after_forward() { memory_.activations = allocator_bytes(device_).current - before_.current; }
+  void after_backward() { memory_.gradients = storage_bytes(gradients(*t_.model)); }
+  StepMemory after_step() {
+    memory_.parameters = storage_bytes(parameters_and_buffers(*t_.model));
+    memory_.optimizer_state = storage_bytes(optimizer_state(*t_.optimizer));
+    // Everything the step allocated on top of what it found, plus the resident model.
+    memory_.step_peak = allocator_bytes(device_).peak - before_.current + memory_.parameters + state_before_;
+    return memory_;
+  }
+
+ private:
+  Training& t_;
+  const torch::Device& device_;
+  AllocatorBytes before_;
+  int64_t state_before_ = 0;
+  StepMemory memory_{0, 0, 0, 0, 0};
+};
+
+}  // namespace
+
+EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch,
+                        const torch::Device& device, std::optional<StepMemory>& step_memory,
+                        const RunOptions& options) {
+  t.model->train();
+  const int64_t n_tensors = static_cast<int64_t>(t.model->parameters().size());
+  const int64_t batches = (train.size() + c.batch_size - 1) / c.batch_size;
+  const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), device);
+  torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(torch::kFloat64).device(device));
+  EpochResult result{0, torch::zeros({n_tensors, 2}, torch::TensorOptions(torch::kLong).device(device)), 0, false};
+  ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
+  for (int64_t b = 0; b < batches; ++b) {
+    t.optimizer->zero_grad();
+    // The session's second step (its first, if an epoch has one batch), so the
+    // momentum buffers exist and the previous gradients are gone.
+    std::optional<StepProbe> probe;
+    if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
+    const int64_t start = b * c.batch_size;
+    const torch::Tensor index = order.narrow(0, start, std::min(c.batch_size, train.size() - start));
+    const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+    torch::Tensor loss;
+    try {
+      loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
+      if (probe) probe->after_forward();
+      loss.backward();
+      if (probe) probe->after_backward();
+      t.optimizer->step();
+    } catch (const c10::ValueError& e) {
+      // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
+      if (!t.packed) throw;
+      if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+      result.diverged = true;
+      break;
+    }
+    if (probe) step_memory = probe->after_step();
+    loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(index.size(0)));
+    // One row per parameter, in the model's order (the optimizer's groups
+    // hold the model's parameters in order; rows of parameters without a gradient are zero).
+    if (t.qpu) result.update_counts.add_(torch::cat(t.qpu->last_counts()));
+    ++result.steps;
+    bar.update(b + 1, [&] {
+      return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size()));
+    });
+  }
+  bar.finish();
+  result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()
+                                : loss_sum.item<double>() / static_cast<double>(train.size());
+  return result;
+}
+
+}  // namespace fxp::train

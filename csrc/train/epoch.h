@@ -1,0 +1,27 @@
+// One training epoch: every batch of the epoch's order, forward, backward and
+// the optimizer's step, with the memory of one step measured once per session.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+
+#include "train/memory.h"
+#include "train/setup.h"
+#include "train/trainer.h"
+
+namespace fxp::train {
+
+struct EpochResult {
+  double loss;                  // mean training loss; NaN when the run diverged
+  torch::Tensor update_counts;  // QPU: int64 [n_params, 2], (saturated, vanished) summed over the steps
+  int64_t steps;
+  bool diverged;                // packed storage met a NaN (the epoch ended there)
+};
+
+// step_memory: measured on the session's first epoch (and kept).
+EpochResult train_epoch(Training& training, const Split& train, const TrainConfig& config, int64_t epoch,
+                        const torch::Device& device, std::optional<StepMemory>& step_memory,
+                        const RunOptions& options);
+
+}  // namespace fxp::train

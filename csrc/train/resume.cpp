@@ -1,0 +1,48 @@
+#include "train/resume.h"
+
+#include <stdexcept>
+
+#include "train/checkpoint.h"
+#include "train/config.h"
+#include "train/io.h"
+
+namespace fxp::train {
+
+using nlohmann::json;
+
+RunStart decide_start(const RunFiles& files, const json& settings, const RunOptions& options) {
+  const bool have_checkpoint = path_exists(files.checkpoint);
+  if (options.overwrite) {
+    for (const auto& f : {files.checkpoint, files.summary, files.metrics, files.config}) remove_file(f);
+    return {};
+  }
+  if (!options.resume && path_exists(files.summary)) {
+    json summary = json::parse(read_text(files.summary));
+    if (differing_settings(summary["config"], settings, /*epochs_may_differ=*/false).empty()) {
+      if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
+      return {false, summary};
+    }
+    throw std::invalid_argument("output directory " + files.dir +
+                                " holds a finished run with other settings; pass --resume to extend it to more epochs, "
+                                "--overwrite to replace it, or choose another --output-dir");
+  }
+  if (!options.resume && have_checkpoint) {
+    throw std::invalid_argument("output directory " + files.dir +
+                                " holds an unfinished run; pass --resume to continue it or --overwrite to start again");
+  }
+  if (!have_checkpoint) return {};  // --resume without a checkpoint starts the run
+  // The checkpoint's own record of its settings decides: config.json may be gone, or edited.
+  const json stored = checkpoint_settings(files.checkpoint);
+  const std::string differ = differing_settings(stored, settings, /*epochs_may_differ=*/true);
+  if (!differ.empty()) {
+    throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
+                                differ);
+  }
+  if (options.log && stored.value("threads", json()) != settings["threads"]) {
+    *options.log << "note: resuming with threads " << settings["threads"] << " instead of " << stored["threads"]
+                 << "; the result may differ in the last bits from an uninterrupted run\n";
+  }
+  return {true, std::nullopt};
+}
+
+}  // namespace fxp::train

@@ -1,0 +1,72 @@
+#include "train/setup.h"
+
+#include <stdexcept>
+
+#include "data/idx.h"
+
+namespace fxp::train {
+
+Split load_split(const TrainConfig& c, const std::string& split, int64_t limit, const torch::Device& device) {
+  data::MnistSplit s = data::read_mnist_split(c.data_dir, split);
+  const int64_t n = s.labels.size(0);
+  if (limit > n) {
+    throw std::invalid_argument((split == "train" ? "train_limit " : "val_limit ") + std::to_string(limit) +
+                                " is larger than the " + std::to_string(n) + " images of " + c.data_dir + " (" +
+                                split + ")");
+  }
+  if (limit > 0) {
+    s.images = s.images.narrow(0, 0, limit);
+    s.labels = s.labels.narrow(0, 0, limit);
+  }
+  torch::Tensor x = s.images.to(torch::kFloat32).div_(255.0f);
+  x = x.sub_(static_cast<float>(c.normalize_mean)).div_(static_cast<float>(c.normalize_std)).unsqueeze(1);
+  return {x.to(device).contiguous(), s.labels.to(device)};
+}
+
+Training set_up_training(const TrainConfig& c, const torch::Device& device) {
+  // Note [Identical initialization]: the model is built on the CPU right after
+  // seeding, before anything method-specific, so every method (and device)
+  // starts from the same float weights; QPU then rounds them onto the grid.
+  torch::manual_seed(static_cast<uint64_t>(c.seed));
+  nn::QuantConfig qc;
+  qc.weight_mode = nn::weight_mode_for(c.method);
+  qc.param_total_bits = c.param_bits;
+  qc.param_frac_bits = c.param_frac;
+  qc.act_total_bits = c.out_bits;
+  qc.act_frac_bits = c.out_frac;
+  qc.act_rounding = c.inference_rounding;
+  Training t;
+  t.model = nn::PaperCNN(qc);
+  t.model->to(device);
+  if (is_qpu(c.method)) t.model->quantize_parameters_(update_rounding(c.method), c.seed);
+  // Packed storage (docs/memory.md): QPU weights and momentum as codes, and
+  // every saved layer input that is a quantized output as codes. fp32 has no grid.
+  t.packed = c.packed && c.method != "fp32";
+  if (t.packed) t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
+  const double lr = c.initial_lr();
+  if (is_qpu(c.method)) {
+    auto qpu = std::make_unique<optim::QpuSgd>(t.model->parameters(), optim::QpuSgdOptions(lr)
+                                                                          .momentum(c.momentum)
+                                                                          .weight_decay(c.weight_decay)
+                                                                          .total_bits(c.param_bits)
+                                                                          .frac_bits(c.param_frac)
+                                                                          .rounding(update_rounding(c.method))
+                                                                          .momentum_form(c.momentum_form)
+                                                                          .seed(c.seed));
+    for (const auto& p : t.model->packed_storage()) {
+      qpu->set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
+    }
+    t.qpu = qpu.get();
+    t.optimizer = std::move(qpu);
+  } else {
+    t.optimizer = std::make_unique<torch::optim::SGD>(
+        t.model->parameters(), torch::optim::SGDOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay));
+  }
+  return t;
+}
+
+void set_lr(torch::optim::Optimizer& optimizer, double lr) {
+  for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
+}
+
+}  // namespace fxp::train

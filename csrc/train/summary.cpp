@@ -1,0 +1,103 @@
+#include "train/summary.h"
+
+#include <torch/version.h>
+
+#include <cstdio>
+#include <sstream>
+#include <string>
+
+#include "train/bookkeeping.h"
+#include "train/trainer.h"
+
+namespace fxp::train {
+namespace {
+
+using nlohmann::json;
+
+std::string percent(double x) {
+  std::ostringstream s;
+  s.precision(2);
+  s << std::fixed << 100.0 * x << "%";
+  return s.str();
+}
+
+}  // namespace
+
+json make_summary(const RunRecord& r) {
+  const TrainConfig& config = r.config;
+  const json& last = r.state.history.back();
+  double images_per_s = 0;
+  for (const auto& e : r.state.history) images_per_s += e["images_per_s"].get<double>();
+  images_per_s /= static_cast<double>(r.state.history.size());
+  int64_t n_params = 0;
+  for (const auto& p : r.training.model->parameters()) n_params += p.numel();
+  const ModelCounts counts = model_counts(r.training.model->describe());
+  json memory_model = json::object();
+  for (const std::string accounting : {"paper", "full"}) {
+    const auto estimate = [&](const std::string& method) {
+      return estimate_memory(counts, accounting, method, config.param_bits, config.out_bits, config.momentum > 0,
+                             config.batch_size);
+    };
+    json j = to_json(estimate(config.method));
+    j["ratio_to_ste"] = estimate(config.method).total_bytes() / estimate("ste").total_bytes();
+    j["ratio_to_fp32"] = estimate(config.method).total_bytes() / estimate("fp32").total_bytes();
+    memory_model[accounting] = j;
+  }
+  return {{"run_name", config.run_name()},
+          {"status", "finished"},
+          {"stop_reason", r.state.stop_reason},
+          {"epochs_completed", r.state.epochs_done},
+          {"best_val_accuracy", r.state.best_accuracy},
+          {"best_epoch", r.state.best_epoch},
+          {"final_val_accuracy", last["val_accuracy"]},
+          {"final_val_loss", last["val_loss"]},
+          {"final_train_loss", last["train_loss"]},
+          {"final_lr", r.state.lr},
+          {"wall_time_s", r.state.wall_time_s},
+          {"session_time_s", r.session_time_s},
+          {"train_images_per_s", images_per_s},
+          {"train_images", r.train_images},
+          {"val_images", r.val_images},
+          {"parameters", n_params},
+          {"memory_model", memory_model},
+          {"measured_memory", measured_memory(r.device, r.step_memory)},
+          {"device", r.device.str()},
+          {"threads", at::get_num_threads()},
+          {"torch_version", TORCH_VERSION},
+          {"config", r.settings}};
+}
+
+std::string summary_text(const json& s) {
+  std::ostringstream out;
+  const json& c = s["config"];
+  out << "run " << s["run_name"].get<std::string>() << " on " << s["device"].get<std::string>() << " ("
+      << s["threads"].get<int64_t>() << " threads), output in " << c["output_dir"].get<std::string>() << "\n";
+  out << "  best validation accuracy  " << percent(s["best_val_accuracy"].get<double>()) << " (epoch "
+      << s["best_epoch"].get<int64_t>() << ")\n";
+  out << "  final validation accuracy " << percent(s["final_val_accuracy"].get<double>()) << " after "
+      << s["epochs_completed"].get<int64_t>() << " epochs, stopped by: " << s["stop_reason"].get<std::string>() << "\n";
+  char line[256];
+  std::snprintf(line, sizeof line, "  wall time %.1f s, %.0f training images/s\n", s["wall_time_s"].get<double>(),
+                s["train_images_per_s"].get<double>());
+  out << line;
+  for (const std::string accounting : {"paper", "full"}) {
+    const json& m = s["memory_model"][accounting];
+    std::snprintf(line, sizeof line, "  training memory, %s model: %.1f kB (%.3f of STE)\n", accounting.c_str(),
+                  m["total_bytes"].get<double>() / 1e3, m["ratio_to_ste"].get<double>());
+    out << line;
+  }
+  if (s["measured_memory"].contains("step")) {
+    const json& m = s["measured_memory"]["step"];
+    std::snprintf(line, sizeof line,
+                  "  measured, one step%s: %.1f kB = parameters %.1f + gradients %.1f + optimizer state %.1f + "
+                  "activations %.1f (peak %.1f kB)\n",
+                  c.value("packed", false) ? " (packed)" : "", m["total_bytes"].get<double>() / 1e3,
+                  m["parameters_bytes"].get<double>() / 1e3, m["gradients_bytes"].get<double>() / 1e3,
+                  m["optimizer_state_bytes"].get<double>() / 1e3, m["activations_bytes"].get<double>() / 1e3,
+                  m["step_peak_bytes"].get<double>() / 1e3);
+    out << line;
+  }
+  return out.str();
+}
+
+}  // namespace fxp::train

@@ -1,0 +1,80 @@
+#include "train/validate.h"
+
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace fxp::train {
+namespace {
+
+using nlohmann::json;
+
+// The layer a parameter belongs to: "conv1.conv.weight" -> "conv1".
+std::string layer_of(const std::string& parameter_name) { return parameter_name.substr(0, parameter_name.find('.')); }
+
+}  // namespace
+
+Validation validate(Training& t, const Split& val, const TrainConfig& c, const torch::Device& device) {
+  t.model->eval();
+  torch::NoGradGuard no_grad;
+  auto stats = t.model->output_stats();
+  for (auto& [name, s] : stats) s->reset(), s->enabled = true;
+  torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(torch::kFloat64).device(device));
+  torch::Tensor correct = torch::zeros({}, torch::TensorOptions(torch::kLong).device(device));
+  for (int64_t start = 0; start < val.size(); start += c.eval_batch_size) {
+    const int64_t len = std::min(c.eval_batch_size, val.size() - start);
+    const torch::Tensor x = val.images.narrow(0, start, len), y = val.labels.narrow(0, start, len);
+    const torch::Tensor logits = t.model->forward(x);
+    loss_sum.add_(torch::nn::functional::cross_entropy(
+                      logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+                      .to(torch::kFloat64));
+    correct.add_(logits.argmax(1).eq(y).sum());
+  }
+  for (auto& [name, s] : stats) s->enabled = false;
+  return {loss_sum.item<double>() / static_cast<double>(val.size()),
+          static_cast<double>(correct.item<int64_t>()) / static_cast<double>(val.size())};
+}
+
+LayerStatistics layer_statistics(Training& t, const TrainConfig& c, const EpochResult& epoch) {
+  json layers = json::object();
+  for (auto& [name, s] : t.model->output_stats()) {
+    json entry = {{"output_saturated", nullptr}, {"output_saturated_fraction", nullptr}, {"param_saturated", nullptr}};
+    if (s->saturated.defined()) {
+      const int64_t saturated = s->saturated.item<int64_t>();
+      entry["output_saturated"] = saturated;
+      entry["output_saturated_fraction"] = static_cast<double>(saturated) / static_cast<double>(s->elements);
+    }
+    layers[name] = entry;
+  }
+  std::vector<std::string> parameter_layers;
+  int64_t n_params = 0;
+  for (const auto& item : t.model->named_parameters()) {
+    parameter_layers.push_back(layer_of(item.key()));
+    n_params += item.value().numel();
+  }
+  auto add_param_saturated = [&](size_t k, int64_t n) {
+    auto& sat = layers[parameter_layers[k]]["param_saturated"];
+    sat = (sat.is_null() ? 0 : sat.get<int64_t>()) + n;
+  };
+  json vanished_fraction = nullptr;
+  if (t.qpu) {
+    const torch::Tensor counts = epoch.update_counts.cpu();
+    int64_t vanished = 0;
+    for (size_t k = 0; k < parameter_layers.size(); ++k) {
+      add_param_saturated(k, counts[k][0].item<int64_t>());
+      vanished += counts[k][1].item<int64_t>();
+    }
+    vanished_fraction = static_cast<double>(vanished) / (static_cast<double>(n_params) * static_cast<double>(epoch.steps));
+  } else if (c.method == "ste") {
+    // STE's master weights outside the representable range (saturated when read).
+    torch::NoGradGuard no_grad;
+    size_t k = 0;
+    for (const auto& p : t.model->parameters()) {
+      add_param_saturated(k++, std::get<1>(quantize_stats(p, c.param_bits, c.param_frac)).item<int64_t>());
+    }
+  }
+  return {layers, vanished_fraction};
+}
+
+}  // namespace fxp::train

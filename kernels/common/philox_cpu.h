@@ -1,0 +1,149 @@
+// Philox4x32-10 for CPU loops: the vectorized generators (AVX2: 8 blocks per
+// register, AVX-512: 16) and philox_chunk, which fills a buffer in element
+// order with the widest one the translation unit is compiled for. Include it
+// only from files compiled once per CPU capability (see CMakeLists.txt).
+#pragma once
+
+#include <cstdint>
+#if defined(__AVX2__) || defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics start from deliberately undefined registers
+// (_mm512_undefined_epi32: `__m512i __Y = __Y;`), which -Wuninitialized and
+// -Wmaybe-uninitialized report once they are inlined, notably under
+// -fsanitize. The warnings are the header's, so they are silenced for its
+// lines only (the pragma state is looked up at the warning's location).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+#include "common/fxp_math.h"
+
+#ifndef FXP_CPU_CAPABILITY
+#error "philox_cpu.h belongs to the per-capability builds"
+#endif
+
+namespace fxp::kernels::FXP_CPU_CAPABILITY {
+namespace {
+
+#if defined(__AVX2__)
+// a * m for the eight 32-bit lanes of a (m holds the multiplier in every lane):
+// the high and low 32-bit halves of each 64-bit product.
+inline void mulhilo_x8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                        // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// Philox4x32-10 for the eight blocks first_block .. first_block + 7, one block
+// per lane, written in element order (block j's lanes at out[4j .. 4j+3]).
+// Equal to philox4x32_10 in fxp_math.h; the C++ tests compare the two.
+inline void philox_x8(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* out) {
+  // Block indices first_block + j as (lo, hi) words, carrying into hi where lo wraps
+  // (an unsigned compare, done signed with the sign bits flipped).
+  const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block)));
+  __m256i c2 = _mm256_add_epi32(base_lo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(c2, sign));
+  __m256i c3 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block >> 32))),
+                                wrapped);  // wrapped lanes are -1
+  __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo_x8(c0, m0, hi0, lo0);
+    mulhilo_x8(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // 4 x 8 transpose: lanes (c0..c3) of block j become out[4j .. 4j+3].
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  auto* dst = reinterpret_cast<__m256i*>(out);
+  _mm256_storeu_si256(dst + 0, _mm256_permute2x128_si256(u0, u1, 0x20));
+  _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+  _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+  _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+}
+#endif
+
+#if defined(__AVX512F__)
+inline void mulhilo_x16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                        // products of lanes 0, 2, ..
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // products of lanes 1, 3, ..
+  // Gather 32-bit halves from the two: index i < 16 picks even's word i, 16 + i odd's word i.
+  const __m512i lo_index = _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
+  const __m512i hi_index = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
+  lo = _mm512_permutex2var_epi32(even, lo_index, odd);
+  hi = _mm512_permutex2var_epi32(even, hi_index, odd);
+}
+
+// As philox_x8, for sixteen blocks.
+inline void philox_x16(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* out) {
+  // Block indices first_block + j as (lo, hi) words, carrying into hi where lo wraps.
+  const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block)));
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512i c2 = _mm512_add_epi32(base_lo, iota);
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(c2, base_lo);
+  const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_block >> 32)));
+  __m512i c3 = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+  __m512i c0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo_x16(c0, m0, hi0, lo0);
+    mulhilo_x16(c2, m1, hi1, lo1);
+    // 0x96: a ^ b ^ c
+    c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+    c1 = lo1;
+    c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+    c3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // Within each 128-bit lane k: u_j holds block 4k + j. Then a 4 x 4 transpose of lanes.
+  const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+  const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u0, u1, 0xEE);
+  const __m512i v2 = _mm512_shuffle_i32x4(u2, u3, 0x44), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+  _mm512_storeu_si512(out + 0, _mm512_shuffle_i32x4(v0, v2, 0x88));
+  _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(v0, v2, 0xDD));
+  _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(v1, v3, 0x88));
+  _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+}
+#endif
+
+// Fills out[4j .. 4j+3] with the Philox block (seed, offset, first_block + j).
+inline void philox_chunk(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t nblocks,
+                  uint32_t* out) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j + 16 <= nblocks; j += 16) philox_x16(seed, offset, first_block + j, out + 4 * j);
+#endif
+#if defined(__AVX2__)
+  for (; j + 8 <= nblocks; j += 8) philox_x8(seed, offset, first_block + j, out + 4 * j);
+#endif
+  for (; j < nblocks; ++j) {
+    const PhiloxBlock r = philox4x32_10(seed, offset, first_block + static_cast<uint64_t>(j));
+    for (int l = 0; l < 4; ++l) out[4 * j + l] = r.lane[l];
+  }
+}
+
+}  // namespace
+}  // namespace fxp::kernels::FXP_CPU_CAPABILITY
