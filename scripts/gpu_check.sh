@@ -59,7 +59,7 @@ run build cmake --build "$BUILD" -j "$(nproc)"
 if [[ $status != 0 ]]; then echo "gpu_check: FAILED to build; logs in $LOGS"; exit 1; fi
 # Make `import fxp` find this checkout's package and build/libfxp.so without installing,
 # and QPyTorch from the carried wheel.
-export PYTHONPATH=$ROOT/torch_ext${PYTHONPATH:+:$PYTHONPATH} FXP_LIBRARY=$BUILD/libfxp.so
+export PYTHONPATH=$ROOT/torch_ext${PYTHONPATH:+:$PYTHONPATH} FXP_LIBRARY=$BUILD/libfxp.so FXP_TRAIN=$BUILD/fxp-train
 if compgen -G "$ROOT/.deps/wheels/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/fxp-site "$ROOT"/.deps/wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/fxp-site

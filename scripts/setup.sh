@@ -2,7 +2,7 @@
 # One-time (and idempotent) setup of everything fxp needs on this machine:
 #   1. Debian packages: compilers, CMake, Ninja, GoogleTest, Python venv, Fashion-MNIST;
 #   2. the Python environment ${FXP_VENV:-$HOME/.cache/fxp/venv} with the pinned torch;
-#   3. the fxp Python package, installed editable into that environment;
+#   3. the fxp package of this checkout, on that environment's path (a .pth file);
 #   4. the build in build/ (libfxp, tests, examples).
 # Environment: FXP_VENV (venv path), FXP_CUDA=AUTO|ON|OFF (CUDA kernels),
 # FXP_SKIP_APT=1 (no apt-get, e.g. on a box without it),

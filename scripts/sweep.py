@@ -60,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=at_least_one,
                    help="CPU threads per process (default: the CPUs divided among the jobs)")
     p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
-    p.add_argument("--fxp-train", default=str(sweeplib.ROOT / "build" / "fxp-train"),
-                   help="the fxp-train executable (default: build/fxp-train)")
+    p.add_argument("--fxp-train", default=str(sweeplib.DEFAULT_FXP_TRAIN),
+                   help="the fxp-train executable (default: $FXP_TRAIN, else build/fxp-train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 

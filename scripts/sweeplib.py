@@ -46,7 +46,8 @@ class Run:
         return dict(self.settings)
 
 
-DEFAULT_FXP_TRAIN = ROOT / "build" / "fxp-train"
+# $FXP_TRAIN, else the checkout's build (scripts/setup.sh).
+DEFAULT_FXP_TRAIN = pathlib.Path(os.environ.get("FXP_TRAIN") or ROOT / "build" / "fxp-train")
 
 
 def resolve(settings: list[dict], fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[dict]:

@@ -22,12 +22,14 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # --- 1. pip install ----------------------------------------------------------
 step "building the fxp wheel (FXP_CUDA=${FXP_WHEEL_CUDA:-OFF}; build tree $WHEEL_BUILD)"
-FXP_CUDA=${FXP_WHEEL_CUDA:-OFF} "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps \
-  --config-settings=build-dir="$WHEEL_BUILD" -w "$WORK/dist" "$ROOT"
+# (a -D define, not the environment: the kept build tree has FXP_CUDA cached)
+"$PYTHON" -m pip wheel -q --no-build-isolation --no-deps --config-settings=build-dir="$WHEEL_BUILD" \
+  --config-settings=cmake.define.FXP_CUDA="${FXP_WHEEL_CUDA:-OFF}" -w "$WORK/dist" "$ROOT"
 wheel=$(ls "$WORK"/dist/fxp-*.whl)
 
 step "installing $(basename "$wheel") into a fresh venv"
-python3 -m venv "$WORK/venv"
+# The interpreter behind the pinned venv, so that its torch loads in the fresh one.
+"$("$PYTHON" -c 'import sys; print(sys._base_executable)')" -m venv "$WORK/venv"
 # The pinned torch is several GB: the fresh venv sees the cached one's packages
 # through a .pth file instead of installing it again.
 torch_site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -69,8 +71,11 @@ readelf -d "$fresh_site/fxp/libfxp.so" | grep -q 'R.*PATH.*\$ORIGIN/../torch/lib
 # --- 2. cmake --install ------------------------------------------------------
 step "cmake --install $BUILD"
 cmake --install "$BUILD" --prefix "$WORK/prefix" >/dev/null
-for f in include/fxp/fxp.h lib/cmake/fxp/fxpConfig.cmake lib/libfxp.so lib/libfxp_frontend.so bin/fxp-train; do
-  [[ -e $WORK/prefix/$f ]] || { echo "test_install.sh: $f was not installed" >&2; exit 1; }
+expected=(include/fxp/fxp.h include/fxp/ops/ops.h include/fxp/nn/modules.h include/fxp/optim/qpu_sgd.h
+          'lib*/cmake/fxp/fxpConfig.cmake' 'lib*/libfxp.so' 'lib*/libfxp_frontend.so')
+[[ -x $BUILD/fxp-train ]] && expected+=(bin/fxp-train)  # optional: it needs CLI11 and nlohmann-json
+for f in "${expected[@]}"; do
+  compgen -G "$WORK/prefix/$f" >/dev/null || { echo "test_install.sh: $f was not installed" >&2; exit 1; }
 done
 
 step "building csrc/examples against the installed package"
@@ -80,5 +85,5 @@ cmake -S "$ROOT/csrc/examples" -B "$WORK/examples" -G Ninja -DCMAKE_BUILD_TYPE=R
   || { cat "$WORK/examples.configure.log" >&2; exit 1; }
 cmake --build "$WORK/examples" >/dev/null
 (cd "$WORK" && env -u LD_LIBRARY_PATH "$WORK/examples/fxp-quantize-demo" | grep "grid: yes")
-env -u LD_LIBRARY_PATH "$WORK/prefix/bin/fxp-train" --help >/dev/null
+if [[ -x $BUILD/fxp-train ]]; then env -u LD_LIBRARY_PATH "$WORK/prefix/bin/fxp-train" --help >/dev/null; fi
 step "both install paths work"

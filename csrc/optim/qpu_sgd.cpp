@@ -72,6 +72,18 @@ void check_options(const QpuSgdOptions& o) {
   qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
                 momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
 }
+
+// An expanded tensor (a zero stride) cannot be updated in place; the usual one
+// is a packed layer's stand-in whose codes nobody passed.
+bool is_expanded(const torch::Tensor& p) {
+  if (p.dim() == 0) return false;
+  bool every_stride_zero = true;
+  for (int64_t d = 0; d < p.dim(); ++d) {
+    if (p.stride(d) == 0 && p.size(d) > 1) return true;
+    every_stride_zero = every_stride_zero && p.stride(d) == 0;
+  }
+  return every_stride_zero;
+}
 }  // namespace
 
 QpuSgd::QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
@@ -94,6 +106,17 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
     loss = closure();
   }
   last_counts_.clear();
+  // Before any group steps: every parameter to update can be written, or has codes.
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    const auto& group_params = param_groups_[g].params();
+    for (size_t k = 0; k < group_params.size(); ++k) {
+      const torch::Tensor& p = group_params[k];
+      TORCH_CHECK_VALUE(!p.grad().defined() || packed_codes_.count(p.unsafeGetTensorImpl()) || !is_expanded(p), kName,
+                        ": parameter ", k, " of group ", g,
+                        " is expanded (a stride is 0), so it cannot be updated in place; a packed layer's stand-in "
+                        "needs its codes: set_packed_storage for each of the model's packed_storage()");
+    }
+  }
   for (auto& group : param_groups_) {
     auto& o = static_cast<QpuSgdOptions&>(group.options());
     const int64_t mtb = momentum_total_bits(o), mfb = momentum_frac_bits(o);

@@ -57,7 +57,12 @@ class StepProbe {
     reset_allocator_peak(device);
     before_ = allocator_bytes(device);
   }
-  void after_forward() { memory_.activations = allocator_bytes(device_).current - before_.current; }
+  void after_forward() {
+    memory_.activations = allocator_bytes(device_).current - before_.current;
+    forward_done_ = true;
+  }
+  // A step cut short: the parts measured, once the forward has finished.
+  std::optional<StepMemory> so_far() const { return forward_done_ ? std::optional(memory_) : std::nullopt; }
   void after_backward() { memory_.gradients = storage_bytes(gradients(*t_.model)); }
   StepMemory after_step() {
     memory_.parameters = storage_bytes(parameters_and_buffers(*t_.model));
@@ -72,6 +77,7 @@ class StepProbe {
   const torch::Device& device_;
   AllocatorBytes before_;
   int64_t state_before_ = 0;
+  bool forward_done_ = false;
   StepMemory memory_{0, 0, 0, 0, 0};
 };
 
@@ -85,7 +91,8 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
   const int64_t batches = (train.size() + c.batch_size - 1) / c.batch_size;
   const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), device);
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(torch::kFloat64).device(device));
-  EpochResult result{0, torch::zeros({n_tensors, 2}, torch::TensorOptions(torch::kLong).device(device)), 0, false};
+  EpochResult result{0, torch::zeros({n_tensors, 2}, torch::TensorOptions(torch::kLong).device(device)), batches,
+                     false};
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
   for (int64_t b = 0; b < batches; ++b) {
     t.optimizer->zero_grad();
@@ -107,6 +114,7 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
       if (!t.packed) throw;
       if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+      if (probe) step_memory = probe->so_far();  // what was measured before the NaN, if anything
       result.diverged = true;
       break;
     }
@@ -115,7 +123,6 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
     // One row per parameter, in the model's order (the optimizer's groups
     // hold the model's parameters in order; rows of parameters without a gradient are zero).
     if (t.qpu) result.update_counts.add_(torch::cat(t.qpu->last_counts()));
-    ++result.steps;
     bar.update(b + 1, [&] {
       return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size()));
     });

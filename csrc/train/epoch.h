@@ -15,7 +15,7 @@ namespace fxp::train {
 struct EpochResult {
   double loss;                  // mean training loss; NaN when the run diverged
   torch::Tensor update_counts;  // QPU: int64 [n_params, 2], (saturated, vanished) summed over the steps
-  int64_t steps;
+  int64_t batches;              // the epoch's batches (all of them, even after a divergence)
   bool diverged;                // packed storage met a NaN (the epoch ended there)
 };
 

@@ -65,7 +65,7 @@ LayerStatistics layer_statistics(Training& t, const TrainConfig& c, const EpochR
       add_param_saturated(k, counts[k][0].item<int64_t>());
       vanished += counts[k][1].item<int64_t>();
     }
-    vanished_fraction = static_cast<double>(vanished) / (static_cast<double>(n_params) * static_cast<double>(epoch.steps));
+    vanished_fraction = static_cast<double>(vanished) / (static_cast<double>(n_params) * static_cast<double>(epoch.batches));
   } else if (c.method == "ste") {
     // STE's master weights outside the representable range (saturated when read).
     torch::NoGradGuard no_grad;

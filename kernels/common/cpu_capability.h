@@ -11,6 +11,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 namespace fxp::kernels {
 
@@ -55,10 +56,12 @@ Fn* cpu_kernel(const CpuKernelTable& table, CpuCapability capability = selected_
 #endif
 
 // In a per-capability source (FXP_CPU_CAPABILITY_ID is set by the build):
-// registers `entry` as this build's entry of `table` when the library loads.
+// registers `entry`, a function of type `Fn` (checked: the table erases it),
+// as this build's entry of `table` when the library loads.
 #define FXP_CPU_KERNEL_PASTE(a, b) a##b
 #define FXP_CPU_KERNEL_NAME(a, b) FXP_CPU_KERNEL_PASTE(a, b)
-#define FXP_REGISTER_CPU_KERNEL(table, entry)                                                                     \
+#define FXP_REGISTER_CPU_KERNEL(table, Fn, entry)                                                                 \
+  static_assert(std::is_same_v<decltype(entry), Fn>, #entry " must have the type of " #Fn);                     \
   static const bool FXP_CPU_KERNEL_NAME(fxp_registered_, __LINE__) =                                             \
       (::fxp::kernels::register_cpu_kernel(table, static_cast<::fxp::kernels::CpuCapability>(FXP_CPU_CAPABILITY_ID), \
                                            reinterpret_cast<void*>(&(entry))),                                    \

@@ -9,7 +9,7 @@
 namespace fxp::kernels {
 
 // Scans the kh x kw window at plane[row0 * width + col0 ...]; returns the
-// maximum of relu over it and sets *position (see pool.h for the rules).
+// maximum of relu over it and sets *position (see pool_kernel.h for the rules).
 template <typename scalar_t, typename acc_t>
 FXP_HOST_DEVICE scalar_t relu_max_window(const scalar_t* plane, int64_t width, int64_t row0, int64_t col0, int kh,
                                          int kw, uint8_t* position) {

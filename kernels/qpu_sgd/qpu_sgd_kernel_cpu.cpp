@@ -182,7 +182,7 @@ void step(at::TensorList params, at::TensorList grads, at::TensorList momentum, 
   if (nan_count.defined()) *nan_count.data_ptr<int64_t>() += nans;
 }
 
-FXP_REGISTER_CPU_KERNEL(qpu_sgd_cpu_kernel, step);
+FXP_REGISTER_CPU_KERNEL(qpu_sgd_cpu_kernel, QpuSgdCpu, step);
 
 }  // namespace
 }  // namespace fxp::kernels::FXP_CPU_CAPABILITY

@@ -127,7 +127,7 @@ void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeP
 }
 
 // --- packed storage: one thread per Philox block, as above ----------------
-// counts[0] receives the NaN elements, counts[1] (kExact) the off-grid ones; see pack_span in quantize_cpu.cpp.
+// counts[0] receives the NaN elements, counts[1] (kExact) the off-grid ones; see pack_span in quantize_kernel_cpu.cpp.
 template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
 __global__ void __launch_bounds__(kThreads)
     pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n, FxpSpec<double> spec,

@@ -236,10 +236,10 @@ void quantize(const at::Tensor& x, const at::Tensor& out, const QuantizeParams& 
   if (saturated_count.defined()) *saturated_count.data_ptr<int64_t>() += count;
 }
 
-FXP_REGISTER_CPU_KERNEL(quantize_cpu_kernel, quantize);
-FXP_REGISTER_CPU_KERNEL(pack_cpu_kernel, pack);
-FXP_REGISTER_CPU_KERNEL(unpack_cpu_kernel, unpack);
-FXP_REGISTER_CPU_KERNEL(philox_fill_cpu_kernel, philox_fill);
+FXP_REGISTER_CPU_KERNEL(quantize_cpu_kernel, QuantizeCpu, quantize);
+FXP_REGISTER_CPU_KERNEL(pack_cpu_kernel, PackCpu, pack);
+FXP_REGISTER_CPU_KERNEL(unpack_cpu_kernel, UnpackCpu, unpack);
+FXP_REGISTER_CPU_KERNEL(philox_fill_cpu_kernel, PhiloxFillCpu, philox_fill);
 
 }  // namespace
 }  // namespace fxp::kernels::FXP_CPU_CAPABILITY

@@ -1,4 +1,4 @@
-// CUDA quantize launcher. Same contract as quantize_cpu in quantize.h; runs on
+// CUDA quantize launcher. Same contract as quantize_cpu in quantize_kernel.h; runs on
 // the current stream of x's device (the caller holds the device guard).
 #pragma once
 

@@ -1,4 +1,4 @@
-// The scalar fixed-point math of kernels/fxp_math.h against libm and by hand.
+// The scalar fixed-point math of kernels/common/fxp_math.h against libm and by hand.
 #include <gtest/gtest.h>
 
 #include <cfenv>

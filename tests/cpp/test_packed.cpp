@@ -189,6 +189,22 @@ TEST(Packed, AStepThatRaisesHasStepped) {
   EXPECT_FALSE(torch::equal(packed.back().codes.narrow(0, 1, 9), before.narrow(0, 1, 9)));  // the others moved
 }
 
+// A forgotten set_packed_storage would write into a stand-in; the step refuses
+// before it touches any group.
+TEST(Packed, AStepWithoutThePackedStorageIsRefused) {
+  fxp::nn::QuantConfig qpu;
+  qpu.weight_mode = fxp::nn::WeightMode::Qpu;
+  fxp::nn::PaperCNN model(qpu);
+  model->quantize_parameters_("stochastic", 0);
+  model->pack_(true, false);
+  fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.1).momentum(0.9));
+  for (const auto& p : model->parameters()) p.mutable_grad() = torch::full(p.sizes(), 0.01);
+  const torch::Tensor before = model->packed_storage().at(0).codes.clone();
+  expect_error([&] { opt.step(); }, "parameter 0 of group 0 is expanded (a stride is 0)");
+  EXPECT_EQ(static_cast<fxp::optim::QpuSgdOptions&>(opt.param_groups()[0].options()).step(), 0);
+  EXPECT_TRUE(torch::equal(model->packed_storage().at(0).codes, before));
+}
+
 TEST(Packed, CudaPackAndStepEqualCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine";
   torch::manual_seed(5);

@@ -3,12 +3,13 @@ fxp-train, the Debian Fashion-MNIST, and the skip mark for tests that need both.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FXP_TRAIN = ROOT / "build" / "fxp-train"
+FXP_TRAIN = pathlib.Path(os.environ.get("FXP_TRAIN") or ROOT / "build" / "fxp-train")  # as scripts/sweeplib.py
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 requires_fxp_train_and_data = pytest.mark.skipif(

@@ -1,5 +1,5 @@
 """The per-capability CPU builds share no code (issue 11). Note [One copy of
-the math per instruction set] (kernels/fxp_math.h): an inline function that two
+the math per instruction set] (kernels/common/fxp_math.h): an inline function that two
 capability objects both define is one weak symbol, and the linker keeps one
 copy for every caller, so an AVX-512 copy could run on a baseline CPU. These
 tests read the objects the build made (build/compile_commands.json) and the

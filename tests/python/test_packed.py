@@ -443,6 +443,23 @@ def test_packed_layer_errors():
         model.quantize_parameters_()
 
 
+def test_an_optimizer_without_the_packed_storage_refuses_to_step():
+    """A forgotten packed= would write into a stand-in (or leave the codes as
+    they are); the step refuses before it touches any group."""
+    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8))
+    model.quantize_parameters_()
+    model.pack_()
+    opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10))
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 1, 28, 28)), torch.tensor([1, 2])).backward()
+    codes = model.fc1.weight_codes.clone()
+    with pytest.raises(ValueError, match=r"parameter 0 of group 0 is expanded .*packed=fxp.nn.packed_storage"):
+        opt.step()
+    assert opt.param_groups[0]["step"] == 0 and not opt.state and torch.equal(model.fc1.weight_codes, codes)
+    opt.set_packed_storage(*fxp.nn.packed_storage(model)[0])  # one of them is not enough
+    with pytest.raises(ValueError, match=r"parameter 1 of group 0 is expanded"):
+        opt.step()
+
+
 def test_quantize_model_packed_switch():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))

@@ -22,14 +22,11 @@ import sweeplib  # noqa: E402
 GRIDS = ROOT / "configs" / "grids"
 
 
-# fxp-train names every run (Note [Run names come from fxp-train]).
-pytestmark = requires_fxp_train
-
-
 def grid_runs(name):
     return sweeplib.expand(sweeplib.load_grid(GRIDS / f"{name}.yaml"))
 
 
+@requires_fxp_train
 @pytest.mark.parametrize("name,total,quantized", [("exp1", 395, 390), ("exp2", 2750, 2640), ("exp3", 2500, 2400)])
 def test_grid_counts(name, total, quantized):
     runs = grid_runs(name)
@@ -38,6 +35,7 @@ def test_grid_counts(name, total, quantized):
     assert len({r.id for r in runs}) == total
 
 
+@requires_fxp_train
 def test_grid_contents_match_the_paper():
     exp1 = grid_runs("exp1")
     formats = {(r.config["param_bits"], r.config["param_frac"]) for r in exp1 if r.config["method"] != "fp32"}
@@ -68,6 +66,7 @@ def test_run_ids_are_fxp_trains_run_names(settings):
     assert pathlib.Path(json.loads(out.stdout)["output_dir"]).name == run.id
 
 
+@requires_fxp_train
 def test_fxp_train_checks_every_runs_values(tmp_path):
     """A bad value leaves a named run that says why fxp-train will refuse it."""
     runs = sweeplib.expand({"name": "g", "base": {"lr": 0.5},
@@ -81,12 +80,14 @@ def test_fxp_train_checks_every_runs_values(tmp_path):
         sweeplib.expand({"name": "g", "blocks": [{"axes": {"method": ["sqpu", 7]}}]})
 
 
+@requires_fxp_train
 def test_run_ids_are_stable():
     r = grid_runs("exp2")[0]
     assert r.id == "ste-p32.20-o32.16-sr-b1024-s0"
     assert grid_runs("exp2")[0] == r
 
 
+@requires_fxp_train
 @pytest.mark.parametrize("count", [1, 2, 3, 7, 16])
 def test_shards_cover_every_run_exactly_once(count):
     runs = grid_runs("exp1")
@@ -97,6 +98,7 @@ def test_shards_cover_every_run_exactly_once(count):
     assert sweeplib.shard(list(reversed(runs)), 0, count) == shards[0]  # independent of the input order
 
 
+@requires_fxp_train
 def test_select_filters_seeds_and_overrides():
     runs = grid_runs("exp2")
     sel = sweeplib.select(runs, sweeplib.parse_filters(["method=sqpu,ste", "batch_size=256"]), seeds=2,
@@ -113,6 +115,7 @@ def test_select_filters_seeds_and_overrides():
         sweeplib.shard(runs, 4, 4)
 
 
+@requires_fxp_train
 def test_duplicate_ids_are_an_error():
     grid = {"name": "g", "blocks": [{"axes": {"lr": [0.1, 0.2]}}]}  # lr is not in the id
     with pytest.raises(ValueError, match="share the id"):
@@ -171,6 +174,7 @@ def small_runs():
     return sweeplib.expand(grid)
 
 
+@requires_fxp_train
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_killed_sweep_resumes_without_losing_or_repeating_work(tmp_path, jobs):
     runs = small_runs()
@@ -193,6 +197,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_work(tmp_path, jobs):
     assert third.epochs == []
 
 
+@requires_fxp_train
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     runs = small_runs()
     bad = runs[2].id
@@ -205,6 +210,7 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert not (tmp_path / bad / "failed.json").exists()
 
 
+@requires_fxp_train
 def test_a_directory_holding_other_settings_is_a_conflict(tmp_path):
     runs = small_runs()
     sweeplib.execute(runs[:1], tmp_path, StubTrainer())
@@ -213,6 +219,7 @@ def test_a_directory_holding_other_settings_is_a_conflict(tmp_path):
     assert sweeplib.execute(changed, tmp_path, StubTrainer())["conflict"] == 1
 
 
+@requires_fxp_train
 def test_sweep_cli_dry_run(capsys, tmp_path):
     assert sweep.main([str(GRIDS / "exp2.yaml"), "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -313,6 +320,7 @@ GOOD_BLOCKS = "blocks:\n  - axes: {seed: [0, 1]}\n"
     # a key given twice: YAML keeps the last one silently
     ("base: {lr: 0.1, lr: 0.2}\n" + GOOD_BLOCKS, "line 1, column 17: key 'lr' is given twice"),
 ])
+@requires_fxp_train
 def test_malformed_grids_are_one_line_errors(tmp_path, capsys, text, place):
     grid = write_grid(tmp_path, text)
     assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"),
@@ -329,6 +337,7 @@ def test_malformed_grids_are_one_line_errors(tmp_path, capsys, text, place):
     (["--set", "lr=[1, 2]"], "--set lr=[1, 2]: lr must be a single value, got [1, 2]"),
     (["--set", "lr=[1"], "--set lr=[1: line 1, column 3: expected ',' or ']', but got '<stream end>'"),
 ])
+@requires_fxp_train
 def test_unknown_filter_and_set_keys_are_errors(tmp_path, capsys, args, message):
     grid = write_grid(tmp_path, GOOD_BLOCKS)
     assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"),
@@ -336,6 +345,7 @@ def test_unknown_filter_and_set_keys_are_errors(tmp_path, capsys, args, message)
     assert capsys.readouterr().err == f"sweep: {message}\n"
 
 
+@requires_fxp_train
 def test_setting_keys_come_from_fxp_train(tmp_path, capsys):
     grid = write_grid(tmp_path, "base: {lr: 0.1}\n" + GOOD_BLOCKS)
     fake = str(fake_fxp_train(tmp_path))
@@ -372,6 +382,7 @@ def test_counts_below_one_are_errors(capsys, flag, value):
     assert f"argument {flag}: " in err and ("must be at least 1" in err or "whole number" in err), err
 
 
+@requires_fxp_train
 def test_out_under_a_regular_file_is_an_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     grid = write_grid(tmp_path, GOOD_BLOCKS)
@@ -382,6 +393,7 @@ def test_out_under_a_regular_file_is_an_error(tmp_path, capsys):
                                           "is not a directory\n"
 
 
+@requires_fxp_train
 @pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("1E5", 1e5), ("-2.5e+3", -2500.0), (".5", 0.5),
                                         ("1.0", 1.0), ("+1e3", 1000.0), ("1", 1), ("-7", -7), ('"1e-3"', "1e-3"),
                                         ("'1'", "1"), ("sr", "sr"), ("true", True), ("1e", "1e")])
@@ -415,6 +427,7 @@ class LockHolder:
         self.p.stdout.close()
 
 
+@requires_fxp_train
 def test_a_run_locked_by_another_process_is_busy_and_not_started(tmp_path):
     runs = small_runs()
     busy = runs[1]
@@ -435,6 +448,7 @@ def test_a_run_locked_by_another_process_is_busy_and_not_started(tmp_path):
     assert sweeplib.execute(runs, tmp_path, StubTrainer())["done"] == 1
 
 
+@requires_fxp_train
 def test_fxp_train_finding_the_run_locked_makes_it_busy_not_failed(tmp_path):
     """The race after the probe: fxp-train itself finds the lock taken and exits with 75."""
     loser = tmp_path / "loser"
@@ -446,6 +460,7 @@ def test_fxp_train_finding_the_run_locked_makes_it_busy_not_failed(tmp_path):
     assert not any((tmp_path / r.id / "failed.json").exists() for r in runs)
 
 
+@requires_fxp_train
 def test_sweep_cli_reports_busy_runs(tmp_path, capsys):
     grid = write_grid(tmp_path, "name: g\nblocks:\n  - axes: {method: [ste, sqpu]}\n")
     out = tmp_path / "out"
@@ -463,6 +478,7 @@ def test_sweep_cli_reports_busy_runs(tmp_path, capsys):
     assert "1 run now, 1 already done, 0 failed, 0 conflicting, 0 busy" in capsys.readouterr().err
 
 
+@requires_fxp_train
 def test_settings_that_cannot_change_results_never_conflict(tmp_path, capsys):
     runs = small_runs()
     sweeplib.execute(runs[:1], tmp_path, StubTrainer())
@@ -495,6 +511,7 @@ def synthetic_results(root: pathlib.Path, grid_name: str, runs) -> dict:
     return accuracy
 
 
+@requires_fxp_train
 def test_report_draws_the_figures_and_tables(tmp_path):
     exp1 = sweeplib.select(grid_runs("exp1"), seeds=2)
     exp2 = sweeplib.select(grid_runs("exp2"), sweeplib.parse_filters(["batch_size=256,16,1"]), seeds=3)
@@ -533,6 +550,7 @@ def test_report_without_results_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
 
 
+@requires_fxp_train
 def test_slurm_array_task_runs_its_shard(tmp_path):
     import os
     import subprocess

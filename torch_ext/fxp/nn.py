@@ -359,8 +359,8 @@ def pack_model_(model: nn.Module) -> nn.Module:
 class PackedStorage(NamedTuple):
     """Where a packed parameter's value lives: the stand-in that receives the
     gradient, its integer codes, and their format. The optimizers take these
-    (:meth:`fxp.optim.QPUSGD.set_packed_storage`; ``fxp::optim::QpuSgd`` in C++
-    takes the same triple)."""
+    (:meth:`fxp.optim.QPUSGD.set_packed_storage`; in C++, ``fxp::nn::PackedStorage``
+    holds the same, with the format as total_bits and frac_bits)."""
     parameter: Tensor
     codes: Tensor
     format: FxpFormat

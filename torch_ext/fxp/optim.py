@@ -102,15 +102,34 @@ class QPUSGD(Optimizer):
             self.set_packed_storage(*storage)
 
     @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
+    def _hyperparameters(group: dict[str, Any], step: int) -> tuple:
+        """The group's arguments of ``torch.ops.fxp.qpu_sgd_step_``, after the tensors."""
+        return (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"]),
+                group["total_bits"], group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"],
+                group["rounding"], int(group["seed"]), step, group["momentum_form"])
+
+    @classmethod
+    def _check_group(cls, group: dict[str, Any]) -> None:
         """The op's own checks, on a call without tensors (which does nothing else)."""
         try:
-            torch.ops.fxp.qpu_sgd_step_(
-                [], [], [], float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]),
-                bool(group["nesterov"]), group["total_bits"], group["frac_bits"], group["momentum_total_bits"],
-                group["momentum_frac_bits"], group["rounding"], int(group["seed"]), 0, group["momentum_form"])
+            torch.ops.fxp.qpu_sgd_step_([], [], [], *cls._hyperparameters(group, 0))
         except RuntimeError as e:
             raise ValueError(f"QPUSGD: {str(e).splitlines()[0]}") from None
+
+    def _check_writable(self) -> None:
+        """Before any group steps: every parameter to update can be written in
+        place, or has codes. An expanded parameter (a zero stride) cannot; the
+        usual one is a packed layer's stand-in whose codes nobody passed."""
+        for g, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                if p.grad is None or p in self._codes or p.dim() == 0:
+                    continue
+                strides = p.stride()
+                if all(s == 0 for s in strides) or any(s == 0 and n > 1 for s, n in zip(strides, p.shape)):
+                    raise ValueError(
+                        f"QPUSGD.step: parameter {k} of group {g} is expanded (a stride is 0), so it cannot be "
+                        "updated in place; a packed layer's stand-in needs its codes: "
+                        "QPUSGD(..., packed=fxp.nn.packed_storage(model))")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
@@ -165,6 +184,7 @@ class QPUSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.last_counts = []
+        self._check_writable()
         for group in self.param_groups:
             everyone = group["params"]
             # Note [QPU random streams]: parameter k of the group draws from
@@ -194,11 +214,7 @@ class QPUSGD(Optimizer):
             # hold): the update has happened, and the next step draws fresh numbers.
             step = int(group["step"])
             group["step"] = step + 1
-            counts = torch.ops.fxp.qpu_sgd_step_(
-                storage, grads, buffers, float(group["lr"]), float(group["momentum"]),
-                float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"], group["frac_bits"],
-                group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"], int(group["seed"]),
-                step, group["momentum_form"], streams)
+            counts = torch.ops.fxp.qpu_sgd_step_(storage, grads, buffers, *self._hyperparameters(group, step), streams)
             for p, c, stored in zip(params, codes, storage):
                 if c is None and stored is not p:
                     p.copy_(stored)

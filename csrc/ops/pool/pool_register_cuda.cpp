@@ -15,7 +15,7 @@ struct CudaBackend {
   static int64_t launch_backward(const at::Tensor& g, const at::Tensor& positions, const at::Tensor& grad_x, int kh,
                                  int kw) {
     kernels::relu_max_pool2d_backward_cuda(g, positions, grad_x, kh, kw);
-    return 0;  // not counted on CUDA (kernels/pool.h)
+    return 0;  // not counted on CUDA (kernels/pool/pool_kernel.h)
   }
 };
 }  // namespace

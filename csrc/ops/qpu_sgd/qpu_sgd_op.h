@@ -1,4 +1,4 @@
-// The fused QPU SGD step op, written once over a Backend (see quantize_ops.h
+// The fused QPU SGD step op, written once over a Backend (see quantize/quantize_op.h
 // for the pattern): Backend::launch(params, grads, momentum, streams, p, counts,
 // nan_count), Backend::DeviceGuard and Backend::kIsMeta.
 #pragma once
@@ -22,7 +22,7 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   const auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta);
   const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
   const auto options = params.empty() ? at::TensorOptions(at::kLong) : params[0].options().dtype(at::kLong);
-  // (saturated, vanished) per tensor; see kernels/qpu_sgd.h.
+  // (saturated, vanished) per tensor; see kernels/qpu_sgd/qpu_sgd_kernel.h.
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {

@@ -17,7 +17,7 @@ struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
 
-  // Note [Philox offsets from a generator] (kernels/fxp_math.h): each call
+  // Note [Philox offsets from a generator] (kernels/common/fxp_math.h): each call
   // reserves kGeneratorIncrement (4) of the generator's offset and draws from
   // counter offset / 4. philox_cuda_state keeps this valid under CUDA-graph
   // capture; the kernel unpacks it on the device.
