@@ -74,15 +74,14 @@ uint32_t big_endian_u32(const uint8_t* p) {
   return (uint32_t{p[0]} << 24) | (uint32_t{p[1]} << 16) | (uint32_t{p[2]} << 8) | uint32_t{p[3]};
 }
 
-std::string find_split_file(const std::string& dir, const std::string& name) {
+std::string find_split_file(const std::string& dir, const std::string& name, const std::string& hint) {
   for (const std::string& candidate : {dir + "/" + name, dir + "/" + name + ".gz"}) {
     // stat, not std::filesystem: libtorch.so exports its own std::filesystem
     // symbols, and calls that bind to them crash (seen in tests/cpp/test_idx.cpp).
     struct stat info {};
     if (::stat(candidate.c_str(), &info) == 0) return candidate;
   }
-  TORCH_CHECK(false, "fxp: missing dataset file ", dir, "/", name, " (or ", name,
-              ".gz); on Debian: apt-get install dataset-fashion-mnist, elsewhere: scripts/get_data.sh");
+  TORCH_CHECK(false, "fxp: missing dataset file ", dir, "/", name, " (or ", name, ".gz); ", hint);
 }
 
 }  // namespace
@@ -135,8 +134,14 @@ at::Tensor read_idx(const std::string& path) {
 
 MnistSplit read_mnist_split(const std::string& dir, const std::string& split) {
   TORCH_CHECK(split == "train" || split == "t10k", "fxp: split must be train or t10k, not '", split, "'");
-  const std::string images_path = find_split_file(dir, split + "-images-idx3-ubyte");
-  const std::string labels_path = find_split_file(dir, split + "-labels-idx1-ubyte");
+  return read_idx_split(dir, split + "-images-idx3-ubyte", split + "-labels-idx1-ubyte",
+                        "on Debian: apt-get install dataset-fashion-mnist, elsewhere: scripts/get_data.sh");
+}
+
+MnistSplit read_idx_split(const std::string& dir, const std::string& images_name, const std::string& labels_name,
+                          const std::string& missing_hint) {
+  const std::string images_path = find_split_file(dir, images_name, missing_hint);
+  const std::string labels_path = find_split_file(dir, labels_name, missing_hint);
   MnistSplit s{read_idx(images_path), read_idx(labels_path)};
   TORCH_CHECK(s.images.dim() == 3 && s.images.scalar_type() == at::kByte, "fxp: ", images_path,
               ": expected uint8 images [n, rows, cols], got ", s.images.scalar_type(), " ", s.images.sizes());

@@ -22,5 +22,9 @@ struct MnistSplit {
   at::Tensor labels;
 };
 MnistSplit read_mnist_split(const std::string& dir, const std::string& split);
+// The same for any pair of IDX files <dir>/<images_name> and <dir>/<labels_name>
+// (each with or without ".gz"); a missing file's error ends with missing_hint.
+MnistSplit read_idx_split(const std::string& dir, const std::string& images_name, const std::string& labels_name,
+                          const std::string& missing_hint);
 
 }  // namespace fxp::data

@@ -3,6 +3,8 @@
 // the CMake target fxp::fxp (find_package(fxp)).
 #pragma once
 
+#include "nn/models.h"
 #include "nn/modules.h"
+#include "nn/network.h"
 #include "ops/ops.h"
 #include "optim/qpu_sgd.h"

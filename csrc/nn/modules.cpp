@@ -114,9 +114,10 @@ WeightMode weight_mode_for(const std::string& method) {
   TORCH_CHECK(false, "fxp::nn: method must be fp32, ste, sqpu or hteqpu, but got '", method, "'");
 }
 
+QuantizedLayer::QuantizedLayer(QuantConfig config_) : config(std::move(config_)) { check_config(config); }
+
 QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config_)
-    : config(std::move(config_)) {
-  check_config(config);
+    : QuantizedLayer(std::move(config_)) {
   linear = register_module("linear", torch::nn::Linear(torch::nn::LinearOptions(in_features, out_features).bias(bias)));
 }
 
@@ -142,8 +143,8 @@ std::vector<PackedStorage> QLinearImpl::packed_storage() const {
   return layer_packed_storage(packed, config, linear->weight, linear->bias, weight_codes, bias_codes);
 }
 
-QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_) : config(std::move(config_)) {
-  check_config(config);
+QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_)
+    : QuantizedLayer(std::move(config_)) {
   conv = register_module("conv", torch::nn::Conv2d(options));
 }
 
@@ -173,105 +174,30 @@ std::vector<PackedStorage> QConv2dImpl::packed_storage() const {
   return layer_packed_storage(packed, config, conv->weight, conv->bias, weight_codes, bias_codes);
 }
 
-PaperCNNImpl::PaperCNNImpl(QuantConfig config) {
-  conv1 = register_module("conv1", QConv2d(torch::nn::Conv2dOptions(1, 32, 5).bias(false), config));
-  conv2 = register_module("conv2", QConv2d(torch::nn::Conv2dOptions(32, 64, 5).bias(false), config));
-  fc1 = register_module("fc1", QLinear(1024, 128, true, config));
-  fc2 = register_module("fc2", QLinear(128, 10, true, config));
+QBatchNorm2dImpl::QBatchNorm2dImpl(int64_t channels, QuantConfig config_) : QuantizedLayer(std::move(config_)) {
+  bn = register_module("bn", torch::nn::BatchNorm2d(channels));
 }
 
-torch::Tensor PaperCNNImpl::relu_pool(const torch::Tensor& y) const {
-  // Same values and gradients; the fused op saves one byte per output.
-  return fused_relu_pool ? fxp::relu_max_pool2d(y, {2, 2}) : torch::max_pool2d(torch::relu(y), 2);
+torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
+  if (config.weight_mode == WeightMode::Fp32) return bn->forward(x);
+  // Note [Quantized batch norm]. The bias first, as the linear layers read them.
+  const torch::Tensor bias = weight_on_read(bn->bias, config);
+  const torch::Tensor weight = weight_on_read(bn->weight, config);
+  const auto& o = bn->options;
+  const torch::Tensor y = torch::batch_norm(x, weight, bias, bn->running_mean, bn->running_var, is_training(),
+                                            o.momentum().value_or(0.1), o.eps(), at::globalContext().userEnabledCuDNN());
+  if (is_training()) bn->num_batches_tracked += 1;
+  return output(y, config, output_stats);
 }
 
-torch::Tensor PaperCNNImpl::forward(torch::Tensor x) {
-  x = relu_pool(conv1->forward(x));
-  x = relu_pool(conv2->forward(x));
-  x = torch::relu(fc1->forward(x.flatten(1)));
-  return fc2->forward(x);
+void QBatchNorm2dImpl::pack_weights_() {
+  TORCH_CHECK(false, "fxp::nn: batch norm layers cannot pack their parameters yet (Note [Quantized batch norm])");
 }
 
-std::vector<LayerRow> PaperCNNImpl::describe() {
-  torch::NoGradGuard no_grad;
-  std::vector<LayerRow> rows;
-  auto shape = [](const torch::Tensor& t) { return t.sizes().slice(1).vec(); };
-  auto count_params = [](torch::nn::Module& m) {
-    int64_t n = 0;
-    for (const auto& p : m.parameters()) n += p.numel();
-    return n;
-  };
-  auto record = [&](const std::string& name, const torch::Tensor& in, const torch::Tensor& out, bool rounds,
-                    int64_t params) {
-    rows.push_back({name, in[0].numel(), rounds ? out[0].numel() : 0, params, shape(in), shape(out)});
-  };
-  torch::Tensor x = torch::zeros({1, 1, 28, 28}, conv1->conv->weight.options());
-  torch::Tensor y = conv1->forward(x);
-  record("Conv2d", x, y, true, count_params(*conv1));
-  x = torch::max_pool2d(torch::relu(y), 2);
-  record("MaxPool2d", y, x, false, 0);
-  y = conv2->forward(x);
-  record("Conv2d", x, y, true, count_params(*conv2));
-  x = torch::max_pool2d(torch::relu(y), 2).flatten(1);
-  record("MaxPool2d", y, x, false, 0);
-  y = fc1->forward(x);
-  record("Linear", x, y, true, count_params(*fc1));
-  x = torch::relu(y);
-  y = fc2->forward(x);
-  record("Linear", x, y, true, count_params(*fc2));
-  record("Softmax", y, torch::softmax(y, 1), false, 0);
-  return rows;
-}
+QAddImpl::QAddImpl(QuantConfig config_) : QuantizedLayer(std::move(config_)) {}
 
-std::vector<std::pair<std::string, OutputStats*>> PaperCNNImpl::output_stats() {
-  return {{"conv1", &conv1->output_stats}, {"conv2", &conv2->output_stats},
-          {"fc1", &fc1->output_stats}, {"fc2", &fc2->output_stats}};
-}
-
-void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
-  if (weights) {
-    conv1->pack_weights_();
-    conv2->pack_weights_();
-    fc1->pack_weights_();
-    fc2->pack_weights_();
-  }
-  if (saved_inputs) {
-    // Each input is the previous layer's quantized output after ReLU (and max-pool): on its act grid.
-    TORCH_CHECK(conv1->config.weight_mode != WeightMode::Fp32, "fxp::nn: fp32 layers have no grid to save inputs on");
-    conv2->packed.saved_input_format = std::vector<int64_t>{conv1->config.act_total_bits, conv1->config.act_frac_bits};
-    fc1->packed.saved_input_format = std::vector<int64_t>{conv2->config.act_total_bits, conv2->config.act_frac_bits};
-    fc2->packed.saved_input_format = std::vector<int64_t>{fc1->config.act_total_bits, fc1->config.act_frac_bits};
-    fused_relu_pool = true;
-  }
-}
-
-std::vector<PackedStorage> PaperCNNImpl::packed_storage() const {
-  std::vector<PackedStorage> out;
-  for (auto layer : {conv1->packed_storage(), conv2->packed_storage(), fc1->packed_storage(),
-                     fc2->packed_storage()}) {
-    out.insert(out.end(), layer.begin(), layer.end());
-  }
-  return out;
-}
-
-void PaperCNNImpl::quantize_parameters_(const std::string& rounding, int64_t seed) {
-  TORCH_CHECK(!conv1->packed.weights, "fxp::nn: quantize_parameters_ must come before pack_ (packed weights are codes)");
-  // One call for the whole model (Note [QPU initialization]): tensor k of the model gets offset k.
-  std::vector<torch::Tensor> tensors;
-  std::vector<int64_t> total_bits, frac_bits;
-  auto add = [&](const std::vector<torch::Tensor>& layer_params, const QuantConfig& c) {
-    for (const auto& p : layer_params) {
-      tensors.push_back(p);
-      total_bits.push_back(c.param_total_bits);
-      frac_bits.push_back(c.param_frac_bits);
-    }
-  };
-  add(conv1->parameters(), conv1->config);
-  add(conv2->parameters(), conv2->config);
-  add(fc1->parameters(), fc1->config);
-  add(fc2->parameters(), fc2->config);
-  torch::NoGradGuard no_grad;
-  fxp::quantize_parameters_(tensors, total_bits, frac_bits, rounding, seed);
+torch::Tensor QAddImpl::forward(const torch::Tensor& a, const torch::Tensor& b) {
+  return output(a + b, config, output_stats);
 }
 
 }  // namespace fxp::nn

@@ -1,8 +1,10 @@
-// Quantized layers and the paper's network for LibTorch: the C++ twins of
-// fxp.nn (torch_ext/fxp/nn.py), thin wrappers over the fxp ops.
+// Quantized layers for LibTorch: the C++ twins of fxp.nn (torch_ext/fxp/nn.py),
+// thin wrappers over the fxp ops. The networks built from them are in
+// nn/models.h.
 #pragma once
 
 #include <torch/nn/module.h>
+#include <torch/nn/modules/batchnorm.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
@@ -63,71 +65,68 @@ struct PackedStorage {
   int64_t total_bits, frac_bits;
 };
 
-class QLinearImpl : public torch::nn::Module {
+// What every quantized layer shares. A network finds its quantized layers by
+// walking its modules (NetworkImpl::quantized_layers), so a model needs no list.
+class QuantizedLayer {
  public:
-  QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
-  torch::Tensor forward(const torch::Tensor& x);
+  explicit QuantizedLayer(QuantConfig config);
+  virtual ~QuantizedLayer() = default;
   // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
-  void pack_weights_();
-  std::vector<PackedStorage> packed_storage() const;
+  virtual void pack_weights_() = 0;
+  virtual std::vector<PackedStorage> packed_storage() const = 0;
   QuantConfig config;
   OutputStats output_stats;
   PackedState packed;
+};
+
+class QLinearImpl : public torch::nn::Module, public QuantizedLayer {
+ public:
+  QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config);
+  torch::Tensor forward(const torch::Tensor& x);
+  void pack_weights_() override;
+  std::vector<PackedStorage> packed_storage() const override;
   torch::nn::Linear linear{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };
 TORCH_MODULE(QLinear);
 
-class QConv2dImpl : public torch::nn::Module {
+class QConv2dImpl : public torch::nn::Module, public QuantizedLayer {
  public:
   QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config);
   torch::Tensor forward(const torch::Tensor& x);
-  // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
-  void pack_weights_();
-  std::vector<PackedStorage> packed_storage() const;
-  QuantConfig config;
-  OutputStats output_stats;
-  PackedState packed;
+  void pack_weights_() override;
+  std::vector<PackedStorage> packed_storage() const override;
   torch::nn::Conv2d conv{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };
 TORCH_MODULE(QConv2d);
 
-// One row of the paper's Table 1, measured on the model: values per sample.
-struct LayerRow {
-  std::string layer;    // Conv2d, MaxPool2d, Linear, Softmax
-  int64_t inputs;       // elements entering the layer (saved for the backward pass)
-  int64_t rounded;      // elements the layer's output quantization rounds (0: none)
-  int64_t parameters;   // learnable elements
-  std::vector<int64_t> in_shape, out_shape;  // [C, H, W] or [F]
-};
-
-// The paper's Table 1 network (Gupta et al. 2015), 184,490 parameters.
-class PaperCNNImpl : public torch::nn::Module {
+// Note [Quantized batch norm]
+// Batch norm's affine weight and bias are parameters like a conv's: STE reads
+// them quantized, QPU keeps them on the param grid and updates them with the
+// rest. The normalization itself, and the running mean and variance (buffers,
+// not trained by SGD), stay float32. The output is quantized to the act format,
+// as every quantized layer's is. Packed storage is not supported yet.
+class QBatchNorm2dImpl : public torch::nn::Module, public QuantizedLayer {
  public:
-  explicit PaperCNNImpl(QuantConfig config);
-  torch::Tensor forward(torch::Tensor x);  // logits
-  // Table 1, derived by running the layers on one 28x28 input (the same
-  // sequence as forward, with the softmax of the loss as the last row).
-  std::vector<LayerRow> describe();
-  // QPU's initialization for every layer; tensor k of the model gets its own
-  // offset k (per-layer offsets would repeat, and layers would share draws).
-  void quantize_parameters_(const std::string& rounding, int64_t seed);
-  // Packed storage for the whole network: every layer's weights (QPU methods)
-  // and the saved inputs of conv2, fc1 and fc2, which are layer outputs on the
-  // act grid (conv1's input is the float network input).
-  // saved_inputs also fuses each ReLU + max-pool (fxp::relu_max_pool2d).
-  void pack_(bool weights, bool saved_inputs);
-  std::vector<PackedStorage> packed_storage() const;
-  // The quantized layers by name (conv1, conv2, fc1, fc2), for per-layer statistics.
-  std::vector<std::pair<std::string, OutputStats*>> output_stats();
-  QConv2d conv1{nullptr}, conv2{nullptr};
-  QLinear fc1{nullptr}, fc2{nullptr};
-  bool fused_relu_pool = false;
-
- private:
-  torch::Tensor relu_pool(const torch::Tensor& y) const;
+  QBatchNorm2dImpl(int64_t channels, QuantConfig config);
+  torch::Tensor forward(const torch::Tensor& x);
+  void pack_weights_() override;
+  std::vector<PackedStorage> packed_storage() const override { return {}; }
+  torch::nn::BatchNorm2d bn{nullptr};
 };
-TORCH_MODULE(PaperCNN);
+TORCH_MODULE(QBatchNorm2d);
+
+// A residual add: a + b, quantized to the act format. Both terms are layer
+// outputs on that grid, so only saturation (and nothing else) rounds; the
+// quantization keeps the sum a value of the format. No parameters.
+class QAddImpl : public torch::nn::Module, public QuantizedLayer {
+ public:
+  explicit QAddImpl(QuantConfig config);
+  torch::Tensor forward(const torch::Tensor& a, const torch::Tensor& b);
+  void pack_weights_() override {}
+  std::vector<PackedStorage> packed_storage() const override { return {}; }
+};
+TORCH_MODULE(QAdd);
 
 }  // namespace fxp::nn

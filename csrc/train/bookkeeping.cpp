@@ -153,17 +153,20 @@ json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& me
 std::string describe_model_text(const json& report) {
   std::ostringstream out;
   const json& cfg = report["config"];
-  out << "Table 1: the paper's network, per sample (computed from the model)\n";
-  out << "  layer        in         out        inputs   rounded  parameters\n";
+  const std::string model = report.value("model", "paper_cnn");
+  out << "Table 1: " << (model == "paper_cnn" ? std::string("the paper's network") : model)
+      << ", per sample (computed from the model)\n";
+  out << "  layer         in         out        inputs   rounded  parameters\n";
   for (const auto& r : report["table1"]["layers"]) {
-    out << "  " << r["layer"].get<std::string>() << std::string(11 - r["layer"].get<std::string>().size(), ' ')
+    const std::string layer = r["layer"].get<std::string>();
+    out << "  " << layer << std::string(layer.size() < 12 ? 12 - layer.size() : 1, ' ')
         << pad(shape_text(r["in_shape"]), 9) << "  " << pad(shape_text(r["out_shape"]), 9) << "  "
         << pad(std::to_string(r["inputs"].get<int64_t>()), 8) << "  "
         << pad(r["rounded"].get<int64_t>() ? std::to_string(r["rounded"].get<int64_t>()) : "-", 8) << "  "
         << pad(r["parameters"].get<int64_t>() ? std::to_string(r["parameters"].get<int64_t>()) : "-", 10) << "\n";
   }
   const json& t = report["table1"]["totals"];
-  out << "  SUM" << std::string(29, ' ') << pad(std::to_string(t["inputs"].get<int64_t>()), 8) << "  "
+  out << "  SUM" << std::string(30, ' ') << pad(std::to_string(t["inputs"].get<int64_t>()), 8) << "  "
       << pad(std::to_string(t["rounded"].get<int64_t>()), 8) << "  "
       << pad(std::to_string(t["parameters"].get<int64_t>()), 10) << "\n\n";
 

@@ -1,4 +1,4 @@
-// The paper's bookkeeping, computed from the model definition (PaperCNN::describe):
+// The paper's bookkeeping, computed from the model definition (nn::NetworkImpl::describe):
 // Table 1 (per-layer inputs, rounded outputs, parameters), Table 3 (rounding
 // operations per method) and the training-memory model of Eq. 5 / Figures 2 and 11.
 // docs/train.md derives every number and says where the paper's own differ.
@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "nn/modules.h"
+#include "nn/network.h"
 
 namespace fxp::train {
 

@@ -34,11 +34,11 @@ void read_checkpoint(const std::string& path, torch::serialize::InputArchive& ar
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                      const RunState& state, const json& settings, const torch::Device& device) {
   torch::serialize::OutputArchive archive;
   torch::serialize::OutputArchive model_archive, optimizer_archive;
-  model->save(model_archive);
+  model.save(model_archive);
   optimizer.save(optimizer_archive);
   archive.write("model", model_archive);
   archive.write("optimizer", optimizer_archive);
@@ -64,14 +64,14 @@ json checkpoint_settings(const std::string& path) {
   return json::parse(stored.toStringRef());
 }
 
-RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                          const torch::Device& device) {
   torch::serialize::InputArchive archive;
   read_checkpoint(path, archive, device);
   torch::serialize::InputArchive model_archive, optimizer_archive;
   archive.read("model", model_archive);
   archive.read("optimizer", optimizer_archive);
-  model->load(model_archive);
+  model.load(model_archive);
   optimizer.load(optimizer_archive);
   c10::IValue state;
   archive.read("state", state);

@@ -11,16 +11,15 @@
 
 #include <string>
 
-#include "nn/modules.h"
 #include "train/run_state.h"
 
 namespace fxp::train {
 
-void save_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                      const RunState& state, const nlohmann::json& settings, const torch::Device& device);
 
 // Restores the model, the optimizer and the generators; returns the run state.
-RunState load_checkpoint(const std::string& path, nn::PaperCNN& model, torch::optim::Optimizer& optimizer,
+RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                          const torch::Device& device);
 
 // The settings a checkpoint was written with, after its checksum is verified.

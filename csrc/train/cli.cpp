@@ -2,6 +2,9 @@
 
 #include <CLI/CLI.hpp>
 
+#include "data/datasets.h"
+#include "nn/models.h"
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -19,6 +22,9 @@ struct FlagHelp {
 // One entry per config key, in the order of config_keys().
 const std::vector<FlagHelp>& flag_help() {
   static const std::vector<FlagHelp> help = {
+      {"model", "network (docs/models.md; --describe-model prints its layers)", nn::network_names()},
+      {"dataset", "dataset (docs/models.md); images are padded or cropped to the model's input size",
+       data::dataset_names()},
       {"method", "parameter update method", {"fp32", "ste", "sqpu", "hteqpu"}},
       {"param_bits", "parameter format: total bits (2..32)", {}},
       {"param_frac", "parameter format: fractional bits", {}},
@@ -45,12 +51,12 @@ const std::vector<FlagHelp>& flag_help() {
       {"seed", "seed of initialization, shuffling and every rounding stream", {}},
       {"device", "cpu, cuda or cuda:N", {}},
       {"threads", "CPU threads (0: LibTorch's default)", {}},
-      {"data_dir", "directory with the MNIST-format files (plain or .gz)", {}},
+      {"data_dir", "directory with the dataset's files (default: the dataset's, see docs/models.md)", {}},
       {"train_limit", "train on the first N training images only (0: all)", {}},
       {"val_limit", "validate on the first N test images only (0: all)", {}},
       {"eval_batch_size", "batch size of the validation pass", {}},
-      {"normalize_mean", "input normalization: mean", {}},
-      {"normalize_std", "input normalization: standard deviation", {}},
+      {"normalize_mean", "input normalization of pixel/255: mean (default: the dataset's)", {}},
+      {"normalize_std", "input normalization of pixel/255: standard deviation (default: the dataset's)", {}},
       {"output_dir", "where the run's files go (default: results/<run name>)", {}},
   };
   return help;
@@ -71,10 +77,11 @@ std::string default_text(const json& value) {
 std::optional<int> parse_command_line(const std::vector<std::string>& args, Command& command, std::ostream& out,
                                       std::ostream& err) {
   CLI::App app{
-      "fxp-train: train the paper's Fashion-MNIST network with fixed-point parameters (fp32, STE, SQPU, HTEQPU).\n"
-      "With no arguments: SQPU, 16-bit parameters (10 fractional bits), 16-bit outputs (8), SR inference,\n"
-      "batch 64, 3 epochs on /usr/share/datasets/fashion-mnist. Flags override --config, which overrides\n"
-      "the defaults; a config file (YAML or JSON) takes the same keys with underscores.",
+      "fxp-train: train a network with fixed-point parameters (fp32, STE, SQPU, HTEQPU).\n"
+      "With no arguments: the QPU paper's CNN on Fashion-MNIST (/usr/share/datasets/fashion-mnist), SQPU,\n"
+      "16-bit parameters (10 fractional bits), 16-bit outputs (8), SR inference, batch 64, 3 epochs.\n"
+      "--model and --dataset choose others. Flags override --config, which overrides the defaults;\n"
+      "a config file (YAML or JSON) takes the same keys with underscores.",
       "fxp-train"};
   app.option_defaults()->always_capture_default();
   app.get_formatter()->column_width(38);
@@ -125,8 +132,8 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   app.add_flag("--no-progress", command.no_progress, "no progress bar (it is drawn only on a terminal anyway)")
       ->group("Modes");
   app.add_flag("--describe-model", describe,
-               "print the paper's Table 1, the rounding counts (Table 3) and the training-memory model (Eq. 5, "
-               "Figure 2) for these settings, then exit")
+               "print the model's per-layer table (the QPU paper's Table 1 for paper_cnn), the rounding counts "
+               "(Table 3) and the training-memory model (Eq. 5, Figure 2) for these settings, then exit")
       ->group("Modes");
   app.add_flag("--json", command.json, "with --describe-model: print JSON")->group("Modes");
   app.add_flag("--print-config", print_config, "print the resolved settings as JSON, then exit")->group("Modes");

@@ -14,6 +14,9 @@
 #include <yaml-cpp/yaml.h>
 #endif
 
+#include "data/datasets.h"
+#include "nn/models.h"
+
 namespace fxp::train {
 namespace {
 
@@ -32,8 +35,17 @@ Field field(T TrainConfig::*member) {
           [member](TrainConfig& c, const json& v) { c.*member = v.get<T>(); }};
 }
 
+// A key whose default is the dataset's: set it, or read the effective value.
+template <typename T>
+Field dataset_default(std::optional<T> TrainConfig::*member, T (TrainConfig::*effective)() const) {
+  return {[effective](const TrainConfig& c) { return json((c.*effective)()); },
+          [member](TrainConfig& c, const json& v) { c.*member = v.get<T>(); }};
+}
+
 const std::vector<std::pair<std::string, Field>>& fields() {
   static const std::vector<std::pair<std::string, Field>> table = {
+      {"model", field(&TrainConfig::model)},
+      {"dataset", field(&TrainConfig::dataset)},
       {"method", field(&TrainConfig::method)},
       {"param_bits", field(&TrainConfig::param_bits)},
       {"param_frac", field(&TrainConfig::param_frac)},
@@ -57,12 +69,13 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"seed", field(&TrainConfig::seed)},
       {"device", field(&TrainConfig::device)},
       {"threads", field(&TrainConfig::threads)},
-      {"data_dir", field(&TrainConfig::data_dir)},
+      {"data_dir", {[](const TrainConfig& c) { return json(c.data_directory()); },
+                    [](TrainConfig& c, const json& v) { c.data_dir = v.get<std::string>(); }}},
       {"train_limit", field(&TrainConfig::train_limit)},
       {"val_limit", field(&TrainConfig::val_limit)},
       {"eval_batch_size", field(&TrainConfig::eval_batch_size)},
-      {"normalize_mean", field(&TrainConfig::normalize_mean)},
-      {"normalize_std", field(&TrainConfig::normalize_std)},
+      {"normalize_mean", dataset_default(&TrainConfig::normalize_mean, &TrainConfig::input_mean)},
+      {"normalize_std", dataset_default(&TrainConfig::normalize_std, &TrainConfig::input_std)},
       {"output_dir", field(&TrainConfig::output_dir)},
   };
   return table;
@@ -72,11 +85,11 @@ const std::vector<std::pair<std::string, Field>>& fields() {
   throw std::invalid_argument(key + ": " + why);
 }
 
-void one_of(const std::string& key, const std::string& value, std::initializer_list<const char*> allowed) {
+void one_of(const std::string& key, const std::string& value, const std::vector<std::string>& allowed) {
   std::string list;
-  for (const char* a : allowed) {
+  for (const auto& a : allowed) {
     if (value == a) return;
-    list += (list.empty() ? "" : ", ") + std::string(a);
+    list += (list.empty() ? "" : ", ") + a;
   }
   bad(key, "must be one of " + list + ", but got '" + value + "'");
 }
@@ -215,12 +228,29 @@ json parse_json_strict(const std::string& text, const std::string& path) {
 
 }  // namespace
 
+// An unknown dataset falls back to Fashion-MNIST's values here, so that a
+// config can be printed before validate() names the bad dataset.
+static const data::DatasetInfo& info_or_default(const std::string& dataset) {
+  for (const auto& name : data::dataset_names()) {
+    if (name == dataset) return data::dataset_info(name);
+  }
+  return data::dataset_info("fashion-mnist");
+}
+
+std::string TrainConfig::data_directory() const {
+  return data_dir.empty() ? info_or_default(dataset).default_dir : data_dir;
+}
+double TrainConfig::input_mean() const { return normalize_mean.value_or(info_or_default(dataset).mean); }
+double TrainConfig::input_std() const { return normalize_std.value_or(info_or_default(dataset).std); }
+
 double TrainConfig::initial_lr() const {
   return lr_scaling == "linear" ? lr * static_cast<double>(batch_size) / 1024.0 : lr;
 }
 
 std::string TrainConfig::run_name() const {
   std::ostringstream name;
+  if (model != "paper_cnn") name << model << "-";
+  if (dataset != "fashion-mnist") name << dataset << "-";
   name << method;
   if (method != "fp32") {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
@@ -232,6 +262,8 @@ std::string TrainConfig::run_name() const {
 }
 
 void TrainConfig::validate() const {
+  one_of("model", model, nn::network_names());
+  one_of("dataset", dataset, data::dataset_names());
   one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu"});
   check_format("param_bits", param_bits, "param_frac", param_frac);
   check_format("out_bits", out_bits, "out_frac", out_frac);
@@ -260,16 +292,18 @@ void TrainConfig::validate() const {
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
   at_least("eval_batch_size", eval_batch_size, 1);
-  if (!std::isfinite(normalize_mean)) {
-    bad("normalize_mean", "must be a finite number, but got " + std::to_string(normalize_mean));
+  if (!std::isfinite(input_mean())) {
+    bad("normalize_mean", "must be a finite number, but got " + std::to_string(input_mean()));
   }
-  if (!(normalize_std > 0) || !std::isfinite(normalize_std)) {
-    bad("normalize_std", "must be a positive finite number, but got " + std::to_string(normalize_std));
+  if (!(input_std() > 0) || !std::isfinite(input_std())) {
+    bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
+  }
+  if (packed && model != "paper_cnn") {
+    bad("packed", "packed storage is supported for model paper_cnn only (yet), not " + model);
   }
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
     bad("device", "must be cpu, cuda or cuda:N, but got '" + device + "'");
   }
-  if (data_dir.empty()) bad("data_dir", "must not be empty");
 }
 
 const std::vector<std::string>& config_keys() {

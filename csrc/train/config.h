@@ -6,12 +6,17 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 namespace fxp::train {
 
 struct TrainConfig {
+  // network and data
+  std::string model = "paper_cnn";  // paper_cnn | lenet5 | resnet20 | alexnet (nn/models.h)
+  std::string dataset = "fashion-mnist";  // fashion-mnist | mnist | emnist | cifar10 | cifar100
+
   // method and formats
   std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu
   int64_t param_bits = 16, param_frac = 10;
@@ -38,16 +43,23 @@ struct TrainConfig {
   int64_t seed = 0;
   std::string device = "cpu";  // cpu | cuda | cuda:N
   int64_t threads = 0;         // 0: LibTorch's default
-  std::string data_dir = "/usr/share/datasets/fashion-mnist";
+  std::string data_dir;  // empty: the dataset's default directory (data_directory())
   int64_t train_limit = 0;  // 0: the whole split; else its first N images
   int64_t val_limit = 0;
   int64_t eval_batch_size = 1000;
-  double normalize_mean = 0.1307, normalize_std = 0.3081;
+  // Input normalization of pixel/255; unset: the dataset's (input_mean(), input_std()).
+  std::optional<double> normalize_mean, normalize_std;
   std::string output_dir;  // empty: results/<run name>
 
+  // The settings that default to the dataset's.
+  std::string data_directory() const;
+  double input_mean() const;
+  double input_std() const;
   // The effective learning rate after lr_scaling.
   double initial_lr() const;
-  // A readable, filesystem-safe name, e.g. sqpu-p16.10-o16.8-sr-b64-s0.
+  // A readable, filesystem-safe name, e.g. sqpu-p16.10-o16.8-sr-b64-s0, led
+  // by the model and the dataset where they are not the defaults
+  // (resnet20-cifar10-sqpu-...).
   // Note [Run names come from fxp-train]: this is the one definition;
   // scripts/sweep names its runs by asking `fxp-train --print-configs`.
   std::string run_name() const;

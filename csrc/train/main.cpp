@@ -6,10 +6,11 @@
 #include <fstream>
 #include <iostream>
 
-#include "nn/modules.h"
+#include "nn/models.h"
 #include "train/bookkeeping.h"
 #include "train/cli.h"
 #include "train/io.h"
+#include "train/setup.h"
 #include "train/trainer.h"
 
 namespace {
@@ -79,11 +80,11 @@ int main(int argc, char** argv) {
     }
     if (command.mode == Mode::PrintConfigs) return print_configs(command.configs_file, c, std::cin, std::cout);
     if (command.mode == Mode::DescribeModel) {
-      fxp::nn::QuantConfig qc;
-      qc.weight_mode = fxp::nn::weight_mode_for(c.method);
-      fxp::nn::PaperCNN model(qc);
-      const auto report = describe_model(model->describe(), c.method, c.inference_rounding, c.param_bits, c.out_bits,
-                                         c.momentum > 0, c.batch_size);
+      const auto model = build_network(c);
+      auto report = describe_model(model->describe(), c.method, c.inference_rounding, c.param_bits, c.out_bits,
+                                   c.momentum > 0, c.batch_size);
+      report["model"] = c.model;
+      report["dataset"] = c.dataset;
       std::cout << (command.json ? report.dump(2) + "\n" : describe_model_text(report));
       return 0;
     }

@@ -99,13 +99,13 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   if (start.finished) return *start.finished;
   atomic_write(files.config, settings.dump(2) + "\n");
 
-  const Split train = load_split(config, "train", config.train_limit, device);
-  const Split val = load_split(config, "t10k", config.val_limit, device);
+  const Split train = load_split(config, /*train=*/true, config.train_limit, device);
+  const Split val = load_split(config, /*train=*/false, config.val_limit, device);
   Training training = set_up_training(config, device);
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {
-    state = load_checkpoint(files.checkpoint, training.model, *training.optimizer, device);
+    state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, device);
     set_lr(*training.optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
@@ -128,7 +128,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     state.wall_time_s += epoch_time;
     std::string lines;
     for (const auto& r : state.history) lines += r.dump() + "\n";
-    save_checkpoint(files.checkpoint, training.model, *training.optimizer, state, settings, device);
+    save_checkpoint(files.checkpoint, *training.model, *training.optimizer, state, settings, device);
     atomic_write(files.metrics, lines);
     if (options.log) log_epoch(*options.log, state.history.back(), config.epochs);
   }

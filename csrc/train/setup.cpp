@@ -2,32 +2,29 @@
 
 #include <stdexcept>
 
-#include "data/idx.h"
+#include "data/datasets.h"
 
 namespace fxp::train {
 
-Split load_split(const TrainConfig& c, const std::string& split, int64_t limit, const torch::Device& device) {
-  data::MnistSplit s = data::read_mnist_split(c.data_dir, split);
+Split load_split(const TrainConfig& c, bool train, int64_t limit, const torch::Device& device) {
+  data::ImageSplit s = data::read_dataset_split(c.dataset, c.data_directory(), train);
   const int64_t n = s.labels.size(0);
   if (limit > n) {
-    throw std::invalid_argument((split == "train" ? "train_limit " : "val_limit ") + std::to_string(limit) +
-                                " is larger than the " + std::to_string(n) + " images of " + c.data_dir + " (" +
-                                split + ")");
+    throw std::invalid_argument((train ? "train_limit " : "val_limit ") + std::to_string(limit) +
+                                " is larger than the " + std::to_string(n) + " images of " + c.data_directory() +
+                                " (" + c.dataset + ", " + (train ? "training" : "test") + " split)");
   }
   if (limit > 0) {
     s.images = s.images.narrow(0, 0, limit);
     s.labels = s.labels.narrow(0, 0, limit);
   }
-  torch::Tensor x = s.images.to(torch::kFloat32).div_(255.0f);
-  x = x.sub_(static_cast<float>(c.normalize_mean)).div_(static_cast<float>(c.normalize_std)).unsqueeze(1);
+  // Padding comes before normalization, so padded pixels are black like a border.
+  torch::Tensor x = data::fit_images(s.images, nn::network_image_size(c.model)).to(torch::kFloat32).div_(255.0f);
+  x = x.sub_(static_cast<float>(c.input_mean())).div_(static_cast<float>(c.input_std()));
   return {x.to(device).contiguous(), s.labels.to(device)};
 }
 
-Training set_up_training(const TrainConfig& c, const torch::Device& device) {
-  // Note [Identical initialization]: the model is built on the CPU right after
-  // seeding, before anything method-specific, so every method (and device)
-  // starts from the same float weights; QPU then rounds them onto the grid.
-  torch::manual_seed(static_cast<uint64_t>(c.seed));
+std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   nn::QuantConfig qc;
   qc.weight_mode = nn::weight_mode_for(c.method);
   qc.param_total_bits = c.param_bits;
@@ -35,8 +32,17 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
   qc.act_total_bits = c.out_bits;
   qc.act_frac_bits = c.out_frac;
   qc.act_rounding = c.inference_rounding;
+  const data::DatasetInfo& info = data::dataset_info(c.dataset);
+  return nn::make_network(c.model, qc, info.channels, info.classes);
+}
+
+Training set_up_training(const TrainConfig& c, const torch::Device& device) {
+  // Note [Identical initialization]: the model is built on the CPU right after
+  // seeding, before anything method-specific, so every method (and device)
+  // starts from the same float weights; QPU then rounds them onto the grid.
+  torch::manual_seed(static_cast<uint64_t>(c.seed));
   Training t;
-  t.model = nn::PaperCNN(qc);
+  t.model = build_network(c);
   t.model->to(device);
   if (is_qpu(c.method)) t.model->quantize_parameters_(update_rounding(c.method), c.seed);
   // Packed storage (docs/memory.md): QPU weights and momentum as codes, and

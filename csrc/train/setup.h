@@ -7,27 +7,32 @@
 #include <memory>
 #include <string>
 
-#include "nn/modules.h"
+#include "nn/models.h"
 #include "optim/qpu_sgd.h"
 #include "train/config.h"
 
 namespace fxp::train {
 
 struct Split {
-  torch::Tensor images;  // float32 [n, 1, 28, 28], normalized, on the training device
+  torch::Tensor images;  // float32 [n, C, S, S], normalized, on the training device (S: the model's input size)
   torch::Tensor labels;  // int64 [n]
   int64_t size() const { return labels.size(0); }
 };
 
-// split "train" or "t10k" of config.data_dir, its first `limit` images (0: all).
-Split load_split(const TrainConfig& config, const std::string& split, int64_t limit, const torch::Device& device);
+// The training (or test) split of config.dataset, its first `limit` images (0:
+// all), fitted to config.model's input size (data::fit_images) and normalized.
+Split load_split(const TrainConfig& config, bool train, int64_t limit, const torch::Device& device);
 
 struct Training {
-  nn::PaperCNN model{nullptr};
+  std::shared_ptr<nn::NetworkImpl> model;
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   optim::QpuSgd* qpu = nullptr;  // the optimizer, for QPU methods
   bool packed = false;           // packed storage (docs/memory.md)
 };
+
+// config.model's layers quantized as config.method and the formats say, for
+// config.dataset's channels and classes (not on a device yet).
+std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 
 // The model on `device`, initialized from config.seed, and its optimizer.
 Training set_up_training(const TrainConfig& config, const torch::Device& device);

@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "nn/modules.h"
+#include "nn/models.h"
 #include "ops/ops.h"
 
 namespace {

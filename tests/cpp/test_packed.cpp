@@ -7,7 +7,7 @@
 
 #include <limits>
 
-#include "nn/modules.h"
+#include "nn/models.h"
 #include "ops/ops.h"
 #include "optim/qpu_sgd.h"
 #include "test_util.h"

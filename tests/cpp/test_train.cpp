@@ -14,7 +14,7 @@
 #include <fstream>
 #include <sstream>
 
-#include "nn/modules.h"
+#include "nn/models.h"
 #include "train/bookkeeping.h"
 #include "train/cli.h"
 #include "train/config.h"
@@ -68,10 +68,37 @@ TEST(TrainCli, NoArgumentsIsThePaperDefault) {
   EXPECT_EQ(c.out_frac, 8);
   EXPECT_EQ(c.inference_rounding, "sr");
   EXPECT_EQ(c.batch_size, 64);
-  EXPECT_EQ(c.normalize_mean, 0.1307);
-  EXPECT_EQ(c.normalize_std, 0.3081);
-  EXPECT_EQ(c.data_dir, "/usr/share/datasets/fashion-mnist");
+  EXPECT_EQ(c.model, "paper_cnn");
+  EXPECT_EQ(c.dataset, "fashion-mnist");
+  EXPECT_EQ(c.input_mean(), 0.1307);
+  EXPECT_EQ(c.input_std(), 0.3081);
+  EXPECT_EQ(c.data_directory(), "/usr/share/datasets/fashion-mnist");
   EXPECT_EQ(p.command.mode, ft::Mode::Train);
+}
+
+// The dataset decides the defaults of data_dir and the normalization; set
+// values win, and --print-config shows the values in effect.
+TEST(TrainCli, DatasetDefaults) {
+  Parsed p = parse({"--dataset", "cifar10", "--model", "resnet20"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.data_directory(), "data/cifar10");
+  EXPECT_EQ(p.command.config.input_mean(), 0.4734);
+  EXPECT_EQ(p.command.config.run_name(), "resnet20-cifar10-sqpu-p16.10-o16.8-sr-b64-s0");
+  const auto j = ft::to_json(p.command.config);
+  EXPECT_EQ(j["data_dir"], "data/cifar10");
+  EXPECT_EQ(j["normalize_std"], 0.2516);
+  p = parse({"--dataset", "mnist", "--data-dir", "/m", "--normalize-mean", "0.5"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.data_directory(), "/m");
+  EXPECT_EQ(p.command.config.input_mean(), 0.5);
+  EXPECT_EQ(p.command.config.input_std(), 0.3081);
+  EXPECT_EQ(p.command.config.run_name(), "mnist-sqpu-p16.10-o16.8-sr-b64-s0");
+  p = parse({"--model", "lenet5", "--packed"});
+  EXPECT_EQ(p.code, 2);
+  EXPECT_NE(p.err.find("packed: packed storage is supported for model paper_cnn only"), std::string::npos) << p.err;
+  p = parse({"--model", "vgg"});
+  EXPECT_NE(p.code, -1);
+  EXPECT_NE(p.err.find("vgg"), std::string::npos) << p.err;
 }
 
 TEST(TrainCli, FlagsSetEveryKind) {

@@ -254,7 +254,7 @@ def test_sweep_runs_fxp_train_end_to_end(tmp_path):
 # ---- grid and argument checks ---------------------------------------------------------
 
 # fxp-train's config keys (csrc/train/config.cpp), for a stand-in that needs no build.
-KEYS = ["method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding", "momentum_form",
+KEYS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding", "momentum_form",
         "packed", "batch_size", "lr", "lr_scaling", "momentum", "weight_decay", "scheduler", "plateau_patience",
         "plateau_factor", "epochs", "early_stopping", "early_stopping_patience", "early_stopping_min_epochs",
         "seed", "device", "threads", "data_dir", "train_limit", "val_limit", "eval_batch_size", "normalize_mean",

@@ -1,0 +1,150 @@
+// The networks of nn/models.h: published parameter counts, per-layer tables,
+// and a few training steps of every network with every method.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <map>
+
+#include "nn/models.h"
+#include "optim/qpu_sgd.h"
+
+#include "test_util.h"
+
+namespace {
+
+using fxp::nn::QuantConfig;
+using fxp::testing::expect_error;
+
+QuantConfig config(const std::string& method) {
+  QuantConfig c;
+  c.weight_mode = fxp::nn::weight_mode_for(method);
+  return c;  // params FxP(16,10), outputs FxP(16,8), SR
+}
+
+int64_t count(const torch::nn::Module& m) { return fxp::nn::parameter_count(m); }
+
+bool on_grid(const torch::Tensor& t, int64_t frac_bits) {
+  const auto c = t.detach().to(torch::kDouble) * std::ldexp(1.0, static_cast<int>(frac_bits));
+  return torch::equal(c, torch::round(c));
+}
+
+// The counts the papers publish: LeNet-5 61,706 (LeCun et al. 1998, full C3),
+// ResNet-20 "0.27M" (He et al. 2016; 272,474 with projection shortcuts),
+// the QPU paper's CNN 184,490 (its Table 1), and the AdaPT code's CIFAR AlexNet.
+TEST(Models, PublishedParameterCounts) {
+  const QuantConfig c = config("fp32");
+  EXPECT_EQ(count(*fxp::nn::make_network("paper_cnn", c, 1, 10)), 184490);
+  EXPECT_EQ(count(*fxp::nn::make_network("lenet5", c, 1, 10)), 61706);
+  const int64_t resnet = count(*fxp::nn::make_network("resnet20", c, 3, 10));
+  EXPECT_EQ(resnet, 272474);
+  EXPECT_NEAR(resnet / 1e6, 0.27, 0.005);
+  EXPECT_EQ(count(*fxp::nn::make_network("alexnet", c, 3, 10)), 2472266);
+  // The input channels and classes change only the first and last layers.
+  EXPECT_EQ(count(*fxp::nn::make_network("resnet20", c, 1, 47)), 272474 - 2 * 16 * 9 + 37 * 65);
+  EXPECT_EQ(count(*fxp::nn::make_network("alexnet", c, 3, 100)), 2472266 + 90 * 257);
+}
+
+TEST(Models, DescribeRowsAddUpToTheModel) {
+  for (const auto& name : fxp::nn::network_names()) {
+    auto net = fxp::nn::make_network(name, config("sqpu"), 3, 10);
+    const auto rows = net->describe();
+    int64_t params = 0;
+    for (const auto& r : rows) params += r.parameters;
+    EXPECT_EQ(params, count(*net)) << name;
+    EXPECT_EQ(rows.front().inputs, 3 * fxp::nn::network_image_size(name) * fxp::nn::network_image_size(name));
+    EXPECT_EQ(rows.back().layer, "Softmax");
+    EXPECT_EQ(rows.back().out_shape, (std::vector<int64_t>{10})) << name;
+    EXPECT_TRUE(net->is_training()) << "describe restores the training mode";
+  }
+}
+
+// Describing must not change the model: batch norm's running statistics stay.
+TEST(Models, DescribeLeavesBatchNormStatisticsAlone) {
+  auto net = fxp::nn::make_network("resnet20", config("fp32"), 3, 10);
+  std::vector<torch::Tensor> before;
+  for (const auto& b : net->buffers()) before.push_back(b.clone());
+  net->describe();
+  const auto after = net->buffers();
+  ASSERT_EQ(after.size(), before.size());
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_TRUE(torch::equal(after[i], before[i])) << i;
+}
+
+TEST(Models, ResNetQuantizesEveryConvBatchNormAndAdd) {
+  auto net = fxp::nn::make_network("resnet20", config("ste"), 3, 10);
+  std::map<std::string, int> kinds;
+  for (const auto& [name, layer] : net->quantized_layers()) {
+    auto& module = dynamic_cast<torch::nn::Module&>(*layer);
+    kinds[module.name()]++;
+  }
+  EXPECT_EQ(kinds["fxp::nn::QConv2dImpl"], 1 + 18 + 2);
+  EXPECT_EQ(kinds["fxp::nn::QBatchNorm2dImpl"], 1 + 18 + 2);
+  EXPECT_EQ(kinds["fxp::nn::QAddImpl"], 9);
+  EXPECT_EQ(kinds["fxp::nn::QLinearImpl"], 1);
+}
+
+// A few SGD steps of every network with every method: the loss is finite, the
+// parameters move, QPU's stay on the grid, and the logits have the class count.
+TEST(Models, EveryNetworkTrainsWithEveryMethod) {
+  torch::manual_seed(0);
+  for (const auto& name : fxp::nn::network_names()) {
+    const int64_t size = fxp::nn::network_image_size(name);
+    const auto x = torch::randn({4, 3, size, size});
+    const auto y = torch::tensor({0, 1, 2, 3}, torch::kLong);
+    for (const std::string method : {"fp32", "ste", "sqpu", "hteqpu"}) {
+      auto net = fxp::nn::make_network(name, config(method), 3, 5);
+      const bool qpu = method == "sqpu" || method == "hteqpu";
+      if (qpu) net->quantize_parameters_(method == "sqpu" ? "stochastic" : "nearest_even", 0);
+      std::unique_ptr<torch::optim::Optimizer> opt;
+      if (qpu) {
+        opt = std::make_unique<fxp::optim::QpuSgd>(
+            net->parameters(), fxp::optim::QpuSgdOptions(0.05).momentum(0.9).rounding(
+                                   method == "sqpu" ? "stochastic" : "nearest_even"));
+      } else {
+        opt = std::make_unique<torch::optim::SGD>(net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+      }
+      std::vector<torch::Tensor> start;
+      for (const auto& p : net->parameters()) start.push_back(p.detach().clone());
+      for (int step = 0; step < 2; ++step) {
+        opt->zero_grad();
+        const auto logits = net->forward(x);
+        ASSERT_EQ(logits.sizes(), (std::vector<int64_t>{4, 5})) << name << " " << method;
+        const auto loss = torch::nn::functional::cross_entropy(logits, y);
+        ASSERT_TRUE(std::isfinite(loss.item<double>())) << name << " " << method;
+        loss.backward();
+        opt->step();
+      }
+      bool moved = false;
+      const auto params = net->parameters();
+      for (size_t i = 0; i < params.size(); ++i) moved = moved || !torch::equal(params[i], start[i]);
+      EXPECT_TRUE(moved) << name << " " << method;
+      if (qpu) {
+        for (const auto& p : params) EXPECT_TRUE(on_grid(p, 10)) << name << " " << method;
+      }
+    }
+  }
+}
+
+TEST(Models, QuantizedOutputsOnTheActGrid) {
+  auto net = fxp::nn::make_network("resnet20", config("hteqpu"), 3, 10);
+  net->eval();
+  torch::NoGradGuard no_grad;
+  auto block = std::dynamic_pointer_cast<fxp::nn::ResNet20Impl>(net)->blocks.at(3);
+  const auto h = block->forward(torch::randn({2, 16, 32, 32}).mul_(4).round_().div_(256), nullptr);
+  EXPECT_TRUE(on_grid(h, 8));
+}
+
+TEST(Models, PackedStorageOnlyWherePossible) {
+  auto net = fxp::nn::make_network("lenet5", config("sqpu"), 1, 10);
+  expect_error([&] { net->pack_(true, true); }, "packed storage is not supported for the lenet5 network yet");
+  fxp::nn::QBatchNorm2d bn(4, config("sqpu"));
+  expect_error([&] { bn->pack_weights_(); }, "batch norm layers cannot pack their parameters yet");
+}
+
+TEST(Models, BadNamesAndShapes) {
+  expect_error([] { fxp::nn::make_network("vgg16", QuantConfig{}, 3, 10); },
+               "model must be one of paper_cnn, lenet5, resnet20, alexnet, but got 'vgg16'");
+  expect_error([] { fxp::nn::make_network("lenet5", QuantConfig{}, 0, 10); }, "at least 1 input channel and 2 classes");
+}
+
+}  // namespace

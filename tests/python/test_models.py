@@ -1,0 +1,126 @@
+"""fxp-train's networks and datasets as a user runs them (issue 13): every
+model describes itself with its published parameter count, trains with every
+method, resumes bit for bit (batch norm's statistics included), and reads
+CIFAR's binary files (written here) with their 32x32 RGB images fitted to
+each model's input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from environment import FASHION, FXP_TRAIN, requires_fxp_train, requires_fxp_train_and_data
+
+PUBLISHED = {"paper_cnn": 184_490, "lenet5": 61_706, "resnet20": 272_474, "alexnet": 2_472_266}
+QUIET = ["--threads", "1", "--no-progress", "--quiet"]
+
+
+def _run(*args):
+    return subprocess.run([str(FXP_TRAIN), *args], capture_output=True, text=True, timeout=600)
+
+
+def _metrics(out):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for key in ("epoch_time_s", "train_time_s", "images_per_s"):
+            line.pop(key)
+    return lines
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("model", PUBLISHED)
+def test_describe_model_counts_the_published_parameters(model):
+    dataset = "fashion-mnist" if model in ("paper_cnn", "lenet5") else "cifar10"
+    p = _run("--describe-model", "--json", "--model", model, "--dataset", dataset)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["table1"]["totals"]["parameters"] == PUBLISHED[model]
+    assert report["model"] == model
+    text = _run("--describe-model", "--model", model, "--dataset", dataset).stdout
+    assert f"{PUBLISHED[model]}" in text.split("SUM")[1].splitlines()[0]
+
+
+@requires_fxp_train
+def test_bad_models_and_packed_where_unsupported_are_usage_errors():
+    p = _run("--model", "vgg16")
+    assert p.returncode == 2 and "vgg16" in p.stderr
+    p = _run("--dataset", "svhn")
+    assert p.returncode == 2 and "svhn" in p.stderr
+    p = _run("--model", "resnet20", "--packed")
+    assert p.returncode == 2
+    assert "packed storage is supported for model paper_cnn only" in p.stderr
+
+
+@requires_fxp_train_and_data
+@pytest.mark.parametrize("model", ["lenet5", "resnet20", "alexnet"])
+@pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu"])
+def test_every_model_trains_with_every_method(tmp_path, model, method):
+    out = tmp_path / "run"
+    p = _run("--model", model, "--method", method, "--data-dir", str(FASHION), "--train-limit", "128",
+             "--val-limit", "64", "--batch-size", "32", "--epochs", "1", "-o", str(out), *QUIET)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["model"] == model
+    [epoch] = _metrics(out)
+    assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_loss"])
+
+
+@requires_fxp_train_and_data
+def test_resnet20_resumes_bit_for_bit(tmp_path):
+    """Batch norm's running statistics are buffers of the checkpointed model."""
+    common = ["--model", "resnet20", "--method", "sqpu", "--data-dir", str(FASHION), "--train-limit", "96",
+              "--val-limit", "64", "--batch-size", "32", *QUIET]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert _run(*common, "--epochs", "2", "-o", str(whole)).returncode == 0
+    assert _run(*common, "--epochs", "1", "-o", str(split)).returncode == 0
+    assert _run(*common, "--epochs", "2", "-o", str(split), "--resume").returncode == 0
+    assert _metrics(whole) == _metrics(split)
+
+
+def _write_cifar10(directory, n_train=60, n_test=20, seed=0):
+    """CIFAR-10's binary layout: 5 training batches and a test batch of
+    records [label, 3072 pixels], learnable: the label sets the mean colour."""
+    rng = np.random.default_rng(seed)
+    folder = directory / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+
+    def batch(n):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        pixels = rng.integers(0, 64, (n, 3072), dtype=np.uint8) + (labels[:, None] * 19).astype(np.uint8)
+        return np.concatenate([labels[:, None], pixels], axis=1).tobytes()
+
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}.bin").write_bytes(batch(n_train // 5))
+    (folder / "test_batch.bin").write_bytes(batch(n_test))
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("model", ["paper_cnn", "lenet5", "resnet20"])
+def test_cifar10_files_train_every_model_size(tmp_path, model):
+    """3x32x32 inputs: cropped to 28x28 for paper_cnn, as they are for the 32x32 models."""
+    data = tmp_path / "cifar"
+    _write_cifar10(data)
+    out = tmp_path / "run"
+    p = _run("--model", model, "--dataset", "cifar10", "--data-dir", str(data), "--method", "ste", "--epochs", "1",
+             "--batch-size", "20", "-o", str(out), *QUIET)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["dataset"] == "cifar10"
+    assert summary["config"]["normalize_mean"] == 0.4734
+
+
+@requires_fxp_train
+def test_a_damaged_cifar_file_is_named_in_the_error(tmp_path):
+    data = tmp_path / "cifar"
+    _write_cifar10(data)
+    batch = data / "cifar-10-batches-bin" / "data_batch_3.bin"
+    batch.write_bytes(batch.read_bytes()[:-1])
+    p = _run("--dataset", "cifar10", "--data-dir", str(data), "-o", str(tmp_path / "run"), *QUIET)
+    assert p.returncode == 1
+    assert f"{batch}: 36875 bytes is not a whole number of 3073-byte records" in p.stderr
+    p = _run("--dataset", "cifar100", "--data-dir", str(data), "-o", str(tmp_path / "run2"), *QUIET)
+    assert p.returncode == 1
+    assert "missing dataset file" in p.stderr and "scripts/get_data.sh cifar100" in p.stderr
