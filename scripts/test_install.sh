@@ -83,7 +83,7 @@ step "building csrc/examples against the installed package"
 cmake -S "$ROOT/csrc/examples" -B "$WORK/examples" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$WORK/prefix" >"$WORK/examples.configure.log" 2>&1 \
   || { cat "$WORK/examples.configure.log" >&2; exit 1; }
-cmake --build "$WORK/examples" >/dev/null
+cmake --build "$WORK/examples" >"$WORK/examples.build.log" 2>&1 || { cat "$WORK/examples.build.log" >&2; exit 1; }
 (cd "$WORK" && env -u LD_LIBRARY_PATH "$WORK/examples/fxp-quantize-demo" | grep "grid: yes")
 if [[ -x $BUILD/fxp-train ]]; then env -u LD_LIBRARY_PATH "$WORK/prefix/bin/fxp-train" --help >/dev/null; fi
 step "both install paths work"

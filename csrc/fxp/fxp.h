@@ -3,6 +3,8 @@
 // the CMake target fxp::fxp (find_package(fxp)).
 #pragma once
 
+#include "adapt/controller.h"
+#include "adapt/precision.h"
 #include "nn/models.h"
 #include "nn/modules.h"
 #include "nn/network.h"

@@ -116,6 +116,11 @@ WeightMode weight_mode_for(const std::string& method) {
 
 QuantizedLayer::QuantizedLayer(QuantConfig config_) : config(std::move(config_)) { check_config(config); }
 
+torch::Tensor QuantizedLayer::note_output(torch::Tensor y) {
+  outputs_per_sample = y.dim() > 0 && y.size(0) > 0 ? y.numel() / y.size(0) : 0;
+  return y;
+}
+
 QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, QuantConfig config_)
     : QuantizedLayer(std::move(config_)) {
   linear = register_module("linear", torch::nn::Linear(torch::nn::LinearOptions(in_features, out_features).bias(bias)));
@@ -124,15 +129,15 @@ QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, Q
 torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
   if (!packed.weights && !packed.saved_input_format) {
     const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-    return output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias), config,
-                  output_stats);
+    return note_output(output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias),
+                              config, output_stats));
   }
   const LayerWeights w = layer_weights(linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
   const torch::Tensor y = fxp::linear(x, w.weight, w.bias, format_ref(packed.saved_input_format), w.weight_codes,
                                       w.bias_codes, format_ref(w.param_format), format_ref(out_format),
                                       op_rounding(config.act_rounding));
-  return out_format ? y : output(y, config, output_stats);
+  return note_output(out_format ? y : output(y, config, output_stats));
 }
 
 void QLinearImpl::pack_weights_() {
@@ -153,9 +158,9 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   if (!packed.weights && !packed.saved_input_format) {
     const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
-    return output(torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding, o.dilation(),
-                                o.groups()),
-                  config, output_stats);
+    return note_output(output(torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
+                                            o.dilation(), o.groups()),
+                              config, output_stats));
   }
   const LayerWeights w = layer_weights(conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
@@ -163,7 +168,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
                                       format_ref(packed.saved_input_format), w.weight_codes, w.bias_codes,
                                       format_ref(w.param_format), format_ref(out_format),
                                       op_rounding(config.act_rounding));
-  return out_format ? y : output(y, config, output_stats);
+  return note_output(out_format ? y : output(y, config, output_stats));
 }
 
 void QConv2dImpl::pack_weights_() {
@@ -179,7 +184,7 @@ QBatchNorm2dImpl::QBatchNorm2dImpl(int64_t channels, QuantConfig config_) : Quan
 }
 
 torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
-  if (config.weight_mode == WeightMode::Fp32) return bn->forward(x);
+  if (config.weight_mode == WeightMode::Fp32) return note_output(bn->forward(x));
   // Note [Quantized batch norm]. The bias first, as the linear layers read them.
   const torch::Tensor bias = weight_on_read(bn->bias, config);
   const torch::Tensor weight = weight_on_read(bn->weight, config);
@@ -187,7 +192,7 @@ torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
   const torch::Tensor y = torch::batch_norm(x, weight, bias, bn->running_mean, bn->running_var, is_training(),
                                             o.momentum().value_or(0.1), o.eps(), at::globalContext().userEnabledCuDNN());
   if (is_training()) bn->num_batches_tracked += 1;
-  return output(y, config, output_stats);
+  return note_output(output(y, config, output_stats));
 }
 
 void QBatchNorm2dImpl::pack_weights_() {
@@ -197,7 +202,7 @@ void QBatchNorm2dImpl::pack_weights_() {
 QAddImpl::QAddImpl(QuantConfig config_) : QuantizedLayer(std::move(config_)) {}
 
 torch::Tensor QAddImpl::forward(const torch::Tensor& a, const torch::Tensor& b) {
-  return output(a + b, config, output_stats);
+  return note_output(output(a + b, config, output_stats));
 }
 
 }  // namespace fxp::nn

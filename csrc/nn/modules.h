@@ -74,9 +74,17 @@ class QuantizedLayer {
   // Note [Packed layers]. Needs weight_mode Qpu (weights on the grid).
   virtual void pack_weights_() = 0;
   virtual std::vector<PackedStorage> packed_storage() const = 0;
+  // Multiply-adds per output element: the fan-in of a convolution or linear
+  // layer, 1 for batch norm, 0 for an add (AdaPT's performance model).
+  virtual int64_t madds_per_output() const = 0;
   QuantConfig config;
   OutputStats output_stats;
   PackedState packed;
+  int64_t outputs_per_sample = 0;  // of the last forward (0: none yet)
+
+ protected:
+  // Records outputs_per_sample from the forward's result, and returns it.
+  torch::Tensor note_output(torch::Tensor y);
 };
 
 class QLinearImpl : public torch::nn::Module, public QuantizedLayer {
@@ -85,6 +93,7 @@ class QLinearImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& x);
   void pack_weights_() override;
   std::vector<PackedStorage> packed_storage() const override;
+  int64_t madds_per_output() const override { return linear->options.in_features(); }
   torch::nn::Linear linear{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };
@@ -96,6 +105,7 @@ class QConv2dImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& x);
   void pack_weights_() override;
   std::vector<PackedStorage> packed_storage() const override;
+  int64_t madds_per_output() const override { return conv->weight[0].numel(); }
   torch::nn::Conv2d conv{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };
@@ -113,6 +123,7 @@ class QBatchNorm2dImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& x);
   void pack_weights_() override;
   std::vector<PackedStorage> packed_storage() const override { return {}; }
+  int64_t madds_per_output() const override { return 1; }
   torch::nn::BatchNorm2d bn{nullptr};
 };
 TORCH_MODULE(QBatchNorm2d);
@@ -126,6 +137,7 @@ class QAddImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& a, const torch::Tensor& b);
   void pack_weights_() override {}
   std::vector<PackedStorage> packed_storage() const override { return {}; }
+  int64_t madds_per_output() const override { return 0; }
 };
 TORCH_MODULE(QAdd);
 

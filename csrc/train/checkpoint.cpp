@@ -35,13 +35,19 @@ void read_checkpoint(const std::string& path, torch::serialize::InputArchive& ar
 }  // namespace
 
 void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                     const RunState& state, const json& settings, const torch::Device& device) {
+                     const adapt::Controller* adapt, const RunState& state, const json& settings,
+                     const torch::Device& device) {
   torch::serialize::OutputArchive archive;
   torch::serialize::OutputArchive model_archive, optimizer_archive;
   model.save(model_archive);
   optimizer.save(optimizer_archive);
   archive.write("model", model_archive);
   archive.write("optimizer", optimizer_archive);
+  if (adapt) {
+    torch::serialize::OutputArchive adapt_archive;
+    adapt->save(adapt_archive);
+    archive.write("adapt", adapt_archive);
+  }
   archive.write("state", c10::IValue(json(state).dump()));
   archive.write("config", c10::IValue(settings.dump()));
   for (auto& [key, generator] : run_generators(device)) {
@@ -65,7 +71,7 @@ json checkpoint_settings(const std::string& path) {
 }
 
 RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                         const torch::Device& device) {
+                         adapt::Controller* adapt, const torch::Device& device) {
   torch::serialize::InputArchive archive;
   read_checkpoint(path, archive, device);
   torch::serialize::InputArchive model_archive, optimizer_archive;
@@ -73,6 +79,11 @@ RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torc
   archive.read("optimizer", optimizer_archive);
   model.load(model_archive);
   optimizer.load(optimizer_archive);
+  if (adapt) {
+    torch::serialize::InputArchive adapt_archive;
+    archive.read("adapt", adapt_archive);
+    adapt->load(adapt_archive);
+  }
   c10::IValue state;
   archive.read("state", state);
   for (auto& [key, generator] : run_generators(device)) {

@@ -11,16 +11,20 @@
 
 #include <string>
 
+#include "adapt/controller.h"
 #include "train/run_state.h"
 
 namespace fxp::train {
 
+// `adapt`: AdaPT's controller, whose state travels with the model (or null).
 void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                     const RunState& state, const nlohmann::json& settings, const torch::Device& device);
+                     const adapt::Controller* adapt, const RunState& state, const nlohmann::json& settings,
+                     const torch::Device& device);
 
-// Restores the model, the optimizer and the generators; returns the run state.
+// Restores the model, the optimizer, the controller and the generators;
+// returns the run state.
 RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                         const torch::Device& device);
+                         adapt::Controller* adapt, const torch::Device& device);
 
 // The settings a checkpoint was written with, after its checksum is verified.
 nlohmann::json checkpoint_settings(const std::string& path);

@@ -54,6 +54,17 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"inference_rounding", field(&TrainConfig::inference_rounding)},
       {"momentum_form", field(&TrainConfig::momentum_form)},
       {"packed", field(&TrainConfig::packed)},
+      {"adapt_start_bits", field(&TrainConfig::adapt_start_bits)},
+      {"adapt_start_frac", field(&TrainConfig::adapt_start_frac)},
+      {"adapt_resolution_min", field(&TrainConfig::adapt_resolution_min)},
+      {"adapt_resolution_max", field(&TrainConfig::adapt_resolution_max)},
+      {"adapt_lookback_min", field(&TrainConfig::adapt_lookback_min)},
+      {"adapt_lookback_max", field(&TrainConfig::adapt_lookback_max)},
+      {"adapt_lookback_momentum", field(&TrainConfig::adapt_lookback_momentum)},
+      {"adapt_buffer_bits", field(&TrainConfig::adapt_buffer_bits)},
+      {"adapt_strategy", field(&TrainConfig::adapt_strategy)},
+      {"adapt_log", field(&TrainConfig::adapt_log)},
+      {"l1_decay", field(&TrainConfig::l1_decay)},
       {"batch_size", field(&TrainConfig::batch_size)},
       {"lr", field(&TrainConfig::lr)},
       {"lr_scaling", field(&TrainConfig::lr_scaling)},
@@ -252,7 +263,9 @@ std::string TrainConfig::run_name() const {
   if (model != "paper_cnn") name << model << "-";
   if (dataset != "fashion-mnist") name << dataset << "-";
   name << method;
-  if (method != "fp32") {
+  if (method == "adapt") {
+    name << "-start" << adapt_start_bits << "." << adapt_start_frac << "-buf" << adapt_buffer_bits;
+  } else if (method != "fp32") {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;
   }
@@ -264,10 +277,27 @@ std::string TrainConfig::run_name() const {
 void TrainConfig::validate() const {
   one_of("model", model, nn::network_names());
   one_of("dataset", dataset, data::dataset_names());
-  one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu"});
+  one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu", "adapt"});
   check_format("param_bits", param_bits, "param_frac", param_frac);
   check_format("out_bits", out_bits, "out_frac", out_frac);
   one_of("inference_rounding", inference_rounding, {"hte", "sr"});
+  check_format("adapt_start_bits", adapt_start_bits, "adapt_start_frac", adapt_start_frac);
+  at_least("adapt_resolution_min", adapt_resolution_min, 1);
+  at_least("adapt_resolution_max", adapt_resolution_max, adapt_resolution_min);
+  at_least("adapt_lookback_min", adapt_lookback_min, 1);
+  at_least("adapt_lookback_max", adapt_lookback_max, adapt_lookback_min);
+  if (!(adapt_lookback_momentum >= 0 && adapt_lookback_momentum <= 1)) {
+    bad("adapt_lookback_momentum", "must be in [0, 1], but got " + std::to_string(adapt_lookback_momentum));
+  }
+  if (adapt_buffer_bits < 1 || adapt_buffer_bits > 31) {
+    bad("adapt_buffer_bits", "must be in [1, 31], but got " + std::to_string(adapt_buffer_bits));
+  }
+  one_of("adapt_strategy", adapt_strategy, {"min", "mean", "max"});
+  one_of("adapt_log", adapt_log, {"log2", "squared_ln"});
+  if (!(l1_decay >= 0) || !std::isfinite(l1_decay)) {
+    bad("l1_decay", "must be a non-negative number, but got " + std::to_string(l1_decay));
+  }
+  if (l1_decay > 0 && method != "adapt") bad("l1_decay", "is AdaPT's (method adapt) only");
   one_of("momentum_form", momentum_form, {"standard", "paper_eq6"});
   at_least("batch_size", batch_size, 1);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
@@ -298,6 +328,7 @@ void TrainConfig::validate() const {
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
     bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
   }
+  if (packed && method == "adapt") bad("packed", "AdaPT keeps a float32 master copy; it has no packed form yet");
   if (packed && model != "paper_cnn") {
     bad("packed", "packed storage is supported for model paper_cnn only (yet), not " + model);
   }

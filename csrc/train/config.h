@@ -18,12 +18,22 @@ struct TrainConfig {
   std::string dataset = "fashion-mnist";  // fashion-mnist | mnist | emnist | cifar10 | cifar100
 
   // method and formats
-  std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu
+  std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu | adapt
   int64_t param_bits = 16, param_frac = 10;
   int64_t out_bits = 16, out_frac = 8;
   std::string inference_rounding = "sr";  // hte | sr
   std::string momentum_form = "standard";  // standard | paper_eq6 (QPU only)
   bool packed = false;  // packed integer storage (docs/memory.md)
+
+  // AdaPT (method adapt; docs/adapt.md): per-layer formats that change
+  int64_t adapt_start_bits = 8, adapt_start_frac = 4;
+  int64_t adapt_resolution_min = 50, adapt_resolution_max = 150;
+  int64_t adapt_lookback_min = 25, adapt_lookback_max = 100;
+  double adapt_lookback_momentum = 0.33;
+  int64_t adapt_buffer_bits = 4;
+  std::string adapt_strategy = "min";  // min | mean | max: the push-up strategy to start with
+  std::string adapt_log = "log2";      // log2 | squared_ln: the reading of the paper's "log²"
+  double l1_decay = 0.0;               // L1 regularization (AdaPT's sparsity term)
 
   // optimization
   int64_t batch_size = 64;

@@ -109,6 +109,7 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       if (probe) probe->after_forward();
       loss.backward();
       if (probe) probe->after_backward();
+      if (t.adapt) t.adapt->after_backward(loss.item<double>(), index.size(0));
       t.optimizer->step();
     } catch (const c10::ValueError& e) {
       // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.

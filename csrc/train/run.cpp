@@ -43,6 +43,40 @@ torch::Device parse_device(const std::string& name) {
   return device;
 }
 
+// AdaPT's per-layer state at the end of an epoch (docs/adapt.md): each
+// layer's format, lookback, resolution, switches so far, the gradient
+// diversity and PD's minimum at its last switch, and its sparsity.
+json adapt_record(const adapt::Controller& controller) {
+  json layers = json::array();
+  for (const auto& l : controller.layers()) {
+    layers.push_back({{"name", l.name},
+                      {"bits", l.format.bits},
+                      {"frac", l.format.frac},
+                      {"lookback", l.lookback},
+                      {"resolution", l.resolution},
+                      {"switches", l.switches},
+                      {"gradient_diversity", l.switches ? json(l.gradient_diversity) : json(nullptr)},
+                      {"min_bits", l.minimum.bits},
+                      {"min_frac", l.minimum.frac},
+                      {"parameters", [&] {
+                         int64_t n = 0;
+                         for (const auto& p : l.parameters) n += p.numel();
+                         return n;
+                       }()},
+                      {"sparsity", controller.sparsity(l)}});
+  }
+  const auto work = controller.work();
+  const adapt::TrainingCost cost = adapt::training_cost(work, controller.options().l1 > 0);
+  return {{"strategy", adapt::to_string(controller.strategy())},
+          {"layers", layers},
+          {"performance",
+           {{"cost", cost.adapt},
+            {"float32_cost", cost.float32},
+            {"training_speedup", cost.speedup()},
+            {"model_size", adapt::model_size_ratio(work)},
+            {"inference_speedup", adapt::inference_speedup(work)}}}};
+}
+
 // The epoch's line of metrics.jsonl (docs/train.md).
 json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v, const LayerStatistics& stats,
                   double lr, double epoch_time, double train_time, int64_t train_images) {
@@ -105,7 +139,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {
-    state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, device);
+    state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), device);
     set_lr(*training.optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
@@ -125,10 +159,12 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     const double epoch_time = seconds_since(epoch_start);
     state.history.push_back(
         epoch_record(epoch, trained, validation, statistics, lr, epoch_time, train_time, train.size()));
+    if (training.adapt) state.history.back()["adapt"] = adapt_record(*training.adapt);
     state.wall_time_s += epoch_time;
     std::string lines;
     for (const auto& r : state.history) lines += r.dump() + "\n";
-    save_checkpoint(files.checkpoint, *training.model, *training.optimizer, state, settings, device);
+    save_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), state, settings,
+                    device);
     atomic_write(files.metrics, lines);
     if (options.log) log_epoch(*options.log, state.history.back(), config.epochs);
   }

@@ -26,7 +26,9 @@ Split load_split(const TrainConfig& c, bool train, int64_t limit, const torch::D
 
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   nn::QuantConfig qc;
-  qc.weight_mode = nn::weight_mode_for(c.method);
+  // AdaPT reads its float32 master copy quantized, as STE does; its
+  // controller sets every layer's formats (Note [AdaPT's schedule]).
+  qc.weight_mode = c.method == "adapt" ? nn::WeightMode::Ste : nn::weight_mode_for(c.method);
   qc.param_total_bits = c.param_bits;
   qc.param_frac_bits = c.param_frac;
   qc.act_total_bits = c.out_bits;
@@ -68,7 +70,21 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.optimizer = std::make_unique<torch::optim::SGD>(
         t.model->parameters(), torch::optim::SGDOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay));
   }
+  if (c.method == "adapt") t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
   return t;
+}
+
+adapt::AdaptOptions adapt_options(const TrainConfig& c) {
+  adapt::AdaptOptions o;
+  o.start = {c.adapt_start_bits, c.adapt_start_frac};
+  o.resolution = {c.adapt_resolution_min, c.adapt_resolution_max};
+  o.lookback = {c.adapt_lookback_min, c.adapt_lookback_max};
+  o.lookback_momentum = c.adapt_lookback_momentum;
+  o.buffer_bits = c.adapt_buffer_bits;
+  o.strategy = adapt::strategy_from_string(c.adapt_strategy);
+  o.log_form = adapt::log_form_from_string(c.adapt_log);
+  o.l1 = c.l1_decay;
+  return o;
 }
 
 void set_lr(torch::optim::Optimizer& optimizer, double lr) {

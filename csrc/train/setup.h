@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "adapt/controller.h"
 #include "nn/models.h"
 #include "optim/qpu_sgd.h"
 #include "train/config.h"
@@ -28,7 +29,11 @@ struct Training {
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   optim::QpuSgd* qpu = nullptr;  // the optimizer, for QPU methods
   bool packed = false;           // packed storage (docs/memory.md)
+  std::unique_ptr<adapt::Controller> adapt;  // AdaPT's controller, for method adapt
 };
+
+// AdaPT's controller options from the adapt_* keys and l1_decay.
+adapt::AdaptOptions adapt_options(const TrainConfig& config);
 
 // config.model's layers quantized as config.method and the formats say, for
 // config.dataset's channels and classes (not on a device yet).

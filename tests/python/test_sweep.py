@@ -255,7 +255,9 @@ def test_sweep_runs_fxp_train_end_to_end(tmp_path):
 
 # fxp-train's config keys (csrc/train/config.cpp), for a stand-in that needs no build.
 KEYS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding", "momentum_form",
-        "packed", "batch_size", "lr", "lr_scaling", "momentum", "weight_decay", "scheduler", "plateau_patience",
+        "packed", "adapt_start_bits", "adapt_start_frac", "adapt_resolution_min", "adapt_resolution_max",
+        "adapt_lookback_min", "adapt_lookback_max", "adapt_lookback_momentum", "adapt_buffer_bits", "adapt_strategy",
+        "adapt_log", "l1_decay", "batch_size", "lr", "lr_scaling", "momentum", "weight_decay", "scheduler", "plateau_patience",
         "plateau_factor", "epochs", "early_stopping", "early_stopping_patience", "early_stopping_min_epochs",
         "seed", "device", "threads", "data_dir", "train_limit", "val_limit", "eval_batch_size", "normalize_mean",
         "normalize_std", "output_dir"]

@@ -1,0 +1,387 @@
+// AdaPT's precision-switching rules (csrc/adapt/precision.h) on hand-computed
+// cases and against brute force.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "adapt/controller.h"
+#include "adapt/precision.h"
+#include "nn/models.h"
+
+#include "test_util.h"
+
+namespace {
+
+namespace fa = fxp::adapt;
+using fxp::testing::expect_error;
+
+TEST(AdaptKl, ZeroForALosslessQuantizationPositiveOtherwise) {
+  // Multiples of 1/8 in [-1, 1): exact at FL = 3, so KL is 0 at any resolution.
+  const auto w = torch::arange(-8, 8, torch::kDouble) / 8;
+  for (int64_t r : {1, 7, 50, 150}) EXPECT_EQ(fa::quantization_kl(w, {0, 3}, r), 0.0) << r;
+  EXPECT_EQ(fa::quantization_kl(w, {8, 4}, 150), 0.0);
+  // FL = 1 rounds 1/8 and 3/8 to 0 and 1/2: bins that held them empty out.
+  EXPECT_GT(fa::quantization_kl(w, {0, 1}, 16), 0.0);
+  // Saturation at FxP(2, 1) (range [-1, 0.5]) piles the top values in one bin.
+  EXPECT_GT(fa::quantization_kl(w, {2, 1}, 4), 0.0);
+  // At resolution 1 every quantization is lossless: one bin holds everything.
+  EXPECT_EQ(fa::quantization_kl(w, {0, 0}, 1), 0.0);
+}
+
+TEST(AdaptKl, DiscreteKlByHand) {
+  const auto p = torch::tensor({2.0, 2.0, 0.0}), q = torch::tensor({1.0, 3.0, 0.0});
+  // P = (1/2, 1/2), Q = (1/4, 3/4): 1/2 log 2 + 1/2 log(2/3).
+  EXPECT_NEAR(fa::kl_divergence(p, q), 0.5 * std::log(2.0) + 0.5 * std::log(2.0 / 3.0), 1e-15);
+  EXPECT_EQ(fa::kl_divergence(q, q), 0.0);
+  EXPECT_EQ(fa::kl_divergence(torch::tensor({1.0, 1.0}), torch::tensor({2.0, 0.0})),
+            std::numeric_limits<double>::infinity());
+  // Values past the range count in the end bins.
+  EXPECT_TRUE(torch::equal(fa::histogram(torch::tensor({-5.0, 0.1, 0.9, 7.0}), 0, 1, 2),
+                           torch::tensor({2.0, 2.0}, torch::kDouble)));
+}
+
+// The brute-force minimum: the smallest FL whose rounding is lossless, then the
+// smallest BW at that FL; `monotone` says whether losslessness never fails
+// again at a finer FL (where bisection must agree).
+struct BruteForce {
+  fa::Format format;
+  bool monotone;
+};
+BruteForce brute_force(const torch::Tensor& w, int64_t r) {
+  std::vector<bool> ok(32);
+  for (int64_t f = 0; f < 32; ++f) ok[f] = fa::quantization_kl(w, {0, f}, r) == 0.0;
+  int64_t frac = 31;
+  for (int64_t f = 0; f < 32; ++f) {
+    if (ok[f]) {
+      frac = f;
+      break;
+    }
+  }
+  bool monotone = true;
+  for (int64_t f = frac; f < 32; ++f) monotone = monotone && ok[f];
+  int64_t bits = 32;
+  for (int64_t b = frac + 1; b <= 32; ++b) {
+    if (fa::quantization_kl(w, {b, frac}, r) == 0.0) {
+      bits = b;
+      break;
+    }
+  }
+  return {{bits, frac}, monotone};
+}
+
+TEST(AdaptPushDown, BisectionEqualsBruteForce) {
+  torch::manual_seed(0);
+  int compared = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    const double scale = std::ldexp(1.0, trial % 7 - 3);
+    const auto w = torch::randn({5 + trial % 23}, torch::kDouble) * scale;
+    const int64_t r = 5 + 13 * (trial % 11);
+    const BruteForce expected = brute_force(w, r);
+    if (!expected.monotone) continue;
+    const fa::Format got = fa::push_down(w, r);
+    EXPECT_EQ(got.frac, expected.format.frac) << trial;
+    EXPECT_EQ(got.bits, expected.format.bits) << trial;
+    ++compared;
+  }
+  EXPECT_GE(compared, 40) << "too few monotone cases to compare";
+}
+
+TEST(AdaptPushDown, GridValuesNeedTheirOwnBits) {
+  // Multiples of 1/16 spanning [-3, 3]: FL_min 4; 3 needs 2 integer bits and a sign: BW_min 7.
+  const auto w = torch::arange(-48, 49, torch::kDouble) / 16;
+  const fa::Format f = fa::push_down(w, 97);
+  EXPECT_EQ(f.frac, 4);
+  EXPECT_EQ(f.bits, 7);
+  // A constant 2: exact at FL 0, and BW 3 holds it (FxP(2, 0) saturates it to 1).
+  EXPECT_EQ(fa::push_down(torch::full({4}, 2.0), 50), (fa::Format{3, 0}));
+  expect_error([] { fa::push_down(torch::tensor({1.0, std::nan("")}), 10); }, "NaN or infinite");
+  expect_error([] { fa::push_down(torch::empty({0}), 10); }, "empty");
+  expect_error([] { fa::push_down(torch::ones({3}), 0); }, "at least 1 bin");
+}
+
+TEST(AdaptGradientDiversity, Eq35EqualsEq33OnStoredNormalizedGradients) {
+  torch::manual_seed(1);
+  for (int64_t lb : {1, 3, 25}) {
+    std::vector<torch::Tensor> grads;
+    torch::Tensor accumulated = torch::zeros({40}, torch::kDouble);
+    for (int64_t k = 0; k < lb; ++k) {
+      auto g = torch::randn({40}, torch::kDouble) + 0.5;
+      g = g / g.norm();  // Eq. 3.4
+      grads.push_back(g);
+      accumulated += g;
+    }
+    double sum_of_norms = 0;
+    for (const auto& g : grads) sum_of_norms += g.norm().item<double>();
+    const double eq33 = sum_of_norms / torch::stack(grads).sum(0).norm().item<double>();
+    EXPECT_NEAR(fa::gradient_diversity(lb, accumulated), eq33, 1e-12 * eq33) << lb;
+    EXPECT_GE(fa::gradient_diversity(lb, accumulated), 1.0 - 1e-12);
+  }
+  EXPECT_EQ(fa::gradient_diversity(2, torch::zeros({3})), std::numeric_limits<double>::infinity());
+}
+
+TEST(AdaptPushUp, SuggestionsByHand) {
+  // GD 16: log2 16 - 1 = 3: s1 = ceil(1/3) = 1, s2 = ceil(min(96, 32)) - FL_min = 32 - 5 = 27.
+  auto s = fa::push_up_suggestions(16.0, 5, fa::LogForm::Log2);
+  EXPECT_EQ(s.s1, 1);
+  EXPECT_EQ(s.s2, 27);
+  EXPECT_EQ(fa::push_up_step(s, fa::Strategy::Min), 1);
+  EXPECT_EQ(fa::push_up_step(s, fa::Strategy::Mean), 14);
+  EXPECT_EQ(fa::push_up_step(s, fa::Strategy::Max), 27);
+  // GD 2.5: X = log2 2.5 - 1 = 0.3219: s1 = ceil(3.106) = 4, s2 = ceil(10.30) - 8 = 3.
+  s = fa::push_up_suggestions(2.5, 8, fa::LogForm::Log2);
+  EXPECT_EQ(s.s1, 4);
+  EXPECT_EQ(s.s2, 3);
+  EXPECT_EQ(fa::push_up_step(s, fa::Strategy::Mean), 4);  // ceil(3.5)
+  // The authors' reading: X = (ln 10 - 1)^2 = 1.6957: s1 = 1, s2 = 32 - 4.
+  s = fa::push_up_suggestions(10.0, 4, fa::LogForm::SquaredLn);
+  EXPECT_EQ(s.s1, 1);
+  EXPECT_EQ(s.s2, 28);
+  // Diverse gradients (GD <= 2 with log2): one bit.
+  s = fa::push_up_suggestions(1.5, 3, fa::LogForm::Log2);
+  EXPECT_EQ(s.s1, 1);
+  EXPECT_EQ(s.s2, 1);
+  // Gradients that cancel (GD infinite).
+  s = fa::push_up_suggestions(std::numeric_limits<double>::infinity(), 6, fa::LogForm::Log2);
+  EXPECT_EQ(s.s1, 1);
+  EXPECT_EQ(s.s2, 26);
+}
+
+TEST(AdaptPushUp, NewFormatAndRangeBuffer) {
+  // PD found <6, 3>; PU by 2: FL 5, BW max(6, 5) + 1 = 7; buffer 4: FL min(5, 28) = 5, BW max(min(9, 32), 7) = 9.
+  EXPECT_EQ(fa::push_up({6, 3}, 2, 4), (fa::Format{9, 5}));
+  // Near the top: FL min(30 + 5, 32) = 32, BW 32; buffer 8: FL 24, BW max(32, 32) = 32.
+  EXPECT_EQ(fa::push_up({31, 30}, 5, 8), (fa::Format{32, 24}));
+  // A wide range: BW = BW_min + 1 = 21 stays above FL + buffer = 7.
+  EXPECT_EQ(fa::push_up({20, 2}, 1, 4), (fa::Format{21, 3}));
+  expect_error([] { fa::push_up({8, 4}, 1, 0); }, "buffer bits must be in [1, 31]");
+}
+
+TEST(AdaptStrategy, LossHeuristicByHand) {
+  using S = fa::Strategy;
+  EXPECT_EQ(fa::adapt_strategy(S::Min, 1.0, 1.2), S::Mean);   // no better than the average
+  EXPECT_EQ(fa::adapt_strategy(S::Mean, 1.0, 1.0), S::Max);
+  EXPECT_EQ(fa::adapt_strategy(S::Max, 1.0, 1.5), S::Max);
+  EXPECT_EQ(fa::adapt_strategy(S::Max, 1.0, 0.9), S::Min);    // better: back to min
+  EXPECT_EQ(fa::adapt_strategy(S::Mean, -2.0, 1.0), S::Min);  // magnitudes are compared
+  EXPECT_EQ(fa::strategy_from_string("mean"), S::Mean);
+  expect_error([] { fa::strategy_from_string("median"); }, "strategy must be min, mean or max");
+}
+
+TEST(AdaptLookbackAndResolution, ByHand) {
+  const fa::Bounds lb{25, 100}, r{50, 150};
+  // GD 2: lb_new = ceil(100 / 2) = 50; lb = ceil(0.33 * 50 + 0.67 * 25) = ceil(33.25) = 34.
+  EXPECT_EQ(fa::adapt_lookback(25, 2.0, lb, 0.33), 34);
+  // GD 1 (identical gradients): lb_new = 100; from 100 it stays 100 (no rounding up past it).
+  EXPECT_EQ(fa::adapt_lookback(100, 1.0, lb, 0.33), 100);
+  // GD 8: lb_new = max(ceil(12.5), 25) = 25; from 25 it stays 25.
+  EXPECT_EQ(fa::adapt_lookback(25, 8.0, lb, 0.33), 25);
+  EXPECT_EQ(fa::adapt_lookback(60, std::numeric_limits<double>::infinity(), lb, 1.0), 25);
+  EXPECT_EQ(fa::adapt_resolution(70, 100, lb, r), 71);
+  EXPECT_EQ(fa::adapt_resolution(70, 25, lb, r), 69);
+  EXPECT_EQ(fa::adapt_resolution(70, 60, lb, r), 70);
+  EXPECT_EQ(fa::adapt_resolution(150, 100, lb, r), 150);
+  EXPECT_EQ(fa::adapt_resolution(50, 25, lb, r), 50);
+  expect_error([] { fa::adapt_lookback(10, 2.0, {0, 5}, 0.3); }, "lookback bounds [0, 5]");
+}
+
+}  // namespace
+
+// ---- the controller ------------------------------------------------------------
+
+namespace {
+
+fxp::nn::QuantConfig ste() {
+  fxp::nn::QuantConfig c;
+  c.weight_mode = fxp::nn::WeightMode::Ste;
+  return c;
+}
+
+// One training step's backward on random data.
+double backward(fxp::nn::NetworkImpl& net, int64_t seed) {
+  torch::manual_seed(seed);
+  net.zero_grad();
+  const auto x = torch::randn({8, 1, 32, 32});
+  const auto y = torch::randint(0, 10, {8}, torch::kLong);
+  const auto loss = torch::nn::functional::cross_entropy(net.forward(x), y);
+  loss.backward();
+  return loss.item<double>();
+}
+
+TEST(AdaptController, StartsEveryLayerAtTheStartFormat) {
+  auto net = fxp::nn::make_network("resnet20", ste(), 3, 10);
+  fa::AdaptOptions o;
+  o.start = {10, 6};
+  fa::Controller controller(*net, o);
+  EXPECT_EQ(controller.layers().size(), 21u + 21u + 1u);  // convs, batch norms, the linear layer
+  for (const auto& [name, layer] : net->quantized_layers()) {
+    EXPECT_EQ(layer->config.param_total_bits, 10) << name;
+    EXPECT_EQ(layer->config.act_frac_bits, 6) << name;  // activations at the weights' format, adds included
+  }
+}
+
+// The switch a layer makes equals the rules applied by hand to the normalized
+// gradients stored here (Eq. 3.3 directly, not the accumulator).
+TEST(AdaptController, SwitchEqualsTheRulesAppliedByHand) {
+  auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+  fa::AdaptOptions o;
+  o.lookback = {2, 4};
+  o.resolution = {20, 30};
+  o.buffer_bits = 3;
+  fa::Controller controller(*net, o);
+  const size_t n_layers = controller.layers().size();
+  std::vector<std::vector<torch::Tensor>> normalized(n_layers);  // per layer, per step: the flat gradient
+  double losses[2];
+  for (int step = 0; step < 2; ++step) {
+    losses[step] = backward(*net, 10 + step);
+    controller.after_backward(losses[step], 8);
+    for (size_t i = 0; i < n_layers; ++i) {
+      std::vector<torch::Tensor> flat;
+      for (const auto& p : controller.layers()[i].parameters) flat.push_back(p.grad().flatten().to(torch::kDouble));
+      normalized[i].push_back(torch::cat(flat));
+      EXPECT_NEAR(normalized[i].back().norm().item<double>(), 1.0, 1e-6) << "Eq. 3.4";
+    }
+  }
+  for (size_t i = 0; i < n_layers; ++i) {
+    const auto& l = controller.layers()[i];
+    ASSERT_EQ(l.switches, 1) << l.name;
+    EXPECT_EQ(l.count, 0);
+    const double eq33 = (normalized[i][0].norm() + normalized[i][1].norm()).item<double>() /
+                        (normalized[i][0] + normalized[i][1]).norm().item<double>();
+    EXPECT_NEAR(l.gradient_diversity, eq33, 1e-5 * eq33) << l.name;
+    const int64_t lookback = fa::adapt_lookback(2, l.gradient_diversity, o.lookback, o.lookback_momentum);
+    EXPECT_EQ(l.lookback, lookback);
+    EXPECT_EQ(l.resolution, fa::adapt_resolution(20, lookback, o.lookback, o.resolution));
+    std::vector<torch::Tensor> flat;
+    for (const auto& p : l.parameters) flat.push_back(p.detach().flatten());
+    EXPECT_EQ(l.minimum, fa::push_down(torch::cat(flat), l.resolution)) << l.name;
+    // The strategy is still min: before step 2 the history held one loss, fewer than lb_avg = 2.
+    EXPECT_EQ(controller.strategy(), fa::Strategy::Min);
+    const auto step = fa::push_up_step(fa::push_up_suggestions(l.gradient_diversity, l.minimum.frac, o.log_form),
+                                       controller.strategy());
+    EXPECT_EQ(l.format, fa::push_up(l.minimum, step, 3)) << l.name;
+    EXPECT_EQ(l.layer->config.param_total_bits, l.format.bits);
+    EXPECT_EQ(l.layer->config.act_frac_bits, l.format.frac);
+  }
+}
+
+TEST(AdaptController, L1AddsItsGradientBeforeNormalization) {
+  auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+  fa::AdaptOptions o;
+  o.l1 = 0.5;
+  fa::Controller controller(*net, o);
+  backward(*net, 3);
+  const auto& l = controller.layers().front();
+  std::vector<torch::Tensor> expected;
+  double squared = 0;
+  for (const auto& p : l.parameters) {
+    expected.push_back(p.grad() + 0.5 * p.detach().sign());
+    squared += expected.back().to(torch::kDouble).square().sum().item<double>();
+  }
+  controller.after_backward(1.0, 8);
+  for (size_t j = 0; j < l.parameters.size(); ++j) {
+    EXPECT_TRUE(torch::allclose(l.parameters[j].grad(), expected[j] / std::sqrt(squared), 1e-6, 1e-7));
+  }
+}
+
+TEST(AdaptController, SaveAndLoadContinueIdentically) {
+  fa::AdaptOptions o;
+  o.lookback = {2, 3};
+  o.resolution = {10, 12};
+  auto run = [&](bool reload) {
+    torch::manual_seed(0);
+    auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+    auto controller = std::make_unique<fa::Controller>(*net, o);
+    for (int step = 0; step < 7; ++step) {
+      if (reload && step == 3) {
+        torch::serialize::OutputArchive out;
+        controller->save(out);
+        std::ostringstream bytes;
+        out.save_to(bytes);
+        const std::string data = bytes.str();
+        controller = std::make_unique<fa::Controller>(*net, o);
+        torch::serialize::InputArchive in;
+        in.load_from(data.data(), data.size());
+        controller->load(in);
+      }
+      controller->after_backward(backward(*net, 100 + step), 8);
+    }
+    std::vector<int64_t> state;
+    for (const auto& l : controller->layers()) {
+      state.insert(state.end(), {l.format.bits, l.format.frac, l.lookback, l.resolution, l.count, l.switches,
+                                 l.work.samples, l.work.pd_evaluations, static_cast<int64_t>(l.work.sparse_units * 1e6)});
+    }
+    state.push_back(static_cast<int64_t>(controller->strategy()));
+    return state;
+  };
+  EXPECT_EQ(run(false), run(true));
+}
+
+}  // namespace
+
+// ---- the performance model ----------------------------------------------------------
+
+namespace {
+
+// Two layers by hand: a conv of 100 MAdds per sample and 20 parameters, a
+// linear layer of 30 MAdds and 31 parameters, trained 2 iterations at batch 4:
+// the conv at 8 bits with density 0.5 then 16 bits with density 1, the linear
+// layer at 16 bits with density 0.25 twice; PD evaluated 10 candidates on the conv.
+TEST(AdaptPerformance, TwoLayersByHand) {
+  fa::LayerWork conv, fc;
+  conv.madds = 100;
+  conv.parameters = 20;
+  conv.sparse_units = 4 * 8 / 32.0 * 0.5 + 4 * 16 / 32.0 * 1;  // 0.5 + 2 = 2.5
+  conv.dense_units = 4 * 8 / 32.0 + 4 * 16 / 32.0;             // 1 + 2 = 3
+  conv.samples = 8;
+  conv.iterations = 2;
+  conv.pd_evaluations = 10;
+  conv.bits = 16;
+  conv.density = 1;
+  fc.madds = 30;
+  fc.parameters = 31;
+  fc.sparse_units = 2 * (4 * 16 / 32.0 * 0.25);  // 1
+  fc.dense_units = 2 * (4 * 16 / 32.0);          // 4
+  fc.samples = 8;
+  fc.iterations = 2;
+  fc.bits = 16;
+  fc.density = 0.25;
+  // adapt: conv 100 * (2 * 2.5 + 3) + 2 * 20 * 4 + 10 * 2 * 20 = 800 + 160 + 400 = 1360
+  //        fc  30 * (2 * 1 + 4) + 2 * 31 * 4 = 180 + 248 = 428
+  // float32: conv 3 * 100 * 8 + 2 * 20 = 2440; fc 3 * 30 * 8 + 2 * 31 = 782
+  const auto cost = fa::training_cost({conv, fc}, /*l1=*/false);
+  EXPECT_DOUBLE_EQ(cost.adapt, 1360 + 428);
+  EXPECT_DOUBLE_EQ(cost.float32, 2440 + 782);
+  EXPECT_DOUBLE_EQ(cost.speedup(), 3222.0 / 1788.0);
+  // L1 adds one operation per parameter and iteration: 2 * (20 + 31).
+  EXPECT_DOUBLE_EQ(fa::training_cost({conv, fc}, true).adapt, 1788 + 102);
+  // SZ: (20 * 16 * 1 + 31 * 16 * 0.25) / (51 * 32) = 444 / 1632.
+  EXPECT_DOUBLE_EQ(fa::model_size_ratio({conv, fc}), 444.0 / 1632.0);
+  // Inference: (100 + 30) * 32 / (100 * 16 + 30 * 16 * 0.25) = 4160 / 1720.
+  EXPECT_DOUBLE_EQ(fa::inference_speedup({conv, fc}), 4160.0 / 1720.0);
+}
+
+// The controller's account: every step counts the batch at the layer's format,
+// the MAdds come from the layer's last forward, and PD's candidates are counted.
+TEST(AdaptPerformance, TheControllerCountsEachStep) {
+  auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+  fa::AdaptOptions o;
+  o.lookback = {2, 2};
+  fa::Controller controller(*net, o);
+  for (int step = 0; step < 2; ++step) controller.after_backward(backward(*net, 50 + step), 8);
+  const auto work = controller.work();
+  // conv1: 6 x 28 x 28 outputs, 25 MAdds each; 156 parameters.
+  EXPECT_EQ(work[0].madds, 6 * 28 * 28 * 25);
+  EXPECT_EQ(work[0].parameters, 156);
+  EXPECT_EQ(work[0].samples, 16);
+  EXPECT_EQ(work[0].iterations, 2);
+  EXPECT_DOUBLE_EQ(work[0].dense_units, 2 * 8 * 8 / 32.0);  // both steps at the start format <8, 4>
+  EXPECT_GE(work[0].pd_evaluations, 2);
+  EXPECT_LE(work[0].pd_evaluations, 12);
+  EXPECT_EQ(work[4].madds, 84 * 10);  // fc2
+  EXPECT_EQ(work[0].bits, controller.layers()[0].format.bits);
+}
+
+}  // namespace
