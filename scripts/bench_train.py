@@ -25,21 +25,23 @@ from bench_report import BenchReport, write_csv  # noqa: E402
 
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
-            threads: int, data_dir: str | None) -> dict:
+            threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = ()) -> dict:
+    """One point: fxp-train for two epochs; the second epoch's training images/s."""
     name, _, variant = method.partition(":")  # "sqpu:packed": fxp-train --packed
     if variant not in ("", "packed"):
         raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD or METHOD:packed)")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [fxp_train, "--method", name, "--batch-size", str(batch), "--epochs", "2",
+        cmd = [fxp_train, "--model", model, "--method", name, "--batch-size", str(batch), "--epochs", "2",
                f"--packed={'true' if variant else 'false'}",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
                "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
+        cmd += list(extra)
         subprocess.run(cmd, check=True)
         epoch = [json.loads(line) for line in open(pathlib.Path(tmp) / "metrics.jsonl")][-1]
     val_time = epoch["epoch_time_s"] - epoch["train_time_s"]
-    return {"method": method, "batch_size": batch, "device": device, "threads": threads,
+    return {"model": model, "method": method, "batch_size": batch, "device": device, "threads": threads,
             "train_images_per_s": epoch["images_per_s"], "val_images_per_s": val_images / max(val_time, 1e-9)}
 
 
@@ -48,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu",
                    help="comma-separated; METHOD:packed runs fxp-train --packed")
     p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
+    p.add_argument("--model", default="paper_cnn", help="fxp-train --model (docs/models.md)")
     p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
     p.add_argument("--val-images", type=int, default=2000)
     p.add_argument("--device", default="cpu")
@@ -63,7 +66,7 @@ def main(argv=None) -> int:
         images = min(60000, max(1024, args.steps * batch))
         for method in args.methods.split(","):
             r = measure(args.fxp_train, method, batch, images, args.val_images, args.device, args.threads,
-                        args.data_dir)
+                        args.data_dir, args.model)
             rows.append(r)
             print(f"{method:7s} batch {batch:5d}: {r['train_images_per_s']:9.0f} train img/s, "
                   f"{r['val_images_per_s']:9.0f} validation img/s", flush=True)

@@ -101,6 +101,13 @@ if [[ -x $BUILD/fxp-train ]]; then
   # Measured training memory from the CUDA caching allocator (docs/memory.md), packed and float.
   run memory_table "$PYTHON" "$ROOT/scripts/memory_table.py" --device cuda --fxp-train "$BUILD/fxp-train" \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/memory_cuda.csv" --figure "$LOGS/memory_cuda.png"
+  # The new models and AdaPT on the GPU (issue 13): a short run of each, and AdaPT's step cost.
+  for model in lenet5 resnet20 alexnet; do
+    run "train_${model}_adapt" "$BUILD/fxp-train" --model "$model" --method adapt --device cuda --epochs 1 \
+      --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/${model}-adapt" --overwrite --no-progress
+  done
+  run bench_adapt "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
+    --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
 fi
 echo "gpu_check: $([[ $status == 0 ]] && echo PASSED || echo FAILED); logs in $LOGS"
 exit $status

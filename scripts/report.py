@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 METHODS = ["ste", "sqpu", "hteqpu"]
-CONFIG_COLUMNS = ["method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
+CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
                   "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed"]
 
 
@@ -59,15 +59,18 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df["fxp"] = [f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method != "fp32" else "fp32"
-                 for r in df.itertuples()]
+    for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist")):  # runs older than issue 13
+        df[column] = df[column].fillna(default)
+    df["fxp"] = [f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method not in ("fp32", "adapt")
+                 else r.method for r in df.itertuples()]
     return df
 
 
 def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
     """Validation accuracy (each run's best epoch) over seeds, per configuration."""
     done = df[df.status == "finished"]
-    keys = ["grid", "method", "fxp", "param_bits", "param_frac", "out_frac", "inference_rounding", "batch_size"]
+    keys = ["grid", "model", "dataset", "method", "fxp", "param_bits", "param_frac", "out_frac", "inference_rounding",
+            "batch_size"]
     g = done.groupby(keys, dropna=False)["best_val_accuracy"]
     return g.agg(max="max", min="min", mean="mean", std="std", runs="count").reset_index()
 
@@ -208,7 +211,81 @@ CLAIMS = [
 ]
 
 
-def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.Path]) -> str:
+def _epochs(run_dir: str) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished AdaPT run, beside the float32 run of the same grid,
+    model, dataset, batch and seed: accuracies, and the performance model's
+    SU1, SU2 (AdaPT stopped at the first epoch that reaches the float32 run's
+    best accuracy; NaN if none does), SZ and the inference speed-up."""
+    done = df[df.status == "finished"]
+    keys = ["grid", "model", "dataset", "batch_size", "seed"]
+    baseline = {tuple(r[k] for k in keys): r["best_val_accuracy"] for _, r in done[done.method == "fp32"].iterrows()}
+    rows = []
+    for _, r in done[done.method == "adapt"].iterrows():
+        epochs = [e for e in _epochs(r["dir"]) if "adapt" in e]
+        if not epochs:
+            continue
+        perf = epochs[-1]["adapt"]["performance"]
+        target = baseline.get(tuple(r[k] for k in keys))
+        su2 = math.nan
+        if target is not None:
+            reached = [e for e in epochs if e["val_accuracy"] >= target]
+            if reached:
+                su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
+        rows.append({**{k: r[k] for k in keys}, "dir": r["dir"], "fp32_best_val_accuracy": target,
+                     "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
+                     "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
+    return pd.DataFrame(rows)
+
+
+def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """The bit width of every layer over training (the AdaPT paper's Figures 4
+    and 5), for the lowest seed of each AdaPT configuration: each epoch's mean
+    over its steps (from the cumulative bit_samples / samples), or the width at
+    the epoch's end for runs that lack them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if table.empty:
+        return paths
+    for (grid, model, dataset, batch), group in table.groupby(["grid", "model", "dataset", "batch_size"]):
+        run = group.sort_values("seed").iloc[0]
+        epochs = [e for e in _epochs(run["dir"]) if "adapt" in e]
+        names = [layer["name"] for layer in epochs[0]["adapt"]["layers"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        mean = all("bit_samples" in layer for layer in epochs[0]["adapt"]["layers"])
+        for i, name in enumerate(names):
+            if mean:
+                bits, before = [], (0.0, 0)
+                for e in epochs:
+                    layer = e["adapt"]["layers"][i]
+                    now = (layer["bit_samples"], layer["samples"])
+                    bits.append((now[0] - before[0]) / max(now[1] - before[1], 1))
+                    before = now
+            else:
+                bits = [e["adapt"]["layers"][i]["bits"] for e in epochs]
+            ax.plot([e["epoch"] for e in epochs], bits, marker="o", markersize=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean bit width BW over the epoch" if mean else "bit width BW at the epoch's end")
+        ax.set_title(f"AdaPT bit width per layer: {model} on {dataset}, batch {batch} (seed {run['seed']})")
+        if len(names) <= 12:
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out / f"adapt-bits-{grid}-{model}-{dataset}-b{batch}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.Path],
+                    adapt: pd.DataFrame | None = None) -> str:
     def pct(x):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -228,6 +305,15 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
         std = "–" if pd.isna(r.std) else f"{100 * r.std:.1f}"
         lines.append(f"| {r.grid} | {r.method} | {r.fxp} | {r.inference_rounding if r.method != 'fp32' else '–'} | "
                      f"{r.batch_size} | {r.runs} | {pct(r.max)} | {pct(r.mean)} | {std} | {pct(r.min)} |")
+    if adapt is not None and not adapt.empty:
+        lines += ["", "## AdaPT (performance model, docs/adapt.md)", "",
+                  "| grid | model | dataset | batch | seed | fp32 best | AdaPT best | SU¹ | SU² | SZ | inference SU |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in adapt.sort_values(["grid", "model", "dataset", "seed"]).itertuples():
+            su2 = "–" if math.isnan(r.su2) else f"{r.su2:.2f}"
+            lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.seed} | "
+                         f"{pct(r.fp32_best_val_accuracy)} | {pct(r.best_val_accuracy)} | {r.su1:.2f} | {su2} | "
+                         f"{r.model_size:.2f} | {r.inference_speedup:.2f} |")
     if images:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
@@ -256,7 +342,11 @@ def main(argv=None) -> int:
     memory = draw_memory_plot(df, args.out)
     if memory:
         images.append(memory)
-    (args.out / "report.md").write_text(markdown_report(df, stats, images))
+    adapt = adapt_table(df)
+    if not adapt.empty:
+        adapt.to_csv(args.out / "adapt.csv", index=False)
+        images += draw_adapt_bits(adapt, args.out)
+    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt))
     print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures")
     return 0
 

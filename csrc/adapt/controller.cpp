@@ -79,20 +79,27 @@ void Controller::apply_formats() {
 // switch, so a lookback that changes never skips or repeats a switch.
 void Controller::after_backward(double loss, int64_t batch_size) {
   TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  // A diverged step (NaN or infinite loss) changes nothing here; the training
+  // loop stops the run on its non-finite loss.
+  if (!std::isfinite(loss)) return;
   torch::NoGradGuard no_grad;
   for (auto& l : layers_) {
-    double squared = 0;
+    // The norm stays on the gradients' device: the normalization needs no synchronization.
+    torch::Tensor squared;
     for (size_t i = 0; i < l.parameters.size(); ++i) {
       auto& p = l.parameters[i];
       if (!p.grad().defined()) continue;
       if (options_.l1 > 0) p.mutable_grad().add_(p.sign(), options_.l1);
-      squared += p.grad().to(torch::kDouble).square().sum().item<double>();
+      const torch::Tensor s = p.grad().to(torch::kDouble).square().sum();
+      squared = squared.defined() ? squared + s : s;
     }
-    const double norm = std::sqrt(squared);
+    if (!squared.defined()) continue;  // no gradients this step: nothing to normalize or count
+    const torch::Tensor norm = squared.sqrt();
+    const torch::Tensor divisor = torch::where(norm > 0, norm, torch::ones_like(norm));  // a zero gradient stays zero
     for (size_t i = 0; i < l.parameters.size(); ++i) {
       auto& p = l.parameters[i];
       if (!p.grad().defined()) continue;
-      if (norm > 0) p.mutable_grad().div_(norm);
+      p.mutable_grad().div_(divisor);
       l.accumulated[i].add_(p.grad());
     }
     ++l.count;
@@ -129,10 +136,17 @@ void Controller::after_backward(double loss, int64_t batch_size) {
 }
 
 void Controller::switch_layer(AdaptedLayer& l) {
-  l.gradient_diversity = gradient_diversity(l.count, flat_cat(l.accumulated));
+  const at::Tensor accumulated = flat_cat(l.accumulated), parameters = flat_cat(l.parameters);
+  if (!(at::isfinite(accumulated).all().item<bool>() && at::isfinite(parameters).all().item<bool>())) {
+    // Non-finite gradients or weights (a diverging run): keep the format, start over.
+    for (auto& a : l.accumulated) a.zero_();
+    l.count = 0;
+    return;
+  }
+  l.gradient_diversity = gradient_diversity(l.count, accumulated);
   l.lookback = adapt_lookback(l.lookback, l.gradient_diversity, options_.lookback, options_.lookback_momentum);
   l.resolution = adapt_resolution(l.resolution, l.lookback, options_.lookback, options_.resolution);
-  l.minimum = push_down(flat_cat(l.parameters), l.resolution, &l.work.pd_evaluations);
+  l.minimum = push_down(parameters, l.resolution, &l.work.pd_evaluations);
   const int64_t step =
       push_up_step(push_up_suggestions(l.gradient_diversity, l.minimum.frac, options_.log_form), strategy_);
   l.format = push_up(l.minimum, step, options_.buffer_bits);
@@ -140,6 +154,7 @@ void Controller::switch_layer(AdaptedLayer& l) {
   for (auto& a : l.accumulated) a.zero_();
   l.count = 0;
   ++l.switches;
+  ++l.work.switches;
 }
 
 std::vector<LayerWork> Controller::work() const {
@@ -197,11 +212,13 @@ void Controller::load(torch::serialize::InputArchive& archive) {
     auto& l = layers_[static_cast<size_t>(i)];
     const auto s = [&](int64_t k) { return state[kIntegers * i + k].item<int64_t>(); };
     const auto r = [&](int64_t k) { return reals[kReals * i + k].item<double>(); };
+    TORCH_CHECK(s(0) >= 2 && s(0) <= 32 && s(1) >= 0 && s(1) < s(0) && s(2) >= 1 && s(3) >= 1,
+                "fxp::adapt: the checkpoint's controller holds an invalid state for layer ", l.name);
     l.format = {s(0), s(1)};
     l.lookback = s(2);
     l.resolution = s(3);
     l.count = s(4);
-    l.switches = s(5);
+    l.switches = l.work.switches = s(5);
     l.minimum = {s(6), s(7)};
     l.work.samples = s(8);
     l.work.iterations = s(9);
@@ -213,10 +230,14 @@ void Controller::load(torch::serialize::InputArchive& archive) {
     for (size_t j = 0; j < l.accumulated.size(); ++j) {
       torch::Tensor a;
       archive.read("accumulated." + std::to_string(i) + "." + std::to_string(j), a, true);
+      TORCH_CHECK(a.sizes() == l.accumulated[j].sizes(), "fxp::adapt: the checkpoint's accumulated gradient ",
+                  a.sizes(), " does not fit parameter ", j, " of layer ", l.name, " ", l.accumulated[j].sizes());
       l.accumulated[j].copy_(a);
     }
   }
-  strategy_ = static_cast<Strategy>(strategy.item<int64_t>());
+  const int64_t stored = strategy.item<int64_t>();
+  TORCH_CHECK(stored >= 0 && stored <= 2, "fxp::adapt: the checkpoint's strategy ", stored, " is unknown");
+  strategy_ = static_cast<Strategy>(stored);
   losses = losses.cpu().to(torch::kDouble).contiguous();
   losses_.assign(losses.data_ptr<double>(), losses.data_ptr<double>() + losses.numel());
   apply_formats();

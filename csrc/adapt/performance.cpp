@@ -8,7 +8,7 @@ TrainingCost training_cost(const std::vector<LayerWork>& layers, bool l1) {
     const auto m = static_cast<double>(l.madds), p = static_cast<double>(l.parameters);
     const auto t = static_cast<double>(l.iterations);
     cost.adapt += m * (2 * l.sparse_units + l.dense_units) + t * p * (1 + 3 + (l1 ? 1 : 0)) +
-                  static_cast<double>(l.pd_evaluations) * 2 * p;
+                  static_cast<double>(l.pd_evaluations + l.switches) * 2 * p;
     cost.float32 += 3 * m * static_cast<double>(l.samples) + t * p;
   }
   return cost;

@@ -24,6 +24,7 @@ struct LayerWork {
   int64_t samples = 0;     // sum of B_t: what float32 SGD computes at 32 bits, densely
   int64_t iterations = 0;  // optimizer steps
   int64_t pd_evaluations = 0;  // PD's roundings + histograms of the layer's parameters
+  int64_t switches = 0;        // PU's GD norm over the accumulator and its reset, per switch
   // The layer's final word length and density (model size, inference).
   int64_t bits = 32;
   double density = 1;
@@ -38,6 +39,7 @@ struct TrainingCost {
 // Per layer: adapt = madds * (2 * sparse_units + dense_units)    [forward, input and weight gradients]
 //                  + iterations * parameters * (1 + 3 + l1)       [float32 update; Eq. 3.4 norm, divide, accumulate; L1]
 //                  + pd_evaluations * 2 * parameters              [PD: round + bin each element per candidate]
+//                  + switches * 2 * parameters                    [PU: GD's norm of the accumulator, its reset]
 //            float32 = 3 * madds * samples + iterations * parameters.
 TrainingCost training_cost(const std::vector<LayerWork>& layers, bool l1);
 

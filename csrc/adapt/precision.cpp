@@ -152,16 +152,19 @@ LogForm log_form_from_string(const std::string& name) {
 // X = "log² Δs - 1", read here as log2(Δs) - 1 (base-2 logarithm; the issue's
 // reading of the text), or, with LogForm::SquaredLn, as (ln Δs - 1)², the
 // authors' code. Then s1 = max(ceil(1 / X), 1), capped at 32 (X -> 0+), and
-// s2 = max(ceil(min(32 X, 32)) - FL_min, 1). For X <= 0 (diverse gradients,
-// Δs <= 2 with log2) both are 1: a push-up by one bit. An infinite Δs (the
-// gradients summed to zero) gives s1 = 1 and s2 = 32 - FL_min.
+// s2 = max(ceil(min(32 X, 32)) - FL_min, 1). Where the term before squaring,
+// log Δs - 1, is not positive (aligned gradients: Δs <= 2 with log2, <= e
+// with ln; Δs = 1 for identical ones) both are 1: a push-up by one bit. An
+// infinite Δs (gradients that cancel to zero) gives s1 = 1, s2 = 32 - FL_min.
 Suggestions push_up_suggestions(double gradient_diversity, int64_t fl_min, LogForm log_form) {
   TORCH_CHECK(gradient_diversity > 0 && !std::isnan(gradient_diversity),
               "fxp::adapt: gradient diversity must be positive, but got ", gradient_diversity);
-  const double x = log_form == LogForm::Log2 ? std::log2(gradient_diversity) - 1.0
-                                             : std::pow(std::log(gradient_diversity) - 1.0, 2);
-  if (!(x > 0)) return {1, 1};
-  const int64_t s1 = std::min<int64_t>(std::max<int64_t>(ceil_int(1.0 / x), 1), 32);
+  // The term before any squaring decides whether to push up by more than one
+  // bit (the authors' code tests ln(GD) - 1 > 0 before squaring it).
+  const double d = log_form == LogForm::Log2 ? std::log2(gradient_diversity) - 1.0 : std::log(gradient_diversity) - 1.0;
+  if (!(d > 0)) return {1, 1};
+  const double x = log_form == LogForm::Log2 ? d : d * d;
+  const int64_t s1 = ceil_int(std::clamp(1.0 / x, 1.0, 32.0));  // clamped before the conversion: 1/x may be huge
   const int64_t s2 = std::max<int64_t>(ceil_int(std::min(32.0 * x, 32.0)) - fl_min, 1);
   return {s1, s2};
 }

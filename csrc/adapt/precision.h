@@ -57,7 +57,7 @@ std::string to_string(Strategy strategy);
 
 // How "log²" in s1 and s2 is read (Note [AdaPT's push-up]): log2 (base-2
 // logarithm, the default) or squared_ln ((ln x - 1)^2, the authors' code).
-enum class LogForm { Log2, SquaredLn };
+enum class LogForm { Log2, SquaredLn };  // Note [AdaPT's push-up]
 LogForm log_form_from_string(const std::string& name);  // "log2", "squared_ln"
 
 // PU's two suggestions and the step the strategy picks (Eq. 3.6).

@@ -128,9 +128,9 @@ class QBatchNorm2dImpl : public torch::nn::Module, public QuantizedLayer {
 };
 TORCH_MODULE(QBatchNorm2d);
 
-// A residual add: a + b, quantized to the act format. Both terms are layer
-// outputs on that grid, so only saturation (and nothing else) rounds; the
-// quantization keeps the sum a value of the format. No parameters.
+// A residual add: a + b, quantized to the act format. With one format for
+// every layer both terms are outputs on that grid, so only saturation rounds;
+// with per-layer formats (AdaPT) the sum is rounded to this layer's. No parameters.
 class QAddImpl : public torch::nn::Module, public QuantizedLayer {
  public:
   explicit QAddImpl(QuantConfig config);

@@ -264,7 +264,19 @@ std::string TrainConfig::run_name() const {
   if (dataset != "fashion-mnist") name << dataset << "-";
   name << method;
   if (method == "adapt") {
+    // The settings a grid may vary, where they are not the paper's defaults.
+    const TrainConfig d;
     name << "-start" << adapt_start_bits << "." << adapt_start_frac << "-buf" << adapt_buffer_bits;
+    if (adapt_lookback_min != d.adapt_lookback_min || adapt_lookback_max != d.adapt_lookback_max) {
+      name << "-lb" << adapt_lookback_min << "." << adapt_lookback_max;
+    }
+    if (adapt_resolution_min != d.adapt_resolution_min || adapt_resolution_max != d.adapt_resolution_max) {
+      name << "-r" << adapt_resolution_min << "." << adapt_resolution_max;
+    }
+    if (adapt_lookback_momentum != d.adapt_lookback_momentum) name << "-g" << adapt_lookback_momentum;
+    if (adapt_strategy != d.adapt_strategy) name << "-" << adapt_strategy;
+    if (adapt_log != d.adapt_log) name << "-" << adapt_log;
+    if (l1_decay != d.l1_decay) name << "-l1_" << l1_decay;
   } else if (method != "fp32") {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;

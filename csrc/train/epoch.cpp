@@ -38,11 +38,16 @@ std::vector<torch::Tensor> parameters_and_buffers(torch::nn::Module& model) {
   return out;
 }
 
-std::vector<torch::Tensor> optimizer_state(torch::optim::Optimizer& optimizer) {
+// The optimizer's state, and AdaPT's accumulated gradients, which belong to
+// the update as the momentum does.
+std::vector<torch::Tensor> optimizer_state(const Training& t) {
   std::vector<torch::Tensor> out;
-  for (const auto& [key, state] : optimizer.state()) {
+  for (const auto& [key, state] : t.optimizer->state()) {
     if (auto* s = dynamic_cast<optim::QpuSgdParamState*>(state.get())) out.push_back(s->momentum_buffer());
     if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(state.get())) out.push_back(s->momentum_buffer());
+  }
+  if (t.adapt) {
+    for (const auto& l : t.adapt->layers()) out.insert(out.end(), l.accumulated.begin(), l.accumulated.end());
   }
   return out;
 }
@@ -53,7 +58,7 @@ std::vector<torch::Tensor> optimizer_state(torch::optim::Optimizer& optimizer) {
 class StepProbe {
  public:
   StepProbe(Training& t, const torch::Device& device) : t_(t), device_(device) {
-    state_before_ = storage_bytes(optimizer_state(*t.optimizer));
+    state_before_ = storage_bytes(optimizer_state(t));
     reset_allocator_peak(device);
     before_ = allocator_bytes(device);
   }
@@ -66,7 +71,7 @@ class StepProbe {
   void after_backward() { memory_.gradients = storage_bytes(gradients(*t_.model)); }
   StepMemory after_step() {
     memory_.parameters = storage_bytes(parameters_and_buffers(*t_.model));
-    memory_.optimizer_state = storage_bytes(optimizer_state(*t_.optimizer));
+    memory_.optimizer_state = storage_bytes(optimizer_state(t_));
     // Everything the step allocated on top of what it found, plus the resident model.
     memory_.step_peak = allocator_bytes(device_).peak - before_.current + memory_.parameters + state_before_;
     return memory_;
@@ -109,7 +114,7 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       if (probe) probe->after_forward();
       loss.backward();
       if (probe) probe->after_backward();
-      if (t.adapt) t.adapt->after_backward(loss.item<double>(), index.size(0));
+      if (t.adapt) t.adapt->after_backward(loss.item<double>(), index.size(0));  // syncs: the strategy needs it
       t.optimizer->step();
     } catch (const c10::ValueError& e) {
       // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.

@@ -63,7 +63,10 @@ json adapt_record(const adapt::Controller& controller) {
                          for (const auto& p : l.parameters) n += p.numel();
                          return n;
                        }()},
-                      {"sparsity", controller.sparsity(l)}});
+                      {"sparsity", controller.sparsity(l)},
+                      // Cumulative: the word length weighted by samples, for mean bit widths per epoch.
+                      {"samples", l.work.samples},
+                      {"bit_samples", l.work.dense_units * 32}});
   }
   const auto work = controller.work();
   const adapt::TrainingCost cost = adapt::training_cost(work, controller.options().l1 > 0);

@@ -63,7 +63,7 @@ BruteForce brute_force(const torch::Tensor& w, int64_t r) {
   bool monotone = true;
   for (int64_t f = frac; f < 32; ++f) monotone = monotone && ok[f];
   int64_t bits = 32;
-  for (int64_t b = frac + 1; b <= 32; ++b) {
+  for (int64_t b = std::max<int64_t>(frac + 1, 2); b <= 32; ++b) {
     if (fa::quantization_kl(w, {b, frac}, r) == 0.0) {
       bits = b;
       break;
@@ -87,6 +87,11 @@ TEST(AdaptPushDown, BisectionEqualsBruteForce) {
     ++compared;
   }
   EXPECT_GE(compared, 40) << "too few monotone cases to compare";
+  // Integers: FL_min 0, where BW's search starts at 2, not FL + 1 = 1.
+  const auto integers = torch::arange(-3, 4, torch::kDouble);
+  const BruteForce expected = brute_force(integers, 7);
+  EXPECT_EQ(expected.format, (fa::Format{3, 0}));
+  EXPECT_EQ(fa::push_down(integers, 7), expected.format);
 }
 
 TEST(AdaptPushDown, GridValuesNeedTheirOwnBits) {
@@ -139,7 +144,15 @@ TEST(AdaptPushUp, SuggestionsByHand) {
   s = fa::push_up_suggestions(10.0, 4, fa::LogForm::SquaredLn);
   EXPECT_EQ(s.s1, 1);
   EXPECT_EQ(s.s2, 28);
-  // Diverse gradients (GD <= 2 with log2): one bit.
+  // ... where ln GD - 1 <= 0 (GD = 2 < e) is one bit, before any squaring.
+  s = fa::push_up_suggestions(2.0, 4, fa::LogForm::SquaredLn);
+  EXPECT_EQ(s.s1, 1);
+  EXPECT_EQ(s.s2, 1);
+  // GD = e * 1.0001: X = 1e-8: s1 capped at 32 (no overflow), s2 = 1.
+  s = fa::push_up_suggestions(std::exp(1.0) * 1.0001, 4, fa::LogForm::SquaredLn);
+  EXPECT_EQ(s.s1, 32);
+  EXPECT_EQ(s.s2, 1);
+  // Aligned gradients (GD <= 2 with log2; GD = 1 for identical ones): one bit.
   s = fa::push_up_suggestions(1.5, 3, fa::LogForm::Log2);
   EXPECT_EQ(s.s1, 1);
   EXPECT_EQ(s.s2, 1);
@@ -178,7 +191,7 @@ TEST(AdaptLookbackAndResolution, ByHand) {
   EXPECT_EQ(fa::adapt_lookback(100, 1.0, lb, 0.33), 100);
   // GD 8: lb_new = max(ceil(12.5), 25) = 25; from 25 it stays 25.
   EXPECT_EQ(fa::adapt_lookback(25, 8.0, lb, 0.33), 25);
-  EXPECT_EQ(fa::adapt_lookback(60, std::numeric_limits<double>::infinity(), lb, 1.0), 25);
+  EXPECT_EQ(fa::adapt_lookback(60, std::numeric_limits<double>::infinity(), lb, 1.0), 25);  // cancelling gradients
   EXPECT_EQ(fa::adapt_resolution(70, 100, lb, r), 71);
   EXPECT_EQ(fa::adapt_resolution(70, 25, lb, r), 69);
   EXPECT_EQ(fa::adapt_resolution(70, 60, lb, r), 70);
@@ -328,7 +341,7 @@ namespace {
 // Two layers by hand: a conv of 100 MAdds per sample and 20 parameters, a
 // linear layer of 30 MAdds and 31 parameters, trained 2 iterations at batch 4:
 // the conv at 8 bits with density 0.5 then 16 bits with density 1, the linear
-// layer at 16 bits with density 0.25 twice; PD evaluated 10 candidates on the conv.
+// layer at 16 bits with density 0.25 twice; the conv switched once, PD evaluating 10 candidates.
 TEST(AdaptPerformance, TwoLayersByHand) {
   fa::LayerWork conv, fc;
   conv.madds = 100;
@@ -338,6 +351,7 @@ TEST(AdaptPerformance, TwoLayersByHand) {
   conv.samples = 8;
   conv.iterations = 2;
   conv.pd_evaluations = 10;
+  conv.switches = 1;
   conv.bits = 16;
   conv.density = 1;
   fc.madds = 30;
@@ -348,15 +362,15 @@ TEST(AdaptPerformance, TwoLayersByHand) {
   fc.iterations = 2;
   fc.bits = 16;
   fc.density = 0.25;
-  // adapt: conv 100 * (2 * 2.5 + 3) + 2 * 20 * 4 + 10 * 2 * 20 = 800 + 160 + 400 = 1360
+  // adapt: conv 100 * (2 * 2.5 + 3) + 2 * 20 * 4 + (10 + 1) * 2 * 20 = 800 + 160 + 440 = 1400
   //        fc  30 * (2 * 1 + 4) + 2 * 31 * 4 = 180 + 248 = 428
   // float32: conv 3 * 100 * 8 + 2 * 20 = 2440; fc 3 * 30 * 8 + 2 * 31 = 782
   const auto cost = fa::training_cost({conv, fc}, /*l1=*/false);
-  EXPECT_DOUBLE_EQ(cost.adapt, 1360 + 428);
+  EXPECT_DOUBLE_EQ(cost.adapt, 1400 + 428);
   EXPECT_DOUBLE_EQ(cost.float32, 2440 + 782);
-  EXPECT_DOUBLE_EQ(cost.speedup(), 3222.0 / 1788.0);
+  EXPECT_DOUBLE_EQ(cost.speedup(), 3222.0 / 1828.0);
   // L1 adds one operation per parameter and iteration: 2 * (20 + 31).
-  EXPECT_DOUBLE_EQ(fa::training_cost({conv, fc}, true).adapt, 1788 + 102);
+  EXPECT_DOUBLE_EQ(fa::training_cost({conv, fc}, true).adapt, 1828 + 102);
   // SZ: (20 * 16 * 1 + 31 * 16 * 0.25) / (51 * 32) = 444 / 1632.
   EXPECT_DOUBLE_EQ(fa::model_size_ratio({conv, fc}), 444.0 / 1632.0);
   // Inference: (100 + 30) * 32 / (100 * 16 + 30 * 16 * 0.25) = 4160 / 1720.
@@ -378,6 +392,7 @@ TEST(AdaptPerformance, TheControllerCountsEachStep) {
   EXPECT_EQ(work[0].samples, 16);
   EXPECT_EQ(work[0].iterations, 2);
   EXPECT_DOUBLE_EQ(work[0].dense_units, 2 * 8 * 8 / 32.0);  // both steps at the start format <8, 4>
+  EXPECT_EQ(work[0].switches, 1);
   EXPECT_GE(work[0].pd_evaluations, 2);
   EXPECT_LE(work[0].pd_evaluations, 12);
   EXPECT_EQ(work[4].madds, 84 * 10);  // fc2

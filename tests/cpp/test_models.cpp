@@ -6,6 +6,7 @@
 #include <cmath>
 #include <map>
 
+#include "adapt/controller.h"
 #include "nn/models.h"
 #include "optim/qpu_sgd.h"
 
@@ -91,9 +92,15 @@ TEST(Models, EveryNetworkTrainsWithEveryMethod) {
     const int64_t size = fxp::nn::network_image_size(name);
     const auto x = torch::randn({4, 3, size, size});
     const auto y = torch::tensor({0, 1, 2, 3}, torch::kLong);
-    for (const std::string method : {"fp32", "ste", "sqpu", "hteqpu"}) {
-      auto net = fxp::nn::make_network(name, config(method), 3, 5);
+    for (const std::string method : {"fp32", "ste", "sqpu", "hteqpu", "adapt"}) {
+      auto net = fxp::nn::make_network(name, config(method == "adapt" ? "ste" : method), 3, 5);
       const bool qpu = method == "sqpu" || method == "hteqpu";
+      std::unique_ptr<fxp::adapt::Controller> adapt;
+      if (method == "adapt") {
+        fxp::adapt::AdaptOptions o;
+        o.lookback = {1, 1};  // a switch after every step
+        adapt = std::make_unique<fxp::adapt::Controller>(*net, o);
+      }
       if (qpu) net->quantize_parameters_(method == "sqpu" ? "stochastic" : "nearest_even", 0);
       std::unique_ptr<torch::optim::Optimizer> opt;
       if (qpu) {
@@ -112,12 +119,16 @@ TEST(Models, EveryNetworkTrainsWithEveryMethod) {
         const auto loss = torch::nn::functional::cross_entropy(logits, y);
         ASSERT_TRUE(std::isfinite(loss.item<double>())) << name << " " << method;
         loss.backward();
+        if (adapt) adapt->after_backward(loss.item<double>(), 4);
         opt->step();
       }
       bool moved = false;
       const auto params = net->parameters();
       for (size_t i = 0; i < params.size(); ++i) moved = moved || !torch::equal(params[i], start[i]);
       EXPECT_TRUE(moved) << name << " " << method;
+      if (adapt) {
+        for (const auto& l : adapt->layers()) EXPECT_EQ(l.switches, 2) << name << " " << l.name;
+      }
       if (qpu) {
         for (const auto& p : params) EXPECT_TRUE(on_grid(p, 10)) << name << " " << method;
       }

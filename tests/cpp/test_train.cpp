@@ -96,6 +96,10 @@ TEST(TrainCli, DatasetDefaults) {
   p = parse({"--model", "lenet5", "--packed"});
   EXPECT_EQ(p.code, 2);
   EXPECT_NE(p.err.find("packed: packed storage is supported for model paper_cnn only"), std::string::npos) << p.err;
+  // AdaPT's run names tell apart the settings a grid may vary.
+  p = parse({"--method", "adapt", "--adapt-lookback-min", "5", "--adapt-lookback-max", "9", "--l1-decay", "0.001"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.run_name(), "adapt-start8.4-buf4-lb5.9-l1_0.001-b64-s0");
   p = parse({"--model", "vgg"});
   EXPECT_NE(p.code, -1);
   EXPECT_NE(p.err.find("vgg"), std::string::npos) << p.err;

@@ -78,3 +78,48 @@ def test_bad_adapt_settings_are_usage_errors(args, message):
 def test_l1_decay_belongs_to_adapt():
     p = _run("--method", "sqpu", "--l1-decay", "0.1")
     assert p.returncode == 2 and "l1_decay: is AdaPT's (method adapt) only" in p.stderr
+
+
+def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
+    """scripts/report on a float32 run and an AdaPT run written here: SU2 is the
+    float32 cost of the whole run over AdaPT's cost at the first epoch that
+    reaches the float32 run's best accuracy."""
+    import sys
+    sys.path.insert(0, str(FXP_TRAIN.parents[1] / "scripts"))
+    import report
+
+    def run(name, method, best, epochs):
+        d = tmp_path / "g" / name
+        d.mkdir(parents=True)
+        config = {"model": "lenet5", "dataset": "fashion-mnist", "method": method, "param_bits": 16,
+                  "param_frac": 10, "out_bits": 16, "out_frac": 8, "inference_rounding": "sr", "batch_size": 256,
+                  "lr": 0.01, "lr_scaling": "none", "weight_decay": 0, "scheduler": "none", "epochs": len(epochs),
+                  "seed": 0}
+        (d / "sweep-run.json").write_text(json.dumps({"grid": "g", "id": name, "settings": config}))
+        (d / "summary.json").write_text(json.dumps({
+            "config": config, "best_val_accuracy": best, "best_epoch": 1, "final_val_accuracy": best,
+            "epochs_completed": len(epochs), "stop_reason": "epochs", "wall_time_s": 1.0,
+            "train_images_per_s": 1.0, "memory_model": {"paper": {"ratio_to_ste": 1, "ratio_to_fp32": 1}}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+
+    def adapt_epoch(epoch, accuracy, cost, bits):
+        return {"epoch": epoch, "val_accuracy": accuracy, "adapt": {
+            "strategy": "min",
+            "layers": [{"name": "conv1", "bits": bits}, {"name": "fc1", "bits": bits + 2}],
+            "performance": {"cost": cost, "float32_cost": 300.0 * epoch, "training_speedup": 300.0 * epoch / cost,
+                            "model_size": 0.5, "inference_speedup": 2.0}}}
+
+    run("fp32", "fp32", 0.80, [{"epoch": e, "val_accuracy": 0.8} for e in (1, 2, 3)])
+    run("adapt", "adapt", 0.85, [adapt_epoch(1, 0.70, 100.0, 8), adapt_epoch(2, 0.81, 190.0, 10),
+                                 adapt_epoch(3, 0.85, 280.0, 12)])
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
+    import pandas as pd
+    table = pd.read_csv(out / "adapt.csv")
+    [row] = table.itertuples()
+    assert row.su1 == pytest.approx(900.0 / 280.0)
+    assert row.su2 == pytest.approx(900.0 / 190.0)  # epoch 2 first reaches 80%
+    assert row.fp32_best_val_accuracy == pytest.approx(0.80)
+    assert (out / "adapt-bits-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
+    assert "| g | lenet5 | fashion-mnist | 256 | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 |" in (
+        out / "report.md").read_text()
