@@ -1,10 +1,13 @@
 """What the Python tests find on this machine: the checkout, the built
-fxp-train, the Debian Fashion-MNIST, and the skip mark for tests that need both."""
+fxp-train, the Debian Fashion-MNIST, the skip marks for tests that need them,
+and the helpers that run fxp-train and read its metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import subprocess
 
 import pytest
 
@@ -18,3 +21,17 @@ requires_fxp_train_and_data = pytest.mark.skipif(
 
 requires_fxp_train = pytest.mark.skipif(
     not FXP_TRAIN.exists(), reason="needs build/fxp-train (scripts/setup.sh; it needs CLI11 and nlohmann-json)")
+
+
+def run_fxp_train(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """fxp-train with these arguments; its output captured as text."""
+    return subprocess.run([str(FXP_TRAIN), *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def epoch_metrics(run_dir: pathlib.Path) -> list[dict]:
+    """A run's metrics.jsonl without its timings: what two identical runs share bit for bit."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        for key in ("epoch_time_s", "train_time_s", "images_per_s"):
+            line.pop(key)
+    return lines

@@ -5,14 +5,13 @@ previous checkpoint, from which the run resumes bit for bit."""
 from __future__ import annotations
 
 import fcntl
-import json
 import resource
 import signal
 import subprocess
 
 import pytest
 
-from environment import FASHION, FXP_TRAIN, requires_fxp_train_and_data
+from environment import FASHION, FXP_TRAIN, epoch_metrics, requires_fxp_train_and_data, run_fxp_train
 
 pytestmark = requires_fxp_train_and_data
 
@@ -21,16 +20,7 @@ SMALL = ["--data-dir", str(FASHION), "--train-limit", "500", "--val-limit", "200
 
 
 def _train(out, *args, preexec_fn=None):
-    return subprocess.run([str(FXP_TRAIN), *SMALL, "-o", str(out), *args], capture_output=True, text=True,
-                          preexec_fn=preexec_fn, timeout=600)
-
-
-def _metrics(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for line in lines:
-        for key in ("epoch_time_s", "train_time_s", "images_per_s"):
-            line.pop(key)
-    return lines
+    return run_fxp_train(*SMALL, "-o", str(out), *args, preexec_fn=preexec_fn)
 
 
 def test_a_second_fxp_train_on_a_busy_directory_exits_75(tmp_path):
@@ -60,7 +50,7 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes_bit_for_bit(tmp_path):
     assert not (split / "checkpoint.pt.tmp").exists()
     assert (split / "checkpoint.pt").read_bytes() == checkpoint
     assert _train(split, "--epochs", "2", "--resume").returncode == 0  # space again
-    assert _metrics(split) == _metrics(whole)
+    assert epoch_metrics(split) == epoch_metrics(whole)
 
 
 def test_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path):

@@ -7,49 +7,37 @@ each model's input."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from environment import FASHION, FXP_TRAIN, requires_fxp_train, requires_fxp_train_and_data
+from environment import (FASHION, epoch_metrics, requires_fxp_train, requires_fxp_train_and_data,
+                         run_fxp_train)
 
 PUBLISHED = {"paper_cnn": 184_490, "lenet5": 61_706, "resnet20": 272_474, "alexnet": 2_472_266}
 QUIET = ["--threads", "1", "--no-progress", "--quiet"]
-
-
-def _run(*args):
-    return subprocess.run([str(FXP_TRAIN), *args], capture_output=True, text=True, timeout=600)
-
-
-def _metrics(out):
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for line in lines:
-        for key in ("epoch_time_s", "train_time_s", "images_per_s"):
-            line.pop(key)
-    return lines
 
 
 @requires_fxp_train
 @pytest.mark.parametrize("model", PUBLISHED)
 def test_describe_model_counts_the_published_parameters(model):
     dataset = "fashion-mnist" if model in ("paper_cnn", "lenet5") else "cifar10"
-    p = _run("--describe-model", "--json", "--model", model, "--dataset", dataset)
+    p = run_fxp_train("--describe-model", "--json", "--model", model, "--dataset", dataset)
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert report["table1"]["totals"]["parameters"] == PUBLISHED[model]
     assert report["model"] == model
-    text = _run("--describe-model", "--model", model, "--dataset", dataset).stdout
+    text = run_fxp_train("--describe-model", "--model", model, "--dataset", dataset).stdout
     assert f"{PUBLISHED[model]}" in text.split("SUM")[1].splitlines()[0]
 
 
 @requires_fxp_train
 def test_bad_models_and_packed_where_unsupported_are_usage_errors():
-    p = _run("--model", "vgg16")
+    p = run_fxp_train("--model", "vgg16")
     assert p.returncode == 2 and "vgg16" in p.stderr
-    p = _run("--dataset", "svhn")
+    p = run_fxp_train("--dataset", "svhn")
     assert p.returncode == 2 and "svhn" in p.stderr
-    p = _run("--model", "resnet20", "--packed")
+    p = run_fxp_train("--model", "resnet20", "--packed")
     assert p.returncode == 2
     assert "packed storage is supported for model paper_cnn only" in p.stderr
 
@@ -59,12 +47,12 @@ def test_bad_models_and_packed_where_unsupported_are_usage_errors():
 @pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu"])
 def test_every_model_trains_with_every_method(tmp_path, model, method):
     out = tmp_path / "run"
-    p = _run("--model", model, "--method", method, "--data-dir", str(FASHION), "--train-limit", "128",
+    p = run_fxp_train("--model", model, "--method", method, "--data-dir", str(FASHION), "--train-limit", "128",
              "--val-limit", "64", "--batch-size", "32", "--epochs", "1", "-o", str(out), *QUIET)
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["model"] == model
-    [epoch] = _metrics(out)
+    [epoch] = epoch_metrics(out)
     assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_loss"])
 
 
@@ -74,10 +62,10 @@ def test_resnet20_resumes_bit_for_bit(tmp_path):
     common = ["--model", "resnet20", "--method", "sqpu", "--data-dir", str(FASHION), "--train-limit", "96",
               "--val-limit", "64", "--batch-size", "32", *QUIET]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert _run(*common, "--epochs", "2", "-o", str(whole)).returncode == 0
-    assert _run(*common, "--epochs", "1", "-o", str(split)).returncode == 0
-    assert _run(*common, "--epochs", "2", "-o", str(split), "--resume").returncode == 0
-    assert _metrics(whole) == _metrics(split)
+    assert run_fxp_train(*common, "--epochs", "2", "-o", str(whole)).returncode == 0
+    assert run_fxp_train(*common, "--epochs", "1", "-o", str(split)).returncode == 0
+    assert run_fxp_train(*common, "--epochs", "2", "-o", str(split), "--resume").returncode == 0
+    assert epoch_metrics(whole) == epoch_metrics(split)
 
 
 def _write_cifar10(directory, n_train=60, n_test=20, seed=0):
@@ -104,7 +92,7 @@ def test_cifar10_files_train_every_model_size(tmp_path, model):
     data = tmp_path / "cifar"
     _write_cifar10(data)
     out = tmp_path / "run"
-    p = _run("--model", model, "--dataset", "cifar10", "--data-dir", str(data), "--method", "ste", "--epochs", "1",
+    p = run_fxp_train("--model", model, "--dataset", "cifar10", "--data-dir", str(data), "--method", "ste", "--epochs", "1",
              "--batch-size", "20", "-o", str(out), *QUIET)
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -118,9 +106,9 @@ def test_a_damaged_cifar_file_is_named_in_the_error(tmp_path):
     _write_cifar10(data)
     batch = data / "cifar-10-batches-bin" / "data_batch_3.bin"
     batch.write_bytes(batch.read_bytes()[:-1])
-    p = _run("--dataset", "cifar10", "--data-dir", str(data), "-o", str(tmp_path / "run"), *QUIET)
+    p = run_fxp_train("--dataset", "cifar10", "--data-dir", str(data), "-o", str(tmp_path / "run"), *QUIET)
     assert p.returncode == 1
     assert f"{batch}: 36875 bytes is not a whole number of 3073-byte records" in p.stderr
-    p = _run("--dataset", "cifar100", "--data-dir", str(data), "-o", str(tmp_path / "run2"), *QUIET)
+    p = run_fxp_train("--dataset", "cifar100", "--data-dir", str(data), "-o", str(tmp_path / "run2"), *QUIET)
     assert p.returncode == 1
     assert "missing dataset file" in p.stderr and "scripts/get_data.sh cifar100" in p.stderr
