@@ -11,7 +11,16 @@ namespace {
 using nlohmann::json;
 
 // The layer a parameter belongs to: "conv1.conv.weight" -> "conv1".
-std::string layer_of(const std::string& parameter_name) { return parameter_name.substr(0, parameter_name.find('.')); }
+// The quantized layer a parameter belongs to: the longest layer path that
+// prefixes its name ("layer1_0.conv1" for "layer1_0.conv1.conv.weight"), else
+// its first component.
+std::string layer_of(const std::string& parameter_name, const std::vector<std::string>& layer_names) {
+  std::string best;
+  for (const auto& layer : layer_names) {
+    if (parameter_name.rfind(layer + ".", 0) == 0 && layer.size() > best.size()) best = layer;
+  }
+  return best.empty() ? parameter_name.substr(0, parameter_name.find('.')) : best;
+}
 
 }  // namespace
 
@@ -49,8 +58,10 @@ LayerStatistics layer_statistics(Training& t, const TrainConfig& c, const EpochR
   }
   std::vector<std::string> parameter_layers;
   int64_t n_params = 0;
+  std::vector<std::string> layer_names;
+  for (const auto& [name, stats] : t.model->output_stats()) layer_names.push_back(name);
   for (const auto& item : t.model->named_parameters()) {
-    parameter_layers.push_back(layer_of(item.key()));
+    parameter_layers.push_back(layer_of(item.key(), layer_names));
     n_params += item.value().numel();
   }
   auto add_param_saturated = [&](size_t k, int64_t n) {

@@ -54,6 +54,10 @@ def test_every_model_trains_with_every_method(tmp_path, model, method):
     assert summary["config"]["model"] == model
     [epoch] = epoch_metrics(out)
     assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_loss"])
+    if method == "ste":
+        # Parameter statistics go to the quantized layer that owns the parameter (layer1_0.conv1), not its block.
+        for name, layer in epoch["layers"].items():
+            assert layer.get("output_saturated") is not None and "param_saturated" in layer, name
 
 
 @requires_fxp_train_and_data
