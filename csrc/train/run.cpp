@@ -58,11 +58,7 @@ json adapt_record(const adapt::Controller& controller) {
                       {"gradient_diversity", l.switches ? json(l.gradient_diversity) : json(nullptr)},
                       {"min_bits", l.minimum.bits},
                       {"min_frac", l.minimum.frac},
-                      {"parameters", [&] {
-                         int64_t n = 0;
-                         for (const auto& p : l.parameters) n += p.numel();
-                         return n;
-                       }()},
+                      {"parameters", l.work.parameters},
                       {"sparsity", controller.sparsity(l)},
                       // Cumulative: the word length weighted by samples, for mean bit widths per epoch.
                       {"samples", l.work.samples},

@@ -307,6 +307,8 @@ TEST(AdaptController, SaveAndLoadContinueIdentically) {
     torch::manual_seed(0);
     auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
     auto controller = std::make_unique<fa::Controller>(*net, o);
+    // The weights move between switches, so each PD after the reload sees new weights.
+    torch::optim::SGD sgd(net->parameters(), torch::optim::SGDOptions(0.1));
     for (int step = 0; step < 7; ++step) {
       if (reload && step == 3) {
         torch::serialize::OutputArchive out;
@@ -320,6 +322,7 @@ TEST(AdaptController, SaveAndLoadContinueIdentically) {
         controller->load(in);
       }
       controller->after_backward(backward(*net, 100 + step), 8);
+      sgd.step();
     }
     std::vector<int64_t> state;
     for (const auto& l : controller->layers()) {
