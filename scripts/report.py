@@ -23,7 +23,7 @@ import pandas as pd
 
 METHODS = ["ste", "sqpu", "hteqpu"]
 CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
-                  "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed"]
+                  "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed", "update"]
 
 
 def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
@@ -59,11 +59,17 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist")):  # runs older than issue 13
+    # Runs older than issue 13 (model, dataset) and than AdaPT's update key.
+    for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)
     df["fxp"] = [f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method not in ("fp32", "adapt")
-                 else r.method for r in df.itertuples()]
+                 else _adapt_name(r.update) if r.method == "adapt" else r.method for r in df.itertuples()]
     return df
+
+
+def _adapt_name(update: str) -> str:
+    """AdaPT with a float32 master copy is "adapt"; without one, "adapt-qpu"."""
+    return "adapt" if update == "float" else f"adapt-{update}"
 
 
 def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
@@ -236,7 +242,8 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
             reached = [e for e in epochs if e["val_accuracy"] >= target]
             if reached:
                 su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
-        rows.append({**{k: r[k] for k in keys}, "dir": r["dir"], "fp32_best_val_accuracy": target,
+        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "dir": r["dir"],
+                     "memory_ratio_to_fp32": r["memory_ratio_to_fp32"], "fp32_best_val_accuracy": target,
                      "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
                      "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
     return pd.DataFrame(rows)
@@ -254,7 +261,8 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
     paths = []
     if table.empty:
         return paths
-    for (grid, model, dataset, batch), group in table.groupby(["grid", "model", "dataset", "batch_size"]):
+    for (grid, model, dataset, batch, update), group in table.groupby(["grid", "model", "dataset", "batch_size",
+                                                                        "update"]):
         run = group.sort_values("seed").iloc[0]
         epochs = [e for e in _epochs(run["dir"]) if "adapt" in e]
         names = [layer["name"] for layer in epochs[0]["adapt"]["layers"]]
@@ -273,11 +281,12 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
             ax.plot([e["epoch"] for e in epochs], bits, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean bit width BW over the epoch" if mean else "bit width BW at the epoch's end")
-        ax.set_title(f"AdaPT bit width per layer: {model} on {dataset}, batch {batch} (seed {run['seed']})")
+        variant = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
+        ax.set_title(f"{variant} bit width per layer: {model} on {dataset}, batch {batch} (seed {run['seed']})")
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = out / f"adapt-bits-{grid}-{model}-{dataset}-b{batch}.png"
+        path = out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -307,13 +316,17 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
                      f"{r.batch_size} | {r.runs} | {pct(r.max)} | {pct(r.mean)} | {std} | {pct(r.min)} |")
     if adapt is not None and not adapt.empty:
         lines += ["", "## AdaPT (performance model, docs/adapt.md)", "",
-                  "| grid | model | dataset | batch | seed | fp32 best | AdaPT best | SU¹ | SU² | SZ | inference SU |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in adapt.sort_values(["grid", "model", "dataset", "seed"]).itertuples():
+                  "Memory: the memory model's training memory against float32's (docs/memory.md), at the widest "
+                  "layer's final format; update qpu keeps no float32 master copy.", "",
+                  "| grid | model | dataset | batch | update | seed | fp32 best | AdaPT best | SU¹ | SU² | SZ | "
+                  "inference SU | memory / fp32 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in adapt.sort_values(["grid", "model", "dataset", "update", "seed"]).itertuples():
             su2 = "–" if math.isnan(r.su2) else f"{r.su2:.2f}"
-            lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.seed} | "
+            mem = "–" if pd.isna(r.memory_ratio_to_fp32) else f"{r.memory_ratio_to_fp32:.2f}"
+            lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.update} | {r.seed} | "
                          f"{pct(r.fp32_best_val_accuracy)} | {pct(r.best_val_accuracy)} | {r.su1:.2f} | {su2} | "
-                         f"{r.model_size:.2f} | {r.inference_speedup:.2f} |")
+                         f"{r.model_size:.2f} | {r.inference_speedup:.2f} | {mem} |")
     if images:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"

@@ -126,16 +126,17 @@ void Controller::after_backward(double loss, int64_t batch_size) {
   while (losses_.size() > static_cast<size_t>(options_.lookback.upper)) losses_.pop_front();
 
   bool switched = false;
-  for (auto& l : layers_) {
-    if (l.count >= l.lookback) {
-      switch_layer(l);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (layers_[i].count >= layers_[i].lookback) {
+      switch_layer(i);
       switched = true;
     }
   }
   if (switched) apply_formats();
 }
 
-void Controller::switch_layer(AdaptedLayer& l) {
+void Controller::switch_layer(size_t index) {
+  AdaptedLayer& l = layers_[index];
   const at::Tensor accumulated = flat_cat(l.accumulated), parameters = flat_cat(l.parameters);
   if (!(at::isfinite(accumulated).all().item<bool>() && at::isfinite(parameters).all().item<bool>())) {
     // Non-finite gradients or weights (a diverging run): keep the format, start over.
@@ -149,12 +150,57 @@ void Controller::switch_layer(AdaptedLayer& l) {
   l.minimum = push_down(parameters, l.resolution, &l.work.pd_evaluations);
   const int64_t step =
       push_up_step(push_up_suggestions(l.gradient_diversity, l.minimum.frac, options_.log_form), strategy_);
+  const Format previous = l.format;
   l.format = push_up(l.minimum, step, options_.buffer_bits);
+  if (quantized_updates_ != nullptr && !(l.format == previous)) {
+    quantized_updates_->change_format(index, l.format.bits, l.format.frac);
+  }
   l.density = density_at(l, l.format);
   for (auto& a : l.accumulated) a.zero_();
   l.count = 0;
   ++l.switches;
   ++l.work.switches;
+}
+
+// Note [AdaPT with QPU]
+// `fxp-train --method adapt --update qpu` keeps no float32 master copy: the
+// layers are QPU layers, whose parameters lie on their format's grid and are
+// read as they are, and a QpuSgd optimizer with one group per adapted layer
+// applies the normalized gradient with stochastic rounding at that layer's
+// format (the momentum at the same format). The controller is unchanged up to
+// the switch: PD reads the parameters (now fixed point), PU picks the new
+// format, and the layer's group moves to it, rounding the parameters and the
+// momentum onto the new grid (Note [QPU format change]). A push-down that
+// lowers FL makes small updates vanish in expectation only, as in SQPU.
+void Controller::use_quantized_updates(optim::QpuSgd& optimizer) {
+  const auto& groups = optimizer.param_groups();
+  TORCH_CHECK(groups.size() == layers_.size(), "fxp::adapt: the optimizer has ", groups.size(),
+              " parameter groups, but quantized updates need one per adapted layer (", layers_.size(), ")");
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& params = groups[i].params();
+    bool same = params.size() == layers_[i].parameters.size();
+    for (size_t k = 0; same && k < params.size(); ++k) same = params[k].is_same(layers_[i].parameters[k]);
+    TORCH_CHECK(same, "fxp::adapt: parameter group ", i, " of the optimizer is not layer ", layers_[i].name,
+                "'s parameters");
+    const auto& o = static_cast<const optim::QpuSgdOptions&>(groups[i].options());
+    TORCH_CHECK(o.total_bits() == layers_[i].format.bits && o.frac_bits() == layers_[i].format.frac,
+                "fxp::adapt: parameter group ", i, " updates FxP(", o.total_bits(), ", ", o.frac_bits(),
+                "), but layer ", layers_[i].name, " is at FxP(", layers_[i].format.bits, ", ",
+                layers_[i].format.frac, ")");
+  }
+  quantized_updates_ = &optimizer;
+}
+
+std::vector<torch::optim::OptimizerParamGroup> Controller::parameter_groups(
+    const optim::QpuSgdOptions& defaults) const {
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    auto options = std::make_unique<optim::QpuSgdOptions>(defaults);
+    options->total_bits(layers_[i].format.bits).frac_bits(layers_[i].format.frac);
+    options->seed(defaults.seed() + static_cast<int64_t>(i));  // as QpuSgd's own groups
+    groups.emplace_back(layers_[i].parameters, std::move(options));
+  }
+  return groups;
 }
 
 std::vector<LayerWork> Controller::work() const {

@@ -16,6 +16,7 @@
 #include "adapt/performance.h"
 #include "adapt/precision.h"
 #include "nn/network.h"
+#include "optim/qpu_sgd.h"
 
 namespace fxp::adapt {
 
@@ -61,6 +62,15 @@ class Controller {
   // resolution, PD, PU; Note [AdaPT's schedule]).
   void after_backward(double loss, int64_t batch_size);
 
+  // AdaPT without a master copy (Note [AdaPT with QPU]): `optimizer` holds one
+  // parameter group per adapted layer, in the order of layers(), and at each
+  // switch the controller moves the layer's group to its new format
+  // (QpuSgd::change_format, which rounds the parameters and momentum onto it).
+  // The optimizer must outlive the controller.
+  void use_quantized_updates(optim::QpuSgd& optimizer);
+  // Parameter groups for that optimizer: one per adapted layer, at its format.
+  std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const optim::QpuSgdOptions& defaults) const;
+
   // The performance model's figures so far (adapt/performance.h).
   std::vector<LayerWork> work() const;
 
@@ -79,7 +89,7 @@ class Controller {
   void load(torch::serialize::InputArchive& archive);
 
  private:
-  void switch_layer(AdaptedLayer& layer);
+  void switch_layer(size_t index);
   void apply_formats();
 
   AdaptOptions options_;
@@ -87,6 +97,7 @@ class Controller {
   std::vector<std::pair<nn::QuantizedLayer*, size_t>> followers_;  // layer without parameters -> the layer it follows
   Strategy strategy_;
   std::deque<double> losses_;  // the last lookback.upper losses
+  optim::QpuSgd* quantized_updates_ = nullptr;
 };
 
 }  // namespace fxp::adapt

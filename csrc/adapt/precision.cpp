@@ -7,6 +7,8 @@
 #include <cmath>
 #include <limits>
 
+#include "ops/ops.h"
+
 namespace fxp::adapt {
 namespace {
 
@@ -18,12 +20,18 @@ void check_resolution(int64_t resolution) {
   TORCH_CHECK(resolution >= 1, "fxp::adapt: resolution must be at least 1 bin, but got ", resolution);
 }
 
-// w as float64, flattened, checked: not empty, finite.
-at::Tensor checked_values(const at::Tensor& w) {
+// [min w, max w] of non-empty, finite weights, widened to [w - 1, w + 1] for
+// a constant w (Note [AdaPT's KL test]).
+std::pair<double, double> checked_range(const at::Tensor& w) {
   TORCH_CHECK(w.defined() && w.numel() > 0, "fxp::adapt: the weights are empty");
-  at::Tensor v = w.detach().to(at::kDouble).flatten();
-  TORCH_CHECK(at::isfinite(v).all().item<bool>(), "fxp::adapt: the weights hold NaN or infinite values");
-  return v;
+  const auto [lo_t, hi_t] = at::aminmax(w.detach());
+  double lo = lo_t.item<double>(), hi = hi_t.item<double>();
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi), "fxp::adapt: the weights hold NaN or infinite values");
+  if (!(hi > lo)) {
+    lo -= 1;
+    hi += 1;
+  }
+  return {lo, hi};
 }
 
 }  // namespace
@@ -38,18 +46,18 @@ at::Tensor checked_values(const at::Tensor& w) {
 // every bin holds the same count: "no information lost at resolution r".
 at::Tensor histogram(const at::Tensor& values, double lo, double hi, int64_t resolution) {
   check_resolution(resolution);
-  at::Tensor v = values.to(at::kDouble).flatten();
   if (!(hi > lo)) {  // a constant tensor: bins over [w - 1, w + 1], so a changed value shows
     lo -= 1;
     hi += 1;
   }
-  return at::histc(v.clamp(lo, hi), resolution, lo, hi);
+  return format_histogram(values.detach(), resolution, lo, hi);
 }
 
 double kl_divergence(const at::Tensor& p_counts, const at::Tensor& q_counts) {
   TORCH_CHECK(p_counts.sizes() == q_counts.sizes(), "fxp::adapt: KL needs histograms of the same bins");
-  const at::Tensor p = p_counts.to(at::kDouble) / p_counts.to(at::kDouble).sum();
-  const at::Tensor q = q_counts.to(at::kDouble) / q_counts.to(at::kDouble).sum();
+  // A few hundred bins: on the host (one copy each from a device).
+  const at::Tensor pc = p_counts.to(at::kCPU, at::kDouble), qc = q_counts.to(at::kCPU, at::kDouble);
+  const at::Tensor p = pc / pc.sum(), q = qc / qc.sum();
   const at::Tensor support = p > 0;
   if ((support & (q == 0)).any().item<bool>()) return std::numeric_limits<double>::infinity();
   const at::Tensor ps = p.masked_select(support), qs = q.masked_select(support);
@@ -69,10 +77,15 @@ at::Tensor round_to_format(const at::Tensor& w, int64_t bits, int64_t frac) {
 }
 
 double quantization_kl(const at::Tensor& w, Format format, int64_t resolution) {
-  const at::Tensor v = checked_values(w);
-  const double lo = v.min().item<double>(), hi = v.max().item<double>();
-  return kl_divergence(histogram(round_to_format(v, format.bits, format.frac), lo, hi, resolution),
-                       histogram(v, lo, hi, resolution));
+  check_resolution(resolution);
+  TORCH_CHECK(format.frac >= 0 && format.frac <= 62, "fxp::adapt: fractional bits must be in [0, 62], but got ",
+              format.frac);
+  TORCH_CHECK(format.bits == 0 || (format.bits >= 2 && format.bits <= 32 && format.frac <= format.bits - 1),
+              "fxp::adapt: FxP(", format.bits, ", ", format.frac, ") is not a format (2 <= bits <= 32, frac < bits)");
+  const auto [lo, hi] = checked_range(w);
+  const at::Tensor v = w.detach();
+  return kl_divergence(format_histogram(v, resolution, lo, hi, std::vector<int64_t>{format.bits, format.frac}),
+                       format_histogram(v, resolution, lo, hi));
 }
 
 // Note [AdaPT's push-down]
@@ -88,16 +101,17 @@ double quantization_kl(const at::Tensor& w, Format format, int64_t resolution) {
 // farther, but may round it to the other side of a bin edge). Where it is not,
 // bisection returns one lossless FL, not always the smallest; the test
 // compares with a brute-force scan where the scan's answer is monotone.
-// Each candidate costs one rounding and one histogram of W: log2(32) + log2(32)
-// candidates per PD. The histogram of W itself is computed once.
+// Each candidate costs one fused pass over W that rounds and bins (Note [Fused
+// quantize and histogram]): log2(32) + log2(32) candidates per PD, and no
+// quantized copy of W. The histogram of W itself is computed once.
 Format push_down(const at::Tensor& w, int64_t resolution, int64_t* evaluations) {
   check_resolution(resolution);
-  const at::Tensor v = checked_values(w);
-  const double lo = v.min().item<double>(), hi = v.max().item<double>();
-  const at::Tensor reference = histogram(v, lo, hi, resolution);
+  const auto [lo, hi] = checked_range(w);
+  const at::Tensor v = w.detach();
+  const at::Tensor reference = format_histogram(v, resolution, lo, hi);
   auto lossless = [&](int64_t bits, int64_t frac) {
     if (evaluations) ++*evaluations;
-    return kl_divergence(histogram(round_to_format(v, bits, frac), lo, hi, resolution), reference) == 0.0;
+    return kl_divergence(format_histogram(v, resolution, lo, hi, std::vector<int64_t>{bits, frac}), reference) == 0.0;
   };
   // The smallest x in [first, last] with pred(x), given pred(last); `last` when none.
   auto smallest = [](int64_t first, int64_t last, auto pred) {

@@ -21,8 +21,8 @@ struct Format {
 };
 
 // The histograms KL compares (Note [AdaPT's KL test]): `resolution` equal bins
-// over [min w, max w], counted in float64. Values outside the range (a
-// quantization may round past an end) count in the end bins.
+// over [lo, hi] (int64 counts, on values' device; fxp::format_histogram). Values
+// outside the range (a quantization may round past an end) count in the end bins.
 at::Tensor histogram(const at::Tensor& values, double lo, double hi, int64_t resolution);
 
 // Discrete KL(P || Q) of two histograms (counts; each is normalized by its

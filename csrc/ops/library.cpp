@@ -83,6 +83,13 @@ TORCH_LIBRARY(fxp, m) {
       "relu_max_pool2d_backward(Tensor grad_out, Tensor positions, int[2] kernel_size, SymInt[4] input_size) "
       "-> Tensor");
 
+  // AdaPT's push-down histogram (Note [Fused quantize and histogram]): int64
+  // counts of x in `bins` equal bins over [min, max], torch.histc's, with
+  // values beyond the range in the end bins and NaN nowhere. With format
+  // [total_bits, frac_bits], x is first rounded half to even to FxP(total_bits,
+  // frac_bits) (total_bits 0: no saturation), in the same pass.
+  m.def("format_histogram(Tensor x, int bins, float min, float max, int[]? format=None) -> Tensor");
+
   // The fused QPU SGD step over a parameter group (docs/design.md, "Methods"):
   // updates params and momentum_buffers in place and returns int64 counts
   // [len(params), 2] of (saturated, vanished) elements per tensor. Random

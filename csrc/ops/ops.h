@@ -187,6 +187,14 @@ inline at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at:
   FXP_CALL_OP(relu_max_pool2d_backward, "relu_max_pool2d_backward", grad_out, positions, kernel_size, input_size);
 }
 
+// AdaPT's push-down histogram: int64 counts of x (rounded half to even to
+// FxP(format[0], format[1]) first when format is given; format[0] = 0: no
+// saturation) in `bins` equal bins over [min, max], torch.histc's bins.
+inline at::Tensor format_histogram(const at::Tensor& x, int64_t bins, double min, double max,
+                                   at::OptionalIntArrayRef format = std::nullopt) {
+  FXP_CALL_OP(format_histogram, "format_histogram", x, bins, min, max, format);
+}
+
 #undef FXP_CALL_OP
 
 }  // namespace fxp

@@ -195,6 +195,45 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
   packed_codes_[parameter.unsafeGetTensorImpl()] = codes;
 }
 
+// Note [QPU format change]
+// A group's format can change between steps (AdaPT without a master copy).
+// Its parameters, on the old grid, are rounded onto the new one right away,
+// so the next forward reads values of the new format, as a QPU layer expects.
+// The momentum buffers, when they follow the parameter format, are rounded too,
+// so that the stored state is what that format can hold. A finer grid of at
+// least the same range changes nothing. Stochastic rounding keeps the values'
+// expectation. The draws: parameter k of the group, of n, uses Philox key
+// seed + kFormatChangeKey (a key no step uses) at offset 2 (step n + k), its
+// momentum buffer offset 2 (step n + k) + 1, with `step` the group's steps so
+// far; one change per step at most, so no two changes share a stream.
+void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) {
+  constexpr int64_t kFormatChangeKey = 0x6A09E667F3BCC908;  // frac(sqrt(2)), as in SHA-512's first constant
+  TORCH_CHECK(group < param_groups_.size(), kName, ": change_format of group ", group, ", but there are ",
+              param_groups_.size());
+  auto& o = static_cast<QpuSgdOptions&>(param_groups_[group].options());
+  QpuSgdOptions changed = o;
+  changed.total_bits(total_bits).frac_bits(frac_bits);
+  check_options(changed);
+  const auto& params = param_groups_[group].params();
+  const auto n = static_cast<int64_t>(params.size());
+  const bool momentum_follows = o.momentum_total_bits() < 0;
+  torch::NoGradGuard no_grad;
+  for (int64_t k = 0; k < n; ++k) {
+    torch::Tensor p = params[static_cast<size_t>(k)];
+    TORCH_CHECK(!packed_codes_.count(p.unsafeGetTensorImpl()), kName,
+                ": change_format cannot change the format of packed storage");
+    const int64_t offset = 2 * (o.step() * n + k);
+    const int64_t key = static_cast<int64_t>(static_cast<uint64_t>(o.seed()) + static_cast<uint64_t>(kFormatChangeKey));
+    quantize_seeded_(p, total_bits, frac_bits, o.rounding(), key, offset);
+    const auto it = state_.find(p.unsafeGetTensorImpl());
+    if (momentum_follows && it != state_.end()) {
+      torch::Tensor buffer = static_cast<QpuSgdParamState&>(*it->second).momentum_buffer();
+      quantize_seeded_(buffer, total_bits, frac_bits, o.rounding(), key, offset + 1);
+    }
+  }
+  o.total_bits(total_bits).frac_bits(frac_bits);
+}
+
 void QpuSgd::save(torch::serialize::OutputArchive& archive) const { serialize(*this, archive); }
 
 void QpuSgd::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }

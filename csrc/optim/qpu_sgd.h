@@ -66,6 +66,12 @@ class QpuSgd : public torch::optim::Optimizer {
   void set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes, int64_t total_bits,
                           int64_t frac_bits);
 
+  // Moves group `group` to FxP(total_bits, frac_bits) (AdaPT's precision
+  // switch, Note [QPU format change]): its parameters, and its momentum buffers
+  // when they follow the parameter format, are rounded onto the new grid with
+  // the group's rounding. Not for packed groups.
+  void change_format(size_t group, int64_t total_bits, int64_t frac_bits);
+
   // Per group, after the last step: int64 [n, 2] of (saturated, vanished)
   // elements, one row per parameter of the group in order (zeros for those
   // without a gradient), on the parameters' device.

@@ -65,6 +65,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"adapt_strategy", field(&TrainConfig::adapt_strategy)},
       {"adapt_log", field(&TrainConfig::adapt_log)},
       {"l1_decay", field(&TrainConfig::l1_decay)},
+      {"update", field(&TrainConfig::update)},
       {"batch_size", field(&TrainConfig::batch_size)},
       {"lr", field(&TrainConfig::lr)},
       {"lr_scaling", field(&TrainConfig::lr_scaling)},
@@ -277,6 +278,7 @@ std::string TrainConfig::run_name() const {
     if (adapt_strategy != d.adapt_strategy) name << "-" << adapt_strategy;
     if (adapt_log != d.adapt_log) name << "-" << adapt_log;
     if (l1_decay != d.l1_decay) name << "-l1_" << l1_decay;
+    if (update != d.update) name << "-" << update;
   } else if (method != "fp32") {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;
@@ -310,6 +312,10 @@ void TrainConfig::validate() const {
     bad("l1_decay", "must be a non-negative number, but got " + std::to_string(l1_decay));
   }
   if (l1_decay > 0 && method != "adapt") bad("l1_decay", "is AdaPT's (method adapt) only");
+  one_of("update", update, {"float", "qpu"});
+  if (update != "float" && method != "adapt") {
+    bad("update", "chooses AdaPT's update (method adapt); sqpu and hteqpu are quantized updates already");
+  }
   one_of("momentum_form", momentum_form, {"standard", "paper_eq6"});
   at_least("batch_size", batch_size, 1);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
@@ -340,7 +346,10 @@ void TrainConfig::validate() const {
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
     bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
   }
-  if (packed && method == "adapt") bad("packed", "AdaPT keeps a float32 master copy; it has no packed form yet");
+  if (packed && method == "adapt") {
+    bad("packed", update == "qpu" ? "AdaPT's formats change during training; packed storage cannot follow them yet"
+                                  : "AdaPT keeps a float32 master copy; it has no packed form yet");
+  }
   if (packed && model != "paper_cnn") {
     bad("packed", "packed storage is supported for model paper_cnn only (yet), not " + model);
   }
@@ -429,11 +438,15 @@ bool key_may_change_on_resume(const std::string& key) {
 
 std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
   std::string differ;
+  // A key the run's record lacks was added to fxp-train after the run: it
+  // had the key's default then (for example update, float before AdaPT's qpu).
+  static const json defaults = to_json(TrainConfig{});
   for (const auto& key : config_keys()) {
     const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
-    if (!ignored && stored.value(key, json()) != current[key]) {
-      differ += (differ.empty() ? "" : ", ") + key + " (" + stored.value(key, json()).dump() + " in the run, " +
-                current[key].dump() + " now)";
+    const json& was = stored.contains(key) ? stored[key] : defaults[key];
+    if (!ignored && was != current[key]) {
+      differ += (differ.empty() ? "" : ", ") + key + " (" + was.dump() + " in the run, " + current[key].dump() +
+                " now)";
     }
   }
   return differ;

@@ -34,6 +34,7 @@ struct TrainConfig {
   std::string adapt_strategy = "min";  // min | mean | max: the push-up strategy to start with
   std::string adapt_log = "log2";      // log2 | squared_ln: the reading of the paper's "log²"
   double l1_decay = 0.0;               // L1 regularization (AdaPT's sparsity term)
+  std::string update = "float";        // float (a float32 master copy) | qpu (none: SQPU at each layer's format)
 
   // optimization
   int64_t batch_size = 64;

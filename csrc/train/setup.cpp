@@ -26,13 +26,19 @@ Split load_split(const TrainConfig& c, bool train, int64_t limit, const torch::D
 
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   nn::QuantConfig qc;
-  // AdaPT reads its float32 master copy quantized, as STE does; its
-  // controller sets every layer's formats (Note [AdaPT's schedule]).
   qc.weight_mode = c.method == "adapt" ? nn::WeightMode::Ste : nn::weight_mode_for(c.method);
   qc.param_total_bits = c.param_bits;
   qc.param_frac_bits = c.param_frac;
   qc.act_total_bits = c.out_bits;
   qc.act_frac_bits = c.out_frac;
+  if (c.method == "adapt") {
+    // AdaPT reads its float32 master copy quantized, as STE does, or keeps
+    // none (Note [AdaPT with QPU]); its controller sets every layer's formats
+    // (Note [AdaPT's schedule]), all at the start format first.
+    qc.weight_mode = c.update == "qpu" ? nn::WeightMode::Qpu : nn::WeightMode::Ste;
+    qc.param_total_bits = qc.act_total_bits = c.adapt_start_bits;
+    qc.param_frac_bits = qc.act_frac_bits = c.adapt_start_frac;
+  }
   qc.act_rounding = c.inference_rounding;
   const data::DatasetInfo& info = data::dataset_info(c.dataset);
   return nn::make_network(c.model, qc, info.channels, info.classes);
@@ -46,7 +52,10 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
   Training t;
   t.model = build_network(c);
   t.model->to(device);
-  if (is_qpu(c.method)) t.model->quantize_parameters_(update_rounding(c.method), c.seed);
+  const bool adapt_qpu = c.method == "adapt" && c.update == "qpu";
+  if (is_qpu(c.method) || adapt_qpu) {
+    t.model->quantize_parameters_(adapt_qpu ? "stochastic" : update_rounding(c.method), c.seed);
+  }
   // Packed storage (docs/memory.md): QPU weights and momentum as codes, and
   // every saved layer input that is a quantized output as codes. fp32 has no grid.
   t.packed = c.packed && c.method != "fp32";
@@ -66,11 +75,27 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     }
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
+  } else if (adapt_qpu) {
+    t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
+    const auto defaults =
+        optim::QpuSgdOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay).rounding("stochastic").seed(c.seed);
+    auto qpu = std::make_unique<optim::QpuSgd>(t.adapt->parameter_groups(defaults), defaults);
+    // The run's per-parameter statistics read the groups' rows in the model's parameter order.
+    std::vector<torch::Tensor> grouped;
+    for (const auto& g : qpu->param_groups()) grouped.insert(grouped.end(), g.params().begin(), g.params().end());
+    const auto model_params = t.model->parameters();
+    bool same_order = grouped.size() == model_params.size();
+    for (size_t k = 0; same_order && k < grouped.size(); ++k) same_order = grouped[k].is_same(model_params[k]);
+    TORCH_CHECK(same_order, "fxp-train: AdaPT with QPU needs every parameter of ", c.model,
+                " in a quantized layer, in the model's order");
+    t.adapt->use_quantized_updates(*qpu);
+    t.qpu = qpu.get();
+    t.optimizer = std::move(qpu);
   } else {
     t.optimizer = std::make_unique<torch::optim::SGD>(
         t.model->parameters(), torch::optim::SGDOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay));
   }
-  if (c.method == "adapt") t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
+  if (c.method == "adapt" && !t.adapt) t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
   return t;
 }
 

@@ -2,6 +2,7 @@
 
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -33,11 +34,20 @@ json make_summary(const RunRecord& r) {
   for (const auto& p : r.training.model->parameters()) n_params += p.numel();
   const ModelCounts counts = model_counts(r.training.model->describe());
   json memory_model = json::object();
+  // AdaPT keeps a master copy and reads it quantized (STE's accounting), or,
+  // with update qpu, none (SQPU's); both at the widest layer's final format,
+  // the largest any layer needs at the end.
+  std::string method_for_memory = config.method;
+  int64_t memory_bits = config.param_bits, memory_out_bits = config.out_bits;
+  if (config.method == "adapt") {
+    method_for_memory = config.update == "qpu" ? "sqpu" : "ste";
+    memory_bits = 2;
+    for (const auto& layer : last.at("adapt").at("layers")) memory_bits = std::max(memory_bits, layer.at("bits").get<int64_t>());
+    memory_out_bits = memory_bits;
+  }
   for (const std::string accounting : {"paper", "full"}) {
-    // AdaPT keeps a master copy and reads it quantized: STE's accounting (at the configured formats).
-    const std::string method_for_memory = config.method == "adapt" ? "ste" : config.method;
     const auto estimate = [&](const std::string& method) {
-      return estimate_memory(counts, accounting, method, config.param_bits, config.out_bits, config.momentum > 0,
+      return estimate_memory(counts, accounting, method, memory_bits, memory_out_bits, config.momentum > 0,
                              config.batch_size);
     };
     json j = to_json(estimate(method_for_memory));

@@ -10,6 +10,7 @@
 #include "adapt/controller.h"
 #include "adapt/precision.h"
 #include "nn/models.h"
+#include "ops/ops.h"
 
 #include "test_util.h"
 
@@ -40,7 +41,48 @@ TEST(AdaptKl, DiscreteKlByHand) {
             std::numeric_limits<double>::infinity());
   // Values past the range count in the end bins.
   EXPECT_TRUE(torch::equal(fa::histogram(torch::tensor({-5.0, 0.1, 0.9, 7.0}), 0, 1, 2),
-                           torch::tensor({2.0, 2.0}, torch::kDouble)));
+                           torch::tensor({2, 2}, torch::kLong)));
+}
+
+// Note [Fused quantize and histogram]: one pass equals rounding with
+// round_to_format and binning with torch.histc, count for count, for float32
+// and float64 weights, with and without saturation, and for values that fall
+// on bin edges and beyond the range.
+TEST(AdaptKl, FusedHistogramEqualsRoundThenHistc) {
+  torch::manual_seed(3);
+  int compared = 0;
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      auto w = (torch::randn({1000 + 37 * trial}, torch::kDouble) * std::ldexp(1.0, trial % 5 - 2)).to(dtype);
+      // Exact multiples of the bin width land on edges.
+      w.narrow(0, 0, 64).copy_(torch::arange(-32, 32, torch::kDouble) / 8);
+      const int64_t r = 1 + 17 * (trial % 9);
+      const double lo = w.min().item<double>() * 0.75, hi = w.max().item<double>() * 0.75;  // some values beyond
+      for (int64_t frac : {0, 1, 3, 7, 12, 31}) {
+        for (int64_t bits : {int64_t{0}, frac + 1, frac + 3, int64_t{32}}) {
+          if (bits > 32 || (bits != 0 && bits < 2)) continue;
+          const auto fused = fxp::format_histogram(w, r, lo, hi, std::vector<int64_t>{bits, frac});
+          const auto composed =
+              at::histc(fa::round_to_format(w, bits, frac).clamp(lo, hi), r, lo, hi).to(torch::kLong);
+          ASSERT_TRUE(torch::equal(fused, composed)) << "dtype " << dtype << " trial " << trial << " FxP(" << bits
+                                                     << ", " << frac << ")";
+          ++compared;
+        }
+      }
+      ASSERT_TRUE(torch::equal(fxp::format_histogram(w, r, lo, hi),
+                               at::histc(w.to(torch::kDouble).clamp(lo, hi), r, lo, hi).to(torch::kLong)));
+    }
+  }
+  EXPECT_GT(compared, 1500);
+  // NaN counts nowhere; infinities count in the end bins.
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto special = torch::tensor({std::nan(""), -inf, inf, 0.5});
+  EXPECT_TRUE(torch::equal(fxp::format_histogram(special, 2, 0, 1), torch::tensor({1, 2}, torch::kLong)));
+  expect_error([] { fxp::format_histogram(torch::ones({3}), 0, 0, 1); }, "bins must be in [1, 2^24]");
+  expect_error([] { fxp::format_histogram(torch::ones({3}), 4, 1, 1); }, "min < max");
+  expect_error([] { fxp::format_histogram(torch::ones({3}), 4, 0, 1, std::vector<int64_t>{4, 4}); },
+               "is not a format");
+  expect_error([] { fxp::format_histogram(torch::ones({3}, torch::kInt), 4, 0, 1); }, "must be floating point");
 }
 
 // The brute-force minimum: the smallest FL whose rounding is lossless, then the
@@ -278,6 +320,78 @@ TEST(AdaptController, SwitchEqualsTheRulesAppliedByHand) {
     EXPECT_EQ(l.layer->config.param_total_bits, l.format.bits);
     EXPECT_EQ(l.layer->config.act_frac_bits, l.format.frac);
   }
+}
+
+// True where every element of t lies on FxP(bits, frac)'s grid and range.
+bool on_grid(const torch::Tensor& t, fa::Format f) {
+  return torch::equal(t.to(torch::kDouble), fa::round_to_format(t, f.bits, f.frac));
+}
+
+// Note [QPU format change]: a coarser format rounds parameters and momentum
+// onto its grid (stochastically: some values up, some down, no others), a
+// finer one of at least the same range changes nothing, packed storage refuses.
+TEST(AdaptQuantizedUpdates, ChangeFormatRoundsParametersAndMomentum) {
+  torch::manual_seed(0);
+  auto w = fxp::quantize(torch::randn({4000}), 12, 8).requires_grad_();
+  fxp::optim::QpuSgd opt({w}, fxp::optim::QpuSgdOptions(0.01).momentum(0.9).total_bits(12).frac_bits(8));
+  w.mutable_grad() = torch::randn({4000});
+  opt.step();
+  const auto& state = static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(w.unsafeGetTensorImpl()));
+  const auto before = w.detach().clone();
+  opt.change_format(0, 8, 4);
+  EXPECT_TRUE(on_grid(w.detach(), {8, 4}));
+  EXPECT_TRUE(on_grid(state.momentum_buffer(), {8, 4}));
+  const auto moved = w.detach().to(torch::kDouble);
+  const auto floor_grid = torch::floor(before.to(torch::kDouble) * 16) / 16;
+  EXPECT_TRUE(torch::logical_or(moved == floor_grid, moved == floor_grid + 1.0 / 16).all().item<bool>())
+      << "each value goes to one of its two neighbours on the new grid";
+  EXPECT_TRUE((moved != floor_grid).any().item<bool>() && (moved == floor_grid).any().item<bool>())
+      << "stochastic: some values down, some up";
+  const auto& o = static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[0].options());
+  EXPECT_EQ(o.total_bits(), 8);
+  EXPECT_EQ(o.frac_bits(), 4);
+  // A finer grid with a wider range: nothing moves.
+  const auto coarse = w.detach().clone(), coarse_momentum = state.momentum_buffer().clone();
+  opt.change_format(0, 16, 10);
+  EXPECT_TRUE(torch::equal(w.detach(), coarse));
+  EXPECT_TRUE(torch::equal(state.momentum_buffer(), coarse_momentum));
+  expect_error([&] { opt.change_format(1, 8, 4); }, "change_format of group 1, but there are 1");
+  expect_error([&] { opt.change_format(0, 4, 4); }, "frac");
+}
+
+// Note [AdaPT with QPU]: the optimizer's groups follow their layers' formats
+// through the switches, and the parameters stay on their layer's grid.
+TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {
+  fxp::nn::QuantConfig qc;
+  qc.weight_mode = fxp::nn::WeightMode::Qpu;
+  qc.param_total_bits = qc.act_total_bits = 8;
+  qc.param_frac_bits = qc.act_frac_bits = 4;
+  auto net = fxp::nn::make_network("lenet5", qc, 1, 10);
+  net->quantize_parameters_("stochastic", 0);
+  fa::AdaptOptions o;
+  o.lookback = {2, 3};
+  o.resolution = {20, 30};
+  fa::Controller controller(*net, o);
+  const auto defaults = fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(7);
+  fxp::optim::QpuSgd opt(controller.parameter_groups(defaults), defaults);
+  controller.use_quantized_updates(opt);
+  int64_t changed = 0;
+  for (int step = 0; step < 9; ++step) {
+    controller.after_backward(backward(*net, 20 + step), 8);
+    opt.step();
+    for (size_t i = 0; i < controller.layers().size(); ++i) {
+      const auto& l = controller.layers()[i];
+      const auto& g = static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[i].options());
+      ASSERT_EQ(g.total_bits(), l.format.bits) << l.name;
+      ASSERT_EQ(g.frac_bits(), l.format.frac) << l.name;
+      for (const auto& p : l.parameters) ASSERT_TRUE(on_grid(p.detach(), l.format)) << l.name << " step " << step;
+      changed += !(l.format == fa::Format{8, 4});
+    }
+  }
+  EXPECT_GT(changed, 0) << "no layer left the start format: the test shows nothing";
+  // A plain optimizer over the model is refused.
+  fxp::optim::QpuSgd whole(net->parameters(), defaults);
+  expect_error([&] { controller.use_quantized_updates(whole); }, "one per adapted layer");
 }
 
 TEST(AdaptController, L1AddsItsGradientBeforeNormalization) {

@@ -6,9 +6,13 @@ controller's whole state in the checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
+import fxp
+from fxp import FxpFormat
 from environment import (FASHION, FXP_TRAIN, epoch_metrics, requires_fxp_train, requires_fxp_train_and_data,
                          run_fxp_train)
 
@@ -55,11 +59,45 @@ def test_adapt_resumes_bit_for_bit(tmp_path):
     (["--adapt-strategy", "median"], "median"),
     (["--adapt-start-bits", "4", "--adapt-start-frac", "4"], "adapt_start_frac: fractional bits must be in [0, 3]"),
     (["--packed"], "packed: AdaPT keeps a float32 master copy"),
+    (["--update", "qpu", "--packed"], "packed: AdaPT's formats change during training"),
+    (["--update", "sr"], "--update: sr not in {float,qpu}"),
 ])
 def test_bad_adapt_settings_are_usage_errors(args, message):
     p = run_fxp_train("--method", "adapt", *args)
     assert p.returncode == 2
     assert message in p.stderr, p.stderr
+
+
+@requires_fxp_train
+def test_update_belongs_to_adapt():
+    p = run_fxp_train("--method", "ste", "--update", "qpu")
+    assert p.returncode == 2 and "update: chooses AdaPT's update (method adapt)" in p.stderr
+
+
+@requires_fxp_train_and_data
+def test_adapt_with_qpu_keeps_no_master_copy_and_resumes_bit_for_bit(tmp_path):
+    """--update qpu (Note [AdaPT with QPU]): SQPU steps at each layer's format;
+    bit-reproducible, resumable, and its summary's memory model is SQPU's."""
+    qpu = [*ADAPT, "--model", "lenet5", "--update", "qpu"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_fxp_train(*qpu, "--epochs", "3", "-o", str(whole)).returncode == 0
+    assert run_fxp_train(*qpu, "--epochs", "1", "-o", str(split)).returncode == 0
+    p = run_fxp_train(*qpu, "--epochs", "3", "-o", str(split), "--resume")
+    assert p.returncode == 0, p.stderr
+    metrics = epoch_metrics(whole)
+    assert metrics == epoch_metrics(split)
+    assert all(e["vanished_update_fraction"] is not None for e in metrics)  # QPU's statistics
+    layers = metrics[-1]["adapt"]["layers"]
+    assert any((l["bits"], l["frac"]) != (8, 4) for l in layers) and all(l["switches"] >= 3 for l in layers)
+    summary = json.loads((whole / "summary.json").read_text())
+    assert "-qpu-" in summary["run_name"]
+    for accounting in ("paper", "full"):
+        model = summary["memory_model"][accounting]
+        assert model["ratio_to_ste"] < 1, "no master copy: less memory than STE's"
+    plain = tmp_path / "plain"
+    assert run_fxp_train(*ADAPT, "--model", "lenet5", "--epochs", "1", "-o", str(plain)).returncode == 0
+    plain_summary = json.loads((plain / "summary.json").read_text())
+    assert plain_summary["memory_model"]["full"]["ratio_to_ste"] == pytest.approx(1.0)
 
 
 @requires_fxp_train
@@ -76,13 +114,13 @@ def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
     sys.path.insert(0, str(FXP_TRAIN.parents[1] / "scripts"))
     import report
 
-    def run(name, method, best, epochs):
+    def run(name, method, best, epochs, **extra):
         d = tmp_path / "g" / name
         d.mkdir(parents=True)
         config = {"model": "lenet5", "dataset": "fashion-mnist", "method": method, "param_bits": 16,
                   "param_frac": 10, "out_bits": 16, "out_frac": 8, "inference_rounding": "sr", "batch_size": 256,
                   "lr": 0.01, "lr_scaling": "none", "weight_decay": 0, "scheduler": "none", "epochs": len(epochs),
-                  "seed": 0}
+                  "seed": 0, **extra}  # no update key: a run from before it existed (float)
         (d / "sweep-run.json").write_text(json.dumps({"grid": "g", "id": name, "settings": config}))
         (d / "summary.json").write_text(json.dumps({
             "config": config, "best_val_accuracy": best, "best_epoch": 1, "final_val_accuracy": best,
@@ -100,14 +138,87 @@ def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
     run("fp32", "fp32", 0.80, [{"epoch": e, "val_accuracy": 0.8} for e in (1, 2, 3)])
     run("adapt", "adapt", 0.85, [adapt_epoch(1, 0.70, 100.0, 8), adapt_epoch(2, 0.81, 190.0, 10),
                                  adapt_epoch(3, 0.85, 280.0, 12)])
+    run("adapt-qpu", "adapt", 0.75, [adapt_epoch(1, 0.75, 100.0, 8)], update="qpu")
     out = tmp_path / "report"
     assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
     import pandas as pd
     table = pd.read_csv(out / "adapt.csv")
-    [row] = table.itertuples()
+    [row, qpu] = table.sort_values("update").itertuples()
+    assert qpu.update == "qpu" and math.isnan(qpu.su2)  # never reaches 80%
     assert row.su1 == pytest.approx(900.0 / 280.0)
     assert row.su2 == pytest.approx(900.0 / 190.0)  # epoch 2 first reaches 80%
     assert row.fp32_best_val_accuracy == pytest.approx(0.80)
     assert (out / "adapt-bits-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
-    assert "| g | lenet5 | fashion-mnist | 256 | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 |" in (
+    assert (out / "adapt-bits-qpu-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
+    assert "| g | lenet5 | fashion-mnist | 256 | float | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 | 1.00 |" in (
         out / "report.md").read_text()
+
+
+# --- fxp::format_histogram (Note [Fused quantize and histogram]) -----------------
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def _composed_histogram(x, bins, lo, hi, fmt=None, saturate=True):
+    """Rounding, then torch.histc, in float64: what the fused op must equal."""
+    v = x.double()
+    if fmt is not None:
+        codes = torch.round(v * 2.0 ** fmt.frac_bits)  # half to even
+        if saturate:
+            top = 2.0 ** (fmt.total_bits - 1)
+            codes = codes.clamp(-top, top - 1)
+        v = codes * 2.0 ** -fmt.frac_bits
+    return torch.histc(v.clamp(lo, hi), bins, lo, hi).long()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_format_histogram_equals_round_then_histc(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(20000, generator=gen) * 1.5).to(dtype)
+    x[:64] = torch.arange(-32, 32) / 8  # on bin edges
+    for bins in (1, 7, 50, 150):
+        for fmt in (None, FxpFormat(8, 4), FxpFormat(4, 2), FxpFormat(12, 0), FxpFormat(32, 20)):
+            for saturate in (True, False):
+                got = fxp.format_histogram(x, bins, -2.5, 3.0, fmt, saturate=saturate)
+                assert got.dtype == torch.int64 and got.shape == (bins,)
+                assert torch.equal(got, _composed_histogram(x, bins, -2.5, 3.0, fmt, saturate)), (bins, fmt, saturate)
+                assert int(got.sum()) == x.numel()
+
+
+def test_format_histogram_checks_its_arguments():
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="min < max"):
+        fxp.format_histogram(x, 4, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"bins must be in \[1, 2\^24\]"):
+        fxp.format_histogram(x, 0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="must be floating point"):
+        fxp.format_histogram(torch.ones(3, dtype=torch.int32), 4, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="is not a format"):
+        torch.ops.fxp.format_histogram(x, 4, 0.0, 1.0, [4, 4])
+    with pytest.raises(TypeError, match="bins must be an int"):
+        fxp.format_histogram(x, 4.0, 0.0, 1.0)
+
+
+def _histogram_opcheck(device):
+    x = torch.randn(3, 5, 7, device=device)
+    for args in ((x, 10, -1.0, 1.0), (x, 10, -1.0, 1.0, [8, 4]), (x.double(), 3, -2.0, 2.0, [0, 3])):
+        torch.library.opcheck(torch.ops.fxp.format_histogram.default, args)
+
+
+def test_format_histogram_opcheck_cpu():
+    _histogram_opcheck("cpu")
+
+
+@requires_cuda
+def test_format_histogram_opcheck_cuda():
+    _histogram_opcheck("cuda")
+
+
+@requires_cuda
+def test_format_histogram_cuda_equals_cpu():
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 255, 70001, 3_000_000):
+        x = torch.randn(n, generator=gen)
+        for bins in (1, 50, 150, 9000):  # 9000: more bins than shared memory holds
+            for fmt in (None, FxpFormat(8, 4), FxpFormat(6, 5)):
+                cpu = fxp.format_histogram(x, bins, -2.0, 2.0, fmt)
+                assert torch.equal(fxp.format_histogram(x.cuda(), bins, -2.0, 2.0, fmt).cpu(), cpu), (n, bins, fmt)

@@ -10,6 +10,7 @@ library_path = _load()
 from . import nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
+    format_histogram,
     pack,
     pack_seeded,
     unpack,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FxpFormat",
+    "format_histogram",
     "library_path",
     "nn",
     "optim",

@@ -333,3 +333,20 @@ def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Te
     pool's int64 indices. Values and gradients equal torch's bit for bit,
     also where a window's maximum is NaN (its gradient passes, as ReLU's does)."""
     return _ops.relu_max_pool2d(_tensor("relu_max_pool2d", "x", x), _pair("relu_max_pool2d", "kernel_size", kernel_size))
+
+
+def format_histogram(x: Tensor, bins: int, min: float, max: float, fmt: Optional[FxpFormat] = None,
+                     *, saturate: bool = True) -> Tensor:
+    """int64 counts of ``x`` in ``bins`` equal bins over ``[min, max]``
+    (``torch.histc``'s bins; values beyond the range count in the end bins,
+    NaN nowhere), AdaPT's push-down histogram. With ``fmt``, each value is
+    first rounded half to even to ``fmt`` (without saturation when
+    ``saturate`` is false) in the same pass: no quantized copy of ``x``."""
+    op = "format_histogram"
+    fmt_list = _format_list(op, "fmt", fmt)
+    if fmt_list is not None and not saturate:
+        fmt_list[0] = 0
+    for name, value in (("min", min), ("max", max)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"fxp.{op}: {name} must be a number, but got {value!r}")
+    return _ops.format_histogram(_tensor(op, "x", x), _int(op, "bins", bins), float(min), float(max), fmt_list)
