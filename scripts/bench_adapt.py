@@ -4,11 +4,12 @@ measured in the same run (docs/adapt.md).
 
 Each point is the second epoch of a short fxp-train run (scripts/bench_train.py
 measures it), repeated and interleaved across methods; the median counts.
-Three methods: fp32 (float32 SGD), ste (the same quantized reads of the weights
-and activations at a fixed format, no controller) and adapt. adapt / fp32 is
-AdaPT's whole overhead in this simulation of fixed point on float hardware;
-adapt / ste is the controller's part (Eq. 3.4 normalization, GD accumulation,
-PD, PU) at the given lookbacks (the paper's 25..100 by default).
+Four methods: fp32 (float32 SGD), ste (the same quantized reads of the weights
+and activations at a fixed format, no controller), adapt, and adapt-qpu (AdaPT
+without a master copy, --update qpu). adapt / fp32 is AdaPT's whole overhead
+in this simulation of fixed point on float hardware; adapt / ste is the
+controller's part (Eq. 3.4 normalization, GD accumulation, PD, PU) at the given
+lookbacks (the paper's 25..100 by default).
 
   scripts/bench_adapt.py --model lenet5 --batch-size 256
   scripts/bench_adapt.py --model resnet20 --batch-size 512 --device cuda --markdown gpu.md
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_report import BenchReport, write_csv  # noqa: E402
 from bench_train import measure  # noqa: E402
 
-METHODS = ("fp32", "ste", "adapt")
+METHODS = ("fp32", "ste", "adapt", "adapt-qpu")
 
 
 def main(argv=None) -> int:
@@ -51,15 +52,18 @@ def main(argv=None) -> int:
         p.error(f"no fxp-train at {args.fxp_train} (scripts/setup.sh builds it)")
 
     images = min(60000, args.steps * args.batch_size)
-    extra = {"fp32": (), "ste": (), "adapt": ("--adapt-lookback-min", str(low), "--adapt-lookback-max", str(high))}
+    lookback = ("--adapt-lookback-min", str(low), "--adapt-lookback-max", str(high))
+    runs = {"fp32": ("fp32", ()), "ste": ("ste", ()), "adapt": ("adapt", lookback),
+            "adapt-qpu": ("adapt", lookback + ("--update", "qpu"))}
     rows = []
     for repeat in range(args.repeats):
         for method in METHODS:
-            r = measure(args.fxp_train, method, args.batch_size, images, 1000, args.device, args.threads,
-                        args.data_dir, args.model, extra[method])
-            r["repeat"] = repeat
+            train_method, extra = runs[method]
+            r = measure(args.fxp_train, train_method, args.batch_size, images, 1000, args.device, args.threads,
+                        args.data_dir, args.model, extra)
+            r["method"], r["repeat"] = method, repeat
             rows.append(r)
-            print(f"{method:6s} repeat {repeat}: {r['train_images_per_s']:9.0f} train img/s", flush=True)
+            print(f"{method:9s} repeat {repeat}: {r['train_images_per_s']:9.0f} train img/s", flush=True)
     median = {m: statistics.median(r["train_images_per_s"] for r in rows if r["method"] == m) for m in METHODS}
     table = [[m, f"{median[m]:.0f}", f"{median['fp32'] / median[m]:.3f}x", f"{median['ste'] / median[m]:.3f}x"]
              for m in METHODS]

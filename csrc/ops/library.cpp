@@ -3,6 +3,8 @@
 // <family>_register.cpp (CPU, Meta, Autograd) and <family>_register_cuda.cpp.
 #include <torch/library.h>
 
+#include "ops/adapt/adapt_controller_class.h"
+
 // Mutating ops (in-place `_` and `.out`) return nothing, which keeps them
 // functionalizable for torch.compile; the Python and C++ wrappers return the
 // mutated tensor.
@@ -105,4 +107,8 @@ TORCH_LIBRARY(fxp, m) {
   // onto FxP(total_bits[k], frac_bits[k]) with Philox key seed + 0x9E3779B97F4A7C15 and offset k.
   m.def(
       "quantize_parameters_(Tensor(a!)[] params, int[] total_bits, int[] frac_bits, str rounding, int seed) -> ()");
+
+  // AdaPT's controller over plain parameter lists, for Python (fxp.adapt):
+  // torch.classes.fxp.AdaptController (csrc/ops/adapt, csrc/adapt/precision_controller.h).
+  fxp::define_adapt_controller_class(m);
 }

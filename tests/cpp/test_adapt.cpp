@@ -317,8 +317,8 @@ TEST(AdaptController, SwitchEqualsTheRulesAppliedByHand) {
     const auto step = fa::push_up_step(fa::push_up_suggestions(l.gradient_diversity, l.minimum.frac, o.log_form),
                                        controller.strategy());
     EXPECT_EQ(l.format, fa::push_up(l.minimum, step, 3)) << l.name;
-    EXPECT_EQ(l.layer->config.param_total_bits, l.format.bits);
-    EXPECT_EQ(l.layer->config.act_frac_bits, l.format.frac);
+    EXPECT_EQ(controller.quantized_layer(i).config.param_total_bits, l.format.bits);
+    EXPECT_EQ(controller.quantized_layer(i).config.act_frac_bits, l.format.frac);
   }
 }
 

@@ -222,3 +222,105 @@ def test_format_histogram_cuda_equals_cpu():
             for fmt in (None, FxpFormat(8, 4), FxpFormat(6, 5)):
                 cpu = fxp.format_histogram(x, bins, -2.0, 2.0, fmt)
                 assert torch.equal(fxp.format_histogram(x.cuda(), bins, -2.0, 2.0, fmt).cpu(), cpu), (n, bins, fmt)
+
+
+# --- fxp.adapt: the controller in a PyTorch training loop ---------------------------
+def _small_model(weight_mode="ste"):
+    fmt = FxpFormat(16, 8)
+    return torch.nn.Sequential(
+        fxp.nn.QConv2d(1, 4, 3, weight_mode=weight_mode, param_format=fmt, act_format=fmt),
+        torch.nn.ReLU(), torch.nn.Flatten(),
+        fxp.nn.QLinear(4 * 6 * 6, 10, weight_mode=weight_mode, param_format=fmt, act_format=fmt))
+
+
+def _step(model, controller, optimizer, seed, batch=8):
+    torch.manual_seed(seed)
+    x, y = torch.randn(batch, 1, 8, 8), torch.randint(0, 10, (batch,))
+    optimizer.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    switched = controller.after_backward(loss, batch)
+    optimizer.step()
+    return switched
+
+
+def test_python_controller_normalizes_switches_and_sets_the_layers_formats():
+    torch.manual_seed(0)
+    model = _small_model()
+    controller = fxp.adapt.AdaptController(model, lookback=(2, 4), resolution=(20, 30), buffer_bits=3)
+    conv, linear = model[0], model[3]
+    assert conv.param_format == conv.act_format == FxpFormat(8, 4)  # the start format, set on the layers
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert not _step(model, controller, optimizer, 1)
+    for layer in (conv, linear):  # Eq. 3.4: the layer's gradient, weight and bias together, has norm 1
+        norm = torch.cat([p.grad.flatten() for p in layer.parameters()]).norm()
+        assert norm.item() == pytest.approx(1.0, rel=1e-6)
+    assert _step(model, controller, optimizer, 2)  # lookback 2: every layer switches at the second step
+    record = controller.record()
+    for layer, r in zip((conv, linear), record["layers"]):
+        assert r["switches"] == 1 and r["gradient_diversity"] >= 1
+        assert layer.param_format == layer.act_format == FxpFormat(r["bits"], r["frac"])
+        assert r["bits"] >= r["frac"] + 3  # the range buffer
+        assert 2 <= r["lookback"] <= 4 and 20 <= r["resolution"] <= 30
+    assert controller.formats() == {"0": conv.param_format, "3": linear.param_format}
+    assert record["strategy"] in ("min", "mean", "max")
+
+
+def test_python_controller_counts_each_layers_multiply_adds():
+    """The performance model's float32 cost by hand for one QLinear(6, 3):
+    3 M samples + P iterations, M = 3 outputs x 6 inputs, P = 21."""
+    fmt = FxpFormat(8, 4)
+    model = fxp.nn.QLinear(6, 3, weight_mode="ste", param_format=fmt, act_format=fmt)
+    controller = fxp.adapt.AdaptController(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model(torch.randn(5, 6)).square().mean()
+        loss.backward()
+        controller.after_backward(loss, 5)
+        optimizer.step()
+    perf = controller.record()["performance"]
+    assert perf["float32_cost"] == 3 * 18 * 10 + 21 * 2
+    assert 0 < perf["training_speedup"]
+
+
+def test_python_controller_state_dict_continues_identically():
+    torch.manual_seed(0)
+    a = _small_model()
+    b = _small_model()
+    b.load_state_dict(a.state_dict())
+    ca = fxp.adapt.AdaptController(a, lookback=(2, 5), resolution=(20, 30))
+    oa = torch.optim.SGD(a.parameters(), lr=0.05)
+    for s in range(5):
+        _step(a, ca, oa, 10 + s)
+    cb = fxp.adapt.AdaptController(b, lookback=(2, 5), resolution=(20, 30))
+    b.load_state_dict(a.state_dict())
+    cb.load_state_dict(ca.state_dict())
+    ob = torch.optim.SGD(b.parameters(), lr=0.05)
+    assert cb.formats() == ca.formats() and cb.record() == ca.record()
+    for s in range(6):
+        _step(a, ca, oa, 20 + s)
+        _step(b, cb, ob, 20 + s)
+    assert cb.record() == ca.record()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert max(layer["switches"] for layer in ca.record()["layers"]) >= 3
+
+
+def test_python_controller_rejects_bad_input():
+    with pytest.raises(ValueError, match="no fxp.nn.QLinear or QConv2d layers"):
+        fxp.adapt.AdaptController(torch.nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="its layers need weight_mode='ste'"):
+        fxp.adapt.AdaptController(_small_model("qpu"))
+    with pytest.raises(RuntimeError, match="lookback bounds must satisfy"):
+        fxp.adapt.AdaptController(_small_model(), lookback=(5, 2))
+    with pytest.raises(RuntimeError, match="strategy must be min, mean or max"):
+        fxp.adapt.AdaptController(_small_model(), strategy="median")
+    with pytest.raises(TypeError, match="resolution must be two ints"):
+        fxp.adapt.AdaptController(_small_model(), resolution=50)
+    controller = fxp.adapt.AdaptController(_small_model())
+    other = fxp.adapt.AdaptController(fxp.nn.QLinear(3, 2, weight_mode="ste", param_format=FxpFormat(8, 4),
+                                                     act_format=FxpFormat(8, 4)))
+    with pytest.raises(RuntimeError, match="the saved controller has 1 layers, this one 2"):
+        controller.load_state_dict(other.state_dict())
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        controller.after_backward(1.0, 2.5)

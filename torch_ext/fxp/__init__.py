@@ -7,7 +7,7 @@ from ._library import load as _load
 
 library_path = _load()
 
-from . import nn, optim  # noqa: E402
+from . import adapt, nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
     format_histogram,
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FxpFormat",
+    "adapt",
     "format_histogram",
     "library_path",
     "nn",

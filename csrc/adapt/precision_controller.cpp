@@ -1,0 +1,275 @@
+#include "adapt/precision_controller.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <numeric>
+
+namespace fxp::adapt {
+namespace {
+
+at::Tensor flat_cat(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> flat;
+  for (const auto& t : tensors) flat.push_back(t.detach().flatten());
+  return at::cat(flat);
+}
+
+void check_options(const AdaptOptions& o) {
+  TORCH_CHECK(o.start.bits >= 2 && o.start.bits <= 32 && o.start.frac >= 0 && o.start.frac < o.start.bits,
+              "fxp::adapt: the start format FxP(", o.start.bits, ", ", o.start.frac, ") is not a format");
+  TORCH_CHECK(o.resolution.lower >= 1 && o.resolution.lower <= o.resolution.upper,
+              "fxp::adapt: resolution bounds must satisfy 1 <= lower <= upper");
+  TORCH_CHECK(o.lookback.lower >= 1 && o.lookback.lower <= o.lookback.upper,
+              "fxp::adapt: lookback bounds must satisfy 1 <= lower <= upper");
+  TORCH_CHECK(o.lookback_momentum >= 0 && o.lookback_momentum <= 1,
+              "fxp::adapt: the lookback momentum must be in [0, 1]");
+  TORCH_CHECK(o.buffer_bits >= 1 && o.buffer_bits <= 31, "fxp::adapt: buffer bits must be in [1, 31]");
+  TORCH_CHECK(o.l1 >= 0 && std::isfinite(o.l1), "fxp::adapt: the L1 decay must be a non-negative number");
+}
+
+}  // namespace
+
+PrecisionController::PrecisionController(std::vector<LayerSpec> layers, AdaptOptions options)
+    : options_(options), strategy_(options.strategy) {
+  check_options(options_);
+  for (auto& spec : layers) {
+    TORCH_CHECK(!spec.parameters.empty(), "fxp::adapt: layer ", spec.name, " has no parameters");
+    AdaptedLayer l;
+    l.name = std::move(spec.name);
+    l.parameters = std::move(spec.parameters);
+    l.format = options_.start;
+    l.lookback = options_.lookback.lower;
+    l.resolution = options_.resolution.lower;
+    for (const auto& p : l.parameters) {
+      TORCH_CHECK(p.defined() && at::isFloatingType(p.scalar_type()), "fxp::adapt: the parameters of layer ", l.name,
+                  " must be floating-point tensors");
+      l.accumulated.push_back(at::zeros_like(p, at::MemoryFormat::Contiguous));
+      l.work.parameters += p.numel();
+    }
+    l.density = density_at(l, l.format);
+    layers_.push_back(std::move(l));
+  }
+  TORCH_CHECK(!layers_.empty(), "fxp::adapt: no layers with parameters to adapt");
+}
+
+void PrecisionController::set_madds(size_t layer, int64_t madds_per_sample) {
+  TORCH_CHECK(layer < layers_.size(), "fxp::adapt: set_madds of layer ", layer, ", but there are ", layers_.size());
+  TORCH_CHECK(madds_per_sample >= 0, "fxp::adapt: multiply-adds must not be negative, but got ", madds_per_sample);
+  layers_[layer].work.madds = madds_per_sample;
+}
+
+std::vector<Format> PrecisionController::formats() const {
+  std::vector<Format> out;
+  for (const auto& l : layers_) out.push_back(l.format);
+  return out;
+}
+
+// Note [AdaPT's schedule]
+// After each backward pass, for every layer l: the gradient gets L1's term,
+// is divided by its norm over all of l's parameters (Eq. 3.4), and is added
+// to l's accumulator. The strategy is adapted from the loss (the mean of the
+// last lb_avg losses against this one). Then each layer whose accumulator
+// holds lb^l gradients switches: GD = lb^l / ||accumulated|| (Eq. 3.5), then
+// lb^l and r^l are adapted, PD finds <BW_min, FL_min> on l's parameters at
+// resolution r^l, and PU sets the new format from GD and the strategy; the
+// accumulator starts over. The optimizer's step then updates the parameters
+// with the normalized gradients, and the next forward reads them at the new
+// formats. "Every lb^l batches" is counted from the layer's last switch, so a
+// lookback that changes never skips or repeats a switch.
+bool PrecisionController::after_backward(double loss, int64_t batch_size) {
+  TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  // A diverged step (NaN or infinite loss) changes nothing here; the training
+  // loop stops the run on its non-finite loss.
+  if (!std::isfinite(loss)) return false;
+  c10::NoGradGuard no_grad;
+  for (auto& l : layers_) {
+    // The norm stays on the gradients' device: the normalization needs no synchronization.
+    at::Tensor squared;
+    for (size_t i = 0; i < l.parameters.size(); ++i) {
+      auto& p = l.parameters[i];
+      if (!p.grad().defined()) continue;
+      if (options_.l1 > 0) p.mutable_grad().add_(p.sign(), options_.l1);
+      const at::Tensor s = p.grad().to(at::kDouble).square().sum();
+      squared = squared.defined() ? squared + s : s;
+    }
+    if (!squared.defined()) continue;  // no gradients this step: nothing to normalize or count
+    const at::Tensor norm = squared.sqrt();
+    const at::Tensor divisor = at::where(norm > 0, norm, at::ones_like(norm));  // a zero gradient stays zero
+    for (size_t i = 0; i < l.parameters.size(); ++i) {
+      auto& p = l.parameters[i];
+      if (!p.grad().defined()) continue;
+      p.mutable_grad().div_(divisor);
+      l.accumulated[i].add_(p.grad());
+    }
+    ++l.count;
+    // This step's forward and backward ran at the layer's current format.
+    LayerWork& w = l.work;
+    const double units = static_cast<double>(batch_size) * static_cast<double>(l.format.bits) / 32.0;
+    w.sparse_units += units * l.density;
+    w.dense_units += units;
+    w.samples += batch_size;
+    ++w.iterations;
+  }
+
+  const double mean_lookback =
+      std::accumulate(layers_.begin(), layers_.end(), 0.0, [](double s, const AdaptedLayer& l) { return s + l.lookback; }) /
+      static_cast<double>(layers_.size());
+  const auto window = static_cast<size_t>(mean_lookback);
+  if (window > 0 && losses_.size() >= window) {
+    const double average = std::accumulate(losses_.end() - static_cast<std::ptrdiff_t>(window), losses_.end(), 0.0) /
+                           static_cast<double>(window);
+    strategy_ = adapt_strategy(strategy_, average, loss);
+  }
+  losses_.push_back(loss);
+  while (losses_.size() > static_cast<size_t>(options_.lookback.upper)) losses_.pop_front();
+
+  bool switched = false;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (layers_[i].count >= layers_[i].lookback) {
+      switch_layer(i);
+      switched = true;
+    }
+  }
+  return switched;
+}
+
+void PrecisionController::switch_layer(size_t index) {
+  AdaptedLayer& l = layers_[index];
+  const at::Tensor accumulated = flat_cat(l.accumulated), parameters = flat_cat(l.parameters);
+  if (!(at::isfinite(accumulated).all().item<bool>() && at::isfinite(parameters).all().item<bool>())) {
+    // Non-finite gradients or weights (a diverging run): keep the format, start over.
+    for (auto& a : l.accumulated) a.zero_();
+    l.count = 0;
+    return;
+  }
+  l.gradient_diversity = gradient_diversity(l.count, accumulated);
+  l.lookback = adapt_lookback(l.lookback, l.gradient_diversity, options_.lookback, options_.lookback_momentum);
+  l.resolution = adapt_resolution(l.resolution, l.lookback, options_.lookback, options_.resolution);
+  l.minimum = push_down(parameters, l.resolution, &l.work.pd_evaluations);
+  const int64_t step =
+      push_up_step(push_up_suggestions(l.gradient_diversity, l.minimum.frac, options_.log_form), strategy_);
+  const Format previous = l.format;
+  l.format = push_up(l.minimum, step, options_.buffer_bits);
+  if (on_format_change_ && !(l.format == previous)) on_format_change_(index, l.format);
+  l.density = density_at(l, l.format);
+  for (auto& a : l.accumulated) a.zero_();
+  l.count = 0;
+  ++l.switches;
+  ++l.work.switches;
+}
+
+std::vector<LayerWork> PrecisionController::work() const {
+  std::vector<LayerWork> out;
+  for (const auto& l : layers_) {
+    LayerWork w = l.work;
+    w.bits = l.format.bits;
+    w.density = l.density;
+    out.push_back(w);
+  }
+  return out;
+}
+
+double PrecisionController::density_at(const AdaptedLayer& l, Format format) {
+  const at::Tensor q = round_to_format(flat_cat(l.parameters), format.bits, format.frac);
+  return (q != 0).sum().item<double>() / static_cast<double>(q.numel());
+}
+
+namespace {
+// Per layer in the state: kIntegers int64 values, kReals doubles (below).
+constexpr int64_t kIntegers = 11, kReals = 4;
+
+std::string accumulated_name(size_t layer, size_t parameter) {
+  return "accumulated." + std::to_string(layer) + "." + std::to_string(parameter);
+}
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> PrecisionController::state() const {
+  std::vector<int64_t> integers, madds;
+  std::vector<double> reals;
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const auto& l = layers_[i];
+    integers.insert(integers.end(), {l.format.bits, l.format.frac, l.lookback, l.resolution, l.count, l.switches,
+                                     l.minimum.bits, l.minimum.frac, l.work.samples, l.work.iterations,
+                                     l.work.pd_evaluations});
+    reals.insert(reals.end(), {l.gradient_diversity, l.density, l.work.sparse_units, l.work.dense_units});
+    madds.push_back(l.work.madds);
+    for (size_t j = 0; j < l.accumulated.size(); ++j) out.emplace_back(accumulated_name(i, j), l.accumulated[j]);
+  }
+  const auto as_tensor = [](const auto& v, at::ScalarType dtype) {
+    return at::tensor(v, at::TensorOptions().dtype(dtype));
+  };
+  out.emplace_back("layers", as_tensor(integers, at::kLong));
+  out.emplace_back("reals", as_tensor(reals, at::kDouble));
+  out.emplace_back("strategy", as_tensor(std::vector<int64_t>{static_cast<int64_t>(strategy_)}, at::kLong));
+  out.emplace_back("losses", as_tensor(std::vector<double>(losses_.begin(), losses_.end()), at::kDouble));
+  out.emplace_back("madds", as_tensor(madds, at::kLong));
+  return out;
+}
+
+void PrecisionController::load_state(const std::function<at::Tensor(const std::string&)>& read) {
+  const auto required = [&read](const std::string& name) {
+    at::Tensor t = read(name);
+    TORCH_CHECK(t.defined(), "fxp::adapt: the saved controller has no '", name, "'");
+    return t;
+  };
+  const at::Tensor integers = required("layers").cpu().to(at::kLong).contiguous();
+  const at::Tensor reals = required("reals").cpu().to(at::kDouble).contiguous();
+  const at::Tensor strategy = required("strategy");
+  const at::Tensor losses = required("losses").cpu().to(at::kDouble).contiguous();
+  // Absent from checkpoints older than the Python controller: fxp-train sets it before every step.
+  at::Tensor madds = read("madds");
+  const auto n = static_cast<int64_t>(layers_.size());
+  TORCH_CHECK(integers.numel() == kIntegers * n && reals.numel() == kReals * n, "fxp::adapt: the saved controller has ",
+              integers.numel() / kIntegers, " layers, this one ", n);
+  if (madds.defined()) {
+    madds = madds.cpu().to(at::kLong).contiguous();
+    TORCH_CHECK(madds.numel() == n, "fxp::adapt: the saved controller has ", madds.numel(), " multiply-add counts, this one ",
+                n, " layers");
+  }
+  TORCH_CHECK(strategy.numel() == 1, "fxp::adapt: the saved strategy must be one value");
+  const int64_t stored = strategy.item<int64_t>();
+  TORCH_CHECK(stored >= 0 && stored <= 2, "fxp::adapt: the saved strategy ", stored, " is unknown");
+  const int64_t* s_all = integers.const_data_ptr<int64_t>();
+  const double* r_all = reals.const_data_ptr<double>();
+  // Check everything before changing anything.
+  std::vector<std::vector<at::Tensor>> accumulated(layers_.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& l = layers_[static_cast<size_t>(i)];
+    const int64_t* s = s_all + kIntegers * i;
+    TORCH_CHECK(s[0] >= 2 && s[0] <= 32 && s[1] >= 0 && s[1] < s[0] && s[2] >= 1 && s[3] >= 1 && s[4] >= 0,
+                "fxp::adapt: the saved controller holds an invalid state for layer ", l.name);
+    for (size_t j = 0; j < l.accumulated.size(); ++j) {
+      at::Tensor a = required(accumulated_name(static_cast<size_t>(i), j));
+      TORCH_CHECK(a.sizes() == l.accumulated[j].sizes(), "fxp::adapt: the saved accumulated gradient ", a.sizes(),
+                  " does not fit parameter ", j, " of layer ", l.name, " ", l.accumulated[j].sizes());
+      accumulated[static_cast<size_t>(i)].push_back(a);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    auto& l = layers_[static_cast<size_t>(i)];
+    const int64_t* s = s_all + kIntegers * i;
+    const double* r = r_all + kReals * i;
+    l.format = {s[0], s[1]};
+    l.lookback = s[2];
+    l.resolution = s[3];
+    l.count = s[4];
+    l.switches = l.work.switches = s[5];
+    l.minimum = {s[6], s[7]};
+    l.work.samples = s[8];
+    l.work.iterations = s[9];
+    l.work.pd_evaluations = s[10];
+    l.gradient_diversity = r[0];
+    l.density = r[1];
+    l.work.sparse_units = r[2];
+    l.work.dense_units = r[3];
+    if (madds.defined()) l.work.madds = madds.const_data_ptr<int64_t>()[i];
+    for (size_t j = 0; j < l.accumulated.size(); ++j) l.accumulated[j].copy_(accumulated[static_cast<size_t>(i)][j]);
+  }
+  strategy_ = static_cast<Strategy>(stored);
+  losses_.assign(losses.const_data_ptr<double>(), losses.const_data_ptr<double>() + losses.numel());
+}
+
+}  // namespace fxp::adapt
