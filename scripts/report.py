@@ -44,6 +44,8 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 "stop_reason": s.get("stop_reason"), "wall_time_s": s.get("wall_time_s"),
                 "train_images_per_s": s.get("train_images_per_s"),
                 "memory_ratio_to_ste": paper.get("ratio_to_ste"), "memory_ratio_to_fp32": paper.get("ratio_to_fp32"),
+                # AdaPT: parameters, momentum and accumulators at each layer's final width (absent before it).
+                "adapt_state_ratio_to_fp32": s.get("adapt", {}).get("training_state_ratio_to_fp32"),
                 # One measured training step (docs/memory.md); absent in runs older than issue 6.
                 "measured_step_bytes": s.get("measured_memory", {}).get("step", {}).get("total_bytes"),
                 "measured_step_peak_bytes": s.get("measured_memory", {}).get("step", {}).get("step_peak_bytes"),
@@ -243,7 +245,7 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
             if reached:
                 su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
         rows.append({**{k: r[k] for k in keys}, "update": r["update"], "dir": r["dir"],
-                     "memory_ratio_to_fp32": r["memory_ratio_to_fp32"], "fp32_best_val_accuracy": target,
+                     "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
                      "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
                      "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
     return pd.DataFrame(rows)
@@ -282,7 +284,8 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean bit width BW over the epoch" if mean else "bit width BW at the epoch's end")
         variant = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
-        ax.set_title(f"{variant} bit width per layer: {model} on {dataset}, batch {batch} (seed {run['seed']})")
+        ax.set_title(f"{variant} bit width per layer: {model} on {dataset}, batch {batch}, seed {run['seed']}",
+                     fontsize=10)
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -316,14 +319,14 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
                      f"{r.batch_size} | {r.runs} | {pct(r.max)} | {pct(r.mean)} | {std} | {pct(r.min)} |")
     if adapt is not None and not adapt.empty:
         lines += ["", "## AdaPT (performance model, docs/adapt.md)", "",
-                  "Memory: the memory model's training memory against float32's (docs/memory.md), at the widest "
-                  "layer's final format; update qpu keeps no float32 master copy.", "",
+                  "State: parameters, momentum and the controller's accumulators, each layer at its final width, "
+                  "against float32 SGD's parameters and momentum; update qpu keeps no float32 master copy.", "",
                   "| grid | model | dataset | batch | update | seed | fp32 best | AdaPT best | SU¹ | SU² | SZ | "
-                  "inference SU | memory / fp32 |",
+                  "inference SU | state / fp32 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in adapt.sort_values(["grid", "model", "dataset", "update", "seed"]).itertuples():
             su2 = "–" if math.isnan(r.su2) else f"{r.su2:.2f}"
-            mem = "–" if pd.isna(r.memory_ratio_to_fp32) else f"{r.memory_ratio_to_fp32:.2f}"
+            mem = "–" if pd.isna(r.state_ratio_to_fp32) else f"{r.state_ratio_to_fp32:.2f}"
             lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.update} | {r.seed} | "
                          f"{pct(r.fp32_best_val_accuracy)} | {pct(r.best_val_accuracy)} | {r.su1:.2f} | {su2} | "
                          f"{r.model_size:.2f} | {r.inference_speedup:.2f} | {mem} |")

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <numeric>
+#include <unordered_map>
 
 namespace fxp::adapt {
 namespace {
@@ -34,6 +35,17 @@ void check_options(const AdaptOptions& o) {
 PrecisionController::PrecisionController(std::vector<LayerSpec> layers, AdaptOptions options)
     : options_(options), strategy_(options.strategy) {
   check_options(options_);
+  // A parameter in two layers would be normalized twice in place and have two formats.
+  std::unordered_map<const c10::TensorImpl*, std::string> owner;
+  for (const auto& spec : layers) {
+    for (const auto& p : spec.parameters) {
+      TORCH_CHECK(p.defined(), "fxp::adapt: layer ", spec.name, " has an undefined parameter");
+      const auto [it, inserted] = owner.emplace(p.unsafeGetTensorImpl(), spec.name);
+      TORCH_CHECK(inserted || it->second == spec.name, "fxp::adapt: layers ", it->second, " and ", spec.name,
+                  " share a parameter; a shared (tied) parameter cannot have two formats");
+      TORCH_CHECK(inserted, "fxp::adapt: layer ", spec.name, " lists a parameter twice");
+    }
+  }
   for (auto& spec : layers) {
     TORCH_CHECK(!spec.parameters.empty(), "fxp::adapt: layer ", spec.name, " has no parameters");
     AdaptedLayer l;

@@ -86,7 +86,7 @@ TORCH_LIBRARY(fxp, m) {
       "-> Tensor");
 
   // AdaPT's push-down histogram (Note [Fused quantize and histogram]): int64
-  // counts of x in `bins` equal bins over [min, max], torch.histc's, with
+  // counts of x in `bins` equal bins over [min, max], torch.histc's in float64, with
   // values beyond the range in the end bins and NaN nowhere. With format
   // [total_bits, frac_bits], x is first rounded half to even to FxP(total_bits,
   // frac_bits) (total_bits 0: no saturation), in the same pass.

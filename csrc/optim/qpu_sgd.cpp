@@ -217,11 +217,13 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   const auto& params = param_groups_[group].params();
   const auto n = static_cast<int64_t>(params.size());
   const bool momentum_follows = o.momentum_total_bits() < 0;
+  for (const auto& p : params) {  // before anything changes
+    TORCH_CHECK(!packed_codes_.count(p.unsafeGetTensorImpl()), kName,
+                ": change_format cannot change the format of packed storage");
+  }
   torch::NoGradGuard no_grad;
   for (int64_t k = 0; k < n; ++k) {
     torch::Tensor p = params[static_cast<size_t>(k)];
-    TORCH_CHECK(!packed_codes_.count(p.unsafeGetTensorImpl()), kName,
-                ": change_format cannot change the format of packed storage");
     const int64_t offset = 2 * (o.step() * n + k);
     const int64_t key = static_cast<int64_t>(static_cast<uint64_t>(o.seed()) + static_cast<uint64_t>(kFormatChangeKey));
     quantize_seeded_(p, total_bits, frac_bits, o.rounding(), key, offset);

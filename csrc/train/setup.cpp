@@ -77,8 +77,12 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.optimizer = std::move(qpu);
   } else if (adapt_qpu) {
     t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
-    const auto defaults =
-        optim::QpuSgdOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay).rounding("stochastic").seed(c.seed);
+    const auto defaults = optim::QpuSgdOptions(lr)
+                              .momentum(c.momentum)
+                              .weight_decay(c.weight_decay)
+                              .rounding("stochastic")
+                              .momentum_form(c.momentum_form)
+                              .seed(c.seed);
     auto qpu = std::make_unique<optim::QpuSgd>(t.adapt->parameter_groups(defaults), defaults);
     // The run's per-parameter statistics read the groups' rows in the model's parameter order.
     std::vector<torch::Tensor> grouped;

@@ -36,7 +36,8 @@ json make_summary(const RunRecord& r) {
   json memory_model = json::object();
   // AdaPT keeps a master copy and reads it quantized (STE's accounting), or,
   // with update qpu, none (SQPU's); both at the widest layer's final format,
-  // the largest any layer needs at the end.
+  // the largest any layer needs at the end (an upper bound; adapt's
+  // training_state below counts each layer at its own width).
   std::string method_for_memory = config.method;
   int64_t memory_bits = config.param_bits, memory_out_bits = config.out_bits;
   if (config.method == "adapt") {
@@ -77,8 +78,25 @@ json make_summary(const RunRecord& r) {
           {"threads", at::get_num_threads()},
           {"torch_version", TORCH_VERSION},
           {"config", r.settings}};
-  // AdaPT: the performance model's figures at the end (docs/adapt.md).
-  if (last.contains("adapt")) summary["adapt"] = last["adapt"]["performance"];
+  // AdaPT: the performance model's figures at the end (docs/adapt.md), and the
+  // training state per layer at its final format: parameters and momentum as
+  // float32 (a master copy) or at the layer's width (update qpu), plus the
+  // controller's float32 accumulators, against float32 SGD's parameters and momentum.
+  if (last.contains("adapt")) {
+    json adapt = last["adapt"]["performance"];
+    double parameters = 0, parameter_bits = 0;
+    for (const auto& layer : last["adapt"]["layers"]) {
+      const auto p = layer.at("parameters").get<double>();
+      parameters += p;
+      parameter_bits += p * layer.at("bits").get<double>();
+    }
+    const double copies = config.momentum > 0 ? 2 : 1;
+    const double stored = config.update == "qpu" ? parameter_bits / 8 : 4 * parameters;
+    const double state = stored * copies + 4 * parameters;
+    adapt["training_state_bytes"] = state;
+    adapt["training_state_ratio_to_fp32"] = parameters > 0 ? state / (4 * parameters * copies) : 0;
+    summary["adapt"] = adapt;
+  }
   return summary;
 }
 

@@ -357,6 +357,14 @@ TEST(AdaptQuantizedUpdates, ChangeFormatRoundsParametersAndMomentum) {
   EXPECT_TRUE(torch::equal(state.momentum_buffer(), coarse_momentum));
   expect_error([&] { opt.change_format(1, 8, 4); }, "change_format of group 1, but there are 1");
   expect_error([&] { opt.change_format(0, 4, 4); }, "frac");
+  // Packed storage keeps its codes' format: refused before anything changes.
+  auto a = fxp::quantize(torch::randn({8}), 8, 4).requires_grad_(), b = fxp::quantize(torch::randn({8}), 8, 4);
+  b.requires_grad_();
+  fxp::optim::QpuSgd packed({a, b}, fxp::optim::QpuSgdOptions(0.01).total_bits(8).frac_bits(4));
+  packed.set_packed_storage(b, fxp::pack(b.detach(), 8, 4), 8, 4);
+  const auto a_before = a.detach().clone();
+  expect_error([&] { packed.change_format(0, 6, 2); }, "cannot change the format of packed storage");
+  EXPECT_TRUE(torch::equal(a.detach(), a_before)) << "the group changed before the refusal";
 }
 
 // Note [AdaPT with QPU]: the optimizer's groups follow their layers' formats

@@ -94,10 +94,16 @@ def test_adapt_with_qpu_keeps_no_master_copy_and_resumes_bit_for_bit(tmp_path):
     for accounting in ("paper", "full"):
         model = summary["memory_model"][accounting]
         assert model["ratio_to_ste"] < 1, "no master copy: less memory than STE's"
+    # The training state by hand: parameters and momentum at each layer's width, float32 accumulators.
+    n = sum(l["parameters"] for l in layers)
+    bits = sum(l["parameters"] * l["bits"] for l in layers)
+    assert summary["adapt"]["training_state_bytes"] == pytest.approx(2 * bits / 8 + 4 * n)
+    assert summary["adapt"]["training_state_ratio_to_fp32"] == pytest.approx((2 * bits / 8 + 4 * n) / (8 * n))
     plain = tmp_path / "plain"
     assert run_fxp_train(*ADAPT, "--model", "lenet5", "--epochs", "1", "-o", str(plain)).returncode == 0
     plain_summary = json.loads((plain / "summary.json").read_text())
     assert plain_summary["memory_model"]["full"]["ratio_to_ste"] == pytest.approx(1.0)
+    assert plain_summary["adapt"]["training_state_ratio_to_fp32"] == pytest.approx(1.5)  # 4 + 4 + 4 against 4 + 4
 
 
 @requires_fxp_train
@@ -150,7 +156,8 @@ def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
     assert row.fp32_best_val_accuracy == pytest.approx(0.80)
     assert (out / "adapt-bits-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
     assert (out / "adapt-bits-qpu-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
-    assert "| g | lenet5 | fashion-mnist | 256 | float | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 | 1.00 |" in (
+    # A run from before the training state was recorded shows "–".
+    assert "| g | lenet5 | fashion-mnist | 256 | float | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 | – |" in (
         out / "report.md").read_text()
 
 
@@ -196,6 +203,8 @@ def test_format_histogram_checks_its_arguments():
         torch.ops.fxp.format_histogram(x, 4, 0.0, 1.0, [4, 4])
     with pytest.raises(TypeError, match="bins must be an int"):
         fxp.format_histogram(x, 4.0, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="overflows float64"):
+        fxp.format_histogram(x, 16, -1e308, 1e308)
 
 
 def _histogram_opcheck(device):
@@ -214,10 +223,12 @@ def test_format_histogram_opcheck_cuda():
 
 
 @requires_cuda
-def test_format_histogram_cuda_equals_cpu():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_format_histogram_cuda_equals_cpu(dtype):
     gen = torch.Generator().manual_seed(1)
     for n in (1, 255, 70001, 3_000_000):
-        x = torch.randn(n, generator=gen)
+        x = torch.randn(n, generator=gen).to(dtype)
+        x[: min(n, 6)] = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0, -2.0, 0.5])[: min(n, 6)]
         for bins in (1, 50, 150, 9000):  # 9000: more bins than shared memory holds
             for fmt in (None, FxpFormat(8, 4), FxpFormat(6, 5)):
                 cpu = fxp.format_histogram(x, bins, -2.0, 2.0, fmt)
@@ -324,3 +335,23 @@ def test_python_controller_rejects_bad_input():
         controller.load_state_dict(other.state_dict())
     with pytest.raises(TypeError, match="batch_size must be an int"):
         controller.after_backward(1.0, 2.5)
+    tied = _small_model()
+    tied.append(fxp.nn.QLinear(10, 10, weight_mode="ste", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4)))
+    tied.append(fxp.nn.QLinear(10, 10, weight_mode="ste", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4)))
+    tied[5].weight = tied[4].weight
+    with pytest.raises(RuntimeError, match="layers 4 and 5 share a parameter"):
+        fxp.adapt.AdaptController(tied)
+    packed = fxp.nn.PaperCNN("ste", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
+    packed.pack_()
+    with pytest.raises(ValueError, match="adapt a model that is not packed"):
+        fxp.adapt.AdaptController(packed)
+
+
+def test_a_model_with_a_controller_still_pickles():
+    import io
+    model = _small_model()
+    controller = fxp.adapt.AdaptController(model)
+    model(torch.randn(2, 1, 8, 8))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the multiply-add counters are hooks that pickle
+    assert controller.record()["layers"][0]["name"] == "0"

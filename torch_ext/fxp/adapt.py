@@ -46,6 +46,19 @@ def _fan_in(layer: nn.Module) -> int:
     return layer.in_channels // layer.groups * kh * kw
 
 
+class _MaddsCounter:
+    """A forward hook that keeps its layer's multiply-adds per sample from the
+    last output (a module, not a closure, so that the model still pickles)."""
+
+    def __init__(self, fan_in: int) -> None:
+        self.fan_in = fan_in
+        self.madds = 0
+
+    def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
+        if output.dim() > 0 and output.shape[0] > 0:
+            self.madds = output.numel() // output.shape[0] * self.fan_in
+
+
 class AdaptController:
     """AdaPT's controller over ``model``'s quantized layers (module order).
 
@@ -55,6 +68,12 @@ class AdaptController:
     format, KL ``resolution`` and ``lookback`` bounds, ``lookback_momentum``
     (γ), ``buffer_bits``, the initial ``strategy`` (min, mean, max), the
     reading of log² (``log_form``: log2 or squared_ln) and ``l1``.
+
+    The controller keeps the parameter tensors it is given: build it after
+    moving the model to its device and dtype, and do not replace the layers'
+    parameters afterwards. With a gradient scaler, unscale the gradients
+    before :meth:`after_backward`, which normalizes them. A layer called
+    twice in one forward counts its multiply-adds once.
     """
 
     def __init__(self, model: nn.Module, *, start: FxpFormat = FxpFormat(8, 4),
@@ -68,10 +87,13 @@ class AdaptController:
         self._names, self._layers = [], []
         for name, module in model.named_modules():
             if isinstance(module, (QLinear, QConv2d)):
+                label = name or type(module).__name__
                 if module.weight_mode != "ste":
-                    raise ValueError(f"fxp.adapt: layer {name or type(module).__name__} has weight_mode "
-                                     f"{module.weight_mode!r}; AdaPT reads a float32 master copy quantized, so "
-                                     f"its layers need weight_mode='ste'")
+                    raise ValueError(f"fxp.adapt: layer {label} has weight_mode {module.weight_mode!r}; AdaPT "
+                                     f"reads a float32 master copy quantized, so its layers need weight_mode='ste'")
+                if module.packed_weights or module.saved_input_format is not None:
+                    raise ValueError(f"fxp.adapt: layer {label} saves its inputs or weights as codes of a fixed "
+                                     f"format (pack_), but AdaPT changes the formats; adapt a model that is not packed")
                 self._names.append(name)
                 self._layers.append(module)
         if not self._layers:
@@ -82,15 +104,9 @@ class AdaptController:
             [start.total_bits, start.frac_bits], _pair("resolution", resolution), _pair("lookback", lookback),
             float(lookback_momentum), int(buffer_bits), str(strategy), str(log_form), float(l1))
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
-        self._madds = [0] * len(self._layers)
-        self._hooks = [layer.register_forward_hook(self._counter(i)) for i, layer in enumerate(self._layers)]
+        self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]
+        self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
         self._apply_formats()
-
-    def _counter(self, i: int):
-        def hook(module: nn.Module, inputs, output: Tensor) -> None:
-            if output.dim() > 0 and output.shape[0] > 0:
-                self._madds[i] = output.numel() // output.shape[0] * _fan_in(module)
-        return hook
 
     def _apply_formats(self) -> None:
         flat = self._core.formats()
@@ -107,7 +123,7 @@ class AdaptController:
             loss = loss.detach().item()
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
             raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
-        self._core.set_madds(self._madds)
+        self._core.set_madds([c.madds for c in self._counters])
         switched = self._core.after_backward(float(loss), int(batch_size))
         if switched:
             self._apply_formats()

@@ -338,8 +338,8 @@ def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Te
 def format_histogram(x: Tensor, bins: int, min: float, max: float, fmt: Optional[FxpFormat] = None,
                      *, saturate: bool = True) -> Tensor:
     """int64 counts of ``x`` in ``bins`` equal bins over ``[min, max]``
-    (``torch.histc``'s bins; values beyond the range count in the end bins,
-    NaN nowhere), AdaPT's push-down histogram. With ``fmt``, each value is
+    (``torch.histc`` of ``x.double()``: its bins, computed in float64; values
+    beyond the range count in the end bins, NaN nowhere), AdaPT's push-down histogram. With ``fmt``, each value is
     first rounded half to even to ``fmt`` (without saturation when
     ``saturate`` is false) in the same pass: no quantized copy of ``x``."""
     op = "format_histogram"

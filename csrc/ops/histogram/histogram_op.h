@@ -20,6 +20,9 @@ struct HistogramOps {
     TORCH_CHECK(bins >= 1 && bins <= (int64_t{1} << 24), op, ": bins must be in [1, 2^24], but got ", bins);
     TORCH_CHECK(std::isfinite(min) && std::isfinite(max) && min < max, op,
                 ": the range must be finite with min < max, but got [", min, ", ", max, "]");
+    // The bin arithmetic (v - min) * bins must stay finite (Note [Fused quantize and histogram]).
+    TORCH_CHECK(std::isfinite((max - min) * static_cast<double>(bins)), op, ": the range [", min, ", ", max,
+                "] times ", bins, " bins overflows float64");
     int total_bits = 0, frac_bits = -1;
     if (format.has_value()) {
       TORCH_CHECK(format->size() == 2, op, ": format must be [total_bits, frac_bits], but got ", *format);
