@@ -106,6 +106,8 @@ if [[ -x $BUILD/fxp-train ]]; then
     run "train_${model}_adapt" "$BUILD/fxp-train" --model "$model" --method adapt --device cuda --epochs 1 \
       --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/${model}-adapt" --overwrite --no-progress
   done
+  run train_lenet5_adapt_qpu "$BUILD/fxp-train" --model lenet5 --method adapt --update qpu --device cuda --epochs 1 \
+    --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/lenet5-adapt-qpu" --overwrite --no-progress
   run bench_adapt "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
     --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
 fi
