@@ -43,7 +43,9 @@ json make_summary(const RunRecord& r) {
   if (config.method == "adapt") {
     method_for_memory = config.update == "qpu" ? "sqpu" : "ste";
     memory_bits = 2;
-    for (const auto& layer : last.at("adapt").at("layers")) memory_bits = std::max(memory_bits, layer.at("bits").get<int64_t>());
+    for (const auto& layer : last.at("adapt").at("layers")) {
+      memory_bits = std::max(memory_bits, layer.at("bits").get<int64_t>());
+    }
     memory_out_bits = memory_bits;
   }
   for (const std::string accounting : {"paper", "full"}) {

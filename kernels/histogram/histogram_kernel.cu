@@ -56,7 +56,8 @@ void format_histogram_cuda(const at::Tensor& x, const HistogramSpec& spec, const
   // A block's shared counters are unsigned 32-bit: each block sees at most
   // ceil(n / blocks) elements, far below 2^32 at this grid size for any tensor
   // that fits a GPU's memory.
-  const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 4)));
+  const auto blocks =
+      static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t{sms} * 4)));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_format_histogram_cuda", [&] {
     if (spec.bins <= kMaxSharedBins) {

@@ -20,7 +20,9 @@ void count_slice(const scalar_t* x, int64_t n, const HistogramSpec& spec, int64_
   int64_t bins[kBlock];
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min(kBlock, n - start);
-    for (int64_t i = 0; i < m; ++i) bins[i] = histogram_bin(static_cast<double>(static_cast<at::opmath_type<scalar_t>>(x[start + i])), spec);
+    for (int64_t i = 0; i < m; ++i) {
+      bins[i] = histogram_bin(static_cast<double>(static_cast<at::opmath_type<scalar_t>>(x[start + i])), spec);
+    }
     for (int64_t i = 0; i < m; ++i) {
       if (bins[i] >= 0) ++counts[bins[i]];
     }
