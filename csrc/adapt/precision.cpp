@@ -78,11 +78,7 @@ at::Tensor round_to_format(const at::Tensor& w, int64_t bits, int64_t frac) {
 
 double quantization_kl(const at::Tensor& w, Format format, int64_t resolution) {
   check_resolution(resolution);
-  TORCH_CHECK(format.frac >= 0 && format.frac <= 62, "fxp::adapt: fractional bits must be in [0, 62], but got ",
-              format.frac);
-  TORCH_CHECK(format.bits == 0 || (format.bits >= 2 && format.bits <= 32 && format.frac <= format.bits - 1),
-              "fxp::adapt: FxP(", format.bits, ", ", format.frac, ") is not a format (2 <= bits <= 32, frac < bits)");
-  const auto [lo, hi] = checked_range(w);
+  const auto [lo, hi] = checked_range(w);  // fxp::format_histogram checks the format
   const at::Tensor v = w.detach();
   return kl_divergence(format_histogram(v, resolution, lo, hi, std::vector<int64_t>{format.bits, format.frac}),
                        format_histogram(v, resolution, lo, hi));
@@ -103,7 +99,10 @@ double quantization_kl(const at::Tensor& w, Format format, int64_t resolution) {
 // compares with a brute-force scan where the scan's answer is monotone.
 // Each candidate costs one fused pass over W that rounds and bins (Note [Fused
 // quantize and histogram]): log2(32) + log2(32) candidates per PD, and no
-// quantized copy of W. The histogram of W itself is computed once.
+// quantized copy of W. The histogram of W itself is computed once. Both
+// histograms count all n (finite) elements, so KL = 0 exactly when the counts
+// are equal (Note [AdaPT's KL test]): a candidate is judged by comparing the
+// counts, with no KL to evaluate (the brute-force test computes the KL).
 Format push_down(const at::Tensor& w, int64_t resolution, int64_t* evaluations) {
   check_resolution(resolution);
   const auto [lo, hi] = checked_range(w);
@@ -111,7 +110,7 @@ Format push_down(const at::Tensor& w, int64_t resolution, int64_t* evaluations) 
   const at::Tensor reference = format_histogram(v, resolution, lo, hi);
   auto lossless = [&](int64_t bits, int64_t frac) {
     if (evaluations) ++*evaluations;
-    return kl_divergence(format_histogram(v, resolution, lo, hi, std::vector<int64_t>{bits, frac}), reference) == 0.0;
+    return at::equal(format_histogram(v, resolution, lo, hi, std::vector<int64_t>{bits, frac}), reference);
   };
   // The smallest x in [first, last] with pred(x), given pred(last); `last` when none.
   auto smallest = [](int64_t first, int64_t last, auto pred) {

@@ -26,7 +26,6 @@ Split load_split(const TrainConfig& c, bool train, int64_t limit, const torch::D
 
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   nn::QuantConfig qc;
-  qc.weight_mode = c.method == "adapt" ? nn::WeightMode::Ste : nn::weight_mode_for(c.method);
   qc.param_total_bits = c.param_bits;
   qc.param_frac_bits = c.param_frac;
   qc.act_total_bits = c.out_bits;
@@ -38,6 +37,8 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
     qc.weight_mode = c.update == "qpu" ? nn::WeightMode::Qpu : nn::WeightMode::Ste;
     qc.param_total_bits = qc.act_total_bits = c.adapt_start_bits;
     qc.param_frac_bits = qc.act_frac_bits = c.adapt_start_frac;
+  } else {
+    qc.weight_mode = nn::weight_mode_for(c.method);
   }
   qc.act_rounding = c.inference_rounding;
   const data::DatasetInfo& info = data::dataset_info(c.dataset);
@@ -61,6 +62,7 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
   t.packed = c.packed && c.method != "fp32";
   if (t.packed) t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
   const double lr = c.initial_lr();
+  if (c.method == "adapt") t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
   if (is_qpu(c.method)) {
     auto qpu = std::make_unique<optim::QpuSgd>(t.model->parameters(), optim::QpuSgdOptions(lr)
                                                                           .momentum(c.momentum)
@@ -76,7 +78,6 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
   } else if (adapt_qpu) {
-    t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
     const auto defaults = optim::QpuSgdOptions(lr)
                               .momentum(c.momentum)
                               .weight_decay(c.weight_decay)
@@ -99,7 +100,6 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.optimizer = std::make_unique<torch::optim::SGD>(
         t.model->parameters(), torch::optim::SGDOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay));
   }
-  if (c.method == "adapt" && !t.adapt) t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
   return t;
 }
 

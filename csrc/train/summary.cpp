@@ -38,15 +38,23 @@ json make_summary(const RunRecord& r) {
   // with update qpu, none (SQPU's); both at the widest layer's final format,
   // the largest any layer needs at the end (an upper bound; adapt's
   // training_state below counts each layer at its own width).
+  // The adapted layers' parameters, their sum of bit widths and the widest.
+  double adapt_parameters = 0, adapt_parameter_bits = 0;
+  int64_t widest = 2;
+  if (last.contains("adapt")) {
+    for (const auto& layer : last["adapt"]["layers"]) {
+      const auto p = layer.at("parameters").get<double>();
+      const auto bits = layer.at("bits").get<int64_t>();
+      adapt_parameters += p;
+      adapt_parameter_bits += p * static_cast<double>(bits);
+      widest = std::max(widest, bits);
+    }
+  }
   std::string method_for_memory = config.method;
   int64_t memory_bits = config.param_bits, memory_out_bits = config.out_bits;
   if (config.method == "adapt") {
     method_for_memory = config.update == "qpu" ? "sqpu" : "ste";
-    memory_bits = 2;
-    for (const auto& layer : last.at("adapt").at("layers")) {
-      memory_bits = std::max(memory_bits, layer.at("bits").get<int64_t>());
-    }
-    memory_out_bits = memory_bits;
+    memory_bits = memory_out_bits = widest;
   }
   for (const std::string accounting : {"paper", "full"}) {
     const auto estimate = [&](const std::string& method) {
@@ -86,17 +94,11 @@ json make_summary(const RunRecord& r) {
   // controller's float32 accumulators, against float32 SGD's parameters and momentum.
   if (last.contains("adapt")) {
     json adapt = last["adapt"]["performance"];
-    double parameters = 0, parameter_bits = 0;
-    for (const auto& layer : last["adapt"]["layers"]) {
-      const auto p = layer.at("parameters").get<double>();
-      parameters += p;
-      parameter_bits += p * layer.at("bits").get<double>();
-    }
     const double copies = config.momentum > 0 ? 2 : 1;
-    const double stored = config.update == "qpu" ? parameter_bits / 8 : 4 * parameters;
-    const double state = stored * copies + 4 * parameters;
+    const double stored = config.update == "qpu" ? adapt_parameter_bits / 8 : 4 * adapt_parameters;
+    const double state = stored * copies + 4 * adapt_parameters;
     adapt["training_state_bytes"] = state;
-    adapt["training_state_ratio_to_fp32"] = parameters > 0 ? state / (4 * parameters * copies) : 0;
+    adapt["training_state_ratio_to_fp32"] = adapt_parameters > 0 ? state / (4 * adapt_parameters * copies) : 0;
     summary["adapt"] = adapt;
   }
   return summary;
