@@ -189,9 +189,14 @@ torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
   const torch::Tensor bias = weight_on_read(bn->bias, config);
   const torch::Tensor weight = weight_on_read(bn->weight, config);
   const auto& o = bn->options;
-  const torch::Tensor y = torch::batch_norm(x, weight, bias, bn->running_mean, bn->running_var, is_training(),
-                                            o.momentum().value_or(0.1), o.eps(), at::globalContext().userEnabledCuDNN());
-  if (is_training()) bn->num_batches_tracked += 1;
+  // As torch::nn::BatchNorm2d: no momentum means a cumulative average of the batches' statistics.
+  double factor = 0.0;
+  if (is_training()) {
+    bn->num_batches_tracked += 1;
+    factor = o.momentum() ? *o.momentum() : 1.0 / bn->num_batches_tracked.item<double>();
+  }
+  const torch::Tensor y = torch::batch_norm(x, weight, bias, bn->running_mean, bn->running_var, is_training(), factor,
+                                            o.eps(), at::globalContext().userEnabledCuDNN());
   return note_output(output(y, config, output_stats));
 }
 

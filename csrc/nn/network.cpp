@@ -1,6 +1,10 @@
 #include "nn/network.h"
 
+#include <c10/util/ScopeExit.h>
 #include <torch/torch.h>
+
+#include <mutex>
+#include <optional>
 
 #include "ops/ops.h"
 
@@ -62,6 +66,82 @@ void NetworkImpl::quantize_parameters_(const std::string& rounding, int64_t seed
 void NetworkImpl::pack_(bool /*weights*/, bool /*saved_inputs*/) {
   TORCH_CHECK(false, "fxp::nn: packed storage is not supported for the ", name_,
               " network yet (only paper_cnn); train it without --packed");
+}
+
+std::vector<torch::nn::BatchNorm2dImpl*> NetworkImpl::batch_norms() const {
+  std::vector<torch::nn::BatchNorm2dImpl*> out;
+  for (const auto& m : modules(/*include_self=*/false)) {
+    if (auto* bn = dynamic_cast<torch::nn::BatchNorm2dImpl*>(m.get())) out.push_back(bn);
+  }
+  return out;
+}
+
+// Note [Batch norm recalibration]
+// Batch norm normalizes with the batch's statistics in training and with
+// running averages of them in evaluation. The averages trail the parameters
+// (momentum 0.1 averages over about the last ten batches): when the
+// parameters move fast, as at a high learning rate early in training, or
+// under AdaPT, whose per-layer normalized gradients (Eq. 3.4) give every
+// layer a step of norm lr whatever its gradient, they describe weights of
+// several steps ago, and evaluation no longer measures the network that
+// training has. On ResNet-20 with quantized layers the difference is large
+// (docs/adapt.md: STE at FxP(16, 8) validates at 36% with the averages and
+// 78% recalibrated, after the same training). Recalibration recomputes the
+// averages at the current parameters ("precise BN"). Its forward passes draw
+// their stochastic rounding from the default generators, whose states are
+// restored after them, so every training step is bit for bit the same with
+// or without recalibration; only evaluation changes, and what reads it (the
+// plateau schedule and early stopping follow the validation loss).
+void NetworkImpl::recalibrate_batch_norm(int64_t batches, const std::function<torch::Tensor(int64_t)>& batch) {
+  TORCH_CHECK(batches >= 1, "fxp::nn: batch norm recalibration needs at least one batch, but got ", batches);
+  const std::vector<torch::nn::BatchNorm2dImpl*> norms = batch_norms();
+  if (norms.empty()) return;
+  // The default generators the forward may draw from: the CPU one, and the
+  // CUDA one of the statistics' device.
+  const torch::Device device = norms.front()->running_mean.device();
+  std::vector<std::pair<at::Generator, at::Tensor>> generators;
+  for (const auto& d : device.is_cuda() ? std::vector<torch::Device>{torch::kCPU, device}
+                                        : std::vector<torch::Device>{torch::kCPU}) {
+    at::Generator g = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    generators.emplace_back(g, g.get_state());
+  }
+  struct Saved {
+    std::optional<double> momentum;
+    torch::Tensor mean, var, count;
+  };
+  std::vector<Saved> saved;
+  for (auto* bn : norms) {
+    saved.push_back({bn->options.momentum(), bn->running_mean.clone(), bn->running_var.clone(),
+                     bn->num_batches_tracked.clone()});
+  }
+  const bool was_training = is_training();
+  bool done = false;
+  // Restored however the passes end; a pass that throws leaves the old statistics too.
+  const auto restore = c10::make_scope_exit([&] {
+    train(was_training);
+    for (auto& [g, state] : generators) {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_state(state);
+    }
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < norms.size(); ++i) {
+      norms[i]->options.momentum(saved[i].momentum);
+      if (!done) {
+        norms[i]->running_mean.copy_(saved[i].mean);
+        norms[i]->running_var.copy_(saved[i].var);
+        norms[i]->num_batches_tracked.copy_(saved[i].count);
+      }
+    }
+  });
+  for (auto* bn : norms) {
+    bn->options.momentum(std::nullopt);  // a cumulative average over the batches
+    bn->reset_running_stats();
+  }
+  train();
+  torch::NoGradGuard no_grad;
+  for (int64_t b = 0; b < batches; ++b) forward(batch(b));
+  done = true;
 }
 
 std::vector<PackedStorage> NetworkImpl::packed_storage() const {

@@ -6,6 +6,7 @@
 
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -57,10 +58,20 @@ class NetworkImpl : public torch::nn::Module {
   // Packed storage (Note [Packed layers]); networks that support it override.
   virtual void pack_(bool weights, bool saved_inputs);
   std::vector<PackedStorage> packed_storage() const;
+  // Note [Batch norm recalibration]: recomputes every batch norm layer's
+  // running mean and variance at the current parameters, as the average of
+  // their values over the batches batch(0) .. batch(batches - 1), each run
+  // forward in training mode without gradients (num_batches_tracked ends at
+  // `batches`). The parameters, the momentum, the module's mode and the
+  // default generators' states are as before; if a pass throws, the
+  // statistics are too. A network without batch norm is left as it is.
+  void recalibrate_batch_norm(int64_t batches, const std::function<torch::Tensor(int64_t)>& batch);
+  bool has_batch_norm() const { return !batch_norms().empty(); }
   // Each quantized layer's validation statistics, by name.
   std::vector<std::pair<std::string, OutputStats*>> output_stats();
 
  protected:
+  std::vector<torch::nn::BatchNorm2dImpl*> batch_norms() const;
   // The forward pass; rows go to `trace` when it is not null.
   virtual torch::Tensor run(torch::Tensor x, LayerTrace* trace) = 0;
 

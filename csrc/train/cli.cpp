@@ -69,6 +69,9 @@ const std::vector<FlagHelp>& flag_help() {
       {"train_limit", "train on the first N training images only (0: all)", {}},
       {"val_limit", "validate on the first N test images only (0: all)", {}},
       {"eval_batch_size", "batch size of the validation pass", {}},
+      {"bn_recalibration_batches", "before each validation, recompute batch norm's running statistics over this "
+                                   "many training batches at the current parameters (0: keep the running "
+                                   "averages; docs/train.md)", {}},
       {"normalize_mean", "input normalization of pixel/255: mean (default: the dataset's)", {}},
       {"normalize_std", "input normalization of pixel/255: standard deviation (default: the dataset's)", {}},
       {"output_dir", "where the run's files go (default: results/<run name>)", {}},

@@ -86,6 +86,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"train_limit", field(&TrainConfig::train_limit)},
       {"val_limit", field(&TrainConfig::val_limit)},
       {"eval_batch_size", field(&TrainConfig::eval_batch_size)},
+      {"bn_recalibration_batches", field(&TrainConfig::bn_recalibration_batches)},
       {"normalize_mean", dataset_default(&TrainConfig::normalize_mean, &TrainConfig::input_mean)},
       {"normalize_std", dataset_default(&TrainConfig::normalize_std, &TrainConfig::input_std)},
       {"output_dir", field(&TrainConfig::output_dir)},
@@ -283,6 +284,7 @@ std::string TrainConfig::run_name() const {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;
   }
+  if (bn_recalibration_batches > 0) name << "-bnr" << bn_recalibration_batches;
   name << "-b" << batch_size << "-s" << seed;
   if (packed) name << "-packed";
   return name.str();
@@ -340,6 +342,7 @@ void TrainConfig::validate() const {
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
   at_least("eval_batch_size", eval_batch_size, 1);
+  at_least("bn_recalibration_batches", bn_recalibration_batches, 0);
   if (!std::isfinite(input_mean())) {
     bad("normalize_mean", "must be a finite number, but got " + std::to_string(input_mean()));
   }

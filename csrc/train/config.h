@@ -58,6 +58,10 @@ struct TrainConfig {
   int64_t train_limit = 0;  // 0: the whole split; else its first N images
   int64_t val_limit = 0;
   int64_t eval_batch_size = 1000;
+  // Before each validation, batch norm's running statistics are recomputed
+  // over this many training batches at the current parameters (0: they stay
+  // the running averages; Note [Batch norm recalibration]).
+  int64_t bn_recalibration_batches = 0;
   // Input normalization of pixel/255; unset: the dataset's (input_mean(), input_std()).
   std::optional<double> normalize_mean, normalize_std;
   std::string output_dir;  // empty: results/<run name>

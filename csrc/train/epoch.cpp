@@ -2,6 +2,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <vector>
@@ -87,6 +88,16 @@ class StepProbe {
 };
 
 }  // namespace
+
+void recalibrate_batch_norm(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
+  if (c.bn_recalibration_batches == 0 || train.size() == 0) return;
+  const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), train.images.device());
+  const int64_t batches = std::min(c.bn_recalibration_batches, (train.size() + c.batch_size - 1) / c.batch_size);
+  t.model->recalibrate_batch_norm(batches, [&](int64_t b) {
+    const int64_t start = b * c.batch_size;
+    return train.images.index_select(0, order.narrow(0, start, std::min(c.batch_size, train.size() - start)));
+  });
+}
 
 EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch,
                         const torch::Device& device, std::optional<StepMemory>& step_memory,

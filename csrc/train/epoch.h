@@ -19,6 +19,11 @@ struct EpochResult {
   bool diverged;                // packed storage met a NaN (the epoch ended there)
 };
 
+// Note [Batch norm recalibration] (nn/network.cpp), over the first
+// config.bn_recalibration_batches batches of epoch `epoch`'s order (or all of
+// its batches, if fewer); nothing when that setting is 0.
+void recalibrate_batch_norm(Training& training, const Split& train, const TrainConfig& config, int64_t epoch);
+
 // step_memory: measured on the session's first epoch (and kept).
 EpochResult train_epoch(Training& training, const Split& train, const TrainConfig& config, int64_t epoch,
                         const torch::Device& device, std::optional<StepMemory>& step_memory,

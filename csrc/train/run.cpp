@@ -135,6 +135,12 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   const Split train = load_split(config, /*train=*/true, config.train_limit, device);
   const Split val = load_split(config, /*train=*/false, config.val_limit, device);
   Training training = set_up_training(config, device);
+  if (options.log && config.method != "fp32" && config.bn_recalibration_batches == 0 &&
+      training.model->has_batch_norm()) {
+    *options.log << "note: batch norm's running statistics trail the parameters, and with quantized layers "
+                    "validation can understate accuracy by far; --bn-recalibration-batches 10 recomputes them "
+                    "before each validation (docs/train.md)\n";
+  }
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {
@@ -149,6 +155,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     const auto epoch_start = Clock::now();
     const EpochResult trained = train_epoch(training, train, config, epoch, device, step_memory, options);
     const double train_time = seconds_since(epoch_start);
+    recalibrate_batch_norm(training, train, config, epoch);
     const Validation validation = validate(training, val, config, device);
     const LayerStatistics statistics = layer_statistics(training, config, trained);
     const double lr = state.lr;

@@ -1,10 +1,15 @@
 // The networks of nn/models.h: published parameter counts, per-layer tables,
 // and a few training steps of every network with every method.
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "adapt/controller.h"
 #include "nn/models.h"
@@ -159,3 +164,70 @@ TEST(Models, BadNamesAndShapes) {
 }
 
 }  // namespace
+
+// Note [Batch norm recalibration]: the running statistics become the average
+// of the batches' (cumulative, as torch's batch norm without momentum), the
+// parameters, the momentum, the module's mode and the generator do not change.
+TEST(Models, BatchNormRecalibrationAveragesTheBatchesStatistics) {
+  for (const std::string method : {"fp32", "ste-hte", "ste-sr"}) {
+    SCOPED_TRACE(method);
+    QuantConfig c = config(method.substr(0, method.find('-')));
+    if (method != "fp32") c.act_rounding = method.substr(4);  // sr: the forward passes draw random numbers
+    torch::manual_seed(3);
+    auto net = std::dynamic_pointer_cast<fxp::nn::ResNet20Impl>(fxp::nn::make_network("resnet20", c, 1, 10));
+    ASSERT_TRUE(net);
+    const std::vector<torch::Tensor> batches = {torch::randn({6, 1, 32, 32}), torch::randn({4, 1, 32, 32})};
+    std::vector<torch::Tensor> before;
+    for (const auto& p : net->parameters()) before.push_back(p.detach().clone());
+    const auto& bn = net->bn1->bn;
+    // Stale statistics that the recalibration must not average in.
+    bn->running_mean.fill_(5), bn->running_var.fill_(7), bn->num_batches_tracked.fill_(100);
+    const bool training = method == "ste-sr";  // each mode must come back
+    net->train(training);
+    auto generator = at::detail::getDefaultCPUGenerator();
+    const torch::Tensor state = generator.get_state();
+    net->recalibrate_batch_norm(2, [&](int64_t b) { return batches.at(static_cast<size_t>(b)); });
+
+    EXPECT_EQ(net->is_training(), training);
+    EXPECT_TRUE(torch::equal(generator.get_state(), state));
+    const auto after = net->parameters();
+    for (size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(torch::equal(after[i], before[i]));
+    EXPECT_EQ(bn->options.momentum(), std::optional<double>(0.1));
+    EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 2);
+    if (method == "ste-sr") {
+      // A pass that throws leaves everything as it was, the statistics included.
+      const torch::Tensor mean = bn->running_mean.clone();
+      expect_error(
+          [&] {
+            net->recalibrate_batch_norm(2, [&](int64_t b) {
+              if (b == 1) throw std::runtime_error("bad batch");
+              return batches[0];
+            });
+          },
+          "bad batch");
+      EXPECT_TRUE(torch::equal(bn->running_mean, mean));
+      EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 2);
+      EXPECT_EQ(bn->options.momentum(), std::optional<double>(0.1));
+      EXPECT_EQ(net->is_training(), training);
+      EXPECT_TRUE(torch::equal(generator.get_state(), state));
+      continue;  // conv1's outputs depend on the draws
+    }
+    // What bn1 saw: conv1's outputs.
+    torch::Tensor mean = torch::zeros({16}), var = torch::zeros({16});
+    {
+      torch::NoGradGuard no_grad;
+      for (const auto& x : batches) {
+        const torch::Tensor y = net->conv1->forward(x);
+        mean += y.mean({0, 2, 3}) / 2;
+        var += y.var({0, 2, 3}, /*unbiased=*/true) / 2;
+      }
+    }
+    EXPECT_TRUE(torch::allclose(bn->running_mean, mean, 1e-5, 1e-6));
+    EXPECT_TRUE(torch::allclose(bn->running_var, var, 1e-5, 1e-6));
+  }
+  // Without batch norm, nothing to do.
+  auto lenet = fxp::nn::make_network("lenet5", config("ste"), 1, 10);
+  lenet->recalibrate_batch_norm(1, [](int64_t) -> torch::Tensor { throw std::logic_error("no batch needed"); });
+  expect_error([&] { lenet->recalibrate_batch_norm(0, [](int64_t) { return torch::Tensor(); }); },
+               "at least one batch");
+}

@@ -72,6 +72,28 @@ def test_resnet20_resumes_bit_for_bit(tmp_path):
     assert epoch_metrics(whole) == epoch_metrics(split)
 
 
+@requires_fxp_train_and_data
+def test_batch_norm_recalibration_changes_what_validation_sees_and_nothing_else(tmp_path):
+    """Note [Batch norm recalibration]: training is bit for bit the same (the
+    generator's state is restored after the recalibration passes), validation
+    is not, and the run name and config record the setting."""
+    common = ["--model", "resnet20", "--method", "adapt", "--data-dir", str(FASHION), "--train-limit", "96",
+              "--val-limit", "64", "--batch-size", "32", "--epochs", "2", *QUIET]
+    plain, recalibrated = tmp_path / "plain", tmp_path / "recalibrated"
+    assert run_fxp_train(*common, "-o", str(plain)).returncode == 0
+    p = run_fxp_train(*common, "--bn-recalibration-batches", "2", "-o", str(recalibrated))
+    assert p.returncode == 0, p.stderr
+    a, b = epoch_metrics(plain), epoch_metrics(recalibrated)
+    assert [e["train_loss"] for e in a] == [e["train_loss"] for e in b]
+    assert all(x["val_loss"] != y["val_loss"] for x, y in zip(a, b))
+    summary = json.loads((recalibrated / "summary.json").read_text())
+    assert summary["config"]["bn_recalibration_batches"] == 2
+    resolved = json.loads(run_fxp_train("--print-config", "--bn-recalibration-batches", "3").stdout)
+    assert resolved["output_dir"].endswith("-bnr3-b64-s0")
+    p = run_fxp_train("--bn-recalibration-batches", "-1")
+    assert p.returncode == 2 and "bn_recalibration_batches" in p.stderr
+
+
 def _write_cifar10(directory, n_train=60, n_test=20, seed=0):
     """CIFAR-10's binary layout: 5 training batches and a test batch of
     records [label, 3072 pixels], learnable: the label sets the mean colour."""
