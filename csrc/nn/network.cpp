@@ -22,6 +22,12 @@ int64_t parameter_count(const torch::nn::Module& module) {
   return n;
 }
 
+std::vector<at::Generator> default_generators(const torch::Device& device) {
+  std::vector<at::Generator> generators{at::globalContext().defaultGenerator(torch::kCPU)};
+  if (device.is_cuda()) generators.push_back(at::globalContext().defaultGenerator(device));
+  return generators;
+}
+
 NetworkImpl::NetworkImpl(std::string name, std::vector<int64_t> input_shape)
     : name_(std::move(name)), input_shape_(std::move(input_shape)) {}
 
@@ -96,13 +102,9 @@ void NetworkImpl::recalibrate_batch_norm(int64_t batches, const std::function<to
   TORCH_CHECK(batches >= 1, "fxp::nn: batch norm recalibration needs at least one batch, but got ", batches);
   const std::vector<torch::nn::BatchNorm2dImpl*> norms = batch_norms();
   if (norms.empty()) return;
-  // The default generators the forward may draw from: the CPU one, and the
-  // CUDA one of the statistics' device.
-  const torch::Device device = norms.front()->running_mean.device();
+  // The generators the forward may draw from: the CPU one, and the CUDA one of the statistics' device.
   std::vector<std::pair<at::Generator, at::Tensor>> generators;
-  for (const auto& d : device.is_cuda() ? std::vector<torch::Device>{torch::kCPU, device}
-                                        : std::vector<torch::Device>{torch::kCPU}) {
-    at::Generator g = at::globalContext().defaultGenerator(d);
+  for (at::Generator& g : default_generators(norms.front()->running_mean.device())) {
     std::lock_guard<std::mutex> lock(g.mutex());
     generators.emplace_back(g, g.get_state());
   }

@@ -39,6 +39,12 @@ inline void trace_layer(LayerTrace* trace, const std::string& layer, const torch
 }
 int64_t parameter_count(const torch::nn::Module& module);
 
+// The default generators whose states a run's random draws depend on: the CPU
+// one (initialization; stochastic rounding on CPU) and, when `device` is a
+// CUDA device, that device's (stochastic rounding on CUDA), in this order.
+// Checkpoints save their states; batch norm recalibration restores them.
+std::vector<at::Generator> default_generators(const torch::Device& device);
+
 class NetworkImpl : public torch::nn::Module {
  public:
   NetworkImpl(std::string name, std::vector<int64_t> input_shape);

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "nn/network.h"
 #include "train/io.h"
 
 namespace fxp::train {
@@ -16,13 +17,12 @@ namespace {
 
 using nlohmann::json;
 
-// Default generators whose state the run's random draws depend on: the CPU one
-// (initialization; SR on CPU) and the training device's (SR on CUDA).
+// The run's generators (nn::default_generators) under their names in the archive.
 std::vector<std::pair<std::string, at::Generator>> run_generators(const torch::Device& device) {
-  std::vector<std::pair<std::string, at::Generator>> generators = {
-      {"rng_cpu", at::globalContext().defaultGenerator(torch::kCPU)}};
-  if (device.is_cuda()) generators.emplace_back("rng_cuda", at::globalContext().defaultGenerator(device));
-  return generators;
+  static const char* const kNames[] = {"rng_cpu", "rng_cuda"};
+  std::vector<std::pair<std::string, at::Generator>> named;
+  for (at::Generator& g : nn::default_generators(device)) named.emplace_back(kNames[named.size()], g);
+  return named;
 }
 
 // A checkpoint's archive, after its checksum is verified.
