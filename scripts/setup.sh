@@ -19,7 +19,7 @@ step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nsetup.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. Debian packages ------------------------------------------------------
-APT_PACKAGES=(build-essential ccache cmake ninja-build git libgtest-dev zlib1g-dev libcli11-dev nlohmann-json3-dev libyaml-cpp-dev python3-venv python3-dev dataset-fashion-mnist)
+APT_PACKAGES=(build-essential cmake ninja-build git libgtest-dev zlib1g-dev libcli11-dev nlohmann-json3-dev libyaml-cpp-dev python3-venv python3-dev dataset-fashion-mnist)
 if [[ "${FXP_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do
@@ -31,6 +31,12 @@ if [[ "${FXP_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
     $SUDO apt-get update -qq || fail "apt-get update"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null \
       || fail "apt-get install ${missing[*]}"
+  fi
+  # Optional: the compiler cache only makes rebuilds faster, so its absence never fails setup.
+  if ! command -v ccache >/dev/null; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO=sudo
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ccache >/dev/null 2>&1 \
+      || printf 'setup.sh: ccache not installed; building without a compiler cache\n' >&2
   fi
 fi
 

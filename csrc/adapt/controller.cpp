@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <unordered_set>
+
 namespace fxp::adapt {
 namespace {
 
@@ -39,12 +41,55 @@ void Controller::apply_formats() {
   for (auto& [layer, leader] : followers_) set(*layer, core_.layers().at(leader).format);
 }
 
-void Controller::after_backward(double loss, int64_t batch_size) {
+void Controller::set_madds() {
   // outputs_per_sample is the last forward's, so a layer's count follows its input size.
   for (size_t i = 0; i < bound_.size(); ++i) {
     core_.set_madds(i, bound_[i]->outputs_per_sample * bound_[i]->madds_per_output());
   }
+}
+
+void Controller::after_backward(double loss, int64_t batch_size) {
+  set_madds();
   if (core_.after_backward(loss, batch_size)) apply_formats();
+}
+
+void Controller::step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer) {
+  if (&optimizer != fused_sgd_) {
+    after_backward(loss, batch_size);
+    optimizer.step();
+    return;
+  }
+  set_madds();
+  const auto& o = static_cast<const torch::optim::SGDOptions&>(fused_sgd_->param_groups().front().options());
+  const PrecisionController::SgdSettings sgd{o.lr(), o.momentum(), o.weight_decay(), o.nesterov()};
+  auto& state = fused_sgd_->state();
+  const auto momentum_buffer = [&state](const at::Tensor& p) {
+    auto& slot = state[p.unsafeGetTensorImpl()];
+    if (!slot) {
+      auto fresh = std::make_unique<torch::optim::SGDParamState>();
+      fresh->momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+      slot = std::move(fresh);
+    }
+    return static_cast<torch::optim::SGDParamState&>(*slot).momentum_buffer();
+  };
+  if (core_.sgd_step(loss, batch_size, sgd, momentum_buffer)) apply_formats();
+}
+
+void Controller::use_fused_sgd(torch::optim::SGD& optimizer) {
+  const auto& groups = optimizer.param_groups();
+  TORCH_CHECK(groups.size() == 1, "fxp::adapt: the fused SGD step needs one parameter group, but the optimizer has ",
+              groups.size());
+  const auto& o = static_cast<const torch::optim::SGDOptions&>(groups.front().options());
+  TORCH_CHECK(o.dampening() == 0, "fxp::adapt: the fused SGD step has no dampening, but the optimizer's is ",
+              o.dampening());
+  std::unordered_set<const c10::TensorImpl*> adapted, held;
+  for (const auto& layer : core_.layers()) {
+    for (const auto& p : layer.parameters) adapted.insert(p.unsafeGetTensorImpl());
+  }
+  for (const auto& p : groups.front().params()) held.insert(p.unsafeGetTensorImpl());
+  TORCH_CHECK(adapted == held, "fxp::adapt: the fused SGD step needs an optimizer over exactly the adapted layers' "
+              "parameters (", adapted.size(), "), but it holds ", held.size(), " others or more");
+  fused_sgd_ = &optimizer;
 }
 
 // Note [AdaPT with QPU]

@@ -3,11 +3,12 @@
 // layers, whose formats it sets after every switch. The layers are STE layers
 // (a float32 master copy, read quantized with stochastic rounding at the
 // layer's format; activations at the same format), or QPU layers with a
-// QpuSgd optimizer (use_quantized_updates; no master copy). Call
-// after_backward(loss) between backward() and the optimizer's step().
+// QpuSgd optimizer (use_quantized_updates; no master copy). Call step(loss)
+// after backward(), in place of the optimizer's step().
 #pragma once
 
 #include <torch/optim/optimizer.h>
+#include <torch/optim/sgd.h>
 #include <torch/serialize/archive.h>
 #include <torch/types.h>
 
@@ -31,6 +32,18 @@ class Controller {
   // PrecisionController::after_backward, with each layer's multiply-adds
   // taken from the network's last forward; then the layers get their formats.
   void after_backward(double loss, int64_t batch_size);
+
+  // One training step after backward(): after_backward, then the optimizer's
+  // step; or, for the optimizer given to use_fused_sgd, the two fused
+  // (PrecisionController::sgd_step).
+  void step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer);
+
+  // Plain AdaPT's update fused with its gradient work (Note [AdaPT's fused
+  // step]): step() with this optimizer normalizes, accumulates and updates in
+  // one pass. It must hold exactly the adapted layers' parameters, in one
+  // group, without dampening; its momentum buffers stay in its state (its
+  // checkpoints are SGD's). The optimizer must outlive the controller.
+  void use_fused_sgd(torch::optim::SGD& optimizer);
 
   // AdaPT without a master copy (Note [AdaPT with QPU]): `optimizer` holds one
   // parameter group per adapted layer, in the order of layers(), and at each
@@ -58,11 +71,13 @@ class Controller {
 
  private:
   void apply_formats();
+  void set_madds();
 
   // Declared before core_: the constructor fills them while it builds core_.
   std::vector<nn::QuantizedLayer*> bound_;                          // layers()[i] -> its network layer
   std::vector<std::pair<nn::QuantizedLayer*, size_t>> followers_;  // layer without parameters -> the layer it follows
   PrecisionController core_;
+  torch::optim::SGD* fused_sgd_ = nullptr;
 };
 
 }  // namespace fxp::adapt

@@ -8,6 +8,8 @@
 #include <numeric>
 #include <unordered_map>
 
+#include "ops/ops.h"
+
 namespace fxp::adapt {
 namespace {
 
@@ -86,35 +88,84 @@ std::vector<Format> PrecisionController::formats() const {
 // holds lb^l gradients switches: GD = lb^l / ||accumulated|| (Eq. 3.5), then
 // lb^l and r^l are adapted, PD finds <BW_min, FL_min> on l's parameters at
 // resolution r^l, and PU sets the new format from GD and the strategy; the
-// accumulator starts over. The optimizer's step then updates the parameters
-// with the normalized gradients, and the next forward reads them at the new
+// accumulator starts over. The optimizer's step updates the parameters with
+// the normalized gradients, and the next forward reads them at the new
 // formats. "Every lb^l batches" is counted from the layer's last switch, so a
 // lookback that changes never skips or repeats a switch.
+
+// Note [AdaPT's fused step]
+// after_backward serves any optimizer: it writes the normalized gradients
+// into .grad, so it reads every gradient twice (the norm, then the division
+// and the accumulation: fxp::layer_gradient_norms, fxp::normalize_accumulate_)
+// before the optimizer reads them a third time. sgd_step fuses the second
+// pass into the update: fxp::adapt_sgd_step_ normalizes each element, adds it
+// to the accumulator and applies SGD to it in one pass, leaving .grad as
+// backward wrote it. The arithmetic is the same element for element (one
+// header, kernels/adapt_step/adapt_step_math.h), so sgd_step's parameters,
+// momentum and accumulators equal after_backward followed by SGD in that
+// arithmetic, bit for bit (tested). One thing differs: sgd_step switches
+// after the update, so PD reads the parameters the next forward will
+// quantize; after_backward switches before the optimizer's step.
+PrecisionController::StepTensors PrecisionController::step_tensors() {
+  StepTensors s;
+  s.stepped.assign(layers_.size(), false);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    auto& layer = layers_[l];
+    for (size_t i = 0; i < layer.parameters.size(); ++i) {
+      auto& p = layer.parameters[i];
+      if (!p.grad().defined()) continue;
+      // The ops take contiguous tensors; a strided gradient (channels_last) is replaced by a contiguous copy.
+      if (!p.grad().is_contiguous()) p.mutable_grad() = p.grad().contiguous();
+      s.params.push_back(p);  // in place under NoGradGuard, as torch's optimizers step
+      s.grads.push_back(p.grad());
+      s.accumulated.push_back(layer.accumulated[i]);
+      s.layers.push_back(static_cast<int64_t>(l));
+      s.stepped[l] = true;
+    }
+  }
+  return s;
+}
+
 bool PrecisionController::after_backward(double loss, int64_t batch_size) {
   TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
   // A diverged step (NaN or infinite loss) changes nothing here; the training
   // loop stops the run on its non-finite loss.
   if (!std::isfinite(loss)) return false;
   c10::NoGradGuard no_grad;
-  for (auto& l : layers_) {
-    // The norm stays on the gradients' device: the normalization needs no synchronization.
-    at::Tensor squared;
-    for (size_t i = 0; i < l.parameters.size(); ++i) {
-      auto& p = l.parameters[i];
-      if (!p.grad().defined()) continue;
-      if (options_.l1 > 0) p.mutable_grad().add_(p.sign(), options_.l1);
-      const at::Tensor s = p.grad().to(at::kDouble).square().sum();
-      squared = squared.defined() ? squared + s : s;
+  const StepTensors s = step_tensors();
+  if (!s.params.empty()) {
+    const at::Tensor norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers,
+                                                       static_cast<int64_t>(layers_.size()), options_.l1);
+    fxp::normalize_accumulate_(s.grads, s.accumulated, s.params, norms, s.layers, options_.l1);
+  }
+  return account_step(loss, batch_size, s.stepped);
+}
+
+bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
+                                   const std::function<at::Tensor(const at::Tensor&)>& momentum_buffer) {
+  TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  c10::NoGradGuard no_grad;
+  const StepTensors s = step_tensors();
+  if (!s.params.empty()) {
+    std::vector<at::Tensor> momentum;
+    if (sgd.momentum != 0) {
+      for (const auto& p : s.params) momentum.push_back(momentum_buffer(p));
     }
-    if (!squared.defined()) continue;  // no gradients this step: nothing to normalize or count
-    const at::Tensor norm = squared.sqrt();
-    const at::Tensor divisor = at::where(norm > 0, norm, at::ones_like(norm));  // a zero gradient stays zero
-    for (size_t i = 0; i < l.parameters.size(); ++i) {
-      auto& p = l.parameters[i];
-      if (!p.grad().defined()) continue;
-      p.mutable_grad().div_(divisor);
-      l.accumulated[i].add_(p.grad());
-    }
+    const at::Tensor norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers,
+                                                       static_cast<int64_t>(layers_.size()), options_.l1);
+    fxp::adapt_sgd_step_(s.params, s.grads, momentum, s.accumulated, norms, s.layers, options_.l1, sgd.lr,
+                         sgd.momentum, sgd.weight_decay, sgd.nesterov);
+  }
+  // The step has happened whatever the loss, as the optimizer's would; a
+  // diverged step changes nothing else here.
+  if (!std::isfinite(loss)) return false;
+  return account_step(loss, batch_size, s.stepped);
+}
+
+bool PrecisionController::account_step(double loss, int64_t batch_size, const std::vector<bool>& stepped) {
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    if (!stepped[i]) continue;  // no gradients this step: nothing normalized or counted
+    AdaptedLayer& l = layers_[i];
     ++l.count;
     // This step's forward and backward ran at the layer's current format.
     LayerWork& w = l.work;

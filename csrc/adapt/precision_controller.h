@@ -3,7 +3,8 @@
 // It knows nothing of modules: each layer is a name and its parameters; the
 // caller reads formats() after each step and gives them to its layers (the
 // C++ network binding is adapt::Controller, the Python one fxp.adapt).
-// Call after_backward(loss, batch_size) between backward() and the optimizer's step().
+// Call after_backward(loss, batch_size) between backward() and the optimizer's
+// step(), or sgd_step in place of both (an SGD step fused with AdaPT's work).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -64,6 +65,19 @@ class PrecisionController {
   // switched (formats() changed).
   bool after_backward(double loss, int64_t batch_size);
 
+  // SGD's settings for sgd_step (torch::optim::SGD's, dampening 0).
+  struct SgdSettings {
+    double lr, momentum = 0, weight_decay = 0;
+    bool nesterov = false;
+  };
+  // In place of after_backward and an SGD step over the layers' parameters:
+  // the same normalization and accumulation, fused into the update (Note
+  // [AdaPT's fused step]), then the bookkeeping and the switches. .grad keeps
+  // the raw gradients. momentum_buffer(p) gives parameter p's momentum buffer
+  // (zeros the first time), when sgd.momentum > 0. Returns whether any layer switched.
+  bool sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
+                const std::function<at::Tensor(const at::Tensor& param)>& momentum_buffer);
+
   // The forward multiply-adds per sample of layer i (outputs x fan-in), for the
   // performance model; the steps after this call count with it.
   void set_madds(size_t layer, int64_t madds_per_sample);
@@ -95,6 +109,16 @@ class PrecisionController {
   void load_state(const std::function<at::Tensor(const std::string& name)>& read);
 
  private:
+  // The parameters with gradients this step (gradients made contiguous), with
+  // their gradients, accumulators and layer indices; stepped[l]: layer l has one.
+  struct StepTensors {
+    std::vector<at::Tensor> params, grads, accumulated;
+    std::vector<int64_t> layers;
+    std::vector<bool> stepped;
+  };
+  StepTensors step_tensors();
+  // After the accumulation: counts, the strategy, the switches that are due.
+  bool account_step(double loss, int64_t batch_size, const std::vector<bool>& stepped);
   void switch_layer(size_t index);
 
   AdaptOptions options_;

@@ -108,6 +108,23 @@ TORCH_LIBRARY(fxp, m) {
   m.def(
       "quantize_parameters_(Tensor(a!)[] params, int[] total_bits, int[] frac_bits, str rounding, int seed) -> ()");
 
+  // AdaPT's per-step gradient work (Note [AdaPT's fused step]). layers[k] is
+  // tensor k's layer. layer_gradient_norms: float64 [num_layers], the norm of
+  // each layer's gradients with L1's term l1 * sign(param), summed in a fixed
+  // order (Note [Deterministic gradient norms]). normalize_accumulate_: each
+  // such gradient divided by its layer's norm (Eq. 3.4), written to grads and
+  // added to accumulated (Eq. 3.5). adapt_sgd_step_: the same normalized
+  // gradient added to accumulated and applied by SGD (torch.optim.SGD's
+  // formula, dampening 0) in the same pass; grads are only read.
+  m.def("layer_gradient_norms(Tensor[] params, Tensor[] grads, int[] layers, int num_layers, float l1=0.) -> Tensor");
+  m.def(
+      "normalize_accumulate_(Tensor(a!)[] grads, Tensor(b!)[] accumulated, Tensor[] params, Tensor norms, "
+      "int[] layers, float l1=0.) -> ()");
+  m.def(
+      "adapt_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] accumulated, Tensor norms, int[] layers, float l1, float lr, float momentum=0., "
+      "float weight_decay=0., bool nesterov=False) -> ()");
+
   // AdaPT's controller over plain parameter lists, for Python (fxp.adapt):
   // torch.classes.fxp.AdaptController (csrc/ops/adapt, csrc/adapt/precision_controller.h).
   fxp::define_adapt_controller_class(m);

@@ -195,6 +195,28 @@ inline at::Tensor format_histogram(const at::Tensor& x, int64_t bins, double min
   FXP_CALL_OP(format_histogram, "format_histogram", x, bins, min, max, format);
 }
 
+// AdaPT's per-step gradient work (Note [AdaPT's fused step]); layers[k] is tensor k's layer.
+// The norm of each layer's gradients with L1's term (float64 [num_layers]).
+inline at::Tensor layer_gradient_norms(at::TensorList params, at::TensorList grads, at::IntArrayRef layers,
+                                       int64_t num_layers, double l1 = 0) {
+  FXP_CALL_OP(layer_gradient_norms, "layer_gradient_norms", params, grads, layers, num_layers, l1);
+}
+
+// grads[k] = (grads[k] + l1 sign(params[k])) / norms[layers[k]] (Eq. 3.4); accumulated[k] += grads[k].
+inline void normalize_accumulate_(at::TensorList grads, at::TensorList accumulated, at::TensorList params,
+                                  const at::Tensor& norms, at::IntArrayRef layers, double l1 = 0) {
+  FXP_CALL_OP(normalize_accumulate_, "normalize_accumulate_", grads, accumulated, params, norms, layers, l1);
+}
+
+// The same normalized gradient added to accumulated[k] and applied to params[k]
+// by SGD, in one pass; grads are only read.
+inline void adapt_sgd_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                            at::TensorList accumulated, const at::Tensor& norms, at::IntArrayRef layers, double l1,
+                            double lr, double momentum = 0, double weight_decay = 0, bool nesterov = false) {
+  FXP_CALL_OP(adapt_sgd_step_, "adapt_sgd_step_", params, grads, momentum_buffers, accumulated, norms, layers, l1, lr,
+              momentum, weight_decay, nesterov);
+}
+
 #undef FXP_CALL_OP
 
 }  // namespace fxp

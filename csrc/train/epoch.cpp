@@ -92,7 +92,9 @@ class StepProbe {
 void recalibrate_batch_norm(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
   if (c.bn_recalibration_batches == 0 || train.size() == 0) return;
   const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), train.images.device());
-  const int64_t batches = std::min(c.bn_recalibration_batches, (train.size() + c.batch_size - 1) / c.batch_size);
+  // Full batches only: the cumulative average (momentum None) weights every
+  // batch alike, so a short last batch would count as much as a full one.
+  const int64_t batches = std::min(c.bn_recalibration_batches, std::max<int64_t>(1, train.size() / c.batch_size));
   t.model->recalibrate_batch_norm(batches, [&](int64_t b) {
     const int64_t start = b * c.batch_size;
     return train.images.index_select(0, order.narrow(0, start, std::min(c.batch_size, train.size() - start)));
@@ -125,8 +127,11 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       if (probe) probe->after_forward();
       loss.backward();
       if (probe) probe->after_backward();
-      if (t.adapt) t.adapt->after_backward(loss.item<double>(), index.size(0));  // syncs: the strategy needs it
-      t.optimizer->step();
+      if (t.adapt) {
+        t.adapt->step(loss.item<double>(), index.size(0), *t.optimizer);  // syncs: the strategy needs the loss
+      } else {
+        t.optimizer->step();
+      }
     } catch (const c10::ValueError& e) {
       // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
       if (!t.packed) throw;

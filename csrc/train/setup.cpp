@@ -97,8 +97,10 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
   } else {
-    t.optimizer = std::make_unique<torch::optim::SGD>(
+    auto sgd = std::make_unique<torch::optim::SGD>(
         t.model->parameters(), torch::optim::SGDOptions(lr).momentum(c.momentum).weight_decay(c.weight_decay));
+    if (t.adapt) t.adapt->use_fused_sgd(*sgd);  // AdaPT's gradient work rides on the update
+    t.optimizer = std::move(sgd);
   }
   return t;
 }

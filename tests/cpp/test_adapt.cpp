@@ -421,6 +421,56 @@ TEST(AdaptController, L1AddsItsGradientBeforeNormalization) {
   }
 }
 
+// Note [AdaPT's fused step]: the fused step's parameters, momentum and
+// accumulators equal after_backward followed by SGD in separate float32
+// operations, bit for bit, while no layer switches; .grad stays raw.
+TEST(AdaptController, FusedSgdStepEqualsAfterBackwardThenSgd) {
+  fa::AdaptOptions o;
+  o.lookback = {100, 100};  // no switch in these steps: the two forms switch at different points
+  o.l1 = 1e-4;
+  const double lr = 0.05, mu = 0.9, wd = 5e-4;
+  torch::manual_seed(0);
+  auto fused_net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+  auto plain_net = fxp::nn::make_network("lenet5", ste(), 1, 10);
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < fused_net->parameters().size(); ++k) {
+      plain_net->parameters()[k].copy_(fused_net->parameters()[k]);
+    }
+  }
+  fa::Controller fused(*fused_net, o), plain(*plain_net, o);
+  torch::optim::SGD sgd(fused_net->parameters(), torch::optim::SGDOptions(lr).momentum(mu).weight_decay(wd));
+  fused.use_fused_sgd(sgd);
+  std::vector<torch::Tensor> buffers;
+  for (const auto& p : plain_net->parameters()) buffers.push_back(torch::zeros_like(p));
+  for (int step = 0; step < 4; ++step) {
+    const double loss = backward(*fused_net, 60 + step);
+    const torch::Tensor raw = fused_net->parameters().front().grad().clone();
+    fused.step(loss, 8, sgd);
+    EXPECT_TRUE(torch::equal(fused_net->parameters().front().grad(), raw)) << "the fused step writes no gradient";
+    plain.after_backward(backward(*plain_net, 60 + step), 8);
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < buffers.size(); ++k) {
+      auto p = plain_net->parameters()[k];
+      const torch::Tensor d = p.grad() + wd * p;
+      buffers[k] = mu * buffers[k] + d;
+      p.copy_(p - lr * buffers[k]);
+    }
+  }
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    EXPECT_TRUE(torch::equal(fused_net->parameters()[k], plain_net->parameters()[k])) << "parameter " << k;
+  }
+  for (size_t l = 0; l < fused.layers().size(); ++l) {
+    EXPECT_EQ(fused.layers()[l].count, 4);
+    for (size_t j = 0; j < fused.layers()[l].accumulated.size(); ++j) {
+      EXPECT_TRUE(torch::equal(fused.layers()[l].accumulated[j], plain.layers()[l].accumulated[j])) << l << "." << j;
+    }
+  }
+  // An optimizer over other parameters than the adapted layers' is refused.
+  torch::optim::SGD partial(std::vector<torch::Tensor>{fused_net->parameters().front()}, torch::optim::SGDOptions(lr));
+  fxp::testing::expect_error([&] { fused.use_fused_sgd(partial); }, "exactly the adapted layers' parameters");
+}
+
 TEST(AdaptController, SaveAndLoadContinueIdentically) {
   fa::AdaptOptions o;
   o.lookback = {2, 3};

@@ -358,3 +358,190 @@ def test_a_model_with_a_controller_still_pickles():
     buffer = io.BytesIO()
     torch.save(model, buffer)  # the multiply-add counters are hooks that pickle
     assert controller.record()["layers"][0]["name"] == "0"
+
+
+# --- AdaPT's per-step ops (Note [AdaPT's fused step]) -------------------------------
+def _norms_reference(params, grads, layers, num_layers, l1):
+    """Note [Deterministic gradient norms] in plain torch: chunks of 4096, 32
+    lanes summed in order, lanes combined pairwise as a warp's shuffle-down."""
+    def combine(lanes):
+        lanes = lanes.clone()
+        offset = 16
+        while offset:
+            lanes[:offset] = lanes[:offset] + lanes[offset:2 * offset]
+            offset //= 2
+        return lanes[0]
+
+    def lane_sum(values):  # values: float64, summed lane by lane in order
+        padded = torch.cat([values, values.new_zeros((-len(values)) % 32)]).view(-1, 32)
+        lanes = torch.zeros(32, dtype=torch.float64)
+        for row in padded:
+            lanes = lanes + row
+        return combine(lanes)
+
+    sums = [[] for _ in range(num_layers)]
+    for w, g, layer in zip(params, grads, layers):
+        x = (g + l1 * torch.sign(w)).flatten().double() ** 2
+        sums[layer] += [lane_sum(x[s:s + 4096]) for s in range(0, x.numel(), 4096)]
+    return torch.stack([lane_sum(torch.stack(s)).sqrt() if s else torch.zeros((), dtype=torch.float64)
+                        for s in sums])
+
+
+def _step_tensors(dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(70, 100), (70,), (5000,), (3, 3, 3), (33,)]  # 7000 and 5000 elements: more than one chunk
+    params = [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
+    params[3].zero_()  # a zero gradient and zero weights: the layer's norm is 0 and its gradient stays 0
+    grads = [torch.randn(s, generator=gen, dtype=dtype).to(device) for s in shapes]
+    grads[3].zero_()
+    params[0].view(-1)[:10] = 0  # sign(0) = 0: no L1 term there
+    return params, grads, [0, 0, 1, 2, 1], 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("l1", [0.0, 1e-3])
+def test_layer_gradient_norms_sum_in_the_documented_order(dtype, l1):
+    params, grads, layers, n = _step_tensors(dtype)
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, l1)
+    assert norms.dtype == torch.float64 and norms.shape == (3,)
+    assert torch.equal(norms, _norms_reference(params, grads, layers, n, l1))
+    assert norms[2].item() == 0
+    direct = torch.stack([torch.cat([(g + l1 * torch.sign(w)).double().flatten() for w, g, ly in
+                                     zip(params, grads, layers) if ly == layer]).norm() for layer in range(n)])
+    torch.testing.assert_close(norms, direct, rtol=1e-14, atol=0)
+
+
+def test_layer_gradient_norms_do_not_depend_on_the_thread_count():
+    params, grads, layers, n = _step_tensors()
+    big_w, big_g = torch.randn(3_000_000), torch.randn(3_000_000)
+    args = (params + [big_w], grads + [big_g], layers + [0], n, 1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.fxp.layer_gradient_norms(*args)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(torch.ops.fxp.layer_gradient_norms(*args), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalize_accumulate_is_eq_3_4_rounded_once(dtype):
+    params, grads, layers, n = _step_tensors(dtype)
+    l1 = 1e-3
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, l1)
+    accumulated = [torch.randn_like(g) for g in grads]
+    expected_acc, expected_grads = [], []
+    for w, g, a, layer in zip(params, grads, accumulated, layers):
+        divisor = norms[layer].item() or 1.0
+        normalized = ((g + l1 * torch.sign(w)).double() / divisor).to(dtype)
+        expected_grads.append(normalized)
+        expected_acc.append(a + normalized)
+    torch.ops.fxp.normalize_accumulate_(grads, accumulated, params, norms, layers, l1)
+    for got, want in zip(grads + accumulated, expected_grads + expected_acc):
+        assert torch.equal(got, want)
+    assert torch.equal(grads[3], torch.zeros_like(grads[3]))  # a zero gradient stays zero
+    for layer in (0, 1):  # each layer's normalized gradient has norm 1
+        norm = torch.cat([g.double().flatten() for g, ly in zip(grads, layers) if ly == layer]).norm()
+        assert norm.item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_adapt_sgd_step_equals_normalize_accumulate_then_sgd(momentum, nesterov):
+    """The fused step, against the two-pass form followed by SGD's formula in
+    separate float32 operations, bit for bit; grads are left as they were."""
+    l1, lr, wd = 1e-3, 0.05, 5e-4
+    params, grads, layers, n = _step_tensors()
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, l1)
+    acc = [torch.randn_like(g) for g in grads]
+    buffers = [torch.randn_like(g) for g in grads] if momentum else []
+    ref_params, ref_grads, ref_acc = ([t.clone() for t in ts] for ts in (params, grads, acc))
+    ref_buffers = [b.clone() for b in buffers]
+    raw_grads = [g.clone() for g in grads]
+    torch.ops.fxp.adapt_sgd_step_(params, grads, buffers, acc, norms, layers, l1, lr, momentum, wd, nesterov)
+    torch.ops.fxp.normalize_accumulate_(ref_grads, ref_acc, ref_params, norms, layers, l1)
+    for k, (w, g) in enumerate(zip(ref_params, ref_grads)):
+        d = g + wd * w
+        if momentum:
+            ref_buffers[k] = momentum * ref_buffers[k] + d
+            d = d + momentum * ref_buffers[k] if nesterov else ref_buffers[k]
+        ref_params[k] = w - lr * d
+    for got, want in zip(params + acc + buffers + grads, ref_params + ref_acc + ref_buffers + raw_grads):
+        assert torch.equal(got, want)
+
+
+def _step_op_args(device):
+    params, grads, layers, n = _step_tensors(device=device)
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, 1e-3)
+    acc = [torch.zeros_like(g) for g in grads]
+    buffers = [torch.zeros_like(g) for g in grads]
+    return [
+        (torch.ops.fxp.layer_gradient_norms.default, (params, grads, layers, n, 1e-3)),
+        (torch.ops.fxp.normalize_accumulate_.default, ([g.clone() for g in grads], acc, params, norms, layers, 1e-3)),
+        (torch.ops.fxp.adapt_sgd_step_.default,
+         ([p.clone() for p in params], grads, buffers, [a.clone() for a in acc], norms, layers, 1e-3, 0.1, 0.9, 5e-4,
+          True)),
+    ]
+
+
+def test_adapt_step_ops_opcheck_cpu():
+    for op, args in _step_op_args("cpu"):
+        torch.library.opcheck(op, args)
+
+
+@requires_cuda
+def test_adapt_step_ops_opcheck_cuda():
+    for op, args in _step_op_args("cuda"):
+        torch.library.opcheck(op, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adapt_step_ops_cuda_equal_cpu(dtype):
+    params, grads, layers, n = _step_tensors(dtype)
+    params.append(torch.randn(3_000_001, dtype=dtype))
+    grads.append(torch.randn(3_000_001, dtype=dtype))
+    layers.append(1)
+    cuda = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, 1e-3)
+    assert torch.equal(torch.ops.fxp.layer_gradient_norms(cuda(params), cuda(grads), layers, n, 1e-3).cpu(), norms)
+    acc, buffers = [torch.randn_like(g) for g in grads], [torch.randn_like(g) for g in grads]
+    c_params, c_grads, c_acc, c_buffers = cuda(params), cuda(grads), cuda(acc), cuda(buffers)
+    c_grads2, grads2, c_acc2, acc2 = cuda(grads), [g.clone() for g in grads], cuda(acc), [a.clone() for a in acc]
+    torch.ops.fxp.adapt_sgd_step_(params, grads, buffers, acc, norms, layers, 1e-3, 0.1, 0.9, 5e-4, False)
+    torch.ops.fxp.adapt_sgd_step_(c_params, c_grads, c_buffers, c_acc, norms.cuda(), layers, 1e-3, 0.1, 0.9, 5e-4,
+                                  False)
+    torch.ops.fxp.normalize_accumulate_(grads2, acc2, params, norms, layers, 1e-3)
+    torch.ops.fxp.normalize_accumulate_(c_grads2, c_acc2, c_params, norms.cuda(), layers, 1e-3)
+    for got, want in zip(c_params + c_acc + c_buffers + c_grads2 + c_acc2, params + acc + buffers + grads2 + acc2):
+        assert torch.equal(got.cpu(), want)
+
+
+def test_adapt_step_ops_reject_bad_input():
+    params, grads, layers, n = _step_tensors()
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n)
+    acc = [torch.zeros_like(g) for g in grads]
+    with pytest.raises(RuntimeError, match=r"layers\[4\] is 3, outside \[0, 3\)"):
+        torch.ops.fxp.layer_gradient_norms(params, grads, [0, 0, 1, 2, 3], n)
+    with pytest.raises(RuntimeError, match="expected one layer index per tensor"):
+        torch.ops.fxp.layer_gradient_norms(params, grads, [0, 0], n)
+    with pytest.raises(RuntimeError, match=r"params\[1\] has shape \[5\] but grads\[1\] has \[70\]"):
+        torch.ops.fxp.layer_gradient_norms([params[0], torch.zeros(5)] + params[2:], grads, layers, n)
+    with pytest.raises(RuntimeError, match="must be float32 or float64"):
+        torch.ops.fxp.layer_gradient_norms([p.half() for p in params], [g.half() for g in grads], layers, n)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be contiguous"):
+        torch.ops.fxp.layer_gradient_norms(params, [grads[0].t()] + grads[1:], layers, n)
+    with pytest.raises(RuntimeError, match="l1 must be a non-negative finite number"):
+        torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, -1.0)
+    with pytest.raises(RuntimeError, match=r"norms must be float64 of shape \[3\]"):
+        torch.ops.fxp.normalize_accumulate_(grads, acc, params, norms.float(), layers)
+    with pytest.raises(RuntimeError, match=r"accumulated\[0\] and grads\[0\] share memory"):
+        torch.ops.fxp.normalize_accumulate_(grads, [grads[0]] + acc[1:], params, norms, layers)
+    with pytest.raises(RuntimeError, match="momentum > 0 needs one momentum buffer per param"):
+        torch.ops.fxp.adapt_sgd_step_(params, grads, [], acc, norms, layers, 0.0, 0.1, 0.9)
+    with pytest.raises(RuntimeError, match="nesterov needs momentum > 0"):
+        torch.ops.fxp.adapt_sgd_step_(params, grads, [], acc, norms, layers, 0.0, 0.1, 0.0, 0.0, True)
+    with pytest.raises(RuntimeError, match="lr must be a non-negative finite number"):
+        torch.ops.fxp.adapt_sgd_step_(params, grads, [], acc, norms, layers, 0.0, float("nan"))
+    # Empty lists: nothing to do, and the norms of layers without tensors are 0.
+    assert torch.equal(torch.ops.fxp.layer_gradient_norms([], [], [], 2), torch.zeros(2, dtype=torch.float64))

@@ -5,49 +5,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "ops/aliasing.h"
 #include "ops/format_args.h"
 
 namespace fxp {
 
 namespace {
 constexpr const char* kOp = "fxp::qpu_sgd_step_";
-
-// The op writes params and momentum buffers while it reads all three lists,
-// so no written tensor may share memory with any other tensor of the call
-// (grads may share memory with each other: they are only read). As torch's
-// fused optimizers, it rejects such calls instead of computing garbage.
-// The memory ranges are sorted, so the check costs O(n log n).
-void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers) {
-  struct Range {
-    uintptr_t begin, end;
-    const char* list;
-    size_t index;
-    bool written;
-  };
-  std::vector<Range> ranges;
-  auto add = [&](at::TensorList tensors, const char* list, bool written) {
-    for (size_t k = 0; k < tensors.size(); ++k) {
-      const at::Tensor& t = tensors[k];
-      if (t.numel() == 0) continue;
-      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-      ranges.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), list, k, written});
-    }
-  };
-  add(params, "params", true);
-  add(grads, "grads", false);
-  add(momentum_buffers, "momentum_buffers", true);
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  // The range reaching furthest so far, among all ranges and among the written ones.
-  const Range* furthest = nullptr;
-  const Range* furthest_written = nullptr;
-  for (const Range& r : ranges) {
-    const Range* other = r.written ? furthest : furthest_written;
-    TORCH_CHECK(other == nullptr || r.begin >= other->end, kOp, ": ", r.list, "[", r.index, "] and ", other->list,
-                "[", other->index, "] share memory; every parameter and momentum buffer must have memory of its own");
-    if (furthest == nullptr || r.end > furthest->end) furthest = &r;
-    if (r.written && (furthest_written == nullptr || r.end > furthest_written->end)) furthest_written = &r;
-  }
-}
 
 Storage storage_of(at::ScalarType dtype) {
   switch (dtype) {
@@ -129,7 +93,10 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
     check_like(grads[k], "grads", grad_dtype);
     if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype);
   }
-  if (check_memory) check_no_aliasing(params, grads, momentum_buffers);
+  if (check_memory) {
+    check_no_aliasing(kOp, {{params, "params", true}, {grads, "grads", false},
+                            {momentum_buffers, "momentum_buffers", true}});
+  }
 
   kernels::QpuSgdParams p;
   p.hyper = QpuHyper{a.lr, a.momentum, a.weight_decay, a.nesterov};
