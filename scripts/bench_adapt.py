@@ -13,6 +13,12 @@ lookbacks (the paper's 25..100 by default).
 
   scripts/bench_adapt.py --model lenet5 --batch-size 256
   scripts/bench_adapt.py --model resnet20 --batch-size 512 --device cuda --markdown gpu.md
+  scripts/bench_adapt.py --step-only --step-params 10000000   # the optimizer step alone
+
+--step-only times the step alone on a set of random parameters: torch's SGD
+against AdaPT's gradient work before it (after_backward's two passes:
+fxp::layer_gradient_norms, fxp::normalize_accumulate_) and against fxp-train's
+fused form (the norms, then fxp::adapt_sgd_step_), in the same run.
 """
 from __future__ import annotations
 
@@ -44,7 +50,11 @@ def main(argv=None) -> int:
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
     p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    p.add_argument("--step-only", action="store_true", help="time the optimizer step alone (no fxp-train runs)")
+    p.add_argument("--step-params", type=float, default=1e7, help="with --step-only: parameters, in 60 tensors")
     args = p.parse_args(argv)
+    if args.step_only:
+        return bench_step(args)
     low, high = (int(v) for v in args.lookback.split(","))
     if not 1 <= low <= high:
         p.error("--lookback needs 1 <= MIN <= MAX")
@@ -75,6 +85,71 @@ def main(argv=None) -> int:
     report.save(str(args.markdown) if args.markdown else None)
     if args.csv:
         write_csv(args.csv, rows)
+    return 0
+
+
+def bench_step(args) -> int:
+    import time
+
+    import torch
+
+    import fxp  # noqa: F401  (loads the ops)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    n_tensors = 60
+    per = max(1, int(args.step_params) // n_tensors)
+    params = [torch.randn(per, device=device) for _ in range(n_tensors)]
+    grads = [torch.randn(per, device=device) for _ in range(n_tensors)]
+    for p, g in zip(params, grads):
+        p.grad = g
+    layers = [k // 2 for k in range(n_tensors)]  # weight and bias pairs
+    n_layers = n_tensors // 2
+    acc = [torch.zeros_like(p) for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    lr, mu, wd, l1 = 1e-9, 0.9, 5e-4, 1e-4  # a tiny lr keeps the values where they are
+    sgd = torch.optim.SGD(params, lr=lr, momentum=mu, weight_decay=wd)
+    ops = torch.ops.fxp
+
+    def torch_sgd():
+        sgd.step()
+
+    def two_pass_then_sgd():
+        norms = ops.layer_gradient_norms(params, grads, layers, n_layers, l1)
+        ops.normalize_accumulate_(grads, acc, params, norms, layers, l1)
+        sgd.step()
+
+    def fused():
+        norms = ops.layer_gradient_norms(params, grads, layers, n_layers, l1)
+        ops.adapt_sgd_step_(params, grads, buffers, acc, norms, layers, l1, lr, mu, wd, False)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    methods = {"torch SGD": torch_sgd, "after_backward + torch SGD": two_pass_then_sgd, "fused (fxp-train)": fused}
+    times = {m: [] for m in methods}
+    for fn in methods.values():  # warm-up
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in methods.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(5):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / 5)
+    median = {m: statistics.median(t) for m, t in times.items()}
+    base = median["torch SGD"]
+    report = BenchReport(
+        f"AdaPT's optimizer step: {per * n_tensors:,} parameters in {n_tensors} tensors, {args.device} "
+        f"({args.threads or 'default'} threads)",
+        f"Median of {args.repeats} interleaved measurements of 5 steps each; momentum and weight decay on; "
+        f"time relative to torch.optim.SGD measured in the same run.")
+    report.table("step time", ["step", "ms", "time / torch SGD"],
+                 [[m, f"{median[m] * 1e3:.2f}", f"{median[m] / base:.2f}x"] for m in methods])
+    report.save(str(args.markdown) if args.markdown else None)
     return 0
 
 

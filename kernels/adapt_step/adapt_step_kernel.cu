@@ -66,17 +66,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, bool kMomentum>
+template <typename T, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
     adapt_sgd_kernel(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ v, T* __restrict__ a, int64_t n, T l1,
-                     const double* __restrict__ norm, T lr, T momentum, T weight_decay, bool nesterov) {
+                     const double* __restrict__ norm, T lr, T momentum, T weight_decay) {
   const double divisor = norm_divisor(*norm);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     T wi = w[i], vi = kMomentum ? v[i] : T(0);
     const T gi = normalized_gradient(gradient_with_l1(g[i], wi, l1), divisor);
     a[i] += gi;
-    sgd_element<T, kMomentum>(wi, gi, vi, lr, momentum, weight_decay, nesterov);
+    sgd_element<T, kMomentum, kNesterov>(wi, gi, vi, lr, momentum, weight_decay);
     w[i] = wi;
     if constexpr (kMomentum) v[i] = vi;
   }
@@ -145,12 +145,15 @@ void adapt_sgd_step_cuda(at::TensorList params, at::TensorList grads, at::Tensor
       const scalar_t* g = grads[k].const_data_ptr<scalar_t>();
       scalar_t* a = accumulated[k].data_ptr<scalar_t>();
       const double* norm = norms.const_data_ptr<double>() + layers[k];
-      if (has_momentum) {
-        adapt_sgd_kernel<scalar_t, true><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-            w, g, momentum_buffers[k].data_ptr<scalar_t>(), a, n, l1_t, norm, lr, mu, wd, sgd.nesterov);
+      const auto launch = [&](auto kernel, scalar_t* v) {
+        kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(w, g, v, a, n, l1_t, norm, lr, mu, wd);
+      };
+      if (!has_momentum) {
+        launch(adapt_sgd_kernel<scalar_t, false, false>, nullptr);
+      } else if (sgd.nesterov) {
+        launch(adapt_sgd_kernel<scalar_t, true, true>, momentum_buffers[k].data_ptr<scalar_t>());
       } else {
-        adapt_sgd_kernel<scalar_t, false><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-            w, g, nullptr, a, n, l1_t, norm, lr, mu, wd, sgd.nesterov);
+        launch(adapt_sgd_kernel<scalar_t, true, false>, momentum_buffers[k].data_ptr<scalar_t>());
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

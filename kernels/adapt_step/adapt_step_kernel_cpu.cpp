@@ -33,14 +33,44 @@ constexpr int64_t kGrain = 32768;  // elements per parallel task of the elementw
 template <typename T>
 double chunk_squares(const T* g, const T* w, int64_t n, T l1) {
   double lanes[kNormLanes] = {};
-  for (int64_t base = 0; base < n; base += kNormLanes) {
-    const int64_t m = std::min(kNormLanes, n - base);
-    for (int64_t j = 0; j < m; ++j) {
-      const double x = static_cast<double>(gradient_with_l1(g[base + j], w[base + j], l1));
-      lanes[j] += x * x;
-    }
+  const auto add = [&](int64_t i, int64_t j) {
+    const double x = static_cast<double>(gradient_with_l1(g[i], w[i], l1));
+    lanes[j] += x * x;
+  };
+  int64_t base = 0;
+  for (; base + kNormLanes <= n; base += kNormLanes) {  // whole rows: a fixed trip count vectorizes
+    for (int64_t j = 0; j < kNormLanes; ++j) add(base + j, j);
   }
+  for (int64_t j = 0; base + j < n; ++j) add(base + j, j);
   return combine_lanes(lanes);
+}
+
+template <typename T>
+struct SgdSpan {
+  T* w;
+  const T* g;
+  T* v;  // null without momentum
+  T* a;
+  double divisor;
+  T l1, lr, momentum, weight_decay;
+};
+
+template <typename T, bool kMomentum, bool kNesterov>
+void sgd_range(const SgdSpan<T>& s, int64_t begin, int64_t end) {
+  T* __restrict__ w = s.w;
+  const T* __restrict__ g = s.g;
+  T* __restrict__ v = s.v;
+  T* __restrict__ a = s.a;
+  const double divisor = s.divisor;
+  const T l1 = s.l1, lr = s.lr, momentum = s.momentum, weight_decay = s.weight_decay;
+  for (int64_t i = begin; i < end; ++i) {
+    const T gi = normalized_gradient(gradient_with_l1(g[i], w[i], l1), divisor);
+    a[i] += gi;
+    T wi = w[i], vi = kMomentum ? v[i] : T(0);
+    sgd_element<T, kMomentum, kNesterov>(wi, gi, vi, lr, momentum, weight_decay);
+    w[i] = wi;
+    if constexpr (kMomentum) v[i] = vi;
+  }
 }
 
 template <typename Fn>
@@ -85,15 +115,16 @@ void normalize_accumulate_cpu(at::TensorList grads, at::TensorList accumulated, 
   const double* norm = norms.const_data_ptr<double>();
   for_each_tensor(grads, [&](size_t k) {
     AT_DISPATCH_FLOATING_TYPES(grads[k].scalar_type(), "fxp::normalize_accumulate_", [&] {
-      scalar_t* g = grads[k].data_ptr<scalar_t>();
-      scalar_t* a = accumulated[k].data_ptr<scalar_t>();
-      const scalar_t* w = params[k].const_data_ptr<scalar_t>();
+      scalar_t* __restrict__ g = grads[k].data_ptr<scalar_t>();
+      scalar_t* __restrict__ a = accumulated[k].data_ptr<scalar_t>();
+      const scalar_t* __restrict__ w = params[k].const_data_ptr<scalar_t>();
       const double divisor = norm_divisor(norm[layers[k]]);
       const auto l1_t = static_cast<scalar_t>(l1);
       at::parallel_for(0, grads[k].numel(), kGrain, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          g[i] = normalized_gradient(gradient_with_l1(g[i], w[i], l1_t), divisor);
-          a[i] += g[i];
+          const scalar_t gi = normalized_gradient(gradient_with_l1(g[i], w[i], l1_t), divisor);
+          g[i] = gi;
+          a[i] += gi;
         }
       });
     });
@@ -107,25 +138,15 @@ void adapt_sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   const bool has_momentum = !momentum_buffers.empty();
   for_each_tensor(params, [&](size_t k) {
     AT_DISPATCH_FLOATING_TYPES(params[k].scalar_type(), "fxp::adapt_sgd_step_", [&] {
-      scalar_t* w = params[k].data_ptr<scalar_t>();
-      const scalar_t* g = grads[k].const_data_ptr<scalar_t>();
-      scalar_t* a = accumulated[k].data_ptr<scalar_t>();
-      scalar_t* v = has_momentum ? momentum_buffers[k].data_ptr<scalar_t>() : nullptr;
-      const double divisor = norm_divisor(norm[layers[k]]);
-      const auto l1_t = static_cast<scalar_t>(l1), lr = static_cast<scalar_t>(sgd.lr),
-                 mu = static_cast<scalar_t>(sgd.momentum), wd = static_cast<scalar_t>(sgd.weight_decay);
-      at::parallel_for(0, params[k].numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const scalar_t gi = normalized_gradient(gradient_with_l1(g[i], w[i], l1_t), divisor);
-          a[i] += gi;
-          scalar_t none = 0;
-          if (has_momentum) {
-            sgd_element<scalar_t, true>(w[i], gi, v[i], lr, mu, wd, sgd.nesterov);
-          } else {
-            sgd_element<scalar_t, false>(w[i], gi, none, lr, mu, wd, sgd.nesterov);
-          }
-        }
-      });
+      const SgdSpan<scalar_t> span{params[k].data_ptr<scalar_t>(), grads[k].const_data_ptr<scalar_t>(),
+                                   has_momentum ? momentum_buffers[k].data_ptr<scalar_t>() : nullptr,
+                                   accumulated[k].data_ptr<scalar_t>(), norm_divisor(norm[layers[k]]),
+                                   static_cast<scalar_t>(l1), static_cast<scalar_t>(sgd.lr),
+                                   static_cast<scalar_t>(sgd.momentum), static_cast<scalar_t>(sgd.weight_decay)};
+      // A loop per (momentum, nesterov): run-time flags inside the loop stop GCC vectorizing it.
+      const auto run = has_momentum ? (sgd.nesterov ? &sgd_range<scalar_t, true, true> : &sgd_range<scalar_t, true, false>)
+                                    : &sgd_range<scalar_t, false, false>;
+      at::parallel_for(0, params[k].numel(), kGrain, [&](int64_t begin, int64_t end) { run(span, begin, end); });
     });
   });
 }

@@ -54,12 +54,12 @@ FXP_HOST_DEVICE double combine_lanes(double* lanes) {
 // torch.optim.SGD's update (dampening 0) with every operation rounded in T:
 //   d = g + wd w;  v = mu v + d;  d = nesterov ? d + mu v : v;  w = w - lr d.
 // A new momentum buffer is zero, so the first step gives v = d as torch's does.
-template <typename T, bool kMomentum>
-FXP_HOST_DEVICE void sgd_element(T& w, T g, T& v, T lr, T momentum, T weight_decay, bool nesterov) {
+template <typename T, bool kMomentum, bool kNesterov>
+FXP_HOST_DEVICE void sgd_element(T& w, T g, T& v, T lr, T momentum, T weight_decay) {
   T d = g + weight_decay * w;
   if constexpr (kMomentum) {
     v = momentum * v + d;
-    d = nesterov ? d + momentum * v : v;
+    d = kNesterov ? d + momentum * v : v;
   }
   w = w - lr * d;
 }
