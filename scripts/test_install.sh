@@ -24,7 +24,8 @@ step() { printf '\n==> %s\n' "$*"; }
 step "building the fxp wheel (FXP_CUDA=${FXP_WHEEL_CUDA:-OFF}; build tree $WHEEL_BUILD)"
 # (a -D define, not the environment: the kept build tree has FXP_CUDA cached)
 "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps --config-settings=build-dir="$WHEEL_BUILD" \
-  --config-settings=cmake.define.FXP_CUDA="${FXP_WHEEL_CUDA:-OFF}" -w "$WORK/dist" "$ROOT"
+  --config-settings=cmake.define.FXP_CUDA="${FXP_WHEEL_CUDA:-OFF}" --config-settings=cmake.define.FXP_CCACHE=ON \
+  -w "$WORK/dist" "$ROOT"
 wheel=$(ls "$WORK"/dist/fxp-*.whl)
 
 step "installing $(basename "$wheel") into a fresh venv"
