@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <unordered_set>
 
 namespace fxp::adapt {
@@ -54,6 +55,7 @@ void Controller::after_backward(double loss, int64_t batch_size) {
 }
 
 void Controller::step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer) {
+  if (!std::isfinite(loss)) return;  // a diverged step changes nothing, in either form
   if (&optimizer != fused_sgd_) {
     after_backward(loss, batch_size);
     optimizer.step();

@@ -35,7 +35,8 @@ class Controller {
 
   // One training step after backward(): after_backward, then the optimizer's
   // step; or, for the optimizer given to use_fused_sgd, the two fused
-  // (PrecisionController::sgd_step).
+  // (PrecisionController::sgd_step). A non-finite loss (a diverged step)
+  // changes nothing: no update, no accumulation, no count.
   void step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer);
 
   // Plain AdaPT's update fused with its gradient work (Note [AdaPT's fused

@@ -108,7 +108,6 @@ std::vector<Format> PrecisionController::formats() const {
 // quantize; after_backward switches before the optimizer's step.
 PrecisionController::StepTensors PrecisionController::step_tensors() {
   StepTensors s;
-  s.stepped.assign(layers_.size(), false);
   for (size_t l = 0; l < layers_.size(); ++l) {
     auto& layer = layers_[l];
     for (size_t i = 0; i < layer.parameters.size(); ++i) {
@@ -120,7 +119,6 @@ PrecisionController::StepTensors PrecisionController::step_tensors() {
       s.grads.push_back(p.grad());
       s.accumulated.push_back(layer.accumulated[i]);
       s.layers.push_back(static_cast<int64_t>(l));
-      s.stepped[l] = true;
     }
   }
   return s;
@@ -138,12 +136,14 @@ bool PrecisionController::after_backward(double loss, int64_t batch_size) {
                                                        static_cast<int64_t>(layers_.size()), options_.l1);
     fxp::normalize_accumulate_(s.grads, s.accumulated, s.params, norms, s.layers, options_.l1);
   }
-  return account_step(loss, batch_size, s.stepped);
+  return account_step(loss, batch_size, s.layers);
 }
 
 bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
                                    const std::function<at::Tensor(const at::Tensor&)>& momentum_buffer) {
   TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  // As in after_backward, a diverged step changes nothing: no update either.
+  if (!std::isfinite(loss)) return false;
   c10::NoGradGuard no_grad;
   const StepTensors s = step_tensors();
   if (!s.params.empty()) {
@@ -156,13 +156,12 @@ bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSet
     fxp::adapt_sgd_step_(s.params, s.grads, momentum, s.accumulated, norms, s.layers, options_.l1, sgd.lr,
                          sgd.momentum, sgd.weight_decay, sgd.nesterov);
   }
-  // The step has happened whatever the loss, as the optimizer's would; a
-  // diverged step changes nothing else here.
-  if (!std::isfinite(loss)) return false;
-  return account_step(loss, batch_size, s.stepped);
+  return account_step(loss, batch_size, s.layers);
 }
 
-bool PrecisionController::account_step(double loss, int64_t batch_size, const std::vector<bool>& stepped) {
+bool PrecisionController::account_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers) {
+  std::vector<bool> stepped(layers_.size(), false);
+  for (int64_t l : stepped_layers) stepped[static_cast<size_t>(l)] = true;
   for (size_t i = 0; i < layers_.size(); ++i) {
     if (!stepped[i]) continue;  // no gradients this step: nothing normalized or counted
     AdaptedLayer& l = layers_[i];

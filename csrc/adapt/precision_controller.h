@@ -74,7 +74,8 @@ class PrecisionController {
   // the same normalization and accumulation, fused into the update (Note
   // [AdaPT's fused step]), then the bookkeeping and the switches. .grad keeps
   // the raw gradients. momentum_buffer(p) gives parameter p's momentum buffer
-  // (zeros the first time), when sgd.momentum > 0. Returns whether any layer switched.
+  // (zeros the first time), when sgd.momentum > 0. Returns whether any layer
+  // switched. A non-finite loss changes nothing, as in after_backward: no update either.
   bool sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
                 const std::function<at::Tensor(const at::Tensor& param)>& momentum_buffer);
 
@@ -110,15 +111,15 @@ class PrecisionController {
 
  private:
   // The parameters with gradients this step (gradients made contiguous), with
-  // their gradients, accumulators and layer indices; stepped[l]: layer l has one.
+  // their gradients, accumulators and layer indices.
   struct StepTensors {
     std::vector<at::Tensor> params, grads, accumulated;
     std::vector<int64_t> layers;
-    std::vector<bool> stepped;
   };
   StepTensors step_tensors();
   // After the accumulation: counts, the strategy, the switches that are due.
-  bool account_step(double loss, int64_t batch_size, const std::vector<bool>& stepped);
+  // stepped_layers: the layer of each tensor that had a gradient (StepTensors::layers).
+  bool account_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers);
   void switch_layer(size_t index);
 
   AdaptOptions options_;

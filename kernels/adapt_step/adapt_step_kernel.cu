@@ -43,14 +43,21 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) sums[chunk] = sum;
 }
 
-// One warp per layer: its chunk sums [begin[l], begin[l + 1]).
-__global__ void layer_norms_kernel(const double* __restrict__ sums, const int64_t* __restrict__ begin,
-                                   double* __restrict__ norms) {
-  const int64_t l = blockIdx.x;
+// Layers [first, first + count)'s chunk sums, passed by value: no host-to-device
+// copy, so the norms need no synchronization and can be captured in a CUDA graph.
+constexpr int kLayersPerLaunch = 240;  // the struct stays under 2 KB of kernel arguments
+struct LayerSums {
+  int64_t begin[kLayersPerLaunch + 1];  // layer first + j's sums are [begin[j], begin[j + 1])
+  int64_t first;
+};
+
+// One warp per layer.
+__global__ void layer_norms_kernel(const double* __restrict__ sums, const LayerSums layers, double* __restrict__ norms) {
+  const int j = blockIdx.x;
   double sum = 0;
-  for (int64_t c = begin[l] + threadIdx.x; c < begin[l + 1]; c += kNormLanes) sum += sums[c];
+  for (int64_t c = layers.begin[j] + threadIdx.x; c < layers.begin[j + 1]; c += kNormLanes) sum += sums[c];
   sum = warp_combine(sum);
-  if (threadIdx.x == 0) norms[l] = sqrt(sum);
+  if (threadIdx.x == 0) norms[layers.first + j] = sqrt(sum);
 }
 
 template <typename T>
@@ -109,10 +116,15 @@ void layer_gradient_norms_cuda(at::TensorList params, at::TensorList grads, c10:
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const at::Tensor begin = at::tensor(plan.layer_begin, at::TensorOptions(at::kLong)).to(norms.device(), /*non_blocking=*/true);
-  layer_norms_kernel<<<static_cast<unsigned>(num_layers), static_cast<unsigned>(kNormLanes), 0, stream>>>(
-      sums.const_data_ptr<double>(), begin.const_data_ptr<int64_t>(), norms.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t first = 0; first < num_layers; first += kLayersPerLaunch) {
+    const int64_t count = std::min<int64_t>(kLayersPerLaunch, num_layers - first);
+    LayerSums bounds{};
+    bounds.first = first;
+    std::copy_n(plan.layer_begin.begin() + first, count + 1, bounds.begin);
+    layer_norms_kernel<<<static_cast<unsigned>(count), static_cast<unsigned>(kNormLanes), 0, stream>>>(
+        sums.const_data_ptr<double>(), bounds, norms.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 void normalize_accumulate_cuda(at::TensorList grads, at::TensorList accumulated, at::TensorList params,

@@ -466,6 +466,21 @@ TEST(AdaptController, FusedSgdStepEqualsAfterBackwardThenSgd) {
       EXPECT_TRUE(torch::equal(fused.layers()[l].accumulated[j], plain.layers()[l].accumulated[j])) << l << "." << j;
     }
   }
+  // A diverged step (non-finite loss) changes nothing in either form: no update, accumulation or count.
+  {
+    const torch::Tensor before = fused_net->parameters().front().clone();
+    const torch::Tensor accumulated = fused.layers().front().accumulated.front().clone();
+    backward(*fused_net, 70);
+    fused.step(std::nan(""), 8, sgd);
+    torch::optim::SGD unfused(plain_net->parameters(), torch::optim::SGDOptions(lr));
+    backward(*plain_net, 70);
+    plain.step(std::numeric_limits<double>::infinity(), 8, unfused);
+    EXPECT_TRUE(torch::equal(fused_net->parameters().front(), before));
+    EXPECT_TRUE(torch::equal(plain_net->parameters().front(), before));
+    EXPECT_TRUE(torch::equal(fused.layers().front().accumulated.front(), accumulated));
+    EXPECT_EQ(fused.layers().front().count, 4);
+    EXPECT_EQ(plain.layers().front().count, 4);
+  }
   // An optimizer over other parameters than the adapted layers' is refused.
   torch::optim::SGD partial(std::vector<torch::Tensor>{fused_net->parameters().front()}, torch::optim::SGDOptions(lr));
   fxp::testing::expect_error([&] { fused.use_fused_sgd(partial); }, "exactly the adapted layers' parameters");

@@ -517,6 +517,19 @@ def test_adapt_step_ops_cuda_equal_cpu(dtype):
         assert torch.equal(got.cpu(), want)
 
 
+@requires_cuda
+def test_layer_gradient_norms_cuda_equal_cpu_over_many_layers():
+    # More layers than one launch of the CUDA layer sums takes (240), some without tensors.
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(int(n), generator=gen) for n in torch.randint(1, 9000, (600,), generator=gen)]
+    params = [torch.randn(g.shape, generator=gen) for g in grads]
+    layers = [k // 2 + (k % 7 == 0) for k in range(len(grads))]
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, 400, 1e-3)
+    cuda = torch.ops.fxp.layer_gradient_norms([p.cuda() for p in params], [g.cuda() for g in grads], layers, 400, 1e-3)
+    assert torch.equal(cuda.cpu(), norms)
+    assert norms[301:].eq(0).all() and norms[:300].gt(0).all()
+
+
 def test_adapt_step_ops_reject_bad_input():
     params, grads, layers, n = _step_tensors()
     norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n)
@@ -533,8 +546,10 @@ def test_adapt_step_ops_reject_bad_input():
         torch.ops.fxp.layer_gradient_norms(params, [grads[0].t()] + grads[1:], layers, n)
     with pytest.raises(RuntimeError, match="l1 must be a non-negative finite number"):
         torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, -1.0)
-    with pytest.raises(RuntimeError, match=r"norms must be float64 of shape \[3\]"):
+    with pytest.raises(RuntimeError, match=r"norms must be float64 of shape \[num_layers\].*Float of shape \[3\]"):
         torch.ops.fxp.normalize_accumulate_(grads, acc, params, norms.float(), layers)
+    with pytest.raises(RuntimeError, match=r"layers\[3\] is 2, outside \[0, 2\)"):  # norms has 2 layers, not 3
+        torch.ops.fxp.normalize_accumulate_(grads, acc, params, norms[:2], layers)
     with pytest.raises(RuntimeError, match=r"accumulated\[0\] and grads\[0\] share memory"):
         torch.ops.fxp.normalize_accumulate_(grads, [grads[0]] + acc[1:], params, norms, layers)
     with pytest.raises(RuntimeError, match="momentum > 0 needs one momentum buffer per param"):

@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 
@@ -57,21 +56,16 @@ inline void check_l1(const char* op, double l1) {
   TORCH_CHECK(l1 >= 0 && std::isfinite(l1), op, ": l1 must be a non-negative finite number, but got ", l1);
 }
 
-inline void check_norms(const char* op, const at::Tensor& norms, at::TensorList like, int64_t num_layers) {
-  TORCH_CHECK(norms.scalar_type() == at::kDouble && norms.dim() == 1 && norms.size(0) == num_layers, op,
-              ": norms must be float64 of shape [", num_layers, "] (one per layer), but got ", norms.scalar_type(),
+// norms: float64 of shape [num_layers] on the tensors' device; returns num_layers.
+inline int64_t check_norms(const char* op, const at::Tensor& norms, at::TensorList like) {
+  TORCH_CHECK(norms.scalar_type() == at::kDouble && norms.dim() == 1, op,
+              ": norms must be float64 of shape [num_layers] (one per layer), but got ", norms.scalar_type(),
               " of shape ", norms.sizes());
   if (!like.empty()) {
     TORCH_CHECK(norms.device() == like[0].device(), op, ": norms is on ", norms.device(), " but the tensors on ",
                 like[0].device());
   }
-}
-
-// The layers the norms cover: one past the largest index.
-inline int64_t layer_count(c10::ArrayRef<int64_t> layers) {
-  int64_t n = 0;
-  for (int64_t l : layers) n = std::max(n, l + 1);
-  return n;
+  return norms.size(0);
 }
 
 }  // namespace adapt_step_detail
@@ -100,10 +94,9 @@ struct AdaptStepOps {
                                    const at::Tensor& norms, at::IntArrayRef layers, double l1) {
     constexpr const char* op = "fxp::normalize_accumulate_";
     using namespace adapt_step_detail;
-    const int64_t num_layers = norms.dim() == 1 ? norms.size(0) : layer_count(layers);
+    const int64_t num_layers = check_norms(op, norms, grads);
     check_lists(op, {{grads, "grads"}, {accumulated, "accumulated"}, {params, "params"}}, layers, num_layers,
                 !Backend::kIsMeta);
-    check_norms(op, norms, grads, num_layers);
     check_l1(op, l1);
     if constexpr (!Backend::kIsMeta) {
       check_no_aliasing(op, {{grads, "grads", true}, {accumulated, "accumulated", true}, {params, "params", false}});
@@ -119,7 +112,7 @@ struct AdaptStepOps {
                              double lr, double momentum, double weight_decay, bool nesterov) {
     constexpr const char* op = "fxp::adapt_sgd_step_";
     using namespace adapt_step_detail;
-    const int64_t num_layers = norms.dim() == 1 ? norms.size(0) : layer_count(layers);
+    const int64_t num_layers = check_norms(op, norms, params);
     const bool has_momentum = momentum != 0;
     TORCH_CHECK(lr >= 0 && std::isfinite(lr), op, ": lr must be a non-negative finite number, but got ", lr);
     TORCH_CHECK(momentum >= 0 && std::isfinite(momentum), op,
@@ -139,7 +132,6 @@ struct AdaptStepOps {
       check_lists(op, {{params, "params"}, {grads, "grads"}, {accumulated, "accumulated"}}, layers, num_layers,
                   !Backend::kIsMeta);
     }
-    check_norms(op, norms, params, num_layers);
     check_l1(op, l1);
     if constexpr (!Backend::kIsMeta) {
       check_no_aliasing(op, {{params, "params", true}, {grads, "grads", false}, {accumulated, "accumulated", true},
