@@ -33,7 +33,8 @@ void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
   }
   if (saved_inputs) {
     // Each input is the previous layer's quantized output after ReLU (and max-pool): on its act grid.
-    TORCH_CHECK(conv1->config.weight_mode != WeightMode::Fp32, "fxp::nn: fp32 layers have no grid to save inputs on");
+    TORCH_CHECK(conv1->config.weight_mode != WeightMode::Fp32 && conv1->config.weight_mode != WeightMode::Msq,
+                "fxp::nn: fp32 and msq layers have float activations: no grid to save inputs on");
     conv2->packed.saved_input_format = std::vector<int64_t>{conv1->config.act_total_bits, conv1->config.act_frac_bits};
     fc1->packed.saved_input_format = std::vector<int64_t>{conv2->config.act_total_bits, conv2->config.act_frac_bits};
     fc2->packed.saved_input_format = std::vector<int64_t>{fc1->config.act_total_bits, fc1->config.act_frac_bits};

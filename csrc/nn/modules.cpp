@@ -26,8 +26,28 @@ torch::Tensor weight_on_read(const torch::Tensor& w, const QuantConfig& c) {
   return quantize_ste(w, c.param_total_bits, c.param_frac_bits, op_rounding(c.act_rounding));
 }
 
+// Note [MSQ layers]: the weight through RoundClamp, its LSB terms kept for the penalty.
+torch::Tensor msq_weight(const torch::Tensor& w, const QuantConfig& c, MsqState& state) {
+  if (state.float_path) {
+    const torch::Tensor q = std::get<0>(round_clamp(w.detach(), c.msq_scale, c.msq_bits));
+    return q + (w - w.detach());
+  }
+  auto [q, l1, nonzero] = round_clamp(w, c.msq_scale, c.msq_bits);
+  state.lsb_l1 = l1;
+  state.lsb_nonzero = nonzero;
+  return q;
+}
+
+// The weight of a conv or linear layer as its forward reads it.
+torch::Tensor layer_weight(const torch::Tensor& w, const QuantConfig& c, MsqState& state) {
+  return c.weight_mode == WeightMode::Msq ? msq_weight(w, c, state) : weight_on_read(w, c);
+}
+
+// Layers whose outputs are not quantized: float32 ones, and MSQ's (weights only).
+bool float_outputs(const QuantConfig& c) { return c.weight_mode == WeightMode::Fp32 || c.weight_mode == WeightMode::Msq; }
+
 torch::Tensor output(const torch::Tensor& y, const QuantConfig& c, OutputStats& stats) {
-  if (c.weight_mode == WeightMode::Fp32) return y;
+  if (float_outputs(c)) return y;
   if (stats.enabled && !torch::GradMode::is_enabled()) {
     auto [out, saturated] = quantize_stats(y, c.act_total_bits, c.act_frac_bits, op_rounding(c.act_rounding));
     stats.saturated = stats.saturated.defined() ? stats.saturated + saturated : saturated;
@@ -48,7 +68,7 @@ at::OptionalIntArrayRef format_ref(const std::optional<std::vector<int64_t>>& fo
 // Packed layers quantize their output inside the layer op (no float copy),
 // except while validation statistics are collected (quantize_stats).
 std::optional<std::vector<int64_t>> fused_output_format(const QuantConfig& c, const OutputStats& stats) {
-  if (c.weight_mode == WeightMode::Fp32 || (stats.enabled && !torch::GradMode::is_enabled())) return std::nullopt;
+  if (float_outputs(c) || (stats.enabled && !torch::GradMode::is_enabled())) return std::nullopt;
   return std::vector<int64_t>{c.act_total_bits, c.act_frac_bits};
 }
 
@@ -111,7 +131,8 @@ WeightMode weight_mode_for(const std::string& method) {
   if (method == "fp32") return WeightMode::Fp32;
   if (method == "ste") return WeightMode::Ste;
   if (method == "sqpu" || method == "hteqpu") return WeightMode::Qpu;
-  TORCH_CHECK(false, "fxp::nn: method must be fp32, ste, sqpu or hteqpu, but got '", method, "'");
+  if (method == "msq") return WeightMode::Msq;
+  TORCH_CHECK(false, "fxp::nn: method must be fp32, ste, sqpu, hteqpu or msq, but got '", method, "'");
 }
 
 QuantizedLayer::QuantizedLayer(QuantConfig config_) : config(std::move(config_)) { check_config(config); }
@@ -129,7 +150,7 @@ QLinearImpl::QLinearImpl(int64_t in_features, int64_t out_features, bool bias, Q
 torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
   if (!packed.weights && !packed.saved_input_format) {
     const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
-    return note_output(output(torch::nn::functional::linear(x, weight_on_read(linear->weight, config), bias),
+    return note_output(output(torch::nn::functional::linear(x, layer_weight(linear->weight, config, msq), bias),
                               config, output_stats));
   }
   const LayerWeights w = layer_weights(linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
@@ -158,7 +179,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   if (!packed.weights && !packed.saved_input_format) {
     const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
-    return note_output(output(torch::conv2d(x, weight_on_read(conv->weight, config), bias, o.stride(), padding,
+    return note_output(output(torch::conv2d(x, layer_weight(conv->weight, config, msq), bias, o.stride(), padding,
                                             o.dilation(), o.groups()),
                               config, output_stats));
   }
@@ -184,7 +205,7 @@ QBatchNorm2dImpl::QBatchNorm2dImpl(int64_t channels, QuantConfig config_) : Quan
 }
 
 torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
-  if (config.weight_mode == WeightMode::Fp32) return note_output(bn->forward(x));
+  if (float_outputs(config)) return note_output(bn->forward(x));
   // Note [Quantized batch norm]. The bias first, as the linear layers read them.
   const torch::Tensor bias = weight_on_read(bn->bias, config);
   const torch::Tensor weight = weight_on_read(bn->weight, config);

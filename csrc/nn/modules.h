@@ -16,9 +16,10 @@
 
 namespace fxp::nn {
 
-enum class WeightMode { Fp32, Ste, Qpu };
+// Msq: a float master copy read through MSQ's RoundClamp (Note [MSQ layers]).
+enum class WeightMode { Fp32, Ste, Qpu, Msq };
 
-// The paper's method name (fp32, ste, sqpu, hteqpu) -> how a layer treats its weights.
+// The method name (fp32, ste, sqpu, hteqpu, msq) -> how a layer treats its weights.
 WeightMode weight_mode_for(const std::string& method);
 
 // A layer's quantization, kept as plain runtime state: it may change between
@@ -28,6 +29,23 @@ struct QuantConfig {
   int64_t param_total_bits = 16, param_frac_bits = 10;
   int64_t act_total_bits = 16, act_frac_bits = 8;
   std::string act_rounding = "sr";  // "hte" or "sr": layer outputs, and STE weights on read
+  // MSQ: the weight's RoundClamp width and scale (Note [RoundClamp]), set by MSQ's controller.
+  int64_t msq_bits = 8;
+  double msq_scale = 1.0;
+};
+
+// Note [MSQ layers]
+// Under WeightMode::Msq a conv or linear layer reads its weight through
+// fxp::round_clamp at (msq_bits, msq_scale): one pass gives the quantized
+// weight and the L1 norm of its LSBs, which the forward keeps in `lsb_l1`
+// (with autograd, for MSQ's penalty) and `lsb_nonzero`. Biases, batch norm and
+// activations stay float32, as in MSQ, BSQ and CSQ, which quantize weights.
+// With `float_path`, the forward reads Q(w) + (w - w.detach()) instead: the
+// same value and first gradient in plain torch ops, which differentiate twice,
+// for the Hessian-vector products of MSQ's sensitivity (docs/msq.md).
+struct MsqState {
+  torch::Tensor lsb_l1, lsb_nonzero;  // of the last forward
+  bool float_path = false;
 };
 
 // Validation statistics of a layer's output quantization. While `enabled` and
@@ -80,6 +98,7 @@ class QuantizedLayer {
   QuantConfig config;
   OutputStats output_stats;
   PackedState packed;
+  MsqState msq;
   int64_t outputs_per_sample = 0;  // of the last forward (0: none yet)
 
  protected:

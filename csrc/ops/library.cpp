@@ -57,6 +57,15 @@ TORCH_LIBRARY(fxp, m) {
       "pack_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, int offset, "
       "str overflow=\"saturate\") -> Tensor");
   m.def("unpack(Tensor codes, int total_bits, int frac_bits, ScalarType? dtype=None) -> Tensor");
+  // Bit-packed storage (Note [Bit-packed codes], kernels/bit_pack): integer
+  // codes of `bits` bits each (1 to 16; two's complement when is_signed, else
+  // unsigned), element i in bits [i * bits, (i + 1) * bits) of a little-endian
+  // bit stream, as uint8 of ceil(numel * bits / 8) bytes. A code outside the
+  // range is an error that gives the count. unpack_bits returns the codes with
+  // the given shape, as dtype (default: the smallest of int8, int16 and int32
+  // that holds every code).
+  m.def("pack_bits(Tensor codes, int bits, bool is_signed=True) -> Tensor");
+  m.def("unpack_bits(Tensor packed, int bits, int[] size, bool is_signed=True, ScalarType? dtype=None) -> Tensor");
 
   // The conv and linear of quantized layers: torch's linear / conv2d, with
   // packed storage (Note [Packed saved inputs]). weight_codes and bias_codes
@@ -124,6 +133,21 @@ TORCH_LIBRARY(fxp, m) {
       "adapt_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] accumulated, Tensor norms, int[] layers, float l1, float lr, float momentum=0., "
       "float weight_decay=0., bool nesterov=False) -> ()");
+
+  // MSQ's RoundClamp quantizer (Note [RoundClamp], kernels/round_clamp): w's
+  // magnitude over scale rounded half to even at `bits` bits (1 to 16) and
+  // clamped to the largest code, with w's sign. round_clamp returns (the
+  // quantized weights, the L1 norm of their LSBs as a 0-dim tensor of w's
+  // dtype, the count of non-zero LSBs as int64), in one pass; the LSB is the
+  // difference between the value at `bits` and at bits - 1. Its gradient is
+  // straight through: d quantized / dw = 1, d lsb_l1 / dw = sign(LSB).
+  // round_clamp_lsb: the LSBs themselves (straight through). round_clamp_codes:
+  // the signed integer codes (int8 for bits <= 7, int16 for bits <= 15, else int32).
+  m.def("round_clamp(Tensor w, float scale, int bits) -> (Tensor, Tensor, Tensor)");
+  m.def("round_clamp_lsb(Tensor w, float scale, int bits) -> Tensor");
+  m.def("round_clamp_codes(Tensor w, float scale, int bits) -> Tensor");
+  // round_clamp's backward: grad_quantized + grad_lsb_l1 * sign(LSB(w)).
+  m.def("round_clamp_backward(Tensor grad_quantized, Tensor grad_lsb_l1, Tensor w, float scale, int bits) -> Tensor");
 
   // AdaPT's controller over plain parameter lists, for Python (fxp.adapt):
   // torch.classes.fxp.AdaptController (csrc/ops/adapt, csrc/adapt/precision_controller.h).

@@ -139,6 +139,21 @@ inline at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t fr
   FXP_CALL_OP(unpack, "unpack", codes, total_bits, frac_bits, dtype);
 }
 
+// Bit-packed storage (Note [Bit-packed codes]): integer codes of `bits` bits
+// (1 to 16; two's complement when is_signed) as 1-D uint8 of
+// ceil(numel * bits / 8) bytes, code i in stream bits [i * bits, (i + 1) * bits).
+// A code outside the range is an error that gives the count.
+inline at::Tensor pack_bits(const at::Tensor& codes, int64_t bits, bool is_signed = true) {
+  FXP_CALL_OP(pack_bits, "pack_bits", codes, bits, is_signed);
+}
+
+// The codes of pack_bits, with shape `size`, as dtype (default: the smallest
+// of int8, int16 and int32 that holds every code).
+inline at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArrayRef size, bool is_signed = true,
+                              std::optional<at::ScalarType> dtype = std::nullopt) {
+  FXP_CALL_OP(unpack_bits, "unpack_bits", packed, bits, size, is_signed, dtype);
+}
+
 // torch's linear / conv2d for quantized layers: weights from packed codes
 // (weight_codes, bias_codes in param_format), the input saved packed in
 // input_format for the backward, and the output quantized in place to
@@ -215,6 +230,29 @@ inline void adapt_sgd_step_(at::TensorList params, at::TensorList grads, at::Ten
                             double lr, double momentum = 0, double weight_decay = 0, bool nesterov = false) {
   FXP_CALL_OP(adapt_sgd_step_, "adapt_sgd_step_", params, grads, momentum_buffers, accumulated, norms, layers, l1, lr,
               momentum, weight_decay, nesterov);
+}
+
+// MSQ's RoundClamp (Note [RoundClamp]): (w quantized at `bits` bits with the
+// per-layer scale, sum |LSB| as a 0-dim tensor, the count of non-zero LSBs),
+// in one pass, straight through for autograd.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> round_clamp(const at::Tensor& w, double scale, int64_t bits) {
+  FXP_CALL_OP(round_clamp, "round_clamp", w, scale, bits);
+}
+
+// The LSBs themselves: the value at `bits` minus the value at bits - 1.
+inline at::Tensor round_clamp_lsb(const at::Tensor& w, double scale, int64_t bits) {
+  FXP_CALL_OP(round_clamp_lsb, "round_clamp_lsb", w, scale, bits);
+}
+
+// The signed integer codes sign(w) c_n (int8 for bits <= 7, int16 for bits <= 15, else int32).
+inline at::Tensor round_clamp_codes(const at::Tensor& w, double scale, int64_t bits) {
+  FXP_CALL_OP(round_clamp_codes, "round_clamp_codes", w, scale, bits);
+}
+
+// round_clamp's gradient: grad_quantized + grad_lsb_l1 sign(LSB(w)).
+inline at::Tensor round_clamp_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_lsb_l1,
+                                       const at::Tensor& w, double scale, int64_t bits) {
+  FXP_CALL_OP(round_clamp_backward, "round_clamp_backward", grad_quantized, grad_lsb_l1, w, scale, bits);
 }
 
 #undef FXP_CALL_OP

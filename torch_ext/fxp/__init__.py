@@ -7,13 +7,15 @@ from ._library import load as _load
 
 library_path = _load()
 
-from . import adapt, nn, optim  # noqa: E402
+from . import adapt, msq, nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
     format_histogram,
     pack,
+    pack_bits,
     pack_seeded,
     unpack,
+    unpack_bits,
     quantize,
     quantize_,
     quantize_mask,
@@ -31,11 +33,14 @@ __all__ = [
     "adapt",
     "format_histogram",
     "library_path",
+    "msq",
     "nn",
     "optim",
     "pack",
+    "pack_bits",
     "pack_seeded",
     "unpack",
+    "unpack_bits",
     "quantize",
     "quantize_",
     "quantize_mask",

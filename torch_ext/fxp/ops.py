@@ -269,6 +269,50 @@ def unpack(codes: Tensor, fmt: FormatLike, frac_bits: Optional[int] = None,
     return _ops.unpack(_tensor("unpack", "codes", codes), b, f, dtype)
 
 
+def _bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"fxp.{op}: {name} must be a bool, but got {value!r}")
+    return value
+
+
+def pack_bits(codes: Tensor, bits: int, is_signed: bool = True) -> Tensor:
+    """Packs integer ``codes`` of ``bits`` bits each (1 to 16) into a 1-D
+    uint8 tensor of ``ceil(codes.numel() * bits / 8)`` bytes (Note [Bit-packed
+    codes], kernels/bit_pack/bit_pack_kernel.h): code ``i`` (row-major order)
+    takes bits ``[i * bits, (i + 1) * bits)`` of a little-endian bit stream,
+    whose bit ``j`` is bit ``j % 8`` of byte ``j // 8``; the last byte's unused
+    high bits are 0. With ``is_signed`` the codes are stored in ``bits``-bit
+    two's complement and must lie in ``[-2**(bits-1), 2**(bits-1) - 1]``,
+    else in ``[0, 2**bits - 1]``; a code outside raises ``RuntimeError`` with
+    the count. CPU and CUDA give the same bytes.
+
+    >>> pack_bits(torch.tensor([1, -1, 2, -4]), 3)
+    tensor([185,   8], dtype=torch.uint8)
+    """
+    op = "pack_bits"
+    return _ops.pack_bits(_tensor(op, "codes", codes), _int(op, "bits", bits), _bool(op, "is_signed", is_signed))
+
+
+def unpack_bits(packed: Tensor, bits: int, size: Union[int, Sequence[int]], is_signed: bool = True,
+                dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The codes that :func:`pack_bits` packed into ``packed``, with shape
+    ``size`` (``packed`` must have exactly ``ceil(prod(size) * bits / 8)``
+    bytes), sign-extended when ``is_signed``. ``dtype`` must be an integer
+    dtype that holds every code; the default is the smallest of int8, int16
+    and int32 that does (int16 for unsigned 8-bit codes, int32 for unsigned
+    16-bit ones).
+
+    >>> unpack_bits(torch.tensor([185, 8], dtype=torch.uint8), 3, [4])
+    tensor([ 1, -1,  2, -4], dtype=torch.int8)
+    """
+    op = "unpack_bits"
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"fxp.{op}: dtype must be a torch.dtype or None, but got {dtype!r}")
+    shape = [_int(op, "size", d) for d in size] if isinstance(size, (list, tuple)) else [_int(op, "size", size)]
+    return _ops.unpack_bits(_tensor(op, "packed", packed), _int(op, "bits", bits), shape,
+                            _bool(op, "is_signed", is_signed), dtype)
+
+
 def _format_list(op: str, name: str, fmt: Optional[FxpFormat]) -> Optional[list]:
     if fmt is not None and not isinstance(fmt, FxpFormat):
         raise TypeError(f"fxp.{op}: {name} must be an FxpFormat or None, but got {fmt!r}")

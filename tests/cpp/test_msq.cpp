@@ -1,0 +1,183 @@
+// MSQ's per-layer Hessian traces (csrc/msq/hessian.h): Hutchinson's estimator
+// against the exact trace of small models whose Hessian is formed in full.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "msq/hessian.h"
+#include "nn/models.h"
+#include "nn/modules.h"
+#include "ops/ops.h"
+#include "test_util.h"
+
+namespace {
+
+using fxp::msq::hessian_traces;
+using fxp::msq::HessianTraceOptions;
+
+torch::Tensor param(torch::IntArrayRef shape, int64_t seed) {
+  torch::manual_seed(seed);
+  return torch::randn(shape, torch::kDouble).requires_grad_();
+}
+
+TEST(MsqHessian, DiagonalHessianIsExactAfterOneSample) {
+  const auto a = param({5}, 1), b = param({2, 3}, 2);
+  const auto ca = torch::rand({5}, torch::kDouble), cb = torch::rand({2, 3}, torch::kDouble);
+  // H is diagonal: 2 ca for a, 6 cb b for b.
+  const auto loss = (ca * a.pow(2)).sum() + (cb * b.pow(3)).sum();
+  const auto traces = hessian_traces(loss, {{a}, {b}}, HessianTraceOptions{1, 7});
+  ASSERT_EQ(traces.size(), 2u);
+  EXPECT_NEAR(traces[0], (2 * ca).sum().item<double>(), 1e-12);
+  EXPECT_NEAR(traces[1], (6 * cb * b.detach()).sum().item<double>(), 1e-12);
+}
+
+// A two-layer tanh network with cross entropy: its Hessian is dense, within
+// and across layers.
+struct SmallNet {
+  torch::Tensor w1 = param({3, 4}, 3), b1 = param({3}, 4), w2 = param({2, 3}, 5), b2 = param({2}, 6);
+  torch::Tensor x = param({8, 4}, 7).detach();
+  torch::Tensor y = torch::tensor({0, 1, 1, 0, 1, 0, 0, 1});
+  std::vector<torch::Tensor> params() const { return {w1, b1, w2, b2}; }
+  torch::Tensor loss() const {
+    const auto h = torch::tanh(torch::nn::functional::linear(x, w1, b1));
+    return torch::nn::functional::cross_entropy(torch::nn::functional::linear(h, w2, b2), y);
+  }
+};
+
+// The full Hessian over the flattened parameters, one Hessian-vector product per column.
+torch::Tensor exact_hessian(const SmallNet& net) {
+  const auto params = net.params();
+  const auto grads = torch::autograd::grad({net.loss()}, params, {}, true, true);
+  int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  auto h = torch::zeros({n, n}, torch::kDouble);
+  for (int64_t j = 0; j < n; ++j) {
+    torch::Tensor dot = torch::zeros({}, torch::kDouble);
+    int64_t offset = 0;
+    for (size_t k = 0; k < params.size(); ++k) {
+      const int64_t m = params[k].numel();
+      if (j >= offset && j < offset + m) dot = dot + grads[k].reshape(-1)[j - offset];
+      offset += m;
+    }
+    const auto column = torch::autograd::grad({dot}, params, {}, true, false, true);
+    std::vector<torch::Tensor> flat;
+    for (size_t k = 0; k < params.size(); ++k) {
+      flat.push_back(column[k].defined() ? column[k].reshape(-1) : torch::zeros({params[k].numel()}, torch::kDouble));
+    }
+    h.select(1, j).copy_(torch::cat(flat));
+  }
+  return h;
+}
+
+TEST(MsqHessian, MatchesTheExactTraceWithinItsStatisticalBound) {
+  const SmallNet net;
+  const auto h = exact_hessian(net);
+  // Layers: {w1, b1} (elements 0..14) and {w2, b2} (15..22).
+  const std::vector<std::pair<int64_t, int64_t>> spans{{0, 15}, {15, 23}};
+  const int64_t samples = 4000;
+  const auto traces = hessian_traces(net.loss(), {{net.w1, net.b1}, {net.w2, net.b2}}, HessianTraceOptions{samples, 11});
+  for (size_t l = 0; l < spans.size(); ++l) {
+    const auto [begin, end] = spans[l];
+    const auto rows = h.slice(0, begin, end);
+    const auto block = rows.slice(1, begin, end);
+    const double exact = block.trace().item<double>();
+    const double own = 2 * (block.pow(2).sum() - block.diagonal().pow(2).sum()).item<double>();
+    const double across = (rows.pow(2).sum() - block.pow(2).sum()).item<double>();
+    const double sigma = std::sqrt((own + across) / samples);
+    ASSERT_GT(sigma, 0) << "the Hessian is dense: the estimate has a spread to test";
+    EXPECT_NEAR(traces[l], exact, 5 * sigma) << "layer " << l << ": exact " << exact;
+    EXPECT_GT(std::abs(exact), 10 * sigma) << "the bound must be tight enough to mean something";
+  }
+}
+
+TEST(MsqHessian, TheSeedFixesTheEstimate) {
+  const SmallNet net;
+  const std::vector<std::vector<torch::Tensor>> layers{{net.w1, net.b1}, {net.w2, net.b2}};
+  const auto first = hessian_traces(net.loss(), layers, HessianTraceOptions{3, 5});
+  const auto again = hessian_traces(net.loss(), layers, HessianTraceOptions{3, 5});
+  const auto other = hessian_traces(net.loss(), layers, HessianTraceOptions{3, 6});
+  EXPECT_EQ(first, again);
+  EXPECT_NE(first, other);
+}
+
+TEST(MsqHessian, RefusesBadInput) {
+  const SmallNet net;
+  fxp::testing::expect_error([&] { hessian_traces(net.loss(), {{net.w1}}, HessianTraceOptions{0, 0}); },
+                             "samples must be at least 1");
+  fxp::testing::expect_error([&] { hessian_traces(net.w1 * 2, {{net.w1}}, HessianTraceOptions{1, 0}); },
+                             "the loss must be a scalar");
+  fxp::testing::expect_error(
+      [&] { hessian_traces(net.loss(), {{net.w1, net.x}}, HessianTraceOptions{1, 0}); },
+      "a parameter of layer 0 does not require grad");
+}
+
+fxp::nn::QuantConfig msq_config(int64_t bits, double scale) {
+  fxp::nn::QuantConfig c;
+  c.weight_mode = fxp::nn::WeightMode::Msq;
+  c.msq_bits = bits;
+  c.msq_scale = scale;
+  return c;
+}
+
+// Note [MSQ layers]: the weight through RoundClamp, float bias and outputs, the
+// LSB terms kept with autograd for the penalty.
+TEST(MsqLayers, LinearReadsItsWeightThroughRoundClamp) {
+  torch::manual_seed(0);
+  fxp::nn::QLinear layer(6, 4, true, msq_config(3, 1.0));
+  torch::NoGradGuard no_grad;
+  const float scale = layer->linear->weight.abs().max().item<float>();
+  layer->config.msq_scale = scale;
+  const auto x = torch::randn({5, 6});
+  const auto [q, l1, nonzero] = fxp::round_clamp(layer->linear->weight, scale, 3);
+  EXPECT_TRUE(torch::equal(layer->forward(x), torch::nn::functional::linear(x, q, layer->linear->bias)));
+  EXPECT_TRUE(torch::equal(layer->msq.lsb_l1, l1));
+  EXPECT_EQ(layer->msq.lsb_nonzero.item<int64_t>(), nonzero.item<int64_t>());
+  EXPECT_GT(nonzero.item<int64_t>(), 0);
+}
+
+TEST(MsqLayers, ThePenaltysGradientIsTheSignOfTheLsb) {
+  torch::manual_seed(1);
+  fxp::nn::QConv2d layer(torch::nn::Conv2dOptions(2, 3, 3).padding(1), msq_config(4, 0.3));
+  const auto x = torch::randn({2, 2, 5, 5});
+  const double lambda = 0.25;
+  // The float path's first gradient is the fused op's (both straight through).
+  layer->msq.float_path = true;
+  layer->forward(x).sum().backward();
+  const torch::Tensor float_path_grad = layer->conv->weight.grad().clone();
+  layer->conv->weight.mutable_grad() = torch::Tensor();
+  layer->msq.float_path = false;
+  layer->forward(x).sum().backward();
+  const torch::Tensor task_grad = layer->conv->weight.grad().clone();
+  EXPECT_TRUE(torch::allclose(task_grad, float_path_grad, 1e-6, 1e-6));
+  layer->conv->weight.mutable_grad() = torch::Tensor();
+  const auto y = layer->forward(x);  // before reading lsb_l1, which this forward sets
+  (y.sum() + lambda * layer->msq.lsb_l1).backward();
+  const auto sign = torch::sign(fxp::round_clamp_lsb(layer->conv->weight.detach(), 0.3, 4));
+  EXPECT_TRUE(torch::allclose(layer->conv->weight.grad(), task_grad + lambda * sign, 0, 1e-6));
+  EXPECT_GT(sign.abs().sum().item<double>(), 0);
+}
+
+TEST(MsqLayers, TheFloatPathGivesEachLayersHessianTrace) {
+  torch::manual_seed(2);
+  auto net = fxp::nn::make_network("lenet5", msq_config(4, 0.2), 1, 10);
+  std::vector<std::vector<torch::Tensor>> weights;
+  for (const auto& [name, layer] : net->quantized_layers()) {
+    if (auto* conv = dynamic_cast<fxp::nn::QConv2dImpl*>(layer)) weights.push_back({conv->conv->weight});
+    if (auto* linear = dynamic_cast<fxp::nn::QLinearImpl*>(layer)) weights.push_back({linear->linear->weight});
+    layer->msq.float_path = true;
+  }
+  ASSERT_EQ(weights.size(), 5u);
+  const auto x = torch::randn({4, 1, 32, 32});
+  const auto loss = torch::nn::functional::cross_entropy(net->forward(x), torch::tensor({1, 2, 3, 4}));
+  const auto traces = fxp::msq::hessian_traces(loss, weights, HessianTraceOptions{2, 0});
+  ASSERT_EQ(traces.size(), 5u);
+  for (double t : traces) EXPECT_TRUE(std::isfinite(t) && t != 0);
+  // The fused op has no second derivative: the float path is what makes this work.
+  for (const auto& [name, layer] : net->quantized_layers()) layer->msq.float_path = false;
+  const auto fused_loss = torch::nn::functional::cross_entropy(net->forward(x), torch::tensor({1, 2, 3, 4}));
+  EXPECT_ANY_THROW(fxp::msq::hessian_traces(fused_loss, weights, HessianTraceOptions{1, 0}));
+}
+
+}  // namespace
