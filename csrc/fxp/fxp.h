@@ -5,6 +5,7 @@
 
 #include "adapt/controller.h"
 #include "adapt/precision.h"
+#include "msq/controller.h"
 #include "msq/hessian.h"
 #include "nn/models.h"
 #include "nn/modules.h"

@@ -36,7 +36,7 @@ void read_checkpoint(const std::string& path, torch::serialize::InputArchive& ar
 
 void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                      const adapt::Controller* adapt, const RunState& state, const json& settings,
-                     const torch::Device& device) {
+                     const torch::Device& device, const msq::Controller* msq) {
   torch::serialize::OutputArchive archive;
   torch::serialize::OutputArchive model_archive, optimizer_archive;
   model.save(model_archive);
@@ -47,6 +47,11 @@ void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::o
     torch::serialize::OutputArchive adapt_archive;
     adapt->save(adapt_archive);
     archive.write("adapt", adapt_archive);
+  }
+  if (msq) {
+    torch::serialize::OutputArchive msq_archive;
+    for (const auto& [name, tensor] : msq->state()) msq_archive.write(name, tensor);
+    archive.write("msq", msq_archive);
   }
   archive.write("state", c10::IValue(json(state).dump()));
   archive.write("config", c10::IValue(settings.dump()));
@@ -70,8 +75,20 @@ json checkpoint_settings(const std::string& path) {
   return json::parse(stored.toStringRef());
 }
 
+void load_model_weights(const std::string& path, torch::nn::Module& model) {
+  torch::serialize::InputArchive archive, model_archive;
+  read_checkpoint(path, archive, torch::Device(torch::kCPU));
+  archive.read("model", model_archive);
+  try {
+    model.load(model_archive);
+  } catch (const c10::Error& e) {
+    throw std::invalid_argument("init_from " + path + " does not hold this model's weights (" +
+                                e.what_without_backtrace() + ")");
+  }
+}
+
 RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                         adapt::Controller* adapt, const torch::Device& device) {
+                         adapt::Controller* adapt, const torch::Device& device, msq::Controller* msq) {
   torch::serialize::InputArchive archive;
   read_checkpoint(path, archive, device);
   torch::serialize::InputArchive model_archive, optimizer_archive;
@@ -83,6 +100,14 @@ RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torc
     torch::serialize::InputArchive adapt_archive;
     archive.read("adapt", adapt_archive);
     adapt->load(adapt_archive);
+  }
+  if (msq) {
+    torch::serialize::InputArchive msq_archive;
+    archive.read("msq", msq_archive);
+    msq->load_state([&](const std::string& name) {
+      torch::Tensor t;
+      return msq_archive.try_read(name, t) ? t : torch::Tensor();
+    });
   }
   c10::IValue state;
   archive.read("state", state);

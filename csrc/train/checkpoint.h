@@ -12,19 +12,25 @@
 #include <string>
 
 #include "adapt/controller.h"
+#include "msq/controller.h"
 #include "train/run_state.h"
 
 namespace fxp::train {
 
-// `adapt`: AdaPT's controller, whose state travels with the model (or null).
+// `adapt`, `msq`: AdaPT's and MSQ's controllers, whose state travels with the
+// model (or null).
 void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
                      const adapt::Controller* adapt, const RunState& state, const nlohmann::json& settings,
-                     const torch::Device& device);
+                     const torch::Device& device, const msq::Controller* msq = nullptr);
 
-// Restores the model, the optimizer, the controller and the generators;
+// Restores the model, the optimizer, the controllers and the generators;
 // returns the run state.
 RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torch::optim::Optimizer& optimizer,
-                         adapt::Controller* adapt, const torch::Device& device);
+                         adapt::Controller* adapt, const torch::Device& device, msq::Controller* msq = nullptr);
+
+// The model weights of the checkpoint at `path` into `model` (--init-from):
+// its "model" archive, which must match the model's parameters and buffers.
+void load_model_weights(const std::string& path, torch::nn::Module& model);
 
 // The settings a checkpoint was written with, after its checksum is verified.
 nlohmann::json checkpoint_settings(const std::string& path);

@@ -25,7 +25,8 @@ const std::vector<FlagHelp>& flag_help() {
       {"model", "network (docs/models.md; --describe-model prints its layers)", nn::network_names()},
       {"dataset", "dataset (docs/models.md); images are padded or cropped to the model's input size",
        data::dataset_names()},
-      {"method", "parameter update method (adapt: AdaPT, docs/adapt.md)", {"fp32", "ste", "sqpu", "hteqpu", "adapt"}},
+      {"method", "parameter update method (adapt: AdaPT, docs/adapt.md; msq: MSQ, docs/msq.md)",
+       {"fp32", "ste", "sqpu", "hteqpu", "adapt", "msq"}},
       {"param_bits", "parameter format: total bits (2..32)", {}},
       {"param_frac", "parameter format: fractional bits", {}},
       {"out_bits", "layer output (inference) format: total bits (2..32)", {}},
@@ -48,6 +49,15 @@ const std::vector<FlagHelp>& flag_help() {
       {"update",
        "AdaPT: float (a float32 master copy, the paper's) or qpu (no master copy: SQPU steps at each layer's format)",
        {"float", "qpu"}},
+      {"msq_start_bits", "MSQ: every conv and linear layer's bit width at the start (sign not counted)", {}},
+      {"msq_min_bits", "MSQ: the lowest width a pruning check may reach", {}},
+      {"msq_lambda", "MSQ: weight of the L1 penalty on the weights' least significant bits", {}},
+      {"msq_alpha", "MSQ: a layer drops bits when this fraction of its LSBs is 0", {}},
+      {"msq_check_every", "MSQ: epochs between pruning checks", {}},
+      {"msq_hessian", "MSQ: Hessian-guided pruning (layers below the mean sensitivity drop 2 bits, others 1)", {}},
+      {"msq_hessian_samples", "MSQ: Hutchinson samples per pruning check (on one training batch)", {}},
+      {"msq_finetune_epochs", "MSQ: the last epochs train at fixed widths without the penalty", {}},
+      {"init_from", "start from this checkpoint's model weights (a run of the same model, e.g. fp32 for MSQ)", {}},
       {"batch_size", "training batch size", {}},
       {"lr", "base learning rate", {}},
       {"lr_scaling", "none, or linear: lr * batch_size / 1024 (the paper's Exp 3)", {"none", "linear"}},
@@ -94,7 +104,7 @@ std::string default_text(const json& value) {
 std::optional<int> parse_command_line(const std::vector<std::string>& args, Command& command, std::ostream& out,
                                       std::ostream& err) {
   CLI::App app{
-      "fxp-train: train a network with fixed-point parameters (fp32, STE, SQPU, HTEQPU).\n"
+      "fxp-train: train a network with fixed-point parameters (fp32, STE, SQPU, HTEQPU, AdaPT, MSQ).\n"
       "With no arguments: the QPU paper's CNN on Fashion-MNIST (/usr/share/datasets/fashion-mnist), SQPU,\n"
       "16-bit parameters (10 fractional bits), 16-bit outputs (8), SR inference, batch 64, 3 epochs.\n"
       "--model and --dataset choose others. Flags override --config, which overrides the defaults;\n"

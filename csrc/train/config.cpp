@@ -66,6 +66,15 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"adapt_log", field(&TrainConfig::adapt_log)},
       {"l1_decay", field(&TrainConfig::l1_decay)},
       {"update", field(&TrainConfig::update)},
+      {"msq_start_bits", field(&TrainConfig::msq_start_bits)},
+      {"msq_min_bits", field(&TrainConfig::msq_min_bits)},
+      {"msq_lambda", field(&TrainConfig::msq_lambda)},
+      {"msq_alpha", field(&TrainConfig::msq_alpha)},
+      {"msq_check_every", field(&TrainConfig::msq_check_every)},
+      {"msq_hessian", field(&TrainConfig::msq_hessian)},
+      {"msq_hessian_samples", field(&TrainConfig::msq_hessian_samples)},
+      {"msq_finetune_epochs", field(&TrainConfig::msq_finetune_epochs)},
+      {"init_from", field(&TrainConfig::init_from)},
       {"batch_size", field(&TrainConfig::batch_size)},
       {"lr", field(&TrainConfig::lr)},
       {"lr_scaling", field(&TrainConfig::lr_scaling)},
@@ -280,6 +289,13 @@ std::string TrainConfig::run_name() const {
     if (adapt_log != d.adapt_log) name << "-" << adapt_log;
     if (l1_decay != d.l1_decay) name << "-l1_" << l1_decay;
     if (update != d.update) name << "-" << update;
+  } else if (method == "msq") {
+    const TrainConfig d;
+    name << "-n" << msq_start_bits << "-lam" << msq_lambda << "-a" << msq_alpha;
+    if (msq_min_bits != d.msq_min_bits) name << "-min" << msq_min_bits;
+    if (msq_check_every != d.msq_check_every) name << "-every" << msq_check_every;
+    if (!msq_hessian) name << "-nohessian";
+    if (msq_finetune_epochs != d.msq_finetune_epochs) name << "-ft" << msq_finetune_epochs;
   } else if (method != "fp32") {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;
@@ -293,7 +309,21 @@ std::string TrainConfig::run_name() const {
 void TrainConfig::validate() const {
   one_of("model", model, nn::network_names());
   one_of("dataset", dataset, data::dataset_names());
-  one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu", "adapt"});
+  one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu", "adapt", "msq"});
+  if (msq_min_bits < 1 || msq_start_bits < msq_min_bits || msq_start_bits > 16) {
+    bad("msq_start_bits", "and msq_min_bits must satisfy 1 <= msq_min_bits <= msq_start_bits <= 16, but got " +
+                              std::to_string(msq_min_bits) + " and " + std::to_string(msq_start_bits));
+  }
+  if (!(msq_lambda >= 0) || !std::isfinite(msq_lambda)) {
+    bad("msq_lambda", "must be a non-negative number, but got " + std::to_string(msq_lambda));
+  }
+  if (!(msq_alpha >= 0 && msq_alpha <= 1)) bad("msq_alpha", "must be in [0, 1], but got " + std::to_string(msq_alpha));
+  at_least("msq_check_every", msq_check_every, 1);
+  at_least("msq_hessian_samples", msq_hessian_samples, 1);
+  at_least("msq_finetune_epochs", msq_finetune_epochs, 0);
+  if (msq_finetune_epochs > epochs) {
+    bad("msq_finetune_epochs", "is more than the run's " + std::to_string(epochs) + " epochs");
+  }
   check_format("param_bits", param_bits, "param_frac", param_frac);
   check_format("out_bits", out_bits, "out_frac", out_frac);
   one_of("inference_rounding", inference_rounding, {"hte", "sr"});
@@ -349,6 +379,7 @@ void TrainConfig::validate() const {
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
     bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
   }
+  if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float");
   if (packed && method == "adapt") {
     bad("packed", update == "qpu" ? "AdaPT's formats change during training; packed storage cannot follow them yet"
                                   : "AdaPT keeps a float32 master copy; it has no packed form yet");

@@ -18,7 +18,7 @@ struct TrainConfig {
   std::string dataset = "fashion-mnist";  // fashion-mnist | mnist | emnist | cifar10 | cifar100
 
   // method and formats
-  std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu | adapt
+  std::string method = "sqpu";  // fp32 | ste | sqpu | hteqpu | adapt | msq
   int64_t param_bits = 16, param_frac = 10;
   int64_t out_bits = 16, out_frac = 8;
   std::string inference_rounding = "sr";  // hte | sr
@@ -35,6 +35,16 @@ struct TrainConfig {
   std::string adapt_log = "log2";      // log2 | squared_ln: the reading of the paper's "log²"
   double l1_decay = 0.0;               // L1 regularization (AdaPT's sparsity term)
   std::string update = "float";        // float (a float32 master copy) | qpu (none: SQPU at each layer's format)
+
+  // MSQ (method msq; docs/msq.md): per-layer bit widths lowered by LSB sparsity
+  int64_t msq_start_bits = 8, msq_min_bits = 1;
+  double msq_lambda = 1e-4;          // weight of the LSBs' L1 penalty
+  double msq_alpha = 0.95;           // LSB sparsity at which a layer drops bits
+  int64_t msq_check_every = 1;       // epochs between pruning checks
+  bool msq_hessian = true;           // Hessian-guided k (2 bits below the mean sensitivity)
+  int64_t msq_hessian_samples = 16;  // Hutchinson samples per check, on one training batch
+  int64_t msq_finetune_epochs = 0;   // the last epochs at fixed widths, without the penalty
+  std::string init_from;             // a checkpoint of the same model whose weights start the run
 
   // optimization
   int64_t batch_size = 64;

@@ -125,7 +125,11 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
     try {
       loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
       if (probe) probe->after_forward();
-      loss.backward();
+      if (t.msq) {
+        (loss + t.msq->penalty()).backward();  // the reported loss stays the task's
+      } else {
+        loss.backward();
+      }
       if (probe) probe->after_backward();
       if (t.adapt) {
         t.adapt->step(loss.item<double>(), index.size(0), *t.optimizer);  // syncs: the strategy needs the loss

@@ -76,6 +76,40 @@ json adapt_record(const adapt::Controller& controller) {
             {"inference_speedup", adapt::inference_speedup(work)}}}};
 }
 
+// MSQ's end of an epoch (docs/msq.md): a pruning check every msq_check_every
+// epochs, its Hessian from the first training batch with the model in eval
+// mode (batch norm's running statistics, left unchanged); with
+// msq_finetune_epochs, the widths freeze after the last pruning epoch.
+void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
+  if (!t.msq || t.msq->frozen()) return;
+  const int64_t last_pruning_epoch = c.epochs - c.msq_finetune_epochs;
+  if (epoch <= last_pruning_epoch && epoch % c.msq_check_every == 0) {
+    const int64_t n = std::min(c.batch_size, train.size());
+    const torch::Tensor x = train.images.narrow(0, 0, n), y = train.labels.narrow(0, 0, n);
+    t.model->eval();
+    t.msq->check([&] { return torch::nn::functional::cross_entropy(t.model->forward(x), y); });
+    t.model->train();
+  }
+  if (c.msq_finetune_epochs > 0 && epoch >= last_pruning_epoch) t.msq->freeze();
+}
+
+// MSQ's per-layer state at the end of an epoch: width, LSB sparsity now,
+// Hessian trace at the last check, scale; the compression rate.
+json msq_record(const msq::Controller& controller) {
+  json layers = json::array();
+  const std::vector<double> sparsity = controller.sparsities();
+  for (size_t i = 0; i < controller.layers().size(); ++i) {
+    const auto& l = controller.layers()[i];
+    layers.push_back({{"name", l.name},
+                      {"bits", l.bits},
+                      {"weights", l.weight.numel()},
+                      {"lsb_sparsity", sparsity[i]},
+                      {"hessian_trace", l.hessian_trace},
+                      {"scale", l.scale}});
+  }
+  return {{"layers", layers}, {"compression_rate", controller.compression_rate()}, {"frozen", controller.frozen()}};
+}
+
 // The epoch's line of metrics.jsonl (docs/train.md).
 json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v, const LayerStatistics& stats,
                   double lr, double epoch_time, double train_time, int64_t train_images) {
@@ -144,7 +178,8 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {
-    state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), device);
+    state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), device,
+                            training.msq.get());
     set_lr(*training.optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
@@ -155,6 +190,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     const auto epoch_start = Clock::now();
     const EpochResult trained = train_epoch(training, train, config, epoch, device, step_memory, options);
     const double train_time = seconds_since(epoch_start);
+    msq_end_epoch(training, train, config, epoch);
     recalibrate_batch_norm(training, train, config, epoch);
     const Validation validation = validate(training, val, config, device);
     const LayerStatistics statistics = layer_statistics(training, config, trained);
@@ -166,11 +202,12 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     state.history.push_back(
         epoch_record(epoch, trained, validation, statistics, lr, epoch_time, train_time, train.size()));
     if (training.adapt) state.history.back()["adapt"] = adapt_record(*training.adapt);
+    if (training.msq) state.history.back()["msq"] = msq_record(*training.msq);
     state.wall_time_s += epoch_time;
     std::string lines;
     for (const auto& r : state.history) lines += r.dump() + "\n";
     save_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), state, settings,
-                    device);
+                    device, training.msq.get());
     atomic_write(files.metrics, lines);
     if (options.log) log_epoch(*options.log, state.history.back(), config.epochs);
   }

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "data/datasets.h"
+#include "train/checkpoint.h"
 
 namespace fxp::train {
 
@@ -52,6 +53,7 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
   torch::manual_seed(static_cast<uint64_t>(c.seed));
   Training t;
   t.model = build_network(c);
+  if (!c.init_from.empty()) load_model_weights(c.init_from, *t.model);
   t.model->to(device);
   const bool adapt_qpu = c.method == "adapt" && c.update == "qpu";
   if (is_qpu(c.method) || adapt_qpu) {
@@ -63,6 +65,7 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
   if (t.packed) t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
   const double lr = c.initial_lr();
   if (c.method == "adapt") t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
+  if (c.method == "msq") t.msq = std::make_unique<msq::Controller>(*t.model, msq_options(c));
   if (is_qpu(c.method)) {
     auto qpu = std::make_unique<optim::QpuSgd>(t.model->parameters(), optim::QpuSgdOptions(lr)
                                                                           .momentum(c.momentum)
@@ -103,6 +106,17 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device) {
     t.optimizer = std::move(sgd);
   }
   return t;
+}
+
+msq::MsqOptions msq_options(const TrainConfig& c) {
+  msq::MsqOptions o;
+  o.start_bits = c.msq_start_bits;
+  o.min_bits = c.msq_min_bits;
+  o.lambda = c.msq_lambda;
+  o.alpha = c.msq_alpha;
+  o.hessian = c.msq_hessian;
+  o.hessian_options = msq::HessianTraceOptions{c.msq_hessian_samples, static_cast<uint64_t>(c.seed)};
+  return o;
 }
 
 adapt::AdaptOptions adapt_options(const TrainConfig& c) {

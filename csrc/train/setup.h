@@ -8,6 +8,7 @@
 #include <string>
 
 #include "adapt/controller.h"
+#include "msq/controller.h"
 #include "nn/models.h"
 #include "optim/qpu_sgd.h"
 #include "train/config.h"
@@ -30,7 +31,11 @@ struct Training {
   optim::QpuSgd* qpu = nullptr;  // the optimizer, for QPU methods
   bool packed = false;           // packed storage (docs/memory.md)
   std::unique_ptr<adapt::Controller> adapt;  // AdaPT's controller, for method adapt
+  std::unique_ptr<msq::Controller> msq;      // MSQ's controller, for method msq
 };
+
+// MSQ's controller options from the msq_* keys.
+msq::MsqOptions msq_options(const TrainConfig& config);
 
 // AdaPT's controller options from the adapt_* keys and l1_decay.
 adapt::AdaptOptions adapt_options(const TrainConfig& config);

@@ -56,6 +56,9 @@ json make_summary(const RunRecord& r) {
     method_for_memory = config.update == "qpu" ? "sqpu" : "ste";
     memory_bits = memory_out_bits = widest;
   }
+  // MSQ trains a float32 master copy with float activations: fp32's accounting
+  // (the forward's transient quantized weights are not counted).
+  if (config.method == "msq") method_for_memory = "fp32";
   for (const std::string accounting : {"paper", "full"}) {
     const auto estimate = [&](const std::string& method) {
       return estimate_memory(counts, accounting, method, memory_bits, memory_out_bits, config.momentum > 0,
@@ -100,6 +103,12 @@ json make_summary(const RunRecord& r) {
     adapt["training_state_bytes"] = state;
     adapt["training_state_ratio_to_fp32"] = adapt_parameters > 0 ? state / (4 * adapt_parameters * copies) : 0;
     summary["adapt"] = adapt;
+  }
+  // MSQ: the final widths and the compression rate (docs/msq.md).
+  if (last.contains("msq")) {
+    json widths = json::object();
+    for (const auto& layer : last["msq"]["layers"]) widths[layer["name"].get<std::string>()] = layer["bits"];
+    summary["msq"] = {{"compression_rate", last["msq"]["compression_rate"]}, {"bits", widths}};
   }
   return summary;
 }

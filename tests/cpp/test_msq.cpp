@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "msq/controller.h"
 #include "msq/hessian.h"
 #include "nn/models.h"
 #include "nn/modules.h"
@@ -178,6 +179,82 @@ TEST(MsqLayers, TheFloatPathGivesEachLayersHessianTrace) {
   for (const auto& [name, layer] : net->quantized_layers()) layer->msq.float_path = false;
   const auto fused_loss = torch::nn::functional::cross_entropy(net->forward(x), torch::tensor({1, 2, 3, 4}));
   EXPECT_ANY_THROW(fxp::msq::hessian_traces(fused_loss, weights, HessianTraceOptions{1, 0}));
+}
+
+// docs/msq.md: a layer past alpha drops 2 bits below the mean sensitivity, 1 otherwise, not below min_bits.
+TEST(MsqRules, BitsAfterACheckFollowSparsityAndSensitivity) {
+  const std::vector<int64_t> bits{8, 8, 8, 2, 5};
+  const std::vector<double> sparsity{0.99, 0.5, 0.97, 0.99, 0.949};
+  const std::vector<double> sensitivity{1.0, 5.0, 3.0, 0.5, 0.1};  // mean 1.92
+  EXPECT_EQ(fxp::msq::bits_after_check(bits, sparsity, sensitivity, 0.95, 1), (std::vector<int64_t>{6, 8, 7, 1, 5}));
+  EXPECT_EQ(fxp::msq::bits_after_check(bits, sparsity, {}, 0.95, 1), (std::vector<int64_t>{7, 8, 7, 1, 5}));
+  EXPECT_EQ(fxp::msq::bits_after_check(bits, sparsity, sensitivity, 0.95, 7), (std::vector<int64_t>{7, 8, 7, 2, 5}));
+  EXPECT_EQ(fxp::msq::bits_after_check(bits, sparsity, sensitivity, 0.0, 1), (std::vector<int64_t>{6, 7, 7, 1, 3}));
+}
+
+TEST(MsqRules, CompressionRateCountsEachWeightAtItsWidth) {
+  // 100 weights at 2 bits and 300 at 4: 32 * 400 / (200 + 1200).
+  EXPECT_DOUBLE_EQ(fxp::msq::compression_rate({2, 4}, {100, 300}), 32.0 * 400 / 1400);
+  EXPECT_DOUBLE_EQ(fxp::msq::compression_rate({32}, {7}), 1.0);
+}
+
+TEST(MsqController, PenaltyChecksAndState) {
+  torch::manual_seed(3);
+  auto net = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
+  fxp::msq::MsqOptions o;
+  o.start_bits = 6;
+  o.lambda = 0.5;
+  o.alpha = 0.0;  // every layer passes: the check drops bits by sensitivity alone
+  o.hessian_options = HessianTraceOptions{2, 1};
+  fxp::msq::Controller controller(*net, o);
+  ASSERT_EQ(controller.layers().size(), 5u);
+  EXPECT_DOUBLE_EQ(controller.compression_rate(), 32.0 / 6);
+  const auto x = torch::randn({4, 1, 32, 32});
+  const auto y = torch::tensor({1, 2, 3, 4});
+  const auto loss = torch::nn::functional::cross_entropy(net->forward(x), y);
+  // The penalty is lambda times the layers' sum |LSB| from this forward.
+  double want = 0;
+  for (const auto& l : controller.layers()) {
+    EXPECT_EQ(l.layer->config.weight_mode, fxp::nn::WeightMode::Msq);
+    EXPECT_EQ(l.scale, l.weight.detach().abs().max().item<float>());
+    want += std::get<1>(fxp::round_clamp(l.weight.detach(), l.scale, 6)).item<double>();
+  }
+  const auto penalty = controller.penalty();
+  EXPECT_NEAR(penalty.item<double>(), 0.5 * want, 1e-6 * want);
+  (loss + penalty).backward();
+  for (const auto& l : controller.layers()) EXPECT_TRUE(l.weight.grad().defined());
+  // A check: traces on the float path, then k = 2 below the mean sensitivity, else 1.
+  const auto dropped = controller.check([&] { return torch::nn::functional::cross_entropy(net->forward(x), y); });
+  double mean = 0;
+  for (const auto& l : controller.layers()) mean += l.hessian_trace / l.weight.numel() / 5;
+  for (size_t i = 0; i < 5; ++i) {
+    const auto& l = controller.layers()[i];
+    EXPECT_FALSE(l.layer->msq.float_path);
+    EXPECT_EQ(dropped[i], l.hessian_trace / l.weight.numel() < mean ? 2 : 1) << l.name;
+    EXPECT_EQ(l.bits, 6 - dropped[i]);
+    EXPECT_EQ(l.layer->config.msq_bits, l.bits);
+    EXPECT_GT(l.sparsity, 0.0);
+  }
+  // The state round-trips into a fresh controller of the same network.
+  const auto state = controller.state();
+  auto other_net = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
+  fxp::msq::Controller other(*other_net, o);
+  other.load_state([&](const std::string& name) {
+    for (const auto& [n, t] : state) {
+      if (n == name) return t;
+    }
+    return torch::Tensor();
+  });
+  for (size_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(other.layers()[i].bits, controller.layers()[i].bits);
+    EXPECT_EQ(other.layers()[i].scale, controller.layers()[i].scale);
+    EXPECT_EQ(other.layers()[i].layer->config.msq_bits, controller.layers()[i].bits);
+  }
+  // Frozen: no penalty, no checks.
+  controller.freeze();
+  EXPECT_EQ(controller.penalty().item<double>(), 0.0);
+  fxp::testing::expect_error([&] { controller.check([&] { return loss; }); }, "frozen");
+  fxp::testing::expect_error([&] { o.start_bits = 17, fxp::msq::Controller(*net, o); }, "start_bits <= 16");
 }
 
 }  // namespace

@@ -1,0 +1,83 @@
+"""fxp-train --method msq (issue 14; docs/msq.md): pruning checks lower the
+layers' widths by LSB sparsity and Hessian sensitivity, the widths and
+sparsities go into metrics.jsonl and summary.json, a run is bit-reproducible
+and resumes bit for bit with the controller's state in the checkpoint, and it
+can start from an fp32 run's checkpoint (--init-from)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from environment import (FASHION, epoch_metrics, requires_fxp_train, requires_fxp_train_and_data, run_fxp_train)
+
+SMALL = ["--data-dir", str(FASHION), "--train-limit", "256", "--val-limit", "128", "--batch-size", "32",
+         "--threads", "1", "--no-progress", "--quiet", "--model", "lenet5"]
+# alpha 0: every layer passes every check, so the widths fall by the Hessian's k alone.
+MSQ = SMALL + ["--method", "msq", "--msq-start-bits", "6", "--msq-alpha", "0", "--msq-hessian-samples", "2",
+               "--msq-lambda", "1e-3"]
+
+
+@requires_fxp_train_and_data
+def test_msq_prunes_by_sensitivity_and_records_it(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        p = run_fxp_train(*MSQ, "--epochs", "3", "--msq-finetune-epochs", "1", "-o", str(out))
+        assert p.returncode == 0, p.stderr
+    metrics = epoch_metrics(first)
+    assert metrics == epoch_metrics(second)  # bit-reproducible
+    widths = [[layer["bits"] for layer in m["msq"]["layers"]] for m in metrics]
+    assert len(widths[0]) == 5  # LeNet-5's convs and linears
+    for before, after in zip([[6] * 5] + widths[:-1], widths[:2]):  # two checks: each layer drops 1 or 2 bits
+        assert all(b - a in (1, 2) for b, a in zip(before, after)), widths
+        assert any(b - a == 2 for b, a in zip(before, after)) and any(b - a == 1 for b, a in zip(before, after))
+    assert widths[2] == widths[1]  # the fine-tuning epoch keeps the widths
+    assert [m["msq"]["frozen"] for m in metrics] == [False, True, True]
+    for layer in metrics[0]["msq"]["layers"]:
+        assert 0 <= layer["lsb_sparsity"] <= 1 and layer["hessian_trace"] != 0 and layer["scale"] > 0
+    summary = json.loads((first / "summary.json").read_text())
+    weights = [layer["weights"] for layer in metrics[-1]["msq"]["layers"]]
+    rate = 32 * sum(weights) / sum(w * b for w, b in zip(weights, widths[-1]))
+    assert summary["msq"]["compression_rate"] == pytest.approx(rate, rel=1e-12)
+    assert list(summary["msq"]["bits"].values()) == widths[-1]
+
+
+@requires_fxp_train_and_data
+def test_msq_resumes_bit_for_bit(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_fxp_train(*MSQ, "--epochs", "3", "-o", str(whole)).returncode == 0
+    assert run_fxp_train(*MSQ, "--epochs", "1", "-o", str(split)).returncode == 0
+    p = run_fxp_train(*MSQ, "--epochs", "3", "-o", str(split), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert epoch_metrics(whole) == epoch_metrics(split)
+
+
+@requires_fxp_train_and_data
+def test_msq_starts_from_an_fp32_checkpoint(tmp_path):
+    fp32, scratch, warm = tmp_path / "fp32", tmp_path / "scratch", tmp_path / "warm"
+    assert run_fxp_train(*SMALL, "--method", "fp32", "--epochs", "2", "-o", str(fp32)).returncode == 0
+    no_checks = MSQ + ["--epochs", "1", "--msq-check-every", "5"]
+    assert run_fxp_train(*no_checks, "-o", str(scratch)).returncode == 0
+    p = run_fxp_train(*no_checks, "--init-from", str(fp32 / "checkpoint.pt"), "-o", str(warm))
+    assert p.returncode == 0, p.stderr
+    # The fp32 weights start the run: its first epoch's training loss is below a fresh start's.
+    assert epoch_metrics(warm)[0]["train_loss"] < epoch_metrics(scratch)[0]["train_loss"]
+    p = run_fxp_train(*no_checks, "--init-from", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x"))
+    assert p.returncode != 0 and "missing.pt" in p.stderr
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("args, message", [
+    (["--msq-start-bits", "17"], "msq_start_bits: and msq_min_bits must satisfy"),
+    (["--msq-min-bits", "4", "--msq-start-bits", "3"], "msq_start_bits: and msq_min_bits must satisfy"),
+    (["--msq-alpha", "1.5"], "msq_alpha: must be in [0, 1]"),
+    (["--msq-lambda", "-1"], "msq_lambda: must be a non-negative number"),
+    (["--msq-check-every", "0"], "msq_check_every: must be at least 1"),
+    (["--msq-finetune-epochs", "5", "--epochs", "3"], "msq_finetune_epochs: is more than the run's 3 epochs"),
+    (["--packed"], "packed: is not supported by MSQ yet"),
+])
+def test_bad_msq_settings_are_usage_errors(args, message):
+    p = run_fxp_train("--method", "msq", *args)
+    assert p.returncode == 2
+    assert message in p.stderr, p.stderr
