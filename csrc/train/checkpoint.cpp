@@ -79,11 +79,25 @@ void load_model_weights(const std::string& path, torch::nn::Module& model) {
   torch::serialize::InputArchive archive, model_archive;
   read_checkpoint(path, archive, torch::Device(torch::kCPU));
   archive.read("model", model_archive);
+  // Module::load replaces tensors whatever their shapes: compare them after.
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  for (const auto& p : model.named_parameters()) shapes.emplace_back(p.key(), p.value().sizes().vec());
+  for (const auto& b : model.named_buffers()) shapes.emplace_back(b.key(), b.value().sizes().vec());
+  const auto refuse = [&](const std::string& why) {
+    throw std::invalid_argument("init_from " + path + " does not hold this model's weights: " + why);
+  };
   try {
     model.load(model_archive);
   } catch (const c10::Error& e) {
-    throw std::invalid_argument("init_from " + path + " does not hold this model's weights (" +
-                                e.what_without_backtrace() + ")");
+    refuse(e.what_without_backtrace());
+  }
+  for (const auto& [name, sizes] : shapes) {
+    const auto* p = model.named_parameters().find(name);
+    const auto* b = p ? nullptr : model.named_buffers().find(name);
+    const torch::Tensor& t = p ? *p : *b;
+    if (t.sizes().vec() != sizes) {
+      refuse(name + " has shape " + c10::str(t.sizes()) + ", the model's is " + c10::str(c10::IntArrayRef(sizes)));
+    }
   }
 }
 

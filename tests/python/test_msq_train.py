@@ -65,6 +65,10 @@ def test_msq_starts_from_an_fp32_checkpoint(tmp_path):
     assert epoch_metrics(warm)[0]["train_loss"] < epoch_metrics(scratch)[0]["train_loss"]
     p = run_fxp_train(*no_checks, "--init-from", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x"))
     assert p.returncode != 0 and "missing.pt" in p.stderr
+    other_model = [("paper_cnn" if a == "lenet5" else a) for a in no_checks]
+    p = run_fxp_train(*other_model, "--init-from", str(fp32 / "checkpoint.pt"), "-o", str(tmp_path / "y"))
+    assert p.returncode == 1
+    assert "does not hold this model's weights: conv1.conv.weight has shape [6, 1, 5, 5]" in p.stderr, p.stderr
 
 
 @requires_fxp_train
