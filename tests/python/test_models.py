@@ -44,7 +44,8 @@ def test_bad_models_and_packed_where_unsupported_are_usage_errors():
 
 @requires_fxp_train_and_data
 @pytest.mark.parametrize("model", ["lenet5", "resnet20", "alexnet"])
-@pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu", "adapt", "adapt --update qpu"])
+@pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu", "adapt", "adapt --update qpu",
+                                    "msq --msq-hessian-samples 2"])
 def test_every_model_trains_with_every_method(tmp_path, model, method):
     out = tmp_path / "run"
     p = run_fxp_train("--model", model, "--method", *method.split(), "--data-dir", str(FASHION), "--train-limit", "128",
