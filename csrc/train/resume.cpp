@@ -13,7 +13,9 @@ using nlohmann::json;
 RunStart decide_start(const RunFiles& files, const json& settings, const RunOptions& options) {
   const bool have_checkpoint = path_exists(files.checkpoint);
   if (options.overwrite) {
-    for (const auto& f : {files.checkpoint, files.summary, files.metrics, files.config}) remove_file(f);
+    for (const auto& f : {files.checkpoint, files.summary, files.metrics, files.config, files.msq_export}) {
+      remove_file(f);
+    }
     return {};
   }
   if (!options.resume && path_exists(files.summary)) {

@@ -13,6 +13,7 @@
 
 #include "train/checkpoint.h"
 #include "train/epoch.h"
+#include "train/export.h"
 #include "train/io.h"
 #include "train/resume.h"
 #include "train/schedule.h"
@@ -140,7 +141,8 @@ void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
 
 RunFiles::RunFiles(const std::string& d)
     : dir(d), config(join_path(d, "config.json")), metrics(join_path(d, "metrics.jsonl")),
-      summary(join_path(d, "summary.json")), checkpoint(join_path(d, "checkpoint.pt")) {}
+      summary(join_path(d, "summary.json")), checkpoint(join_path(d, "checkpoint.pt")),
+      msq_export(join_path(d, "model.msq")) {}
 
 std::string output_dir_for(const TrainConfig& config) {
   return config.output_dir.empty() ? join_path("results", config.run_name()) : config.output_dir;
@@ -213,8 +215,17 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   }
   if (state.stop_reason.empty()) state.stop_reason = "epochs";
 
-  const json summary = make_summary({config, settings, state, training, train.size(), val.size(), device, step_memory,
-                                     seconds_since(session_start)});
+  json summary = make_summary({config, settings, state, training, train.size(), val.size(), device, step_memory,
+                               seconds_since(session_start)});
+  if (training.msq) {
+    // The trained model at its true size (Note [MSQ export format]).
+    const ExportSizes sizes = export_msq_model(*training.msq, *training.model, files.msq_export);
+    summary["msq"]["export"] = {{"path", files.msq_export},
+                                {"bytes", sizes.file_bytes},
+                                {"model_bytes", sizes.model_bytes},
+                                {"measured_compression", static_cast<double>(sizes.model_bytes) /
+                                                             static_cast<double>(sizes.file_bytes)}};
+  }
   atomic_write(files.summary, summary.dump(2) + "\n");
   return summary;
 }

@@ -22,6 +22,7 @@ struct RunOptions {
 struct RunFiles {
   explicit RunFiles(const std::string& dir);
   std::string dir, config, metrics, summary, checkpoint;
+  std::string msq_export;  // MSQ's bit-packed model, at the end of an msq run
 };
 
 // The output directory of a config: output_dir, or results/<run name>.

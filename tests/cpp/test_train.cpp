@@ -18,6 +18,7 @@
 #include "train/bookkeeping.h"
 #include "train/cli.h"
 #include "train/config.h"
+#include "train/export.h"
 #include "train/io.h"
 #include "train/trainer.h"
 
@@ -702,6 +703,49 @@ TEST_F(TrainRun, MissingDataIsAClearError) {
   c = config_;
   c.device = "cuda";
   if (!torch::cuda::is_available()) expect_error([&] { run("z", c); }, "no CUDA device is available");
+}
+
+// Note [MSQ export format]: the export holds each MSQ layer's weight at n + 1
+// bits, and a network loaded from it computes the trained network's outputs
+// bit for bit with plain float layers.
+TEST(MsqExport, LoadingTheExportGivesTheSameOutputsBitForBit) {
+  torch::manual_seed(4);
+  auto trained = fxp::nn::make_network("resnet20", fxp::nn::QuantConfig{}, 1, 10);
+  fxp::msq::MsqOptions o;
+  o.start_bits = 3;
+  fxp::msq::Controller controller(*trained, o);
+  {  // a training step, so that batch norm's statistics and the weights are not the initial ones
+    torch::optim::SGD sgd(trained->parameters(), torch::optim::SGDOptions(0.05));
+    const auto loss = torch::nn::functional::cross_entropy(trained->forward(torch::randn({8, 1, 32, 32})),
+                                                           torch::randint(0, 10, {8}));
+    (loss + controller.penalty()).backward();
+    sgd.step();
+  }
+  const std::string path = temp_dir() + "/model.msq";
+  const ft::ExportSizes sizes = ft::export_msq_model(controller, *trained, path);
+  int64_t packed_bytes = 0, other_bytes = 0;
+  for (const auto& l : controller.layers()) packed_bytes += (l.weight.numel() * 4 + 7) / 8;  // 3 bits + sign
+  for (const auto& p : trained->named_parameters()) {
+    bool is_msq = false;
+    for (const auto& l : controller.layers()) is_msq |= l.weight.is_same(p.value());
+    if (!is_msq) other_bytes += static_cast<int64_t>(p.value().nbytes());
+  }
+  for (const auto& b : trained->named_buffers()) other_bytes += static_cast<int64_t>(b.value().nbytes());
+  EXPECT_GT(sizes.file_bytes, packed_bytes + other_bytes);
+  EXPECT_LT(sizes.file_bytes, packed_bytes + other_bytes + 20000) << "the header is small";
+  EXPECT_GT(static_cast<double>(sizes.model_bytes) / static_cast<double>(sizes.file_bytes), 4.0);
+
+  auto loaded = fxp::nn::make_network("resnet20", fxp::nn::QuantConfig{}, 1, 10);
+  ft::load_msq_export(path, *loaded);
+  trained->eval();
+  loaded->eval();
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({4, 1, 32, 32});
+  EXPECT_TRUE(torch::equal(loaded->forward(x), trained->forward(x)));
+  // A network of another model is refused, naming the tensor.
+  auto other = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
+  expect_error([&] { ft::load_msq_export(path, *other); }, "conv1.conv.weight has shape [16, 1, 3, 3]");
+  expect_error([&] { ft::load_msq_export(temp_dir() + "/missing.msq", *loaded); }, "missing.msq");
 }
 
 }  // namespace

@@ -41,6 +41,13 @@ def test_msq_prunes_by_sensitivity_and_records_it(tmp_path):
     rate = 32 * sum(weights) / sum(w * b for w, b in zip(weights, widths[-1]))
     assert summary["msq"]["compression_rate"] == pytest.approx(rate, rel=1e-12)
     assert list(summary["msq"]["bits"].values()) == widths[-1]
+    # The export: each weight at its width plus a sign bit; its measured size against the float32 model.
+    export = summary["msq"]["export"]
+    assert export["bytes"] == (first / "model.msq").stat().st_size
+    packed = sum((w * (b + 1) + 7) // 8 for w, b in zip(weights, widths[-1]))
+    assert packed < export["bytes"] < packed + 4 * (summary["parameters"] - sum(weights)) + 8192
+    assert export["measured_compression"] == pytest.approx(export["model_bytes"] / export["bytes"])
+    assert 3 < export["measured_compression"] < rate
 
 
 @requires_fxp_train_and_data
