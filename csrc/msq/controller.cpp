@@ -50,8 +50,8 @@ double compression_rate(const std::vector<int64_t>& bits, const std::vector<int6
 }
 
 Controller::Controller(nn::NetworkImpl& network, MsqOptions options) : options_(std::move(options)) {
-  TORCH_CHECK(options_.min_bits >= 1 && options_.start_bits >= options_.min_bits && options_.start_bits <= 16, kName,
-              ": the widths must satisfy 1 <= min_bits <= start_bits <= 16, but got min_bits ", options_.min_bits,
+  TORCH_CHECK(options_.min_bits >= 1 && options_.start_bits >= options_.min_bits && options_.start_bits <= 15, kName,
+              ": the widths must satisfy 1 <= min_bits <= start_bits <= 15, but got min_bits ", options_.min_bits,
               " and start_bits ", options_.start_bits);
   TORCH_CHECK(options_.lambda >= 0 && std::isfinite(options_.lambda), kName,
               ": lambda must be a non-negative number, but got ", options_.lambda);
@@ -88,7 +88,8 @@ torch::Tensor Controller::penalty() const {
   return sum.defined() ? options_.lambda * sum : torch::zeros({}, layers_.front().weight.options());
 }
 
-std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& float_path_loss) {
+std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& float_path_loss,
+                                       uint64_t hessian_seed) {
   TORCH_CHECK(!frozen_, kName, ": the widths are frozen for fine-tuning; no more pruning checks");
   std::vector<int64_t> bits, weights;
   std::vector<double> sensitivity;
@@ -106,7 +107,9 @@ std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& flo
     }
     std::vector<double> traces;
     try {
-      traces = hessian_traces(float_path_loss(), groups, options_.hessian_options);
+      HessianTraceOptions hessian = options_.hessian_options;
+      hessian.seed = hessian_seed;
+      traces = hessian_traces(float_path_loss(), groups, hessian);
     } catch (...) {
       for (const auto& l : layers_) l.layer->msq.float_path = false;
       throw;
@@ -122,10 +125,17 @@ std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& flo
   for (size_t i = 0; i < layers_.size(); ++i) {
     dropped.push_back(bits[i] - next[i]);
     layers_[i].bits = next[i];
-    layers_[i].scale = weight_scale(layers_[i].weight);
     apply(layers_[i]);
   }
   return dropped;
+}
+
+bool msq_weights_finite(const Controller& controller) {
+  torch::NoGradGuard no_grad;
+  for (const auto& l : controller.layers()) {
+    if (!torch::isfinite(l.weight).all().item<bool>()) return false;
+  }
+  return true;
 }
 
 std::vector<double> Controller::sparsities() const {
@@ -183,7 +193,7 @@ void Controller::load_state(const std::function<torch::Tensor(const std::string&
     l.scale = scale[i].item<double>();
     l.sparsity = sparsity[i].item<double>();
     l.hessian_trace = trace[i].item<double>();
-    TORCH_CHECK(l.bits >= 1 && l.bits <= 16 && l.scale > 0, kName, ": the state's layer ", l.name, " has bits ", l.bits,
+    TORCH_CHECK(l.bits >= 1 && l.bits <= 15 && l.scale > 0, kName, ": the state's layer ", l.name, " has bits ", l.bits,
                 " and scale ", l.scale);
     apply(l);
   }

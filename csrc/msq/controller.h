@@ -49,10 +49,15 @@ struct MsqLayer {
   double hessian_trace = 0;   // at the last check (0 before, or without the Hessian)
 };
 
+// Whether every MSQ layer's weight is finite (a diverged run's are not).
+class Controller;
+bool msq_weights_finite(const Controller& controller);
+
 class Controller {
  public:
   // Binds the network's conv and linear layers in module order, sets them to
-  // WeightMode::Msq at options.start_bits, with scale max |w|.
+  // WeightMode::Msq at options.start_bits (at most 15: the export stores n + 1
+  // bits), with scale max |w|, fixed for the run.
   Controller(nn::NetworkImpl& network, MsqOptions options);
 
   // lambda x sum |LSB| over the layers, from their last forward (with
@@ -62,9 +67,11 @@ class Controller {
   // A pruning check: each layer's LSB sparsity; with the Hessian, its trace
   // from `float_path_loss`, a loss the callback computes with the layers on
   // their float path (Note [MSQ layers]), which this call switches on around
-  // it; then the new widths (bits_after_check) and scales (max |w|). Returns
-  // each layer's bits dropped.
-  std::vector<int64_t> check(const std::function<torch::Tensor()>& float_path_loss);
+  // it, with Hutchinson vectors from `hessian_seed`; then the new widths
+  // (bits_after_check). The scales stay: the (n-k)-bit grid nests in the
+  // n-bit grid only at the same scale, so a pruned zero LSB changes no
+  // weight. Returns each layer's bits dropped.
+  std::vector<int64_t> check(const std::function<torch::Tensor()>& float_path_loss, uint64_t hessian_seed);
 
   // The final fine-tuning: widths fixed, no penalty.
   void freeze() { frozen_ = true; }

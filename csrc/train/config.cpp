@@ -310,8 +310,8 @@ void TrainConfig::validate() const {
   one_of("model", model, nn::network_names());
   one_of("dataset", dataset, data::dataset_names());
   one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu", "adapt", "msq"});
-  if (msq_min_bits < 1 || msq_start_bits < msq_min_bits || msq_start_bits > 16) {
-    bad("msq_start_bits", "and msq_min_bits must satisfy 1 <= msq_min_bits <= msq_start_bits <= 16, but got " +
+  if (msq_min_bits < 1 || msq_start_bits < msq_min_bits || msq_start_bits > 15) {
+    bad("msq_start_bits", "and msq_min_bits must satisfy 1 <= msq_min_bits <= msq_start_bits <= 15, but got " +
                               std::to_string(msq_min_bits) + " and " + std::to_string(msq_start_bits));
   }
   if (!(msq_lambda >= 0) || !std::isfinite(msq_lambda)) {

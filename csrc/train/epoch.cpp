@@ -89,6 +89,21 @@ class StepProbe {
 
 }  // namespace
 
+void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
+  if (!t.msq || t.msq->frozen() || train.size() == 0) return;
+  const int64_t last_pruning_epoch = c.epochs - c.msq_finetune_epochs;
+  if (epoch <= last_pruning_epoch && epoch % c.msq_check_every == 0) {
+    const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), train.images.device());
+    const torch::Tensor index = order.narrow(0, 0, std::min(c.batch_size, train.size()));
+    const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+    t.model->eval();
+    t.msq->check([&] { return torch::nn::functional::cross_entropy(t.model->forward(x), y); },
+                 mix(static_cast<uint64_t>(c.seed) ^ 0x4D5351ull, static_cast<uint64_t>(epoch)));
+    t.model->train();
+  }
+  if (c.msq_finetune_epochs > 0 && epoch >= last_pruning_epoch) t.msq->freeze();
+}
+
 void recalibrate_batch_norm(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
   if (c.bn_recalibration_batches == 0 || train.size() == 0) return;
   const torch::Tensor order = epoch_order(c.seed, epoch, train.size(), train.images.device());

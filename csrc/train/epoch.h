@@ -24,6 +24,14 @@ struct EpochResult {
 // its batches, if fewer); nothing when that setting is 0.
 void recalibrate_batch_norm(Training& training, const Split& train, const TrainConfig& config, int64_t epoch);
 
+// MSQ's end of an epoch (docs/msq.md): a pruning check every
+// msq_check_every epochs up to epochs - msq_finetune_epochs, its Hessian from
+// the first batch of the epoch's order with the model in eval mode (batch
+// norm's running statistics, left unchanged) and Hutchinson vectors seeded
+// from (seed, epoch); with msq_finetune_epochs, the widths freeze after the
+// last pruning epoch. Nothing without an MSQ controller.
+void msq_end_epoch(Training& training, const Split& train, const TrainConfig& config, int64_t epoch);
+
 // step_memory: measured on the session's first epoch (and kept).
 EpochResult train_epoch(Training& training, const Split& train, const TrainConfig& config, int64_t epoch,
                         const torch::Device& device, std::optional<StepMemory>& step_memory,

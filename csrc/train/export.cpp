@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -86,6 +87,9 @@ void load_msq_export(const std::string& path, nn::NetworkImpl& network) {
   } catch (const json::exception& e) {
     refuse(std::string("unreadable header (") + e.what() + ")");
   }
+  if (!header.is_object() || header.value("format", "") != "fxp-msq-export" || header.value("version", 0) != 1) {
+    refuse("not a version 1 fxp-msq-export header");
+  }
   size_t offset = kMagicSize + 8 + length;
   std::unordered_map<std::string, torch::Tensor> targets;
   for (auto& [name, t] : named_tensors(network)) targets[name] = t;
@@ -96,7 +100,8 @@ void load_msq_export(const std::string& path, nn::NetworkImpl& network) {
     const auto bytes = entry.at("bytes").get<size_t>();
     const auto target = targets.find(name);
     if (target == targets.end()) refuse("the network has no tensor " + name);
-    torch::Tensor& t = target->second;
+    torch::Tensor t = target->second;
+    targets.erase(target);
     if (t.sizes().vec() != shape) refuse(name + " has shape " + c10::str(c10::IntArrayRef(shape)) + ", the network's " + c10::str(t.sizes()));
     if (bytes > file.size() - offset) refuse("truncated at " + name);
     const auto data = torch::from_blob(const_cast<char*>(file.data() + offset), {static_cast<int64_t>(bytes)},
@@ -104,15 +109,23 @@ void load_msq_export(const std::string& path, nn::NetworkImpl& network) {
     offset += bytes;
     if (entry.at("kind") == "packed") {
       const auto bits = entry.at("bits").get<int64_t>();
-      const double step = entry.at("scale").get<double>() * std::ldexp(1.0, -static_cast<int>(bits));
+      const auto scale = entry.at("scale").get<double>();
+      if (bits < 1 || bits > 15 || !(scale > 0) || !std::isfinite(scale)) {
+        refuse(name + " has bits " + std::to_string(bits) + " and scale " + std::to_string(scale));
+      }
+      const double step = scale * std::ldexp(1.0, -static_cast<int>(bits));
       const torch::Tensor codes = unpack_bits(data, bits + 1, shape, /*is_signed=*/true);
       t.copy_((codes.to(torch::kDouble) * step).to(t.scalar_type()));
     } else {
+      if (entry.at("dtype").get<std::string>() != c10::toString(t.scalar_type())) {
+        refuse(name + " is " + entry.at("dtype").get<std::string>() + ", the network's " + c10::toString(t.scalar_type()));
+      }
       if (static_cast<int64_t>(bytes) != static_cast<int64_t>(t.nbytes())) refuse(name + " has the wrong byte count");
       t.copy_(data.view(t.scalar_type()).view(t.sizes()));
     }
   }
   if (offset != file.size()) refuse("bytes after the last tensor");
+  if (!targets.empty()) refuse("it lacks the network's " + targets.begin()->first);
 }
 
 }  // namespace fxp::train

@@ -77,23 +77,6 @@ json adapt_record(const adapt::Controller& controller) {
             {"inference_speedup", adapt::inference_speedup(work)}}}};
 }
 
-// MSQ's end of an epoch (docs/msq.md): a pruning check every msq_check_every
-// epochs, its Hessian from the first training batch with the model in eval
-// mode (batch norm's running statistics, left unchanged); with
-// msq_finetune_epochs, the widths freeze after the last pruning epoch.
-void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
-  if (!t.msq || t.msq->frozen()) return;
-  const int64_t last_pruning_epoch = c.epochs - c.msq_finetune_epochs;
-  if (epoch <= last_pruning_epoch && epoch % c.msq_check_every == 0) {
-    const int64_t n = std::min(c.batch_size, train.size());
-    const torch::Tensor x = train.images.narrow(0, 0, n), y = train.labels.narrow(0, 0, n);
-    t.model->eval();
-    t.msq->check([&] { return torch::nn::functional::cross_entropy(t.model->forward(x), y); });
-    t.model->train();
-  }
-  if (c.msq_finetune_epochs > 0 && epoch >= last_pruning_epoch) t.msq->freeze();
-}
-
 // MSQ's per-layer state at the end of an epoch: width, LSB sparsity now,
 // Hessian trace at the last check, scale; the compression rate.
 json msq_record(const msq::Controller& controller) {
@@ -105,6 +88,7 @@ json msq_record(const msq::Controller& controller) {
                       {"bits", l.bits},
                       {"weights", l.weight.numel()},
                       {"lsb_sparsity", sparsity[i]},
+                      {"check_sparsity", l.sparsity},  // what the last check measured, before it pruned
                       {"hessian_trace", l.hessian_trace},
                       {"scale", l.scale}});
   }
@@ -170,7 +154,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
 
   const Split train = load_split(config, /*train=*/true, config.train_limit, device);
   const Split val = load_split(config, /*train=*/false, config.val_limit, device);
-  Training training = set_up_training(config, device);
+  Training training = set_up_training(config, device, start.resume);
   if (options.log && config.method != "fp32" && config.bn_recalibration_batches == 0 &&
       training.model->has_batch_norm()) {
     *options.log << "note: batch norm's running statistics trail the parameters, and with quantized layers "
@@ -192,7 +176,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     const auto epoch_start = Clock::now();
     const EpochResult trained = train_epoch(training, train, config, epoch, device, step_memory, options);
     const double train_time = seconds_since(epoch_start);
-    msq_end_epoch(training, train, config, epoch);
+    if (std::isfinite(trained.loss)) msq_end_epoch(training, train, config, epoch);  // a diverged run is not pruned
     recalibrate_batch_norm(training, train, config, epoch);
     const Validation validation = validate(training, val, config, device);
     const LayerStatistics statistics = layer_statistics(training, config, trained);
@@ -217,8 +201,8 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
 
   json summary = make_summary({config, settings, state, training, train.size(), val.size(), device, step_memory,
                                seconds_since(session_start)});
-  if (training.msq) {
-    // The trained model at its true size (Note [MSQ export format]).
+  if (training.msq && msq_weights_finite(*training.msq)) {
+    // The trained model at its true size (Note [MSQ export format]); a diverged run has none.
     const ExportSizes sizes = export_msq_model(*training.msq, *training.model, files.msq_export);
     summary["msq"]["export"] = {{"path", files.msq_export},
                                 {"bytes", sizes.file_bytes},

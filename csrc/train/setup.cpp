@@ -46,14 +46,14 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   return nn::make_network(c.model, qc, info.channels, info.classes);
 }
 
-Training set_up_training(const TrainConfig& c, const torch::Device& device) {
+Training set_up_training(const TrainConfig& c, const torch::Device& device, bool resuming) {
   // Note [Identical initialization]: the model is built on the CPU right after
   // seeding, before anything method-specific, so every method (and device)
   // starts from the same float weights; QPU then rounds them onto the grid.
   torch::manual_seed(static_cast<uint64_t>(c.seed));
   Training t;
   t.model = build_network(c);
-  if (!c.init_from.empty()) load_model_weights(c.init_from, *t.model);
+  if (!c.init_from.empty() && !resuming) load_model_weights(c.init_from, *t.model);  // a resume reads its checkpoint
   t.model->to(device);
   const bool adapt_qpu = c.method == "adapt" && c.update == "qpu";
   if (is_qpu(c.method) || adapt_qpu) {

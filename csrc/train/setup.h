@@ -45,7 +45,8 @@ adapt::AdaptOptions adapt_options(const TrainConfig& config);
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 
 // The model on `device`, initialized from config.seed, and its optimizer.
-Training set_up_training(const TrainConfig& config, const torch::Device& device);
+// resuming: the run continues from its checkpoint, so init_from is not read.
+Training set_up_training(const TrainConfig& config, const torch::Device& device, bool resuming = false);
 
 void set_lr(torch::optim::Optimizer& optimizer, double lr);
 

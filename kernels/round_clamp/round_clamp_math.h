@@ -20,7 +20,7 @@ namespace fxp {
 // Scaling by 2^n, not DoReFa's 2^n - 1, nests the grids: every (n-1)-bit
 // value is the n-bit value 2 c_{n-1}, and the (n-1)-bit rounding boundaries,
 // the odd multiples of 2^-n, are n-bit grid points. Hence c_n - 2 c_{n-1} is
-// -1, 0 or 1 (the clamps agree: c_n is clamped exactly when c_{n-1} is), and
+// -1, 0 or 1 (whenever c_n clamps, c_{n-1} does too, and the LSB is 1), and
 // LSB(w) = 0 exactly when dropping the bit leaves the weight unchanged:
 // that is what MSQ's L1 penalty drives to zero and what its sparsity counts.
 // So sum |LSB| = (number of non-zero LSBs) s 2^-n, exact and order-free.

@@ -224,7 +224,10 @@ TEST(MsqController, PenaltyChecksAndState) {
   (loss + penalty).backward();
   for (const auto& l : controller.layers()) EXPECT_TRUE(l.weight.grad().defined());
   // A check: traces on the float path, then k = 2 below the mean sensitivity, else 1.
-  const auto dropped = controller.check([&] { return torch::nn::functional::cross_entropy(net->forward(x), y); });
+  std::vector<double> scales;
+  for (const auto& l : controller.layers()) scales.push_back(l.scale);
+  const auto dropped =
+      controller.check([&] { return torch::nn::functional::cross_entropy(net->forward(x), y); }, /*hessian_seed=*/9);
   double mean = 0;
   for (const auto& l : controller.layers()) mean += l.hessian_trace / l.weight.numel() / 5;
   for (size_t i = 0; i < 5; ++i) {
@@ -233,6 +236,7 @@ TEST(MsqController, PenaltyChecksAndState) {
     EXPECT_EQ(dropped[i], l.hessian_trace / l.weight.numel() < mean ? 2 : 1) << l.name;
     EXPECT_EQ(l.bits, 6 - dropped[i]);
     EXPECT_EQ(l.layer->config.msq_bits, l.bits);
+    EXPECT_EQ(l.scale, scales[i]) << "the scale stays, so the lower grid nests in the upper";
     EXPECT_GT(l.sparsity, 0.0);
   }
   // The state round-trips into a fresh controller of the same network.
@@ -253,8 +257,8 @@ TEST(MsqController, PenaltyChecksAndState) {
   // Frozen: no penalty, no checks.
   controller.freeze();
   EXPECT_EQ(controller.penalty().item<double>(), 0.0);
-  fxp::testing::expect_error([&] { controller.check([&] { return loss; }); }, "frozen");
-  fxp::testing::expect_error([&] { o.start_bits = 17, fxp::msq::Controller(*net, o); }, "start_bits <= 16");
+  fxp::testing::expect_error([&] { controller.check([&] { return loss; }, 0); }, "frozen");
+  fxp::testing::expect_error([&] { o.start_bits = 16, fxp::msq::Controller(*net, o); }, "start_bits <= 15");
 }
 
 }  // namespace

@@ -548,6 +548,8 @@ def test_adapt_step_ops_reject_bad_input():
         torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, -1.0)
     with pytest.raises(RuntimeError, match=r"norms must be float64 of shape \[num_layers\].*Float of shape \[3\]"):
         torch.ops.fxp.normalize_accumulate_(grads, acc, params, norms.float(), layers)
+    with pytest.raises(RuntimeError, match="norms must be contiguous"):
+        torch.ops.fxp.normalize_accumulate_(grads, acc, params, torch.zeros(6, dtype=torch.float64)[::2], layers)
     with pytest.raises(RuntimeError, match=r"layers\[3\] is 2, outside \[0, 2\)"):  # norms has 2 layers, not 3
         torch.ops.fxp.normalize_accumulate_(grads, acc, params, norms[:2], layers)
     with pytest.raises(RuntimeError, match=r"accumulated\[0\] and grads\[0\] share memory"):

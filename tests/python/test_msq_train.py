@@ -36,6 +36,9 @@ def test_msq_prunes_by_sensitivity_and_records_it(tmp_path):
     assert [m["msq"]["frozen"] for m in metrics] == [False, True, True]
     for layer in metrics[0]["msq"]["layers"]:
         assert 0 <= layer["lsb_sparsity"] <= 1 and layer["hessian_trace"] != 0 and layer["scale"] > 0
+        assert 0 < layer["check_sparsity"] <= 1
+    # The scales stay for the run (the grids nest only at one scale).
+    assert len({tuple(layer["scale"] for layer in m["msq"]["layers"]) for m in metrics}) == 1
     summary = json.loads((first / "summary.json").read_text())
     weights = [layer["weights"] for layer in metrics[-1]["msq"]["layers"]]
     rate = 32 * sum(weights) / sum(w * b for w, b in zip(weights, widths[-1]))
@@ -80,7 +83,7 @@ def test_msq_starts_from_an_fp32_checkpoint(tmp_path):
 
 @requires_fxp_train
 @pytest.mark.parametrize("args, message", [
-    (["--msq-start-bits", "17"], "msq_start_bits: and msq_min_bits must satisfy"),
+    (["--msq-start-bits", "16"], "msq_start_bits <= 15"),
     (["--msq-min-bits", "4", "--msq-start-bits", "3"], "msq_start_bits: and msq_min_bits must satisfy"),
     (["--msq-alpha", "1.5"], "msq_alpha: must be in [0, 1]"),
     (["--msq-lambda", "-1"], "msq_lambda: must be a non-negative number"),

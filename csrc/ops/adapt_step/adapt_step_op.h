@@ -61,6 +61,7 @@ inline int64_t check_norms(const char* op, const at::Tensor& norms, at::TensorLi
   TORCH_CHECK(norms.scalar_type() == at::kDouble && norms.dim() == 1, op,
               ": norms must be float64 of shape [num_layers] (one per layer), but got ", norms.scalar_type(),
               " of shape ", norms.sizes());
+  TORCH_CHECK(norms.is_contiguous(), op, ": norms must be contiguous (the kernels index it by layer)");
   if (!like.empty()) {
     TORCH_CHECK(norms.device() == like[0].device(), op, ": norms is on ", norms.device(), " but the tensors on ",
                 like[0].device());
