@@ -175,6 +175,27 @@ TEST(MsqLayers, TheFloatPathGivesEachLayersHessianTrace) {
   const auto traces = fxp::msq::hessian_traces(loss, weights, HessianTraceOptions{2, 0});
   ASSERT_EQ(traces.size(), 5u);
   for (double t : traces) EXPECT_TRUE(std::isfinite(t) && t != 0);
+  // They are the Hessian of the same network in float with its weights at
+  // their quantized values, Q_n(w): what the straight-through step sees.
+  torch::manual_seed(2);
+  auto plain = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
+  std::vector<std::vector<torch::Tensor>> plain_weights;
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, layer] : plain->quantized_layers()) {
+      torch::Tensor w;
+      if (auto* conv = dynamic_cast<fxp::nn::QConv2dImpl*>(layer)) w = conv->conv->weight;
+      if (auto* linear = dynamic_cast<fxp::nn::QLinearImpl*>(layer)) w = linear->linear->weight;
+      if (!w.defined()) continue;
+      w.copy_(std::get<0>(fxp::round_clamp(weights[plain_weights.size()][0].detach(), 0.2, 4)));
+      plain_weights.push_back({w});
+    }
+  }
+  const auto plain_loss = torch::nn::functional::cross_entropy(plain->forward(x), torch::tensor({1, 2, 3, 4}));
+  const auto plain_traces = fxp::msq::hessian_traces(plain_loss, plain_weights, HessianTraceOptions{2, 0});
+  for (size_t l = 0; l < traces.size(); ++l) {
+    EXPECT_NEAR(traces[l], plain_traces[l], 1e-5 * std::abs(plain_traces[l])) << "layer " << l;
+  }
   // The fused op has no second derivative: the float path is what makes this work.
   for (const auto& [name, layer] : net->quantized_layers()) layer->msq.float_path = false;
   const auto fused_loss = torch::nn::functional::cross_entropy(net->forward(x), torch::tensor({1, 2, 3, 4}));
