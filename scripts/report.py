@@ -5,7 +5,9 @@ Reads every summary.json below the given directories (sweep outputs or single
 runs), writes runs.csv (one row per run) and stats.csv (accuracy over seeds
 per configuration), heat maps as PNG (the paper's Figures 3-10), the accuracy
 against memory plot (Figure 11), and report.md, which sets the measured
-results beside the paper's stated numbers.
+results beside the paper's stated numbers. AdaPT runs add adapt.csv and their
+bit widths over training; MSQ runs add msq.csv, each configuration's bit
+widths per layer over training, and accuracy against compression rate.
 
 Example:
   scripts/report results/exp1 results/exp2 --out results/report
@@ -23,7 +25,8 @@ import pandas as pd
 
 METHODS = ["ste", "sqpu", "hteqpu"]
 CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
-                  "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed", "update"]
+                  "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed", "update",
+                  "msq_start_bits", "msq_min_bits", "msq_lambda", "msq_alpha", "msq_hessian", "msq_finetune_epochs"]
 
 
 def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
@@ -49,6 +52,9 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 # One measured training step (docs/memory.md); absent in runs older than issue 6.
                 "measured_step_bytes": s.get("measured_memory", {}).get("step", {}).get("total_bytes"),
                 "measured_step_peak_bytes": s.get("measured_memory", {}).get("step", {}).get("step_peak_bytes"),
+                # MSQ: the paper-style rate (weights' widths, no sign) and the export's measured one.
+                "msq_compression_rate": s.get("msq", {}).get("compression_rate"),
+                "msq_measured_compression": s.get("msq", {}).get("export", {}).get("measured_compression"),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent
@@ -64,9 +70,19 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     # Runs older than issue 13 (model, dataset) and than AdaPT's update key.
     for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)
-    df["fxp"] = [f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method not in ("fp32", "adapt")
+    df["fxp"] = [_msq_name(r) if r.method == "msq"
+                 else f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method not in ("fp32", "adapt")
                  else _adapt_name(r.update) if r.method == "adapt" else r.method for r in df.itertuples()]
     return df
+
+
+def _msq_name(r) -> str:
+    """An MSQ configuration's label: "uniform 4b" for uniform quantization-aware
+    training (λ = 0, α = 1: the widths never move), else "msq λ=…" with
+    "no Hessian" when k is always 1."""
+    if r.msq_lambda == 0 and r.msq_alpha >= 1:
+        return f"uniform {int(r.msq_start_bits)}b"
+    return f"msq λ={r.msq_lambda:g}" + ("" if r.msq_hessian in (True, None) else " no Hessian")
 
 
 def _adapt_name(update: str) -> str:
@@ -296,8 +312,102 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
     return paths
 
 
+def msq_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished MSQ run, and the float32 runs of the same model and
+    dataset (at compression 1): accuracies, the paper-style compression rate,
+    the export's measured compression, and the final widths."""
+    done = df[(df.status == "finished") & df.method.isin(["msq", "fp32"])]
+    models = set(zip(done[done.method == "msq"].model, done[done.method == "msq"].dataset))
+    rows = []
+    for _, r in done.iterrows():
+        if (r["model"], r["dataset"]) not in models:
+            continue
+        summary = json.loads((pathlib.Path(r["dir"]) / "summary.json").read_text())
+        bits = summary.get("msq", {}).get("bits", {})
+        rows.append({"grid": r["grid"], "model": r["model"], "dataset": r["dataset"], "config": r["fxp"],
+                     "seed": r["seed"], "dir": r["dir"], "best_val_accuracy": r["best_val_accuracy"],
+                     "final_val_accuracy": r["final_val_accuracy"],
+                     "compression_rate": r["msq_compression_rate"] if r["method"] == "msq" else 1.0,
+                     "measured_compression": r["msq_measured_compression"] if r["method"] == "msq" else 1.0,
+                     "min_bits": min(bits.values()) if bits else None, "max_bits": max(bits.values()) if bits else None,
+                     "wall_time_s": r["wall_time_s"]})
+    return pd.DataFrame(rows)
+
+
+def draw_msq_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """Each layer's bit width at the end of every epoch, as a layers x epochs
+    map with the widths in the cells, for the lowest seed of each MSQ
+    configuration (ResNet-20 has 22 layers: too many lines for one plot)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    msq = table[table.config != "fp32"] if not table.empty else table
+    for (grid, model, dataset, config), group in msq.groupby(["grid", "model", "dataset", "config"]):
+        run = group.sort_values("seed").iloc[0]
+        epochs = [e for e in _epochs(run["dir"]) if "msq" in e]
+        if not epochs:
+            continue
+        names = [layer["name"] for layer in epochs[0]["msq"]["layers"]]
+        matrix = pd.DataFrame([[e["msq"]["layers"][i]["bits"] for e in epochs] for i in range(len(names))],
+                              index=names, columns=[e["epoch"] for e in epochs])
+        fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.45 * matrix.shape[1]), max(3.0, 1.4 + 0.28 * matrix.shape[0])))
+        im = _heatmap(ax, matrix, f"MSQ widths per layer: {model} on {dataset}\n{config}, seed {run['seed']}", ".0f", 0,
+                      max(8, int(matrix.to_numpy().max())), "viridis")
+        ax.title.set_fontsize(9)
+        ax.set_xlabel("epoch (width at its end)")
+        fig.colorbar(im, ax=ax, label="bits (sign not counted)")
+        fig.tight_layout()
+        slug = config.replace(" ", "-").replace("λ=", "lambda")
+        path = out / f"msq-bits-{grid}-{model}-{dataset}-{slug}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# MSQ's stated result (ResNet-20 on CIFAR-10), drawn beside the measured ones for scale.
+MSQ_PAPER_POINT = ("MSQ paper, ResNet-20 on CIFAR-10", 20.13, 0.9215)
+
+
+def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """Best validation accuracy against the compression rate, one marker per
+    configuration (mean over seeds, the bars the min and max), per model and
+    dataset; hollow markers give the export's measured compression."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for (model, dataset), group in table.groupby(["model", "dataset"]):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for config, runs in sorted(group.groupby("config"), key=lambda kv: kv[1].compression_rate.mean()):
+            acc = runs.best_val_accuracy
+            x = runs.compression_rate.mean()
+            line = ax.errorbar([x], [acc.mean()], yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
+                               fmt="o", capsize=3, label=f"{config} ({len(runs)} seeds)")
+            if config != "fp32":
+                ax.plot([runs.measured_compression.mean()], [acc.mean()], marker="o", mfc="none",
+                        color=line[0].get_color())
+        label, x, y = MSQ_PAPER_POINT
+        ax.plot([x], [y], marker="*", markersize=12, color="black", linestyle="none", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("compression rate vs float32 (filled: 32 / mean width; hollow: the export's measured size)")
+        ax.set_ylabel("best validation accuracy")
+        ax.set_title(f"MSQ: accuracy against compression, {model} on {dataset}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"msq-accuracy-compression-{model}-{dataset}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.Path],
-                    adapt: pd.DataFrame | None = None) -> str:
+                    adapt: pd.DataFrame | None = None, msq: pd.DataFrame | None = None) -> str:
     def pct(x):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -330,6 +440,17 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
             lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.update} | {r.seed} | "
                          f"{pct(r.fp32_best_val_accuracy)} | {pct(r.best_val_accuracy)} | {r.su1:.2f} | {su2} | "
                          f"{r.model_size:.2f} | {r.inference_speedup:.2f} | {mem} |")
+    if msq is not None and not msq.empty:
+        lines += ["", "## MSQ (docs/msq.md)", "",
+                  "Compression: 32 / the mean width of the quantized weights (the sign not counted, as the paper "
+                  "reports it); measured: float32 model bytes / the export's bytes.", "",
+                  "| model | dataset | configuration | seeds | best accuracy (mean) | min | max | compression | "
+                  "measured | widths |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (model, dataset, config), g in msq.groupby(["model", "dataset", "config"]):
+            widths = "–" if g.min_bits.isna().all() else f"{int(g.min_bits.min())}–{int(g.max_bits.max())}"
+            lines.append(f"| {model} | {dataset} | {config} | {len(g)} | {pct(g.best_val_accuracy.mean())} | "
+                         f"{pct(g.best_val_accuracy.min())} | {pct(g.best_val_accuracy.max())} | "
+                         f"{g.compression_rate.mean():.2f}× | {g.measured_compression.mean():.2f}× | {widths} |")
     if images:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
@@ -362,7 +483,11 @@ def main(argv=None) -> int:
     if not adapt.empty:
         adapt.to_csv(args.out / "adapt.csv", index=False)
         images += draw_adapt_bits(adapt, args.out)
-    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt))
+    msq = msq_table(df)
+    if not msq.empty:
+        msq.to_csv(args.out / "msq.csv", index=False)
+        images += draw_msq_tradeoff(msq, args.out) + draw_msq_bits(msq, args.out)
+    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt, msq))
     print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures")
     return 0
 

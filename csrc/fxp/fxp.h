@@ -7,6 +7,7 @@
 #include "adapt/precision.h"
 #include "msq/controller.h"
 #include "msq/hessian.h"
+#include "msq/width_controller.h"
 #include "nn/models.h"
 #include "nn/modules.h"
 #include "nn/network.h"

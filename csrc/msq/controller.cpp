@@ -2,202 +2,69 @@
 
 #include <torch/torch.h>
 
-#include <algorithm>
-#include <cmath>
-#include <numeric>
-
-#include "ops/ops.h"
-
 namespace fxp::msq {
 namespace {
 
-constexpr const char* kName = "fxp::msq";
-
-// max |w| as a float32 value (so that RoundClamp's products are exact); 1 for
-// an all-zero weight, whose codes are 0 at any scale.
-double weight_scale(const torch::Tensor& w) {
-  const float m = w.detach().abs().max().item<float>();
-  TORCH_CHECK(std::isfinite(m), kName, ": a layer's weights are not finite; MSQ cannot scale them");
-  return m > 0 ? m : 1.0;
+// The conv and linear layers with their weights, in module order; every other
+// quantized layer (batch norm, adds) is set to MSQ's float mode on the way.
+std::vector<std::pair<std::string, torch::Tensor>> bind_layers(nn::NetworkImpl& network,
+                                                               std::vector<nn::QuantizedLayer*>& bound) {
+  std::vector<std::pair<std::string, torch::Tensor>> weights;
+  for (const auto& [name, layer] : network.quantized_layers()) {
+    layer->config.weight_mode = nn::WeightMode::Msq;
+    torch::Tensor weight;
+    if (auto* conv = dynamic_cast<nn::QConv2dImpl*>(layer)) weight = conv->conv->weight;
+    if (auto* linear = dynamic_cast<nn::QLinearImpl*>(layer)) weight = linear->linear->weight;
+    if (!weight.defined()) continue;
+    bound.push_back(layer);
+    weights.emplace_back(name, weight);
+  }
+  TORCH_CHECK(!weights.empty(), "fxp::msq: the network has no conv or linear layer to quantize");
+  return weights;
 }
 
 }  // namespace
 
-std::vector<int64_t> bits_after_check(const std::vector<int64_t>& bits, const std::vector<double>& sparsity,
-                                      const std::vector<double>& sensitivity, double alpha, int64_t min_bits) {
-  TORCH_CHECK(sparsity.size() == bits.size() && (sensitivity.empty() || sensitivity.size() == bits.size()), kName,
-              ": one sparsity (and sensitivity) per layer");
-  const double mean = sensitivity.empty() ? 0.0
-                                          : std::accumulate(sensitivity.begin(), sensitivity.end(), 0.0) /
-                                                static_cast<double>(sensitivity.size());
-  std::vector<int64_t> out(bits);
-  for (size_t l = 0; l < bits.size(); ++l) {
-    if (sparsity[l] < alpha) continue;
-    const int64_t k = !sensitivity.empty() && sensitivity[l] < mean ? 2 : 1;
-    out[l] = std::max(std::min(min_bits, bits[l]), bits[l] - k);  // down to min_bits, never up
-  }
-  return out;
+Controller::Controller(nn::NetworkImpl& network, MsqOptions options)
+    : widths_(bind_layers(network, network_layers_), std::move(options)) {
+  apply_widths();
 }
 
-double compression_rate(const std::vector<int64_t>& bits, const std::vector<int64_t>& weights) {
-  TORCH_CHECK(bits.size() == weights.size(), kName, ": one width per layer");
-  double total = 0, stored = 0;
-  for (size_t l = 0; l < bits.size(); ++l) {
-    total += static_cast<double>(weights[l]);
-    stored += static_cast<double>(bits[l]) * static_cast<double>(weights[l]);
+void Controller::apply_widths() const {
+  for (size_t i = 0; i < network_layers_.size(); ++i) {
+    network_layers_[i]->config.msq_bits = layers()[i].bits;
+    network_layers_[i]->config.msq_scale = layers()[i].scale;
   }
-  return stored > 0 ? 32.0 * total / stored : 0.0;
-}
-
-Controller::Controller(nn::NetworkImpl& network, MsqOptions options) : options_(std::move(options)) {
-  TORCH_CHECK(options_.min_bits >= 1 && options_.start_bits >= options_.min_bits && options_.start_bits <= 15, kName,
-              ": the widths must satisfy 1 <= min_bits <= start_bits <= 15, but got min_bits ", options_.min_bits,
-              " and start_bits ", options_.start_bits);
-  TORCH_CHECK(options_.lambda >= 0 && std::isfinite(options_.lambda), kName,
-              ": lambda must be a non-negative number, but got ", options_.lambda);
-  TORCH_CHECK(options_.alpha >= 0 && options_.alpha <= 1, kName, ": alpha must be in [0, 1], but got ",
-              options_.alpha);
-  for (const auto& [name, layer] : network.quantized_layers()) {
-    torch::Tensor weight;
-    if (auto* conv = dynamic_cast<nn::QConv2dImpl*>(layer)) weight = conv->conv->weight;
-    if (auto* linear = dynamic_cast<nn::QLinearImpl*>(layer)) weight = linear->linear->weight;
-    if (!weight.defined()) {
-      layer->config.weight_mode = nn::WeightMode::Msq;  // batch norm, adds: float, as MSQ's
-      continue;
-    }
-    layers_.push_back(MsqLayer{name, layer, weight, options_.start_bits, weight_scale(weight)});
-    apply(layers_.back());
-  }
-  TORCH_CHECK(!layers_.empty(), kName, ": the network has no conv or linear layer to quantize");
-}
-
-void Controller::apply(MsqLayer& l) const {
-  l.layer->config.weight_mode = nn::WeightMode::Msq;
-  l.layer->config.msq_bits = l.bits;
-  l.layer->config.msq_scale = l.scale;
 }
 
 torch::Tensor Controller::penalty() const {
-  torch::Tensor sum;
-  if (frozen_ || options_.lambda == 0) return torch::zeros({}, layers_.front().weight.options());
-  for (const auto& l : layers_) {
-    const torch::Tensor& l1 = l.layer->msq.lsb_l1;
-    if (!l1.defined()) continue;  // no forward through this layer yet
-    sum = sum.defined() ? sum + l1 : l1;
-  }
-  return sum.defined() ? options_.lambda * sum : torch::zeros({}, layers_.front().weight.options());
+  std::vector<torch::Tensor> lsb_l1;
+  for (const auto* layer : network_layers_) lsb_l1.push_back(layer->msq.lsb_l1);
+  return widths_.penalty(lsb_l1);
 }
 
-std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& float_path_loss,
-                                       uint64_t hessian_seed) {
-  TORCH_CHECK(!frozen_, kName, ": the widths are frozen for fine-tuning; no more pruning checks");
-  std::vector<int64_t> bits, weights;
-  std::vector<double> sensitivity;
-  const std::vector<double> sparsity = sparsities();
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    layers_[i].sparsity = sparsity[i];
-    bits.push_back(layers_[i].bits);
-    weights.push_back(layers_[i].weight.numel());
+std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& float_path_loss, uint64_t hessian_seed) {
+  torch::Tensor loss;
+  if (options().hessian) {
+    struct FloatPath {  // on for the callback's forward only, also when it throws
+      const std::vector<nn::QuantizedLayer*>& layers;
+      explicit FloatPath(const std::vector<nn::QuantizedLayer*>& l) : layers(l) {
+        for (auto* layer : layers) layer->msq.float_path = true;
+      }
+      ~FloatPath() {
+        for (auto* layer : layers) layer->msq.float_path = false;
+      }
+    } float_path(network_layers_);
+    loss = float_path_loss();
   }
-  if (options_.hessian) {
-    std::vector<std::vector<torch::Tensor>> groups;
-    for (const auto& l : layers_) {
-      groups.push_back({l.weight});
-      l.layer->msq.float_path = true;
-    }
-    std::vector<double> traces;
-    try {
-      HessianTraceOptions hessian = options_.hessian_options;
-      hessian.seed = hessian_seed;
-      traces = hessian_traces(float_path_loss(), groups, hessian);
-    } catch (...) {
-      for (const auto& l : layers_) l.layer->msq.float_path = false;
-      throw;
-    }
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      layers_[i].layer->msq.float_path = false;
-      layers_[i].hessian_trace = traces[i];
-      sensitivity.push_back(traces[i] / static_cast<double>(weights[i]));  // the mean Hessian diagonal
-    }
-  }
-  const auto next = bits_after_check(bits, sparsity, sensitivity, options_.alpha, options_.min_bits);
-  std::vector<int64_t> dropped;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    dropped.push_back(bits[i] - next[i]);
-    layers_[i].bits = next[i];
-    apply(layers_[i]);
-  }
+  auto dropped = widths_.check(loss, hessian_seed);
+  apply_widths();
   return dropped;
 }
 
-bool msq_weights_finite(const Controller& controller) {
-  torch::NoGradGuard no_grad;
-  for (const auto& l : controller.layers()) {
-    if (!torch::isfinite(l.weight).all().item<bool>()) return false;
-  }
-  return true;
-}
-
-std::vector<double> Controller::sparsities() const {
-  torch::NoGradGuard no_grad;
-  std::vector<double> out;
-  for (const auto& l : layers_) {
-    const int64_t nonzero = std::get<2>(fxp::round_clamp(l.weight.detach(), l.scale, l.bits)).item<int64_t>();
-    out.push_back(1.0 - static_cast<double>(nonzero) / static_cast<double>(l.weight.numel()));
-  }
-  return out;
-}
-
-double Controller::compression_rate() const {
-  std::vector<int64_t> bits, weights;
-  for (const auto& l : layers_) {
-    bits.push_back(l.bits);
-    weights.push_back(l.weight.numel());
-  }
-  return msq::compression_rate(bits, weights);
-}
-
-std::vector<std::pair<std::string, torch::Tensor>> Controller::state() const {
-  std::vector<int64_t> bits;
-  std::vector<double> scale, sparsity, trace;
-  for (const auto& l : layers_) {
-    bits.push_back(l.bits);
-    scale.push_back(l.scale);
-    sparsity.push_back(l.sparsity);
-    trace.push_back(l.hessian_trace);
-  }
-  const auto f64 = torch::TensorOptions(torch::kDouble);
-  return {{"msq.bits", torch::tensor(bits, torch::kLong)},
-          {"msq.scale", torch::tensor(scale, f64)},
-          {"msq.sparsity", torch::tensor(sparsity, f64)},
-          {"msq.hessian_trace", torch::tensor(trace, f64)},
-          {"msq.frozen", torch::tensor(static_cast<int64_t>(frozen_))}};
-}
-
 void Controller::load_state(const std::function<torch::Tensor(const std::string& name)>& read) {
-  const auto n = static_cast<int64_t>(layers_.size());
-  const auto get = [&](const std::string& name) {
-    torch::Tensor t = read(name);
-    TORCH_CHECK(t.defined(), kName, ": the state has no '", name, "'");
-    return t.cpu();
-  };
-  const torch::Tensor bits = get("msq.bits"), scale = get("msq.scale"), sparsity = get("msq.sparsity"),
-                      trace = get("msq.hessian_trace");
-  for (const auto& t : {bits, scale, sparsity, trace}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, kName, ": the state is for ", t.numel(), " layers, but the network has ",
-                n);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    MsqLayer& l = layers_[static_cast<size_t>(i)];
-    l.bits = bits[i].item<int64_t>();
-    l.scale = scale[i].item<double>();
-    l.sparsity = sparsity[i].item<double>();
-    l.hessian_trace = trace[i].item<double>();
-    TORCH_CHECK(l.bits >= 1 && l.bits <= 15 && l.scale > 0, kName, ": the state's layer ", l.name, " has bits ", l.bits,
-                " and scale ", l.scale);
-    apply(l);
-  }
-  frozen_ = get("msq.frozen").item<int64_t>() != 0;
+  widths_.load_state(read);
+  apply_widths();
 }
 
 }  // namespace fxp::msq

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "ops/adapt/adapt_controller_class.h"
+#include "ops/msq/msq_controller_class.h"
 
 // Mutating ops (in-place `_` and `.out`) return nothing, which keeps them
 // functionalizable for torch.compile; the Python and C++ wrappers return the
@@ -152,4 +153,7 @@ TORCH_LIBRARY(fxp, m) {
   // AdaPT's controller over plain parameter lists, for Python (fxp.adapt):
   // torch.classes.fxp.AdaptController (csrc/ops/adapt, csrc/adapt/precision_controller.h).
   fxp::define_adapt_controller_class(m);
+  // MSQ's widths, penalty and pruning checks over plain weight lists, for Python
+  // (fxp.msq): torch.classes.fxp.MsqController (csrc/ops/msq, csrc/msq/width_controller.h).
+  fxp::define_msq_controller_class(m);
 }

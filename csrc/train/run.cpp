@@ -201,7 +201,7 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
 
   json summary = make_summary({config, settings, state, training, train.size(), val.size(), device, step_memory,
                                seconds_since(session_start)});
-  if (training.msq && msq_weights_finite(*training.msq)) {
+  if (training.msq && training.msq->weights_finite()) {
     // The trained model at its true size (Note [MSQ export format]); a diverged run has none.
     const ExportSizes sizes = export_msq_model(*training.msq, *training.model, files.msq_export);
     summary["msq"]["export"] = {{"path", files.msq_export},

@@ -219,6 +219,37 @@ TEST(MsqRules, CompressionRateCountsEachWeightAtItsWidth) {
   EXPECT_DOUBLE_EQ(fxp::msq::compression_rate({32}, {7}), 1.0);
 }
 
+// The network-free core that Python's MsqController runs: a bad state changes
+// nothing (all or nothing), and the penalty needs one L1 norm per layer.
+TEST(MsqWidthController, LoadsAStateAllOrNothing) {
+  torch::manual_seed(5);
+  fxp::msq::MsqOptions o;
+  o.start_bits = 6;
+  o.alpha = 0.0;
+  o.hessian = false;
+  fxp::msq::WidthController widths({{"a", torch::randn({4, 3})}, {"b", torch::randn({7})}}, o);
+  EXPECT_EQ(widths.check(torch::Tensor(), 0), (std::vector<int64_t>{1, 1}));
+  const auto state = widths.state();
+  const auto read = [&](const std::string& name, const torch::Tensor& replace_bits) {
+    return [&, name, replace_bits](const std::string& key) {
+      if (key == "msq.bits" && replace_bits.defined()) return replace_bits;
+      for (const auto& [k, t] : state) {
+        if (k == key) return t;
+      }
+      return torch::Tensor();
+    };
+  };
+  fxp::msq::WidthController other({{"a", torch::randn({4, 3})}, {"b", torch::randn({7})}}, o);
+  fxp::testing::expect_error([&] { other.load_state(read("", torch::tensor({5, 0}))); }, "has bits 0");
+  EXPECT_EQ(other.layers()[0].bits, 6) << "a failed load leaves every layer as it was";
+  other.load_state(read("", torch::Tensor()));
+  EXPECT_EQ(other.layers()[0].bits, 5);
+  EXPECT_EQ(other.layers()[1].bits, 5);
+  fxp::testing::expect_error([&] { other.penalty({torch::Tensor()}); }, "one LSB L1 norm per layer (2), but got 1");
+  fxp::testing::expect_error(
+      [&] { fxp::msq::WidthController({{"c", torch::zeros({0})}}, o); }, "the weights of c must be a non-empty");
+}
+
 TEST(MsqController, PenaltyChecksAndState) {
   torch::manual_seed(3);
   auto net = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
@@ -235,8 +266,9 @@ TEST(MsqController, PenaltyChecksAndState) {
   const auto loss = torch::nn::functional::cross_entropy(net->forward(x), y);
   // The penalty is lambda times the layers' sum |LSB| from this forward.
   double want = 0;
-  for (const auto& l : controller.layers()) {
-    EXPECT_EQ(l.layer->config.weight_mode, fxp::nn::WeightMode::Msq);
+  for (size_t i = 0; i < controller.layers().size(); ++i) {
+    const auto& l = controller.layers()[i];
+    EXPECT_EQ(controller.network_layer(i).config.weight_mode, fxp::nn::WeightMode::Msq);
     EXPECT_EQ(l.scale, l.weight.detach().abs().max().item<float>());
     want += std::get<1>(fxp::round_clamp(l.weight.detach(), l.scale, 6)).item<double>();
   }
@@ -253,10 +285,10 @@ TEST(MsqController, PenaltyChecksAndState) {
   for (const auto& l : controller.layers()) mean += l.hessian_trace / l.weight.numel() / 5;
   for (size_t i = 0; i < 5; ++i) {
     const auto& l = controller.layers()[i];
-    EXPECT_FALSE(l.layer->msq.float_path);
+    EXPECT_FALSE(controller.network_layer(i).msq.float_path);
     EXPECT_EQ(dropped[i], l.hessian_trace / l.weight.numel() < mean ? 2 : 1) << l.name;
     EXPECT_EQ(l.bits, 6 - dropped[i]);
-    EXPECT_EQ(l.layer->config.msq_bits, l.bits);
+    EXPECT_EQ(controller.network_layer(i).config.msq_bits, l.bits);
     EXPECT_EQ(l.scale, scales[i]) << "the scale stays, so the lower grid nests in the upper";
     EXPECT_GT(l.sparsity, 0.0);
   }
@@ -273,7 +305,7 @@ TEST(MsqController, PenaltyChecksAndState) {
   for (size_t i = 0; i < 5; ++i) {
     EXPECT_EQ(other.layers()[i].bits, controller.layers()[i].bits);
     EXPECT_EQ(other.layers()[i].scale, controller.layers()[i].scale);
-    EXPECT_EQ(other.layers()[i].layer->config.msq_bits, controller.layers()[i].bits);
+    EXPECT_EQ(other.network_layer(i).config.msq_bits, controller.layers()[i].bits);
   }
   // Frozen: no penalty, no checks.
   controller.freeze();

@@ -95,3 +95,51 @@ def test_bad_msq_settings_are_usage_errors(args, message):
     p = run_fxp_train("--method", "msq", *args)
     assert p.returncode == 2
     assert message in p.stderr, p.stderr
+
+
+def test_report_tables_msq_runs_and_draws_widths_and_the_tradeoff(tmp_path):
+    """scripts/report on float32 and MSQ runs written here: each MSQ run is
+    labelled by its configuration (uniform training at λ = 0 and α = 1), sits
+    beside the float32 run at compression 1, and gets its widths drawn."""
+    import sys
+    from environment import FXP_TRAIN
+    sys.path.insert(0, str(FXP_TRAIN.parents[1] / "scripts"))
+    import pandas as pd
+    import report
+
+    def run(name, method, seed, best, rate=None, bits=None, **msq):
+        d = tmp_path / "g" / name
+        d.mkdir(parents=True)
+        config = {"model": "resnet20", "dataset": "fashion-mnist", "method": method, "batch_size": 128, "seed": seed,
+                  "epochs": 2, **msq}
+        (d / "sweep-run.json").write_text(json.dumps({"grid": "g", "id": name, "settings": config}))
+        summary = {"config": config, "best_val_accuracy": best, "final_val_accuracy": best, "wall_time_s": 1.0}
+        epochs = [{"epoch": e, "val_accuracy": best} for e in (1, 2)]
+        if method == "msq":
+            summary["msq"] = {"compression_rate": rate, "bits": {"conv1": bits[-1][0], "fc": bits[-1][1]},
+                              "export": {"measured_compression": rate * 0.8}}
+            for e, widths in zip(epochs, bits):
+                e["msq"] = {"layers": [{"name": "conv1", "bits": widths[0]}, {"name": "fc", "bits": widths[1]}]}
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+
+    msq = {"msq_start_bits": 8, "msq_lambda": 1e-3, "msq_alpha": 0.9, "msq_hessian": True}
+    run("fp32", "fp32", 0, 0.90)
+    run("msq-s0", "msq", 0, 0.88, 10.0, [(6, 5), (3, 3)], **msq)
+    run("msq-s1", "msq", 1, 0.86, 12.0, [(6, 4), (3, 2)], **msq)
+    run("msq-noh", "msq", 0, 0.87, 8.0, [(7, 7), (4, 4)], **{**msq, "msq_hessian": False})
+    run("uniform4", "msq", 0, 0.85, 8.0, [(4, 4), (4, 4)], **{**msq, "msq_lambda": 0, "msq_alpha": 1.0,
+                                                                "msq_start_bits": 4})
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "msq.csv")
+    assert sorted(set(table.config)) == ["fp32", "msq λ=0.001", "msq λ=0.001 no Hessian", "uniform 4b"]
+    assert table[table.config == "fp32"].compression_rate.tolist() == [1.0]
+    both = table[table.config == "msq λ=0.001"]
+    assert sorted(both.compression_rate) == [10.0, 12.0] and sorted(both.min_bits) == [2, 3]
+    text = (out / "report.md").read_text()
+    assert "| resnet20 | fashion-mnist | msq λ=0.001 | 2 | 87.0% | 86.0% | 88.0% | 11.00× | 8.80× | 2–3 |" in text
+    for png in ("msq-accuracy-compression-resnet20-fashion-mnist.png",
+                "msq-bits-g-resnet20-fashion-mnist-msq-lambda0.001.png",
+                "msq-bits-g-resnet20-fashion-mnist-uniform-4b.png"):
+        assert (out / png).stat().st_size > 0, png

@@ -371,8 +371,10 @@ def test_setting_keys_come_from_fxp_train(tmp_path, capsys):
 def test_the_grids_use_fxp_trains_keys():
     keys = sweeplib.config_keys(FXP_TRAIN)
     assert {"lr", "seed", "threads", "output_dir"} <= keys
-    for name in ["exp1", "exp2", "exp3"]:
-        sweeplib.load_grid(GRIDS / f"{name}.yaml", keys)
+    grids = sorted(GRIDS.glob("*.yaml"))
+    assert {"exp1", "exp2", "exp3", "msq-resnet20"} <= {g.stem for g in grids}
+    for grid in grids:
+        sweeplib.load_grid(grid, keys)
 
 
 @pytest.mark.parametrize("flag", ["--limit", "--seeds", "--jobs", "--threads"])
