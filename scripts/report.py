@@ -78,11 +78,14 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
 
 def _msq_name(r) -> str:
     """An MSQ configuration's label: "uniform 4b" for uniform quantization-aware
-    training (λ = 0, α = 1: the widths never move), else "msq λ=…" with
-    "no Hessian" when k is always 1."""
+    training (λ = 0, α = 1: the widths never move), else "msq λ=… α=… from
+    …b", with "no Hessian" when k is always 1 (a run that does not say is a
+    Hessian run, fxp-train's default)."""
     if r.msq_lambda == 0 and r.msq_alpha >= 1:
         return f"uniform {int(r.msq_start_bits)}b"
-    return f"msq λ={r.msq_lambda:g}" + ("" if r.msq_hessian in (True, None) else " no Hessian")
+    no_hessian = r.msq_hessian is False or r.msq_hessian == False  # noqa: E712 - numpy bools; NaN is neither
+    return (f"msq λ={r.msq_lambda:g} α={r.msq_alpha:g} from {int(r.msq_start_bits)}b"
+            + (" no Hessian" if no_hessian else ""))
 
 
 def _adapt_name(update: str) -> str:
@@ -359,7 +362,7 @@ def draw_msq_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         ax.set_xlabel("epoch (width at its end)")
         fig.colorbar(im, ax=ax, label="bits (sign not counted)")
         fig.tight_layout()
-        slug = config.replace(" ", "-").replace("λ=", "lambda")
+        slug = config.replace(" ", "-").replace("λ=", "lambda").replace("α=", "alpha")
         path = out / f"msq-bits-{grid}-{model}-{dataset}-{slug}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -382,11 +385,14 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
     paths = []
     for (model, dataset), group in table.groupby(["model", "dataset"]):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for config, runs in sorted(group.groupby("config"), key=lambda kv: kv[1].compression_rate.mean()):
+        several_grids = group.grid.nunique() > 1
+        for (grid, config), runs in sorted(group.groupby(["grid", "config"]),
+                                           key=lambda kv: kv[1].compression_rate.mean()):
             acc = runs.best_val_accuracy
             x = runs.compression_rate.mean()
+            label = f"{config} [{grid}]" if several_grids else config
             line = ax.errorbar([x], [acc.mean()], yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
-                               fmt="o", capsize=3, label=f"{config} ({len(runs)} seeds)")
+                               fmt="o", capsize=3, label=f"{label} ({len(runs)} seeds)")
             if config != "fp32":
                 ax.plot([runs.measured_compression.mean()], [acc.mean()], marker="o", mfc="none",
                         color=line[0].get_color())
@@ -444,11 +450,11 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
         lines += ["", "## MSQ (docs/msq.md)", "",
                   "Compression: 32 / the mean width of the quantized weights (the sign not counted, as the paper "
                   "reports it); measured: float32 model bytes / the export's bytes.", "",
-                  "| model | dataset | configuration | seeds | best accuracy (mean) | min | max | compression | "
-                  "measured | widths |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for (model, dataset, config), g in msq.groupby(["model", "dataset", "config"]):
+                  "| grid | model | dataset | configuration | seeds | best accuracy (mean) | min | max | compression | "
+                  "measured | widths |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (grid, model, dataset, config), g in msq.groupby(["grid", "model", "dataset", "config"]):
             widths = "–" if g.min_bits.isna().all() else f"{int(g.min_bits.min())}–{int(g.max_bits.max())}"
-            lines.append(f"| {model} | {dataset} | {config} | {len(g)} | {pct(g.best_val_accuracy.mean())} | "
+            lines.append(f"| {grid} | {model} | {dataset} | {config} | {len(g)} | {pct(g.best_val_accuracy.mean())} | "
                          f"{pct(g.best_val_accuracy.min())} | {pct(g.best_val_accuracy.max())} | "
                          f"{g.compression_rate.mean():.2f}× | {g.measured_compression.mean():.2f}× | {widths} |")
     if images:

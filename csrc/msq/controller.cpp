@@ -5,13 +5,12 @@
 namespace fxp::msq {
 namespace {
 
-// The conv and linear layers with their weights, in module order; every other
-// quantized layer (batch norm, adds) is set to MSQ's float mode on the way.
+// The conv and linear layers with their weights, in module order (nothing is
+// changed until the WidthController has accepted them).
 std::vector<std::pair<std::string, torch::Tensor>> bind_layers(nn::NetworkImpl& network,
                                                                std::vector<nn::QuantizedLayer*>& bound) {
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (const auto& [name, layer] : network.quantized_layers()) {
-    layer->config.weight_mode = nn::WeightMode::Msq;
     torch::Tensor weight;
     if (auto* conv = dynamic_cast<nn::QConv2dImpl*>(layer)) weight = conv->conv->weight;
     if (auto* linear = dynamic_cast<nn::QLinearImpl*>(layer)) weight = linear->linear->weight;
@@ -25,8 +24,11 @@ std::vector<std::pair<std::string, torch::Tensor>> bind_layers(nn::NetworkImpl& 
 
 }  // namespace
 
+// network_layers_ is declared before widths_, so bind_layers fills it first.
 Controller::Controller(nn::NetworkImpl& network, MsqOptions options)
     : widths_(bind_layers(network, network_layers_), std::move(options)) {
+  // Every quantized layer reads MSQ's way: conv and linear through RoundClamp; batch norm and adds float.
+  for (const auto& [name, layer] : network.quantized_layers()) layer->config.weight_mode = nn::WeightMode::Msq;
   apply_widths();
 }
 
@@ -44,6 +46,7 @@ torch::Tensor Controller::penalty() const {
 }
 
 std::vector<int64_t> Controller::check(const std::function<torch::Tensor()>& float_path_loss, uint64_t hessian_seed) {
+  TORCH_CHECK(!frozen(), "fxp::msq: the widths are frozen for fine-tuning; no more pruning checks");
   torch::Tensor loss;
   if (options().hessian) {
     struct FloatPath {  // on for the callback's forward only, also when it throws

@@ -52,7 +52,7 @@ class Controller {
  private:
   void apply_widths() const;
 
-  std::vector<nn::QuantizedLayer*> network_layers_;
+  std::vector<nn::QuantizedLayer*> network_layers_;  // before widths_: the constructor fills it first
   WidthController widths_;
 };
 

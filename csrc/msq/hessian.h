@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace fxp::msq {
@@ -31,8 +32,11 @@ struct HessianTraceOptions {
 
 // The estimate of tr(H_ll) for each group of parameters (a layer), as float64.
 // loss: a scalar computed from the parameters with autograd on; its graph is
-// kept (retain_graph) until the last sample.
+// kept (retain_graph) until the last sample. layer_names (one per layer, or
+// none) name the layers in errors: a layer whose parameters do not require
+// grad, or that the loss does not use.
 std::vector<double> hessian_traces(const torch::Tensor& loss, const std::vector<std::vector<torch::Tensor>>& layers,
-                                   const HessianTraceOptions& options);
+                                   const HessianTraceOptions& options,
+                                   const std::vector<std::string>& layer_names = {});
 
 }  // namespace fxp::msq

@@ -62,8 +62,10 @@ WidthController::WidthController(std::vector<std::pair<std::string, torch::Tenso
               ": the Hessian needs at least one Hutchinson sample, but got ", options_.hessian_options.samples);
   TORCH_CHECK(!weights.empty(), kName, ": no weights to quantize");
   for (auto& [name, weight] : weights) {
-    TORCH_CHECK(weight.defined() && weight.is_floating_point() && weight.numel() > 0, kName, ": the weights of ", name,
-                " must be a non-empty floating-point tensor");
+    TORCH_CHECK(weight.defined() && weight.numel() > 0, kName, ": the weights of ", name, " are empty");
+    TORCH_CHECK(weight.scalar_type() == torch::kFloat || weight.scalar_type() == torch::kDouble, kName,
+                ": the weights of ", name, " must be float32 or float64 (RoundClamp's types), but are ",
+                weight.scalar_type());
     const double scale = weight_scale(name, weight);
     layers_.push_back(MsqLayer{std::move(name), std::move(weight), options_.start_bits, scale});
   }
@@ -94,10 +96,14 @@ std::vector<int64_t> WidthController::check(const torch::Tensor& float_path_loss
   if (options_.hessian) {
     TORCH_CHECK(float_path_loss.defined(), kName, ": a check with the Hessian needs the loss on the float path");
     std::vector<std::vector<torch::Tensor>> groups;
-    for (const auto& l : layers_) groups.push_back({l.weight});
+    std::vector<std::string> names;
+    for (const auto& l : layers_) {
+      groups.push_back({l.weight});
+      names.push_back(l.name);
+    }
     HessianTraceOptions hessian = options_.hessian_options;
     hessian.seed = hessian_seed;
-    const std::vector<double> traces = hessian_traces(float_path_loss, groups, hessian);
+    const std::vector<double> traces = hessian_traces(float_path_loss, groups, hessian, names);
     for (size_t i = 0; i < layers_.size(); ++i) {
       layers_[i].hessian_trace = traces[i];
       sensitivity.push_back(traces[i] / static_cast<double>(weights[i]));  // the mean Hessian diagonal
@@ -140,16 +146,18 @@ double WidthController::compression_rate() const {
 }
 
 std::vector<std::pair<std::string, torch::Tensor>> WidthController::state() const {
-  std::vector<int64_t> bits;
+  std::vector<int64_t> bits, weights;
   std::vector<double> scale, sparsity, trace;
   for (const auto& l : layers_) {
     bits.push_back(l.bits);
+    weights.push_back(l.weight.numel());
     scale.push_back(l.scale);
     sparsity.push_back(l.sparsity);
     trace.push_back(l.hessian_trace);
   }
   const auto f64 = torch::TensorOptions(torch::kDouble);
   return {{"msq.bits", torch::tensor(bits, torch::kLong)},
+          {"msq.weights", torch::tensor(weights, torch::kLong)},
           {"msq.scale", torch::tensor(scale, f64)},
           {"msq.sparsity", torch::tensor(sparsity, f64)},
           {"msq.hessian_trace", torch::tensor(trace, f64)},
@@ -163,13 +171,28 @@ void WidthController::load_state(const std::function<torch::Tensor(const std::st
     TORCH_CHECK(t.defined(), kName, ": the state has no '", name, "'");
     return t.cpu();
   };
-  const torch::Tensor bits = get("msq.bits").to(torch::kLong), scale = get("msq.scale").to(torch::kDouble),
+  const torch::Tensor bits = get("msq.bits"), scale = get("msq.scale").to(torch::kDouble),
                       sparsity = get("msq.sparsity").to(torch::kDouble),
                       trace = get("msq.hessian_trace").to(torch::kDouble), frozen = get("msq.frozen");
   for (const auto& t : {bits, scale, sparsity, trace}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == n, kName, ": the state is for ", t.numel(), " layers, but there are ", n);
   }
   TORCH_CHECK(frozen.numel() == 1, kName, ": the state's 'msq.frozen' must have one element");
+  TORCH_CHECK(bits.scalar_type() == torch::kLong, kName, ": the state's 'msq.bits' must be int64, but is ",
+              bits.scalar_type());
+  // Each layer's weight count, so that a state of another model with as many layers does not load
+  // (absent from states written before it was added).
+  const torch::Tensor weights = read("msq.weights");
+  if (weights.defined()) {
+    const torch::Tensor counts = weights.cpu();
+    TORCH_CHECK(counts.dim() == 1 && counts.size(0) == n, kName, ": the state's 'msq.weights' is for ", counts.numel(),
+                " layers, but there are ", n);
+    for (int64_t i = 0; i < n; ++i) {
+      const auto& l = layers_[static_cast<size_t>(i)];
+      TORCH_CHECK(counts[i].item<int64_t>() == l.weight.numel(), kName, ": the state's layer ", i, " has ",
+                  counts[i].item<int64_t>(), " weights, but ", l.name, " has ", l.weight.numel());
+    }
+  }
   std::vector<MsqLayer> next = layers_;  // all or nothing
   for (int64_t i = 0; i < n; ++i) {
     MsqLayer& l = next[static_cast<size_t>(i)];

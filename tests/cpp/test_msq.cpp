@@ -247,7 +247,9 @@ TEST(MsqWidthController, LoadsAStateAllOrNothing) {
   EXPECT_EQ(other.layers()[1].bits, 5);
   fxp::testing::expect_error([&] { other.penalty({torch::Tensor()}); }, "one LSB L1 norm per layer (2), but got 1");
   fxp::testing::expect_error(
-      [&] { fxp::msq::WidthController({{"c", torch::zeros({0})}}, o); }, "the weights of c must be a non-empty");
+      [&] { fxp::msq::WidthController({{"c", torch::zeros({0})}}, o); }, "the weights of c are empty");
+  fxp::testing::expect_error([&] { fxp::msq::WidthController({{"h", torch::ones({2}, torch::kHalf)}}, o); },
+                             "the weights of h must be float32 or float64");
 }
 
 TEST(MsqController, PenaltyChecksAndState) {
@@ -311,7 +313,12 @@ TEST(MsqController, PenaltyChecksAndState) {
   controller.freeze();
   EXPECT_EQ(controller.penalty().item<double>(), 0.0);
   fxp::testing::expect_error([&] { controller.check([&] { return loss; }, 0); }, "frozen");
-  fxp::testing::expect_error([&] { o.start_bits = 16, fxp::msq::Controller(*net, o); }, "start_bits <= 15");
+  // A refused controller leaves the network as it was.
+  auto fresh = fxp::nn::make_network("lenet5", fxp::nn::QuantConfig{}, 1, 10);
+  fxp::testing::expect_error([&] { o.start_bits = 16, fxp::msq::Controller(*fresh, o); }, "start_bits <= 15");
+  for (const auto& [name, layer] : fresh->quantized_layers()) {
+    EXPECT_EQ(layer->config.weight_mode, fxp::nn::WeightMode::Fp32) << name;
+  }
 }
 
 }  // namespace

@@ -17,8 +17,8 @@ import fxp
 from fxp.msq import MsqController
 
 
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5),
                          nn.ReLU(), nn.Linear(5, 3))
 
@@ -117,23 +117,41 @@ def test_training_with_the_penalty_zeroes_the_lsbs_and_a_check_prunes_them():
         controller.check()
 
 
-def test_state_round_trips_into_a_controller_over_a_copy():
+def test_state_round_trips_into_a_controller_over_another_model():
     model = small_cnn()
     controller = MsqController(model, start_bits=6, alpha=0.0, hessian=False)
     controller.check()
     controller.check()
     controller.freeze()
-    other_model = small_cnn()
+    other_model = small_cnn(seed=1)  # other weights, so other scales until the state loads
     other = MsqController(other_model, start_bits=6, hessian=False)
+    assert other._core.scales() != controller._core.scales()
     other.load_state_dict(controller.state_dict())
     assert other.bits() == controller.bits() == {"0": 4, "4": 4, "6": 4}
+    assert other._core.scales() == controller._core.scales()
     assert other.frozen
-    assert other_model[0].parametrizations.weight[0].bits == 4
+    layer = other_model[0].parametrizations.weight[0]
+    assert (layer.bits, layer.scale) == (4, controller._core.scales()[0])
+    other_model[0].load_state_dict(model[0].state_dict())
     x, _ = batch()
-    model.eval(), other_model.eval()
-    assert torch.equal(model(x), other_model(x))
+    assert torch.equal(other_model[0](x), model[0](x))
     with pytest.raises(RuntimeError, match="the state is for 3 layers, but there are 1"):
         MsqController(nn.Linear(2, 2), hessian=False).load_state_dict(controller.state_dict())
+    wider = nn.Sequential(nn.Conv2d(1, 5, 3), nn.Linear(3, 5), nn.Linear(5, 3))
+    with pytest.raises(RuntimeError, match="the state's layer 0 has 36 weights, but 0 has 45"):
+        MsqController(wider, hessian=False).load_state_dict(controller.state_dict())
+
+
+def test_an_optimizer_built_before_the_controller_updates_the_master_copy():
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = MsqController(model, start_bits=4, lam=0.0, hessian=False)
+    master = model.parametrizations.weight.original
+    before = master.detach().clone()
+    F.mse_loss(model(torch.ones(3, 4)), torch.zeros(3, 2)).backward()
+    optimizer.step()
+    assert not torch.equal(master.detach(), before)
+    assert torch.equal(model.weight, fxp.msq.round_clamp(master.detach(), controller._core.scales()[0], 4)[0])
 
 
 def test_remove_leaves_the_quantized_weights_and_a_plain_model():
@@ -148,6 +166,8 @@ def test_remove_leaves_the_quantized_weights_and_a_plain_model():
     assert not torch.nn.utils.parametrize.is_parametrized(model[0])
     assert torch.equal(model(x), quantized_output)
     assert set(model.state_dict()) == set(small_cnn().state_dict())
+    with pytest.raises(RuntimeError, match="after remove"):
+        controller.penalty()
 
 
 def test_bad_input_is_named():
@@ -181,4 +201,21 @@ def test_bad_input_is_named():
         controller.check()
     with pytest.raises(TypeError, match="0-dim tensor"):
         controller.check(lambda: model(torch.ones(3, 2)))
+
+    def failing_loss():
+        assert model.parametrizations.weight[0].float_path
+        raise KeyError("the loss failed")
+
+    with pytest.raises(KeyError, match="the loss failed"):
+        controller.check(failing_loss)
     assert not model.parametrizations.weight[0].float_path, "the float path is switched off after a failed check"
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    frozen[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="the weight of layer 0 does not require grad"):
+        MsqController(frozen)
+    unused = nn.ModuleDict({"used": nn.Linear(2, 2), "spare": nn.Linear(2, 2)})
+    spare = MsqController(unused, hessian_samples=1)
+    with pytest.raises(RuntimeError, match="the loss does not depend on layer spare"):
+        spare.check(lambda: unused["used"](torch.ones(1, 2)).sum())
+    with pytest.raises(RuntimeError, match="must be float32 or float64"):
+        MsqController(nn.Linear(2, 2).half())

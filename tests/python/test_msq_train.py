@@ -125,21 +125,30 @@ def test_report_tables_msq_runs_and_draws_widths_and_the_tradeoff(tmp_path):
 
     msq = {"msq_start_bits": 8, "msq_lambda": 1e-3, "msq_alpha": 0.9, "msq_hessian": True}
     run("fp32", "fp32", 0, 0.90)
+    other = tmp_path / "g" / "pretrain"  # a float32 run of another grid: its own row, not averaged in
+    run("pretrain", "fp32", 0, 0.70)
+    sweep = json.loads((other / "sweep-run.json").read_text())
+    (other / "sweep-run.json").write_text(json.dumps({**sweep, "grid": "pre"}))
     run("msq-s0", "msq", 0, 0.88, 10.0, [(6, 5), (3, 3)], **msq)
     run("msq-s1", "msq", 1, 0.86, 12.0, [(6, 4), (3, 2)], **msq)
     run("msq-noh", "msq", 0, 0.87, 8.0, [(7, 7), (4, 4)], **{**msq, "msq_hessian": False})
+    run("msq-old", "msq", 0, 0.80, 9.0, [(7, 7), (4, 4)], **{k: v for k, v in msq.items() if k != "msq_hessian"})
     run("uniform4", "msq", 0, 0.85, 8.0, [(4, 4), (4, 4)], **{**msq, "msq_lambda": 0, "msq_alpha": 1.0,
                                                                 "msq_start_bits": 4})
     out = tmp_path / "report"
     assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
     table = pd.read_csv(out / "msq.csv")
-    assert sorted(set(table.config)) == ["fp32", "msq λ=0.001", "msq λ=0.001 no Hessian", "uniform 4b"]
-    assert table[table.config == "fp32"].compression_rate.tolist() == [1.0]
-    both = table[table.config == "msq λ=0.001"]
-    assert sorted(both.compression_rate) == [10.0, 12.0] and sorted(both.min_bits) == [2, 3]
+    main = "msq λ=0.001 α=0.9 from 8b"
+    assert sorted(set(table.config)) == ["fp32", main, f"{main} no Hessian", "uniform 4b"]
+    assert sorted(table[table.config == "fp32"].grid) == ["g", "pre"]
+    assert table[table.config == "fp32"].compression_rate.tolist() == [1.0, 1.0]
+    hessian = table[table.config == main]  # with the run that predates msq_hessian (a Hessian run)
+    assert sorted(hessian.compression_rate) == [9.0, 10.0, 12.0] and sorted(hessian.min_bits) == [2, 3, 4]
     text = (out / "report.md").read_text()
-    assert "| resnet20 | fashion-mnist | msq λ=0.001 | 2 | 87.0% | 86.0% | 88.0% | 11.00× | 8.80× | 2–3 |" in text
+    assert f"| g | resnet20 | fashion-mnist | {main} | 3 | 84.7% | 80.0% | 88.0% | 10.33× | 8.27× | 2–4 |" in text
+    assert "| g | resnet20 | fashion-mnist | fp32 | 1 | 90.0% |" in text
+    assert "| pre | resnet20 | fashion-mnist | fp32 | 1 | 70.0% |" in text
     for png in ("msq-accuracy-compression-resnet20-fashion-mnist.png",
-                "msq-bits-g-resnet20-fashion-mnist-msq-lambda0.001.png",
+                "msq-bits-g-resnet20-fashion-mnist-msq-lambda0.001-alpha0.9-from-8b.png",
                 "msq-bits-g-resnet20-fashion-mnist-uniform-4b.png"):
         assert (out / png).stat().st_size > 0, png

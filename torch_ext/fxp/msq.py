@@ -128,8 +128,12 @@ class MsqController:
     sensitivity drop 2 bits at once, estimated with ``hessian_samples``
     Hutchinson vectors per check.
 
-    Build it after moving the model to its device and dtype. :meth:`remove`
-    gives the model back its plain weights.
+    Build it after loading the float weights (the scales are their ``max |w|``)
+    and after moving the model to its device and dtype. While it is on, the
+    model's ``state_dict`` has ``….parametrizations.weight.original`` keys in
+    place of ``….weight``, so a plain checkpoint loads before it, not after.
+    :meth:`remove` gives the model back its plain weights and ends the
+    controller.
     """
 
     def __init__(self, model: nn.Module, *, start_bits: int = 8, min_bits: int = 1, lam: float = 1e-4,
@@ -152,6 +156,9 @@ class MsqController:
             if isinstance(module, (QConv2d, QLinear)) and (module.weight_mode != "fp32" or module.packed_weights):
                 raise ValueError(f"fxp.msq: layer {label} quantizes its weights itself (weight_mode "
                                  f"{module.weight_mode!r}); MSQ needs plain float layers (weight_mode='fp32')")
+            if not module.weight.requires_grad:
+                raise ValueError(f"fxp.msq: the weight of layer {label} does not require grad; MSQ trains every "
+                                 f"Conv2d and Linear weight (unfreeze it, or quantize a submodule without it)")
             self._names.append(name)
             self._layers.append(module)
         if not self._layers:
@@ -161,6 +168,7 @@ class MsqController:
             self._names, [layer.weight for layer in self._layers], _int("msq", "start_bits", start_bits),
             _int("msq", "min_bits", min_bits), _number("lam", lam), _number("alpha", alpha), hessian,
             _int("msq", "hessian_samples", hessian_samples))
+        self._removed = False
         self._weights: List[_RoundClampWeight] = []
         for layer, bits, scale in zip(self._layers, self._core.bits(), self._core.scales()):
             weight = _RoundClampWeight(bits, scale)
@@ -171,9 +179,14 @@ class MsqController:
         for weight, bits, scale in zip(self._weights, self._core.bits(), self._core.scales()):
             weight.bits, weight.scale = bits, scale
 
+    def _check_attached(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"fxp.msq: {what} after remove(): the layers no longer read through this controller")
+
     def penalty(self) -> Tensor:
         """λ·Σ|LSB| over the layers, from their last forward (with autograd):
         add it to the task loss. 0 once frozen."""
+        self._check_attached("penalty()")
         return self._core.penalty([w.lsb_l1 for w in self._weights])
 
     def check(self, float_path_loss: Optional[Callable[[], Tensor]] = None, *, seed: int = 0) -> Dict[str, int]:
@@ -228,12 +241,8 @@ class MsqController:
         """The state fxp-train records per epoch in metrics.jsonl's ``msq``:
         each layer's width, weights, LSB sparsity now and at the last check,
         Hessian trace and scale; the compression rate; whether frozen."""
-        layers = []
-        for i, (name, sparsity) in enumerate(zip(self._names, self._core.sparsities())):
-            r = dict(self._core.layer_record(i))
-            layers.append({"name": name, "bits": int(r["bits"]), "weights": int(r["weights"]),
-                           "lsb_sparsity": sparsity, "check_sparsity": r["check_sparsity"],
-                           "hessian_trace": r["hessian_trace"], "scale": r["scale"]})
+        layers = [{"name": name, **{k: int(v) if k in ("bits", "weights") else v for k, v in record.items()}}
+                  for name, record in zip(self._names, self._core.layer_records())]
         return {"layers": layers, "compression_rate": self.compression_rate, "frozen": self.frozen}
 
     def state_dict(self) -> Dict[str, Tensor]:
@@ -252,6 +261,7 @@ class MsqController:
         for layer in self._layers:
             if parametrize.is_parametrized(layer, "weight"):
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=leave_quantized)
+        self._removed = True
 
     def __repr__(self) -> str:
         widths = ", ".join(f"{n or '<model>'}={b}" for n, b in self.bits().items())

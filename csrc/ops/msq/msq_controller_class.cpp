@@ -52,19 +52,23 @@ class MsqControllerClass : public torch::CustomClassHolder {
   std::vector<double> sparsities() const { return core_.sparsities(); }
   double compression_rate() const { return core_.compression_rate(); }
 
-  // Layer i's state, as fxp-train's metrics.jsonl records it (docs/msq.md),
-  // with its LSB sparsity now passed in (sparsities() measures all at once).
-  c10::Dict<std::string, double> layer_record(int64_t i) const {
-    TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < core_.layers().size(), "fxp.msq: layer ", i, " of ",
-                core_.layers().size());
-    const auto& l = core_.layers()[static_cast<size_t>(i)];
-    c10::Dict<std::string, double> d;
-    d.insert("bits", static_cast<double>(l.bits));
-    d.insert("weights", static_cast<double>(l.weight.numel()));
-    d.insert("check_sparsity", l.sparsity);
-    d.insert("hessian_trace", l.hessian_trace);
-    d.insert("scale", l.scale);
-    return d;
+  // Each layer's state, as fxp-train's metrics.jsonl records it (docs/msq.md):
+  // width, weights, LSB sparsity now and at the last check, Hessian trace, scale.
+  std::vector<c10::Dict<std::string, double>> layer_records() const {
+    const std::vector<double> sparsity = core_.sparsities();
+    std::vector<c10::Dict<std::string, double>> out;
+    for (size_t i = 0; i < core_.layers().size(); ++i) {
+      const auto& l = core_.layers()[i];
+      c10::Dict<std::string, double> d;
+      d.insert("bits", static_cast<double>(l.bits));
+      d.insert("weights", static_cast<double>(l.weight.numel()));
+      d.insert("lsb_sparsity", sparsity[i]);
+      d.insert("check_sparsity", l.sparsity);
+      d.insert("hessian_trace", l.hessian_trace);
+      d.insert("scale", l.scale);
+      out.push_back(std::move(d));
+    }
+    return out;
   }
 
   c10::Dict<std::string, at::Tensor> state_dict() const {
@@ -112,7 +116,7 @@ void define_msq_controller_class(torch::Library& m) {
       .def("scales", &MsqControllerClass::scales)
       .def("sparsities", &MsqControllerClass::sparsities)
       .def("compression_rate", &MsqControllerClass::compression_rate)
-      .def("layer_record", &MsqControllerClass::layer_record)
+      .def("layer_records", &MsqControllerClass::layer_records)
       .def("state_dict", &MsqControllerClass::state_dict)
       .def("load_state_dict", &MsqControllerClass::load_state_dict);
 }
