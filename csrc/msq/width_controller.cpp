@@ -120,10 +120,14 @@ std::vector<int64_t> WidthController::check(const torch::Tensor& float_path_loss
 
 std::vector<double> WidthController::sparsities() const {
   torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> nonzero;
+  for (const auto& l : layers_) nonzero.push_back(std::get<2>(fxp::round_clamp(l.weight.detach(), l.scale, l.bits)));
+  // One device-to-host copy for all layers, not one sync per layer.
+  const torch::Tensor counts = torch::stack(nonzero).cpu();
   std::vector<double> out;
-  for (const auto& l : layers_) {
-    const int64_t nonzero = std::get<2>(fxp::round_clamp(l.weight.detach(), l.scale, l.bits)).item<int64_t>();
-    out.push_back(1.0 - static_cast<double>(nonzero) / static_cast<double>(l.weight.numel()));
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    out.push_back(1.0 - static_cast<double>(counts[static_cast<int64_t>(i)].item<int64_t>()) /
+                            static_cast<double>(layers_[i].weight.numel()));
   }
   return out;
 }
