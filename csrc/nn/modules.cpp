@@ -3,6 +3,7 @@
 #include <torch/nn/functional.h>
 #include <torch/torch.h>
 
+#include "ops/bit_pack/code_storage.h"
 #include "ops/ops.h"
 #include "ops/format_args.h"
 
@@ -95,12 +96,14 @@ LayerWeights layer_weights(const torch::Tensor& weight, const torch::Tensor& bia
 }
 
 // Note [Packed layers]: moves a parameter's value into codes (round half to
-// even: exact, the value is on the grid) registered as buffer `name`, and
-// leaves the parameter a one-element stand-in of the same shape.
+// even: exact, the value is on the grid) registered as buffer `name`, a bit
+// stream where Note [Bit-stream storage] says, and leaves the parameter a
+// one-element stand-in of the same shape.
 torch::Tensor pack_parameter(torch::nn::Module& layer, torch::Tensor& parameter, const std::string& name,
                              const QuantConfig& c) {
   torch::NoGradGuard no_grad;
-  torch::Tensor codes = layer.register_buffer(name, pack(parameter, c.param_total_bits, c.param_frac_bits));
+  torch::Tensor codes = layer.register_buffer(
+      name, store_codes(pack(parameter, c.param_total_bits, c.param_frac_bits), c.param_total_bits));
   parameter.set_data(torch::zeros({}, parameter.options()).expand(parameter.sizes()));
   return codes;
 }

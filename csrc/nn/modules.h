@@ -76,7 +76,8 @@ struct PackedState {
 };
 
 // A packed parameter: the float stand-in that receives the gradient, and the
-// codes that hold its value, in FxP(total_bits, frac_bits).
+// codes that hold its value, in FxP(total_bits, frac_bits): integer codes of
+// the parameter's shape, or a bit stream (Note [Bit-stream storage]).
 struct PackedStorage {
   torch::Tensor parameter;
   torch::Tensor codes;

@@ -67,6 +67,13 @@ TORCH_LIBRARY(fxp, m) {
   // that holds every code).
   m.def("pack_bits(Tensor codes, int bits, bool is_signed=True) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int[] size, bool is_signed=True, ScalarType? dtype=None) -> Tensor");
+  // How packed storage keeps FxP(total_bits, .) codes (Note [Bit-stream
+  // storage], csrc/ops/bit_pack/code_storage.h): store_codes returns the
+  // stored form of integer codes (a bit stream for widths up to 16 other than
+  // 8 and 16, else a copy of the codes); load_codes returns the integer codes,
+  // of shape `size`, that a stored form holds (a copy when it is not a stream).
+  m.def("store_codes(Tensor codes, int total_bits) -> Tensor");
+  m.def("load_codes(Tensor stored, int total_bits, int[] size) -> Tensor");
 
   // The conv and linear of quantized layers: torch's linear / conv2d, with
   // packed storage (Note [Packed saved inputs]). weight_codes and bias_codes

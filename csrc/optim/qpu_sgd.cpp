@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 
 #include "ops/ops.h"
+#include "ops/bit_pack/code_storage.h"
 #include "ops/format_args.h"  // packed_dtype
 
 namespace fxp::optim {
@@ -140,7 +141,8 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         if (it == state_.end()) {
           auto state = std::make_unique<QpuSgdParamState>();
-          state->momentum_buffer(is_packed ? torch::zeros(p.sizes(), p.options().dtype(packed_dtype(static_cast<int>(mtb))))
+          // Packed: codes of the momentum format, a bit stream where Note [Bit-stream storage] says.
+          state->momentum_buffer(is_packed ? stored_zeros(p.sizes(), mtb, p.options())
                                            : torch::zeros_like(p, at::MemoryFormat::Contiguous));
           it = state_.emplace(p.unsafeGetTensorImpl(), std::move(state)).first;
         }
@@ -174,8 +176,6 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
 
 void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes, int64_t total_bits,
                                 int64_t frac_bits) {
-  TORCH_CHECK(codes.sizes() == parameter.sizes(), kName, ": codes of shape ", codes.sizes(),
-              " cannot store a parameter of shape ", parameter.sizes());
   bool found = false;
   for (const auto& group : param_groups_) {
     for (const auto& p : group.params()) {
@@ -186,8 +186,11 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
                   total_bits, ",", frac_bits, "), but the parameter's group updates FxP(", o.total_bits(), ",",
                   o.frac_bits(), ")");
       const auto expected = packed_dtype(static_cast<int>(o.total_bits()));
-      TORCH_CHECK(codes.scalar_type() == expected, kName, ": codes of FxP(", o.total_bits(), ",", o.frac_bits(),
-                  ") must be ", expected, ", but got ", codes.scalar_type());
+      TORCH_CHECK(codes.scalar_type() == expected || (is_bit_stream(codes) && stores_bit_stream(o.total_bits())),
+                  kName, ": codes of FxP(", o.total_bits(), ",", o.frac_bits(), ") must be ", expected,
+                  stores_bit_stream(o.total_bits()) ? " or a uint8 bit stream" : "", ", but got ",
+                  codes.scalar_type());
+      check_stored_codes(kName, "codes", codes, o.total_bits(), parameter.sym_sizes());
       found = true;
     }
   }

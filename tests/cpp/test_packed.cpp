@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <limits>
+#include <utility>
 
 #include "nn/models.h"
 #include "ops/ops.h"
@@ -110,16 +111,31 @@ TEST(Packed, FusedReluMaxPoolEqualsTorch) {
   expect_error([&] { fxp::relu_max_pool2d(torch::randn({3, 4, 4}), {2, 2}); }, "expected a 4-D x");
 }
 
-// Three SQPU steps of the paper's network, float storage against packed storage.
-TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
-  auto train = [](bool packed) {
+// The value a packed parameter stores, from integer codes or a bit stream.
+torch::Tensor stored_value(const fxp::nn::PackedStorage& p) {
+  const torch::Tensor codes = p.codes.scalar_type() == torch::kByte
+                                  ? fxp::unpack_bits(p.codes, p.total_bits, p.parameter.sizes())
+                                  : p.codes;
+  return fxp::unpack(codes, p.total_bits, p.frac_bits);
+}
+
+// Three SQPU steps of the paper's network, float storage against packed
+// storage: int16 codes at 16 bits, bit streams at 12 (Note [Bit-stream storage]).
+class PackedPaperCnn : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(PackedPaperCnn, TrainsBitIdentically) {
+  const auto [bits, frac] = GetParam();
+  auto train = [bits = bits, frac = frac](bool packed) {
     torch::manual_seed(0);
     fxp::nn::QuantConfig qc;
     qc.weight_mode = fxp::nn::WeightMode::Qpu;
+    qc.param_total_bits = bits;
+    qc.param_frac_bits = frac;
     fxp::nn::PaperCNN model(qc);
     model->quantize_parameters_("stochastic", 0);
     if (packed) model->pack_(true, true);
-    fxp::optim::QpuSgd opt(model->parameters(), fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(2));
+    fxp::optim::QpuSgd opt(model->parameters(),
+                           fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(2).total_bits(bits).frac_bits(frac));
     for (const auto& p : model->packed_storage()) {
       opt.set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
     }
@@ -136,7 +152,12 @@ TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
     }
     std::vector<torch::Tensor> values;
     if (packed) {
-      for (const auto& p : model->packed_storage()) values.push_back(fxp::unpack(p.codes, 16, 10));
+      for (const auto& p : model->packed_storage()) {
+        // Codes at B bits: int16 at 16, a stream of ceil(numel * 12 / 8) bytes at 12.
+        EXPECT_EQ(p.codes.scalar_type(), bits == 16 ? torch::kShort : torch::kByte);
+        EXPECT_EQ(p.codes.nbytes(), (p.parameter.numel() * bits + 7) / 8);
+        values.push_back(stored_value(p));
+      }
     } else {
       values = model->parameters();
     }
@@ -147,6 +168,60 @@ TEST(Packed, PackedPaperCnnTrainsBitIdentically) {
   EXPECT_EQ(losses_float, losses_packed);
   ASSERT_EQ(values_float.size(), values_packed.size());
   for (size_t i = 0; i < values_float.size(); ++i) EXPECT_TRUE(torch::equal(values_float[i], values_packed[i])) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Widths, PackedPaperCnn,
+                         ::testing::Values(std::make_pair(int64_t{16}, int64_t{10}),
+                                           std::make_pair(int64_t{12}, int64_t{8})));
+
+// Note [Bit-stream storage]: the ops take a stream wherever they take codes,
+// and give what they give on integer codes.
+TEST(Packed, OpsOnBitStreamsEqualOpsOnIntegerCodes) {
+  torch::manual_seed(8);
+  for (const char* rounding : {"stochastic", "nearest_even"}) {
+    // 1001 parameters of 12 bits: the last of 1502 bytes is half used. Momentum in FxP(10,8).
+    torch::Tensor w = fxp::pack(torch::randn({7, 143}), 12, 8), v = torch::zeros({7, 143}, torch::kShort);
+    torch::Tensor w_stream = fxp::pack_bits(w, 12), v_stream = torch::zeros({(1001 * 10 + 7) / 8}, torch::kByte);
+    ASSERT_EQ(w_stream.numel(), 1502);
+    for (int64_t step = 0; step < 3; ++step) {
+      const torch::Tensor g = torch::randn({7, 143}) * 3;  // saturates some
+      const auto a = fxp::qpu_sgd_step_({w}, {g}, {v}, 0.1, 0.9, 1e-3, false, 12, 8, 10, 8, rounding, 7, step);
+      const auto b =
+          fxp::qpu_sgd_step_({w_stream}, {g}, {v_stream}, 0.1, 0.9, 1e-3, false, 12, 8, 10, 8, rounding, 7, step);
+      EXPECT_TRUE(torch::equal(a, b)) << rounding << " step " << step;
+    }
+    EXPECT_TRUE(torch::equal(fxp::unpack_bits(w_stream, 12, {7, 143}), w)) << rounding;
+    EXPECT_TRUE(torch::equal(fxp::unpack_bits(v_stream, 10, {7, 143}), v)) << rounding;
+  }
+  // The layer ops: stream weights and a 12-bit input saved as a stream give torch's gradients.
+  const torch::Tensor x = fxp::quantize(torch::randn({5, 12}), 12, 6).requires_grad_();
+  const torch::Tensor wl = fxp::quantize(torch::randn({4, 12}), 12, 8), bl = fxp::quantize(torch::randn({4}), 12, 8);
+  const torch::Tensor g = torch::randn({5, 4});
+  const torch::Tensor wr = wl.clone().requires_grad_(), br = bl.clone().requires_grad_();
+  torch::nn::functional::linear(x, wr, br).backward(g);
+  const torch::Tensor gx = x.grad().clone();
+  x.mutable_grad().reset();
+  const torch::Tensor stand_w = torch::zeros({}).expand({4, 12}).requires_grad_();
+  const torch::Tensor stand_b = torch::zeros({}).expand({4}).requires_grad_();
+  const std::vector<int64_t> in12{12, 6}, p12{12, 8};
+  const torch::Tensor w_codes = fxp::pack_bits(fxp::pack(wl, 12, 8), 12), b_codes = fxp::pack_bits(fxp::pack(bl, 12, 8), 12);
+  const torch::Tensor y = fxp::linear(x, stand_w, stand_b, in12, w_codes, b_codes, p12);
+  EXPECT_TRUE(torch::equal(y, torch::nn::functional::linear(x, wl, bl)));
+  y.backward(g);
+  EXPECT_TRUE(torch::equal(x.grad(), gx));
+  EXPECT_TRUE(torch::equal(stand_w.grad(), wr.grad()));
+  EXPECT_TRUE(torch::equal(stand_b.grad(), br.grad()));
+  // A stream of the wrong length, or of a width streams cannot hold, is refused with the argument's name.
+  expect_error([&] { fxp::linear(x, stand_w, stand_b, in12, w_codes.narrow(0, 0, 71), b_codes, p12); },
+               "fxp::linear: weight_codes is a bit stream (uint8) of 12-bit codes for shape [4, 12], so it must be "
+               "1-D with 72 bytes, but it has shape [71]");
+  torch::Tensor wrong = torch::zeros({10}, torch::kByte);
+  expect_error([&] { fxp::qpu_sgd_step_({wrong}, {torch::zeros({7})}, {}, 0.1, 0, 0, false, 12, 8, 12, 8,
+                                        "stochastic", 0, 0); },
+               "params[0] is a bit stream (uint8) of 12-bit codes for shape [7], so it must be 1-D with 11 bytes");
+  expect_error([&] { fxp::qpu_sgd_step_({wrong}, {torch::zeros({4})}, {}, 0.1, 0, 0, false, 20, 8, 20, 8,
+                                        "stochastic", 0, 0); },
+               "codes of 20 bits are stored as Int (streams hold at most 16 bits)");
 }
 
 TEST(Packed, ClearErrorsForMisuse) {
@@ -222,6 +297,13 @@ TEST(Packed, CudaPackAndStepEqualCpu) {
   fxp::qpu_sgd_step_({wc}, {g.cuda()}, {vc}, 0.1, 0.9, 0, false, 12, 8, 12, 8, "stochastic", 4, 0);
   EXPECT_TRUE(torch::equal(w, wc.cpu()));
   EXPECT_TRUE(torch::equal(v, vc.cpu()));
+  // Bit streams (Note [Bit-stream storage]): decoded and re-encoded on the device.
+  torch::Tensor ws = fxp::pack_bits(w, 12), vs = fxp::pack_bits(v, 12);
+  torch::Tensor wsc = ws.cuda(), vsc = vs.cuda();
+  fxp::qpu_sgd_step_({ws}, {g}, {vs}, 0.1, 0.9, 0, false, 12, 8, 12, 8, "stochastic", 4, 1);
+  fxp::qpu_sgd_step_({wsc}, {g.cuda()}, {vsc}, 0.1, 0.9, 0, false, 12, 8, 12, 8, "stochastic", 4, 1);
+  EXPECT_TRUE(torch::equal(ws, wsc.cpu()));
+  EXPECT_TRUE(torch::equal(vs, vsc.cpu()));
 }
 
 }  // namespace

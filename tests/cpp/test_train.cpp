@@ -591,19 +591,24 @@ TEST_F(TrainRun, PackedRunIsBitIdenticalToFloatStorage) {
   }
 }
 
+// At 16 bits the codes are int16; at 12 they are bit streams (Note [Bit-stream storage]).
 TEST_F(TrainRun, PackedRunResumesBitForBit) {
-  ft::TrainConfig c = config_;
-  c.packed = true;
-  c.train_limit = 500;
-  c.epochs = 2;
-  run("whole", c);
-  c.epochs = 1;
-  run("split", c);
-  c.epochs = 2;
-  run("split", c, /*resume=*/true);
-  const auto a = metrics("whole"), b = metrics("split");
-  ASSERT_EQ(b.size(), 2u);
-  EXPECT_EQ(without_timing(a[1]), without_timing(b[1]));
+  for (const int64_t bits : {16, 12}) {
+    const std::string name = std::to_string(bits);
+    ft::TrainConfig c = config_;
+    c.packed = true;
+    c.train_limit = 500;
+    c.param_bits = bits, c.out_bits = bits, c.out_frac = bits - 8;
+    c.epochs = 2;
+    run("whole" + name, c);
+    c.epochs = 1;
+    run("split" + name, c);
+    c.epochs = 2;
+    run("split" + name, c, /*resume=*/true);
+    const auto a = metrics("whole" + name), b = metrics("split" + name);
+    ASSERT_EQ(b.size(), 2u);
+    EXPECT_EQ(without_timing(a[1]), without_timing(b[1])) << bits;
+  }
 }
 
 // The measured bytes of a known model: PaperCNN (184,490 parameters, 6 tensors), batch 16.
@@ -636,6 +641,22 @@ TEST_F(TrainRun, MeasuredBytesMatchTheModel) {
                                        packed["activations_bytes"].get<int64_t>());
   EXPECT_GE(packed["step_peak_bytes"].get<int64_t>(), packed["total_bytes"].get<int64_t>() -
                                                           packed["optimizer_state_bytes"].get<int64_t>());
+
+  // At 12 bits (Note [Bit-stream storage]) codes cost 12 bits: parameters and
+  // momentum are streams of ceil(numel * 12 / 8) bytes per tensor, and the
+  // three saved inputs are streams instead of int16.
+  c.param_bits = 12, c.param_frac = 6, c.out_bits = 12, c.out_frac = 4;
+  const json packed12 = run("packed12", c)["measured_memory"]["step"];
+  int64_t stream_bytes = 0;
+  for (const auto& p : fxp::nn::PaperCNN(fxp::nn::QuantConfig{})->parameters()) {
+    stream_bytes += (p.numel() * 12 + 7) / 8;
+  }
+  EXPECT_LT(stream_bytes, params * 2 * 3 / 4 + 6);
+  EXPECT_EQ(packed12["parameters_bytes"], stream_bytes + 6 * 4);
+  EXPECT_EQ(packed12["optimizer_state_bytes"], stream_bytes);
+  const int64_t saved_inputs = batch * (32 * 12 * 12 + 1024 + 128);
+  EXPECT_EQ(packed["activations_bytes"].get<int64_t>() - packed12["activations_bytes"].get<int64_t>(),
+            saved_inputs * 2 - saved_inputs * 12 / 8);
 }
 
 TEST_F(TrainRun, ResumeRefusesChangedSettings) {

@@ -163,15 +163,25 @@ def test_packed_step_equals_float_step(case, grad_dtype):
     has_momentum = case["momentum"] > 0
     v = [torch.zeros_like(t) for t in w] if has_momentum else []
     v_codes = [torch.zeros(t.shape, dtype=mfmt.storage_dtype) for t in w] if has_momentum else []
+    # Note [Bit-stream storage]: the same step on bit streams (every case of at most 16 bits).
+    use_streams = fmt.total_bits <= 16 and mfmt.total_bits <= 16
+    w_streams = [fxp.pack_bits(c, fmt.total_bits) for c in w_codes] if use_streams else []
+    v_streams = [fxp.pack_bits(c, mfmt.total_bits) for c in v_codes] if use_streams else []
     for step in range(4):
         g = [torch.randn_like(t) * 3 for t in w]
         counts_float = _step(w, g, v, case, step)
         counts_packed = _step(w_codes, g, v_codes, case, step)
         assert torch.equal(counts_float, counts_packed)
+        if use_streams:
+            assert torch.equal(_step(w_streams, g, v_streams, case, step), counts_float)
         for a, c in zip(w, w_codes):
             assert c.dtype == fmt.storage_dtype and torch.equal(fxp.unpack(c, fmt, dtype=grad_dtype), a)
         for a, c in zip(v, v_codes):
             assert torch.equal(fxp.unpack(c, mfmt, dtype=grad_dtype), a)
+    for c, stream in zip(w_codes, w_streams):
+        assert stream.dtype == torch.uint8 and torch.equal(fxp.load_codes(stream, fmt, c.shape), c)
+    for c, stream in zip(v_codes, v_streams):
+        assert torch.equal(fxp.load_codes(stream, mfmt, c.shape), c)
 
 
 def test_packed_step_mixed_storage_and_errors():
@@ -195,6 +205,18 @@ def test_packed_step_mixed_storage_and_errors():
         _step([w_codes], [g.half()], [v_codes], case, 0)
     with pytest.raises(RuntimeError, match=r"params\[1\] has dtype Float but params\[0\] has Short"):
         _step([w_codes, w], [g, g], [v_codes, v_codes], case, 0)
+    # Bit streams beside integer codes (params a 12-bit stream, momentum int16), and streams of the wrong length.
+    case12 = dict(case, fmt=(12, 8), mfmt=(16, 10))
+    w12 = fxp.pack(torch.randn(100), FxpFormat(12, 8))
+    w12_stream, v12 = fxp.pack_bits(w12, 12), torch.zeros(100, dtype=torch.int16)
+    v12_ref = v12.clone()
+    assert torch.equal(_step([w12_stream], [g], [v12], case12, 0), _step([w12], [g], [v12_ref], case12, 0))
+    assert torch.equal(fxp.load_codes(w12_stream, 12, [100]), w12) and torch.equal(v12, v12_ref)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is a bit stream \(uint8\) of 12-bit codes for shape "
+                                           r"\[100\], so it must be 1-D with 150 bytes, but it has shape \[149\]"):
+        _step([w12_stream[:149]], [g], [v12], case12, 1)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] is a bit stream .* must be 1-D with 200 bytes"):
+        _step([w12_stream], [g], [torch.zeros(150, dtype=torch.uint8)], case12, 1)
 
 
 def test_packed_step_nan_is_an_error_and_keeps_old_codes():
@@ -335,14 +357,14 @@ def test_layer_op_errors():
 
 
 # --- layers, the network and the optimizer --------------------------------------------
-def _paper_run(method, packed, steps=3, batch=8):
+def _paper_run(method, packed, steps=3, batch=8, fmt=FxpFormat(16, 10), act=FxpFormat(16, 8)):
     torch.manual_seed(0)
-    model = fxp.nn.PaperCNN(method, FxpFormat(16, 10), FxpFormat(16, 8), act_rounding="sr")
+    model = fxp.nn.PaperCNN(method, fmt, act, act_rounding="sr")
     if method in ("sqpu", "hteqpu"):
         model.quantize_parameters_("stochastic" if method == "sqpu" else "nearest_even", 0)
     if packed:
         model.pack_()
-    opt = fxp.optim.make_optimizer(model.parameters(), method, lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+    opt = fxp.optim.make_optimizer(model.parameters(), method, lr=0.05, momentum=0.9, format=fmt,
                                    packed=fxp.nn.packed_storage(model),
                                    seed=1)
     data = torch.Generator().manual_seed(5)
@@ -364,8 +386,10 @@ def _values(model):
         for p in ("weight", "bias"):
             if getattr(layer, p) is None:
                 continue
-            out[f"{name}.{p}"] = (fxp.unpack(getattr(layer, p + "_codes"), layer.param_format)
-                                  if layer.packed_weights else getattr(layer, p).detach())
+            value = getattr(layer, p)
+            out[f"{name}.{p}"] = (fxp.unpack(fxp.load_codes(getattr(layer, p + "_codes"), layer.param_format,
+                                                            value.shape), layer.param_format)
+                                  if layer.packed_weights else value.detach())
     return out
 
 
@@ -389,6 +413,74 @@ def test_packed_training_is_bit_identical(method):
         buffer = opt_p.state[model_p.fc1.weight]["momentum_buffer"]
         assert buffer.dtype == torch.int16
         assert torch.equal(fxp.unpack(buffer, 16, 10), opt_f.state[model_f.fc1.weight]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("method", ["sqpu", "hteqpu"])
+def test_twelve_bit_packed_training_stores_bit_streams(method):
+    """Note [Bit-stream storage]: at 12 bits the weights, momentum and saved
+    inputs are streams of 12-bit codes, and training is bit-identical to float storage."""
+    fmt, act = FxpFormat(12, 6), FxpFormat(12, 4)
+    model_f, opt_f, losses_f = _paper_run(method, packed=False, fmt=fmt, act=act)
+    model_p, opt_p, losses_p = _paper_run(method, packed=True, fmt=fmt, act=act)
+    assert losses_f == losses_p
+    values_f, values_p = _values(model_f), _values(model_p)
+    assert all(torch.equal(values_f[k], values_p[k]) for k in values_f)
+    codes = model_p.fc1.weight_codes
+    assert codes.dtype == torch.uint8 and codes.shape == (math.ceil(model_p.fc1.weight.numel() * 12 / 8),)
+    buffer = opt_p.state[model_p.fc1.weight]["momentum_buffer"]
+    assert buffer.dtype == torch.uint8 and buffer.numel() == codes.numel()
+    assert torch.equal(fxp.unpack(fxp.load_codes(buffer, fmt, model_p.fc1.weight.shape), fmt),
+                       opt_f.state[model_f.fc1.weight]["momentum_buffer"])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model_p(torch.randn(8, 1, 28, 28))
+    dtypes = {t.dtype for t in saved}
+    assert torch.uint8 in dtypes and torch.int16 not in dtypes  # inputs saved as 12-bit streams, not int16
+    fc1_input = [t for t in saved if t.dtype == torch.uint8 and t.numel() == 8 * 1024 * 12 // 8]
+    assert fc1_input, "fc1's input is saved as a stream of 8 x 1024 12-bit codes"
+
+
+def test_bit_stream_state_dicts_load_either_way():
+    fmt = FxpFormat(12, 6)
+    packed = _packed_linear(fmt, seed=1)
+    state = packed.state_dict()
+    assert state["weight_codes"].dtype == torch.uint8 and state["weight_codes"].shape == (18,)  # 12 codes x 12 bits
+    values = fxp.unpack(fxp.load_codes(state["weight_codes"], fmt, [3, 4]), fmt)
+    fresh = _packed_linear(fmt, seed=2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.weight_codes, packed.weight_codes)
+    plain = fxp.nn.QLinear(4, 3, weight_mode="qpu", param_format=fmt, act_format=FxpFormat(16, 8))
+    plain.load_state_dict(state)  # a stream into an unpacked layer: unpacked exactly
+    assert torch.equal(plain.weight.detach(), values)
+    # Integer codes of the format (as int16) load into a packed layer as its stream.
+    as_int16 = dict(state, weight_codes=fxp.load_codes(state["weight_codes"], fmt, [3, 4]),
+                    bias_codes=fxp.load_codes(state["bias_codes"], fmt, [3]))
+    assert as_int16["weight_codes"].dtype == torch.int16
+    again = _packed_linear(fmt, seed=3)
+    again.load_state_dict(as_int16)
+    assert torch.equal(again.weight_codes, packed.weight_codes)
+    with pytest.raises(RuntimeError, match=r"weight_codes is not a bit stream of FxP\(12,6\) codes for shape "
+                                           r"\(3, 4\).*must be 1-D with 18 bytes"):
+        again.load_state_dict(dict(state, weight_codes=state["weight_codes"][:17]))
+    opt = QPUSGD(again.parameters(), lr=0.1, momentum=0.9, format=fmt, packed=fxp.nn.packed_storage(again))
+    with pytest.raises(ValueError, match=r"set_packed_storage: .*must be 1-D with 18 bytes"):
+        opt.set_packed_storage(again.weight, again.weight_codes[:17], fmt)
+
+
+def test_store_codes_and_load_codes():
+    codes = torch.tensor([[1, -1], [2, -4]], dtype=torch.int8)
+    assert fxp.store_codes(codes, FxpFormat(3, 1)).tolist() == [185, 8]
+    assert torch.equal(fxp.load_codes(torch.tensor([185, 8], dtype=torch.uint8), 3, [2, 2]), codes)
+    for bits, dtype in ((8, torch.int8), (16, torch.int16), (20, torch.int32)):  # no stream: a copy of the codes
+        c = torch.tensor([3, -2], dtype=dtype)
+        stored = fxp.store_codes(c, bits)
+        assert torch.equal(stored, c) and stored.data_ptr() != c.data_ptr()
+        loaded = fxp.load_codes(stored, bits, [2])
+        assert torch.equal(loaded, c) and loaded.data_ptr() != stored.data_ptr()
+    with pytest.raises(RuntimeError, match=r"streams hold at most 16 bits"):
+        fxp.load_codes(torch.zeros(5, dtype=torch.uint8), 20, [2])
+    with pytest.raises(RuntimeError, match=r"stored has shape \[3\] but the value has \[2\]"):
+        fxp.load_codes(torch.zeros(3, dtype=torch.int16), 16, [2])
 
 
 def test_packed_model_state_dict_round_trip():
@@ -493,6 +585,12 @@ def _opcheck_cases(device):
         (ops.linear.default, (xq, w, b, fmt), {}),
         (ops.linear.default, (xq, w, b, fmt, wc, bc, [12, 8]), {}),
         (ops.linear.default, (xq, w, b, fmt, wc, bc, [12, 8], [8, 4]), {}),
+        (ops.linear.default, (fxp.quantize(xq.detach(), 12, 8).requires_grad_(), w, b, [12, 8],
+                              fxp.pack_bits(wc, 12), fxp.pack_bits(bc, 12), [12, 8]), {}),
+        (ops.store_codes.default, (wc, 12), {}),
+        (ops.store_codes.default, (wc, 16), {}),
+        (ops.load_codes.default, (fxp.pack_bits(wc, 12), 12, [3, 7]), {}),
+        (ops.load_codes.default, (wc, 16, [3, 7]), {}),
         (ops.linear.default, (xq, w, None, None, None, None, None, [8, 4], "stochastic",
                               torch.Generator(device=device).manual_seed(0)), {}),
         (ops.conv2d.default, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4]), {}),
@@ -549,12 +647,20 @@ def test_cuda_packed_step_bit_identical_to_cpu(case):
     w = [fxp.pack(fxp.quantize(torch.randn(s), fmt), fmt) for s in shapes]
     v = [torch.zeros(s, dtype=mfmt.storage_dtype) for s in shapes] if case["momentum"] > 0 else []
     w_cuda, v_cuda = [t.cuda() for t in w], [t.cuda() for t in v]
+    # Note [Bit-stream storage]: the same steps on CUDA bit streams, where the widths allow them.
+    streams = fmt.total_bits <= 16 and mfmt.total_bits <= 16
+    w_stream = [fxp.pack_bits(t, fmt.total_bits).cuda() for t in w] if streams else []
+    v_stream = [fxp.pack_bits(t, mfmt.total_bits).cuda() for t in v] if streams else []
     for step in range(3):
         g = [torch.randn(s) for s in shapes]
         counts = _step(w, g, v, case, step)
         counts_cuda = _step(w_cuda, [t.cuda() for t in g], v_cuda, case, step)
         assert torch.equal(counts, counts_cuda.cpu())
+        if streams:
+            assert torch.equal(_step(w_stream, [t.cuda() for t in g], v_stream, case, step).cpu(), counts)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(w + v, w_cuda + v_cuda))
+    assert all(torch.equal(fxp.pack_bits(a, fmt.total_bits), b.cpu()) for a, b in zip(w, w_stream))
+    assert all(torch.equal(fxp.pack_bits(a, mfmt.total_bits), b.cpu()) for a, b in zip(v, v_stream))
 
 
 @requires_cuda

@@ -11,6 +11,7 @@ from . import adapt, msq, nn, optim  # noqa: E402
 from .format import FxpFormat  # noqa: E402
 from .ops import (  # noqa: E402
     format_histogram,
+    load_codes,
     pack,
     pack_bits,
     pack_seeded,
@@ -24,6 +25,7 @@ from .ops import (  # noqa: E402
     quantize_seeded_stats,
     quantize_stats,
     quantize_ste,
+    store_codes,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +35,7 @@ __all__ = [
     "adapt",
     "format_histogram",
     "library_path",
+    "load_codes",
     "msq",
     "nn",
     "optim",
@@ -49,4 +52,5 @@ __all__ = [
     "quantize_seeded_stats",
     "quantize_stats",
     "quantize_ste",
+    "store_codes",
 ]

@@ -65,7 +65,8 @@ class _QuantizedLayer(nn.Module):
 
     def pack_weights_(self) -> None:
         """Moves the weight and bias into integer codes of ``param_format``
-        (buffers ``weight_codes``/``bias_codes``); ``weight`` and ``bias``
+        (buffers ``weight_codes``/``bias_codes``: a bit stream of B-bit codes
+        where B is not 8, 16 or more, :func:`fxp.ops.store_codes`); ``weight`` and ``bias``
         become :class:`PackedParameter` stand-ins of the same shape, which
         receive the gradients. :class:`fxp.optim.QPUSGD` updates the codes
         once it is told where they are (:func:`packed_storage`). Only for
@@ -80,7 +81,9 @@ class _QuantizedLayer(nn.Module):
             param = getattr(self, name)
             if param is None:
                 continue
-            self.register_buffer(f"{name}_codes", pack(param.detach(), self.param_format))
+            # Note [Bit-stream storage]: a bit stream for widths other than 8, 16 and > 16.
+            self.register_buffer(f"{name}_codes",
+                                 fxp_ops.store_codes(pack(param.detach(), self.param_format), self.param_format))
             setattr(self, name, PackedParameter(param.detach(), requires_grad=param.requires_grad))
         self._set_codes_format(self.param_format)
         self.packed_weights = True
@@ -132,7 +135,10 @@ class _QuantizedLayer(nn.Module):
                     saved_format = self.packed_format
                     state_dict[prefix + "codes_format"] = self.codes_format.clone()
                 if codes_key in state_dict:
-                    self._check_codes(codes_key, state_dict[codes_key], saved_format, self.packed_format, error_msgs)
+                    codes = self._checked_codes(codes_key, state_dict[codes_key], saved_format, self.packed_format,
+                                                getattr(self, name).shape, error_msgs)
+                    if codes is not None:  # in this layer's stored form, whichever form was saved
+                        state_dict[codes_key] = fxp_ops.store_codes(codes, self.packed_format)
                 stand_in = state_dict.pop(key, None)  # the values are in the codes; check the shape only
                 if stand_in is not None and stand_in.shape != getattr(self, name).shape:
                     error_msgs.append(f"size mismatch for {key}: {tuple(stand_in.shape)} in the checkpoint, "
@@ -144,7 +150,9 @@ class _QuantizedLayer(nn.Module):
                     continue
                 codes = state_dict.pop(codes_key)
                 target = self.param_format if self.weight_mode == "qpu" else saved_format
-                if self._check_codes(codes_key, codes, saved_format, target, error_msgs):
+                codes = self._checked_codes(codes_key, codes, saved_format, target, getattr(self, name).shape,
+                                            error_msgs)
+                if codes is not None:
                     state_dict[prefix + name] = fxp_ops.unpack(codes, saved_format, dtype=getattr(self, name).dtype)
             state_dict.pop(prefix + "codes_format", None)
         before = len(missing_keys)
@@ -169,20 +177,30 @@ class _QuantizedLayer(nn.Module):
             return None
 
     @staticmethod
-    def _check_codes(key: str, codes: Tensor, saved: Optional[FxpFormat], expected: FxpFormat,
-                     error_msgs: list) -> bool:
-        """Whether codes of format `saved` may load where `expected` codes go; else an error message."""
+    def _checked_codes(key: str, codes: Tensor, saved: Optional[FxpFormat], expected: FxpFormat, shape,
+                       error_msgs: list) -> Optional[Tensor]:
+        """The integer codes (of ``shape``) that ``codes``, stored codes of format ``saved``
+        (integer codes or a bit stream), hold, if they may load where ``expected`` codes
+        go; else None and an error message."""
         if saved is None:
-            return False
+            return None
         if saved != expected:
             error_msgs.append(f"{key} holds codes of {saved}, but the layer's format is {expected}")
-        elif codes.dtype != saved.storage_dtype:
-            error_msgs.append(f"{key} has dtype {codes.dtype}, but codes of {saved} are {saved.storage_dtype}")
+            return None
+        if codes.dtype == torch.uint8:  # Note [Bit-stream storage]
+            try:
+                codes = fxp_ops.load_codes(codes, saved, shape)
+            except RuntimeError as e:
+                error_msgs.append(f"{key} is not a bit stream of {saved} codes for shape {tuple(shape)}: {e}")
+                return None
+        if codes.dtype != saved.storage_dtype:
+            error_msgs.append(f"{key} has dtype {codes.dtype}, but codes of {saved} are {saved.storage_dtype} "
+                              f"(or a uint8 bit stream)")
         elif codes.numel() and not (saved.code_min <= int(codes.min()) and int(codes.max()) <= saved.code_max):
             error_msgs.append(f"{key} holds codes outside the range [{saved.code_min}, {saved.code_max}] of {saved}")
         else:
-            return True
-        return False
+            return codes
+        return None
 
     def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
         """The quantized conv/linear output through fxp's layer op (packed storage): the op

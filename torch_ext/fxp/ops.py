@@ -313,6 +313,30 @@ def unpack_bits(packed: Tensor, bits: int, size: Union[int, Sequence[int]], is_s
                             _bool(op, "is_signed", is_signed), dtype)
 
 
+def store_codes(codes: Tensor, fmt: FormatLike) -> Tensor:
+    """How packed storage keeps the integer ``codes`` of ``fmt`` (Note
+    [Bit-stream storage], csrc/ops/bit_pack/code_storage.h): for widths up to
+    16 other than 8 and 16, a bit stream of :func:`pack_bits` (1-D uint8,
+    ``ceil(numel * B / 8)`` bytes); otherwise a copy of the codes. The layer
+    ops and the QPU step take either form.
+
+    >>> store_codes(torch.tensor([1, -1, 2, -4], dtype=torch.int8), FxpFormat(3, 1))
+    tensor([185,   8], dtype=torch.uint8)
+    """
+    op = "store_codes"
+    total_bits = fmt.total_bits if isinstance(fmt, FxpFormat) else _int(op, "fmt", fmt)
+    return _ops.store_codes(_tensor(op, "codes", codes), total_bits)
+
+
+def load_codes(stored: Tensor, fmt: FormatLike, size: Sequence[int]) -> Tensor:
+    """The integer codes (int8, int16 or int32 as :attr:`FxpFormat.storage_dtype`)
+    of shape ``size`` that :func:`store_codes` stored; a copy of ``stored`` when it
+    is not a bit stream. A stream of the wrong length is an error."""
+    op = "load_codes"
+    total_bits = fmt.total_bits if isinstance(fmt, FxpFormat) else _int(op, "fmt", fmt)
+    return _ops.load_codes(_tensor(op, "stored", stored), total_bits, [_int(op, "size", d) for d in size])
+
+
 def _format_list(op: str, name: str, fmt: Optional[FxpFormat]) -> Optional[list]:
     if fmt is not None and not isinstance(fmt, FxpFormat):
         raise TypeError(f"fxp.{op}: {name} must be an FxpFormat or None, but got {fmt!r}")

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
+from .ops import load_codes, store_codes
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -143,18 +144,25 @@ class QPUSGD(Optimizer):
     def set_packed_storage(self, parameter: Tensor, codes: Tensor, format: FxpFormat) -> None:
         """Packed storage (Note [Packed QPU step]): ``parameter`` (a stand-in that
         receives the gradient) holds its value in ``codes``, integer codes of
-        ``format``, which must be its group's format. The step then updates the
-        codes and keeps the momentum as codes (``fxp.nn.packed_storage`` lists a
-        model's)."""
+        ``format`` (or a bit stream of them, :func:`fxp.ops.store_codes`), which
+        must be its group's format. The step then updates the codes and keeps
+        the momentum as codes, stored the same way (``fxp.nn.packed_storage``
+        lists a model's)."""
         group = next((g for g in self.param_groups if any(p is parameter for p in g["params"])), None)
         if group is None:
             raise ValueError("QPUSGD.set_packed_storage: got a parameter this optimizer does not hold")
         group_format = FxpFormat(group["total_bits"], group["frac_bits"])
         if format != group_format:
             raise ValueError(f"QPUSGD: the codes are of {format}, but the parameter's group updates {group_format}")
-        if codes.dtype != format.storage_dtype or codes.shape != parameter.shape:
+        if codes.dtype == torch.uint8:  # Note [Bit-stream storage]: a stream of that many codes
+            try:
+                load_codes(codes, format, parameter.shape)
+            except RuntimeError as e:
+                raise ValueError(f"QPUSGD.set_packed_storage: {e}") from None
+        elif codes.dtype != format.storage_dtype or codes.shape != parameter.shape:
             raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} must be {format.storage_dtype} of shape "
-                             f"{tuple(parameter.shape)}, but got {codes.dtype} of shape {tuple(codes.shape)}")
+                             f"{tuple(parameter.shape)} or a uint8 bit stream of them, but got {codes.dtype} of "
+                             f"shape {tuple(codes.shape)}")
         self._codes[parameter] = codes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -208,7 +216,7 @@ class QPUSGD(Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = (
                             torch.zeros_like(p, memory_format=torch.contiguous_format) if c is None
-                            else torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device))
+                            else store_codes(torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device), mfmt))
                     buffers.append(state["momentum_buffer"])
             # The step counts even if the op raises (a NaN that packed storage cannot
             # hold): the update has happened, and the next step draws fresh numbers.

@@ -1,9 +1,12 @@
 // fxp::pack_bits and fxp::unpack_bits's registrations: CPU, Meta and Autograd
 // (CUDA in bit_pack_register_cuda.cpp). The ops are written once in bit_pack_op.h.
+// fxp::store_codes and fxp::load_codes, on every backend through those two.
 #include <torch/library.h>
 
 #include "ops/backend.h"
 #include "ops/bit_pack/bit_pack_op.h"
+#include "ops/bit_pack/code_storage.h"
+#include "ops/format_args.h"
 #include "ops/not_differentiable.h"
 
 namespace fxp {
@@ -21,12 +24,30 @@ struct MetaBackend : CpuBackend {
   static constexpr bool kIsMeta = true;
 };
 
+// The ops return new tensors (a schema without alias annotations promises that).
+at::Tensor store_codes_op(const at::Tensor& codes, int64_t total_bits) {
+  check_fxp_format("fxp::store_codes", total_bits, 0);
+  const at::Tensor stored = store_codes(codes, total_bits);
+  return stored.is_same(codes) ? codes.clone() : stored;
+}
+
+at::Tensor load_codes_op(const at::Tensor& stored, int64_t total_bits, at::IntArrayRef size) {
+  check_fxp_format("fxp::load_codes", total_bits, 0);
+  const at::Tensor codes = load_codes("fxp::load_codes", "stored", stored, total_bits, size);
+  return codes.is_same(stored) ? stored.clone() : codes;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
+  m.impl("store_codes", &store_codes_op);
+  m.impl("load_codes", &load_codes_op);
+}
 
 TORCH_LIBRARY_IMPL(fxp, CPU, m) { FXP_REGISTER_BIT_PACK_OPS(m, CpuBackend); }
 
 TORCH_LIBRARY_IMPL(fxp, Meta, m) { FXP_REGISTER_BIT_PACK_OPS(m, MetaBackend); }
 
-TORCH_LIBRARY_IMPL(fxp, Autograd, m) { register_not_differentiable(m, {"pack_bits", "unpack_bits"}); }
+TORCH_LIBRARY_IMPL(fxp, Autograd, m) { register_not_differentiable(m, {"pack_bits", "unpack_bits", "store_codes", "load_codes"}); }
 
 }  // namespace fxp

@@ -2,8 +2,10 @@
 // fxp::unpack, so CPU, CUDA and Meta all run through here.
 #include <torch/library.h>
 
+#include <string>
 #include <utility>
 
+#include "ops/bit_pack/code_storage.h"
 #include "ops/layers/layers_op.h"
 #include "ops/ops.h"
 #include "ops/format_args.h"
@@ -24,9 +26,15 @@ namespace {
 at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value,
                        const std::optional<at::Tensor>& codes, const OptionalFormat& param_format) {
   if (!codes.has_value() || !codes->defined()) return value;
-  TORCH_CHECK(codes->sym_sizes() == value.sym_sizes(), op, ": ", name, "_codes has shape ", codes->sym_sizes(),
-              " but ", name, " has ", value.sym_sizes());
-  return unpack(*codes, param_format.total_bits, param_format.frac_bits, value.scalar_type());
+  const std::string codes_name = std::string(name) + "_codes";
+  check_stored_codes(op, codes_name.c_str(), *codes, param_format.total_bits, value.sym_sizes());
+  if (!is_bit_stream(*codes)) return unpack(*codes, param_format.total_bits, param_format.frac_bits, value.scalar_type());
+  // Note [Bit-stream storage]: a stream is decoded for this call only. Traced
+  // with symbolic shapes (fake tensors), the op only needs the value's shape.
+  const std::optional<at::IntArrayRef> sizes = c10::asIntArrayRefSlowOpt(value.sym_sizes());
+  if (!sizes.has_value()) return at::empty_symint(value.sym_sizes(), value.options());
+  return unpack(load_codes(op, codes_name.c_str(), *codes, param_format.total_bits, *sizes), param_format.total_bits,
+                param_format.frac_bits, value.scalar_type());
 }
 
 // Checks dtypes and the pairing of codes with param_format.

@@ -6,13 +6,17 @@
 // (fxp::pack with rounding "exact": the input must lie on that grid, as a
 // quantized activation does, and an input off the grid is an error, because
 // its codes would give the weight gradient of another input); with
-// weight_codes, the weight is saved as its codes. The backward unpacks them
+// weight_codes, the weight is saved as its codes. Codes are kept at their
+// width (Note [Bit-stream storage]: a 12-bit input costs 12 bits per element,
+// and weight codes are saved in the form the layer stores them). The backward
+// decodes and unpacks them
 // and calls what ATen's own derivatives call (mm in addmm's formulas,
 // at::sum_to for the bias, at::convolution_backward), on equal values, so the
 // gradients equal torch's bit for bit.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "ops/bit_pack/code_storage.h"
 #include "ops/layers/layers_op.h"
 #include "ops/ops.h"
 
@@ -48,13 +52,18 @@ struct SavedInputs {
                    const std::optional<at::Tensor>& weight_codes, const OptionalFormat& param_format, bool save_x,
                    bool save_w) {
     at::Tensor saved_x, saved_w;
-    if (save_x) saved_x = input_format.present ? pack_on_grid(op, x, input_format) : x;
+    // Note [Bit-stream storage]: input codes are saved as a stream where their width calls for one.
+    if (save_x) {
+      saved_x = input_format.present ? store_codes(pack_on_grid(op, x, input_format), input_format.total_bits) : x;
+    }
     if (save_w) saved_w = defined(weight_codes) ? *weight_codes : weight;
     ctx->save_for_backward({saved_x, saved_w});
     ctx->saved_data["x_format"] = std::vector<int64_t>{input_format.present, input_format.total_bits,
                                                        input_format.frac_bits};
     ctx->saved_data["w_format"] = std::vector<int64_t>{defined(weight_codes), param_format.total_bits,
                                                        param_format.frac_bits};
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["w_sizes"] = weight.sizes().vec();
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
     if (defined(bias)) ctx->saved_data["bias_sizes"] = bias->sizes().vec();
   }
@@ -69,11 +78,13 @@ struct SavedInputs {
   static std::pair<at::Tensor, at::Tensor> restore(AutogradContext* ctx) {
     const auto saved = ctx->get_saved_variables();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    auto restore_one = [&](const at::Tensor& t, const char* key) {
-      const auto f = ctx->saved_data[key].toIntVector();
-      return t.defined() && f[0] ? unpack(t, f[1], f[2], dtype) : t;
+    auto restore_one = [&](const at::Tensor& t, const char* format_key, const char* sizes_key) {
+      const auto f = ctx->saved_data[format_key].toIntVector();
+      if (!t.defined() || !f[0]) return t;
+      const auto sizes = ctx->saved_data[sizes_key].toIntVector();
+      return unpack(load_codes("fxp layer backward", sizes_key, t, f[1], sizes), f[1], f[2], dtype);
     };
-    return {restore_one(saved[0], "x_format"), restore_one(saved[1], "w_format")};
+    return {restore_one(saved[0], "x_format", "x_sizes"), restore_one(saved[1], "w_format", "w_sizes")};
   }
 };
 

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "ops/aliasing.h"
+#include "ops/bit_pack/code_storage.h"
 #include "ops/format_args.h"
 
 namespace fxp {
@@ -61,37 +63,50 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
               has_momentum ? n : 0, "), but got ", momentum_buffers.size());
   TORCH_CHECK(n < (size_t{1} << 31), kOp, ": too many tensors (", n, ")");
   // Storage: grads are float32 or float64; params and momentum buffers hold
-  // floats of the grads' dtype, or codes of their format (packed storage).
-  // Each list has one dtype.
+  // floats of the grads' dtype, or codes of their format (packed storage):
+  // integer codes of the value's shape or a bit stream (Note [Bit-stream
+  // storage]). Each list has one dtype.
   const at::ScalarType grad_dtype = n > 0 ? grads[0].scalar_type() : at::kFloat;
   const at::ScalarType param_dtype = n > 0 ? params[0].scalar_type() : at::kFloat;
   const at::ScalarType momentum_dtype = has_momentum && n > 0 ? momentum_buffers[0].scalar_type() : grad_dtype;
   const at::ScalarType param_codes = packed_dtype(static_cast<int>(a.total_bits));
   const at::ScalarType momentum_codes = packed_dtype(static_cast<int>(a.momentum_total_bits));
+  const bool param_stream = param_dtype == at::kByte, momentum_stream = momentum_dtype == at::kByte;
   TORCH_CHECK(grad_dtype == at::kFloat || grad_dtype == at::kDouble, kOp,
               ": grads must be float32 or float64, but got ", grad_dtype);
-  TORCH_CHECK(param_dtype == grad_dtype || param_dtype == param_codes, kOp, ": params must be ", grad_dtype,
-              " like the grads, or ", param_codes, " codes of FxP(", a.total_bits, ",", a.frac_bits,
-              ") (packed storage), but got ", param_dtype);
-  TORCH_CHECK(momentum_dtype == grad_dtype || momentum_dtype == momentum_codes, kOp, ": momentum_buffers must be ",
-              grad_dtype, " like the grads, or ", momentum_codes, " codes of FxP(", a.momentum_total_bits, ",",
-              a.momentum_frac_bits, ") (packed storage), but got ", momentum_dtype);
+  TORCH_CHECK(param_dtype == grad_dtype || param_dtype == param_codes || param_stream, kOp, ": params must be ",
+              grad_dtype, " like the grads, or ", param_codes, " codes of FxP(", a.total_bits, ",", a.frac_bits,
+              ") or a uint8 bit stream of them (packed storage), but got ", param_dtype);
+  TORCH_CHECK(momentum_dtype == grad_dtype || momentum_dtype == momentum_codes || momentum_stream, kOp,
+              ": momentum_buffers must be ", grad_dtype, " like the grads, or ", momentum_codes, " codes of FxP(",
+              a.momentum_total_bits, ",", a.momentum_frac_bits, ") or a uint8 bit stream of them (packed storage), "
+              "but got ", momentum_dtype);
   for (size_t k = 0; k < n; ++k) {
     const at::Tensor& w = params[k];
     TORCH_CHECK(w.device() == params[0].device(), kOp, ": params[", k, "] is on ", w.device(),
                 " but params[0] is on ", params[0].device(), "; all tensors must share one device");
-    auto check_like = [&](const at::Tensor& t, const char* name, at::ScalarType dtype) {
+    // The value's shape: the params' own, or the grads' when params are a stream.
+    const c10::SymIntArrayRef value_sizes = param_stream ? grads[k].sym_sizes() : w.sym_sizes();
+    const char* value_name = param_stream ? "grads" : "params";
+    auto check_like = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, bool stream,
+                          int64_t total_bits) {
       TORCH_CHECK(t.device() == w.device(), kOp, ": ", name, "[", k, "] is on ", t.device(),
                   " but params[", k, "] is on ", w.device());
       TORCH_CHECK(t.scalar_type() == dtype, kOp, ": ", name, "[", k, "] has dtype ", t.scalar_type(), " but ",
                   name, "[0] has ", dtype, "; a list has one dtype");
-      TORCH_CHECK(t.sym_sizes() == w.sym_sizes(), kOp, ": ", name, "[", k, "] has shape ", t.sym_sizes(),
-                  " but params[", k, "] has ", w.sym_sizes());
+      if (stream) {
+        const std::string arg = std::string(name) + "[" + std::to_string(k) + "]";
+        check_stored_codes(kOp, arg.c_str(), t, total_bits, value_sizes);
+      } else {
+        TORCH_CHECK(t.sym_sizes() == value_sizes, kOp, ": ", name, "[", k, "] has shape ", t.sym_sizes(), " but ",
+                    value_name, "[", k, "] has ", value_sizes);
+      }
       if (check_memory) TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, "[", k, "] must be contiguous");
     };
-    check_like(w, "params", param_dtype);
-    check_like(grads[k], "grads", grad_dtype);
-    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype);
+    check_like(w, "params", param_dtype, param_stream, a.total_bits);
+    check_like(grads[k], "grads", grad_dtype, false, 0);
+    if (has_momentum) check_like(momentum_buffers[k], "momentum_buffers", momentum_dtype, momentum_stream,
+                                 a.momentum_total_bits);
   }
   if (check_memory) {
     check_no_aliasing(kOp, {{params, "params", true}, {grads, "grads", false},
@@ -109,8 +124,9 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   p.seed = static_cast<uint64_t>(a.seed);
   p.step = static_cast<uint64_t>(a.step);
   p.grad_storage = storage_of(grad_dtype);
-  p.param_storage = storage_of(param_dtype);
-  p.momentum_storage = storage_of(momentum_dtype);
+  // A stream reaches the kernels decoded into integer codes (qpu_sgd_op.h).
+  p.param_storage = storage_of(param_stream ? param_codes : param_dtype);
+  p.momentum_storage = storage_of(momentum_stream ? momentum_codes : momentum_dtype);
   return p;
 }
 

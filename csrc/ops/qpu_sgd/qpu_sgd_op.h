@@ -5,9 +5,14 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
+#include "ops/bit_pack/code_storage.h"
 #include "ops/qpu_sgd/qpu_sgd_args.h"
 
 namespace fxp {
+
+inline constexpr const char* kQpuSgdOp = "fxp::qpu_sgd_step_";
 
 template <class Backend>
 at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
@@ -30,10 +35,30 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
       const bool packed = is_packed(p.param_storage) || is_packed(p.momentum_storage);
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read on CUDA).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
-      Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
+      const bool param_stream = is_bit_stream(params[0]);
+      const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
+      if (param_stream || momentum_stream) {
+        // Note [Bit-stream storage]: one tensor at a time, decoded, updated
+        // and re-encoded; the draws depend only on each tensor's stream index.
+        for (size_t k = 0; k < params.size(); ++k) {
+          const at::IntArrayRef sizes = grads[k].sizes();
+          const at::Tensor param_codes = load_codes(kQpuSgdOp, "params", params[k], total_bits, sizes);
+          std::vector<at::Tensor> momentum_codes;
+          if (!momentum_buffers.empty()) {
+            momentum_codes.push_back(
+                load_codes(kQpuSgdOp, "momentum_buffers", momentum_buffers[k], momentum_total_bits, sizes));
+          }
+          Backend::launch({param_codes}, {grads[k]}, momentum_codes, {streams[k]}, p,
+                          counts.narrow(0, static_cast<int64_t>(k), 1), nan_count);
+          assign_codes(params[k], param_codes, total_bits);
+          if (!momentum_codes.empty()) assign_codes(momentum_buffers[k], momentum_codes[0], momentum_total_bits);
+        }
+      } else {
+        Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
+      }
       if (packed) {
         const int64_t nans = nan_count.item<int64_t>();
-        TORCH_CHECK_VALUE(nans == 0, "fxp::qpu_sgd_step_: ", nans,
+        TORCH_CHECK_VALUE(nans == 0, kQpuSgdOp, ": ", nans,
                           " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot "
                           "hold NaN, so those elements keep their previous codes");
       }
