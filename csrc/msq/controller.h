@@ -44,6 +44,7 @@ class Controller {
   const MsqOptions& options() const { return widths_.options(); }
   double compression_rate() const { return widths_.compression_rate(); }
   std::vector<double> sparsities() const { return widths_.sparsities(); }
+  std::vector<MsqLayerRecord> records() const { return widths_.records(); }
   bool weights_finite() const { return widths_.weights_finite(); }
 
   std::vector<std::pair<std::string, torch::Tensor>> state() const { return widths_.state(); }

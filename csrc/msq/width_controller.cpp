@@ -132,6 +132,16 @@ std::vector<double> WidthController::sparsities() const {
   return out;
 }
 
+std::vector<MsqLayerRecord> WidthController::records() const {
+  const std::vector<double> sparsity = sparsities();
+  std::vector<MsqLayerRecord> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const MsqLayer& l = layers_[i];
+    out.push_back({l.name, l.bits, l.weight.numel(), sparsity[i], l.sparsity, l.hessian_trace, l.scale});
+  }
+  return out;
+}
+
 bool WidthController::weights_finite() const {
   torch::NoGradGuard no_grad;
   for (const auto& l : layers_) {

@@ -46,6 +46,15 @@ struct MsqLayer {
   double hessian_trace = 0;  // at the last check (0 before, or without the Hessian)
 };
 
+// What a layer's record says (metrics.jsonl in fxp-train, layer_records() in Python).
+struct MsqLayerRecord {
+  std::string name;
+  int64_t bits, weights;
+  double lsb_sparsity;    // now
+  double check_sparsity;  // what the last check measured, before it pruned
+  double hessian_trace, scale;
+};
+
 class WidthController {
  public:
   // Every weight starts at options.start_bits (at most 15: the export stores
@@ -74,6 +83,8 @@ class WidthController {
   double compression_rate() const;
   // Each layer's LSB sparsity now (one pass of RoundClamp per layer, no gradients).
   std::vector<double> sparsities() const;
+  // Each layer's record, with its sparsity now (sparsities()).
+  std::vector<MsqLayerRecord> records() const;
   // Whether every weight is finite (a diverged run's are not).
   bool weights_finite() const;
 

@@ -81,16 +81,14 @@ json adapt_record(const adapt::Controller& controller) {
 // Hessian trace at the last check, scale; the compression rate.
 json msq_record(const msq::Controller& controller) {
   json layers = json::array();
-  const std::vector<double> sparsity = controller.sparsities();
-  for (size_t i = 0; i < controller.layers().size(); ++i) {
-    const auto& l = controller.layers()[i];
-    layers.push_back({{"name", l.name},
-                      {"bits", l.bits},
-                      {"weights", l.weight.numel()},
-                      {"lsb_sparsity", sparsity[i]},
-                      {"check_sparsity", l.sparsity},  // what the last check measured, before it pruned
-                      {"hessian_trace", l.hessian_trace},
-                      {"scale", l.scale}});
+  for (const msq::MsqLayerRecord& r : controller.records()) {
+    layers.push_back({{"name", r.name},
+                      {"bits", r.bits},
+                      {"weights", r.weights},
+                      {"lsb_sparsity", r.lsb_sparsity},
+                      {"check_sparsity", r.check_sparsity},
+                      {"hessian_trace", r.hessian_trace},
+                      {"scale", r.scale}});
   }
   return {{"layers", layers}, {"compression_rate", controller.compression_rate()}, {"frozen", controller.frozen()}};
 }

@@ -443,28 +443,66 @@ def test_twelve_bit_packed_training_stores_bit_streams(method):
 def test_bit_stream_state_dicts_load_either_way():
     fmt = FxpFormat(12, 6)
     packed = _packed_linear(fmt, seed=1)
+    assert packed.weight_codes.dtype == torch.uint8 and packed.weight_codes.shape == (18,)  # 12 codes x 12 bits
+    # Note [Packed state dicts]: the state dict holds integer codes of the value's shape, so shapes are checked.
     state = packed.state_dict()
-    assert state["weight_codes"].dtype == torch.uint8 and state["weight_codes"].shape == (18,)  # 12 codes x 12 bits
-    values = fxp.unpack(fxp.load_codes(state["weight_codes"], fmt, [3, 4]), fmt)
+    assert state["weight_codes"].dtype == torch.int16 and state["weight_codes"].shape == (3, 4)
+    values = fxp.unpack(state["weight_codes"], fmt)
     fresh = _packed_linear(fmt, seed=2)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.weight_codes, packed.weight_codes)
     plain = fxp.nn.QLinear(4, 3, weight_mode="qpu", param_format=fmt, act_format=FxpFormat(16, 8))
-    plain.load_state_dict(state)  # a stream into an unpacked layer: unpacked exactly
+    plain.load_state_dict(state)  # into an unpacked layer: unpacked exactly
     assert torch.equal(plain.weight.detach(), values)
-    # Integer codes of the format (as int16) load into a packed layer as its stream.
-    as_int16 = dict(state, weight_codes=fxp.load_codes(state["weight_codes"], fmt, [3, 4]),
-                    bias_codes=fxp.load_codes(state["bias_codes"], fmt, [3]))
-    assert as_int16["weight_codes"].dtype == torch.int16
+    # A stream (the buffer itself) loads too, checked by its length.
     again = _packed_linear(fmt, seed=3)
-    again.load_state_dict(as_int16)
+    again.load_state_dict(dict(state, weight_codes=packed.weight_codes, bias_codes=packed.bias_codes))
     assert torch.equal(again.weight_codes, packed.weight_codes)
     with pytest.raises(RuntimeError, match=r"weight_codes is not a bit stream of FxP\(12,6\) codes for shape "
                                            r"\(3, 4\).*must be 1-D with 18 bytes"):
-        again.load_state_dict(dict(state, weight_codes=state["weight_codes"][:17]))
+        again.load_state_dict(dict(state, weight_codes=packed.weight_codes[:17]))
+    # A model of another shape with as many weights does not load (a stream alone could not tell).
+    other = fxp.nn.QLinear(3, 4, weight_mode="qpu", param_format=fmt, act_format=FxpFormat(16, 8))
+    fxp.nn.quantize_layer_parameters_(other)
+    other.pack_weights_()
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight_codes: \(3, 4\) in the checkpoint, \(4, 3\)"):
+        other.load_state_dict(dict(state, bias_codes=torch.zeros(4, dtype=torch.int16)))
+    # The optimizer takes the form the layers store (a stream here) and nothing else.
     opt = QPUSGD(again.parameters(), lr=0.1, momentum=0.9, format=fmt, packed=fxp.nn.packed_storage(again))
     with pytest.raises(ValueError, match=r"set_packed_storage: .*must be 1-D with 18 bytes"):
         opt.set_packed_storage(again.weight, again.weight_codes[:17], fmt)
+    with pytest.raises(ValueError, match=r"codes of FxP\(12,6\) are stored as torch.uint8, but got torch.int16"):
+        opt.set_packed_storage(again.weight, state["weight_codes"], fmt)
+    layer16 = _packed_linear(FxpFormat(16, 10))
+    opt16 = QPUSGD(layer16.parameters(), lr=0.1, format=FxpFormat(16, 10))
+    with pytest.raises(ValueError, match=r"codes of FxP\(16,10\) are stored as torch.int16, but got torch.uint8"):
+        opt16.set_packed_storage(layer16.weight, fxp.pack_bits(layer16.weight_codes, 16), FxpFormat(16, 10))
+
+
+def test_optimizer_state_of_integer_momentum_codes_loads_as_streams():
+    """A QPUSGD state saved with int16 momentum codes of FxP(12, .) (before bit
+    streams) loads in the form this version stores, and steps as it would have."""
+    fmt = FxpFormat(12, 6)
+    layer = _packed_linear(fmt, seed=4)
+    opt = QPUSGD(layer.parameters(), lr=0.1, momentum=0.9, format=fmt, packed=fxp.nn.packed_storage(layer))
+    for p in layer.parameters():
+        p.grad = torch.full(p.shape, 0.3)
+    opt.step()
+    state = opt.state_dict()
+    old_form = {pid: dict(s, momentum_buffer=fxp.load_codes(s["momentum_buffer"], fmt, p.shape))
+                for (pid, s), p in zip(state["state"].items(), layer.parameters())}
+    assert all(s["momentum_buffer"].dtype == torch.int16 for s in old_form.values())
+    twin = _packed_linear(fmt, seed=4)
+    twin.load_state_dict(layer.state_dict())
+    opt_twin = QPUSGD(twin.parameters(), lr=0.1, momentum=0.9, format=fmt, packed=fxp.nn.packed_storage(twin))
+    opt_twin.load_state_dict(dict(state, state=old_form))
+    assert opt_twin.state[twin.weight]["momentum_buffer"].dtype == torch.uint8
+    for model, o in ((layer, opt), (twin, opt_twin)):
+        for p in model.parameters():
+            p.grad = torch.full(p.shape, -0.2)
+        o.step()
+    assert torch.equal(twin.weight_codes, layer.weight_codes)
+    assert torch.equal(opt_twin.state[twin.weight]["momentum_buffer"], opt.state[layer.weight]["momentum_buffer"])
 
 
 def test_store_codes_and_load_codes():
@@ -481,6 +519,18 @@ def test_store_codes_and_load_codes():
         fxp.load_codes(torch.zeros(5, dtype=torch.uint8), 20, [2])
     with pytest.raises(RuntimeError, match=r"stored has shape \[3\] but the value has \[2\]"):
         fxp.load_codes(torch.zeros(3, dtype=torch.int16), 16, [2])
+    assert torch.equal(fxp.load_codes(fxp.store_codes(torch.tensor([3, -2], dtype=torch.int16), 12), 12, 2),
+                       torch.tensor([3, -2], dtype=torch.int16))  # an int size, as unpack_bits takes
+    with pytest.raises(RuntimeError, match=r"store_codes: codes must be Char codes of 8 bits, but got Float"):
+        fxp.store_codes(torch.randn(4), 8)
+    with pytest.raises(RuntimeError, match=r"load_codes: stored must be Short codes of 12 bits \(or a uint8 bit "
+                                           r"stream\), but got Float"):
+        fxp.load_codes(torch.randn(2, 3), 12, [2, 3])
+    with pytest.raises(RuntimeError, match=r"1 code lies outside \[-2048, 2047\]"):
+        fxp.store_codes(torch.tensor([5000], dtype=torch.int16), 12)
+    with pytest.raises(RuntimeError, match=r"must not be negative"):
+        fxp.load_codes(torch.zeros(2, dtype=torch.uint8), 12, [-3])
+    assert fxp.ops.stored_dtype(FxpFormat(12, 6)) == torch.uint8 and fxp.ops.stored_dtype(FxpFormat(8, 4)) == torch.int8
 
 
 def test_packed_model_state_dict_round_trip():
@@ -712,19 +762,24 @@ def test_an_input_off_its_input_format_is_an_error():
         fxp.ops.conv2d(torch.randn(1, 1, 5, 5), wc, input_format=FxpFormat(8, 4))
 
 
-def test_packed_step_that_raises_has_stepped():
+@pytest.mark.parametrize("fmt,act", [(FxpFormat(16, 10), FxpFormat(16, 8)), (FxpFormat(12, 6), FxpFormat(12, 4))])
+def test_packed_step_that_raises_has_stepped(fmt, act):
     """Note [Packed QPU step]: the step happened (other elements updated, step
-    counted), so a caller that catches the error goes on with fresh streams."""
-    model, opt, _ = _paper_run("sqpu", packed=True, steps=1)
-    before = model.fc2.weight_codes.clone()
+    counted), so a caller that catches the error goes on with fresh streams.
+    The same with bit streams (12 bits), where the tensors after the NaN's update too."""
+    model, opt, _ = _paper_run("sqpu", packed=True, steps=1, fmt=fmt, act=act)
+    shape = model.fc2.weight.shape
+    codes = lambda: fxp.load_codes(model.fc2.weight_codes, fmt, shape)  # noqa: E731
+    before, bias_before = codes().clone(), model.fc2.bias_codes.clone()
     for p in model.parameters():
         p.grad = torch.full(p.shape, 1e-2)
     model.fc2.weight.grad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="updated values are NaN"):
         opt.step()
     assert opt.param_groups[0]["step"] == 2
-    after = model.fc2.weight_codes
+    after = codes()
     assert after[0, 0] == before[0, 0] and not torch.equal(after[1:], before[1:])
+    assert not torch.equal(model.fc2.bias_codes, bias_before)  # the tensor after fc2.weight updated too
 
 
 def test_a_packed_model_pickles_and_trains_on():

@@ -111,7 +111,13 @@ class _QuantizedLayer(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.packed_weights:  # the stand-ins carry no values: the codes and their format do
             for name in ("weight", "bias"):
-                destination.pop(prefix + name, None)
+                param = destination.pop(prefix + name, None)
+                codes_key = f"{prefix}{name}_codes"
+                if param is not None and destination[codes_key].dtype == torch.uint8:
+                    # Note [Packed state dicts]: integer codes of the value's shape, whatever the storage,
+                    # so loading checks the shape (a bit stream has none).
+                    destination[codes_key] = fxp_ops.load_codes(destination[codes_key], self.packed_format,
+                                                                param.shape)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -187,7 +193,7 @@ class _QuantizedLayer(nn.Module):
         if saved != expected:
             error_msgs.append(f"{key} holds codes of {saved}, but the layer's format is {expected}")
             return None
-        if codes.dtype == torch.uint8:  # Note [Bit-stream storage]
+        if codes.dtype == torch.uint8:  # Note [Bit-stream storage]: a stream has no shape to check, only a length
             try:
                 codes = fxp_ops.load_codes(codes, saved, shape)
             except RuntimeError as e:
@@ -196,6 +202,9 @@ class _QuantizedLayer(nn.Module):
         if codes.dtype != saved.storage_dtype:
             error_msgs.append(f"{key} has dtype {codes.dtype}, but codes of {saved} are {saved.storage_dtype} "
                               f"(or a uint8 bit stream)")
+        elif codes.shape != shape:
+            error_msgs.append(f"size mismatch for {key}: {tuple(codes.shape)} in the checkpoint, {tuple(shape)} "
+                              f"in the model")
         elif codes.numel() and not (saved.code_min <= int(codes.min()) and int(codes.max()) <= saved.code_max):
             error_msgs.append(f"{key} holds codes outside the range [{saved.code_min}, {saved.code_max}] of {saved}")
         else:

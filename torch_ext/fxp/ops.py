@@ -328,13 +328,20 @@ def store_codes(codes: Tensor, fmt: FormatLike) -> Tensor:
     return _ops.store_codes(_tensor(op, "codes", codes), total_bits)
 
 
-def load_codes(stored: Tensor, fmt: FormatLike, size: Sequence[int]) -> Tensor:
+def load_codes(stored: Tensor, fmt: FormatLike, size: Union[int, Sequence[int]]) -> Tensor:
     """The integer codes (int8, int16 or int32 as :attr:`FxpFormat.storage_dtype`)
     of shape ``size`` that :func:`store_codes` stored; a copy of ``stored`` when it
     is not a bit stream. A stream of the wrong length is an error."""
     op = "load_codes"
     total_bits = fmt.total_bits if isinstance(fmt, FxpFormat) else _int(op, "fmt", fmt)
-    return _ops.load_codes(_tensor(op, "stored", stored), total_bits, [_int(op, "size", d) for d in size])
+    shape = [_int(op, "size", d) for d in size] if isinstance(size, (list, tuple, torch.Size)) else [_int(op, "size", size)]
+    return _ops.load_codes(_tensor(op, "stored", stored), total_bits, shape)
+
+
+def stored_dtype(fmt: FxpFormat) -> torch.dtype:
+    """The dtype packed storage keeps codes of ``fmt`` in: uint8 for a bit stream,
+    else :attr:`FxpFormat.storage_dtype` (the rule is :func:`store_codes`'s)."""
+    return _ops.store_codes(torch.empty(0, dtype=fmt.storage_dtype), fmt.total_bits).dtype
 
 
 def _format_list(op: str, name: str, fmt: Optional[FxpFormat]) -> Optional[list]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .ops import load_codes, store_codes
+from .ops import load_codes, store_codes, stored_dtype
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -154,15 +154,19 @@ class QPUSGD(Optimizer):
         group_format = FxpFormat(group["total_bits"], group["frac_bits"])
         if format != group_format:
             raise ValueError(f"QPUSGD: the codes are of {format}, but the parameter's group updates {group_format}")
-        if codes.dtype == torch.uint8:  # Note [Bit-stream storage]: a stream of that many codes
+        # Note [Bit-stream storage]: the form packed layers store codes of this format in.
+        expected = stored_dtype(format)
+        if codes.dtype != expected:
+            raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} are stored as {expected}, but got "
+                             f"{codes.dtype}")
+        if expected == torch.uint8:
             try:
                 load_codes(codes, format, parameter.shape)
             except RuntimeError as e:
                 raise ValueError(f"QPUSGD.set_packed_storage: {e}") from None
-        elif codes.dtype != format.storage_dtype or codes.shape != parameter.shape:
-            raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} must be {format.storage_dtype} of shape "
-                             f"{tuple(parameter.shape)} or a uint8 bit stream of them, but got {codes.dtype} of "
-                             f"shape {tuple(codes.shape)}")
+        elif codes.shape != parameter.shape:
+            raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} must have the parameter's shape "
+                             f"{tuple(parameter.shape)}, but got {tuple(codes.shape)}")
         self._codes[parameter] = codes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -182,8 +186,14 @@ class QPUSGD(Optimizer):
                  if isinstance(s.get("momentum_buffer"), Tensor) and not s["momentum_buffer"].is_floating_point()}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]  # torch's id order
+        groups = [group for group in self.param_groups for _ in group["params"]]
         for pid, buffer in codes.items():
-            self.state[params[pid]]["momentum_buffer"] = buffer.to(device=params[pid].device, copy=True)
+            p, group = params[pid], groups[pid]
+            buffer = buffer.to(device=p.device, copy=True)
+            if p in self._codes:  # in the form this version stores the momentum format in (Note [Bit-stream storage])
+                mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
+                buffer = store_codes(load_codes(buffer, mfmt, p.shape), mfmt)
+            self.state[p]["momentum_buffer"] = buffer
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

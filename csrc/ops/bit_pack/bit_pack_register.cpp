@@ -24,16 +24,29 @@ struct MetaBackend : CpuBackend {
   static constexpr bool kIsMeta = true;
 };
 
+// Integer codes of a width kept as integers must have its dtype (pack's).
+void check_integer_codes(const char* op, const char* name, const at::Tensor& codes, int64_t total_bits) {
+  const at::ScalarType expected = packed_dtype(static_cast<int>(total_bits));
+  TORCH_CHECK(codes.scalar_type() == expected, op, ": ", name, " must be ", expected, " codes of ", total_bits,
+              " bits", stores_bit_stream(total_bits) ? " (or a uint8 bit stream)" : "", ", but got ",
+              codes.scalar_type());
+}
+
 // The ops return new tensors (a schema without alias annotations promises that).
 at::Tensor store_codes_op(const at::Tensor& codes, int64_t total_bits) {
-  check_fxp_format("fxp::store_codes", total_bits, 0);
+  constexpr const char* op = "fxp::store_codes";
+  check_fxp_format(op, total_bits, 0);
+  // A stream's width range-checks the codes (pack_bits); integer codes keep pack's dtype.
+  if (!stores_bit_stream(total_bits)) check_integer_codes(op, "codes", codes, total_bits);
   const at::Tensor stored = store_codes(codes, total_bits);
   return stored.is_same(codes) ? codes.clone() : stored;
 }
 
 at::Tensor load_codes_op(const at::Tensor& stored, int64_t total_bits, at::IntArrayRef size) {
-  check_fxp_format("fxp::load_codes", total_bits, 0);
-  const at::Tensor codes = load_codes("fxp::load_codes", "stored", stored, total_bits, size);
+  constexpr const char* op = "fxp::load_codes";
+  check_fxp_format(op, total_bits, 0);
+  if (!is_bit_stream(stored)) check_integer_codes(op, "stored", stored, total_bits);
+  const at::Tensor codes = load_codes(op, "stored", stored, total_bits, size);
   return codes.is_same(stored) ? stored.clone() : codes;
 }
 

@@ -28,6 +28,9 @@ at::Tensor stored_zeros(at::IntArrayRef sizes, int64_t total_bits, const at::Ten
 
 void check_stored_codes(const char* op, const char* name, const at::Tensor& stored, int64_t total_bits,
                         c10::SymIntArrayRef sizes) {
+  for (const auto& d : sizes) {
+    TORCH_CHECK(d >= 0, op, ": the shape of ", name, "'s value must not be negative, but got ", sizes);
+  }
   if (is_bit_stream(stored)) {
     TORCH_CHECK(total_bits <= kMaxPackBits, op, ": ", name, " is a bit stream (uint8), but codes of ", total_bits,
                 " bits are stored as ", packed_dtype(static_cast<int>(total_bits)), " (streams hold at most ", kMaxPackBits, " bits)");

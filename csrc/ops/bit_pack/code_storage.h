@@ -17,7 +17,8 @@ namespace fxp {
 // B up to 16 they are a stream of signed B-bit codes (Note [Bit-packed codes]):
 // 1-D uint8 of ceil(numel * B / 8) bytes, in the value's row-major order. Codes
 // are signed, so uint8 never holds codes of the value's shape, and the ops
-// tell the two forms apart by dtype alone. A consumer decodes a stream into
+// tell the two forms apart by dtype alone (they take a stream of 8 or 16 bits
+// too; what modules and optimizers create follows the rule). A consumer decodes a stream into
 // integer codes for one tensor at a time and drops them after use (the layer
 // ops unpack float weights the same way), so what stays allocated between
 // steps, and what autograd saves, costs B bits per element.

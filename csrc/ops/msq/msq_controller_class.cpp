@@ -55,17 +55,15 @@ class MsqControllerClass : public torch::CustomClassHolder {
   // Each layer's state, as fxp-train's metrics.jsonl records it (docs/msq.md):
   // width, weights, LSB sparsity now and at the last check, Hessian trace, scale.
   std::vector<c10::Dict<std::string, double>> layer_records() const {
-    const std::vector<double> sparsity = core_.sparsities();
     std::vector<c10::Dict<std::string, double>> out;
-    for (size_t i = 0; i < core_.layers().size(); ++i) {
-      const auto& l = core_.layers()[i];
+    for (const msq::MsqLayerRecord& r : core_.records()) {  // the layer's name is its position on the Python side
       c10::Dict<std::string, double> d;
-      d.insert("bits", static_cast<double>(l.bits));
-      d.insert("weights", static_cast<double>(l.weight.numel()));
-      d.insert("lsb_sparsity", sparsity[i]);
-      d.insert("check_sparsity", l.sparsity);
-      d.insert("hessian_trace", l.hessian_trace);
-      d.insert("scale", l.scale);
+      d.insert("bits", static_cast<double>(r.bits));
+      d.insert("weights", static_cast<double>(r.weights));
+      d.insert("lsb_sparsity", r.lsb_sparsity);
+      d.insert("check_sparsity", r.check_sparsity);
+      d.insert("hessian_trace", r.hessian_trace);
+      d.insert("scale", r.scale);
       out.push_back(std::move(d));
     }
     return out;
