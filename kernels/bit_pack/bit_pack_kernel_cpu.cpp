@@ -2,12 +2,14 @@
 // which fill exactly `bits` bytes, and each task packs or unpacks whole
 // groups, streaming through a small bit accumulator. No two tasks share a
 // byte, and the out-of-range count is an integer sum, so nothing depends on
-// the thread count.
+// the thread count. Whole groups go through a path specialized per width.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <type_traits>
 
 #include "bit_pack/bit_pack_kernel.h"
 
@@ -51,6 +53,100 @@ void unpack_group(const uint8_t* in, int64_t count, int bits, bool is_signed, ou
   }
 }
 
+// Whole groups with the width known at compile time: a group's 8 codes are
+// exactly kBits bytes, moved as one 128-bit word (little-endian, as the stream
+// is), so packing and unpacking are shifts and masks the compiler unrolls.
+// The generic loops above stay for the last, partial group.
+#if defined(__SIZEOF_INT128__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define FXP_BIT_PACK_WORDS 1
+using GroupWord = unsigned __int128;
+
+template <int kBits, typename scalar_t>
+int64_t pack_full_groups(const scalar_t* codes, int64_t groups, int64_t lo, int64_t hi, uint8_t* out) {
+  int64_t outside = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const scalar_t* c = codes + g * kGroupCodes;
+    GroupWord word = 0;
+    for (int i = 0; i < kGroupCodes; ++i) {
+      const auto code = static_cast<int64_t>(c[i]);
+      outside += static_cast<int64_t>((code < lo) | (code > hi));
+      word |= static_cast<GroupWord>(code_pattern(code, kBits)) << (i * kBits);
+    }
+    std::memcpy(out + g * kBits, &word, kBits);
+  }
+  return outside;
+}
+
+template <int kBits, typename out_t>
+void unpack_full_groups(const uint8_t* in, int64_t groups, bool is_signed, out_t* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    GroupWord word = 0;
+    std::memcpy(&word, in + g * kBits, kBits);
+    out_t* o = out + g * kGroupCodes;
+    for (int i = 0; i < kGroupCodes; ++i) {
+      const auto pattern = static_cast<uint32_t>(word >> (i * kBits)) & code_mask(kBits);
+      o[i] = static_cast<out_t>(code_from_pattern(pattern, kBits, is_signed));
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, bits>) for bits in [1, 16].
+template <typename F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+#define FXP_BITS_CASE(b) \
+  case b: return f(std::integral_constant<int, b>{});
+    FXP_BITS_CASE(1) FXP_BITS_CASE(2) FXP_BITS_CASE(3) FXP_BITS_CASE(4) FXP_BITS_CASE(5) FXP_BITS_CASE(6)
+    FXP_BITS_CASE(7) FXP_BITS_CASE(8) FXP_BITS_CASE(9) FXP_BITS_CASE(10) FXP_BITS_CASE(11) FXP_BITS_CASE(12)
+    FXP_BITS_CASE(13) FXP_BITS_CASE(14) FXP_BITS_CASE(15) FXP_BITS_CASE(16)
+#undef FXP_BITS_CASE
+  }
+  TORCH_CHECK(false, "fxp bit packing: bits must be in [1, 16], but got ", bits);
+}
+#endif
+
+// Packs groups [begin, end) of the n codes: whole groups word by word, a partial last one code by code.
+template <typename scalar_t>
+int64_t pack_groups(const scalar_t* in, int64_t n, int64_t begin, int64_t end, int bits, int64_t lo, int64_t hi,
+                    uint8_t* out) {
+  const int64_t full_end = std::min(end, n / kGroupCodes);
+  int64_t outside = 0;
+  int64_t g = begin;
+#ifdef FXP_BIT_PACK_WORDS
+  if (full_end > begin) {
+    with_bits(bits, [&](auto b) {
+      outside += pack_full_groups<decltype(b)::value>(in + begin * kGroupCodes, full_end - begin, lo, hi,
+                                                      out + begin * bits);
+    });
+    g = full_end;
+  }
+#endif
+  for (; g < end; ++g) {
+    const int64_t first = g * kGroupCodes;
+    outside += pack_group(in + first, std::min(kGroupCodes, n - first), bits, lo, hi, out + g * bits);
+  }
+  return outside;
+}
+
+template <typename out_t>
+void unpack_groups(const uint8_t* in, int64_t n, int64_t begin, int64_t end, int bits, bool is_signed, out_t* out) {
+  const int64_t full_end = std::min(end, n / kGroupCodes);
+  int64_t g = begin;
+#ifdef FXP_BIT_PACK_WORDS
+  if (full_end > begin) {
+    with_bits(bits, [&](auto b) {
+      unpack_full_groups<decltype(b)::value>(in + begin * bits, full_end - begin, is_signed,
+                                             out + begin * kGroupCodes);
+    });
+    g = full_end;
+  }
+#endif
+  for (; g < end; ++g) {
+    const int64_t first = g * kGroupCodes;
+    unpack_group(in + g * bits, std::min(kGroupCodes, n - first), bits, is_signed, out + first);
+  }
+}
+
 }  // namespace
 
 int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed) {
@@ -62,12 +158,7 @@ int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const a
   AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "fxp::pack_bits", [&] {
     const scalar_t* in = codes.const_data_ptr<scalar_t>();
     at::parallel_for(0, (n + kGroupCodes - 1) / kGroupCodes, kGrainGroups, [&](int64_t begin, int64_t end) {
-      int64_t local = 0;
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t first = g * kGroupCodes;
-        local += pack_group(in + first, std::min(kGroupCodes, n - first), bits, lo, hi, out + g * bits);
-      }
-      outside += local;
+      outside += pack_groups(in, n, begin, end, bits, lo, hi, out);
     });
   });
   return outside.load();
@@ -80,10 +171,7 @@ void unpack_bits_cpu(const at::Tensor& packed, int bits, bool is_signed, const a
   AT_DISPATCH_INTEGRAL_TYPES(out.scalar_type(), "fxp::unpack_bits", [&] {
     scalar_t* codes = out.data_ptr<scalar_t>();
     at::parallel_for(0, (n + kGroupCodes - 1) / kGroupCodes, kGrainGroups, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t first = g * kGroupCodes;
-        unpack_group(in + g * bits, std::min(kGroupCodes, n - first), bits, is_signed, codes + first);
-      }
+      unpack_groups(in, n, begin, end, bits, is_signed, codes);
     });
   });
 }
