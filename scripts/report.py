@@ -102,6 +102,23 @@ def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
     return g.agg(max="max", min="min", mean="mean", std="std", runs="count").reset_index()
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported only when a figure is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path: pathlib.Path, tight_layout: bool = True) -> pathlib.Path:
+    """Writes fig to path at the report's resolution and frees it."""
+    if tight_layout:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _heatmap(ax, matrix: pd.DataFrame, title: str, fmt: str, vmin: float, vmax: float, cmap: str):
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(values, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
@@ -128,9 +145,7 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     with the configurations as rows and the batch sizes as columns (Figures
     5-10); otherwise (Exp 1) one figure per inference rounding with the
     configurations as rows and the best and worst run as columns (Figures 3-4)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     written = []
     q = stats[stats.method.isin(METHODS)]
@@ -169,19 +184,14 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
                 name, f"best and worst run, {str(rounding).upper()} inference")
             base_text = f"; fp32 best {100 * baseline['max'].max():.1f}%" if not baseline.empty else ""
             fig.suptitle(f"{grid}: validation accuracy, {what}{base_text}")
-            path = out / f"{grid}-{name}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save_figure(fig, out / f"{grid}-{name}.png", tight_layout=False))
     return written
 
 
 def draw_memory_plot(df: pd.DataFrame, out: pathlib.Path) -> pathlib.Path | None:
     """Figure 11: best accuracy over seeds against the paper-model memory
     relative to fp32 training at the same batch size, for STE and SQPU."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     done = df[(df.status == "finished") & df.method.isin(["ste", "sqpu"]) & df.memory_ratio_to_fp32.notna()]
     if done.empty:
@@ -197,11 +207,7 @@ def draw_memory_plot(df: pd.DataFrame, out: pathlib.Path) -> pathlib.Path | None
     ax.set_title("Accuracy against memory (Figure 11)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = out / "memory-accuracy.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "memory-accuracy.png")
 
 
 # The paper's stated numbers, with how to read the same quantity off our runs.
@@ -275,9 +281,7 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
     and 5), for the lowest seed of each AdaPT configuration: each epoch's mean
     over its steps (from the cumulative bit_samples / samples), or the width at
     the epoch's end for runs that lack them."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     if table.empty:
@@ -307,11 +311,8 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
                      fontsize=10)
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(
+            fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}.png"))
     return paths
 
 
@@ -343,9 +344,7 @@ def draw_msq_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     """Each layer's bit width at the end of every epoch, as a layers x epochs
     map with the widths in the cells, for the lowest seed of each MSQ
     configuration (ResNet-20 has 22 layers: too many lines for one plot)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     msq = table[table.config != "fp32"] if not table.empty else table
@@ -363,12 +362,8 @@ def draw_msq_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         ax.title.set_fontsize(9)
         ax.set_xlabel("epoch (width at its end)")
         fig.colorbar(im, ax=ax, label="bits (sign not counted)")
-        fig.tight_layout()
         slug = config.replace(" ", "-").replace("λ=", "lambda").replace("α=", "alpha")
-        path = out / f"msq-bits-{grid}-{model}-{dataset}-{slug}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, out / f"msq-bits-{grid}-{model}-{dataset}-{slug}.png"))
     return paths
 
 
@@ -380,9 +375,7 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
     """Best validation accuracy against the compression rate, one marker per
     configuration (mean over seeds, the bars the min and max), per model and
     dataset; hollow markers give the export's measured compression."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     for (model, dataset), group in table.groupby(["model", "dataset"]):
@@ -406,11 +399,7 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
         ax.set_title(f"MSQ: accuracy against compression, {model} on {dataset}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"msq-accuracy-compression-{model}-{dataset}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, out / f"msq-accuracy-compression-{model}-{dataset}.png"))
     return paths
 
 

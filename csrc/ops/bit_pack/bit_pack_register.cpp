@@ -46,7 +46,8 @@ at::Tensor load_codes_op(const at::Tensor& stored, int64_t total_bits, at::IntAr
   constexpr const char* op = "fxp::load_codes";
   check_fxp_format(op, total_bits, 0);
   if (!is_bit_stream(stored)) check_integer_codes(op, "stored", stored, total_bits);
-  const at::Tensor codes = load_codes(op, "stored", stored, total_bits, size);
+  check_stored_codes(op, "stored", stored, total_bits, c10::fromIntArrayRefSlow(size));
+  const at::Tensor codes = load_codes(stored, total_bits, size);
   return codes.is_same(stored) ? stored.clone() : codes;
 }
 

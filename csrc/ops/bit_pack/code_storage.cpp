@@ -46,18 +46,16 @@ void check_stored_codes(const char* op, const char* name, const at::Tensor& stor
               sizes);
 }
 
-at::Tensor load_codes(const char* op, const char* name, const at::Tensor& stored, int64_t total_bits,
-                      at::IntArrayRef sizes) {
-  check_stored_codes(op, name, stored, total_bits, c10::fromIntArrayRefSlow(sizes));
+at::Tensor load_codes(const at::Tensor& stored, int64_t total_bits, at::IntArrayRef sizes) {
   if (!is_bit_stream(stored)) return stored;
   return unpack_bits(stored, total_bits, sizes, /*is_signed=*/true, packed_dtype(static_cast<int>(total_bits)));
 }
 
 void assign_codes(const at::Tensor& stored, const at::Tensor& codes, int64_t total_bits) {
   if (is_bit_stream(stored)) {
-    const_cast<at::Tensor&>(stored).copy_(pack_bits(codes, total_bits));
+    stored.copy_(pack_bits(codes, total_bits));
   } else if (!stored.is_same(codes)) {
-    const_cast<at::Tensor&>(stored).copy_(codes);
+    stored.copy_(codes);
   }
 }
 

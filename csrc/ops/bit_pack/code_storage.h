@@ -35,10 +35,9 @@ at::Tensor store_codes(const at::Tensor& codes, int64_t total_bits);
 at::Tensor stored_zeros(at::IntArrayRef sizes, int64_t total_bits, const at::TensorOptions& options);
 
 // The integer codes (packed_dtype) of a tensor of shape `sizes` held in
-// `stored`; `stored` itself when it is not a stream. Checks a stream's byte
-// count and bits; errors name the op and the argument (`name`).
-at::Tensor load_codes(const char* op, const char* name, const at::Tensor& stored, int64_t total_bits,
-                      at::IntArrayRef sizes);
+// `stored`; `stored` itself when it is not a stream. The caller has checked
+// `stored` (check_stored_codes, or it saved the codes itself).
+at::Tensor load_codes(const at::Tensor& stored, int64_t total_bits, at::IntArrayRef sizes);
 
 // Checks that `stored` can hold the codes of a tensor of shape `sizes` in
 // FxP(total_bits, .): a stream of that many codes, or codes of that shape

@@ -33,8 +33,8 @@ at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value
   // with symbolic shapes (fake tensors), the op only needs the value's shape.
   const std::optional<at::IntArrayRef> sizes = c10::asIntArrayRefSlowOpt(value.sym_sizes());
   if (!sizes.has_value()) return at::empty_symint(value.sym_sizes(), value.options());
-  return unpack(load_codes(op, codes_name.c_str(), *codes, param_format.total_bits, *sizes), param_format.total_bits,
-                param_format.frac_bits, value.scalar_type());
+  return unpack(load_codes(*codes, param_format.total_bits, *sizes), param_format.total_bits, param_format.frac_bits,
+                value.scalar_type());
 }
 
 // Checks dtypes and the pairing of codes with param_format.

@@ -78,14 +78,13 @@ struct SavedInputs {
   static std::pair<at::Tensor, at::Tensor> restore(AutogradContext* ctx) {
     const auto saved = ctx->get_saved_variables();
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    auto restore_one = [&](const at::Tensor& t, const char* name, const char* format_key, const char* sizes_key) {
+    // The forward checked (weight codes) or made (input codes) what it saved.
+    auto restore_one = [&](const at::Tensor& t, const char* format_key, const char* sizes_key) {
       const auto f = ctx->saved_data[format_key].toIntVector();
       if (!t.defined() || !f[0]) return t;
-      const auto sizes = ctx->saved_data[sizes_key].toIntVector();
-      return unpack(load_codes("fxp layer backward", name, t, f[1], sizes), f[1], f[2], dtype);
+      return unpack(load_codes(t, f[1], ctx->saved_data[sizes_key].toIntVector()), f[1], f[2], dtype);
     };
-    return {restore_one(saved[0], "the saved input", "x_format", "x_sizes"),
-            restore_one(saved[1], "the saved weight", "w_format", "w_sizes")};
+    return {restore_one(saved[0], "x_format", "x_sizes"), restore_one(saved[1], "w_format", "w_sizes")};
   }
 };
 

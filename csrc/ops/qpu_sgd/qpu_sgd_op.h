@@ -39,14 +39,15 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
       const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
       if (param_stream || momentum_stream) {
         // Note [Bit-stream storage]: one tensor at a time, decoded, updated
-        // and re-encoded; the draws depend only on each tensor's stream index.
+        // and re-encoded (check_qpu_sgd checked the streams); the draws depend
+        // only on each tensor's stream index.
         for (size_t k = 0; k < params.size(); ++k) {
           const at::IntArrayRef sizes = grads[k].sizes();
-          const at::Tensor param_codes = load_codes(kQpuSgdOp, "params", params[k], total_bits, sizes);
+          const at::Tensor param_codes = load_codes(params[k], total_bits, sizes);
           std::vector<at::Tensor> momentum_codes;
           if (!momentum_buffers.empty()) {
             momentum_codes.push_back(
-                load_codes(kQpuSgdOp, "momentum_buffers", momentum_buffers[k], momentum_total_bits, sizes));
+                load_codes(momentum_buffers[k], momentum_total_bits, sizes));
           }
           Backend::launch({param_codes}, {grads[k]}, momentum_codes, {streams[k]}, p,
                           counts.narrow(0, static_cast<int64_t>(k), 1), nan_count);
