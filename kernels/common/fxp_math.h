@@ -212,7 +212,9 @@ FXP_HOST_DEVICE bool uniform_below(uint32_t r, float p) {
   const float pl = (scaled - ph) * 256.0f;
   const float rh = static_cast<float>(static_cast<int32_t>(r >> 8));
   const float rl = static_cast<float>(static_cast<int32_t>(r & 0xFFu));
-  return rh < ph || (rh == ph && rl < pl);
+  // Bitwise: every operand is computed, so no float operation is conditional
+  // (GCC will not if-convert one that may trap, and then cannot vectorize the loop).
+  return (rh < ph) | ((rh == ph) & (rl < pl));
 }
 
 // The integer (as a T) that t = x * 2^F rounds to, before range handling.

@@ -5,16 +5,26 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+
 #include "common/fxp_math.h"
 #include "qpu_sgd/qpu_sgd_kernel_cuda.h"
 
 namespace fxp::kernels {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 128;
 constexpr int kMaxTensors = 32;  // keeps the kernel argument under 4 KB, like PyTorch's
 constexpr int kMaxBlocks = 256;
-constexpr int64_t kChunkElems = 65536;  // elements per CUDA block and chunk
+// Note [QPU chunk size on CUDA]
+// A chunk is one CUDA block's share of a tensor. Large chunks amortize the
+// block's set-up over 1e8 parameters; small ones let a small model (the paper's
+// CNN: 184,490 parameters) spread over every SM instead of a handful. So the
+// launcher picks, per call, the largest power of two in [kMinChunk, kMaxChunk]
+// that still gives about kBlocksPerSm blocks per SM.
+constexpr int64_t kMinChunk = 4 * kThreads;  // one Philox block per thread
+constexpr int64_t kMaxChunk = 65536;
+constexpr int64_t kBlocksPerSm = 4;
 
 // Untyped pointers: the storage of each list is a kernel parameter
 // (QpuSgdParams), so one kernel serves float and packed storage; the switch on
@@ -38,32 +48,116 @@ constexpr size_t kernel_parameter_bytes(void (*)(Args...)) {
   return bytes;
 }
 
-// Stores a grid value; a NaN cannot be a code, so packed storage keeps the old
-// code and counts it (Note [Packed QPU step]).
-__device__ __forceinline__ unsigned store_or_count(void* p, Storage s, int64_t i, double v, double scale) {
-  if (is_packed(s) && v != v) return 1u;
-  store_value(p, s, i, v, scale);
-  return 0u;
+template <typename S>
+struct alignas(4 * sizeof(S)) Vec4 {
+  S v[4];
+};
+
+// Four elements of one Philox block, loaded as values of compute type T and,
+// for packed storage, as codes; one vector load when the block is whole and
+// the pointer aligned.
+template <typename T>
+struct Block4 {
+  T value[4];
+  int64_t code[4];
+};
+
+template <typename T, typename S>
+__device__ __forceinline__ void load4_typed(const S* __restrict__ p, int64_t i0, int valid, T inv_scale,
+                                            Block4<T>& out) {
+  S raw[4] = {S(0), S(0), S(0), S(0)};
+  if (valid == 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<S>) == 0) {
+    const Vec4<S> v = reinterpret_cast<const Vec4<S>*>(p + i0)[0];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) raw[l] = v.v[l];
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (l < valid) raw[l] = p[i0 + l];
+    }
+  }
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    if constexpr (std::is_floating_point_v<S>) {
+      out.value[l] = static_cast<T>(raw[l]);
+      out.code[l] = 0;
+    } else {
+      out.code[l] = raw[l];
+      out.value[l] = static_cast<T>(raw[l]) * inv_scale;
+    }
+  }
 }
 
-template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
+template <typename T>
+__device__ __forceinline__ void load4(const void* p, Storage s, int64_t i0, int valid, T inv_scale, Block4<T>& out) {
+  switch (s) {
+    case Storage::Int8: return load4_typed(static_cast<const int8_t*>(p), i0, valid, inv_scale, out);
+    case Storage::Int16: return load4_typed(static_cast<const int16_t*>(p), i0, valid, inv_scale, out);
+    case Storage::Int32: return load4_typed(static_cast<const int32_t*>(p), i0, valid, inv_scale, out);
+    default: return load4_typed(static_cast<const T*>(p), i0, valid, inv_scale, out);  // the grads' dtype
+  }
+}
+
+// Stores four result codes; a NaN is stored as the quiet NaN in float
+// storage, and keeps the old code in packed storage (counted: Note [Packed QPU step]).
+template <typename T, typename S, typename I>
+__device__ __forceinline__ unsigned store4_typed(S* __restrict__ p, int64_t i0, int valid, const I (&code)[4],
+                                                 const bool (&nan)[4], const Block4<T>& old, T inv_scale) {
+  S raw[4];
+  unsigned nans = 0;
+#pragma unroll
+  for (int l = 0; l < 4; ++l) {
+    if constexpr (std::is_floating_point_v<S>) {
+      raw[l] = nan[l] ? quiet_nan<S>() : code_to_float<S>(code[l]) * inv_scale;
+    } else {
+      raw[l] = nan[l] ? static_cast<S>(old.code[l]) : static_cast<S>(static_cast<int32_t>(code[l]));
+      nans += nan[l] && l < valid;
+    }
+  }
+  if (valid == 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<S>) == 0) {
+    Vec4<S> v;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) v.v[l] = raw[l];
+    reinterpret_cast<Vec4<S>*>(p + i0)[0] = v;
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (l < valid) p[i0 + l] = raw[l];
+    }
+  }
+  return nans;
+}
+
+template <typename T, typename I>
+__device__ __forceinline__ unsigned store4(void* p, Storage s, int64_t i0, int valid, const I (&code)[4],
+                                           const bool (&nan)[4], const Block4<T>& old, T inv_scale) {
+  switch (s) {
+    case Storage::Int8: return store4_typed(static_cast<int8_t*>(p), i0, valid, code, nan, old, inv_scale);
+    case Storage::Int16: return store4_typed(static_cast<int16_t*>(p), i0, valid, code, nan, old, inv_scale);
+    case Storage::Int32: return store4_typed(static_cast<int32_t*>(p), i0, valid, code, nan, old, inv_scale);
+    default: return store4_typed(static_cast<T*>(p), i0, valid, code, nan, old, inv_scale);
+  }
+}
+
+template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
-    qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, FxpSpec<double> wspec,
-                   FxpSpec<double> vspec, unsigned long long* counts, unsigned long long* nan_count) {
+    qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, QpuConstants<T> c, int64_t chunk_elems,
+                   unsigned long long* __restrict__ counts, unsigned long long* __restrict__ nan_count) {
   const int t = meta.block_tensor[blockIdx.x];
-  const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunkElems;
+  const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * chunk_elems;
   const int64_t n = meta.numel[t];
-  const int64_t chunk_end = min(n, chunk_begin + kChunkElems);
+  const int64_t chunk_end = min(n, chunk_begin + chunk_elems);
   const int64_t row = meta.row[t];
   const uint64_t woff = qpu_param_offset(p.step, meta.stream[t]), voff = qpu_momentum_offset(p.step, meta.stream[t]);
   void* w = meta.w[t];
   const void* g = meta.g[t];
   void* v = meta.v[t];
+  const bool float_param = !is_packed(p.param_storage);
   unsigned long long saturated = 0, vanished = 0, nans = 0;
   // One Philox block (four elements) per thread and iteration; chunks start on
   // a multiple of four, so blocks never straddle chunks.
-  for (int64_t i0 = chunk_begin + 4 * static_cast<int64_t>(threadIdx.x); i0 < chunk_end;
-       i0 += 4 * kThreads) {
+  for (int64_t i0 = chunk_begin + 4 * static_cast<int64_t>(threadIdx.x); i0 < chunk_end; i0 += 4 * kThreads) {
+    const int valid = chunk_end - i0 < 4 ? static_cast<int>(chunk_end - i0) : 4;
     PhiloxBlock wbits{{0u, 0u, 0u, 0u}}, vbits{{0u, 0u, 0u, 0u}};
     if constexpr (R == Rounding::Stochastic) {
       wbits = philox4x32_10(p.seed, woff, static_cast<uint64_t>(i0 / 4));
@@ -71,20 +165,34 @@ __global__ void __launch_bounds__(kThreads)
         vbits = philox4x32_10(p.seed, voff, static_cast<uint64_t>(i0 / 4));
       }
     }
+    Block4<T> wb, gb, vb;
+    load4(w, p.param_storage, i0, valid, c.inv_scale, wb);
+    load4(g, p.grad_storage, i0, valid, T(1), gb);
+    if constexpr (kMomentum) load4(v, p.momentum_storage, i0, valid, c.momentum_inv_scale, vb);
+    I wcode[4], vcode[4];
+    bool wnan[4], vnan[4];
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
-      const int64_t i = i0 + l;
-      if (i < chunk_end) {
-        const double vi = kMomentum ? load_value(v, p.momentum_storage, i, vspec.inv_scale) : 0.0;
-        const QpuElementResult r = qpu_update_element<R, Form, kMomentum, kNesterov>(
-            load_value(w, p.param_storage, i, wspec.inv_scale), load_value(g, p.grad_storage, i, 1.0), vi,
-            p.hyper, wspec, vspec, wbits.lane[l], vbits.lane[l]);
-        nans += store_or_count(w, p.param_storage, i, r.param, wspec.scale);
-        if constexpr (kMomentum) nans += store_or_count(v, p.momentum_storage, i, r.momentum, vspec.scale);
-        saturated += r.saturated;
-        vanished += r.vanished;
+      const T vi = kMomentum ? vb.value[l] : T(0);
+      QpuElementResult<I> r;
+      if (float_param) {
+        r = qpu_update_element<R, Form, kMomentum, kNesterov, true>(
+            wb.value[l], split_exact<I>(wb.value[l] * c.scale, c.param_limit), gb.value[l], vi, c, wbits.lane[l],
+            vbits.lane[l]);
+      } else {
+        const ExactSplit<T, I> code{static_cast<I>(wb.code[l]), T(0)};
+        r = qpu_update_element<R, Form, kMomentum, kNesterov, false>(wb.value[l], code, gb.value[l], vi, c,
+                                                                     wbits.lane[l], vbits.lane[l]);
       }
+      wcode[l] = r.param;
+      wnan[l] = r.param_nan;
+      vcode[l] = r.momentum;
+      vnan[l] = r.momentum_nan;
+      saturated += r.saturated && l < valid;
+      vanished += r.vanished && l < valid;
     }
+    nans += store4(w, p.param_storage, i0, valid, wcode, wnan, wb, c.inv_scale);
+    if constexpr (kMomentum) nans += store4(v, p.momentum_storage, i0, valid, vcode, vnan, vb, c.momentum_inv_scale);
   }
   for (int delta = 16; delta > 0; delta /= 2) {
     saturated += __shfl_down_sync(0xffffffffu, saturated, delta);
@@ -99,27 +207,38 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // The classic 4 KB limit on a kernel's parameters (PyTorch's multi_tensor_apply keeps to it too).
-static_assert(kernel_parameter_bytes(&qpu_sgd_kernel<Rounding::Stochastic, MomentumForm::Standard, true, false>) <=
-                  4096,
+static_assert(kernel_parameter_bytes(&qpu_sgd_kernel<double, double, Rounding::Stochastic, MomentumForm::Standard,
+                                                     true, false>) <= 4096,
               "the QPU kernel's parameters must fit in 4 KB: lower kMaxTensors or kMaxBlocks");
 
-template <Rounding R, MomentumForm Form, bool kMomentum>
+// Note [QPU chunk size on CUDA]
+int64_t chunk_elems_for(at::TensorList params) {
+  int64_t total = 0;
+  for (const auto& t : params) total += t.numel();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target = std::max<int64_t>(1, total / (kBlocksPerSm * sms));
+  int64_t chunk = kMinChunk;
+  while (chunk < kMaxChunk && chunk * 2 <= target) chunk *= 2;
+  return chunk;
+}
+
+template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum>
 void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum, c10::ArrayRef<int64_t> streams,
                 const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
-  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
-  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
+  const QpuConstants<T> c = qpu_constants<T>(p);
+  const int64_t chunk_elems = chunk_elems_for(params);
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   auto stream = at::cuda::getCurrentCUDAStream();
   TensorListMeta meta{};
   int tensors = 0, blocks = 0;
   auto launch = [&] {
     if (blocks == 0) return;
-    if (p.hyper.nesterov) {
-      qpu_sgd_kernel<R, Form, kMomentum, true>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr, nan_ptr);
+    if (kMomentum && Form == MomentumForm::Standard && p.hyper.nesterov) {
+      qpu_sgd_kernel<T, I, R, Form, kMomentum, true>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, c, chunk_elems, count_ptr, nan_ptr);
     } else {
-      qpu_sgd_kernel<R, Form, kMomentum, false>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, wspec, vspec, count_ptr, nan_ptr);
+      qpu_sgd_kernel<T, I, R, Form, kMomentum, false>
+          <<<blocks, kThreads, 0, stream>>>(meta, p, c, chunk_elems, count_ptr, nan_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -132,10 +251,10 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
     meta.numel[tensors] = n;
     meta.stream[tensors] = streams[k];
     meta.row[tensors] = static_cast<int32_t>(k);
-    const int64_t chunks = (n + kChunkElems - 1) / kChunkElems;
-    for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
       meta.block_tensor[blocks] = tensors;
-      meta.block_chunk[blocks] = static_cast<int32_t>(c);
+      meta.block_chunk[blocks] = static_cast<int32_t>(ch);
       if (++blocks == kMaxBlocks) {  // full: launch, keep this tensor for the next launch
         launch();
         blocks = 0;
@@ -159,17 +278,28 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
   launch();
 }
 
-template <Rounding R>
+template <typename T, typename I, Rounding R>
 void dispatch_form(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                    c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
                    unsigned long long* nan_ptr) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   if (!momentum.empty()) {
-    paper ? launch_all<R, MomentumForm::PaperEq6, true>(params, grads, momentum, streams, p, counts, nan_ptr)
-          : launch_all<R, MomentumForm::Standard, true>(params, grads, momentum, streams, p, counts, nan_ptr);
+    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, true>(params, grads, momentum, streams, p, counts, nan_ptr)
+          : launch_all<T, I, R, MomentumForm::Standard, true>(params, grads, momentum, streams, p, counts, nan_ptr);
   } else {
-    paper ? launch_all<R, MomentumForm::PaperEq6, false>(params, grads, momentum, streams, p, counts, nan_ptr)
-          : launch_all<R, MomentumForm::Standard, false>(params, grads, momentum, streams, p, counts, nan_ptr);
+    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, false>(params, grads, momentum, streams, p, counts, nan_ptr)
+          : launch_all<T, I, R, MomentumForm::Standard, false>(params, grads, momentum, streams, p, counts, nan_ptr);
+  }
+}
+
+template <typename T, typename I>
+void dispatch_rounding(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                       c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
+                       unsigned long long* nan_ptr) {
+  if (p.rounding == Rounding::Stochastic) {
+    dispatch_form<T, I, Rounding::Stochastic>(params, grads, momentum, streams, p, counts, nan_ptr);
+  } else {
+    dispatch_form<T, I, Rounding::NearestEven>(params, grads, momentum, streams, p, counts, nan_ptr);
   }
 }
 
@@ -181,10 +311,14 @@ void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList mo
   if (params.empty()) return;
   // Float storage never counts NaNs, so the kernel may take a null counter.
   auto* nan_ptr = nan_count.defined() ? reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>()) : nullptr;
-  if (p.rounding == Rounding::Stochastic) {
-    dispatch_form<Rounding::Stochastic>(params, grads, momentum, streams, p, counts, nan_ptr);
+  // The compute type is the grads' float type (Note [QPU update on codes]), the
+  // code type the narrowest exact one (Note [QPU code arithmetic]).
+  if (p.grad_storage == Storage::Float64) {
+    dispatch_rounding<double, double>(params, grads, momentum, streams, p, counts, nan_ptr);
+  } else if (qpu_float_codes(p)) {
+    dispatch_rounding<float, float>(params, grads, momentum, streams, p, counts, nan_ptr);
   } else {
-    dispatch_form<Rounding::NearestEven>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_rounding<float, int64_t>(params, grads, momentum, streams, p, counts, nan_ptr);
   }
 }
 

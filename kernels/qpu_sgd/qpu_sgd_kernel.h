@@ -26,16 +26,16 @@ struct QpuSgdParams {
 };
 
 // Note [Packed QPU step]
-// With packed storage the step reads codes, computes the same float64 update
-// (qpu_update_element) and writes codes: no float copy outlives the step, and
-// the values equal those of float storage whenever float storage is exact
-// (codes below 2^24 in float32). A NaN result cannot be a code: that element
-// keeps its old code, and the kernel counts it so the op can raise. The op
-// raises after the update: the step has happened (every other element is
-// updated), and the optimizers count it as a step, so a caller that catches
-// the error goes on with fresh random streams. On float storage a NaN result
-// is stored as the default quiet NaN (Note [NaN keeps its bits] explains why
-// not the computed one).
+// With packed storage the step reads codes, computes the same update
+// (qpu_update_element, Note [QPU update on codes]) and writes codes: no float
+// copy outlives the step, and the codes equal those of float storage whenever
+// float storage is exact (codes below 2^24 in float32). A NaN result cannot be
+// a code: that element keeps its old code, and the kernel counts it so the op
+// can raise. The op raises after the update: the step has happened (every
+// other element is updated), and the optimizers count it as a step, so a
+// caller that catches the error goes on with fresh random streams. On float
+// storage a NaN result is stored as the default quiet NaN (Note [NaN keeps its
+// bits] explains why not the computed one).
 
 // Note [QPU random streams]
 // The tensor with stream index k draws its parameter rounding from Philox
@@ -45,7 +45,7 @@ struct QpuSgdParams {
 // parameter group as k, whether or not the other parameters have gradients,
 // so a frozen or unused parameter never shifts the draws of the others. A step
 // is reproducible from (seed, step) alone, identical on CPU and CUDA, and
-// equal to quantize_seeded applied to the float64 update.
+// drawn exactly as quantize_seeded draws.
 // Stream indices are below 2^31, so the offsets of one step never reach the next's.
 constexpr int64_t kMaxStreamIndex = (int64_t{1} << 31) - 1;
 // QPU's initialization rounds with key seed + kInitKeyDelta (2^64 / the golden
@@ -60,13 +60,28 @@ FXP_HOST_DEVICE uint64_t qpu_momentum_offset(uint64_t step, int64_t stream) {
   return qpu_param_offset(step, stream) + 1;
 }
 
-// The format prepared for float64 compute but bounded so the result is
-// representable in the storage (Note [Saturation bound in float32]); codes and
-// float64 take the format's exact bounds.
-inline FxpSpec<double> qpu_storage_spec(int total_bits, int frac_bits, Storage storage) {
-  FxpSpec<double> spec = make_fxp_spec<double>(total_bits, frac_bits);
-  if (storage == Storage::Float32) spec.code_max = make_fxp_spec<float>(total_bits, frac_bits).code_max;
-  return spec;
+// Whether the step's integer arithmetic fits code type float32 (Note [QPU code arithmetic]).
+inline bool qpu_float_codes(const QpuSgdParams& p) {
+  return p.total_bits <= kMaxBitsForFloatCodes && p.momentum_total_bits <= kMaxBitsForFloatCodes;
+}
+
+// The step's constants in compute type T (the grads' float type).
+template <typename T>
+QpuConstants<T> qpu_constants(const QpuSgdParams& p) {
+  QpuConstants<T> c;
+  c.lr = static_cast<T>(p.hyper.lr);
+  c.momentum = static_cast<T>(p.hyper.momentum);
+  c.weight_decay = static_cast<T>(p.hyper.weight_decay);
+  c.scale = exp2_int<T>(p.frac_bits);
+  c.inv_scale = exp2_int<T>(-p.frac_bits);
+  c.momentum_scale = exp2_int<T>(p.momentum_frac_bits);
+  c.momentum_inv_scale = exp2_int<T>(-p.momentum_frac_bits);
+  c.delta_to_param = exp2_int<T>(p.frac_bits - p.momentum_frac_bits);
+  c.param_limit = exp2_int<T>(p.total_bits + 1);
+  c.momentum_limit = exp2_int<T>(p.momentum_total_bits + 1);
+  c.param = code_bounds(p.total_bits, p.param_storage);
+  c.momentum_bounds = code_bounds(p.momentum_total_bits, p.momentum_storage);
+  return c;
 }
 }  // namespace FXP_ISA
 

@@ -20,149 +20,146 @@ struct Counts {
   }
 };
 
-// The element loop on float64 arrays: n <= kSpanElems.
-template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
-Counts update_span_f64(double* w, const double* g, double* v, int64_t n, const QpuHyper hyper,
-                       const FxpSpec<double> wspec, const FxpSpec<double> vspec,
-                       const uint32_t* wbits, const uint32_t* vbits) {
-  // hyper and the specs by value: a double store through w could otherwise
-  // alias them, which keeps the compiler from holding them in registers.
-  int32_t saturated = 0, vanished = 0;
+// Element i of a list stored as S, as its value in T.
+template <typename T, typename S>
+FXP_QPU_INLINE T load_value(const S* p, int64_t i, T inv_scale) {
+  if constexpr (std::is_floating_point_v<S>) {
+    return p[i];
+  } else {
+    return static_cast<T>(p[i]) * inv_scale;  // exact below 2^24 (float) or always (double)
+  }
+}
+
+// The parameter's code: packed, the code itself; float, split(w 2^F).
+// Returned whole, not assigned into a local, so GCC keeps it in registers
+// (a partly assigned struct stays in memory and stops the loop vectorizing).
+template <typename I, typename T, typename S>
+FXP_QPU_INLINE ExactSplit<T, I> param_code(const S* p, int64_t i, T value, const QpuConstants<T>& c) {
+  if constexpr (std::is_floating_point_v<S>) {
+    return split_exact<I>(value * c.scale, c.param_limit);
+  } else {
+    return ExactSplit<T, I>{static_cast<I>(p[i]), T(0)};
+  }
+}
+
+// Writes a result code as S; returns 1 for a NaN that a code cannot hold (the
+// old code stays; Note [Packed QPU step]).
+template <typename T, typename S, typename I>
+FXP_QPU_INLINE int32_t store_code(S* p, int64_t i, I code, bool nan, T inv_scale) {
+  if constexpr (std::is_floating_point_v<S>) {
+    p[i] = nan ? quiet_nan<S>() : code_to_float<S>(code) * inv_scale;
+    return 0;
+  } else {
+    // A bit mask, not a select: GCC folds a select into the NaN count and then
+    // cannot vectorize the loop.
+    const int32_t keep = -static_cast<int32_t>(nan);
+    p[i] = static_cast<S>((static_cast<int32_t>(p[i]) & keep) | (static_cast<int32_t>(code) & ~keep));
+    return keep & 1;
+  }
+}
+
+// The element loop, one pass: load, update, store. W and V are the parameter
+// and momentum storage (T itself, or integer codes), I the code type (Note
+// [QPU code arithmetic]); n <= kSpanElems.
+template <typename T, typename I, typename W, typename V, Rounding R, MomentumForm Form, bool kMomentum,
+          bool kNesterov>
+Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, const uint32_t* wbits,
+                   const uint32_t* vbits) {
+  // c by value: a store through w could otherwise alias it, which keeps the
+  // compiler from holding it in registers.
+  constexpr bool kFloatParam = std::is_floating_point_v<W>;
+  constexpr bool kMomentumDraws = kMomentum || Form == MomentumForm::PaperEq6;
+  int32_t saturated = 0, vanished = 0, nans = 0;
   // w, g, v and the draws never overlap (the op checks w, g and v), and each
   // element reads only its own index before writing it.
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t wb = R == Rounding::Stochastic ? wbits[i] : 0u;
-    const uint32_t vb = R == Rounding::Stochastic && (kMomentum || Form == MomentumForm::PaperEq6) ? vbits[i] : 0u;
-    double vi = 0.0;
-    if constexpr (kMomentum) vi = v[i];
-    const QpuElementResult r =
-        qpu_update_element<R, Form, kMomentum, kNesterov>(w[i], g[i], vi, hyper, wspec, vspec, wb, vb);
-    w[i] = to_float_storage<double>(r.param);
-    if constexpr (kMomentum) v[i] = to_float_storage<double>(r.momentum);
+    const uint32_t vb = R == Rounding::Stochastic && kMomentumDraws ? vbits[i] : 0u;
+    const T wi = load_value<T>(w, i, c.inv_scale);
+    const ExactSplit<T, I> w_code = param_code<I>(w, i, wi, c);
+    const T vi = kMomentum ? load_value<T>(v, i, c.momentum_inv_scale) : T(0);
+    const QpuElementResult<I> r =
+        qpu_update_element<R, Form, kMomentum, kNesterov, kFloatParam>(wi, w_code, g[i], vi, c, wb, vb);
+    nans += store_code<T>(w, i, r.param, r.param_nan, c.inv_scale);
+    if constexpr (kMomentum) nans += store_code<T>(v, i, r.momentum, r.momentum_nan, c.momentum_inv_scale);
     saturated += r.saturated;
     vanished += r.vanished;
   }
-  return Counts{saturated, vanished, 0};
+  return Counts{saturated, vanished, nans};
 }
 
-// Storage <-> float64 scratch, one loop per storage type (a run-time type
-// inside the loop would stop it vectorizing).
-template <typename T>
-void widen_typed(const void* base, int64_t start, int64_t n, double inv_scale, double* out) {
-  const T* p = static_cast<const T*>(base) + start;
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_floating_point_v<T>) {
-      out[i] = static_cast<double>(p[i]);
-    } else {
-      out[i] = static_cast<double>(p[i]) * inv_scale;  // exact
-    }
-  }
-}
-
-void widen(Storage s, const void* base, int64_t start, int64_t n, double inv_scale, double* out) {
-  switch (s) {
-    case Storage::Float32: return widen_typed<float>(base, start, n, inv_scale, out);
-    case Storage::Float64: return widen_typed<double>(base, start, n, inv_scale, out);
-    case Storage::Int8: return widen_typed<int8_t>(base, start, n, inv_scale, out);
-    case Storage::Int16: return widen_typed<int16_t>(base, start, n, inv_scale, out);
-    case Storage::Int32: return widen_typed<int32_t>(base, start, n, inv_scale, out);
-  }
-}
-
-// Writes n grid values back. Codes: value * 2^F is exact; a NaN keeps the
-// old code and is counted (Note [Packed QPU step]).
-template <typename T>
-int32_t narrow_typed(void* base, int64_t start, int64_t n, double scale, const double* in) {
-  T* p = static_cast<T*>(base) + start;
-  int32_t nans = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_floating_point_v<T>) {
-      p[i] = to_float_storage<T>(in[i]);
-    } else {
-      const bool nan = in[i] != in[i];
-      nans += nan;
-      const T code = static_cast<T>(nan ? 0.0 : in[i] * scale);
-      p[i] = nan ? p[i] : code;
-    }
-  }
-  return nans;
-}
-
-int32_t narrow(Storage s, void* base, int64_t start, int64_t n, double scale, const double* in) {
-  switch (s) {
-    case Storage::Float32: return narrow_typed<float>(base, start, n, scale, in);
-    case Storage::Float64: return narrow_typed<double>(base, start, n, scale, in);
-    case Storage::Int8: return narrow_typed<int8_t>(base, start, n, scale, in);
-    case Storage::Int16: return narrow_typed<int16_t>(base, start, n, scale, in);
-    case Storage::Int32: return narrow_typed<int32_t>(base, start, n, scale, in);
-  }
-  return 0;
-}
-
-struct TensorIo {
-  void* w;
-  const void* g;
-  void* v;
-};
-
-// One span: float64 storage is updated where it lies; any other storage goes
-// through float64 scratch arrays, so the compute loop sees one element type
-// (GCC does not vectorize the mixed loop).
-template <Rounding R, MomentumForm Form, bool kMomentum>
-Counts update_span(const TensorIo& io, int64_t s, int64_t n, const QpuSgdParams& p, const FxpSpec<double>& wspec,
-                   const FxpSpec<double>& vspec, const uint32_t* wbits, const uint32_t* vbits) {
-  // A loop per nesterov value: a run-time flag inside the loop stops GCC vectorizing it.
-  auto compute = [&](double* w64, const double* g64, double* v64) {
-    return p.hyper.nesterov
-               ? update_span_f64<R, Form, kMomentum, true>(w64, g64, v64, n, p.hyper, wspec, vspec, wbits, vbits)
-               : update_span_f64<R, Form, kMomentum, false>(w64, g64, v64, n, p.hyper, wspec, vspec, wbits, vbits);
-  };
-  const bool all_f64 = p.param_storage == Storage::Float64 && p.grad_storage == Storage::Float64 &&
-                       (!kMomentum || p.momentum_storage == Storage::Float64);
-  if (all_f64) {
-    return compute(static_cast<double*>(io.w) + s, static_cast<const double*>(io.g) + s,
-                   kMomentum ? static_cast<double*>(io.v) + s : nullptr);
-  }
-  alignas(64) double w64[kSpanElems], g64[kSpanElems], v64[kSpanElems];
-  widen(p.param_storage, io.w, s, n, wspec.inv_scale, w64);
-  widen(p.grad_storage, io.g, s, n, 1.0, g64);
-  if constexpr (kMomentum) widen(p.momentum_storage, io.v, s, n, vspec.inv_scale, v64);
-  Counts c = compute(w64, g64, v64);
-  c.nans += narrow(p.param_storage, io.w, s, n, wspec.scale, w64);
-  if constexpr (kMomentum) c.nans += narrow(p.momentum_storage, io.v, s, n, vspec.scale, v64);
-  return c;
-}
-
-template <Rounding R, MomentumForm Form, bool kMomentum>
+template <typename T, typename I, typename W, typename V, Rounding R, MomentumForm Form, bool kMomentum>
 Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
                      const QpuSgdParams& p) {
-  const auto wspec = qpu_storage_spec(p.total_bits, p.frac_bits, p.param_storage);
-  const auto vspec = qpu_storage_spec(p.momentum_total_bits, p.momentum_frac_bits, p.momentum_storage);
+  const QpuConstants<T> c = qpu_constants<T>(p);
   const uint64_t woff = qpu_param_offset(p.step, stream), voff = qpu_momentum_offset(p.step, stream);
-  const TensorIo io{param.data_ptr(), grad.const_data_ptr(), kMomentum ? momentum->data_ptr() : nullptr};
-  return sum_over_spans<Counts>(param.numel(), kSpanElems, [&](int64_t s, int64_t len) {
+  W* w = static_cast<W*>(param.data_ptr());
+  const T* g = static_cast<const T*>(grad.const_data_ptr());
+  V* v = kMomentum ? static_cast<V*>(momentum->data_ptr()) : nullptr;
+  // A loop per nesterov value: a select on a run-time flag stops GCC vectorizing it.
+  constexpr bool kMayNesterov = kMomentum && Form == MomentumForm::Standard;
+  const bool nesterov = kMayNesterov && p.hyper.nesterov;
+  constexpr bool kStochastic = R == Rounding::Stochastic;
+  // Deterministic rounding needs no draws, so a span is a whole chunk.
+  return sum_over_spans<Counts>(param.numel(), kStochastic ? kSpanElems : kChunkElems, [&](int64_t s, int64_t len) {
     alignas(64) uint32_t wbits[kSpanElems], vbits[kSpanElems];
-    if constexpr (R == Rounding::Stochastic) {
+    if constexpr (kStochastic) {
       philox_chunk(p.seed, woff, static_cast<uint64_t>(s / 4), (len + 3) / 4, wbits);
       if (kMomentum || Form == MomentumForm::PaperEq6) {
         philox_chunk(p.seed, voff, static_cast<uint64_t>(s / 4), (len + 3) / 4, vbits);
       }
     }
-    return update_span<R, Form, kMomentum>(io, s, len, p, wspec, vspec, wbits, vbits);
+    V* vs = kMomentum ? v + s : nullptr;
+    return nesterov ? update_span<T, I, W, V, R, Form, kMomentum, kMayNesterov>(w + s, g + s, vs, len, c, wbits, vbits)
+                    : update_span<T, I, W, V, R, Form, kMomentum, false>(w + s, g + s, vs, len, c, wbits, vbits);
   });
 }
 
-template <Rounding R>
-Counts update_dispatch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum,
-                       int64_t stream, const QpuSgdParams& p) {
-  const bool paper = p.form == MomentumForm::PaperEq6;
-  if (momentum != nullptr) {
-    return paper ? update_tensor<R, MomentumForm::PaperEq6, true>(param, grad, momentum, stream, p)
-                 : update_tensor<R, MomentumForm::Standard, true>(param, grad, momentum, stream, p);
+// Calls fn(S{}) with S the C++ type of storage s in compute type T.
+template <typename T, typename Fn>
+Counts with_storage(Storage s, const Fn& fn) {
+  switch (s) {
+    case Storage::Int8: return fn(int8_t{});
+    case Storage::Int16: return fn(int16_t{});
+    case Storage::Int32: return fn(int32_t{});
+    default: return fn(T{});  // float storage: the grads' dtype (the op checks it)
   }
-  return paper ? update_tensor<R, MomentumForm::PaperEq6, false>(param, grad, nullptr, stream, p)
-               : update_tensor<R, MomentumForm::Standard, false>(param, grad, nullptr, stream, p);
+}
+
+template <typename T, typename I, Rounding R>
+Counts update_dispatch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
+                       const QpuSgdParams& p) {
+  const bool paper = p.form == MomentumForm::PaperEq6;
+  return with_storage<T>(p.param_storage, [&](auto w_type) {
+    using W = decltype(w_type);
+    if (momentum == nullptr) {
+      return paper ? update_tensor<T, I, W, T, R, MomentumForm::PaperEq6, false>(param, grad, nullptr, stream, p)
+                   : update_tensor<T, I, W, T, R, MomentumForm::Standard, false>(param, grad, nullptr, stream, p);
+    }
+    return with_storage<T>(p.momentum_storage, [&](auto v_type) {
+      using V = decltype(v_type);
+      return paper ? update_tensor<T, I, W, V, R, MomentumForm::PaperEq6, true>(param, grad, momentum, stream, p)
+                   : update_tensor<T, I, W, V, R, MomentumForm::Standard, true>(param, grad, momentum, stream, p);
+    });
+  });
+}
+
+template <typename T, typename I>
+Counts update_rounding(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
+                       const QpuSgdParams& p) {
+  return p.rounding == Rounding::Stochastic
+             ? update_dispatch<T, I, Rounding::Stochastic>(param, grad, momentum, stream, p)
+             : update_dispatch<T, I, Rounding::NearestEven>(param, grad, momentum, stream, p);
+}
+
+// Note [QPU code arithmetic]: float64 compute takes float64 codes; float32
+// compute float32 codes where both formats allow, else int64.
+Counts update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
+                  const QpuSgdParams& p) {
+  if (p.grad_storage == Storage::Float64) return update_rounding<double, double>(param, grad, momentum, stream, p);
+  return qpu_float_codes(p) ? update_rounding<float, float>(param, grad, momentum, stream, p)
+                            : update_rounding<float, int64_t>(param, grad, momentum, stream, p);
 }
 
 void step(at::TensorList params, at::TensorList grads, at::TensorList momentum, c10::ArrayRef<int64_t> streams,
@@ -172,9 +169,7 @@ void step(at::TensorList params, at::TensorList grads, at::TensorList momentum, 
   for (size_t k = 0; k < params.size(); ++k) {
     if (params[k].numel() == 0) continue;
     const at::Tensor* v = momentum.empty() ? nullptr : &momentum[k];
-    const Counts c = p.rounding == Rounding::Stochastic
-                         ? update_dispatch<Rounding::Stochastic>(params[k], grads[k], v, streams[k], p)
-                         : update_dispatch<Rounding::NearestEven>(params[k], grads[k], v, streams[k], p);
+    const Counts c = update_one(params[k], grads[k], v, streams[k], p);
     out[2 * k] += c.saturated;
     out[2 * k + 1] += c.vanished;
     nans += c.nans;

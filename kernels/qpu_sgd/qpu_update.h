@@ -1,103 +1,254 @@
-// The quantized parameter update (QPU) of one element, and how the step's
-// tensors store their values: shared by the CPU and CUDA kernels of the fused
-// QPU step. See docs/design.md, "Methods".
+// The quantized parameter update (QPU) of one element, shared by the CPU and
+// CUDA kernels of the fused QPU step. See docs/design.md, "Methods".
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/fxp_math.h"
+
+// Note [Inlining the QPU element]
+// The CPU kernel instantiates the element loop for every storage and form; in
+// so large a unit GCC stops inlining these helpers, and a call in the loop
+// body stops it vectorizing (its memory effects are unknown). So they are
+// always inlined, as CUDA's __forceinline__ does on the device.
+#if defined(__CUDACC__)
+#define FXP_QPU_INLINE FXP_HOST_DEVICE
+#else
+#define FXP_QPU_INLINE inline __attribute__((always_inline))
+#endif
 
 namespace fxp {
 
 // How a tensor of the QPU step stores its values: floating point, or packed codes.
 enum class Storage : int8_t { Float32, Float64, Int8, Int16, Int32 };
 
-// ---------------------------------------------------------------------------
-// Quantized parameter update (QPU), one element. See docs/design.md, "Methods".
-// ---------------------------------------------------------------------------
 enum class MomentumForm : int8_t { Standard, PaperEq6 };
 
 struct QpuHyper {
   double lr;
   double momentum;      // mu; 0 means no momentum buffer
   double weight_decay;  // lambda (L2: g + lambda * w)
-  bool nesterov;  // kernels pass it as the template argument kNesterov
+  bool nesterov;
 };
 
+// Integer codes of one format: the bounds a result saturates to. For float32
+// storage the upper bound is the float32-safe one (Note [Saturation bound in float32]).
+struct CodeBounds {
+  int64_t min;
+  int64_t max;
+};
+
+// The step's constants in its compute type T: the grads' dtype (float32 for
+// float32 grads, whatever the storage; float64 for float64 grads).
+template <typename T>
+struct QpuConstants {
+  T lr, momentum, weight_decay;
+  T scale, inv_scale;                    // parameter format: 2^F, 2^-F
+  T momentum_scale, momentum_inv_scale;  // momentum format: 2^Fm, 2^-Fm
+  T delta_to_param;                      // 2^(F - Fm): a momentum code in parameter LSBs (paper_eq6)
+  T param_limit, momentum_limit;         // 2^(B+1), 2^(Bm+1): Note [QPU code arithmetic]
+  CodeBounds param, momentum_bounds;
+};
+
+// Note [QPU code arithmetic]
+// The integer part of the update (codes, floors, their differences) is exact
+// in any type that holds |x| <= 2^(B+3): float32 for B <= 21, float64 for
+// every B <= 32, int64 always. Before splitting, t (and w 2^F, and the
+// momentum's x 2^Fm) is clamped to +-2^(B+1) of its format: a parameter on
+// the grid moved that far saturates whatever the clamp, so the clamp changes
+// no result of QPU (whose parameters stay on the grid) while bounding every
+// integer by 2^(B+3). So each kernel computes in the narrowest exact type
+// (code type I: float32 when both formats have at most 21 bits, else int64
+// for float32 compute, float64 for float64 compute), and every choice gives
+// the same bits; the CPU builds are tested against each other and the
+// reference. Vectorized, float32 codes take one 16-lane AVX-512 register
+// where int64 takes two, with conversions between.
+constexpr int kMaxBitsForFloatCodes = 21;
+
+// t split exactly into an integer (as code type I) and a fraction in [0, 1);
+// see split_exact. A NaN t has a NaN fraction; callers test t itself. (No
+// bool member: GCC keeps a struct with one in memory, byte by byte, and then
+// cannot vectorize the CPU loop; a test on the fraction it threads through the
+// clamps into selects it cannot vectorize either.)
+template <typename T, typename I>
+struct ExactSplit {
+  I floor;
+  T frac;
+};
+
+// The result of one element, as codes of the two formats (code type I).
+// The flags are int32 0/1, not bool: GCC keeps a struct of byte-sized
+// members in memory, and then cannot vectorize the CPU loop.
+template <typename I>
 struct QpuElementResult {
-  double param;     // new parameter, on the parameter grid
-  double momentum;  // new momentum buffer value, on the momentum grid (if any)
-  bool saturated;   // the parameter's rounded code was clamped
-  bool vanished;    // a nonzero update left the parameter unchanged
+  I param;               // new parameter code, saturated
+  I momentum;            // new momentum code, saturated (when there is a buffer)
+  int32_t param_nan;     // the new parameter is NaN (no code)
+  int32_t momentum_nan;  // the new momentum is NaN (no code)
+  int32_t saturated;     // the parameter's rounded code was clamped
+  int32_t vanished;      // a nonzero update left the stored parameter unchanged
 };
 
 inline namespace FXP_ISA {
 
-FXP_HOST_DEVICE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
+FXP_QPU_INLINE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
 
-// Element i of a tensor with storage s, as a float64 value (codes times inv_scale: exact).
-FXP_HOST_DEVICE double load_value(const void* p, Storage s, int64_t i, double inv_scale) {
-  switch (s) {
-    case Storage::Float32: return static_cast<const float*>(p)[i];
-    case Storage::Float64: return static_cast<const double*>(p)[i];
-    case Storage::Int8: return static_cast<const int8_t*>(p)[i] * inv_scale;
-    case Storage::Int16: return static_cast<const int16_t*>(p)[i] * inv_scale;
-    case Storage::Int32: return static_cast<const int32_t*>(p)[i] * inv_scale;
-  }
-  return 0.0;
+FXP_QPU_INLINE CodeBounds code_bounds(int total_bits, Storage storage) {
+  const int64_t half = int64_t{1} << (total_bits - 1);
+  // Float32 storage above 25 bits: the largest float32 integer below 2^(B-1).
+  const int64_t max = storage == Storage::Float32 && total_bits > 25 ? half - (int64_t{1} << (total_bits - 25))
+                                                                      : half - 1;
+  return CodeBounds{-half, max};
 }
 
-// Stores v, a value on the grid whose code fits the storage (or, for float
-// storage, NaN), as element i.
-FXP_HOST_DEVICE void store_value(void* p, Storage s, int64_t i, double v, double scale) {
-  switch (s) {
-    case Storage::Float32: static_cast<float*>(p)[i] = to_float_storage<float>(v); return;
-    case Storage::Float64: static_cast<double*>(p)[i] = to_float_storage<double>(v); return;
-    case Storage::Int8: static_cast<int8_t*>(p)[i] = static_cast<int8_t>(v * scale); return;
-    case Storage::Int16: static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v * scale); return;
-    case Storage::Int32: static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v * scale); return;
-  }
-}
-
-
-// Note [QPU update in float64]
-// The update is computed in float64 and rounded once: standard form
-//   v = mu v + (g + lambda w);  d = nesterov ? (g + lambda w) + mu v : v
-//   w' = Q_r(w - lr d);  v is stored as Q_r(v) in the momentum format,
-// and paper_eq6 form
-//   delta = Q_r((mu delta + g + lambda w) lr) in the momentum format;  w' = Q_r(w - delta).
-// Rounding fl32(w - lr d) instead would drop the low bits of a small update
-// before stochastic rounding sees them, biasing it. Every operation is a
-// separate IEEE double operation (no contraction), so CPU and CUDA agree.
-template <Rounding R, MomentumForm Form, bool kHasMomentum, bool kNesterov>
-FXP_HOST_DEVICE QpuElementResult qpu_update_element(double w, double g, double v,
-                                                    const QpuHyper& h,
-                                                    const FxpSpec<double>& param_spec,
-                                                    const FxpSpec<double>& momentum_spec,
-                                                    uint32_t param_bits, uint32_t momentum_bits) {
-  QpuElementResult r;
-  const double grad = g + h.weight_decay * w;
-  bool unused;
-  double step;  // what is subtracted from w before rounding
-  if constexpr (Form == MomentumForm::PaperEq6) {
-    const double delta = kHasMomentum ? (h.momentum * v + grad) * h.lr : grad * h.lr;
-    step = quantize_value<R, Overflow::Saturate>(delta, momentum_spec, momentum_bits, &unused);
-    r.momentum = step;
-    r.param = quantize_value<R, Overflow::Saturate>(w - step, param_spec, param_bits, &r.saturated);
-    r.vanished = delta != 0.0 && r.param == w;
+// An integer-valued float f (|f| <= 2^33) as code type I.
+template <typename I, typename T>
+FXP_QPU_INLINE I to_code(T f) {
+  if constexpr (std::is_floating_point_v<I>) {
+    return static_cast<I>(f);
   } else {
-    double d = grad;
-    r.momentum = 0.0;
-    if constexpr (kHasMomentum) {
-      const double v_new = h.momentum * v + grad;
-      d = kNesterov ? grad + h.momentum * v_new : v_new;
-      r.momentum = quantize_value<R, Overflow::Saturate>(v_new, momentum_spec, momentum_bits, &unused);
-    }
-    step = h.lr * d;
-    r.param = quantize_value<R, Overflow::Saturate>(w - step, param_spec, param_bits, &r.saturated);
-    r.vanished = step != 0.0 && r.param == w;
+#if defined(__CUDA_ARCH__) || defined(__AVX512DQ__)
+    return static_cast<int64_t>(f);
+#else
+    // AVX2 has no float -> int64 conversion (GCC would not vectorize the loop),
+    // so two exact int32 conversions: f = hi 2^20 + lo with lo in [0, 2^20).
+    const T hi = round_floor(f * T(1.0 / 1048576.0));
+    const T lo = f - hi * T(1048576.0);
+    return static_cast<int64_t>(static_cast<int32_t>(hi)) * 1048576 + static_cast<int32_t>(lo);
+#endif
   }
-  return r;
+}
+
+// 1 if the integer a is odd, else 0.
+template <typename I>
+FXP_QPU_INLINE I odd(I a) {
+  if constexpr (std::is_floating_point_v<I>) {
+    return a - I(2) * round_floor(a * I(0.5));  // every step exact
+  } else {
+    return a & 1;
+  }
+}
+
+// A saturated code (|code| <= 2^31, so it fits int32 on the way, which AVX2
+// converts) as float type S: rounded once, to nearest even.
+template <typename S, typename I>
+FXP_QPU_INLINE S code_to_float(I code) {
+  if constexpr (std::is_floating_point_v<I>) {
+    return static_cast<S>(code);
+  } else {
+    return static_cast<S>(static_cast<int32_t>(code));
+  }
+}
+
+// t = floor + frac, both exact: floor(t) is exact and t - floor(t) shares t's
+// binade or is 0. t is clamped to +-limit first (Note [QPU code arithmetic];
+// +-Inf gives frac 0). A NaN t gives floor 0 and a NaN fraction.
+template <typename I, typename T>
+FXP_QPU_INLINE ExactSplit<T, I> split_exact(T t, T limit) {
+  T c = t > limit ? limit : t;  // a NaN passes both clamps
+  c = c < -limit ? -limit : c;
+  const T f = round_floor(c);
+  // Only the conversion sees a select (a NaN would be undefined there); the
+  // fraction of a NaN stays NaN, which no comparison on it passes.
+  return ExactSplit<T, I>{to_code<I>(t != t ? T(0) : f), c - f};
+}
+
+// Note [QPU rounding on codes]
+// A value x (the momentum, paper_eq6's delta) rounds from s = split(x * 2^F)
+// as quantize does: up by one with probability frac (SR), or to the nearest
+// code, ties to even (HTE). The new parameter w - d rounds on the codes:
+// with t = d * 2^F split into floor and frac, the result is
+//   code(w) - floor(t) - [u < frac]                    (SR)
+//   code(w) - floor(t) - (frac > 1/2 or tie to even)   (HTE)
+// Only integers and the exact fraction take part, so the result is the exact
+// rounding of w - d, with the probability of the lower code equal to frac up
+// to the 2^-32 resolution of u (uniform_below), however small d is against w.
+template <Rounding R, typename T, typename I>
+FXP_QPU_INLINE I round_value(const ExactSplit<T, I>& s, uint32_t random_bits) {
+  if constexpr (R == Rounding::Stochastic) {
+    return s.floor + (uniform_below(random_bits, s.frac) ? I(1) : I(0));
+  } else {
+    // Selects, not a bool from the parity: GCC vectorizes these.
+    const I tie_up = odd(s.floor);  // a tie goes to the even neighbour
+    return s.floor + (s.frac > T(0.5) ? I(1) : s.frac == T(0.5) ? tie_up : I(0));
+  }
+}
+
+template <Rounding R, typename T, typename I>
+FXP_QPU_INLINE I round_difference(I base, const ExactSplit<T, I>& s, uint32_t random_bits) {
+  const I a = base - s.floor;
+  if constexpr (R == Rounding::Stochastic) {
+    return a - (uniform_below(random_bits, s.frac) ? I(1) : I(0));
+  } else {
+    const I tie_down = odd(a);  // a tie goes to the even neighbour
+    return a - (s.frac > T(0.5) ? I(1) : s.frac == T(0.5) ? tie_down : I(0));
+  }
+}
+
+template <typename I>
+FXP_QPU_INLINE I saturate(I code, const CodeBounds& b) {
+  const I lo = static_cast<I>(b.min), hi = static_cast<I>(b.max);
+  const I c = code > hi ? hi : code;
+  return c < lo ? lo : c;
+}
+
+// Note [QPU update on codes]
+// One element of the step, in the grads' float type T, every operation a
+// separate IEEE operation (no contraction), so CPU and CUDA agree:
+//   grad = g + lambda w
+//   standard:  v' = mu v + grad;  d = nesterov ? grad + mu v' : v'
+//              momentum code = round_value(split(v' 2^Fm))
+//              t = (lr d) 2^F
+//   paper_eq6: delta code = round_value(split(((mu v + grad) lr) 2^Fm))  (grad lr without momentum)
+//              t = delta code * 2^(F - Fm)   (exact for momentum codes below 2^24 in float32)
+//   parameter code = round_difference(code(w), split(t))  (Note [QPU rounding on codes])
+// w enters as its value (for lambda w) and its code: a packed code, or for
+// float storage split(w 2^F). Off the grid (QPU's parameters never are) the
+// parameter's fraction is folded into t first (t - frac(w 2^F), one rounding).
+// The only rounding before the fixed-point one is T's rounding of lr d (of
+// delta), relative to the update, not to the weight.
+template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov, bool kFloatParam, typename T, typename I>
+FXP_QPU_INLINE QpuElementResult<I> qpu_update_element(T w, const ExactSplit<T, I> w_code, T g, T v,
+                                                      const QpuConstants<T>& c, uint32_t param_bits,
+                                                      uint32_t momentum_bits) {
+  // Locals, built into the result at the end: a result struct assigned
+  // field by field stays in memory and stops the CPU loop vectorizing.
+  const T grad = g + c.weight_decay * w;
+  T step;  // lr d (delta for paper_eq6): zero means no update
+  T t;     // the update in parameter LSBs
+  I momentum_code = I(0);
+  bool momentum_nan = false;
+  if constexpr (Form == MomentumForm::PaperEq6) {
+    step = kMomentum ? (c.momentum * v + grad) * c.lr : grad * c.lr;
+    const T x = step * c.momentum_scale;
+    momentum_code = saturate(round_value<R>(split_exact<I>(x, c.momentum_limit), momentum_bits), c.momentum_bounds);
+    momentum_nan = x != x;
+    t = code_to_float<T>(momentum_code) * c.delta_to_param;  // a NaN delta is flagged below
+  } else {
+    T d = grad;
+    if constexpr (kMomentum) {
+      const T v_new = c.momentum * v + grad;
+      d = kNesterov ? grad + c.momentum * v_new : v_new;
+      const T x = v_new * c.momentum_scale;
+      momentum_code = saturate(round_value<R>(split_exact<I>(x, c.momentum_limit), momentum_bits), c.momentum_bounds);
+      momentum_nan = x != x;
+    }
+    step = c.lr * d;
+    t = step * c.scale;
+  }
+  if constexpr (kFloatParam) t = t - w_code.frac;
+  const I code = round_difference<R>(w_code.floor, split_exact<I>(t, c.param_limit), param_bits);
+  const I param = saturate(code, c.param);
+  // A NaN w (float storage) has a NaN fraction, so t is NaN too.
+  const bool param_nan = (t != t) | (Form == MomentumForm::PaperEq6 && momentum_nan);
+  // Vanished: the stored parameter is unchanged (float storage compares values,
+  // which also covers a parameter off the grid). Bitwise, not short-circuit:
+  // branches would stop the CPU loop vectorizing.
+  const bool unchanged = kFloatParam ? code_to_float<T>(param) * c.inv_scale == w : param == w_code.floor;
+  const int32_t saturated = !param_nan & (param != code);
+  const int32_t vanished = (step != T(0)) & !param_nan & unchanged;
+  return QpuElementResult<I>{param, momentum_code, param_nan, momentum_nan, saturated, vanished};
 }
 
 }  // namespace FXP_ISA

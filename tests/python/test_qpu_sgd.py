@@ -10,6 +10,7 @@ import torch
 
 import fxp
 from fxp.optim import QPUSGD
+from reference import philox_words, qpu_reference_element_step
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 SIGMAS = 6.0
@@ -22,27 +23,19 @@ def on_grid(t: torch.Tensor, fmt: fxp.FxpFormat) -> bool:
 
 
 def reference_step(w, g, v, *, lr, momentum, wd, nesterov, fmt, mfmt, rounding, seed, step, form="standard"):
-    """The contract written with float64 torch ops and quantize_seeded (Note [QPU random streams])."""
+    """The contract (Note [QPU update on codes]) from reference.py's numpy and
+    integer arithmetic, with the draws of Note [QPU random streams]."""
     out_w, out_v = [], []
     for k, (wk, gk) in enumerate(zip(w, g)):
+        n = wk.numel()
         woff, voff = (step << 32) + 2 * k, (step << 32) + 2 * k + 1
-        w64, grad = wk.double(), gk.double() + wk.double() * wd
-        vk = v[k].double() if v else None
-        if form == "paper_eq6":
-            delta = ((momentum * vk + grad) if vk is not None else grad) * lr
-            dq = fxp.quantize_seeded(delta, mfmt, rounding=rounding, seed=seed, offset=voff)
-            new_w = fxp.quantize_seeded(w64 - dq, fmt, rounding=rounding, seed=seed, offset=woff)
-            new_v = dq
-        else:
-            d = grad
-            new_v = None
-            if vk is not None:
-                v_new = momentum * vk + grad
-                d = grad + momentum * v_new if nesterov else v_new
-                new_v = fxp.quantize_seeded(v_new, mfmt, rounding=rounding, seed=seed, offset=voff)
-            new_w = fxp.quantize_seeded(w64 - lr * d, fmt, rounding=rounding, seed=seed, offset=woff)
-        out_w.append(new_w.to(wk.dtype))
-        out_v.append(None if new_v is None else new_v.to(wk.dtype))
+        new_w, new_v = qpu_reference_element_step(
+            wk.reshape(-1).numpy(), gk.reshape(-1).numpy(), v[k].reshape(-1).numpy() if v else None,
+            lr=lr, momentum=momentum, wd=wd, nesterov=nesterov, fmt=fmt, mfmt=mfmt, rounding=rounding,
+            param_bits=philox_words(seed, woff, n), momentum_bits=philox_words(seed, voff, n), form=form,
+            param_codes=not wk.is_floating_point(), momentum_codes=bool(v) and not v[k].is_floating_point())
+        out_w.append(torch.from_numpy(new_w).reshape(wk.shape))
+        out_v.append(None if new_v is None else torch.from_numpy(new_v).reshape(wk.shape))
     return out_w, out_v
 
 
@@ -71,6 +64,68 @@ def test_step_equals_the_contract_bit_for_bit(rounding, form, momentum, nesterov
         assert torch.equal(w[k], exp_w[k]), k
         if momentum:
             assert torch.equal(v[k], exp_v[k]), k
+
+
+def _codes_and_grads(fmt: fxp.FxpFormat, n: int, dtype, lr: float, float_safe: bool, gen: torch.Generator):
+    """Random codes over the whole range of fmt, and grads whose updates span 1e-3 to 1e3 LSBs, with exact
+    HTE ties (lr is a power of two), zeros, and updates far beyond the range (saturation)."""
+    hi = fmt.code_max
+    if float_safe and fmt.total_bits > 25:
+        hi -= (1 << (fmt.total_bits - 25)) - 1  # Note [Saturation bound in float32]
+    codes = torch.randint(fmt.code_min, hi + 1, (n,), generator=gen, dtype=torch.int64)
+    lsb = 2.0**-fmt.frac_bits
+    magnitude = 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 6 - 3)
+    g = torch.randn(n, generator=gen, dtype=torch.float64) * magnitude * lsb / lr
+    g[::7] = (torch.randint(-40, 40, (len(g[::7]),), generator=gen).double() + 0.5) * lsb / lr  # ties
+    g[1::11] = 0.0
+    g[2::13] = torch.sign(torch.randn(len(g[2::13]), generator=gen, dtype=torch.float64)) * 2.0**40 * lsb
+    return codes, g.to(dtype)
+
+
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+@pytest.mark.parametrize("form,momentum,nesterov", [("standard", 0.9, False), ("standard", 0.9, True),
+                                                    ("standard", 0.0, False), ("paper_eq6", 0.9, False),
+                                                    ("paper_eq6", 0.0, False)])
+@pytest.mark.parametrize("total_bits", [2, 3, 7, 8, 9, 12, 16, 17, 24, 25, 26, 31, 32])
+@pytest.mark.parametrize("storage", ["codes", "float32"])
+def test_step_at_every_width_equals_the_contract_bit_for_bit(rounding, form, momentum, nesterov, total_bits, storage):
+    """Packed codes (int8/int16/int32, float32 grads) and float32 storage, against reference.py's
+    numpy/integer definition: momentum formats finer and coarser than the parameter's, saturation and ties."""
+    gen = torch.Generator().manual_seed(total_bits)
+    frac = total_bits // 2
+    fmt, mfmt = fxp.FxpFormat(total_bits, frac), fxp.FxpFormat(total_bits, (frac + 3) % total_bits)
+    lr, n = 0.25, 1001
+    float_storage = storage == "float32"
+    wc, g = _codes_and_grads(fmt, n, torch.float32, lr, float_storage, gen)
+    vc, _ = _codes_and_grads(mfmt, n, torch.float32, lr, float_storage, gen)
+
+    def stored(codes, f):
+        if float_storage:
+            return (codes.double() * 2.0**-f.frac_bits).float()
+        return codes.to(f.storage_dtype)
+
+    w, v = [stored(wc, fmt)], [stored(vc, mfmt)] if momentum else []
+    kw = dict(lr=lr, momentum=momentum, wd=1e-2, nesterov=nesterov, fmt=fmt, mfmt=mfmt, rounding=rounding,
+              seed=5, step=11, form=form)
+    exp_w, exp_v = reference_step(w, [g], v, **kw)
+    run_op(w, [g], v, **kw)
+    assert torch.equal(w[0], exp_w[0])
+    if momentum:
+        assert torch.equal(v[0], exp_v[0])
+
+
+def test_stochastic_update_moves_down_with_probability_frac():
+    """Note [QPU rounding on codes]: code(w) - floor(t) - [u < frac], checked against the draws themselves."""
+    fmt, n, seed, step = fxp.FxpFormat(8, 4), 4096, 3, 2
+    w = [torch.zeros(n)]
+    g = [torch.full((n,), 0.3 / 16 / 0.5)]  # lr g = 0.3 LSB: t = 0.3 in float32
+    run_op(w, g, [], lr=0.5, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt, rounding="stochastic",
+           seed=seed, step=step)
+    t = torch.tensor(0.5, dtype=torch.float32) * g[0][0] * 16  # float32, as the kernel
+    bits = philox_words(seed, step << 32, n)
+    expect = -torch.from_numpy((bits.astype("float64") < float(t) * 2.0**32).astype("float32")) / 16
+    assert torch.equal(w[0], expect)
+    assert abs((w[0] != 0).double().mean().item() - 0.3) < SIGMAS * math.sqrt(0.3 * 0.7 / n)
 
 
 def test_hteqpu_by_hand():
@@ -246,6 +301,31 @@ def test_cuda_bit_identical_to_cpu(rounding, dtype):
     for a, b in zip(w + v, wc + vc):
         assert torch.equal(a, b.cpu())
     assert torch.equal(counts, counts_c.cpu())
+
+
+@requires_cuda
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+@pytest.mark.parametrize("form,momentum,nesterov", [("standard", 0.9, True), ("paper_eq6", 0.9, False)])
+@pytest.mark.parametrize("total_bits", [4, 8, 12, 16, 22, 26, 32])
+@pytest.mark.parametrize("storage", ["codes", "float32"])
+def test_cuda_equals_cpu_at_every_width(rounding, form, momentum, nesterov, total_bits, storage):
+    """Both code types (float32 codes up to 21 bits, int64 above: Note [QPU code arithmetic]) and both
+    storages, with ties and saturation: the CUDA step equals the CPU step bit for bit."""
+    gen = torch.Generator().manual_seed(total_bits)
+    fmt, mfmt = fxp.FxpFormat(total_bits, total_bits // 2), fxp.FxpFormat(total_bits, total_bits - 1)
+    wc, g = _codes_and_grads(fmt, 70_001, torch.float32, 0.25, storage == "float32", gen)
+    vc, _ = _codes_and_grads(mfmt, 70_001, torch.float32, 0.25, storage == "float32", gen)
+    if storage == "float32":
+        w, v = [(wc.double() * 2.0**-fmt.frac_bits).float()], [(vc.double() * 2.0**-mfmt.frac_bits).float()]
+    else:
+        w, v = [wc.to(fmt.storage_dtype)], [vc.to(mfmt.storage_dtype)]
+    wd, vd, gd = [w[0].cuda()], [v[0].cuda()], [g.cuda()]
+    kw = dict(lr=0.25, momentum=momentum, wd=1e-2, nesterov=nesterov, fmt=fmt, mfmt=mfmt, rounding=rounding,
+              seed=9, step=3, form=form)
+    counts = run_op(w, [g], v, **kw)
+    counts_d = run_op(wd, gd, vd, **kw)
+    assert torch.equal(w[0], wd[0].cpu()) and torch.equal(v[0], vd[0].cpu())
+    assert torch.equal(counts, counts_d.cpu())
 
 
 def test_result_independent_of_thread_count():

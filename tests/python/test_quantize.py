@@ -527,6 +527,18 @@ for dtype in (torch.float32, torch.float64):
             v = [torch.randn_like(t) * 0.1 for t in w] if momentum else []
             c = torch.ops.fxp.qpu_sgd_step_(w, g, v, 0.05, momentum, 1e-3, False, 12, 8, 10, 8, rounding, 9, 4, form)
             outs += [t.view(torch.uint8) for t in w + v] + [c.view(torch.uint8)]
+# The QPU step on packed codes of every storage width, with nesterov, ties and saturation.
+for rounding in ("nearest_even", "stochastic"):
+    for form, momentum, nesterov in (("standard", 0.9, True), ("standard", 0.9, False), ("paper_eq6", 0.9, False)):
+        for b, f in ((4, 2), (8, 5), (12, 8), (16, 12), (26, 20), (32, 28)):
+            dtype = torch.int8 if b <= 8 else torch.int16 if b <= 16 else torch.int32
+            w = [torch.randint(-(1 << (b - 1)), 1 << (b - 1), (n,)).to(dtype) for n in (5000, 37)]
+            v = [torch.randint(-(1 << (b - 1)), 1 << (b - 1), (n,)).to(dtype) for n in (5000, 37)]
+            g = [torch.randn(n) * 2.0 ** (8 - f) for n in (5000, 37)]
+            g[0][::9] = 2.0 ** (2 - f)  # exact ties at lr 0.125
+            c = torch.ops.fxp.qpu_sgd_step_(w, g, v, 0.125, momentum, 1e-3, nesterov, b, f, b, f - 1, rounding, 9,
+                                            4, form)
+            outs += [t.view(torch.uint8) for t in w + v] + [c.view(torch.uint8)]
 torch.save(torch.cat([o.flatten() for o in outs]), sys.argv[1])
 """
 
@@ -534,7 +546,7 @@ torch.save(torch.cat([o.flatten() for o in outs]), sys.argv[1])
 def test_every_cpu_build_gives_the_same_bits(tmp_path):
     """The default (SSE2), AVX2 and AVX-512 builds of the CPU kernels, forced with
     FXP_CPU_CAPABILITY, agree bit for bit: quantize on every dtype, rounding and
-    overflow, and the QPU step on every form."""
+    overflow, and the QPU step on every form, on float and packed storage."""
     import subprocess
     import sys
 
