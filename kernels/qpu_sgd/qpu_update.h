@@ -66,15 +66,16 @@ struct QpuConstants {
 // where int64 takes two, with conversions between.
 constexpr int kMaxBitsForFloatCodes = 21;
 
-// t split exactly into an integer (as code type I) and a fraction in [0, 1);
-// see split_exact. A NaN t has a NaN fraction; callers test t itself. (No
+// t split exactly into its integer part trunc(t) (as code type I) and the
+// rest, in (-1, 1) with t's sign; see split_exact. A NaN t has a NaN rest;
+// callers test t itself. (No
 // bool member: GCC keeps a struct with one in memory, byte by byte, and then
 // cannot vectorize the CPU loop; a test on the fraction it threads through the
 // clamps into selects it cannot vectorize either.)
 template <typename T, typename I>
 struct ExactSplit {
-  I floor;
-  T frac;
+  I whole;
+  T part;
 };
 
 // The result of one element, as codes of the two formats (code type I).
@@ -141,56 +142,64 @@ FXP_QPU_INLINE S code_to_float(I code) {
   }
 }
 
-// t = floor + frac, both exact: floor(t) is exact and t - floor(t) shares t's
-// binade or is 0. t is clamped to +-limit first (Note [QPU code arithmetic];
-// +-Inf gives frac 0). A NaN t gives floor 0 and a NaN fraction.
+// t = whole + part, both exact: whole = trunc(t), and part = t - trunc(t) is
+// t itself when |t| < 1 and otherwise exact by Sterbenz (trunc(t) is within
+// a factor 2 of t). (floor would not do: for t in (-1/2, 0), t - floor(t) =
+// 1 + t loses t's low bits, so a tiny negative update could never round up.)
+// t is clamped to +-limit first (Note [QPU code arithmetic]; +-Inf gives part
+// 0). A NaN t gives whole 0 and a NaN part.
 template <typename I, typename T>
 FXP_QPU_INLINE ExactSplit<T, I> split_exact(T t, T limit) {
   T c = t > limit ? limit : t;  // a NaN passes both clamps
   c = c < -limit ? -limit : c;
-  const T f = round_floor(c);
+  const T f = fxp_copysign(round_floor(fxp_abs(c)), c);  // trunc(c)
   // Only the conversion sees a select (a NaN would be undefined there); the
-  // fraction of a NaN stays NaN, which no comparison on it passes.
+  // part of a NaN stays NaN, which no comparison on it passes.
   return ExactSplit<T, I>{to_code<I>(t != t ? T(0) : f), c - f};
 }
 
 // Note [QPU rounding on codes]
-// A value x (the momentum, paper_eq6's delta) rounds from s = split(x * 2^F)
-// as quantize does: up by one with probability frac (SR), or to the nearest
-// code, ties to even (HTE). The new parameter w - d rounds on the codes:
-// with t = d * 2^F split into floor and frac, the result is
-//   code(w) - floor(t) - [u < frac]                    (SR)
-//   code(w) - floor(t) - (frac > 1/2 or tie to even)   (HTE)
-// Only integers and the exact fraction take part, so the result is the exact
-// rounding of w - d, with the probability of the lower code equal to frac up
-// to the 2^-32 resolution of u (uniform_below), however small d is against w.
+// With s = split(y) (y = x 2^Fm for a value x: the momentum, paper_eq6's
+// delta; y = -t = -d 2^F for the parameter's w - d, on code(w)), the integer
+// n = trunc(y) moves one step away from zero with probability |part| (SR), or
+// when |part| > 1/2, a tie going to the even code (HTE):
+//   value:      trunc(x 2^Fm) + sign(part) step
+//   parameter:  code(w) - trunc(t) - sign(part) step
+// Only integers and the exact part take part, so the result is the exact
+// rounding of w - d (of x), with the probability of the step equal to |part|
+// up to the 2^-32 resolution of u (uniform_below), however small d is against
+// w and whatever its sign.
+template <Rounding R, typename T, typename I>
+FXP_QPU_INLINE I rounding_step(T magnitude, I candidate, uint32_t random_bits) {
+  if constexpr (R == Rounding::Stochastic) {
+    return uniform_below(random_bits, magnitude) ? I(1) : I(0);
+  } else {
+    // Selects, not a bool from the parity: GCC vectorizes these. The two
+    // neighbours differ by one, so the step is taken at a tie iff candidate
+    // is odd.
+    return magnitude > T(0.5) ? I(1) : magnitude == T(0.5) ? odd(candidate) : I(0);
+  }
+}
+
 template <Rounding R, typename T, typename I>
 FXP_QPU_INLINE I round_value(const ExactSplit<T, I>& s, uint32_t random_bits) {
-  if constexpr (R == Rounding::Stochastic) {
-    return s.floor + (uniform_below(random_bits, s.frac) ? I(1) : I(0));
-  } else {
-    // Selects, not a bool from the parity: GCC vectorizes these.
-    const I tie_up = odd(s.floor);  // a tie goes to the even neighbour
-    return s.floor + (s.frac > T(0.5) ? I(1) : s.frac == T(0.5) ? tie_up : I(0));
-  }
+  const I step = rounding_step<R>(fxp_abs(s.part), s.whole, random_bits);
+  return s.whole + (s.part < T(0) ? -step : step);
 }
 
 template <Rounding R, typename T, typename I>
 FXP_QPU_INLINE I round_difference(I base, const ExactSplit<T, I>& s, uint32_t random_bits) {
-  const I a = base - s.floor;
-  if constexpr (R == Rounding::Stochastic) {
-    return a - (uniform_below(random_bits, s.frac) ? I(1) : I(0));
-  } else {
-    const I tie_down = odd(a);  // a tie goes to the even neighbour
-    return a - (s.frac > T(0.5) ? I(1) : s.frac == T(0.5) ? tie_down : I(0));
-  }
+  const I a = base - s.whole;
+  const I step = rounding_step<R>(fxp_abs(s.part), a, random_bits);
+  return a - (s.part < T(0) ? -step : step);
 }
 
+// code clamped to the bounds; + 0 turns a float code's -0 into +0, as int64 has it.
 template <typename I>
 FXP_QPU_INLINE I saturate(I code, const CodeBounds& b) {
   const I lo = static_cast<I>(b.min), hi = static_cast<I>(b.max);
   const I c = code > hi ? hi : code;
-  return c < lo ? lo : c;
+  return (c < lo ? lo : c) + I(0);
 }
 
 // Note [QPU update on codes]
@@ -205,7 +214,11 @@ FXP_QPU_INLINE I saturate(I code, const CodeBounds& b) {
 //   parameter code = round_difference(code(w), split(t))  (Note [QPU rounding on codes])
 // w enters as its value (for lambda w) and its code: a packed code, or for
 // float storage split(w 2^F). Off the grid (QPU's parameters never are) the
-// parameter's fraction is folded into t first (t - frac(w 2^F), one rounding).
+// parameter's part is folded into t first (t - part(w 2^F), one rounding).
+// Precondition: the parameter lies within its format's range, as QPU's
+// parameters do (quantized at initialization, saturated at every step). A
+// float parameter beyond it (or infinite) is clamped by Note [QPU code
+// arithmetic] and its result is not the rounding of w - d.
 // The only rounding before the fixed-point one is T's rounding of lr d (of
 // delta), relative to the update, not to the weight.
 template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov, bool kFloatParam, typename T, typename I>
@@ -237,15 +250,15 @@ FXP_QPU_INLINE QpuElementResult<I> qpu_update_element(T w, const ExactSplit<T, I
     step = c.lr * d;
     t = step * c.scale;
   }
-  if constexpr (kFloatParam) t = t - w_code.frac;
-  const I code = round_difference<R>(w_code.floor, split_exact<I>(t, c.param_limit), param_bits);
+  if constexpr (kFloatParam) t = t - w_code.part;
+  const I code = round_difference<R>(w_code.whole, split_exact<I>(t, c.param_limit), param_bits);
   const I param = saturate(code, c.param);
   // A NaN w (float storage) has a NaN fraction, so t is NaN too.
   const bool param_nan = (t != t) | (Form == MomentumForm::PaperEq6 && momentum_nan);
   // Vanished: the stored parameter is unchanged (float storage compares values,
   // which also covers a parameter off the grid). Bitwise, not short-circuit:
   // branches would stop the CPU loop vectorizing.
-  const bool unchanged = kFloatParam ? code_to_float<T>(param) * c.inv_scale == w : param == w_code.floor;
+  const bool unchanged = kFloatParam ? code_to_float<T>(param) * c.inv_scale == w : param == w_code.whole;
   const int32_t saturated = !param_nan & (param != code);
   const int32_t vanished = (step != T(0)) & !param_nan & unchanged;
   return QpuElementResult<I>{param, momentum_code, param_nan, momentum_nan, saturated, vanished};

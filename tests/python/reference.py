@@ -51,12 +51,12 @@ def philox_words(seed: int, offset: int, n: int) -> np.ndarray:
 
 
 def split_exact(t: np.ndarray, total_bits: int):
-    """Note [QPU code arithmetic]: t clamped to +-2^(B+1), then floor + frac exactly; NaN flagged."""
+    """Note [QPU code arithmetic]: t clamped to +-2^(B+1), then trunc(t) and the exact rest; NaN flagged."""
     nan = np.isnan(t)
     limit = 2.0 ** (total_bits + 1)
     c = np.clip(np.where(nan, t.dtype.type(0), t), -limit, limit).astype(t.dtype)
-    f = np.floor(c)
-    return f.astype(np.int64), c - f, nan
+    whole = np.trunc(c)
+    return whole.astype(np.int64), c - whole, nan
 
 
 def below(bits: np.ndarray, frac: np.ndarray) -> np.ndarray:
@@ -96,35 +96,37 @@ def qpu_reference_element_step(w, g, v, *, lr, momentum, wd, nesterov, fmt, mfmt
     has_v = v is not None
     vval = None if not has_v else (v.astype(np.int32).astype(g.dtype) * minv if momentum_codes else v)
 
-    def round_value(floor, frac, bits):
+    def rounding_step(part, candidate, bits):
+        """Note [QPU rounding on codes]: 1 to move one code away from zero, by |part|."""
+        m = np.abs(part)
         if stochastic:
-            return floor + below(bits, frac)
-        return floor + ((frac > 0.5) | ((frac == 0.5) & (floor % 2 == 1)))
+            return below(bits, m).astype(np.int64)
+        return ((m > 0.5) | ((m == 0.5) & (candidate % 2 == 1))).astype(np.int64)
+
+    def round_value(whole, part, bits):
+        return whole + np.where(part < 0, -1, 1) * rounding_step(part, whole, bits)
 
     grad = g + wd * wval
     mcode, mnan = None, np.zeros(g.shape, bool)
     if form == "paper_eq6":
         step = (mu * vval + grad) * lr if has_v else grad * lr
-        floor, frac, mnan = split_exact(step * mscale, mfmt.total_bits)
-        mcode = np.clip(round_value(floor, frac, momentum_bits), mlo, mhi)
+        whole, part, mnan = split_exact(step * mscale, mfmt.total_bits)
+        mcode = np.clip(round_value(whole, part, momentum_bits), mlo, mhi)
         t = mcode.astype(np.int32).astype(g.dtype) * T(2.0 ** (F - Fm))
     else:
         d = grad
         if has_v:
             v_new = mu * vval + grad
             d = grad + mu * v_new if nesterov else v_new
-            floor, frac, mnan = split_exact(v_new * mscale, mfmt.total_bits)
-            mcode = np.clip(round_value(floor, frac, momentum_bits), mlo, mhi)
+            whole, part, mnan = split_exact(v_new * mscale, mfmt.total_bits)
+            mcode = np.clip(round_value(whole, part, momentum_bits), mlo, mhi)
         step = lr * d
         t = step * scale
     if not param_codes:
         t = t - wfrac
-    floor, frac, tnan = split_exact(t, fmt.total_bits)
-    a = base - floor
-    if stochastic:
-        code = a - below(param_bits, frac)
-    else:
-        code = a - ((frac > 0.5) | ((frac == 0.5) & (a % 2 == 1)))
+    whole, part, tnan = split_exact(t, fmt.total_bits)
+    a = base - whole
+    code = a - np.where(part < 0, -1, 1) * rounding_step(part, a, param_bits)
     code = np.clip(code, lo, hi)
     pnan = tnan | wnan | (mnan if form == "paper_eq6" else False)
 

@@ -17,6 +17,16 @@ SIGMAS = 6.0
 step_op = torch.ops.fxp.qpu_sgd_step_
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: torch.equal would take -0.0 for +0.0."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = torch.int64 if a.element_size() == 8 else torch.int32
+        return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    return torch.equal(a, b)
+
+
 def on_grid(t: torch.Tensor, fmt: fxp.FxpFormat) -> bool:
     codes = t.double() * 2.0**fmt.frac_bits
     return bool(torch.all(codes == torch.round(codes)) and torch.all(codes <= fmt.code_max) and torch.all(codes >= fmt.code_min))
@@ -61,9 +71,9 @@ def test_step_equals_the_contract_bit_for_bit(rounding, form, momentum, nesterov
     exp_w, exp_v = reference_step(w, g, v, **kw)
     run_op(w, g, v, **kw)
     for k in range(len(shapes)):
-        assert torch.equal(w[k], exp_w[k]), k
+        assert same_bits(w[k], exp_w[k]), k
         if momentum:
-            assert torch.equal(v[k], exp_v[k]), k
+            assert same_bits(v[k], exp_v[k]), k
 
 
 def _codes_and_grads(fmt: fxp.FxpFormat, n: int, dtype, lr: float, float_safe: bool, gen: torch.Generator):
@@ -109,13 +119,13 @@ def test_step_at_every_width_equals_the_contract_bit_for_bit(rounding, form, mom
               seed=5, step=11, form=form)
     exp_w, exp_v = reference_step(w, [g], v, **kw)
     run_op(w, [g], v, **kw)
-    assert torch.equal(w[0], exp_w[0])
+    assert same_bits(w[0], exp_w[0])
     if momentum:
-        assert torch.equal(v[0], exp_v[0])
+        assert same_bits(v[0], exp_v[0])
 
 
 def test_stochastic_update_moves_down_with_probability_frac():
-    """Note [QPU rounding on codes]: code(w) - floor(t) - [u < frac], checked against the draws themselves."""
+    """Note [QPU rounding on codes]: code(w) - trunc(t) - [u < part] for t > 0, checked against the draws."""
     fmt, n, seed, step = fxp.FxpFormat(8, 4), 4096, 3, 2
     w = [torch.zeros(n)]
     g = [torch.full((n,), 0.3 / 16 / 0.5)]  # lr g = 0.3 LSB: t = 0.3 in float32
@@ -126,6 +136,32 @@ def test_stochastic_update_moves_down_with_probability_frac():
     expect = -torch.from_numpy((bits.astype("float64") < float(t) * 2.0**32).astype("float32")) / 16
     assert torch.equal(w[0], expect)
     assert abs((w[0] != 0).double().mean().item() - 0.3) < SIGMAS * math.sqrt(0.3 * 0.7 / n)
+
+
+def test_stochastic_update_moves_up_with_probability_part():
+    """A negative update (the parameter grows): code(w) - trunc(t) + [u < |part|], exactly, with t = -0.3."""
+    fmt, n, seed, step = fxp.FxpFormat(8, 4), 4096, 3, 2
+    w = [torch.zeros(n)]
+    g = [torch.full((n,), -0.3 / 16 / 0.5)]
+    run_op(w, g, [], lr=0.5, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt, rounding="stochastic",
+           seed=seed, step=step)
+    t = torch.tensor(0.5, dtype=torch.float32) * g[0][0] * 16
+    bits = philox_words(seed, step << 32, n)
+    expect = torch.from_numpy((bits.astype("float64") < -float(t) * 2.0**32).astype("float32")) / 16
+    assert same_bits(w[0], expect)  # +0.0 where it stays, never -0.0
+
+
+def test_a_small_negative_update_keeps_its_low_bits():
+    """t = -(1/2 - 2^-25) (24 significant bits): 1 + t would round to a tie in float32, so a split with
+    floor would send every odd code up by one under HTE. The nearest code is the old one."""
+    fmt = fxp.FxpFormat(8, 4)
+    codes = torch.arange(-5, 6, dtype=torch.float32)
+    w = [codes / 16]
+    g = [torch.full_like(codes, -(0.5 - 2.0**-25) / 16)]  # lr 1: t = lr g 2^4 exactly
+    counts = run_op(w, g, [], lr=1.0, momentum=0.0, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt,
+                    rounding="nearest_even", seed=0, step=0)
+    assert same_bits(w[0], codes / 16)
+    assert counts.tolist() == [[0, len(codes)]]
 
 
 def test_hteqpu_by_hand():
@@ -324,7 +360,7 @@ def test_cuda_equals_cpu_at_every_width(rounding, form, momentum, nesterov, tota
               seed=9, step=3, form=form)
     counts = run_op(w, [g], v, **kw)
     counts_d = run_op(wd, gd, vd, **kw)
-    assert torch.equal(w[0], wd[0].cpu()) and torch.equal(v[0], vd[0].cpu())
+    assert same_bits(w[0], wd[0].cpu()) and same_bits(v[0], vd[0].cpu())
     assert torch.equal(counts, counts_d.cpu())
 
 
