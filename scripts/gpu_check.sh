@@ -10,6 +10,12 @@
 # and the Fashion-MNIST files, and downloads the QPyTorch wheel, into .deps/
 # (git-ignored); carry .deps to the GPU machine. Without it the C++ tests,
 # fxp-train and the QPyTorch baseline are skipped, and the rest still runs.
+#
+#   scripts/gpu_check.sh --budget 540
+# runs the stages most important first (build, C++ tests, the CUDA pytest cases,
+# the optimizer and quantize benchmarks, training throughput, then the rest) and
+# starts no stage once the budget, in seconds of wall time, is spent; a running
+# stage is cut at the deadline. Without it every stage runs to the end.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -28,17 +34,36 @@ if [[ "${1:-}" == "--prepare" ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$ROOT/.deps/wheels" "$qtorch"
   echo "prepared $ROOT/.deps ($(du -sh "$ROOT/.deps" | cut -f1)); carry .deps to the GPU machine"
   exit 0
-elif [[ -n "${1:-}" ]]; then
-  echo "usage: scripts/gpu_check.sh [--prepare]" >&2; exit 2
 fi
+BUDGET=
+if [[ "${1:-}" == "--budget" && "${2:-}" =~ ^[0-9]+$ ]]; then
+  BUDGET=$2
+elif [[ -n "${1:-}" ]]; then
+  echo "usage: scripts/gpu_check.sh [--prepare | --budget SECONDS]" >&2; exit 2
+fi
+DEADLINE=$(( ${BUDGET:-10000000} ))  # in bash's $SECONDS, which counts from the script's start
 LOGS=${OUT:-$ROOT/gpu-logs}
 mkdir -p "$LOGS"
 PYTHON=${PYTHON:-python3}
 status=0
-run() {  # run NAME CMD...: log to $LOGS/NAME.log, remember failures
-  local name=$1; shift
+skipped=()
+# run NAME NEED CMD...: log to $LOGS/NAME.log and remember failures; skip the stage when
+# less than NEED seconds of the budget are left, and cut it at the deadline.
+run() {
+  local name=$1 need=$2; shift 2
+  local left=$(( DEADLINE - SECONDS )) start=$SECONDS
+  if (( left < need )); then
+    echo "==> $name skipped: ${left}s of the budget left, it needs about ${need}s"; skipped+=("$name"); return
+  fi
   echo "==> $name"
-  if "$@" >"$LOGS/$name.log" 2>&1; then echo "    ok"; else echo "    FAILED (see $name.log)"; status=1; fi
+  if timeout --kill-after=10 "$left" "$@" >"$LOGS/$name.log" 2>&1; then
+    echo "    ok ($(( SECONDS - start ))s)"
+  else
+    local rc=$?
+    if (( rc == 124 || rc == 137 )); then echo "    CUT at the budget's deadline ($(( SECONDS - start ))s, see $name.log)"
+    else echo "    FAILED, exit $rc ($(( SECONDS - start ))s, see $name.log)"; fi
+    status=1
+  fi
   tail -n 25 "$LOGS/$name.log"
 }
 
@@ -53,9 +78,9 @@ gtest_args=()
 [[ -d $ROOT/.deps/googletest ]] && gtest_args=(-DFXP_GTEST_SOURCE_DIR="$ROOT/.deps/googletest")
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
 BUILD=$ROOT/build-gpu  # its own build tree; `import fxp` is pointed at it below
-run configure cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFXP_CUDA=ON \
+run configure 30 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFXP_CUDA=ON \
   -DFXP_PYTHON="$(command -v "$PYTHON")" -DTORCH_CUDA_ARCH_LIST="$arch" "${gtest_args[@]}"
-run build cmake --build "$BUILD" -j "$(nproc)"
+run build 60 cmake --build "$BUILD" -j "$(nproc)" -- -k 0  # every error at once
 if [[ $status != 0 ]]; then echo "gpu_check: FAILED to build; logs in $LOGS"; exit 1; fi
 # Make `import fxp` find this checkout's package and build/libfxp.so without installing,
 # and QPyTorch from the carried wheel.
@@ -64,7 +89,7 @@ if compgen -G "$ROOT/.deps/wheels/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --target /tmp/fxp-site "$ROOT"/.deps/wheels/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/fxp-site
 fi
-# fxp-train's tests and runs read Fashion-MNIST from here: the carried .gz files,
+# fxp-train runs here read Fashion-MNIST from here (the pytest cases that need it skip): the carried .gz files,
 # decompressed by Python (the GPU box may have no zlib headers, so libfxp may lack gzip).
 if [[ -z ${FXP_FASHION_MNIST:-} && -d $ROOT/.deps/fashion-mnist ]]; then
   export FXP_FASHION_MNIST=$BUILD/fashion-mnist
@@ -78,38 +103,61 @@ for f in src.glob("*.gz"):
 PY
 fi
 export FXP_FASHION_MNIST=${FXP_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+# Most important first: the CUDA C++ tests, then the CUDA pytest cases (CUDA against CPU, bit
+# for bit), the kernel benchmarks, training throughput; the rest of the suite last.
+have_gtest=0
 if [[ -x $BUILD/tests/cpp/fxp_tests ]]; then
-  run ctest ctest --test-dir "$BUILD" --output-on-failure
+  have_gtest=1
+  run ctest_cuda 10 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -R "[Cc]uda"
 else
   echo "==> ctest skipped: GoogleTest was not available (see the header of this script)"
 fi
-run pytest env FXP_LARGE_TESTS=1 "$PYTHON" -m pytest "$ROOT/tests/python" -ra
-run bench_quantize "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --markdown "$LOGS/bench_quantize_cuda.md"
-run bench_optim "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
-run demo "$PYTHON" "$ROOT/scripts/demo.py" --device cuda
-# fxp-train on the GPU: two epochs of each Exp 2 method at batch 256 (throughput),
-# and the default run.
+xdist=()  # pytest-xdist, where installed, spreads the suite over the cores
+"$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+# -k is case-insensitive: every test or parameter named for CUDA, and the 2^31-element case.
+run pytest_cuda 20 env FXP_LARGE_TESTS=1 "$PYTHON" -m pytest "$ROOT/tests/python" -ra "${xdist[@]}" -k "cuda or large"
+run bench_optim 30 "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
+run bench_quantize 20 "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --no-qtorch \
+  --markdown "$LOGS/bench_quantize_cuda.md"
+# Run directories (with checkpoints) stay in the build tree; only their summaries,
+# in the logs, travel back: the logs folder stays small enough to ship as one archive.
+RUNS=$BUILD/runs
 if [[ -x $BUILD/fxp-train ]]; then
-  for config in exp2-fp32 exp2-ste-16 exp2-sqpu-16 exp2-hteqpu-16 exp2-sqpu-8; do
-    run "train_$config" "$BUILD/fxp-train" -c "$ROOT/configs/runs/$config.yaml" --device cuda --epochs 2 \
-      --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/$config" --overwrite --no-progress
-  done
-  run train_default "$BUILD/fxp-train" --device cuda --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/default" \
-    --overwrite --no-progress
-  run bench_train "$PYTHON" "$ROOT/scripts/bench_train.py" --device cuda --fxp-train "$BUILD/fxp-train" \
+  # Training throughput per method and batch size (what sweep --estimate extrapolates from).
+  run bench_train 60 "$PYTHON" "$ROOT/scripts/bench_train.py" --device cuda --fxp-train "$BUILD/fxp-train" \
+    --methods fp32,ste,sqpu,hteqpu,sqpu:packed --batch-sizes 1,4,16,256 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
-  # Measured training memory from the CUDA caching allocator (docs/memory.md), packed and float.
-  run memory_table "$PYTHON" "$ROOT/scripts/memory_table.py" --device cuda --fxp-train "$BUILD/fxp-train" \
-    --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/memory_cuda.csv" --figure "$LOGS/memory_cuda.png"
+  # Two epochs of each Exp 2 method at batch 256. The configs go over as JSON, which
+  # fxp-train reads without yaml-cpp (the GPU box may lack it).
+  mkdir -p "$BUILD/configs"
+  for config in exp2-fp32 exp2-ste-16 exp2-sqpu-16 exp2-hteqpu-16 exp2-sqpu-8; do
+    "$PYTHON" -c 'import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), open(sys.argv[2], "w"))' \
+      "$ROOT/configs/runs/$config.yaml" "$BUILD/configs/$config.json"
+    run "train_$config" 20 "$BUILD/fxp-train" -c "$BUILD/configs/$config.json" --device cuda --epochs 2 \
+      --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/$config" --overwrite --no-progress
+  done
   # The new models and AdaPT on the GPU (issue 13): a short run of each, and AdaPT's step cost.
   for model in lenet5 resnet20 alexnet; do
-    run "train_${model}_adapt" "$BUILD/fxp-train" --model "$model" --method adapt --device cuda --epochs 1 \
-      --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/${model}-adapt" --overwrite --no-progress
+    run "train_${model}_adapt" 20 "$BUILD/fxp-train" --model "$model" --method adapt --device cuda --epochs 1 \
+      --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/${model}-adapt" --overwrite --no-progress
   done
-  run train_lenet5_adapt_qpu "$BUILD/fxp-train" --model lenet5 --method adapt --update qpu --device cuda --epochs 1 \
-    --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$LOGS/train/lenet5-adapt-qpu" --overwrite --no-progress
-  run bench_adapt "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
+  run train_lenet5_adapt_qpu 20 "$BUILD/fxp-train" --model lenet5 --method adapt --update qpu --device cuda \
+    --epochs 1 --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/lenet5-adapt-qpu" \
+    --overwrite --no-progress
+  run bench_adapt 60 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
     --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
+  # Measured training memory from the CUDA caching allocator (docs/memory.md), packed and float.
+  run memory_table 60 "$PYTHON" "$ROOT/scripts/memory_table.py" --device cuda --fxp-train "$BUILD/fxp-train" \
+    --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/memory_cuda.csv" --figure "$LOGS/memory_cuda.png"
 fi
+# The C++ tests that CI runs too (the longest take about two minutes here).
+((have_gtest)) && run ctest_rest 130 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -E "[Cc]uda"
+run demo 30 "$PYTHON" "$ROOT/scripts/demo.py" --device cuda
+run pytest_rest 120 "$PYTHON" -m pytest "$ROOT/tests/python" -ra "${xdist[@]}" -k "not (cuda or large)"
+if [[ -x $BUILD/fxp-train ]]; then  # the default run: up to 100 epochs with early stopping
+  run train_default 300 "$BUILD/fxp-train" --device cuda --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/default" \
+    --overwrite --no-progress
+fi
+((${#skipped[@]})) && echo "gpu_check: skipped for the budget: ${skipped[*]}"
 echo "gpu_check: $([[ $status == 0 ]] && echo PASSED || echo FAILED); logs in $LOGS"
 exit $status

@@ -51,7 +51,7 @@ TensorArguments tensor_arguments(const c10::FunctionSchema& schema, const torch:
     if (values[i].isTensor()) {
       visit(values[i].toTensor());
     } else if (values[i].isTensorList()) {
-      for (const at::Tensor& t : values[i].toTensorList()) visit(t);
+      for (at::Tensor t : values[i].toTensorList()) visit(t);  // a list element converts to a temporary
     }
   }
   return out;

@@ -15,16 +15,25 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kMaxTensors = 32;  // keeps the kernel argument under 4 KB, like PyTorch's
-constexpr int kMaxBlocks = 256;
+constexpr int kMaxChunks = 256;  // chunks per launch, likewise
 // Note [QPU chunk size on CUDA]
-// A chunk is one CUDA block's share of a tensor. Large chunks amortize the
-// block's set-up over 1e8 parameters; small ones let a small model (the paper's
-// CNN: 184,490 parameters) spread over every SM instead of a handful. So the
-// launcher picks, per call, the largest power of two in [kMinChunk, kMaxChunk]
-// that still gives about kBlocksPerSm blocks per SM.
+// A chunk is a piece of one tensor, listed in the launch's table. Large chunks
+// keep the table and the launches few for 1e8 parameters; small ones let a
+// small model (the paper's CNN: 184,490 parameters) spread over every SM
+// instead of a handful. So the launcher picks, per call, the largest power of
+// two in [kMinChunk, kMaxChunk] that still gives about kChunksPerSm chunks per SM.
+// A table of kMaxChunks chunks with one block each would hold only 32K threads
+// (a quarter of what an H200 keeps in flight), and a memory-bound step then
+// waits on latency: the first GPU run measured 0.5 TB/s, SQPU and HTEQPU alike.
+// So up to kMaxBlocksPerChunk blocks share a chunk, striding through it
+// together, while each thread still gets at least kMinIterations Philox blocks.
+// Which thread updates an element changes nothing in its result: the draws are
+// keyed by the element's index alone (Note [QPU random streams]).
 constexpr int64_t kMinChunk = 4 * kThreads;  // one Philox block per thread
 constexpr int64_t kMaxChunk = 65536;
-constexpr int64_t kBlocksPerSm = 4;
+constexpr int64_t kChunksPerSm = 4;
+constexpr int64_t kMaxBlocksPerChunk = 8;
+constexpr int64_t kMinIterations = 4;
 
 // Untyped pointers: the storage of each list is a kernel parameter
 // (QpuSgdParams), so one kernel serves float and packed storage; the switch on
@@ -36,9 +45,10 @@ struct TensorListMeta {
   int64_t numel[kMaxTensors];
   int64_t stream[kMaxTensors];  // Philox stream index (Note [QPU random streams])
   int32_t row[kMaxTensors];     // position in the op's lists: the row of counts
-  int32_t block_tensor[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+  uint8_t chunk_tensor[kMaxChunks];  // the chunk's tensor, a slot above
+  int32_t chunk_index[kMaxChunks];   // the chunk's position in its tensor
 };
+static_assert(kMaxTensors <= 256, "chunk_tensor is a uint8_t");
 
 // The bytes a kernel's parameters take, each aligned as the ABI lays them out.
 template <typename... Args>
@@ -142,9 +152,13 @@ __device__ __forceinline__ unsigned store4(void* p, Storage s, int64_t i0, int v
 template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
     qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, QpuConstants<T> c, int64_t chunk_elems,
-                   unsigned long long* __restrict__ counts, unsigned long long* __restrict__ nan_count) {
-  const int t = meta.block_tensor[blockIdx.x];
-  const int64_t chunk_begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * chunk_elems;
+                   int blocks_per_chunk, unsigned long long* __restrict__ counts,
+                   unsigned long long* __restrict__ nan_count) {
+  // Note [QPU chunk size on CUDA]: blocks_per_chunk blocks share each chunk.
+  const int entry = static_cast<int>(blockIdx.x) / blocks_per_chunk;
+  const int part = static_cast<int>(blockIdx.x) % blocks_per_chunk;
+  const int t = meta.chunk_tensor[entry];
+  const int64_t chunk_begin = static_cast<int64_t>(meta.chunk_index[entry]) * chunk_elems;
   const int64_t n = meta.numel[t];
   const int64_t chunk_end = min(n, chunk_begin + chunk_elems);
   const int64_t row = meta.row[t];
@@ -156,7 +170,9 @@ __global__ void __launch_bounds__(kThreads)
   unsigned long long saturated = 0, vanished = 0, nans = 0;
   // One Philox block (four elements) per thread and iteration; chunks start on
   // a multiple of four, so blocks never straddle chunks.
-  for (int64_t i0 = chunk_begin + 4 * static_cast<int64_t>(threadIdx.x); i0 < chunk_end; i0 += 4 * kThreads) {
+  const int64_t stride = 4 * static_cast<int64_t>(kThreads) * blocks_per_chunk;
+  for (int64_t i0 = chunk_begin + 4 * (static_cast<int64_t>(part) * kThreads + threadIdx.x); i0 < chunk_end;
+       i0 += stride) {
     const int valid = chunk_end - i0 < 4 ? static_cast<int>(chunk_end - i0) : 4;
     PhiloxBlock wbits{{0u, 0u, 0u, 0u}}, vbits{{0u, 0u, 0u, 0u}};
     if constexpr (R == Rounding::Stochastic) {
@@ -209,17 +225,22 @@ __global__ void __launch_bounds__(kThreads)
 // The classic 4 KB limit on a kernel's parameters (PyTorch's multi_tensor_apply keeps to it too).
 static_assert(kernel_parameter_bytes(&qpu_sgd_kernel<double, double, Rounding::Stochastic, MomentumForm::Standard,
                                                      true, false>) <= 4096,
-              "the QPU kernel's parameters must fit in 4 KB: lower kMaxTensors or kMaxBlocks");
+              "the QPU kernel's parameters must fit in 4 KB: lower kMaxTensors or kMaxChunks");
 
 // Note [QPU chunk size on CUDA]
 int64_t chunk_elems_for(at::TensorList params) {
   int64_t total = 0;
   for (const auto& t : params) total += t.numel();
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target = std::max<int64_t>(1, total / (kBlocksPerSm * sms));
+  const int64_t target = std::max<int64_t>(1, total / (kChunksPerSm * sms));
   int64_t chunk = kMinChunk;
   while (chunk < kMaxChunk && chunk * 2 <= target) chunk *= 2;
   return chunk;
+}
+
+int blocks_per_chunk_for(int64_t chunk_elems) {
+  return static_cast<int>(
+      std::clamp<int64_t>(chunk_elems / (4 * kThreads * kMinIterations), int64_t{1}, kMaxBlocksPerChunk));
 }
 
 template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum>
@@ -227,18 +248,20 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
                 const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
   const QpuConstants<T> c = qpu_constants<T>(p);
   const int64_t chunk_elems = chunk_elems_for(params);
+  const int blocks_per_chunk = blocks_per_chunk_for(chunk_elems);
   auto* count_ptr = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   auto stream = at::cuda::getCurrentCUDAStream();
   TensorListMeta meta{};
-  int tensors = 0, blocks = 0;
+  int tensors = 0, chunks_listed = 0;
   auto launch = [&] {
-    if (blocks == 0) return;
+    if (chunks_listed == 0) return;
+    const unsigned grid = static_cast<unsigned>(chunks_listed * blocks_per_chunk);
     if (kMomentum && Form == MomentumForm::Standard && p.hyper.nesterov) {
       qpu_sgd_kernel<T, I, R, Form, kMomentum, true>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, c, chunk_elems, count_ptr, nan_ptr);
+          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr);
     } else {
       qpu_sgd_kernel<T, I, R, Form, kMomentum, false>
-          <<<blocks, kThreads, 0, stream>>>(meta, p, c, chunk_elems, count_ptr, nan_ptr);
+          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -253,11 +276,11 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
     meta.row[tensors] = static_cast<int32_t>(k);
     const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
     for (int64_t ch = 0; ch < chunks; ++ch) {
-      meta.block_tensor[blocks] = tensors;
-      meta.block_chunk[blocks] = static_cast<int32_t>(ch);
-      if (++blocks == kMaxBlocks) {  // full: launch, keep this tensor for the next launch
+      meta.chunk_tensor[chunks_listed] = static_cast<uint8_t>(tensors);
+      meta.chunk_index[chunks_listed] = static_cast<int32_t>(ch);
+      if (++chunks_listed == kMaxChunks) {  // full: launch, keep this tensor for the next launch
         launch();
-        blocks = 0;
+        chunks_listed = 0;
         meta.w[0] = meta.w[tensors];
         meta.g[0] = meta.g[tensors];
         meta.v[0] = meta.v[tensors];
@@ -268,10 +291,10 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
       }
     }
     // A tensor whose last chunk ended a launch is done; otherwise keep its slot.
-    if (blocks > 0 && meta.block_tensor[blocks - 1] == tensors) ++tensors;
+    if (chunks_listed > 0 && meta.chunk_tensor[chunks_listed - 1] == tensors) ++tensors;
     if (tensors == kMaxTensors) {
       launch();
-      blocks = 0;
+      chunks_listed = 0;
       tensors = 0;
     }
   }
