@@ -120,6 +120,16 @@ TORCH_LIBRARY(fxp, m) {
       "float lr, float momentum, float weight_decay, bool nesterov, int total_bits, int frac_bits, "
       "int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, int step, "
       "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
+  // The same step with lr (float32 or float64) and step (int64) as 0-dim
+  // tensors on the parameters' device, so that it needs nothing from the host
+  // and a CUDA graph can capture it (Note [Capturable QPU step]): the step
+  // draws from step's value and then adds 1 to it; packed storage's NaN
+  // results are added to nan_count instead of raising.
+  m.def(
+      "qpu_sgd_step_.capturable(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor lr, Tensor(c!) step, Tensor(d!) nan_count, float momentum, float weight_decay, bool nesterov, "
+      "int total_bits, int frac_bits, int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, "
+      "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
   // QPU's initialization (Note [QPU initialization]): params[k] rounded in place
   // onto FxP(total_bits[k], frac_bits[k]) with Philox key seed + 0x9E3779B97F4A7C15 and offset k.
   m.def(

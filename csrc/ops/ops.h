@@ -112,6 +112,22 @@ inline at::Tensor qpu_sgd_step_(at::TensorList params, at::TensorList grads, at:
               stream_indices);
 }
 
+// The capturable form (Note [Capturable QPU step]): lr, step and nan_count are
+// 0-dim tensors on the parameters' device; step advances by one on the device,
+// and packed storage's NaN results are added to nan_count instead of raising.
+inline at::Tensor qpu_sgd_step_capturable_(at::TensorList params, at::TensorList grads,
+                                           at::TensorList momentum_buffers, const at::Tensor& lr,
+                                           const at::Tensor& step, const at::Tensor& nan_count, double momentum,
+                                           double weight_decay, bool nesterov, int64_t total_bits, int64_t frac_bits,
+                                           int64_t momentum_total_bits, int64_t momentum_frac_bits,
+                                           c10::string_view rounding, int64_t seed,
+                                           c10::string_view momentum_form = "standard",
+                                           at::OptionalIntArrayRef stream_indices = std::nullopt) {
+  static const auto op = detail::find_op<decltype(qpu_sgd_step_capturable_)>("fxp::qpu_sgd_step_", "capturable");
+  return op.call(params, grads, momentum_buffers, lr, step, nan_count, momentum, weight_decay, nesterov, total_bits,
+                 frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed, momentum_form, stream_indices);
+}
+
 // QPU's initialization: params[k] rounded in place onto FxP(total_bits[k],
 // frac_bits[k]) with the Philox streams of Note [QPU initialization].
 inline void quantize_parameters_(at::TensorList params, at::IntArrayRef total_bits, at::IntArrayRef frac_bits,

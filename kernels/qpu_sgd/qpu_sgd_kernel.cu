@@ -151,7 +151,7 @@ __device__ __forceinline__ unsigned store4(void* p, Storage s, int64_t i0, int v
 
 template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov>
 __global__ void __launch_bounds__(kThreads)
-    qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, QpuConstants<T> c, int64_t chunk_elems,
+    qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, QpuConstants<T> host_constants, int64_t chunk_elems,
                    int blocks_per_chunk, unsigned long long* __restrict__ counts,
                    unsigned long long* __restrict__ nan_count) {
   // Note [QPU chunk size on CUDA]: blocks_per_chunk blocks share each chunk.
@@ -162,7 +162,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = meta.numel[t];
   const int64_t chunk_end = min(n, chunk_begin + chunk_elems);
   const int64_t row = meta.row[t];
-  const uint64_t woff = qpu_param_offset(p.step, meta.stream[t]), voff = qpu_momentum_offset(p.step, meta.stream[t]);
+  // Note [Capturable QPU step]: lr and step from the device, where given.
+  QpuConstants<T> c = host_constants;
+  if (p.lr_f64_on_device != nullptr) c.lr = static_cast<T>(*p.lr_f64_on_device);
+  if (p.lr_f32_on_device != nullptr) c.lr = static_cast<T>(*p.lr_f32_on_device);
+  const uint64_t step = p.step_on_device != nullptr ? static_cast<uint64_t>(*p.step_on_device) : p.step;
+  const uint64_t woff = qpu_param_offset(step, meta.stream[t]), voff = qpu_momentum_offset(step, meta.stream[t]);
   void* w = meta.w[t];
   const void* g = meta.g[t];
   void* v = meta.v[t];

@@ -23,7 +23,27 @@ struct QpuSgdParams {
   // How each list stores its values; the same for every tensor of a list.
   // Packed params and momentum hold integer codes (Note [Packed QPU step]).
   Storage param_storage = Storage::Float32, grad_storage = Storage::Float32, momentum_storage = Storage::Float32;
+  // Note [Capturable QPU step]: when set (CUDA only), the kernel reads lr and
+  // step from these device scalars instead of hyper.lr and step.
+  const double* lr_f64_on_device = nullptr;
+  const float* lr_f32_on_device = nullptr;
+  const int64_t* step_on_device = nullptr;
 };
+
+// Note [Capturable QPU step]
+// qpu_sgd_step_.capturable takes lr and step as 0-dim tensors on the
+// parameters' device and a NaN counter there too, so a step needs nothing from
+// the host and CUDA-graph capture records it whole: a replay reads the current
+// lr (a scheduler writes the tensor between replays), draws from the current
+// step, and advances the step tensor by one on the device, as torch's
+// optimizers do with capturable=True. Packed storage's NaN results are added to
+// the counter instead of raising, which would need a device-to-host read; the
+// caller checks the counter where it synchronizes anyway (fxp.optim.QPUSGD's
+// check_nan, the trainer at the end of an epoch). Float storage stores NaN
+// results as NaN and counts nothing, as the plain op does. The update is the
+// plain op's, bit for bit, with lr rounded to the lr tensor's dtype first
+// (float32 lr with float64 grads is the one case where that differs). On the
+// CPU the op reads the scalars on the host, where reading them costs nothing.
 
 // Note [Packed QPU step]
 // With packed storage the step reads codes, computes the same update

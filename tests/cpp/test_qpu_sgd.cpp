@@ -51,6 +51,36 @@ TEST(QpuSgd, EqualsTheFusedOpWithItsStreams) {
   for (size_t k = 0; k < params.size(); ++k) EXPECT_TRUE(torch::equal(params[k].detach(), direct[k]));
 }
 
+// Note [Capturable QPU step]: the C++ entry point of the capturable form gives
+// the plain op's bits, advances the step tensor and counts no NaN on float storage.
+TEST(QpuSgdCapturable, EqualsThePlainOpAndAdvancesTheStep) {
+  auto params = make_params(3);
+  std::vector<torch::Tensor> plain, capt, plain_v, capt_v, grads;
+  torch::manual_seed(4);
+  for (const auto& p : params) {
+    plain.push_back(p.detach().clone());
+    capt.push_back(p.detach().clone());
+    plain_v.push_back(torch::zeros_like(p));
+    capt_v.push_back(torch::zeros_like(p));
+    grads.push_back(torch::randn_like(p));
+  }
+  const torch::Tensor lr = torch::tensor(0.05, torch::kFloat64), step = torch::tensor(int64_t{5});
+  const torch::Tensor nans = torch::zeros({}, torch::kLong);
+  for (int64_t s = 5; s < 8; ++s) {
+    const auto counts = fxp::qpu_sgd_step_(plain, grads, plain_v, 0.05, 0.9, 1e-3, false, 12, 8, 12, 8, "stochastic",
+                                           21, s);
+    const auto counts2 = fxp::qpu_sgd_step_capturable_(capt, grads, capt_v, lr, step, nans, 0.9, 1e-3, false, 12, 8,
+                                                       12, 8, "stochastic", 21);
+    EXPECT_TRUE(torch::equal(counts, counts2));
+  }
+  for (size_t k = 0; k < params.size(); ++k) {
+    EXPECT_TRUE(torch::equal(plain[k], capt[k])) << k;
+    EXPECT_TRUE(torch::equal(plain_v[k], capt_v[k])) << k;
+  }
+  EXPECT_EQ(step.item<int64_t>(), 8);
+  EXPECT_EQ(nans.item<int64_t>(), 0);
+}
+
 TEST(QpuSgd, StateRoundTripContinuesBitIdentically) {
   auto a = make_params(1);
   QpuSgd opt_a(a, options());

@@ -22,7 +22,8 @@ class QPUSGD(Optimizer):
     """SGD with quantized parameter updates: SQPU (``rounding="stochastic"``) or
     HTEQPU (``rounding="nearest_even"``). No float master copy is kept.
 
-    Per parameter ``w`` with gradient ``g`` and momentum buffer ``v`` (float64 math)::
+    Per parameter ``w`` with gradient ``g`` and momentum buffer ``v`` (exact
+    arithmetic on the codes in the gradients' dtype, docs/design.md)::
 
         v = momentum * v + (g + weight_decay * w)
         w = Q(w - lr * v)              # nesterov: Q(w - lr * (g' + momentum * v))
@@ -57,6 +58,17 @@ class QPUSGD(Optimizer):
     (saturated, vanished) elements, one row per parameter of group ``i`` in
     order (zeros for those without a gradient): vanished updates were nonzero
     but left ``w`` unchanged.
+
+    ``capturable=True`` steps with ``torch.ops.fxp.qpu_sgd_step_.capturable``
+    (Note [Capturable QPU step]), so a step reads nothing back to the host and
+    a CUDA graph can capture it: each group's ``step`` becomes an int64 tensor
+    on the parameters' device that the step advances there, and ``lr`` is read
+    from a tensor: the group's own, if ``group["lr"]`` is a 0-dim tensor on that
+    device (write it between replays to schedule lr), else one the optimizer
+    fills when the number changes (outside a graph). A NaN that packed storage
+    cannot hold is counted on the device instead of raising: call
+    :meth:`check_nan` where you synchronize anyway, such as when logging.
+    Every step draws exactly what the plain step draws.
     """
 
     def __init__(
@@ -72,11 +84,18 @@ class QPUSGD(Optimizer):
         momentum_form: MomentumForm = "standard",
         seed: int = 0,
         packed: Iterable[Any] = (),
+        capturable: bool = False,
     ) -> None:
         # Types here; values are checked by the op itself (_check_group).
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if name == "lr" and capturable and isinstance(value, Tensor):
+                if value.dim() != 0 or value.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"QPUSGD: a tensor lr must be a 0-dim float32 or float64 tensor, but got "
+                                    f"{value.dtype} of shape {tuple(value.shape)}")
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"QPUSGD: {name} must be a number, but got {value!r}")
+                raise TypeError(f"QPUSGD: {name} must be a number{' (or, capturable, a tensor)' if name == 'lr' else ''}, "
+                                f"but got {value!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"QPUSGD: seed must be an int, but got {seed!r}")
         for name, value in (("format", format), ("momentum_format", momentum_format or format)):
@@ -96,7 +115,10 @@ class QPUSGD(Optimizer):
             momentum_form=momentum_form,
         )
         self._base_seed = int(seed)
+        self.capturable = bool(capturable)
         self._codes: dict[Tensor, Tensor] = {}  # packed parameter -> its codes
+        self._lr_tensors: dict[int, tuple[float, Tensor]] = {}  # capturable: group index -> (lr, its tensor)
+        self._nan_counts: dict[torch.device, Tensor] = {}  # capturable: NaN results per device
         super().__init__(params, defaults)
         self.last_counts: list[Tensor] = []
         for storage in packed:
@@ -195,6 +217,36 @@ class QPUSGD(Optimizer):
                 buffer = store_codes(load_codes(buffer, mfmt, p.shape), mfmt)
             self.state[p]["momentum_buffer"] = buffer
 
+    def _device_scalars(self, index: int, group: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The capturable step's lr, step and NaN-count tensors on ``device``."""
+        if not isinstance(group["step"], Tensor) or group["step"].device != device:
+            group["step"] = torch.as_tensor(int(group["step"]), dtype=torch.long, device=device)
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            value, tensor = self._lr_tensors.get(index, (None, None))
+            if tensor is None or tensor.device != device:
+                tensor = torch.empty((), dtype=torch.float64, device=device)
+                value = None
+            if value != float(lr):
+                tensor.fill_(float(lr))
+            self._lr_tensors[index] = (float(lr), tensor)
+            lr = tensor
+        if device not in self._nan_counts:
+            self._nan_counts[device] = torch.zeros((), dtype=torch.long, device=device)
+        return lr, group["step"], self._nan_counts[device]
+
+    def check_nan(self) -> None:
+        """With ``capturable=True``: raises ``ValueError`` if a step since the last
+        check had NaN results that packed storage could not hold (those elements
+        kept their codes), and resets the count. Reads the count back from the
+        device: call it where you synchronize anyway."""
+        total = sum(int(count.item()) for count in self._nan_counts.values())
+        for count in self._nan_counts.values():
+            count.zero_()
+        if total:
+            raise ValueError(f"QPUSGD: {total} updated values were NaN (from a NaN or infinite gradient?); packed "
+                             "storage cannot hold NaN, so those elements kept their previous codes")
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -203,7 +255,7 @@ class QPUSGD(Optimizer):
                 loss = closure()
         self.last_counts = []
         self._check_writable()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             everyone = group["params"]
             # Note [QPU random streams]: parameter k of the group draws from
             # stream k, whether or not the others have gradients.
@@ -228,11 +280,20 @@ class QPUSGD(Optimizer):
                             torch.zeros_like(p, memory_format=torch.contiguous_format) if c is None
                             else store_codes(torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device), mfmt))
                     buffers.append(state["momentum_buffer"])
-            # The step counts even if the op raises (a NaN that packed storage cannot
-            # hold): the update has happened, and the next step draws fresh numbers.
-            step = int(group["step"])
-            group["step"] = step + 1
-            counts = torch.ops.fxp.qpu_sgd_step_(storage, grads, buffers, *self._hyperparameters(group, step), streams)
+            if self.capturable:
+                lr, step, nan_count = self._device_scalars(index, group, params[0].device)
+                counts = torch.ops.fxp.qpu_sgd_step_.capturable(
+                    storage, grads, buffers, lr, step, nan_count, float(group["momentum"]),
+                    float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"], group["frac_bits"],
+                    group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"], int(group["seed"]),
+                    group["momentum_form"], streams)
+            else:
+                # The step counts even if the op raises (a NaN that packed storage cannot
+                # hold): the update has happened, and the next step draws fresh numbers.
+                step = int(group["step"])
+                group["step"] = step + 1
+                counts = torch.ops.fxp.qpu_sgd_step_(storage, grads, buffers, *self._hyperparameters(group, step),
+                                                     streams)
             for p, c, stored in zip(params, codes, storage):
                 if c is None and stored is not p:
                     p.copy_(stored)

@@ -130,6 +130,34 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   return p;
 }
 
+void check_capturable_scalars(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              const at::Tensor& lr, const at::Tensor& step, const at::Tensor& nan_count,
+                              bool check_memory) {
+  constexpr const char* op = "fxp::qpu_sgd_step_.capturable";
+  const at::Device device = params.empty() ? lr.device() : params[0].device();
+  auto check = [&](const at::Tensor& t, const char* name, bool is_float) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+    const bool dtype_ok = is_float ? (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)
+                                   : t.scalar_type() == at::kLong;
+    TORCH_CHECK(dtype_ok, op, ": expected ", name, " to be ", is_float ? "float32 or float64" : "int64", ", but got ",
+                t.scalar_type());
+    TORCH_CHECK(t.dim() == 0, op, ": expected ", name, " to be a 0-dim tensor, but got shape ", t.sizes());
+    TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, ", the parameters' device, but got ",
+                t.device());
+  };
+  check(lr, "lr", true);
+  check(step, "step", false);
+  check(nan_count, "nan_count", false);
+  if (check_memory) {
+    check_no_aliasing(op, {{params, "params", true},
+                           {grads, "grads", false},
+                           {momentum_buffers, "momentum_buffers", true},
+                           {lr, "lr", false},
+                           {step, "step", true},
+                           {nan_count, "nan_count", true}});
+  }
+}
+
 std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices) {
   std::vector<int64_t> streams(n);
   if (!stream_indices.has_value()) {

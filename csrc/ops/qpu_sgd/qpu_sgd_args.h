@@ -28,6 +28,13 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                                     at::TensorList momentum_buffers, const QpuSgdArgs& args,
                                     bool check_memory = true);
 
+// The capturable form's device scalars (Note [Capturable QPU step]): lr a
+// 0-dim float32 or float64 tensor, step and nan_count 0-dim int64 tensors,
+// all on the parameters' device; step and nan_count overlap nothing else.
+void check_capturable_scalars(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              const at::Tensor& lr, const at::Tensor& step, const at::Tensor& nan_count,
+                              bool check_memory = true);
+
 // Each tensor's stream index (Note [QPU random streams]): stream_indices, or
 // the tensors' positions in the list. Checked: one per tensor, in range, distinct.
 std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices);

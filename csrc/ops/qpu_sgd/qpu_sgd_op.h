@@ -1,6 +1,8 @@
 // The fused QPU SGD step op, written once over a Backend (see quantize/quantize_op.h
 // for the pattern): Backend::launch(params, grads, momentum, streams, p, counts,
-// nan_count), Backend::DeviceGuard and Backend::kIsMeta.
+// nan_count), Backend::DeviceGuard and Backend::kIsMeta. Two forms: the plain
+// one takes lr and step as numbers; the capturable one as device tensors
+// (Note [Capturable QPU step]).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +15,45 @@
 namespace fxp {
 
 inline constexpr const char* kQpuSgdOp = "fxp::qpu_sgd_step_";
+
+namespace detail {
+
+// The update of checked lists: counts (int64 [n, 2]) receive (saturated,
+// vanished) per tensor, nan_count (where defined) the NaN results that packed
+// storage could not hold.
+template <class Backend>
+void run_qpu_sgd(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                 const kernels::QpuSgdParams& p, const std::vector<int64_t>& streams, int64_t total_bits,
+                 int64_t momentum_total_bits, const at::Tensor& counts, const at::Tensor& nan_count) {
+  typename Backend::DeviceGuard guard(params[0].device());
+  const bool param_stream = is_bit_stream(params[0]);
+  const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
+  if (param_stream || momentum_stream) {
+    // Note [Bit-stream storage]: one tensor at a time, decoded, updated
+    // and re-encoded (check_qpu_sgd checked the streams); the draws depend
+    // only on each tensor's stream index.
+    for (size_t k = 0; k < params.size(); ++k) {
+      const at::IntArrayRef sizes = grads[k].sizes();
+      const at::Tensor param_codes = load_codes(params[k], total_bits, sizes);
+      std::vector<at::Tensor> momentum_codes;
+      if (!momentum_buffers.empty()) {
+        momentum_codes.push_back(load_codes(momentum_buffers[k], momentum_total_bits, sizes));
+      }
+      Backend::launch({param_codes}, {grads[k]}, momentum_codes, {streams[k]}, p,
+                      counts.narrow(0, static_cast<int64_t>(k), 1), nan_count);
+      assign_codes(params[k], param_codes, total_bits);
+      if (!momentum_codes.empty()) assign_codes(momentum_buffers[k], momentum_codes[0], momentum_total_bits);
+    }
+  } else {
+    Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
+  }
+}
+
+inline bool any_packed(const kernels::QpuSgdParams& p) {
+  return is_packed(p.param_storage) || is_packed(p.momentum_storage);
+}
+
+}  // namespace detail
 
 template <class Backend>
 at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
@@ -31,32 +72,12 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
-      typename Backend::DeviceGuard guard(params[0].device());
-      const bool packed = is_packed(p.param_storage) || is_packed(p.momentum_storage);
-      // Note [Packed QPU step]: NaN results are counted (one device-to-host read on CUDA).
+      const bool packed = detail::any_packed(p);
+      // Note [Packed QPU step]: NaN results are counted (one device-to-host read
+      // on CUDA; the capturable form leaves the count on the device).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
-      const bool param_stream = is_bit_stream(params[0]);
-      const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
-      if (param_stream || momentum_stream) {
-        // Note [Bit-stream storage]: one tensor at a time, decoded, updated
-        // and re-encoded (check_qpu_sgd checked the streams); the draws depend
-        // only on each tensor's stream index.
-        for (size_t k = 0; k < params.size(); ++k) {
-          const at::IntArrayRef sizes = grads[k].sizes();
-          const at::Tensor param_codes = load_codes(params[k], total_bits, sizes);
-          std::vector<at::Tensor> momentum_codes;
-          if (!momentum_buffers.empty()) {
-            momentum_codes.push_back(
-                load_codes(momentum_buffers[k], momentum_total_bits, sizes));
-          }
-          Backend::launch({param_codes}, {grads[k]}, momentum_codes, {streams[k]}, p,
-                          counts.narrow(0, static_cast<int64_t>(k), 1), nan_count);
-          assign_codes(params[k], param_codes, total_bits);
-          if (!momentum_codes.empty()) assign_codes(momentum_buffers[k], momentum_codes[0], momentum_total_bits);
-        }
-      } else {
-        Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
-      }
+      detail::run_qpu_sgd<Backend>(params, grads, momentum_buffers, p, streams, total_bits, momentum_total_bits,
+                                   counts, nan_count);
       if (packed) {
         const int64_t nans = nan_count.item<int64_t>();
         TORCH_CHECK_VALUE(nans == 0, kQpuSgdOp, ": ", nans,
@@ -64,6 +85,42 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
                           "hold NaN, so those elements keep their previous codes");
       }
     }
+  }
+  return counts;
+}
+
+// Note [Capturable QPU step]
+template <class Backend>
+at::Tensor qpu_sgd_step_capturable(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                   const at::Tensor& lr, const at::Tensor& step, const at::Tensor& nan_count,
+                                   double momentum, double weight_decay, bool nesterov, int64_t total_bits,
+                                   int64_t frac_bits, int64_t momentum_total_bits, int64_t momentum_frac_bits,
+                                   c10::string_view rounding, int64_t seed, c10::string_view momentum_form,
+                                   at::OptionalIntArrayRef stream_indices) {
+  check_capturable_scalars(params, grads, momentum_buffers, lr, step, nan_count, !Backend::kIsMeta);
+  // On the CPU the values are read (for free) and checked as the plain op
+  // checks them; on a device they stay there, unchecked.
+  const bool read_on_host = !Backend::kIsMeta && lr.device().is_cpu();
+  const QpuSgdArgs args{read_on_host ? lr.item<double>() : 0.0, momentum, weight_decay, nesterov, total_bits,
+                        frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed,
+                        read_on_host ? step.item<int64_t>() : 0, momentum_form, stream_indices};
+  auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta);
+  if (!Backend::kIsMeta && !read_on_host) {
+    if (lr.scalar_type() == at::kDouble) {
+      p.lr_f64_on_device = lr.const_data_ptr<double>();
+    } else {
+      p.lr_f32_on_device = lr.const_data_ptr<float>();
+    }
+    p.step_on_device = step.const_data_ptr<int64_t>();
+  }
+  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, lr.options().dtype(at::kLong));
+  if constexpr (!Backend::kIsMeta) {
+    if (!params.empty()) {
+      detail::run_qpu_sgd<Backend>(params, grads, momentum_buffers, p, streams, total_bits, momentum_total_bits,
+                                   counts, detail::any_packed(p) ? nan_count : at::Tensor());
+    }
+    step.add_(1);  // after the launches, on the same stream
   }
   return counts;
 }

@@ -1,5 +1,5 @@
-// The fused QPU SGD step's registrations: CPU, Meta, the call without tensors,
-// and Autograd (CUDA in qpu_sgd_register_cuda.cpp). The op is written once in qpu_sgd_op.h.
+// The fused QPU SGD step's registrations, both forms: CPU, Meta, the call without
+// tensors, and Autograd (CUDA in qpu_sgd_register_cuda.cpp). The op is written once in qpu_sgd_op.h.
 #include <torch/library.h>
 
 #include "ops/backend.h"
@@ -61,17 +61,25 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fxp, CPU, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<CpuBackend>); }
+TORCH_LIBRARY_IMPL(fxp, CPU, m) {
+  m.impl("qpu_sgd_step_", &qpu_sgd_step<CpuBackend>);
+  m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CpuBackend>);
+}
 
-TORCH_LIBRARY_IMPL(fxp, Meta, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<MetaBackend>); }
+TORCH_LIBRARY_IMPL(fxp, Meta, m) {
+  m.impl("qpu_sgd_step_", &qpu_sgd_step<MetaBackend>);
+  m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<MetaBackend>);
+}
 
 TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<NoTensorsBackend>);
   m.impl("quantize_parameters_", &quantize_parameters);
 }
 
-TORCH_LIBRARY_IMPL(fxp, Autograd, m) { register_not_differentiable(m, {"qpu_sgd_step_", "quantize_parameters_"}); }
+TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
+  register_not_differentiable(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "quantize_parameters_"});
+}
 
-TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) { register_version_bump(m, {"qpu_sgd_step_"}); }
+TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) { register_version_bump(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable"}); }
 
 }  // namespace fxp

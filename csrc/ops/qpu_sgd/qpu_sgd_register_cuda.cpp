@@ -18,6 +18,9 @@ struct CudaBackend {
 };
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fxp, CUDA, m) { m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>); }
+TORCH_LIBRARY_IMPL(fxp, CUDA, m) {
+  m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>);
+  m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CudaBackend>);
+}
 
 }  // namespace fxp
