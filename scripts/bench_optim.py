@@ -9,6 +9,7 @@ optimizer step (median of torch.utils.benchmark's blocked_autorange) of:
   fxp SQPU / HTEQPU   fxp.optim.QPUSGD, one fused op per group
   packed SQPU / HTEQPU  the fused op on int16 codes (parameters and momentum), float32 grads
   unfused SQPU        a torch SGD (foreach) step, then fxp.quantize_seeded_ on every w and v
+  fxp SQPU (CUDA graph)  QPUSGD(capturable=True), its step captured in a CUDA graph and replayed (CUDA only)
 and prints each time relative to torch's fused SGD. A third set of 6 four-element
 tensors shows the fixed cost of one call. Targets (CPU, large set): SQPU <= 1.5x,
 HTEQPU <= 1.15x, packed no slower than the same method on float storage.
@@ -88,6 +89,26 @@ def optimizers(shapes, device):
                                         self.rounding, 0, self.count)
             self.count += 1
 
+    class CapturedQPU:
+        """QPUSGD(capturable=True), its step captured once in a CUDA graph and replayed (CUDA only):
+        what a step costs without per-launch host work (Note [Capturable QPU step])."""
+
+        def __init__(self, rounding):
+            self.opt = QPUSGD(make_params(shapes, device), lr=0.01, momentum=0.9, format=FMT, rounding=rounding,
+                              capturable=True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: buffers and device scalars exist before capture
+                for _ in range(2):
+                    self.opt.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.opt.step()
+
+        def step(self):
+            self.graph.replay()
+
     table = {
         "torch SGD foreach": lambda: torch_sgd(foreach=True),
         "torch SGD fused": lambda: torch_sgd(fused=True),
@@ -97,6 +118,8 @@ def optimizers(shapes, device):
         "packed HTEQPU (int16 codes)": lambda: PackedQPU("nearest_even"),
         "unfused SQPU": UnfusedSQPU,
     }
+    if device == "cuda":
+        table["fxp SQPU (CUDA graph)"] = lambda: CapturedQPU("stochastic")
     return table
 
 

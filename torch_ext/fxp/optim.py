@@ -145,7 +145,9 @@ class QPUSGD(Optimizer):
         usual one is a packed layer's stand-in whose codes nobody passed."""
         for g, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
-                if p.grad is None or p in self._codes or p.dim() == 0:
+                # A contiguous tensor of several elements has no zero stride: the cheap test first
+                # (this runs every step); a one-element stand-in is contiguous whatever its stride.
+                if p.grad is None or (p.numel() > 1 and p.is_contiguous()) or p in self._codes or p.dim() == 0:
                     continue
                 strides = p.stride()
                 if all(s == 0 for s in strides) or any(s == 0 and n > 1 for s, n in zip(strides, p.shape)):
