@@ -43,15 +43,19 @@ def problem(fmt, mfmt, storage, gen, n=20_001):
                                                     ("paper_eq6", 0.9, False)])
 @pytest.mark.parametrize("storage", ["codes", "float32"])
 @pytest.mark.parametrize("total_bits", [8, 16, 24])
-def test_capturable_steps_equal_plain_steps_bit_for_bit(rounding, form, momentum, nesterov, storage, total_bits):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_capturable_steps_equal_plain_steps_bit_for_bit(rounding, form, momentum, nesterov, storage, total_bits,
+                                                        device):
+    """On the CPU the op reads lr and step on the host; on CUDA the kernel reads them on the device."""
     gen = torch.Generator().manual_seed(total_bits)
     fmt, mfmt = fxp.FxpFormat(total_bits, total_bits // 2), fxp.FxpFormat(total_bits, total_bits - 2)
     w, g, v = problem(fmt, mfmt, storage, gen)
+    w, g, v = [t.to(device) for t in w], [t.to(device) for t in g], [t.to(device) for t in v]
     if momentum == 0.0:
         v = []
     w2, v2 = [t.clone() for t in w], [t.clone() for t in v]
     hyper = (momentum, 1e-2, nesterov, fmt.total_bits, fmt.frac_bits, mfmt.total_bits, mfmt.frac_bits, rounding, 5)
-    lr_t, step_t, nan_t = scalars(0.25, 3)
+    lr_t, step_t, nan_t = scalars(0.25, 3, device=device)
     for step, lr in ((3, 0.25), (4, 0.125), (5, 0.25)):
         lr_t.fill_(lr)
         counts = plain_op(w, g, v, lr, *hyper, step, form)
@@ -62,31 +66,35 @@ def test_capturable_steps_equal_plain_steps_bit_for_bit(rounding, form, momentum
     assert int(nan_t) == 0
 
 
-def test_float32_lr_rounds_lr_first():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_float32_lr_rounds_lr_first(device):
     """An lr tensor of float32 equals the plain step with lr rounded to float32 (the same for float32 grads)."""
     gen = torch.Generator().manual_seed(1)
     fmt = fxp.FxpFormat(16, 10)
     w, g, v = problem(fmt, fmt, "float32", gen)
-    w64, g64, v64 = [t.double() for t in w], [t.double() for t in g], [t.double() for t in v]
+    w64, g64, v64 = [t.double().to(device) for t in w], [t.double().to(device) for t in g], \
+        [t.double().to(device) for t in v]
     lr = 0.1  # not a float32
     hyper = (0.9, 0.0, False, 16, 10, 16, 10, "stochastic", 2)
     plain_w, plain_v = [t.clone() for t in w64], [t.clone() for t in v64]
     plain_op(plain_w, g64, plain_v, float(torch.tensor(lr, dtype=torch.float32)), *hyper, 0)
-    lr_t, step_t, nan_t = scalars(lr, 0, lr_dtype=torch.float32)
+    lr_t, step_t, nan_t = scalars(lr, 0, device=device, lr_dtype=torch.float32)
     capturable_op(w64, g64, v64, lr_t, step_t, nan_t, *hyper)
     assert all(same_bits(a, b) for a, b in zip(plain_w + plain_v, w64 + v64))
 
 
-def test_packed_nan_is_counted_not_raised():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_packed_nan_is_counted_not_raised(device):
     fmt = fxp.FxpFormat(8, 4)
-    w = [torch.tensor([16, 32, -8], dtype=torch.int8), torch.tensor([1, 2], dtype=torch.int8)]
-    g = [torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([float("nan"), 0.5])]
-    v = [torch.zeros(3, dtype=torch.int8), torch.zeros(2, dtype=torch.int8)]
+    w = [torch.tensor([16, 32, -8], dtype=torch.int8, device=device),
+         torch.tensor([1, 2], dtype=torch.int8, device=device)]
+    g = [torch.tensor([1.0, float("nan"), 2.0], device=device), torch.tensor([float("nan"), 0.5], device=device)]
+    v = [torch.zeros(3, dtype=torch.int8, device=device), torch.zeros(2, dtype=torch.int8, device=device)]
     hyper = (0.9, 0.0, False, 8, 4, 8, 4, "nearest_even", 0)
     w_plain, v_plain = copy.deepcopy(w), copy.deepcopy(v)
     with pytest.raises(ValueError, match="4 updated values are NaN"):  # two params, two momenta
         plain_op(w_plain, g, v_plain, 0.5, *hyper, 0)
-    lr_t, step_t, nan_t = scalars(0.5, 0)
+    lr_t, step_t, nan_t = scalars(0.5, 0, device=device)
     nan_t.fill_(10)  # a running count: the step adds to it
     capturable_op(w, g, v, lr_t, step_t, nan_t, *hyper)
     assert int(nan_t) == 14 and int(step_t) == 1
@@ -265,3 +273,64 @@ def test_optimizer_rejects_a_bad_lr_tensor():
         QPUSGD([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor([0.1]), capturable=True)
     with pytest.raises(TypeError, match=r"lr must be a number \(or, capturable, a tensor\)"):
         QPUSGD([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.1))
+
+
+@requires_cuda
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+def test_cuda_large_tensors_equal_cpu(rounding):
+    """Tensors large enough that several blocks share each chunk (Note [QPU chunk size on CUDA]:
+    blocks_per_chunk reaches 8 from about 35M elements on an H200), plain and capturable."""
+    fmt = fxp.FxpFormat(16, 10)
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(3_000_001,), (40_000_003,), (1000,)]
+    w = [fxp.quantize(torch.randn(s, generator=gen), fmt) for s in shapes]
+    g = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+    v = [torch.zeros(s) for s in shapes]
+    hyper = (0.9, 1e-4, False, 16, 10, 16, 10, rounding, 3)
+    wc, vc, gc = [t.cuda() for t in w], [t.cuda() for t in v], [t.cuda() for t in g]
+    w2, v2 = [t.clone() for t in wc], [t.clone() for t in vc]
+    for step in range(2):
+        counts = plain_op(w, g, v, 0.5, *hyper, step)
+        counts_c = plain_op(wc, gc, vc, 0.5, *hyper, step)
+        assert torch.equal(counts, counts_c.cpu())
+    lr_t, step_t, nan_t = scalars(0.5, 0, device="cuda")
+    for _ in range(2):
+        capturable_op(w2, gc, v2, lr_t, step_t, nan_t, *hyper)
+    assert all(same_bits(a, b.cpu()) for a, b in zip(w + v, wc + vc))
+    assert all(same_bits(a, b.cpu()) for a, b in zip(w + v, w2 + v2))
+
+
+@requires_cuda
+def test_cuda_graph_captures_an_optimizer_with_a_frozen_parameter():
+    """QPUSGD(capturable=True) captured after warm-up steps, with a parameter that has no gradient:
+    replays equal eager plain steps, and the frozen parameter's row of the counts stays zero."""
+    fmt = fxp.FxpFormat(12, 8)
+    make, grads = _problem(7, fmt, False)
+    (params, _), (params2, _) = make(), make()
+    params, params2 = [p.cuda() for p in params], [p.cuda() for p in params2]
+    params = [torch.nn.Parameter(p.detach()) for p in params]
+    params2 = [torch.nn.Parameter(p.detach()) for p in params2]
+    plain = QPUSGD(params, lr=0.05, momentum=0.9, format=fmt)
+    capt = QPUSGD(params2, lr=0.05, momentum=0.9, format=fmt, capturable=True)
+    for p, q, gk in zip(params[:2], params2[:2], grads[0]):  # the last parameter stays frozen
+        p.grad, q.grad = gk.cuda(), gk.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        capt.step()  # warm-up: device scalars, buffers, row index
+    torch.cuda.current_stream().wait_stream(side)
+    plain.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        capt.step()
+    static_counts = capt.last_counts[0]
+    for gs in grads[1:]:
+        for p, q, gk in zip(params[:2], params2[:2], gs):
+            p.grad.copy_(gk.cuda())
+            q.grad.copy_(gk.cuda())
+        plain.step()
+        graph.replay()
+        assert torch.equal(plain.last_counts[0], static_counts)
+    torch.cuda.synchronize()
+    assert all(same_bits(a.detach().cpu(), b.detach().cpu()) for a, b in zip(params, params2))
+    assert int(static_counts[2].abs().sum()) == 0

@@ -63,12 +63,18 @@ class QPUSGD(Optimizer):
     (Note [Capturable QPU step]), so a step reads nothing back to the host and
     a CUDA graph can capture it: each group's ``step`` becomes an int64 tensor
     on the parameters' device that the step advances there, and ``lr`` is read
-    from a tensor: the group's own, if ``group["lr"]`` is a 0-dim tensor on that
-    device (write it between replays to schedule lr), else one the optimizer
-    fills when the number changes (outside a graph). A NaN that packed storage
+    from a tensor: the group's own, if ``group["lr"]`` is a tensor (it must be
+    0-dim, float32 or float64, on that device; write it between replays to
+    schedule lr), else one the optimizer fills when the number changes. A NaN that packed storage
     cannot hold is counted on the device instead of raising: call
     :meth:`check_nan` where you synchronize anyway, such as when logging.
-    Every step draws exactly what the plain step draws.
+    Every step draws exactly what the plain step draws. For capture, take a
+    step or two before capturing (as torch's recipe does, on a side stream):
+    the first step makes the device tensors. A graph keeps the tensors it
+    captured: change lr through a tensor lr (a float changed after capture is
+    not seen by replays), and load a state dict before capturing, not after.
+    On CUDA the step tensor's value is not checked; past 2^32 steps the random
+    streams would repeat.
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class QPUSGD(Optimizer):
         self._codes: dict[Tensor, Tensor] = {}  # packed parameter -> its codes
         self._lr_tensors: dict[int, tuple[float, Tensor]] = {}  # capturable: group index -> (lr, its tensor)
         self._nan_counts: dict[torch.device, Tensor] = {}  # capturable: NaN results per device
+        self._row_indices: dict[tuple, Tensor] = {}  # (device, streams) -> rows of last_counts
         super().__init__(params, defaults)
         self.last_counts: list[Tensor] = []
         for storage in packed:
@@ -237,6 +244,14 @@ class QPUSGD(Optimizer):
             self._nan_counts[device] = torch.zeros((), dtype=torch.long, device=device)
         return lr, group["step"], self._nan_counts[device]
 
+    def _row_index(self, streams: list[int], device: torch.device) -> Tensor:
+        """The rows of ``streams`` as an index tensor on ``device``, made once: a host-to-device
+        copy cannot happen during CUDA-graph capture, so warm-up steps make it first."""
+        key = (device, tuple(streams))
+        if key not in self._row_indices:
+            self._row_indices[key] = torch.tensor(streams, device=device)
+        return self._row_indices[key]
+
     def check_nan(self) -> None:
         """With ``capturable=True``: raises ``ValueError`` if a step since the last
         check had NaN results that packed storage could not hold (those elements
@@ -301,7 +316,7 @@ class QPUSGD(Optimizer):
                     p.copy_(stored)
             if len(streams) < len(everyone):  # a row per parameter; those without a gradient stay zero
                 counts = torch.zeros(len(everyone), 2, dtype=torch.long, device=counts.device).index_copy_(
-                    0, torch.tensor(streams, device=counts.device), counts)
+                    0, self._row_index(streams, counts.device), counts)
             self.last_counts.append(counts)
         return loss
 
