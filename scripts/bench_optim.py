@@ -128,7 +128,9 @@ def time_step(make, device, min_run_time):
     opt.step()  # creates momentum buffers
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    timer = tbench.Timer(stmt="opt.step(); sync()", globals={"opt": opt, "sync": sync})
+    # Timer runs on one thread unless told: time with the threads the header reports.
+    timer = tbench.Timer(stmt="opt.step(); sync()", globals={"opt": opt, "sync": sync},
+                         num_threads=torch.get_num_threads())
     t = timer.blocked_autorange(min_run_time=min_run_time).median
     del opt
     return t

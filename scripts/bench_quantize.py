@@ -74,7 +74,8 @@ def methods(fmt: fxp.FxpFormat, qtorch_fpq):
 
 
 def time_one(fn, x, min_run_time: float) -> float:
-    timer = tbench.Timer(stmt="fn(x)", globals={"fn": fn, "x": x})
+    # Timer runs on one thread unless told: time with the threads the header reports.
+    timer = tbench.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
