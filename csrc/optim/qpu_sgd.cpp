@@ -118,7 +118,8 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
                         "needs its codes: set_packed_storage for each of the model's packed_storage()");
     }
   }
-  for (auto& group : param_groups_) {
+  for (size_t group_index = 0; group_index < param_groups_.size(); ++group_index) {
+    auto& group = param_groups_[group_index];
     auto& o = static_cast<QpuSgdOptions&>(group.options());
     const int64_t mtb = momentum_total_bits(o), mfb = momentum_frac_bits(o);
     const auto& group_params = group.params();
@@ -153,16 +154,30 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
       // The step counts even if the op raises (Note [Packed QPU step]): the
       // update has happened, and the next step must draw fresh numbers.
       const int64_t step = o.step();
+      // Made from the options' step before it advances (first use, or after a load).
+      DeviceScalars* scalars = capturable_ ? &device_scalars(group_index, params[0].device()) : nullptr;
       o.step(step + 1);
-      const torch::Tensor group_counts =
-          qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
-                        o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step, o.momentum_form(), streams);
+      torch::Tensor group_counts;
+      if (capturable_) {
+        const torch::Device device = params[0].device();
+        if (!nan_count_.defined() || nan_count_.device() != device) {
+          nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
+        }
+        group_counts = qpu_sgd_step_capturable_(params, grads, buffers, scalars->lr, scalars->step, nan_count_,
+                                                o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
+                                                o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), o.momentum_form(),
+                                                streams);
+      } else {
+        group_counts = qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(),
+                                     o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step,
+                                     o.momentum_form(), streams);
+      }
       for (auto& [parameter, copy] : strided) parameter.copy_(copy);
       if (params.size() == group_params.size()) {
         last_counts_.push_back(group_counts);
       } else {  // a row per parameter of the group; those without a gradient keep zeros
         torch::Tensor counts = torch::zeros({static_cast<int64_t>(group_params.size()), 2}, group_counts.options());
-        counts.index_copy_(0, torch::tensor(streams, torch::kLong).to(counts.device()), group_counts);
+        counts.index_copy_(0, row_index(group_index, streams, counts.device()), group_counts);
         last_counts_.push_back(counts);
       }
     } else {  // no gradients: zeros, on the device the counts of other groups are on
@@ -239,8 +254,54 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   o.total_bits(total_bits).frac_bits(frac_bits);
 }
 
-void QpuSgd::save(torch::serialize::OutputArchive& archive) const { serialize(*this, archive); }
+QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& device) {
+  auto& o = static_cast<QpuSgdOptions&>(param_groups_[g].options());
+  DeviceScalars& scalars = device_scalars_[g];
+  if (!scalars.step.defined() || scalars.step.device() != device) {
+    scalars.step = torch::full({}, o.step(), torch::dtype(torch::kLong).device(device));
+  }
+  if (!scalars.lr.defined() || scalars.lr.device() != device) {
+    scalars.lr = torch::full({}, o.lr(), torch::dtype(torch::kFloat64).device(device));
+    scalars.lr_value = o.lr();
+  } else if (scalars.lr_value != o.lr()) {  // a scheduler's change; a fill, no host read
+    scalars.lr.fill_(o.lr());
+    scalars.lr_value = o.lr();
+  }
+  return scalars;
+}
 
-void QpuSgd::load(torch::serialize::InputArchive& archive) { serialize(*this, archive); }
+const torch::Tensor& QpuSgd::row_index(size_t g, const std::vector<int64_t>& streams, const torch::Device& device) {
+  auto& entry = row_indices_[g];
+  if (entry.first != streams || !entry.second.defined() || entry.second.device() != device) {
+    entry = {streams, torch::tensor(streams, torch::kLong).to(device)};
+  }
+  return entry.second;
+}
+
+void QpuSgd::check_nan() {
+  if (!nan_count_.defined()) return;
+  const int64_t nans = nan_count_.item<int64_t>();
+  nan_count_.zero_();
+  TORCH_CHECK_VALUE(nans == 0, "fxp::qpu_sgd_step_: ", nans,
+                    " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot hold NaN, so "
+                    "those elements keep their previous codes");
+}
+
+void QpuSgd::sync_steps() {
+  for (auto& [g, scalars] : device_scalars_) {
+    if (!scalars.step.defined()) continue;
+    static_cast<QpuSgdOptions&>(param_groups_[g].options()).step(scalars.step.item<int64_t>());
+  }
+}
+
+void QpuSgd::save(torch::serialize::OutputArchive& archive) const {
+  const_cast<QpuSgd*>(this)->sync_steps();  // the device steps are the truth after graph replays
+  serialize(*this, archive);
+}
+
+void QpuSgd::load(torch::serialize::InputArchive& archive) {
+  serialize(*this, archive);
+  device_scalars_.clear();  // made again from the loaded steps
+}
 
 }  // namespace fxp::optim

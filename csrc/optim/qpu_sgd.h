@@ -77,9 +77,37 @@ class QpuSgd : public torch::optim::Optimizer {
   // without a gradient), on the parameters' device.
   const std::vector<torch::Tensor>& last_counts() const { return last_counts_; }
 
+  // Capturable steps (Note [Capturable QPU step]), as fxp.optim.QPUSGD's
+  // capturable=True: each group's step and lr live in device tensors, the step
+  // reads nothing back to the host, and NaNs that packed storage cannot hold
+  // are counted on the device instead of raising: check_nan() raises the
+  // plain step's c10::ValueError where the caller synchronizes anyway. The
+  // draws and results are the plain step's. Take a step before capturing a
+  // CUDA graph (it makes the device tensors); replays do not advance the
+  // options' step: sync_steps() copies the device steps back (save() does).
+  void set_capturable(bool capturable) { capturable_ = capturable; }
+  bool capturable() const { return capturable_; }
+  void check_nan();
+  void sync_steps();
+
  private:
+  // The device scalars of group g (capturable steps): made on first use and
+  // when the device changes; lr is refilled when the options' lr changes.
+  struct DeviceScalars {
+    torch::Tensor step, lr;
+    double lr_value = 0;
+  };
+  DeviceScalars& device_scalars(size_t g, const torch::Device& device);
+  // The rows of `streams` as an index tensor on `device`, made once per group
+  // and set of streams (a host-to-device copy cannot be captured).
+  const torch::Tensor& row_index(size_t g, const std::vector<int64_t>& streams, const torch::Device& device);
+
   std::vector<torch::Tensor> last_counts_;
   std::unordered_map<c10::TensorImpl*, torch::Tensor> packed_codes_;
+  bool capturable_ = false;
+  std::unordered_map<size_t, DeviceScalars> device_scalars_;
+  std::unordered_map<size_t, std::pair<std::vector<int64_t>, torch::Tensor>> row_indices_;
+  torch::Tensor nan_count_;  // capturable: NaN results since the last check_nan
 
   template <typename Self, typename Archive>
   static void serialize(Self& self, Archive& archive) {

@@ -81,6 +81,71 @@ TEST(QpuSgdCapturable, EqualsThePlainOpAndAdvancesTheStep) {
   EXPECT_EQ(nans.item<int64_t>(), 0);
 }
 
+// QpuSgd::set_capturable(true) steps through the capturable op: the same bits
+// through an lr change, a frozen parameter and a save/load, and the step count
+// written back into the options.
+TEST(QpuSgdCapturable, OptimizerEqualsThePlainOne) {
+  auto a = make_params(5), b = make_params(5);
+  QpuSgd plain(a, options()), capt(b, options());
+  capt.set_capturable(true);
+  auto steps = [&](int from, int to) {
+    for (int s = from; s < to; ++s) {
+      set_grads(a, 10 + s);
+      set_grads(b, 10 + s);
+      a[1].mutable_grad() = torch::Tensor();  // frozen: its row of the counts stays zero
+      b[1].mutable_grad() = torch::Tensor();
+      if (s == 2) {
+        plain.param_groups()[0].options().set_lr(0.01);
+        capt.param_groups()[0].options().set_lr(0.01);
+      }
+      plain.step();
+      capt.step();
+      EXPECT_TRUE(torch::equal(plain.last_counts()[0], capt.last_counts()[0])) << s;
+    }
+  };
+  steps(0, 4);
+  std::stringstream stream;
+  {
+    torch::serialize::OutputArchive archive;
+    capt.save(archive);
+    archive.save_to(stream);
+  }
+  std::vector<torch::Tensor> c;
+  for (const auto& p : b) c.push_back(p.detach().clone().requires_grad_());
+  QpuSgd loaded(c, QpuSgdOptions(1.0).seed(999));
+  loaded.set_capturable(true);
+  {
+    torch::serialize::InputArchive archive;
+    archive.load_from(stream);
+    loaded.load(archive);
+  }
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(loaded.param_groups()[0].options()).step(), 4);
+  steps(4, 6);
+  for (int s = 4; s < 6; ++s) {
+    set_grads(c, 10 + s);
+    c[1].mutable_grad() = torch::Tensor();
+    loaded.step();
+  }
+  for (size_t k = 0; k < a.size(); ++k) {
+    EXPECT_TRUE(torch::equal(a[k].detach(), b[k].detach())) << k;
+    EXPECT_TRUE(torch::equal(a[k].detach(), c[k].detach())) << k;
+  }
+  capt.check_nan();  // no NaN: no error
+}
+
+TEST(QpuSgdCapturable, PackedNanIsCountedThenRaisedByCheckNan) {
+  const torch::Tensor stand_in = torch::zeros({3}).requires_grad_();
+  const torch::Tensor codes = torch::tensor({16, 32, -8}, torch::kInt8);
+  QpuSgd opt({stand_in}, QpuSgdOptions(0.5).total_bits(8).frac_bits(4).rounding("nearest_even"));
+  opt.set_packed_storage(stand_in, codes, 8, 4);
+  opt.set_capturable(true);
+  stand_in.mutable_grad() = torch::tensor({1.0f, std::numeric_limits<float>::quiet_NaN(), 2.0f});
+  opt.step();  // no error: the count stays on the device
+  EXPECT_EQ(codes[1].item<int>(), 32);  // the NaN element kept its code
+  EXPECT_THROW(opt.check_nan(), c10::ValueError);
+  opt.check_nan();  // the count was reset
+}
+
 TEST(QpuSgd, StateRoundTripContinuesBitIdentically) {
   auto a = make_params(1);
   QpuSgd opt_a(a, options());
