@@ -12,7 +12,7 @@ namespace fxp {
 // after it is written, so, as torch's fused optimizers do, the ops reject such
 // calls instead of computing garbage. The memory ranges are sorted, so the
 // check costs O(n log n).
-void check_no_aliasing(const char* op, std::initializer_list<NamedTensorList> lists) {
+void check_no_aliasing(const char* op, c10::ArrayRef<NamedTensorList> lists) {
   struct Range {
     uintptr_t begin, end;
     const char* list;

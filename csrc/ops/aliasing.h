@@ -4,7 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <initializer_list>
+#include <c10/util/ArrayRef.h>
 
 namespace fxp {
 
@@ -16,6 +16,6 @@ struct NamedTensorList {
 
 // Raises, naming both tensors, if a written tensor overlaps any other (read-only
 // tensors may share memory with each other). O(n log n) in the tensors.
-void check_no_aliasing(const char* op, std::initializer_list<NamedTensorList> lists);
+void check_no_aliasing(const char* op, c10::ArrayRef<NamedTensorList> lists);
 
 }  // namespace fxp

@@ -5,6 +5,7 @@
 #include "ops/ops.h"
 #include "ops/bit_pack/code_storage.h"
 #include "ops/format_args.h"  // packed_dtype
+#include "ops/qpu_sgd/qpu_sgd_args.h"  // check_no_nan_results
 
 namespace fxp::optim {
 
@@ -155,14 +156,10 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
       // update has happened, and the next step must draw fresh numbers.
       const int64_t step = o.step();
       // Made from the options' step before it advances (first use, or after a load).
-      DeviceScalars* scalars = capturable_ ? &device_scalars(group_index, params[0].device()) : nullptr;
+      const DeviceScalars* scalars = capturable_ ? &device_scalars(group_index, params[0].device()) : nullptr;
       o.step(step + 1);
       torch::Tensor group_counts;
-      if (capturable_) {
-        const torch::Device device = params[0].device();
-        if (!nan_count_.defined() || nan_count_.device() != device) {
-          nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
-        }
+      if (scalars != nullptr) {
         group_counts = qpu_sgd_step_capturable_(params, grads, buffers, scalars->lr, scalars->step, nan_count_,
                                                 o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
                                                 o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), o.momentum_form(),
@@ -267,6 +264,9 @@ QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& dev
     scalars.lr.fill_(o.lr());
     scalars.lr_value = o.lr();
   }
+  if (!nan_count_.defined() || nan_count_.device() != device) {
+    nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
+  }
   return scalars;
 }
 
@@ -282,9 +282,7 @@ void QpuSgd::check_nan() {
   if (!nan_count_.defined()) return;
   const int64_t nans = nan_count_.item<int64_t>();
   nan_count_.zero_();
-  TORCH_CHECK_VALUE(nans == 0, "fxp::qpu_sgd_step_: ", nans,
-                    " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot hold NaN, so "
-                    "those elements keep their previous codes");
+  check_no_nan_results(nans);
 }
 
 void QpuSgd::sync_steps() {

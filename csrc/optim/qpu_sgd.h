@@ -93,6 +93,7 @@ class QpuSgd : public torch::optim::Optimizer {
  private:
   // The device scalars of group g (capturable steps): made on first use and
   // when the device changes; lr is refilled when the options' lr changes.
+  // Also puts nan_count_ on `device`.
   struct DeviceScalars {
     torch::Tensor step, lr;
     double lr_value = 0;

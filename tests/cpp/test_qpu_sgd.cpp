@@ -8,11 +8,13 @@
 
 #include "ops/ops.h"
 #include "optim/qpu_sgd.h"
+#include "test_util.h"
 
 namespace {
 
 using fxp::optim::QpuSgd;
 using fxp::optim::QpuSgdOptions;
+using fxp::testing::expect_error;
 
 std::vector<torch::Tensor> make_params(int64_t seed) {
   torch::manual_seed(seed);
@@ -31,6 +33,19 @@ void set_grads(const std::vector<torch::Tensor>& params, int64_t seed) {
 QpuSgdOptions options() {
   return QpuSgdOptions(0.05).momentum(0.9).weight_decay(1e-3).total_bits(12).frac_bits(8).seed(21);
 }
+
+// from's state, saved and loaded into to.
+void round_trip(const QpuSgd& from, QpuSgd& to) {
+  std::stringstream stream;
+  torch::serialize::OutputArchive out;
+  from.save(out);
+  out.save_to(stream);
+  torch::serialize::InputArchive in;
+  in.load_from(stream);
+  to.load(in);
+}
+
+int64_t group_step(QpuSgd& opt) { return static_cast<QpuSgdOptions&>(opt.param_groups()[0].options()).step(); }
 
 TEST(QpuSgd, EqualsTheFusedOpWithItsStreams) {
   auto params = make_params(0);
@@ -104,22 +119,16 @@ TEST(QpuSgdCapturable, OptimizerEqualsThePlainOne) {
     }
   };
   steps(0, 4);
-  std::stringstream stream;
-  {
-    torch::serialize::OutputArchive archive;
-    capt.save(archive);
-    archive.save_to(stream);
-  }
+  // The device step advanced once per step: sync_steps writes it back over a wrong host count.
+  static_cast<QpuSgdOptions&>(capt.param_groups()[0].options()).step(0);
+  capt.sync_steps();
+  EXPECT_EQ(group_step(capt), 4);
   std::vector<torch::Tensor> c;
   for (const auto& p : b) c.push_back(p.detach().clone().requires_grad_());
   QpuSgd loaded(c, QpuSgdOptions(1.0).seed(999));
   loaded.set_capturable(true);
-  {
-    torch::serialize::InputArchive archive;
-    archive.load_from(stream);
-    loaded.load(archive);
-  }
-  EXPECT_EQ(static_cast<QpuSgdOptions&>(loaded.param_groups()[0].options()).step(), 4);
+  round_trip(capt, loaded);
+  EXPECT_EQ(group_step(loaded), 4);
   steps(4, 6);
   for (int s = 4; s < 6; ++s) {
     set_grads(c, 10 + s);
@@ -144,6 +153,9 @@ TEST(QpuSgdCapturable, PackedNanIsCountedThenRaisedByCheckNan) {
   EXPECT_EQ(codes[1].item<int>(), 32);  // the NaN element kept its code
   EXPECT_THROW(opt.check_nan(), c10::ValueError);
   opt.check_nan();  // the count was reset
+  stand_in.mutable_grad() = torch::full({3}, std::numeric_limits<float>::quiet_NaN());
+  opt.step();
+  expect_error([&] { opt.check_nan(); }, "fxp::qpu_sgd_step_: 3 updated values are NaN");
 }
 
 TEST(QpuSgd, StateRoundTripContinuesBitIdentically) {
@@ -153,21 +165,11 @@ TEST(QpuSgd, StateRoundTripContinuesBitIdentically) {
     set_grads(a, s);
     opt_a.step();
   }
-  std::stringstream stream;
-  {
-    torch::serialize::OutputArchive archive;
-    opt_a.save(archive);
-    archive.save_to(stream);
-  }
   std::vector<torch::Tensor> b;
   for (const auto& p : a) b.push_back(p.detach().clone().requires_grad_());
   QpuSgd opt_b(b, QpuSgdOptions(1.0).seed(999));  // different options, all replaced by the load
-  {
-    torch::serialize::InputArchive archive;
-    archive.load_from(stream);
-    opt_b.load(archive);
-  }
-  EXPECT_EQ(static_cast<QpuSgdOptions&>(opt_b.param_groups()[0].options()).step(), 3);
+  round_trip(opt_a, opt_b);
+  EXPECT_EQ(group_step(opt_b), 3);
   for (int s = 3; s < 8; ++s) {
     set_grads(a, s);
     set_grads(b, s);

@@ -134,9 +134,14 @@ class QPUSGD(Optimizer):
     @staticmethod
     def _hyperparameters(group: dict[str, Any], step: int) -> tuple:
         """The group's arguments of ``torch.ops.fxp.qpu_sgd_step_``, after the tensors."""
-        return (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"]),
-                group["total_bits"], group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"],
-                group["rounding"], int(group["seed"]), step, group["momentum_form"])
+        return (float(group["lr"]), *QPUSGD._shared_arguments(group), step, group["momentum_form"])
+
+    @staticmethod
+    def _shared_arguments(group: dict[str, Any]) -> tuple:
+        """The arguments both forms of the op take alike, momentum to seed."""
+        return (float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"],
+                group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"],
+                int(group["seed"]))
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
@@ -300,9 +305,7 @@ class QPUSGD(Optimizer):
             if self.capturable:
                 lr, step, nan_count = self._device_scalars(index, group, params[0].device)
                 counts = torch.ops.fxp.qpu_sgd_step_.capturable(
-                    storage, grads, buffers, lr, step, nan_count, float(group["momentum"]),
-                    float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"], group["frac_bits"],
-                    group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"], int(group["seed"]),
+                    storage, grads, buffers, lr, step, nan_count, *self._shared_arguments(group),
                     group["momentum_form"], streams)
             else:
                 # The step counts even if the op raises (a NaN that packed storage cannot

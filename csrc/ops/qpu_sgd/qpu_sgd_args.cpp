@@ -28,7 +28,7 @@ Storage storage_of(at::ScalarType dtype) {
 
 kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                                     at::TensorList momentum_buffers, const QpuSgdArgs& a,
-                                    bool check_memory) {
+                                    bool check_memory, c10::ArrayRef<NamedTensorList> scalars) {
   check_fxp_format(kOp, a.total_bits, a.frac_bits);
   check_fxp_format(kOp, a.momentum_total_bits, a.momentum_frac_bits);
   const Rounding rounding = parse_rounding(kOp, a.rounding);
@@ -109,8 +109,10 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                                  a.momentum_total_bits);
   }
   if (check_memory) {
-    check_no_aliasing(kOp, {{params, "params", true}, {grads, "grads", false},
-                            {momentum_buffers, "momentum_buffers", true}});
+    std::vector<NamedTensorList> lists{{params, "params", true}, {grads, "grads", false},
+                                       {momentum_buffers, "momentum_buffers", true}};
+    lists.insert(lists.end(), scalars.begin(), scalars.end());
+    check_no_aliasing(kOp, lists);
   }
 
   kernels::QpuSgdParams p;
@@ -130,9 +132,8 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   return p;
 }
 
-void check_capturable_scalars(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                              const at::Tensor& lr, const at::Tensor& step, const at::Tensor& nan_count,
-                              bool check_memory) {
+void check_capturable_scalars(at::TensorList params, const at::Tensor& lr, const at::Tensor& step,
+                              const at::Tensor& nan_count) {
   constexpr const char* op = "fxp::qpu_sgd_step_.capturable";
   const at::Device device = params.empty() ? lr.device() : params[0].device();
   auto check = [&](const at::Tensor& t, const char* name, bool is_float) {
@@ -148,14 +149,12 @@ void check_capturable_scalars(at::TensorList params, at::TensorList grads, at::T
   check(lr, "lr", true);
   check(step, "step", false);
   check(nan_count, "nan_count", false);
-  if (check_memory) {
-    check_no_aliasing(op, {{params, "params", true},
-                           {grads, "grads", false},
-                           {momentum_buffers, "momentum_buffers", true},
-                           {lr, "lr", false},
-                           {step, "step", true},
-                           {nan_count, "nan_count", true}});
-  }
+}
+
+void check_no_nan_results(int64_t nans) {
+  TORCH_CHECK_VALUE(nans == 0, kOp, ": ", nans,
+                    " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot hold NaN, so "
+                    "those elements keep their previous codes");
 }
 
 std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices) {

@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "ops/aliasing.h"
 #include "qpu_sgd/qpu_sgd_kernel.h"
 
 namespace fxp {
@@ -24,16 +25,22 @@ struct QpuSgdArgs {
 
 // Checks the lists (lengths, devices, dtypes, shapes, contiguity, overlaps)
 // and the scalars, and returns the kernel parameters. Errors name the bad argument.
+// `scalars`: more tensors of the call (the capturable form's lr, step and
+// nan_count), in the same overlap check as the lists.
 kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
                                     at::TensorList momentum_buffers, const QpuSgdArgs& args,
-                                    bool check_memory = true);
+                                    bool check_memory = true, c10::ArrayRef<NamedTensorList> scalars = {});
 
 // The capturable form's device scalars (Note [Capturable QPU step]): lr a
 // 0-dim float32 or float64 tensor, step and nan_count 0-dim int64 tensors,
-// all on the parameters' device; step and nan_count overlap nothing else.
-void check_capturable_scalars(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                              const at::Tensor& lr, const at::Tensor& step, const at::Tensor& nan_count,
-                              bool check_memory = true);
+// all on the parameters' device (check_qpu_sgd checks that they overlap nothing).
+void check_capturable_scalars(at::TensorList params, const at::Tensor& lr, const at::Tensor& step,
+                              const at::Tensor& nan_count);
+
+// The error of a step whose results had `nans` NaNs that packed storage could
+// not hold (Note [Packed QPU step]): the plain op raises it at once, the
+// capturable optimizers when their count is checked.
+void check_no_nan_results(int64_t nans);
 
 // Each tensor's stream index (Note [QPU random streams]): stream_indices, or
 // the tensors' positions in the list. Checked: one per tensor, in range, distinct.

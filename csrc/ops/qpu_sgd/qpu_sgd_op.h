@@ -14,8 +14,6 @@
 
 namespace fxp {
 
-inline constexpr const char* kQpuSgdOp = "fxp::qpu_sgd_step_";
-
 namespace detail {
 
 // The update of checked lists: counts (int64 [n, 2]) receive (saturated,
@@ -78,12 +76,7 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
       detail::run_qpu_sgd<Backend>(params, grads, momentum_buffers, p, streams, total_bits, momentum_total_bits,
                                    counts, nan_count);
-      if (packed) {
-        const int64_t nans = nan_count.item<int64_t>();
-        TORCH_CHECK_VALUE(nans == 0, kQpuSgdOp, ": ", nans,
-                          " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot "
-                          "hold NaN, so those elements keep their previous codes");
-      }
+      if (packed) check_no_nan_results(nan_count.item<int64_t>());
     }
   }
   return counts;
@@ -97,14 +90,15 @@ at::Tensor qpu_sgd_step_capturable(at::TensorList params, at::TensorList grads, 
                                    int64_t frac_bits, int64_t momentum_total_bits, int64_t momentum_frac_bits,
                                    c10::string_view rounding, int64_t seed, c10::string_view momentum_form,
                                    at::OptionalIntArrayRef stream_indices) {
-  check_capturable_scalars(params, grads, momentum_buffers, lr, step, nan_count, !Backend::kIsMeta);
+  check_capturable_scalars(params, lr, step, nan_count);
   // On the CPU the values are read (for free) and checked as the plain op
   // checks them; on a device they stay there, unchecked.
   const bool read_on_host = !Backend::kIsMeta && lr.device().is_cpu();
   const QpuSgdArgs args{read_on_host ? lr.item<double>() : 0.0, momentum, weight_decay, nesterov, total_bits,
                         frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed,
                         read_on_host ? step.item<int64_t>() : 0, momentum_form, stream_indices};
-  auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta);
+  auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta,
+                         {{lr, "lr", false}, {step, "step", true}, {nan_count, "nan_count", true}});
   if (!Backend::kIsMeta && !read_on_host) {
     if (lr.scalar_type() == at::kDouble) {
       p.lr_f64_on_device = lr.const_data_ptr<double>();
