@@ -9,11 +9,15 @@ CSV it writes is what `scripts/sweep --estimate` extrapolates full grids from.
   scripts/bench_train.py --csv results/throughput-cpu.csv --markdown results/throughput-cpu.md
   scripts/bench_train.py --device cuda --csv gpu.csv
   scripts/bench_train.py --methods fp32,sqpu,sqpu:packed --batch-sizes 16,256   # the cost of packed storage
+  scripts/bench_train.py --device cuda --methods fp32,sqpu,sqpu:graphs --batch-sizes 1,4   # CUDA graphs
+
+METHOD:graphs rows also give their speed-up over METHOD (eager), where both ran.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -24,21 +28,31 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_report import BenchReport, write_csv  # noqa: E402
 
 
+VARIANTS = ("", "packed", "graphs")
+
+
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
             threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = ()) -> dict:
     """One point: fxp-train for two epochs; the second epoch's training images/s."""
-    name, _, variant = method.partition(":")  # "sqpu:packed": fxp-train --packed
-    if variant not in ("", "packed"):
-        raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD or METHOD:packed)")
+    name, _, variant = method.partition(":")  # "sqpu:packed": fxp-train --packed; "sqpu:graphs": --cuda-graphs
+    if variant not in VARIANTS:
+        raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD, METHOD:packed or "
+                         "METHOD:graphs)")
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [fxp_train, "--model", model, "--method", name, "--batch-size", str(batch), "--epochs", "2",
-               f"--packed={'true' if variant else 'false'}",
+               f"--packed={'true' if variant == 'packed' else 'false'}",
+               f"--cuda-graphs={'true' if variant == 'graphs' else 'false'}",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
                "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         cmd += list(extra)
-        subprocess.run(cmd, check=True)
+        p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:  # the other points still run; this one reports why it has no figure
+            print(f"bench_train.py: {method} at batch {batch} failed (exit {p.returncode}):\n{p.stderr[-2000:]}",
+                  file=sys.stderr, flush=True)
+            return {"model": model, "method": method, "batch_size": batch, "device": device, "threads": threads,
+                    "train_images_per_s": float("nan"), "val_images_per_s": float("nan")}
         epoch = [json.loads(line) for line in open(pathlib.Path(tmp) / "metrics.jsonl")][-1]
     val_time = epoch["epoch_time_s"] - epoch["train_time_s"]
     return {"model": model, "method": method, "batch_size": batch, "device": device, "threads": threads,
@@ -48,7 +62,7 @@ def measure(fxp_train: str, method: str, batch: int, images: int, val_images: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu",
-                   help="comma-separated; METHOD:packed runs fxp-train --packed")
+                   help="comma-separated; METHOD:packed runs fxp-train --packed, METHOD:graphs --cuda-graphs")
     p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
     p.add_argument("--model", default="paper_cnn", help="fxp-train --model (docs/models.md)")
     p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
@@ -70,21 +84,29 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{method:7s} batch {batch:5d}: {r['train_images_per_s']:9.0f} train img/s, "
                   f"{r['val_images_per_s']:9.0f} validation img/s", flush=True)
+    failed = [f"{r['method']} at batch {r['batch_size']}" for r in rows if math.isnan(r["train_images_per_s"])]
     baseline = {r["batch_size"]: r["train_images_per_s"] for r in rows if r["method"] == "fp32"}
+    speed = {(r["method"], r["batch_size"]): r["train_images_per_s"] for r in rows}
     table = []
     for r in rows:
         ratio = baseline[r["batch_size"]] / r["train_images_per_s"] if r["batch_size"] in baseline else float("nan")
         r["time_over_fp32"] = ratio
+        name, _, variant = r["method"].partition(":")
+        eager = speed.get((name, r["batch_size"])) if variant == "graphs" else None
         table.append([r["method"], str(r["batch_size"]), f"{r['train_images_per_s']:.0f}",
-                      f"{r['val_images_per_s']:.0f}", f"{ratio:.2f}x"])
+                      f"{r['val_images_per_s']:.0f}", f"{ratio:.2f}x",
+                      f"{r['train_images_per_s'] / eager:.2f}x" if eager else ""])
     report = BenchReport(f"fxp-train throughput on {args.device} ({args.threads or 'default'} threads)",
                          "Training images/s of the second of two epochs; time per image relative to fp32 "
                          "at the same batch size, measured in the same run.")
     report.table("fxp-train throughput", ["method", "batch", "train images/s", "validation images/s",
-                                          "time / fp32"], table)
+                                          "time / fp32", "graphs speed-up"], table)
     report.save(str(args.markdown) if args.markdown else None)
-    if args.csv:
-        write_csv(args.csv, rows)
+    if args.csv:  # without the failed points, which sweep --estimate could not use
+        write_csv(args.csv, [r for r in rows if not math.isnan(r["train_images_per_s"])])
+    if failed:
+        print(f"bench_train.py: {len(failed)} points failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,10 @@
 # the optimizer and quantize benchmarks, training throughput, then the rest) and
 # starts no stage once the budget, in seconds of wall time, is spent; a running
 # stage is cut at the deadline. Without it every stage runs to the end.
+#   scripts/gpu_check.sh --budget 300 --only pytest_cuda,bench_train
+# builds, then runs only the named stages (a rerun after a fix). With
+# FXP_CPU_CAPABILITIES=default_ in the environment the build skips the AVX2 and
+# AVX-512 CPU kernels, the longest compiles (about a minute less on 16 cores).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -35,12 +39,24 @@ if [[ "${1:-}" == "--prepare" ]]; then
   echo "prepared $ROOT/.deps ($(du -sh "$ROOT/.deps" | cut -f1)); carry .deps to the GPU machine"
   exit 0
 fi
-BUDGET=
-if [[ "${1:-}" == "--budget" && "${2:-}" =~ ^[0-9]+$ ]]; then
-  BUDGET=$2
-elif [[ -n "${1:-}" ]]; then
-  echo "usage: scripts/gpu_check.sh [--prepare | --budget SECONDS]" >&2; exit 2
+BUDGET= ONLY=
+while (($#)); do
+  if [[ "$1" == "--budget" && "${2:-}" =~ ^[0-9]+$ ]]; then BUDGET=$2; shift 2
+  elif [[ "$1" == "--only" && -n "${2:-}" ]]; then ONLY=",$2,"; shift 2
+  else echo "usage: scripts/gpu_check.sh [--prepare | [--budget SECONDS] [--only STAGE,STAGE...]]" >&2; exit 2
+  fi
+done
+# The stages --only may name (the train_* stages by their full names).
+STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train train_exp2-fp32 train_exp2-ste-16
+train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
+train_lenet5_adapt_qpu bench_adapt memory_table ctest_rest demo pytest_rest train_default"
+if [[ -n $ONLY ]]; then
+  IFS=, read -ra wanted <<<"${ONLY:1:-1}"
+  for stage in "${wanted[@]}"; do
+    [[ " ${STAGES//$'\n'/ } " == *" $stage "* ]] || { echo "gpu_check: no stage '$stage'; the stages: $STAGES" >&2; exit 2; }
+  done
 fi
+ran=0  # stages run, besides configure and build
 DEADLINE=$(( ${BUDGET:-10000000} ))  # in bash's $SECONDS, which counts from the script's start
 LOGS=${OUT:-$ROOT/gpu-logs}
 mkdir -p "$LOGS"
@@ -51,6 +67,8 @@ skipped=()
 # less than NEED seconds of the budget are left, and cut it at the deadline.
 run() {
   local name=$1 need=$2; shift 2
+  if [[ -n $ONLY && $name != configure && $name != build && $ONLY != *",$name,"* ]]; then return; fi
+  [[ $name == configure || $name == build ]] || ran=$((ran + 1))
   local left=$(( DEADLINE - SECONDS )) start=$SECONDS
   if (( left < need )); then
     echo "==> $name skipped: ${left}s of the budget left, it needs about ${need}s"; skipped+=("$name"); return
@@ -78,8 +96,12 @@ gtest_args=()
 [[ -d $ROOT/.deps/googletest ]] && gtest_args=(-DFXP_GTEST_SOURCE_DIR="$ROOT/.deps/googletest")
 arch=$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
 BUILD=$ROOT/build-gpu  # its own build tree; `import fxp` is pointed at it below
+# The CPU kernel builds: $FXP_CPU_CAPABILITIES, else CMake's default (all); never a kept tree's earlier choice.
+cpu_capabilities=(-UFXP_CPU_CAPABILITIES)
+[[ -n ${FXP_CPU_CAPABILITIES:-} ]] && cpu_capabilities=(-DFXP_CPU_CAPABILITIES="$FXP_CPU_CAPABILITIES")
 run configure 30 cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFXP_CUDA=ON \
-  -DFXP_PYTHON="$(command -v "$PYTHON")" -DTORCH_CUDA_ARCH_LIST="$arch" "${gtest_args[@]}"
+  -DFXP_PYTHON="$(command -v "$PYTHON")" -DTORCH_CUDA_ARCH_LIST="$arch" "${gtest_args[@]}" \
+  "${cpu_capabilities[@]}"
 run build 60 cmake --build "$BUILD" -j "$(nproc)" -- -k 0  # every error at once
 if [[ $status != 0 || ! -f $BUILD/libfxp.so ]]; then  # a build skipped for the budget fails too
   echo "gpu_check: FAILED to build; logs in $LOGS"; exit 1
@@ -118,6 +140,9 @@ xdist=()  # pytest-xdist, where installed, spreads the suite over the cores
 "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
 # -k is case-insensitive: every test or parameter named for CUDA, and the 2^31-element case.
 run pytest_cuda 20 env FXP_LARGE_TESTS=1 "$PYTHON" -m pytest "$ROOT/tests/python" -ra "${xdist[@]}" -k "cuda or large"
+# Each op's error path in its own process: an error raised after a device read crashed three
+# CUDA cases of the first runs; this reports how each ends, with the native stack of a crash.
+run error_paths 30 "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py"
 run bench_optim 30 "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
 run bench_quantize 20 "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --no-qtorch \
   --markdown "$LOGS/bench_quantize_cuda.md"
@@ -127,7 +152,7 @@ RUNS=$BUILD/runs
 if [[ -x $BUILD/fxp-train ]]; then
   # Training throughput per method and batch size (what sweep --estimate extrapolates from).
   run bench_train 60 "$PYTHON" "$ROOT/scripts/bench_train.py" --device cuda --fxp-train "$BUILD/fxp-train" \
-    --methods fp32,ste,sqpu,hteqpu,sqpu:packed --batch-sizes 1,4,16,256 \
+    --methods fp32,ste,sqpu,hteqpu,sqpu:packed,fp32:graphs,sqpu:graphs,hteqpu:graphs --batch-sizes 1,4,16,256 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
   # Two epochs of each Exp 2 method at batch 256. The configs go over as JSON, which
   # fxp-train reads without yaml-cpp (the GPU box may lack it).
@@ -161,6 +186,9 @@ if [[ -x $BUILD/fxp-train ]]; then  # the default run: up to 100 epochs with ear
     --overwrite --no-progress
 fi
 ((${#skipped[@]})) && echo "gpu_check: skipped for the budget: ${skipped[*]}"
+if [[ -n $ONLY ]] && ((ran == 0)); then
+  echo "gpu_check: FAILED: none of the stages --only named ran here (they need what this machine lacks?)"; exit 1
+fi
 if [[ $status != 0 ]]; then
   echo "gpu_check: FAILED; logs in $LOGS"
 elif ((${#skipped[@]})); then

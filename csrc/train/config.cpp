@@ -90,6 +90,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"seed", field(&TrainConfig::seed)},
       {"device", field(&TrainConfig::device)},
       {"threads", field(&TrainConfig::threads)},
+      {"cuda_graphs", field(&TrainConfig::cuda_graphs)},
       {"data_dir", {[](const TrainConfig& c) { return json(c.data_directory()); },
                     [](TrainConfig& c, const json& v) { c.data_dir = v.get<std::string>(); }}},
       {"train_limit", field(&TrainConfig::train_limit)},
@@ -369,6 +370,17 @@ void TrainConfig::validate() const {
   at_least("early_stopping_patience", early_stopping_patience, 1);
   at_least("early_stopping_min_epochs", early_stopping_min_epochs, 0);
   at_least("threads", threads, 0);
+  if (cuda_graphs) {
+    if (device.rfind("cuda", 0) != 0) bad("cuda_graphs", "captures CUDA work: it needs device cuda, but device is " + device);
+    if (method == "adapt" || method == "msq") {
+      bad("cuda_graphs", "supports methods fp32, ste, sqpu and hteqpu; " + method +
+                             " decides on the host between steps (it reads the loss or the weights back)");
+    }
+    if (packed && method != "fp32") {  // fp32 has nothing to pack (set_up_training)
+      bad("cuda_graphs", "does not support packed storage yet: packing a layer's inputs reads a NaN count back "
+                         "to the host every step");
+    }
+  }
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
   at_least("eval_batch_size", eval_batch_size, 1);
@@ -467,7 +479,7 @@ const char* update_rounding(const std::string& method) {
 }
 
 bool key_may_change_on_resume(const std::string& key) {
-  return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads";
+  return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads" || key == "cuda_graphs";
 }
 
 std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {

@@ -64,6 +64,10 @@ struct TrainConfig {
   int64_t seed = 0;
   std::string device = "cpu";  // cpu | cuda | cuda:N
   int64_t threads = 0;         // 0: LibTorch's default
+  // CUDA only: full training batches replay one captured CUDA graph of the
+  // whole step (Note [CUDA-graph training steps], train/epoch.cpp). The
+  // results are the same bits as without it.
+  bool cuda_graphs = false;
   std::string data_dir;  // empty: the dataset's default directory (data_directory())
   int64_t train_limit = 0;  // 0: the whole split; else its first N images
   int64_t val_limit = 0;
@@ -109,8 +113,9 @@ void apply_json(TrainConfig& config, const nlohmann::json& values, const std::st
 nlohmann::json read_config_file(const std::string& path);
 
 // Keys that may differ between a run and its --resume: epochs extends a run,
-// output_dir and data_dir only locate files. threads may change too, but a CPU
-// run is bit-reproducible only at one thread count, so fxp-train warns.
+// output_dir and data_dir only locate files, cuda_graphs changes no result.
+// threads may change too, but a CPU run is bit-reproducible only at one thread
+// count, so fxp-train warns.
 bool key_may_change_on_resume(const std::string& key);
 
 // The settings of a stored run that differ from `current`, as readable text

@@ -2,8 +2,19 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#if defined(FXP_WITH_CUDA)
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -87,6 +98,132 @@ class StepProbe {
   StepMemory memory_{0, 0, 0, 0, 0};
 };
 
+// Forward, backward and the optimizer's step on one batch; returns the loss.
+torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tensor& y, StepProbe* probe) {
+  torch::Tensor loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
+  if (probe) probe->after_forward();
+  if (t.msq) {
+    (loss + t.msq->penalty()).backward();  // the reported loss stays the task's
+  } else {
+    loss.backward();
+  }
+  if (probe) probe->after_backward();
+  if (t.adapt) {
+    t.adapt->step(loss.item<double>(), x.size(0), *t.optimizer);  // syncs: the strategy needs the loss
+  } else {
+    t.optimizer->step();
+  }
+  return loss;
+}
+
+// The epoch's sums after a step: the loss weighted by the batch's size and,
+// for QPU, the update counts, one row per parameter in the model's order (the
+// optimizer's groups hold the model's parameters in order; rows of parameters
+// without a gradient are zero).
+void add_to_sums(const Training& t, const torch::Tensor& loss, int64_t batch, torch::Tensor& loss_sum,
+                 torch::Tensor& update_counts) {
+  loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(batch));
+  if (t.qpu) update_counts.add_(torch::cat(t.qpu->last_counts()));
+}
+
+// Note [CUDA-graph training steps]
+// With cuda_graphs an epoch runs on a side stream. Its first
+// kGraphWarmupSteps batches run eagerly (PyTorch asks for warm-up steps on
+// the capturing stream: lazy initializations such as cuBLAS's workspace
+// happen there), then one full batch is captured as a CUDA graph of the whole
+// step: the batch's gather through a static index tensor, forward, backward,
+// the optimizer's step and the epoch's sums. Every later full batch copies its
+// rows of the epoch's order into the index and replays the graph; a short last
+// batch runs eagerly. The graph is captured anew each epoch, so nothing the
+// host changes between epochs (a schedule's lr, batch norm recalibration, the
+// order, the sums) is stale in it.
+// A replay does what an eager step does, kernel for kernel:
+// - zero_grad leaves the gradients undefined before the capture, so the
+//   captured backward writes them afresh, as an eager step's does;
+// - stochastic rounding draws from the default CUDA generator, which the graph
+//   registers: a replay reads the generator's offset and advances it by the
+//   graph's total, as the eager calls would (PhiloxCudaState);
+// - QpuSgd is capturable (Note [Capturable QPU step]): its step count and lr
+//   live on the device, and the step advances the count there; torch's SGD
+//   (fp32, ste) reads only the lr, which is fixed within an epoch.
+// So a run is meant to give the same bits with and without graphs
+// (test_fxp_train.py compares them on a GPU; it has not run on one yet). What
+// reads the device from the host within a step is refused by
+// TrainConfig::validate: AdaPT (the loss), MSQ, packed storage (a NaN count).
+// Memory: the side stream is the run's (Training::graph_stream), so its cuBLAS
+// workspace and cached blocks serve every epoch; each epoch's graph has its own
+// pool, released by emptyCache before the next capture, when the graph is gone
+// and the steps in between have dropped its gradients and counts.
+constexpr int64_t kGraphWarmupSteps = 3;
+
+#if defined(FXP_WITH_CUDA)
+// Moves the work of its lifetime to a side stream, ordered after the work
+// queued before it and before the work queued after it.
+class SideStream {
+ public:
+  SideStream(const torch::Device& device, const c10::Stream& side)
+      : origin_(at::cuda::getCurrentCUDAStream(device.index())), side_(at::cuda::CUDAStream(side)) {
+    wait(side_, origin_);
+    guard_.emplace(side_);
+  }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  ~SideStream() {
+    guard_.reset();
+    try {
+      wait(origin_, side_);
+    } catch (...) {  // a CUDA error here has been reported by the work that caused it
+    }
+  }
+
+ private:
+  static void wait(const at::cuda::CUDAStream& waiter, const at::cuda::CUDAStream& on) {
+    at::cuda::CUDAEvent event;
+    event.record(on);
+    event.block(waiter);
+  }
+  at::cuda::CUDAStream origin_, side_;
+  std::optional<c10::cuda::CUDAStreamGuard> guard_;
+};
+
+struct CapturedStep {
+  at::cuda::CUDAGraph graph;
+  torch::Tensor index;  // the batch's rows of the training split, read by the graph
+};
+
+// Captures the step of the batch `index` (not run yet: replay it).
+std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, const torch::Tensor& index,
+                                           torch::Tensor& loss_sum, torch::Tensor& update_counts,
+                                           const torch::Device& device) {
+  auto captured = std::make_unique<CapturedStep>();
+  captured->index = index.clone();
+  t.optimizer->zero_grad();  // undefined: the captured backward allocates them in the graph's pool
+  c10::cuda::CUDACachingAllocator::emptyCache();  // the previous epoch's graph pool, now unused
+  captured->graph.register_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
+  try {
+    captured->graph.capture_begin();
+    const torch::Tensor x = train.images.index_select(0, captured->index);
+    const torch::Tensor y = train.labels.index_select(0, captured->index);
+    add_to_sums(t, train_step(t, x, y, nullptr), index.size(0), loss_sum, update_counts);
+    captured->graph.capture_end();
+  } catch (const std::exception& e) {
+    // Leave the stream out of capture mode, so that the error, not a later
+    // "operation not permitted when stream is capturing", is what the user sees.
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+      cudaGraph_t partial = nullptr;
+      if (cudaStreamEndCapture(stream, &partial) == cudaSuccess && partial != nullptr) cudaGraphDestroy(partial);
+    }
+    (void)cudaGetLastError();
+    const auto* error = dynamic_cast<const c10::Error*>(&e);
+    throw std::runtime_error(std::string("cuda_graphs: the training step could not be captured as a CUDA graph: ") +
+                             (error ? error->what_without_backtrace() : e.what()));
+  }
+  return captured;
+}
+#endif
+
 }  // namespace
 
 void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
@@ -126,31 +263,42 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(torch::kFloat64).device(device));
   EpochResult result{0, torch::zeros({n_tensors, 2}, torch::TensorOptions(torch::kLong).device(device)), batches,
                      false};
+  // Note [CUDA-graph training steps]: full batches from kGraphWarmupSteps on replay a captured step.
+  const int64_t full_batches = train.size() / c.batch_size;
+  const bool graphs = c.cuda_graphs && full_batches > kGraphWarmupSteps;
+#if defined(FXP_WITH_CUDA)
+  std::optional<SideStream> side_stream;
+  if (graphs) {
+    if (!t.graph_stream) t.graph_stream = at::cuda::getStreamFromPool(false, device.index());
+    side_stream.emplace(device, *t.graph_stream);
+  }
+  std::unique_ptr<CapturedStep> captured;
+#else
+  if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
+#endif
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
   for (int64_t b = 0; b < batches; ++b) {
+    const int64_t start = b * c.batch_size;
+    const torch::Tensor index = order.narrow(0, start, std::min(c.batch_size, train.size() - start));
+#if defined(FXP_WITH_CUDA)
+    if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
+      if (!captured) captured = capture_step(t, train, index, loss_sum, result.update_counts, device);
+      captured->index.copy_(index);
+      captured->graph.replay();
+      ++result.graph_steps;
+      bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + index.size(0)); });
+      continue;
+    }
+#endif
     t.optimizer->zero_grad();
     // The session's second step (its first, if an epoch has one batch), so the
     // momentum buffers exist and the previous gradients are gone.
     std::optional<StepProbe> probe;
     if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-    const int64_t start = b * c.batch_size;
-    const torch::Tensor index = order.narrow(0, start, std::min(c.batch_size, train.size() - start));
     const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
     torch::Tensor loss;
     try {
-      loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
-      if (probe) probe->after_forward();
-      if (t.msq) {
-        (loss + t.msq->penalty()).backward();  // the reported loss stays the task's
-      } else {
-        loss.backward();
-      }
-      if (probe) probe->after_backward();
-      if (t.adapt) {
-        t.adapt->step(loss.item<double>(), index.size(0), *t.optimizer);  // syncs: the strategy needs the loss
-      } else {
-        t.optimizer->step();
-      }
+      loss = train_step(t, x, y, probe ? &*probe : nullptr);
     } catch (const c10::ValueError& e) {
       // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
       if (!t.packed) throw;
@@ -160,10 +308,7 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       break;
     }
     if (probe) step_memory = probe->after_step();
-    loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(index.size(0)));
-    // One row per parameter, in the model's order (the optimizer's groups
-    // hold the model's parameters in order; rows of parameters without a gradient are zero).
-    if (t.qpu) result.update_counts.add_(torch::cat(t.qpu->last_counts()));
+    add_to_sums(t, loss, index.size(0), loss_sum, result.update_counts);
     bar.update(b + 1, [&] {
       return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size()));
     });

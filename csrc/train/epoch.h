@@ -17,6 +17,7 @@ struct EpochResult {
   torch::Tensor update_counts;  // QPU: int64 [n_params, 2], (saturated, vanished) summed over the steps
   int64_t batches;              // the epoch's batches (all of them, even after a divergence)
   bool diverged;                // packed storage met a NaN (the epoch ended there)
+  int64_t graph_steps = 0;      // cuda_graphs: the steps that replayed the captured graph
 };
 
 // Note [Batch norm recalibration] (nn/network.cpp), over the first

@@ -104,6 +104,7 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
           {"epoch_time_s", epoch_time},
           {"train_time_s", train_time},
           {"images_per_s", static_cast<double>(train_images) / train_time},
+          {"cuda_graph_steps", trained.graph_steps},
           {"layers", stats.layers},
           {"vanished_update_fraction", stats.vanished_fraction}};
 }

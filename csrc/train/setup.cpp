@@ -78,6 +78,8 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
     for (const auto& p : t.model->packed_storage()) {
       qpu->set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
     }
+    // Note [CUDA-graph training steps]: step and lr on the device, so a replayed step advances them.
+    qpu->set_capturable(c.cuda_graphs);
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
   } else if (adapt_qpu) {

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "adapt/controller.h"
@@ -32,6 +33,9 @@ struct Training {
   bool packed = false;           // packed storage (docs/memory.md)
   std::unique_ptr<adapt::Controller> adapt;  // AdaPT's controller, for method adapt
   std::unique_ptr<msq::Controller> msq;      // MSQ's controller, for method msq
+  // cuda_graphs: the side stream every epoch's steps run on (Note [CUDA-graph
+  // training steps]); one per run, so its cuBLAS workspace and cached blocks are reused.
+  std::optional<c10::Stream> graph_stream;
 };
 
 // MSQ's controller options from the msq_* keys.

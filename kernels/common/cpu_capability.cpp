@@ -10,7 +10,13 @@ namespace {
 
 constexpr const char* kNames[kCpuCapabilities] = {"default", "avx2", "avx512"};
 
+#if !defined(FXP_CPU_BUILT_MASK)
+#define FXP_CPU_BUILT_MASK 1  // default_ alone
+#endif
+
+// Whether this library has the capability's build (CMake's FXP_CPU_CAPABILITIES) and the CPU runs it.
 bool cpu_has(CpuCapability capability) {
+  if (((FXP_CPU_BUILT_MASK >> static_cast<int>(capability)) & 1) == 0) return false;
 #if defined(FXP_HAVE_X86_CAPABILITIES)
   switch (capability) {
     case CpuCapability::Default: return true;

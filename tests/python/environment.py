@@ -14,6 +14,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FXP_TRAIN = pathlib.Path(os.environ.get("FXP_TRAIN") or ROOT / "build" / "fxp-train")  # as scripts/sweeplib.py
 FASHION = pathlib.Path("/usr/share/datasets/fashion-mnist")
+# The Fashion-MNIST directory fxp-train runs read: $FXP_FASHION_MNIST where set (scripts/gpu_check.sh
+# points it at decompressed files on a machine without Debian's package), else Debian's.
+FXP_TRAIN_DATA = pathlib.Path(os.environ.get("FXP_FASHION_MNIST") or FASHION)
 
 requires_fxp_train_and_data = pytest.mark.skipif(
     not FXP_TRAIN.exists() or not FASHION.is_dir(),
@@ -29,9 +32,10 @@ def run_fxp_train(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def epoch_metrics(run_dir: pathlib.Path) -> list[dict]:
-    """A run's metrics.jsonl without its timings: what two identical runs share bit for bit."""
+    """A run's metrics.jsonl without its timings and its count of CUDA-graph steps: what two
+    identical runs (with or without --cuda-graphs) share bit for bit."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
-        for key in ("epoch_time_s", "train_time_s", "images_per_s"):
+        for key in ("epoch_time_s", "train_time_s", "images_per_s", "cuda_graph_steps"):
             line.pop(key)
     return lines

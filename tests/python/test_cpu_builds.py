@@ -55,7 +55,7 @@ def defined(objects: list[Path]) -> dict[str, str]:
 
 def test_no_fxp_function_is_shared_between_cpu_builds():
     objects = capability_objects()
-    assert {"default_", "avx2", "avx512"} <= set(objects) or "avx2" not in objects, objects
+    assert "default_" in objects, objects  # the others as FXP_CPU_CAPABILITIES lists them
     symbols = {cap: defined(objs) for cap, objs in objects.items() if cap}
     caps = sorted(symbols)
     for i, a in enumerate(caps):

@@ -1,6 +1,7 @@
 """fxp-train as a process (issue 11): a run directory is locked while a run
 holds it, and a write that fails (a full disk) is a clear error that keeps the
-previous checkpoint, from which the run resumes bit for bit."""
+previous checkpoint, from which the run resumes bit for bit. And --cuda-graphs
+(issue 15): refused where it cannot run, the same bits as eager steps on a GPU."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import resource
 import signal
 import subprocess
 
+import json
+
 import pytest
+import torch
 
-from environment import FASHION, FXP_TRAIN, epoch_metrics, requires_fxp_train_and_data, run_fxp_train
-
-pytestmark = requires_fxp_train_and_data
+from environment import (FASHION, FXP_TRAIN, FXP_TRAIN_DATA, epoch_metrics, requires_fxp_train,
+                         requires_fxp_train_and_data, run_fxp_train)
 
 SMALL = ["--data-dir", str(FASHION), "--train-limit", "500", "--val-limit", "200", "--threads", "1", "--no-progress",
          "--quiet"]
@@ -23,6 +26,7 @@ def _train(out, *args, preexec_fn=None):
     return run_fxp_train(*SMALL, "-o", str(out), *args, preexec_fn=preexec_fn)
 
 
+@requires_fxp_train_and_data
 def test_a_second_fxp_train_on_a_busy_directory_exits_75(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -34,6 +38,7 @@ def test_a_second_fxp_train_on_a_busy_directory_exits_75(tmp_path):
     assert not (out / "config.json").exists()
 
 
+@requires_fxp_train_and_data
 def test_a_full_disk_is_a_clear_error_and_the_run_resumes_bit_for_bit(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert _train(whole, "--epochs", "2").returncode == 0
@@ -53,6 +58,7 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes_bit_for_bit(tmp_path):
     assert epoch_metrics(split) == epoch_metrics(whole)
 
 
+@requires_fxp_train_and_data
 def test_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path):
     out = tmp_path / "run"
     assert _train(out, "--epochs", "1").returncode == 0
@@ -63,6 +69,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path):
     assert p.returncode == 1 and f"checkpoint {out}/checkpoint.pt is corrupted" in p.stderr
 
 
+@requires_fxp_train_and_data
 @pytest.mark.parametrize("text, message", [
     ("lr: &a [*a]\n", "nested deeper than 16 levels"),
     ("lr: 0.1\nlr: 0.2\n", "key 'lr' is given twice"),
@@ -72,3 +79,58 @@ def test_configs_that_crashed_fxp_train_are_usage_errors(tmp_path, text, message
     config.write_text(text)
     p = subprocess.run([str(FXP_TRAIN), "-c", str(config), "--print-config"], capture_output=True, text=True)
     assert p.returncode == 2 and message in p.stderr  # the first was a segmentation fault
+
+
+# ---- --cuda-graphs (Note [CUDA-graph training steps], csrc/train/epoch.cpp) -------------------------
+
+@requires_fxp_train
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "cuda_graphs: captures CUDA work: it needs device cuda, but device is cpu"),
+    (["--device", "cuda", "--method", "adapt"], "cuda_graphs: supports methods fp32, ste, sqpu and hteqpu; adapt"),
+    (["--device", "cuda", "--method", "msq"], "cuda_graphs: supports methods fp32, ste, sqpu and hteqpu; msq"),
+    (["--device", "cuda", "--packed"], "cuda_graphs: does not support packed storage yet"),
+])
+def test_cuda_graphs_are_refused_where_they_cannot_run(args, message):
+    p = run_fxp_train("--cuda-graphs", *args, "--print-config")
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+@requires_fxp_train
+def test_cuda_graphs_may_change_on_resume():
+    config = json.loads(run_fxp_train("--print-config").stdout)
+    assert config["cuda_graphs"] is False
+    with_graphs = json.loads(run_fxp_train("--print-config", "--cuda-graphs", "--device", "cuda").stdout)
+    assert with_graphs["cuda_graphs"] is True
+    # The run's name, which the sweep keys runs by, does not depend on it.
+    names = [run_fxp_train("--print-config", *a).stdout for a in ([], ["--cuda-graphs", "--device", "cuda"])]
+    assert json.loads(names[0])["output_dir"] == json.loads(names[1])["output_dir"]
+
+
+requires_cuda_and_data = pytest.mark.skipif(
+    not torch.cuda.is_available() or not FXP_TRAIN.exists() or not FXP_TRAIN_DATA.is_dir(),
+    reason="needs a CUDA device, build/fxp-train and Fashion-MNIST")
+
+
+@requires_cuda_and_data
+@pytest.mark.parametrize("method", ["sqpu", "hteqpu", "ste", "fp32"])
+def test_cuda_graphs_give_the_bits_of_eager_steps(tmp_path, method):
+    # 202 images at batch 4: 3 eager warm-up steps, 47 replays and a short last batch per epoch.
+    # The plateau schedule with patience 0 may change the lr between epochs (each epoch captures anew).
+    common = ["--method", method, "--device", "cuda", "--data-dir", str(FXP_TRAIN_DATA), "--batch-size", "4",
+              "--train-limit", "202", "--val-limit", "300", "--scheduler", "plateau", "--plateau-patience", "0",
+              "--no-progress", "--quiet"]
+
+    def train(name, *args):
+        p = run_fxp_train(*common, *args, "-o", str(tmp_path / name))
+        assert p.returncode == 0, p.stderr
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    eager = train("eager", "--epochs", "3")
+    graphs = train("graphs", "--epochs", "3", "--cuda-graphs")
+    assert [e["cuda_graph_steps"] for e in eager] == [0, 0, 0]
+    assert [e["cuda_graph_steps"] for e in graphs] == [47, 47, 47]
+    assert epoch_metrics(tmp_path / "graphs") == epoch_metrics(tmp_path / "eager")
+    # Two epochs with graphs, resumed for the third (the QPU step count comes back from the device).
+    train("resumed", "--epochs", "2", "--cuda-graphs")
+    train("resumed", "--epochs", "3", "--cuda-graphs", "--resume")
+    assert epoch_metrics(tmp_path / "resumed") == epoch_metrics(tmp_path / "eager")

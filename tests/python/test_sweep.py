@@ -259,7 +259,7 @@ KEYS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "o
         "adapt_lookback_min", "adapt_lookback_max", "adapt_lookback_momentum", "adapt_buffer_bits", "adapt_strategy",
         "adapt_log", "l1_decay", "batch_size", "lr", "lr_scaling", "momentum", "weight_decay", "scheduler", "plateau_patience",
         "plateau_factor", "epochs", "early_stopping", "early_stopping_patience", "early_stopping_min_epochs",
-        "seed", "device", "threads", "data_dir", "train_limit", "val_limit", "eval_batch_size", "bn_recalibration_batches",
+        "seed", "device", "threads", "cuda_graphs", "data_dir", "train_limit", "val_limit", "eval_batch_size", "bn_recalibration_batches",
         "normalize_mean",
         "normalize_std", "output_dir"]
 

@@ -155,11 +155,12 @@ class QPUSGD(Optimizer):
         """Before any group steps: every parameter to update can be written in
         place, or has codes. An expanded parameter (a zero stride) cannot; the
         usual one is a packed layer's stand-in whose codes nobody passed."""
+        packed = self._codes
         for g, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
                 # A contiguous tensor of several elements has no zero stride: the cheap test first
                 # (this runs every step); a one-element stand-in is contiguous whatever its stride.
-                if p.grad is None or (p.numel() > 1 and p.is_contiguous()) or p in self._codes or p.dim() == 0:
+                if p.grad is None or (p.numel() > 1 and p.is_contiguous()) or p.dim() == 0 or (packed and p in packed):
                     continue
                 strides = p.stride()
                 if all(s == 0 for s in strides) or any(s == 0 and n > 1 for s, n in zip(strides, p.shape)):
@@ -167,6 +168,36 @@ class QPUSGD(Optimizer):
                         f"QPUSGD.step: parameter {k} of group {g} is expanded (a stride is 0), so it cannot be "
                         "updated in place; a packed layer's stand-in needs its codes: "
                         "QPUSGD(..., packed=fxp.nn.packed_storage(model))")
+
+    def _gather(self, group: dict[str, Any]) -> Optional[tuple]:
+        """The group's op arguments: (streams, params, grads, storage, buffers), or
+        None when no parameter has a gradient. One pass: this runs every step, and
+        on a GPU its host time is the step's time for models of many small tensors."""
+        packed, state = self._codes, self.state
+        momentum = group["momentum"] != 0
+        mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"]) if momentum and packed else None
+        streams, params, grads, storage, buffers = [], [], [], [], []
+        for k, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            # Note [QPU random streams]: parameter k of the group draws from
+            # stream k, whether or not the others have gradients.
+            streams.append(k)
+            params.append(p)
+            grads.append(grad if grad.is_contiguous() else grad.contiguous())
+            # Packed parameters: the step updates their codes. A strided parameter is
+            # updated in a contiguous copy (its logical order) and copied back.
+            codes = packed.get(p) if packed else None
+            storage.append(codes if codes is not None else p if p.is_contiguous() else p.contiguous())
+            if momentum:
+                buffer = state[p].get("momentum_buffer")
+                if buffer is None:
+                    buffer = (torch.zeros_like(p, memory_format=torch.contiguous_format) if codes is None
+                              else store_codes(torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device), mfmt))
+                    state[p]["momentum_buffer"] = buffer
+                buffers.append(buffer)
+        return (streams, params, grads, storage, buffers) if streams else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
@@ -279,29 +310,11 @@ class QPUSGD(Optimizer):
         self._check_writable()
         for index, group in enumerate(self.param_groups):
             everyone = group["params"]
-            # Note [QPU random streams]: parameter k of the group draws from
-            # stream k, whether or not the others have gradients.
-            streams = [k for k, p in enumerate(everyone) if p.grad is not None]
-            if not streams:
+            arguments = self._gather(group)
+            if arguments is None:
                 self.last_counts.append(torch.zeros(len(everyone), 2, dtype=torch.long))
                 continue
-            params = [everyone[k] for k in streams]
-            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-            # Packed parameters: the step updates their codes. A strided parameter is
-            # updated in a contiguous copy (its logical order) and copied back.
-            codes = [self._codes.get(p) for p in params]
-            storage = [c if c is not None else p if p.is_contiguous() else p.contiguous()
-                       for p, c in zip(params, codes)]
-            buffers = []
-            if group["momentum"] != 0:
-                mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
-                for p, c in zip(params, codes):
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = (
-                            torch.zeros_like(p, memory_format=torch.contiguous_format) if c is None
-                            else store_codes(torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device), mfmt))
-                    buffers.append(state["momentum_buffer"])
+            streams, params, grads, storage, buffers = arguments
             if self.capturable:
                 lr, step, nan_count = self._device_scalars(index, group, params[0].device)
                 counts = torch.ops.fxp.qpu_sgd_step_.capturable(
@@ -314,8 +327,8 @@ class QPUSGD(Optimizer):
                 group["step"] = step + 1
                 counts = torch.ops.fxp.qpu_sgd_step_(storage, grads, buffers, *self._hyperparameters(group, step),
                                                      streams)
-            for p, c, stored in zip(params, codes, storage):
-                if c is None and stored is not p:
+            for p, stored in zip(params, storage):
+                if stored is not p and p not in self._codes:
                     p.copy_(stored)
             if len(streams) < len(everyone):  # a row per parameter; those without a gradient stay zero
                 counts = torch.zeros(len(everyone), 2, dtype=torch.long, device=counts.device).index_copy_(
