@@ -121,6 +121,22 @@ TEST_F(QuantizeCuda, BitIdenticalToCpu) {
   }
 }
 
+// The errors raised after a count is read back from the device, in C++ (the
+// first GPU runs saw the same errors crash their pytest worker; see
+// scripts/diagnose/error_paths.py): with CUDA tensors alive while they unwind.
+TEST_F(QuantizeCuda, ErrorsRaisedAfterADeviceReadAreCaught) {
+  Tensor bad = torch::zeros({100003}, torch::kLong);
+  bad.slice(0, 0, 100003, 1000).fill_(-33);
+  expect_error([&] { fxp::pack_bits(bad.cuda(), 6); }, "101 codes lie outside [-32, 31]");
+  expect_error([] { fxp::pack(torch::tensor({1.0F, NAN}, torch::kCUDA), 8, 4); },
+               "cannot pack NaN into integer codes: 1 of 2 elements are NaN");
+  std::vector<Tensor> w{torch::tensor({16, 32, -8}, torch::dtype(torch::kChar).device(torch::kCUDA))};
+  std::vector<Tensor> g{torch::tensor({1.0F, NAN, 2.0F}, torch::kCUDA)};
+  std::vector<Tensor> v{torch::zeros({3}, torch::dtype(torch::kChar).device(torch::kCUDA))};
+  expect_error([&] { fxp::qpu_sgd_step_(w, g, v, 0.5, 0.9, 0.0, false, 8, 4, 8, 4, "nearest_even", 0, 0); },
+               "updated values are NaN");
+}
+
 TEST_F(QuantizeCuda, MixedDevicesAreRejected) {
   const Tensor x = torch::randn({4});
   Tensor out = torch::empty({4}, torch::kCUDA);
