@@ -334,3 +334,24 @@ def test_cuda_graph_captures_an_optimizer_with_a_frozen_parameter():
     torch.cuda.synchronize()
     assert all(same_bits(a.detach().cpu(), b.detach().cpu()) for a, b in zip(params, params2))
     assert int(static_counts[2].abs().sum()) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("form", ["plain packed", "bit streams"])
+def test_steps_that_read_back_are_refused_under_capture(form):
+    """The plain step on packed storage (its NaN count) and bit-stream storage (re-encoding's range check)
+    read counts back to the host: under a CUDA-graph capture they raise, naming the way out."""
+    w = [torch.zeros(5, dtype=torch.int8, device="cuda")]
+    g = [torch.ones(5, device="cuda")]
+    hyper = (0.0, 0.0, False, 8, 4, 8, 4, "nearest_even", 0)
+    if form == "bit streams":
+        w = [fxp.pack_bits(torch.zeros(5, dtype=torch.int8), 6).cuda()]
+        hyper = (0.0, 0.0, False, 6, 3, 6, 3, "nearest_even", 0)
+    lr_t, step_t, nan_t = scalars(0.5, 0, device="cuda")
+    call = (lambda: plain_op(w, g, [], 0.5, *hyper, 0)) if form == "plain packed" else \
+        (lambda: capturable_op(w, g, [], lr_t, step_t, nan_t, *hyper))
+    call()  # eagerly, both run
+    message = "capture the capturable form" if form == "plain packed" else "store the codes as integers"
+    with pytest.raises(RuntimeError, match=message):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            call()

@@ -16,6 +16,16 @@ namespace fxp {
 
 namespace detail {
 
+// Note [Capturable QPU step]: what reads a count back to the host (the plain
+// step's NaN count, bit streams' range check when re-encoded) cannot run
+// under a CUDA graph capture; it is refused before any work, with the way out,
+// instead of failing in CUDA with "operation not permitted when stream is capturing".
+template <class Backend>
+void check_not_capturing(bool reads_back, const char* what) {
+  TORCH_CHECK(!(reads_back && Backend::capturing()), "fxp::qpu_sgd_step_: ", what,
+              " reads a count back to the host, which a CUDA graph capture does not allow");
+}
+
 // The update of checked lists: counts (int64 [n, 2]) receive (saturated,
 // vanished) per tensor, nan_count (where defined) the NaN results that packed
 // storage could not hold.
@@ -26,6 +36,9 @@ void run_qpu_sgd(at::TensorList params, at::TensorList grads, at::TensorList mom
   typename Backend::DeviceGuard guard(params[0].device());
   const bool param_stream = is_bit_stream(params[0]);
   const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
+  check_not_capturing<Backend>(param_stream || momentum_stream,
+                               "bit-stream storage (Note [Bit-stream storage]; store the codes as integers to capture "
+                               "the step) re-encodes each tensor, and its range check");
   if (param_stream || momentum_stream) {
     // Note [Bit-stream storage]: one tensor at a time, decoded, updated
     // and re-encoded (check_qpu_sgd checked the streams); the draws depend
@@ -71,6 +84,8 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       const bool packed = detail::any_packed(p);
+      detail::check_not_capturing<Backend>(packed, "the plain step on packed storage (capture the capturable form, "
+                                                   "qpu_sgd_step_.capturable, instead) counts NaN results and");
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read
       // on CUDA; the capturable form leaves the count on the device).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();

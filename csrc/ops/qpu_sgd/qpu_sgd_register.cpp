@@ -13,6 +13,7 @@ namespace {
 struct CpuBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
+  static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
                      const at::Tensor& nan_count) {
@@ -24,6 +25,7 @@ struct CpuBackend {
 struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
+  static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&) {}
 };
@@ -34,6 +36,7 @@ struct MetaBackend {
 struct NoTensorsBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
+  static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&) {
     TORCH_CHECK(false, "fxp::qpu_sgd_step_ has no kernel for tensors on ", params[0].device());
