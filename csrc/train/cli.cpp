@@ -76,7 +76,7 @@ const std::vector<FlagHelp>& flag_help() {
       {"device", "cpu, cuda or cuda:N", {}},
       {"threads", "CPU threads (0: LibTorch's default)", {}},
       {"cuda_graphs", "CUDA: replay each full training batch as one captured CUDA graph (forward, backward, "
-                      "step); the same results, far less launch overhead at small batches", {}},
+                      "step), for small batches, where launches bound a step; results meant to be the same", {}},
       {"data_dir", "directory with the dataset's files (default: the dataset's, see docs/models.md)", {}},
       {"train_limit", "train on the first N training images only (0: all)", {}},
       {"val_limit", "validate on the first N test images only (0: all)", {}},

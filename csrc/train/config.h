@@ -65,8 +65,8 @@ struct TrainConfig {
   std::string device = "cpu";  // cpu | cuda | cuda:N
   int64_t threads = 0;         // 0: LibTorch's default
   // CUDA only: full training batches replay one captured CUDA graph of the
-  // whole step (Note [CUDA-graph training steps], train/epoch.cpp). The
-  // results are the same bits as without it.
+  // whole step (Note [CUDA-graph training steps], train/epoch.cpp), meant to
+  // give the same bits as without it.
   bool cuda_graphs = false;
   std::string data_dir;  // empty: the dataset's default directory (data_directory())
   int64_t train_limit = 0;  // 0: the whole split; else its first N images

@@ -4,7 +4,6 @@
 
 #if defined(FXP_WITH_CUDA)
 #include <ATen/cuda/CUDAEvent.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -131,18 +130,18 @@ void add_to_sums(const Training& t, const torch::Tensor& loss, int64_t batch, to
 // kGraphWarmupSteps batches run eagerly (PyTorch asks for warm-up steps on
 // the capturing stream: lazy initializations such as cuBLAS's workspace
 // happen there), then one full batch is captured as a CUDA graph of the whole
-// step: the batch's gather through a static index tensor, forward, backward,
-// the optimizer's step and the epoch's sums. Every later full batch copies its
-// rows of the epoch's order into the index and replays the graph; a short last
-// batch runs eagerly. The graph is captured anew each epoch, so nothing the
+// step: the batch's rows of the epoch's order (positions in a static tensor,
+// which the graph then advances by a batch), the gather, forward, backward,
+// the optimizer's step and the epoch's sums. So each later full batch is one
+// replay and nothing else; a short last batch runs eagerly. The graph is captured anew each epoch, so nothing the
 // host changes between epochs (a schedule's lr, batch norm recalibration, the
 // order, the sums) is stale in it.
 // A replay does what an eager step does, kernel for kernel:
 // - zero_grad leaves the gradients undefined before the capture, so the
 //   captured backward writes them afresh, as an eager step's does;
-// - stochastic rounding draws from the default CUDA generator, which the graph
-//   registers: a replay reads the generator's offset and advances it by the
-//   graph's total, as the eager calls would (PhiloxCudaState);
+// - stochastic rounding draws from the default CUDA generator, which
+//   CUDAGraph::capture_begin registers: a replay reads the generator's offset
+//   and advances it by the graph's total, as the eager calls would (PhiloxCudaState);
 // - QpuSgd is capturable (Note [Capturable QPU step]): its step count and lr
 //   live on the device, and the step advances the count there; torch's SGD
 //   (fp32, ste) reads only the lr, which is fixed within an epoch.
@@ -188,24 +187,25 @@ class SideStream {
 
 struct CapturedStep {
   at::cuda::CUDAGraph graph;
-  torch::Tensor index;  // the batch's rows of the training split, read by the graph
+  torch::Tensor positions;  // the next replay's positions in the epoch's order, advanced by each replay
 };
 
-// Captures the step of the batch `index` (not run yet: replay it).
-std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, const torch::Tensor& index,
-                                           torch::Tensor& loss_sum, torch::Tensor& update_counts,
-                                           const torch::Device& device) {
+// Captures the step of the full batches from position `start` of `order` on
+// (not run yet: each replay runs the next batch).
+std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, const torch::Tensor& order,
+                                           int64_t start, int64_t batch_size, torch::Tensor& loss_sum,
+                                           torch::Tensor& update_counts, const torch::Device& device) {
   auto captured = std::make_unique<CapturedStep>();
-  captured->index = index.clone();
+  captured->positions = torch::arange(start, start + batch_size, order.options());
   t.optimizer->zero_grad();  // undefined: the captured backward allocates them in the graph's pool
   c10::cuda::CUDACachingAllocator::emptyCache();  // the previous epoch's graph pool, now unused
-  captured->graph.register_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index()).stream();
   try {
     captured->graph.capture_begin();
-    const torch::Tensor x = train.images.index_select(0, captured->index);
-    const torch::Tensor y = train.labels.index_select(0, captured->index);
-    add_to_sums(t, train_step(t, x, y, nullptr), index.size(0), loss_sum, update_counts);
+    const torch::Tensor index = order.index_select(0, captured->positions);
+    const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+    add_to_sums(t, train_step(t, x, y, nullptr), batch_size, loss_sum, update_counts);
+    captured->positions.add_(batch_size);
     captured->graph.capture_end();
   } catch (const std::exception& e) {
     // Leave the stream out of capture mode, so that the error, not a later
@@ -278,40 +278,38 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
 #endif
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
   for (int64_t b = 0; b < batches; ++b) {
-    const int64_t start = b * c.batch_size;
-    const torch::Tensor index = order.narrow(0, start, std::min(c.batch_size, train.size() - start));
-#if defined(FXP_WITH_CUDA)
+    const int64_t start = b * c.batch_size, size = std::min(c.batch_size, train.size() - start);
     if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
-      if (!captured) captured = capture_step(t, train, index, loss_sum, result.update_counts, device);
-      captured->index.copy_(index);
+#if defined(FXP_WITH_CUDA)
+      if (!captured) {
+        captured = capture_step(t, train, order, start, c.batch_size, loss_sum, result.update_counts, device);
+      }
       captured->graph.replay();
       ++result.graph_steps;
-      bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + index.size(0)); });
-      continue;
-    }
 #endif
-    t.optimizer->zero_grad();
-    // The session's second step (its first, if an epoch has one batch), so the
-    // momentum buffers exist and the previous gradients are gone.
-    std::optional<StepProbe> probe;
-    if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-    const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-    torch::Tensor loss;
-    try {
-      loss = train_step(t, x, y, probe ? &*probe : nullptr);
-    } catch (const c10::ValueError& e) {
-      // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
-      if (!t.packed) throw;
-      if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
-      if (probe) step_memory = probe->so_far();  // what was measured before the NaN, if anything
-      result.diverged = true;
-      break;
+    } else {
+      t.optimizer->zero_grad();
+      // The session's second step (its first, if an epoch has one batch), so the
+      // momentum buffers exist and the previous gradients are gone.
+      std::optional<StepProbe> probe;
+      if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
+      const torch::Tensor index = order.narrow(0, start, size);
+      const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+      torch::Tensor loss;
+      try {
+        loss = train_step(t, x, y, probe ? &*probe : nullptr);
+      } catch (const c10::ValueError& e) {
+        // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
+        if (!t.packed) throw;
+        if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+        if (probe) step_memory = probe->so_far();  // what was measured before the NaN, if anything
+        result.diverged = true;
+        break;
+      }
+      if (probe) step_memory = probe->after_step();
+      add_to_sums(t, loss, size, loss_sum, result.update_counts);
     }
-    if (probe) step_memory = probe->after_step();
-    add_to_sums(t, loss, index.size(0), loss_sum, result.update_counts);
-    bar.update(b + 1, [&] {
-      return loss_sum.item<double>() / static_cast<double>(std::min(start + index.size(0), train.size()));
-    });
+    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + size); });
   }
   bar.finish();
   result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()

@@ -39,7 +39,7 @@ struct QpuSgdParams {
 // optimizers do with capturable=True. Packed storage's NaN results are added to
 // the counter instead of raising, which would need a device-to-host read; the
 // caller checks the counter where it synchronizes anyway (fxp.optim.QPUSGD's
-// check_nan, the trainer at the end of an epoch). Float storage stores NaN
+// and fxp::optim::QpuSgd's check_nan). Float storage stores NaN
 // results as NaN and counts nothing, as the plain op does. The update is the
 // plain op's, bit for bit, with lr rounded to the lr tensor's dtype first
 // (float32 lr with float64 grads is the one case where that differs). On the

@@ -666,6 +666,19 @@ TEST_F(TrainRun, ResumeRefusesChangedSettings) {
   expect_error([&] { run("r", c, true); }, "lr (0.01 in the run, 0.5 now)");
 }
 
+// What only changes how a run executes may change on resume; a setting of the run may not.
+TEST(TrainConfig, CudaGraphsMayChangeOnResume) {
+  ft::TrainConfig eager;
+  ft::TrainConfig graphs = eager;
+  graphs.cuda_graphs = true;
+  graphs.device = "cuda";
+  const json stored = ft::to_json(eager), current = ft::to_json(graphs);
+  EXPECT_EQ(ft::differing_settings(stored, current, false), "device (\"cpu\" in the run, \"cuda\" now)");
+  graphs.device = eager.device;
+  EXPECT_EQ(ft::differing_settings(stored, ft::to_json(graphs), false), "");
+  EXPECT_TRUE(ft::key_may_change_on_resume("cuda_graphs"));
+}
+
 // Issue 11: a damaged checkpoint, or one of other settings, is never resumed from.
 TEST_F(TrainRun, ResumeRefusesDamagedOrForeignCheckpoints) {
   run("r", config_);
