@@ -103,7 +103,8 @@ torch::Tensor pack_parameter(torch::nn::Module& layer, torch::Tensor& parameter,
                              const QuantConfig& c) {
   torch::NoGradGuard no_grad;
   torch::Tensor codes = layer.register_buffer(
-      name, store_codes(pack(parameter, c.param_total_bits, c.param_frac_bits), c.param_total_bits));
+      name, store_codes(pack(parameter, c.param_total_bits, c.param_frac_bits), c.param_total_bits,
+                        /*check_range=*/false));
   parameter.set_data(torch::zeros({}, parameter.options()).expand(parameter.sizes()));
   return codes;
 }
@@ -160,7 +161,7 @@ torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
   const auto out_format = fused_output_format(config, output_stats);
   const torch::Tensor y = fxp::linear(x, w.weight, w.bias, format_ref(packed.saved_input_format), w.weight_codes,
                                       w.bias_codes, format_ref(w.param_format), format_ref(out_format),
-                                      op_rounding(config.act_rounding));
+                                      op_rounding(config.act_rounding), std::nullopt, optional(packed.pack_counts));
   return note_output(out_format ? y : output(y, config, output_stats));
 }
 
@@ -191,7 +192,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const torch::Tensor y = fxp::conv2d(x, w.weight, w.bias, o.stride(), padding, o.dilation(), o.groups(),
                                       format_ref(packed.saved_input_format), w.weight_codes, w.bias_codes,
                                       format_ref(w.param_format), format_ref(out_format),
-                                      op_rounding(config.act_rounding));
+                                      op_rounding(config.act_rounding), std::nullopt, optional(packed.pack_counts));
   return note_output(out_format ? y : output(y, config, output_stats));
 }
 

@@ -68,11 +68,15 @@ struct OutputStats {
 //   (PackedStorage). The forward unpacks the codes transiently.
 // - saved_input_format (any quantized layer) makes the autograd save the
 //   layer's input as codes of that format; the input must lie on its grid.
+//   With pack_counts (int64 [2] on the layer's device) an input that does
+//   not (or is NaN) is counted there instead of raising, so the step reads
+//   nothing back (Note [Deferred pack checks]); the owner checks the counts.
 // Pack after moving the model to its device: Module::to copies the
 // stand-ins at full size (the values stay right; the memory is lost).
 struct PackedState {
   bool weights = false;
   std::optional<std::vector<int64_t>> saved_input_format;  // [total_bits, frac_bits]
+  torch::Tensor pack_counts;  // undefined: the saved input is checked at once
 };
 
 // A packed parameter: the float stand-in that receives the gradient, and the

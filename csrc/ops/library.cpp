@@ -54,6 +54,11 @@ TORCH_LIBRARY(fxp, m) {
   m.def(
       "pack(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
       "str overflow=\"saturate\", Generator? generator=None) -> Tensor");
+  // Note [Deferred pack checks]: adds (NaN, off-grid) to counts (int64 [2] on
+  // x's device) instead of raising, so nothing is read back to the host.
+  m.def(
+      "pack.counted(Tensor x, int total_bits, int frac_bits, str rounding=\"nearest_even\", "
+      "str overflow=\"saturate\", Generator? generator=None, *, Tensor(a!) counts) -> Tensor");
   m.def(
       "pack_seeded(Tensor x, int total_bits, int frac_bits, str rounding, int seed, int offset, "
       "str overflow=\"saturate\") -> Tensor");
@@ -64,8 +69,10 @@ TORCH_LIBRARY(fxp, m) {
   // bit stream, as uint8 of ceil(numel * bits / 8) bytes. A code outside the
   // range is an error that gives the count. unpack_bits returns the codes with
   // the given shape, as dtype (default: the smallest of int8, int16 and int32
-  // that holds every code).
-  m.def("pack_bits(Tensor codes, int bits, bool is_signed=True) -> Tensor");
+  // that holds every code). check_range=False skips the range check, and with
+  // it CUDA's read-back, for codes known to be in range (an out-of-range
+  // code's low bits are stored).
+  m.def("pack_bits(Tensor codes, int bits, bool is_signed=True, bool check_range=True) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int[] size, bool is_signed=True, ScalarType? dtype=None) -> Tensor");
   // How packed storage keeps FxP(total_bits, .) codes (Note [Bit-stream
   // storage], csrc/ops/bit_pack/code_storage.h): store_codes returns the
@@ -82,15 +89,18 @@ TORCH_LIBRARY(fxp, m) {
   // the autograd saves x as codes of that format, which x must lie on. With
   // output_format, the output is quantized in place (saturate), as
   // quantize_ste would, with a straight-through gradient and no extra copy.
+  // With pack_counts (int64 [2] on x's device), saving x adds its (NaN,
+  // off-grid) counts there instead of raising (Note [Deferred pack checks]).
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
       "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None, "
-      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None, "
+      "Tensor(a!)? pack_counts=None) -> Tensor");
   m.def(
       "conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
       "Tensor? bias_codes=None, int[]? param_format=None, int[]? output_format=None, "
-      "str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+      "str output_rounding=\"nearest_even\", Generator? generator=None, Tensor(a!)? pack_counts=None) -> Tensor");
   // max_pool2d(relu(x), kernel_size) over non-overlapping windows, whose
   // autograd saves one byte per output (Note [Fused ReLU and max-pool])
   // instead of relu's output and the pool's int64 indices.

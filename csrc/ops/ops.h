@@ -144,6 +144,16 @@ inline at::Tensor pack(const at::Tensor& x, int64_t total_bits, int64_t frac_bit
   FXP_CALL_OP(pack, "pack", x, total_bits, frac_bits, rounding, overflow, generator);
 }
 
+// pack, adding (NaN, off-grid) counts to `counts` (contiguous int64 [2] on
+// x's device) instead of raising: nothing is read back to the host (Note
+// [Deferred pack checks]); the caller checks the counts later.
+inline at::Tensor pack_counted(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
+                               c10::string_view overflow, const OptionalGenerator& generator,
+                               const at::Tensor& counts) {
+  static const auto op = detail::find_op<decltype(pack_counted)>("fxp::pack", "counted");
+  return op.call(x, total_bits, frac_bits, rounding, overflow, generator, counts);
+}
+
 inline at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits, c10::string_view rounding,
                               int64_t seed, int64_t offset, c10::string_view overflow = "saturate") {
   FXP_CALL_OP(pack_seeded, "pack_seeded", x, total_bits, frac_bits, rounding, seed, offset, overflow);
@@ -158,9 +168,10 @@ inline at::Tensor unpack(const at::Tensor& codes, int64_t total_bits, int64_t fr
 // Bit-packed storage (Note [Bit-packed codes]): integer codes of `bits` bits
 // (1 to 16; two's complement when is_signed) as 1-D uint8 of
 // ceil(numel * bits / 8) bytes, code i in stream bits [i * bits, (i + 1) * bits).
-// A code outside the range is an error that gives the count.
-inline at::Tensor pack_bits(const at::Tensor& codes, int64_t bits, bool is_signed = true) {
-  FXP_CALL_OP(pack_bits, "pack_bits", codes, bits, is_signed);
+// A code outside the range is an error that gives the count, unless
+// check_range is false (codes known to be in range: no check, no CUDA sync).
+inline at::Tensor pack_bits(const at::Tensor& codes, int64_t bits, bool is_signed = true, bool check_range = true) {
+  FXP_CALL_OP(pack_bits, "pack_bits", codes, bits, is_signed, check_range);
 }
 
 // The codes of pack_bits, with shape `size`, as dtype (default: the smallest
@@ -173,7 +184,9 @@ inline at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArr
 // torch's linear / conv2d for quantized layers: weights from packed codes
 // (weight_codes, bias_codes in param_format), the input saved packed in
 // input_format for the backward, and the output quantized in place to
-// output_format (straight-through). See docs/design.md, "Packed storage".
+// output_format (straight-through). With pack_counts, the saved input's pack
+// adds its (NaN, off-grid) counts there instead of raising (Note [Deferred
+// pack checks]). See docs/design.md, "Packed storage".
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias = std::nullopt,
                          at::OptionalIntArrayRef input_format = std::nullopt,
@@ -182,9 +195,10 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                          at::OptionalIntArrayRef param_format = std::nullopt,
                          at::OptionalIntArrayRef output_format = std::nullopt,
                          c10::string_view output_rounding = "nearest_even",
-                         const OptionalGenerator& generator = std::nullopt) {
+                         const OptionalGenerator& generator = std::nullopt,
+                         const std::optional<at::Tensor>& pack_counts = std::nullopt) {
   FXP_CALL_OP(linear, "linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
-              output_rounding, generator);
+              output_rounding, generator, pack_counts);
 }
 
 inline at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -195,9 +209,10 @@ inline at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const st
                          at::OptionalIntArrayRef param_format = std::nullopt,
                          at::OptionalIntArrayRef output_format = std::nullopt,
                          c10::string_view output_rounding = "nearest_even",
-                         const OptionalGenerator& generator = std::nullopt) {
+                         const OptionalGenerator& generator = std::nullopt,
+                         const std::optional<at::Tensor>& pack_counts = std::nullopt) {
   FXP_CALL_OP(conv2d, "conv2d", x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
-              bias_codes, param_format, output_format, output_rounding, generator);
+              bias_codes, param_format, output_format, output_rounding, generator, pack_counts);
 }
 
 // max_pool2d(relu(x), kernel_size), stride = kernel_size, whose autograd saves

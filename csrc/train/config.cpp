@@ -376,10 +376,6 @@ void TrainConfig::validate() const {
       bad("cuda_graphs", "supports methods fp32, ste, sqpu and hteqpu; " + method +
                              " decides on the host between steps (it reads the loss or the weights back)");
     }
-    if (packed && method != "fp32") {  // fp32 has nothing to pack (set_up_training)
-      bad("cuda_graphs", "does not support packed storage yet: packing a layer's inputs reads a NaN count back "
-                         "to the host every step");
-    }
   }
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);

@@ -115,6 +115,28 @@ torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tenso
   return loss;
 }
 
+// Note [Deferred pack checks in training]
+// Packed storage cannot hold NaN, and a saved layer input must lie on its
+// format's grid. Checked at each step, that costs a device-to-host read per
+// packed layer and step on CUDA, and it cannot be captured in a CUDA graph. So
+// a packed run's steps only count, on the device: each layer's saved-input
+// pack adds to Training::pack_counts (Note [Deferred pack checks]), and the
+// capturable QpuSgd counts NaN updates. The epoch checks both when the
+// progress bar reads the loss (a sync it makes anyway) and at its end; a
+// count that is not 0 ends the epoch as a diverged run (non_finite_loss).
+// The price: a diverged run stops at the next check, not at the step.
+void check_packed_storage(Training& t) {
+  if (t.pack_counts.defined()) {
+    const torch::Tensor found = t.pack_counts.cpu();  // on the CPU, the tensor itself: read before zeroing
+    const int64_t nan = found[0].item<int64_t>(), off_grid = found[1].item<int64_t>();
+    t.pack_counts.zero_();
+    TORCH_CHECK_VALUE(nan == 0 && off_grid == 0, "packed storage cannot hold the layer inputs saved for the backward: ",
+                      nan, " elements were NaN and ", off_grid,
+                      " were off their format's grid, in the steps since the last check");
+  }
+  if (t.qpu) t.qpu->check_nan();
+}
+
 // The epoch's sums after a step: the loss weighted by the batch's size and,
 // for QPU, the update counts, one row per parameter in the model's order (the
 // optimizer's groups hold the model's parameters in order; rows of parameters
@@ -148,7 +170,8 @@ void add_to_sums(const Training& t, const torch::Tensor& loss, int64_t batch, to
 // So a run is meant to give the same bits with and without graphs
 // (test_fxp_train.py compares them on a GPU; it has not run on one yet). What
 // reads the device from the host within a step is refused by
-// TrainConfig::validate: AdaPT (the loss), MSQ, packed storage (a NaN count).
+// TrainConfig::validate: AdaPT (the loss), MSQ. Packed storage reads nothing
+// back within a step (Note [Deferred pack checks in training]).
 // Memory: the side stream is the run's (Training::graph_stream), so its cuBLAS
 // workspace and cached blocks serve every epoch; each epoch's graph has its own
 // pool, released by emptyCache before the next capture, when the graph is gone
@@ -276,40 +299,52 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
 #else
   if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
 #endif
+  // Packed storage cannot hold NaN (Note [Deferred pack checks in training]): the run has diverged.
+  auto diverge = [&](const c10::ValueError& e) {
+    if (!t.packed) throw;  // called in a handler: rethrows the error itself
+    if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+    result.diverged = true;
+  };
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
-  for (int64_t b = 0; b < batches; ++b) {
+  for (int64_t b = 0; b < batches && !result.diverged; ++b) {
     const int64_t start = b * c.batch_size, size = std::min(c.batch_size, train.size() - start);
-    if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
+    // The session's second step (its first, if an epoch has one batch), so the
+    // momentum buffers exist and the previous gradients are gone.
+    std::optional<StepProbe> probe;
+    try {
+      if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
 #if defined(FXP_WITH_CUDA)
-      if (!captured) {
-        captured = capture_step(t, train, order, start, c.batch_size, loss_sum, result.update_counts, device);
-      }
-      captured->graph.replay();
-      ++result.graph_steps;
+        if (!captured) {
+          captured = capture_step(t, train, order, start, c.batch_size, loss_sum, result.update_counts, device);
+        }
+        captured->graph.replay();
+        ++result.graph_steps;
 #endif
-    } else {
-      t.optimizer->zero_grad();
-      // The session's second step (its first, if an epoch has one batch), so the
-      // momentum buffers exist and the previous gradients are gone.
-      std::optional<StepProbe> probe;
-      if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-      const torch::Tensor index = order.narrow(0, start, size);
-      const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-      torch::Tensor loss;
-      try {
-        loss = train_step(t, x, y, probe ? &*probe : nullptr);
-      } catch (const c10::ValueError& e) {
-        // Packed storage cannot hold NaN (fxp::pack, qpu_sgd_step_): the run has diverged.
-        if (!t.packed) throw;
-        if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
-        if (probe) step_memory = probe->so_far();  // what was measured before the NaN, if anything
-        result.diverged = true;
-        break;
+      } else {
+        t.optimizer->zero_grad();
+        if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
+        const torch::Tensor index = order.narrow(0, start, size);
+        const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+        const torch::Tensor loss = train_step(t, x, y, probe ? &*probe : nullptr);
+        if (probe) step_memory = probe->after_step();
+        probe.reset();
+        add_to_sums(t, loss, size, loss_sum, result.update_counts);
       }
-      if (probe) step_memory = probe->after_step();
-      add_to_sums(t, loss, size, loss_sum, result.update_counts);
+      bar.update(b + 1, [&] {
+        if (t.packed) check_packed_storage(t);
+        return loss_sum.item<double>() / static_cast<double>(start + size);
+      });
+    } catch (const c10::ValueError& e) {
+      if (probe) step_memory = probe->so_far();  // what was measured before the error, if anything
+      diverge(e);
     }
-    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + size); });
+  }
+  if (t.packed && !result.diverged) {
+    try {
+      check_packed_storage(t);
+    } catch (const c10::ValueError& e) {
+      diverge(e);
+    }
   }
   bar.finish();
   result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()

@@ -62,7 +62,14 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
   // Packed storage (docs/memory.md): QPU weights and momentum as codes, and
   // every saved layer input that is a quantized output as codes. fp32 has no grid.
   t.packed = c.packed && c.method != "fp32";
-  if (t.packed) t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
+  if (t.packed) {
+    t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
+    // Note [Deferred pack checks in training]: the layers count into one tensor.
+    t.pack_counts = torch::zeros({2}, torch::dtype(torch::kLong).device(device));
+    for (const auto& [name, layer] : t.model->quantized_layers()) {
+      if (layer->packed.saved_input_format) layer->packed.pack_counts = t.pack_counts;
+    }
+  }
   const double lr = c.initial_lr();
   if (c.method == "adapt") t.adapt = std::make_unique<adapt::Controller>(*t.model, adapt_options(c));
   if (c.method == "msq") t.msq = std::make_unique<msq::Controller>(*t.model, msq_options(c));
@@ -78,8 +85,10 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
     for (const auto& p : t.model->packed_storage()) {
       qpu->set_packed_storage(p.parameter, p.codes, p.total_bits, p.frac_bits);
     }
-    // Note [CUDA-graph training steps]: step and lr on the device, so a replayed step advances them.
-    qpu->set_capturable(c.cuda_graphs);
+    // Note [CUDA-graph training steps]: step and lr on the device, so a replayed
+    // step advances them. Note [Deferred pack checks in training]: a packed
+    // step counts NaN updates on the device instead of reading them back.
+    qpu->set_capturable(c.cuda_graphs || t.packed);
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
   } else if (adapt_qpu) {

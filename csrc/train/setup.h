@@ -31,6 +31,9 @@ struct Training {
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   optim::QpuSgd* qpu = nullptr;  // the optimizer, for QPU methods
   bool packed = false;           // packed storage (docs/memory.md)
+  // packed: the (NaN, off-grid) saved layer inputs since the last check, on
+  // the device (Note [Deferred pack checks in training], epoch.cpp).
+  torch::Tensor pack_counts;
   std::unique_ptr<adapt::Controller> adapt;  // AdaPT's controller, for method adapt
   std::unique_ptr<msq::Controller> msq;      // MSQ's controller, for method msq
   // cuda_graphs: the side stream every epoch's steps run on (Note [CUDA-graph

@@ -2,7 +2,7 @@
 // which gathers the bits of the (at most 9) codes that overlap it, so no two
 // threads write one byte and no data atomics are needed; each code is
 // range-checked by the thread of the byte that holds its bit 0, and the
-// count is added atomically to one device int64. unpack: one thread per code,
+// count (when asked for) is added atomically to one device int64. unpack: one thread per code,
 // which reads the (at most 3) bytes it spans.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     packed[k] = static_cast<uint8_t>(byte);  // drops the bits that belong to the next byte
   }
-  if (local != 0) atomicAdd(outside, local);
+  if (outside != nullptr && local != 0) atomicAdd(outside, local);
 }
 
 template <typename out_t>
@@ -66,13 +66,14 @@ __global__ void __launch_bounds__(kThreads) unpack_bits_kernel(const uint8_t* __
 
 }  // namespace
 
-int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed) {
+int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed,
+                       bool count_outside) {
   const int64_t n = codes.numel();
   if (n == 0) return 0;
   const int64_t bytes = packed.numel();
-  at::Tensor outside = at::zeros({}, codes.options().dtype(at::kLong));
+  at::Tensor outside = count_outside ? at::zeros({}, codes.options().dtype(at::kLong)) : at::Tensor();
   static_assert(sizeof(unsigned long long) == sizeof(int64_t), "the count is int64");
-  auto* count = reinterpret_cast<unsigned long long*>(outside.data_ptr<int64_t>());
+  auto* count = count_outside ? reinterpret_cast<unsigned long long*>(outside.data_ptr<int64_t>()) : nullptr;
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "fxp_pack_bits_cuda", [&] {
     pack_bits_kernel<scalar_t><<<grid_for(bytes), kThreads, 0, stream>>>(
@@ -80,7 +81,7 @@ int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const 
         packed.data_ptr<uint8_t>(), count);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return outside.item<int64_t>();  // pack is not on the training path: one sync is fine
+  return count_outside ? outside.item<int64_t>() : 0;  // the check's one sync
 }
 
 void unpack_bits_cuda(const at::Tensor& packed, int bits, bool is_signed, const at::Tensor& out) {

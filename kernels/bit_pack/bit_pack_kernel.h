@@ -27,11 +27,13 @@ namespace fxp::kernels {
 // and give the same bytes.
 
 // packed (uint8, contiguous, packed_byte_count(codes.numel(), bits) bytes) =
-// the codes (contiguous, an integer dtype), as the note says. Returns the
-// number of codes outside [min_code, max_code] (their low bits are still
-// written); the op raises when it is not 0. CUDA reads the count back (a sync).
-int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed);
-int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed);
+// the codes (contiguous, an integer dtype), as the note says. With
+// count_outside, returns the number of codes outside [min_code, max_code]
+// (their low bits are still written), which CUDA reads back (a sync); without
+// it, returns 0 and nothing is read back (codes that fxp's own ops made are in
+// range by construction; the CPU kernel counts anyway, for free).
+int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed, bool count_outside);
+int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed, bool count_outside);
 
 // out (contiguous, an integer dtype that holds every code, out.numel() codes)
 // = the codes in packed (uint8, contiguous, packed_byte_count(out.numel(), bits) bytes).

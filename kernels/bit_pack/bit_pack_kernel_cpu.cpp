@@ -149,7 +149,8 @@ void unpack_groups(const uint8_t* in, int64_t n, int64_t begin, int64_t end, int
 
 }  // namespace
 
-int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed) {
+int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed,
+                      bool count_outside) {
   const int64_t n = codes.numel();
   if (n == 0) return 0;
   const int64_t lo = min_code(bits, is_signed), hi = max_code(bits, is_signed);
@@ -161,7 +162,7 @@ int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const a
       outside += pack_groups(in, n, begin, end, bits, lo, hi, out);
     });
   });
-  return outside.load();
+  return count_outside ? outside.load() : 0;
 }
 
 void unpack_bits_cpu(const at::Tensor& packed, int bits, bool is_signed, const at::Tensor& out) {

@@ -8,16 +8,19 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <csignal>
 
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 
 #include "nn/models.h"
 #include "train/bookkeeping.h"
 #include "train/cli.h"
 #include "train/config.h"
+#include "train/epoch.h"
 #include "train/export.h"
 #include "train/io.h"
 #include "train/trainer.h"
@@ -677,6 +680,51 @@ TEST(TrainConfig, CudaGraphsMayChangeOnResume) {
   graphs.device = eager.device;
   EXPECT_EQ(ft::differing_settings(stored, ft::to_json(graphs), false), "");
   EXPECT_TRUE(ft::key_may_change_on_resume("cuda_graphs"));
+}
+
+// Note [Deferred pack checks in training]: a packed run's steps count on the device what packed
+// storage cannot hold (a NaN saved input, a NaN update); the epoch's check ends it as a diverged run.
+TEST(TrainEpoch, PackedStorageCountsOnTheDeviceAndTheEpochsCheckStopsTheRun) {
+  for (const char* method : {"sqpu", "ste"}) {
+    SCOPED_TRACE(method);
+    ft::TrainConfig c;
+    c.method = method;
+    c.packed = true;
+    c.batch_size = 8;
+    const torch::Device cpu(torch::kCPU);
+    ft::Training t = ft::set_up_training(c, cpu);
+    ASSERT_TRUE(t.pack_counts.defined());
+    int counting_layers = 0;
+    for (const auto& [name, layer] : t.model->quantized_layers()) {
+      if (!layer->packed.saved_input_format) continue;
+      EXPECT_TRUE(layer->packed.pack_counts.is_same(t.pack_counts)) << name;
+      ++counting_layers;
+    }
+    EXPECT_EQ(counting_layers, 3);  // conv2, fc1, fc2
+    if (t.qpu) {
+      EXPECT_TRUE(t.qpu->capturable());  // NaN updates are counted, not raised
+    }
+
+    torch::manual_seed(1);
+    ft::Split train{torch::randn({32, 1, 28, 28}), torch::randint(0, 10, {32})};
+    std::optional<ft::StepMemory> memory = ft::StepMemory{0, 0, 0, 0, 0};  // measured already: no probe
+    std::ostringstream log;
+    ft::RunOptions options;
+    options.log = &log;
+    const ft::EpochResult healthy = ft::train_epoch(t, train, c, 1, cpu, memory, options);
+    EXPECT_FALSE(healthy.diverged);
+    EXPECT_TRUE(std::isfinite(healthy.loss));
+    EXPECT_EQ(log.str(), "");
+
+    train.images[5].fill_(std::numeric_limits<float>::quiet_NaN());  // in one batch of every epoch
+    const ft::EpochResult diverged = ft::train_epoch(t, train, c, 2, cpu, memory, options);
+    EXPECT_TRUE(diverged.diverged);
+    EXPECT_TRUE(std::isnan(diverged.loss));
+    EXPECT_NE(log.str().find("stopping: packed storage cannot hold the layer inputs saved for the backward: "),
+              std::string::npos)
+        << log.str();
+    EXPECT_EQ(t.pack_counts.sum().item<int64_t>(), 0);  // the check resets what it read
+  }
 }
 
 // Issue 11: a damaged checkpoint, or one of other settings, is never resumed from.

@@ -59,8 +59,11 @@ class _QuantizedLayer(nn.Module):
         self.act_rounding = act_rounding
         if not hasattr(self, "saved_input_format"):
             # Note [Packed layers] (csrc/nn/modules.h): the format the layer's input lies on, if
-            # the autograd should save it as codes of that format.
+            # the autograd should save it as codes of that format. With pack_counts (int64 [2] on
+            # the layer's device), an input off that grid, or NaN, is counted there instead of
+            # raising, and the step reads nothing back (Note [Deferred pack checks]).
             self.saved_input_format: Optional[FxpFormat] = None
+            self.pack_counts: Optional[Tensor] = None
             self.packed_weights = False
 
     def pack_weights_(self) -> None:
@@ -214,7 +217,7 @@ class _QuantizedLayer(nn.Module):
     def _layer_output(self, x: Tensor, op, **conv_args) -> Tensor:
         """The quantized conv/linear output through fxp's layer op (packed storage): the op
         quantizes its own output in place, with the draws quantize_ste would take."""
-        fmt = self.saved_input_format
+        fmt, counts = self.saved_input_format, getattr(self, "pack_counts", None)  # absent in older pickles
         out = dict(output_format=self.act_format, output_rounding=_OP_ROUNDING[self.act_rounding])
         if self.packed_weights:
             if self.param_format != self.packed_format:
@@ -223,9 +226,11 @@ class _QuantizedLayer(nn.Module):
             if any(p.numel() > 1 and any(st != 0 for st in p.stride()) for p in self.parameters(recurse=False)):
                 self._make_stand_ins()  # a deep copy materializes the stand-ins at full size
             return op(x, self.weight, self.bias, **conv_args, input_format=fmt, weight_codes=self.weight_codes,
-                      bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format, **out)
+                      bias_codes=getattr(self, "bias_codes", None), param_format=self.param_format,
+                      pack_counts=counts, **out)
         bias = None if self.bias is None else self._weight(self.bias)
-        return op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt, **out)
+        return op(x, self._weight(self.weight), bias, **conv_args, input_format=fmt, pack_counts=counts,
+                  **out)
 
     def _weight(self, w: Tensor) -> Tensor:
         if self.weight_mode == "ste":  # quantize on read; the fp32 master copy gets the gradient

@@ -225,20 +225,31 @@ def pack(
     rounding: Rounding = "nearest_even",
     overflow: Overflow = "saturate",
     generator: Optional[torch.Generator] = None,
+    *,
+    counts: Optional[Tensor] = None,
 ) -> Tensor:
     """Rounds ``x`` like :func:`quantize` and returns the integer codes ``q``
     (value ``q * 2**-F``) in the smallest integer dtype that holds them: int8
     for B <= 8, int16 for B <= 16, int32 otherwise. Codes saturate to the
     format's exact bounds. NaN cannot be a code: packing NaN raises
-    ``ValueError`` with the count. ``rounding="exact"`` is for values that
-    are on the grid already (quantized activations, parameters): anything
-    that would be rounded or saturated raises ``ValueError`` with the count.
+    ``ValueError`` with the count (the code is 0). ``rounding="exact"`` is for
+    values that are on the grid already (quantized activations, parameters):
+    anything that would be rounded or saturated raises ``ValueError`` with the count.
+
+    With ``counts`` (a contiguous int64 tensor of shape ``[2]`` on ``x``'s
+    device), nothing raises and nothing is read back to the host: the NaN
+    and off-grid elements are added to ``counts[0]`` and ``counts[1]``, for
+    the caller to check where it synchronizes anyway (on CUDA the check costs
+    a device-to-host read per call; this form can also be captured in a CUDA graph).
 
     >>> pack(torch.tensor([0.09375, 100.0, -3.0]), 8, 4)
     tensor([  2, 127, -48], dtype=torch.int8)
     """
     x, b, f, rounding, overflow = _args("pack", x, fmt, frac_bits, rounding, overflow)
-    return _ops.pack(x, b, f, rounding, overflow, _generator("pack", generator))
+    if counts is None:
+        return _ops.pack(x, b, f, rounding, overflow, _generator("pack", generator))
+    return _ops.pack.counted(x, b, f, rounding, overflow, _generator("pack", generator),
+                             counts=_tensor("pack", "counts", counts))
 
 
 def pack_seeded(
@@ -275,7 +286,7 @@ def _bool(op: str, name: str, value) -> bool:
     return value
 
 
-def pack_bits(codes: Tensor, bits: int, is_signed: bool = True) -> Tensor:
+def pack_bits(codes: Tensor, bits: int, is_signed: bool = True, check_range: bool = True) -> Tensor:
     """Packs integer ``codes`` of ``bits`` bits each (1 to 16) into a 1-D
     uint8 tensor of ``ceil(codes.numel() * bits / 8)`` bytes (Note [Bit-packed
     codes], kernels/bit_pack/bit_pack_kernel.h): code ``i`` (row-major order)
@@ -284,13 +295,16 @@ def pack_bits(codes: Tensor, bits: int, is_signed: bool = True) -> Tensor:
     high bits are 0. With ``is_signed`` the codes are stored in ``bits``-bit
     two's complement and must lie in ``[-2**(bits-1), 2**(bits-1) - 1]``,
     else in ``[0, 2**bits - 1]``; a code outside raises ``RuntimeError`` with
-    the count. CPU and CUDA give the same bytes.
+    the count. ``check_range=False`` is for codes known to be in range (from
+    :func:`pack`, say): no check, and on CUDA no read-back (a code outside
+    then keeps its low ``bits`` bits). CPU and CUDA give the same bytes.
 
     >>> pack_bits(torch.tensor([1, -1, 2, -4]), 3)
     tensor([185,   8], dtype=torch.uint8)
     """
     op = "pack_bits"
-    return _ops.pack_bits(_tensor(op, "codes", codes), _int(op, "bits", bits), _bool(op, "is_signed", is_signed))
+    return _ops.pack_bits(_tensor(op, "codes", codes), _int(op, "bits", bits), _bool(op, "is_signed", is_signed),
+                          _bool(op, "check_range", check_range))
 
 
 def unpack_bits(packed: Tensor, bits: int, size: Union[int, Sequence[int]], is_signed: bool = True,
@@ -357,24 +371,27 @@ def _pair(op: str, name: str, value) -> list:
 
 
 def _layer_args(op, x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
-                output_rounding, generator) -> tuple:
+                output_rounding, generator, pack_counts) -> tuple:
     """The checked arguments of linear and conv2d that follow the geometry."""
     return (_tensor(op, "x", x), _tensor(op, "weight", weight), _optional_tensor(op, "bias", bias),
             _format_list(op, "input_format", input_format), _optional_tensor(op, "weight_codes", weight_codes),
             _optional_tensor(op, "bias_codes", bias_codes), _format_list(op, "param_format", param_format),
             _format_list(op, "output_format", output_format), _str(op, "output_rounding", output_rounding),
-            _generator(op, generator))
+            _generator(op, generator), _optional_tensor(op, "pack_counts", pack_counts))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_format: Optional[FxpFormat] = None,
            weight_codes: Optional[Tensor] = None, bias_codes: Optional[Tensor] = None,
            param_format: Optional[FxpFormat] = None, output_format: Optional[FxpFormat] = None,
-           output_rounding: Rounding = "nearest_even", generator: Optional[torch.Generator] = None) -> Tensor:
+           output_rounding: Rounding = "nearest_even", generator: Optional[torch.Generator] = None,
+           pack_counts: Optional[Tensor] = None) -> Tensor:
     """``torch.nn.functional.linear`` for quantized layers, with packed storage.
 
     With ``input_format``, autograd saves ``x`` as codes of that format: ``x``
     must lie on its grid, as a quantized activation does, or the call raises
     ``ValueError`` (its codes would give the weight gradient of another input).
+    With ``pack_counts`` as well, the NaN and off-grid elements are added to
+    it instead (see :func:`pack`'s ``counts``), so the call reads nothing back.
     With ``weight_codes``/``bias_codes`` (codes of ``param_format``), the weight and
     bias values come from the codes; ``weight``/``bias`` then only give shape
     and dtype and receive the gradients. With ``output_format``, the output is
@@ -383,7 +400,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_fo
     the extra copy. The gradients equal those of ``F.linear`` bit for bit
     (2-D inputs)."""
     args = _layer_args("linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format,
-                       output_format, output_rounding, generator)
+                       output_format, output_rounding, generator, pack_counts)
     return _ops.linear(*args)
 
 
@@ -392,11 +409,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Seq
            input_format: Optional[FxpFormat] = None, weight_codes: Optional[Tensor] = None,
            bias_codes: Optional[Tensor] = None, param_format: Optional[FxpFormat] = None,
            output_format: Optional[FxpFormat] = None, output_rounding: Rounding = "nearest_even",
-           generator: Optional[torch.Generator] = None) -> Tensor:
+           generator: Optional[torch.Generator] = None, pack_counts: Optional[Tensor] = None) -> Tensor:
     """``torch.conv2d`` with the packed storage and output options of
     :func:`linear`; the gradients equal ``torch.conv2d``'s bit for bit."""
     x, weight, bias, *rest = _layer_args("conv2d", x, weight, bias, input_format, weight_codes, bias_codes,
-                                         param_format, output_format, output_rounding, generator)
+                                         param_format, output_format, output_rounding, generator, pack_counts)
     return _ops.conv2d(x, weight, bias, _pair("conv2d", "stride", stride), _pair("conv2d", "padding", padding),
                        _pair("conv2d", "dilation", dilation), _int("conv2d", "groups", groups), *rest)
 

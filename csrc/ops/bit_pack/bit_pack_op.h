@@ -69,7 +69,7 @@ inline int64_t checked_numel(const char* op, at::IntArrayRef size) {
 
 template <class Backend>
 struct BitPackOps {
-  static at::Tensor pack_bits(const at::Tensor& codes, int64_t bits, bool is_signed) {
+  static at::Tensor pack_bits(const at::Tensor& codes, int64_t bits, bool is_signed, bool check_range) {
     constexpr const char* op = "fxp::pack_bits";
     using namespace bit_pack_detail;
     check_bits(op, bits);
@@ -81,7 +81,7 @@ struct BitPackOps {
     at::Tensor packed = at::empty_symint({(codes.sym_numel() * bits + 7) / 8}, codes.options().dtype(at::kByte));
     if constexpr (!Backend::kIsMeta) {
       const int b = static_cast<int>(bits);
-      const int64_t outside = Backend::pack(codes.contiguous(), b, is_signed, packed);
+      const int64_t outside = Backend::pack(codes.contiguous(), b, is_signed, packed, check_range);
       TORCH_CHECK(outside == 0, op, ": ", outside, outside == 1 ? " code lies" : " codes lie", " outside ",
                   code_range(b, is_signed));
     }

@@ -14,8 +14,8 @@ bool stores_bit_stream(int64_t total_bits) {
 
 bool is_bit_stream(const at::Tensor& stored) { return stored.scalar_type() == at::kByte; }
 
-at::Tensor store_codes(const at::Tensor& codes, int64_t total_bits) {
-  return stores_bit_stream(total_bits) ? pack_bits(codes, total_bits) : codes;
+at::Tensor store_codes(const at::Tensor& codes, int64_t total_bits, bool check_range) {
+  return stores_bit_stream(total_bits) ? pack_bits(codes, total_bits, /*is_signed=*/true, check_range) : codes;
 }
 
 at::Tensor stored_zeros(at::IntArrayRef sizes, int64_t total_bits, const at::TensorOptions& options) {
@@ -53,7 +53,7 @@ at::Tensor load_codes(const at::Tensor& stored, int64_t total_bits, at::IntArray
 
 void assign_codes(const at::Tensor& stored, const at::Tensor& codes, int64_t total_bits) {
   if (is_bit_stream(stored)) {
-    stored.copy_(pack_bits(codes, total_bits));
+    stored.copy_(pack_bits(codes, total_bits, /*is_signed=*/true, /*check_range=*/false));
   } else if (!stored.is_same(codes)) {
     stored.copy_(codes);
   }

@@ -28,8 +28,10 @@ bool stores_bit_stream(int64_t total_bits);
 bool is_bit_stream(const at::Tensor& stored);
 
 // The stored form of `codes` (integer codes of FxP(total_bits, .)): a new
-// stream when stores_bit_stream(total_bits), else `codes` itself.
-at::Tensor store_codes(const at::Tensor& codes, int64_t total_bits);
+// stream when stores_bit_stream(total_bits), else `codes` itself. A stream's
+// encoding range-checks the codes (a read-back on CUDA) unless check_range is
+// false, for codes that fxp's ops made (pack and the QPU step saturate).
+at::Tensor store_codes(const at::Tensor& codes, int64_t total_bits, bool check_range = true);
 
 // Stored zeros for a tensor of shape `sizes` (zero codes are zero bytes).
 at::Tensor stored_zeros(at::IntArrayRef sizes, int64_t total_bits, const at::TensorOptions& options);
@@ -46,7 +48,8 @@ at::Tensor load_codes(const at::Tensor& stored, int64_t total_bits, at::IntArray
 void check_stored_codes(const char* op, const char* name, const at::Tensor& stored, int64_t total_bits,
                         c10::SymIntArrayRef sizes);
 
-// Writes `codes` into `stored` in place (re-encoded when `stored` is a stream).
+// Writes `codes` into `stored` in place (re-encoded when `stored` is a stream,
+// without a range check: the QPU step's codes saturate to the format).
 void assign_codes(const at::Tensor& stored, const at::Tensor& codes, int64_t total_bits);
 
 }  // namespace fxp

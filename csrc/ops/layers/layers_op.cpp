@@ -9,6 +9,7 @@
 #include "ops/layers/layers_op.h"
 #include "ops/ops.h"
 #include "ops/format_args.h"
+#include "ops/quantize/quantize_args.h"
 
 namespace fxp {
 
@@ -59,8 +60,10 @@ void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& wei
 std::pair<at::Tensor, std::optional<at::Tensor>> layer_weights(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
-    const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format) {
-  parse_format(op, "input_format", input_format);  // validated here; the autograd uses it
+    const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
+    const std::optional<at::Tensor>& pack_counts) {
+  parse_format(op, "input_format", input_format);  // validated here; the autograd uses them
+  if (pack_counts.has_value() && pack_counts->defined()) check_pack_count_tensor(op, x, *pack_counts);
   const OptionalFormat p_fmt = parse_format(op, "param_format", param_format);
   check_layer_args(op, x, weight, bias, weight_codes, bias_codes, p_fmt);
   std::optional<at::Tensor> b;
@@ -81,9 +84,9 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight, const s
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
                           at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
-                          const std::optional<at::Generator>& generator) {
-  const auto [w, b] =
-      layer_weights("fxp::linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+                          const std::optional<at::Generator>& generator, const std::optional<at::Tensor>& pack_counts) {
+  const auto [w, b] = layer_weights("fxp::linear", x, weight, bias, input_format, weight_codes, bias_codes,
+                                    param_format, pack_counts);
   return quantize_output("fxp::linear", at::linear(x, w, b), output_format, output_rounding, generator);
 }
 
@@ -92,12 +95,12 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const s
                           at::OptionalIntArrayRef input_format, const std::optional<at::Tensor>& weight_codes,
                           const std::optional<at::Tensor>& bias_codes, at::OptionalIntArrayRef param_format,
                           at::OptionalIntArrayRef output_format, c10::string_view output_rounding,
-                          const std::optional<at::Generator>& generator) {
+                          const std::optional<at::Generator>& generator, const std::optional<at::Tensor>& pack_counts) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4,
               "fxp::conv2d: expected a 4-D x (N, C, H, W) and a 4-D weight, but got ", x.dim(), "-D and ",
               weight.dim(), "-D");
   const auto [w, b] =
-      layer_weights("fxp::conv2d", x, weight, bias, input_format, weight_codes, bias_codes, param_format);
+      layer_weights("fxp::conv2d", x, weight, bias, input_format, weight_codes, bias_codes, param_format, pack_counts);
   // What torch.conv2d computes (at::convolution), so gradients match its autograd.
   return quantize_output(
       "fxp::conv2d",

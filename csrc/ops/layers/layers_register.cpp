@@ -36,8 +36,13 @@ bool any_requires_grad(const at::Tensor& x, const at::Tensor& weight, const std:
 // What the forward saves: the input (packed or not) and the weight (its codes
 // or itself), with what it takes to restore them.
 struct SavedInputs {
-  // x as codes of format, which x must lie on.
-  static at::Tensor pack_on_grid(const char* op, const at::Tensor& x, const OptionalFormat& format) {
+  // x as codes of format, which x must lie on: checked now, or counted into
+  // pack_counts for the caller to check (Note [Deferred pack checks]).
+  static at::Tensor pack_on_grid(const char* op, const at::Tensor& x, const OptionalFormat& format,
+                                 const std::optional<at::Tensor>& pack_counts) {
+    if (pack_counts.has_value() && pack_counts->defined()) {
+      return pack_counted(x, format.total_bits, format.frac_bits, "exact", "saturate", std::nullopt, *pack_counts);
+    }
     try {
       return pack(x, format.total_bits, format.frac_bits, "exact");
     } catch (const c10::ValueError& e) {
@@ -49,12 +54,15 @@ struct SavedInputs {
 
   static void save(const char* op, AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                    const std::optional<at::Tensor>& bias, const OptionalFormat& input_format,
-                   const std::optional<at::Tensor>& weight_codes, const OptionalFormat& param_format, bool save_x,
-                   bool save_w) {
+                   const std::optional<at::Tensor>& weight_codes, const OptionalFormat& param_format,
+                   const std::optional<at::Tensor>& pack_counts, bool save_x, bool save_w) {
     at::Tensor saved_x, saved_w;
-    // Note [Bit-stream storage]: input codes are saved as a stream where their width calls for one.
+    // Note [Bit-stream storage]: input codes are saved as a stream where their
+    // width calls for one (pack's codes are in range: no check, no read-back).
     if (save_x) {
-      saved_x = input_format.present ? store_codes(pack_on_grid(op, x, input_format), input_format.total_bits) : x;
+      saved_x = input_format.present ? store_codes(pack_on_grid(op, x, input_format, pack_counts),
+                                                   input_format.total_bits, /*check_range=*/false)
+                                     : x;
     }
     if (save_w) saved_w = defined(weight_codes) ? *weight_codes : weight;
     ctx->save_for_backward({saved_x, saved_w});
@@ -92,12 +100,12 @@ struct SavedInputs {
 // point, ops.h, whose type the autograd kernel takes).
 struct LinearArgs {
   static constexpr const char* kOp = "fxp::linear";
-  static constexpr size_t kInputFormat = 3, kWeightCodes = 4, kParamFormat = 6, kCount = 10;
+  static constexpr size_t kInputFormat = 3, kWeightCodes = 4, kParamFormat = 6, kPackCounts = 10, kCount = 11;
 };
 struct Conv2dArgs {
   static constexpr const char* kOp = "fxp::conv2d";
   static constexpr size_t kStride = 3, kPadding = 4, kDilation = 5, kGroups = 6;
-  static constexpr size_t kInputFormat = 7, kWeightCodes = 8, kParamFormat = 10, kCount = 14;
+  static constexpr size_t kInputFormat = 7, kWeightCodes = 8, kParamFormat = 10, kPackCounts = 14, kCount = 15;
 };
 
 // Runs the op's forward below the autograd key and saves what its backward needs.
@@ -113,7 +121,7 @@ at::Tensor forward_and_save(AutogradContext* ctx, bool save_x, bool save_w, cons
   }
   SavedInputs::save(A::kOp, ctx, x, weight, std::get<2>(a), parse_format(A::kOp, "input_format", std::get<A::kInputFormat>(a)),
                     std::get<A::kWeightCodes>(a), parse_format(A::kOp, "param_format", std::get<A::kParamFormat>(a)),
-                    save_x, save_w);
+                    std::get<A::kPackCounts>(a), save_x, save_w);
   return out;
 }
 

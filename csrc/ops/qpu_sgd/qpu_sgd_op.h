@@ -17,9 +17,10 @@ namespace fxp {
 namespace detail {
 
 // Note [Capturable QPU step]: what reads a count back to the host (the plain
-// step's NaN count, bit streams' range check when re-encoded) cannot run
-// under a CUDA graph capture; it is refused before any work, with the way out,
-// instead of failing in CUDA with "operation not permitted when stream is capturing".
+// step's NaN count on packed storage) cannot run under a CUDA graph capture;
+// it is refused before any work, with the way out, instead of failing in CUDA
+// with "operation not permitted when stream is capturing". (Bit streams are
+// re-encoded without a range check: the step's codes saturate to the format.)
 template <class Backend>
 void check_not_capturing(bool reads_back, const char* what) {
   TORCH_CHECK(!(reads_back && Backend::capturing()), "fxp::qpu_sgd_step_: ", what,
@@ -36,9 +37,6 @@ void run_qpu_sgd(at::TensorList params, at::TensorList grads, at::TensorList mom
   typename Backend::DeviceGuard guard(params[0].device());
   const bool param_stream = is_bit_stream(params[0]);
   const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
-  check_not_capturing<Backend>(param_stream || momentum_stream,
-                               "bit-stream storage (Note [Bit-stream storage]; store the codes as integers to capture "
-                               "the step) re-encodes each tensor, and its range check");
   if (param_stream || momentum_stream) {
     // Note [Bit-stream storage]: one tensor at a time, decoded, updated
     // and re-encoded (check_qpu_sgd checked the streams); the draws depend

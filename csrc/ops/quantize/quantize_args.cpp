@@ -31,6 +31,15 @@ void check_pack_counts(const char* op, const PackArgs& args, const kernels::Pack
                     " elements do not (they would be rounded or saturated)");
 }
 
+void check_pack_count_tensor(const char* op, const at::Tensor& x, const at::Tensor& counts) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 1 && counts.sym_size(0) == 2 &&
+                  counts.is_contiguous(),
+              op, ": counts must be a contiguous int64 tensor of shape [2] (NaN, off-grid), but got ",
+              counts.scalar_type(), " of shape ", counts.sym_sizes(), counts.is_contiguous() ? "" : ", not contiguous");
+  TORCH_CHECK(counts.device() == x.device(), op, ": counts must be on x's device (", x.device(), "), but it is on ",
+              counts.device());
+}
+
 void check_codes_in_range(const char* op, int64_t outside, int64_t numel, int64_t total_bits, int64_t frac_bits) {
   TORCH_CHECK_VALUE(outside == 0, op, ": ", outside, " of ", numel, " codes lie outside the range [",
                     -(int64_t{1} << (total_bits - 1)), ", ", (int64_t{1} << (total_bits - 1)) - 1, "] of FxP(",

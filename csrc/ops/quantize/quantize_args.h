@@ -29,6 +29,8 @@ PackArgs parse_pack_args(const char* op, const at::Tensor& x, int64_t total_bits
 // Raises ValueError for NaN elements ("cannot pack NaN", with the count) and,
 // with exact, for elements off the grid.
 void check_pack_counts(const char* op, const PackArgs& args, const kernels::PackCounts& counts, int64_t numel);
+// pack.counted's counts: a contiguous int64 tensor of shape [2] on x's device.
+void check_pack_count_tensor(const char* op, const at::Tensor& x, const at::Tensor& counts);
 // Raises ValueError when `outside` codes lie outside FxP(total_bits, .)'s range.
 void check_codes_in_range(const char* op, int64_t outside, int64_t numel, int64_t total_bits, int64_t frac_bits);
 // Validates unpack's arguments; returns the output dtype (float32 by default).

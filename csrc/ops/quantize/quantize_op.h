@@ -9,7 +9,7 @@
 //   static Philox from_generator(const std::optional<at::Generator>&);
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
-//   static kernels::PackCounts launch_pack(x, codes, params, philox, exact);
+//   static void launch_pack(x, codes, params, philox, exact, counts);  // adds PackCounts to counts (int64 [2])
 //   static int64_t launch_unpack(codes, out, total_bits, frac_bits);  // codes outside the range, if checked
 #pragma once
 
@@ -209,12 +209,23 @@ struct QuantizeOps {
                                                .memory_format(at::MemoryFormat::Contiguous));
   }
 
-  static at::Tensor run_pack(const char* op, const at::Tensor& x, const PackArgs& pack,
-                             const Philox& philox) {
+  // Note [Deferred pack checks]: without `counts` the op checks what it
+  // found and raises (one device-to-host read on CUDA); with it (pack.counted)
+  // it only adds the counts to that device tensor, and the caller checks them
+  // where it syncs anyway (fxp-train: when it logs and at the end of an epoch),
+  // so a training step that packs reads nothing back and can be captured.
+  static at::Tensor run_pack(const char* op, const at::Tensor& x, const PackArgs& pack, const Philox& philox,
+                             const at::Tensor& counts = {}) {
     at::Tensor codes = empty_codes(x, pack.params.total_bits);
     if constexpr (!Backend::kIsMeta) {
-      const at::Tensor x_contig = x.contiguous();
-      check_pack_counts(op, pack, Backend::launch_pack(x_contig, codes, pack.params, philox, pack.exact), x.numel());
+      const bool check_now = !counts.defined();
+      const at::Tensor found = check_now ? at::zeros({2}, x.options().dtype(at::kLong)) : counts;
+      Backend::launch_pack(x.contiguous(), codes, pack.params, philox, pack.exact, found);
+      if (check_now) {
+        const at::Tensor host = found.cpu();
+        const int64_t* n = host.const_data_ptr<int64_t>();
+        check_pack_counts(op, pack, kernels::PackCounts{n[0], n[1]}, x.numel());
+      }
     }
     return codes;
   }
@@ -226,6 +237,18 @@ struct QuantizeOps {
     const Philox philox = philox_from_generator(op, x, args.params, generator);
     typename Backend::DeviceGuard guard(x.device());
     return run_pack(op, x, args, philox);
+  }
+
+  // Note [Deferred pack checks]
+  static at::Tensor pack_counted(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
+                                 c10::string_view rounding, c10::string_view overflow, const Generator& generator,
+                                 const at::Tensor& counts) {
+    constexpr const char* op = "fxp::pack.counted";
+    const PackArgs args = parse_pack_args(op, x, total_bits, frac_bits, rounding, overflow);
+    check_pack_count_tensor(op, x, counts);
+    const Philox philox = philox_from_generator(op, x, args.params, generator);
+    typename Backend::DeviceGuard guard(x.device());
+    return run_pack(op, x, args, philox, counts);
   }
 
   static at::Tensor pack_seeded(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
@@ -269,6 +292,7 @@ struct QuantizeOps {
     (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
     (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
     (m).impl("pack", &Ops::pack);                                               \
+    (m).impl("pack.counted", &Ops::pack_counted);                               \
     (m).impl("pack_seeded", &Ops::pack_seeded);                                 \
     (m).impl("unpack", &Ops::unpack);                                           \
   } while (false)

@@ -37,9 +37,12 @@ struct CpuBackend {
                      const at::Tensor& saturated_count) {
     kernels::quantize_cpu(x, out, params, philox.seed, philox.offset, saturated, saturated_count);
   }
-  static kernels::PackCounts launch_pack(const at::Tensor& x, const at::Tensor& codes,
-                                         const kernels::QuantizeParams& params, const Philox& philox, bool exact) {
-    return kernels::pack_cpu(x, codes, params, philox.seed, philox.offset, exact);
+  static void launch_pack(const at::Tensor& x, const at::Tensor& codes, const kernels::QuantizeParams& params,
+                          const Philox& philox, bool exact, const at::Tensor& counts) {
+    const kernels::PackCounts found = kernels::pack_cpu(x, codes, params, philox.seed, philox.offset, exact);
+    int64_t* total = counts.data_ptr<int64_t>();  // contiguous int64 [2]
+    total[0] += found.nan;
+    total[1] += found.off_grid;
   }
   static int64_t launch_unpack(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
     return kernels::unpack_cpu(codes, out, total_bits, frac_bits);
@@ -57,10 +60,8 @@ struct MetaBackend {
   static Philox from_seed(uint64_t, uint64_t) { return {}; }
   static void launch(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
                      const Philox&, const at::Tensor&, const at::Tensor&) {}
-  static kernels::PackCounts launch_pack(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
-                                         const Philox&, bool) {
-    return {};
-  }
+  static void launch_pack(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&, const Philox&, bool,
+                          const at::Tensor&) {}
   static int64_t launch_unpack(const at::Tensor&, const at::Tensor&, int, int) { return 0; }
 };
 
@@ -112,11 +113,11 @@ TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   m.impl("quantize_ste", &quantize_ste_autograd);
   register_not_differentiable(m, {"quantize", "quantize_", "quantize.out", "quantize_stats", "quantize_mask",
                                   "quantize_seeded", "quantize_seeded_", "quantize_seeded.out",
-                                  "quantize_seeded_stats", "pack", "pack_seeded", "unpack"});
+                                  "quantize_seeded_stats", "pack", "pack.counted", "pack_seeded", "unpack"});
 }
 
 TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) {
-  register_version_bump(m, {"quantize_", "quantize.out", "quantize_seeded_", "quantize_seeded.out"});
+  register_version_bump(m, {"quantize_", "quantize.out", "quantize_seeded_", "quantize_seeded.out", "pack.counted"});
 }
 
 }  // namespace fxp

@@ -34,13 +34,9 @@ struct CudaBackend {
                      const at::Tensor& saturated_count) {
     kernels::quantize_cuda(x, out, params, philox, saturated, saturated_count);
   }
-  // The NaN (and off-grid) check reads the counts back: one device-to-host copy per call.
-  static kernels::PackCounts launch_pack(const at::Tensor& x, const at::Tensor& codes,
-                                         const kernels::QuantizeParams& params, const Philox& philox, bool exact) {
-    at::Tensor counts = at::zeros({2}, x.options().dtype(at::kLong));
+  static void launch_pack(const at::Tensor& x, const at::Tensor& codes, const kernels::QuantizeParams& params,
+                          const Philox& philox, bool exact, const at::Tensor& counts) {
     kernels::pack_cuda(x, codes, params, philox, exact, counts);
-    const at::Tensor host = counts.cpu();
-    return kernels::PackCounts{host[0].item<int64_t>(), host[1].item<int64_t>()};
   }
   // Codes are not range-checked on CUDA (see unpack_cuda).
   static int64_t launch_unpack(const at::Tensor& codes, const at::Tensor& out, int /*total_bits*/, int frac_bits) {
