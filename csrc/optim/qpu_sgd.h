@@ -88,6 +88,10 @@ class QpuSgd : public torch::optim::Optimizer {
   void set_capturable(bool capturable) { capturable_ = capturable; }
   bool capturable() const { return capturable_; }
   void check_nan();
+  // Capturable: the NaN results since the last check, a 0-dim int64 on the
+  // parameters' device (undefined before the first step), for a caller that
+  // reads it together with its own counts and zeroes it (fxp-train).
+  const torch::Tensor& nan_count() const { return nan_count_; }
   void sync_steps();
 
  private:

@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -75,10 +76,7 @@ class StepProbe {
   }
   void after_forward() {
     memory_.activations = allocator_bytes(device_).current - before_.current;
-    forward_done_ = true;
   }
-  // A step cut short: the parts measured, once the forward has finished.
-  std::optional<StepMemory> so_far() const { return forward_done_ ? std::optional(memory_) : std::nullopt; }
   void after_backward() { memory_.gradients = storage_bytes(gradients(*t_.model)); }
   StepMemory after_step() {
     memory_.parameters = storage_bytes(parameters_and_buffers(*t_.model));
@@ -93,7 +91,6 @@ class StepProbe {
   const torch::Device& device_;
   AllocatorBytes before_;
   int64_t state_before_ = 0;
-  bool forward_done_ = false;
   StepMemory memory_{0, 0, 0, 0, 0};
 };
 
@@ -121,21 +118,48 @@ torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tenso
 // packed layer and step on CUDA, and it cannot be captured in a CUDA graph. So
 // a packed run's steps only count, on the device: each layer's saved-input
 // pack adds to Training::pack_counts (Note [Deferred pack checks]), and the
-// capturable QpuSgd counts NaN updates. The epoch checks both when the
-// progress bar reads the loss (a sync it makes anyway) and at its end; a
-// count that is not 0 ends the epoch as a diverged run (non_finite_loss).
-// The price: a diverged run stops at the next check, not at the step.
-void check_packed_storage(Training& t) {
-  if (t.pack_counts.defined()) {
-    const torch::Tensor found = t.pack_counts.cpu();  // on the CPU, the tensor itself: read before zeroing
-    const int64_t nan = found[0].item<int64_t>(), off_grid = found[1].item<int64_t>();
-    t.pack_counts.zero_();
-    TORCH_CHECK_VALUE(nan == 0 && off_grid == 0, "packed storage cannot hold the layer inputs saved for the backward: ",
-                      nan, " elements were NaN and ", off_grid,
-                      " were off their format's grid, in the steps since the last check");
-  }
-  if (t.qpu) t.qpu->check_nan();
+// capturable QpuSgd counts NaN updates. The epoch reads both (one read) after
+// every step on the CPU, where reading is free; on a device at most every
+// kPackedCheckInterval, whether or not a progress bar draws; and at its end.
+// A count that is not 0 ends the epoch there as a diverged run
+// (non_finite_loss): at most kPackedCheckInterval of steps after the NaN,
+// not at the step. Any other error of a step propagates.
+constexpr std::chrono::milliseconds kPackedCheckInterval{100};
+
+// What the packed run's steps since the last read could not store, if
+// anything (and the counts start again from 0).
+std::optional<std::string> packed_storage_problem(Training& t) {
+  std::vector<torch::Tensor> counts{t.pack_counts};
+  const torch::Tensor nan_updates = t.qpu ? t.qpu->nan_count() : torch::Tensor();
+  if (nan_updates.defined()) counts.push_back(nan_updates.view({1}));
+  const torch::Tensor found = torch::cat(counts).cpu();  // a new tensor: the zeroing below leaves it
+  t.pack_counts.zero_();
+  if (nan_updates.defined()) nan_updates.zero_();
+  const int64_t* n = found.const_data_ptr<int64_t>();
+  const int64_t nan_results = found.numel() > 2 ? n[2] : 0;
+  if (n[0] == 0 && n[1] == 0 && nan_results == 0) return std::nullopt;
+  return c10::str("packed storage cannot hold what the steps since the last check made: ", n[0],
+                  " saved layer-input elements were NaN, ", n[1], " were off their format's grid, and ", nan_results,
+                  " updated values were NaN (those elements kept their previous codes)");
 }
+
+class PackedStorageCheck {
+ public:
+  PackedStorageCheck(Training& t, const torch::Device& device) : t_(t), every_step_(device.is_cpu()) {}
+  // After a step: a read when one is due.
+  std::optional<std::string> after_step() {
+    const auto now = std::chrono::steady_clock::now();
+    if (!t_.packed || (!every_step_ && now - last_ < kPackedCheckInterval)) return std::nullopt;
+    last_ = now;
+    return packed_storage_problem(t_);
+  }
+  std::optional<std::string> at_end() { return t_.packed ? packed_storage_problem(t_) : std::nullopt; }
+
+ private:
+  Training& t_;
+  bool every_step_;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
 
 // The epoch's sums after a step: the loss weighted by the batch's size and,
 // for QPU, the update counts, one row per parameter in the model's order (the
@@ -299,10 +323,11 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
 #else
   if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
 #endif
-  // Packed storage cannot hold NaN (Note [Deferred pack checks in training]): the run has diverged.
-  auto diverge = [&](const c10::ValueError& e) {
-    if (!t.packed) throw;  // called in a handler: rethrows the error itself
-    if (options.log) *options.log << "stopping: " << e.what_without_backtrace() << "\n";
+  // Note [Deferred pack checks in training]: a problem ends the epoch, and the run, as diverged.
+  PackedStorageCheck packed_check(t, device);
+  auto stop_if = [&](const std::optional<std::string>& problem) {
+    if (!problem) return;
+    if (options.log) *options.log << "stopping: " << *problem << "\n";
     result.diverged = true;
   };
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
@@ -310,42 +335,28 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
     const int64_t start = b * c.batch_size, size = std::min(c.batch_size, train.size() - start);
     // The session's second step (its first, if an epoch has one batch), so the
     // momentum buffers exist and the previous gradients are gone.
-    std::optional<StepProbe> probe;
-    try {
-      if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
+    if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
 #if defined(FXP_WITH_CUDA)
-        if (!captured) {
-          captured = capture_step(t, train, order, start, c.batch_size, loss_sum, result.update_counts, device);
-        }
-        captured->graph.replay();
-        ++result.graph_steps;
-#endif
-      } else {
-        t.optimizer->zero_grad();
-        if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-        const torch::Tensor index = order.narrow(0, start, size);
-        const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-        const torch::Tensor loss = train_step(t, x, y, probe ? &*probe : nullptr);
-        if (probe) step_memory = probe->after_step();
-        probe.reset();
-        add_to_sums(t, loss, size, loss_sum, result.update_counts);
+      if (!captured) {
+        captured = capture_step(t, train, order, start, c.batch_size, loss_sum, result.update_counts, device);
       }
-      bar.update(b + 1, [&] {
-        if (t.packed) check_packed_storage(t);
-        return loss_sum.item<double>() / static_cast<double>(start + size);
-      });
-    } catch (const c10::ValueError& e) {
-      if (probe) step_memory = probe->so_far();  // what was measured before the error, if anything
-      diverge(e);
+      captured->graph.replay();
+      ++result.graph_steps;
+#endif
+    } else {
+      t.optimizer->zero_grad();
+      std::optional<StepProbe> probe;
+      if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
+      const torch::Tensor index = order.narrow(0, start, size);
+      const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
+      const torch::Tensor loss = train_step(t, x, y, probe ? &*probe : nullptr);
+      if (probe) step_memory = probe->after_step();
+      add_to_sums(t, loss, size, loss_sum, result.update_counts);
     }
+    stop_if(packed_check.after_step());
+    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + size); });
   }
-  if (t.packed && !result.diverged) {
-    try {
-      check_packed_storage(t);
-    } catch (const c10::ValueError& e) {
-      diverge(e);
-    }
-  }
+  if (!result.diverged) stop_if(packed_check.at_end());
   bar.finish();
   result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()
                                 : loss_sum.item<double>() / static_cast<double>(train.size());

@@ -16,7 +16,7 @@ struct EpochResult {
   double loss;                  // mean training loss; NaN when the run diverged
   torch::Tensor update_counts;  // QPU: int64 [n_params, 2], (saturated, vanished) summed over the steps
   int64_t batches;              // the epoch's batches (all of them, even after a divergence)
-  bool diverged;                // packed storage met a NaN (the epoch ended there)
+  bool diverged;                // packed storage met a NaN or an off-grid input (the epoch ended at the next check)
   int64_t graph_steps = 0;      // cuda_graphs: the steps that replayed the captured graph
 };
 

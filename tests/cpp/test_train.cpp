@@ -683,7 +683,8 @@ TEST(TrainConfig, CudaGraphsMayChangeOnResume) {
 }
 
 // Note [Deferred pack checks in training]: a packed run's steps count on the device what packed
-// storage cannot hold (a NaN saved input, a NaN update); the epoch's check ends it as a diverged run.
+// storage cannot hold (a NaN saved input, a NaN update); the check after the step (every step on
+// the CPU) ends the epoch there as a diverged run.
 TEST(TrainEpoch, PackedStorageCountsOnTheDeviceAndTheEpochsCheckStopsTheRun) {
   for (const char* method : {"sqpu", "ste"}) {
     SCOPED_TRACE(method);
@@ -716,14 +717,27 @@ TEST(TrainEpoch, PackedStorageCountsOnTheDeviceAndTheEpochsCheckStopsTheRun) {
     EXPECT_TRUE(std::isfinite(healthy.loss));
     EXPECT_EQ(log.str(), "");
 
-    train.images[5].fill_(std::numeric_limits<float>::quiet_NaN());  // in one batch of every epoch
+    // One NaN image, in one batch of every epoch: its activations reach conv2's saved input, and
+    // with QPU its gradients reach the update.
+    train.images[5].fill_(std::numeric_limits<float>::quiet_NaN());
     const ft::EpochResult diverged = ft::train_epoch(t, train, c, 2, cpu, memory, options);
     EXPECT_TRUE(diverged.diverged);
     EXPECT_TRUE(std::isnan(diverged.loss));
-    EXPECT_NE(log.str().find("stopping: packed storage cannot hold the layer inputs saved for the backward: "),
+    const std::string text = log.str();
+    EXPECT_NE(text.find("stopping: packed storage cannot hold what the steps since the last check made: "),
               std::string::npos)
-        << log.str();
-    EXPECT_EQ(t.pack_counts.sum().item<int64_t>(), 0);  // the check resets what it read
+        << text;
+    EXPECT_EQ(text.find("made: 0 saved layer-input elements were NaN"), std::string::npos) << text;
+    EXPECT_NE(text.find(" 0 were off their format's grid"), std::string::npos) << text;
+    if (t.qpu) {
+      EXPECT_EQ(text.find("and 0 updated values were NaN"), std::string::npos) << text;
+    } else {
+      EXPECT_NE(text.find("and 0 updated values were NaN"), std::string::npos) << text;
+    }
+    EXPECT_EQ(t.pack_counts.sum().item<int64_t>(), 0);  // the read starts the counts again
+    if (t.qpu) {
+      EXPECT_EQ(t.qpu->nan_count().item<int64_t>(), 0);
+    }
   }
 }
 

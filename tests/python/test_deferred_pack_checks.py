@@ -41,7 +41,7 @@ def test_counted_pack_gives_pack_codes_and_adds_its_counts(device, rounding):
     assert counts.tolist() == [4, 1 if rounding == "exact" else 0]
 
 
-def test_counted_pack_writes_code_zero_for_nan_as_the_checking_form_would_have():
+def test_counted_pack_writes_code_zero_for_nan():
     codes = fxp.pack(torch.tensor([1.0, NAN, -2.5]), 8, 2, counts=zero_counts())
     assert codes.tolist() == [4, 0, -10]
 
@@ -192,6 +192,41 @@ def test_cuda_a_counted_layer_step_is_captured_and_counts_on_replay(fmt):
     graph.replay()
     torch.cuda.synchronize()
     assert counts.tolist() == [2, 2]  # on the grid again: nothing more
+
+
+@requires_cuda
+def test_cuda_an_eager_packed_training_step_does_not_synchronize():
+    """A packed PaperCNN with counting layers and QPUSGD(capturable=True): forward, backward and step
+    raise under torch.cuda.set_sync_debug_mode("error") if anything reads back."""
+    torch.manual_seed(0)
+    fmt = FxpFormat(12, 8)  # weights, momentum and saved inputs as bit streams
+    model = fxp.nn.PaperCNN("sqpu", fmt, FxpFormat(12, 6)).cuda()
+    model.quantize_parameters_()
+    model.pack_()
+    counts = zero_counts("cuda")
+    for layer in (model.conv2, model.fc1, model.fc2):
+        layer.pack_counts = counts
+    opt = fxp.optim.QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=fmt, capturable=True)
+    for storage in fxp.nn.packed_storage(model):
+        opt.set_packed_storage(*storage)
+    x, y = torch.randn(4, 1, 28, 28, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+
+    def step():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()  # the first step makes the optimizer's device scalars (a host-to-device copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert counts.tolist() == [0, 0]
+    opt.check_nan()
 
 
 # --- opcheck ----------------------------------------------------------------------------------------------

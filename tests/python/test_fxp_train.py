@@ -95,6 +95,15 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(args, message):
 
 
 @requires_fxp_train
+def test_cuda_graphs_accept_packed_storage():
+    """Packed steps read nothing back (Note [Deferred pack checks in training]), so they may be captured."""
+    p = run_fxp_train("--cuda-graphs", "--device", "cuda", "--packed", "--print-config")
+    assert p.returncode == 0, p.stderr
+    config = json.loads(p.stdout)
+    assert config["cuda_graphs"] is True and config["packed"] is True
+
+
+@requires_fxp_train
 def test_cuda_graphs_is_a_key_that_leaves_the_run_name_alone():
     config = json.loads(run_fxp_train("--print-config").stdout)
     assert config["cuda_graphs"] is False

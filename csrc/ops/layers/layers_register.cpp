@@ -5,8 +5,9 @@
 // (for the input gradient). With input_format, the input is saved as codes
 // (fxp::pack with rounding "exact": the input must lie on that grid, as a
 // quantized activation does, and an input off the grid is an error, because
-// its codes would give the weight gradient of another input); with
-// weight_codes, the weight is saved as its codes. Codes are kept at their
+// its codes would give the weight gradient of another input; with
+// pack_counts, such inputs and NaN are counted there instead, Note [Deferred
+// pack checks]); with weight_codes, the weight is saved as its codes. Codes are kept at their
 // width (Note [Bit-stream storage]: a 12-bit input costs 12 bits per element,
 // and weight codes are saved in the form the layer stores them). The backward
 // decodes and unpacks them
@@ -37,7 +38,9 @@ bool any_requires_grad(const at::Tensor& x, const at::Tensor& weight, const std:
 // or itself), with what it takes to restore them.
 struct SavedInputs {
   // x as codes of format, which x must lie on: checked now, or counted into
-  // pack_counts for the caller to check (Note [Deferred pack checks]).
+  // pack_counts for the caller to check (Note [Deferred pack checks]). The
+  // Function writes pack_counts without mark_dirty: int64 never requires grad,
+  // so autograd has nothing to track, and pack.counted bumps its version.
   static at::Tensor pack_on_grid(const char* op, const at::Tensor& x, const OptionalFormat& format,
                                  const std::optional<at::Tensor>& pack_counts) {
     if (pack_counts.has_value() && pack_counts->defined()) {

@@ -239,7 +239,7 @@ struct QuantizeOps {
     return run_pack(op, x, args, philox);
   }
 
-  // Note [Deferred pack checks]
+  // pack without raising: see Note [Deferred pack checks] (run_pack).
   static at::Tensor pack_counted(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                  c10::string_view rounding, c10::string_view overflow, const Generator& generator,
                                  const at::Tensor& counts) {
