@@ -10,8 +10,9 @@ CSV it writes is what `scripts/sweep --estimate` extrapolates full grids from.
   scripts/bench_train.py --device cuda --csv gpu.csv
   scripts/bench_train.py --methods fp32,sqpu,sqpu:packed --batch-sizes 16,256   # the cost of packed storage
   scripts/bench_train.py --device cuda --methods fp32,sqpu,sqpu:graphs --batch-sizes 1,4   # CUDA graphs
+  scripts/bench_train.py --device cuda --methods sqpu:packed,sqpu:packed:graphs --batch-sizes 1
 
-METHOD:graphs rows also give their speed-up over METHOD (eager), where both ran.
+Rows with :graphs also give their speed-up over the same method without it, where both ran.
 """
 from __future__ import annotations
 
@@ -28,20 +29,26 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_report import BenchReport, write_csv  # noqa: E402
 
 
-VARIANTS = ("", "packed", "graphs")
+VARIANTS = ("packed", "graphs")  # METHOD:VARIANT[:VARIANT]
+
+
+def split_method(method: str) -> tuple[str, list[str]]:
+    """'sqpu:packed:graphs' -> ('sqpu', ['packed', 'graphs']): fxp-train --packed --cuda-graphs."""
+    name, *variants = method.split(":")
+    if any(v not in VARIANTS for v in variants) or len(set(variants)) != len(variants):
+        raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD, METHOD:packed, "
+                         "METHOD:graphs or METHOD:packed:graphs)")
+    return name, variants
 
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
             threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = ()) -> dict:
     """One point: fxp-train for two epochs; the second epoch's training images/s."""
-    name, _, variant = method.partition(":")  # "sqpu:packed": fxp-train --packed; "sqpu:graphs": --cuda-graphs
-    if variant not in VARIANTS:
-        raise SystemExit(f"bench_train.py: unknown method variant {method!r} (use METHOD, METHOD:packed or "
-                         "METHOD:graphs)")
+    name, variants = split_method(method)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [fxp_train, "--model", model, "--method", name, "--batch-size", str(batch), "--epochs", "2",
-               f"--packed={'true' if variant == 'packed' else 'false'}",
-               f"--cuda-graphs={'true' if variant == 'graphs' else 'false'}",
+               f"--packed={'true' if 'packed' in variants else 'false'}",
+               f"--cuda-graphs={'true' if 'graphs' in variants else 'false'}",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
                "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
         if data_dir:
@@ -62,7 +69,8 @@ def measure(fxp_train: str, method: str, batch: int, images: int, val_images: in
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu",
-                   help="comma-separated; METHOD:packed runs fxp-train --packed, METHOD:graphs --cuda-graphs")
+                   help="comma-separated; METHOD:packed runs fxp-train --packed, METHOD:graphs --cuda-graphs, "
+                        "METHOD:packed:graphs both")
     p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
     p.add_argument("--model", default="paper_cnn", help="fxp-train --model (docs/models.md)")
     p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
@@ -76,6 +84,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rows = []
+    for method in args.methods.split(","):  # every name checked before minutes of measuring
+        split_method(method)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         images = min(60000, max(1024, args.steps * batch))
         for method in args.methods.split(","):
@@ -91,8 +101,8 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = baseline[r["batch_size"]] / r["train_images_per_s"] if r["batch_size"] in baseline else float("nan")
         r["time_over_fp32"] = ratio
-        name, _, variant = r["method"].partition(":")
-        eager = speed.get((name, r["batch_size"])) if variant == "graphs" else None
+        parts = r["method"].split(":")
+        eager = speed.get((":".join(v for v in parts if v != "graphs"), r["batch_size"])) if "graphs" in parts else None
         table.append([r["method"], str(r["batch_size"]), f"{r['train_images_per_s']:.0f}",
                       f"{r['val_images_per_s']:.0f}", f"{ratio:.2f}x",
                       f"{r['train_images_per_s'] / eager:.2f}x" if eager else ""])

@@ -152,7 +152,8 @@ RUNS=$BUILD/runs
 if [[ -x $BUILD/fxp-train ]]; then
   # Training throughput per method and batch size (what sweep --estimate extrapolates from).
   run bench_train 60 "$PYTHON" "$ROOT/scripts/bench_train.py" --device cuda --fxp-train "$BUILD/fxp-train" \
-    --methods fp32,ste,sqpu,hteqpu,sqpu:packed,fp32:graphs,sqpu:graphs,hteqpu:graphs --batch-sizes 1,4,16,256 \
+    --methods fp32,ste,sqpu,hteqpu,sqpu:packed,fp32:graphs,sqpu:graphs,hteqpu:graphs,sqpu:packed:graphs \
+    --batch-sizes 1,4,16,256 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
   # Two epochs of each Exp 2 method at batch 256. The configs go over as JSON, which
   # fxp-train reads without yaml-cpp (the GPU box may lack it).

@@ -88,10 +88,11 @@ class QpuSgd : public torch::optim::Optimizer {
   void set_capturable(bool capturable) { capturable_ = capturable; }
   bool capturable() const { return capturable_; }
   void check_nan();
-  // Capturable: the NaN results since the last check, a 0-dim int64 on the
-  // parameters' device (undefined before the first step), for a caller that
-  // reads it together with its own counts and zeroes it (fxp-train).
-  const torch::Tensor& nan_count() const { return nan_count_; }
+  // Capturable: add the NaN results to `counter` (0-dim int64 on the
+  // parameters' device), which the caller reads with its own counts and
+  // zeroes (fxp-train: a slot of the run's counts), instead of a counter of
+  // the optimizer's own. check_nan() reads it too.
+  void count_nan_into(const torch::Tensor& counter) { nan_count_ = counter; }
   void sync_steps();
 
  private:

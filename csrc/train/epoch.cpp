@@ -116,9 +116,9 @@ torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tenso
 // Packed storage cannot hold NaN, and a saved layer input must lie on its
 // format's grid. Checked at each step, that costs a device-to-host read per
 // packed layer and step on CUDA, and it cannot be captured in a CUDA graph. So
-// a packed run's steps only count, on the device: each layer's saved-input
-// pack adds to Training::pack_counts (Note [Deferred pack checks]), and the
-// capturable QpuSgd counts NaN updates. The epoch reads both (one read) after
+// a packed run's steps only count, on the device, into Training::packed_counts:
+// each layer's saved-input pack (Note [Deferred pack checks]) and the
+// capturable QpuSgd's NaN updates. The epoch reads it (one read) after
 // every step on the CPU, where reading is free; on a device at most every
 // kPackedCheckInterval, whether or not a progress bar draws; and at its end.
 // A count that is not 0 ends the epoch there as a diverged run
@@ -129,18 +129,14 @@ constexpr std::chrono::milliseconds kPackedCheckInterval{100};
 // What the packed run's steps since the last read could not store, if
 // anything (and the counts start again from 0).
 std::optional<std::string> packed_storage_problem(Training& t) {
-  std::vector<torch::Tensor> counts{t.pack_counts};
-  const torch::Tensor nan_updates = t.qpu ? t.qpu->nan_count() : torch::Tensor();
-  if (nan_updates.defined()) counts.push_back(nan_updates.view({1}));
-  const torch::Tensor found = torch::cat(counts).cpu();  // a new tensor: the zeroing below leaves it
-  t.pack_counts.zero_();
-  if (nan_updates.defined()) nan_updates.zero_();
-  const int64_t* n = found.const_data_ptr<int64_t>();
-  const int64_t nan_results = found.numel() > 2 ? n[2] : 0;
-  if (n[0] == 0 && n[1] == 0 && nan_results == 0) return std::nullopt;
-  return c10::str("packed storage cannot hold what the steps since the last check made: ", n[0],
-                  " saved layer-input elements were NaN, ", n[1], " were off their format's grid, and ", nan_results,
-                  " updated values were NaN (those elements kept their previous codes)");
+  const torch::Tensor host = t.packed_counts.cpu();  // on the CPU, the tensor itself
+  const int64_t* n = host.const_data_ptr<int64_t>();
+  const int64_t nan_inputs = n[0], off_grid = n[1], nan_updates = n[2];  // read before the zeroing
+  if (nan_inputs == 0 && off_grid == 0 && nan_updates == 0) return std::nullopt;
+  t.packed_counts.zero_();
+  return c10::str("packed storage cannot hold what the steps since the last check made: ", nan_inputs,
+                  " saved layer-input elements were NaN, ", off_grid, " were off their format's grid, and ",
+                  nan_updates, " updated values were NaN (those elements kept their previous codes)");
 }
 
 class PackedStorageCheck {

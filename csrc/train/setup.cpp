@@ -64,10 +64,10 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
   t.packed = c.packed && c.method != "fp32";
   if (t.packed) {
     t.model->pack_(/*weights=*/is_qpu(c.method), /*saved_inputs=*/true);
-    // Note [Deferred pack checks in training]: the layers count into one tensor.
-    t.pack_counts = torch::zeros({2}, torch::dtype(torch::kLong).device(device));
+    // Note [Deferred pack checks in training]: the layers and the optimizer count into one tensor.
+    t.packed_counts = torch::zeros({3}, torch::dtype(torch::kLong).device(device));
     for (const auto& [name, layer] : t.model->quantized_layers()) {
-      if (layer->packed.saved_input_format) layer->packed.pack_counts = t.pack_counts;
+      if (layer->packed.saved_input_format) layer->packed.pack_counts = t.packed_counts.narrow(0, 0, 2);
     }
   }
   const double lr = c.initial_lr();
@@ -89,6 +89,7 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
     // step advances them. Note [Deferred pack checks in training]: a packed
     // step counts NaN updates on the device instead of reading them back.
     qpu->set_capturable(c.cuda_graphs || t.packed);
+    if (t.packed) qpu->count_nan_into(t.packed_counts.select(0, 2));
     t.qpu = qpu.get();
     t.optimizer = std::move(qpu);
   } else if (adapt_qpu) {

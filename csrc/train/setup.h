@@ -31,9 +31,11 @@ struct Training {
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   optim::QpuSgd* qpu = nullptr;  // the optimizer, for QPU methods
   bool packed = false;           // packed storage (docs/memory.md)
-  // packed: the (NaN, off-grid) saved layer inputs since the last check, on
-  // the device (Note [Deferred pack checks in training], epoch.cpp).
-  torch::Tensor pack_counts;
+  // packed: int64 [3] on the device, what the steps since the last check
+  // could not store: NaN and off-grid saved layer inputs (the layers'
+  // pack_counts are its first two), NaN updates (the QPU optimizer's counter
+  // is the third). Note [Deferred pack checks in training], epoch.cpp.
+  torch::Tensor packed_counts;
   std::unique_ptr<adapt::Controller> adapt;  // AdaPT's controller, for method adapt
   std::unique_ptr<msq::Controller> msq;      // MSQ's controller, for method msq
   // cuda_graphs: the side stream every epoch's steps run on (Note [CUDA-graph

@@ -694,11 +694,13 @@ TEST(TrainEpoch, PackedStorageCountsOnTheDeviceAndTheEpochsCheckStopsTheRun) {
     c.batch_size = 8;
     const torch::Device cpu(torch::kCPU);
     ft::Training t = ft::set_up_training(c, cpu);
-    ASSERT_TRUE(t.pack_counts.defined());
+    ASSERT_TRUE(t.packed_counts.defined());
     int counting_layers = 0;
     for (const auto& [name, layer] : t.model->quantized_layers()) {
       if (!layer->packed.saved_input_format) continue;
-      EXPECT_TRUE(layer->packed.pack_counts.is_same(t.pack_counts)) << name;
+      // The run's counts' first two slots, shared by every such layer.
+      EXPECT_EQ(layer->packed.pack_counts.data_ptr(), t.packed_counts.data_ptr()) << name;
+      EXPECT_EQ(layer->packed.pack_counts.numel(), 2) << name;
       ++counting_layers;
     }
     EXPECT_EQ(counting_layers, 3);  // conv2, fc1, fc2
@@ -734,11 +736,24 @@ TEST(TrainEpoch, PackedStorageCountsOnTheDeviceAndTheEpochsCheckStopsTheRun) {
     } else {
       EXPECT_NE(text.find("and 0 updated values were NaN"), std::string::npos) << text;
     }
-    EXPECT_EQ(t.pack_counts.sum().item<int64_t>(), 0);  // the read starts the counts again
+    EXPECT_EQ(t.packed_counts.narrow(0, 0, 2).sum().item<int64_t>(), 0);  // the read starts the counts again
     if (t.qpu) {
-      EXPECT_EQ(t.qpu->nan_count().item<int64_t>(), 0);
+      EXPECT_EQ(t.packed_counts[2].item<int64_t>(), 0);
     }
   }
+
+  // The check runs after every step on the CPU, not only at the epoch's end: with every image NaN,
+  // the epoch stops after its first step (of 4).
+  ft::TrainConfig c;
+  c.packed = true;
+  c.batch_size = 8;
+  ft::Training t = ft::set_up_training(c, torch::Device(torch::kCPU));
+  ft::Split nan_images{torch::full({32, 1, 28, 28}, std::numeric_limits<float>::quiet_NaN()),
+                       torch::randint(0, 10, {32})};
+  std::optional<ft::StepMemory> memory = ft::StepMemory{0, 0, 0, 0, 0};
+  EXPECT_TRUE(ft::train_epoch(t, nan_images, c, 1, torch::Device(torch::kCPU), memory, {}).diverged);
+  t.qpu->sync_steps();
+  EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(t.qpu->param_groups()[0].options()).step(), 1);
 }
 
 // Issue 11: a damaged checkpoint, or one of other settings, is never resumed from.

@@ -246,10 +246,8 @@ def pack(
     tensor([  2, 127, -48], dtype=torch.int8)
     """
     x, b, f, rounding, overflow = _args("pack", x, fmt, frac_bits, rounding, overflow)
-    if counts is None:
-        return _ops.pack(x, b, f, rounding, overflow, _generator("pack", generator))
-    return _ops.pack.counted(x, b, f, rounding, overflow, _generator("pack", generator),
-                             counts=_tensor("pack", "counts", counts))
+    args = (x, b, f, rounding, overflow, _generator("pack", generator))
+    return _ops.pack(*args) if counts is None else _ops.pack.counted(*args, counts=_tensor("pack", "counts", counts))
 
 
 def pack_seeded(

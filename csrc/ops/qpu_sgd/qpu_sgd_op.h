@@ -16,17 +16,6 @@ namespace fxp {
 
 namespace detail {
 
-// Note [Capturable QPU step]: what reads a count back to the host (the plain
-// step's NaN count on packed storage) cannot run under a CUDA graph capture;
-// it is refused before any work, with the way out, instead of failing in CUDA
-// with "operation not permitted when stream is capturing". (Bit streams are
-// re-encoded without a range check: the step's codes saturate to the format.)
-template <class Backend>
-void check_not_capturing(bool reads_back, const char* what) {
-  TORCH_CHECK(!(reads_back && Backend::capturing()), "fxp::qpu_sgd_step_: ", what,
-              " reads a count back to the host, which a CUDA graph capture does not allow");
-}
-
 // The update of checked lists: counts (int64 [n, 2]) receive (saturated,
 // vanished) per tensor, nan_count (where defined) the NaN results that packed
 // storage could not hold.
@@ -82,8 +71,14 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       const bool packed = detail::any_packed(p);
-      detail::check_not_capturing<Backend>(packed, "the plain step on packed storage (capture the capturable form, "
-                                                   "qpu_sgd_step_.capturable, instead) counts NaN results and");
+      // Note [Capturable QPU step]: the NaN count's read-back cannot run under a
+      // CUDA graph capture; refused before any work, with the way out, instead of
+      // failing in CUDA with "operation not permitted when stream is capturing".
+      // (Bit streams are re-encoded without a range check: the codes saturate.)
+      TORCH_CHECK(!(packed && Backend::capturing()),
+                  "fxp::qpu_sgd_step_: the plain step on packed storage (capture the capturable form, "
+                  "qpu_sgd_step_.capturable, instead) counts NaN results and reads a count back to the host, "
+                  "which a CUDA graph capture does not allow");
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read
       // on CUDA; the capturable form leaves the count on the device).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();

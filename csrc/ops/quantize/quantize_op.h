@@ -212,8 +212,8 @@ struct QuantizeOps {
   // Note [Deferred pack checks]: without `counts` the op checks what it
   // found and raises (one device-to-host read on CUDA); with it (pack.counted)
   // it only adds the counts to that device tensor, and the caller checks them
-  // where it syncs anyway (fxp-train: when it logs and at the end of an epoch),
-  // so a training step that packs reads nothing back and can be captured.
+  // where it reads the device anyway (fxp-train: Note [Deferred pack checks in
+  // training]), so a training step that packs reads nothing back and can be captured.
   static at::Tensor run_pack(const char* op, const at::Tensor& x, const PackArgs& pack, const Philox& philox,
                              const at::Tensor& counts = {}) {
     at::Tensor codes = empty_codes(x, pack.params.total_bits);
