@@ -3,10 +3,10 @@
 # Reference machine: one H200, python3 with torch 2.11.0+cu130, nvcc 13.0,
 # cmake and ninja, no apt and no network. Logs go to $OUT (or gpu-logs/).
 #
-# That machine lacks GoogleTest, CLI11, nlohmann-json, Fashion-MNIST and QPyTorch.
+# That machine lacks GoogleTest, CLI11, nlohmann-json, Gloo's headers, Fashion-MNIST and QPyTorch.
 # On the development machine run
 #   scripts/gpu_check.sh --prepare
-# which copies Debian's GoogleTest sources, the CLI11 and nlohmann-json headers
+# which copies Debian's GoogleTest sources, the CLI11, nlohmann-json and Gloo headers
 # and the Fashion-MNIST files, and downloads the QPyTorch wheel, into .deps/
 # (git-ignored); carry .deps to the GPU machine. Without it the C++ tests,
 # fxp-train and the QPyTorch baseline are skipped, and the rest still runs.
@@ -28,11 +28,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
   [[ -d /usr/src/googletest ]] || { echo "gpu_check --prepare: /usr/src/googletest missing (apt-get install googletest)" >&2; exit 1; }
   rm -rf "$ROOT/.deps/googletest" && mkdir -p "$ROOT/.deps/wheels"
   cp -r /usr/src/googletest "$ROOT/.deps/googletest"
-  for h in /usr/include/CLI /usr/include/nlohmann; do
+  for h in /usr/include/CLI /usr/include/nlohmann /usr/include/gloo; do
     [[ -d $h ]] || { echo "gpu_check --prepare: $h missing (run scripts/setup.sh)" >&2; exit 1; }
   done
   rm -rf "$ROOT/.deps/include" "$ROOT/.deps/fashion-mnist" && mkdir -p "$ROOT/.deps/include"
-  cp -r /usr/include/CLI /usr/include/nlohmann "$ROOT/.deps/include/"
+  cp -r /usr/include/CLI /usr/include/nlohmann /usr/include/gloo "$ROOT/.deps/include/"
   cp -r /usr/share/datasets/fashion-mnist "$ROOT/.deps/fashion-mnist"
   qtorch=$(grep -E '^qtorch==' "$ROOT/scripts/requirements.txt")
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$ROOT/.deps/wheels" "$qtorch"
@@ -47,7 +47,7 @@ while (($#)); do
   fi
 done
 # The stages --only may name (the train_* stages by their full names).
-STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train train_exp2-fp32 train_exp2-ste-16
+STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
 train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
 train_lenet5_adapt_qpu bench_adapt memory_table ctest_rest demo pytest_rest train_default"
 if [[ -n $ONLY ]]; then
@@ -155,6 +155,10 @@ if [[ -x $BUILD/fxp-train ]]; then
     --methods fp32,ste,sqpu,hteqpu,sqpu:packed,fp32:graphs,sqpu:graphs,hteqpu:graphs,sqpu:packed:graphs \
     --batch-sizes 1,4,16,256 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
+  # fxp-train --distributed through NCCL (issue 16): one rank on the one GPU, started by torchrun.
+  run train_distributed_nccl 20 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
+    "$BUILD/fxp-train" --distributed --device cuda --method sqpu --packed --epochs 1 --train-limit 8192 \
+    --batch-size 256 --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/distributed-nccl" --overwrite --no-progress
   # Two epochs of each Exp 2 method at batch 256. The configs go over as JSON, which
   # fxp-train reads without yaml-cpp (the GPU box may lack it).
   mkdir -p "$BUILD/configs"

@@ -19,7 +19,7 @@ step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\nsetup.sh: FAILED: %s\n' "$*" >&2; exit 1; }
 
 # --- 1. Debian packages ------------------------------------------------------
-APT_PACKAGES=(build-essential cmake ninja-build git libgtest-dev zlib1g-dev libcli11-dev nlohmann-json3-dev libyaml-cpp-dev python3-venv python3-dev dataset-fashion-mnist)
+APT_PACKAGES=(build-essential cmake ninja-build git libgtest-dev zlib1g-dev libcli11-dev nlohmann-json3-dev libyaml-cpp-dev libgloo-dev python3-venv python3-dev dataset-fashion-mnist)
 if [[ "${FXP_SKIP_APT:-0}" != 1 ]] && command -v apt-get >/dev/null; then
   missing=()
   for pkg in "${APT_PACKAGES[@]}"; do

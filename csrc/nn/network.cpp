@@ -82,6 +82,12 @@ std::vector<torch::nn::BatchNorm2dImpl*> NetworkImpl::batch_norms() const {
   return out;
 }
 
+std::vector<torch::Tensor> NetworkImpl::batch_norm_statistics() const {
+  std::vector<torch::Tensor> out;
+  for (const auto* bn : batch_norms()) out.insert(out.end(), {bn->running_mean, bn->running_var, bn->num_batches_tracked});
+  return out;
+}
+
 // Note [Batch norm recalibration]
 // Batch norm normalizes with the batch's statistics in training and with
 // running averages of them in evaluation. The averages trail the parameters

@@ -73,6 +73,9 @@ class NetworkImpl : public torch::nn::Module {
   // statistics are too. A network without batch norm is left as it is.
   void recalibrate_batch_norm(int64_t batches, const std::function<torch::Tensor(int64_t)>& batch);
   bool has_batch_norm() const { return !batch_norms().empty(); }
+  // Every batch norm layer's running mean, running variance and
+  // num_batches_tracked, in registration order (empty without batch norm).
+  std::vector<torch::Tensor> batch_norm_statistics() const;
   // Each quantized layer's validation statistics, by name.
   std::vector<std::pair<std::string, OutputStats*>> output_stats();
 

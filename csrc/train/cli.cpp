@@ -77,6 +77,8 @@ const std::vector<FlagHelp>& flag_help() {
       {"threads", "CPU threads (0: LibTorch's default)", {}},
       {"cuda_graphs", "CUDA: replay each full training batch as one captured CUDA graph (forward, backward, "
                       "step), for small batches, where launches bound a step; results meant to be the same", {}},
+      {"distributed", "data parallel across the processes torchrun or srun starts (Gloo on CPU, NCCL on CUDA; "
+                      "docs/train.md): batch_size is the global batch, rank 0 writes the files", {}},
       {"data_dir", "directory with the dataset's files (default: the dataset's, see docs/models.md)", {}},
       {"train_limit", "train on the first N training images only (0: all)", {}},
       {"val_limit", "validate on the first N test images only (0: all)", {}},

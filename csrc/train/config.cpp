@@ -91,6 +91,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
       {"device", field(&TrainConfig::device)},
       {"threads", field(&TrainConfig::threads)},
       {"cuda_graphs", field(&TrainConfig::cuda_graphs)},
+      {"distributed", field(&TrainConfig::distributed)},
       {"data_dir", {[](const TrainConfig& c) { return json(c.data_directory()); },
                     [](TrainConfig& c, const json& v) { c.data_dir = v.get<std::string>(); }}},
       {"train_limit", field(&TrainConfig::train_limit)},
@@ -304,6 +305,7 @@ std::string TrainConfig::run_name() const {
   if (bn_recalibration_batches > 0) name << "-bnr" << bn_recalibration_batches;
   name << "-b" << batch_size << "-s" << seed;
   if (packed) name << "-packed";
+  if (distributed) name << "-dist";
   return name.str();
 }
 
@@ -376,6 +378,9 @@ void TrainConfig::validate() const {
       bad("cuda_graphs", "supports methods fp32, ste, sqpu and hteqpu; " + method +
                              " decides on the host between steps (it reads the loss or the weights back)");
     }
+  }
+  if (distributed && cuda_graphs) {
+    bad("distributed", "cannot be combined with cuda_graphs yet: the gradients' all-reduce is not captured");
   }
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);

@@ -68,6 +68,10 @@ struct TrainConfig {
   // whole step (Note [CUDA-graph training steps], train/epoch.cpp), meant to
   // give the same bits as without it.
   bool cuda_graphs = false;
+  // Data parallel across the processes that torchrun or srun starts
+  // (docs/train.md, "One run across processes"): batch_size is the global
+  // batch, which the ranks split; rank 0 writes the run's files.
+  bool distributed = false;
   std::string data_dir;  // empty: the dataset's default directory (data_directory())
   int64_t train_limit = 0;  // 0: the whole split; else its first N images
   int64_t val_limit = 0;

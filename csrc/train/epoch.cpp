@@ -14,6 +14,7 @@
 #include <chrono>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -50,20 +51,6 @@ std::vector<torch::Tensor> parameters_and_buffers(torch::nn::Module& model) {
   return out;
 }
 
-// The optimizer's state, and AdaPT's accumulated gradients, which belong to
-// the update as the momentum does.
-std::vector<torch::Tensor> optimizer_state(const Training& t) {
-  std::vector<torch::Tensor> out;
-  for (const auto& [key, state] : t.optimizer->state()) {
-    if (auto* s = dynamic_cast<optim::QpuSgdParamState*>(state.get())) out.push_back(s->momentum_buffer());
-    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(state.get())) out.push_back(s->momentum_buffer());
-  }
-  if (t.adapt) {
-    for (const auto& l : t.adapt->layers()) out.insert(out.end(), l.accumulated.begin(), l.accumulated.end());
-  }
-  return out;
-}
-
 // The memory of one training step (docs/memory.md): what the allocator holds
 // before it, what the forward leaves for the backward, the gradients, the
 // model and the optimizer state after it, and the step's peak.
@@ -94,22 +81,102 @@ class StepProbe {
   StepMemory memory_{0, 0, 0, 0, 0};
 };
 
-// Forward, backward and the optimizer's step on one batch; returns the loss.
-torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tensor& y, StepProbe* probe) {
-  torch::Tensor loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
-  if (probe) probe->after_forward();
-  if (t.msq) {
-    (loss + t.msq->penalty()).backward();  // the reported loss stays the task's
+// Note [Data-parallel steps]
+// With --distributed, batch_size is the global batch. Batch b of the epoch's
+// order (the same order on every rank) is split into contiguous shares:
+// rank r of W takes positions [start + size*r/W, start + size*(r+1)/W).
+// - Gradients. A rank's loss is its share's summed per-image losses divided
+//   by the global batch's size, so each image's gradient gets the factor that
+//   one process's mean gives it. One all-reduce (a sum; one flat buffer per
+//   dtype) then leaves every rank the global batch's gradient. Gloo and NCCL
+//   both send each reduced chunk to all ranks, so the sum is bit-identical on
+//   every rank; it differs from one process's gradient only in the order of
+//   the summation.
+// - Steps. So every rank takes the same optimizer step, and the QPU step's
+//   stochastic rounding, keyed by (seed, step) and not by the rank, rounds
+//   the same way everywhere: the replicas stay bit-identical without
+//   broadcasting parameters after the first time (run.cpp checks every epoch).
+// - What would still differ is made the same. Batch norm's running
+//   statistics come from each rank's share, so rank 0's are broadcast after
+//   each step, as DDP's broadcast_buffers does. MSQ's penalty is added on
+//   one rank alone, so the sum counts it once: the last, whose share is never
+//   empty (the penalty reads what the forward quantized). AdaPT's strategy reads the global
+//   batch's mean loss (one more all-reduce). Packed storage's counts are summed
+//   across ranks, and checked after the same steps on every rank.
+// - Draws. During an epoch's training, each rank's default generators (the
+//   forward's stochastic rounding: activations, STE's and AdaPT's weight
+//   reads) are seeded from (seed, epoch, rank), so the shares do not share
+//   rounding noise. After it, every rank is seeded from (seed, epoch) alone,
+//   so batch norm recalibration, MSQ's check and validation draw alike on
+//   every rank and agree without communicating. A resumed run seeds the same
+//   way, so it stays bit-identical to an uninterrupted one.
+// A rank whose share of a short last batch is empty runs no forward and adds
+// zero gradients.
+
+// This rank's share of the global batch [start, start + size).
+std::pair<int64_t, int64_t> rank_share(const Training& t, int64_t start, int64_t size) {
+  if (!t.data_parallel) return {start, size};
+  const int64_t r = t.data_parallel->rank(), w = t.data_parallel->size();
+  const int64_t begin = start + size * r / w, end = start + size * (r + 1) / w;
+  return {begin, end - begin};
+}
+
+void seed_forward_generators(const torch::Device& device, uint64_t seed) {
+  for (at::Generator& g : nn::default_generators(device)) {
+    std::lock_guard<std::mutex> lock(g.mutex());
+    g.set_current_seed(seed);
+  }
+}
+
+// Forward, backward and the optimizer's step on one batch (this rank's share
+// of a global batch of global_size images); returns the float64 sum of the
+// images' losses.
+torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tensor& y, int64_t global_size,
+                         StepProbe* probe) {
+  ProcessGroup* group = t.data_parallel.get();
+  torch::Tensor loss, loss_sum;  // what backward starts from; the reported sum
+  if (!group) {
+    loss = torch::nn::functional::cross_entropy(t.model->forward(x), y);
+    loss_sum = loss.detach().to(torch::kFloat64) * static_cast<double>(x.size(0));
+  } else if (x.size(0) > 0) {  // Note [Data-parallel steps]
+    const torch::Tensor share_sum = torch::nn::functional::cross_entropy(
+        t.model->forward(x), y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum));
+    loss = share_sum / static_cast<double>(global_size);
+    loss_sum = share_sum.detach().to(torch::kFloat64);
   } else {
+    loss_sum = torch::zeros({}, torch::dtype(torch::kFloat64).device(x.device()));
+  }
+  if (probe) probe->after_forward();
+  if (t.msq && (!group || group->rank() == group->size() - 1)) {  // the last rank's share is never empty
+    const torch::Tensor penalty = t.msq->penalty();
+    (loss.defined() ? loss + penalty : penalty).backward();  // the reported loss stays the task's
+  } else if (loss.defined()) {
     loss.backward();
   }
   if (probe) probe->after_backward();
+  if (group) {
+    std::vector<torch::Tensor> grads;
+    for (auto& p : t.model->parameters()) {
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      grads.push_back(p.grad());
+    }
+    group->all_reduce_sum(grads);
+  }
   if (t.adapt) {
-    t.adapt->step(loss.item<double>(), x.size(0), *t.optimizer);  // syncs: the strategy needs the loss
+    double mean_loss = 0;  // syncs: the strategy needs the loss
+    if (group) {
+      const torch::Tensor global_sum = loss_sum.clone();
+      group->all_reduce_sum({global_sum});
+      mean_loss = global_sum.item<double>() / static_cast<double>(global_size);
+    } else {
+      mean_loss = loss.item<double>();
+    }
+    t.adapt->step(mean_loss, global_size, *t.optimizer);
   } else {
     t.optimizer->step();
   }
-  return loss;
+  if (group && t.model->has_batch_norm()) group->broadcast_from_rank0(t.model->batch_norm_statistics());
+  return loss_sum;
 }
 
 // Note [Deferred pack checks in training]
@@ -121,14 +188,20 @@ torch::Tensor train_step(Training& t, const torch::Tensor& x, const torch::Tenso
 // capturable QpuSgd's NaN updates. The epoch reads it (one read) after
 // every step on the CPU, where reading is free; on a device at most every
 // kPackedCheckInterval, whether or not a progress bar draws; and at its end.
+// A distributed run sums the counts across ranks at each check, and checks
+// after the same steps on every rank: every step on the CPU, every
+// kDistributedPackedCheckSteps on a device.
 // A count that is not 0 ends the epoch there as a diverged run
 // (non_finite_loss): at most kPackedCheckInterval of steps after the NaN,
 // not at the step. Any other error of a step propagates.
 constexpr std::chrono::milliseconds kPackedCheckInterval{100};
+constexpr int64_t kDistributedPackedCheckSteps = 16;
 
 // What the packed run's steps since the last read could not store, if
 // anything (and the counts start again from 0).
 std::optional<std::string> packed_storage_problem(Training& t) {
+  // The NaN updates are the same on every rank (the step is), the saved inputs are each rank's own.
+  if (t.data_parallel) t.data_parallel->all_reduce_sum({t.packed_counts.narrow(0, 0, 2)});
   const torch::Tensor host = t.packed_counts.cpu();  // on the CPU, the tensor itself
   const int64_t* n = host.const_data_ptr<int64_t>();
   const int64_t nan_inputs = n[0], off_grid = n[1], nan_updates = n[2];  // read before the zeroing
@@ -142,10 +215,15 @@ std::optional<std::string> packed_storage_problem(Training& t) {
 class PackedStorageCheck {
  public:
   PackedStorageCheck(Training& t, const torch::Device& device) : t_(t), every_step_(device.is_cpu()) {}
-  // After a step: a read when one is due.
-  std::optional<std::string> after_step() {
+  // After step `step` (0-based) of the epoch: a read when one is due.
+  std::optional<std::string> after_step(int64_t step) {
+    if (!t_.packed) return std::nullopt;
+    if (t_.data_parallel) {
+      const bool due = every_step_ || (step + 1) % kDistributedPackedCheckSteps == 0;  // the same on every rank
+      return due ? packed_storage_problem(t_) : std::nullopt;
+    }
     const auto now = std::chrono::steady_clock::now();
-    if (!t_.packed || (!every_step_ && now - last_ < kPackedCheckInterval)) return std::nullopt;
+    if (!every_step_ && now - last_ < kPackedCheckInterval) return std::nullopt;
     last_ = now;
     return packed_storage_problem(t_);
   }
@@ -157,13 +235,12 @@ class PackedStorageCheck {
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
-// The epoch's sums after a step: the loss weighted by the batch's size and,
-// for QPU, the update counts, one row per parameter in the model's order (the
+// The epoch's sums after a step: the batch's summed loss and, for QPU, the update counts, one row per parameter in the model's order (the
 // optimizer's groups hold the model's parameters in order; rows of parameters
 // without a gradient are zero).
-void add_to_sums(const Training& t, const torch::Tensor& loss, int64_t batch, torch::Tensor& loss_sum,
+void add_to_sums(const Training& t, const torch::Tensor& batch_loss_sum, torch::Tensor& loss_sum,
                  torch::Tensor& update_counts) {
-  loss_sum.add_(loss.detach().to(torch::kFloat64) * static_cast<double>(batch));
+  loss_sum.add_(batch_loss_sum);
   if (t.qpu) update_counts.add_(torch::cat(t.qpu->last_counts()));
 }
 
@@ -247,7 +324,7 @@ std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, cons
     captured->graph.capture_begin();
     const torch::Tensor index = order.index_select(0, captured->positions);
     const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-    add_to_sums(t, train_step(t, x, y, nullptr), batch_size, loss_sum, update_counts);
+    add_to_sums(t, train_step(t, x, y, batch_size, nullptr), loss_sum, update_counts);
     captured->positions.add_(batch_size);
     captured->graph.capture_end();
   } catch (const std::exception& e) {
@@ -319,6 +396,10 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
 #else
   if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
 #endif
+  if (t.data_parallel) {  // Note [Data-parallel steps]: each rank's own draws while it trains
+    const uint64_t epoch_seed = mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch));
+    seed_forward_generators(device, mix(epoch_seed, static_cast<uint64_t>(t.data_parallel->rank()) + 1));
+  }
   // Note [Deferred pack checks in training]: a problem ends the epoch, and the run, as diverged.
   PackedStorageCheck packed_check(t, device);
   auto stop_if = [&](const std::optional<std::string>& problem) {
@@ -327,8 +408,10 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
     result.diverged = true;
   };
   ProgressBar bar(options.progress, "epoch " + std::to_string(epoch) + "/" + std::to_string(c.epochs), batches);
+  int64_t images_here = 0;  // this rank's images so far (all of them in one process)
   for (int64_t b = 0; b < batches && !result.diverged; ++b) {
     const int64_t start = b * c.batch_size, size = std::min(c.batch_size, train.size() - start);
+    images_here += rank_share(t, start, size).second;
     // The session's second step (its first, if an epoch has one batch), so the
     // momentum buffers exist and the previous gradients are gone.
     if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
@@ -343,17 +426,22 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       t.optimizer->zero_grad();
       std::optional<StepProbe> probe;
       if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-      const torch::Tensor index = order.narrow(0, start, size);
+      const auto [share_start, share_size] = rank_share(t, start, size);  // Note [Data-parallel steps]
+      const torch::Tensor index = order.narrow(0, share_start, share_size);
       const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
-      const torch::Tensor loss = train_step(t, x, y, probe ? &*probe : nullptr);
+      const torch::Tensor batch_loss_sum = train_step(t, x, y, size, probe ? &*probe : nullptr);
       if (probe) step_memory = probe->after_step();
-      add_to_sums(t, loss, size, loss_sum, result.update_counts);
+      add_to_sums(t, batch_loss_sum, loss_sum, result.update_counts);
     }
-    stop_if(packed_check.after_step());
-    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(start + size); });
+    stop_if(packed_check.after_step(b));
+    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(std::max<int64_t>(images_here, 1)); });
   }
   if (!result.diverged) stop_if(packed_check.at_end());
   bar.finish();
+  if (t.data_parallel) {
+    t.data_parallel->all_reduce_sum({loss_sum});  // each rank summed its shares
+    seed_forward_generators(device, mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch)));
+  }
   result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()
                                 : loss_sum.item<double>() / static_cast<double>(train.size());
   return result;

@@ -9,6 +9,7 @@
 #include "nn/models.h"
 #include "train/bookkeeping.h"
 #include "train/cli.h"
+#include "train/distributed.h"
 #include "train/io.h"
 #include "train/setup.h"
 #include "train/trainer.h"
@@ -88,14 +89,16 @@ int main(int argc, char** argv) {
       std::cout << (command.json ? report.dump(2) + "\n" : describe_model_text(report));
       return 0;
     }
+    // Note [One run across processes]: only rank 0 talks.
+    const bool quiet = command.quiet || (c.distributed && process_place_from_environment().rank != 0);
     RunOptions options;
     options.resume = command.resume;
     options.overwrite = command.overwrite;
-    options.progress = !command.quiet && !command.no_progress && isatty(STDERR_FILENO);
-    options.log = command.quiet ? nullptr : &std::cout;
-    if (!command.quiet) std::cout << "fxp-train " << c.run_name() << " -> " << output_dir_for(c) << "\n";
+    options.progress = !quiet && !command.no_progress && isatty(STDERR_FILENO);
+    options.log = quiet ? nullptr : &std::cout;
+    if (!quiet) std::cout << "fxp-train " << c.run_name() << " -> " << output_dir_for(c) << "\n";
     const auto summary = run_training(c, options);
-    if (!command.quiet) std::cout << summary_text(summary);
+    if (!quiet) std::cout << summary_text(summary);
     return 0;
   } catch (const DirectoryBusy& e) {
     std::cerr << "fxp-train: error: " << e.what() << "\n";

@@ -18,12 +18,16 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     }
     return {};
   }
-  if (!options.resume && path_exists(files.summary)) {
+  if (path_exists(files.summary)) {
     json summary = json::parse(read_text(files.summary));
+    // Finished with these very settings: nothing to train, with or without
+    // --resume (a requeued job resumes what may have finished).
     if (differing_settings(summary["config"], settings, /*epochs_may_differ=*/false).empty()) {
       if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
       return {false, summary};
     }
+  }
+  if (!options.resume && path_exists(files.summary)) {
     throw std::invalid_argument("output directory " + files.dir +
                                 " holds a finished run with other settings; pass --resume to extend it to more epochs, "
                                 "--overwrite to replace it, or choose another --output-dir");

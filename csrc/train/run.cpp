@@ -9,9 +9,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <set>
 #include <stdexcept>
 
 #include "train/checkpoint.h"
+#include "train/distributed.h"
 #include "train/epoch.h"
 #include "train/export.h"
 #include "train/io.h"
@@ -109,6 +111,47 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
           {"vanished_update_fraction", stats.vanished_fraction}};
 }
 
+// Note [One run across processes]
+// fxp-train --distributed runs one process per device (torchrun or srun
+// start them with the same arguments). Rank 0 alone owns the output
+// directory: it takes the lock, decides whether the run starts, resumes or is
+// already finished, and publishes that decision, with its settings, in the
+// rendezvous store; the other ranks check their settings against rank 0's and
+// follow. Every rank loads the data and builds the same model from the seed;
+// a resumed run reads the checkpoint on every rank (the output directory must
+// be on a file system all nodes share). Rank 0's parameters, buffers and
+// optimizer state are then broadcast once, and never again: Note [Data-parallel
+// steps] (epoch.cpp) keeps the replicas identical. After every epoch each
+// tensor of that state, and a hash of the host's state (lr, early stopping,
+// AdaPT's formats, MSQ's widths), is compared bit for bit with rank 0's; a
+// difference stops the run naming the tensors. Every rank validates the whole
+// test split (with the same draws, so they agree without communicating);
+// rank 0 writes metrics, checkpoints and the summary.
+constexpr std::chrono::minutes kDistributedTimeout{30};  // torch.distributed's default
+
+// What must be identical on every rank, named: parameters, buffers, the
+// optimizer's state; and, when `host_state` is not empty, its hash.
+std::vector<std::pair<std::string, torch::Tensor>> replica_state(const Training& t, const torch::Device& device,
+                                                                 const std::string& host_state) {
+  std::vector<std::pair<std::string, torch::Tensor>> named;
+  // A packed parameter is a placeholder: its codes, a buffer, hold its value.
+  std::set<const c10::TensorImpl*> placeholders;
+  for (const auto& p : t.model->packed_storage()) placeholders.insert(p.parameter.unsafeGetTensorImpl());
+  for (const auto& item : t.model->named_parameters()) {
+    if (!placeholders.count(item.value().unsafeGetTensorImpl())) {
+      named.emplace_back("parameter " + item.key(), item.value());
+    }
+  }
+  for (const auto& item : t.model->named_buffers()) named.emplace_back("buffer " + item.key(), item.value());
+  for (auto& entry : named_optimizer_state(t)) named.push_back(std::move(entry));
+  if (!host_state.empty()) {
+    const auto hash = static_cast<int64_t>(std::hash<std::string>{}(host_state));
+    named.emplace_back("the host's state (lr, early stopping, AdaPT's formats, MSQ's widths)",
+                       torch::full({1}, hash, torch::dtype(torch::kLong).device(device)));
+  }
+  return named;
+}
+
 void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
   char line[256];
   std::snprintf(line, sizeof line,
@@ -131,29 +174,80 @@ std::string output_dir_for(const TrainConfig& config) {
   return config.output_dir.empty() ? join_path("results", config.run_name()) : config.output_dir;
 }
 
-json run_training(const TrainConfig& config, const RunOptions& options) {
+json run_training(const TrainConfig& config, const RunOptions& given_options) {
   const auto session_start = Clock::now();
   config.validate();
-  const torch::Device device = parse_device(config.device);
+  // Note [One run across processes]: rank 0 writes; the others stay silent.
+  std::optional<ProcessPlace> place;
+  if (config.distributed) place = process_place_from_environment();
+  const bool writer = !place || place->rank == 0;
+  RunOptions options = given_options;
+  if (!writer) options.progress = false, options.log = nullptr;
+  torch::Device device = parse_device(config.device);
+  if (place && device.is_cuda() && !device.has_index()) {
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(place->local_rank));
+  }
   if (device.is_cpu()) install_cpu_memory_tracking();
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   // Reproducible GPU runs: deterministic cuDNN algorithms, no autotuning (a
   // small cost for this network).
   at::globalContext().setDeterministicCuDNN(true);
   at::globalContext().setBenchmarkCuDNN(false);
+  std::shared_ptr<ProcessGroup> group;
+  if (place) group = ProcessGroup::join(*place, device, kDistributedTimeout);
   const RunFiles files(output_dir_for(config));
-  make_dirs(files.dir);
-  const DirectoryLock lock(files.dir);  // Note [Run directory lock]
-
   json settings = to_json(config);
   settings["output_dir"] = files.dir;
-  const RunStart start = decide_start(files, settings, options);  // Note [Resume]
+  std::optional<DirectoryLock> lock;
+  RunStart start;
+  if (writer) {
+    try {
+      make_dirs(files.dir);
+      lock.emplace(files.dir);                        // Note [Run directory lock]
+      start = decide_start(files, settings, options);  // Note [Resume]
+      if (!start.finished) atomic_write(files.config, settings.dump(2) + "\n");
+    } catch (const std::exception& e) {
+      if (group) group->publish("start", json{{"error", e.what()}}.dump());
+      throw;
+    }
+    if (group) {
+      group->publish("start", json{{"settings", settings},
+                                   {"threads", at::get_num_threads()},
+                                   {"resume", start.resume},
+                                   {"finished", start.finished ? *start.finished : json(nullptr)}}
+                                  .dump());
+      for (int64_t r = 1; r < group->size(); ++r) {  // each rank's answer, so that rank 0 can say why one left
+        const std::string answer = group->wait_for("rank" + std::to_string(r));
+        if (answer != "ok") throw std::runtime_error("distributed: rank " + std::to_string(r) + " stopped: " + answer);
+      }
+    }
+  } else {
+    const json published = json::parse(group->wait_for("start"));
+    if (published.contains("error")) {
+      throw std::runtime_error("distributed: rank 0 stopped: " + published["error"].get<std::string>());
+    }
+    std::string differ = differing_settings(published["settings"], settings, /*epochs_may_differ=*/false);
+    if (device.is_cpu() && published["threads"] != at::get_num_threads()) {
+      // The steps would still agree, but AdaPT's and MSQ's decisions sum on each rank.
+      differ += (differ.empty() ? "" : ", ") + std::string("CPU threads (") + published["threads"].dump() +
+                " on rank 0, " + std::to_string(at::get_num_threads()) + " here; set --threads on every rank)";
+    }
+    const std::string key = "rank" + std::to_string(place->rank);
+    if (!differ.empty()) {
+      const std::string problem = "started with other settings than rank 0 (\"in the run\" is rank 0's): " + differ;
+      group->publish(key, problem);
+      throw std::invalid_argument("distributed: rank " + std::to_string(place->rank) + " was " + problem);
+    }
+    group->publish(key, "ok");
+    start.resume = published["resume"].get<bool>();
+    if (!published["finished"].is_null()) start.finished = published["finished"];
+  }
   if (start.finished) return *start.finished;
-  atomic_write(files.config, settings.dump(2) + "\n");
 
   const Split train = load_split(config, /*train=*/true, config.train_limit, device);
   const Split val = load_split(config, /*train=*/false, config.val_limit, device);
   Training training = set_up_training(config, device, start.resume);
+  training.data_parallel = group;
   if (options.log && config.method != "fp32" && config.bn_recalibration_batches == 0 &&
       training.model->has_batch_norm()) {
     *options.log << "note: batch norm's running statistics trail the parameters, and with quantized layers "
@@ -163,13 +257,25 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {
+    if (!writer && !path_exists(files.checkpoint)) {
+      throw std::runtime_error("distributed: rank " + std::to_string(place->rank) + " cannot read " +
+                               files.checkpoint + ", which rank 0 resumes from: every rank reads the checkpoint, so "
+                               "the output directory must be on a file system all nodes share");
+    }
     state = load_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), device,
                             training.msq.get());
     set_lr(*training.optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
+  if (group) {  // the one broadcast of the run (Note [One run across processes])
+    std::vector<torch::Tensor> tensors;
+    for (auto& [name, tensor] : replica_state(training, device, "")) tensors.push_back(tensor);
+    torch::NoGradGuard no_grad;
+    group->broadcast_from_rank0(tensors);
+  }
 
   std::optional<StepMemory> step_memory;  // measured on the session's first training step
+  int64_t replicated_tensors = 0;         // distributed: what the last replica check compared
   while (state.stop_reason.empty() && state.epochs_done < config.epochs) {
     const int64_t epoch = state.epochs_done + 1;
     const auto epoch_start = Clock::now();
@@ -189,17 +295,43 @@ json run_training(const TrainConfig& config, const RunOptions& options) {
     if (training.adapt) state.history.back()["adapt"] = adapt_record(*training.adapt);
     if (training.msq) state.history.back()["msq"] = msq_record(*training.msq);
     state.wall_time_s += epoch_time;
-    std::string lines;
-    for (const auto& r : state.history) lines += r.dump() + "\n";
-    save_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), state, settings,
-                    device, training.msq.get());
-    atomic_write(files.metrics, lines);
+    if (group) {
+      // What steers the next epochs; not the validation's figures, which only rank 0 reports.
+      const json& record = state.history.back();
+      const json host_state = {{"stop_reason", state.stop_reason},     {"lr", state.lr},
+                               {"train_loss", record["train_loss"]},    {"adapt", record.value("adapt", json())},
+                               {"msq", record.value("msq", json())}};
+      const auto replicated = replica_state(training, device, host_state.dump());
+      replicated_tensors = static_cast<int64_t>(replicated.size());
+      const auto differ = replica_differences(*group, replicated);
+      if (!differ.empty()) {
+        std::string names;
+        for (const auto& name : differ) names += (names.empty() ? "" : ", ") + name;
+        throw std::runtime_error("distributed: after epoch " + std::to_string(epoch) +
+                                 " the replicas are no longer identical; these differ from rank 0's: " + names +
+                                 " (a bug: please report it with the command line)");
+      }
+    }
+    if (writer) {
+      std::string lines;
+      for (const auto& r : state.history) lines += r.dump() + "\n";
+      save_checkpoint(files.checkpoint, *training.model, *training.optimizer, training.adapt.get(), state, settings,
+                      device, training.msq.get());
+      atomic_write(files.metrics, lines);
+    }
     if (options.log) log_epoch(*options.log, state.history.back(), config.epochs);
   }
   if (state.stop_reason.empty()) state.stop_reason = "epochs";
 
   json summary = make_summary({config, settings, state, training, train.size(), val.size(), device, step_memory,
                                seconds_since(session_start)});
+  if (group) {
+    summary["distributed"] = {{"world_size", group->size()},
+                              {"backend", group->backend()},
+                              {"replicas_identical_after_every_epoch", true},
+                              {"tensors_compared_per_epoch", replicated_tensors}};
+  }
+  if (!writer) return summary;
   if (training.msq && training.msq->weights_finite()) {
     // The trained model at its true size (Note [MSQ export format]); a diverged run has none.
     const ExportSizes sizes = export_msq_model(*training.msq, *training.model, files.msq_export);

@@ -144,6 +144,34 @@ adapt::AdaptOptions adapt_options(const TrainConfig& c) {
   return o;
 }
 
+std::vector<std::pair<std::string, torch::Tensor>> named_optimizer_state(const Training& t) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  // In the model's parameter order (the state map's own order follows addresses).
+  const auto& state = t.optimizer->state();
+  for (const auto& item : t.model->named_parameters()) {
+    const auto it = state.find(item.value().unsafeGetTensorImpl());
+    if (it == state.end()) continue;
+    torch::Tensor momentum;
+    if (auto* s = dynamic_cast<optim::QpuSgdParamState*>(it->second.get())) momentum = s->momentum_buffer();
+    if (auto* s = dynamic_cast<torch::optim::SGDParamState*>(it->second.get())) momentum = s->momentum_buffer();
+    if (momentum.defined()) out.emplace_back("momentum of " + item.key(), momentum);
+  }
+  if (t.adapt) {
+    for (const auto& l : t.adapt->layers()) {
+      for (size_t k = 0; k < l.accumulated.size(); ++k) {
+        out.emplace_back("AdaPT's accumulated gradient " + std::to_string(k) + " of " + l.name, l.accumulated[k]);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<torch::Tensor> optimizer_state(const Training& t) {
+  std::vector<torch::Tensor> out;
+  for (auto& [name, tensor] : named_optimizer_state(t)) out.push_back(tensor);
+  return out;
+}
+
 void set_lr(torch::optim::Optimizer& optimizer, double lr) {
   for (auto& group : optimizer.param_groups()) group.options().set_lr(lr);
 }

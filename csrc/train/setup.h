@@ -13,6 +13,7 @@
 #include "nn/models.h"
 #include "optim/qpu_sgd.h"
 #include "train/config.h"
+#include "train/distributed.h"
 
 namespace fxp::train {
 
@@ -41,6 +42,8 @@ struct Training {
   // cuda_graphs: the side stream every epoch's steps run on (Note [CUDA-graph
   // training steps]); one per run, so its cuBLAS workspace and cached blocks are reused.
   std::optional<c10::Stream> graph_stream;
+  // distributed: the run's process group (Note [Data-parallel steps], epoch.cpp); null otherwise.
+  std::shared_ptr<ProcessGroup> data_parallel;
 };
 
 // MSQ's controller options from the msq_* keys.
@@ -58,5 +61,11 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 Training set_up_training(const TrainConfig& config, const torch::Device& device, bool resuming = false);
 
 void set_lr(torch::optim::Optimizer& optimizer, double lr);
+
+// The optimizer's state (momentum buffers), and AdaPT's accumulated
+// gradients, which belong to the update as the momentum does; in the
+// model's parameter order, named.
+std::vector<std::pair<std::string, torch::Tensor>> named_optimizer_state(const Training& training);
+std::vector<torch::Tensor> optimizer_state(const Training& training);
 
 }  // namespace fxp::train

@@ -122,6 +122,11 @@ std::string summary_text(const json& s) {
       << s["best_epoch"].get<int64_t>() << ")\n";
   out << "  final validation accuracy " << percent(s["final_val_accuracy"].get<double>()) << " after "
       << s["epochs_completed"].get<int64_t>() << " epochs, stopped by: " << s["stop_reason"].get<std::string>() << "\n";
+  if (s.contains("distributed")) {
+    const json& d = s["distributed"];
+    out << "  data parallel over " << d["world_size"].get<int64_t>() << " processes (" << d["backend"].get<std::string>()
+        << "), replicas bit-identical after every epoch; memory below is one rank's\n";
+  }
   char line[256];
   std::snprintf(line, sizeof line, "  wall time %.1f s, %.0f training images/s\n", s["wall_time_s"].get<double>(),
                 s["train_images_per_s"].get<double>());
