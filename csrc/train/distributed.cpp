@@ -10,7 +10,7 @@
 // (scripts/gpu_check.sh --prepare copies them into .deps/include). That Gloo
 // is older than the one libtorch_cpu was built with, which is safe for what
 // this file does: it calls only functions that libtorch_cpu exports
-// (ProcessGroupGloo's constructor, Options::create, createDefaultDevice,
+// (ProcessGroupGloo's and its Options' constructors, createDefaultDevice,
 // createDeviceForInterface) and the Backend's virtual collectives, and
 // ProcessGroupGloo holds Gloo's types only behind shared_ptr and unique_ptr,
 // so its layout does not depend on Gloo's version (the header's
@@ -130,7 +130,8 @@ c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::St
       for (size_t start = 0; start <= list.size();) {
         const size_t comma = std::min(list.find(',', start), list.size());
         if (comma > start) {
-          options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(list.substr(start, comma - start)));
+          const std::string interface = list.substr(start, comma - start);
+          options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(interface));
         }
         start = comma + 1;
       }
@@ -184,7 +185,12 @@ void wait_for_collective(const c10::intrusive_ptr<c10d::Work>& work, int64_t ran
 }  // namespace
 
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-ProcessGroup::~ProcessGroup() = default;
+ProcessGroup::~ProcessGroup() {
+  try {
+    impl_->group->shutdown();  // NCCL's communicators, before the process exits
+  } catch (const std::exception&) {
+  }
+}
 
 std::shared_ptr<ProcessGroup> ProcessGroup::join(const ProcessPlace& place, const torch::Device& device,
                                                  std::chrono::milliseconds timeout) {
@@ -269,11 +275,42 @@ std::string ProcessGroup::wait_for(const std::string& key) {
   return std::string(value.begin(), value.end());
 }
 
+std::optional<std::string> ProcessGroup::wait_for(const std::string& key, std::chrono::milliseconds timeout) {
+  try {
+    impl_->store->wait({key}, timeout);
+  } catch (const std::exception&) {  // not there in time, or the store is gone
+    return std::nullopt;
+  }
+  return wait_for(key);
+}
+
+const torch::Device& ProcessGroup::device() const { return impl_->device; }
+
+void ProcessGroup::abort() {
+  try {
+    impl_->group->abort();
+  } catch (const std::exception&) {  // aborting is best effort: the error that led here is what matters
+  }
+}
+
 std::vector<std::string> replica_differences(ProcessGroup& group,
                                              const std::vector<std::pair<std::string, torch::Tensor>>& named) {
-  if (named.empty()) return {};
-  const torch::Device device = named.front().second.device();
-  torch::Tensor differs = torch::zeros({static_cast<int64_t>(named.size())}, torch::dtype(torch::kLong).device(device));
+  // First the list itself (names, dtypes, sizes), as one fixed-size hash, so
+  // that ranks whose lists differ still meet in the same collectives.
+  std::string layout;
+  for (const auto& [name, t] : named) {
+    layout += name + '\t' + c10::toString(t.scalar_type()) + '\t' + std::to_string(t.numel()) + '\n';
+  }
+  const auto layout_hash = static_cast<int64_t>(std::hash<std::string>{}(layout));
+  const torch::Tensor my_layout = torch::full({1}, layout_hash, torch::dtype(torch::kLong).device(group.device()));
+  torch::Tensor layout_differs = my_layout.clone();
+  group.broadcast_from_rank0({layout_differs});
+  layout_differs = layout_differs.ne(my_layout).to(torch::kLong);
+  group.all_reduce_sum({layout_differs});
+  if (layout_differs.item<int64_t>() > 0) return {"the list of tensors itself (their names, dtypes or sizes)"};
+
+  torch::Tensor differs =
+      torch::zeros({static_cast<int64_t>(named.size())}, torch::dtype(torch::kLong).device(group.device()));
   for (size_t k = 0; k < named.size(); ++k) {
     // Bits, not values: NaN equals itself and -0 differs from 0.
     const torch::Tensor mine = named[k].second.detach().contiguous().reshape(-1).view(torch::kUInt8);

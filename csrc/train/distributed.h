@@ -62,9 +62,17 @@ class ProcessGroup {
   void all_reduce_sum(const std::vector<torch::Tensor>& tensors);
   void broadcast_from_rank0(const std::vector<torch::Tensor>& tensors);
 
-  // Rank 0 publishes a value under `key`; the others wait for it.
+  const torch::Device& device() const;
+
+  // A value under `key` in the run's store, for every rank to read; waiting
+  // for it up to the group's timeout, or up to `timeout` (nullopt: not there).
   void publish(const std::string& key, const std::string& value);
   std::string wait_for(const std::string& key);
+  std::optional<std::string> wait_for(const std::string& key, std::chrono::milliseconds timeout);
+
+  // After an error on this rank: stops the backend's pending work (NCCL), so
+  // that the process can exit. The other ranks' collectives then fail.
+  void abort();
 
   struct Impl;
 
@@ -74,8 +82,10 @@ class ProcessGroup {
 };
 
 // The names of the tensors whose bits differ on some rank from rank 0's (the
-// same list on every rank; empty when the replicas are identical). Tensors
-// travel one at a time, so the check needs memory for one more tensor only.
+// same list on every rank; empty when the replicas are identical). When the
+// lists themselves differ (names, dtypes, sizes), says so and compares
+// nothing else. Tensors travel one at a time, so the check needs memory for
+// about two more copies of the largest.
 std::vector<std::string> replica_differences(ProcessGroup& group,
                                              const std::vector<std::pair<std::string, torch::Tensor>>& named);
 

@@ -100,9 +100,10 @@ class StepProbe {
 //   statistics come from each rank's share, so rank 0's are broadcast after
 //   each step, as DDP's broadcast_buffers does. MSQ's penalty is added on
 //   one rank alone, so the sum counts it once: the last, whose share is never
-//   empty (the penalty reads what the forward quantized). AdaPT's strategy reads the global
-//   batch's mean loss (one more all-reduce). Packed storage's counts are summed
-//   across ranks, and checked after the same steps on every rank.
+//   empty (the penalty reads what the forward quantized). AdaPT's strategy
+//   reads the global batch's mean loss (one more all-reduce). Packed
+//   storage's counts are summed across ranks, and checked after the same
+//   steps on every rank.
 // - Draws. During an epoch's training, each rank's default generators (the
 //   forward's stochastic rounding: activations, STE's and AdaPT's weight
 //   reads) are seeded from (seed, epoch, rank), so the shares do not share
@@ -111,7 +112,9 @@ class StepProbe {
 //   every rank and agree without communicating. A resumed run seeds the same
 //   way, so it stays bit-identical to an uninterrupted one.
 // A rank whose share of a short last batch is empty runs no forward and adds
-// zero gradients.
+// zero gradients. Every parameter leaves the all-reduce with a gradient (zero
+// if no rank gave it one), so the step's weight decay and momentum reach a
+// parameter one process would skip; fxp's models use every parameter.
 
 // This rank's share of the global batch [start, start + size).
 std::pair<int64_t, int64_t> rank_share(const Training& t, int64_t start, int64_t size) {
@@ -235,9 +238,10 @@ class PackedStorageCheck {
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
 
-// The epoch's sums after a step: the batch's summed loss and, for QPU, the update counts, one row per parameter in the model's order (the
-// optimizer's groups hold the model's parameters in order; rows of parameters
-// without a gradient are zero).
+// The epoch's sums after a step: the batch's summed loss and, for QPU, the
+// update counts, one row per parameter in the model's order (the optimizer's
+// groups hold the model's parameters in order; rows of parameters without a
+// gradient are zero).
 void add_to_sums(const Training& t, const torch::Tensor& batch_loss_sum, torch::Tensor& loss_sum,
                  torch::Tensor& update_counts) {
   loss_sum.add_(batch_loss_sum);
@@ -434,7 +438,9 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       add_to_sums(t, batch_loss_sum, loss_sum, result.update_counts);
     }
     stop_if(packed_check.after_step(b));
-    bar.update(b + 1, [&] { return loss_sum.item<double>() / static_cast<double>(std::max<int64_t>(images_here, 1)); });
+    bar.update(b + 1, [&] {
+      return loss_sum.item<double>() / static_cast<double>(std::max<int64_t>(images_here, 1));
+    });
   }
   if (!result.diverged) stop_if(packed_check.at_end());
   bar.finish();

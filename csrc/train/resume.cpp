@@ -44,6 +44,11 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
                                 differ);
   }
+  if (options.log && stored.value("world_size", json(1)) != settings.value("world_size", json(1))) {
+    *options.log << "note: resuming with " << settings.value("world_size", json(1)) << " processes instead of "
+                 << stored.value("world_size", json(1))
+                 << "; the shares and their draws change, so the result differs from an uninterrupted run\n";
+  }
   if (options.log && stored.value("threads", json()) != settings["threads"]) {
     *options.log << "note: resuming with threads " << settings["threads"] << " instead of " << stored["threads"]
                  << "; the result may differ in the last bits from an uninterrupted run\n";

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <set>
 #include <stdexcept>
 
@@ -117,21 +118,24 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
 // directory: it takes the lock, decides whether the run starts, resumes or is
 // already finished, and publishes that decision, with its settings, in the
 // rendezvous store; the other ranks check their settings against rank 0's and
-// follow. Every rank loads the data and builds the same model from the seed;
-// a resumed run reads the checkpoint on every rank (the output directory must
-// be on a file system all nodes share). Rank 0's parameters, buffers and
-// optimizer state are then broadcast once, and never again: Note [Data-parallel
-// steps] (epoch.cpp) keeps the replicas identical. After every epoch each
-// tensor of that state, and a hash of the host's state (lr, early stopping,
-// AdaPT's formats, MSQ's widths), is compared bit for bit with rank 0's; a
-// difference stops the run naming the tensors. Every rank validates the whole
-// test split (with the same draws, so they agree without communicating);
-// rank 0 writes metrics, checkpoints and the summary.
+// answer, and all start or all stop with the reason (start_together). Every
+// rank loads the data and builds the same model from the seed; a resumed run
+// reads the checkpoint on every rank (the output directory must be on a file
+// system all nodes share). Before the first step every rank compares its
+// parameters, buffers and optimizer state, its epochs done and lr, and its
+// splits' checksums, bit for bit with rank 0's. No parameter is broadcast,
+// then or later: Note [Data-parallel steps] (epoch.cpp) keeps the replicas
+// identical, and after every epoch the same comparison (with a hash of the
+// state that steers the next epochs: lr, early stopping, AdaPT's formats,
+// MSQ's widths) stops the run naming any tensor that differs. Every rank
+// validates the whole test split (with the same draws, so they agree without
+// communicating); rank 0 writes metrics, checkpoints and the summary.
 constexpr std::chrono::minutes kDistributedTimeout{30};  // torch.distributed's default
 
 // What must be identical on every rank, named: parameters, buffers, the
-// optimizer's state; and, when `host_state` is not empty, its hash.
+// optimizer's state, and a hash of `host_state` (what `host_label` says it is).
 std::vector<std::pair<std::string, torch::Tensor>> replica_state(const Training& t, const torch::Device& device,
+                                                                 const std::string& host_label,
                                                                  const std::string& host_state) {
   std::vector<std::pair<std::string, torch::Tensor>> named;
   // A packed parameter is a placeholder: its codes, a buffer, hold its value.
@@ -144,13 +148,119 @@ std::vector<std::pair<std::string, torch::Tensor>> replica_state(const Training&
   }
   for (const auto& item : t.model->named_buffers()) named.emplace_back("buffer " + item.key(), item.value());
   for (auto& entry : named_optimizer_state(t)) named.push_back(std::move(entry));
-  if (!host_state.empty()) {
-    const auto hash = static_cast<int64_t>(std::hash<std::string>{}(host_state));
-    named.emplace_back("the host's state (lr, early stopping, AdaPT's formats, MSQ's widths)",
-                       torch::full({1}, hash, torch::dtype(torch::kLong).device(device)));
-  }
+  const auto hash = static_cast<int64_t>(std::hash<std::string>{}(host_state));
+  named.emplace_back(host_label, torch::full({1}, hash, torch::dtype(torch::kLong).device(device)));
   return named;
 }
+
+// A split's size and checksums, for ranks to compare what they read.
+json split_fingerprint(const Split& s) {
+  const torch::Tensor labels = s.labels.to(torch::kLong);
+  const torch::Tensor positions = torch::arange(s.size(), labels.options());
+  return {{"images", s.size()},
+          {"label_sum", labels.sum().item<int64_t>()},
+          {"label_positions", labels.mul(positions).sum().item<int64_t>()},
+          {"pixel_sum", s.images.sum().item<double>()}};
+}
+
+std::string name_list(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& name : names) out += (out.empty() ? "" : ", ") + name;
+  return out;
+}
+
+// Note [One run across processes]: rank 0 decides how the run starts and
+// publishes it; every other rank checks its settings against rank 0's and
+// answers; rank 0 then publishes "go", or the first problem, which every rank
+// that answered stops with. A rank that stops waits (up to kAnswerWait) for
+// the others to read why before its store goes away.
+constexpr std::chrono::seconds kAnswerWait{60};
+
+void wait_for_each(ProcessGroup& group, const std::string& key_prefix, const std::vector<int64_t>& ranks) {
+  for (const int64_t r : ranks) group.wait_for(key_prefix + std::to_string(r), kAnswerWait);
+}
+
+RunStart start_together(const RunFiles& files, const json& settings, const RunOptions& options, ProcessGroup* group,
+                        const torch::Device& device, std::optional<DirectoryLock>& lock) {
+  RunStart start;
+  std::vector<int64_t> others;
+  for (int64_t r = 1; group && r < group->size(); ++r) others.push_back(r);
+  if (!group || group->rank() == 0) {
+    try {
+      make_dirs(files.dir);
+      lock.emplace(files.dir);                        // Note [Run directory lock]
+      start = decide_start(files, settings, options);  // Note [Resume]
+      if (!start.finished) atomic_write(files.config, settings.dump(2) + "\n");
+    } catch (const std::exception& e) {
+      if (group) {
+        group->publish("start", json{{"error", e.what()}}.dump());
+        wait_for_each(*group, "answer", others);
+      }
+      throw;
+    }
+    if (!group) return start;
+    group->publish("start", json{{"settings", settings},
+                                 {"threads", at::get_num_threads()},
+                                 {"resume", start.resume},
+                                 {"finished", start.finished ? *start.finished : json(nullptr)}}
+                                .dump());
+    std::string problem;
+    std::vector<int64_t> waiting;  // the ranks that answered "ok" wait for "go"
+    for (const int64_t r : others) {
+      const std::string answer = group->wait_for("answer" + std::to_string(r));
+      if (answer == "ok") {
+        waiting.push_back(r);
+      } else if (problem.empty()) {
+        problem = "rank " + std::to_string(r) + " " + answer;
+      }
+    }
+    group->publish("go", problem.empty() ? "ok" : problem);
+    if (!problem.empty()) {
+      wait_for_each(*group, "read_go", waiting);
+      throw std::runtime_error("distributed: " + problem);
+    }
+    return start;
+  }
+  const std::string rank = std::to_string(group->rank());
+  const json published = json::parse(group->wait_for("start"));
+  if (published.contains("error")) {
+    group->publish("answer" + rank, "stopped");
+    throw std::runtime_error("distributed: rank 0 stopped: " + published["error"].get<std::string>());
+  }
+  std::string differ = differing_settings(published["settings"], settings, /*epochs_may_differ=*/false);
+  if (device.is_cpu() && published["threads"] != at::get_num_threads()) {
+    // The steps would still agree, but AdaPT's and MSQ's decisions sum on each rank.
+    differ += (differ.empty() ? "" : ", ") + std::string("CPU threads (") + published["threads"].dump() +
+              " on rank 0, " + std::to_string(at::get_num_threads()) + " here; set --threads on every rank)";
+  }
+  if (!differ.empty()) {
+    const std::string problem = "was started with other settings than rank 0 (\"in the run\" is rank 0's): " + differ;
+    group->publish("answer" + rank, problem);
+    throw std::invalid_argument("distributed: rank " + rank + " " + problem);
+  }
+  group->publish("answer" + rank, "ok");
+  const std::string go = group->wait_for("go");
+  group->publish("read_go" + rank, "");
+  if (go != "ok") throw std::runtime_error("distributed: stopping with rank 0, because " + go);
+  start.resume = published["resume"].get<bool>();
+  if (!published["finished"].is_null()) start.finished = published["finished"];
+  return start;
+}
+
+// After an error on this rank, stops the process group's pending work.
+class AbortOnError {
+ public:
+  explicit AbortOnError(ProcessGroup* group) : group_(group), exceptions_(std::uncaught_exceptions()) {}
+  AbortOnError(const AbortOnError&) = delete;
+  AbortOnError& operator=(const AbortOnError&) = delete;
+  ~AbortOnError() {
+    if (group_ && std::uncaught_exceptions() > exceptions_) group_->abort();
+  }
+
+ private:
+  ProcessGroup* group_;
+  int exceptions_;
+};
 
 void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
   char line[256];
@@ -184,8 +294,22 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
   RunOptions options = given_options;
   if (!writer) options.progress = false, options.log = nullptr;
   torch::Device device = parse_device(config.device);
-  if (place && device.is_cuda() && !device.has_index()) {
-    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(place->local_rank));
+  if (place) {
+    if (config.batch_size < place->world_size) {
+      throw std::invalid_argument("distributed: batch_size " + std::to_string(config.batch_size) +
+                                  " is smaller than the " + std::to_string(place->world_size) +
+                                  " processes; each needs a share of every full batch");
+    }
+    if (device.is_cuda() && !device.has_index()) {
+      // One GPU per rank: LOCAL_RANK's, or the only one a rank sees (SLURM's per-task binding).
+      const int64_t visible = torch::cuda::device_count();
+      const int64_t index = visible == 1 ? 0 : place->local_rank;
+      if (index >= visible) {
+        throw std::invalid_argument("distributed: local rank " + std::to_string(place->local_rank) + " has no GPU: " +
+                                    std::to_string(visible) + " are visible; start one process per GPU");
+      }
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+    }
   }
   if (device.is_cpu()) install_cpu_memory_tracking();
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
@@ -195,53 +319,13 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
   at::globalContext().setBenchmarkCuDNN(false);
   std::shared_ptr<ProcessGroup> group;
   if (place) group = ProcessGroup::join(*place, device, kDistributedTimeout);
+  const AbortOnError abort_on_error(group.get());
   const RunFiles files(output_dir_for(config));
   json settings = to_json(config);
   settings["output_dir"] = files.dir;
+  if (group) settings["world_size"] = group->size();  // not a setting: may change on --resume, with a note
   std::optional<DirectoryLock> lock;
-  RunStart start;
-  if (writer) {
-    try {
-      make_dirs(files.dir);
-      lock.emplace(files.dir);                        // Note [Run directory lock]
-      start = decide_start(files, settings, options);  // Note [Resume]
-      if (!start.finished) atomic_write(files.config, settings.dump(2) + "\n");
-    } catch (const std::exception& e) {
-      if (group) group->publish("start", json{{"error", e.what()}}.dump());
-      throw;
-    }
-    if (group) {
-      group->publish("start", json{{"settings", settings},
-                                   {"threads", at::get_num_threads()},
-                                   {"resume", start.resume},
-                                   {"finished", start.finished ? *start.finished : json(nullptr)}}
-                                  .dump());
-      for (int64_t r = 1; r < group->size(); ++r) {  // each rank's answer, so that rank 0 can say why one left
-        const std::string answer = group->wait_for("rank" + std::to_string(r));
-        if (answer != "ok") throw std::runtime_error("distributed: rank " + std::to_string(r) + " stopped: " + answer);
-      }
-    }
-  } else {
-    const json published = json::parse(group->wait_for("start"));
-    if (published.contains("error")) {
-      throw std::runtime_error("distributed: rank 0 stopped: " + published["error"].get<std::string>());
-    }
-    std::string differ = differing_settings(published["settings"], settings, /*epochs_may_differ=*/false);
-    if (device.is_cpu() && published["threads"] != at::get_num_threads()) {
-      // The steps would still agree, but AdaPT's and MSQ's decisions sum on each rank.
-      differ += (differ.empty() ? "" : ", ") + std::string("CPU threads (") + published["threads"].dump() +
-                " on rank 0, " + std::to_string(at::get_num_threads()) + " here; set --threads on every rank)";
-    }
-    const std::string key = "rank" + std::to_string(place->rank);
-    if (!differ.empty()) {
-      const std::string problem = "started with other settings than rank 0 (\"in the run\" is rank 0's): " + differ;
-      group->publish(key, problem);
-      throw std::invalid_argument("distributed: rank " + std::to_string(place->rank) + " was " + problem);
-    }
-    group->publish(key, "ok");
-    start.resume = published["resume"].get<bool>();
-    if (!published["finished"].is_null()) start.finished = published["finished"];
-  }
+  const RunStart start = start_together(files, settings, options, group.get(), device, lock);
   if (start.finished) return *start.finished;
 
   const Split train = load_split(config, /*train=*/true, config.train_limit, device);
@@ -267,11 +351,18 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
     set_lr(*training.optimizer, state.lr);
     if (options.log) *options.log << "resuming " << files.dir << " after epoch " << state.epochs_done << "\n";
   }
-  if (group) {  // the one broadcast of the run (Note [One run across processes])
-    std::vector<torch::Tensor> tensors;
-    for (auto& [name, tensor] : replica_state(training, device, "")) tensors.push_back(tensor);
-    torch::NoGradGuard no_grad;
-    group->broadcast_from_rank0(tensors);
+  if (group) {  // Note [One run across processes]: every rank starts from the same state and data
+    const json host_state = {{"epochs_done", state.epochs_done}, {"lr", state.lr},
+                             {"stop_reason", state.stop_reason}, {"train", split_fingerprint(train)},
+                             {"val", split_fingerprint(val)}};
+    const auto differ = replica_differences(
+        *group, replica_state(training, device, "the run's state and data (epochs done, lr, the splits' checksums)",
+                              host_state.dump()));
+    if (!differ.empty()) {
+      throw std::runtime_error("distributed: before training, these differ from rank 0's: " + name_list(differ) +
+                               " (do all ranks read the same data, and resume from the same checkpoint, on a file "
+                               "system all nodes share?)");
+    }
   }
 
   std::optional<StepMemory> step_memory;  // measured on the session's first training step
@@ -301,15 +392,14 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
       const json host_state = {{"stop_reason", state.stop_reason},     {"lr", state.lr},
                                {"train_loss", record["train_loss"]},    {"adapt", record.value("adapt", json())},
                                {"msq", record.value("msq", json())}};
-      const auto replicated = replica_state(training, device, host_state.dump());
+      const auto replicated = replica_state(
+          training, device, "the host's state (lr, early stopping, AdaPT's formats, MSQ's widths)", host_state.dump());
       replicated_tensors = static_cast<int64_t>(replicated.size());
       const auto differ = replica_differences(*group, replicated);
       if (!differ.empty()) {
-        std::string names;
-        for (const auto& name : differ) names += (names.empty() ? "" : ", ") + name;
         throw std::runtime_error("distributed: after epoch " + std::to_string(epoch) +
-                                 " the replicas are no longer identical; these differ from rank 0's: " + names +
-                                 " (a bug: please report it with the command line)");
+                                 " the replicas are no longer identical; these differ from rank 0's: " +
+                                 name_list(differ) + " (a bug: please report it with the command line)");
       }
     }
     if (writer) {

@@ -6,6 +6,7 @@ these tests run it on every method, packed storage and batch norm, and compare w
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -147,16 +148,54 @@ def test_one_cuda_rank_joins_through_nccl_and_takes_the_solo_runs_steps(tmp_path
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_rank_with_other_settings_stops_the_run_on_every_rank(tmp_path):
+def test_a_rank_with_other_settings_stops_the_run_on_every_rank_with_the_reason(tmp_path):
     port = str(free_port())
-    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "3"}
     args = [str(FXP_TRAIN), "--distributed", *COMMON, "--train-limit", "20", "-o", str(tmp_path / "run")]
     ranks = [subprocess.Popen(args + extra, env={**environment, "RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r, extra in enumerate([[], ["--lr", "0.02"]])]
+                              stderr=subprocess.PIPE, text=True)
+             for r, extra in enumerate([[], [], ["--lr", "0.02"]])]
+    errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [1, 1, 1]
+    reason = 'rank 2 was started with other settings than rank 0 ("in the run" is rank 0\'s): ' \
+             "lr (0.01 in the run, 0.02 now)"
+    assert f"distributed: {reason}" in errors[0]
+    assert f"distributed: stopping with rank 0, because {reason}" in errors[1]  # rank 1 had agreed
+    assert f"distributed: {reason}" in errors[2]
+
+
+def test_ranks_that_read_other_data_are_stopped_before_training(tmp_path):
+    # data_dir may differ between ranks (each node its own copy), so what they read is compared.
+    other = tmp_path / "other-copy"
+    other.mkdir()
+    for f in FXP_TRAIN_DATA.iterdir():
+        (other / f.name).symlink_to(f)
+    labels = other / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(gzip.decompress(labels.read_bytes()))
+    labels.unlink()
+    data[8] = (data[8] + 1) % 10  # the first test image's label
+    labels.write_bytes(gzip.compress(bytes(data)))
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    common = [a for a in COMMON if a not in ("--data-dir", str(FXP_TRAIN_DATA))]
+    ranks = [subprocess.Popen([str(FXP_TRAIN), "--distributed", *common, "--data-dir", str(data_dir), "--train-limit",
+                               "20", "-o", str(tmp_path / "run")], env={**base, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, data_dir in enumerate([FXP_TRAIN_DATA, other])]
     errors = [rank.communicate(timeout=120)[1] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [1, 1]
-    assert "rank 1 stopped: started with other settings than rank 0" in errors[0]
-    assert "lr (0.01 in the run, 0.02 now)" in errors[1]
+    for error in errors:
+        assert "distributed: before training, these differ from rank 0's: the run's state and data" in error
+
+
+def test_a_batch_smaller_than_the_ranks_is_refused_and_a_resume_may_change_their_number(tmp_path):
+    results = launch(3, "--train-limit", "20", "--batch-size", "2", "-o", str(tmp_path / "small"))
+    assert all(p.returncode == 1 and "batch_size 2 is smaller than the 3 processes" in p.stderr for p in results)
+    succeeded(launch(2, "--train-limit", "20", "--batch-size", "4", "--epochs", "1", "-o", str(tmp_path / "run")))
+    results = launch(3, "--train-limit", "20", "--batch-size", "4", "--epochs", "2", "--resume",
+                     "-o", str(tmp_path / "run"))
+    succeeded(results)
+    assert "note: resuming with 3 processes instead of 2" in results[0].stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["distributed"]["world_size"] == 3
 
 
 def test_rank_0s_refusal_reaches_the_other_ranks(tmp_path):
