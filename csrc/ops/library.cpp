@@ -47,6 +47,13 @@ TORCH_LIBRARY(fxp, m) {
       "quantize_seeded_stats(Tensor x, int total_bits, int frac_bits, str rounding, int seed, "
       "int offset, str overflow=\"saturate\") -> (Tensor, Tensor)");
 
+  // Note [Per-member quantization] (ops/quantize/quantize_op.h): member m,
+  // x.select(member_dim, m), as quantize_seeded quantizes it alone with the
+  // m-th format, rounding, seed and offset.
+  m.def(
+      "quantize_members(Tensor x, int member_dim, int[] total_bits, int[] frac_bits, str[] rounding, int[] seed, "
+      "int[] offset, str overflow=\"saturate\") -> Tensor");
+
   // Packed storage (docs/design.md, "Packed storage"): integer codes of
   // FxP(total_bits, frac_bits) in int8 (B <= 8), int16 (B <= 16) or int32.
   // pack rounds like quantize, saturating to the format's exact bounds; NaN is

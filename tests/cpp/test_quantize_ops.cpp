@@ -148,3 +148,28 @@ TEST_F(QuantizeCuda, MixedDevicesAreRejected) {
 }
 
 }  // namespace
+
+namespace {
+
+// Note [Per-member quantization], from C++: each member as quantize_seeded alone.
+TEST(QuantizeMembersOp, EachMemberAsItsSoloCall) {
+  const Tensor x = torch::randn({4, 3, 50}, torch::TensorOptions().dtype(torch::kFloat)) * 10;
+  const std::vector<int64_t> bits{16, 8, 6, 12}, frac{10, 4, 2, 6}, seed{7, 7, -1, 3}, offset{0, 4, 0, 8};
+  const c10::List<std::string> rounding({"stochastic", "stochastic", "nearest_even", "floor"});
+  // Members along a middle dimension, one format for all.
+  const c10::List<std::string> stochastic({"stochastic", "stochastic", "stochastic"});
+  const Tensor out = fxp::quantize_members(x, 1, {6, 6, 6}, {1, 2, 3}, stochastic, {1, 2, 3}, {0, 0, 0});
+  for (int64_t m = 0; m < 3; ++m) {
+    const Tensor alone = fxp::quantize_seeded(x.select(1, m), 6, m + 1, "stochastic", m + 1, 0);
+    EXPECT_TRUE(torch::equal(out.select(1, m), alone));
+  }
+  const Tensor first = fxp::quantize_members(x.transpose(0, 1), 1, bits, frac, rounding, seed, offset, "wrap");
+  for (int64_t m = 0; m < 4; ++m) {
+    const Tensor alone = fxp::quantize_seeded(x[m], bits[m], frac[m], rounding.get(m), seed[m], offset[m], "wrap");
+    EXPECT_TRUE(torch::equal(first.select(1, m), alone));
+  }
+  expect_error([&] { fxp::quantize_members(x, 0, bits, frac, rounding, seed, {0, 0, 0}); },
+               "expected one offset per member (x has 4 members along dim 0), but got 3");
+}
+
+}  // namespace

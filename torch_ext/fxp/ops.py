@@ -155,6 +155,38 @@ def quantize_seeded_(
     return x
 
 
+def quantize_members(
+    x: Tensor,
+    member_dim: int,
+    formats: Sequence[FxpFormat],
+    rounding: Union[Rounding, Sequence[Rounding]],
+    *,
+    seeds: Sequence[int],
+    offsets: Union[int, Sequence[int]] = 0,
+    overflow: Overflow = "saturate",
+) -> Tensor:
+    """Quantizes each member of a fleet (K runs trained as one) with its own format, rounding and Philox stream.
+
+    Member ``m`` is ``x.select(member_dim, m)``; it is quantized exactly as
+    ``quantize_seeded(x.select(member_dim, m), formats[m], rounding=rounding[m],
+    seed=seeds[m], offset=offsets[m])`` would quantize it alone, so its bits do not
+    depend on the other members or on where it sits (Note [Per-member quantization]).
+    ``rounding`` and ``offsets`` may be one value for every member.
+    """
+    op = "quantize_members"
+    x, member_dim = _tensor(op, "x", x), _int(op, "member_dim", member_dim)
+    formats = list(formats)
+    for m, fmt in enumerate(formats):
+        if not isinstance(fmt, FxpFormat):
+            raise TypeError(f"fxp.{op}: formats[{m}] must be an FxpFormat, but got {fmt!r}")
+    members = len(formats)
+    roundings = [rounding] * members if isinstance(rounding, str) else [_str(op, "rounding", r) for r in rounding]
+    offsets = [offsets] * members if isinstance(offsets, numbers.Integral) else list(offsets)
+    return _ops.quantize_members(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats],
+                                 roundings, [_int(op, "seeds", s) for s in seeds],
+                                 [_int(op, "offsets", o) for o in offsets], _str(op, "overflow", overflow))
+
+
 def quantize_stats(
     x: Tensor,
     fmt: FormatLike,

@@ -18,7 +18,9 @@
 #include <ATen/native/Resize.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "ops/quantize/quantize_args.h"
 
@@ -151,6 +153,49 @@ struct QuantizeOps {
                                  c10::string_view rounding, c10::string_view overflow,
                                  const Generator& generator, bool /*zero_grad_saturated*/) {
     return quantize(x, total_bits, frac_bits, rounding, overflow, generator);
+  }
+
+  // --- per member (fleets) -----------------------------------------------------
+  // Note [Per-member quantization]
+  // A fleet trains K runs as one, their tensors stacked along a member
+  // dimension. quantize_members quantizes member m, x.select(member_dim, m),
+  // exactly as quantize_seeded quantizes that slice alone, with member m's
+  // format, rounding and (seed, offset): element i of a member is its
+  // row-major index in its own slice, the index it has in the member's solo
+  // run. So a member's bits do not depend on the fleet around it, its place
+  // in it, or the layout (a member dimension that is not the first costs a
+  // copy of the slice, as a strided input does). Each member is one launch of
+  // the quantize kernel; a single launch over all members is for later.
+  static at::Tensor quantize_members(const at::Tensor& x, int64_t member_dim, at::IntArrayRef total_bits,
+                                     at::IntArrayRef frac_bits, const c10::List<std::string>& rounding,
+                                     at::IntArrayRef seed, at::IntArrayRef offset, c10::string_view overflow) {
+    constexpr const char* op = "fxp::quantize_members";
+    TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x needs a member dimension, but is a scalar");
+    const int64_t dim = at::maybe_wrap_dim(member_dim, x.dim());
+    const int64_t members = x.size(dim);
+    auto check_length = [&](const char* name, size_t n) {
+      TORCH_CHECK_VALUE(static_cast<int64_t>(n) == members, op, ": expected one ", name, " per member (x has ",
+                        members, " members along dim ", dim, "), but got ", n);
+    };
+    check_length("total_bits", total_bits.size());
+    check_length("frac_bits", frac_bits.size());
+    check_length("rounding", rounding.size());
+    check_length("seed", seed.size());
+    check_length("offset", offset.size());
+    // Every member's arguments are checked before anything runs.
+    std::vector<kernels::QuantizeParams> params;
+    std::vector<Philox> philox;
+    for (int64_t m = 0; m < members; ++m) {
+      const std::string member_op = std::string(op) + " (member " + std::to_string(m) + ")";
+      const std::string member_rounding = rounding.get(m);
+      params.push_back(parse_quantize_args(member_op.c_str(), x, total_bits[m], frac_bits[m], member_rounding,
+                                           overflow));
+      philox.push_back(philox_from_seed(member_op.c_str(), seed[m], offset[m]));
+    }
+    typename Backend::DeviceGuard guard(x.device());
+    at::Tensor out = empty_result(x);
+    for (int64_t m = 0; m < members; ++m) run(x.select(dim, m), out.select(dim, m), params[m], philox[m]);
+    return out;
   }
 
   // --- explicit (seed, offset) --------------------------------------------
@@ -291,6 +336,7 @@ struct QuantizeOps {
     (m).impl("quantize_seeded_", &Ops::quantize_seeded_);                       \
     (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
     (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
+    (m).impl("quantize_members", &Ops::quantize_members);                       \
     (m).impl("pack", &Ops::pack);                                               \
     (m).impl("pack.counted", &Ops::pack_counted);                               \
     (m).impl("pack_seeded", &Ops::pack_seeded);                                 \

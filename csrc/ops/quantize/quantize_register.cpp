@@ -113,7 +113,8 @@ TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   m.impl("quantize_ste", &quantize_ste_autograd);
   register_not_differentiable(m, {"quantize", "quantize_", "quantize.out", "quantize_stats", "quantize_mask",
                                   "quantize_seeded", "quantize_seeded_", "quantize_seeded.out",
-                                  "quantize_seeded_stats", "pack", "pack.counted", "pack_seeded", "unpack"});
+                                  "quantize_seeded_stats", "quantize_members", "pack", "pack.counted", "pack_seeded",
+                                  "unpack"});
 }
 
 TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) {
