@@ -108,8 +108,8 @@ class StepProbe {
 //   forward's stochastic rounding: activations, STE's and AdaPT's weight
 //   reads) are seeded from (seed, epoch, rank), so the shares do not share
 //   rounding noise. After it, every rank is seeded from (seed, epoch) alone,
-//   so batch norm recalibration, MSQ's check and validation draw alike on
-//   every rank and agree without communicating. A resumed run seeds the same
+//   so batch norm recalibration and MSQ's check draw alike on every rank and
+//   agree without communicating (validation is sharded and summed). A resumed run seeds the same
 //   way, so it stays bit-identical to an uninterrupted one.
 // A rank whose share of a short last batch is empty runs no forward and adds
 // zero gradients. Every parameter leaves the all-reduce with a gradient (zero

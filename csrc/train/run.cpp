@@ -127,9 +127,10 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
 // then or later: Note [Data-parallel steps] (epoch.cpp) keeps the replicas
 // identical, and after every epoch the same comparison (with a hash of the
 // state that steers the next epochs: lr, early stopping, AdaPT's formats,
-// MSQ's widths) stops the run naming any tensor that differs. Every rank
-// validates the whole test split (with the same draws, so they agree without
-// communicating); rank 0 writes metrics, checkpoints and the summary.
+// MSQ's widths) stops the run naming any tensor that differs. Each rank
+// validates its share of the test split, and the figures are summed (Note
+// [Sharded validation], validate.cpp); rank 0 writes metrics, checkpoints and
+// the summary.
 constexpr std::chrono::minutes kDistributedTimeout{30};  // torch.distributed's default
 
 // What must be identical on every rank, named: parameters, buffers, the

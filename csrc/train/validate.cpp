@@ -24,6 +24,13 @@ std::string layer_of(const std::string& parameter_name, const std::vector<std::s
 
 }  // namespace
 
+// Note [Sharded validation]
+// A distributed run validates each rank's contiguous share of the test split,
+// [n*r/W, n*(r+1)/W), and sums across ranks, in one all-reduce each, the loss
+// (float64), the correct answers and every layer's saturation counts, so every
+// rank gets the same figures (the sum is the same on every rank) and takes
+// the same scheduler and early-stopping decisions. All ranks draw from the
+// same streams here (Note [Data-parallel steps]), each for its own images.
 Validation validate(Training& t, const Split& val, const TrainConfig& c, const torch::Device& device) {
   t.model->eval();
   torch::NoGradGuard no_grad;
@@ -31,8 +38,13 @@ Validation validate(Training& t, const Split& val, const TrainConfig& c, const t
   for (auto& [name, s] : stats) s->reset(), s->enabled = true;
   torch::Tensor loss_sum = torch::zeros({}, torch::TensorOptions(torch::kFloat64).device(device));
   torch::Tensor correct = torch::zeros({}, torch::TensorOptions(torch::kLong).device(device));
-  for (int64_t start = 0; start < val.size(); start += c.eval_batch_size) {
-    const int64_t len = std::min(c.eval_batch_size, val.size() - start);
+  int64_t begin = 0, end = val.size();
+  if (t.data_parallel) {
+    const int64_t r = t.data_parallel->rank(), w = t.data_parallel->size();
+    begin = val.size() * r / w, end = val.size() * (r + 1) / w;
+  }
+  for (int64_t start = begin; start < end; start += c.eval_batch_size) {
+    const int64_t len = std::min(c.eval_batch_size, end - start);
     const torch::Tensor x = val.images.narrow(0, start, len), y = val.labels.narrow(0, start, len);
     const torch::Tensor logits = t.model->forward(x);
     loss_sum.add_(torch::nn::functional::cross_entropy(
@@ -41,6 +53,26 @@ Validation validate(Training& t, const Split& val, const TrainConfig& c, const t
     correct.add_(logits.argmax(1).eq(y).sum());
   }
   for (auto& [name, s] : stats) s->enabled = false;
+  if (t.data_parallel) {  // Note [Sharded validation]
+    // correct, then per layer: whether it counted saturation, the count, its elements.
+    std::vector<torch::Tensor> counts{correct.reshape({1})};
+    for (auto& [name, s] : stats) {
+      const bool counted = s->saturated.defined();
+      counts.push_back(torch::tensor({int64_t{counted}, counted ? s->saturated.item<int64_t>() : 0, s->elements},
+                                     torch::TensorOptions(torch::kLong).device(device)));
+    }
+    torch::Tensor all = torch::cat(counts);
+    t.data_parallel->all_reduce_sum({loss_sum, all});
+    correct = all[0];
+    const torch::Tensor host = all.cpu();
+    for (size_t k = 0; k < stats.size(); ++k) {
+      nn::OutputStats* s = stats[k].second;
+      const int64_t* entry = host.const_data_ptr<int64_t>() + 1 + 3 * k;
+      s->saturated = entry[0] > 0 ? torch::full({}, entry[1], torch::TensorOptions(torch::kLong).device(device))
+                                  : torch::Tensor();
+      s->elements = entry[2];
+    }
+  }
   return {loss_sum.item<double>() / static_cast<double>(val.size()),
           static_cast<double>(correct.item<int64_t>()) / static_cast<double>(val.size())};
 }

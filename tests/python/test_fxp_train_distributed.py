@@ -31,11 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, *args: str, environment: dict | None = None) -> list[subprocess.CompletedProcess]:
+def launch(world: int, *args: str, environment: dict | None = None,
+           common: list[str] = COMMON) -> list[subprocess.CompletedProcess]:
     """fxp-train --distributed on `world` local ranks; each rank's result, rank 0's first."""
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
             **(environment or {})}
-    ranks = [subprocess.Popen([str(FXP_TRAIN), "--distributed", *COMMON, *args], env={**base, "RANK": str(r)},
+    ranks = [subprocess.Popen([str(FXP_TRAIN), "--distributed", *common, *args], env={**base, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     results = []
     for rank in ranks:
@@ -111,6 +112,24 @@ def test_one_process_takes_the_solo_runs_steps_and_two_and_three_match_it(tmp_pa
     a, b = checkpoint_state(tmp_path / "fp32"), checkpoint_state(tmp_path / "fp32-w2")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_validation_gives_the_figures_of_one_process(tmp_path):
+    # An lr far below the grid's step with nearest-even updates leaves the weights as initialized, so
+    # one process and 3 ranks validate the same model: 3 shards of 1000 images, batches of 128.
+    run = ["--method", "hteqpu", "--lr", "1e-12", "--inference-rounding", "hte", "--out-bits", "6", "--out-frac",
+           "4", "--train-limit", "30", "--batch-size", "10", "--epochs", "1", "--val-limit", "1000",
+           "--eval-batch-size", "128"]
+    common = [a for a in COMMON if a not in ("--val-limit", "64")]
+    solo = run_fxp_train(*common, *run, "-o", str(tmp_path / "solo"), "--quiet")
+    assert solo.returncode == 0, solo.stderr
+    succeeded(launch(3, *run, "-o", str(tmp_path / "sharded"), common=common))
+    [one], [three] = epoch_metrics(tmp_path / "solo"), epoch_metrics(tmp_path / "sharded")
+    assert three["val_accuracy"] == one["val_accuracy"]
+    # Each batch's loss is a float32 sum, and the shards' batches group other images.
+    assert three["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert three["layers"] == one["layers"]
+    assert sum(layer["output_saturated"] for layer in one["layers"].values()) > 0
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
