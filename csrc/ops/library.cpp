@@ -147,6 +147,15 @@ TORCH_LIBRARY(fxp, m) {
       "Tensor lr, Tensor(c!) step, Tensor(d!) nan_count, float momentum, float weight_decay, bool nesterov, "
       "int total_bits, int frac_bits, int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, "
       "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
+  // Note [Per-member QPU step] (ops/qpu_sgd/qpu_sgd_op.h): a fleet's tensors
+  // stacked along dim 0; each active member stepped exactly as qpu_sgd_step_
+  // steps its solo run, with its own hyperparameters, formats and stream.
+  // Returns int64 counts [members, len(params), 2].
+  m.def(
+      "qpu_sgd_members_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float[] lr, "
+      "float[] momentum, float[] weight_decay, bool nesterov, int[] total_bits, int[] frac_bits, "
+      "int[] momentum_total_bits, int[] momentum_frac_bits, str[] rounding, int[] seed, int[] step, bool[] active, "
+      "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
   // QPU's initialization (Note [QPU initialization]): params[k] rounded in place
   // onto FxP(total_bits[k], frac_bits[k]) with Philox key seed + 0x9E3779B97F4A7C15 and offset k.
   m.def(

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 #include "ops/bit_pack/code_storage.h"
@@ -85,6 +86,91 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
       detail::run_qpu_sgd<Backend>(params, grads, momentum_buffers, p, streams, total_bits, momentum_total_bits,
                                    counts, nan_count);
       if (packed) check_no_nan_results(nan_count.item<int64_t>());
+    }
+  }
+  return counts;
+}
+
+// Note [Per-member QPU step]
+// A fleet stacks its K members' tensors along dim 0: params[k][m] is member
+// m's tensor k. qpu_sgd_members_step_ steps each active member m exactly as
+// qpu_sgd_step_ steps its solo run's group, params[k][m] for every k, with
+// member m's lr, momentum, weight decay, formats, rounding, seed and step; the
+// draws of an element depend on its member's (seed, step), its tensor's
+// stream index and its index in the member's tensor, never on the fleet. An
+// inactive member (a run that stopped) is left as it is, with zero counts.
+// momentum_buffers hold every member's rows (or are empty, for a fleet
+// without momentum); a member whose momentum is 0 steps without them.
+// Each member is one call of the plain step (one launch on CUDA, as its solo
+// run's); a single launch over all members is for later.
+template <class Backend>
+at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
+                                at::ArrayRef<double> weight_decay, bool nesterov, at::IntArrayRef total_bits,
+                                at::IntArrayRef frac_bits, at::IntArrayRef momentum_total_bits,
+                                at::IntArrayRef momentum_frac_bits, const c10::List<std::string>& rounding,
+                                at::IntArrayRef seed, at::IntArrayRef step, const c10::List<bool>& active,
+                                c10::string_view momentum_form, at::OptionalIntArrayRef stream_indices) {
+  constexpr const char* op = "fxp::qpu_sgd_members_step_";
+  TORCH_CHECK_VALUE(!params.empty(), op, ": expected at least one parameter tensor");
+  TORCH_CHECK_VALUE(params[0].dim() >= 1, op, ": params[0] needs a member dimension (dim 0), but is a scalar");
+  const int64_t members = params[0].size(0);
+  auto check_members = [&](const char* name, at::TensorList tensors) {
+    for (size_t k = 0; k < tensors.size(); ++k) {
+      TORCH_CHECK_VALUE(tensors[k].dim() >= 1 && tensors[k].size(0) == members, op, ": ", name, "[", k,
+                        "] must hold the ", members, " members of params[0] along dim 0, but has shape ",
+                        tensors[k].sizes());
+    }
+  };
+  check_members("params", params);
+  check_members("grads", grads);
+  check_members("momentum_buffers", momentum_buffers);
+  auto check_length = [&](const char* name, size_t n) {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(n) == members, op, ": expected one ", name, " per member (",
+                      members, "), but got ", n);
+  };
+  check_length("lr", lr.size());
+  check_length("momentum", momentum.size());
+  check_length("weight_decay", weight_decay.size());
+  check_length("total_bits", total_bits.size());
+  check_length("frac_bits", frac_bits.size());
+  check_length("momentum_total_bits", momentum_total_bits.size());
+  check_length("momentum_frac_bits", momentum_frac_bits.size());
+  check_length("rounding", rounding.size());
+  check_length("seed", seed.size());
+  check_length("step", step.size());
+  check_length("active", active.size());
+  auto member_of = [](at::TensorList tensors, int64_t m) {
+    std::vector<at::Tensor> views;
+    for (const auto& t : tensors) views.push_back(t.select(0, m));
+    return views;
+  };
+  at::Tensor counts =
+      at::zeros({members, static_cast<int64_t>(params.size()), 2}, params[0].options().dtype(at::kLong));
+  // Every member's arguments are checked (on the Meta backend too) before any member is stepped.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t m = 0; m < members; ++m) {
+      if (!active.get(m)) continue;
+      // A member without momentum has no buffers, as in its solo run (the fleet's rows of it are unused).
+      const std::vector<at::Tensor> p = member_of(params, m), g = member_of(grads, m),
+                                    v = momentum[m] != 0 ? member_of(momentum_buffers, m) : std::vector<at::Tensor>{};
+      const std::string member_rounding = rounding.get(m);  // QpuSgdArgs holds a view of it
+      try {
+        if (pass == 0) {
+          const QpuSgdArgs args{lr[m], momentum[m], weight_decay[m], nesterov, total_bits[m], frac_bits[m],
+                                momentum_total_bits[m], momentum_frac_bits[m], member_rounding, seed[m], step[m],
+                                momentum_form, stream_indices};
+          check_qpu_sgd(p, g, v, args, !Backend::kIsMeta);
+        } else {
+          counts[m].copy_(qpu_sgd_step<Backend>(p, g, v, lr[m], momentum[m], weight_decay[m], nesterov,
+                                                total_bits[m], frac_bits[m], momentum_total_bits[m],
+                                                momentum_frac_bits[m], member_rounding, seed[m], step[m],
+                                                momentum_form, stream_indices));
+        }
+      } catch (c10::Error& e) {
+        e.add_context(std::string(op) + ": member " + std::to_string(m));
+        throw;
+      }
     }
   }
   return counts;

@@ -67,11 +67,13 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
 TORCH_LIBRARY_IMPL(fxp, CPU, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<CpuBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CpuBackend>);
+  m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<CpuBackend>);
 }
 
 TORCH_LIBRARY_IMPL(fxp, Meta, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<MetaBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<MetaBackend>);
+  m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<MetaBackend>);
 }
 
 TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
@@ -80,9 +82,12 @@ TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
-  register_not_differentiable(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "quantize_parameters_"});
+  register_not_differentiable(
+      m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_members_step_", "quantize_parameters_"});
 }
 
-TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) { register_version_bump(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable"}); }
+TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) {
+  register_version_bump(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_members_step_"});
+}
 
 }  // namespace fxp

@@ -25,6 +25,7 @@ struct CudaBackend {
 TORCH_LIBRARY_IMPL(fxp, CUDA, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CudaBackend>);
+  m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<CudaBackend>);
 }
 
 }  // namespace fxp
