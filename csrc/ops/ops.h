@@ -97,6 +97,22 @@ inline std::tuple<at::Tensor, at::Tensor> quantize_seeded_stats(const at::Tensor
               overflow);
 }
 
+// Note [Per-member QPU step]: every tensor stacks the fleet's members along
+// dim 0; each active member is stepped as qpu_sgd_step_ steps its solo run.
+// Returns int64 counts [members, params.size(), 2].
+inline at::Tensor qpu_sgd_members_step_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                        at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
+                                        at::ArrayRef<double> weight_decay, bool nesterov, at::IntArrayRef total_bits,
+                                        at::IntArrayRef frac_bits, at::IntArrayRef momentum_total_bits,
+                                        at::IntArrayRef momentum_frac_bits, const c10::List<std::string>& rounding,
+                                        at::IntArrayRef seed, at::IntArrayRef step, const c10::List<bool>& active,
+                                        c10::string_view momentum_form = "standard",
+                                        at::OptionalIntArrayRef stream_indices = std::nullopt) {
+  FXP_CALL_OP(qpu_sgd_members_step_, "qpu_sgd_members_step_", params, grads, momentum_buffers, lr, momentum,
+              weight_decay, nesterov, total_bits, frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed,
+              step, active, momentum_form, stream_indices);
+}
+
 // Note [Per-member quantization]: member m, x.select(member_dim, m), as
 // quantize_seeded quantizes it alone with the m-th format, rounding, seed and offset.
 inline at::Tensor quantize_members(const at::Tensor& x, int64_t member_dim, at::IntArrayRef total_bits,

@@ -124,8 +124,8 @@ std::string summary_text(const json& s) {
       << s["epochs_completed"].get<int64_t>() << " epochs, stopped by: " << s["stop_reason"].get<std::string>() << "\n";
   if (s.contains("distributed")) {
     const json& d = s["distributed"];
-    out << "  data parallel over " << d["world_size"].get<int64_t>() << " processes (" << d["backend"].get<std::string>()
-        << "), replicas bit-identical after every epoch; memory below is one rank's\n";
+    out << "  data parallel over " << d["world_size"].get<int64_t>() << " processes ("
+        << d["backend"].get<std::string>() << "), replicas bit-identical after every epoch; memory below is one rank's\n";
   }
   char line[256];
   std::snprintf(line, sizeof line, "  wall time %.1f s, %.0f training images/s\n", s["wall_time_s"].get<double>(),

@@ -79,7 +79,8 @@ def test_an_inactive_member_is_left_as_it_is():
 
 
 def test_packed_codes_of_each_member():
-    # int16 codes stacked per member: as the solo step on each member's codes.
+    # int16 codes stacked per member (stacked codes share a dtype, so the members share FxP(16, 10) here):
+    # as the solo step on each member's codes.
     params, grads, momentum = fleet_tensors(3)
     fmt = [(m["bits"], m["frac"]) for m in MEMBERS]
     codes = [torch.stack([fxp.pack(p[m], *fmt[m]).to(torch.int16) for m in range(4)]) for p in params]
@@ -93,6 +94,49 @@ def test_packed_codes_of_each_member():
         solo_op(p, g, v if c["momentum"] else [], c["lr"], c["momentum"], c["wd"], False, 16, 10, 16, 10,
                 c["rounding"], c["seed"], 5)
         assert all(torch.equal(a[m], b) for a, b in zip(codes + mcodes, p + v))
+
+
+def test_members_with_and_without_momentum_mix_under_nesterov_and_stream_indices():
+    params, grads, momentum = fleet_tensors(7)
+    solo = [[[t[m].clone() for t in ts] for ts in (params, grads, momentum)] for m in range(len(MEMBERS))]
+    streams = [2, 0, 1]
+    args = [member_args(MEMBERS, f) for f in ("lr", "momentum", "wd")]
+    formats = [member_args(MEMBERS, f) for f in ("bits", "frac", "mbits", "mfrac", "rounding", "seed")]
+    members_op(params, grads, momentum, *args, True, *formats, [3] * 4, [True] * 4, "standard", streams)
+    for m, (p, g, v) in enumerate(solo):
+        c = MEMBERS[m]
+        has_momentum = c["momentum"] != 0
+        solo_op(p, g, v if has_momentum else [], c["lr"], c["momentum"], c["wd"], has_momentum, c["bits"],
+                c["frac"], c["mbits"], c["mfrac"], c["rounding"], c["seed"], 3, "standard", streams)
+        assert all(torch.equal(a[m], b) for a, b in zip(params + momentum, p + v)), f"member {m}"
+
+
+def test_members_may_not_share_memory():
+    params, grads, momentum = fleet_tensors(8)
+    base = torch.zeros(5, 33)
+    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous, so that its members do not share memory"):
+        step_members([torch.zeros(33).expand(4, 33)] + params[1:], grads, momentum, [1] * 4)
+    with pytest.raises(RuntimeError, match="overlap|share"):
+        step_members([base[:4]] + params[1:], [base[1:]] + grads[1:], momentum, [1] * 4)
+
+
+def test_a_nan_in_packed_storage_steps_every_member_then_names_the_ones_it_hit():
+    params, grads, momentum = fleet_tensors(9)
+    codes = [torch.stack([fxp.pack(p[m], 16, 10).to(torch.int16) for m in range(4)]) for p in params]
+    mcodes = [torch.zeros_like(c) for c in codes]
+    members = [dict(m, bits=16, frac=10, mbits=16, mfrac=10) for m in MEMBERS]
+    grads[1][2, 0] = float("nan")  # member 2's tensor 1
+    grads[0][0, 5] = float("nan")  # member 0's tensor 0
+    before = [c.clone() for c in codes]
+    with pytest.raises(ValueError, match=r"members 0, 2 \(every active member was stepped\)"):
+        step_members(codes, grads, mcodes, [1] * 4, members=members)
+    for m in range(4):  # every member moved: none was left behind by the error
+        assert not all(torch.equal(c[m], b[m]) for c, b in zip(codes, before)), f"member {m}"
+
+
+def test_empty_lists_are_a_clear_error():
+    with pytest.raises(ValueError, match="expected at least one parameter tensor"):
+        members_op([], [], [], [], [], [], False, [], [], [], [], [], [], [], [])
 
 
 @pytest.mark.parametrize("change,message", [
@@ -120,8 +164,9 @@ def _opcheck(device):
     args = (params, grads, momentum, member_args(MEMBERS, "lr"), member_args(MEMBERS, "momentum"),
             member_args(MEMBERS, "wd"), False, member_args(MEMBERS, "bits"), member_args(MEMBERS, "frac"),
             member_args(MEMBERS, "mbits"), member_args(MEMBERS, "mfrac"), member_args(MEMBERS, "rounding"),
-            member_args(MEMBERS, "seed"), [1, 2, 3, 4], [True, False, True, True])
-    torch.library.opcheck(members_op.default, args)
+            member_args(MEMBERS, "seed"), [1, 2, 3, 4], [True] * 4)
+    torch.library.opcheck(members_op.default, args)  # member 1 has no momentum
+    torch.library.opcheck(members_op.default, args[:-1] + ([True, False, True, False],))
 
 
 def test_opcheck_cpu():

@@ -97,12 +97,20 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
 // qpu_sgd_step_ steps its solo run's group, params[k][m] for every k, with
 // member m's lr, momentum, weight decay, formats, rounding, seed and step; the
 // draws of an element depend on its member's (seed, step), its tensor's
-// stream index and its index in the member's tensor, never on the fleet. An
-// inactive member (a run that stopped) is left as it is, with zero counts.
-// momentum_buffers hold every member's rows (or are empty, for a fleet
-// without momentum); a member whose momentum is 0 steps without them.
-// Each member is one call of the plain step (one launch on CUDA, as its solo
-// run's); a single launch over all members is for later.
+// stream index and its index in the member's tensor, never on the fleet.
+// - momentum_buffers hold every member's rows (or are empty, for a fleet
+//   without momentum); a member whose momentum is 0 steps without them, and
+//   without Nesterov's look-ahead (which needs momentum), as its solo run would.
+// - An inactive member (a run that stopped) is left as it is, with zero
+//   counts, and its arguments are not checked.
+// - The stacks are checked as wholes (contiguous, nothing written shared
+//   with another tensor of the call, so no two members share memory), then
+//   every active member's arguments, before any member is stepped.
+// - Packed storage: every member is stepped, its NaN results counted; then one
+//   error names the members that had any (a solo step raises after writing
+//   too). Stacked codes share one dtype, so members share a storage width.
+// Each member is one call of the plain step's kernels (one launch on CUDA, as
+// its solo run's); a single launch over all members is for later.
 template <class Backend>
 at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
@@ -115,16 +123,24 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   TORCH_CHECK_VALUE(!params.empty(), op, ": expected at least one parameter tensor");
   TORCH_CHECK_VALUE(params[0].dim() >= 1, op, ": params[0] needs a member dimension (dim 0), but is a scalar");
   const int64_t members = params[0].size(0);
-  auto check_members = [&](const char* name, at::TensorList tensors) {
+  auto check_stacks = [&](const char* name, at::TensorList tensors, bool written) {
     for (size_t k = 0; k < tensors.size(); ++k) {
       TORCH_CHECK_VALUE(tensors[k].dim() >= 1 && tensors[k].size(0) == members, op, ": ", name, "[", k,
                         "] must hold the ", members, " members of params[0] along dim 0, but has shape ",
                         tensors[k].sizes());
+      if (written && !Backend::kIsMeta) {
+        TORCH_CHECK_VALUE(tensors[k].is_contiguous(), op, ": ", name, "[", k,
+                          "] must be contiguous, so that its members do not share memory");
+      }
     }
   };
-  check_members("params", params);
-  check_members("grads", grads);
-  check_members("momentum_buffers", momentum_buffers);
+  check_stacks("params", params, true);
+  check_stacks("grads", grads, false);
+  check_stacks("momentum_buffers", momentum_buffers, true);
+  if constexpr (!Backend::kIsMeta) {
+    check_no_aliasing(op, {{params, "params", true}, {grads, "grads", false},
+                           {momentum_buffers, "momentum_buffers", true}});
+  }
   auto check_length = [&](const char* name, size_t n) {
     TORCH_CHECK_VALUE(static_cast<int64_t>(n) == members, op, ": expected one ", name, " per member (",
                       members, "), but got ", n);
@@ -140,35 +156,61 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   check_length("seed", seed.size());
   check_length("step", step.size());
   check_length("active", active.size());
-  auto member_of = [](at::TensorList tensors, int64_t m) {
+  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  auto rows = [](at::TensorList tensors, int64_t m) {
     std::vector<at::Tensor> views;
     for (const auto& t : tensors) views.push_back(t.select(0, m));
     return views;
   };
-  at::Tensor counts =
-      at::zeros({members, static_cast<int64_t>(params.size()), 2}, params[0].options().dtype(at::kLong));
-  // Every member's arguments are checked (on the Meta backend too) before any member is stepped.
-  for (int pass = 0; pass < 2; ++pass) {
-    for (int64_t m = 0; m < members; ++m) {
-      if (!active.get(m)) continue;
-      // A member without momentum has no buffers, as in its solo run (the fleet's rows of it are unused).
-      const std::vector<at::Tensor> p = member_of(params, m), g = member_of(grads, m),
-                                    v = momentum[m] != 0 ? member_of(momentum_buffers, m) : std::vector<at::Tensor>{};
-      const std::string member_rounding = rounding.get(m);  // QpuSgdArgs holds a view of it
+  struct Member {
+    int64_t m;
+    std::vector<at::Tensor> params, grads, momentum;
+    kernels::QpuSgdParams p;
+  };
+  std::vector<Member> stepped;
+  for (int64_t m = 0; m < members; ++m) {
+    if (!active.get(m)) continue;
+    Member member{m, rows(params, m), rows(grads, m),
+                  momentum[m] != 0 ? rows(momentum_buffers, m) : std::vector<at::Tensor>{}, {}};
+    const std::string member_rounding = rounding.get(m);  // QpuSgdArgs holds a view of it
+    const QpuSgdArgs args{lr[m], momentum[m], weight_decay[m], nesterov && momentum[m] != 0, total_bits[m],
+                          frac_bits[m], momentum_total_bits[m], momentum_frac_bits[m], member_rounding, seed[m],
+                          step[m], momentum_form, stream_indices};
+    try {
+      member.p = check_qpu_sgd(member.params, member.grads, member.momentum, args, !Backend::kIsMeta);
+    } catch (c10::Error& e) {
+      e.add_context(std::string(op) + ": member " + std::to_string(m));
+      throw;
+    }
+    stepped.push_back(std::move(member));
+  }
+  const auto options = params[0].options().dtype(at::kLong);
+  at::Tensor counts = at::zeros({members, static_cast<int64_t>(params.size()), 2}, options);
+  if constexpr (!Backend::kIsMeta) {
+    const bool packed = !stepped.empty() && detail::any_packed(stepped.front().p);
+    TORCH_CHECK(!(packed && Backend::capturing()), op,
+                ": the step on packed storage reads a NaN count back to the host, which a CUDA graph capture "
+                "does not allow");
+    // Note [Packed QPU step]: each member's NaN results, read once after every member is stepped.
+    const at::Tensor nan_counts = packed ? at::zeros({members}, options) : at::Tensor();
+    for (const Member& member : stepped) {
+      detail::run_qpu_sgd<Backend>(member.params, member.grads, member.momentum, member.p, streams,
+                                   total_bits[member.m], momentum_total_bits[member.m], counts[member.m],
+                                   packed ? nan_counts[member.m] : at::Tensor());
+    }
+    if (packed) {
+      const at::Tensor host = nan_counts.cpu();
+      std::string which;
+      int64_t total = 0;
+      for (int64_t m = 0; m < members; ++m) {
+        const int64_t n = host[m].item<int64_t>();
+        if (n > 0) which += (which.empty() ? "" : ", ") + std::to_string(m);
+        total += n;
+      }
       try {
-        if (pass == 0) {
-          const QpuSgdArgs args{lr[m], momentum[m], weight_decay[m], nesterov, total_bits[m], frac_bits[m],
-                                momentum_total_bits[m], momentum_frac_bits[m], member_rounding, seed[m], step[m],
-                                momentum_form, stream_indices};
-          check_qpu_sgd(p, g, v, args, !Backend::kIsMeta);
-        } else {
-          counts[m].copy_(qpu_sgd_step<Backend>(p, g, v, lr[m], momentum[m], weight_decay[m], nesterov,
-                                                total_bits[m], frac_bits[m], momentum_total_bits[m],
-                                                momentum_frac_bits[m], member_rounding, seed[m], step[m],
-                                                momentum_form, stream_indices));
-        }
+        check_no_nan_results(total);
       } catch (c10::Error& e) {
-        e.add_context(std::string(op) + ": member " + std::to_string(m));
+        e.add_context(std::string(op) + ": members " + which + " (every active member was stepped)");
         throw;
       }
     }
