@@ -53,6 +53,10 @@ TORCH_LIBRARY(fxp, m) {
   m.def(
       "quantize_members(Tensor x, int member_dim, int[] total_bits, int[] frac_bits, str[] rounding, int[] seed, "
       "int[] offset, str overflow=\"saturate\") -> Tensor");
+  // The same with the straight-through gradient (it passes unchanged), for training a fleet.
+  m.def(
+      "quantize_members_ste(Tensor x, int member_dim, int[] total_bits, int[] frac_bits, str[] rounding, "
+      "int[] seed, int[] offset, str overflow=\"saturate\") -> Tensor");
 
   // Packed storage (docs/design.md, "Packed storage"): integer codes of
   // FxP(total_bits, frac_bits) in int8 (B <= 8), int16 (B <= 16) or int32.

@@ -123,6 +123,15 @@ inline at::Tensor quantize_members(const at::Tensor& x, int64_t member_dim, at::
               overflow);
 }
 
+// quantize_members with the straight-through gradient; differentiable.
+inline at::Tensor quantize_members_ste(const at::Tensor& x, int64_t member_dim, at::IntArrayRef total_bits,
+                                       at::IntArrayRef frac_bits, const c10::List<std::string>& rounding,
+                                       at::IntArrayRef seed, at::IntArrayRef offset,
+                                       c10::string_view overflow = "saturate") {
+  FXP_CALL_OP(quantize_members_ste, "quantize_members_ste", x, member_dim, total_bits, frac_bits, rounding, seed,
+              offset, overflow);
+}
+
 // The fused QPU SGD step over a parameter group; see docs/design.md. Updates
 // params and momentum_buffers in place; returns int64 [n, 2] of
 // (saturated, vanished) elements per tensor. stream_indices: each tensor's

@@ -91,12 +91,26 @@ def test_python_types_are_checked():
         fxp.quantize_members(x, 0, [FxpFormat(8, 4)] * 2, "nearest_even", seeds=[1, 2.5])
 
 
+def test_the_straight_through_form_has_the_same_bits_and_passes_the_gradient():
+    x = (torch.randn(5, 6, 7, generator=torch.Generator().manual_seed(4)) * 9).requires_grad_()
+    y = members(x, 0, straight_through=True)
+    assert y.requires_grad and torch.equal(y.detach(), members(x.detach(), 0))
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    assert torch.equal(grad, upstream)  # saturated elements too (quantize_ste's default)
+    with pytest.raises(RuntimeError, match="does not require grad|not differentiable|derivative"):
+        torch.autograd.grad(members(x, 0), x, upstream)
+
+
 def _opcheck(device):
     x = torch.randn(6, 7, 5, device=device)
     lists = ([f.total_bits for f in FORMATS], [f.frac_bits for f in FORMATS], ROUNDINGS, SEEDS, OFFSETS)
     torch.library.opcheck(torch.ops.fxp.quantize_members.default, (x, -1, *lists))
     strided = torch.randn(5, 7, 6, device=device).transpose(0, 2)
     torch.library.opcheck(torch.ops.fxp.quantize_members.default, (strided, 2, *lists), {"overflow": "wrap"})
+    ste = torch.ops.fxp.quantize_members_ste.default
+    torch.library.opcheck(ste, (x.clone().requires_grad_(), -1, *lists))
+    torch.library.opcheck(ste, (strided.clone().requires_grad_(), 2, *lists), {"overflow": "wrap"})
 
 
 def test_opcheck_cpu():

@@ -164,6 +164,7 @@ def quantize_members(
     seeds: Sequence[int],
     offsets: Union[int, Sequence[int]] = 0,
     overflow: Overflow = "saturate",
+    straight_through: bool = False,
 ) -> Tensor:
     """Quantizes each member of a fleet (K runs trained as one) with its own format, rounding and Philox stream.
 
@@ -171,7 +172,8 @@ def quantize_members(
     ``quantize_seeded(x.select(member_dim, m), formats[m], rounding=rounding[m],
     seed=seeds[m], offset=offsets[m])`` would quantize it alone, so its bits do not
     depend on the other members or on where it sits (Note [Per-member quantization]).
-    ``rounding`` and ``offsets`` may be one value for every member.
+    ``rounding`` and ``offsets`` may be one value for every member. With
+    ``straight_through``, the gradient passes unchanged (as :func:`quantize_ste`'s).
     """
     op = "quantize_members"
     x, member_dim = _tensor(op, "x", x), _int(op, "member_dim", member_dim)
@@ -182,9 +184,10 @@ def quantize_members(
     members = len(formats)
     roundings = [rounding] * members if isinstance(rounding, str) else [_str(op, "rounding", r) for r in rounding]
     offsets = [offsets] * members if isinstance(offsets, numbers.Integral) else list(offsets)
-    return _ops.quantize_members(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats],
-                                 roundings, [_int(op, "seeds", s) for s in seeds],
-                                 [_int(op, "offsets", o) for o in offsets], _str(op, "overflow", overflow))
+    kernel = _ops.quantize_members_ste if straight_through else _ops.quantize_members
+    return kernel(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats], roundings,
+                  [_int(op, "seeds", s) for s in seeds], [_int(op, "offsets", o) for o in offsets],
+                  _str(op, "overflow", overflow))
 
 
 def quantize_stats(

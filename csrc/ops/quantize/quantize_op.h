@@ -157,6 +157,8 @@ struct QuantizeOps {
 
   // --- per member (fleets) -----------------------------------------------------
   // Note [Per-member quantization]
+  // (quantize_members_ste shares these kernels; its Autograd kernel adds the
+  // straight-through gradient, as quantize_ste's does.)
   // A fleet trains K runs as one, their tensors stacked along a member
   // dimension. quantize_members quantizes member m, x.select(member_dim, m),
   // exactly as quantize_seeded quantizes that slice alone, with member m's
@@ -337,6 +339,7 @@ struct QuantizeOps {
     (m).impl("quantize_seeded.out", &Ops::quantize_seeded_out);                 \
     (m).impl("quantize_seeded_stats", &Ops::quantize_seeded_stats);             \
     (m).impl("quantize_members", &Ops::quantize_members);                       \
+    (m).impl("quantize_members_ste", &Ops::quantize_members);                   \
     (m).impl("pack", &Ops::pack);                                               \
     (m).impl("pack.counted", &Ops::pack_counted);                               \
     (m).impl("pack_seeded", &Ops::pack_seeded);                                 \

@@ -95,6 +95,30 @@ class QuantizeSTE : public torch::autograd::Function<QuantizeSTE> {
   }
 };
 
+// Note [Per-member quantization]: the fleet's straight-through quantization.
+class QuantizeMembersSTE : public torch::autograd::Function<QuantizeMembersSTE> {
+ public:
+  static at::Tensor forward(AutogradContext* /*ctx*/, const at::Tensor& x, int64_t member_dim,
+                            at::IntArrayRef total_bits, at::IntArrayRef frac_bits,
+                            const c10::List<std::string>& rounding, at::IntArrayRef seed, at::IntArrayRef offset,
+                            c10::string_view overflow) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return quantize_members_ste(x, member_dim, total_bits, frac_bits, rounding, seed, offset, overflow);
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list grad_outputs) {
+    // One entry per forward argument; only x is differentiable.
+    return {grad_outputs[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor quantize_members_ste_autograd(const at::Tensor& x, int64_t member_dim, at::IntArrayRef total_bits,
+                                         at::IntArrayRef frac_bits, const c10::List<std::string>& rounding,
+                                         at::IntArrayRef seed, at::IntArrayRef offset, c10::string_view overflow) {
+  return QuantizeMembersSTE::apply(x, member_dim, total_bits, frac_bits, rounding, seed, offset, overflow);
+}
+
 at::Tensor quantize_ste_autograd(const at::Tensor& x, int64_t total_bits, int64_t frac_bits,
                                  c10::string_view rounding, c10::string_view overflow,
                                  const std::optional<at::Generator>& generator,
@@ -111,6 +135,7 @@ TORCH_LIBRARY_IMPL(fxp, Meta, m) { FXP_REGISTER_QUANTIZE_OPS(m, MetaBackend); }
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   m.impl("quantize_ste", &quantize_ste_autograd);
+  m.impl("quantize_members_ste", &quantize_members_ste_autograd);
   register_not_differentiable(m, {"quantize", "quantize_", "quantize.out", "quantize_stats", "quantize_mask",
                                   "quantize_seeded", "quantize_seeded_", "quantize_seeded.out",
                                   "quantize_seeded_stats", "quantize_members", "pack", "pack.counted", "pack_seeded",
