@@ -243,6 +243,13 @@ void ProcessGroup::all_reduce_sum(const std::vector<torch::Tensor>& tensors) {
 void ProcessGroup::broadcast_from_rank0(const std::vector<torch::Tensor>& tensors) {
   // Bytes, not values: one buffer for every dtype (Gloo cannot send int16),
   // each tensor at an 8-byte aligned offset so that its bytes view back as its dtype.
+  c10d::BroadcastOptions options;
+  options.rootRank = 0;
+  if (tensors.size() == 1 && tensors[0].scalar_type() == torch::kUInt8 && tensors[0].is_contiguous()) {
+    std::vector<torch::Tensor> alone{tensors[0].view(-1)};  // already bytes: in place, no copy
+    wait_for_collective(impl_->group->broadcast(alone, options), impl_->rank, "a broadcast");
+    return;
+  }
   auto aligned = [](int64_t bytes) { return (bytes + 7) / 8 * 8; };
   int64_t total = 0;
   for (const auto& t : tensors) total += aligned(t.numel() * t.element_size());
@@ -255,8 +262,6 @@ void ProcessGroup::broadcast_from_rank0(const std::vector<torch::Tensor>& tensor
     offset += aligned(bytes);
   }
   std::vector<torch::Tensor> one{buffer};
-  c10d::BroadcastOptions options;
-  options.rootRank = 0;
   wait_for_collective(impl_->group->broadcast(one, options), impl_->rank, "a broadcast");
   offset = 0;
   for (const auto& t : tensors) {

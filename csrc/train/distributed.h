@@ -84,8 +84,8 @@ class ProcessGroup {
 // The names of the tensors whose bits differ on some rank from rank 0's (the
 // same list on every rank; empty when the replicas are identical). When the
 // lists themselves differ (names, dtypes, sizes), says so and compares
-// nothing else. Tensors travel one at a time, so the check needs memory for
-// about two more copies of the largest.
+// nothing else. Tensors travel one at a time, broadcast in place, so the
+// check needs memory for one more copy of the largest.
 std::vector<std::string> replica_differences(ProcessGroup& group,
                                              const std::vector<std::pair<std::string, torch::Tensor>>& named);
 

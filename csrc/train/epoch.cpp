@@ -400,8 +400,9 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
 #else
   if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
 #endif
-  if (t.data_parallel) {  // Note [Data-parallel steps]: each rank's own draws while it trains
-    const uint64_t epoch_seed = mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch));
+  // Note [Data-parallel steps]: each rank's own draws while it trains, the shared ones after.
+  const uint64_t epoch_seed = mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch));
+  if (t.data_parallel) {
     seed_forward_generators(device, mix(epoch_seed, static_cast<uint64_t>(t.data_parallel->rank()) + 1));
   }
   // Note [Deferred pack checks in training]: a problem ends the epoch, and the run, as diverged.
@@ -415,7 +416,8 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
   int64_t images_here = 0;  // this rank's images so far (all of them in one process)
   for (int64_t b = 0; b < batches && !result.diverged; ++b) {
     const int64_t start = b * c.batch_size, size = std::min(c.batch_size, train.size() - start);
-    images_here += rank_share(t, start, size).second;
+    const auto [share_start, share_size] = rank_share(t, start, size);  // Note [Data-parallel steps]
+    images_here += share_size;
     // The session's second step (its first, if an epoch has one batch), so the
     // momentum buffers exist and the previous gradients are gone.
     if (graphs && b >= kGraphWarmupSteps && b < full_batches) {
@@ -430,7 +432,6 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
       t.optimizer->zero_grad();
       std::optional<StepProbe> probe;
       if (!step_memory.has_value() && (b == 1 || batches == 1)) probe.emplace(t, device);
-      const auto [share_start, share_size] = rank_share(t, start, size);  // Note [Data-parallel steps]
       const torch::Tensor index = order.narrow(0, share_start, share_size);
       const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
       const torch::Tensor batch_loss_sum = train_step(t, x, y, size, probe ? &*probe : nullptr);
@@ -446,7 +447,7 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
   bar.finish();
   if (t.data_parallel) {
     t.data_parallel->all_reduce_sum({loss_sum});  // each rank summed its shares
-    seed_forward_generators(device, mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch)));
+    seed_forward_generators(device, epoch_seed);
   }
   result.loss = result.diverged ? std::numeric_limits<double>::quiet_NaN()
                                 : loss_sum.item<double>() / static_cast<double>(train.size());

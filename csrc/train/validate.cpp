@@ -58,8 +58,10 @@ Validation validate(Training& t, const Split& val, const TrainConfig& c, const t
     std::vector<torch::Tensor> counts{correct.reshape({1})};
     for (auto& [name, s] : stats) {
       const bool counted = s->saturated.defined();
-      counts.push_back(torch::tensor({int64_t{counted}, counted ? s->saturated.item<int64_t>() : 0, s->elements},
-                                     torch::TensorOptions(torch::kLong).device(device)));
+      torch::Tensor entry =
+          torch::tensor({int64_t{counted}, int64_t{0}, s->elements}, torch::TensorOptions(torch::kLong).device(device));
+      if (counted) entry[1].add_(s->saturated);  // on the device: no read per layer
+      counts.push_back(entry);
     }
     torch::Tensor all = torch::cat(counts);
     t.data_parallel->all_reduce_sum({loss_sum, all});

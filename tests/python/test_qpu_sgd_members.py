@@ -9,6 +9,7 @@ import torch
 import fxp
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 members_op = torch.ops.fxp.qpu_sgd_members_step_
 solo_op = torch.ops.fxp.qpu_sgd_step_
@@ -116,6 +117,8 @@ def test_members_may_not_share_memory():
     base = torch.zeros(5, 33)
     with pytest.raises(ValueError, match=r"params\[0\] must be contiguous, so that its members do not share memory"):
         step_members([torch.zeros(33).expand(4, 33)] + params[1:], grads, momentum, [1] * 4)
+    with pytest.raises(ValueError, match=r"grads\[1\] must be contiguous"):  # each member's rows must be
+        step_members(params, grads[:1] + [grads[1].transpose(1, 2)] + grads[2:], momentum, [1] * 4)
     with pytest.raises(RuntimeError, match="overlap|share"):
         step_members([base[:4]] + params[1:], [base[1:]] + grads[1:], momentum, [1] * 4)
 
@@ -169,13 +172,9 @@ def _opcheck(device):
     torch.library.opcheck(members_op.default, args[:-1] + ([True, False, True, False],))
 
 
-def test_opcheck_cpu():
-    _opcheck("cpu")
-
-
-@requires_cuda
-def test_opcheck_cuda():
-    _opcheck("cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    _opcheck(device)
 
 
 @requires_cuda

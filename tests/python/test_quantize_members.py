@@ -11,6 +11,7 @@ import fxp
 from fxp import FxpFormat
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 FORMATS = [FxpFormat(16, 10), FxpFormat(8, 4), FxpFormat(12, 6), FxpFormat(4, 2), FxpFormat(16, 8)]
 ROUNDINGS = ["stochastic", "nearest_even", "stochastic", "floor", "stochastic"]
@@ -113,13 +114,9 @@ def _opcheck(device):
     torch.library.opcheck(ste, (strided.clone().requires_grad_(), 2, *lists), {"overflow": "wrap"})
 
 
-def test_opcheck_cpu():
-    _opcheck("cpu")
-
-
-@requires_cuda
-def test_opcheck_cuda():
-    _opcheck("cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    _opcheck(device)
 
 
 @requires_cuda

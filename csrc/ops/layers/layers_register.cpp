@@ -43,7 +43,7 @@ struct SavedInputs {
   // so autograd has nothing to track, and pack.counted bumps its version.
   static at::Tensor pack_on_grid(const char* op, const at::Tensor& x, const OptionalFormat& format,
                                  const std::optional<at::Tensor>& pack_counts) {
-    if (pack_counts.has_value() && pack_counts->defined()) {
+    if (defined(pack_counts)) {
       return pack_counted(x, format.total_bits, format.frac_bits, "exact", "saturate", std::nullopt, *pack_counts);
     }
     try {

@@ -103,9 +103,10 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
 //   without Nesterov's look-ahead (which needs momentum), as its solo run would.
 // - An inactive member (a run that stopped) is left as it is, with zero
 //   counts, and its arguments are not checked.
-// - The stacks are checked as wholes (contiguous, nothing written shared
-//   with another tensor of the call, so no two members share memory), then
-//   every active member's arguments, before any member is stepped.
+// - The stacks are checked as wholes, once: contiguous (so each member's rows
+//   are, as the kernels need) and nothing written shared with another tensor
+//   of the call (so no two members share memory). Then every active member's
+//   arguments, without those memory checks again, before any member is stepped.
 // - Packed storage: every member is stepped, its NaN results counted; then one
 //   error names the members that had any (a solo step raises after writing
 //   too). Stacked codes share one dtype, so members share a storage width.
@@ -123,20 +124,20 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   TORCH_CHECK_VALUE(!params.empty(), op, ": expected at least one parameter tensor");
   TORCH_CHECK_VALUE(params[0].dim() >= 1, op, ": params[0] needs a member dimension (dim 0), but is a scalar");
   const int64_t members = params[0].size(0);
-  auto check_stacks = [&](const char* name, at::TensorList tensors, bool written) {
+  auto check_stacks = [&](const char* name, at::TensorList tensors) {
     for (size_t k = 0; k < tensors.size(); ++k) {
       TORCH_CHECK_VALUE(tensors[k].dim() >= 1 && tensors[k].size(0) == members, op, ": ", name, "[", k,
                         "] must hold the ", members, " members of params[0] along dim 0, but has shape ",
                         tensors[k].sizes());
-      if (written && !Backend::kIsMeta) {
+      if constexpr (!Backend::kIsMeta) {
         TORCH_CHECK_VALUE(tensors[k].is_contiguous(), op, ": ", name, "[", k,
                           "] must be contiguous, so that its members do not share memory");
       }
     }
   };
-  check_stacks("params", params, true);
-  check_stacks("grads", grads, false);
-  check_stacks("momentum_buffers", momentum_buffers, true);
+  check_stacks("params", params);
+  check_stacks("grads", grads);
+  check_stacks("momentum_buffers", momentum_buffers);
   if constexpr (!Backend::kIsMeta) {
     check_no_aliasing(op, {{params, "params", true}, {grads, "grads", false},
                            {momentum_buffers, "momentum_buffers", true}});
@@ -177,7 +178,8 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
                           frac_bits[m], momentum_total_bits[m], momentum_frac_bits[m], member_rounding, seed[m],
                           step[m], momentum_form, stream_indices};
     try {
-      member.p = check_qpu_sgd(member.params, member.grads, member.momentum, args, !Backend::kIsMeta);
+      // The stacks' memory checks above cover the rows.
+      member.p = check_qpu_sgd(member.params, member.grads, member.momentum, args, /*check_memory=*/false);
     } catch (c10::Error& e) {
       e.add_context(std::string(op) + ": member " + std::to_string(m));
       throw;
@@ -200,12 +202,12 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
     }
     if (packed) {
       const at::Tensor host = nan_counts.cpu();
+      const int64_t* n = host.const_data_ptr<int64_t>();
       std::string which;
       int64_t total = 0;
       for (int64_t m = 0; m < members; ++m) {
-        const int64_t n = host[m].item<int64_t>();
-        if (n > 0) which += (which.empty() ? "" : ", ") + std::to_string(m);
-        total += n;
+        if (n[m] > 0) which += (which.empty() ? "" : ", ") + std::to_string(m);
+        total += n[m];
       }
       try {
         check_no_nan_results(total);
