@@ -47,7 +47,7 @@ while (($#)); do
   fi
 done
 # The stages --only may name (the train_* stages by their full names).
-STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
+STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train bench_fleet train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
 train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
 train_lenet5_adapt_qpu bench_adapt memory_table ctest_rest demo pytest_rest train_default"
 if [[ -n $ONLY ]]; then
@@ -155,6 +155,10 @@ if [[ -x $BUILD/fxp-train ]]; then
     --methods fp32,ste,sqpu,hteqpu,sqpu:packed,fp32:graphs,sqpu:graphs,hteqpu:graphs,sqpu:packed:graphs \
     --batch-sizes 1,4,16,256 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/throughput_cuda.csv" --markdown "$LOGS/bench_train_cuda.md"
+  # Fleets against solo runs on the GPU (issue 16): what sweep --estimate --fleet-throughput turns into GPU-hours.
+  run bench_fleet 60 "$PYTHON" "$ROOT/scripts/bench_fleet.py" --device cuda --fxp-train "$BUILD/fxp-train" \
+    --methods sqpu --batch-sizes 1,4,16,64 --fleet-sizes 8,32,80 \
+    --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/fleet_cuda.csv" --markdown "$LOGS/bench_fleet_cuda.md"
   # fxp-train --distributed through NCCL (issue 16): one rank on the one GPU, started by torchrun.
   run train_distributed_nccl 20 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
     "$BUILD/fxp-train" --distributed --device cuda --method sqpu --packed --epochs 1 --train-limit 8192 \

@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="with --dry-run: print every selected run id")
     p.add_argument("--estimate", metavar="CSV",
                    help="with --dry-run: extrapolate the wall time from a throughput CSV of scripts/bench_train.py")
+    p.add_argument("--fleet-throughput", metavar="CSV",
+                   help="with --estimate: scripts/bench_fleet.py's CSV; runs in fleets train faster by their "
+                        "fleet's measured speed-up (docs/benchmarks.md)")
     p.add_argument("--typical-epochs", type=float,
                    help="with --estimate: epochs a run with early stopping lasts (default: the midpoint of "
                         "its minimum and maximum); bounds are printed too")
@@ -62,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
     p.add_argument("--fxp-train", default=str(sweeplib.DEFAULT_FXP_TRAIN),
                    help="the fxp-train executable (default: $FXP_TRAIN, else build/fxp-train)")
+    p.add_argument("--fleet", type=at_least_one, metavar="K",
+                   help="train runs that can share one in fleets of up to K (fxp-train --fleet: same model, "
+                        "dataset, method and batch size); 1: every run alone (default: K from the batch size and "
+                        "device, docs/sweeps.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -100,18 +107,30 @@ def main(argv=None) -> int:
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        pending = [r for r in runs if sweeplib.status(out, r) not in ("done", "conflict", "busy")]
+        units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
+        in_fleets = [u for u in units if len(u) > 1]
+        if args.fleet != 1:
+            print(f"  fleets: {sum(len(u) for u in in_fleets)} pending runs in {len(in_fleets)} fleets "
+                  f"(up to {max((len(u) for u in units), default=0)} members), "
+                  f"{len(units) - len(in_fleets)} alone")
         if args.estimate:
             try:
+                speedups = sweeplib.load_fleet_speedups(args.fleet_throughput) if args.fleet_throughput else None
+                size = {r.id: len(u) for u in units for r in u}
                 low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_configs(runs, args.fxp_train),
                                                            sweeplib.load_throughput(args.estimate),
-                                                           args.typical_epochs)
+                                                           args.typical_epochs, speedups,
+                                                           [size.get(r.id, 1) for r in runs])
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
             jobs = args.jobs
-            print(f"  estimated wall time with {jobs} job(s) at the measured throughput: {mid / 3600 / jobs:.1f} h "
-                  f"(from {low / 3600 / jobs:.1f} h if every run stops at its minimum epochs to "
-                  f"{high / 3600 / jobs:.1f} h if none stops early)")
+            fleets = " with fleets" if speedups else ""
+            print(f"  estimated wall time{fleets} with {jobs} job(s) at the measured throughput: "
+                  f"{mid / 3600 / jobs:.1f} h (from {low / 3600 / jobs:.1f} h if every run stops at its minimum "
+                  f"epochs to {high / 3600 / jobs:.1f} h if none stops early)")
         for r in runs if args.list else runs[:5]:
             print(f"  {r.id}")
         if not args.list and len(runs) > 5:
@@ -122,6 +141,9 @@ def main(argv=None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     processes = sweeplib.Processes()
     runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)
+    fleet_runner = sweeplib.fxp_train_fleet_runner(args.fxp_train, threads, args.device, processes)
+    def plan(todo):
+        return sweeplib.plan_fleets(todo, args.fxp_train, threads, args.device, args.fleet)
     def stop_on_term(signum, frame):  # SLURM (and kill) ask with TERM: stop like Ctrl-C
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop_on_term)
@@ -140,7 +162,7 @@ def main(argv=None) -> int:
 
     print(f"sweep {grid['name']}: {len(runs)} runs, {jobs} jobs x {threads} threads -> {out}", file=sys.stderr)
     try:
-        counts = sweeplib.execute(runs, out, runner, jobs, on_update)
+        counts = sweeplib.execute(runs, out, runner, jobs, on_update, plan, fleet_runner)
     except KeyboardInterrupt:
         processes.stop()
         if bar is not None:

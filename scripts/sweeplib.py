@@ -358,6 +358,7 @@ def status(out: pathlib.Path, run: Run) -> str:
 
 
 Runner = Callable[[Run, pathlib.Path], None]  # raises RunFailed on failure
+FleetRunner = Callable[[list[Run], list[pathlib.Path]], None]  # the same, for the runs of one fleet
 
 
 class RunFailed(Exception):
@@ -390,31 +391,34 @@ class Processes:
                 p.kill()
 
 
+def run_process(cmd: list[str], err, processes: Processes | None, run_id: str) -> int:
+    """Runs cmd (stdout discarded, stderr to `err`) as one of `processes`; its exit code."""
+    check_stopping(processes, run_id)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    if processes is not None:
+        processes.running.add(p)
+    try:
+        return p.wait()
+    finally:
+        if processes is not None:
+            processes.running.discard(p)
+
+
+def check_stopping(processes: Processes | None, run_id: str) -> None:
+    if processes is not None and processes.stopping:
+        raise Interrupted(run_id)
+
+
 def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | None = None,
                      processes: Processes | None = None) -> Runner:
     """Runs fxp-train for one run: config from the run's settings, --resume
     (so a killed run continues from its checkpoint), quiet, stderr to a log."""
     def run(r: Run, d: pathlib.Path) -> None:
-        settings = dict(r.config)
-        settings["threads"] = threads
-        if device:
-            settings["device"] = device
-        settings["output_dir"] = str(d)
-        atomic_write_json(d / "run.json", settings)
+        atomic_write_json(d / "run.json", run_settings(r, threads, device, d))
         cmd = [str(fxp_train), "-c", str(d / "run.json"), "--resume", "--quiet"]
         with open(d / "stderr.log", "ab") as err:
-            if processes is not None and processes.stopping:
-                raise Interrupted(r.id)
-            p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-            if processes is not None:
-                processes.running.add(p)
-            try:
-                code = p.wait()
-            finally:
-                if processes is not None:
-                    processes.running.discard(p)
-        if processes is not None and processes.stopping:
-            raise Interrupted(r.id)
+            code = run_process(cmd, err, processes, r.id)
+        check_stopping(processes, r.id)
         if code == BUSY_EXIT:
             raise RunBusy(r.id)
         if code != 0:
@@ -423,12 +427,92 @@ def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | N
     return run
 
 
+def fleet_size_for(batch_size: int, device: str | None) -> int:
+    """The members of a fleet when `sweep --fleet` is not given, from scripts/bench_fleet.py's
+    measurements (docs/benchmarks.md): on the CPU a fleet gains most at batch 1 (more with more
+    members), some up to batch 16 and nothing beyond 32; a GPU, bound by kernel launches up to
+    larger batches, takes more members."""
+    if device and device.startswith("cuda"):
+        return 80 if batch_size <= 16 else 32 if batch_size <= 64 else 8
+    return 80 if batch_size <= 2 else 32 if batch_size <= 8 else 8 if batch_size <= 32 else 1
+
+
+def plan_fleets(runs: list[Run], fxp_train: str | os.PathLike, threads: int, device: str | None,
+                fleet: int | None) -> list[list[Run]]:
+    """The runs in fleets (fxp-train --fleet), in grid order: runs fxp-train puts in one fleet
+    group (--print-configs' fleet_group: same model, dataset, method, batch size, ...) share
+    fleets of at most `fleet` members (None: fleet_size_for the batch size and device). A run
+    that cannot join a fleet, or whose group leaves it alone, is a fleet of one (a solo run)."""
+    if fleet == 1 or not runs:
+        return [[r] for r in runs]
+    results = resolve([run_settings(r, threads, device) for r in runs], fxp_train)
+    groups: dict[str, list[Run]] = {}
+    units: list[list[Run]] = []
+    for r, res in zip(runs, results):
+        group = res.get("fleet_group")
+        if not group or r.invalid:
+            units.append([r])
+            continue
+        size = fleet or fleet_size_for(res["config"]["batch_size"], device)
+        members = groups.setdefault(group, [])
+        if not members:
+            units.append(members)
+        members.append(r)
+        if len(members) >= size:
+            groups.pop(group)  # full: the next run of this group starts another fleet
+    return units
+
+
+def run_settings(r: Run, threads: int, device: str | None, d: pathlib.Path | None = None) -> dict:
+    """The settings fxp-train runs `r` with: its config, the sweep's threads and device, its directory."""
+    settings = dict(r.config)
+    settings["threads"] = threads
+    if device:
+        settings["device"] = device
+    if d is not None:
+        settings["output_dir"] = str(d)
+    return settings
+
+
+def fxp_train_fleet_runner(fxp_train: str | os.PathLike, threads: int, device: str | None = None,
+                           processes: Processes | None = None) -> FleetRunner:
+    """Runs fxp-train --fleet for runs that share a fleet: each member's settings in its run.json
+    and one line of <first member>/fleet.jsonl, --resume (a killed fleet resumes every member),
+    quiet; the fleet's stderr is appended to every member's stderr.log."""
+    def run(rs: list[Run], ds: list[pathlib.Path]) -> None:
+        lines = []
+        for r, d in zip(rs, ds):
+            settings = run_settings(r, threads, device, d)
+            atomic_write_json(d / "run.json", settings)
+            lines.append(json.dumps(settings))
+        fleet_file = ds[0] / "fleet.jsonl"
+        fleet_file.write_text("\n".join(lines) + "\n")
+        log = ds[0] / "fleet-stderr.log"
+        cmd = [str(fxp_train), "--fleet", str(fleet_file), "--resume", "--quiet"]
+        with open(log, "wb") as err:
+            code = run_process(cmd, err, processes, rs[0].id)
+        text = log.read_text(errors="replace")
+        for d in ds:
+            with open(d / "stderr.log", "a") as f:
+                f.write(text)
+        log.unlink(missing_ok=True)
+        check_stopping(processes, rs[0].id)
+        if code == BUSY_EXIT:
+            raise RunBusy(rs[0].id)
+        if code != 0:
+            raise RunFailed(f"fxp-train --fleet exited with {code}: " + " | ".join(text.strip().splitlines()[-5:]))
+    return run
+
+
 def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
-            on_update: Callable[[dict], None] | None = None) -> dict:
-    """Runs every run that is not done or busy, `jobs` at a time. A failure is
-    recorded in <run>/failed.json and the rest go on. Returns the counts by status.
-    Interrupting (KeyboardInterrupt) stops waiting; unfinished runs keep their
-    checkpoints and resume next time."""
+            on_update: Callable[[dict], None] | None = None,
+            plan: Callable[[list[Run]], list[list[Run]]] | None = None,
+            fleet_runner: FleetRunner | None = None) -> dict:
+    """Runs every run that is not done or busy, `jobs` at a time: alone, or in
+    the fleets `plan` makes of them (fleets of more than one run go to
+    `fleet_runner`). A failure is recorded in <run>/failed.json and the rest go
+    on. Returns the counts by status. Interrupting (KeyboardInterrupt) stops
+    waiting; unfinished runs keep their checkpoints and resume next time."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "pending": 0, "skipped": 0}
@@ -444,20 +528,11 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
     counts["pending"] = len(todo)
     if on_update:
         on_update(counts)
+    units = plan(todo) if plan else [[r] for r in todo]
 
-    def attempt(r: Run) -> str:
-        d = run_dir(out, r)
-        if busy(d):  # started elsewhere while this run waited in the queue
-            return "busy"
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "sweep-run.json", {"grid": r.grid, "id": r.id, "settings": r.config})
-        start = time.time()
-        try:
-            runner(r, d)
-        except RunBusy:
-            return "busy"  # not failed: the other process owns the directory
-        except RunFailed as e:
-            atomic_write_json(d / "failed.json", {"error": str(e), "seconds": time.time() - start,
+    def outcome(d: pathlib.Path, start: float, error: str | None) -> str:
+        if error is not None:
+            atomic_write_json(d / "failed.json", {"error": error, "seconds": time.time() - start,
                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             return "failed"
         (d / "failed.json").unlink(missing_ok=True)
@@ -466,17 +541,45 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
             return "failed"
         return "done"
 
+    def attempt(unit: list[Run]) -> list[str]:
+        results, members, dirs = [], [], []
+        for r in unit:
+            d = run_dir(out, r)
+            if busy(d):  # started elsewhere while this run waited in the queue
+                results.append("busy")
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(d / "sweep-run.json", {"grid": r.grid, "id": r.id, "settings": r.config})
+            members.append(r)
+            dirs.append(d)
+        if not members:
+            return results
+        start = time.time()
+        error = None
+        try:
+            if len(members) == 1:
+                runner(members[0], dirs[0])
+            else:
+                fleet_runner(members, dirs)
+        except RunBusy:
+            return results + ["busy"] * len(members)  # not failed: another process owns a directory
+        except RunFailed as e:
+            error = str(e)
+        # A fleet's member may have finished before another failed: each is what its directory holds.
+        return results + [outcome(d, start, None if (d / "summary.json").exists() else error) for d in dirs]
+
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
     futures = set()
-    queue = iter(todo)
+    queue = iter(units)
     try:
-        for r in itertools.islice(queue, max(1, jobs)):
-            futures.add(pool.submit(attempt, r))
+        for unit in itertools.islice(queue, max(1, jobs)):
+            futures.add(pool.submit(attempt, unit))
         while futures:
             finished, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
-                counts["pending"] -= 1
-                counts[f.result()] += 1
+                for result in f.result():
+                    counts["pending"] -= 1
+                    counts[result] += 1
                 nxt = next(queue, None)
                 if nxt is not None:
                     futures.add(pool.submit(attempt, nxt))
@@ -518,17 +621,52 @@ def _interpolate(points, batch: int, column: int) -> float:
     raise AssertionError("unreachable")
 
 
-def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: float | None = None):
+def load_fleet_speedups(path) -> dict:
+    """{method: {K: [(batch_size, speed-up), ...]}} from scripts/bench_fleet.py's CSV."""
+    import csv
+    table: dict = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["method"], {}).setdefault(int(row["members"]), []).append(
+                (int(row["batch_size"]), float(row["speedup"])))
+    if not table:
+        raise ValueError("no measurements")
+    return {m: {k: sorted(v) for k, v in ks.items()} for m, ks in table.items()}
+
+
+def fleet_speedup(table: dict, method: str, batch: int, members: int) -> float:
+    """A fleet's training speed-up over solo runs for `members` members: over batch sizes log-log,
+    at the largest measured K not above `members` (below the smallest, log-linear from 1 at K = 1)."""
+    import math
+    if members <= 1 or method not in table:
+        return 1.0
+    ks = sorted(table[method])
+    below = [k for k in ks if k <= members]
+    k = below[-1] if below else ks[0]
+    s = _interpolate(table[method][k], batch, 1)
+    if not below:  # fewer members than any measured fleet
+        s = math.exp(math.log(s) * math.log(members) / math.log(k))
+    return s
+
+
+def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: float | None = None,
+                     fleet_speedups: dict | None = None, fleet_sizes: list[int] | None = None):
     """(earliest, typical, latest) total seconds of the runs, one at a time,
     from their full configs (resolved_configs). A run without early stopping
     lasts its epochs; one with it lasts between its minimum and its maximum,
     `typical_epochs` (default: the midpoint). train_limit/val_limit 0 mean the
-    whole Fashion-MNIST splits (60,000 and 10,000 images)."""
+    whole Fashion-MNIST splits (60,000 and 10,000 images). With `fleet_sizes`
+    (the size of each run's fleet) and `fleet_speedups` (load_fleet_speedups),
+    a run's training goes faster by its fleet's measured speed-up; its
+    validation (on its own model) does not."""
     totals = [0.0, 0.0, 0.0]
-    for c in configs:
+    for i, c in enumerate(configs):
         points = throughput[c["method"]]
         batch = c["batch_size"]
-        per_epoch = ((c.get("train_limit") or 60000) / _interpolate(points, batch, 1)
+        speedup = 1.0
+        if fleet_speedups is not None and fleet_sizes is not None:
+            speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[i])
+        per_epoch = ((c.get("train_limit") or 60000) / (_interpolate(points, batch, 1) * speedup)
                      + (c.get("val_limit") or 10000) / _interpolate(points, batch, 2))
         most = c["epochs"]
         if c.get("early_stopping"):

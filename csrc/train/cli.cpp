@@ -174,6 +174,18 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  "(scripts/sweep names its runs this way), then exit")
       ->group("Modes");
 
+  app.add_option("--fleet", command.fleet_file,
+                 "train many runs as one fleet (docs/train.md, \"Fleets\"): read settings as JSON lines from FILE "
+                 "('-': stdin), one member run per line, over the defaults, --config and the flags; each member "
+                 "writes its own run directory, as a solo run would. Members share model, dataset, method and "
+                 "batch size; seeds, formats, rounding, lr, momentum, weight decay, schedule and epochs may differ")
+      ->group("Modes");
+  app.add_option("--fleet-compact-below", command.fleet_compact_below,
+                 "with --fleet: shrink the fleet to its running members once they are at most this share of it "
+                 "(0: never)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->group("Modes");
+
   std::vector<const char*> argv = {"fxp-train"};
   for (const auto& a : args) argv.push_back(a.c_str());
   try {
@@ -182,8 +194,8 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
     // CLI11 has one exit code per error kind; keep the usual 2 for every usage error.
     return app.exit(e, out, err) == 0 ? 0 : 2;
   }
-  if (describe + print_config + !command.configs_file.empty() > 1) {
-    err << "fxp-train: --describe-model, --print-config and --print-configs cannot be combined\n";
+  if (describe + print_config + !command.configs_file.empty() + !command.fleet_file.empty() > 1) {
+    err << "fxp-train: --describe-model, --print-config, --print-configs and --fleet cannot be combined\n";
     return 2;
   }
   if (command.resume && command.overwrite) {
@@ -193,6 +205,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   command.mode = describe                         ? Mode::DescribeModel
                  : print_config                   ? Mode::PrintConfig
                  : !command.configs_file.empty() ? Mode::PrintConfigs
+                 : !command.fleet_file.empty()   ? Mode::Fleet
                                                   : Mode::Train;
   try {
     if (!config_file.empty()) apply_json(command.config, read_config_file(config_file), config_file);

@@ -11,7 +11,7 @@
 
 namespace fxp::train {
 
-enum class Mode { Train, DescribeModel, PrintConfig, PrintConfigs };
+enum class Mode { Train, DescribeModel, PrintConfig, PrintConfigs, Fleet };
 
 struct Command {
   TrainConfig config;
@@ -19,6 +19,8 @@ struct Command {
   bool json = false;  // --describe-model: print JSON instead of text
   bool resume = false, overwrite = false, quiet = false, no_progress = false;
   std::string configs_file;  // --print-configs: JSON lines of settings ("-": stdin)
+  std::string fleet_file;    // --fleet: JSON lines of settings, one member per line ("-": stdin)
+  double fleet_compact_below = 0.75;  // --fleet-compact-below (train/fleet.h)
 };
 
 // Parses argv. Returns the exit code when the program should stop (0 after

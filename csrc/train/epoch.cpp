@@ -34,10 +34,6 @@ uint64_t mix(uint64_t seed, uint64_t epoch) {
   return z ^ (z >> 31);
 }
 
-torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(mix(static_cast<uint64_t>(seed), epoch));
-  return torch::randperm(n, generator, torch::kLong).to(device);
-}
 
 std::vector<torch::Tensor> gradients(torch::nn::Module& model) {
   std::vector<torch::Tensor> out;
@@ -349,6 +345,11 @@ std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, cons
 #endif
 
 }  // namespace
+
+torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device) {
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(mix(static_cast<uint64_t>(seed), epoch));
+  return torch::randperm(n, generator, torch::kLong).to(device);
+}
 
 void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_t epoch) {
   if (!t.msq || t.msq->frozen() || train.size() == 0) return;

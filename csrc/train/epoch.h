@@ -20,6 +20,10 @@ struct EpochResult {
   int64_t graph_steps = 0;      // cuda_graphs: the steps that replayed the captured graph
 };
 
+// Note [Shuffling]: the order of epoch `epoch` (from 1) of a run with seed
+// `seed` over n training images, on `device`.
+torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device);
+
 // Note [Batch norm recalibration] (nn/network.cpp), over the first
 // config.bn_recalibration_batches batches of epoch `epoch`'s order (or all of
 // its batches, if fewer); nothing when that setting is 0.

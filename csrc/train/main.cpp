@@ -10,6 +10,7 @@
 #include "train/bookkeeping.h"
 #include "train/cli.h"
 #include "train/distributed.h"
+#include "train/fleet.h"
 #include "train/io.h"
 #include "train/setup.h"
 #include "train/trainer.h"
@@ -17,7 +18,7 @@
 namespace {
 
 // --print-configs: one JSON line out per JSON line in (Note [Run names come from fxp-train]):
-// {"run_name", "output_dir", "config", "invalid" (only when a value is bad)},
+// {"run_name", "output_dir", "config", "fleet_group", "invalid" (only when a value is bad)},
 // or {"error"} for a line that is not a JSON object.
 int print_configs(const std::string& file, const fxp::train::TrainConfig& base, std::istream& stdin_stream,
                   std::ostream& out) {
@@ -55,6 +56,9 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
       json config = fxp::train::to_json(c);
       config["output_dir"] = fxp::train::output_dir_for(c);
       result = {{"run_name", c.run_name()}, {"output_dir", config["output_dir"]}, {"config", config}};
+      // Runs of one fleet_group can train as one fleet (scripts/sweep --fleet); null: never.
+      const auto group = fxp::train::fleet_group(c);
+      result["fleet_group"] = group ? nlohmann::json(*group) : nlohmann::json(nullptr);
       if (!invalid.empty()) result["invalid"] = invalid;
     } catch (const std::exception& e) {
       result = {{"error", e.what()}};
@@ -62,6 +66,41 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
     out << result.dump() << "\n";
   }
   return 0;
+}
+
+// --fleet: the members' settings, one JSON object per line over `base`.
+std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, const fxp::train::TrainConfig& base,
+                                                   std::istream& stdin_stream) {
+  std::ifstream opened;
+  if (file != "-") {
+    opened.open(file);
+    if (!opened) throw std::invalid_argument("cannot open " + file);
+  }
+  std::istream& in = file == "-" ? stdin_stream : opened;
+  std::vector<fxp::train::TrainConfig> members;
+  int64_t line_number = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_number;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string origin = file + " line " + std::to_string(line_number);
+    nlohmann::json settings;
+    try {
+      settings = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      throw std::invalid_argument(origin + ": not JSON: " + e.what());
+    }
+    if (!settings.is_object()) throw std::invalid_argument(origin + ": expected a JSON object of settings");
+    fxp::train::TrainConfig c = base;
+    fxp::train::apply_json(c, settings, origin);
+    try {
+      c.validate();
+    } catch (const std::exception& e) {
+      throw std::invalid_argument(origin + ": " + e.what());
+    }
+    members.push_back(std::move(c));
+  }
+  if (members.empty()) throw std::invalid_argument(file + " holds no member settings");
+  return members;
 }
 
 }  // namespace
@@ -87,6 +126,20 @@ int main(int argc, char** argv) {
       report["model"] = c.model;
       report["dataset"] = c.dataset;
       std::cout << (command.json ? report.dump(2) + "\n" : describe_model_text(report));
+      return 0;
+    }
+    if (command.mode == Mode::Fleet) {
+      const auto members = fleet_configs(command.fleet_file, c, std::cin);
+      RunOptions options;
+      options.resume = command.resume;
+      options.overwrite = command.overwrite;
+      options.progress = !command.quiet && !command.no_progress && isatty(STDERR_FILENO);
+      options.log = command.quiet ? nullptr : &std::cout;
+      if (!command.quiet) std::cout << "fxp-train: a fleet of " << members.size() << " runs\n";
+      const auto summaries = run_fleet(members, options, FleetOptions{command.fleet_compact_below});
+      if (!command.quiet) {
+        for (const auto& s : summaries) std::cout << summary_text(s);
+      }
       return 0;
     }
     // Note [One run across processes]: only rank 0 talks.

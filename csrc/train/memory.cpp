@@ -1,5 +1,9 @@
 #include "train/memory.h"
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <c10/core/CPUAllocator.h>
 
 #include <sys/resource.h>
@@ -90,6 +94,17 @@ c10::DeviceIndex cuda_index(const torch::Device& device) {
 #endif
 
 }  // namespace
+
+void keep_freed_cpu_memory() {
+#if defined(__GLIBC__)
+  static std::once_flag once;
+  std::call_once(once, [] {
+    constexpr int kOneGiB = 1 << 30;
+    mallopt(M_MMAP_THRESHOLD, kOneGiB);  // blocks up to 1 GiB come from the heap
+    mallopt(M_TRIM_THRESHOLD, kOneGiB);  // and the heap's free top is kept up to 1 GiB
+  });
+#endif
+}
 
 void install_cpu_memory_tracking() {
   static std::once_flag once;

@@ -48,4 +48,15 @@ nlohmann::json to_json(const StepMemory& m, const torch::Device& device);
 // measured step reset it, and current) and reserved peak.
 nlohmann::json measured_memory(const torch::Device& device, const std::optional<StepMemory>& step);
 
+// Note [Freed CPU memory stays in the process]
+// glibc's malloc serves a block above its mmap threshold (at most 32 MiB,
+// adjusted as blocks are freed) with its own mmap, and unmaps it when freed,
+// so a step that allocates such tensors anew (a fleet's activations: K
+// members' in one tensor) faults every page in again, each step: at batch 64
+// a fleet of 8 spent more time in page faults than in its max-pools. This
+// raises the thresholds once, so freed blocks stay in the heap for the next
+// step (the process keeps its peak; a training process reaches it every step
+// anyway). No effect without glibc.
+void keep_freed_cpu_memory();
+
 }  // namespace fxp::train

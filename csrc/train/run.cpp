@@ -96,22 +96,6 @@ json msq_record(const msq::Controller& controller) {
   return {{"layers", layers}, {"compression_rate", controller.compression_rate()}, {"frozen", controller.frozen()}};
 }
 
-// The epoch's line of metrics.jsonl (docs/train.md).
-json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v, const LayerStatistics& stats,
-                  double lr, double epoch_time, double train_time, int64_t train_images) {
-  return {{"epoch", epoch},
-          {"train_loss", std::isfinite(trained.loss) ? json(trained.loss) : json(nullptr)},
-          {"val_loss", std::isfinite(v.loss) ? json(v.loss) : json(nullptr)},
-          {"val_accuracy", v.accuracy},
-          {"lr", lr},
-          {"epoch_time_s", epoch_time},
-          {"train_time_s", train_time},
-          {"images_per_s", static_cast<double>(train_images) / train_time},
-          {"cuda_graph_steps", trained.graph_steps},
-          {"layers", stats.layers},
-          {"vanished_update_fraction", stats.vanished_fraction}};
-}
-
 // Note [One run across processes]
 // fxp-train --distributed runs one process per device (torchrun or srun
 // start them with the same arguments). Rank 0 alone owns the output
@@ -263,17 +247,6 @@ class AbortOnError {
   int exceptions_;
 };
 
-void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
-  char line[256];
-  std::snprintf(line, sizeof line,
-                "epoch %3lld/%lld  train loss %.4f  val loss %.4f  val acc %6.2f%%  lr %.3g  %.1f s  %.0f img/s\n",
-                static_cast<long long>(e["epoch"].get<int64_t>()), static_cast<long long>(epochs),
-                e["train_loss"].is_null() ? NAN : e["train_loss"].get<double>(),
-                e["val_loss"].is_null() ? NAN : e["val_loss"].get<double>(), 100.0 * e["val_accuracy"].get<double>(),
-                e["lr"].get<double>(), e["epoch_time_s"].get<double>(), e["images_per_s"].get<double>());
-  log << line << std::flush;
-}
-
 }  // namespace
 
 RunFiles::RunFiles(const std::string& d)
@@ -312,7 +285,7 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
       device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
     }
   }
-  if (device.is_cpu()) install_cpu_memory_tracking();
+  if (device.is_cpu()) install_cpu_memory_tracking(), keep_freed_cpu_memory();
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   // Reproducible GPU runs: deterministic cuDNN algorithms, no autotuning (a
   // small cost for this network).

@@ -3,6 +3,8 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cmath>
+#include <ostream>
 #include <cstdio>
 #include <sstream>
 #include <string>
@@ -23,6 +25,34 @@ std::string percent(double x) {
 }
 
 }  // namespace
+
+// The epoch's line of metrics.jsonl (docs/train.md).
+json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v, const LayerStatistics& stats,
+                  double lr, double epoch_time, double train_time, int64_t train_images) {
+  return {{"epoch", epoch},
+          {"train_loss", std::isfinite(trained.loss) ? json(trained.loss) : json(nullptr)},
+          {"val_loss", std::isfinite(v.loss) ? json(v.loss) : json(nullptr)},
+          {"val_accuracy", v.accuracy},
+          {"lr", lr},
+          {"epoch_time_s", epoch_time},
+          {"train_time_s", train_time},
+          {"images_per_s", static_cast<double>(train_images) / train_time},
+          {"cuda_graph_steps", trained.graph_steps},
+          {"layers", stats.layers},
+          {"vanished_update_fraction", stats.vanished_fraction}};
+}
+
+void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "epoch %3lld/%lld  train loss %.4f  val loss %.4f  val acc %6.2f%%  lr %.3g  %.1f s  %.0f img/s\n",
+                static_cast<long long>(e["epoch"].get<int64_t>()), static_cast<long long>(epochs),
+                e["train_loss"].is_null() ? NAN : e["train_loss"].get<double>(),
+                e["val_loss"].is_null() ? NAN : e["val_loss"].get<double>(), 100.0 * e["val_accuracy"].get<double>(),
+                e["lr"].get<double>(), e["epoch_time_s"].get<double>(), e["images_per_s"].get<double>());
+  log << line << std::flush;
+}
+
 
 json make_summary(const RunRecord& r) {
   const TrainConfig& config = r.config;

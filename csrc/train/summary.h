@@ -9,6 +9,7 @@
 #include "train/memory.h"
 #include "train/run_state.h"
 #include "train/setup.h"
+#include "train/validate.h"
 
 namespace fxp::train {
 
@@ -24,5 +25,13 @@ struct RunRecord {
 };
 
 nlohmann::json make_summary(const RunRecord& run);
+
+// The epoch's line of metrics.jsonl (docs/train.md).
+nlohmann::json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v,
+                            const LayerStatistics& stats, double lr, double epoch_time, double train_time,
+                            int64_t train_images);
+
+// The readable line fxp-train prints after an epoch.
+void log_epoch(std::ostream& log, const nlohmann::json& record, int64_t epochs);
 
 }  // namespace fxp::train

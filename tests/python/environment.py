@@ -8,8 +8,10 @@ import json
 import os
 import pathlib
 import subprocess
+import warnings
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FXP_TRAIN = pathlib.Path(os.environ.get("FXP_TRAIN") or ROOT / "build" / "fxp-train")  # as scripts/sweeplib.py
@@ -39,3 +41,13 @@ def epoch_metrics(run_dir: pathlib.Path) -> list[dict]:
         for key in ("epoch_time_s", "train_time_s", "images_per_s", "cuda_graph_steps"):
             line.pop(key)
     return lines
+
+
+def checkpoint_state(run_dir) -> dict[str, torch.Tensor]:
+    """The model's parameters (packed: their codes) and the optimizer's state in a run's checkpoint."""
+    with warnings.catch_warnings():  # torch.jit.load reads LibTorch's archives; it warns that it is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        archive = torch.jit.load(str(run_dir / "checkpoint.pt"))
+    tensors = dict(archive.named_parameters())
+    tensors.update(dict(archive.named_buffers()))
+    return {name: t for name, t in tensors.items() if name.startswith(("model.", "optimizer."))}

@@ -12,12 +12,12 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
-from environment import FXP_TRAIN, FXP_TRAIN_DATA, epoch_metrics, requires_fxp_train_and_data, run_fxp_train
+from environment import (FXP_TRAIN, FXP_TRAIN_DATA, checkpoint_state, epoch_metrics, requires_fxp_train_and_data,
+                         run_fxp_train)
 
 pytestmark = requires_fxp_train_and_data
 
@@ -48,16 +48,6 @@ def launch(world: int, *args: str, environment: dict | None = None,
 def succeeded(results: list[subprocess.CompletedProcess]) -> None:
     for r, p in enumerate(results):
         assert p.returncode == 0, f"rank {r}: {p.stderr}"
-
-
-def checkpoint_state(run_dir) -> dict[str, torch.Tensor]:
-    """The model's parameters (packed: their codes) and the optimizer's state in a run's checkpoint."""
-    with warnings.catch_warnings():  # torch.jit.load reads LibTorch's archives; it warns that it is deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        archive = torch.jit.load(str(run_dir / "checkpoint.pt"))
-    tensors = dict(archive.named_parameters())
-    tensors.update(dict(archive.named_buffers()))
-    return {name: t for name, t in tensors.items() if name.startswith(("model.", "optimizer."))}
 
 
 # compared: the tensors each epoch's replica check compares, which the test knows from the model: every

@@ -266,22 +266,28 @@ KEYS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "o
 
 def fake_fxp_train(tmp_path) -> pathlib.Path:
     """A stand-in for fxp-train that keeps its contract: --print-config prints
-    every key; a run holds <run dir>/.lock (exit 75 when another process has
-    it), trains in no time and writes its summary."""
+    every key; a run (or each member of a --fleet) holds <run dir>/.lock (exit
+    75 when another process has it), trains in no time and writes its summary."""
     path = tmp_path / "fake-fxp-train"
     path.write_text(f"""#!{sys.executable}
 import fcntl, json, os, sys
 if "--print-config" in sys.argv or "--print-configs" in sys.argv:  # the real one names and checks runs
     os.execv({str(FXP_TRAIN)!r}, [{str(FXP_TRAIN)!r}, *sys.argv[1:]])
-config = json.load(open(sys.argv[sys.argv.index("-c") + 1]))
-lock = open(os.path.join(config["output_dir"], ".lock"), "a")
-try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
-    print("fxp-train: " + config["output_dir"] + " is in use by another fxp-train", file=sys.stderr)
-    sys.exit(75)
-with open(os.path.join(config["output_dir"], "summary.json"), "w") as f:
-    json.dump({{"config": config}}, f)
+if "--fleet" in sys.argv:  # a fleet: every member's settings, one JSON line each
+    configs = [json.loads(line) for line in open(sys.argv[sys.argv.index("--fleet") + 1]) if line.strip()]
+else:
+    configs = [json.load(open(sys.argv[sys.argv.index("-c") + 1]))]
+locks = []
+for config in configs:
+    locks.append(open(os.path.join(config["output_dir"], ".lock"), "a"))
+    try:
+        fcntl.flock(locks[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("fxp-train: " + config["output_dir"] + " is in use by another fxp-train", file=sys.stderr)
+        sys.exit(75)
+for config in configs:
+    with open(os.path.join(config["output_dir"], "summary.json"), "w") as f:
+        json.dump({{"config": config}}, f)
 """)
     path.chmod(0o755)
     return path
@@ -586,6 +592,62 @@ def test_wall_time_estimate(tmp_path):
              train_limit=1000, val_limit=1000)], table)
     assert (low, mid, high) == pytest.approx((20 * 2, 60 * 2, 100 * 2))
     assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
+
+
+def test_fleet_speedup_estimate(tmp_path):
+    csv = tmp_path / "f.csv"
+    csv.write_text("method,batch_size,members,device,threads,solo_images_per_s,fleet_images_per_s,speedup\n"
+                   "sqpu,1,8,cpu,1,100,200,2.0\nsqpu,100,8,cpu,1,100,100,1.0\nsqpu,1,32,cpu,1,100,300,3.0\n")
+    table = sweeplib.load_fleet_speedups(csv)
+    assert sweeplib.fleet_speedup(table, "sqpu", 1, 1) == 1.0  # alone
+    assert sweeplib.fleet_speedup(table, "fp32", 1, 32) == 1.0  # not measured: no speed-up assumed
+    assert sweeplib.fleet_speedup(table, "sqpu", 1, 40) == 3.0  # the largest measured K not above 40
+    assert sweeplib.fleet_speedup(table, "sqpu", 10, 8) == pytest.approx(2 ** 0.5)  # log-log over batch
+    assert sweeplib.fleet_speedup(table, "sqpu", 1, 2) == pytest.approx(2.0 ** (1 / 3))  # log-linear in log K below 8
+    run = dict
+    throughput = {"sqpu": [(1, 100.0, 1000.0)]}
+    # 100 training images at 100/s, twice as fast in a fleet; validation unchanged.
+    configs = [run(method="sqpu", batch_size=1, epochs=1, train_limit=100, val_limit=1000)]
+    assert sweeplib.estimate_seconds(configs, throughput, None, table, [8]) == (1.5, 1.5, 1.5)
+
+
+@requires_fxp_train
+def test_runs_are_planned_into_fleets_by_fxp_trains_groups(tmp_path):
+    grid = write_grid(tmp_path, "name: g\nbase: {batch_size: 4}\nblocks:\n"
+                      "  - axes: {method: [sqpu, ste], seed: [0, 1, 2]}\n"
+                      "  - set: {model: lenet5}\n    axes: {seed: [0, 1]}\n")
+    runs = sweeplib.expand(sweeplib.load_grid(grid), FXP_TRAIN)
+    units = sweeplib.plan_fleets(runs, FXP_TRAIN, threads=1, device=None, fleet=2)
+    ids = [[r.id for r in u] for u in units]
+    # Same method and batch in fleets of at most 2, in grid order; LeNet-5 runs cannot join a fleet.
+    assert ids == [["sqpu-p16.10-o16.8-sr-b4-s0", "sqpu-p16.10-o16.8-sr-b4-s1"], ["sqpu-p16.10-o16.8-sr-b4-s2"],
+                   ["ste-p16.10-o16.8-sr-b4-s0", "ste-p16.10-o16.8-sr-b4-s1"], ["ste-p16.10-o16.8-sr-b4-s2"],
+                   ["lenet5-sqpu-p16.10-o16.8-sr-b4-s0"], ["lenet5-sqpu-p16.10-o16.8-sr-b4-s1"]]
+    assert all(len(u) == 1 for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, fleet=1))
+    # Without --fleet: K from the batch size (32 on the CPU at batch 4), so each group is one fleet.
+    assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, None)] == [3, 3, 1, 1]
+
+
+@requires_fxp_train_and_data
+def test_a_sweep_in_fleets_gives_every_run_its_solo_results(tmp_path):
+    grid = tmp_path / "seeds.yaml"
+    grid.write_text("name: seeds\nbase: {epochs: 2, train_limit: 128, val_limit: 100, batch_size: 8}\n"
+                    "blocks:\n  - axes:\n      seed: [0, 1, 2]\n      format: [{param_bits: 16, param_frac: 10}, {param_bits: 8, param_frac: 5}]\n")
+    outs = {k: tmp_path / f"fleet-{k}" for k in (1, 4)}
+    for k, out in outs.items():
+        assert sweep.main([str(grid), "--out", str(out), "--threads", "1", "--fleet", str(k), "--no-progress"]) == 0
+    names = sorted(d.name for d in outs[1].iterdir() if d.is_dir())
+    assert len(names) == 6 and names == sorted(d.name for d in outs[4].iterdir() if d.is_dir())
+    for name in names:
+        solo = [json.loads(line) for line in (outs[1] / name / "metrics.jsonl").read_text().splitlines()]
+        fleet = [json.loads(line) for line in (outs[4] / name / "metrics.jsonl").read_text().splitlines()]
+        for s, f in zip(solo, fleet):
+            for key in ("epoch_time_s", "train_time_s", "images_per_s"):
+                s.pop(key), f.pop(key)
+            assert f.pop("fleet")["members"] in (2, 4)  # 6 runs in fleets of up to 4, in grid order
+        assert fleet == solo
+    # Finished runs are skipped the second time, fleets or not.
+    assert sweep.main([str(grid), "--out", str(outs[4]), "--threads", "1", "--no-progress"]) == 0
 
 
 @requires_fxp_train_and_data

@@ -1,0 +1,267 @@
+#include "nn/fleet.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#if defined(FXP_WITH_CUDA)
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#endif
+
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+
+#include <mutex>
+#include <stdexcept>
+#include <string>
+
+#include "ops/ops.h"
+
+namespace fxp::nn {
+namespace {
+
+constexpr size_t kPaperCnnTensors = 6;  // conv1.w, conv2.w, fc1.w, fc1.b, fc2.w, fc2.b
+
+// Note [Fleet linear layers]
+// Member m's linear layer is y[m] = h[m] W[m]^T + b[m], one baddbmm for all
+// (the same bits as the solo addmm: tested). Autograd's bmm backward would
+// compute W's gradient as (h^T g)^T, while the solo layer's addmm computes
+// g^T h (its weight is read transposed); and a batched g^T h of the last
+// layer's small 10 x 128 outputs takes another kernel than mm. Either way
+// float32 results differ in the last bits. So the fleet layer has its own
+// backward, in the solo layer's orientation and kernels: dh = g W (batched:
+// the same bits), dW[m] = g[m]^T h[m] (one mm per member), db = the sum of g
+// over the batch.
+class FleetLinear : public torch::autograd::Function<FleetLinear> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h,
+                               const torch::Tensor& weight, const torch::Tensor& bias) {
+    ctx->save_for_backward({h, weight});
+    return torch::baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2));
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& h = saved[0];
+    const torch::Tensor& weight = saved[1];
+    const torch::Tensor g = grad_outputs[0];
+    // dW per member: a batched product of small outputs (the 10 x 128 of the
+    // last layer) takes another kernel than mm in float32, one mm per member does not.
+    torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
+    for (int64_t m = 0; m < g.size(0); ++m) {
+      torch::Tensor row = grad_weight.select(0, m);
+      torch::mm_out(row, g.select(0, m).t(), h.select(0, m));
+    }
+    return {torch::bmm(g, weight), grad_weight, g.sum(1)};
+  }
+};
+
+// Note [Fleet first convolution]
+// The first convolution has one input channel per member. As a grouped
+// convolution it would take oneDNN's depthwise kernel, which sums the taps in
+// another order than the solo convolution. So each member's convolution is a
+// solo call on its own batch; one call per member through autograd would pay
+// K times the per-op cost (and wake the thread pool K times), so this one
+// autograd node runs the K solo calls, forward and backward, spread over the
+// threads one member each (oneDNN's results do not depend on its thread
+// count here: tested). Output: [N, K*out, H', W'], member m's channels in group m.
+class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight) {
+    ctx->save_for_backward({x, weight});
+    const int64_t k = x.size(0), n = x.size(1), out = weight.size(1);
+    std::vector<torch::Tensor> per_member(static_cast<size_t>(k));
+    at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m]);
+    });
+    torch::Tensor y = torch::stack(per_member, 1);  // [N, K, out, H', W']
+    return y.view({n, k * out, y.size(3), y.size(4)});
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor& x = saved[0];
+    const torch::Tensor& weight = saved[1];
+    const int64_t k = x.size(0), out = weight.size(1);
+    const torch::Tensor g = grad_outputs[0];
+    torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
+    const std::vector<int64_t> ones{1, 1}, zeros{0, 0};
+    at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        // What the solo convolution's backward computes: the weight's gradient alone.
+        const auto grads = at::convolution_backward(g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
+                                                    std::nullopt, ones, zeros, ones, false, zeros, 1,
+                                                    {false, true, false});
+        grad_weight[m].copy_(std::get<1>(grads));
+      }
+    });
+    return {torch::Tensor(), grad_weight};
+  }
+};
+
+const char* op_rounding(const std::string& act_rounding) {
+  return act_rounding == "hte" ? "nearest_even" : "stochastic";
+}
+
+}  // namespace
+
+PaperCNNFleet::PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members,
+                             std::vector<at::Generator> generators)
+    : members_(std::move(members)), generators_(std::move(generators)) {
+  TORCH_CHECK(!members_.empty(), "fxp::nn::PaperCNNFleet: a fleet needs at least one member");
+  TORCH_CHECK(generators_.size() == members_.size(), "fxp::nn::PaperCNNFleet: ", members_.size(), " members but ",
+              generators_.size(), " generators");
+  mode_ = members_[0]->conv1->config.weight_mode;
+  const auto first_shapes = members_[0]->parameters();
+  TORCH_CHECK(first_shapes.size() == kPaperCnnTensors, "fxp::nn::PaperCNNFleet: expected the paper CNN's ",
+              kPaperCnnTensors, " parameter tensors, got ", first_shapes.size());
+  for (size_t m = 0; m < members_.size(); ++m) {
+    const auto& net = *members_[m];
+    const QuantConfig& c = net.conv1->config;
+    TORCH_CHECK(c.weight_mode == mode_, "fxp::nn::PaperCNNFleet: member ", m,
+                " has another method than member 0; a fleet holds one method");
+    TORCH_CHECK(!net.fused_relu_pool && net.packed_storage().empty(),
+                "fxp::nn::PaperCNNFleet: packed members are not supported");
+    const auto params = net.parameters();
+    for (size_t k = 0; k < params.size(); ++k) {
+      TORCH_CHECK(params[k].sizes() == first_shapes[k].sizes() && params[k].device() == first_shapes[k].device() &&
+                      params[k].scalar_type() == first_shapes[k].scalar_type(),
+                  "fxp::nn::PaperCNNFleet: member ", m, "'s parameter ", k, " is ", params[k].sizes(), " ",
+                  params[k].scalar_type(), " on ", params[k].device(), ", member 0's ", first_shapes[k].sizes(), " ",
+                  first_shapes[k].scalar_type(), " on ", first_shapes[k].device());
+    }
+    param_bits_.push_back(c.param_total_bits);
+    param_frac_.push_back(c.param_frac_bits);
+    act_bits_.push_back(c.act_total_bits);
+    act_frac_.push_back(c.act_frac_bits);
+    rounding_.push_back(op_rounding(c.act_rounding));
+    any_stochastic_ = any_stochastic_ || c.act_rounding == "sr";
+  }
+  stack_parameters();
+}
+
+void PaperCNNFleet::stack_parameters() {
+  torch::NoGradGuard no_grad;
+  const size_t n = members_[0]->parameters().size();
+  std::vector<std::vector<torch::Tensor>> per_member;
+  for (const auto& net : members_) per_member.push_back(net->parameters());
+  stacks_.clear();
+  for (size_t k = 0; k < n; ++k) {
+    std::vector<torch::Tensor> slices;
+    for (const auto& params : per_member) slices.push_back(params[k]);
+    stacks_.push_back(torch::stack(slices).contiguous().requires_grad_(true));
+  }
+  // Each member's parameters now read and write their rows of the stacks.
+  for (size_t m = 0; m < members_.size(); ++m) {
+    for (size_t k = 0; k < n; ++k) per_member[m][k].set_data(stacks_[k].select(0, static_cast<int64_t>(m)));
+  }
+}
+
+void PaperCNNFleet::keep_members(const std::vector<int64_t>& keep) {
+  torch::NoGradGuard no_grad;
+  std::vector<bool> kept(members_.size(), false);
+  for (const int64_t m : keep) {
+    TORCH_CHECK(m >= 0 && m < size(), "fxp::nn::PaperCNNFleet: keep_members got member ", m, " of ", size());
+    kept[static_cast<size_t>(m)] = true;
+  }
+  // The members that leave keep their last values in storage of their own.
+  for (size_t m = 0; m < members_.size(); ++m) {
+    if (kept[m]) continue;
+    for (auto& p : members_[m]->parameters()) p.set_data(p.detach().clone());
+  }
+  std::vector<std::shared_ptr<PaperCNNImpl>> members;
+  std::vector<at::Generator> generators;
+  std::vector<int64_t> pb, pf, ab, af;
+  c10::List<std::string> rounding;
+  for (const int64_t m : keep) {
+    const auto i = static_cast<size_t>(m);
+    members.push_back(members_[i]);
+    generators.push_back(generators_[i]);
+    pb.push_back(param_bits_[i]), pf.push_back(param_frac_[i]), ab.push_back(act_bits_[i]), af.push_back(act_frac_[i]);
+    rounding.push_back(rounding_.get(i));
+  }
+  members_ = std::move(members), generators_ = std::move(generators);
+  param_bits_ = std::move(pb), param_frac_ = std::move(pf), act_bits_ = std::move(ab), act_frac_ = std::move(af);
+  rounding_ = std::move(rounding);
+  any_stochastic_ = false;
+  for (const auto& r : rounding_) any_stochastic_ = any_stochastic_ || r == std::string("stochastic");
+  if (!members_.empty()) stack_parameters();  // copies the kept rows: their views read the old stacks until now
+}
+
+std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys() {
+  const size_t k = members_.size();
+  std::vector<int64_t> seeds(k, 0), offsets(k, 0);
+  if (!any_stochastic_) return {seeds, offsets};
+  for (size_t m = 0; m < k; ++m) {
+    if (rounding_.get(m) != std::string("stochastic")) continue;  // deterministic rounding draws nothing
+    at::Generator& g = generators_[m];
+    std::lock_guard<std::mutex> lock(g.mutex());
+    if (g.device().is_cpu()) {
+      // As the CPU kernels draw from a generator: one random64() key, offset 0.
+      seeds[m] = static_cast<int64_t>(at::check_generator<at::CPUGeneratorImpl>(g)->random64());
+    } else {
+#if defined(FXP_WITH_CUDA)
+      // As the CUDA kernels draw from a generator (Note [Philox offsets from a
+      // generator]): an increment of 4, counter offset / 4.
+      const at::PhiloxCudaState state = at::check_generator<at::CUDAGeneratorImpl>(g)->philox_cuda_state(4);
+      TORCH_CHECK(!state.captured_, "fxp::nn::PaperCNNFleet: a fleet's step cannot be captured in a CUDA graph");
+      seeds[m] = static_cast<int64_t>(state.seed_.val);
+      offsets[m] = static_cast<int64_t>(state.offset_.val / 4);
+#else
+      TORCH_CHECK(false, "fxp::nn::PaperCNNFleet: this fxp build has no CUDA support");
+#endif
+    }
+  }
+  return {seeds, offsets};
+}
+
+torch::Tensor PaperCNNFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights) {
+  const auto [seeds, offsets] = draw_keys();
+  return quantize_members_ste(x, member_dim, weights ? param_bits_ : act_bits_, weights ? param_frac_ : act_frac_,
+                              rounding_, seeds, offsets);
+}
+
+torch::Tensor PaperCNNFleet::read_weight(const torch::Tensor& stack) {
+  return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true) : stack;
+}
+
+torch::Tensor PaperCNNFleet::output(const torch::Tensor& y, int64_t member_dim) {
+  return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false);
+}
+
+torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
+  const int64_t k = size();
+  TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::PaperCNNFleet: expected input [", k,
+              ", N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(mode_ == WeightMode::Fp32 || mode_ == WeightMode::Ste || mode_ == WeightMode::Qpu,
+              "fxp::nn::PaperCNNFleet: fleets train fp32, ste, sqpu and hteqpu");
+  const int64_t n = x.size(1), c = x.size(2);
+  const std::vector<int64_t> ones{1, 1}, zeros{0, 0};
+  const at::IntArrayRef kOnes(ones), kZeros(zeros);
+  // Note [Fleet forward]: member m's channels are group m of each convolution.
+  torch::Tensor h = x.transpose(0, 1).reshape({n, k * c, x.size(3), x.size(4)});
+  for (const size_t i : {size_t{0}, size_t{1}}) {
+    const torch::Tensor& w = stacks_[i];  // [K, out, in, kh, kw]
+    const int64_t out = w.size(1);
+    const torch::Tensor weight = read_weight(w);
+    torch::Tensor y;
+    if (i == 0 && c == 1 && k > 1) {
+      y = FleetFirstConv::apply(x, weight);  // Note [Fleet first convolution]
+    } else {
+      y = torch::conv2d(h, weight.reshape({k * out, w.size(2), w.size(3), w.size(4)}), torch::Tensor(), kOnes, kZeros,
+                        kOnes, k);  // stride, padding, dilation, groups
+    }
+    const auto spatial = y.sizes().slice(2).vec();
+    y = output(y.reshape({n, k, -1}), 1);
+    h = torch::max_pool2d(torch::relu(y.reshape({n, k * out, spatial[0], spatial[1]})), 2);
+  }
+  h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
+  for (const size_t i : {size_t{2}, size_t{4}}) {
+    // The bias first, as the solo layer reads them (the order of the draws).
+    const torch::Tensor bias = read_weight(stacks_[i + 1]);
+    const torch::Tensor weight = read_weight(stacks_[i]);
+    torch::Tensor y = output(FleetLinear::apply(h, weight, bias), 0);  // Note [Fleet linear layers]
+    h = i == 2 ? torch::relu(y) : y;
+  }
+  return h;
+}
+
+}  // namespace fxp::nn

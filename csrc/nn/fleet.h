@@ -1,0 +1,78 @@
+// A fleet: K runs of one network trained as one batched model (issue 16;
+// docs/train.md, "Fleets"). Each member keeps its own PaperCNN, whose
+// parameters become views of the fleet's stacks, so everything that reads a
+// solo model (validation, checkpoints, statistics) reads a member unchanged.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <torch/torch.h>
+
+#include <memory>
+#include <vector>
+
+#include "nn/models.h"
+
+namespace fxp::nn {
+
+// Note [Fleet forward]
+// Member m's layers compute what its solo PaperCNN computes, for its own batch:
+// - the input [K, N, C, H, W] is laid out as [N, K*C, H, W], so each
+//   convolution is one grouped convolution (groups = K), member m's channels
+//   in group m, and each linear layer one batched product (baddbmm) over
+//   [K, N, features];
+// - each output quantization and STE weight read is one quantize_members_ste
+//   call, with member m's format and rounding, over member m's slice in its
+//   solo layout (its element i is the element i of the solo tensor);
+// - its draws come from member m's own generator (generators()[m]), one key
+//   per stochastic call in the solo forward's order (a bias before its
+//   weight, the weight before the output), as the solo run draws from the
+//   default generator (docs/design.md, "Random numbers").
+// Bits: every member's results are its solo run's, in float32 and float64
+// (tested at batch sizes 1 to 64; test_fleet.cpp). That takes care where
+// LibTorch's batched kernels sum in another order than the solo ones:
+// - the first convolution, with one input channel per group, would take
+//   oneDNN's depthwise kernel: it runs as one solo convolution per member
+//   (it is the cheapest layer); the second, 32 input channels per group,
+//   sums as the solo one does;
+// - the linear layers have their own backward (Note [Fleet linear layers]).
+// With K = 1 every call is the solo call.
+class PaperCNNFleet {
+ public:
+  // `members`: K PaperCNNs of one shape and weight mode, on one device.
+  // `generators`: member m's generator of that device (CPU or CUDA). Each
+  // member's parameters are stacked, and then become views of the stacks.
+  PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members, std::vector<at::Generator> generators);
+
+  // x: [K, N, C, 28, 28], member m's batch in x[m] -> logits [K, N, classes].
+  torch::Tensor forward(const torch::Tensor& x);
+
+  // The stacks, [K, ...] each, in a PaperCNN's parameter order.
+  const std::vector<torch::Tensor>& parameters() const { return stacks_; }
+  int64_t size() const { return static_cast<int64_t>(members_.size()); }
+  const std::vector<std::shared_ptr<PaperCNNImpl>>& members() const { return members_; }
+  std::vector<at::Generator>& generators() { return generators_; }
+
+  // Compaction: keeps members `keep` (increasing positions) in new, smaller
+  // stacks, which the kept members' parameters view; the others' parameters
+  // get copies of their last values. The caller compacts its own stacked
+  // state (momentum buffers) alike.
+  void keep_members(const std::vector<int64_t>& keep);
+
+ private:
+  // One key per member for a quantization of rounding `rounding[m]` (0 where deterministic).
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> draw_keys();
+  torch::Tensor quantize(const torch::Tensor& x, int64_t member_dim, bool weights);
+  torch::Tensor read_weight(const torch::Tensor& stack);  // STE: quantized on read; else as it is
+  torch::Tensor output(const torch::Tensor& y, int64_t member_dim);
+  void stack_parameters();
+
+  std::vector<std::shared_ptr<PaperCNNImpl>> members_;
+  std::vector<at::Generator> generators_;
+  std::vector<torch::Tensor> stacks_;
+  WeightMode mode_;
+  std::vector<int64_t> param_bits_, param_frac_, act_bits_, act_frac_;
+  c10::List<std::string> rounding_;
+  bool any_stochastic_ = false;
+};
+
+}  // namespace fxp::nn

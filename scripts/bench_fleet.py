@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Training throughput of fleets (fxp-train --fleet) against solo runs, measured
+in the same run: images/s of K solo runs and of one fleet of K members, and the
+fleet's speed-up, per batch size and K.
+
+K solo runs of the same settings cost K times one (they differ only in their
+seeds), so the solo figure is one run's (its timed epoch at least 1024 images). Each point trains two short epochs
+(`--steps` steps each) and times the second, as scripts/bench_train.py does;
+a fleet's images/s counts every member's images.
+
+  scripts/bench_fleet.py --markdown results/fleet-cpu.md --csv results/fleet-cpu.csv
+  scripts/bench_fleet.py --batch-sizes 1,4 --fleet-sizes 8,32 --methods sqpu,ste
+  scripts/bench_fleet.py --device cuda --fleet-sizes 8,32,80,160
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_report import BenchReport, write_csv  # noqa: E402
+from bench_train import measure  # noqa: E402
+
+
+def measure_fleet(fxp_train: str, method: str, batch: int, images: int, members: int, device: str, threads: int,
+                  data_dir: str | None) -> float:
+    """Training images/s of a fleet of `members` runs (seeds 0..K-1) over the second of two epochs; NaN on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = [json.dumps({"seed": s, "output_dir": f"{tmp}/member-{s}"}) for s in range(members)]
+        (pathlib.Path(tmp) / "fleet.jsonl").write_text("\n".join(lines) + "\n")
+        cmd = [fxp_train, "--fleet", f"{tmp}/fleet.jsonl", "--method", method, "--batch-size", str(batch),
+               "--epochs", "2", "--train-limit", str(images), "--val-limit", "100", "--device", device,
+               "--threads", str(threads), "--quiet"]
+        if data_dir:
+            cmd += ["--data-dir", data_dir]
+        p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            print(f"bench_fleet.py: a fleet of {members} ({method}, batch {batch}) failed (exit {p.returncode}):\n"
+                  f"{p.stderr[-2000:]}", file=sys.stderr, flush=True)
+            return float("nan")
+        epoch = [json.loads(line) for line in open(pathlib.Path(tmp) / "member-0" / "metrics.jsonl")][-1]
+    return members * epoch["images_per_s"]  # each member's images/s is its images over the fleet's time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
+    p.add_argument("--batch-sizes", default="1,4,16,64")
+    p.add_argument("--fleet-sizes", default="8,32,80", help="K, the members of each fleet")
+    p.add_argument("--steps", type=int, default=32, help="timed training steps per point")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
+    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
+    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
+    p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in ("fp32", "ste", "sqpu", "hteqpu"):
+            raise SystemExit(f"bench_fleet.py: fleets train fp32, ste, sqpu and hteqpu, not {m!r}")
+    sizes = [int(k) for k in args.fleet_sizes.split(",")]
+    if any(k < 1 for k in sizes):
+        raise SystemExit("bench_fleet.py: fleet sizes must be at least 1")
+
+    rows, table = [], []
+    for method in methods:
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            images = max(32, args.steps * batch)
+            # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
+            solo = measure(args.fxp_train, method, batch, max(1024, images), 100, args.device, args.threads,
+                           args.data_dir)["train_images_per_s"]
+            print(f"{method} batch {batch:4d}: solo {solo:8.0f} img/s", flush=True)
+            for k in sizes:
+                fleet = measure_fleet(args.fxp_train, method, batch, images, k, args.device, args.threads,
+                                      args.data_dir)
+                speedup = fleet / solo
+                print(f"{method} batch {batch:4d}: fleet of {k:3d} {fleet:8.0f} img/s, {speedup:.2f}x", flush=True)
+                rows.append({"method": method, "batch_size": batch, "members": k, "device": args.device,
+                             "threads": args.threads, "solo_images_per_s": solo, "fleet_images_per_s": fleet,
+                             "speedup": speedup})
+                table.append([method, str(batch), str(k), f"{solo:.0f}", f"{fleet:.0f}", f"{speedup:.2f}x"])
+    report = BenchReport(f"Fleets against solo runs on {args.device} ({args.threads or 'default'} threads)",
+                         "Training images/s of the second of two epochs: one solo run (K of them take K times "
+                         "as long) and one fleet of K members (all members' images), measured in the same run.")
+    report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up"], table)
+    report.save(str(args.markdown) if args.markdown else None)
+    good = [r for r in rows if not math.isnan(r["speedup"])]
+    if args.csv and good:
+        write_csv(args.csv, good)
+    failed = len(rows) - len(good)
+    if failed:
+        print(f"bench_fleet.py: {failed} points failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

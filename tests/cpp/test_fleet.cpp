@@ -1,0 +1,261 @@
+// Fleets (nn/fleet.h, optim/fleet_sgd.h): each member of a fleet trains as
+// its solo run does, step for step, with its own seed, formats, rounding, lr,
+// momentum and weight decay.
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "nn/fleet.h"
+#include "nn/models.h"
+#include "optim/fleet_sgd.h"
+#include "optim/qpu_sgd.h"
+
+#include "test_util.h"
+
+namespace {
+
+using fxp::testing::expect_error;
+
+struct MemberSettings {
+  int64_t seed;
+  int64_t param_bits, param_frac, act_bits, act_frac;
+  std::string act_rounding;  // sr | hte
+  double lr, momentum, weight_decay;
+};
+
+// Four members that differ in everything a fleet lets them differ in.
+const std::vector<MemberSettings>& four_members() {
+  static const std::vector<MemberSettings> members = {
+      {0, 16, 10, 16, 8, "sr", 0.01, 0.9, 5e-4},
+      {1, 8, 5, 8, 3, "sr", 0.05, 0.9, 0.0},
+      {2, 12, 8, 12, 6, "hte", 0.02, 0.0, 0.0},
+      {3, 16, 10, 16, 8, "sr", 0.01, 0.5, 1e-3},
+  };
+  return members;
+}
+
+bool is_qpu(const std::string& method) { return method == "sqpu" || method == "hteqpu"; }
+
+// One member's solo run: its model, its optimizer, and its default generator's state.
+struct Solo {
+  std::shared_ptr<fxp::nn::PaperCNNImpl> model;
+  std::unique_ptr<torch::optim::Optimizer> optimizer;
+  at::Generator generator;
+};
+
+// Builds member m's solo run (as fxp-train sets one up) and a copy of its model for the fleet.
+std::pair<Solo, std::shared_ptr<fxp::nn::PaperCNNImpl>> make_member(const std::string& method, const MemberSettings& s,
+                                                                    torch::Dtype dtype) {
+  fxp::nn::QuantConfig c;
+  c.weight_mode = fxp::nn::weight_mode_for(method);
+  c.param_total_bits = s.param_bits, c.param_frac_bits = s.param_frac;
+  c.act_total_bits = s.act_bits, c.act_frac_bits = s.act_frac, c.act_rounding = s.act_rounding;
+  const std::string rounding = method == "hteqpu" ? "nearest_even" : "stochastic";
+  auto build = [&] {  // as set_up_training: seeded, built, on the grid (from the seed)
+    torch::manual_seed(static_cast<uint64_t>(s.seed));
+    auto model = std::make_shared<fxp::nn::PaperCNNImpl>(c);
+    model->to(dtype);
+    if (is_qpu(method)) model->quantize_parameters_(rounding, s.seed);
+    return model;
+  };
+  auto copy = build();
+  auto model = build();
+  Solo solo{model, nullptr, at::detail::getDefaultCPUGenerator().clone()};
+  if (is_qpu(method)) {
+    solo.optimizer = std::make_unique<fxp::optim::QpuSgd>(
+        model->parameters(), fxp::optim::QpuSgdOptions(s.lr)
+                                 .momentum(s.momentum)
+                                 .weight_decay(s.weight_decay)
+                                 .total_bits(s.param_bits)
+                                 .frac_bits(s.param_frac)
+                                 .rounding(rounding)
+                                 .seed(s.seed));
+  } else {
+    solo.optimizer = std::make_unique<torch::optim::SGD>(
+        model->parameters(), torch::optim::SGDOptions(s.lr).momentum(s.momentum).weight_decay(s.weight_decay));
+  }
+  return {std::move(solo), copy};
+}
+
+fxp::optim::FleetMemberUpdate update_of(const std::string& method, const MemberSettings& s) {
+  fxp::optim::FleetMemberUpdate u;
+  u.lr = s.lr, u.momentum = s.momentum, u.weight_decay = s.weight_decay;
+  u.total_bits = s.param_bits, u.frac_bits = s.param_frac, u.seed = s.seed;
+  u.rounding = method == "hteqpu" ? "nearest_even" : "stochastic";
+  return u;
+}
+
+// One solo step of member `solo` on (x, y), drawing from its own generator.
+void solo_step(Solo& solo, const torch::Tensor& x, const torch::Tensor& y) {
+  auto default_generator = at::detail::getDefaultCPUGenerator();
+  default_generator.set_state(solo.generator.get_state());
+  solo.optimizer->zero_grad();
+  torch::nn::functional::cross_entropy(solo.model->forward(x), y).backward();
+  solo.optimizer->step();
+  solo.generator.set_state(default_generator.get_state());
+}
+
+// One fleet step on x [K, N, 1, 28, 28], y [K, N]: the sum of the members' mean losses.
+void fleet_step(fxp::nn::PaperCNNFleet& fleet, fxp::optim::FleetSgd& sgd, const torch::Tensor& x,
+                const torch::Tensor& y) {
+  for (const auto& p : fleet.parameters()) p.mutable_grad().reset();
+  const torch::Tensor logits = fleet.forward(x);
+  const int64_t k = x.size(0), n = x.size(1);
+  (torch::nn::functional::cross_entropy(logits.reshape({k * n, -1}), y.reshape({-1}),
+                                        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+   static_cast<double>(n))
+      .backward();
+  sgd.step();
+}
+
+// The largest difference of member m's parameters from its solo run's, relative to the parameter's largest value.
+double relative_difference(const fxp::nn::PaperCNNFleet& fleet, int64_t m, const Solo& solo) {
+  double worst = 0;
+  const auto solo_params = solo.model->parameters();
+  for (size_t k = 0; k < solo_params.size(); ++k) {
+    const torch::Tensor a = fleet.parameters()[k].select(0, m).detach().to(torch::kDouble);
+    const torch::Tensor b = solo_params[k].detach().to(torch::kDouble);
+    const double scale = std::max(b.abs().max().item<double>(), 1e-30);
+    worst = std::max(worst, (a - b).abs().max().item<double>() / scale);
+  }
+  return worst;
+}
+
+struct FleetRun {
+  std::vector<Solo> solos;
+  std::unique_ptr<fxp::nn::PaperCNNFleet> fleet;
+  std::unique_ptr<fxp::optim::FleetSgd> sgd;
+};
+
+FleetRun make_run(const std::string& method, const std::vector<MemberSettings>& members, torch::Dtype dtype) {
+  FleetRun run;
+  std::vector<std::shared_ptr<fxp::nn::PaperCNNImpl>> models;
+  std::vector<at::Generator> generators;
+  std::vector<fxp::optim::FleetMemberUpdate> updates;
+  for (const auto& s : members) {
+    auto [solo, copy] = make_member(method, s, dtype);
+    generators.push_back(solo.generator.clone());
+    models.push_back(copy);
+    updates.push_back(update_of(method, s));
+    run.solos.push_back(std::move(solo));
+  }
+  run.fleet = std::make_unique<fxp::nn::PaperCNNFleet>(models, generators);
+  run.sgd = std::make_unique<fxp::optim::FleetSgd>(run.fleet->parameters(), updates, is_qpu(method));
+  return run;
+}
+
+// Each member's own batch of step `step`.
+std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t step, torch::Dtype dtype) {
+  auto g = at::make_generator<at::CPUGeneratorImpl>(1000 + static_cast<uint64_t>(step));
+  return {torch::randn({k, n, 1, 28, 28}, g, torch::dtype(dtype)), torch::randint(0, 10, {k, n}, g, torch::kLong)};
+}
+
+class FleetMatchesSoloRuns : public ::testing::TestWithParam<std::string> {};
+
+// Note [Fleet forward]: every op of a member sums as its solo op does, so 50
+// steps of a fleet of 4 give each member its solo run's parameters bit for
+// bit, in float64 as in float32 (below).
+TEST_P(FleetMatchesSoloRuns, BitForBitInFloat64Over50Steps) {
+  const std::string method = GetParam();
+  FleetRun run = make_run(method, four_members(), torch::kDouble);
+  const int64_t k = run.fleet->size(), n = 4;
+  for (int64_t step = 0; step < 50; ++step) {
+    const auto [x, y] = batches(k, n, step, torch::kDouble);
+    fleet_step(*run.fleet, *run.sgd, x, y);
+    for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
+  }
+  for (int64_t m = 0; m < k; ++m) {
+    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
+  }
+}
+
+// A fleet of one runs the solo calls: bit-identical in float32 too.
+TEST_P(FleetMatchesSoloRuns, AFleetOfOneIsBitIdenticalInFloat32) {
+  const std::string method = GetParam();
+  FleetRun run = make_run(method, {four_members()[1]}, torch::kFloat);
+  for (int64_t step = 0; step < 30; ++step) {
+    const auto [x, y] = batches(1, 8, step, torch::kFloat);
+    fleet_step(*run.fleet, *run.sgd, x, y);
+    solo_step(run.solos[0], x[0], y[0]);
+  }
+  EXPECT_EQ(relative_difference(*run.fleet, 0, run.solos[0]), 0.0);
+}
+
+// Note [Fleet forward]: in float32 too, every member of a fleet of 4 keeps
+// its solo run's bits (the first convolution runs per member, the linear
+// layers' weight gradients are one mm per member), at batch sizes 1 to 64.
+TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
+  const std::string method = GetParam();
+  FleetRun run = make_run(method, four_members(), torch::kFloat);
+  const int64_t k = run.fleet->size();
+  for (int64_t step = 0; step < 32; ++step) {
+    const int64_t batch_sizes[] = {1, 4, 16, 64};
+    const auto [x, y] = batches(k, batch_sizes[step % 4], step, torch::kFloat);
+    fleet_step(*run.fleet, *run.sgd, x, y);
+    for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
+  }
+  for (int64_t m = 0; m < k; ++m) {
+    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
+  }
+}
+
+// Compaction moves members into new stacks and changes none of them: the
+// members kept go on exactly as in a fleet where the others only stopped.
+TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
+  const std::string method = GetParam();
+  FleetRun compacted = make_run(method, four_members(), torch::kDouble);
+  FleetRun kept_whole = make_run(method, four_members(), torch::kDouble);
+  for (int64_t step = 0; step < 20; ++step) {
+    if (step == 10) {
+      compacted.fleet->keep_members({0, 2});
+      compacted.sgd->keep_members({0, 2}, compacted.fleet->parameters());
+      kept_whole.sgd->members()[1].active = false;
+      kept_whole.sgd->members()[3].active = false;
+    }
+    const auto [x, y] = batches(4, 4, step, torch::kDouble);
+    fleet_step(*kept_whole.fleet, *kept_whole.sgd, x, y);
+    const torch::Tensor rows = torch::tensor(std::vector<int64_t>{0, 2});
+    if (step < 10) {
+      fleet_step(*compacted.fleet, *compacted.sgd, x, y);
+    } else {
+      fleet_step(*compacted.fleet, *compacted.sgd, x.index_select(0, rows), y.index_select(0, rows));
+    }
+  }
+  ASSERT_EQ(compacted.fleet->size(), 2);
+  for (const auto& [before, after] : {std::pair<int64_t, int64_t>{0, 0}, {2, 1}}) {
+    for (size_t k = 0; k < kept_whole.fleet->parameters().size(); ++k) {
+      EXPECT_TRUE(torch::equal(compacted.fleet->parameters()[k][after], kept_whole.fleet->parameters()[k][before]))
+          << "member " << before << ", tensor " << k;
+    }
+  }
+  // The members that left keep their values in their own models.
+  const auto left = compacted.fleet->members();
+  EXPECT_EQ(left.size(), 2u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, FleetMatchesSoloRuns, ::testing::Values("fp32", "ste", "sqpu", "hteqpu"));
+
+TEST(Fleet, MembersParametersViewTheStacks) {
+  FleetRun run = make_run("sqpu", four_members(), torch::kFloat);
+  const auto [x, y] = batches(4, 2, 0, torch::kFloat);
+  fleet_step(*run.fleet, *run.sgd, x, y);
+  const auto& member_2 = run.fleet->members()[2];
+  EXPECT_TRUE(torch::equal(member_2->fc1->linear->weight, run.fleet->parameters()[2][2]));
+  EXPECT_EQ(member_2->fc1->linear->weight.data_ptr(), run.fleet->parameters()[2][2].data_ptr());
+}
+
+TEST(Fleet, RefusesMixedMethodsAndBadInput) {
+  auto [sqpu, sqpu_copy] = make_member("sqpu", four_members()[0], torch::kFloat);
+  auto [ste, ste_copy] = make_member("ste", four_members()[1], torch::kFloat);
+  std::vector<at::Generator> two = {sqpu.generator, ste.generator};
+  expect_error([&] { fxp::nn::PaperCNNFleet({sqpu_copy, ste_copy}, two); }, "a fleet holds one method");
+  expect_error([&] { fxp::nn::PaperCNNFleet({sqpu_copy}, two); }, "1 members but 2 generators");
+  fxp::nn::PaperCNNFleet fleet({sqpu_copy}, {sqpu.generator});
+  expect_error([&] { fleet.forward(torch::zeros({2, 1, 1, 28, 28})); }, "expected input [1, N, C, H, W]");
+}
+
+}  // namespace
