@@ -6,6 +6,7 @@
 #endif
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/autograd.h>
 
 #include <mutex>
@@ -60,17 +61,22 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // solo call on its own batch; one call per member through autograd would pay
 // K times the per-op cost (and wake the thread pool K times), so this one
 // autograd node runs the K solo calls, forward and backward, spread over the
-// threads one member each (oneDNN's results do not depend on its thread
+// CPU threads one member each (oneDNN's results do not depend on its thread
 // count here: tested). Output: [N, K*out, H', W'], member m's channels in group m.
-// fn(m) for every member: spread over the CPU threads for CPU tensors; in
-// order on a GPU, where the calls only queue kernels on the one stream.
+// fn(m) for every member: on the CPU spread over the threads, each call
+// running inline on its thread (ATen runs a parallel_for nested in another
+// inline); on a GPU in order, where the calls only queue kernels. The calling
+// thread's state (grad mode, the dispatcher's excluded keys) goes with each
+// task: OpenMP's threads do not inherit it.
 template <class Fn>
-void for_each_member(const torch::Tensor& x, int64_t k, const Fn& fn) {
-  if (!x.is_cpu()) {
-    for (int64_t m = 0; m < k; ++m) fn(m);
+void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
+  if (!device.is_cpu()) {
+    for (int64_t m = 0; m < members; ++m) fn(m);
     return;
   }
-  at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
     for (int64_t m = begin; m < end; ++m) fn(m);
   });
 }
@@ -82,7 +88,7 @@ class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
     ctx->save_for_backward({x, weight});
     const int64_t k = x.size(0), n = x.size(1), out = weight.size(1);
     std::vector<torch::Tensor> per_member(static_cast<size_t>(k));
-    for_each_member(x, k, [&](int64_t m) { per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m]); });
+    for_each_member(x.device(), k, [&](int64_t m) { per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m]); });
     torch::Tensor y = torch::stack(per_member, 1);  // [N, K, out, H', W']
     return y.view({n, k * out, y.size(3), y.size(4)});
   }
@@ -95,7 +101,7 @@ class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
     const torch::Tensor g = grad_outputs[0];
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
     const std::vector<int64_t> ones{1, 1}, zeros{0, 0};
-    for_each_member(x, k, [&](int64_t m) {
+    for_each_member(x.device(), k, [&](int64_t m) {
       // What the solo convolution's backward computes: the weight's gradient alone.
       const auto grads = at::convolution_backward(g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
                                                   std::nullopt, ones, zeros, ones, false, zeros, 1,

@@ -56,8 +56,6 @@ struct Member {
   RunState state;
   std::vector<at::Generator> generators;  // clones of nn::default_generators(device): the solo run's
   json summary;
-  double loss_sum = 0;
-  torch::Tensor update_counts;  // QPU: [n, 2] of the epoch
   bool done = false;
 };
 
@@ -290,12 +288,10 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
       std::vector<torch::Tensor> orders;
       for (Member* m : stacked) {
         orders.push_back(epoch_order(m->config.seed, m->state.epochs_done + 1, train.size(), device));
-        m->loss_sum = 0;
-        m->update_counts = torch::zeros({tensors, 2}, torch::dtype(torch::kLong).device(device));
       }
       const torch::Tensor order = torch::stack(orders);  // [K, n]
-      torch::Tensor counts_sum = is_qpu(shared.method) ? torch::zeros({k, tensors, 2}, torch::dtype(torch::kLong).device(device))
-                                                       : torch::Tensor();
+      // QPU: each member's (saturated, vanished) counts of the epoch; zeros for SGD, as a solo run reports them.
+      torch::Tensor counts_sum = torch::zeros({k, tensors, 2}, torch::dtype(torch::kLong).device(device));
       torch::Tensor losses = torch::zeros({k}, torch::dtype(torch::kFloat64).device(device));
       ProgressBar bar(options.progress, "fleet of " + std::to_string(k), batches);
       for (int64_t b = 0; b < batches; ++b) {
@@ -322,7 +318,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
         }
         loss.backward();
         fleet_sgd.step();
-        if (counts_sum.defined()) counts_sum.add_(fleet_sgd.last_counts());
+        if (fleet_sgd.last_counts().defined()) counts_sum.add_(fleet_sgd.last_counts());
         bar.update(b + 1, [&] { return losses.sum().item<double>() / static_cast<double>(k * (start + size)); });
       }
       bar.finish();
@@ -334,8 +330,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
         if (m.done) continue;
         const int64_t epoch = m.state.epochs_done + 1;
         const double train_loss = host_losses[i].item<double>() / static_cast<double>(train.size());
-        EpochResult trained{train_loss, counts_sum.defined() ? counts_sum.select(0, i) : m.update_counts, batches,
-                            false};
+        EpochResult trained{train_loss, counts_sum.select(0, i), batches, false};
         const auto member_start = Clock::now();
         Validation validation{};
         LayerStatistics statistics;

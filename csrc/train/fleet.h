@@ -14,10 +14,16 @@
 
 namespace fxp::train {
 
+// Note [Fleet compaction]
+// A member that stops (its epochs, early stopping, a non-finite loss) stays
+// in the stacks, inactive: it takes no step and its rows keep their values,
+// but its forward still runs. Once the members still training are at most
+// compact_below of the stacks, the stacks are rebuilt from their rows (and
+// the momentum buffers with them), and the stopped members' parameters get
+// storage of their own. Members never interact, so compaction changes no
+// member's bits (tested: test_fleet.cpp, test_fxp_train_fleet.py).
 struct FleetOptions {
-  // Compaction: when the members still training are at most this share of
-  // the fleet's stacks, the stacks shrink to them (0: never).
-  double compact_below = 0.75;
+  double compact_below = 0.75;  // 0: never compact
 };
 
 // Why `members` cannot train as one fleet (empty: they can): the settings they
