@@ -24,7 +24,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, write_csv  # noqa: E402
+from bench_report import BenchReport, finish  # noqa: E402
 from bench_train import measure  # noqa: E402
 
 
@@ -90,15 +90,9 @@ def main(argv=None) -> int:
                          "Training images/s of the second of two epochs: one solo run (K of them take K times "
                          "as long) and one fleet of K members (all members' images), measured in the same run.")
     report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up"], table)
-    report.save(str(args.markdown) if args.markdown else None)
-    good = [r for r in rows if not math.isnan(r["speedup"])]
-    if args.csv and good:
-        write_csv(args.csv, good)
-    failed = len(rows) - len(good)
-    if failed:
-        print(f"bench_fleet.py: {failed} points failed", file=sys.stderr)
-        return 1
-    return 0
+    failed = [f"{r['method']} at batch {r['batch_size']}, K = {r['members']}" for r in rows
+              if math.isnan(r["speedup"])]
+    return finish("bench_fleet.py", report, args.markdown, args.csv, rows, "speedup", failed)
 
 
 if __name__ == "__main__":

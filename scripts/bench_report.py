@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -41,3 +42,19 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def finish(script: str, report: BenchReport, markdown, csv, rows: list[dict], measured: str,
+           failed: list[str]) -> int:
+    """A benchmark's end: the markdown report, the CSV of the rows whose `measured` column is a number
+    (a failed point has NaN there, which sweep --estimate could not use), and the exit code: 1, after
+    naming them, when some points failed."""
+    import math
+    report.save(str(markdown) if markdown else None)
+    good = [r for r in rows if not math.isnan(r[measured])]
+    if csv and good:
+        write_csv(csv, good)
+    if failed:
+        print(f"{script}: {len(failed)} points failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -26,7 +26,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, write_csv  # noqa: E402
+from bench_report import BenchReport, finish  # noqa: E402
 
 
 VARIANTS = ("packed", "graphs")  # METHOD:VARIANT[:VARIANT]
@@ -111,13 +111,7 @@ def main(argv=None) -> int:
                          "at the same batch size, measured in the same run.")
     report.table("fxp-train throughput", ["method", "batch", "train images/s", "validation images/s",
                                           "time / fp32", "graphs speed-up"], table)
-    report.save(str(args.markdown) if args.markdown else None)
-    if args.csv:  # without the failed points, which sweep --estimate could not use
-        write_csv(args.csv, [r for r in rows if not math.isnan(r["train_images_per_s"])])
-    if failed:
-        print(f"bench_train.py: {len(failed)} points failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish("bench_train.py", report, args.markdown, args.csv, rows, "train_images_per_s", failed)
 
 
 if __name__ == "__main__":

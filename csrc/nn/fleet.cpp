@@ -18,6 +18,10 @@
 namespace fxp::nn {
 namespace {
 
+// The fleet's convolutions: stride 1, no padding, dilation 1.
+constexpr int64_t kUnit[] = {1, 1};
+constexpr int64_t kNone[] = {0, 0};
+
 constexpr size_t kPaperCnnTensors = 6;  // conv1.w, conv2.w, fc1.w, fc1.b, fc2.w, fc2.b
 
 // Note [Fleet linear layers]
@@ -100,11 +104,10 @@ class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
     const int64_t k = x.size(0), out = weight.size(1);
     const torch::Tensor g = grad_outputs[0];
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
-    const std::vector<int64_t> ones{1, 1}, zeros{0, 0};
     for_each_member(x.device(), k, [&](int64_t m) {
       // What the solo convolution's backward computes: the weight's gradient alone.
       const auto grads = at::convolution_backward(g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
-                                                  std::nullopt, ones, zeros, ones, false, zeros, 1,
+                                                  std::nullopt, kUnit, kNone, kUnit, false, kNone, 1,
                                                   {false, true, false});
       grad_weight[m].copy_(std::get<1>(grads));
     });
@@ -249,8 +252,6 @@ torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
   TORCH_CHECK(mode_ == WeightMode::Fp32 || mode_ == WeightMode::Ste || mode_ == WeightMode::Qpu,
               "fxp::nn::PaperCNNFleet: fleets train fp32, ste, sqpu and hteqpu");
   const int64_t n = x.size(1), c = x.size(2);
-  const std::vector<int64_t> ones{1, 1}, zeros{0, 0};
-  const at::IntArrayRef kOnes(ones), kZeros(zeros);
   // Note [Fleet forward]: member m's channels are group m of each convolution.
   torch::Tensor h = x.transpose(0, 1).reshape({n, k * c, x.size(3), x.size(4)});
   for (const size_t i : {size_t{0}, size_t{1}}) {
@@ -261,8 +262,8 @@ torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
     if (i == 0 && c == 1 && k > 1) {
       y = FleetFirstConv::apply(x, weight);  // Note [Fleet first convolution]
     } else {
-      y = torch::conv2d(h, weight.reshape({k * out, w.size(2), w.size(3), w.size(4)}), torch::Tensor(), kOnes, kZeros,
-                        kOnes, k);  // stride, padding, dilation, groups
+      y = torch::conv2d(h, weight.reshape({k * out, w.size(2), w.size(3), w.size(4)}), torch::Tensor(), kUnit, kNone,
+                        kUnit, k);  // stride, padding, dilation, groups
     }
     const auto spatial = y.sizes().slice(2).vec();
     y = output(y.reshape({n, k, -1}), 1);

@@ -371,8 +371,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
     for (Member* m : training) {
       if (m->state.history.empty()) continue;  // resumed after its last epoch: nothing new to report
       if (m->state.stop_reason.empty()) m->state.stop_reason = "epochs";
-      const MemberGeneratorsInstalled installed(*m, device);
-      const ParametersDetached detached(*m->training.model);
+      const MemberGeneratorsInstalled installed(*m, device);  // describe() runs a forward
       std::optional<StepMemory> no_step_memory;  // a fleet's step is not one run's
       m->summary = make_summary({m->config, m->settings, m->state, m->training, train.size(), val.size(), device,
                                  no_step_memory, seconds_since(session_start)});

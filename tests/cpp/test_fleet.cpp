@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -154,53 +155,49 @@ std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t st
   return {torch::randn({k, n, 1, 28, 28}, g, torch::dtype(dtype)), torch::randint(0, 10, {k, n}, g, torch::kLong)};
 }
 
+// Trains `run`'s fleet and its solo runs side by side on the same batches
+// (batch_size(step) images per member) and expects every member's parameters
+// to be its solo run's bit for bit, and to have moved from where they started.
+void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::function<int64_t(int64_t)>& batch_size,
+                                    torch::Dtype dtype) {
+  const int64_t k = run.fleet->size();
+  std::vector<torch::Tensor> start;
+  for (const auto& p : run.fleet->parameters()) start.push_back(p.detach().clone());
+  for (int64_t step = 0; step < steps; ++step) {
+    const auto [x, y] = batches(k, batch_size(step), step, dtype);
+    fleet_step(*run.fleet, *run.sgd, x, y);
+    for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
+  }
+  for (int64_t m = 0; m < k; ++m) {
+    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
+    bool moved = false;
+    for (size_t t = 0; t < start.size(); ++t) moved = moved || !torch::equal(start[t][m], run.fleet->parameters()[t][m]);
+    EXPECT_TRUE(moved) << "member " << m << " did not train";
+  }
+}
+
 class FleetMatchesSoloRuns : public ::testing::TestWithParam<std::string> {};
 
 // Note [Fleet forward]: every op of a member sums as its solo op does, so 50
 // steps of a fleet of 4 give each member its solo run's parameters bit for
 // bit, in float64 as in float32 (below).
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat64Over50Steps) {
-  const std::string method = GetParam();
-  FleetRun run = make_run(method, four_members(), torch::kDouble);
-  const int64_t k = run.fleet->size(), n = 4;
-  for (int64_t step = 0; step < 50; ++step) {
-    const auto [x, y] = batches(k, n, step, torch::kDouble);
-    fleet_step(*run.fleet, *run.sgd, x, y);
-    for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
-  }
-  for (int64_t m = 0; m < k; ++m) {
-    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
-  }
+  FleetRun run = make_run(GetParam(), four_members(), torch::kDouble);
+  expect_members_match_solo_runs(run, 50, [](int64_t) { return 4; }, torch::kDouble);
 }
 
 // A fleet of one runs the solo calls: bit-identical in float32 too.
 TEST_P(FleetMatchesSoloRuns, AFleetOfOneIsBitIdenticalInFloat32) {
-  const std::string method = GetParam();
-  FleetRun run = make_run(method, {four_members()[1]}, torch::kFloat);
-  for (int64_t step = 0; step < 30; ++step) {
-    const auto [x, y] = batches(1, 8, step, torch::kFloat);
-    fleet_step(*run.fleet, *run.sgd, x, y);
-    solo_step(run.solos[0], x[0], y[0]);
-  }
-  EXPECT_EQ(relative_difference(*run.fleet, 0, run.solos[0]), 0.0);
+  FleetRun run = make_run(GetParam(), {four_members()[1]}, torch::kFloat);
+  expect_members_match_solo_runs(run, 30, [](int64_t) { return 8; }, torch::kFloat);
 }
 
 // Note [Fleet forward]: in float32 too, every member of a fleet of 4 keeps
 // its solo run's bits (the first convolution runs per member, the linear
 // layers' weight gradients are one mm per member), at batch sizes 1 to 64.
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
-  const std::string method = GetParam();
-  FleetRun run = make_run(method, four_members(), torch::kFloat);
-  const int64_t k = run.fleet->size();
-  for (int64_t step = 0; step < 32; ++step) {
-    const int64_t batch_sizes[] = {1, 4, 16, 64};
-    const auto [x, y] = batches(k, batch_sizes[step % 4], step, torch::kFloat);
-    fleet_step(*run.fleet, *run.sgd, x, y);
-    for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
-  }
-  for (int64_t m = 0; m < k; ++m) {
-    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
-  }
+  FleetRun run = make_run(GetParam(), four_members(), torch::kFloat);
+  expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
 // Compaction moves members into new stacks and changes none of them: the
@@ -209,6 +206,8 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
   const std::string method = GetParam();
   FleetRun compacted = make_run(method, four_members(), torch::kDouble);
   FleetRun kept_whole = make_run(method, four_members(), torch::kDouble);
+  const std::vector<std::shared_ptr<fxp::nn::PaperCNNImpl>> departed = {compacted.fleet->members()[1],
+                                                                         compacted.fleet->members()[3]};
   for (int64_t step = 0; step < 20; ++step) {
     if (step == 10) {
       compacted.fleet->keep_members({0, 2});
@@ -232,9 +231,14 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
           << "member " << before << ", tensor " << k;
     }
   }
-  // The members that left keep their values in their own models.
-  const auto left = compacted.fleet->members();
-  EXPECT_EQ(left.size(), 2u);
+  // The members that left keep, in their own models, the values they stopped with.
+  for (const int64_t m : {1, 3}) {
+    const auto params = departed[static_cast<size_t>(m == 1 ? 0 : 1)]->parameters();
+    for (size_t k = 0; k < params.size(); ++k) {
+      EXPECT_TRUE(torch::equal(params[k], kept_whole.fleet->parameters()[k][m])) << "member " << m << ", tensor " << k;
+      EXPECT_NE(params[k].data_ptr(), compacted.fleet->parameters()[k].data_ptr());
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, FleetMatchesSoloRuns, ::testing::Values("fp32", "ste", "sqpu", "hteqpu"));
