@@ -10,6 +10,7 @@ a fleet's images/s counts every member's images.
 
   scripts/bench_fleet.py --markdown results/fleet-cpu.md --csv results/fleet-cpu.csv
   scripts/bench_fleet.py --batch-sizes 1,4 --fleet-sizes 8,32 --methods sqpu,ste
+  scripts/bench_fleet.py --repeats 3     # medians of 3 interleaved rounds: for a machine whose speed varies
   scripts/bench_fleet.py --device cuda --fleet-sizes 8,32,80,160
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from statistics import median
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--fleet-sizes", default="8,32,80", help="K, the members of each fleet")
     p.add_argument("--steps", type=int, default=32, help="timed training steps per point")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every point, solo and fleets interleaved; the figures are the medians "
+                        "(3 or more on a machine whose speed varies)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
@@ -69,27 +74,41 @@ def main(argv=None) -> int:
     if any(k < 1 for k in sizes):
         raise SystemExit("bench_fleet.py: fleet sizes must be at least 1")
 
+    if args.repeats < 1:
+        raise SystemExit("bench_fleet.py: --repeats must be at least 1")
+
     rows, table = [], []
     for method in methods:
         for batch in [int(b) for b in args.batch_sizes.split(",")]:
             images = max(32, args.steps * batch)
-            # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
-            solo = measure(args.fxp_train, method, batch, max(1024, images), 100, args.device, args.threads,
-                           args.data_dir)["train_images_per_s"]
-            print(f"{method} batch {batch:4d}: solo {solo:8.0f} img/s", flush=True)
+            solos, fleets = [], {k: [] for k in sizes}
+            for r in range(args.repeats):
+                # Rounds interleave the solo run and the fleets, so a slow spell of the machine hits both.
+                # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
+                solos.append(measure(args.fxp_train, method, batch, max(1024, images), 100, args.device,
+                                     args.threads, args.data_dir)["train_images_per_s"])
+                print(f"{method} batch {batch:4d}, round {r + 1}: solo {solos[-1]:8.0f} img/s", flush=True)
+                for k in sizes:
+                    fleets[k].append(measure_fleet(args.fxp_train, method, batch, images, k, args.device,
+                                                   args.threads, args.data_dir))
+                    print(f"{method} batch {batch:4d}, round {r + 1}: fleet of {k:3d} {fleets[k][-1]:8.0f} img/s, "
+                          f"{fleets[k][-1] / solos[-1]:.2f}x", flush=True)
+            solo = median(solos)
             for k in sizes:
-                fleet = measure_fleet(args.fxp_train, method, batch, images, k, args.device, args.threads,
-                                      args.data_dir)
+                fleet = median(fleets[k])
                 speedup = fleet / solo
-                print(f"{method} batch {batch:4d}: fleet of {k:3d} {fleet:8.0f} img/s, {speedup:.2f}x", flush=True)
+                ratios = [f / s for f, s in zip(fleets[k], solos)]
+                spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
                 rows.append({"method": method, "batch_size": batch, "members": k, "device": args.device,
-                             "threads": args.threads, "solo_images_per_s": solo, "fleet_images_per_s": fleet,
-                             "speedup": speedup})
-                table.append([method, str(batch), str(k), f"{solo:.0f}", f"{fleet:.0f}", f"{speedup:.2f}x"])
+                             "threads": args.threads, "repeats": args.repeats, "solo_images_per_s": solo,
+                             "fleet_images_per_s": fleet, "speedup": speedup,
+                             "speedup_min": min(ratios), "speedup_max": max(ratios)})
+                table.append([method, str(batch), str(k), f"{solo:.0f}", f"{fleet:.0f}", f"{speedup:.2f}x", spread])
     report = BenchReport(f"Fleets against solo runs on {args.device} ({args.threads or 'default'} threads)",
                          "Training images/s of the second of two epochs: one solo run (K of them take K times "
                          "as long) and one fleet of K members (all members' images), measured in the same run.")
-    report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up"], table)
+    report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up",
+                                      "per-round speed-ups"], table)
     failed = [f"{r['method']} at batch {r['batch_size']}, K = {r['members']}" for r in rows
               if math.isnan(r["speedup"])]
     return finish("bench_fleet.py", report, args.markdown, args.csv, rows, "speedup", failed)

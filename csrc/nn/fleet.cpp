@@ -204,13 +204,14 @@ void PaperCNNFleet::keep_members(const std::vector<int64_t>& keep) {
   if (!members_.empty()) stack_parameters();  // copies the kept rows: their views read the old stacks until now
 }
 
-std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys() {
-  const size_t k = members_.size();
+std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys(const MemberRange& range) {
+  const auto k = static_cast<size_t>(range.count);
   std::vector<int64_t> seeds(k, 0), offsets(k, 0);
   if (!any_stochastic_) return {seeds, offsets};
   for (size_t m = 0; m < k; ++m) {
-    if (rounding_.get(m) != std::string("stochastic")) continue;  // deterministic rounding draws nothing
-    at::Generator& g = generators_[m];
+    const auto member = static_cast<size_t>(range.first) + m;
+    if (rounding_.get(member) != std::string("stochastic")) continue;  // deterministic rounding draws nothing
+    at::Generator& g = generators_[member];
     std::lock_guard<std::mutex> lock(g.mutex());
     if (g.device().is_cpu()) {
       // As the CPU kernels draw from a generator: one random64() key, offset 0.
@@ -231,22 +232,30 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys()
   return {seeds, offsets};
 }
 
-torch::Tensor PaperCNNFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights) {
-  const auto [seeds, offsets] = draw_keys();
-  return quantize_members_ste(x, member_dim, weights ? param_bits_ : act_bits_, weights ? param_frac_ : act_frac_,
-                              rounding_, seeds, offsets);
+torch::Tensor PaperCNNFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range) {
+  const auto [seeds, offsets] = draw_keys(range);
+  const auto slice = [&](const std::vector<int64_t>& v) {
+    return std::vector<int64_t>(v.begin() + range.first, v.begin() + range.first + range.count);
+  };
+  c10::List<std::string> rounding;
+  for (int64_t m = range.first; m < range.first + range.count; ++m) rounding.push_back(rounding_.get(m));
+  return quantize_members_ste(x, member_dim, slice(weights ? param_bits_ : act_bits_),
+                              slice(weights ? param_frac_ : act_frac_), rounding, seeds, offsets);
 }
 
-torch::Tensor PaperCNNFleet::read_weight(const torch::Tensor& stack) {
-  return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true) : stack;
+torch::Tensor PaperCNNFleet::read_weight(const torch::Tensor& stack, const MemberRange& range) {
+  return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true, range) : stack;
 }
 
-torch::Tensor PaperCNNFleet::output(const torch::Tensor& y, int64_t member_dim) {
-  return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false);
+torch::Tensor PaperCNNFleet::output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range) {
+  return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false, range);
 }
 
-torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
-  const int64_t k = size();
+torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) { return forward_members(x, {0, size()}, stacks_); }
+
+torch::Tensor PaperCNNFleet::forward_members(const torch::Tensor& x, const MemberRange& range,
+                                             const std::vector<torch::Tensor>& params) {
+  const int64_t k = range.count;
   TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::PaperCNNFleet: expected input [", k,
               ", N, C, H, W], got ", x.sizes());
   TORCH_CHECK(mode_ == WeightMode::Fp32 || mode_ == WeightMode::Ste || mode_ == WeightMode::Qpu,
@@ -255,9 +264,9 @@ torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
   // Note [Fleet forward]: member m's channels are group m of each convolution.
   torch::Tensor h = x.transpose(0, 1).reshape({n, k * c, x.size(3), x.size(4)});
   for (const size_t i : {size_t{0}, size_t{1}}) {
-    const torch::Tensor& w = stacks_[i];  // [K, out, in, kh, kw]
+    const torch::Tensor& w = params[i];  // [K, out, in, kh, kw]
     const int64_t out = w.size(1);
-    const torch::Tensor weight = read_weight(w);
+    const torch::Tensor weight = read_weight(w, range);
     torch::Tensor y;
     if (i == 0 && c == 1 && k > 1) {
       y = FleetFirstConv::apply(x, weight);  // Note [Fleet first convolution]
@@ -266,18 +275,53 @@ torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) {
                         kUnit, k);  // stride, padding, dilation, groups
     }
     const auto spatial = y.sizes().slice(2).vec();
-    y = output(y.reshape({n, k, -1}), 1);
+    y = output(y.reshape({n, k, -1}), 1, range);
     h = torch::max_pool2d(torch::relu(y.reshape({n, k * out, spatial[0], spatial[1]})), 2);
   }
   h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
   for (const size_t i : {size_t{2}, size_t{4}}) {
     // The bias first, as the solo layer reads them (the order of the draws).
-    const torch::Tensor bias = read_weight(stacks_[i + 1]);
-    const torch::Tensor weight = read_weight(stacks_[i]);
-    torch::Tensor y = output(FleetLinear::apply(h, weight, bias), 0);  // Note [Fleet linear layers]
+    const torch::Tensor bias = read_weight(params[i + 1], range);
+    const torch::Tensor weight = read_weight(params[i], range);
+    torch::Tensor y = output(FleetLinear::apply(h, weight, bias), 0, range);  // Note [Fleet linear layers]
     h = i == 2 ? torch::relu(y) : y;
   }
   return h;
+}
+
+// Note [Fleet chunks]
+// A chunk's members run forward and backward before the next chunk's, so the
+// activations alive at once are one chunk's (Note [Fleet chunk size] in
+// train/fleet.h says why that matters). Each chunk's parameters are fresh
+// leaves viewing the stacks' rows, so its backward fills a chunk-sized grad
+// (a narrow of the stacks would give every chunk a zero-filled stack-sized
+// one); the chunks' grads are then copied into stack-sized grads, once per
+// step, for the update that runs over all members at once. Members never
+// interact, and each member's ops sum as its solo ops do whatever the number
+// of members beside it (Note [Fleet forward]), so every chunk size gives the
+// same bits (tested: test_fleet.cpp, test_fxp_train_fleet.py). Each member's
+// draws stay in its solo order: they come from its own generator.
+void PaperCNNFleet::forward_backward(const torch::Tensor& x, int64_t chunk, const ChunkLoss& loss_of) {
+  const int64_t k = size();
+  TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::PaperCNNFleet: expected input [", k,
+              ", N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(chunk >= 0, "fxp::nn::PaperCNNFleet: the chunk size must be at least 0 (0: all members), got ", chunk);
+  for (const auto& p : stacks_) p.mutable_grad().reset();
+  if (chunk == 0 || chunk >= k) {
+    loss_of(forward(x), {0, k}).backward();
+    return;
+  }
+  std::vector<torch::Tensor> grads;  // Note [Fleet chunks]
+  for (const auto& p : stacks_) grads.push_back(torch::empty_like(p, torch::MemoryFormat::Contiguous));
+  for (int64_t first = 0; first < k; first += chunk) {
+    const MemberRange range{first, std::min(chunk, k - first)};
+    std::vector<torch::Tensor> leaves;
+    for (const auto& p : stacks_) leaves.push_back(p.detach().narrow(0, first, range.count).requires_grad_(true));
+    loss_of(forward_members(x.narrow(0, first, range.count), range, leaves), range).backward();
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < leaves.size(); ++i) grads[i].narrow(0, first, range.count).copy_(leaves[i].grad());
+  }
+  for (size_t i = 0; i < stacks_.size(); ++i) stacks_[i].mutable_grad() = grads[i];
 }
 
 }  // namespace fxp::nn

@@ -7,6 +7,7 @@
 #include <ATen/core/Generator.h>
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -43,8 +44,26 @@ class PaperCNNFleet {
   // member's parameters are stacked, and then become views of the stacks.
   PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members, std::vector<at::Generator> generators);
 
+  // Members first .. first + count - 1.
+  struct MemberRange {
+    int64_t first;
+    int64_t count;
+  };
+  // The loss to backpropagate from logits [count, N, classes] of the members `range`.
+  using ChunkLoss = std::function<torch::Tensor(const torch::Tensor& logits, const MemberRange& range)>;
+
   // x: [K, N, C, 28, 28], member m's batch in x[m] -> logits [K, N, classes].
   torch::Tensor forward(const torch::Tensor& x);
+
+  // The members `range`, with `params` ([range.count, ...] each, in the
+  // stacks' order) as their parameters: x [range.count, N, C, 28, 28].
+  torch::Tensor forward_members(const torch::Tensor& x, const MemberRange& range,
+                                const std::vector<torch::Tensor>& params);
+
+  // Sets each stack's grad to the gradient of the members' losses: forward and
+  // backward over chunks of `chunk` members at a time (0: all at once), each
+  // chunk's loss from loss_of. The same bits for every chunk size (Note [Fleet chunks]).
+  void forward_backward(const torch::Tensor& x, int64_t chunk, const ChunkLoss& loss_of);
 
   // The stacks, [K, ...] each, in a PaperCNN's parameter order.
   const std::vector<torch::Tensor>& parameters() const { return stacks_; }
@@ -60,10 +79,11 @@ class PaperCNNFleet {
 
  private:
   // One key per member for a quantization of rounding `rounding[m]` (0 where deterministic).
-  std::pair<std::vector<int64_t>, std::vector<int64_t>> draw_keys();
-  torch::Tensor quantize(const torch::Tensor& x, int64_t member_dim, bool weights);
-  torch::Tensor read_weight(const torch::Tensor& stack);  // STE: quantized on read; else as it is
-  torch::Tensor output(const torch::Tensor& y, int64_t member_dim);
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> draw_keys(const MemberRange& range);
+  torch::Tensor quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range);
+  // STE: quantized on read; else as it is.
+  torch::Tensor read_weight(const torch::Tensor& stack, const MemberRange& range);
+  torch::Tensor output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range);
   void stack_parameters();
 
   std::vector<std::shared_ptr<PaperCNNImpl>> members_;

@@ -185,6 +185,11 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  "(0: never)")
       ->check(CLI::Range(0.0, 1.0))
       ->group("Modes");
+  app.add_option("--fleet-chunk", command.fleet_chunk,
+                 "with --fleet: members per forward and backward pass (0: 512 images' worth on a CPU, every member "
+                 "on a GPU); any value gives the same results")
+      ->check(CLI::NonNegativeNumber)
+      ->group("Modes");
 
   std::vector<const char*> argv = {"fxp-train"};
   for (const auto& a : args) argv.push_back(a.c_str());

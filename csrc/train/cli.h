@@ -21,6 +21,7 @@ struct Command {
   std::string configs_file;  // --print-configs: JSON lines of settings ("-": stdin)
   std::string fleet_file;    // --fleet: JSON lines of settings, one member per line ("-": stdin)
   double fleet_compact_below = 0.75;  // --fleet-compact-below (train/fleet.h)
+  int64_t fleet_chunk = 0;            // --fleet-chunk (train/fleet.h; 0: the trainer's choice)
 };
 
 // Parses argv. Returns the exit code when the program should stop (0 after

@@ -190,6 +190,12 @@ std::optional<std::string> fleet_group(const TrainConfig& config) {
   return shared.dump();
 }
 
+int64_t fleet_chunk(int64_t requested, const torch::Device& device, int64_t batch_size) {
+  if (requested > 0) return requested;
+  if (!device.is_cpu()) return 0;
+  return std::max<int64_t>(1, kFleetChunkImages / std::max<int64_t>(1, batch_size));
+}
+
 json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& options, const FleetOptions& fleet_options) {
   const auto session_start = Clock::now();
   for (const auto& c : configs) c.validate();
@@ -265,6 +271,10 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
     std::vector<Member*> stacked = training;  // the members in the stacks, in order
     const int64_t batches = (train.size() + shared.batch_size - 1) / shared.batch_size;
     const auto tensors = static_cast<int64_t>(fleet.parameters().size());
+    const int64_t chunk = fleet_chunk(fleet_options.chunk, device, shared.batch_size);  // Note [Fleet chunk size]
+    if (options.log && chunk > 0 && chunk < fleet.size()) {
+      *options.log << "fleet: " << fleet.size() << " members, forward and backward in chunks of " << chunk << "\n";
+    }
 
     while (std::any_of(stacked.begin(), stacked.end(), [](const Member* m) { return !m->done; })) {
       // Note [Fleet compaction]: stopped members leave the stacks when enough have.
@@ -300,23 +310,22 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
         torch::Tensor x = train.images.index_select(0, index);
         x = x.view({k, size, x.size(1), x.size(2), x.size(3)});
         const torch::Tensor y = train.labels.index_select(0, index).view({k, size});
-        for (const auto& p : fleet.parameters()) p.mutable_grad().reset();
-        const torch::Tensor logits = fleet.forward(x);  // [K, N, classes]
-        // The sum of the members' mean losses: each member's gradient is its own.
-        const torch::Tensor loss = torch::nn::functional::cross_entropy(
-                                       logits.reshape({k * size, logits.size(2)}), y.reshape({-1}),
-                                       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
-                                   static_cast<double>(size);
-        {
+        fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const nn::PaperCNNFleet::MemberRange& r) {
+          // The sum of the members' mean losses: each member's gradient is its own.
+          const torch::Tensor ys = y.narrow(0, r.first, r.count);
+          const torch::Tensor loss = torch::nn::functional::cross_entropy(
+                                         logits.reshape({r.count * size, logits.size(2)}), ys.reshape({-1}),
+                                         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+                                     static_cast<double>(size);
           // Each member's reported loss as its solo run computes it (a float32 mean, summed in float64).
           torch::NoGradGuard no_grad;
           std::vector<torch::Tensor> means;
-          for (int64_t i = 0; i < k; ++i) {
-            means.push_back(torch::nn::functional::cross_entropy(logits.select(0, i).detach(), y.select(0, i)));
+          for (int64_t i = 0; i < r.count; ++i) {
+            means.push_back(torch::nn::functional::cross_entropy(logits.select(0, i).detach(), ys.select(0, i)));
           }
-          losses.add_(torch::stack(means).to(torch::kFloat64) * static_cast<double>(size));
-        }
-        loss.backward();
+          losses.narrow(0, r.first, r.count).add_(torch::stack(means).to(torch::kFloat64) * static_cast<double>(size));
+          return loss;
+        });
         fleet_sgd.step();
         if (fleet_sgd.last_counts().defined()) counts_sum.add_(fleet_sgd.last_counts());
         bar.update(b + 1, [&] { return losses.sum().item<double>() / static_cast<double>(k * (start + size)); });

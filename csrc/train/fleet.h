@@ -4,6 +4,7 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
+#include <torch/torch.h>
 
 #include <optional>
 #include <string>
@@ -24,7 +25,23 @@ namespace fxp::train {
 // member's bits (tested: test_fleet.cpp, test_fxp_train_fleet.py).
 struct FleetOptions {
   double compact_below = 0.75;  // 0: never compact
+  int64_t chunk = 0;            // members per forward and backward (Note [Fleet chunks]); 0: fleet_chunk's choice
 };
+
+// Note [Fleet chunk size]
+// On the CPU a fleet's activations are K times a solo run's. Past the caches
+// every elementwise op streams from memory: a fleet of 80 at batch 64 (2.5 GB
+// of activations) ran at 0.69x the solo speed, and at 1.0x in chunks of 8
+// members (images/s measured on the 2-vCPU machine of docs/benchmarks.md,
+// 2026-12-05). Chunks of kFleetChunkImages images per forward and backward
+// keep each chunk's working set small; below batch 16 the whole fleet is one
+// chunk up to K = 32 at least, where one call per op is what fleets save. On
+// CUDA the whole fleet is one chunk: launches are the cost there, not caches.
+constexpr int64_t kFleetChunkImages = 512;
+
+// Members per forward and backward: `requested` when set (> 0), else the
+// choice of Note [Fleet chunk size] (0: all members at once).
+int64_t fleet_chunk(int64_t requested, const torch::Device& device, int64_t batch_size);
 
 // Why `members` cannot train as one fleet (empty: they can): the settings they
 // must share (model, dataset, method, batch size, ...), and what fleets do not

@@ -136,7 +136,7 @@ int main(int argc, char** argv) {
       options.progress = !command.quiet && !command.no_progress && isatty(STDERR_FILENO);
       options.log = command.quiet ? nullptr : &std::cout;
       if (!command.quiet) std::cout << "fxp-train: a fleet of " << members.size() << " runs\n";
-      const auto summaries = run_fleet(members, options, FleetOptions{command.fleet_compact_below});
+      const auto summaries = run_fleet(members, options, FleetOptions{command.fleet_compact_below, command.fleet_chunk});
       if (!command.quiet) {
         for (const auto& s : summaries) std::cout << summary_text(s);
       }

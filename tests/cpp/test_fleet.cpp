@@ -100,16 +100,17 @@ void solo_step(Solo& solo, const torch::Tensor& x, const torch::Tensor& y) {
   solo.generator.set_state(default_generator.get_state());
 }
 
-// One fleet step on x [K, N, 1, 28, 28], y [K, N]: the sum of the members' mean losses.
+// One fleet step on x [K, N, 1, 28, 28], y [K, N]: the sum of the members'
+// mean losses, forward and backward over chunks of `chunk` members (0: all).
 void fleet_step(fxp::nn::PaperCNNFleet& fleet, fxp::optim::FleetSgd& sgd, const torch::Tensor& x,
-                const torch::Tensor& y) {
-  for (const auto& p : fleet.parameters()) p.mutable_grad().reset();
-  const torch::Tensor logits = fleet.forward(x);
-  const int64_t k = x.size(0), n = x.size(1);
-  (torch::nn::functional::cross_entropy(logits.reshape({k * n, -1}), y.reshape({-1}),
-                                        torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
-   static_cast<double>(n))
-      .backward();
+                const torch::Tensor& y, int64_t chunk = 0) {
+  const int64_t n = x.size(1);
+  fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const fxp::nn::PaperCNNFleet::MemberRange& r) {
+    return torch::nn::functional::cross_entropy(logits.reshape({r.count * n, -1}),
+                                                y.narrow(0, r.first, r.count).reshape({-1}),
+                                                torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
+           static_cast<double>(n);
+  });
   sgd.step();
 }
 
@@ -159,13 +160,13 @@ std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t st
 // (batch_size(step) images per member) and expects every member's parameters
 // to be its solo run's bit for bit, and to have moved from where they started.
 void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::function<int64_t(int64_t)>& batch_size,
-                                    torch::Dtype dtype) {
+                                    torch::Dtype dtype, int64_t chunk = 0) {
   const int64_t k = run.fleet->size();
   std::vector<torch::Tensor> start;
   for (const auto& p : run.fleet->parameters()) start.push_back(p.detach().clone());
   for (int64_t step = 0; step < steps; ++step) {
     const auto [x, y] = batches(k, batch_size(step), step, dtype);
-    fleet_step(*run.fleet, *run.sgd, x, y);
+    fleet_step(*run.fleet, *run.sgd, x, y, chunk);
     for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
   }
   for (int64_t m = 0; m < k; ++m) {
@@ -198,6 +199,14 @@ TEST_P(FleetMatchesSoloRuns, AFleetOfOneIsBitIdenticalInFloat32) {
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
   FleetRun run = make_run(GetParam(), four_members(), torch::kFloat);
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
+}
+
+// Note [Fleet chunks]: members forwarded and backpropagated a chunk at a
+// time (here 3 and 1, so both forms of the first convolution) keep their bits.
+TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32InChunks) {
+  FleetRun run = make_run(GetParam(), four_members(), torch::kFloat);
+  expect_members_match_solo_runs(run, 16, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat,
+                                 /*chunk=*/3);
 }
 
 // Compaction moves members into new stacks and changes none of them: the
@@ -260,6 +269,11 @@ TEST(Fleet, RefusesMixedMethodsAndBadInput) {
   expect_error([&] { fxp::nn::PaperCNNFleet({sqpu_copy}, two); }, "1 members but 2 generators");
   fxp::nn::PaperCNNFleet fleet({sqpu_copy}, {sqpu.generator});
   expect_error([&] { fleet.forward(torch::zeros({2, 1, 1, 28, 28})); }, "expected input [1, N, C, H, W]");
+  const auto no_loss = [](const torch::Tensor& logits, const fxp::nn::PaperCNNFleet::MemberRange&) {
+    return logits.sum();
+  };
+  expect_error([&] { fleet.forward_backward(torch::zeros({1, 1, 1, 28, 28}), -1, no_loss); },
+               "the chunk size must be at least 0 (0: all members), got -1");
 }
 
 }  // namespace

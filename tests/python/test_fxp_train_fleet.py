@@ -151,6 +151,28 @@ def test_compaction_changes_no_member(tmp_path):
         assert same_checkpoints(tmp_path / f"compacted-{name}", tmp_path / f"kept-{name}")
 
 
+@pytest.mark.parametrize("method", ["ste", "sqpu"])
+def test_chunks_change_no_member(tmp_path, method):
+    # Note [Fleet chunks]: members forwarded a chunk at a time (here 2, then 1) keep their bits; the
+    # members differ in format and rounding, so each chunk reads its own members' settings and keys.
+    def members(tag):
+        return [{"seed": 1, "output_dir": str(tmp_path / f"{tag}-a")},
+                {"seed": 2, "param_bits": 8, "param_frac": 5, "out_bits": 8, "out_frac": 3,
+                 "output_dir": str(tmp_path / f"{tag}-b")},
+                {"seed": 3, "inference_rounding": "hte", "output_dir": str(tmp_path / f"{tag}-c")}]
+    chunked = run_fleet(tmp_path, members("chunked"), "--method", method, "--epochs", "2", "--fleet-chunk", "2",
+                        name="chunked.jsonl")
+    assert chunked.returncode == 0, chunked.stderr
+    assert "fleet: 3 members, forward and backward in chunks of 2" in chunked.stdout
+    whole = run_fleet(tmp_path, members("whole"), "--method", method, "--epochs", "2", "--fleet-chunk", "3",
+                      name="whole.jsonl")
+    assert whole.returncode == 0, whole.stderr
+    assert "in chunks of" not in whole.stdout
+    for name in ("a", "b", "c"):
+        assert solo_metrics(tmp_path / f"chunked-{name}") == solo_metrics(tmp_path / f"whole-{name}")
+        assert same_checkpoints(tmp_path / f"chunked-{name}", tmp_path / f"whole-{name}")
+
+
 def test_a_finished_fleet_is_returned_as_it_is(tmp_path):
     members = [{"seed": s, "output_dir": str(tmp_path / f"m{s}")} for s in range(2)]
     assert run_fleet(tmp_path, members, "--method", "hteqpu", "--epochs", "1").returncode == 0
@@ -188,5 +210,7 @@ def test_fleet_usage_errors(tmp_path):
     assert p.returncode != 0 and "bad.jsonl line 1: not JSON" in p.stderr
     p = run_fxp_train("--fleet", str(not_json), "--print-config")
     assert p.returncode == 2 and "cannot be combined" in p.stderr
+    p = run_fxp_train("--fleet", str(not_json), "--fleet-chunk", "-1")
+    assert p.returncode == 2 and "--fleet-chunk" in p.stderr
     p = run_fxp_train("--help")
-    assert "--fleet" in p.stdout and "--fleet-compact-below" in p.stdout
+    assert all(flag in p.stdout for flag in ("--fleet", "--fleet-compact-below", "--fleet-chunk"))
