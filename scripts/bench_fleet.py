@@ -10,6 +10,7 @@ a fleet's images/s counts every member's images.
 
   scripts/bench_fleet.py --markdown results/fleet-cpu.md --csv results/fleet-cpu.csv
   scripts/bench_fleet.py --batch-sizes 1,4 --fleet-sizes 8,32 --methods sqpu,ste
+  scripts/bench_fleet.py --model lenet5 --batch-sizes 1,16
   scripts/bench_fleet.py --repeats 3     # medians of 3 interleaved rounds: for a machine whose speed varies
   scripts/bench_fleet.py --device cuda --fleet-sizes 8,32,80,160
 """
@@ -31,14 +32,14 @@ from bench_train import measure  # noqa: E402
 
 
 def measure_fleet(fxp_train: str, method: str, batch: int, images: int, members: int, device: str, threads: int,
-                  data_dir: str | None) -> float:
+                  data_dir: str | None, model: str = "paper_cnn") -> float:
     """Training images/s of a fleet of `members` runs (seeds 0..K-1) over the second of two epochs; NaN on failure."""
     with tempfile.TemporaryDirectory() as tmp:
         lines = [json.dumps({"seed": s, "output_dir": f"{tmp}/member-{s}"}) for s in range(members)]
         (pathlib.Path(tmp) / "fleet.jsonl").write_text("\n".join(lines) + "\n")
-        cmd = [fxp_train, "--fleet", f"{tmp}/fleet.jsonl", "--method", method, "--batch-size", str(batch),
-               "--epochs", "2", "--train-limit", str(images), "--val-limit", "100", "--device", device,
-               "--threads", str(threads), "--quiet"]
+        cmd = [fxp_train, "--fleet", f"{tmp}/fleet.jsonl", "--model", model, "--method", method,
+               "--batch-size", str(batch), "--epochs", "2", "--train-limit", str(images), "--val-limit", "100",
+               "--device", device, "--threads", str(threads), "--quiet"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
@@ -53,6 +54,7 @@ def measure_fleet(fxp_train: str, method: str, batch: int, images: int, members:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
+    p.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "lenet5"])
     p.add_argument("--batch-sizes", default="1,4,16,64")
     p.add_argument("--fleet-sizes", default="8,32,80", help="K, the members of each fleet")
     p.add_argument("--steps", type=int, default=32, help="timed training steps per point")
@@ -86,11 +88,11 @@ def main(argv=None) -> int:
                 # Rounds interleave the solo run and the fleets, so a slow spell of the machine hits both.
                 # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
                 solos.append(measure(args.fxp_train, method, batch, max(1024, images), 100, args.device,
-                                     args.threads, args.data_dir)["train_images_per_s"])
+                                     args.threads, args.data_dir, model=args.model)["train_images_per_s"])
                 print(f"{method} batch {batch:4d}, round {r + 1}: solo {solos[-1]:8.0f} img/s", flush=True)
                 for k in sizes:
                     fleets[k].append(measure_fleet(args.fxp_train, method, batch, images, k, args.device,
-                                                   args.threads, args.data_dir))
+                                                   args.threads, args.data_dir, args.model))
                     print(f"{method} batch {batch:4d}, round {r + 1}: fleet of {k:3d} {fleets[k][-1]:8.0f} img/s, "
                           f"{fleets[k][-1] / solos[-1]:.2f}x", flush=True)
             solo = median(solos)
@@ -99,12 +101,14 @@ def main(argv=None) -> int:
                 speedup = fleet / solo
                 ratios = [f / s for f, s in zip(fleets[k], solos)]
                 spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
-                rows.append({"method": method, "batch_size": batch, "members": k, "device": args.device,
-                             "threads": args.threads, "repeats": args.repeats, "solo_images_per_s": solo,
+                rows.append({"model": args.model, "method": method, "batch_size": batch, "members": k,
+                             "device": args.device, "threads": args.threads, "repeats": args.repeats,
+                             "solo_images_per_s": solo,
                              "fleet_images_per_s": fleet, "speedup": speedup,
                              "speedup_min": min(ratios), "speedup_max": max(ratios)})
                 table.append([method, str(batch), str(k), f"{solo:.0f}", f"{fleet:.0f}", f"{speedup:.2f}x", spread])
-    report = BenchReport(f"Fleets against solo runs on {args.device} ({args.threads or 'default'} threads)",
+    report = BenchReport(f"Fleets of {args.model} against solo runs on {args.device} "
+                         f"({args.threads or 'default'} threads)",
                          "Training images/s of the second of two epochs: one solo run (K of them take K times "
                          "as long) and one fleet of K members (all members' images), measured in the same run.")
     report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up",

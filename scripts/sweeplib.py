@@ -622,28 +622,32 @@ def _interpolate(points, batch: int, column: int) -> float:
 
 
 def load_fleet_speedups(path) -> dict:
-    """{method: {K: [(batch_size, speed-up), ...]}} from scripts/bench_fleet.py's CSV."""
+    """{(model, method): {K: [(batch_size, speed-up), ...]}} from scripts/bench_fleet.py's CSV (a CSV
+    without a model column measured the paper's CNN)."""
     import csv
     table: dict = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            table.setdefault(row["method"], {}).setdefault(int(row["members"]), []).append(
+            key = (row.get("model") or "paper_cnn", row["method"])
+            table.setdefault(key, {}).setdefault(int(row["members"]), []).append(
                 (int(row["batch_size"]), float(row["speedup"])))
     if not table:
         raise ValueError("no measurements")
-    return {m: {k: sorted(v) for k, v in ks.items()} for m, ks in table.items()}
+    return {key: {k: sorted(v) for k, v in ks.items()} for key, ks in table.items()}
 
 
-def fleet_speedup(table: dict, method: str, batch: int, members: int) -> float:
+def fleet_speedup(table: dict, method: str, batch: int, members: int, model: str = "paper_cnn") -> float:
     """A fleet's training speed-up over solo runs for `members` members: over batch sizes log-log,
-    at the largest measured K not above `members` (below the smallest, log-linear from 1 at K = 1)."""
+    at the largest measured K not above `members` (below the smallest, log-linear from 1 at K = 1).
+    1 where the model and method were not measured."""
     import math
-    if members <= 1 or method not in table:
+    key = (model, method)
+    if members <= 1 or key not in table:
         return 1.0
-    ks = sorted(table[method])
+    ks = sorted(table[key])
     below = [k for k in ks if k <= members]
     k = below[-1] if below else ks[0]
-    s = _interpolate(table[method][k], batch, 1)
+    s = _interpolate(table[key][k], batch, 1)
     if not below:  # fewer members than any measured fleet
         s = math.exp(math.log(s) * math.log(members) / math.log(k))
     return s
@@ -665,7 +669,8 @@ def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: floa
         batch = c["batch_size"]
         speedup = 1.0
         if fleet_speedups is not None and fleet_sizes is not None:
-            speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[i])
+            speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[i],
+                                    c.get("model", "paper_cnn"))
         per_epoch = ((c.get("train_limit") or 60000) / (_interpolate(points, batch, 1) * speedup)
                      + (c.get("val_limit") or 10000) / _interpolate(points, batch, 2))
         most = c["epochs"]

@@ -22,7 +22,6 @@ namespace {
 constexpr int64_t kUnit[] = {1, 1};
 constexpr int64_t kNone[] = {0, 0};
 
-constexpr size_t kPaperCnnTensors = 6;  // conv1.w, conv2.w, fc1.w, fc1.b, fc2.w, fc2.b
 
 // Note [Fleet linear layers]
 // Member m's linear layer is y[m] = h[m] W[m]^T + b[m], one baddbmm for all
@@ -58,15 +57,20 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
   }
 };
 
-// Note [Fleet first convolution]
-// The first convolution has one input channel per member. As a grouped
-// convolution it would take oneDNN's depthwise kernel, which sums the taps in
-// another order than the solo convolution. So each member's convolution is a
-// solo call on its own batch; one call per member through autograd would pay
-// K times the per-op cost (and wake the thread pool K times), so this one
-// autograd node runs the K solo calls, forward and backward, spread over the
-// CPU threads one member each (oneDNN's results do not depend on its thread
-// count here: tested). Output: [N, K*out, H', W'], member m's channels in group m.
+// Note [Fleet member convolutions]
+// A convolution with one input channel per member (a first convolution)
+// would, grouped, take oneDNN's depthwise kernel, which sums the taps in
+// another order than the solo convolution. So such a layer runs each
+// member's convolution as a solo call on its own batch, forward and
+// backward; one call per member through autograd would pay K times the
+// per-op cost (and wake the thread pool K times), so this one autograd node
+// runs the K solo calls, spread over the CPU threads one member each
+// (oneDNN's results do not depend on its thread count here: tested). Grouped
+// convolutions with a few input channels per group part from the solo bits in
+// float32 too (LeNet-5's 6 and 16: tested), so fleet_layers runs a layer
+// grouped only where the tests show the solo bits (the paper CNN's second
+// convolution, 32 per group); every other convolution runs here.
+// Input [K, N, C, H, W]; output [N, K*out, H', W'], member m's channels in group m.
 // fn(m) for every member: on the CPU spread over the threads, each call
 // running inline on its thread (ATen runs a parallel_for nested in another
 // inline); on a GPU in order, where the calls only queue kernels. The calling
@@ -85,14 +89,19 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
   });
 }
 
-class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
+class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
  public:
+  // bias: [K, out], or [0] for none (autograd functions take defined tensors only).
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& weight) {
+                               const torch::Tensor& weight, const torch::Tensor& bias) {
     ctx->save_for_backward({x, weight});
+    const bool has_bias = bias.numel() > 0;
+    ctx->saved_data["bias"] = has_bias;
     const int64_t k = x.size(0), n = x.size(1), out = weight.size(1);
     std::vector<torch::Tensor> per_member(static_cast<size_t>(k));
-    for_each_member(x.device(), k, [&](int64_t m) { per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m]); });
+    for_each_member(x.device(), k, [&](int64_t m) {
+      per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m], has_bias ? bias[m] : torch::Tensor());
+    });
     torch::Tensor y = torch::stack(per_member, 1);  // [N, K, out, H', W']
     return y.view({n, k * out, y.size(3), y.size(4)});
   }
@@ -101,17 +110,25 @@ class FleetFirstConv : public torch::autograd::Function<FleetFirstConv> {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor& x = saved[0];
     const torch::Tensor& weight = saved[1];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const bool input_grad = ctx->needs_input_grad(0);
     const int64_t k = x.size(0), out = weight.size(1);
     const torch::Tensor g = grad_outputs[0];
+    torch::Tensor grad_x = input_grad ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
+    torch::Tensor grad_bias = has_bias ? torch::empty({k, out}, weight.options()) : torch::Tensor();
+    const std::vector<int64_t> bias_sizes = {out};
     for_each_member(x.device(), k, [&](int64_t m) {
-      // What the solo convolution's backward computes: the weight's gradient alone.
-      const auto grads = at::convolution_backward(g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
-                                                  std::nullopt, kUnit, kNone, kUnit, false, kNone, 1,
-                                                  {false, true, false});
+      // What the solo convolution's backward computes, with the same outputs asked for.
+      const auto grads = at::convolution_backward(
+          g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
+          has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, kUnit, kNone, kUnit, false, kNone, 1,
+          {input_grad, true, has_bias});
+      if (input_grad) grad_x[m].copy_(std::get<0>(grads));
       grad_weight[m].copy_(std::get<1>(grads));
+      if (has_bias) grad_bias[m].copy_(std::get<2>(grads));
     });
-    return {torch::Tensor(), grad_weight};
+    return {grad_x, grad_weight, grad_bias};
   }
 };
 
@@ -121,28 +138,61 @@ const char* op_rounding(const std::string& act_rounding) {
 
 }  // namespace
 
-PaperCNNFleet::PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members,
-                             std::vector<at::Generator> generators)
+const std::vector<FleetLayer>& fleet_layers(const std::string& model) {
+  using A = FleetLayer::Activation;
+  using P = FleetLayer::Pool;
+  // {conv, grouped, bias, activation, pool}; Note [Fleet member convolutions] for grouped.
+  static const std::vector<FleetLayer> paper_cnn = {{true, false, false, A::Relu, P::Max2},
+                                                    {true, true, false, A::Relu, P::Max2},
+                                                    {false, false, true, A::Relu, P::None},
+                                                    {false, false, true, A::None, P::None}};
+  static const std::vector<FleetLayer> lenet5 = {{true, false, true, A::Tanh, P::Avg2},
+                                                 {true, false, true, A::Tanh, P::Avg2},
+                                                 {true, false, true, A::Tanh, P::None},
+                                                 {false, false, true, A::Tanh, P::None},
+                                                 {false, false, true, A::None, P::None}};
+  if (model == "paper_cnn") return paper_cnn;
+  if (model == "lenet5") return lenet5;
+  TORCH_CHECK(false, "fxp::nn::NetworkFleet: fleets train paper_cnn and lenet5, not ", model);
+}
+
+NetworkFleet::NetworkFleet(std::vector<std::shared_ptr<NetworkImpl>> members, std::vector<at::Generator> generators)
     : members_(std::move(members)), generators_(std::move(generators)) {
-  TORCH_CHECK(!members_.empty(), "fxp::nn::PaperCNNFleet: a fleet needs at least one member");
-  TORCH_CHECK(generators_.size() == members_.size(), "fxp::nn::PaperCNNFleet: ", members_.size(), " members but ",
+  TORCH_CHECK(!members_.empty(), "fxp::nn::NetworkFleet: a fleet needs at least one member");
+  TORCH_CHECK(generators_.size() == members_.size(), "fxp::nn::NetworkFleet: ", members_.size(), " members but ",
               generators_.size(), " generators");
-  mode_ = members_[0]->conv1->config.weight_mode;
+  layers_ = fleet_layers(members_[0]->name());
+  const auto first_layers = members_[0]->quantized_layers();
+  TORCH_CHECK(!first_layers.empty(), "fxp::nn::NetworkFleet: member 0 has no quantized layers");
+  mode_ = first_layers[0].second->config.weight_mode;
   const auto first_shapes = members_[0]->parameters();
-  TORCH_CHECK(first_shapes.size() == kPaperCnnTensors, "fxp::nn::PaperCNNFleet: expected the paper CNN's ",
-              kPaperCnnTensors, " parameter tensors, got ", first_shapes.size());
+  size_t tensors = 0;
+  for (const auto& layer : layers_) tensors += layer.bias ? 2 : 1;
+  TORCH_CHECK(first_shapes.size() == tensors, "fxp::nn::NetworkFleet: expected ", members_[0]->name(), "'s ",
+              tensors, " parameter tensors, got ", first_shapes.size());
   for (size_t m = 0; m < members_.size(); ++m) {
     const auto& net = *members_[m];
-    const QuantConfig& c = net.conv1->config;
-    TORCH_CHECK(c.weight_mode == mode_, "fxp::nn::PaperCNNFleet: member ", m,
-                " has another method than member 0; a fleet holds one method");
-    TORCH_CHECK(!net.fused_relu_pool && net.packed_storage().empty(),
-                "fxp::nn::PaperCNNFleet: packed members are not supported");
+    TORCH_CHECK(net.name() == members_[0]->name(), "fxp::nn::NetworkFleet: member ", m, " is a ", net.name(),
+                ", member 0 a ", members_[0]->name(), "; a fleet holds one model");
+    const auto layers = net.quantized_layers();
+    const QuantConfig& c = layers[0].second->config;
+    for (const auto& [name, layer] : layers) {
+      TORCH_CHECK(layer->config.weight_mode == mode_, "fxp::nn::NetworkFleet: member ", m,
+                  " has another method than member 0; a fleet holds one method");
+      TORCH_CHECK(!layer->packed.weights && !layer->packed.saved_input_format,
+                  "fxp::nn::NetworkFleet: packed members are not supported");
+      TORCH_CHECK(layer->config.param_total_bits == c.param_total_bits &&
+                      layer->config.param_frac_bits == c.param_frac_bits &&
+                      layer->config.act_total_bits == c.act_total_bits &&
+                      layer->config.act_frac_bits == c.act_frac_bits && layer->config.act_rounding == c.act_rounding,
+                  "fxp::nn::NetworkFleet: member ", m, "'s layer ", name,
+                  " has a format of its own; a fleet member has one format for all its layers");
+    }
     const auto params = net.parameters();
     for (size_t k = 0; k < params.size(); ++k) {
       TORCH_CHECK(params[k].sizes() == first_shapes[k].sizes() && params[k].device() == first_shapes[k].device() &&
                       params[k].scalar_type() == first_shapes[k].scalar_type(),
-                  "fxp::nn::PaperCNNFleet: member ", m, "'s parameter ", k, " is ", params[k].sizes(), " ",
+                  "fxp::nn::NetworkFleet: member ", m, "'s parameter ", k, " is ", params[k].sizes(), " ",
                   params[k].scalar_type(), " on ", params[k].device(), ", member 0's ", first_shapes[k].sizes(), " ",
                   first_shapes[k].scalar_type(), " on ", first_shapes[k].device());
     }
@@ -156,7 +206,7 @@ PaperCNNFleet::PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members,
   stack_parameters();
 }
 
-void PaperCNNFleet::stack_parameters() {
+void NetworkFleet::stack_parameters() {
   torch::NoGradGuard no_grad;
   const size_t n = members_[0]->parameters().size();
   std::vector<std::vector<torch::Tensor>> per_member;
@@ -173,11 +223,11 @@ void PaperCNNFleet::stack_parameters() {
   }
 }
 
-void PaperCNNFleet::keep_members(const std::vector<int64_t>& keep) {
+void NetworkFleet::keep_members(const std::vector<int64_t>& keep) {
   torch::NoGradGuard no_grad;
   std::vector<bool> kept(members_.size(), false);
   for (const int64_t m : keep) {
-    TORCH_CHECK(m >= 0 && m < size(), "fxp::nn::PaperCNNFleet: keep_members got member ", m, " of ", size());
+    TORCH_CHECK(m >= 0 && m < size(), "fxp::nn::NetworkFleet: keep_members got member ", m, " of ", size());
     kept[static_cast<size_t>(m)] = true;
   }
   // The members that leave keep their last values in storage of their own.
@@ -185,7 +235,7 @@ void PaperCNNFleet::keep_members(const std::vector<int64_t>& keep) {
     if (kept[m]) continue;
     for (auto& p : members_[m]->parameters()) p.set_data(p.detach().clone());
   }
-  std::vector<std::shared_ptr<PaperCNNImpl>> members;
+  std::vector<std::shared_ptr<NetworkImpl>> members;
   std::vector<at::Generator> generators;
   std::vector<int64_t> pb, pf, ab, af;
   c10::List<std::string> rounding;
@@ -204,7 +254,7 @@ void PaperCNNFleet::keep_members(const std::vector<int64_t>& keep) {
   if (!members_.empty()) stack_parameters();  // copies the kept rows: their views read the old stacks until now
 }
 
-std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys(const MemberRange& range) {
+std::pair<std::vector<int64_t>, std::vector<int64_t>> NetworkFleet::draw_keys(const MemberRange& range) {
   const auto k = static_cast<size_t>(range.count);
   std::vector<int64_t> seeds(k, 0), offsets(k, 0);
   if (!any_stochastic_) return {seeds, offsets};
@@ -221,18 +271,18 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> PaperCNNFleet::draw_keys(c
       // As the CUDA kernels draw from a generator (Note [Philox offsets from a
       // generator]): an increment of 4, counter offset / 4.
       const at::PhiloxCudaState state = at::check_generator<at::CUDAGeneratorImpl>(g)->philox_cuda_state(4);
-      TORCH_CHECK(!state.captured_, "fxp::nn::PaperCNNFleet: a fleet's step cannot be captured in a CUDA graph");
+      TORCH_CHECK(!state.captured_, "fxp::nn::NetworkFleet: a fleet's step cannot be captured in a CUDA graph");
       seeds[m] = static_cast<int64_t>(state.seed_.val);
       offsets[m] = static_cast<int64_t>(state.offset_.val / 4);
 #else
-      TORCH_CHECK(false, "fxp::nn::PaperCNNFleet: this fxp build has no CUDA support");
+      TORCH_CHECK(false, "fxp::nn::NetworkFleet: this fxp build has no CUDA support");
 #endif
     }
   }
   return {seeds, offsets};
 }
 
-torch::Tensor PaperCNNFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range) {
+torch::Tensor NetworkFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range) {
   const auto [seeds, offsets] = draw_keys(range);
   const auto slice = [&](const std::vector<int64_t>& v) {
     return std::vector<int64_t>(v.begin() + range.first, v.begin() + range.first + range.count);
@@ -243,48 +293,68 @@ torch::Tensor PaperCNNFleet::quantize(const torch::Tensor& x, int64_t member_dim
                               slice(weights ? param_frac_ : act_frac_), rounding, seeds, offsets);
 }
 
-torch::Tensor PaperCNNFleet::read_weight(const torch::Tensor& stack, const MemberRange& range) {
+torch::Tensor NetworkFleet::read_weight(const torch::Tensor& stack, const MemberRange& range) {
   return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true, range) : stack;
 }
 
-torch::Tensor PaperCNNFleet::output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range) {
+torch::Tensor NetworkFleet::output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range) {
   return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false, range);
 }
 
-torch::Tensor PaperCNNFleet::forward(const torch::Tensor& x) { return forward_members(x, {0, size()}, stacks_); }
+torch::Tensor NetworkFleet::forward(const torch::Tensor& x) { return forward_members(x, {0, size()}, stacks_); }
 
-torch::Tensor PaperCNNFleet::forward_members(const torch::Tensor& x, const MemberRange& range,
-                                             const std::vector<torch::Tensor>& params) {
+torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const MemberRange& range,
+                                            const std::vector<torch::Tensor>& params) {
   const int64_t k = range.count;
-  TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::PaperCNNFleet: expected input [", k,
-              ", N, C, H, W], got ", x.sizes());
+  const auto& shape = members_[0]->input_shape();
+  TORCH_CHECK(x.dim() == 5 && x.size(0) == k && x.size(2) == shape[0] && x.size(3) == shape[1] &&
+                  x.size(4) == shape[2],
+              "fxp::nn::NetworkFleet: expected input [", k, ", N, ", shape[0], ", ", shape[1], ", ", shape[2],
+              "], got ", x.sizes());
   TORCH_CHECK(mode_ == WeightMode::Fp32 || mode_ == WeightMode::Ste || mode_ == WeightMode::Qpu,
-              "fxp::nn::PaperCNNFleet: fleets train fp32, ste, sqpu and hteqpu");
-  const int64_t n = x.size(1), c = x.size(2);
+              "fxp::nn::NetworkFleet: fleets train fp32, ste, sqpu and hteqpu");
+  const int64_t n = x.size(1);
   // Note [Fleet forward]: member m's channels are group m of each convolution.
-  torch::Tensor h = x.transpose(0, 1).reshape({n, k * c, x.size(3), x.size(4)});
-  for (const size_t i : {size_t{0}, size_t{1}}) {
-    const torch::Tensor& w = params[i];  // [K, out, in, kh, kw]
-    const int64_t out = w.size(1);
-    const torch::Tensor weight = read_weight(w, range);
-    torch::Tensor y;
-    if (i == 0 && c == 1 && k > 1) {
-      y = FleetFirstConv::apply(x, weight);  // Note [Fleet first convolution]
-    } else {
-      y = torch::conv2d(h, weight.reshape({k * out, w.size(2), w.size(3), w.size(4)}), torch::Tensor(), kUnit, kNone,
-                        kUnit, k);  // stride, padding, dilation, groups
-    }
-    const auto spatial = y.sizes().slice(2).vec();
-    y = output(y.reshape({n, k, -1}), 1, range);
-    h = torch::max_pool2d(torch::relu(y.reshape({n, k * out, spatial[0], spatial[1]})), 2);
-  }
-  h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
-  for (const size_t i : {size_t{2}, size_t{4}}) {
+  torch::Tensor h = x.transpose(0, 1).reshape({n, k * x.size(2), x.size(3), x.size(4)});
+  bool flat = false;  // h is [K, N, features] once the convolutions are done
+  size_t next = 0;    // the layer's first parameter
+  for (const FleetLayer& layer : layers_) {
+    const torch::Tensor& w = params[next];
     // The bias first, as the solo layer reads them (the order of the draws).
-    const torch::Tensor bias = read_weight(params[i + 1], range);
-    const torch::Tensor weight = read_weight(params[i], range);
-    torch::Tensor y = output(FleetLinear::apply(h, weight, bias), 0, range);  // Note [Fleet linear layers]
-    h = i == 2 ? torch::relu(y) : y;
+    const torch::Tensor bias = layer.bias ? read_weight(params[next + 1], range) : torch::Tensor();
+    const torch::Tensor weight = read_weight(w, range);
+    next += layer.bias ? 2 : 1;
+    torch::Tensor y;
+    if (layer.conv) {
+      const int64_t out = w.size(1), in = w.size(2);
+      if (!layer.grouped && k > 1) {  // Note [Fleet member convolutions]
+        const torch::Tensor per_member =
+            next == (layer.bias ? 2 : 1) ? x.contiguous()  // the first layer: x is [K, N, C, H, W]
+                                         : h.view({n, k, in, h.size(2), h.size(3)}).transpose(0, 1).contiguous();
+        y = FleetMemberConv::apply(per_member, weight, layer.bias ? bias : weight.new_empty({0}));
+      } else {
+        y = torch::conv2d(h, weight.reshape({k * out, in, w.size(3), w.size(4)}),
+                          layer.bias ? bias.reshape({k * out}) : torch::Tensor(), kUnit, kNone, kUnit,
+                          k);  // stride, padding, dilation, groups
+      }
+      const auto spatial = y.sizes().slice(2).vec();
+      y = output(y.reshape({n, k, -1}), 1, range).reshape({n, k * out, spatial[0], spatial[1]});
+    } else {
+      if (!flat) h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
+      flat = true;
+      y = output(FleetLinear::apply(h, weight, bias), 0, range);  // Note [Fleet linear layers]
+    }
+    switch (layer.activation) {
+      case FleetLayer::Activation::Relu: y = torch::relu(y); break;
+      case FleetLayer::Activation::Tanh: y = torch::tanh(y); break;
+      case FleetLayer::Activation::None: break;
+    }
+    switch (layer.pool) {
+      case FleetLayer::Pool::Max2: y = torch::max_pool2d(y, 2); break;
+      case FleetLayer::Pool::Avg2: y = torch::avg_pool2d(y, 2); break;
+      case FleetLayer::Pool::None: break;
+    }
+    h = y;
   }
   return h;
 }
@@ -301,11 +371,11 @@ torch::Tensor PaperCNNFleet::forward_members(const torch::Tensor& x, const Membe
 // of members beside it (Note [Fleet forward]), so every chunk size gives the
 // same bits (tested: test_fleet.cpp, test_fxp_train_fleet.py). Each member's
 // draws stay in its solo order: they come from its own generator.
-void PaperCNNFleet::forward_backward(const torch::Tensor& x, int64_t chunk, const ChunkLoss& loss_of) {
+void NetworkFleet::forward_backward(const torch::Tensor& x, int64_t chunk, const ChunkLoss& loss_of) {
   const int64_t k = size();
-  TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::PaperCNNFleet: expected input [", k,
+  TORCH_CHECK(x.dim() == 5 && x.size(0) == k, "fxp::nn::NetworkFleet: expected input [", k,
               ", N, C, H, W], got ", x.sizes());
-  TORCH_CHECK(chunk >= 0, "fxp::nn::PaperCNNFleet: the chunk size must be at least 0 (0: all members), got ", chunk);
+  TORCH_CHECK(chunk >= 0, "fxp::nn::NetworkFleet: the chunk size must be at least 0 (0: all members), got ", chunk);
   for (const auto& p : stacks_) p.mutable_grad().reset();
   if (chunk == 0 || chunk >= k) {
     loss_of(forward(x), {0, k}).backward();

@@ -1,5 +1,5 @@
 // A fleet: K runs of one network trained as one batched model (issue 16;
-// docs/train.md, "Fleets"). Each member keeps its own PaperCNN, whose
+// docs/train.md, "Fleets"). Each member keeps its own network, whose
 // parameters become views of the fleet's stacks, so everything that reads a
 // solo model (validation, checkpoints, statistics) reads a member unchanged.
 #pragma once
@@ -15,8 +15,25 @@
 
 namespace fxp::nn {
 
+// One layer of a network as a fleet runs it: a convolution (stride 1, no
+// padding) or a linear layer, its output quantized, then its activation and
+// pooling. Its parameters are the next weight and, with `bias`, the bias.
+struct FleetLayer {
+  enum class Activation { None, Relu, Tanh };
+  enum class Pool { None, Max2, Avg2 };  // 2 x 2, stride 2
+  bool conv;
+  bool grouped;  // conv: one grouped call keeps the solo bits (else one call per member)
+  bool bias;
+  Activation activation;
+  Pool pool;
+};
+
+// The layers of the networks fleets train (paper_cnn, lenet5), as their
+// solo forwards (nn/models.cpp) run them; throws for another.
+const std::vector<FleetLayer>& fleet_layers(const std::string& model);
+
 // Note [Fleet forward]
-// Member m's layers compute what its solo PaperCNN computes, for its own batch:
+// Member m's layers compute what its solo network computes, for its own batch:
 // - the input [K, N, C, H, W] is laid out as [N, K*C, H, W], so each
 //   convolution is one grouped convolution (groups = K), member m's channels
 //   in group m, and each linear layer one batched product (baddbmm) over
@@ -31,18 +48,20 @@ namespace fxp::nn {
 // Bits: every member's results are its solo run's, in float32 and float64
 // (tested at batch sizes 1 to 64; test_fleet.cpp). That takes care where
 // LibTorch's batched kernels sum in another order than the solo ones:
-// - the first convolution, with one input channel per group, would take
+// - a first convolution, with one input channel per group, would take
 //   oneDNN's depthwise kernel: it runs as one solo convolution per member
-//   (it is the cheapest layer); the second, 32 input channels per group,
-//   sums as the solo one does;
+//   (Note [Fleet member convolutions]), as does every later one where the
+//   grouped call sums in another order too (FleetLayer::grouped: only the
+//   paper CNN's second convolution runs grouped);
 // - the linear layers have their own backward (Note [Fleet linear layers]).
 // With K = 1 every call is the solo call.
-class PaperCNNFleet {
+class NetworkFleet {
  public:
-  // `members`: K PaperCNNs of one shape and weight mode, on one device.
+  // `members`: K networks of one model (fleet_layers), shape and weight
+  // mode, on one device, each with one format for all its layers.
   // `generators`: member m's generator of that device (CPU or CUDA). Each
   // member's parameters are stacked, and then become views of the stacks.
-  PaperCNNFleet(std::vector<std::shared_ptr<PaperCNNImpl>> members, std::vector<at::Generator> generators);
+  NetworkFleet(std::vector<std::shared_ptr<NetworkImpl>> members, std::vector<at::Generator> generators);
 
   // Members first .. first + count - 1.
   struct MemberRange {
@@ -52,11 +71,12 @@ class PaperCNNFleet {
   // The loss to backpropagate from logits [count, N, classes] of the members `range`.
   using ChunkLoss = std::function<torch::Tensor(const torch::Tensor& logits, const MemberRange& range)>;
 
-  // x: [K, N, C, 28, 28], member m's batch in x[m] -> logits [K, N, classes].
+  // x: [K, N, C, H, W] (the model's input shape), member m's batch in x[m]
+  // -> logits [K, N, classes].
   torch::Tensor forward(const torch::Tensor& x);
 
   // The members `range`, with `params` ([range.count, ...] each, in the
-  // stacks' order) as their parameters: x [range.count, N, C, 28, 28].
+  // stacks' order) as their parameters: x [range.count, N, C, H, W].
   torch::Tensor forward_members(const torch::Tensor& x, const MemberRange& range,
                                 const std::vector<torch::Tensor>& params);
 
@@ -65,10 +85,10 @@ class PaperCNNFleet {
   // chunk's loss from loss_of. The same bits for every chunk size (Note [Fleet chunks]).
   void forward_backward(const torch::Tensor& x, int64_t chunk, const ChunkLoss& loss_of);
 
-  // The stacks, [K, ...] each, in a PaperCNN's parameter order.
+  // The stacks, [K, ...] each, in the network's parameter order.
   const std::vector<torch::Tensor>& parameters() const { return stacks_; }
   int64_t size() const { return static_cast<int64_t>(members_.size()); }
-  const std::vector<std::shared_ptr<PaperCNNImpl>>& members() const { return members_; }
+  const std::vector<std::shared_ptr<NetworkImpl>>& members() const { return members_; }
   std::vector<at::Generator>& generators() { return generators_; }
 
   // Compaction: keeps members `keep` (increasing positions) in new, smaller
@@ -86,7 +106,8 @@ class PaperCNNFleet {
   torch::Tensor output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range);
   void stack_parameters();
 
-  std::vector<std::shared_ptr<PaperCNNImpl>> members_;
+  std::vector<std::shared_ptr<NetworkImpl>> members_;
+  std::vector<FleetLayer> layers_;
   std::vector<at::Generator> generators_;
   std::vector<torch::Tensor> stacks_;
   WeightMode mode_;

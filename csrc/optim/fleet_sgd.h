@@ -40,7 +40,7 @@ class FleetSgd {
   // Copies `buffers` (one per stack) into member m's rows (resume).
   void set_momentum_buffers(int64_t m, const std::vector<torch::Tensor>& buffers);
 
-  // Compaction (nn::PaperCNNFleet::keep_members): the new stacks hold members
+  // Compaction (nn::NetworkFleet::keep_members): the new stacks hold members
   // `keep` of the old, in order.
   void keep_members(const std::vector<int64_t>& keep, std::vector<torch::Tensor> stacks);
 

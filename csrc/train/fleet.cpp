@@ -170,7 +170,7 @@ std::string fleet_incompatibility(const std::vector<TrainConfig>& members) {
     }
     if (!dirs.insert(output_dir_for(c)).second) add(who + " writes to " + output_dir_for(c) + ", as another member");
     if (m > 0) continue;  // the rest is shared: say it once
-    if (c.model != "paper_cnn") add("fleets train the paper's CNN (model paper_cnn) for now, not " + c.model);
+    if (c.model != "paper_cnn" && c.model != "lenet5") add("fleets train paper_cnn and lenet5 for now, not " + c.model);
     if (c.method == "adapt" || c.method == "msq") add("fleets train fp32, ste, sqpu and hteqpu, not " + c.method);
     if (c.packed) add("fleets do not hold packed storage yet");
     if (c.distributed) add("a fleet runs in one process: distributed is for one large run");
@@ -252,18 +252,18 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
       }
       m->done = !m->state.stop_reason.empty() || m->state.epochs_done >= m->config.epochs;
     }
-    std::vector<std::shared_ptr<nn::PaperCNNImpl>> models;
+    std::vector<std::shared_ptr<nn::NetworkImpl>> models;
     std::vector<at::Generator> draw_generators;  // the forward's: the device's generator
     std::vector<optim::FleetMemberUpdate> updates;
     std::vector<std::vector<torch::Tensor>> resumed_buffers;
     for (Member* m : training) {
-      models.push_back(std::dynamic_pointer_cast<nn::PaperCNNImpl>(m->training.model));
+      models.push_back(m->training.model);
       draw_generators.push_back(m->generators.back());
       resumed_buffers.emplace_back();
       updates.push_back(import_update_state(*m, resumed_buffers.back()));
       updates.back().active = !m->done;
     }
-    nn::PaperCNNFleet fleet(models, draw_generators);
+    nn::NetworkFleet fleet(models, draw_generators);
     optim::FleetSgd fleet_sgd(fleet.parameters(), updates, is_qpu(shared.method), shared.momentum_form);
     for (size_t i = 0; i < training.size(); ++i) {
       if (!resumed_buffers[i].empty()) fleet_sgd.set_momentum_buffers(static_cast<int64_t>(i), resumed_buffers[i]);
@@ -310,7 +310,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
         torch::Tensor x = train.images.index_select(0, index);
         x = x.view({k, size, x.size(1), x.size(2), x.size(3)});
         const torch::Tensor y = train.labels.index_select(0, index).view({k, size});
-        fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const nn::PaperCNNFleet::MemberRange& r) {
+        fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const nn::NetworkFleet::MemberRange& r) {
           // The sum of the members' mean losses: each member's gradient is its own.
           const torch::Tensor ys = y.narrow(0, r.first, r.count);
           const torch::Tensor loss = torch::nn::functional::cross_entropy(

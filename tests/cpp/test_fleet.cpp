@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "nn/fleet.h"
@@ -43,14 +44,15 @@ bool is_qpu(const std::string& method) { return method == "sqpu" || method == "h
 
 // One member's solo run: its model, its optimizer, and its default generator's state.
 struct Solo {
-  std::shared_ptr<fxp::nn::PaperCNNImpl> model;
+  std::shared_ptr<fxp::nn::NetworkImpl> model;
   std::unique_ptr<torch::optim::Optimizer> optimizer;
   at::Generator generator;
 };
 
 // Builds member m's solo run (as fxp-train sets one up) and a copy of its model for the fleet.
-std::pair<Solo, std::shared_ptr<fxp::nn::PaperCNNImpl>> make_member(const std::string& method, const MemberSettings& s,
-                                                                    torch::Dtype dtype) {
+std::pair<Solo, std::shared_ptr<fxp::nn::NetworkImpl>> make_member(const std::string& method, const MemberSettings& s,
+                                                                   torch::Dtype dtype,
+                                                                   const std::string& model_name = "paper_cnn") {
   fxp::nn::QuantConfig c;
   c.weight_mode = fxp::nn::weight_mode_for(method);
   c.param_total_bits = s.param_bits, c.param_frac_bits = s.param_frac;
@@ -58,7 +60,7 @@ std::pair<Solo, std::shared_ptr<fxp::nn::PaperCNNImpl>> make_member(const std::s
   const std::string rounding = method == "hteqpu" ? "nearest_even" : "stochastic";
   auto build = [&] {  // as set_up_training: seeded, built, on the grid (from the seed)
     torch::manual_seed(static_cast<uint64_t>(s.seed));
-    auto model = std::make_shared<fxp::nn::PaperCNNImpl>(c);
+    auto model = fxp::nn::make_network(model_name, c, 1, 10);
     model->to(dtype);
     if (is_qpu(method)) model->quantize_parameters_(rounding, s.seed);
     return model;
@@ -102,10 +104,10 @@ void solo_step(Solo& solo, const torch::Tensor& x, const torch::Tensor& y) {
 
 // One fleet step on x [K, N, 1, 28, 28], y [K, N]: the sum of the members'
 // mean losses, forward and backward over chunks of `chunk` members (0: all).
-void fleet_step(fxp::nn::PaperCNNFleet& fleet, fxp::optim::FleetSgd& sgd, const torch::Tensor& x,
+void fleet_step(fxp::nn::NetworkFleet& fleet, fxp::optim::FleetSgd& sgd, const torch::Tensor& x,
                 const torch::Tensor& y, int64_t chunk = 0) {
   const int64_t n = x.size(1);
-  fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const fxp::nn::PaperCNNFleet::MemberRange& r) {
+  fleet.forward_backward(x, chunk, [&](const torch::Tensor& logits, const fxp::nn::NetworkFleet::MemberRange& r) {
     return torch::nn::functional::cross_entropy(logits.reshape({r.count * n, -1}),
                                                 y.narrow(0, r.first, r.count).reshape({-1}),
                                                 torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) /
@@ -115,7 +117,7 @@ void fleet_step(fxp::nn::PaperCNNFleet& fleet, fxp::optim::FleetSgd& sgd, const 
 }
 
 // The largest difference of member m's parameters from its solo run's, relative to the parameter's largest value.
-double relative_difference(const fxp::nn::PaperCNNFleet& fleet, int64_t m, const Solo& solo) {
+double relative_difference(const fxp::nn::NetworkFleet& fleet, int64_t m, const Solo& solo) {
   double worst = 0;
   const auto solo_params = solo.model->parameters();
   for (size_t k = 0; k < solo_params.size(); ++k) {
@@ -128,32 +130,37 @@ double relative_difference(const fxp::nn::PaperCNNFleet& fleet, int64_t m, const
 }
 
 struct FleetRun {
+  int64_t image_size;  // the model's input is image_size x image_size
   std::vector<Solo> solos;
-  std::unique_ptr<fxp::nn::PaperCNNFleet> fleet;
+  std::unique_ptr<fxp::nn::NetworkFleet> fleet;
   std::unique_ptr<fxp::optim::FleetSgd> sgd;
 };
 
-FleetRun make_run(const std::string& method, const std::vector<MemberSettings>& members, torch::Dtype dtype) {
+FleetRun make_run(const std::string& method, const std::vector<MemberSettings>& members, torch::Dtype dtype,
+                  const std::string& model_name = "paper_cnn") {
   FleetRun run;
-  std::vector<std::shared_ptr<fxp::nn::PaperCNNImpl>> models;
+  run.image_size = fxp::nn::network_image_size(model_name);
+  std::vector<std::shared_ptr<fxp::nn::NetworkImpl>> models;
   std::vector<at::Generator> generators;
   std::vector<fxp::optim::FleetMemberUpdate> updates;
   for (const auto& s : members) {
-    auto [solo, copy] = make_member(method, s, dtype);
+    auto [solo, copy] = make_member(method, s, dtype, model_name);
     generators.push_back(solo.generator.clone());
     models.push_back(copy);
     updates.push_back(update_of(method, s));
     run.solos.push_back(std::move(solo));
   }
-  run.fleet = std::make_unique<fxp::nn::PaperCNNFleet>(models, generators);
+  run.fleet = std::make_unique<fxp::nn::NetworkFleet>(models, generators);
   run.sgd = std::make_unique<fxp::optim::FleetSgd>(run.fleet->parameters(), updates, is_qpu(method));
   return run;
 }
 
-// Each member's own batch of step `step`.
-std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t step, torch::Dtype dtype) {
+// Each member's own batch of step `step`: images of size x size.
+std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t step, torch::Dtype dtype,
+                                                int64_t size = 28) {
   auto g = at::make_generator<at::CPUGeneratorImpl>(1000 + static_cast<uint64_t>(step));
-  return {torch::randn({k, n, 1, 28, 28}, g, torch::dtype(dtype)), torch::randint(0, 10, {k, n}, g, torch::kLong)};
+  return {torch::randn({k, n, 1, size, size}, g, torch::dtype(dtype)),
+          torch::randint(0, 10, {k, n}, g, torch::kLong)};
 }
 
 // Trains `run`'s fleet and its solo runs side by side on the same batches
@@ -165,7 +172,7 @@ void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::fun
   std::vector<torch::Tensor> start;
   for (const auto& p : run.fleet->parameters()) start.push_back(p.detach().clone());
   for (int64_t step = 0; step < steps; ++step) {
-    const auto [x, y] = batches(k, batch_size(step), step, dtype);
+    const auto [x, y] = batches(k, batch_size(step), step, dtype, run.image_size);
     fleet_step(*run.fleet, *run.sgd, x, y, chunk);
     for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
   }
@@ -177,19 +184,25 @@ void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::fun
   }
 }
 
-class FleetMatchesSoloRuns : public ::testing::TestWithParam<std::string> {};
+// (model, method)
+class FleetMatchesSoloRuns : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {
+ protected:
+  FleetRun make(const std::vector<MemberSettings>& members, torch::Dtype dtype) {
+    return make_run(std::get<1>(GetParam()), members, dtype, std::get<0>(GetParam()));
+  }
+};
 
 // Note [Fleet forward]: every op of a member sums as its solo op does, so 50
 // steps of a fleet of 4 give each member its solo run's parameters bit for
 // bit, in float64 as in float32 (below).
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat64Over50Steps) {
-  FleetRun run = make_run(GetParam(), four_members(), torch::kDouble);
+  FleetRun run = make(four_members(), torch::kDouble);
   expect_members_match_solo_runs(run, 50, [](int64_t) { return 4; }, torch::kDouble);
 }
 
 // A fleet of one runs the solo calls: bit-identical in float32 too.
 TEST_P(FleetMatchesSoloRuns, AFleetOfOneIsBitIdenticalInFloat32) {
-  FleetRun run = make_run(GetParam(), {four_members()[1]}, torch::kFloat);
+  FleetRun run = make({four_members()[1]}, torch::kFloat);
   expect_members_match_solo_runs(run, 30, [](int64_t) { return 8; }, torch::kFloat);
 }
 
@@ -197,14 +210,14 @@ TEST_P(FleetMatchesSoloRuns, AFleetOfOneIsBitIdenticalInFloat32) {
 // its solo run's bits (the first convolution runs per member, the linear
 // layers' weight gradients are one mm per member), at batch sizes 1 to 64.
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
-  FleetRun run = make_run(GetParam(), four_members(), torch::kFloat);
+  FleetRun run = make(four_members(), torch::kFloat);
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
 // Note [Fleet chunks]: members forwarded and backpropagated a chunk at a
 // time (here 3 and 1, so both forms of the first convolution) keep their bits.
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32InChunks) {
-  FleetRun run = make_run(GetParam(), four_members(), torch::kFloat);
+  FleetRun run = make(four_members(), torch::kFloat);
   expect_members_match_solo_runs(run, 16, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat,
                                  /*chunk=*/3);
 }
@@ -212,11 +225,10 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32InChunks) {
 // Compaction moves members into new stacks and changes none of them: the
 // members kept go on exactly as in a fleet where the others only stopped.
 TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
-  const std::string method = GetParam();
-  FleetRun compacted = make_run(method, four_members(), torch::kDouble);
-  FleetRun kept_whole = make_run(method, four_members(), torch::kDouble);
-  const std::vector<std::shared_ptr<fxp::nn::PaperCNNImpl>> departed = {compacted.fleet->members()[1],
-                                                                         compacted.fleet->members()[3]};
+  FleetRun compacted = make(four_members(), torch::kDouble);
+  FleetRun kept_whole = make(four_members(), torch::kDouble);
+  const std::vector<std::shared_ptr<fxp::nn::NetworkImpl>> departed = {compacted.fleet->members()[1],
+                                                                        compacted.fleet->members()[3]};
   for (int64_t step = 0; step < 20; ++step) {
     if (step == 10) {
       compacted.fleet->keep_members({0, 2});
@@ -224,7 +236,7 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
       kept_whole.sgd->members()[1].active = false;
       kept_whole.sgd->members()[3].active = false;
     }
-    const auto [x, y] = batches(4, 4, step, torch::kDouble);
+    const auto [x, y] = batches(4, 4, step, torch::kDouble, compacted.image_size);
     fleet_step(*kept_whole.fleet, *kept_whole.sgd, x, y);
     const torch::Tensor rows = torch::tensor(std::vector<int64_t>{0, 2});
     if (step < 10) {
@@ -250,13 +262,17 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Methods, FleetMatchesSoloRuns, ::testing::Values("fp32", "ste", "sqpu", "hteqpu"));
+INSTANTIATE_TEST_SUITE_P(Models, FleetMatchesSoloRuns,
+                         ::testing::Combine(::testing::Values("paper_cnn", "lenet5"),
+                                            ::testing::Values("fp32", "ste", "sqpu", "hteqpu")),
+                         [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
 TEST(Fleet, MembersParametersViewTheStacks) {
   FleetRun run = make_run("sqpu", four_members(), torch::kFloat);
   const auto [x, y] = batches(4, 2, 0, torch::kFloat);
   fleet_step(*run.fleet, *run.sgd, x, y);
-  const auto& member_2 = run.fleet->members()[2];
+  const auto member_2 = std::dynamic_pointer_cast<fxp::nn::PaperCNNImpl>(run.fleet->members()[2]);
+  ASSERT_TRUE(member_2);
   EXPECT_TRUE(torch::equal(member_2->fc1->linear->weight, run.fleet->parameters()[2][2]));
   EXPECT_EQ(member_2->fc1->linear->weight.data_ptr(), run.fleet->parameters()[2][2].data_ptr());
 }
@@ -265,11 +281,18 @@ TEST(Fleet, RefusesMixedMethodsAndBadInput) {
   auto [sqpu, sqpu_copy] = make_member("sqpu", four_members()[0], torch::kFloat);
   auto [ste, ste_copy] = make_member("ste", four_members()[1], torch::kFloat);
   std::vector<at::Generator> two = {sqpu.generator, ste.generator};
-  expect_error([&] { fxp::nn::PaperCNNFleet({sqpu_copy, ste_copy}, two); }, "a fleet holds one method");
-  expect_error([&] { fxp::nn::PaperCNNFleet({sqpu_copy}, two); }, "1 members but 2 generators");
-  fxp::nn::PaperCNNFleet fleet({sqpu_copy}, {sqpu.generator});
-  expect_error([&] { fleet.forward(torch::zeros({2, 1, 1, 28, 28})); }, "expected input [1, N, C, H, W]");
-  const auto no_loss = [](const torch::Tensor& logits, const fxp::nn::PaperCNNFleet::MemberRange&) {
+  expect_error([&] { fxp::nn::NetworkFleet({sqpu_copy, ste_copy}, two); }, "a fleet holds one method");
+  expect_error([&] { fxp::nn::NetworkFleet({sqpu_copy}, two); }, "1 members but 2 generators");
+  fxp::nn::NetworkFleet fleet({sqpu_copy}, {sqpu.generator});
+  expect_error([&] { fleet.forward(torch::zeros({2, 1, 1, 28, 28})); }, "expected input [1, N, 1, 28, 28], got [2,");
+  expect_error([&] { fleet.forward(torch::zeros({1, 1, 1, 32, 32})); }, "expected input [1, N, 1, 28, 28], got [1,");
+  auto [lenet, lenet_copy] = make_member("sqpu", four_members()[1], torch::kFloat, "lenet5");
+  expect_error([&] { fxp::nn::NetworkFleet({sqpu_copy, lenet_copy}, two); }, "member 1 is a lenet5, member 0 a paper_cnn");
+  fxp::nn::QuantConfig c;
+  c.weight_mode = fxp::nn::WeightMode::Qpu;
+  expect_error([&] { fxp::nn::NetworkFleet({fxp::nn::make_network("resnet20", c, 1, 10)}, {sqpu.generator}); },
+               "fleets train paper_cnn and lenet5, not resnet20");
+  const auto no_loss = [](const torch::Tensor& logits, const fxp::nn::NetworkFleet::MemberRange&) {
     return logits.sum();
   };
   expect_error([&] { fleet.forward_backward(torch::zeros({1, 1, 1, 28, 28}), -1, no_loss); },

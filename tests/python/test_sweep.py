@@ -604,6 +604,13 @@ def test_fleet_speedup_estimate(tmp_path):
     assert sweeplib.fleet_speedup(table, "sqpu", 1, 40) == 3.0  # the largest measured K not above 40
     assert sweeplib.fleet_speedup(table, "sqpu", 10, 8) == pytest.approx(2 ** 0.5)  # log-log over batch
     assert sweeplib.fleet_speedup(table, "sqpu", 1, 2) == pytest.approx(2.0 ** (1 / 3))  # log-linear in log K below 8
+    assert sweeplib.fleet_speedup(table, "sqpu", 1, 8, "lenet5") == 1.0  # another model: not measured
+    with_model = tmp_path / "m.csv"
+    with_model.write_text("model,method,batch_size,members,speedup\n"
+                          "lenet5,sqpu,1,8,1.5\npaper_cnn,sqpu,1,8,2.5\n")
+    by_model = sweeplib.load_fleet_speedups(with_model)
+    assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8, "lenet5") == 1.5
+    assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8) == 2.5
     run = dict
     throughput = {"sqpu": [(1, 100.0, 1000.0)]}
     # 100 training images at 100/s, twice as fast in a fleet; validation unchanged.
@@ -615,17 +622,19 @@ def test_fleet_speedup_estimate(tmp_path):
 def test_runs_are_planned_into_fleets_by_fxp_trains_groups(tmp_path):
     grid = write_grid(tmp_path, "name: g\nbase: {batch_size: 4}\nblocks:\n"
                       "  - axes: {method: [sqpu, ste], seed: [0, 1, 2]}\n"
-                      "  - set: {model: lenet5}\n    axes: {seed: [0, 1]}\n")
+                      "  - set: {model: lenet5}\n    axes: {seed: [0, 1]}\n"
+                      "  - set: {model: resnet20}\n    axes: {seed: [0, 1]}\n")
     runs = sweeplib.expand(sweeplib.load_grid(grid), FXP_TRAIN)
     units = sweeplib.plan_fleets(runs, FXP_TRAIN, threads=1, device=None, fleet=2)
     ids = [[r.id for r in u] for u in units]
-    # Same method and batch in fleets of at most 2, in grid order; LeNet-5 runs cannot join a fleet.
+    # Same model, method and batch in fleets of at most 2, in grid order; ResNet-20 runs cannot join a fleet.
     assert ids == [["sqpu-p16.10-o16.8-sr-b4-s0", "sqpu-p16.10-o16.8-sr-b4-s1"], ["sqpu-p16.10-o16.8-sr-b4-s2"],
                    ["ste-p16.10-o16.8-sr-b4-s0", "ste-p16.10-o16.8-sr-b4-s1"], ["ste-p16.10-o16.8-sr-b4-s2"],
-                   ["lenet5-sqpu-p16.10-o16.8-sr-b4-s0"], ["lenet5-sqpu-p16.10-o16.8-sr-b4-s1"]]
+                   ["lenet5-sqpu-p16.10-o16.8-sr-b4-s0", "lenet5-sqpu-p16.10-o16.8-sr-b4-s1"],
+                   ["resnet20-sqpu-p16.10-o16.8-sr-b4-s0"], ["resnet20-sqpu-p16.10-o16.8-sr-b4-s1"]]
     assert all(len(u) == 1 for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, fleet=1))
     # Without --fleet: K from the batch size (32 on the CPU at batch 4), so each group is one fleet.
-    assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, None)] == [3, 3, 1, 1]
+    assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, None)] == [3, 3, 2, 1, 1]
 
 
 @requires_fxp_train_and_data
