@@ -95,9 +95,10 @@ def main(argv=None) -> int:
                                                    args.threads, args.data_dir, args.model))
                     print(f"{method} batch {batch:4d}, round {r + 1}: fleet of {k:3d} {fleets[k][-1]:8.0f} img/s, "
                           f"{fleets[k][-1] / solos[-1]:.2f}x", flush=True)
-            solo = median(solos)
+            # A failed round (NaN) fails its point: a median over the rest would hide it.
+            solo = float("nan") if any(math.isnan(v) for v in solos) else median(solos)
             for k in sizes:
-                fleet = median(fleets[k])
+                fleet = float("nan") if any(math.isnan(v) for v in fleets[k]) else median(fleets[k])
                 speedup = fleet / solo
                 ratios = [f / s for f, s in zip(fleets[k], solos)]
                 spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""

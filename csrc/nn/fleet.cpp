@@ -167,7 +167,7 @@ NetworkFleet::NetworkFleet(std::vector<std::shared_ptr<NetworkImpl>> members, st
   mode_ = first_layers[0].second->config.weight_mode;
   const auto first_shapes = members_[0]->parameters();
   size_t tensors = 0;
-  for (const auto& layer : layers_) tensors += layer.bias ? 2 : 1;
+  for (const auto& layer : layers_) tensors += layer.tensors();
   TORCH_CHECK(first_shapes.size() == tensors, "fxp::nn::NetworkFleet: expected ", members_[0]->name(), "'s ",
               tensors, " parameter tensors, got ", first_shapes.size());
   for (size_t m = 0; m < members_.size(); ++m) {
@@ -284,13 +284,17 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> NetworkFleet::draw_keys(co
 
 torch::Tensor NetworkFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range) {
   const auto [seeds, offsets] = draw_keys(range);
+  const std::vector<int64_t>& bits = weights ? param_bits_ : act_bits_;
+  const std::vector<int64_t>& frac = weights ? param_frac_ : act_frac_;
+  if (range.first == 0 && range.count == size()) {
+    return quantize_members_ste(x, member_dim, bits, frac, rounding_, seeds, offsets);
+  }
   const auto slice = [&](const std::vector<int64_t>& v) {
     return std::vector<int64_t>(v.begin() + range.first, v.begin() + range.first + range.count);
   };
   c10::List<std::string> rounding;
   for (int64_t m = range.first; m < range.first + range.count; ++m) rounding.push_back(rounding_.get(m));
-  return quantize_members_ste(x, member_dim, slice(weights ? param_bits_ : act_bits_),
-                              slice(weights ? param_frac_ : act_frac_), rounding, seeds, offsets);
+  return quantize_members_ste(x, member_dim, slice(bits), slice(frac), rounding, seeds, offsets);
 }
 
 torch::Tensor NetworkFleet::read_weight(const torch::Tensor& stack, const MemberRange& range) {
@@ -313,26 +317,39 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
               "], got ", x.sizes());
   TORCH_CHECK(mode_ == WeightMode::Fp32 || mode_ == WeightMode::Ste || mode_ == WeightMode::Qpu,
               "fxp::nn::NetworkFleet: fleets train fp32, ste, sqpu and hteqpu");
+  TORCH_CHECK(range.first >= 0 && range.count >= 1 && range.first + range.count <= size(),
+              "fxp::nn::NetworkFleet: members ", range.first, " to ", range.first + range.count - 1, " of a fleet of ",
+              size());
+  TORCH_CHECK(params.size() == stacks_.size(), "fxp::nn::NetworkFleet: expected ", stacks_.size(),
+              " parameter tensors, got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].dim() == stacks_[i].dim() && params[i].size(0) == k &&
+                    params[i].sizes().slice(1) == stacks_[i].sizes().slice(1),
+                "fxp::nn::NetworkFleet: parameter ", i, " is ", params[i].sizes(), ", expected [", k, "] + ",
+                stacks_[i].sizes().slice(1));
+  }
   const int64_t n = x.size(1);
-  // Note [Fleet forward]: member m's channels are group m of each convolution.
-  torch::Tensor h = x.transpose(0, 1).reshape({n, k * x.size(2), x.size(3), x.size(4)});
-  bool flat = false;  // h is [K, N, features] once the convolutions are done
-  size_t next = 0;    // the layer's first parameter
-  for (const FleetLayer& layer : layers_) {
+  // Note [Fleet forward]: member m's channels are group m of each grouped convolution.
+  torch::Tensor h;  // [N, K*C, H, W] while convolutions run, then [K, N, features]
+  bool flat = false;
+  size_t next = 0;  // the layer's first parameter
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const FleetLayer& layer = layers_[l];
     const torch::Tensor& w = params[next];
     // The bias first, as the solo layer reads them (the order of the draws).
     const torch::Tensor bias = layer.bias ? read_weight(params[next + 1], range) : torch::Tensor();
     const torch::Tensor weight = read_weight(w, range);
-    next += layer.bias ? 2 : 1;
+    next += layer.tensors();
     torch::Tensor y;
     if (layer.conv) {
       const int64_t out = w.size(1), in = w.size(2);
       if (!layer.grouped && k > 1) {  // Note [Fleet member convolutions]
         const torch::Tensor per_member =
-            next == (layer.bias ? 2 : 1) ? x.contiguous()  // the first layer: x is [K, N, C, H, W]
-                                         : h.view({n, k, in, h.size(2), h.size(3)}).transpose(0, 1).contiguous();
+            l == 0 ? x.contiguous()  // x is [K, N, C, H, W] already
+                   : h.reshape({n, k, in, h.size(2), h.size(3)}).transpose(0, 1).contiguous();
         y = FleetMemberConv::apply(per_member, weight, layer.bias ? bias : weight.new_empty({0}));
       } else {
+        if (l == 0) h = x.transpose(0, 1).reshape({n, k * x.size(2), x.size(3), x.size(4)});
         y = torch::conv2d(h, weight.reshape({k * out, in, w.size(3), w.size(4)}),
                           layer.bias ? bias.reshape({k * out}) : torch::Tensor(), kUnit, kNone, kUnit,
                           k);  // stride, padding, dilation, groups

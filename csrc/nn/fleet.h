@@ -26,6 +26,8 @@ struct FleetLayer {
   bool bias;
   Activation activation;
   Pool pool;
+
+  size_t tensors() const { return bias ? 2 : 1; }  // its parameter tensors
 };
 
 // The layers of the networks fleets train (paper_cnn, lenet5), as their
@@ -34,10 +36,11 @@ const std::vector<FleetLayer>& fleet_layers(const std::string& model);
 
 // Note [Fleet forward]
 // Member m's layers compute what its solo network computes, for its own batch:
-// - the input [K, N, C, H, W] is laid out as [N, K*C, H, W], so each
-//   convolution is one grouped convolution (groups = K), member m's channels
-//   in group m, and each linear layer one batched product (baddbmm) over
-//   [K, N, features];
+// - the input [K, N, C, H, W] is laid out as [N, K*C, H, W], so a
+//   convolution can run as one grouped convolution (groups = K), member m's
+//   channels in group m (where that keeps the solo bits; else once per
+//   member, below), and each linear layer as one batched product (baddbmm)
+//   over [K, N, features];
 // - each output quantization and STE weight read is one quantize_members_ste
 //   call, with member m's format and rounding, over member m's slice in its
 //   solo layout (its element i is the element i of the solo tensor);
@@ -75,8 +78,9 @@ class NetworkFleet {
   // -> logits [K, N, classes].
   torch::Tensor forward(const torch::Tensor& x);
 
-  // The members `range`, with `params` ([range.count, ...] each, in the
-  // stacks' order) as their parameters: x [range.count, N, C, H, W].
+  // The members `range` (within the fleet), with `params` ([range.count,
+  // ...] each, shaped as the stacks, in their order) as their parameters:
+  // x [range.count, N, C, H, W].
   torch::Tensor forward_members(const torch::Tensor& x, const MemberRange& range,
                                 const std::vector<torch::Tensor>& params);
 

@@ -190,7 +190,7 @@ std::optional<std::string> fleet_group(const TrainConfig& config) {
   return shared.dump();
 }
 
-int64_t fleet_chunk(int64_t requested, const torch::Device& device, int64_t batch_size) {
+int64_t fleet_chunk(int64_t requested, const c10::Device& device, int64_t batch_size) {
   if (requested > 0) return requested;
   if (!device.is_cpu()) return 0;
   return std::max<int64_t>(1, kFleetChunkImages / std::max<int64_t>(1, batch_size));

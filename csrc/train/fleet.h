@@ -3,8 +3,8 @@
 // writes its own run directory, as fxp-train writes it for the solo run.
 #pragma once
 
+#include <c10/core/Device.h>
 #include <nlohmann/json.hpp>
-#include <torch/torch.h>
 
 #include <optional>
 #include <string>
@@ -41,7 +41,7 @@ constexpr int64_t kFleetChunkImages = 512;
 
 // Members per forward and backward: `requested` when set (> 0), else the
 // choice of Note [Fleet chunk size] (0: all members at once).
-int64_t fleet_chunk(int64_t requested, const torch::Device& device, int64_t batch_size);
+int64_t fleet_chunk(int64_t requested, const c10::Device& device, int64_t batch_size);
 
 // Why `members` cannot train as one fleet (empty: they can): the settings they
 // must share (model, dataset, method, batch size, ...), and what fleets do not

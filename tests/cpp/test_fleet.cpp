@@ -102,7 +102,7 @@ void solo_step(Solo& solo, const torch::Tensor& x, const torch::Tensor& y) {
   solo.generator.set_state(default_generator.get_state());
 }
 
-// One fleet step on x [K, N, 1, 28, 28], y [K, N]: the sum of the members'
+// One fleet step on x [K, N, 1, H, W], y [K, N]: the sum of the members'
 // mean losses, forward and backward over chunks of `chunk` members (0: all).
 void fleet_step(fxp::nn::NetworkFleet& fleet, fxp::optim::FleetSgd& sgd, const torch::Tensor& x,
                 const torch::Tensor& y, int64_t chunk = 0) {
@@ -214,6 +214,18 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
+// Note [Fleet member convolutions]: a member's convolutions run on one thread
+// each while its solo run's use them all; oneDNN's results here do not depend
+// on the thread count (4 threads: more than this machine's cores, so every
+// split the solo calls can make happens).
+TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(4);
+  FleetRun run = make(four_members(), torch::kFloat);
+  expect_members_match_solo_runs(run, 8, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
+  at::set_num_threads(threads);
+}
+
 // Note [Fleet chunks]: members forwarded and backpropagated a chunk at a
 // time (here 3 and 1, so both forms of the first convolution) keep their bits.
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32InChunks) {
@@ -287,6 +299,15 @@ TEST(Fleet, RefusesMixedMethodsAndBadInput) {
   expect_error([&] { fleet.forward(torch::zeros({2, 1, 1, 28, 28})); }, "expected input [1, N, 1, 28, 28], got [2,");
   expect_error([&] { fleet.forward(torch::zeros({1, 1, 1, 32, 32})); }, "expected input [1, N, 1, 28, 28], got [1,");
   auto [lenet, lenet_copy] = make_member("sqpu", four_members()[1], torch::kFloat, "lenet5");
+  auto [mixed, mixed_copy] = make_member("sqpu", four_members()[1], torch::kFloat);
+  mixed_copy->quantized_layers()[2].second->config.act_frac_bits += 1;
+  expect_error([&] { fxp::nn::NetworkFleet({sqpu_copy, mixed_copy}, two); },
+               "member 1's layer fc1 has a format of its own");
+  const std::vector<torch::Tensor> no_params;
+  expect_error([&] { fleet.forward_members(torch::zeros({1, 1, 1, 28, 28}), {1, 1}, fleet.parameters()); },
+               "members 1 to 1 of a fleet of 1");
+  expect_error([&] { fleet.forward_members(torch::zeros({1, 1, 1, 28, 28}), {0, 1}, no_params); },
+               "expected 6 parameter tensors, got 0");
   expect_error([&] { fxp::nn::NetworkFleet({sqpu_copy, lenet_copy}, two); }, "member 1 is a lenet5, member 0 a paper_cnn");
   fxp::nn::QuantConfig c;
   c.weight_mode = fxp::nn::WeightMode::Qpu;

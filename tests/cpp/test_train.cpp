@@ -22,6 +22,7 @@
 #include "train/config.h"
 #include "train/epoch.h"
 #include "train/export.h"
+#include "train/fleet.h"
 #include "train/io.h"
 #include "train/trainer.h"
 
@@ -342,6 +343,19 @@ TEST_F(TrainFiles, AtomicWriteReplacesWholeFiles) {
 ft::ModelCounts paper_counts() {
   fxp::nn::PaperCNN model(fxp::nn::QuantConfig{});
   return ft::model_counts(model->describe());
+}
+
+// Note [Fleet chunk size]: 512 images' worth of members per chunk on the CPU,
+// every member at once on a GPU, and whatever the user asks for.
+TEST(FleetChunk, ImagesWorthOnTheCpuWholeOnAGpuOrAsAsked) {
+  const c10::Device cpu(c10::DeviceType::CPU), cuda(c10::DeviceType::CUDA, 0);
+  EXPECT_EQ(fxp::train::fleet_chunk(0, cpu, 64), 8);
+  EXPECT_EQ(fxp::train::fleet_chunk(0, cpu, 16), 32);
+  EXPECT_EQ(fxp::train::fleet_chunk(0, cpu, 1), 512);
+  EXPECT_EQ(fxp::train::fleet_chunk(0, cpu, 4096), 1);
+  EXPECT_EQ(fxp::train::fleet_chunk(0, cuda, 64), 0);
+  EXPECT_EQ(fxp::train::fleet_chunk(3, cpu, 64), 3);
+  EXPECT_EQ(fxp::train::fleet_chunk(3, cuda, 64), 3);
 }
 
 TEST(Bookkeeping, Table1Totals) {

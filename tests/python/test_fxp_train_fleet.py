@@ -47,6 +47,13 @@ def same_checkpoints(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def assert_same_run(a, b):
+    """Run directories a and b hold the same training, bit for bit: metrics (without a fleet's record
+    of its size) and checkpoints."""
+    assert solo_metrics(a) == solo_metrics(b)
+    assert same_checkpoints(a, b)
+
+
 @pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu"])
 def test_a_fleet_of_one_is_its_solo_run_bit_for_bit(tmp_path, method):
     solo = run_fxp_train(*COMMON, "--method", method, "--seed", "4", "--epochs", "2", "-o", str(tmp_path / "solo"))
@@ -54,8 +61,7 @@ def test_a_fleet_of_one_is_its_solo_run_bit_for_bit(tmp_path, method):
     fleet = run_fleet(tmp_path, [{"seed": 4, "output_dir": str(tmp_path / "member")}], "--method", method,
                       "--epochs", "2")
     assert fleet.returncode == 0, fleet.stderr
-    assert solo_metrics(tmp_path / "member") == solo_metrics(tmp_path / "solo")
-    assert same_checkpoints(tmp_path / "member", tmp_path / "solo")
+    assert_same_run(tmp_path / "member", tmp_path / "solo")
     summary = json.loads((tmp_path / "member" / "summary.json").read_text())
     assert summary["fleet"] == {"members": 1} and summary["epochs_completed"] == 2
     # The member's directory is a finished run of these settings: fxp-train returns it as it is.
@@ -85,8 +91,7 @@ def test_members_keep_their_own_settings_and_write_their_own_runs(tmp_path):
         settings = {"method": "sqpu", "epochs": 2, **m, "output_dir": str(tmp_path / f"solo-{name}")}
         solo = run_fxp_train(*COMMON, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
         assert solo.returncode == 0, solo.stderr
-        assert solo_metrics(tmp_path / name) == solo_metrics(tmp_path / f"solo-{name}")
-        assert same_checkpoints(tmp_path / name, tmp_path / f"solo-{name}")
+        assert_same_run(tmp_path / name, tmp_path / f"solo-{name}")
 
 
 @pytest.mark.parametrize("method", ["ste", "sqpu"])
@@ -103,8 +108,7 @@ def test_lenet5_members_are_their_solo_runs(tmp_path, method):
         settings = {"model": "lenet5", "method": method, "epochs": 2, **m, "output_dir": str(tmp_path / f"solo-{name}")}
         solo = run_fxp_train(*COMMON, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
         assert solo.returncode == 0, solo.stderr
-        assert solo_metrics(tmp_path / name) == solo_metrics(tmp_path / f"solo-{name}")
-        assert same_checkpoints(tmp_path / name, tmp_path / f"solo-{name}")
+        assert_same_run(tmp_path / name, tmp_path / f"solo-{name}")
 
 
 @pytest.mark.parametrize("method", ["fp32", "sqpu"])
@@ -147,8 +151,7 @@ def test_a_killed_fleet_resumes_every_member_bit_identically(tmp_path):
     resumed = run_fleet(tmp_path, members, *args, "--resume", name="killed.jsonl", common=BASE)
     assert resumed.returncode == 0, resumed.stderr
     for s in range(3):
-        assert solo_metrics(tmp_path / f"killed-{s}") == solo_metrics(tmp_path / f"whole-{s}")
-        assert same_checkpoints(tmp_path / f"killed-{s}", tmp_path / f"whole-{s}")
+        assert_same_run(tmp_path / f"killed-{s}", tmp_path / f"whole-{s}")
 
 
 def test_compaction_changes_no_member(tmp_path):
@@ -165,8 +168,7 @@ def test_compaction_changes_no_member(tmp_path):
     assert kept.returncode == 0, kept.stderr
     assert "still training" not in kept.stdout
     for name in ("short", "a", "b"):
-        assert solo_metrics(tmp_path / f"compacted-{name}") == solo_metrics(tmp_path / f"kept-{name}")
-        assert same_checkpoints(tmp_path / f"compacted-{name}", tmp_path / f"kept-{name}")
+        assert_same_run(tmp_path / f"compacted-{name}", tmp_path / f"kept-{name}")
 
 
 @pytest.mark.parametrize("method", ["ste", "sqpu"])
@@ -187,8 +189,7 @@ def test_chunks_change_no_member(tmp_path, method):
     assert whole.returncode == 0, whole.stderr
     assert "in chunks of" not in whole.stdout
     for name in ("a", "b", "c"):
-        assert solo_metrics(tmp_path / f"chunked-{name}") == solo_metrics(tmp_path / f"whole-{name}")
-        assert same_checkpoints(tmp_path / f"chunked-{name}", tmp_path / f"whole-{name}")
+        assert_same_run(tmp_path / f"chunked-{name}", tmp_path / f"whole-{name}")
 
 
 def test_a_finished_fleet_is_returned_as_it_is(tmp_path):
