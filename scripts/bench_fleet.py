@@ -75,7 +75,6 @@ def main(argv=None) -> int:
     sizes = [int(k) for k in args.fleet_sizes.split(",")]
     if any(k < 1 for k in sizes):
         raise SystemExit("bench_fleet.py: fleet sizes must be at least 1")
-
     if args.repeats < 1:
         raise SystemExit("bench_fleet.py: --repeats must be at least 1")
 

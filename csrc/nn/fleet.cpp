@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 
 #include <mutex>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -196,14 +197,30 @@ NetworkFleet::NetworkFleet(std::vector<std::shared_ptr<NetworkImpl>> members, st
                   params[k].scalar_type(), " on ", params[k].device(), ", member 0's ", first_shapes[k].sizes(), " ",
                   first_shapes[k].scalar_type(), " on ", first_shapes[k].device());
     }
-    param_bits_.push_back(c.param_total_bits);
-    param_frac_.push_back(c.param_frac_bits);
-    act_bits_.push_back(c.act_total_bits);
-    act_frac_.push_back(c.act_frac_bits);
-    rounding_.push_back(op_rounding(c.act_rounding));
-    any_stochastic_ = any_stochastic_ || c.act_rounding == "sr";
+    formats_.add(c);
   }
   stack_parameters();
+}
+
+void NetworkFleet::MemberFormats::add(const QuantConfig& c) {
+  param_bits.push_back(c.param_total_bits);
+  param_frac.push_back(c.param_frac_bits);
+  act_bits.push_back(c.act_total_bits);
+  act_frac.push_back(c.act_frac_bits);
+  rounding.push_back(op_rounding(c.act_rounding));
+}
+
+NetworkFleet::MemberFormats NetworkFleet::MemberFormats::select(const std::vector<int64_t>& members) const {
+  MemberFormats out;
+  for (const int64_t m : members) {
+    const auto i = static_cast<size_t>(m);
+    out.param_bits.push_back(param_bits[i]);
+    out.param_frac.push_back(param_frac[i]);
+    out.act_bits.push_back(act_bits[i]);
+    out.act_frac.push_back(act_frac[i]);
+    out.rounding.push_back(rounding.get(i));
+  }
+  return out;
 }
 
 void NetworkFleet::stack_parameters() {
@@ -237,31 +254,21 @@ void NetworkFleet::keep_members(const std::vector<int64_t>& keep) {
   }
   std::vector<std::shared_ptr<NetworkImpl>> members;
   std::vector<at::Generator> generators;
-  std::vector<int64_t> pb, pf, ab, af;
-  c10::List<std::string> rounding;
   for (const int64_t m : keep) {
-    const auto i = static_cast<size_t>(m);
-    members.push_back(members_[i]);
-    generators.push_back(generators_[i]);
-    pb.push_back(param_bits_[i]), pf.push_back(param_frac_[i]), ab.push_back(act_bits_[i]), af.push_back(act_frac_[i]);
-    rounding.push_back(rounding_.get(i));
+    members.push_back(members_[static_cast<size_t>(m)]);
+    generators.push_back(generators_[static_cast<size_t>(m)]);
   }
   members_ = std::move(members), generators_ = std::move(generators);
-  param_bits_ = std::move(pb), param_frac_ = std::move(pf), act_bits_ = std::move(ab), act_frac_ = std::move(af);
-  rounding_ = std::move(rounding);
-  any_stochastic_ = false;
-  for (const auto& r : rounding_) any_stochastic_ = any_stochastic_ || r == std::string("stochastic");
+  formats_ = formats_.select(keep);
   if (!members_.empty()) stack_parameters();  // copies the kept rows: their views read the old stacks until now
 }
 
-std::pair<std::vector<int64_t>, std::vector<int64_t>> NetworkFleet::draw_keys(const MemberRange& range) {
-  const auto k = static_cast<size_t>(range.count);
+std::pair<std::vector<int64_t>, std::vector<int64_t>> NetworkFleet::draw_keys(const Chunk& chunk) {
+  const auto k = static_cast<size_t>(chunk.range.count);
   std::vector<int64_t> seeds(k, 0), offsets(k, 0);
-  if (!any_stochastic_) return {seeds, offsets};
   for (size_t m = 0; m < k; ++m) {
-    const auto member = static_cast<size_t>(range.first) + m;
-    if (rounding_.get(member) != std::string("stochastic")) continue;  // deterministic rounding draws nothing
-    at::Generator& g = generators_[member];
+    if (chunk.formats.rounding.get(m) != "stochastic") continue;  // deterministic rounding draws nothing
+    at::Generator& g = generators_[static_cast<size_t>(chunk.range.first) + m];
     std::lock_guard<std::mutex> lock(g.mutex());
     if (g.device().is_cpu()) {
       // As the CPU kernels draw from a generator: one random64() key, offset 0.
@@ -282,27 +289,19 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> NetworkFleet::draw_keys(co
   return {seeds, offsets};
 }
 
-torch::Tensor NetworkFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range) {
-  const auto [seeds, offsets] = draw_keys(range);
-  const std::vector<int64_t>& bits = weights ? param_bits_ : act_bits_;
-  const std::vector<int64_t>& frac = weights ? param_frac_ : act_frac_;
-  if (range.first == 0 && range.count == size()) {
-    return quantize_members_ste(x, member_dim, bits, frac, rounding_, seeds, offsets);
-  }
-  const auto slice = [&](const std::vector<int64_t>& v) {
-    return std::vector<int64_t>(v.begin() + range.first, v.begin() + range.first + range.count);
-  };
-  c10::List<std::string> rounding;
-  for (int64_t m = range.first; m < range.first + range.count; ++m) rounding.push_back(rounding_.get(m));
-  return quantize_members_ste(x, member_dim, slice(bits), slice(frac), rounding, seeds, offsets);
+torch::Tensor NetworkFleet::quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const Chunk& chunk) {
+  const auto [seeds, offsets] = draw_keys(chunk);
+  const MemberFormats& f = chunk.formats;
+  return quantize_members_ste(x, member_dim, weights ? f.param_bits : f.act_bits, weights ? f.param_frac : f.act_frac,
+                              f.rounding, seeds, offsets);
 }
 
-torch::Tensor NetworkFleet::read_weight(const torch::Tensor& stack, const MemberRange& range) {
-  return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true, range) : stack;
+torch::Tensor NetworkFleet::read_weight(const torch::Tensor& stack, const Chunk& chunk) {
+  return mode_ == WeightMode::Ste ? quantize(stack, 0, /*weights=*/true, chunk) : stack;
 }
 
-torch::Tensor NetworkFleet::output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range) {
-  return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false, range);
+torch::Tensor NetworkFleet::output(const torch::Tensor& y, int64_t member_dim, const Chunk& chunk) {
+  return mode_ == WeightMode::Fp32 ? y : quantize(y, member_dim, /*weights=*/false, chunk);
 }
 
 torch::Tensor NetworkFleet::forward(const torch::Tensor& x) { return forward_members(x, {0, size()}, stacks_); }
@@ -328,17 +327,19 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
                 "fxp::nn::NetworkFleet: parameter ", i, " is ", params[i].sizes(), ", expected [", k, "] + ",
                 stacks_[i].sizes().slice(1));
   }
+  std::vector<int64_t> members(static_cast<size_t>(k));
+  std::iota(members.begin(), members.end(), range.first);
+  const Chunk chunk{range, formats_.select(members)};
   const int64_t n = x.size(1);
   // Note [Fleet forward]: member m's channels are group m of each grouped convolution.
   torch::Tensor h;  // [N, K*C, H, W] while convolutions run, then [K, N, features]
-  bool flat = false;
   size_t next = 0;  // the layer's first parameter
   for (size_t l = 0; l < layers_.size(); ++l) {
     const FleetLayer& layer = layers_[l];
     const torch::Tensor& w = params[next];
     // The bias first, as the solo layer reads them (the order of the draws).
-    const torch::Tensor bias = layer.bias ? read_weight(params[next + 1], range) : torch::Tensor();
-    const torch::Tensor weight = read_weight(w, range);
+    const torch::Tensor bias = layer.bias ? read_weight(params[next + 1], chunk) : torch::Tensor();
+    const torch::Tensor weight = read_weight(w, chunk);
     next += layer.tensors();
     torch::Tensor y;
     if (layer.conv) {
@@ -355,11 +356,10 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
                           k);  // stride, padding, dilation, groups
       }
       const auto spatial = y.sizes().slice(2).vec();
-      y = output(y.reshape({n, k, -1}), 1, range).reshape({n, k * out, spatial[0], spatial[1]});
+      y = output(y.reshape({n, k, -1}), 1, chunk).reshape({n, k * out, spatial[0], spatial[1]});
     } else {
-      if (!flat) h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
-      flat = true;
-      y = output(FleetLinear::apply(h, weight, bias), 0, range);  // Note [Fleet linear layers]
+      if (h.dim() == 4) h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
+      y = output(FleetLinear::apply(h, weight, bias), 0, chunk);  // Note [Fleet linear layers]
     }
     switch (layer.activation) {
       case FleetLayer::Activation::Relu: y = torch::relu(y); break;

@@ -102,12 +102,26 @@ class NetworkFleet {
   void keep_members(const std::vector<int64_t>& keep);
 
  private:
-  // One key per member for a quantization of rounding `rounding[m]` (0 where deterministic).
-  std::pair<std::vector<int64_t>, std::vector<int64_t>> draw_keys(const MemberRange& range);
-  torch::Tensor quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const MemberRange& range);
+  // Each member's formats and output rounding, as quantize_members_ste takes them.
+  struct MemberFormats {
+    std::vector<int64_t> param_bits, param_frac, act_bits, act_frac;
+    c10::List<std::string> rounding;  // stochastic | nearest_even
+
+    void add(const QuantConfig& c);
+    MemberFormats select(const std::vector<int64_t>& members) const;  // those members', in that order
+  };
+  // The members a forward runs (a chunk, or all): their range and their formats.
+  struct Chunk {
+    MemberRange range;
+    MemberFormats formats;
+  };
+
+  // One key per member of the chunk (0 where its rounding is deterministic).
+  std::pair<std::vector<int64_t>, std::vector<int64_t>> draw_keys(const Chunk& chunk);
+  torch::Tensor quantize(const torch::Tensor& x, int64_t member_dim, bool weights, const Chunk& chunk);
   // STE: quantized on read; else as it is.
-  torch::Tensor read_weight(const torch::Tensor& stack, const MemberRange& range);
-  torch::Tensor output(const torch::Tensor& y, int64_t member_dim, const MemberRange& range);
+  torch::Tensor read_weight(const torch::Tensor& stack, const Chunk& chunk);
+  torch::Tensor output(const torch::Tensor& y, int64_t member_dim, const Chunk& chunk);
   void stack_parameters();
 
   std::vector<std::shared_ptr<NetworkImpl>> members_;
@@ -115,9 +129,7 @@ class NetworkFleet {
   std::vector<at::Generator> generators_;
   std::vector<torch::Tensor> stacks_;
   WeightMode mode_;
-  std::vector<int64_t> param_bits_, param_frac_, act_bits_, act_frac_;
-  c10::List<std::string> rounding_;
-  bool any_stochastic_ = false;
+  MemberFormats formats_;
 };
 
 }  // namespace fxp::nn

@@ -221,6 +221,7 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
   const int threads = at::get_num_threads();
   at::set_num_threads(4);
+  ASSERT_EQ(at::get_num_threads(), 4);
   FleetRun run = make(four_members(), torch::kFloat);
   expect_members_match_solo_runs(run, 8, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
   at::set_num_threads(threads);
@@ -241,8 +242,10 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
   FleetRun kept_whole = make(four_members(), torch::kDouble);
   const std::vector<std::shared_ptr<fxp::nn::NetworkImpl>> departed = {compacted.fleet->members()[1],
                                                                         compacted.fleet->members()[3]};
+  std::vector<const void*> old_storage;  // the stacks before compaction
   for (int64_t step = 0; step < 20; ++step) {
     if (step == 10) {
+      for (const auto& p : compacted.fleet->parameters()) old_storage.push_back(p.storage().data());
       compacted.fleet->keep_members({0, 2});
       compacted.sgd->keep_members({0, 2}, compacted.fleet->parameters());
       kept_whole.sgd->members()[1].active = false;
@@ -270,6 +273,10 @@ TEST_P(FleetMatchesSoloRuns, CompactionChangesNoMember) {
     for (size_t k = 0; k < params.size(); ++k) {
       EXPECT_TRUE(torch::equal(params[k], kept_whole.fleet->parameters()[k][m])) << "member " << m << ", tensor " << k;
       EXPECT_NE(params[k].data_ptr(), compacted.fleet->parameters()[k].data_ptr());
+      // Storage of their own: not a view of the stacks they left (which would
+      // hold them, unchanged since, just as well), nor of anything larger.
+      EXPECT_NE(params[k].storage().data(), old_storage[k]) << "member " << m << ", tensor " << k;
+      EXPECT_EQ(params[k].storage().nbytes(), params[k].nbytes()) << "member " << m << ", tensor " << k;
     }
   }
 }

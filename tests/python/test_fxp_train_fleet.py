@@ -54,6 +54,17 @@ def assert_same_run(a, b):
     assert same_checkpoints(a, b)
 
 
+def assert_members_are_their_solo_runs(tmp_path, members: list[dict], **shared):
+    """Trains each member's solo run (its settings over `shared`) into solo-NAME beside the member's
+    directory NAME, and asserts the two hold the same run."""
+    for m in members:
+        name = m["output_dir"].rsplit("/", 1)[1]
+        settings = {**shared, **m, "output_dir": str(tmp_path / f"solo-{name}")}
+        solo = run_fxp_train(*COMMON, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
+        assert solo.returncode == 0, solo.stderr
+        assert_same_run(tmp_path / name, tmp_path / f"solo-{name}")
+
+
 @pytest.mark.parametrize("method", ["fp32", "ste", "sqpu", "hteqpu"])
 def test_a_fleet_of_one_is_its_solo_run_bit_for_bit(tmp_path, method):
     solo = run_fxp_train(*COMMON, "--method", method, "--seed", "4", "--epochs", "2", "-o", str(tmp_path / "solo"))
@@ -86,12 +97,7 @@ def test_members_keep_their_own_settings_and_write_their_own_runs(tmp_path):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["epochs_completed"] == m.get("epochs", 2) and summary["stop_reason"] == "epochs"
     # Each member is its solo run bit for bit (Note [Fleet forward]).
-    for m in members:
-        name = m["output_dir"].rsplit("/", 1)[1]
-        settings = {"method": "sqpu", "epochs": 2, **m, "output_dir": str(tmp_path / f"solo-{name}")}
-        solo = run_fxp_train(*COMMON, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
-        assert solo.returncode == 0, solo.stderr
-        assert_same_run(tmp_path / name, tmp_path / f"solo-{name}")
+    assert_members_are_their_solo_runs(tmp_path, members, method="sqpu", epochs=2)
 
 
 @pytest.mark.parametrize("method", ["ste", "sqpu"])
@@ -103,12 +109,7 @@ def test_lenet5_members_are_their_solo_runs(tmp_path, method):
                 "output_dir": str(tmp_path / "b")}]
     p = run_fleet(tmp_path, members, "--model", "lenet5", "--method", method, "--epochs", "2")
     assert p.returncode == 0, p.stderr
-    for m in members:
-        name = m["output_dir"].rsplit("/", 1)[1]
-        settings = {"model": "lenet5", "method": method, "epochs": 2, **m, "output_dir": str(tmp_path / f"solo-{name}")}
-        solo = run_fxp_train(*COMMON, *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()])
-        assert solo.returncode == 0, solo.stderr
-        assert_same_run(tmp_path / name, tmp_path / f"solo-{name}")
+    assert_members_are_their_solo_runs(tmp_path, members, model="lenet5", method=method, epochs=2)
 
 
 @pytest.mark.parametrize("method", ["fp32", "sqpu"])
