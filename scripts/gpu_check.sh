@@ -47,7 +47,7 @@ while (($#)); do
   fi
 done
 # The stages --only may name (the train_* stages by their full names).
-STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_train bench_fleet train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
+STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_pool bench_train bench_fleet train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
 train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
 train_lenet5_adapt_qpu bench_adapt memory_table ctest_rest demo pytest_rest train_default"
 if [[ -n $ONLY ]]; then
@@ -146,6 +146,8 @@ run error_paths 30 "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py"
 run bench_optim 30 "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
 run bench_quantize 20 "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --no-qtorch \
   --markdown "$LOGS/bench_quantize_cuda.md"
+run bench_pool 10 "$PYTHON" "$ROOT/scripts/bench_pool.py" --device cuda --min-run-time 0.2 \
+  --markdown "$LOGS/bench_pool_cuda.md"
 # Run directories (with checkpoints) stay in the build tree; only their summaries,
 # in the logs, travel back: the logs folder stays small enough to ship as one archive.
 RUNS=$BUILD/runs

@@ -71,12 +71,23 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // float32 too (LeNet-5's 6 and 16: tested), so fleet_layers runs a layer
 // grouped only where the tests show the solo bits (the paper CNN's second
 // convolution, 32 per group); every other convolution runs here.
-// Input [K, N, C, H, W]; output [N, K*out, H', W'], member m's channels in group m.
+// Input [K, N, C, H, W]; output [K, N, out, H', W'] (member-major: Note [Fleet layouts]).
 // fn(m) for every member: on the CPU spread over the threads, each call
 // running inline on its thread (ATen runs a parallel_for nested in another
 // inline); on a GPU in order, where the calls only queue kernels. The calling
 // thread's state (grad mode, the dispatcher's excluded keys) goes with each
 // task: OpenMP's threads do not inherit it.
+// Note [Fleet layouts]
+// A grouped convolution takes and gives [N, K*C, H, W], member m's channels
+// in group m. The per-member convolutions take and give member-major
+// [K, N, C, H, W] instead: there member m's activations, and their gradient
+// in the backward, are one dense block, which its solo-shaped oneDNN calls
+// read as they are (in the grouped layout each backward call first gathered
+// its member's strided gradient: 5% of a batch-64 step), and consecutive
+// per-member layers (all of LeNet-5's) need no transposes. The forward
+// switches layout where the layer kind changes, after the pooling, where the
+// tensor is smallest. Layouts move elements, never change them: each
+// member's element i keeps its solo index for the quantization's draws.
 template <class Fn>
 void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
   if (!device.is_cpu()) {
@@ -98,13 +109,12 @@ class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
     ctx->save_for_backward({x, weight});
     const bool has_bias = bias.numel() > 0;
     ctx->saved_data["bias"] = has_bias;
-    const int64_t k = x.size(0), n = x.size(1), out = weight.size(1);
+    const int64_t k = x.size(0);
     std::vector<torch::Tensor> per_member(static_cast<size_t>(k));
     for_each_member(x.device(), k, [&](int64_t m) {
       per_member[static_cast<size_t>(m)] = at::conv2d(x[m], weight[m], has_bias ? bias[m] : torch::Tensor());
     });
-    torch::Tensor y = torch::stack(per_member, 1);  // [N, K, out, H', W']
-    return y.view({n, k * out, y.size(3), y.size(4)});
+    return torch::stack(per_member, 0);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
@@ -114,7 +124,7 @@ class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
     const bool has_bias = ctx->saved_data["bias"].toBool();
     const bool input_grad = ctx->needs_input_grad(0);
     const int64_t k = x.size(0), out = weight.size(1);
-    const torch::Tensor g = grad_outputs[0];
+    const torch::Tensor g = grad_outputs[0].contiguous();  // [K, N, out, H', W']: each g[m] is dense
     torch::Tensor grad_x = input_grad ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
     torch::Tensor grad_bias = has_bias ? torch::empty({k, out}, weight.options()) : torch::Tensor();
@@ -122,7 +132,7 @@ class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
     for_each_member(x.device(), k, [&](int64_t m) {
       // What the solo convolution's backward computes, with the same outputs asked for.
       const auto grads = at::convolution_backward(
-          g.narrow(1, m * out, out).contiguous(), x[m], weight[m],
+          g[m], x[m], weight[m],
           has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, kUnit, kNone, kUnit, false, kNone, 1,
           {input_grad, true, has_bias});
       if (input_grad) grad_x[m].copy_(std::get<0>(grads));
@@ -331,8 +341,10 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
   std::iota(members.begin(), members.end(), range.first);
   const Chunk chunk{range, formats_.select(members)};
   const int64_t n = x.size(1);
-  // Note [Fleet forward]: member m's channels are group m of each grouped convolution.
-  torch::Tensor h;  // [N, K*C, H, W] while convolutions run, then [K, N, features]
+  // Note [Fleet layouts]: h is member-major [K, N, C, H, W] (the input, and
+  // the per-member convolutions' outputs), grouped [N, K*C, H, W] (a grouped
+  // convolution's), or [K, N, features] once the linear layers run.
+  torch::Tensor h = x;
   size_t next = 0;  // the layer's first parameter
   for (size_t l = 0; l < layers_.size(); ++l) {
     const FleetLayer& layer = layers_[l];
@@ -345,32 +357,40 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
     if (layer.conv) {
       const int64_t out = w.size(1), in = w.size(2);
       if (!layer.grouped && k > 1) {  // Note [Fleet member convolutions]
-        const torch::Tensor per_member =
-            l == 0 ? x.contiguous()  // x is [K, N, C, H, W] already
-                   : h.reshape({n, k, in, h.size(2), h.size(3)}).transpose(0, 1).contiguous();
-        y = FleetMemberConv::apply(per_member, weight, layer.bias ? bias : weight.new_empty({0}));
+        if (h.dim() == 4) h = h.view({n, k, in, h.size(2), h.size(3)}).transpose(0, 1);
+        y = FleetMemberConv::apply(h.contiguous(), weight, layer.bias ? bias : weight.new_empty({0}));
+        y = output(y.view({k, -1}), 0, chunk).view(y.sizes());
       } else {
-        if (l == 0) h = x.transpose(0, 1).reshape({n, k * x.size(2), x.size(3), x.size(4)});
+        if (h.dim() == 5) h = h.transpose(0, 1).reshape({n, k * in, h.size(3), h.size(4)});
         y = torch::conv2d(h, weight.reshape({k * out, in, w.size(3), w.size(4)}),
                           layer.bias ? bias.reshape({k * out}) : torch::Tensor(), kUnit, kNone, kUnit,
                           k);  // stride, padding, dilation, groups
+        const auto spatial = y.sizes().slice(2).vec();
+        y = output(y.reshape({n, k, -1}), 1, chunk).reshape({n, k * out, spatial[0], spatial[1]});
       }
-      const auto spatial = y.sizes().slice(2).vec();
-      y = output(y.reshape({n, k, -1}), 1, chunk).reshape({n, k * out, spatial[0], spatial[1]});
     } else {
-      if (h.dim() == 4) h = h.reshape({n, k, -1}).transpose(0, 1);  // [K, N, features], the solo flatten per member
+      if (h.dim() == 5) h = h.reshape({k, n, -1});  // the solo flatten per member
+      if (h.dim() == 4) h = h.reshape({n, k, -1}).transpose(0, 1);
       y = output(FleetLinear::apply(h, weight, bias), 0, chunk);  // Note [Fleet linear layers]
     }
-    switch (layer.activation) {
-      case FleetLayer::Activation::Relu: y = torch::relu(y); break;
-      case FleetLayer::Activation::Tanh: y = torch::tanh(y); break;
-      case FleetLayer::Activation::None: break;
+    // Activation and pooling act per element and per plane: on either layout, as 4-D.
+    const auto sizes = y.sizes().vec();
+    if (y.dim() == 5) y = y.view({k * n, sizes[2], sizes[3], sizes[4]});
+    if (layer.activation == FleetLayer::Activation::Relu && layer.pool == FleetLayer::Pool::Max2) {
+      y = relu_max_pool2x2(y);  // as the solo network pools
+    } else {
+      switch (layer.activation) {
+        case FleetLayer::Activation::Relu: y = torch::relu(y); break;
+        case FleetLayer::Activation::Tanh: y = torch::tanh(y); break;
+        case FleetLayer::Activation::None: break;
+      }
+      switch (layer.pool) {
+        case FleetLayer::Pool::Max2: y = torch::max_pool2d(y, 2); break;
+        case FleetLayer::Pool::Avg2: y = torch::avg_pool2d(y, 2); break;
+        case FleetLayer::Pool::None: break;
+      }
     }
-    switch (layer.pool) {
-      case FleetLayer::Pool::Max2: y = torch::max_pool2d(y, 2); break;
-      case FleetLayer::Pool::Avg2: y = torch::avg_pool2d(y, 2); break;
-      case FleetLayer::Pool::None: break;
-    }
+    if (sizes.size() == 5) y = y.view({k, n, y.size(1), y.size(2), y.size(3)});
     h = y;
   }
   return h;

@@ -36,11 +36,11 @@ const std::vector<FleetLayer>& fleet_layers(const std::string& model);
 
 // Note [Fleet forward]
 // Member m's layers compute what its solo network computes, for its own batch:
-// - the input [K, N, C, H, W] is laid out as [N, K*C, H, W], so a
-//   convolution can run as one grouped convolution (groups = K), member m's
-//   channels in group m (where that keeps the solo bits; else once per
-//   member, below), and each linear layer as one batched product (baddbmm)
-//   over [K, N, features];
+// - a convolution runs as one grouped convolution (groups = K) over
+//   [N, K*C, H, W], member m's channels in group m, where that keeps the
+//   solo bits, else once per member over member-major [K, N, C, H, W]
+//   (below; Note [Fleet layouts]), and each linear layer as one batched
+//   product (baddbmm) over [K, N, features];
 // - each output quantization and STE weight read is one quantize_members_ste
 //   call, with member m's format and rounding, over member m's slice in its
 //   solo layout (its element i is the element i of the solo tensor);

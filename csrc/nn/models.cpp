@@ -19,11 +19,6 @@ PaperCNNImpl::PaperCNNImpl(QuantConfig config, int64_t in_channels, int64_t num_
   fc2 = register_module("fc2", QLinear(128, num_classes, true, config));
 }
 
-torch::Tensor PaperCNNImpl::relu_pool(const torch::Tensor& y) const {
-  // Same values and gradients; the fused op saves one byte per output.
-  return fused_relu_pool ? fxp::relu_max_pool2d(y, {2, 2}) : torch::max_pool2d(torch::relu(y), 2);
-}
-
 void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
   if (weights) {
     conv1->pack_weights_();
@@ -38,18 +33,17 @@ void PaperCNNImpl::pack_(bool weights, bool saved_inputs) {
     conv2->packed.saved_input_format = std::vector<int64_t>{conv1->config.act_total_bits, conv1->config.act_frac_bits};
     fc1->packed.saved_input_format = std::vector<int64_t>{conv2->config.act_total_bits, conv2->config.act_frac_bits};
     fc2->packed.saved_input_format = std::vector<int64_t>{fc1->config.act_total_bits, fc1->config.act_frac_bits};
-    fused_relu_pool = true;
   }
 }
 
 torch::Tensor PaperCNNImpl::run(torch::Tensor x, LayerTrace* trace) {
   torch::Tensor y = conv1->forward(x);
   trace_layer(trace, "Conv2d", x, y, true, parameter_count(*conv1));
-  x = relu_pool(y);
+  x = relu_max_pool2x2(y);
   trace_layer(trace, "MaxPool2d", y, x, false, 0);
   y = conv2->forward(x);
   trace_layer(trace, "Conv2d", x, y, true, parameter_count(*conv2));
-  x = relu_pool(y).flatten(1);
+  x = relu_max_pool2x2(y).flatten(1);
   trace_layer(trace, "MaxPool2d", y, x, false, 0);
   y = fc1->forward(x);
   trace_layer(trace, "Linear", x, y, true, parameter_count(*fc1));
@@ -196,7 +190,7 @@ torch::Tensor AlexNetImpl::run(torch::Tensor x, LayerTrace* trace) {
     const torch::Tensor y = (*conv)->forward(x);
     trace_layer(trace, "Conv2d", x, y, true, parameter_count(**conv));
     if (pooled) {
-      x = torch::max_pool2d(torch::relu(y), 2);
+      x = relu_max_pool2x2(y);
       trace_layer(trace, "MaxPool2d", y, x, false, 0);
     } else {
       x = torch::relu(y);

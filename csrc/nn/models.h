@@ -21,17 +21,12 @@ class PaperCNNImpl : public NetworkImpl {
   // Packed storage for the whole network: every layer's weights (QPU methods)
   // and the saved inputs of conv2, fc1 and fc2, which are layer outputs on the
   // act grid (conv1's input is the float network input).
-  // saved_inputs also fuses each ReLU + max-pool (fxp::relu_max_pool2d).
   void pack_(bool weights, bool saved_inputs) override;
   QConv2d conv1{nullptr}, conv2{nullptr};
   QLinear fc1{nullptr}, fc2{nullptr};
-  bool fused_relu_pool = false;
 
  protected:
   torch::Tensor run(torch::Tensor x, LayerTrace* trace) override;
-
- private:
-  torch::Tensor relu_pool(const torch::Tensor& y) const;
 };
 TORCH_MODULE(PaperCNN);
 

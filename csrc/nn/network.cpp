@@ -16,6 +16,8 @@ void LayerTrace::add(const std::string& layer, const torch::Tensor& in, const to
   rows.push_back({layer, in[0].numel(), rounds ? out[0].numel() : 0, parameters, shape(in), shape(out)});
 }
 
+torch::Tensor relu_max_pool2x2(const torch::Tensor& y) { return fxp::relu_max_pool2d(y, {2, 2}); }
+
 int64_t parameter_count(const torch::nn::Module& module) {
   int64_t n = 0;
   for (const auto& p : module.parameters()) n += p.numel();

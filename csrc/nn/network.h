@@ -39,6 +39,14 @@ inline void trace_layer(LayerTrace* trace, const std::string& layer, const torch
 }
 int64_t parameter_count(const torch::nn::Module& module);
 
+// max_pool2d(relu(y), 2) as fxp::relu_max_pool2d, with ATen's values and
+// gradients (Note [Fused ReLU and max-pool]): its autograd keeps one byte per
+// output instead of 12 per input, and on the CPU it runs several times as
+// fast as ATen's pair from batch 16 up (Note [Four 2x2 windows at once],
+// scripts/bench_pool.py). Every network that pools after a ReLU, and every
+// fleet, pools with it.
+torch::Tensor relu_max_pool2x2(const torch::Tensor& y);
+
 // The default generators whose states a run's random draws depend on: the CPU
 // one (initialization; stochastic rounding on CPU) and, when `device` is a
 // CUDA device, that device's (stochastic rounding on CUDA), in this order.

@@ -877,6 +877,56 @@ def test_relu_max_pool2d_passes_the_gradient_of_a_nan_maximum_as_torch_does():
     assert torch.equal(fused[1][0], ref[1][0]) and fused[1][0][0, 0, 0, 1] == 5.0
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 11, 21), (1, 2, 8, 8), (3, 1, 2, 40)])
+def test_relu_max_pool2d_2x2_windows_four_at_a_time_equal_torch(shape):
+    """Float 2x2 windows run four at a time (Note [Four 2x2 windows at once]), the
+    rest of a row and the uncovered rows and columns one at a time: both are ATen's
+    scan bit for bit, with NaNs, infinities, ties and zeros of both signs."""
+    gen = torch.Generator().manual_seed(11)
+    x = fxp.quantize(torch.randn(shape, generator=gen), 4, 1)
+    flat, n = x.view(-1), x.numel() // 8
+    order = torch.randperm(x.numel(), generator=gen)
+    flat[order[:n]] = float("nan")
+    flat[order[n:2 * n]] = -0.0
+    flat[order[2 * n:2 * n + 3]] = float("inf")
+    flat[order[2 * n + 3:2 * n + 6]] = -float("inf")
+    x.requires_grad_()
+    g = torch.randn(F.max_pool2d(x.detach(), 2).shape, generator=gen)
+    g.view(-1)[::5] = -0.0
+    ref = _grads(lambda: F.max_pool2d(F.relu(x), 2), [x], g)
+    fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, 2), [x], g)
+    assert torch.isnan(ref[0]).any() and (ref[0] == 0).any()  # the cases are there
+    assert torch.equal(fused[0].view(torch.int32), ref[0].view(torch.int32))
+    assert torch.equal(fused[1][0].view(torch.int32), ref[1][0].view(torch.int32))
+
+
+@pytest.mark.parametrize("kernel", [2, (2, 3)])
+def test_relu_max_pool2d_has_torchs_second_derivative(kernel):
+    """Note [Double backward of the fused pool]: Hessian-vector products through the
+    fused op (MSQ's Hessian traces take them) equal those through ATen's pair."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 13, dtype=torch.float64, generator=gen).requires_grad_()
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    c = torch.randn(F.max_pool2d(x.detach(), k).shape, dtype=torch.float64, generator=gen)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+
+    def hvp(pool):
+        (g,) = torch.autograd.grad((pool(x) ** 2 * c).sum(), x, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), x)[0]
+
+    fused, ref = hvp(lambda t: fxp.ops.relu_max_pool2d(t, kernel)), hvp(lambda t: F.max_pool2d(F.relu(t), k))
+    assert fused.count_nonzero() > 0 and torch.equal(fused, ref)
+    assert torch.autograd.gradgradcheck(lambda t: fxp.ops.relu_max_pool2d(t, kernel), (x,))
+
+
+def test_relu_max_pool2d_backward_counts_invalid_positions_four_at_a_time():
+    positions = torch.zeros(1, 1, 2, 9, dtype=torch.uint8)
+    positions[0, 0, 0, 1], positions[0, 0, 1, 2], positions[0, 0, 1, 8] = 4, 254, 7  # two in a group of four, one after
+    positions[0, 0, 0, 3] = 255  # not positive: valid
+    with pytest.raises(ValueError, match=r"3 of 18 positions are not window positions"):
+        ops.relu_max_pool2d_backward(torch.ones(1, 1, 2, 9), positions, [2, 2], [1, 1, 4, 18])
+
+
 @pytest.mark.parametrize("case, message", [
     (dict(input_size=[1, 1, 6, 4]), r"an input of size \[1, 1, 6, 4\] pooled by \[2, 2\] does not give"),
     (dict(input_size=[2, 1, 4, 4]), "disagree on N and C"),

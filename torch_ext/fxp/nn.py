@@ -300,7 +300,6 @@ class PaperCNN(nn.Module):
         q = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
                  act_rounding=act_rounding)
         self.method = method
-        self.fused_relu_pool = False  # pack_() sets it
         self.conv1 = QConv2d(1, 32, 5, bias=False, **q)
         self.conv2 = QConv2d(32, 64, 5, bias=False, **q)
         self.fc1 = QLinear(1024, 128, **q)
@@ -312,9 +311,9 @@ class PaperCNN(nn.Module):
 
     def pack_(self) -> "PaperCNN":
         """Packed storage for the network (like ``fxp-train --packed``): QPU
-        weights as codes, the saved inputs of conv2, fc1 and fc2 (layer
-        outputs on the act grid) as codes, and each ReLU + max-pool fused
-        (:func:`fxp.ops.relu_max_pool2d`). Call after :meth:`quantize_parameters_`."""
+        weights as codes, and the saved inputs of conv2, fc1 and fc2 (layer
+        outputs on the act grid) as codes. Call after :meth:`quantize_parameters_`.
+        (Each ReLU + max-pool is :func:`fxp.ops.relu_max_pool2d` either way.)"""
         if self.method == "fp32":
             raise ValueError("PaperCNN.pack_: fp32 has no grid to pack onto")
         if self.method in ("sqpu", "hteqpu"):
@@ -322,17 +321,11 @@ class PaperCNN(nn.Module):
                 layer.pack_weights_()
         for prev, layer in ((self.conv1, self.conv2), (self.conv2, self.fc1), (self.fc1, self.fc2)):
             layer.saved_input_format = prev.act_format
-        self.fused_relu_pool = True
         return self
 
-    def _relu_pool(self, y: Tensor) -> Tensor:
-        if self.fused_relu_pool:  # saves one byte per output; same values and gradients
-            return fxp_ops.relu_max_pool2d(y, 2)
-        return F.max_pool2d(F.relu(y), 2)
-
     def forward(self, x: Tensor) -> Tensor:
-        x = self._relu_pool(self.conv1(x))
-        x = self._relu_pool(self.conv2(x))
+        x = fxp_ops.relu_max_pool2d(self.conv1(x), 2)
+        x = fxp_ops.relu_max_pool2d(self.conv2(x), 2)
         x = F.relu(self.fc1(torch.flatten(x, 1)))
         return self.fc2(x)  # logits; the softmax lives in the loss
 

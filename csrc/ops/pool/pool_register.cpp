@@ -70,6 +70,52 @@ class ReluMaxPool2dFunction : public torch::autograd::Function<ReluMaxPool2dFunc
   }
 };
 
+// Note [Double backward of the fused pool]
+// The backward scatters each output's gradient to its window position, so its
+// own gradient gathers: ggo = ggx at the position, 0 where the maximum was
+// not positive; the positions are piecewise constant in x, so x gets none.
+// That is what ATen's pair gives (max_pool's double backward gathers at its
+// indices, relu's masks where its output is not positive). MSQ's Hessian
+// traces (Hessian-vector products, create_graph) need it.
+at::Tensor gather_at_positions(const at::Tensor& ggx, const at::Tensor& positions, at::IntArrayRef kernel_size) {
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  const int64_t n = positions.size(0), c = positions.size(1), oh = positions.size(2), ow = positions.size(3);
+  const at::Tensor windows = ggx.narrow(2, 0, oh * kh)
+                                 .narrow(3, 0, ow * kw)
+                                 .reshape({n, c, oh, kh, ow, kw})
+                                 .permute({0, 1, 2, 4, 3, 5})
+                                 .reshape({n, c, oh, ow, kh * kw});
+  const at::Tensor pos = positions.to(at::kLong);
+  const at::Tensor not_positive = pos.eq(kernels::kNotPositive);
+  return windows.gather(4, pos.masked_fill(not_positive, 0).unsqueeze(4)).squeeze(4).masked_fill(not_positive, 0);
+}
+
+class ReluMaxPool2dBackwardFunction : public torch::autograd::Function<ReluMaxPool2dBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& positions,
+                            at::IntArrayRef kernel_size, c10::SymIntArrayRef input_size) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({positions});
+    ctx->saved_data["kernel_size"] = kernel_size.vec();
+    return relu_max_pool2d_backward(grad_out, positions, kernel_size, input_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const at::Tensor ggo = gather_at_positions(grad_outputs[0], ctx->get_saved_variables()[0],
+                                               ctx->saved_data["kernel_size"].toIntVector());
+    return {ggo, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor relu_max_pool2d_backward_autograd(const at::Tensor& grad_out, const at::Tensor& positions,
+                                             at::IntArrayRef kernel_size, c10::SymIntArrayRef input_size) {
+  if (!(at::GradMode::is_enabled() && grad_out.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return relu_max_pool2d_backward(grad_out, positions, kernel_size, input_size);
+  }
+  return ReluMaxPool2dBackwardFunction::apply(grad_out, positions, kernel_size, input_size);
+}
+
 at::Tensor relu_max_pool2d_autograd(const at::Tensor& x, at::IntArrayRef kernel_size) {
   if (!(at::GradMode::is_enabled() && x.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -88,7 +134,8 @@ TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) { m.impl("relu_max_pool2d"
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   m.impl("relu_max_pool2d", &relu_max_pool2d_autograd);
-  register_not_differentiable(m, {"relu_max_pool2d_with_positions", "relu_max_pool2d_backward"});
+  m.impl("relu_max_pool2d_backward", &relu_max_pool2d_backward_autograd);  // Note [Double backward of the fused pool]
+  register_not_differentiable(m, {"relu_max_pool2d_with_positions"});
 }
 
 }  // namespace fxp

@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Benchmark fxp's fused ReLU + 2x2 max-pool against ATen's pair, measured in the same run.
+
+For the pooled layers of the paper's CNN (conv1's [N, 32, 24, 24] and conv2's
+[N, 64, 8, 8] outputs) at a few batch sizes, it times (median of
+torch.utils.benchmark's blocked_autorange):
+  torch   F.max_pool2d(F.relu(x), 2)
+  fxp     fxp.ops.relu_max_pool2d(x, 2)
+each as a forward alone (no grad) and as forward plus backward, and prints
+ATen's time over fxp's (above 1: fxp is faster). Both give the same values and
+gradient bits (tests/python/test_packed.py); fxp-train pools with fxp's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from datetime import datetime, timezone
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as tbench
+from bench_report import BenchReport
+
+import fxp  # noqa: F401  (registers torch.ops.fxp)
+
+
+def pools():
+    def torch_pool(x):
+        return F.max_pool2d(F.relu(x), 2)
+
+    def fxp_pool(x):
+        return torch.ops.fxp.relu_max_pool2d(x, [2, 2])
+
+    return {"torch": torch_pool, "fxp": fxp_pool}
+
+
+def time_it(fn, x, grad, backward, device, min_run_time):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward_only():
+        with torch.no_grad():
+            fn(x)
+        sync()
+
+    def forward_backward():
+        x.grad = None
+        fn(x).backward(grad)
+        sync()
+
+    step = forward_backward if backward else forward_only
+    step()
+    timer = tbench.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated (default 1,16,64,256)")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--markdown", help="also write the table to this markdown file")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}")
+    if not batches or min(batches) < 1:
+        parser.error("--batch-sizes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
+    header = (f"fxp ReLU + 2x2 max-pool benchmark, float32, {args.device} ({device_name}, "
+              f"{torch.get_num_threads()} threads), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}")
+    report = BenchReport(header, "Speed-up = ATen's time / fxp's, measured in the same run; the same values and "
+                                 "gradient bits.")
+    rows = []
+    for shape in ([32, 24, 24], [64, 8, 8]):
+        for n in batches:
+            gen = torch.Generator().manual_seed(n)
+            x = torch.randn([n, *shape], generator=gen).to(args.device).requires_grad_()
+            grad = torch.randn([n, shape[0], shape[1] // 2, shape[2] // 2], generator=gen).to(args.device)
+            t = {(name, bwd): time_it(fn, x, grad, bwd, args.device, args.min_run_time)
+                 for name, fn in pools().items() for bwd in (False, True)}
+            rows.append([f"[{n}, {', '.join(map(str, shape))}]",
+                         f"{t['torch', False] * 1e6:.1f}", f"{t['fxp', False] * 1e6:.1f}",
+                         f"{t['torch', False] / t['fxp', False]:.2f}x",
+                         f"{t['torch', True] * 1e6:.1f}", f"{t['fxp', True] * 1e6:.1f}",
+                         f"{t['torch', True] / t['fxp', True]:.2f}x"])
+    report.table("ReLU + 2x2 max-pool", ["input", "torch forward (us)", "fxp forward (us)", "forward speed-up",
+                                         "torch fwd+bwd (us)", "fxp fwd+bwd (us)", "fwd+bwd speed-up"], rows)
+    report.save(args.markdown)
+
+
+if __name__ == "__main__":
+    main()
