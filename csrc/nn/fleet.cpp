@@ -72,11 +72,7 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // grouped only where the tests show the solo bits (the paper CNN's second
 // convolution, 32 per group); every other convolution runs here.
 // Input [K, N, C, H, W]; output [K, N, out, H', W'] (member-major: Note [Fleet layouts]).
-// fn(m) for every member: on the CPU spread over the threads, each call
-// running inline on its thread (ATen runs a parallel_for nested in another
-// inline); on a GPU in order, where the calls only queue kernels. The calling
-// thread's state (grad mode, the dispatcher's excluded keys) goes with each
-// task: OpenMP's threads do not inherit it.
+
 // Note [Fleet layouts]
 // A grouped convolution takes and gives [N, K*C, H, W], member m's channels
 // in group m. The per-member convolutions take and give member-major
@@ -88,6 +84,12 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // switches layout where the layer kind changes, after the pooling, where the
 // tensor is smallest. Layouts move elements, never change them: each
 // member's element i keeps its solo index for the quantization's draws.
+
+// fn(m) for every member: on the CPU spread over the threads, each call
+// running inline on its thread (ATen runs a parallel_for nested in another
+// inline); on a GPU in order, where the calls only queue kernels. The calling
+// thread's state (grad mode, the dispatcher's excluded keys) goes with each
+// task: OpenMP's threads do not inherit it.
 template <class Fn>
 void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
   if (!device.is_cpu()) {

@@ -14,8 +14,8 @@
 // - outputs (and tensors written in place) of a call whose inputs require
 //   grad get an Error node: the forward works, and a backward through it
 //   raises and points to quantize_ste, the op with a (straight-through) gradient.
-// The ops with gradients (quantize_ste, linear, conv2d, relu_max_pool2d)
-// register their own Autograd kernels.
+// The ops with gradients (quantize_ste, linear, conv2d, relu_max_pool2d and
+// relu_max_pool2d_backward) register their own Autograd kernels.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/autograd.h>

@@ -289,6 +289,9 @@ class PaperCNN(nn.Module):
     conv 5x5 1->32, max-pool 2; conv 5x5 32->64, max-pool 2; linear 1024->128;
     linear 128->10. No conv bias, linear bias; ReLU after every layer but the last.
     Every conv and linear output is quantized (unless the method is fp32).
+    Each ReLU + max-pool is :func:`fxp.ops.relu_max_pool2d`, as in fxp-train
+    (torch's values and gradients; its C++ autograd function leaves the
+    model, even in fp32, outside ``torch.func`` transforms).
     """
 
     def __init__(self, method: Method = "fp32", param_format: Optional[FxpFormat] = None,

@@ -457,8 +457,11 @@ def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Te
     or that it was not positive) instead of ReLU's float output and the
     pool's int64 indices. Values and gradients equal torch's bit for bit,
     also where a window's maximum is NaN (its gradient passes, as ReLU's does),
-    and so do second derivatives (double backward). On the CPU, float32 2x2
-    windows run four at a time: several times faster than torch's pair."""
+    and so do second derivatives through ``grad_out`` (double backward; x gets
+    none, where torch's pair gives zeros: ask with ``allow_unused=True``). Its
+    gradient is a C++ autograd function, so ``torch.func`` transforms do not
+    apply. On the CPU, float32 2x2 windows run four at a time: several times
+    faster than torch's pair."""
     return _ops.relu_max_pool2d(_tensor("relu_max_pool2d", "x", x), _pair("relu_max_pool2d", "kernel_size", kernel_size))
 
 
