@@ -23,6 +23,23 @@ namespace {
 constexpr int64_t kUnit[] = {1, 1};
 constexpr int64_t kNone[] = {0, 0};
 
+// fn(m) for every member: on the CPU spread over the threads, each call
+// running inline on its thread (ATen runs a parallel_for nested in another
+// inline); on a GPU in order, where the calls only queue kernels. The calling
+// thread's state (grad mode, the dispatcher's excluded keys) goes with each
+// task: OpenMP's threads do not inherit it.
+template <class Fn>
+void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
+  if (!device.is_cpu()) {
+    for (int64_t m = 0; m < members; ++m) fn(m);
+    return;
+  }
+  const at::ThreadLocalState state;
+  at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    for (int64_t m = begin; m < end; ++m) fn(m);
+  });
+}
 
 // Note [Fleet linear layers]
 // Member m's linear layer is y[m] = h[m] W[m]^T + b[m], one baddbmm for all
@@ -32,8 +49,9 @@ constexpr int64_t kNone[] = {0, 0};
 // layer's small 10 x 128 outputs takes another kernel than mm. Either way
 // float32 results differ in the last bits. So the fleet layer has its own
 // backward, in the solo layer's orientation and kernels: dh = g W (batched:
-// the same bits), dW[m] = g[m]^T h[m] (one mm per member), db = the sum of g
-// over the batch.
+// the same bits), dW[m] = g[m]^T h[m] (one mm per member, the members spread
+// over the threads: each mm then runs on one thread, and its bits do not
+// depend on the thread count here: tested), db = the sum of g over the batch.
 class FleetLinear : public torch::autograd::Function<FleetLinear> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h,
@@ -48,12 +66,13 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
     const torch::Tensor& weight = saved[1];
     const torch::Tensor g = grad_outputs[0];
     // dW per member: a batched product of small outputs (the 10 x 128 of the
-    // last layer) takes another kernel than mm in float32, one mm per member does not.
+    // last layer) takes another kernel than mm in float32, one mm per member
+    // does not; the members' products spread over the threads (for_each_member).
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
-    for (int64_t m = 0; m < g.size(0); ++m) {
+    for_each_member(g.device(), g.size(0), [&](int64_t m) {
       torch::Tensor row = grad_weight.select(0, m);
       torch::mm_out(row, g.select(0, m).t(), h.select(0, m));
-    }
+    });
     return {torch::bmm(g, weight), grad_weight, g.sum(1)};
   }
 };
@@ -84,24 +103,6 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // switches layout where the layer kind changes, after the pooling, where the
 // tensor is smallest. Layouts move elements, never change them: each
 // member's element i keeps its solo index for the quantization's draws.
-
-// fn(m) for every member: on the CPU spread over the threads, each call
-// running inline on its thread (ATen runs a parallel_for nested in another
-// inline); on a GPU in order, where the calls only queue kernels. The calling
-// thread's state (grad mode, the dispatcher's excluded keys) goes with each
-// task: OpenMP's threads do not inherit it.
-template <class Fn>
-void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
-  if (!device.is_cpu()) {
-    for (int64_t m = 0; m < members; ++m) fn(m);
-    return;
-  }
-  const at::ThreadLocalState state;
-  at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(state);
-    for (int64_t m = begin; m < end; ++m) fn(m);
-  });
-}
 
 class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
  public:
@@ -339,9 +340,14 @@ torch::Tensor NetworkFleet::forward_members(const torch::Tensor& x, const Member
                 "fxp::nn::NetworkFleet: parameter ", i, " is ", params[i].sizes(), ", expected [", k, "] + ",
                 stacks_[i].sizes().slice(1));
   }
-  std::vector<int64_t> members(static_cast<size_t>(k));
-  std::iota(members.begin(), members.end(), range.first);
-  const Chunk chunk{range, formats_.select(members)};
+  MemberFormats selected;  // a chunk's formats; the whole fleet's are formats_
+  const bool whole_fleet = range.first == 0 && k == size();
+  if (!whole_fleet) {
+    std::vector<int64_t> members(static_cast<size_t>(k));
+    std::iota(members.begin(), members.end(), range.first);
+    selected = formats_.select(members);
+  }
+  const Chunk chunk{range, whole_fleet ? formats_ : selected};
   const int64_t n = x.size(1);
   // Note [Fleet layouts]: h is member-major [K, N, C, H, W] (the input, and
   // the per-member convolutions' outputs), grouped [N, K*C, H, W] (a grouped

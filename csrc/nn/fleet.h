@@ -113,7 +113,7 @@ class NetworkFleet {
   // The members a forward runs (a chunk, or all): their range and their formats.
   struct Chunk {
     MemberRange range;
-    MemberFormats formats;
+    const MemberFormats& formats;
   };
 
   // One key per member of the chunk (0 where its rounding is deterministic).

@@ -214,9 +214,10 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
-// Note [Fleet member convolutions]: a member's convolutions run on one thread
-// each while its solo run's use them all; oneDNN's results here do not depend
-// on the thread count (4 threads: more than this machine's cores, so every
+// Note [Fleet member convolutions] and Note [Fleet linear layers]: a member's
+// convolutions and weight-gradient products run on one thread each while its
+// solo run's use them all; oneDNN's and mm's results here do not depend on
+// the thread count (4 threads: more than this machine's cores, so every
 // split the solo calls can make happens).
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
   const int threads = at::get_num_threads();

@@ -81,17 +81,20 @@ TEST(Philox, GeneratorDrawsNeverMeetTheNextTorchOp) {
 namespace {
 
 // Every CPU build's vectorized Philox equals the scalar definition, including
-// block indices whose low word wraps (the carry into the high word) and runs
-// that end in the scalar tail.
+// block indices whose low word wraps (the carry into the high word) in the
+// first and in a later interleaved group (Note [Philox in interleaved
+// groups]), and runs that end in narrower groups and the scalar tail.
 TEST(Philox, CpuBuildsMatchScalar) {
-  const uint64_t firsts[] = {0, (uint64_t{1} << 32) - 21, (uint64_t{1} << 33) - 3, 123456789};
+  // Wraps in the first group, in a later group of four, and in a one-group call.
+  const uint64_t firsts[] = {0, (uint64_t{1} << 33) - 3, (uint64_t{1} << 32) - 21, (uint64_t{1} << 32) - 37,
+                             123456789};
   for (const std::string cap : {"default", "avx2", "avx512"}) {
     if (!fxp::kernels::cpu_capability_available(cap)) {
       std::cout << "[   INFO   ] " << cap << " not available on this CPU\n";
       continue;
     }
     for (const uint64_t first : firsts) {
-      constexpr int64_t kBlocks = 16 + 8 + 5;
+      constexpr int64_t kBlocks = 32 + 16 + 8 + 5;  // every group width, then the tail
       std::vector<uint32_t> got(4 * kBlocks);
       fxp::kernels::philox_fill_cpu(cap, 0xDEADBEEFCAFEF00Dull, 99, first, kBlocks, got.data());
       for (int64_t j = 0; j < kBlocks; ++j) {
