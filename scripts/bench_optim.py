@@ -18,12 +18,10 @@ HTEQPU <= 1.15x, packed no slower than the same method on float storage.
 from __future__ import annotations
 
 import argparse
-import platform
-from datetime import datetime, timezone
 
 import torch
 import torch.utils.benchmark as tbench
-from bench_report import BenchReport
+from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 import fxp
 from fxp.optim import QPUSGD
@@ -138,24 +136,15 @@ def time_step(make, device, min_run_time):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--large-total", type=float, default=1e8, help="parameters in the large set (default 1e8)")
     parser.add_argument("--large-tensors", type=int, default=300, help="tensors in the large set (default 300)")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+    add_timing_args(parser, min_run_time=1.0)
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    run = apply_timing_args(parser, args)
     if args.large_total < 1 or args.large_tensors < 1:
         parser.error("--large-total and --large-tensors must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
-    header = (f"fxp optimizer-step benchmark, {FMT} parameters and momentum, float32, {args.device} "
-              f"({device_name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}")
+    header = f"fxp optimizer-step benchmark, {FMT} parameters and momentum, float32, {run}"
     report = BenchReport(header, "Targets (large set): SQPU <= 1.5x and HTEQPU <= 1.15x torch's fused SGD step "
                                  "on CPU (<= 1.1x on CUDA); packed no slower than float storage on CPU "
                                  "(<= 0.8x torch's fused SGD on CUDA).")

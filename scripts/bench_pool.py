@@ -14,13 +14,11 @@ gradient bits (tests/python/test_packed.py); fxp-train pools with fxp's.
 from __future__ import annotations
 
 import argparse
-import platform
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as tbench
-from bench_report import BenchReport
+from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 import fxp  # noqa: F401  (registers torch.ops.fxp)
 
@@ -56,26 +54,18 @@ def time_it(fn, x, grad, backward, device, min_run_time):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated (default 1,16,64,256)")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--markdown", help="also write the table to this markdown file")
+    add_timing_args(parser, min_run_time=0.5)
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    run = apply_timing_args(parser, args)
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         parser.error(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}")
     if not batches or min(batches) < 1:
         parser.error("--batch-sizes must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.machine()
-    header = (f"fxp ReLU + 2x2 max-pool benchmark, float32, {args.device} ({device_name}, "
-              f"{torch.get_num_threads()} threads), torch {torch.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}")
+    header = f"fxp ReLU + 2x2 max-pool benchmark, float32, {run}"
     report = BenchReport(header, "Speed-up = ATen's time / fxp's, measured in the same run; the same values and "
                                  "gradient bits.")
     rows = []

@@ -14,13 +14,11 @@ and fxp's speed-up over each baseline. --markdown writes the same tables.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-from datetime import datetime, timezone
 
 import torch
 import torch.utils.benchmark as tbench
-from bench_report import BenchReport
+from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 import fxp
 
@@ -81,30 +79,21 @@ def time_one(fn, x, min_run_time: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"),
                         help="comma-separated element counts (default 1e4,1e5,1e6,1e7,1e8)")
     parser.add_argument("--format", default="8,4", help="total_bits,frac_bits (default 8,4)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--no-qtorch", action="store_true", help="leave QPyTorch out")
-    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+    add_timing_args(parser, min_run_time=0.3)
     args = parser.parse_args()
+    run = apply_timing_args(parser, args)
     try:
         fmt = fxp.FxpFormat(*[int(v) for v in args.format.split(",")])
     except (TypeError, ValueError) as exc:
         parser.error(f"--format: {exc}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     qtorch_fpq = None if args.no_qtorch else load_qtorch()
     fns = methods(fmt, qtorch_fpq)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    header = (f"fxp quantize benchmark, {fmt}, float32, {args.device} ({device_name}, "
-              f"{torch.get_num_threads()} threads), torch {torch.__version__}, "
-              f"{datetime.now(timezone.utc):%Y-%m-%d}")
+    header = f"fxp quantize benchmark, {fmt}, float32, {run}"
     report = BenchReport(header, f"Targets: {TARGETS[args.device]}.")
     for n in args.sizes:
         x = torch.randn(n, device=args.device)

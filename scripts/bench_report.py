@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import pathlib
+import platform
 import sys
+from datetime import datetime, timezone
 
 from rich.console import Console
 from rich.table import Table
@@ -33,6 +36,34 @@ class BenchReport:
             with open(path, "w") as fh:
                 fh.write("\n".join(self.markdown) + "\n")
             self.console.print(f"wrote {path}")
+
+
+def add_timing_args(parser: argparse.ArgumentParser, min_run_time: float) -> None:
+    """The arguments of the benchmarks that time ops in this process: --device, --min-run-time,
+    --threads and --markdown."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--min-run-time", type=float, default=min_run_time,
+                        help=f"seconds per measurement (default {min_run_time:g})")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+
+
+def apply_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """Checks --device and --threads, sets the threads, and returns what a report's header says of
+    the run: device (its name, threads), torch version, date."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    if args.min_run_time <= 0:
+        parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    return (f"{args.device} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+            f"{datetime.now(timezone.utc):%Y-%m-%d}")
 
 
 def write_csv(path: pathlib.Path, rows: list[dict]) -> None:

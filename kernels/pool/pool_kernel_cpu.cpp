@@ -109,13 +109,14 @@ template <typename scalar_t>
 void relu_max_pool2d_planes(const scalar_t* xp, scalar_t* yp, uint8_t* pos, int64_t begin, int64_t end,
                             int64_t height, int64_t width, int64_t out_h, int64_t out_w, int kh, int kw) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool four_at_once = std::is_same_v<scalar_t, float> && kh == 2 && kw == 2;  // Note [Four 2x2 windows at once]
   for (int64_t p = begin; p < end; ++p) {
     const scalar_t* plane = xp + p * height * width;
     for (int64_t oh = 0; oh < out_h; ++oh) {
       const int64_t row = (p * out_h + oh) * out_w;
       int64_t ow = 0;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (kh == 2 && kw == 2) {  // Note [Four 2x2 windows at once]
+        if (four_at_once) {
           const float* a = plane + 2 * oh * width;
           ow = relu_max_pool2x2_row_sse(a, a + width, out_w, yp + row, pos + row);
         }
@@ -134,13 +135,13 @@ int64_t relu_max_pool2d_backward_planes(const scalar_t* gp, const uint8_t* pos, 
                                         int kh, int kw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int window = kh * kw;
+  const bool four_at_once = std::is_same_v<scalar_t, float> && kh == 2 && kw == 2;  // Note [Four 2x2 windows at once]
   int64_t bad = 0;
   for (int64_t p = begin; p < end; ++p) {
     scalar_t* plane = gx + p * height * width;
     int64_t done = 0;  // windows per row the 2x2 path wrote
-    bool zeroed = false;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (kh == 2 && kw == 2) {
+      if (four_at_once) {
         for (int64_t oh = 0; oh < out_h; ++oh) {
           const int64_t row = (p * out_h + oh) * out_w;
           float* a = plane + 2 * oh * width;
@@ -149,10 +150,9 @@ int64_t relu_max_pool2d_backward_planes(const scalar_t* gp, const uint8_t* pos, 
           std::fill(a + width + 2 * done, a + 2 * width, 0.0f);
         }
         std::fill(plane + 2 * out_h * width, plane + height * width, 0.0f);
-        zeroed = true;
       }
     }
-    if (!zeroed) std::fill(plane, plane + height * width, scalar_t(0));
+    if (!four_at_once) std::fill(plane, plane + height * width, scalar_t(0));
     for (int64_t oh = 0; oh < out_h; ++oh) {
       for (int64_t ow = done; ow < out_w; ++ow) {
         const int64_t o = (p * out_h + oh) * out_w + ow;
