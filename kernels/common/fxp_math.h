@@ -164,6 +164,16 @@ FXP_HOST_DEVICE T round_floor(T t) {
 #endif
 }
 
+// The integer part of t, toward zero, keeping t's sign (trunc(-0.5) = -0).
+template <typename T>
+FXP_HOST_DEVICE T round_trunc(T t) {
+#if defined(__CUDA_ARCH__) || defined(__SSE4_1__)
+  return std::trunc(t);  // one instruction (roundps with the truncating mode)
+#else
+  return fxp_copysign(round_floor(fxp_abs(t)), t);
+#endif
+}
+
 // 2^e for |e| <= 62, exact in float and double.
 template <typename T>
 FXP_HOST_DEVICE T exp2_int(int e) {

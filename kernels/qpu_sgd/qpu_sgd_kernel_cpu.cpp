@@ -42,19 +42,23 @@ FXP_QPU_INLINE ExactSplit<T, I> param_code(const S* p, int64_t i, T value, const
   }
 }
 
-// Writes a result code as S; returns 1 for a NaN that a code cannot hold (the
-// old code stays; Note [Packed QPU step]).
+// Writes a result code as S: a NaN result as the quiet NaN (float storage)
+// or, as a code cannot hold it, the old code (packed; Note [Packed QPU
+// step]). The caller counts the NaNs.
 template <typename T, typename S, typename I>
-FXP_QPU_INLINE int32_t store_code(S* p, int64_t i, I code, bool nan, T inv_scale) {
+FXP_QPU_INLINE void store_code(S* p, int64_t i, I code, I old_code, bool nan, T inv_scale) {
   if constexpr (std::is_floating_point_v<S>) {
     p[i] = nan ? quiet_nan<S>() : code_to_float<S>(code) * inv_scale;
-    return 0;
+  } else if constexpr (std::is_floating_point_v<I>) {
+    // A float code is NaN exactly when its result is (split_exact), and is
+    // never converted then. A select on the code itself vectorizes in every
+    // form; one on the flag does not (paper_eq6), and a bit mask over a
+    // reload costs more instructions.
+    p[i] = static_cast<S>(static_cast<int32_t>(code == code ? code : old_code));
   } else {
-    // A bit mask, not a select: GCC folds a select into the NaN count and then
-    // cannot vectorize the loop.
+    // An int64 code (0 for a NaN result): a bit mask, which GCC vectorizes.
     const int32_t keep = -static_cast<int32_t>(nan);
     p[i] = static_cast<S>((static_cast<int32_t>(p[i]) & keep) | (static_cast<int32_t>(code) & ~keep));
-    return keep & 1;
   }
 }
 
@@ -79,10 +83,13 @@ Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, c
     const T wi = load_value<T>(w, i, c.inv_scale);
     const ExactSplit<T, I> w_code = param_code<I>(w, i, wi, c);
     const T vi = kMomentum ? load_value<T>(v, i, c.momentum_inv_scale) : T(0);
+    const I v_code = kMomentum && !std::is_floating_point_v<V> ? static_cast<I>(v[i]) : I(0);
     const QpuElementResult<I> r =
         qpu_update_element<R, Form, kMomentum, kNesterov, kFloatParam>(wi, w_code, g[i], vi, c, wb, vb);
-    nans += store_code<T>(w, i, r.param, r.param_nan, c.inv_scale);
-    if constexpr (kMomentum) nans += store_code<T>(v, i, r.momentum, r.momentum_nan, c.momentum_inv_scale);
+    store_code<T>(w, i, r.param, w_code.whole, r.param_nan, c.inv_scale);
+    if constexpr (kMomentum) store_code<T>(v, i, r.momentum, v_code, r.momentum_nan, c.momentum_inv_scale);
+    if constexpr (!kFloatParam) nans += r.param_nan;
+    if constexpr (kMomentum && !std::is_floating_point_v<V>) nans += r.momentum_nan;
     saturated += r.saturated;
     vanished += r.vanished;
   }

@@ -219,15 +219,28 @@ def test_packed_step_mixed_storage_and_errors():
         _step([w12_stream], [g], [torch.zeros(150, dtype=torch.uint8)], case12, 1)
 
 
-def test_packed_step_nan_is_an_error_and_keeps_old_codes():
-    fmt = FxpFormat(16, 10)
-    w_codes = fxp.pack(torch.ones(8), fmt)
-    g = torch.ones(8)
-    g[[2, 5]] = float("nan")
-    v = torch.zeros(8, dtype=torch.int16)
-    with pytest.raises(ValueError, match="4 updated values are NaN"):  # two params, two momenta
-        _step([w_codes], [g], [v], STEP_CASES[1], 0)
-    assert w_codes[2].item() == w_codes[5].item() == 1024 and w_codes[0].item() != 1024
+@pytest.mark.parametrize("case", STEP_CASES)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.float64])
+def test_packed_step_nan_is_an_error_and_keeps_old_codes(case, grad_dtype):
+    """NaN grads in the middle of a vector's worth of elements: those parameters and momenta keep their old
+    (nonzero) codes, every other element steps, and the error counts the NaN results."""
+    fmt, mfmt = FxpFormat(*case["fmt"]), FxpFormat(*case["mfmt"])
+    n, bad = 40, [2, 5, 21]
+    w_codes = fxp.pack(torch.linspace(-0.9, 0.9, n), fmt)
+    g = torch.ones(n, dtype=grad_dtype)
+    g[bad] = float("nan")
+    v = [fxp.pack(torch.linspace(0.4, -0.4, n), mfmt)] if case["momentum"] > 0 else []
+    w_before, v_before = w_codes.clone(), [t.clone() for t in v]
+    nan_results = len(bad) * (2 if v else 1)
+    with pytest.raises(ValueError, match=f"{nan_results} updated values are NaN"):
+        _step([w_codes], [g], v, case, 0)
+    good = torch.ones(n, dtype=torch.bool)
+    good[bad] = False
+    assert torch.equal(w_codes[bad], w_before[bad]) and torch.all(w_before[bad] != 0)
+    assert not torch.equal(w_codes[good], w_before[good])
+    if v:
+        assert torch.equal(v[0][bad], v_before[0][bad]) and torch.all(v_before[0][bad] != 0)
+        assert not torch.equal(v[0][good], v_before[0][good])
 
 
 # --- conv and linear with packed storage ------------------------------------------
