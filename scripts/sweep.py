@@ -45,7 +45,8 @@ def parse_args(argv=None):
                    help="print the run counts (by method and by status) and the first runs; run nothing")
     p.add_argument("--list", action="store_true", help="with --dry-run: print every selected run id")
     p.add_argument("--estimate", metavar="CSV",
-                   help="with --dry-run: extrapolate the wall time from a throughput CSV of scripts/bench_train.py")
+                   help="with --dry-run: extrapolate the wall time from a throughput CSV of scripts/bench_train.py "
+                        "(images/s per model, method and batch size; every model and method of the grid must be in it)")
     p.add_argument("--fleet-throughput", metavar="CSV",
                    help="with --estimate: scripts/bench_fleet.py's CSV; runs in fleets train faster by their "
                         "fleet's measured speed-up (docs/benchmarks.md)")

@@ -595,16 +595,39 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
 # ---- wall-time estimates -----------------------------------------------------------
 
 def load_throughput(path) -> dict:
-    """{method: [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's CSV."""
+    """{(model, method): [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's
+    CSV (a CSV without a model column measured the paper's CNN; a method may carry bench_train's
+    variants, as in sqpu:packed)."""
     import csv
     table: dict = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            table.setdefault(row["method"], []).append(
+            key = (row.get("model") or "paper_cnn", row["method"])
+            table.setdefault(key, []).append(
                 (int(row["batch_size"]), float(row["train_images_per_s"]), float(row["val_images_per_s"])))
     if not table:
         raise ValueError("no measurements")
-    return {m: sorted(v) for m, v in table.items()}
+    return {key: sorted(v) for key, v in table.items()}
+
+
+# Training and test images of each dataset (docs/models.md; EMNIST's balanced split), which a run
+# without --train-limit / --val-limit goes through every epoch.
+DATASET_IMAGES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "emnist": (112800, 18800),
+                  "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
+
+
+def throughput_points(throughput: dict, config: dict) -> list:
+    """The measured points for a run's model and method: its packed variant's where measured (bench_train's
+    METHOD:packed), else the plain method's. A model or method without measurements is an error that names
+    what the CSV holds, not a silent borrowing of another model's speed."""
+    model, method = config.get("model", "paper_cnn"), config["method"]
+    if config.get("packed") and (model, f"{method}:packed") in throughput:
+        return throughput[(model, f"{method}:packed")]
+    if (model, method) not in throughput:
+        measured = ", ".join(f"{m} {me}" for m, me in sorted(throughput))
+        raise ValueError(f"no throughput measured for model {model}, method {method} (measured: {measured}); "
+                         f"run scripts/bench_train.py --model {model} --methods {method}")
+    return throughput[(model, method)]
 
 
 def _interpolate(points, batch: int, column: int) -> float:
@@ -659,20 +682,26 @@ def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: floa
     from their full configs (resolved_configs). A run without early stopping
     lasts its epochs; one with it lasts between its minimum and its maximum,
     `typical_epochs` (default: the midpoint). train_limit/val_limit 0 mean the
-    whole Fashion-MNIST splits (60,000 and 10,000 images). With `fleet_sizes`
+    whole dataset (DATASET_IMAGES). With `fleet_sizes`
     (the size of each run's fleet) and `fleet_speedups` (load_fleet_speedups),
     a run's training goes faster by its fleet's measured speed-up; its
-    validation (on its own model) does not."""
+    validation (on its own model) does not. A limit above the dataset's size
+    counts the dataset."""
     totals = [0.0, 0.0, 0.0]
     for i, c in enumerate(configs):
-        points = throughput[c["method"]]
+        points = throughput_points(throughput, c)
         batch = c["batch_size"]
+        dataset = c.get("dataset", "fashion-mnist")
+        if dataset not in DATASET_IMAGES:
+            raise ValueError(f"no image counts for dataset {dataset!r} (known: {', '.join(DATASET_IMAGES)})")
+        train_images, val_images = (min(limit or size, size) for limit, size in
+                                    zip((c.get("train_limit"), c.get("val_limit")), DATASET_IMAGES[dataset]))
         speedup = 1.0
         if fleet_speedups is not None and fleet_sizes is not None:
             speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[i],
                                     c.get("model", "paper_cnn"))
-        per_epoch = ((c.get("train_limit") or 60000) / (_interpolate(points, batch, 1) * speedup)
-                     + (c.get("val_limit") or 10000) / _interpolate(points, batch, 2))
+        per_epoch = (train_images / (_interpolate(points, batch, 1) * speedup)
+                     + val_images / _interpolate(points, batch, 2))
         most = c["epochs"]
         if c.get("early_stopping"):
             least = min(most, c["early_stopping_min_epochs"])

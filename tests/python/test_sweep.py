@@ -594,6 +594,26 @@ def test_wall_time_estimate(tmp_path):
     assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
 
 
+def test_wall_time_estimate_follows_the_model_the_variant_and_the_dataset(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("model,method,batch_size,train_images_per_s,val_images_per_s\n"
+                   "paper_cnn,sqpu,1,100,1000\nlenet5,sqpu,1,200,2000\npaper_cnn,sqpu:packed,1,50,500\n")
+    table = sweeplib.load_throughput(csv)
+    run = dict
+    one = dict(method="sqpu", batch_size=1, epochs=1, train_limit=1000, val_limit=1000)
+    assert sweeplib.estimate_seconds([run(**one)], table) == (11, 11, 11)  # paper_cnn: 10 s + 1 s
+    assert sweeplib.estimate_seconds([run(**one, model="lenet5")], table) == (5.5, 5.5, 5.5)
+    assert sweeplib.estimate_seconds([run(**one, packed=True)], table) == (22, 22, 22)  # sqpu:packed measured
+    assert sweeplib.estimate_seconds([run(**one, model="lenet5", packed=True)], table) == (5.5, 5.5, 5.5)
+    # Whole datasets: CIFAR-10 has 50,000 training images; a limit above the dataset counts the dataset.
+    cifar = dict(method="sqpu", batch_size=1, epochs=1, dataset="cifar10", train_limit=0, val_limit=10 ** 6)
+    assert sweeplib.estimate_seconds([run(**cifar)], table) == (510, 510, 510)
+    with pytest.raises(ValueError, match="no throughput measured for model resnet20, method sqpu .*lenet5 sqpu"):
+        sweeplib.estimate_seconds([run(**one, model="resnet20")], table)
+    with pytest.raises(ValueError, match="no image counts for dataset 'svhn'"):
+        sweeplib.estimate_seconds([run(**one, dataset="svhn")], table)
+
+
 def test_fleet_speedup_estimate(tmp_path):
     csv = tmp_path / "f.csv"
     csv.write_text("method,batch_size,members,device,threads,solo_images_per_s,fleet_images_per_s,speedup\n"
@@ -612,7 +632,7 @@ def test_fleet_speedup_estimate(tmp_path):
     assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8, "lenet5") == 1.5
     assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8) == 2.5
     run = dict
-    throughput = {"sqpu": [(1, 100.0, 1000.0)]}
+    throughput = {("paper_cnn", "sqpu"): [(1, 100.0, 1000.0)]}
     # 100 training images at 100/s, twice as fast in a fleet; validation unchanged.
     configs = [run(method="sqpu", batch_size=1, epochs=1, train_limit=100, val_limit=1000)]
     assert sweeplib.estimate_seconds(configs, throughput, None, table, [8]) == (1.5, 1.5, 1.5)
