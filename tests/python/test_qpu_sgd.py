@@ -185,6 +185,29 @@ def test_hteqpu_by_hand():
     assert v[0].tolist() == [1 / 16, -2 / 16, 0.0, -0.5]  # -2.5 -> -2 (even), 0.5 -> 0 (even)
 
 
+@pytest.mark.parametrize("storage", ["float32", "codes"])
+def test_hte_ties_round_to_even_in_the_vector_loop(storage):
+    """64 elements (whole vectors on every CPU build), every one a tie for both the momentum (x 2^Fm = k + 1/2)
+    and the parameter (code(w) - t with t = k + 1/2): each result is the even neighbour
+    (Note [Nearest-even QPU rounding on float codes])."""
+    fmt = fxp.FxpFormat(12, 4)
+    k = torch.arange(-32, 32, dtype=torch.float64)
+    codes = torch.randint(-100, 101, (64,), generator=torch.Generator().manual_seed(3), dtype=torch.int64)
+    g = [((k + 0.5) / 16).float()]  # v = 0, momentum 0.5: v' = g, x = v' 2^4 = k + 1/2; lr 1: t = k + 1/2
+    if storage == "float32":
+        w, v = [(codes.double() / 16).float()], [torch.zeros(64)]
+    else:
+        w, v = [codes.to(fmt.storage_dtype)], [torch.zeros(64, dtype=fmt.storage_dtype)]
+    run_op(w, g, v, lr=1.0, momentum=0.5, wd=0.0, nesterov=False, fmt=fmt, mfmt=fmt, rounding="nearest_even",
+           seed=0, step=0)
+    expected_v = torch.tensor([round(x + 0.5) for x in k.tolist()])  # Python's round: ties to even
+    expected_w = torch.tensor([round(c - x - 0.5) for c, x in zip(codes.tolist(), k.tolist())])
+    assert torch.all(expected_v % 2 == 0) and torch.all(expected_w % 2 == 0)
+    got_w = w[0].double() * 16 if storage == "float32" else w[0].long()
+    got_v = v[0].double() * 16 if storage == "float32" else v[0].long()
+    assert torch.equal(got_v.long(), expected_v) and torch.equal(got_w.long(), expected_w)
+
+
 def test_fine_format_matches_torch_sgd():
     torch.manual_seed(1)
     target = torch.randn(64, dtype=torch.float64)
