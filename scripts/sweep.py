@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             try:
                 speedups = sweeplib.load_fleet_speedups(args.fleet_throughput) if args.fleet_throughput else None
                 size = {r.id: len(u) for u in units for r in u}
-                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_configs(runs, args.fxp_train),
+                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_runs(runs, args.fxp_train),
                                                            sweeplib.load_throughput(args.estimate),
                                                            args.typical_epochs, speedups,
                                                            [size.get(r.id, 1) for r in runs])

@@ -67,13 +67,14 @@ def resolve(settings: list[dict], fxp_train: str | os.PathLike = DEFAULT_FXP_TRA
     return results
 
 
-def resolved_configs(runs: list[Run], fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[dict]:
-    """Each run's full config, as fxp-train resolves it (for estimates: no defaults are repeated here)."""
+def resolved_runs(runs: list[Run], fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[dict]:
+    """fxp-train's resolution of each run (resolve: its full "config" and its "epoch_images"), for
+    estimates: no defaults or dataset sizes are repeated here. A run that would fail is an error."""
     results = resolve([r.config for r in runs], fxp_train)
     for r, res in zip(runs, results):
         if "error" in res or "invalid" in res:
             raise ValueError(f"run {r.id}: {res.get('error') or res['invalid']}")
-    return [res["config"] for res in results]
+    return results
 
 
 class Loader(yaml.SafeLoader):
@@ -610,12 +611,6 @@ def load_throughput(path) -> dict:
     return {key: sorted(v) for key, v in table.items()}
 
 
-# Training and test images of each dataset (docs/models.md; EMNIST's balanced split), which a run
-# without --train-limit / --val-limit goes through every epoch.
-DATASET_IMAGES = {"fashion-mnist": (60000, 10000), "mnist": (60000, 10000), "emnist": (112800, 18800),
-                  "cifar10": (50000, 10000), "cifar100": (50000, 10000)}
-
-
 def throughput_points(throughput: dict, config: dict) -> list:
     """The measured points for a run's model and method: its packed variant's where measured (bench_train's
     METHOD:packed), else the plain method's. A model or method without measurements is an error that names
@@ -676,38 +671,33 @@ def fleet_speedup(table: dict, method: str, batch: int, members: int, model: str
     return s
 
 
-def estimate_seconds(configs: list[dict], throughput: dict, typical_epochs: float | None = None,
+def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float | None = None,
                      fleet_speedups: dict | None = None, fleet_sizes: list[int] | None = None):
     """(earliest, typical, latest) total seconds of the runs, one at a time,
-    from their full configs (resolved_configs). A run without early stopping
-    lasts its epochs; one with it lasts between its minimum and its maximum,
-    `typical_epochs` (default: the midpoint). train_limit/val_limit 0 mean the
-    whole dataset (DATASET_IMAGES). With `fleet_sizes`
-    (the size of each run's fleet) and `fleet_speedups` (load_fleet_speedups),
-    a run's training goes faster by its fleet's measured speed-up; its
-    validation (on its own model) does not. A limit above the dataset's size
-    counts the dataset."""
+    from fxp-train's resolution of each (resolved_runs: its "config" and its
+    "epoch_images", the images an epoch trains and validates on). A run
+    without early stopping lasts its epochs; one with it lasts between its
+    minimum and its maximum, `typical_epochs` (default: the midpoint). With
+    `fleet_sizes` (the size of each run's fleet) and `fleet_speedups`
+    (load_fleet_speedups), a run's training goes faster by its fleet's
+    measured speed-up; its validation (on its own model) does not."""
     totals = [0.0, 0.0, 0.0]
-    for i, c in enumerate(configs):
+    for r, run in enumerate(runs):
+        c, images = run["config"], run["epoch_images"]
         points = throughput_points(throughput, c)
         batch = c["batch_size"]
-        dataset = c.get("dataset", "fashion-mnist")
-        if dataset not in DATASET_IMAGES:
-            raise ValueError(f"no image counts for dataset {dataset!r} (known: {', '.join(DATASET_IMAGES)})")
-        train_images, val_images = (min(limit or size, size) for limit, size in
-                                    zip((c.get("train_limit"), c.get("val_limit")), DATASET_IMAGES[dataset]))
         speedup = 1.0
         if fleet_speedups is not None and fleet_sizes is not None:
-            speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[i],
+            speedup = fleet_speedup(fleet_speedups, c["method"], batch, fleet_sizes[r],
                                     c.get("model", "paper_cnn"))
-        per_epoch = (train_images / (_interpolate(points, batch, 1) * speedup)
-                     + val_images / _interpolate(points, batch, 2))
+        per_epoch = (images["train"] / (_interpolate(points, batch, 1) * speedup)
+                     + images["validation"] / _interpolate(points, batch, 2))
         most = c["epochs"]
         if c.get("early_stopping"):
             least = min(most, c["early_stopping_min_epochs"])
             typical = typical_epochs if typical_epochs is not None else (least + most) / 2
         else:
             least = typical = most
-        for i, e in enumerate((least, min(typical, most), most)):
-            totals[i] += e * per_epoch
+        for k, epochs in enumerate((least, min(typical, most), most)):
+            totals[k] += epochs * per_epoch
     return tuple(totals)

@@ -17,11 +17,11 @@ namespace {
 // channel-averaged statistics of their training splits.
 const std::vector<DatasetInfo>& table() {
   static const std::vector<DatasetInfo> datasets = {
-      {"fashion-mnist", 1, 28, 10, 0.1307, 0.3081, "/usr/share/datasets/fashion-mnist"},
-      {"mnist", 1, 28, 10, 0.1307, 0.3081, "data/mnist"},
-      {"emnist", 1, 28, 47, 0.1751, 0.3332, "data/emnist"},
-      {"cifar10", 3, 32, 10, 0.4734, 0.2516, "data/cifar10"},
-      {"cifar100", 3, 32, 100, 0.4782, 0.2682, "data/cifar100"},
+      {"fashion-mnist", 1, 28, 10, 0.1307, 0.3081, "/usr/share/datasets/fashion-mnist", 60000, 10000},
+      {"mnist", 1, 28, 10, 0.1307, 0.3081, "data/mnist", 60000, 10000},
+      {"emnist", 1, 28, 47, 0.1751, 0.3332, "data/emnist", 112800, 18800},
+      {"cifar10", 3, 32, 10, 0.4734, 0.2516, "data/cifar10", 50000, 10000},
+      {"cifar100", 3, 32, 100, 0.4782, 0.2682, "data/cifar100", 50000, 10000},
   };
   return datasets;
 }

@@ -16,6 +16,9 @@ struct DatasetInfo {
   int64_t classes;
   double mean, std;         // default scalar normalization of pixel/255, over all channels
   std::string default_dir;  // where scripts/get_data.sh (or Debian) puts the files
+  // The published training and test splits' sizes, for wall-time estimates
+  // (TrainConfig::epoch_images); a run reads whatever its files hold.
+  int64_t train_images, test_images;
 };
 
 const std::vector<std::string>& dataset_names();

@@ -266,6 +266,10 @@ std::string TrainConfig::data_directory() const {
 }
 double TrainConfig::input_mean() const { return normalize_mean.value_or(info_or_default(dataset).mean); }
 double TrainConfig::input_std() const { return normalize_std.value_or(info_or_default(dataset).std); }
+std::pair<int64_t, int64_t> TrainConfig::epoch_images() const {
+  const data::DatasetInfo& info = info_or_default(dataset);
+  return {train_limit > 0 ? train_limit : info.train_images, val_limit > 0 ? val_limit : info.test_images};
+}
 
 double TrainConfig::initial_lr() const {
   return lr_scaling == "linear" ? lr * static_cast<double>(batch_size) / 1024.0 : lr;

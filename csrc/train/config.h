@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fxp::train {
@@ -88,6 +89,9 @@ struct TrainConfig {
   std::string data_directory() const;
   double input_mean() const;
   double input_std() const;
+  // Images an epoch trains on and validates on: the limits where set, else
+  // the dataset's published split sizes (for estimates; no files are read).
+  std::pair<int64_t, int64_t> epoch_images() const;
   // The effective learning rate after lr_scaling.
   double initial_lr() const;
   // A readable, filesystem-safe name, e.g. sqpu-p16.10-o16.8-sr-b64-s0, led

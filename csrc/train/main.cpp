@@ -18,7 +18,8 @@
 namespace {
 
 // --print-configs: one JSON line out per JSON line in (Note [Run names come from fxp-train]):
-// {"run_name", "output_dir", "config", "fleet_group", "invalid" (only when a value is bad)},
+// {"run_name", "output_dir", "config", "fleet_group", "epoch_images" ({"train", "validation"}:
+// TrainConfig::epoch_images, for scripts/sweep --estimate), "invalid" (only when a value is bad)},
 // or {"error"} for a line that is not a JSON object.
 int print_configs(const std::string& file, const fxp::train::TrainConfig& base, std::istream& stdin_stream,
                   std::ostream& out) {
@@ -59,6 +60,8 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
       // Runs of one fleet_group can train as one fleet (scripts/sweep --fleet); null: never.
       const auto group = fxp::train::fleet_group(c);
       result["fleet_group"] = group ? nlohmann::json(*group) : nlohmann::json(nullptr);
+      const auto [train_images, val_images] = c.epoch_images();
+      result["epoch_images"] = {{"train", train_images}, {"validation", val_images}};
       if (!invalid.empty()) result["invalid"] = invalid;
     } catch (const std::exception& e) {
       result = {{"error", e.what()}};

@@ -92,6 +92,10 @@ TEST(TrainCli, DatasetDefaults) {
   const auto j = ft::to_json(p.command.config);
   EXPECT_EQ(j["data_dir"], "data/cifar10");
   EXPECT_EQ(j["normalize_std"], 0.2516);
+  // An epoch's images: the published splits, or the limits where set.
+  EXPECT_EQ(p.command.config.epoch_images(), (std::pair<int64_t, int64_t>{50000, 10000}));
+  p.command.config.train_limit = 1000;
+  EXPECT_EQ(p.command.config.epoch_images(), (std::pair<int64_t, int64_t>{1000, 10000}));
   p = parse({"--dataset", "mnist", "--data-dir", "/m", "--normalize-mean", "0.5"});
   ASSERT_EQ(p.code, -1) << p.err;
   EXPECT_EQ(p.command.config.data_directory(), "/m");

@@ -578,40 +578,62 @@ def test_slurm_array_task_runs_its_shard(tmp_path):
     assert p.returncode == 2 and "job array" in p.stderr
 
 
+def resolved(train: int = 60000, validation: int = 10000, **config) -> dict:
+    """A run as sweeplib.resolved_runs gives it: fxp-train's full config and the images of an epoch."""
+    return {"config": config, "epoch_images": {"train": train, "validation": validation}}
+
+
 def test_wall_time_estimate(tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("method,batch_size,train_images_per_s,val_images_per_s\n"
                    "sqpu,1,100,1000\nsqpu,100,10000,1000\nfp32,1,100,1000\n")
     table = sweeplib.load_throughput(csv)
-    run = dict  # a run's full config, as sweeplib.resolved_configs gives it
     # No early stopping: 2 epochs x (60000/10000 + 10000/1000) s = 32 s, whatever the typical epochs.
-    assert sweeplib.estimate_seconds([run(method="sqpu", batch_size=100, epochs=2)], table) == (32, 32, 32)
+    assert sweeplib.estimate_seconds([resolved(method="sqpu", batch_size=100, epochs=2)], table) == (32, 32, 32)
     # Batch 10 lies halfway between 1 and 100 in log space: 1000 images/s.
     low, mid, high = sweeplib.estimate_seconds(
-        [run(method="sqpu", batch_size=10, epochs=100, early_stopping=True, early_stopping_min_epochs=20,
-             train_limit=1000, val_limit=1000)], table)
+        [resolved(1000, 1000, method="sqpu", batch_size=10, epochs=100, early_stopping=True,
+                  early_stopping_min_epochs=20)], table)
     assert (low, mid, high) == pytest.approx((20 * 2, 60 * 2, 100 * 2))
-    assert sweeplib.estimate_seconds([run(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
+    assert sweeplib.estimate_seconds([resolved(method="fp32", batch_size=1000, epochs=1)], table) == (610, 610, 610)
 
 
-def test_wall_time_estimate_follows_the_model_the_variant_and_the_dataset(tmp_path):
+def test_wall_time_estimate_follows_the_model_and_the_variant(tmp_path):
     csv = tmp_path / "t.csv"
     csv.write_text("model,method,batch_size,train_images_per_s,val_images_per_s\n"
                    "paper_cnn,sqpu,1,100,1000\nlenet5,sqpu,1,200,2000\npaper_cnn,sqpu:packed,1,50,500\n")
     table = sweeplib.load_throughput(csv)
-    run = dict
-    one = dict(method="sqpu", batch_size=1, epochs=1, train_limit=1000, val_limit=1000)
-    assert sweeplib.estimate_seconds([run(**one)], table) == (11, 11, 11)  # paper_cnn: 10 s + 1 s
-    assert sweeplib.estimate_seconds([run(**one, model="lenet5")], table) == (5.5, 5.5, 5.5)
-    assert sweeplib.estimate_seconds([run(**one, packed=True)], table) == (22, 22, 22)  # sqpu:packed measured
-    assert sweeplib.estimate_seconds([run(**one, model="lenet5", packed=True)], table) == (5.5, 5.5, 5.5)
-    # Whole datasets: CIFAR-10 has 50,000 training images; a limit above the dataset counts the dataset.
-    cifar = dict(method="sqpu", batch_size=1, epochs=1, dataset="cifar10", train_limit=0, val_limit=10 ** 6)
-    assert sweeplib.estimate_seconds([run(**cifar)], table) == (510, 510, 510)
+    one = dict(train=1000, validation=1000, method="sqpu", batch_size=1, epochs=1)
+    assert sweeplib.estimate_seconds([resolved(**one)], table) == (11, 11, 11)  # paper_cnn: 10 s + 1 s
+    assert sweeplib.estimate_seconds([resolved(**one, model="lenet5")], table) == (5.5, 5.5, 5.5)
+    assert sweeplib.estimate_seconds([resolved(**one, packed=True)], table) == (22, 22, 22)  # sqpu:packed measured
+    assert sweeplib.estimate_seconds([resolved(**one, model="lenet5", packed=True)], table) == (5.5, 5.5, 5.5)
     with pytest.raises(ValueError, match="no throughput measured for model resnet20, method sqpu .*lenet5 sqpu"):
-        sweeplib.estimate_seconds([run(**one, model="resnet20")], table)
-    with pytest.raises(ValueError, match="no image counts for dataset 'svhn'"):
-        sweeplib.estimate_seconds([run(**one, dataset="svhn")], table)
+        sweeplib.estimate_seconds([resolved(**one, model="resnet20")], table)
+
+
+@requires_fxp_train
+def test_wall_time_estimate_takes_each_runs_epoch_from_fxp_train(tmp_path):
+    """fxp-train --print-configs gives an epoch's images (TrainConfig::epoch_images): the dataset's published
+    splits, or the limits; an unknown dataset makes the run, and so the estimate, an error."""
+    csv = tmp_path / "t.csv"
+    csv.write_text("model,method,batch_size,train_images_per_s,val_images_per_s\nresnet20,sqpu,1,100,1000\n")
+    table = sweeplib.load_throughput(csv)
+
+    def run(**config):
+        return sweeplib.Run("g", "r", tuple(sorted(config.items())))
+
+    cifar = dict(model="resnet20", dataset="cifar10", method="sqpu", batch_size=1, epochs=1)
+    whole = sweeplib.resolved_runs([run(**cifar)], FXP_TRAIN)
+    assert whole[0]["epoch_images"] == {"train": 50000, "validation": 10000}
+    # Whole datasets: CIFAR-10 has 50,000 training images.
+    assert sweeplib.estimate_seconds(whole, table) == (510, 510, 510)
+    limited = sweeplib.resolved_runs([run(**cifar, train_limit=1000, val_limit=2000)], FXP_TRAIN)
+    assert limited[0]["epoch_images"] == {"train": 1000, "validation": 2000}
+    emnist = sweeplib.resolved_runs([run(model="lenet5", dataset="emnist")], FXP_TRAIN)
+    assert emnist[0]["epoch_images"] == {"train": 112800, "validation": 18800}  # the balanced split
+    with pytest.raises(ValueError, match="run r: .*svhn"):
+        sweeplib.resolved_runs([run(**cifar | {"dataset": "svhn"})], FXP_TRAIN)
 
 
 def test_fleet_speedup_estimate(tmp_path):
@@ -631,11 +653,10 @@ def test_fleet_speedup_estimate(tmp_path):
     by_model = sweeplib.load_fleet_speedups(with_model)
     assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8, "lenet5") == 1.5
     assert sweeplib.fleet_speedup(by_model, "sqpu", 1, 8) == 2.5
-    run = dict
     throughput = {("paper_cnn", "sqpu"): [(1, 100.0, 1000.0)]}
     # 100 training images at 100/s, twice as fast in a fleet; validation unchanged.
-    configs = [run(method="sqpu", batch_size=1, epochs=1, train_limit=100, val_limit=1000)]
-    assert sweeplib.estimate_seconds(configs, throughput, None, table, [8]) == (1.5, 1.5, 1.5)
+    runs = [resolved(100, 1000, method="sqpu", batch_size=1, epochs=1)]
+    assert sweeplib.estimate_seconds(runs, throughput, None, table, [8]) == (1.5, 1.5, 1.5)
 
 
 @requires_fxp_train
