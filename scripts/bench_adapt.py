@@ -18,7 +18,9 @@ lookbacks (the paper's 25..100 by default).
 --step-only times the step alone on a set of random parameters: torch's SGD
 against AdaPT's gradient work before it (after_backward's two passes:
 fxp::layer_gradient_norms, fxp::normalize_accumulate_) and against fxp-train's
-fused form (the norms, then fxp::adapt_sgd_step_), in the same run.
+fused form (the norms, then fxp::adapt_sgd_step_), in the same run; and the
+same for --update qpu: the plain SQPU step, after_backward's passes before it,
+and fxp-train's fused form (the norms, then qpu_sgd_step_.adapt).
 """
 from __future__ import annotations
 
@@ -124,11 +126,33 @@ def bench_step(args) -> int:
         norms = ops.layer_gradient_norms(params, grads, layers, n_layers, l1)
         ops.adapt_sgd_step_(params, grads, buffers, acc, norms, layers, l1, lr, mu, wd, False)
 
+    # --update qpu: SQPU at FxP(16, 10), parameters and momentum on the grid.
+    qparams = [ops.quantize(p, 16, 10, "nearest_even", "saturate", None) for p in params]
+    qbuffers = [torch.zeros_like(p) for p in params]
+    steps = iter(range(1 << 31))
+
+    def qpu_args():
+        return (lr, mu, wd, False, 16, 10, 16, 10, "stochastic", 0, next(steps))
+
+    def qpu_step():
+        ops.qpu_sgd_step_(qparams, grads, qbuffers, *qpu_args())
+
+    def two_pass_then_qpu():
+        norms = ops.layer_gradient_norms(qparams, grads, layers, n_layers, l1)
+        ops.normalize_accumulate_(grads, acc, qparams, norms, layers, l1)
+        ops.qpu_sgd_step_(qparams, grads, qbuffers, *qpu_args())
+
+    def fused_qpu():
+        norms = ops.layer_gradient_norms(qparams, grads, layers, n_layers, l1)
+        ops.qpu_sgd_step_.adapt(qparams, grads, qbuffers, acc, norms, layers, l1, *qpu_args())
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    methods = {"torch SGD": torch_sgd, "after_backward + torch SGD": two_pass_then_sgd, "fused (fxp-train)": fused}
+    methods = {"torch SGD": torch_sgd, "after_backward + torch SGD": two_pass_then_sgd, "fused (fxp-train)": fused,
+               "SQPU step": qpu_step, "after_backward + SQPU step": two_pass_then_qpu,
+               "fused SQPU (fxp-train --update qpu)": fused_qpu}
     times = {m: [] for m in methods}
     for fn in methods.values():  # warm-up
         fn()
@@ -147,8 +171,10 @@ def bench_step(args) -> int:
         f"({args.threads or 'default'} threads)",
         f"Median of {args.repeats} interleaved measurements of 5 steps each; momentum and weight decay on; "
         f"time relative to torch.optim.SGD measured in the same run.")
-    report.table("step time", ["step", "ms", "time / torch SGD"],
-                 [[m, f"{median[m] * 1e3:.2f}", f"{median[m] / base:.2f}x"] for m in methods])
+    qpu_base = median["SQPU step"]
+    report.table("step time", ["step", "ms", "time / torch SGD", "time / SQPU step"],
+                 [[m, f"{median[m] * 1e3:.2f}", f"{median[m] / base:.2f}x", f"{median[m] / qpu_base:.2f}x"]
+                  for m in methods])
     report.save(str(args.markdown) if args.markdown else None)
     return 0
 

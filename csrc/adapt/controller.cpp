@@ -3,7 +3,9 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 namespace fxp::adapt {
 namespace {
@@ -55,7 +57,24 @@ void Controller::after_backward(double loss, int64_t batch_size) {
 }
 
 void Controller::step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer) {
-  if (!std::isfinite(loss)) return;  // a diverged step changes nothing, in either form
+  if (!std::isfinite(loss)) return;  // a diverged step changes nothing, in any form
+  if (&optimizer == quantized_updates_) {
+    // Note [AdaPT's fused QPU step]: the normalization rides on the QPU step.
+    set_madds();
+    const bool switched = core_.fused_step(loss, batch_size, [&](const PrecisionController::StepGradients& s) {
+      std::unordered_map<const c10::TensorImpl*, std::pair<torch::Tensor, int64_t>> accumulators;
+      for (size_t k = 0; k < s.params.size(); ++k) {
+        accumulators.emplace(s.params[k].unsafeGetTensorImpl(), std::make_pair(s.accumulated[k], s.layers[k]));
+      }
+      // use_quantized_updates checked that the optimizer holds exactly the layers' parameters.
+      const auto accumulator = [&accumulators](const torch::Tensor& p) {
+        return accumulators.at(p.unsafeGetTensorImpl());
+      };
+      quantized_updates_->step_normalized({s.norms, core_.options().l1, accumulator});
+    });
+    if (switched) apply_formats();
+    return;
+  }
   if (&optimizer != fused_sgd_) {
     after_backward(loss, batch_size);
     optimizer.step();
@@ -104,6 +123,8 @@ void Controller::use_fused_sgd(torch::optim::SGD& optimizer) {
 // format, and the layer's group moves to it, rounding the parameters and the
 // momentum onto the new grid (Note [QPU format change]). A push-down that
 // lowers FL makes small updates vanish in expectation only, as in SQPU.
+// step() normalizes and accumulates inside the QPU step (Note [AdaPT's fused
+// QPU step]) and switches after it, as the fused SGD step does.
 void Controller::use_quantized_updates(optim::QpuSgd& optimizer) {
   const auto& groups = optimizer.param_groups();
   const auto& layers = core_.layers();
@@ -123,6 +144,7 @@ void Controller::use_quantized_updates(optim::QpuSgd& optimizer) {
   }
   core_.on_format_change(
       [&optimizer](size_t layer, Format f) { optimizer.change_format(layer, f.bits, f.frac); });
+  quantized_updates_ = &optimizer;
 }
 
 std::vector<torch::optim::OptimizerParamGroup> Controller::parameter_groups(

@@ -34,8 +34,8 @@ class Controller {
   void after_backward(double loss, int64_t batch_size);
 
   // One training step after backward(): after_backward, then the optimizer's
-  // step; or, for the optimizer given to use_fused_sgd, the two fused
-  // (PrecisionController::sgd_step). A non-finite loss (a diverged step)
+  // step; or, for the optimizer given to use_fused_sgd or
+  // use_quantized_updates, the two fused (PrecisionController::fused_step). A non-finite loss (a diverged step)
   // changes nothing: no update, no accumulation, no count.
   void step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer);
 
@@ -50,7 +50,8 @@ class Controller {
   // parameter group per adapted layer, in the order of layers(), and at each
   // switch the controller moves the layer's group to its new format
   // (QpuSgd::change_format, which rounds the parameters and momentum onto it).
-  // The optimizer must outlive the controller.
+  // step() with this optimizer normalizes and accumulates inside its QPU step
+  // (Note [AdaPT's fused QPU step]). The optimizer must outlive the controller.
   void use_quantized_updates(optim::QpuSgd& optimizer);
   // Parameter groups for that optimizer: one per adapted layer, at its format.
   std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const optim::QpuSgdOptions& defaults) const;
@@ -79,6 +80,7 @@ class Controller {
   std::vector<std::pair<nn::QuantizedLayer*, size_t>> followers_;  // layer without parameters -> the layer it follows
   PrecisionController core_;
   torch::optim::SGD* fused_sgd_ = nullptr;
+  optim::QpuSgd* quantized_updates_ = nullptr;
 };
 
 }  // namespace fxp::adapt

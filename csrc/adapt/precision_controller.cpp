@@ -105,9 +105,12 @@ std::vector<Format> PrecisionController::formats() const {
 // momentum and accumulators equal after_backward followed by SGD in that
 // arithmetic, bit for bit (tested). One thing differs: sgd_step switches
 // after the update, so PD reads the parameters the next forward will
-// quantize; after_backward switches before the optimizer's step.
-PrecisionController::StepTensors PrecisionController::step_tensors() {
-  StepTensors s;
+// quantize; after_backward switches before the optimizer's step. fused_step
+// is the same for any update that takes the norms: AdaPT without a master
+// copy fuses the normalization into the QPU step the same way
+// (fxp::qpu_sgd_step_adapt_, Note [AdaPT's fused QPU step]).
+PrecisionController::StepGradients PrecisionController::step_tensors() {
+  StepGradients s;
   for (size_t l = 0; l < layers_.size(); ++l) {
     auto& layer = layers_[l];
     for (size_t i = 0; i < layer.parameters.size(); ++i) {
@@ -130,7 +133,7 @@ bool PrecisionController::after_backward(double loss, int64_t batch_size) {
   // loop stops the run on its non-finite loss.
   if (!std::isfinite(loss)) return false;
   c10::NoGradGuard no_grad;
-  const StepTensors s = step_tensors();
+  const StepGradients s = step_tensors();
   if (!s.params.empty()) {
     const at::Tensor norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers,
                                                        static_cast<int64_t>(layers_.size()), options_.l1);
@@ -141,21 +144,29 @@ bool PrecisionController::after_backward(double loss, int64_t batch_size) {
 
 bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
                                    const std::function<at::Tensor(const at::Tensor&)>& momentum_buffer) {
-  TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
-  // As in after_backward, a diverged step changes nothing: no update either.
-  if (!std::isfinite(loss)) return false;
-  c10::NoGradGuard no_grad;
-  const StepTensors s = step_tensors();
-  if (!s.params.empty()) {
+  return fused_step(loss, batch_size, [&](const StepGradients& s) {
+    if (s.params.empty()) return;
     std::vector<at::Tensor> momentum;
     if (sgd.momentum != 0) {
       for (const auto& p : s.params) momentum.push_back(momentum_buffer(p));
     }
-    const at::Tensor norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers,
-                                                       static_cast<int64_t>(layers_.size()), options_.l1);
-    fxp::adapt_sgd_step_(s.params, s.grads, momentum, s.accumulated, norms, s.layers, options_.l1, sgd.lr,
+    fxp::adapt_sgd_step_(s.params, s.grads, momentum, s.accumulated, s.norms, s.layers, options_.l1, sgd.lr,
                          sgd.momentum, sgd.weight_decay, sgd.nesterov);
+  });
+}
+
+bool PrecisionController::fused_step(double loss, int64_t batch_size,
+                                     const std::function<void(const StepGradients&)>& update) {
+  TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  // As in after_backward, a diverged step changes nothing: no update either.
+  if (!std::isfinite(loss)) return false;
+  c10::NoGradGuard no_grad;
+  StepGradients s = step_tensors();
+  if (!s.params.empty()) {
+    s.norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers, static_cast<int64_t>(layers_.size()),
+                                        options_.l1);
   }
+  update(s);
   return account_step(loss, batch_size, s.layers);
 }
 

@@ -79,6 +79,21 @@ class PrecisionController {
   bool sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
                 const std::function<at::Tensor(const at::Tensor& param)>& momentum_buffer);
 
+  // The parameters with gradients this step (gradients made contiguous), with
+  // their gradients, accumulators, layer indices and the layers' norms
+  // (layer_gradient_norms; undefined when there are no parameters).
+  struct StepGradients {
+    std::vector<at::Tensor> params, grads, accumulated;
+    std::vector<int64_t> layers;
+    at::Tensor norms;
+  };
+  // In place of after_backward and an optimizer's step, for an update that
+  // normalizes and accumulates as it applies (Note [AdaPT's fused step]):
+  // computes the norms, calls update (also when no parameter has a gradient,
+  // so an optimizer can record an empty step), then the bookkeeping and the
+  // switches. A non-finite loss changes nothing and calls nothing.
+  bool fused_step(double loss, int64_t batch_size, const std::function<void(const StepGradients&)>& update);
+
   // The forward multiply-adds per sample of layer i (outputs x fan-in), for the
   // performance model; the steps after this call count with it.
   void set_madds(size_t layer, int64_t madds_per_sample);
@@ -110,15 +125,9 @@ class PrecisionController {
   void load_state(const std::function<at::Tensor(const std::string& name)>& read);
 
  private:
-  // The parameters with gradients this step (gradients made contiguous), with
-  // their gradients, accumulators and layer indices.
-  struct StepTensors {
-    std::vector<at::Tensor> params, grads, accumulated;
-    std::vector<int64_t> layers;
-  };
-  StepTensors step_tensors();
+  StepGradients step_tensors();  // without the norms
   // After the accumulation: counts, the strategy, the switches that are due.
-  // stepped_layers: the layer of each tensor that had a gradient (StepTensors::layers).
+  // stepped_layers: the layer of each tensor that had a gradient (StepGradients::layers).
   bool account_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers);
   void switch_layer(size_t index);
 

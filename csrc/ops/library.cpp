@@ -151,6 +151,16 @@ TORCH_LIBRARY(fxp, m) {
       "Tensor lr, Tensor(c!) step, Tensor(d!) nan_count, float momentum, float weight_decay, bool nesterov, "
       "int total_bits, int frac_bits, int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, "
       "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
+  // AdaPT without a master copy (Note [AdaPT's fused QPU step]): the plain step
+  // on each gradient normalized as normalize_accumulate_ normalizes it (with
+  // L1's term, divided by norms[layers[k]]), which is added to accumulated in
+  // the same pass; grads are only read. Float storage only.
+  m.def(
+      "qpu_sgd_step_.adapt(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] accumulated, Tensor norms, int[] layers, float l1, "
+      "float lr, float momentum, float weight_decay, bool nesterov, int total_bits, int frac_bits, "
+      "int momentum_total_bits, int momentum_frac_bits, str rounding, int seed, int step, "
+      "str momentum_form=\"standard\", int[]? stream_indices=None) -> Tensor");
   // Note [Per-member QPU step] (ops/qpu_sgd/qpu_sgd_op.h): a fleet's tensors
   // stacked along dim 0; each active member stepped exactly as qpu_sgd_step_
   // steps its solo run, with its own hyperparameters, formats and stream.

@@ -163,6 +163,22 @@ inline at::Tensor qpu_sgd_step_capturable_(at::TensorList params, at::TensorList
                  frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed, momentum_form, stream_indices);
 }
 
+// AdaPT's fused QPU step (Note [AdaPT's fused QPU step]): qpu_sgd_step_ on each
+// gradient normalized as normalize_accumulate_ would, added to accumulated in
+// the same pass; grads are only read.
+inline at::Tensor qpu_sgd_step_adapt_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                      at::TensorList accumulated, const at::Tensor& norms, at::IntArrayRef layers,
+                                      double l1, double lr, double momentum, double weight_decay, bool nesterov,
+                                      int64_t total_bits, int64_t frac_bits, int64_t momentum_total_bits,
+                                      int64_t momentum_frac_bits, c10::string_view rounding, int64_t seed,
+                                      int64_t step, c10::string_view momentum_form = "standard",
+                                      at::OptionalIntArrayRef stream_indices = std::nullopt) {
+  static const auto op = detail::find_op<decltype(qpu_sgd_step_adapt_)>("fxp::qpu_sgd_step_", "adapt");
+  return op.call(params, grads, momentum_buffers, accumulated, norms, layers, l1, lr, momentum, weight_decay, nesterov,
+                 total_bits, frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
+                 stream_indices);
+}
+
 // QPU's initialization: params[k] rounded in place onto FxP(total_bits[k],
 // frac_bits[k]) with the Philox streams of Note [QPU initialization].
 inline void quantize_parameters_(at::TensorList params, at::IntArrayRef total_bits, at::IntArrayRef frac_bits,

@@ -107,6 +107,18 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
     at::AutoGradMode enable_grad(true);
     loss = closure();
   }
+  step_groups(nullptr);
+  return loss;
+}
+
+void QpuSgd::step_normalized(const Normalization& normalization) {
+  torch::NoGradGuard no_grad;
+  TORCH_CHECK(!capturable_, kName, ": the normalized step (AdaPT's) has no capturable form");
+  TORCH_CHECK(normalization.accumulator != nullptr, kName, ": the normalized step needs an accumulator function");
+  step_groups(&normalization);
+}
+
+void QpuSgd::step_groups(const Normalization* normalization) {
   last_counts_.clear();
   // Before any group steps: every parameter to update can be written, or has codes.
   for (size_t g = 0; g < param_groups_.size(); ++g) {
@@ -124,9 +136,9 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
     auto& o = static_cast<QpuSgdOptions&>(group.options());
     const int64_t mtb = momentum_total_bits(o), mfb = momentum_frac_bits(o);
     const auto& group_params = group.params();
-    std::vector<torch::Tensor> params, grads, buffers;
+    std::vector<torch::Tensor> params, grads, buffers, accumulated;
     std::vector<std::pair<torch::Tensor, torch::Tensor>> strided;  // (parameter, its contiguous copy)
-    std::vector<int64_t> streams;
+    std::vector<int64_t> streams, layers;
     for (size_t k = 0; k < group_params.size(); ++k) {
       const torch::Tensor& p = group_params[k];
       if (!p.grad().defined()) continue;
@@ -139,6 +151,11 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
       params.push_back(storage);
       grads.push_back(p.grad().contiguous());
       streams.push_back(static_cast<int64_t>(k));  // Note [QPU random streams]: the position in the group
+      if (normalization != nullptr) {
+        auto [accumulator, layer] = normalization->accumulator(p);
+        accumulated.push_back(std::move(accumulator));
+        layers.push_back(layer);
+      }
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         if (it == state_.end()) {
@@ -159,7 +176,12 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
       const DeviceScalars* scalars = capturable_ ? &device_scalars(group_index, params[0].device()) : nullptr;
       o.step(step + 1);
       torch::Tensor group_counts;
-      if (scalars != nullptr) {
+      if (normalization != nullptr) {
+        group_counts = qpu_sgd_step_adapt_(params, grads, buffers, accumulated, normalization->norms, layers,
+                                           normalization->l1, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(),
+                                           o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step,
+                                           o.momentum_form(), streams);
+      } else if (scalars != nullptr) {
         group_counts = qpu_sgd_step_capturable_(params, grads, buffers, scalars->lr, scalars->step, nan_count_,
                                                 o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
                                                 o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), o.momentum_form(),
@@ -183,7 +205,6 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
           torch::zeros({static_cast<int64_t>(group_params.size()), 2}, torch::dtype(torch::kLong).device(device)));
     }
   }
-  return loss;
 }
 
 void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Tensor& codes, int64_t total_bits,

@@ -7,8 +7,10 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
+#include <functional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace fxp::optim {
@@ -55,6 +57,19 @@ class QpuSgd : public torch::optim::Optimizer {
       : QpuSgd({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
 
   torch::Tensor step(LossClosure closure = nullptr) override;
+
+  // AdaPT's gradient work fused into the step (Note [AdaPT's fused QPU step]):
+  // each gradient is normalized by its layer's norm (with L1's term l1) and
+  // added to its accumulator as the step applies it; .grad is only read.
+  // accumulator(p) gives parameter p's accumulator (contiguous, p's shape and
+  // dtype) and layer index into norms. Float storage, not capturable.
+  struct Normalization {
+    torch::Tensor norms;  // float64 [layers], as fxp::layer_gradient_norms gives them
+    double l1 = 0;
+    std::function<std::pair<torch::Tensor, int64_t>(const torch::Tensor& param)> accumulator;
+  };
+  void step_normalized(const Normalization& normalization);
+
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
 
@@ -107,6 +122,8 @@ class QpuSgd : public torch::optim::Optimizer {
   // The rows of `streams` as an index tensor on `device`, made once per group
   // and set of streams (a host-to-device copy cannot be captured).
   const torch::Tensor& row_index(size_t g, const std::vector<int64_t>& streams, const torch::Device& device);
+
+  void step_groups(const Normalization* normalization);
 
   std::vector<torch::Tensor> last_counts_;
   std::unordered_map<c10::TensorImpl*, torch::Tensor> packed_codes_;

@@ -44,6 +44,8 @@ struct TensorListMeta {
   void* v[kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t stream[kMaxTensors];  // Philox stream index (Note [QPU random streams])
+  void* accumulated[kMaxTensors];  // Note [AdaPT's fused QPU step]: null without the prologue
+  int32_t layer[kMaxTensors];      // the tensor's layer: its norm is norms[layer]
   int32_t row[kMaxTensors];     // position in the op's lists: the row of counts
   uint8_t chunk_tensor[kMaxChunks];  // the chunk's tensor, a slot above
   int32_t chunk_index[kMaxChunks];   // the chunk's position in its tensor
@@ -108,6 +110,22 @@ __device__ __forceinline__ void load4(const void* p, Storage s, int64_t i0, int 
   }
 }
 
+// Four values, one vector store when the block is whole and the pointer aligned.
+template <typename T>
+__device__ __forceinline__ void store4_values(T* __restrict__ p, int64_t i0, int valid, const T (&x)[4]) {
+  if (valid == 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<T>) == 0) {
+    Vec4<T> v;
+#pragma unroll
+    for (int l = 0; l < 4; ++l) v.v[l] = x[l];
+    reinterpret_cast<Vec4<T>*>(p + i0)[0] = v;
+  } else {
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      if (l < valid) p[i0 + l] = x[l];
+    }
+  }
+}
+
 // Stores four result codes; a NaN is stored as the quiet NaN in float
 // storage, and keeps the old code in packed storage (counted: Note [Packed QPU step]).
 template <typename T, typename S, typename I>
@@ -124,17 +142,7 @@ __device__ __forceinline__ unsigned store4_typed(S* __restrict__ p, int64_t i0, 
       nans += nan[l] && l < valid;
     }
   }
-  if (valid == 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<S>) == 0) {
-    Vec4<S> v;
-#pragma unroll
-    for (int l = 0; l < 4; ++l) v.v[l] = raw[l];
-    reinterpret_cast<Vec4<S>*>(p + i0)[0] = v;
-  } else {
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      if (l < valid) p[i0 + l] = raw[l];
-    }
-  }
+  store4_values(p, i0, valid, raw);
   return nans;
 }
 
@@ -153,7 +161,7 @@ template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum,
 __global__ void __launch_bounds__(kThreads)
     qpu_sgd_kernel(TensorListMeta meta, QpuSgdParams p, QpuConstants<T> host_constants, int64_t chunk_elems,
                    int blocks_per_chunk, unsigned long long* __restrict__ counts,
-                   unsigned long long* __restrict__ nan_count) {
+                   unsigned long long* __restrict__ nan_count, const double* __restrict__ norms, double l1) {
   // Note [QPU chunk size on CUDA]: blocks_per_chunk blocks share each chunk.
   const int entry = static_cast<int>(blockIdx.x) / blocks_per_chunk;
   const int part = static_cast<int>(blockIdx.x) % blocks_per_chunk;
@@ -171,6 +179,9 @@ __global__ void __launch_bounds__(kThreads)
   void* w = meta.w[t];
   const void* g = meta.g[t];
   void* v = meta.v[t];
+  // Note [AdaPT's fused QPU step]: the same for the whole block.
+  T* accumulated = static_cast<T*>(meta.accumulated[t]);
+  const double divisor = accumulated != nullptr ? norm_divisor(norms[meta.layer[t]]) : 1.0;
   const bool float_param = !is_packed(p.param_storage);
   unsigned long long saturated = 0, vanished = 0, nans = 0;
   // One Philox block (four elements) per thread and iteration; chunks start on
@@ -190,6 +201,16 @@ __global__ void __launch_bounds__(kThreads)
     load4(w, p.param_storage, i0, valid, c.inv_scale, wb);
     load4(g, p.grad_storage, i0, valid, T(1), gb);
     if constexpr (kMomentum) load4(v, p.momentum_storage, i0, valid, c.momentum_inv_scale, vb);
+    if (accumulated != nullptr) {
+      Block4<T> ab;
+      load4_typed(accumulated, i0, valid, T(1), ab);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        gb.value[l] = normalized_gradient(gradient_with_l1(gb.value[l], wb.value[l], static_cast<T>(l1)), divisor);
+        ab.value[l] += gb.value[l];
+      }
+      store4_values(accumulated, i0, valid, ab.value);
+    }
     I wcode[4], vcode[4];
     bool wnan[4], vnan[4];
 #pragma unroll
@@ -250,7 +271,8 @@ int blocks_per_chunk_for(int64_t chunk_elems) {
 
 template <typename T, typename I, Rounding R, MomentumForm Form, bool kMomentum>
 void launch_all(at::TensorList params, at::TensorList grads, at::TensorList momentum, c10::ArrayRef<int64_t> streams,
-                const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr) {
+                const QpuSgdParams& p, const at::Tensor& counts, unsigned long long* nan_ptr,
+                const GradientPrologue& prologue) {
   const QpuConstants<T> c = qpu_constants<T>(p);
   const int64_t chunk_elems = chunk_elems_for(params);
   const int blocks_per_chunk = blocks_per_chunk_for(chunk_elems);
@@ -263,10 +285,12 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
     const unsigned grid = static_cast<unsigned>(chunks_listed * blocks_per_chunk);
     if (kMomentum && Form == MomentumForm::Standard && p.hyper.nesterov) {
       qpu_sgd_kernel<T, I, R, Form, kMomentum, true>
-          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr);
+          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr,
+                                          prologue.norms, prologue.l1);
     } else {
       qpu_sgd_kernel<T, I, R, Form, kMomentum, false>
-          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr);
+          <<<grid, kThreads, 0, stream>>>(meta, p, c, chunk_elems, blocks_per_chunk, count_ptr, nan_ptr,
+                                          prologue.norms, prologue.l1);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
@@ -278,6 +302,8 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
     meta.v[tensors] = kMomentum ? momentum[k].data_ptr() : nullptr;
     meta.numel[tensors] = n;
     meta.stream[tensors] = streams[k];
+    meta.accumulated[tensors] = prologue.active() ? prologue.accumulated[k].data_ptr() : nullptr;
+    meta.layer[tensors] = prologue.active() ? static_cast<int32_t>(prologue.layers[k]) : 0;
     meta.row[tensors] = static_cast<int32_t>(k);
     const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
     for (int64_t ch = 0; ch < chunks; ++ch) {
@@ -291,6 +317,8 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
         meta.v[0] = meta.v[tensors];
         meta.numel[0] = meta.numel[tensors];
         meta.stream[0] = meta.stream[tensors];
+        meta.accumulated[0] = meta.accumulated[tensors];
+        meta.layer[0] = meta.layer[tensors];
         meta.row[0] = meta.row[tensors];
         tensors = 0;
       }
@@ -309,25 +337,25 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList mome
 template <typename T, typename I, Rounding R>
 void dispatch_form(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                    c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                   unsigned long long* nan_ptr) {
+                   unsigned long long* nan_ptr, const GradientPrologue& prologue) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   if (!momentum.empty()) {
-    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, true>(params, grads, momentum, streams, p, counts, nan_ptr)
-          : launch_all<T, I, R, MomentumForm::Standard, true>(params, grads, momentum, streams, p, counts, nan_ptr);
+    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, true>(params, grads, momentum, streams, p, counts, nan_ptr, prologue)
+          : launch_all<T, I, R, MomentumForm::Standard, true>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   } else {
-    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, false>(params, grads, momentum, streams, p, counts, nan_ptr)
-          : launch_all<T, I, R, MomentumForm::Standard, false>(params, grads, momentum, streams, p, counts, nan_ptr);
+    paper ? launch_all<T, I, R, MomentumForm::PaperEq6, false>(params, grads, momentum, streams, p, counts, nan_ptr, prologue)
+          : launch_all<T, I, R, MomentumForm::Standard, false>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   }
 }
 
 template <typename T, typename I>
 void dispatch_rounding(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                        c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                       unsigned long long* nan_ptr) {
+                       unsigned long long* nan_ptr, const GradientPrologue& prologue) {
   if (p.rounding == Rounding::Stochastic) {
-    dispatch_form<T, I, Rounding::Stochastic>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_form<T, I, Rounding::Stochastic>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   } else {
-    dispatch_form<T, I, Rounding::NearestEven>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_form<T, I, Rounding::NearestEven>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   }
 }
 
@@ -335,18 +363,18 @@ void dispatch_rounding(at::TensorList params, at::TensorList grads, at::TensorLi
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                   c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                  const at::Tensor& nan_count) {
+                  const at::Tensor& nan_count, const GradientPrologue& prologue) {
   if (params.empty()) return;
   // Float storage never counts NaNs, so the kernel may take a null counter.
   auto* nan_ptr = nan_count.defined() ? reinterpret_cast<unsigned long long*>(nan_count.data_ptr<int64_t>()) : nullptr;
   // The compute type is the grads' float type (Note [QPU update on codes]), the
   // code type the narrowest exact one (Note [QPU code arithmetic]).
   if (p.grad_storage == Storage::Float64) {
-    dispatch_rounding<double, double>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_rounding<double, double>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   } else if (qpu_float_codes(p)) {
-    dispatch_rounding<float, float>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_rounding<float, float>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   } else {
-    dispatch_rounding<float, int64_t>(params, grads, momentum, streams, p, counts, nan_ptr);
+    dispatch_rounding<float, int64_t>(params, grads, momentum, streams, p, counts, nan_ptr, prologue);
   }
 }
 

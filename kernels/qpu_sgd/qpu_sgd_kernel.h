@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "adapt_step/adapt_step_math.h"
 #include "common/cpu_capability.h"
 #include "common/fxp_math.h"
 #include "qpu_sgd/qpu_update.h"
@@ -28,6 +29,26 @@ struct QpuSgdParams {
   const double* lr_f64_on_device = nullptr;
   const float* lr_f32_on_device = nullptr;
   const int64_t* step_on_device = nullptr;
+};
+
+// Note [AdaPT's fused QPU step]
+// AdaPT without a master copy (Note [AdaPT with QPU]) steps the normalized
+// gradient. In place of normalize_accumulate_ before the step (a read and a
+// write of every gradient more), the step takes AdaPT's gradient work as a
+// prologue: each element's gradient becomes
+//   g' = normalized_gradient(gradient_with_l1(g, w, l1), norm_divisor(norms[layers[k]]))
+// (kernels/adapt_step/adapt_step_math.h, the same functions), accumulated[k]
+// += g', and the update uses g' for g. So the parameters, momentum and
+// accumulators are those of normalize_accumulate_ followed by the plain step,
+// bit for bit (tested), and the grads are only read. w is the parameter's
+// value as the step loads it. Float storage only: AdaPT's formats change, and
+// packed storage cannot follow them yet. norms lives on the kernels' device.
+struct GradientPrologue {
+  at::TensorList accumulated;  // empty: no prologue
+  const double* norms = nullptr;
+  c10::ArrayRef<int64_t> layers;  // tensor k's layer: its norm is norms[layers[k]]
+  double l1 = 0;
+  bool active() const { return !accumulated.empty(); }
 };
 
 // Note [Capturable QPU step]
@@ -110,18 +131,19 @@ QpuConstants<T> qpu_constants(const QpuSgdParams& p) {
 // tensor k's stream index (Note [QPU random streams]).
 // counts: int64 [n, 2], receives (saturated, vanished) per tensor.
 // nan_count (int64 0-dim; only needed with packed storage) receives the
-// number of NaN results that packed storage could not hold.
+// number of NaN results that packed storage could not hold. prologue: AdaPT's
+// gradient work, when active (Note [AdaPT's fused QPU step]).
 using QpuSgdCpu = void(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                        c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                       const at::Tensor& nan_count);
+                       const at::Tensor& nan_count, const GradientPrologue& prologue);
 
 // One build per CPU capability (qpu_sgd_kernel_cpu.cpp); Note [CPU kernel tables].
 extern CpuKernelTable qpu_sgd_cpu_kernel;
 
 inline void qpu_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                         c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                        const at::Tensor& nan_count) {
-  cpu_kernel<QpuSgdCpu>(qpu_sgd_cpu_kernel)(params, grads, momentum, streams, p, counts, nan_count);
+                        const at::Tensor& nan_count, const GradientPrologue& prologue = {}) {
+  cpu_kernel<QpuSgdCpu>(qpu_sgd_cpu_kernel)(params, grads, momentum, streams, p, counts, nan_count, prologue);
 }
 
 }  // namespace fxp::kernels

@@ -62,13 +62,23 @@ FXP_QPU_INLINE void store_code(S* p, int64_t i, I code, I old_code, bool nan, T 
   }
 }
 
+// AdaPT's prologue for one tensor (Note [AdaPT's fused QPU step]): its
+// accumulator and the divisor of its layer.
+template <typename T>
+struct SpanPrologue {
+  T* accumulated;
+  double divisor;
+  T l1;
+};
+
 // The element loop, one pass: load, update, store. W and V are the parameter
 // and momentum storage (T itself, or integer codes), I the code type (Note
-// [QPU code arithmetic]); n <= kSpanElems.
+// [QPU code arithmetic]); n <= kSpanElems. kPrologue: AdaPT's gradient work
+// first (float storage only).
 template <typename T, typename I, typename W, typename V, Rounding R, MomentumForm Form, bool kMomentum,
-          bool kNesterov>
+          bool kNesterov, bool kPrologue = false>
 Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, const uint32_t* wbits,
-                   const uint32_t* vbits) {
+                   const uint32_t* vbits, const SpanPrologue<T> pro = {}) {
   // c by value: a store through w could otherwise alias it, which keeps the
   // compiler from holding it in registers.
   constexpr bool kFloatParam = std::is_floating_point_v<W>;
@@ -84,8 +94,13 @@ Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, c
     const ExactSplit<T, I> w_code = param_code<I>(w, i, wi, c);
     const T vi = kMomentum ? load_value<T>(v, i, c.momentum_inv_scale) : T(0);
     const I v_code = kMomentum && !std::is_floating_point_v<V> ? static_cast<I>(v[i]) : I(0);
+    T gi = g[i];
+    if constexpr (kPrologue) {
+      gi = normalized_gradient(gradient_with_l1(gi, wi, pro.l1), pro.divisor);
+      pro.accumulated[i] += gi;
+    }
     const QpuElementResult<I> r =
-        qpu_update_element<R, Form, kMomentum, kNesterov, kFloatParam>(wi, w_code, g[i], vi, c, wb, vb);
+        qpu_update_element<R, Form, kMomentum, kNesterov, kFloatParam>(wi, w_code, gi, vi, c, wb, vb);
     store_code<T>(w, i, r.param, w_code.whole, r.param_nan, c.inv_scale);
     if constexpr (kMomentum) store_code<T>(v, i, r.momentum, v_code, r.momentum_nan, c.momentum_inv_scale);
     if constexpr (!kFloatParam) nans += r.param_nan;
@@ -96,9 +111,16 @@ Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, c
   return Counts{saturated, vanished, nans};
 }
 
+// Tensor k's prologue: its accumulator (null without a prologue) and its layer's divisor.
+struct TensorPrologue {
+  const at::Tensor* accumulated = nullptr;
+  double divisor = 1;
+  double l1 = 0;
+};
+
 template <typename T, typename I, typename W, typename V, Rounding R, MomentumForm Form, bool kMomentum>
 Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
-                     const QpuSgdParams& p) {
+                     const QpuSgdParams& p, const TensorPrologue& pro) {
   const QpuConstants<T> c = qpu_constants<T>(p);
   const uint64_t woff = qpu_param_offset(p.step, stream), voff = qpu_momentum_offset(p.step, stream);
   W* w = static_cast<W*>(param.data_ptr());
@@ -118,6 +140,17 @@ Counts update_tensor(const at::Tensor& param, const at::Tensor& grad, const at::
       }
     }
     V* vs = kMomentum ? v + s : nullptr;
+    // The prologue's loops exist for float storage alone, the only storage it takes.
+    if constexpr (std::is_floating_point_v<W> && std::is_floating_point_v<V>) {
+      if (pro.accumulated != nullptr) {
+        const SpanPrologue<T> sp{static_cast<T*>(pro.accumulated->data_ptr()) + s, pro.divisor,
+                                 static_cast<T>(pro.l1)};
+        return nesterov ? update_span<T, I, W, V, R, Form, kMomentum, kMayNesterov, true>(w + s, g + s, vs, len, c,
+                                                                                          wbits, vbits, sp)
+                        : update_span<T, I, W, V, R, Form, kMomentum, false, true>(w + s, g + s, vs, len, c, wbits,
+                                                                                   vbits, sp);
+      }
+    }
     return nesterov ? update_span<T, I, W, V, R, Form, kMomentum, kMayNesterov>(w + s, g + s, vs, len, c, wbits, vbits)
                     : update_span<T, I, W, V, R, Form, kMomentum, false>(w + s, g + s, vs, len, c, wbits, vbits);
   });
@@ -136,47 +169,52 @@ Counts with_storage(Storage s, const Fn& fn) {
 
 template <typename T, typename I, Rounding R>
 Counts update_dispatch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
-                       const QpuSgdParams& p) {
+                       const QpuSgdParams& p, const TensorPrologue& pro) {
   const bool paper = p.form == MomentumForm::PaperEq6;
   return with_storage<T>(p.param_storage, [&](auto w_type) {
     using W = decltype(w_type);
     if (momentum == nullptr) {
-      return paper ? update_tensor<T, I, W, T, R, MomentumForm::PaperEq6, false>(param, grad, nullptr, stream, p)
-                   : update_tensor<T, I, W, T, R, MomentumForm::Standard, false>(param, grad, nullptr, stream, p);
+      return paper ? update_tensor<T, I, W, T, R, MomentumForm::PaperEq6, false>(param, grad, nullptr, stream, p, pro)
+                   : update_tensor<T, I, W, T, R, MomentumForm::Standard, false>(param, grad, nullptr, stream, p, pro);
     }
     return with_storage<T>(p.momentum_storage, [&](auto v_type) {
       using V = decltype(v_type);
-      return paper ? update_tensor<T, I, W, V, R, MomentumForm::PaperEq6, true>(param, grad, momentum, stream, p)
-                   : update_tensor<T, I, W, V, R, MomentumForm::Standard, true>(param, grad, momentum, stream, p);
+      return paper ? update_tensor<T, I, W, V, R, MomentumForm::PaperEq6, true>(param, grad, momentum, stream, p, pro)
+                   : update_tensor<T, I, W, V, R, MomentumForm::Standard, true>(param, grad, momentum, stream, p, pro);
     });
   });
 }
 
 template <typename T, typename I>
 Counts update_rounding(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
-                       const QpuSgdParams& p) {
+                       const QpuSgdParams& p, const TensorPrologue& pro) {
   return p.rounding == Rounding::Stochastic
-             ? update_dispatch<T, I, Rounding::Stochastic>(param, grad, momentum, stream, p)
-             : update_dispatch<T, I, Rounding::NearestEven>(param, grad, momentum, stream, p);
+             ? update_dispatch<T, I, Rounding::Stochastic>(param, grad, momentum, stream, p, pro)
+             : update_dispatch<T, I, Rounding::NearestEven>(param, grad, momentum, stream, p, pro);
 }
 
 // Note [QPU code arithmetic]: float64 compute takes float64 codes; float32
 // compute float32 codes where both formats allow, else int64.
 Counts update_one(const at::Tensor& param, const at::Tensor& grad, const at::Tensor* momentum, int64_t stream,
-                  const QpuSgdParams& p) {
-  if (p.grad_storage == Storage::Float64) return update_rounding<double, double>(param, grad, momentum, stream, p);
-  return qpu_float_codes(p) ? update_rounding<float, float>(param, grad, momentum, stream, p)
-                            : update_rounding<float, int64_t>(param, grad, momentum, stream, p);
+                  const QpuSgdParams& p, const TensorPrologue& pro) {
+  if (p.grad_storage == Storage::Float64) return update_rounding<double, double>(param, grad, momentum, stream, p, pro);
+  return qpu_float_codes(p) ? update_rounding<float, float>(param, grad, momentum, stream, p, pro)
+                            : update_rounding<float, int64_t>(param, grad, momentum, stream, p, pro);
 }
 
 void step(at::TensorList params, at::TensorList grads, at::TensorList momentum, c10::ArrayRef<int64_t> streams,
-          const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count) {
+          const QpuSgdParams& p, const at::Tensor& counts, const at::Tensor& nan_count,
+          const GradientPrologue& prologue) {
   auto* out = counts.data_ptr<int64_t>();
   int64_t nans = 0;
   for (size_t k = 0; k < params.size(); ++k) {
     if (params[k].numel() == 0) continue;
     const at::Tensor* v = momentum.empty() ? nullptr : &momentum[k];
-    const Counts c = update_one(params[k], grads[k], v, streams[k], p);
+    TensorPrologue pro;
+    if (prologue.active()) {
+      pro = TensorPrologue{&prologue.accumulated[k], norm_divisor(prologue.norms[prologue.layers[k]]), prologue.l1};
+    }
+    const Counts c = update_one(params[k], grads[k], v, streams[k], p, pro);
     out[2 * k] += c.saturated;
     out[2 * k + 1] += c.vanished;
     nans += c.nans;

@@ -9,6 +9,6 @@ namespace fxp::kernels {
 
 void qpu_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                   c10::ArrayRef<int64_t> streams, const QpuSgdParams& p, const at::Tensor& counts,
-                  const at::Tensor& nan_count);
+                  const at::Tensor& nan_count, const GradientPrologue& prologue = {});
 
 }  // namespace fxp::kernels

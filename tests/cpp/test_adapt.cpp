@@ -385,8 +385,8 @@ TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {
   controller.use_quantized_updates(opt);
   int64_t changed = 0;
   for (int step = 0; step < 9; ++step) {
-    controller.after_backward(backward(*net, 20 + step), 8);
-    opt.step();
+    const double loss = backward(*net, 20 + step);
+    controller.step(loss, 8, opt);  // Note [AdaPT's fused QPU step]
     for (size_t i = 0; i < controller.layers().size(); ++i) {
       const auto& l = controller.layers()[i];
       const auto& g = static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[i].options());
@@ -400,6 +400,70 @@ TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {
   // A plain optimizer over the model is refused.
   fxp::optim::QpuSgd whole(net->parameters(), defaults);
   expect_error([&] { controller.use_quantized_updates(whole); }, "one per adapted layer");
+}
+
+// Note [AdaPT's fused QPU step]: controller.step with the quantized-update
+// optimizer equals after_backward followed by its plain step, bit for bit
+// (parameters, momentum, accumulators, counts), while no layer switches; .grad stays raw.
+TEST(AdaptQuantizedUpdates, FusedStepEqualsAfterBackwardThenQpuStep) {
+  fxp::nn::QuantConfig qc;
+  qc.weight_mode = fxp::nn::WeightMode::Qpu;
+  qc.param_total_bits = qc.act_total_bits = 12;
+  qc.param_frac_bits = qc.act_frac_bits = 8;
+  fa::AdaptOptions o;
+  o.start = {12, 8};
+  o.lookback = {100, 100};  // no switch in these steps: the two forms switch at different points
+  o.l1 = 1e-4;
+  torch::manual_seed(0);
+  auto fused_net = fxp::nn::make_network("lenet5", qc, 1, 10);
+  auto plain_net = fxp::nn::make_network("lenet5", qc, 1, 10);
+  fused_net->quantize_parameters_("stochastic", 0);
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < fused_net->parameters().size(); ++k) {
+      plain_net->parameters()[k].copy_(fused_net->parameters()[k]);
+    }
+  }
+  fa::Controller fused(*fused_net, o), plain(*plain_net, o);
+  const auto defaults = fxp::optim::QpuSgdOptions(0.05).momentum(0.9).weight_decay(5e-4).seed(7);
+  fxp::optim::QpuSgd fused_opt(fused.parameter_groups(defaults), defaults);
+  fxp::optim::QpuSgd plain_opt(plain.parameter_groups(defaults), defaults);
+  fused.use_quantized_updates(fused_opt);
+  int64_t moved = 0;
+  for (int step = 0; step < 4; ++step) {
+    const torch::Tensor before = fused_net->parameters().front().detach().clone();
+    const double loss = backward(*fused_net, 80 + step);
+    const torch::Tensor raw = fused_net->parameters().front().grad().clone();
+    fused.step(loss, 8, fused_opt);
+    EXPECT_TRUE(torch::equal(fused_net->parameters().front().grad(), raw)) << "the fused step writes no gradient";
+    moved += !torch::equal(fused_net->parameters().front().detach(), before);
+    plain.after_backward(backward(*plain_net, 80 + step), 8);
+    plain_opt.step();
+    for (size_t g = 0; g < fused_opt.last_counts().size(); ++g) {
+      EXPECT_TRUE(torch::equal(fused_opt.last_counts()[g], plain_opt.last_counts()[g])) << "group " << g;
+    }
+  }
+  EXPECT_GT(moved, 0) << "no update moved a parameter: the test shows nothing";
+  for (size_t k = 0; k < fused_net->parameters().size(); ++k) {
+    const torch::Tensor p = fused_net->parameters()[k], q = plain_net->parameters()[k];
+    EXPECT_TRUE(torch::equal(p, q)) << "parameter " << k;
+    const auto& pm = static_cast<const fxp::optim::QpuSgdParamState&>(*fused_opt.state().at(p.unsafeGetTensorImpl()));
+    const auto& qm = static_cast<const fxp::optim::QpuSgdParamState&>(*plain_opt.state().at(q.unsafeGetTensorImpl()));
+    EXPECT_TRUE(torch::equal(pm.momentum_buffer(), qm.momentum_buffer())) << "momentum " << k;
+  }
+  for (size_t l = 0; l < fused.layers().size(); ++l) {
+    EXPECT_EQ(fused.layers()[l].count, 4);
+    for (size_t j = 0; j < fused.layers()[l].accumulated.size(); ++j) {
+      EXPECT_TRUE(torch::equal(fused.layers()[l].accumulated[j], plain.layers()[l].accumulated[j])) << l << "." << j;
+    }
+  }
+  // A diverged step changes nothing: no update, accumulation, count or optimizer step.
+  const torch::Tensor before = fused_net->parameters().front().detach().clone();
+  backward(*fused_net, 90);
+  fused.step(std::nan(""), 8, fused_opt);
+  EXPECT_TRUE(torch::equal(fused_net->parameters().front(), before));
+  EXPECT_EQ(fused.layers().front().count, 4);
+  EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(fused_opt.param_groups()[0].options()).step(), 4);
 }
 
 TEST(AdaptController, L1AddsItsGradientBeforeNormalization) {

@@ -470,6 +470,70 @@ def test_adapt_sgd_step_equals_normalize_accumulate_then_sgd(momentum, nesterov)
         assert torch.equal(got, want)
 
 
+# Note [AdaPT's fused QPU step]: (rounding, momentum, nesterov, momentum_form,
+# format). FxP(24, 14) takes the int64 code arithmetic (Note [QPU code arithmetic]).
+QPU_ADAPT_CASES = [("stochastic", 0.9, False, "standard", (12, 8)), ("stochastic", 0.9, True, "standard", (12, 8)),
+                   ("nearest_even", 0.9, False, "paper_eq6", (16, 12)), ("stochastic", 0.0, False, "standard", (24, 14)),
+                   ("nearest_even", 0.0, False, "standard", (10, 6)), ("stochastic", 0.5, False, "paper_eq6", (24, 14))]
+
+
+def _qpu_adapt_tensors(dtype, fmt, momentum, device="cpu"):
+    params, grads, layers, n = _step_tensors(dtype, device)
+    params = [fxp.quantize_seeded(p, FxpFormat(*fmt), rounding="stochastic", seed=1, offset=k)
+              for k, p in enumerate(params)]  # on the grid, as QPU's parameters are
+    acc = [torch.randn_like(g) for g in grads]
+    buffers = [fxp.quantize_seeded(torch.randn_like(g) * 0.01, FxpFormat(*fmt), seed=2, offset=k)
+               for k, g in enumerate(grads)] if momentum else []
+    return params, grads, acc, buffers, layers, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding,momentum,nesterov,form,fmt", QPU_ADAPT_CASES)
+def test_qpu_adapt_step_equals_normalize_accumulate_then_qpu_step(dtype, rounding, momentum, nesterov, form, fmt):
+    """The QPU step with AdaPT's prologue, against normalize_accumulate_ then the
+    plain step, bit for bit over two steps: parameters, momentum, accumulators
+    and counts; grads are only read."""
+    l1, lr, wd = 1e-3, 1.0, 5e-4  # normalized gradients are small: lr 1 moves nearest-even parameters too
+    params, grads, acc, buffers, layers, n = _qpu_adapt_tensors(dtype, fmt, momentum)
+    ref_params, ref_acc, ref_buffers = ([t.clone() for t in ts] for ts in (params, acc, buffers))
+    raw_grads = [g.clone() for g in grads]
+    moved = False
+    for step in range(2):
+        norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, l1)
+        qpu = (lr, momentum, wd, nesterov, *fmt, *fmt, rounding, 5, step, form)
+        before = [p.clone() for p in params]
+        counts = torch.ops.fxp.qpu_sgd_step_.adapt(params, grads, buffers, acc, norms, layers, l1, *qpu)
+        ref_grads = [g.clone() for g in raw_grads]
+        torch.ops.fxp.normalize_accumulate_(ref_grads, ref_acc, ref_params, norms, layers, l1)
+        ref_counts = torch.ops.fxp.qpu_sgd_step_(ref_params, ref_grads, ref_buffers, *qpu)
+        assert torch.equal(counts, ref_counts)
+        for got, want in zip(params + acc + buffers + grads, ref_params + ref_acc + ref_buffers + raw_grads):
+            assert torch.equal(got, want)
+        moved = moved or any(not torch.equal(a, b) for a, b in zip(params, before))
+    assert moved, "no parameter moved: the test shows nothing"
+    if not momentum:  # a zero layer's gradient stays zero (with momentum, its random buffer moves it)
+        assert torch.equal(params[3], torch.zeros_like(params[3]))
+
+
+def test_qpu_adapt_step_rejects_bad_input():
+    params, grads, acc, buffers, layers, n = _qpu_adapt_tensors(torch.float32, (8, 4), 0.9)
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n)
+    qpu = (0.1, 0.9, 0.0, False, 8, 4, 8, 4, "stochastic", 0, 0)
+    step = torch.ops.fxp.qpu_sgd_step_.adapt
+    with pytest.raises(RuntimeError, match=r"accumulated\[0\] and grads\[0\] share memory"):
+        step(params, grads, buffers, [grads[0]] + acc[1:], norms, layers, 0.0, *qpu)
+    with pytest.raises(RuntimeError, match=r"accumulated\[1\] has shape \[5\] but grads\[1\] has \[70\]"):
+        step(params, grads, buffers, [acc[0], torch.zeros(5)] + acc[2:], norms, layers, 0.0, *qpu)
+    with pytest.raises(RuntimeError, match=r"layers\[3\] is 2, outside \[0, 2\)"):
+        step(params, grads, buffers, acc, norms[:2], layers, 0.0, *qpu)
+    with pytest.raises(RuntimeError, match="l1 must be a non-negative finite number"):
+        step(params, grads, buffers, acc, norms, layers, -1.0, *qpu)
+    with pytest.raises(RuntimeError, match="packed storage cannot follow them"):
+        step([fxp.pack(p, 8, 4) for p in params], grads, buffers, acc, norms, layers, 0.0, *qpu)
+    with pytest.raises(RuntimeError, match="momentum > 0 needs one momentum buffer per param"):
+        step(params, grads, [], acc, norms, layers, 0.0, *qpu)
+
+
 def _step_op_args(device):
     params, grads, layers, n = _step_tensors(device=device)
     norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, 1e-3)
@@ -481,6 +545,9 @@ def _step_op_args(device):
         (torch.ops.fxp.adapt_sgd_step_.default,
          ([p.clone() for p in params], grads, buffers, [a.clone() for a in acc], norms, layers, 1e-3, 0.1, 0.9, 5e-4,
           True)),
+        (torch.ops.fxp.qpu_sgd_step_.adapt,
+         ([fxp.quantize(p, FxpFormat(16, 10)) for p in params], grads, [b.clone() for b in buffers],
+          [a.clone() for a in acc], norms, layers, 1e-3, 0.1, 0.9, 5e-4, True, 16, 10, 16, 10, "stochastic", 3, 1)),
     ]
 
 
@@ -514,6 +581,27 @@ def test_adapt_step_ops_cuda_equal_cpu(dtype):
     torch.ops.fxp.normalize_accumulate_(grads2, acc2, params, norms, layers, 1e-3)
     torch.ops.fxp.normalize_accumulate_(c_grads2, c_acc2, c_params, norms.cuda(), layers, 1e-3)
     for got, want in zip(c_params + c_acc + c_buffers + c_grads2 + c_acc2, params + acc + buffers + grads2 + acc2):
+        assert torch.equal(got.cpu(), want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rounding,momentum,nesterov,form,fmt", QPU_ADAPT_CASES)
+def test_qpu_adapt_step_cuda_equals_cpu(dtype, rounding, momentum, nesterov, form, fmt):
+    params, grads, acc, buffers, layers, n = _qpu_adapt_tensors(dtype, fmt, momentum)
+    params.append(fxp.quantize(torch.randn(3_000_001, dtype=dtype), FxpFormat(*fmt)))  # many chunks and launches
+    grads.append(torch.randn(3_000_001, dtype=dtype))
+    acc.append(torch.randn(3_000_001, dtype=dtype))
+    buffers += [torch.zeros(3_000_001, dtype=dtype)] if momentum else []
+    layers.append(1)
+    cuda = lambda ts: [t.cuda() for t in ts]  # noqa: E731
+    c_params, c_grads, c_acc, c_buffers = cuda(params), cuda(grads), cuda(acc), cuda(buffers)
+    norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, n, 1e-3)
+    qpu = (0.05, momentum, 5e-4, nesterov, *fmt, *fmt, rounding, 5, 3, form)
+    counts = torch.ops.fxp.qpu_sgd_step_.adapt(params, grads, buffers, acc, norms, layers, 1e-3, *qpu)
+    c_counts = torch.ops.fxp.qpu_sgd_step_.adapt(c_params, c_grads, c_buffers, c_acc, norms.cuda(), layers, 1e-3, *qpu)
+    assert torch.equal(c_counts.cpu(), counts)
+    for got, want in zip(c_params + c_acc + c_buffers, params + acc + buffers):
         assert torch.equal(got.cpu(), want)
 
 

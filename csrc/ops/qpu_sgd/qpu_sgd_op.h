@@ -1,8 +1,9 @@
 // The fused QPU SGD step op, written once over a Backend (see quantize/quantize_op.h
 // for the pattern): Backend::launch(params, grads, momentum, streams, p, counts,
-// nan_count), Backend::DeviceGuard and Backend::kIsMeta. Two forms: the plain
-// one takes lr and step as numbers; the capturable one as device tensors
-// (Note [Capturable QPU step]).
+// nan_count, prologue), Backend::DeviceGuard and Backend::kIsMeta. The plain
+// form takes lr and step as numbers; the capturable one as device tensors
+// (Note [Capturable QPU step]); the adapt one adds AdaPT's gradient work
+// (Note [AdaPT's fused QPU step]).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "ops/adapt_step/adapt_step_op.h"
 #include "ops/bit_pack/code_storage.h"
 #include "ops/qpu_sgd/qpu_sgd_args.h"
 
@@ -39,12 +41,12 @@ void run_qpu_sgd(at::TensorList params, at::TensorList grads, at::TensorList mom
         momentum_codes.push_back(load_codes(momentum_buffers[k], momentum_total_bits, sizes));
       }
       Backend::launch({param_codes}, {grads[k]}, momentum_codes, {streams[k]}, p,
-                      counts.narrow(0, static_cast<int64_t>(k), 1), nan_count);
+                      counts.narrow(0, static_cast<int64_t>(k), 1), nan_count, kernels::GradientPrologue{});
       assign_codes(params[k], param_codes, total_bits);
       if (!momentum_codes.empty()) assign_codes(momentum_buffers[k], momentum_codes[0], momentum_total_bits);
     }
   } else {
-    Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count);
+    Backend::launch(params, grads, momentum_buffers, streams, p, counts, nan_count, kernels::GradientPrologue{});
   }
 }
 
@@ -86,6 +88,42 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
       detail::run_qpu_sgd<Backend>(params, grads, momentum_buffers, p, streams, total_bits, momentum_total_bits,
                                    counts, nan_count);
       if (packed) check_no_nan_results(nan_count.item<int64_t>());
+    }
+  }
+  return counts;
+}
+
+// Note [AdaPT's fused QPU step] (kernels/qpu_sgd/qpu_sgd_kernel.h): the plain
+// step on the normalized gradient, with the accumulation, in one pass. Float
+// storage only; accumulated[k] is shaped and typed as grads[k], norms float64
+// [num_layers] as layer_gradient_norms returns it, layers[k] tensor k's layer.
+template <class Backend>
+at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                              at::TensorList accumulated, const at::Tensor& norms, at::IntArrayRef layers, double l1,
+                              double lr, double momentum, double weight_decay, bool nesterov, int64_t total_bits,
+                              int64_t frac_bits, int64_t momentum_total_bits, int64_t momentum_frac_bits,
+                              c10::string_view rounding, int64_t seed, int64_t step, c10::string_view momentum_form,
+                              at::OptionalIntArrayRef stream_indices) {
+  constexpr const char* op = "fxp::qpu_sgd_step_.adapt";
+  const QpuSgdArgs args{lr,        momentum,   weight_decay, nesterov,  total_bits,    frac_bits,
+                        momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
+                        stream_indices};
+  const int64_t num_layers = adapt_step_detail::check_norms(op, norms, params);
+  adapt_step_detail::check_lists(op, {{grads, "grads"}, {accumulated, "accumulated"}}, layers, num_layers,
+                                 !Backend::kIsMeta);
+  adapt_step_detail::check_l1(op, l1);
+  const auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta,
+                               {{accumulated, "accumulated", true}, {norms, "norms", false}});
+  TORCH_CHECK(!detail::any_packed(p), op, ": params and momentum_buffers must be float tensors like the grads; "
+              "AdaPT's formats change, and packed storage cannot follow them");
+  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const auto options = params.empty() ? at::TensorOptions(at::kLong) : params[0].options().dtype(at::kLong);
+  at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
+  if constexpr (!Backend::kIsMeta) {
+    if (!params.empty()) {
+      typename Backend::DeviceGuard guard(params[0].device());
+      const kernels::GradientPrologue prologue{accumulated, norms.const_data_ptr<double>(), layers, l1};
+      Backend::launch(params, grads, momentum_buffers, streams, p, counts, at::Tensor(), prologue);
     }
   }
   return counts;

@@ -16,8 +16,8 @@ struct CpuBackend {
   static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
-                     const at::Tensor& nan_count) {
-    kernels::qpu_sgd_cpu(params, grads, momentum, streams, p, counts, nan_count);
+                     const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {
+    kernels::qpu_sgd_cpu(params, grads, momentum, streams, p, counts, nan_count, prologue);
   }
 };
 
@@ -27,7 +27,8 @@ struct MetaBackend {
   static constexpr bool kIsMeta = true;
   static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
-                     const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&) {}
+                     const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
+                     const kernels::GradientPrologue&) {}
 };
 
 // A call with empty lists has no backend for the dispatcher to pick; its
@@ -38,7 +39,8 @@ struct NoTensorsBackend {
   static constexpr bool kIsMeta = false;
   static bool capturing() { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
-                     const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&) {
+                     const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
+                     const kernels::GradientPrologue&) {
     TORCH_CHECK(false, "fxp::qpu_sgd_step_ has no kernel for tensors on ", params[0].device());
   }
 };
@@ -67,28 +69,33 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
 TORCH_LIBRARY_IMPL(fxp, CPU, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<CpuBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CpuBackend>);
+  m.impl("qpu_sgd_step_.adapt", &qpu_sgd_step_adapt<CpuBackend>);
   m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<CpuBackend>);
 }
 
 TORCH_LIBRARY_IMPL(fxp, Meta, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<MetaBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<MetaBackend>);
+  m.impl("qpu_sgd_step_.adapt", &qpu_sgd_step_adapt<MetaBackend>);
   m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<MetaBackend>);
 }
 
 TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<NoTensorsBackend>);
+  m.impl("qpu_sgd_step_.adapt", &qpu_sgd_step_adapt<NoTensorsBackend>);
   m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<NoTensorsBackend>);  // empty lists: its own error
   m.impl("quantize_parameters_", &quantize_parameters);
 }
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   register_not_differentiable(
-      m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_members_step_", "quantize_parameters_"});
+      m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_step_.adapt", "qpu_sgd_members_step_",
+                          "quantize_parameters_"});
 }
 
 TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) {
-  register_version_bump(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_members_step_"});
+  register_version_bump(m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_step_.adapt",
+                            "qpu_sgd_members_step_"});
 }
 
 }  // namespace fxp

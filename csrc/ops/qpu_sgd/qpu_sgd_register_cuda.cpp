@@ -16,8 +16,8 @@ struct CudaBackend {
   }
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
-                     const at::Tensor& nan_count) {
-    kernels::qpu_sgd_cuda(params, grads, momentum, streams, p, counts, nan_count);
+                     const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {
+    kernels::qpu_sgd_cuda(params, grads, momentum, streams, p, counts, nan_count, prologue);
   }
 };
 }  // namespace
@@ -25,6 +25,7 @@ struct CudaBackend {
 TORCH_LIBRARY_IMPL(fxp, CUDA, m) {
   m.impl("qpu_sgd_step_", &qpu_sgd_step<CudaBackend>);
   m.impl("qpu_sgd_step_.capturable", &qpu_sgd_step_capturable<CudaBackend>);
+  m.impl("qpu_sgd_step_.adapt", &qpu_sgd_step_adapt<CudaBackend>);
   m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<CudaBackend>);
 }
 
