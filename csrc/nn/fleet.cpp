@@ -85,12 +85,23 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // backward; one call per member through autograd would pay K times the
 // per-op cost (and wake the thread pool K times), so this one autograd node
 // runs the K solo calls, spread over the CPU threads one member each
-// (oneDNN's results do not depend on its thread count here: tested). Grouped
+// (Note [Fleet thread counts]). Grouped
 // convolutions with a few input channels per group part from the solo bits in
 // float32 too (LeNet-5's 6 and 16: tested), so fleet_layers runs a layer
 // grouped only where the tests show the solo bits (the paper CNN's second
 // convolution, 32 per group); every other convolution runs here.
 // Input [K, N, C, H, W]; output [K, N, out, H', W'] (member-major: Note [Fleet layouts]).
+
+// Note [Fleet thread counts]
+// A member's per-member calls run on one thread, and a grouped call keeps each
+// member's reduction on one thread too, while its solo run's calls use every
+// thread. Their bits agree where oneDNN and mm do not split a reduction across
+// threads: tested on 4 threads at batches 1 to 32, the batches sweep trains in
+// fleets on the CPU. On an AVX-512 machine (2026-12-05) oneDNN splits the solo
+// second convolution's weight-gradient reduction at batch 64 on 4 threads (not
+// on 2): there members agree with their solo runs to float32 rounding (about
+// 1e-7 relative after 8 steps; tested to 1e-5), not bit for bit. float64 runs
+// were bit for bit at every batch tested.
 
 // Note [Fleet layouts]
 // A grouped convolution takes and gives [N, K*C, H, W], member m's channels

@@ -167,7 +167,7 @@ std::pair<torch::Tensor, torch::Tensor> batches(int64_t k, int64_t n, int64_t st
 // (batch_size(step) images per member) and expects every member's parameters
 // to be its solo run's bit for bit, and to have moved from where they started.
 void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::function<int64_t(int64_t)>& batch_size,
-                                    torch::Dtype dtype, int64_t chunk = 0) {
+                                    torch::Dtype dtype, int64_t chunk = 0, double tolerance = 0) {
   const int64_t k = run.fleet->size();
   std::vector<torch::Tensor> start;
   for (const auto& p : run.fleet->parameters()) start.push_back(p.detach().clone());
@@ -177,7 +177,7 @@ void expect_members_match_solo_runs(FleetRun& run, int64_t steps, const std::fun
     for (int64_t m = 0; m < k; ++m) solo_step(run.solos[static_cast<size_t>(m)], x[m], y[m]);
   }
   for (int64_t m = 0; m < k; ++m) {
-    EXPECT_EQ(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), 0.0) << "member " << m;
+    EXPECT_LE(relative_difference(*run.fleet, m, run.solos[static_cast<size_t>(m)]), tolerance) << "member " << m;
     bool moved = false;
     for (size_t t = 0; t < start.size(); ++t) moved = moved || !torch::equal(start[t][m], run.fleet->parameters()[t][m]);
     EXPECT_TRUE(moved) << "member " << m << " did not train";
@@ -216,15 +216,32 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
 
 // Note [Fleet member convolutions] and Note [Fleet linear layers]: a member's
 // convolutions and weight-gradient products run on one thread each while its
-// solo run's use them all; oneDNN's and mm's results here do not depend on
-// the thread count (4 threads: more than this machine's cores, so every
-// split the solo calls can make happens).
+// solo run's use them all; up to batch 32 (the batches sweep trains in fleets
+// on the CPU) oneDNN's and mm's results do not depend on the thread count (4
+// threads: more than this machine's cores, so every split the solo calls can
+// make happens).
 TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
   const int threads = at::get_num_threads();
   at::set_num_threads(4);
   ASSERT_EQ(at::get_num_threads(), 4);
   FleetRun run = make(four_members(), torch::kFloat);
-  expect_members_match_solo_runs(run, 8, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
+  expect_members_match_solo_runs(run, 8, [](int64_t step) { return int64_t{1} << (step % 4 == 3 ? 5 : 2 * (step % 4)); },
+                                 torch::kFloat);
+  at::set_num_threads(threads);
+}
+
+// Note [Fleet thread counts]: at batch 64 on 4 threads oneDNN may split the
+// solo second convolution's weight-gradient reduction over the threads, where
+// the fleet's grouped call keeps each member's on one: the members then agree
+// with their solo runs to float32 rounding, not bit for bit.
+TEST_P(FleetMatchesSoloRuns, Batch64OnFourThreadsToFloat32Rounding) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(4);
+  // four_members with ten times the lr: at batch 64 their nearest-even updates would vanish.
+  std::vector<MemberSettings> members = four_members();
+  for (auto& m : members) m.lr *= 10;
+  FleetRun run = make(members, torch::kFloat);
+  expect_members_match_solo_runs(run, 8, [](int64_t) { return 64; }, torch::kFloat, 0, 1e-5);
   at::set_num_threads(threads);
 }
 
