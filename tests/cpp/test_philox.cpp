@@ -85,16 +85,17 @@ namespace {
 // first and in a later interleaved group (Note [Philox in interleaved
 // groups]), and runs that end in narrower groups and the scalar tail.
 TEST(Philox, CpuBuildsMatchScalar) {
-  // Wraps in the first group, in a later group of four, and in a one-group call.
+  // Wraps in the first group, in a later group of four (AVX2's eights and
+  // AVX-512's sixteens), and in a one-group call.
   const uint64_t firsts[] = {0, (uint64_t{1} << 33) - 3, (uint64_t{1} << 32) - 21, (uint64_t{1} << 32) - 37,
-                             123456789};
+                             (uint64_t{1} << 32) - 53, (uint64_t{1} << 32) - 71, 123456789};
   for (const std::string cap : {"default", "avx2", "avx512"}) {
     if (!fxp::kernels::cpu_capability_available(cap)) {
       std::cout << "[   INFO   ] " << cap << " not available on this CPU\n";
       continue;
     }
     for (const uint64_t first : firsts) {
-      constexpr int64_t kBlocks = 32 + 16 + 8 + 5;  // every group width, then the tail
+      constexpr int64_t kBlocks = 64 + 16 + 32 + 8 + 5;  // every group width of both builds, then the tail
       std::vector<uint32_t> got(4 * kBlocks);
       fxp::kernels::philox_fill_cpu(cap, 0xDEADBEEFCAFEF00Dull, 99, first, kBlocks, got.data());
       for (int64_t j = 0; j < kBlocks; ++j) {
