@@ -68,7 +68,10 @@ void Controller::step(double loss, int64_t batch_size, torch::optim::Optimizer& 
       }
       // use_quantized_updates checked that the optimizer holds exactly the layers' parameters.
       const auto accumulator = [&accumulators](const torch::Tensor& p) {
-        return accumulators.at(p.unsafeGetTensorImpl());
+        const auto it = accumulators.find(p.unsafeGetTensorImpl());
+        TORCH_CHECK(it != accumulators.end(), "fxp::adapt: the quantized-update optimizer holds a parameter of shape ",
+                    p.sizes(), " that is not an adapted layer's (was it added after use_quantized_updates?)");
+        return it->second;
       };
       quantized_updates_->step_normalized({s.norms, core_.options().l1, accumulator});
     });

@@ -4,7 +4,8 @@
 // caller reads formats() after each step and gives them to its layers (the
 // C++ network binding is adapt::Controller, the Python one fxp.adapt).
 // Call after_backward(loss, batch_size) between backward() and the optimizer's
-// step(), or sgd_step in place of both (an SGD step fused with AdaPT's work).
+// step(), or sgd_step in place of both (an SGD step fused with AdaPT's work),
+// or fused_step with any update that takes the norms (the QPU step's).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -99,9 +99,10 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // threads: tested on 4 threads at batches 1 to 32, the batches sweep trains in
 // fleets on the CPU. On an AVX-512 machine (2026-12-05) oneDNN splits the solo
 // second convolution's weight-gradient reduction at batch 64 on 4 threads (not
-// on 2): there members agree with their solo runs to float32 rounding (about
-// 1e-7 relative after 8 steps; tested to 1e-5), not bit for bit. float64 runs
-// were bit for bit at every batch tested.
+// on 2): there fp32 and STE members agree with their solo runs to float32
+// rounding (about 1e-7 relative after 8 steps; tested to 1e-5), not bit for
+// bit; QPU parameters, on their grid, agree until a rounding decision flips,
+// then differ by grid steps. float64 runs were bit for bit at every batch tested.
 
 // Note [Fleet layouts]
 // A grouped convolution takes and gives [N, K*C, H, W], member m's channels

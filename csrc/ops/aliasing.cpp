@@ -29,7 +29,8 @@ void check_no_aliasing(const char* op, c10::ArrayRef<NamedTensorList> lists) {
                         list.written});
     }
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // Stable: ranges that start together keep the call's order, so the error names them the same way every time.
+  std::stable_sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
   // The range reaching furthest so far, among all ranges and among the written ones.
   const Range* furthest = nullptr;
   const Range* furthest_written = nullptr;

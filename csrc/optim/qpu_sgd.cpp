@@ -115,6 +115,8 @@ void QpuSgd::step_normalized(const Normalization& normalization) {
   torch::NoGradGuard no_grad;
   TORCH_CHECK(!capturable_, kName, ": the normalized step (AdaPT's) has no capturable form");
   TORCH_CHECK(normalization.accumulator != nullptr, kName, ": the normalized step needs an accumulator function");
+  // Refused before any group takes its step (the op would refuse after the step count advanced).
+  TORCH_CHECK(packed_codes_.empty(), kName, ": the normalized step (AdaPT's) takes float storage, not packed codes");
   step_groups(&normalization);
 }
 

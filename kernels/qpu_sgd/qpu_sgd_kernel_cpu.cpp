@@ -84,8 +84,8 @@ Counts update_span(W* w, const T* g, V* v, int64_t n, const QpuConstants<T> c, c
   constexpr bool kFloatParam = std::is_floating_point_v<W>;
   constexpr bool kMomentumDraws = kMomentum || Form == MomentumForm::PaperEq6;
   int32_t saturated = 0, vanished = 0, nans = 0;
-  // w, g, v and the draws never overlap (the op checks w, g and v), and each
-  // element reads only its own index before writing it.
+  // w, g, v, the accumulator and the draws never overlap (the op checks all
+  // but the draws, its own), and each element reads only its own index before writing it.
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t wb = R == Rounding::Stochastic ? wbits[i] : 0u;

@@ -86,9 +86,17 @@ namespace {
 // groups]), and runs that end in narrower groups and the scalar tail.
 TEST(Philox, CpuBuildsMatchScalar) {
   // Wraps in the first group, in a later group of four (AVX2's eights and
-  // AVX-512's sixteens), and in a one-group call.
-  const uint64_t firsts[] = {0, (uint64_t{1} << 33) - 3, (uint64_t{1} << 32) - 21, (uint64_t{1} << 32) - 37,
-                             (uint64_t{1} << 32) - 53, (uint64_t{1} << 32) - 71, 123456789};
+  // AVX-512's sixteens), in a one-group call of either build (AVX2's start at
+  // block 96, AVX-512's at 64), and exactly at a group's first block.
+  const uint64_t firsts[] = {0,
+                             (uint64_t{1} << 33) - 3,
+                             (uint64_t{1} << 32) - 21,
+                             (uint64_t{1} << 32) - 37,
+                             (uint64_t{1} << 32) - 53,
+                             (uint64_t{1} << 32) - 71,
+                             (uint64_t{1} << 32) - 100,
+                             (uint64_t{1} << 32) - 16,
+                             123456789};
   for (const std::string cap : {"default", "avx2", "avx512"}) {
     if (!fxp::kernels::cpu_capability_available(cap)) {
       std::cout << "[   INFO   ] " << cap << " not available on this CPU\n";

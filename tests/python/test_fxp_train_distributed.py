@@ -95,13 +95,22 @@ def test_one_process_takes_the_solo_runs_steps_and_two_and_three_match_it(tmp_pa
         differing = sum(int((expected[k] != got[k]).sum()) for k in expected if expected[k].is_floating_point())
         total = sum(t.numel() for t in expected.values() if t.is_floating_point())
         assert differing <= total // 1000, f"{world} ranks: {differing} of {total} values differ"
-    # In float32 the parameters agree to float rounding.
-    fp32 = ["--method", "fp32", "--train-limit", "256", "--batch-size", "16", "--epochs", "1"]
+    # In float32 the parameters agree to float rounding: each tensor within 1e-5 of its largest value after 4
+    # steps (measured: about 1e-7). Over more steps training amplifies the last bits until a ReLU or a pooling
+    # choice flips (on an AVX-512 machine: 1e-7 after 8 steps, 5e-4 after 16), and per element near zero a
+    # relative bound means nothing, so neither measures the reduction order.
+    fp32 = ["--method", "fp32", "--train-limit", "64", "--batch-size", "16", "--epochs", "1"]
     assert run_fxp_train(*COMMON, *fp32, "-o", str(tmp_path / "fp32"), "--quiet").returncode == 0
     succeeded(launch(2, *fp32, "-o", str(tmp_path / "fp32-w2")))
     a, b = checkpoint_state(tmp_path / "fp32"), checkpoint_state(tmp_path / "fp32-w2")
+    assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+            continue
+        scale = a[k].abs().max().item() or 1.0
+        worst = (b[k] - a[k]).abs().max().item()
+        assert worst <= 1e-5 * scale, f"{k}: {worst:.3g} against a largest value of {scale:.3g}"
 
 
 def test_sharded_validation_gives_the_figures_of_one_process(tmp_path):
