@@ -25,6 +25,7 @@ and fxp-train's fused form (the norms, then qpu_sgd_step_.adapt).
 from __future__ import annotations
 
 import argparse
+import itertools
 import pathlib
 import statistics
 import sys
@@ -127,9 +128,9 @@ def bench_step(args) -> int:
         ops.adapt_sgd_step_(params, grads, buffers, acc, norms, layers, l1, lr, mu, wd, False)
 
     # --update qpu: SQPU at FxP(16, 10), parameters and momentum on the grid.
-    qparams = [ops.quantize(p, 16, 10, "nearest_even", "saturate", None) for p in params]
+    qparams = [ops.quantize(p, 16, 10) for p in params]
     qbuffers = [torch.zeros_like(p) for p in params]
-    steps = iter(range(1 << 31))
+    steps = itertools.count()  # a fresh step each call: fresh draws, as in training
 
     def qpu_args():
         return (lr, mu, wd, False, 16, 10, 16, 10, "stochastic", 0, next(steps))

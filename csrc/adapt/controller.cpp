@@ -3,9 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
-#include <unordered_map>
 #include <unordered_set>
-#include <utility>
 
 namespace fxp::adapt {
 namespace {
@@ -58,45 +56,37 @@ void Controller::after_backward(double loss, int64_t batch_size) {
 
 void Controller::step(double loss, int64_t batch_size, torch::optim::Optimizer& optimizer) {
   if (!std::isfinite(loss)) return;  // a diverged step changes nothing, in any form
-  if (&optimizer == quantized_updates_) {
-    // Note [AdaPT's fused QPU step]: the normalization rides on the QPU step.
-    set_madds();
-    const bool switched = core_.fused_step(loss, batch_size, [&](const PrecisionController::StepGradients& s) {
-      std::unordered_map<const c10::TensorImpl*, std::pair<torch::Tensor, int64_t>> accumulators;
-      for (size_t k = 0; k < s.params.size(); ++k) {
-        accumulators.emplace(s.params[k].unsafeGetTensorImpl(), std::make_pair(s.accumulated[k], s.layers[k]));
-      }
-      // use_quantized_updates checked that the optimizer holds exactly the layers' parameters.
-      const auto accumulator = [&accumulators](const torch::Tensor& p) {
-        const auto it = accumulators.find(p.unsafeGetTensorImpl());
-        TORCH_CHECK(it != accumulators.end(), "fxp::adapt: the quantized-update optimizer holds a parameter of shape ",
-                    p.sizes(), " that is not an adapted layer's (was it added after use_quantized_updates?)");
-        return it->second;
-      };
-      quantized_updates_->step_normalized({s.norms, core_.options().l1, accumulator});
-    });
-    if (switched) apply_formats();
-    return;
-  }
-  if (&optimizer != fused_sgd_) {
+  if (&optimizer != fused_sgd_ && &optimizer != quantized_updates_) {
     after_backward(loss, batch_size);
     optimizer.step();
     return;
   }
   set_madds();
-  const auto& o = static_cast<const torch::optim::SGDOptions&>(fused_sgd_->param_groups().front().options());
-  const PrecisionController::SgdSettings sgd{o.lr(), o.momentum(), o.weight_decay(), o.nesterov()};
-  auto& state = fused_sgd_->state();
-  const auto momentum_buffer = [&state](const at::Tensor& p) {
-    auto& slot = state[p.unsafeGetTensorImpl()];
-    if (!slot) {
-      auto fresh = std::make_unique<torch::optim::SGDParamState>();
-      fresh->momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
-      slot = std::move(fresh);
-    }
-    return static_cast<torch::optim::SGDParamState&>(*slot).momentum_buffer();
-  };
-  if (core_.sgd_step(loss, batch_size, sgd, momentum_buffer)) apply_formats();
+  bool switched = false;
+  if (&optimizer == quantized_updates_) {
+    // Note [AdaPT's fused QPU step]: group i holds layer i's parameters (use_quantized_updates checked), so
+    // layer i's accumulators and norm are group i's.
+    std::vector<std::vector<torch::Tensor>> accumulated;
+    for (const auto& layer : core_.layers()) accumulated.push_back(layer.accumulated);
+    switched = core_.fused_step(loss, batch_size, [&](const PrecisionController::StepGradients& s) {
+      quantized_updates_->step_normalized({s.norms, core_.options().l1, accumulated});
+    });
+  } else {
+    const auto& o = static_cast<const torch::optim::SGDOptions&>(fused_sgd_->param_groups().front().options());
+    const PrecisionController::SgdSettings sgd{o.lr(), o.momentum(), o.weight_decay(), o.nesterov()};
+    auto& state = fused_sgd_->state();
+    const auto momentum_buffer = [&state](const at::Tensor& p) {
+      auto& slot = state[p.unsafeGetTensorImpl()];
+      if (!slot) {
+        auto fresh = std::make_unique<torch::optim::SGDParamState>();
+        fresh->momentum_buffer(torch::zeros_like(p, at::MemoryFormat::Contiguous));
+        slot = std::move(fresh);
+      }
+      return static_cast<torch::optim::SGDParamState&>(*slot).momentum_buffer();
+    };
+    switched = core_.sgd_step(loss, batch_size, sgd, momentum_buffer);
+  }
+  if (switched) apply_formats();
 }
 
 void Controller::use_fused_sgd(torch::optim::SGD& optimizer) {

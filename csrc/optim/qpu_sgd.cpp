@@ -114,7 +114,13 @@ torch::Tensor QpuSgd::step(LossClosure closure) {
 void QpuSgd::step_normalized(const Normalization& normalization) {
   torch::NoGradGuard no_grad;
   TORCH_CHECK(!capturable_, kName, ": the normalized step (AdaPT's) has no capturable form");
-  TORCH_CHECK(normalization.accumulator != nullptr, kName, ": the normalized step needs an accumulator function");
+  TORCH_CHECK(normalization.accumulated.size() == param_groups_.size(), kName, ": the normalized step needs the "
+              "accumulators of every group (", param_groups_.size(), "), but got ", normalization.accumulated.size());
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    TORCH_CHECK(normalization.accumulated[g].size() == param_groups_[g].params().size(), kName, ": group ", g,
+                " has ", param_groups_[g].params().size(), " parameters, but ", normalization.accumulated[g].size(),
+                " accumulators");
+  }
   // Refused before any group takes its step (the op would refuse after the step count advanced).
   TORCH_CHECK(packed_codes_.empty(), kName, ": the normalized step (AdaPT's) takes float storage, not packed codes");
   step_groups(&normalization);
@@ -154,9 +160,8 @@ void QpuSgd::step_groups(const Normalization* normalization) {
       grads.push_back(p.grad().contiguous());
       streams.push_back(static_cast<int64_t>(k));  // Note [QPU random streams]: the position in the group
       if (normalization != nullptr) {
-        auto [accumulator, layer] = normalization->accumulator(p);
-        accumulated.push_back(std::move(accumulator));
-        layers.push_back(layer);
+        accumulated.push_back(normalization->accumulated[group_index][k]);
+        layers.push_back(static_cast<int64_t>(group_index));
       }
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());

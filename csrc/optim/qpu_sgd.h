@@ -7,10 +7,8 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
-#include <functional>
 #include <string>
 #include <unordered_map>
-#include <utility>
 #include <vector>
 
 namespace fxp::optim {
@@ -59,14 +57,15 @@ class QpuSgd : public torch::optim::Optimizer {
   torch::Tensor step(LossClosure closure = nullptr) override;
 
   // AdaPT's gradient work fused into the step (Note [AdaPT's fused QPU step]):
-  // each gradient is normalized by its layer's norm (with L1's term l1) and
+  // each gradient is normalized by its group's norm (with L1's term l1) and
   // added to its accumulator as the step applies it; .grad is only read.
-  // accumulator(p) gives parameter p's accumulator (contiguous, p's shape and
-  // dtype) and layer index into norms. Float storage, not capturable.
+  // Group g is one layer: its gradients divide by norms[g]. Float storage,
+  // not capturable.
   struct Normalization {
-    torch::Tensor norms;  // float64 [layers], as fxp::layer_gradient_norms gives them
+    torch::Tensor norms;  // float64 [groups], as fxp::layer_gradient_norms gives them
     double l1 = 0;
-    std::function<std::pair<torch::Tensor, int64_t>(const torch::Tensor& param)> accumulator;
+    // [group][parameter]: contiguous, the parameter's shape and dtype
+    std::vector<std::vector<torch::Tensor>> accumulated;
   };
   void step_normalized(const Normalization& normalization);
 

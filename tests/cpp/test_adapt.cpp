@@ -464,6 +464,12 @@ TEST(AdaptQuantizedUpdates, FusedStepEqualsAfterBackwardThenQpuStep) {
   EXPECT_TRUE(torch::equal(fused_net->parameters().front(), before));
   EXPECT_EQ(fused.layers().front().count, 4);
   EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(fused_opt.param_groups()[0].options()).step(), 4);
+  // The normalized step needs every group's accumulators, one per parameter; refused before any step.
+  const torch::Tensor norms = torch::ones({static_cast<int64_t>(fused.layers().size())}, torch::kDouble);
+  fxp::testing::expect_error([&] { fused_opt.step_normalized({norms, 0.0, {}}); }, "accumulators of every group");
+  std::vector<std::vector<torch::Tensor>> short_lists(fused.layers().size());
+  fxp::testing::expect_error([&] { fused_opt.step_normalized({norms, 0.0, short_lists}); }, "accumulators");
+  EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(fused_opt.param_groups()[0].options()).step(), 4);
 }
 
 TEST(AdaptController, L1AddsItsGradientBeforeNormalization) {
