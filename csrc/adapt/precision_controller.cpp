@@ -139,7 +139,7 @@ bool PrecisionController::after_backward(double loss, int64_t batch_size) {
                                                        static_cast<int64_t>(layers_.size()), options_.l1);
     fxp::normalize_accumulate_(s.grads, s.accumulated, s.params, norms, s.layers, options_.l1);
   }
-  return account_step(loss, batch_size, s.layers);
+  return finish_step(loss, batch_size, s.layers);
 }
 
 bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSettings& sgd,
@@ -161,16 +161,36 @@ bool PrecisionController::fused_step(double loss, int64_t batch_size,
   // As in after_backward, a diverged step changes nothing: no update either.
   if (!std::isfinite(loss)) return false;
   c10::NoGradGuard no_grad;
+  const StepGradients s = step_gradients();
+  update(s);
+  return finish_step(loss, batch_size, s.layers);
+}
+
+PrecisionController::StepGradients PrecisionController::step_gradients() {
+  c10::NoGradGuard no_grad;
   StepGradients s = step_tensors();
   if (!s.params.empty()) {
     s.norms = fxp::layer_gradient_norms(s.params, s.grads, s.layers, static_cast<int64_t>(layers_.size()),
                                         options_.l1);
   }
-  update(s);
-  return account_step(loss, batch_size, s.layers);
+  return s;
 }
 
-bool PrecisionController::account_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers) {
+void PrecisionController::measure_density(size_t layer) {
+  TORCH_CHECK(layer < layers_.size(), "fxp::adapt: layer ", layer, " of ", layers_.size());
+  layers_[layer].density = density_at(layers_[layer], layers_[layer].format);
+}
+
+// After the accumulation: counts, the strategy, the switches that are due.
+// stepped_layers: the layer of each tensor that had a gradient (StepGradients::layers).
+bool PrecisionController::finish_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers) {
+  TORCH_CHECK(batch_size >= 1, "fxp::adapt: the batch size must be positive, but got ", batch_size);
+  TORCH_CHECK(std::isfinite(loss), "fxp::adapt: finish_step needs a finite loss, but got ", loss,
+              " (a diverged step takes no step at all)");
+  for (int64_t l : stepped_layers) {
+    TORCH_CHECK(l >= 0 && static_cast<size_t>(l) < layers_.size(), "fxp::adapt: a stepped layer ", l, " of ",
+                layers_.size());
+  }
   std::vector<bool> stepped(layers_.size(), false);
   for (int64_t l : stepped_layers) stepped[static_cast<size_t>(l)] = true;
   for (size_t i = 0; i < layers_.size(); ++i) {

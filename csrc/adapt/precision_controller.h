@@ -95,6 +95,17 @@ class PrecisionController {
   // switches. A non-finite loss changes nothing and calls nothing.
   bool fused_step(double loss, int64_t batch_size, const std::function<void(const StepGradients&)>& update);
 
+  // fused_step in two calls, for a caller whose update cannot be a callback
+  // (fxp.adapt, in Python): step_gradients() (after checking the loss is
+  // finite: a non-finite loss calls neither), the update, then
+  // finish_step(loss, batch_size, that StepGradients' layers), which counts
+  // the step and switches the layers that are due (returns whether any did).
+  StepGradients step_gradients();
+  bool finish_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers);
+  // Measures layer i's density at its format again: after a caller outside
+  // on_format_change rounded its parameters onto a changed format.
+  void measure_density(size_t layer);
+
   // The forward multiply-adds per sample of layer i (outputs x fan-in), for the
   // performance model; the steps after this call count with it.
   void set_madds(size_t layer, int64_t madds_per_sample);
@@ -127,9 +138,6 @@ class PrecisionController {
 
  private:
   StepGradients step_tensors();  // without the norms
-  // After the accumulation: counts, the strategy, the switches that are due.
-  // stepped_layers: the layer of each tensor that had a gradient (StepGradients::layers).
-  bool account_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers);
   void switch_layer(size_t index);
 
   AdaptOptions options_;

@@ -174,6 +174,13 @@ TORCH_LIBRARY(fxp, m) {
   // onto FxP(total_bits[k], frac_bits[k]) with Philox key seed + 0x9E3779B97F4A7C15 and offset k.
   m.def(
       "quantize_parameters_(Tensor(a!)[] params, int[] total_bits, int[] frac_bits, str rounding, int seed) -> ()");
+  // A parameter group's move to FxP(total_bits, frac_bits) (Note [QPU format
+  // change]): params (the whole group, in order) rounded in place onto it, and
+  // momentum_buffers[j], the buffer of params[momentum_positions[j]], too;
+  // step is the group's steps so far.
+  m.def(
+      "qpu_change_format_(Tensor(a!)[] params, Tensor(b!)[] momentum_buffers, int[] momentum_positions, "
+      "int total_bits, int frac_bits, str rounding, int seed, int step) -> ()");
 
   // AdaPT's per-step gradient work (Note [AdaPT's fused step]). layers[k] is
   // tensor k's layer. layer_gradient_norms: float64 [num_layers], the norm of

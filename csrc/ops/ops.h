@@ -186,6 +186,15 @@ inline void quantize_parameters_(at::TensorList params, at::IntArrayRef total_bi
   FXP_CALL_OP(quantize_parameters_, "quantize_parameters_", params, total_bits, frac_bits, rounding, seed);
 }
 
+// A QPU parameter group's move to a new format (Note [QPU format change]):
+// params rounded onto it, and momentum_buffers[j] (params[momentum_positions[j]]'s).
+inline void qpu_change_format_(at::TensorList params, at::TensorList momentum_buffers,
+                               at::IntArrayRef momentum_positions, int64_t total_bits, int64_t frac_bits,
+                               c10::string_view rounding, int64_t seed, int64_t step) {
+  FXP_CALL_OP(qpu_change_format_, "qpu_change_format_", params, momentum_buffers, momentum_positions, total_bits,
+              frac_bits, rounding, seed, step);
+}
+
 // Packed storage: integer codes of FxP(total_bits, frac_bits) (int8 for B <= 8,
 // int16 for B <= 16, int32 otherwise), rounded like quantize; NaN is an error.
 // rounding "exact": x must lie on the grid already.

@@ -238,19 +238,10 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
   packed_codes_[parameter.unsafeGetTensorImpl()] = codes;
 }
 
-// Note [QPU format change]
-// A group's format can change between steps (AdaPT without a master copy).
-// Its parameters, on the old grid, are rounded onto the new one right away,
-// so the next forward reads values of the new format, as a QPU layer expects.
-// The momentum buffers, when they follow the parameter format, are rounded too,
-// so that the stored state is what that format can hold. A finer grid of at
-// least the same range changes nothing. Stochastic rounding keeps the values'
-// expectation. The draws: parameter k of the group, of n, uses Philox key
-// seed + kFormatChangeKey (a key no step uses) at offset 2 (step n + k), its
-// momentum buffer offset 2 (step n + k) + 1, with `step` the group's steps so
-// far; one change per step at most, so no two changes share a stream.
+// Note [QPU format change] (ops/qpu_sgd/qpu_sgd_register.cpp): the group's
+// parameters, and its momentum buffers when they follow the parameter format,
+// rounded onto the new grid by fxp::qpu_change_format_.
 void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) {
-  constexpr int64_t kFormatChangeKey = 0x6A09E667F3BCC908;  // frac(sqrt(2)), as in SHA-512's first constant
   TORCH_CHECK(group < param_groups_.size(), kName, ": change_format of group ", group, ", but there are ",
               param_groups_.size());
   auto& o = static_cast<QpuSgdOptions&>(param_groups_[group].options());
@@ -258,24 +249,22 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   changed.total_bits(total_bits).frac_bits(frac_bits);
   check_options(changed);
   const auto& params = param_groups_[group].params();
-  const auto n = static_cast<int64_t>(params.size());
-  const bool momentum_follows = o.momentum_total_bits() < 0;
   for (const auto& p : params) {  // before anything changes
     TORCH_CHECK(!packed_codes_.count(p.unsafeGetTensorImpl()), kName,
                 ": change_format cannot change the format of packed storage");
   }
-  torch::NoGradGuard no_grad;
-  for (int64_t k = 0; k < n; ++k) {
-    torch::Tensor p = params[static_cast<size_t>(k)];
-    const int64_t offset = 2 * (o.step() * n + k);
-    const int64_t key = static_cast<int64_t>(static_cast<uint64_t>(o.seed()) + static_cast<uint64_t>(kFormatChangeKey));
-    quantize_seeded_(p, total_bits, frac_bits, o.rounding(), key, offset);
-    const auto it = state_.find(p.unsafeGetTensorImpl());
-    if (momentum_follows && it != state_.end()) {
-      torch::Tensor buffer = static_cast<QpuSgdParamState&>(*it->second).momentum_buffer();
-      quantize_seeded_(buffer, total_bits, frac_bits, o.rounding(), key, offset + 1);
+  std::vector<torch::Tensor> buffers;
+  std::vector<int64_t> positions;
+  if (o.momentum_total_bits() < 0) {  // the momentum follows the parameter format
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto it = state_.find(params[k].unsafeGetTensorImpl());
+      if (it == state_.end()) continue;
+      buffers.push_back(static_cast<QpuSgdParamState&>(*it->second).momentum_buffer());
+      positions.push_back(static_cast<int64_t>(k));
     }
   }
+  torch::NoGradGuard no_grad;
+  fxp::qpu_change_format_(params, buffers, positions, total_bits, frac_bits, o.rounding(), o.seed(), o.step());
   o.total_bits(total_bits).frac_bits(frac_bits);
 }
 

@@ -92,6 +92,10 @@ constexpr int64_t kMaxStreamIndex = (int64_t{1} << 31) - 1;
 // QPU's initialization rounds with key seed + kInitKeyDelta (2^64 / the golden
 // ratio), so its draws are independent of the update streams (key seed).
 constexpr uint64_t kInitKeyDelta = 0x9E3779B97F4A7C15ull;
+// A format change (Note [QPU format change]) rounds with key seed +
+// kFormatChangeKeyDelta (frac(sqrt(2)), SHA-512's first constant): no step or
+// initialization uses that key.
+constexpr uint64_t kFormatChangeKeyDelta = 0x6A09E667F3BCC908ull;
 
 inline namespace FXP_ISA {
 FXP_HOST_DEVICE uint64_t qpu_param_offset(uint64_t step, int64_t stream) {

@@ -323,8 +323,8 @@ def test_python_controller_state_dict_continues_identically():
 def test_python_controller_rejects_bad_input():
     with pytest.raises(ValueError, match="no fxp.nn.QLinear or QConv2d layers"):
         fxp.adapt.AdaptController(torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="its layers need weight_mode='ste'"):
-        fxp.adapt.AdaptController(_small_model("qpu"))
+    with pytest.raises(ValueError, match="layers need weight_mode='ste'"):
+        fxp.adapt.AdaptController(_small_model("fp32"))
     with pytest.raises(RuntimeError, match="lookback bounds must satisfy"):
         fxp.adapt.AdaptController(_small_model(), lookback=(5, 2))
     with pytest.raises(RuntimeError, match="strategy must be min, mean or max"):

@@ -1,24 +1,32 @@
 """AdaPT in any PyTorch training loop (docs/adapt.md).
 
 :class:`AdaptController` drives the per-layer formats of a model's
-:class:`fxp.nn.QLinear` and :class:`fxp.nn.QConv2d` layers (``weight_mode="ste"``:
-a float32 master copy read quantized). The controller itself is fxp's C++ one
-(``torch.classes.fxp.AdaptController``, the same code ``fxp-train --method
-adapt`` runs); this module only hands it the layers' parameters and gives the
-layers the formats it chooses::
+:class:`fxp.nn.QLinear` and :class:`fxp.nn.QConv2d` layers. The controller
+itself is fxp's C++ one (``torch.classes.fxp.AdaptController``, the same code
+``fxp-train --method adapt`` runs); this module only hands it the layers'
+parameters and gives the layers the formats it chooses.
 
-    model = ...  # with fxp.nn.QConv2d / QLinear layers, weight_mode="ste"
+With a float32 master copy (the paper's AdaPT; layers with ``weight_mode="ste"``)::
+
     controller = fxp.adapt.AdaptController(model, l1=1e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     for x, y in loader:
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        controller.after_backward(loss, x.shape[0])  # normalizes the gradients, may switch formats
-        optimizer.step()
+        controller.step(optimizer, loss, x.shape[0])  # normalizes, accumulates and updates in one pass
+
+Without one (``fxp-train --update qpu``; layers with ``weight_mode="qpu"``)::
+
+    controller = fxp.adapt.AdaptController(model)
+    fxp.nn.quantize_layer_parameters_(model, seed=seed)  # onto each layer's start grid
+    optimizer = fxp.optim.QPUSGD(controller.parameter_groups(), lr=0.01, momentum=0.9, seed=seed)
+    ...  # the same loop; each layer's group follows its layer's format
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, Sequence, Tuple
 
@@ -27,6 +35,7 @@ from torch import Tensor, nn
 
 from .format import FxpFormat
 from .nn import QConv2d, QLinear
+from .optim import QPUSGD
 
 __all__ = ["AdaptController"]
 
@@ -64,7 +73,10 @@ class AdaptController:
 
     Every :class:`~fxp.nn.QLinear` and :class:`~fxp.nn.QConv2d` of ``model``
     is adapted; its weight and bias share its format, and its activations take
-    the same format. Options are the paper's defaults (docs/adapt.md): ``start``
+    the same format. The layers are all STE layers (``weight_mode="ste"``: a
+    float32 master copy, read quantized) or all QPU layers (``"qpu"``: no
+    master copy; train them with :meth:`step` and a :class:`fxp.optim.QPUSGD`
+    over :meth:`parameter_groups`, Note [AdaPT with QPU]). Options are the paper's defaults (docs/adapt.md): ``start``
     format, KL ``resolution`` and ``lookback`` bounds, ``lookback_momentum``
     (γ), ``buffer_bits``, the initial ``strategy`` (min, mean, max), the
     reading of log² (``log_form``: log2 or squared_ln) and ``l1``.
@@ -85,12 +97,19 @@ class AdaptController:
         if not isinstance(start, FxpFormat):
             raise TypeError(f"fxp.adapt: start must be an FxpFormat, but got {start!r}")
         self._names, self._layers = [], []
+        self._weight_mode = None
         for name, module in model.named_modules():
             if isinstance(module, (QLinear, QConv2d)):
                 label = name or type(module).__name__
-                if module.weight_mode != "ste":
-                    raise ValueError(f"fxp.adapt: layer {label} has weight_mode {module.weight_mode!r}; AdaPT "
-                                     f"reads a float32 master copy quantized, so its layers need weight_mode='ste'")
+                if module.weight_mode not in ("ste", "qpu"):
+                    raise ValueError(f"fxp.adapt: layer {label} has weight_mode {module.weight_mode!r}; AdaPT's "
+                                     f"layers need weight_mode='ste' (a float32 master copy read quantized) or "
+                                     f"'qpu' (parameters on their format's grid)")
+                if self._weight_mode not in (None, module.weight_mode):
+                    raise ValueError(f"fxp.adapt: layer {label} has weight_mode {module.weight_mode!r}, but the "
+                                     f"layers before it {self._weight_mode!r}; AdaPT's layers all keep a master "
+                                     f"copy (ste) or none (qpu)")
+                self._weight_mode = module.weight_mode
                 if module.packed_weights or module.saved_input_format is not None:
                     raise ValueError(f"fxp.adapt: layer {label} saves its inputs or weights as codes of a fixed "
                                      f"format (pack_), but AdaPT changes the formats; adapt a model that is not packed")
@@ -103,6 +122,8 @@ class AdaptController:
             self._names, [p for ps in parameters for p in ps], [len(ps) for ps in parameters],
             [start.total_bits, start.frac_bits], _pair("resolution", resolution), _pair("lookback", lookback),
             float(lookback_momentum), int(buffer_bits), str(strategy), str(log_form), float(l1))
+        self._l1 = float(l1)
+        self._parameter_counts = [len(ps) for ps in parameters]
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
         self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]
         self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
@@ -113,21 +134,142 @@ class AdaptController:
         for i, layer in enumerate(self._layers):
             layer.param_format = layer.act_format = FxpFormat(flat[2 * i], flat[2 * i + 1])
 
+    @staticmethod
+    def _step_arguments(loss, batch_size) -> Tuple[float, int]:
+        if isinstance(loss, Tensor):
+            loss = loss.detach().item()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+            raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
+        return float(loss), int(batch_size)
+
     def after_backward(self, loss, batch_size: int) -> bool:
         """Between ``loss.backward()`` and ``optimizer.step()``: adds L1's
         gradient, normalizes each layer's gradient (Eq. 3.4), accumulates it,
         adapts the strategy from ``loss`` (a number or a 0-dim tensor), and
         switches the layers whose lookback is due. Returns whether a layer's
-        format changed (the layers have their new formats already)."""
-        if isinstance(loss, Tensor):
-            loss = loss.detach().item()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-            raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
+        format changed (the layers have their new formats already). For STE
+        layers; :meth:`step` does the same and the update in one pass."""
+        if self._weight_mode == "qpu":
+            raise ValueError("fxp.adapt: QPU layers change format with their optimizer's groups; call "
+                             "controller.step(optimizer, loss, batch_size) with a fxp.optim.QPUSGD over "
+                             "controller.parameter_groups() in place of after_backward and optimizer.step()")
+        loss, batch_size = self._step_arguments(loss, batch_size)
         self._core.set_madds([c.madds for c in self._counters])
-        switched = self._core.after_backward(float(loss), int(batch_size))
+        switched = self._core.after_backward(loss, batch_size)
         if switched:
             self._apply_formats()
         return switched
+
+    def step(self, optimizer: torch.optim.Optimizer, loss, batch_size: int) -> bool:
+        """After ``loss.backward()``, in place of :meth:`after_backward` and
+        ``optimizer.step()``: AdaPT's gradient work fused into the update, as
+        ``fxp-train`` runs it (Note [AdaPT's fused step]). Returns whether a
+        layer's format changed; layers switch after the update. ``.grad``
+        keeps the raw gradients. A non-finite ``loss`` changes nothing: no
+        update either.
+
+        - A :class:`fxp.optim.QPUSGD` over :meth:`parameter_groups` (QPU layers):
+          the QPU step normalizes and accumulates as it applies (Note [AdaPT's
+          fused QPU step]); at a switch the layer's group moves to the new
+          format (:meth:`fxp.optim.QPUSGD.change_format`).
+        - A ``torch.optim.SGD`` over exactly the adapted layers' parameters, in
+          one group, without dampening or ``maximize`` (STE layers): one pass,
+          ``fxp.adapt_sgd_step_``, with torch's formula; its momentum buffers
+          stay in the optimizer's state.
+        - Any other optimizer (STE layers): :meth:`after_backward`, then its ``step()``.
+        """
+        loss, batch_size = self._step_arguments(loss, batch_size)
+        if isinstance(optimizer, QPUSGD):
+            self._check_quantized_updates(optimizer)
+        elif self._weight_mode == "qpu":
+            raise ValueError(f"fxp.adapt: QPU layers need a fxp.optim.QPUSGD over controller.parameter_groups(), "
+                             f"but got {type(optimizer).__name__}")
+        elif not self._fusable_sgd(optimizer):
+            switched = self.after_backward(loss, batch_size)
+            optimizer.step()
+            return switched
+        if not math.isfinite(loss):
+            return False
+        self._core.set_madds([c.madds for c in self._counters])
+        before = self._core.formats()
+        if isinstance(optimizer, QPUSGD):
+            norms, stepped = self._core.step_gradients()
+            flat, accumulated = self._core.accumulated(), []
+            for count in self._parameter_counts:
+                accumulated.append(flat[:count])
+                flat = flat[count:]
+            with torch.no_grad():
+                optimizer.step_normalized(accumulated, norms, self._l1)
+            switched = self._core.finish_step(loss, batch_size, stepped)
+        else:
+            group = optimizer.param_groups[0]
+            buffers = []
+            if group["momentum"] != 0:
+                for p in self._parameters():
+                    if p.grad is None:
+                        continue
+                    state = optimizer.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    buffers.append(state["momentum_buffer"])
+            switched = self._core.sgd_step(loss, batch_size, float(group["lr"]), float(group["momentum"]),
+                                           float(group["weight_decay"]), bool(group["nesterov"]), buffers)
+        if switched:
+            after = self._core.formats()
+            for i in range(len(self._layers)):
+                if isinstance(optimizer, QPUSGD) and after[2 * i:2 * i + 2] != before[2 * i:2 * i + 2]:
+                    # Note [AdaPT with QPU]: the group moves to the new grid before its density is measured there.
+                    optimizer.change_format(i, FxpFormat(after[2 * i], after[2 * i + 1]))
+                    self._core.measure_density(i)
+            self._apply_formats()
+        return switched
+
+    def _parameters(self):
+        return [p for layer in self._layers for p in layer.parameters(recurse=False)]
+
+    def _fusable_sgd(self, optimizer) -> bool:
+        """Whether ``optimizer`` is a torch.optim.SGD that the fused step can take."""
+        if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+            return False
+        group = optimizer.param_groups[0]
+        if group.get("dampening", 0) != 0 or group.get("maximize", False) or group.get("differentiable", False):
+            return False
+        held, adapted = group["params"], self._parameters()
+        return len(held) == len(adapted) and {id(p) for p in held} == {id(p) for p in adapted}
+
+    def _check_quantized_updates(self, optimizer: QPUSGD) -> None:
+        if self._weight_mode != "qpu":
+            raise ValueError("fxp.adapt: a fxp.optim.QPUSGD updates QPU layers (weight_mode='qpu'), but these "
+                             "layers keep a float32 master copy (weight_mode='ste')")
+        groups = optimizer.param_groups
+        if len(groups) != len(self._layers):
+            raise ValueError(f"fxp.adapt: the optimizer has {len(groups)} parameter groups, but quantized updates "
+                             f"need one per adapted layer ({len(self._layers)}): "
+                             f"QPUSGD(controller.parameter_groups(), ...)")
+        formats = self._core.formats()
+        for i, (group, layer) in enumerate(zip(groups, self._layers)):
+            params = list(layer.parameters(recurse=False))
+            if len(group["params"]) != len(params) or any(p is not q for p, q in zip(group["params"], params)):
+                raise ValueError(f"fxp.adapt: parameter group {i} of the optimizer is not layer "
+                                 f"{self._names[i] or i}'s parameters")
+            fmt = FxpFormat(formats[2 * i], formats[2 * i + 1])
+            if (group["total_bits"], group["frac_bits"]) != (fmt.total_bits, fmt.frac_bits):
+                raise ValueError(f"fxp.adapt: parameter group {i} updates "
+                                 f"{FxpFormat(group['total_bits'], group['frac_bits'])}, but layer "
+                                 f"{self._names[i] or i} is at {fmt}")
+
+    def parameter_groups(self) -> list:
+        """Parameter groups for a :class:`fxp.optim.QPUSGD` that :meth:`step`
+        takes: one per adapted layer, in order, at the layer's format, its
+        momentum at the same format (it follows the layer's). Parameters
+        outside the adapted layers (batch norm's) need an optimizer of their
+        own, stepped beside it."""
+        groups = []
+        for layer, fmt in zip(self._layers, self.formats().values()):
+            groups.append({"params": list(layer.parameters(recurse=False)), "total_bits": fmt.total_bits,
+                           "frac_bits": fmt.frac_bits, "momentum_total_bits": fmt.total_bits,
+                           "momentum_frac_bits": fmt.frac_bits})
+        return groups
 
     def formats(self) -> Dict[str, FxpFormat]:
         """Each adapted layer's current format, by module name."""

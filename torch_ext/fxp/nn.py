@@ -6,7 +6,8 @@ changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional
+import itertools
+from typing import Iterable, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from . import ops as fxp_ops
 from .ops import pack, quantize_ste
 
 __all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "PackedStorage", "quantize_model",
-           "quantize_layer_parameters_", "pack_model_", "packed_storage", "METHODS", "WEIGHT_MODES"]
+           "quantize_layer_parameters_", "pack_model_", "packed_storage", "recalibrate_batch_norm", "METHODS",
+           "WEIGHT_MODES"]
 
 Method = Literal["fp32", "ste", "sqpu", "hteqpu"]
 WeightMode = Literal["fp32", "ste", "qpu"]
@@ -422,3 +424,54 @@ def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", s
                 frac_bits.append(layer.param_format.frac_bits)
     with torch.no_grad():
         torch.ops.fxp.quantize_parameters_(params, total_bits, frac_bits, rounding, seed)
+
+
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None) -> int:
+    """Recomputes the running statistics of every batch norm layer of ``model``
+    at its current parameters ("precise BN", Note [Batch norm recalibration];
+    ``fxp-train --bn-recalibration-batches`` in C++): each layer's running mean
+    and variance become the plain average over the batches, in training-mode
+    forwards under ``torch.no_grad()``. ``batches`` yields inputs, or tuples
+    (such as a DataLoader's ``(x, y)``) whose first element is the input; at most
+    ``num_batches`` are taken. Returns how many were.
+
+    The random number generators (CPU, and the CUDA devices of the model's
+    tensors) are restored afterwards, so the forwards' stochastic rounding does
+    not change the training that follows; so are each module's training flag
+    and each batch norm's momentum. If a forward raises, the old statistics stay.
+    """
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"recalibrate_batch_norm: num_batches must be a positive int, but got {num_batches!r}")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
+    training = [(m, m.training) for m in model.modules()]
+    devices = sorted({t.device.index or 0 for t in itertools.chain(model.parameters(), model.buffers())
+                      if t.device.type == "cuda"})
+    count, done = 0, False
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # the cumulative average: every batch weighs alike
+            model.train()
+            for batch in (batches if num_batches is None else itertools.islice(batches, num_batches)):
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                count += 1
+        if count == 0:
+            raise ValueError("recalibrate_batch_norm: got no batches")
+        done = True
+    finally:
+        for m, flag in training:
+            m.training = flag
+        with torch.no_grad():
+            for m, (momentum, mean, var, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if not done:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(tracked)
+    return count

@@ -306,6 +306,32 @@ class QPUSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups(None)
+        return loss
+
+    @torch.no_grad()
+    def step_normalized(self, accumulated: list, norms: Tensor, l1: float) -> None:
+        """AdaPT's step without a master copy (Note [AdaPT's fused QPU step]),
+        as ``fxp::optim::QpuSgd::step_normalized``: group ``g`` is layer ``g``;
+        each gradient is normalized by ``norms[g]`` (with L1's term ``l1``) and
+        added to ``accumulated[g][k]`` (the accumulator of the group's parameter
+        ``k``) inside the step, and ``.grad`` is left as it is.
+        :meth:`fxp.adapt.AdaptController.step` calls it; float storage only."""
+        if self.capturable:
+            raise ValueError("QPUSGD.step_normalized: the normalized step (AdaPT's) has no capturable form")
+        if self._codes:
+            raise ValueError("QPUSGD.step_normalized: the normalized step (AdaPT's) takes float storage, not packed codes")
+        if len(accumulated) != len(self.param_groups):
+            raise ValueError(f"QPUSGD.step_normalized: needs the accumulators of every group ({len(self.param_groups)}), "
+                             f"but got {len(accumulated)}")
+        for g, (group, acc) in enumerate(zip(self.param_groups, accumulated)):
+            if len(acc) != len(group["params"]):
+                raise ValueError(f"QPUSGD.step_normalized: group {g} has {len(group['params'])} parameters, but "
+                                 f"{len(acc)} accumulators")
+        self._step_groups((accumulated, norms, float(l1)))
+
+    def _step_groups(self, normalization: Optional[tuple]) -> None:
+        """Every group's step; with ``normalization`` (accumulated, norms, l1), AdaPT's."""
         self.last_counts = []
         self._check_writable()
         for index, group in enumerate(self.param_groups):
@@ -315,7 +341,14 @@ class QPUSGD(Optimizer):
                 self.last_counts.append(torch.zeros(len(everyone), 2, dtype=torch.long))
                 continue
             streams, params, grads, storage, buffers = arguments
-            if self.capturable:
+            if normalization is not None:
+                accumulated, norms, l1 = normalization
+                step = int(group["step"])
+                group["step"] = step + 1
+                counts = torch.ops.fxp.qpu_sgd_step_.adapt(
+                    storage, grads, buffers, [accumulated[index][k] for k in streams], norms,
+                    [index] * len(streams), l1, *self._hyperparameters(group, step), streams)
+            elif self.capturable:
                 lr, step, nan_count = self._device_scalars(index, group, params[0].device)
                 counts = torch.ops.fxp.qpu_sgd_step_.capturable(
                     storage, grads, buffers, lr, step, nan_count, *self._shared_arguments(group),
@@ -334,7 +367,41 @@ class QPUSGD(Optimizer):
                 counts = torch.zeros(len(everyone), 2, dtype=torch.long, device=counts.device).index_copy_(
                     0, self._row_index(streams, counts.device), counts)
             self.last_counts.append(counts)
-        return loss
+
+    @torch.no_grad()
+    def change_format(self, group_index: int, format: FxpFormat) -> None:
+        """Moves group ``group_index`` to ``format`` (AdaPT's precision switch,
+        Note [QPU format change]), as ``fxp::optim::QpuSgd::change_format``:
+        its parameters are rounded onto the new grid with the group's rounding,
+        and so are its momentum buffers when the group's momentum format is
+        its format (the momentum follows it; another momentum format stays).
+        Not for packed storage."""
+        if isinstance(group_index, bool) or not isinstance(group_index, numbers.Integral) or not (
+                0 <= group_index < len(self.param_groups)):
+            raise ValueError(f"QPUSGD.change_format: group {group_index!r} of {len(self.param_groups)}")
+        if not isinstance(format, FxpFormat):
+            raise TypeError(f"QPUSGD.change_format: format must be an FxpFormat, but got {format!r}")
+        group = self.param_groups[group_index]
+        params = group["params"]
+        if any(p in self._codes for p in params):
+            raise ValueError("QPUSGD.change_format: cannot change the format of packed storage")
+        self._check_group({**group, "total_bits": format.total_bits, "frac_bits": format.frac_bits})
+        follows = (group["momentum_total_bits"], group["momentum_frac_bits"]) == (group["total_bits"], group["frac_bits"])
+        positions, buffers = [], []
+        if follows:
+            for k, p in enumerate(params):
+                buffer = self.state[p].get("momentum_buffer") if p in self.state else None
+                if buffer is not None:
+                    positions.append(k)
+                    buffers.append(buffer)
+        if isinstance(group["step"], Tensor):
+            raise ValueError("QPUSGD.change_format: a capturable group's step lives on its device; AdaPT's format "
+                             "changes take the plain step")
+        torch.ops.fxp.qpu_change_format_(params, buffers, positions, format.total_bits, format.frac_bits,
+                                         group["rounding"], int(group["seed"]), int(group["step"]))
+        group["total_bits"], group["frac_bits"] = format.total_bits, format.frac_bits
+        if follows:
+            group["momentum_total_bits"], group["momentum_frac_bits"] = format.total_bits, format.frac_bits
 
 
 @torch.no_grad()

@@ -3,10 +3,13 @@
 // checked here or by the controller, which names the bad value.
 #include "ops/adapt/adapt_controller_class.h"
 
+#include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
 #include <memory>
 #include <string>
+#include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "adapt/precision_controller.h"
@@ -27,6 +30,55 @@ class AdaptControllerClass : public torch::CustomClassHolder {
                         lookback_momentum, buffer_bits, strategy, log_form, l1)) {}
 
   bool after_backward(double loss, int64_t batch_size) { return core_.after_backward(loss, batch_size); }
+
+  // PrecisionController::sgd_step for torch.optim.SGD: momentum_buffers are
+  // those of the parameters with gradients, in parameter order (none without momentum).
+  bool sgd_step(double loss, int64_t batch_size, double lr, double momentum, double weight_decay, bool nesterov,
+                const std::vector<at::Tensor>& momentum_buffers) {
+    std::unordered_map<const c10::TensorImpl*, at::Tensor> buffers;
+    if (momentum != 0) {
+      size_t next = 0;
+      for (const auto& layer : core_.layers()) {
+        for (const auto& p : layer.parameters) {
+          if (!p.grad().defined()) continue;
+          TORCH_CHECK(next < momentum_buffers.size(), "fxp.adapt: sgd_step needs a momentum buffer per parameter "
+                      "with a gradient, but got ", momentum_buffers.size());
+          TORCH_CHECK(momentum_buffers[next].sizes() == p.sizes(), "fxp.adapt: momentum buffer ", next,
+                      " has shape ", momentum_buffers[next].sizes(), ", but its parameter has ", p.sizes());
+          buffers.emplace(p.unsafeGetTensorImpl(), momentum_buffers[next++]);
+        }
+      }
+      TORCH_CHECK(next == momentum_buffers.size(), "fxp.adapt: sgd_step needs a momentum buffer per parameter with "
+                  "a gradient (", next, "), but got ", momentum_buffers.size());
+    }
+    const adapt::PrecisionController::SgdSettings sgd{lr, momentum, weight_decay, nesterov};
+    return core_.sgd_step(loss, batch_size, sgd,
+                          [&buffers](const at::Tensor& p) { return buffers.at(p.unsafeGetTensorImpl()); });
+  }
+
+  // PrecisionController::step_gradients, for an update made in Python: the
+  // layers' gradient norms (empty when no parameter has a gradient) and the
+  // layer of each parameter with a gradient, in parameter order.
+  std::tuple<at::Tensor, std::vector<int64_t>> step_gradients() {
+    auto s = core_.step_gradients();
+    return {s.norms.defined() ? s.norms : at::empty({0}, at::kDouble), s.layers};
+  }
+
+  bool finish_step(double loss, int64_t batch_size, const std::vector<int64_t>& stepped_layers) {
+    return core_.finish_step(loss, batch_size, stepped_layers);
+  }
+
+  void measure_density(int64_t layer) {
+    TORCH_CHECK(layer >= 0, "fxp.adapt: layer ", layer, " of ", core_.layers().size());
+    core_.measure_density(static_cast<size_t>(layer));
+  }
+
+  // Every layer's accumulators (Eq. 3.5), in parameter order.
+  std::vector<at::Tensor> accumulated() const {
+    std::vector<at::Tensor> out;
+    for (const auto& layer : core_.layers()) out.insert(out.end(), layer.accumulated.begin(), layer.accumulated.end());
+    return out;
+  }
 
   void set_madds(const std::vector<int64_t>& madds_per_sample) {
     TORCH_CHECK(madds_per_sample.size() == core_.layers().size(), "fxp.adapt: set_madds needs one count per layer (",
@@ -131,6 +183,11 @@ void define_adapt_controller_class(torch::Library& m) {
       .def(torch::init<std::vector<std::string>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<int64_t>, std::vector<int64_t>, double, int64_t, std::string, std::string, double>())
       .def("after_backward", &AdaptControllerClass::after_backward)
+      .def("sgd_step", &AdaptControllerClass::sgd_step)
+      .def("step_gradients", &AdaptControllerClass::step_gradients)
+      .def("finish_step", &AdaptControllerClass::finish_step)
+      .def("measure_density", &AdaptControllerClass::measure_density)
+      .def("accumulated", &AdaptControllerClass::accumulated)
       .def("set_madds", &AdaptControllerClass::set_madds)
       .def("formats", &AdaptControllerClass::formats)
       .def("strategy", &AdaptControllerClass::strategy)

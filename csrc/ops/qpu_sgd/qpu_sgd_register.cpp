@@ -2,7 +2,11 @@
 // tensors, and Autograd (CUDA in qpu_sgd_register_cuda.cpp). The op is written once in qpu_sgd_op.h.
 #include <torch/library.h>
 
+#include <limits>
+#include <vector>
+
 #include "ops/backend.h"
+#include "ops/format_args.h"
 #include "ops/not_differentiable.h"
 #include "ops/ops.h"
 #include "ops/qpu_sgd/qpu_sgd_op.h"
@@ -64,6 +68,51 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
   }
 }
 
+// Note [QPU format change]
+// A group's format can change between steps (AdaPT without a master copy).
+// Its parameters, on the old grid, are rounded onto the new one right away,
+// so the next forward reads values of the new format, as a QPU layer expects.
+// The momentum buffers, when they follow the parameter format, are rounded too,
+// so that the stored state is what that format can hold. A finer grid of at
+// least the same range changes nothing. Stochastic rounding keeps the values'
+// expectation. The draws: parameter k of the group, of n, uses Philox key
+// seed + kFormatChangeKeyDelta (a key no step uses) at offset 2 (step n + k),
+// its momentum buffer offset 2 (step n + k) + 1, with `step` the group's steps
+// so far; one change per step at most, so no two changes share a stream.
+// fxp::optim::QpuSgd::change_format and fxp.optim.QPUSGD.change_format both call this op.
+void qpu_change_format(at::TensorList params, at::TensorList momentum_buffers, at::IntArrayRef momentum_positions,
+                       int64_t total_bits, int64_t frac_bits, c10::string_view rounding, int64_t seed, int64_t step) {
+  constexpr const char* op = "fxp::qpu_change_format_";
+  check_fxp_format(op, total_bits, frac_bits);
+  parse_rounding(op, rounding);
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(step >= 0, op, ": step must be non-negative, but got ", step);
+  TORCH_CHECK(n == 0 || step <= (std::numeric_limits<int64_t>::max() / 2 - n) / n, op, ": step ", step,
+              " is too large for ", n, " parameters");
+  TORCH_CHECK(momentum_positions.size() == momentum_buffers.size(), op, ": expected a position per momentum buffer (",
+              momentum_buffers.size(), "), but got ", momentum_positions.size());
+  // All checks before anything is rounded.
+  std::vector<bool> has_buffer(params.size(), false);
+  for (size_t j = 0; j < momentum_buffers.size(); ++j) {
+    const int64_t k = momentum_positions[j];
+    TORCH_CHECK(k >= 0 && k < n, op, ": momentum_positions[", j, "] is ", k, ", but there are ", n, " parameters");
+    TORCH_CHECK(!has_buffer[static_cast<size_t>(k)], op, ": parameter ", k, " has two momentum buffers");
+    has_buffer[static_cast<size_t>(k)] = true;
+    TORCH_CHECK(momentum_buffers[j].sizes() == params[static_cast<size_t>(k)].sizes(), op, ": momentum buffer ", j,
+                " has shape ", momentum_buffers[j].sizes(), ", but parameter ", k, " has shape ",
+                params[static_cast<size_t>(k)].sizes());
+  }
+  const auto key = static_cast<int64_t>(static_cast<uint64_t>(seed) + kernels::kFormatChangeKeyDelta);
+  for (int64_t k = 0; k < n; ++k) {
+    quantize_seeded_(const_cast<at::Tensor&>(params[static_cast<size_t>(k)]), total_bits, frac_bits, rounding, key,
+                     2 * (step * n + k));
+  }
+  for (size_t j = 0; j < momentum_buffers.size(); ++j) {
+    quantize_seeded_(const_cast<at::Tensor&>(momentum_buffers[j]), total_bits, frac_bits, rounding, key,
+                     2 * (step * n + momentum_positions[j]) + 1);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fxp, CPU, m) {
@@ -85,12 +134,13 @@ TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
   m.impl("qpu_sgd_step_.adapt", &qpu_sgd_step_adapt<NoTensorsBackend>);
   m.impl("qpu_sgd_members_step_", &qpu_sgd_members_step<NoTensorsBackend>);  // empty lists: its own error
   m.impl("quantize_parameters_", &quantize_parameters);
+  m.impl("qpu_change_format_", &qpu_change_format);
 }
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
   register_not_differentiable(
       m, {"qpu_sgd_step_", "qpu_sgd_step_.capturable", "qpu_sgd_step_.adapt", "qpu_sgd_members_step_",
-                          "quantize_parameters_"});
+                          "quantize_parameters_", "qpu_change_format_"});
 }
 
 TORCH_LIBRARY_IMPL(fxp, ADInplaceOrView, m) {

@@ -1,0 +1,317 @@
+"""fxp.adapt's fused steps in a PyTorch training loop (docs/adapt.md, "In
+Python"): AdaptController.step with torch.optim.SGD equals after_backward
+then SGD's step, bit for bit; with fxp.optim.QPUSGD (no master copy) it equals
+the ops it is made of, moves each layer's group to its new format at a switch,
+and resumes bit for bit; fxp.optim.QPUSGD.change_format and
+fxp.qpu_change_format_; fxp.nn.recalibrate_batch_norm."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxp
+from fxp import FxpFormat
+
+FMT = FxpFormat(16, 8)
+
+
+def _model(weight_mode="ste", batch_norm=False):
+    layers = [fxp.nn.QConv2d(1, 4, 3, weight_mode=weight_mode, param_format=FMT, act_format=FMT)]
+    if batch_norm:
+        layers.append(torch.nn.BatchNorm2d(4))
+    layers += [torch.nn.ReLU(), torch.nn.Flatten(),
+               fxp.nn.QLinear(4 * 6 * 6, 10, weight_mode=weight_mode, param_format=FMT, act_format=FMT)]
+    return torch.nn.Sequential(*layers)
+
+
+def _batch(seed, batch=8):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 8, 8, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+
+def _backward(model, optimizer, seed):
+    x, y = _batch(seed)
+    optimizer.zero_grad()
+    torch.manual_seed(1000 + seed)  # the layers' stochastic rounding of activations
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def _same(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+OPTIONS = dict(lookback=(2, 4), resolution=(20, 30), buffer_bits=3, l1=1e-4)
+
+
+# --- torch.optim.SGD: one pass -----------------------------------------------------
+def _sgd_formula(params, buffers, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD's update (dampening 0) in separate float32 operations,
+    as the fused step computes it (adapt_step_math.h); torch's own kernels may
+    contract a multiply-add into an FMA."""
+    with torch.no_grad():
+        for k, w in enumerate(params):
+            d = w.grad + weight_decay * w
+            if momentum:
+                buffers[k] = momentum * buffers.get(k, torch.zeros_like(w)) + d
+                d = d + momentum * buffers[k] if nesterov else buffers[k]
+            w.copy_(w - lr * d)
+
+
+@pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 5e-4), (0.9, True, 0.0)])
+def test_step_with_sgd_equals_after_backward_then_sgd(momentum, nesterov, weight_decay):
+    """Note [AdaPT's fused step]: the same arithmetic, so the same parameters,
+    momentum and accumulators, bit for bit, up to the first switch (the fused
+    step switches after the update, so its PD reads the updated parameters)."""
+    torch.manual_seed(0)
+    fused, plain = _model(), _model()
+    plain.load_state_dict(fused.state_dict())
+    options = {**OPTIONS, "lookback": (6, 8)}
+    cf, cp = fxp.adapt.AdaptController(fused, **options), fxp.adapt.AdaptController(plain, **options)
+    settings = dict(lr=0.05, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    of, op = torch.optim.SGD(fused.parameters(), **settings), torch.optim.SGD(plain.parameters(), **settings)
+    buffers = {}
+    for s in range(6):
+        lf = _backward(fused, of, s)
+        raw = [p.grad.clone() for p in fused.parameters()]
+        switched = cf.step(of, lf, 8)
+        lp = _backward(plain, op, s)
+        assert cp.after_backward(lp, 8) == switched == (s == 5)
+        _sgd_formula(list(plain.parameters()), buffers, **settings)
+        assert _same(fused.parameters(), plain.parameters()), f"step {s}"
+        assert _same(raw, [p.grad for p in fused.parameters()])  # .grad keeps the raw gradient
+        if not switched:
+            assert cf.record() == cp.record()
+            assert _same(cf.state_dict().values(), cp.state_dict().values())
+    if momentum:  # in the optimizer's state, as torch.optim.SGD keeps them
+        assert _same([of.state[p]["momentum_buffer"] for p in fused.parameters()], buffers.values())
+    else:
+        assert all(of.state[p].get("momentum_buffer") is None for p in fused.parameters())
+
+
+def test_step_with_another_optimizer_is_after_backward_then_its_step():
+    torch.manual_seed(0)
+    a, b = _model(), _model()
+    b.load_state_dict(a.state_dict())
+    ca, cb = fxp.adapt.AdaptController(a, **OPTIONS), fxp.adapt.AdaptController(b, **OPTIONS)
+    oa = torch.optim.SGD(a.parameters(), lr=0.05, momentum=0.9, dampening=0.1)  # dampening: not fusable
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9, dampening=0.1)
+    for s in range(5):
+        ca.step(oa, _backward(a, oa, s), 8)
+        cb.after_backward(_backward(b, ob, s), 8)
+        ob.step()
+    assert _same(a.parameters(), b.parameters()) and ca.record() == cb.record()
+
+
+# --- fxp.optim.QPUSGD: no master copy ----------------------------------------------
+def _qpu(seed=0, **options):
+    torch.manual_seed(seed)
+    model = _model("qpu")
+    controller = fxp.adapt.AdaptController(model, **{**OPTIONS, **options})
+    fxp.nn.quantize_layer_parameters_(model, seed=5)
+    optimizer = fxp.optim.QPUSGD(controller.parameter_groups(), lr=0.05, momentum=0.9, weight_decay=5e-4, seed=7)
+    return model, controller, optimizer
+
+
+def test_qpu_step_equals_normalize_accumulate_then_the_qpu_step():
+    """Before the first switch: the fused QPU step (Note [AdaPT's fused QPU
+    step]) equals the layer norms, normalize_accumulate_ and QPUSGD's own step
+    over the same groups, seeds and steps, bit for bit."""
+    model, controller, optimizer = _qpu(lookback=(4, 8))
+    reference = copy.deepcopy(model)
+    ref_optimizer = fxp.optim.QPUSGD(
+        [{"params": list(layer.parameters()), "total_bits": 8, "frac_bits": 4, "momentum_total_bits": 8,
+          "momentum_frac_bits": 4} for layer in (reference[0], reference[3])],
+        lr=0.05, momentum=0.9, weight_decay=5e-4, seed=7)
+    accumulated = [torch.zeros_like(p) for p in reference.parameters()]
+    layers = [0, 0, 1, 1]
+    for s in range(3):
+        assert not controller.step(optimizer, _backward(model, optimizer, s), 8)
+        _backward(reference, ref_optimizer, s)
+        params = list(reference.parameters())
+        grads = [p.grad for p in params]
+        norms = torch.ops.fxp.layer_gradient_norms(params, grads, layers, 2, 1e-4)
+        torch.ops.fxp.normalize_accumulate_(grads, accumulated, params, norms, layers, 1e-4)
+        ref_optimizer.step()
+        assert _same(model.parameters(), reference.parameters()), f"step {s}"
+        assert _same([optimizer.state[p]["momentum_buffer"] for p in model.parameters()],
+                     [ref_optimizer.state[p]["momentum_buffer"] for p in reference.parameters()])
+        saved = controller.state_dict()
+        assert _same([saved[f"accumulated.{i}.{k}"] for i in (0, 1) for k in (0, 1)], accumulated)
+
+
+def _on_grid(x, fmt):
+    return torch.equal(torch.ops.fxp.quantize(x, fmt.total_bits, fmt.frac_bits, "nearest_even"), x)
+
+
+def test_qpu_switch_moves_each_group_to_its_layers_new_format():
+    model, controller, optimizer = _qpu()
+    changes = 0
+    switches = [0, 0]
+    for s in range(12):
+        before = controller.formats()
+        controller.step(optimizer, _backward(model, optimizer, s), 8)
+        after = controller.formats()
+        changes += sum(before[k] != after[k] for k in after)
+        record = controller.record()
+        for i, (name, fmt) in enumerate(after.items()):
+            layer, group = model[int(name)], optimizer.param_groups[i]
+            assert layer.param_format == layer.act_format == fmt
+            assert (group["total_bits"], group["frac_bits"]) == (fmt.total_bits, fmt.frac_bits)
+            assert (group["momentum_total_bits"], group["momentum_frac_bits"]) == (fmt.total_bits, fmt.frac_bits)
+            params = list(layer.parameters())
+            for p in params:  # on the layer's grid, and so is the momentum (it follows the format)
+                assert _on_grid(p, fmt) and _on_grid(optimizer.state[p]["momentum_buffer"], fmt)
+            if record["layers"][i]["switches"] > switches[i]:
+                # The density is measured on the new grid, after the parameters moved there (as fxp-train).
+                switches[i] = record["layers"][i]["switches"]
+                zeros = sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
+                assert record["layers"][i]["sparsity"] == pytest.approx(zeros, abs=1e-12)
+    assert changes >= 3 and min(switches) >= 3
+
+
+def test_qpu_step_resumes_bit_for_bit():
+    a, ca, oa = _qpu()
+    for s in range(5):
+        ca.step(oa, _backward(a, oa, s), 8)
+    b, cb, ob = _qpu(seed=1)
+    b.load_state_dict(a.state_dict())
+    cb.load_state_dict(ca.state_dict())
+    for i, fmt in enumerate(cb.formats().values()):  # the groups at the saved formats, then the saved state
+        ob.param_groups[i].update(total_bits=fmt.total_bits, frac_bits=fmt.frac_bits,
+                                  momentum_total_bits=fmt.total_bits, momentum_frac_bits=fmt.frac_bits)
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))  # as from a file: no shared buffers
+    for s in range(5, 12):
+        ca.step(oa, _backward(a, oa, s), 8)
+        cb.step(ob, _backward(b, ob, s), 8)
+    assert _same(a.parameters(), b.parameters()) and ca.record() == cb.record()
+    assert max(layer["switches"] for layer in ca.record()["layers"]) >= 4
+
+
+def test_non_finite_loss_changes_nothing():
+    model, controller, optimizer = _qpu()
+    before = [p.clone() for p in model.parameters()]
+    _backward(model, optimizer, 0)
+    assert not controller.step(optimizer, float("nan"), 8)
+    assert _same(before, model.parameters()) and controller.record()["layers"][0]["samples"] == 0
+    assert optimizer.param_groups[0]["step"] == 0
+
+
+def test_steps_reject_mismatched_optimizers():
+    model, controller, optimizer = _qpu()
+    _backward(model, optimizer, 0)
+    with pytest.raises(ValueError, match="QPU layers change format with their optimizer's groups"):
+        controller.after_backward(1.0, 8)
+    with pytest.raises(ValueError, match="QPU layers need a fxp.optim.QPUSGD"):
+        controller.step(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 8)
+    with pytest.raises(ValueError, match="has 1 parameter groups, but quantized updates need one per adapted layer"):
+        controller.step(fxp.optim.QPUSGD(model.parameters(), lr=0.1, format=FxpFormat(8, 4)), 1.0, 8)
+    swapped = controller.parameter_groups()[::-1]
+    with pytest.raises(ValueError, match="parameter group 0 of the optimizer is not layer 0's parameters"):
+        controller.step(fxp.optim.QPUSGD(swapped, lr=0.1), 1.0, 8)
+    wrong = controller.parameter_groups()
+    wrong[1].update(total_bits=12, frac_bits=6, momentum_total_bits=12, momentum_frac_bits=6)
+    with pytest.raises(ValueError, match=r"group 1 updates FxP\(12,6\).*layer 3 is at FxP\(8,4\)"):
+        controller.step(fxp.optim.QPUSGD(wrong, lr=0.1), 1.0, 8)
+    ste = _model("ste")
+    with pytest.raises(ValueError, match="a fxp.optim.QPUSGD updates QPU layers"):
+        fxp.adapt.AdaptController(ste).step(fxp.optim.QPUSGD(ste.parameters(), lr=0.1), 1.0, 8)
+    mixed = _model("ste")
+    mixed[3] = fxp.nn.QLinear(4 * 6 * 6, 10, weight_mode="qpu", param_format=FMT, act_format=FMT)
+    with pytest.raises(ValueError, match="layer 3 has weight_mode 'qpu', but the layers before it 'ste'"):
+        fxp.adapt.AdaptController(mixed)
+    with pytest.raises(ValueError, match="layers need weight_mode='ste'.*or 'qpu'"):
+        fxp.adapt.AdaptController(_model("fp32"))
+
+
+# --- QPUSGD.change_format and its op ------------------------------------------------
+def test_change_format_rounds_parameters_and_following_momentum_with_their_own_streams():
+    """Note [QPU format change]: parameter k of n with key seed + the format
+    change's delta at offset 2 (step n + k), its momentum at that + 1."""
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(40) / 4) for _ in range(3)]
+    optimizer = fxp.optim.QPUSGD([{"params": params[:2]}, {"params": params[2:], "momentum_total_bits": 12,
+                                                           "momentum_frac_bits": 6}],
+                                 lr=0.1, momentum=0.9, format=FxpFormat(16, 10))
+    for p in params:
+        p.grad = torch.randn(40)
+    optimizer.step()
+    optimizer.step()
+    values = [p.detach().clone() for p in params]
+    buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    optimizer.change_format(0, FxpFormat(8, 3))
+    optimizer.change_format(1, FxpFormat(10, 4))
+    key = 0 + 0x6A09E667F3BCC908  # seed 0 (group 0) plus the format change's delta
+    for k in range(2):  # group 0, n = 2, step 2
+        assert torch.equal(params[k].detach(), torch.ops.fxp.quantize_seeded(values[k], 8, 3, "stochastic", key,
+                                                                            2 * (2 * 2 + k)))
+        assert torch.equal(optimizer.state[params[k]]["momentum_buffer"],
+                           torch.ops.fxp.quantize_seeded(buffers[k], 8, 3, "stochastic", key, 2 * (2 * 2 + k) + 1))
+    assert torch.equal(params[2].detach(), torch.ops.fxp.quantize_seeded(values[2], 10, 4, "stochastic", key + 1,
+                                                                        2 * 2))
+    assert torch.equal(optimizer.state[params[2]]["momentum_buffer"], buffers[2])  # its own format: unchanged
+    group0, group1 = optimizer.param_groups
+    assert (group0["total_bits"], group0["frac_bits"], group0["momentum_total_bits"]) == (8, 3, 8)
+    assert (group1["total_bits"], group1["frac_bits"], group1["momentum_total_bits"]) == (10, 4, 12)
+    with pytest.raises(ValueError, match="group 2 of 2"):
+        optimizer.change_format(2, FxpFormat(8, 4))
+    with pytest.raises(ValueError, match="frac_bits"):
+        optimizer.change_format(0, FxpFormat(4, 4))
+
+
+def test_qpu_change_format_op_checks_its_arguments_and_passes_opcheck():
+    op = torch.ops.fxp.qpu_change_format_
+    p, m = [torch.randn(10), torch.randn(3, 4)], [torch.randn(3, 4)]
+    with pytest.raises(RuntimeError, match="qpu_change_format_: expected a position per momentum buffer"):
+        op(p, m, [], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match=r"momentum_positions\[0\] is 2, but there are 2 parameters"):
+        op(p, m, [2], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match=r"momentum buffer 0 has shape \[3, 4\], but parameter 0 has shape \[10\]"):
+        op(p, m, [0], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match="qpu_change_format_: step must be non-negative"):
+        op(p, m, [1], 8, 4, "stochastic", 0, -1)
+    with pytest.raises(RuntimeError, match="qpu_change_format_.*rounding"):
+        op(p, m, [1], 8, 4, "up", 0, 0)
+    before = [t.clone() for t in p + m]
+    with pytest.raises(RuntimeError, match="qpu_change_format_"):
+        op(p, m, [1], 40, 4, "stochastic", 0, 0)
+    assert _same(before, p + m)  # checked before anything is rounded
+    torch.library.opcheck(op.default, ([t.clone() for t in p], [m[0].clone()], [1], 8, 4, "stochastic", 3, 2))
+
+
+# --- fxp.nn.recalibrate_batch_norm ---------------------------------------------------
+def test_recalibrate_batch_norm_averages_the_batches_and_restores_the_rest():
+    torch.manual_seed(0)
+    model = _model("ste", batch_norm=True)
+    conv, bn = model[0], model[1]
+    batches = [_batch(s)[0] for s in range(3)]
+    momentum = bn.momentum
+    # The expected statistics: each batch's conv output in the same forwards from the same generator state.
+    state, outputs = torch.get_rng_state(), []
+    hook = conv.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    hook.remove()
+    torch.set_rng_state(state)
+    model.eval()
+    assert fxp.nn.recalibrate_batch_norm(model, ((x, None) for x in batches + batches), num_batches=3) == 3
+    means = torch.stack([o.mean((0, 2, 3)) for o in outputs])
+    variances = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outputs])
+    torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bn.running_var, variances.mean(0), rtol=1e-6, atol=1e-7)
+    assert bn.momentum == momentum and not model.training and not bn.training
+    assert torch.equal(torch.get_rng_state(), state)  # the training that follows draws as without it
+    saved = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+    with pytest.raises(ValueError, match="got no batches"):
+        fxp.nn.recalibrate_batch_norm(model, [])
+    with pytest.raises(RuntimeError):
+        fxp.nn.recalibrate_batch_norm(model, [torch.randn(2, 3, 8, 8)])  # a bad input: the old statistics stay
+    assert _same(saved, [bn.running_mean, bn.running_var, bn.num_batches_tracked])
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        fxp.nn.recalibrate_batch_norm(model, batches, num_batches=0)
+    assert fxp.nn.recalibrate_batch_norm(_model(), batches) == 0  # no batch norm: nothing to do
