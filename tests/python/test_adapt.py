@@ -530,8 +530,10 @@ def test_qpu_adapt_step_rejects_bad_input():
         step(params, grads, buffers, acc, norms, layers, -1.0, *qpu)
     with pytest.raises(RuntimeError, match="packed storage cannot follow them"):
         step([fxp.pack(p, 8, 4) for p in params], grads, buffers, acc, norms, layers, 0.0, *qpu)
-    with pytest.raises(RuntimeError, match="momentum > 0 needs one momentum buffer per param"):
+    with pytest.raises(RuntimeError, match=r"fxp::qpu_sgd_step_\.adapt: momentum > 0 needs one momentum buffer per param"):
         step(params, grads, [], acc, norms, layers, 0.0, *qpu)
+    with pytest.raises(RuntimeError, match=r"fxp::qpu_sgd_step_\.adapt: stream index 0 is given twice"):
+        step(params, grads, buffers, acc, norms, layers, 0.0, *qpu, "standard", [0] * len(params))
 
 
 def _step_op_args(device):

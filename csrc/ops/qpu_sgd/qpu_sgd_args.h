@@ -21,6 +21,7 @@ struct QpuSgdArgs {
   int64_t seed, step;
   c10::string_view momentum_form;
   at::OptionalIntArrayRef stream_indices;
+  const char* op = "fxp::qpu_sgd_step_";  // the overload, which errors name
 };
 
 // Checks the lists (lengths, devices, dtypes, shapes, contiguity, overlaps)
@@ -44,6 +45,6 @@ void check_no_nan_results(int64_t nans);
 
 // Each tensor's stream index (Note [QPU random streams]): stream_indices, or
 // the tensors' positions in the list. Checked: one per tensor, in range, distinct.
-std::vector<int64_t> qpu_stream_indices(size_t n, at::OptionalIntArrayRef stream_indices);
+std::vector<int64_t> qpu_stream_indices(const char* op, size_t n, at::OptionalIntArrayRef stream_indices);
 
 }  // namespace fxp

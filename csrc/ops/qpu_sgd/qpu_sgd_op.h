@@ -67,7 +67,7 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
                         momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
                         stream_indices};
   const auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta);
-  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const std::vector<int64_t> streams = qpu_stream_indices(args.op, params.size(), stream_indices);
   const auto options = params.empty() ? at::TensorOptions(at::kLong) : params[0].options().dtype(at::kLong);
   // (saturated, vanished) per tensor; see kernels/qpu_sgd/qpu_sgd_kernel.h.
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
@@ -107,7 +107,7 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
   constexpr const char* op = "fxp::qpu_sgd_step_.adapt";
   const QpuSgdArgs args{lr,        momentum,   weight_decay, nesterov,  total_bits,    frac_bits,
                         momentum_total_bits, momentum_frac_bits, rounding, seed, step, momentum_form,
-                        stream_indices};
+                        stream_indices, op};
   const int64_t num_layers = adapt_step_detail::check_norms(op, norms, params);
   adapt_step_detail::check_lists(op, {{grads, "grads"}, {accumulated, "accumulated"}}, layers, num_layers,
                                  !Backend::kIsMeta);
@@ -116,7 +116,7 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
                                {{accumulated, "accumulated", true}, {norms, "norms", false}});
   TORCH_CHECK(!detail::any_packed(p), op, ": params and momentum_buffers must be float tensors like the grads; "
               "AdaPT's formats change, and packed storage cannot follow them");
-  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const std::vector<int64_t> streams = qpu_stream_indices(op, params.size(), stream_indices);
   const auto options = params.empty() ? at::TensorOptions(at::kLong) : params[0].options().dtype(at::kLong);
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
@@ -195,7 +195,7 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   check_length("seed", seed.size());
   check_length("step", step.size());
   check_length("active", active.size());
-  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const std::vector<int64_t> streams = qpu_stream_indices(op, params.size(), stream_indices);
   auto rows = [](at::TensorList tensors, int64_t m) {
     std::vector<at::Tensor> views;
     for (const auto& t : tensors) views.push_back(t.select(0, m));
@@ -214,7 +214,7 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
     const std::string member_rounding = rounding.get(m);  // QpuSgdArgs holds a view of it
     const QpuSgdArgs args{lr[m], momentum[m], weight_decay[m], nesterov && momentum[m] != 0, total_bits[m],
                           frac_bits[m], momentum_total_bits[m], momentum_frac_bits[m], member_rounding, seed[m],
-                          step[m], momentum_form, stream_indices};
+                          step[m], momentum_form, stream_indices, op};
     try {
       // The stacks' memory checks above cover the rows.
       member.p = check_qpu_sgd(member.params, member.grads, member.momentum, args, /*check_memory=*/false);
@@ -272,7 +272,8 @@ at::Tensor qpu_sgd_step_capturable(at::TensorList params, at::TensorList grads, 
   const bool read_on_host = !Backend::kIsMeta && lr.device().is_cpu();
   const QpuSgdArgs args{read_on_host ? lr.item<double>() : 0.0, momentum, weight_decay, nesterov, total_bits,
                         frac_bits, momentum_total_bits, momentum_frac_bits, rounding, seed,
-                        read_on_host ? step.item<int64_t>() : 0, momentum_form, stream_indices};
+                        read_on_host ? step.item<int64_t>() : 0, momentum_form, stream_indices,
+                        "fxp::qpu_sgd_step_.capturable"};
   auto p = check_qpu_sgd(params, grads, momentum_buffers, args, !Backend::kIsMeta,
                          {{lr, "lr", false}, {step, "step", true}, {nan_count, "nan_count", true}});
   if (!Backend::kIsMeta && !read_on_host) {
@@ -283,7 +284,7 @@ at::Tensor qpu_sgd_step_capturable(at::TensorList params, at::TensorList grads, 
     }
     p.step_on_device = step.const_data_ptr<int64_t>();
   }
-  const std::vector<int64_t> streams = qpu_stream_indices(params.size(), stream_indices);
+  const std::vector<int64_t> streams = qpu_stream_indices(args.op, params.size(), stream_indices);
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, lr.options().dtype(at::kLong));
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
