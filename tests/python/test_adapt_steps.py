@@ -108,9 +108,12 @@ def test_step_with_another_optimizer_is_after_backward_then_its_step():
 
 
 # --- fxp.optim.QPUSGD: no master copy ----------------------------------------------
-def _qpu(seed=0, **options):
+def _qpu(seed=0, scale=1.0, **options):
     torch.manual_seed(seed)
     model = _model("qpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
     controller = fxp.adapt.AdaptController(model, **{**OPTIONS, **options})
     fxp.nn.quantize_layer_parameters_(model, seed=5)
     optimizer = fxp.optim.QPUSGD(controller.parameter_groups(), lr=0.05, momentum=0.9, weight_decay=5e-4, seed=7)
@@ -149,11 +152,24 @@ def _on_grid(x, fmt):
 
 
 def test_qpu_switch_moves_each_group_to_its_layers_new_format():
-    model, controller, optimizer = _qpu()
+    """Small weights (x0.1) from a fine start format, so that PD lowers the
+    fractional bits and the rounding onto the coarser grid changes the count
+    of zeros: the density must be measured after the group moved there."""
+    model, controller, optimizer = _qpu(scale=0.1, start=FxpFormat(20, 16))
     changes = 0
     switches = [0, 0]
+    moved = {}  # layer -> its parameters just before the group moved to the new grid
+    change_format = optimizer.change_format
+
+    def spy(index, fmt):
+        moved[index] = [p.detach().clone() for p in optimizer.param_groups[index]["params"]]
+        change_format(index, fmt)
+
+    optimizer.change_format = spy
+    order_mattered = False
     for s in range(12):
         before = controller.formats()
+        moved.clear()
         controller.step(optimizer, _backward(model, optimizer, s), 8)
         after = controller.formats()
         changes += sum(before[k] != after[k] for k in after)
@@ -171,7 +187,10 @@ def test_qpu_switch_moves_each_group_to_its_layers_new_format():
                 switches[i] = record["layers"][i]["switches"]
                 zeros = sum(int((p == 0).sum()) for p in params) / sum(p.numel() for p in params)
                 assert record["layers"][i]["sparsity"] == pytest.approx(zeros, abs=1e-12)
-    assert changes >= 3 and min(switches) >= 3
+                if i in moved:  # measured before the move (on the old values, rounded half to even) would differ
+                    old = [torch.ops.fxp.quantize(p, fmt.total_bits, fmt.frac_bits, "nearest_even") for p in moved[i]]
+                    order_mattered |= sum(int((q == 0).sum()) for q in old) != sum(int((p == 0).sum()) for p in params)
+    assert changes >= 3 and min(switches) >= 3 and order_mattered
 
 
 def test_qpu_step_resumes_bit_for_bit():
@@ -192,13 +211,50 @@ def test_qpu_step_resumes_bit_for_bit():
     assert max(layer["switches"] for layer in ca.record()["layers"]) >= 4
 
 
-def test_non_finite_loss_changes_nothing():
+def test_first_qpu_step_measures_the_density_on_the_grid():
+    """QPU's parameters go onto their grids after the controller is built (it
+    gives the layers their start formats): the first step measures again, so
+    the performance model starts from the density fxp-train measures."""
+    model, controller, optimizer = _qpu(scale=0.1, lookback=(8, 8))
+    zeros = [sum(int((p == 0).sum()) for p in layer.parameters()) / sum(p.numel() for p in layer.parameters())
+             for layer in (model[0], model[3])]
+    assert controller.record()["layers"][1]["sparsity"] != pytest.approx(zeros[1])  # measured before the rounding
+    controller.step(optimizer, _backward(model, optimizer, 0), 8)
+    assert [layer["sparsity"] for layer in controller.record()["layers"]] == pytest.approx(zeros, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["qpu", "sgd", "adam"])
+def test_non_finite_loss_changes_nothing(kind):
+    if kind == "qpu":
+        model, controller, optimizer = _qpu()
+    else:
+        model = _model()
+        controller = fxp.adapt.AdaptController(model, **OPTIONS)
+        optimizer = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if kind == "sgd"
+                     else torch.optim.Adam(model.parameters(), lr=0.1))
+    before = [p.clone() for p in model.parameters()]
+    _backward(model, optimizer, 0)
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert not controller.step(optimizer, float("nan"), 8)
+    assert not controller.step(optimizer, torch.tensor(float("inf")), 8)
+    assert _same(before, model.parameters()) and _same(grads, [p.grad for p in model.parameters()])
+    assert controller.record()["layers"][0]["samples"] == 0 and not optimizer.state
+    if kind == "qpu":
+        assert optimizer.param_groups[0]["step"] == 0
+
+
+def test_bad_step_arguments_are_refused_before_anything_changes():
     model, controller, optimizer = _qpu()
     before = [p.clone() for p in model.parameters()]
     _backward(model, optimizer, 0)
-    assert not controller.step(optimizer, float("nan"), 8)
-    assert _same(before, model.parameters()) and controller.record()["layers"][0]["samples"] == 0
-    assert optimizer.param_groups[0]["step"] == 0
+    with pytest.raises(ValueError, match="the batch size must be positive, but got 0"):
+        controller.step(optimizer, 1.0, 0)
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        controller.step(optimizer, 1.0, 8.0)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, but got NoneType"):
+        controller.step(None, 1.0, 8)
+    assert _same(before, model.parameters()) and optimizer.param_groups[0]["step"] == 0
+    assert controller.record()["layers"][0]["samples"] == 0
 
 
 def test_steps_reject_mismatched_optimizers():
@@ -276,10 +332,19 @@ def test_qpu_change_format_op_checks_its_arguments_and_passes_opcheck():
         op(p, m, [1], 8, 4, "stochastic", 0, -1)
     with pytest.raises(RuntimeError, match="qpu_change_format_.*rounding"):
         op(p, m, [1], 8, 4, "up", 0, 0)
-    before = [t.clone() for t in p + m]
     with pytest.raises(RuntimeError, match="qpu_change_format_"):
         op(p, m, [1], 40, 4, "stochastic", 0, 0)
-    assert _same(before, p + m)  # checked before anything is rounded
+    # Checked before anything is rounded: a bad last tensor leaves the first ones as they were.
+    before = [t.clone() for t in p + m]
+    with pytest.raises(RuntimeError, match=r"params\[2\] has elements that share memory"):
+        op(p + [torch.randn(1).expand(4)], m, [1], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] must be a floating-point tensor, but got Int"):
+        op(p, [torch.zeros(3, 4, dtype=torch.int32)], [1], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match="momentum buffer 0 is Double, but parameter 1 is Float"):
+        op(p, [torch.zeros(3, 4, dtype=torch.float64)], [1], 8, 4, "stochastic", 0, 0)
+    with pytest.raises(RuntimeError, match="parameter 1 has two momentum buffers"):
+        op(p, m + m, [1, 1], 8, 4, "stochastic", 0, 0)
+    assert _same(before, p + m)
     torch.library.opcheck(op.default, ([t.clone() for t in p], [m[0].clone()], [1], 8, 4, "stochastic", 3, 2))
 
 

@@ -123,6 +123,7 @@ class AdaptController:
             [start.total_bits, start.frac_bits], _pair("resolution", resolution), _pair("lookback", lookback),
             float(lookback_momentum), int(buffer_bits), str(strategy), str(log_form), float(l1))
         self._l1 = float(l1)
+        self._measure_densities = self._weight_mode == "qpu"  # at the first step (QPU's initialization)
         self._parameter_counts = [len(ps) for ps in parameters]
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
         self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]
@@ -140,6 +141,8 @@ class AdaptController:
             loss = loss.detach().item()
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
             raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"fxp.adapt: the batch size must be positive, but got {batch_size}")
         return float(loss), int(batch_size)
 
     def after_backward(self, loss, batch_size: int) -> bool:
@@ -164,9 +167,9 @@ class AdaptController:
         """After ``loss.backward()``, in place of :meth:`after_backward` and
         ``optimizer.step()``: AdaPT's gradient work fused into the update, as
         ``fxp-train`` runs it (Note [AdaPT's fused step]). Returns whether a
-        layer's format changed; layers switch after the update. ``.grad``
-        keeps the raw gradients. A non-finite ``loss`` changes nothing: no
-        update either.
+        layer's format changed; layers switch after the update, and ``.grad``
+        keeps the raw gradients (in the two fused forms). A non-finite
+        ``loss`` changes nothing, with any optimizer: no update either.
 
         - A :class:`fxp.optim.QPUSGD` over :meth:`parameter_groups` (QPU layers):
           the QPU step normalizes and accumulates as it applies (Note [AdaPT's
@@ -176,23 +179,34 @@ class AdaptController:
           one group, without dampening or ``maximize`` (STE layers): one pass,
           ``fxp.adapt_sgd_step_``, with torch's formula; its momentum buffers
           stay in the optimizer's state.
-        - Any other optimizer (STE layers): :meth:`after_backward`, then its ``step()``.
+        - Any other optimizer (STE layers): :meth:`after_backward` (which
+          writes the normalized gradients into ``.grad``), then its ``step()``.
         """
         loss, batch_size = self._step_arguments(loss, batch_size)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"fxp.adapt: optimizer must be a torch.optim.Optimizer, but got "
+                            f"{type(optimizer).__name__}")
         if isinstance(optimizer, QPUSGD):
             self._check_quantized_updates(optimizer)
         elif self._weight_mode == "qpu":
             raise ValueError(f"fxp.adapt: QPU layers need a fxp.optim.QPUSGD over controller.parameter_groups(), "
                              f"but got {type(optimizer).__name__}")
-        elif not self._fusable_sgd(optimizer):
+        if not math.isfinite(loss):  # a diverged step changes nothing, in any form (as fxp-train)
+            return False
+        if not isinstance(optimizer, QPUSGD) and not self._fusable_sgd(optimizer):
             switched = self.after_backward(loss, batch_size)
             optimizer.step()
             return switched
-        if not math.isfinite(loss):
-            return False
         self._core.set_madds([c.madds for c in self._counters])
         before = self._core.formats()
         if isinstance(optimizer, QPUSGD):
+            if self._measure_densities:
+                # QPU's parameters went onto their grids after the controller measured them
+                # (quantize_layer_parameters_ needs the layers' start formats): measure again, as
+                # fxp-train measures them, on the grid.
+                for i in range(len(self._layers)):
+                    self._core.measure_density(i)
+                self._measure_densities = False
             norms, stepped = self._core.step_gradients()
             flat, accumulated = self._core.accumulated(), []
             for count in self._parameter_counts:
@@ -235,7 +249,11 @@ class AdaptController:
         if group.get("dampening", 0) != 0 or group.get("maximize", False) or group.get("differentiable", False):
             return False
         held, adapted = group["params"], self._parameters()
-        return len(held) == len(adapted) and {id(p) for p in held} == {id(p) for p in adapted}
+        if len(held) != len(adapted) or {id(p) for p in held} != {id(p) for p in adapted}:
+            return False
+        # The fused op takes contiguous tensors (torch's SGD may have made a buffer with a gradient's strides).
+        buffers = (optimizer.state[p].get("momentum_buffer") for p in adapted if p in optimizer.state)
+        return all(p.is_contiguous() for p in adapted) and all(b is None or b.is_contiguous() for b in buffers)
 
     def _check_quantized_updates(self, optimizer: QPUSGD) -> None:
         if self._weight_mode != "qpu":
@@ -303,6 +321,7 @@ class AdaptController:
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Restores :meth:`state_dict` (of a controller over the same layers) and the layers' formats."""
         self._core.load_state_dict(state)
+        self._measure_densities = False
         self._apply_formats()
 
     def remove(self) -> None:

@@ -2,6 +2,8 @@
 // tensors, and Autograd (CUDA in qpu_sgd_register_cuda.cpp). The op is written once in qpu_sgd_op.h.
 #include <torch/library.h>
 
+#include <ATen/MemoryOverlap.h>
+
 #include <limits>
 #include <vector>
 
@@ -91,7 +93,17 @@ void qpu_change_format(at::TensorList params, at::TensorList momentum_buffers, a
               " is too large for ", n, " parameters");
   TORCH_CHECK(momentum_positions.size() == momentum_buffers.size(), op, ": expected a position per momentum buffer (",
               momentum_buffers.size(), "), but got ", momentum_positions.size());
-  // All checks before anything is rounded.
+  // All checks before anything is rounded (quantize_seeded_ checks each tensor only as it comes).
+  auto check_tensor = [&](const at::Tensor& t, const char* name, size_t i) {
+    TORCH_CHECK(t.defined() && t.is_floating_point(), op, ": ", name, "[", i, "] must be a floating-point tensor, "
+                "but got ", t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor");
+    TORCH_CHECK(t.device() == params[0].device(), op, ": ", name, "[", i, "] is on ", t.device(), ", but params[0] on ",
+                params[0].device());
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name, "[", i,
+                "] has elements that share memory (an expanded tensor?), so it cannot be rounded in place");
+  };
+  for (size_t k = 0; k < params.size(); ++k) check_tensor(params[k], "params", k);
+  for (size_t j = 0; j < momentum_buffers.size(); ++j) check_tensor(momentum_buffers[j], "momentum_buffers", j);
   std::vector<bool> has_buffer(params.size(), false);
   for (size_t j = 0; j < momentum_buffers.size(); ++j) {
     const int64_t k = momentum_positions[j];
@@ -101,6 +113,9 @@ void qpu_change_format(at::TensorList params, at::TensorList momentum_buffers, a
     TORCH_CHECK(momentum_buffers[j].sizes() == params[static_cast<size_t>(k)].sizes(), op, ": momentum buffer ", j,
                 " has shape ", momentum_buffers[j].sizes(), ", but parameter ", k, " has shape ",
                 params[static_cast<size_t>(k)].sizes());
+    TORCH_CHECK(momentum_buffers[j].scalar_type() == params[static_cast<size_t>(k)].scalar_type(), op,
+                ": momentum buffer ", j, " is ", momentum_buffers[j].scalar_type(), ", but parameter ", k, " is ",
+                params[static_cast<size_t>(k)].scalar_type());
   }
   const auto key = static_cast<int64_t>(static_cast<uint64_t>(seed) + kernels::kFormatChangeKeyDelta);
   for (int64_t k = 0; k < n; ++k) {
