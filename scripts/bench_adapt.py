@@ -15,6 +15,14 @@ lookbacks (the paper's 25..100 by default).
   scripts/bench_adapt.py --model resnet20 --batch-size 512 --device cuda --markdown gpu.md
   scripts/bench_adapt.py --step-only --step-params 10000000   # the optimizer step alone
 
+--python-loop times whole training steps of a LeNet-5 built from fxp.nn layers
+in a Python loop (random images, 28x28), as fxp.adapt's users train: float32
+layers and torch SGD against fxp.adapt.AdaptController driving STE layers,
+with after_backward before torch SGD (two passes) and with controller.step
+(torch SGD fused), and driving QPU layers with controller.step and
+fxp.optim.QPUSGD (no master copy); each relative to float32 and to the same
+STE layers with a fixed format and no controller.
+
 --step-only times the step alone on a set of random parameters: torch's SGD
 against AdaPT's gradient work before it (after_backward's two passes:
 fxp::layer_gradient_norms, fxp::normalize_accumulate_) and against fxp-train's
@@ -55,9 +63,15 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
     p.add_argument("--step-only", action="store_true", help="time the optimizer step alone (no fxp-train runs)")
     p.add_argument("--step-params", type=float, default=1e7, help="with --step-only: parameters, in 60 tensors")
+    p.add_argument("--python-loop", action="store_true",
+                   help="time training steps of fxp.adapt in a Python loop (no fxp-train runs)")
     args = p.parse_args(argv)
+    if args.step_only and args.python_loop:
+        p.error("--step-only and --python-loop are two separate benchmarks; choose one")
     if args.step_only:
         return bench_step(args)
+    if args.python_loop:
+        return bench_python_loop(args)
     low, high = (int(v) for v in args.lookback.split(","))
     if not 1 <= low <= high:
         p.error("--lookback needs 1 <= MIN <= MAX")
@@ -88,6 +102,84 @@ def main(argv=None) -> int:
     report.save(str(args.markdown) if args.markdown else None)
     if args.csv:
         write_csv(args.csv, rows)
+    return 0
+
+
+def bench_python_loop(args) -> int:
+    import time
+
+    import torch
+
+    import fxp
+
+    low, high = (int(v) for v in args.lookback.split(","))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fmt = fxp.FxpFormat(8, 4)
+
+    def lenet5(mode):
+        q = {} if mode == "fp32" else dict(param_format=fmt, act_format=fmt)
+        return torch.nn.Sequential(
+            fxp.nn.QConv2d(1, 6, 5, padding=2, weight_mode=mode, **q), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            fxp.nn.QConv2d(6, 16, 5, weight_mode=mode, **q), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), fxp.nn.QLinear(400, 120, weight_mode=mode, **q), torch.nn.ReLU(),
+            fxp.nn.QLinear(120, 84, weight_mode=mode, **q), torch.nn.ReLU(),
+            fxp.nn.QLinear(84, 10, weight_mode=mode, **q)).to(device)
+
+    def setup(name):
+        torch.manual_seed(0)
+        mode = {"fp32": "fp32", "ste": "ste"}.get(name, "qpu" if name.startswith("adapt-qpu") else "ste")
+        model = lenet5(mode)
+        controller = None
+        if name.startswith("adapt"):
+            controller = fxp.adapt.AdaptController(model, lookback=(low, high), l1=1e-5)
+        if mode == "qpu":
+            fxp.nn.quantize_layer_parameters_(model, seed=0)
+            optimizer = fxp.optim.QPUSGD(controller.parameter_groups(), lr=0.01, momentum=0.9, seed=0)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return model, controller, optimizer
+
+    def train(name, model, controller, optimizer, steps):
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x = torch.randn(args.batch_size, 1, 28, 28, generator=gen).to(device)
+            y = torch.randint(0, 10, (args.batch_size,), generator=gen).to(device)
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if name == "adapt: after_backward + SGD":
+                controller.after_backward(loss, args.batch_size)
+                optimizer.step()
+            elif controller is not None:
+                controller.step(optimizer, loss, args.batch_size)
+            else:
+                optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    names = ["fp32", "ste", "adapt: after_backward + SGD", "adapt: step(SGD)", "adapt-qpu: step(QPUSGD)"]
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name in names:
+            model, controller, optimizer = setup(name)
+            train(name, model, controller, optimizer, 3)  # warm-up
+            start = time.perf_counter()
+            train(name, model, controller, optimizer, args.steps)
+            times[name].append((time.perf_counter() - start) / args.steps)
+            print(f"{name:28s} {times[name][-1] * 1e3:8.2f} ms/step", flush=True)
+    median = {n: statistics.median(t) for n, t in times.items()}
+    table = [[n, f"{median[n] * 1e3:.2f}", f"{median[n] / median['fp32']:.3f}x", f"{median[n] / median['ste']:.3f}x"]
+             for n in names]
+    report = BenchReport(
+        f"fxp.adapt in a Python loop: LeNet-5 (fxp.nn layers), batch {args.batch_size}, {args.device} "
+        f"({args.threads or 'default'} threads)",
+        f"Median of {args.repeats} interleaved measurements of {args.steps} training steps each (random 28x28 "
+        f"images); time per step relative to float32 and to STE at FxP(8, 4) without a controller, measured in "
+        f"the same run. AdaPT lookback {low}..{high}, L1 1e-5.")
+    report.table("AdaPT in Python", ["method", "ms / step", "time / fp32", "time / ste"], table)
+    report.save(str(args.markdown) if args.markdown else None)
     return 0
 
 
