@@ -49,7 +49,7 @@ done
 # The stages --only may name (the train_* stages by their full names).
 STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_pool bench_train bench_fleet train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
 train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
-train_lenet5_adapt_qpu bench_adapt memory_table ctest_rest demo pytest_rest train_default"
+train_lenet5_adapt_qpu bench_adapt bench_adapt_python memory_table ctest_rest demo pytest_rest train_default"
 if [[ -n $ONLY ]]; then
   IFS=, read -ra wanted <<<"${ONLY:1:-1}"
   for stage in "${wanted[@]}"; do
@@ -184,6 +184,9 @@ if [[ -x $BUILD/fxp-train ]]; then
     --overwrite --no-progress
   run bench_adapt 60 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
     --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
+  # fxp.adapt's fused steps in a Python loop (the CUDA paths of AdaptController.step).
+  run bench_adapt_python 30 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --python-loop --device cuda --repeats 3 \
+    --steps 60 --batch-size 256 --markdown "$LOGS/bench_adapt_python_cuda.md"
   # Measured training memory from the CUDA caching allocator (docs/memory.md), packed and float.
   run memory_table 60 "$PYTHON" "$ROOT/scripts/memory_table.py" --device cuda --fxp-train "$BUILD/fxp-train" \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/memory_cuda.csv" --figure "$LOGS/memory_cuda.png"
