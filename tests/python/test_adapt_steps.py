@@ -203,12 +203,11 @@ def test_qpu_step_resumes_bit_for_bit():
     a, ca, oa = _qpu()
     for s in range(5):
         ca.step(oa, _backward(a, oa, s), 8)
-    b, cb, ob = _qpu(seed=1)
+    b, cb, _ = _qpu(seed=1)
     b.load_state_dict(a.state_dict())
     cb.load_state_dict(ca.state_dict())
-    for i, fmt in enumerate(cb.formats().values()):  # the groups at the saved formats, then the saved state
-        ob.param_groups[i].update(total_bits=fmt.total_bits, frac_bits=fmt.frac_bits,
-                                  momentum_total_bits=fmt.total_bits, momentum_frac_bits=fmt.frac_bits)
+    # The optimizer from the restored controller's groups (at the saved formats), then its saved state.
+    ob = fxp.optim.QPUSGD(cb.parameter_groups(), lr=0.05, momentum=0.9, weight_decay=5e-4, seed=7)
     ob.load_state_dict(copy.deepcopy(oa.state_dict()))  # as from a file: no shared buffers
     for s in range(5, 12):
         ca.step(oa, _backward(a, oa, s), 8)
