@@ -67,10 +67,12 @@ def _sgd_formula(params, buffers, lr, momentum, weight_decay, nesterov):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum, nesterov, weight_decay", [(0.0, False, 0.0), (0.9, False, 5e-4), (0.9, True, 0.0)])
-def test_step_with_sgd_equals_after_backward_then_sgd(momentum, nesterov, weight_decay, device):
+def test_step_with_sgd_equals_after_backward_then_sgd(momentum, nesterov, weight_decay, device, monkeypatch):
     """Note [AdaPT's fused step]: the same arithmetic, so the same parameters,
     momentum and accumulators, bit for bit, up to the first switch (the fused
     step switches after the update, so its PD reads the updated parameters)."""
+    # The two models' raw gradients must agree: cuDNN's backward picks deterministic algorithms only when asked.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     torch.manual_seed(0)
     fused, plain = _model(device=device), _model(device=device)
     plain.load_state_dict(fused.state_dict())
@@ -340,7 +342,11 @@ def test_qpu_change_format_op_checks_its_arguments_and_passes_opcheck():
     with pytest.raises(RuntimeError, match="qpu_change_format_"):
         op(p, m, [1], 40, 4, "stochastic", 0, 0)
     # Checked before anything is rounded: a bad last tensor leaves the first ones as they were.
+    with pytest.raises(RuntimeError, match=r"momentum_positions\[0\] is 0, but there are 0 parameters"):
+        op([], m, [0], 8, 4, "stochastic", 0, 0)
     before = [t.clone() for t in p + m]
+    with pytest.raises(RuntimeError, match=r"share memory"):
+        op(p, [p[1]], [1], 8, 4, "stochastic", 0, 0)  # a buffer that is its parameter
     with pytest.raises(RuntimeError, match=r"params\[2\] has elements that share memory"):
         op(p + [torch.randn(1).expand(4)], m, [1], 8, 4, "stochastic", 0, 0)
     with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] must be a floating-point tensor, but got Int"):

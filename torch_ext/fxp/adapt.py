@@ -174,9 +174,11 @@ class AdaptController:
         - A :class:`fxp.optim.QPUSGD` over :meth:`parameter_groups` (QPU layers):
           the QPU step normalizes and accumulates as it applies (Note [AdaPT's
           fused QPU step]); at a switch the layer's group moves to the new
-          format (:meth:`fxp.optim.QPUSGD.change_format`).
+          format (:meth:`fxp.optim.QPUSGD.change_format`). The optimizer's step
+          hooks do not run.
         - A ``torch.optim.SGD`` over exactly the adapted layers' parameters, in
-          one group, without dampening or ``maximize`` (STE layers): one pass,
+          one group, without dampening, ``maximize``, strided tensors or step
+          hooks (STE layers): one pass,
           ``fxp.adapt_sgd_step_``, with torch's formula; its momentum buffers
           stay in the optimizer's state.
         - Any other optimizer (STE layers): :meth:`after_backward` (which
@@ -228,6 +230,8 @@ class AdaptController:
                     buffers.append(state["momentum_buffer"])
             switched = self._core.sgd_step(loss, batch_size, float(group["lr"]), float(group["momentum"]),
                                            float(group["weight_decay"]), bool(group["nesterov"]), buffers)
+        # As a torch optimizer's step() marks it, so that an LR scheduler does not warn that no step was taken.
+        optimizer._opt_called = True
         if switched:
             after = self._core.formats()
             for i in range(len(self._layers)):
@@ -245,6 +249,10 @@ class AdaptController:
         """Whether ``optimizer`` is a torch.optim.SGD that the fused step can take."""
         if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
             return False
+        from torch.optim import optimizer as torch_optimizer
+        if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+                or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks):
+            return False  # its step() runs hooks that the fused step would skip
         group = optimizer.param_groups[0]
         if group.get("dampening", 0) != 0 or group.get("maximize", False) or group.get("differentiable", False):
             return False

@@ -13,8 +13,6 @@
 namespace fxp {
 
 namespace {
-constexpr const char* kOp = "fxp::qpu_sgd_step_";
-
 Storage storage_of(at::ScalarType dtype) {
   switch (dtype) {
     case at::kDouble: return Storage::Float64;
@@ -152,8 +150,8 @@ void check_capturable_scalars(at::TensorList params, const at::Tensor& lr, const
   check(nan_count, "nan_count", false);
 }
 
-void check_no_nan_results(int64_t nans) {
-  TORCH_CHECK_VALUE(nans == 0, kOp, ": ", nans,
+void check_no_nan_results(int64_t nans, const char* op) {
+  TORCH_CHECK_VALUE(nans == 0, op, ": ", nans,
                     " updated values are NaN (from a NaN or infinite gradient?); packed storage cannot hold NaN, so "
                     "those elements keep their previous codes");
 }

@@ -41,7 +41,7 @@ void check_capturable_scalars(at::TensorList params, const at::Tensor& lr, const
 // The error of a step whose results had `nans` NaNs that packed storage could
 // not hold (Note [Packed QPU step]): the plain op raises it at once, the
 // capturable optimizers when their count is checked.
-void check_no_nan_results(int64_t nans);
+void check_no_nan_results(int64_t nans, const char* op = "fxp::qpu_sgd_step_");
 
 // Each tensor's stream index (Note [QPU random streams]): stream_indices, or
 // the tensors' positions in the list. Checked: one per tensor, in range, distinct.

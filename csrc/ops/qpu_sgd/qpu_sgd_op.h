@@ -219,7 +219,7 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
       // The stacks' memory checks above cover the rows.
       member.p = check_qpu_sgd(member.params, member.grads, member.momentum, args, /*check_memory=*/false);
     } catch (c10::Error& e) {
-      e.add_context(std::string(op) + ": member " + std::to_string(m));
+      e.add_context("member " + std::to_string(m));
       throw;
     }
     stepped.push_back(std::move(member));
@@ -248,9 +248,9 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
         total += n[m];
       }
       try {
-        check_no_nan_results(total);
+        check_no_nan_results(total, op);
       } catch (c10::Error& e) {
-        e.add_context(std::string(op) + ": members " + which + " (every active member was stepped)");
+        e.add_context("members " + which + " (every active member was stepped)");
         throw;
       }
     }

@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops/aliasing.h"
 #include "ops/backend.h"
 #include "ops/format_args.h"
 #include "ops/not_differentiable.h"
@@ -94,6 +95,14 @@ void qpu_change_format(at::TensorList params, at::TensorList momentum_buffers, a
   TORCH_CHECK(momentum_positions.size() == momentum_buffers.size(), op, ": expected a position per momentum buffer (",
               momentum_buffers.size(), "), but got ", momentum_positions.size());
   // All checks before anything is rounded (quantize_seeded_ checks each tensor only as it comes).
+  std::vector<bool> has_buffer(params.size(), false);
+  for (size_t j = 0; j < momentum_buffers.size(); ++j) {
+    const int64_t k = momentum_positions[j];
+    TORCH_CHECK(k >= 0 && k < n, op, ": momentum_positions[", j, "] is ", k, ", but there are ", n, " parameters");
+    TORCH_CHECK(!has_buffer[static_cast<size_t>(k)], op, ": parameter ", k, " has two momentum buffers");
+    has_buffer[static_cast<size_t>(k)] = true;
+  }
+  // From here on a buffer implies a parameter, so params[0] exists wherever a tensor does.
   auto check_tensor = [&](const at::Tensor& t, const char* name, size_t i) {
     TORCH_CHECK(t.defined() && t.is_floating_point(), op, ": ", name, "[", i, "] must be a floating-point tensor, "
                 "but got ", t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor");
@@ -103,19 +112,18 @@ void qpu_change_format(at::TensorList params, at::TensorList momentum_buffers, a
                 "] has elements that share memory (an expanded tensor?), so it cannot be rounded in place");
   };
   for (size_t k = 0; k < params.size(); ++k) check_tensor(params[k], "params", k);
-  for (size_t j = 0; j < momentum_buffers.size(); ++j) check_tensor(momentum_buffers[j], "momentum_buffers", j);
-  std::vector<bool> has_buffer(params.size(), false);
   for (size_t j = 0; j < momentum_buffers.size(); ++j) {
-    const int64_t k = momentum_positions[j];
-    TORCH_CHECK(k >= 0 && k < n, op, ": momentum_positions[", j, "] is ", k, ", but there are ", n, " parameters");
-    TORCH_CHECK(!has_buffer[static_cast<size_t>(k)], op, ": parameter ", k, " has two momentum buffers");
-    has_buffer[static_cast<size_t>(k)] = true;
-    TORCH_CHECK(momentum_buffers[j].sizes() == params[static_cast<size_t>(k)].sizes(), op, ": momentum buffer ", j,
-                " has shape ", momentum_buffers[j].sizes(), ", but parameter ", k, " has shape ",
-                params[static_cast<size_t>(k)].sizes());
-    TORCH_CHECK(momentum_buffers[j].scalar_type() == params[static_cast<size_t>(k)].scalar_type(), op,
-                ": momentum buffer ", j, " is ", momentum_buffers[j].scalar_type(), ", but parameter ", k, " is ",
-                params[static_cast<size_t>(k)].scalar_type());
+    check_tensor(momentum_buffers[j], "momentum_buffers", j);
+    const auto k = static_cast<size_t>(momentum_positions[j]);
+    TORCH_CHECK(momentum_buffers[j].sizes() == params[k].sizes(), op, ": momentum buffer ", j, " has shape ",
+                momentum_buffers[j].sizes(), ", but parameter ", k, " has shape ", params[k].sizes());
+    TORCH_CHECK(momentum_buffers[j].scalar_type() == params[k].scalar_type(), op, ": momentum buffer ", j, " is ",
+                momentum_buffers[j].scalar_type(), ", but parameter ", k, " is ", params[k].scalar_type());
+  }
+  // No tensor may share memory with another: each is rounded in place once. (Meta tensors, as fake
+  // tensors become in their kernels, have no memory to compare.)
+  if (!params.empty() && !params[0].is_meta()) {
+    check_no_aliasing(op, {{params, "params", true}, {momentum_buffers, "momentum_buffers", true}});
   }
   const auto key = static_cast<int64_t>(static_cast<uint64_t>(seed) + kernels::kFormatChangeKeyDelta);
   for (int64_t k = 0; k < n; ++k) {
