@@ -113,6 +113,24 @@ def test_step_with_another_optimizer_is_after_backward_then_its_step():
     assert _same(a.parameters(), b.parameters()) and ca.record() == cb.record()
 
 
+def test_fused_step_works_with_lr_schedulers_and_leaves_hooked_sgd_to_its_step():
+    import warnings
+    model = _model()
+    controller = fxp.adapt.AdaptController(model, **OPTIONS)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Detected call of lr_scheduler.step() before optimizer.step()"
+        controller.step(optimizer, _backward(model, optimizer, 0), 8)
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.025
+    calls = []
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append(1))
+    before = [p.clone() for p in model.parameters()]
+    controller.step(optimizer, _backward(model, optimizer, 1), 8)  # the two passes, then SGD's own step
+    assert calls == [1] and not _same(before, model.parameters())
+
+
 # --- fxp.optim.QPUSGD: no master copy ----------------------------------------------
 def _qpu(seed=0, scale=1.0, device="cpu", **options):
     torch.manual_seed(seed)
