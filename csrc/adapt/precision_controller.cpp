@@ -4,6 +4,7 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <unordered_map>
@@ -110,6 +111,18 @@ std::vector<Format> PrecisionController::formats() const {
 // copy fuses the normalization into the QPU step the same way
 // (fxp::qpu_sgd_step_adapt_, Note [AdaPT's fused QPU step]).
 PrecisionController::StepGradients PrecisionController::step_tensors() {
+  // Note [Density at the first step]: the parameters the first step starts
+  // from are the ones training starts from. A caller that puts them on their
+  // grids after building the controller (fxp.adapt: QPU's initialization needs
+  // the layers' start formats, which the controller gives) would otherwise
+  // leave the performance model with the density of the values before. Before
+  // any step, the density is the one measured at construction; a controller
+  // that has taken a step (or loaded a state that has) keeps its own.
+  const bool first_step = std::all_of(layers_.begin(), layers_.end(),
+                                      [](const AdaptedLayer& l) { return l.work.iterations == 0; });
+  if (first_step) {
+    for (auto& l : layers_) l.density = density_at(l, l.format);
+  }
   StepGradients s;
   for (size_t l = 0; l < layers_.size(); ++l) {
     auto& layer = layers_[l];

@@ -50,7 +50,7 @@ struct AdaptedLayer {
   int64_t switches = 0;
   double gradient_diversity = 0;  // at the last switch (0: none yet)
   Format minimum{0, 0};           // PD's result at the last switch
-  double density = 1;             // non-zero fraction at the format, measured at the start and at each switch
+  double density = 1;  // non-zero fraction at the format: at construction, the first step (Note [Density at the first step]) and each switch
   LayerWork work;                 // the performance model's account of this layer
 };
 

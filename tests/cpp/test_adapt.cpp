@@ -639,6 +639,34 @@ TEST(AdaptPerformance, TwoLayersByHand) {
 
 // The controller's account: every step counts the batch at the layer's format,
 // the MAdds come from the layer's last forward, and PD's candidates are counted.
+// Note [Density at the first step]: parameters changed between construction and
+// the first step (QPU's initialization, in Python) count as they are at the step.
+TEST(AdaptController, TheFirstStepMeasuresTheDensityAgain) {
+  torch::manual_seed(0);
+  auto w = torch::randn({1000}), b = torch::randn({10});
+  w.mutable_grad() = torch::randn({1000});
+  b.mutable_grad() = torch::randn({10});
+  fa::PrecisionController controller({{"layer", {w, b}}}, fa::AdaptOptions{});
+  const auto& layer = controller.layers()[0];
+  EXPECT_GT(fa::PrecisionController::density_at(layer, layer.format), 0.9);
+  EXPECT_DOUBLE_EQ(layer.density, fa::PrecisionController::density_at(layer, layer.format));
+  {
+    torch::NoGradGuard no_grad;
+    w.narrow(0, 0, 600).zero_();  // 600 of the 1010 values are now 0
+  }
+  EXPECT_GT(layer.density, 0.9);  // measured at construction
+  controller.after_backward(1.0, 4);
+  const double zeros = 1 - fa::PrecisionController::density_at(layer, layer.format);
+  EXPECT_GE(zeros, 600.0 / 1010);
+  EXPECT_DOUBLE_EQ(controller.sparsity(layer), zeros);  // measured at the step
+  {
+    torch::NoGradGuard no_grad;
+    w.fill_(1);  // after the first step, only a switch measures it
+  }
+  controller.after_backward(1.0, 4);
+  EXPECT_DOUBLE_EQ(controller.sparsity(layer), zeros);
+}
+
 TEST(AdaptPerformance, TheControllerCountsEachStep) {
   auto net = fxp::nn::make_network("lenet5", ste(), 1, 10);
   fa::AdaptOptions o;

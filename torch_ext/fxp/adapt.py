@@ -123,8 +123,6 @@ class AdaptController:
             [start.total_bits, start.frac_bits], _pair("resolution", resolution), _pair("lookback", lookback),
             float(lookback_momentum), int(buffer_bits), str(strategy), str(log_form), float(l1))
         self._l1 = float(l1)
-        self._measure_densities = self._weight_mode == "qpu"  # at the first step (QPU's initialization)
-        self._parameter_counts = [len(ps) for ps in parameters]
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
         self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]
         self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
@@ -200,46 +198,42 @@ class AdaptController:
             optimizer.step()
             return switched
         self._core.set_madds([c.madds for c in self._counters])
-        before = self._core.formats()
         if isinstance(optimizer, QPUSGD):
-            if self._measure_densities:
-                # QPU's parameters went onto their grids after the controller measured them
-                # (quantize_layer_parameters_ needs the layers' start formats): measure again, as
-                # fxp-train measures them, on the grid.
-                for i in range(len(self._layers)):
-                    self._core.measure_density(i)
-                self._measure_densities = False
-            norms, stepped = self._core.step_gradients()
-            flat, accumulated = self._core.accumulated(), []
-            for count in self._parameter_counts:
-                accumulated.append(flat[:count])
-                flat = flat[count:]
-            with torch.no_grad():
-                optimizer.step_normalized(accumulated, norms, self._l1)
-            switched = self._core.finish_step(loss, batch_size, stepped)
+            switched = self._quantized_step(optimizer, loss, batch_size)
         else:
-            group = optimizer.param_groups[0]
-            buffers = []
-            if group["momentum"] != 0:
-                for p in self._parameters():
-                    if p.grad is None:
-                        continue
+            switched = self._sgd_step(optimizer, loss, batch_size)
+        # As a torch optimizer's step() marks it, so that an LR scheduler does not warn that no step was taken.
+        optimizer._opt_called = True
+        if switched:
+            self._apply_formats()
+        return switched
+
+    def _sgd_step(self, optimizer: torch.optim.SGD, loss: float, batch_size: int) -> bool:
+        """The fused SGD step; the momentum buffers those torch.optim.SGD would keep."""
+        group = optimizer.param_groups[0]
+        buffers = []
+        if group["momentum"] != 0:
+            for p in self._parameters():
+                if p.grad is not None:
                     state = optimizer.state[p]
                     if state.get("momentum_buffer") is None:
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     buffers.append(state["momentum_buffer"])
-            switched = self._core.sgd_step(loss, batch_size, float(group["lr"]), float(group["momentum"]),
-                                           float(group["weight_decay"]), bool(group["nesterov"]), buffers)
-        # As a torch optimizer's step() marks it, so that an LR scheduler does not warn that no step was taken.
-        optimizer._opt_called = True
-        if switched:
-            after = self._core.formats()
-            for i in range(len(self._layers)):
-                if isinstance(optimizer, QPUSGD) and after[2 * i:2 * i + 2] != before[2 * i:2 * i + 2]:
-                    # Note [AdaPT with QPU]: the group moves to the new grid before its density is measured there.
-                    optimizer.change_format(i, FxpFormat(after[2 * i], after[2 * i + 1]))
-                    self._core.measure_density(i)
-            self._apply_formats()
+        return self._core.sgd_step(loss, batch_size, float(group["lr"]), float(group["momentum"]),
+                                   float(group["weight_decay"]), bool(group["nesterov"]), buffers)
+
+    def _quantized_step(self, optimizer: QPUSGD, loss: float, batch_size: int) -> bool:
+        """The fused QPU step, then each switched layer's group moved to its new format."""
+        before = self._core.formats()
+        norms, stepped = self._core.step_gradients()
+        optimizer.step_normalized(self._core.accumulated(), norms, self._l1)
+        switched = self._core.finish_step(loss, batch_size, stepped)
+        after = self._core.formats() if switched else before
+        for i in range(len(self._layers)):
+            if after[2 * i:2 * i + 2] != before[2 * i:2 * i + 2]:
+                # Note [AdaPT with QPU]: the group moves to the new grid before its density is measured there.
+                optimizer.change_format(i, FxpFormat(after[2 * i], after[2 * i + 1]))
+                self._core.measure_density(i)
         return switched
 
     def _parameters(self):
@@ -329,7 +323,6 @@ class AdaptController:
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Restores :meth:`state_dict` (of a controller over the same layers) and the layers' formats."""
         self._core.load_state_dict(state)
-        self._measure_densities = False
         self._apply_formats()
 
     def remove(self) -> None:

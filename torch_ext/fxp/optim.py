@@ -385,23 +385,19 @@ class QPUSGD(Optimizer):
         params = group["params"]
         if any(p in self._codes for p in params):
             raise ValueError("QPUSGD.change_format: cannot change the format of packed storage")
-        self._check_group({**group, "total_bits": format.total_bits, "frac_bits": format.frac_bits})
-        follows = (group["momentum_total_bits"], group["momentum_frac_bits"]) == (group["total_bits"], group["frac_bits"])
-        positions, buffers = [], []
-        if follows:
-            for k, p in enumerate(params):
-                buffer = self.state[p].get("momentum_buffer") if p in self.state else None
-                if buffer is not None:
-                    positions.append(k)
-                    buffers.append(buffer)
         if isinstance(group["step"], Tensor):
             raise ValueError("QPUSGD.change_format: a capturable group's step lives on its device; AdaPT's format "
                              "changes take the plain step")
-        torch.ops.fxp.qpu_change_format_(params, buffers, positions, format.total_bits, format.frac_bits,
-                                         group["rounding"], int(group["seed"]), int(group["step"]))
-        group["total_bits"], group["frac_bits"] = format.total_bits, format.frac_bits
+        follows = (group["momentum_total_bits"], group["momentum_frac_bits"]) == (group["total_bits"], group["frac_bits"])
+        changed = {"total_bits": format.total_bits, "frac_bits": format.frac_bits}
         if follows:
-            group["momentum_total_bits"], group["momentum_frac_bits"] = format.total_bits, format.frac_bits
+            changed.update(momentum_total_bits=format.total_bits, momentum_frac_bits=format.frac_bits)
+        self._check_group({**group, **changed})
+        found = ((k, self.state.get(p, {}).get("momentum_buffer")) for k, p in enumerate(params)) if follows else ()
+        buffers = [(k, b) for k, b in found if b is not None]
+        torch.ops.fxp.qpu_change_format_(params, [b for _, b in buffers], [k for k, _ in buffers], format.total_bits,
+                                         format.frac_bits, group["rounding"], int(group["seed"]), int(group["step"]))
+        group.update(changed)
 
 
 @torch.no_grad()

@@ -73,10 +73,10 @@ class AdaptControllerClass : public torch::CustomClassHolder {
     core_.measure_density(static_cast<size_t>(layer));
   }
 
-  // Every layer's accumulators (Eq. 3.5), in parameter order.
-  std::vector<at::Tensor> accumulated() const {
-    std::vector<at::Tensor> out;
-    for (const auto& layer : core_.layers()) out.insert(out.end(), layer.accumulated.begin(), layer.accumulated.end());
+  // Each layer's accumulators (Eq. 3.5), in parameter order.
+  std::vector<std::vector<at::Tensor>> accumulated() const {
+    std::vector<std::vector<at::Tensor>> out;
+    for (const auto& layer : core_.layers()) out.push_back(layer.accumulated);
     return out;
   }
 
