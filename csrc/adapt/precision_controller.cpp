@@ -129,9 +129,15 @@ PrecisionController::StepGradients PrecisionController::step_tensors() {
     for (size_t i = 0; i < layer.parameters.size(); ++i) {
       auto& p = layer.parameters[i];
       if (!p.grad().defined()) continue;
-      // The ops take contiguous tensors; a strided gradient (channels_last) is replaced by a contiguous copy.
+      // The ops take contiguous tensors; a strided gradient (channels_last) is replaced by a contiguous copy,
+      // and a strided parameter is read from one (an update writes the copy back: StepGradients::strided).
       if (!p.grad().is_contiguous()) p.mutable_grad() = p.grad().contiguous();
-      s.params.push_back(p);  // in place under NoGradGuard, as torch's optimizers step
+      if (p.is_contiguous()) {
+        s.params.push_back(p);  // in place under NoGradGuard, as torch's optimizers step
+      } else {
+        s.params.push_back(p.contiguous());
+        s.strided.emplace_back(p, s.params.back());
+      }
       s.grads.push_back(p.grad());
       s.accumulated.push_back(layer.accumulated[i]);
       s.layers.push_back(static_cast<int64_t>(l));
@@ -161,10 +167,15 @@ bool PrecisionController::sgd_step(double loss, int64_t batch_size, const SgdSet
     if (s.params.empty()) return;
     std::vector<at::Tensor> momentum;
     if (sgd.momentum != 0) {
-      for (const auto& p : s.params) momentum.push_back(momentum_buffer(p));
+      for (const auto& p : s.params) {  // the buffer of the parameter, not of its contiguous copy
+        const auto it = std::find_if(s.strided.begin(), s.strided.end(),
+                                     [&p](const auto& pair) { return pair.second.is_same(p); });
+        momentum.push_back(momentum_buffer(it == s.strided.end() ? p : it->first));
+      }
     }
     fxp::adapt_sgd_step_(s.params, s.grads, momentum, s.accumulated, s.norms, s.layers, options_.l1, sgd.lr,
                          sgd.momentum, sgd.weight_decay, sgd.nesterov);
+    for (const auto& [param, copy] : s.strided) param.copy_(copy);
   });
 }
 

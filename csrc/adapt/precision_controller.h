@@ -82,11 +82,14 @@ class PrecisionController {
 
   // The parameters with gradients this step (gradients made contiguous), with
   // their gradients, accumulators, layer indices and the layers' norms
-  // (layer_gradient_norms; undefined when there are no parameters).
+  // (layer_gradient_norms; undefined when there are no parameters). A strided
+  // parameter (channels_last) is in params as a contiguous copy, listed in
+  // strided with the parameter: an update of params must copy it back.
   struct StepGradients {
     std::vector<at::Tensor> params, grads, accumulated;
     std::vector<int64_t> layers;
     at::Tensor norms;
+    std::vector<std::pair<at::Tensor, at::Tensor>> strided;  // (parameter, its copy in params)
   };
   // In place of after_backward and an optimizer's step, for an update that
   // normalizes and accumulates as it applies (Note [AdaPT's fused step]):

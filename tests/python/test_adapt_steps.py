@@ -248,6 +248,52 @@ def test_first_qpu_step_measures_the_density_on_the_grid():
     assert [layer["sparsity"] for layer in controller.record()["layers"]] == pytest.approx(zeros, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "two_pass", "qpu"])
+def test_channels_last_parameters_step_as_contiguous_ones(kind):
+    """A channels_last model (strided conv weights and gradients) adapts and
+    steps exactly as the same parameters stored contiguously: the ops read a
+    strided parameter in a contiguous copy, and an update writes it back.
+    One backward feeds both (the other model's forward only counts its
+    multiply-adds), so only the controller and the optimizer are compared."""
+    mode = "qpu" if kind == "qpu" else "ste"
+    torch.manual_seed(0)
+    strided = torch.nn.Sequential(
+        fxp.nn.QConv2d(2, 4, 3, weight_mode=mode, param_format=FMT, act_format=FMT), torch.nn.ReLU(),
+        torch.nn.Flatten(), fxp.nn.QLinear(4 * 6 * 6, 10, weight_mode=mode, param_format=FMT, act_format=FMT))
+    contiguous = copy.deepcopy(strided)
+    strided.to(memory_format=torch.channels_last)
+    assert not strided[0].weight.is_contiguous()
+    controllers = [fxp.adapt.AdaptController(m, **OPTIONS) for m in (strided, contiguous)]
+    settings = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, dampening=0.1 if kind == "two_pass" else 0.0)
+    if kind == "qpu":
+        for m in (strided, contiguous):
+            fxp.nn.quantize_layer_parameters_(m, seed=5)
+        settings.pop("dampening")
+        optimizers = [fxp.optim.QPUSGD(c.parameter_groups(), seed=7, **settings) for c in controllers]
+    else:
+        optimizers = [torch.optim.SGD(m.parameters(), **settings) for m in (strided, contiguous)]
+    for s in range(12):
+        x, y = _batch(s)
+        x = torch.cat([x, -x], dim=1).contiguous(memory_format=torch.channels_last)
+        for o in optimizers:
+            o.zero_grad()
+        torch.manual_seed(1000 + s)
+        loss = torch.nn.functional.cross_entropy(strided(x), y)
+        loss.backward()
+        assert not strided[0].weight.grad.is_contiguous()
+        with torch.no_grad():
+            contiguous(x)  # the performance model's multiply-adds come from a forward pass
+        for p, q in zip(strided.parameters(), contiguous.parameters()):
+            q.grad = p.grad.clone(memory_format=torch.contiguous_format)  # its own: a pass normalizes .grad
+        for c, o in zip(controllers, optimizers):
+            c.step(o, loss, 8)
+        assert not strided[0].weight.is_contiguous()  # updated in place, not replaced
+        assert _same(strided.parameters(), contiguous.parameters()), f"step {s}"
+    records = [c.record() for c in controllers]
+    assert records[0] == records[1] and max(layer["switches"] for layer in records[0]["layers"]) >= 3
+    assert _same(controllers[0].state_dict().values(), controllers[1].state_dict().values())
+
+
 @pytest.mark.parametrize("kind", ["qpu", "sgd", "adam"])
 def test_non_finite_loss_changes_nothing(kind):
     if kind == "qpu":

@@ -253,9 +253,10 @@ class AdaptController:
         held, adapted = group["params"], self._parameters()
         if len(held) != len(adapted) or {id(p) for p in held} != {id(p) for p in adapted}:
             return False
-        # The fused op takes contiguous tensors (torch's SGD may have made a buffer with a gradient's strides).
+        # The fused op takes contiguous momentum buffers (torch's SGD may have made one with a gradient's
+        # strides); a strided parameter is updated in a contiguous copy by the controller.
         buffers = (optimizer.state[p].get("momentum_buffer") for p in adapted if p in optimizer.state)
-        return all(p.is_contiguous() for p in adapted) and all(b is None or b.is_contiguous() for b in buffers)
+        return all(b is None or b.is_contiguous() for b in buffers)
 
     def _check_quantized_updates(self, optimizer: QPUSGD) -> None:
         if self._weight_mode != "qpu":
