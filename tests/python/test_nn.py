@@ -60,6 +60,58 @@ def test_quantize_model_replaces_layers_and_puts_qpu_weights_on_grid():
         quantize_model(model, "int8", F8_5, F8_3)
 
 
+def test_quantize_model_keeps_the_layers_parameters_sharing_and_mode():
+    """The twins hold the layers' own parameter objects: frozen stays frozen,
+    a layer used twice stays one layer, tied weights stay tied, a channels_last
+    weight keeps its layout and an optimizer built before still holds them."""
+    torch.manual_seed(0)
+    conv, shared = torch.nn.Conv2d(2, 4, 3), torch.nn.Linear(4, 4)
+    tied = torch.nn.Linear(4, 4, bias=False)
+    tied.weight = shared.weight
+    model = torch.nn.Sequential(conv, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), shared, shared, tied)
+    model.to(memory_format=torch.channels_last)
+    conv.bias.requires_grad_(False)
+    model.eval()
+    before = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    quantize_model(model, "ste", F8_5, F8_3)
+    assert isinstance(model[0], QConv2d) and isinstance(model[3], QLinear) and model[3] is model[4]
+    assert model[5].weight is model[3].weight
+    assert all(a is b for a, b in zip(model.parameters(), before)) and len(list(model.parameters())) == 4
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert not model[0].weight.is_contiguous() and not model[0].training and not model[3].training
+    model(torch.randn(2, 2, 5, 5)).sum().backward()
+    optimizer.step()  # still the model's parameters
+    assert model[0].bias.grad is None and model[0].weight.grad is not None
+
+
+def test_quantize_model_refuses_what_its_twins_would_change():
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match=r"quantize_model: 1 is a Scaled, a subclass of nn.Linear"):
+        quantize_model(torch.nn.Sequential(torch.nn.Linear(3, 3), Scaled(3, 3)), "ste", F8_5, F8_3)
+    hooked = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    hooked[0][0].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"quantize_model: 0.0 has hooks \(_forward_hooks\)"):
+        quantize_model(hooked, "ste", F8_5, F8_3)
+    with pytest.raises(TypeError, match="the model is itself a Linear, which cannot be replaced in place"):
+        quantize_model(torch.nn.Linear(3, 3), "ste", F8_5, F8_3)
+    layer = QLinear(3, 3)
+    assert quantize_model(layer, "ste", F8_5, F8_3) is layer and layer.weight_mode == "ste"
+
+
+def test_layers_repr_shows_their_quantization():
+    layer = QConv2d(1, 2, 3, weight_mode="qpu", param_format=F16_10, act_format=F16_8)
+    assert repr(layer).endswith("stride=(1, 1), weight_mode=qpu, param_format=FxP(16,10), act_format=FxP(16,8), "
+                                "act_rounding=sr)")
+    assert repr(QLinear(3, 4)) == "QLinear(in_features=3, out_features=4, bias=True, weight_mode=fp32)"
+    fxp.nn.quantize_layer_parameters_(layer)
+    layer.pack_weights_()
+    assert repr(layer).endswith("act_rounding=sr, packed)")
+
+
 def test_qpu_initialization_gives_every_tensor_its_own_stream():
     """Layers with identical float weights must not round identically: the
     model-level init gives tensor k offset k, like fxp.optim.quantize_parameters_."""

@@ -552,7 +552,9 @@ def test_packed_model_state_dict_round_trip():
     # Codes and their format, not the zero stand-ins (issue 11: those loaded as zeros elsewhere).
     assert state["fc1.weight_codes"].dtype == torch.int16 and "fc1.weight" not in state
     assert state["fc1.codes_format"].tolist() == [16, 10]
-    fresh = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8)).pack_()
+    fresh = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8))
+    fresh.quantize_parameters_()  # packing refuses weights off the grid
+    fresh.pack_()
     fresh.load_state_dict(state)
     assert torch.equal(fresh.conv2.weight_codes, model.conv2.weight_codes)
     with pytest.raises(RuntimeError, match="size mismatch for fc2.weight"):
@@ -593,9 +595,32 @@ def test_packed_layer_errors():
         layer.pack_weights_()
     with pytest.raises(ValueError, match="fp32 has no grid"):
         fxp.nn.PaperCNN("fp32").pack_()
-    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8)).pack_()
+    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8))
+    floats = [p.detach().clone() for p in model.parameters()]
+    # Packing would round the float weights: refused, naming the layer's tensor, and nothing is packed.
+    with pytest.raises(ValueError, match=r"QConv2d.pack_weights_: the weight is not on the grid of FxP\(16,10\)"):
+        model.pack_()
+    assert not model.conv1.packed_weights and all(torch.equal(p, q) for p, q in zip(model.parameters(), floats))
+    model.quantize_parameters_()
+    model.pack_()
     with pytest.raises(ValueError, match="the weights are packed"):
         model.quantize_parameters_()
+
+
+def test_a_packed_model_in_channels_last_keeps_contiguous_codes_and_steps():
+    """.to(memory_format=channels_last) would make 4-D conv codes channels_last, which the step does not take."""
+    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8))
+    model.quantize_parameters_()
+    model.pack_()
+    codes = model.conv2.weight_codes.clone()
+    model.to(memory_format=torch.channels_last)
+    assert model.conv2.weight_codes.is_contiguous() and torch.equal(model.conv2.weight_codes, codes)
+    opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+                 packed=fxp.nn.packed_storage(model))
+    x = torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    opt.step()
+    assert not torch.equal(model.conv2.weight_codes, codes)
 
 
 def test_an_optimizer_without_the_packed_storage_refuses_to_step():

@@ -82,13 +82,21 @@ class _QuantizedLayer(nn.Module):
                              f"master copy), but weight_mode is {self.weight_mode!r}")
         if self.packed_weights:
             return
-        for name in ("weight", "bias"):
+        codes = {}
+        for name in ("weight", "bias"):  # all packed before any is replaced: a refusal changes nothing
             param = getattr(self, name)
             if param is None:
                 continue
+            try:
+                codes[name] = pack(param.detach(), self.param_format, rounding="exact")
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}.pack_weights_: the {name} is not on the grid of "
+                                 f"{self.param_format} ({e}); put it there first "
+                                 "(fxp.nn.quantize_layer_parameters_)") from None
+        for name, layer_codes in codes.items():
+            param = getattr(self, name)
             # Note [Bit-stream storage]: a bit stream for widths other than 8, 16 and > 16.
-            self.register_buffer(f"{name}_codes",
-                                 fxp_ops.store_codes(pack(param.detach(), self.param_format), self.param_format))
+            self.register_buffer(f"{name}_codes", fxp_ops.store_codes(layer_codes, self.param_format))
             setattr(self, name, PackedParameter(param.detach(), requires_grad=param.requires_grad))
         self._set_codes_format(self.param_format)
         self.packed_weights = True
@@ -110,6 +118,10 @@ class _QuantizedLayer(nn.Module):
         module = super()._apply(fn, recurse)
         if self.packed_weights:  # .to() materializes expanded tensors; shrink them again
             self._make_stand_ins()
+            for name in ("weight_codes", "bias_codes"):  # the step takes contiguous codes (not channels_last)
+                codes = getattr(self, name, None)
+                if codes is not None and not codes.is_contiguous():
+                    setattr(self, name, codes.contiguous())
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -244,9 +256,12 @@ class _QuantizedLayer(nn.Module):
             return y
         return quantize_ste(y, self.act_format, rounding=_OP_ROUNDING[self.act_rounding])
 
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, weight_mode={self.weight_mode}, param_format={self.param_format}, "
-                f"act_format={self.act_format}, act_rounding={self.act_rounding}")
+    def _quantization_repr(self) -> str:
+        # The layer classes' extra_repr appends this to nn.Linear's or nn.Conv2d's, which come first in their MRO.
+        text = f"weight_mode={self.weight_mode}"
+        if self.weight_mode != "fp32":
+            text += f", param_format={self.param_format}, act_format={self.act_format}, act_rounding={self.act_rounding}"
+        return text + (", packed" if self.packed_weights else "")
 
 
 class QLinear(nn.Linear, _QuantizedLayer):
@@ -258,6 +273,9 @@ class QLinear(nn.Linear, _QuantizedLayer):
                  act_rounding: InferenceRounding = "sr", **kwargs) -> None:
         super().__init__(in_features, out_features, bias, **kwargs)
         self._setup(weight_mode, param_format, act_format, act_rounding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed_weights or self.saved_input_format is not None:
@@ -274,6 +292,9 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
                  act_rounding: InferenceRounding = "sr", **kwargs) -> None:
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
         self._setup(weight_mode, param_format, act_format, act_rounding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed_weights or self.saved_input_format is not None:
@@ -335,37 +356,76 @@ class PaperCNN(nn.Module):
         return self.fc2(x)  # logits; the softmax lives in the loss
 
 
-def _replace_layers(model: nn.Module, layer_kwargs: dict) -> None:
-    for name, child in list(model.named_children()):
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _quantized_twin(path: str, child: nn.Module, layer_kwargs: dict) -> nn.Module:
+    """The quantized layer that takes ``child``'s place, holding ``child``'s own
+    parameter objects: their ``requires_grad``, memory format, ties to other
+    modules and any optimizer already built over them carry over."""
+    if type(child) not in (nn.Linear, nn.Conv2d):
+        # A subclass may compute otherwise (its own forward, a parametrization): its twin would not.
+        base = "Linear" if isinstance(child, nn.Linear) else "Conv2d"
+        raise TypeError(f"quantize_model: {path} is a {type(child).__name__}, a subclass of nn.{base} that fxp has "
+                        "no quantized twin of (its own forward or parametrizations would be lost); replace it "
+                        "by hand or leave it out of the model")
+    hooked = [h for h in _HOOKS if getattr(child, h, None)]
+    if hooked:
+        raise ValueError(f"quantize_model: {path} has hooks ({', '.join(hooked)}), which would stay "
+                         "on the layer it replaces; quantize the model before registering hooks")
+    if isinstance(child, nn.Linear):
+        new = QLinear(child.in_features, child.out_features, child.bias is not None, **layer_kwargs, device="meta")
+    else:
+        new = QConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                      padding=child.padding, dilation=child.dilation, groups=child.groups,
+                      bias=child.bias is not None, padding_mode=child.padding_mode, **layer_kwargs, device="meta")
+    new.weight = child.weight
+    new.bias = child.bias
+    new.train(child.training)
+    return new
+
+
+def _replace_layers(model: nn.Module, layer_kwargs: dict, path: str = "", twins: Optional[dict] = None) -> None:
+    # twins: a layer used in several places (or twice in one) gets one twin, so it stays shared.
+    twins = {} if twins is None else twins
+    for name, child in list(model._modules.items()):  # every slot: named_children skips a repeated module
+        if child is None:
+            continue
+        child_path = f"{path}.{name}" if path else name
         if isinstance(child, (QLinear, QConv2d)):
             child._setup(**layer_kwargs)
-        elif isinstance(child, nn.Linear):
-            new = QLinear(child.in_features, child.out_features, child.bias is not None, **layer_kwargs,
-                          device=child.weight.device, dtype=child.weight.dtype)
-            new.load_state_dict(child.state_dict())
-            setattr(model, name, new)
-        elif isinstance(child, nn.Conv2d):
-            new = QConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                          padding=child.padding, dilation=child.dilation, groups=child.groups,
-                          bias=child.bias is not None, padding_mode=child.padding_mode, **layer_kwargs,
-                          device=child.weight.device, dtype=child.weight.dtype)
-            new.load_state_dict(child.state_dict())
-            setattr(model, name, new)
+        elif isinstance(child, (nn.Linear, nn.Conv2d)):
+            if id(child) not in twins:
+                twins[id(child)] = _quantized_twin(child_path, child, layer_kwargs)
+            setattr(model, name, twins[id(child)])
         else:
-            _replace_layers(child, layer_kwargs)
+            _replace_layers(child, layer_kwargs, child_path, twins)
 
 
 def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpFormat] = None,
                    act_format: Optional[FxpFormat] = None, act_rounding: InferenceRounding = "sr",
                    seed: int = 0, packed: bool = False) -> nn.Module:
     """Replaces every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` (in place) by
-    its quantized twin, keeping the weights. For ``sqpu``/``hteqpu`` the weights
-    are then put on the grid with the update rounding (SR/HTE). With ``packed``,
-    they are then stored as integer codes (:func:`pack_model_`). Returns ``model``."""
+    its quantized twin, which holds the layer's own parameter objects (so their
+    ``requires_grad``, memory format and ties, and an optimizer built over
+    them, carry over) and its train/eval mode; a layer used in several places
+    gets one twin. For ``sqpu``/``hteqpu`` the weights are then put on the grid
+    with the update rounding (SR/HTE). With ``packed``, they are then stored as
+    integer codes (:func:`pack_model_`; new parameter objects). Returns ``model``.
+
+    Refused: ``model`` itself a layer (it cannot be replaced in place: wrap it
+    in ``nn.Sequential``), subclasses of the two layers (their own forward or
+    parametrizations would be lost) and layers with hooks."""
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
-    _replace_layers(model, dict(weight_mode=WEIGHT_MODES[method], param_format=param_format,
-                                act_format=act_format, act_rounding=act_rounding))
+    layer_kwargs = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
+                        act_rounding=act_rounding)
+    if isinstance(model, (nn.Linear, nn.Conv2d)) and not isinstance(model, (QLinear, QConv2d)):
+        raise TypeError(f"quantize_model: the model is itself a {type(model).__name__}, which cannot be replaced in "
+                        "place; pass nn.Sequential(layer), or build a fxp.nn.QLinear/QConv2d directly")
+    if isinstance(model, (QLinear, QConv2d)):
+        model._setup(**layer_kwargs)
+    _replace_layers(model, layer_kwargs)
     if method in ("sqpu", "hteqpu"):
         quantize_layer_parameters_(model, "stochastic" if method == "sqpu" else "nearest_even", seed)
     if packed:
