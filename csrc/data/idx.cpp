@@ -17,6 +17,10 @@ namespace fxp::data {
 namespace {
 
 std::vector<uint8_t> read_file(const std::string& path) {
+  struct stat info {};
+  // A directory opens as a stream and fails only as it is read, with a message that names no file.
+  TORCH_CHECK(::stat(path.c_str(), &info) != 0 || !S_ISDIR(info.st_mode), "fxp: IDX file ", path,
+              " is a directory");
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in, "fxp: cannot open IDX file ", path, ": ", std::strerror(errno));
   return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -6,7 +6,10 @@
 #include "nn/models.h"
 
 #include <algorithm>
+#include <cctype>
+#include <charconv>
 #include <stdexcept>
+#include <system_error>
 
 namespace fxp::train {
 namespace {
@@ -99,6 +102,41 @@ std::string flag_name(const std::string& key) {
   return name;
 }
 
+// Note [Integer flags]: CLI11 reads integers in C's bases ("010" is 8, "0x10"
+// 16) and clamps values beyond int64's range, so "--seed 010" and a config's
+// "seed: 010" would be other runs, and two huge seeds one run. A flag reads an
+// integer as a config file does: decimal, and an error when out of range.
+int64_t parse_integer_flag(const std::string& flag, const std::string& text) {
+  const char* begin = text.data();
+  const char* const end = begin + text.size();
+  if (begin != end && *begin == '+') ++begin;  // from_chars takes '-' but not '+'
+  int64_t value = 0;
+  const auto [stop, error] = std::from_chars(begin, end, value);
+  if (error == std::errc::result_out_of_range) {
+    throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit integer");
+  }
+  if (error != std::errc{} || stop != end || begin == end) {
+    throw CLI::ValidationError(flag, "needs a decimal integer, but got '" + text + "'");
+  }
+  return value;
+}
+
+// The spellings of a boolean flag's value (--packed=VALUE) that CLI11 turns
+// into a count; anything else would reach its conversion and fail there
+// without naming the flag.
+const CLI::Validator& boolean_flag_value() {
+  static const CLI::Validator validator(
+      [](std::string& value) {
+        std::string lower = value;
+        std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+        static const std::vector<std::string> spellings = {"true", "false", "yes", "no", "on", "off", "1", "0"};
+        if (std::find(spellings.begin(), spellings.end(), lower) != spellings.end()) return std::string();
+        return "must be true or false (or yes/no, on/off, 1/0), but got '" + value + "'";
+      },
+      "");  // no name: the help shows the flag's default instead
+  return validator;
+}
+
 std::string default_text(const json& value) {
   return value.is_string() ? value.get<std::string>() : value.dump();
 }
@@ -140,17 +178,26 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
     CLI::Option* option = nullptr;
     if (def.is_boolean()) {
       option = app.add_flag_function(
-          name + ",!--no-" + flag_name(key).substr(2),
-          [&overrides, key](int64_t count) { overrides[key] = count > 0; }, h.help);
+                       name + ",!--no-" + flag_name(key).substr(2),
+                       [&overrides, key](int64_t count) { overrides[key] = count > 0; }, h.help)
+                   ->check(boolean_flag_value());
     } else if (def.is_number_integer()) {
-      option = typed_option(int64_t{});
+      option = app.add_option_function<std::string>(
+          name, [&overrides, key](const std::string& text) { overrides[key] = parse_integer_flag(flag_name(key), text); },
+          h.help);
+      option->type_name("INT");
     } else if (def.is_number_float()) {
       option = typed_option(double{});
     } else {
       option = typed_option(std::string{});
     }
     if (!h.choices.empty()) option->check(CLI::IsMember(h.choices));
-    if (!def.is_boolean()) option->default_str(default_text(def));
+    if (def.is_boolean()) {
+      // CLI11 shows "{false}" after "--no-x" (the value it sets), which reads as the default.
+      option->description(std::string(h.help) + " (default: " + (def.get<bool>() ? "on" : "off") + ")");
+    } else {
+      option->default_str(default_text(def));
+    }
     option->group("Run settings");
   }
 

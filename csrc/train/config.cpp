@@ -328,6 +328,7 @@ void TrainConfig::validate() const {
   at_least("msq_check_every", msq_check_every, 1);
   at_least("msq_hessian_samples", msq_hessian_samples, 1);
   at_least("msq_finetune_epochs", msq_finetune_epochs, 0);
+  at_least("epochs", epochs, 1);  // before the checks that compare with it
   if (msq_finetune_epochs > epochs) {
     bad("msq_finetune_epochs", "is more than the run's " + std::to_string(epochs) + " epochs");
   }
@@ -372,10 +373,15 @@ void TrainConfig::validate() const {
   if (!(plateau_factor > 0 && plateau_factor < 1)) {
     bad("plateau_factor", "must be in (0, 1), but got " + std::to_string(plateau_factor));
   }
-  at_least("epochs", epochs, 1);
   at_least("early_stopping_patience", early_stopping_patience, 1);
   at_least("early_stopping_min_epochs", early_stopping_min_epochs, 0);
   at_least("threads", threads, 0);
+  // A typo's thousands of threads would start (and hang the machine) before any other error shows.
+  constexpr int64_t kMaxThreads = 4096;
+  if (threads > kMaxThreads) {
+    bad("threads", "must be at most " + std::to_string(kMaxThreads) + " (0: LibTorch's default), but got " +
+                       std::to_string(threads));
+  }
   if (cuda_graphs) {
     if (device.rfind("cuda", 0) != 0) bad("cuda_graphs", "captures CUDA work: it needs device cuda, but device is " + device);
     if (method == "adapt" || method == "msq") {

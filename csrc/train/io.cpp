@@ -105,8 +105,10 @@ std::string with_checksum(const std::string& contents) {
 std::string without_checksum(const std::string& bytes, const std::string& path) {
   const size_t tag = bytes.rfind(kChecksumTag);
   auto refuse = [&](const std::string& why) {
+    // Read by --resume and by --init-from: the advice covers both.
     throw std::runtime_error("checkpoint " + path + " " + why +
-                             "; it cannot be resumed from (start the run again with --overwrite)");
+                             "; it is never read (a run's own: start it again with --overwrite; for --init-from, "
+                             "give the checkpoint.pt of a finished run)");
   };
   if (tag == std::string::npos) refuse("has no checksum (truncated, or not written by this fxp-train)");
   std::istringstream footer(bytes.substr(tag + std::strlen(kChecksumTag)));

@@ -10,6 +10,25 @@ namespace fxp::train {
 
 using nlohmann::json;
 
+namespace {
+
+// A finished run's summary.json, or an error that names it.
+json read_summary(const std::string& path) {
+  json summary;
+  try {
+    summary = json::parse(read_text(path));
+  } catch (const json::exception& e) {
+    throw std::invalid_argument(path + " is not valid JSON (" + e.what() + "); --overwrite replaces the run");
+  }
+  if (!summary.is_object() || !summary.contains("config") || !summary["config"].is_object()) {
+    throw std::invalid_argument(path + " is not a run summary (a JSON object with a \"config\" object); "
+                                "--overwrite replaces the run");
+  }
+  return summary;
+}
+
+}  // namespace
+
 RunStart decide_start(const RunFiles& files, const json& settings, const RunOptions& options) {
   const bool have_checkpoint = path_exists(files.checkpoint);
   if (options.overwrite) {
@@ -19,7 +38,7 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     return {};
   }
   if (path_exists(files.summary)) {
-    json summary = json::parse(read_text(files.summary));
+    json summary = read_summary(files.summary);
     // Finished with these very settings: nothing to train, with or without
     // --resume (a requeued job resumes what may have finished).
     if (differing_settings(summary["config"], settings, /*epochs_may_differ=*/false).empty()) {
@@ -43,6 +62,22 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
   if (!differ.empty()) {
     throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
                                 differ);
+  }
+  if (path_exists(files.summary)) {
+    // A finished run that --resume cannot extend: it would train nothing, yet rewrite its files with the new epochs.
+    const json summary = read_summary(files.summary);
+    const json done = summary.value("epochs_completed", json()), reason = summary.value("stop_reason", json());
+    if (reason.is_string() && reason != "epochs") {
+      throw std::invalid_argument("output directory " + files.dir + " holds a run that stopped (" +
+                                  reason.get<std::string>() + ") after " + done.dump() +
+                                  " epochs; more epochs would train nothing. --overwrite trains it again");
+    }
+    if (done.is_number_integer() && settings.value("epochs", json()).is_number_integer() &&
+        settings["epochs"].get<int64_t>() <= done.get<int64_t>()) {
+      throw std::invalid_argument("output directory " + files.dir + " holds a run finished after " + done.dump() +
+                                  " epochs; --resume extends it only to more epochs, but epochs is " +
+                                  settings["epochs"].dump());
+    }
   }
   if (options.log && stored.value("world_size", json(1)) != settings.value("world_size", json(1))) {
     *options.log << "note: resuming with " << settings.value("world_size", json(1)) << " processes instead of "

@@ -132,6 +132,13 @@ TEST(TrainCli, FlagsSetEveryKind) {
   EXPECT_EQ(c.output_dir, "x");
   EXPECT_DOUBLE_EQ(c.initial_lr(), 0.02 * 16 / 1024);
   EXPECT_FALSE(parse({"--early-stopping", "--no-early-stopping"}).command.config.early_stopping);
+  // Integers are decimal, as in a config file ("010" is not octal 8); booleans take the usual spellings.
+  const Parsed q = parse({"--seed", "010", "--batch-size", "+32", "--packed=yes", "--no-msq-hessian"});
+  ASSERT_EQ(q.code, -1) << q.err;
+  EXPECT_EQ(q.command.config.seed, 10);
+  EXPECT_EQ(q.command.config.batch_size, 32);
+  EXPECT_TRUE(q.command.config.packed);
+  EXPECT_FALSE(q.command.config.msq_hessian);
 }
 
 TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
@@ -152,6 +159,13 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--device", "tpu"}, "device: must be cpu, cuda or cuda:N"},
       {{"--config", "/nonexistent/run.yaml"}, "/nonexistent/run.yaml"},
       {{"--resume", "--overwrite"}, "cannot be combined"},
+      // Note [Integer flags]: decimal only, and no clamping; a boolean's value names the flag.
+      {{"--batch-size", "0x10"}, "--batch-size: needs a decimal integer, but got '0x10'"},
+      {{"--seed", "99999999999999999999"}, "--seed: '99999999999999999999' is out of the range of a 64-bit integer"},
+      {{"--seed", "1.5"}, "--seed: needs a decimal integer, but got '1.5'"},
+      {{"--packed=maybe"}, "--packed: must be true or false (or yes/no, on/off, 1/0), but got 'maybe'"},
+      {{"--epochs", "-1"}, "epochs: must be at least 1"},
+      {{"--threads", "100000"}, "threads: must be at most 4096"},
   };
   for (const auto& c : cases) {
     const Parsed p = parse(c.args);
@@ -792,6 +806,18 @@ TEST_F(TrainRun, ResumeRefusesDamagedOrForeignCheckpoints) {
   other.lr = 0.5;
   expect_error([&] { run("r", other, true); }, "written with other settings: lr (0.01 in the run, 0.5 now)");
   EXPECT_EQ(run("r", more, true)["epochs_completed"], 2);  // the same settings resume
+  // --resume to no more epochs than the run has: refused, its files untouched (it would train nothing).
+  const std::string summary = dir_ + "/r/summary.json";
+  const std::string finished = ft::read_text(summary), settings = ft::read_text(dir_ + "/r/config.json");
+  expect_error([&] { run("r", config_, true); },
+               "holds a run finished after 2 epochs; --resume extends it only to more epochs, but epochs is 1");
+  EXPECT_EQ(ft::read_text(summary), finished);
+  EXPECT_EQ(ft::read_text(dir_ + "/r/config.json"), settings);
+  // A damaged summary is named.
+  ft::atomic_write(summary, "[1, 2]\n");
+  expect_error([&] { run("r", more, true); }, summary + " is not a run summary");
+  ft::atomic_write(summary, "{x");
+  expect_error([&] { run("r", more, true); }, summary + " is not valid JSON");
 }
 
 TEST_F(TrainRun, ASecondRunOnTheSameDirectoryIsRefused) {
