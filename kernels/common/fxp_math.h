@@ -275,7 +275,13 @@ FXP_HOST_DEVICE T quantize_code(T x, const FxpSpec<T>& spec, uint32_t random_bit
   T c = spec.code_max < q ? spec.code_max : q;
   c = spec.code_min > c ? spec.code_min : c;
   if constexpr (O == Overflow::Wrap) {
-    if ((above || below) && fxp_abs(q) != T(INFINITY)) c = wrap_code(q, spec.total_bits);
+    // Note [Wrapping beyond the float range]: a finite x whose x 2^F overflows
+    // to infinity (|x| >= 2^(128 - F) in float32) is an integer multiple of its
+    // ulp, at least 2^74 there, so of 2^B: its code wraps to 0. Only an
+    // infinite x saturates.
+    if ((above || below) && fxp_abs(x) != T(INFINITY)) {
+      c = fxp_abs(q) == T(INFINITY) ? T(0) : wrap_code(q, spec.total_bits);
+    }
   }
   return c;
 }

@@ -88,6 +88,21 @@ def test_wrap_at_both_ends():
     np.testing.assert_array_equal(fxp.quantize(big, 32, 0, overflow="wrap").numpy(), [-(2.0**31), -(2.0**31), 2.0**31 - 256])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrap_beyond_the_float_range_gives_code_zero(dtype):
+    """Note [Wrapping beyond the float range]: x 2^F overflows float32 to
+    infinity, but x is a multiple of 2^B, so its code wraps to 0, as in float64
+    and in pack (which computes in float64); only an infinite x saturates."""
+    x = torch.tensor([1e38, -3e38, 2.0**127, float("inf"), 5.0], dtype=torch.float32).to(dtype)
+    expected = fxp.quantize(x.double(), 8, 4, overflow="wrap")
+    assert expected.tolist() == [0.0, 0.0, 0.0, 7.9375, 5.0]
+    assert fxp.quantize(x, 8, 4, overflow="wrap").double().tolist() == expected.tolist()
+    assert fxp.unpack(fxp.pack(x[:3], 8, 4, overflow="wrap"), 8, 4).tolist() == [0.0, 0.0, 0.0]
+    _, saturated = fxp.quantize_stats(x, 8, 4, overflow="wrap")
+    assert int(saturated) == 4  # wrapped or clamped: all but 5.0
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("overflow", OVERFLOWS)
