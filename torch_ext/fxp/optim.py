@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .ops import load_codes, store_codes, stored_dtype
+from .ops import load_codes, pack, store_codes, stored_dtype, unpack
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -36,6 +36,15 @@ class QPUSGD(Optimizer):
     ``(seed + group index, step)`` (see docs/design.md), so a run is reproducible
     and CPU and CUDA agree bit for bit. Parameters should start on the grid:
     see :func:`quantize_parameters_`.
+
+    A param group may set any argument for itself, ``format`` and
+    ``momentum_format`` too (kept as its ``total_bits``/``frac_bits`` and
+    ``momentum_total_bits``/``momentum_frac_bits``). A group that sets its
+    format but no momentum format keeps its momentum in its own format, unless
+    the optimizer's ``momentum_format`` differs from its ``format``: then that
+    momentum format is every group's that sets none. The optimizer copies
+    (``copy.deepcopy``) and pickles (``torch.save``) with its packed storage:
+    copy or save it together with its model, ``copy.deepcopy((model, opt))``.
 
     Packed parameters (:func:`fxp.nn.pack_model_`) are updated in their
     integer codes, and their momentum buffers are codes of ``momentum_format``:
@@ -76,6 +85,10 @@ class QPUSGD(Optimizer):
     On CUDA the step tensor's value is not checked; past 2^32 steps the random
     streams would repeat.
     """
+
+    # What a group holds beside its params (the constructor's defaults, seed and step).
+    _GROUP_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "total_bits", "frac_bits", "momentum_total_bits",
+                   "momentum_frac_bits", "rounding", "momentum_form", "seed", "step")
 
     def __init__(
         self,
@@ -126,10 +139,23 @@ class QPUSGD(Optimizer):
         self._lr_tensors: dict[int, tuple[float, Tensor]] = {}  # capturable: group index -> (lr, its tensor)
         self._nan_counts: dict[torch.device, Tensor] = {}  # capturable: NaN results per device
         self._row_indices: dict[tuple, Tensor] = {}  # (device, streams) -> rows of last_counts
+        self._checked: dict[int, tuple] = {}  # group index -> the arguments the op last accepted
         super().__init__(params, defaults)
         self.last_counts: list[Tensor] = []
         for storage in packed:
             self.set_packed_storage(*storage)
+
+    # Note: torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups.
+    def __getstate__(self) -> dict[str, Any]:
+        # The packed storage (a copy made with its model maps it to the copy's codes), the seed of
+        # later groups and the NaN count not yet checked; the caches are made again.
+        return {**super().__getstate__(), "_base_seed": self._base_seed, "capturable": self.capturable,
+                "_codes": self._codes, "_nan_counts": self._nan_counts, "last_counts": self.last_counts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for cache in ("_lr_tensors", "_row_indices", "_checked"):  # load_state_dict comes here too: keep them
+            self.__dict__.setdefault(cache, {})
 
     @staticmethod
     def _hyperparameters(group: dict[str, Any], step: int) -> tuple:
@@ -146,10 +172,28 @@ class QPUSGD(Optimizer):
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
         """The op's own checks, on a call without tensors (which does nothing else)."""
+        cls._check_arguments(cls._hyperparameters(group, 0))
+
+    @staticmethod
+    def _check_arguments(arguments: tuple) -> None:
         try:
-            torch.ops.fxp.qpu_sgd_step_([], [], [], *cls._hyperparameters(group, 0))
+            torch.ops.fxp.qpu_sgd_step_([], [], [], *arguments)
         except RuntimeError as e:
             raise ValueError(f"QPUSGD: {str(e).splitlines()[0]}") from None
+
+    def _check_groups(self) -> None:
+        """Before any group steps: every group passes :meth:`_check_group` (a value
+        set by hand after construction may not), so a bad one changes nothing. The
+        op checks a group again only when its arguments changed: this runs every step.
+        A tensor lr (capturable) is the op's to check: reading it would synchronize."""
+        checked = self._checked
+        for index, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            arguments = (0.0 if isinstance(lr, Tensor) else float(lr), *self._shared_arguments(group), 0,
+                         group["momentum_form"])
+            if checked.get(index) != arguments:
+                self._check_arguments(arguments)
+                checked[index] = arguments
 
     def _check_writable(self) -> None:
         """Before any group steps: every parameter to update can be written in
@@ -201,12 +245,39 @@ class QPUSGD(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         index = len(self.param_groups)
+        own_format = self._group_formats(param_group)
+        defaults = self.defaults
+        if own_format and (defaults["momentum_total_bits"], defaults["momentum_frac_bits"]) == (
+                defaults["total_bits"], defaults["frac_bits"]):  # momentum_format defaults to the group's format
+            if "momentum_total_bits" not in param_group and "momentum_frac_bits" not in param_group:
+                param_group["momentum_total_bits"] = param_group.get("total_bits", defaults["total_bits"])
+                param_group["momentum_frac_bits"] = param_group.get("frac_bits", defaults["frac_bits"])
         param_group.setdefault("seed", self._base_seed + index)
         param_group.setdefault("step", 0)
         for key, value in self.defaults.items():  # as torch does, so the group can be checked first
             param_group.setdefault(key, value)
         self._check_group(param_group)
         super().add_param_group(param_group)
+
+    @staticmethod
+    def _group_formats(param_group: dict[str, Any]) -> bool:
+        """Translates a group's ``format`` and ``momentum_format`` into the keys the
+        step reads; whether the group sets its own format."""
+        for name, keys in (("format", ("total_bits", "frac_bits")),
+                           ("momentum_format", ("momentum_total_bits", "momentum_frac_bits"))):
+            if name not in param_group:
+                continue
+            fmt = param_group[name]
+            if not isinstance(fmt, FxpFormat):
+                raise TypeError(f"QPUSGD: a param group's {name} must be an FxpFormat, but got {fmt!r}")
+            values = dict(zip(keys, (fmt.total_bits, fmt.frac_bits)))
+            for key, value in values.items():
+                if key in param_group and param_group[key] != value:
+                    raise ValueError(f"QPUSGD: a param group sets {name} {fmt} and also {key} {param_group[key]}; "
+                                     f"give one of them")
+            del param_group[name]
+            param_group.update(values)
+        return "total_bits" in param_group or "frac_bits" in param_group
 
     def set_packed_storage(self, parameter: Tensor, codes: Tensor, format: FxpFormat) -> None:
         """Packed storage (Note [Packed QPU step]): ``parameter`` (a stand-in that
@@ -237,29 +308,55 @@ class QPUSGD(Optimizer):
         self._codes[parameter] = codes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, with QPUSGD's checks: a
+        saved group must have every key of a QPUSGD group, ``step`` and ``seed``
+        too (a state dict of another optimizer is refused, not completed: a format
+        taken from this optimizer would reinterpret the momentum, and a step or seed
+        would repeat or change the rounding draws), and the formats of this
+        optimizer's group. Momentum codes of packed storage load into float storage
+        as values, and float momentum into packed storage as codes (it must be on
+        the momentum format's grid)."""
+        for i, saved in enumerate(state_dict["param_groups"]):
+            missing = [key for key in self._GROUP_KEYS if key not in saved]
+            if missing:
+                raise ValueError(f"QPUSGD.load_state_dict: group {i} of the state dict lacks {', '.join(missing)}; "
+                                 "a QPUSGD group has them all (is it another optimizer's state dict?)")
         # The formats of the saved state are the formats its momentum codes (and
         # the model's parameters) are in: a group may not load another format.
         for i, (mine, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
             for key in ("total_bits", "frac_bits", "momentum_total_bits", "momentum_frac_bits"):
-                if key in saved and saved[key] != mine[key]:
+                if saved[key] != mine[key]:
                     raise ValueError(
                         f"QPUSGD.load_state_dict: group {i} was saved with format "
                         f"{FxpFormat(saved['total_bits'], saved['frac_bits'])} and momentum format "
                         f"{FxpFormat(saved['momentum_total_bits'], saved['momentum_frac_bits'])}, but this optimizer "
                         f"has {FxpFormat(mine['total_bits'], mine['frac_bits'])} and "
                         f"{FxpFormat(mine['momentum_total_bits'], mine['momentum_frac_bits'])}")
-        # torch casts loaded state to each parameter's dtype; packed momentum buffers are integer codes.
-        codes = {pid: s["momentum_buffer"] for pid, s in state_dict["state"].items()
-                 if isinstance(s.get("momentum_buffer"), Tensor) and not s["momentum_buffer"].is_floating_point()}
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]  # torch's id order
-        groups = [group for group in self.param_groups for _ in group["params"]]
-        for pid, buffer in codes.items():
-            p, group = params[pid], groups[pid]
-            buffer = buffer.to(device=p.device, copy=True)
-            if p in self._codes:  # in the form this version stores the momentum format in (Note [Bit-stream storage])
-                mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
+        # torch casts loaded state to each parameter's dtype: right for float storage's buffers
+        # (values), not for packed storage's (codes) nor for one loaded into the other. Converted
+        # first, so that a buffer that cannot be converted leaves this optimizer as it was.
+        saved_ids = (pid for group in state_dict["param_groups"] for pid in group["params"])
+        targets = dict(zip(saved_ids, ((p, group) for group in self.param_groups for p in group["params"])))
+        converted = {}
+        for pid, saved in state_dict["state"].items():
+            buffer = saved.get("momentum_buffer")
+            if pid not in targets or not isinstance(buffer, Tensor):
+                continue
+            p, group = targets[pid]
+            packed = p in self._codes
+            if buffer.is_floating_point() and not packed:
+                continue
+            mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
+            buffer = buffer.to(device=p.device)
+            if buffer.is_floating_point():  # values of float storage: their codes (exactly; they are on the grid)
+                buffer = store_codes(pack(buffer, mfmt, rounding="exact"), mfmt)
+            elif packed:  # in the form this version stores the momentum format in (Note [Bit-stream storage])
                 buffer = store_codes(load_codes(buffer, mfmt, p.shape), mfmt)
+            else:  # codes into float storage: their values
+                buffer = unpack(load_codes(buffer, mfmt, p.shape), mfmt, dtype=p.dtype)
+            converted[p] = buffer
+        super().load_state_dict(state_dict)
+        for p, buffer in converted.items():
             self.state[p]["momentum_buffer"] = buffer
 
     def _device_scalars(self, index: int, group: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,8 +429,9 @@ class QPUSGD(Optimizer):
 
     def _step_groups(self, normalization: Optional[tuple]) -> None:
         """Every group's step; with ``normalization`` (accumulated, norms, l1), AdaPT's."""
-        self.last_counts = []
         self._check_writable()
+        self._check_groups()
+        self.last_counts = []
         for index, group in enumerate(self.param_groups):
             everyone = group["params"]
             arguments = self._gather(group)
