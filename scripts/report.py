@@ -9,6 +9,11 @@ results beside the paper's stated numbers. AdaPT runs add adapt.csv and their
 bit widths over training; MSQ runs add msq.csv, each configuration's bit
 widths per layer over training, and accuracy against compression rate.
 
+A run directory counts once, however many of the given directories hold it.
+A file that cannot be read (a summary.json, sweep-run.json, failed.json or
+config.json that is not a JSON object, a metrics.jsonl line that is not one)
+is skipped with a warning on stderr that names it and the problem.
+
 Example:
   scripts/report results/exp1 results/exp2 --out results/report
 """
@@ -29,16 +34,89 @@ CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out
                   "msq_start_bits", "msq_min_bits", "msq_lambda", "msq_alpha", "msq_hessian", "msq_finetune_epochs"]
 
 
-def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
-    """One row per run summary found below the roots (failed runs: status failed)."""
-    rows = []
+_warned: set[str] = set()
+
+
+def warn(path, problem: str) -> None:
+    """A broken file is skipped, and said so once on stderr, naming the file and the problem."""
+    text = f"report: warning: skipping {path}: {problem}"
+    if text not in _warned:
+        _warned.add(text)
+        print(text, file=sys.stderr)
+
+
+def read_json(path: pathlib.Path, kind=dict):
+    """The JSON value in `path`, of type `kind`; None (and a warning naming the file) when it cannot be
+    read, is not JSON, or is of another type."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        warn(path, f"cannot read it ({e})")
+        return None
+    except ValueError as e:
+        warn(path, f"not valid JSON ({e})")
+        return None
+    if not isinstance(value, kind):
+        warn(path, f"expected a JSON {'object' if kind is dict else kind.__name__}, got {type(value).__name__}")
+        return None
+    return value
+
+
+def _dig(obj, *keys):
+    """obj[k1][k2]...; None where a level is missing or not a mapping."""
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return obj
+
+
+def _sweep_record(d: pathlib.Path) -> dict | None:
+    """<run>/sweep-run.json ({"grid", "id", "settings"}), None when absent or broken (with a warning)."""
+    path = d / "sweep-run.json"
+    if not path.exists():
+        return None
+    sweep = read_json(path)
+    if sweep is None:
+        return None
+    if not isinstance(sweep.get("grid"), str) or not isinstance(sweep.get("id"), str) \
+            or not isinstance(sweep.get("settings", {}), dict):
+        warn(path, "expected grid and id (strings) and settings (an object)")
+        return None
+    return sweep
+
+
+def unique_roots(roots: list[pathlib.Path]) -> list[pathlib.Path]:
+    """The roots without repeats: one directory given twice (or as two paths) counts once."""
+    seen, out = set(), []
     for root in roots:
+        key = root.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(root)
+    return out
+
+
+def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
+    """One row per run summary found below the roots (failed runs: status failed).
+    A run directory found twice (a root given twice, or inside another root)
+    counts once; a broken file is skipped with a warning."""
+    rows = []
+    seen: set[pathlib.Path] = set()
+    for root in unique_roots(roots):
         for summary_path in sorted(root.rglob("summary.json")):
             d = summary_path.parent
-            s = json.loads(summary_path.read_text())
-            sweep = json.loads((d / "sweep-run.json").read_text()) if (d / "sweep-run.json").exists() else {}
+            if d.resolve() in seen:
+                continue
+            seen.add(d.resolve())
+            s = read_json(summary_path)
+            if s is None:
+                continue
             c = s.get("config", {})
-            paper = s.get("memory_model", {}).get("paper", {})
+            if not isinstance(c, dict):
+                warn(summary_path, f"its config is not a JSON object but {type(c).__name__}")
+                continue
+            sweep = _sweep_record(d) or {}
             rows.append({
                 "grid": sweep.get("grid", "single"), "id": sweep.get("id", d.name), "dir": str(d), "status": "finished",
                 **{k: c.get(k) for k in CONFIG_COLUMNS},
@@ -46,34 +124,73 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 "final_val_accuracy": s.get("final_val_accuracy"), "epochs_completed": s.get("epochs_completed"),
                 "stop_reason": s.get("stop_reason"), "wall_time_s": s.get("wall_time_s"),
                 "train_images_per_s": s.get("train_images_per_s"),
-                "memory_ratio_to_ste": paper.get("ratio_to_ste"), "memory_ratio_to_fp32": paper.get("ratio_to_fp32"),
+                "memory_ratio_to_ste": _dig(s, "memory_model", "paper", "ratio_to_ste"),
+                "memory_ratio_to_fp32": _dig(s, "memory_model", "paper", "ratio_to_fp32"),
                 # AdaPT: parameters, momentum and accumulators at each layer's final width (absent before it).
-                "adapt_state_ratio_to_fp32": s.get("adapt", {}).get("training_state_ratio_to_fp32"),
+                "adapt_state_ratio_to_fp32": _dig(s, "adapt", "training_state_ratio_to_fp32"),
                 # One measured training step (docs/memory.md); absent in runs older than issue 6.
-                "measured_step_bytes": s.get("measured_memory", {}).get("step", {}).get("total_bytes"),
-                "measured_step_peak_bytes": s.get("measured_memory", {}).get("step", {}).get("step_peak_bytes"),
+                "measured_step_bytes": _dig(s, "measured_memory", "step", "total_bytes"),
+                "measured_step_peak_bytes": _dig(s, "measured_memory", "step", "step_peak_bytes"),
                 # MSQ: the paper-style rate (weights' widths, no sign) and the export's measured one.
-                "msq_compression_rate": s.get("msq", {}).get("compression_rate"),
-                "msq_measured_compression": s.get("msq", {}).get("export", {}).get("measured_compression"),
+                "msq_compression_rate": _dig(s, "msq", "compression_rate"),
+                "msq_measured_compression": _dig(s, "msq", "export", "measured_compression"),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent
-            if (d / "summary.json").exists() or not (d / "sweep-run.json").exists():
+            if d.resolve() in seen or (d / "summary.json").exists() or not (d / "sweep-run.json").exists():
                 continue
-            sweep = json.loads((d / "sweep-run.json").read_text())
+            seen.add(d.resolve())
+            sweep = _sweep_record(d)
+            record = read_json(failed)
+            if sweep is None or record is None:
+                continue
+            # The grid's settings, and fxp-train's resolution of them (defaults included) where it got as far
+            # as writing its config.json: a grid that relies on the default format still gets its format.
+            settings = dict(sweep.get("settings", {}))
+            if (d / "config.json").exists():
+                settings.update(read_json(d / "config.json") or {})
             rows.append({"grid": sweep["grid"], "id": sweep["id"], "dir": str(d), "status": "failed",
-                         **{k: sweep["settings"].get(k) for k in CONFIG_COLUMNS},
-                         "error": json.loads(failed.read_text()).get("error")})
+                         **{k: settings.get(k) for k in CONFIG_COLUMNS}, "error": record.get("error")})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     # Runs older than issue 13 (model, dataset) and than AdaPT's update key.
     for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)
-    df["fxp"] = [_msq_name(r) if r.method == "msq"
-                 else f"{int(r.param_bits)}/{int(r.param_frac)}/{int(r.out_frac)}" if r.method not in ("fp32", "adapt")
-                 else _adapt_name(r.update) if r.method == "adapt" else r.method for r in df.itertuples()]
+    df["fxp"] = [_fxp_label(r) for r in df.itertuples()]
     return df
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _int_text(x) -> str:
+    """A width as text: "?" where a failed run's record does not give it."""
+    if _missing(x):
+        return "?"
+    try:
+        return str(int(x))
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _fxp_label(r) -> str:
+    """A run's configuration label: total/param frac/output frac bits, fp32, adapt or an MSQ name;
+    "?" for what a failed run's record does not give (its grid relied on a default and fxp-train
+    refused it before writing its config.json)."""
+    if _missing(r.method):
+        return "?"
+    try:
+        if r.method == "msq":
+            return _msq_name(r)
+        if r.method == "adapt":
+            return _adapt_name(r.update)
+        if r.method == "fp32":
+            return "fp32"
+    except (TypeError, ValueError):
+        return f"{r.method} ?"
+    return "/".join(_int_text(x) for x in (r.param_bits, r.param_frac, r.out_frac))
 
 
 def _msq_name(r) -> str:
@@ -81,10 +198,11 @@ def _msq_name(r) -> str:
     training (λ = 0, α = 1: the widths never move), else "msq λ=… α=… from
     …b", with "no Hessian" when k is always 1 (a run that does not say is a
     Hessian run, fxp-train's default)."""
-    if r.msq_lambda == 0 and r.msq_alpha >= 1:
-        return f"uniform {int(r.msq_start_bits)}b"
+    if r.msq_lambda == 0 and not _missing(r.msq_alpha) and r.msq_alpha >= 1:
+        return f"uniform {_int_text(r.msq_start_bits)}b"
     no_hessian = r.msq_hessian is False or r.msq_hessian == False  # noqa: E712 - numpy bools; NaN is neither
-    return (f"msq λ={r.msq_lambda:g} α={r.msq_alpha:g} from {int(r.msq_start_bits)}b"
+    lam, alpha = ("?" if _missing(x) else f"{x:g}" for x in (r.msq_lambda, r.msq_alpha))
+    return (f"msq λ={lam} α={alpha} from {_int_text(r.msq_start_bits)}b"
             + (" no Hessian" if no_hessian else ""))
 
 
@@ -245,8 +363,29 @@ CLAIMS = [
 
 
 def _epochs(run_dir: str) -> list[dict]:
+    """A run's metrics.jsonl, one record per epoch; a line that is not a JSON object is skipped with a warning."""
     path = pathlib.Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        warn(path, f"cannot read it ({e})")
+        return []
+    epochs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            warn(f"{path} line {n}", f"not valid JSON ({e})")
+            continue
+        if not isinstance(record, dict):
+            warn(f"{path} line {n}", f"expected a JSON object, got {type(record).__name__}")
+            continue
+        epochs.append(record)
+    return epochs
 
 
 def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -328,8 +467,9 @@ def msq_table(df: pd.DataFrame) -> pd.DataFrame:
     for _, r in done.iterrows():
         if (r["model"], r["dataset"]) not in models:
             continue
-        summary = json.loads((pathlib.Path(r["dir"]) / "summary.json").read_text())
-        bits = summary.get("msq", {}).get("bits", {})
+        summary = read_json(pathlib.Path(r["dir"]) / "summary.json") or {}
+        bits = _dig(summary, "msq", "bits")
+        bits = bits if isinstance(bits, dict) else {}
         rows.append({"grid": r["grid"], "model": r["model"], "dataset": r["dataset"], "config": r["fxp"],
                      "seed": r["seed"], "dir": r["dir"], "best_val_accuracy": r["best_val_accuracy"],
                      "final_val_accuracy": r["final_val_accuracy"],
@@ -461,10 +601,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/report"),
                    help="where the CSV, PNG and markdown files go (default: results/report)")
     args = p.parse_args(argv)
+    _warned.clear()
     missing = [str(r) for r in args.roots if not r.is_dir()]
     if missing:
         print(f"report: not a directory: {', '.join(missing)}", file=sys.stderr)
         return 2
+    existing = next(q for q in (args.out, *args.out.parents) if q.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        print(f"report: --out {args.out}: {existing} is not a directory", file=sys.stderr)
+        return 2
+    args.roots = unique_roots(args.roots)
     df = collect(args.roots)
     if df.empty or not (df.status == "finished").any():
         print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}", file=sys.stderr)

@@ -5,6 +5,7 @@ resume from their checkpoints, failed runs are recorded and the sweep goes on.
 
 Examples:
   scripts/sweep configs/grids/exp1.yaml --dry-run
+  scripts/sweep configs/grids/exp2.yaml --estimate throughput.csv   # implies --dry-run
   scripts/sweep configs/grids/exp1.yaml --seeds 1 --set epochs=5 --jobs 2
   scripts/sweep configs/grids/exp2.yaml --device cuda --jobs 4 --filter batch_size=256,1024
   scripts/sweep configs/grids/exp3.yaml --shard 3/16          # one machine's share
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import pathlib
 import signal
@@ -36,28 +38,48 @@ def at_least_one(text: str) -> int:
     return n
 
 
+def positive_number(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
+
+
+# Options that only print (a dry run's): each implies --dry-run.
+DRY_RUN_OPTIONS = ("list", "estimate", "fleet_throughput", "typical_epochs")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid", help="grid file (configs/grids/*.yaml)")
     p.add_argument("--out", help="root of the run directories (default: results/<grid name>)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the run counts (by method and by status) and the first runs; run nothing")
-    p.add_argument("--list", action="store_true", help="with --dry-run: print every selected run id")
+                   help="print the run counts (by method and by status) and the first runs; run nothing. "
+                        "--list, --estimate, --fleet-throughput and --typical-epochs imply it")
+    p.add_argument("--list", action="store_true", help="print every selected run id (implies --dry-run)")
     p.add_argument("--estimate", metavar="CSV",
-                   help="with --dry-run: extrapolate the wall time from a throughput CSV of scripts/bench_train.py "
-                        "(images/s per model, method and batch size; every model and method of the grid must be in it)")
+                   help="extrapolate the wall time of the pending runs from a throughput CSV of "
+                        "scripts/bench_train.py (images/s per model, method and batch size; every model and method "
+                        "of the grid must be in it); implies --dry-run")
     p.add_argument("--fleet-throughput", metavar="CSV",
                    help="with --estimate: scripts/bench_fleet.py's CSV; runs in fleets train faster by their "
-                        "fleet's measured speed-up (docs/benchmarks.md)")
-    p.add_argument("--typical-epochs", type=float,
-                   help="with --estimate: epochs a run with early stopping lasts (default: the midpoint of "
-                        "its minimum and maximum); bounds are printed too")
+                        "fleet's measured speed-up (docs/benchmarks.md); implies --dry-run")
+    p.add_argument("--typical-epochs", type=positive_number,
+                   help="with --estimate: epochs a run with early stopping lasts (a positive number; default: the "
+                        "midpoint of its minimum and maximum); bounds are printed too; implies --dry-run")
     p.add_argument("--filter", action="append", default=[], metavar="KEY=V[,V]",
-                   help="keep runs whose KEY is one of the values (repeatable; format=16/10/8 also works)")
+                   help="keep runs whose KEY is one of the values (repeatable): fxp-train's resolved setting, "
+                        "defaults included, against each value read as YAML (weight_decay=5e-4, "
+                        "msq_hessian=false); format=16/10/8 also works")
     p.add_argument("--seeds", type=at_least_one, help="keep only the first N seeds of the grid")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting in every run, e.g. epochs=5 or train_limit=10000")
+                   help="override a setting in every run, e.g. epochs=5 or train_limit=10000; run ids follow "
+                        "the overridden settings, and overrides that merge two runs or make a run invalid are "
+                        "errors")
     p.add_argument("--limit", type=at_least_one, help="run at most N runs (after filters and sharding)")
     p.add_argument("--shard", default="0/1", metavar="i/N", help="run only shard i of N (0-based)")
     p.add_argument("--jobs", type=at_least_one, default=1, help="concurrent fxp-train processes")
@@ -76,6 +98,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    for name in ("fleet_throughput", "typical_epochs"):
+        if getattr(args, name) is not None and not args.estimate:
+            print(f"sweep: --{name.replace('_', '-')} needs --estimate CSV", file=sys.stderr)
+            return 2
+    if any(getattr(args, name) not in (None, False) for name in DRY_RUN_OPTIONS):
+        args.dry_run = True  # they only print: never start the sweep
     if not os.access(args.fxp_train, os.X_OK):  # it names the runs and checks their settings, dry runs included
         print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
               file=sys.stderr)
@@ -84,8 +112,10 @@ def main(argv=None) -> int:
         keys = sweeplib.config_keys(args.fxp_train)
         grid = sweeplib.load_grid(args.grid, keys)
         runs = sweeplib.expand(grid, args.fxp_train)
+        # --set and --device are resolved by fxp-train here, so that an override it would refuse, or one
+        # that merges two runs, is an error before anything runs.
         runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
-                               sweeplib.parse_assignments(args.set, keys))
+                               sweeplib.parse_assignments(args.set, keys), args.fxp_train, args.device)
         runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard))
         out = pathlib.Path(args.out or sweeplib.ROOT / "results" / grid["name"])
         sweeplib.check_out(out)
@@ -101,15 +131,16 @@ def main(argv=None) -> int:
         print(f"sweep: warning: ... and {len(invalid) - 5} more runs with invalid settings", file=sys.stderr)
 
     if args.dry_run:
-        by_method = collections.Counter(r.config.get("method") for r in runs)
+        by_method = collections.Counter(r.full_config.get("method") for r in runs)
         quantized = sum(n for m, n in by_method.items() if m != "fp32")
-        by_status = collections.Counter(sweeplib.status(out, r) for r in runs)
+        statuses = {r.id: sweeplib.status(out, r) for r in runs}
+        by_status = collections.Counter(statuses.values())
         print(f"grid {grid['name']}: {len(runs)} runs ({quantized} quantized, {by_method.get('fp32', 0)} fp32 "
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-        pending = [r for r in runs if sweeplib.status(out, r) not in ("done", "conflict", "busy")]
+        pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
         units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
         if args.fleet != 1:
@@ -120,16 +151,18 @@ def main(argv=None) -> int:
             try:
                 speedups = sweeplib.load_fleet_speedups(args.fleet_throughput) if args.fleet_throughput else None
                 size = {r.id: len(u) for u in units for r in u}
-                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_runs(runs, args.fxp_train),
+                # Only what is left to run: done, conflicting and busy runs are not started.
+                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_runs(pending, args.fxp_train),
                                                            sweeplib.load_throughput(args.estimate),
                                                            args.typical_epochs, speedups,
-                                                           [size.get(r.id, 1) for r in runs])
+                                                           [size.get(r.id, 1) for r in pending])
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
             jobs = args.jobs
             fleets = " with fleets" if speedups else ""
-            print(f"  estimated wall time{fleets} with {jobs} job(s) at the measured throughput: "
+            print(f"  estimated wall time of the {len(pending)} pending runs (of {len(runs)} selected){fleets} "
+                  f"with {jobs} job(s) at the measured throughput: "
                   f"{mid / 3600 / jobs:.1f} h (from {low / 3600 / jobs:.1f} h if every run stops at its minimum "
                   f"epochs to {high / 3600 / jobs:.1f} h if none stops early)")
         for r in runs if args.list else runs[:5]:
@@ -179,7 +212,8 @@ def main(argv=None) -> int:
         if s == "failed":
             print(f"  {r.id}: {(out / r.id / 'failed.json').read_text().strip()}", file=sys.stderr)
         elif s == "conflict":
-            print(f"  {r.id}: its directory holds a finished run with other settings", file=sys.stderr)
+            differ = sweeplib.differences(sweeplib.finished_settings(out / r.id) or {}, r)
+            print(f"  {r.id}: its directory holds a finished run with other settings: {differ}", file=sys.stderr)
         elif s == "busy":
             print(f"  {r.id}: busy, another fxp-train is training it", file=sys.stderr)
     if counts["failed"] or counts["conflict"]:

@@ -40,10 +40,24 @@ class Run:
     # Why fxp-train would refuse the run ("" if it would not). Such a run still
     # runs, fails alone, and leaves its failed.json, as any failing run does.
     invalid: str = dataclasses.field(default="", compare=False)
+    # fxp-train's resolution of `settings` (resolve's "config": every key, its
+    # defaults filled in), as sorted pairs; empty for a Run made by hand.
+    resolved: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    # fxp-train's defaults (the config of no settings), as sorted pairs: what a
+    # finished run's record that lacks a key had (differences()).
+    defaults: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    # The grid's id of this run before --set overrides changed it ("": none did).
+    origin: str = dataclasses.field(default="", compare=False)
 
     @property
     def config(self) -> dict:
+        """The settings as the grid (and --set) give them."""
         return dict(self.settings)
+
+    @property
+    def full_config(self) -> dict:
+        """Every setting as fxp-train resolves it (defaults included); the given ones for a Run made by hand."""
+        return dict(self.resolved) if self.resolved else self.config
 
 
 # $FXP_TRAIN, else the checkout's build (scripts/setup.sh).
@@ -75,6 +89,25 @@ def resolved_runs(runs: list[Run], fxp_train: str | os.PathLike = DEFAULT_FXP_TR
         if "error" in res or "invalid" in res:
             raise ValueError(f"run {r.id}: {res.get('error') or res['invalid']}")
     return results
+
+
+def _resolve_with_defaults(settings: list[dict], fxp_train) -> tuple[list[dict], tuple]:
+    """resolve(settings), and fxp-train's defaults (the config of no settings) as sorted pairs: one process."""
+    results = resolve([*settings, {}], fxp_train)
+    return results[:-1], tuple(sorted(results[-1]["config"].items()))
+
+
+def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = "") -> Run:
+    return Run(grid, res["run_name"], tuple(sorted(settings.items())), res.get("invalid", ""),
+               tuple(sorted(res["config"].items())), defaults, origin)
+
+
+def same_value(a, b) -> bool:
+    """Two JSON values equal as fxp-train compares them: numbers by value (1 == 1.0), a boolean only
+    to a boolean (Python's True == 1 is not fxp-train's)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b
 
 
 class Loader(yaml.SafeLoader):
@@ -211,10 +244,11 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list
                 settings.update(part)
             every.append(settings)
     runs: list[Run] = []
-    for settings, res in zip(every, resolve(every, fxp_train)):
+    results, defaults = _resolve_with_defaults(every, fxp_train)
+    for settings, res in zip(every, results):
         if "error" in res:
             raise ValueError(f"grid {grid['name']}: the run {settings} is invalid: {res['error']}")
-        runs.append(Run(grid["name"], res["run_name"], tuple(sorted(settings.items())), res.get("invalid", "")))
+        runs.append(_run(grid["name"], settings, res, defaults))
     seen: dict[str, Run] = {}
     for r in runs:
         if r.id in seen:
@@ -226,7 +260,8 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list
 
 
 def parse_filters(filters: Iterable[str], keys: set[str] | None = None) -> dict[str, set[str]]:
-    """--filter KEY=V[,V]; KEY is a setting (checked when `keys` is given) or `format`."""
+    """--filter KEY=V[,V]; KEY is a setting (checked when `keys` is given) or `format`.
+    The values stay text here; select reads each as YAML, as a grid's value."""
     out: dict[str, set[str]] = {}
     for f in filters:
         key, sep, value = f.partition("=")
@@ -253,22 +288,90 @@ def parse_assignments(items: Iterable[str], keys: set[str] | None = None) -> dic
     return out
 
 
+_UNPARSED = object()
+# Methods without a fixed format (their run names carry none): --filter format=... never matches them.
+FORMATLESS_METHODS = ("fp32", "adapt", "msq")
+
+
+def _filter_value(text: str):
+    try:
+        return parse_yaml(text)
+    except ValueError:
+        return _UNPARSED  # compared as text only
+
+
+def _matches(run: Run, key: str, wanted: list[tuple[str, object]]) -> bool:
+    """Whether the run's resolved value of `key` (or the value the grid writes, where fxp-train would
+    refuse it) is one of `wanted`: (text, the text read as YAML) pairs. A string value also matches its text
+    exactly (`--filter dataset=no`, which YAML reads as false). `format` is the run's
+    param_bits/param_frac/out_frac, for the methods that have one."""
+    full = run.full_config
+    if key == "format":  # the label of the methods whose run names carry a format, as the report's
+        if full.get("method") in FORMATLESS_METHODS:
+            return False
+        label = f"{full.get('param_bits')}/{full.get('param_frac')}/{full.get('out_frac')}"
+        return any(text == label for text, _ in wanted)
+    values = [full[key]] if key in full else []
+    if key in run.config and run.config[key] not in values:
+        values.append(run.config[key])
+    return any((parsed is not _UNPARSED and same_value(parsed, v)) or (isinstance(v, str) and v == text)
+               for v in values for text, parsed in wanted)
+
+
+def _describe(overrides: dict, device: str | None = None) -> str:
+    """The overrides as the command line gives them: --set k=v ... --device d."""
+    def text(v):
+        return v if isinstance(v, str) else json.dumps(v)
+    return " ".join([f"--set {k}={text(v)}" for k, v in overrides.items()] + ([f"--device {device}"] if device else []))
+
+
 def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: int | None = None,
-           overrides: dict | None = None) -> list[Run]:
-    """Keeps the runs whose settings match every filter (values compared as
-    text, `method=sqpu,ste`), and only the first `seeds` seeds of the grid;
-    then applies `overrides` to every run (the run ids do not change)."""
+           overrides: dict | None = None, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
+           device: str | None = None) -> list[Run]:
+    """Keeps the runs whose settings match every filter, and only the first
+    `seeds` seeds of the grid; then applies `overrides` (and `device`, the
+    sweep's --device) to every run. Filters compare fxp-train's resolved
+    settings, defaults included, with each value read as YAML, as a grid's
+    (`method=sqpu,ste`, `weight_decay=5e-4`, `msq_hessian=false`,
+    `update=float` where the grid relies on the default; `format=16/10/8`).
+    Overridden runs are resolved again by fxp-train (one process) and named
+    by their settings after the overrides. Errors (ValueError), before
+    anything runs: an override that makes a run fxp-train would have run one
+    it refuses (`--set epochs=abc`), and two runs that come out with one id
+    (`--set seed=7` on a grid over seeds)."""
     filters = filters or {}
     if seeds is not None:
-        kept = sorted({r.config.get("seed", 0) for r in runs})[:seeds]
-        runs = [r for r in runs if r.config.get("seed", 0) in kept]
+        kept = sorted({r.full_config.get("seed", 0) for r in runs})[:seeds]
+        runs = [r for r in runs if r.full_config.get("seed", 0) in kept]
     for key, allowed in filters.items():
-        runs = [r for r in runs if str(r.config.get(key)) in allowed or
-                (key == "format" and f"{r.config.get('param_bits')}/{r.config.get('param_frac')}/"
-                 f"{r.config.get('out_frac')}" in allowed)]
-    if overrides:
-        runs = [dataclasses.replace(r, settings=tuple(sorted({**r.config, **overrides}.items()))) for r in runs]
-    return runs
+        wanted = [(text, _filter_value(text)) for text in sorted(allowed)]
+        runs = [r for r in runs if _matches(r, key, wanted)]
+    changes = {**(overrides or {}), **({"device": device} if device else {})}
+    if not changes or not runs:
+        return runs
+    changed = [{**r.config, **changes} for r in runs]
+    results, defaults = _resolve_with_defaults(changed, fxp_train)
+    new = []
+    for r, settings, res in zip(runs, changed, results):
+        if "error" in res:
+            raise ValueError(f"{_describe(overrides or {}, device)}: the run {settings} is invalid: {res['error']}")
+        new.append(_run(r.grid, settings, res, defaults, r.origin or r.id))
+    broken = [(old, r) for old, r in zip(runs, new) if r.invalid and not old.invalid]
+    if broken:
+        old, r = broken[0]
+        more = f" (and {len(broken) - 1} more run{'s' if len(broken) > 2 else ''})" if len(broken) > 1 else ""
+        raise ValueError(f"{_describe(overrides or {}, device)}: run {r.origin} would fail{more}: {r.invalid}")
+    seen: dict[str, Run] = {}
+    for r in new:
+        if r.id in seen:
+            a = seen[r.id]
+            same = {k: v for k, v in a.resolved if k not in NEVER_CONFLICT} == \
+                {k: v for k, v in r.resolved if k not in NEVER_CONFLICT}
+            raise ValueError(f"{_describe(overrides or {}, device)}: the grid's runs {a.origin} and {r.origin} "
+                             f"{'become the same run' if same else 'come out with one id'}, {r.id}; "
+                             "select one of them (--filter) instead")
+        seen[r.id] = r
+    return new
 
 
 def shard(runs: list[Run], index: int, count: int) -> list[Run]:
@@ -313,9 +416,11 @@ def check_out(out: pathlib.Path) -> None:
 
 
 # Settings that cannot change a run's results, so they never make a finished run
-# a conflict. Mirrors fxp-train's key_may_change_on_resume (csrc/train/config.cpp),
-# less epochs, which fxp-train treats separately and the sweep still compares.
-NEVER_CONFLICT = frozenset({"threads", "output_dir", "data_dir"})
+# a conflict: fxp-train's key_may_change_on_resume (csrc/train/config.cpp, the
+# keys differing_settings skips), less epochs, which fxp-train compares too when
+# it decides whether a directory already holds a finished run (decide_start,
+# csrc/train/resume.cpp: "holds a finished run with other settings").
+NEVER_CONFLICT = frozenset({"threads", "output_dir", "data_dir", "cuda_graphs"})
 
 # fxp-train holds flock(LOCK_EX) on <run dir>/.lock while it trains there, and
 # exits with 75 (EX_TEMPFAIL) when another process holds it.
@@ -339,22 +444,49 @@ def busy(d: pathlib.Path) -> bool:
         os.close(fd)  # releases the lock if the probe took it
 
 
+def finished_settings(d: pathlib.Path) -> dict | None:
+    """The settings a finished run in `d` ran with (its summary.json's "config", what fxp-train compares);
+    None when there is no summary, or one that cannot be read (fxp-train would then fail on it)."""
+    try:
+        config = json.loads((d / "summary.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def differences(stored: dict, run: Run) -> str:
+    """The settings in which a finished run's record (`stored`) differs from `run`, as readable text ("":
+    none). As fxp-train's differing_settings (csrc/train/config.cpp) with epochs compared: every key of
+    fxp-train's resolution of the run but NEVER_CONFLICT, and a key the record lacks (the run is older
+    than the key) has the key's default. A Run made by hand (no resolution) compares its given settings."""
+    current = run.full_config
+    defaults = dict(run.defaults)
+    differ = []
+    for key in sorted(current):
+        if key in NEVER_CONFLICT:
+            continue
+        if key not in stored and key not in defaults:
+            differ.append(f"{key} (not in the run, {json.dumps(current[key])} now)")
+            continue
+        was = stored[key] if key in stored else defaults[key]
+        if not same_value(was, current[key]):
+            differ.append(f"{key} ({json.dumps(was)} in the run, {json.dumps(current[key])} now)")
+    return ", ".join(differ)
+
+
 def status(out: pathlib.Path, run: Run) -> str:
     """busy (an fxp-train holds its lock), done (its summary exists and is of
-    these settings), conflict (a summary of other settings), failed (the last
-    attempt failed), or pending."""
+    these settings: every setting fxp-train resolves, defaults included, but
+    those that cannot change results), conflict (a summary of other
+    settings), failed (the last attempt failed), or pending."""
     d = run_dir(out, run)
     if busy(d):
         return "busy"
-    summary = d / "summary.json"
-    if summary.exists():
-        try:
-            config = json.loads(summary.read_text()).get("config", {})
-        except json.JSONDecodeError:
-            return "pending"  # cannot happen with atomic writes; treat as unfinished
-        mismatch = {k: v for k, v in run.config.items()
-                    if k not in NEVER_CONFLICT and (k not in config or config[k] != v)}
-        return "conflict" if mismatch else "done"
+    if (d / "summary.json").exists():
+        stored = finished_settings(d)
+        if stored is None:
+            return "pending"  # cannot happen with atomic writes; fxp-train reports it when it runs
+        return "conflict" if differences(stored, run) else "done"
     return "failed" if (d / "failed.json").exists() else "pending"
 
 
@@ -677,10 +809,14 @@ def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float |
     from fxp-train's resolution of each (resolved_runs: its "config" and its
     "epoch_images", the images an epoch trains and validates on). A run
     without early stopping lasts its epochs; one with it lasts between its
-    minimum and its maximum, `typical_epochs` (default: the midpoint). With
+    minimum and its maximum, `typical_epochs` (default: the midpoint; a
+    positive number, held between the two). With
     `fleet_sizes` (the size of each run's fleet) and `fleet_speedups`
     (load_fleet_speedups), a run's training goes faster by its fleet's
     measured speed-up; its validation (on its own model) does not."""
+    import math
+    if typical_epochs is not None and not (math.isfinite(typical_epochs) and typical_epochs > 0):
+        raise ValueError(f"typical epochs must be a positive number, got {typical_epochs}")
     totals = [0.0, 0.0, 0.0]
     for r, run in enumerate(runs):
         c, images = run["config"], run["epoch_images"]
@@ -698,6 +834,6 @@ def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float |
             typical = typical_epochs if typical_epochs is not None else (least + most) / 2
         else:
             least = typical = most
-        for k, epochs in enumerate((least, min(typical, most), most)):
+        for k, epochs in enumerate((least, max(least, min(typical, most)), most)):
             totals[k] += epochs * per_epoch
     return tuple(totals)

@@ -116,6 +116,27 @@ def test_select_filters_seeds_and_overrides():
 
 
 @requires_fxp_train
+def test_filters_compare_resolved_settings_read_as_yaml():
+    """--filter matches fxp-train's resolved settings, defaults included, each value read as a grid's YAML."""
+    def pick(runs, *filters):
+        return sweeplib.select(runs, sweeplib.parse_filters(filters))
+
+    adapt = grid_runs("adapt-lenet5")  # its float32-update block relies on the default update
+    float_block = {r.id for r in adapt if r.config["method"] == "adapt" and "update" not in r.config}
+    assert len(float_block) == 3
+    assert {r.id for r in pick(adapt, "method=adapt", "update=float")} == float_block
+    assert len(pick(adapt, "update=float")) == 6  # the fp32 runs resolve update: float too
+    assert len(pick(adapt, "update=qpu")) == 3
+    msq = grid_runs("msq-resnet20")
+    assert len(pick(msq, "msq_hessian=false")) == len(pick(msq, "msq_hessian=False")) == 8
+    assert len(pick(msq, "msq_hessian=true")) == 6  # the default, never written for these
+    exp2 = grid_runs("exp2")
+    assert len(pick(exp2, "weight_decay=5e-4")) == len(pick(exp2, "weight_decay=0.0005")) == 2750
+    assert pick(exp2, "weight_decay=1e-3") == []
+    assert len(pick(exp2, "lr=1e-2", "dataset=fashion-mnist", "batch_size=256")) == 250
+
+
+@requires_fxp_train
 def test_duplicate_ids_are_an_error():
     grid = {"name": "g", "blocks": [{"axes": {"lr": [0.1, 0.2]}}]}  # lr is not in the id
     with pytest.raises(ValueError, match="share the id"):
@@ -217,6 +238,125 @@ def test_a_directory_holding_other_settings_is_a_conflict(tmp_path):
     changed = sweeplib.select(runs[:1], overrides={"epochs": 7})
     assert sweeplib.status(tmp_path, changed[0]) == "conflict"
     assert sweeplib.execute(changed, tmp_path, StubTrainer())["conflict"] == 1
+
+
+@requires_fxp_train
+def test_a_finished_run_is_done_only_if_its_resolved_settings_match(tmp_path, capsys):
+    """The reviewer's repro: --set train_limit=256, then the grid alone. train_limit is written nowhere in
+    the grid, but the finished run's record holds 256, where the grid's run resolves to 0: a conflict."""
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 32, val_limit: 128}\n"
+                                "blocks:\n  - axes: {seed: [0]}\n")
+    [run] = sweeplib.expand(sweeplib.load_grid(grid))
+    [limited] = sweeplib.select([run], overrides={"train_limit": 256})
+    assert limited.id == run.id
+    out = tmp_path / "out"
+    d = out / run.id
+    d.mkdir(parents=True)
+    # What fxp-train records: every setting, with the threads and directory it ran with.
+    record = {**sweeplib.resolve([limited.config])[0]["config"], "threads": 1, "output_dir": str(d)}
+    sweeplib.atomic_write_json(d / "summary.json", {"config": record})
+    assert sweeplib.status(out, limited) == "done"
+    assert sweeplib.status(out, run) == "conflict"
+    assert sweeplib.differences(record, run) == "train_limit (256 in the run, 0 now)"
+    # A record without a key (a run older than the key) had its default; keys fxp-train ignores never conflict.
+    older = {k: v for k, v in record.items() if k != "update"}
+    sweeplib.atomic_write_json(d / "summary.json", {"config": {**older, "cuda_graphs": True, "data_dir": "/d"}})
+    assert sweeplib.status(out, limited) == "done"
+    cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
+    assert sweep.main([*cmd, "--dry-run"]) == 0
+    assert "by status: conflict 1" in capsys.readouterr().out
+    assert sweep.main(cmd) == 1
+    err = capsys.readouterr().err
+    assert "0 run now, 0 already done, 0 failed, 1 conflicting, 0 busy" in err
+    assert f"  {run.id}: its directory holds a finished run with other settings: train_limit (256 in the run, " \
+           "0 now)\n" in err
+    assert sweep.main([*cmd, "--set", "train_limit=256", "--threads", "3"]) == 0
+    assert "0 run now, 1 already done" in capsys.readouterr().err
+
+
+def test_never_conflict_mirrors_fxp_trains_keys():
+    """fxp-train's key_may_change_on_resume (csrc/train/config.cpp) less epochs, which it compares when it
+    decides whether a directory holds this finished run."""
+    import re
+    source = (ROOT / "csrc" / "train" / "config.cpp").read_text()
+    body = re.search(r"bool key_may_change_on_resume\(const std::string& key\) \{(.*?)\n\}", source, re.S).group(1)
+    assert set(re.findall(r'key == "(\w+)"', body)) == sweeplib.NEVER_CONFLICT | {"epochs"}
+
+
+@requires_fxp_train
+def test_overrides_rename_the_runs_and_may_not_merge_or_break_them(tmp_path, capsys):
+    grid = write_grid(tmp_path, "name: g\nbase: {batch_size: 32}\nblocks:\n  - axes: {seed: [0, 1]}\n"
+                                "  - set: {seed: 2, lr: -1}\n")
+    runs = sweeplib.expand(sweeplib.load_grid(grid))
+    changed = sweeplib.select(runs, overrides={"batch_size": 16})
+    assert [r.id for r in changed] == [f"sqpu-p16.10-o16.8-sr-b16-s{s}" for s in range(3)]
+    assert [r.origin for r in changed] == [r.id for r in runs]
+    with pytest.raises(ValueError, match=r"--set batch_size=16 --set seed=7: the grid's runs "
+                                         r"sqpu-p16.10-o16.8-sr-b32-s0 and sqpu-p16.10-o16.8-sr-b32-s1 become the "
+                                         r"same run, sqpu-p16.10-o16.8-sr-b16-s7"):
+        sweeplib.select(runs, overrides={"batch_size": 16, "seed": 7})
+    out = tmp_path / "out"
+    cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
+    assert sweep.main([*cmd, "--set", "batch_size=16", "--set", "seed=7"]) == 2
+    assert "become the same run" in capsys.readouterr().err
+    # An override fxp-train would refuse: an error before any run starts, not a failed run.
+    assert sweep.main([*cmd, "--set", "epochs=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: --set epochs=abc: run sqpu-p16.10-o16.8-sr-b32-s0 would fail (and 1 more run): "
+                          "settings: key 'epochs'"), err
+    assert err.count("\n") == 1, err
+    assert not out.exists()
+    # A run the grid itself makes invalid still only warns (and fails alone), overrides or not.
+    assert sweep.main([*cmd, "--filter", "seed=2", "--set", "epochs=2", "--dry-run"]) == 0
+    assert "sweep: warning: run sqpu-p16.10-o16.8-sr-b32-s2 will fail: lr: must be" in capsys.readouterr().err
+    # The directories are named by the settings they hold.
+    assert sweep.main([*cmd, "--filter", "seed=0,1", "--set", "batch_size=16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sqpu-p16.10-o16.8-sr-b16-s0", "sqpu-p16.10-o16.8-sr-b16-s1"]
+    assert json.loads((out / "sqpu-p16.10-o16.8-sr-b16-s1" / "summary.json").read_text())["config"]["seed"] == 1
+
+
+ONE_IMAGE_PER_S = "method,batch_size,train_images_per_s,val_images_per_s\nsqpu,1,1,1\n"
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("extra", [["--list"], ["--estimate", "T"], ["--estimate", "T", "--typical-epochs", "2"],
+                                   ["--estimate", "T", "--fleet-throughput", "F"]])
+def test_options_that_only_print_imply_dry_run(tmp_path, capsys, extra):
+    (tmp_path / "T").write_text(ONE_IMAGE_PER_S)
+    (tmp_path / "F").write_text("method,batch_size,members,speedup\nsqpu,1,2,2.0\n")
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, train_limit: 1000, val_limit: 800}\n"
+                                "blocks:\n  - axes: {seed: [0, 1]}\n")
+    out = tmp_path / "out"
+    extra = [str(tmp_path / x) if x in ("T", "F") else x for x in extra]
+    assert sweep.main([str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), *extra]) == 0
+    assert "grid g: 2 runs" in capsys.readouterr().out
+    assert not out.exists()  # nothing ran
+
+
+@requires_fxp_train
+def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text(ONE_IMAGE_PER_S)
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
+                                "blocks:\n  - axes: {seed: [0, 1]}\n")
+    runs = sweeplib.expand(sweeplib.load_grid(grid))
+    out = tmp_path / "out"
+    (out / runs[0].id).mkdir(parents=True)
+    sweeplib.atomic_write_json(out / runs[0].id / "summary.json",
+                               {"config": sweeplib.resolve([runs[0].config])[0]["config"]})
+    cmd = [str(grid), "--out", str(out), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1"]
+    assert sweep.main(cmd) == 0
+    # One pending run of 1,800 images at 1 image/s: 0.5 h (both runs would be 1.0 h).
+    assert "estimated wall time of the 1 pending runs (of 2 selected) with 1 job(s) at the measured " \
+           "throughput: 0.5 h" in capsys.readouterr().out
+    for bad in ("-1", "nan", "0", "inf"):
+        with pytest.raises(SystemExit) as e:
+            sweep.main([*cmd, "--typical-epochs", bad])
+        assert e.value.code == 2
+        assert "argument --typical-epochs: must be a positive number" in capsys.readouterr().err
+    assert sweep.main([str(grid), "--out", str(out), "--typical-epochs", "3"]) == 2
+    assert capsys.readouterr().err == "sweep: --typical-epochs needs --estimate CSV\n"
+    with pytest.raises(ValueError, match="positive"):
+        sweeplib.estimate_seconds([], {}, float("nan"))
 
 
 @requires_fxp_train
@@ -495,7 +635,7 @@ def test_settings_that_cannot_change_results_never_conflict(tmp_path, capsys):
     sweeplib.execute(runs[:1], tmp_path, StubTrainer())
     for key, value in [("threads", 2), ("output_dir", "/elsewhere"), ("data_dir", "/data")]:
         assert sweeplib.status(tmp_path, sweeplib.select(runs[:1], overrides={key: value})[0]) == "done", key
-    assert sweeplib.NEVER_CONFLICT == {"threads", "output_dir", "data_dir"}
+    assert sweeplib.NEVER_CONFLICT == {"threads", "output_dir", "data_dir", "cuda_graphs"}
     # Through the CLI: fxp-train records the threads it ran with.
     grid = write_grid(tmp_path, GOOD_BLOCKS)
     cmd = [str(grid), "--out", str(tmp_path / "out"), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
@@ -559,6 +699,96 @@ def test_report_without_results_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 1
     assert "no finished runs" in capsys.readouterr().err
     assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def finished_run(d: pathlib.Path, config: dict, accuracy: float = 0.5, grid: str = "g") -> pathlib.Path:
+    d.mkdir(parents=True)
+    sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid, "id": d.name, "settings": config})
+    sweeplib.atomic_write_json(d / "summary.json", {"config": config, "best_val_accuracy": accuracy})
+    return d
+
+
+def failed_run(d: pathlib.Path, settings: dict, config: dict | None = None, grid: str = "g") -> pathlib.Path:
+    """A failed run as the sweep leaves it: its settings as the grid writes them, and fxp-train's
+    config.json where fxp-train got as far as starting it."""
+    d.mkdir(parents=True)
+    sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid, "id": d.name, "settings": settings})
+    sweeplib.atomic_write_json(d / "failed.json", {"error": "boom"})
+    if config is not None:
+        sweeplib.atomic_write_json(d / "config.json", config)
+    return d
+
+
+SQPU = {"method": "sqpu", "param_bits": 16, "param_frac": 10, "out_frac": 8, "batch_size": 64, "seed": 0,
+        "inference_rounding": "sr"}
+
+
+def report_rows(out: pathlib.Path):
+    import pandas as pd
+    return pd.read_csv(out / "runs.csv")
+
+
+def test_report_takes_failed_runs_whose_grid_relied_on_default_formats(tmp_path):
+    finished_run(tmp_path / "r" / "done", SQPU)
+    failed_run(tmp_path / "r" / "defaults", {"seed": 1})  # no method, no format: fxp-train's defaults
+    failed_run(tmp_path / "r" / "sqpu", {"method": "sqpu", "seed": 2})
+    failed_run(tmp_path / "r" / "msq", {"method": "msq", "seed": 3})
+    failed_run(tmp_path / "r" / "started", {"seed": 4}, config={**SQPU, "seed": 4, "param_bits": 12})
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "r"), "--out", str(out)]) == 0
+    rows = report_rows(out).set_index("id")
+    assert list(rows.status[["defaults", "sqpu", "msq", "started"]]) == ["failed"] * 4
+    assert rows.fxp["defaults"] == "?" and rows.fxp["sqpu"] == "?/?/?"
+    assert rows.fxp["msq"].startswith("msq λ=?")
+    assert rows.fxp["started"] == "12/10/8"  # from fxp-train's config.json
+
+
+def test_report_skips_broken_files_with_a_warning_naming_them(tmp_path, capsys):
+    root = tmp_path / "r"
+    finished_run(root / "good", SQPU)
+    (finished_run(root / "invalid", SQPU) / "summary.json").write_text("{not json")
+    (finished_run(root / "list", SQPU) / "summary.json").write_text("[1, 2]\n")
+    (finished_run(root / "sweep-list", SQPU) / "sweep-run.json").write_text("[]\n")
+    (failed_run(root / "failed-broken", {"seed": 1}) / "failed.json").write_text("{")
+    adapt = finished_run(root / "adapt", {"method": "adapt", "batch_size": 64, "seed": 0})
+    layers = [{"name": "conv1", "bits": 8}]
+    good = {"epoch": 1, "val_accuracy": 0.5, "adapt": {"layers": layers, "performance": {
+        "float32_cost": 2.0, "cost": 1.0, "training_speedup": 2.0, "model_size": 0.5, "inference_speedup": 2.0}}}
+    (adapt / "metrics.jsonl").write_text(json.dumps(good) + "\n{broken\n[3]\n")
+    out = tmp_path / "report"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    for path, problem in [(root / "invalid" / "summary.json", "not valid JSON"),
+                          (root / "list" / "summary.json", "expected a JSON object, got list"),
+                          (root / "sweep-list" / "sweep-run.json", "expected a JSON object, got list"),
+                          (root / "failed-broken" / "failed.json", "not valid JSON"),
+                          (f"{adapt / 'metrics.jsonl'} line 2", "not valid JSON"),
+                          (f"{adapt / 'metrics.jsonl'} line 3", "expected a JSON object, got list")]:
+        assert f"report: warning: skipping {path}: {problem}" in err, (path, err)
+    rows = report_rows(out)
+    assert sorted(rows.dir.map(lambda d: pathlib.Path(d).name)) == ["adapt", "good", "sweep-list"]
+    assert (out / "adapt.csv").exists()  # from the one good line
+
+
+def test_report_out_on_a_regular_file_is_an_error(tmp_path, capsys):
+    finished_run(tmp_path / "r" / "done", SQPU)
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert report.main([str(tmp_path / "r"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"report: --out {out}: {tmp_path / 'file'} is not a directory\n"
+
+
+def test_report_counts_every_run_once_however_its_root_is_given(tmp_path):
+    finished_run(tmp_path / "r" / "a" / "one", SQPU)
+    finished_run(tmp_path / "r" / "a" / "two", {**SQPU, "seed": 1})
+    failed_run(tmp_path / "r" / "a" / "three", {**SQPU, "seed": 2})
+    out = tmp_path / "report"
+    roots = [tmp_path / "r", tmp_path / "r", tmp_path / "r" / ".." / "r", tmp_path / "r" / "a"]
+    assert report.main([*map(str, roots), "--out", str(out)]) == 0
+    rows = report_rows(out)
+    assert len(rows) == 3 and rows.dir.is_unique
+    import pandas as pd
+    assert pd.read_csv(out / "stats.csv")["runs"].sum() == 2
 
 
 @requires_fxp_train
