@@ -100,18 +100,29 @@ TORCH_LIBRARY(fxp, m) {
   // the autograd saves x as codes of that format, which x must lie on. With
   // output_format, the output is quantized in place (saturate), as
   // quantize_ste would, with a straight-through gradient and no extra copy.
-  // With pack_counts (int64 [2] on x's device), saving x adds its (NaN,
-  // off-grid) counts there instead of raising (Note [Deferred pack checks]).
+  // The .counted overloads take pack_counts (int64 [2] on x's device): saving
+  // x adds its (NaN, off-grid) counts there instead of raising (Note
+  // [Deferred pack checks]). Overloads, not an optional argument: inductor
+  // (torch 2.11) fails on a mutable optional tensor argument given as None.
   m.def(
       "linear(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
       "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None, "
-      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None, "
-      "Tensor(a!)? pack_counts=None) -> Tensor");
+      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+  m.def(
+      "linear.counted(Tensor x, Tensor weight, Tensor? bias=None, int[]? input_format=None, "
+      "Tensor? weight_codes=None, Tensor? bias_codes=None, int[]? param_format=None, "
+      "int[]? output_format=None, str output_rounding=\"nearest_even\", Generator? generator=None, *, "
+      "Tensor(a!) pack_counts) -> Tensor");
   m.def(
       "conv2d(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
       "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
       "Tensor? bias_codes=None, int[]? param_format=None, int[]? output_format=None, "
-      "str output_rounding=\"nearest_even\", Generator? generator=None, Tensor(a!)? pack_counts=None) -> Tensor");
+      "str output_rounding=\"nearest_even\", Generator? generator=None) -> Tensor");
+  m.def(
+      "conv2d.counted(Tensor x, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, "
+      "int[2] dilation=1, int groups=1, int[]? input_format=None, Tensor? weight_codes=None, "
+      "Tensor? bias_codes=None, int[]? param_format=None, int[]? output_format=None, "
+      "str output_rounding=\"nearest_even\", Generator? generator=None, *, Tensor(a!) pack_counts) -> Tensor");
   // max_pool2d(relu(x), kernel_size) over non-overlapping windows, whose
   // autograd saves one byte per output (Note [Fused ReLU and max-pool])
   // instead of relu's output and the pool's int64 indices.

@@ -247,6 +247,17 @@ inline at::Tensor unpack_bits(const at::Tensor& packed, int64_t bits, at::IntArr
 // output_format (straight-through). With pack_counts, the saved input's pack
 // adds its (NaN, off-grid) counts there instead of raising (Note [Deferred
 // pack checks]). See docs/design.md, "Packed storage".
+// The schemas' argument lists (linear.counted and conv2d.counted add pack_counts).
+#define FXP_LINEAR_ARGS                                                                                          \
+  const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &, at::OptionalIntArrayRef,           \
+      const std::optional<at::Tensor> &, const std::optional<at::Tensor> &, at::OptionalIntArrayRef,            \
+      at::OptionalIntArrayRef, c10::string_view, const OptionalGenerator &
+#define FXP_CONV2D_ARGS                                                                                          \
+  const at::Tensor &, const at::Tensor &, const std::optional<at::Tensor> &, at::IntArrayRef, at::IntArrayRef,  \
+      at::IntArrayRef, int64_t, at::OptionalIntArrayRef, const std::optional<at::Tensor> &,                     \
+      const std::optional<at::Tensor> &, at::OptionalIntArrayRef, at::OptionalIntArrayRef, c10::string_view,   \
+      const OptionalGenerator &
+
 inline at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias = std::nullopt,
                          at::OptionalIntArrayRef input_format = std::nullopt,
@@ -257,8 +268,14 @@ inline at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                          c10::string_view output_rounding = "nearest_even",
                          const OptionalGenerator& generator = std::nullopt,
                          const std::optional<at::Tensor>& pack_counts = std::nullopt) {
-  FXP_CALL_OP(linear, "linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
-              output_rounding, generator, pack_counts);
+  if (pack_counts.has_value() && pack_counts->defined()) {
+    static const auto counted = detail::find_op<at::Tensor(FXP_LINEAR_ARGS, const at::Tensor&)>("fxp::linear", "counted");
+    return counted.call(x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
+                        output_rounding, generator, *pack_counts);
+  }
+  static const auto op = detail::find_op<at::Tensor(FXP_LINEAR_ARGS)>("fxp::linear");
+  return op.call(x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format, output_rounding,
+                 generator);
 }
 
 inline at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -271,8 +288,14 @@ inline at::Tensor conv2d(const at::Tensor& x, const at::Tensor& weight, const st
                          c10::string_view output_rounding = "nearest_even",
                          const OptionalGenerator& generator = std::nullopt,
                          const std::optional<at::Tensor>& pack_counts = std::nullopt) {
-  FXP_CALL_OP(conv2d, "conv2d", x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes,
-              bias_codes, param_format, output_format, output_rounding, generator, pack_counts);
+  if (pack_counts.has_value() && pack_counts->defined()) {
+    static const auto counted = detail::find_op<at::Tensor(FXP_CONV2D_ARGS, const at::Tensor&)>("fxp::conv2d", "counted");
+    return counted.call(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes, bias_codes,
+                        param_format, output_format, output_rounding, generator, *pack_counts);
+  }
+  static const auto op = detail::find_op<at::Tensor(FXP_CONV2D_ARGS)>("fxp::conv2d");
+  return op.call(x, weight, bias, stride, padding, dilation, groups, input_format, weight_codes, bias_codes,
+                 param_format, output_format, output_rounding, generator);
 }
 
 // max_pool2d(relu(x), kernel_size), stride = kernel_size, whose autograd saves

@@ -240,10 +240,10 @@ def _opcheck_cases(device):
         (ops.pack.counted, (x, 8, 4), {"counts": counts}),
         (ops.pack.counted, (x, 8, 4, "exact"), {"counts": counts}),
         (ops.pack_bits.default, (fxp.pack(x, 12, 4), 12, True, False), {}),
-        (ops.linear.default, (x.clone().requires_grad_(), w, None, [8, 4], None, None, None, None, "nearest_even",
-                              None, counts), {}),
-        (ops.conv2d.default, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4], None, None, None, None,
-                              "nearest_even", None, counts), {}),
+        (ops.linear.counted, (x.clone().requires_grad_(), w, None, [8, 4], None, None, None, None, "nearest_even",
+                              None), {"pack_counts": counts}),
+        (ops.conv2d.counted, (xc, wconv, None, [1, 1], [1, 1], [1, 1], 1, [8, 4], None, None, None, None,
+                              "nearest_even", None), {"pack_counts": counts}),
     ]
 
 

@@ -404,13 +404,21 @@ def _pair(op: str, name: str, value) -> list:
 
 
 def _layer_args(op, x, weight, bias, input_format, weight_codes, bias_codes, param_format, output_format,
-                output_rounding, generator, pack_counts) -> tuple:
+                output_rounding, generator) -> tuple:
     """The checked arguments of linear and conv2d that follow the geometry."""
     return (_tensor(op, "x", x), _tensor(op, "weight", weight), _optional_tensor(op, "bias", bias),
             _format_list(op, "input_format", input_format), _optional_tensor(op, "weight_codes", weight_codes),
             _optional_tensor(op, "bias_codes", bias_codes), _format_list(op, "param_format", param_format),
             _format_list(op, "output_format", output_format), _str(op, "output_rounding", output_rounding),
-            _generator(op, generator), _optional_tensor(op, "pack_counts", pack_counts))
+            _generator(op, generator))
+
+
+def _layer_call(name: str, args: tuple, pack_counts: Optional[Tensor]) -> Tensor:
+    """The op's plain overload, or its .counted one with pack_counts."""
+    op = getattr(_ops, name)
+    if pack_counts is None:
+        return op(*args)
+    return op.counted(*args, pack_counts=_tensor(name, "pack_counts", pack_counts))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_format: Optional[FxpFormat] = None,
@@ -433,8 +441,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, input_fo
     the extra copy. The gradients equal those of ``F.linear`` bit for bit
     (2-D inputs)."""
     args = _layer_args("linear", x, weight, bias, input_format, weight_codes, bias_codes, param_format,
-                       output_format, output_rounding, generator, pack_counts)
-    return _ops.linear(*args)
+                       output_format, output_rounding, generator)
+    return _layer_call("linear", args, pack_counts)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
@@ -446,9 +454,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Seq
     """``torch.conv2d`` with the packed storage and output options of
     :func:`linear`; the gradients equal ``torch.conv2d``'s bit for bit."""
     x, weight, bias, *rest = _layer_args("conv2d", x, weight, bias, input_format, weight_codes, bias_codes,
-                                         param_format, output_format, output_rounding, generator, pack_counts)
-    return _ops.conv2d(x, weight, bias, _pair("conv2d", "stride", stride), _pair("conv2d", "padding", padding),
-                       _pair("conv2d", "dilation", dilation), _int("conv2d", "groups", groups), *rest)
+                                         param_format, output_format, output_rounding, generator)
+    return _layer_call("conv2d", (x, weight, bias, _pair("conv2d", "stride", stride), _pair("conv2d", "padding", padding),
+                                  _pair("conv2d", "dilation", dilation), _int("conv2d", "groups", groups), *rest),
+                       pack_counts)
 
 
 def relu_max_pool2d(x: Tensor, kernel_size: Union[int, Sequence[int]] = 2) -> Tensor:

@@ -108,13 +108,25 @@ at::Tensor conv2d_forward(const at::Tensor& x, const at::Tensor& weight, const s
       output_format, output_rounding, generator);
 }
 
+// Each op's two overloads (without and with pack_counts) as one forward.
+template <auto Forward, class... Args>
+at::Tensor without_counts(Args... args) {
+  return Forward(args..., std::nullopt);
+}
+template <auto Forward, class... Args>
+at::Tensor with_counts(Args... args, const at::Tensor& pack_counts) {
+  return Forward(args..., pack_counts);
+}
+
 }  // namespace
 
 // The forwards run on every backend (ATen ops and fxp's own); the autograd
 // (layers_register.cpp) calls them below the autograd key.
 TORCH_LIBRARY_IMPL(fxp, CompositeExplicitAutograd, m) {
-  m.impl("linear", &linear_forward);
-  m.impl("conv2d", &conv2d_forward);
+  m.impl("linear", &without_counts<&linear_forward, FXP_LINEAR_ARGS>);
+  m.impl("linear.counted", &with_counts<&linear_forward, FXP_LINEAR_ARGS>);
+  m.impl("conv2d", &without_counts<&conv2d_forward, FXP_CONV2D_ARGS>);
+  m.impl("conv2d.counted", &with_counts<&conv2d_forward, FXP_CONV2D_ARGS>);
 }
 
 }  // namespace fxp

@@ -197,27 +197,36 @@ class Conv2dFunction : public torch::autograd::Function<Conv2dFunction> {
   }
 };
 
-// The Autograd kernel of a layer op, with the signature of its C++ entry point:
-// inference saves and packs nothing; otherwise the Function records the graph.
-template <class Signature, auto Entry, class Function>
-struct LayerAutograd;
-template <class... Args, auto Entry, class Function>
-struct LayerAutograd<at::Tensor(Args...), Entry, Function> {
-  static at::Tensor kernel(Args... args) {
-    const auto a = std::forward_as_tuple(args...);
-    if (!any_requires_grad(std::get<0>(a), std::get<1>(a), std::get<2>(a))) {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      return Entry(args...);
-    }
-    return Function::apply(args...);
+// The Autograd kernel of a layer op, over the arguments of its C++ entry point
+// (pack_counts last, absent for the plain overload): inference saves and
+// packs nothing; otherwise the Function records the graph.
+template <auto Entry, class Function, class... Args>
+at::Tensor layer_autograd(const Args&... args) {
+  const auto a = std::forward_as_tuple(args...);
+  if (!any_requires_grad(std::get<0>(a), std::get<1>(a), std::get<2>(a))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return Entry(args...);
   }
-};
+  return Function::apply(args...);
+}
+
+// The kernels of the two overloads of one op (ops.h's entry point picks the overload again below the autograd).
+template <auto Entry, class Function, class... Args>
+at::Tensor plain_autograd(Args... args) {
+  return layer_autograd<Entry, Function>(args..., std::optional<at::Tensor>());
+}
+template <auto Entry, class Function, class... Args>
+at::Tensor counted_autograd(Args... args, const at::Tensor& pack_counts) {
+  return layer_autograd<Entry, Function>(args..., std::optional<at::Tensor>(pack_counts));
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fxp, Autograd, m) {
-  m.impl("linear", &LayerAutograd<decltype(fxp::linear), &fxp::linear, LinearFunction>::kernel);
-  m.impl("conv2d", &LayerAutograd<decltype(fxp::conv2d), &fxp::conv2d, Conv2dFunction>::kernel);
+  m.impl("linear", &plain_autograd<&fxp::linear, LinearFunction, FXP_LINEAR_ARGS>);
+  m.impl("linear.counted", &counted_autograd<&fxp::linear, LinearFunction, FXP_LINEAR_ARGS>);
+  m.impl("conv2d", &plain_autograd<&fxp::conv2d, Conv2dFunction, FXP_CONV2D_ARGS>);
+  m.impl("conv2d.counted", &counted_autograd<&fxp::conv2d, Conv2dFunction, FXP_CONV2D_ARGS>);
 }
 
 }  // namespace fxp
