@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Downloads a dataset fxp-train reads from its official source, verifies it,
-# and leaves the files where fxp-train looks by default (data/<dataset>).
+# and leaves the files in data/<dataset>, where fxp-train looks by default
+# (for Fashion-MNIST it looks in /usr/share/datasets/fashion-mnist, Debian's
+# package: pass --data-dir data/fashion-mnist to use a download instead).
 #
 # Usage: scripts/get_data.sh [DATASET] [DIR]    (--help: this text)
 #   DATASET: fashion-mnist (default), mnist, emnist, cifar10, cifar100
@@ -15,7 +17,7 @@
 # A download resumes from a partial file; a file with a wrong checksum is an
 # error (delete it and rerun). Needs curl, and python3 for EMNIST's zip.
 set -euo pipefail
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0; fi
 
 DATASETS="fashion-mnist mnist emnist cifar10 cifar100"
 if [[ $# -ge 1 && " $DATASETS " == *" $1 "* ]]; then

@@ -204,8 +204,11 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
         raise ValueError(f"{where}: expected a mapping with name, base and blocks")
     _known(grid, GRID_KEYS, where)
     grid.setdefault("name", path.stem)
-    if not isinstance(grid["name"], str) or not grid["name"]:
-        raise ValueError(f"{where}: name must be a non-empty string")  # it names the output directory
+    # It names the output directory, results/<name>: one path component.
+    if (not isinstance(grid["name"], str) or not grid["name"] or "/" in grid["name"] or "\\" in grid["name"]
+            or grid["name"] in (".", "..")):
+        raise ValueError(f"{where}: name must be a non-empty string without '/' (it names the directory "
+                         f"results/<name>), but got {grid['name']!r}")
     check_settings(grid.get("base"), f"{where}, base", keys)
     blocks = grid.get("blocks")
     if not isinstance(blocks, list) or not blocks:

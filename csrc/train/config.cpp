@@ -470,7 +470,13 @@ json read_config_file(const std::string& path) {
 #if defined(FXP_HAVE_YAML)
     try {
       YamlReader reader{path};
-      return reader.convert(YAML::Load(text.str()), 0);
+      // One document: YAML::Load would read the first of several and ignore the rest without a word.
+      const std::vector<YAML::Node> documents = YAML::LoadAll(text.str());
+      if (documents.size() > 1) {
+        throw std::invalid_argument("config file " + path + " holds " + std::to_string(documents.size()) +
+                                    " YAML documents (separated by ---); a config is one");
+      }
+      return reader.convert(documents.empty() ? YAML::Node() : documents.front(), 0);
     } catch (const YAML::Exception& e) {
       throw std::invalid_argument("config file " + path + " is not valid YAML: " + e.what());
     }

@@ -225,6 +225,7 @@ TEST_F(TrainFiles, BadConfigFilesNameTheProblem) {
       {write("broken.json", "{\"method\": "), "is not valid JSON"},
       {write("broken.yaml", "method: [ste\n"), "is not valid YAML"},
       {write("list.yaml", "- method\n"), "expected a mapping"},
+      {write("two.yaml", "epochs: 2\n---\nepochs: 5\n"), "holds 2 YAML documents (separated by ---)"},
       {write("run.toml", "method = 'ste'\n"), "must end in .yaml, .yml or .json"},
   };
   for (const auto& [path, needle] : cases) {

@@ -458,6 +458,7 @@ GOOD_BLOCKS = "blocks:\n  - axes: {seed: [0, 1]}\n"
     ("[1, 2]\n", "expected a mapping with name, base and blocks"),
     ("blocks:\n  - axes: {seed: [0, 1}\n", "line 2, column 23: expected ',' or ']', but got '}'"),
     ("name: [1]\n" + GOOD_BLOCKS, "name must be a non-empty string"),
+    ("name: ../../escape\n" + GOOD_BLOCKS, "name must be a non-empty string without '/'"),  # outside results/
     # typos
     ("blocks:\n  - axis: {method: [ste, sqpu, hteqpu], seed: [0, 1]}\n",
      "block 0: unknown key 'axis' (did you mean 'axes'?)"),  # was 1 run instead of 6
