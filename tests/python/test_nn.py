@@ -102,6 +102,11 @@ def test_quantize_model_refuses_what_its_twins_would_change():
     assert quantize_model(layer, "ste", F8_5, F8_3) is layer and layer.weight_mode == "ste"
 
 
+def test_layers_take_formats_as_fxp_formats():
+    with pytest.raises(TypeError, match=r"QLinear: param_format must be an FxpFormat, but got \(8, 4\)"):
+        QLinear(3, 4, weight_mode="ste", param_format=(8, 4), act_format=F8_3)
+
+
 def test_layers_repr_shows_their_quantization():
     layer = QConv2d(1, 2, 3, weight_mode="qpu", param_format=F16_10, act_format=F16_8)
     assert repr(layer).endswith("stride=(1, 1), weight_mode=qpu, param_format=FxP(16,10), act_format=FxP(16,8), "

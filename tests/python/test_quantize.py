@@ -349,8 +349,10 @@ def test_bad_input_errors():
         fxp.quantize(x, 8, 4, out=torch.empty(4, device="meta"))
     with pytest.raises(RuntimeError, match="expected out to have dtype Float like x, but got Double"):
         fxp.quantize(x, 8, 4, out=torch.empty(4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="frac_bits is required"):
+    with pytest.raises(TypeError, match="or total_bits and frac_bits as two arguments, but got 8 alone"):
         fxp.quantize(x, 8)
+    with pytest.raises(TypeError, match=r"but got \(8, 4\) alone"):
+        fxp.quantize(x, (8, 4))
 
 
 # --- straight-through estimator -------------------------------------------

@@ -55,6 +55,9 @@ class _QuantizedLayer(nn.Module):
             raise ValueError(f"{type(self).__name__}: act_rounding must be 'hte' or 'sr', but got {act_rounding!r}")
         if weight_mode != "fp32" and (param_format is None or act_format is None):
             raise ValueError(f"{type(self).__name__}: weight_mode {weight_mode!r} needs param_format and act_format")
+        for name, fmt in (("param_format", param_format), ("act_format", act_format)):
+            if fmt is not None and not isinstance(fmt, FxpFormat):  # a tuple would fail only at the first forward
+                raise TypeError(f"{type(self).__name__}: {name} must be an FxpFormat, but got {fmt!r}")
         self.weight_mode = weight_mode
         self.param_format = param_format
         self.act_format = act_format

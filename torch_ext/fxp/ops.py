@@ -55,7 +55,8 @@ def _bits(fmt: FormatLike, frac_bits: Optional[int], op: str = "quantize") -> Tu
             raise TypeError(f"fxp.{op}: pass either an FxpFormat or total_bits and frac_bits, not both")
         return fmt.total_bits, fmt.frac_bits
     if frac_bits is None:
-        raise TypeError(f"fxp.{op}: frac_bits is required when the format is given as total_bits")
+        raise TypeError(f"fxp.{op}: the format is an FxpFormat, or total_bits and frac_bits as two arguments, "
+                        f"but got {fmt!r} alone")
     return _int(op, "total_bits", fmt), _int(op, "frac_bits", frac_bits)
 
 
