@@ -357,6 +357,10 @@ void TrainConfig::validate() const {
     bad("update", "chooses AdaPT's update (method adapt); sqpu and hteqpu are quantized updates already");
   }
   one_of("momentum_form", momentum_form, {"standard", "paper_eq6"});
+  if (momentum_form != "standard" && !is_qpu(method) && !(method == "adapt" && update == "qpu")) {
+    bad("momentum_form", "is the QPU step's (methods sqpu and hteqpu, and adapt with update qpu); method " + method +
+                             " steps with torch's SGD");
+  }
   at_least("batch_size", batch_size, 1);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
   one_of("lr_scaling", lr_scaling, {"none", "linear"});
@@ -402,6 +406,7 @@ void TrainConfig::validate() const {
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
     bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
   }
+  if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store");
   if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float");
   if (packed && method == "adapt") {
     bad("packed", update == "qpu" ? "AdaPT's formats change during training; packed storage cannot follow them yet"

@@ -166,6 +166,8 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--packed=maybe"}, "--packed: must be true or false (or yes/no, on/off, 1/0), but got 'maybe'"},
       {{"--epochs", "-1"}, "epochs: must be at least 1"},
       {{"--threads", "100000"}, "threads: must be at most 4096"},
+      {{"--method", "fp32", "--packed"}, "packed: stores fixed-point codes, and fp32 has none to store"},
+      {{"--method", "ste", "--momentum-form", "paper_eq6"}, "momentum_form: is the QPU step's"},
   };
   for (const auto& c : cases) {
     const Parsed p = parse(c.args);
