@@ -14,6 +14,8 @@ from fxp import FxpFormat
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's note that CUDA is absent
 
 FMT = FxpFormat(8, 4)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device on this machine"))]
 
 
 def _grads(fn, leaves):
@@ -24,13 +26,15 @@ def _grads(fn, leaves):
     return out.detach(), [leaf.grad.clone() for leaf in leaves]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("counted", [False, True])
-def test_compiled_layer_ops_equal_eager(counted):
+def test_compiled_layer_ops_equal_eager(counted, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # both runs' convolution backward alike
     torch.manual_seed(0)
-    x = fxp.quantize(torch.randn(3, 2, 6, 6), FMT)  # on the grid, as input_format promises
-    w = torch.randn(4, 2, 3, 3, requires_grad=True)
-    fc = torch.randn(5, 4 * 4 * 4, requires_grad=True)
-    counts = torch.zeros(2, dtype=torch.long) if counted else None
+    x = fxp.quantize(torch.randn(3, 2, 6, 6, device=device), FMT)  # on the grid, as input_format promises
+    w = torch.randn(4, 2, 3, 3, device=device, requires_grad=True)
+    fc = torch.randn(5, 4 * 4 * 4, device=device, requires_grad=True)
+    counts = torch.zeros(2, dtype=torch.long, device=device) if counted else None
 
     def layers(x, w, fc, counts):
         h = fxp.ops.conv2d(x, w, input_format=FMT, output_format=FMT, pack_counts=counts)
