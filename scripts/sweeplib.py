@@ -111,19 +111,37 @@ def same_value(a, b) -> bool:
 
 
 class Loader(yaml.SafeLoader):
-    """YAML with numbers as users write them. PyYAML implements YAML 1.1, whose
-    floats need a dot, so 1e-3 would be the string '1e-3'; this loader reads
-    floats as YAML 1.2 does (1e-3, 1E5, .5, -2.5e+3). Used for grids and --set."""
+    """YAML with scalars read as fxp-train's config reader reads them
+    (csrc/train/config.cpp, YamlReader::plain), so that a grid, --set and
+    `fxp-train -c` agree. PyYAML implements YAML 1.1: its floats need a dot (1e-3
+    would be the string '1e-3'), its integers take C's bases and sexagesimals
+    (010 is 8), and yes/no/on/off are booleans. Here floats are YAML 1.2's (1e-3,
+    1E5, .5, -2.5e+3), integers decimal (010 is 10), and booleans true/false
+    (True/False); anything else is a string, which fxp-train names if its key
+    wants another type. Used for grids, --set and --filter."""
 
 
-Loader.yaml_implicit_resolvers = {  # copied per first character, without YAML 1.1's float rule
-    c: [(tag, rx) for tag, rx in rules if tag != "tag:yaml.org,2002:float"]
+_REPLACED = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:bool")
+Loader.yaml_implicit_resolvers = {  # copied per first character, without YAML 1.1's number and boolean rules
+    c: [(tag, rx) for tag, rx in rules if tag not in _REPLACED]
     for c, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 Loader.add_implicit_resolver(  # a dot or an exponent, so that 1 stays an int
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+(?=[eE]))(?:[eE][-+]?[0-9]+)?$"
                r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."))
+Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|false|False)$"), list("tTfF"))
+
+
+def _decimal_int(loader: Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if not re.fullmatch(r"[-+]?[0-9]+", text):
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a decimal integer", node.start_mark)
+    return int(text, 10)
+
+
+Loader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
 
 
 def _mapping_without_repeats(loader: Loader, node: yaml.MappingNode, deep: bool = False) -> dict:

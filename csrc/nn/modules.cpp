@@ -95,27 +95,38 @@ LayerWeights layer_weights(const torch::Tensor& weight, const torch::Tensor& bia
   return {weight_on_read(weight, c), b, std::nullopt, std::nullopt, std::nullopt};
 }
 
-// Note [Packed layers]: moves a parameter's value into codes (round half to
-// even: exact, the value is on the grid) registered as buffer `name`, a bit
-// stream where Note [Bit-stream storage] says, and leaves the parameter a
-// one-element stand-in of the same shape.
-torch::Tensor pack_parameter(torch::nn::Module& layer, torch::Tensor& parameter, const std::string& name,
-                             const QuantConfig& c) {
+// A parameter's codes (which it must lie on the grid for: QPU's parameters do),
+// in the form Note [Bit-stream storage] says.
+torch::Tensor parameter_codes(const torch::Tensor& parameter, const char* name, const QuantConfig& c) {
   torch::NoGradGuard no_grad;
-  torch::Tensor codes = layer.register_buffer(
-      name, store_codes(pack(parameter, c.param_total_bits, c.param_frac_bits), c.param_total_bits,
-                        /*check_range=*/false));
-  parameter.set_data(torch::zeros({}, parameter.options()).expand(parameter.sizes()));
-  return codes;
+  try {
+    return store_codes(pack(parameter, c.param_total_bits, c.param_frac_bits, "exact"), c.param_total_bits,
+                       /*check_range=*/false);
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, "fxp::nn: packing the ", name, " needs it on the parameter grid, FxP(",
+                      c.param_total_bits, ",", c.param_frac_bits, "), as QPU's initialization puts it; ",
+                      e.what_without_backtrace());
+  }
 }
 
+// Note [Packed layers]: moves the weight's and bias's values into codes
+// registered as buffers weight_codes and bias_codes, and leaves each a
+// one-element stand-in of the same shape. Both are packed before either is
+// replaced, so a refusal changes nothing.
 void pack_layer_weights(torch::nn::Module& layer, torch::Tensor& weight, torch::Tensor& bias, const QuantConfig& c,
                         PackedState& packed, torch::Tensor& weight_codes, torch::Tensor& bias_codes) {
   TORCH_CHECK(c.weight_mode == WeightMode::Qpu, "fxp::nn: only QPU layers (sqpu, hteqpu) can pack their weights; ",
               "STE keeps a float master copy");
   if (packed.weights) return;
-  weight_codes = pack_parameter(layer, weight, "weight_codes", c);
-  if (bias.defined()) bias_codes = pack_parameter(layer, bias, "bias_codes", c);
+  torch::Tensor w = parameter_codes(weight, "weight", c), b;
+  if (bias.defined()) b = parameter_codes(bias, "bias", c);
+  torch::NoGradGuard no_grad;
+  weight_codes = layer.register_buffer("weight_codes", w);
+  weight.set_data(torch::zeros({}, weight.options()).expand(weight.sizes()));
+  if (bias.defined()) {
+    bias_codes = layer.register_buffer("bias_codes", b);
+    bias.set_data(torch::zeros({}, bias.options()).expand(bias.sizes()));
+  }
   packed.weights = true;
 }
 

@@ -127,8 +127,20 @@ void QpuSgd::step_normalized(const Normalization& normalization) {
 }
 
 void QpuSgd::step_groups(const Normalization* normalization) {
+  // Before any group steps: every group's options pass the op's checks (a value
+  // set by hand in a later group would otherwise fail after earlier groups had
+  // stepped), checked again only when they changed, and every parameter to
+  // update can be written, or has codes.
+  checked_options_.resize(param_groups_.size());
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    QpuSgdOptions options = static_cast<const QpuSgdOptions&>(param_groups_[g].options());
+    options.step(0);
+    if (!checked_options_[g] || !(*checked_options_[g] == options)) {
+      check_options(options);
+      checked_options_[g] = options;
+    }
+  }
   last_counts_.clear();
-  // Before any group steps: every parameter to update can be written, or has codes.
   for (size_t g = 0; g < param_groups_.size(); ++g) {
     const auto& group_params = param_groups_[g].params();
     for (size_t k = 0; k < group_params.size(); ++k) {

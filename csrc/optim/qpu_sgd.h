@@ -7,6 +7,7 @@
 #include <torch/optim/serialize.h>
 #include <torch/serialize/archive.h>
 
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -125,6 +126,8 @@ class QpuSgd : public torch::optim::Optimizer {
   void step_groups(const Normalization* normalization);
 
   std::vector<torch::Tensor> last_counts_;
+  // Each group's options (step aside) as last checked: step_groups checks a group again only when they changed.
+  std::vector<std::optional<QpuSgdOptions>> checked_options_;
   std::unordered_map<c10::TensorImpl*, torch::Tensor> packed_codes_;
   bool capturable_ = false;
   std::unordered_map<size_t, DeviceScalars> device_scalars_;

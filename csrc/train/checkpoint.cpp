@@ -64,15 +64,15 @@ void save_checkpoint(const std::string& path, torch::nn::Module& model, torch::o
   atomic_write(path, with_checksum(bytes.str()));
 }
 
-json checkpoint_settings(const std::string& path) {
+CheckpointRecord checkpoint_record(const std::string& path) {
   torch::serialize::InputArchive archive;
   read_checkpoint(path, archive, torch::Device(torch::kCPU));
-  c10::IValue stored;
-  if (!archive.try_read("config", stored)) {
+  c10::IValue stored, state;
+  if (!archive.try_read("config", stored) || !archive.try_read("state", state)) {
     throw std::invalid_argument("checkpoint " + path + " does not record its run's settings; start again with "
                                 "--overwrite");
   }
-  return json::parse(stored.toStringRef());
+  return {json::parse(stored.toStringRef()), json::parse(state.toStringRef()).value("epochs_done", int64_t{0})};
 }
 
 void load_model_weights(const std::string& path, torch::nn::Module& model) {

@@ -32,7 +32,12 @@ RunState load_checkpoint(const std::string& path, torch::nn::Module& model, torc
 // its "model" archive, which must match the model's parameters and buffers.
 void load_model_weights(const std::string& path, torch::nn::Module& model);
 
-// The settings a checkpoint was written with, after its checksum is verified.
-nlohmann::json checkpoint_settings(const std::string& path);
+// What a checkpoint records of its run, after its checksum is verified: the
+// settings it was written with and the epochs it has done.
+struct CheckpointRecord {
+  nlohmann::json settings;
+  int64_t epochs_done = 0;
+};
+CheckpointRecord checkpoint_record(const std::string& path);
 
 }  // namespace fxp::train

@@ -438,6 +438,9 @@ json to_json(const TrainConfig& config) {
 void apply_json(TrainConfig& config, const json& values, const std::string& origin) {
   if (!values.is_object()) throw std::invalid_argument(origin + ": expected a mapping of keys to values");
   for (const auto& [key, value] : values.items()) {
+    // A distributed run's config.json records its process count, which the environment sets, not a
+    // setting: skipped, so that "-c DIR/config.json --resume" reads any run's own file.
+    if (key == "world_size" && value.is_number_integer()) continue;
     auto it = std::find_if(fields().begin(), fields().end(), [&](const auto& f) { return f.first == key; });
     if (it == fields().end()) throw std::invalid_argument(origin + ": unknown key '" + key + "'");
     const json current = it->second.get(config);

@@ -57,26 +57,34 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
   }
   if (!have_checkpoint) return {};  // --resume without a checkpoint starts the run
   // The checkpoint's own record of its settings decides: config.json may be gone, or edited.
-  const json stored = checkpoint_settings(files.checkpoint);
+  const CheckpointRecord record = checkpoint_record(files.checkpoint);
+  const json& stored = record.settings;
   const std::string differ = differing_settings(stored, settings, /*epochs_may_differ=*/true);
   if (!differ.empty()) {
     throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
                                 differ);
   }
+  // Note [Resume adds epochs]: resuming to fewer epochs than the checkpoint has
+  // done would train nothing, yet rewrite the run's files (and a sweep would
+  // then take it for a run of that many epochs); a run that stopped early (early
+  // stopping, a non-finite loss) would train nothing either. The first is
+  // refused; the second is finished as it is, so that a fleet's other members
+  // still go on to their new epochs.
+  const json epochs = settings.value("epochs", json());
+  if (epochs.is_number_integer() && epochs.get<int64_t>() < record.epochs_done) {
+    throw std::invalid_argument("cannot resume from " + files.checkpoint + ": the run has done " +
+                                std::to_string(record.epochs_done) + " epochs, more than epochs " + epochs.dump() +
+                                " (--resume adds epochs; --overwrite trains it again)");
+  }
   if (path_exists(files.summary)) {
-    // A finished run that --resume cannot extend: it would train nothing, yet rewrite its files with the new epochs.
     const json summary = read_summary(files.summary);
-    const json done = summary.value("epochs_completed", json()), reason = summary.value("stop_reason", json());
+    const json reason = summary.value("stop_reason", json());
     if (reason.is_string() && reason != "epochs") {
-      throw std::invalid_argument("output directory " + files.dir + " holds a run that stopped (" +
-                                  reason.get<std::string>() + ") after " + done.dump() +
-                                  " epochs; more epochs would train nothing. --overwrite trains it again");
-    }
-    if (done.is_number_integer() && settings.value("epochs", json()).is_number_integer() &&
-        settings["epochs"].get<int64_t>() <= done.get<int64_t>()) {
-      throw std::invalid_argument("output directory " + files.dir + " holds a run finished after " + done.dump() +
-                                  " epochs; --resume extends it only to more epochs, but epochs is " +
-                                  settings["epochs"].dump());
+      if (options.log) {
+        *options.log << files.dir << " holds a run that stopped (" << reason.get<std::string>() << ") after "
+                     << record.epochs_done << " epochs; more epochs would train nothing, so it stays as it is\n";
+      }
+      return {false, summary};
     }
   }
   if (options.log && stored.value("world_size", json(1)) != settings.value("world_size", json(1))) {

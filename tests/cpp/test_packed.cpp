@@ -232,6 +232,10 @@ TEST(Packed, ClearErrorsForMisuse) {
   fxp::nn::QuantConfig qpu;
   qpu.weight_mode = fxp::nn::WeightMode::Qpu;
   fxp::nn::PaperCNN packed(qpu);
+  // Weights off the grid would be rounded: refused, and nothing is packed.
+  expect_error([&] { packed->pack_(true, true); }, "fxp::nn: packing the weight needs it on the parameter grid, FxP(16,10)");
+  EXPECT_TRUE(packed->packed_storage().empty());
+  packed->quantize_parameters_("stochastic", 0);
   packed->pack_(true, true);
   expect_error([&] { packed->quantize_parameters_("stochastic", 0); }, "must come before pack_");
   fxp::optim::QpuSgd opt(packed->parameters(), fxp::optim::QpuSgdOptions(0.1).total_bits(8).frac_bits(4));

@@ -211,6 +211,27 @@ TEST(QpuSgd, BadOptionsAreRejected) {
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).momentum(std::nan(""))), c10::Error);
 }
 
+// A bad value set by hand in a later group is refused before any group steps.
+TEST(QpuSgd, ABadLaterGroupChangesNothing) {
+  auto a = make_params(2);
+  auto b = make_params(3);
+  QpuSgd opt({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+  set_grads(a, 5);
+  set_grads(b, 6);
+  opt.step();
+  std::vector<torch::Tensor> before;
+  for (const auto& p : a) before.push_back(p.detach().clone());
+  opt.param_groups()[1].options().set_lr(-1.0);
+  set_grads(a, 7);
+  set_grads(b, 8);
+  expect_error([&] { opt.step(); }, "lr must be");
+  for (size_t k = 0; k < a.size(); ++k) EXPECT_TRUE(torch::equal(a[k].detach(), before[k])) << k;
+  EXPECT_EQ(group_step(opt), 1);
+  opt.param_groups()[1].options().set_lr(0.05);
+  opt.step();  // checked again: fine
+  EXPECT_EQ(group_step(opt), 2);
+}
+
 // Issue 11: a parameter without a gradient must not shift the draws of the
 // others (Note [QPU random streams]), and the counts keep one row per parameter.
 TEST(QpuSgd, AParameterWithoutGradientShiftsNoStream) {

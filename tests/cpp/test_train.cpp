@@ -212,7 +212,8 @@ TEST_F(TrainFiles, ConfigFileThenFlagsOverride) {
   EXPECT_TRUE(p.command.config.early_stopping);
   EXPECT_EQ(p.command.config.data_dir, "/data");
 
-  const std::string js = write("run.json", R"({"method": "fp32", "epochs": 7})");
+  // A distributed run's config.json records world_size, which is not a setting: read past, so it resumes with -c.
+  const std::string js = write("run.json", R"({"method": "fp32", "epochs": 7, "world_size": 2})");
   p = parse({"-c", js});
   ASSERT_EQ(p.code, -1) << p.err;
   EXPECT_EQ(p.command.config.method, "fp32");
@@ -813,7 +814,7 @@ TEST_F(TrainRun, ResumeRefusesDamagedOrForeignCheckpoints) {
   const std::string summary = dir_ + "/r/summary.json";
   const std::string finished = ft::read_text(summary), settings = ft::read_text(dir_ + "/r/config.json");
   expect_error([&] { run("r", config_, true); },
-               "holds a run finished after 2 epochs; --resume extends it only to more epochs, but epochs is 1");
+               "the run has done 2 epochs, more than epochs 1 (--resume adds epochs; --overwrite trains it again)");
   EXPECT_EQ(ft::read_text(summary), finished);
   EXPECT_EQ(ft::read_text(dir_ + "/r/config.json"), settings);
   // A damaged summary is named.
@@ -821,6 +822,24 @@ TEST_F(TrainRun, ResumeRefusesDamagedOrForeignCheckpoints) {
   expect_error([&] { run("r", more, true); }, summary + " is not a run summary");
   ft::atomic_write(summary, "{x");
   expect_error([&] { run("r", more, true); }, summary + " is not valid JSON");
+  // Note [Resume adds epochs]: an unfinished run (killed before its summary) too.
+  ft::remove_file(summary);
+  expect_error([&] { run("r", config_, true); }, "the run has done 2 epochs, more than epochs 1");
+  EXPECT_EQ(ft::read_text(dir_ + "/r/config.json"), settings);
+  EXPECT_FALSE(ft::path_exists(summary));
+}
+
+// Note [Resume adds epochs]: a run that stopped early is finished as it is, even when asked for more epochs.
+TEST_F(TrainRun, ResumingARunThatStoppedEarlyLeavesItAsItIs) {
+  ft::TrainConfig diverging = config_;
+  diverging.method = "fp32";
+  diverging.lr = 1e12;
+  const json stopped = run("nan", diverging);
+  ASSERT_EQ(stopped["stop_reason"], "non_finite_loss");
+  const std::string config = ft::read_text(dir_ + "/nan/config.json");
+  diverging.epochs = 3;
+  EXPECT_EQ(run("nan", diverging, true), stopped);
+  EXPECT_EQ(ft::read_text(dir_ + "/nan/config.json"), config);
 }
 
 TEST_F(TrainRun, ASecondRunOnTheSameDirectoryIsRefused) {

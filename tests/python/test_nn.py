@@ -90,8 +90,19 @@ def test_quantize_model_refuses_what_its_twins_would_change():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    with pytest.raises(TypeError, match=r"quantize_model: 1 is a Scaled, a subclass of nn.Linear"):
-        quantize_model(torch.nn.Sequential(torch.nn.Linear(3, 3), Scaled(3, 3)), "ste", F8_5, F8_3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Scaled(3, 3))
+    with pytest.raises(TypeError, match=r"quantize_model: 1 is a Scaled, a subclass of nn.Linear with its own forward"):
+        quantize_model(model, "ste", F8_5, F8_3)
+    assert type(model[0]) is torch.nn.Linear  # nothing replaced before the refusal
+    # A subclass that computes as its base is replaced (nn.MultiheadAttention's out_proj is one).
+    attention = torch.nn.Sequential(torch.nn.MultiheadAttention(4, 2))
+    quantize_model(attention, "ste", F8_5, F8_3)
+    assert isinstance(attention[0].out_proj, QLinear)
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"pack_model_: a \(3, 3\) parameter is shared by two layers"):
+        quantize_model(tied, "sqpu", F8_5, F8_3, packed=True)
+    assert not any(layer.packed_weights for layer in tied)
     hooked = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     hooked[0][0].register_forward_hook(lambda *args: None)
     with pytest.raises(ValueError, match=r"quantize_model: 0.0 has hooks \(_forward_hooks\)"):

@@ -557,6 +557,24 @@ def test_numbers_are_read_as_users_write_them(tmp_path, text, value):
         assert got == value and type(got) is type(value)
 
 
+@requires_fxp_train
+@pytest.mark.parametrize("text,value", [("010", 10), ("+7", 7), ("0x10", "0x10"), ("1_000", "1_000"),
+                                        ("1:30", "1:30"), ("yes", "yes"), ("on", "on"), ("True", True)])
+def test_integers_and_booleans_are_read_as_fxp_train_reads_them(tmp_path, text, value):
+    """Decimal integers (PyYAML's YAML 1.1 reads 010 as 8) and booleans spelled
+    true/false only, as fxp-train's config reader: a grid, --set and -c agree."""
+    got = sweeplib.parse_yaml(text)
+    assert got == value and type(got) is type(value)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"seed: {text}\n")
+    p = subprocess.run([str(sweeplib.DEFAULT_FXP_TRAIN), "-c", str(config), "--print-config"], capture_output=True,
+                       text=True)
+    if isinstance(value, int) and not isinstance(value, bool):
+        assert p.returncode == 0 and json.loads(p.stdout)["seed"] == value
+    else:  # not an integer to either reader
+        assert p.returncode == 2 and "seed" in p.stderr
+
+
 # ---- busy runs: another process holds the run directory's lock -----------------------
 
 class LockHolder:

@@ -12,6 +12,7 @@ from typing import Iterable, Literal, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .format import FxpFormat
 from . import ops as fxp_ops
@@ -362,20 +363,27 @@ class PaperCNN(nn.Module):
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _quantized_twin(path: str, child: nn.Module, layer_kwargs: dict) -> nn.Module:
+def _check_replaceable(path: str, child: nn.Module) -> None:
+    """Refuses a layer whose twin would compute otherwise or lose something."""
+    base = nn.Linear if isinstance(child, nn.Linear) else nn.Conv2d
+    # A subclass that computes as its base (nn.MultiheadAttention's out_proj) has a twin; one with its own
+    # forward, or a parametrization (weight_norm, ...), has none.
+    own_forward = any(getattr(type(child), f) is not getattr(base, f)
+                      for f in ("forward", "_conv_forward") if hasattr(base, f))
+    if own_forward or parametrize.is_parametrized(child):
+        raise TypeError(f"quantize_model: {path} is a {type(child).__name__}, a subclass of nn.{base.__name__} with "
+                        f"{'its own forward' if own_forward else 'parametrizations'}, which its quantized twin "
+                        "would lose; replace it by hand or leave it out of the model")
+    hooked = [h for h in _HOOKS if getattr(child, h, None)]
+    if hooked:
+        raise ValueError(f"quantize_model: {path} has hooks ({', '.join(hooked)}), which would stay on the layer "
+                         "it replaces; quantize the model before registering hooks")
+
+
+def _quantized_twin(child: nn.Module, layer_kwargs: dict) -> nn.Module:
     """The quantized layer that takes ``child``'s place, holding ``child``'s own
     parameter objects: their ``requires_grad``, memory format, ties to other
     modules and any optimizer already built over them carry over."""
-    if type(child) not in (nn.Linear, nn.Conv2d):
-        # A subclass may compute otherwise (its own forward, a parametrization): its twin would not.
-        base = "Linear" if isinstance(child, nn.Linear) else "Conv2d"
-        raise TypeError(f"quantize_model: {path} is a {type(child).__name__}, a subclass of nn.{base} that fxp has "
-                        "no quantized twin of (its own forward or parametrizations would be lost); replace it "
-                        "by hand or leave it out of the model")
-    hooked = [h for h in _HOOKS if getattr(child, h, None)]
-    if hooked:
-        raise ValueError(f"quantize_model: {path} has hooks ({', '.join(hooked)}), which would stay "
-                         "on the layer it replaces; quantize the model before registering hooks")
     if isinstance(child, nn.Linear):
         new = QLinear(child.in_features, child.out_features, child.bias is not None, **layer_kwargs, device="meta")
     else:
@@ -388,21 +396,31 @@ def _quantized_twin(path: str, child: nn.Module, layer_kwargs: dict) -> nn.Modul
     return new
 
 
-def _replace_layers(model: nn.Module, layer_kwargs: dict, path: str = "", twins: Optional[dict] = None) -> None:
-    # twins: a layer used in several places (or twice in one) gets one twin, so it stays shared.
-    twins = {} if twins is None else twins
+def _layer_slots(model: nn.Module, path: str = ""):
+    """(parent, name, path, layer) for every slot that holds a layer, a repeated module in each of its slots."""
     for name, child in list(model._modules.items()):  # every slot: named_children skips a repeated module
         if child is None:
             continue
         child_path = f"{path}.{name}" if path else name
-        if isinstance(child, (QLinear, QConv2d)):
-            child._setup(**layer_kwargs)
-        elif isinstance(child, (nn.Linear, nn.Conv2d)):
-            if id(child) not in twins:
-                twins[id(child)] = _quantized_twin(child_path, child, layer_kwargs)
-            setattr(model, name, twins[id(child)])
+        if isinstance(child, (nn.Linear, nn.Conv2d)):
+            yield model, name, child_path, child
         else:
-            _replace_layers(child, layer_kwargs, child_path, twins)
+            yield from _layer_slots(child, child_path)
+
+
+def _replace_layers(model: nn.Module, layer_kwargs: dict) -> None:
+    slots = list(_layer_slots(model))
+    for _, _, path, layer in slots:  # every refusal before anything changes
+        if not isinstance(layer, (QLinear, QConv2d)):
+            _check_replaceable(path, layer)
+    twins: dict = {}  # a layer used in several places (or twice in one) gets one twin, so it stays shared
+    for parent, name, _, layer in slots:
+        if isinstance(layer, (QLinear, QConv2d)):
+            layer._setup(**layer_kwargs)
+            continue
+        if id(layer) not in twins:
+            twins[id(layer)] = _quantized_twin(layer, layer_kwargs)
+        setattr(parent, name, twins[id(layer)])
 
 
 def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpFormat] = None,
@@ -416,9 +434,12 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     with the update rounding (SR/HTE). With ``packed``, they are then stored as
     integer codes (:func:`pack_model_`; new parameter objects). Returns ``model``.
 
-    Refused: ``model`` itself a layer (it cannot be replaced in place: wrap it
-    in ``nn.Sequential``), subclasses of the two layers (their own forward or
-    parametrizations would be lost) and layers with hooks."""
+    Refused, before anything changes: ``model`` itself a layer (it cannot be
+    replaced in place: wrap it in ``nn.Sequential``), subclasses of the two
+    layers with their own forward or parametrizations (which the twin would
+    lose; one that computes as its base, as ``nn.MultiheadAttention``'s
+    ``out_proj``, is replaced) and layers with hooks. With ``packed``, a
+    parameter shared by two layers is refused too (each layer keeps its own codes)."""
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
     layer_kwargs = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
@@ -442,10 +463,18 @@ def pack_model_(model: nn.Module) -> nn.Module:
     codes and keeps its momentum as codes. Saved inputs are packed per layer,
     by setting ``layer.saved_input_format`` to the format its input lies on
     (only the model knows what feeds a layer; :meth:`PaperCNN.pack_` does it).
-    Call after the model is on its device. Returns ``model``."""
-    for layer in model.modules():
-        if isinstance(layer, (QLinear, QConv2d)) and layer.weight_mode == "qpu":
-            layer.pack_weights_()
+    Call after the model is on its device. Returns ``model``. A parameter
+    shared by two layers is refused before anything is packed: each layer
+    would keep codes of its own, and the tie would be lost."""
+    layers = [m for m in model.modules() if isinstance(m, (QLinear, QConv2d)) and m.weight_mode == "qpu"]
+    owner: dict = {}
+    for layer in layers:
+        for p in layer.parameters(recurse=False):
+            if owner.setdefault(id(p), layer) is not layer:
+                raise ValueError(f"pack_model_: a {tuple(p.shape)} parameter is shared by two layers "
+                                 f"({owner[id(p)]!r} and {layer!r}); packed storage keeps codes per layer")
+    for layer in layers:
+        layer.pack_weights_()
     return model
 
 
