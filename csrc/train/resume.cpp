@@ -1,5 +1,6 @@
 #include "train/resume.h"
 
+#include <optional>
 #include <stdexcept>
 
 #include "train/checkpoint.h"
@@ -37,16 +38,16 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     }
     return {};
   }
-  if (path_exists(files.summary)) {
-    json summary = read_summary(files.summary);
-    // Finished with these very settings: nothing to train, with or without
-    // --resume (a requeued job resumes what may have finished).
-    if (differing_settings(summary["config"], settings, /*epochs_may_differ=*/false).empty()) {
-      if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
-      return {false, summary};
-    }
+  // A finished run's summary, read once.
+  const std::optional<json> summary =
+      path_exists(files.summary) ? std::optional<json>(read_summary(files.summary)) : std::nullopt;
+  // Finished with these very settings: nothing to train, with or without
+  // --resume (a requeued job resumes what may have finished).
+  if (summary && differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false).empty()) {
+    if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
+    return {false, *summary};
   }
-  if (!options.resume && path_exists(files.summary)) {
+  if (!options.resume && summary) {
     throw std::invalid_argument("output directory " + files.dir +
                                 " holds a finished run with other settings; pass --resume to extend it to more epochs, "
                                 "--overwrite to replace it, or choose another --output-dir");
@@ -76,16 +77,13 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
                                 std::to_string(record.epochs_done) + " epochs, more than epochs " + epochs.dump() +
                                 " (--resume adds epochs; --overwrite trains it again)");
   }
-  if (path_exists(files.summary)) {
-    const json summary = read_summary(files.summary);
-    const json reason = summary.value("stop_reason", json());
-    if (reason.is_string() && reason != "epochs") {
-      if (options.log) {
-        *options.log << files.dir << " holds a run that stopped (" << reason.get<std::string>() << ") after "
-                     << record.epochs_done << " epochs; more epochs would train nothing, so it stays as it is\n";
-      }
-      return {false, summary};
+  const json reason = summary ? summary->value("stop_reason", json()) : json();
+  if (reason.is_string() && reason != "epochs") {
+    if (options.log) {
+      *options.log << files.dir << " holds a run that stopped (" << reason.get<std::string>() << ") after "
+                   << record.epochs_done << " epochs; more epochs would train nothing, so it stays as it is\n";
     }
+    return {false, *summary};
   }
   if (options.log && stored.value("world_size", json(1)) != settings.value("world_size", json(1))) {
     *options.log << "note: resuming with " << settings.value("world_size", json(1)) << " processes instead of "

@@ -45,6 +45,13 @@ void round_trip(const QpuSgd& from, QpuSgd& to) {
   to.load(in);
 }
 
+// Two groups of make_params(seed_a) and make_params(seed_b) with options().
+QpuSgd two_groups(std::vector<torch::Tensor>& a, std::vector<torch::Tensor>& b, int64_t seed_a, int64_t seed_b) {
+  a = make_params(seed_a);
+  b = make_params(seed_b);
+  return QpuSgd({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+}
+
 int64_t group_step(QpuSgd& opt) { return static_cast<QpuSgdOptions&>(opt.param_groups()[0].options()).step(); }
 
 TEST(QpuSgd, EqualsTheFusedOpWithItsStreams) {
@@ -192,9 +199,8 @@ TEST(QpuSgd, LearningRateCanChangeBetweenSteps) {
 }
 
 TEST(QpuSgd, GroupsDrawFromTheirOwnSeeds) {
-  auto a = make_params(2);
-  auto b = make_params(2);
-  QpuSgd opt({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+  std::vector<torch::Tensor> a, b;
+  QpuSgd opt = two_groups(a, b, 2, 2);
   EXPECT_EQ(static_cast<QpuSgdOptions&>(opt.param_groups()[1].options()).seed(), 22);
   set_grads(a, 5);
   set_grads(b, 5);
@@ -213,9 +219,8 @@ TEST(QpuSgd, BadOptionsAreRejected) {
 
 // A bad value set by hand in a later group is refused before any group steps.
 TEST(QpuSgd, ABadLaterGroupChangesNothing) {
-  auto a = make_params(2);
-  auto b = make_params(3);
-  QpuSgd opt({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+  std::vector<torch::Tensor> a, b;
+  QpuSgd opt = two_groups(a, b, 2, 3);
   set_grads(a, 5);
   set_grads(b, 6);
   opt.step();
@@ -252,9 +257,8 @@ TEST(QpuSgd, AParameterWithoutGradientShiftsNoStream) {
 }
 
 TEST(QpuSgd, CountsOfEveryGroupConcatenateToOneRowPerParameter) {
-  auto a = make_params(4);
-  auto b = make_params(5);
-  QpuSgd opt({torch::optim::OptimizerParamGroup(a), torch::optim::OptimizerParamGroup(b)}, options());
+  std::vector<torch::Tensor> a, b;
+  QpuSgd opt = two_groups(a, b, 4, 5);
   set_grads(a, 1);
   set_grads(b, 2);
   b[2].mutable_grad() = torch::Tensor();
