@@ -175,8 +175,8 @@ class AdaptController:
           format (:meth:`fxp.optim.QPUSGD.change_format`). The optimizer's step
           hooks do not run.
         - A ``torch.optim.SGD`` over exactly the adapted layers' parameters, in
-          one group, without dampening, ``maximize``, strided tensors or step
-          hooks (STE layers): one pass,
+          one group, without dampening, ``maximize``, strided momentum buffers or
+          step hooks (STE layers; strided parameters step in a contiguous copy): one pass,
           ``fxp.adapt_sgd_step_``, with torch's formula; its momentum buffers
           stay in the optimizer's state.
         - Any other optimizer (STE layers): :meth:`after_backward` (which
