@@ -96,7 +96,13 @@ json to_json(const MemoryEstimate& e) {
   return {{"accounting", e.accounting}, {"terms", terms}, {"total_bytes", e.total_bytes()}};
 }
 
-json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method,
+std::string memory_counted_as(const std::string& method, const std::string& adapt_update) {
+  if (method == "adapt") return adapt_update == "qpu" ? "sqpu" : "ste";
+  if (method == "msq") return "fp32";
+  return method;
+}
+
+json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method, const std::string& counted_as,
                     const std::string& inference_rounding, int64_t param_bits, int64_t out_bits, bool with_momentum,
                     int64_t batch_size) {
   const ModelCounts c = model_counts(rows);
@@ -108,7 +114,8 @@ json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& me
   }
   report["table1"] = {{"layers", layers},
                       {"totals", {{"inputs", c.saved_inputs}, {"rounded", c.rounded_outputs}, {"parameters", c.parameters}}}};
-  report["config"] = {{"method", method},         {"inference_rounding", inference_rounding},
+  report["config"] = {{"method", method},         {"memory_counted_as", counted_as},
+                      {"inference_rounding", inference_rounding},
                       {"param_bits", param_bits}, {"out_bits", out_bits},
                       {"momentum", with_momentum}, {"batch_size", batch_size}};
 
@@ -184,6 +191,14 @@ std::string describe_model_text(const json& report) {
   }
   out << "\nTraining memory (Eq. 5), " << cfg["param_bits"].get<int64_t>() << "-bit parameters, "
       << cfg["out_bits"].get<int64_t>() << "-bit outputs, batch " << cfg["batch_size"].get<int64_t>() << "\n";
+  const std::string method = cfg["method"].get<std::string>();
+  if (method != cfg.value("memory_counted_as", method)) {
+    out << "  (method " << method << " is counted as " << cfg["memory_counted_as"].get<std::string>()
+        << (method == "adapt" ? " at its start format; its layers' widths change as it trains, and each run's "
+                                "summary.json counts them at their final widths"
+                              : "")
+        << ")\n";
+  }
   for (const std::string accounting : {"paper", "full"}) {
     out << "  accounting '" << accounting << "'" << (accounting == "paper" ? " (reproduces the paper's ratios)" : "")
         << ":\n";

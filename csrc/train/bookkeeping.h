@@ -58,10 +58,18 @@ MemoryEstimate estimate_memory(const ModelCounts& counts, const std::string& acc
 
 nlohmann::json to_json(const MemoryEstimate& estimate);
 
+// The paper's method (fp32, ste, sqpu, hteqpu) whose accounting counts a run
+// of `method`: AdaPT keeps a float32 master copy read quantized (ste) or, with
+// update qpu, none (sqpu); MSQ trains a float32 master copy with float
+// activations (fp32; the forward's transient quantized weights are not counted).
+std::string memory_counted_as(const std::string& method, const std::string& adapt_update);
+
 // The whole --describe-model report for one configuration, as JSON and as text.
+// counted_as: memory_counted_as(method, ...), with param_bits and out_bits the
+// widths it is counted at (AdaPT: its start format).
 nlohmann::json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method,
-                              const std::string& inference_rounding, int64_t param_bits, int64_t out_bits,
-                              bool with_momentum, int64_t batch_size);
+                              const std::string& counted_as, const std::string& inference_rounding,
+                              int64_t param_bits, int64_t out_bits, bool with_momentum, int64_t batch_size);
 std::string describe_model_text(const nlohmann::json& report);
 
 }  // namespace fxp::train

@@ -306,11 +306,44 @@ std::string TrainConfig::run_name() const {
     name << "-p" << param_bits << "." << param_frac << "-o" << out_bits << "." << out_frac << "-"
          << inference_rounding;
   }
+  if (momentum_form != "standard") name << "-" << momentum_form;
   if (bn_recalibration_batches > 0) name << "-bnr" << bn_recalibration_batches;
   name << "-b" << batch_size << "-s" << seed;
   if (packed) name << "-packed";
   if (distributed) name << "-dist";
   return name.str();
+}
+
+// Note [Settings without effect]
+// A setting the run's method, scheduler or early stopping does not read is
+// named in the run's log, not refused: a grid's base may hold the settings of
+// its other blocks' methods (msq-resnet20.yaml gives its fp32 block MSQ's).
+// Settings that would change what a method does if it read them (l1_decay,
+// update, momentum_form, packed) are refused by validate() instead.
+std::vector<std::string> TrainConfig::settings_without_effect() const {
+  const json mine = to_json(*this), defaults = to_json(TrainConfig{});
+  std::vector<std::string> notes;
+  const auto unread = [&](const std::string& key, const std::string& why) {
+    if (mine[key] != defaults[key]) notes.push_back(key + " = " + mine[key].dump() + " has no effect: " + why);
+  };
+  const bool float_layers = method == "fp32" || method == "msq";
+  for (const std::string key : {"param_bits", "param_frac", "out_bits", "out_frac"}) {
+    if (float_layers) unread(key, "method " + method + " keeps float layer outputs" +
+                                      (method == "msq" ? " and MSQ's own weight widths (msq_start_bits)" : ""));
+    if (method == "adapt") unread(key, "method adapt starts every layer at adapt_start_bits and adapt_start_frac");
+  }
+  if (float_layers) unread("inference_rounding", "method " + method + " rounds no layer outputs");
+  for (const auto& [key, f] : fields()) {
+    if (method != "adapt" && key.rfind("adapt_", 0) == 0) unread(key, "it is AdaPT's (method adapt)");
+    if (method != "msq" && key.rfind("msq_", 0) == 0) unread(key, "it is MSQ's (method msq)");
+    if (scheduler != "plateau" && key.rfind("plateau_", 0) == 0) unread(key, "scheduler is " + scheduler);
+  }
+  if (!early_stopping) {
+    for (const std::string key : {"early_stopping_patience", "early_stopping_min_epochs"}) {
+      unread(key, "early_stopping is off");
+    }
+  }
+  return notes;
 }
 
 void TrainConfig::validate() const {

@@ -102,6 +102,9 @@ struct TrainConfig {
   std::string run_name() const;
   // Throws std::invalid_argument naming the key and the bad value.
   void validate() const;
+  // Settings changed from their defaults that this run does not read, one
+  // line each (Note [Settings without effect]).
+  std::vector<std::string> settings_without_effect() const;
 };
 
 // QPU methods (sqpu, hteqpu) keep no float master copy; their update rounding

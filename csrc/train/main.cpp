@@ -124,8 +124,11 @@ int main(int argc, char** argv) {
     if (command.mode == Mode::PrintConfigs) return print_configs(command.configs_file, c, std::cin, std::cout);
     if (command.mode == Mode::DescribeModel) {
       const auto model = build_network(c);
-      auto report = describe_model(model->describe(), c.method, c.inference_rounding, c.param_bits, c.out_bits,
-                                   c.momentum > 0, c.batch_size);
+      // AdaPT is counted at its start format (its layers' formats change as it trains).
+      const bool adapt = c.method == "adapt";
+      auto report = describe_model(model->describe(), c.method, memory_counted_as(c.method, c.update),
+                                   c.inference_rounding, adapt ? c.adapt_start_bits : c.param_bits,
+                                   adapt ? c.adapt_start_bits : c.out_bits, c.momentum > 0, c.batch_size);
       report["model"] = c.model;
       report["dataset"] = c.dataset;
       std::cout << (command.json ? report.dump(2) + "\n" : describe_model_text(report));

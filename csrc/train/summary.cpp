@@ -64,8 +64,7 @@ json make_summary(const RunRecord& r) {
   for (const auto& p : r.training.model->parameters()) n_params += p.numel();
   const ModelCounts counts = model_counts(r.training.model->describe());
   json memory_model = json::object();
-  // AdaPT keeps a master copy and reads it quantized (STE's accounting), or,
-  // with update qpu, none (SQPU's); both at the widest layer's final format,
+  // AdaPT is counted (memory_counted_as) at the widest layer's final format,
   // the largest any layer needs at the end (an upper bound; adapt's
   // training_state below counts each layer at its own width).
   // The adapted layers' parameters, their sum of bit widths and the widest.
@@ -80,15 +79,9 @@ json make_summary(const RunRecord& r) {
       widest = std::max(widest, bits);
     }
   }
-  std::string method_for_memory = config.method;
+  const std::string method_for_memory = memory_counted_as(config.method, config.update);
   int64_t memory_bits = config.param_bits, memory_out_bits = config.out_bits;
-  if (config.method == "adapt") {
-    method_for_memory = config.update == "qpu" ? "sqpu" : "ste";
-    memory_bits = memory_out_bits = widest;
-  }
-  // MSQ trains a float32 master copy with float activations: fp32's accounting
-  // (the forward's transient quantized weights are not counted).
-  if (config.method == "msq") method_for_memory = "fp32";
+  if (config.method == "adapt") memory_bits = memory_out_bits = widest;
   for (const std::string accounting : {"paper", "full"}) {
     const auto estimate = [&](const std::string& method) {
       return estimate_memory(counts, accounting, method, memory_bits, memory_out_bits, config.momentum > 0,

@@ -109,9 +109,45 @@ TEST(TrainCli, DatasetDefaults) {
   p = parse({"--method", "adapt", "--adapt-lookback-min", "5", "--adapt-lookback-max", "9", "--l1-decay", "0.001"});
   ASSERT_EQ(p.code, -1) << p.err;
   EXPECT_EQ(p.command.config.run_name(), "adapt-start8.4-buf4-lb5.9-l1_0.001-b64-s0");
+  // The paper's Eq. 6 momentum form is named; the standard form, the default, is not.
+  p = parse({"--method", "hteqpu", "--momentum-form", "paper_eq6"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.run_name(), "hteqpu-p16.10-o16.8-sr-paper_eq6-b64-s0");
   p = parse({"--model", "vgg"});
   EXPECT_NE(p.code, -1);
   EXPECT_NE(p.err.find("vgg"), std::string::npos) << p.err;
+}
+
+// Note [Settings without effect]: changed settings the run does not read are
+// named, with the reason; defaults and the settings it reads are not.
+TEST(TrainConfig, SettingsWithoutEffectAreNamed) {
+  Parsed p = parse({});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_TRUE(p.command.config.settings_without_effect().empty());
+  p = parse({"--method", "fp32", "--param-bits", "8", "--param-frac", "4", "--inference-rounding", "hte",
+             "--msq-alpha", "0.5", "--adapt-buffer-bits", "8", "--plateau-patience", "3",
+             "--early-stopping-patience", "4"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  const std::vector<std::string> fp32 = p.command.config.settings_without_effect();
+  const std::vector<std::string> expected = {
+      "param_bits = 8 has no effect: method fp32 keeps float layer outputs",
+      "param_frac = 4 has no effect: method fp32 keeps float layer outputs",
+      "inference_rounding = \"hte\" has no effect: method fp32 rounds no layer outputs",
+      "adapt_buffer_bits = 8 has no effect: it is AdaPT's (method adapt)",
+      "msq_alpha = 0.5 has no effect: it is MSQ's (method msq)",
+      "plateau_patience = 3 has no effect: scheduler is none",
+      "early_stopping_patience = 4 has no effect: early_stopping is off"};
+  EXPECT_EQ(fp32, expected);
+  // The same settings where the run reads them: none is named.
+  p = parse({"--method", "ste", "--param-bits", "8", "--param-frac", "4", "--inference-rounding", "hte",
+             "--scheduler", "plateau", "--plateau-patience", "3", "--early-stopping", "--early-stopping-patience", "4"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_TRUE(p.command.config.settings_without_effect().empty());
+  p = parse({"--method", "adapt", "--out-bits", "12", "--adapt-buffer-bits", "8", "--inference-rounding", "hte"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.settings_without_effect(),
+            std::vector<std::string>{
+                "out_bits = 12 has no effect: method adapt starts every layer at adapt_start_bits and adapt_start_frac"});
 }
 
 TEST(TrainCli, FlagsSetEveryKind) {
@@ -432,7 +468,7 @@ TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
 
 TEST(Bookkeeping, DescribeModelReport) {
   fxp::nn::PaperCNN model(fxp::nn::QuantConfig{});
-  const json report = ft::describe_model(model->describe(), "sqpu", "sr", 16, 16, true, 16);
+  const json report = ft::describe_model(model->describe(), "sqpu", "sqpu", "sr", 16, 16, true, 16);
   EXPECT_EQ(report["table1"]["totals"]["parameters"], 184490);
   EXPECT_EQ(report["table1"]["layers"].size(), 7u);
   EXPECT_NEAR(report["memory"]["paper"]["methods"]["sqpu"]["ratio_to_ste"].get<double>(), 0.57, 0.005);
@@ -441,6 +477,17 @@ TEST(Bookkeeping, DescribeModelReport) {
   for (const char* needle : {"29082", "22666", "184490", "Table 3", "Figure 2"}) {
     EXPECT_NE(text.find(needle), std::string::npos) << needle;
   }
+  EXPECT_EQ(text.find("is counted as"), std::string::npos);
+  // AdaPT and MSQ are counted as one of the paper's methods, which the text says.
+  EXPECT_EQ(ft::memory_counted_as("adapt", "float"), "ste");
+  EXPECT_EQ(ft::memory_counted_as("adapt", "qpu"), "sqpu");
+  EXPECT_EQ(ft::memory_counted_as("msq", "float"), "fp32");
+  EXPECT_EQ(ft::memory_counted_as("hteqpu", "float"), "hteqpu");
+  const json adapt = ft::describe_model(model->describe(), "adapt", "ste", "sr", 8, 8, true, 16);
+  EXPECT_EQ(adapt["config"]["memory_counted_as"], "ste");
+  const std::string adapt_text = ft::describe_model_text(adapt);
+  EXPECT_NE(adapt_text.find("8-bit parameters"), std::string::npos) << adapt_text;
+  EXPECT_NE(adapt_text.find("(method adapt is counted as ste at its start format"), std::string::npos) << adapt_text;
 }
 
 // ---- short runs on the Debian Fashion-MNIST ----------------------------------------
