@@ -27,7 +27,7 @@ from statistics import median
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, finish  # noqa: E402
+from bench_report import BenchReport, finish, positive_list  # noqa: E402
 from bench_train import measure  # noqa: E402
 
 
@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
     p.add_argument("--model", default="paper_cnn", choices=["paper_cnn", "lenet5"])
-    p.add_argument("--batch-sizes", default="1,4,16,64")
-    p.add_argument("--fleet-sizes", default="8,32,80", help="K, the members of each fleet")
+    p.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,4,16,64"),
+                   help="comma-separated (default: 1,4,16,64)")
+    p.add_argument("--fleet-sizes", type=positive_list, default=positive_list("8,32,80"),
+                   help="K, the members of each fleet, comma-separated (default: 8,32,80)")
     p.add_argument("--steps", type=int, default=32, help="timed training steps per point")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
@@ -72,15 +74,13 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in ("fp32", "ste", "sqpu", "hteqpu"):
             raise SystemExit(f"bench_fleet.py: fleets train fp32, ste, sqpu and hteqpu, not {m!r}")
-    sizes = [int(k) for k in args.fleet_sizes.split(",")]
-    if any(k < 1 for k in sizes):
-        raise SystemExit("bench_fleet.py: fleet sizes must be at least 1")
+    sizes = args.fleet_sizes
     if args.repeats < 1:
         raise SystemExit("bench_fleet.py: --repeats must be at least 1")
 
     rows, table = [], []
     for method in methods:
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for batch in args.batch_sizes:
             images = max(32, args.steps * batch)
             solos, fleets = [], {k: [] for k in sizes}
             for r in range(args.repeats):

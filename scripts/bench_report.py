@@ -14,6 +14,17 @@ from rich.console import Console
 from rich.table import Table
 
 
+def positive_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; argparse reports anything else."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, but got {text!r}")
+    return values
+
+
 class BenchReport:
     def __init__(self, header: str, notes: str) -> None:
         self.console = Console(width=120)

@@ -26,7 +26,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, finish  # noqa: E402
+from bench_report import BenchReport, finish, positive_list  # noqa: E402
 
 
 VARIANTS = ("packed", "graphs")  # METHOD:VARIANT[:VARIANT]
@@ -41,16 +41,33 @@ def split_method(method: str) -> tuple[str, list[str]]:
     return name, variants
 
 
+def method_flags(method: str, model: str, device: str) -> list[str]:
+    """fxp-train's flags for one METHOD[:VARIANT...] of the table."""
+    name, variants = split_method(method)
+    return ["--model", model, "--method", name, f"--packed={'true' if 'packed' in variants else 'false'}",
+            f"--cuda-graphs={'true' if 'graphs' in variants else 'false'}", "--device", device]
+
+
+def check_method(fxp_train: str, method: str, model: str, device: str) -> None:
+    """Exits with fxp-train's own message where it would refuse the method (an unknown name, packed
+    storage on a model without it, ...), before minutes of measuring."""
+    try:
+        p = subprocess.run([fxp_train, *method_flags(method, model, device), "--print-config"],
+                           capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"bench_train.py: cannot run {fxp_train}: {e} (build it with scripts/setup.sh)") from None
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or [f"fxp-train exited with {p.returncode}"])[0]
+        raise SystemExit(f"bench_train.py: --methods {method}: {why}")
+
+
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
             threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = ()) -> dict:
     """One point: fxp-train for two epochs; the second epoch's training images/s."""
-    name, variants = split_method(method)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [fxp_train, "--model", model, "--method", name, "--batch-size", str(batch), "--epochs", "2",
-               f"--packed={'true' if 'packed' in variants else 'false'}",
-               f"--cuda-graphs={'true' if 'graphs' in variants else 'false'}",
+        cmd = [fxp_train, *method_flags(method, model, device), "--batch-size", str(batch), "--epochs", "2",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
-               "--device", device, "--threads", str(threads), "-o", tmp, "--quiet"]
+               "--threads", str(threads), "-o", tmp, "--quiet"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
         cmd += list(extra)
@@ -71,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="fp32,ste,sqpu,hteqpu",
                    help="comma-separated; METHOD:packed runs fxp-train --packed, METHOD:graphs --cuda-graphs, "
                         "METHOD:packed:graphs both")
-    p.add_argument("--batch-sizes", default="1,4,16,64,256,1024")
+    p.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,4,16,64,256,1024"),
+                   help="comma-separated (default: 1,4,16,64,256,1024)")
     p.add_argument("--model", default="paper_cnn", help="fxp-train --model (docs/models.md)")
     p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
     p.add_argument("--val-images", type=int, default=2000)
@@ -85,8 +103,8 @@ def main(argv=None) -> int:
 
     rows = []
     for method in args.methods.split(","):  # every name checked before minutes of measuring
-        split_method(method)
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        check_method(args.fxp_train, method, args.model, args.device)
+    for batch in args.batch_sizes:
         images = min(60000, max(1024, args.steps * batch))
         for method in args.methods.split(","):
             r = measure(args.fxp_train, method, batch, images, args.val_images, args.device, args.threads,
