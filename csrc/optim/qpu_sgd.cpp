@@ -169,7 +169,8 @@ void QpuSgd::step_groups(const Normalization* normalization) {
       torch::Tensor storage = is_packed ? packed->second : p.contiguous();
       if (!storage.is_same(p) && !is_packed) strided.emplace_back(p, storage);
       params.push_back(storage);
-      grads.push_back(p.grad().contiguous());
+      // A sparse gradient has no contiguous form; the op names it.
+      grads.push_back(p.grad().layout() == torch::kStrided ? p.grad().contiguous() : p.grad());
       streams.push_back(static_cast<int64_t>(k));  // Note [QPU random streams]: the position in the group
       if (normalization != nullptr) {
         accumulated.push_back(normalization->accumulated[group_index][k]);
@@ -252,13 +253,18 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
 
 // Note [QPU format change] (ops/qpu_sgd/qpu_sgd_register.cpp): the group's
 // parameters, and its momentum buffers when they follow the parameter format,
-// rounded onto the new grid by fxp::qpu_change_format_.
+// rounded onto the new grid by fxp::qpu_change_format_. The momentum follows
+// when its format is the parameters' (unset, or set to the same), as
+// fxp.optim.QPUSGD.change_format has it; another momentum format stays.
 void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) {
   TORCH_CHECK(group < param_groups_.size(), kName, ": change_format of group ", group, ", but there are ",
               param_groups_.size());
   auto& o = static_cast<QpuSgdOptions&>(param_groups_[group].options());
+  const bool follows = o.momentum_total_bits() < 0 ||
+                       (o.momentum_total_bits() == o.total_bits() && o.momentum_frac_bits() == o.frac_bits());
   QpuSgdOptions changed = o;
   changed.total_bits(total_bits).frac_bits(frac_bits);
+  if (follows && o.momentum_total_bits() >= 0) changed.momentum_total_bits(total_bits).momentum_frac_bits(frac_bits);
   check_options(changed);
   const auto& params = param_groups_[group].params();
   for (const auto& p : params) {  // before anything changes
@@ -267,7 +273,7 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   }
   std::vector<torch::Tensor> buffers;
   std::vector<int64_t> positions;
-  if (o.momentum_total_bits() < 0) {  // the momentum follows the parameter format
+  if (follows) {
     for (size_t k = 0; k < params.size(); ++k) {
       const auto it = state_.find(params[k].unsafeGetTensorImpl());
       if (it == state_.end()) continue;
@@ -277,7 +283,7 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   }
   torch::NoGradGuard no_grad;
   fxp::qpu_change_format_(params, buffers, positions, total_bits, frac_bits, o.rounding(), o.seed(), o.step());
-  o.total_bits(total_bits).frac_bits(frac_bits);
+  o = changed;
 }
 
 QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& device) {

@@ -367,6 +367,33 @@ TEST(AdaptQuantizedUpdates, ChangeFormatRoundsParametersAndMomentum) {
   EXPECT_TRUE(torch::equal(a.detach(), a_before)) << "the group changed before the refusal";
 }
 
+// The momentum follows a format change when its format is the parameters',
+// unset or set to the same (as in fxp.optim.QPUSGD); another one stays.
+TEST(AdaptQuantizedUpdates, MomentumFollowsAFormatChangeWhenItIsTheParameterFormat) {
+  for (const bool same : {true, false}) {
+    torch::manual_seed(1);
+    auto w = fxp::quantize(torch::randn({512}), 12, 8).requires_grad_();
+    fxp::optim::QpuSgd opt({w}, fxp::optim::QpuSgdOptions(0.01).momentum(0.9).total_bits(12).frac_bits(8)
+                                    .momentum_total_bits(12).momentum_frac_bits(same ? 8 : 9));
+    w.mutable_grad() = torch::randn({512});
+    opt.step();
+    const auto& state = static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(w.unsafeGetTensorImpl()));
+    const auto momentum = state.momentum_buffer().clone();
+    opt.change_format(0, 8, 4);
+    const auto& o = static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[0].options());
+    if (same) {
+      EXPECT_TRUE(on_grid(state.momentum_buffer(), {8, 4}));
+      EXPECT_FALSE(torch::equal(state.momentum_buffer(), momentum));
+      EXPECT_EQ(o.momentum_total_bits(), 8);
+      EXPECT_EQ(o.momentum_frac_bits(), 4);
+    } else {
+      EXPECT_TRUE(torch::equal(state.momentum_buffer(), momentum));
+      EXPECT_EQ(o.momentum_total_bits(), 12);
+      EXPECT_EQ(o.momentum_frac_bits(), 9);
+    }
+  }
+}
+
 // Note [AdaPT with QPU]: the optimizer's groups follow their layers' formats
 // through the switches, and the parameters stay on their layer's grid.
 TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {

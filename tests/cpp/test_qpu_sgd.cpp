@@ -217,6 +217,15 @@ TEST(QpuSgd, BadOptionsAreRejected) {
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).momentum(std::nan(""))), c10::Error);
 }
 
+// A sparse gradient (nn::Embedding with sparse) is named by the op, not by a failed .contiguous().
+TEST(QpuSgd, ASparseGradientIsNamed) {
+  auto w = torch::zeros({4, 2}).requires_grad_();
+  QpuSgd opt({w}, QpuSgdOptions(0.1));
+  w.mutable_grad() = torch::ones({4, 2}).to_sparse();
+  expect_error([&] { opt.step(); }, "grads[0] is a Sparse tensor; the QPU step takes dense ones");
+  EXPECT_TRUE(torch::equal(w.detach(), torch::zeros({4, 2})));
+}
+
 // A bad value set by hand in a later group is refused before any group steps.
 TEST(QpuSgd, ABadLaterGroupChangesNothing) {
   std::vector<torch::Tensor> a, b;

@@ -128,6 +128,19 @@ def test_layers_repr_shows_their_quantization():
     assert repr(layer).endswith("act_rounding=sr, packed)")
 
 
+def test_qpu_initialization_leaves_fp32_layers_alone():
+    """A layer in fp32 mode has no grid: its values stay, and the quantized layer's stream is offset 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QLinear(4, 3, bias=False), QLinear(3, 2, bias=False, weight_mode="qpu",
+                                                                   param_format=F8_5, act_format=F8_3))
+    float_weights = [p.detach().clone() for p in model.parameters()]
+    fxp.nn.quantize_layer_parameters_(model, seed=7)
+    assert torch.equal(model[0].weight, float_weights[0])
+    key = (7 + 0x9E3779B97F4A7C15) % 2**64  # the initialization's key (docs/design.md), 2**64 - 1 as -1 alike
+    expected = fxp.ops.quantize_seeded(float_weights[1], F8_5, rounding="stochastic", seed=key, offset=0)
+    assert torch.equal(model[1].weight, expected)
+
+
 def test_qpu_initialization_gives_every_tensor_its_own_stream():
     """Layers with identical float weights must not round identically: the
     model-level init gives tensor k offset k, like fxp.optim.quantize_parameters_."""

@@ -265,3 +265,17 @@ def test_a_bad_group_refuses_the_whole_step():
     _steps(first + second, opt, 2)
     _steps(copies, reference, 2)
     assert all(same_bits(p.detach(), q.detach()) for p, q in zip(first + second, copies))
+
+
+def test_a_sparse_gradient_is_named():
+    """nn.Embedding(sparse=True) gives sparse gradients, which the step does not take: the op says so,
+    and the parameter is unchanged (torch's .contiguous() of one used to fail with "unsupported memory format")."""
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    fxp.optim.quantize_parameters_(embedding.parameters(), FxpFormat(16, 10))
+    before = embedding.weight.detach().clone()
+    opt = QPUSGD(embedding.parameters(), lr=0.1, momentum=0.9)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"fxp::qpu_sgd_step_: grads\[0\] is a Sparse tensor; the QPU step takes "
+                                           r"dense ones .*\.to_dense\(\)"):
+        opt.step()
+    assert same_bits(embedding.weight.detach(), before)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .format import FxpFormat
 from .nn import QConv2d, QLinear
+from .ops import _int, _number, _str
 from .optim import QPUSGD
 
 __all__ = ["AdaptController"]
@@ -121,7 +122,8 @@ class AdaptController:
         self._core = torch.classes.fxp.AdaptController(
             self._names, [p for ps in parameters for p in ps], [len(ps) for ps in parameters],
             [start.total_bits, start.frac_bits], _pair("resolution", resolution), _pair("lookback", lookback),
-            float(lookback_momentum), int(buffer_bits), str(strategy), str(log_form), float(l1))
+            _number("adapt", "lookback_momentum", lookback_momentum), _int("adapt", "buffer_bits", buffer_bits),
+            _str("adapt", "strategy", strategy), _str("adapt", "log_form", log_form), _number("adapt", "l1", l1))
         self._l1 = float(l1)
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
         self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 MIN_TOTAL_BITS = 2
@@ -24,8 +25,9 @@ class FxpFormat:
     def __post_init__(self) -> None:
         for name in ("total_bits", "frac_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's ints too
                 raise TypeError(f"FxpFormat: {name} must be an int, but got {value!r}")
+            object.__setattr__(self, name, int(value))  # a plain int, so that equal formats print and hash alike
         if not MIN_TOTAL_BITS <= self.total_bits <= MAX_TOTAL_BITS:
             raise ValueError(
                 f"FxpFormat: total_bits must be in [{MIN_TOTAL_BITS}, {MAX_TOTAL_BITS}], "

@@ -36,14 +36,13 @@ Gradients are straight through: ``d quantized / d w = 1`` and
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .ops import _int, _tensor
+from .ops import _bool, _int, _number, _seed, _tensor
 
 __all__ = ["MsqController", "round_clamp", "round_clamp_codes", "round_clamp_lsb"]
 
@@ -51,9 +50,7 @@ _ops = torch.ops.fxp
 
 
 def _scale(op: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"fxp.msq.{op}: scale must be a number, but got {value!r}")
-    return float(value)
+    return _number(f"msq.{op}", "scale", value)
 
 
 def round_clamp(w: Tensor, scale: float, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -106,12 +103,6 @@ class _RoundClampWeight(nn.Module):
         return f"bits={self.bits}, scale={self.scale:g}"
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"fxp.msq: {name} must be a number, but got {value!r}")
-    return float(value)
-
-
 class MsqController:
     """MSQ over ``model``'s ``nn.Conv2d`` and ``nn.Linear`` layers (module order).
 
@@ -140,8 +131,7 @@ class MsqController:
                  alpha: float = 0.95, hessian: bool = True, hessian_samples: int = 16) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"fxp.msq: model must be a torch.nn.Module, but got {type(model).__name__}")
-        if not isinstance(hessian, bool):
-            raise TypeError(f"fxp.msq: hessian must be a bool, but got {hessian!r}")
+        hessian = _bool("msq", "hessian", hessian)
         from .nn import QConv2d, QLinear  # fxp's layers quantize by themselves: only their fp32 mode is plain
 
         self._names: List[str] = []
@@ -166,7 +156,7 @@ class MsqController:
         self._hessian = hessian
         self._core = torch.classes.fxp.MsqController(
             self._names, [layer.weight for layer in self._layers], _int("msq", "start_bits", start_bits),
-            _int("msq", "min_bits", min_bits), _number("lam", lam), _number("alpha", alpha), hessian,
+            _int("msq", "min_bits", min_bits), _number("msq", "lam", lam), _number("msq", "alpha", alpha), hessian,
             _int("msq", "hessian_samples", hessian_samples))
         self._removed = False
         self._weights: List[_RoundClampWeight] = []
@@ -211,7 +201,7 @@ class MsqController:
                     w.float_path = False
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise TypeError(f"fxp.msq: float_path_loss must return a 0-dim tensor, but returned {loss!r}")
-        dropped = self._core.check(loss, _int("msq", "seed", seed))
+        dropped = self._core.check(loss, _seed("msq", "seed", seed))
         self._apply_widths()
         return dict(zip(self._names, dropped))
 
@@ -258,6 +248,7 @@ class MsqController:
         """Takes the parametrizations off: each layer's weight becomes a plain
         parameter again, holding its quantized values ``Q_n(w)``
         (``leave_quantized``) or the float master copy."""
+        leave_quantized = _bool("msq", "leave_quantized", leave_quantized)
         for layer in self._layers:
             if parametrize.is_parametrized(layer, "weight"):
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=leave_quantized)

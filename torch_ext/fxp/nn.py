@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from .format import FxpFormat
 from . import ops as fxp_ops
-from .ops import pack, quantize_ste
+from .ops import _bool, _seed, pack, quantize_ste
 
 __all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "PackedStorage", "quantize_model",
            "quantize_layer_parameters_", "pack_model_", "packed_storage", "recalibrate_batch_norm", "METHODS",
@@ -275,7 +275,7 @@ class QLinear(nn.Linear, _QuantizedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, weight_mode: WeightMode = "fp32",
                  param_format: Optional[FxpFormat] = None, act_format: Optional[FxpFormat] = None,
                  act_rounding: InferenceRounding = "sr", **kwargs) -> None:
-        super().__init__(in_features, out_features, bias, **kwargs)
+        super().__init__(in_features, out_features, _bool("QLinear", "bias", bias, prefix=""), **kwargs)
         self._setup(weight_mode, param_format, act_format, act_rounding)
 
     def extra_repr(self) -> str:
@@ -294,6 +294,8 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, *, weight_mode: WeightMode = "fp32",
                  param_format: Optional[FxpFormat] = None, act_format: Optional[FxpFormat] = None,
                  act_rounding: InferenceRounding = "sr", **kwargs) -> None:
+        if "bias" in kwargs:  # nn.Conv2d would take any value for its truth
+            kwargs["bias"] = _bool("QConv2d", "bias", kwargs["bias"], prefix="")
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
         self._setup(weight_mode, param_format, act_format, act_rounding)
 
@@ -442,6 +444,8 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     parameter shared by two layers is refused too (each layer keeps its own codes)."""
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
+    seed = _seed("quantize_model", "seed", seed, prefix="")
+    packed = _bool("quantize_model", "packed", packed, prefix="")
     layer_kwargs = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
                         act_rounding=act_rounding)
     if isinstance(model, (nn.Linear, nn.Conv2d)) and not isinstance(model, (QLinear, QConv2d)):
@@ -504,10 +508,13 @@ def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", s
     parameter grid: QPU's initialization, one ``torch.ops.fxp.quantize_parameters_``
     call for the whole model (Note [QPU initialization]): tensor ``k``, in
     parameter order over the model's quantized layers, rounds with its own
-    Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++."""
+    Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++.
+    Layers in fp32 mode have no grid and are left as they are (and not counted in ``k``)."""
+    seed = _seed("quantize_layer_parameters_", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
     params, total_bits, frac_bits = [], [], []
     for layer in model.modules():
-        if isinstance(layer, (QLinear, QConv2d)):
+        # A layer in fp32 mode has no grid (param_format None): it keeps its float values.
+        if isinstance(layer, (QLinear, QConv2d)) and layer.param_format is not None:
             if layer.packed_weights:
                 raise ValueError("quantize_layer_parameters_: the weights are packed (codes are on the grid already)")
             for p in layer.parameters(recurse=False):

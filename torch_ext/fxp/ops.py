@@ -21,10 +21,58 @@ _ops = torch.ops.fxp
 # dtypes, devices); these checks catch the wrong *types* first, which the
 # dispatcher would otherwise report as "failed to match any schema", or
 # silently convert (int(8.7) == 8).
-def _int(op: str, name: str, value) -> int:
+def _int(op: str, name: str, value, prefix: str = "fxp.") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"fxp.{op}: {name} must be an int, but got {value!r}")
+        raise TypeError(f"{prefix}{op}: {name} must be an int, but got {value!r}")
     return int(value)
+
+
+try:  # numpy is optional (torch does not need it); where it is, numpy.bool_ is a bool
+    import numpy as _np
+
+    _BOOLS: tuple = (bool, _np.bool_)
+except ImportError:  # pragma: no cover
+    _BOOLS = (bool,)
+
+
+def _bool(op: str, name: str, value, prefix: str = "fxp.") -> bool:
+    """A bool or numpy.bool_, as a Python bool: any other value is refused, a
+    string ("no" is truthy) and 0 or 1 too."""
+    if not isinstance(value, _BOOLS):
+        raise TypeError(f"{prefix}{op}: {name} must be a bool, but got {value!r}")
+    return bool(value)
+
+
+# Note [64-bit Philox keys in Python]: a Philox key (seed) is a uint64 in C++,
+# which the ops take as an int64 (a schema has no uint64) and read as its bits:
+# the seed -1 is the key 2**64 - 1. Python takes either spelling, any int in
+# [-2**63, 2**64), and passes the int64 with the same bits, so seed=2**64 - 1
+# draws exactly what seed=-1 draws. The counter (offset) is a non-negative
+# int64, which C++ checks: 2**63 and above have no int64 to pass, so they are
+# refused here, before the dispatcher's "failed to match any schema".
+def _seed(op: str, name: str, value, prefix: str = "fxp.") -> int:
+    """A Philox key in [-2**63, 2**64), as the int64 with its bits."""
+    value = _int(op, name, value, prefix)
+    if not -(1 << 63) <= value < (1 << 64):
+        raise ValueError(f"{prefix}{op}: {name} must be in [-2**63, 2**64) (a 64-bit Philox key; a negative "
+                         f"seed s is the key 2**64 + s), but got {value}")
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _offset(op: str, name: str, value, prefix: str = "fxp.") -> int:
+    """A Philox counter: an int below 2**63 (C++ checks that it is not negative)."""
+    value = _int(op, name, value, prefix)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"{prefix}{op}: {name} must be in [0, 2**63) (the Philox counter is a non-negative "
+                         f"int64), but got {value}")
+    return value
+
+
+def _number(op: str, name: str, value, prefix: str = "fxp.") -> float:
+    """A real number: int or float, numpy's too (they register as ``numbers.Real``); not a bool or a str."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{prefix}{op}: {name} must be a number, but got {value!r}")
+    return float(value)
 
 
 def _tensor(op: str, name: str, value) -> Tensor:
@@ -132,7 +180,7 @@ def quantize_seeded(
     thread count; different offsets give independent streams.
     """
     x, b, f, rounding, overflow = _args("quantize_seeded", x, fmt, frac_bits, rounding, overflow)
-    seed, offset = _int("quantize_seeded", "seed", seed), _int("quantize_seeded", "offset", offset)
+    seed, offset = _seed("quantize_seeded", "seed", seed), _offset("quantize_seeded", "offset", offset)
     if out is not None:
         _ops.quantize_seeded.out(x, b, f, rounding, seed, offset, overflow, out=_tensor("quantize_seeded", "out", out))
         return out
@@ -151,7 +199,7 @@ def quantize_seeded_(
 ) -> Tensor:
     """In-place :func:`quantize_seeded`; returns ``x``."""
     x, b, f, rounding, overflow = _args("quantize_seeded_", x, fmt, frac_bits, rounding, overflow)
-    seed, offset = _int("quantize_seeded_", "seed", seed), _int("quantize_seeded_", "offset", offset)
+    seed, offset = _seed("quantize_seeded_", "seed", seed), _offset("quantize_seeded_", "offset", offset)
     _ops.quantize_seeded_(x, b, f, rounding, seed, offset, overflow)
     return x
 
@@ -185,9 +233,9 @@ def quantize_members(
     members = len(formats)
     roundings = [rounding] * members if isinstance(rounding, str) else [_str(op, "rounding", r) for r in rounding]
     offsets = [offsets] * members if isinstance(offsets, numbers.Integral) else list(offsets)
-    kernel = _ops.quantize_members_ste if straight_through else _ops.quantize_members
+    kernel = _ops.quantize_members_ste if _bool(op, "straight_through", straight_through) else _ops.quantize_members
     return kernel(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats], roundings,
-                  [_int(op, "seeds", s) for s in seeds], [_int(op, "offsets", o) for o in offsets],
+                  [_seed(op, "seeds", s) for s in seeds], [_offset(op, "offsets", o) for o in offsets],
                   _str(op, "overflow", overflow))
 
 
@@ -218,7 +266,7 @@ def quantize_seeded_stats(
 ) -> Tuple[Tensor, Tensor]:
     """:func:`quantize_seeded` plus the saturation count, as :func:`quantize_stats`."""
     x, b, f, rounding, overflow = _args("quantize_seeded_stats", x, fmt, frac_bits, rounding, overflow)
-    seed, offset = _int("quantize_seeded_stats", "seed", seed), _int("quantize_seeded_stats", "offset", offset)
+    seed, offset = _seed("quantize_seeded_stats", "seed", seed), _offset("quantize_seeded_stats", "offset", offset)
     return _ops.quantize_seeded_stats(x, b, f, rounding, seed, offset, overflow)
 
 
@@ -249,9 +297,8 @@ def quantize_ste(
     ``zero_grad_saturated`` is set. The gradient is registered in C++, so
     LibTorch programs get it too."""
     x, b, f, rounding, overflow = _args("quantize_ste", x, fmt, frac_bits, rounding, overflow)
-    if not isinstance(zero_grad_saturated, bool):
-        raise TypeError(f"fxp.quantize_ste: zero_grad_saturated must be a bool, but got {zero_grad_saturated!r}")
-    return _ops.quantize_ste(x, b, f, rounding, overflow, _generator("quantize_ste", generator), zero_grad_saturated)
+    return _ops.quantize_ste(x, b, f, rounding, overflow, _generator("quantize_ste", generator),
+                             _bool("quantize_ste", "zero_grad_saturated", zero_grad_saturated))
 
 
 def pack(
@@ -298,7 +345,7 @@ def pack_seeded(
 ) -> Tensor:
     """:func:`pack` with the explicit Philox counter of :func:`quantize_seeded`."""
     x, b, f, rounding, overflow = _args("pack_seeded", x, fmt, frac_bits, rounding, overflow)
-    seed, offset = _int("pack_seeded", "seed", seed), _int("pack_seeded", "offset", offset)
+    seed, offset = _seed("pack_seeded", "seed", seed), _offset("pack_seeded", "offset", offset)
     return _ops.pack_seeded(x, b, f, rounding, seed, offset, overflow)
 
 
@@ -312,12 +359,6 @@ def unpack(codes: Tensor, fmt: FormatLike, frac_bits: Optional[int] = None,
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"fxp.unpack: dtype must be a torch.dtype or None, but got {dtype!r}")
     return _ops.unpack(_tensor("unpack", "codes", codes), b, f, dtype)
-
-
-def _bool(op: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"fxp.{op}: {name} must be a bool, but got {value!r}")
-    return value
 
 
 def pack_bits(codes: Tensor, bits: int, is_signed: bool = True, check_range: bool = True) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .ops import load_codes, pack, store_codes, stored_dtype, unpack
+from .ops import _bool, _seed, load_codes, pack, store_codes, stored_dtype, unpack
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -51,7 +51,8 @@ class QPUSGD(Optimizer):
     no float copy is kept, and the values equal those of float storage. The
     optimizer learns where the codes are from ``packed`` (or
     :meth:`set_packed_storage`), as ``fxp::optim::QpuSgd`` does in C++:
-    ``QPUSGD(model.parameters(), ..., packed=fxp.nn.packed_storage(model))``.
+    ``QPUSGD(model.parameters(), ..., packed=fxp.nn.packed_storage(model))``;
+    entries of parameters it does not hold (frozen layers left out) are skipped.
     Move the model to its device first (its codes are new tensors after ``.to()``).
 
     Parameter ``k`` of a group draws its rounding from stream ``k``, whether or
@@ -115,8 +116,9 @@ class QPUSGD(Optimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"QPUSGD: {name} must be a number{' (or, capturable, a tensor)' if name == 'lr' else ''}, "
                                 f"but got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"QPUSGD: seed must be an int, but got {seed!r}")
+        seed = _seed("QPUSGD", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
+        nesterov = _bool("QPUSGD", "nesterov", nesterov, prefix="")
+        capturable = _bool("QPUSGD", "capturable", capturable, prefix="")
         for name, value in (("format", format), ("momentum_format", momentum_format or format)):
             if not isinstance(value, FxpFormat):
                 raise TypeError(f"QPUSGD: {name} must be an FxpFormat, but got {value!r}")
@@ -133,8 +135,8 @@ class QPUSGD(Optimizer):
             rounding=rounding,
             momentum_form=momentum_form,
         )
-        self._base_seed = int(seed)
-        self.capturable = bool(capturable)
+        self._base_seed = seed
+        self.capturable = capturable
         self._codes: dict[Tensor, Tensor] = {}  # packed parameter -> its codes
         self._lr_tensors: dict[int, tuple[float, Tensor]] = {}  # capturable: group index -> (lr, its tensor)
         self._nan_counts: dict[torch.device, Tensor] = {}  # capturable: NaN results per device
@@ -142,8 +144,7 @@ class QPUSGD(Optimizer):
         self._checked: dict[int, tuple] = {}  # group index -> the arguments the op last accepted
         super().__init__(params, defaults)
         self.last_counts: list[Tensor] = []
-        for storage in packed:
-            self.set_packed_storage(*storage)
+        self.set_packed_storage(packed)
 
     # Note: torch's Optimizer pickles (and deep-copies) only defaults, state and param_groups.
     def __getstate__(self) -> dict[str, Any]:
@@ -165,9 +166,10 @@ class QPUSGD(Optimizer):
     @staticmethod
     def _shared_arguments(group: dict[str, Any]) -> tuple:
         """The arguments both forms of the op take alike, momentum to seed."""
-        return (float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"]), group["total_bits"],
+        return (float(group["momentum"]), float(group["weight_decay"]),
+                _bool("QPUSGD", "a param group's nesterov", group["nesterov"], prefix=""), group["total_bits"],
                 group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"],
-                int(group["seed"]))
+                _seed("QPUSGD", "a param group's seed", group["seed"], prefix=""))
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
@@ -229,7 +231,8 @@ class QPUSGD(Optimizer):
             # stream k, whether or not the others have gradients.
             streams.append(k)
             params.append(p)
-            grads.append(grad if grad.is_contiguous() else grad.contiguous())
+            # A sparse gradient has no contiguous form: the op names it.
+            grads.append(grad.contiguous() if grad.layout == torch.strided and not grad.is_contiguous() else grad)
             # Packed parameters: the step updates their codes. A strided parameter is
             # updated in a contiguous copy (its logical order) and copied back.
             codes = packed.get(p) if packed else None
@@ -252,7 +255,12 @@ class QPUSGD(Optimizer):
             if "momentum_total_bits" not in param_group and "momentum_frac_bits" not in param_group:
                 param_group["momentum_total_bits"] = param_group.get("total_bits", defaults["total_bits"])
                 param_group["momentum_frac_bits"] = param_group.get("frac_bits", defaults["frac_bits"])
-        param_group.setdefault("seed", self._base_seed + index)
+        # Group i's key is seed + i, modulo 2**64 as in C++'s QpuSgd; kept as the int64 the op takes (Note
+        # [64-bit Philox keys in Python]), a group's own seed too.
+        if "seed" in param_group:
+            param_group["seed"] = _seed("QPUSGD", "a param group's seed", param_group["seed"], prefix="")
+        else:
+            param_group["seed"] = (self._base_seed + index + (1 << 63)) % (1 << 64) - (1 << 63)
         param_group.setdefault("step", 0)
         for key, value in self.defaults.items():  # as torch does, so the group can be checked first
             param_group.setdefault(key, value)
@@ -279,13 +287,44 @@ class QPUSGD(Optimizer):
             param_group.update(values)
         return "total_bits" in param_group or "frac_bits" in param_group
 
-    def set_packed_storage(self, parameter: Tensor, codes: Tensor, format: FxpFormat) -> None:
+    def set_packed_storage(self, parameter: Any, codes: Optional[Tensor] = None,
+                           format: Optional[FxpFormat] = None) -> None:
         """Packed storage (Note [Packed QPU step]): ``parameter`` (a stand-in that
         receives the gradient) holds its value in ``codes``, integer codes of
         ``format`` (or a bit stream of them, :func:`fxp.ops.store_codes`), which
         must be its group's format. The step then updates the codes and keeps
         the momentum as codes, stored the same way (``fxp.nn.packed_storage``
-        lists a model's)."""
+        lists a model's). A parameter this optimizer does not hold is refused.
+
+        ``set_packed_storage(storage)`` takes a list of ``(parameter, codes,
+        format)``, such as ``fxp.nn.packed_storage(model)`` (as ``packed=``
+        does): the entries of the parameters this optimizer holds, all checked
+        before any is set; those of parameters it does not hold (layers frozen
+        and left out of it, another optimizer's) are skipped. A packed parameter
+        it holds but was not given still makes the step raise."""
+        if codes is None and format is None and not isinstance(parameter, Tensor):
+            held = {id(p) for group in self.param_groups for p in group["params"]}
+            try:
+                entries = list(parameter)
+            except TypeError:
+                raise TypeError(f"QPUSGD.set_packed_storage: takes a parameter, its codes and their format, or a "
+                                f"list of them (fxp.nn.packed_storage(model)), but got {parameter!r}") from None
+            checked = []
+            for i, entry in enumerate(entries):
+                if not isinstance(entry, (tuple, list)) or len(entry) != 3 or not isinstance(entry[0], Tensor):
+                    raise TypeError(f"QPUSGD.set_packed_storage: entry {i} of the packed storage is not "
+                                    f"(parameter, codes, format), as fxp.nn.packed_storage lists them: {entry!r}")
+                if id(entry[0]) in held:
+                    checked.append((entry[0], self._checked_storage(*entry)))
+            self._codes.update(checked)
+            return
+        if codes is None or format is None:
+            raise TypeError("QPUSGD.set_packed_storage: takes a parameter, its codes and their format, or a list "
+                            "of them (fxp.nn.packed_storage(model))")
+        self._codes[parameter] = self._checked_storage(parameter, codes, format)
+
+    def _checked_storage(self, parameter: Tensor, codes: Tensor, format: FxpFormat) -> Tensor:
+        """The codes :meth:`set_packed_storage` keeps for ``parameter``, once checked."""
         group = next((g for g in self.param_groups if any(p is parameter for p in g["params"])), None)
         if group is None:
             raise ValueError("QPUSGD.set_packed_storage: got a parameter this optimizer does not hold")
@@ -305,7 +344,7 @@ class QPUSGD(Optimizer):
         elif codes.shape != parameter.shape:
             raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} must have the parameter's shape "
                              f"{tuple(parameter.shape)}, but got {tuple(codes.shape)}")
-        self._codes[parameter] = codes
+        return codes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, with QPUSGD's checks: a
@@ -494,7 +533,9 @@ class QPUSGD(Optimizer):
         found = ((k, self.state.get(p, {}).get("momentum_buffer")) for k, p in enumerate(params)) if follows else ()
         buffers = [(k, b) for k, b in found if b is not None]
         torch.ops.fxp.qpu_change_format_(params, [b for _, b in buffers], [k for k, _ in buffers], format.total_bits,
-                                         format.frac_bits, group["rounding"], int(group["seed"]), int(group["step"]))
+                                         format.frac_bits, group["rounding"],
+                                         _seed("QPUSGD", "a param group's seed", group["seed"], prefix=""),
+                                         int(group["step"]))
         group.update(changed)
 
 
@@ -509,7 +550,7 @@ def quantize_parameters_(
     layers have formats of their own."""
     params = list(params)
     torch.ops.fxp.quantize_parameters_(params, [format.total_bits] * len(params), [format.frac_bits] * len(params),
-                                       rounding, seed)
+                                       rounding, _seed("optim.quantize_parameters_", "seed", seed))
 
 
 def make_optimizer(

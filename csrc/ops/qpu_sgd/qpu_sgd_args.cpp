@@ -89,6 +89,9 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
     const char* value_name = param_stream ? "grads" : "params";
     auto check_like = [&](const at::Tensor& t, const char* name, at::ScalarType dtype, bool stream,
                           int64_t total_bits) {
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", k, "] is a ", t.layout(),
+                  " tensor; the QPU step takes dense ones (a sparse gradient, as from nn.Embedding(sparse=True), "
+                  "can be made dense with .to_dense())");
       TORCH_CHECK(t.device() == w.device(), op, ": ", name, "[", k, "] is on ", t.device(),
                   " but params[", k, "] is on ", w.device());
       TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", k, "] has dtype ", t.scalar_type(), " but ",

@@ -75,8 +75,9 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
 // A group's format can change between steps (AdaPT without a master copy).
 // Its parameters, on the old grid, are rounded onto the new one right away,
 // so the next forward reads values of the new format, as a QPU layer expects.
-// The momentum buffers, when they follow the parameter format, are rounded too,
-// so that the stored state is what that format can hold. A finer grid of at
+// The momentum buffers, when they follow the parameter format (their format is
+// the parameters', in both optimizers), are rounded too, so that the stored
+// state is what that format can hold. A finer grid of at
 // least the same range changes nothing. Stochastic rounding keeps the values'
 // expectation. The draws: parameter k of the group, of n, uses Philox key
 // seed + kFormatChangeKeyDelta (a key no step uses) at offset 2 (step n + k),
