@@ -53,7 +53,8 @@ class Controller {
   // step() with this optimizer normalizes and accumulates inside its QPU step
   // (Note [AdaPT's fused QPU step]). The optimizer must outlive the controller.
   void use_quantized_updates(optim::QpuSgd& optimizer);
-  // Parameter groups for that optimizer: one per adapted layer, at its format.
+  // Parameter groups for that optimizer: one per adapted layer, at its format,
+  // its momentum following it (the defaults' momentum format is not used).
   std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const optim::QpuSgdOptions& defaults) const;
 
   const std::vector<AdaptedLayer>& layers() const { return core_.layers(); }

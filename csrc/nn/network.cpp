@@ -60,6 +60,7 @@ void NetworkImpl::quantize_parameters_(const std::string& rounding, int64_t seed
   std::vector<torch::Tensor> tensors;
   std::vector<int64_t> total_bits, frac_bits;
   for (const auto& [name, layer] : quantized_layers()) {
+    if (layer->config.weight_mode == WeightMode::Fp32) continue;  // float values stay, as in fxp.nn
     TORCH_CHECK(!layer->packed.weights, "fxp::nn: quantize_parameters_ must come before pack_ (packed weights are codes)");
     for (const auto& p : dynamic_cast<torch::nn::Module&>(*layer).parameters()) {
       tensors.push_back(p);

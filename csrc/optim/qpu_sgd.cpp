@@ -61,6 +61,8 @@ bool operator==(const QpuSgdParamState& a, const QpuSgdParamState& b) {
 
 namespace {
 constexpr const char* kName = "fxp::optim::QpuSgd";
+// What to do about a sparse gradient (the op and fxp.optim.QPUSGD say the same).
+constexpr const char* kDenseHint = "a sparse gradient, as from nn.Embedding(sparse=True), can be made dense with .to_dense()";
 
 int64_t momentum_total_bits(const QpuSgdOptions& o) {
   return o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
@@ -95,7 +97,7 @@ QpuSgd::QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_group
   // Groups given without options copy the defaults; give each its own seed.
   for (size_t i = 0; i < param_groups_.size(); ++i) {
     auto& options = static_cast<QpuSgdOptions&>(param_groups_[i].options());
-    if (!param_groups[i].has_options()) options.seed(defaults.seed() + static_cast<int64_t>(i));
+    if (!param_groups[i].has_options()) options.seed(group_seed(defaults.seed(), i));
     check_options(options);
   }
 }
@@ -127,7 +129,7 @@ void QpuSgd::step_normalized(const Normalization& normalization) {
 }
 
 void QpuSgd::step_groups(const Normalization* normalization) {
-  // Before any group steps: every group's options pass the op's checks (a value
+  // Before any group steps: every gradient is dense; every group's options pass the op's checks (a value
   // set by hand in a later group would otherwise fail after earlier groups had
   // stepped), checked again only when they changed, and every parameter to
   // update can be written, or has codes.
@@ -145,6 +147,8 @@ void QpuSgd::step_groups(const Normalization* normalization) {
     const auto& group_params = param_groups_[g].params();
     for (size_t k = 0; k < group_params.size(); ++k) {
       const torch::Tensor& p = group_params[k];
+      TORCH_CHECK(!p.grad().defined() || p.grad().layout() == torch::kStrided, kName, ": parameter ", k, " of group ",
+                  g, " has a ", p.grad().layout(), " gradient; the QPU step takes dense ones (", kDenseHint, ")");
       TORCH_CHECK_VALUE(!p.grad().defined() || packed_codes_.count(p.unsafeGetTensorImpl()) || !is_expanded(p), kName,
                         ": parameter ", k, " of group ", g,
                         " is expanded (a stride is 0), so it cannot be updated in place; a packed layer's stand-in "
@@ -169,8 +173,7 @@ void QpuSgd::step_groups(const Normalization* normalization) {
       torch::Tensor storage = is_packed ? packed->second : p.contiguous();
       if (!storage.is_same(p) && !is_packed) strided.emplace_back(p, storage);
       params.push_back(storage);
-      // A sparse gradient has no contiguous form; the op names it.
-      grads.push_back(p.grad().layout() == torch::kStrided ? p.grad().contiguous() : p.grad());
+      grads.push_back(p.grad().contiguous());
       streams.push_back(static_cast<int64_t>(k));  // Note [QPU random streams]: the position in the group
       if (normalization != nullptr) {
         accumulated.push_back(normalization->accumulated[group_index][k]);

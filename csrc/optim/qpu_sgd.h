@@ -46,6 +46,12 @@ struct QpuSgdParamState : public torch::optim::OptimizerCloneableParamState<QpuS
   friend bool operator==(const QpuSgdParamState& lhs, const QpuSgdParamState& rhs);
 };
 
+// Group i's Philox key when the groups share the defaults: seed + i modulo
+// 2^64 (as fxp.optim.QPUSGD has it), without signed overflow at INT64_MAX.
+inline int64_t group_seed(int64_t seed, size_t group) {
+  return static_cast<int64_t>(static_cast<uint64_t>(seed) + static_cast<uint64_t>(group));
+}
+
 class QpuSgd : public torch::optim::Optimizer {
  public:
   // Group i defaults to seed defaults.seed() + i, as in Python. Parameter k of

@@ -102,9 +102,9 @@ std::string memory_counted_as(const std::string& method, const std::string& adap
   return method;
 }
 
-json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method, const std::string& counted_as,
-                    const std::string& inference_rounding, int64_t param_bits, int64_t out_bits, bool with_momentum,
-                    int64_t batch_size) {
+json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method,
+                    const std::string& adapt_update, const std::string& inference_rounding, int64_t param_bits,
+                    int64_t out_bits, bool with_momentum, int64_t batch_size) {
   const ModelCounts c = model_counts(rows);
   json report;
   json layers = json::array();
@@ -114,7 +114,7 @@ json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& me
   }
   report["table1"] = {{"layers", layers},
                       {"totals", {{"inputs", c.saved_inputs}, {"rounded", c.rounded_outputs}, {"parameters", c.parameters}}}};
-  report["config"] = {{"method", method},         {"memory_counted_as", counted_as},
+  report["config"] = {{"method", method},         {"memory_counted_as", memory_counted_as(method, adapt_update)},
                       {"inference_rounding", inference_rounding},
                       {"param_bits", param_bits}, {"out_bits", out_bits},
                       {"momentum", with_momentum}, {"batch_size", batch_size}};
@@ -195,7 +195,7 @@ std::string describe_model_text(const json& report) {
   if (method != cfg.value("memory_counted_as", method)) {
     out << "  (method " << method << " is counted as " << cfg["memory_counted_as"].get<std::string>()
         << (method == "adapt" ? " at its start format; its layers' widths change as it trains, and each run's "
-                                "summary.json counts them at their final widths"
+                                "summary.json counts them all at the widest layer's final width"
                               : "")
         << ")\n";
   }

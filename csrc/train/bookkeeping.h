@@ -65,10 +65,10 @@ nlohmann::json to_json(const MemoryEstimate& estimate);
 std::string memory_counted_as(const std::string& method, const std::string& adapt_update);
 
 // The whole --describe-model report for one configuration, as JSON and as text.
-// counted_as: memory_counted_as(method, ...), with param_bits and out_bits the
-// widths it is counted at (AdaPT: its start format).
+// The method is counted as memory_counted_as(method, adapt_update), at
+// param_bits and out_bits (AdaPT: its start format).
 nlohmann::json describe_model(const std::vector<nn::LayerRow>& rows, const std::string& method,
-                              const std::string& counted_as, const std::string& inference_rounding,
+                              const std::string& adapt_update, const std::string& inference_rounding,
                               int64_t param_bits, int64_t out_bits, bool with_momentum, int64_t batch_size);
 std::string describe_model_text(const nlohmann::json& report);
 

@@ -328,8 +328,10 @@ std::vector<std::string> TrainConfig::settings_without_effect() const {
   };
   const bool float_layers = method == "fp32" || method == "msq";
   for (const std::string key : {"param_bits", "param_frac", "out_bits", "out_frac"}) {
-    if (float_layers) unread(key, "method " + method + " keeps float layer outputs" +
-                                      (method == "msq" ? " and MSQ's own weight widths (msq_start_bits)" : ""));
+    if (float_layers) {
+      unread(key, method == "msq" ? "method msq keeps float layer outputs and its own weight widths (msq_start_bits)"
+                                  : "method fp32 keeps float weights and layer outputs");
+    }
     if (method == "adapt") unread(key, "method adapt starts every layer at adapt_start_bits and adapt_start_frac");
   }
   if (float_layers) unread("inference_rounding", "method " + method + " rounds no layer outputs");
@@ -338,6 +340,7 @@ std::vector<std::string> TrainConfig::settings_without_effect() const {
     if (method != "msq" && key.rfind("msq_", 0) == 0) unread(key, "it is MSQ's (method msq)");
     if (scheduler != "plateau" && key.rfind("plateau_", 0) == 0) unread(key, "scheduler is " + scheduler);
   }
+  if (method == "msq" && !msq_hessian) unread("msq_hessian_samples", "msq_hessian is off");
   if (!early_stopping) {
     for (const std::string key : {"early_stopping_patience", "early_stopping_min_epochs"}) {
       unread(key, "early_stopping is off");

@@ -240,6 +240,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
     // then its generators kept as its own.
     for (Member* m : training) {
       m->training = set_up_training(m->config, device, m->start.resume);
+      if (options.log) log_settings_notes(*options.log, m->config, *m->training.model, m->config.run_name() + ": ");
       m->state.lr = m->config.initial_lr();
       if (m->start.resume) {
         m->state = load_checkpoint(m->files.checkpoint, *m->training.model, *m->training.optimizer, nullptr, device);

@@ -126,7 +126,7 @@ int main(int argc, char** argv) {
       const auto model = build_network(c);
       // AdaPT is counted at its start format (its layers' formats change as it trains).
       const bool adapt = c.method == "adapt";
-      auto report = describe_model(model->describe(), c.method, memory_counted_as(c.method, c.update),
+      auto report = describe_model(model->describe(), c.method, c.update,
                                    c.inference_rounding, adapt ? c.adapt_start_bits : c.param_bits,
                                    adapt ? c.adapt_start_bits : c.out_bits, c.momentum > 0, c.batch_size);
       report["model"] = c.model;

@@ -306,19 +306,7 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
   const Split val = load_split(config, /*train=*/false, config.val_limit, device);
   Training training = set_up_training(config, device, start.resume);
   training.data_parallel = group;
-  if (options.log) {
-    for (const auto& line : config.settings_without_effect()) *options.log << "note: " << line << "\n";
-    if (config.bn_recalibration_batches > 0 && !training.model->has_batch_norm()) {
-      *options.log << "note: bn_recalibration_batches = " << config.bn_recalibration_batches
-                   << " has no effect: model " << config.model << " has no batch norm\n";
-    }
-  }
-  if (options.log && config.method != "fp32" && config.bn_recalibration_batches == 0 &&
-      training.model->has_batch_norm()) {
-    *options.log << "note: batch norm's running statistics trail the parameters, and with quantized layers "
-                    "validation can understate accuracy by far; --bn-recalibration-batches 10 recomputes them "
-                    "before each validation (docs/train.md)\n";
-  }
+  if (options.log) log_settings_notes(*options.log, config, *training.model);
   RunState state;
   state.lr = config.initial_lr();
   if (start.resume) {

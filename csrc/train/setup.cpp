@@ -1,5 +1,6 @@
 #include "train/setup.h"
 
+#include <ostream>
 #include <stdexcept>
 
 #include "data/datasets.h"
@@ -44,6 +45,20 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   qc.act_rounding = c.inference_rounding;
   const data::DatasetInfo& info = data::dataset_info(c.dataset);
   return nn::make_network(c.model, qc, info.channels, info.classes);
+}
+
+void log_settings_notes(std::ostream& log, const TrainConfig& c, const nn::NetworkImpl& model,
+                        const std::string& prefix) {
+  for (const auto& line : c.settings_without_effect()) log << prefix << "note: " << line << "\n";
+  if (c.bn_recalibration_batches > 0 && !model.has_batch_norm()) {
+    log << prefix << "note: bn_recalibration_batches = " << c.bn_recalibration_batches << " has no effect: model "
+        << c.model << " has no batch norm\n";
+  }
+  if (c.method != "fp32" && c.bn_recalibration_batches == 0 && model.has_batch_norm()) {
+    log << prefix << "note: batch norm's running statistics trail the parameters, and with quantized layers "
+                     "validation can understate accuracy by far; --bn-recalibration-batches 10 recomputes them "
+                     "before each validation (docs/train.md)\n";
+  }
 }
 
 Training set_up_training(const TrainConfig& c, const torch::Device& device, bool resuming) {

@@ -60,6 +60,12 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 // resuming: the run continues from its checkpoint, so init_from is not read.
 Training set_up_training(const TrainConfig& config, const torch::Device& device, bool resuming = false);
 
+// Writes a "note:" line, after `prefix`, for each setting the run does not
+// read (Note [Settings without effect]), and for batch norm's: recalibration
+// on a model without it, or none on a quantized model with it.
+void log_settings_notes(std::ostream& log, const TrainConfig& config, const nn::NetworkImpl& model,
+                        const std::string& prefix = "");
+
 void set_lr(torch::optim::Optimizer& optimizer, double lr);
 
 // The optimizer's state (momentum buffers), and AdaPT's accumulated

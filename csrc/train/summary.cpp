@@ -88,6 +88,7 @@ json make_summary(const RunRecord& r) {
                              config.batch_size);
     };
     json j = to_json(estimate(method_for_memory));
+    j["counted_as"] = method_for_memory;
     j["ratio_to_ste"] = estimate(method_for_memory).total_bytes() / estimate("ste").total_bytes();
     j["ratio_to_fp32"] = estimate(method_for_memory).total_bytes() / estimate("fp32").total_bytes();
     memory_model[accounting] = j;

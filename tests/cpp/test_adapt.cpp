@@ -379,7 +379,10 @@ TEST(AdaptQuantizedUpdates, MomentumFollowsAFormatChangeWhenItIsTheParameterForm
     opt.step();
     const auto& state = static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(w.unsafeGetTensorImpl()));
     const auto momentum = state.momentum_buffer().clone();
+    const auto before = w.detach().clone();
     opt.change_format(0, 8, 4);
+    EXPECT_TRUE(on_grid(w.detach(), {8, 4}));  // the parameters move either way
+    EXPECT_FALSE(torch::equal(w.detach(), before));
     const auto& o = static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[0].options());
     if (same) {
       EXPECT_TRUE(on_grid(state.momentum_buffer(), {8, 4}));
@@ -410,6 +413,12 @@ TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {
   const auto defaults = fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(7);
   fxp::optim::QpuSgd opt(controller.parameter_groups(defaults), defaults);
   controller.use_quantized_updates(opt);
+  // A momentum format in the defaults is not the groups': theirs follows their layer's (as in Python).
+  auto explicit_momentum = defaults;
+  explicit_momentum.momentum_total_bits(16).momentum_frac_bits(10);
+  for (const auto& g : controller.parameter_groups(explicit_momentum)) {
+    EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(g.options()).momentum_total_bits(), -1);
+  }
   int64_t changed = 0;
   for (int step = 0; step < 9; ++step) {
     const double loss = backward(*net, 20 + step);

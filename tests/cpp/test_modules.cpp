@@ -70,6 +70,12 @@ TEST(Modules, QpuInitializationPutsParametersOnTheGrid) {
   model->quantize_parameters_("stochastic", 3);
   for (const auto& p : model->parameters()) EXPECT_TRUE(on_grid(p, 10));
   EXPECT_THROW(fxp::nn::weight_mode_for("int8"), c10::Error);
+  // fp32 layers keep their float values, whatever formats their config holds (as fxp.nn's).
+  fxp::nn::PaperCNN fp32(config("fp32"));
+  std::vector<torch::Tensor> before;
+  for (const auto& p : fp32->parameters()) before.push_back(p.detach().clone());
+  fp32->quantize_parameters_("stochastic", 3);
+  for (size_t i = 0; i < before.size(); ++i) EXPECT_TRUE(torch::equal(fp32->parameters()[i], before[i]));
 }
 
 }  // namespace

@@ -206,6 +206,9 @@ TEST(QpuSgd, GroupsDrawFromTheirOwnSeeds) {
   set_grads(b, 5);
   opt.step();
   EXPECT_FALSE(torch::equal(a[1].detach(), b[1].detach()));  // same data, independent draws
+  // Keys wrap modulo 2^64, as in Python: the group after INT64_MAX's is INT64_MIN's.
+  EXPECT_EQ(fxp::optim::group_seed(std::numeric_limits<int64_t>::max(), 1), std::numeric_limits<int64_t>::min());
+  EXPECT_EQ(fxp::optim::group_seed(-1, 1), 0);
 }
 
 TEST(QpuSgd, BadOptionsAreRejected) {
@@ -222,7 +225,12 @@ TEST(QpuSgd, ASparseGradientIsNamed) {
   auto w = torch::zeros({4, 2}).requires_grad_();
   QpuSgd opt({w}, QpuSgdOptions(0.1));
   w.mutable_grad() = torch::ones({4, 2}).to_sparse();
-  expect_error([&] { opt.step(); }, "grads[0] is a Sparse tensor; the QPU step takes dense ones");
+  expect_error([&] { opt.step(); }, "parameter 0 of group 0 has a Sparse gradient; the QPU step takes dense ones");
+  opt.set_capturable(true);  // the capturable op has no kernel for sparse tensors: the optimizer checks first
+  expect_error([&] { opt.step(); }, "parameter 0 of group 0 has a Sparse gradient");
+  // The op itself, for callers without the optimizer.
+  expect_error([&] { fxp::qpu_sgd_step_({w.detach()}, {w.grad()}, {}, 0.1, 0, 0, false, 16, 10, 16, 10, "stochastic", 0, 0); },
+               "grads[0] is a Sparse tensor; the QPU step takes dense ones");
   EXPECT_TRUE(torch::equal(w.detach(), torch::zeros({4, 2})));
 }
 

@@ -130,8 +130,8 @@ TEST(TrainConfig, SettingsWithoutEffectAreNamed) {
   ASSERT_EQ(p.code, -1) << p.err;
   const std::vector<std::string> fp32 = p.command.config.settings_without_effect();
   const std::vector<std::string> expected = {
-      "param_bits = 8 has no effect: method fp32 keeps float layer outputs",
-      "param_frac = 4 has no effect: method fp32 keeps float layer outputs",
+      "param_bits = 8 has no effect: method fp32 keeps float weights and layer outputs",
+      "param_frac = 4 has no effect: method fp32 keeps float weights and layer outputs",
       "inference_rounding = \"hte\" has no effect: method fp32 rounds no layer outputs",
       "adapt_buffer_bits = 8 has no effect: it is AdaPT's (method adapt)",
       "msq_alpha = 0.5 has no effect: it is MSQ's (method msq)",
@@ -148,6 +148,10 @@ TEST(TrainConfig, SettingsWithoutEffectAreNamed) {
   EXPECT_EQ(p.command.config.settings_without_effect(),
             std::vector<std::string>{
                 "out_bits = 12 has no effect: method adapt starts every layer at adapt_start_bits and adapt_start_frac"});
+  p = parse({"--method", "msq", "--msq-hessian=false", "--msq-hessian-samples", "4"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.settings_without_effect(),
+            std::vector<std::string>{"msq_hessian_samples = 4 has no effect: msq_hessian is off"});
 }
 
 TEST(TrainCli, FlagsSetEveryKind) {
@@ -468,7 +472,7 @@ TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
 
 TEST(Bookkeeping, DescribeModelReport) {
   fxp::nn::PaperCNN model(fxp::nn::QuantConfig{});
-  const json report = ft::describe_model(model->describe(), "sqpu", "sqpu", "sr", 16, 16, true, 16);
+  const json report = ft::describe_model(model->describe(), "sqpu", "float", "sr", 16, 16, true, 16);
   EXPECT_EQ(report["table1"]["totals"]["parameters"], 184490);
   EXPECT_EQ(report["table1"]["layers"].size(), 7u);
   EXPECT_NEAR(report["memory"]["paper"]["methods"]["sqpu"]["ratio_to_ste"].get<double>(), 0.57, 0.005);
@@ -483,7 +487,7 @@ TEST(Bookkeeping, DescribeModelReport) {
   EXPECT_EQ(ft::memory_counted_as("adapt", "qpu"), "sqpu");
   EXPECT_EQ(ft::memory_counted_as("msq", "float"), "fp32");
   EXPECT_EQ(ft::memory_counted_as("hteqpu", "float"), "hteqpu");
-  const json adapt = ft::describe_model(model->describe(), "adapt", "ste", "sr", 8, 8, true, 16);
+  const json adapt = ft::describe_model(model->describe(), "adapt", "float", "sr", 8, 8, true, 16);
   EXPECT_EQ(adapt["config"]["memory_counted_as"], "ste");
   const std::string adapt_text = ft::describe_model_text(adapt);
   EXPECT_NE(adapt_text.find("8-bit parameters"), std::string::npos) << adapt_text;

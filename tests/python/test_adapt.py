@@ -97,6 +97,7 @@ def test_adapt_with_qpu_keeps_no_master_copy_and_resumes_bit_for_bit(tmp_path):
     for accounting in ("paper", "full"):
         model = summary["memory_model"][accounting]
         assert model["ratio_to_ste"] < 1, "no master copy: less memory than STE's"
+        assert model["counted_as"] == "sqpu"
     # The training state by hand: parameters and momentum at each layer's width, float32 accumulators.
     n = sum(l["parameters"] for l in layers)
     bits = sum(l["parameters"] * l["bits"] for l in layers)

@@ -129,16 +129,19 @@ def test_layers_repr_shows_their_quantization():
 
 
 def test_qpu_initialization_leaves_fp32_layers_alone():
-    """A layer in fp32 mode has no grid: its values stay, and the quantized layer's stream is offset 0."""
+    """A layer in fp32 mode keeps its values, with a format or without one, and the quantized layer's stream
+    is offset 0, as if the fp32 layers were not there."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(QLinear(4, 3, bias=False), QLinear(3, 2, bias=False, weight_mode="qpu",
-                                                                   param_format=F8_5, act_format=F8_3))
+    model = torch.nn.Sequential(QLinear(4, 3, bias=False), QLinear(3, 3, bias=False, param_format=F8_5,
+                                                                   act_format=F8_3),
+                                QLinear(3, 2, bias=False, weight_mode="qpu", param_format=F8_5, act_format=F8_3))
     float_weights = [p.detach().clone() for p in model.parameters()]
     fxp.nn.quantize_layer_parameters_(model, seed=7)
-    assert torch.equal(model[0].weight, float_weights[0])
-    key = (7 + 0x9E3779B97F4A7C15) % 2**64  # the initialization's key (docs/design.md), 2**64 - 1 as -1 alike
-    expected = fxp.ops.quantize_seeded(float_weights[1], F8_5, rounding="stochastic", seed=key, offset=0)
-    assert torch.equal(model[1].weight, expected)
+    assert torch.equal(model[0].weight, float_weights[0]) and torch.equal(model[1].weight, float_weights[1])
+    # The initialization's key (docs/design.md), given as the uint64 it is (Note [64-bit Philox keys in Python]).
+    key = (7 + 0x9E3779B97F4A7C15) % 2**64
+    expected = fxp.ops.quantize_seeded(float_weights[2], F8_5, rounding="stochastic", seed=key, offset=0)
+    assert torch.equal(model[2].weight, expected) and not torch.equal(expected, float_weights[2])
 
 
 def test_qpu_initialization_gives_every_tensor_its_own_stream():

@@ -267,15 +267,24 @@ def test_a_bad_group_refuses_the_whole_step():
     assert all(same_bits(p.detach(), q.detach()) for p, q in zip(first + second, copies))
 
 
-def test_a_sparse_gradient_is_named():
-    """nn.Embedding(sparse=True) gives sparse gradients, which the step does not take: the op says so,
-    and the parameter is unchanged (torch's .contiguous() of one used to fail with "unsupported memory format")."""
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_sparse_gradient_is_named(capturable):
+    """nn.Embedding(sparse=True) gives sparse gradients, which the step does not take: the optimizer says so
+    before any group steps (torch's .contiguous() of one used to fail with "unsupported memory format", and
+    the capturable op has no sparse kernel), and so does the op for its own callers."""
+    dense = torch.nn.Linear(3, 2)
     embedding = torch.nn.Embedding(10, 4, sparse=True)
-    fxp.optim.quantize_parameters_(embedding.parameters(), FxpFormat(16, 10))
-    before = embedding.weight.detach().clone()
-    opt = QPUSGD(embedding.parameters(), lr=0.1, momentum=0.9)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match=r"fxp::qpu_sgd_step_: grads\[0\] is a Sparse tensor; the QPU step takes "
-                                           r"dense ones .*\.to_dense\(\)"):
+    params = [*dense.parameters(), *embedding.parameters()]
+    fxp.optim.quantize_parameters_(params, FxpFormat(16, 10))
+    before = [p.detach().clone() for p in params]
+    opt = QPUSGD([{"params": list(dense.parameters())}, {"params": list(embedding.parameters())}], lr=0.1,
+                 momentum=0.9, capturable=capturable)
+    (dense(torch.ones(3)).sum() + embedding(torch.tensor([1, 2])).sum()).backward()
+    with pytest.raises(RuntimeError, match=r"^QPUSGD: parameter 0 of group 1 has a torch.sparse_coo gradient; the QPU "
+                                           r"step takes dense ones .*\.to_dense\(\)"):
         opt.step()
-    assert same_bits(embedding.weight.detach(), before)
+    assert all(same_bits(p.detach(), b) for p, b in zip(params, before))  # group 0 did not step either
+    with pytest.raises(RuntimeError, match=r"fxp::qpu_sgd_step_: grads\[0\] is a Sparse tensor; the QPU step takes "
+                                           r"dense ones"):
+        torch.ops.fxp.qpu_sgd_step_([embedding.weight.detach()], [embedding.weight.grad], [], 0.1, 0.0, 0.0, False,
+                                    16, 10, 16, 10, "stochastic", 0, 0)

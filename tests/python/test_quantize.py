@@ -344,7 +344,7 @@ def test_bad_input_errors():
         with pytest.raises(RuntimeError, match="x must be float32, float64, float16 or bfloat16, but got"):
             q(torch.zeros(3, dtype=dtype), 8, 4)
     with pytest.raises(RuntimeError, match="offset must be non-negative, but got -1"):
-        fxp.quantize_seeded(x, 8, 4, seed=0, offset=-1)
+        torch.ops.fxp.quantize_seeded(x, 8, 4, "stochastic", 0, -1)  # the op's own check (fxp.ops checks first)
     with pytest.raises(RuntimeError, match=r"expected out on the same device as x \(cpu\), but got meta"):
         fxp.quantize(x, 8, 4, out=torch.empty(4, device="meta"))
     with pytest.raises(RuntimeError, match="expected out to have dtype Float like x, but got Double"):

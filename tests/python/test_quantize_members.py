@@ -72,6 +72,9 @@ def test_stochastic_members_draw_independent_streams():
      "fxp::quantize_members (member 4)"),
     (lambda x: fxp.quantize_members(x, 0, FORMATS[:4] + [FxpFormat(8, 4)], ROUNDINGS, seeds=SEEDS,
                                     offsets=[0, 0, 0, 0, -4]),
+     "fxp.quantize_members: offsets[4] must be in [0, 2**63)"),
+    (lambda x: torch.ops.fxp.quantize_members(x, 0, [8] * 5, [4] * 5, ["stochastic"] * 5, SEEDS, [0, 0, 0, 0, -4],
+                                              "saturate"),  # the op's own check, for callers without fxp.ops
      "fxp::quantize_members (member 4)"),
     (lambda x: fxp.quantize_members(x, 3, FORMATS, ROUNDINGS, seeds=SEEDS, offsets=OFFSETS),
      "Dimension out of range"),
@@ -88,7 +91,7 @@ def test_python_types_are_checked():
     x = torch.randn(2, 3)
     with pytest.raises(TypeError, match=r"formats\[1\] must be an FxpFormat"):
         fxp.quantize_members(x, 0, [FxpFormat(8, 4), (8, 4)], "nearest_even", seeds=[1, 2])
-    with pytest.raises(TypeError, match="seeds must be an int"):
+    with pytest.raises(TypeError, match=r"seeds\[1\] must be an int"):
         fxp.quantize_members(x, 0, [FxpFormat(8, 4)] * 2, "nearest_even", seeds=[1, 2.5])
 
 

@@ -143,7 +143,7 @@ class AdaptController:
             raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"fxp.adapt: the batch size must be positive, but got {batch_size}")
-        return float(loss), int(batch_size)
+        return _number("adapt", "loss", loss), int(batch_size)
 
     def after_backward(self, loss, batch_size: int) -> bool:
         """Between ``loss.backward()`` and ``optimizer.step()``: adds L1's

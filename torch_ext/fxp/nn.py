@@ -7,6 +7,7 @@ changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer.
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Iterable, Literal, NamedTuple, Optional
 
 import torch
@@ -509,12 +510,12 @@ def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", s
     call for the whole model (Note [QPU initialization]): tensor ``k``, in
     parameter order over the model's quantized layers, rounds with its own
     Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++.
-    Layers in fp32 mode have no grid and are left as they are (and not counted in ``k``)."""
+    Layers in fp32 mode are left as they are (and not counted in ``k``)."""
     seed = _seed("quantize_layer_parameters_", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
     params, total_bits, frac_bits = [], [], []
     for layer in model.modules():
-        # A layer in fp32 mode has no grid (param_format None): it keeps its float values.
-        if isinstance(layer, (QLinear, QConv2d)) and layer.param_format is not None:
+        # A layer in fp32 mode keeps its float values, whatever format it was given (as in C++).
+        if isinstance(layer, (QLinear, QConv2d)) and layer.weight_mode != "fp32":
             if layer.packed_weights:
                 raise ValueError("quantize_layer_parameters_: the weights are packed (codes are on the grid already)")
             for p in layer.parameters(recurse=False):
@@ -539,7 +540,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable, num_batches: Opt
     not change the training that follows; so are each module's training flag
     and each batch norm's momentum. If a forward raises, the old statistics stay.
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral)
                                     or num_batches < 1):
         raise ValueError(f"recalibrate_batch_norm: num_batches must be a positive int, but got {num_batches!r}")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

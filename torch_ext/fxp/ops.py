@@ -48,8 +48,8 @@ def _bool(op: str, name: str, value, prefix: str = "fxp.") -> bool:
 # the seed -1 is the key 2**64 - 1. Python takes either spelling, any int in
 # [-2**63, 2**64), and passes the int64 with the same bits, so seed=2**64 - 1
 # draws exactly what seed=-1 draws. The counter (offset) is a non-negative
-# int64, which C++ checks: 2**63 and above have no int64 to pass, so they are
-# refused here, before the dispatcher's "failed to match any schema".
+# int64: 2**63 and above have no int64 to pass, so they are refused here (as
+# negative ones are), before the dispatcher's "failed to match any schema".
 def _seed(op: str, name: str, value, prefix: str = "fxp.") -> int:
     """A Philox key in [-2**63, 2**64), as the int64 with its bits."""
     value = _int(op, name, value, prefix)
@@ -60,9 +60,9 @@ def _seed(op: str, name: str, value, prefix: str = "fxp.") -> int:
 
 
 def _offset(op: str, name: str, value, prefix: str = "fxp.") -> int:
-    """A Philox counter: an int below 2**63 (C++ checks that it is not negative)."""
+    """A Philox counter: an int in [0, 2**63), the non-negative int64 the ops take."""
     value = _int(op, name, value, prefix)
-    if not -(1 << 63) <= value < (1 << 63):
+    if not 0 <= value < (1 << 63):
         raise ValueError(f"{prefix}{op}: {name} must be in [0, 2**63) (the Philox counter is a non-negative "
                          f"int64), but got {value}")
     return value
@@ -235,7 +235,8 @@ def quantize_members(
     offsets = [offsets] * members if isinstance(offsets, numbers.Integral) else list(offsets)
     kernel = _ops.quantize_members_ste if _bool(op, "straight_through", straight_through) else _ops.quantize_members
     return kernel(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats], roundings,
-                  [_seed(op, "seeds", s) for s in seeds], [_offset(op, "offsets", o) for o in offsets],
+                  [_seed(op, f"seeds[{m}]", s) for m, s in enumerate(seeds)],
+                  [_offset(op, f"offsets[{m}]", o) for m, o in enumerate(offsets)],
                   _str(op, "overflow", overflow))
 
 
@@ -525,9 +526,7 @@ def format_histogram(x: Tensor, bins: int, min: float, max: float, fmt: Optional
     ``saturate`` is false) in the same pass: no quantized copy of ``x``."""
     op = "format_histogram"
     fmt_list = _format_list(op, "fmt", fmt)
-    if fmt_list is not None and not saturate:
+    if fmt_list is not None and not _bool(op, "saturate", saturate):
         fmt_list[0] = 0
-    for name, value in (("min", min), ("max", max)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"fxp.{op}: {name} must be a number, but got {value!r}")
-    return _ops.format_histogram(_tensor(op, "x", x), _int(op, "bins", bins), float(min), float(max), fmt_list)
+    return _ops.format_histogram(_tensor(op, "x", x), _int(op, "bins", bins), _number(op, "min", min),
+                                 _number(op, "max", max), fmt_list)

@@ -14,6 +14,9 @@ from .ops import _bool, _seed, load_codes, pack, store_codes, stored_dtype, unpa
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
+# What to do about a sparse gradient (the op and QpuSgd say the same).
+_DENSE_HINT = "a sparse gradient, as from nn.Embedding(sparse=True), can be made dense with .to_dense()"
+
 Rounding = Literal["nearest_even", "stochastic"]
 MomentumForm = Literal["standard", "paper_eq6"]
 
@@ -198,12 +201,15 @@ class QPUSGD(Optimizer):
                 checked[index] = arguments
 
     def _check_writable(self) -> None:
-        """Before any group steps: every parameter to update can be written in
+        """Before any group steps: every gradient is dense, and every parameter to update can be written in
         place, or has codes. An expanded parameter (a zero stride) cannot; the
         usual one is a packed layer's stand-in whose codes nobody passed."""
         packed = self._codes
         for g, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise RuntimeError(f"QPUSGD: parameter {k} of group {g} has a {p.grad.layout} gradient; the QPU "
+                                       f"step takes dense ones ({_DENSE_HINT})")
                 # A contiguous tensor of several elements has no zero stride: the cheap test first
                 # (this runs every step); a one-element stand-in is contiguous whatever its stride.
                 if p.grad is None or (p.numel() > 1 and p.is_contiguous()) or p.dim() == 0 or (packed and p in packed):
@@ -231,8 +237,7 @@ class QPUSGD(Optimizer):
             # stream k, whether or not the others have gradients.
             streams.append(k)
             params.append(p)
-            # A sparse gradient has no contiguous form: the op names it.
-            grads.append(grad.contiguous() if grad.layout == torch.strided and not grad.is_contiguous() else grad)
+            grads.append(grad if grad.is_contiguous() else grad.contiguous())
             # Packed parameters: the step updates their codes. A strided parameter is
             # updated in a contiguous copy (its logical order) and copied back.
             codes = packed.get(p) if packed else None

@@ -76,7 +76,7 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
 // Its parameters, on the old grid, are rounded onto the new one right away,
 // so the next forward reads values of the new format, as a QPU layer expects.
 // The momentum buffers, when they follow the parameter format (their format is
-// the parameters', in both optimizers), are rounded too, so that the stored
+// the parameters', in fxp.optim.QPUSGD and fxp::optim::QpuSgd alike), are rounded too, so that the stored
 // state is what that format can hold. A finer grid of at
 // least the same range changes nothing. Stochastic rounding keeps the values'
 // expectation. The draws: parameter k of the group, of n, uses Philox key
