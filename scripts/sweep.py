@@ -139,7 +139,7 @@ def main(argv=None) -> int:
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, sweeplib.usable_cpus() // args.jobs)
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
         units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
@@ -172,7 +172,9 @@ def main(argv=None) -> int:
         return 0
 
     jobs = args.jobs
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, sweeplib.usable_cpus() // jobs)
+    if why := sweeplib.oversubscription(jobs, threads, args.device, sweeplib.usable_cpus()):
+        print(f"sweep: warning: {why}", file=sys.stderr)
     processes = sweeplib.Processes()
     runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)
     fleet_runner = sweeplib.fxp_train_fleet_runner(args.fxp_train, threads, args.device, processes)

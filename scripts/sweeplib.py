@@ -581,6 +581,22 @@ def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | N
     return run
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a SLURM allocation's, not the node's), as fxp-train counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> str:
+    """Why jobs x threads is too many for `cpus` CPUs ("" when it is not): OpenMP's waiting threads
+    spin, so a run that shares its cores loses most of its speed (docs/train.md, "Threads and a busy
+    machine"). GPU runs use a thread or so each and are not counted."""
+    if (device or "cpu").startswith("cuda") or jobs * threads <= cpus:
+        return ""
+    return (f"{jobs} jobs x {threads} threads is more than the {cpus} CPUs this sweep may use: runs that share "
+            f"cores can be several times slower (docs/train.md, \"Threads and a busy machine\"); lower --jobs or "
+            f"--threads")
+
+
 def fleet_size_for(batch_size: int, device: str | None) -> int:
     """The members of a fleet when `sweep --fleet` is not given, from scripts/bench_fleet.py's
     measurements (docs/benchmarks.md): on the CPU a fleet gains most at batch 1 (more with more

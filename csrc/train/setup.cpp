@@ -1,7 +1,11 @@
 #include "train/setup.h"
 
+#include <sched.h>
+
+#include <algorithm>
 #include <ostream>
 #include <stdexcept>
+#include <thread>
 
 #include "data/datasets.h"
 #include "train/checkpoint.h"
@@ -47,9 +51,22 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& c) {
   return nn::make_network(c.model, qc, info.channels, info.classes);
 }
 
+int64_t usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
 void log_settings_notes(std::ostream& log, const TrainConfig& c, const nn::NetworkImpl& model,
                         const std::string& prefix) {
   for (const auto& line : c.settings_without_effect()) log << prefix << "note: " << line << "\n";
+  const int64_t cpus = usable_cpus();
+  if (c.device == "cpu" && c.threads > cpus) {
+    log << prefix << "note: threads = " << c.threads << " is more than the " << cpus
+        << " CPUs this process may use: OpenMP's waiting threads spin, so threads that share a core can make the run "
+           "several times slower (docs/train.md, \"Threads and a busy machine\")\n";
+  }
   if (c.bn_recalibration_batches > 0 && !model.has_batch_norm()) {
     log << prefix << "note: bn_recalibration_batches = " << c.bn_recalibration_batches << " has no effect: model "
         << c.model << " has no batch norm\n";

@@ -60,9 +60,13 @@ std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 // resuming: the run continues from its checkpoint, so init_from is not read.
 Training set_up_training(const TrainConfig& config, const torch::Device& device, bool resuming = false);
 
+// The CPUs this process may run on (its affinity mask: a SLURM allocation's, not the node's).
+int64_t usable_cpus();
+
 // Writes a "note:" line, after `prefix`, for each setting the run does not
-// read (Note [Settings without effect]), and for batch norm's: recalibration
-// on a model without it, or none on a quantized model with it.
+// read (Note [Settings without effect]), for more threads than usable_cpus(),
+// and for batch norm's: recalibration on a model without it, or none on a
+// quantized model with it.
 void log_settings_notes(std::ostream& log, const TrainConfig& config, const nn::NetworkImpl& model,
                         const std::string& prefix = "");
 

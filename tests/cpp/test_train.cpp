@@ -24,6 +24,7 @@
 #include "train/export.h"
 #include "train/fleet.h"
 #include "train/io.h"
+#include "train/setup.h"
 #include "train/trainer.h"
 
 #include "test_util.h"
@@ -468,6 +469,31 @@ TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
   const double P = 184490;
   EXPECT_DOUBLE_EQ(full.total_bytes(), P * 4 + P * 2 + P * 4 + P * 4 + 2 * 784 * 4 + 2 * (29082 - 784) * 1.5);
   expect_error([&] { ft::estimate_memory(c, "guess", "ste", 16, 16, true, 1); }, "accounting must be paper or full");
+}
+
+// The notes a run's log starts with (log_settings_notes): besides the settings
+// without effect, more threads than this process may use, and batch norm's.
+TEST(TrainConfig, LogNotesNameTooManyThreadsAndBatchNormsWithout) {
+  const int64_t cpus = ft::usable_cpus();
+  ASSERT_GE(cpus, 1);
+  Parsed p = parse({"--threads", std::to_string(cpus + 1), "--model", "lenet5", "--bn-recalibration-batches", "2"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  std::ostringstream log;
+  ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config), "run: ");
+  EXPECT_EQ(log.str(), "run: note: threads = " + std::to_string(cpus + 1) + " is more than the " +
+                           std::to_string(cpus) + " CPUs this process may use: OpenMP's waiting threads spin, so "
+                           "threads that share a core can make the run several times slower (docs/train.md, "
+                           "\"Threads and a busy machine\")\nrun: note: bn_recalibration_batches = 2 has no effect: "
+                           "model lenet5 has no batch norm\n");
+  p = parse({"--threads", std::to_string(cpus), "--model", "resnet20"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  log.str("");
+  ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));
+  EXPECT_EQ(log.str().rfind("note: batch norm's running statistics trail the parameters", 0), 0u) << log.str();
+  p = parse({});
+  log.str("");
+  ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));
+  EXPECT_EQ(log.str(), "");
 }
 
 TEST(Bookkeeping, DescribeModelReport) {
