@@ -147,8 +147,8 @@ std::vector<torch::optim::OptimizerParamGroup> Controller::parameter_groups(
   for (size_t i = 0; i < layers.size(); ++i) {
     auto options = std::make_unique<optim::QpuSgdOptions>(defaults);
     // The momentum at the layer's format too, so that it follows the layer's switches (as in Python).
-    options->total_bits(layers[i].format.bits).frac_bits(layers[i].format.frac).momentum_total_bits(-1);
-    options->momentum_frac_bits(-1);
+    options->total_bits(layers[i].format.bits).frac_bits(layers[i].format.frac);
+    options->momentum_total_bits(-1).momentum_frac_bits(-1);
     options->seed(optim::group_seed(defaults.seed(), i));  // as QpuSgd's own groups
     groups.emplace_back(layers[i].parameters, std::move(options));
   }

@@ -87,10 +87,11 @@ json make_summary(const RunRecord& r) {
       return estimate_memory(counts, accounting, method, memory_bits, memory_out_bits, config.momentum > 0,
                              config.batch_size);
     };
-    json j = to_json(estimate(method_for_memory));
+    const MemoryEstimate own = estimate(method_for_memory);
+    json j = to_json(own);
     j["counted_as"] = method_for_memory;
-    j["ratio_to_ste"] = estimate(method_for_memory).total_bytes() / estimate("ste").total_bytes();
-    j["ratio_to_fp32"] = estimate(method_for_memory).total_bytes() / estimate("fp32").total_bytes();
+    j["ratio_to_ste"] = own.total_bytes() / estimate("ste").total_bytes();
+    j["ratio_to_fp32"] = own.total_bytes() / estimate("fp32").total_bytes();
     memory_model[accounting] = j;
   }
   json summary = {{"run_name", config.run_name()},

@@ -168,11 +168,18 @@ class QPUSGD(Optimizer):
 
     @staticmethod
     def _shared_arguments(group: dict[str, Any]) -> tuple:
-        """The arguments both forms of the op take alike, momentum to seed."""
-        return (float(group["momentum"]), float(group["weight_decay"]),
-                _bool("QPUSGD", "a param group's nesterov", group["nesterov"], prefix=""), group["total_bits"],
+        """The arguments both forms of the op take alike, momentum to seed (of a group _normalize_group has seen)."""
+        return (float(group["momentum"]), float(group["weight_decay"]), group["nesterov"], group["total_bits"],
                 group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"],
-                _seed("QPUSGD", "a param group's seed", group["seed"], prefix=""))
+                group["seed"])
+
+    @staticmethod
+    def _normalize_group(group: dict[str, Any]) -> None:
+        """What a caller may set in a group, as the op takes it: nesterov a bool, the seed the int64 with
+        its key's bits (Note [64-bit Philox keys in Python]). Run when a group is added or its arguments
+        change (_check_groups), not every step."""
+        group["nesterov"] = _bool("QPUSGD", "a param group's nesterov", group["nesterov"], prefix="")
+        group["seed"] = _seed("QPUSGD", "a param group's seed", group["seed"], prefix="")
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
@@ -193,12 +200,18 @@ class QPUSGD(Optimizer):
         A tensor lr (capturable) is the op's to check: reading it would synchronize."""
         checked = self._checked
         for index, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            arguments = (0.0 if isinstance(lr, Tensor) else float(lr), *self._shared_arguments(group), 0,
-                         group["momentum_form"])
+            arguments = self._checked_arguments(group)
             if checked.get(index) != arguments:
+                self._normalize_group(group)
+                arguments = self._checked_arguments(group)
                 self._check_arguments(arguments)
                 checked[index] = arguments
+
+    @classmethod
+    def _checked_arguments(cls, group: dict[str, Any]) -> tuple:
+        """What _check_groups checks of a group: its op arguments, a tensor lr (capturable) as 0."""
+        lr = group["lr"]
+        return (0.0 if isinstance(lr, Tensor) else float(lr), *cls._shared_arguments(group), 0, group["momentum_form"])
 
     def _check_writable(self) -> None:
         """Before any group steps: every gradient is dense, and every parameter to update can be written in
@@ -260,15 +273,11 @@ class QPUSGD(Optimizer):
             if "momentum_total_bits" not in param_group and "momentum_frac_bits" not in param_group:
                 param_group["momentum_total_bits"] = param_group.get("total_bits", defaults["total_bits"])
                 param_group["momentum_frac_bits"] = param_group.get("frac_bits", defaults["frac_bits"])
-        # Group i's key is seed + i, modulo 2**64 as in C++'s QpuSgd; kept as the int64 the op takes (Note
-        # [64-bit Philox keys in Python]), a group's own seed too.
-        if "seed" in param_group:
-            param_group["seed"] = _seed("QPUSGD", "a param group's seed", param_group["seed"], prefix="")
-        else:
-            param_group["seed"] = (self._base_seed + index + (1 << 63)) % (1 << 64) - (1 << 63)
+        param_group.setdefault("seed", (self._base_seed + index) % (1 << 64))  # key seed + i, as C++'s QpuSgd
         param_group.setdefault("step", 0)
         for key, value in self.defaults.items():  # as torch does, so the group can be checked first
             param_group.setdefault(key, value)
+        self._normalize_group(param_group)
         self._check_group(param_group)
         super().add_param_group(param_group)
 
@@ -530,6 +539,7 @@ class QPUSGD(Optimizer):
         if isinstance(group["step"], Tensor):
             raise ValueError("QPUSGD.change_format: a capturable group's step lives on its device; AdaPT's format "
                              "changes take the plain step")
+        self._normalize_group(group)
         follows = (group["momentum_total_bits"], group["momentum_frac_bits"]) == (group["total_bits"], group["frac_bits"])
         changed = {"total_bits": format.total_bits, "frac_bits": format.frac_bits}
         if follows:
@@ -538,9 +548,7 @@ class QPUSGD(Optimizer):
         found = ((k, self.state.get(p, {}).get("momentum_buffer")) for k, p in enumerate(params)) if follows else ()
         buffers = [(k, b) for k, b in found if b is not None]
         torch.ops.fxp.qpu_change_format_(params, [b for _, b in buffers], [k for k, _ in buffers], format.total_bits,
-                                         format.frac_bits, group["rounding"],
-                                         _seed("QPUSGD", "a param group's seed", group["seed"], prefix=""),
-                                         int(group["step"]))
+                                         format.frac_bits, group["rounding"], group["seed"], int(group["step"]))
         group.update(changed)
 
 
