@@ -301,6 +301,65 @@ def test_result_independent_of_strides_contiguity_and_threads(rounding):
         assert torch.equal(y, results[0][0]) and int(c) == int(results[0][1])
 
 
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill a block of memory exactly (ATen's is_non_overlapping_and_dense)."""
+    order = sorted(range(x.dim()), key=lambda d: x.stride(d))
+    expected = 1
+    for d in order:
+        if x.size(d) != 1 and x.stride(d) != expected:
+            return False
+        expected *= x.size(d)
+    return True
+
+
+def _layout_cases(device):
+    base = torch.randn(4, 6, 5, 3, generator=torch.Generator().manual_seed(5)).mul(4).to(device)
+    return [base.to(memory_format=torch.channels_last), base.permute(3, 1, 0, 2), base[0, 0].t()]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_dense_results_keep_the_layout_of_x_and_the_bits_of_its_contiguous_copy(device, rounding):
+    # Note [Result layout] and Note [Quantizing in memory order].
+    for x in _layout_cases(device):
+        assert not x.is_contiguous() and _dense(x)
+        expect = fxp.quantize_seeded(x.contiguous(), 8, 4, rounding, seed=9, offset=3)
+        got = fxp.quantize_seeded(x, 8, 4, rounding, seed=9, offset=3)
+        assert got.stride() == x.stride() and torch.equal(got, expect)
+        y, count = fxp.quantize_seeded_stats(x, 5, 1, rounding, seed=9, offset=3)
+        y0, count0 = fxp.quantize_seeded_stats(x.contiguous(), 5, 1, rounding, seed=9, offset=3)
+        assert y.stride() == x.stride() and torch.equal(y, y0) and int(count) == int(count0) > 0
+        in_place = x.clone(memory_format=torch.preserve_format)
+        pointer = in_place.data_ptr()
+        fxp.quantize_seeded_(in_place, 8, 4, rounding, seed=9, offset=3)
+        assert in_place.data_ptr() == pointer and in_place.stride() == x.stride() and torch.equal(in_place, expect)
+        if rounding != "stochastic":
+            expect_mask = fxp.quantize_mask(x.contiguous(), 5, 1, rounding)
+            got_mask = fxp.quantize_mask(x, 5, 1, rounding)
+            assert got_mask[1].stride() == x.stride() and got_mask[1].any()
+            assert torch.equal(got_mask[0], expect_mask[0]) and torch.equal(got_mask[1], expect_mask[1])
+    # Not dense (slices): the layout torch's elementwise ops give (empty_like's Preserve), the bits of
+    # the contiguous copy.
+    channels_last = _layout_cases(device)[0]
+    for sliced, layout in ((channels_last.contiguous()[:, :, ::2], torch.contiguous_format),
+                           (channels_last[:, :, ::2], torch.channels_last)):
+        assert not _dense(sliced)
+        got = fxp.quantize_seeded(sliced, 8, 4, rounding, seed=9, offset=3)
+        assert got.is_contiguous(memory_format=layout)
+        assert torch.equal(got, fxp.quantize_seeded(sliced.contiguous(), 8, 4, rounding, seed=9, offset=3))
+
+
+def test_stochastic_rounding_of_a_channels_last_tensor_draws_in_logical_order():
+    # Element i of the contiguous (NCHW) order takes lane i % 4 of Philox block i / 4, whatever the layout:
+    # a tie at every element shows the draws, which must be those of the contiguous copy, not permuted.
+    x = torch.full((2, 8, 4, 4), 0.5 + 2.0**-5).to(memory_format=torch.channels_last)
+    got = fxp.quantize_seeded(x, 8, 4, "stochastic", seed=1, offset=0)
+    contiguous = fxp.quantize_seeded(x.contiguous(), 8, 4, "stochastic", seed=1, offset=0)
+    assert torch.equal(got, contiguous) and got.is_contiguous(memory_format=torch.channels_last)
+    # Draws taken in memory order would give got's memory the contiguous result's sequence.
+    assert not torch.equal(got.permute(0, 2, 3, 1).reshape(-1), contiguous.reshape(-1))
+
+
 # --- variants, shapes, and bad input --------------------------------------
 def test_in_place_and_out_variants_match():
     x = torch.randn(33, 7).t()
@@ -380,6 +439,7 @@ def test_ste_under_inference_mode_and_no_grad():
 def _opcheck_cases(device):
     x = torch.randn(5, 7, device=device, dtype=torch.float64)
     xr = x.clone().requires_grad_()
+    xcl = torch.randn(2, 3, 4, 5, device=device).to(memory_format=torch.channels_last)
     g = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
     ops = torch.ops.fxp
     return [
@@ -397,6 +457,11 @@ def _opcheck_cases(device):
         (ops.quantize_seeded_.default, (x.clone(), 16, 8, "stochastic", 1, 2), {}),
         (ops.quantize_seeded.out, (x, 16, 8, "stochastic", 1, 2), {"out": torch.empty_like(x)}),
         (ops.quantize_seeded_stats.default, (x, 6, 2, "stochastic", 1, 2, "wrap"), {}),
+        # Note [Result layout]: a dense strided x keeps its strides, in the Meta kernel too.
+        (ops.quantize.default, (xcl, 8, 4), {}),
+        (ops.quantize_.default, (xcl.clone(memory_format=torch.channels_last), 8, 4), {}),
+        (ops.quantize_mask.default, (xcl, 8, 2, "stochastic", "saturate", g()), {}),
+        (ops.quantize_seeded.default, (x.t(), 16, 8, "stochastic", 1, 2), {}),
     ]
 
 

@@ -31,25 +31,47 @@ struct QuantizeOps {
   using Philox = typename Backend::Philox;
   using Generator = std::optional<at::Generator>;
 
-  // Result of every quantize op: contiguous, same shape and dtype as x.
-  static at::Tensor empty_result(const at::Tensor& x) {
-    // sym_sizes: under torch.compile the Meta kernel sees symbolic shapes.
-    return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Note [Result layout]
+  // A result takes x's strides when x is non-overlapping and dense (a
+  // channels_last activation, a transposed weight), as torch's elementwise
+  // ops do (empty_like's Preserve); otherwise it is contiguous. The layout
+  // never changes a value: Philox's element order is logical row-major (run).
+  static at::Tensor empty_result(const at::Tensor& x, at::ScalarType dtype) {
+    return at::empty_like(x, x.options().dtype(dtype), at::MemoryFormat::Preserve);
   }
+  static at::Tensor empty_result(const at::Tensor& x) { return empty_result(x, x.scalar_type()); }
 
-  // Quantizes x into out (same shape; any strides; out may be x). The kernel
-  // sees contiguous tensors, so element order is logical row-major whatever
-  // the strides of x and out.
+  // Quantizes x into out (same shape; any strides; out may be x), and marks
+  // saturated elements in `saturated` when it is defined (out's shape).
+  // Note [Quantizing in memory order]
+  // The kernels number elements in memory order. That is the logical
+  // row-major order the contract keys Philox by only for contiguous tensors,
+  // so a stochastic rounding of any other layout runs on contiguous copies.
+  // Every other rounding is elementwise and position-free: a dense x, with
+  // out (and the mask) in the same strides, is quantized where it lies, so a
+  // channels_last activation costs no copy.
   static void run(const at::Tensor& x, const at::Tensor& out, const kernels::QuantizeParams& params,
                   const Philox& philox, const at::Tensor& saturated = {},
                   const at::Tensor& saturated_count = {}) {
     if constexpr (Backend::kIsMeta) return;
+    const bool mask_contiguous = !saturated.defined() || saturated.is_contiguous();
+    const bool mask_like_x = !saturated.defined() || saturated.strides() == x.strides();
+    const bool in_memory_order = params.rounding != Rounding::Stochastic && x.is_non_overlapping_and_dense() &&
+                                 out.strides() == x.strides() && mask_like_x;
+    if (in_memory_order || (x.is_contiguous() && out.is_contiguous() && mask_contiguous)) {
+      Backend::launch(x, out, params, philox, saturated, saturated_count);
+      return;
+    }
     const at::Tensor x_contig = x.contiguous();
-    const bool direct = out.is_contiguous();
     // A strided x was copied; its copy can take the result in place.
-    const at::Tensor target = direct ? out : x_contig.is_same(x) ? empty_result(x) : x_contig;
-    Backend::launch(x_contig, target, params, philox, saturated, saturated_count);
-    if (!direct) out.copy_(target);
+    const at::Tensor target = out.is_contiguous() ? out
+                              : x_contig.is_same(x) ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                                                    : x_contig;
+    const at::Tensor mask =
+        mask_contiguous ? saturated : at::empty_like(saturated, at::MemoryFormat::Contiguous);
+    Backend::launch(x_contig, target, params, philox, mask, saturated_count);
+    if (!target.is_same(out)) out.copy_(target);
+    if (!mask.is_same(saturated)) saturated.copy_(mask);
   }
 
   static Philox philox_from_generator(const char* op, const at::Tensor& x,
@@ -142,7 +164,7 @@ struct QuantizeOps {
     const Philox philox = philox_from_generator(op, x, params, generator);
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
-    at::Tensor saturated = at::empty_symint(x.sym_sizes(), x.options().dtype(at::kBool));
+    at::Tensor saturated = empty_result(x, at::kBool);
     run(x, out, params, philox, saturated);
     return {out, saturated};
   }
