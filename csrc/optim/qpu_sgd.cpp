@@ -2,6 +2,11 @@
 
 #include <torch/autograd.h>
 
+#if defined(FXP_WITH_CUDA)
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
 #include "ops/ops.h"
 #include "ops/bit_pack/code_storage.h"
 #include "ops/format_args.h"  // packed_dtype
@@ -60,9 +65,27 @@ bool operator==(const QpuSgdParamState& a, const QpuSgdParamState& b) {
 }
 
 namespace {
+
 constexpr const char* kName = "fxp::optim::QpuSgd";
 // What to do about a sparse gradient (the op and fxp.optim.QPUSGD say the same).
 constexpr const char* kDenseHint = "a sparse gradient, as from nn.Embedding(sparse=True), can be made dense with .to_dense()";
+
+// Note [State made under capture]: a CUDA graph records the kernels that make
+// the optimizer's state (the momentum's zeros, the step and lr tensors, the
+// row index's copy), so every replay would make it again: the momentum reset
+// to zero, the step to its captured count. So the first step with this state
+// must be eager, as torch's capture recipe warms up on a side stream.
+void refuse_state_under_capture(const torch::Device& device, const char* what) {
+#if defined(FXP_WITH_CUDA)
+  if (!device.is_cuda()) return;
+  const c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              kName, ": ", what, " is made on the first step that needs it, and a CUDA graph would "
+              "make it again at every replay; take that step before capturing (warm up on a side stream)");
+#else
+  (void)device, (void)what;
+#endif
+}
 
 int64_t momentum_total_bits(const QpuSgdOptions& o) {
   return o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
@@ -182,6 +205,7 @@ void QpuSgd::step_groups(const Normalization* normalization) {
       if (o.momentum() != 0) {
         auto it = state_.find(p.unsafeGetTensorImpl());
         if (it == state_.end()) {
+          refuse_state_under_capture(p.device(), "a momentum buffer");
           auto state = std::make_unique<QpuSgdParamState>();
           // Packed: codes of the momentum format, a bit stream where Note [Bit-stream storage] says.
           state->momentum_buffer(is_packed ? stored_zeros(p.sizes(), mtb, p.options())
@@ -293,9 +317,11 @@ QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& dev
   auto& o = static_cast<QpuSgdOptions&>(param_groups_[g].options());
   DeviceScalars& scalars = device_scalars_[g];
   if (!scalars.step.defined() || scalars.step.device() != device) {
+    refuse_state_under_capture(device, "the capturable step's step count");
     scalars.step = torch::full({}, o.step(), torch::dtype(torch::kLong).device(device));
   }
   if (!scalars.lr.defined() || scalars.lr.device() != device) {
+    refuse_state_under_capture(device, "the capturable step's lr");
     scalars.lr = torch::full({}, o.lr(), torch::dtype(torch::kFloat64).device(device));
     scalars.lr_value = o.lr();
   } else if (scalars.lr_value != o.lr()) {  // a scheduler's change; a fill, no host read
@@ -303,6 +329,7 @@ QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& dev
     scalars.lr_value = o.lr();
   }
   if (!nan_count_.defined() || nan_count_.device() != device) {
+    refuse_state_under_capture(device, "the capturable step's NaN count");
     nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
   }
   return scalars;
@@ -311,6 +338,7 @@ QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& dev
 const torch::Tensor& QpuSgd::row_index(size_t g, const std::vector<int64_t>& streams, const torch::Device& device) {
   auto& entry = row_indices_[g];
   if (entry.first != streams || !entry.second.defined() || entry.second.device() != device) {
+    refuse_state_under_capture(device, "the index of the parameters with gradients");
     entry = {streams, torch::tensor(streams, torch::kLong).to(device)};
   }
   return entry.second;

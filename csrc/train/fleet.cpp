@@ -1,5 +1,6 @@
 #include "train/fleet.h"
 
+#include <c10/core/DeviceGuard.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -207,6 +208,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
   if (device.is_cuda() && !torch::cuda::is_available()) {
     throw std::invalid_argument("device " + shared.device + " was requested, but no CUDA device is available");
   }
+  const c10::OptionalDeviceGuard device_guard(device.is_cuda() ? std::optional(device) : std::nullopt);  // as run.cpp's
   if (device.is_cpu()) keep_freed_cpu_memory();  // Note [Freed CPU memory stays in the process]
   if (shared.threads > 0) at::set_num_threads(static_cast<int>(shared.threads));
   at::globalContext().setDeterministicCuDNN(true);

@@ -3,6 +3,7 @@
 // model, optimizer), epoch.cpp (training), validate.cpp (validation and
 // per-layer statistics), schedule.cpp (lr, early stopping), checkpoint.cpp,
 // summary.cpp.
+#include <c10/core/DeviceGuard.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -285,6 +286,9 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
       device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
     }
   }
+  // The run's GPU is the current device for the whole run, so what defaults to
+  // the current device (a CUDA generator, a stream) is the run's.
+  const c10::OptionalDeviceGuard device_guard(device.is_cuda() ? std::optional(device) : std::nullopt);
   if (device.is_cpu()) install_cpu_memory_tracking(), keep_freed_cpu_memory();
   if (config.threads > 0) at::set_num_threads(static_cast<int>(config.threads));
   // Reproducible GPU runs: deterministic cuDNN algorithms, no autotuning (a

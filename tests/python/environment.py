@@ -24,6 +24,16 @@ requires_fxp_train_and_data = pytest.mark.skipif(
     not FXP_TRAIN.exists() or not FASHION.is_dir(),
     reason="needs build/fxp-train (scripts/setup.sh) and Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 
+# For tests that read FXP_TRAIN_DATA alone (gpu_check.sh's decompressed copy on the GPU machine qualifies).
+requires_fxp_train_and_run_data = pytest.mark.skipif(
+    not FXP_TRAIN.exists() or not FXP_TRAIN_DATA.is_dir(),
+    reason=f"needs build/fxp-train (scripts/setup.sh) and Fashion-MNIST in {FXP_TRAIN_DATA} "
+           "(apt-get install dataset-fashion-mnist, or set FXP_FASHION_MNIST)")
+
+requires_cuda_fxp_train_and_run_data = pytest.mark.skipif(
+    not torch.cuda.is_available() or not FXP_TRAIN.exists() or not FXP_TRAIN_DATA.is_dir(),
+    reason="needs a CUDA device, build/fxp-train and Fashion-MNIST")
+
 requires_fxp_train = pytest.mark.skipif(
     not FXP_TRAIN.exists(), reason="needs build/fxp-train (scripts/setup.sh; it needs CLI11 and nlohmann-json)")
 

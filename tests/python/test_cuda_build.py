@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 
 from environment import ROOT
 
-BUILD = ROOT / "build"
+# The build that `import fxp` loads: $FXP_LIBRARY's folder where set (gpu_check.sh's build-gpu), else build/.
+BUILD = pathlib.Path(os.environ["FXP_LIBRARY"]).parent if os.environ.get("FXP_LIBRARY") else ROOT / "build"
 
 
 def _gencode(commands: list[dict]) -> set[str]:
@@ -27,7 +29,7 @@ def _gencode(commands: list[dict]) -> set[str]:
     return flags
 
 
-@pytest.mark.skipif(not (BUILD / "compile_commands.json").exists(), reason="needs build/ (scripts/setup.sh)")
+@pytest.mark.skipif(not (BUILD / "compile_commands.json").exists(), reason=f"needs {BUILD}/compile_commands.json (scripts/setup.sh)")
 def test_the_newest_architecture_is_also_compiled_to_ptx():
     commands = json.loads((BUILD / "compile_commands.json").read_text())
     flags = _gencode(commands)

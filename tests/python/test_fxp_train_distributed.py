@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from environment import (FXP_TRAIN, FXP_TRAIN_DATA, checkpoint_state, epoch_metrics, requires_fxp_train_and_data,
+from environment import (FXP_TRAIN, FXP_TRAIN_DATA, checkpoint_state, epoch_metrics, requires_fxp_train_and_run_data,
                          run_fxp_train)
 
-pytestmark = requires_fxp_train_and_data
+pytestmark = requires_fxp_train_and_run_data
 
 # 1 thread per rank: ranks must agree on it (fxp-train refuses otherwise), and CI has 2 cores.
 COMMON = ["--data-dir", str(FXP_TRAIN_DATA), "--threads", "1", "--no-progress", "--val-limit", "64"]

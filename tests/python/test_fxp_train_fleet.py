@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from environment import (FXP_TRAIN, FXP_TRAIN_DATA, checkpoint_state, epoch_metrics, requires_fxp_train_and_data,
-                         run_fxp_train)
+from environment import (FXP_TRAIN, FXP_TRAIN_DATA, checkpoint_state, epoch_metrics,
+                         requires_cuda_fxp_train_and_run_data, requires_fxp_train_and_run_data, run_fxp_train)
 
-pytestmark = requires_fxp_train_and_data
+pytestmark = requires_fxp_train_and_run_data
 
 BASE = ["--data-dir", str(FXP_TRAIN_DATA), "--threads", "1", "--no-progress", "--batch-size", "16"]
 COMMON = [*BASE, "--train-limit", "192", "--val-limit", "128"]
@@ -110,6 +110,20 @@ def test_lenet5_members_are_their_solo_runs(tmp_path, method):
     p = run_fleet(tmp_path, members, "--model", "lenet5", "--method", method, "--epochs", "2")
     assert p.returncode == 0, p.stderr
     assert_members_are_their_solo_runs(tmp_path, members, model="lenet5", method=method, epochs=2)
+
+
+@requires_cuda_fxp_train_and_run_data
+@pytest.mark.parametrize("model,method", [("paper_cnn", "sqpu"), ("paper_cnn", "ste"), ("lenet5", "sqpu")])
+def test_cuda_fleet_members_are_their_cuda_solo_runs(tmp_path, model, method):
+    # The CPU tests above, on a GPU: cuDNN picks its algorithms per shape, so a grouped convolution
+    # (the paper CNN's second) may sum in another order than its solo call; this is where it would show.
+    members = [{"seed": 1, "output_dir": str(tmp_path / "a")},
+               {"seed": 2, "param_bits": 8, "param_frac": 5, "out_bits": 8, "out_frac": 3,
+                "output_dir": str(tmp_path / "b")},
+               {"seed": 3, "output_dir": str(tmp_path / "c")}]
+    p = run_fleet(tmp_path, members, "--model", model, "--method", method, "--device", "cuda", "--epochs", "2")
+    assert p.returncode == 0, p.stderr
+    assert_members_are_their_solo_runs(tmp_path, members, model=model, method=method, device="cuda", epochs=2)
 
 
 @pytest.mark.parametrize("method", ["fp32", "sqpu"])

@@ -10,13 +10,28 @@ import json
 
 import pytest
 
-from environment import (FASHION, epoch_metrics, requires_fxp_train, requires_fxp_train_and_data, run_fxp_train)
+from environment import (FASHION, FXP_TRAIN_DATA, epoch_metrics, requires_cuda_fxp_train_and_run_data,
+                         requires_fxp_train, requires_fxp_train_and_data, run_fxp_train)
 
 SMALL = ["--data-dir", str(FASHION), "--train-limit", "256", "--val-limit", "128", "--batch-size", "32",
          "--threads", "1", "--no-progress", "--quiet", "--model", "lenet5"]
 # alpha 0: every layer passes every check, so the widths fall by the Hessian's k alone.
 MSQ = SMALL + ["--method", "msq", "--msq-start-bits", "6", "--msq-alpha", "0", "--msq-hessian-samples", "2",
                "--msq-lambda", "1e-3"]
+
+
+@requires_cuda_fxp_train_and_run_data
+def test_cuda_msq_runs_are_reproducible_and_prune(tmp_path):
+    # MSQ on a GPU (the Hessian traces, RoundClamp and the width checks on CUDA): two runs give the
+    # same bits, and each layer drops 1 or 2 bits at the first check, as on the CPU.
+    cuda = [a if a != str(FASHION) else str(FXP_TRAIN_DATA) for a in MSQ] + ["--device", "cuda", "--epochs", "2"]
+    for out in ("a", "b"):
+        p = run_fxp_train(*cuda, "-o", str(tmp_path / out))
+        assert p.returncode == 0, p.stderr
+    metrics = epoch_metrics(tmp_path / "a")
+    assert metrics == epoch_metrics(tmp_path / "b")
+    widths = [layer["bits"] for layer in metrics[0]["msq"]["layers"]]
+    assert len(widths) == 5 and all(6 - w in (1, 2) for w in widths), widths
 
 
 @requires_fxp_train_and_data

@@ -727,6 +727,26 @@ def test_cuda_pack_unpack_bit_identical_to_cpu():
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("overflow", ["saturate", "wrap"])
+def test_cuda_pack_every_rounding_and_dtype_equals_cpu(dtype, overflow):
+    x = (torch.randn(100_003, dtype=torch.float64, generator=torch.Generator().manual_seed(10)) * 50).to(dtype)
+    x[::997] = float("inf")
+    x[1::997] = float("-inf")
+    for fmt in (FxpFormat(8, 3), FxpFormat(16, 10), FxpFormat(32, 20)):
+        for rounding in ("nearest_even", "stochastic", "floor", "nearest_away"):
+            cpu = fxp.pack_seeded(x, fmt, rounding=rounding, seed=4, offset=9, overflow=overflow)
+            cuda = fxp.pack_seeded(x.cuda(), fmt, rounding=rounding, seed=4, offset=9, overflow=overflow)
+            assert cpu.dtype == cuda.dtype == fmt.storage_dtype and torch.equal(cpu, cuda.cpu())
+    # NaN counted on the device (pack.counted), code 0, as on the CPU.
+    x[2::997] = float("nan")
+    counts = [torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long, device="cuda")]
+    codes = [fxp.pack(x.to(c.device), FxpFormat(16, 10), counts=c) for c in counts]
+    assert torch.equal(codes[0], codes[1].cpu()) and torch.equal(counts[0], counts[1].cpu())
+    assert int(counts[0][0]) == len(x[2::997])
+
+
+@requires_cuda
 @pytest.mark.parametrize("case", STEP_CASES)
 def test_cuda_packed_step_bit_identical_to_cpu(case):
     torch.manual_seed(7)

@@ -387,6 +387,26 @@ def test_cuda_equals_cpu_at_every_width(rounding, form, momentum, nesterov, tota
     assert torch.equal(counts, counts_d.cpu())
 
 
+@requires_cuda
+@pytest.mark.parametrize("rounding", ["nearest_even", "stochastic"])
+@pytest.mark.parametrize("form", ["standard", "paper_eq6"])
+@pytest.mark.parametrize("total_bits", [8, 16, 32])
+@pytest.mark.parametrize("storage", ["codes", "float32"])
+def test_cuda_equals_cpu_without_momentum(rounding, form, total_bits, storage):
+    """The kernels without a momentum buffer (paper_eq6 still draws its delta's bits): CUDA == CPU."""
+    gen = torch.Generator().manual_seed(100 + total_bits)
+    fmt = fxp.FxpFormat(total_bits, total_bits // 2)
+    wc, g = _codes_and_grads(fmt, 70_001, torch.float32, 0.25, storage == "float32", gen)
+    w = [(wc.double() * 2.0**-fmt.frac_bits).float()] if storage == "float32" else [wc.to(fmt.storage_dtype)]
+    wd, gd = [w[0].cuda()], [g.cuda()]
+    kw = dict(lr=0.25, momentum=0.0, wd=1e-2, nesterov=False, fmt=fmt, mfmt=fmt, rounding=rounding, seed=9,
+              step=3, form=form)
+    counts = run_op(w, [g], [], **kw)
+    counts_d = run_op(wd, gd, [], **kw)
+    assert same_bits(w[0], wd[0].cpu())
+    assert torch.equal(counts, counts_d.cpu()) and counts.sum() > 0
+
+
 def test_result_independent_of_thread_count():
     torch.manual_seed(6)
     fmt = fxp.FxpFormat(16, 10)

@@ -340,13 +340,61 @@ def test_cuda_graph_captures_an_optimizer_with_a_frozen_parameter():
 
 
 @requires_cuda
-def test_cuda_plain_packed_step_is_refused_under_capture():
-    """The plain step on packed storage reads its NaN count back to the host: under a CUDA-graph
-    capture it raises, naming the way out."""
-    w = [torch.zeros(5, dtype=torch.int8, device="cuda")]
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_cuda_plain_step_is_refused_under_capture(dtype):
+    """The plain step takes lr and step by value (and on packed storage reads its NaN count back): a CUDA
+    graph would replay one step's random numbers, so under a capture it raises, naming the way out, as
+    torch's optimizers do without capturable=True. So do AdaPT's fused form and the per-member step."""
+    w = [torch.zeros(5, dtype=dtype, device="cuda")]
     g = [torch.ones(5, device="cuda")]
-    hyper = (0.0, 0.0, False, 8, 4, 8, 4, "nearest_even", 0)
+    hyper = (0.0, 0.0, False, 8, 4, 8, 4, "stochastic", 0)
     plain_op(w, g, [], 0.5, *hyper, 0)  # eagerly, it runs
-    with pytest.raises(RuntimeError, match="capture the capturable form"):
+    with pytest.raises(RuntimeError, match="capture the capturable form instead"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             plain_op(w, g, [], 0.5, *hyper, 0)
+    if dtype == torch.float32:
+        acc, norms = [torch.zeros(5, device="cuda")], torch.ones(1, dtype=torch.float64, device="cuda")
+        torch.ops.fxp.qpu_sgd_step_.adapt(w, g, [], acc, norms, [0], 0.0, 0.5, *hyper, 0)
+        with pytest.raises(RuntimeError, match="capture the capturable form instead"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                torch.ops.fxp.qpu_sgd_step_.adapt(w, g, [], acc, norms, [0], 0.0, 0.5, *hyper, 0)
+    stacked, stacked_grads = [w[0].unsqueeze(0).clone()], [g[0].unsqueeze(0)]
+    members = ([0.5], [0.0], [0.0], False, [8], [4], [8], [4], ["stochastic"], [0], [0], [True])
+    torch.ops.fxp.qpu_sgd_members_step_(stacked, stacked_grads, [], *members)
+    with pytest.raises(RuntimeError, match="capture the capturable form instead"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            torch.ops.fxp.qpu_sgd_members_step_(stacked, stacked_grads, [], *members)
+
+
+@requires_cuda
+def test_cuda_optimizers_refuse_to_make_their_state_under_capture():
+    """Note [State made under capture]: a capturable QPUSGD's first step makes its momentum and device
+    scalars; captured, every replay would reset them. Refused; after one eager step the capture works."""
+    p = torch.nn.Parameter(fxp.quantize(torch.randn(64, device="cuda"), 12, 8))
+    opt = QPUSGD([p], lr=0.05, momentum=0.9, format=fxp.FxpFormat(12, 8), capturable=True)
+    p.grad = torch.randn(64, device="cuda")
+    with pytest.raises(RuntimeError, match="a momentum buffer is made on the first step that needs it"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    before = p.detach().clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(before, p.detach())
+
+
+@requires_cuda
+def test_cuda_counts_of_a_group_without_gradients_are_on_the_device():
+    a, b = (torch.nn.Parameter(torch.zeros(4, device="cuda")) for _ in range(2))
+    opt = QPUSGD([{"params": [a]}, {"params": [b]}], lr=0.1, format=fxp.FxpFormat(8, 4))
+    a.grad = torch.ones(4, device="cuda")
+    opt.step()
+    assert [c.device.type for c in opt.last_counts] == ["cuda", "cuda"]
+    assert torch.cat(opt.last_counts).shape == (2, 2)

@@ -186,3 +186,43 @@ def test_cuda_steps_the_cpu_bits():
     assert torch.equal(counts, counts_cuda.cpu())
     for a, b in zip(cpu[0] + cpu[2], cuda[0] + cuda[2]):
         assert torch.equal(a, b.cpu())
+
+
+def _packed_fleet(seed, device):
+    params, grads, _ = fleet_tensors(seed)
+    codes = [torch.stack([fxp.pack(p[m], 16, 10).to(torch.int16) for m in range(4)]) for p in params]
+    mcodes = [torch.zeros_like(c) for c in codes]
+    return [[t.to(device) for t in ts] for ts in (codes, grads, mcodes)]
+
+
+@requires_cuda
+def test_cuda_steps_the_cpu_bits_on_codes_with_inactive_members_nesterov_and_streams():
+    members = [dict(m, bits=16, frac=10, mbits=16, mfrac=10) for m in MEMBERS]
+    args = [member_args(members, f) for f in ("lr", "momentum", "wd")]
+    formats = [member_args(members, f) for f in ("bits", "frac", "mbits", "mfrac", "rounding", "seed")]
+    fleets = [_packed_fleet(10, "cpu"), _packed_fleet(10, "cuda")]
+    before = [t.clone() for t in fleets[0][0]]
+    for step in (1, 2, 3):
+        counts = [members_op(codes, grads, mcodes, *args, True, *formats, [step, step + 4, step, 2 * step],
+                             [True, False, True, True], "standard", [2, 0, 1])
+                  for codes, grads, mcodes in fleets]
+        assert torch.equal(counts[0], counts[1].cpu())
+    for a, b in zip(fleets[0][0] + fleets[0][2], fleets[1][0] + fleets[1][2]):
+        assert torch.equal(a, b.cpu())
+    assert all(torch.equal(c[1], b[1]) for c, b in zip(fleets[0][0], before))  # the inactive member
+    assert not all(torch.equal(c[0], b[0]) for c, b in zip(fleets[0][0], before))
+
+
+@requires_cuda
+def test_cuda_names_the_members_a_nan_hit_as_the_cpu_does():
+    # An error raised after a count is read back from the device (docs/gpu-check.md: such errors
+    # crashed three other CUDA cases in earlier runs).
+    messages = []
+    for device in ("cpu", "cuda"):
+        codes, grads, mcodes = _packed_fleet(11, device)
+        grads[1][2, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"members 2 \(every active member was stepped\)") as error:
+            step_members(codes, grads, mcodes, [1] * 4,
+                         members=[dict(m, bits=16, frac=10, mbits=16, mfrac=10) for m in MEMBERS])
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]

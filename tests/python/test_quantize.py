@@ -512,6 +512,30 @@ def test_cuda_bit_identical_to_cpu(dtype, rounding, overflow):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("overflow", OVERFLOWS)
+def test_cuda_mask_and_masked_ste_gradient_equal_cpu(dtype, overflow):
+    # The kernels that also write the saturation mask, and the gradient that mask zeroes.
+    x = (torch.randn(300_007, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 40).to(dtype)
+    x[::1000] = float("nan")
+    x[1::1000] = float("inf")
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)).to(dtype)
+    for total_bits, frac_bits in [(8, 3), (16, 10)]:
+        for rounding in ("nearest_even", "floor", "nearest_away"):
+            y, mask = fxp.quantize_mask(x, total_bits, frac_bits, rounding, overflow)
+            y_cuda, mask_cuda = fxp.quantize_mask(x.cuda(), total_bits, frac_bits, rounding, overflow)
+            assert torch.equal(bits(y), bits(y_cuda.cpu())) and torch.equal(mask, mask_cuda.cpu())
+        assert mask.any() and not mask.all()
+        grads = []
+        for device in ("cpu", "cuda"):
+            xr = x.to(device).requires_grad_()
+            y = fxp.quantize_ste(xr, total_bits, frac_bits, "nearest_away", overflow, zero_grad_saturated=True)
+            grads.append(torch.autograd.grad(y, xr, upstream.to(device))[0].cpu())
+        assert torch.equal(bits(grads[0]), bits(grads[1]))
+        assert torch.equal(grads[0], torch.where(mask, torch.zeros_like(upstream), upstream))
+
+
+@requires_cuda
 def test_cuda_generator_and_stream_and_errors():
     x = torch.full((1 << 20,), 0.3, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(1)

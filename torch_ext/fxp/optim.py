@@ -17,6 +17,17 @@ __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 # What to do about a sparse gradient (the op and QpuSgd say the same).
 _DENSE_HINT = "a sparse gradient, as from nn.Embedding(sparse=True), can be made dense with .to_dense()"
 
+
+def _refuse_state_under_capture(device: torch.device, what: str) -> None:
+    """Note [State made under capture] (csrc/optim/qpu_sgd.cpp): state made during a CUDA-graph capture
+    would be made again, reset, at every replay; the first step that makes it must be eager."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"QPUSGD: {what} is made on the first step that needs it, and a CUDA graph "
+                                   "would make it again at every replay; take that step before capturing "
+                                   "(warm up on a side stream)")
+
 Rounding = Literal["nearest_even", "stochastic"]
 MomentumForm = Literal["standard", "paper_eq6"]
 
@@ -258,6 +269,7 @@ class QPUSGD(Optimizer):
             if momentum:
                 buffer = state[p].get("momentum_buffer")
                 if buffer is None:
+                    _refuse_state_under_capture(p.device, "a momentum buffer")
                     buffer = (torch.zeros_like(p, memory_format=torch.contiguous_format) if codes is None
                               else store_codes(torch.zeros(p.shape, dtype=mfmt.storage_dtype, device=p.device), mfmt))
                     state[p]["momentum_buffer"] = buffer
@@ -415,11 +427,13 @@ class QPUSGD(Optimizer):
     def _device_scalars(self, index: int, group: dict[str, Any], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """The capturable step's lr, step and NaN-count tensors on ``device``."""
         if not isinstance(group["step"], Tensor) or group["step"].device != device:
+            _refuse_state_under_capture(device, "the capturable step's step count")
             group["step"] = torch.as_tensor(int(group["step"]), dtype=torch.long, device=device)
         lr = group["lr"]
         if not isinstance(lr, Tensor):
             value, tensor = self._lr_tensors.get(index, (None, None))
             if tensor is None or tensor.device != device:
+                _refuse_state_under_capture(device, "the capturable step's lr")
                 tensor = torch.empty((), dtype=torch.float64, device=device)
                 value = None
             if value != float(lr):
@@ -427,6 +441,7 @@ class QPUSGD(Optimizer):
             self._lr_tensors[index] = (float(lr), tensor)
             lr = tensor
         if device not in self._nan_counts:
+            _refuse_state_under_capture(device, "the capturable step's NaN count")
             self._nan_counts[device] = torch.zeros((), dtype=torch.long, device=device)
         return lr, group["step"], self._nan_counts[device]
 
@@ -435,6 +450,7 @@ class QPUSGD(Optimizer):
         copy cannot happen during CUDA-graph capture, so warm-up steps make it first."""
         key = (device, tuple(streams))
         if key not in self._row_indices:
+            _refuse_state_under_capture(device, "the index of the parameters with gradients")
             self._row_indices[key] = torch.tensor(streams, device=device)
         return self._row_indices[key]
 
@@ -488,8 +504,9 @@ class QPUSGD(Optimizer):
         for index, group in enumerate(self.param_groups):
             everyone = group["params"]
             arguments = self._gather(group)
-            if arguments is None:
-                self.last_counts.append(torch.zeros(len(everyone), 2, dtype=torch.long))
+            if arguments is None:  # on the parameters' device, as the op's counts are
+                device = everyone[0].device if everyone else None
+                self.last_counts.append(torch.zeros(len(everyone), 2, dtype=torch.long, device=device))
                 continue
             streams, params, grads, storage, buffers = arguments
             if normalization is not None:

@@ -54,6 +54,20 @@ inline bool any_packed(const kernels::QpuSgdParams& p) {
   return is_packed(p.param_storage) || is_packed(p.momentum_storage);
 }
 
+// Note [Capturable QPU step]: the plain forms take lr and step by value, so a
+// CUDA graph would replay one step's lr and random streams at every replay
+// (and the packed forms read a NaN count back, which a capture does not
+// allow). Refused before any work, with the way out, as torch's optimizers
+// refuse a capture without capturable=True. The capture is looked for on
+// `on`'s device, whatever the current one.
+template <class Backend>
+void refuse_capture(const char* op, const at::Tensor& on) {
+  TORCH_CHECK(!Backend::capturing(on), op,
+              ": this form takes lr and step by value, so a CUDA graph would replay one step's lr and random "
+              "numbers; capture the capturable form instead (qpu_sgd_step_.capturable, "
+              "fxp.optim.QPUSGD(capturable=True), fxp::optim::QpuSgd::set_capturable)");
+}
+
 }  // namespace detail
 
 template <class Backend>
@@ -74,14 +88,7 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       const bool packed = detail::any_packed(p);
-      // Note [Capturable QPU step]: the NaN count's read-back cannot run under a
-      // CUDA graph capture; refused before any work, with the way out, instead of
-      // failing in CUDA with "operation not permitted when stream is capturing".
-      // (Bit streams are re-encoded without a range check: the codes saturate.)
-      TORCH_CHECK(!(packed && Backend::capturing()),
-                  "fxp::qpu_sgd_step_: the plain step on packed storage (capture the capturable form, "
-                  "qpu_sgd_step_.capturable, instead) counts NaN results and reads a count back to the host, "
-                  "which a CUDA graph capture does not allow");
+      detail::refuse_capture<Backend>("fxp::qpu_sgd_step_", params[0]);
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read
       // on CUDA; the capturable form leaves the count on the device).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
@@ -121,6 +128,7 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
+      detail::refuse_capture<Backend>(op, params[0]);
       typename Backend::DeviceGuard guard(params[0].device());
       const kernels::GradientPrologue prologue{accumulated, norms.const_data_ptr<double>(), layers, l1};
       Backend::launch(params, grads, momentum_buffers, streams, p, counts, at::Tensor(), prologue);
@@ -228,9 +236,7 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   at::Tensor counts = at::zeros({members, static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     const bool packed = !stepped.empty() && detail::any_packed(stepped.front().p);
-    TORCH_CHECK(!(packed && Backend::capturing()), op,
-                ": the step on packed storage reads a NaN count back to the host, which a CUDA graph capture "
-                "does not allow");
+    detail::refuse_capture<Backend>(op, params[0]);
     // Note [Packed QPU step]: each member's NaN results, read once after every member is stepped.
     const at::Tensor nan_counts = packed ? at::zeros({members}, options) : at::Tensor();
     for (const Member& member : stepped) {

@@ -11,7 +11,9 @@ namespace {
 struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
-  static bool capturing() {
+  // Whether the current stream of t's device is capturing a CUDA graph.
+  static bool capturing(const at::Tensor& t) {
+    const c10::cuda::CUDAGuard guard(t.device());
     return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,

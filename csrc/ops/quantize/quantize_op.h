@@ -6,7 +6,7 @@
 //   using Philox = ...;                      // what the launcher needs for SR
 //   using DeviceGuard = ...;                 // constructed from x.device()
 //   static constexpr bool kIsMeta;           // shapes only: no launch, no generator check
-//   static Philox from_generator(const std::optional<at::Generator>&);
+//   static Philox from_generator(const std::optional<at::Generator>&, const at::Tensor& x);  // x's device's default
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
 //   static void launch_pack(x, codes, params, philox, exact, counts);  // adds PackCounts to counts (int64 [2])
@@ -81,7 +81,7 @@ struct QuantizeOps {
     if constexpr (!Backend::kIsMeta) check_generator_device(op, x, generator);
     // Deterministic roundings leave the generator untouched.
     if (params.rounding != Rounding::Stochastic) return Philox{};
-    return Backend::from_generator(generator);
+    return Backend::from_generator(generator, x);
   }
 
   static Philox philox_from_seed(const char* op, int64_t seed, int64_t offset) {

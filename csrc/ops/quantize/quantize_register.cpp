@@ -24,7 +24,7 @@ struct CpuBackend {
   static constexpr bool kIsMeta = false;
 
   // A fresh 64-bit key per call, drawn from the CPU generator under its lock.
-  static Philox from_generator(const std::optional<at::Generator>& generator) {
+  static Philox from_generator(const std::optional<at::Generator>& generator, const at::Tensor& /*x*/) {
     auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
         generator, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -56,7 +56,7 @@ struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
 
-  static Philox from_generator(const std::optional<at::Generator>&) { return {}; }
+  static Philox from_generator(const std::optional<at::Generator>&, const at::Tensor&) { return {}; }
   static Philox from_seed(uint64_t, uint64_t) { return {}; }
   static void launch(const at::Tensor&, const at::Tensor&, const kernels::QuantizeParams&,
                      const Philox&, const at::Tensor&, const at::Tensor&) {}

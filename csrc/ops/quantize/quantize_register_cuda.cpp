@@ -20,10 +20,12 @@ struct CudaBackend {
   // Note [Philox offsets from a generator] (kernels/common/fxp_math.h): each call
   // reserves kGeneratorIncrement (4) of the generator's offset and draws from
   // counter offset / 4. philox_cuda_state keeps this valid under CUDA-graph
-  // capture; the kernel unpacks it on the device.
-  static Philox from_generator(const std::optional<at::Generator>& generator) {
+  // capture; the kernel unpacks it on the device. The default is x's device's
+  // generator, as ATen's random ops take it (the op draws before it takes the
+  // device guard: Note [Check, then guard]).
+  static Philox from_generator(const std::optional<at::Generator>& generator, const at::Tensor& x) {
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        generator, at::cuda::detail::getDefaultCUDAGenerator());
+        generator, at::cuda::detail::getDefaultCUDAGenerator(x.device().index()));
     std::lock_guard<std::mutex> lock(gen->mutex_);
     return Philox{gen->philox_cuda_state(kGeneratorIncrement), /*from_generator=*/true};
   }
