@@ -326,13 +326,28 @@ def test_linear_saves_codes_not_floats():
     assert sorted(str(t.dtype) for t in saved) == ["torch.int16", "torch.int8"]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+def _bits(t):
+    """The raw bits, so that NaN compares equal to the same NaN, and -0 differs from +0."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _bits_up_to_zero_sign(t, device):
+    """_bits, but on CUDA torch's relu (a max with 0) may give +0 for -0, where the
+    fused op keeps -0 (relu(v) = v < 0 ? 0 : v): zeros of either sign compare as +0 there."""
+    return _bits(torch.where(t == 0, torch.zeros_like(t), t) if device == "cuda" else t)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
-def test_relu_max_pool2d_equals_torch_values_and_gradients(kernel):
+def test_relu_max_pool2d_equals_torch_values_and_gradients(kernel, device):
     torch.manual_seed(8)
     # Coarse quantization: many ties, zeros and negative zeros inside the windows.
-    x = fxp.quantize(torch.randn(3, 4, 13, 11), 4, 1).requires_grad_()
+    x = fxp.quantize(torch.randn(3, 4, 13, 11), 4, 1).to(device).requires_grad_()
     k = (kernel, kernel) if isinstance(kernel, int) else kernel
-    g = torch.randn(F.max_pool2d(x, k).shape)
+    g = torch.randn(F.max_pool2d(x, k).shape).to(device)
     g[0, 0, 0, 0] = -0.0
     ref = _grads(lambda: F.max_pool2d(F.relu(x), k), [x], g)
     fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, kernel), [x], g)
@@ -782,6 +797,67 @@ def test_cuda_relu_max_pool2d_equals_torch():
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3), (3, 2)], ids=["k2", "k3", "k2x3", "k3x2"])
+@pytest.mark.parametrize("shape", [(2, 3, 13, 11), (4, 16, 127, 139)], ids=["13x11", "127x139"])  # more than a grid
+def test_cuda_relu_max_pool2d_equals_cpu_every_dtype(shape, kernel, dtype):
+    """The CUDA kernels (one thread per output, per input element) equal the CPU
+    ones (float32 2x2: four windows at a time) bit for bit: values with NaNs,
+    infinities and zeros of both signs, window positions, and the gradient
+    (0 + grad_out: -0 becomes +0), at sizes the windows do not cover."""
+    gen = torch.Generator().manual_seed(13)
+    x = fxp.quantize(torch.randn(shape, generator=gen), 4, 1).to(dtype)  # coarse: ties and zeros
+    flat, n = x.view(-1), x.numel() // 40
+    order = torch.randperm(x.numel(), generator=gen)
+    flat[order[:n]] = float("nan")
+    flat[order[n:2 * n]] = -0.0
+    flat[order[2 * n:3 * n]] = float("inf")
+    flat[order[3 * n:4 * n]] = -float("inf")
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    # Windows of every kind, in plane (0, 0):
+    x[0, 0, :kh, :kw] = -1.0
+    x[0, 0, 0, 0] = -0.0  # maximum -0 (the fused op keeps the first zero's sign), not positive
+    x[0, 0, :kh, kw:2 * kw] = -float("inf")  # not positive: +0
+    x[0, 0, kh:2 * kh, :kw] = 1.0
+    x[0, 0, 2 * kh - 1, kw - 1] = float("inf")  # +inf at the last position
+    x[0, 0, kh:2 * kh, kw:2 * kw] = 2.0  # a tie: the first wins
+    x[0, 0, 2 * kh:3 * kh, :kw] = 3.0
+    x[0, 0, 2 * kh, 0] = float("nan")  # a NaN before a larger value still wins
+    out_shape = (shape[0], shape[1], shape[2] // kh, shape[3] // kw)
+    g = torch.randn(out_shape, generator=gen).to(dtype)
+    g.view(-1)[::5] = -0.0
+    g[0, 0, 1, 0] = -0.0  # through the +inf maximum
+
+    x_cuda = x.cuda()
+    out, positions = ops.relu_max_pool2d_with_positions(x, [kh, kw])
+    out_cuda, positions_cuda = ops.relu_max_pool2d_with_positions(x_cuda, [kh, kw])
+    assert out_cuda.device == positions_cuda.device == x_cuda.device
+    assert out_cuda.dtype == dtype and positions_cuda.dtype == torch.uint8
+    # The cases are there: NaN, +inf and +-0 maxima, windows whose maximum is not positive, and both
+    # kinds of zero gradient (-0 passed through a positive maximum, +0 elsewhere).
+    assert _bits(out[0, 0, :2, :2]).tolist() == _bits(torch.tensor([[-0.0, 0.0], [math.inf, 2.0]], dtype=dtype)).tolist()
+    assert torch.isnan(out[0, 0, 2, 0]) and int(positions[0, 0, 2, 0]) == 0
+    assert positions[0, 0, :2, :2].tolist() == [[255, 255], [kh * kw - 1, 0]]
+    assert torch.isnan(out).sum() > 1 and torch.isinf(out).sum() > 1 and (out == 0).sum() >= 2 and (out > 0).any()
+    assert (positions == 255).sum() >= 2 and (positions < kh * kw).any() and ((positions < 255) & (g == 0)).sum() > 1
+    assert torch.equal(_bits(out_cuda.cpu()), _bits(out))
+    assert torch.equal(positions_cuda.cpu(), positions)
+
+    grads = []
+    for device_x, device_g in ((x, g), (x_cuda, g.cuda())):
+        leaf = device_x.clone().requires_grad_()
+        y = fxp.ops.relu_max_pool2d(leaf, kernel)
+        y.backward(device_g)
+        assert torch.equal(_bits(y.detach().cpu()), _bits(out))
+        grads.append(leaf.grad.cpu())
+    assert grads[0].dtype == dtype and torch.count_nonzero(grads[0]) > 0
+    assert torch.equal(_bits(grads[1]), _bits(grads[0]))
+    # The backward op itself, from the same positions on both devices.
+    assert torch.equal(_bits(ops.relu_max_pool2d_backward(g.cuda(), positions.cuda(), [kh, kw], list(shape)).cpu()),
+                       _bits(ops.relu_max_pool2d_backward(g, positions, [kh, kw], list(shape))))
+
+
+@requires_cuda
 def test_cuda_packed_training_is_bit_identical():
     def run(packed):
         torch.manual_seed(0)
@@ -926,20 +1002,23 @@ def test_the_optimizer_keeps_to_the_codes_format():
         layer(torch.randn(2, 4))
 
 
-def test_relu_max_pool2d_passes_the_gradient_of_a_nan_maximum_as_torch_does():
-    x = torch.tensor([[[[1.0, float("nan")], [3.0, -1.0]], [[-2.0, -3.0], [-1.0, -4.0]]]]).requires_grad_()
-    g = torch.tensor([[[[5.0]], [[7.0]]]])
+@pytest.mark.parametrize("device", DEVICES)
+def test_relu_max_pool2d_passes_the_gradient_of_a_nan_maximum_as_torch_does(device):
+    x = torch.tensor([[[[1.0, float("nan")], [3.0, -1.0]], [[-2.0, -3.0], [-1.0, -4.0]]]]).to(device).requires_grad_()
+    g = torch.tensor([[[[5.0]], [[7.0]]]]).to(device)
     ref = _grads(lambda: F.max_pool2d(F.relu(x), 2), [x], g)
     fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, 2), [x], g)
     assert torch.isnan(fused[0][0, 0, 0, 0]) and torch.equal(fused[0][0, 1], ref[0][0, 1])
     assert torch.equal(fused[1][0], ref[1][0]) and fused[1][0][0, 0, 0, 1] == 5.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(2, 3, 11, 21), (1, 2, 8, 8), (3, 1, 2, 40)])
-def test_relu_max_pool2d_2x2_windows_four_at_a_time_equal_torch(shape):
+def test_relu_max_pool2d_2x2_windows_four_at_a_time_equal_torch(shape, device):
     """Float 2x2 windows run four at a time (Note [Four 2x2 windows at once]), the
     rest of a row and the uncovered rows and columns one at a time: both are ATen's
-    scan bit for bit, with NaNs, infinities, ties and zeros of both signs."""
+    scan bit for bit, with NaNs, infinities, ties and zeros of both signs. (On CUDA
+    the one-output-per-thread kernel, against torch's CUDA kernels.)"""
     gen = torch.Generator().manual_seed(11)
     x = fxp.quantize(torch.randn(shape, generator=gen), 4, 1)
     flat, n = x.view(-1), x.numel() // 8
@@ -948,13 +1027,14 @@ def test_relu_max_pool2d_2x2_windows_four_at_a_time_equal_torch(shape):
     flat[order[n:2 * n]] = -0.0
     flat[order[2 * n:2 * n + 3]] = float("inf")
     flat[order[2 * n + 3:2 * n + 6]] = -float("inf")
-    x.requires_grad_()
+    x = x.to(device).requires_grad_()
     g = torch.randn(F.max_pool2d(x.detach(), 2).shape, generator=gen)
     g.view(-1)[::5] = -0.0
+    g = g.to(device)
     ref = _grads(lambda: F.max_pool2d(F.relu(x), 2), [x], g)
     fused = _grads(lambda: fxp.ops.relu_max_pool2d(x, 2), [x], g)
     assert torch.isnan(ref[0]).any() and (ref[0] == 0).any()  # the cases are there
-    assert torch.equal(fused[0].view(torch.int32), ref[0].view(torch.int32))
+    assert torch.equal(_bits_up_to_zero_sign(fused[0], device), _bits_up_to_zero_sign(ref[0], device))
     assert torch.equal(fused[1][0].view(torch.int32), ref[1][0].view(torch.int32))
 
 

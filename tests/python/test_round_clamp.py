@@ -188,9 +188,10 @@ def test_opcheck_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_equals_cpu(dtype):
     w = torch.cat([weights(n=3_000_001, dtype=dtype, seed=6), torch.tensor([math.nan, math.inf, -0.0], dtype=dtype)])
-    for bits in (2, 4, 8, 16):
+    for bits in (1, 2, 4, 7, 8, 15, 16):  # 1, 7 and 15: the edges of the int8 and int16 codes
         scale = 1.25
         cpu = msq.round_clamp(w, scale, bits)
+        assert (cpu[0].abs() == scale * (1 - 2.0**-bits)).sum() > 1  # clamped at the largest code (and inf)
         cuda = msq.round_clamp(w.cuda(), scale, bits)
         bits_of = lambda t: t.view(torch.int64 if t.dtype in (torch.float64, torch.int64) else torch.int32)  # noqa: E731
         for got, want in zip(cuda, cpu):  # bit for bit: the sign of zero and NaN's bits too
@@ -198,8 +199,32 @@ def test_cuda_equals_cpu(dtype):
         assert torch.equal(bits_of(msq.round_clamp_lsb(w.cuda(), scale, bits).cpu()),
                            bits_of(msq.round_clamp_lsb(w, scale, bits)))
         finite = w[:-3]
-        assert torch.equal(msq.round_clamp_codes(finite.cuda(), scale, bits).cpu(),
-                           msq.round_clamp_codes(finite, scale, bits))
+        codes = msq.round_clamp_codes(finite, scale, bits)
+        assert codes.dtype == (torch.int8 if bits <= 7 else torch.int16 if bits <= 15 else torch.int32)
+        assert int(codes.abs().max()) == 2**bits - 1 and (codes == 0).any()
+        assert torch.equal(msq.round_clamp_codes(finite.cuda(), scale, bits).cpu(), codes)
         g, gl1 = torch.randn_like(w), torch.tensor(0.3, dtype=dtype)
         assert torch.equal(torch.ops.fxp.round_clamp_backward(g.cuda(), gl1.cuda(), w.cuda(), scale, bits).cpu(),
                            torch.ops.fxp.round_clamp_backward(g, gl1, w, scale, bits))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [1, 7, 15, 16])
+def test_cuda_empty_tensor_equals_cpu(dtype, bits):
+    """An empty w: empty results of w's shape and dtype (codes: int8/int16/int32),
+    an L1 norm of 0 and a count of 0, on the device, as on the CPU."""
+    w, g = torch.empty(0, 3, dtype=dtype), torch.empty(0, 3, dtype=dtype)
+    gl1 = torch.tensor(0.3, dtype=dtype)
+    cpu = (*msq.round_clamp(w, 1.25, bits), msq.round_clamp_lsb(w, 1.25, bits), msq.round_clamp_codes(w, 1.25, bits),
+           torch.ops.fxp.round_clamp_backward(g, gl1, w, 1.25, bits))
+    w_cuda = w.cuda()
+    cuda = (*msq.round_clamp(w_cuda, 1.25, bits), msq.round_clamp_lsb(w_cuda, 1.25, bits),
+            msq.round_clamp_codes(w_cuda, 1.25, bits),
+            torch.ops.fxp.round_clamp_backward(g.cuda(), gl1.cuda(), w_cuda, 1.25, bits))
+    assert [t.shape for t in cpu] == [(0, 3), (), (), (0, 3), (0, 3), (0, 3)]
+    assert cpu[4].dtype == (torch.int8 if bits <= 7 else torch.int16 if bits <= 15 else torch.int32)
+    assert float(cpu[1]) == 0.0 and int(cpu[2]) == 0
+    for got, want in zip(cuda, cpu):
+        assert got.device == w_cuda.device and got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got.cpu(), want)
