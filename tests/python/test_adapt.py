@@ -237,6 +237,16 @@ def test_format_histogram_cuda_equals_cpu(dtype):
             for fmt in (None, FxpFormat(8, 4), FxpFormat(6, 5)):
                 cpu = fxp.format_histogram(x, bins, -2.0, 2.0, fmt)
                 assert torch.equal(fxp.format_histogram(x.cuda(), bins, -2.0, 2.0, fmt).cpu(), cpu), (n, bins, fmt)
+                if fmt is None:
+                    continue
+                # Without saturation (format [0, frac_bits]): rounded, not clamped to the format's range.
+                unsaturated = fxp.format_histogram(x, bins, -2.0, 2.0, fmt, saturate=False)
+                assert torch.equal(fxp.format_histogram(x.cuda(), bins, -2.0, 2.0, fmt, saturate=False).cpu(),
+                                   unsaturated), (n, bins, fmt, "saturate=False")
+                assert int(unsaturated.sum()) == n - 1  # all but the NaN (x[0])
+                # FxP(6, 5) holds [-1, 31/32]: saturation moves the values beyond into other bins.
+                differs = not torch.equal(unsaturated, cpu)
+                assert differs == (fmt == FxpFormat(6, 5) and bins > 1 and n >= 6), (n, bins, fmt)
 
 
 # --- fxp.adapt: the controller in a PyTorch training loop ---------------------------

@@ -144,11 +144,14 @@ def _qpu(seed=0, scale=1.0, device="cpu", **options):
     return model, controller, optimizer
 
 
-def test_qpu_step_equals_normalize_accumulate_then_the_qpu_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_qpu_step_equals_normalize_accumulate_then_the_qpu_step(device, monkeypatch):
     """Before the first switch: the fused QPU step (Note [AdaPT's fused QPU
     step]) equals the layer norms, normalize_accumulate_ and QPUSGD's own step
     over the same groups, seeds and steps, bit for bit."""
-    model, controller, optimizer = _qpu(lookback=(4, 8))
+    # The two models' raw gradients must agree: cuDNN's backward picks deterministic algorithms only when asked.
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model, controller, optimizer = _qpu(lookback=(4, 8), device=device)
     reference = copy.deepcopy(model)
     ref_optimizer = fxp.optim.QPUSGD(
         [{"params": list(layer.parameters()), "total_bits": 8, "frac_bits": 4, "momentum_total_bits": 8,
@@ -421,6 +424,60 @@ def test_qpu_change_format_op_checks_its_arguments_and_passes_opcheck():
         op(p, m + m, [1, 1], 8, 4, "stochastic", 0, 0)
     assert _same(before, p + m)
     torch.library.opcheck(op.default, ([t.clone() for t in p], [m[0].clone()], [1], 8, 4, "stochastic", 3, 2))
+
+
+def _bits(t):
+    """The raw bits, so that NaN compares equal to the same NaN, and -0 differs from +0."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_change_format_equals_cpu(dtype):
+    """Note [QPU initialization] and Note [QPU format change]: quantize_parameters_
+    and qpu_change_format_ draw from (key, offset) streams of their own, so the
+    same tensors round to the same bits on CUDA as on the CPU, stochastic
+    rounding, saturation, NaN and infinities included; momentum buffers too."""
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(1_000_003,), (7, 9), (3, 4, 5, 6), (1,), (0, 4)]
+    params = [(torch.randn(s, generator=gen, dtype=torch.float64) * 12).to(dtype) for s in shapes]
+    params[0][::1001], params[0][1::1001], params[0][2::1001] = float("nan"), float("inf"), -float("inf")
+    params[0][3::1001] = -0.0
+    positions = [0, 2, 3, 4]  # parameter 1 has no momentum buffer
+    buffers = [(torch.randn(shapes[k], generator=gen, dtype=torch.float64) * 12).to(dtype) for k in positions]
+    buffers[0][5::1001] = float("nan")
+    total_bits, frac_bits = [8, 16, 12, 8, 10], [3, 10, 6, 2, 4]
+
+    cpu_params, cuda_params = [t.clone() for t in params], [t.cuda() for t in params]
+    torch.ops.fxp.quantize_parameters_(cpu_params, total_bits, frac_bits, "stochastic", 5)
+    torch.ops.fxp.quantize_parameters_(cuda_params, total_bits, frac_bits, "stochastic", 5)
+    for k, (got, want) in enumerate(zip(cuda_params, cpu_params)):
+        assert got.device == cuda_params[0].device and got.dtype == dtype
+        assert torch.equal(_bits(got.cpu()), _bits(want)), f"quantize_parameters_: parameter {k}"
+    # The cases are there: values moved onto the grid, stochastically (not as half to even would put
+    # them), saturated at FxP(8, 3)'s ends, and NaN kept.
+    nearest = [t.clone() for t in params]
+    torch.ops.fxp.quantize_parameters_(nearest, total_bits, frac_bits, "nearest_even", 5)
+    first = cpu_params[0]
+    assert not torch.equal(_bits(first), _bits(params[0])) and not torch.equal(_bits(first), _bits(nearest[0]))
+    assert (first == 15.875).sum() > 1 and (first == -16).sum() > 1 and torch.isnan(first).sum() > 1
+    assert not torch.equal(_bits(cpu_params[2]), _bits(nearest[2]))
+
+    # A format change of the whole group, its momentum buffers after it, at step 4.
+    cpu_buffers, cuda_buffers = [t.clone() for t in buffers], [t.cuda() for t in buffers]
+    before = [t.clone() for t in cpu_params + cpu_buffers]
+    torch.ops.fxp.qpu_change_format_(cpu_params, cpu_buffers, positions, 6, 2, "stochastic", 9, 4)
+    torch.ops.fxp.qpu_change_format_(cuda_params, cuda_buffers, positions, 6, 2, "stochastic", 9, 4)
+    for k, (got, want) in enumerate(zip(cuda_params + cuda_buffers, cpu_params + cpu_buffers)):
+        assert torch.equal(_bits(got.cpu()), _bits(want)), f"qpu_change_format_: tensor {k}"
+    changed = [not torch.equal(_bits(a), _bits(b)) for a, b in zip(cpu_params + cpu_buffers, before)]
+    assert changed == [True, True, True, True, False, True, True, True, False]  # the empty ones stay empty
+    # Stochastic, and saturated at FxP(6, 2)'s ends [-8, 7.75]: the buffers as the parameters.
+    nearest = [t.clone() for t in before]
+    torch.ops.fxp.qpu_change_format_(nearest[:5], nearest[5:], positions, 6, 2, "nearest_even", 9, 4)
+    assert not torch.equal(_bits(cpu_buffers[0]), _bits(nearest[5]))
+    assert (cpu_buffers[0] == 7.75).sum() > 1 and (cpu_buffers[0] == -8).sum() > 1
+    assert torch.isnan(cpu_buffers[0]).sum() > 1
 
 
 # --- fxp.nn.recalibrate_batch_norm ---------------------------------------------------
