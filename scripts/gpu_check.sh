@@ -152,20 +152,23 @@ xdist=()
 # (docs/gpu-check.md; the error_paths stage diagnoses them), and a new one that raises the same way,
 # run last, each in its own process.
 pytest_cuda() {
-  local crashes=(tests/python/test_bit_pack.py::test_cuda_inputs_errors_and_empty
-    tests/python/test_packed.py::test_cuda_pack_unpack_bit_identical_to_cpu
-    "tests/python/test_qpu_sgd_capturable.py::test_packed_nan_is_counted_not_raised[cuda]"
-    tests/python/test_qpu_sgd_members.py::test_cuda_names_the_members_a_nan_hit_as_the_cpu_does)
-  cd "$ROOT" || return 1
+  # Node ids as pytest names them: relative to tests/python, its rootdir (pytest.ini).
+  local crashes=(test_bit_pack.py::test_cuda_inputs_errors_and_empty
+    test_packed.py::test_cuda_pack_unpack_bit_identical_to_cpu
+    "test_qpu_sgd_capturable.py::test_packed_nan_is_counted_not_raised[cuda]"
+    test_qpu_sgd_members.py::test_cuda_names_the_members_a_nan_hit_as_the_cpu_does)
+  cd "$ROOT/tests/python" || return 1
   # shellcheck disable=SC2086  # PYTEST_FLAGS is a list of flags
-  if ((XDIST_WORKERS)); then
-    OMP_NUM_THREADS=2 "$PYTHON" -m pytest $PYTEST_FLAGS -n "$XDIST_WORKERS" tests/python -k "cuda or large"
-    return
-  fi
-  local status=0 case
-  "$PYTHON" -m pytest $PYTEST_FLAGS tests/python -k "cuda or large" "${crashes[@]/#/--deselect=}" || status=1
-  for case in "${crashes[@]}"; do "$PYTHON" -m pytest $PYTEST_FLAGS "$case" || status=1; done
-  return $status
+  {
+    if ((XDIST_WORKERS)); then
+      OMP_NUM_THREADS=2 "$PYTHON" -m pytest $PYTEST_FLAGS -n "$XDIST_WORKERS" . -k "cuda or large"
+      return
+    fi
+    local status=0 case
+    "$PYTHON" -m pytest $PYTEST_FLAGS . -k "cuda or large" "${crashes[@]/#/--deselect=}" || status=1
+    for case in "${crashes[@]}"; do "$PYTHON" -m pytest $PYTEST_FLAGS "$case" || status=1; done
+    return $status
+  }
 }
 export -f pytest_cuda
 export PYTHON ROOT
@@ -227,8 +230,10 @@ fi
 # The C++ tests that CI runs too (the longest take about two minutes here).
 ((have_gtest)) && run ctest_rest 130 ctest --test-dir "$BUILD" --output-on-failure -j "$(nproc)" -E "[Cc]uda"
 run demo 30 "$PYTHON" "$ROOT/scripts/demo.py" --device cuda
-# shellcheck disable=SC2086
-run pytest_rest 120 env OMP_NUM_THREADS=2 "$PYTHON" -m pytest $PYTEST_FLAGS "$ROOT/tests/python" "${xdist[@]}" \
+rest_threads=()  # two threads per xdist worker; one process alone takes every core
+((XDIST_WORKERS)) && rest_threads=(OMP_NUM_THREADS=2)
+# shellcheck disable=SC2086  # PYTEST_FLAGS is a list of flags
+run pytest_rest 120 env "${rest_threads[@]}" "$PYTHON" -m pytest $PYTEST_FLAGS "$ROOT/tests/python" "${xdist[@]}" \
   -k "not (cuda or large)"
 if [[ -x $BUILD/fxp-train ]]; then  # the default run: up to 100 epochs with early stopping
   run train_default 300 "$BUILD/fxp-train" --device cuda --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/default" \

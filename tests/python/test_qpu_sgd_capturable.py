@@ -344,7 +344,8 @@ def test_cuda_graph_captures_an_optimizer_with_a_frozen_parameter():
 def test_cuda_plain_step_is_refused_under_capture(dtype):
     """The plain step takes lr and step by value (and on packed storage reads its NaN count back): a CUDA
     graph would replay one step's random numbers, so under a capture it raises, naming the way out, as
-    torch's optimizers do without capturable=True. So do AdaPT's fused form and the per-member step."""
+    torch's optimizers do without capturable=True. So do AdaPT's fused form and the per-member step,
+    which have no capturable form."""
     w = [torch.zeros(5, dtype=dtype, device="cuda")]
     g = [torch.ones(5, device="cuda")]
     hyper = (0.0, 0.0, False, 8, 4, 8, 4, "stochastic", 0)
@@ -355,13 +356,13 @@ def test_cuda_plain_step_is_refused_under_capture(dtype):
     if dtype == torch.float32:
         acc, norms = [torch.zeros(5, device="cuda")], torch.ones(1, dtype=torch.float64, device="cuda")
         torch.ops.fxp.qpu_sgd_step_.adapt(w, g, [], acc, norms, [0], 0.0, 0.5, *hyper, 0)
-        with pytest.raises(RuntimeError, match="capture the capturable form instead"):
+        with pytest.raises(RuntimeError, match="it has no capturable form"):
             with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 torch.ops.fxp.qpu_sgd_step_.adapt(w, g, [], acc, norms, [0], 0.0, 0.5, *hyper, 0)
     stacked, stacked_grads = [w[0].unsqueeze(0).clone()], [g[0].unsqueeze(0)]
     members = ([0.5], [0.0], [0.0], False, [8], [4], [8], [4], ["stochastic"], [0], [0], [True])
     torch.ops.fxp.qpu_sgd_members_step_(stacked, stacked_grads, [], *members)
-    with pytest.raises(RuntimeError, match="capture the capturable form instead"):
+    with pytest.raises(RuntimeError, match="it has no capturable form yet"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             torch.ops.fxp.qpu_sgd_members_step_(stacked, stacked_grads, [], *members)
 

@@ -61,11 +61,10 @@ inline bool any_packed(const kernels::QpuSgdParams& p) {
 // refuse a capture without capturable=True. The capture is looked for on
 // `on`'s device, whatever the current one.
 template <class Backend>
-void refuse_capture(const char* op, const at::Tensor& on) {
+void refuse_capture(const char* op, const at::Tensor& on, const char* way_out) {
   TORCH_CHECK(!Backend::capturing(on), op,
               ": this form takes lr and step by value, so a CUDA graph would replay one step's lr and random "
-              "numbers; capture the capturable form instead (qpu_sgd_step_.capturable, "
-              "fxp.optim.QPUSGD(capturable=True), fxp::optim::QpuSgd::set_capturable)");
+              "numbers; ", way_out);
 }
 
 }  // namespace detail
@@ -88,7 +87,9 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       const bool packed = detail::any_packed(p);
-      detail::refuse_capture<Backend>("fxp::qpu_sgd_step_", params[0]);
+      detail::refuse_capture<Backend>("fxp::qpu_sgd_step_", params[0],
+                                      "capture the capturable form instead (qpu_sgd_step_.capturable, "
+                                      "fxp.optim.QPUSGD(capturable=True), fxp::optim::QpuSgd::set_capturable)");
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read
       // on CUDA; the capturable form leaves the count on the device).
       const at::Tensor nan_count = packed ? at::zeros({}, options) : at::Tensor();
@@ -128,7 +129,8 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
-      detail::refuse_capture<Backend>(op, params[0]);
+      detail::refuse_capture<Backend>(op, params[0], "it has no capturable form (AdaPT reads values back "
+                                      "within a step): run it eagerly");
       typename Backend::DeviceGuard guard(params[0].device());
       const kernels::GradientPrologue prologue{accumulated, norms.const_data_ptr<double>(), layers, l1};
       Backend::launch(params, grads, momentum_buffers, streams, p, counts, at::Tensor(), prologue);
@@ -236,7 +238,8 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   at::Tensor counts = at::zeros({members, static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     const bool packed = !stepped.empty() && detail::any_packed(stepped.front().p);
-    detail::refuse_capture<Backend>(op, params[0]);
+    detail::refuse_capture<Backend>(op, params[0], "it has no capturable form yet (fleets do not capture CUDA "
+                                    "graphs): run it eagerly");
     // Note [Packed QPU step]: each member's NaN results, read once after every member is stepped.
     const at::Tensor nan_counts = packed ? at::zeros({members}, options) : at::Tensor();
     for (const Member& member : stepped) {

@@ -34,8 +34,9 @@ struct QuantizeOps {
   // Note [Result layout]
   // A result takes x's strides when x is non-overlapping and dense (a
   // channels_last activation, a transposed weight), as torch's elementwise
-  // ops do (empty_like's Preserve); otherwise it is contiguous. The layout
-  // never changes a value: Philox's element order is logical row-major (run).
+  // ops do (empty_like's Preserve); a strided x (a slice) gives a dense
+  // result in x's order of dimensions. The layout never changes a value:
+  // Philox's element order is logical row-major (run).
   static at::Tensor empty_result(const at::Tensor& x, at::ScalarType dtype) {
     return at::empty_like(x, x.options().dtype(dtype), at::MemoryFormat::Preserve);
   }
