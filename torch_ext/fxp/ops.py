@@ -132,7 +132,9 @@ def quantize(
     ``nearest_away``. Out-of-range values ``saturate`` (clamp) or ``wrap``
     (two's complement). NaN stays NaN; +-Inf saturates. Stochastic rounding
     draws a fresh Philox key (CPU) or counter offset (CUDA) from ``generator``
-    or the default generator. The result is contiguous, with the dtype of x.
+    or the default generator of x's device. The result has the dtype of x and,
+    as torch's elementwise ops give, the strides of a dense x (channels_last
+    stays channels_last); the values never depend on the layout.
 
     >>> quantize(torch.tensor([0.03125, 0.09375, 100.0]), 8, 4)
     tensor([0.0000, 0.1250, 7.9375])
