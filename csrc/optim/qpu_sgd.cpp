@@ -2,11 +2,7 @@
 
 #include <torch/autograd.h>
 
-#if defined(FXP_WITH_CUDA)
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
-
+#include "ops/backend.h"  // capturing_on
 #include "ops/ops.h"
 #include "ops/bit_pack/code_storage.h"
 #include "ops/format_args.h"  // packed_dtype
@@ -76,15 +72,9 @@ constexpr const char* kDenseHint = "a sparse gradient, as from nn.Embedding(spar
 // to zero, the step to its captured count. So the first step with this state
 // must be eager, as torch's capture recipe warms up on a side stream.
 void refuse_state_under_capture(const torch::Device& device, const char* what) {
-#if defined(FXP_WITH_CUDA)
-  if (!device.is_cuda()) return;
-  const c10::cuda::CUDAGuard guard(device);
-  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              kName, ": ", what, " is made on the first step that needs it, and a CUDA graph would "
-              "make it again at every replay; take that step before capturing (warm up on a side stream)");
-#else
-  (void)device, (void)what;
-#endif
+  TORCH_CHECK(!capturing_on(device), kName, ": ", what, " is made on the first step that needs it, and a CUDA "
+              "graph would make it again at every replay; take that step before capturing (warm up on a side "
+              "stream)");
 }
 
 int64_t momentum_total_bits(const QpuSgdOptions& o) {
@@ -316,22 +306,19 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
 QpuSgd::DeviceScalars& QpuSgd::device_scalars(size_t g, const torch::Device& device) {
   auto& o = static_cast<QpuSgdOptions&>(param_groups_[g].options());
   DeviceScalars& scalars = device_scalars_[g];
-  if (!scalars.step.defined() || scalars.step.device() != device) {
-    refuse_state_under_capture(device, "the capturable step's step count");
-    scalars.step = torch::full({}, o.step(), torch::dtype(torch::kLong).device(device));
+  const auto missing = [&](const torch::Tensor& t) { return !t.defined() || t.device() != device; };
+  if (missing(scalars.step) || missing(scalars.lr) || missing(nan_count_)) {
+    refuse_state_under_capture(device, "the capturable step's step, lr or NaN count");
   }
-  if (!scalars.lr.defined() || scalars.lr.device() != device) {
-    refuse_state_under_capture(device, "the capturable step's lr");
+  if (missing(scalars.step)) scalars.step = torch::full({}, o.step(), torch::dtype(torch::kLong).device(device));
+  if (missing(scalars.lr)) {
     scalars.lr = torch::full({}, o.lr(), torch::dtype(torch::kFloat64).device(device));
     scalars.lr_value = o.lr();
   } else if (scalars.lr_value != o.lr()) {  // a scheduler's change; a fill, no host read
     scalars.lr.fill_(o.lr());
     scalars.lr_value = o.lr();
   }
-  if (!nan_count_.defined() || nan_count_.device() != device) {
-    refuse_state_under_capture(device, "the capturable step's NaN count");
-    nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
-  }
+  if (missing(nan_count_)) nan_count_ = torch::zeros({}, torch::dtype(torch::kLong).device(device));
   return scalars;
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ops/adapt_step/adapt_step_op.h"
+#include "ops/backend.h"
 #include "ops/bit_pack/code_storage.h"
 #include "ops/qpu_sgd/qpu_sgd_args.h"
 
@@ -60,9 +61,8 @@ inline bool any_packed(const kernels::QpuSgdParams& p) {
 // allow). Refused before any work, with the way out, as torch's optimizers
 // refuse a capture without capturable=True. The capture is looked for on
 // `on`'s device, whatever the current one.
-template <class Backend>
-void refuse_capture(const char* op, const at::Tensor& on, const char* way_out) {
-  TORCH_CHECK(!Backend::capturing(on), op,
+inline void refuse_capture(const char* op, const at::Tensor& on, const char* way_out) {
+  TORCH_CHECK(!capturing_on(on.device()), op,
               ": this form takes lr and step by value, so a CUDA graph would replay one step's lr and random "
               "numbers; ", way_out);
 }
@@ -87,7 +87,7 @@ at::Tensor qpu_sgd_step(at::TensorList params, at::TensorList grads,
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
       const bool packed = detail::any_packed(p);
-      detail::refuse_capture<Backend>("fxp::qpu_sgd_step_", params[0],
+      detail::refuse_capture("fxp::qpu_sgd_step_", params[0],
                                       "capture the capturable form instead (qpu_sgd_step_.capturable, "
                                       "fxp.optim.QPUSGD(capturable=True), fxp::optim::QpuSgd::set_capturable)");
       // Note [Packed QPU step]: NaN results are counted (one device-to-host read
@@ -129,7 +129,7 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
   at::Tensor counts = at::zeros({static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     if (!params.empty()) {
-      detail::refuse_capture<Backend>(op, params[0], "it has no capturable form (AdaPT reads values back "
+      detail::refuse_capture(op, params[0], "it has no capturable form (AdaPT reads values back "
                                       "within a step): run it eagerly");
       typename Backend::DeviceGuard guard(params[0].device());
       const kernels::GradientPrologue prologue{accumulated, norms.const_data_ptr<double>(), layers, l1};
@@ -238,7 +238,7 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
   at::Tensor counts = at::zeros({members, static_cast<int64_t>(params.size()), 2}, options);
   if constexpr (!Backend::kIsMeta) {
     const bool packed = !stepped.empty() && detail::any_packed(stepped.front().p);
-    detail::refuse_capture<Backend>(op, params[0], "it has no capturable form yet (fleets do not capture CUDA "
+    detail::refuse_capture(op, params[0], "it has no capturable form yet (fleets do not capture CUDA "
                                     "graphs): run it eagerly");
     // Note [Packed QPU step]: each member's NaN results, read once after every member is stepped.
     const at::Tensor nan_counts = packed ? at::zeros({members}, options) : at::Tensor();

@@ -20,7 +20,6 @@ namespace {
 struct CpuBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
-  static bool capturing(const at::Tensor&) { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
                      const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {
@@ -32,7 +31,6 @@ struct CpuBackend {
 struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
-  static bool capturing(const at::Tensor&) { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
                      const kernels::GradientPrologue&) {}
@@ -44,7 +42,6 @@ struct MetaBackend {
 struct NoTensorsBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
-  static bool capturing(const at::Tensor&) { return false; }  // no CUDA graph captures CPU or Meta work
   static void launch(at::TensorList params, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
                      const kernels::GradientPrologue&) {

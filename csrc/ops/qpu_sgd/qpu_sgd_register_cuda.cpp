@@ -1,5 +1,4 @@
 // The fused QPU SGD step's CUDA registration (the others are in qpu_sgd_register.cpp).
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -11,11 +10,6 @@ namespace {
 struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
-  // Whether the current stream of t's device is capturing a CUDA graph.
-  static bool capturing(const at::Tensor& t) {
-    const c10::cuda::CUDAGuard guard(t.device());
-    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  }
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
                      const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {
