@@ -1,6 +1,7 @@
 // fxp-train: the command line, config files, the paper's bookkeeping, and
 // short runs on a Fashion-MNIST subset (JSON outputs, determinism, resume).
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <torch/torch.h>
 
 #include <sys/resource.h>
@@ -476,6 +477,21 @@ TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
 TEST(TrainConfig, LogNotesNameTooManyThreadsAndBatchNormsWithout) {
   const int64_t cpus = ft::usable_cpus();
   ASSERT_GE(cpus, 1);
+  {  // the affinity mask (a SLURM allocation's), not the machine's CPUs: pinned to one, one is counted
+    cpu_set_t mask, one;
+    ASSERT_EQ(sched_getaffinity(0, sizeof(mask), &mask), 0);
+    CPU_ZERO(&one);
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &mask)) {
+        CPU_SET(c, &one);
+        break;
+      }
+    }
+    ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);
+    const int64_t pinned = ft::usable_cpus();
+    ASSERT_EQ(sched_setaffinity(0, sizeof(mask), &mask), 0);
+    EXPECT_EQ(pinned, 1);
+  }
   Parsed p = parse({"--threads", std::to_string(cpus + 1), "--model", "lenet5", "--bn-recalibration-batches", "2"});
   ASSERT_EQ(p.code, -1) << p.err;
   std::ostringstream log;

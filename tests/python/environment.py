@@ -38,6 +38,11 @@ requires_fxp_train = pytest.mark.skipif(
     not FXP_TRAIN.exists(), reason="needs build/fxp-train (scripts/setup.sh; it needs CLI11 and nlohmann-json)")
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's raw bits, so that NaN compares equal to the same NaN and -0 differs from +0."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 def run_fxp_train(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """fxp-train with these arguments; its output captured as text."""
     return subprocess.run([str(FXP_TRAIN), *args], capture_output=True, text=True, timeout=600, **kwargs)

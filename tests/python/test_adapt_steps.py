@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fxp
+from environment import bits as _bits
 from fxp import FxpFormat
 
 FMT = FxpFormat(16, 8)
@@ -424,11 +425,6 @@ def test_qpu_change_format_op_checks_its_arguments_and_passes_opcheck():
         op(p, m + m, [1, 1], 8, 4, "stochastic", 0, 0)
     assert _same(before, p + m)
     torch.library.opcheck(op.default, ([t.clone() for t in p], [m[0].clone()], [1], 8, 4, "stochastic", 3, 2))
-
-
-def _bits(t):
-    """The raw bits, so that NaN compares equal to the same NaN, and -0 differs from +0."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -117,7 +117,8 @@ def test_cuda_graphs_is_a_key_that_leaves_the_run_name_alone():
 @requires_cuda_fxp_train_and_run_data
 @pytest.mark.parametrize("method", ["sqpu", "hteqpu", "ste", "fp32", "sqpu --packed", "ste --packed",
                                     "sqpu --packed --param-bits 12 --param-frac 8 --out-bits 12 --out-frac 6",
-                                    # batch norm's running statistics are updated inside the captured step
+                                    # the other models; ResNet-20's batch norm updates its running
+                                    # statistics inside the captured step
                                     "sqpu --model resnet20", "ste --model lenet5", "hteqpu --model alexnet"])
 def test_cuda_graphs_give_the_bits_of_eager_steps(tmp_path, method):
     # 202 images at batch 4: 3 eager warm-up steps, 47 replays and a short last batch per epoch.

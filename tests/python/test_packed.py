@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fxp
+from environment import bits as _bits
 from fxp import FxpFormat
 from fxp.optim import QPUSGD
 
@@ -327,11 +328,6 @@ def test_linear_saves_codes_not_floats():
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
-
-
-def _bits(t):
-    """The raw bits, so that NaN compares equal to the same NaN, and -0 differs from +0."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def _bits_up_to_zero_sign(t, device):
@@ -840,6 +836,8 @@ def test_cuda_relu_max_pool2d_equals_cpu_every_dtype(shape, kernel, dtype):
     assert positions[0, 0, :2, :2].tolist() == [[255, 255], [kh * kw - 1, 0]]
     assert torch.isnan(out).sum() > 1 and torch.isinf(out).sum() > 1 and (out == 0).sum() >= 2 and (out > 0).any()
     assert (positions == 255).sum() >= 2 and (positions < kh * kw).any() and ((positions < 255) & (g == 0)).sum() > 1
+    # The CPU reference is itself right at this dtype: torch's relu then max_pool2d, everywhere.
+    torch.testing.assert_close(out, F.max_pool2d(F.relu(x), (kh, kw)), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(_bits(out_cuda.cpu()), _bits(out))
     assert torch.equal(positions_cuda.cpu(), positions)
 

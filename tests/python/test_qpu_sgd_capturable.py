@@ -377,6 +377,7 @@ def test_cuda_optimizers_refuse_to_make_their_state_under_capture():
     with pytest.raises(RuntimeError, match="a momentum buffer is made on the first step that needs it"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             opt.step()
+    assert not opt.state[p] and int(opt.param_groups[0]["step"]) == 0  # the refused step made and counted nothing
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -398,4 +399,4 @@ def test_cuda_counts_of_a_group_without_gradients_are_on_the_device():
     a.grad = torch.ones(4, device="cuda")
     opt.step()
     assert [c.device.type for c in opt.last_counts] == ["cuda", "cuda"]
-    assert torch.cat(opt.last_counts).shape == (2, 2)
+    assert torch.cat(opt.last_counts).shape == (2, 2) and int(opt.last_counts[1].abs().sum()) == 0

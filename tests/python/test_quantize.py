@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fxp
+from environment import bits
 from reference import philox_word, quantize_nearest_even
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -487,11 +488,6 @@ def test_opcheck_cuda():
 
 
 # --- CUDA ------------------------------------------------------------------
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits, so that NaN compares equal to the same NaN."""
-    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
-
-
 @requires_cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("rounding", ROUNDINGS)

@@ -31,4 +31,10 @@ def test_usable_cpus_is_the_affinity_mask():
     cpus = sweeplib.usable_cpus()
     assert cpus >= 1
     if hasattr(os, "sched_getaffinity"):
-        assert cpus == len(os.sched_getaffinity(0))
+        mask = os.sched_getaffinity(0)
+        assert cpus == len(mask)
+        os.sched_setaffinity(0, {min(mask)})  # a SLURM-like allocation of one CPU, whatever the node has
+        try:
+            assert sweeplib.usable_cpus() == 1
+        finally:
+            os.sched_setaffinity(0, mask)
