@@ -48,11 +48,8 @@ inline void mulhilo_x8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 // 0.62, near what the multiply and shuffle ports allow; four groups' state
 // (16 vectors) spills a few registers, which costs less than idle ports. The
 // blocks and their order in `out` do not depend on G. AVX-512 does the same
-// with groups of sixteen blocks (philox_x16_groups): on an AVX-512 EPYC (a
-// standalone loop, one thread, 2026-12-05) one group took 0.64 ns per word,
-// two 0.52 and four 0.42, where the AVX2 build's four groups of eight take
-// 0.48 on the same machine. (An AVX-512 build runs its 16-block loops first,
-// so only its tail reaches the AVX2 ones.)
+// (philox_x8_zmm_groups; an AVX-512 build runs its loops first, and its
+// tail of fewer than eight blocks is scalar).
 
 // Philox4x32-10 for the 8 * G blocks first_block .. first_block + 8G - 1, one
 // block per lane, written in element order (block j's lanes at out[4j .. 4j+3]).
@@ -108,65 +105,64 @@ inline void philox_x8_groups(uint64_t seed, uint64_t offset, uint64_t first_bloc
 #endif
 
 #if defined(__AVX512F__)
-inline void mulhilo_x16(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                        // products of lanes 0, 2, ..
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // products of lanes 1, 3, ..
-  // Gather 32-bit halves from the two: index i < 16 picks even's word i, 16 + i odd's word i.
-  const __m512i lo_index = _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
-  const __m512i hi_index = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
-  lo = _mm512_permutex2var_epi32(even, lo_index, odd);
-  hi = _mm512_permutex2var_epi32(even, hi_index, odd);
-}
+// Note [AVX-512 Philox in 64-bit lanes]
+// The AVX-512 build keeps each Philox word in the low half of a 64-bit lane,
+// eight blocks per register. _mm512_mul_epu32 reads only those low halves and
+// returns the whole 64-bit product, whose low half is already the next
+// round's c1 (c3) and whose high half one shift away from c0's (c2's)
+// product term; the high halves left behind are never read. A round is then
+// two multiplies, two shifts and two three-way xors per eight blocks, with no
+// permutes: sixteen blocks per register in 32-bit lanes needed two
+// _mm512_permutex2var_epi32 per multiply to split even and odd products. The
+// block index is one 64-bit add, so the carry into its high word is free. On
+// an AVX-512 EPYC (a standalone loop, one thread, 2026-12-06) four groups
+// take 0.36-0.38 ns per word against 0.42-0.43 for four groups of sixteen in
+// 32-bit lanes (two groups 0.46, six 0.38, twelve 0.76: spilled). The same
+// layout gains nothing for AVX2 (0.53 ns per word either way), which keeps
+// its 32-bit lanes.
 
-// Philox4x32-10 for the 16 * G blocks first_block .. first_block + 16G - 1,
-// as philox_x8_groups, G groups of sixteen blocks interleaved round by round
-// (Note [Philox in interleaved groups]).
+// Philox4x32-10 for the 8 * G blocks first_block .. first_block + 8G - 1, as
+// philox_x8_groups, G groups of eight blocks interleaved round by round
+// (Note [Philox in interleaved groups]) in 64-bit lanes (Note [AVX-512
+// Philox in 64-bit lanes]).
 template <int G>
-inline void philox_x16_groups(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* out) {
+inline void philox_x8_zmm_groups(uint64_t seed, uint64_t offset, uint64_t first_block, uint32_t* out) {
   __m512i c0[G], c1[G], c2[G], c3[G];
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
   for (int g = 0; g < G; ++g) {
-    // Block indices as (lo, hi) words, carrying into hi where lo wraps.
-    const uint64_t first = first_block + 16 * static_cast<uint64_t>(g);
-    const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
-    c2[g] = _mm512_add_epi32(base_lo, iota);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c2[g], base_lo);
-    const __m512i base_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32)));
-    c3[g] = _mm512_mask_add_epi32(base_hi, carry, base_hi, _mm512_set1_epi32(1));
+    const uint64_t first = first_block + 8 * static_cast<uint64_t>(g);
+    const __m512i block = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first)), iota);
+    c2[g] = block;                         // the index's low word, in the low half
+    c3[g] = _mm512_srli_epi64(block, 32);  // its high word
     c0[g] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
     c1[g] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
   }
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
+  const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int r = 0; r < kPhiloxRounds; ++r) {
     const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
     const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
     for (int g = 0; g < G; ++g) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo_x16(c0[g], m0, hi0, lo0);
-      mulhilo_x16(c2[g], m1, hi1, lo1);
-      c0[g] = _mm512_ternarylogic_epi32(hi1, c1[g], key0, 0x96);  // 0x96: a ^ b ^ c
-      c1[g] = lo1;
-      c2[g] = _mm512_ternarylogic_epi32(hi0, c3[g], key1, 0x96);
-      c3[g] = lo0;
+      const __m512i p0 = _mm512_mul_epu32(c0[g], m0);
+      const __m512i p1 = _mm512_mul_epu32(c2[g], m1);
+      c0[g] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), c1[g], key0, 0x96);  // 0x96: a ^ b ^ c
+      c1[g] = p1;
+      c2[g] = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), c3[g], key1, 0x96);
+      c3[g] = p0;
     }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+  const __m512i first_half = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i second_half = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
   for (int g = 0; g < G; ++g) {
-    // Within each 128-bit lane k: u_j holds block 4k + j. Then a 4 x 4 transpose of lanes.
-    const __m512i t0 = _mm512_unpacklo_epi32(c0[g], c1[g]), t1 = _mm512_unpackhi_epi32(c0[g], c1[g]);
-    const __m512i t2 = _mm512_unpacklo_epi32(c2[g], c3[g]), t3 = _mm512_unpackhi_epi32(c2[g], c3[g]);
-    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
-    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
-    const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u0, u1, 0xEE);
-    const __m512i v2 = _mm512_shuffle_i32x4(u2, u3, 0x44), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
-    uint32_t* dst = out + 64 * g;
-    _mm512_storeu_si512(dst + 0, _mm512_shuffle_i32x4(v0, v2, 0x88));
-    _mm512_storeu_si512(dst + 16, _mm512_shuffle_i32x4(v0, v2, 0xDD));
-    _mm512_storeu_si512(dst + 32, _mm512_shuffle_i32x4(v1, v3, 0x88));
-    _mm512_storeu_si512(dst + 48, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+    // Block j's words as two 64-bit lanes, (c0, c1) and (c2, c3), then interleaved into element order.
+    const __m512i low = _mm512_mask_blend_epi32(0xAAAA, c0[g], _mm512_slli_epi64(c1[g], 32));
+    const __m512i high = _mm512_mask_blend_epi32(0xAAAA, c2[g], _mm512_slli_epi64(c3[g], 32));
+    uint32_t* dst = out + 32 * g;
+    _mm512_storeu_si512(dst, _mm512_permutex2var_epi64(low, first_half, high));
+    _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi64(low, second_half, high));
   }
 }
 #endif
@@ -176,8 +172,8 @@ inline void philox_chunk(uint64_t seed, uint64_t offset, uint64_t first_block, i
                   uint32_t* out) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  for (; j + 64 <= nblocks; j += 64) philox_x16_groups<4>(seed, offset, first_block + j, out + 4 * j);
-  for (; j + 16 <= nblocks; j += 16) philox_x16_groups<1>(seed, offset, first_block + j, out + 4 * j);
+  for (; j + 32 <= nblocks; j += 32) philox_x8_zmm_groups<4>(seed, offset, first_block + j, out + 4 * j);
+  for (; j + 8 <= nblocks; j += 8) philox_x8_zmm_groups<1>(seed, offset, first_block + j, out + 4 * j);
 #endif
 #if defined(__AVX2__)
   for (; j + 32 <= nblocks; j += 32) philox_x8_groups<4>(seed, offset, first_block + j, out + 4 * j);

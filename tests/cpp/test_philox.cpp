@@ -85,9 +85,10 @@ namespace {
 // first and in a later interleaved group (Note [Philox in interleaved
 // groups]), and runs that end in narrower groups and the scalar tail.
 TEST(Philox, CpuBuildsMatchScalar) {
-  // Wraps in the first group, in a later group of four (AVX2's eights and
-  // AVX-512's sixteens), in a one-group call of either build (AVX2's start at
-  // block 96, AVX-512's at 64), and exactly at a group's first block.
+  // Wraps in the first group, in a later group of a four-group call (both
+  // builds run groups of eight blocks: AVX2 in 32-bit lanes, AVX-512 in
+  // 64-bit lanes), in a one-group call (from block 96), and exactly at a
+  // group's first block.
   const uint64_t firsts[] = {0,
                              (uint64_t{1} << 33) - 3,
                              (uint64_t{1} << 32) - 21,
@@ -103,7 +104,7 @@ TEST(Philox, CpuBuildsMatchScalar) {
       continue;
     }
     for (const uint64_t first : firsts) {
-      constexpr int64_t kBlocks = 64 + 16 + 32 + 8 + 5;  // every group width of both builds, then the tail
+      constexpr int64_t kBlocks = 3 * 32 + 3 * 8 + 5;  // four-group calls, one-group calls, the scalar tail
       std::vector<uint32_t> got(4 * kBlocks);
       fxp::kernels::philox_fill_cpu(cap, 0xDEADBEEFCAFEF00Dull, 99, first, kBlocks, got.data());
       for (int64_t j = 0; j < kBlocks; ++j) {
