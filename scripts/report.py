@@ -8,14 +8,19 @@ against memory plot (Figure 11), and report.md, which sets the measured
 results beside the paper's stated numbers. AdaPT runs add adapt.csv and their
 bit widths over training; MSQ runs add msq.csv, each configuration's bit
 widths per layer over training, and accuracy against compression rate.
+Where one grid, model, dataset and batch size hold two methods or more, the
+methods are compared side by side: methods.csv, a "Methods compared" table
+(accuracy over seeds, model size, measured training-step memory and
+images/s against the float32 runs) and accuracy against model size.
 
 A run directory counts once, however many of the given directories hold it.
 A file that cannot be read (a summary.json, sweep-run.json, failed.json or
 config.json that is not a JSON object, a metrics.jsonl line that is not one)
 is skipped with a warning on stderr that names it and the problem.
 
-Example:
+Examples:
   scripts/report results/exp1 results/exp2 --out results/report
+  scripts/report results/compare-lenet5 --out results/compare   # the three methods side by side
 """
 from __future__ import annotations
 
@@ -31,7 +36,8 @@ import pandas as pd
 METHODS = ["ste", "sqpu", "hteqpu"]
 CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
                   "batch_size", "lr", "lr_scaling", "weight_decay", "scheduler", "epochs", "seed", "update",
-                  "msq_start_bits", "msq_min_bits", "msq_lambda", "msq_alpha", "msq_hessian", "msq_finetune_epochs"]
+                  "msq_start_bits", "msq_min_bits", "msq_lambda", "msq_alpha", "msq_hessian", "msq_finetune_epochs",
+                  "init_from"]
 
 
 _warned: set[str] = set()
@@ -134,6 +140,8 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 # MSQ: the paper-style rate (weights' widths, no sign) and the export's measured one.
                 "msq_compression_rate": _dig(s, "msq", "compression_rate"),
                 "msq_measured_compression": _dig(s, "msq", "export", "measured_compression"),
+                # AdaPT: the performance model's final model size relative to float32 (SZ).
+                "adapt_model_size": _dig(s, "adapt", "model_size"),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent
@@ -543,8 +551,124 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
     return paths
 
 
+def _method_label(r) -> str:
+    """A run's method as the comparison names it: AdaPT without a master copy is "adapt-qpu"."""
+    return _adapt_name(r.update) if r.method == "adapt" else r.method
+
+
+def _model_size(r) -> float:
+    """The trained model's size relative to float32's (NaN where the run does
+    not say): fp32 1; STE and the QPU methods their parameter width over 32;
+    AdaPT its performance model's SZ (word lengths and sparsity at the end);
+    MSQ its export's bytes over float32's (1 / measured compression)."""
+    if r.method == "fp32":
+        return 1.0
+    if r.method in METHODS and not _missing(r.param_bits):
+        return float(r.param_bits) / 32
+    if r.method == "adapt" and not _missing(r.adapt_model_size):
+        return float(r.adapt_model_size)
+    if r.method == "msq" and not _missing(r.msq_measured_compression) and r.msq_measured_compression > 0:
+        return 1.0 / float(r.msq_measured_compression)
+    return math.nan
+
+
+# The QPU paper's grids: their heat maps and tables compare their methods already.
+PAPER_GRIDS = {"exp1", "exp2", "exp3"}
+# Settings a configuration's label (report's fxp column, the method label) already shows.
+LABELLED_SETTINGS = {"method", "update", "param_bits", "param_frac", "out_bits", "out_frac", "msq_start_bits",
+                     "msq_lambda", "msq_alpha", "msq_hessian"}
+
+
+def methods_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The methods side by side: one row per configuration (runs equal in
+    every setting but the seed) of each grid, model, dataset and batch size
+    that holds at least two methods (adapt and adapt-qpu count as two; the
+    paper's grids exp1-exp3 are left to their own tables), over its seeds:
+    best accuracy (mean, std, min, max), final accuracy, model size, and the
+    measured training-step memory and training images/s against the same
+    group's float32 runs (NaN without them). A setting that tells two
+    configurations of one method apart beyond its label is added to it."""
+    done = df[(df.status == "finished") & ~df.grid.isin(PAPER_GRIDS)].copy()
+    if done.empty:
+        return pd.DataFrame()
+    done["method_label"] = [_method_label(r) for r in done.itertuples()]
+    done["model_size"] = [_model_size(r) for r in done.itertuples()]
+    group_keys = ["grid", "model", "dataset", "batch_size"]
+    settings = [c for c in CONFIG_COLUMNS if c not in group_keys and c != "seed"]
+    as_text = done[settings].apply(lambda column: column.map(str))  # settings as text: NaN equals NaN
+    # Whether a run starts from a checkpoint, not which one: seeds start from their own.
+    as_text["init_from"] = ["from a checkpoint" if isinstance(x, str) and x else "from scratch" for x in done.init_from]
+    done["settings_key"] = as_text.agg("|".join, axis=1)
+    rows = []
+    for key, group in done.groupby(group_keys, dropna=False):
+        if group.method_label.nunique() < 2:
+            continue
+        fp32 = group[group.method == "fp32"]
+        memory_fp32 = pd.to_numeric(fp32.measured_step_bytes, errors="coerce").mean()
+        speed_fp32 = pd.to_numeric(fp32.train_images_per_s, errors="coerce").mean()
+        for label, runs in group.groupby("method_label"):
+            varying = [c for c in settings if c not in LABELLED_SETTINGS and as_text.loc[runs.index, c].nunique() > 1]
+            for _, g in runs.groupby("settings_key"):
+                first = g.iloc[0]
+                extra = " ".join(as_text.at[first.name, c] if c == "init_from" else f"{c}={first[c]}"
+                                 for c in varying)
+                acc = pd.to_numeric(g.best_val_accuracy, errors="coerce")
+                memory = pd.to_numeric(g.measured_step_bytes, errors="coerce").mean()
+                speed = pd.to_numeric(g.train_images_per_s, errors="coerce").mean()
+                rows.append({**dict(zip(group_keys, key)), "method": label,
+                             "configuration": f"{first.fxp} {extra}".strip(), "runs": len(g),
+                             "best_mean": acc.mean(), "best_std": acc.std(), "best_min": acc.min(),
+                             "best_max": acc.max(),
+                             "final_mean": pd.to_numeric(g.final_val_accuracy, errors="coerce").mean(),
+                             "model_size": g.model_size.mean(), "step_memory_ratio": memory / memory_fp32,
+                             "images_per_s": speed, "images_per_s_ratio": speed / speed_fp32})
+    return pd.DataFrame(rows)
+
+
+def draw_methods(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """Best accuracy (mean over seeds, bars from the worst to the best seed)
+    against model size, one point per configuration, coloured by method; one
+    figure per grid, model, dataset and batch size. Where a configuration
+    lies far below the others (more than 10 points), a second panel shows the
+    5 points below the best seed, where the others are told apart."""
+    plt = _pyplot()
+    paths = []
+    for (grid, model, dataset, batch), g in table.groupby(["grid", "model", "dataset", "batch_size"], dropna=False):
+        g = g[g.model_size.notna()]
+        if g.empty:
+            continue
+        top = 100 * g.best_max.max()
+        zoom = top - 100 * g.best_min.min() > 10
+        fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
+        colours = plt.get_cmap("tab10")
+        for panel, ax in enumerate(axes[0]):
+            low = top - 5 if panel == 1 else -math.inf
+            for i, method in enumerate(sorted(g.method.unique())):
+                m = g[(g.method == method) & (100 * g.best_mean >= low)]
+                ax.errorbar(m.model_size, 100 * m.best_mean,
+                            yerr=[100 * (m.best_mean - m.best_min), 100 * (m.best_max - m.best_mean)],
+                            fmt="o", capsize=3, color=colours(i % 10), label=method)
+                for r in m.itertuples():
+                    if r.configuration != r.method:
+                        ax.annotate(r.configuration, (r.model_size, 100 * r.best_mean), textcoords="offset points",
+                                    xytext=(4, 4), fontsize=7)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("model size / float32")
+            ax.set_ylabel("best validation accuracy (%)")
+            ax.grid(True, alpha=0.3)
+            if panel == 1:
+                ax.set_ylim(top - 5, top + 0.5)
+                ax.set_title("within 5 points of the best seed")
+            else:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{grid}: {model} on {dataset}, batch {_int_text(batch)}")
+        paths.append(_save_figure(fig, out / f"methods-{grid}-{model}-{dataset}-b{_int_text(batch)}.png"))
+    return paths
+
+
 def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.Path],
-                    adapt: pd.DataFrame | None = None, msq: pd.DataFrame | None = None) -> str:
+                    adapt: pd.DataFrame | None = None, msq: pd.DataFrame | None = None,
+                    methods: pd.DataFrame | None = None) -> str:
     def pct(x):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
@@ -589,6 +713,25 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
             lines.append(f"| {grid} | {model} | {dataset} | {config} | {len(g)} | {pct(acc.mean())} | "
                          f"{pct(acc.min())} | {pct(acc.max())} | "
                          f"{g.compression_rate.mean():.2f}× | {g.measured_compression.mean():.2f}× | {widths} |")
+    if methods is not None and not methods.empty:
+        def ratio(x):
+            return "–" if pd.isna(x) else f"{x:.2f}"
+        lines += ["", "## Methods compared", "",
+                  "Over each configuration's seeds. Model size against float32: STE and QPU their parameter width "
+                  "over 32, AdaPT its performance model's SZ, MSQ its export's bytes. Training-step memory: what "
+                  "one training step held, measured (docs/memory.md), against the float32 runs'; images/s: the "
+                  "runs' own measurement, comparable when they shared one machine and its load."]
+        for (grid, model, dataset, batch), g in methods.groupby(["grid", "model", "dataset", "batch_size"],
+                                                                 dropna=False):
+            lines += ["", f"**{grid}: {model} on {dataset}, batch {_int_text(batch)}**", "",
+                      "| method | configuration | runs | best accuracy | std | worst – best seed | final accuracy | "
+                      "model size / fp32 | step memory / fp32 | images/s / fp32 |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in g.sort_values(["best_mean"], ascending=False).itertuples():
+                std = "–" if pd.isna(r.best_std) else f"{100 * r.best_std:.1f}"
+                lines.append(f"| {r.method} | {r.configuration} | {r.runs} | {pct(r.best_mean)} | {std} | "
+                             f"{pct(r.best_min)} – {pct(r.best_max)} | {pct(r.final_mean)} | {ratio(r.model_size)} | "
+                             f"{ratio(r.step_memory_ratio)} | {ratio(r.images_per_s_ratio)} |")
     if images:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
@@ -631,7 +774,11 @@ def main(argv=None) -> int:
     if not msq.empty:
         msq.to_csv(args.out / "msq.csv", index=False)
         images += draw_msq_tradeoff(msq, args.out) + draw_msq_bits(msq, args.out)
-    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt, msq))
+    methods = methods_table(df)
+    if not methods.empty:
+        methods.to_csv(args.out / "methods.csv", index=False)
+        images += draw_methods(methods, args.out)
+    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt, msq, methods))
     print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures")
     return 0
 

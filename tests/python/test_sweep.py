@@ -36,6 +36,33 @@ def test_grid_counts(name, total, quantized):
 
 
 @requires_fxp_train
+def test_compare_grid_trains_every_method_alike():
+    """compare-lenet5.yaml: the three methods and their baselines, each configuration over the
+    same 3 seeds on one model, dataset and batch size, 15 epochs from scratch; MSQ fine-tunes
+    the grid's own float32 run of its seed for 5 (docs/compare.md)."""
+    runs = grid_runs("compare-lenet5")
+    assert len(runs) == 27 and len({r.id for r in runs}) == 27
+    configs = [r.config for r in runs]
+    for key, value in (("model", "lenet5"), ("batch_size", 256), ("lr", 0.01)):
+        assert {c[key] for c in configs} == {value}, key
+    fp32_dirs = {c["seed"]: f"results/compare-lenet5/{r.id}" for r, c in zip(runs, configs) if c["method"] == "fp32"}
+    for c in configs:
+        if c["method"] == "msq":
+            assert (c["epochs"], c["init_from"]) == (5, f"{fp32_dirs[c['seed']]}/checkpoint.pt")
+        else:
+            assert (c["epochs"], c.get("init_from", "")) == (15, "")
+    labels = {}
+    for c in configs:
+        label = (c["method"], c["update"] if c["method"] == "adapt" else None,
+                 c["param_bits"] if c["method"] in ("ste", "sqpu", "hteqpu") else None)
+        labels.setdefault(label, set()).add(c["seed"])
+    assert set(labels) == {("fp32", None, None), ("ste", None, 8), ("sqpu", None, 16), ("sqpu", None, 8),
+                           ("hteqpu", None, 16), ("hteqpu", None, 8), ("adapt", "float", None),
+                           ("adapt", "qpu", None), ("msq", None, None)}
+    assert all(seeds == {0, 1, 2} for seeds in labels.values())
+
+
+@requires_fxp_train
 def test_grid_contents_match_the_paper():
     exp1 = grid_runs("exp1")
     formats = {(r.config["param_bits"], r.config["param_frac"]) for r in exp1 if r.config["method"] != "fp32"}
@@ -808,6 +835,78 @@ def test_report_counts_every_run_once_however_its_root_is_given(tmp_path):
     assert len(rows) == 3 and rows.dir.is_unique
     import pandas as pd
     assert pd.read_csv(out / "stats.csv")["runs"].sum() == 2
+
+
+def compared_run(root: pathlib.Path, name: str, config: dict, best: float, step_bytes: int, images_per_s: float,
+                 grid: str = "cmp", **summary) -> None:
+    """A finished run with what the methods' comparison reads: accuracies, the measured step, its speed."""
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"model": "lenet5", "dataset": "fashion-mnist", "batch_size": 256, "seed": 0, "lr": 0.01, **config}
+    sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid, "id": name, "settings": config})
+    sweeplib.atomic_write_json(d / "summary.json", {
+        "config": config, "best_val_accuracy": best, "final_val_accuracy": best - 0.01,
+        "train_images_per_s": images_per_s, "measured_memory": {"step": {"total_bytes": step_bytes}}, **summary})
+
+
+def test_report_compares_the_methods_side_by_side(tmp_path):
+    """Each method's model size by its own definition, accuracy over seeds, and
+    the measured step memory and speed against the same group's float32 runs;
+    a group with one method alone is not compared."""
+    root = tmp_path / "cmp"
+    compared_run(root, "fp32-s0", {"method": "fp32"}, 0.80, 1000, 100.0)
+    compared_run(root, "fp32-s1", {"method": "fp32", "seed": 1}, 0.84, 1000, 300.0)
+    qpu = {"method": "sqpu", "param_bits": 8, "param_frac": 5, "out_bits": 8, "out_frac": 3}
+    compared_run(root, "sqpu-s0", qpu, 0.70, 600, 150.0)
+    compared_run(root, "sqpu-s1", {**qpu, "seed": 1}, 0.76, 600, 250.0)
+    compared_run(root, "adapt-qpu", {"method": "adapt", "update": "qpu"}, 0.81, 1500, 100.0,
+                 adapt={"model_size": 0.3})
+    msq = {"method": "msq", "msq_lambda": 0.01, "msq_alpha": 0.9, "msq_start_bits": 8}
+    compared_run(root, "msq", {**msq, "init_from": "fp32-s0/checkpoint.pt"}, 0.78, 1000, 50.0,
+                 msq={"export": {"measured_compression": 4.0}})
+    # Each seed fine-tunes its own checkpoint: one configuration. From scratch is another.
+    compared_run(root, "msq-s1", {**msq, "seed": 1, "init_from": "fp32-s1/checkpoint.pt"}, 0.80, 1000, 50.0,
+                 msq={"export": {"measured_compression": 4.0}})
+    compared_run(root, "msq-scratch", msq, 0.50, 1000, 50.0, msq={"export": {"measured_compression": 4.0}})
+    # Two HTEQPU configurations that only the learning rate tells apart: two rows, not one of two seeds.
+    hte = {"method": "hteqpu", "param_bits": 16, "param_frac": 10, "out_bits": 16, "out_frac": 8}
+    compared_run(root, "hte-lr0.01", hte, 0.60, 600, 200.0)
+    compared_run(root, "hte-lr0.1", {**hte, "lr": 0.1}, 0.40, 600, 200.0)
+    # Another batch size with float32 alone, and a grid of the paper's: nothing to compare.
+    compared_run(root, "fp32-b16", {"method": "fp32", "batch_size": 16}, 0.85, 900, 80.0)
+    compared_run(root, "exp2-fp32", {"method": "fp32"}, 0.85, 900, 80.0, grid="exp2")
+    compared_run(root, "exp2-sqpu", qpu, 0.85, 900, 80.0, grid="exp2")
+    out = tmp_path / "report"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    import pandas as pd
+    table = pd.read_csv(out / "methods.csv")
+    assert set(table.batch_size) == {256} and set(table.grid) == {"cmp"}
+    hte_rows = table[table.method == "hteqpu"].set_index("configuration")
+    assert sorted(hte_rows.index) == ["16/10/8 lr=0.01", "16/10/8 lr=0.1"]
+    assert (hte_rows.runs.tolist(), hte_rows.loc["16/10/8 lr=0.1", "best_mean"]) == ([1, 1], 0.40)
+    rows = {r.method: r for r in table.itertuples()}
+    assert set(rows) == {"fp32", "sqpu", "hteqpu", "adapt-qpu", "msq"}
+    fp32, sqpu, adapt = rows["fp32"], rows["sqpu"], rows["adapt-qpu"]
+    assert (fp32.runs, fp32.best_mean, fp32.model_size) == (2, pytest.approx(0.82), 1.0)
+    assert (sqpu.configuration, sqpu.runs) == ("8/5/3", 2)
+    assert (sqpu.best_min, sqpu.best_max, sqpu.best_mean) == (0.70, 0.76, pytest.approx(0.73))
+    assert sqpu.best_std == pytest.approx(0.06 / 2 ** 0.5)
+    assert sqpu.final_mean == pytest.approx(0.72)
+    assert sqpu.model_size == 8 / 32
+    assert sqpu.step_memory_ratio == pytest.approx(0.6)
+    assert sqpu.images_per_s_ratio == pytest.approx(1.0)  # 200 against 200 images/s
+    assert (adapt.model_size, adapt.step_memory_ratio, adapt.images_per_s_ratio) == (0.3, 1.5, 0.5)
+    msq_rows = table[table.method == "msq"].set_index("configuration")
+    assert msq_rows.runs.to_dict() == {"msq λ=0.01 α=0.9 from 8b from a checkpoint": 2,
+                                       "msq λ=0.01 α=0.9 from 8b from scratch": 1}
+    assert msq_rows.best_mean.to_dict() == {"msq λ=0.01 α=0.9 from 8b from a checkpoint": pytest.approx(0.79),
+                                            "msq λ=0.01 α=0.9 from 8b from scratch": 0.50}
+    assert set(msq_rows.model_size) == {0.25}
+    md = (out / "report.md").read_text()
+    assert "## Methods compared" in md and "**cmp: lenet5 on fashion-mnist, batch 256**" in md
+    assert "| sqpu | 8/5/3 | 2 | 73.0% | 4.2 | 70.0% – 76.0% | 72.0% | 0.25 | 0.60 | 1.00 |" in md
+    assert "batch 16**" not in md
+    assert (out / "methods-cmp-lenet5-fashion-mnist-b256.png").stat().st_size > 0
 
 
 @requires_fxp_train
