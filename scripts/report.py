@@ -8,10 +8,11 @@ against memory plot (Figure 11), and report.md, which sets the measured
 results beside the paper's stated numbers. AdaPT runs add adapt.csv and their
 bit widths over training; MSQ runs add msq.csv, each configuration's bit
 widths per layer over training, and accuracy against compression rate.
-Where one grid, model, dataset and batch size hold two methods or more, the
-methods are compared side by side: methods.csv, a "Methods compared" table
-(accuracy over seeds, model size, measured training-step memory and
-images/s against the float32 runs) and accuracy against model size.
+Where one grid, model, dataset and batch size hold two methods or more (the
+paper's grids exp1-exp3 apart), the methods are compared side by side:
+methods.csv, a "Methods compared" table (accuracy over seeds, model size,
+measured training-step memory and images/s against the float32 runs) and
+accuracy against model size.
 
 A run directory counts once, however many of the given directories hold it.
 A file that cannot be read (a summary.json, sweep-run.json, failed.json or
@@ -39,6 +40,9 @@ CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out
                   "msq_start_bits", "msq_min_bits", "msq_lambda", "msq_alpha", "msq_hessian", "msq_finetune_epochs",
                   "init_from"]
 
+
+# Config keys that do not change what a run is: where it reads and writes, and its seed and thread count.
+NOT_SETTINGS = {"seed", "output_dir", "data_dir", "threads"}
 
 _warned: set[str] = set()
 
@@ -142,6 +146,8 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 "msq_measured_compression": _dig(s, "msq", "export", "measured_compression"),
                 # AdaPT: the performance model's final model size relative to float32 (SZ).
                 "adapt_model_size": _dig(s, "adapt", "model_size"),
+                # Every setting that defines the experiment (methods_table tells configurations apart by them).
+                "settings": json.dumps({k: v for k, v in c.items() if k not in NOT_SETTINGS}, sort_keys=True),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent
@@ -574,31 +580,58 @@ def _model_size(r) -> float:
 
 # The QPU paper's grids: their heat maps and tables compare their methods already.
 PAPER_GRIDS = {"exp1", "exp2", "exp3"}
-# Settings a configuration's label (report's fxp column, the method label) already shows.
-LABELLED_SETTINGS = {"method", "update", "param_bits", "param_frac", "out_bits", "out_frac", "msq_start_bits",
-                     "msq_lambda", "msq_alpha", "msq_hessian"}
+# Methods whose model size changes during training: their size is the final model's.
+SIZE_AT_THE_END = {"adapt", "msq"}
+
+
+def _settings_without_source(done: pd.DataFrame) -> dict:
+    """Each finished run's directory (resolved) -> its settings, the checkpoint it starts from left out."""
+    out = {}
+    for r in done.itertuples():
+        settings = json.loads(r.settings)
+        settings.pop("init_from", None)
+        out[pathlib.Path(r.dir).resolve()] = (settings, r)
+    return out
 
 
 def methods_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The methods side by side: one row per configuration (runs equal in
-    every setting but the seed) of each grid, model, dataset and batch size
-    that holds at least two methods (adapt and adapt-qpu count as two; the
-    paper's grids exp1-exp3 are left to their own tables), over its seeds:
-    best accuracy (mean, std, min, max), final accuracy, model size, and the
-    measured training-step memory and training images/s against the same
-    group's float32 runs (NaN without them). A setting that tells two
-    configurations of one method apart beyond its label is added to it."""
+    """The methods side by side: one row per configuration of each grid,
+    model, dataset and batch size that holds at least two methods (adapt and
+    adapt-qpu count as two; the paper's grids exp1-exp3 are left to their
+    own tables), over its seeds. A configuration is the runs equal in every
+    setting of their config but the seed (and where they read, write, and
+    their threads); a run that starts from a checkpoint is known by the
+    settings of the run that wrote it, where that run is among the results,
+    so seeds that fine-tune their own seed's run are one configuration.
+    A setting that tells two configurations of one method apart beyond its
+    label is added to the label.
+
+    accuracy is the model's whose size is given: the best epoch's for
+    methods of a fixed size, the final epoch's for AdaPT and MSQ (whose size
+    is the final model's); best_* is each run's best epoch whatever its
+    size. Memory and images/s are against the same group's float32 runs
+    (NaN without them)."""
     done = df[(df.status == "finished") & ~df.grid.isin(PAPER_GRIDS)].copy()
     if done.empty:
         return pd.DataFrame()
     done["method_label"] = [_method_label(r) for r in done.itertuples()]
     done["model_size"] = [_model_size(r) for r in done.itertuples()]
+    done["size_accuracy"] = [r.final_val_accuracy if r.method in SIZE_AT_THE_END else r.best_val_accuracy
+                             for r in done.itertuples()]
+    runs_by_dir = _settings_without_source(done)
+    keys, sources = [], []
+    for r in done.itertuples():
+        settings = json.loads(r.settings)
+        source = settings.pop("init_from", "") or ""
+        if source:
+            found = runs_by_dir.get(pathlib.Path(source).parent.resolve())
+            settings["init_from"] = found[0] if found else source
+            sources.append(f"from {found[1].method_label}" if found else f"from {source}")
+        else:
+            sources.append("from scratch")
+        keys.append(json.dumps(settings, sort_keys=True))
+    done["settings_key"], done["source"] = keys, sources
     group_keys = ["grid", "model", "dataset", "batch_size"]
-    settings = [c for c in CONFIG_COLUMNS if c not in group_keys and c != "seed"]
-    as_text = done[settings].apply(lambda column: column.map(str))  # settings as text: NaN equals NaN
-    # Whether a run starts from a checkpoint, not which one: seeds start from their own.
-    as_text["init_from"] = ["from a checkpoint" if isinstance(x, str) and x else "from scratch" for x in done.init_from]
-    done["settings_key"] = as_text.agg("|".join, axis=1)
     rows = []
     for key, group in done.groupby(group_keys, dropna=False):
         if group.method_label.nunique() < 2:
@@ -607,18 +640,27 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
         memory_fp32 = pd.to_numeric(fp32.measured_step_bytes, errors="coerce").mean()
         speed_fp32 = pd.to_numeric(fp32.train_images_per_s, errors="coerce").mean()
         for label, runs in group.groupby("method_label"):
-            varying = [c for c in settings if c not in LABELLED_SETTINGS and as_text.loc[runs.index, c].nunique() > 1]
-            for _, g in runs.groupby("settings_key"):
-                first = g.iloc[0]
-                extra = " ".join(as_text.at[first.name, c] if c == "init_from" else f"{c}={first[c]}"
-                                 for c in varying)
-                acc = pd.to_numeric(g.best_val_accuracy, errors="coerce")
+            configs = {k: json.loads(k) for k in runs.settings_key.unique()}
+            fxp_of = runs.groupby("settings_key").fxp.first()
+            # A setting joins the label where two configurations of one label differ in it.
+            varying = set()
+            for _, same_label in fxp_of.groupby(fxp_of):
+                alike = [configs[k] for k in same_label.index]
+                for n in {n for c in alike for n in c}:
+                    if len({json.dumps(c.get(n), sort_keys=True) for c in alike}) > 1:
+                        varying.add(n)
+            varying = sorted(varying)
+            for settings_key, g in runs.groupby("settings_key"):
+                first, config = g.iloc[0], configs[settings_key]
+                extra = " ".join(first.source if n == "init_from" else f"{n}={config.get(n)}" for n in varying)
+                acc = pd.to_numeric(g.size_accuracy, errors="coerce")
+                best = pd.to_numeric(g.best_val_accuracy, errors="coerce")
                 memory = pd.to_numeric(g.measured_step_bytes, errors="coerce").mean()
                 speed = pd.to_numeric(g.train_images_per_s, errors="coerce").mean()
                 rows.append({**dict(zip(group_keys, key)), "method": label,
                              "configuration": f"{first.fxp} {extra}".strip(), "runs": len(g),
-                             "best_mean": acc.mean(), "best_std": acc.std(), "best_min": acc.min(),
-                             "best_max": acc.max(),
+                             "accuracy_mean": acc.mean(), "accuracy_std": acc.std(), "accuracy_min": acc.min(),
+                             "accuracy_max": acc.max(), "best_mean": best.mean(),
                              "final_mean": pd.to_numeric(g.final_val_accuracy, errors="coerce").mean(),
                              "model_size": g.model_size.mean(), "step_memory_ratio": memory / memory_fp32,
                              "images_per_s": speed, "images_per_s_ratio": speed / speed_fp32})
@@ -626,9 +668,9 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def draw_methods(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
-    """Best accuracy (mean over seeds, bars from the worst to the best seed)
-    against model size, one point per configuration, coloured by method; one
-    figure per grid, model, dataset and batch size. Where a configuration
+    """Accuracy (methods_table's: mean over seeds, bars from the worst to the
+    best seed) against model size, one point per configuration, coloured by
+    method; one figure per grid, model, dataset and batch size. Where a configuration
     lies far below the others (more than 10 points), a second panel shows the
     5 points below the best seed, where the others are told apart."""
     plt = _pyplot()
@@ -637,24 +679,24 @@ def draw_methods(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
         g = g[g.model_size.notna()]
         if g.empty:
             continue
-        top = 100 * g.best_max.max()
-        zoom = top - 100 * g.best_min.min() > 10
+        top = 100 * g.accuracy_max.max()
+        zoom = top - 100 * g.accuracy_min.min() > 10
         fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(12 if zoom else 7, 4.5), squeeze=False)
         colours = plt.get_cmap("tab10")
         for panel, ax in enumerate(axes[0]):
             low = top - 5 if panel == 1 else -math.inf
             for i, method in enumerate(sorted(g.method.unique())):
-                m = g[(g.method == method) & (100 * g.best_mean >= low)]
-                ax.errorbar(m.model_size, 100 * m.best_mean,
-                            yerr=[100 * (m.best_mean - m.best_min), 100 * (m.best_max - m.best_mean)],
+                m = g[(g.method == method) & (100 * g.accuracy_mean >= low)]
+                mean = 100 * m.accuracy_mean
+                ax.errorbar(m.model_size, mean, yerr=[mean - 100 * m.accuracy_min, 100 * m.accuracy_max - mean],
                             fmt="o", capsize=3, color=colours(i % 10), label=method)
                 for r in m.itertuples():
                     if r.configuration != r.method:
-                        ax.annotate(r.configuration, (r.model_size, 100 * r.best_mean), textcoords="offset points",
-                                    xytext=(4, 4), fontsize=7)
+                        ax.annotate(r.configuration, (r.model_size, 100 * r.accuracy_mean),
+                                    textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("model size / float32")
-            ax.set_ylabel("best validation accuracy (%)")
+            ax.set_ylabel("validation accuracy (%)")
             ax.grid(True, alpha=0.3)
             if panel == 1:
                 ax.set_ylim(top - 5, top + 0.5)
@@ -717,21 +759,26 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
         def ratio(x):
             return "–" if pd.isna(x) else f"{x:.2f}"
         lines += ["", "## Methods compared", "",
-                  "Over each configuration's seeds. Model size against float32: STE and QPU their parameter width "
-                  "over 32, AdaPT its performance model's SZ, MSQ its export's bytes. Training-step memory: what "
-                  "one training step held, measured (docs/memory.md), against the float32 runs'; images/s: the "
-                  "runs' own measurement, comparable when they shared one machine and its load."]
+                  "Over each configuration's seeds. Accuracy: the validation accuracy of the model whose size is "
+                  "given: each run's best epoch for methods of a fixed size, its final epoch for AdaPT and MSQ, "
+                  "whose size is the final model's (best: each run's best epoch, whatever its size then). Model "
+                  "size against float32: STE and QPU their parameter width over 32, AdaPT its performance model's "
+                  "SZ, MSQ its export's bytes. Step memory: what one training step held, measured "
+                  "(docs/memory.md), against the float32 runs'; images/s: the runs' own measurement, comparable "
+                  "when they shared one machine and its load. The QPU paper's grids (exp1-exp3) are left to the "
+                  "tables above."]
         for (grid, model, dataset, batch), g in methods.groupby(["grid", "model", "dataset", "batch_size"],
                                                                  dropna=False):
             lines += ["", f"**{grid}: {model} on {dataset}, batch {_int_text(batch)}**", "",
-                      "| method | configuration | runs | best accuracy | std | worst – best seed | final accuracy | "
+                      "| method | configuration | runs | accuracy | std | worst – best seed | best | final | "
                       "model size / fp32 | step memory / fp32 | images/s / fp32 |",
-                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-            for r in g.sort_values(["best_mean"], ascending=False).itertuples():
-                std = "–" if pd.isna(r.best_std) else f"{100 * r.best_std:.1f}"
-                lines.append(f"| {r.method} | {r.configuration} | {r.runs} | {pct(r.best_mean)} | {std} | "
-                             f"{pct(r.best_min)} – {pct(r.best_max)} | {pct(r.final_mean)} | {ratio(r.model_size)} | "
-                             f"{ratio(r.step_memory_ratio)} | {ratio(r.images_per_s_ratio)} |")
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for r in g.sort_values(["accuracy_mean"], ascending=False).itertuples():
+                std = "–" if pd.isna(r.accuracy_std) else f"{100 * r.accuracy_std:.1f}"
+                lines.append(f"| {r.method} | {r.configuration} | {r.runs} | {pct(r.accuracy_mean)} | {std} | "
+                             f"{pct(r.accuracy_min)} – {pct(r.accuracy_max)} | {pct(r.best_mean)} | "
+                             f"{pct(r.final_mean)} | {ratio(r.model_size)} | {ratio(r.step_memory_ratio)} | "
+                             f"{ratio(r.images_per_s_ratio)} |")
     if images:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"

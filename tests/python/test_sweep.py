@@ -842,7 +842,8 @@ def compared_run(root: pathlib.Path, name: str, config: dict, best: float, step_
     """A finished run with what the methods' comparison reads: accuracies, the measured step, its speed."""
     d = root / name
     d.mkdir(parents=True)
-    config = {"model": "lenet5", "dataset": "fashion-mnist", "batch_size": 256, "seed": 0, "lr": 0.01, **config}
+    config = {"model": "lenet5", "dataset": "fashion-mnist", "batch_size": 256, "seed": 0, "lr": 0.01, "momentum": 0.9,
+              **config}  # fxp-train writes every key; these are the ones the test varies
     sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid, "id": name, "settings": config})
     sweeplib.atomic_write_json(d / "summary.json", {
         "config": config, "best_val_accuracy": best, "final_val_accuracy": best - 0.01,
@@ -850,29 +851,35 @@ def compared_run(root: pathlib.Path, name: str, config: dict, best: float, step_
 
 
 def test_report_compares_the_methods_side_by_side(tmp_path):
-    """Each method's model size by its own definition, accuracy over seeds, and
-    the measured step memory and speed against the same group's float32 runs;
-    a group with one method alone is not compared."""
+    """Each method's model size by its own definition, the accuracy of the model of that size, and
+    the measured step memory and speed against the same group's float32 runs; runs merge as seeds
+    only where every setting but the seed is equal; a group with one method is not compared."""
     root = tmp_path / "cmp"
     compared_run(root, "fp32-s0", {"method": "fp32"}, 0.80, 1000, 100.0)
     compared_run(root, "fp32-s1", {"method": "fp32", "seed": 1}, 0.84, 1000, 300.0)
     qpu = {"method": "sqpu", "param_bits": 8, "param_frac": 5, "out_bits": 8, "out_frac": 3}
     compared_run(root, "sqpu-s0", qpu, 0.70, 600, 150.0)
     compared_run(root, "sqpu-s1", {**qpu, "seed": 1}, 0.76, 600, 250.0)
+    # A setting the report's columns do not hold (momentum), and one the label does not show (out_bits).
+    compared_run(root, "sqpu-no-momentum", {**qpu, "momentum": 0.0}, 0.65, 600, 200.0)
+    compared_run(root, "sqpu-out16", {**qpu, "out_bits": 16}, 0.71, 600, 200.0)
     compared_run(root, "adapt-qpu", {"method": "adapt", "update": "qpu"}, 0.81, 1500, 100.0,
                  adapt={"model_size": 0.3})
     msq = {"method": "msq", "msq_lambda": 0.01, "msq_alpha": 0.9, "msq_start_bits": 8}
-    compared_run(root, "msq", {**msq, "init_from": "fp32-s0/checkpoint.pt"}, 0.78, 1000, 50.0,
-                 msq={"export": {"measured_compression": 4.0}})
-    # Each seed fine-tunes its own checkpoint: one configuration. From scratch is another.
-    compared_run(root, "msq-s1", {**msq, "seed": 1, "init_from": "fp32-s1/checkpoint.pt"}, 0.80, 1000, 50.0,
-                 msq={"export": {"measured_compression": 4.0}})
+    # Each seed fine-tunes its own seed's float32 run: one configuration. From scratch is another.
+    for seed, best in ((0, 0.78), (1, 0.80)):
+        compared_run(root, f"msq-s{seed}", {**msq, "seed": seed, "init_from": str(root / f"fp32-s{seed}" / "ckpt.pt")},
+                     best, 1000, 50.0, msq={"export": {"measured_compression": 4.0}})
     compared_run(root, "msq-scratch", msq, 0.50, 1000, 50.0, msq={"export": {"measured_compression": 4.0}})
     # Two HTEQPU configurations that only the learning rate tells apart: two rows, not one of two seeds.
     hte = {"method": "hteqpu", "param_bits": 16, "param_frac": 10, "out_bits": 16, "out_frac": 8}
     compared_run(root, "hte-lr0.01", hte, 0.60, 600, 200.0)
     compared_run(root, "hte-lr0.1", {**hte, "lr": 0.1}, 0.40, 600, 200.0)
-    # Another batch size with float32 alone, and a grid of the paper's: nothing to compare.
+    # Without float32 runs (batch 64): compared, with no ratios. With float32 alone (batch 16), and a grid
+    # of the paper's: not compared.
+    compared_run(root, "adapt-b64", {"method": "adapt", "batch_size": 64}, 0.70, 900, 80.0, adapt={"model_size": 0.5})
+    compared_run(root, "adapt-qpu-b64", {"method": "adapt", "update": "qpu", "batch_size": 64}, 0.72, 900, 80.0,
+                 adapt={"model_size": 0.4})
     compared_run(root, "fp32-b16", {"method": "fp32", "batch_size": 16}, 0.85, 900, 80.0)
     compared_run(root, "exp2-fp32", {"method": "fp32"}, 0.85, 900, 80.0, grid="exp2")
     compared_run(root, "exp2-sqpu", qpu, 0.85, 900, 80.0, grid="exp2")
@@ -880,33 +887,42 @@ def test_report_compares_the_methods_side_by_side(tmp_path):
     assert report.main([str(root), "--out", str(out)]) == 0
     import pandas as pd
     table = pd.read_csv(out / "methods.csv")
-    assert set(table.batch_size) == {256} and set(table.grid) == {"cmp"}
-    hte_rows = table[table.method == "hteqpu"].set_index("configuration")
-    assert sorted(hte_rows.index) == ["16/10/8 lr=0.01", "16/10/8 lr=0.1"]
-    assert (hte_rows.runs.tolist(), hte_rows.loc["16/10/8 lr=0.1", "best_mean"]) == ([1, 1], 0.40)
-    rows = {r.method: r for r in table.itertuples()}
-    assert set(rows) == {"fp32", "sqpu", "hteqpu", "adapt-qpu", "msq"}
-    fp32, sqpu, adapt = rows["fp32"], rows["sqpu"], rows["adapt-qpu"]
-    assert (fp32.runs, fp32.best_mean, fp32.model_size) == (2, pytest.approx(0.82), 1.0)
-    assert (sqpu.configuration, sqpu.runs) == ("8/5/3", 2)
-    assert (sqpu.best_min, sqpu.best_max, sqpu.best_mean) == (0.70, 0.76, pytest.approx(0.73))
-    assert sqpu.best_std == pytest.approx(0.06 / 2 ** 0.5)
-    assert sqpu.final_mean == pytest.approx(0.72)
+    assert set(table.batch_size) == {64, 256} and set(table.grid) == {"cmp"}
+    main = table[table.batch_size == 256].set_index(["method", "configuration"])
+    assert sorted(main.index) == [
+        ("adapt-qpu", "adapt-qpu"), ("fp32", "fp32"), ("hteqpu", "16/10/8 lr=0.01"), ("hteqpu", "16/10/8 lr=0.1"),
+        ("msq", "msq λ=0.01 α=0.9 from 8b from fp32"), ("msq", "msq λ=0.01 α=0.9 from 8b from scratch"),
+        ("sqpu", "8/5/3 momentum=0.0 out_bits=8"), ("sqpu", "8/5/3 momentum=0.9 out_bits=16"),
+        ("sqpu", "8/5/3 momentum=0.9 out_bits=8")]
+    fp32 = main.loc[("fp32", "fp32")]
+    assert (fp32.runs, fp32.accuracy_mean, fp32.model_size) == (2, pytest.approx(0.82), 1.0)
+    sqpu = main.loc[("sqpu", "8/5/3 momentum=0.9 out_bits=8")]
+    assert sqpu.runs == 2
+    assert (sqpu.accuracy_min, sqpu.accuracy_max, sqpu.accuracy_mean) == (0.70, 0.76, pytest.approx(0.73))
+    assert sqpu.accuracy_std == pytest.approx(0.06 / 2 ** 0.5)
+    assert (sqpu.best_mean, sqpu.final_mean) == (pytest.approx(0.73), pytest.approx(0.72))
     assert sqpu.model_size == 8 / 32
     assert sqpu.step_memory_ratio == pytest.approx(0.6)
     assert sqpu.images_per_s_ratio == pytest.approx(1.0)  # 200 against 200 images/s
+    # AdaPT and MSQ: the final model's size, so the final epoch's accuracy (compared_run: best - 0.01).
+    adapt = main.loc[("adapt-qpu", "adapt-qpu")]
     assert (adapt.model_size, adapt.step_memory_ratio, adapt.images_per_s_ratio) == (0.3, 1.5, 0.5)
-    msq_rows = table[table.method == "msq"].set_index("configuration")
-    assert msq_rows.runs.to_dict() == {"msq λ=0.01 α=0.9 from 8b from a checkpoint": 2,
-                                       "msq λ=0.01 α=0.9 from 8b from scratch": 1}
-    assert msq_rows.best_mean.to_dict() == {"msq λ=0.01 α=0.9 from 8b from a checkpoint": pytest.approx(0.79),
-                                            "msq λ=0.01 α=0.9 from 8b from scratch": 0.50}
-    assert set(msq_rows.model_size) == {0.25}
+    assert (adapt.accuracy_mean, adapt.best_mean) == (pytest.approx(0.80), pytest.approx(0.81))
+    tuned = main.loc[("msq", "msq λ=0.01 α=0.9 from 8b from fp32")]
+    assert (tuned.runs, tuned.accuracy_mean, tuned.model_size) == (2, pytest.approx(0.78), 0.25)
+    assert main.loc[("msq", "msq λ=0.01 α=0.9 from 8b from scratch")].runs == 1
+    assert main.loc[("hteqpu", "16/10/8 lr=0.1")].accuracy_mean == 0.40
+    no_baseline = table[table.batch_size == 64]
+    assert set(no_baseline.method) == {"adapt", "adapt-qpu"}
+    assert no_baseline.step_memory_ratio.isna().all() and no_baseline.images_per_s_ratio.isna().all()
     md = (out / "report.md").read_text()
     assert "## Methods compared" in md and "**cmp: lenet5 on fashion-mnist, batch 256**" in md
-    assert "| sqpu | 8/5/3 | 2 | 73.0% | 4.2 | 70.0% – 76.0% | 72.0% | 0.25 | 0.60 | 1.00 |" in md
-    assert "batch 16**" not in md
-    assert (out / "methods-cmp-lenet5-fashion-mnist-b256.png").stat().st_size > 0
+    assert ("| sqpu | 8/5/3 momentum=0.9 out_bits=8 | 2 | 73.0% | 4.2 | 70.0% – 76.0% | 73.0% | 72.0% | 0.25 | "
+            "0.60 | 1.00 |") in md
+    assert "| adapt-qpu | adapt-qpu | 1 | 71.0% | – | 71.0% – 71.0% | 72.0% | 71.0% | 0.40 | – | – |" in md
+    assert "batch 16**" not in md and "**exp2" not in md
+    for batch in (64, 256):
+        assert (out / f"methods-cmp-lenet5-fashion-mnist-b{batch}.png").stat().st_size > 0
 
 
 @requires_fxp_train
