@@ -64,6 +64,14 @@ LeNet5Impl::LeNet5Impl(QuantConfig config, int64_t in_channels, int64_t num_clas
   fc2 = register_module("fc2", QLinear(84, num_classes, true, config));
 }
 
+void LeNet5Impl::pack_(bool weights, bool /*saved_inputs: none on a grid*/) {
+  if (weights) {
+    for (QConv2d* conv : {&conv1, &conv2, &conv3}) (*conv)->pack_weights_();
+    fc1->pack_weights_();
+    fc2->pack_weights_();
+  }
+}
+
 torch::Tensor LeNet5Impl::run(torch::Tensor x, LayerTrace* trace) {
   for (QConv2d* conv : {&conv1, &conv2}) {
     const torch::Tensor y = (*conv)->forward(x);

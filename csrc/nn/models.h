@@ -36,6 +36,10 @@ TORCH_MODULE(PaperCNN);
 class LeNet5Impl : public NetworkImpl {
  public:
   LeNet5Impl(QuantConfig config, int64_t in_channels, int64_t num_classes);
+  // Packed storage: every layer's weights (QPU methods). No saved input can
+  // be packed: each is a tanh (and average pool) of a layer's output, off
+  // any grid, or the float network input.
+  void pack_(bool weights, bool saved_inputs) override;
   QConv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   QLinear fc1{nullptr}, fc2{nullptr};
 

@@ -37,7 +37,8 @@ const std::vector<FlagHelp>& flag_help() {
       {"inference_rounding", "rounding of layer outputs (and of STE's weight reads)", {"hte", "sr"}},
       {"momentum_form", "QPU momentum form (docs/design.md)", {"standard", "paper_eq6"}},
       {"packed", "packed integer storage (docs/memory.md): QPU parameters and momentum as int codes, saved "
-                 "layer inputs as codes; bit-identical results, less memory", {}},
+                 "layer inputs as codes (paper_cnn; lenet5: parameters and momentum only); bit-identical "
+                 "results, less memory", {}},
       {"adapt_start_bits", "AdaPT: every layer's total bits before its first switch", {}},
       {"adapt_start_frac", "AdaPT: every layer's fractional bits before its first switch", {}},
       {"adapt_resolution_min", "AdaPT: lower bound of the KL test's resolution r (bins)", {}},

@@ -448,8 +448,12 @@ void TrainConfig::validate() const {
     bad("packed", update == "qpu" ? "AdaPT's formats change during training; packed storage cannot follow them yet"
                                   : "AdaPT keeps a float32 master copy; it has no packed form yet");
   }
-  if (packed && model != "paper_cnn") {
-    bad("packed", "packed storage is supported for model paper_cnn only (yet), not " + model);
+  if (packed && model != "paper_cnn" && model != "lenet5") {
+    bad("packed", "packed storage is supported for models paper_cnn and lenet5 only (yet), not " + model);
+  }
+  if (packed && model == "lenet5" && !is_qpu(method)) {
+    bad("packed", "lenet5 packs the QPU methods' weights and momentum only (its saved activations are tanh "
+                  "outputs, off any grid), and " + method + " keeps float32 weights: nothing to pack");
   }
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
     bad("device", "must be cpu, cuda or cuda:N, but got '" + device + "'");

@@ -104,9 +104,16 @@ TEST(TrainCli, DatasetDefaults) {
   EXPECT_EQ(p.command.config.input_mean(), 0.5);
   EXPECT_EQ(p.command.config.input_std(), 0.3081);
   EXPECT_EQ(p.command.config.run_name(), "mnist-sqpu-p16.10-o16.8-sr-b64-s0");
-  p = parse({"--model", "lenet5", "--packed"});
+  p = parse({"--model", "resnet20", "--packed"});
   EXPECT_EQ(p.code, 2);
-  EXPECT_NE(p.err.find("packed: packed storage is supported for model paper_cnn only"), std::string::npos) << p.err;
+  EXPECT_NE(p.err.find("packed: packed storage is supported for models paper_cnn and lenet5 only (yet), not resnet20"),
+            std::string::npos)
+      << p.err;
+  p = parse({"--model", "lenet5", "--method", "ste", "--packed"});
+  EXPECT_EQ(p.code, 2);
+  EXPECT_NE(p.err.find("packed: lenet5 packs the QPU methods' weights and momentum only"), std::string::npos) << p.err;
+  p = parse({"--model", "lenet5", "--packed"});
+  ASSERT_EQ(p.code, -1) << p.err;
   // AdaPT's run names tell apart the settings a grid may vary.
   p = parse({"--method", "adapt", "--adapt-lookback-min", "5", "--adapt-lookback-max", "9", "--l1-decay", "0.001"});
   ASSERT_EQ(p.code, -1) << p.err;
@@ -721,6 +728,33 @@ TEST_F(TrainRun, PackedRunIsBitIdenticalToFloatStorage) {
     if (method != "ste") {
       EXPECT_LT(m_packed["parameters_bytes"].get<int64_t>(), m_plain["parameters_bytes"].get<int64_t>()) << method;
     }
+  }
+}
+
+// LeNet-5 packs its QPU weights and momentum (its saved activations are off any grid).
+TEST_F(TrainRun, PackedLeNet5IsBitIdenticalToFloatStorage) {
+  for (const std::string method : {"sqpu", "hteqpu"}) {
+    ft::TrainConfig c = config_;
+    c.model = "lenet5";
+    c.method = method;
+    c.epochs = 2;
+    c.train_limit = 500;
+    const json plain = run("lenet5-" + method, c);
+    c.packed = true;
+    const json packed = run("lenet5-" + method + "-packed", c);
+    const auto a = metrics("lenet5-" + method), b = metrics("lenet5-" + method + "-packed");
+    ASSERT_EQ(a.size(), 2u);
+    ASSERT_EQ(b.size(), 2u);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
+    const json& m_plain = plain["measured_memory"]["step"];
+    const json& m_packed = packed["measured_memory"]["step"];
+    // int16 codes: half the parameter bytes (and a 4-byte stand-in for each of the 10 packed tensors),
+    // half the momentum bytes; the activations as they were.
+    EXPECT_EQ(m_packed["parameters_bytes"].get<int64_t>(), m_plain["parameters_bytes"].get<int64_t>() / 2 + 10 * 4)
+        << method;
+    EXPECT_EQ(m_packed["optimizer_state_bytes"].get<int64_t>() * 2, m_plain["optimizer_state_bytes"].get<int64_t>())
+        << method;
+    EXPECT_EQ(m_packed["activations_bytes"], m_plain["activations_bytes"]) << method;
   }
 }
 

@@ -28,7 +28,7 @@ bench_fleet = _script("bench_fleet")
 @requires_fxp_train
 @pytest.mark.parametrize("methods, message", [
     ("foo", "--methods foo: --method: foo not in {fp32,ste,sqpu,hteqpu,adapt,msq}"),
-    ("sqpu:packed", "--methods sqpu:packed: fxp-train: packed: packed storage is supported for model paper_cnn only"),
+    ("ste:packed", "--methods ste:packed: fxp-train: packed: lenet5 packs the QPU methods' weights and momentum only"),
     ("sqpu:fast", "unknown method variant 'sqpu:fast'"),
 ])
 def test_bench_train_refuses_a_method_fxp_train_refuses(methods, message):

@@ -39,7 +39,9 @@ def test_bad_models_and_packed_where_unsupported_are_usage_errors():
     assert p.returncode == 2 and "svhn" in p.stderr
     p = run_fxp_train("--model", "resnet20", "--packed")
     assert p.returncode == 2
-    assert "packed storage is supported for model paper_cnn only" in p.stderr
+    assert "packed storage is supported for models paper_cnn and lenet5 only (yet), not resnet20" in p.stderr
+    p = run_fxp_train("--model", "lenet5", "--method", "ste", "--packed")
+    assert p.returncode == 2 and "lenet5 packs the QPU methods' weights and momentum only" in p.stderr
 
 
 @requires_fxp_train_and_data
