@@ -74,7 +74,7 @@ void NetworkImpl::quantize_parameters_(const std::string& rounding, int64_t seed
 
 void NetworkImpl::pack_(bool /*weights*/, bool /*saved_inputs*/) {
   TORCH_CHECK(false, "fxp::nn: packed storage is not supported for the ", name_,
-              " network yet (only paper_cnn); train it without --packed");
+              " network yet (only paper_cnn and lenet5); train it without --packed");
 }
 
 std::vector<torch::nn::BatchNorm2dImpl*> NetworkImpl::batch_norms() const {

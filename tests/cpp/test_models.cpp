@@ -151,8 +151,20 @@ TEST(Models, QuantizedOutputsOnTheActGrid) {
 }
 
 TEST(Models, PackedStorageOnlyWherePossible) {
-  auto net = fxp::nn::make_network("lenet5", config("sqpu"), 1, 10);
-  expect_error([&] { net->pack_(true, true); }, "packed storage is not supported for the lenet5 network yet");
+  for (const std::string model : {"resnet20", "alexnet"}) {
+    auto net = fxp::nn::make_network(model, config("sqpu"), 3, 10);
+    expect_error([&] { net->pack_(true, true); },
+                 "packed storage is not supported for the " + model + " network yet (only paper_cnn and lenet5)");
+  }
+  // LeNet-5 packs every layer's weights, and no saved input (each is off any grid).
+  auto lenet = fxp::nn::make_network("lenet5", config("sqpu"), 1, 10);
+  lenet->quantize_parameters_("nearest_even", 0);
+  lenet->pack_(true, true);
+  for (const auto& [name, layer] : lenet->quantized_layers()) {
+    EXPECT_TRUE(layer->packed.weights) << name;
+    EXPECT_FALSE(layer->packed.saved_input_format.has_value()) << name;
+  }
+  EXPECT_EQ(lenet->quantized_layers().size(), 5u);
   fxp::nn::QBatchNorm2d bn(4, config("sqpu"));
   expect_error([&] { bn->pack_weights_(); }, "batch norm layers cannot pack their parameters yet");
 }
