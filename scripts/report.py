@@ -582,16 +582,8 @@ def _model_size(r) -> float:
 PAPER_GRIDS = {"exp1", "exp2", "exp3"}
 # Methods whose model size changes during training: their size is the final model's.
 SIZE_AT_THE_END = {"adapt", "msq"}
-
-
-def _settings_without_source(done: pd.DataFrame) -> dict:
-    """Each finished run's directory (resolved) -> its settings, the checkpoint it starts from left out."""
-    out = {}
-    for r in done.itertuples():
-        settings = json.loads(r.settings)
-        settings.pop("init_from", None)
-        out[pathlib.Path(r.dir).resolve()] = (settings, r)
-    return out
+# What the methods are compared within.
+COMPARISON_GROUP = ["grid", "model", "dataset", "batch_size"]
 
 
 def methods_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -618,49 +610,44 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
     done["model_size"] = [_model_size(r) for r in done.itertuples()]
     done["size_accuracy"] = [r.final_val_accuracy if r.method in SIZE_AT_THE_END else r.best_val_accuracy
                              for r in done.itertuples()]
-    runs_by_dir = _settings_without_source(done)
-    keys, sources = [], []
-    for r in done.itertuples():
-        settings = json.loads(r.settings)
-        source = settings.pop("init_from", "") or ""
-        if source:
-            found = runs_by_dir.get(pathlib.Path(source).parent.resolve())
-            settings["init_from"] = found[0] if found else source
-            sources.append(f"from {found[1].method_label}" if found else f"from {source}")
-        else:
-            sources.append("from scratch")
-        keys.append(json.dumps(settings, sort_keys=True))
-    done["settings_key"], done["source"] = keys, sources
-    group_keys = ["grid", "model", "dataset", "batch_size"]
+    settings = [json.loads(text) for text in done.settings]
+    sources = [c.pop("init_from", "") or "" for c in settings]
+    # A run's checkpoint stands for the settings of the run that wrote it (its directory holds the checkpoint).
+    writers = {pathlib.Path(d).resolve(): (c, label) for d, c, label in zip(done.dir, settings, done.method_label)}
+    configs, keys, source_names = {}, [], []
+    for c, source in zip(settings, sources):
+        writer = writers.get(pathlib.Path(source).parent.resolve()) if source else None
+        config = {**c, "init_from": writer[0] if writer else source} if source else c
+        source_names.append(f"from {writer[1]}" if writer else f"from {source}" if source else "from scratch")
+        key = json.dumps(config, sort_keys=True)
+        configs[key] = config
+        keys.append(key)
+    done["settings_key"], done["source"] = keys, source_names
     rows = []
-    for key, group in done.groupby(group_keys, dropna=False):
+    for key, group in done.groupby(COMPARISON_GROUP, dropna=False):
         if group.method_label.nunique() < 2:
             continue
         fp32 = group[group.method == "fp32"]
         memory_fp32 = pd.to_numeric(fp32.measured_step_bytes, errors="coerce").mean()
         speed_fp32 = pd.to_numeric(fp32.train_images_per_s, errors="coerce").mean()
         for label, runs in group.groupby("method_label"):
-            configs = {k: json.loads(k) for k in runs.settings_key.unique()}
-            fxp_of = runs.groupby("settings_key").fxp.first()
-            # A setting joins the label where two configurations of one label differ in it.
-            varying = set()
-            for _, same_label in fxp_of.groupby(fxp_of):
-                alike = [configs[k] for k in same_label.index]
-                for n in {n for c in alike for n in c}:
-                    if len({json.dumps(c.get(n), sort_keys=True) for c in alike}) > 1:
-                        varying.add(n)
-            varying = sorted(varying)
+            # A setting joins the label where two configurations with one fxp label differ in it.
+            by_fxp = {}
+            for settings_key, fxp in runs.groupby("settings_key").fxp.first().items():
+                by_fxp.setdefault(fxp, []).append(configs[settings_key])
+            varying = sorted({n for alike in by_fxp.values() for n in set().union(*alike)
+                              if len({json.dumps(c.get(n), sort_keys=True) for c in alike}) > 1})
             for settings_key, g in runs.groupby("settings_key"):
                 first, config = g.iloc[0], configs[settings_key]
                 extra = " ".join(first.source if n == "init_from" else f"{n}={config.get(n)}" for n in varying)
                 acc = pd.to_numeric(g.size_accuracy, errors="coerce")
-                best = pd.to_numeric(g.best_val_accuracy, errors="coerce")
                 memory = pd.to_numeric(g.measured_step_bytes, errors="coerce").mean()
                 speed = pd.to_numeric(g.train_images_per_s, errors="coerce").mean()
-                rows.append({**dict(zip(group_keys, key)), "method": label,
+                rows.append({**dict(zip(COMPARISON_GROUP, key)), "method": label,
                              "configuration": f"{first.fxp} {extra}".strip(), "runs": len(g),
                              "accuracy_mean": acc.mean(), "accuracy_std": acc.std(), "accuracy_min": acc.min(),
-                             "accuracy_max": acc.max(), "best_mean": best.mean(),
+                             "accuracy_max": acc.max(),
+                             "best_mean": pd.to_numeric(g.best_val_accuracy, errors="coerce").mean(),
                              "final_mean": pd.to_numeric(g.final_val_accuracy, errors="coerce").mean(),
                              "model_size": g.model_size.mean(), "step_memory_ratio": memory / memory_fp32,
                              "images_per_s": speed, "images_per_s_ratio": speed / speed_fp32})
@@ -670,12 +657,13 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
 def draw_methods(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     """Accuracy (methods_table's: mean over seeds, bars from the worst to the
     best seed) against model size, one point per configuration, coloured by
-    method; one figure per grid, model, dataset and batch size. Where a configuration
-    lies far below the others (more than 10 points), a second panel shows the
-    5 points below the best seed, where the others are told apart."""
+    method; one figure per grid, model, dataset and batch size. Where a
+    configuration lies far below the others (more than 10 points), a second
+    panel shows the 5 points below the best seed, where the others are told
+    apart."""
     plt = _pyplot()
     paths = []
-    for (grid, model, dataset, batch), g in table.groupby(["grid", "model", "dataset", "batch_size"], dropna=False):
+    for (grid, model, dataset, batch), g in table.groupby(COMPARISON_GROUP, dropna=False):
         g = g[g.model_size.notna()]
         if g.empty:
             continue
@@ -767,8 +755,7 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
                   "(docs/memory.md), against the float32 runs'; images/s: the runs' own measurement, comparable "
                   "when they shared one machine and its load. The QPU paper's grids (exp1-exp3) are left to the "
                   "tables above."]
-        for (grid, model, dataset, batch), g in methods.groupby(["grid", "model", "dataset", "batch_size"],
-                                                                 dropna=False):
+        for (grid, model, dataset, batch), g in methods.groupby(COMPARISON_GROUP, dropna=False):
             lines += ["", f"**{grid}: {model} on {dataset}, batch {_int_text(batch)}**", "",
                       "| method | configuration | runs | accuracy | std | worst – best seed | best | final | "
                       "model size / fp32 | step memory / fp32 | images/s / fp32 |",

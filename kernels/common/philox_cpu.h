@@ -27,7 +27,7 @@
 namespace fxp::kernels::FXP_CPU_CAPABILITY {
 namespace {
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)  // an AVX-512 build has its own (below)
 // a * m for the eight 32-bit lanes of a (m holds the multiplier in every lane):
 // the high and low 32-bit halves of each 64-bit product.
 inline void mulhilo_x8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
@@ -48,8 +48,8 @@ inline void mulhilo_x8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
 // 0.62, near what the multiply and shuffle ports allow; four groups' state
 // (16 vectors) spills a few registers, which costs less than idle ports. The
 // blocks and their order in `out` do not depend on G. AVX-512 does the same
-// (philox_x8_zmm_groups; an AVX-512 build runs its loops first, and its
-// tail of fewer than eight blocks is scalar).
+// in its own layout (philox_x8_zmm_groups); each build's tail of fewer than
+// eight blocks is scalar.
 
 // Philox4x32-10 for the 8 * G blocks first_block .. first_block + 8G - 1, one
 // block per lane, written in element order (block j's lanes at out[4j .. 4j+3]).
@@ -174,8 +174,7 @@ inline void philox_chunk(uint64_t seed, uint64_t offset, uint64_t first_block, i
 #if defined(__AVX512F__)
   for (; j + 32 <= nblocks; j += 32) philox_x8_zmm_groups<4>(seed, offset, first_block + j, out + 4 * j);
   for (; j + 8 <= nblocks; j += 8) philox_x8_zmm_groups<1>(seed, offset, first_block + j, out + 4 * j);
-#endif
-#if defined(__AVX2__)
+#elif defined(__AVX2__)
   for (; j + 32 <= nblocks; j += 32) philox_x8_groups<4>(seed, offset, first_block + j, out + 4 * j);
   for (; j + 8 <= nblocks; j += 8) philox_x8_groups<1>(seed, offset, first_block + j, out + 4 * j);
 #endif

@@ -584,6 +584,21 @@ class TrainRun : public ::testing::Test {
     for (const char* key : {"epoch_time_s", "train_time_s", "images_per_s"}) record.erase(key);
     return record;
   }
+  // Issue 6: packed storage changes memory, never a number. Runs c with float
+  // and with packed storage and checks that both give the same epochs, bit for
+  // bit; plain and packed get their summaries (callers check memory).
+  void run_plain_and_packed(const std::string& name, ft::TrainConfig c, json& plain, json& packed) {
+    c.packed = false;
+    plain = run(name, c);
+    c.packed = true;
+    packed = run(name + "-packed", c);
+    const auto a = metrics(name), b = metrics(name + "-packed");
+    ASSERT_EQ(a.size(), static_cast<size_t>(c.epochs));
+    ASSERT_EQ(b.size(), static_cast<size_t>(c.epochs));
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << name << " " << i;
+    EXPECT_EQ(plain["best_val_accuracy"], packed["best_val_accuracy"]);
+    EXPECT_EQ(packed["run_name"].get<std::string>(), plain["run_name"].get<std::string>() + "-packed");
+  }
   std::string dir_;
   ft::TrainConfig config_;
 };
@@ -704,22 +719,15 @@ TEST_F(TrainRun, ResumeEqualsAnUninterruptedRun) {
   }
 }
 
-// Issue 6: packed storage changes memory, never a number.
 TEST_F(TrainRun, PackedRunIsBitIdenticalToFloatStorage) {
   for (const std::string method : {"sqpu", "hteqpu", "ste"}) {
     ft::TrainConfig c = config_;
     c.method = method;
     c.epochs = 2;
     c.train_limit = 500;
-    const json plain = run(method, c);
-    c.packed = true;
-    const json packed = run(method + "-packed", c);
-    const auto a = metrics(method), b = metrics(method + "-packed");
-    ASSERT_EQ(a.size(), 2u);
-    ASSERT_EQ(b.size(), 2u);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
-    EXPECT_EQ(plain["best_val_accuracy"], packed["best_val_accuracy"]);
-    EXPECT_EQ(packed["run_name"].get<std::string>(), plain["run_name"].get<std::string>() + "-packed");
+    json plain, packed;
+    run_plain_and_packed(method, c, plain, packed);
+    ASSERT_FALSE(HasFatalFailure());
     // ... and packing happened: fewer activation bytes for every method (the
     // saved layer inputs: MeasuredBytesMatchTheModel), fewer parameter bytes for QPU.
     const json& m_plain = plain["measured_memory"]["step"];
@@ -739,13 +747,9 @@ TEST_F(TrainRun, PackedLeNet5IsBitIdenticalToFloatStorage) {
     c.method = method;
     c.epochs = 2;
     c.train_limit = 500;
-    const json plain = run("lenet5-" + method, c);
-    c.packed = true;
-    const json packed = run("lenet5-" + method + "-packed", c);
-    const auto a = metrics("lenet5-" + method), b = metrics("lenet5-" + method + "-packed");
-    ASSERT_EQ(a.size(), 2u);
-    ASSERT_EQ(b.size(), 2u);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(without_timing(a[i]), without_timing(b[i])) << method << " " << i;
+    json plain, packed;
+    run_plain_and_packed("lenet5-" + method, c, plain, packed);
+    ASSERT_FALSE(HasFatalFailure());
     const json& m_plain = plain["measured_memory"]["step"];
     const json& m_packed = packed["measured_memory"]["step"];
     // int16 codes: half the parameter bytes (and a 4-byte stand-in for each of the 10 packed tensors),
