@@ -9,6 +9,8 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/autograd.h>
 
+#include <omp.h>
+
 #include <mutex>
 #include <numeric>
 #include <stdexcept>
@@ -23,11 +25,15 @@ namespace {
 constexpr int64_t kUnit[] = {1, 1};
 constexpr int64_t kNone[] = {0, 0};
 
-// fn(m) for every member: on the CPU spread over the threads, each call
-// running inline on its thread (ATen runs a parallel_for nested in another
-// inline); on a GPU in order, where the calls only queue kernels. The calling
-// thread's state (grad mode, the dispatcher's excluded keys) goes with each
-// task: OpenMP's threads do not inherit it.
+#ifndef _OPENMP
+#error "fleet.cpp spreads members over at::parallel_for's threads: build it with OpenMP (Note [OpenMP and at::parallel_for])"
+#endif
+
+// fn(m) for every member: on the CPU spread over the threads, each member's
+// calls on one thread (Note [Fleet calls nested in a parallel region]); on a
+// GPU in order, where the calls only queue kernels. The calling thread's state
+// (grad mode, the dispatcher's excluded keys) goes with each task: OpenMP's
+// threads do not inherit it.
 template <class Fn>
 void for_each_member(const torch::Device& device, int64_t members, const Fn& fn) {
   if (!device.is_cpu()) {
@@ -37,6 +43,7 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
   const at::ThreadLocalState state;
   at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
+    omp_set_num_threads(1);  // this task's own setting: Note [Fleet calls nested in a parallel region]
     for (int64_t m = begin; m < end; ++m) fn(m);
   });
 }
@@ -50,8 +57,8 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
 // float32 results differ in the last bits. So the fleet layer has its own
 // backward, in the solo layer's orientation and kernels: dh = g W (batched:
 // the same bits), dW[m] = g[m]^T h[m] (one mm per member, the members spread
-// over the threads: each mm then runs on one thread, and its bits do not
-// depend on the thread count here: tested), db = the sum of g over the batch.
+// over the threads: each mm then runs on one thread, and its bits are the solo
+// run's: Note [Fleet thread counts]), db = the sum of g over the batch.
 class FleetLinear : public torch::autograd::Function<FleetLinear> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h,
@@ -77,6 +84,17 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
   }
 };
 
+// Note [Fleet calls nested in a parallel region]
+// A member's calls inside for_each_member run in an OpenMP parallel region.
+// ATen's own parallel_for runs inline there, but oneDNN and MKL read
+// omp_get_max_threads(): oneDNN would plan a convolution for every thread,
+// then run its per-thread parts one after another on this one (a weight
+// gradient's cross-thread reduction then waits forever on a thread that never
+// comes: seen). So each task sets its own OpenMP thread count to 1, which
+// lasts as long as the task (the calling thread's count is its own: tested,
+// FleetMatchesSoloRuns.LeavesTheThreadCountAsItWas). Only calls whose bits do
+// not depend on the thread count go here (Note [Fleet thread counts]).
+
 // Note [Fleet member convolutions]
 // A convolution with one input channel per member (a first convolution)
 // would, grouped, take oneDNN's depthwise kernel, which sums the taps in
@@ -84,8 +102,9 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // member's convolution as a solo call on its own batch, forward and
 // backward; one call per member through autograd would pay K times the
 // per-op cost (and wake the thread pool K times), so this one autograd node
-// runs the K solo calls, spread over the CPU threads one member each
-// (Note [Fleet thread counts]). Grouped
+// runs the K solo calls: the forwards and the input gradients spread over the
+// CPU threads one member each, the weight gradients one member after another
+// on every thread (Note [Fleet thread counts]). Grouped
 // convolutions with a few input channels per group part from the solo bits in
 // float32 too (LeNet-5's 6 and 16: tested), so fleet_layers runs a layer
 // grouped only where the tests show the solo bits (the paper CNN's second
@@ -93,16 +112,22 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // Input [K, N, C, H, W]; output [K, N, out, H', W'] (member-major: Note [Fleet layouts]).
 
 // Note [Fleet thread counts]
-// A member's per-member calls run on one thread, and a grouped call keeps each
-// member's reduction on one thread too, while its solo run's calls use every
-// thread. Their bits agree where oneDNN and mm do not split a reduction across
-// threads: tested on 4 threads at batches 1 to 32, the batches sweep trains in
-// fleets on the CPU. On an AVX-512 machine (2026-12-05) oneDNN splits the solo
-// second convolution's weight-gradient reduction at batch 64 on 4 threads (not
-// on 2): there fp32 and STE members agree with their solo runs to float32
-// rounding (about 1e-7 relative after 8 steps; tested to 1e-5), not bit for
-// bit; QPU parameters, on their grid, agree until a rounding decision flips,
-// then differ by grid steps. float64 runs were bit for bit at every batch tested.
+// A solo run's calls use every thread. The fleet runs a member's convolution
+// forward, its input gradient and its linear weight gradient on one thread
+// (for_each_member), and a grouped call keeps each member's reduction on one
+// thread too. Their bits agree where oneDNN and mm do not split a reduction
+// across threads: tested on 4 threads at batches 1 to 32, the batches sweep
+// trains in fleets on the CPU. A convolution's weight gradient is where oneDNN
+// does split it (on one thread, float64 members at batch 4 part from their solo
+// runs' bits, both models: seen), so the per-member weight gradients run one
+// member after another, each on every thread, as solo. On an AVX-512 machine
+// (2026-12-05) oneDNN splits the solo second convolution's weight-gradient
+// reduction at batch 64 on 4 threads (not on 2), where the paper CNN's grouped
+// call keeps each member's on one: there fp32 and STE members agree with their
+// solo runs to float32 rounding (about 1e-7 relative after 8 steps; tested to
+// 1e-5), not bit for bit; QPU parameters, on their grid, agree until a
+// rounding decision flips, then differ by grid steps. float64 runs were bit
+// for bit at every batch tested.
 
 // Note [Fleet layouts]
 // A grouped convolution takes and gives [N, K*C, H, W], member m's channels
@@ -144,16 +169,20 @@ class FleetMemberConv : public torch::autograd::Function<FleetMemberConv> {
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
     torch::Tensor grad_bias = has_bias ? torch::empty({k, out}, weight.options()) : torch::Tensor();
     const std::vector<int64_t> bias_sizes = {out};
-    for_each_member(x.device(), k, [&](int64_t m) {
-      // What the solo convolution's backward computes, with the same outputs asked for.
-      const auto grads = at::convolution_backward(
-          g[m], x[m], weight[m],
-          has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, kUnit, kNone, kUnit, false, kNone, 1,
-          {input_grad, true, has_bias});
-      if (input_grad) grad_x[m].copy_(std::get<0>(grads));
+    const auto bias_arg = has_bias ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt;
+    if (input_grad) {
+      for_each_member(x.device(), k, [&](int64_t m) {
+        const auto grads = at::convolution_backward(g[m], x[m], weight[m], bias_arg, kUnit, kNone, kUnit, false,
+                                                    kNone, 1, {true, false, false});
+        grad_x[m].copy_(std::get<0>(grads));
+      });
+    }
+    for (int64_t m = 0; m < k; ++m) {
+      const auto grads = at::convolution_backward(g[m], x[m], weight[m], bias_arg, kUnit, kNone, kUnit, false,
+                                                  kNone, 1, {false, true, has_bias});
       grad_weight[m].copy_(std::get<1>(grads));
       if (has_bias) grad_bias[m].copy_(std::get<2>(grads));
-    });
+    }
     return {grad_x, grad_weight, grad_bias};
   }
 };

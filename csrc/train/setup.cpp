@@ -71,6 +71,11 @@ void log_settings_notes(std::ostream& log, const TrainConfig& c, const nn::Netwo
     log << prefix << "note: bn_recalibration_batches = " << c.bn_recalibration_batches << " has no effect: model "
         << c.model << " has no batch norm\n";
   }
+  if (c.method == "msq" && c.init_from.empty()) {
+    log << prefix << "note: MSQ starts from random weights here: it fixes each layer's scale from the weights it "
+                     "starts with, and its paper fine-tunes a trained float32 model; --init-from RUN/checkpoint.pt "
+                     "starts from one (docs/msq.md)\n";
+  }
   if (c.method != "fp32" && c.bn_recalibration_batches == 0 && model.has_batch_norm()) {
     log << prefix << "note: batch norm's running statistics trail the parameters, and with quantized layers "
                      "validation can understate accuracy by far; --bn-recalibration-batches 10 recomputes them "

@@ -2,6 +2,7 @@
 // its solo run does, step for step, with its own seed, formats, rounding, lr,
 // momentum and weight decay.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -10,6 +11,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include <omp.h>
 
 #include "nn/fleet.h"
 #include "nn/models.h"
@@ -215,9 +218,9 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
-// Note [Fleet member convolutions] and Note [Fleet linear layers]: a member's
-// convolutions and weight-gradient products run on one thread each while its
-// solo run's use them all; up to batch 32 (the batches sweep trains in fleets
+// Note [Fleet thread counts]: a member's convolution forwards, input gradients
+// and linear weight-gradient products run on one thread each while its solo
+// run's use them all; up to batch 32 (the batches sweep trains in fleets
 // on the CPU) oneDNN's and mm's results do not depend on the thread count (4
 // threads: more than this machine's cores, so every split the solo calls can
 // make happens).
@@ -228,6 +231,19 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
   FleetRun run = make(four_members(), torch::kFloat);
   expect_members_match_solo_runs(run, 8, [](int64_t step) { return int64_t{1} << (step % 4 == 3 ? 5 : 2 * (step % 4)); },
                                  torch::kFloat);
+  at::set_num_threads(threads);
+}
+
+// Note [Fleet calls nested in a parallel region]: the members' calls run with
+// one OpenMP thread each, and the caller keeps its own thread count.
+TEST_P(FleetMatchesSoloRuns, LeavesTheThreadCountAsItWas) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  FleetRun run = make(four_members(), torch::kFloat);
+  const auto [x, y] = batches(run.fleet->size(), 4, 0, torch::kFloat, run.image_size);
+  fleet_step(*run.fleet, *run.sgd, x, y, 0);
+  EXPECT_EQ(at::get_num_threads(), 2);
+  EXPECT_EQ(omp_get_max_threads(), 2);
   at::set_num_threads(threads);
 }
 

@@ -480,7 +480,8 @@ TEST(Bookkeeping, MemoryModelReproducesThePaperRatios) {
 }
 
 // The notes a run's log starts with (log_settings_notes): besides the settings
-// without effect, more threads than this process may use, and batch norm's.
+// without effect, more threads than this process may use, batch norm's, and MSQ
+// without a trained model to start from.
 TEST(TrainConfig, LogNotesNameTooManyThreadsAndBatchNormsWithout) {
   const int64_t cpus = ft::usable_cpus();
   ASSERT_GE(cpus, 1);
@@ -513,6 +514,17 @@ TEST(TrainConfig, LogNotesNameTooManyThreadsAndBatchNormsWithout) {
   log.str("");
   ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));
   EXPECT_EQ(log.str().rfind("note: batch norm's running statistics trail the parameters", 0), 0u) << log.str();
+  p = parse({"--method", "msq"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  log.str("");
+  ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));
+  EXPECT_EQ(log.str().rfind("note: MSQ starts from random weights here", 0), 0u) << log.str();
+  EXPECT_NE(log.str().find("--init-from RUN/checkpoint.pt"), std::string::npos) << log.str();
+  p = parse({"--method", "msq", "--init-from", "runs/fp32/checkpoint.pt"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  log.str("");
+  ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));
+  EXPECT_EQ(log.str(), "");
   p = parse({});
   log.str("");
   ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config));

@@ -112,6 +112,39 @@ def test_members_with_and_without_momentum_mix_under_nesterov_and_stream_indices
         assert all(torch.equal(a[m], b) for a, b in zip(params + momentum, p + v)), f"member {m}"
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_members_spread_over_the_threads_step_as_their_solo_runs(packed):
+    # Note [QPU members over the threads]: 9 members on 2 threads (4 or more per thread) are stepped in one
+    # parallel_for, split 5 and 4; each member keeps its solo bits, and packed NaNs are still named.
+    members = [dict(MEMBERS[m % 4], seed=m) for m in range(9)]
+    if packed:
+        members = [dict(m, bits=16, frac=10, mbits=16, mfrac=10) for m in members]
+    g = torch.Generator().manual_seed(11)
+    params = [torch.stack([fxp.quantize(torch.randn(s, generator=g), m["bits"], m["frac"]) for m in members])
+              for s in SHAPES]
+    if packed:
+        params = [torch.stack([fxp.pack(p[m], 16, 10).to(torch.int16) for m in range(9)]) for p in params]
+    grads = [torch.randn((9,) + s, generator=g) for s in SHAPES]
+    momentum = [torch.zeros_like(p) for p in params]
+    solo = [[[t[m].clone() for t in ts] for ts in (params, grads, momentum)] for m in range(9)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        step_members(params, grads, momentum, list(range(1, 10)), members=members)
+        if packed:
+            grads[2][7, 1] = float("nan")
+            with pytest.raises(ValueError, match=r"members 7 \(every active member was stepped\)"):
+                step_members([p.clone() for p in params], grads, [v.clone() for v in momentum], [1] * 9,
+                             members=members)
+    finally:
+        torch.set_num_threads(threads)
+    for m, (p, gr, v) in enumerate(solo):
+        c = members[m]
+        solo_op(p, gr, v if c["momentum"] else [], c["lr"], c["momentum"], c["wd"], False, c["bits"], c["frac"],
+                c["mbits"], c["mfrac"], c["rounding"], c["seed"], m + 1)
+        assert all(torch.equal(a[m], b) for a, b in zip(params + momentum, p + v)), f"member {m}"
+
+
 def test_members_may_not_share_memory():
     params, grads, momentum = fleet_tensors(8)
     base = torch.zeros(5, 33)
