@@ -26,8 +26,22 @@ constexpr int64_t kUnit[] = {1, 1};
 constexpr int64_t kNone[] = {0, 0};
 
 #ifndef _OPENMP
-#error "fleet.cpp spreads members over at::parallel_for's threads: build it with OpenMP (Note [OpenMP and at::parallel_for])"
+#error "fleet.cpp spreads members over the threads with at::parallel_for: build it with OpenMP"
 #endif
+
+// This task's OpenMP thread count set to 1 for the guard's lifetime. Restored
+// on exit: where parallel_for runs its body inline (one member, one thread),
+// the task is the caller's own, whose count must outlive the call.
+class OneOpenMpThread {
+ public:
+  OneOpenMpThread() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneOpenMpThread() { omp_set_num_threads(saved_); }
+  OneOpenMpThread(const OneOpenMpThread&) = delete;
+  OneOpenMpThread& operator=(const OneOpenMpThread&) = delete;
+
+ private:
+  int saved_;
+};
 
 // fn(m) for every member: on the CPU spread over the threads, each member's
 // calls on one thread (Note [Fleet calls nested in a parallel region]); on a
@@ -43,7 +57,7 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
   const at::ThreadLocalState state;
   at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(state);
-    omp_set_num_threads(1);  // this task's own setting: Note [Fleet calls nested in a parallel region]
+    const OneOpenMpThread one_thread;  // Note [Fleet calls nested in a parallel region]
     for (int64_t m = begin; m < end; ++m) fn(m);
   });
 }
@@ -56,9 +70,12 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
 // layer's small 10 x 128 outputs takes another kernel than mm. Either way
 // float32 results differ in the last bits. So the fleet layer has its own
 // backward, in the solo layer's orientation and kernels: dh = g W (batched:
-// the same bits), dW[m] = g[m]^T h[m] (one mm per member, the members spread
-// over the threads: each mm then runs on one thread, and its bits are the solo
-// run's: Note [Fleet thread counts]), db = the sum of g over the batch.
+// the same bits), dW[m] = g[m]^T h[m] (one mm per member), db = the sum of g
+// over the batch. At batch 1 each product is an outer product, one multiply
+// per element, the same on any number of threads, so the members spread over
+// the threads; at larger batches MKL may split the batch's sum over the
+// threads (seen at batch 64 on 2), so the members' products run one after
+// another on every thread, as solo (Note [Fleet thread counts]).
 class FleetLinear : public torch::autograd::Function<FleetLinear> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h,
@@ -74,12 +91,17 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
     const torch::Tensor g = grad_outputs[0];
     // dW per member: a batched product of small outputs (the 10 x 128 of the
     // last layer) takes another kernel than mm in float32, one mm per member
-    // does not; the members' products spread over the threads (for_each_member).
+    // does not.
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
-    for_each_member(g.device(), g.size(0), [&](int64_t m) {
+    auto member_product = [&](int64_t m) {
       torch::Tensor row = grad_weight.select(0, m);
       torch::mm_out(row, g.select(0, m).t(), h.select(0, m));
-    });
+    };
+    if (h.size(1) == 1) {
+      for_each_member(g.device(), g.size(0), member_product);  // outer products: Note [Fleet linear layers]
+    } else {
+      for (int64_t m = 0; m < g.size(0); ++m) member_product(m);
+    }
     return {torch::bmm(g, weight), grad_weight, g.sum(1)};
   }
 };
@@ -90,10 +112,13 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // omp_get_max_threads(): oneDNN would plan a convolution for every thread,
 // then run its per-thread parts one after another on this one (a weight
 // gradient's cross-thread reduction then waits forever on a thread that never
-// comes: seen). So each task sets its own OpenMP thread count to 1, which
-// lasts as long as the task (the calling thread's count is its own: tested,
-// FleetMatchesSoloRuns.LeavesTheThreadCountAsItWas). Only calls whose bits do
-// not depend on the thread count go here (Note [Fleet thread counts]).
+// comes: seen). So each task sets its own OpenMP thread count to 1 while it
+// runs the members' calls (OneOpenMpThread), and restores it: where
+// parallel_for runs the body inline (a chunk of one member) the task is the
+// caller's, and a count of 1 left there made the solo runs' later calls part
+// from their bits (seen; tested, FleetMatchesSoloRuns.LeavesTheThreadCountAsItWas).
+// Only calls whose bits do not depend on the thread count go here (Note [Fleet
+// thread counts]).
 
 // Note [Fleet member convolutions]
 // A convolution with one input channel per member (a first convolution)
@@ -113,21 +138,25 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 
 // Note [Fleet thread counts]
 // A solo run's calls use every thread. The fleet runs a member's convolution
-// forward, its input gradient and its linear weight gradient on one thread
-// (for_each_member), and a grouped call keeps each member's reduction on one
-// thread too. Their bits agree where oneDNN and mm do not split a reduction
-// across threads: tested on 4 threads at batches 1 to 32, the batches sweep
-// trains in fleets on the CPU. A convolution's weight gradient is where oneDNN
-// does split it (on one thread, float64 members at batch 4 part from their solo
-// runs' bits, both models: seen), so the per-member weight gradients run one
-// member after another, each on every thread, as solo. On an AVX-512 machine
-// (2026-12-05) oneDNN splits the solo second convolution's weight-gradient
-// reduction at batch 64 on 4 threads (not on 2), where the paper CNN's grouped
-// call keeps each member's on one: there fp32 and STE members agree with their
-// solo runs to float32 rounding (about 1e-7 relative after 8 steps; tested to
-// 1e-5), not bit for bit; QPU parameters, on their grid, agree until a
-// rounding decision flips, then differ by grid steps. float64 runs were bit
-// for bit at every batch tested.
+// forward and input gradient on one thread (for_each_member), and at batch 1
+// its linear weight gradient, and a grouped call keeps each member's reduction
+// on one thread too. Their bits agree where oneDNN and mm do not split a
+// reduction across threads: oneDNN's forward and input gradient sum each output
+// inside one thread's kernel (tested at batches 1 to 64 on 2 threads and 1 to
+// 32 on 4, each test in a process of its own: a process that has already run a
+// convolution on more threads may reuse its plan, so only a fresh process shows
+// what one thread computes), and a batch-1 linear weight gradient is an outer
+// product, with no sum. A convolution's weight gradient is where oneDNN does
+// split the sum (on one thread float64 members at batch 4 part from their solo
+// runs' bits), and mm a linear weight gradient's from batch 64 on 2 threads
+// (float32), so those run one member after another, each on every thread, as
+// solo. On an AVX-512 machine (2026-12-05) oneDNN splits the solo second
+// convolution's weight-gradient reduction at batch 64 on 4 threads (not on 2),
+// where the paper CNN's grouped call keeps each member's on one: there fp32 and
+// STE members agree with their solo runs to float32 rounding (about 1e-7
+// relative after 8 steps; tested to 1e-5), not bit for bit; QPU parameters, on
+// their grid, agree until a rounding decision flips, then differ by grid steps.
+// float64 runs were bit for bit at every batch tested.
 
 // Note [Fleet layouts]
 // A grouped convolution takes and gives [N, K*C, H, W], member m's channels

@@ -218,9 +218,9 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
   expect_members_match_solo_runs(run, 32, [](int64_t step) { return int64_t{1} << (2 * (step % 4)); }, torch::kFloat);
 }
 
-// Note [Fleet thread counts]: a member's convolution forwards, input gradients
-// and linear weight-gradient products run on one thread each while its solo
-// run's use them all; up to batch 32 (the batches sweep trains in fleets
+// Note [Fleet thread counts]: a member's convolution forwards and input
+// gradients (and at batch 1 its linear weight-gradient products) run on one
+// thread each while its solo run's use them all; up to batch 32 (the batches sweep trains in fleets
 // on the CPU) oneDNN's and mm's results do not depend on the thread count (4
 // threads: more than this machine's cores, so every split the solo calls can
 // make happens).
@@ -235,15 +235,20 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32OnFourThreads) {
 }
 
 // Note [Fleet calls nested in a parallel region]: the members' calls run with
-// one OpenMP thread each, and the caller keeps its own thread count.
+// one OpenMP thread each, and the caller keeps its own thread count, also
+// where a chunk of one member runs the calls inline on the caller's thread
+// (chunks of 3 and 1 at batch 1, where the linear layers' weight gradients
+// spread over the threads, and at batch 4).
 TEST_P(FleetMatchesSoloRuns, LeavesTheThreadCountAsItWas) {
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
   FleetRun run = make(four_members(), torch::kFloat);
-  const auto [x, y] = batches(run.fleet->size(), 4, 0, torch::kFloat, run.image_size);
-  fleet_step(*run.fleet, *run.sgd, x, y, 0);
-  EXPECT_EQ(at::get_num_threads(), 2);
-  EXPECT_EQ(omp_get_max_threads(), 2);
+  for (const int64_t batch : {1, 4}) {
+    const auto [x, y] = batches(run.fleet->size(), batch, 0, torch::kFloat, run.image_size);
+    fleet_step(*run.fleet, *run.sgd, x, y, /*chunk=*/3);
+    EXPECT_EQ(at::get_num_threads(), 2) << "batch " << batch;
+    EXPECT_EQ(omp_get_max_threads(), 2) << "batch " << batch;
+  }
   at::set_num_threads(threads);
 }
 

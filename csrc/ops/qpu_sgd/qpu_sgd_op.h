@@ -264,7 +264,8 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
       detail::run_qpu_sgd<Backend>(member.params, member.grads, member.momentum, member.p, streams,
                                    total_bits[member.m], momentum_total_bits[member.m], count_rows[i], nan_rows[i]);
     };
-    const bool bit_stream = is_bit_stream(params[0]) || (!momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]));
+    const bool bit_stream =
+        is_bit_stream(params[0]) || (!momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]));
     const auto n = static_cast<int64_t>(stepped.size());
     if (Backend::kStepsMembersOnThreads && !bit_stream && n >= 4 * at::get_num_threads()) {
       // Note [QPU members over the threads]
