@@ -21,6 +21,11 @@ namespace fxp {
 
 namespace detail {
 
+// Whether the parameters or the momentum are stored as bit streams (Note [Bit-stream storage]).
+inline bool any_bit_stream(at::TensorList params, at::TensorList momentum_buffers) {
+  return is_bit_stream(params[0]) || (!momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]));
+}
+
 // The update of checked lists: counts (int64 [n, 2]) receive (saturated,
 // vanished) per tensor, nan_count (where defined) the NaN results that packed
 // storage could not hold.
@@ -29,9 +34,7 @@ void run_qpu_sgd(at::TensorList params, at::TensorList grads, at::TensorList mom
                  const kernels::QpuSgdParams& p, const std::vector<int64_t>& streams, int64_t total_bits,
                  int64_t momentum_total_bits, const at::Tensor& counts, const at::Tensor& nan_count) {
   typename Backend::DeviceGuard guard(params[0].device());
-  const bool param_stream = is_bit_stream(params[0]);
-  const bool momentum_stream = !momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]);
-  if (param_stream || momentum_stream) {
+  if (any_bit_stream(params, momentum_buffers)) {
     // Note [Bit-stream storage]: one tensor at a time, decoded, updated
     // and re-encoded (check_qpu_sgd checked the streams); the draws depend
     // only on each tensor's stream index.
@@ -264,10 +267,9 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
       detail::run_qpu_sgd<Backend>(member.params, member.grads, member.momentum, member.p, streams,
                                    total_bits[member.m], momentum_total_bits[member.m], count_rows[i], nan_rows[i]);
     };
-    const bool bit_stream =
-        is_bit_stream(params[0]) || (!momentum_buffers.empty() && is_bit_stream(momentum_buffers[0]));
     const auto n = static_cast<int64_t>(stepped.size());
-    if (Backend::kStepsMembersOnThreads && !bit_stream && n >= 4 * at::get_num_threads()) {
+    if (Backend::kStepsMembersOnThreads && !detail::any_bit_stream(params, momentum_buffers) &&
+        n >= 4 * at::get_num_threads()) {
       // Note [QPU members over the threads]
       at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) step_member(static_cast<size_t>(i));
