@@ -63,25 +63,40 @@ void for_each_member(const torch::Device& device, int64_t members, const Fn& fn)
 }
 
 // Note [Fleet linear layers]
-// Member m's linear layer is y[m] = h[m] W[m]^T + b[m], one baddbmm for all
-// (the same bits as the solo addmm: tested). Autograd's bmm backward would
-// compute W's gradient as (h^T g)^T, while the solo layer's addmm computes
-// g^T h (its weight is read transposed); and a batched g^T h of the last
-// layer's small 10 x 128 outputs takes another kernel than mm. Either way
-// float32 results differ in the last bits. So the fleet layer has its own
-// backward, in the solo layer's orientation and kernels: dh = g W (batched:
-// the same bits), dW[m] = g[m]^T h[m] (one mm per member), db = the sum of g
-// over the batch. At batch 1 each product is an outer product, one multiply
-// per element, the same on any number of threads, so the members spread over
-// the threads; at larger batches MKL may split the batch's sum over the
-// threads (seen at batch 64 on 2), so the members' products run one after
-// another on every thread, as solo (Note [Fleet thread counts]).
+// Member m's linear layer is y[m] = h[m] W[m]^T + b[m], the solo layer's
+// addmm. Autograd's bmm backward would compute W's gradient as (h^T g)^T,
+// while the solo layer's addmm computes g^T h (its weight is read
+// transposed); and a batched g^T h of the last layer's small 10 x 128 outputs
+// takes another kernel than mm. Either way float32 results differ in the last
+// bits. So the fleet layer has its own backward, in the solo layer's
+// orientation and kernels: dh = g W, dW[m] = g[m]^T h[m] (one mm per member),
+// db = the sum of g over the batch.
+// Which products spread over the CPU threads, one member each (Note [Fleet
+// thread counts]): y and dh sum over the features, which MKL does not split
+// over threads at batches 1 to 64 (tested: the solo bits at 1, 4, 16 and 64 on
+// 2 threads and up to 32 on 4), so up to kLinearSpreadBatch they do. At batch
+// 1 a member's fc1 weights are read from memory twice a step for one
+// multiply-add each, and one thread alone left the other idle for 6% of a
+// fleet's time. dW sums over the batch, which MKL does split (seen at batch 4
+// on 2 threads), so it spreads at batch 1 only, where it is an outer product
+// with no sum; at larger batches the members' dW run one after another, each
+// on every thread, as solo. Above kLinearSpreadBatch, and on a GPU, y is one
+// baddbmm and dh one bmm (a loop of the same addmm and mm, on every thread:
+// the same bits).
+constexpr int64_t kLinearSpreadBatch = 64;
+
 class FleetLinear : public torch::autograd::Function<FleetLinear> {
  public:
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h,
                                const torch::Tensor& weight, const torch::Tensor& bias) {
     ctx->save_for_backward({h, weight});
-    return torch::baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2));
+    if (!spread(h)) return torch::baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2));
+    torch::Tensor y = torch::empty({h.size(0), h.size(1), weight.size(1)}, h.options());
+    for_each_member(h.device(), h.size(0), [&](int64_t m) {
+      torch::Tensor rows = y.select(0, m);
+      at::addmm_out(rows, bias.select(0, m), h.select(0, m), weight.select(0, m).t());
+    });
+    return y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
@@ -89,21 +104,28 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
     const torch::Tensor& h = saved[0];
     const torch::Tensor& weight = saved[1];
     const torch::Tensor g = grad_outputs[0];
-    // dW per member: a batched product of small outputs (the 10 x 128 of the
-    // last layer) takes another kernel than mm in float32, one mm per member
-    // does not.
+    const int64_t k = g.size(0);
     torch::Tensor grad_weight = torch::empty(weight.sizes(), weight.options());
-    auto member_product = [&](int64_t m) {
-      torch::Tensor row = grad_weight.select(0, m);
-      torch::mm_out(row, g.select(0, m).t(), h.select(0, m));
+    auto weight_product = [&](int64_t m) {
+      torch::Tensor rows = grad_weight.select(0, m);
+      torch::mm_out(rows, g.select(0, m).t(), h.select(0, m));
     };
-    if (h.size(1) == 1) {
-      for_each_member(g.device(), g.size(0), member_product);  // outer products: Note [Fleet linear layers]
-    } else {
-      for (int64_t m = 0; m < g.size(0); ++m) member_product(m);
+    const bool outer_products = spread(h) && h.size(1) == 1;
+    if (!outer_products) {
+      for (int64_t m = 0; m < k; ++m) weight_product(m);
     }
-    return {torch::bmm(g, weight), grad_weight, g.sum(1)};
+    if (!spread(h)) return {torch::bmm(g, weight), grad_weight, g.sum(1)};
+    torch::Tensor grad_h = torch::empty(h.sizes(), h.options());
+    for_each_member(g.device(), k, [&](int64_t m) {
+      if (outer_products) weight_product(m);
+      torch::Tensor rows = grad_h.select(0, m);
+      torch::mm_out(rows, g.select(0, m), weight.select(0, m));
+    });
+    return {grad_h, grad_weight, g.sum(1)};
   }
+
+ private:
+  static bool spread(const torch::Tensor& h) { return h.device().is_cpu() && h.size(1) <= kLinearSpreadBatch; }
 };
 
 // Note [Fleet calls nested in a parallel region]
@@ -138,15 +160,16 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 
 // Note [Fleet thread counts]
 // A solo run's calls use every thread. The fleet runs a member's convolution
-// forward and input gradient on one thread (for_each_member), and at batch 1
-// its linear weight gradient, and a grouped call keeps each member's reduction
-// on one thread too. Their bits agree where oneDNN and mm do not split a
-// reduction across threads: oneDNN's forward and input gradient sum each output
-// inside one thread's kernel (tested at batches 1 to 64 on 2 threads and 1 to
-// 32 on 4, each test in a process of its own: a process that has already run a
-// convolution on more threads may reuse its plan, so only a fresh process shows
-// what one thread computes), and a batch-1 linear weight gradient is an outer
-// product, with no sum. A convolution's weight gradient is where oneDNN does
+// forward and input gradient on one thread (for_each_member), its linear
+// layers' forward and input gradient up to batch 64, and at batch 1 their
+// weight gradients, and a grouped call keeps each member's reduction on one
+// thread too. Their bits agree where oneDNN and mm do not split a reduction
+// across threads: oneDNN's forward and input gradient sum each output inside
+// one thread's kernel, and so does mm over the features (tested at batches 1 to
+// 64 on 2 threads and 1 to 32 on 4, each test in a process of its own: a
+// process that has already run a convolution on more threads may reuse its
+// plan, so only a fresh process shows what one thread computes), and a batch-1
+// linear weight gradient is an outer product, with no sum. A convolution's weight gradient is where oneDNN does
 // split the sum (on one thread float64 members at batch 4 part from their solo
 // runs' bits), and mm a linear weight gradient's from batch 64 on 2 threads
 // (float32), so those run one member after another, each on every thread, as

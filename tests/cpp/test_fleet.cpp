@@ -219,8 +219,9 @@ TEST_P(FleetMatchesSoloRuns, BitForBitInFloat32Over32Steps) {
 }
 
 // Note [Fleet thread counts]: a member's convolution forwards and input
-// gradients (and at batch 1 its linear weight-gradient products) run on one
-// thread each while its solo run's use them all; up to batch 32 (the batches
+// gradients, its linear layers' forwards and input gradients (and at batch 1
+// their weight-gradient products) run on one thread each while its solo run's
+// use them all; up to batch 32 (the batches
 // sweep trains in fleets on the CPU) oneDNN's and mm's results do not depend
 // on the thread count (4 threads: more than this machine's cores, so every
 // split the solo calls can make happens).

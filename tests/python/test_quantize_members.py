@@ -52,6 +52,26 @@ def test_a_member_does_not_depend_on_the_fleet_around_it_or_on_strides():
     assert torch.equal(members(strided, 2).permute(2, 0, 1), fleet)
 
 
+@pytest.mark.parametrize("shape, member_dim", [((10, 3, 700), 0), ((1, 10, 700), 1), ((3, 10, 700), 1)])
+def test_members_spread_over_the_threads_get_the_bits_they_get_alone(shape, member_dim):
+    # Note [Quantizing members over the threads]: 10 members on 2 threads (4 or more per thread) with dense
+    # slices (member-major, or a grouped layout at batch 1) are quantized in one parallel_for, split 5 and
+    # 5; strided slices (a grouped layout at batch 3) run member after member. Each keeps its solo bits.
+    formats, roundings = [FORMATS[m % 5] for m in range(10)], [ROUNDINGS[m % 5] for m in range(10)]
+    seeds, offsets = list(range(100, 110)), [4 * m for m in range(10)]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 9
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = fxp.quantize_members(x, member_dim, formats, roundings, seeds=seeds, offsets=offsets)
+    finally:
+        torch.set_num_threads(threads)
+    for m in range(10):
+        alone = fxp.quantize_seeded(x.select(member_dim, m), formats[m], rounding=roundings[m], seed=seeds[m],
+                                    offset=offsets[m])
+        assert torch.equal(out.select(member_dim, m), alone), f"member {m}"
+
+
 def test_stochastic_members_draw_independent_streams():
     # Five members with one format and value but their own (seed, offset): their rounding noise differs.
     x = torch.full((5, 4096), 0.3)

@@ -22,6 +22,7 @@ struct CpuBackend {
   };
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
+  static constexpr bool kQuantizesMembersOnThreads = true;  // Note [Quantizing members over the threads]
 
   // A fresh 64-bit key per call, drawn from the CPU generator under its lock.
   static Philox from_generator(const std::optional<at::Generator>& generator, const at::Tensor& /*x*/) {
@@ -55,6 +56,7 @@ struct MetaBackend {
   struct Philox {};
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
+  static constexpr bool kQuantizesMembersOnThreads = false;
 
   static Philox from_generator(const std::optional<at::Generator>&, const at::Tensor&) { return {}; }
   static Philox from_seed(uint64_t, uint64_t) { return {}; }
