@@ -39,8 +39,9 @@ const std::vector<FleetLayer>& fleet_layers(const std::string& model);
 // - a convolution runs as one grouped convolution (groups = K) over
 //   [N, K*C, H, W], member m's channels in group m, where that keeps the
 //   solo bits, else once per member over member-major [K, N, C, H, W]
-//   (below; Note [Fleet layouts]), and each linear layer as one batched
-//   product (baddbmm) over [K, N, features];
+//   (below; Note [Fleet layouts]), and each linear layer as the solo addmm
+//   per member over [K, N, features] (one baddbmm above batch 64 and on a
+//   GPU; Note [Fleet linear layers]);
 // - each output quantization and STE weight read is one quantize_members_ste
 //   call, with member m's format and rounding, over member m's slice in its
 //   solo layout (its element i is the element i of the solo tensor);
