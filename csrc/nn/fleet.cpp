@@ -110,11 +110,14 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
       torch::Tensor rows = grad_weight.select(0, m);
       torch::mm_out(rows, g.select(0, m).t(), h.select(0, m));
     };
-    const bool outer_products = spread(h) && h.size(1) == 1;
+    if (!spread(h)) {
+      for (int64_t m = 0; m < k; ++m) weight_product(m);
+      return {torch::bmm(g, weight), grad_weight, g.sum(1)};
+    }
+    const bool outer_products = h.size(1) == 1;  // dW spreads too
     if (!outer_products) {
       for (int64_t m = 0; m < k; ++m) weight_product(m);
     }
-    if (!spread(h)) return {torch::bmm(g, weight), grad_weight, g.sum(1)};
     torch::Tensor grad_h = torch::empty(h.sizes(), h.options());
     for_each_member(g.device(), k, [&](int64_t m) {
       if (outer_products) weight_product(m);
@@ -169,11 +172,11 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // 64 on 2 threads and 1 to 32 on 4, each test in a process of its own: a
 // process that has already run a convolution on more threads may reuse its
 // plan, so only a fresh process shows what one thread computes), and a batch-1
-// linear weight gradient is an outer product, with no sum. A convolution's weight gradient is where oneDNN does
-// split the sum (on one thread float64 members at batch 4 part from their solo
-// runs' bits), and mm a linear weight gradient's from batch 64 on 2 threads
-// (float32), so those run one member after another, each on every thread, as
-// solo. On an AVX-512 machine (2026-12-05) oneDNN splits the solo second
+// linear weight gradient is an outer product, with no sum. A convolution's
+// weight gradient is where oneDNN does split the sum (on one thread float64
+// members at batch 4 part from their solo runs' bits), and mm a linear weight
+// gradient's (float32, seen at batch 4 on 2 threads), so those run one member
+// after another, each on every thread, as solo. On an AVX-512 machine (2026-12-05) oneDNN splits the solo second
 // convolution's weight-gradient reduction at batch 64 on 4 threads (not on 2),
 // where the paper CNN's grouped call keeps each member's on one: there fp32 and
 // STE members agree with their solo runs to float32 rounding (about 1e-7

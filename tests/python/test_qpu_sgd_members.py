@@ -114,7 +114,7 @@ def test_members_with_and_without_momentum_mix_under_nesterov_and_stream_indices
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_members_spread_over_the_threads_step_as_their_solo_runs(packed):
-    # Note [QPU members over the threads]: 9 members on 2 threads (4 or more per thread) are stepped in one
+    # Note [Members over the threads]: 9 members on 2 threads (4 or more per thread) are stepped in one
     # parallel_for, split 5 and 4; each member keeps its solo bits, and packed NaNs are still named.
     members = [dict(MEMBERS[m % 4], seed=m) for m in range(9)]
     if packed:

@@ -54,7 +54,7 @@ def test_a_member_does_not_depend_on_the_fleet_around_it_or_on_strides():
 
 @pytest.mark.parametrize("shape, member_dim", [((10, 3, 700), 0), ((1, 10, 700), 1), ((3, 10, 700), 1)])
 def test_members_spread_over_the_threads_get_the_bits_they_get_alone(shape, member_dim):
-    # Note [Quantizing members over the threads]: 10 members on 2 threads (4 or more per thread) with dense
+    # Note [Members over the threads]: 10 members on 2 threads (4 or more per thread) with dense
     # slices (member-major, or a grouped layout at batch 1) are quantized in one parallel_for, split 5 and
     # 5; strided slices (a grouped layout at batch 3) run member after member. Each keeps its solo bits.
     formats, roundings = [FORMATS[m % 5] for m in range(10)], [ROUNDINGS[m % 5] for m in range(10)]

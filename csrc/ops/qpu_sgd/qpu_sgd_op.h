@@ -164,16 +164,8 @@ at::Tensor qpu_sgd_step_adapt(at::TensorList params, at::TensorList grads, at::T
 //   too). Stacked codes share one dtype, so members share a storage width.
 // Each member is one call of the plain step's kernels (one launch on CUDA, as
 // its solo run's); a single launch over all members is for later. On the CPU
-// the members spread over the threads (Note [QPU members over the threads]).
-//
-// Note [QPU members over the threads]
-// A small member's tensors are each too short for the kernel's own
-// parallel_for (a task is 32K elements), so member after member would run
-// mostly on one thread, and every longer tensor would wake the pool on its
-// own. With at least 4 members per thread, the CPU steps whole members in one
-// parallel_for instead (each member's kernel then runs inline on its thread).
-// The draws depend on the element alone, so the bits are the same either way.
-// Bit-stream storage runs member after member: its decoding is tensor ops.
+// the members spread over the threads (Note [Members over the threads]),
+// except with bit-stream storage, whose decoding is tensor ops.
 template <class Backend>
 at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                                 at::ArrayRef<double> lr, at::ArrayRef<double> momentum,
@@ -262,21 +254,12 @@ at::Tensor qpu_sgd_members_step(at::TensorList params, at::TensorList grads, at:
       count_rows.push_back(counts[member.m]);
       nan_rows.push_back(packed ? nan_counts[member.m] : at::Tensor());
     }
-    auto step_member = [&](size_t i) {
-      const Member& member = stepped[i];
+    const bool on_threads = Backend::kRunsMembersOnThreads && !detail::any_bit_stream(params, momentum_buffers);
+    for_each_op_member(on_threads, static_cast<int64_t>(stepped.size()), [&](int64_t i) {
+      const Member& member = stepped[static_cast<size_t>(i)];
       detail::run_qpu_sgd<Backend>(member.params, member.grads, member.momentum, member.p, streams,
                                    total_bits[member.m], momentum_total_bits[member.m], count_rows[i], nan_rows[i]);
-    };
-    const auto n = static_cast<int64_t>(stepped.size());
-    if (Backend::kStepsMembersOnThreads && !detail::any_bit_stream(params, momentum_buffers) &&
-        n >= 4 * at::get_num_threads()) {
-      // Note [QPU members over the threads]
-      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) step_member(static_cast<size_t>(i));
-      });
-    } else {
-      for (size_t i = 0; i < stepped.size(); ++i) step_member(i);
-    }
+    });
     if (packed) {
       const at::Tensor host = nan_counts.cpu();
       const int64_t* n = host.const_data_ptr<int64_t>();

@@ -20,7 +20,7 @@ namespace {
 struct CpuBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
-  static constexpr bool kStepsMembersOnThreads = true;  // Note [QPU members over the threads]
+  static constexpr bool kRunsMembersOnThreads = true;  // Note [Members over the threads]
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
                      const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {
@@ -32,7 +32,7 @@ struct CpuBackend {
 struct MetaBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
-  static constexpr bool kStepsMembersOnThreads = false;  // Note [QPU members over the threads]
+  static constexpr bool kRunsMembersOnThreads = false;  // Note [Members over the threads]
   static void launch(at::TensorList, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
                      const kernels::GradientPrologue&) {}
@@ -44,7 +44,7 @@ struct MetaBackend {
 struct NoTensorsBackend {
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
-  static constexpr bool kStepsMembersOnThreads = false;  // Note [QPU members over the threads]
+  static constexpr bool kRunsMembersOnThreads = false;  // Note [Members over the threads]
   static void launch(at::TensorList params, at::TensorList, at::TensorList, c10::ArrayRef<int64_t>,
                      const kernels::QpuSgdParams&, const at::Tensor&, const at::Tensor&,
                      const kernels::GradientPrologue&) {

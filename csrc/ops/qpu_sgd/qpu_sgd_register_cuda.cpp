@@ -10,7 +10,7 @@ namespace {
 struct CudaBackend {
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
-  static constexpr bool kStepsMembersOnThreads = false;  // Note [QPU members over the threads]
+  static constexpr bool kRunsMembersOnThreads = false;  // Note [Members over the threads]
   static void launch(at::TensorList params, at::TensorList grads, at::TensorList momentum,
                      c10::ArrayRef<int64_t> streams, const kernels::QpuSgdParams& p, const at::Tensor& counts,
                      const at::Tensor& nan_count, const kernels::GradientPrologue& prologue) {

@@ -6,7 +6,7 @@
 //   using Philox = ...;                      // what the launcher needs for SR
 //   using DeviceGuard = ...;                 // constructed from x.device()
 //   static constexpr bool kIsMeta;           // shapes only: no launch, no generator check
-//   static constexpr bool kQuantizesMembersOnThreads;  // Note [Quantizing members over the threads]
+//   static constexpr bool kRunsMembersOnThreads;  // Note [Members over the threads]
 //   static Philox from_generator(const std::optional<at::Generator>&, const at::Tensor& x);  // x's device's default
 //   static Philox from_seed(uint64_t seed, uint64_t offset);
 //   static void launch(x, out, params, philox, saturated, saturated_count);
@@ -16,7 +16,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
 #include <ATen/native/Resize.h>
 
 #include <optional>
@@ -24,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ops/backend.h"
 #include "ops/quantize/quantize_args.h"
 
 namespace fxp {
@@ -192,18 +192,12 @@ struct QuantizeOps {
   // run. So a member's bits do not depend on the fleet around it, its place
   // in it, or the layout (a member dimension that is not the first costs a
   // copy of the slice, as a strided input does). Each member is one launch of
-  // the quantize kernel; a single launch over all members is for later.
-  //
-  // Note [Quantizing members over the threads]
-  // A fleet's activations at small batches give each member a slice below the
-  // CPU kernel's 32K-element task (the paper CNN's first layer: 18,432 per
-  // image), so member after member ran on one thread while the others waited.
-  // With at least 4 members per thread and every slice dense (the slices run()
-  // would launch as they are), the CPU quantizes whole members in one
-  // parallel_for instead, each member's kernel inline on its thread, as the
-  // QPU members step does (Note [QPU members over the threads]). The draws
-  // depend on the member and the element alone, so the bits are the same
-  // either way (tested).
+  // the quantize kernel; a single launch over all members is for later. On
+  // the CPU the members spread over the threads where every slice is dense,
+  // so that run() launches on it as it is, with no copy (Note [Members over
+  // the threads]; a fleet's activations at small batches give each member a
+  // slice below the kernel's task size, 18,432 elements per image after the
+  // paper CNN's first layer).
   static at::Tensor quantize_members(const at::Tensor& x, int64_t member_dim, at::IntArrayRef total_bits,
                                      at::IntArrayRef frac_bits, const c10::List<std::string>& rounding,
                                      at::IntArrayRef seed, at::IntArrayRef offset, c10::string_view overflow) {
@@ -232,22 +226,18 @@ struct QuantizeOps {
     }
     typename Backend::DeviceGuard guard(x.device());
     at::Tensor out = empty_result(x);
-    // Each member's slices, made here: the threads below run no tensor ops.
+    // Each member's slices, made here: the threads run no tensor ops, and
+    // run() makes none on dense slices (it launches on them as they are).
     std::vector<at::Tensor> x_slices, out_slices;
-    bool dense_slices = true;  // run() would launch each member's kernel on its slices as they are
+    bool dense_slices = true;
     for (int64_t m = 0; m < members; ++m) {
       x_slices.push_back(x.select(dim, m));
       out_slices.push_back(out.select(dim, m));
       dense_slices = dense_slices && x_slices.back().is_contiguous() && out_slices.back().is_contiguous();
     }
-    if (Backend::kQuantizesMembersOnThreads && dense_slices && members >= 4 * at::get_num_threads()) {
-      // Note [Quantizing members over the threads]
-      at::parallel_for(0, members, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) Backend::launch(x_slices[m], out_slices[m], params[m], philox[m], {}, {});
-      });
-    } else {
-      for (int64_t m = 0; m < members; ++m) run(x_slices[m], out_slices[m], params[m], philox[m]);
-    }
+    for_each_op_member(Backend::kRunsMembersOnThreads && dense_slices, members, [&](int64_t m) {
+      run(x_slices[m], out_slices[m], params[m], philox[m]);
+    });
     return out;
   }
 

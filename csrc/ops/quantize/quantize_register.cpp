@@ -22,7 +22,7 @@ struct CpuBackend {
   };
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = false;
-  static constexpr bool kQuantizesMembersOnThreads = true;  // Note [Quantizing members over the threads]
+  static constexpr bool kRunsMembersOnThreads = true;  // Note [Members over the threads]
 
   // A fresh 64-bit key per call, drawn from the CPU generator under its lock.
   static Philox from_generator(const std::optional<at::Generator>& generator, const at::Tensor& /*x*/) {
@@ -56,7 +56,7 @@ struct MetaBackend {
   struct Philox {};
   using DeviceGuard = NoDeviceGuard;
   static constexpr bool kIsMeta = true;
-  static constexpr bool kQuantizesMembersOnThreads = false;
+  static constexpr bool kRunsMembersOnThreads = false;  // Note [Members over the threads]
 
   static Philox from_generator(const std::optional<at::Generator>&, const at::Tensor&) { return {}; }
   static Philox from_seed(uint64_t, uint64_t) { return {}; }

@@ -16,7 +16,7 @@ struct CudaBackend {
   using Philox = kernels::CudaPhilox;
   using DeviceGuard = c10::cuda::CUDAGuard;
   static constexpr bool kIsMeta = false;
-  static constexpr bool kQuantizesMembersOnThreads = false;  // Note [Quantizing members over the threads]
+  static constexpr bool kRunsMembersOnThreads = false;  // Note [Members over the threads]
 
   // Note [Philox offsets from a generator] (kernels/common/fxp_math.h): each call
   // reserves kGeneratorIncrement (4) of the generator's offset and draws from
