@@ -8,15 +8,23 @@ seeds), so the solo figure is one run's (its timed epoch at least 1024 images). 
 (`--steps` steps each) and times the second, as scripts/bench_train.py does;
 a fleet's images/s counts every member's images.
 
+`--jobs N` runs N copies of every measurement at once, as `scripts/sweep --jobs
+N` runs N processes: the figures are then the machine's images/s, summed over
+the copies, so the speed-up compares N solo runs at a time with N fleets at a
+time, each process on `--threads` threads (on a 2-CPU machine: `--jobs 2
+--threads 1` against `--jobs 1 --threads 2`).
+
   scripts/bench_fleet.py --markdown results/fleet-cpu.md --csv results/fleet-cpu.csv
   scripts/bench_fleet.py --batch-sizes 1,4 --fleet-sizes 8,32 --methods sqpu,ste
   scripts/bench_fleet.py --model lenet5 --batch-sizes 1,16
   scripts/bench_fleet.py --repeats 3     # medians of 3 interleaved rounds: for a machine whose speed varies
+  scripts/bench_fleet.py --jobs 2 --threads 1   # two processes at a time, one thread each
   scripts/bench_fleet.py --device cuda --fleet-sizes 8,32,80,160
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import pathlib
@@ -51,6 +59,14 @@ def measure_fleet(fxp_train: str, method: str, batch: int, images: int, members:
     return members * epoch["images_per_s"]  # each member's images/s is its images over the fleet's time
 
 
+def at_once(jobs: int, measure_one) -> float:
+    """The images/s of `jobs` copies of measure_one() run at once, summed (NaN if any failed)."""
+    if jobs == 1:
+        return measure_one()
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each copy waits on its own fxp-train
+        return sum(pool.map(lambda _: measure_one(), range(jobs)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
@@ -64,7 +80,10 @@ def main(argv=None) -> int:
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
                         "(3 or more on a machine whose speed varies)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: LibTorch's default)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="copies of every measurement run at once, as sweep --jobs runs them; the figures are "
+                        "summed over the copies (default: 1)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
@@ -77,6 +96,8 @@ def main(argv=None) -> int:
     sizes = args.fleet_sizes
     if args.repeats < 1:
         raise SystemExit("bench_fleet.py: --repeats must be at least 1")
+    if args.jobs < 1:
+        raise SystemExit("bench_fleet.py: --jobs must be at least 1")
 
     rows, table = [], []
     for method in methods:
@@ -86,12 +107,14 @@ def main(argv=None) -> int:
             for r in range(args.repeats):
                 # Rounds interleave the solo run and the fleets, so a slow spell of the machine hits both.
                 # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
-                solos.append(measure(args.fxp_train, method, batch, max(1024, images), 100, args.device,
-                                     args.threads, args.data_dir, model=args.model)["train_images_per_s"])
+                solos.append(at_once(args.jobs, lambda: measure(
+                    args.fxp_train, method, batch, max(1024, images), 100, args.device, args.threads, args.data_dir,
+                    model=args.model)["train_images_per_s"]))
                 print(f"{method} batch {batch:4d}, round {r + 1}: solo {solos[-1]:8.0f} img/s", flush=True)
                 for k in sizes:
-                    fleets[k].append(measure_fleet(args.fxp_train, method, batch, images, k, args.device,
-                                                   args.threads, args.data_dir, args.model))
+                    fleets[k].append(at_once(args.jobs, lambda: measure_fleet(
+                        args.fxp_train, method, batch, images, k, args.device, args.threads, args.data_dir,
+                        args.model)))
                     print(f"{method} batch {batch:4d}, round {r + 1}: fleet of {k:3d} {fleets[k][-1]:8.0f} img/s, "
                           f"{fleets[k][-1] / solos[-1]:.2f}x", flush=True)
             # A failed round (NaN) fails its point: a median over the rest would hide it.
@@ -102,13 +125,14 @@ def main(argv=None) -> int:
                 ratios = [f / s for f, s in zip(fleets[k], solos)]
                 spread = f"{min(ratios):.2f}-{max(ratios):.2f}x" if len(ratios) > 1 else ""
                 rows.append({"model": args.model, "method": method, "batch_size": batch, "members": k,
-                             "device": args.device, "threads": args.threads, "repeats": args.repeats,
+                             "device": args.device, "threads": args.threads, "jobs": args.jobs,
+                             "repeats": args.repeats,
                              "solo_images_per_s": solo,
                              "fleet_images_per_s": fleet, "speedup": speedup,
                              "speedup_min": min(ratios), "speedup_max": max(ratios)})
                 table.append([method, str(batch), str(k), f"{solo:.0f}", f"{fleet:.0f}", f"{speedup:.2f}x", spread])
     report = BenchReport(f"Fleets of {args.model} against solo runs on {args.device} "
-                         f"({args.threads or 'default'} threads)",
+                         f"({args.jobs} at a time, {args.threads or 'default'} threads each)",
                          "Training images/s of the second of two epochs: one solo run (K of them take K times "
                          "as long) and one fleet of K members (all members' images), measured in the same run.")
     report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up",

@@ -82,7 +82,9 @@ def parse_args(argv=None):
                         "errors")
     p.add_argument("--limit", type=at_least_one, help="run at most N runs (after filters and sharding)")
     p.add_argument("--shard", default="0/1", metavar="i/N", help="run only shard i of N (0-based)")
-    p.add_argument("--jobs", type=at_least_one, default=1, help="concurrent fxp-train processes")
+    p.add_argument("--jobs", type=at_least_one,
+                   help="concurrent fxp-train processes (default: on the CPU one per CPU, or per --threads CPUs, "
+                        "at most one per GiB of memory; on a GPU 1)")
     p.add_argument("--threads", type=at_least_one,
                    help="CPU threads per process (default: the CPUs divided among the jobs)")
     p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
@@ -90,10 +92,16 @@ def parse_args(argv=None):
                    help="the fxp-train executable (default: $FXP_TRAIN, else build/fxp-train)")
     p.add_argument("--fleet", type=at_least_one, metavar="K",
                    help="train runs that can share one in fleets of up to K (fxp-train --fleet: same model, "
-                        "dataset, method and batch size); 1: every run alone (default: K from the batch size and "
-                        "device, docs/sweeps.md)")
+                        "dataset, method and batch size); 1: every run alone (default: K from the batch size, "
+                        "threads and device, docs/sweeps.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def default_jobs(args, runs) -> int:
+    """sweeplib.default_jobs for this sweep's device: --device, else its first run's."""
+    device = args.device or next((r.full_config.get("device") for r in runs if r.full_config.get("device")), None)
+    return sweeplib.default_jobs(device, args.threads, sweeplib.usable_cpus(), sweeplib.usable_memory_gib())
 
 
 def main(argv=None) -> int:
@@ -139,7 +147,8 @@ def main(argv=None) -> int:
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
-        threads = args.threads or max(1, sweeplib.usable_cpus() // args.jobs)
+        jobs = args.jobs or default_jobs(args, runs)
+        threads = args.threads or max(1, sweeplib.usable_cpus() // jobs)
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
         units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
@@ -159,7 +168,6 @@ def main(argv=None) -> int:
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
-            jobs = args.jobs
             fleets = " with fleets" if speedups else ""
             print(f"  estimated wall time of the {len(pending)} pending runs (of {len(runs)} selected){fleets} "
                   f"with {jobs} job(s) at the measured throughput: "
@@ -171,7 +179,7 @@ def main(argv=None) -> int:
             print(f"  ... ({len(runs) - 5} more; --list shows all)")
         return 0
 
-    jobs = args.jobs
+    jobs = args.jobs or default_jobs(args, runs)
     threads = args.threads or max(1, sweeplib.usable_cpus() // jobs)
     if why := sweeplib.oversubscription(jobs, threads, args.device, sweeplib.usable_cpus()):
         print(f"sweep: warning: {why}", file=sys.stderr)

@@ -586,6 +586,39 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def usable_memory_gib() -> float | None:
+    """The memory this sweep's runs may use, in GiB: a SLURM allocation's (SLURM_MEM_PER_NODE, or
+    SLURM_MEM_PER_CPU times the usable CPUs; both in MB), else the machine's available memory
+    (/proc/meminfo's MemAvailable); None where neither is known."""
+    if os.environ.get("SLURM_MEM_PER_NODE", "").isdigit():
+        return int(os.environ["SLURM_MEM_PER_NODE"]) / 1024
+    if os.environ.get("SLURM_MEM_PER_CPU", "").isdigit():
+        return int(os.environ["SLURM_MEM_PER_CPU"]) * usable_cpus() / 1024
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024 ** 2  # kB
+    except OSError:
+        pass
+    return None
+
+
+def default_jobs(device: str | None, threads: int | None, cpus: int, memory_gib: float | None) -> int:
+    """`sweep --jobs` when it is not given. On a GPU one process. On the CPU one process per
+    `threads` CPUs, and per CPU when --threads is not given either: OpenMP's threads wait for each
+    other at every call, so two one-thread runs of the paper CNN train 1.6-1.85x the images of one
+    two-thread run at batch 1, and 1.02-1.2x at batch 64 and 256 (docs/benchmarks.md, "Fleets
+    against solo runs"). At most one process per GiB of `memory_gib` (a paper-CNN run on
+    Fashion-MNIST holds about 0.7 GB)."""
+    if device and device.startswith("cuda"):
+        return 1
+    jobs = max(1, cpus // (threads or 1))
+    if memory_gib is not None:
+        jobs = min(jobs, max(1, int(memory_gib)))
+    return jobs
+
+
 def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> str:
     """Why jobs x threads is too many for `cpus` CPUs ("" when it is not): OpenMP's waiting threads
     spin, so a run that shares its cores loses most of its speed (docs/train.md, "Threads and a busy
@@ -597,13 +630,18 @@ def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> 
             f"--threads")
 
 
-def fleet_size_for(batch_size: int, device: str | None) -> int:
+def fleet_size_for(batch_size: int, device: str | None, threads: int = 2) -> int:
     """The members of a fleet when `sweep --fleet` is not given, from scripts/bench_fleet.py's
-    measurements (docs/benchmarks.md): on the CPU a fleet gains most at batch 1 (more with more
-    members), some up to batch 16 and nothing beyond 32; a GPU, bound by kernel launches up to
-    larger batches, takes more members."""
+    measurements (docs/benchmarks.md, "Fleets against solo runs"). On the CPU a fleet shares what
+    each solo run pays per call, and a solo run on 2 or more threads pays most there (its threads
+    wait for each other at every call): fleets gain most at batch 1 (more with more members), some
+    up to batch 16 and nothing beyond 32. On one thread per process (`--jobs` as many as the CPUs)
+    a solo run wastes little, and fleets gain a few percent up to batch 4 and lose from batch 16.
+    A GPU, bound by kernel launches up to larger batches, takes more members."""
     if device and device.startswith("cuda"):
         return 80 if batch_size <= 16 else 32 if batch_size <= 64 else 8
+    if threads == 1:
+        return 80 if batch_size <= 2 else 32 if batch_size <= 4 else 1
     return 80 if batch_size <= 2 else 32 if batch_size <= 8 else 8 if batch_size <= 32 else 1
 
 
@@ -611,7 +649,7 @@ def plan_fleets(runs: list[Run], fxp_train: str | os.PathLike, threads: int, dev
                 fleet: int | None) -> list[list[Run]]:
     """The runs in fleets (fxp-train --fleet), in grid order: runs fxp-train puts in one fleet
     group (--print-configs' fleet_group: same model, dataset, method, batch size, ...) share
-    fleets of at most `fleet` members (None: fleet_size_for the batch size and device). A run
+    fleets of at most `fleet` members (None: fleet_size_for the batch size, device and threads). A run
     that cannot join a fleet, or whose group leaves it alone, is a fleet of one (a solo run)."""
     if fleet == 1 or not runs:
         return [[r] for r in runs]
@@ -623,7 +661,7 @@ def plan_fleets(runs: list[Run], fxp_train: str | os.PathLike, threads: int, dev
         if not group or r.invalid:
             units.append([r])
             continue
-        size = fleet or fleet_size_for(res["config"]["batch_size"], device)
+        size = fleet or fleet_size_for(res["config"]["batch_size"], device, threads)
         members = groups.setdefault(group, [])
         if not members:
             units.append(members)

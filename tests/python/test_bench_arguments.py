@@ -5,7 +5,9 @@ bench_train.py is minutes; a bad name used to cost them and leave a NaN row)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
+import threading
 
 import pytest
 
@@ -47,3 +49,22 @@ def test_batch_size_lists_are_positive_integers(main, sizes, message, capsys):
         main(["--batch-sizes", sizes])
     assert e.value.code == 2  # argparse's usage error, before anything runs
     assert message in capsys.readouterr().err
+
+
+def test_bench_fleet_refuses_fewer_than_one_job():
+    with pytest.raises(SystemExit) as e:
+        bench_fleet.main(["--jobs", "0"])
+    assert "bench_fleet.py: --jobs must be at least 1" in str(e.value)
+
+
+def test_bench_fleet_jobs_run_at_once_and_sum():
+    # Each copy waits for the other at the barrier: copies run one after another would time out there.
+    barrier = threading.Barrier(3, timeout=30)
+
+    def one_copy():
+        barrier.wait()
+        return 2.5
+
+    assert bench_fleet.at_once(3, one_copy) == 7.5
+    assert bench_fleet.at_once(1, lambda: 4.0) == 4.0
+    assert math.isnan(bench_fleet.at_once(2, lambda: float("nan")))

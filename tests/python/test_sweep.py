@@ -370,7 +370,7 @@ def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_
     (out / runs[0].id).mkdir(parents=True)
     sweeplib.atomic_write_json(out / runs[0].id / "summary.json",
                                {"config": sweeplib.resolve([runs[0].config])[0]["config"]})
-    cmd = [str(grid), "--out", str(out), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1"]
+    cmd = [str(grid), "--out", str(out), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1", "--jobs", "1"]
     assert sweep.main(cmd) == 0
     # One pending run of 1,800 images at 1 image/s: 0.5 h (both runs would be 1.0 h).
     assert "estimated wall time of the 1 pending runs (of 2 selected) with 1 job(s) at the measured " \
@@ -1038,8 +1038,17 @@ def test_runs_are_planned_into_fleets_by_fxp_trains_groups(tmp_path):
                    ["lenet5-sqpu-p16.10-o16.8-sr-b4-s0", "lenet5-sqpu-p16.10-o16.8-sr-b4-s1"],
                    ["resnet20-sqpu-p16.10-o16.8-sr-b4-s0"], ["resnet20-sqpu-p16.10-o16.8-sr-b4-s1"]]
     assert all(len(u) == 1 for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, fleet=1))
-    # Without --fleet: K from the batch size (32 on the CPU at batch 4), so each group is one fleet.
+    # Without --fleet: K from the batch size and threads (32 on the CPU at batch 4), so each group is one fleet.
     assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, None)] == [3, 3, 2, 1, 1]
+    assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 2, None, None)] == [3, 3, 2, 1, 1]
+
+
+def test_fleet_sizes_follow_the_batch_size_device_and_threads():
+    # docs/benchmarks.md, "Fleets against solo runs": on one thread per process fleets gain up to batch 4 only.
+    assert [sweeplib.fleet_size_for(b, "cpu", 1) for b in (1, 2, 4, 8, 16, 64)] == [80, 80, 32, 1, 1, 1]
+    assert [sweeplib.fleet_size_for(b, "cpu", 2) for b in (1, 2, 4, 8, 16, 32, 64)] == [80, 80, 32, 32, 8, 8, 1]
+    assert [sweeplib.fleet_size_for(b, None, 4) for b in (1, 16, 64)] == [80, 8, 1]
+    assert [sweeplib.fleet_size_for(b, "cuda:0", 1) for b in (1, 16, 64, 256)] == [80, 80, 32, 8]
 
 
 @requires_fxp_train_and_data

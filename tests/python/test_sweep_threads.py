@@ -38,3 +38,31 @@ def test_usable_cpus_is_the_affinity_mask():
             assert sweeplib.usable_cpus() == 1
         finally:
             os.sched_setaffinity(0, mask)
+
+
+def test_default_jobs_one_process_per_cpu_on_the_cpu_one_on_a_gpu():
+    # docs/benchmarks.md, "Fleets against solo runs": two one-thread runs outrun one two-thread run.
+    assert sweeplib.default_jobs(None, None, 8, 64.0) == 8
+    assert sweeplib.default_jobs("cpu", None, 2, 24.0) == 2
+    assert sweeplib.default_jobs("cpu", 2, 8, 64.0) == 4  # --threads 2: one process per 2 CPUs
+    assert sweeplib.default_jobs("cpu", 3, 2, 64.0) == 1
+    assert sweeplib.default_jobs("cuda", None, 8, 64.0) == 1
+    assert sweeplib.default_jobs("cuda:1", 1, 8, 64.0) == 1
+
+
+def test_default_jobs_at_most_one_per_gib_of_memory():
+    assert sweeplib.default_jobs(None, None, 8, 3.5) == 3
+    assert sweeplib.default_jobs(None, None, 8, 0.25) == 1
+    assert sweeplib.default_jobs(None, None, 8, None) == 8  # memory unknown
+
+
+def test_usable_memory_is_slurms_allocation_else_the_machines(monkeypatch):
+    monkeypatch.delenv("SLURM_MEM_PER_NODE", raising=False)
+    monkeypatch.delenv("SLURM_MEM_PER_CPU", raising=False)
+    machine = sweeplib.usable_memory_gib()
+    if sys.platform.startswith("linux"):
+        assert machine is not None and machine > 0
+    monkeypatch.setenv("SLURM_MEM_PER_CPU", "1536")
+    assert sweeplib.usable_memory_gib() == 1.5 * sweeplib.usable_cpus()
+    monkeypatch.setenv("SLURM_MEM_PER_NODE", "4096")  # a node's allocation wins over the per-CPU one
+    assert sweeplib.usable_memory_gib() == 4.0
