@@ -4,21 +4,25 @@ in the same run: images/s of K solo runs and of one fleet of K members, and the
 fleet's speed-up, per batch size and K.
 
 K solo runs of the same settings cost K times one (they differ only in their
-seeds), so the solo figure is one run's (its timed epoch at least 1024 images). Each point trains two short epochs
+seeds), so the solo figure is one run's (N runs' at once with `--jobs N`; its
+timed epoch at least 1024 images). Each point trains two short epochs
 (`--steps` steps each) and times the second, as scripts/bench_train.py does;
 a fleet's images/s counts every member's images.
 
 `--jobs N` runs N copies of every measurement at once, as `scripts/sweep --jobs
 N` runs N processes: the figures are then the machine's images/s, summed over
 the copies, so the speed-up compares N solo runs at a time with N fleets at a
-time, each process on `--threads` threads (on a 2-CPU machine: `--jobs 2
---threads 1` against `--jobs 1 --threads 2`).
+time, each process on `--threads` threads. By default both are the sweep's
+(on the CPU one one-thread process per CPU, on a GPU one process), so the
+speed-up is what a sweep's fleets gain (on a 2-CPU machine `--jobs 1
+--threads 2` compares a fleet with a two-thread solo run, which wastes much
+of its second thread at small batches: docs/benchmarks.md).
 
   scripts/bench_fleet.py --markdown results/fleet-cpu.md --csv results/fleet-cpu.csv
   scripts/bench_fleet.py --batch-sizes 1,4 --fleet-sizes 8,32 --methods sqpu,ste
   scripts/bench_fleet.py --model lenet5 --batch-sizes 1,16
   scripts/bench_fleet.py --repeats 3     # medians of 3 interleaved rounds: for a machine whose speed varies
-  scripts/bench_fleet.py --jobs 2 --threads 1   # two processes at a time, one thread each
+  scripts/bench_fleet.py --jobs 1 --threads 2   # one process at a time, on two threads
   scripts/bench_fleet.py --device cuda --fleet-sizes 8,32,80,160
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_report import BenchReport, finish, positive_list  # noqa: E402
 from bench_train import measure  # noqa: E402
+import sweeplib  # noqa: E402
 
 
 def measure_fleet(fxp_train: str, method: str, batch: int, images: int, members: int, device: str, threads: int,
@@ -67,6 +72,17 @@ def at_once(jobs: int, measure_one) -> float:
         return sum(pool.map(lambda _: measure_one(), range(jobs)))
 
 
+def processes(jobs: int | None, threads: int | None, device: str, cpus: int,
+              memory_gib: float | None) -> tuple[int, int]:
+    """(--jobs, --threads) as given, else scripts/sweep's defaults for `device` (sweeplib.default_jobs;
+    threads: the CPUs divided among the jobs). --threads 0 (LibTorch's default: every CPU) runs one job."""
+    if jobs is None:
+        jobs = 1 if threads == 0 else sweeplib.default_jobs(device, threads, cpus, memory_gib)
+    if threads is None:
+        threads = max(1, cpus // jobs)
+    return jobs, threads
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
@@ -80,10 +96,13 @@ def main(argv=None) -> int:
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
                         "(3 or more on a machine whose speed varies)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: LibTorch's default)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per process (default: the CPUs divided among the jobs, as scripts/sweep "
+                        "does; 0: LibTorch's default)")
+    p.add_argument("--jobs", type=int,
                    help="copies of every measurement run at once, as sweep --jobs runs them; the figures are "
-                        "summed over the copies (default: 1)")
+                        "summed over the copies (default: scripts/sweep's: on the CPU one per CPU, or per "
+                        "--threads CPUs; on a GPU 1)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
@@ -96,8 +115,12 @@ def main(argv=None) -> int:
     sizes = args.fleet_sizes
     if args.repeats < 1:
         raise SystemExit("bench_fleet.py: --repeats must be at least 1")
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise SystemExit("bench_fleet.py: --jobs must be at least 1")
+    if args.threads is not None and args.threads < 0:
+        raise SystemExit("bench_fleet.py: --threads must be at least 0 (0: LibTorch's default)")
+    args.jobs, args.threads = processes(args.jobs, args.threads, args.device, sweeplib.usable_cpus(),
+                                        sweeplib.usable_memory_gib())
 
     rows, table = [], []
     for method in methods:

@@ -68,3 +68,16 @@ def test_bench_fleet_jobs_run_at_once_and_sum():
     assert bench_fleet.at_once(3, one_copy) == 7.5
     assert bench_fleet.at_once(1, lambda: 4.0) == 4.0
     assert math.isnan(bench_fleet.at_once(2, lambda: float("nan")))
+
+
+def test_bench_fleet_runs_as_a_sweep_does_unless_told():
+    # scripts/sweep's defaults: on the CPU one one-thread process per CPU, on a GPU one process.
+    assert bench_fleet.processes(None, None, "cpu", 2, 24.0) == (2, 1)
+    assert bench_fleet.processes(None, None, "cuda", 16, 64.0) == (1, 16)
+    assert bench_fleet.processes(None, 2, "cpu", 8, 64.0) == (4, 2)
+    assert bench_fleet.processes(1, None, "cpu", 2, 24.0) == (1, 2)
+    assert bench_fleet.processes(None, 0, "cpu", 8, 64.0) == (1, 0)  # LibTorch's default threads: one process
+    assert bench_fleet.processes(3, 1, "cpu", 2, 24.0) == (3, 1)  # as asked, even beyond the CPUs
+    with pytest.raises(SystemExit) as e:
+        bench_fleet.main(["--threads", "-1"])
+    assert "bench_fleet.py: --threads must be at least 0" in str(e.value)
