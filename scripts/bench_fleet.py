@@ -72,17 +72,6 @@ def at_once(jobs: int, measure_one) -> float:
         return sum(pool.map(lambda _: measure_one(), range(jobs)))
 
 
-def processes(jobs: int | None, threads: int | None, device: str, cpus: int,
-              memory_gib: float | None) -> tuple[int, int]:
-    """(--jobs, --threads) as given, else scripts/sweep's defaults for `device` (sweeplib.default_jobs;
-    threads: the CPUs divided among the jobs). --threads 0 (LibTorch's default: every CPU) runs one job."""
-    if jobs is None:
-        jobs = 1 if threads == 0 else sweeplib.default_jobs(device, threads, cpus, memory_gib)
-    if threads is None:
-        threads = max(1, cpus // jobs)
-    return jobs, threads
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="sqpu", help="comma-separated: fp32, ste, sqpu, hteqpu")
@@ -119,8 +108,8 @@ def main(argv=None) -> int:
         raise SystemExit("bench_fleet.py: --jobs must be at least 1")
     if args.threads is not None and args.threads < 0:
         raise SystemExit("bench_fleet.py: --threads must be at least 0 (0: LibTorch's default)")
-    args.jobs, args.threads = processes(args.jobs, args.threads, args.device, sweeplib.usable_cpus(),
-                                        sweeplib.usable_memory_gib())
+    args.jobs, args.threads = sweeplib.jobs_and_threads(args.jobs, args.threads, args.device,
+                                                        sweeplib.usable_cpus(), sweeplib.usable_memory_gib())
 
     rows, table = [], []
     for method in methods:

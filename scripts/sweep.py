@@ -98,10 +98,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_jobs(args, runs) -> int:
-    """sweeplib.default_jobs for this sweep's device: --device, else its first run's."""
-    device = args.device or next((r.full_config.get("device") for r in runs if r.full_config.get("device")), None)
-    return sweeplib.default_jobs(device, args.threads, sweeplib.usable_cpus(), sweeplib.usable_memory_gib())
+def sweep_device(args, runs) -> str | None:
+    """The device this sweep's processes share: --device, else its first run's (the grid's)."""
+    return args.device or next((r.full_config.get("device") for r in runs if r.full_config.get("device")), None)
 
 
 def main(argv=None) -> int:
@@ -137,6 +136,9 @@ def main(argv=None) -> int:
         print(f"sweep: warning: run {r.id} will fail: {r.invalid}", file=sys.stderr)
     if len(invalid) > 5:
         print(f"sweep: warning: ... and {len(invalid) - 5} more runs with invalid settings", file=sys.stderr)
+    device = sweep_device(args, runs)
+    jobs, threads = sweeplib.jobs_and_threads(args.jobs, args.threads, device, sweeplib.usable_cpus(),
+                                              sweeplib.usable_memory_gib())
 
     if args.dry_run:
         by_method = collections.Counter(r.full_config.get("method") for r in runs)
@@ -147,8 +149,6 @@ def main(argv=None) -> int:
               f"baseline); shard {args.shard}; output {out}")
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
-        jobs = args.jobs or default_jobs(args, runs)
-        threads = args.threads or max(1, sweeplib.usable_cpus() // jobs)
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
         units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
@@ -179,9 +179,7 @@ def main(argv=None) -> int:
             print(f"  ... ({len(runs) - 5} more; --list shows all)")
         return 0
 
-    jobs = args.jobs or default_jobs(args, runs)
-    threads = args.threads or max(1, sweeplib.usable_cpus() // jobs)
-    if why := sweeplib.oversubscription(jobs, threads, args.device, sweeplib.usable_cpus()):
+    if why := sweeplib.oversubscription(jobs, threads, device, sweeplib.usable_cpus()):
         print(f"sweep: warning: {why}", file=sys.stderr)
     processes = sweeplib.Processes()
     runner = sweeplib.fxp_train_runner(args.fxp_train, threads, args.device, processes)

@@ -619,6 +619,17 @@ def default_jobs(device: str | None, threads: int | None, cpus: int, memory_gib:
     return jobs
 
 
+def jobs_and_threads(jobs: int | None, threads: int | None, device: str | None, cpus: int,
+              memory_gib: float | None) -> tuple[int, int]:
+    """(jobs, threads per job): as given, else the defaults of scripts/sweep (default_jobs; threads:
+    the CPUs divided among the jobs). Threads 0 (LibTorch's default: every CPU) is one job."""
+    if jobs is None:
+        jobs = 1 if threads == 0 else default_jobs(device, threads, cpus, memory_gib)
+    if threads is None:
+        threads = max(1, cpus // jobs)
+    return jobs, threads
+
+
 def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> str:
     """Why jobs x threads is too many for `cpus` CPUs ("" when it is not): OpenMP's waiting threads
     spin, so a run that shares its cores loses most of its speed (docs/train.md, "Threads and a busy
@@ -630,7 +641,7 @@ def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> 
             f"--threads")
 
 
-def fleet_size_for(batch_size: int, device: str | None, threads: int = 2) -> int:
+def fleet_size_for(batch_size: int, device: str | None, threads: int) -> int:
     """The members of a fleet when `sweep --fleet` is not given, from scripts/bench_fleet.py's
     measurements (docs/benchmarks.md, "Fleets against solo runs"). On the CPU a fleet shares what
     each solo run pays per call, and a solo run on 2 or more threads pays most there (its threads
@@ -649,8 +660,9 @@ def plan_fleets(runs: list[Run], fxp_train: str | os.PathLike, threads: int, dev
                 fleet: int | None) -> list[list[Run]]:
     """The runs in fleets (fxp-train --fleet), in grid order: runs fxp-train puts in one fleet
     group (--print-configs' fleet_group: same model, dataset, method, batch size, ...) share
-    fleets of at most `fleet` members (None: fleet_size_for the batch size, device and threads). A run
-    that cannot join a fleet, or whose group leaves it alone, is a fleet of one (a solo run)."""
+    fleets of at most `fleet` members (None: fleet_size_for the run's batch size and device, as
+    fxp-train resolves them, and `threads`). A run that cannot join a fleet, or whose group leaves
+    it alone, is a fleet of one (a solo run). `device` (--device, or None) goes into each run's settings."""
     if fleet == 1 or not runs:
         return [[r] for r in runs]
     results = resolve([run_settings(r, threads, device) for r in runs], fxp_train)
@@ -661,7 +673,7 @@ def plan_fleets(runs: list[Run], fxp_train: str | os.PathLike, threads: int, dev
         if not group or r.invalid:
             units.append([r])
             continue
-        size = fleet or fleet_size_for(res["config"]["batch_size"], device, threads)
+        size = fleet or fleet_size_for(res["config"]["batch_size"], res["config"]["device"], threads)
         members = groups.setdefault(group, [])
         if not members:
             units.append(members)

@@ -110,17 +110,15 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
       torch::Tensor rows = grad_weight.select(0, m);
       torch::mm_out(rows, g.select(0, m).t(), h.select(0, m));
     };
-    if (!spread(h)) {
-      for (int64_t m = 0; m < k; ++m) weight_product(m);
-      return {torch::bmm(g, weight), grad_weight, g.sum(1)};
-    }
-    const bool outer_products = h.size(1) == 1;  // dW spreads too
-    if (!outer_products) {
+    const bool spread_products = spread(h);
+    const bool spread_weight_products = spread_products && h.size(1) == 1;  // outer products
+    if (!spread_weight_products) {
       for (int64_t m = 0; m < k; ++m) weight_product(m);
     }
+    if (!spread_products) return {torch::bmm(g, weight), grad_weight, g.sum(1)};
     torch::Tensor grad_h = torch::empty(h.sizes(), h.options());
     for_each_member(g.device(), k, [&](int64_t m) {
-      if (outer_products) weight_product(m);
+      if (spread_weight_products) weight_product(m);
       torch::Tensor rows = grad_h.select(0, m);
       torch::mm_out(rows, g.select(0, m), weight.select(0, m));
     });
@@ -176,12 +174,13 @@ class FleetLinear : public torch::autograd::Function<FleetLinear> {
 // weight gradient is where oneDNN does split the sum (on one thread float64
 // members at batch 4 part from their solo runs' bits), and mm a linear weight
 // gradient's (float32, seen at batch 4 on 2 threads), so those run one member
-// after another, each on every thread, as solo. On an AVX-512 machine (2026-12-05) oneDNN splits the solo second
-// convolution's weight-gradient reduction at batch 64 on 4 threads (not on 2),
-// where the paper CNN's grouped call keeps each member's on one: there fp32 and
-// STE members agree with their solo runs to float32 rounding (about 1e-7
-// relative after 8 steps; tested to 1e-5), not bit for bit; QPU parameters, on
-// their grid, agree until a rounding decision flips, then differ by grid steps.
+// after another, each on every thread, as solo. On an AVX-512 machine
+// (2026-12-05) oneDNN splits the solo second convolution's weight-gradient
+// reduction at batch 64 on 4 threads (not on 2), where the paper CNN's grouped
+// call keeps each member's on one: there fp32 and STE members agree with their
+// solo runs to float32 rounding (about 1e-7 relative after 8 steps; tested to
+// 1e-5), not bit for bit; QPU parameters, on their grid, agree until a
+// rounding decision flips, then differ by grid steps.
 // float64 runs were bit for bit at every batch tested.
 
 // Note [Fleet layouts]

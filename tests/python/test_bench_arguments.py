@@ -14,6 +14,7 @@ import pytest
 from environment import FXP_TRAIN, ROOT, requires_fxp_train
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import sweeplib  # noqa: E402
 
 
 def _script(name: str):
@@ -70,14 +71,15 @@ def test_bench_fleet_jobs_run_at_once_and_sum():
     assert math.isnan(bench_fleet.at_once(2, lambda: float("nan")))
 
 
-def test_bench_fleet_runs_as_a_sweep_does_unless_told():
-    # scripts/sweep's defaults: on the CPU one one-thread process per CPU, on a GPU one process.
-    assert bench_fleet.processes(None, None, "cpu", 2, 24.0) == (2, 1)
-    assert bench_fleet.processes(None, None, "cuda", 16, 64.0) == (1, 16)
-    assert bench_fleet.processes(None, 2, "cpu", 8, 64.0) == (4, 2)
-    assert bench_fleet.processes(1, None, "cpu", 2, 24.0) == (1, 2)
-    assert bench_fleet.processes(None, 0, "cpu", 8, 64.0) == (1, 0)  # LibTorch's default threads: one process
-    assert bench_fleet.processes(3, 1, "cpu", 2, 24.0) == (3, 1)  # as asked, even beyond the CPUs
+def test_bench_fleet_runs_as_a_sweep_does_unless_told(monkeypatch):
+    # bench_fleet takes its jobs and threads from sweeplib.jobs_and_threads (test_sweep_threads.py), as
+    # scripts/sweep does; a point that ran here would name them in its row.
+    monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 6)
+    monkeypatch.setattr(sweeplib, "usable_memory_gib", lambda: 64.0)
+    seen = []
+    monkeypatch.setattr(bench_fleet, "at_once", lambda jobs, measure_one: seen.append(jobs) or float("nan"))
+    assert bench_fleet.main(["--batch-sizes", "1", "--fleet-sizes", "2"]) == 1  # NaN points: failed, named
+    assert seen == [6, 6]  # one solo point and one fleet point, 6 copies each
     with pytest.raises(SystemExit) as e:
         bench_fleet.main(["--threads", "-1"])
     assert "bench_fleet.py: --threads must be at least 0" in str(e.value)

@@ -361,7 +361,7 @@ def test_options_that_only_print_imply_dry_run(tmp_path, capsys, extra):
 
 
 @requires_fxp_train
-def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_path, capsys):
+def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_path, capsys, monkeypatch):
     (tmp_path / "t.csv").write_text(ONE_IMAGE_PER_S)
     grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
                                 "blocks:\n  - axes: {seed: [0, 1]}\n")
@@ -375,6 +375,11 @@ def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_
     # One pending run of 1,800 images at 1 image/s: 0.5 h (both runs would be 1.0 h).
     assert "estimated wall time of the 1 pending runs (of 2 selected) with 1 job(s) at the measured " \
            "throughput: 0.5 h" in capsys.readouterr().out
+    # Without --jobs: sweeplib.jobs_and_threads' default, one process per usable CPU (here 3 of them).
+    monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(sweeplib, "usable_memory_gib", lambda: 64.0)
+    assert sweep.main(cmd[:-2]) == 0
+    assert "with 3 job(s) at the measured throughput: 0.2 h" in capsys.readouterr().out
     for bad in ("-1", "nan", "0", "inf"):
         with pytest.raises(SystemExit) as e:
             sweep.main([*cmd, "--typical-epochs", bad])
@@ -1041,6 +1046,11 @@ def test_runs_are_planned_into_fleets_by_fxp_trains_groups(tmp_path):
     # Without --fleet: K from the batch size and threads (32 on the CPU at batch 4), so each group is one fleet.
     assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 1, None, None)] == [3, 3, 2, 1, 1]
     assert [len(u) for u in sweeplib.plan_fleets(runs, FXP_TRAIN, 2, None, None)] == [3, 3, 2, 1, 1]
+    # At batch 8 the threads decide: on one thread per process each run alone, on two one fleet.
+    batch8 = sweeplib.expand(sweeplib.load_grid(write_grid(
+        tmp_path, "name: h\nbase: {batch_size: 8}\nblocks:\n  - axes: {seed: [0, 1, 2]}\n")), FXP_TRAIN)
+    assert [len(u) for u in sweeplib.plan_fleets(batch8, FXP_TRAIN, 1, None, None)] == [1, 1, 1]
+    assert [len(u) for u in sweeplib.plan_fleets(batch8, FXP_TRAIN, 2, None, None)] == [3]
 
 
 def test_fleet_sizes_follow_the_batch_size_device_and_threads():

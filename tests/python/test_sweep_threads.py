@@ -66,3 +66,13 @@ def test_usable_memory_is_slurms_allocation_else_the_machines(monkeypatch):
     assert sweeplib.usable_memory_gib() == 1.5 * sweeplib.usable_cpus()
     monkeypatch.setenv("SLURM_MEM_PER_NODE", "4096")  # a node's allocation wins over the per-CPU one
     assert sweeplib.usable_memory_gib() == 4.0
+
+
+def test_jobs_and_threads_as_given_else_the_sweeps_defaults():
+    # On the CPU one one-thread process per CPU, on a GPU one process with the CPUs.
+    assert sweeplib.jobs_and_threads(None, None, "cpu", 2, 24.0) == (2, 1)
+    assert sweeplib.jobs_and_threads(None, None, "cuda", 16, 64.0) == (1, 16)
+    assert sweeplib.jobs_and_threads(None, 2, "cpu", 8, 64.0) == (4, 2)
+    assert sweeplib.jobs_and_threads(1, None, "cpu", 2, 24.0) == (1, 2)
+    assert sweeplib.jobs_and_threads(None, 0, "cpu", 8, 64.0) == (1, 0)  # LibTorch's default threads: one process
+    assert sweeplib.jobs_and_threads(3, 1, "cpu", 2, 24.0) == (3, 1)  # as asked, even beyond the CPUs
