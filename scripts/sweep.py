@@ -11,8 +11,8 @@ Examples:
   scripts/sweep configs/grids/exp3.yaml --shard 3/16          # one machine's share
 
 Exit status: 0 every selected run is done; 1 some failed or conflict; 2 a usage
-or grid error; 75 some are busy (another fxp-train trains them), none failed;
-130 interrupted.
+or grid error; 75 some are busy (another fxp-train trains them) or wait for the
+run whose checkpoint they start from, none failed; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -118,14 +118,14 @@ def main(argv=None) -> int:
     try:
         keys = sweeplib.config_keys(args.fxp_train)
         grid = sweeplib.load_grid(args.grid, keys)
-        runs = sweeplib.expand(grid, args.fxp_train)
+        out = pathlib.Path(args.out) if args.out else sweeplib.default_out(grid["name"])
+        sweeplib.check_out(out)
+        runs = sweeplib.expand(grid, args.fxp_train, out)
         # --set and --device are resolved by fxp-train here, so that an override it would refuse, or one
         # that merges two runs, is an error before anything runs.
         runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
-                               sweeplib.parse_assignments(args.set, keys), args.fxp_train, args.device)
-        runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard))
-        out = pathlib.Path(args.out or sweeplib.ROOT / "results" / grid["name"])
-        sweeplib.check_out(out)
+                               sweeplib.parse_assignments(args.set, keys), args.fxp_train, args.device, out)
+        runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard), out)
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
                                               sweeplib.usable_memory_gib())
 
     if args.dry_run:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--list | head` ends quietly
         by_method = collections.Counter(r.full_config.get("method") for r in runs)
         quantized = sum(n for m, n in by_method.items() if m != "fp32")
         statuses = {r.id: sweeplib.status(out, r) for r in runs}
@@ -150,6 +151,15 @@ def main(argv=None) -> int:
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
+        pending_ids = {r.id for r in pending}
+        after = sum(sweeplib.source_run(r, out) in pending_ids for r in pending)
+        if after:
+            print(f"  {after} pending run(s) start from another pending run's checkpoint, once that run finishes")
+        waits = [why for r in pending if sweeplib.source_run(r, out) not in pending_ids
+                 and (why := sweeplib.waits_for(r, out))]
+        if waits:
+            print(f"  {len(waits)} pending run(s) would wait, not start: {waits[0]}"
+                  + (f" (and {len(waits) - 1} more)" if len(waits) > 1 else ""))
         units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
         if args.fleet != 1:
@@ -197,9 +207,9 @@ def main(argv=None) -> int:
 
     def on_update(counts):
         if bar is not None:
-            bar.n = counts["done"] + counts["failed"] + counts["skipped"] + counts["conflict"] + counts["busy"]
+            bar.n = sum(counts[k] for k in ("done", "failed", "skipped", "conflict", "busy", "waiting"))
             bar.set_postfix(done=counts["done"] + counts["skipped"], failed=counts["failed"], busy=counts["busy"],
-                            pending=counts["pending"], refresh=False)
+                            waiting=counts["waiting"], pending=counts["pending"], refresh=False)
             bar.refresh()
 
     print(f"sweep {grid['name']}: {len(runs)} runs, {jobs} jobs x {threads} threads -> {out}", file=sys.stderr)
@@ -214,7 +224,8 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
-          f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy", file=sys.stderr)
+          f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy, "
+          f"{counts['waiting']} waiting for other runs", file=sys.stderr)
     for r in runs:
         s = sweeplib.status(out, r)
         if s == "failed":
@@ -224,9 +235,12 @@ def main(argv=None) -> int:
             print(f"  {r.id}: its directory holds a finished run with other settings: {differ}", file=sys.stderr)
         elif s == "busy":
             print(f"  {r.id}: busy, another fxp-train is training it", file=sys.stderr)
+        elif s == "pending" and (why := sweeplib.waits_for(r, out)):
+            print(f"  {r.id}: waiting, not started: {why}", file=sys.stderr)
     if counts["failed"] or counts["conflict"]:
         return 1
-    return sweeplib.BUSY_EXIT if counts["busy"] else 0  # not failed, but not done either: run it again later
+    # Busy or waiting runs are not failed, but not done either: run the sweep again later.
+    return sweeplib.BUSY_EXIT if counts["busy"] or counts["waiting"] else 0
 
 
 if __name__ == "__main__":

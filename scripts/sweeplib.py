@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import re
+import string
 import subprocess
 import threading
 import time
@@ -48,6 +49,9 @@ class Run:
     defaults: tuple = dataclasses.field(default=(), compare=False, repr=False)
     # The grid's id of this run before --set overrides changed it ("": none did).
     origin: str = dataclasses.field(default="", compare=False)
+    # The grid's values that use ${...} (sorted (key, value) pairs), as written: `settings` holds them
+    # filled in, and select fills them in again after --set.
+    templates: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def config(self) -> dict:
@@ -97,9 +101,9 @@ def _resolve_with_defaults(settings: list[dict], fxp_train) -> tuple[list[dict],
     return results[:-1], tuple(sorted(results[-1]["config"].items()))
 
 
-def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = "") -> Run:
+def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = "", templates: dict | None = None) -> Run:
     return Run(grid, res["run_name"], tuple(sorted(settings.items())), res.get("invalid", ""),
-               tuple(sorted(res["config"].items())), defaults, origin)
+               tuple(sorted(res["config"].items())), defaults, origin, tuple(sorted((templates or {}).items())))
 
 
 def same_value(a, b) -> bool:
@@ -249,27 +253,42 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
     return grid
 
 
-def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list[Run]:
+def default_out(grid_name: str) -> pathlib.Path:
+    """Where a grid's runs go without `sweep --out`: results/<name> in the checkout."""
+    return ROOT / "results" / grid_name
+
+
+def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
+           out: str | os.PathLike | None = None) -> list[Run]:
     """Every run of the grid, in grid order, named by fxp-train (resolve), which
-    also checks every value (Run.invalid). Run ids must come out unique."""
+    also checks every value (Run.invalid). Run ids must come out unique.
+    `${out}` and `${KEY}` in a value become the sweep's output directory
+    (`out`, default_out without it) and the run's setting KEY; a run that
+    starts from another run's checkpoint under `out` must name a run of the
+    grid (Note [Runs that start from other runs])."""
+    out = pathlib.Path(out) if out is not None else default_out(grid["name"])
     every: list[dict] = []
+    places: list[str] = []
     base = dict(grid.get("base") or {})
-    for block in grid["blocks"]:
+    for b, block in enumerate(grid["blocks"]):
         fixed = {**base, **(block.get("set") or {})}
         values = []
         for key, options in (block.get("axes") or {}).items():  # checked by load_grid
             values.append([opt if isinstance(opt, dict) else {key: opt} for opt in options])
+        where = f"grid {grid['name']}, block {b}" + (f" ({block['name']})" if block.get("name") else "")
         for combo in itertools.product(*values):
             settings = dict(fixed)
             for part in combo:
                 settings.update(part)
             every.append(settings)
+            places.append(where)
+    filled = [_substitute(settings, out, where) for settings, where in zip(every, places)]
     runs: list[Run] = []
-    results, defaults = _resolve_with_defaults(every, fxp_train)
-    for settings, res in zip(every, results):
+    results, defaults = _resolve_with_defaults(filled, fxp_train)
+    for raw, settings, res in zip(every, filled, results):
         if "error" in res:
             raise ValueError(f"grid {grid['name']}: the run {settings} is invalid: {res['error']}")
-        runs.append(_run(grid["name"], settings, res, defaults))
+        runs.append(_run(grid["name"], settings, res, defaults, templates=_templates(raw)))
     seen: dict[str, Run] = {}
     for r in runs:
         if r.id in seen:
@@ -277,7 +296,116 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN) -> list
             raise ValueError(f"grid {grid['name']}: two runs share the id {r.id}; "
                              f"their settings are {seen[r.id].config} and {r.config}{why}")
         seen[r.id] = r
+    _check_sources(runs, out, f"grid {grid['name']}")
     return runs
+
+
+# ---- runs that start from other runs ------------------------------------------------
+
+# Note [Runs that start from other runs]
+# A run may start from another run's checkpoint (init_from): MSQ fine-tunes a
+# trained float32 model. A grid names that checkpoint through the sweep's
+# output directory (made absolute) and the run's own settings,
+#   init_from: ${out}/lenet5-fp32-b${batch_size}-s${seed}/checkpoint.pt
+# so the path holds for any --out, any working directory and any --set (select
+# fills the values in again). When the path lies in a run directory under the
+# output directory, the run *depends* on that run (source_run), and the sweep:
+#   - requires the source to be a run of the grid (a typo is an error before
+#     anything runs, not a failure hours later), and no chain of sources to
+#     come back to the run;
+#   - keeps a run and its sources in one shard (shard), so a SLURM array task
+#     never waits on another's;
+#   - starts the run only once its source has finished (execute): a checkpoint
+#     of an unfinished run exists after its first epoch, and starting from it
+#     would quietly fine-tune a half-trained model. Any init_from that lies in a
+#     run directory (one with a config.json) is judged the same way, so a
+#     source from another grid (${out}/../msq-resnet20-fp32/...) must have
+#     finished too, and not be training again (busy). A run whose source is
+#     not finished, or does not exist, waits: it is not started and not
+#     failed, and the sweep exits with 75 (run it again later), as for a busy
+#     run.
+# Runs with init_from never share a fleet (fxp-train's fleet_group), so a fleet
+# never waits on one of its own members.
+
+
+def _substitute(settings: dict, out: pathlib.Path, where: str) -> dict:
+    """`settings` with `${out}` and `${KEY}` (the run's own setting KEY) replaced in every string value;
+    `$$` is a `$`. A value that uses ${out} is a path, made normal (os.path.normpath), so that
+    `${out}/../other` names its file before `${out}` exists."""
+    names = {key: value if isinstance(value, str) else json.dumps(value) for key, value in settings.items()}
+    names["out"] = os.path.abspath(out)  # the same path from any working directory
+    templates = _templates(settings)
+    done = {}
+    for key, value in settings.items():
+        if key not in templates:
+            done[key] = value
+            continue
+        try:
+            template = string.Template(value)
+            done[key] = template.substitute(names)
+            if any("out" in (m.group("named"), m.group("braced")) for m in template.pattern.finditer(value)):
+                done[key] = os.path.normpath(done[key])
+        except KeyError as e:
+            raise ValueError(f"{where}, {key}: {value!r}: ${{{e.args[0]}}} is neither ${{out}} nor a setting of "
+                             f"this run ({', '.join(sorted(k for k in settings if k != key))})") from None
+        except ValueError:
+            raise ValueError(f"{where}, {key}: {value!r}: a '$' starts ${{out}} or ${{KEY}}, a setting of the "
+                             f"run; write $$ for a '$' itself") from None
+    return done
+
+
+def _templates(settings: dict) -> dict:
+    """The values of `settings` that use ${...} (or $$)."""
+    return {key: value for key, value in settings.items() if isinstance(value, str) and "$" in value}
+
+
+def source_run(r: Run, out: str | os.PathLike) -> str | None:
+    """The id of the run under `out` whose directory holds r's init_from; None when it is elsewhere or unset."""
+    source = r.config.get("init_from")
+    if not isinstance(source, str) or not source:
+        return None
+    d = pathlib.Path(os.path.abspath(source)).parent
+    return d.name if d.parent == pathlib.Path(os.path.abspath(out)) else None
+
+
+def _check_sources(runs: list[Run], out: pathlib.Path, where: str, whole_grid: bool = True) -> None:
+    """No run starts from its own checkpoint, however far back; and, for a whole grid's runs, every
+    source under `out` is one of them (a selection may leave sources out)."""
+    ids = {r.id for r in runs}
+    sources = {r.id: source_run(r, out) for r in runs}
+    for r in runs:
+        s = sources[r.id]
+        if whole_grid and s is not None and s not in ids:
+            close = difflib.get_close_matches(s, ids, n=1)
+            raise ValueError(f"{where}: run {r.id} starts from {r.config['init_from']}, in the output directory, "
+                             f"but {s} is no run of the grid" + (f" (did you mean {close[0]}?)" if close else ""))
+        chain = [r.id]
+        while s is not None:
+            if s in chain:
+                loop = chain[chain.index(s):] + [s]
+                raise ValueError(f"{where}: run {s} starts from its own checkpoint" if len(loop) == 2 else
+                                 f"{where}: runs start from each other's checkpoints: {' from '.join(loop)}")
+            chain.append(s)
+            s = sources.get(s)
+
+
+def waits_for(r: Run, out: str | os.PathLike) -> str:
+    """Why `r` cannot start yet ("" when it can): its init_from does not exist, or lies in a run
+    directory whose run has not finished (Note [Runs that start from other runs])."""
+    source = r.config.get("init_from")
+    if not isinstance(source, str) or not source:
+        return ""
+    path = pathlib.Path(source)
+    if not path.exists():
+        return f"it starts from {source}, which does not exist yet"
+    d = path.parent
+    if busy(d):
+        return f"it starts from {source}, whose run is training (busy)"
+    if (d / "config.json").exists() and not (d / "summary.json").exists():
+        if (d / "failed.json").exists():
+            return f"it starts from {source}, whose run failed ({d / 'failed.json'})"
+        return f"it starts from {source}, whose run has not finished"
+    return ""
 
 
 def parse_filters(filters: Iterable[str], keys: set[str] | None = None) -> dict[str, set[str]]:
@@ -348,7 +476,7 @@ def _describe(overrides: dict, device: str | None = None) -> str:
 
 def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: int | None = None,
            overrides: dict | None = None, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
-           device: str | None = None) -> list[Run]:
+           device: str | None = None, out: str | os.PathLike | None = None) -> list[Run]:
     """Keeps the runs whose settings match every filter, and only the first
     `seeds` seeds of the grid; then applies `overrides` (and `device`, the
     sweep's --device) to every run. Filters compare fxp-train's resolved
@@ -356,7 +484,9 @@ def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: i
     (`method=sqpu,ste`, `weight_decay=5e-4`, `msq_hessian=false`,
     `update=float` where the grid relies on the default; `format=16/10/8`).
     Overridden runs are resolved again by fxp-train (one process) and named
-    by their settings after the overrides. Errors (ValueError), before
+    by their settings after the overrides, and the grid's ${...} values are
+    filled in again from them (`out`: the sweep's output directory, default_out
+    without it). Errors (ValueError), before
     anything runs: an override that makes a run fxp-train would have run one
     it refuses (`--set epochs=abc`), and two runs that come out with one id
     (`--set seed=7` on a grid over seeds)."""
@@ -370,13 +500,16 @@ def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: i
     changes = {**(overrides or {}), **({"device": device} if device else {})}
     if not changes or not runs:
         return runs
-    changed = [{**r.config, **changes} for r in runs]
+    # The grid's ${...} values are filled in again, from the settings after the overrides.
+    raw = [{**r.config, **dict(r.templates), **changes} for r in runs]
+    out = pathlib.Path(out) if out is not None else default_out(runs[0].grid)
+    changed = [_substitute(settings, out, _describe(overrides or {}, device)) for settings in raw]
     results, defaults = _resolve_with_defaults(changed, fxp_train)
     new = []
-    for r, settings, res in zip(runs, changed, results):
+    for r, settings, res, template in zip(runs, changed, results, raw):
         if "error" in res:
             raise ValueError(f"{_describe(overrides or {}, device)}: the run {settings} is invalid: {res['error']}")
-        new.append(_run(r.grid, settings, res, defaults, r.origin or r.id))
+        new.append(_run(r.grid, settings, res, defaults, r.origin or r.id, _templates(template)))
     broken = [(old, r) for old, r in zip(runs, new) if r.invalid and not old.invalid]
     if broken:
         old, r = broken[0]
@@ -392,16 +525,37 @@ def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: i
                              f"{'become the same run' if same else 'come out with one id'}, {r.id}; "
                              "select one of them (--filter) instead")
         seen[r.id] = r
+    _check_sources(new, out, _describe(overrides or {}, device), whole_grid=False)
     return new
 
 
-def shard(runs: list[Run], index: int, count: int) -> list[Run]:
-    """Shard `index` of `count`: runs sorted by id, every count-th from index.
-    Every run lands in exactly one shard, and shards differ by at most one run."""
+def shard(runs: list[Run], index: int, count: int, out: str | os.PathLike | None = None) -> list[Run]:
+    """Shard `index` of `count`, sorted by id. Every run lands in exactly one shard, whatever machine
+    computes it. A run that starts from another run of `runs` under `out` goes with it (Note [Runs
+    that start from other runs]): such chains are dealt first, longest first, then the runs alone
+    in id order, each to the shard with the fewest runs so far (the lowest of equals). So without
+    chains shard i is every count-th run from i, and shards differ by at most one run."""
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"--shard {index}/{count}: need 0 <= i < N")
     ordered = sorted(runs, key=lambda r: r.id)
-    return ordered[index::count]
+    ids = {r.id for r in runs}
+    sources = {r.id: source_run(r, out) if out is not None else None for r in runs}
+
+    def root(run_id: str) -> str:  # chains are acyclic (_check_sources)
+        while sources.get(run_id) in ids:
+            run_id = sources[run_id]
+        return run_id
+    chains: dict[str, list[Run]] = {}
+    for r in ordered:
+        chains.setdefault(root(r.id), []).append(r)
+    sizes = [0] * count
+    mine = set()
+    for first in sorted(chains, key=lambda first: (-len(chains[first]), first)):
+        target = sizes.index(min(sizes))
+        sizes[target] += len(chains[first])
+        if target == index:
+            mine.update(r.id for r in chains[first])
+    return [r for r in ordered if r.id in mine]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -443,6 +597,26 @@ def check_out(out: pathlib.Path) -> None:
 # csrc/train/resume.cpp: "holds a finished run with other settings").
 NEVER_CONFLICT = frozenset({"threads", "output_dir", "data_dir", "cuda_graphs"})
 
+# Settings that name a file, compared by the file (same_file): fxp-train's key_names_a_file.
+FILE_KEYS = frozenset({"init_from"})
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file, as fxp-train's same_file_path: equal as
+    std::filesystem::weakly_canonical(absolute(path)) makes them (_weakly_canonical)."""
+    return a == b or (bool(a) and bool(b) and _weakly_canonical(a) == _weakly_canonical(b))
+
+
+def _weakly_canonical(path: str) -> str:
+    """C++'s std::filesystem::weakly_canonical of the absolute path: the longest leading part that
+    exists made canonical (symbolic links, `.` and `..` resolved), the rest appended, and the whole
+    made lexically normal."""
+    parts = pathlib.PurePath(os.path.join(os.getcwd(), path)).parts
+    n = len(parts)
+    while n > 1 and not os.path.exists(os.path.join(*parts[:n])):
+        n -= 1
+    return os.path.normpath(os.path.join(os.path.realpath(os.path.join(*parts[:n])), *parts[n:]))
+
 # fxp-train holds flock(LOCK_EX) on <run dir>/.lock while it trains there, and
 # exits with 75 (EX_TEMPFAIL) when another process holds it.
 LOCK_FILE = ".lock"
@@ -478,8 +652,8 @@ def finished_settings(d: pathlib.Path) -> dict | None:
 def differences(stored: dict, run: Run) -> str:
     """The settings in which a finished run's record (`stored`) differs from `run`, as readable text ("":
     none). As fxp-train's differing_settings (csrc/train/config.cpp) with epochs compared: every key of
-    fxp-train's resolution of the run but NEVER_CONFLICT, and a key the record lacks (the run is older
-    than the key) has the key's default. A Run made by hand (no resolution) compares its given settings."""
+    fxp-train's resolution of the run but NEVER_CONFLICT, FILE_KEYS by the file they name, and a key
+    the record lacks (the run is older than the key) has the key's default. A Run made by hand (no resolution) compares its given settings."""
     current = run.full_config
     defaults = dict(run.defaults)
     differ = []
@@ -490,7 +664,8 @@ def differences(stored: dict, run: Run) -> str:
             differ.append(f"{key} (not in the run, {json.dumps(current[key])} now)")
             continue
         was = stored[key] if key in stored else defaults[key]
-        if not same_value(was, current[key]):
+        files = key in FILE_KEYS and isinstance(was, str) and isinstance(current[key], str)
+        if not (same_file(was, current[key]) if files else same_value(was, current[key])):
             differ.append(f"{key} ({json.dumps(was)} in the run, {json.dumps(current[key])} now)")
     return ", ".join(differ)
 
@@ -731,11 +906,14 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
     """Runs every run that is not done or busy, `jobs` at a time: alone, or in
     the fleets `plan` makes of them (fleets of more than one run go to
     `fleet_runner`). A failure is recorded in <run>/failed.json and the rest go
-    on. Returns the counts by status. Interrupting (KeyboardInterrupt) stops
-    waiting; unfinished runs keep their checkpoints and resume next time."""
+    on. A run that starts from another run's checkpoint starts after that run,
+    and waits (is not started) while its source has not finished (Note [Runs
+    that start from other runs]). Returns the counts by status. Interrupting
+    (KeyboardInterrupt) stops waiting; unfinished runs keep their checkpoints
+    and resume next time."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "pending": 0, "skipped": 0}
+    counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "waiting": 0, "pending": 0, "skipped": 0}
     todo = []
     for r in runs:
         s = status(out, r)
@@ -788,23 +966,47 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
         # A fleet's member may have finished before another failed: each is what its directory holds.
         return results + [outcome(d, start, None if (d / "summary.json").exists() else error) for d in dirs]
 
+    # A run whose source is still to run here waits for it (Note [Runs that start from other runs]).
+    unfinished = {r.id for r in todo}
+    sources = {r.id: s for r in todo if (s := source_run(r, out)) in unfinished}
+
+    def next_unit() -> list[Run] | None:
+        """Takes the first queued unit whose sources have run; one that still cannot start
+        (waits_for) leaves the queue as waiting, and the search goes on."""
+        i = 0
+        while i < len(queue):
+            unit = queue[i]
+            if any(sources.get(r.id) in unfinished for r in unit):
+                i += 1
+                continue
+            del queue[i]
+            if not any(waits_for(r, out) for r in unit):
+                return unit
+            counts["pending"] -= len(unit)
+            counts["waiting"] += len(unit)
+            unfinished.difference_update(r.id for r in unit)
+        return None
+
     pool = ThreadPoolExecutor(max_workers=max(1, jobs))
-    futures = set()
-    queue = iter(units)
+    futures = {}
+    queue = list(units)
     try:
-        for unit in itertools.islice(queue, max(1, jobs)):
-            futures.add(pool.submit(attempt, unit))
-        while futures:
-            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+        while True:
+            while len(futures) < max(1, jobs) and (unit := next_unit()) is not None:
+                futures[pool.submit(attempt, unit)] = unit
+            if on_update:
+                on_update(counts)
+            if not futures:
+                break
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
             for f in finished:
                 for result in f.result():
                     counts["pending"] -= 1
                     counts[result] += 1
-                nxt = next(queue, None)
-                if nxt is not None:
-                    futures.add(pool.submit(attempt, nxt))
-            if on_update:
-                on_update(counts)
+                unfinished.difference_update(r.id for r in futures.pop(f))
+        for unit in queue:  # only units whose sources never ran: impossible, the sources are acyclic
+            counts["pending"] -= len(unit)
+            counts["waiting"] += len(unit)
     finally:
         for f in futures:
             f.cancel()

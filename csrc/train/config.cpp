@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -547,6 +548,22 @@ bool key_may_change_on_resume(const std::string& key) {
   return key == "epochs" || key == "output_dir" || key == "data_dir" || key == "threads" || key == "cuda_graphs";
 }
 
+bool key_names_a_file(const std::string& key) { return key == "init_from"; }
+
+bool same_file_path(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  if (a.empty() || b.empty()) return false;
+  std::error_code error;
+  const auto canonical = [&error](const std::string& path) {
+    const auto absolute = std::filesystem::absolute(path, error);
+    return error ? absolute : std::filesystem::weakly_canonical(absolute, error);
+  };
+  const auto canonical_a = canonical(a);
+  if (error) return false;
+  const auto canonical_b = canonical(b);
+  return !error && canonical_a == canonical_b;
+}
+
 std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {
   std::string differ;
   // A key the run's record lacks was added to fxp-train after the run: it
@@ -555,7 +572,10 @@ std::string differing_settings(const json& stored, const json& current, bool epo
   for (const auto& key : config_keys()) {
     const bool ignored = key_may_change_on_resume(key) && (epochs_may_differ || key != "epochs");
     const json& was = stored.contains(key) ? stored[key] : defaults[key];
-    if (!ignored && was != current[key]) {
+    const bool same = key_names_a_file(key) && was.is_string() && current[key].is_string()
+                          ? same_file_path(was.get<std::string>(), current[key].get<std::string>())
+                          : was == current[key];
+    if (!ignored && !same) {
       differ += (differ.empty() ? "" : ", ") + key + " (" + was.dump() + " in the run, " + current[key].dump() +
                 " now)";
     }

@@ -129,9 +129,21 @@ nlohmann::json read_config_file(const std::string& path);
 // count, so fxp-train warns.
 bool key_may_change_on_resume(const std::string& key);
 
+// Keys whose value names a file: two values are the same setting when they
+// name the same file (same_file_path), so `results/a/checkpoint.pt` and its
+// absolute path, or `results/b/../a/checkpoint.pt`, are one init_from.
+bool key_names_a_file(const std::string& key);
+
+// Whether two paths name the same file: equal as
+// std::filesystem::weakly_canonical makes them absolute: the leading part that
+// exists made canonical (`.`, `..` and symbolic links resolved), the rest
+// made lexically normal. scripts/sweeplib.py's same_file mirrors it.
+bool same_file_path(const std::string& a, const std::string& b);
+
 // The settings of a stored run that differ from `current`, as readable text
 // (empty: none). Keys that may change on resume are ignored; epochs only when
-// epochs_may_differ (extending a run) is set.
+// epochs_may_differ (extending a run) is set; keys that name a file compare
+// the files (key_names_a_file).
 std::string differing_settings(const nlohmann::json& stored, const nlohmann::json& current, bool epochs_may_differ);
 
 }  // namespace fxp::train

@@ -13,6 +13,7 @@
 #include <csignal>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -857,6 +858,35 @@ TEST(TrainConfig, CudaGraphsMayChangeOnResume) {
   graphs.device = eager.device;
   EXPECT_EQ(ft::differing_settings(stored, ft::to_json(graphs), false), "");
   EXPECT_TRUE(ft::key_may_change_on_resume("cuda_graphs"));
+}
+
+// init_from names a file: the same file written another way (relative, with `..`, through a
+// symbolic link) is the same setting, so a sweep that writes its sources through ${out} keeps
+// runs finished with a relative path; another file is another setting.
+TEST(TrainConfig, InitFromComparesTheFileItNames) {
+  const std::string dir = temp_dir();
+  ASSERT_EQ(::mkdir((dir + "/fp32").c_str(), 0755), 0);
+  ASSERT_EQ(::symlink((dir + "/fp32").c_str(), (dir + "/link").c_str()), 0);
+  ft::TrainConfig stored, current;
+  stored.init_from = dir + "/fp32/checkpoint.pt";
+  for (const std::string& same : {dir + "/x/../fp32/checkpoint.pt", dir + "/link/checkpoint.pt",
+                                  dir + "//fp32/./checkpoint.pt"}) {
+    current.init_from = same;
+    EXPECT_EQ(ft::differing_settings(ft::to_json(stored), ft::to_json(current), false), "") << same;
+  }
+  // A symbolic link past a part that does not exist stays as it is (weakly_canonical).
+  for (const std::string& other : {dir + "/fp32/other.pt", std::string(), dir + "/missing/../link/checkpoint.pt"}) {
+    current.init_from = other;
+    EXPECT_NE(ft::differing_settings(ft::to_json(stored), ft::to_json(current), false).find("init_from ("),
+              std::string::npos) << other;
+  }
+  EXPECT_TRUE(ft::key_names_a_file("init_from"));
+  EXPECT_FALSE(ft::key_names_a_file("data_dir"));  // it may change on resume anyway
+  EXPECT_TRUE(ft::same_file_path("", ""));
+  EXPECT_FALSE(ft::same_file_path("", "checkpoint.pt"));
+  // Relative paths are taken from the working directory, whether their file exists or not.
+  const std::string cwd = std::filesystem::current_path().string();
+  EXPECT_TRUE(ft::same_file_path("nothere/x/../checkpoint.pt", cwd + "/nothere/checkpoint.pt"));
 }
 
 // Note [Deferred pack checks in training]: a packed run's steps count on the device what packed

@@ -39,18 +39,21 @@ def test_grid_counts(name, total, quantized):
 def test_compare_grid_trains_every_method_alike():
     """compare-lenet5.yaml: the three methods and their baselines, each configuration over the
     same 3 seeds on one model, dataset and batch size, 15 epochs from scratch; MSQ fine-tunes
-    the grid's own float32 run of its seed for 5 (docs/compare.md)."""
+    the grid's own float32 run of its seed for 5 (docs/compare.md), which the sweep runs first."""
     runs = grid_runs("compare-lenet5")
     assert len(runs) == 27 and len({r.id for r in runs}) == 27
     configs = [r.config for r in runs]
     for key, value in (("model", "lenet5"), ("batch_size", 256), ("lr", 0.01)):
         assert {c[key] for c in configs} == {value}, key
-    fp32_dirs = {c["seed"]: f"results/compare-lenet5/{r.id}" for r, c in zip(runs, configs) if c["method"] == "fp32"}
+    out = sweeplib.default_out("compare-lenet5")
+    fp32_dirs = {c["seed"]: f"{out}/{r.id}" for r, c in zip(runs, configs) if c["method"] == "fp32"}
     for c in configs:
         if c["method"] == "msq":
             assert (c["epochs"], c["init_from"]) == (5, f"{fp32_dirs[c['seed']]}/checkpoint.pt")
         else:
             assert (c["epochs"], c.get("init_from", "")) == (15, "")
+    assert {sweeplib.source_run(r, out) for r in runs if r.config["method"] == "msq"} == \
+        {pathlib.Path(d).name for d in fp32_dirs.values()}
     labels = {}
     for c in configs:
         label = (c["method"], c["update"] if c["method"] == "adapt" else None,
