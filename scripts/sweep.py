@@ -10,6 +10,11 @@ Examples:
   scripts/sweep configs/grids/exp2.yaml --device cuda --jobs 4 --filter batch_size=256,1024
   scripts/sweep configs/grids/exp3.yaml --shard 3/16          # one machine's share
 
+A grid's values may use ${out} (the output directory) and ${KEY} (the run's
+setting KEY): a run whose init_from is another run's checkpoint,
+${out}/<run id>/checkpoint.pt, starts once that run has finished
+(docs/sweeps.md, "Runs that start from other runs").
+
 Exit status: 0 every selected run is done; 1 some failed or conflict; 2 a usage
 or grid error; 75 some are busy (another fxp-train trains them) or wait for the
 run whose checkpoint they start from, none failed; 130 interrupted.
@@ -81,7 +86,8 @@ def parse_args(argv=None):
                         "the overridden settings, and overrides that merge two runs or make a run invalid are "
                         "errors")
     p.add_argument("--limit", type=at_least_one, help="run at most N runs (after filters and sharding)")
-    p.add_argument("--shard", default="0/1", metavar="i/N", help="run only shard i of N (0-based)")
+    p.add_argument("--shard", default="0/1", metavar="i/N",
+                   help="run only shard i of N (0-based); a run stays in the shard of the run it starts from")
     p.add_argument("--jobs", type=at_least_one,
                    help="concurrent fxp-train processes (default: on the CPU one per CPU, or per --threads CPUs, "
                         "at most one per GiB of memory; on a GPU 1)")

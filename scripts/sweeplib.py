@@ -332,9 +332,10 @@ def _substitute(settings: dict, out: pathlib.Path, where: str) -> dict:
     """`settings` with `${out}` and `${KEY}` (the run's own setting KEY) replaced in every string value;
     `$$` is a `$`. A value that uses ${out} is a path, made normal (os.path.normpath), so that
     `${out}/../other` names its file before `${out}` exists."""
-    names = {key: value if isinstance(value, str) else json.dumps(value) for key, value in settings.items()}
-    names["out"] = os.path.abspath(out)  # the same path from any working directory
     templates = _templates(settings)
+    names = {key: value if isinstance(value, str) else json.dumps(value) for key, value in settings.items()
+             if key not in templates}
+    names["out"] = os.path.abspath(out)  # the same path from any working directory
     done = {}
     for key, value in settings.items():
         if key not in templates:
@@ -346,7 +347,11 @@ def _substitute(settings: dict, out: pathlib.Path, where: str) -> dict:
             if any("out" in (m.group("named"), m.group("braced")) for m in template.pattern.finditer(value)):
                 done[key] = os.path.normpath(done[key])
         except KeyError as e:
-            raise ValueError(f"{where}, {key}: {value!r}: ${{{e.args[0]}}} is neither ${{out}} nor a setting of "
+            name = e.args[0]
+            if name in templates:
+                raise ValueError(f"{where}, {key}: {value!r}: ${{{name}}} is filled in itself; write its value "
+                                 f"out") from None
+            raise ValueError(f"{where}, {key}: {value!r}: ${{{name}}} is neither ${{out}} nor a setting of "
                              f"this run ({', '.join(sorted(k for k in settings if k != key))})") from None
         except ValueError:
             raise ValueError(f"{where}, {key}: {value!r}: a '$' starts ${{out}} or ${{KEY}}, a setting of the "

@@ -70,6 +70,10 @@ def test_out_and_settings_fill_a_grids_values(tmp_path):
     assert default[3].config["init_from"] == f"{sweeplib.default_out('chained')}/fp32-b64-s0/checkpoint.pt"
     grid = {"name": "g", "blocks": [{"set": {"method": "fp32", "data_dir": "/d/$$x/${seed}"}, "axes": {"seed": [4]}}]}
     assert sweeplib.expand(grid)[0].config["data_dir"] == "/d/$x/4"
+    grid["blocks"][0]["set"]["init_from"] = "${data_dir}/c.pt"
+    with pytest.raises(ValueError, match=r"block 0, init_from: '\$\{data_dir\}/c.pt': \$\{data_dir\} is filled in "
+                                         r"itself; write its value out"):
+        sweeplib.expand(grid)
 
 
 @requires_fxp_train
