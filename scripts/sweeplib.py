@@ -404,7 +404,11 @@ def waits_for(r: Run, out: str | os.PathLike) -> str:
     if not path.exists():
         return f"it starts from {source}, which does not exist yet"
     d = path.parent
-    if busy(d):
+    try:
+        training = busy(d)
+    except PermissionError:  # another user's run, read-only here: it can be read, not locked
+        training = False
+    if training:
         return f"it starts from {source}, whose run is training (busy)"
     if (d / "config.json").exists() and not (d / "summary.json").exists():
         if (d / "failed.json").exists():

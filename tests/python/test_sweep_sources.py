@@ -256,6 +256,16 @@ def test_a_source_outside_the_sweep_is_waited_for(tmp_path):
     with LockHolder(other):  # another fxp-train extends the finished run: its checkpoint changes
         assert sweeplib.waits_for(runs[0], out).endswith("whose run is training (busy)")
     assert sweeplib.execute(runs, out, ChainTrainer())["done"] == 1
+    # A finished source that this user may read but not lock (another user's results) is taken.
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).startswith(str(other)) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sweeplib.os, "open", read_only)
+        assert sweeplib.waits_for(runs[0], out) == ""
     # A checkpoint that is not in a run directory is taken as it is.
     loose = tmp_path / "loose.pt"
     loose.write_text("weights")
