@@ -157,12 +157,11 @@ def main(argv=None) -> int:
         print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
         print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
-        pending_ids = {r.id for r in pending}
-        after = sum(sweeplib.source_run(r, out) in pending_ids for r in pending)
+        sources = {r.id: sweeplib.source_run(r, out) for r in pending}
+        after = sum(s in sources for s in sources.values())
         if after:
             print(f"  {after} pending run(s) start from another pending run's checkpoint, once that run finishes")
-        waits = [why for r in pending if sweeplib.source_run(r, out) not in pending_ids
-                 and (why := sweeplib.waits_for(r, out))]
+        waits = [why for r in pending if sources[r.id] not in sources and (why := sweeplib.waits_for(r, out))]
         if waits:
             print(f"  {len(waits)} pending run(s) would wait, not start: {waits[0]}"
                   + (f" (and {len(waits) - 1} more)" if len(waits) > 1 else ""))

@@ -267,8 +267,8 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
     starts from another run's checkpoint under `out` must name a run of the
     grid (Note [Runs that start from other runs])."""
     out = pathlib.Path(out) if out is not None else default_out(grid["name"])
-    every: list[dict] = []
-    places: list[str] = []
+    every: list[dict] = []  # as the grid writes them
+    filled: list[dict] = []  # with ${...} filled in
     base = dict(grid.get("base") or {})
     for b, block in enumerate(grid["blocks"]):
         fixed = {**base, **(block.get("set") or {})}
@@ -281,8 +281,7 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
             for part in combo:
                 settings.update(part)
             every.append(settings)
-            places.append(where)
-    filled = [_substitute(settings, out, where) for settings, where in zip(every, places)]
+            filled.append(_substitute(settings, out, where))
     runs: list[Run] = []
     results, defaults = _resolve_with_defaults(filled, fxp_train)
     for raw, settings, res in zip(every, filled, results):
@@ -404,11 +403,7 @@ def waits_for(r: Run, out: str | os.PathLike) -> str:
     if not path.exists():
         return f"it starts from {source}, which does not exist yet"
     d = path.parent
-    try:
-        training = busy(d)
-    except PermissionError:  # another user's run, read-only here: it can be read, not locked
-        training = False
-    if training:
+    if busy(d):
         return f"it starts from {source}, whose run is training (busy)"
     if (d / "config.json").exists() and not (d / "summary.json").exists():
         if (d / "failed.json").exists():
@@ -634,11 +629,14 @@ BUSY_EXIT = 75
 
 def busy(d: pathlib.Path) -> bool:
     """Whether another process (an fxp-train) holds the run directory's lock.
-    Probes and releases at once: fxp-train would refuse a lock the sweep kept."""
+    Probes and releases at once: fxp-train would refuse a lock the sweep kept. A lock this user
+    may not open (another user's results, read-only here) cannot be probed: taken as not held."""
     try:  # read-write: NFS emulates flock with fcntl locks, whose LOCK_EX needs it
         fd = os.open(d / LOCK_FILE, os.O_RDWR)
     except (FileNotFoundError, NotADirectoryError):
         return False  # fxp-train never ran here
+    except PermissionError:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
@@ -662,7 +660,8 @@ def differences(stored: dict, run: Run) -> str:
     """The settings in which a finished run's record (`stored`) differs from `run`, as readable text ("":
     none). As fxp-train's differing_settings (csrc/train/config.cpp) with epochs compared: every key of
     fxp-train's resolution of the run but NEVER_CONFLICT, FILE_KEYS by the file they name, and a key
-    the record lacks (the run is older than the key) has the key's default. A Run made by hand (no resolution) compares its given settings."""
+    the record lacks (the run is older than the key) has the key's default. A Run made by hand (no
+    resolution) compares its given settings."""
     current = run.full_config
     defaults = dict(run.defaults)
     differ = []
@@ -804,7 +803,7 @@ def default_jobs(device: str | None, threads: int | None, cpus: int, memory_gib:
 
 
 def jobs_and_threads(jobs: int | None, threads: int | None, device: str | None, cpus: int,
-              memory_gib: float | None) -> tuple[int, int]:
+                     memory_gib: float | None) -> tuple[int, int]:
     """(jobs, threads per job): as given, else the defaults of scripts/sweep (default_jobs; threads:
     the CPUs divided among the jobs). Threads 0 (LibTorch's default: every CPU) is one job."""
     if jobs is None:
@@ -1013,9 +1012,7 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
                     counts["pending"] -= 1
                     counts[result] += 1
                 unfinished.difference_update(r.id for r in futures.pop(f))
-        for unit in queue:  # only units whose sources never ran: impossible, the sources are acyclic
-            counts["pending"] -= len(unit)
-            counts["waiting"] += len(unit)
+        assert not queue, "a queued run waits on a source that never runs (sources are acyclic: _check_sources)"
     finally:
         for f in futures:
             f.cancel()

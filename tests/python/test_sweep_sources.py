@@ -266,6 +266,9 @@ def test_a_source_outside_the_sweep_is_waited_for(tmp_path):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(sweeplib.os, "open", read_only)
         assert sweeplib.waits_for(runs[0], out) == ""
+        assert sweeplib.busy(other) is False  # the probe itself: what status and the sweep's checks use
+        with LockHolder(other):  # held or not, a lock that cannot be opened cannot be probed
+            assert sweeplib.busy(other) is False
     # A checkpoint that is not in a run directory is taken as it is.
     loose = tmp_path / "loose.pt"
     loose.write_text("weights")
@@ -280,6 +283,9 @@ def test_the_sweep_runs_a_chained_grid_with_any_jobs_and_reports_what_waits(tmp_
     assert sweep.main([*cmd, "--dry-run"]) == 0
     assert "3 pending run(s) start from another pending run's checkpoint" in capsys.readouterr().out
     # Only the MSQ runs: their sources are not there, so they wait (exit 75, not 1).
+    assert sweep.main([*cmd, "--filter", "method=msq", "--dry-run"]) == 0
+    assert (f"  3 pending run(s) would wait, not start: it starts from {out}/fp32-b64-s0/checkpoint.pt, which "
+            "does not exist yet (and 2 more)\n") in capsys.readouterr().out
     assert sweep.main([*cmd, "--filter", "method=msq", "--jobs", "2"]) == 75
     err = capsys.readouterr().err
     assert "0 run now, 0 already done, 0 failed, 0 conflicting, 0 busy, 3 waiting for other runs" in err
