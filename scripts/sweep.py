@@ -67,7 +67,8 @@ def parse_args(argv=None):
                         "--list, --estimate, --fleet-throughput and --typical-epochs imply it")
     p.add_argument("--list", action="store_true", help="print every selected run id (implies --dry-run)")
     p.add_argument("--estimate", metavar="CSV",
-                   help="extrapolate the wall time of the pending runs from a throughput CSV of "
+                   help="extrapolate the wall time of the pending runs on --jobs processes (a run after the run "
+                        "whose checkpoint it starts from) from a throughput CSV of "
                         "scripts/bench_train.py (images/s per model, method and batch size; every model and method "
                         "of the grid must be in it); implies --dry-run")
     p.add_argument("--fleet-throughput", metavar="CSV",
@@ -161,7 +162,9 @@ def main(argv=None) -> int:
         after = sum(s in sources for s in sources.values())
         if after:
             print(f"  {after} pending run(s) start from another pending run's checkpoint, once that run finishes")
-        waits = [why for r in pending if sources[r.id] not in sources and (why := sweeplib.waits_for(r, out))]
+        conflicting = {i for i, s in statuses.items() if s == "conflict"}
+        waits = [why for r in pending
+                 if sources[r.id] not in sources and (why := sweeplib.waits_for(r, out, conflicting))]
         if waits:
             print(f"  {len(waits)} pending run(s) would wait, not start: {waits[0]}"
                   + (f" (and {len(waits) - 1} more)" if len(waits) > 1 else ""))
@@ -176,18 +179,22 @@ def main(argv=None) -> int:
                 speedups = sweeplib.load_fleet_speedups(args.fleet_throughput) if args.fleet_throughput else None
                 size = {r.id: len(u) for u in units for r in u}
                 # Only what is left to run: done, conflicting and busy runs are not started.
-                low, mid, high = sweeplib.estimate_seconds(sweeplib.resolved_runs(pending, args.fxp_train),
-                                                           sweeplib.load_throughput(args.estimate),
-                                                           args.typical_epochs, speedups,
-                                                           [size.get(r.id, 1) for r in pending])
+                per_run = sweeplib.run_seconds(sweeplib.resolved_runs(pending, args.fxp_train),
+                                               sweeplib.load_throughput(args.estimate), args.typical_epochs,
+                                               speedups, [size.get(r.id, 1) for r in pending])
             except (OSError, ValueError, KeyError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
+            index = {r.id: i for i, r in enumerate(pending)}
+            low, mid, high = sweeplib.wall_seconds(per_run, [index.get(sources[r.id]) for r in pending], jobs)
             fleets = " with fleets" if speedups else ""
+            # No number of jobs makes a run, or a chain of runs that start from each other, shorter.
+            chained = (" (set by its longest run, or chain of runs that start from each other's checkpoints)"
+                       if mid > sum(s[1] for s in per_run) / jobs else "")
             print(f"  estimated wall time of the {len(pending)} pending runs (of {len(runs)} selected){fleets} "
                   f"with {jobs} job(s) at the measured throughput: "
-                  f"{mid / 3600 / jobs:.1f} h (from {low / 3600 / jobs:.1f} h if every run stops at its minimum "
-                  f"epochs to {high / 3600 / jobs:.1f} h if none stops early)")
+                  f"{mid / 3600:.1f} h{chained} (from {low / 3600:.1f} h if every run stops at its minimum "
+                  f"epochs to {high / 3600:.1f} h if none stops early)")
         for r in runs if args.list else runs[:5]:
             print(f"  {r.id}")
         if not args.list and len(runs) > 5:
@@ -231,8 +238,10 @@ def main(argv=None) -> int:
     print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
           f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy, "
           f"{counts['waiting']} waiting for other runs", file=sys.stderr)
+    statuses = {r.id: sweeplib.status(out, r) for r in runs}
+    conflicting = {i for i, s in statuses.items() if s == "conflict"}
     for r in runs:
-        s = sweeplib.status(out, r)
+        s = statuses[r.id]
         if s == "failed":
             print(f"  {r.id}: {(out / r.id / 'failed.json').read_text().strip()}", file=sys.stderr)
         elif s == "conflict":
@@ -240,7 +249,7 @@ def main(argv=None) -> int:
             print(f"  {r.id}: its directory holds a finished run with other settings: {differ}", file=sys.stderr)
         elif s == "busy":
             print(f"  {r.id}: busy, another fxp-train is training it", file=sys.stderr)
-        elif s == "pending" and (why := sweeplib.waits_for(r, out)):
+        elif s == "pending" and (why := sweeplib.waits_for(r, out, conflicting)):
             print(f"  {r.id}: waiting, not started: {why}", file=sys.stderr)
     if counts["failed"] or counts["conflict"]:
         return 1

@@ -26,7 +26,7 @@ import string
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Collection, Iterable
 
 import yaml
 
@@ -322,7 +322,8 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
 #     finished too, and not be training again (busy). A run whose source is
 #     not finished, or does not exist, waits: it is not started and not
 #     failed, and the sweep exits with 75 (run it again later), as for a busy
-#     run.
+#     run. So does a run whose source's directory holds a finished run of
+#     other settings (a conflict): its checkpoint is not the grid's source.
 # Runs with init_from never share a fleet (fxp-train's fleet_group), so a fleet
 # never waits on one of its own members.
 
@@ -393,9 +394,11 @@ def _check_sources(runs: list[Run], out: pathlib.Path, where: str, whole_grid: b
             s = sources.get(s)
 
 
-def waits_for(r: Run, out: str | os.PathLike) -> str:
+def waits_for(r: Run, out: str | os.PathLike, conflicting: Collection[str] = ()) -> str:
     """Why `r` cannot start yet ("" when it can): its init_from does not exist, or lies in a run
-    directory whose run has not finished (Note [Runs that start from other runs])."""
+    directory whose run has not finished, or whose run is one of `conflicting` (the ids of the
+    grid's runs under `out` whose directories hold a run of other settings) (Note [Runs that start
+    from other runs])."""
     source = r.config.get("init_from")
     if not isinstance(source, str) or not source:
         return ""
@@ -405,6 +408,8 @@ def waits_for(r: Run, out: str | os.PathLike) -> str:
     d = path.parent
     if busy(d):
         return f"it starts from {source}, whose run is training (busy)"
+    if source_run(r, out) in conflicting:
+        return f"it starts from {source}, whose directory holds a run of other settings than the grid's (conflict)"
     if (d / "config.json").exists() and not (d / "summary.json").exists():
         if (d / "failed.json").exists():
             return f"it starts from {source}, whose run failed ({d / 'failed.json'})"
@@ -922,13 +927,15 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "waiting": 0, "pending": 0, "skipped": 0}
-    todo = []
+    todo, conflicting = [], set()
     for r in runs:
         s = status(out, r)
         if s == "done":
             counts["skipped"] += 1
         elif s in ("conflict", "busy"):
             counts[s] += 1
+            if s == "conflict":
+                conflicting.add(r.id)
         else:
             todo.append(r)
     counts["pending"] = len(todo)
@@ -988,7 +995,7 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
                 i += 1
                 continue
             del queue[i]
-            if not any(waits_for(r, out) for r in unit):
+            if not any(waits_for(r, out, conflicting) for r in unit):
                 return unit
             counts["pending"] -= len(unit)
             counts["waiting"] += len(unit)
@@ -1100,7 +1107,14 @@ def fleet_speedup(table: dict, method: str, batch: int, members: int, model: str
 
 def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float | None = None,
                      fleet_speedups: dict | None = None, fleet_sizes: list[int] | None = None):
-    """(earliest, typical, latest) total seconds of the runs, one at a time,
+    """(earliest, typical, latest) total seconds of the runs, one at a time (run_seconds summed)."""
+    per_run = run_seconds(runs, throughput, typical_epochs, fleet_speedups, fleet_sizes)
+    return tuple(sum(s[k] for s in per_run) for k in range(3))
+
+
+def run_seconds(runs: list[dict], throughput: dict, typical_epochs: float | None = None,
+                fleet_speedups: dict | None = None, fleet_sizes: list[int] | None = None) -> list[tuple]:
+    """Each run's (earliest, typical, latest) seconds,
     from fxp-train's resolution of each (resolved_runs: its "config" and its
     "epoch_images", the images an epoch trains and validates on). A run
     without early stopping lasts its epochs; one with it lasts between its
@@ -1112,7 +1126,7 @@ def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float |
     import math
     if typical_epochs is not None and not (math.isfinite(typical_epochs) and typical_epochs > 0):
         raise ValueError(f"typical epochs must be a positive number, got {typical_epochs}")
-    totals = [0.0, 0.0, 0.0]
+    per_run = []
     for r, run in enumerate(runs):
         c, images = run["config"], run["epoch_images"]
         points = throughput_points(throughput, c)
@@ -1129,6 +1143,25 @@ def estimate_seconds(runs: list[dict], throughput: dict, typical_epochs: float |
             typical = typical_epochs if typical_epochs is not None else (least + most) / 2
         else:
             least = typical = most
-        for k, epochs in enumerate((least, max(least, min(typical, most)), most)):
-            totals[k] += epochs * per_epoch
-    return tuple(totals)
+        per_run.append(tuple(epochs * per_epoch for epochs in (least, max(least, min(typical, most)), most)))
+    return per_run
+
+
+def wall_seconds(per_run: list[tuple], sources: list[int | None], jobs: int) -> tuple:
+    """(earliest, typical, latest) wall seconds of runs lasting `per_run` (run_seconds) on `jobs`
+    jobs, where run i starts only after run sources[i] (an index; None: no source among them)
+    has finished: each the larger of the total over the jobs and the longest chain of runs that
+    start from each other (Note [Runs that start from other runs]), which no number of jobs shortens."""
+    chain: dict[int, tuple] = {}
+
+    def through(i: int) -> tuple:  # seconds from the start of i's first source to i's end
+        if i not in chain:
+            path = [i]  # iterative: a grid may chain many runs (sources are acyclic: _check_sources)
+            while (s := sources[path[-1]]) is not None and s not in chain:
+                path.append(s)
+            for j in reversed(path):
+                s = sources[j]
+                chain[j] = tuple(per_run[j][k] + (chain[s][k] if s is not None else 0.0) for k in range(3))
+        return chain[i]
+    longest = tuple(max((through(i)[k] for i in range(len(per_run))), default=0.0) for k in range(3))
+    return tuple(max(sum(s[k] for s in per_run) / max(1, jobs), longest[k]) for k in range(3))

@@ -378,11 +378,16 @@ def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_
     # One pending run of 1,800 images at 1 image/s: 0.5 h (both runs would be 1.0 h).
     assert "estimated wall time of the 1 pending runs (of 2 selected) with 1 job(s) at the measured " \
            "throughput: 0.5 h" in capsys.readouterr().out
-    # Without --jobs: sweeplib.jobs_and_threads' default, one process per usable CPU (here 3 of them).
+    # Without --jobs: sweeplib.jobs_and_threads' default, one process per usable CPU (here 3 of them);
+    # three jobs do not make one run shorter.
     monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 3)
     monkeypatch.setattr(sweeplib, "usable_memory_gib", lambda: 64.0)
     assert sweep.main(cmd[:-2]) == 0
-    assert "with 3 job(s) at the measured throughput: 0.2 h" in capsys.readouterr().out
+    assert "with 3 job(s) at the measured throughput: 0.5 h (set by its longest run" in capsys.readouterr().out
+    (out / runs[0].id / "summary.json").unlink()  # two pending runs on three jobs: still one run's time
+    assert sweep.main(cmd[:-2]) == 0
+    assert "the 2 pending runs (of 2 selected) with 3 job(s) at the measured throughput: 0.5 h" \
+        in capsys.readouterr().out
     for bad in ("-1", "nan", "0", "inf"):
         with pytest.raises(SystemExit) as e:
             sweep.main([*cmd, "--typical-epochs", bad])

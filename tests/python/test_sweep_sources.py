@@ -276,6 +276,66 @@ def test_a_source_outside_the_sweep_is_waited_for(tmp_path):
 
 
 @requires_fxp_train
+def test_a_run_whose_source_conflicts_waits(tmp_path, capsys):
+    """A source whose directory holds a finished run of other settings is not the grid's source:
+    the run that starts from it waits (the sweep reports the conflict and exits 1)."""
+    out = tmp_path / "out"
+    runs = chained_runs(tmp_path, out)
+    source, dependent = runs[0], runs[3]
+    d = out / source.id
+    d.mkdir(parents=True)
+    (d / "checkpoint.pt").write_text("other weights")
+    other = {**source.full_config, "epochs": source.full_config["epochs"] + 1}
+    sweeplib.atomic_write_json(d / "summary.json", {"config": other})
+    assert sweeplib.status(out, source) == "conflict"
+    assert sweeplib.waits_for(dependent, out) == ""  # the files alone look finished
+    assert sweeplib.waits_for(dependent, out, {source.id}) == (
+        f"it starts from {d / 'checkpoint.pt'}, whose directory holds a run of other settings than the "
+        "grid's (conflict)")
+    trainer = ChainTrainer()
+    counts = sweeplib.execute(runs, out, trainer, jobs=2)
+    assert (counts["done"], counts["conflict"], counts["waiting"]) == (4, 1, 1)
+    assert dependent.id not in trainer.started and not (out / dependent.id / "failed.json").exists()
+    grid = write_grid(tmp_path, CHAINED)
+    cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress",
+           "--filter", "seed=0"]
+    assert sweep.main([*cmd, "--dry-run"]) == 0
+    assert "1 pending run(s) would wait, not start: it starts from " in capsys.readouterr().out
+    assert sweep.main(cmd) == 1
+    assert f"  {dependent.id}: waiting, not started: it starts from {d / 'checkpoint.pt'}, whose directory " \
+           "holds a run of other settings than the grid's (conflict)\n" in capsys.readouterr().err
+
+
+def test_chains_of_runs_bound_the_wall_time():
+    # Runs 0 -> 1 -> 2 start from each other; run 3 alone. (earliest, typical, latest) seconds each.
+    per_run = [(1, 2, 3), (1, 2, 3), (4, 4, 4), (10, 10, 10)]
+    sources = [None, 0, 1, None]
+    assert sweeplib.wall_seconds(per_run, sources, 1) == (16, 18, 20)  # one job: the total
+    assert sweeplib.wall_seconds(per_run, sources, 2) == (10, 10, 10)  # run 3, or the chain's 6, 8, 10
+    assert sweeplib.wall_seconds(per_run, [None, 0, 1, 2], 8) == (16, 18, 20)  # one chain: no job helps
+    assert sweeplib.wall_seconds([(1, 2, 3)] * 8, [None] * 8, 4) == (2, 4, 6)
+    assert sweeplib.wall_seconds([], [], 3) == (0, 0, 0)
+    long = 5000  # a long chain is walked without recursion
+    assert sweeplib.wall_seconds([(1, 1, 1)] * long, [None, *range(long - 1)], 100) == (long,) * 3
+
+
+@requires_fxp_train
+def test_the_estimate_knows_runs_wait_for_their_sources(tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("method,batch_size,train_images_per_s,val_images_per_s\nfp32,64,1,1\n"
+                                    "msq,64,1,1\n")
+    text = CHAINED.replace("base: {batch_size: 64}", "base: {batch_size: 64, epochs: 1, train_limit: 1000, "
+                                                     "val_limit: 800}")
+    grid = write_grid(tmp_path, text)
+    cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1"]
+    # Six runs of 1,800 images at 1 image/s: 3.0 h in all; each MSQ run after its fp32 run, 1.0 h.
+    assert sweep.main([*cmd, "--jobs", "1"]) == 0
+    assert "with 1 job(s) at the measured throughput: 3.0 h (from" in capsys.readouterr().out
+    assert sweep.main([*cmd, "--jobs", "6"]) == 0
+    assert ("with 6 job(s) at the measured throughput: 1.0 h (set by its longest run, or chain of runs that "
+            "start from each other's checkpoints) (from 1.0 h") in capsys.readouterr().out
+
+
+@requires_fxp_train
 def test_the_sweep_runs_a_chained_grid_with_any_jobs_and_reports_what_waits(tmp_path, capsys, monkeypatch):
     grid = write_grid(tmp_path, CHAINED)
     out = tmp_path / "out"
