@@ -1,5 +1,5 @@
 // A fleet: K runs of one network trained as one batched model (issue 16;
-// docs/train.md, "Fleets"). Each member keeps its own network, whose
+// docs/train.md, "Many runs as one"). Each member keeps its own network, whose
 // parameters become views of the fleet's stacks, so everything that reads a
 // solo model (validation, checkpoints, statistics) reads a member unchanged.
 #pragma once

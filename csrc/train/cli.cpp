@@ -223,7 +223,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
       ->group("Modes");
 
   app.add_option("--fleet", command.fleet_file,
-                 "train many runs as one fleet (docs/train.md, \"Fleets\"): read settings as JSON lines from FILE "
+                 "train many runs as one fleet (docs/train.md, \"Many runs as one\"): read settings as JSON lines from FILE "
                  "('-': stdin), one member run per line, over the defaults, --config and the flags; each member "
                  "writes its own run directory, as a solo run would. Members share model, dataset, method and "
                  "batch size; seeds, formats, rounding, lr, momentum, weight decay, schedule and epochs may differ")

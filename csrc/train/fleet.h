@@ -1,5 +1,5 @@
 // fxp-train --fleet: many runs of the paper's grids trained as one fleet
-// (nn/fleet.h, optim/fleet_sgd.h; docs/train.md, "Fleets"). Each member
+// (nn/fleet.h, optim/fleet_sgd.h; docs/train.md, "Many runs as one"). Each member
 // writes its own run directory, as fxp-train writes it for the solo run.
 #pragma once
 
