@@ -122,6 +122,24 @@ int64_t parse_integer_flag(const std::string& flag, const std::string& text) {
   return value;
 }
 
+// A float flag reads as a config file reads a number: decimal (or
+// scientific), the whole text, so an empty value (an unset shell variable)
+// or "0x10" is an error, not 0 or 16. Range checks are validate()'s.
+double parse_float_flag(const std::string& flag, const std::string& text) {
+  const char* begin = text.data();
+  const char* const end = begin + text.size();
+  if (begin != end && *begin == '+') ++begin;
+  double value = 0;
+  const auto [stop, error] = std::from_chars(begin, end, value, std::chars_format::general);
+  if (error == std::errc::result_out_of_range) {
+    throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit float");
+  }
+  if (error != std::errc{} || stop != end || begin == end) {
+    throw CLI::ValidationError(flag, "needs a number, but got '" + text + "'");
+  }
+  return value;
+}
+
 // The spellings of a boolean flag's value (--packed=VALUE) that CLI11 turns
 // into a count; anything else would reach its conversion and fail there
 // without naming the flag.
@@ -188,7 +206,10 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
           h.help);
       option->type_name("INT");
     } else if (def.is_number_float()) {
-      option = typed_option(double{});
+      option = app.add_option_function<std::string>(
+          name, [&overrides, key](const std::string& text) { overrides[key] = parse_float_flag(flag_name(key), text); },
+          h.help);
+      option->type_name("FLOAT");
     } else {
       option = typed_option(std::string{});
     }
@@ -233,10 +254,18 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  "(0: never)")
       ->check(CLI::Range(0.0, 1.0))
       ->group("Modes");
-  app.add_option("--fleet-chunk", command.fleet_chunk,
-                 "with --fleet: members per forward and backward pass (0: 512 images' worth on a CPU, every member "
-                 "on a GPU); any value gives the same results")
-      ->check(CLI::NonNegativeNumber)
+  app.add_option_function<std::string>(
+         "--fleet-chunk",
+         [&command](const std::string& text) {
+           command.fleet_chunk = parse_integer_flag("--fleet-chunk", text);
+           if (command.fleet_chunk < 0) {
+             throw CLI::ValidationError("--fleet-chunk", "must be 0 or more, but got " + text);
+           }
+         },
+         "with --fleet: members per forward and backward pass (0: 512 images' worth on a CPU, every member "
+         "on a GPU); any value gives the same results")
+      ->type_name("INT")
+      ->default_str("0")
       ->group("Modes");
 
   std::vector<const char*> argv = {"fxp-train"};
@@ -249,6 +278,10 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   }
   if (describe + print_config + !command.configs_file.empty() + !command.fleet_file.empty() > 1) {
     err << "fxp-train: --describe-model, --print-config, --print-configs and --fleet cannot be combined\n";
+    return 2;
+  }
+  if (command.json && !describe) {
+    err << "fxp-train: --json needs --describe-model (it is that mode's output format)\n";
     return 2;
   }
   if (command.resume && command.overwrite) {

@@ -1,6 +1,7 @@
 #include "train/config.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -355,8 +356,9 @@ void TrainConfig::validate() const {
   one_of("dataset", dataset, data::dataset_names());
   one_of("method", method, {"fp32", "ste", "sqpu", "hteqpu", "adapt", "msq"});
   if (msq_min_bits < 1 || msq_start_bits < msq_min_bits || msq_start_bits > 15) {
-    bad("msq_start_bits", "and msq_min_bits must satisfy 1 <= msq_min_bits <= msq_start_bits <= 15, but got " +
-                              std::to_string(msq_min_bits) + " and " + std::to_string(msq_start_bits));
+    bad("msq_start_bits", "must be at most 15 and at least msq_min_bits, itself at least 1 (1 <= msq_min_bits "
+                          "<= msq_start_bits <= 15), but got msq_min_bits " + std::to_string(msq_min_bits) +
+                          " and msq_start_bits " + std::to_string(msq_start_bits));
   }
   if (!(msq_lambda >= 0) || !std::isfinite(msq_lambda)) {
     bad("msq_lambda", "must be a non-negative number, but got " + std::to_string(msq_lambda));
@@ -456,8 +458,14 @@ void TrainConfig::validate() const {
     bad("packed", "lenet5 packs the QPU methods' weights and momentum only (its saved activations are tanh "
                   "outputs, off any grid), and " + method + " keeps float32 weights: nothing to pack");
   }
-  if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
-    bad("device", "must be cpu, cuda or cuda:N, but got '" + device + "'");
+  // cuda:N with N a decimal index, as torch::Device parses it (it throws for
+  // anything else only when the run starts, after the sweep took it as valid).
+  const std::string index = device.rfind("cuda:", 0) == 0 ? device.substr(5) : "";
+  const bool cuda_index = !index.empty() && index.size() <= 4 &&
+                          std::all_of(index.begin(), index.end(), [](unsigned char ch) { return std::isdigit(ch); }) &&
+                          (index == "0" || index[0] != '0');
+  if (device != "cpu" && device != "cuda" && !cuda_index) {
+    bad("device", "must be cpu, cuda or cuda:N (N a device index), but got '" + device + "'");
   }
 }
 

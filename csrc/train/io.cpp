@@ -27,6 +27,11 @@ bool path_exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+bool is_directory(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 void make_dirs(const std::string& path) {
   if (path.empty()) return;
   for (size_t pos = 1; pos <= path.size(); ++pos) {
@@ -75,6 +80,12 @@ void remove_file(const std::string& path) {
 }
 
 std::string read_text(const std::string& path) {
+  if (is_directory(path)) {
+    // A stream opens a directory and reads nothing, which would read as an empty or truncated file.
+    const std::string checkpoint = join_path(path, "checkpoint.pt");
+    throw std::runtime_error("cannot read " + path + ": it is a directory" +
+                             (path_exists(checkpoint) ? " (did you mean " + checkpoint + "?)" : ""));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) fail("cannot read", path);
   std::stringstream text;

@@ -8,6 +8,7 @@
 namespace fxp::train {
 
 bool path_exists(const std::string& path);
+bool is_directory(const std::string& path);
 // mkdir -p; throws std::runtime_error naming the path.
 void make_dirs(const std::string& path);
 // Writes to <path>.tmp, flushes it to disk, then renames it over `path`, so a

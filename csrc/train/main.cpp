@@ -1,6 +1,7 @@
 // fxp-train: see `fxp-train --help` and docs/train.md.
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <fstream>
@@ -76,6 +77,7 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
                                                    std::istream& stdin_stream) {
   std::ifstream opened;
   if (file != "-") {
+    if (fxp::train::is_directory(file)) throw std::invalid_argument(file + " is a directory, not a file of settings");
     opened.open(file);
     if (!opened) throw std::invalid_argument("cannot open " + file);
   }
@@ -106,10 +108,24 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
   return members;
 }
 
+// The exit status of a mode whose output is what it is for (--print-config,
+// --print-configs, --describe-model): a failed write (a full disk, a closed
+// pipe) is an error, not a success with the output lost.
+int printed(int status) {
+  std::cout.flush();
+  if (std::cout) return status;
+  std::cerr << "fxp-train: error: cannot write to standard output\n";
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace fxp::train;
+  // A write past the file-size limit then fails with EFBIG and takes the
+  // error path of a full disk (atomic_write: the temporary file is removed,
+  // the file it replaces kept), instead of killing the process.
+  std::signal(SIGXFSZ, SIG_IGN);
   Command command;
   const std::vector<std::string> args(argv + 1, argv + argc);
   try {
@@ -119,9 +135,9 @@ int main(int argc, char** argv) {
       auto config = to_json(c);
       config["output_dir"] = output_dir_for(c);
       std::cout << config.dump(2) << "\n";
-      return 0;
+      return printed(0);
     }
-    if (command.mode == Mode::PrintConfigs) return print_configs(command.configs_file, c, std::cin, std::cout);
+    if (command.mode == Mode::PrintConfigs) return printed(print_configs(command.configs_file, c, std::cin, std::cout));
     if (command.mode == Mode::DescribeModel) {
       const auto model = build_network(c);
       // AdaPT is counted at its start format (its layers' formats change as it trains).
@@ -132,10 +148,16 @@ int main(int argc, char** argv) {
       report["model"] = c.model;
       report["dataset"] = c.dataset;
       std::cout << (command.json ? report.dump(2) + "\n" : describe_model_text(report));
-      return 0;
+      return printed(0);
     }
     if (command.mode == Mode::Fleet) {
-      const auto members = fleet_configs(command.fleet_file, c, std::cin);
+      std::vector<TrainConfig> members;
+      try {
+        members = fleet_configs(command.fleet_file, c, std::cin);
+      } catch (const std::invalid_argument& e) {  // the members' settings: a usage error, as for -c
+        std::cerr << "fxp-train: --fleet " << e.what() << "\n";
+        return 2;
+      }
       RunOptions options;
       options.resume = command.resume;
       options.overwrite = command.overwrite;

@@ -183,8 +183,11 @@ TEST(TrainCli, FlagsSetEveryKind) {
   EXPECT_DOUBLE_EQ(c.initial_lr(), 0.02 * 16 / 1024);
   EXPECT_FALSE(parse({"--early-stopping", "--no-early-stopping"}).command.config.early_stopping);
   // Integers are decimal, as in a config file ("010" is not octal 8); booleans take the usual spellings.
-  const Parsed q = parse({"--seed", "010", "--batch-size", "+32", "--packed=yes", "--no-msq-hessian"});
+  const Parsed q = parse({"--seed", "010", "--batch-size", "+32", "--packed=yes", "--no-msq-hessian", "--lr", "+2.5e-1",
+                          "--momentum", "0"});
   ASSERT_EQ(q.code, -1) << q.err;
+  EXPECT_EQ(q.command.config.lr, 0.25);
+  EXPECT_EQ(q.command.config.momentum, 0.0);
   EXPECT_EQ(q.command.config.seed, 10);
   EXPECT_EQ(q.command.config.batch_size, 32);
   EXPECT_TRUE(q.command.config.packed);
@@ -207,6 +210,22 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--lr", "-1"}, "lr: must be a positive number"},
       {{"--momentum", "1.5"}, "momentum: must be in [0, 1)"},
       {{"--device", "tpu"}, "device: must be cpu, cuda or cuda:N"},
+      // torch::Device would refuse these only when the run starts (after a sweep took them as valid).
+      {{"--device", "cuda:abc"}, "device: must be cpu, cuda or cuda:N (N a device index), but got 'cuda:abc'"},
+      {{"--device", "cuda:"}, "but got 'cuda:'"},
+      {{"--device", "cuda:-1"}, "but got 'cuda:-1'"},
+      {{"--device", "cuda:01"}, "but got 'cuda:01'"},
+      // A float reads as a config file's number: an empty value (an unset shell variable) is no 0.
+      {{"--momentum", ""}, "--momentum: needs a number, but got ''"},
+      {{"--weight-decay", ""}, "--weight-decay: needs a number, but got ''"},
+      {{"--lr", "0x10"}, "--lr: needs a number, but got '0x10'"},
+      {{"--lr", "0.1abc"}, "--lr: needs a number, but got '0.1abc'"},
+      {{"--lr", "1e999"}, "--lr: '1e999' is out of the range of a 64-bit float"},
+      {{"--json"}, "fxp-train: --json needs --describe-model"},
+      {{"--fleet-chunk", "-1"}, "--fleet-chunk: must be 0 or more, but got -1"},
+      {{"--msq-min-bits", "9"}, "msq_start_bits: must be at most 15 and at least msq_min_bits, itself at least 1 "
+                                "(1 <= msq_min_bits <= msq_start_bits <= 15), but got msq_min_bits 9 and "
+                                "msq_start_bits 8"},
       {{"--config", "/nonexistent/run.yaml"}, "/nonexistent/run.yaml"},
       {{"--resume", "--overwrite"}, "cannot be combined"},
       // Note [Integer flags]: decimal only, and no clamping; a boolean's value names the flag.

@@ -6,8 +6,8 @@ previous checkpoint, from which the run resumes bit for bit. And --cuda-graphs
 from __future__ import annotations
 
 import fcntl
+import os
 import resource
-import signal
 import subprocess
 
 import json
@@ -47,7 +47,8 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes_bit_for_bit(tmp_path):
 
     def small_files():  # writes past 100 kB fail with EFBIG, as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # SIGXFSZ keeps its default (subprocess restores it: killing the process), as under `ulimit -f`;
+        # fxp-train ignores it itself.
 
     p = _train(split, "--epochs", "2", "--resume", preexec_fn=small_files)
     assert p.returncode == 1, p.stderr  # an error, not an abort (134)
@@ -56,6 +57,18 @@ def test_a_full_disk_is_a_clear_error_and_the_run_resumes_bit_for_bit(tmp_path):
     assert (split / "checkpoint.pt").read_bytes() == checkpoint
     assert _train(split, "--epochs", "2", "--resume").returncode == 0  # space again
     assert epoch_metrics(split) == epoch_metrics(whole)
+
+
+@requires_fxp_train
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device whose writes fail")
+@pytest.mark.parametrize("args", [["--print-config"], ["--describe-model"], ["--describe-model", "--json"],
+                                  ["--print-configs", "-"]])
+def test_output_that_cannot_be_written_is_an_error(args):
+    """A mode whose output is its result fails when the output is lost (a full disk), not exit 0."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([str(FXP_TRAIN), *args], input="{}\n", stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+    assert p.returncode == 1 and p.stderr == "fxp-train: error: cannot write to standard output\n"
 
 
 @requires_fxp_train_and_data

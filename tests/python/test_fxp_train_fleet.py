@@ -237,11 +237,18 @@ def test_fleet_usage_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     p = run_fxp_train("--fleet", str(empty), *COMMON)
-    assert p.returncode != 0 and "holds no member settings" in p.stderr
+    # The members' settings are usage errors (exit 2), as a -c file's are.
+    assert p.returncode == 2 and f"fxp-train: --fleet {empty} holds no member settings" in p.stderr
     not_json = tmp_path / "bad.jsonl"
     not_json.write_text("{seed: 1}\n")
     p = run_fxp_train("--fleet", str(not_json), *COMMON)
-    assert p.returncode != 0 and "bad.jsonl line 1: not JSON" in p.stderr
+    assert p.returncode == 2 and "bad.jsonl line 1: not JSON" in p.stderr
+    p = run_fxp_train("--fleet", str(tmp_path), *COMMON)
+    assert p.returncode == 2 and f"fxp-train: --fleet {tmp_path} is a directory, not a file of settings" in p.stderr
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"sed": 1}\n')
+    p = run_fxp_train("--fleet", str(unknown), *COMMON)
+    assert p.returncode == 2 and "unknown.jsonl line 1" in p.stderr and "sed" in p.stderr
     p = run_fxp_train("--fleet", str(not_json), "--print-config")
     assert p.returncode == 2 and "cannot be combined" in p.stderr
     p = run_fxp_train("--fleet", str(not_json), "--fleet-chunk", "-1")

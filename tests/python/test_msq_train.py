@@ -93,6 +93,9 @@ def test_msq_starts_from_an_fp32_checkpoint(tmp_path):
     assert epoch_metrics(warm)[0]["train_loss"] < epoch_metrics(scratch)[0]["train_loss"]
     p = run_fxp_train(*no_checks, "--init-from", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x"))
     assert p.returncode != 0 and "missing.pt" in p.stderr
+    p = run_fxp_train(*no_checks, "--init-from", str(fp32), "-o", str(tmp_path / "z"))  # the run, not its file
+    assert p.returncode == 1
+    assert f"cannot read {fp32}: it is a directory (did you mean {fp32}/checkpoint.pt?)" in p.stderr, p.stderr
     other_model = [("paper_cnn" if a == "lenet5" else a) for a in no_checks]
     p = run_fxp_train(*other_model, "--init-from", str(fp32 / "checkpoint.pt"), "-o", str(tmp_path / "y"))
     assert p.returncode == 1
@@ -102,7 +105,9 @@ def test_msq_starts_from_an_fp32_checkpoint(tmp_path):
 @requires_fxp_train
 @pytest.mark.parametrize("args, message", [
     (["--msq-start-bits", "16"], "msq_start_bits <= 15"),
-    (["--msq-min-bits", "4", "--msq-start-bits", "3"], "msq_start_bits: and msq_min_bits must satisfy"),
+    (["--msq-min-bits", "4", "--msq-start-bits", "3"],
+     "msq_start_bits: must be at most 15 and at least msq_min_bits, itself at least 1 (1 <= msq_min_bits <= "
+     "msq_start_bits <= 15), but got msq_min_bits 4 and msq_start_bits 3"),
     (["--msq-alpha", "1.5"], "msq_alpha: must be in [0, 1]"),
     (["--msq-lambda", "-1"], "msq_lambda: must be a non-negative number"),
     (["--msq-check-every", "0"], "msq_check_every: must be at least 1"),
