@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <map>
 #include <set>
 #include <sstream>
+#include <system_error>
 #include <stdexcept>
 
 #if defined(FXP_HAVE_YAML)
@@ -109,6 +111,51 @@ const std::vector<std::pair<std::string, Field>>& fields() {
 
 [[noreturn]] void bad(const std::string& key, const std::string& why) {
   throw std::invalid_argument(key + ": " + why);
+}
+
+// A double as the shortest text that reads back as it ("0.5", "1e-05", "nan"),
+// not std::to_string's fixed six decimals ("-1.000000", "0.000000" for 1e-9).
+std::string number_text(double value) {
+  char text[32];
+  const auto [end, error] = std::to_chars(text, text + sizeof(text), value);
+  return error == std::errc{} ? std::string(text, end) : std::to_string(value);
+}
+
+// What a config key's JSON value must be, in words.
+std::string kind_of_value(const json& current) {
+  if (current.is_number_integer()) return "an integer";
+  if (current.is_number()) return "a number";
+  if (current.is_boolean()) return "true or false";
+  return "a string";
+}
+
+// Levenshtein distance, for "did you mean" on a mistyped key.
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t above = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = above;
+    }
+  }
+  return row[b.size()];
+}
+
+// " (did you mean 'batch_size'?)" for a key written with dashes or a typo; "" when nothing is close.
+std::string closest_key_hint(const std::string& key) {
+  std::string underscored = key;
+  std::replace(underscored.begin(), underscored.end(), '-', '_');
+  std::string best;
+  size_t best_distance = std::max<size_t>(2, underscored.size() / 4) + 1;
+  for (const auto& [name, field] : fields()) {
+    const size_t d = edit_distance(underscored, name);
+    if (d < best_distance) best = name, best_distance = d;
+  }
+  return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 
 void one_of(const std::string& key, const std::string& value, const std::vector<std::string>& allowed) {
@@ -361,9 +408,9 @@ void TrainConfig::validate() const {
                           " and msq_start_bits " + std::to_string(msq_start_bits));
   }
   if (!(msq_lambda >= 0) || !std::isfinite(msq_lambda)) {
-    bad("msq_lambda", "must be a non-negative number, but got " + std::to_string(msq_lambda));
+    bad("msq_lambda", "must be a non-negative number, but got " + number_text(msq_lambda));
   }
-  if (!(msq_alpha >= 0 && msq_alpha <= 1)) bad("msq_alpha", "must be in [0, 1], but got " + std::to_string(msq_alpha));
+  if (!(msq_alpha >= 0 && msq_alpha <= 1)) bad("msq_alpha", "must be in [0, 1], but got " + number_text(msq_alpha));
   at_least("msq_check_every", msq_check_every, 1);
   at_least("msq_hessian_samples", msq_hessian_samples, 1);
   at_least("msq_finetune_epochs", msq_finetune_epochs, 0);
@@ -380,7 +427,7 @@ void TrainConfig::validate() const {
   at_least("adapt_lookback_min", adapt_lookback_min, 1);
   at_least("adapt_lookback_max", adapt_lookback_max, adapt_lookback_min);
   if (!(adapt_lookback_momentum >= 0 && adapt_lookback_momentum <= 1)) {
-    bad("adapt_lookback_momentum", "must be in [0, 1], but got " + std::to_string(adapt_lookback_momentum));
+    bad("adapt_lookback_momentum", "must be in [0, 1], but got " + number_text(adapt_lookback_momentum));
   }
   if (adapt_buffer_bits < 1 || adapt_buffer_bits > 31) {
     bad("adapt_buffer_bits", "must be in [1, 31], but got " + std::to_string(adapt_buffer_bits));
@@ -388,7 +435,7 @@ void TrainConfig::validate() const {
   one_of("adapt_strategy", adapt_strategy, {"min", "mean", "max"});
   one_of("adapt_log", adapt_log, {"log2", "squared_ln"});
   if (!(l1_decay >= 0) || !std::isfinite(l1_decay)) {
-    bad("l1_decay", "must be a non-negative number, but got " + std::to_string(l1_decay));
+    bad("l1_decay", "must be a non-negative number, but got " + number_text(l1_decay));
   }
   if (l1_decay > 0 && method != "adapt") bad("l1_decay", "is AdaPT's (method adapt) only");
   one_of("update", update, {"float", "qpu"});
@@ -401,20 +448,20 @@ void TrainConfig::validate() const {
                              " steps with torch's SGD");
   }
   at_least("batch_size", batch_size, 1);
-  if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + std::to_string(lr));
+  if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + number_text(lr));
   one_of("lr_scaling", lr_scaling, {"none", "linear"});
   if (!(initial_lr() > 0) || !std::isfinite(initial_lr())) {
-    bad("lr", "after lr_scaling " + lr_scaling + " it is " + std::to_string(initial_lr()) +
+    bad("lr", "after lr_scaling " + lr_scaling + " it is " + number_text(initial_lr()) +
                   ", which is not a positive finite number");
   }
-  if (!(momentum >= 0 && momentum < 1)) bad("momentum", "must be in [0, 1), but got " + std::to_string(momentum));
+  if (!(momentum >= 0 && momentum < 1)) bad("momentum", "must be in [0, 1), but got " + number_text(momentum));
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
-    bad("weight_decay", "must be a non-negative number, but got " + std::to_string(weight_decay));
+    bad("weight_decay", "must be a non-negative number, but got " + number_text(weight_decay));
   }
   one_of("scheduler", scheduler, {"none", "plateau"});
   at_least("plateau_patience", plateau_patience, 0);
   if (!(plateau_factor > 0 && plateau_factor < 1)) {
-    bad("plateau_factor", "must be in (0, 1), but got " + std::to_string(plateau_factor));
+    bad("plateau_factor", "must be in (0, 1), but got " + number_text(plateau_factor));
   }
   at_least("early_stopping_patience", early_stopping_patience, 1);
   at_least("early_stopping_min_epochs", early_stopping_min_epochs, 0);
@@ -440,10 +487,10 @@ void TrainConfig::validate() const {
   at_least("eval_batch_size", eval_batch_size, 1);
   at_least("bn_recalibration_batches", bn_recalibration_batches, 0);
   if (!std::isfinite(input_mean())) {
-    bad("normalize_mean", "must be a finite number, but got " + std::to_string(input_mean()));
+    bad("normalize_mean", "must be a finite number, but got " + number_text(input_mean()));
   }
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
-    bad("normalize_std", "must be a positive finite number, but got " + std::to_string(input_std()));
+    bad("normalize_std", "must be a positive finite number, but got " + number_text(input_std()));
   }
   if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store");
   if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float");
@@ -491,14 +538,16 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
     // setting: skipped, so that "-c DIR/config.json --resume" reads any run's own file.
     if (key == "world_size" && value.is_number_integer()) continue;
     auto it = std::find_if(fields().begin(), fields().end(), [&](const auto& f) { return f.first == key; });
-    if (it == fields().end()) throw std::invalid_argument(origin + ": unknown key '" + key + "'");
+    if (it == fields().end()) {
+      throw std::invalid_argument(origin + ": unknown key '" + key + "'" + closest_key_hint(key));
+    }
     const json current = it->second.get(config);
     // Accept 1 for 1.0; reject every other type mismatch (e.g. "16" for a number).
     const bool ok = (current.is_number_float() && value.is_number()) ||
                     (current.is_number_integer() && value.is_number_integer()) ||
                     (current.is_boolean() && value.is_boolean()) || (current.is_string() && value.is_string());
     if (!ok) {
-      throw std::invalid_argument(origin + ": key '" + key + "' needs a " + current.type_name() + ", but got " +
+      throw std::invalid_argument(origin + ": key '" + key + "' needs " + kind_of_value(current) + ", but got " +
                                   value.dump());
     }
     // nlohmann reads integers above the int64 range as unsigned; get<int64_t> would wrap them.

@@ -48,9 +48,10 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     return {false, *summary};
   }
   if (!options.resume && summary) {
-    throw std::invalid_argument("output directory " + files.dir +
-                                " holds a finished run with other settings; pass --resume to extend it to more epochs, "
-                                "--overwrite to replace it, or choose another --output-dir");
+    throw std::invalid_argument("output directory " + files.dir + " holds a finished run with other settings (" +
+                                differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false) +
+                                "); pass --resume to extend it to more epochs, --overwrite to replace it, or choose "
+                                "another --output-dir");
   }
   if (!options.resume && have_checkpoint) {
     throw std::invalid_argument("output directory " + files.dir +

@@ -291,8 +291,16 @@ TEST_F(TrainFiles, ConfigFileThenFlagsOverride) {
 
 TEST_F(TrainFiles, BadConfigFilesNameTheProblem) {
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {write("unknown.yaml", "methd: ste\n"), "unknown key 'methd'"},
-      {write("type.yaml", "batch_size: \"64\"\n"), "key 'batch_size' needs a number, but got \"64\""},
+      {write("unknown.yaml", "methd: ste\n"), "unknown key 'methd' (did you mean 'method'?)"},
+      {write("dashes.yaml", "batch-size: 16\n"), "unknown key 'batch-size' (did you mean 'batch_size'?)"},
+      {write("far.yaml", "colour: red\n"), "unknown key 'colour'\n"},  // nothing close: no guess
+      {write("type.yaml", "batch_size: \"64\"\n"), "key 'batch_size' needs an integer, but got \"64\""},
+      {write("float.yaml", "epochs: 3.0\n"), "key 'epochs' needs an integer, but got 3.0"},
+      {write("bool.yaml", "packed: 1\n"), "key 'packed' needs true or false, but got 1"},
+      {write("number.yaml", "lr: fast\n"), "key 'lr' needs a number, but got \"fast\""},
+      // Values in the shortest text that reads back, not std::to_string's six decimals.
+      {write("lambda.yaml", "msq_lambda: -1\n"), "msq_lambda: must be a non-negative number, but got -1\n"},
+      {write("tiny.yaml", "momentum: 1.5e-9\nweight_decay: -2.5e-7\n"), "but got -2.5e-07\n"},
       {write("value.json", R"({"scheduler": "cosine"})"), "scheduler: must be one of none, plateau"},
       {write("broken.json", "{\"method\": "), "is not valid JSON"},
       {write("broken.yaml", "method: [ste\n"), "is not valid YAML"},
@@ -327,7 +335,7 @@ TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
       {write("local_tag.yaml", "method: !custom sqpu\n"), "unknown YAML tag '!custom'"},
       {write("bad_float_tag.yaml", "lr: !!float fast\n"), "'fast' is not a valid !!float"},
       {write("seed.json", R"({"seed": 9223372036854775808})"), "outside the 64-bit integer range"},
-      {write("seed.yaml", "seed: 99999999999999999999\n"), "key 'seed' needs a number"},
+      {write("seed.yaml", "seed: 99999999999999999999\n"), "key 'seed' needs an integer"},
   };
   for (const auto& [path, needle] : cases) {
     const Parsed p = parse({"--config", path});
@@ -678,10 +686,10 @@ TEST_F(TrainRun, OneEpochWritesEveryField) {
   // Other settings in the same directory need --resume (more epochs) or --overwrite.
   ft::TrainConfig more = config_;
   more.epochs = 2;
-  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings");
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (epochs (1 in the run, 2 now))");
   more = config_;
   more.lr = 0.02;
-  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings");
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (lr (0.01 in the run, 0.02 now))");
   // An unfinished run (a checkpoint, no summary) needs --resume or --overwrite.
   ft::remove_file(dir_ + "/sqpu/summary.json");
   expect_error([&] { run("sqpu", config_); }, "holds an unfinished run; pass --resume");
