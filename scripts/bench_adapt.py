@@ -41,29 +41,44 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+from argtypes import positive_number, whole_number  # noqa: E402
 from bench_report import BenchReport, write_csv  # noqa: E402
 from bench_train import measure  # noqa: E402
 
 METHODS = ("fp32", "ste", "adapt", "adapt-qpu")
 
 
+def lookback_bounds(text: str) -> tuple[int, int]:
+    """--lookback MIN,MAX: whole numbers with 1 <= MIN <= MAX; argparse reports anything else."""
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, two whole numbers, got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"needs 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="lenet5", help="fxp-train --model")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=120,
+    p.add_argument("--batch-size", type=whole_number(1), default=256)
+    p.add_argument("--steps", type=whole_number(1), default=120,
                    help="timed training steps per measurement (more than the lookback's upper bound, so that "
                         "every layer switches in the timed epoch)")
-    p.add_argument("--repeats", type=int, default=3, help="measurements per method (interleaved; the median counts)")
-    p.add_argument("--lookback", default="25,100", help="AdaPT's lookback bounds MIN,MAX (the paper's: 25,100)")
+    p.add_argument("--repeats", type=whole_number(1), default=3,
+                   help="measurements per method (interleaved; the median counts)")
+    p.add_argument("--lookback", type=lookback_bounds, default="25,100",
+                   help="AdaPT's lookback bounds MIN,MAX (the paper's: 25,100)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
     p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
     p.add_argument("--step-only", action="store_true", help="time the optimizer step alone (no fxp-train runs)")
-    p.add_argument("--step-params", type=float, default=1e7, help="with --step-only: parameters, in 60 tensors")
+    p.add_argument("--step-params", type=positive_number, default=1e7,
+                   help="with --step-only: parameters, in 60 tensors")
     p.add_argument("--python-loop", action="store_true",
                    help="time training steps of fxp.adapt in a Python loop (no fxp-train runs)")
     args = p.parse_args(argv)
@@ -73,9 +88,7 @@ def main(argv=None) -> int:
         return bench_step(args)
     if args.python_loop:
         return bench_python_loop(args)
-    low, high = (int(v) for v in args.lookback.split(","))
-    if not 1 <= low <= high:
-        p.error("--lookback needs 1 <= MIN <= MAX")
+    low, high = args.lookback
     if not pathlib.Path(args.fxp_train).exists():
         p.error(f"no fxp-train at {args.fxp_train} (scripts/setup.sh builds it)")
 
@@ -113,7 +126,7 @@ def bench_python_loop(args) -> int:
 
     import fxp
 
-    low, high = (int(v) for v in args.lookback.split(","))
+    low, high = args.lookback
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

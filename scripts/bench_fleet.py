@@ -39,7 +39,8 @@ from statistics import median
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, finish, positive_list  # noqa: E402
+from argtypes import positive_list, whole_number  # noqa: E402
+from bench_report import BenchReport, finish  # noqa: E402
 from bench_train import measure  # noqa: E402
 import sweeplib  # noqa: E402
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
                    help="comma-separated (default: 1,4,16,64)")
     p.add_argument("--fleet-sizes", type=positive_list, default=positive_list("8,32,80"),
                    help="K, the members of each fleet, comma-separated (default: 8,32,80)")
-    p.add_argument("--steps", type=int, default=32, help="timed training steps per point")
+    p.add_argument("--steps", type=whole_number(1), default=32, help="timed training steps per point")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
                         "(3 or more on a machine whose speed varies)")

@@ -21,6 +21,7 @@ import argparse
 
 import torch
 import torch.utils.benchmark as tbench
+from argtypes import positive_number, whole_number
 from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 import fxp
@@ -136,13 +137,16 @@ def time_step(make, device, min_run_time):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large-total", type=float, default=1e8, help="parameters in the large set (default 1e8)")
-    parser.add_argument("--large-tensors", type=int, default=300, help="tensors in the large set (default 300)")
+    parser.add_argument("--large-total", type=positive_number, default=1e8,
+                        help="parameters in the large set (default 1e8)")
+    parser.add_argument("--large-tensors", type=whole_number(1), default=300,
+                        help="tensors in the large set (default 300)")
     add_timing_args(parser, min_run_time=1.0)
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
-    if args.large_total < 1 or args.large_tensors < 1:
-        parser.error("--large-total and --large-tensors must be positive")
+    if int(args.large_total) < args.large_tensors:  # fewer: empty tensors, no time per parameter
+        parser.error(f"--large-total must be at least --large-tensors ({args.large_tensors}), "
+                     f"got {args.large_total:g}")
 
     header = f"fxp optimizer-step benchmark, {FMT} parameters and momentum, float32, {run}"
     report = BenchReport(header, "Targets (large set): SQPU <= 1.5x and HTEQPU <= 1.15x torch's fused SGD step "

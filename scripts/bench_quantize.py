@@ -31,10 +31,10 @@ TARGETS = {
 def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(float(s)) for s in text.split(",") if s]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--sizes: expected numbers like 1e4,1e6, got {text!r}")
+    except (ValueError, OverflowError):  # OverflowError: inf
+        raise argparse.ArgumentTypeError(f"expected numbers like 1e4,1e6, got {text!r}")
     if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError("--sizes: every size must be positive")
+        raise argparse.ArgumentTypeError("every size must be positive")
     return sizes
 
 

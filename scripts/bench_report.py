@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import pathlib
 import platform
 import sys
@@ -13,16 +14,7 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.table import Table
 
-
-def positive_list(text: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]; argparse reports anything else."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every value must be at least 1, but got {text!r}")
-    return values
+from argtypes import positive_number
 
 
 class BenchReport:
@@ -44,6 +36,8 @@ class BenchReport:
 
     def save(self, path: str | None) -> None:
         if path:
+            # Its directory made, as write_csv's: a missing one would lose minutes of measuring here.
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as fh:
                 fh.write("\n".join(self.markdown) + "\n")
             self.console.print(f"wrote {path}")
@@ -53,7 +47,7 @@ def add_timing_args(parser: argparse.ArgumentParser, min_run_time: float) -> Non
     """The arguments of the benchmarks that time ops in this process: --device, --min-run-time,
     --threads and --markdown."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--min-run-time", type=float, default=min_run_time,
+    parser.add_argument("--min-run-time", type=positive_number, default=min_run_time,
                         help=f"seconds per measurement (default {min_run_time:g})")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--markdown", help="also write the tables to this markdown file")
@@ -68,8 +62,6 @@ def apply_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--device cuda: no CUDA device is available")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
-    if args.min_run_time <= 0:
-        parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
     if args.threads:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
@@ -91,7 +83,6 @@ def finish(script: str, report: BenchReport, markdown, csv, rows: list[dict], me
     """A benchmark's end: the markdown report, the CSV of the rows whose `measured` column is a number
     (a failed point has NaN there, which sweep --estimate could not use), and the exit code: 1, after
     naming them, when some points failed."""
-    import math
     report.save(str(markdown) if markdown else None)
     good = [r for r in rows if not math.isnan(r[measured])]
     if csv and good:

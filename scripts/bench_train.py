@@ -26,7 +26,8 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_report import BenchReport, finish, positive_list  # noqa: E402
+from argtypes import positive_list, whole_number  # noqa: E402
+from bench_report import BenchReport, finish  # noqa: E402
 
 
 VARIANTS = ("packed", "graphs")  # METHOD:VARIANT[:VARIANT]
@@ -48,17 +49,28 @@ def method_flags(method: str, model: str, device: str) -> list[str]:
             f"--cuda-graphs={'true' if 'graphs' in variants else 'false'}", "--device", device]
 
 
-def check_method(fxp_train: str, method: str, model: str, device: str) -> None:
-    """Exits with fxp-train's own message where it would refuse the method (an unknown name, packed
-    storage on a model without it, ...), before minutes of measuring."""
+def check_flags(fxp_train: str, flags: list[str], prefix: str) -> None:
+    """Exits with fxp-train's own message, after `prefix`, where it would refuse `flags`, before
+    minutes of measuring."""
     try:
-        p = subprocess.run([fxp_train, *method_flags(method, model, device), "--print-config"],
-                           capture_output=True, text=True)
+        p = subprocess.run([fxp_train, *flags, "--print-config"], capture_output=True, text=True)
     except OSError as e:
         raise SystemExit(f"bench_train.py: cannot run {fxp_train}: {e} (build it with scripts/setup.sh)") from None
     if p.returncode != 0:
         why = (p.stderr.strip().splitlines() or [f"fxp-train exited with {p.returncode}"])[0]
-        raise SystemExit(f"bench_train.py: --methods {method}: {why}")
+        raise SystemExit(f"bench_train.py: {prefix}{why}")
+
+
+def check_method(fxp_train: str, method: str, model: str, device: str) -> None:
+    """Exits with fxp-train's own message where it would refuse the method (an unknown name, packed
+    storage on a model without it, ...)."""
+    check_flags(fxp_train, method_flags(method, model, device), f"--methods {method}: ")
+
+
+def check_model(fxp_train: str, model: str, device: str) -> None:
+    """Exits with fxp-train's own message (`--model: ...`) where it would refuse the model or the device
+    whatever the method: checked before the methods, so that such an error is not named as a method's."""
+    check_flags(fxp_train, ["--model", model, "--device", device], "")
 
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
@@ -91,10 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,4,16,64,256,1024"),
                    help="comma-separated (default: 1,4,16,64,256,1024)")
     p.add_argument("--model", default="paper_cnn", help="fxp-train --model (docs/models.md)")
-    p.add_argument("--steps", type=int, default=64, help="timed training steps per point (at least 1024 images)")
-    p.add_argument("--val-images", type=int, default=2000)
+    p.add_argument("--steps", type=whole_number(1), default=64,
+                   help="timed training steps per point (at least 1024 images)")
+    p.add_argument("--val-images", type=whole_number(1), default=2000)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: LibTorch's default)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
@@ -102,6 +115,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rows = []
+    check_model(args.fxp_train, args.model, args.device)
     for method in args.methods.split(","):  # every name checked before minutes of measuring
         check_method(args.fxp_train, method, args.model, args.device)
     for batch in args.batch_sizes:

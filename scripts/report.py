@@ -22,12 +22,18 @@ is skipped with a warning on stderr that names it and the problem.
 Examples:
   scripts/report results/exp1 results/exp2 --out results/report
   scripts/report results/compare-lenet5 --out results/compare   # the three methods side by side
+
+Exit status: 0 the report is written; 1 no finished runs below the
+directories, or --out or stdout cannot be written (a read-only or full file
+system); 2 a usage error (a root that is not a directory, --out under a
+regular file).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -771,6 +777,33 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
     return "\n".join(lines) + "\n"
 
 
+def write_report(df: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """Writes the tables, the figures and report.md of the runs `df` (collect's) into `out`, making it;
+    returns the figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    stats = seed_stats(df)
+    df.to_csv(out / "runs.csv", index=False)
+    stats.to_csv(out / "stats.csv", index=False)
+    images = draw_heatmaps(stats, out)
+    memory = draw_memory_plot(df, out)
+    if memory:
+        images.append(memory)
+    adapt = adapt_table(df)
+    if not adapt.empty:
+        adapt.to_csv(out / "adapt.csv", index=False)
+        images += draw_adapt_bits(adapt, out)
+    msq = msq_table(df)
+    if not msq.empty:
+        msq.to_csv(out / "msq.csv", index=False)
+        images += draw_msq_tradeoff(msq, out) + draw_msq_bits(msq, out)
+    methods = methods_table(df)
+    if not methods.empty:
+        methods.to_csv(out / "methods.csv", index=False)
+        images += draw_methods(methods, out)
+    (out / "report.md").write_text(markdown_report(df, stats, images, adapt, msq, methods))
+    return images
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -792,28 +825,21 @@ def main(argv=None) -> int:
     if df.empty or not (df.status == "finished").any():
         print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    stats = seed_stats(df)
-    df.to_csv(args.out / "runs.csv", index=False)
-    stats.to_csv(args.out / "stats.csv", index=False)
-    images = draw_heatmaps(stats, args.out)
-    memory = draw_memory_plot(df, args.out)
-    if memory:
-        images.append(memory)
-    adapt = adapt_table(df)
-    if not adapt.empty:
-        adapt.to_csv(args.out / "adapt.csv", index=False)
-        images += draw_adapt_bits(adapt, args.out)
-    msq = msq_table(df)
-    if not msq.empty:
-        msq.to_csv(args.out / "msq.csv", index=False)
-        images += draw_msq_tradeoff(msq, args.out) + draw_msq_bits(msq, args.out)
-    methods = methods_table(df)
-    if not methods.empty:
-        methods.to_csv(args.out / "methods.csv", index=False)
-        images += draw_methods(methods, args.out)
-    (args.out / "report.md").write_text(markdown_report(df, stats, images, adapt, msq, methods))
-    print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures")
+    try:
+        images = write_report(df, args.out)
+    except OSError as e:  # a read-only or full file system; a full disk's error names no file: --out
+        print(f"report: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    try:
+        # Flushed here, so that a closed pipe or a full disk shows now and not as a traceback at exit.
+        print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures",
+              flush=True)
+    except OSError as e:
+        # Python's note on SIGPIPE: what is left in the buffer goes nowhere, or exit would fail on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(e, BrokenPipeError):  # the reader is gone (`report ... | head`): end quietly
+            print(f"report: cannot write to stdout: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import pathlib
 import signal
@@ -31,26 +30,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import sweeplib  # noqa: E402
-
-
-def at_least_one(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def positive_number(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(x) or x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return x
+from argtypes import positive_number, whole_number  # noqa: E402
 
 
 # Options that only print (a dry run's): each implies --dry-run.
@@ -81,23 +61,23 @@ def parse_args(argv=None):
                    help="keep runs whose KEY is one of the values (repeatable): fxp-train's resolved setting, "
                         "defaults included, against each value read as YAML (weight_decay=5e-4, "
                         "msq_hessian=false); format=16/10/8 also works")
-    p.add_argument("--seeds", type=at_least_one, help="keep only the first N seeds of the grid")
+    p.add_argument("--seeds", type=whole_number(1), help="keep only the first N seeds of the grid")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting in every run, e.g. epochs=5 or train_limit=10000; run ids follow "
                         "the overridden settings, and overrides that merge two runs or make a run invalid are "
                         "errors")
-    p.add_argument("--limit", type=at_least_one, help="run at most N runs (after filters and sharding)")
+    p.add_argument("--limit", type=whole_number(1), help="run at most N runs (after filters and sharding)")
     p.add_argument("--shard", default="0/1", metavar="i/N",
                    help="run only shard i of N (0-based); a run stays in the shard of the run it starts from")
-    p.add_argument("--jobs", type=at_least_one,
+    p.add_argument("--jobs", type=whole_number(1),
                    help="concurrent fxp-train processes (default: on the CPU one per CPU, or per --threads CPUs, "
                         "at most one per GiB of memory; on a GPU 1)")
-    p.add_argument("--threads", type=at_least_one,
+    p.add_argument("--threads", type=whole_number(1),
                    help="CPU threads per process (default: the CPUs divided among the jobs)")
     p.add_argument("--device", help="cpu, cuda or cuda:N for every run (default: the grid's, else cpu)")
     p.add_argument("--fxp-train", default=str(sweeplib.DEFAULT_FXP_TRAIN),
                    help="the fxp-train executable (default: $FXP_TRAIN, else build/fxp-train)")
-    p.add_argument("--fleet", type=at_least_one, metavar="K",
+    p.add_argument("--fleet", type=whole_number(1), metavar="K",
                    help="train runs that can share one in fleets of up to K (fxp-train --fleet: same model, "
                         "dataset, method and batch size); 1: every run alone (default: K from the batch size, "
                         "threads and device, docs/sweeps.md)")
@@ -132,6 +112,9 @@ def main(argv=None) -> int:
         # that merges two runs, is an error before anything runs.
         runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
                                sweeplib.parse_assignments(args.set, keys), args.fxp_train, args.device, out)
+        if args.filter and not runs:  # a typo in a value selects nothing: say so, not a silent "0 runs"
+            print(f"sweep: warning: no run matches the filters ({' '.join('--filter ' + f for f in args.filter)})",
+                  file=sys.stderr)
         runs = sweeplib.shard(runs, *sweeplib.parse_shard(args.shard), out)
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
@@ -175,14 +158,20 @@ def main(argv=None) -> int:
                   f"(up to {max((len(u) for u in units), default=0)} members), "
                   f"{len(units) - len(in_fleets)} alone")
         if args.estimate:
+            speedups = None
+            if args.fleet_throughput:
+                try:
+                    speedups = sweeplib.load_fleet_speedups(args.fleet_throughput)
+                except (OSError, ValueError) as e:
+                    print(f"sweep: --fleet-throughput {args.fleet_throughput}: {e}", file=sys.stderr)
+                    return 2
             try:
-                speedups = sweeplib.load_fleet_speedups(args.fleet_throughput) if args.fleet_throughput else None
                 size = {r.id: len(u) for u in units for r in u}
                 # Only what is left to run: done, conflicting and busy runs are not started.
                 per_run = sweeplib.run_seconds(sweeplib.resolved_runs(pending, args.fxp_train),
                                                sweeplib.load_throughput(args.estimate), args.typical_epochs,
                                                speedups, [size.get(r.id, 1) for r in pending])
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
             index = {r.id: i for i, r in enumerate(pending)}
@@ -201,6 +190,12 @@ def main(argv=None) -> int:
             print(f"  ... ({len(runs) - 5} more; --list shows all)")
         return 0
 
+    try:
+        if runs:  # a selection of none writes nothing
+            sweeplib.make_out(out)
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
     if why := sweeplib.oversubscription(jobs, threads, device, sweeplib.usable_cpus()):
         print(f"sweep: warning: {why}", file=sys.stderr)
     processes = sweeplib.Processes()

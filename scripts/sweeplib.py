@@ -19,6 +19,7 @@ import difflib
 import fcntl
 import itertools
 import json
+import math
 import os
 import pathlib
 import re
@@ -210,6 +211,8 @@ def check_settings(settings, where: str, keys: set[str] | None) -> dict:
     for k, v in settings.items():
         if isinstance(v, (dict, list)):
             raise ValueError(f"{where}: {k} must be a single value, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):  # .nan, .inf: JSON, which fxp-train reads, has neither
+            raise ValueError(f"{where}: {k} must be a finite number, got {v}")
     return settings
 
 
@@ -597,6 +600,15 @@ def check_out(out: pathlib.Path) -> None:
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is not a directory")
+
+
+def make_out(out: pathlib.Path) -> None:
+    """Creates --out (and its missing parents) before any run starts: a read-only file system or a
+    directory this user may not write is one error here, not one per run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create {e.filename or out}: {e.strerror or e}") from None
 
 
 # Settings that cannot change a run's results, so they never make a finished run
@@ -1029,17 +1041,61 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
 
 # ---- wall-time estimates -----------------------------------------------------------
 
+def _csv_rows(path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """The rows of a CSV file whose header holds `columns` (and maybe more, as an optional model), each
+    with its row number in the file (the header is row 1). A missing column or a malformed file is a
+    ValueError."""
+    import csv
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []  # none in an empty file: no measurements
+            missing = [c for c in columns if c not in header]
+            if header and missing:
+                raise ValueError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+            return [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            raise ValueError(f"row {reader.line_num}: {e}") from None
+
+
+def _shown(text) -> str:
+    """A CSV field as an error message shows it: a missing or empty one is "nothing"."""
+    return text if text else "nothing"
+
+
+def _positive_number(row: dict, column: str, n: int) -> float:
+    """A rate or ratio of a measurement CSV: a positive finite number (0 would divide by zero)."""
+    try:
+        x = float(row[column])
+    except (TypeError, ValueError):
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"row {n}: {column} must be a positive finite number, got {_shown(row[column])}")
+    return x
+
+
+def _count(row: dict, column: str, n: int) -> int:
+    """A batch size or member count of a measurement CSV: a whole number of at least 1."""
+    try:
+        x = int(row[column])
+    except (TypeError, ValueError):
+        x = 0
+    if x < 1:
+        raise ValueError(f"row {n}: {column} must be a whole number of at least 1, got {_shown(row[column])}")
+    return x
+
+
 def load_throughput(path) -> dict:
     """{(model, method): [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's
     CSV (a CSV without a model column measured the paper's CNN; a method may carry bench_train's
-    variants, as in sqpu:packed)."""
-    import csv
+    variants, as in sqpu:packed). A missing column, or a value that is not a positive number, is a
+    ValueError naming it."""
     table: dict = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            key = (row.get("model") or "paper_cnn", row["method"])
-            table.setdefault(key, []).append(
-                (int(row["batch_size"]), float(row["train_images_per_s"]), float(row["val_images_per_s"])))
+    for n, row in _csv_rows(path, ("method", "batch_size", "train_images_per_s", "val_images_per_s")):
+        key = (row.get("model") or "paper_cnn", row["method"])
+        table.setdefault(key, []).append(
+            (_count(row, "batch_size", n), _positive_number(row, "train_images_per_s", n),
+             _positive_number(row, "val_images_per_s", n)))
     if not table:
         raise ValueError("no measurements")
     return {key: sorted(v) for key, v in table.items()}
@@ -1075,14 +1131,12 @@ def _interpolate(points, batch: int, column: int) -> float:
 
 def load_fleet_speedups(path) -> dict:
     """{(model, method): {K: [(batch_size, speed-up), ...]}} from scripts/bench_fleet.py's CSV (a CSV
-    without a model column measured the paper's CNN)."""
-    import csv
+    without a model column measured the paper's CNN). Checked as load_throughput's."""
     table: dict = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            key = (row.get("model") or "paper_cnn", row["method"])
-            table.setdefault(key, {}).setdefault(int(row["members"]), []).append(
-                (int(row["batch_size"]), float(row["speedup"])))
+    for n, row in _csv_rows(path, ("method", "batch_size", "members", "speedup")):
+        key = (row.get("model") or "paper_cnn", row["method"])
+        table.setdefault(key, {}).setdefault(_count(row, "members", n), []).append(
+            (_count(row, "batch_size", n), _positive_number(row, "speedup", n)))
     if not table:
         raise ValueError("no measurements")
     return {key: {k: sorted(v) for k, v in ks.items()} for key, ks in table.items()}

@@ -83,3 +83,87 @@ def test_bench_fleet_runs_as_a_sweep_does_unless_told(monkeypatch):
     with pytest.raises(SystemExit) as e:
         bench_fleet.main(["--threads", "-1"])
     assert "bench_fleet.py: --threads must be at least 0" in str(e.value)
+
+
+bench_adapt = _script("bench_adapt")
+# The scripts that time ops in this process (their main() reads sys.argv).
+bench_optim, bench_pool, bench_quantize = (_script(name) for name in ("bench_optim", "bench_pool", "bench_quantize"))
+
+# What each script measures with: a test that got past the argument checks would measure for minutes.
+MEASURING = {bench_adapt: ("measure", "bench_step", "bench_python_loop"),
+             bench_train: ("measure", "check_method", "check_model"), bench_fleet: ("measure", "at_once"),
+             bench_optim: ("time_step",), bench_pool: ("time_it",), bench_quantize: ("time_one", "load_qtorch")}
+
+
+def refused(script, args: list[str], monkeypatch, capsys) -> str:
+    """The stderr of `script` run with `args`, which its argument checks must refuse (argparse's exit
+    status 2) before anything is measured."""
+    def measured(*_, **__):
+        raise AssertionError(f"{script.__name__} {' '.join(args)}: the arguments were taken")
+    for name in MEASURING[script]:
+        monkeypatch.setattr(script, name, measured)
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *args])
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lookback, message", [
+    ("25", "expected MIN,MAX, two whole numbers, got '25'"),  # was a ValueError traceback
+    ("a,b", "expected MIN,MAX, two whole numbers, got 'a,b'"),
+    ("1,2,3", "expected MIN,MAX, two whole numbers, got '1,2,3'"),
+    ("100,25", "needs 1 <= MIN <= MAX, got '100,25'"),
+    ("0,25", "needs 1 <= MIN <= MAX, got '0,25'"),
+])
+@pytest.mark.parametrize("mode", [[], ["--python-loop"]])  # the Python loop did not check it at all
+def test_bench_adapt_lookback_is_two_ordered_whole_numbers(lookback, message, mode, monkeypatch, capsys):
+    err = refused(bench_adapt, ["--lookback", lookback, *mode], monkeypatch, capsys)
+    assert err.endswith(f"error: argument --lookback: {message}\n")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    (bench_adapt, ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),  # was a StatisticsError
+    (bench_adapt, ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (bench_adapt, ["--batch-size", "-4"], "argument --batch-size: must be at least 1, got -4"),
+    (bench_adapt, ["--threads", "-1"], "argument --threads: must be at least 0, got -1"),
+    (bench_adapt, ["--repeats", "two"], "argument --repeats: expected a whole number, got 'two'"),
+    (bench_adapt, ["--step-only", "--step-params", "nan"],
+     "argument --step-params: must be a positive number, got nan"),
+    (bench_train, ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (bench_train, ["--val-images", "0"], "argument --val-images: must be at least 1, got 0"),
+    (bench_train, ["--threads", "-2"], "argument --threads: must be at least 0, got -2"),
+    (bench_fleet, ["--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+    # --min-run-time nan or inf was taken, and inf measures forever
+    (bench_optim, ["--min-run-time", "nan"], "argument --min-run-time: must be a positive number, got nan"),
+    (bench_optim, ["--min-run-time", "inf"], "argument --min-run-time: must be a positive number, got inf"),
+    (bench_optim, ["--min-run-time", "0"], "argument --min-run-time: must be a positive number, got 0"),
+    (bench_optim, ["--min-run-time", "soon"], "argument --min-run-time: expected a number, got 'soon'"),
+    (bench_optim, ["--large-total", "inf"], "argument --large-total: must be a positive number, got inf"),
+    (bench_optim, ["--large-tensors", "0"], "argument --large-tensors: must be at least 1, got 0"),
+    (bench_optim, ["--large-total", "5", "--large-tensors", "10"],
+     "--large-total must be at least --large-tensors (10), got 5"),  # empty tensors: a ZeroDivisionError
+    (bench_pool, ["--min-run-time", "-1"], "argument --min-run-time: must be a positive number, got -1"),
+    (bench_quantize, ["--min-run-time", "nan"], "argument --min-run-time: must be a positive number, got nan"),
+    (bench_quantize, ["--sizes", "1e4,inf"], "argument --sizes: expected numbers like 1e4,1e6, got '1e4,inf'"),
+])
+def test_bench_numbers_are_checked_before_measuring(script, args, message, monkeypatch, capsys):
+    assert refused(script, args, monkeypatch, capsys).endswith(f"error: {message}\n")
+
+
+def test_bench_markdown_goes_into_a_directory_it_makes(tmp_path):
+    # The file is opened once every point is measured: a missing directory lost them to a traceback.
+    from bench_report import BenchReport
+    report = BenchReport("header", "notes")
+    report.table("t", ["a"], [["1"]])
+    path = tmp_path / "new" / "dir" / "t.md"
+    report.save(str(path))
+    assert path.read_text().startswith("### header\n\nnotes\n")
+
+
+@requires_fxp_train
+def test_bench_train_names_a_bad_model_as_the_model():
+    # It was named as the first method's: `--methods fp32: --model: bogus not in ...`.
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--fxp-train", str(FXP_TRAIN), "--model", "bogus"])
+    assert str(e.value).startswith("bench_train.py: --model: bogus not in {paper_cnn,")

@@ -103,7 +103,7 @@ def test_fxp_train_checks_every_runs_values(tmp_path):
                             "blocks": [{"axes": {"seed": [0]}}, {"set": {"lr": -1, "seed": 1}},
                                        {"set": {"lr": "x", "seed": 2}}]})
     assert [r.id for r in runs] == [f"sqpu-p16.10-o16.8-sr-b64-s{s}" for s in range(3)]
-    assert [r.invalid for r in runs] == ["", "lr: must be a positive number, but got -1.000000",
+    assert [r.invalid for r in runs] == ["", "lr: must be a positive number, but got -1",
                                          'settings: key \'lr\' needs a number, but got "x"']
     # A bad value of a key that names the run: the id clash says why.
     with pytest.raises(ValueError, match="two runs share the id .*needs a string"):

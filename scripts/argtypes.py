@@ -1,0 +1,42 @@
+"""argparse types shared by the sweep and the benchmark scripts: a bad number is a usage error
+(exit 2) that names the flag, never a traceback or a silently odd run."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; argparse reports anything else."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, but got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, but got {text!r}")
+    return values
+
+
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum` (repeats, steps, sizes; threads from 0)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a positive finite number (seconds, parameter counts); NaN and infinity are not."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return x
