@@ -82,14 +82,14 @@ def main(argv=None) -> int:
     p.add_argument("--fleet-sizes", type=positive_list, default=positive_list("8,32,80"),
                    help="K, the members of each fleet, comma-separated (default: 8,32,80)")
     p.add_argument("--steps", type=whole_number(1), default=32, help="timed training steps per point")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=whole_number(1), default=1,
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
                         "(3 or more on a machine whose speed varies)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=whole_number(0),
                    help="CPU threads per process (default: the CPUs divided among the jobs, as scripts/sweep "
                         "does; 0: LibTorch's default)")
-    p.add_argument("--jobs", type=int,
+    p.add_argument("--jobs", type=whole_number(1),
                    help="copies of every measurement run at once, as sweep --jobs runs them; the figures are "
                         "summed over the copies (default: scripts/sweep's: on the CPU one per CPU, or per "
                         "--threads CPUs; on a GPU 1)")
@@ -103,12 +103,6 @@ def main(argv=None) -> int:
         if m not in ("fp32", "ste", "sqpu", "hteqpu"):
             raise SystemExit(f"bench_fleet.py: fleets train fp32, ste, sqpu and hteqpu, not {m!r}")
     sizes = args.fleet_sizes
-    if args.repeats < 1:
-        raise SystemExit("bench_fleet.py: --repeats must be at least 1")
-    if args.jobs is not None and args.jobs < 1:
-        raise SystemExit("bench_fleet.py: --jobs must be at least 1")
-    if args.threads is not None and args.threads < 0:
-        raise SystemExit("bench_fleet.py: --threads must be at least 0 (0: LibTorch's default)")
     args.jobs, args.threads = sweeplib.jobs_and_threads(args.jobs, args.threads, args.device,
                                                         sweeplib.usable_cpus(), sweeplib.usable_memory_gib())
 

@@ -18,6 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as tbench
+from argtypes import positive_list
 from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 import fxp  # noqa: F401  (registers torch.ops.fxp)
@@ -54,16 +55,12 @@ def time_it(fn, x, grad, backward, device, min_run_time):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", default="1,16,64,256", help="comma-separated (default 1,16,64,256)")
+    parser.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,16,64,256"),
+                        help="comma-separated (default 1,16,64,256)")
     add_timing_args(parser, min_run_time=0.5)
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",")]
-    except ValueError:
-        parser.error(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}")
-    if not batches or min(batches) < 1:
-        parser.error("--batch-sizes must be positive")
+    batches = args.batch_sizes
 
     header = f"fxp ReLU + 2x2 max-pool benchmark, float32, {run}"
     report = BenchReport(header, "Speed-up = ATen's time / fxp's, measured in the same run; the same values and "

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.table import Table
 
-from argtypes import positive_number
+from argtypes import positive_number, whole_number
 
 
 class BenchReport:
@@ -49,7 +49,7 @@ def add_timing_args(parser: argparse.ArgumentParser, min_run_time: float) -> Non
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--min-run-time", type=positive_number, default=min_run_time,
                         help=f"seconds per measurement (default {min_run_time:g})")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=whole_number(1), default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--markdown", help="also write the tables to this markdown file")
 
 
@@ -60,8 +60,6 @@ def apply_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()

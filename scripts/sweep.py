@@ -107,11 +107,12 @@ def main(argv=None) -> int:
         grid = sweeplib.load_grid(args.grid, keys)
         out = pathlib.Path(args.out) if args.out else sweeplib.default_out(grid["name"])
         sweeplib.check_out(out)
-        runs = sweeplib.expand(grid, args.fxp_train, out)
+        grid_runs = sweeplib.expand(grid, args.fxp_train, out)
+        overrides = sweeplib.parse_assignments(args.set, keys)
         # --set and --device are resolved by fxp-train here, so that an override it would refuse, or one
         # that merges two runs, is an error before anything runs.
-        runs = sweeplib.select(runs, sweeplib.parse_filters(args.filter, keys), args.seeds,
-                               sweeplib.parse_assignments(args.set, keys), args.fxp_train, args.device, out)
+        runs = sweeplib.select(grid_runs, sweeplib.parse_filters(args.filter, keys), args.seeds, overrides,
+                               args.fxp_train, args.device, out)
         if args.filter and not runs:  # a typo in a value selects nothing: say so, not a silent "0 runs"
             print(f"sweep: warning: no run matches the filters ({' '.join('--filter ' + f for f in args.filter)})",
                   file=sys.stderr)
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
         print(f"sweep: warning: run {r.id} will fail: {r.invalid}", file=sys.stderr)
     if len(invalid) > 5:
         print(f"sweep: warning: ... and {len(invalid) - 5} more runs with invalid settings", file=sys.stderr)
+    # Sources whose directories hold other settings: their runs wait, whether selected or not.
+    conflicting = sweeplib.conflicting_sources(runs, grid_runs, out, overrides, args.fxp_train, args.device)
     device = sweep_device(args, runs)
     jobs, threads = sweeplib.jobs_and_threads(args.jobs, args.threads, device, sweeplib.usable_cpus(),
                                               sweeplib.usable_memory_gib())
@@ -145,7 +148,6 @@ def main(argv=None) -> int:
         after = sum(s in sources for s in sources.values())
         if after:
             print(f"  {after} pending run(s) start from another pending run's checkpoint, once that run finishes")
-        conflicting = {i for i, s in statuses.items() if s == "conflict"}
         waits = [why for r in pending
                  if sources[r.id] not in sources and (why := sweeplib.waits_for(r, out, conflicting))]
         if waits:
@@ -166,20 +168,35 @@ def main(argv=None) -> int:
                     print(f"sweep: --fleet-throughput {args.fleet_throughput}: {e}", file=sys.stderr)
                     return 2
             try:
-                size = {r.id: len(u) for u in units for r in u}
-                # Only what is left to run: done, conflicting and busy runs are not started.
-                per_run = sweeplib.run_seconds(sweeplib.resolved_runs(pending, args.fxp_train),
-                                               sweeplib.load_throughput(args.estimate), args.typical_epochs,
-                                               speedups, [size.get(r.id, 1) for r in pending])
+                throughput = sweeplib.load_throughput(args.estimate)
             except (OSError, ValueError) as e:
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
+            try:
+                # Only what is left to run: done, conflicting and busy runs are not started.
+                resolved = sweeplib.resolved_runs(pending, args.fxp_train)
+            except ValueError as e:  # a run's settings: "run ID: ..."
+                print(f"sweep: {e}", file=sys.stderr)
+                return 2
+            try:
+                size = {r.id: len(u) for u in units for r in u}
+                per_run = sweeplib.run_seconds(resolved, throughput, args.typical_epochs, speedups,
+                                               [size.get(r.id, 1) for r in pending])
+            except ValueError as e:  # a model or method the table lacks
+                print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
+                return 2
+            # A fleet is one job of --jobs, lasting its members' time together (bench_fleet's speed-up
+            # is the fleet's images/s over one solo run's); a run waits for the unit holding its source.
             index = {r.id: i for i, r in enumerate(pending)}
-            low, mid, high = sweeplib.wall_seconds(per_run, [index.get(sources[r.id]) for r in pending], jobs)
+            unit_of = {r.id: u for u, unit in enumerate(units) for r in unit}
+            per_unit = [tuple(sum(per_run[index[r.id]][k] for r in unit) for k in range(3)) for unit in units]
+            unit_sources = [unit_of.get(sources[unit[0].id]) if len(unit) == 1 else None for unit in units]
+            low, mid, high = sweeplib.wall_seconds(per_unit, unit_sources, jobs)
             fleets = " with fleets" if speedups else ""
-            # No number of jobs makes a run, or a chain of runs that start from each other, shorter.
-            chained = (" (set by its longest run, or chain of runs that start from each other's checkpoints)"
-                       if mid > sum(s[1] for s in per_run) / jobs else "")
+            # No number of jobs makes a run, a fleet, or a chain of runs that start from each other, shorter.
+            spread = sum(s[1] for s in per_run) / jobs
+            chained = (" (set by its longest run or fleet, or chain of runs that start from each other's "
+                       "checkpoints)" if mid > spread * (1 + 1e-9) else "")
             print(f"  estimated wall time of the {len(pending)} pending runs (of {len(runs)} selected){fleets} "
                   f"with {jobs} job(s) at the measured throughput: "
                   f"{mid / 3600:.1f} h{chained} (from {low / 3600:.1f} h if every run stops at its minimum "
@@ -221,7 +238,7 @@ def main(argv=None) -> int:
 
     print(f"sweep {grid['name']}: {len(runs)} runs, {jobs} jobs x {threads} threads -> {out}", file=sys.stderr)
     try:
-        counts = sweeplib.execute(runs, out, runner, jobs, on_update, plan, fleet_runner)
+        counts = sweeplib.execute(runs, out, runner, jobs, on_update, plan, fleet_runner, conflicting)
     except KeyboardInterrupt:
         processes.stop()
         if bar is not None:
@@ -234,7 +251,6 @@ def main(argv=None) -> int:
           f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy, "
           f"{counts['waiting']} waiting for other runs", file=sys.stderr)
     statuses = {r.id: sweeplib.status(out, r) for r in runs}
-    conflicting = {i for i, s in statuses.items() if s == "conflict"}
     for r in runs:
         s = statuses[r.id]
         if s == "failed":

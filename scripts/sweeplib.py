@@ -397,6 +397,25 @@ def _check_sources(runs: list[Run], out: pathlib.Path, where: str, whole_grid: b
             s = sources.get(s)
 
 
+def conflicting_sources(runs: list[Run], grid_runs: list[Run], out: str | os.PathLike,
+                        overrides: dict | None = None, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
+                        device: str | None = None) -> set[str]:
+    """The ids of the runs' sources under `out` (source_run) whose directories hold a finished run of
+    other settings than the grid's (status conflict): those among `runs` and those a selection left
+    out, found among the whole grid's runs (`grid_runs`, expand's) after the same --set and --device."""
+    known = {r.id: r for r in runs}
+    wanted = {s for r in runs if (s := source_run(r, out)) is not None}
+    if wanted - known.keys():
+        whole = grid_runs
+        if overrides or device:
+            try:
+                whole = select(grid_runs, overrides=overrides, fxp_train=fxp_train, device=device, out=out)
+            except ValueError:  # the override cannot hold for the whole grid: judge the selection's alone
+                whole = []
+        known.update({r.id: r for r in whole if r.id in wanted and r.id not in known})
+    return {s for s in wanted if s in known and status(pathlib.Path(out), known[s]) == "conflict"}
+
+
 def waits_for(r: Run, out: str | os.PathLike, conflicting: Collection[str] = ()) -> str:
     """Why `r` cannot start yet ("" when it can): its init_from does not exist, or lies in a run
     directory whose run has not finished, or whose run is one of `conflicting` (the ids of the
@@ -609,6 +628,8 @@ def make_out(out: pathlib.Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create {e.filename or out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):  # it exists: mkdir says nothing on a read-only file system
+        raise ValueError(f"--out {out}: cannot write into it (a read-only file system, or no permission)")
 
 
 # Settings that cannot change a run's results, so they never make a finished run
@@ -927,19 +948,20 @@ def fxp_train_fleet_runner(fxp_train: str | os.PathLike, threads: int, device: s
 def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
             on_update: Callable[[dict], None] | None = None,
             plan: Callable[[list[Run]], list[list[Run]]] | None = None,
-            fleet_runner: FleetRunner | None = None) -> dict:
+            fleet_runner: FleetRunner | None = None, conflicting: Collection[str] = ()) -> dict:
     """Runs every run that is not done or busy, `jobs` at a time: alone, or in
     the fleets `plan` makes of them (fleets of more than one run go to
     `fleet_runner`). A failure is recorded in <run>/failed.json and the rest go
     on. A run that starts from another run's checkpoint starts after that run,
-    and waits (is not started) while its source has not finished (Note [Runs
+    and waits (is not started) while its source has not finished, or conflicts
+    (a run of `runs`, or one of `conflicting`: conflicting_sources) (Note [Runs
     that start from other runs]). Returns the counts by status. Interrupting
     (KeyboardInterrupt) stops waiting; unfinished runs keep their checkpoints
     and resume next time."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     counts = {"done": 0, "failed": 0, "conflict": 0, "busy": 0, "waiting": 0, "pending": 0, "skipped": 0}
-    todo, conflicting = [], set()
+    todo, conflicting = [], set(conflicting)
     for r in runs:
         s = status(out, r)
         if s == "done":

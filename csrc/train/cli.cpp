@@ -110,7 +110,8 @@ std::string flag_name(const std::string& key) {
 int64_t parse_integer_flag(const std::string& flag, const std::string& text) {
   const char* begin = text.data();
   const char* const end = begin + text.size();
-  if (begin != end && *begin == '+') ++begin;  // from_chars takes '-' but not '+'
+  // from_chars takes '-' but not '+'; "+-1" is no number.
+  if (begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
   int64_t value = 0;
   const auto [stop, error] = std::from_chars(begin, end, value);
   if (error == std::errc::result_out_of_range) {
@@ -128,13 +129,17 @@ int64_t parse_integer_flag(const std::string& flag, const std::string& text) {
 double parse_float_flag(const std::string& flag, const std::string& text) {
   const char* begin = text.data();
   const char* const end = begin + text.size();
-  if (begin != end && *begin == '+') ++begin;
+  // Digits, a sign, a point and an exponent only: from_chars also reads "nan", "inf" and "+-1" as -1.
+  const bool numeral = std::all_of(begin, end, [](unsigned char ch) {
+    return std::isdigit(ch) || ch == '+' || ch == '-' || ch == '.' || ch == 'e' || ch == 'E';
+  });
+  if (numeral && begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
   double value = 0;
   const auto [stop, error] = std::from_chars(begin, end, value, std::chars_format::general);
   if (error == std::errc::result_out_of_range) {
     throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit float");
   }
-  if (error != std::errc{} || stop != end || begin == end) {
+  if (!numeral || error != std::errc{} || stop != end || begin == end) {
     throw CLI::ValidationError(flag, "needs a number, but got '" + text + "'");
   }
   return value;
@@ -249,10 +254,18 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  "writes its own run directory, as a solo run would. Members share model, dataset, method and "
                  "batch size; seeds, formats, rounding, lr, momentum, weight decay, schedule and epochs may differ")
       ->group("Modes");
-  app.add_option("--fleet-compact-below", command.fleet_compact_below,
-                 "with --fleet: shrink the fleet to its running members once they are at most this share of it "
-                 "(0: never)")
-      ->check(CLI::Range(0.0, 1.0))
+  app.add_option_function<std::string>(
+         "--fleet-compact-below",
+         [&command](const std::string& text) {
+           command.fleet_compact_below = parse_float_flag("--fleet-compact-below", text);
+           if (!(command.fleet_compact_below >= 0 && command.fleet_compact_below <= 1)) {
+             throw CLI::ValidationError("--fleet-compact-below", "must be in [0, 1], but got " + text);
+           }
+         },
+         "with --fleet: shrink the fleet to its running members once they are at most this share of it "
+         "(0: never)")
+      ->type_name("FLOAT")
+      ->default_str(default_text(json(Command{}.fleet_compact_below)))
       ->group("Modes");
   app.add_option_function<std::string>(
          "--fleet-chunk",

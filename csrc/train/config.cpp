@@ -149,11 +149,14 @@ size_t edit_distance(const std::string& a, const std::string& b) {
 std::string closest_key_hint(const std::string& key) {
   std::string underscored = key;
   std::replace(underscored.begin(), underscored.end(), '-', '_');
+  // Close: at most a quarter of the longer name's letters differ (at least one), so "wd" is no "lr".
   std::string best;
-  size_t best_distance = std::max<size_t>(2, underscored.size() / 4) + 1;
+  size_t best_distance = std::numeric_limits<size_t>::max();
   for (const auto& [name, field] : fields()) {
     const size_t d = edit_distance(underscored, name);
-    if (d < best_distance) best = name, best_distance = d;
+    if (d <= std::max<size_t>(1, std::max(underscored.size(), name.size()) / 4) && d < best_distance) {
+      best = name, best_distance = d;
+    }
   }
   return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
@@ -507,10 +510,11 @@ void TrainConfig::validate() const {
   }
   // cuda:N with N a decimal index, as torch::Device parses it (it throws for
   // anything else only when the run starts, after the sweep took it as valid).
+  // c10::DeviceIndex is an int8_t: cuda:255 would wrap to -1, the current device.
   const std::string index = device.rfind("cuda:", 0) == 0 ? device.substr(5) : "";
-  const bool cuda_index = !index.empty() && index.size() <= 4 &&
+  const bool cuda_index = !index.empty() && index.size() <= 3 &&
                           std::all_of(index.begin(), index.end(), [](unsigned char ch) { return std::isdigit(ch); }) &&
-                          (index == "0" || index[0] != '0');
+                          (index == "0" || index[0] != '0') && std::stoi(index) <= 127;
   if (device != "cpu" && device != "cuda" && !cuda_index) {
     bad("device", "must be cpu, cuda or cuda:N (N a device index), but got '" + device + "'");
   }

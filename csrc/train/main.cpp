@@ -109,8 +109,9 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
 }
 
 // The exit status of a mode whose output is what it is for (--print-config,
-// --print-configs, --describe-model): a failed write (a full disk, a closed
-// pipe) is an error, not a success with the output lost.
+// --print-configs, --describe-model): a failed write (a full disk) is an
+// error, not a success with the output lost. (A closed pipe ends the process
+// with SIGPIPE first, as for any filter.)
 int printed(int status) {
   std::cout.flush();
   if (std::cout) return status;

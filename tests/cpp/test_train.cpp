@@ -188,6 +188,10 @@ TEST(TrainCli, FlagsSetEveryKind) {
   ASSERT_EQ(q.code, -1) << q.err;
   EXPECT_EQ(q.command.config.lr, 0.25);
   EXPECT_EQ(q.command.config.momentum, 0.0);
+  const Parsed d = parse({"--device", "cuda:127", "--fleet-compact-below", "0.5"});
+  ASSERT_EQ(d.code, -1) << d.err;
+  EXPECT_EQ(d.command.config.device, "cuda:127");
+  EXPECT_EQ(d.command.fleet_compact_below, 0.5);
   EXPECT_EQ(q.command.config.seed, 10);
   EXPECT_EQ(q.command.config.batch_size, 32);
   EXPECT_TRUE(q.command.config.packed);
@@ -221,6 +225,13 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--lr", "0x10"}, "--lr: needs a number, but got '0x10'"},
       {{"--lr", "0.1abc"}, "--lr: needs a number, but got '0.1abc'"},
       {{"--lr", "1e999"}, "--lr: '1e999' is out of the range of a 64-bit float"},
+      {{"--lr", "+-1"}, "--lr: needs a number, but got '+-1'"},
+      {{"--lr", "inf"}, "--lr: needs a number, but got 'inf'"},
+      {{"--momentum", "nan"}, "--momentum: needs a number, but got 'nan'"},
+      {{"--seed", "+-1"}, "--seed: needs a decimal integer, but got '+-1'"},
+      {{"--device", "cuda:128"}, "but got 'cuda:128'"},  // c10::DeviceIndex is an int8_t
+      {{"--fleet-compact-below", ""}, "--fleet-compact-below: needs a number, but got ''"},
+      {{"--fleet-compact-below", "1.5"}, "--fleet-compact-below: must be in [0, 1], but got 1.5"},
       {{"--json"}, "fxp-train: --json needs --describe-model"},
       {{"--fleet-chunk", "-1"}, "--fleet-chunk: must be 0 or more, but got -1"},
       {{"--msq-min-bits", "9"}, "msq_start_bits: must be at most 15 and at least msq_min_bits, itself at least 1 "
@@ -294,6 +305,9 @@ TEST_F(TrainFiles, BadConfigFilesNameTheProblem) {
       {write("unknown.yaml", "methd: ste\n"), "unknown key 'methd' (did you mean 'method'?)"},
       {write("dashes.yaml", "batch-size: 16\n"), "unknown key 'batch-size' (did you mean 'batch_size'?)"},
       {write("far.yaml", "colour: red\n"), "unknown key 'colour'\n"},  // nothing close: no guess
+      {write("short.yaml", "wd: 0.1\n"), "unknown key 'wd'\n"},        // not 'lr', two letters off of two
+      {write("nan.yaml", "normalize_mean: .nan\n"), "key 'normalize_mean' needs a number, but got \".nan\""},
+      {write("inf.yaml", "normalize_std: .inf\n"), "key 'normalize_std' needs a number, but got \".inf\""},
       {write("type.yaml", "batch_size: \"64\"\n"), "key 'batch_size' needs an integer, but got \"64\""},
       {write("float.yaml", "epochs: 3.0\n"), "key 'epochs' needs an integer, but got 3.0"},
       {write("bool.yaml", "packed: 1\n"), "key 'packed' needs true or false, but got 1"},
@@ -355,8 +369,9 @@ TEST(TrainCli, NonFiniteValuesAreUsageErrors) {
     std::string needle;
   };
   const std::vector<Case> cases = {
-      {{"--normalize-mean", "nan"}, "normalize_mean: must be a finite number"},
-      {{"--normalize-std", "inf"}, "normalize_std: must be a positive finite number"},
+      // A flag reads digits only, and a config file's .nan and .inf are no numbers either (TrainFiles below).
+      {{"--normalize-mean", "nan"}, "--normalize-mean: needs a number, but got 'nan'"},
+      {{"--normalize-std", "inf"}, "--normalize-std: needs a number, but got 'inf'"},
       {{"--lr", "1e308", "--batch-size", "2048", "--lr-scaling", "linear"},
        "lr: after lr_scaling linear it is inf, which is not a positive finite number"},
   };

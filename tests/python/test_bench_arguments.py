@@ -52,10 +52,10 @@ def test_batch_size_lists_are_positive_integers(main, sizes, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_bench_fleet_refuses_fewer_than_one_job():
+def test_bench_fleet_refuses_fewer_than_one_job(capsys):
     with pytest.raises(SystemExit) as e:
         bench_fleet.main(["--jobs", "0"])
-    assert "bench_fleet.py: --jobs must be at least 1" in str(e.value)
+    assert e.value.code == 2 and "argument --jobs: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_fleet_jobs_run_at_once_and_sum():
@@ -71,7 +71,7 @@ def test_bench_fleet_jobs_run_at_once_and_sum():
     assert math.isnan(bench_fleet.at_once(2, lambda: float("nan")))
 
 
-def test_bench_fleet_runs_as_a_sweep_does_unless_told(monkeypatch):
+def test_bench_fleet_runs_as_a_sweep_does_unless_told(monkeypatch, capsys):
     # bench_fleet takes its jobs and threads from sweeplib.jobs_and_threads (test_sweep_threads.py), as
     # scripts/sweep does; a point that ran here would name them in its row.
     monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 6)
@@ -82,7 +82,7 @@ def test_bench_fleet_runs_as_a_sweep_does_unless_told(monkeypatch):
     assert seen == [6, 6]  # one solo point and one fleet point, 6 copies each
     with pytest.raises(SystemExit) as e:
         bench_fleet.main(["--threads", "-1"])
-    assert "bench_fleet.py: --threads must be at least 0" in str(e.value)
+    assert e.value.code == 2 and "argument --threads: must be at least 0, got -1" in capsys.readouterr().err
 
 
 bench_adapt = _script("bench_adapt")
@@ -134,6 +134,9 @@ def test_bench_adapt_lookback_is_two_ordered_whole_numbers(lookback, message, mo
     (bench_train, ["--val-images", "0"], "argument --val-images: must be at least 1, got 0"),
     (bench_train, ["--threads", "-2"], "argument --threads: must be at least 0, got -2"),
     (bench_fleet, ["--steps", "-1"], "argument --steps: must be at least 1, got -1"),
+    (bench_fleet, ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (bench_pool, ["--batch-sizes", "1,0"], "argument --batch-sizes: every value must be at least 1, but got '1,0'"),
+    (bench_pool, ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
     # --min-run-time nan or inf was taken, and inf measures forever
     (bench_optim, ["--min-run-time", "nan"], "argument --min-run-time: must be a positive number, got nan"),
     (bench_optim, ["--min-run-time", "inf"], "argument --min-run-time: must be a positive number, got inf"),

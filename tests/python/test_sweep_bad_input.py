@@ -44,6 +44,21 @@ def test_an_out_that_cannot_be_created_is_an_error_before_anything_runs(tmp_path
     assert sweep.main([*cmd, "--dry-run"]) == 0
 
 
+@requires_fxp_train
+def test_an_out_that_exists_but_cannot_be_written_is_an_error_before_anything_runs(tmp_path, capsys, monkeypatch):
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    out = tmp_path / "out"
+    out.mkdir()  # mkdir(exist_ok=True) succeeds on it even on a read-only file system
+    real_access = os.access
+    monkeypatch.setattr(sweeplib.os, "access", lambda p, mode, *a, **k: False if pathlib.Path(p) == out
+                        else real_access(p, mode, *a, **k))
+    cmd = [str(grid), "--out", str(out), "--no-progress", "--fxp-train", str(fake_fxp_train(tmp_path))]
+    assert sweep.main(cmd) == 2
+    assert capsys.readouterr().err == (f"sweep: --out {out}: cannot write into it (a read-only file system, "
+                                       "or no permission)\n")
+    assert list(out.iterdir()) == []
+
+
 def estimate(tmp_path, capsys, throughput: str, fleet: str | None = None) -> tuple[int, str]:
     """sweep --estimate over a two-run grid with the given tables: its exit status and stderr."""
     (tmp_path / "t.csv").write_text(throughput)

@@ -300,10 +300,23 @@ def test_a_run_whose_source_conflicts_waits(tmp_path, capsys):
     cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress",
            "--filter", "seed=0"]
     assert sweep.main([*cmd, "--dry-run"]) == 0
-    assert "1 pending run(s) would wait, not start: it starts from " in capsys.readouterr().out
+    assert (f"1 pending run(s) would wait, not start: it starts from {d / 'checkpoint.pt'}, whose directory holds "
+            "a run of other settings than the grid's (conflict)\n") in capsys.readouterr().out
     assert sweep.main(cmd) == 1
     assert f"  {dependent.id}: waiting, not started: it starts from {d / 'checkpoint.pt'}, whose directory " \
            "holds a run of other settings than the grid's (conflict)\n" in capsys.readouterr().err
+    # The source left out of the selection (--filter method=msq) still conflicts: its run waits too.
+    msq_only = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress",
+                "--filter", "method=msq", "--filter", "seed=0"]
+    assert sweeplib.conflicting_sources([dependent], runs, out) == {source.id}
+    assert sweep.main([*msq_only, "--dry-run"]) == 0
+    assert "1 pending run(s) would wait, not start: " in capsys.readouterr().out
+    assert sweep.main(msq_only) == 75  # nothing failed or conflicted among the selected: waiting
+    assert "(conflict)\n" in capsys.readouterr().err and not (out / dependent.id / "summary.json").exists()
+    # After --set, the source is judged with the override too: here it names the source's own epochs.
+    assert sweeplib.conflicting_sources(
+        sweeplib.select([dependent], overrides={"epochs": other["epochs"]}, out=out),
+        runs, out, {"epochs": other["epochs"]}) == set()
 
 
 def test_chains_of_runs_bound_the_wall_time():
@@ -331,8 +344,25 @@ def test_the_estimate_knows_runs_wait_for_their_sources(tmp_path, capsys):
     assert sweep.main([*cmd, "--jobs", "1"]) == 0
     assert "with 1 job(s) at the measured throughput: 3.0 h (from" in capsys.readouterr().out
     assert sweep.main([*cmd, "--jobs", "6"]) == 0
-    assert ("with 6 job(s) at the measured throughput: 1.0 h (set by its longest run, or chain of runs that "
-            "start from each other's checkpoints) (from 1.0 h") in capsys.readouterr().out
+    assert ("with 6 job(s) at the measured throughput: 1.0 h (set by its longest run or fleet, or chain of runs "
+            "that start from each other's checkpoints) (from 1.0 h") in capsys.readouterr().out
+
+
+@requires_fxp_train
+def test_the_estimate_takes_a_fleet_as_one_job(tmp_path, capsys):
+    """A fleet trains its members' images together (bench_fleet's speed-up is the fleet's images/s over
+    one solo run's), as one job of --jobs: four runs in one fleet take four runs' time on any jobs."""
+    (tmp_path / "t.csv").write_text("method,batch_size,train_images_per_s,val_images_per_s\nsqpu,1,1,1\n")
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
+                                "blocks:\n  - axes: {seed: [0, 1, 2, 3]}\n")
+    cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"), "--jobs", "4",
+           "--threads", "1"]
+    assert sweep.main([*cmd, "--fleet", "1"]) == 0  # four solo runs of 0.5 h on four jobs
+    assert "with 4 job(s) at the measured throughput: 0.5 h (from" in capsys.readouterr().out
+    assert sweep.main([*cmd, "--fleet", "4"]) == 0  # one fleet: one job, 2.0 h without a measured speed-up
+    text = capsys.readouterr().out
+    assert "fleets: 4 pending runs in 1 fleets" in text
+    assert "with 4 job(s) at the measured throughput: 2.0 h (set by its longest run or fleet" in text
 
 
 @requires_fxp_train
