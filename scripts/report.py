@@ -174,6 +174,13 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
+    # Columns of whole numbers (widths, epochs, seeds): a run without one (a failed run) makes pandas
+    # hold the column as float, and runs.csv would print 16.0; write_report writes them as integers.
+    df.attrs["integer_columns"] = [
+        column for column in df.columns
+        if any(isinstance(r.get(column), int) and not isinstance(r.get(column), bool) for r in rows)
+        and all(r.get(column) is None or (isinstance(r.get(column), int) and not isinstance(r.get(column), bool))
+                for r in rows)]
     # Runs older than issue 13 (model, dataset) and than AdaPT's update key.
     for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)
@@ -782,7 +789,10 @@ def write_report(df: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     returns the figures."""
     out.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(df)
-    df.to_csv(out / "runs.csv", index=False)
+    runs = df.copy()
+    for column in df.attrs.get("integer_columns", []):
+        runs[column] = runs[column].astype("Int64")
+    runs.to_csv(out / "runs.csv", index=False)
     stats.to_csv(out / "stats.csv", index=False)
     images = draw_heatmaps(stats, out)
     memory = draw_memory_plot(df, out)

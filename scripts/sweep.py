@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     for r in runs:
         s = statuses[r.id]
         if s == "failed":
-            print(f"  {r.id}: {(out / r.id / 'failed.json').read_text().strip()}", file=sys.stderr)
+            print(f"  {r.id}: failed: {sweeplib.failure(out / r.id)}", file=sys.stderr)
         elif s == "conflict":
             differ = sweeplib.differences(sweeplib.finished_settings(out / r.id) or {}, r)
             print(f"  {r.id}: its directory holds a finished run with other settings: {differ}", file=sys.stderr)

@@ -684,6 +684,20 @@ def busy(d: pathlib.Path) -> bool:
         os.close(fd)  # releases the lock if the probe took it
 
 
+def failure(d: pathlib.Path) -> str:
+    """What failed.json in run directory `d` says went wrong, on one line (fxp-train's last lines of
+    stderr are joined with " | "); the file itself if it holds no "error"."""
+    try:
+        text = (d / "failed.json").read_text()
+    except OSError as e:
+        return f"(cannot read {d / 'failed.json'}: {e.strerror or e})"
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    return " ".join(str(error).split()) if error else " ".join(text.split())
+
+
 def finished_settings(d: pathlib.Path) -> dict | None:
     """The settings a finished run in `d` ran with (its summary.json's "config", what fxp-train compares);
     None when there is no summary, or one that cannot be read (fxp-train would then fail on it)."""

@@ -417,7 +417,7 @@ def test_sweep_cli_dry_run(capsys, tmp_path):
 
 
 @requires_fxp_train_and_data
-def test_sweep_runs_fxp_train_end_to_end(tmp_path):
+def test_sweep_runs_fxp_train_end_to_end(tmp_path, capsys):
     grid = tmp_path / "tiny.yaml"
     grid.write_text("name: tiny\nbase: {epochs: 1, train_limit: 256, val_limit: 200, batch_size: 64}\n"
                     "blocks:\n  - axes: {method: [sqpu, hteqpu]}\n  - set: {method: ste, lr: -1}\n    axes: {seed: [5]}\n")
@@ -427,6 +427,10 @@ def test_sweep_runs_fxp_train_end_to_end(tmp_path):
     assert json.loads((out / "sqpu-p16.10-o16.8-sr-b64-s0" / "summary.json").read_text())["epochs_completed"] == 1
     assert (out / "hteqpu-p16.10-o16.8-sr-b64-s0" / "summary.json").exists()
     assert "lr: must be a positive number" in (out / "ste-p16.10-o16.8-sr-b64-s5" / "failed.json").read_text()
+    # The closing list gives the error on one line, not the file's JSON.
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("  ste-p16.10-o16.8-sr-b64-s5: failed: fxp-train exited"))
+    assert "lr: must be a positive number" in line and "{" not in line
     # Everything finished is skipped the second time.
     assert sweep.main([str(grid), "--out", str(out), "--filter", "method=sqpu,hteqpu", "--no-progress"]) == 0
 
@@ -740,6 +744,11 @@ def test_report_draws_the_figures_and_tables(tmp_path):
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == len(exp1) + len(exp2) + 1
     assert (runs.status == "failed").sum() == 1
+    # Whole numbers stay whole where the failed run has none (pandas would hold them as float: 3.0).
+    import csv
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert {r["best_epoch"] for r in rows} == {"3", ""} and {r["epochs_completed"] for r in rows} == {"5", ""}
+    assert all(r["param_bits"].isdigit() for r in rows if r["method"] != "fp32")
     stats = pd.read_csv(out / "stats.csv")
     # best over the two seeds of one Exp 1 configuration, computed by hand
     ids = [r.id for r in exp1 if r.config["method"] == "sqpu" and r.config["param_bits"] == 16
