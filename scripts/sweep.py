@@ -122,6 +122,12 @@ def main(argv=None) -> int:
         return 2
     if args.limit is not None:
         runs = runs[: args.limit]
+    # run_settings gives every run the sweep's threads and directory, whatever the grid says.
+    ignored = sorted({k for r in runs for k in ("threads", "output_dir") if k in r.config})
+    if ignored:
+        print(f"sweep: warning: {' and '.join(ignored)} in the grid or --set {'is' if len(ignored) == 1 else 'are'} "
+              "ignored: the sweep sets each run's threads (--threads) and directory (--out/<run id>)",
+              file=sys.stderr)
     invalid = [r for r in runs if r.invalid]
     for r in invalid[:5]:
         print(f"sweep: warning: run {r.id} will fail: {r.invalid}", file=sys.stderr)

@@ -45,6 +45,19 @@ def test_an_out_that_cannot_be_created_is_an_error_before_anything_runs(tmp_path
 
 
 @requires_fxp_train
+def test_settings_the_sweep_sets_itself_are_warned_about(tmp_path, capsys):
+    grid = write_grid(tmp_path, "name: g\nbase: {output_dir: /elsewhere}\n" + GOOD_BLOCKS)
+    cmd = [str(grid), "--out", str(tmp_path / "out"), "--fxp-train", str(fake_fxp_train(tmp_path)), "--dry-run"]
+    assert sweep.main(cmd) == 0
+    assert capsys.readouterr().err == ("sweep: warning: output_dir in the grid or --set is ignored: the sweep sets "
+                                       "each run's threads (--threads) and directory (--out/<run id>)\n")
+    assert sweep.main([*cmd, "--set", "threads=3"]) == 0
+    assert "sweep: warning: output_dir and threads in the grid or --set are ignored" in capsys.readouterr().err
+    assert sweep.main([str(write_grid(tmp_path, GOOD_BLOCKS)), *cmd[1:]]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@requires_fxp_train
 def test_an_out_that_exists_but_cannot_be_written_is_an_error_before_anything_runs(tmp_path, capsys, monkeypatch):
     grid = write_grid(tmp_path, GOOD_BLOCKS)
     out = tmp_path / "out"
