@@ -134,11 +134,17 @@ std::string without_checksum(const std::string& bytes, const std::string& path) 
 DirectoryLock::DirectoryLock(const std::string& dir) {
   const std::string path = join_path(dir, ".lock");
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  bool shared = false;
+  if (fd_ < 0 && (errno == EROFS || errno == EACCES)) {  // Note [Run directory lock]: read-only
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0 && errno == ENOENT) return;  // no lock file, and none can be made: nothing to share
+    shared = true;
+  }
   if (fd_ < 0) fail("cannot open the lock file", path);
   // A sweep probes the lock for an instant (scripts/sweeplib.py); a short retry rides over that.
   int error = 0;
   for (int attempt = 0; attempt < 20; ++attempt) {
-    error = ::flock(fd_, LOCK_EX | LOCK_NB) == 0 ? 0 : errno;
+    error = ::flock(fd_, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) == 0 ? 0 : errno;
     if (error != EWOULDBLOCK) break;
     ::usleep(50 * 1000);
   }
@@ -154,6 +160,7 @@ DirectoryLock::DirectoryLock(const std::string& dir) {
     errno = error;
     fail("cannot lock", path);
   }
+  if (shared) return;  // a read-only descriptor: the owner's pid stays
   const std::string pid = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
     // The pid is only for messages; the lock itself is held.

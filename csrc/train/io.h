@@ -42,6 +42,11 @@ struct DirectoryBusy : std::runtime_error {
 // (fxp-train exits with kExitBusy). The file holds the owner's pid, for the
 // message; it is never removed (removing it would let two processes lock two
 // different files). The OS releases the lock when the process dies.
+// A directory this process may not write (a read-only file system, another
+// user's results) gets a shared lock on a read-only descriptor instead, or
+// none where it has no lock file: enough to show a finished run's summary
+// (or to wait for an owner that trains there), and any write then fails
+// with an error that names the file.
 class DirectoryLock {
  public:
   explicit DirectoryLock(const std::string& dir);

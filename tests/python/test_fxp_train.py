@@ -71,6 +71,44 @@ def test_output_that_cannot_be_written_is_an_error(args):
     assert p.returncode == 1 and p.stderr == "fxp-train: error: cannot write to standard output\n"
 
 
+def _read_only_copy(source, mount_point):
+    """`source` copied into a tmpfs at `mount_point`, mounted read-only; False where this process may
+    not mount (not root, or no CAP_SYS_ADMIN in a container)."""
+    import shutil
+    mount_point.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True).returncode != 0:
+        return False
+    shutil.copytree(source, mount_point / source.name)
+    if subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", str(mount_point)])
+        return False
+    return True
+
+
+@requires_fxp_train_and_data
+def test_a_finished_run_on_read_only_storage_is_shown_again(tmp_path):
+    """train.md: running a finished run again prints its summary, so it can be repeated; on storage this
+    process may not write (a read-only file system, another user's results) too, under a shared lock."""
+    run = tmp_path / "run"
+    assert _train(run, "--epochs", "1").returncode == 0
+    mount_point = tmp_path / "ro"
+    if not _read_only_copy(run, mount_point):
+        pytest.skip("needs to mount a read-only tmpfs (root with CAP_SYS_ADMIN)")
+    try:
+        copy = mount_point / "run"
+        p = run_fxp_train(*SMALL[:-1], "-o", str(copy), "--epochs", "1")  # not --quiet: the summary
+        assert p.returncode == 0, p.stderr
+        assert "already holds this finished run" in p.stdout and "best validation accuracy" in p.stdout.lower()
+        with open(copy / ".lock") as lock:  # an owner training there: busy, as on writable storage
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert _train(copy, "--epochs", "1").returncode == 75
+        p = _train(copy, "--epochs", "2", "--resume")  # more epochs: a write, which fails naming the file
+        assert p.returncode == 1 and "Read-only file system" in p.stderr and str(copy) in p.stderr
+    finally:
+        subprocess.run(["umount", str(mount_point)])
+
+
 @requires_fxp_train_and_data
 def test_a_corrupted_checkpoint_is_refused_naming_the_file(tmp_path):
     out = tmp_path / "run"
