@@ -4,7 +4,6 @@
 #include <cctype>
 #include <charconv>
 #include <cmath>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -20,6 +19,7 @@
 
 #include "data/datasets.h"
 #include "nn/models.h"
+#include "train/io.h"
 
 namespace fxp::train {
 namespace {
@@ -613,16 +613,7 @@ bool key_names_a_file(const std::string& key) { return key == "init_from"; }
 
 bool same_file_path(const std::string& a, const std::string& b) {
   if (a == b) return true;
-  if (a.empty() || b.empty()) return false;
-  std::error_code error;
-  const auto canonical = [&error](const std::string& path) {
-    const auto absolute = std::filesystem::absolute(path, error);
-    return error ? absolute : std::filesystem::weakly_canonical(absolute, error);
-  };
-  const auto canonical_a = canonical(a);
-  if (error) return false;
-  const auto canonical_b = canonical(b);
-  return !error && canonical_a == canonical_b;
+  return !a.empty() && !b.empty() && weakly_canonical_path(a) == weakly_canonical_path(b);
 }
 
 std::string differing_settings(const json& stored, const json& current, bool epochs_may_differ) {

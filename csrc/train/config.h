@@ -134,10 +134,10 @@ bool key_may_change_on_resume(const std::string& key);
 // absolute path, or `results/b/../a/checkpoint.pt`, are one init_from.
 bool key_names_a_file(const std::string& key);
 
-// Whether two paths name the same file: equal as
-// std::filesystem::weakly_canonical makes them absolute: the leading part that
-// exists made canonical (`.`, `..` and symbolic links resolved), the rest
-// made lexically normal. scripts/sweeplib.py's same_file mirrors it.
+// Whether two paths name the same file: equal as weakly_canonical_path
+// (train/io.h) makes them: absolute, the leading part that exists made
+// canonical (`.`, `..` and symbolic links resolved), the rest made lexically
+// normal. scripts/sweeplib.py's same_file mirrors it.
 bool same_file_path(const std::string& a, const std::string& b);
 
 // The settings of a stored run that differ from `current`, as readable text

@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
 #include <fstream>
@@ -12,6 +13,8 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <vector>
 
 namespace fxp::train {
 namespace {
@@ -96,6 +99,45 @@ std::string read_text(const std::string& path) {
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
   return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+std::string weakly_canonical_path(const std::string& path) {
+  std::string absolute = path;
+  if (absolute.empty() || absolute[0] != '/') {
+    char* cwd = ::getcwd(nullptr, 0);
+    absolute = join_path(cwd != nullptr ? cwd : "/", path);
+    std::free(cwd);
+  }
+  std::vector<std::string> parts;
+  std::istringstream split(absolute);
+  for (std::string part; std::getline(split, part, '/');) {
+    if (!part.empty()) parts.push_back(part);
+  }
+  // The leading parts that exist, walked from the root as libstdc++'s weakly_canonical walks them.
+  std::string existing = "/";
+  size_t n = 0;
+  while (n < parts.size() && path_exists(join_path(existing, parts[n]))) existing = join_path(existing, parts[n++]);
+  char* resolved = ::realpath(existing.c_str(), nullptr);
+  std::vector<std::string> normal;
+  if (resolved != nullptr) {
+    std::istringstream canonical(resolved);
+    for (std::string part; std::getline(canonical, part, '/');) {
+      if (!part.empty()) normal.push_back(part);
+    }
+    std::free(resolved);
+    parts.erase(parts.begin(), parts.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+  for (const std::string& part : parts) {  // lexically normal: "/.." is "/"
+    if (part == ".") continue;
+    if (part == "..") {
+      if (!normal.empty()) normal.pop_back();
+      continue;
+    }
+    normal.push_back(part);
+  }
+  std::string out;
+  for (const std::string& part : normal) out += "/" + part;
+  return out.empty() ? "/" : out;
 }
 
 }  // namespace fxp::train

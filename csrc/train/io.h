@@ -19,6 +19,12 @@ void atomic_write(const std::string& path, const std::string& contents);
 void remove_file(const std::string& path);
 std::string read_text(const std::string& path);
 std::string join_path(const std::string& dir, const std::string& name);
+// `path` made absolute (from the working directory), its longest leading part
+// that exists made canonical (symbolic links, `.` and `..` resolved, realpath)
+// and the rest appended, the whole lexically normal: what
+// std::filesystem::weakly_canonical(absolute(path)) gives, without
+// std::filesystem (above).
+std::string weakly_canonical_path(const std::string& path);
 
 // Note [Checksummed files]
 // A checkpoint is written as its bytes followed by a footer line
