@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import fcntl
 import itertools
 import json
@@ -668,15 +669,19 @@ BUSY_EXIT = 75
 def busy(d: pathlib.Path) -> bool:
     """Whether another process (an fxp-train) holds the run directory's lock.
     Probes and releases at once: fxp-train would refuse a lock the sweep kept. A lock this user
-    may not open (another user's results, read-only here) cannot be probed: taken as not held."""
+    may not write (another user's results, a read-only file system) is probed as fxp-train takes
+    it there (Note [Run directory lock] in csrc/train/io.h): shared, on a read-only descriptor."""
+    lock = fcntl.LOCK_EX
     try:  # read-write: NFS emulates flock with fcntl locks, whose LOCK_EX needs it
         fd = os.open(d / LOCK_FILE, os.O_RDWR)
     except (FileNotFoundError, NotADirectoryError):
         return False  # fxp-train never ran here
-    except PermissionError:
-        return False
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        fd, lock = os.open(d / LOCK_FILE, os.O_RDONLY), fcntl.LOCK_SH
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, lock | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True

@@ -3,6 +3,7 @@ scripts/sweeplib.py): `${out}` and `${KEY}` in a grid, the checks on the source,
 a run with its source, and a sweep that starts a run only after its source has finished."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -256,19 +257,21 @@ def test_a_source_outside_the_sweep_is_waited_for(tmp_path):
     with LockHolder(other):  # another fxp-train extends the finished run: its checkpoint changes
         assert sweeplib.waits_for(runs[0], out).endswith("whose run is training (busy)")
     assert sweeplib.execute(runs, out, ChainTrainer())["done"] == 1
-    # A finished source that this user may read but not lock (another user's results) is taken.
+    # A finished source that this user may read but not write (another user's results, a read-only file
+    # system) is taken; its lock is probed shared, on a read-only descriptor, as fxp-train takes it there.
     real_open = os.open
-
-    def read_only(path, flags, *args):
-        if str(path).startswith(str(other)) and flags & os.O_RDWR:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *args)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(sweeplib.os, "open", read_only)
-        assert sweeplib.waits_for(runs[0], out) == ""
-        assert sweeplib.busy(other) is False  # the probe itself: what status and the sweep's checks use
-        with LockHolder(other):  # held or not, a lock that cannot be opened cannot be probed
-            assert sweeplib.busy(other) is False
+    for code in (errno.EACCES, errno.EROFS):  # EROFS is no PermissionError: it stopped status with a traceback
+        def read_only(path, flags, *args):
+            if str(path).startswith(str(other)) and flags & os.O_RDWR:
+                raise OSError(code, os.strerror(code), str(path))
+            return real_open(path, flags, *args)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(sweeplib.os, "open", read_only)
+            assert sweeplib.waits_for(runs[0], out) == ""
+            assert sweeplib.busy(other) is False  # the probe itself: what status and the sweep's checks use
+            with LockHolder(other):  # an owner training there is seen, as on storage this user may write
+                assert sweeplib.busy(other) is True
+                assert sweeplib.waits_for(runs[0], out).endswith("whose run is training (busy)")
     # A checkpoint that is not in a run directory is taken as it is.
     loose = tmp_path / "loose.pt"
     loose.write_text("weights")
