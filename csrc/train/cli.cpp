@@ -10,6 +10,7 @@
 #include <charconv>
 #include <stdexcept>
 #include <system_error>
+#include <type_traits>
 
 namespace fxp::train {
 namespace {
@@ -105,42 +106,36 @@ std::string flag_name(const std::string& key) {
 
 // Note [Integer flags]: CLI11 reads integers in C's bases ("010" is 8, "0x10"
 // 16) and clamps values beyond int64's range, so "--seed 010" and a config's
-// "seed: 010" would be other runs, and two huge seeds one run. A flag reads an
-// integer as a config file does: decimal, and an error when out of range.
-int64_t parse_integer_flag(const std::string& flag, const std::string& text) {
+// "seed: 010" would be other runs, and two huge seeds one run; and it reads an
+// empty float ('', an unset shell variable) as 0. A flag reads a number as a
+// config file does: integers in decimal, floats in decimal or scientific
+// notation, the whole text, and an error when out of range. Range checks are
+// validate()'s.
+template <typename T>
+T parse_number_flag(const std::string& flag, const std::string& text) {
+  constexpr bool kInteger = std::is_integral_v<T>;
   const char* begin = text.data();
   const char* const end = begin + text.size();
+  // Digits and signs (and a point and an exponent for a float): from_chars also reads "nan" and "inf".
+  const bool numeral = std::all_of(begin, end, [](unsigned char ch) {
+    return std::isdigit(ch) || ch == '+' || ch == '-' || (!kInteger && (ch == '.' || ch == 'e' || ch == 'E'));
+  });
   // from_chars takes '-' but not '+'; "+-1" is no number.
   if (begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
-  int64_t value = 0;
-  const auto [stop, error] = std::from_chars(begin, end, value);
-  if (error == std::errc::result_out_of_range) {
-    throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit integer");
+  T value{};
+  std::from_chars_result read{};
+  if constexpr (kInteger) {
+    read = std::from_chars(begin, end, value);
+  } else {
+    read = std::from_chars(begin, end, value, std::chars_format::general);
   }
-  if (error != std::errc{} || stop != end || begin == end) {
-    throw CLI::ValidationError(flag, "needs a decimal integer, but got '" + text + "'");
+  if (read.ec == std::errc::result_out_of_range) {
+    throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit " +
+                                         (kInteger ? "integer" : "float"));
   }
-  return value;
-}
-
-// A float flag reads as a config file reads a number: decimal (or
-// scientific), the whole text, so an empty value (an unset shell variable)
-// or "0x10" is an error, not 0 or 16. Range checks are validate()'s.
-double parse_float_flag(const std::string& flag, const std::string& text) {
-  const char* begin = text.data();
-  const char* const end = begin + text.size();
-  // Digits, a sign, a point and an exponent only: from_chars also reads "nan", "inf" and "+-1" as -1.
-  const bool numeral = std::all_of(begin, end, [](unsigned char ch) {
-    return std::isdigit(ch) || ch == '+' || ch == '-' || ch == '.' || ch == 'e' || ch == 'E';
-  });
-  if (numeral && begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
-  double value = 0;
-  const auto [stop, error] = std::from_chars(begin, end, value, std::chars_format::general);
-  if (error == std::errc::result_out_of_range) {
-    throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit float");
-  }
-  if (!numeral || error != std::errc{} || stop != end || begin == end) {
-    throw CLI::ValidationError(flag, "needs a number, but got '" + text + "'");
+  if (!numeral || read.ec != std::errc{} || read.ptr != end || begin == end) {
+    throw CLI::ValidationError(flag, std::string(kInteger ? "needs a decimal integer" : "needs a number") +
+                                         ", but got '" + text + "'");
   }
   return value;
 }
@@ -207,12 +202,12 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                    ->check(boolean_flag_value());
     } else if (def.is_number_integer()) {
       option = app.add_option_function<std::string>(
-          name, [&overrides, key](const std::string& text) { overrides[key] = parse_integer_flag(flag_name(key), text); },
+          name, [&overrides, key](const std::string& text) { overrides[key] = parse_number_flag<int64_t>(flag_name(key), text); },
           h.help);
       option->type_name("INT");
     } else if (def.is_number_float()) {
       option = app.add_option_function<std::string>(
-          name, [&overrides, key](const std::string& text) { overrides[key] = parse_float_flag(flag_name(key), text); },
+          name, [&overrides, key](const std::string& text) { overrides[key] = parse_number_flag<double>(flag_name(key), text); },
           h.help);
       option->type_name("FLOAT");
     } else {
@@ -257,7 +252,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   app.add_option_function<std::string>(
          "--fleet-compact-below",
          [&command](const std::string& text) {
-           command.fleet_compact_below = parse_float_flag("--fleet-compact-below", text);
+           command.fleet_compact_below = parse_number_flag<double>("--fleet-compact-below", text);
            if (!(command.fleet_compact_below >= 0 && command.fleet_compact_below <= 1)) {
              throw CLI::ValidationError("--fleet-compact-below", "must be in [0, 1], but got " + text);
            }
@@ -270,7 +265,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   app.add_option_function<std::string>(
          "--fleet-chunk",
          [&command](const std::string& text) {
-           command.fleet_chunk = parse_integer_flag("--fleet-chunk", text);
+           command.fleet_chunk = parse_number_flag<int64_t>("--fleet-chunk", text);
            if (command.fleet_chunk < 0) {
              throw CLI::ValidationError("--fleet-chunk", "must be 0 or more, but got " + text);
            }
