@@ -176,11 +176,9 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
         return df
     # Columns of whole numbers (widths, epochs, seeds): a run without one (a failed run) makes pandas
     # hold the column as float, and runs.csv would print 16.0; write_report writes them as integers.
-    df.attrs["integer_columns"] = [
-        column for column in df.columns
-        if any(isinstance(r.get(column), int) and not isinstance(r.get(column), bool) for r in rows)
-        and all(r.get(column) is None or (isinstance(r.get(column), int) and not isinstance(r.get(column), bool))
-                for r in rows)]
+    given = {column: [r[column] for r in rows if r.get(column) is not None] for column in df.columns}
+    df.attrs["integer_columns"] = [column for column, values in given.items()
+                                   if values and all(type(v) is int for v in values)]  # bool is no int here
     # Runs older than issue 13 (model, dataset) and than AdaPT's update key.
     for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)

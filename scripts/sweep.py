@@ -191,13 +191,9 @@ def main(argv=None) -> int:
             except ValueError as e:  # a model or method the table lacks
                 print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
                 return 2
-            # A fleet is one job of --jobs, lasting its members' time together (bench_fleet's speed-up
-            # is the fleet's images/s over one solo run's); a run waits for the unit holding its source.
             index = {r.id: i for i, r in enumerate(pending)}
-            unit_of = {r.id: u for u, unit in enumerate(units) for r in unit}
-            per_unit = [tuple(sum(per_run[index[r.id]][k] for r in unit) for k in range(3)) for unit in units]
-            unit_sources = [unit_of.get(sources[unit[0].id]) if len(unit) == 1 else None for unit in units]
-            low, mid, high = sweeplib.wall_seconds(per_unit, unit_sources, jobs)
+            low, mid, high = sweeplib.wall_seconds(per_run, [index.get(sources[r.id]) for r in pending], jobs,
+                                                   [[index[r.id] for r in unit] for unit in units])
             fleets = " with fleets" if speedups else ""
             # No number of jobs makes a run, a fleet, or a chain of runs that start from each other, shorter.
             spread = sum(s[1] for s in per_run) / jobs
@@ -256,9 +252,8 @@ def main(argv=None) -> int:
     print(f"sweep {grid['name']}: {counts['done']} run now, {counts['skipped']} already done, "
           f"{counts['failed']} failed, {counts['conflict']} conflicting, {counts['busy']} busy, "
           f"{counts['waiting']} waiting for other runs", file=sys.stderr)
-    statuses = {r.id: sweeplib.status(out, r) for r in runs}
     for r in runs:
-        s = statuses[r.id]
+        s = sweeplib.status(out, r)
         if s == "failed":
             print(f"  {r.id}: failed: {sweeplib.failure(out / r.id)}", file=sys.stderr)
         elif s == "conflict":

@@ -1218,7 +1218,6 @@ def run_seconds(runs: list[dict], throughput: dict, typical_epochs: float | None
     `fleet_sizes` (the size of each run's fleet) and `fleet_speedups`
     (load_fleet_speedups), a run's training goes faster by its fleet's
     measured speed-up; its validation (on its own model) does not."""
-    import math
     if typical_epochs is not None and not (math.isfinite(typical_epochs) and typical_epochs > 0):
         raise ValueError(f"typical epochs must be a positive number, got {typical_epochs}")
     per_run = []
@@ -1242,21 +1241,29 @@ def run_seconds(runs: list[dict], throughput: dict, typical_epochs: float | None
     return per_run
 
 
-def wall_seconds(per_run: list[tuple], sources: list[int | None], jobs: int) -> tuple:
+def wall_seconds(per_run: list[tuple], sources: list[int | None], jobs: int,
+                 units: list[list[int]] | None = None) -> tuple:
     """(earliest, typical, latest) wall seconds of runs lasting `per_run` (run_seconds) on `jobs`
-    jobs, where run i starts only after run sources[i] (an index; None: no source among them)
-    has finished: each the larger of the total over the jobs and the longest chain of runs that
-    start from each other (Note [Runs that start from other runs]), which no number of jobs shortens."""
-    chain: dict[int, tuple] = {}
-
-    def through(i: int) -> tuple:  # seconds from the start of i's first source to i's end
-        if i not in chain:
-            path = [i]  # iterative: a grid may chain many runs (sources are acyclic: _check_sources)
-            while (s := sources[path[-1]]) is not None and s not in chain:
-                path.append(s)
-            for j in reversed(path):
-                s = sources[j]
-                chain[j] = tuple(per_run[j][k] + (chain[s][k] if s is not None else 0.0) for k in range(3))
-        return chain[i]
-    longest = tuple(max((through(i)[k] for i in range(len(per_run))), default=0.0) for k in range(3))
-    return tuple(max(sum(s[k] for s in per_run) / max(1, jobs), longest[k]) for k in range(3))
+    jobs, where run i starts only after run sources[i] (an index; None: no source among them) has
+    finished, and `units` (lists of run indices; default: each run alone) are the jobs' units: a
+    fleet is one job, lasting its members' time together (bench_fleet's speed-up is the fleet's
+    images/s over one solo run's). Each figure is the larger of the total over the jobs and the
+    longest unit, or chain of units whose runs start from each other (Note [Runs that start from
+    other runs]), which no number of jobs shortens."""
+    units = units if units is not None else [[i] for i in range(len(per_run))]
+    unit_of = {i: u for u, members in enumerate(units) for i in members}
+    seconds = [tuple(sum(per_run[i][k] for i in members) for k in range(3)) for members in units]
+    after = [{unit_of[s] for i in members if (s := sources[i]) is not None} - {u} for u, members in enumerate(units)]
+    chain: dict[int, tuple] = {}  # seconds from the start of u's first source to u's end
+    for first in range(len(units)):
+        stack = [first]  # iterative: a grid may chain many runs (sources are acyclic: _check_sources)
+        while stack:
+            u = stack[-1]
+            todo = [s for s in after[u] if s not in chain]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            chain[u] = tuple(seconds[u][k] + max((chain[s][k] for s in after[u]), default=0.0) for k in range(3))
+    longest = tuple(max((c[k] for c in chain.values()), default=0.0) for k in range(3))
+    return tuple(max(sum(s[k] for s in seconds) / max(1, jobs), longest[k]) for k in range(3))

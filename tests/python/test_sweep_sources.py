@@ -331,6 +331,9 @@ def test_chains_of_runs_bound_the_wall_time():
     assert sweeplib.wall_seconds(per_run, [None, 0, 1, 2], 8) == (16, 18, 20)  # one chain: no job helps
     assert sweeplib.wall_seconds([(1, 2, 3)] * 8, [None] * 8, 4) == (2, 4, 6)
     assert sweeplib.wall_seconds([], [], 3) == (0, 0, 0)
+    # Runs 0 and 1 in one fleet (one job of 2 s), 2 alone, 3 after 1: the fleet then 3, 3 s on any jobs.
+    assert sweeplib.wall_seconds([(1, 1, 1)] * 4, [None, None, None, 1], 8, [[0, 1], [2], [3]]) == (3, 3, 3)
+    assert sweeplib.wall_seconds([(1, 1, 1)] * 4, [None, None, None, 1], 1, [[0, 1], [2], [3]]) == (4, 4, 4)
     long = 5000  # a long chain is walked without recursion
     assert sweeplib.wall_seconds([(1, 1, 1)] * long, [None, *range(long - 1)], 100) == (long,) * 3
 
