@@ -249,6 +249,7 @@ def test_fleet_usage_errors(tmp_path):
     unknown.write_text('{"sed": 1}\n')
     p = run_fxp_train("--fleet", str(unknown), *COMMON)
     assert p.returncode == 2 and "unknown.jsonl line 1" in p.stderr and "sed" in p.stderr
+    assert f"fxp-train: --fleet {unknown} line 1: unknown key 'sed' (did you mean 'seed'?)" in p.stderr
     p = run_fxp_train("--fleet", str(not_json), "--print-config")
     assert p.returncode == 2 and "cannot be combined" in p.stderr
     p = run_fxp_train("--fleet", str(not_json), "--fleet-chunk", "-1")
