@@ -105,6 +105,10 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
     members.push_back(std::move(c));
   }
   if (members.empty()) throw std::invalid_argument(file + " holds no member settings");
+  // run_fleet checks this too; here it is the usage error it is.
+  if (const std::string why = fxp::train::fleet_incompatibility(members); !why.empty()) {
+    throw std::invalid_argument(file + ": these runs cannot train as one fleet: " + why);
+  }
   return members;
 }
 

@@ -229,7 +229,8 @@ def test_members_that_cannot_share_a_fleet_are_refused_naming_why(tmp_path, memb
     for m in members:
         m["output_dir"] = str(tmp_path / m.get("output_dir", f"m{members.index(m)}"))
     p = run_fleet(tmp_path, members, *args)
-    assert p.returncode != 0
+    assert p.returncode == 2, p.stderr  # a usage error, as a bad -c file is
+    assert p.stderr.startswith("fxp-train: --fleet "), p.stderr
     assert message in p.stderr.replace(str(tmp_path) + "/", ""), p.stderr
 
 
