@@ -186,6 +186,18 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     return df
 
 
+def _failures_text(df: pd.DataFrame) -> str:
+    """What the failed runs of a report without finished runs say: their count, and the first one's error
+    (a grid whose every run fails usually fails for one reason)."""
+    failed = df[df.status == "failed"] if not df.empty else df
+    if failed.empty:
+        return ""
+    first = failed.iloc[0]
+    error = str(first.error).strip().splitlines()[0] if isinstance(first.error, str) and first.error.strip() else "?"
+    return (f"; {len(failed)} run{'s' if len(failed) != 1 else ''} failed, the first with: {error} "
+            f"({pathlib.Path(first.dir) / 'failed.json'})")
+
+
 def _missing(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
 
@@ -831,7 +843,8 @@ def main(argv=None) -> int:
     args.roots = unique_roots(args.roots)
     df = collect(args.roots)
     if df.empty or not (df.status == "finished").any():
-        print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}", file=sys.stderr)
+        print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}"
+              f"{_failures_text(df)}", file=sys.stderr)
         return 1
     try:
         images = write_report(df, args.out)

@@ -769,6 +769,18 @@ def test_report_without_results_is_an_error(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
 
 
+def test_report_without_finished_runs_names_the_failures(tmp_path, capsys):
+    """A grid whose every run failed: the message says how many failed and why the first did."""
+    for i in range(3):
+        failed_run(tmp_path / "g" / f"r{i}", {"method": "sqpu"})
+    (tmp_path / "g" / "r0" / "failed.json").write_text(json.dumps({"error": "lr: must be a positive number\nmore"}))
+    assert report.main([str(tmp_path / "g"), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"report: no finished runs (summary.json) below {tmp_path / 'g'}; 3 runs failed, the first with: "
+                   f"lr: must be a positive number ({tmp_path / 'g' / 'r0' / 'failed.json'})\n")
+    assert not (tmp_path / "r").exists()
+
+
 def finished_run(d: pathlib.Path, config: dict, accuracy: float = 0.5, grid: str = "g") -> pathlib.Path:
     d.mkdir(parents=True)
     sweeplib.atomic_write_json(d / "sweep-run.json", {"grid": grid, "id": d.name, "settings": config})
