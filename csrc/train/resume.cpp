@@ -45,7 +45,9 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
   // --resume (a requeued job resumes what may have finished).
   if (summary && differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false).empty()) {
     if (options.log) *options.log << files.dir << " already holds this finished run; --overwrite trains it again\n";
-    return {false, *summary};
+    json found = *summary;
+    found["config"]["output_dir"] = files.dir;  // where it lies now: a copied or moved run names its new place
+    return {false, std::move(found)};
   }
   if (!options.resume && summary) {
     throw std::invalid_argument("output directory " + files.dir + " holds a finished run with other settings (" +

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 import resource
+import shutil
 import subprocess
 
 import json
@@ -74,7 +75,6 @@ def test_output_that_cannot_be_written_is_an_error(args):
 def _read_only_copy(source, mount_point):
     """`source` copied into a tmpfs at `mount_point`, mounted read-only; False where this process may
     not mount (not root, or no CAP_SYS_ADMIN in a container)."""
-    import shutil
     mount_point.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True).returncode != 0:
@@ -84,6 +84,18 @@ def _read_only_copy(source, mount_point):
         subprocess.run(["umount", str(mount_point)])
         return False
     return True
+
+
+@requires_fxp_train_and_data
+def test_a_copied_finished_run_is_shown_where_it_now_lies(tmp_path):
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    assert _train(run, "--epochs", "1").returncode == 0
+    shutil.copytree(run, copy)
+    p = run_fxp_train(*SMALL[:-1], "-o", str(copy), "--epochs", "1")  # not --quiet: the summary
+    assert p.returncode == 0, p.stderr
+    assert f"{copy} already holds this finished run" in p.stdout and f"output in {copy}\n" in p.stdout, p.stdout
+    assert str(run) + "\n" not in p.stdout
+    assert (copy / "summary.json").read_bytes() == (run / "summary.json").read_bytes()  # shown, not rewritten
 
 
 @requires_fxp_train_and_data
