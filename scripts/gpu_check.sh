@@ -47,9 +47,10 @@ while (($#)); do
   fi
 done
 # The stages --only may name (the train_* stages by their full names).
-STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_pool bench_train bench_fleet train_distributed_nccl train_exp2-fp32 train_exp2-ste-16
-train_exp2-sqpu-16 train_exp2-hteqpu-16 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt
-train_lenet5_adapt_qpu train_lenet5_msq bench_adapt bench_adapt_python memory_table ctest_rest demo pytest_rest train_default"
+STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_pool bench_train bench_fleet bench_adapt
+bench_adapt_python train_distributed_nccl train_exp2-fp32 train_exp2-ste-16 train_exp2-sqpu-16 train_exp2-hteqpu-16
+train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt train_lenet5_adapt_qpu train_lenet5_msq
+memory_table ctest_rest demo pytest_rest train_default"
 if [[ -n $ONLY ]]; then
   IFS=, read -ra wanted <<<"${ONLY:1:-1}"
   for stage in "${wanted[@]}"; do
@@ -194,6 +195,12 @@ if [[ -x $BUILD/fxp-train ]]; then
   run bench_fleet 150 "$PYTHON" "$ROOT/scripts/bench_fleet.py" --device cuda --fxp-train "$BUILD/fxp-train" \
     --methods sqpu --batch-sizes 1,4,16,64 --fleet-sizes 8,32,80 \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/fleet_cuda.csv" --markdown "$LOGS/bench_fleet_cuda.md"
+  # AdaPT's per-step overhead against float32 training (issue 13's goal: under 10%), before the short runs below.
+  run bench_adapt 60 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
+    --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
+  # fxp.adapt's fused steps in a Python loop (the CUDA paths of AdaptController.step).
+  run bench_adapt_python 30 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --python-loop --device cuda --repeats 3 \
+    --steps 60 --batch-size 256 --markdown "$LOGS/bench_adapt_python_cuda.md"
   # fxp-train --distributed through NCCL (issue 16): one rank on the one GPU, started by torchrun.
   run train_distributed_nccl 20 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
     "$BUILD/fxp-train" --distributed --device cuda --method sqpu --packed --epochs 1 --train-limit 8192 \
@@ -218,11 +225,6 @@ if [[ -x $BUILD/fxp-train ]]; then
   # MSQ on the GPU: its Hessian traces, RoundClamp and width checks.
   run train_lenet5_msq 20 "$BUILD/fxp-train" --model lenet5 --method msq --device cuda --epochs 2 \
     --train-limit 8192 --data-dir "$FXP_FASHION_MNIST" -o "$RUNS/lenet5-msq" --overwrite --no-progress
-  run bench_adapt 60 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --model resnet20 --batch-size 512 --device cuda \
-    --fxp-train "$BUILD/fxp-train" --data-dir "$FXP_FASHION_MNIST" --markdown "$LOGS/bench_adapt_cuda.md"
-  # fxp.adapt's fused steps in a Python loop (the CUDA paths of AdaptController.step).
-  run bench_adapt_python 30 "$PYTHON" "$ROOT/scripts/bench_adapt.py" --python-loop --device cuda --repeats 3 \
-    --steps 60 --batch-size 256 --markdown "$LOGS/bench_adapt_python_cuda.md"
   # Measured training memory from the CUDA caching allocator (docs/memory.md), packed and float.
   run memory_table 150 "$PYTHON" "$ROOT/scripts/memory_table.py" --device cuda --fxp-train "$BUILD/fxp-train" \
     --data-dir "$FXP_FASHION_MNIST" --csv "$LOGS/memory_cuda.csv" --figure "$LOGS/memory_cuda.png"
