@@ -76,6 +76,42 @@ def test_offsets_have_no_int64_past_2_to_the_63():
                        fxp.quantize_seeded(x, 8, 4, seed=5, offset=np.int64(2**63 - 1)))
 
 
+@pytest.mark.parametrize("arguments, message", [
+    ({"formats": FxpFormat(8, 4)}, "formats must be a list of FxpFormat, one per member, but got FxpFormat(total_bits=8, frac_bits=4)"),
+    ({"seeds": 1}, "seeds must be a list of int, one per member, but got 1"),
+    ({"offsets": 1.0}, "offsets must be a list of int, one per member, or one int, but got 1.0"),
+    ({"offsets": True}, "offsets must be a list of int, one per member, or one int, but got True"),
+    ({"rounding": None}, "rounding must be a list of str, one per member, or one str, but got None"),
+    ({"rounding": ["stochastic", 3]}, "rounding[1] must be a str, but got 3"),
+], ids=["formats", "seeds", "offsets", "offsets bool", "rounding", "rounding item"])
+def test_quantize_members_names_a_list_argument_that_is_not_one(arguments, message):
+    call = {"formats": [FxpFormat(8, 4)] * 2, "rounding": "stochastic", "seeds": [0, 1], **arguments}
+    with pytest.raises(TypeError) as e:
+        fxp.ops.quantize_members(x.view(2, 500), 0, call.pop("formats"), call.pop("rounding"), **call)
+    assert str(e.value) == "fxp.quantize_members: " + message
+    # Any iterable of values is a list: a range of seeds, a tuple of roundings.
+    assert torch.equal(fxp.ops.quantize_members(x.view(2, 500), 0, (FxpFormat(8, 4),) * 2, ("stochastic",) * 2,
+                                                seeds=range(2)),
+                       fxp.ops.quantize_members(x.view(2, 500), 0, [FxpFormat(8, 4)] * 2, "stochastic", seeds=[0, 1]))
+
+
+def test_quantize_parameters_takes_an_iterable_of_tensors_and_a_format():
+    """A bare tensor once quantized row by row, each row a tensor with its own Philox stream."""
+    p = torch.randn(100, 10)
+    before = p.clone()
+    with pytest.raises(TypeError) as e:
+        fxp.optim.quantize_parameters_(p, FxpFormat(8, 4), seed=1)
+    assert str(e.value) == ("fxp.optim.quantize_parameters_: params must be an iterable of tensors "
+                            "(model.parameters(), [p]), but got a Tensor")
+    with pytest.raises(TypeError, match=r"^fxp\.optim\.quantize_parameters_: format must be an FxpFormat, "
+                                        r"but got \(8, 4\)$"):
+        fxp.optim.quantize_parameters_([p], (8, 4))
+    assert torch.equal(p, before)  # nothing was rounded
+    q = p.clone()
+    fxp.optim.quantize_parameters_([q], FxpFormat(8, 4), seed=1)
+    assert not torch.equal(q, p) and torch.equal(q, fxp.quantize(q, FxpFormat(8, 4)))
+
+
 def _qpu_run(seed, steps=3, **kwargs):
     torch.manual_seed(0)
     a, b = torch.randn(40), torch.randn(7)

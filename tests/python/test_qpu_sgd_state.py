@@ -239,6 +239,29 @@ def test_float_momentum_off_the_grid_is_refused_by_packed_storage():
     assert not packed_opt.state and packed_opt.param_groups[0]["step"] == 0  # nothing loaded
 
 
+@pytest.mark.parametrize("fmt", [FxpFormat(6, 2), FxpFormat(8, 4)], ids=["bit stream", "int8 codes"])
+@pytest.mark.parametrize("saved_packed", [False, True])
+def test_momentum_of_another_shape_is_refused_at_load(fmt, saved_packed):
+    """A buffer with the parameter's element count but another shape ([4, 3] for a [3, 4] weight) once loaded
+    into 6-bit packed storage (a bit stream, which has no shape) and was stepped on scrambled."""
+    source = _linear(fmt, saved_packed)
+    source_opt = QPUSGD(source.parameters(), lr=0.05, momentum=0.9, format=fmt,
+                        packed=fxp.nn.packed_storage(source))
+    _grad_steps(source, source_opt, 1, seed=0)
+    state = source_opt.state_dict()
+    buffer = state["state"][0]["momentum_buffer"]
+    codes = fxp.ops.load_codes(buffer, fmt, source.weight.shape) if buffer.dtype == torch.uint8 else buffer
+    state["state"][0]["momentum_buffer"] = codes.t().contiguous()  # the transposed shape, as many elements
+    target = _linear(fmt, True)
+    target_opt = QPUSGD(target.parameters(), lr=0.05, momentum=0.9, format=fmt, packed=fxp.nn.packed_storage(target))
+    shape = tuple(source.weight.shape)
+    with pytest.raises(ValueError) as e:
+        target_opt.load_state_dict(state)
+    assert str(e.value) == (f"QPUSGD.load_state_dict: the momentum buffer of parameter 0 has shape {shape[::-1]}, "
+                            f"but the parameter has {shape}")
+    assert not target_opt.state  # nothing loaded
+
+
 # --- 5: a bad hyperparameter in a later group --------------------------------------------------
 def test_a_bad_group_refuses_the_whole_step():
     fmt = FxpFormat(12, 8)

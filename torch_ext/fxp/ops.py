@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import numbers
 from typing import Literal, Optional, Sequence, Tuple, Union
 
@@ -79,6 +80,14 @@ def _tensor(op: str, name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"fxp.{op}: {name} must be a torch.Tensor, but got {type(value).__name__}")
     return value
+
+
+def _list(op: str, name: str, value, what: str) -> list:
+    """An iterable of values (one per member: a list, a tuple, a range) as a list; a single value or a str
+    is refused by name, not with Python's "object is not iterable"."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Iterable):
+        raise TypeError(f"fxp.{op}: {name} must be a list of {what}, but got {value!r}")
+    return list(value)
 
 
 def _optional_tensor(op: str, name: str, value) -> Optional[Tensor]:
@@ -228,13 +237,17 @@ def quantize_members(
     """
     op = "quantize_members"
     x, member_dim = _tensor(op, "x", x), _int(op, "member_dim", member_dim)
-    formats = list(formats)
+    formats = _list(op, "formats", formats, "FxpFormat, one per member")
     for m, fmt in enumerate(formats):
         if not isinstance(fmt, FxpFormat):
             raise TypeError(f"fxp.{op}: formats[{m}] must be an FxpFormat, but got {fmt!r}")
     members = len(formats)
-    roundings = [rounding] * members if isinstance(rounding, str) else [_str(op, "rounding", r) for r in rounding]
-    offsets = [offsets] * members if isinstance(offsets, numbers.Integral) else list(offsets)
+    roundings = ([rounding] * members if isinstance(rounding, str) else
+                 [_str(op, f"rounding[{m}]", r) for m, r in enumerate(_list(op, "rounding", rounding,
+                                                                             "str, one per member, or one str"))])
+    offsets = ([offsets] * members if isinstance(offsets, numbers.Integral) and not isinstance(offsets, bool) else
+               _list(op, "offsets", offsets, "int, one per member, or one int"))
+    seeds = _list(op, "seeds", seeds, "int, one per member")
     kernel = _ops.quantize_members_ste if _bool(op, "straight_through", straight_through) else _ops.quantize_members
     return kernel(x, member_dim, [f.total_bits for f in formats], [f.frac_bits for f in formats], roundings,
                   [_seed(op, f"seeds[{m}]", s) for m, s in enumerate(seeds)],

@@ -408,6 +408,11 @@ class QPUSGD(Optimizer):
             if pid not in targets or not isinstance(buffer, Tensor):
                 continue
             p, group = targets[pid]
+            # A bit stream (uint8) has no shape; load_codes checks its length. Others keep the parameter's
+            # shape: a buffer of another shape with as many elements would load scrambled into codes.
+            if buffer.dtype != torch.uint8 and buffer.shape != p.shape:
+                raise ValueError(f"QPUSGD.load_state_dict: the momentum buffer of parameter {pid} has shape "
+                                 f"{tuple(buffer.shape)}, but the parameter has {tuple(p.shape)}")
             packed = p in self._codes
             if buffer.is_floating_point() and not packed:
                 continue
@@ -578,6 +583,12 @@ def quantize_parameters_(
     offset ``k`` under a key of its own, so these draws are independent of the
     optimizer's. :func:`fxp.nn.quantize_layer_parameters_` does it for a model whose
     layers have formats of their own."""
+    op = "optim.quantize_parameters_"
+    if isinstance(params, Tensor):  # iterating would take its rows for tensors, as torch's optimizers refuse it
+        raise TypeError(f"fxp.{op}: params must be an iterable of tensors (model.parameters(), [p]), but got a "
+                        "Tensor")
+    if not isinstance(format, FxpFormat):
+        raise TypeError(f"fxp.{op}: format must be an FxpFormat, but got {format!r}")
     params = list(params)
     torch.ops.fxp.quantize_parameters_(params, [format.total_bits] * len(params), [format.frac_bits] * len(params),
                                        rounding, _seed("optim.quantize_parameters_", "seed", seed))
