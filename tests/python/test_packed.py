@@ -634,6 +634,26 @@ def test_a_packed_model_in_channels_last_keeps_contiguous_codes_and_steps():
     assert not torch.equal(model.conv2.weight_codes, codes)
 
 
+def test_a_layout_change_after_the_optimizer_keeps_the_codes_it_updates():
+    """model.to(memory_format=channels_last) after QPUSGD(packed=...) once gave the layers new codes tensors,
+    so the optimizer updated the old ones and the model stopped learning, silently."""
+    model = fxp.nn.PaperCNN("sqpu", FxpFormat(16, 10), FxpFormat(16, 8))
+    model.quantize_parameters_()
+    model.pack_()
+    opt = QPUSGD(model.parameters(), lr=0.05, momentum=0.9, format=FxpFormat(16, 10),
+                 packed=fxp.nn.packed_storage(model))
+    held = [model.conv1.weight_codes, model.conv2.weight_codes, model.fc1.weight_codes]
+    codes = [c.clone() for c in held]
+    model.to(memory_format=torch.channels_last)
+    assert all(now is was for now, was in zip([model.conv1.weight_codes, model.conv2.weight_codes,
+                                                model.fc1.weight_codes], held))
+    assert all(c.is_contiguous() and torch.equal(c, before) for c, before in zip(held, codes))
+    x = torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([1, 2])).backward()
+    opt.step()
+    assert not torch.equal(model.conv2.weight_codes, codes[1])  # the model's own codes moved
+
+
 def test_an_optimizer_without_the_packed_storage_refuses_to_step():
     """A forgotten packed= would write into a stand-in (or leave the codes as
     they are); the step refuses before it touches any group."""

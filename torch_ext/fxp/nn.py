@@ -120,12 +120,20 @@ class _QuantizedLayer(nn.Module):
                 param.data = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
 
     def _apply(self, fn, recurse=True):
+        names = ("weight_codes", "bias_codes")
+        before = {name: getattr(self, name, None) for name in names} if self.packed_weights else {}
         module = super()._apply(fn, recurse)
         if self.packed_weights:  # .to() materializes expanded tensors; shrink them again
             self._make_stand_ins()
-            for name in ("weight_codes", "bias_codes"):  # the step takes contiguous codes (not channels_last)
-                codes = getattr(self, name, None)
-                if codes is not None and not codes.is_contiguous():
+            for name in names:  # the step takes contiguous codes (not channels_last)
+                codes, old = getattr(self, name, None), before.get(name)
+                if codes is None or codes is old:
+                    continue
+                if old is not None and (codes.device, codes.dtype, codes.shape) == (old.device, old.dtype, old.shape):
+                    # A layout change alone (to(memory_format=torch.channels_last)): the codes stay the
+                    # tensor an optimizer updates (set_packed_storage), not a copy it would never see.
+                    setattr(self, name, old.copy_(codes))
+                elif not codes.is_contiguous():
                     setattr(self, name, codes.contiguous())
         return module
 
