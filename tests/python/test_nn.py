@@ -47,6 +47,33 @@ def test_formats_are_runtime_state():
     assert on_grid(layer(x), F8_3)
 
 
+def test_runtime_state_is_checked_when_set():
+    """The attributes a caller may change between steps: a bad value is refused where it is set, and the
+    layer keeps its old one (a wrong weight_mode once read the weights unquantized, silently)."""
+    layer = QConv2d(1, 2, 3, weight_mode="ste", param_format=F16_10, act_format=F16_8)
+    cases = [("act_rounding", "nearest_even", ValueError, "act_rounding must be 'hte' or 'sr', but got 'nearest_even'"),
+             ("weight_mode", "bogus", ValueError, "weight_mode must be fp32, ste or qpu, but got 'bogus'"),
+             ("param_format", (8, 4), TypeError, "param_format must be an FxpFormat, but got (8, 4)"),
+             ("act_format", "8.3", TypeError, "act_format must be an FxpFormat, but got '8.3'")]
+    for name, value, error, message in cases:
+        before = getattr(layer, name)
+        with pytest.raises(error) as e:
+            setattr(layer, name, value)
+        assert str(e.value) == f"QConv2d: {message}"
+        assert getattr(layer, name) == before
+    layer.act_format = None  # may be set on the way to another mode; the forward needs it
+    with pytest.raises(ValueError) as e:
+        layer(torch.randn(1, 1, 5, 5))
+    assert str(e.value) == "QConv2d: weight_mode 'ste' needs param_format and act_format, but act_format is None"
+    layer.weight_mode = "fp32"
+    assert layer(torch.randn(1, 1, 5, 5)).shape == (1, 2, 3, 3)  # fp32 needs no formats
+    packed = QLinear(3, 4, weight_mode="qpu", param_format=F16_10, act_format=F16_8)
+    fxp.nn.quantize_layer_parameters_(packed)
+    packed.pack_weights_()
+    with pytest.raises(ValueError, match=r"^QLinear: the weights are packed, so weight_mode stays 'qpu' \(got 'ste'\)$"):
+        packed.weight_mode = "ste"
+
+
 def test_quantize_model_replaces_layers_and_puts_qpu_weights_on_grid():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),

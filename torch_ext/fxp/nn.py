@@ -1,7 +1,8 @@
 """Quantized layers for the paper's methods: fp32, STE, SQPU and HTEQPU.
 
 Every layer keeps its formats and roundings as plain attributes, so they can be
-changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer.
+changed between steps (AdaPT, MSQ) without rebuilding the model or optimizer; a bad
+value is refused where it is set.
 """
 
 from __future__ import annotations
@@ -47,23 +48,49 @@ def _rebuild_packed_parameter(data: Tensor, requires_grad: bool) -> PackedParame
 
 
 class _QuantizedLayer(nn.Module):
-    """Shared state: the weight mode, the formats and the roundings."""
+    """Shared state: the weight mode, the formats and the roundings. They are
+    plain attributes a caller may change between steps, checked when set (a bad
+    value would otherwise fail, or be read wrongly, only at the next forward)."""
+
+    _CHECKED_ATTRIBUTES = ("weight_mode", "param_format", "act_format", "act_rounding")
+
+    def _check_attribute(self, name: str, value) -> None:
+        layer = type(self).__name__
+        if name == "weight_mode":
+            if value not in ("fp32", "ste", "qpu"):
+                raise ValueError(f"{layer}: weight_mode must be fp32, ste or qpu, but got {value!r}")
+            if value != "qpu" and self.__dict__.get("packed_weights"):
+                raise ValueError(f"{layer}: the weights are packed, so weight_mode stays 'qpu' (got {value!r})")
+        elif name == "act_rounding":
+            if value not in _OP_ROUNDING:
+                raise ValueError(f"{layer}: act_rounding must be 'hte' or 'sr', but got {value!r}")
+        elif value is not None and not isinstance(value, FxpFormat):  # param_format, act_format
+            raise TypeError(f"{layer}: {name} must be an FxpFormat, but got {value!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _QuantizedLayer._CHECKED_ATTRIBUTES:
+            self._check_attribute(name, value)
+        super().__setattr__(name, value)
+
+    def _check_formats(self) -> None:
+        """The attributes together: quantized weight modes need both formats."""
+        if self.weight_mode != "fp32":
+            missing = [name for name in ("param_format", "act_format") if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"{type(self).__name__}: weight_mode {self.weight_mode!r} needs param_format and "
+                                 f"act_format, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                 "None")
 
     def _setup(self, weight_mode: WeightMode, param_format: Optional[FxpFormat], act_format: Optional[FxpFormat],
                act_rounding: InferenceRounding) -> None:
-        if weight_mode not in ("fp32", "ste", "qpu"):
-            raise ValueError(f"{type(self).__name__}: weight_mode must be fp32, ste or qpu, but got {weight_mode!r}")
-        if act_rounding not in _OP_ROUNDING:
-            raise ValueError(f"{type(self).__name__}: act_rounding must be 'hte' or 'sr', but got {act_rounding!r}")
+        values = dict(weight_mode=weight_mode, param_format=param_format, act_format=act_format,
+                      act_rounding=act_rounding)
+        for name, value in values.items():  # all checked before any is set
+            self._check_attribute(name, value)
         if weight_mode != "fp32" and (param_format is None or act_format is None):
             raise ValueError(f"{type(self).__name__}: weight_mode {weight_mode!r} needs param_format and act_format")
-        for name, fmt in (("param_format", param_format), ("act_format", act_format)):
-            if fmt is not None and not isinstance(fmt, FxpFormat):  # a tuple would fail only at the first forward
-                raise TypeError(f"{type(self).__name__}: {name} must be an FxpFormat, but got {fmt!r}")
-        self.weight_mode = weight_mode
-        self.param_format = param_format
-        self.act_format = act_format
-        self.act_rounding = act_rounding
+        for name, value in values.items():
+            super().__setattr__(name, value)
         if not hasattr(self, "saved_input_format"):
             # Note [Packed layers] (csrc/nn/modules.h): the format the layer's input lies on, if
             # the autograd should save it as codes of that format. With pack_counts (int64 [2] on
@@ -291,6 +318,7 @@ class QLinear(nn.Linear, _QuantizedLayer):
         return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_formats()
         if self.packed_weights or self.saved_input_format is not None:
             return self._layer_output(x, fxp_ops.linear)
         bias = None if self.bias is None else self._weight(self.bias)
@@ -312,6 +340,7 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
         return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_formats()
         if self.packed_weights or self.saved_input_format is not None:
             if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise ValueError("QConv2d: packed storage supports numeric zero padding only")
