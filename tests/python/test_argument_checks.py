@@ -112,6 +112,33 @@ def test_quantize_parameters_takes_an_iterable_of_tensors_and_a_format():
     assert not torch.equal(q, p) and torch.equal(q, fxp.quantize(q, FxpFormat(8, 4)))
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("total_bits", 8.0, "a param group's total_bits must be an int, but got 8.0"),
+    ("rounding", None, "a param group's rounding must be a str, but got None"),
+    ("momentum_form", None, "a param group's momentum_form must be a str, but got None"),
+    ("lr", None, "a param group's lr must be a number, but got None"),
+    ("lr", "0.1", "a param group's lr must be a number, but got '0.1'"),
+    ("weight_decay", "0", "a param group's weight_decay must be a number, but got '0'"),
+    ("step", 1.5, "a param group's step must be an int, but got 1.5"),
+], ids=["total_bits", "rounding", "momentum_form", "lr None", "lr str", "weight_decay str", "step float"])
+def test_qpu_sgd_names_a_group_value_of_the_wrong_type(key, value, message):
+    """Values set in a group by hand: each refused by name, where the dispatcher said "failed to match any
+    schema" or float() spoke, or the value was silently converted; nothing steps."""
+    p = fxp.quantize(torch.randn(10), 8, 4).requires_grad_()
+    opt = QPUSGD([p], lr=0.1, momentum=0.9, format=FxpFormat(8, 4))
+    p.grad = torch.randn(10)
+    before = p.detach().clone()
+    opt.param_groups[0][key] = value
+    with pytest.raises(TypeError) as e:
+        opt.step()
+    assert str(e.value) == "QPUSGD: " + message
+    assert torch.equal(p.detach(), before)
+    with pytest.raises(TypeError, match=r"^QPUSGD: rounding must be a str, but got None$"):
+        QPUSGD([p], lr=0.1, rounding=None)
+    with pytest.raises(TypeError, match=r"^QPUSGD: a param group's lr must be a number, but got 'x'$"):
+        QPUSGD([{"params": [p], "lr": "x"}], lr=0.1)
+
+
 def _qpu_run(seed, steps=3, **kwargs):
     torch.manual_seed(0)
     a, b = torch.randn(40), torch.randn(7)

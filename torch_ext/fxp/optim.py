@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .ops import _bool, _seed, load_codes, pack, store_codes, stored_dtype, unpack
+from .ops import _bool, _int, _number, _seed, load_codes, pack, store_codes, stored_dtype, unpack
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -130,6 +130,9 @@ class QPUSGD(Optimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"QPUSGD: {name} must be a number{' (or, capturable, a tensor)' if name == 'lr' else ''}, "
                                 f"but got {value!r}")
+        for name, value in (("rounding", rounding), ("momentum_form", momentum_form)):
+            if not isinstance(value, str):
+                raise TypeError(f"QPUSGD: {name} must be a str, but got {value!r}")
         seed = _seed("QPUSGD", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
         nesterov = _bool("QPUSGD", "nesterov", nesterov, prefix="")
         capturable = _bool("QPUSGD", "capturable", capturable, prefix="")
@@ -184,13 +187,30 @@ class QPUSGD(Optimizer):
                 group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"], group["rounding"],
                 group["seed"])
 
-    @staticmethod
-    def _normalize_group(group: dict[str, Any]) -> None:
-        """What a caller may set in a group, as the op takes it: nesterov a bool, the seed the int64 with
-        its key's bits (Note [64-bit Philox keys in Python]). Run when a group is added or its arguments
-        change (_check_groups), not every step."""
-        group["nesterov"] = _bool("QPUSGD", "a param group's nesterov", group["nesterov"], prefix="")
-        group["seed"] = _seed("QPUSGD", "a param group's seed", group["seed"], prefix="")
+    _NUMBER_KEYS = ("momentum", "weight_decay")
+    _INT_KEYS = ("total_bits", "frac_bits", "momentum_total_bits", "momentum_frac_bits")
+    _STR_KEYS = ("rounding", "momentum_form")
+
+    @classmethod
+    def _normalize_group(cls, group: dict[str, Any]) -> None:
+        """What a caller may set in a group, as the op takes it, each of the wrong type refused by name
+        (Note [Argument checks in Python]): numbers as floats, widths as ints, nesterov a bool, the seed
+        the int64 with its key's bits (Note [64-bit Philox keys in Python]). A tensor lr (capturable) is
+        the op's to check. Run when a group is added or its arguments change (_check_groups), not every step."""
+        def name(key: str) -> str:
+            return f"a param group's {key}"
+
+        if not isinstance(group["lr"], Tensor):
+            group["lr"] = _number("QPUSGD", name("lr"), group["lr"], prefix="")
+        for key in cls._NUMBER_KEYS:
+            group[key] = _number("QPUSGD", name(key), group[key], prefix="")
+        for key in cls._INT_KEYS:
+            group[key] = _int("QPUSGD", name(key), group[key], prefix="")
+        for key in cls._STR_KEYS:
+            if not isinstance(group[key], str):
+                raise TypeError(f"QPUSGD: {name(key)} must be a str, but got {group[key]!r}")
+        group["nesterov"] = _bool("QPUSGD", name("nesterov"), group["nesterov"], prefix="")
+        group["seed"] = _seed("QPUSGD", name("seed"), group["seed"], prefix="")
 
     @classmethod
     def _check_group(cls, group: dict[str, Any]) -> None:
@@ -218,11 +238,21 @@ class QPUSGD(Optimizer):
                 self._check_arguments(arguments)
                 checked[index] = arguments
 
-    @classmethod
-    def _checked_arguments(cls, group: dict[str, Any]) -> tuple:
-        """What _check_groups checks of a group: its op arguments, a tensor lr (capturable) as 0."""
+    @staticmethod
+    def _host_step(group: dict[str, Any]) -> int:
+        """The group's step count as an int: a capturable optimizer's (a device tensor, in its state dict
+        too) read, any other value checked (a float step would be truncated)."""
+        step = group["step"]
+        return int(step) if isinstance(step, Tensor) else _int("QPUSGD", "a param group's step", step, prefix="")
+
+    @staticmethod
+    def _checked_arguments(group: dict[str, Any]) -> tuple:
+        """What _check_groups checks of a group: its op arguments as set (converted by _normalize_group
+        once they change, which names a value of the wrong type), a tensor lr (capturable) as 0."""
         lr = group["lr"]
-        return (0.0 if isinstance(lr, Tensor) else float(lr), *cls._shared_arguments(group), 0, group["momentum_form"])
+        return (0.0 if isinstance(lr, Tensor) else lr, group["momentum"], group["weight_decay"], group["nesterov"],
+                group["total_bits"], group["frac_bits"], group["momentum_total_bits"], group["momentum_frac_bits"],
+                group["rounding"], group["seed"], 0, group["momentum_form"])
 
     def _check_writable(self) -> None:
         """Before any group steps: every gradient is dense, and every parameter to update can be written in
@@ -516,7 +546,7 @@ class QPUSGD(Optimizer):
             streams, params, grads, storage, buffers = arguments
             if normalization is not None:
                 accumulated, norms, l1 = normalization
-                step = int(group["step"])
+                step = self._host_step(group)
                 group["step"] = step + 1
                 counts = torch.ops.fxp.qpu_sgd_step_.adapt(
                     storage, grads, buffers, [accumulated[index][k] for k in streams], norms,
@@ -529,7 +559,7 @@ class QPUSGD(Optimizer):
             else:
                 # The step counts even if the op raises (a NaN that packed storage cannot
                 # hold): the update has happened, and the next step draws fresh numbers.
-                step = int(group["step"])
+                step = self._host_step(group)
                 group["step"] = step + 1
                 counts = torch.ops.fxp.qpu_sgd_step_(storage, grads, buffers, *self._hyperparameters(group, step),
                                                      streams)
