@@ -380,6 +380,33 @@ def test_layer_op_errors():
         fxp.ops.linear(x, w.requires_grad_(), input_format=FxpFormat(8, 4))
 
 
+def test_layer_ops_name_codes_of_the_wrong_dtype_and_tensors_on_another_device():
+    """The codes' dtype was reported as fxp::unpack's "codes"; a meta weight beside a CPU x gave a CPU result
+    of uninitialized memory."""
+    w, x = torch.randn(3, 4), torch.randn(2, 4)
+    with pytest.raises(RuntimeError) as e:
+        fxp.ops.linear(x, w, weight_codes=fxp.pack(w, 8, 4).to(torch.int16), param_format=FxpFormat(8, 4))
+    assert str(e.value).splitlines()[0] == ("fxp::linear: weight_codes of FxP(8,4) must be Char codes or a uint8 bit "
+                                            "stream of them, but got Short")
+    meta = torch.empty(3, 4, device="meta")
+    for call, name in [(lambda: fxp.ops.linear(x, meta), "weight"),
+                       (lambda: fxp.ops.linear(x, w, torch.empty(3, device="meta")), "bias"),
+                       (lambda: fxp.ops.linear(x, w, weight_codes=fxp.pack(meta, 8, 4), param_format=FxpFormat(8, 4)),
+                        "weight_codes"),
+                       (lambda: fxp.ops.conv2d(torch.randn(1, 1, 4, 4), torch.randn(2, 1, 3, 3, device="meta")),
+                        "weight")]:
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value).splitlines()[0].endswith(
+            f": expected {name} on the same device as x (cpu), but got meta"), str(e.value)
+    with pytest.raises(RuntimeError, match=r"^fxp::linear: expected weight on the same device as x \(meta\), "
+                                           "but got cpu"):
+        fxp.ops.linear(torch.empty(2, 4, device="meta"), w)
+    for fmt in (None, FxpFormat(8, 4)):  # checked whether or not there is an output to round
+        with pytest.raises(RuntimeError, match=r"^fxp::linear output_rounding: unknown rounding 'exact'"):
+            fxp.ops.linear(x, w, output_format=fmt, output_rounding="exact")
+
+
 # --- layers, the network and the optimizer --------------------------------------------
 def _paper_run(method, packed, steps=3, batch=8, fmt=FxpFormat(16, 10), act=FxpFormat(16, 8)):
     torch.manual_seed(0)

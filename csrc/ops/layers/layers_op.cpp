@@ -28,6 +28,11 @@ at::Tensor layer_value(const char* op, const char* name, const at::Tensor& value
                        const std::optional<at::Tensor>& codes, const OptionalFormat& param_format) {
   if (!codes.has_value() || !codes->defined()) return value;
   const std::string codes_name = std::string(name) + "_codes";
+  // Named here: unpack's own check would speak of fxp::unpack and its "codes".
+  const at::ScalarType expected = packed_dtype(static_cast<int>(param_format.total_bits));
+  TORCH_CHECK(codes->scalar_type() == expected || is_bit_stream(*codes), op, ": ", codes_name, " of FxP(",
+              param_format.total_bits, ",", param_format.frac_bits, ") must be ", expected,
+              " codes or a uint8 bit stream of them, but got ", codes->scalar_type());
   check_stored_codes(op, codes_name.c_str(), *codes, param_format.total_bits, value.sym_sizes());
   if (!is_bit_stream(*codes)) return unpack(*codes, param_format.total_bits, param_format.frac_bits, value.scalar_type());
   // Note [Bit-stream storage]: a stream is decoded for this call only. Traced
@@ -45,6 +50,12 @@ void check_layer_args(const char* op, const at::Tensor& x, const at::Tensor& wei
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, but got ", x.scalar_type());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have the dtype of x (", x.scalar_type(),
               "), but got ", weight.scalar_type());
+  // A meta weight beside a CPU x once gave a CPU result of uninitialized memory.
+  check_same_device(op, x, weight, "weight");
+  for (const auto& [tensor, name] : {std::pair{&bias, "bias"}, {&weight_codes, "weight_codes"},
+                                     {&bias_codes, "bias_codes"}}) {
+    if (tensor->has_value() && (*tensor)->defined()) check_same_device(op, x, **tensor, name);
+  }
   const bool has_weight_codes = weight_codes.has_value() && weight_codes->defined();
   const bool has_bias = bias.has_value() && bias->defined();
   const bool has_bias_codes = bias_codes.has_value() && bias_codes->defined();
@@ -76,6 +87,9 @@ std::pair<at::Tensor, std::optional<at::Tensor>> layer_weights(
 at::Tensor quantize_output(const char* op, at::Tensor y, at::OptionalIntArrayRef output_format,
                            c10::string_view output_rounding, const std::optional<at::Generator>& generator) {
   const OptionalFormat fmt = parse_format(op, "output_format", output_format);
+  // Checked with or without a format, under the op's name (quantize_ would name itself).
+  const std::string rounding_op = std::string(op) + " output_rounding";
+  parse_rounding(rounding_op.c_str(), output_rounding);
   if (fmt.present) quantize_(y, fmt.total_bits, fmt.frac_bits, output_rounding, "saturate", generator);
   return y;
 }
