@@ -74,6 +74,21 @@ def test_runtime_state_is_checked_when_set():
         packed.weight_mode = "ste"
 
 
+def test_model_functions_name_an_argument_that_is_no_module():
+    for call, op in [(lambda: quantize_model([QLinear(2, 2)], "sqpu"), "quantize_model"),
+                     (lambda: fxp.nn.quantize_layer_parameters_([1]), "quantize_layer_parameters_"),
+                     (lambda: fxp.nn.pack_model_(None), "pack_model_"),
+                     (lambda: fxp.nn.packed_storage("model"), "packed_storage"),
+                     (lambda: fxp.nn.recalibrate_batch_norm(None, []), "recalibrate_batch_norm")]:
+        with pytest.raises(TypeError, match=rf"^{op}: model must be a torch\.nn\.Module, but got \w+$"):
+            call()
+    with pytest.raises(TypeError, match=r"^recalibrate_batch_norm: batches must be an iterable of inputs .* NoneType$"):
+        fxp.nn.recalibrate_batch_norm(torch.nn.BatchNorm1d(3), None)
+    # A rounding is checked with no quantized layer to round, too.
+    with pytest.raises(RuntimeError, match=r"^fxp::quantize_parameters_: unknown rounding 'bogus'"):
+        fxp.nn.quantize_layer_parameters_(torch.nn.Sequential(torch.nn.ReLU()), "bogus")
+
+
 def test_quantize_model_replaces_layers_and_puts_qpu_weights_on_grid():
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -463,6 +463,14 @@ def _replace_layers(model: nn.Module, layer_kwargs: dict) -> None:
         setattr(parent, name, twins[id(layer)])
 
 
+def _module(op: str, model) -> nn.Module:
+    """``model`` if it is an ``nn.Module``; else a TypeError that names it (``model.modules()`` would say
+    "'list' object has no attribute '_modules'")."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, but got {type(model).__name__}")
+    return model
+
+
 def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpFormat] = None,
                    act_format: Optional[FxpFormat] = None, act_rounding: InferenceRounding = "sr",
                    seed: int = 0, packed: bool = False) -> nn.Module:
@@ -480,6 +488,7 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     lose; one that computes as its base, as ``nn.MultiheadAttention``'s
     ``out_proj``, is replaced) and layers with hooks. With ``packed``, a
     parameter shared by two layers is refused too (each layer keeps its own codes)."""
+    _module("quantize_model", model)
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
     seed = _seed("quantize_model", "seed", seed, prefix="")
@@ -508,6 +517,7 @@ def pack_model_(model: nn.Module) -> nn.Module:
     Call after the model is on its device. Returns ``model``. A parameter
     shared by two layers is refused before anything is packed: each layer
     would keep codes of its own, and the tie would be lost."""
+    _module("pack_model_", model)
     layers = [m for m in model.modules() if isinstance(m, (QLinear, QConv2d)) and m.weight_mode == "qpu"]
     owner: dict = {}
     for layer in layers:
@@ -532,6 +542,7 @@ class PackedStorage(NamedTuple):
 
 def packed_storage(model: nn.Module) -> list[PackedStorage]:
     """The packed storage of every packed layer of ``model``, in parameter order."""
+    _module("packed_storage", model)
     out = []
     for layer in model.modules():
         if isinstance(layer, (QLinear, QConv2d)) and layer.packed_weights:
@@ -548,6 +559,7 @@ def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", s
     parameter order over the model's quantized layers, rounds with its own
     Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++.
     Layers in fp32 mode are left as they are (and not counted in ``k``)."""
+    _module("quantize_layer_parameters_", model)
     seed = _seed("quantize_layer_parameters_", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
     params, total_bits, frac_bits = [], [], []
     for layer in model.modules():
@@ -577,6 +589,10 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable, num_batches: Opt
     not change the training that follows; so are each module's training flag
     and each batch norm's momentum. If a forward raises, the old statistics stay.
     """
+    _module("recalibrate_batch_norm", model)
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"recalibrate_batch_norm: batches must be an iterable of inputs (a DataLoader, a list of "
+                        f"tensors), but got {type(batches).__name__}")
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral)
                                     or num_batches < 1):
         raise ValueError(f"recalibrate_batch_norm: num_batches must be a positive int, but got {num_batches!r}")

@@ -64,6 +64,7 @@ void quantize_parameters(at::TensorList params, at::IntArrayRef total_bits, at::
   TORCH_CHECK(total_bits.size() == params.size() && frac_bits.size() == params.size(), op,
               ": expected a format per parameter (", params.size(), "), but got ", total_bits.size(), " total_bits and ",
               frac_bits.size(), " frac_bits");
+  parse_rounding(op, rounding);  // also with no parameters (a model without quantized layers)
   const auto key = static_cast<int64_t>(static_cast<uint64_t>(seed) + kernels::kInitKeyDelta);
   for (size_t k = 0; k < params.size(); ++k) {
     quantize_seeded_(const_cast<at::Tensor&>(params[k]), total_bits[k], frac_bits[k], rounding, key,
