@@ -5,6 +5,7 @@ controller's whole state in the checkpoint."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -663,3 +664,16 @@ def test_adapt_step_ops_reject_bad_input():
         torch.ops.fxp.adapt_sgd_step_(params, grads, [], acc, norms, layers, 0.0, float("nan"))
     # Empty lists: nothing to do, and the norms of layers without tensors are 0.
     assert torch.equal(torch.ops.fxp.layer_gradient_norms([], [], [], 2), torch.zeros(2, dtype=torch.float64))
+
+
+def test_the_controller_refuses_what_would_fail_far_from_its_cause():
+    fmt = fxp.FxpFormat(8, 4)
+    adapt = fxp.adapt.AdaptController(fxp.nn.QLinear(6, 3, weight_mode="ste", param_format=fmt, act_format=fmt))
+    with pytest.raises(TypeError, match=r"^fxp\.adapt: load_state_dict takes the dict state_dict\(\) returns, "
+                                        r"but got NoneType$"):
+        adapt.load_state_dict(None)
+    with pytest.raises(TypeError, match=r"^fxp\.adapt: an AdaptController cannot be deep-copied"):
+        copy.deepcopy(adapt)
+    with pytest.raises(ValueError, match=r"^fxp\.adapt: loss must be a number or a one-element tensor, but got a "
+                                         r"tensor of shape \(2,\)$"):
+        adapt.after_backward(torch.ones(2), 4)

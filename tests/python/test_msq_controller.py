@@ -166,8 +166,28 @@ def test_remove_leaves_the_quantized_weights_and_a_plain_model():
     assert not torch.nn.utils.parametrize.is_parametrized(model[0])
     assert torch.equal(model(x), quantized_output)
     assert set(model.state_dict()) == set(small_cnn().state_dict())
-    with pytest.raises(RuntimeError, match="after remove"):
-        controller.penalty()
+    state = controller.state_dict()
+    for call, what in [(controller.penalty, "penalty()"), (controller.check, "check()"),
+                       (controller.freeze, "freeze()"), (lambda: controller.load_state_dict(state),
+                                                           "load_state_dict()")]:
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value) == (f"fxp.msq: {what} after remove(): the layers no longer read through this "
+                                "controller")
+    assert not controller.frozen  # nothing changed widths no layer reads
+
+
+def test_the_controller_refuses_what_would_fail_far_from_its_cause():
+    model = small_cnn()
+    controller = MsqController(model, start_bits=3)
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"^fxp\.msq: float_path_loss returned a loss without a graph"):
+        controller.check(lambda: F.cross_entropy(model(x), y).detach())
+    with pytest.raises(TypeError, match=r"^fxp\.msq: load_state_dict takes the dict state_dict\(\) returns, "
+                                        r"but got NoneType$"):
+        controller.load_state_dict(None)
+    with pytest.raises(TypeError, match=r"^fxp\.msq: an MsqController cannot be deep-copied"):
+        copy.deepcopy(controller)
 
 
 def test_bad_input_is_named():

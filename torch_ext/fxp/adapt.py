@@ -138,6 +138,9 @@ class AdaptController:
     @staticmethod
     def _step_arguments(loss, batch_size) -> Tuple[float, int]:
         if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"fxp.adapt: loss must be a number or a one-element tensor, but got a tensor of "
+                                 f"shape {tuple(loss.shape)}")
             loss = loss.detach().item()
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
             raise TypeError(f"fxp.adapt: batch_size must be an int, but got {batch_size!r}")
@@ -325,6 +328,9 @@ class AdaptController:
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Restores :meth:`state_dict` (of a controller over the same layers) and the layers' formats."""
+        if not isinstance(state, dict):
+            raise TypeError(f"fxp.adapt: load_state_dict takes the dict state_dict() returns, but got "
+                            f"{type(state).__name__}")
         self._core.load_state_dict(state)
         self._apply_formats()
 
@@ -333,6 +339,10 @@ class AdaptController:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def __deepcopy__(self, memo):
+        raise TypeError("fxp.adapt: an AdaptController cannot be deep-copied: it is bound to its model's layers. "
+                        "Copy the model, build a controller over the copy, and load_state_dict() this one's state")
 
     def __repr__(self) -> str:
         formats = ", ".join(f"{n}={f.total_bits}.{f.frac_bits}" for n, f in self.formats().items())

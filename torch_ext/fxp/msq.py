@@ -187,6 +187,7 @@ class MsqController:
         stay), with Hutchinson vectors from ``seed``. Every layer whose
         sparsity reaches α drops 1 or 2 bits. Returns the bits each layer
         dropped, by module name."""
+        self._check_attached("check()")
         loss = None
         if self._hessian:
             if not callable(float_path_loss):
@@ -201,12 +202,16 @@ class MsqController:
                     w.float_path = False
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise TypeError(f"fxp.msq: float_path_loss must return a 0-dim tensor, but returned {loss!r}")
+            if not loss.requires_grad:  # the Hessian-vector products differentiate it twice
+                raise ValueError("fxp.msq: float_path_loss returned a loss without a graph (computed under "
+                                 "torch.no_grad(), or detached); the Hessian trace differentiates it")
         dropped = self._core.check(loss, _seed("msq", "seed", seed))
         self._apply_widths()
         return dict(zip(self._names, dropped))
 
     def freeze(self) -> None:
         """Fixes the widths for the final fine-tuning: no penalty, no more checks."""
+        self._check_attached("freeze()")
         self._core.freeze()
 
     @property
@@ -241,6 +246,10 @@ class MsqController:
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Restores :meth:`state_dict` (of a controller over the same layers) and the layers' widths."""
+        self._check_attached("load_state_dict()")
+        if not isinstance(state, dict):
+            raise TypeError(f"fxp.msq: load_state_dict takes the dict state_dict() returns, but got "
+                            f"{type(state).__name__}")
         self._core.load_state_dict(state)
         self._apply_widths()
 
@@ -253,6 +262,10 @@ class MsqController:
             if parametrize.is_parametrized(layer, "weight"):
                 parametrize.remove_parametrizations(layer, "weight", leave_parametrized=leave_quantized)
         self._removed = True
+
+    def __deepcopy__(self, memo):
+        raise TypeError("fxp.msq: an MsqController cannot be deep-copied: it is bound to its model's layers. Copy "
+                        "the model, build a controller over the copy, and load_state_dict() this one's state")
 
     def __repr__(self) -> str:
         widths = ", ".join(f"{n or '<model>'}={b}" for n, b in self.bits().items())
