@@ -153,6 +153,14 @@ def test_quantize_model_refuses_what_its_twins_would_change():
         quantize_model(torch.nn.Linear(3, 3), "ste", F8_5, F8_3)
     layer = QLinear(3, 3)
     assert quantize_model(layer, "ste", F8_5, F8_3) is layer and layer.weight_mode == "ste"
+    # Packed storage is QPU's: for another method it would pack nothing, silently.
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"^quantize_model: packed storage is for the QPU methods \(sqpu, hteqpu\), "
+                                         r"but method is 'ste' \(STE keeps a float master copy\)$"):
+        quantize_model(plain, "ste", F8_5, F8_3, packed=True)
+    assert type(plain[0]) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"^make_optimizer: packed storage is for the QPU methods"):
+        fxp.optim.make_optimizer(plain.parameters(), "fp32", 0.1, packed=[1, 2, 3])
 
 
 def test_layers_take_formats_as_fxp_formats():

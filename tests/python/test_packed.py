@@ -681,6 +681,16 @@ def test_a_layout_change_after_the_optimizer_keeps_the_codes_it_updates():
     assert not torch.equal(model.conv2.weight_codes, codes[1])  # the model's own codes moved
 
 
+def test_packed_storage_must_be_contiguous_when_it_is_set():
+    layer = fxp.nn.QLinear(4, 6, weight_mode="qpu", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
+    fxp.nn.quantize_layer_parameters_(layer)
+    layer.pack_weights_()
+    opt = QPUSGD(layer.parameters(), lr=0.05, format=FxpFormat(8, 4))
+    strided = layer.weight_codes.t().contiguous().t()  # the codes' shape, column-major
+    with pytest.raises(ValueError, match=r"^QPUSGD.set_packed_storage: the codes must be contiguous"):
+        opt.set_packed_storage(layer.weight, strided, FxpFormat(8, 4))
+
+
 def test_an_optimizer_without_the_packed_storage_refuses_to_step():
     """A forgotten packed= would write into a stand-in (or leave the codes as
     they are); the step refuses before it touches any group."""

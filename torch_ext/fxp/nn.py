@@ -493,6 +493,9 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
     seed = _seed("quantize_model", "seed", seed, prefix="")
     packed = _bool("quantize_model", "packed", packed, prefix="")
+    if packed and WEIGHT_MODES[method] != "qpu":  # would pack nothing, silently
+        raise ValueError(f"quantize_model: packed storage is for the QPU methods (sqpu, hteqpu), but method is "
+                         f"{method!r}" + (" (STE keeps a float master copy)" if method == "ste" else ""))
     layer_kwargs = dict(weight_mode=WEIGHT_MODES[method], param_format=param_format, act_format=act_format,
                         act_rounding=act_rounding)
     if isinstance(model, (nn.Linear, nn.Conv2d)) and not isinstance(model, (QLinear, QConv2d)):

@@ -392,6 +392,9 @@ class QPUSGD(Optimizer):
         if codes.dtype != expected:
             raise ValueError(f"QPUSGD.set_packed_storage: codes of {format} are stored as {expected}, but got "
                              f"{codes.dtype}")
+        if not codes.is_contiguous():  # the step takes contiguous codes: refused here, not at the first step
+            raise ValueError("QPUSGD.set_packed_storage: the codes must be contiguous (the step updates them in "
+                             "place, in row-major order)")
         if expected == torch.uint8:
             try:
                 load_codes(codes, format, parameter.shape)
@@ -640,6 +643,9 @@ def make_optimizer(
     :class:`QPUSGD` with stochastic (``sqpu``) or half-to-even (``hteqpu``)
     rounding in ``format`` (and the packed storage ``packed``)."""
     if method in ("fp32", "ste"):
+        if list(packed):  # torch's SGD would ignore it
+            raise ValueError(f"make_optimizer: packed storage is for the QPU methods (sqpu, hteqpu), but method is "
+                             f"{method!r}")
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if method not in ("sqpu", "hteqpu"):
         raise ValueError(f"make_optimizer: method must be fp32, ste, sqpu or hteqpu, but got {method!r}")
