@@ -185,6 +185,7 @@ class _QuantizedLayer(nn.Module):
         state_dict = dict(state_dict)
         names = [name for name in ("weight", "bias") if getattr(self, name) is not None]
         saved_format = self._saved_codes_format(state_dict, prefix, error_msgs)
+        reported: set = set()  # codes keys whose error is in error_msgs already
         if self.packed_weights:
             for name in names:
                 key, codes_key = prefix + name, f"{prefix}{name}_codes"
@@ -202,6 +203,9 @@ class _QuantizedLayer(nn.Module):
                                                 getattr(self, name).shape, error_msgs)
                     if codes is not None:  # in this layer's stored form, whichever form was saved
                         state_dict[codes_key] = fxp_ops.store_codes(codes, self.packed_format)
+                    else:  # reported: the base class would report it again, against a stream's byte count
+                        state_dict.pop(codes_key)
+                        reported.add(codes_key)
                 stand_in = state_dict.pop(key, None)  # the values are in the codes; check the shape only
                 if stand_in is not None and stand_in.shape != getattr(self, name).shape:
                     error_msgs.append(f"size mismatch for {key}: {tuple(stand_in.shape)} in the checkpoint, "
@@ -222,7 +226,8 @@ class _QuantizedLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.packed_weights:  # a packed layer has no float weights to load
-            missing_keys[before:] = [k for k in missing_keys[before:] if k not in {prefix + n for n in names}]
+            skip = {prefix + n for n in names} | reported
+            missing_keys[before:] = [k for k in missing_keys[before:] if k not in skip]
 
     @staticmethod
     def _saved_codes_format(state_dict, prefix, error_msgs) -> Optional[FxpFormat]:
@@ -234,7 +239,10 @@ class _QuantizedLayer(nn.Module):
                                   f"unknown (a state dict of an older fxp?)")
             return None
         try:
-            return FxpFormat(*(int(v) for v in fmt.tolist()))
+            values = fmt.tolist() if isinstance(fmt, Tensor) else fmt
+            if not isinstance(values, list) or any(isinstance(v, float) and not v.is_integer() for v in values):
+                raise ValueError(f"expected [total_bits, frac_bits] as whole numbers, but got {values}")
+            return FxpFormat(*(int(v) for v in values))
         except (TypeError, ValueError) as e:
             error_msgs.append(f"{prefix}codes_format is not a valid format: {e}")
             return None
