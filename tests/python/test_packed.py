@@ -681,6 +681,18 @@ def test_a_layout_change_after_the_optimizer_keeps_the_codes_it_updates():
     assert not torch.equal(model.conv2.weight_codes, codes[1])  # the model's own codes moved
 
 
+def test_a_packed_conv_takes_unbatched_input_as_the_unpacked_one_does():
+    fmt = FxpFormat(8, 4)
+    layer = fxp.nn.QConv2d(2, 3, 3, weight_mode="qpu", param_format=fmt, act_format=fmt, act_rounding="hte")
+    fxp.nn.quantize_layer_parameters_(layer)
+    x = fxp.quantize(torch.randn(2, 5, 5), fmt)
+    want = layer(x)
+    layer.pack_weights_()
+    got = layer(x)
+    assert got.shape == want.shape == (3, 3, 3) and torch.equal(got, want)
+    assert torch.equal(layer(x.unsqueeze(0)).squeeze(0), want)
+
+
 def test_packed_storage_must_be_contiguous_when_it_is_set():
     layer = fxp.nn.QLinear(4, 6, weight_mode="qpu", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
     fxp.nn.quantize_layer_parameters_(layer)

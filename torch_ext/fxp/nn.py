@@ -352,8 +352,10 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
         if self.packed_weights or self.saved_input_format is not None:
             if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise ValueError("QConv2d: packed storage supports numeric zero padding only")
-            return self._layer_output(x, fxp_ops.conv2d, stride=self.stride, padding=self.padding,
-                                      dilation=self.dilation, groups=self.groups)
+            unbatched = x.dim() == 3  # (C, H, W), as nn.Conv2d takes it; fxp::conv2d takes 4-D
+            y = self._layer_output(x.unsqueeze(0) if unbatched else x, fxp_ops.conv2d, stride=self.stride,
+                                   padding=self.padding, dilation=self.dilation, groups=self.groups)
+            return y.squeeze(0) if unbatched else y
         bias = None if self.bias is None else self._weight(self.bias)
         return self._output(self._conv_forward(x, self._weight(self.weight), bias))
 
