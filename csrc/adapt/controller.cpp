@@ -14,6 +14,9 @@ std::vector<LayerSpec> adapted_layers(nn::NetworkImpl& network, std::vector<nn::
                                       std::vector<std::pair<nn::QuantizedLayer*, size_t>>& followers) {
   std::vector<LayerSpec> specs;
   for (const auto& [name, layer] : network.quantized_layers()) {
+    // Its codes keep the format they were packed in; AdaPT changes formats (fxp-train refuses adapt with packed).
+    TORCH_CHECK(!layer->packed.weights, "fxp::adapt: layer ", name, " has packed weights, whose format is fixed; "
+                "AdaPT changes the formats: build the controller over an unpacked network");
     auto parameters = dynamic_cast<torch::nn::Module&>(*layer).parameters();
     if (parameters.empty()) {
       followers.emplace_back(layer, bound.empty() ? 0 : bound.size() - 1);

@@ -11,6 +11,9 @@ std::vector<std::pair<std::string, torch::Tensor>> bind_layers(nn::NetworkImpl& 
                                                                std::vector<nn::QuantizedLayer*>& bound) {
   std::vector<std::pair<std::string, torch::Tensor>> weights;
   for (const auto& [name, layer] : network.quantized_layers()) {
+    // A packed layer reads its codes, never RoundClamp: MSQ would do nothing, silently.
+    TORCH_CHECK(!layer->packed.weights, "fxp::msq: layer ", name, " has packed weights, which MSQ cannot read "
+                "through RoundClamp: build the controller over an unpacked network");
     torch::Tensor weight;
     if (auto* conv = dynamic_cast<nn::QConv2dImpl*>(layer)) weight = conv->conv->weight;
     if (auto* linear = dynamic_cast<nn::QLinearImpl*>(layer)) weight = linear->linear->weight;

@@ -85,8 +85,12 @@ LayerWeights layer_weights(const torch::Tensor& weight, const torch::Tensor& bia
                            const PackedState& packed, const torch::Tensor& weight_codes,
                            const torch::Tensor& bias_codes) {
   if (packed.weights) {
-    return {weight, optional(bias), weight_codes, optional(bias_codes),
-            std::vector<int64_t>{c.param_total_bits, c.param_frac_bits}};
+    // A config changed after packing (by hand, or by a controller) would reread the codes in its format.
+    TORCH_CHECK(c.param_total_bits == packed.format[0] && c.param_frac_bits == packed.format[1],
+                "fxp::nn: the layer's param format is FxP(", c.param_total_bits, ",", c.param_frac_bits,
+                "), but its packed weights are codes of FxP(", packed.format[0], ",", packed.format[1],
+                "); a packed layer's format is fixed");
+    return {weight, optional(bias), weight_codes, optional(bias_codes), packed.format};
   }
   // The bias first, as the unpacked path reads them: with SR, STE's reads draw
   // from the generator, and the order of the draws decides the bits.
@@ -128,6 +132,7 @@ void pack_layer_weights(torch::nn::Module& layer, torch::Tensor& weight, torch::
     bias.set_data(torch::zeros({}, bias.options()).expand(bias.sizes()));
   }
   packed.weights = true;
+  packed.format = {c.param_total_bits, c.param_frac_bits};
 }
 
 std::vector<PackedStorage> layer_packed_storage(const PackedState& packed, const QuantConfig& c,
@@ -135,9 +140,49 @@ std::vector<PackedStorage> layer_packed_storage(const PackedState& packed, const
                                                      const torch::Tensor& weight_codes,
                                                      const torch::Tensor& bias_codes) {
   if (!packed.weights) return {};
-  std::vector<PackedStorage> out{{weight, weight_codes, c.param_total_bits, c.param_frac_bits}};
-  if (bias.defined()) out.push_back({bias, bias_codes, c.param_total_bits, c.param_frac_bits});
+  // The codes' own format (a config changed since is refused where the layer reads them).
+  std::vector<PackedStorage> out{{weight, weight_codes, packed.format[0], packed.format[1]}};
+  if (bias.defined()) out.push_back({bias, bias_codes, packed.format[0], packed.format[1]});
   return out;
+}
+
+// Note [Convolution padding]
+// Unpacked, a QConv2d pads as torch::nn::Conv2d does: a numeric or string
+// ("same", "valid") padding of zeros, or, with another padding_mode
+// (reflect, replicate, circular), the input padded in that mode first and the
+// convolution then unpadded (Conv2dImpl::_conv_forward, which reads the
+// module's own bias, not the bias as the layer reads it). The layer op of
+// packed storage takes numeric zero padding only, as Python's QConv2d says.
+torch::Tensor float_conv2d(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                           const torch::nn::detail::ConvNdOptions<2>& o) {
+  namespace F = torch::nn::functional;
+  if (std::get_if<torch::enumtype::kZeros>(&o.padding_mode())) {
+    return F::detail::conv2d(x, weight, bias, o.stride(), o.padding(), o.dilation(), o.groups());
+  }
+  std::vector<int64_t> pad(4, 0);  // F::pad's order: the last dimension first, each side's amount
+  for (size_t d = 0; d < 2; ++d) {
+    int64_t before = 0, after = 0;
+    if (const auto* numbers = std::get_if<torch::ExpandingArray<2>>(&o.padding())) {
+      before = after = (**numbers)[d];
+    } else if (std::get_if<torch::enumtype::kSame>(&o.padding())) {
+      const int64_t total = (*o.dilation())[d] * ((*o.kernel_size())[d] - 1);
+      before = total / 2;
+      after = total - before;
+    }
+    pad[2 * (1 - d)] = before;
+    pad[2 * (1 - d) + 1] = after;
+  }
+  F::PadFuncOptions::mode_t mode = torch::kReflect;
+  if (std::get_if<torch::enumtype::kReplicate>(&o.padding_mode())) mode = torch::kReplicate;
+  if (std::get_if<torch::enumtype::kCircular>(&o.padding_mode())) mode = torch::kCircular;
+  return torch::conv2d(F::pad(x, F::PadFuncOptions(pad).mode(mode)), weight, bias, o.stride(),
+                       torch::ExpandingArray<2>(0), o.dilation(), o.groups());
+}
+
+void check_packed_padding(const torch::nn::detail::ConvNdOptions<2>& o) {
+  TORCH_CHECK(std::get_if<torch::enumtype::kZeros>(&o.padding_mode()) &&
+                  std::get_if<torch::ExpandingArray<2>>(&o.padding()),
+              "fxp::nn::QConv2d: packed storage supports numeric zero padding only (Note [Convolution padding])");
 }
 
 }  // namespace
@@ -191,13 +236,13 @@ QConv2dImpl::QConv2dImpl(torch::nn::Conv2dOptions options, QuantConfig config_)
 
 torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
   const auto& o = conv->options;
-  const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   if (!packed.weights && !packed.saved_input_format) {
     const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
-    return note_output(output(torch::conv2d(x, layer_weight(conv->weight, config, msq), bias, o.stride(), padding,
-                                            o.dilation(), o.groups()),
-                              config, output_stats));
+    return note_output(output(float_conv2d(x, layer_weight(conv->weight, config, msq), bias, o), config,
+                              output_stats));
   }
+  check_packed_padding(o);
+  const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   const LayerWeights w = layer_weights(conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
   const torch::Tensor y = fxp::conv2d(x, w.weight, w.bias, o.stride(), padding, o.dilation(), o.groups(),
@@ -208,6 +253,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
 }
 
 void QConv2dImpl::pack_weights_() {
+  check_packed_padding(conv->options);
   pack_layer_weights(*this, conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
 }
 

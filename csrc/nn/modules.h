@@ -75,6 +75,7 @@ struct OutputStats {
 // stand-ins at full size (the values stay right; the memory is lost).
 struct PackedState {
   bool weights = false;
+  std::vector<int64_t> format;  // the codes' [total_bits, frac_bits], fixed when the weights are packed
   std::optional<std::vector<int64_t>> saved_input_format;  // [total_bits, frac_bits]
   torch::Tensor pack_counts;  // undefined: the saved input is checked at once
 };

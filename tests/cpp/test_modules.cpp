@@ -2,8 +2,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "adapt/controller.h"
+#include "msq/controller.h"
 #include "nn/models.h"
 #include "ops/ops.h"
+#include "test_util.h"
 
 namespace {
 
@@ -116,6 +119,66 @@ TEST(Modules, OutputStatsStayOffUnderAutograd) {
   layer->forward(torch::randn({4, 3})).sum().backward();  // training keeps the STE path
   EXPECT_FALSE(layer->output_stats.saturated.defined());
   EXPECT_TRUE(layer->linear->weight.grad().defined());
+}
+
+// Note [Convolution padding]: every padding torch::nn::Conv2d takes, with the values it gives; packed
+// storage refuses the ones its layer op cannot take. (padding_mode was ignored: reflect padded zeros.)
+TEST(Modules, ConvolutionsPadAsTorchDoes) {
+  using torch::nn::Conv2dOptions;
+  const std::vector<Conv2dOptions> cases = {
+      Conv2dOptions(2, 3, 3).padding(1).padding_mode(torch::kReflect),
+      Conv2dOptions(2, 3, 3).padding(2).padding_mode(torch::kReplicate),
+      Conv2dOptions(2, 3, {3, 2}).padding({1, 2}).padding_mode(torch::kCircular),
+      Conv2dOptions(2, 3, 4).padding(torch::kSame).padding_mode(torch::kReflect).dilation(2),
+      Conv2dOptions(2, 3, 3).padding(torch::kSame),
+      Conv2dOptions(2, 3, 3).padding(torch::kValid),
+      Conv2dOptions(2, 3, 3).padding(1).stride(2)};
+  const torch::Tensor x = torch::randn({2, 2, 9, 8});
+  for (const auto& options : cases) {
+    fxp::nn::QConv2d layer(options, config("fp32"));
+    std::ostringstream name;
+    layer->conv->pretty_print(name);
+    EXPECT_TRUE(torch::equal(layer->forward(x), layer->conv->forward(x))) << name.str();
+    // STE, weights already on the grid (so reading them changes nothing), HTE outputs: torch's
+    // convolution, quantized.
+    QuantConfig c = config("ste");
+    c.act_rounding = "hte";
+    fxp::nn::QConv2d ste(options, c);
+    torch::NoGradGuard no_grad;
+    for (auto& p : ste->conv->parameters()) p.copy_(fxp::quantize(p, 16, 10));
+    EXPECT_TRUE(torch::equal(ste->forward(x), fxp::quantize(ste->conv->forward(x), 16, 8))) << name.str();
+  }
+  for (const auto& options : {Conv2dOptions(2, 3, 3).padding(1).padding_mode(torch::kReflect),
+                              Conv2dOptions(2, 3, 3).padding(torch::kSame)}) {
+    fxp::nn::QConv2d packed(options, config("sqpu"));
+    fxp::testing::expect_error([&] { packed->pack_weights_(); },
+                               "fxp::nn::QConv2d: packed storage supports numeric zero padding only");
+  }
+}
+
+// A packed layer's codes keep the format they were packed in: a config changed afterwards (by hand, or a
+// controller's) once reread them in its format, and AdaPT's and MSQ's controllers took packed networks.
+TEST(Modules, PackedWeightsKeepTheirFormat) {
+  fxp::nn::QLinear layer(3, 2, true, config("sqpu"));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : layer->parameters()) p.copy_(fxp::quantize(p, 16, 10));
+  }
+  layer->pack_weights_();
+  const torch::Tensor x = torch::randn({4, 3});
+  layer->forward(x);
+  layer->config.param_frac_bits = 4;
+  fxp::testing::expect_error([&] { layer->forward(x); },
+                             "fxp::nn: the layer's param format is FxP(16,4), but its packed weights are codes of "
+                             "FxP(16,10); a packed layer's format is fixed");
+  EXPECT_EQ(layer->packed_storage().at(0).frac_bits, 10);  // what the codes are, for an optimizer
+  auto net = fxp::nn::make_network("lenet5", config("sqpu"), 1, 10);
+  net->quantize_parameters_("nearest_even", 0);
+  net->pack_(true, false);
+  fxp::testing::expect_error([&] { fxp::adapt::Controller controller(*net, {}); },
+                             "has packed weights, whose format is fixed; AdaPT changes the formats");
+  fxp::testing::expect_error([&] { fxp::msq::Controller controller(*net, {}); },
+                             "has packed weights, which MSQ cannot read through RoundClamp");
 }
 
 }  // namespace
