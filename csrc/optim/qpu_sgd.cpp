@@ -2,6 +2,9 @@
 
 #include <torch/autograd.h>
 
+#include <algorithm>
+#include <sstream>
+
 #include "ops/backend.h"  // capturing_on
 #include "ops/ops.h"
 #include "ops/bit_pack/code_storage.h"
@@ -26,6 +29,13 @@ void QpuSgdOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void QpuSgdOptions::serialize(torch::serialize::InputArchive& archive) {
+  // torch's macro asserts on a missing key ("report a bug to PyTorch"): another optimizer's checkpoint.
+  const std::vector<std::string> keys = archive.keys();
+  for (const char* key : {"lr", "momentum", "weight_decay", "nesterov", "total_bits", "frac_bits", "momentum_total_bits",
+                          "momentum_frac_bits", "rounding", "momentum_form", "seed", "step"}) {
+    TORCH_CHECK(std::find(keys.begin(), keys.end(), key) != keys.end(), "fxp::optim::QpuSgd: a param group of the "
+                "checkpoint lacks '", key, "', which every QpuSgd group has (is it another optimizer's checkpoint?)");
+  }
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, lr);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, momentum);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(double, weight_decay);
@@ -102,6 +112,20 @@ bool is_expanded(const torch::Tensor& p) {
   return every_stride_zero;
 }
 }  // namespace
+
+void QpuSgd::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  const size_t index = param_groups_.size();
+  torch::optim::Optimizer::add_param_group(param_group);
+  auto& options = static_cast<QpuSgdOptions&>(param_groups_.back().options());
+  // A group of the defaults would otherwise draw with group 0's key.
+  if (!param_group.has_options()) options.seed(group_seed(static_cast<const QpuSgdOptions&>(defaults()).seed(), index));
+  try {
+    check_options(options);
+  } catch (...) {
+    param_groups_.pop_back();
+    throw;
+  }
+}
 
 QpuSgd::QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                QpuSgdOptions defaults)
@@ -351,8 +375,77 @@ void QpuSgd::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void QpuSgd::load(torch::serialize::InputArchive& archive) {
-  serialize(*this, archive);
+  // torch's serialize replaces the groups and the state as it reads them: a checkpoint refused below (or
+  // half read) leaves this optimizer as it was, from a copy of it taken first.
+  std::vector<PackedFormat> packed_formats;  // per group: its codes' format, where it holds packed storage
+  for (const auto& group : param_groups_) {
+    const auto& o = static_cast<const QpuSgdOptions&>(group.options());
+    const bool packed = std::any_of(group.params().begin(), group.params().end(), [&](const torch::Tensor& p) {
+      return packed_codes_.count(p.unsafeGetTensorImpl()) > 0;
+    });
+    packed_formats.push_back(packed ? PackedFormat({o.total_bits(), o.frac_bits()}) : std::nullopt);
+  }
+  std::ostringstream before;
+  {
+    torch::serialize::OutputArchive copy;
+    serialize(*this, copy);
+    copy.save_to(before);
+  }
+  try {
+    serialize(*this, archive);
+    check_loaded(packed_formats);
+  } catch (...) {
+    torch::serialize::InputArchive copy;
+    std::istringstream in(before.str());
+    copy.load_from(in);
+    serialize(*this, copy);
+    throw;
+  }
+  checked_options_.clear();
   device_scalars_.clear();  // made again from the loaded steps
+}
+
+void QpuSgd::check_loaded(const std::vector<PackedFormat>& packed_formats) const {
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    const auto& o = static_cast<const QpuSgdOptions&>(param_groups_[g].options());
+    try {
+      check_options(o);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, kName, ": the checkpoint's group ", g, " has options the step refuses: ",
+                  e.what_without_backtrace());
+    }
+    // Codes are in the format they were stored in: read in another, every value would be rescaled.
+    // (Float storage may load another format: AdaPT's QPU groups change theirs as they train.)
+    const PackedFormat& was = packed_formats.at(g);
+    TORCH_CHECK(!was || *was == std::pair(o.total_bits(), o.frac_bits()), kName, ": the checkpoint's group ", g,
+                " has format FxP(", o.total_bits(), ",", o.frac_bits(), "), but its packed storage holds codes of FxP(",
+                was ? was->first : 0, ",", was ? was->second : 0, ")");
+    const auto& params = param_groups_[g].params();
+    for (size_t k = 0; k < params.size(); ++k) {
+      const torch::Tensor& p = params[k];
+      const auto it = state_.find(p.unsafeGetTensorImpl());
+      if (it == state_.end()) continue;
+      const torch::Tensor& buffer = static_cast<const QpuSgdParamState&>(*it->second).momentum_buffer();
+      if (!buffer.defined()) continue;
+      const bool packed = packed_codes_.count(p.unsafeGetTensorImpl()) > 0;
+      if (packed) {
+        const int64_t mtb = momentum_total_bits(o);
+        const auto expected = packed_dtype(static_cast<int>(mtb));
+        TORCH_CHECK(buffer.scalar_type() == expected || (is_bit_stream(buffer) && stores_bit_stream(mtb)), kName,
+                    ": the checkpoint's momentum buffer of parameter ", k, " of group ", g, " is ",
+                    buffer.scalar_type(), ", but the momentum of packed storage is ", expected, " codes",
+                    stores_bit_stream(mtb) ? " or a uint8 bit stream of them" : "");
+        const std::string name = "the checkpoint's momentum buffer of parameter " + std::to_string(k) + " of group " +
+                                 std::to_string(g);
+        check_stored_codes(kName, name.c_str(), buffer, mtb, p.sym_sizes());
+      } else {
+        TORCH_CHECK(buffer.scalar_type() == p.scalar_type() && buffer.sizes() == p.sizes(), kName,
+                    ": the checkpoint's momentum buffer of parameter ", k, " of group ", g, " is ",
+                    buffer.scalar_type(), " of shape ", buffer.sizes(), ", but the parameter is ", p.scalar_type(),
+                    " of shape ", p.sizes());
+      }
+    }
+  }
 }
 
 }  // namespace fxp::optim

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace fxp::optim {
@@ -63,6 +64,10 @@ class QpuSgd : public torch::optim::Optimizer {
 
   torch::Tensor step(LossClosure closure = nullptr) override;
 
+  // As torch's, and a group given without options gets the seed defaults.seed() + its index, as the
+  // constructor's groups do (torch's add_param_group is not virtual: call it on a QpuSgd).
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
   // AdaPT's gradient work fused into the step (Note [AdaPT's fused QPU step]):
   // each gradient is normalized by its group's norm (with L1's term l1) and
   // added to its accumulator as the step applies it; .grad is only read.
@@ -77,6 +82,8 @@ class QpuSgd : public torch::optim::Optimizer {
   void step_normalized(const Normalization& normalization);
 
   void save(torch::serialize::OutputArchive& archive) const override;
+  // Refuses, leaving this optimizer as it was, a checkpoint of another optimizer, options the step refuses,
+  // another format for a group with packed storage, and momentum buffers that do not fit the parameters.
   void load(torch::serialize::InputArchive& archive) override;
 
   // Packed storage (Note [Packed QPU step]): `parameter` (a stand-in that
@@ -130,6 +137,9 @@ class QpuSgd : public torch::optim::Optimizer {
   const torch::Tensor& row_index(size_t g, const std::vector<int64_t>& streams, const torch::Device& device);
 
   void step_groups(const Normalization* normalization);
+  // load's checks of what it read; packed_formats: each group's codes' format before (none: not packed).
+  using PackedFormat = std::optional<std::pair<int64_t, int64_t>>;  // (total_bits, frac_bits)
+  void check_loaded(const std::vector<PackedFormat>& packed_formats) const;
 
   std::vector<torch::Tensor> last_counts_;
   // Each group's options (step aside) as last checked: step_groups checks a group again only when they changed.

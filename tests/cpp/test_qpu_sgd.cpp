@@ -40,16 +40,23 @@ QpuSgdOptions options() {
   return QpuSgdOptions(0.05).momentum(0.9).weight_decay(1e-3).total_bits(12).frac_bits(8).seed(21);
 }
 
-// from's state, saved and loaded into to.
-void round_trip(const QpuSgd& from, QpuSgd& to) {
-  std::stringstream stream;
+// An optimizer's checkpoint, and loading one (round_trip in two halves).
+std::shared_ptr<std::stringstream> save(const torch::optim::Optimizer& from) {
+  auto stream = std::make_shared<std::stringstream>();
   torch::serialize::OutputArchive out;
   from.save(out);
-  out.save_to(stream);
+  out.save_to(*stream);
+  return stream;
+}
+void load(QpuSgd& to, std::stringstream& stream) {
   torch::serialize::InputArchive in;
+  stream.seekg(0);
   in.load_from(stream);
   to.load(in);
 }
+
+// from's state, saved and loaded into to.
+void round_trip(const QpuSgd& from, QpuSgd& to) { load(to, *save(from)); }
 
 // Two groups of make_params(seed_a) and make_params(seed_b) with options().
 QpuSgd two_groups(std::vector<torch::Tensor>& a, std::vector<torch::Tensor>& b, int64_t seed_a, int64_t seed_b) {
@@ -274,6 +281,83 @@ TEST(QpuSgd, GroupsDrawFromTheirOwnSeeds) {
   // Keys wrap modulo 2^64, as in Python: the group after INT64_MAX's is INT64_MIN's.
   EXPECT_EQ(fxp::optim::group_seed(std::numeric_limits<int64_t>::max(), 1), std::numeric_limits<int64_t>::min());
   EXPECT_EQ(fxp::optim::group_seed(-1, 1), 0);
+}
+
+// A group added later gets its own key too (it drew with group 0's: the same numbers for the same data).
+TEST(QpuSgd, AnAddedGroupDrawsFromItsOwnSeed) {
+  std::vector<torch::Tensor> a = make_params(2), b = make_params(2);
+  QpuSgd opt(a, options());
+  opt.add_param_group(torch::optim::OptimizerParamGroup(b));
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(opt.param_groups()[1].options()).seed(), 22);
+  set_grads(a, 5);
+  set_grads(b, 5);
+  opt.step();
+  EXPECT_FALSE(torch::equal(a[1].detach(), b[1].detach()));
+  // A group with its own options keeps its seed; one the step would refuse is not added.
+  opt.add_param_group(torch::optim::OptimizerParamGroup(make_params(3), std::make_unique<QpuSgdOptions>(options().seed(7))));
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(opt.param_groups()[2].options()).seed(), 7);
+  expect_error([&] { opt.add_param_group(torch::optim::OptimizerParamGroup(make_params(4), std::make_unique<QpuSgdOptions>(options().lr(-1)))); },
+               "lr must be a non-negative finite number");
+  EXPECT_EQ(opt.param_groups().size(), 3u);
+}
+
+// Checkpoints load in full or not at all: another optimizer's (torch's macro asserted "report a bug to
+// PyTorch"), options the step refuses, momentum that does not fit the parameters (refused only at the next
+// step, in the op's terms).
+TEST(QpuSgd, ALoadRefusesWhatDoesNotFitAndChangesNothing) {
+  auto a = make_params(1);
+  QpuSgd opt(a, options());
+  set_grads(a, 0);
+  opt.step();
+  auto sgd_params = make_params(1);
+  torch::optim::SGD sgd(sgd_params, torch::optim::SGDOptions(0.1).momentum(0.9));
+  expect_error([&] { load(opt, *save(sgd)); },
+               "fxp::optim::QpuSgd: a param group of the checkpoint lacks 'total_bits', which every QpuSgd group has "
+               "(is it another optimizer's checkpoint?)");
+  EXPECT_EQ(group_step(opt), 1);  // this optimizer as it was
+  // Momentum of other shapes: the same parameters, listed in another order.
+  std::vector<torch::Tensor> reordered = {a[1], a[0], a[2]};
+  QpuSgd other(reordered, options());
+  set_grads(reordered, 1);
+  other.step();
+  other.step();
+  const auto before = opt.state().at(a[0].unsafeGetTensorImpl())->clone();
+  expect_error([&] { load(opt, *save(other)); },
+               "fxp::optim::QpuSgd: the checkpoint's momentum buffer of parameter 0 of group 0 is Float of shape "
+               "[1000], but the parameter is Float of shape [37]");
+  EXPECT_EQ(group_step(opt), 1);
+  EXPECT_TRUE(torch::equal(
+      static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(a[0].unsafeGetTensorImpl())).momentum_buffer(),
+      static_cast<fxp::optim::QpuSgdParamState&>(*before).momentum_buffer()));
+  // Options the step refuses.
+  QpuSgd bad(make_params(1), options());
+  static_cast<QpuSgdOptions&>(bad.param_groups()[0].options()).lr(-1);
+  expect_error([&] { load(opt, *save(bad)); },
+               "fxp::optim::QpuSgd: the checkpoint's group 0 has options the step refuses: fxp::qpu_sgd_step_: lr must "
+               "be a non-negative finite number");
+  opt.step();  // and it still steps
+  EXPECT_EQ(group_step(opt), 2);
+}
+
+// Packed codes are in their group's format: a checkpoint of another format once loaded, and the codes were
+// then read in it (each update 3x too large from FxP(12,8) to FxP(16,10)). Float storage may load one.
+TEST(QpuSgd, APackedGroupLoadsOnlyItsOwnFormat) {
+  const auto hte = [](int64_t bits, int64_t frac) {
+    return QpuSgdOptions(1.0).rounding("nearest_even").total_bits(bits).frac_bits(frac);
+  };
+  auto p = torch::zeros({4}).requires_grad_();
+  QpuSgd packed({p}, hte(12, 8));
+  packed.set_packed_storage(p, fxp::pack(p.detach(), 12, 8), 12, 8);
+  auto q = torch::zeros({4}).requires_grad_();
+  QpuSgd wide({q}, hte(16, 10));
+  expect_error([&] { load(packed, *save(wide)); },
+               "fxp::optim::QpuSgd: the checkpoint's group 0 has format FxP(16,10), but its packed storage holds "
+               "codes of FxP(12,8)");
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(packed.param_groups()[0].options()).total_bits(), 12);
+  auto r = torch::zeros({4}).requires_grad_();
+  QpuSgd plain({r}, hte(12, 8));
+  load(plain, *save(wide));
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(plain.param_groups()[0].options()).total_bits(), 16);
 }
 
 TEST(QpuSgd, BadOptionsAreRejected) {
