@@ -211,8 +211,11 @@ int64_t adapt_lookback(int64_t lookback, double gradient_diversity, Bounds bound
   TORCH_CHECK(bounds.lower >= 1 && bounds.lower <= bounds.upper, "fxp::adapt: lookback bounds [", bounds.lower,
               ", ", bounds.upper, "] are not 1 <= lower <= upper");
   TORCH_CHECK(gamma >= 0 && gamma <= 1, "fxp::adapt: lookback momentum must be in [0, 1], but got ", gamma);
-  const int64_t proposed = std::clamp(ceil_int(static_cast<double>(bounds.upper) / gradient_diversity),
-                                      bounds.lower, bounds.upper);
+  // Clamped before the conversion: a diversity of 0 (or NaN) gives an infinite (NaN) ratio, whose int64 is
+  // undefined; either asks for the longest lookback.
+  double ratio = static_cast<double>(bounds.upper) / gradient_diversity;
+  if (!(ratio <= static_cast<double>(bounds.upper))) ratio = static_cast<double>(bounds.upper);
+  const int64_t proposed = std::clamp(ceil_int(ratio), bounds.lower, bounds.upper);
   return ceil_int(gamma * static_cast<double>(proposed) + (1.0 - gamma) * static_cast<double>(lookback));
 }
 

@@ -267,6 +267,12 @@ QBatchNorm2dImpl::QBatchNorm2dImpl(int64_t channels, QuantConfig config_) : Quan
 
 torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
   if (float_outputs(config)) return note_output(bn->forward(x));
+  // torch::nn::BatchNorm2d's own checks, which torch::batch_norm does not make (a 2-D input was accepted,
+  // and one value per channel in training normalized to zeros).
+  TORCH_CHECK(x.dim() == 4, "fxp::nn::QBatchNorm2d: expected 4D input (got ", x.dim(), "D input)");
+  TORCH_CHECK(!is_training() || x.numel() / std::max<int64_t>(x.size(1), 1) > 1,
+              "fxp::nn::QBatchNorm2d: expected more than 1 value per channel when training, got input size ",
+              x.sizes());
   // Note [Quantized batch norm]. The bias first, as the linear layers read them.
   const torch::Tensor bias = weight_on_read(bn->bias, config);
   const torch::Tensor weight = weight_on_read(bn->weight, config);

@@ -234,6 +234,9 @@ TEST(AdaptLookbackAndResolution, ByHand) {
   // GD 8: lb_new = max(ceil(12.5), 25) = 25; from 25 it stays 25.
   EXPECT_EQ(fa::adapt_lookback(25, 8.0, lb, 0.33), 25);
   EXPECT_EQ(fa::adapt_lookback(60, std::numeric_limits<double>::infinity(), lb, 1.0), 25);  // cancelling gradients
+  // No diversity (or none measured): the longest lookback, where an infinite ratio's int64 was undefined.
+  EXPECT_EQ(fa::adapt_lookback(60, 0.0, lb, 1.0), 100);
+  EXPECT_EQ(fa::adapt_lookback(60, std::nan(""), lb, 1.0), 100);
   EXPECT_EQ(fa::adapt_resolution(70, 100, lb, r), 71);
   EXPECT_EQ(fa::adapt_resolution(70, 25, lb, r), 69);
   EXPECT_EQ(fa::adapt_resolution(70, 60, lb, r), 70);

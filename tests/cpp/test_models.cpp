@@ -169,6 +169,20 @@ TEST(Models, PackedStorageOnlyWherePossible) {
   expect_error([&] { bn->pack_weights_(); }, "batch norm layers cannot pack their parameters yet");
 }
 
+// Quantized batch norm makes torch::nn::BatchNorm2d's input checks (torch::batch_norm does not).
+TEST(Models, QuantizedBatchNormChecksItsInputAsTorchDoes) {
+  for (const std::string method : {"ste", "sqpu"}) {
+    fxp::nn::QBatchNorm2d bn(3, config(method));
+    expect_error([&] { bn->forward(torch::randn({2, 3})); }, "fxp::nn::QBatchNorm2d: expected 4D input (got 2D input)");
+    expect_error([&] { bn->forward(torch::randn({1, 3, 1, 1})); },
+                 "fxp::nn::QBatchNorm2d: expected more than 1 value per channel when training, got input size "
+                 "[1, 3, 1, 1]");
+    EXPECT_EQ(bn->bn->num_batches_tracked.item<int64_t>(), 0);  // refused before it counted a batch
+    bn->eval();
+    EXPECT_EQ(bn->forward(torch::randn({1, 3, 1, 1})).sizes(), torch::IntArrayRef({1, 3, 1, 1}));
+  }
+}
+
 TEST(Models, BadNamesAndShapes) {
   expect_error([] { fxp::nn::make_network("vgg16", QuantConfig{}, 3, 10); },
                "model must be one of paper_cnn, lenet5, resnet20, alexnet, but got 'vgg16'");
