@@ -88,16 +88,29 @@ void refuse_state_under_capture(const torch::Device& device, const char* what) {
 }
 
 int64_t momentum_total_bits(const QpuSgdOptions& o) {
-  return o.momentum_total_bits() >= 0 ? o.momentum_total_bits() : o.total_bits();
+  return o.momentum_total_bits() != -1 ? o.momentum_total_bits() : o.total_bits();
 }
 int64_t momentum_frac_bits(const QpuSgdOptions& o) {
-  return o.momentum_total_bits() >= 0 ? o.momentum_frac_bits() : o.frac_bits();
+  return o.momentum_total_bits() != -1 ? o.momentum_frac_bits() : o.frac_bits();
 }
 
-// The op's own checks, on a call without tensors (which does nothing else).
+// The op's own checks, on a call without tensors (which does nothing else),
+// reported as the optimizer's: the options are what the user set.
 void check_options(const QpuSgdOptions& o) {
-  qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
-                momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
+  // The momentum format is both widths or neither (-1 each): one alone was ignored, or checked as the other.
+  const bool total_set = o.momentum_total_bits() != -1, frac_set = o.momentum_frac_bits() != -1;
+  TORCH_CHECK_VALUE(total_set == frac_set, kName, ": momentum_total_bits and momentum_frac_bits go together (both -1: "
+                    "the parameter format), but got ", o.momentum_total_bits(), " and ", o.momentum_frac_bits());
+  try {
+    qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
+                  momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
+  } catch (const c10::Error& e) {
+    std::string message = e.what_without_backtrace();
+    const std::string op = "fxp::qpu_sgd_step_: ";
+    if (message.rfind(op, 0) == 0) message.erase(0, op.size());
+    if (dynamic_cast<const c10::ValueError*>(&e) != nullptr) TORCH_CHECK_VALUE(false, kName, ": ", message);
+    TORCH_CHECK(false, kName, ": ", message);
+  }
 }
 
 // An expanded tensor (a zero stride) cannot be updated in place; the usual one
@@ -301,11 +314,11 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
   TORCH_CHECK(group < param_groups_.size(), kName, ": change_format of group ", group, ", but there are ",
               param_groups_.size());
   auto& o = static_cast<QpuSgdOptions&>(param_groups_[group].options());
-  const bool follows = o.momentum_total_bits() < 0 ||
+  const bool follows = o.momentum_total_bits() == -1 ||
                        (o.momentum_total_bits() == o.total_bits() && o.momentum_frac_bits() == o.frac_bits());
   QpuSgdOptions changed = o;
   changed.total_bits(total_bits).frac_bits(frac_bits);
-  if (follows && o.momentum_total_bits() >= 0) changed.momentum_total_bits(total_bits).momentum_frac_bits(frac_bits);
+  if (follows && o.momentum_total_bits() != -1) changed.momentum_total_bits(total_bits).momentum_frac_bits(frac_bits);
   check_options(changed);
   const auto& params = param_groups_[group].params();
   for (const auto& p : params) {  // before anything changes
@@ -411,8 +424,10 @@ void QpuSgd::check_loaded(const std::vector<PackedFormat>& packed_formats) const
     try {
       check_options(o);
     } catch (const c10::Error& e) {
-      TORCH_CHECK(false, kName, ": the checkpoint's group ", g, " has options the step refuses: ",
-                  e.what_without_backtrace());
+      std::string message = e.what_without_backtrace();
+      const std::string own = std::string(kName) + ": ";
+      if (message.rfind(own, 0) == 0) message.erase(0, own.size());
+      TORCH_CHECK(false, kName, ": the checkpoint's group ", g, " has options the step refuses: ", message);
     }
     // Codes are in the format they were stored in: read in another, every value would be rescaled.
     // (Float storage may load another format: AdaPT's QPU groups change theirs as they train.)

@@ -333,7 +333,7 @@ TEST(QpuSgd, ALoadRefusesWhatDoesNotFitAndChangesNothing) {
   QpuSgd bad(make_params(1), options());
   static_cast<QpuSgdOptions&>(bad.param_groups()[0].options()).lr(-1);
   expect_error([&] { load(opt, *save(bad)); },
-               "fxp::optim::QpuSgd: the checkpoint's group 0 has options the step refuses: fxp::qpu_sgd_step_: lr must "
+               "fxp::optim::QpuSgd: the checkpoint's group 0 has options the step refuses: lr must "
                "be a non-negative finite number");
   opt.step();  // and it still steps
   EXPECT_EQ(group_step(opt), 2);
@@ -362,6 +362,13 @@ TEST(QpuSgd, APackedGroupLoadsOnlyItsOwnFormat) {
 
 TEST(QpuSgd, BadOptionsAreRejected) {
   auto w = torch::zeros({4}).requires_grad_();
+  // Named as the optimizer's options, not as the op's arguments.
+  expect_error([&] { QpuSgd({w}, QpuSgdOptions(-0.1)); },
+               "fxp::optim::QpuSgd: lr must be a non-negative finite number, but got -0.1");
+  expect_error([&] { QpuSgd({w}, QpuSgdOptions(0.1).momentum_total_bits(8)); },
+               "fxp::optim::QpuSgd: momentum_total_bits and momentum_frac_bits go together (both -1: the parameter "
+               "format), but got 8 and -1");
+  expect_error([&] { QpuSgd({w}, QpuSgdOptions(0.1).momentum_frac_bits(4)); }, "but got -1 and 4");
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).rounding("floor")), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).nesterov(true)), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).total_bits(40)), c10::Error);
