@@ -17,8 +17,10 @@ const char* op_rounding(const std::string& act_rounding) {
 }
 
 void check_config(const QuantConfig& c) {
-  check_fxp_format("fxp::nn", c.param_total_bits, c.param_frac_bits);
-  check_fxp_format("fxp::nn", c.act_total_bits, c.act_frac_bits);
+  // Named by the format they belong to ("frac_bits ... got 20" did not say which).
+  check_fxp_format("fxp::nn: the parameter format (param_total_bits, param_frac_bits)", c.param_total_bits,
+                   c.param_frac_bits);
+  check_fxp_format("fxp::nn: the output format (act_total_bits, act_frac_bits)", c.act_total_bits, c.act_frac_bits);
   op_rounding(c.act_rounding);
 }
 

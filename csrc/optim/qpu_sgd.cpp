@@ -298,6 +298,9 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
                   stores_bit_stream(o.total_bits()) ? " or a uint8 bit stream" : "", ", but got ",
                   codes.scalar_type());
       check_stored_codes(kName, "codes", codes, o.total_bits(), parameter.sym_sizes());
+      // Refused here, not at the first step (the op's "params[0] must be contiguous").
+      TORCH_CHECK(codes.is_contiguous(), kName, ": the codes must be contiguous (the step updates them in place, in "
+                  "row-major order)");
       found = true;
     }
   }

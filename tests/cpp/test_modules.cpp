@@ -156,6 +156,19 @@ TEST(Modules, ConvolutionsPadAsTorchDoes) {
   }
 }
 
+// A bad width is named by its format.
+TEST(Modules, ABadConfigNamesItsFormat) {
+  QuantConfig c = config("ste");
+  c.act_frac_bits = 20;
+  fxp::testing::expect_error([&] { fxp::nn::QLinear(3, 2, true, c); },
+                             "fxp::nn: the output format (act_total_bits, act_frac_bits): frac_bits must be in [0, "
+                             "total_bits - 1] = [0, 15], but got 20");
+  c = config("ste");
+  c.param_total_bits = 40;
+  fxp::testing::expect_error([&] { fxp::nn::QLinear(3, 2, true, c); },
+                             "fxp::nn: the parameter format (param_total_bits, param_frac_bits): total_bits must be");
+}
+
 // A packed layer's codes keep the format they were packed in: a config changed afterwards (by hand, or a
 // controller's) once reread them in its format, and AdaPT's and MSQ's controllers took packed networks.
 TEST(Modules, PackedWeightsKeepTheirFormat) {

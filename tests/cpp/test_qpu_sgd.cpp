@@ -354,6 +354,10 @@ TEST(QpuSgd, APackedGroupLoadsOnlyItsOwnFormat) {
                "fxp::optim::QpuSgd: the checkpoint's group 0 has format FxP(16,10), but its packed storage holds "
                "codes of FxP(12,8)");
   EXPECT_EQ(static_cast<QpuSgdOptions&>(packed.param_groups()[0].options()).total_bits(), 12);
+  auto m = torch::zeros({3, 4}).requires_grad_();
+  QpuSgd strided({m}, hte(12, 8));
+  expect_error([&] { strided.set_packed_storage(m, fxp::pack(m.detach().t(), 12, 8).t(), 12, 8); },
+               "fxp::optim::QpuSgd: the codes must be contiguous");
   auto r = torch::zeros({4}).requires_grad_();
   QpuSgd plain({r}, hte(12, 8));
   load(plain, *save(wide));
@@ -369,6 +373,8 @@ TEST(QpuSgd, BadOptionsAreRejected) {
                "fxp::optim::QpuSgd: momentum_total_bits and momentum_frac_bits go together (both -1: the parameter "
                "format), but got 8 and -1");
   expect_error([&] { QpuSgd({w}, QpuSgdOptions(0.1).momentum_frac_bits(4)); }, "but got -1 and 4");
+  expect_error([&] { QpuSgd({w}, QpuSgdOptions(0.1).rounding("bogus")); },
+               "fxp::optim::QpuSgd: rounding must be nearest_even (HTEQPU) or stochastic (SQPU), but got 'bogus'");
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).rounding("floor")), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).nesterov(true)), c10::Error);
   EXPECT_THROW(QpuSgd({w}, QpuSgdOptions(0.1).total_bits(40)), c10::Error);

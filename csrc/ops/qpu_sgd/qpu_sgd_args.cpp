@@ -30,9 +30,10 @@ kernels::QpuSgdParams check_qpu_sgd(at::TensorList params, at::TensorList grads,
   const char* const op = a.op;  // the overload
   check_fxp_format(op, a.total_bits, a.frac_bits);
   check_fxp_format(op, a.momentum_total_bits, a.momentum_frac_bits);
-  const Rounding rounding = parse_rounding(op, a.rounding);
-  TORCH_CHECK(rounding == Rounding::NearestEven || rounding == Rounding::Stochastic, op,
+  // QPU's two roundings only: parse_rounding's message would offer floor and nearest_away too.
+  TORCH_CHECK(a.rounding == "nearest_even" || a.rounding == "stochastic", op,
               ": rounding must be nearest_even (HTEQPU) or stochastic (SQPU), but got '", a.rounding, "'");
+  const Rounding rounding = parse_rounding(op, a.rounding);
   MomentumForm form;
   if (a.momentum_form == "standard") {
     form = MomentumForm::Standard;
