@@ -149,12 +149,16 @@ std::vector<PackedStorage> layer_packed_storage(const PackedState& packed, const
 }
 
 // Note [Convolution padding]
-// Unpacked, a QConv2d pads as torch::nn::Conv2d does: a numeric or string
+// Unpacked, a QConv2d pads as PyTorch's nn.Conv2d does: a numeric or string
 // ("same", "valid") padding of zeros, or, with another padding_mode
-// (reflect, replicate, circular), the input padded in that mode first and the
-// convolution then unpadded (Conv2dImpl::_conv_forward, which reads the
-// module's own bias, not the bias as the layer reads it). The layer op of
-// packed storage takes numeric zero padding only, as Python's QConv2d says.
+// (reflect, replicate, circular), the input padded in that mode first (for
+// "same", the extra row or column of an even total after, as Python's
+// _reversed_padding_repeated_twice has it; LibTorch 2.11's Conv2dImpl swaps
+// the two dimensions' amounts there) and the convolution then unpadded. Not
+// through Conv2dImpl::_conv_forward, which reads the module's own bias, not
+// the bias as the layer reads it. The layer op of packed storage takes
+// numeric zero padding only, as Python's QConv2d says; both refuse the rest
+// when the weights are packed.
 torch::Tensor float_conv2d(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                            const torch::nn::detail::ConvNdOptions<2>& o) {
   namespace F = torch::nn::functional;
@@ -244,6 +248,8 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
                               output_stats));
   }
   check_packed_padding(o);
+  // fxp::conv2d takes 4-D input; an unbatched (C, H, W) one runs as a batch of one, as nn::Conv2d runs it.
+  if (x.dim() == 3) return forward(x.unsqueeze(0)).squeeze(0);  // that forward notes the outputs per sample
   const auto padding = std::get<torch::ExpandingArray<2>>(o.padding());
   const LayerWeights w = layer_weights(conv->weight, conv->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
@@ -272,7 +278,7 @@ torch::Tensor QBatchNorm2dImpl::forward(const torch::Tensor& x) {
   // torch::nn::BatchNorm2d's own checks, which torch::batch_norm does not make (a 2-D input was accepted,
   // and one value per channel in training normalized to zeros).
   TORCH_CHECK(x.dim() == 4, "fxp::nn::QBatchNorm2d: expected 4D input (got ", x.dim(), "D input)");
-  TORCH_CHECK(!is_training() || x.numel() / std::max<int64_t>(x.size(1), 1) > 1,
+  TORCH_CHECK(!is_training() || x.size(0) * x.size(2) * x.size(3) != 1,  // an empty batch passes, as in torch
               "fxp::nn::QBatchNorm2d: expected more than 1 value per channel when training, got input size ",
               x.sizes());
   // Note [Quantized batch norm]. The bias first, as the linear layers read them.

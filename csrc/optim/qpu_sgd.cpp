@@ -3,7 +3,7 @@
 #include <torch/autograd.h>
 
 #include <algorithm>
-#include <sstream>
+#include <memory>
 
 #include "ops/backend.h"  // capturing_on
 #include "ops/ops.h"
@@ -94,6 +94,17 @@ int64_t momentum_frac_bits(const QpuSgdOptions& o) {
   return o.momentum_total_bits() != -1 ? o.momentum_frac_bits() : o.frac_bits();
 }
 
+// Throws e's message under `context` (its own leading "fxp::qpu_sgd_step_: "
+// or "fxp::optim::QpuSgd: " dropped), as a c10::ValueError where e is one.
+[[noreturn]] void rethrow_as(const c10::Error& e, const std::string& context) {
+  std::string message = e.what_without_backtrace();
+  for (const std::string& prefix : {std::string("fxp::qpu_sgd_step_: "), std::string(kName) + ": "}) {
+    if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());
+  }
+  if (dynamic_cast<const c10::ValueError*>(&e) != nullptr) TORCH_CHECK_VALUE(false, context, message);
+  TORCH_CHECK(false, context, message);
+}
+
 // The op's own checks, on a call without tensors (which does nothing else),
 // reported as the optimizer's: the options are what the user set.
 void check_options(const QpuSgdOptions& o) {
@@ -105,11 +116,7 @@ void check_options(const QpuSgdOptions& o) {
     qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
                   momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
   } catch (const c10::Error& e) {
-    std::string message = e.what_without_backtrace();
-    const std::string op = "fxp::qpu_sgd_step_: ";
-    if (message.rfind(op, 0) == 0) message.erase(0, op.size());
-    if (dynamic_cast<const c10::ValueError*>(&e) != nullptr) TORCH_CHECK_VALUE(false, kName, ": ", message);
-    TORCH_CHECK(false, kName, ": ", message);
+    rethrow_as(e, std::string(kName) + ": ");
   }
 }
 
@@ -391,30 +398,28 @@ void QpuSgd::save(torch::serialize::OutputArchive& archive) const {
 }
 
 void QpuSgd::load(torch::serialize::InputArchive& archive) {
-  // torch's serialize replaces the groups and the state as it reads them: a checkpoint refused below (or
-  // half read) leaves this optimizer as it was, from a copy of it taken first.
+  // torch's serialize replaces the groups' options and the state it reads, and
+  // keeps state the checkpoint lacks: a checkpoint refused below (or half read)
+  // leaves this optimizer as it was, from a snapshot of both taken first (the
+  // state's tensors themselves, not copies: a captured graph may hold them).
   std::vector<PackedFormat> packed_formats;  // per group: its codes' format, where it holds packed storage
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> options_before;
   for (const auto& group : param_groups_) {
     const auto& o = static_cast<const QpuSgdOptions&>(group.options());
     const bool packed = std::any_of(group.params().begin(), group.params().end(), [&](const torch::Tensor& p) {
       return packed_codes_.count(p.unsafeGetTensorImpl()) > 0;
     });
     packed_formats.push_back(packed ? PackedFormat({o.total_bits(), o.frac_bits()}) : std::nullopt);
+    options_before.push_back(group.options().clone());
   }
-  std::ostringstream before;
-  {
-    torch::serialize::OutputArchive copy;
-    serialize(*this, copy);
-    copy.save_to(before);
-  }
+  decltype(state_) state_before;
+  for (const auto& [key, value] : state_) state_before.emplace(key, value->clone());
   try {
     serialize(*this, archive);
     check_loaded(packed_formats);
   } catch (...) {
-    torch::serialize::InputArchive copy;
-    std::istringstream in(before.str());
-    copy.load_from(in);
-    serialize(*this, copy);
+    for (size_t g = 0; g < param_groups_.size(); ++g) param_groups_[g].set_options(std::move(options_before[g]));
+    state_ = std::move(state_before);
     throw;
   }
   checked_options_.clear();
@@ -427,10 +432,8 @@ void QpuSgd::check_loaded(const std::vector<PackedFormat>& packed_formats) const
     try {
       check_options(o);
     } catch (const c10::Error& e) {
-      std::string message = e.what_without_backtrace();
-      const std::string own = std::string(kName) + ": ";
-      if (message.rfind(own, 0) == 0) message.erase(0, own.size());
-      TORCH_CHECK(false, kName, ": the checkpoint's group ", g, " has options the step refuses: ", message);
+      rethrow_as(e, std::string(kName) + ": the checkpoint's group " + std::to_string(g) +
+                        " has options the step refuses: ");
     }
     // Codes are in the format they were stored in: read in another, every value would be rescaled.
     // (Float storage may load another format: AdaPT's QPU groups change theirs as they train.)

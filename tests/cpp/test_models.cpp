@@ -178,6 +178,7 @@ TEST(Models, QuantizedBatchNormChecksItsInputAsTorchDoes) {
                  "fxp::nn::QBatchNorm2d: expected more than 1 value per channel when training, got input size "
                  "[1, 3, 1, 1]");
     EXPECT_EQ(bn->bn->num_batches_tracked.item<int64_t>(), 0);  // refused before it counted a batch
+    EXPECT_EQ(bn->forward(torch::randn({0, 3, 2, 2})).sizes(), torch::IntArrayRef({0, 3, 2, 2}));  // as torch
     bn->eval();
     EXPECT_EQ(bn->forward(torch::randn({1, 3, 1, 1})).sizes(), torch::IntArrayRef({1, 3, 1, 1}));
   }

@@ -148,6 +148,19 @@ TEST(Modules, ConvolutionsPadAsTorchDoes) {
     for (auto& p : ste->conv->parameters()) p.copy_(fxp::quantize(p, 16, 10));
     EXPECT_TRUE(torch::equal(ste->forward(x), fxp::quantize(ste->conv->forward(x), 16, 8))) << name.str();
   }
+  // "same" with another mode and an uneven total: Python's order (the extra after, H's amounts third and
+  // fourth), written out; LibTorch's Conv2dImpl swaps the dimensions there and changes the output's shape.
+  {
+    const auto options = Conv2dOptions(2, 3, {4, 3}).padding(torch::kSame).padding_mode(torch::kReflect)
+                             .dilation({1, 2});
+    fxp::nn::QConv2d layer(options, config("fp32"));
+    const torch::Tensor y = layer->forward(x);
+    namespace F = torch::nn::functional;
+    const torch::Tensor padded = F::pad(x, F::PadFuncOptions({2, 2, 1, 2}).mode(torch::kReflect));
+    EXPECT_TRUE(torch::equal(y, torch::conv2d(padded, layer->conv->weight, layer->conv->bias, torch::IntArrayRef{1, 1},
+                                              torch::IntArrayRef{0, 0}, torch::IntArrayRef{1, 2})));
+    EXPECT_EQ(y.sizes(), torch::IntArrayRef({2, 3, 9, 8}));
+  }
   for (const auto& options : {Conv2dOptions(2, 3, 3).padding(1).padding_mode(torch::kReflect),
                               Conv2dOptions(2, 3, 3).padding(torch::kSame)}) {
     fxp::nn::QConv2d packed(options, config("sqpu"));
@@ -188,6 +201,18 @@ TEST(Modules, PackedWeightsKeepTheirFormat) {
   auto net = fxp::nn::make_network("lenet5", config("sqpu"), 1, 10);
   net->quantize_parameters_("nearest_even", 0);
   net->pack_(true, false);
+  // Unbatched (C, H, W) input, as nn::Conv2d takes it, through the packed layer's op.
+  fxp::nn::QConv2d conv(torch::nn::Conv2dOptions(2, 3, 3).padding(1), config("sqpu"));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : conv->parameters()) p.copy_(fxp::quantize(p, 16, 10));
+  }
+  conv->config.act_rounding = "hte";
+  const torch::Tensor image = fxp::quantize(torch::randn({2, 5, 5}), 16, 8);
+  const torch::Tensor unpacked = conv->forward(image);
+  conv->pack_weights_();
+  EXPECT_TRUE(torch::equal(conv->forward(image), unpacked));
+  EXPECT_EQ(conv->outputs_per_sample, 3 * 5 * 5);
   fxp::testing::expect_error([&] { fxp::adapt::Controller controller(*net, {}); },
                              "has packed weights, whose format is fixed; AdaPT changes the formats");
   fxp::testing::expect_error([&] { fxp::msq::Controller controller(*net, {}); },

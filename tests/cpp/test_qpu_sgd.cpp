@@ -337,6 +337,21 @@ TEST(QpuSgd, ALoadRefusesWhatDoesNotFitAndChangesNothing) {
                "be a non-negative finite number");
   opt.step();  // and it still steps
   EXPECT_EQ(group_step(opt), 2);
+  // An optimizer that has not stepped (the usual one to load into) keeps no state of a refused checkpoint:
+  // torch's serialize keeps what a snapshot restore would not overwrite.
+  auto fresh_params = make_params(1);
+  QpuSgd fresh(fresh_params, options());
+  expect_error([&] { load(fresh, *save(other)); }, "the checkpoint's momentum buffer of parameter 0 of group 0");
+  EXPECT_TRUE(fresh.state().empty());
+  EXPECT_EQ(group_step(fresh), 0);
+  // A refused load keeps the state's tensors themselves (a captured CUDA graph may hold them).
+  const torch::Tensor& held =
+      static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(a[0].unsafeGetTensorImpl())).momentum_buffer();
+  const torch::Tensor held_copy = held;
+  expect_error([&] { load(opt, *save(other)); }, "the checkpoint's momentum buffer");
+  EXPECT_TRUE(static_cast<fxp::optim::QpuSgdParamState&>(*opt.state().at(a[0].unsafeGetTensorImpl()))
+                  .momentum_buffer()
+                  .is_same(held_copy));
 }
 
 // Packed codes are in their group's format: a checkpoint of another format once loaded, and the codes were

@@ -139,6 +139,19 @@ def test_qpu_sgd_names_a_group_value_of_the_wrong_type(key, value, message):
         QPUSGD([{"params": [p], "lr": "x"}], lr=0.1)
 
 
+def test_qpu_sgd_takes_a_0_dim_tensor_momentum_as_a_number():
+    p = fxp.quantize(torch.randn(10), 8, 4).requires_grad_()
+    opt = QPUSGD([p], lr=0.1, momentum=0.9, format=FxpFormat(8, 4))
+    opt.param_groups[0]["momentum"] = torch.tensor(0.5)  # as float() took it before the type checks
+    opt.param_groups[0]["weight_decay"] = torch.tensor(0.0, dtype=torch.float64)
+    p.grad = torch.randn(10)
+    opt.step()
+    assert opt.param_groups[0]["momentum"] == 0.5 and type(opt.param_groups[0]["momentum"]) is float
+    # make_optimizer's packed: a list for every method (None is named, for fp32 as for sqpu).
+    with pytest.raises(TypeError, match=r"^make_optimizer: packed must be a list of packed storage"):
+        fxp.optim.make_optimizer([p], "fp32", 0.1, packed=None)
+
+
 def _qpu_run(seed, steps=3, **kwargs):
     torch.manual_seed(0)
     a, b = torch.randn(40), torch.randn(7)

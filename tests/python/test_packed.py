@@ -693,6 +693,21 @@ def test_a_packed_conv_takes_unbatched_input_as_the_unpacked_one_does():
     assert torch.equal(layer(x.unsqueeze(0)).squeeze(0), want)
 
 
+@pytest.mark.parametrize("padding", [{"padding": "same"}, {"padding": 1, "padding_mode": "reflect"}],
+                         ids=["same", "reflect"])
+def test_a_conv_whose_padding_packed_storage_cannot_take_is_refused_at_packing(padding):
+    """It packed, and then every forward raised; C++ refuses it at packing too."""
+    fmt = FxpFormat(8, 4)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv2d(1, 2, 3, **padding))
+    with pytest.raises(ValueError, match=r"^QConv2d: packed storage supports numeric zero padding only$"):
+        fxp.nn.quantize_model(model, "sqpu", fmt, fmt, packed=True)
+    assert not any(layer.packed_weights for layer in model)  # the linear layer before it too
+    with pytest.raises(ValueError, match=r"^QConv2d: packed storage supports numeric zero padding only$"):
+        model[1].pack_weights_()
+    y = model[1](fxp.quantize(torch.randn(1, 1, 5, 5), fmt))  # unpacked, it pads as torch does
+    assert y.shape[1] == 2
+
+
 def test_packed_storage_must_be_contiguous_when_it_is_set():
     layer = fxp.nn.QLinear(4, 6, weight_mode="qpu", param_format=FxpFormat(8, 4), act_format=FxpFormat(8, 4))
     fxp.nn.quantize_layer_parameters_(layer)

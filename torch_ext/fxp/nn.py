@@ -72,14 +72,20 @@ class _QuantizedLayer(nn.Module):
             self._check_attribute(name, value)
         super().__setattr__(name, value)
 
-    def _check_formats(self) -> None:
+    def _check_formats(self, weight_mode: str, param_format: Optional[FxpFormat],
+                       act_format: Optional[FxpFormat]) -> None:
         """The attributes together: quantized weight modes need both formats."""
-        if self.weight_mode != "fp32":
-            missing = [name for name in ("param_format", "act_format") if getattr(self, name) is None]
+        if weight_mode != "fp32":
+            missing = [name for name, fmt in (("param_format", param_format), ("act_format", act_format))
+                       if fmt is None]
             if missing:
-                raise ValueError(f"{type(self).__name__}: weight_mode {self.weight_mode!r} needs param_format and "
+                raise ValueError(f"{type(self).__name__}: weight_mode {weight_mode!r} needs param_format and "
                                  f"act_format, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                                  "None")
+
+    def _check_layer(self) -> None:
+        """Before a forward: the attributes as they are now set."""
+        self._check_formats(self.weight_mode, self.param_format, self.act_format)
 
     def _setup(self, weight_mode: WeightMode, param_format: Optional[FxpFormat], act_format: Optional[FxpFormat],
                act_rounding: InferenceRounding) -> None:
@@ -87,8 +93,7 @@ class _QuantizedLayer(nn.Module):
                       act_rounding=act_rounding)
         for name, value in values.items():  # all checked before any is set
             self._check_attribute(name, value)
-        if weight_mode != "fp32" and (param_format is None or act_format is None):
-            raise ValueError(f"{type(self).__name__}: weight_mode {weight_mode!r} needs param_format and act_format")
+        self._check_formats(weight_mode, param_format, act_format)
         for name, value in values.items():
             super().__setattr__(name, value)
         if not hasattr(self, "saved_input_format"):
@@ -114,6 +119,7 @@ class _QuantizedLayer(nn.Module):
                              f"master copy), but weight_mode is {self.weight_mode!r}")
         if self.packed_weights:
             return
+        self._check_packed_padding()  # refused here, as in C++, not at every forward after
         codes = {}
         for name in ("weight", "bias"):  # all packed before any is replaced: a refusal changes nothing
             param = getattr(self, name)
@@ -133,6 +139,11 @@ class _QuantizedLayer(nn.Module):
         self._set_codes_format(self.param_format)
         self.packed_weights = True
         self._make_stand_ins()
+
+    def _check_packed_padding(self) -> None:
+        """The layer op of packed storage takes numeric zero padding only (Note [Convolution padding])."""
+        if isinstance(self, nn.Conv2d) and (self.padding_mode != "zeros" or isinstance(self.padding, str)):
+            raise ValueError("QConv2d: packed storage supports numeric zero padding only")
 
     def _set_codes_format(self, fmt: FxpFormat) -> None:
         # The codes' format travels with them in state_dict (buffer codes_format, [B, F]);
@@ -326,7 +337,7 @@ class QLinear(nn.Linear, _QuantizedLayer):
         return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_formats()
+        self._check_layer()
         if self.packed_weights or self.saved_input_format is not None:
             return self._layer_output(x, fxp_ops.linear)
         bias = None if self.bias is None else self._weight(self.bias)
@@ -348,10 +359,9 @@ class QConv2d(nn.Conv2d, _QuantizedLayer):
         return f"{super().extra_repr()}, {self._quantization_repr()}"
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_formats()
+        self._check_layer()
         if self.packed_weights or self.saved_input_format is not None:
-            if self.padding_mode != "zeros" or isinstance(self.padding, str):
-                raise ValueError("QConv2d: packed storage supports numeric zero padding only")
+            self._check_packed_padding()
             unbatched = x.dim() == 3  # (C, H, W), as nn.Conv2d takes it; fxp::conv2d takes 4-D
             y = self._layer_output(x.unsqueeze(0) if unbatched else x, fxp_ops.conv2d, stride=self.stride,
                                    padding=self.padding, dilation=self.dilation, groups=self.groups)
@@ -497,7 +507,8 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     layers with their own forward or parametrizations (which the twin would
     lose; one that computes as its base, as ``nn.MultiheadAttention``'s
     ``out_proj``, is replaced) and layers with hooks. With ``packed``, a
-    parameter shared by two layers is refused too (each layer keeps its own codes)."""
+    method other than sqpu or hteqpu, and a parameter shared by two layers
+    (each layer keeps its own codes), are refused too."""
     _module("quantize_model", model)
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
@@ -538,6 +549,8 @@ def pack_model_(model: nn.Module) -> nn.Module:
             if owner.setdefault(id(p), layer) is not layer:
                 raise ValueError(f"pack_model_: a {tuple(p.shape)} parameter is shared by two layers "
                                  f"({owner[id(p)]!r} and {layer!r}); packed storage keeps codes per layer")
+    for layer in layers:
+        layer._check_packed_padding()  # before any layer is packed
     for layer in layers:
         layer.pack_weights_()
     return model

@@ -203,7 +203,10 @@ class QPUSGD(Optimizer):
         if not isinstance(group["lr"], Tensor):
             group["lr"] = _number("QPUSGD", name("lr"), group["lr"], prefix="")
         for key in cls._NUMBER_KEYS:
-            group[key] = _number("QPUSGD", name(key), group[key], prefix="")
+            value = group[key]
+            if isinstance(value, Tensor) and value.dim() == 0:  # float() took one before these checks
+                value = value.item()
+            group[key] = _number("QPUSGD", name(key), value, prefix="")
         for key in cls._INT_KEYS:
             group[key] = _int("QPUSGD", name(key), group[key], prefix="")
         for key in cls._STR_KEYS:
@@ -641,9 +644,15 @@ def make_optimizer(
     """The optimizer each of the paper's methods trains with: ``torch.optim.SGD``
     on the float weights for ``fp32`` and ``ste`` (STE's master copy), and
     :class:`QPUSGD` with stochastic (``sqpu``) or half-to-even (``hteqpu``)
-    rounding in ``format`` (and the packed storage ``packed``)."""
+    rounding in ``format`` (and the packed storage ``packed``, which only the
+    QPU methods take)."""
     if method in ("fp32", "ste"):
-        if list(packed):  # torch's SGD would ignore it
+        try:
+            given = list(packed)
+        except TypeError:
+            raise TypeError(f"make_optimizer: packed must be a list of packed storage (fxp.nn.packed_storage(model)), "
+                            f"but got {packed!r}") from None
+        if given:  # torch's SGD would ignore it
             raise ValueError(f"make_optimizer: packed storage is for the QPU methods (sqpu, hteqpu), but method is "
                              f"{method!r}")
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
