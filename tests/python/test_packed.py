@@ -1083,7 +1083,11 @@ def test_the_optimizer_keeps_to_the_codes_format():
     with pytest.raises(ValueError, match=r"group 0 was saved with format FxP\(8,4\) and momentum format FxP\(8,6\), "
                                          r"but this optimizer has FxP\(8,4\) and FxP\(8,4\)"):
         other.load_state_dict(opt.state_dict())
-    layer.param_format = FxpFormat(8, 2)  # a packed layer's format is fixed
+    with pytest.raises(ValueError, match=r"^QLinear: param_format cannot become FxP\(8,2\): the packed weights are "
+                                         r"codes of FxP\(8,4\), and a packed layer's format is fixed$"):
+        layer.param_format = FxpFormat(8, 2)  # refused where it is set
+    assert layer.param_format == FxpFormat(8, 4)
+    layer.__dict__["param_format"] = FxpFormat(8, 2)  # past the check (an old pickle): the forward refuses it
     with pytest.raises(ValueError, match=r"param_format is FxP\(8,2\), but the packed weights are codes of "
                                          r"FxP\(8,4\)"):
         layer(torch.randn(2, 4))

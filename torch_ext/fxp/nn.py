@@ -66,6 +66,9 @@ class _QuantizedLayer(nn.Module):
                 raise ValueError(f"{layer}: act_rounding must be 'hte' or 'sr', but got {value!r}")
         elif value is not None and not isinstance(value, FxpFormat):  # param_format, act_format
             raise TypeError(f"{layer}: {name} must be an FxpFormat, but got {value!r}")
+        elif name == "param_format" and self.__dict__.get("packed_weights") and value != self.packed_format:
+            raise ValueError(f"{layer}: param_format cannot become {value}: the packed weights are codes of "
+                             f"{self.packed_format}, and a packed layer's format is fixed")
 
     def __setattr__(self, name: str, value) -> None:
         if name in _QuantizedLayer._CHECKED_ATTRIBUTES:

@@ -224,8 +224,8 @@ class QPUSGD(Optimizer):
     def _check_arguments(arguments: tuple) -> None:
         try:
             torch.ops.fxp.qpu_sgd_step_([], [], [], *arguments)
-        except RuntimeError as e:
-            raise ValueError(f"QPUSGD: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # the options are the optimizer's: not named as the op's
+            raise ValueError(f"QPUSGD: {str(e).splitlines()[0].removeprefix('fxp::qpu_sgd_step_: ')}") from None
 
     def _check_groups(self) -> None:
         """Before any group steps: every group passes :meth:`_check_group` (a value
