@@ -8,11 +8,25 @@
 #include "ops/ops.h"
 
 namespace fxp::nn {
+namespace {
+
+// in_channels, once the network's sizes are checked: in each constructor's
+// base initializer, before any layer is built (built directly, a network of 0
+// classes was accepted; make_network checked).
+int64_t checked_in_channels(int64_t in_channels, int64_t num_classes) {
+  if (in_channels < 1 || num_classes < 2) {
+    throw std::invalid_argument("fxp::nn: a network needs at least 1 input channel and 2 classes, but got " +
+                                std::to_string(in_channels) + " and " + std::to_string(num_classes));
+  }
+  return in_channels;
+}
+
+}  // namespace
 
 // ---- the QPU paper's CNN --------------------------------------------------------
 
 PaperCNNImpl::PaperCNNImpl(QuantConfig config, int64_t in_channels, int64_t num_classes)
-    : NetworkImpl("paper_cnn", {in_channels, 28, 28}) {
+    : NetworkImpl("paper_cnn", {checked_in_channels(in_channels, num_classes), 28, 28}) {
   conv1 = register_module("conv1", QConv2d(torch::nn::Conv2dOptions(in_channels, 32, 5).bias(false), config));
   conv2 = register_module("conv2", QConv2d(torch::nn::Conv2dOptions(32, 64, 5).bias(false), config));
   fc1 = register_module("fc1", QLinear(1024, 128, true, config));
@@ -56,7 +70,7 @@ torch::Tensor PaperCNNImpl::run(torch::Tensor x, LayerTrace* trace) {
 // ---- LeNet-5 ------------------------------------------------------------------
 
 LeNet5Impl::LeNet5Impl(QuantConfig config, int64_t in_channels, int64_t num_classes)
-    : NetworkImpl("lenet5", {in_channels, 32, 32}) {
+    : NetworkImpl("lenet5", {checked_in_channels(in_channels, num_classes), 32, 32}) {
   conv1 = register_module("conv1", QConv2d(torch::nn::Conv2dOptions(in_channels, 6, 5), config));
   conv2 = register_module("conv2", QConv2d(torch::nn::Conv2dOptions(6, 16, 5), config));
   conv3 = register_module("conv3", QConv2d(torch::nn::Conv2dOptions(16, 120, 5), config));
@@ -146,7 +160,7 @@ torch::Tensor ResidualBlockImpl::forward(const torch::Tensor& x, LayerTrace* tra
 }
 
 ResNet20Impl::ResNet20Impl(QuantConfig config, int64_t in_channels, int64_t num_classes)
-    : NetworkImpl("resnet20", {in_channels, 32, 32}) {
+    : NetworkImpl("resnet20", {checked_in_channels(in_channels, num_classes), 32, 32}) {
   conv1 = register_module("conv1", QConv2d(conv3x3(in_channels, 16, 1), config));
   bn1 = register_module("bn1", QBatchNorm2d(16, config));
   int64_t in_planes = 16;
@@ -180,7 +194,7 @@ torch::Tensor ResNet20Impl::run(torch::Tensor x, LayerTrace* trace) {
 // ---- AlexNet --------------------------------------------------------------------
 
 AlexNetImpl::AlexNetImpl(QuantConfig config, int64_t in_channels, int64_t num_classes)
-    : NetworkImpl("alexnet", {in_channels, 32, 32}) {
+    : NetworkImpl("alexnet", {checked_in_channels(in_channels, num_classes), 32, 32}) {
   using torch::nn::Conv2dOptions;
   conv1 = register_module("conv1", QConv2d(Conv2dOptions(in_channels, 64, 11).stride(4).padding(5), config));
   conv2 = register_module("conv2", QConv2d(Conv2dOptions(64, 192, 5).padding(2), config));
@@ -225,11 +239,7 @@ int64_t network_image_size(const std::string& name) {
 
 std::shared_ptr<NetworkImpl> make_network(const std::string& name, const QuantConfig& config, int64_t in_channels,
                                           int64_t num_classes) {
-  network_image_size(name);  // checks the name
-  if (in_channels < 1 || num_classes < 2) {
-    throw std::invalid_argument("fxp::nn: a network needs at least 1 input channel and 2 classes, but got " +
-                                std::to_string(in_channels) + " and " + std::to_string(num_classes));
-  }
+  network_image_size(name);  // checks the name; each network's constructor checks the sizes
   if (name == "paper_cnn") return std::make_shared<PaperCNNImpl>(config, in_channels, num_classes);
   if (name == "lenet5") return std::make_shared<LeNet5Impl>(config, in_channels, num_classes);
   if (name == "resnet20") return std::make_shared<ResNet20Impl>(config, in_channels, num_classes);

@@ -188,6 +188,12 @@ TEST(Models, BadNamesAndShapes) {
   expect_error([] { fxp::nn::make_network("vgg16", QuantConfig{}, 3, 10); },
                "model must be one of paper_cnn, lenet5, resnet20, alexnet, but got 'vgg16'");
   expect_error([] { fxp::nn::make_network("lenet5", QuantConfig{}, 0, 10); }, "at least 1 input channel and 2 classes");
+  // Built directly too (a network of 0 classes was accepted).
+  const std::string sizes = "fxp::nn: a network needs at least 1 input channel and 2 classes, but got ";
+  expect_error([] { fxp::nn::PaperCNN(QuantConfig{}, 1, 0); }, sizes + "1 and 0");
+  expect_error([] { fxp::nn::LeNet5(QuantConfig{}, 0, 10); }, sizes + "0 and 10");
+  expect_error([] { fxp::nn::ResNet20(QuantConfig{}, 3, 1); }, sizes + "3 and 1");
+  expect_error([] { fxp::nn::AlexNet(QuantConfig{}, -1, 10); }, sizes + "-1 and 10");
 }
 
 }  // namespace
