@@ -105,6 +105,13 @@ int64_t momentum_frac_bits(const QpuSgdOptions& o) {
   TORCH_CHECK(false, context, message);
 }
 
+// Whether `stored` is packed storage's form for codes of `total_bits` bits:
+// integer codes of packed_dtype, or a stream where Note [Bit-stream storage] keeps one.
+bool holds_codes_of(const torch::Tensor& stored, int64_t total_bits) {
+  return stored.scalar_type() == packed_dtype(static_cast<int>(total_bits)) ||
+         (is_bit_stream(stored) && stores_bit_stream(total_bits));
+}
+
 // The op's own checks, on a call without tensors (which does nothing else),
 // reported as the optimizer's: the options are what the user set.
 void check_options(const QpuSgdOptions& o) {
@@ -149,14 +156,11 @@ void QpuSgd::add_param_group(const torch::optim::OptimizerParamGroup& param_grou
 
 QpuSgd::QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                QpuSgdOptions defaults)
-    : torch::optim::Optimizer(param_groups, std::make_unique<QpuSgdOptions>(defaults)) {
+    : torch::optim::Optimizer(std::vector<torch::optim::OptimizerParamGroup>{},
+                              std::make_unique<QpuSgdOptions>(defaults)) {
   check_options(defaults);
-  // Groups given without options copy the defaults; give each its own seed.
-  for (size_t i = 0; i < param_groups_.size(); ++i) {
-    auto& options = static_cast<QpuSgdOptions&>(param_groups_[i].options());
-    if (!param_groups[i].has_options()) options.seed(group_seed(defaults.seed(), i));
-    check_options(options);
-  }
+  // Through this class's add_param_group (the base constructor would call torch's): each its own seed.
+  for (const auto& group : param_groups) add_param_group(group);
 }
 
 torch::Tensor QpuSgd::step(LossClosure closure) {
@@ -300,8 +304,8 @@ void QpuSgd::set_packed_storage(const torch::Tensor& parameter, const torch::Ten
                   total_bits, ",", frac_bits, "), but the parameter's group updates FxP(", o.total_bits(), ",",
                   o.frac_bits(), ")");
       const auto expected = packed_dtype(static_cast<int>(o.total_bits()));
-      TORCH_CHECK(codes.scalar_type() == expected || (is_bit_stream(codes) && stores_bit_stream(o.total_bits())),
-                  kName, ": codes of FxP(", o.total_bits(), ",", o.frac_bits(), ") must be ", expected,
+      TORCH_CHECK(holds_codes_of(codes, o.total_bits()), kName, ": codes of FxP(", o.total_bits(), ",",
+                  o.frac_bits(), ") must be ", expected,
                   stores_bit_stream(o.total_bits()) ? " or a uint8 bit stream" : "", ", but got ",
                   codes.scalar_type());
       check_stored_codes(kName, "codes", codes, o.total_bits(), parameter.sym_sizes());
@@ -452,7 +456,7 @@ void QpuSgd::check_loaded(const std::vector<PackedFormat>& packed_formats) const
       if (packed) {
         const int64_t mtb = momentum_total_bits(o);
         const auto expected = packed_dtype(static_cast<int>(mtb));
-        TORCH_CHECK(buffer.scalar_type() == expected || (is_bit_stream(buffer) && stores_bit_stream(mtb)), kName,
+        TORCH_CHECK(holds_codes_of(buffer, mtb), kName,
                     ": the checkpoint's momentum buffer of parameter ", k, " of group ", g, " is ",
                     buffer.scalar_type(), ", but the momentum of packed storage is ", expected, " codes",
                     stores_bit_stream(mtb) ? " or a uint8 bit stream of them" : "");
