@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .format import FxpFormat
 from .nn import QConv2d, QLinear
-from .ops import _int, _number, _str
+from .ops import _int, _module, _number, _str
 from .optim import QPUSGD
 
 __all__ = ["AdaptController"]
@@ -93,8 +93,7 @@ class AdaptController:
                  resolution: Sequence[int] = (50, 150), lookback: Sequence[int] = (25, 100),
                  lookback_momentum: float = 0.33, buffer_bits: int = 4, strategy: str = "min",
                  log_form: str = "log2", l1: float = 0.0) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"fxp.adapt: model must be a torch.nn.Module, but got {type(model).__name__}")
+        _module("adapt", model)
         if not isinstance(start, FxpFormat):
             raise TypeError(f"fxp.adapt: start must be an FxpFormat, but got {start!r}")
         self._names, self._layers = [], []

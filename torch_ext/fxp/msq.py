@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .ops import _bool, _int, _number, _seed, _tensor
+from .ops import _bool, _int, _module, _number, _seed, _tensor
 
 __all__ = ["MsqController", "round_clamp", "round_clamp_codes", "round_clamp_lsb"]
 
@@ -129,8 +129,7 @@ class MsqController:
 
     def __init__(self, model: nn.Module, *, start_bits: int = 8, min_bits: int = 1, lam: float = 1e-4,
                  alpha: float = 0.95, hessian: bool = True, hessian_samples: int = 16) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"fxp.msq: model must be a torch.nn.Module, but got {type(model).__name__}")
+        _module("msq", model)
         hessian = _bool("msq", "hessian", hessian)
         from .nn import QConv2d, QLinear  # fxp's layers quantize by themselves: only their fp32 mode is plain
 

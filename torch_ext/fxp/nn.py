@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from .format import FxpFormat
 from . import ops as fxp_ops
-from .ops import _bool, _seed, pack, quantize_ste
+from .ops import _bool, _module, _seed, pack, quantize_ste
 
 __all__ = ["QLinear", "QConv2d", "PaperCNN", "PackedParameter", "PackedStorage", "quantize_model",
            "quantize_layer_parameters_", "pack_model_", "packed_storage", "recalibrate_batch_norm", "METHODS",
@@ -486,14 +486,6 @@ def _replace_layers(model: nn.Module, layer_kwargs: dict) -> None:
         setattr(parent, name, twins[id(layer)])
 
 
-def _module(op: str, model) -> nn.Module:
-    """``model`` if it is an ``nn.Module``; else a TypeError that names it (``model.modules()`` would say
-    "'list' object has no attribute '_modules'")."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model must be a torch.nn.Module, but got {type(model).__name__}")
-    return model
-
-
 def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpFormat] = None,
                    act_format: Optional[FxpFormat] = None, act_rounding: InferenceRounding = "sr",
                    seed: int = 0, packed: bool = False) -> nn.Module:
@@ -512,7 +504,7 @@ def quantize_model(model: nn.Module, method: Method, param_format: Optional[FxpF
     ``out_proj``, is replaced) and layers with hooks. With ``packed``, a
     method other than sqpu or hteqpu, and a parameter shared by two layers
     (each layer keeps its own codes), are refused too."""
-    _module("quantize_model", model)
+    _module("quantize_model", model, prefix="")
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {', '.join(METHODS)}, but got {method!r}")
     seed = _seed("quantize_model", "seed", seed, prefix="")
@@ -544,7 +536,7 @@ def pack_model_(model: nn.Module) -> nn.Module:
     Call after the model is on its device. Returns ``model``. A parameter
     shared by two layers is refused before anything is packed: each layer
     would keep codes of its own, and the tie would be lost."""
-    _module("pack_model_", model)
+    _module("pack_model_", model, prefix="")
     layers = [m for m in model.modules() if isinstance(m, (QLinear, QConv2d)) and m.weight_mode == "qpu"]
     owner: dict = {}
     for layer in layers:
@@ -571,7 +563,7 @@ class PackedStorage(NamedTuple):
 
 def packed_storage(model: nn.Module) -> list[PackedStorage]:
     """The packed storage of every packed layer of ``model``, in parameter order."""
-    _module("packed_storage", model)
+    _module("packed_storage", model, prefix="")
     out = []
     for layer in model.modules():
         if isinstance(layer, (QLinear, QConv2d)) and layer.packed_weights:
@@ -588,7 +580,7 @@ def quantize_layer_parameters_(model: nn.Module, rounding: str = "stochastic", s
     parameter order over the model's quantized layers, rounds with its own
     Philox offset ``k``, as ``fxp::nn::PaperCNN::quantize_parameters_`` does in C++.
     Layers in fp32 mode are left as they are (and not counted in ``k``)."""
-    _module("quantize_layer_parameters_", model)
+    _module("quantize_layer_parameters_", model, prefix="")
     seed = _seed("quantize_layer_parameters_", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
     params, total_bits, frac_bits = [], [], []
     for layer in model.modules():
@@ -618,7 +610,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable, num_batches: Opt
     not change the training that follows; so are each module's training flag
     and each batch norm's momentum. If a forward raises, the old statistics stay.
     """
-    _module("recalibrate_batch_norm", model)
+    _module("recalibrate_batch_norm", model, prefix="")
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise TypeError(f"recalibrate_batch_norm: batches must be an iterable of inputs (a DataLoader, a list of "
                         f"tensors), but got {type(batches).__name__}")

@@ -94,9 +94,17 @@ def _optional_tensor(op: str, name: str, value) -> Optional[Tensor]:
     return None if value is None else _tensor(op, name, value)
 
 
-def _str(op: str, name: str, value) -> str:
+def _str(op: str, name: str, value, prefix: str = "fxp.") -> str:
     if not isinstance(value, str):
-        raise TypeError(f"fxp.{op}: {name} must be a str, but got {value!r}")
+        raise TypeError(f"{prefix}{op}: {name} must be a str, but got {value!r}")
+    return value
+
+
+def _module(op: str, value, prefix: str = "fxp."):
+    """An ``nn.Module`` (a model): anything else named, where ``model.modules()`` would say
+    "'list' object has no attribute '_modules'"."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{prefix}{op}: model must be a torch.nn.Module, but got {type(value).__name__}")
     return value
 
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .format import FxpFormat
-from .ops import _bool, _int, _number, _seed, load_codes, pack, store_codes, stored_dtype, unpack
+from .ops import _bool, _int, _number, _seed, _str, load_codes, pack, store_codes, stored_dtype, unpack
 
 __all__ = ["QPUSGD", "quantize_parameters_", "make_optimizer"]
 
@@ -130,9 +130,8 @@ class QPUSGD(Optimizer):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"QPUSGD: {name} must be a number{' (or, capturable, a tensor)' if name == 'lr' else ''}, "
                                 f"but got {value!r}")
-        for name, value in (("rounding", rounding), ("momentum_form", momentum_form)):
-            if not isinstance(value, str):
-                raise TypeError(f"QPUSGD: {name} must be a str, but got {value!r}")
+        _str("QPUSGD", "rounding", rounding, prefix="")
+        _str("QPUSGD", "momentum_form", momentum_form, prefix="")
         seed = _seed("QPUSGD", "seed", seed, prefix="")  # Note [64-bit Philox keys in Python]
         nesterov = _bool("QPUSGD", "nesterov", nesterov, prefix="")
         capturable = _bool("QPUSGD", "capturable", capturable, prefix="")
@@ -210,8 +209,7 @@ class QPUSGD(Optimizer):
         for key in cls._INT_KEYS:
             group[key] = _int("QPUSGD", name(key), group[key], prefix="")
         for key in cls._STR_KEYS:
-            if not isinstance(group[key], str):
-                raise TypeError(f"QPUSGD: {name(key)} must be a str, but got {group[key]!r}")
+            _str("QPUSGD", name(key), group[key], prefix="")
         group["nesterov"] = _bool("QPUSGD", name("nesterov"), group["nesterov"], prefix="")
         group["seed"] = _seed("QPUSGD", name("seed"), group["seed"], prefix="")
 
