@@ -22,6 +22,15 @@ std::vector<LayerSpec> adapted_layers(nn::NetworkImpl& network, std::vector<nn::
       followers.emplace_back(layer, bound.empty() ? 0 : bound.size() - 1);
       continue;
     }
+    // As fxp.adapt: fp32 and msq layers read float weights and give float outputs, so formats set on them
+    // would change nothing; and all layers keep a master copy (ste) or none (qpu).
+    const nn::WeightMode mode = layer->config.weight_mode;
+    TORCH_CHECK(mode == nn::WeightMode::Ste || mode == nn::WeightMode::Qpu, "fxp::adapt: layer ", name,
+                " is not quantized (a float32 or MSQ layer); AdaPT's layers need weight mode ste (a float32 master "
+                "copy read quantized) or qpu (parameters on their format's grid)");
+    TORCH_CHECK(bound.empty() || bound.front()->config.weight_mode == mode, "fxp::adapt: layer ", name, " is ",
+                mode == nn::WeightMode::Ste ? "an ste" : "a qpu", " layer, but the layers before it are not; AdaPT's "
+                "layers all keep a master copy (ste) or none (qpu)");
     specs.push_back({name, std::move(parameters)});
     bound.push_back(layer);
   }
@@ -152,7 +161,7 @@ std::vector<torch::optim::OptimizerParamGroup> Controller::parameter_groups(
     // The momentum at the layer's format too, so that it follows the layer's switches (as in Python).
     options->total_bits(layers[i].format.bits).frac_bits(layers[i].format.frac);
     options->momentum_total_bits(-1).momentum_frac_bits(-1);
-    options->seed(optim::group_seed(defaults.seed(), i));  // as QpuSgd's own groups
+    options->seed(optim::group_seed(defaults.seed().value_or(0), i));  // as QpuSgd's own groups
     groups.emplace_back(layers[i].parameters, std::move(options));
   }
   return groups;

@@ -108,8 +108,9 @@ class QuantizedLayer {
   int64_t outputs_per_sample = 0;  // of the last forward (0: none yet)
 
  protected:
-  // Records outputs_per_sample from the forward's result, and returns it.
-  torch::Tensor note_output(torch::Tensor y);
+  // Records outputs_per_sample from the forward's result, and returns it;
+  // `batched` false: y is one sample's (an unbatched input).
+  torch::Tensor note_output(torch::Tensor y, bool batched = true);
 };
 
 class QLinearImpl : public torch::nn::Module, public QuantizedLayer {

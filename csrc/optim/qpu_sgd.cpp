@@ -46,7 +46,7 @@ void QpuSgdOptions::serialize(torch::serialize::InputArchive& archive) {
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, momentum_frac_bits);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, rounding);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(std::string, momentum_form);
-  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, seed);
+  _TORCH_OPTIM_DESERIALIZE_TORCH_ARG_OPTIONAL(int64_t, seed);
   _TORCH_OPTIM_DESERIALIZE_TORCH_ARG(int64_t, step);
 }
 
@@ -112,6 +112,13 @@ bool holds_codes_of(const torch::Tensor& stored, int64_t total_bits) {
          (is_bit_stream(stored) && stores_bit_stream(total_bits));
 }
 
+// A group's Philox key: add_param_group sets the seeds left unset.
+int64_t seed_of(const QpuSgdOptions& o) {
+  TORCH_CHECK_VALUE(o.seed().has_value(), kName, ": a param group's seed was unset after the group was added; set "
+                    "one (a group added without one draws with the optimizer's seed + its index)");
+  return *o.seed();
+}
+
 // The op's own checks, on a call without tensors (which does nothing else),
 // reported as the optimizer's: the options are what the user set.
 void check_options(const QpuSgdOptions& o) {
@@ -121,7 +128,7 @@ void check_options(const QpuSgdOptions& o) {
                     "the parameter format), but got ", o.momentum_total_bits(), " and ", o.momentum_frac_bits());
   try {
     qpu_sgd_step_({}, {}, {}, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(), o.frac_bits(),
-                  momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed(), 0, o.momentum_form());
+                  momentum_total_bits(o), momentum_frac_bits(o), o.rounding(), o.seed().value_or(0), 0, o.momentum_form());
   } catch (const c10::Error& e) {
     rethrow_as(e, std::string(kName) + ": ");
   }
@@ -144,8 +151,8 @@ void QpuSgd::add_param_group(const torch::optim::OptimizerParamGroup& param_grou
   const size_t index = param_groups_.size();
   torch::optim::Optimizer::add_param_group(param_group);
   auto& options = static_cast<QpuSgdOptions&>(param_groups_.back().options());
-  // A group of the defaults would otherwise draw with group 0's key.
-  if (!param_group.has_options()) options.seed(group_seed(static_cast<const QpuSgdOptions&>(defaults()).seed(), index));
+  // Without it, groups would draw with group 0's key: the same rounding for the same data.
+  if (!param_group.has_options() || !options.seed()) options.seed(group_seed(static_cast<const QpuSgdOptions&>(defaults()).seed().value_or(0), index));
   try {
     check_options(options);
   } catch (...) {
@@ -264,16 +271,16 @@ void QpuSgd::step_groups(const Normalization* normalization) {
       if (normalization != nullptr) {
         group_counts = qpu_sgd_step_adapt_(params, grads, buffers, accumulated, normalization->norms, layers,
                                            normalization->l1, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(),
-                                           o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step,
+                                           o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), seed_of(o), step,
                                            o.momentum_form(), streams);
       } else if (scalars != nullptr) {
         group_counts = qpu_sgd_step_capturable_(params, grads, buffers, scalars->lr, scalars->step, nan_count_,
                                                 o.momentum(), o.weight_decay(), o.nesterov(), o.total_bits(),
-                                                o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), o.momentum_form(),
+                                                o.frac_bits(), mtb, mfb, o.rounding(), seed_of(o), o.momentum_form(),
                                                 streams);
       } else {
         group_counts = qpu_sgd_step_(params, grads, buffers, o.lr(), o.momentum(), o.weight_decay(), o.nesterov(),
-                                     o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), o.seed(), step,
+                                     o.total_bits(), o.frac_bits(), mtb, mfb, o.rounding(), seed_of(o), step,
                                      o.momentum_form(), streams);
       }
       for (auto& [parameter, copy] : strided) parameter.copy_(copy);
@@ -350,7 +357,7 @@ void QpuSgd::change_format(size_t group, int64_t total_bits, int64_t frac_bits) 
     }
   }
   torch::NoGradGuard no_grad;
-  fxp::qpu_change_format_(params, buffers, positions, total_bits, frac_bits, o.rounding(), o.seed(), o.step());
+  fxp::qpu_change_format_(params, buffers, positions, total_bits, frac_bits, o.rounding(), seed_of(o), o.step());
   o = changed;
 }
 

@@ -27,7 +27,8 @@ struct QpuSgdOptions : public torch::optim::OptimizerCloneableOptions<QpuSgdOpti
   TORCH_ARG(int64_t, momentum_frac_bits) = -1;
   TORCH_ARG(std::string, rounding) = "stochastic";  // or "nearest_even" (HTEQPU)
   TORCH_ARG(std::string, momentum_form) = "standard";  // or "paper_eq6"
-  TORCH_ARG(int64_t, seed) = 0;  // Philox key of this group
+  // Philox key of this group; unset: the optimizer's seed (0 if unset too) + the group's index, set when added.
+  TORCH_ARG(std::optional<int64_t>, seed) = std::nullopt;
   TORCH_ARG(int64_t, step) = 0;  // steps taken by this group; part of the state
 
  public:
@@ -55,7 +56,7 @@ inline int64_t group_seed(int64_t seed, size_t group) {
 
 class QpuSgd : public torch::optim::Optimizer {
  public:
-  // Group i defaults to seed defaults.seed() + i, as in Python. Parameter k of
+  // Group i without a seed of its own draws with defaults.seed() + i, as in Python. Parameter k of
   // a group draws from stream k (Note [QPU random streams]), whether or not the
   // others have gradients. Strided parameters are updated through a contiguous copy.
   QpuSgd(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, QpuSgdOptions defaults);
@@ -64,8 +65,9 @@ class QpuSgd : public torch::optim::Optimizer {
 
   torch::Tensor step(LossClosure closure = nullptr) override;
 
-  // As torch's, and a group given without options gets the seed defaults.seed() + its index, as the
-  // constructor's groups do (torch's add_param_group is not virtual: call it on a QpuSgd).
+  // As torch's, and a group without a seed (given without options, or with options whose seed is unset) gets
+  // the seed defaults.seed() + its index, as the constructor's groups do (torch's add_param_group is not
+  // virtual: call it on a QpuSgd).
   void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
 
   // AdaPT's gradient work fused into the step (Note [AdaPT's fused QPU step]):

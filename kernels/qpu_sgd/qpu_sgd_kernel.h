@@ -85,8 +85,9 @@ struct GradientPrologue {
 // quantize_seeded. The optimizers pass each parameter's position in its
 // parameter group as k, whether or not the other parameters have gradients,
 // so a frozen or unused parameter never shifts the draws of the others. A step
-// is reproducible from (seed, step) alone, identical on CPU and CUDA, and
-// drawn exactly as quantize_seeded draws.
+// is reproducible from (seed, step) alone and identical on CPU and CUDA. The
+// words are quantize_seeded's at that offset, the decision is not: the step
+// rounds a toward-zero split (Note [QPU rounding on codes]), quantize t − floor(t).
 // Stream indices are below 2^31, so the offsets of one step never reach the next's.
 constexpr int64_t kMaxStreamIndex = (int64_t{1} << 31) - 1;
 // QPU's initialization rounds with key seed + kInitKeyDelta (2^64 / the golden

@@ -169,6 +169,24 @@ TEST(Models, PackedStorageOnlyWherePossible) {
   expect_error([&] { bn->pack_weights_(); }, "batch norm layers cannot pack their parameters yet");
 }
 
+// As fxp.adapt: formats set on float32 or MSQ layers would change nothing.
+TEST(Models, AdaptNeedsQuantizedLayersOfOneKind) {
+  for (const std::string method : {"fp32", "msq"}) {
+    auto net = fxp::nn::make_network("lenet5", config(method), 1, 10);
+    expect_error([&] { fxp::adapt::Controller controller(*net, {}); },
+                 "is not quantized (a float32 or MSQ layer); AdaPT's layers need weight mode ste");
+  }
+  auto net = fxp::nn::make_network("lenet5", config("ste"), 1, 10);
+  const auto layers = net->quantized_layers();
+  layers.back().second->config.weight_mode = fxp::nn::WeightMode::Qpu;
+  expect_error([&] { fxp::adapt::Controller controller(*net, {}); },
+               "fxp::adapt: layer " + layers.back().first + " is a qpu layer, but the layers before it are not");
+  for (const std::string method : {"ste", "sqpu"}) {
+    auto ok = fxp::nn::make_network("lenet5", config(method), 1, 10);
+    EXPECT_NO_THROW(fxp::adapt::Controller controller(*ok, {}));
+  }
+}
+
 // Quantized batch norm makes torch::nn::BatchNorm2d's input checks (torch::batch_norm does not).
 TEST(Models, QuantizedBatchNormChecksItsInputAsTorchDoes) {
   for (const std::string method : {"ste", "sqpu"}) {

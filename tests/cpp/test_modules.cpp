@@ -210,6 +210,12 @@ TEST(Modules, PackedWeightsKeepTheirFormat) {
   conv->config.act_rounding = "hte";
   const torch::Tensor image = fxp::quantize(torch::randn({2, 5, 5}), 16, 8);
   const torch::Tensor unpacked = conv->forward(image);
+  EXPECT_EQ(conv->outputs_per_sample, 3 * 5 * 5);  // AdaPT's multiply-adds: one sample's outputs, as batched
+  fxp::nn::QLinear linear(4, 3, true, config("ste"));
+  linear->forward(torch::randn({4}));
+  EXPECT_EQ(linear->outputs_per_sample, 3);
+  linear->forward(torch::randn({2, 5, 4}));
+  EXPECT_EQ(linear->outputs_per_sample, 5 * 3);
   conv->pack_weights_();
   EXPECT_TRUE(torch::equal(conv->forward(image), unpacked));
   EXPECT_EQ(conv->outputs_per_sample, 3 * 5 * 5);

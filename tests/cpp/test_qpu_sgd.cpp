@@ -296,9 +296,18 @@ TEST(QpuSgd, AnAddedGroupDrawsFromItsOwnSeed) {
   // A group with its own options keeps its seed; one the step would refuse is not added.
   opt.add_param_group(torch::optim::OptimizerParamGroup(make_params(3), std::make_unique<QpuSgdOptions>(options().seed(7))));
   EXPECT_EQ(static_cast<QpuSgdOptions&>(opt.param_groups()[2].options()).seed(), 7);
+  // Options without a seed: the optimizer's seed + the index, as a Python group dict without "seed".
+  opt.add_param_group(torch::optim::OptimizerParamGroup(make_params(3), std::make_unique<QpuSgdOptions>(QpuSgdOptions(0.1))));
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(opt.param_groups()[3].options()).seed(), 21 + 3);
+  std::vector<torch::Tensor> c = make_params(2);
+  QpuSgd unseeded(c, QpuSgdOptions(0.1));  // no seed anywhere: 0 + the index
+  set_grads(c, 5);
+  EXPECT_EQ(static_cast<QpuSgdOptions&>(unseeded.param_groups()[0].options()).seed(), 0);
+  static_cast<QpuSgdOptions&>(unseeded.param_groups()[0].options()).seed(std::nullopt);
+  expect_error([&] { unseeded.step(); }, "a param group's seed was unset after the group was added");
   expect_error([&] { opt.add_param_group(torch::optim::OptimizerParamGroup(make_params(4), std::make_unique<QpuSgdOptions>(options().lr(-1)))); },
                "lr must be a non-negative finite number");
-  EXPECT_EQ(opt.param_groups().size(), 3u);
+  EXPECT_EQ(opt.param_groups().size(), 4u);
 }
 
 // Checkpoints load in full or not at all: another optimizer's (torch's macro asserted "report a bug to

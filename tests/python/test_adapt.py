@@ -292,21 +292,25 @@ def test_python_controller_normalizes_switches_and_sets_the_layers_formats():
     assert record["strategy"] in ("min", "mean", "max")
 
 
-def test_python_controller_counts_each_layers_multiply_adds():
+@pytest.mark.parametrize("shape", [(5, 6), (6,), (5, 2, 6)], ids=["batch", "unbatched", "rows_per_sample"])
+def test_python_controller_counts_each_layers_multiply_adds(shape):
     """The performance model's float32 cost by hand for one QLinear(6, 3):
-    3 M samples + P iterations, M = 3 outputs x 6 inputs, P = 21."""
+    3 M samples + P iterations, M = 3 outputs x 6 inputs (per row of a
+    sample), P = 21. An unbatched input is one sample."""
     fmt = FxpFormat(8, 4)
     model = fxp.nn.QLinear(6, 3, weight_mode="ste", param_format=fmt, act_format=fmt)
     controller = fxp.adapt.AdaptController(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    samples = shape[0] if len(shape) > 1 else 1
+    rows = shape[1] if len(shape) > 2 else 1
     for _ in range(2):
         optimizer.zero_grad()
-        loss = model(torch.randn(5, 6)).square().mean()
+        loss = model(torch.randn(shape)).square().mean()
         loss.backward()
-        controller.after_backward(loss, 5)
+        controller.after_backward(loss, samples)
         optimizer.step()
     perf = controller.record()["performance"]
-    assert perf["float32_cost"] == 3 * 18 * 10 + 21 * 2
+    assert perf["float32_cost"] == 3 * 18 * rows * samples * 2 + 21 * 2
     assert 0 < perf["training_speedup"]
 
 

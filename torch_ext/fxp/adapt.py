@@ -60,12 +60,15 @@ class _MaddsCounter:
     """A forward hook that keeps its layer's multiply-adds per sample from the
     last output (a module, not a closure, so that the model still pickles)."""
 
-    def __init__(self, fan_in: int) -> None:
+    def __init__(self, fan_in: int, unbatched_dim: int) -> None:
         self.fan_in = fan_in
+        self.unbatched_dim = unbatched_dim  # the input's dim without a batch dimension: 1 linear, 3 conv
         self.madds = 0
 
     def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if output.dim() > 0 and output.shape[0] > 0:
+        if inputs[0].dim() == self.unbatched_dim:  # one sample
+            self.madds = output.numel() * self.fan_in
+        elif output.dim() > 0 and output.shape[0] > 0:
             self.madds = output.numel() // output.shape[0] * self.fan_in
 
 
@@ -125,7 +128,8 @@ class AdaptController:
             _str("adapt", "strategy", strategy), _str("adapt", "log_form", log_form), _number("adapt", "l1", l1))
         self._l1 = float(l1)
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
-        self._counters = [_MaddsCounter(_fan_in(layer)) for layer in self._layers]
+        self._counters = [_MaddsCounter(_fan_in(layer), 1 if isinstance(layer, QLinear) else 3)
+                          for layer in self._layers]
         self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
         self._apply_formats()
 
