@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The README's main-job demo: quantize tensors with round-half-to-even and with
+"""A demo of the quantize operators (scripts/demo.sh; the main job is
+scripts/train.sh): quantize tensors with round-half-to-even and with
 stochastic rounding in a few FxP formats, and print the error statistics.
 
 The last rows show the paper's point: an update far smaller than one LSB

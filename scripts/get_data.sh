@@ -23,6 +23,14 @@ DATASETS="fashion-mnist mnist emnist cifar10 cifar100"
 if [[ $# -ge 1 && " $DATASETS " == *" $1 "* ]]; then
   DATASET=$1; DIR=${2:-data/$1}
 elif [[ $# -ge 1 && -n $1 && $1 != -* && ( $1 == */* || -d $1 ) ]]; then
+  # A directory named after another dataset (data/cifar10, cifar10x/) would get Fashion-MNIST under that name.
+  for other in cifar100 cifar10 emnist mnist; do  # cifar100 before its prefix cifar10
+    if [[ $(basename "$1") == "$other"* ]]; then
+      echo "get_data.sh: '$1' is a directory, which gets Fashion-MNIST; for $other run:" \
+           "scripts/get_data.sh $other $1 (Fashion-MNIST there: scripts/get_data.sh fashion-mnist $1)" >&2
+      exit 2
+    fi
+  done
   DATASET=fashion-mnist; DIR=$1
 elif [[ $# -ge 1 ]]; then
   echo "get_data.sh: unknown dataset '$1' (one of: $DATASETS)" >&2; exit 2

@@ -5,6 +5,8 @@
 # Debian Fashion-MNIST and prints a summary. See `scripts/train.sh --help`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-"$ROOT/scripts/setup.sh" >&2
+# --help (and --version) need no setup once fxp-train is built: setup checks packages and rebuilds, minutes.
+wants_help() { local a; for a in "$@"; do [[ $a == -h || $a == --help || $a == --version ]] && return 0; done; return 1; }
+if ! { wants_help "$@" && [[ -x $ROOT/build/fxp-train ]]; }; then "$ROOT/scripts/setup.sh" >&2; fi
 [[ -x $ROOT/build/fxp-train ]] || { echo "train.sh: build/fxp-train was not built (see the CMake warnings above)" >&2; exit 1; }
 exec "$ROOT/build/fxp-train" "$@"

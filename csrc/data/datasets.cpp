@@ -32,9 +32,15 @@ bool is_directory(const std::string& path) {
   return ::stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
 }
 
-std::string get_data_hint(const std::string& name) {
-  return name == "fashion-mnist" ? "on Debian: apt-get install dataset-fashion-mnist, elsewhere: scripts/get_data.sh"
-                                 : "get it with: scripts/get_data.sh " + name;
+// What to run to get `name`'s files into `dir` (get_data.sh's own default, or DIR as its second argument).
+std::string get_data_hint(const std::string& name, const std::string& dir) {
+  const std::string missing = is_directory(dir) ? "" : "the directory " + dir + " does not exist; ";
+  const std::string& default_dir = dataset_info(name).default_dir;
+  if (name == "fashion-mnist" && dir == default_dir) {
+    return missing + "on Debian: apt-get install dataset-fashion-mnist, elsewhere: scripts/get_data.sh, then "
+                     "--data-dir data/fashion-mnist";
+  }
+  return missing + "get it with: scripts/get_data.sh " + name + (dir == default_dir ? "" : " " + dir);
 }
 
 void check_labels(const at::Tensor& labels, int64_t classes, const std::string& where) {
@@ -80,7 +86,7 @@ ImageSplit read_dataset_split(const std::string& name, const std::string& dir, b
     for (const auto& f : files) {
       struct stat st {};
       if (::stat(f.c_str(), &st) != 0) {
-        throw std::invalid_argument("fxp: missing dataset file " + f + "; " + get_data_hint(name));
+        throw std::invalid_argument("fxp: missing dataset file " + f + "; " + get_data_hint(name, dir));
       }
     }
     CifarSplit s = read_cifar_files(files, ten ? 1 : 2, info.classes);
@@ -90,12 +96,12 @@ ImageSplit read_dataset_split(const std::string& name, const std::string& dir, b
   std::string where;
   if (name == "emnist") {
     const std::string prefix = std::string("emnist-balanced-") + (train ? "train" : "test");
-    s = read_idx_split(dir, prefix + "-images-idx3-ubyte", prefix + "-labels-idx1-ubyte", get_data_hint(name));
+    s = read_idx_split(dir, prefix + "-images-idx3-ubyte", prefix + "-labels-idx1-ubyte", get_data_hint(name, dir));
     s.images = s.images.transpose(1, 2).contiguous();
     where = dir + "/" + prefix + "-labels-idx1-ubyte";
   } else {
     const std::string split = train ? "train" : "t10k";
-    s = read_idx_split(dir, split + "-images-idx3-ubyte", split + "-labels-idx1-ubyte", get_data_hint(name));
+    s = read_idx_split(dir, split + "-images-idx3-ubyte", split + "-labels-idx1-ubyte", get_data_hint(name, dir));
     where = dir + "/" + split + "-labels-idx1-ubyte";
   }
   check_labels(s.labels, info.classes, where);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <charconv>
+#include <memory>
 #include <stdexcept>
 #include <system_error>
 #include <type_traits>
@@ -160,6 +161,21 @@ std::string default_text(const json& value) {
   return value.is_string() ? value.get<std::string>() : value.dump();
 }
 
+// CLI11 names a boolean flag "--x,--no-x{false}": the {false} is the value the
+// negated form sets, which reads as the default; each help text ends with the real one.
+class HelpFormatter : public CLI::Formatter {
+ public:
+  std::string make_option_name(const CLI::Option* option, bool is_positional) const override {
+    std::string name = CLI::Formatter::make_option_name(option, is_positional);
+    for (size_t open = name.find('{'); open != std::string::npos; open = name.find('{', open)) {
+      const size_t close = name.find('}', open);
+      if (close == std::string::npos) break;
+      name.erase(open, close - open + 1);
+    }
+    return name;
+  }
+};
+
 }  // namespace
 
 std::optional<int> parse_command_line(const std::vector<std::string>& args, Command& command, std::ostream& out,
@@ -172,6 +188,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
       "a config file (YAML or JSON) takes the same keys with underscores.",
       "fxp-train"};
   app.option_defaults()->always_capture_default();
+  app.formatter(std::make_shared<HelpFormatter>());
   app.get_formatter()->column_width(38);
   app.set_version_flag("--version", "fxp-train 0.1.0");
 
@@ -243,7 +260,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  "(scripts/sweep names its runs this way), then exit")
       ->group("Modes");
 
-  app.add_option("--fleet", command.fleet_file,
+  CLI::Option* fleet = app.add_option("--fleet", command.fleet_file,
                  "train many runs as one fleet (docs/train.md, \"Many runs as one\"): read settings as JSON lines from FILE "
                  "('-': stdin), one member run per line, over the defaults, --config and the flags; each member "
                  "writes its own run directory, as a solo run would. Members share model, dataset, method and "
@@ -261,6 +278,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
          "(0: never)")
       ->type_name("FLOAT")
       ->default_str(default_text(json(Command{}.fleet_compact_below)))
+      ->needs(fleet)  // alone it would be ignored, as --json is refused without --describe-model
       ->group("Modes");
   app.add_option_function<std::string>(
          "--fleet-chunk",
@@ -274,6 +292,7 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
          "on a GPU); any value gives the same results")
       ->type_name("INT")
       ->default_str("0")
+      ->needs(fleet)
       ->group("Modes");
 
   std::vector<const char*> argv = {"fxp-train"};
@@ -302,9 +321,16 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
                  : !command.fleet_file.empty()   ? Mode::Fleet
                                                   : Mode::Train;
   try {
-    if (!config_file.empty()) apply_json(command.config, read_config_file(config_file), config_file);
+    json from_file = json::object();
+    if (!config_file.empty()) apply_json(command.config, from_file = read_config_file(config_file), config_file);
     apply_json(command.config, overrides, "command line");
-    command.config.validate();
+    try {
+      command.config.validate();
+    } catch (const SettingError& e) {
+      // A value that came from the file, and no flag overrode: name the file, as a type error does.
+      if (from_file.contains(e.key) && !overrides.contains(e.key)) throw std::invalid_argument(config_file + ": " + e.what());
+      throw;
+    }
   } catch (const std::exception& e) {
     err << "fxp-train: " << e.what() << "\nRun with --help for more information.\n";
     return 2;

@@ -109,9 +109,7 @@ const std::vector<std::pair<std::string, Field>>& fields() {
   return table;
 }
 
-[[noreturn]] void bad(const std::string& key, const std::string& why) {
-  throw std::invalid_argument(key + ": " + why);
-}
+[[noreturn]] void bad(const std::string& key, const std::string& why) { throw SettingError(key, why); }
 
 // A double as the shortest text that reads back as it ("0.5", "1e-05", "nan"),
 // not std::to_string's fixed six decimals ("-1.000000", "0.000000" for 1e-9).
@@ -487,6 +485,16 @@ void TrainConfig::validate() const {
   }
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
+  // Beyond the published split it can only fail when the data is read (load_split), after a sweep planned it.
+  const data::DatasetInfo& info = data::dataset_info(dataset);  // dataset checked above
+  if (train_limit > info.train_images) {
+    bad("train_limit", "is larger than the " + std::to_string(info.train_images) + " images of " + dataset +
+                           "'s training split, but got " + std::to_string(train_limit) + " (0: the whole split)");
+  }
+  if (val_limit > info.test_images) {
+    bad("val_limit", "is larger than the " + std::to_string(info.test_images) + " images of " + dataset +
+                         "'s test split, but got " + std::to_string(val_limit) + " (0: the whole split)");
+  }
   at_least("eval_batch_size", eval_batch_size, 1);
   at_least("bn_recalibration_batches", bn_recalibration_batches, 0);
   if (!std::isfinite(input_mean())) {

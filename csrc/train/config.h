@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -100,11 +101,18 @@ struct TrainConfig {
   // Note [Run names come from fxp-train]: this is the one definition;
   // scripts/sweep names its runs by asking `fxp-train --print-configs`.
   std::string run_name() const;
-  // Throws std::invalid_argument naming the key and the bad value.
+  // Throws SettingError naming the key and the bad value.
   void validate() const;
   // Settings changed from their defaults that this run does not read, one
   // line each (Note [Settings without effect]).
   std::vector<std::string> settings_without_effect() const;
+};
+
+// A setting TrainConfig::validate refuses: the message begins with its key,
+// which the caller may trace to where the value came from (a config file).
+struct SettingError : std::invalid_argument {
+  SettingError(std::string key_, const std::string& why) : std::invalid_argument(key_ + ": " + why), key(std::move(key_)) {}
+  std::string key;
 };
 
 // QPU methods (sqpu, hteqpu) keep no float master copy; their update rounding

@@ -49,15 +49,27 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     found["config"]["output_dir"] = files.dir;  // where it lies now: a copied or moved run names its new place
     return {false, std::move(found)};
   }
+  // --resume is offered only where it would be accepted: the settings that a resume may not change are the same.
   if (!options.resume && summary) {
+    const std::string differ = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false);
+    const bool only_epochs = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/true).empty();
     throw std::invalid_argument("output directory " + files.dir + " holds a finished run with other settings (" +
-                                differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false) +
-                                "); pass --resume to extend it to more epochs, --overwrite to replace it, or choose "
-                                "another --output-dir");
+                                differ + "); " +
+                                (only_epochs ? "pass --resume to extend it to more epochs, --overwrite to replace it, "
+                                             : "pass --overwrite to replace it ") +
+                                "or choose another --output-dir");
   }
   if (!options.resume && have_checkpoint) {
-    throw std::invalid_argument("output directory " + files.dir +
-                                " holds an unfinished run; pass --resume to continue it or --overwrite to start again");
+    std::string differ;
+    try {
+      differ = differing_settings(checkpoint_record(files.checkpoint).settings, settings, /*epochs_may_differ=*/true);
+    } catch (const std::exception&) {  // an unreadable checkpoint: --resume names what is wrong with it
+    }
+    throw std::invalid_argument(
+        "output directory " + files.dir + " holds an unfinished run" +
+        (differ.empty() ? "; pass --resume to continue it or --overwrite to start again"
+                        : " with other settings (" + differ + "); pass --overwrite to start again or choose another "
+                          "--output-dir"));
   }
   if (!have_checkpoint) return {};  // --resume without a checkpoint starts the run
   // The checkpoint's own record of its settings decides: config.json may be gone, or edited.

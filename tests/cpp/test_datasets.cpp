@@ -111,7 +111,11 @@ TEST_F(Datasets, CifarSplitsByName) {
   EXPECT_TRUE(torch::equal(train.labels, torch::tensor({1, 2, 3, 4, 5}, torch::kLong)));
   EXPECT_EQ(fxp::data::read_dataset_split("cifar10", base, false).labels.size(0), 2);
   expect_error([&] { fxp::data::read_dataset_split("cifar100", dir_, true); },
-               "missing dataset file " + dir_ + "/train.bin; get it with: scripts/get_data.sh cifar100");
+               "missing dataset file " + dir_ + "/train.bin; get it with: scripts/get_data.sh cifar100 " + dir_);
+  // The hint says when the directory itself is missing.
+  expect_error([&] { fxp::data::read_dataset_split("cifar100", dir_ + "/nowhere", true); },
+               "; the directory " + dir_ + "/nowhere does not exist; get it with: scripts/get_data.sh cifar100 " + dir_ +
+                   "/nowhere");
 }
 
 TEST_F(Datasets, MnistFamilyByName) {
@@ -130,7 +134,7 @@ TEST_F(Datasets, MnistFamilyByName) {
   expect_error([&] { fxp::data::read_dataset_split("mnist", dir_, false); },
                dir_ + "/t10k-labels-idx1-ubyte has label 10, but the dataset has 10 classes");
   expect_error([&] { fxp::data::read_dataset_split("mnist", dir_, true); },
-               "train-images-idx3-ubyte.gz); get it with: scripts/get_data.sh mnist");
+               "train-images-idx3-ubyte.gz); get it with: scripts/get_data.sh mnist " + dir_);
   expect_error([&] { fxp::data::read_dataset_split("svhn", dir_, true); },
                "dataset must be one of fashion-mnist, mnist, emnist, cifar10, cifar100, but got 'svhn'");
 }

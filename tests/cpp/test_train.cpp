@@ -187,7 +187,7 @@ TEST(TrainCli, FlagsSetEveryKind) {
   ASSERT_EQ(q.code, -1) << q.err;
   EXPECT_EQ(q.command.config.lr, 0.25);
   EXPECT_EQ(q.command.config.momentum, 0.0);
-  const Parsed d = parse({"--device", "cuda:127", "--fleet-compact-below", "0.5"});
+  const Parsed d = parse({"--device", "cuda:127", "--fleet", "members.jsonl", "--fleet-compact-below", "0.5"});
   ASSERT_EQ(d.code, -1) << d.err;
   EXPECT_EQ(d.command.config.device, "cuda:127");
   EXPECT_EQ(d.command.fleet_compact_below, 0.5);
@@ -233,6 +233,8 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--fleet-compact-below", "1.5"}, "--fleet-compact-below: must be in [0, 1], but got 1.5"},
       {{"--json"}, "fxp-train: --json needs --describe-model"},
       {{"--fleet-chunk", "-1"}, "--fleet-chunk: must be 0 or more, but got -1"},
+      {{"--fleet-chunk", "4"}, "--fleet-chunk requires --fleet"},  // alone it would be ignored
+      {{"--fleet-compact-below", "0.5"}, "--fleet-compact-below requires --fleet"},
       {{"--msq-min-bits", "9"}, "msq_start_bits: must be at most 15 and at least msq_min_bits, itself at least 1 "
                                 "(1 <= msq_min_bits <= msq_start_bits <= 15), but got msq_min_bits 9 and "
                                 "msq_start_bits 8"},
@@ -266,6 +268,9 @@ TEST(TrainCli, HelpDocumentsEveryKey) {
   for (const char* mode : {"--config", "--resume", "--quiet", "--describe-model", "--overwrite"}) {
     EXPECT_NE(p.out.find(mode), std::string::npos) << mode;
   }
+  // A boolean flag's line says its default once: not CLI11's "{false}" (the --no- form's value) beside "(default: on)".
+  EXPECT_NE(p.out.find("--msq-hessian,--no-msq-hessian "), std::string::npos) << p.out;
+  EXPECT_EQ(p.out.find("{false}"), std::string::npos) << p.out;
 }
 
 class TrainFiles : public ::testing::Test {
@@ -355,6 +360,12 @@ TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
     EXPECT_EQ(p.code, 2) << path;
     EXPECT_NE(p.err.find(needle), std::string::npos) << path << ": " << p.err;
   }
+  // A value the checks refuse names the file it came from, unless a flag gave it.
+  const std::string method = write("method.yaml", "method: sqpuu\nlr: 0.1\n");
+  Parsed p = parse({"--config", method});
+  EXPECT_NE(p.err.find("fxp-train: " + method + ": method: must be one of"), std::string::npos) << p.err;
+  p = parse({"--config", method, "--method", "ste", "--lr", "-1"});
+  EXPECT_NE(p.err.find("fxp-train: lr: must be a positive number, but got -1"), std::string::npos) << p.err;
   // Standard tags keep their meaning.
   const Parsed tagged = parse({"--config", write("tagged.yaml", "lr: !!float 1\nmethod: !!str ste\n")});
   ASSERT_EQ(tagged.code, -1) << tagged.err;
@@ -700,13 +711,18 @@ TEST_F(TrainRun, OneEpochWritesEveryField) {
   // Other settings in the same directory need --resume (more epochs) or --overwrite.
   ft::TrainConfig more = config_;
   more.epochs = 2;
-  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (epochs (1 in the run, 2 now))");
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (epochs (1 in the run, 2 now)); "
+                                           "pass --resume to extend it to more epochs");
+  // --resume is offered only where it would be accepted.
   more = config_;
   more.lr = 0.02;
-  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (lr (0.01 in the run, 0.02 now))");
-  // An unfinished run (a checkpoint, no summary) needs --resume or --overwrite.
+  expect_error([&] { run("sqpu", more); }, "holds a finished run with other settings (lr (0.01 in the run, 0.02 now)); "
+                                           "pass --overwrite to replace it or choose another --output-dir");
+  // An unfinished run (a checkpoint, no summary) needs --resume or --overwrite; with other settings, --overwrite.
   ft::remove_file(dir_ + "/sqpu/summary.json");
   expect_error([&] { run("sqpu", config_); }, "holds an unfinished run; pass --resume");
+  expect_error([&] { run("sqpu", more); }, "holds an unfinished run with other settings (lr (0.01 in the run, 0.02 "
+                                           "now)); pass --overwrite to start again or choose another --output-dir");
 }
 
 TEST_F(TrainRun, SameSeedSameInitialWeightsForEveryMethod) {
@@ -1090,7 +1106,7 @@ TEST_F(TrainRun, MissingDataIsAClearError) {
   expect_error([&] { run("x", c); }, dir_ + "/nowhere");
   c = config_;
   c.train_limit = 70000;
-  expect_error([&] { run("y", c); }, "train_limit 70000 is larger than the 60000 images");
+  expect_error([&] { run("y", c); }, "train_limit: is larger than the 60000 images of fashion-mnist's training split");
   c = config_;
   c.device = "cuda";
   if (!torch::cuda::is_available()) expect_error([&] { run("z", c); }, "no CUDA device is available");
