@@ -15,6 +15,10 @@ measured training-step memory and images/s against the float32 runs) and
 accuracy against model size.
 
 A run directory counts once, however many of the given directories hold it.
+Runs are seeds of one configuration where every setting but the seed is equal
+(output paths and threads apart); a run with the grid, settings and seed of one
+before it is left out with a warning. Unfinished runs (a checkpoint.pt or
+sweep-run.json, no summary.json or failed.json) are counted and named.
 A file that cannot be read (a summary.json, sweep-run.json, failed.json or
 config.json that is not a JSON object, a metrics.jsonl line that is not one)
 is skipped with a warning on stderr that names it and the problem.
@@ -35,7 +39,9 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -113,11 +119,19 @@ def unique_roots(roots: list[pathlib.Path]) -> list[pathlib.Path]:
     return out
 
 
+def _count(n: int, noun: str) -> str:
+    """ "1 run", "2 runs". """
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
-    """One row per run summary found below the roots (failed runs: status failed).
-    A run directory found twice (a root given twice, or inside another root)
-    counts once; a broken file is skipped with a warning."""
-    rows = []
+    """One row per run summary found below the roots (failed runs: status failed;
+    a finished run repeated: status repeat, see _configurations). A run
+    directory found twice (a root given twice, or inside another root) counts
+    once; a broken file is skipped with a warning. attrs["unfinished"]: the
+    run directories without summary.json or failed.json (a run stopped or
+    still going), in the roots' order."""
+    rows, unfinished = [], []
     seen: set[pathlib.Path] = set()
     for root in unique_roots(roots):
         for summary_path in sorted(root.rglob("summary.json")):
@@ -171,7 +185,15 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 settings.update(read_json(d / "config.json") or {})
             rows.append({"grid": sweep["grid"], "id": sweep["id"], "dir": str(d), "status": "failed",
                          **{k: settings.get(k) for k in CONFIG_COLUMNS}, "error": record.get("error")})
+        # fxp-train writes checkpoint.pt after every epoch, the sweep sweep-run.json before it starts a run.
+        started = {p.parent for name in ("checkpoint.pt", "sweep-run.json") for p in root.rglob(name)}
+        for d in sorted(started):
+            if d.resolve() in seen or (d / "summary.json").exists() or (d / "failed.json").exists():
+                continue
+            seen.add(d.resolve())
+            unfinished.append(str(d))
     df = pd.DataFrame(rows)
+    df.attrs["unfinished"] = unfinished
     if df.empty:
         return df
     # Columns of whole numbers (widths, epochs, seeds): a run without one (a failed run) makes pandas
@@ -183,7 +205,64 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     for column, default in (("model", "paper_cnn"), ("dataset", "fashion-mnist"), ("update", "float")):
         df[column] = df[column].fillna(default)
     df["fxp"] = [_fxp_label(r) for r in df.itertuples()]
+    _configurations(df)
     return df
+
+
+# collect's columns for the tables, not for runs.csv (settings holds what they are made of).
+INTERNAL_COLUMNS = ["method_label", "configuration", "source"]
+
+
+def _configurations(df: pd.DataFrame) -> None:
+    """Gives each finished run its configuration, in place: "configuration", a
+    key: every setting of its config but NOT_SETTINGS, where a run that starts
+    from a checkpoint is known by the settings of the run that wrote it, where
+    that run is among the results (so seeds that fine-tune their own seed's run
+    are one configuration); "source": "from scratch", "from <the writer's
+    method>" or "from <the checkpoint>"; "method_label". The tables' runs over
+    seeds are the runs of one configuration. A finished run with the grid,
+    configuration and seed of one before it (in the roots' order: the same run
+    made twice, say a grid run again into another directory) is no second
+    seed: its status becomes "repeat", with a warning naming both directories."""
+    df["method_label"] = [_method_label(r) for r in df.itertuples()]
+    done = df.index[df.status == "finished"]
+    settings = {i: json.loads(df.at[i, "settings"]) for i in done}
+    sources = {i: c.pop("init_from", "") or "" for i, c in settings.items()}
+    # A run's checkpoint stands for the settings of the run that wrote it (its directory holds the checkpoint).
+    writers = {pathlib.Path(df.at[i, "dir"]).resolve(): (c, df.at[i, "method_label"]) for i, c in settings.items()}
+    keys, source_names = {}, {}
+    for i, c in settings.items():
+        source = sources[i]
+        writer = writers.get(pathlib.Path(source).parent.resolve()) if source else None
+        config = {**c, "init_from": writer[0] if writer else source} if source else c
+        source_names[i] = f"from {writer[1]}" if writer else f"from {source}" if source else "from scratch"
+        keys[i] = json.dumps(config, sort_keys=True)
+    df["configuration"] = pd.Series(keys, dtype=object)
+    df["source"] = pd.Series(source_names, dtype=object)
+    first: dict[tuple, str] = {}
+    for i in done:
+        key = (df.at[i, "grid"], keys[i], _int_text(df.at[i, "seed"]))
+        if key in first:
+            warn(df.at[i, "dir"], f"the same grid, settings and seed as {first[key]}, which counts, as the first "
+                                  "given (a repeat is no second seed)")
+            df.at[i, "status"] = "repeat"
+        else:
+            first[key] = df.at[i, "dir"]
+
+
+def _varying(runs: pd.DataFrame, alike: list[str]) -> list[str]:
+    """The settings that tell configurations apart among the runs equal in the columns `alike`."""
+    names = set()
+    for _, group in runs.groupby(alike, dropna=False):
+        configs = [json.loads(key) for key in group.configuration.unique()]
+        names |= {n for n in set().union(*configs) if len({json.dumps(c.get(n), sort_keys=True) for c in configs}) > 1}
+    return sorted(names)
+
+
+def _settings_text(run, names: list[str]) -> str:
+    """The run's value of each setting of `names`, "name=value", and its source for init_from ("from fp32")."""
+    config = json.loads(run.configuration)
+    return " ".join(run.source if n == "init_from" else f"{n}={config.get(n)}" for n in names)
 
 
 def _failures_text(df: pd.DataFrame) -> str:
@@ -194,8 +273,13 @@ def _failures_text(df: pd.DataFrame) -> str:
         return ""
     first = failed.iloc[0]
     error = str(first.error).strip().splitlines()[0] if isinstance(first.error, str) and first.error.strip() else "?"
-    return (f"; {len(failed)} run{'s' if len(failed) != 1 else ''} failed, the first with: {error} "
+    return (f"; {_count(len(failed), 'run')} failed, the first with: {error} "
             f"({pathlib.Path(first.dir) / 'failed.json'})")
+
+
+def _unfinished_text(dirs: list[str]) -> str:
+    """What stderr and report.md say of the unfinished runs, before naming them."""
+    return f"{_count(len(dirs), 'unfinished run')} (no summary.json or failed.json) left out"
 
 
 def _missing(x) -> bool:
@@ -248,13 +332,25 @@ def _adapt_name(update: str) -> str:
     return "adapt" if update == "float" else f"adapt-{update}"
 
 
+# A heat map's cell: its figure (grid, inference rounding), panel (method), row (format) and column (batch size).
+HEATMAP_CELL = ["grid", "method", "fxp", "inference_rounding", "batch_size"]
+
+
 def seed_stats(df: pd.DataFrame) -> pd.DataFrame:
-    """Validation accuracy (each run's best epoch) over seeds, per configuration."""
-    done = df[df.status == "finished"]
+    """Validation accuracy (each run's best epoch) over seeds, per configuration
+    (_configurations'). variant: the settings that tell configurations apart
+    within one heat-map cell, with their values, for every row of such a grid
+    ("train_limit=512"; empty where each cell holds one configuration)."""
+    done = df[df.status == "finished"].copy()
+    done["variant"] = ""
+    for _, runs in done.groupby("grid"):
+        names = _varying(runs, HEATMAP_CELL)
+        done.loc[runs.index, "variant"] = [_settings_text(r, names) for r in runs.itertuples()]
     keys = ["grid", "model", "dataset", "method", "fxp", "param_bits", "param_frac", "out_frac", "inference_rounding",
-            "batch_size"]
+            "batch_size", "variant", "configuration"]
     g = done.groupby(keys, dropna=False)["best_val_accuracy"]
-    return g.agg(max="max", min="min", mean="mean", std="std", runs="count").reset_index()
+    stats = g.agg(max="max", min="min", mean="mean", std="std", runs="count").reset_index()
+    return stats.drop(columns="configuration")
 
 
 def _pyplot():
@@ -266,10 +362,12 @@ def _pyplot():
 
 
 def _save_figure(fig, path: pathlib.Path, tight_layout: bool = True) -> pathlib.Path:
-    """Writes fig to path at the report's resolution and frees it."""
+    """Writes fig to path at the report's resolution and frees it. The image
+    grows to hold every title and label: a title wider than a narrow figure
+    (one heat-map panel) would lose its ends."""
     if tight_layout:
         fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -299,31 +397,49 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     size (Exp 2/3) gets one figure per statistic (max, mean, std over seeds)
     with the configurations as rows and the batch sizes as columns (Figures
     5-10); otherwise (Exp 1) one figure per inference rounding with the
-    configurations as rows and the best and worst run as columns (Figures 3-4)."""
+    configurations as rows and the best and worst run as columns (Figures 3-4).
+    A grid whose cells hold several configurations (seed_stats' variant) gets
+    these figures for each, its variant in the title and the file name."""
     plt = _pyplot()
 
     written = []
     q = stats[stats.method.isin(METHODS)]
-    for grid, g in q.groupby("grid"):
+    for (grid, variant), g in q.groupby(["grid", "variant"]):
+        # The float32 runs of the same variant; of the grid where they have but one.
         baseline = stats[(stats.grid == grid) & (stats.method == "fp32")]
-        by_batch = g.batch_size.nunique() > 1
+        if (baseline.variant == variant).any() or baseline.variant.nunique() > 1:
+            baseline = baseline[baseline.variant == variant]
+        by_batch = q[q.grid == grid].batch_size.nunique() > 1
         if by_batch:
             figures = [(stat, None) for stat in ["max", "mean", "std"]]
         else:
             figures = [(f"best-worst-{r}", r) for r in sorted(g.inference_rounding.dropna().unique())]
+        suffix = "-" + re.sub(r"[^\w.=+-]+", "-", variant).strip("-") if variant else ""
+        if len(suffix) > 80:  # a checkpoint's path, or many settings: the title says them
+            suffix = f"-variant{sorted(set(q.variant[q.grid == grid])).index(variant) + 1}"
         for name, rounding in figures:
             sub = g if rounding is None else g[g.inference_rounding == rounding]
             methods = [m for m in METHODS if m in set(sub.method)]
             rows = _fxp_order(sub.fxp.unique())
+            what = {"max": "max over seeds", "mean": "mean over seeds", "std": "std over seeds"}.get(
+                name, f"best and worst run, {str(rounding).upper()} inference")
+            base_text = f"; fp32 best {100 * baseline['max'].max():.1f}%" if not baseline.empty else ""
+            # A variant of many settings on lines of its own: the image grows to the title's width.
+            title = f"{grid}: validation accuracy, {what}{base_text}" + (
+                f"\n{textwrap.fill(variant, 70)}" if variant else "")
+            # Height for the title's lines, and for the y label beside one row.
             fig, axes = plt.subplots(1, len(methods), squeeze=False, sharey=True, constrained_layout=True,
                                      figsize=(1.2 + (0.55 * sub.batch_size.nunique() + 0.6 if by_batch else 1.9)
-                                              * len(methods), 1.2 + 0.42 * len(rows)))
+                                              * len(methods), 1.2 + 0.2 * title.count("\n") + 0.42 * max(len(rows), 2)))
             is_std = name == "std"
             for col, method in enumerate(methods):
                 m = sub[sub.method == method]
                 if by_batch:
                     matrix = m.pivot_table(index="fxp", columns="batch_size", values=name, aggfunc="first")
-                    matrix = matrix.reindex(index=rows, columns=sorted(matrix.columns, reverse=True))
+                    # Every batch size of the figure: pivot_table drops a column without values (the std of one
+                    # seed), and a panel without columns draws nothing and warns of identical xlims.
+                    matrix = matrix.reindex(index=rows, columns=sorted(sub.batch_size.unique(), reverse=True))
+                    matrix.columns = [_int_text(b) for b in matrix.columns]  # 64, not 64.0 beside a failed run's NaN
                     xlabel = "batch size"
                 else:
                     matrix = m.set_index("fxp")[["max", "min"]].rename(columns={"max": "best", "min": "worst"})
@@ -333,25 +449,24 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
                 im = _heatmap(ax, 100 * matrix, method.upper(), ".1f", 0, 20 if is_std else 100,
                               "viridis_r" if is_std else "viridis")
                 ax.set_xlabel(xlabel)
-            axes[0][0].set_ylabel("total / param frac / output frac bits")
+            # On two lines: a few rows make a short figure.
+            axes[0][0].set_ylabel("total / param frac /\noutput frac bits")
             fig.colorbar(im, ax=axes, shrink=0.9, label="std of accuracy (points)" if is_std else "accuracy (%)")
-            what = {"max": "max over seeds", "mean": "mean over seeds", "std": "std over seeds"}.get(
-                name, f"best and worst run, {str(rounding).upper()} inference")
-            base_text = f"; fp32 best {100 * baseline['max'].max():.1f}%" if not baseline.empty else ""
-            fig.suptitle(f"{grid}: validation accuracy, {what}{base_text}")
-            written.append(_save_figure(fig, out / f"{grid}-{name}.png", tight_layout=False))
+            fig.suptitle(title)
+            written.append(_save_figure(fig, out / f"{grid}-{name}{suffix}.png", tight_layout=False))
     return written
 
 
 def draw_memory_plot(df: pd.DataFrame, out: pathlib.Path) -> pathlib.Path | None:
     """Figure 11: best accuracy over seeds against the paper-model memory
-    relative to fp32 training at the same batch size, for STE and SQPU."""
+    relative to fp32 training at the same batch size, for STE and SQPU; one
+    point per configuration."""
     plt = _pyplot()
 
     done = df[(df.status == "finished") & df.method.isin(["ste", "sqpu"]) & df.memory_ratio_to_fp32.notna()]
     if done.empty:
         return None
-    best = done.groupby(["grid", "method", "fxp", "batch_size"], dropna=False).agg(
+    best = done.groupby(["grid", "method", "fxp", "batch_size", "configuration"], dropna=False).agg(
         accuracy=("best_val_accuracy", "max"), memory=("memory_ratio_to_fp32", "first")).reset_index()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (grid, method), g in best.groupby(["grid", "method"]):
@@ -564,7 +679,7 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
             x = runs.compression_rate.mean()
             label = f"{config} [{grid}]" if several_grids else config
             line = ax.errorbar([x], [acc.mean()], yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
-                               fmt="o", capsize=3, label=f"{label} ({len(runs)} seeds)")
+                               fmt="o", capsize=3, label=f"{label} ({_count(len(runs), 'seed')})")
             if config != "fp32":
                 ax.plot([runs.measured_compression.mean()], [acc.mean()], marker="o", mfc="none",
                         color=line[0].get_color())
@@ -613,11 +728,7 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
     """The methods side by side: one row per configuration of each grid,
     model, dataset and batch size that holds at least two methods (adapt and
     adapt-qpu count as two; the paper's grids exp1-exp3 are left to their
-    own tables), over its seeds. A configuration is the runs equal in every
-    setting of their config but the seed (and where they read, write, and
-    their threads); a run that starts from a checkpoint is known by the
-    settings of the run that wrote it, where that run is among the results,
-    so seeds that fine-tune their own seed's run are one configuration.
+    own tables), over its seeds: the configurations of _configurations.
     A setting that tells two configurations of one method apart beyond its
     label is added to the label.
 
@@ -629,23 +740,9 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
     done = df[(df.status == "finished") & ~df.grid.isin(PAPER_GRIDS)].copy()
     if done.empty:
         return pd.DataFrame()
-    done["method_label"] = [_method_label(r) for r in done.itertuples()]
     done["model_size"] = [_model_size(r) for r in done.itertuples()]
     done["size_accuracy"] = [r.final_val_accuracy if r.method in SIZE_AT_THE_END else r.best_val_accuracy
                              for r in done.itertuples()]
-    settings = [json.loads(text) for text in done.settings]
-    sources = [c.pop("init_from", "") or "" for c in settings]
-    # A run's checkpoint stands for the settings of the run that wrote it (its directory holds the checkpoint).
-    writers = {pathlib.Path(d).resolve(): (c, label) for d, c, label in zip(done.dir, settings, done.method_label)}
-    configs, keys, source_names = {}, [], []
-    for c, source in zip(settings, sources):
-        writer = writers.get(pathlib.Path(source).parent.resolve()) if source else None
-        config = {**c, "init_from": writer[0] if writer else source} if source else c
-        source_names.append(f"from {writer[1]}" if writer else f"from {source}" if source else "from scratch")
-        key = json.dumps(config, sort_keys=True)
-        configs[key] = config
-        keys.append(key)
-    done["settings_key"], done["source"] = keys, source_names
     rows = []
     for key, group in done.groupby(COMPARISON_GROUP, dropna=False):
         if group.method_label.nunique() < 2:
@@ -655,14 +752,10 @@ def methods_table(df: pd.DataFrame) -> pd.DataFrame:
         speed_fp32 = pd.to_numeric(fp32.train_images_per_s, errors="coerce").mean()
         for label, runs in group.groupby("method_label"):
             # A setting joins the label where two configurations with one fxp label differ in it.
-            by_fxp = {}
-            for settings_key, fxp in runs.groupby("settings_key").fxp.first().items():
-                by_fxp.setdefault(fxp, []).append(configs[settings_key])
-            varying = sorted({n for alike in by_fxp.values() for n in set().union(*alike)
-                              if len({json.dumps(c.get(n), sort_keys=True) for c in alike}) > 1})
-            for settings_key, g in runs.groupby("settings_key"):
-                first, config = g.iloc[0], configs[settings_key]
-                extra = " ".join(first.source if n == "init_from" else f"{n}={config.get(n)}" for n in varying)
+            varying = _varying(runs, ["fxp"])
+            for _, g in runs.groupby("configuration"):
+                first = g.iloc[0]
+                extra = _settings_text(first, varying)
                 acc = pd.to_numeric(g.size_accuracy, errors="coerce")
                 memory = pd.to_numeric(g.measured_step_bytes, errors="coerce").mean()
                 speed = pd.to_numeric(g.train_images_per_s, errors="coerce").mean()
@@ -725,21 +818,36 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
     def pct(x):
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
+    grids = sorted(df.grid.unique())
+    counts = [_count(int((df.status == "finished").sum()), "finished run"),
+              f"{int((df.status == 'failed').sum())} failed"]
+    repeats = int((df.status == "repeat").sum())
+    if repeats:
+        counts.append(f"{_count(repeats, 'repeat')} of a run before it (the same grid, settings and seed) left out")
     lines = ["# fxp sweep report", "",
-             f"{int((df.status == 'finished').sum())} finished runs, {int((df.status == 'failed').sum())} failed, "
-             f"in grids {', '.join(sorted(df.grid.unique()))}.", "",
-             "## Beside the paper's stated numbers", "",
-             "| grid | quantity | paper | measured |", "| --- | --- | --- | --- |"]
+             f"{', '.join(counts)}, in grid{'s' if len(grids) != 1 else ''} {', '.join(grids)}.", ""]
+    unfinished = df.attrs.get("unfinished", [])
+    if unfinished:
+        lines += [f"{_unfinished_text(unfinished)}: {', '.join(f'`{d}`' for d in unfinished)}.", ""]
+    # The paper's grids only; a grid whose cells hold several configurations gets a row for each.
+    claims = []
     for grid, text, paper, measure in CLAIMS:
-        if grid in set(df.grid):
-            lines.append(f"| {grid} | {text} | {pct(paper)} | {pct(measure(stats))} |")
-    lines += ["", "## Accuracy over seeds", "",
+        for variant in sorted(set(stats.variant[stats.grid == grid])):
+            measured = measure(stats[stats.variant == variant])
+            if variant and math.isnan(measured):
+                continue
+            claims.append(f"| {grid}{f' ({variant})' if variant else ''} | {text} | {pct(paper)} | {pct(measured)} |")
+    if claims:
+        lines += ["## Beside the paper's stated numbers", "",
+                  "| grid | quantity | paper | measured |", "| --- | --- | --- | --- |"] + claims + [""]
+    lines += ["## Accuracy over seeds", "",
               "| grid | method | FxP | inference | batch | runs | max | mean | std | min |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in stats.sort_values(["grid", "method", "param_bits", "batch_size"],
                                ascending=[True, True, False, False]).itertuples():
         std = "–" if pd.isna(r.std) else f"{100 * r.std:.1f}"
-        lines.append(f"| {r.grid} | {r.method} | {r.fxp} | {r.inference_rounding if r.method != 'fp32' else '–'} | "
+        lines.append(f"| {r.grid} | {r.method} | {f'{r.fxp} {r.variant}'.strip()} | "
+                     f"{r.inference_rounding if r.method != 'fp32' else '–'} | "
                      f"{r.batch_size} | {r.runs} | {pct(r.max)} | {pct(r.mean)} | {std} | {pct(r.min)} |")
     if adapt is not None and not adapt.empty:
         lines += ["", "## AdaPT (performance model, docs/adapt.md)", "",
@@ -799,7 +907,7 @@ def write_report(df: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     returns the figures."""
     out.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(df)
-    runs = df.copy()
+    runs = df.drop(columns=INTERNAL_COLUMNS)
     for column in df.attrs.get("integer_columns", []):
         runs[column] = runs[column].astype("Int64")
     runs.to_csv(out / "runs.csv", index=False)
@@ -842,6 +950,11 @@ def main(argv=None) -> int:
         return 2
     args.roots = unique_roots(args.roots)
     df = collect(args.roots)
+    unfinished = df.attrs.get("unfinished", [])
+    if unfinished:
+        shown = ", ".join(unfinished[:10]) + (f" and {len(unfinished) - 10} more (report.md names them all)"
+                                              if len(unfinished) > 10 else "")
+        print(f"report: {_unfinished_text(unfinished)}: {shown}", file=sys.stderr)
     if df.empty or not (df.status == "finished").any():
         print(f"report: no finished runs (summary.json) below {', '.join(map(str, args.roots))}"
               f"{_failures_text(df)}", file=sys.stderr)
@@ -853,7 +966,8 @@ def main(argv=None) -> int:
         return 1
     try:
         # Flushed here, so that a closed pipe or a full disk shows now and not as a traceback at exit.
-        print(f"report: {len(df)} runs -> {args.out}/runs.csv, stats.csv, report.md and {len(images)} figures",
+        print(f"report: {_count(len(df), 'run')} -> {args.out}/runs.csv, stats.csv, report.md and "
+              f"{_count(len(images), 'figure')}",
               flush=True)
     except OSError as e:
         # Python's note on SIGPIPE: what is left in the buffer goes nowhere, or exit would fail on it again.

@@ -16,8 +16,9 @@ ${out}/<run id>/checkpoint.pt, starts once that run has finished
 (docs/sweeps.md, "Runs that start from other runs").
 
 Exit status: 0 every selected run is done; 1 some failed or conflict; 2 a usage
-or grid error; 75 some are busy (another fxp-train trains them) or wait for the
-run whose checkpoint they start from, none failed; 130 interrupted.
+or grid error, or runs to start on a GPU fxp-train does not find; 75 some are
+busy (another fxp-train trains them) or wait for the run whose checkpoint they
+start from, none failed; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def parse_args(argv=None):
                    help="extrapolate the wall time of the pending runs on --jobs processes (a run after the run "
                         "whose checkpoint it starts from) from a throughput CSV of "
                         "scripts/bench_train.py (images/s per model, method and batch size; every model and method "
-                        "of the grid must be in it); implies --dry-run")
+                        "of the grid must be in it; only its rows of the runs' device count); implies --dry-run")
     p.add_argument("--fleet-throughput", metavar="CSV",
                    help="with --estimate: scripts/bench_fleet.py's CSV; runs in fleets train faster by their "
                         "fleet's measured speed-up (docs/benchmarks.md); implies --dry-run")
@@ -90,6 +91,44 @@ def sweep_device(args, runs) -> str | None:
     return args.device or next((r.full_config.get("device") for r in runs if r.full_config.get("device")), None)
 
 
+def estimate_tables(args, device: str | None = None) -> tuple:
+    """(--fleet-throughput's speed-ups or None, --estimate's throughput or None): the rows measured on
+    `device` (None: every row, which checks the files). Errors name the option and the file."""
+    tables = []
+    for option, path, load in (("--fleet-throughput", args.fleet_throughput, sweeplib.load_fleet_speedups),
+                               ("--estimate", args.estimate, sweeplib.load_throughput)):
+        try:
+            tables.append(load(path, device) if path else None)
+        except ValueError as e:
+            raise ValueError(f"{option} {path}: {e}") from None
+    return tuple(tables)
+
+
+def estimate_line(args, runs, pending, sources, units, jobs, throughput, speedups) -> str:
+    """--estimate's line: the wall time of the pending runs (in their fleets, `units`) on `jobs` jobs.
+    A run fxp-train would refuse, or a model or method the table lacks, is a ValueError."""
+    # Only what is left to run: done, conflicting and busy runs are not started.
+    resolved = sweeplib.resolved_runs(pending, args.fxp_train)  # a run's settings: "run ID: ..."
+    try:
+        size = {r.id: len(u) for u in units for r in u}
+        per_run = sweeplib.run_seconds(resolved, throughput, args.typical_epochs, speedups,
+                                       [size.get(r.id, 1) for r in pending])
+    except ValueError as e:  # a model or method the table lacks
+        raise ValueError(f"--estimate {args.estimate}: {e}") from None
+    index = {r.id: i for i, r in enumerate(pending)}
+    low, mid, high = sweeplib.wall_seconds(per_run, [index.get(sources[r.id]) for r in pending], jobs,
+                                           [[index[r.id] for r in unit] for unit in units])
+    fleets = " in fleets" if speedups else ""
+    # No number of jobs makes a run, a fleet, or a chain of runs that start from each other, shorter.
+    spread = sum(s[1] for s in per_run) / jobs
+    chained = (" (set by its longest run or fleet, or chain of runs that start from each other's "
+               "checkpoints)" if mid > spread * (1 + 1e-9) else "")
+    return (f"  estimated wall time of the {sweeplib.plural(len(pending), 'pending run')} (of {len(runs)} "
+            f"selected){fleets} on {sweeplib.plural(jobs, 'job')} at the measured throughput: "
+            f"{mid / 3600:.1f} h{chained} (from {low / 3600:.1f} h if every run stops at its minimum "
+            f"epochs to {high / 3600:.1f} h if none stops early)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for name in ("fleet_throughput", "typical_epochs"):
@@ -98,6 +137,11 @@ def main(argv=None) -> int:
             return 2
     if any(getattr(args, name) not in (None, False) for name in DRY_RUN_OPTIONS):
         args.dry_run = True  # they only print: never start the sweep
+    try:
+        estimate_tables(args)  # before the grid: a mistyped file name is told at once
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
     if not os.access(args.fxp_train, os.X_OK):  # it names the runs and checks their settings, dry runs included
         print(f"sweep: {args.fxp_train} is not an executable; build it (scripts/setup.sh) or pass --fxp-train",
               file=sys.stderr)
@@ -132,83 +176,72 @@ def main(argv=None) -> int:
     for r in invalid[:5]:
         print(f"sweep: warning: run {r.id} will fail: {r.invalid}", file=sys.stderr)
     if len(invalid) > 5:
-        print(f"sweep: warning: ... and {len(invalid) - 5} more runs with invalid settings", file=sys.stderr)
+        print(f"sweep: warning: ... and {sweeplib.plural(len(invalid) - 5, 'more run')} with invalid settings",
+              file=sys.stderr)
     # Sources whose directories hold other settings: their runs wait, whether selected or not.
     conflicting = sweeplib.conflicting_sources(runs, grid_runs, out, overrides, args.fxp_train, args.device)
     device = sweep_device(args, runs)
     jobs, threads = sweeplib.jobs_and_threads(args.jobs, args.threads, device, sweeplib.usable_cpus(),
                                               sweeplib.usable_memory_gib())
 
+    try:
+        # The measurements of the runs' device: a CPU's images/s would price GPU runs, or the reverse.
+        speedups, throughput = estimate_tables(args, device or "cpu")
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+
     if args.dry_run:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--list | head` ends quietly
-        by_method = collections.Counter(r.full_config.get("method") for r in runs)
-        quantized = sum(n for m, n in by_method.items() if m != "fp32")
         statuses = {r.id: sweeplib.status(out, r) for r in runs}
-        by_status = collections.Counter(statuses.values())
-        print(f"grid {grid['name']}: {len(runs)} runs ({quantized} quantized, {by_method.get('fp32', 0)} fp32 "
-              f"baseline); shard {args.shard}; output {out}")
-        print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
-        print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         pending = [r for r in runs if statuses[r.id] not in ("done", "conflict", "busy")]
         sources = {r.id: sweeplib.source_run(r, out) for r in pending}
+        units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
+        try:  # before anything is printed: an error is not lost after the summary
+            estimate = estimate_line(args, runs, pending, sources, units, jobs, throughput, speedups) \
+                if args.estimate else ""
+        except ValueError as e:
+            print(f"sweep: {e}", file=sys.stderr)
+            return 2
+        by_method = collections.Counter(r.full_config.get("method") for r in runs)
+        quantized = sum(n for m, n in by_method.items() if m != "fp32")
+        by_status = collections.Counter(statuses.values())
+        print(f"grid {grid['name']}: {sweeplib.plural(len(runs), 'run')} ({quantized} quantized, "
+              f"{by_method.get('fp32', 0)} fp32 baseline); shard {args.shard}; output {out}")
+        print("  by method: " + ", ".join(f"{m} {n}" for m, n in sorted(by_method.items())))
+        print("  by status: " + ", ".join(f"{s} {n}" for s, n in sorted(by_status.items())))
         after = sum(s in sources for s in sources.values())
         if after:
-            print(f"  {after} pending run(s) start from another pending run's checkpoint, once that run finishes")
+            print(f"  {sweeplib.plural(after, 'pending run')} will start from another pending run's checkpoint, "
+                  "once that run finishes")
         waits = [why for r in pending
                  if sources[r.id] not in sources and (why := sweeplib.waits_for(r, out, conflicting))]
         if waits:
-            print(f"  {len(waits)} pending run(s) would wait, not start: {waits[0]}"
+            print(f"  {sweeplib.plural(len(waits), 'pending run')} would wait, not start: {waits[0]}"
                   + (f" (and {len(waits) - 1} more)" if len(waits) > 1 else ""))
-        units = sweeplib.plan_fleets(pending, args.fxp_train, threads, args.device, args.fleet)
         in_fleets = [u for u in units if len(u) > 1]
-        if args.fleet != 1:
-            print(f"  fleets: {sum(len(u) for u in in_fleets)} pending runs in {len(in_fleets)} fleets "
-                  f"(up to {max((len(u) for u in units), default=0)} members), "
-                  f"{len(units) - len(in_fleets)} alone")
-        if args.estimate:
-            speedups = None
-            if args.fleet_throughput:
-                try:
-                    speedups = sweeplib.load_fleet_speedups(args.fleet_throughput)
-                except (OSError, ValueError) as e:
-                    print(f"sweep: --fleet-throughput {args.fleet_throughput}: {e}", file=sys.stderr)
-                    return 2
-            try:
-                throughput = sweeplib.load_throughput(args.estimate)
-            except (OSError, ValueError) as e:
-                print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
-                return 2
-            try:
-                # Only what is left to run: done, conflicting and busy runs are not started.
-                resolved = sweeplib.resolved_runs(pending, args.fxp_train)
-            except ValueError as e:  # a run's settings: "run ID: ..."
-                print(f"sweep: {e}", file=sys.stderr)
-                return 2
-            try:
-                size = {r.id: len(u) for u in units for r in u}
-                per_run = sweeplib.run_seconds(resolved, throughput, args.typical_epochs, speedups,
-                                               [size.get(r.id, 1) for r in pending])
-            except ValueError as e:  # a model or method the table lacks
-                print(f"sweep: --estimate {args.estimate}: {e}", file=sys.stderr)
-                return 2
-            index = {r.id: i for i, r in enumerate(pending)}
-            low, mid, high = sweeplib.wall_seconds(per_run, [index.get(sources[r.id]) for r in pending], jobs,
-                                                   [[index[r.id] for r in unit] for unit in units])
-            fleets = " with fleets" if speedups else ""
-            # No number of jobs makes a run, a fleet, or a chain of runs that start from each other, shorter.
-            spread = sum(s[1] for s in per_run) / jobs
-            chained = (" (set by its longest run or fleet, or chain of runs that start from each other's "
-                       "checkpoints)" if mid > spread * (1 + 1e-9) else "")
-            print(f"  estimated wall time of the {len(pending)} pending runs (of {len(runs)} selected){fleets} "
-                  f"with {jobs} job(s) at the measured throughput: "
-                  f"{mid / 3600:.1f} h{chained} (from {low / 3600:.1f} h if every run stops at its minimum "
-                  f"epochs to {high / 3600:.1f} h if none stops early)")
+        alone = len(units) - len(in_fleets)
+        if args.fleet != 1 and in_fleets:
+            print(f"  fleets: {sweeplib.plural(sum(len(u) for u in in_fleets), 'pending run')} in "
+                  f"{sweeplib.plural(len(in_fleets), 'fleet')} (up to "
+                  f"{sweeplib.plural(max(len(u) for u in in_fleets), 'member')}), {alone} alone")
+        elif args.fleet != 1:
+            print(f"  fleets: none; {sweeplib.plural(alone, 'pending run')} alone")
+        if estimate:
+            print(estimate)
         for r in runs if args.list else runs[:5]:
             print(f"  {r.id}")
         if not args.list and len(runs) > 5:
             print(f"  ... ({len(runs) - 5} more; --list shows all)")
         return 0
 
+    # Without the GPU the runs ask for, each would start and fail (Exp 2: 2,750 failed.json): ask fxp-train
+    # once, before any starts. Only here: a dry run, an estimate, or sbatch (its tasks run on GPU nodes) need none.
+    gpu = next((d for r in runs if sweeplib.device_kind(d := r.full_config.get("device")) == "cuda"
+                and sweeplib.status(out, r) not in ("done", "conflict", "busy")), None)
+    if gpu and (why := sweeplib.missing_gpu(args.fxp_train, gpu)):
+        print(f"sweep: {why} (fxp-train says); no run was started", file=sys.stderr)
+        return 2
     try:
         if runs:  # a selection of none writes nothing
             sweeplib.make_out(out)
@@ -238,7 +271,8 @@ def main(argv=None) -> int:
                             waiting=counts["waiting"], pending=counts["pending"], refresh=False)
             bar.refresh()
 
-    print(f"sweep {grid['name']}: {len(runs)} runs, {jobs} jobs x {threads} threads -> {out}", file=sys.stderr)
+    print(f"sweep {grid['name']}: {sweeplib.plural(len(runs), 'run')}, {sweeplib.plural(jobs, 'job')} x "
+          f"{sweeplib.plural(threads, 'thread')} -> {out}", file=sys.stderr)
     try:
         counts = sweeplib.execute(runs, out, runner, jobs, on_update, plan, fleet_runner, conflicting)
     except KeyboardInterrupt:

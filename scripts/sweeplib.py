@@ -108,6 +108,11 @@ def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = ""
                tuple(sorted(res["config"].items())), defaults, origin, tuple(sorted((templates or {}).items())))
 
 
+def plural(n: int, thing: str) -> str:
+    """"1 run", "2 runs", "0 runs": the count and the noun, in the plural unless there is one."""
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
 def same_value(a, b) -> bool:
     """Two JSON values equal as fxp-train compares them: numbers by value (1 == 1.0), a boolean only
     to a boolean (Python's True == 1 is not fxp-train's)."""
@@ -545,7 +550,7 @@ def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: i
     broken = [(old, r) for old, r in zip(runs, new) if r.invalid and not old.invalid]
     if broken:
         old, r = broken[0]
-        more = f" (and {len(broken) - 1} more run{'s' if len(broken) > 2 else ''})" if len(broken) > 1 else ""
+        more = f" (and {plural(len(broken) - 1, 'more run')})" if len(broken) > 1 else ""
         raise ValueError(f"{_describe(overrides or {}, device)}: run {r.origin} would fail{more}: {r.invalid}")
     seen: dict[str, Run] = {}
     for r in new:
@@ -756,7 +761,11 @@ FleetRunner = Callable[[list[Run], list[pathlib.Path]], None]  # the same, for t
 
 
 class RunFailed(Exception):
-    pass
+    """A run failed: the message, and fxp-train's exit status where it exited with one (failed.json's exit_code)."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RunBusy(Exception):
@@ -817,8 +826,32 @@ def fxp_train_runner(fxp_train: str | os.PathLike, threads: int, device: str | N
             raise RunBusy(r.id)
         if code != 0:
             tail = (d / "stderr.log").read_text(errors="replace").strip().splitlines()[-5:]
-            raise RunFailed(f"fxp-train exited with {code}: " + " | ".join(tail))
+            raise RunFailed(f"fxp-train exited with {code}: " + " | ".join(tail), code)
     return run
+
+
+# The end of fxp-train's error for a CUDA device where it finds none (parse_device in csrc/train/run.cpp,
+# run_fleet's in csrc/train/fleet.cpp).
+NO_GPU = "no CUDA device is available"
+
+
+def missing_gpu(fxp_train: str | os.PathLike, device: str | None) -> str:
+    """fxp-train's error when it finds no GPU for `device` ("" when it does, or for the CPU). fxp-train
+    lists no devices, so one run is asked, in a temporary directory, with a data directory that does not
+    exist: it stops at the device, or, on a GPU, at the data, before it trains. Any other failure is ""
+    (the runs report it themselves)."""
+    if device_kind(device) != "cuda":
+        return ""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="fxp-sweep-gpu-") as tmp:
+        cmd = [str(fxp_train), "--device", str(device), "--output-dir", os.path.join(tmp, "run"),
+               "--data-dir", os.path.join(tmp, "no-data"), "--epochs", "1", "--threads", "1", "--quiet"]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    line = next((line for line in p.stderr.splitlines() if NO_GPU in line), "")
+    return line.removeprefix("fxp-train: error: ").strip()
 
 
 def usable_cpus() -> int:
@@ -876,9 +909,9 @@ def oversubscription(jobs: int, threads: int, device: str | None, cpus: int) -> 
     machine"). GPU runs use a thread or so each and are not counted."""
     if (device or "cpu").startswith("cuda") or jobs * threads <= cpus:
         return ""
-    return (f"{jobs} jobs x {threads} threads is more than the {cpus} CPUs this sweep may use: runs that share "
-            f"cores can be several times slower (docs/train.md, \"Threads and a busy machine\"); lower --jobs or "
-            f"--threads")
+    return (f"{plural(jobs, 'job')} x {plural(threads, 'thread')} is more than the {plural(cpus, 'CPU')} this sweep "
+            f"may use: runs that share cores can be several times slower (docs/train.md, \"Threads and a busy "
+            f"machine\"); lower --jobs or --threads")
 
 
 def fleet_size_for(batch_size: int, device: str | None, threads: int) -> int:
@@ -960,7 +993,8 @@ def fxp_train_fleet_runner(fxp_train: str | os.PathLike, threads: int, device: s
         if code == BUSY_EXIT:
             raise RunBusy(rs[0].id)
         if code != 0:
-            raise RunFailed(f"fxp-train --fleet exited with {code}: " + " | ".join(text.strip().splitlines()[-5:]))
+            raise RunFailed(f"fxp-train --fleet exited with {code}: " + " | ".join(text.strip().splitlines()[-5:]),
+                            code)
     return run
 
 
@@ -996,9 +1030,11 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
         on_update(counts)
     units = plan(todo) if plan else [[r] for r in todo]
 
-    def outcome(d: pathlib.Path, start: float, error: str | None) -> str:
+    def outcome(d: pathlib.Path, start: float, error: RunFailed | None) -> str:
         if error is not None:
-            atomic_write_json(d / "failed.json", {"error": error, "seconds": time.time() - start,
+            # exit_code apart from the text, so that a script need not parse "exited with N" out of error.
+            code = {} if error.exit_code is None else {"exit_code": error.exit_code}
+            atomic_write_json(d / "failed.json", {"error": str(error), **code, "seconds": time.time() - start,
                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             return "failed"
         (d / "failed.json").unlink(missing_ok=True)
@@ -1030,7 +1066,7 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
         except RunBusy:
             return results + ["busy"] * len(members)  # not failed: another process owns a directory
         except RunFailed as e:
-            error = str(e)
+            error = e
         # A fleet's member may have finished before another failed: each is what its directory holds.
         return results + [outcome(d, start, None if (d / "summary.json").exists() else error) for d in dirs]
 
@@ -1082,21 +1118,41 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
 
 # ---- wall-time estimates -----------------------------------------------------------
 
-def _csv_rows(path, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+def device_kind(device: str | None) -> str:
+    """cpu or cuda: what a measurement's device says of a run's speed (cuda:1 runs as fast as cuda)."""
+    return (device or "").partition(":")[0]
+
+
+def _csv_rows(path, columns: tuple[str, ...], device: str | None = None,
+              bench: str = "") -> list[tuple[int, dict]]:
     """The rows of a CSV file whose header holds `columns` (and maybe more, as an optional model), each
-    with its row number in the file (the header is row 1). A missing column or a malformed file is a
-    ValueError."""
+    with its row number in the file (the header is row 1). With `device`, only the rows measured on its
+    kind (device_kind) where the table has a device column (bench_train's and bench_fleet's have): a
+    CPU's images/s would price GPU runs, or the reverse. A file that cannot be read, a missing column, a
+    malformed file, or a table without a row of `device` (`bench`, the script that measures one, is
+    named) is a ValueError."""
     import csv
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            header = reader.fieldnames or []  # none in an empty file: no measurements
-            missing = [c for c in columns if c not in header]
-            if header and missing:
-                raise ValueError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-            return [(reader.line_num, row) for row in reader]
-        except csv.Error as e:
-            raise ValueError(f"row {reader.line_num}: {e}") from None
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            try:
+                header = reader.fieldnames or []  # none in an empty file: no measurements
+                missing = [c for c in columns if c not in header]
+                if header and missing:
+                    raise ValueError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+                rows = [(reader.line_num, row) for row in reader]
+            except csv.Error as e:
+                raise ValueError(f"row {reader.line_num}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror or e}") from None
+    if device is None or "device" not in header:
+        return rows
+    kept = [(n, row) for n, row in rows if device_kind(row["device"]) == device_kind(device)]
+    if rows and not kept:
+        measured = sorted({_shown(device_kind(row["device"])) for _, row in rows})
+        raise ValueError(f"no measurements on {device_kind(device)}, the runs' device (the table has "
+                         f"{', '.join(measured)}); measure it with {bench} --device {device_kind(device)}")
+    return kept
 
 
 def _shown(text) -> str:
@@ -1126,13 +1182,14 @@ def _count(row: dict, column: str, n: int) -> int:
     return x
 
 
-def load_throughput(path) -> dict:
+def load_throughput(path, device: str | None = None) -> dict:
     """{(model, method): [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's
     CSV (a CSV without a model column measured the paper's CNN; a method may carry bench_train's
-    variants, as in sqpu:packed). A missing column, or a value that is not a positive number, is a
-    ValueError naming it."""
+    variants, as in sqpu:packed), of the rows measured on `device` (_csv_rows; None: every row). A
+    missing column, or a value that is not a positive number, is a ValueError naming it."""
     table: dict = {}
-    for n, row in _csv_rows(path, ("method", "batch_size", "train_images_per_s", "val_images_per_s")):
+    for n, row in _csv_rows(path, ("method", "batch_size", "train_images_per_s", "val_images_per_s"), device,
+                            "scripts/bench_train.py"):
         key = (row.get("model") or "paper_cnn", row["method"])
         table.setdefault(key, []).append(
             (_count(row, "batch_size", n), _positive_number(row, "train_images_per_s", n),
@@ -1170,11 +1227,13 @@ def _interpolate(points, batch: int, column: int) -> float:
     raise AssertionError("unreachable")
 
 
-def load_fleet_speedups(path) -> dict:
+def load_fleet_speedups(path, device: str | None = None) -> dict:
     """{(model, method): {K: [(batch_size, speed-up), ...]}} from scripts/bench_fleet.py's CSV (a CSV
-    without a model column measured the paper's CNN). Checked as load_throughput's."""
+    without a model column measured the paper's CNN), of the rows measured on `device`. Checked as
+    load_throughput's."""
     table: dict = {}
-    for n, row in _csv_rows(path, ("method", "batch_size", "members", "speedup")):
+    for n, row in _csv_rows(path, ("method", "batch_size", "members", "speedup"), device,
+                            "scripts/bench_fleet.py"):
         key = (row.get("model") or "paper_cnn", row["method"])
         table.setdefault(key, {}).setdefault(_count(row, "members", n), []).append(
             (_count(row, "batch_size", n), _positive_number(row, "speedup", n)))

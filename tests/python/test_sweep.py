@@ -261,6 +261,24 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert not (tmp_path / bad / "failed.json").exists()
 
 
+def test_failed_json_holds_fxp_trains_exit_code(tmp_path):
+    """failed.json's exit_code is fxp-train's exit status, for a solo run and for each member of a fleet
+    (docs/sweeps.md, "Failures"); it was only inside the error's text."""
+    fake = tmp_path / "failing-fxp-train"
+    fake.write_text("#!/bin/sh\necho 'fxp-train: error: lr: must be a positive number' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    runs = [sweeplib.Run("g", f"r{i}", (("seed", i),)) for i in range(3)]
+    counts = sweeplib.execute(runs, tmp_path / "out", sweeplib.fxp_train_runner(fake, 1),
+                              plan=lambda todo: [todo[:1], todo[1:]],
+                              fleet_runner=sweeplib.fxp_train_fleet_runner(fake, 1))
+    assert counts["failed"] == 3
+    solo, *members = (json.loads((tmp_path / "out" / r.id / "failed.json").read_text()) for r in runs)
+    assert (solo["exit_code"], solo["error"]) == (3, "fxp-train exited with 3: fxp-train: error: lr: must be "
+                                                     "a positive number")
+    assert [m["exit_code"] for m in members] == [3, 3]
+    assert all(m["error"].startswith("fxp-train --fleet exited with 3: ") for m in members)
+
+
 @requires_fxp_train
 def test_a_directory_holding_other_settings_is_a_conflict(tmp_path):
     runs = small_runs()
@@ -376,17 +394,17 @@ def test_the_estimate_counts_pending_runs_and_takes_positive_typical_epochs(tmp_
     cmd = [str(grid), "--out", str(out), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1", "--jobs", "1"]
     assert sweep.main(cmd) == 0
     # One pending run of 1,800 images at 1 image/s: 0.5 h (both runs would be 1.0 h).
-    assert "estimated wall time of the 1 pending runs (of 2 selected) with 1 job(s) at the measured " \
+    assert "estimated wall time of the 1 pending run (of 2 selected) on 1 job at the measured " \
            "throughput: 0.5 h" in capsys.readouterr().out
     # Without --jobs: sweeplib.jobs_and_threads' default, one process per usable CPU (here 3 of them);
     # three jobs do not make one run shorter.
     monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 3)
     monkeypatch.setattr(sweeplib, "usable_memory_gib", lambda: 64.0)
     assert sweep.main(cmd[:-2]) == 0
-    assert "with 3 job(s) at the measured throughput: 0.5 h (set by its longest run" in capsys.readouterr().out
+    assert "on 3 jobs at the measured throughput: 0.5 h (set by its longest run" in capsys.readouterr().out
     (out / runs[0].id / "summary.json").unlink()  # two pending runs on three jobs: still one run's time
     assert sweep.main(cmd[:-2]) == 0
-    assert "the 2 pending runs (of 2 selected) with 3 job(s) at the measured throughput: 0.5 h" \
+    assert "the 2 pending runs (of 2 selected) on 3 jobs at the measured throughput: 0.5 h" \
         in capsys.readouterr().out
     for bad in ("-1", "nan", "0", "inf"):
         with pytest.raises(SystemExit) as e:
@@ -435,6 +453,29 @@ def test_sweep_runs_fxp_train_end_to_end(tmp_path, capsys):
     assert sweep.main([str(grid), "--out", str(out), "--filter", "method=sqpu,hteqpu", "--no-progress"]) == 0
 
 
+@requires_fxp_train
+def test_messages_count_one_thing_in_the_singular(tmp_path, capsys, monkeypatch):
+    """"1 run", "1 job x 2 threads", "1 fleet (up to 2 members)": not "1 runs" or "job(s)"."""
+    monkeypatch.setattr(sweeplib, "usable_cpus", lambda: 2)
+    (tmp_path / "t.csv").write_text(ONE_IMAGE_PER_S)
+    (tmp_path / "f.csv").write_text("method,batch_size,members,speedup\nsqpu,1,2,2.0\n")
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
+                                "blocks:\n  - axes: {seed: [0]}\n")
+    out = tmp_path / "out"
+    cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--jobs", "1",
+           "--threads", "2", "--no-progress"]
+    assert sweep.main([*cmd, "--estimate", str(tmp_path / "t.csv"), "--fleet-throughput", str(tmp_path / "f.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "grid g: 1 run (1 quantized, 0 fp32 baseline)" in text
+    assert "  fleets: none; 1 pending run alone\n" in text  # was "0 pending runs in 0 fleets (up to 1 members)"
+    assert "estimated wall time of the 1 pending run (of 1 selected) in fleets on 1 job at the measured " \
+           "throughput: 0.5 h" in text  # was "with fleets with 1 job(s)"
+    assert sweep.main(cmd) == 0
+    assert capsys.readouterr().err.startswith(f"sweep g: 1 run, 1 job x 2 threads -> {out}\n")
+    assert sweeplib.oversubscription(1, 3, "cpu", 1).startswith("1 job x 3 threads is more than the 1 CPU this")
+    assert [sweeplib.plural(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+
+
 # ---- grid and argument checks ---------------------------------------------------------
 
 # fxp-train's config keys (csrc/train/config.cpp), for a stand-in that needs no build.
@@ -450,12 +491,14 @@ KEYS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "o
 
 def fake_fxp_train(tmp_path) -> pathlib.Path:
     """A stand-in for fxp-train that keeps its contract: --print-config prints
-    every key; a run (or each member of a --fleet) holds <run dir>/.lock (exit
-    75 when another process has it), trains in no time and writes its summary."""
+    every key; a run of the sweep's (-c run.json, or each member of a --fleet)
+    holds <run dir>/.lock (exit 75 when another process has it), trains in no
+    time and writes its summary. Anything else (naming and checking runs, the
+    sweep's GPU probe) is the real fxp-train's."""
     path = tmp_path / "fake-fxp-train"
     path.write_text(f"""#!{sys.executable}
 import fcntl, json, os, sys
-if "--print-config" in sys.argv or "--print-configs" in sys.argv:  # the real one names and checks runs
+if "-c" not in sys.argv and "--fleet" not in sys.argv:
     os.execv({str(FXP_TRAIN)!r}, [{str(FXP_TRAIN)!r}, *sys.argv[1:]])
 if "--fleet" in sys.argv:  # a fleet: every member's settings, one JSON line each
     configs = [json.loads(line) for line in open(sys.argv[sys.argv.index("--fleet") + 1]) if line.strip()]

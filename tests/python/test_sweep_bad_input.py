@@ -1,6 +1,7 @@
 """scripts/sweep on bad input: an --out it cannot create, throughput tables that --estimate cannot
-use, settings JSON cannot carry (NaN, infinity) and filters that keep no run. Each is one line on
-stderr, `sweep: ...`, never a traceback."""
+use (or that measured another device), settings JSON cannot carry (NaN, infinity), filters that keep
+no run and runs on a GPU the machine lacks. Each is one line on stderr, `sweep: ...`, never a
+traceback."""
 from __future__ import annotations
 
 import errno
@@ -9,8 +10,9 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
-from environment import ROOT, requires_fxp_train
+from environment import FXP_TRAIN, ROOT, requires_fxp_train
 from test_sweep import GOOD_BLOCKS, ONE_IMAGE_PER_S, fake_fxp_train, write_grid
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -72,17 +74,21 @@ def test_an_out_that_exists_but_cannot_be_written_is_an_error_before_anything_ru
     assert list(out.iterdir()) == []
 
 
-def estimate(tmp_path, capsys, throughput: str, fleet: str | None = None) -> tuple[int, str]:
-    """sweep --estimate over a two-run grid with the given tables: its exit status and stderr."""
+def estimate(tmp_path, capsys, throughput: str, fleet: str | None = None, *extra: str,
+             base: str = "") -> tuple[int, str]:
+    """sweep --estimate over a two-run grid with the given tables (and `extra` arguments, `base`
+    settings): its exit status and stderr; stdout, the summary, must be empty on an error."""
     (tmp_path / "t.csv").write_text(throughput)
-    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
-                                + GOOD_BLOCKS)
-    cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv")]
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800"
+                                f"{base}}}\n" + GOOD_BLOCKS)
+    cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"), *extra]
     if fleet is not None:
         (tmp_path / "f.csv").write_text(fleet)
         cmd += ["--fleet-throughput", str(tmp_path / "f.csv")]
     code = sweep.main(cmd)
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0 or captured.out == ""  # no summary before the error
+    return code, captured.err
 
 
 HEADER = "method,batch_size,train_images_per_s,val_images_per_s\n"
@@ -129,6 +135,75 @@ def test_a_fleet_table_the_estimate_cannot_use_is_an_error_naming_it(tmp_path, c
     assert (code, err) == (2, f"sweep: --fleet-throughput {tmp_path / 'f.csv'}: {message}\n")
 
 
+@requires_fxp_train
+@pytest.mark.parametrize("option", ["--estimate", "--fleet-throughput"])
+def test_a_table_that_cannot_be_read_is_an_error_before_anything_else(tmp_path, capsys, option):
+    # It printed the whole summary, then "[Errno 2] No such file or directory: 'nothere.csv'".
+    missing, good = tmp_path / "nothere.csv", tmp_path / "t.csv"
+    good.write_text(ONE_IMAGE_PER_S)
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    tables = {"--estimate": missing} if option == "--estimate" else {"--estimate": good, option: missing}
+    cmd = [str(grid), "--out", str(tmp_path / "out"), *(str(x) for kv in tables.items() for x in kv)]
+    assert sweep.main(cmd) == 2
+    assert capsys.readouterr() == ("", f"sweep: {option} {missing}: cannot read it: No such file or directory\n")
+    tables[option] = tmp_path
+    assert sweep.main([str(grid), *cmd[1:3], *(str(x) for kv in tables.items() for x in kv)]) == 2
+    assert capsys.readouterr() == ("", f"sweep: {option} {tmp_path}: cannot read it: Is a directory\n")
+    # Checked first, before the grid (here one that does not exist) is read and expanded.
+    assert sweep.main([str(tmp_path / "no-grid.yaml"), *cmd[1:]]) == 2
+    assert capsys.readouterr().err == f"sweep: {option} {missing}: cannot read it: No such file or directory\n"
+
+
+DEVICE_HEADER = "model,method,batch_size,device,threads,train_images_per_s,val_images_per_s\n"
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("table, extra, base, device, has", [
+    (DEVICE_HEADER + "paper_cnn,sqpu,1,cpu,1,1,1\n", ["--device", "cuda"], "", "cuda", "cpu"),
+    (DEVICE_HEADER + "paper_cnn,sqpu,1,cpu,1,1,1\n", ["--device", "cuda:1"], "", "cuda", "cpu"),
+    (DEVICE_HEADER + "paper_cnn,sqpu,1,cpu,1,1,1\n", [], ", device: cuda", "cuda", "cpu"),  # the grid's device
+    (DEVICE_HEADER + "paper_cnn,sqpu,1,cuda,0,1,1\npaper_cnn,fp32,1,cuda:0,0,1,1\n", [], "", "cpu", "cuda"),
+    (DEVICE_HEADER + "paper_cnn,sqpu,1,cuda,0,1,1\npaper_cnn,sqpu,4,,0,1,1\n", [], "", "cpu", "cuda, nothing"),
+])
+def test_a_throughput_table_of_another_device_is_an_error(tmp_path, capsys, table, extra, base, device, has):
+    # A CPU's images/s priced GPU runs, and the reverse, without a word.
+    code, err = estimate(tmp_path, capsys, table, None, *extra, base=base)
+    assert (code, err) == (2, f"sweep: --estimate {tmp_path / 't.csv'}: no measurements on {device}, the runs' "
+                              f"device (the table has {has}); measure it with scripts/bench_train.py --device "
+                              f"{device}\n")
+
+
+@requires_fxp_train
+def test_the_projects_throughput_tables_price_their_own_device_only(tmp_path, capsys):
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    cmd = [str(grid), "--out", str(tmp_path / "out")]
+    for table, device, other in (("throughput-cpu.csv", "cuda", "cpu"), ("throughput-cuda.csv", "cpu", "cuda")):
+        path = ROOT / "docs" / table
+        assert sweep.main([*cmd, "--estimate", str(path), "--device", device]) == 2
+        assert f"sweep: --estimate {path}: no measurements on {device}, the runs' device (the table has " \
+               f"{other})" in capsys.readouterr().err
+        assert sweep.main([*cmd, "--estimate", str(path), "--device", other]) == 0
+        assert "estimated wall time of the 2 pending runs" in capsys.readouterr().out
+
+
+@requires_fxp_train
+def test_the_estimate_takes_the_rows_of_the_runs_device(tmp_path, capsys):
+    # One table, both devices: 1,800 images a run at 1 image/s on the CPU, 2 on a GPU; two runs on one job.
+    (tmp_path / "t.csv").write_text(DEVICE_HEADER + "paper_cnn,sqpu,1,cpu,1,1,1\npaper_cnn,sqpu,1,cuda:0,0,2,2\n")
+    for extra, base, hours in (([], "", "1.0"), (["--device", "cuda:1"], "", "0.5"), ([], ", device: cuda", "0.5"),
+                               (["--device", "cpu"], ", device: cuda", "1.0")):
+        grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800"
+                                    f"{base}}}\n" + GOOD_BLOCKS)
+        assert sweep.main([str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"),
+                           "--jobs", "1", "--fleet", "1", *extra]) == 0
+        assert f"on 1 job at the measured throughput: {hours} h" in capsys.readouterr().out, (extra, base)
+    # bench_fleet's speed-ups too: a CPU's fleet gains are no GPU's.
+    fleet = "method,batch_size,members,device,threads,speedup\nsqpu,1,8,cpu,1,2.0\n"
+    code, err = estimate(tmp_path, capsys, (tmp_path / "t.csv").read_text(), fleet, "--device", "cuda")
+    assert (code, err) == (2, f"sweep: --fleet-throughput {tmp_path / 'f.csv'}: no measurements on cuda, the runs' "
+                              "device (the table has cpu); measure it with scripts/bench_fleet.py --device cuda\n")
+
+
 def test_the_tables_loaders_take_good_rows(tmp_path):
     (tmp_path / "t.csv").write_text("model," + HEADER + "lenet5,sqpu,4,100,1000.5\nlenet5,sqpu,1,25,400\n")
     assert sweeplib.load_throughput(tmp_path / "t.csv") == {("lenet5", "sqpu"): [(1, 25.0, 400.0),
@@ -173,3 +248,44 @@ def test_filters_that_keep_no_run_are_warned_about(tmp_path, capsys):
     assert not out.exists()  # nothing to run: nothing written
     assert sweep.main([*cmd, "--dry-run", "--filter", "seed=1"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@requires_fxp_train
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_runs_on_a_gpu_the_machine_lacks_are_refused_before_any_starts(tmp_path, capsys):
+    # Every run started, and each wrote its failed.json (Exp 2: 2,750 of them).
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    out = tmp_path / "out"
+    cmd = [str(grid), "--out", str(out), "--no-progress", "--fxp-train", str(fake_fxp_train(tmp_path))]
+    for device in ("cuda", "cuda:1"):
+        assert sweep.main([*cmd, "--device", device]) == 2
+        assert capsys.readouterr().err == (f"sweep: device {device} was requested, but no CUDA device is available "
+                                           "(fxp-train says); no run was started\n")
+        assert not out.exists()
+    cuda_grid = tmp_path / "cuda.yaml"
+    cuda_grid.write_text("base: {device: cuda}\n" + GOOD_BLOCKS)
+    assert sweep.main([str(cuda_grid), *cmd[1:]]) == 2  # the grid's device alike
+    assert "no CUDA device is available" in capsys.readouterr().err
+    # Only running needs the GPU: not a dry run, an estimate (of the GPU's table), or a sweep with nothing to run.
+    (tmp_path / "t.csv").write_text(DEVICE_HEADER + "paper_cnn,sqpu,64,cuda,0,1000,1000\n")
+    assert sweep.main([*cmd, "--device", "cuda", "--dry-run"]) == 0
+    assert sweep.main([*cmd, "--device", "cuda", "--estimate", str(tmp_path / "t.csv")]) == 0
+    assert "estimated wall time of the 2 pending runs" in capsys.readouterr().out
+    assert not out.exists()
+    assert sweep.main(cmd) == 0  # on the CPU (the stand-in trains them)
+    capsys.readouterr()
+    for r in sweeplib.select(sweeplib.expand(sweeplib.load_grid(grid), out=out), device="cuda", out=out):
+        sweeplib.atomic_write_json(out / r.id / "summary.json", {"config": r.full_config})  # finished on a GPU
+    assert sweep.main([*cmd, "--device", "cuda"]) == 0  # done already: nothing starts, no GPU is needed
+    assert "no CUDA device" not in capsys.readouterr().err
+
+
+@requires_fxp_train
+def test_the_gpu_probe_is_fxp_trains_own_answer(tmp_path):
+    """sweeplib.missing_gpu asks fxp-train, whose message it passes on: on this machine's GPU, or its lack."""
+    for device in ("cuda", "cuda:0"):
+        expected = "" if torch.cuda.is_available() else \
+            f"device {device} was requested, but no CUDA device is available"
+        assert sweeplib.missing_gpu(FXP_TRAIN, device) == expected
+    assert sweeplib.missing_gpu(FXP_TRAIN, "cpu") == ""
+    assert sweeplib.missing_gpu(FXP_TRAIN, None) == ""

@@ -303,7 +303,7 @@ def test_a_run_whose_source_conflicts_waits(tmp_path, capsys):
     cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress",
            "--filter", "seed=0"]
     assert sweep.main([*cmd, "--dry-run"]) == 0
-    assert (f"1 pending run(s) would wait, not start: it starts from {d / 'checkpoint.pt'}, whose directory holds "
+    assert (f"1 pending run would wait, not start: it starts from {d / 'checkpoint.pt'}, whose directory holds "
             "a run of other settings than the grid's (conflict)\n") in capsys.readouterr().out
     assert sweep.main(cmd) == 1
     assert f"  {dependent.id}: waiting, not started: it starts from {d / 'checkpoint.pt'}, whose directory " \
@@ -313,7 +313,7 @@ def test_a_run_whose_source_conflicts_waits(tmp_path, capsys):
                 "--filter", "method=msq", "--filter", "seed=0"]
     assert sweeplib.conflicting_sources([dependent], runs, out) == {source.id}
     assert sweep.main([*msq_only, "--dry-run"]) == 0
-    assert "1 pending run(s) would wait, not start: " in capsys.readouterr().out
+    assert "1 pending run would wait, not start: " in capsys.readouterr().out
     assert sweep.main(msq_only) == 75  # nothing failed or conflicted among the selected: waiting
     assert "(conflict)\n" in capsys.readouterr().err and not (out / dependent.id / "summary.json").exists()
     # After --set, the source is judged with the override too: here it names the source's own epochs.
@@ -348,9 +348,9 @@ def test_the_estimate_knows_runs_wait_for_their_sources(tmp_path, capsys):
     cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"), "--fleet", "1"]
     # Six runs of 1,800 images at 1 image/s: 3.0 h in all; each MSQ run after its fp32 run, 1.0 h.
     assert sweep.main([*cmd, "--jobs", "1"]) == 0
-    assert "with 1 job(s) at the measured throughput: 3.0 h (from" in capsys.readouterr().out
+    assert "on 1 job at the measured throughput: 3.0 h (from" in capsys.readouterr().out
     assert sweep.main([*cmd, "--jobs", "6"]) == 0
-    assert ("with 6 job(s) at the measured throughput: 1.0 h (set by its longest run or fleet, or chain of runs "
+    assert ("on 6 jobs at the measured throughput: 1.0 h (set by its longest run or fleet, or chain of runs "
             "that start from each other's checkpoints) (from 1.0 h") in capsys.readouterr().out
 
 
@@ -364,11 +364,11 @@ def test_the_estimate_takes_a_fleet_as_one_job(tmp_path, capsys):
     cmd = [str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"), "--jobs", "4",
            "--threads", "1"]
     assert sweep.main([*cmd, "--fleet", "1"]) == 0  # four solo runs of 0.5 h on four jobs
-    assert "with 4 job(s) at the measured throughput: 0.5 h (from" in capsys.readouterr().out
+    assert "on 4 jobs at the measured throughput: 0.5 h (from" in capsys.readouterr().out
     assert sweep.main([*cmd, "--fleet", "4"]) == 0  # one fleet: one job, 2.0 h without a measured speed-up
     text = capsys.readouterr().out
-    assert "fleets: 4 pending runs in 1 fleets" in text
-    assert "with 4 job(s) at the measured throughput: 2.0 h (set by its longest run or fleet" in text
+    assert "fleets: 4 pending runs in 1 fleet (up to 4 members)" in text
+    assert "on 4 jobs at the measured throughput: 2.0 h (set by its longest run or fleet" in text
 
 
 @requires_fxp_train
@@ -377,10 +377,10 @@ def test_the_sweep_runs_a_chained_grid_with_any_jobs_and_reports_what_waits(tmp_
     out = tmp_path / "out"
     cmd = [str(grid), "--out", str(out), "--fxp-train", str(fake_fxp_train(tmp_path)), "--no-progress"]
     assert sweep.main([*cmd, "--dry-run"]) == 0
-    assert "3 pending run(s) start from another pending run's checkpoint" in capsys.readouterr().out
+    assert "3 pending runs will start from another pending run's checkpoint" in capsys.readouterr().out
     # Only the MSQ runs: their sources are not there, so they wait (exit 75, not 1).
     assert sweep.main([*cmd, "--filter", "method=msq", "--dry-run"]) == 0
-    assert (f"  3 pending run(s) would wait, not start: it starts from {out}/fp32-b64-s0/checkpoint.pt, which "
+    assert (f"  3 pending runs would wait, not start: it starts from {out}/fp32-b64-s0/checkpoint.pt, which "
             "does not exist yet (and 2 more)\n") in capsys.readouterr().out
     assert sweep.main([*cmd, "--filter", "method=msq", "--jobs", "2"]) == 75
     err = capsys.readouterr().err
