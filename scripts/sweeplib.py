@@ -54,6 +54,8 @@ class Run:
     # The grid's values that use ${...} (sorted (key, value) pairs), as written: `settings` holds them
     # filled in, and select fills them in again after --set.
     templates: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    # The settings whose values follow fxp-train's name in the id (Note [Run ids of runs fxp-train names alike]).
+    id_keys: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def config(self) -> dict:
@@ -106,6 +108,39 @@ def _resolve_with_defaults(settings: list[dict], fxp_train) -> tuple[list[dict],
 def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = "", templates: dict | None = None) -> Run:
     return Run(grid, res["run_name"], tuple(sorted(settings.items())), res.get("invalid", ""),
                tuple(sorted(res["config"].items())), defaults, origin, tuple(sorted((templates or {}).items())))
+
+
+# Note [Run ids of runs fxp-train names alike]
+# fxp-train's run name holds what the paper's grids vary (method, formats,
+# batch size, seed, ...), not lr, momentum, weight decay or the schedule, which
+# a grid's base fixes. A grid that varies one of those (axes: {lr: [0.01,
+# 0.05]}) would give two runs one name; such runs get a suffix per setting in
+# which they differ, in key order, from their resolved configs:
+# sqpu-p16.10-o16.8-sr-b64-s0-lr0.05. Runs named alike that differ in nothing
+# the sweep compares (NEVER_CONFLICT) are the same run, still an error. The
+# same grid gives the same ids on every machine, so a sweep resumes them, and
+# select keeps a run's suffix keys (`kept`) whatever it filters out.
+def _distinct_ids(runs: list["Run"], kept: list[tuple] | None = None) -> list["Run"]:
+    """`runs` named by fxp-train alone, with the suffixes that set apart those it names alike."""
+    by_id: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        by_id.setdefault(r.id, []).append(i)
+    out = list(runs)
+    for indices in by_id.values():
+        configs = [{k: v for k, v in runs[i].resolved if k not in NEVER_CONFLICT} for i in indices]
+        varying = {k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1}
+        for i, c in zip(indices, configs):
+            keys = tuple(sorted(varying | set(kept[i] if kept else ())))
+            if keys:
+                out[i] = dataclasses.replace(runs[i], id=runs[i].id + "".join(f"-{k}{_id_text(c.get(k))}" for k in keys),
+                                             id_keys=keys)
+    return out
+
+
+def _id_text(value) -> str:
+    """A setting's value in a run id: filesystem-safe, the shortest text (0.05, not 0.050000)."""
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
 def plural(n: int, thing: str) -> str:
@@ -297,6 +332,7 @@ def expand(grid: dict, fxp_train: str | os.PathLike = DEFAULT_FXP_TRAIN,
         if "error" in res:
             raise ValueError(f"grid {grid['name']}: the run {settings} is invalid: {res['error']}")
         runs.append(_run(grid["name"], settings, res, defaults, templates=_templates(raw)))
+    runs = _distinct_ids(runs)  # Note [Run ids of runs fxp-train names alike]
     seen: dict[str, Run] = {}
     for r in runs:
         if r.id in seen:
@@ -552,6 +588,7 @@ def select(runs: list[Run], filters: dict[str, set[str]] | None = None, seeds: i
         old, r = broken[0]
         more = f" (and {plural(len(broken) - 1, 'more run')})" if len(broken) > 1 else ""
         raise ValueError(f"{_describe(overrides or {}, device)}: run {r.origin} would fail{more}: {r.invalid}")
+    new = _distinct_ids(new, [r.id_keys for r in runs])  # Note [Run ids of runs fxp-train names alike]
     seen: dict[str, Run] = {}
     for r in new:
         if r.id in seen:

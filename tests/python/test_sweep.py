@@ -167,10 +167,22 @@ def test_filters_compare_resolved_settings_read_as_yaml():
 
 
 @requires_fxp_train
-def test_duplicate_ids_are_an_error():
-    grid = {"name": "g", "blocks": [{"axes": {"lr": [0.1, 0.2]}}]}  # lr is not in the id
+def test_runs_named_alike_get_the_settings_that_differ(tmp_path):
+    """Note [Run ids of runs fxp-train names alike]: lr, momentum and the like are not in fxp-train's
+    name; a grid that varies them gets them after it, and the same ids under --filter and --set."""
+    grid = {"name": "g", "blocks": [{"axes": {"lr": [0.1, 0.2], "momentum": [0.9, 0.8]}},
+                                    {"set": {"method": "fp32"}}]}
+    runs = sweeplib.expand(grid, out=tmp_path)
+    base = "sqpu-p16.10-o16.8-sr-b64-s0"
+    assert [r.id for r in runs] == [f"{base}-lr0.1-momentum0.9", f"{base}-lr0.1-momentum0.8",
+                                    f"{base}-lr0.2-momentum0.9", f"{base}-lr0.2-momentum0.8", "fp32-b64-s0"]
+    one = sweeplib.select(runs, filters={"lr": {"0.2"}, "momentum": {"0.8"}}, overrides={"epochs": 5}, out=tmp_path)
+    assert [r.id for r in one] == [f"{base}-lr0.2-momentum0.8"]  # alone, it keeps its suffix
+    # Runs that differ in nothing a run's result depends on are one run, named twice: still an error.
     with pytest.raises(ValueError, match="share the id"):
-        sweeplib.expand(grid)
+        sweeplib.expand({"name": "g", "blocks": [{"axes": {"threads": [1, 2]}}]}, out=tmp_path)
+    with pytest.raises(ValueError, match="become the same run"):
+        sweeplib.select(runs, overrides={"lr": 0.3}, out=tmp_path)
 
 
 # ---- the runner, with stub runs ---------------------------------------------------
