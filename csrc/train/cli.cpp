@@ -300,6 +300,20 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   try {
     app.parse(static_cast<int>(argv.size()), argv.data());
   } catch (const CLI::ParseError& e) {
+    // A mistyped flag: CLI11 lists the arguments it did not expect, but suggests nothing (a config key gets
+    // "did you mean", and a flag should too).
+    if (dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr) {
+      std::vector<std::string> flags;
+      for (const CLI::Option* option : app.get_options()) {
+        for (const auto& name : option->get_lnames()) flags.push_back("--" + name);
+      }
+      for (const auto& a : args) {
+        const std::string flag = a.substr(0, a.find('='));
+        if (flag.rfind("--", 0) != 0 || std::find(flags.begin(), flags.end(), flag) != flags.end()) continue;
+        const std::string best = closest_name(flag, flags);
+        err << "fxp-train: unknown flag " << flag << (best.empty() ? "" : " (did you mean " + best + "?)") << "\n";
+      }
+    }
     // CLI11 has one exit code per error kind; keep the usual 2 for every usage error.
     return app.exit(e, out, err) == 0 ? 0 : 2;
   }

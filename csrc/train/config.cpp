@@ -143,19 +143,30 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
+}  // namespace
+
+std::string closest_name(const std::string& word, const std::vector<std::string>& names) {
+  // Close: at most a quarter of the longer name's letters differ (at least one), so "wd" is no "lr".
+  std::string best;
+  size_t best_distance = std::numeric_limits<size_t>::max();
+  for (const auto& name : names) {
+    const size_t d = edit_distance(word, name);
+    if (d <= std::max<size_t>(1, std::max(word.size(), name.size()) / 4) && d < best_distance) {
+      best = name, best_distance = d;
+    }
+  }
+  return best;
+}
+
+namespace {
+
 // " (did you mean 'batch_size'?)" for a key written with dashes or a typo; "" when nothing is close.
 std::string closest_key_hint(const std::string& key) {
   std::string underscored = key;
   std::replace(underscored.begin(), underscored.end(), '-', '_');
-  // Close: at most a quarter of the longer name's letters differ (at least one), so "wd" is no "lr".
-  std::string best;
-  size_t best_distance = std::numeric_limits<size_t>::max();
-  for (const auto& [name, field] : fields()) {
-    const size_t d = edit_distance(underscored, name);
-    if (d <= std::max<size_t>(1, std::max(underscored.size(), name.size()) / 4) && d < best_distance) {
-      best = name, best_distance = d;
-    }
-  }
+  std::vector<std::string> names;
+  for (const auto& [name, field] : fields()) names.push_back(name);
+  const std::string best = closest_name(underscored, names);
   return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 

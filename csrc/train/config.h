@@ -120,6 +120,9 @@ struct SettingError : std::invalid_argument {
 bool is_qpu(const std::string& method);
 const char* update_rounding(const std::string& method);
 
+// The name of `names` closest to a mistyped `word` ("did you mean"), or "" when none is close.
+std::string closest_name(const std::string& word, const std::vector<std::string>& names);
+
 // Every key a config file may hold, in documentation order.
 const std::vector<std::string>& config_keys();
 

@@ -234,6 +234,9 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--json"}, "fxp-train: --json needs --describe-model"},
       {{"--fleet-chunk", "-1"}, "--fleet-chunk: must be 0 or more, but got -1"},
       {{"--fleet-chunk", "4"}, "--fleet-chunk requires --fleet"},  // alone it would be ignored
+      {{"--bacth-size", "4"}, "fxp-train: unknown flag --bacth-size (did you mean --batch-size?)"},
+      {{"--no-packd"}, "fxp-train: unknown flag --no-packd (did you mean --no-packed?)"},
+      {{"--colour=red"}, "fxp-train: unknown flag --colour\n"},  // nothing close: no guess
       {{"--fleet-compact-below", "0.5"}, "--fleet-compact-below requires --fleet"},
       {{"--msq-min-bits", "9"}, "msq_start_bits: must be at most 15 and at least msq_min_bits, itself at least 1 "
                                 "(1 <= msq_min_bits <= msq_start_bits <= 15), but got msq_min_bits 9 and "
