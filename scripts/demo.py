@@ -11,12 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from rich.console import Console
-from rich.table import Table
-
-import fxp
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +20,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.numel <= 0:
         parser.error("--numel must be positive")
+    # After the arguments: --help needs neither torch nor the built extension.
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    import fxp
+
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
 

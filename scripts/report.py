@@ -45,6 +45,7 @@ import textwrap
 
 import numpy as np
 import pandas as pd
+from sweeplib import plural, varying_keys  # scripts/: the sweep's rules, written once
 
 METHODS = ["ste", "sqpu", "hteqpu"]
 CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out_bits", "out_frac", "inference_rounding",
@@ -117,11 +118,6 @@ def unique_roots(roots: list[pathlib.Path]) -> list[pathlib.Path]:
             seen.add(key)
             out.append(root)
     return out
-
-
-def _count(n: int, noun: str) -> str:
-    """ "1 run", "2 runs". """
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
@@ -234,6 +230,10 @@ def _configurations(df: pd.DataFrame) -> None:
     for i, c in settings.items():
         source = sources[i]
         writer = writers.get(pathlib.Path(source).parent.resolve()) if source else None
+        if source and writer is None:  # a writer outside the given directories: its config.json, where it lies
+            writer = _writer_on_disk(pathlib.Path(source).parent)
+            if writer is not None:
+                writers[pathlib.Path(source).parent.resolve()] = writer
         config = {**c, "init_from": writer[0] if writer else source} if source else c
         source_names[i] = f"from {writer[1]}" if writer else f"from {source}" if source else "from scratch"
         keys[i] = json.dumps(config, sort_keys=True)
@@ -250,12 +250,24 @@ def _configurations(df: pd.DataFrame) -> None:
             first[key] = df.at[i, "dir"]
 
 
+def _writer_on_disk(directory: pathlib.Path) -> tuple[dict, str] | None:
+    """(settings as collect keeps them, method) of the run in `directory`, from its config.json; None
+    without one. So seeds that each start from their own seed's checkpoint stay one configuration when
+    the runs that wrote them are not in the report (report results/msq-resnet20 alone)."""
+    if not (directory / "config.json").is_file():
+        return None
+    config = read_json(directory / "config.json")
+    if config is None:
+        return None
+    settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS and k != "init_from"}
+    return settings, str(config.get("method", "?"))
+
+
 def _varying(runs: pd.DataFrame, alike: list[str]) -> list[str]:
     """The settings that tell configurations apart among the runs equal in the columns `alike`."""
     names = set()
     for _, group in runs.groupby(alike, dropna=False):
-        configs = [json.loads(key) for key in group.configuration.unique()]
-        names |= {n for n in set().union(*configs) if len({json.dumps(c.get(n), sort_keys=True) for c in configs}) > 1}
+        names |= varying_keys([json.loads(key) for key in group.configuration.unique()])
     return sorted(names)
 
 
@@ -273,13 +285,13 @@ def _failures_text(df: pd.DataFrame) -> str:
         return ""
     first = failed.iloc[0]
     error = str(first.error).strip().splitlines()[0] if isinstance(first.error, str) and first.error.strip() else "?"
-    return (f"; {_count(len(failed), 'run')} failed, the first with: {error} "
+    return (f"; {plural(len(failed), 'run')} failed, the first with: {error} "
             f"({pathlib.Path(first.dir) / 'failed.json'})")
 
 
 def _unfinished_text(dirs: list[str]) -> str:
     """What stderr and report.md say of the unfinished runs, before naming them."""
-    return f"{_count(len(dirs), 'unfinished run')} (no summary.json or failed.json) left out"
+    return f"{plural(len(dirs), 'unfinished run')} (no summary.json or failed.json) left out"
 
 
 def _missing(x) -> bool:
@@ -423,7 +435,10 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
             rows = _fxp_order(sub.fxp.unique())
             what = {"max": "max over seeds", "mean": "mean over seeds", "std": "std over seeds"}.get(
                 name, f"best and worst run, {str(rounding).upper()} inference")
-            base_text = f"; fp32 best {100 * baseline['max'].max():.1f}%" if not baseline.empty else ""
+            # The grid's one float32 variant may be another than the figure's: then it says which.
+            other = sorted(set(baseline.variant) - {variant})
+            base_text = (f"; fp32 best {100 * baseline['max'].max():.1f}%" + (f" ({other[0]})" if other else "")
+                         if not baseline.empty else "")
             # A variant of many settings on lines of its own: the image grows to the title's width.
             title = f"{grid}: validation accuracy, {what}{base_text}" + (
                 f"\n{textwrap.fill(variant, 70)}" if variant else "")
@@ -679,7 +694,7 @@ def draw_msq_tradeoff(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Pa
             x = runs.compression_rate.mean()
             label = f"{config} [{grid}]" if several_grids else config
             line = ax.errorbar([x], [acc.mean()], yerr=[[acc.mean() - acc.min()], [acc.max() - acc.mean()]],
-                               fmt="o", capsize=3, label=f"{label} ({_count(len(runs), 'seed')})")
+                               fmt="o", capsize=3, label=f"{label} ({plural(len(runs), 'seed')})")
             if config != "fp32":
                 ax.plot([runs.measured_compression.mean()], [acc.mean()], marker="o", mfc="none",
                         color=line[0].get_color())
@@ -819,11 +834,11 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
     grids = sorted(df.grid.unique())
-    counts = [_count(int((df.status == "finished").sum()), "finished run"),
+    counts = [plural(int((df.status == "finished").sum()), "finished run"),
               f"{int((df.status == 'failed').sum())} failed"]
     repeats = int((df.status == "repeat").sum())
     if repeats:
-        counts.append(f"{_count(repeats, 'repeat')} of a run before it (the same grid, settings and seed) left out")
+        counts.append(f"{plural(repeats, 'repeat')} of a run before it (the same grid, settings and seed) left out")
     lines = ["# fxp sweep report", "",
              f"{', '.join(counts)}, in grid{'s' if len(grids) != 1 else ''} {', '.join(grids)}.", ""]
     unfinished = df.attrs.get("unfinished", [])
@@ -966,8 +981,8 @@ def main(argv=None) -> int:
         return 1
     try:
         # Flushed here, so that a closed pipe or a full disk shows now and not as a traceback at exit.
-        print(f"report: {_count(len(df), 'run')} -> {args.out}/runs.csv, stats.csv, report.md and "
-              f"{_count(len(images), 'figure')}",
+        print(f"report: {plural(len(df), 'run')} -> {args.out}/runs.csv, stats.csv, report.md and "
+              f"{plural(len(images), 'figure')}",
               flush=True)
     except OSError as e:
         # Python's note on SIGPIPE: what is left in the buffer goes nowhere, or exit would fail on it again.

@@ -56,6 +56,8 @@ class Run:
     templates: tuple = dataclasses.field(default=(), compare=False, repr=False)
     # The settings whose values follow fxp-train's name in the id (Note [Run ids of runs fxp-train names alike]).
     id_keys: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    # The settings the run does not read (fxp-train's Note [Settings without effect]), sorted.
+    unread: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def config(self) -> dict:
@@ -107,7 +109,8 @@ def _resolve_with_defaults(settings: list[dict], fxp_train) -> tuple[list[dict],
 
 def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = "", templates: dict | None = None) -> Run:
     return Run(grid, res["run_name"], tuple(sorted(settings.items())), res.get("invalid", ""),
-               tuple(sorted(res["config"].items())), defaults, origin, tuple(sorted((templates or {}).items())))
+               tuple(sorted(res["config"].items())), defaults, origin, tuple(sorted((templates or {}).items())),
+               unread=tuple(sorted(set(res.get("unread", ())))))
 
 
 # Note [Run ids of runs fxp-train names alike]
@@ -117,7 +120,8 @@ def _run(grid: str, settings: dict, res: dict, defaults: tuple, origin: str = ""
 # 0.05]}) would give two runs one name; such runs get a suffix per setting in
 # which they differ, in key order, from their resolved configs:
 # sqpu-p16.10-o16.8-sr-b64-s0-lr0.05. Runs named alike that differ in nothing
-# the sweep compares (NEVER_CONFLICT) are the same run, still an error. The
+# the sweep compares (NEVER_CONFLICT) or the runs read (fxp-train's "unread":
+# param_frac under fp32) are the same run, still an error. The
 # same grid gives the same ids on every machine, so a sweep resumes them, and
 # select keeps a run's suffix keys (`kept`) whatever it filters out.
 def _distinct_ids(runs: list["Run"], kept: list[tuple] | None = None) -> list["Run"]:
@@ -127,18 +131,28 @@ def _distinct_ids(runs: list["Run"], kept: list[tuple] | None = None) -> list["R
         by_id.setdefault(r.id, []).append(i)
     out = list(runs)
     for indices in by_id.values():
-        configs = [{k: v for k, v in runs[i].resolved if k not in NEVER_CONFLICT} for i in indices]
-        varying = {k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1}
+        unread = {k for i in indices for k in runs[i].unread}
+        configs = [{k: v for k, v in runs[i].resolved if k not in NEVER_CONFLICT and k not in unread}
+                   for i in indices]
+        varying = varying_keys(configs)
         for i, c in zip(indices, configs):
             keys = tuple(sorted(varying | set(kept[i] if kept else ())))
             if keys:
-                out[i] = dataclasses.replace(runs[i], id=runs[i].id + "".join(f"-{k}{_id_text(c.get(k))}" for k in keys),
+                out[i] = dataclasses.replace(runs[i], id=runs[i].id + "".join(f"-{k}{_id_text(k, c.get(k))}" for k in keys),
                                              id_keys=keys)
     return out
 
 
-def _id_text(value) -> str:
-    """A setting's value in a run id: filesystem-safe, the shortest text (0.05, not 0.050000)."""
+def varying_keys(configs: list[dict]) -> set[str]:
+    """The keys whose values are not the same in every one of `configs` (a key one lacks counts as None)."""
+    return {k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1}
+
+
+def _id_text(key: str, value) -> str:
+    """A setting's value in a run id: filesystem-safe, the shortest text (0.05, not 0.050000); a file by its
+    directory's name (a checkpoint by its run's id), not by a path that holds --out."""
+    if key in FILE_KEYS and isinstance(value, str) and value:
+        value = pathlib.Path(value).parent.name or value
     text = json.dumps(value) if not isinstance(value, str) else value
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 

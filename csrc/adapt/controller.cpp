@@ -161,7 +161,7 @@ std::vector<torch::optim::OptimizerParamGroup> Controller::parameter_groups(
     // The momentum at the layer's format too, so that it follows the layer's switches (as in Python).
     options->total_bits(layers[i].format.bits).frac_bits(layers[i].format.frac);
     options->momentum_total_bits(-1).momentum_frac_bits(-1);
-    options->seed(optim::group_seed(defaults.seed().value_or(0), i));  // as QpuSgd's own groups
+    options->seed(std::nullopt);  // QpuSgd::add_param_group gives group i the optimizer's seed + i
     groups.emplace_back(layers[i].parameters, std::move(options));
   }
   return groups;

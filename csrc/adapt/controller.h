@@ -54,7 +54,8 @@ class Controller {
   // (Note [AdaPT's fused QPU step]). The optimizer must outlive the controller.
   void use_quantized_updates(optim::QpuSgd& optimizer);
   // Parameter groups for that optimizer: one per adapted layer, at its format,
-  // its momentum following it (the defaults' momentum format is not used).
+  // its momentum following it (the defaults' momentum format is not used),
+  // its seed unset, so that the optimizer gives group i its seed + i.
   std::vector<torch::optim::OptimizerParamGroup> parameter_groups(const optim::QpuSgdOptions& defaults) const;
 
   const std::vector<AdaptedLayer>& layers() const { return core_.layers(); }

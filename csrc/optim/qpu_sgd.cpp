@@ -446,6 +446,8 @@ void QpuSgd::check_loaded(const std::vector<PackedFormat>& packed_formats) const
       rethrow_as(e, std::string(kName) + ": the checkpoint's group " + std::to_string(g) +
                         " has options the step refuses: ");
     }
+    TORCH_CHECK_VALUE(o.seed().has_value(), kName, ": the checkpoint's group ", g, " has no seed (every saved group "
+                      "has one: is it another program's checkpoint?)");
     // Codes are in the format they were stored in: read in another, every value would be rescaled.
     // (Float storage may load another format: AdaPT's QPU groups change theirs as they train.)
     const PackedFormat& was = packed_formats.at(g);

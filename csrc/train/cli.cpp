@@ -307,9 +307,11 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
       for (const CLI::Option* option : app.get_options()) {
         for (const auto& name : option->get_lnames()) flags.push_back("--" + name);
       }
-      for (const auto& a : args) {
+      for (const auto& a : app.remaining()) {  // what CLI11 did not take: no option's value
         const std::string flag = a.substr(0, a.find('='));
-        if (flag.rfind("--", 0) != 0 || std::find(flags.begin(), flags.end(), flag) != flags.end()) continue;
+        if (flag.rfind("--", 0) != 0 || flag == "--" || std::find(flags.begin(), flags.end(), flag) != flags.end()) {
+          continue;
+        }
         const std::string best = closest_name(flag, flags);
         err << "fxp-train: unknown flag " << flag << (best.empty() ? "" : " (did you mean " + best + "?)") << "\n";
       }
@@ -341,8 +343,10 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
     try {
       command.config.validate();
     } catch (const SettingError& e) {
-      // A value that came from the file, and no flag overrode: name the file, as a type error does.
-      if (from_file.contains(e.key) && !overrides.contains(e.key)) throw std::invalid_argument(config_file + ": " + e.what());
+      // A value that came from the file, and no flag gave it or one it was checked against: name the file.
+      const bool flag_involved = overrides.contains(e.key) ||
+          std::any_of(e.others.begin(), e.others.end(), [&](const std::string& k) { return overrides.contains(k); });
+      if (from_file.contains(e.key) && !flag_involved) throw std::invalid_argument(config_file + ": " + e.what());
       throw;
     }
   } catch (const std::exception& e) {

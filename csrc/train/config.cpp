@@ -109,7 +109,9 @@ const std::vector<std::pair<std::string, Field>>& fields() {
   return table;
 }
 
-[[noreturn]] void bad(const std::string& key, const std::string& why) { throw SettingError(key, why); }
+[[noreturn]] void bad(const std::string& key, const std::string& why, std::vector<std::string> others = {}) {
+  throw SettingError(key, why, std::move(others));
+}
 
 // A double as the shortest text that reads back as it ("0.5", "1e-05", "nan"),
 // not std::to_string's fixed six decimals ("-1.000000", "0.000000" for 1e-9).
@@ -179,15 +181,20 @@ void one_of(const std::string& key, const std::string& value, const std::vector<
   bad(key, "must be one of " + list + ", but got '" + value + "'");
 }
 
-void at_least(const std::string& key, int64_t value, int64_t min) {
-  if (value < min) bad(key, "must be at least " + std::to_string(min) + ", but got " + std::to_string(value));
+// `min_key`: the setting `min` comes from, if any (adapt_lookback_max is at least adapt_lookback_min).
+void at_least(const std::string& key, int64_t value, int64_t min, const std::string& min_key = "") {
+  if (value < min) {
+    bad(key, "must be at least " + (min_key.empty() ? "" : min_key + " = ") + std::to_string(min) + ", but got " +
+                 std::to_string(value),
+        min_key.empty() ? std::vector<std::string>{} : std::vector<std::string>{min_key});
+  }
 }
 
 void check_format(const std::string& bits_key, int64_t bits, const std::string& frac_key, int64_t frac) {
   if (bits < 2 || bits > 32) bad(bits_key, "total bits must be in [2, 32], but got " + std::to_string(bits));
   if (frac < 0 || frac > bits - 1) {
     bad(frac_key, "fractional bits must be in [0, " + std::to_string(bits - 1) + "] for " +
-                      std::to_string(bits) + " total bits, but got " + std::to_string(frac));
+                      std::to_string(bits) + " total bits, but got " + std::to_string(frac), {bits_key});
   }
 }
 
@@ -381,31 +388,37 @@ std::string TrainConfig::run_name() const {
 // its other blocks' methods (msq-resnet20.yaml gives its fp32 block MSQ's).
 // Settings that would change what a method does if it read them (l1_decay,
 // update, momentum_form, packed) are refused by validate() instead.
-std::vector<std::string> TrainConfig::settings_without_effect() const {
-  const json mine = to_json(*this), defaults = to_json(TrainConfig{});
-  std::vector<std::string> notes;
-  const auto unread = [&](const std::string& key, const std::string& why) {
-    if (mine[key] != defaults[key]) notes.push_back(key + " = " + mine[key].dump() + " has no effect: " + why);
-  };
+std::vector<std::pair<std::string, std::string>> TrainConfig::unread_settings() const {
+  std::vector<std::pair<std::string, std::string>> unread;
   const bool float_layers = method == "fp32" || method == "msq";
   for (const std::string key : {"param_bits", "param_frac", "out_bits", "out_frac"}) {
     if (float_layers) {
-      unread(key, method == "msq" ? "method msq keeps float layer outputs and its own weight widths (msq_start_bits)"
-                                  : "method fp32 keeps float weights and layer outputs");
+      unread.emplace_back(key, method == "msq"
+                                   ? "method msq keeps float layer outputs and its own weight widths (msq_start_bits)"
+                                   : "method fp32 keeps float weights and layer outputs");
     }
-    if (method == "adapt") unread(key, "method adapt starts every layer at adapt_start_bits and adapt_start_frac");
+    if (method == "adapt") unread.emplace_back(key, "method adapt starts every layer at adapt_start_bits and adapt_start_frac");
   }
-  if (float_layers) unread("inference_rounding", "method " + method + " rounds no layer outputs");
+  if (float_layers) unread.emplace_back("inference_rounding", "method " + method + " rounds no layer outputs");
   for (const auto& [key, f] : fields()) {
-    if (method != "adapt" && key.rfind("adapt_", 0) == 0) unread(key, "it is AdaPT's (method adapt)");
-    if (method != "msq" && key.rfind("msq_", 0) == 0) unread(key, "it is MSQ's (method msq)");
-    if (scheduler != "plateau" && key.rfind("plateau_", 0) == 0) unread(key, "scheduler is " + scheduler);
+    if (method != "adapt" && key.rfind("adapt_", 0) == 0) unread.emplace_back(key, "it is AdaPT's (method adapt)");
+    if (method != "msq" && key.rfind("msq_", 0) == 0) unread.emplace_back(key, "it is MSQ's (method msq)");
+    if (scheduler != "plateau" && key.rfind("plateau_", 0) == 0) unread.emplace_back(key, "scheduler is " + scheduler);
   }
-  if (method == "msq" && !msq_hessian) unread("msq_hessian_samples", "msq_hessian is off");
+  if (method == "msq" && !msq_hessian) unread.emplace_back("msq_hessian_samples", "msq_hessian is off");
   if (!early_stopping) {
     for (const std::string key : {"early_stopping_patience", "early_stopping_min_epochs"}) {
-      unread(key, "early_stopping is off");
+      unread.emplace_back(key, "early_stopping is off");
     }
+  }
+  return unread;
+}
+
+std::vector<std::string> TrainConfig::settings_without_effect() const {
+  const json mine = to_json(*this), defaults = to_json(TrainConfig{});
+  std::vector<std::string> notes;
+  for (const auto& [key, why] : unread_settings()) {
+    if (mine[key] != defaults[key]) notes.push_back(key + " = " + mine[key].dump() + " has no effect: " + why);
   }
   return notes;
 }
@@ -417,7 +430,7 @@ void TrainConfig::validate() const {
   if (msq_min_bits < 1 || msq_start_bits < msq_min_bits || msq_start_bits > 15) {
     bad("msq_start_bits", "must be at most 15 and at least msq_min_bits, itself at least 1 (1 <= msq_min_bits "
                           "<= msq_start_bits <= 15), but got msq_min_bits " + std::to_string(msq_min_bits) +
-                          " and msq_start_bits " + std::to_string(msq_start_bits));
+                          " and msq_start_bits " + std::to_string(msq_start_bits), {"msq_min_bits"});
   }
   if (!(msq_lambda >= 0) || !std::isfinite(msq_lambda)) {
     bad("msq_lambda", "must be a non-negative number, but got " + number_text(msq_lambda));
@@ -428,16 +441,16 @@ void TrainConfig::validate() const {
   at_least("msq_finetune_epochs", msq_finetune_epochs, 0);
   at_least("epochs", epochs, 1);  // before the checks that compare with it
   if (msq_finetune_epochs > epochs) {
-    bad("msq_finetune_epochs", "is more than the run's " + std::to_string(epochs) + " epochs");
+    bad("msq_finetune_epochs", "is more than the run's " + std::to_string(epochs) + " epochs", {"epochs"});
   }
   check_format("param_bits", param_bits, "param_frac", param_frac);
   check_format("out_bits", out_bits, "out_frac", out_frac);
   one_of("inference_rounding", inference_rounding, {"hte", "sr"});
   check_format("adapt_start_bits", adapt_start_bits, "adapt_start_frac", adapt_start_frac);
   at_least("adapt_resolution_min", adapt_resolution_min, 1);
-  at_least("adapt_resolution_max", adapt_resolution_max, adapt_resolution_min);
+  at_least("adapt_resolution_max", adapt_resolution_max, adapt_resolution_min, "adapt_resolution_min");
   at_least("adapt_lookback_min", adapt_lookback_min, 1);
-  at_least("adapt_lookback_max", adapt_lookback_max, adapt_lookback_min);
+  at_least("adapt_lookback_max", adapt_lookback_max, adapt_lookback_min, "adapt_lookback_min");
   if (!(adapt_lookback_momentum >= 0 && adapt_lookback_momentum <= 1)) {
     bad("adapt_lookback_momentum", "must be in [0, 1], but got " + number_text(adapt_lookback_momentum));
   }
@@ -449,22 +462,23 @@ void TrainConfig::validate() const {
   if (!(l1_decay >= 0) || !std::isfinite(l1_decay)) {
     bad("l1_decay", "must be a non-negative number, but got " + number_text(l1_decay));
   }
-  if (l1_decay > 0 && method != "adapt") bad("l1_decay", "is AdaPT's (method adapt) only");
+  if (l1_decay > 0 && method != "adapt") bad("l1_decay", "is AdaPT's (method adapt) only", {"method"});
   one_of("update", update, {"float", "qpu"});
   if (update != "float" && method != "adapt") {
-    bad("update", "chooses AdaPT's update (method adapt); sqpu and hteqpu are quantized updates already");
+    bad("update", "chooses AdaPT's update (method adapt); sqpu and hteqpu are quantized updates already", {"method"});
   }
   one_of("momentum_form", momentum_form, {"standard", "paper_eq6"});
   if (momentum_form != "standard" && !is_qpu(method) && !(method == "adapt" && update == "qpu")) {
     bad("momentum_form", "is the QPU step's (methods sqpu and hteqpu, and adapt with update qpu); method " + method +
-                             " steps with torch's SGD");
+                             " steps with torch's SGD",
+        {"method", "update"});
   }
   at_least("batch_size", batch_size, 1);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + number_text(lr));
   one_of("lr_scaling", lr_scaling, {"none", "linear"});
   if (!(initial_lr() > 0) || !std::isfinite(initial_lr())) {
     bad("lr", "after lr_scaling " + lr_scaling + " it is " + number_text(initial_lr()) +
-                  ", which is not a positive finite number");
+                  ", which is not a positive finite number", {"lr_scaling", "batch_size"});
   }
   if (!(momentum >= 0 && momentum < 1)) bad("momentum", "must be in [0, 1), but got " + number_text(momentum));
   if (!(weight_decay >= 0) || !std::isfinite(weight_decay)) {
@@ -485,26 +499,30 @@ void TrainConfig::validate() const {
                        std::to_string(threads));
   }
   if (cuda_graphs) {
-    if (device.rfind("cuda", 0) != 0) bad("cuda_graphs", "captures CUDA work: it needs device cuda, but device is " + device);
+    if (device.rfind("cuda", 0) != 0) {
+      bad("cuda_graphs", "captures CUDA work: it needs device cuda, but device is " + device, {"device"});
+    }
     if (method == "adapt" || method == "msq") {
       bad("cuda_graphs", "supports methods fp32, ste, sqpu and hteqpu; " + method +
-                             " decides on the host between steps (it reads the loss or the weights back)");
+                             " decides on the host between steps (it reads the loss or the weights back)",
+          {"method"});
     }
   }
   if (distributed && cuda_graphs) {
-    bad("distributed", "cannot be combined with cuda_graphs yet: the gradients' all-reduce is not captured");
+    bad("distributed", "cannot be combined with cuda_graphs yet: the gradients' all-reduce is not captured",
+        {"cuda_graphs"});
   }
   at_least("train_limit", train_limit, 0);
   at_least("val_limit", val_limit, 0);
   // Beyond the published split it can only fail when the data is read (load_split), after a sweep planned it.
   const data::DatasetInfo& info = data::dataset_info(dataset);  // dataset checked above
   if (train_limit > info.train_images) {
-    bad("train_limit", "is larger than the " + std::to_string(info.train_images) + " images of " + dataset +
-                           "'s training split, but got " + std::to_string(train_limit) + " (0: the whole split)");
+    bad("train_limit", "must be at most " + std::to_string(info.train_images) + ", the images of " + dataset +
+                           "'s training split (0: all of them), but got " + std::to_string(train_limit), {"dataset"});
   }
   if (val_limit > info.test_images) {
-    bad("val_limit", "is larger than the " + std::to_string(info.test_images) + " images of " + dataset +
-                         "'s test split, but got " + std::to_string(val_limit) + " (0: the whole split)");
+    bad("val_limit", "must be at most " + std::to_string(info.test_images) + ", the images of " + dataset +
+                         "'s test split (0: all of them), but got " + std::to_string(val_limit), {"dataset"});
   }
   at_least("eval_batch_size", eval_batch_size, 1);
   at_least("bn_recalibration_batches", bn_recalibration_batches, 0);
@@ -514,18 +532,20 @@ void TrainConfig::validate() const {
   if (!(input_std() > 0) || !std::isfinite(input_std())) {
     bad("normalize_std", "must be a positive finite number, but got " + number_text(input_std()));
   }
-  if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store");
-  if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float");
+  if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store", {"method"});
+  if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float", {"method"});
   if (packed && method == "adapt") {
     bad("packed", update == "qpu" ? "AdaPT's formats change during training; packed storage cannot follow them yet"
-                                  : "AdaPT keeps a float32 master copy; it has no packed form yet");
+                                  : "AdaPT keeps a float32 master copy; it has no packed form yet",
+        {"method", "update"});
   }
   if (packed && model != "paper_cnn" && model != "lenet5") {
-    bad("packed", "packed storage is supported for models paper_cnn and lenet5 only (yet), not " + model);
+    bad("packed", "packed storage is supported for models paper_cnn and lenet5 only (yet), not " + model, {"model"});
   }
   if (packed && model == "lenet5" && !is_qpu(method)) {
     bad("packed", "lenet5 packs the QPU methods' weights and momentum only (its saved activations are tanh "
-                  "outputs, off any grid), and " + method + " keeps float32 weights: nothing to pack");
+                  "outputs, off any grid), and " + method + " keeps float32 weights: nothing to pack",
+        {"model", "method"});
   }
   // cuda:N with N a decimal index, as torch::Device parses it (it throws for
   // anything else only when the run starts, after the sweep took it as valid).

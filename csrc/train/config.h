@@ -103,16 +103,22 @@ struct TrainConfig {
   std::string run_name() const;
   // Throws SettingError naming the key and the bad value.
   void validate() const;
-  // Settings changed from their defaults that this run does not read, one
-  // line each (Note [Settings without effect]).
+  // The settings this run does not read, whatever their values, each with
+  // why (Note [Settings without effect]).
+  std::vector<std::pair<std::string, std::string>> unread_settings() const;
+  // Those changed from their defaults, one line each, for the run's log.
   std::vector<std::string> settings_without_effect() const;
 };
 
 // A setting TrainConfig::validate refuses: the message begins with its key,
-// which the caller may trace to where the value came from (a config file).
+// which the caller may trace to where the value came from (a config file);
+// `others`: the settings the check compared it with (epochs for
+// msq_finetune_epochs), which may have come from elsewhere.
 struct SettingError : std::invalid_argument {
-  SettingError(std::string key_, const std::string& why) : std::invalid_argument(key_ + ": " + why), key(std::move(key_)) {}
+  SettingError(std::string key_, const std::string& why, std::vector<std::string> others_ = {})
+      : std::invalid_argument(key_ + ": " + why), key(std::move(key_)), others(std::move(others_)) {}
   std::string key;
+  std::vector<std::string> others;
 };
 
 // QPU methods (sqpu, hteqpu) keep no float master copy; their update rounding

@@ -64,6 +64,10 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
       const auto [train_images, val_images] = c.epoch_images();
       result["epoch_images"] = {{"train", train_images}, {"validation", val_images}};
       if (!invalid.empty()) result["invalid"] = invalid;
+      // What the run does not read (Note [Settings without effect]): runs that differ only there are one run.
+      json unread = json::array();
+      for (const auto& [key, why] : c.unread_settings()) unread.push_back(key);
+      result["unread"] = unread;
     } catch (const std::exception& e) {
       result = {{"error", e.what()}};
     }

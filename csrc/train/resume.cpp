@@ -49,27 +49,39 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     found["config"]["output_dir"] = files.dir;  // where it lies now: a copied or moved run names its new place
     return {false, std::move(found)};
   }
-  // --resume is offered only where it would be accepted: the settings that a resume may not change are the same.
+  // --resume is offered only where it would be accepted (below): the settings a resume may not change are the
+  // same, and epochs are no fewer than the run has done (Note [Resume adds epochs]).
+  const json asked = settings.value("epochs", json());
+  const auto epochs_allowed = [&asked](int64_t done) { return !asked.is_number_integer() || asked.get<int64_t>() >= done; };
   if (!options.resume && summary) {
     const std::string differ = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false);
-    const bool only_epochs = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/true).empty();
+    const json reason = summary->value("stop_reason", json("epochs"));
+    const json completed = summary->value("epochs_completed", json());
+    const bool resumable = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/true).empty() &&
+                           reason == "epochs" && completed.is_number_integer() &&
+                           epochs_allowed(completed.get<int64_t>());
     throw std::invalid_argument("output directory " + files.dir + " holds a finished run with other settings (" +
                                 differ + "); " +
-                                (only_epochs ? "pass --resume to extend it to more epochs, --overwrite to replace it, "
-                                             : "pass --overwrite to replace it ") +
+                                (resumable ? "pass --resume to extend it to more epochs, --overwrite to replace it, "
+                                           : "pass --overwrite to replace it ") +
                                 "or choose another --output-dir");
   }
   if (!options.resume && have_checkpoint) {
-    std::string differ;
+    std::string why_not;  // why --resume would be refused
     try {
-      differ = differing_settings(checkpoint_record(files.checkpoint).settings, settings, /*epochs_may_differ=*/true);
+      const CheckpointRecord record = checkpoint_record(files.checkpoint);
+      why_not = differing_settings(record.settings, settings, /*epochs_may_differ=*/true);
+      if (!why_not.empty()) {
+        why_not = " with other settings (" + why_not + ")";
+      } else if (!epochs_allowed(record.epochs_done)) {
+        why_not = " that has done " + std::to_string(record.epochs_done) + " epochs, more than epochs " + asked.dump();
+      }
     } catch (const std::exception&) {  // an unreadable checkpoint: --resume names what is wrong with it
     }
     throw std::invalid_argument(
         "output directory " + files.dir + " holds an unfinished run" +
-        (differ.empty() ? "; pass --resume to continue it or --overwrite to start again"
-                        : " with other settings (" + differ + "); pass --overwrite to start again or choose another "
-                          "--output-dir"));
+        (why_not.empty() ? "; pass --resume to continue it or --overwrite to start again"
+                         : why_not + "; pass --overwrite to start again or choose another --output-dir"));
   }
   if (!have_checkpoint) return {};  // --resume without a checkpoint starts the run
   // The checkpoint's own record of its settings decides: config.json may be gone, or edited.

@@ -415,6 +415,10 @@ TEST(AdaptQuantizedUpdates, GroupsFollowTheLayersAndParametersStayOnTheirGrid) {
   fa::Controller controller(*net, o);
   const auto defaults = fxp::optim::QpuSgdOptions(0.05).momentum(0.9).seed(7);
   fxp::optim::QpuSgd opt(controller.parameter_groups(defaults), defaults);
+  for (size_t i = 0; i < opt.param_groups().size(); ++i) {  // each layer's group its own key, as QpuSgd's groups
+    EXPECT_EQ(static_cast<const fxp::optim::QpuSgdOptions&>(opt.param_groups()[i].options()).seed(),
+              7 + static_cast<int64_t>(i));
+  }
   controller.use_quantized_updates(opt);
   // A momentum format in the defaults is not the groups': theirs follows their layer's (as in Python).
   auto explicit_momentum = defaults;

@@ -344,6 +344,9 @@ TEST(QpuSgd, ALoadRefusesWhatDoesNotFitAndChangesNothing) {
   expect_error([&] { load(opt, *save(bad)); },
                "fxp::optim::QpuSgd: the checkpoint's group 0 has options the step refuses: lr must "
                "be a non-negative finite number");
+  QpuSgd unseeded(make_params(1), options());
+  static_cast<QpuSgdOptions&>(unseeded.param_groups()[0].options()).seed(std::nullopt);
+  expect_error([&] { load(opt, *save(unseeded)); }, "fxp::optim::QpuSgd: the checkpoint's group 0 has no seed");
   opt.step();  // and it still steps
   EXPECT_EQ(group_step(opt), 2);
   // An optimizer that has not stepped (the usual one to load into) keeps no state of a refused checkpoint:

@@ -369,6 +369,13 @@ TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
   EXPECT_NE(p.err.find("fxp-train: " + method + ": method: must be one of"), std::string::npos) << p.err;
   p = parse({"--config", method, "--method", "ste", "--lr", "-1"});
   EXPECT_NE(p.err.find("fxp-train: lr: must be a positive number, but got -1"), std::string::npos) << p.err;
+  // A check of two settings names the file only when neither came from a flag.
+  const std::string frac = write("frac.yaml", "param_frac: 16\n");
+  p = parse({"--config", frac});
+  EXPECT_NE(p.err.find("fxp-train: " + frac + ": param_frac: fractional bits must be in [0, 15]"), std::string::npos)
+      << p.err;
+  p = parse({"--config", frac, "--param-bits", "8"});
+  EXPECT_NE(p.err.find("fxp-train: param_frac: fractional bits must be in [0, 7]"), std::string::npos) << p.err;
   // Standard tags keep their meaning.
   const Parsed tagged = parse({"--config", write("tagged.yaml", "lr: !!float 1\nmethod: !!str ste\n")});
   ASSERT_EQ(tagged.code, -1) << tagged.err;
@@ -726,6 +733,23 @@ TEST_F(TrainRun, OneEpochWritesEveryField) {
   expect_error([&] { run("sqpu", config_); }, "holds an unfinished run; pass --resume");
   expect_error([&] { run("sqpu", more); }, "holds an unfinished run with other settings (lr (0.01 in the run, 0.02 "
                                            "now)); pass --overwrite to start again or choose another --output-dir");
+}
+
+// --resume is not offered for fewer epochs than the run has done: it would refuse them (Note [Resume adds epochs]).
+TEST_F(TrainRun, ResumeIsNotOfferedForFewerEpochs) {
+  ft::TrainConfig two = config_;
+  two.train_limit = 256;
+  two.val_limit = 128;
+  two.epochs = 2;
+  run("two", two);
+  ft::TrainConfig one = two;
+  one.epochs = 1;
+  expect_error([&] { run("two", one); }, "holds a finished run with other settings (epochs (2 in the run, 1 now)); "
+                                         "pass --overwrite to replace it or choose another --output-dir");
+  ft::remove_file(dir_ + "/two/summary.json");
+  expect_error([&] { run("two", one); }, "holds an unfinished run that has done 2 epochs, more than epochs 1; pass "
+                                         "--overwrite to start again or choose another --output-dir");
+  expect_error([&] { run("two", one, /*resume=*/true); }, "the run has done 2 epochs, more than epochs 1");
 }
 
 TEST_F(TrainRun, SameSeedSameInitialWeightsForEveryMethod) {
@@ -1109,7 +1133,8 @@ TEST_F(TrainRun, MissingDataIsAClearError) {
   expect_error([&] { run("x", c); }, dir_ + "/nowhere");
   c = config_;
   c.train_limit = 70000;
-  expect_error([&] { run("y", c); }, "train_limit: is larger than the 60000 images of fashion-mnist's training split");
+  expect_error([&] { run("y", c); }, "train_limit: must be at most 60000, the images of fashion-mnist's training split "
+                                     "(0: all of them), but got 70000");
   c = config_;
   c.device = "cuda";
   if (!torch::cuda::is_available()) expect_error([&] { run("z", c); }, "no CUDA device is available");

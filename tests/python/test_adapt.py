@@ -56,7 +56,7 @@ def test_adapt_resumes_bit_for_bit(tmp_path):
 @requires_fxp_train
 @pytest.mark.parametrize("args, message", [
     (["--adapt-buffer-bits", "0"], "adapt_buffer_bits: must be in [1, 31], but got 0"),
-    (["--adapt-lookback-min", "30", "--adapt-lookback-max", "20"], "adapt_lookback_max: must be at least 30"),
+    (["--adapt-lookback-min", "30", "--adapt-lookback-max", "20"], "adapt_lookback_max: must be at least adapt_lookback_min = 30"),
     (["--adapt-strategy", "median"], "median"),
     (["--adapt-start-bits", "4", "--adapt-start-frac", "4"], "adapt_start_frac: fractional bits must be in [0, 3]"),
     (["--packed"], "packed: AdaPT keeps a float32 master copy"),

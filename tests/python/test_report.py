@@ -144,3 +144,24 @@ def test_counts_of_one_are_singular(tmp_path, capsys):
     assert report.main([str(tmp_path / "r"), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"report: 1 run -> {out}/runs.csv, stats.csv, report.md and 1 figure\n"
     assert "1 finished run, 0 failed, in grid g.\n" in (out / "report.md").read_text()
+
+
+def test_seeds_that_start_from_their_own_seeds_runs_elsewhere_are_one_configuration(tmp_path):
+    """MSQ fine-tunes each seed from that seed's float32 run, which may lie outside the report's
+    directories (report results/msq-resnet20 alone): the writer's config.json stands for it, so the seeds
+    stay one configuration, not one per checkpoint path."""
+    sources = tmp_path / "fp32-runs"
+    for seed in (0, 1):
+        d = sources / f"fp32-s{seed}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(
+            '{"method": "fp32", "seed": %d, "output_dir": "%s", "threads": 1, "lr": 0.01}' % (seed, d))
+    msq = tmp_path / "msq"
+    for seed in (0, 1):
+        run(msq, f"sqpu-s{seed}", {**SQPU, "seed": seed,
+                                   "init_from": str(sources / f"fp32-s{seed}" / "checkpoint.pt")}, 0.5 + seed / 10)
+    out = tmp_path / "report"
+    assert report.main([str(msq), "--out", str(out)]) == 0
+    stats = pd.read_csv(out / "stats.csv", keep_default_na=False)
+    [row] = stats.itertuples()
+    assert (row.runs, row.variant) == (2, "")

@@ -181,6 +181,17 @@ def test_runs_named_alike_get_the_settings_that_differ(tmp_path):
     # Runs that differ in nothing a run's result depends on are one run, named twice: still an error.
     with pytest.raises(ValueError, match="share the id"):
         sweeplib.expand({"name": "g", "blocks": [{"axes": {"threads": [1, 2]}}]}, out=tmp_path)
+    # Nor in settings the runs do not read (fxp-train's "unread"): fp32 has no format.
+    with pytest.raises(ValueError, match="share the id fp32-b64-s0"):
+        sweeplib.expand({"name": "g", "blocks": [{"set": {"method": "fp32"}, "axes": {"param_frac": [10, 8]}}]},
+                        out=tmp_path)
+    # A checkpoint by its run's id, not by a path that holds --out.
+    sources = sweeplib.expand({"name": "g", "blocks": [
+        {"set": {"method": "fp32"}, "axes": {"seed": [0, 1]}},
+        {"set": {"method": "sqpu", "seed": 0}, "axes": {"init_from": ["${out}/fp32-b64-s0/checkpoint.pt",
+                                                                     "${out}/fp32-b64-s1/checkpoint.pt"]}}]},
+        out=tmp_path)
+    assert [r.id for r in sources][2:] == [f"{base}-init_fromfp32-b64-s0", f"{base}-init_fromfp32-b64-s1"]
     with pytest.raises(ValueError, match="become the same run"):
         sweeplib.select(runs, overrides={"lr": 0.3}, out=tmp_path)
 

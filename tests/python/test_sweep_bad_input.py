@@ -202,6 +202,15 @@ def test_the_estimate_takes_the_rows_of_the_runs_device(tmp_path, capsys):
     code, err = estimate(tmp_path, capsys, (tmp_path / "t.csv").read_text(), fleet, "--device", "cuda")
     assert (code, err) == (2, f"sweep: --fleet-throughput {tmp_path / 'f.csv'}: no measurements on cuda, the runs' "
                               "device (the table has cpu); measure it with scripts/bench_fleet.py --device cuda\n")
+    # Runs on both devices are priced one device at a time, not all at the first one's speed.
+    grid = write_grid(tmp_path, "name: g\nbase: {epochs: 1, batch_size: 1, train_limit: 1000, val_limit: 800}\n"
+                                "blocks:\n  - axes: {seed: [0]}\n  - set: {device: cuda}\n    axes: {seed: [1, 2]}\n")
+    assert sweep.main([str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv")]) == 2
+    assert "sweep: the selected runs are on cpu and cuda: price one device at a time (--filter device=...)" \
+        in capsys.readouterr().err
+    assert sweep.main([str(grid), "--out", str(tmp_path / "out"), "--estimate", str(tmp_path / "t.csv"),
+                       "--filter", "device=cuda", "--jobs", "1", "--fleet", "1"]) == 0
+    assert "on 1 job at the measured throughput: 0.5 h" in capsys.readouterr().out
 
 
 def test_the_tables_loaders_take_good_rows(tmp_path):

@@ -60,13 +60,15 @@ class _MaddsCounter:
     """A forward hook that keeps its layer's multiply-adds per sample from the
     last output (a module, not a closure, so that the model still pickles)."""
 
+    unbatched_dim = None  # a counter pickled before it had one: batched inputs only, as then
+
     def __init__(self, fan_in: int, unbatched_dim: int) -> None:
         self.fan_in = fan_in
         self.unbatched_dim = unbatched_dim  # the input's dim without a batch dimension: 1 linear, 3 conv
         self.madds = 0
 
     def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if inputs[0].dim() == self.unbatched_dim:  # one sample
+        if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() == self.unbatched_dim:  # one sample
             self.madds = output.numel() * self.fan_in
         elif output.dim() > 0 and output.shape[0] > 0:
             self.madds = output.numel() // output.shape[0] * self.fan_in
