@@ -1127,6 +1127,32 @@ TEST_F(TrainRun, EarlyStoppingAndItsMinimum) {
   EXPECT_EQ(s["epochs_completed"], 4);  // patience ran out at epoch 3, the minimum held it to 4
 }
 
+// The published split's size is checked when a run is planned (TrainConfig::validate); files that hold fewer
+// images (a subset, a dataset of one's own) are checked when they are read, naming them.
+TEST(TrainSetup, ALimitBeyondTheFilesImagesNamesThem) {
+  const std::string dir = temp_dir();
+  const auto write_idx = [&](const std::string& name, std::vector<int> dims) {
+    std::string bytes{'\0', '\0', '\x08', static_cast<char>(dims.size())};
+    size_t count = 1;
+    for (const int d : dims) {
+      for (int shift = 24; shift >= 0; shift -= 8) bytes.push_back(static_cast<char>((d >> shift) & 0xFF));
+      count *= static_cast<size_t>(d);
+    }
+    bytes.append(count, '\1');
+    std::ofstream(dir + "/" + name, std::ios::binary) << bytes;
+  };
+  write_idx("train-images-idx3-ubyte", {10, 28, 28});
+  write_idx("train-labels-idx1-ubyte", {10});
+  ft::TrainConfig c;
+  c.data_dir = dir;
+  c.train_limit = 20;
+  c.validate();  // within Fashion-MNIST's published 60,000
+  expect_error([&] { ft::load_split(c, true, c.train_limit, torch::kCPU); },
+               "train_limit 20 is larger than the 10 images of " + dir + " (fashion-mnist, training split)");
+  EXPECT_EQ(ft::load_split(c, true, 4, torch::kCPU).labels.size(0), 4);
+  remove_tree(dir);
+}
+
 TEST_F(TrainRun, MissingDataIsAClearError) {
   ft::TrainConfig c = config_;
   c.data_dir = dir_ + "/nowhere";
