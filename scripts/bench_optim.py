@@ -19,13 +19,28 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-import torch.utils.benchmark as tbench
 from argtypes import positive_number, whole_number
 from bench_report import BenchReport, add_timing_args, apply_timing_args
 
-import fxp
-from fxp.optim import QPUSGD
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--large-total", type=positive_number, default=1e8,
+                        help="parameters in the large set (default 1e8)")
+    parser.add_argument("--large-tensors", type=whole_number(1), default=300,
+                        help="tensors in the large set (default 300)")
+    add_timing_args(parser, min_run_time=1.0)
+    return parser
+
+
+if __name__ == "__main__":
+    make_parser().parse_args()  # --help and bad arguments answer before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.utils.benchmark as tbench  # noqa: E402
+
+import fxp  # noqa: E402
+from fxp.optim import QPUSGD  # noqa: E402
 
 FMT = fxp.FxpFormat(16, 10)
 
@@ -136,12 +151,7 @@ def time_step(make, device, min_run_time):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--large-total", type=positive_number, default=1e8,
-                        help="parameters in the large set (default 1e8)")
-    parser.add_argument("--large-tensors", type=whole_number(1), default=300,
-                        help="tensors in the large set (default 300)")
-    add_timing_args(parser, min_run_time=1.0)
+    parser = make_parser()
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
     if int(args.large_total) < args.large_tensors:  # fewer: empty tensors, no time per parameter

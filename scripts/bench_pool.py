@@ -15,13 +15,26 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-import torch.nn.functional as F
-import torch.utils.benchmark as tbench
 from argtypes import positive_list
 from bench_report import BenchReport, add_timing_args, apply_timing_args
 
-import fxp  # noqa: F401  (registers torch.ops.fxp)
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,16,64,256"),
+                        help="comma-separated (default 1,16,64,256)")
+    add_timing_args(parser, min_run_time=0.5)
+    return parser
+
+
+if __name__ == "__main__":
+    make_parser().parse_args()  # --help and bad arguments answer before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torch.utils.benchmark as tbench  # noqa: E402
+
+import fxp  # noqa: E402,F401  (registers torch.ops.fxp)
 
 
 def pools():
@@ -54,10 +67,7 @@ def time_it(fn, x, grad, backward, device, min_run_time):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=positive_list, default=positive_list("1,16,64,256"),
-                        help="comma-separated (default 1,16,64,256)")
-    add_timing_args(parser, min_run_time=0.5)
+    parser = make_parser()
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
     batches = args.batch_sizes

@@ -16,16 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-import torch.utils.benchmark as tbench
 from bench_report import BenchReport, add_timing_args, apply_timing_args
-
-import fxp
-
-TARGETS = {
-    "cpu": "HTE and SR within 1.5x of clone at >= 1e7 elements; >= 3x faster than the torch composite and QPyTorch",
-    "cuda": ">= 85% of clone bandwidth; >= 2.5x QPyTorch",
-}
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -36,6 +27,30 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes or any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError("every size must be positive")
     return sizes
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"),
+                        help="comma-separated element counts (default 1e4,1e5,1e6,1e7,1e8)")
+    parser.add_argument("--format", default="8,4", help="total_bits,frac_bits (default 8,4)")
+    parser.add_argument("--no-qtorch", action="store_true", help="leave QPyTorch out")
+    add_timing_args(parser, min_run_time=0.3)
+    return parser
+
+
+if __name__ == "__main__":
+    make_parser().parse_args()  # --help and bad arguments answer before torch loads (seconds)
+
+import torch  # noqa: E402
+import torch.utils.benchmark as tbench  # noqa: E402
+
+import fxp  # noqa: E402
+
+TARGETS = {
+    "cpu": "HTE and SR within 1.5x of clone at >= 1e7 elements; >= 3x faster than the torch composite and QPyTorch",
+    "cuda": ">= 85% of clone bandwidth; >= 2.5x QPyTorch",
+}
 
 
 def load_qtorch():
@@ -78,12 +93,7 @@ def time_one(fn, x, min_run_time: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"),
-                        help="comma-separated element counts (default 1e4,1e5,1e6,1e7,1e8)")
-    parser.add_argument("--format", default="8,4", help="total_bits,frac_bits (default 8,4)")
-    parser.add_argument("--no-qtorch", action="store_true", help="leave QPyTorch out")
-    add_timing_args(parser, min_run_time=0.3)
+    parser = make_parser()
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
     try:
