@@ -182,7 +182,7 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
             rows.append({"grid": sweep["grid"], "id": sweep["id"], "dir": str(d), "status": "failed",
                          **{k: settings.get(k) for k in CONFIG_COLUMNS}, "error": record.get("error")})
         # fxp-train writes checkpoint.pt after every epoch, the sweep sweep-run.json before it starts a run.
-        started = {p.parent for name in ("checkpoint.pt", "sweep-run.json") for p in root.rglob(name)}
+        started = {p.parent for p in root.rglob("*") if p.name in ("checkpoint.pt", "sweep-run.json")}  # one walk
         for d in sorted(started):
             if d.resolve() in seen or (d / "summary.json").exists() or (d / "failed.json").exists():
                 continue

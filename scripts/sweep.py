@@ -186,7 +186,7 @@ def main(argv=None) -> int:
 
     try:
         # The measurements of the runs' device: a CPU's images/s would price GPU runs, or the reverse.
-        kinds = sorted({sweeplib.device_kind(args.device or r.full_config.get("device") or "cpu") for r in runs})
+        kinds = sorted({sweeplib.device_kind(r.full_config.get("device") or "cpu") for r in runs})  # --device in
         if len(kinds) > 1 and (args.estimate or args.fleet_throughput):
             raise ValueError(f"the selected runs are on {' and '.join(kinds)}: price one device at a time "
                              f"(--filter device=...)")

@@ -152,7 +152,9 @@ void QpuSgd::add_param_group(const torch::optim::OptimizerParamGroup& param_grou
   torch::optim::Optimizer::add_param_group(param_group);
   auto& options = static_cast<QpuSgdOptions&>(param_groups_.back().options());
   // Without it, groups would draw with group 0's key: the same rounding for the same data.
-  if (!param_group.has_options() || !options.seed()) options.seed(group_seed(static_cast<const QpuSgdOptions&>(defaults()).seed().value_or(0), index));
+  if (!param_group.has_options() || !options.seed()) {
+    options.seed(group_seed(static_cast<const QpuSgdOptions&>(defaults()).seed().value_or(0), index));
+  }
   try {
     check_options(options);
   } catch (...) {

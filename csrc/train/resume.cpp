@@ -28,6 +28,22 @@ json read_summary(const std::string& path) {
   return summary;
 }
 
+// What --resume would refuse in a run of `stored` settings that has done
+// `done` epochs (Note [Resume adds epochs]): the settings a resume may not
+// change, and fewer epochs than done. decide_start's hints offer --resume
+// only where this finds nothing, so they name what --resume would take.
+struct ResumeRefusal {
+  std::string differ;     // the differing settings ("" if none)
+  bool fewer_epochs = false;
+  bool any() const { return !differ.empty() || fewer_epochs; }
+};
+
+ResumeRefusal resume_refusal(const json& stored, int64_t done, const json& settings) {
+  const json epochs = settings.value("epochs", json());
+  return {differing_settings(stored, settings, /*epochs_may_differ=*/true),
+          epochs.is_number_integer() && epochs.get<int64_t>() < done};
+}
+
 }  // namespace
 
 RunStart decide_start(const RunFiles& files, const json& settings, const RunOptions& options) {
@@ -49,17 +65,12 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     found["config"]["output_dir"] = files.dir;  // where it lies now: a copied or moved run names its new place
     return {false, std::move(found)};
   }
-  // --resume is offered only where it would be accepted (below): the settings a resume may not change are the
-  // same, and epochs are no fewer than the run has done (Note [Resume adds epochs]).
-  const json asked = settings.value("epochs", json());
-  const auto epochs_allowed = [&asked](int64_t done) { return !asked.is_number_integer() || asked.get<int64_t>() >= done; };
+  // --resume is offered only where it would be accepted (resume_refusal, below).
   if (!options.resume && summary) {
     const std::string differ = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/false);
-    const json reason = summary->value("stop_reason", json("epochs"));
     const json completed = summary->value("epochs_completed", json());
-    const bool resumable = differing_settings((*summary)["config"], settings, /*epochs_may_differ=*/true).empty() &&
-                           reason == "epochs" && completed.is_number_integer() &&
-                           epochs_allowed(completed.get<int64_t>());
+    const bool resumable = summary->value("stop_reason", json("epochs")) == "epochs" && completed.is_number_integer() &&
+                           !resume_refusal((*summary)["config"], completed.get<int64_t>(), settings).any();
     throw std::invalid_argument("output directory " + files.dir + " holds a finished run with other settings (" +
                                 differ + "); " +
                                 (resumable ? "pass --resume to extend it to more epochs, --overwrite to replace it, "
@@ -70,11 +81,12 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
     std::string why_not;  // why --resume would be refused
     try {
       const CheckpointRecord record = checkpoint_record(files.checkpoint);
-      why_not = differing_settings(record.settings, settings, /*epochs_may_differ=*/true);
-      if (!why_not.empty()) {
-        why_not = " with other settings (" + why_not + ")";
-      } else if (!epochs_allowed(record.epochs_done)) {
-        why_not = " that has done " + std::to_string(record.epochs_done) + " epochs, more than epochs " + asked.dump();
+      const ResumeRefusal refusal = resume_refusal(record.settings, record.epochs_done, settings);
+      if (!refusal.differ.empty()) {
+        why_not = " with other settings (" + refusal.differ + ")";
+      } else if (refusal.fewer_epochs) {
+        why_not = " that has done " + std::to_string(record.epochs_done) + " epochs, more than epochs " +
+                  settings["epochs"].dump();
       }
     } catch (const std::exception&) {  // an unreadable checkpoint: --resume names what is wrong with it
     }
@@ -87,10 +99,10 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
   // The checkpoint's own record of its settings decides: config.json may be gone, or edited.
   const CheckpointRecord record = checkpoint_record(files.checkpoint);
   const json& stored = record.settings;
-  const std::string differ = differing_settings(stored, settings, /*epochs_may_differ=*/true);
-  if (!differ.empty()) {
+  const ResumeRefusal refusal = resume_refusal(stored, record.epochs_done, settings);
+  if (!refusal.differ.empty()) {
     throw std::invalid_argument("cannot resume from " + files.checkpoint + ": it was written with other settings: " +
-                                differ);
+                                refusal.differ);
   }
   // Note [Resume adds epochs]: resuming to fewer epochs than the checkpoint has
   // done would train nothing, yet rewrite the run's files (and a sweep would
@@ -98,11 +110,10 @@ RunStart decide_start(const RunFiles& files, const json& settings, const RunOpti
   // stopping, a non-finite loss) would train nothing either. The first is
   // refused; the second is finished as it is, so that a fleet's other members
   // still go on to their new epochs.
-  const json epochs = settings.value("epochs", json());
-  if (epochs.is_number_integer() && epochs.get<int64_t>() < record.epochs_done) {
+  if (refusal.fewer_epochs) {
     throw std::invalid_argument("cannot resume from " + files.checkpoint + ": the run has done " +
-                                std::to_string(record.epochs_done) + " epochs, more than epochs " + epochs.dump() +
-                                " (--resume adds epochs; --overwrite trains it again)");
+                                std::to_string(record.epochs_done) + " epochs, more than epochs " +
+                                settings["epochs"].dump() + " (--resume adds epochs; --overwrite trains it again)");
   }
   const json reason = summary ? summary->value("stop_reason", json()) : json();
   if (reason.is_string() && reason != "epochs") {
