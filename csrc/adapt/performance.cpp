@@ -2,6 +2,21 @@
 
 namespace fxp::adapt {
 
+int64_t fan_in(c10::IntArrayRef weight_sizes) {
+  int64_t n = 1;
+  for (size_t d = 1; d < weight_sizes.size(); ++d) n *= weight_sizes[d];
+  return weight_sizes.empty() ? 0 : n;
+}
+
+bool is_batched_input(int64_t input_dim, int64_t weight_dim) { return input_dim >= weight_dim; }
+
+int64_t outputs_per_sample(c10::IntArrayRef output_sizes, bool batched) {
+  int64_t numel = 1;
+  for (const int64_t n : output_sizes) numel *= n;
+  if (!batched) return numel;
+  return !output_sizes.empty() && output_sizes[0] > 0 ? numel / output_sizes[0] : 0;
+}
+
 TrainingCost training_cost(const std::vector<LayerWork>& layers, bool l1) {
   TrainingCost cost;
   for (const auto& l : layers) {

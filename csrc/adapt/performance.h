@@ -5,6 +5,8 @@
 // and these functions turn it into SU¹, SZ and the inference speed-up.
 #pragma once
 
+#include <c10/util/ArrayRef.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -29,6 +31,20 @@ struct LayerWork {
   int64_t bits = 32;
   double density = 1;
 };
+
+// Note [Multiply-adds per sample]
+// LayerWork::madds is a layer's forward multiply-adds per sample: its output
+// elements per sample times its multiply-adds per output. A linear or
+// convolution layer's multiply-adds per output are its fan-in, the elements of
+// one output row of its weight ([out, in]: in; [out, in / groups, kh, kw]: the
+// product of the three). An input with one dimension fewer than the weight
+// ([in], [C, H, W]) is one unbatched sample, whose outputs are all one
+// sample's; any other input is a batch along dimension 0. Written once, for
+// fxp::nn's layers (nn/modules.h) and for the Python controller's forward
+// hooks, which pass their shapes to fxp.AdaptController.set_forward_shapes.
+int64_t fan_in(c10::IntArrayRef weight_sizes);
+bool is_batched_input(int64_t input_dim, int64_t weight_dim);
+int64_t outputs_per_sample(c10::IntArrayRef output_sizes, bool batched);
 
 struct TrainingCost {
   double adapt = 0;    // forward + backward + AdaPT's overhead + the float32 update

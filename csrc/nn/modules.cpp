@@ -204,11 +204,7 @@ WeightMode weight_mode_for(const std::string& method) {
 QuantizedLayer::QuantizedLayer(QuantConfig config_) : config(std::move(config_)) { check_config(config); }
 
 torch::Tensor QuantizedLayer::note_output(torch::Tensor y, bool batched) {
-  if (!batched) {
-    outputs_per_sample = y.numel();
-  } else {
-    outputs_per_sample = y.dim() > 0 && y.size(0) > 0 ? y.numel() / y.size(0) : 0;
-  }
+  outputs_per_sample = adapt::outputs_per_sample(y.sizes(), batched);  // Note [Multiply-adds per sample]
   return y;
 }
 
@@ -222,14 +218,15 @@ torch::Tensor QLinearImpl::forward(const torch::Tensor& x) {
     const torch::Tensor bias = linear->bias.defined() ? weight_on_read(linear->bias, config) : torch::Tensor();
     return note_output(output(torch::nn::functional::linear(x, layer_weight(linear->weight, config, msq), bias),
                               config, output_stats),
-                       x.dim() > 1);
+                       adapt::is_batched_input(x.dim(), linear->weight.dim()));
   }
   const LayerWeights w = layer_weights(linear->weight, linear->bias, config, packed, weight_codes, bias_codes);
   const auto out_format = fused_output_format(config, output_stats);
   const torch::Tensor y = fxp::linear(x, w.weight, w.bias, format_ref(packed.saved_input_format), w.weight_codes,
                                       w.bias_codes, format_ref(w.param_format), format_ref(out_format),
                                       op_rounding(config.act_rounding), std::nullopt, optional(packed.pack_counts));
-  return note_output(out_format ? y : output(y, config, output_stats), x.dim() > 1);
+  return note_output(out_format ? y : output(y, config, output_stats),
+                     adapt::is_batched_input(x.dim(), linear->weight.dim()));
 }
 
 void QLinearImpl::pack_weights_() {
@@ -251,7 +248,7 @@ torch::Tensor QConv2dImpl::forward(const torch::Tensor& x) {
     const torch::Tensor bias = conv->bias.defined() ? weight_on_read(conv->bias, config) : torch::Tensor();
     return note_output(output(float_conv2d(x, layer_weight(conv->weight, config, msq), bias, o), config,
                               output_stats),
-                       x.dim() > 3);
+                       adapt::is_batched_input(x.dim(), conv->weight.dim()));
   }
   check_packed_padding(o);
   // fxp::conv2d takes 4-D input; an unbatched (C, H, W) one runs as a batch of one, as nn::Conv2d runs it.

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "adapt/performance.h"  // Note [Multiply-adds per sample]
+
 namespace fxp::nn {
 
 // Msq: a float master copy read through MSQ's RoundClamp (Note [MSQ layers]).
@@ -119,7 +121,7 @@ class QLinearImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& x);
   void pack_weights_() override;
   std::vector<PackedStorage> packed_storage() const override;
-  int64_t madds_per_output() const override { return linear->options.in_features(); }
+  int64_t madds_per_output() const override { return adapt::fan_in(linear->weight.sizes()); }
   torch::nn::Linear linear{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };
@@ -131,7 +133,7 @@ class QConv2dImpl : public torch::nn::Module, public QuantizedLayer {
   torch::Tensor forward(const torch::Tensor& x);
   void pack_weights_() override;
   std::vector<PackedStorage> packed_storage() const override;
-  int64_t madds_per_output() const override { return conv->weight[0].numel(); }
+  int64_t madds_per_output() const override { return adapt::fan_in(conv->weight.sizes()); }
   torch::nn::Conv2d conv{nullptr};
   torch::Tensor weight_codes, bias_codes;
 };

@@ -314,6 +314,24 @@ def test_python_controller_counts_each_layers_multiply_adds(shape):
     assert 0 < perf["training_speedup"]
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 5, 5), (4, 5, 5)], ids=["batch", "unbatched"])
+def test_python_controller_counts_a_grouped_convolutions_multiply_adds(shape):
+    """QConv2d(4, 6, 3, groups=2): the fan-in is 4 / 2 x 3 x 3 = 18 and one
+    sample has 6 x 3 x 3 outputs, so M = 972 and P = 6 x 18 + 6 = 114
+    (Note [Multiply-adds per sample]); a [C, H, W] input is one sample."""
+    fmt = FxpFormat(8, 4)
+    model = fxp.nn.QConv2d(4, 6, 3, groups=2, weight_mode="ste", param_format=fmt, act_format=fmt)
+    controller = fxp.adapt.AdaptController(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    samples = shape[0] if len(shape) == 4 else 1
+    optimizer.zero_grad()
+    loss = model(torch.randn(shape)).square().mean()
+    loss.backward()
+    controller.after_backward(loss, samples)
+    optimizer.step()
+    assert controller.record()["performance"]["float32_cost"] == 3 * 972 * samples + 114
+
+
 def test_python_controller_state_dict_continues_identically():
     torch.manual_seed(0)
     a = _small_model()

@@ -48,30 +48,19 @@ def _pair(name: str, value) -> list:
     return [int(v) for v in value]
 
 
-def _fan_in(layer: nn.Module) -> int:
-    """Multiply-adds per output element (the performance model's M_l / outputs)."""
-    if isinstance(layer, QLinear):
-        return layer.in_features
-    kh, kw = layer.kernel_size
-    return layer.in_channels // layer.groups * kh * kw
-
-
 class _MaddsCounter:
-    """A forward hook that keeps its layer's multiply-adds per sample from the
-    last output (a module, not a closure, so that the model still pickles)."""
+    """A forward hook that keeps its layer's last input rank and output shape,
+    from which the controller counts the layer's multiply-adds per sample
+    (Note [Multiply-adds per sample], in C++). A module, not a closure, so
+    that the model still pickles."""
 
-    unbatched_dim = None  # a counter pickled before it had one: batched inputs only, as then
-
-    def __init__(self, fan_in: int, unbatched_dim: int) -> None:
-        self.fan_in = fan_in
-        self.unbatched_dim = unbatched_dim  # the input's dim without a batch dimension: 1 linear, 3 conv
-        self.madds = 0
+    def __init__(self) -> None:
+        self.input_dim = -1  # not run yet
+        self.output_shape: list = []
 
     def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() == self.unbatched_dim:  # one sample
-            self.madds = output.numel() * self.fan_in
-        elif output.dim() > 0 and output.shape[0] > 0:
-            self.madds = output.numel() // output.shape[0] * self.fan_in
+        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
+            self.input_dim, self.output_shape = inputs[0].dim(), list(output.shape)
 
 
 class AdaptController:
@@ -130,10 +119,13 @@ class AdaptController:
             _str("adapt", "strategy", strategy), _str("adapt", "log_form", log_form), _number("adapt", "l1", l1))
         self._l1 = float(l1)
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
-        self._counters = [_MaddsCounter(_fan_in(layer), 1 if isinstance(layer, QLinear) else 3)
-                          for layer in self._layers]
+        self._counters = [_MaddsCounter() for _ in self._layers]
         self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
         self._apply_formats()
+
+    def _set_forward_shapes(self) -> None:
+        self._core.set_forward_shapes([c.input_dim for c in self._counters],
+                                      [c.output_shape for c in self._counters])
 
     def _apply_formats(self) -> None:
         flat = self._core.formats()
@@ -165,7 +157,7 @@ class AdaptController:
                              "controller.step(optimizer, loss, batch_size) with a fxp.optim.QPUSGD over "
                              "controller.parameter_groups() in place of after_backward and optimizer.step()")
         loss, batch_size = self._step_arguments(loss, batch_size)
-        self._core.set_madds([c.madds for c in self._counters])
+        self._set_forward_shapes()
         switched = self._core.after_backward(loss, batch_size)
         if switched:
             self._apply_formats()
@@ -207,7 +199,7 @@ class AdaptController:
             switched = self.after_backward(loss, batch_size)
             optimizer.step()
             return switched
-        self._core.set_madds([c.madds for c in self._counters])
+        self._set_forward_shapes()
         if isinstance(optimizer, QPUSGD):
             switched = self._quantized_step(optimizer, loss, batch_size)
         else:

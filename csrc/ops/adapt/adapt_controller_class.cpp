@@ -12,6 +12,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "adapt/performance.h"
 #include "adapt/precision_controller.h"
 
 namespace fxp {
@@ -80,10 +81,22 @@ class AdaptControllerClass : public torch::CustomClassHolder {
     return out;
   }
 
-  void set_madds(const std::vector<int64_t>& madds_per_sample) {
-    TORCH_CHECK(madds_per_sample.size() == core_.layers().size(), "fxp.adapt: set_madds needs one count per layer (",
-                core_.layers().size(), "), but got ", madds_per_sample.size());
-    for (size_t i = 0; i < madds_per_sample.size(); ++i) core_.set_madds(i, madds_per_sample[i]);
+  // Each layer's last forward, as the Python controller's hooks saw it: the
+  // input's number of dimensions (-1: not run yet) and the output's shape.
+  // The multiply-adds follow Note [Multiply-adds per sample]; the layer's weight is its first parameter.
+  void set_forward_shapes(const std::vector<int64_t>& input_dims, const std::vector<std::vector<int64_t>>& output_sizes) {
+    const size_t n = core_.layers().size();
+    TORCH_CHECK(input_dims.size() == n && output_sizes.size() == n, "fxp.adapt: set_forward_shapes needs one shape "
+                "per layer (", n, "), but got ", input_dims.size(), " input dims and ", output_sizes.size(),
+                " output shapes");
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& weight = core_.layers()[i].parameters.front();
+      const int64_t outputs =
+          input_dims[i] < 0 ? 0
+                            : adapt::outputs_per_sample(output_sizes[i],
+                                                        adapt::is_batched_input(input_dims[i], weight.dim()));
+      core_.set_madds(i, outputs * adapt::fan_in(weight.sizes()));
+    }
   }
 
   // [bits_0, frac_0, bits_1, frac_1, ...]
@@ -188,7 +201,7 @@ void define_adapt_controller_class(torch::Library& m) {
       .def("finish_step", &AdaptControllerClass::finish_step)
       .def("measure_density", &AdaptControllerClass::measure_density)
       .def("accumulated", &AdaptControllerClass::accumulated)
-      .def("set_madds", &AdaptControllerClass::set_madds)
+      .def("set_forward_shapes", &AdaptControllerClass::set_forward_shapes)
       .def("formats", &AdaptControllerClass::formats)
       .def("strategy", &AdaptControllerClass::strategy)
       .def("layer_record", &AdaptControllerClass::layer_record)
