@@ -40,6 +40,8 @@ from statistics import median
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from argtypes import positive_list, whole_number  # noqa: E402
+import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
+project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, finish  # noqa: E402
 from bench_train import measure  # noqa: E402
 import sweeplib  # noqa: E402

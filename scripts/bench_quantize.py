@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
+project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, add_timing_args, apply_timing_args
 
 

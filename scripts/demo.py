@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+import project_env  # restarts under the project's Python where this one lacks a module
+
+project_env.ensure(__name__, "torch", "rich")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

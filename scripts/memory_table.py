@@ -22,6 +22,8 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
+project_env.ensure(__name__, "torch", "rich", "matplotlib", "tqdm")
 from bench_report import write_csv  # noqa: E402
 
 BITS = (32, 16, 12, 8)

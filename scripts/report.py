@@ -43,6 +43,8 @@ import re
 import sys
 import textwrap
 
+import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
+project_env.ensure(__name__, "numpy", "pandas", "matplotlib", "yaml")
 import numpy as np
 import pandas as pd
 from sweeplib import plural, varying_keys  # scripts/: the sweep's rules, written once

@@ -30,6 +30,8 @@ import signal
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
+project_env.ensure(__name__, "yaml", "tqdm")
 import sweeplib  # noqa: E402
 from argtypes import positive_number, whole_number  # noqa: E402
 
