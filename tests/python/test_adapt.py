@@ -292,11 +292,13 @@ def test_python_controller_normalizes_switches_and_sets_the_layers_formats():
     assert record["strategy"] in ("min", "mean", "max")
 
 
-@pytest.mark.parametrize("shape", [(5, 6), (6,), (5, 2, 6)], ids=["batch", "unbatched", "rows_per_sample"])
-def test_python_controller_counts_each_layers_multiply_adds(shape):
+@pytest.mark.parametrize("shape, keyword", [((5, 6), False), ((6,), False), ((5, 2, 6), False), ((5, 6), True)],
+                         ids=["batch", "unbatched", "rows_per_sample", "keyword_input"])
+def test_python_controller_counts_each_layers_multiply_adds(shape, keyword):
     """The performance model's float32 cost by hand for one QLinear(6, 3):
     3 M samples + P iterations, M = 3 outputs x 6 inputs (per row of a
-    sample), P = 21. An unbatched input is one sample."""
+    sample), P = 21. An unbatched input is one sample; an input passed by
+    keyword counts as one passed by position."""
     fmt = FxpFormat(8, 4)
     model = fxp.nn.QLinear(6, 3, weight_mode="ste", param_format=fmt, act_format=fmt)
     controller = fxp.adapt.AdaptController(model)
@@ -305,7 +307,8 @@ def test_python_controller_counts_each_layers_multiply_adds(shape):
     rows = shape[1] if len(shape) > 2 else 1
     for _ in range(2):
         optimizer.zero_grad()
-        loss = model(torch.randn(shape)).square().mean()
+        x = torch.randn(shape)
+        loss = (model(x=x) if keyword else model(x)).square().mean()
         loss.backward()
         controller.after_backward(loss, samples)
         optimizer.step()

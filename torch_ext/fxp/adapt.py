@@ -58,9 +58,13 @@ class _MaddsCounter:
         self.input_dim = -1  # not run yet
         self.output_shape: list = []
 
-    def __call__(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor):
-            self.input_dim, self.output_shape = inputs[0].dim(), list(output.shape)
+    def __call__(self, module: nn.Module, args, *kwargs_and_output) -> None:
+        # Registered with_kwargs, so that layer(x=...) counts too: (kwargs, output); a hook pickled
+        # before then is called without them: (output,).
+        kwargs, output = kwargs_and_output if len(kwargs_and_output) == 2 else ({}, kwargs_and_output[0])
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(x, Tensor) and isinstance(output, Tensor):
+            self.input_dim, self.output_shape = x.dim(), list(output.shape)
 
 
 class AdaptController:
@@ -120,7 +124,8 @@ class AdaptController:
         self._l1 = float(l1)
         # Each layer's forward multiply-adds per sample, from its last output (the performance model).
         self._counters = [_MaddsCounter() for _ in self._layers]
-        self._hooks = [layer.register_forward_hook(c) for layer, c in zip(self._layers, self._counters)]
+        self._hooks = [layer.register_forward_hook(c, with_kwargs=True)
+                       for layer, c in zip(self._layers, self._counters)]
         self._apply_formats()
 
     def _set_forward_shapes(self) -> None:
