@@ -166,9 +166,7 @@ namespace {
 std::string closest_key_hint(const std::string& key) {
   std::string underscored = key;
   std::replace(underscored.begin(), underscored.end(), '-', '_');
-  std::vector<std::string> names;
-  for (const auto& [name, field] : fields()) names.push_back(name);
-  const std::string best = closest_name(underscored, names);
+  const std::string best = closest_name(underscored, config_keys());
   return best.empty() ? "" : " (did you mean '" + best + "'?)";
 }
 

@@ -17,6 +17,7 @@
 namespace {
 
 using fxp::testing::expect_error;
+using fxp::testing::idx_bytes;
 
 // Note: no std::filesystem here (see test_idx.cpp).
 class Datasets : public ::testing::Test {
@@ -56,15 +57,6 @@ class Datasets : public ::testing::Test {
   }
 
   // An IDX file of uint8 data with dims.
-  static std::vector<uint8_t> idx(std::vector<uint32_t> dims, const std::vector<uint8_t>& data) {
-    std::vector<uint8_t> h = {0, 0, 0x08, static_cast<uint8_t>(dims.size())};
-    for (uint32_t d : dims) {
-      for (int s = 24; s >= 0; s -= 8) h.push_back(static_cast<uint8_t>(d >> s));
-    }
-    h.insert(h.end(), data.begin(), data.end());
-    return h;
-  }
-
   std::string dir_;
   std::vector<std::string> paths_;
 };
@@ -121,16 +113,16 @@ TEST_F(Datasets, CifarSplitsByName) {
 TEST_F(Datasets, MnistFamilyByName) {
   std::vector<uint8_t> pixels(2 * 28 * 28);
   for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>(i % 251);
-  write("emnist-balanced-test-images-idx3-ubyte", idx({2, 28, 28}, pixels));
-  write("emnist-balanced-test-labels-idx1-ubyte", idx({2}, {46, 3}));
+  write("emnist-balanced-test-images-idx3-ubyte", idx_bytes(0x08, {2, 28, 28}, pixels));
+  write("emnist-balanced-test-labels-idx1-ubyte", idx_bytes(0x08, {2}, {46, 3}));
   const auto s = fxp::data::read_dataset_split("emnist", dir_, false);
   EXPECT_EQ(s.images.sizes(), (std::vector<int64_t>{2, 1, 28, 28}));
   // EMNIST is stored transposed: row 0, column 1 of the result is the file's row 1, column 0.
   EXPECT_EQ(s.images[0][0][0][1].item<int>(), 28 % 251);
   EXPECT_TRUE(torch::equal(s.labels, torch::tensor({46, 3}, torch::kLong)));
 
-  write("t10k-images-idx3-ubyte", idx({2, 28, 28}, pixels));
-  write("t10k-labels-idx1-ubyte", idx({2}, {9, 10}));
+  write("t10k-images-idx3-ubyte", idx_bytes(0x08, {2, 28, 28}, pixels));
+  write("t10k-labels-idx1-ubyte", idx_bytes(0x08, {2}, {9, 10}));
   expect_error([&] { fxp::data::read_dataset_split("mnist", dir_, false); },
                dir_ + "/t10k-labels-idx1-ubyte has label 10, but the dataset has 10 classes");
   expect_error([&] { fxp::data::read_dataset_split("mnist", dir_, true); },

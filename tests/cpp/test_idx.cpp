@@ -45,28 +45,21 @@ class IdxReader : public ::testing::Test {
     return p;
   }
 
-  static std::vector<uint8_t> header(uint8_t type, std::vector<uint32_t> dims) {
-    std::vector<uint8_t> h = {0, 0, type, static_cast<uint8_t>(dims.size())};
-    for (uint32_t d : dims) {
-      for (int s = 24; s >= 0; s -= 8) h.push_back(static_cast<uint8_t>(d >> s));
-    }
-    return h;
-  }
-
   std::string dir_;
   std::vector<std::string> files_;
 };
 
 using fxp::testing::expect_error;
+using fxp::testing::idx_bytes;
 
 TEST_F(IdxReader, ReadsUint8AndBigEndianInt32) {
-  auto bytes = header(0x08, {2, 3});
+  auto bytes = idx_bytes(0x08, {2, 3});
   for (uint8_t v = 0; v < 6; ++v) bytes.push_back(v * 10);
   const auto t = fxp::data::read_idx(write("u8.idx", bytes));
   EXPECT_EQ(t.scalar_type(), torch::kByte);
   EXPECT_TRUE(torch::equal(t, torch::tensor({0, 10, 20, 30, 40, 50}, torch::kByte).view({2, 3})));
 
-  auto ints = header(0x0C, {2});
+  auto ints = idx_bytes(0x0C, {2});
   for (uint8_t b : {0x00, 0x01, 0x02, 0x03, 0xFF, 0xFF, 0xFF, 0xFE}) ints.push_back(b);
   const auto i = fxp::data::read_idx(write("i32.idx", ints));
   EXPECT_EQ(i[0].item<int32_t>(), 0x00010203);
@@ -74,16 +67,16 @@ TEST_F(IdxReader, ReadsUint8AndBigEndianInt32) {
 }
 
 TEST_F(IdxReader, BadFilesGiveErrorsNamingTheFile) {
-  auto bytes = header(0x08, {10, 28, 28});
+  auto bytes = idx_bytes(0x08, {10, 28, 28});
   bytes.resize(bytes.size() + 100);  // 7840 payload bytes expected
   const auto truncated = write("truncated.idx", bytes);
   expect_error([&] { fxp::data::read_idx(truncated); }, truncated + ": truncated IDX file");
-  auto magic = header(0x08, {1});
+  auto magic = idx_bytes(0x08, {1});
   magic[0] = 7;
   magic.push_back(1);
   const auto bad_magic = write("magic.idx", magic);
   expect_error([&] { fxp::data::read_idx(bad_magic); }, bad_magic + ": not an IDX file (bad magic number");
-  auto type = header(0x42, {1});
+  auto type = idx_bytes(0x42, {1});
   type.push_back(1);
   const auto bad_type = write("type.idx", type);
   expect_error([&] { fxp::data::read_idx(bad_type); }, "unknown IDX element type 0x42");
@@ -95,7 +88,7 @@ TEST_F(IdxReader, BadFilesGiveErrorsNamingTheFile) {
 
 #if defined(FXP_HAVE_ZLIB)
 TEST_F(IdxReader, ReadsGzipAndRejectsATruncatedOne) {
-  auto bytes = header(0x08, {4});
+  auto bytes = idx_bytes(0x08, {4});
   for (uint8_t v : {1, 2, 3, 4}) bytes.push_back(v);
   const auto file = path("a.idx.gz");
   gzFile gz = gzopen(file.c_str(), "wb");
@@ -124,20 +117,20 @@ TEST(FashionMnist, DebianFilesLoad) {
 // Issue 11 (found by UBSan): a header whose dimensions multiply past 2^63 was a
 // signed overflow, and a file without elements passed a null pointer to memcpy.
 TEST_F(IdxReader, HugeDimensionsAreATruncatedFileNotAnOverflow) {
-  auto bytes = header(0x08, {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu});
+  auto bytes = idx_bytes(0x08, {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu});
   bytes.resize(bytes.size() + 16);
   const auto huge = write("huge.idx", bytes);
   expect_error([&] { fxp::data::read_idx(huge); }, huge + ": truncated IDX file");
   // 2^22 * 2^21 * 2^21 = 2^64: the product wraps to 0, which once passed the size check.
-  const auto wraps = write("wraps.idx", header(0x08, {0x400000u, 0x200000u, 0x200000u}));
+  const auto wraps = write("wraps.idx", idx_bytes(0x08, {0x400000u, 0x200000u, 0x200000u}));
   expect_error([&] { fxp::data::read_idx(wraps); }, wraps + ": truncated IDX file");
-  const auto empty = fxp::data::read_idx(write("empty.idx", header(0x08, {0, 28, 28})));
+  const auto empty = fxp::data::read_idx(write("empty.idx", idx_bytes(0x08, {0, 28, 28})));
   EXPECT_EQ(empty.sizes(), (std::vector<int64_t>{0, 28, 28}));
 }
 
 TEST_F(IdxReader, ASplitWithoutImagesIsAnError) {
-  const auto images = write("train-images-idx3-ubyte", header(0x08, {0, 28, 28}));
-  write("train-labels-idx1-ubyte", header(0x08, {0}));
+  const auto images = write("train-images-idx3-ubyte", idx_bytes(0x08, {0, 28, 28}));
+  write("train-labels-idx1-ubyte", idx_bytes(0x08, {0}));
   expect_error([&] { fxp::data::read_mnist_split(dir_, "train"); }, images + " holds no images");
 }
 

@@ -1131,18 +1131,13 @@ TEST_F(TrainRun, EarlyStoppingAndItsMinimum) {
 // images (a subset, a dataset of one's own) are checked when they are read, naming them.
 TEST(TrainSetup, ALimitBeyondTheFilesImagesNamesThem) {
   const std::string dir = temp_dir();
-  const auto write_idx = [&](const std::string& name, std::vector<int> dims) {
-    std::string bytes{'\0', '\0', '\x08', static_cast<char>(dims.size())};
-    size_t count = 1;
-    for (const int d : dims) {
-      for (int shift = 24; shift >= 0; shift -= 8) bytes.push_back(static_cast<char>((d >> shift) & 0xFF));
-      count *= static_cast<size_t>(d);
-    }
-    bytes.append(count, '\1');
-    std::ofstream(dir + "/" + name, std::ios::binary) << bytes;
+  const auto write_idx = [&](const std::string& name, const std::vector<uint32_t>& dims, size_t count) {
+    const auto bytes = fxp::testing::idx_bytes(0x08, dims, std::vector<uint8_t>(count, 1));
+    std::ofstream(dir + "/" + name, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                                             static_cast<std::streamsize>(bytes.size()));
   };
-  write_idx("train-images-idx3-ubyte", {10, 28, 28});
-  write_idx("train-labels-idx1-ubyte", {10});
+  write_idx("train-images-idx3-ubyte", {10, 28, 28}, 10 * 28 * 28);
+  write_idx("train-labels-idx1-ubyte", {10}, 10);
   ft::TrainConfig c;
   c.data_dir = dir;
   c.train_limit = 20;
