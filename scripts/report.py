@@ -59,6 +59,11 @@ CONFIG_COLUMNS = ["model", "dataset", "method", "param_bits", "param_frac", "out
 # Config keys that do not change what a run is: where it reads and writes, and its seed and thread count.
 NOT_SETTINGS = {"seed", "output_dir", "data_dir", "threads"}
 
+
+def _settings(config: dict) -> dict:
+    """The settings of a run's config that define its experiment: all but NOT_SETTINGS."""
+    return {k: v for k, v in config.items() if k not in NOT_SETTINGS}
+
 _warned: set[str] = set()
 
 
@@ -165,7 +170,7 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 # AdaPT: the performance model's final model size relative to float32 (SZ).
                 "adapt_model_size": _dig(s, "adapt", "model_size"),
                 # Every setting that defines the experiment (methods_table tells configurations apart by them).
-                "settings": json.dumps({k: v for k, v in c.items() if k not in NOT_SETTINGS}, sort_keys=True),
+                "settings": json.dumps(_settings(c), sort_keys=True),
             })
         for failed in sorted(root.rglob("failed.json")):
             d = failed.parent
@@ -261,7 +266,8 @@ def _writer_on_disk(directory: pathlib.Path) -> tuple[dict, str] | None:
     config = read_json(directory / "config.json")
     if config is None:
         return None
-    settings = {k: v for k, v in config.items() if k not in NOT_SETTINGS and k != "init_from"}
+    settings = _settings(config)
+    settings.pop("init_from", None)  # as _configurations keeps a run's settings
     return settings, str(config.get("method", "?"))
 
 

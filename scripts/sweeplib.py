@@ -145,7 +145,8 @@ def _distinct_ids(runs: list["Run"], kept: list[tuple] | None = None) -> list["R
 
 def varying_keys(configs: list[dict]) -> set[str]:
     """The keys whose values are not the same in every one of `configs` (a key one lacks counts as None)."""
-    return {k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1}
+    keys = {k for c in configs for k in c}
+    return {k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
 
 
 def _id_text(key: str, value) -> str:

@@ -17,9 +17,9 @@ SCRIPTS = ["bench_train", "bench_optim", "bench_fleet", "bench_adapt", "bench_po
            "memory_table", "demo", "report", "sweep"]
 
 
-def _run(script: str, env: dict) -> subprocess.CompletedProcess:
+def _run(script: str, env: dict, args=("--help",)) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("FXP_VENV", "FXP_SYSTEM_PYTHON")} | env
-    return subprocess.run([sys.executable, "-S", str(ROOT / "scripts" / f"{script}.py"), "--help"],
+    return subprocess.run([sys.executable, "-S", str(ROOT / "scripts" / f"{script}.py"), *args],
                           capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -33,6 +33,14 @@ def test_a_script_restarts_under_the_project_python(script):
     result = _run(script, {"FXP_VENV": sys.prefix})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:"), result.stdout
+
+
+@pytest.mark.skipif(not IN_A_VENV, reason="the tests' Python is not a virtual environment to restart under")
+def test_the_demo_restarts_before_it_needs_torch():
+    """demo.py imports torch only after its arguments, so its --help runs anywhere; a demo needs the restart."""
+    result = _run("demo", {"FXP_VENV": sys.prefix}, ["--numel", "64"])
+    assert result.returncode == 0, result.stderr
+    assert "FxP" in result.stdout, result.stdout
 
 
 def test_without_the_project_python_the_script_says_what_to_do(tmp_path):
