@@ -237,6 +237,8 @@ int64_t network_image_size(const std::string& name) {
   throw std::invalid_argument("model must be one of paper_cnn, lenet5, resnet20, alexnet, but got '" + name + "'");
 }
 
+bool network_has_batch_norm(const std::string& name) { return name == "resnet20"; }
+
 std::shared_ptr<NetworkImpl> make_network(const std::string& name, const QuantConfig& config, int64_t in_channels,
                                           int64_t num_classes) {
   network_image_size(name);  // checks the name; each network's constructor checks the sizes

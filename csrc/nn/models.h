@@ -96,6 +96,8 @@ TORCH_MODULE(AlexNet);
 // (inputs of another size are padded or cropped to it: data/datasets.h).
 const std::vector<std::string>& network_names();
 int64_t network_image_size(const std::string& name);
+// Whether the named network has batch norm layers (false for a name it does not know).
+bool network_has_batch_norm(const std::string& name);
 // Builds network `name` for inputs of `in_channels` channels and `num_classes`
 // classes, every layer quantized as `config` says.
 std::shared_ptr<NetworkImpl> make_network(const std::string& name, const QuantConfig& config, int64_t in_channels,

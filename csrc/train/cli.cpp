@@ -263,8 +263,10 @@ std::optional<int> parse_command_line(const std::vector<std::string>& args, Comm
   CLI::Option* fleet = app.add_option("--fleet", command.fleet_file,
                  "train many runs as one fleet (docs/train.md, \"Many runs as one\"): read settings as JSON lines from FILE "
                  "('-': stdin), one member run per line, over the defaults, --config and the flags; each member "
-                 "writes its own run directory, as a solo run would. Members share model, dataset, method and "
-                 "batch size; seeds, formats, rounding, lr, momentum, weight decay, schedule and epochs may differ")
+                 "writes its own run directory, as a solo run would. Members share model, dataset, method, "
+                 "batch size and what the data needs (device, threads, data and its limits, normalization; "
+                 "docs/train.md lists them); seeds, formats, rounding, lr, momentum, weight decay, schedule and "
+                 "epochs may differ")
       ->group("Modes");
   app.add_option_function<std::string>(
          "--fleet-compact-below",

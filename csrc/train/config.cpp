@@ -373,7 +373,7 @@ std::string TrainConfig::run_name() const {
          << inference_rounding;
   }
   if (momentum_form != "standard") name << "-" << momentum_form;
-  if (bn_recalibration_batches > 0) name << "-bnr" << bn_recalibration_batches;
+  if (bn_recalibration_batches > 0 && nn::network_has_batch_norm(model)) name << "-bnr" << bn_recalibration_batches;
   name << "-b" << batch_size << "-s" << seed;
   if (packed) name << "-packed";
   if (distributed) name << "-dist";
@@ -381,8 +381,9 @@ std::string TrainConfig::run_name() const {
 }
 
 // Note [Settings without effect]
-// A setting the run's method, scheduler or early stopping does not read is
-// named in the run's log, not refused: a grid's base may hold the settings of
+// A setting the run's method, model, scheduler or early stopping does not
+// read is named in the run's log (and in --print-configs' "unread"), not
+// refused, and kept out of the run name: a grid's base may hold the settings of
 // its other blocks' methods (msq-resnet20.yaml gives its fp32 block MSQ's).
 // Settings that would change what a method does if it read them (l1_decay,
 // update, momentum_form, packed) are refused by validate() instead.
@@ -404,6 +405,9 @@ std::vector<std::pair<std::string, std::string>> TrainConfig::unread_settings() 
     if (scheduler != "plateau" && key.rfind("plateau_", 0) == 0) unread.emplace_back(key, "scheduler is " + scheduler);
   }
   if (method == "msq" && !msq_hessian) unread.emplace_back("msq_hessian_samples", "msq_hessian is off");
+  if (!nn::network_has_batch_norm(model)) {
+    unread.emplace_back("bn_recalibration_batches", "model " + model + " has no batch norm");
+  }
   if (!early_stopping) {
     for (const std::string key : {"early_stopping_patience", "early_stopping_min_epochs"}) {
       unread.emplace_back(key, "early_stopping is off");

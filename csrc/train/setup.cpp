@@ -67,10 +67,6 @@ void log_settings_notes(std::ostream& log, const TrainConfig& c, const nn::Netwo
         << " CPUs this process may use: OpenMP's waiting threads spin, so threads that share a core can make the run "
            "several times slower (docs/train.md, \"Threads and a busy machine\")\n";
   }
-  if (c.bn_recalibration_batches > 0 && !model.has_batch_norm()) {
-    log << prefix << "note: bn_recalibration_batches = " << c.bn_recalibration_batches << " has no effect: model "
-        << c.model << " has no batch norm\n";
-  }
   if (c.method == "msq" && c.init_from.empty()) {
     log << prefix << "note: MSQ starts from random weights here: it fixes each layer's scale from the weights it "
                      "starts with, and its paper fine-tunes a trained float32 model; --init-from RUN/checkpoint.pt "

@@ -62,6 +62,8 @@ TEST(Models, DescribeRowsAddUpToTheModel) {
     EXPECT_EQ(rows.back().layer, "Softmax");
     EXPECT_EQ(rows.back().out_shape, (std::vector<int64_t>{10})) << name;
     EXPECT_TRUE(net->is_training()) << "describe restores the training mode";
+    // The config's check (Note [Settings without effect]) knows the model without building it.
+    EXPECT_EQ(fxp::nn::network_has_batch_norm(name), net->has_batch_norm()) << name;
   }
 }
 

@@ -152,6 +152,16 @@ TEST(TrainConfig, SettingsWithoutEffectAreNamed) {
              "--scheduler", "plateau", "--plateau-patience", "3", "--early-stopping", "--early-stopping-patience", "4"});
   ASSERT_EQ(p.code, -1) << p.err;
   EXPECT_TRUE(p.command.config.settings_without_effect().empty());
+  // Batch norm recalibration on a model without batch norm: named, and not in the run name.
+  p = parse({"--model", "lenet5", "--bn-recalibration-batches", "2"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.settings_without_effect(),
+            std::vector<std::string>{"bn_recalibration_batches = 2 has no effect: model lenet5 has no batch norm"});
+  EXPECT_EQ(p.command.config.run_name().find("bnr"), std::string::npos) << p.command.config.run_name();
+  p = parse({"--model", "resnet20", "--bn-recalibration-batches", "2"});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_TRUE(p.command.config.settings_without_effect().empty());
+  EXPECT_NE(p.command.config.run_name().find("-bnr2-"), std::string::npos) << p.command.config.run_name();
   p = parse({"--method", "adapt", "--out-bits", "12", "--adapt-buffer-bits", "8", "--inference-rounding", "hte"});
   ASSERT_EQ(p.code, -1) << p.err;
   EXPECT_EQ(p.command.config.settings_without_effect(),
@@ -567,11 +577,11 @@ TEST(TrainConfig, LogNotesNameTooManyThreadsAndBatchNormsWithout) {
   ASSERT_EQ(p.code, -1) << p.err;
   std::ostringstream log;
   ft::log_settings_notes(log, p.command.config, *ft::build_network(p.command.config), "run: ");
-  EXPECT_EQ(log.str(), "run: note: threads = " + std::to_string(cpus + 1) + " is more than the " +
+  EXPECT_EQ(log.str(), "run: note: bn_recalibration_batches = 2 has no effect: model lenet5 has no batch norm\n"
+                       "run: note: threads = " + std::to_string(cpus + 1) + " is more than the " +
                            std::to_string(cpus) + " CPUs this process may use: OpenMP's waiting threads spin, so "
                            "threads that share a core can make the run several times slower (docs/train.md, "
-                           "\"Threads and a busy machine\")\nrun: note: bn_recalibration_batches = 2 has no effect: "
-                           "model lenet5 has no batch norm\n");
+                           "\"Threads and a busy machine\")\n");
   p = parse({"--threads", std::to_string(cpus), "--model", "resnet20"});
   ASSERT_EQ(p.code, -1) << p.err;
   log.str("");

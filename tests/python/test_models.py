@@ -91,8 +91,11 @@ def test_batch_norm_recalibration_changes_what_validation_sees_and_nothing_else(
     assert all(x["val_loss"] != y["val_loss"] for x, y in zip(a, b))
     summary = json.loads((recalibrated / "summary.json").read_text())
     assert summary["config"]["bn_recalibration_batches"] == 2
-    resolved = json.loads(run_fxp_train("--print-config", "--bn-recalibration-batches", "3").stdout)
+    resolved = json.loads(run_fxp_train("--print-config", "--model", "resnet20", "--bn-recalibration-batches", "3").stdout)
     assert resolved["output_dir"].endswith("-bnr3-b64-s0")
+    # Note [Settings without effect]: a model without batch norm does not read it.
+    resolved = json.loads(run_fxp_train("--print-config", "--bn-recalibration-batches", "3").stdout)
+    assert "bnr" not in resolved["output_dir"]
     p = run_fxp_train("--bn-recalibration-batches", "-1")
     assert p.returncode == 2 and "bn_recalibration_batches" in p.stderr
 
