@@ -36,6 +36,19 @@ if [[ "${1:-}" == "--prepare" ]]; then
   cp -r /usr/share/datasets/fashion-mnist "$ROOT/.deps/fashion-mnist"
   qtorch=$(grep -E '^qtorch==' "$ROOT/scripts/requirements.txt")
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$ROOT/.deps/wheels" "$qtorch"
+  # This machine's CUDA build of libfxp, for the error_paths_devbuild stage: the same source built by
+  # another compiler, to tell a fault of the GPU machine's build from one of the code (docs/gpu-check.md).
+  rm -rf "$ROOT/.deps/devbuild"
+  # (grep -c reads all of nm's output: grep -q would end the pipeline early, and pipefail fail it)
+  if [[ -f $ROOT/build/libfxp.so ]] && (($(nm -DC "$ROOT/build/libfxp.so" | grep -c "fxp::kernels::pack_bits_cuda"))); then
+    cmake --build "$ROOT/build" --target fxp >/dev/null
+    mkdir -p "$ROOT/.deps/devbuild"
+    xz -T0 -6 -c "$ROOT/build/libfxp.so" >"$ROOT/.deps/devbuild/libfxp.so.xz"
+    { git -C "$ROOT" describe --always --dirty; "${CXX:-c++}" --version | head -n 1; } >"$ROOT/.deps/devbuild/info.txt"
+  else
+    echo "gpu_check --prepare: build/libfxp.so is not a CUDA build (FXP_CUDA=ON scripts/setup.sh): the"
+    echo "  error_paths_devbuild stage will be skipped"
+  fi
   echo "prepared $ROOT/.deps ($(du -sh "$ROOT/.deps" | cut -f1)); carry .deps to the GPU machine"
   exit 0
 fi
@@ -47,7 +60,7 @@ while (($#)); do
   fi
 done
 # The stages --only may name (the train_* stages by their full names).
-STAGES="ctest_cuda pytest_cuda error_paths bench_optim bench_quantize bench_pool bench_train bench_fleet bench_adapt
+STAGES="ctest_cuda pytest_cuda error_paths error_paths_devbuild bench_optim bench_quantize bench_pool bench_train bench_fleet bench_adapt
 bench_adapt_python train_distributed_nccl train_exp2-fp32 train_exp2-ste-16 train_exp2-sqpu-16 train_exp2-hteqpu-16
 train_exp2-sqpu-8 train_lenet5_adapt train_resnet20_adapt train_alexnet_adapt train_lenet5_adapt_qpu train_lenet5_msq
 memory_table ctest_rest demo pytest_rest train_default"
@@ -152,12 +165,15 @@ xdist=()
 # one. Without xdist one process runs them all, so the cases that crashed their worker in earlier runs
 # (docs/gpu-check.md; the error_paths stage diagnoses them), and a new one that raises the same way,
 # run last, each in its own process.
+# Node ids as pytest names them (relative to tests/python, its rootdir: pytest.ini), one per line: an
+# exported string, since the stages run in child shells, which do not inherit arrays.
+export CRASHED_CASES='test_bit_pack.py::test_cuda_inputs_errors_and_empty
+test_packed.py::test_cuda_pack_unpack_bit_identical_to_cpu
+test_qpu_sgd_capturable.py::test_packed_nan_is_counted_not_raised[cuda]
+test_qpu_sgd_members.py::test_cuda_names_the_members_a_nan_hit_as_the_cpu_does'
 pytest_cuda() {
-  # Node ids as pytest names them: relative to tests/python, its rootdir (pytest.ini).
-  local crashes=(test_bit_pack.py::test_cuda_inputs_errors_and_empty
-    test_packed.py::test_cuda_pack_unpack_bit_identical_to_cpu
-    "test_qpu_sgd_capturable.py::test_packed_nan_is_counted_not_raised[cuda]"
-    test_qpu_sgd_members.py::test_cuda_names_the_members_a_nan_hit_as_the_cpu_does)
+  local crashes
+  mapfile -t crashes <<<"$CRASHED_CASES"
   cd "$ROOT/tests/python" || return 1
   # shellcheck disable=SC2086  # PYTEST_FLAGS is a list of flags
   {
@@ -177,6 +193,38 @@ run pytest_cuda 120 env FXP_LARGE_TESTS=1 bash -c pytest_cuda
 # Each op's error path in its own process: an error raised after a device read crashed three
 # CUDA cases of the first runs; this reports how each ends, with the native stack of a crash.
 run error_paths 30 "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py"
+# The same error paths and crashed cases with the development machine's build of the same source
+# (gpu_check.sh --prepare): if they pass there and crash with this machine's build, the fault is in
+# this build (compiler, flags), not in the code. This machine's libfxp comes back in the logs
+# (libfxp-gpu.so.xz), to be run on a CPU machine under a stand-in CUDA runtime.
+error_paths_devbuild() {
+  local lib=$BUILD/devbuild/libfxp.so status=0 case crashes
+  mapfile -t crashes <<<"$CRASHED_CASES"
+  "$PYTHON" - "$ROOT/.deps/devbuild/libfxp.so.xz" "$lib" "$BUILD/libfxp.so" "$LOGS/libfxp-gpu.so.xz" <<'PY' || return 1
+import lzma, pathlib, shutil, sys
+src, dst, mine, back = map(pathlib.Path, sys.argv[1:])
+dst.parent.mkdir(parents=True, exist_ok=True)
+with lzma.open(src) as i, open(dst, "wb") as o:
+    shutil.copyfileobj(i, o)
+with open(mine, "rb") as i, lzma.open(back, "wb", preset=6) as o:
+    shutil.copyfileobj(i, o)
+PY
+  cat "$ROOT/.deps/devbuild/info.txt"
+  FXP_LIBRARY=$lib "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py" || status=1
+  cd "$ROOT/tests/python" || return 1
+  for case in "${crashes[@]}"; do
+    # shellcheck disable=SC2086  # PYTEST_FLAGS is a list of flags
+    FXP_LIBRARY=$lib "$PYTHON" -m pytest $PYTEST_FLAGS "$case" || status=1
+  done
+  return $status
+}
+if [[ -f $ROOT/.deps/devbuild/libfxp.so.xz ]]; then
+  export -f error_paths_devbuild
+  export BUILD LOGS
+  run error_paths_devbuild 40 bash -c error_paths_devbuild
+else
+  echo "==> error_paths_devbuild skipped: no .deps/devbuild/libfxp.so.xz (scripts/gpu_check.sh --prepare with a CUDA build/)"
+fi
 run bench_optim 30 "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
 run bench_quantize 20 "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --no-qtorch \
   --markdown "$LOGS/bench_quantize_cuda.md"

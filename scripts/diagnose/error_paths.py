@@ -44,9 +44,15 @@ def _packed_nan_step(device):
     torch.ops.fxp.qpu_sgd_step_(w, g, v, 0.5, 0.9, 0.0, False, 8, 4, 8, 4, "nearest_even", 0, 0, "standard", None)
 
 
+def _round_clamp_codes_nan(device):
+    import torch
+    return _fxp().msq.round_clamp_codes(torch.tensor([0.5, float("nan")], device=device), 1.0, 4)
+
+
 # name -> (needs CUDA, the call, the exception it must raise)
 CASES = {
     "pack_bits_cpu_outside": (False, lambda: _pack_bits(_bad_codes("cpu")), RuntimeError),
+    "round_clamp_codes_cpu_nan": (False, lambda: _round_clamp_codes_nan("cpu"), RuntimeError),
     "pack_cpu_nan": (False, lambda: _fxp().pack(_torch().tensor([1.0, float("nan")]), 8, 4), ValueError),
     "qpu_step_cpu_packed_nan": (False, lambda: _packed_nan_step("cpu"), ValueError),
     "quantize_cuda_device_mismatch": (True, lambda: _fxp().quantize(_torch().randn(4), 8, 4,
@@ -58,6 +64,8 @@ CASES = {
     "pack_cuda_nan": (True, lambda: _fxp().pack(_torch().tensor([1.0, float("nan")], device="cuda"), 8, 4),
                       ValueError),
     "qpu_step_cuda_packed_nan": (True, lambda: _packed_nan_step("cuda"), ValueError),
+    # Raises after a device read too, and has not run on a GPU yet.
+    "round_clamp_codes_cuda_nan": (True, lambda: _round_clamp_codes_nan("cuda"), RuntimeError),
 }
 # The crashes seen on the GPU, rerun with each of these environments.
 VARIANTS = {"plain": {}, "cpp_stacktraces": {"TORCH_SHOW_CPP_STACKTRACES": "1"},
@@ -125,6 +133,7 @@ def main(argv=None) -> int:
         return run_case(args.case)
     import torch
     cuda = torch.cuda.is_available()
+    print(f"libfxp: {os.environ.get('FXP_LIBRARY') or 'as import fxp finds it'}", flush=True)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         handler = native_handler(pathlib.Path(tmp))

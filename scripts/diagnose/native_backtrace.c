@@ -5,6 +5,7 @@
 #include <execinfo.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 static void on_fatal_signal(int sig) {
@@ -12,6 +13,15 @@ static void on_fatal_signal(int sig) {
   const int n = backtrace(frames, 128);
   static const char header[] = "\n=== native backtrace (scripts/diagnose/native_backtrace.c) ===\n";
   (void)!write(2, header, sizeof header - 1);
+  /* Python's faulthandler marks no thread when the signal hits one without Python state (the op
+     releases the GIL), so say here whether the main thread faulted. */
+  static const char on_main[] = "faulting thread: the main thread\n";
+  static const char on_other[] = "faulting thread: NOT the main thread\n";
+  if (syscall(SYS_gettid) == getpid()) {
+    (void)!write(2, on_main, sizeof on_main - 1);
+  } else {
+    (void)!write(2, on_other, sizeof on_other - 1);
+  }
   backtrace_symbols_fd(frames, n, 2);
   signal(sig, SIG_DFL);
   raise(sig);
