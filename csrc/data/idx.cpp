@@ -6,7 +6,9 @@
 #include <cerrno>
 #include <cstring>
 #include <sys/stat.h>
+#include <algorithm>
 #include <fstream>
+#include <limits>
 #include <vector>
 
 #if defined(FXP_HAVE_ZLIB)
@@ -30,25 +32,46 @@ bool is_gzip(const std::vector<uint8_t>& bytes) {
   return bytes.size() >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b;
 }
 
+// Every member of the file: gzip files may be concatenated (`cat a.gz b.gz`), and
+// zcat reads them all as one. Bytes after the last member that start no other
+// are an error, not ignored: a file with them is damaged or not what it seems.
 std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string& path) {
 #if defined(FXP_HAVE_ZLIB)
   z_stream z{};
   TORCH_CHECK(inflateInit2(&z, 16 + MAX_WBITS) == Z_OK, "fxp: zlib init failed for ", path);
-  z.next_in = const_cast<Bytef*>(bytes.data());
-  z.avail_in = static_cast<uInt>(bytes.size());
+  // zlib counts input in uInt: a file above 4 GiB is fed in pieces.
+  const auto feed = [&](size_t from) {
+    z.next_in = const_cast<Bytef*>(bytes.data() + from);
+    z.avail_in = static_cast<uInt>(std::min<size_t>(bytes.size() - from, std::numeric_limits<uInt>::max()));
+  };
+  const auto consumed = [&] { return static_cast<size_t>(z.next_in - bytes.data()); };
+  feed(0);
   std::vector<uint8_t> out;
   std::vector<uint8_t> buffer(1 << 20);
-  int rc = Z_OK;
-  while (rc != Z_STREAM_END) {
-    z.next_out = buffer.data();
-    z.avail_out = static_cast<uInt>(buffer.size());
-    rc = inflate(&z, Z_NO_FLUSH);
-    if (rc != Z_OK && rc != Z_STREAM_END) {
-      inflateEnd(&z);
-      TORCH_CHECK(false, "fxp: ", path, " is not a valid gzip file (",
-                  rc == Z_BUF_ERROR ? "truncated" : "corrupted", ")");
+  for (;;) {
+    int rc = Z_OK;
+    while (rc != Z_STREAM_END) {
+      if (z.avail_in == 0) feed(consumed());
+      z.next_out = buffer.data();
+      z.avail_out = static_cast<uInt>(buffer.size());
+      rc = inflate(&z, Z_NO_FLUSH);
+      if (rc != Z_OK && rc != Z_STREAM_END) {
+        inflateEnd(&z);
+        TORCH_CHECK(false, "fxp: ", path, " is not a valid gzip file (",
+                    rc == Z_BUF_ERROR ? "truncated" : "corrupted", ")");
+      }
+      out.insert(out.end(), buffer.data(), buffer.data() + (buffer.size() - z.avail_out));
     }
-    out.insert(out.end(), buffer.data(), buffer.data() + (buffer.size() - z.avail_out));
+    const size_t next = consumed();
+    if (next == bytes.size()) break;
+    const bool another_member = bytes.size() - next >= 2 && bytes[next] == 0x1f && bytes[next + 1] == 0x8b;
+    if (!another_member) {
+      inflateEnd(&z);
+      TORCH_CHECK(false, "fxp: ", path, " has bytes after its gzip data that start no other gzip member (",
+                  bytes.size() - next, bytes.size() - next == 1 ? " byte" : " bytes", "; a damaged file?)");
+    }
+    inflateReset(&z);
+    feed(next);
   }
   inflateEnd(&z);
   return out;
@@ -107,12 +130,15 @@ at::Tensor read_idx(const std::string& path) {
   // The payload must fit in the file, so the element count is checked against
   // the file's size dimension by dimension: a huge header cannot overflow it.
   const uint64_t payload_limit = (bytes.size() - header) / static_cast<uint64_t>(type.size);
-  uint64_t count = 1;
+  for (int d = 0; d < ndim; ++d) dims[d] = big_endian_u32(bytes.data() + 4 + 4 * d);
+  // A zero dimension (images [60000, 0, 0]) holds no elements, whatever the others: no payload is
+  // needed, and the dimensions before it must not be measured against the file as if one were.
+  const bool empty = std::find(dims.begin(), dims.end(), 0) != dims.end();
+  uint64_t count = empty ? 0 : 1;
   bool too_large = false;
-  for (int d = 0; d < ndim; ++d) {
-    dims[d] = big_endian_u32(bytes.data() + 4 + 4 * d);
+  for (int d = 0; d < ndim && !empty; ++d) {
     const uint64_t dim = static_cast<uint64_t>(dims[d]);
-    too_large = too_large || (dim != 0 && count > payload_limit / dim);
+    too_large = too_large || count > payload_limit / dim;
     count = too_large ? count : count * dim;
   }
   TORCH_CHECK(!too_large, "fxp: ", path, ": truncated IDX file: its header ", dims, " needs more than the ",
@@ -151,6 +177,9 @@ MnistSplit read_idx_split(const std::string& dir, const std::string& images_name
               ": expected uint8 images [n, rows, cols], got ", s.images.scalar_type(), " ", s.images.sizes());
   TORCH_CHECK(s.labels.dim() == 1 && s.labels.scalar_type() == at::kByte, "fxp: ", labels_path,
               ": expected uint8 labels [n], got ", s.labels.scalar_type(), " ", s.labels.sizes());
+  TORCH_CHECK(s.images.size(1) > 0 && s.images.size(2) > 0, "fxp: ", images_path, ": the images are ",
+              s.images.size(1), "x", s.images.size(2), " (header ", s.images.sizes(),
+              "); an image needs at least one row and one column");
   TORCH_CHECK(s.images.size(0) == s.labels.size(0), "fxp: ", images_path, " has ", s.images.size(0),
               " images but ", labels_path, " has ", s.labels.size(0), " labels");
   TORCH_CHECK(s.images.size(0) > 0, "fxp: ", images_path, " holds no images");

@@ -214,8 +214,10 @@ void WidthController::load_state(const std::function<torch::Tensor(const std::st
     l.scale = scale[i].item<double>();
     l.sparsity = sparsity[i].item<double>();
     l.hessian_trace = trace[i].item<double>();
-    TORCH_CHECK(l.bits >= 1 && l.bits <= 15 && l.scale > 0 && std::isfinite(l.scale), kName, ": the state's layer ",
-                l.name, " has bits ", l.bits, " and scale ", l.scale);
+    TORCH_CHECK(l.bits >= 1 && l.bits <= 15, kName, ": the state's layer ", l.name, " has bits ", l.bits,
+                "; 'msq.bits' must be in [1, 15] (a width, the sign not counted)");
+    TORCH_CHECK(l.scale > 0 && std::isfinite(l.scale), kName, ": the state's layer ", l.name, " has scale ",
+                l.scale, "; 'msq.scale' must be a positive finite number");
   }
   layers_ = std::move(next);
   frozen_ = frozen.item().toLong() != 0;

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -129,6 +131,14 @@ std::string kind_of_value(const json& current) {
   return "a string";
 }
 
+// "0x10", "-0o17", "0b101", "0x1p3": a numeral in a base other than ten, which config files do not read.
+bool other_base_numeral(const std::string& text) {
+  const size_t digits = !text.empty() && (text[0] == '+' || text[0] == '-') ? 1 : 0;
+  return text.size() > digits + 2 && text[digits] == '0' &&
+         std::string("xXoObB").find(text[digits + 1]) != std::string::npos &&
+         std::isxdigit(static_cast<unsigned char>(text[digits + 2]));
+}
+
 // Levenshtein distance, for "did you mean" on a mistyped key.
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> row(b.size() + 1);
@@ -188,6 +198,19 @@ void at_least(const std::string& key, int64_t value, int64_t min, const std::str
   }
 }
 
+// Note [Largest batch]: a batch size is at most 2^24, far above any real batch, so that every
+// int64 product of one stays in range: --describe-model's and the memory model's batch times a
+// per-sample count (below 2^20 for every model, bookkeeping.cpp) and times the bits of a term, and
+// an epoch's batch arithmetic (train.size() + batch_size - 1, epoch.cpp). Unchecked, a batch of
+// 2^63 - 1 printed negative counts and one of 2^32 + 1 was accepted for training.
+constexpr int64_t kMaxBatchSize = int64_t{1} << 24;
+
+void at_most_batch(const std::string& key, int64_t value) {
+  if (value > kMaxBatchSize) {
+    bad(key, "must be at most " + std::to_string(kMaxBatchSize) + " (2^24), but got " + std::to_string(value));
+  }
+}
+
 void check_format(const std::string& bits_key, int64_t bits, const std::string& frac_key, int64_t frac) {
   if (bits < 2 || bits > 32) bad(bits_key, "total bits must be in [2, 32], but got " + std::to_string(bits));
   if (frac < 0 || frac > bits - 1) {
@@ -209,6 +232,11 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // instead of a stack overflow or unbounded memory.
 constexpr int kMaxYamlDepth = 16;
 constexpr int64_t kMaxYamlNodes = 10000;
+
+// A YAML number beyond a double's range; the mapping that holds it names its key.
+struct NumberOverflow {
+  std::string text;
+};
 
 struct YamlReader {
   const std::string& path;
@@ -232,27 +260,37 @@ struct YamlReader {
     return kind == "float" ? json(value.get<double>()) : value;
   }
 
-  // YAML scalars carry no type; take the JSON type the text spells.
+  // YAML scalars carry no type; take the JSON type the text spells. A number
+  // reads as a flag's does (Note [Integer flags], cli.cpp): integers in decimal,
+  // floats in decimal or scientific notation, so "0x10", "0o10", "0x1p3", "inf"
+  // and "nan" stay text, which the key's type check refuses. An integer outside
+  // int64 reads as JSON's does (unsigned up to 2^64 - 1, else a double), so that
+  // apply_json says it is outside the 64-bit integer range, and a float key takes it.
   static json plain(const std::string& text) {
     if (text == "true" || text == "True") return true;
     if (text == "false" || text == "False") return false;
     if (text == "null" || text == "~" || text.empty()) return nullptr;
-    try {
-      size_t used = 0;
-      const long long i = std::stoll(text, &used);
-      if (used == text.size()) return i;
-    } catch (const std::out_of_range&) {
-      // An integer outside int64: keep the text, so the key's check names it.
-      return text;
-    } catch (const std::exception&) {
+    const bool numeral = std::all_of(text.begin(), text.end(), [](unsigned char ch) {
+      return std::isdigit(ch) || ch == '+' || ch == '-' || ch == '.' || ch == 'e' || ch == 'E';
+    });
+    if (!numeral) return text;
+    const char* const begin = text.c_str();
+    const char* const end = begin + text.size();
+    char* used = nullptr;
+    errno = 0;
+    const long long i = std::strtoll(begin, &used, 10);
+    if (used == end) {
+      if (errno != ERANGE) return i;
+      errno = 0;
+      const unsigned long long u = std::strtoull(begin, &used, 10);
+      if (text[0] != '-' && errno != ERANGE) return u;
     }
-    try {
-      size_t used = 0;
-      const double d = std::stod(text, &used);
-      if (used == text.size()) return d;
-    } catch (const std::exception&) {
-    }
-    return text;
+    errno = 0;
+    const double d = std::strtod(begin, &used);
+    if (used != end) return text;
+    // Beyond a double (1e400): refused, as JSON's reader refuses it. Underflow reads as 0 or a denormal, as there.
+    if (std::isinf(d)) throw NumberOverflow{text};
+    return d;
   }
 
   json convert(const YAML::Node& node, int depth) {
@@ -277,7 +315,11 @@ struct YamlReader {
           if (!kv.first.IsScalar()) fail("a key must be a plain name");
           const std::string key = kv.first.Scalar();
           if (out.contains(key)) fail("key '" + key + "' is given twice");
-          out[key] = convert(kv.second, depth + 1);
+          try {
+            out[key] = convert(kv.second, depth + 1);
+          } catch (const NumberOverflow& e) {
+            fail("key '" + key + "' is " + e.text + ", out of the range of a 64-bit float");
+          }
         }
         return out;
       }
@@ -292,6 +334,15 @@ struct YamlReader {
     return nullptr;
   }
 
+  // The whole document; a number beyond a double outside any mapping is named by its text.
+  json convert_document(const YAML::Node& node) {
+    try {
+      return convert(node, 0);
+    } catch (const NumberOverflow& e) {
+      fail("the number " + e.text + " is out of the range of a 64-bit float");
+    }
+  }
+
   void check_tag(const YAML::Node& node, const std::string& kind) const {
     const std::string& tag = node.Tag();
     if (!(tag.empty() || tag == "?" || tag == "!" || tag == "tag:yaml.org,2002:" + kind)) {
@@ -300,21 +351,6 @@ struct YamlReader {
   }
 };
 #endif
-
-// json::parse with an error for a key given twice in one object (nlohmann
-// keeps the last one silently).
-json parse_json_strict(const std::string& text, const std::string& path) {
-  std::vector<std::set<std::string>> keys;  // one set per open object
-  json::parser_callback_t check = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) keys.emplace_back();
-    if (event == json::parse_event_t::object_end) keys.pop_back();
-    if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second) {
-      throw std::invalid_argument("config file " + path + ": key '" + parsed.get<std::string>() + "' is given twice");
-    }
-    return true;
-  };
-  return json::parse(text, check);
-}
 
 }  // namespace
 
@@ -476,6 +512,7 @@ void TrainConfig::validate() const {
         {"method", "update"});
   }
   at_least("batch_size", batch_size, 1);
+  at_most_batch("batch_size", batch_size);
   if (!(lr > 0) || !std::isfinite(lr)) bad("lr", "must be a positive number, but got " + number_text(lr));
   one_of("lr_scaling", lr_scaling, {"none", "linear"});
   if (!(initial_lr() > 0) || !std::isfinite(initial_lr())) {
@@ -527,12 +564,18 @@ void TrainConfig::validate() const {
                          "'s test split (0: all of them), but got " + std::to_string(val_limit), {"dataset"});
   }
   at_least("eval_batch_size", eval_batch_size, 1);
+  at_most_batch("eval_batch_size", eval_batch_size);
   at_least("bn_recalibration_batches", bn_recalibration_batches, 0);
-  if (!std::isfinite(input_mean())) {
-    bad("normalize_mean", "must be a finite number, but got " + number_text(input_mean()));
+  // The images are normalized in float32 (setup.cpp): a value beyond its range would be inf there, and a
+  // standard deviation that rounds to 0 a division by zero; the run's loss would be NaN, its exit status 0.
+  constexpr double kFloatMax = std::numeric_limits<float>::max();
+  if (!(std::abs(input_mean()) <= kFloatMax)) {
+    bad("normalize_mean", "must be a finite number that float32 holds (magnitude at most " + number_text(kFloatMax) +
+                              "), but got " + number_text(input_mean()));
   }
-  if (!(input_std() > 0) || !std::isfinite(input_std())) {
-    bad("normalize_std", "must be a positive finite number, but got " + number_text(input_std()));
+  if (!(input_std() > 0 && input_std() <= kFloatMax && static_cast<float>(input_std()) > 0)) {
+    bad("normalize_std", "must be a positive finite number that float32 holds (at most " + number_text(kFloatMax) +
+                             ", and not so small that it rounds to 0), but got " + number_text(input_std()));
   }
   if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store", {"method"});
   if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float", {"method"});
@@ -591,9 +634,20 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
     const bool ok = (current.is_number_float() && value.is_number()) ||
                     (current.is_number_integer() && value.is_number_integer()) ||
                     (current.is_boolean() && value.is_boolean()) || (current.is_string() && value.is_string());
+    // An integer beyond int64 that JSON (or YAML, as JSON) read as a double: said as beyond the range, as
+    // one below 2^64 is, not as a non-integer. (-2^63 - 1 reads as -2^63, a double, so <= it.)
+    if (current.is_number_integer() && value.is_number_float() && std::nearbyint(value.get<double>()) ==
+        value.get<double>() && std::abs(value.get<double>()) >= 0x1p63) {
+      throw std::invalid_argument(origin + ": key '" + key + "' is " + value.dump() +
+                                  ", outside the 64-bit integer range");
+    }
     if (!ok) {
-      throw std::invalid_argument(origin + ": key '" + key + "' needs " + kind_of_value(current) + ", but got " +
-                                  value.dump());
+      // A string that C would read as a number in another base ("0x10"): the rule is decimal.
+      const std::string base_note = value.is_string() && other_base_numeral(value.get<std::string>())
+                                        ? current.is_number_integer() ? " in decimal" : " in decimal or scientific notation"
+                                        : "";
+      throw std::invalid_argument(origin + ": key '" + key + "' needs " + kind_of_value(current) + base_note +
+                                  ", but got " + value.dump());
     }
     // nlohmann reads integers above the int64 range as unsigned; get<int64_t> would wrap them.
     if (current.is_number_integer() && value.is_number_unsigned() &&
@@ -605,6 +659,33 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
   }
 }
 
+json parse_json_strict(const std::string& text, const std::string& origin) {
+  std::vector<std::set<std::string>> keys;  // one set per open object
+  std::string last_key;                     // the key whose value is being read
+  json::parser_callback_t check = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    if (event == json::parse_event_t::object_end) keys.pop_back();
+    if (event == json::parse_event_t::key) {
+      last_key = parsed.get<std::string>();
+      if (!keys.back().insert(last_key).second) {
+        throw std::invalid_argument(origin + ": key '" + last_key + "' is given twice");
+      }
+    }
+    return true;
+  };
+  try {
+    return json::parse(text, check);
+  } catch (const json::out_of_range& e) {
+    // 406, "number overflow parsing '1e400'": a number beyond a double. Said as a flag's is (cli.cpp).
+    const std::string what = e.what();
+    const size_t open = what.find('\''), close = what.rfind('\'');
+    const std::string number = open != std::string::npos && close > open ? what.substr(open + 1, close - open - 1)
+                                                                          : what;
+    throw std::invalid_argument(origin + ": " + (last_key.empty() ? "the number " : "key '" + last_key + "' is ") +
+                                number + (last_key.empty() ? " is" : ",") + " out of the range of a 64-bit float");
+  }
+}
+
 json read_config_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw std::invalid_argument("cannot open config file " + path);
@@ -612,7 +693,7 @@ json read_config_file(const std::string& path) {
   text << in.rdbuf();
   if (ends_with(path, ".json")) {
     try {
-      return parse_json_strict(text.str(), path);
+      return parse_json_strict(text.str(), "config file " + path);
     } catch (const json::parse_error& e) {
       throw std::invalid_argument("config file " + path + " is not valid JSON: " + e.what());
     }
@@ -627,7 +708,7 @@ json read_config_file(const std::string& path) {
         throw std::invalid_argument("config file " + path + " holds " + std::to_string(documents.size()) +
                                     " YAML documents (separated by ---); a config is one");
       }
-      return reader.convert(documents.empty() ? YAML::Node() : documents.front(), 0);
+      return reader.convert_document(documents.empty() ? YAML::Node() : documents.front());
     } catch (const YAML::Exception& e) {
       throw std::invalid_argument("config file " + path + " is not valid YAML: " + e.what());
     }

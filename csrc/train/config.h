@@ -137,6 +137,12 @@ nlohmann::json to_json(const TrainConfig& config);
 // of the wrong type are errors (std::invalid_argument naming the key and `origin`).
 void apply_json(TrainConfig& config, const nlohmann::json& values, const std::string& origin);
 
+// json::parse, with an error (std::invalid_argument) that begins with `origin`
+// ("config file run.json", "fleet.jsonl line 3") for a key given twice in one
+// object (nlohmann keeps the last one silently) and for a number beyond a
+// double's range, naming the key; text that is not JSON throws json::parse_error.
+nlohmann::json parse_json_strict(const std::string& text, const std::string& origin);
+
 // Reads a YAML (.yaml/.yml) or JSON (.json) file into a JSON object.
 nlohmann::json read_config_file(const std::string& path);
 

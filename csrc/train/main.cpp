@@ -27,15 +27,19 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
   using nlohmann::json;
   std::ifstream opened;
   if (file != "-") {
+    // A directory opens as a stream whose reads fail: no lines, and exit 0, without this.
+    if (fxp::train::is_directory(file)) throw std::invalid_argument(file + " is a directory, not a file of settings");
     opened.open(file);
     if (!opened) throw std::invalid_argument("cannot open " + file);
   }
   std::istream& in = file == "-" ? stdin_stream : opened;
+  int64_t line_number = 0;
   for (std::string line; std::getline(in, line);) {
+    ++line_number;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     json result;
     try {
-      const json settings = json::parse(line);
+      const json settings = fxp::train::parse_json_strict(line, file + " line " + std::to_string(line_number));
       if (!settings.is_object()) throw std::invalid_argument("settings: expected a JSON object");
       // Each key alone, so that a bad value still leaves a named run (whose
       // "invalid" says why it would fail), as fxp-train -c would report it.
@@ -94,8 +98,8 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
     const std::string origin = file + " line " + std::to_string(line_number);
     nlohmann::json settings;
     try {
-      settings = nlohmann::json::parse(line);
-    } catch (const std::exception& e) {
+      settings = fxp::train::parse_json_strict(line, origin);  // a key given twice: an error naming the line
+    } catch (const nlohmann::json::parse_error& e) {
       throw std::invalid_argument(origin + ": not JSON: " + e.what());
     }
     if (!settings.is_object()) throw std::invalid_argument(origin + ": expected a JSON object of settings");
@@ -146,7 +150,16 @@ int main(int argc, char** argv) {
       std::cout << config.dump(2) << "\n";
       return printed(0);
     }
-    if (command.mode == Mode::PrintConfigs) return printed(print_configs(command.configs_file, c, std::cin, std::cout));
+    if (command.mode == Mode::PrintConfigs) {
+      int status = 0;
+      try {
+        status = print_configs(command.configs_file, c, std::cin, std::cout);
+      } catch (const std::invalid_argument& e) {  // the file of settings itself: a usage error, as for --fleet
+        std::cerr << "fxp-train: --print-configs " << e.what() << "\n";
+        return 2;
+      }
+      return printed(status);
+    }
     if (command.mode == Mode::DescribeModel) {
       const auto model = build_network(c);
       // AdaPT is counted at its start format (its layers' formats change as it trains).

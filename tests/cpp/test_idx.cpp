@@ -100,6 +100,44 @@ TEST_F(IdxReader, ReadsGzipAndRejectsATruncatedOne) {
   ASSERT_EQ(::truncate(file.c_str(), info.st_size - 6), 0);
   expect_error([&] { fxp::data::read_idx(file); }, file + " is not a valid gzip file (truncated)");
 }
+
+// Two gzip files concatenated are one valid gzip file (zcat reads both members);
+// the reader stopped at the first, and called the IDX data truncated. Bytes
+// after the last member that start no other were silently ignored.
+TEST_F(IdxReader, ReadsEveryGzipMemberAndRefusesTrailingBytes) {
+  auto bytes = idx_bytes(0x08, {2, 3});
+  for (uint8_t v = 0; v < 6; ++v) bytes.push_back(v * 10);
+  const auto gzip = [&](const std::string& name, size_t from, size_t to) {
+    const auto file = path(name);
+    gzFile gz = gzopen(file.c_str(), "wb");
+    gzwrite(gz, bytes.data() + from, static_cast<unsigned>(to - from));
+    gzclose(gz);
+    std::ifstream in(file, std::ios::binary);
+    return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  // The header and two elements in one member, the rest in two more.
+  std::vector<uint8_t> joined = gzip("part1.gz", 0, 14);
+  for (const auto& part : {gzip("part2.gz", 14, 16), gzip("part3.gz", 16, bytes.size())}) {
+    joined.insert(joined.end(), part.begin(), part.end());
+  }
+  const auto members = write("members.idx.gz", joined);
+  EXPECT_TRUE(torch::equal(fxp::data::read_idx(members),
+                           torch::tensor({0, 10, 20, 30, 40, 50}, torch::kByte).view({2, 3})));
+
+  auto garbage = gzip("whole.gz", 0, bytes.size());
+  for (const char c : std::string("garbage")) garbage.push_back(static_cast<uint8_t>(c));
+  const auto trailing = write("trailing.idx.gz", garbage);
+  expect_error([&] { fxp::data::read_idx(trailing); },
+               trailing + " has bytes after its gzip data that start no other gzip member (7 bytes;");
+  garbage.resize(garbage.size() - 6);  // one byte: not even a gzip magic number
+  const auto one = write("one.idx.gz", garbage);
+  expect_error([&] { fxp::data::read_idx(one); }, one + " has bytes after its gzip data that start no other gzip member (1 byte;");
+  // A second member cut short is a truncated file, as a first one is.
+  std::vector<uint8_t> cut = joined;
+  cut.resize(cut.size() - 6);
+  const auto truncated = write("cut.idx.gz", cut);
+  expect_error([&] { fxp::data::read_idx(truncated); }, truncated + " is not a valid gzip file (truncated)");
+}
 #endif
 
 TEST(FashionMnist, DebianFilesLoad) {
@@ -126,6 +164,20 @@ TEST_F(IdxReader, HugeDimensionsAreATruncatedFileNotAnOverflow) {
   expect_error([&] { fxp::data::read_idx(wraps); }, wraps + ": truncated IDX file");
   const auto empty = fxp::data::read_idx(write("empty.idx", idx_bytes(0x08, {0, 28, 28})));
   EXPECT_EQ(empty.sizes(), (std::vector<int64_t>{0, 28, 28}));
+}
+
+// A zero dimension holds no elements: the header [60000, 0, 0] needs 16 bytes,
+// not "more than the 16 bytes the file has"; a split of such images is refused
+// as images of 0x0, naming the file.
+TEST_F(IdxReader, AZeroDimensionIsNoTruncationButImagesOfNoPixels) {
+  const auto flat = fxp::data::read_idx(write("flat.idx", idx_bytes(0x08, {60000, 0, 0})));
+  EXPECT_EQ(flat.sizes(), (std::vector<int64_t>{60000, 0, 0}));
+  const auto big = fxp::data::read_idx(write("big.idx", idx_bytes(0x0C, {0xFFFFFFFFu, 0xFFFFFFFFu, 0})));
+  EXPECT_EQ(big.numel(), 0);
+  const auto images = write("train-images-idx3-ubyte", idx_bytes(0x08, {3, 28, 0}));
+  write("train-labels-idx1-ubyte", idx_bytes(0x08, {3}, {1, 2, 3}));
+  expect_error([&] { fxp::data::read_mnist_split(dir_, "train"); },
+               images + ": the images are 28x0 (header [3, 28, 0]); an image needs at least one row and one column");
 }
 
 TEST_F(IdxReader, ASplitWithoutImagesIsAnError) {

@@ -241,6 +241,10 @@ TEST(MsqWidthController, LoadsAStateAllOrNothing) {
   };
   fxp::msq::WidthController other({{"a", torch::randn({4, 3})}, {"b", torch::randn({7})}}, o);
   fxp::testing::expect_error([&] { other.load_state(read("", torch::tensor({5, 0}))); }, "has bits 0");
+  // The message says what a width may be (it gave the bits and the scale only).
+  fxp::testing::expect_error([&] { other.load_state(read("", torch::tensor({5, 99}))); },
+                             "fxp::msq: the state's layer b has bits 99; 'msq.bits' must be in [1, 15] (a width, "
+                             "the sign not counted)");
   EXPECT_EQ(other.layers()[0].bits, 6) << "a failed load leaves every layer as it was";
   other.load_state(read("", torch::Tensor()));
   EXPECT_EQ(other.layers()[0].bits, 5);

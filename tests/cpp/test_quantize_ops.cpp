@@ -170,6 +170,12 @@ TEST(QuantizeMembersOp, EachMemberAsItsSoloCall) {
   }
   expect_error([&] { fxp::quantize_members(x, 0, bits, frac, rounding, seed, {0, 0, 0}); },
                "expected one offset per member (x has 4 members along dim 0), but got 3");
+  // A member dimension out of range names the op (at::maybe_wrap_dim's IndexError did not).
+  for (const int64_t dim : {3, -4, 5}) {
+    expect_error([&] { fxp::quantize_members(x, dim, bits, frac, rounding, seed, offset); },
+                 "fxp::quantize_members: member_dim must be in [-3, 2] for x of shape [4, 3, 50], but got " +
+                     std::to_string(dim));
+  }
 }
 
 }  // namespace

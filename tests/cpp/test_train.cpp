@@ -14,6 +14,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <sstream>
 
@@ -260,6 +261,16 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
       {{"--packed=maybe"}, "--packed: must be true or false (or yes/no, on/off, 1/0), but got 'maybe'"},
       {{"--epochs", "-1"}, "epochs: must be at least 1"},
       {{"--threads", "100000"}, "threads: must be at most 4096"},
+      // Note [Largest batch]: --describe-model printed negative counts for this one, and training took 2^32 + 1.
+      {{"--describe-model", "--batch-size", "9223372036854775807"},
+       "batch_size: must be at most 16777216 (2^24), but got 9223372036854775807"},
+      {{"--batch-size", "4294967297"}, "batch_size: must be at most 16777216 (2^24), but got 4294967297"},
+      {{"--eval-batch-size", "16777217"}, "eval_batch_size: must be at most 16777216 (2^24), but got 16777217"},
+      // Finite in double, not in float32, where the images are normalized: the loss was NaN, the exit status 0.
+      {{"--normalize-mean", "1e300"}, "normalize_mean: must be a finite number that float32 holds (magnitude at "
+                                      "most 3.4028234663852886e+38), but got 1e+300"},
+      {{"--normalize-std", "1e39"}, "normalize_std: must be a positive finite number that float32 holds"},
+      {{"--normalize-std", "1e-50"}, "and not so small that it rounds to 0), but got 1e-50"},
       {{"--method", "fp32", "--packed"}, "packed: stores fixed-point codes, and fp32 has none to store"},
       {{"--method", "ste", "--momentum-form", "paper_eq6"}, "momentum_form: is the QPU step's"},
   };
@@ -267,6 +278,31 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
     const Parsed p = parse(c.args);
     EXPECT_EQ(p.code, 2) << c.args[0];
     EXPECT_NE(p.err.find(c.needle), std::string::npos) << "stderr: " << p.err;
+  }
+}
+
+// Note [Largest batch]: at the largest batch a config may give, every model's
+// --describe-model counts are in range (they were negative at 2^63 - 1).
+TEST(TrainCli, TheLargestBatchKeepsTheModelsCountsInRange) {
+  for (const auto& model : fxp::nn::network_names()) {
+    const Parsed p = parse({"--describe-model", "--model", model, "--dataset", "cifar100", "--batch-size", "16777216"});
+    ASSERT_EQ(p.code, -1) << p.err;
+    const ft::TrainConfig& c = p.command.config;
+    const json report = ft::describe_model(ft::build_network(c)->describe(), c.method, c.update,
+                                           c.inference_rounding, c.param_bits, c.out_bits, true, c.batch_size);
+    std::function<void(const json&)> in_range = [&](const json& v) {
+      if (v.is_structured()) {
+        for (const auto& item : v) in_range(item);
+      } else if (v.is_number_integer()) {
+        EXPECT_GE(v.get<int64_t>(), 0) << model;
+      } else if (v.is_number()) {
+        EXPECT_TRUE(std::isfinite(v.get<double>()) && v.get<double>() >= 0) << model;
+      }
+    };
+    in_range(report);
+    EXPECT_EQ(report["table3"]["batch_16777216"]["sqpu"]["inference"].get<int64_t>(),
+              int64_t{16777216} * report["table1"]["totals"]["rounded"].get<int64_t>())
+        << model;
   }
 }
 
@@ -366,7 +402,7 @@ TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
       {write("local_tag.yaml", "method: !custom sqpu\n"), "unknown YAML tag '!custom'"},
       {write("bad_float_tag.yaml", "lr: !!float fast\n"), "'fast' is not a valid !!float"},
       {write("seed.json", R"({"seed": 9223372036854775808})"), "outside the 64-bit integer range"},
-      {write("seed.yaml", "seed: 99999999999999999999\n"), "key 'seed' needs an integer"},
+      {write("seed.yaml", "seed: 99999999999999999999\n"), "key 'seed' is 1e+20, outside the 64-bit integer range"},
   };
   for (const auto& [path, needle] : cases) {
     const Parsed p = parse({"--config", path});
@@ -391,6 +427,51 @@ TEST_F(TrainFiles, ConfigsCannotRecurseExplodeOrRepeatKeys) {
   ASSERT_EQ(tagged.code, -1) << tagged.err;
   EXPECT_EQ(tagged.command.config.lr, 1.0);
   EXPECT_EQ(tagged.command.config.method, "ste");
+}
+
+// A config file's numbers read as a flag's (Note [Integer flags]): integers in
+// decimal, an integer beyond int64 said to be so (JSON reads one below -2^63 as
+// a double, which read "needs an integer, but got -9.2e+18"), and a number beyond
+// a double named by its file and key (it was nlohmann's bare out_of_range.406).
+TEST_F(TrainFiles, ConfigNumbersReadAsFlagsDo) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {write("hex.yaml", "seed: 0x10\n"), "hex.yaml: key 'seed' needs an integer in decimal, but got \"0x10\""},
+      {write("octal.yaml", "seed: 0o10\n"), "key 'seed' needs an integer in decimal, but got \"0o10\""},
+      {write("hex_float.yaml", "lr: 0x1p3\n"),
+       "key 'lr' needs a number in decimal or scientific notation, but got \"0x1p3\""},
+      {write("nan_plain.yaml", "lr: nan\n"), "key 'lr' needs a number, but got \"nan\""},
+      {write("low.json", R"({"seed": -9223372036854775809})"),
+       "low.json: key 'seed' is -9.223372036854776e+18, outside the 64-bit integer range"},
+      {write("low.yaml", "seed: -9223372036854775809\n"), "key 'seed' is -9.223372036854776e+18, outside the 64-bit"},
+      {write("high.yaml", "seed: 9223372036854775808\n"), "key 'seed' is 9223372036854775808, outside the 64-bit"},
+      {write("huge.json", R"({"lr": 0.1, "epochs": 1e400})"),
+       "config file " + dir_ + "/huge.json: key 'epochs' is 1e400, out of the range of a 64-bit float"},
+      {write("huge.yaml", "epochs: 1e400\n"),
+       "config file " + dir_ + "/huge.yaml: key 'epochs' is 1e400, out of the range of a 64-bit float"},
+      {write("top.json", "-1e400"), "top.json: the number -1e400 is out of the range of a 64-bit float"},
+  };
+  for (const auto& [path, needle] : cases) {
+    const Parsed p = parse({"--config", path});
+    EXPECT_EQ(p.code, 2) << path;
+    EXPECT_NE(p.err.find(needle), std::string::npos) << path << ": " << p.err;
+  }
+  // Decimal integers still read as integers, and a float key takes an integer beyond int64, as from JSON.
+  const Parsed p = parse({"--config", write("fine.yaml", "seed: 010\nbatch_size: +7\nlr: 99999999999999999999\n")});
+  ASSERT_EQ(p.code, -1) << p.err;
+  EXPECT_EQ(p.command.config.seed, 10);
+  EXPECT_EQ(p.command.config.batch_size, 7);
+  EXPECT_EQ(p.command.config.lr, 1e20);
+}
+
+// --fleet's and --print-configs' JSON lines refuse a key given twice as -c does
+// (nlohmann kept the last), naming the line (fxp-train itself: test_fxp_train*.py).
+TEST(TrainConfig, JsonLinesRefuseAKeyGivenTwice) {
+  expect_error([] { ft::parse_json_strict(R"({"seed": 3, "seed": 4})", "runs.jsonl line 2"); },
+               "runs.jsonl line 2: key 'seed' is given twice");
+  expect_error([] { ft::parse_json_strict(R"({"lr": 1e999})", "runs.jsonl line 5"); },
+               "runs.jsonl line 5: key 'lr' is 1e999, out of the range of a 64-bit float");
+  EXPECT_THROW(ft::parse_json_strict("{seed: 1}", "x"), json::parse_error);  // the callers' "not JSON"
+  EXPECT_EQ(ft::parse_json_strict(R"({"a": {"seed": 1}, "seed": 2})", "x")["seed"], 2);  // per object
 }
 
 TEST(TrainCli, NonFiniteValuesAreUsageErrors) {

@@ -702,3 +702,30 @@ def test_the_controller_refuses_what_would_fail_far_from_its_cause():
     with pytest.raises(ValueError, match=r"^fxp\.adapt: loss must be a number or a one-element tensor, but got a "
                                          r"tensor of shape \(2,\)$"):
         adapt.after_backward(torch.ones(2), 4)
+
+
+def test_one_controller_per_layer_and_none_after_remove():
+    """As MsqController: a second controller over adapted layers is refused (it counted the multiply-adds
+    twice and set formats against the first), and after remove() the controller's steps raise (they ran
+    silently, on stale shapes). A copy of the model, whose hooks come along, may have a controller."""
+    model = _small_model()
+    controller = fxp.adapt.AdaptController(model)
+    with pytest.raises(ValueError, match=r"^fxp\.adapt: layer 0 is adapted by another AdaptController already; "
+                                         r"remove\(\) that first$"):
+        fxp.adapt.AdaptController(model)
+    with pytest.raises(ValueError, match="layer QLinear is adapted by another AdaptController already"):
+        fxp.adapt.AdaptController(model[3])
+    fxp.adapt.AdaptController(copy.deepcopy(model)).remove()
+    state = controller.state_dict()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 1, 8, 8)), torch.tensor([0, 1])).backward()
+    controller.remove()
+    for what, call in [("after_backward()", lambda: controller.after_backward(1.0, 2)),
+                       ("step()", lambda: controller.step(optimizer, 1.0, 2)),
+                       ("load_state_dict()", lambda: controller.load_state_dict(state))]:
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value) == (f"fxp.adapt: {what} after remove(): the controller no longer counts its layers' "
+                                f"multiply-adds nor sets their formats")
+    assert controller.formats() and controller.record()  # what it holds still reads
+    fxp.adapt.AdaptController(model)  # the layers are free again

@@ -144,6 +144,22 @@ def test_configs_that_crashed_fxp_train_are_usage_errors(tmp_path, text, message
     assert p.returncode == 2 and message in p.stderr  # the first was a segmentation fault
 
 
+@requires_fxp_train
+def test_print_configs_refuses_a_directory_and_a_key_given_twice(tmp_path):
+    """--print-configs DIR printed nothing and exited 0 (a directory opens as a stream that reads
+    nothing); a line's repeated key took its last value, where -c refuses it."""
+    p = run_fxp_train("--print-configs", str(tmp_path))
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == f"fxp-train: --print-configs {tmp_path} is a directory, not a file of settings\n"
+    lines = tmp_path / "runs.jsonl"
+    lines.write_text('{"seed": 1}\n\n{"seed": 3, "seed": 4}\n')
+    p = run_fxp_train("--print-configs", str(lines))
+    assert p.returncode == 0, p.stderr
+    first, second = [json.loads(line) for line in p.stdout.splitlines()]
+    assert first["config"]["seed"] == 1
+    assert second == {"error": f"{lines} line 3: key 'seed' is given twice"}
+
+
 # ---- --cuda-graphs (Note [CUDA-graph training steps], csrc/train/epoch.cpp) -------------------------
 
 @requires_fxp_train

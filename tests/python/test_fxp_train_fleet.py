@@ -246,6 +246,10 @@ def test_fleet_usage_errors(tmp_path):
     assert p.returncode == 2 and "bad.jsonl line 1: not JSON" in p.stderr
     p = run_fxp_train("--fleet", str(tmp_path), *COMMON)
     assert p.returncode == 2 and f"fxp-train: --fleet {tmp_path} is a directory, not a file of settings" in p.stderr
+    twice = tmp_path / "twice.jsonl"  # nlohmann kept the last value; -c refuses a key given twice, and so does a line
+    twice.write_text('{"seed": 1}\n{"seed": 3, "seed": 4}\n')
+    p = run_fxp_train("--fleet", str(twice), *COMMON)
+    assert p.returncode == 2 and f"fxp-train: --fleet {twice} line 2: key 'seed' is given twice\n" in p.stderr
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"sed": 1}\n')
     p = run_fxp_train("--fleet", str(unknown), *COMMON)

@@ -311,3 +311,25 @@ def test_a_sparse_gradient_is_named(capturable):
                                            r"dense ones"):
         torch.ops.fxp.qpu_sgd_step_([embedding.weight.detach()], [embedding.weight.grad], [], 0.1, 0.0, 0.0, False,
                                     16, 10, 16, 10, "stochastic", 0, 0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_momentum_codes_of_another_dtype_are_refused_naming_the_entry(packed):
+    """An int64 momentum buffer reached load_codes, whose "fxp::load_codes: stored must be Short codes of 16
+    bits" named neither the state entry nor what it may hold."""
+    fmt = FxpFormat(16, 10)
+    source = _linear(fmt, False)
+    source_opt = QPUSGD(source.parameters(), lr=0.05, momentum=0.9, format=fmt)
+    _grad_steps(source, source_opt, 1, seed=0)
+    state = source_opt.state_dict()
+    buffer = state["state"][0]["momentum_buffer"]
+    state["state"][0]["momentum_buffer"] = fxp.pack(buffer, fmt, rounding="exact").to(torch.int64)
+    target = _linear(fmt, packed)
+    target_opt = QPUSGD(target.parameters(), lr=0.05, momentum=0.9, format=fmt,
+                        packed=fxp.nn.packed_storage(target))
+    with pytest.raises(ValueError) as e:
+        target_opt.load_state_dict(state)
+    assert str(e.value) == ("QPUSGD.load_state_dict: the momentum buffer of parameter 0 is torch.int64, but the "
+                            "momentum of FxP(16,10) loads from float values on its grid or from its codes "
+                            "(torch.int16)")
+    assert not target_opt.state  # nothing loaded

@@ -97,7 +97,10 @@ def test_stochastic_members_draw_independent_streams():
                                               "saturate"),  # the op's own check, for callers without fxp.ops
      "fxp::quantize_members (member 4)"),
     (lambda x: fxp.quantize_members(x, 3, FORMATS, ROUNDINGS, seeds=SEEDS, offsets=OFFSETS),
-     "Dimension out of range"),
+     "fxp::quantize_members: member_dim must be in [-3, 2] for x of shape [5, 3, 2], but got 3"),  # was a bare
+    (lambda x: torch.ops.fxp.quantize_members(x, 5, [8] * 5, [4] * 5, ["stochastic"] * 5, SEEDS, [0] * 5,
+                                              "saturate"),  # IndexError that named no op
+     "fxp::quantize_members: member_dim must be in [-3, 2] for x of shape [5, 3, 2], but got 5"),
     (lambda x: fxp.quantize_members(x.sum(), 0, FORMATS, ROUNDINGS, seeds=SEEDS, offsets=OFFSETS),
      "x needs a member dimension, but is a scalar"),
 ])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -46,6 +47,13 @@ def _pair(name: str, value) -> list:
             or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)):
         raise TypeError(f"fxp.adapt: {name} must be two ints (lower, upper), but got {value!r}")
     return [int(v) for v in value]
+
+
+# Each adapted layer's controller, while it is on (not removed, not collected): a
+# second controller over a layer would count its multiply-adds twice and set its
+# formats against the first. Keyed by the module itself, so that a copy of the
+# model (deepcopy, pickle), whose hooks come along, may have a controller of its own.
+_controller_of: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 class _MaddsCounter:
@@ -111,6 +119,10 @@ class AdaptController:
                 if module.packed_weights or module.saved_input_format is not None:
                     raise ValueError(f"fxp.adapt: layer {label} saves its inputs or weights as codes of a fixed "
                                      f"format (pack_), but AdaPT changes the formats; adapt a model that is not packed")
+                owner = _controller_of.get(module)
+                if owner is not None and owner() is not None:
+                    raise ValueError(f"fxp.adapt: layer {label} is adapted by another AdaptController already; "
+                                     f"remove() that first")
                 self._names.append(name)
                 self._layers.append(module)
         if not self._layers:
@@ -126,7 +138,15 @@ class AdaptController:
         self._counters = [_MaddsCounter() for _ in self._layers]
         self._hooks = [layer.register_forward_hook(c, with_kwargs=True)
                        for layer, c in zip(self._layers, self._counters)]
+        self._removed = False
+        for layer in self._layers:
+            _controller_of[layer] = weakref.ref(self)
         self._apply_formats()
+
+    def _check_attached(self, what: str) -> None:
+        if self._removed:
+            raise RuntimeError(f"fxp.adapt: {what} after remove(): the controller no longer counts its layers' "
+                               f"multiply-adds nor sets their formats")
 
     def _set_forward_shapes(self) -> None:
         self._core.set_forward_shapes([c.input_dim for c in self._counters],
@@ -157,6 +177,7 @@ class AdaptController:
         switches the layers whose lookback is due. Returns whether a layer's
         format changed (the layers have their new formats already). For STE
         layers; :meth:`step` does the same and the update in one pass."""
+        self._check_attached("after_backward()")
         if self._weight_mode == "qpu":
             raise ValueError("fxp.adapt: QPU layers change format with their optimizer's groups; call "
                              "controller.step(optimizer, loss, batch_size) with a fxp.optim.QPUSGD over "
@@ -189,6 +210,7 @@ class AdaptController:
         - Any other optimizer (STE layers): :meth:`after_backward` (which
           writes the normalized gradients into ``.grad``), then its ``step()``.
         """
+        self._check_attached("step()")
         loss, batch_size = self._step_arguments(loss, batch_size)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"fxp.adapt: optimizer must be a torch.optim.Optimizer, but got "
@@ -330,6 +352,7 @@ class AdaptController:
 
     def load_state_dict(self, state: Dict[str, Tensor]) -> None:
         """Restores :meth:`state_dict` (of a controller over the same layers) and the layers' formats."""
+        self._check_attached("load_state_dict()")
         if not isinstance(state, dict):
             raise TypeError(f"fxp.adapt: load_state_dict takes the dict state_dict() returns, but got "
                             f"{type(state).__name__}")
@@ -337,10 +360,18 @@ class AdaptController:
         self._apply_formats()
 
     def remove(self) -> None:
-        """Removes the forward hooks that count the layers' multiply-adds."""
+        """Removes the forward hooks that count the layers' multiply-adds and
+        ends the controller: the layers keep their formats, another controller
+        may adapt them, and :meth:`after_backward`, :meth:`step` and
+        :meth:`load_state_dict` raise (as :class:`fxp.msq.MsqController`'s do)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._removed = True
+        for layer in self._layers:
+            owner = _controller_of.get(layer)
+            if owner is not None and owner() is self:
+                del _controller_of[layer]
 
     def __deepcopy__(self, memo):
         raise TypeError("fxp.adapt: an AdaptController cannot be deep-copied: it is bound to its model's layers. "

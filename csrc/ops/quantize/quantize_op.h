@@ -203,6 +203,9 @@ struct QuantizeOps {
                                      at::IntArrayRef seed, at::IntArrayRef offset, c10::string_view overflow) {
     constexpr const char* op = "fxp::quantize_members";
     TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x needs a member dimension, but is a scalar");
+    // at::maybe_wrap_dim's own IndexError names no op.
+    TORCH_CHECK_INDEX(member_dim >= -x.dim() && member_dim < x.dim(), op, ": member_dim must be in [", -x.dim(),
+                      ", ", x.dim() - 1, "] for x of shape ", x.sizes(), ", but got ", member_dim);
     const int64_t dim = at::maybe_wrap_dim(member_dim, x.dim());
     const int64_t members = x.size(dim);
     auto check_length = [&](const char* name, size_t n) {
