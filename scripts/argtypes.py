@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 
 
 def positive_list(text: str) -> list[int]:
@@ -18,13 +19,16 @@ def positive_list(text: str) -> list[int]:
     return values
 
 
-def whole_number(minimum: int):
-    """An argparse type: a whole number of at least `minimum` (repeats, steps, sizes; threads from 0)."""
+def whole_number(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number of at least `minimum` (repeats, steps, sizes; threads from 0), and
+    at most `maximum` where given (bit widths)."""
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if maximum is not None and not minimum <= n <= maximum:
+            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}], got {n}")
         if n < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
         return n
@@ -40,3 +44,16 @@ def positive_number(text: str) -> float:
     if not math.isfinite(x) or x <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return x
+
+
+def output_file(text: str) -> pathlib.Path:
+    """An argparse type: a file a script writes at its end (--csv, --markdown, --figure), checked before
+    anything is measured: not a directory, and under a directory (its missing directories are made when it
+    is written, by write_csv and BenchReport.save), not under a regular file."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    existing = next(q for q in path.parents if q.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a directory")
+    return path

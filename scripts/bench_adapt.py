@@ -35,17 +35,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import pathlib
 import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from argtypes import positive_number, whole_number  # noqa: E402
+from argtypes import output_file, positive_number, whole_number  # noqa: E402
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
 project_env.ensure(__name__, "torch", "rich")
-from bench_report import BenchReport, write_csv  # noqa: E402
-from bench_train import measure  # noqa: E402
+from bench_report import BenchReport, finish  # noqa: E402
+from bench_train import check_model, measure  # noqa: E402
 
 METHODS = ("fp32", "ste", "adapt", "adapt-qpu")
 
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
     p.add_argument("--step-only", action="store_true", help="time the optimizer step alone (no fxp-train runs)")
     p.add_argument("--step-params", type=positive_number, default=1e7,
                    help="with --step-only: parameters, in 60 tensors")
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     low, high = args.lookback
     if not pathlib.Path(args.fxp_train).exists():
         p.error(f"no fxp-train at {args.fxp_train} (scripts/setup.sh builds it)")
+    check_model(args.fxp_train, args.model, args.device, "bench_adapt.py")  # fxp-train's word, before measuring
 
     images = min(60000, args.steps * args.batch_size)
     lookback = ("--adapt-lookback-min", str(low), "--adapt-lookback-max", str(high))
@@ -115,10 +117,9 @@ def main(argv=None) -> int:
         f"Median training images/s of {args.repeats} interleaved measurements ({args.steps} steps each); time per "
         f"step relative to fp32 and to ste, measured in the same run. AdaPT lookback {low}..{high}.")
     report.table("AdaPT overhead", ["method", "train images/s", "time / fp32", "time / ste"], table)
-    report.save(str(args.markdown) if args.markdown else None)
-    if args.csv:
-        write_csv(args.csv, rows)
-    return 0
+    # As bench_train's: the failed points named, exit status 1 (a table of NaN is no measurement).
+    failed = [f"{r['method']} repeat {r['repeat']}" for r in rows if math.isnan(r["train_images_per_s"])]
+    return finish("bench_adapt.py", report, args.markdown, args.csv, rows, "train_images_per_s", failed)
 
 
 def bench_python_loop(args) -> int:

@@ -39,7 +39,7 @@ from statistics import median
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from argtypes import positive_list, whole_number  # noqa: E402
+from argtypes import output_file, positive_list, whole_number  # noqa: E402
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
 project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, finish  # noqa: E402
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
                         "--threads CPUs; on a GPU 1)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     for m in methods:

@@ -31,11 +31,20 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
+def parse_format(text: str) -> tuple[int, int]:
+    """--format TOTAL,FRAC: two whole numbers (fxp.FxpFormat checks their ranges); argparse reports anything else."""
+    try:
+        total, frac = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOTAL,FRAC, two whole numbers such as 8,4, got {text!r}") from None
+    return total, frac
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e4,1e5,1e6,1e7,1e8"),
                         help="comma-separated element counts (default 1e4,1e5,1e6,1e7,1e8)")
-    parser.add_argument("--format", default="8,4", help="total_bits,frac_bits (default 8,4)")
+    parser.add_argument("--format", type=parse_format, default="8,4", help="TOTAL,FRAC bits (default 8,4)")
     parser.add_argument("--no-qtorch", action="store_true", help="leave QPyTorch out")
     add_timing_args(parser, min_run_time=0.3)
     return parser
@@ -99,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     run = apply_timing_args(parser, args)
     try:
-        fmt = fxp.FxpFormat(*[int(v) for v in args.format.split(",")])
+        fmt = fxp.FxpFormat(*args.format)
     except (TypeError, ValueError) as exc:
         parser.error(f"--format: {exc}")
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from rich.console import Console
 from rich.table import Table
 
-from argtypes import positive_number, whole_number
+from argtypes import output_file, positive_number, whole_number
 
 
 class BenchReport:
@@ -50,7 +50,7 @@ def add_timing_args(parser: argparse.ArgumentParser, min_run_time: float) -> Non
     parser.add_argument("--min-run-time", type=positive_number, default=min_run_time,
                         help=f"seconds per measurement (default {min_run_time:g})")
     parser.add_argument("--threads", type=whole_number(1), default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--markdown", help="also write the tables to this markdown file")
+    parser.add_argument("--markdown", type=output_file, help="also write the tables to this markdown file")
 
 
 def apply_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -86,6 +86,7 @@ def finish(script: str, report: BenchReport, markdown, csv, rows: list[dict], me
     if csv and good:
         write_csv(csv, good)
     if failed:
-        print(f"{script}: {len(failed)} points failed: {', '.join(failed)}", file=sys.stderr)
+        what = f"every point ({len(failed)})" if len(failed) == len(rows) else f"{len(failed)} of {len(rows)} points"
+        print(f"{script}: {what} failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0

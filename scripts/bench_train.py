@@ -26,7 +26,7 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from argtypes import positive_list, whole_number  # noqa: E402
+from argtypes import output_file, positive_list, whole_number  # noqa: E402
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
 project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, finish  # noqa: E402
@@ -51,16 +51,16 @@ def method_flags(method: str, model: str, device: str) -> list[str]:
             f"--cuda-graphs={'true' if 'graphs' in variants else 'false'}", "--device", device]
 
 
-def check_flags(fxp_train: str, flags: list[str], prefix: str) -> None:
-    """Exits with fxp-train's own message, after `prefix`, where it would refuse `flags`, before
-    minutes of measuring."""
+def check_flags(fxp_train: str, flags: list[str], prefix: str, script: str = "bench_train.py") -> None:
+    """Exits with fxp-train's own message, after `script` and `prefix`, where it would refuse `flags`,
+    before minutes of measuring."""
     try:
         p = subprocess.run([fxp_train, *flags, "--print-config"], capture_output=True, text=True)
     except OSError as e:
-        raise SystemExit(f"bench_train.py: cannot run {fxp_train}: {e} (build it with scripts/setup.sh)") from None
+        raise SystemExit(f"{script}: cannot run {fxp_train}: {e} (build it with scripts/setup.sh)") from None
     if p.returncode != 0:
         why = (p.stderr.strip().splitlines() or [f"fxp-train exited with {p.returncode}"])[0]
-        raise SystemExit(f"bench_train.py: {prefix}{why}")
+        raise SystemExit(f"{script}: {prefix}{why}")
 
 
 def check_method(fxp_train: str, method: str, model: str, device: str) -> None:
@@ -69,10 +69,10 @@ def check_method(fxp_train: str, method: str, model: str, device: str) -> None:
     check_flags(fxp_train, method_flags(method, model, device), f"--methods {method}: ")
 
 
-def check_model(fxp_train: str, model: str, device: str) -> None:
+def check_model(fxp_train: str, model: str, device: str, script: str = "bench_train.py") -> None:
     """Exits with fxp-train's own message (`--model: ...`) where it would refuse the model or the device
     whatever the method: checked before the methods, so that such an error is not named as a method's."""
-    check_flags(fxp_train, ["--model", model, "--device", device], "")
+    check_flags(fxp_train, ["--model", model, "--device", device], "", script)
 
 
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
     p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=pathlib.Path, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=pathlib.Path, help="write the table as markdown")
+    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
     args = p.parse_args(argv)
 
     rows = []

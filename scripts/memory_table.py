@@ -13,7 +13,6 @@ Writes a CSV, a markdown table (replacing the block between the
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import pathlib
 import subprocess
@@ -23,14 +22,19 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
-project_env.ensure(__name__, "torch", "rich", "matplotlib", "tqdm")
+project_env.ensure(__name__, "torch", "rich", "matplotlib", "tqdm", "yaml")
+from argtypes import output_file, whole_number  # noqa: E402
 from bench_report import write_csv  # noqa: E402
+from sweeplib import _csv_rows, _shown  # noqa: E402  (the CSV reading of sweep --estimate, written once)
 
 BITS = (32, 16, 12, 8)
 BATCHES = (16, 256)
 METHODS = ("fp32", "ste", "sqpu", "hteqpu")
 MARKER = "<!-- memory-table -->"
 CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+# The columns of a --csv file that the table and the figure read.
+COLUMNS = ("method", "bits", "batch_size", "packed", *(f"{c}_bytes" for c in CATEGORIES), "total_bytes",
+           "step_peak_bytes", "model_paper_bytes")
 
 
 def cells(bits=BITS, batches=BATCHES):
@@ -53,7 +57,15 @@ def measure(fxp_train: str, method: str, bits: int, batch: int, packed: bool, de
                "--threads", "1", f"--packed={'true' if packed else 'false'}", "-o", tmp, "--quiet"]
         if data_dir:
             cmd += ["--data-dir", data_dir]
-        subprocess.run(cmd, check=True)
+        try:
+            p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
+            raise SystemExit(f"memory_table.py: cannot run {fxp_train}: {e.strerror or e}") from None
+        if p.returncode != 0:  # one line, fxp-train's own first: the other cells would fail alike
+            why = next((line.strip() for line in p.stderr.splitlines() if line.strip()), "no message")
+            raise SystemExit(f"memory_table.py: fxp-train failed (exit {p.returncode}) on {method}, {bits} bits, "
+                             f"batch {batch}, {'packed' if packed else 'float'} storage: {why}")
+        sys.stderr.write(p.stderr)  # its warnings, as before
         summary = json.loads((pathlib.Path(tmp) / "summary.json").read_text())
     step = summary["measured_memory"]["step"]
     row = {"method": method, "bits": bits if method != "fp32" else 32, "batch_size": batch, "packed": packed,
@@ -67,14 +79,22 @@ def measure(fxp_train: str, method: str, bits: int, batch: int, packed: bool, de
 
 
 def read_csv(path: pathlib.Path) -> list[dict]:
+    """The rows of a CSV that --csv wrote. A ValueError that says what is wrong (and in which row) where
+    the file cannot be read, lacks a column of COLUMNS, holds no rows, or a value that is not one."""
     rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            r["packed"] = r["packed"] == "True"
-            for k in r:
-                if k == "bits" or k == "batch_size" or k.endswith("_bytes"):
+    for n, r in _csv_rows(path, COLUMNS):
+        if r["packed"] not in ("True", "False"):
+            raise ValueError(f"row {n}: packed must be True or False, got {_shown(r['packed'])}")
+        r["packed"] = r["packed"] == "True"
+        for k in r:
+            if k in ("bits", "batch_size") or (isinstance(k, str) and k.endswith("_bytes")):
+                try:
                     r[k] = float(r[k]) if "." in r[k] else int(r[k])
-            rows.append(r)
+                except (TypeError, ValueError):  # TypeError: a short row's missing field
+                    raise ValueError(f"row {n}: {k} must be a number, got {_shown(r[k])}") from None
+        rows.append(r)
+    if not rows:
+        raise ValueError("holds no rows")
     return rows
 
 
@@ -143,30 +163,38 @@ def main(argv=None) -> int:
     p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--bits", type=int, nargs="+", default=list(BITS))
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCHES))
-    p.add_argument("--csv", type=pathlib.Path, help="write the rows here")
+    p.add_argument("--bits", type=whole_number(2, 32), nargs="+", default=list(BITS),
+                   help="total bits of parameters and outputs, fxp-train's 2 to 32")
+    p.add_argument("--batch-sizes", type=whole_number(1), nargs="+", default=list(BATCHES))
+    p.add_argument("--csv", type=output_file, help="write the rows here")
     p.add_argument("--markdown", type=pathlib.Path, help="replace the table between the markers of this file")
-    p.add_argument("--figure", type=pathlib.Path, help="stacked bars at 16 bits")
+    p.add_argument("--figure", type=output_file, help="stacked bars at 16 bits")
     p.add_argument("--from-csv", type=pathlib.Path, help="redraw the table and figure from this CSV; run nothing")
     args = p.parse_args(argv)
+    if args.markdown:  # before the measuring: the table would be lost after minutes of it
+        try:
+            text = args.markdown.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--markdown {args.markdown}: cannot read it: {getattr(e, 'strerror', None) or e}")
+        if text.count(MARKER) != 2:
+            p.error(f"{args.markdown} must hold two {MARKER} lines around the table")
     if args.from_csv:
-        rows = read_csv(args.from_csv)
+        try:
+            rows = read_csv(args.from_csv)
+        except ValueError as e:
+            p.error(f"--from-csv {args.from_csv}: {e}")
     else:
         if not pathlib.Path(args.fxp_train).exists():
             p.error(f"{args.fxp_train} does not exist; build it with scripts/setup.sh")
         from tqdm import tqdm
 
         todo = list(cells(args.bits, args.batch_sizes))
-        rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir)
-                for m, b, n, packed in tqdm(todo, desc="memory", unit="run")]
+        with tqdm(todo, desc="memory", unit="run") as bar:  # closed before an error's line, not beside it
+            rows = [measure(args.fxp_train, m, b, n, packed, args.device, args.data_dir) for m, b, n, packed in bar]
     if args.csv and not args.from_csv:
         write_csv(args.csv, rows)
     table = markdown(rows)
     if args.markdown:
-        text = args.markdown.read_text()
-        if text.count(MARKER) != 2:
-            p.error(f"{args.markdown} must hold two {MARKER} lines around the table")
         head, _, tail = text.split(MARKER)
         args.markdown.write_text(f"{head}{MARKER}\n{table}\n{MARKER}{tail}")
     else:

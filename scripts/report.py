@@ -20,8 +20,10 @@ Runs are seeds of one configuration where every setting but the seed is equal
 before it is left out with a warning. Unfinished runs (a checkpoint.pt or
 sweep-run.json, no summary.json or failed.json) are counted and named.
 A file that cannot be read (a summary.json, sweep-run.json, failed.json or
-config.json that is not a JSON object, a metrics.jsonl line that is not one)
-is skipped with a warning on stderr that names it and the problem.
+config.json that is not a JSON object, a metrics.jsonl line that is not one,
+a summary.json without best_val_accuracy or config, or with a field the report
+reads of the wrong type or out of range) is skipped with a warning on stderr
+that names it and the problem (the field).
 
 Examples:
   scripts/report results/exp1 results/exp2 --out results/report
@@ -101,6 +103,75 @@ def _dig(obj, *keys):
     return obj
 
 
+def _whole(low: int = -2**63, high: int = 2**63 - 1):
+    """A summary field's check: a whole number in [low, high], at most 64 bits (fxp-train's int64_t)."""
+    def text(x):
+        return {-2**63: "-2^63", 2**63 - 1: "2^63 - 1"}.get(x, str(x))
+    return (lambda v: type(v) is int and low <= v <= high), f"a whole number in [{text(low)}, {text(high)}]"
+
+
+def _finite(v) -> bool:
+    """A JSON number (not a boolean) that is finite as a float: 1e400 and a 400-digit int are not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+FRACTION = (lambda v: _finite(v) and 0 <= v <= 1), "a number in [0, 1]"
+NON_NEGATIVE = (lambda v: _finite(v) and v >= 0), "a non-negative number"
+POSITIVE = (lambda v: _finite(v) and v > 0), "a positive number"
+STRING = (lambda v: isinstance(v, str)), "a string"
+BOOLEAN = (lambda v: isinstance(v, bool)), "true or false"
+WIDTHS = (lambda v: isinstance(v, dict) and all(_whole(0, 64)[0](b) for b in v.values()),
+          "an object of whole numbers in [0, 64]")
+
+# What the report reads from a summary.json (collect, msq_table), and what each field must be where it is
+# given (absent or null: not given); best_val_accuracy and config are required. fxp-train writes them so
+# (csrc/train/summary.cpp, its config's checks); a summary with another value is skipped with a warning
+# naming the field, not a traceback from the table or figure that would use it.
+REQUIRED_FIELDS = {("best_val_accuracy",), ("config",)}
+SUMMARY_FIELDS = {
+    ("best_val_accuracy",): FRACTION, ("final_val_accuracy",): FRACTION,
+    ("best_epoch",): _whole(0), ("epochs_completed",): _whole(0), ("stop_reason",): STRING,
+    ("wall_time_s",): NON_NEGATIVE, ("train_images_per_s",): NON_NEGATIVE,
+    ("memory_model", "paper", "ratio_to_ste"): NON_NEGATIVE, ("memory_model", "paper", "ratio_to_fp32"): NON_NEGATIVE,
+    ("adapt", "training_state_ratio_to_fp32"): NON_NEGATIVE, ("adapt", "model_size"): NON_NEGATIVE,
+    ("measured_memory", "step", "total_bytes"): NON_NEGATIVE,
+    ("measured_memory", "step", "step_peak_bytes"): NON_NEGATIVE,
+    ("msq", "compression_rate"): POSITIVE, ("msq", "export", "measured_compression"): POSITIVE,
+    ("msq", "bits"): WIDTHS,
+    ("config",): ((lambda v: isinstance(v, dict)), "a JSON object"),
+    **{("config", k): STRING for k in ("model", "dataset", "method", "inference_rounding", "lr_scaling",
+                                       "scheduler", "update", "init_from")},
+    ("config", "param_bits"): _whole(2, 32), ("config", "out_bits"): _whole(2, 32),
+    ("config", "param_frac"): _whole(0, 31), ("config", "out_frac"): _whole(0, 31),
+    ("config", "batch_size"): _whole(1), ("config", "epochs"): _whole(1), ("config", "seed"): _whole(),
+    ("config", "msq_start_bits"): _whole(1, 15), ("config", "msq_min_bits"): _whole(1, 15),
+    ("config", "msq_finetune_epochs"): _whole(0),
+    ("config", "lr"): POSITIVE, ("config", "weight_decay"): NON_NEGATIVE, ("config", "msq_lambda"): NON_NEGATIVE,
+    ("config", "msq_alpha"): FRACTION, ("config", "msq_hessian"): BOOLEAN,
+}
+
+
+def summary_problem(summary: dict) -> str | None:
+    """Why the report cannot take this summary.json (the first field that is missing or not what
+    SUMMARY_FIELDS says, in words); None when it can."""
+    for path, (check, what) in SUMMARY_FIELDS.items():
+        value = _dig(summary, *path)
+        name = ".".join(path)
+        if value is None:
+            if path in REQUIRED_FIELDS:
+                return f"it has no {name}"
+            continue
+        if not check(value):
+            shown = json.dumps(value)
+            return f"its {name} must be {what}, but is {shown if len(shown) <= 40 else shown[:37] + '...'}"
+    return None
+
+
 def _sweep_record(d: pathlib.Path) -> dict | None:
     """<run>/sweep-run.json ({"grid", "id", "settings"}), None when absent or broken (with a warning)."""
     path = d / "sweep-run.json"
@@ -145,10 +216,11 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
             s = read_json(summary_path)
             if s is None:
                 continue
-            c = s.get("config", {})
-            if not isinstance(c, dict):
-                warn(summary_path, f"its config is not a JSON object but {type(c).__name__}")
+            problem = summary_problem(s)
+            if problem:
+                warn(summary_path, problem)
                 continue
+            c = s["config"]
             sweep = _sweep_record(d) or {}
             rows.append({
                 "grid": sweep.get("grid", "single"), "id": sweep.get("id", d.name), "dir": str(d), "status": "finished",

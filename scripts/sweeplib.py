@@ -300,7 +300,7 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
             raise ValueError(f"{at}: expected a mapping with set and axes, got {block!r}")
         at += f" ({block['name']})" if block.get("name") else ""
         _known(block, BLOCK_KEYS, at)
-        check_settings(block.get("set"), f"{at}, set", keys)
+        fixed = check_settings(block.get("set"), f"{at}, set", keys)
         axes = block.get("axes") or {}
         if not isinstance(axes, dict):
             raise ValueError(f"{at}: axes must be a mapping of key to values, got {axes!r}")
@@ -308,7 +308,13 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
             if not isinstance(options, list) or not options:
                 raise ValueError(f"{at}, axis {key}: needs a non-empty list of values, got {options!r}")
             for opt in options:  # a mapping sets several keys; the axis's own name is then a label
-                check_settings(opt if isinstance(opt, dict) else {key: opt}, f"{at}, axis {key}", keys)
+                settings = check_settings(opt if isinstance(opt, dict) else {key: opt}, f"{at}, axis {key}", keys)
+                # An axis's value replaces set's in its runs (expand): the set value would be lost unsaid.
+                both = next((k for k in settings if k in fixed), None)
+                if both is not None:
+                    axis = "axes" if both == key else f"axis {key}"
+                    raise ValueError(f"{at}: {both} is in both set and {axis}, whose values would replace set's "
+                                     f"({both}: {json.dumps(fixed[both])}); give it in one of them")
     return grid
 
 
@@ -506,7 +512,14 @@ def parse_filters(filters: Iterable[str], keys: set[str] | None = None) -> dict[
             raise ValueError(f"--filter {f!r}: expected KEY=VALUE[,VALUE...]")
         if keys is not None:
             _known([key], keys | {"format"}, f"--filter {f}", "setting")
-        out.setdefault(key, set()).update(value.split(","))
+        values = value.split(",")
+        if key == "format":  # compared as text with the runs' labels: a malformed one would match nothing, unsaid
+            for v in values:
+                if not re.fullmatch(r"[0-9]+/[0-9]+/[0-9]+", v):
+                    raise ValueError(f"--filter {f}: expected format=TOTAL/FRAC/OUTFRAC[,...], whole numbers "
+                                     f"(param_bits/param_frac/out_frac, e.g. format=16/10/8), got {v!r}")
+            values = ["/".join(str(int(n)) for n in v.split("/")) for v in values]  # 016/10/08 is 16/10/8
+        out.setdefault(key, set()).update(values)
     return out
 
 
@@ -1197,6 +1210,8 @@ def _csv_rows(path, columns: tuple[str, ...], device: str | None = None,
                 raise ValueError(f"row {reader.line_num}: {e}") from None
     except OSError as e:
         raise ValueError(f"cannot read it: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # a binary file
+        raise ValueError(f"cannot read it: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if device is None or "device" not in header:
         return rows
     kept = [(n, row) for n, row in rows if device_kind(row["device"]) == device_kind(device)]

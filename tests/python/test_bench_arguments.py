@@ -149,6 +149,11 @@ def test_bench_adapt_lookback_is_two_ordered_whole_numbers(lookback, message, mo
     (bench_pool, ["--min-run-time", "-1"], "argument --min-run-time: must be a positive number, got -1"),
     (bench_quantize, ["--min-run-time", "nan"], "argument --min-run-time: must be a positive number, got nan"),
     (bench_quantize, ["--sizes", "1e4,inf"], "argument --sizes: expected numbers like 1e4,1e6, got '1e4,inf'"),
+    # was "--format: invalid literal for int() with base 10: '16/20'"
+    (bench_quantize, ["--format", "16/20"],
+     "argument --format: expected TOTAL,FRAC, two whole numbers such as 8,4, got '16/20'"),
+    (bench_quantize, ["--format", "8"],
+     "argument --format: expected TOTAL,FRAC, two whole numbers such as 8,4, got '8'"),
 ])
 def test_bench_numbers_are_checked_before_measuring(script, args, message, monkeypatch, capsys):
     assert refused(script, args, monkeypatch, capsys).endswith(f"error: {message}\n")
@@ -170,3 +175,42 @@ def test_bench_train_names_a_bad_model_as_the_model():
     with pytest.raises(SystemExit) as e:
         bench_train.main(["--fxp-train", str(FXP_TRAIN), "--model", "bogus"])
     assert str(e.value).startswith("bench_train.py: --model: bogus not in {paper_cnn,")
+
+
+@pytest.mark.parametrize("script, option", [
+    (bench_quantize, "--markdown"), (bench_pool, "--markdown"), (bench_optim, "--markdown"),
+    (bench_train, "--csv"), (bench_train, "--markdown"), (bench_fleet, "--csv"), (bench_fleet, "--markdown"),
+    (bench_adapt, "--csv"), (bench_adapt, "--markdown"),
+])
+def test_bench_output_files_are_checked_before_measuring(script, option, tmp_path, monkeypatch, capsys):
+    # A file under a regular file, or a directory, was a FileExistsError (IsADirectoryError) once every
+    # point was measured.
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "below" / "x"
+    err = refused(script, [option, str(path)], monkeypatch, capsys)
+    assert err.endswith(f"error: argument {option}: {path}: {tmp_path / 'file'} is not a directory\n")
+    err = refused(script, [option, str(tmp_path)], monkeypatch, capsys)
+    assert err.endswith(f"error: argument {option}: {tmp_path} is a directory\n")
+
+
+def test_bench_adapt_fails_when_its_points_fail(tmp_path, monkeypatch, capsys):
+    # Every fxp-train run failing (a bad --data-dir) printed a table of NaN and exited 0; bench_train exits 1.
+    def failed_point(fxp_train, method, batch, *args):
+        return {"model": "lenet5", "method": method, "batch_size": batch, "device": "cpu", "threads": 0,
+                "train_images_per_s": math.nan, "val_images_per_s": math.nan}
+    monkeypatch.setattr(bench_adapt, "measure", failed_point)
+    monkeypatch.setattr(bench_adapt, "check_model", lambda *args: None)
+    (tmp_path / "fxp-train").write_text("")
+    csv_path = tmp_path / "adapt.csv"
+    assert bench_adapt.main(["--fxp-train", str(tmp_path / "fxp-train"), "--repeats", "1",
+                             "--csv", str(csv_path)]) == 1
+    assert capsys.readouterr().err.endswith(
+        "bench_adapt.py: every point (4) failed: fp32 repeat 0, ste repeat 0, adapt repeat 0, adapt-qpu repeat 0\n")
+    assert not csv_path.exists()  # no row was measured
+
+
+@requires_fxp_train
+def test_bench_adapt_refuses_a_model_fxp_train_refuses():
+    with pytest.raises(SystemExit) as e:
+        bench_adapt.main(["--fxp-train", str(FXP_TRAIN), "--model", "foo"])
+    assert str(e.value).startswith("bench_adapt.py: --model: foo not in {paper_cnn,")

@@ -298,3 +298,44 @@ def test_the_gpu_probe_is_fxp_trains_own_answer(tmp_path):
         assert sweeplib.missing_gpu(FXP_TRAIN, device) == expected
     assert sweeplib.missing_gpu(FXP_TRAIN, "cpu") == ""
     assert sweeplib.missing_gpu(FXP_TRAIN, None) == ""
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("blocks, message", [
+    # The axis's values replaced set's in every run: `set: {seed: 1}` ran seed 0 only, unsaid.
+    ("  - name: one\n    set: {seed: 1}\n    axes: {seed: [0]}\n",
+     "block 0 (one): seed is in both set and axes, whose values would replace set's (seed: 1); give it in one of them"),
+    ("  - axes: {seed: [0]}\n  - set: {out_frac: 8}\n    axes: {seed: [0], format: [{param_bits: 16, param_frac: 10}, "
+     "{param_bits: 8, param_frac: 4, out_frac: 3}]}\n",
+     "block 1: out_frac is in both set and axis format, whose values would replace set's (out_frac: 8); "
+     "give it in one of them"),
+])
+def test_a_key_in_both_a_blocks_set_and_its_axes_is_an_error(tmp_path, capsys, blocks, message):
+    grid = write_grid(tmp_path, "blocks:\n" + blocks)
+    assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"),
+                       "--fxp-train", str(fake_fxp_train(tmp_path))]) == 2
+    assert capsys.readouterr().err == f"sweep: grid {grid}, {message}\n"
+
+
+def test_a_block_overrides_base_with_its_set_and_its_axes(tmp_path):
+    # base < set < axes: a block may override base either way; only set and axes together are refused.
+    grid = sweeplib.load_grid(write_grid(tmp_path, "base: {seed: 5, lr: 0.1}\nblocks:\n"
+                                                   "  - set: {lr: 0.2}\n    axes: {seed: [0, 1]}\n"))
+    assert grid["blocks"][0]["set"] == {"lr": 0.2}
+
+
+@requires_fxp_train
+@pytest.mark.parametrize("value, bad", [("abc", "abc"), ("16/10", "16/10"), ("16/10/8/4", "16/10/8/4"),
+                                        ("16/10/x", "16/10/x"), ("16/10/8,", ""), ("16/-10/8", "16/-10/8")])
+def test_a_malformed_format_filter_is_a_usage_error(tmp_path, capsys, value, bad):
+    # It matched no run: a warning and exit status 0, as a well-formed format no run has.
+    grid = write_grid(tmp_path, GOOD_BLOCKS)
+    assert sweep.main([str(grid), "--dry-run", "--out", str(tmp_path / "out"), "--fxp-train",
+                       str(fake_fxp_train(tmp_path)), "--filter", f"format={value}"]) == 2
+    assert capsys.readouterr() == ("", f"sweep: --filter format={value}: expected format=TOTAL/FRAC/OUTFRAC[,...], "
+                                       "whole numbers (param_bits/param_frac/out_frac, e.g. format=16/10/8), "
+                                       f"got {bad!r}\n")
+
+
+def test_a_format_filter_is_read_as_numbers():
+    assert sweeplib.parse_filters(["format=016/10/08,12/8/6"]) == {"format": {"16/10/8", "12/8/6"}}
