@@ -50,6 +50,8 @@ def output_file(text: str) -> pathlib.Path:
     """An argparse type: a file a script writes at its end (--csv, --markdown, --figure), checked before
     anything is measured: not a directory, and under a directory (its missing directories are made when it
     is written, by write_csv and BenchReport.save), not under a regular file."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file name, got an empty one")
     path = pathlib.Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory")

@@ -8,7 +8,9 @@
 #   scripts/gpu_check.sh --prepare
 # which copies Debian's GoogleTest sources, the CLI11, nlohmann-json and Gloo headers
 # and the Fashion-MNIST files, and downloads the QPyTorch wheel, into .deps/
-# (git-ignored); carry .deps to the GPU machine. Without it the C++ tests,
+# (git-ignored), and packs build/libfxp.so (brought up to date) into
+# .deps/devbuild where build/ is a CUDA build, for the error_paths_devbuild
+# stage; carry .deps to the GPU machine. Without it the C++ tests,
 # fxp-train and the QPyTorch baseline are skipped, and the rest still runs.
 #
 #   scripts/gpu_check.sh --budget 540
@@ -44,7 +46,14 @@ if [[ "${1:-}" == "--prepare" ]]; then
     cmake --build "$ROOT/build" --target fxp >/dev/null
     mkdir -p "$ROOT/.deps/devbuild"
     xz -T0 -6 -c "$ROOT/build/libfxp.so" >"$ROOT/.deps/devbuild/libfxp.so.xz"
-    { git -C "$ROOT" describe --always --dirty; "${CXX:-c++}" --version | head -n 1; } >"$ROOT/.deps/devbuild/info.txt"
+    # What the GPU machine compares with its own: the source, the compiler build/ used, the torch.
+    cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$ROOT/build/CMakeCache.txt")
+    torch_python=$(sed -n 's/^FXP_PYTHON:[A-Z]*=//p' "$ROOT/build/CMakeCache.txt")
+    {
+      echo "source $(git -C "$ROOT" describe --always --dirty)"
+      echo "compiler $("${cxx:-c++}" --version | head -n 1)"
+      echo "torch $("${torch_python:-python3}" -c 'import torch; print(torch.__version__)')"
+    } >"$ROOT/.deps/devbuild/info.txt"
   else
     echo "gpu_check --prepare: build/libfxp.so is not a CUDA build (FXP_CUDA=ON scripts/setup.sh): the"
     echo "  error_paths_devbuild stage will be skipped"
@@ -193,23 +202,31 @@ run pytest_cuda 120 env FXP_LARGE_TESTS=1 bash -c pytest_cuda
 # Each op's error path in its own process: an error raised after a device read crashed three
 # CUDA cases of the first runs; this reports how each ends, with the native stack of a crash.
 run error_paths 30 "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py"
-# The same error paths and crashed cases with the development machine's build of the same source
-# (gpu_check.sh --prepare): if they pass there and crash with this machine's build, the fault is in
-# this build (compiler, flags), not in the code. This machine's libfxp comes back in the logs
-# (libfxp-gpu.so.xz), to be run on a CPU machine under a stand-in CUDA runtime.
+# This machine's libfxp comes back in the logs (libfxp-gpu.so.xz), to be run on a CPU machine under
+# scripts/diagnose/fake_cuda. Then, where gpu_check.sh --prepare packed the development machine's build
+# of the same source (.deps/devbuild), the error paths and the crashed cases run with it: passing there
+# and crashing with this machine's build puts the fault in this build (compiler, flags), not the code.
 error_paths_devbuild() {
-  local lib=$BUILD/devbuild/libfxp.so status=0 case crashes
+  local lib=$BUILD/devbuild/libfxp.so status=0 case crashes packed=$ROOT/.deps/devbuild/libfxp.so.xz
   mapfile -t crashes <<<"$CRASHED_CASES"
-  "$PYTHON" - "$ROOT/.deps/devbuild/libfxp.so.xz" "$lib" "$BUILD/libfxp.so" "$LOGS/libfxp-gpu.so.xz" <<'PY' || return 1
+  "$PYTHON" - "$BUILD/libfxp.so" "$LOGS/libfxp-gpu.so.xz" "$packed" "$lib" <<'PY' || return 1
 import lzma, pathlib, shutil, sys
-src, dst, mine, back = map(pathlib.Path, sys.argv[1:])
-dst.parent.mkdir(parents=True, exist_ok=True)
-with lzma.open(src) as i, open(dst, "wb") as o:
-    shutil.copyfileobj(i, o)
+mine, back, packed, unpacked = map(pathlib.Path, sys.argv[1:])
 with open(mine, "rb") as i, lzma.open(back, "wb", preset=6) as o:
     shutil.copyfileobj(i, o)
+if packed.is_file():
+    unpacked.parent.mkdir(parents=True, exist_ok=True)
+    with lzma.open(packed) as i, open(unpacked, "wb") as o:
+        shutil.copyfileobj(i, o)
 PY
-  cat "$ROOT/.deps/devbuild/info.txt"
+  if [[ ! -f $packed ]]; then
+    echo "no .deps/devbuild/libfxp.so.xz (gpu_check.sh --prepare with a CUDA build/): no comparison"
+    return 0
+  fi
+  echo "development machine's build:"; cat "$ROOT/.deps/devbuild/info.txt"
+  echo "this machine: source $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)," \
+    "torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+  echo "(a comparison means something only where the source and torch agree)"
   FXP_LIBRARY=$lib "$PYTHON" "$ROOT/scripts/diagnose/error_paths.py" || status=1
   cd "$ROOT/tests/python" || return 1
   for case in "${crashes[@]}"; do
@@ -218,13 +235,9 @@ PY
   done
   return $status
 }
-if [[ -f $ROOT/.deps/devbuild/libfxp.so.xz ]]; then
-  export -f error_paths_devbuild
-  export BUILD LOGS
-  run error_paths_devbuild 40 bash -c error_paths_devbuild
-else
-  echo "==> error_paths_devbuild skipped: no .deps/devbuild/libfxp.so.xz (scripts/gpu_check.sh --prepare with a CUDA build/)"
-fi
+export -f error_paths_devbuild
+export BUILD LOGS
+run error_paths_devbuild 90 bash -c error_paths_devbuild
 run bench_optim 30 "$PYTHON" "$ROOT/scripts/bench_optim.py" --device cuda --markdown "$LOGS/bench_optim_cuda.md"
 run bench_quantize 20 "$PYTHON" "$ROOT/scripts/bench_quantize.py" --device cuda --no-qtorch \
   --markdown "$LOGS/bench_quantize_cuda.md"

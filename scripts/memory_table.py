@@ -61,7 +61,8 @@ def measure(fxp_train: str, method: str, bits: int, batch: int, packed: bool, de
             p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         except OSError as e:
             raise SystemExit(f"memory_table.py: cannot run {fxp_train}: {e.strerror or e}") from None
-        if p.returncode != 0:  # one line, fxp-train's own first: the other cells would fail alike
+        if p.returncode != 0:  # one line, fxp-train's own first (a usage error ends "Run with --help"): the
+            # other cells would fail alike
             why = next((line.strip() for line in p.stderr.splitlines() if line.strip()), "no message")
             raise SystemExit(f"memory_table.py: fxp-train failed (exit {p.returncode}) on {method}, {bits} bits, "
                              f"batch {batch}, {'packed' if packed else 'float'} storage: {why}")

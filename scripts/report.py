@@ -141,7 +141,7 @@ SUMMARY_FIELDS = {
     ("adapt", "training_state_ratio_to_fp32"): NON_NEGATIVE, ("adapt", "model_size"): NON_NEGATIVE,
     ("measured_memory", "step", "total_bytes"): NON_NEGATIVE,
     ("measured_memory", "step", "step_peak_bytes"): NON_NEGATIVE,
-    ("msq", "compression_rate"): POSITIVE, ("msq", "export", "measured_compression"): POSITIVE,
+    ("msq", "compression_rate"): NON_NEGATIVE, ("msq", "export", "measured_compression"): POSITIVE,
     ("msq", "bits"): WIDTHS,
     ("config",): ((lambda v: isinstance(v, dict)), "a JSON object"),
     **{("config", k): STRING for k in ("model", "dataset", "method", "inference_rounding", "lr_scaling",

@@ -307,14 +307,16 @@ def load_grid(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
         for key, options in axes.items():
             if not isinstance(options, list) or not options:
                 raise ValueError(f"{at}, axis {key}: needs a non-empty list of values, got {options!r}")
-            for opt in options:  # a mapping sets several keys; the axis's own name is then a label
-                settings = check_settings(opt if isinstance(opt, dict) else {key: opt}, f"{at}, axis {key}", keys)
-                # An axis's value replaces set's in its runs (expand): the set value would be lost unsaid.
-                both = next((k for k in settings if k in fixed), None)
-                if both is not None:
-                    axis = "axes" if both == key else f"axis {key}"
-                    raise ValueError(f"{at}: {both} is in both set and {axis}, whose values would replace set's "
-                                     f"({both}: {json.dumps(fixed[both])}); give it in one of them")
+            # A mapping sets several keys; the axis's own name is then a label.
+            given = [check_settings(opt if isinstance(opt, dict) else {key: opt}, f"{at}, axis {key}", keys)
+                     for opt in options]
+            # An axis's value replaces set's in its runs (expand). Where every option gives a key, set's
+            # value reaches no run, unsaid; where some do not, it is their default, and stays.
+            lost = next((k for k in fixed if all(k in g for g in given)), None)
+            if lost is not None:
+                axis = "axes" if lost == key else f"axis {key}"
+                raise ValueError(f"{at}: {lost} is in both set and {axis}, whose every value replaces set's "
+                                 f"({lost}: {json.dumps(fixed[lost])}), which no run keeps; give it in one of them")
     return grid
 
 

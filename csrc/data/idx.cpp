@@ -35,6 +35,7 @@ bool is_gzip(const std::vector<uint8_t>& bytes) {
 // Every member of the file: gzip files may be concatenated (`cat a.gz b.gz`), and
 // zcat reads them all as one. Bytes after the last member that start no other
 // are an error, not ignored: a file with them is damaged or not what it seems.
+// Zero bytes are the exception, as gzip's: padding (a tape block) after the data.
 std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string& path) {
 #if defined(FXP_HAVE_ZLIB)
   z_stream z{};
@@ -65,6 +66,10 @@ std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string
     const size_t next = consumed();
     if (next == bytes.size()) break;
     const bool another_member = bytes.size() - next >= 2 && bytes[next] == 0x1f && bytes[next + 1] == 0x8b;
+    if (!another_member && std::all_of(bytes.begin() + static_cast<std::ptrdiff_t>(next), bytes.end(),
+                                       [](uint8_t b) { return b == 0; })) {
+      break;
+    }
     if (!another_member) {
       inflateEnd(&z);
       TORCH_CHECK(false, "fxp: ", path, " has bytes after its gzip data that start no other gzip member (",
@@ -134,6 +139,16 @@ at::Tensor read_idx(const std::string& path) {
   // A zero dimension (images [60000, 0, 0]) holds no elements, whatever the others: no payload is
   // needed, and the dimensions before it must not be measured against the file as if one were.
   const bool empty = std::find(dims.begin(), dims.end(), 0) != dims.end();
+  if (empty) {  // the dimensions after the first still make the tensor's strides (a 0 counting as 1): an int64
+    int64_t stride = 1;
+    for (int d = ndim - 1; d >= 1; --d) {
+      const int64_t dim = std::max<int64_t>(dims[d], 1);
+      TORCH_CHECK(stride <= std::numeric_limits<int64_t>::max() / dim, "fxp: ", path, ": IDX header ",
+                  c10::IntArrayRef(dims),
+                  " has a dimension 0, but its others are too large for a tensor's strides");
+      stride *= dim;
+    }
+  }
   uint64_t count = empty ? 0 : 1;
   bool too_large = false;
   for (int d = 0; d < ndim && !empty; ++d) {

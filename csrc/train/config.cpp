@@ -577,6 +577,16 @@ void TrainConfig::validate() const {
     bad("normalize_std", "must be a positive finite number that float32 holds (at most " + number_text(kFloatMax) +
                              ", and not so small that it rounds to 0), but got " + number_text(input_std()));
   }
+  {  // and the normalized pixels themselves, (x - mean) / std for x in [0, 1], in float32's range
+    const double mean = static_cast<float>(input_mean()), deviation = static_cast<float>(input_std());
+    if (!(std::max(std::abs(mean), std::abs(1.0 - mean)) / deviation <= kFloatMax)) {
+      bad("normalize_std",
+          "with normalize_mean " + number_text(input_mean()) + ", a standard deviation of " +
+              number_text(input_std()) + " makes normalized pixels, (x - mean) / std for x in [0, 1], beyond "
+              "float32's range",
+          {"normalize_mean"});
+    }
+  }
   if (packed && method == "fp32") bad("packed", "stores fixed-point codes, and fp32 has none to store", {"method"});
   if (packed && method == "msq") bad("packed", "is not supported by MSQ yet: its activations are float", {"method"});
   if (packed && method == "adapt") {
@@ -643,7 +653,8 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
     }
     if (!ok) {
       // A string that C would read as a number in another base ("0x10"): the rule is decimal.
-      const std::string base_note = value.is_string() && other_base_numeral(value.get<std::string>())
+      const std::string base_note = current.is_number() && value.is_string() &&
+                                            other_base_numeral(value.get<std::string>())
                                         ? current.is_number_integer() ? " in decimal" : " in decimal or scientific notation"
                                         : "";
       throw std::invalid_argument(origin + ": key '" + key + "' needs " + kind_of_value(current) + base_note +

@@ -44,6 +44,19 @@ const std::vector<std::string>& shared_keys() {
   return keys;
 }
 
+// The shared_keys a run reads, with its values: one it does not read (bn_recalibration_batches
+// on a model without batch norm, Note [Settings without effect]) cannot set members apart.
+json shared_settings(const TrainConfig& c) {
+  const json j = to_json(c);
+  std::set<std::string> unread;
+  for (const auto& [key, why] : c.unread_settings()) unread.insert(key);
+  json shared = json::object();
+  for (const auto& key : shared_keys()) {
+    if (!unread.count(key)) shared[key] = j.at(key);
+  }
+  return shared;
+}
+
 // Member m's run: its settings, files, solo model and optimizer (whose
 // parameters view the fleet's stacks), bookkeeping and generators.
 struct Member {
@@ -155,18 +168,18 @@ optim::FleetMemberUpdate import_update_state(const Member& member, std::vector<t
 
 std::string fleet_incompatibility(const std::vector<TrainConfig>& members) {
   if (members.empty()) return "a fleet needs at least one member";
-  const json first = to_json(members[0]);
+  const json first = shared_settings(members[0]);
   std::string problems;
   auto add = [&](const std::string& p) { problems += (problems.empty() ? "" : "; ") + p; };
   std::set<std::string> dirs;
   for (size_t m = 0; m < members.size(); ++m) {
     const TrainConfig& c = members[m];
-    const json j = to_json(c);
+    const json j = shared_settings(c);
     const std::string who = "member " + std::to_string(m);
     for (const auto& key : shared_keys()) {
-      if (j.at(key) != first.at(key)) {
-        add(who + "'s " + key + " is " + j.at(key).dump() + ", member 0's " + first.at(key).dump() +
-            " (fleet members share " + key + ")");
+      if (j.value(key, json()) != first.value(key, json())) {
+        add(who + "'s " + key + " is " + j.value(key, json()).dump() + ", member 0's " +
+            first.value(key, json()).dump() + " (fleet members share " + key + ")");
       }
     }
     if (!dirs.insert(output_dir_for(c)).second) add(who + " writes to " + output_dir_for(c) + ", as another member");
@@ -185,10 +198,7 @@ std::string fleet_incompatibility(const std::vector<TrainConfig>& members) {
 
 std::optional<std::string> fleet_group(const TrainConfig& config) {
   if (!fleet_incompatibility({config}).empty()) return std::nullopt;
-  const json j = to_json(config);
-  json shared = json::object();
-  for (const auto& key : shared_keys()) shared[key] = j.at(key);
-  return shared.dump();
+  return shared_settings(config).dump();
 }
 
 int64_t fleet_chunk(int64_t requested, const c10::Device& device, int64_t batch_size) {

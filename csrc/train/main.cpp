@@ -18,13 +18,9 @@
 
 namespace {
 
-// --print-configs: one JSON line out per JSON line in (Note [Run names come from fxp-train]):
-// {"run_name", "output_dir", "config", "fleet_group", "epoch_images" ({"train", "validation"}:
-// TrainConfig::epoch_images, for scripts/sweep --estimate), "invalid" (only when a value is bad)},
-// or {"error"} for a line that is not a JSON object.
-int print_configs(const std::string& file, const fxp::train::TrainConfig& base, std::istream& stdin_stream,
-                  std::ostream& out) {
-  using nlohmann::json;
+// Each non-blank line of a file of settings (--print-configs, --fleet; "-": stdin) with its number.
+template <class Fn>
+void for_each_settings_line(const std::string& file, std::istream& stdin_stream, const Fn& fn) {
   std::ifstream opened;
   if (file != "-") {
     // A directory opens as a stream whose reads fail: no lines, and exit 0, without this.
@@ -36,7 +32,18 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
   int64_t line_number = 0;
   for (std::string line; std::getline(in, line);) {
     ++line_number;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    if (line.find_first_not_of(" \t\r") != std::string::npos) fn(line, line_number);
+  }
+}
+
+// --print-configs: one JSON line out per JSON line in (Note [Run names come from fxp-train]):
+// {"run_name", "output_dir", "config", "fleet_group", "epoch_images" ({"train", "validation"}:
+// TrainConfig::epoch_images, for scripts/sweep --estimate), "invalid" (only when a value is bad)},
+// or {"error"} for a line that is not a JSON object.
+int print_configs(const std::string& file, const fxp::train::TrainConfig& base, std::istream& stdin_stream,
+                  std::ostream& out) {
+  using nlohmann::json;
+  for_each_settings_line(file, stdin_stream, [&](const std::string& line, int64_t line_number) {
     json result;
     try {
       const json settings = fxp::train::parse_json_strict(line, file + " line " + std::to_string(line_number));
@@ -76,25 +83,15 @@ int print_configs(const std::string& file, const fxp::train::TrainConfig& base, 
       result = {{"error", e.what()}};
     }
     out << result.dump() << "\n";
-  }
+  });
   return 0;
 }
 
 // --fleet: the members' settings, one JSON object per line over `base`.
 std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, const fxp::train::TrainConfig& base,
                                                    std::istream& stdin_stream) {
-  std::ifstream opened;
-  if (file != "-") {
-    if (fxp::train::is_directory(file)) throw std::invalid_argument(file + " is a directory, not a file of settings");
-    opened.open(file);
-    if (!opened) throw std::invalid_argument("cannot open " + file);
-  }
-  std::istream& in = file == "-" ? stdin_stream : opened;
   std::vector<fxp::train::TrainConfig> members;
-  int64_t line_number = 0;
-  for (std::string line; std::getline(in, line);) {
-    ++line_number;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+  for_each_settings_line(file, stdin_stream, [&](const std::string& line, int64_t line_number) {
     const std::string origin = file + " line " + std::to_string(line_number);
     nlohmann::json settings;
     try {
@@ -111,7 +108,7 @@ std::vector<fxp::train::TrainConfig> fleet_configs(const std::string& file, cons
       throw std::invalid_argument(origin + ": " + e.what());
     }
     members.push_back(std::move(c));
-  }
+  });
   if (members.empty()) throw std::invalid_argument(file + " holds no member settings");
   // run_fleet checks this too; here it is the usage error it is.
   if (const std::string why = fxp::train::fleet_incompatibility(members); !why.empty()) {

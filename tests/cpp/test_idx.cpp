@@ -132,6 +132,14 @@ TEST_F(IdxReader, ReadsEveryGzipMemberAndRefusesTrailingBytes) {
   garbage.resize(garbage.size() - 6);  // one byte: not even a gzip magic number
   const auto one = write("one.idx.gz", garbage);
   expect_error([&] { fxp::data::read_idx(one); }, one + " has bytes after its gzip data that start no other gzip member (1 byte;");
+  // Zero bytes after the data are padding, as gzip takes them (a tape block); a non-zero one among them is not.
+  std::vector<uint8_t> padded = joined;
+  padded.resize(padded.size() + 512, 0);
+  const auto zeros = write("padded.idx.gz", padded);
+  EXPECT_TRUE(torch::equal(fxp::data::read_idx(zeros), fxp::data::read_idx(members)));
+  padded[padded.size() - 3] = 1;
+  const auto not_zeros = write("not_padded.idx.gz", padded);
+  expect_error([&] { fxp::data::read_idx(not_zeros); }, " has bytes after its gzip data that start no other gzip member");
   // A second member cut short is a truncated file, as a first one is.
   std::vector<uint8_t> cut = joined;
   cut.resize(cut.size() - 6);
@@ -174,6 +182,11 @@ TEST_F(IdxReader, AZeroDimensionIsNoTruncationButImagesOfNoPixels) {
   EXPECT_EQ(flat.sizes(), (std::vector<int64_t>{60000, 0, 0}));
   const auto big = fxp::data::read_idx(write("big.idx", idx_bytes(0x0C, {0xFFFFFFFFu, 0xFFFFFFFFu, 0})));
   EXPECT_EQ(big.numel(), 0);
+  // Its strides would overflow: named, not at::empty's bare error.
+  const auto huge = write("huge.idx", idx_bytes(0x08, {1, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0}));
+  expect_error([&] { fxp::data::read_idx(huge); },
+               huge + ": IDX header [1, 4294967295, 4294967295, 4294967295, 0] has a dimension 0, but its others are "
+                      "too large for a tensor's strides");
   const auto images = write("train-images-idx3-ubyte", idx_bytes(0x08, {3, 28, 0}));
   write("train-labels-idx1-ubyte", idx_bytes(0x08, {3}, {1, 2, 3}));
   expect_error([&] { fxp::data::read_mnist_split(dir_, "train"); },

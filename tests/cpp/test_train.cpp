@@ -271,6 +271,10 @@ TEST(TrainCli, BadFlagsAndValuesAreUsageErrors) {
                                       "most 3.4028234663852886e+38), but got 1e+300"},
       {{"--normalize-std", "1e39"}, "normalize_std: must be a positive finite number that float32 holds"},
       {{"--normalize-std", "1e-50"}, "and not so small that it rounds to 0), but got 1e-50"},
+      // Each in range, but not (x - mean) / std.
+      {{"--normalize-std", "1e-44"}, "normalize_std: with normalize_mean 0.1307, a standard deviation of 1e-44 makes "
+                                     "normalized pixels, (x - mean) / std for x in [0, 1], beyond float32's range"},
+      {{"--normalize-mean", "3e38", "--normalize-std", "0.5"}, "normalize_std: with normalize_mean 3e+38"},
       {{"--method", "fp32", "--packed"}, "packed: stores fixed-point codes, and fp32 has none to store"},
       {{"--method", "ste", "--momentum-form", "paper_eq6"}, "momentum_form: is the QPU step's"},
   };
@@ -440,6 +444,8 @@ TEST_F(TrainFiles, ConfigNumbersReadAsFlagsDo) {
       {write("hex_float.yaml", "lr: 0x1p3\n"),
        "key 'lr' needs a number in decimal or scientific notation, but got \"0x1p3\""},
       {write("nan_plain.yaml", "lr: nan\n"), "key 'lr' needs a number, but got \"nan\""},
+      // The base note is for number keys: a boolean needs true or false, in no base.
+      {write("hex_bool.yaml", "packed: 0x1\n"), "key 'packed' needs true or false, but got \"0x1\""},
       {write("low.json", R"({"seed": -9223372036854775809})"),
        "low.json: key 'seed' is -9.223372036854776e+18, outside the 64-bit integer range"},
       {write("low.yaml", "seed: -9223372036854775809\n"), "key 'seed' is -9.223372036854776e+18, outside the 64-bit"},

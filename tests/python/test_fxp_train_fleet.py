@@ -234,6 +234,16 @@ def test_members_that_cannot_share_a_fleet_are_refused_naming_why(tmp_path, memb
     assert message in p.stderr.replace(str(tmp_path) + "/", ""), p.stderr
 
 
+def test_a_setting_the_members_do_not_read_does_not_part_them():
+    # Note [Settings without effect]: bn_recalibration_batches on the paper CNN (no batch norm) is unread,
+    # so runs that differ in it alone share a fleet group; on ResNet-20 (not a fleet model yet) it would not.
+    lines = '{"seed": 0}\n{"seed": 1, "bn_recalibration_batches": 2}\n{"seed": 2, "batch_size": 32}\n'
+    p = run_fxp_train("--print-configs", "-", input=lines)
+    assert p.returncode == 0, p.stderr
+    groups = [json.loads(line)["fleet_group"] for line in p.stdout.splitlines()]
+    assert groups[0] is not None and groups[0] == groups[1] != groups[2]
+
+
 def test_fleet_usage_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

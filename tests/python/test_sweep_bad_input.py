@@ -304,11 +304,12 @@ def test_the_gpu_probe_is_fxp_trains_own_answer(tmp_path):
 @pytest.mark.parametrize("blocks, message", [
     # The axis's values replaced set's in every run: `set: {seed: 1}` ran seed 0 only, unsaid.
     ("  - name: one\n    set: {seed: 1}\n    axes: {seed: [0]}\n",
-     "block 0 (one): seed is in both set and axes, whose values would replace set's (seed: 1); give it in one of them"),
-    ("  - axes: {seed: [0]}\n  - set: {out_frac: 8}\n    axes: {seed: [0], format: [{param_bits: 16, param_frac: 10}, "
-     "{param_bits: 8, param_frac: 4, out_frac: 3}]}\n",
-     "block 1: out_frac is in both set and axis format, whose values would replace set's (out_frac: 8); "
+     "block 0 (one): seed is in both set and axes, whose every value replaces set's (seed: 1), which no run keeps; "
      "give it in one of them"),
+    ("  - axes: {seed: [0]}\n  - set: {out_frac: 8}\n    axes: {seed: [0], format: [{param_bits: 16, param_frac: 10, "
+     "out_frac: 6}, {param_bits: 8, param_frac: 4, out_frac: 3}]}\n",
+     "block 1: out_frac is in both set and axis format, whose every value replaces set's (out_frac: 8), which no run "
+     "keeps; give it in one of them"),
 ])
 def test_a_key_in_both_a_blocks_set_and_its_axes_is_an_error(tmp_path, capsys, blocks, message):
     grid = write_grid(tmp_path, "blocks:\n" + blocks)
@@ -322,6 +323,16 @@ def test_a_block_overrides_base_with_its_set_and_its_axes(tmp_path):
     grid = sweeplib.load_grid(write_grid(tmp_path, "base: {seed: 5, lr: 0.1}\nblocks:\n"
                                                    "  - set: {lr: 0.2}\n    axes: {seed: [0, 1]}\n"))
     assert grid["blocks"][0]["set"] == {"lr": 0.2}
+
+
+@requires_fxp_train
+def test_a_set_value_is_the_default_of_mapping_options_that_do_not_give_it(tmp_path):
+    # Only the second option gives out_frac: the first keeps set's, so nothing is lost and the grid is valid.
+    grid = sweeplib.load_grid(write_grid(tmp_path, "blocks:\n  - set: {method: sqpu, out_frac: 8}\n"
+                                                   "    axes: {format: [{param_bits: 16, param_frac: 10}, "
+                                                   "{param_bits: 8, param_frac: 4, out_frac: 3}]}\n"))
+    runs = sweeplib.expand(grid, FXP_TRAIN, tmp_path / "out")
+    assert sorted(dict(r.settings)["out_frac"] for r in runs) == [3, 8]
 
 
 @requires_fxp_train

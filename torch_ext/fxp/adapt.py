@@ -139,9 +139,9 @@ class AdaptController:
         self._hooks = [layer.register_forward_hook(c, with_kwargs=True)
                        for layer, c in zip(self._layers, self._counters)]
         self._removed = False
-        for layer in self._layers:
-            _controller_of[layer] = weakref.ref(self)
         self._apply_formats()
+        for layer in self._layers:  # last: a controller whose construction failed claims no layer
+            _controller_of[layer] = weakref.ref(self)
 
     def _check_attached(self, what: str) -> None:
         if self._removed:
