@@ -27,10 +27,9 @@ def whole_number(minimum: int, maximum: int | None = None):
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if maximum is not None and not minimum <= n <= maximum:
-            raise argparse.ArgumentTypeError(f"must be in [{minimum}, {maximum}], got {n}")
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        if n < minimum or (maximum is not None and n > maximum):
+            wanted = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {n}")
         return n
     return parse
 
@@ -55,7 +54,13 @@ def output_file(text: str) -> pathlib.Path:
     path = pathlib.Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory")
-    existing = next(q for q in path.parents if q.exists())  # "." or "/" at the latest
+    existing = nearest_existing(path.parent)
     if not existing.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: {existing} is not a directory")
     return path
+
+
+def nearest_existing(path: pathlib.Path) -> pathlib.Path:
+    """`path` or its nearest ancestor that exists ("." or "/" at the latest): a directory where `path` can be
+    made (an output file's folder, the sweep's --out), or not."""
+    return next(p for p in (path, *path.parents) if p.exists())

@@ -32,6 +32,8 @@ from typing import Callable, Collection, Iterable
 
 import yaml
 
+from argtypes import nearest_existing
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -689,7 +691,7 @@ def run_dir(out: pathlib.Path, run: Run) -> pathlib.Path:
 
 def check_out(out: pathlib.Path) -> None:
     """--out is a directory, or can become one: its nearest existing ancestor is a directory."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
+    existing = nearest_existing(out)
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is not a directory")
 

@@ -66,11 +66,10 @@ std::vector<uint8_t> gunzip(const std::vector<uint8_t>& bytes, const std::string
     const size_t next = consumed();
     if (next == bytes.size()) break;
     const bool another_member = bytes.size() - next >= 2 && bytes[next] == 0x1f && bytes[next + 1] == 0x8b;
-    if (!another_member && std::all_of(bytes.begin() + static_cast<std::ptrdiff_t>(next), bytes.end(),
-                                       [](uint8_t b) { return b == 0; })) {
-      break;
-    }
     if (!another_member) {
+      if (std::all_of(bytes.begin() + static_cast<std::ptrdiff_t>(next), bytes.end(), [](uint8_t b) { return b == 0; })) {
+        break;
+      }
       inflateEnd(&z);
       TORCH_CHECK(false, "fxp: ", path, " has bytes after its gzip data that start no other gzip member (",
                   bytes.size() - next, bytes.size() - next == 1 ? " byte" : " bytes", "; a damaged file?)");

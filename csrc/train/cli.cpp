@@ -115,26 +115,13 @@ std::string flag_name(const std::string& key) {
 template <typename T>
 T parse_number_flag(const std::string& flag, const std::string& text) {
   constexpr bool kInteger = std::is_integral_v<T>;
-  const char* begin = text.data();
-  const char* const end = begin + text.size();
-  // Digits and signs (and a point and an exponent for a float): from_chars also reads "nan" and "inf".
-  const bool numeral = std::all_of(begin, end, [](unsigned char ch) {
-    return std::isdigit(ch) || ch == '+' || ch == '-' || (!kInteger && (ch == '.' || ch == 'e' || ch == 'E'));
-  });
-  // from_chars takes '-' but not '+'; "+-1" is no number.
-  if (begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
   T value{};
-  std::from_chars_result read{};
-  if constexpr (kInteger) {
-    read = std::from_chars(begin, end, value);
-  } else {
-    read = std::from_chars(begin, end, value, std::chars_format::general);
-  }
-  if (read.ec == std::errc::result_out_of_range) {
+  const DecimalRead read = read_decimal(text, value);
+  if (read == DecimalRead::kOutOfRange) {
     throw CLI::ValidationError(flag, "'" + text + "' is out of the range of a 64-bit " +
                                          (kInteger ? "integer" : "float"));
   }
-  if (!numeral || read.ec != std::errc{} || read.ptr != end || begin == end) {
+  if (read == DecimalRead::kNotDecimal) {
     throw CLI::ValidationError(flag, std::string(kInteger ? "needs a decimal integer" : "needs a number") +
                                          ", but got '" + text + "'");
   }

@@ -2,13 +2,12 @@
 
 #include <algorithm>
 #include <cctype>
-#include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <map>
 #include <set>
 #include <sstream>
@@ -270,27 +269,15 @@ struct YamlReader {
     if (text == "true" || text == "True") return true;
     if (text == "false" || text == "False") return false;
     if (text == "null" || text == "~" || text.empty()) return nullptr;
-    const bool numeral = std::all_of(text.begin(), text.end(), [](unsigned char ch) {
-      return std::isdigit(ch) || ch == '+' || ch == '-' || ch == '.' || ch == 'e' || ch == 'E';
-    });
-    if (!numeral) return text;
-    const char* const begin = text.c_str();
-    const char* const end = begin + text.size();
-    char* used = nullptr;
-    errno = 0;
-    const long long i = std::strtoll(begin, &used, 10);
-    if (used == end) {
-      if (errno != ERANGE) return i;
-      errno = 0;
-      const unsigned long long u = std::strtoull(begin, &used, 10);
-      if (text[0] != '-' && errno != ERANGE) return u;
-    }
-    errno = 0;
-    const double d = std::strtod(begin, &used);
-    if (used != end) return text;
-    // Beyond a double (1e400): refused, as JSON's reader refuses it. Underflow reads as 0 or a denormal, as there.
-    if (std::isinf(d)) throw NumberOverflow{text};
-    return d;
+    int64_t i = 0;
+    const DecimalRead as_integer = read_decimal(text, i);
+    if (as_integer == DecimalRead::kOk) return i;
+    uint64_t u = 0;
+    if (as_integer == DecimalRead::kOutOfRange && read_decimal(text, u) == DecimalRead::kOk) return u;
+    double d = 0;
+    const DecimalRead as_double = read_decimal(text, d);
+    if (as_double == DecimalRead::kOutOfRange) throw NumberOverflow{text};  // refused, as a flag's is
+    return as_double == DecimalRead::kOk ? json(d) : json(text);
   }
 
   json convert(const YAML::Node& node, int depth) {
@@ -669,6 +656,31 @@ void apply_json(TrainConfig& config, const json& values, const std::string& orig
     it->second.set(config, value);
   }
 }
+
+template <typename T>
+DecimalRead read_decimal(const std::string& text, T& value) {
+  constexpr bool kInteger = std::is_integral_v<T>;
+  const char* begin = text.data();
+  const char* const end = begin + text.size();
+  // Digits and signs (and a point and an exponent for a double): from_chars also reads "nan" and "inf".
+  const bool numeral = std::all_of(begin, end, [](unsigned char ch) {
+    return std::isdigit(ch) || ch == '+' || ch == '-' || (!kInteger && (ch == '.' || ch == 'e' || ch == 'E'));
+  });
+  // from_chars takes '-' but not '+'; "+-1" is no number.
+  if (begin != end && *begin == '+' && begin + 1 != end && begin[1] != '-') ++begin;
+  std::from_chars_result read{};
+  if constexpr (kInteger) {
+    read = std::from_chars(begin, end, value);
+  } else {
+    read = std::from_chars(begin, end, value, std::chars_format::general);
+  }
+  if (read.ec == std::errc::result_out_of_range) return DecimalRead::kOutOfRange;
+  return numeral && read.ec == std::errc{} && read.ptr == end && begin != end ? DecimalRead::kOk
+                                                                             : DecimalRead::kNotDecimal;
+}
+template DecimalRead read_decimal(const std::string&, int64_t&);
+template DecimalRead read_decimal(const std::string&, uint64_t&);
+template DecimalRead read_decimal(const std::string&, double&);
 
 json parse_json_strict(const std::string& text, const std::string& origin) {
   std::vector<std::set<std::string>> keys;  // one set per open object

@@ -137,6 +137,14 @@ nlohmann::json to_json(const TrainConfig& config);
 // of the wrong type are errors (std::invalid_argument naming the key and `origin`).
 void apply_json(TrainConfig& config, const nlohmann::json& values, const std::string& origin);
 
+// Note [Integer flags] (cli.cpp): how a flag's and a YAML config's number text
+// reads: the whole text, in decimal (no other base, no inf or nan), digits and
+// signs, and for a double a point and an exponent too. kOutOfRange: beyond T
+// (for a double, also below its smallest denormal).
+enum class DecimalRead { kOk, kNotDecimal, kOutOfRange };
+template <typename T>  // int64_t, uint64_t or double
+DecimalRead read_decimal(const std::string& text, T& value);
+
 // json::parse, with an error (std::invalid_argument) that begins with `origin`
 // ("config file run.json", "fleet.jsonl line 3") for a key given twice in one
 // object (nlohmann keeps the last one silently) and for a number beyond a

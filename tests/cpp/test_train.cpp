@@ -452,6 +452,9 @@ TEST_F(TrainFiles, ConfigNumbersReadAsFlagsDo) {
       {write("high.yaml", "seed: 9223372036854775808\n"), "key 'seed' is 9223372036854775808, outside the 64-bit"},
       {write("huge.json", R"({"lr": 0.1, "epochs": 1e400})"),
        "config file " + dir_ + "/huge.json: key 'epochs' is 1e400, out of the range of a 64-bit float"},
+      // One reader of decimal numbers for flags and YAML (read_decimal): an underflow is refused in both.
+      {write("tiny.yaml", "lr: 1e-400\n"),
+       "config file " + dir_ + "/tiny.yaml: key 'lr' is 1e-400, out of the range of a 64-bit float"},
       {write("huge.yaml", "epochs: 1e400\n"),
        "config file " + dir_ + "/huge.yaml: key 'epochs' is 1e400, out of the range of a 64-bit float"},
       {write("top.json", "-1e400"), "top.json: the number -1e400 is out of the range of a 64-bit float"},

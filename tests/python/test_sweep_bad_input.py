@@ -318,11 +318,14 @@ def test_a_key_in_both_a_blocks_set_and_its_axes_is_an_error(tmp_path, capsys, b
     assert capsys.readouterr().err == f"sweep: grid {grid}, {message}\n"
 
 
+@requires_fxp_train
 def test_a_block_overrides_base_with_its_set_and_its_axes(tmp_path):
     # base < set < axes: a block may override base either way; only set and axes together are refused.
     grid = sweeplib.load_grid(write_grid(tmp_path, "base: {seed: 5, lr: 0.1}\nblocks:\n"
                                                    "  - set: {lr: 0.2}\n    axes: {seed: [0, 1]}\n"))
     assert grid["blocks"][0]["set"] == {"lr": 0.2}
+    runs = sweeplib.expand(grid, FXP_TRAIN, tmp_path / "out")
+    assert sorted((dict(r.settings)["seed"], dict(r.settings)["lr"]) for r in runs) == [(0, 0.2), (1, 0.2)]
 
 
 @requires_fxp_train

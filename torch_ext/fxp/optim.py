@@ -453,8 +453,8 @@ class QPUSGD(Optimizer):
             mfmt = FxpFormat(group["momentum_total_bits"], group["momentum_frac_bits"])
             # Codes in another dtype (an int64 tensor) reached load_codes, whose message named neither the
             # state entry nor what it may hold. (A uint8 bit stream load_codes checks itself.)
-            codes = [mfmt.storage_dtype] + ([torch.uint8] if stored_dtype(mfmt) == torch.uint8 else [])
-            if not buffer.is_floating_point() and buffer.dtype not in (mfmt.storage_dtype, torch.uint8):
+            codes = (mfmt.storage_dtype, torch.uint8)
+            if not buffer.is_floating_point() and buffer.dtype not in codes:
                 raise ValueError(f"QPUSGD.load_state_dict: the momentum buffer of parameter {pid} is {buffer.dtype}, "
                                  f"but the momentum of {mfmt} loads from float values on its grid or from its codes "
                                  f"({' or '.join(str(d) for d in codes)})")
