@@ -35,18 +35,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import pathlib
 import statistics
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from argtypes import output_file, positive_number, whole_number  # noqa: E402
+from argtypes import positive_number, whole_number  # noqa: E402
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
 project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, finish  # noqa: E402
-from bench_train import check_model, measure  # noqa: E402
+from bench_train import add_run_args, check_model, measure  # noqa: E402
 
 METHODS = ("fp32", "ste", "adapt", "adapt-qpu")
 
@@ -73,12 +72,8 @@ def main(argv=None) -> int:
                    help="measurements per method (interleaved; the median counts)")
     p.add_argument("--lookback", type=lookback_bounds, default="25,100",
                    help="AdaPT's lookback bounds MIN,MAX (the paper's: 25,100)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
-    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
-    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
+    add_run_args(p)
     p.add_argument("--step-only", action="store_true", help="time the optimizer step alone (no fxp-train runs)")
     p.add_argument("--step-params", type=positive_number, default=1e7,
                    help="with --step-only: parameters, in 60 tensors")
@@ -105,7 +100,7 @@ def main(argv=None) -> int:
         for method in METHODS:
             train_method, extra = runs[method]
             r = measure(args.fxp_train, train_method, args.batch_size, images, 1000, args.device, args.threads,
-                        args.data_dir, args.model, extra)
+                        args.data_dir, args.model, extra, "bench_adapt.py")
             r["method"], r["repeat"] = method, repeat
             rows.append(r)
             print(f"{method:9s} repeat {repeat}: {r['train_images_per_s']:9.0f} train img/s", flush=True)
@@ -117,9 +112,8 @@ def main(argv=None) -> int:
         f"Median training images/s of {args.repeats} interleaved measurements ({args.steps} steps each); time per "
         f"step relative to fp32 and to ste, measured in the same run. AdaPT lookback {low}..{high}.")
     report.table("AdaPT overhead", ["method", "train images/s", "time / fp32", "time / ste"], table)
-    # As bench_train's: the failed points named, exit status 1 (a table of NaN is no measurement).
-    failed = [f"{r['method']} repeat {r['repeat']}" for r in rows if math.isnan(r["train_images_per_s"])]
-    return finish("bench_adapt.py", report, args.markdown, args.csv, rows, "train_images_per_s", failed)
+    return finish("bench_adapt.py", report, args.markdown, args.csv, rows, "train_images_per_s",
+                  lambda r: f"{r['method']} repeat {r['repeat']}")
 
 
 def bench_python_loop(args) -> int:

@@ -39,11 +39,11 @@ from statistics import median
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from argtypes import output_file, positive_list, whole_number  # noqa: E402
+from argtypes import positive_list, whole_number  # noqa: E402
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
 project_env.ensure(__name__, "torch", "rich")
 from bench_report import BenchReport, finish  # noqa: E402
-from bench_train import measure  # noqa: E402
+from bench_train import add_run_args, measure  # noqa: E402
 import sweeplib  # noqa: E402
 
 
@@ -87,7 +87,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=whole_number(1), default=1,
                    help="rounds of every point, solo and fleets interleaved; the figures are the medians "
                         "(3 or more on a machine whose speed varies)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=whole_number(0),
                    help="CPU threads per process (default: the CPUs divided among the jobs, as scripts/sweep "
                         "does; 0: LibTorch's default)")
@@ -95,10 +94,7 @@ def main(argv=None) -> int:
                    help="copies of every measurement run at once, as sweep --jobs runs them; the figures are "
                         "summed over the copies (default: scripts/sweep's: on the CPU one per CPU, or per "
                         "--threads CPUs; on a GPU 1)")
-    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
-    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
+    add_run_args(p)
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     for m in methods:
@@ -146,9 +142,8 @@ def main(argv=None) -> int:
                          "as long) and one fleet of K members (all members' images), measured in the same run.")
     report.table("fleet throughput", ["method", "batch", "K", "solo images/s", "fleet images/s", "speed-up",
                                       "per-round speed-ups"], table)
-    failed = [f"{r['method']} at batch {r['batch_size']}, K = {r['members']}" for r in rows
-              if math.isnan(r["speedup"])]
-    return finish("bench_fleet.py", report, args.markdown, args.csv, rows, "speedup", failed)
+    return finish("bench_fleet.py", report, args.markdown, args.csv, rows, "speedup",
+                  lambda r: f"{r['method']} at batch {r['batch_size']}, K = {r['members']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pathlib
 import platform
 import sys
 from datetime import datetime, timezone
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -77,12 +78,13 @@ def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def finish(script: str, report: BenchReport, markdown, csv, rows: list[dict], measured: str,
-           failed: list[str]) -> int:
+           point: Callable[[dict], str]) -> int:
     """A benchmark's end: the markdown report, the CSV of the rows whose `measured` column is a number
     (a failed point has NaN there, which sweep --estimate could not use), and the exit code: 1, after
-    naming them, when some points failed."""
+    naming the failed points (`point` says which point a row measured), when some failed."""
     report.save(str(markdown) if markdown else None)
     good = [r for r in rows if not math.isnan(r[measured])]
+    failed = [point(r) for r in rows if math.isnan(r[measured])]
     if csv and good:
         write_csv(csv, good)
     if failed:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
 import subprocess
 import sys
@@ -75,9 +74,20 @@ def check_model(fxp_train: str, model: str, device: str, script: str = "bench_tr
     check_flags(fxp_train, ["--model", model, "--device", device], "", script)
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options of every benchmark of fxp-train runs: the device, the data, the binary and the outputs."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
+    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
+    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
+    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
+
+
 def measure(fxp_train: str, method: str, batch: int, images: int, val_images: int, device: str,
-            threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = ()) -> dict:
-    """One point: fxp-train for two epochs; the second epoch's training images/s."""
+            threads: int, data_dir: str | None, model: str = "paper_cnn", extra: tuple[str, ...] = (),
+            script: str = "bench_train.py") -> dict:
+    """One point: fxp-train for two epochs; the second epoch's training images/s (NaN, after `script`'s
+    line with fxp-train's error, where it failed)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [fxp_train, *method_flags(method, model, device), "--batch-size", str(batch), "--epochs", "2",
                "--train-limit", str(images), "--val-limit", str(val_images), "--eval-batch-size", "1000",
@@ -87,7 +97,7 @@ def measure(fxp_train: str, method: str, batch: int, images: int, val_images: in
         cmd += list(extra)
         p = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if p.returncode != 0:  # the other points still run; this one reports why it has no figure
-            print(f"bench_train.py: {method} at batch {batch} failed (exit {p.returncode}):\n{p.stderr[-2000:]}",
+            print(f"{script}: {method} at batch {batch} failed (exit {p.returncode}):\n{p.stderr[-2000:]}",
                   file=sys.stderr, flush=True)
             return {"model": model, "method": method, "batch_size": batch, "device": device, "threads": threads,
                     "train_images_per_s": float("nan"), "val_images_per_s": float("nan")}
@@ -108,12 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=whole_number(1), default=64,
                    help="timed training steps per point (at least 1024 images)")
     p.add_argument("--val-images", type=whole_number(1), default=2000)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=whole_number(0), default=0, help="CPU threads (0: LibTorch's default)")
-    p.add_argument("--data-dir", help="Fashion-MNIST directory (default: fxp-train's)")
-    p.add_argument("--fxp-train", default=str(ROOT / "build" / "fxp-train"))
-    p.add_argument("--csv", type=output_file, help="write the measurements as CSV")
-    p.add_argument("--markdown", type=output_file, help="write the table as markdown")
+    add_run_args(p)
     args = p.parse_args(argv)
 
     rows = []
@@ -128,7 +134,6 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{method:7s} batch {batch:5d}: {r['train_images_per_s']:9.0f} train img/s, "
                   f"{r['val_images_per_s']:9.0f} validation img/s", flush=True)
-    failed = [f"{r['method']} at batch {r['batch_size']}" for r in rows if math.isnan(r["train_images_per_s"])]
     baseline = {r["batch_size"]: r["train_images_per_s"] for r in rows if r["method"] == "fp32"}
     speed = {(r["method"], r["batch_size"]): r["train_images_per_s"] for r in rows}
     table = []
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
                          "at the same batch size, measured in the same run.")
     report.table("fxp-train throughput", ["method", "batch", "train images/s", "validation images/s",
                                           "time / fp32", "graphs speed-up"], table)
-    return finish("bench_train.py", report, args.markdown, args.csv, rows, "train_images_per_s", failed)
+    return finish("bench_train.py", report, args.markdown, args.csv, rows, "train_images_per_s",
+                  lambda r: f"{r['method']} at batch {r['batch_size']}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import project_env  # noqa: E402  (restarts under the project's Python where this one lacks a module)
-project_env.ensure(__name__, "torch", "rich", "matplotlib", "tqdm", "yaml")
+project_env.ensure(__name__, "torch", "rich", "matplotlib", "tqdm")
 from argtypes import output_file, whole_number  # noqa: E402
 from bench_report import write_csv  # noqa: E402
-from sweeplib import _csv_rows, _shown  # noqa: E402  (the CSV reading of sweep --estimate, written once)
+from measurement_csv import read_rows, shown  # noqa: E402
 
 BITS = (32, 16, 12, 8)
 BATCHES = (16, 256)
@@ -83,16 +83,16 @@ def read_csv(path: pathlib.Path) -> list[dict]:
     """The rows of a CSV that --csv wrote. A ValueError that says what is wrong (and in which row) where
     the file cannot be read, lacks a column of COLUMNS, holds no rows, or a value that is not one."""
     rows = []
-    for n, r in _csv_rows(path, COLUMNS):
+    for n, r in read_rows(path, COLUMNS):
         if r["packed"] not in ("True", "False"):
-            raise ValueError(f"row {n}: packed must be True or False, got {_shown(r['packed'])}")
+            raise ValueError(f"row {n}: packed must be True or False, got {shown(r['packed'])}")
         r["packed"] = r["packed"] == "True"
         for k in r:
             if k in ("bits", "batch_size") or (isinstance(k, str) and k.endswith("_bytes")):
                 try:
                     r[k] = float(r[k]) if "." in r[k] else int(r[k])
                 except (TypeError, ValueError):  # TypeError: a short row's missing field
-                    raise ValueError(f"row {n}: {k} must be a number, got {_shown(r[k])}") from None
+                    raise ValueError(f"row {n}: {k} must be a number, got {shown(r[k])}") from None
         rows.append(r)
     if not rows:
         raise ValueError("holds no rows")

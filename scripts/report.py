@@ -239,6 +239,7 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
                 # MSQ: the paper-style rate (weights' widths, no sign) and the export's measured one.
                 "msq_compression_rate": _dig(s, "msq", "compression_rate"),
                 "msq_measured_compression": _dig(s, "msq", "export", "measured_compression"),
+                "msq_bits": _dig(s, "msq", "bits"),  # {layer: final width}
                 # AdaPT: the performance model's final model size relative to float32 (SZ).
                 "adapt_model_size": _dig(s, "adapt", "model_size"),
                 # Every setting that defines the experiment (methods_table tells configurations apart by them).
@@ -284,8 +285,10 @@ def collect(roots: list[pathlib.Path]) -> pd.DataFrame:
     return df
 
 
-# collect's columns for the tables, not for runs.csv (settings holds what they are made of).
-INTERNAL_COLUMNS = ["method_label", "configuration", "source"]
+# collect's columns for the tables, not for runs.csv (settings holds what they are made of; msq_bits, a
+# {layer: width} object, is summarized by msq.csv's min_bits and max_bits). A report of failed runs alone
+# has no msq_bits.
+INTERNAL_COLUMNS = ["method_label", "configuration", "source", "msq_bits"]
 
 
 def _configurations(df: pd.DataFrame) -> None:
@@ -714,9 +717,7 @@ def msq_table(df: pd.DataFrame) -> pd.DataFrame:
     for _, r in done.iterrows():
         if (r["model"], r["dataset"]) not in models:
             continue
-        summary = read_json(pathlib.Path(r["dir"]) / "summary.json") or {}
-        bits = _dig(summary, "msq", "bits")
-        bits = bits if isinstance(bits, dict) else {}
+        bits = r["msq_bits"] if isinstance(r["msq_bits"], dict) else {}
         rows.append({"grid": r["grid"], "model": r["model"], "dataset": r["dataset"], "config": r["fxp"],
                      "seed": r["seed"], "dir": r["dir"], "best_val_accuracy": r["best_val_accuracy"],
                      "final_val_accuracy": r["final_val_accuracy"],
@@ -1002,7 +1003,7 @@ def write_report(df: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     returns the figures."""
     out.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(df)
-    runs = df.drop(columns=INTERNAL_COLUMNS)
+    runs = df.drop(columns=INTERNAL_COLUMNS, errors="ignore")
     for column in df.attrs.get("integer_columns", []):
         runs[column] = runs[column].astype("Int64")
     runs.to_csv(out / "runs.csv", index=False)

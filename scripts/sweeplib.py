@@ -33,6 +33,7 @@ from typing import Callable, Collection, Iterable
 import yaml
 
 from argtypes import nearest_existing
+from measurement_csv import device_kind, read_rows, shown
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -1187,50 +1188,6 @@ def execute(runs: list[Run], out: pathlib.Path, runner: Runner, jobs: int = 1,
 
 # ---- wall-time estimates -----------------------------------------------------------
 
-def device_kind(device: str | None) -> str:
-    """cpu or cuda: what a measurement's device says of a run's speed (cuda:1 runs as fast as cuda)."""
-    return (device or "").partition(":")[0]
-
-
-def _csv_rows(path, columns: tuple[str, ...], device: str | None = None,
-              bench: str = "") -> list[tuple[int, dict]]:
-    """The rows of a CSV file whose header holds `columns` (and maybe more, as an optional model), each
-    with its row number in the file (the header is row 1). With `device`, only the rows measured on its
-    kind (device_kind) where the table has a device column (bench_train's and bench_fleet's have): a
-    CPU's images/s would price GPU runs, or the reverse. A file that cannot be read, a missing column, a
-    malformed file, or a table without a row of `device` (`bench`, the script that measures one, is
-    named) is a ValueError."""
-    import csv
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                header = reader.fieldnames or []  # none in an empty file: no measurements
-                missing = [c for c in columns if c not in header]
-                if header and missing:
-                    raise ValueError(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-                rows = [(reader.line_num, row) for row in reader]
-            except csv.Error as e:
-                raise ValueError(f"row {reader.line_num}: {e}") from None
-    except OSError as e:
-        raise ValueError(f"cannot read it: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:  # a binary file
-        raise ValueError(f"cannot read it: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if device is None or "device" not in header:
-        return rows
-    kept = [(n, row) for n, row in rows if device_kind(row["device"]) == device_kind(device)]
-    if rows and not kept:
-        measured = sorted({_shown(device_kind(row["device"])) for _, row in rows})
-        raise ValueError(f"no measurements on {device_kind(device)}, the runs' device (the table has "
-                         f"{', '.join(measured)}); measure it with {bench} --device {device_kind(device)}")
-    return kept
-
-
-def _shown(text) -> str:
-    """A CSV field as an error message shows it: a missing or empty one is "nothing"."""
-    return text if text else "nothing"
-
-
 def _positive_number(row: dict, column: str, n: int) -> float:
     """A rate or ratio of a measurement CSV: a positive finite number (0 would divide by zero)."""
     try:
@@ -1238,7 +1195,7 @@ def _positive_number(row: dict, column: str, n: int) -> float:
     except (TypeError, ValueError):
         x = math.nan
     if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"row {n}: {column} must be a positive finite number, got {_shown(row[column])}")
+        raise ValueError(f"row {n}: {column} must be a positive finite number, got {shown(row[column])}")
     return x
 
 
@@ -1249,17 +1206,17 @@ def _count(row: dict, column: str, n: int) -> int:
     except (TypeError, ValueError):
         x = 0
     if x < 1:
-        raise ValueError(f"row {n}: {column} must be a whole number of at least 1, got {_shown(row[column])}")
+        raise ValueError(f"row {n}: {column} must be a whole number of at least 1, got {shown(row[column])}")
     return x
 
 
 def load_throughput(path, device: str | None = None) -> dict:
     """{(model, method): [(batch_size, train images/s, validation images/s), ...]} from bench_train.py's
     CSV (a CSV without a model column measured the paper's CNN; a method may carry bench_train's
-    variants, as in sqpu:packed), of the rows measured on `device` (_csv_rows; None: every row). A
+    variants, as in sqpu:packed), of the rows measured on `device` (read_rows; None: every row). A
     missing column, or a value that is not a positive number, is a ValueError naming it."""
     table: dict = {}
-    for n, row in _csv_rows(path, ("method", "batch_size", "train_images_per_s", "val_images_per_s"), device,
+    for n, row in read_rows(path, ("method", "batch_size", "train_images_per_s", "val_images_per_s"), device,
                             "scripts/bench_train.py"):
         key = (row.get("model") or "paper_cnn", row["method"])
         table.setdefault(key, []).append(
@@ -1303,7 +1260,7 @@ def load_fleet_speedups(path, device: str | None = None) -> dict:
     without a model column measured the paper's CNN), of the rows measured on `device`. Checked as
     load_throughput's."""
     table: dict = {}
-    for n, row in _csv_rows(path, ("method", "batch_size", "members", "speedup"), device,
+    for n, row in read_rows(path, ("method", "batch_size", "members", "speedup"), device,
                             "scripts/bench_fleet.py"):
         key = (row.get("model") or "paper_cnn", row["method"])
         table.setdefault(key, {}).setdefault(_count(row, "members", n), []).append(

@@ -683,15 +683,21 @@ template DecimalRead read_decimal(const std::string&, uint64_t&);
 template DecimalRead read_decimal(const std::string&, double&);
 
 json parse_json_strict(const std::string& text, const std::string& origin) {
-  std::vector<std::set<std::string>> keys;  // one set per open object
-  std::string last_key;                     // the key whose value is being read
+  // Per open object: its keys so far, and the key whose value is being read (an object's key
+  // again once a value nested in it ends, so an overflow after it is named by its own key).
+  struct OpenObject {
+    std::set<std::string> keys;
+    std::string current;
+  };
+  std::vector<OpenObject> open;
   json::parser_callback_t check = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) keys.emplace_back();
-    if (event == json::parse_event_t::object_end) keys.pop_back();
+    if (event == json::parse_event_t::object_start) open.emplace_back();
+    if (event == json::parse_event_t::object_end) open.pop_back();
     if (event == json::parse_event_t::key) {
-      last_key = parsed.get<std::string>();
-      if (!keys.back().insert(last_key).second) {
-        throw std::invalid_argument(origin + ": key '" + last_key + "' is given twice");
+      OpenObject& object = open.back();
+      object.current = parsed.get<std::string>();
+      if (!object.keys.insert(object.current).second) {
+        throw std::invalid_argument(origin + ": key '" + object.current + "' is given twice");
       }
     }
     return true;
@@ -699,6 +705,7 @@ json parse_json_strict(const std::string& text, const std::string& origin) {
   try {
     return json::parse(text, check);
   } catch (const json::out_of_range& e) {
+    const std::string last_key = open.empty() ? "" : open.back().current;
     // 406, "number overflow parsing '1e400'": a number beyond a double. Said as a flag's is (cli.cpp).
     const std::string what = e.what();
     const size_t open = what.find('\''), close = what.rfind('\'');

@@ -458,6 +458,11 @@ TEST_F(TrainFiles, ConfigNumbersReadAsFlagsDo) {
       {write("huge.yaml", "epochs: 1e400\n"),
        "config file " + dir_ + "/huge.yaml: key 'epochs' is 1e400, out of the range of a 64-bit float"},
       {write("top.json", "-1e400"), "top.json: the number -1e400 is out of the range of a 64-bit float"},
+      // Named by the key whose value holds it, not by the last key of an object nested before it.
+      {write("nested.json", R"({"lr": 0.1, "epochs": [{"x": 1}, 1e400]})"),
+       "nested.json: key 'epochs' is 1e400, out of the range of a 64-bit float"},
+      {write("in_array.json", R"([{"x": 1}, 1e400])"),
+       "in_array.json: the number 1e400 is out of the range of a 64-bit float"},
   };
   for (const auto& [path, needle] : cases) {
     const Parsed p = parse({"--config", path});

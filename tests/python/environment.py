@@ -38,6 +38,19 @@ requires_fxp_train = pytest.mark.skipif(
     not FXP_TRAIN.exists(), reason="needs build/fxp-train (scripts/setup.sh; it needs CLI11 and nlohmann-json)")
 
 
+def fxp_has_cuda_kernels() -> bool:
+    """Whether libfxp, the build the tests load and fxp-train links, has CUDA kernels (FXP_CUDA)."""
+    import fxp  # noqa: F401  (loads libfxp)
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fxp::pack_bits", "CUDA")
+
+
+def no_cuda_device(device: str) -> str:
+    """fxp-train's words for a CUDA device this machine lacks (csrc/train/run.cpp): a build without CUDA
+    kernels says so too."""
+    build = "" if fxp_has_cuda_kernels() else " (and this fxp build has no CUDA kernels)"
+    return f"device {device} was requested, but no CUDA device is available{build}"
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A float tensor's raw bits, so that NaN compares equal to the same NaN and -0 differs from +0."""
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])

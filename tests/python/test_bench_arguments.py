@@ -195,16 +195,18 @@ def test_bench_output_files_are_checked_before_measuring(script, option, tmp_pat
 
 def test_bench_adapt_fails_when_its_points_fail(tmp_path, monkeypatch, capsys):
     # Every fxp-train run failing (a bad --data-dir) printed a table of NaN and exited 0; bench_train exits 1.
-    def failed_point(fxp_train, method, batch, *args):
-        return {"model": "lenet5", "method": method, "batch_size": batch, "device": "cpu", "threads": 0,
-                "train_images_per_s": math.nan, "val_images_per_s": math.nan}
-    monkeypatch.setattr(bench_adapt, "measure", failed_point)
+    # Each failed run's line named bench_train.py, whose measure() ran it.
     monkeypatch.setattr(bench_adapt, "check_model", lambda *args: None)
-    (tmp_path / "fxp-train").write_text("")
+    fxp_train = tmp_path / "fxp-train"
+    fxp_train.write_text("#!/bin/sh\necho 'fxp-train: no data here' >&2\nexit 2\n")
+    fxp_train.chmod(0o755)
     csv_path = tmp_path / "adapt.csv"
-    assert bench_adapt.main(["--fxp-train", str(tmp_path / "fxp-train"), "--repeats", "1",
+    assert bench_adapt.main(["--fxp-train", str(fxp_train), "--repeats", "1", "--batch-size", "16",
                              "--csv", str(csv_path)]) == 1
-    assert capsys.readouterr().err.endswith(
+    err = capsys.readouterr().err
+    assert "bench_adapt.py: fp32 at batch 16 failed (exit 2):\nfxp-train: no data here\n" in err
+    assert "bench_train.py" not in err
+    assert err.endswith(
         "bench_adapt.py: every point (4) failed: fp32 repeat 0, ste repeat 0, adapt repeat 0, adapt-qpu repeat 0\n")
     assert not csv_path.exists()  # no row was measured
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from environment import ROOT
+from environment import ROOT, fxp_has_cuda_kernels
 
 
 def test_every_error_path_raises_its_exception():
@@ -35,10 +35,9 @@ FXP_CUDA_CASES = ("pack_bits_cuda_outside", "pack_cuda_nan", "qpu_step_cuda_pack
 def _fake_cuda_skip_reason() -> str | None:
     import torch
 
-    import fxp  # noqa: F401  (loads libfxp)
     if torch.cuda.is_available():
         return "a real GPU is here: error_paths.py runs these cases on it (test above)"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fxp::pack_bits", "CUDA"):
+    if not fxp_has_cuda_kernels():
         return "libfxp was built without CUDA kernels"
     if not any((CUDA_HOME / d / "libcudart.so.13").is_file() for d in ("lib64", "targets/x86_64-linux/lib")):
         return f"no CUDA 13 toolkit under {CUDA_HOME} to build the stand-in runtime from"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from environment import FXP_TRAIN, ROOT, requires_fxp_train
+from environment import FXP_TRAIN, ROOT, no_cuda_device, requires_fxp_train
 from test_sweep import GOOD_BLOCKS, ONE_IMAGE_PER_S, fake_fxp_train, write_grid
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -268,8 +268,7 @@ def test_runs_on_a_gpu_the_machine_lacks_are_refused_before_any_starts(tmp_path,
     cmd = [str(grid), "--out", str(out), "--no-progress", "--fxp-train", str(fake_fxp_train(tmp_path))]
     for device in ("cuda", "cuda:1"):
         assert sweep.main([*cmd, "--device", device]) == 2
-        assert capsys.readouterr().err == (f"sweep: device {device} was requested, but no CUDA device is available "
-                                           "(fxp-train says); no run was started\n")
+        assert capsys.readouterr().err == f"sweep: {no_cuda_device(device)} (fxp-train says); no run was started\n"
         assert not out.exists()
     cuda_grid = tmp_path / "cuda.yaml"
     cuda_grid.write_text("base: {device: cuda}\n" + GOOD_BLOCKS)
@@ -293,9 +292,7 @@ def test_runs_on_a_gpu_the_machine_lacks_are_refused_before_any_starts(tmp_path,
 def test_the_gpu_probe_is_fxp_trains_own_answer(tmp_path):
     """sweeplib.missing_gpu asks fxp-train, whose message it passes on: on this machine's GPU, or its lack."""
     for device in ("cuda", "cuda:0"):
-        expected = "" if torch.cuda.is_available() else \
-            f"device {device} was requested, but no CUDA device is available"
-        assert sweeplib.missing_gpu(FXP_TRAIN, device) == expected
+        assert sweeplib.missing_gpu(FXP_TRAIN, device) == ("" if torch.cuda.is_available() else no_cuda_device(device))
     assert sweeplib.missing_gpu(FXP_TRAIN, "cpu") == ""
     assert sweeplib.missing_gpu(FXP_TRAIN, None) == ""
 
