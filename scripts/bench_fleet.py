@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 # The solo run's timed epoch is at least 1024 images (as bench_train.py's): a short one is noisy.
                 solos.append(at_once(args.jobs, lambda: measure(
                     args.fxp_train, method, batch, max(1024, images), 100, args.device, args.threads, args.data_dir,
-                    model=args.model)["train_images_per_s"]))
+                    model=args.model, script="bench_fleet.py")["train_images_per_s"]))
                 print(f"{method} batch {batch:4d}, round {r + 1}: solo {solos[-1]:8.0f} img/s", flush=True)
                 for k in sizes:
                     fleets[k].append(at_once(args.jobs, lambda: measure_fleet(

@@ -689,12 +689,12 @@ json parse_json_strict(const std::string& text, const std::string& origin) {
     std::set<std::string> keys;
     std::string current;
   };
-  std::vector<OpenObject> open;
+  std::vector<OpenObject> objects;
   json::parser_callback_t check = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) open.emplace_back();
-    if (event == json::parse_event_t::object_end) open.pop_back();
+    if (event == json::parse_event_t::object_start) objects.emplace_back();
+    if (event == json::parse_event_t::object_end) objects.pop_back();
     if (event == json::parse_event_t::key) {
-      OpenObject& object = open.back();
+      OpenObject& object = objects.back();
       object.current = parsed.get<std::string>();
       if (!object.keys.insert(object.current).second) {
         throw std::invalid_argument(origin + ": key '" + object.current + "' is given twice");
@@ -705,7 +705,7 @@ json parse_json_strict(const std::string& text, const std::string& origin) {
   try {
     return json::parse(text, check);
   } catch (const json::out_of_range& e) {
-    const std::string last_key = open.empty() ? "" : open.back().current;
+    const std::string last_key = objects.empty() ? "" : objects.back().current;
     // 406, "number overflow parsing '1e400'": a number beyond a double. Said as a flag's is (cli.cpp).
     const std::string what = e.what();
     const size_t open = what.find('\''), close = what.rfind('\'');

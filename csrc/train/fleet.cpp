@@ -176,10 +176,11 @@ std::string fleet_incompatibility(const std::vector<TrainConfig>& members) {
     const TrainConfig& c = members[m];
     const json j = shared_settings(c);
     const std::string who = "member " + std::to_string(m);
-    for (const auto& key : shared_keys()) {
-      if (j.value(key, json()) != first.value(key, json())) {
-        add(who + "'s " + key + " is " + j.value(key, json()).dump() + ", member 0's " +
-            first.value(key, json()).dump() + " (fleet members share " + key + ")");
+    for (const auto& key : shared_keys()) {  // null where a run does not read the key (shared_settings)
+      const json mine = j.value(key, json()), member0 = first.value(key, json());
+      if (mine != member0) {
+        add(who + "'s " + key + " is " + mine.dump() + ", member 0's " + member0.dump() + " (fleet members share " +
+            key + ")");
       }
     }
     if (!dirs.insert(output_dir_for(c)).second) add(who + " writes to " + output_dir_for(c) + ", as another member");

@@ -193,13 +193,30 @@ def test_bench_output_files_are_checked_before_measuring(script, option, tmp_pat
     assert err.endswith(f"error: argument {option}: {tmp_path} is a directory\n")
 
 
+def failing_fxp_train(tmp_path):
+    """A stand-in fxp-train that fails every run, as a bad --data-dir makes the real one fail."""
+    fxp_train = tmp_path / "fxp-train"
+    fxp_train.write_text("#!/bin/sh\necho 'fxp-train: no data here' >&2\nexit 2\n")
+    fxp_train.chmod(0o755)
+    return fxp_train
+
+
+def test_bench_fleet_names_itself_when_a_solo_run_fails(tmp_path, capsys):
+    # Its solo runs go through bench_train.measure, whose failure lines said bench_train.py.
+    assert bench_fleet.main(["--fxp-train", str(failing_fxp_train(tmp_path)), "--methods", "sqpu",
+                             "--batch-sizes", "1", "--fleet-sizes", "2", "--steps", "1", "--jobs", "1",
+                             "--threads", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "bench_fleet.py: sqpu at batch 1 failed (exit 2):\nfxp-train: no data here\n" in err
+    assert "bench_train.py" not in err
+    assert err.endswith("bench_fleet.py: every point (1) failed: sqpu at batch 1, K = 2\n")
+
+
 def test_bench_adapt_fails_when_its_points_fail(tmp_path, monkeypatch, capsys):
     # Every fxp-train run failing (a bad --data-dir) printed a table of NaN and exited 0; bench_train exits 1.
     # Each failed run's line named bench_train.py, whose measure() ran it.
     monkeypatch.setattr(bench_adapt, "check_model", lambda *args: None)
-    fxp_train = tmp_path / "fxp-train"
-    fxp_train.write_text("#!/bin/sh\necho 'fxp-train: no data here' >&2\nexit 2\n")
-    fxp_train.chmod(0o755)
+    fxp_train = failing_fxp_train(tmp_path)
     csv_path = tmp_path / "adapt.csv"
     assert bench_adapt.main(["--fxp-train", str(fxp_train), "--repeats", "1", "--batch-size", "16",
                              "--csv", str(csv_path)]) == 1
