@@ -665,6 +665,15 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _figure_runs(table: pd.DataFrame):
+    """adapt_table's runs that the AdaPT figures draw: the lowest seed of each
+    (grid, model, dataset, batch size, update), with that key."""
+    if table.empty:
+        return
+    for key, group in table.groupby(["grid", "model", "dataset", "batch_size", "update"]):
+        yield key, group.sort_values("seed").iloc[0]
+
+
 def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     """The bit width of every layer over training (the AdaPT paper's Figures 4
     and 5), for the lowest seed of each AdaPT configuration: each epoch's mean
@@ -673,11 +682,7 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
     plt = _pyplot()
 
     paths = []
-    if table.empty:
-        return paths
-    for (grid, model, dataset, batch, update), group in table.groupby(["grid", "model", "dataset", "batch_size",
-                                                                        "update"]):
-        run = group.sort_values("seed").iloc[0]
+    for (grid, model, dataset, batch, update), run in _figure_runs(table):
         epochs = [e for e in _epochs(run["dir"]) if "adapt" in e]
         names = [layer["name"] for layer in epochs[0]["adapt"]["layers"]]
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -702,6 +707,55 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
             ax.legend(fontsize=7, ncol=2)
         paths.append(_save_figure(
             fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}.png"))
+    return paths
+
+
+SATURATION_SHOWN_ABOVE = 0.01  # fxp-train's epoch line names the same layers (Note [Saturation in the epoch line])
+
+
+def saturation_matrix(run_dir: str) -> pd.DataFrame:
+    """A run's layers that saturated more than 1% of their outputs in some
+    epoch's validation (metrics.jsonl's output_saturated_fraction), in the
+    network's order where AdaPT's record gives it: their saturated share (%)
+    per epoch. Empty when no layer did."""
+    epochs = [e for e in _epochs(run_dir) if isinstance(e.get("layers"), dict) and type(e.get("epoch")) is int]
+    shares = {}
+    for e in epochs:
+        for name, layer in e["layers"].items():
+            share = layer.get("output_saturated_fraction") if isinstance(layer, dict) else None
+            if _finite(share):
+                shares.setdefault(name, {})[e["epoch"]] = 100.0 * share
+    shown = [name for name, by_epoch in shares.items() if max(by_epoch.values()) > 100.0 * SATURATION_SHOWN_ABOVE]
+    order = [layer.get("name") for layer in (_dig(epochs[-1], "adapt", "layers") or []) if isinstance(layer, dict)] \
+        if epochs else []
+    shown.sort(key=lambda name: (order.index(name) if name in order else len(order), name))
+    return pd.DataFrame([[shares[name].get(e["epoch"], math.nan) for e in epochs] for name in shown],
+                        index=shown, columns=[e["epoch"] for e in epochs], dtype=float)
+
+
+def draw_adapt_saturation(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
+    """For the lowest seed of each AdaPT configuration, saturation_matrix as a
+    heat map, where some layer saturated more than 1% of its outputs. AdaPT
+    sizes the outputs' range from the weights' integer bits plus the buffer
+    bits; when the weights outgrow it, this shows where and when (docs/adapt.md,
+    ResNet-20)."""
+    paths = []
+    for (grid, model, dataset, batch, update), run in _figure_runs(table):
+        matrix = saturation_matrix(run["dir"])
+        if matrix.empty:
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * matrix.shape[1] + 3.0), 0.3 * matrix.shape[0] + 1.6))
+        variant = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
+        im = _heatmap(ax, matrix, f"{variant}: outputs saturated in validation (%), layers over "
+                      f"{100 * SATURATION_SHOWN_ABOVE:g}%\n{model} on {dataset}, batch {batch}, seed {run['seed']}",
+                      ".0f", 0.0, 100.0, "Reds")
+        ax.title.set_fontsize(9)
+        ax.set_xlabel("epoch")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        paths.append(_save_figure(
+            fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-saturation', 1)}-{grid}-{model}-{dataset}"
+                       f"-b{batch}.png"))
     return paths
 
 
@@ -1015,7 +1069,7 @@ def write_report(df: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
     adapt = adapt_table(df)
     if not adapt.empty:
         adapt.to_csv(out / "adapt.csv", index=False)
-        images += draw_adapt_bits(adapt, out)
+        images += draw_adapt_bits(adapt, out) + draw_adapt_saturation(adapt, out)
     msq = msq_table(df)
     if not msq.empty:
         msq.to_csv(out / "msq.csv", index=False)

@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "train/bookkeeping.h"
 #include "train/trainer.h"
@@ -42,7 +44,43 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
           {"vanished_update_fraction", stats.vanished_fraction}};
 }
 
-void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
+std::string output_range_flags(const TrainConfig& config) {
+  if (config.method == "adapt") {
+    return "range: the weights' integer bits plus --adapt-buffer-bits";
+  }
+  return "range: --out-bits, --out-frac";
+}
+
+// Note [Saturation in the epoch line]: a layer's saturating outputs show in
+// the loss only once they have harmed training. AdaPT's ResNet-20 at buff 8
+// (docs/adapt.md) saturated up to 14% of a layer's outputs from epoch 1 on,
+// 29-78% by epoch 10, and ended 4.5 points below the same run at buff 12; its
+// loss turned up only at epoch 7. So the epoch line names the layers that
+// saturated more than 1% of their outputs in validation, worst first, and
+// what sets their range.
+std::string saturation_note(const json& layers, const std::string& range_flags) {
+  constexpr double kNoteAbove = 0.01;
+  constexpr size_t kNamed = 3;
+  std::vector<std::pair<double, std::string>> saturated;
+  for (const auto& [name, entry] : layers.items()) {
+    if (!entry.is_object()) continue;
+    const json& fraction = entry.value("output_saturated_fraction", json());
+    if (fraction.is_number() && fraction.get<double>() > kNoteAbove) saturated.emplace_back(fraction.get<double>(), name);
+  }
+  if (saturated.empty()) return "";
+  std::stable_sort(saturated.begin(), saturated.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::string note = "  saturated outputs in validation: ";
+  for (size_t i = 0; i < std::min(kNamed, saturated.size()); ++i) {
+    note += (i ? ", " : "") + saturated[i].second + " " + percent(saturated[i].first);
+  }
+  if (saturated.size() > kNamed) {
+    note += ", and " + std::to_string(saturated.size() - kNamed) + " more layer" +
+            (saturated.size() - kNamed > 1 ? "s" : "") + " over 1%";
+  }
+  return note + " (" + range_flags + ")\n";
+}
+
+void log_epoch(std::ostream& log, const json& e, int64_t epochs, const std::string& range_flags) {
   char line[256];
   std::snprintf(line, sizeof line,
                 "epoch %3lld/%lld  train loss %.4f  val loss %.4f  val acc %6.2f%%  lr %.3g  %.1f s  %.0f img/s\n",
@@ -50,7 +88,9 @@ void log_epoch(std::ostream& log, const json& e, int64_t epochs) {
                 e["train_loss"].is_null() ? NAN : e["train_loss"].get<double>(),
                 e["val_loss"].is_null() ? NAN : e["val_loss"].get<double>(), 100.0 * e["val_accuracy"].get<double>(),
                 e["lr"].get<double>(), e["epoch_time_s"].get<double>(), e["images_per_s"].get<double>());
-  log << line << std::flush;
+  log << line;
+  if (e.contains("layers")) log << saturation_note(e["layers"], range_flags);
+  log << std::flush;
 }
 
 

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <optional>
+#include <string>
 
 #include "train/memory.h"
 #include "train/run_state.h"
@@ -31,7 +32,16 @@ nlohmann::json epoch_record(int64_t epoch, const EpochResult& trained, const Val
                             const LayerStatistics& stats, double lr, double epoch_time, double train_time,
                             int64_t train_images);
 
-// The readable line fxp-train prints after an epoch.
-void log_epoch(std::ostream& log, const nlohmann::json& record, int64_t epochs);
+// The readable line fxp-train prints after an epoch, and under it the layers
+// whose outputs saturated in validation (saturation_note).
+void log_epoch(std::ostream& log, const nlohmann::json& record, int64_t epochs, const std::string& range_flags);
+
+// What sets the range of a run's layer outputs, in words, for saturation_note.
+std::string output_range_flags(const TrainConfig& config);
+
+// Note [Saturation in the epoch line]: a line naming the layers of an epoch
+// record's `layers` that saturated more than 1% of their outputs, worst first
+// (three by name, then a count), and `range_flags`; empty when none did.
+std::string saturation_note(const nlohmann::json& layers, const std::string& range_flags);
 
 }  // namespace fxp::train

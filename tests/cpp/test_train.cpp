@@ -27,6 +27,7 @@
 #include "train/fleet.h"
 #include "train/io.h"
 #include "train/setup.h"
+#include "train/summary.h"
 #include "train/trainer.h"
 
 #include "test_util.h"
@@ -595,6 +596,31 @@ TEST(FleetChunk, ImagesWorthOnTheCpuWholeOnAGpuOrAsAsked) {
   EXPECT_EQ(fxp::train::fleet_chunk(0, cuda, 64), 0);
   EXPECT_EQ(fxp::train::fleet_chunk(3, cpu, 64), 3);
   EXPECT_EQ(fxp::train::fleet_chunk(3, cuda, 64), 3);
+}
+
+// Note [Saturation in the epoch line]: the worst three layers over 1%, then a
+// count; layers at or under 1%, and those that count nothing (null), are left out.
+TEST(TrainSummary, SaturationNoteNamesTheWorstLayersAndWhatSetsTheirRange) {
+  const auto fraction = [](json f) { return json{{"output_saturated", nullptr}, {"output_saturated_fraction", f}}; };
+  json layers = {{"conv1", fraction(0.01)},          {"layer1_0.conv1", fraction(0.26)},
+                 {"layer1_0.conv2", fraction(0.78)}, {"layer1_1.conv1", fraction(0.5)},
+                 {"layer2_0.conv1", fraction(0.02)}, {"layer2_1.conv1", fraction(0.015)},
+                 {"fc", fraction(nullptr)}};
+  EXPECT_EQ(ft::saturation_note(layers, "flags"),
+            "  saturated outputs in validation: layer1_0.conv2 78.00%, layer1_1.conv1 50.00%, layer1_0.conv1 "
+            "26.00%, and 2 more layers over 1% (flags)\n");
+  layers.erase("layer2_1.conv1");
+  EXPECT_NE(ft::saturation_note(layers, "flags").find(", and 1 more layer over 1% (flags)\n"), std::string::npos);
+  layers = {{"conv1", fraction(0.01)}, {"fc", fraction(0.0)}, {"pool", fraction(nullptr)}};
+  EXPECT_EQ(ft::saturation_note(layers, "flags"), "");
+  layers["fc"] = fraction(0.5);
+  EXPECT_EQ(ft::saturation_note(layers, "flags"), "  saturated outputs in validation: fc 50.00% (flags)\n");
+
+  ft::TrainConfig c;
+  c.method = "adapt";
+  EXPECT_NE(ft::output_range_flags(c).find("--adapt-buffer-bits"), std::string::npos);
+  c.method = "sqpu";
+  EXPECT_EQ(ft::output_range_flags(c), "range: --out-bits, --out-frac");
 }
 
 TEST(Bookkeeping, Table1Totals) {

@@ -117,8 +117,8 @@ def test_l1_decay_belongs_to_adapt():
     assert p.returncode == 2 and "l1_decay: is AdaPT's (method adapt) only" in p.stderr
 
 
-def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
-    """scripts/report on a float32 run and an AdaPT run written here: SU2 is the
+def test_report_computes_su2_and_draws_the_bit_widths_and_the_saturation(tmp_path):
+    """scripts/report on a float32 run and AdaPT runs written here: SU2 is the
     float32 cost of the whole run over AdaPT's cost at the first epoch that
     reaches the float32 run's best accuracy."""
     import sys
@@ -139,16 +139,18 @@ def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
             "train_images_per_s": 1.0, "memory_model": {"paper": {"ratio_to_ste": 1, "ratio_to_fp32": 1}}}))
         (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
 
-    def adapt_epoch(epoch, accuracy, cost, bits):
-        return {"epoch": epoch, "val_accuracy": accuracy, "adapt": {
+    def adapt_epoch(epoch, accuracy, cost, bits, conv1_saturated=0.0):
+        saturated = {"conv1": conv1_saturated, "fc1": 0.01, "layer1_0.add": 0.02 * (epoch == 2), "pool": None}
+        return {"epoch": epoch, "val_accuracy": accuracy, "layers": {
+            name: {"output_saturated_fraction": share} for name, share in saturated.items()}, "adapt": {
             "strategy": "min",
             "layers": [{"name": "conv1", "bits": bits}, {"name": "fc1", "bits": bits + 2}],
             "performance": {"cost": cost, "float32_cost": 300.0 * epoch, "training_speedup": 300.0 * epoch / cost,
                             "model_size": 0.5, "inference_speedup": 2.0}}}
 
     run("fp32", "fp32", 0.80, [{"epoch": e, "val_accuracy": 0.8} for e in (1, 2, 3)])
-    run("adapt", "adapt", 0.85, [adapt_epoch(1, 0.70, 100.0, 8), adapt_epoch(2, 0.81, 190.0, 10),
-                                 adapt_epoch(3, 0.85, 280.0, 12)])
+    run("adapt", "adapt", 0.85, [adapt_epoch(1, 0.70, 100.0, 8), adapt_epoch(2, 0.81, 190.0, 10, 0.005),
+                                 adapt_epoch(3, 0.85, 280.0, 12, 0.3)])
     run("adapt-qpu", "adapt", 0.75, [adapt_epoch(1, 0.75, 100.0, 8)], update="qpu")
     out = tmp_path / "report"
     assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
@@ -161,6 +163,13 @@ def test_report_computes_su2_and_draws_the_bit_widths(tmp_path):
     assert row.fp32_best_val_accuracy == pytest.approx(0.80)
     assert (out / "adapt-bits-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
     assert (out / "adapt-bits-qpu-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
+    # Saturation: only the layers over 1% in some epoch (fc1's 1.0% is not), in the network's order, then the rest.
+    matrix = report.saturation_matrix(str(tmp_path / "g" / "adapt"))
+    assert list(matrix.index) == ["conv1", "layer1_0.add"] and list(matrix.columns) == [1, 2, 3]
+    assert matrix.loc["conv1"].tolist() == pytest.approx([0.0, 0.5, 30.0])
+    assert matrix.loc["layer1_0.add"].tolist() == pytest.approx([0.0, 2.0, 0.0])
+    assert (out / "adapt-saturation-g-lenet5-fashion-mnist-b256.png").stat().st_size > 0
+    assert not (out / "adapt-saturation-qpu-g-lenet5-fashion-mnist-b256.png").exists()  # nothing over 1%
     # A run from before the training state was recorded shows "–".
     assert "| g | lenet5 | fashion-mnist | 256 | float | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 | – |" in (
         out / "report.md").read_text()

@@ -223,3 +223,22 @@ def test_cuda_graphs_give_the_bits_of_eager_steps(tmp_path, method):
     train("resumed", "--epochs", "2", "--cuda-graphs")
     train("resumed", "--epochs", "3", "--resume")
     assert epoch_metrics(tmp_path / "resumed") == epoch_metrics(tmp_path / "eager")
+
+
+@requires_fxp_train_and_data
+def test_the_epoch_line_names_the_layers_whose_outputs_saturate(tmp_path):
+    """Note [Saturation in the epoch line]: outputs in FxP(4, 3), whose range is [-1, 0.875], saturate
+    in conv1; the line under the epoch's names the layer, its share as metrics.jsonl records it, and
+    the flags that set the range. The default FxP(16, 8) saturates nothing, and the line is absent."""
+    common = [a for a in SMALL if a != "--quiet"] + ["--epochs", "1"]
+    p = run_fxp_train(*common, "--out-bits", "4", "--out-frac", "3", "-o", str(tmp_path / "narrow"))
+    assert p.returncode == 0, p.stderr
+    [epoch] = epoch_metrics(tmp_path / "narrow")
+    share = epoch["layers"]["conv1"]["output_saturated_fraction"]
+    assert share > 0.01
+    [note] = [line for line in p.stdout.splitlines() if "saturated outputs" in line]
+    assert note.startswith(f"  saturated outputs in validation: conv1 {100 * share:.2f}%")
+    assert note.endswith("(range: --out-bits, --out-frac)")
+    p = run_fxp_train(*common, "-o", str(tmp_path / "default"))
+    assert p.returncode == 0, p.stderr
+    assert "saturated outputs" not in p.stdout
