@@ -724,12 +724,12 @@ def saturation_matrix(run_dir: str) -> pd.DataFrame:
         for name, layer in e["layers"].items():
             share = layer.get("output_saturated_fraction") if isinstance(layer, dict) else None
             if _finite(share):
-                shares.setdefault(name, {})[e["epoch"]] = 100.0 * share
-    shown = [name for name, by_epoch in shares.items() if max(by_epoch.values()) > 100.0 * SATURATION_SHOWN_ABOVE]
+                shares.setdefault(name, {})[e["epoch"]] = share
+    shown = [name for name, by_epoch in shares.items() if max(by_epoch.values()) > SATURATION_SHOWN_ABOVE]
     order = [layer.get("name") for layer in (_dig(epochs[-1], "adapt", "layers") or []) if isinstance(layer, dict)] \
         if epochs else []
     shown.sort(key=lambda name: (order.index(name) if name in order else len(order), name))
-    return pd.DataFrame([[shares[name].get(e["epoch"], math.nan) for e in epochs] for name in shown],
+    return pd.DataFrame([[100.0 * shares[name].get(e["epoch"], math.nan) for e in epochs] for name in shown],
                         index=shown, columns=[e["epoch"] for e in epochs], dtype=float)
 
 

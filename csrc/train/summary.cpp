@@ -46,16 +46,16 @@ json epoch_record(int64_t epoch, const EpochResult& trained, const Validation& v
 
 std::string output_range_flags(const TrainConfig& config) {
   if (config.method == "adapt") {
-    return "range: the weights' integer bits plus --adapt-buffer-bits";
+    return "range: --adapt-buffer-bits, or the weights' integer bits where more";
   }
   return "range: --out-bits, --out-frac";
 }
 
 // Note [Saturation in the epoch line]: a layer's saturating outputs show in
 // the loss only once they have harmed training. AdaPT's ResNet-20 at buff 8
-// (docs/adapt.md) saturated up to 14% of a layer's outputs from epoch 1 on,
-// 29-78% by epoch 10, and ended 4.5 points below the same run at buff 12; its
-// loss turned up only at epoch 7. So the epoch line names the layers that
+// (docs/adapt.md) saturated 12% of a layer's outputs at epoch 1, up to 14%
+// through epoch 6, 29-78% by epoch 10, and ended 4.5 points below the same
+// run at buff 12; its loss turned up only at epoch 7. So the epoch line names the layers that
 // saturated more than 1% of their outputs in validation, worst first, and
 // what sets their range.
 std::string saturation_note(const json& layers, const std::string& range_flags) {

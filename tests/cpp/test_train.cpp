@@ -611,14 +611,17 @@ TEST(TrainSummary, SaturationNoteNamesTheWorstLayersAndWhatSetsTheirRange) {
             "26.00%, and 2 more layers over 1% (flags)\n");
   layers.erase("layer2_1.conv1");
   EXPECT_NE(ft::saturation_note(layers, "flags").find(", and 1 more layer over 1% (flags)\n"), std::string::npos);
-  layers = {{"conv1", fraction(0.01)}, {"fc", fraction(0.0)}, {"pool", fraction(nullptr)}};
+  // Exactly 1%, 0, null, NaN and entries that are not objects: none is named.
+  layers = {{"conv1", fraction(0.01)},   {"fc", fraction(0.0)}, {"pool", fraction(nullptr)},
+            {"bn", fraction(std::nan(""))}, {"odd", 0.5},        {"odder", json::array({0.5})}};
   EXPECT_EQ(ft::saturation_note(layers, "flags"), "");
   layers["fc"] = fraction(0.5);
   EXPECT_EQ(ft::saturation_note(layers, "flags"), "  saturated outputs in validation: fc 50.00% (flags)\n");
 
   ft::TrainConfig c;
   c.method = "adapt";
-  EXPECT_NE(ft::output_range_flags(c).find("--adapt-buffer-bits"), std::string::npos);
+  // push_up: BW >= FL + buff, so the range is the buffer's, or the weights' where they need more.
+  EXPECT_EQ(ft::output_range_flags(c), "range: --adapt-buffer-bits, or the weights' integer bits where more");
   c.method = "sqpu";
   EXPECT_EQ(ft::output_range_flags(c), "range: --out-bits, --out-frac");
 }

@@ -227,18 +227,34 @@ def test_cuda_graphs_give_the_bits_of_eager_steps(tmp_path, method):
 
 @requires_fxp_train_and_data
 def test_the_epoch_line_names_the_layers_whose_outputs_saturate(tmp_path):
-    """Note [Saturation in the epoch line]: outputs in FxP(4, 3), whose range is [-1, 0.875], saturate
-    in conv1; the line under the epoch's names the layer, its share as metrics.jsonl records it, and
-    the flags that set the range. The default FxP(16, 8) saturates nothing, and the line is absent."""
+    """Note [Saturation in the epoch line]: outputs in FxP(4, 3), whose range is [-1, 0.875], saturate;
+    the line under the epoch's names the worst layer first, with its share as metrics.jsonl records
+    it, and the flags that set the range, in a solo run and under a fleet member's line. The default
+    FxP(16, 8) saturates nothing, and the line is absent."""
     common = [a for a in SMALL if a != "--quiet"] + ["--epochs", "1"]
+
+    def note_of(run_dir, stdout):
+        [epoch] = epoch_metrics(run_dir)
+        shares = {name: layer["output_saturated_fraction"] for name, layer in epoch["layers"].items()}
+        worst = max(shares, key=shares.get)
+        assert shares[worst] > 0.01
+        [note] = [line for line in stdout.splitlines() if "saturated outputs" in line]
+        assert note.startswith(f"  saturated outputs in validation: {worst} {100 * shares[worst]:.2f}%")
+        assert note.endswith("(range: --out-bits, --out-frac)")
+        return note
+
     p = run_fxp_train(*common, "--out-bits", "4", "--out-frac", "3", "-o", str(tmp_path / "narrow"))
     assert p.returncode == 0, p.stderr
-    [epoch] = epoch_metrics(tmp_path / "narrow")
-    share = epoch["layers"]["conv1"]["output_saturated_fraction"]
-    assert share > 0.01
-    [note] = [line for line in p.stdout.splitlines() if "saturated outputs" in line]
-    assert note.startswith(f"  saturated outputs in validation: conv1 {100 * share:.2f}%")
-    assert note.endswith("(range: --out-bits, --out-frac)")
+    note_of(tmp_path / "narrow", p.stdout)
     p = run_fxp_train(*common, "-o", str(tmp_path / "default"))
     assert p.returncode == 0, p.stderr
     assert "saturated outputs" not in p.stdout
+
+    members = tmp_path / "fleet.jsonl"
+    members.write_text(json.dumps({"output_dir": str(tmp_path / "member-narrow"), "out_bits": 4, "out_frac": 3}) +
+                       "\n" + json.dumps({"output_dir": str(tmp_path / "member-default"), "seed": 1}) + "\n")
+    p = run_fxp_train("--fleet", str(members), *common)
+    assert p.returncode == 0, p.stderr
+    note = note_of(tmp_path / "member-narrow", p.stdout)
+    lines = p.stdout.splitlines()
+    assert "-o4.3-" in lines[lines.index(note) - 1]  # under the narrow member's epoch line
