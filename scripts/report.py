@@ -726,8 +726,8 @@ def saturation_matrix(run_dir: str) -> pd.DataFrame:
             if _finite(share):
                 shares.setdefault(name, {})[e["epoch"]] = share
     shown = [name for name, by_epoch in shares.items() if max(by_epoch.values()) > SATURATION_SHOWN_ABOVE]
-    order = [layer.get("name") for layer in (_dig(epochs[-1], "adapt", "layers") or []) if isinstance(layer, dict)] \
-        if epochs else []
+    last = epochs[-1] if epochs else {}
+    order = [layer.get("name") for layer in (_dig(last, "adapt", "layers") or []) if isinstance(layer, dict)]
     shown.sort(key=lambda name: (order.index(name) if name in order else len(order), name))
     return pd.DataFrame([[100.0 * shares[name].get(e["epoch"], math.nan) for e in epochs] for name in shown],
                         index=shown, columns=[e["epoch"] for e in epochs], dtype=float)

@@ -383,7 +383,7 @@ json run_fleet(const std::vector<TrainConfig>& configs, const RunOptions& option
         atomic_write(m.files.metrics, lines);
         if (options.log) {
           *options.log << m.config.run_name() << "  ";
-          log_epoch(*options.log, m.state.history.back(), m.config.epochs, output_range_flags(m.config));
+          log_epoch(*options.log, m.state.history.back(), m.config);
         }
         if (!m.state.stop_reason.empty() || m.state.epochs_done >= m.config.epochs) {
           m.done = true;

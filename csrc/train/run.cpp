@@ -382,7 +382,7 @@ json run_training(const TrainConfig& config, const RunOptions& given_options) {
                       device, training.msq.get());
       atomic_write(files.metrics, lines);
     }
-    if (options.log) log_epoch(*options.log, state.history.back(), config.epochs, output_range_flags(config));
+    if (options.log) log_epoch(*options.log, state.history.back(), config);
   }
   if (state.stop_reason.empty()) state.stop_reason = "epochs";
 

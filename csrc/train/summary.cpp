@@ -55,9 +55,9 @@ std::string output_range_flags(const TrainConfig& config) {
 // the loss only once they have harmed training. AdaPT's ResNet-20 at buff 8
 // (docs/adapt.md) saturated 12% of a layer's outputs at epoch 1, up to 14%
 // through epoch 6, 29-78% by epoch 10, and ended 4.5 points below the same
-// run at buff 12; its loss turned up only at epoch 7. So the epoch line names the layers that
-// saturated more than 1% of their outputs in validation, worst first, and
-// what sets their range.
+// run at buff 12; its loss turned up only at epoch 7. So the epoch line
+// names the layers that saturated more than 1% of their outputs in
+// validation, worst first, and what sets their range.
 std::string saturation_note(const json& layers, const std::string& range_flags) {
   constexpr double kNoteAbove = 0.01;
   constexpr size_t kNamed = 3;
@@ -65,7 +65,8 @@ std::string saturation_note(const json& layers, const std::string& range_flags) 
   for (const auto& [name, entry] : layers.items()) {
     if (!entry.is_object()) continue;
     const json& fraction = entry.value("output_saturated_fraction", json());
-    if (fraction.is_number() && fraction.get<double>() > kNoteAbove) saturated.emplace_back(fraction.get<double>(), name);
+    const double share = fraction.is_number() ? fraction.get<double>() : 0.0;  // NaN is a number, and fails the test
+    if (share > kNoteAbove) saturated.emplace_back(share, name);
   }
   if (saturated.empty()) return "";
   std::stable_sort(saturated.begin(), saturated.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
@@ -80,16 +81,16 @@ std::string saturation_note(const json& layers, const std::string& range_flags) 
   return note + " (" + range_flags + ")\n";
 }
 
-void log_epoch(std::ostream& log, const json& e, int64_t epochs, const std::string& range_flags) {
+void log_epoch(std::ostream& log, const json& e, const TrainConfig& config) {
   char line[256];
   std::snprintf(line, sizeof line,
                 "epoch %3lld/%lld  train loss %.4f  val loss %.4f  val acc %6.2f%%  lr %.3g  %.1f s  %.0f img/s\n",
-                static_cast<long long>(e["epoch"].get<int64_t>()), static_cast<long long>(epochs),
+                static_cast<long long>(e["epoch"].get<int64_t>()), static_cast<long long>(config.epochs),
                 e["train_loss"].is_null() ? NAN : e["train_loss"].get<double>(),
                 e["val_loss"].is_null() ? NAN : e["val_loss"].get<double>(), 100.0 * e["val_accuracy"].get<double>(),
                 e["lr"].get<double>(), e["epoch_time_s"].get<double>(), e["images_per_s"].get<double>());
   log << line;
-  if (e.contains("layers")) log << saturation_note(e["layers"], range_flags);
+  if (e.contains("layers")) log << saturation_note(e["layers"], output_range_flags(config));
   log << std::flush;
 }
 

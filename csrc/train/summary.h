@@ -32,9 +32,9 @@ nlohmann::json epoch_record(int64_t epoch, const EpochResult& trained, const Val
                             const LayerStatistics& stats, double lr, double epoch_time, double train_time,
                             int64_t train_images);
 
-// The readable line fxp-train prints after an epoch, and under it the layers
-// whose outputs saturated in validation (saturation_note).
-void log_epoch(std::ostream& log, const nlohmann::json& record, int64_t epochs, const std::string& range_flags);
+// The readable line fxp-train prints after an epoch of the run `config`, and
+// under it the layers whose outputs saturated in validation (saturation_note).
+void log_epoch(std::ostream& log, const nlohmann::json& record, const TrainConfig& config);
 
 // What sets the range of a run's layer outputs, in words, for saturation_note.
 std::string output_range_flags(const TrainConfig& config);
