@@ -467,7 +467,10 @@ def _save_figure(fig, path: pathlib.Path, tight_layout: bool = True) -> pathlib.
     return path
 
 
-def _heatmap(ax, matrix: pd.DataFrame, title: str, fmt: str, vmin: float, vmax: float, cmap: str):
+def _heatmap(ax, matrix: pd.DataFrame, title: str, fmt, vmin: float, vmax: float, cmap: str):
+    """matrix as an image with each cell's value written in it: format(v, fmt), or fmt(v) where fmt is a
+    function."""
+    text = fmt if callable(fmt) else lambda v: format(v, fmt)
     values = matrix.to_numpy(dtype=float)
     im = ax.imshow(values, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(matrix.shape[1]), [str(c) for c in matrix.columns])
@@ -478,13 +481,23 @@ def _heatmap(ax, matrix: pd.DataFrame, title: str, fmt: str, vmin: float, vmax: 
             if not math.isnan(values[i, j]):
                 v = values[i, j]
                 r, g, b, _ = im.cmap(im.norm(v))
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                ax.text(j, i, text(v), ha="center", va="center", fontsize=7,
                         color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     return im
 
 
 def _fxp_order(labels):
     return sorted(labels, key=lambda s: [-int(x) for x in s.split("/")])
+
+
+def _variant_suffix(variant: str, variants) -> str:
+    """A figure file name's suffix for one of `variants` (_settings_text's): "-train_limit=512", or
+    "-variant<N>" (its place among them) where the settings make too long a name (a checkpoint's path, or
+    many settings: the figure's title says them); empty for none."""
+    if not variant:
+        return ""
+    suffix = "-" + re.sub(r"[^\w.=+-]+", "-", variant).strip("-")
+    return suffix if len(suffix) <= 80 else f"-variant{sorted(set(variants)).index(variant) + 1}"
 
 
 def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
@@ -509,9 +522,7 @@ def draw_heatmaps(stats: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
             figures = [(stat, None) for stat in ["max", "mean", "std"]]
         else:
             figures = [(f"best-worst-{r}", r) for r in sorted(g.inference_rounding.dropna().unique())]
-        suffix = "-" + re.sub(r"[^\w.=+-]+", "-", variant).strip("-") if variant else ""
-        if len(suffix) > 80:  # a checkpoint's path, or many settings: the title says them
-            suffix = f"-variant{sorted(set(q.variant[q.grid == grid])).index(variant) + 1}"
+        suffix = _variant_suffix(variant, q.variant[q.grid == grid])
         for name, rounding in figures:
             sub = g if rounding is None else g[g.inference_rounding == rounding]
             methods = [m for m in METHODS if m in set(sub.method)]
@@ -638,16 +649,24 @@ def _epochs(run_dir: str) -> list[dict]:
     return epochs
 
 
+# The runs that one AdaPT figure could stand for; "variant" tells their configurations apart.
+ADAPT_FIGURE = ["grid", "model", "dataset", "batch_size", "update"]
+
+
 def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per finished AdaPT run, beside the float32 run of the same grid,
     model, dataset, batch and seed: accuracies, and the performance model's
     SU1, SU2 (AdaPT stopped at the first epoch that reaches the float32 run's
-    best accuracy; NaN if none does), SZ and the inference speed-up."""
+    best accuracy; NaN if none does), SZ and the inference speed-up. variant:
+    the settings that tell AdaPT configurations of one ADAPT_FIGURE apart
+    ("adapt_buffer_bits=12"; empty where there is one)."""
     done = df[df.status == "finished"]
     keys = ["grid", "model", "dataset", "batch_size", "seed"]
     baseline = {tuple(r[k] for k in keys): r["best_val_accuracy"] for _, r in done[done.method == "fp32"].iterrows()}
+    adapt = done[done.method == "adapt"]
+    names = _varying(adapt, ADAPT_FIGURE) if not adapt.empty else []
     rows = []
-    for _, r in done[done.method == "adapt"].iterrows():
+    for _, r in adapt.iterrows():
         epochs = [e for e in _epochs(r["dir"]) if "adapt" in e]
         if not epochs:
             continue
@@ -658,8 +677,8 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
             reached = [e for e in epochs if e["val_accuracy"] >= target]
             if reached:
                 su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
-        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "dir": r["dir"],
-                     "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
+        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "variant": _settings_text(r, names),
+                     "dir": r["dir"], "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
                      "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
                      "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
     return pd.DataFrame(rows)
@@ -667,11 +686,13 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _figure_runs(table: pd.DataFrame):
     """adapt_table's runs that the AdaPT figures draw: the lowest seed of each
-    (grid, model, dataset, batch size, update), with that key."""
+    configuration, with its ADAPT_FIGURE key, and its variant as a title's
+    words and a file name's suffix (both empty where it has no variant)."""
     if table.empty:
         return
-    for key, group in table.groupby(["grid", "model", "dataset", "batch_size", "update"]):
-        yield key, group.sort_values("seed").iloc[0]
+    for (*key, variant), group in table.groupby(ADAPT_FIGURE + ["variant"]):
+        yield (tuple(key), f", {variant}" if variant else "", _variant_suffix(variant, table.variant),
+               group.sort_values("seed").iloc[0])
 
 
 def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
@@ -682,7 +703,7 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
     plt = _pyplot()
 
     paths = []
-    for (grid, model, dataset, batch, update), run in _figure_runs(table):
+    for (grid, model, dataset, batch, update), variant, suffix, run in _figure_runs(table):
         epochs = [e for e in _epochs(run["dir"]) if "adapt" in e]
         names = [layer["name"] for layer in epochs[0]["adapt"]["layers"]]
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -700,24 +721,40 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
             ax.plot([e["epoch"] for e in epochs], bits, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean bit width BW over the epoch" if mean else "bit width BW at the epoch's end")
-        variant = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
-        ax.set_title(f"{variant} bit width per layer: {model} on {dataset}, batch {batch}, seed {run['seed']}",
-                     fontsize=10)
+        method = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
+        ax.set_title(f"{method} bit width per layer: {model} on {dataset}, batch {batch}, seed {run['seed']}"
+                     f"{variant}", fontsize=10)
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)
         paths.append(_save_figure(
-            fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}.png"))
+            fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-bits', 1)}-{grid}-{model}-{dataset}-b{batch}"
+                       f"{suffix}.png"))
     return paths
 
 
 SATURATION_SHOWN_ABOVE = 0.01  # fxp-train's epoch line names the same layers (Note [Saturation in the epoch line])
 
 
+def _percent_text(share: float) -> str:
+    """A share in percent as a cell shows it: whole percents, and one decimal under 10% (0.4% is not 0)."""
+    return f"{share:.1f}" if 0 < share < 9.95 else f"{share:.0f}"
+
+
+def _network_position(name: str, order: list[str]) -> tuple:
+    """name's place in the network's layer order: its index, or for a layer that AdaPT's record leaves
+    out (a block's residual add, "layer1_0.add"), just after the last layer of its block; the rest last."""
+    if name in order:
+        return order.index(name), 0, name
+    block = name.rpartition(".")[0]
+    mates = [i for i, other in enumerate(order) if block and other.rpartition(".")[0] == block]
+    return (mates[-1], 1, name) if mates else (len(order), 1, name)
+
+
 def saturation_matrix(run_dir: str) -> pd.DataFrame:
     """A run's layers that saturated more than 1% of their outputs in some
     epoch's validation (metrics.jsonl's output_saturated_fraction), in the
-    network's order where AdaPT's record gives it: their saturated share (%)
-    per epoch. Empty when no layer did."""
+    network's order where AdaPT's record gives it (_network_position): their
+    saturated share (%) per epoch. Empty when no layer did."""
     epochs = [e for e in _epochs(run_dir) if isinstance(e.get("layers"), dict) and type(e.get("epoch")) is int]
     shares = {}
     for e in epochs:
@@ -728,7 +765,7 @@ def saturation_matrix(run_dir: str) -> pd.DataFrame:
     shown = [name for name, by_epoch in shares.items() if max(by_epoch.values()) > SATURATION_SHOWN_ABOVE]
     last = epochs[-1] if epochs else {}
     order = [layer.get("name") for layer in (_dig(last, "adapt", "layers") or []) if isinstance(layer, dict)]
-    shown.sort(key=lambda name: (order.index(name) if name in order else len(order), name))
+    shown.sort(key=lambda name: _network_position(name, order))
     return pd.DataFrame([[100.0 * shares[name].get(e["epoch"], math.nan) for e in epochs] for name in shown],
                         index=shown, columns=[e["epoch"] for e in epochs], dtype=float)
 
@@ -740,22 +777,22 @@ def draw_adapt_saturation(table: pd.DataFrame, out: pathlib.Path) -> list[pathli
     bits; when the weights outgrow it, this shows where and when (docs/adapt.md,
     ResNet-20)."""
     paths = []
-    for (grid, model, dataset, batch, update), run in _figure_runs(table):
+    for (grid, model, dataset, batch, update), variant, suffix, run in _figure_runs(table):
         matrix = saturation_matrix(run["dir"])
         if matrix.empty:
             continue
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * matrix.shape[1] + 3.0), 0.3 * matrix.shape[0] + 1.6))
-        variant = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
-        im = _heatmap(ax, matrix, f"{variant}: outputs saturated in validation (%), layers over "
-                      f"{100 * SATURATION_SHOWN_ABOVE:g}%\n{model} on {dataset}, batch {batch}, seed {run['seed']}",
-                      ".0f", 0.0, 100.0, "Reds")
+        method = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
+        im = _heatmap(ax, matrix, f"{method}: outputs saturated in validation (%), layers over "
+                      f"{100 * SATURATION_SHOWN_ABOVE:g}%\n{model} on {dataset}, batch {batch}, seed {run['seed']}"
+                      f"{variant}", _percent_text, 0.0, 100.0, "Reds")
         ax.title.set_fontsize(9)
         ax.set_xlabel("epoch")
         fig.colorbar(im, ax=ax, fraction=0.04)
         paths.append(_save_figure(
             fig, out / f"{_adapt_name(update).replace('adapt', 'adapt-saturation', 1)}-{grid}-{model}-{dataset}"
-                       f"-b{batch}.png"))
+                       f"-b{batch}{suffix}.png"))
     return paths
 
 
@@ -1006,10 +1043,11 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, images: list[pathlib.
                   "| grid | model | dataset | batch | update | seed | fp32 best | AdaPT best | SU¹ | SU² | SZ | "
                   "inference SU | state / fp32 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in adapt.sort_values(["grid", "model", "dataset", "update", "seed"]).itertuples():
+        for r in adapt.sort_values(["grid", "model", "dataset", "update", "variant", "seed"]).itertuples():
             su2 = "–" if math.isnan(r.su2) else f"{r.su2:.2f}"
             mem = "–" if pd.isna(r.state_ratio_to_fp32) else f"{r.state_ratio_to_fp32:.2f}"
-            lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {r.update} | {r.seed} | "
+            update = f"{r.update} {r.variant}".strip()
+            lines.append(f"| {r.grid} | {r.model} | {r.dataset} | {r.batch_size} | {update} | {r.seed} | "
                          f"{pct(r.fp32_best_val_accuracy)} | {pct(r.best_val_accuracy)} | {r.su1:.2f} | {su2} | "
                          f"{r.model_size:.2f} | {r.inference_speedup:.2f} | {mem} |")
     if msq is not None and not msq.empty:

@@ -117,36 +117,52 @@ def test_l1_decay_belongs_to_adapt():
     assert p.returncode == 2 and "l1_decay: is AdaPT's (method adapt) only" in p.stderr
 
 
+def _report():
+    import sys
+    sys.path.insert(0, str(FXP_TRAIN.parents[1] / "scripts"))
+    import report
+    return report
+
+
+def _write_run(grid_dir, name, method, best, epochs, **extra):
+    """A finished run of the sweep grid in grid_dir, as fxp-train and the sweep write it: LeNet-5, batch 256."""
+    d = grid_dir / name
+    d.mkdir(parents=True)
+    config = {"model": "lenet5", "dataset": "fashion-mnist", "method": method, "param_bits": 16,
+              "param_frac": 10, "out_bits": 16, "out_frac": 8, "inference_rounding": "sr", "batch_size": 256,
+              "lr": 0.01, "lr_scaling": "none", "weight_decay": 0, "scheduler": "none", "epochs": len(epochs),
+              "seed": 0, **extra}  # no update key: a run from before it existed (float)
+    (d / "sweep-run.json").write_text(json.dumps({"grid": grid_dir.name, "id": name, "settings": config}))
+    (d / "summary.json").write_text(json.dumps({
+        "config": config, "best_val_accuracy": best, "best_epoch": 1, "final_val_accuracy": best,
+        "epochs_completed": len(epochs), "stop_reason": "epochs", "wall_time_s": 1.0,
+        "train_images_per_s": 1.0, "memory_model": {"paper": {"ratio_to_ste": 1, "ratio_to_fp32": 1}}}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+
+
+def _adapt_epoch(epoch, accuracy, cost, bits, saturated=None, layers=("conv1", "fc1")):
+    """An AdaPT epoch's metrics.jsonl record: `layers` in the network's order, each at `bits`; saturated:
+    {layer: share of its outputs saturated in validation}."""
+    return {"epoch": epoch, "val_accuracy": accuracy, "layers": {
+        name: {"output_saturated_fraction": share} for name, share in (saturated or {}).items()}, "adapt": {
+        "strategy": "min",
+        "layers": [{"name": name, "bits": bits + 2 * i} for i, name in enumerate(layers)],
+        "performance": {"cost": cost, "float32_cost": 300.0 * epoch, "training_speedup": 300.0 * epoch / cost,
+                        "model_size": 0.5, "inference_speedup": 2.0}}}
+
+
 def test_report_computes_su2_and_draws_the_bit_widths_and_the_saturation(tmp_path):
     """scripts/report on a float32 run and AdaPT runs written here: SU2 is the
     float32 cost of the whole run over AdaPT's cost at the first epoch that
     reaches the float32 run's best accuracy."""
-    import sys
-    sys.path.insert(0, str(FXP_TRAIN.parents[1] / "scripts"))
-    import report
+    report = _report()
 
     def run(name, method, best, epochs, **extra):
-        d = tmp_path / "g" / name
-        d.mkdir(parents=True)
-        config = {"model": "lenet5", "dataset": "fashion-mnist", "method": method, "param_bits": 16,
-                  "param_frac": 10, "out_bits": 16, "out_frac": 8, "inference_rounding": "sr", "batch_size": 256,
-                  "lr": 0.01, "lr_scaling": "none", "weight_decay": 0, "scheduler": "none", "epochs": len(epochs),
-                  "seed": 0, **extra}  # no update key: a run from before it existed (float)
-        (d / "sweep-run.json").write_text(json.dumps({"grid": "g", "id": name, "settings": config}))
-        (d / "summary.json").write_text(json.dumps({
-            "config": config, "best_val_accuracy": best, "best_epoch": 1, "final_val_accuracy": best,
-            "epochs_completed": len(epochs), "stop_reason": "epochs", "wall_time_s": 1.0,
-            "train_images_per_s": 1.0, "memory_model": {"paper": {"ratio_to_ste": 1, "ratio_to_fp32": 1}}}))
-        (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        _write_run(tmp_path / "g", name, method, best, epochs, **extra)
 
     def adapt_epoch(epoch, accuracy, cost, bits, conv1_saturated=0.0):
-        saturated = {"conv1": conv1_saturated, "fc1": 0.01, "layer1_0.add": 0.02 * (epoch == 2), "pool": None}
-        return {"epoch": epoch, "val_accuracy": accuracy, "layers": {
-            name: {"output_saturated_fraction": share} for name, share in saturated.items()}, "adapt": {
-            "strategy": "min",
-            "layers": [{"name": "conv1", "bits": bits}, {"name": "fc1", "bits": bits + 2}],
-            "performance": {"cost": cost, "float32_cost": 300.0 * epoch, "training_speedup": 300.0 * epoch / cost,
-                            "model_size": 0.5, "inference_speedup": 2.0}}}
+        return _adapt_epoch(epoch, accuracy, cost, bits, {"conv1": conv1_saturated, "fc1": 0.01,
+                                                          "layer1_0.add": 0.02 * (epoch == 2), "pool": None})
 
     run("fp32", "fp32", 0.80, [{"epoch": e, "val_accuracy": 0.8} for e in (1, 2, 3)])
     run("adapt", "adapt", 0.85, [adapt_epoch(1, 0.70, 100.0, 8), adapt_epoch(2, 0.81, 190.0, 10, 0.005),
@@ -173,6 +189,34 @@ def test_report_computes_su2_and_draws_the_bit_widths_and_the_saturation(tmp_pat
     # A run from before the training state was recorded shows "–".
     assert "| g | lenet5 | fashion-mnist | 256 | float | 0 | 80.0% | 85.0% | 3.21 | 4.74 | 0.50 | 2.00 | – |" in (
         out / "report.md").read_text()
+
+
+def test_report_draws_each_adapt_configuration_and_orders_a_blocks_add_after_it(tmp_path):
+    """Two AdaPT configurations of one model, dataset and batch that differ in
+    their buffer get a figure each, named by the setting that tells them
+    apart, and their rows in adapt.csv and report.md say it. In the saturation
+    map a residual add (not among AdaPT's layers) follows its block's layers,
+    and a share under 10% keeps one decimal."""
+    report = _report()
+    resnet = ("conv1", "layer1_0.conv1", "layer1_0.conv2", "fc")
+    saturated = {"conv1": 0.05, "layer1_0.conv1": 0.02, "layer1_0.add": 0.5, "fc": 0.03, "extra.x": 0.04,
+                 "layer1_0.conv2": 0.0}
+    for buffer in (8, 12):
+        _write_run(tmp_path / "g", f"adapt-b{buffer}", "adapt", 0.85, [
+            _adapt_epoch(1, 0.85, 100.0, 8, saturated if buffer == 8 else None, resnet)], adapt_buffer_bits=buffer)
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
+    for buffer in (8, 12):
+        assert (out / f"adapt-bits-g-lenet5-fashion-mnist-b256-adapt_buffer_bits={buffer}.png").stat().st_size > 0
+    assert (out / "adapt-saturation-g-lenet5-fashion-mnist-b256-adapt_buffer_bits=8.png").stat().st_size > 0
+    assert not (out / "adapt-saturation-g-lenet5-fashion-mnist-b256-adapt_buffer_bits=12.png").exists()
+    import pandas as pd
+    assert sorted(pd.read_csv(out / "adapt.csv").variant) == ["adapt_buffer_bits=12", "adapt_buffer_bits=8"]
+    assert "| g | lenet5 | fashion-mnist | 256 | float adapt_buffer_bits=12 | 0 |" in (out / "report.md").read_text()
+    matrix = report.saturation_matrix(str(tmp_path / "g" / "adapt-b8"))
+    assert list(matrix.index) == ["conv1", "layer1_0.conv1", "layer1_0.add", "fc", "extra.x"]
+    assert [report._percent_text(v) for v in (0.0, 0.4, 9.94, 9.96, 78.4, 100.0)] == [
+        "0", "0.4", "9.9", "10", "78", "100"]
 
 
 # --- fxp::format_histogram (Note [Fused quantize and histogram]) -----------------
