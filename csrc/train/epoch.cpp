@@ -25,15 +25,8 @@ namespace fxp::train {
 namespace {
 
 // Note [Shuffling]: the order of epoch e is randperm from a generator seeded
-// with mix(seed, e) alone, so a resumed run shuffles exactly as an
+// with mix_seed(seed, e) alone, so a resumed run shuffles exactly as an
 // uninterrupted one, without checkpointing a generator.
-uint64_t mix(uint64_t seed, uint64_t epoch) {
-  uint64_t z = seed * 0x9E3779B97F4A7C15ull + epoch + 0x632BE59BD9B4E019ull;  // splitmix64
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 
 std::vector<torch::Tensor> gradients(torch::nn::Module& model) {
   std::vector<torch::Tensor> out;
@@ -347,7 +340,7 @@ std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, cons
 }  // namespace
 
 torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device) {
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(mix(static_cast<uint64_t>(seed), epoch));
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(mix_seed(static_cast<uint64_t>(seed), epoch));
   return torch::randperm(n, generator, torch::kLong).to(device);
 }
 
@@ -360,7 +353,7 @@ void msq_end_epoch(Training& t, const Split& train, const TrainConfig& c, int64_
     const torch::Tensor x = train.images.index_select(0, index), y = train.labels.index_select(0, index);
     t.model->eval();
     t.msq->check([&] { return torch::nn::functional::cross_entropy(t.model->forward(x), y); },
-                 mix(static_cast<uint64_t>(c.seed) ^ 0x4D5351ull, static_cast<uint64_t>(epoch)));
+                 mix_seed(static_cast<uint64_t>(c.seed) ^ 0x4D5351ull, static_cast<uint64_t>(epoch)));
     t.model->train();
   }
   if (c.msq_finetune_epochs > 0 && epoch >= last_pruning_epoch) t.msq->freeze();
@@ -402,9 +395,9 @@ EpochResult train_epoch(Training& t, const Split& train, const TrainConfig& c, i
   if (graphs) throw std::invalid_argument("cuda_graphs: this fxp build has no CUDA support");
 #endif
   // Note [Data-parallel steps]: each rank's own draws while it trains, the shared ones after.
-  const uint64_t epoch_seed = mix(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch));
+  const uint64_t epoch_seed = mix_seed(static_cast<uint64_t>(c.seed), static_cast<uint64_t>(epoch));
   if (t.data_parallel) {
-    seed_forward_generators(device, mix(epoch_seed, static_cast<uint64_t>(t.data_parallel->rank()) + 1));
+    seed_forward_generators(device, mix_seed(epoch_seed, static_cast<uint64_t>(t.data_parallel->rank()) + 1));
   }
   // Note [Deferred pack checks in training]: a problem ends the epoch, and the run, as diverged.
   PackedStorageCheck packed_check(t, device);

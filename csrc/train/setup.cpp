@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <mutex>
 #include <ostream>
 #include <stdexcept>
 #include <thread>
@@ -79,6 +80,26 @@ void log_settings_notes(std::ostream& log, const TrainConfig& c, const nn::Netwo
   }
 }
 
+uint64_t mix_seed(uint64_t seed, uint64_t salt) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + salt + 0x632BE59BD9B4E019ull;  // splitmix64
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Note [The forward's key on a GPU]
+// A CUDA generator draws with its seed as the Philox key, at counters from
+// offset 0 up (docs/design.md, "Random numbers"), and torch::manual_seed(seed)
+// gives it the run's seed. The QPU step draws with the same key, seed (group
+// i: seed + i), at step 0's offsets 0 to 2n − 1: left so, a GPU run's first
+// forward roundings and its first update would round on the same words. So
+// the device's generator is keyed mix_seed(seed, 0) once the model is built;
+// its draws then never meet the update's, as the contract asks. The CPU
+// generator keeps the run's seed (its roundings are keyed by its own draws,
+// not by its seed), so a CPU run's bits are those it had before this.
+// Checkpoints restore the generator's state, fleets clone it, and
+// data-parallel epochs reseed it (Note [Data-parallel steps]).
+
 Training set_up_training(const TrainConfig& c, const torch::Device& device, bool resuming) {
   // Note [Identical initialization]: the model is built on the CPU right after
   // seeding, before anything method-specific, so every method (and device)
@@ -88,6 +109,11 @@ Training set_up_training(const TrainConfig& c, const torch::Device& device, bool
   t.model = build_network(c);
   if (!c.init_from.empty() && !resuming) load_model_weights(c.init_from, *t.model);  // a resume reads its checkpoint
   t.model->to(device);
+  if (device.is_cuda()) {  // Note [The forward's key on a GPU]
+    at::Generator g = nn::default_generators(device).back();
+    std::lock_guard<std::mutex> lock(g.mutex());
+    g.set_current_seed(mix_seed(static_cast<uint64_t>(c.seed), 0));
+  }
   const bool adapt_qpu = c.method == "adapt" && c.update == "qpu";
   if (is_qpu(c.method) || adapt_qpu) {
     t.model->quantize_parameters_(adapt_qpu ? "stochastic" : update_rounding(c.method), c.seed);

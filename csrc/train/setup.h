@@ -56,6 +56,11 @@ adapt::AdaptOptions adapt_options(const TrainConfig& config);
 // config.dataset's channels and classes (not on a device yet).
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 
+// A 64-bit key derived from (seed, salt) by splitmix64: the epochs' shuffles
+// and draws (salt: the epoch, from 1), and the forward's key on a GPU (salt 0,
+// Note [The forward's key on a GPU]).
+uint64_t mix_seed(uint64_t seed, uint64_t salt);
+
 // The model on `device`, initialized from config.seed, and its optimizer.
 // resuming: the run continues from its checkpoint, so init_from is not read.
 Training set_up_training(const TrainConfig& config, const torch::Device& device, bool resuming = false);

@@ -1,5 +1,6 @@
 // fxp-train: the command line, config files, the paper's bookkeeping, and
 // short runs on a Fashion-MNIST subset (JSON outputs, determinism, resume).
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <sched.h>
 #include <torch/torch.h>
@@ -1107,6 +1108,28 @@ TEST(TrainConfig, InitFromComparesTheFileItNames) {
   const std::string cwd = working;
   std::free(working);
   EXPECT_TRUE(ft::same_file_path("nothere/x/../checkpoint.pt", cwd + "/nothere/checkpoint.pt"));
+}
+
+// Note [The forward's key on a GPU]: the device's generator draws with a key the QPU step never uses
+// (seed + i for its groups), and the CPU generator keeps the run's seed, so CPU runs keep their bits.
+TEST(TrainSetup, TheForwardsKeyOnAGpuIsNotTheUpdatesKey) {
+  for (const uint64_t seed : {0ull, 1ull, 7ull, 0xFFFFFFFFFFFFFFFFull}) {
+    const uint64_t key = ft::mix_seed(seed, 0);
+    for (uint64_t group = 0; group < 1024; ++group) EXPECT_NE(key, seed + group) << seed;
+    EXPECT_NE(key, ft::mix_seed(seed, 1));  // epoch 1's data-parallel key
+  }
+  ft::TrainConfig c;
+  c.method = "sqpu";
+  c.seed = 7;
+  const ft::Training on_cpu = ft::set_up_training(c, torch::Device(torch::kCPU));
+  EXPECT_EQ(at::detail::getDefaultCPUGenerator().current_seed(), 7u);
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device on this machine (the CPU half ran)";
+  const torch::Device cuda(torch::kCUDA, 0);
+  const ft::Training on_gpu = ft::set_up_training(c, cuda);
+  at::Generator g = fxp::nn::default_generators(cuda).back();
+  EXPECT_EQ(g.current_seed(), ft::mix_seed(7, 0));
+  EXPECT_EQ(g.get_offset(), 0u);
+  EXPECT_EQ(at::detail::getDefaultCPUGenerator().current_seed(), 7u);
 }
 
 // Note [Deferred pack checks in training]: a packed run's steps count on the device what packed
