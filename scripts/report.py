@@ -664,7 +664,9 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["grid", "model", "dataset", "batch_size", "seed"]
     baseline = {tuple(r[k] for k in keys): r["best_val_accuracy"] for _, r in done[done.method == "fp32"].iterrows()}
     adapt = done[done.method == "adapt"]
-    names = _varying(adapt, ADAPT_FIGURE) if not adapt.empty else []
+    names = {}  # per ADAPT_FIGURE group, the settings that tell its configurations apart
+    for key, group in adapt.groupby(ADAPT_FIGURE, dropna=False):
+        names[key] = _varying(group, ADAPT_FIGURE)
     rows = []
     for _, r in adapt.iterrows():
         epochs = [e for e in _epochs(r["dir"]) if "adapt" in e]
@@ -677,7 +679,7 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
             reached = [e for e in epochs if e["val_accuracy"] >= target]
             if reached:
                 su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
-        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "variant": _settings_text(r, names),
+        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "variant": _settings_text(r, names[tuple(r[ADAPT_FIGURE])]),
                      "dir": r["dir"], "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
                      "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
                      "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
@@ -690,9 +692,10 @@ def _figure_runs(table: pd.DataFrame):
     words and a file name's suffix (both empty where it has no variant)."""
     if table.empty:
         return
-    for (*key, variant), group in table.groupby(ADAPT_FIGURE + ["variant"]):
-        yield (tuple(key), f", {variant}" if variant else "", _variant_suffix(variant, table.variant),
-               group.sort_values("seed").iloc[0])
+    for key, alike in table.groupby(ADAPT_FIGURE):
+        for variant, group in alike.groupby("variant"):
+            yield (key, f", {variant}" if variant else "", _variant_suffix(variant, alike.variant),
+                   group.sort_values("seed").iloc[0])
 
 
 def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path]:
@@ -736,7 +739,8 @@ SATURATION_SHOWN_ABOVE = 0.01  # fxp-train's epoch line names the same layers (N
 
 
 def _percent_text(share: float) -> str:
-    """A share in percent as a cell shows it: whole percents, and one decimal under 10% (0.4% is not 0)."""
+    """A share in percent as a cell shows it: whole percents, and one decimal under 10% (0.4% is not 0,
+    and a share under 0.05% shows as 0.0, not as an exact 0)."""
     return f"{share:.1f}" if 0 < share < 9.95 else f"{share:.0f}"
 
 

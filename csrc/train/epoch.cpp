@@ -24,10 +24,6 @@
 namespace fxp::train {
 namespace {
 
-// Note [Shuffling]: the order of epoch e is randperm from a generator seeded
-// with mix_seed(seed, e) alone, so a resumed run shuffles exactly as an
-// uninterrupted one, without checkpointing a generator.
-
 std::vector<torch::Tensor> gradients(torch::nn::Module& model) {
   std::vector<torch::Tensor> out;
   for (const auto& p : model.parameters()) out.push_back(p.grad());
@@ -339,6 +335,9 @@ std::unique_ptr<CapturedStep> capture_step(Training& t, const Split& train, cons
 
 }  // namespace
 
+// Note [Shuffling]: the order of epoch e is randperm from a generator seeded
+// with mix_seed(seed, e) alone, so a resumed run shuffles exactly as an
+// uninterrupted one, without checkpointing a generator.
 torch::Tensor epoch_order(int64_t seed, int64_t epoch, int64_t n, const torch::Device& device) {
   auto generator = at::make_generator<at::CPUGeneratorImpl>(mix_seed(static_cast<uint64_t>(seed), epoch));
   return torch::randperm(n, generator, torch::kLong).to(device);

@@ -94,7 +94,9 @@ uint64_t mix_seed(uint64_t seed, uint64_t salt) {
 // i: seed + i), at step 0's offsets 0 to 2n − 1: left so, a GPU run's first
 // forward roundings and its first update would round on the same words. So
 // the device's generator is keyed mix_seed(seed, 0) once the model is built;
-// its draws then never meet the update's, as the contract asks. The CPU
+// its draws then never meet the update's (design.md, "Random numbers": fxp's
+// draws never repeat each other's or torch's). This holds for every method
+// (fp32 draws nothing), before the optimizer is built. The CPU
 // generator keeps the run's seed (its roundings are keyed by its own draws,
 // not by its seed), so a CPU run's bits are those it had before this.
 // Checkpoints restore the generator's state, fleets clone it, and

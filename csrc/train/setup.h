@@ -56,9 +56,11 @@ adapt::AdaptOptions adapt_options(const TrainConfig& config);
 // config.dataset's channels and classes (not on a device yet).
 std::shared_ptr<nn::NetworkImpl> build_network(const TrainConfig& config);
 
-// A 64-bit key derived from (seed, salt) by splitmix64: the epochs' shuffles
-// and draws (salt: the epoch, from 1), and the forward's key on a GPU (salt 0,
-// Note [The forward's key on a GPU]).
+// A 64-bit key derived from (seed, salt) by splitmix64. Salt 0: the forward's
+// key on a GPU (Note [The forward's key on a GPU]); the epoch e (from 1): its
+// shuffle (Note [Shuffling]), and data-parallel draws, whose ranks salt it
+// again with rank + 1 (Note [Data-parallel steps]); MSQ's Hessian probes take
+// (seed ^ 0x4D5351, e).
 uint64_t mix_seed(uint64_t seed, uint64_t salt);
 
 // The model on `device`, initialized from config.seed, and its optimizer.

@@ -192,9 +192,10 @@ def test_report_computes_su2_and_draws_the_bit_widths_and_the_saturation(tmp_pat
 
 
 def test_report_draws_each_adapt_configuration_and_orders_a_blocks_add_after_it(tmp_path):
-    """Two AdaPT configurations of one model, dataset and batch that differ in
-    their buffer get a figure each, named by the setting that tells them
-    apart, and their rows in adapt.csv and report.md say it. In the saturation
+    """Two AdaPT configurations of one grid, model, dataset and batch that
+    differ in their buffer get a figure each, named by the setting that tells
+    them apart, and their rows in adapt.csv and report.md say it; another
+    grid's one configuration has no variant. In the saturation
     map a residual add (not among AdaPT's layers) follows its block's layers,
     and a share under 10% keeps one decimal."""
     report = _report()
@@ -204,14 +205,18 @@ def test_report_draws_each_adapt_configuration_and_orders_a_blocks_add_after_it(
     for buffer in (8, 12):
         _write_run(tmp_path / "g", f"adapt-b{buffer}", "adapt", 0.85, [
             _adapt_epoch(1, 0.85, 100.0, 8, saturated if buffer == 8 else None, resnet)], adapt_buffer_bits=buffer)
+    _write_run(tmp_path / "h", "adapt", "adapt", 0.85, [_adapt_epoch(1, 0.85, 100.0, 8)], adapt_buffer_bits=16)
     out = tmp_path / "report"
-    assert report.main([str(tmp_path / "g"), "--out", str(out)]) == 0
+    assert report.main([str(tmp_path / "g"), str(tmp_path / "h"), "--out", str(out)]) == 0
+    assert (out / "adapt-bits-h-lenet5-fashion-mnist-b256.png").stat().st_size > 0  # one configuration: no variant
     for buffer in (8, 12):
         assert (out / f"adapt-bits-g-lenet5-fashion-mnist-b256-adapt_buffer_bits={buffer}.png").stat().st_size > 0
     assert (out / "adapt-saturation-g-lenet5-fashion-mnist-b256-adapt_buffer_bits=8.png").stat().st_size > 0
     assert not (out / "adapt-saturation-g-lenet5-fashion-mnist-b256-adapt_buffer_bits=12.png").exists()
     import pandas as pd
-    assert sorted(pd.read_csv(out / "adapt.csv").variant) == ["adapt_buffer_bits=12", "adapt_buffer_bits=8"]
+    table = pd.read_csv(out / "adapt.csv", keep_default_na=False)
+    assert sorted(zip(table.grid, table.variant)) == [
+        ("g", "adapt_buffer_bits=12"), ("g", "adapt_buffer_bits=8"), ("h", "")]
     assert "| g | lenet5 | fashion-mnist | 256 | float adapt_buffer_bits=12 | 0 |" in (out / "report.md").read_text()
     matrix = report.saturation_matrix(str(tmp_path / "g" / "adapt-b8"))
     assert list(matrix.index) == ["conv1", "layer1_0.conv1", "layer1_0.add", "fc", "extra.x"]

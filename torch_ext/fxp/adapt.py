@@ -21,6 +21,7 @@ Without one (``fxp-train --update qpu``; layers with ``weight_mode="qpu"``)::
     controller = fxp.adapt.AdaptController(model)
     fxp.nn.quantize_layer_parameters_(model, seed=seed)  # onto each layer's start grid
     optimizer = fxp.optim.QPUSGD(controller.parameter_groups(), lr=0.01, momentum=0.9, seed=seed)
+    # a group per layer, keyed seed + i: on a GPU keep torch.manual_seed's seed out of that range (QPUSGD)
     ...  # the same loop; each layer's group follows its layer's format
 """
 

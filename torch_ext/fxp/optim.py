@@ -49,11 +49,12 @@ class QPUSGD(Optimizer):
     ``torch.ops.fxp.qpu_sgd_step_`` call. Rounding draws come from
     ``(seed + group index, step)`` (see docs/design.md), so a run is reproducible
     and CPU and CUDA agree bit for bit. Parameters should start on the grid:
-    see :func:`quantize_parameters_`. On a GPU, give ``seed`` another value
-    than ``torch.manual_seed``'s: a CUDA generator seeded ``s`` draws with key
-    ``s`` from counter 0, as step 0 of a group keyed ``s`` does, so the first
-    update would round on the words of the first stochastic roundings
-    (docs/design.md, "A generator's key and an explicit key").
+    see :func:`quantize_parameters_`. On a GPU, keep ``torch.manual_seed``'s
+    seed out of ``[seed, seed + number of groups)``: a CUDA generator seeded
+    ``s`` draws with key ``s`` from counter 0, as step 0 of a group keyed ``s``
+    does, so the first update would round on the words of the first
+    stochastic roundings (docs/design.md, "A generator's key and an explicit
+    key").
 
     A param group may set any argument for itself, ``format`` and
     ``momentum_format`` too (kept as its ``total_bits``/``frac_bits`` and
