@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FXP_HOST_DEVICE __host__ __device__ __forceinline__
@@ -327,33 +328,24 @@ FXP_HOST_DEVICE T to_float_storage(double v) {
 }
 
 // Note [Rounding once to float16 and bfloat16]
-// c10::Half and c10::BFloat16 convert from float32, so double -> float ->
-// half rounds twice, and the two roundings can pick a neighbour the exact value
+// c10::Half and c10::BFloat16 convert from float32, so code -> float -> half
+// rounds twice, and the two roundings can pick a neighbour the exact value
 // is not nearest to (code 2^30 + 2^19 + 1 at F = 30 would become 1.0, not
 // 1 + 2^-10). Rounding to float32 *to odd* first (truncate, then set the last
 // bit if anything was dropped) keeps the information the second rounding
 // needs, because float32 has more than two bits beyond either target's 11 or 8
-// (the standard round-to-odd argument). So round_to_odd_float(v) converted to
-// half or bfloat16 equals v rounded once, to nearest even. Finite v within float range.
-FXP_HOST_DEVICE float round_to_odd_float(double v) {
+// (the standard round-to-odd argument). So round_to_odd_float(q) * 2^-F
+// converted to half or bfloat16 equals q * 2^-F rounded once, to nearest even.
+FXP_HOST_DEVICE float round_to_odd_float(int64_t v) {  // |v| <= 2^31
   float f = static_cast<float>(v);  // nearest even
-  if (static_cast<double>(f) == v || v != v) return f;
+  const int64_t back = static_cast<int64_t>(f);
+  if (back == v) return f;
   uint32_t bits;
   memcpy(&bits, &f, sizeof bits);
-  if (fxp_abs(static_cast<double>(f)) > fxp_abs(v)) bits -= 1;  // toward zero: the magnitude bits are nonzero
-  bits |= 1u;                                                   // inexact: odd
+  if (v > 0 ? back > v : back < v) bits -= 1;  // toward zero: the magnitude bits are nonzero
+  bits |= 1u;                                  // inexact: odd
   memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-// A float64 value v (exact) stored as S, rounded once to nearest even.
-template <typename S>
-FXP_HOST_DEVICE S round_once(double v) {
-  if constexpr (sizeof(S) >= 4) {
-    return static_cast<S>(v);
-  } else {
-    return static_cast<S>(round_to_odd_float(v));
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -363,6 +355,63 @@ FXP_HOST_DEVICE S round_once(double v) {
 // B <= 8, int16 for B <= 16, int32 otherwise.
 FXP_HOST_DEVICE int packed_storage_bits(int total_bits) {
   return total_bits <= 8 ? 8 : total_bits <= 16 ? 16 : 32;
+}
+
+// Note [Codes in float32]
+// pack and unpack compute a float32, float16 or bfloat16 tensor's codes in
+// float32 and integers, and a float64 tensor's in float64: both exact, so
+// the codes are those of exact arithmetic. (They used float64 for all, which
+// runs at 1/32 to 1/64 of the float32 rate on consumer GPUs.) For pack:
+// t = x * 2^F is exact (0 <= F <= 31 scales up; a finite x whose t
+// overflows is handled as in quantize_code), round_to_code gives the integer
+// exactly (Note [Exact stochastic rounding]), and the range is compared with
+// -2^(B-1) and 2^(B-1), powers of two, so exact in any float type: a code at
+// or above 2^(B-1) saturates to 2^(B-1) - 1 *in integers*. So the float32
+// bound of Note [Saturation bound in float32], which keeps float *values* on
+// the grid, does not apply to codes. For unpack, q * 2^-F rounded once to
+// float32 is float32(q) * 2^-F (a power of two scales without rounding, and
+// the result, at least 2^-31 in magnitude or 0, is normal); to float16 and
+// bfloat16 it goes through float32 rounded to odd, from the integer q
+// (Note [Rounding once to float16 and bfloat16]).
+template <typename S>
+using code_compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// The code (an integer in [-2^(B-1), 2^(B-1) - 1]) that x packs to, as
+// quantize_code rounds it (Note [Codes in float32]). *saturated: the rounded
+// code fell outside the format; *off_grid: x * 2^F was not an integer. A NaN x
+// gets code 0 (the caller counts it).
+template <Rounding R, Overflow O, typename T>
+FXP_HOST_DEVICE int64_t pack_code(T x, const FxpSpec<T>& spec, uint32_t random_bits, bool* saturated,
+                                  bool* off_grid) {
+  const T t = x * spec.scale;
+  const T q = round_to_code<R>(t, random_bits);
+  const T half_range = -spec.code_min;  // 2^(B-1)
+  const bool above = q >= half_range;
+  const bool below = q < spec.code_min;
+  *saturated = above || below;
+  *off_grid = q != t;
+  // Selects, as in quantize_code; a NaN q falls through both, then reads as 0.
+  T c = half_range < q ? half_range : q;
+  c = spec.code_min > c ? spec.code_min : c;
+  c = c == c ? c : T(0);
+  int64_t code = static_cast<int64_t>(c) - static_cast<int64_t>(above);  // 2^(B-1) stands for 2^(B-1) - 1
+  if constexpr (O == Overflow::Wrap) {
+    if ((above || below) && fxp_abs(x) != T(INFINITY)) {  // Note [Wrapping beyond the float range]
+      code = fxp_abs(q) == T(INFINITY) ? 0 : static_cast<int64_t>(wrap_code(q, spec.total_bits));
+    }
+  }
+  return code;
+}
+
+// A code's value q * 2^-F as S, rounded once to nearest even (Note [Codes in
+// float32]); inv_scale is 2^-F in code_compute_t<S>.
+template <typename S>
+FXP_HOST_DEVICE S unpack_code(int64_t code, code_compute_t<S> inv_scale) {
+  if constexpr (sizeof(S) >= 4) {
+    return static_cast<S>(static_cast<code_compute_t<S>>(code) * inv_scale);
+  } else {
+    return static_cast<S>(round_to_odd_float(code) * inv_scale);
+  }
 }
 
 }  // namespace FXP_ISA

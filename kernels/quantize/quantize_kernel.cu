@@ -130,7 +130,8 @@ void launch_overflow(const at::Tensor& x, const at::Tensor& out, const QuantizeP
 // counts[0] receives the NaN elements, counts[1] (kExact) the off-grid ones; see pack_span in quantize_kernel_cpu.cpp.
 template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
 __global__ void __launch_bounds__(kThreads)
-    pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n, FxpSpec<double> spec,
+    pack_kernel(const scalar_t* __restrict__ x, code_t* __restrict__ codes, int64_t n,
+                FxpSpec<code_compute_t<scalar_t>> spec,
                 CudaPhilox philox, unsigned long long* __restrict__ counts) {
   const auto [seed, offset] = philox_key_and_counter<R>(philox);
   const int64_t nblocks = (n + 3) / 4;
@@ -143,13 +144,13 @@ __global__ void __launch_bounds__(kThreads)
     for (int l = 0; l < 4; ++l) {
       const int64_t i = b * 4 + l;
       if (i < n) {
-        bool sat;
-        const double v = static_cast<double>(x[i]);
-        const double q = quantize_code<R, O>(v, spec, bits.lane[l], &sat);
-        const bool nan = q != q;
+        bool sat, off;
+        const auto v = static_cast<code_compute_t<scalar_t>>(x[i]);  // Note [Codes in float32]
+        const int64_t code = pack_code<R, O>(v, spec, bits.lane[l], &sat, &off);
+        const bool nan = v != v;
         nans += nan;
-        if constexpr (kExact) off_grid += !nan && (sat || q * spec.inv_scale != v);
-        codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
+        if constexpr (kExact) off_grid += !nan && (sat || off);
+        codes[i] = static_cast<code_t>(code);
       }
     }
   }
@@ -165,10 +166,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename code_t, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    unpack_kernel(const code_t* __restrict__ codes, scalar_t* __restrict__ out, int64_t n, double inv_scale) {
+    unpack_kernel(const code_t* __restrict__ codes, scalar_t* __restrict__ out, int64_t n,
+                  code_compute_t<scalar_t> inv_scale) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = round_once<scalar_t>(static_cast<double>(codes[i]) * inv_scale);  // Note [Rounding once to float16 and bfloat16]
+    out[i] = unpack_code<scalar_t>(codes[i], inv_scale);  // Note [Codes in float32]
   }
 }
 
@@ -181,10 +183,10 @@ template <Rounding R, Overflow O, bool kExact>
 void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params,
                  const CudaPhilox& philox, unsigned long long* counts) {
   const int64_t n = x.numel();
-  const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
   const auto grid = static_cast<unsigned>(grid_for((n + 3) / 4));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_pack_cuda", [&] {
+    const auto spec = make_fxp_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
     const auto* xp = x.const_data_ptr<scalar_t>();
     switch (codes.scalar_type()) {
       case at::kChar:
@@ -232,10 +234,10 @@ void pack_cuda(const at::Tensor& x, const at::Tensor& codes, const QuantizeParam
 void unpack_cuda(const at::Tensor& codes, const at::Tensor& out, int frac_bits) {
   const int64_t n = codes.numel();
   if (n == 0) return;
-  const double inv_scale = exp2_int<double>(-frac_bits);
   const auto grid = static_cast<unsigned>(grid_for(n));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fxp_unpack_cuda", [&] {
+    const auto inv_scale = exp2_int<code_compute_t<scalar_t>>(-frac_bits);
     auto* yp = out.data_ptr<scalar_t>();
     switch (codes.scalar_type()) {
       case at::kChar:

@@ -104,24 +104,24 @@ int64_t quantize_dispatch_overflow(const at::Tensor& x, const at::Tensor& out,
 
 // --- packed storage ------------------------------------------------------
 
-// Packs n elements into integer codes, computing in float64 so the bounds are
-// the format's exact ones for every B (Note [Saturation bound in float32] does
-// not apply to integer codes). A NaN element gets code 0 and is counted. With
-// kExact, elements that are not on the grid (rounded to another value, or
-// saturated) are counted too.
+// Packs n elements into integer codes, exactly (Note [Codes in float32]): a
+// float64 tensor in float64, the others in float32. A NaN element gets code 0
+// and is counted. With kExact, elements that are not on the grid (rounded to
+// another value, or saturated) are counted too.
 template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
-PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec<double>& spec,
+PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec<code_compute_t<scalar_t>>& spec,
                      const uint32_t* random_bits) {
+  using T = code_compute_t<scalar_t>;
   int32_t nans = 0, off_grid = 0;
   for (int64_t i = 0; i < n; ++i) {
-    bool sat;
+    bool sat, off;
     const uint32_t bits = R == Rounding::Stochastic ? random_bits[i] : 0u;
-    const double x = static_cast<double>(xs[i]);
-    const double q = quantize_code<R, O>(x, spec, bits, &sat);
-    const bool nan = q != q;
+    const T x = static_cast<T>(xs[i]);
+    const int64_t code = pack_code<R, O>(x, spec, bits, &sat, &off);
+    const bool nan = x != x;
     nans += nan;
-    if constexpr (kExact) off_grid += !nan && (sat || q * spec.inv_scale != x);
-    codes[i] = nan ? code_t(0) : static_cast<code_t>(q);
+    if constexpr (kExact) off_grid += !nan && (sat || off);
+    codes[i] = static_cast<code_t>(code);
   }
   return PackCounts{nans, off_grid};
 }
@@ -129,7 +129,7 @@ PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec
 template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
 PackCounts pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
                       uint64_t offset) {
-  const auto spec = make_fxp_spec<double>(params.total_bits, params.frac_bits);
+  const auto spec = make_fxp_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   code_t* cp = codes.data_ptr<code_t>();
   return sum_over_spans<PackCounts>(x.numel(), kSpanElems, [&](int64_t s, int64_t len) {
@@ -162,18 +162,18 @@ PackCounts pack_dispatch_overflow(const at::Tensor& x, const at::Tensor& codes, 
                                            : pack_dispatch<R, Overflow::Saturate, false>(x, codes, params, seed, offset);
 }
 
-// code * 2^-F is exact in float64 and rounded once to the output type (Note
-// [Rounding once to float16 and bfloat16]); codes outside the format are counted.
+// code * 2^-F rounded once to the output type (Note [Codes in float32]);
+// codes outside the format are counted.
 template <typename code_t, typename scalar_t>
 int64_t unpack_typed(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
-  const double inv_scale = exp2_int<double>(-frac_bits);
+  const auto inv_scale = exp2_int<code_compute_t<scalar_t>>(-frac_bits);
   const int64_t code_min = -(int64_t{1} << (total_bits - 1)), code_max = (int64_t{1} << (total_bits - 1)) - 1;
   const code_t* cp = codes.const_data_ptr<code_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
   return sum_over_spans<int64_t>(codes.numel(), kChunkElems, [&](int64_t s, int64_t len) {
     int64_t outside = 0;
     for (int64_t i = s; i < s + len; ++i) {
-      yp[i] = round_once<scalar_t>(cp[i] * inv_scale);
+      yp[i] = unpack_code<scalar_t>(cp[i], inv_scale);
       outside += cp[i] < code_min || cp[i] > code_max;
     }
     return outside;

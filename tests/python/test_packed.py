@@ -35,6 +35,58 @@ def test_pack_unpack_exact_for_every_code(rounding):
                 assert torch.equal(fxp.unpack(packed, fmt, dtype=dtype), values.to(dtype))
 
 
+def _edge_values(fmt: FxpFormat, n_random: int, seed: int) -> torch.Tensor:
+    """float64 values every one of which float32 holds exactly, around what pack decides: the code range's
+    ends and a step beyond them, ties and quarter points of the grid, huge finite values (whose x * 2^F
+    overflows float32), infinities, subnormals, zeros, and random values over the range and beyond it."""
+    top, r = 2.0 ** (fmt.total_bits - 1), fmt.resolution
+    codes = [top - 1, top, top + 1, -top, -top - 1, -top + 1, 2.0**24 - 1, 2.0**24 + 1, 0, 1, -1, 5, -5]
+    values = [c * r for c in codes] + [(c + d) * r for c in codes for d in (0.25, 0.5, 0.75, -0.5)]
+    values += [3.0e38, -3.0e38, 2.0**100, float("inf"), float("-inf"), 1e-40, -1e-40, 0.0, -0.0]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tensor(values, dtype=torch.float64)
+    x = torch.cat([x, (torch.rand(n_random, generator=gen, dtype=torch.float64) * 2.2 - 1.1) * top * r])
+    return x.float().double()  # float32 values, as float64
+
+
+def test_codes_computed_in_float32_equal_those_computed_in_float64():
+    """Note [Codes in float32]: a float32 (float16, bfloat16) tensor's codes are computed in float32 and
+    integers, a float64 tensor's in float64; both are exact, so the codes, the saturated and off-grid
+    counts, and the values unpacked are the same, bit for bit, for every width, rounding and overflow."""
+    for total_bits in (2, 3, 8, 12, 16, 17, 24, 25, 26, 31, 32):
+        for frac_bits in sorted({0, 1, total_bits // 2, total_bits - 1}):
+            fmt = FxpFormat(total_bits, frac_bits)
+            x64 = _edge_values(fmt, 2000, total_bits * 64 + frac_bits)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                xs = x64.to(dtype)
+                for overflow in ("saturate", "wrap"):
+                    for rounding in ("nearest_even", "stochastic", "floor", "nearest_away"):
+                        got = fxp.pack_seeded(xs, fmt, rounding=rounding, seed=5, offset=11, overflow=overflow)
+                        want = fxp.pack_seeded(xs.double(), fmt, rounding=rounding, seed=5, offset=11,
+                                               overflow=overflow)
+                        assert torch.equal(got, want), (fmt, dtype, overflow, rounding)
+                # NaN (code 0) and off the grid, counted alike
+                with_nan = torch.cat([xs, torch.tensor([float("nan")], dtype=dtype)])
+                counted = []
+                for x in (with_nan, with_nan.double()):
+                    counts = torch.zeros(2, dtype=torch.long)
+                    counted.append((fxp.pack(x, fmt, rounding="exact", counts=counts), counts))
+                assert torch.equal(counted[0][0], counted[1][0]) and torch.equal(counted[0][1], counted[1][1])
+                assert counted[0][1][0] == 1 and counted[0][1][1] > 0
+            codes = fxp.pack(x64, fmt)
+            exact = fxp.unpack(codes, fmt, dtype=torch.float64)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):  # rounded once, from the exact value
+                with np.errstate(over="ignore"):  # beyond 65504 both give inf
+                    expect = torch.from_numpy(exact.numpy().astype(np.float16)) if dtype == torch.float16 else (
+                        exact.to(dtype) if dtype == torch.float32 else None)
+                got = fxp.unpack(codes, fmt, dtype=dtype)
+                if expect is not None:
+                    assert torch.equal(got, expect), (fmt, dtype)
+                else:
+                    assert torch.equal(got.double(), torch.tensor(
+                        [_bfloat16_nearest_even(v) for v in exact.tolist()], dtype=torch.float64)), fmt
+
+
 def test_storage_dtype_by_total_bits():
     for bits, dtype in [(2, torch.int8), (8, torch.int8), (9, torch.int16), (16, torch.int16), (17, torch.int32),
                         (32, torch.int32)]:

@@ -621,6 +621,10 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 y, c = fxp.quantize_seeded_stats(x, b, f, rounding, seed=-3, offset=7, overflow=overflow)
                 _, m = fxp.quantize_mask(x, b, f, rounding, overflow, torch.Generator().manual_seed(1))
                 outs += [y.view(torch.uint8), c.view(1).view(torch.uint8), m.view(torch.uint8)]
+                # pack and unpack (Note [Codes in float32]); NaN is an error there
+                codes = fxp.pack_seeded(x.nan_to_num(0.0, float("inf"), -float("inf")), b, f, rounding, seed=-3,
+                                        offset=7, overflow=overflow)
+                outs += [codes.view(torch.uint8), fxp.unpack(codes, b, f, dtype=dtype).view(torch.uint8)]
 for dtype in (torch.float32, torch.float64):
     for rounding in ("nearest_even", "stochastic"):
         for form, momentum in (("standard", 0.9), ("paper_eq6", 0.9), ("standard", 0.0)):
@@ -647,8 +651,9 @@ torch.save(torch.cat([o.flatten() for o in outs]), sys.argv[1])
 
 def test_every_cpu_build_gives_the_same_bits(tmp_path):
     """The default (SSE2), AVX2 and AVX-512 builds of the CPU kernels, forced with
-    FXP_CPU_CAPABILITY, agree bit for bit: quantize on every dtype, rounding and
-    overflow, and the QPU step on every form, on float and packed storage."""
+    FXP_CPU_CAPABILITY, agree bit for bit: quantize, pack and unpack on every
+    dtype, rounding and overflow, and the QPU step on every form, on float and
+    packed storage."""
     import subprocess
     import sys
 
