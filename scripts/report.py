@@ -427,6 +427,11 @@ def _adapt_name(update: str) -> str:
     return "adapt" if update == "float" else f"adapt-{update}"
 
 
+def _adapt_title(update: str) -> str:
+    """_adapt_name as a figure's title says it: "AdaPT", "AdaPT (qpu updates)"."""
+    return "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
+
+
 # A heat map's cell: its figure (grid, inference rounding), panel (method), row (format) and column (batch size).
 HEATMAP_CELL = ["grid", "method", "fxp", "inference_rounding", "batch_size"]
 
@@ -664,11 +669,12 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["grid", "model", "dataset", "batch_size", "seed"]
     baseline = {tuple(r[k] for k in keys): r["best_val_accuracy"] for _, r in done[done.method == "fp32"].iterrows()}
     adapt = done[done.method == "adapt"]
-    names = {}  # per ADAPT_FIGURE group, the settings that tell its configurations apart
-    for key, group in adapt.groupby(ADAPT_FIGURE, dropna=False):
-        names[key] = _varying(group, ADAPT_FIGURE)
+    variants = pd.Series("", index=adapt.index, dtype=object)
+    for _, group in adapt.groupby(ADAPT_FIGURE, dropna=False):  # as seed_stats, per group
+        names = _varying(group, ADAPT_FIGURE)
+        variants[group.index] = [_settings_text(r, names) for r in group.itertuples()]
     rows = []
-    for _, r in adapt.iterrows():
+    for i, r in adapt.iterrows():
         epochs = [e for e in _epochs(r["dir"]) if "adapt" in e]
         if not epochs:
             continue
@@ -679,8 +685,8 @@ def adapt_table(df: pd.DataFrame) -> pd.DataFrame:
             reached = [e for e in epochs if e["val_accuracy"] >= target]
             if reached:
                 su2 = perf["float32_cost"] / reached[0]["adapt"]["performance"]["cost"]
-        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "variant": _settings_text(r, names[tuple(r[ADAPT_FIGURE])]),
-                     "dir": r["dir"], "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
+        rows.append({**{k: r[k] for k in keys}, "update": r["update"], "variant": variants[i], "dir": r["dir"],
+                     "state_ratio_to_fp32": r["adapt_state_ratio_to_fp32"], "fp32_best_val_accuracy": target,
                      "best_val_accuracy": r["best_val_accuracy"], "su1": perf["training_speedup"], "su2": su2,
                      "model_size": perf["model_size"], "inference_speedup": perf["inference_speedup"]})
     return pd.DataFrame(rows)
@@ -724,9 +730,8 @@ def draw_adapt_bits(table: pd.DataFrame, out: pathlib.Path) -> list[pathlib.Path
             ax.plot([e["epoch"] for e in epochs], bits, marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean bit width BW over the epoch" if mean else "bit width BW at the epoch's end")
-        method = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
-        ax.set_title(f"{method} bit width per layer: {model} on {dataset}, batch {batch}, seed {run['seed']}"
-                     f"{variant}", fontsize=10)
+        ax.set_title(f"{_adapt_title(update)} bit width per layer: {model} on {dataset}, batch {batch}, "
+                     f"seed {run['seed']}{variant}", fontsize=10)
         if len(names) <= 12:
             ax.legend(fontsize=7, ncol=2)
         paths.append(_save_figure(
@@ -787,8 +792,7 @@ def draw_adapt_saturation(table: pd.DataFrame, out: pathlib.Path) -> list[pathli
             continue
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * matrix.shape[1] + 3.0), 0.3 * matrix.shape[0] + 1.6))
-        method = "AdaPT" if update == "float" else f"AdaPT ({update} updates)"
-        im = _heatmap(ax, matrix, f"{method}: outputs saturated in validation (%), layers over "
+        im = _heatmap(ax, matrix, f"{_adapt_title(update)}: outputs saturated in validation (%), layers over "
                       f"{100 * SATURATION_SHOWN_ABOVE:g}%\n{model} on {dataset}, batch {batch}, seed {run['seed']}"
                       f"{variant}", _percent_text, 0.0, 100.0, "Reds")
         ax.title.set_fontsize(9)

@@ -362,45 +362,45 @@ FXP_HOST_DEVICE int packed_storage_bits(int total_bits) {
 // float32 and integers, and a float64 tensor's in float64: both exact, so
 // the codes are those of exact arithmetic. (They used float64 for all, which
 // runs at 1/32 to 1/64 of the float32 rate on consumer GPUs.) For pack:
-// t = x * 2^F is exact (0 <= F <= 31 scales up; a finite x whose t
-// overflows is handled as in quantize_code), round_to_code gives the integer
-// exactly (Note [Exact stochastic rounding]), and the range is compared with
-// -2^(B-1) and 2^(B-1), powers of two, so exact in any float type: a code at
-// or above 2^(B-1) saturates to 2^(B-1) - 1 *in integers*. So the float32
-// bound of Note [Saturation bound in float32], which keeps float *values* on
-// the grid, does not apply to codes. For unpack, q * 2^-F rounded once to
-// float32 is float32(q) * 2^-F (a power of two scales without rounding, and
-// the result, at least 2^-31 in magnitude or 0, is normal); to float16 and
-// bfloat16 it goes through float32 rounded to odd, from the integer q
-// (Note [Rounding once to float16 and bfloat16]).
+// quantize_code is exact in either type (x * 2^F scales by a power of two,
+// Note [Exact stochastic rounding], Note [Wrapping beyond the float range]);
+// only its top bound, 2^(B-1) - 1, has more digits than float32 holds for
+// B > 25 (Note [Saturation bound in float32], which keeps float *values* on
+// the grid). So pack rounds with the top at 2^(B-1), a power of two
+// (make_code_spec), and steps a code there down to 2^(B-1) - 1 in integers.
+// For unpack, q * 2^-F rounded once to float32 is float32(q) * 2^-F (a power
+// of two scales without rounding, and the result, at least 2^-31 in
+// magnitude or 0, is normal); to float16 and bfloat16 it goes through
+// float32 rounded to odd, from the integer q (Note [Rounding once to float16
+// and bfloat16]).
 template <typename S>
 using code_compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// The code (an integer in [-2^(B-1), 2^(B-1) - 1]) that x packs to, as
-// quantize_code rounds it (Note [Codes in float32]). *saturated: the rounded
-// code fell outside the format; *off_grid: x * 2^F was not an integer. A NaN x
-// gets code 0 (the caller counts it).
+// The spec pack rounds with (Note [Codes in float32]): the range's top is
+// 2^(B-1) itself, exact in any float type, which pack_code steps down to
+// 2^(B-1) - 1 in integers.
+template <typename T>
+FXP_HOST_DEVICE FxpSpec<T> make_code_spec(int total_bits, int frac_bits) {
+  FxpSpec<T> s = make_fxp_spec<T>(total_bits, frac_bits);
+  s.code_max = -s.code_min;
+  return s;
+}
+
+// The code (an integer in [-2^(B-1), 2^(B-1) - 1]) that x packs to:
+// quantize_code under make_code_spec's spec, then the top step in integers.
+// *saturated: the rounded code fell outside the format; *off_grid: x was not
+// on the grid. A NaN x gets code 0 (the caller counts it).
 template <Rounding R, Overflow O, typename T>
-FXP_HOST_DEVICE int64_t pack_code(T x, const FxpSpec<T>& spec, uint32_t random_bits, bool* saturated,
+FXP_HOST_DEVICE int64_t pack_code(T x, const FxpSpec<T>& code_spec, uint32_t random_bits, bool* saturated,
                                   bool* off_grid) {
-  const T t = x * spec.scale;
-  const T q = round_to_code<R>(t, random_bits);
-  const T half_range = -spec.code_min;  // 2^(B-1)
-  const bool above = q >= half_range;
-  const bool below = q < spec.code_min;
-  *saturated = above || below;
-  *off_grid = q != t;
-  // Selects, as in quantize_code; a NaN q falls through both, then reads as 0.
-  T c = half_range < q ? half_range : q;
-  c = spec.code_min > c ? spec.code_min : c;
+  bool clamped;
+  T c = quantize_code<R, O>(x, code_spec, random_bits, &clamped);
+  const bool top = c == code_spec.code_max;  // 2^(B-1): clamped to it, or rounded to it
+  *saturated = clamped || top;
+  *off_grid = c * code_spec.inv_scale != x;  // exact: c has at most the type's digits
   c = c == c ? c : T(0);
-  int64_t code = static_cast<int64_t>(c) - static_cast<int64_t>(above);  // 2^(B-1) stands for 2^(B-1) - 1
-  if constexpr (O == Overflow::Wrap) {
-    if ((above || below) && fxp_abs(x) != T(INFINITY)) {  // Note [Wrapping beyond the float range]
-      code = fxp_abs(q) == T(INFINITY) ? 0 : static_cast<int64_t>(wrap_code(q, spec.total_bits));
-    }
-  }
-  return code;
+  if (O == Overflow::Wrap && top && !clamped) return -static_cast<int64_t>(c);  // 2^(B-1) wraps to -2^(B-1)
+  return static_cast<int64_t>(c) - static_cast<int64_t>(top);
 }
 
 // A code's value q * 2^-F as S, rounded once to nearest even (Note [Codes in

@@ -186,7 +186,7 @@ void launch_pack(const at::Tensor& x, const at::Tensor& codes, const QuantizePar
   const auto grid = static_cast<unsigned>(grid_for((n + 3) / 4));
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fxp_pack_cuda", [&] {
-    const auto spec = make_fxp_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
+    const auto spec = make_code_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
     const auto* xp = x.const_data_ptr<scalar_t>();
     switch (codes.scalar_type()) {
       case at::kChar:

@@ -129,7 +129,7 @@ PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec
 template <typename scalar_t, typename code_t, Rounding R, Overflow O, bool kExact>
 PackCounts pack_typed(const at::Tensor& x, const at::Tensor& codes, const QuantizeParams& params, uint64_t seed,
                       uint64_t offset) {
-  const auto spec = make_fxp_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
+  const auto spec = make_code_spec<code_compute_t<scalar_t>>(params.total_bits, params.frac_bits);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   code_t* cp = codes.data_ptr<code_t>();
   return sum_over_spans<PackCounts>(x.numel(), kSpanElems, [&](int64_t s, int64_t len) {

@@ -52,7 +52,8 @@ def _edge_values(fmt: FxpFormat, n_random: int, seed: int) -> torch.Tensor:
 def test_codes_computed_in_float32_equal_those_computed_in_float64():
     """Note [Codes in float32]: a float32 (float16, bfloat16) tensor's codes are computed in float32 and
     integers, a float64 tensor's in float64; both are exact, so the codes, the saturated and off-grid
-    counts, and the values unpacked are the same, bit for bit, for every width, rounding and overflow."""
+    counts, and the values unpacked are the same, bit for bit, for every width, rounding and overflow,
+    and the codes are those of quantize in float64 (with the exact bounds, and its own top step)."""
     for total_bits in (2, 3, 8, 12, 16, 17, 24, 25, 26, 31, 32):
         for frac_bits in sorted({0, 1, total_bits // 2, total_bits - 1}):
             fmt = FxpFormat(total_bits, frac_bits)
@@ -65,6 +66,10 @@ def test_codes_computed_in_float32_equal_those_computed_in_float64():
                         want = fxp.pack_seeded(xs.double(), fmt, rounding=rounding, seed=5, offset=11,
                                                overflow=overflow)
                         assert torch.equal(got, want), (fmt, dtype, overflow, rounding)
+                        # and quantize's in float64, which clamps and wraps at 2^(B-1) - 1 without pack's top step
+                        value = fxp.quantize_seeded(xs.double(), fmt, rounding=rounding, seed=5, offset=11,
+                                                    overflow=overflow)
+                        assert torch.equal(want.long(), (value * 2.0**frac_bits).long()), (fmt, overflow, rounding)
                 # NaN (code 0) and off the grid, counted alike
                 with_nan = torch.cat([xs, torch.tensor([float("nan")], dtype=dtype)])
                 counted = []
