@@ -7,8 +7,11 @@ For each size, times (median of torch.utils.benchmark's blocked_autorange):
   torch HTE/SR   the composite: mul/round/clamp/div, and mul/add rand_like/floor/clamp/div
   fake_quant     torch.fake_quantize_per_tensor_affine (HTE only)
   qtorch HTE/SR  QPyTorch's fixed_point_quantize, nearest and stochastic
-and prints GB/s (bytes read + written), each method's time relative to clone,
-and fxp's speed-up over each baseline. --markdown writes the same tables.
+  fxp pack HTE/SR  fxp.pack, the same rounding into integer codes (int8 at 8 bits)
+  fxp unpack     fxp.unpack of those codes back to float32
+and prints GB/s (bytes read + written, each method's own), each method's time
+relative to clone, and fxp's speed-up over each baseline. --markdown writes the
+same tables.
 """
 
 from __future__ import annotations
@@ -94,7 +97,20 @@ def methods(fmt: fxp.FxpFormat, qtorch_fpq):
     if qtorch_fpq is not None:
         table["qtorch HTE"] = lambda x: qtorch_fpq(x, b, f, rounding="nearest")
         table["qtorch SR"] = lambda x: qtorch_fpq(x, b, f, rounding="stochastic")
+    # Packed storage's two ends: they round as quantize does (the speed-up
+    # columns compare them with it) but write or read the narrower codes.
+    table["fxp pack HTE"] = lambda x: fxp.pack(x, b, f)
+    table["fxp pack SR"] = lambda x: fxp.pack(x, b, f, "stochastic")
     return table
+
+
+def bytes_moved(name: str, x, codes) -> int:
+    """Bytes read plus written by one call of ``name`` on ``x``."""
+    if name.startswith("fxp pack"):
+        return x.numel() * (x.element_size() + codes.element_size())
+    if name == "fxp unpack":
+        return x.numel() * (codes.element_size() + x.element_size())
+    return 2 * x.numel() * x.element_size()
 
 
 def time_one(fn, x, min_run_time: float) -> float:
@@ -118,14 +134,16 @@ def main() -> None:
     report = BenchReport(header, f"Targets: {TARGETS[args.device]}.")
     for n in args.sizes:
         x = torch.randn(n, device=args.device)
-        times = {name: time_one(fn, x, args.min_run_time) for name, fn in fns.items()}
-        bytes_moved = 2 * n * x.element_size()
+        codes = fxp.pack(x, fmt)
+        fns_n = dict(fns, **{"fxp unpack": lambda _x: fxp.unpack(codes, fmt)})
+        times = {name: time_one(fn, x, args.min_run_time) for name, fn in fns_n.items()}
         rows = []
         for name, t in times.items():
             hte = f"{t / times['fxp HTE']:.2f}x" if "HTE" in name or name == "clone" else ""
             sr = f"{t / times['fxp SR']:.2f}x" if "SR" in name or name == "clone" else ""
-            rows.append([name, f"{t * 1e6:.1f}", f"{bytes_moved / t / 1e9:.1f}", f"{t / times['clone']:.2f}", hte, sr])
-        report.table(f"{n:.0e} elements ({bytes_moved / 1e6:.1f} MB moved)",
+            moved = bytes_moved(name, x, codes)
+            rows.append([name, f"{t * 1e6:.1f}", f"{moved / t / 1e9:.1f}", f"{t / times['clone']:.2f}", hte, sr])
+        report.table(f"{n:.0e} elements, float32 ({2 * n * x.element_size() / 1e6:.1f} MB read + written by clone)",
                      ["method", "time (us)", "GB/s", "time / clone", "fxp HTE speed-up", "fxp SR speed-up"], rows)
     report.save(args.markdown)
 

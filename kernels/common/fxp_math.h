@@ -404,10 +404,14 @@ FXP_HOST_DEVICE int64_t pack_code(T x, const FxpSpec<T>& code_spec, uint32_t ran
 }
 
 // A code's value q * 2^-F as S, rounded once to nearest even (Note [Codes in
-// float32]); inv_scale is 2^-F in code_compute_t<S>.
-template <typename S>
-FXP_HOST_DEVICE S unpack_code(int64_t code, code_compute_t<S> inv_scale) {
-  if constexpr (sizeof(S) >= 4) {
+// float32]); inv_scale is 2^-F in code_compute_t<S>. C is the codes' own
+// integer type: converting from it gives what converting from int64_t would
+// (the same integer), and it vectorizes, where int64 -> float has no AVX2
+// instruction and is a slow one on GPUs.
+template <typename S, typename C>
+FXP_HOST_DEVICE S unpack_code(C code, code_compute_t<S> inv_scale) {
+  static_assert(std::is_integral_v<C>, "codes are integers");
+  if constexpr (sizeof(S) >= 4 || sizeof(C) <= 2) {  // int8 and int16 codes convert to float32 exactly
     return static_cast<S>(static_cast<code_compute_t<S>>(code) * inv_scale);
   } else {
     return static_cast<S>(round_to_odd_float(code) * inv_scale);

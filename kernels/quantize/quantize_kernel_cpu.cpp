@@ -167,16 +167,20 @@ PackCounts pack_dispatch_overflow(const at::Tensor& x, const at::Tensor& codes, 
 template <typename code_t, typename scalar_t>
 int64_t unpack_typed(const at::Tensor& codes, const at::Tensor& out, int total_bits, int frac_bits) {
   const auto inv_scale = exp2_int<code_compute_t<scalar_t>>(-frac_bits);
-  const int64_t code_min = -(int64_t{1} << (total_bits - 1)), code_max = (int64_t{1} << (total_bits - 1)) - 1;
+  // The format's bounds fit code_t (pack picks the type), so the loop stays
+  // in the codes' width and vectorizes.
+  const auto code_min = static_cast<code_t>(-(int64_t{1} << (total_bits - 1)));
+  const auto code_max = static_cast<code_t>((int64_t{1} << (total_bits - 1)) - 1);
   const code_t* cp = codes.const_data_ptr<code_t>();
   scalar_t* yp = out.data_ptr<scalar_t>();
   return sum_over_spans<int64_t>(codes.numel(), kChunkElems, [&](int64_t s, int64_t len) {
-    int64_t outside = 0;
+    int32_t outside = 0;  // a span has kChunkElems elements
     for (int64_t i = s; i < s + len; ++i) {
-      yp[i] = unpack_code<scalar_t>(cp[i], inv_scale);
-      outside += cp[i] < code_min || cp[i] > code_max;
+      const code_t c = cp[i];
+      yp[i] = unpack_code<scalar_t>(c, inv_scale);
+      outside += (c < code_min) | (c > code_max);
     }
-    return outside;
+    return int64_t{outside};
   });
 }
 
