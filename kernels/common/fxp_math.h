@@ -251,14 +251,27 @@ FXP_HOST_DEVICE T round_to_code(T t, uint32_t random_bits) {
   }
 }
 
+// Note [Wrap without fmod]
+// The two's-complement wrap of an integer q into B bits, for any magnitude:
+// low = q - floor(q * 2^-B) * 2^B is q mod 2^B in [0, 2^B), then low - 2^B
+// where low >= 2^(B-1). Every step is exact: q * 2^-B scales by a power of
+// two; its floor times 2^B is a multiple of 2^B within 2^B of q (or q itself
+// once q * 2^-B is an integer, so nothing overflows); low is q's bits below
+// 2^B, which a float holds, and so is 2^B - low, both multiples of q's ulp,
+// which is at least 2^(B-24) (2^(B-53) in float64) for a q outside the range.
+// It is a few multiplies and selects, so loops that wrap still vectorize
+// (std::fmod did not). half_range is 2^(B-1).
+template <typename T>
+FXP_HOST_DEVICE T wrap_into(T q, T half_range) {
+  const T modulus = T(2) * half_range;
+  const T low = q - round_floor(q * (T(0.5) / half_range)) * modulus;
+  return low >= half_range ? low - modulus : low;
+}
+
 // Two's-complement wrap of an out-of-range integer code into B bits.
-// fmod is exact in IEEE arithmetic, so this is exact for any magnitude.
 template <typename T>
 FXP_HOST_DEVICE T wrap_code(T q, int total_bits) {
-  const T m = std::fmod(q, exp2_int<T>(total_bits));  // |m| < 2^B <= 2^32
-  const uint64_t bits = static_cast<uint64_t>(static_cast<int64_t>(m));
-  const int shift = 64 - total_bits;
-  return static_cast<T>(static_cast<int64_t>(bits << shift) >> shift);
+  return wrap_into(q, exp2_int<T>(total_bits - 1));
 }
 
 // The integer code (as a T) that x quantizes to: rounded, then clamped or
@@ -280,9 +293,9 @@ FXP_HOST_DEVICE T quantize_code(T x, const FxpSpec<T>& spec, uint32_t random_bit
     // to infinity (|x| >= 2^(128 - F) in float32) is an integer multiple of its
     // ulp, at least 2^74 there, so of 2^B: its code wraps to 0. Only an
     // infinite x saturates.
-    if ((above || below) && fxp_abs(x) != T(INFINITY)) {
-      c = fxp_abs(q) == T(INFINITY) ? T(0) : wrap_code(q, spec.total_bits);
-    }
+    // Selects, not a branch, so the loop vectorizes (Note [Wrap without fmod]).
+    const T wrapped = fxp_abs(q) == T(INFINITY) ? T(0) : wrap_into(q, -spec.code_min);
+    c = ((above | below) & (fxp_abs(x) != T(INFINITY))) ? wrapped : c;
   }
   return c;
 }
@@ -396,7 +409,7 @@ FXP_HOST_DEVICE int64_t pack_code(T x, const FxpSpec<T>& code_spec, uint32_t ran
   bool clamped;
   T c = quantize_code<R, O>(x, code_spec, random_bits, &clamped);
   const bool top = c == code_spec.code_max;  // 2^(B-1): clamped to it, or rounded to it
-  *saturated = clamped || top;
+  *saturated = clamped | top;
   *off_grid = c * code_spec.inv_scale != x;  // exact: c has at most the type's digits
   c = c == c ? c : T(0);
   if (O == Overflow::Wrap && top && !clamped) return -static_cast<int64_t>(c);  // 2^(B-1) wraps to -2^(B-1)

@@ -120,7 +120,7 @@ PackCounts pack_span(const scalar_t* xs, code_t* codes, int64_t n, const FxpSpec
     const int64_t code = pack_code<R, O>(x, spec, bits, &sat, &off);
     const bool nan = x != x;
     nans += nan;
-    if constexpr (kExact) off_grid += !nan && (sat || off);
+    if constexpr (kExact) off_grid += (!nan) & (sat | off);  // bitwise: a branch stops the vectorizer
     codes[i] = static_cast<code_t>(code);
   }
   return PackCounts{nans, off_grid};

@@ -90,6 +90,37 @@ def test_wrap_at_both_ends():
 
 
 
+def _wrapped_codes(values: np.ndarray, total_bits: int) -> list[int]:
+    """Two's-complement wrap of integer-valued floats into B bits, in Python's exact integers."""
+    half = 1 << (total_bits - 1)
+    return [((int(v) + half) % (2 * half)) - half for v in values.tolist()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_wrap_matches_integer_arithmetic_at_every_width_and_magnitude(dtype):
+    """Note [Wrap without fmod]: floor(x) wrapped into B bits equals the wrap of
+    the exact integer, for B from 2 to 32 and integers from 0 to 2^100 in
+    magnitude, many of them just past the range's ends (through the vectorized
+    loop and its scalar tail), in quantize and in pack."""
+    gen = np.random.default_rng(0)
+    digits = 24 if dtype == torch.float32 else 53
+    for total_bits in (2, 3, 7, 8, 9, 15, 16, 17, 24, 25, 26, 31, 32):
+        half = 2.0 ** (total_bits - 1)
+        exponents = gen.integers(0, 101, 3000)
+        mantissas = gen.integers(0, 2**digits, 3000, dtype=np.uint64).astype(np.float64)
+        far = np.ldexp(mantissas, exponents - digits + 1)  # magnitudes up to 2^101, any ulp
+        near = np.concatenate([half + np.arange(-3, 4), -half + np.arange(-3, 4), 2 * half + np.arange(-3, 4),
+                               np.ldexp(1.0, np.arange(0, 100))])
+        values = np.concatenate([far, near])
+        values = values * gen.choice([-1.0, 1.0], values.size)
+        x = torch.from_numpy(values).to(dtype)
+        x = torch.floor(x)  # integers, as the dtype holds them
+        expected = _wrapped_codes(x.double().numpy(), total_bits)
+        got = fxp.quantize(x, total_bits, 0, "floor", "wrap")
+        assert [int(v) for v in got.double().tolist()] == expected, f"B={total_bits}"
+        assert fxp.pack(x, total_bits, 0, "floor", "wrap").tolist() == expected, f"B={total_bits}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wrap_beyond_the_float_range_gives_code_zero(dtype):
     """Note [Wrapping beyond the float range]: x 2^F overflows float32 to
