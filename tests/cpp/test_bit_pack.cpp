@@ -37,6 +37,26 @@ TEST(BitPack, RoundTripIsExactForEveryBits) {
   }
 }
 
+// Note [Unpacking with whole-word loads]: every length from 1 to 80 codes
+// puts the last group that may load 16 bytes at every position; under the
+// sanitizers (scripts/sanitize.sh, in CI) a load past the packed tensor's
+// bytes is an error.
+TEST(BitPack, UnpacksEveryLengthWithinThePackedBytes) {
+  torch::manual_seed(0);
+  for (int64_t bits = 1; bits <= 16; ++bits) {
+    for (const bool is_signed : {true, false}) {
+      const int64_t lo = is_signed ? -(int64_t{1} << (bits - 1)) : 0;
+      const int64_t hi = is_signed ? (int64_t{1} << (bits - 1)) - 1 : (int64_t{1} << bits) - 1;
+      for (int64_t n = 1; n <= 80; ++n) {
+        const torch::Tensor codes = torch::randint(lo, hi + 1, {n}, torch::kLong);
+        const torch::Tensor packed = fxp::pack_bits(codes, bits, is_signed);
+        const torch::Tensor out = fxp::unpack_bits(packed, bits, {n}, is_signed);
+        ASSERT_TRUE(torch::equal(out.to(torch::kLong), codes)) << bits << " bits, n " << n;
+      }
+    }
+  }
+}
+
 TEST(BitPack, HandComputedLayout) {
   // bits 3: 1 = 001, -1 = 111, 2 = 010, -4 = 100 (bit 0 first); stream bit j
   // is bit j % 8 of byte j / 8: byte 0 = 0b10111001, byte 1 = 0b00001000.

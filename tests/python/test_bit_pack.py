@@ -119,6 +119,23 @@ def test_round_trip_is_exact(bits, is_signed):
         assert torch.equal(out.long(), codes), n
 
 
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_unpack_at_every_length_around_the_whole_word_loads(bits):
+    """Note [Unpacking with whole-word loads]: groups load 16 bytes at once
+    unless those would pass the tensor's end. Every length from 1 to 80 codes
+    (packed tensors of 1 to 160 bytes) puts that boundary at every group, and
+    the input is a view into a longer buffer of 0xFF bytes. (A load past the
+    end would not change the codes: the sanitizer run of the C++ test
+    BitPack.UnpacksEveryLengthWithinThePackedBytes catches that.)"""
+    for is_signed in (True, False):
+        for n in range(1, 81):
+            codes = random_codes(n, bits, is_signed, seed=n)
+            packed = pack_bits(codes, bits, is_signed)
+            padded = torch.full((packed.numel() + 32,), 0xFF, dtype=torch.uint8)
+            padded[: packed.numel()] = packed
+            assert torch.equal(unpack_bits(padded[: packed.numel()], bits, [n], is_signed, torch.int64), codes), n
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
 def test_every_code_dtype_gives_the_same_bytes(dtype):
     for bits, is_signed in ((3, True), (7, False), (8, False), (8, True), (1, False)):
