@@ -62,11 +62,14 @@ void unpack_group(const uint8_t* in, int64_t count, int bits, bool is_signed, ou
 // last, partial group.
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define FXP_BIT_PACK_WORDS 1
+// Forced: with 16 widths in one function (with_bits), GCC otherwise calls
+// some widths' group helpers once per group.
+#define FXP_GROUP_INLINE inline __attribute__((always_inline))
 
 // Code i's pattern (the low kBits bits of the result; higher bits are
 // garbage) from the group's words w0 (bytes 0-7) and w1 (bytes 8-15).
 template <int kBits, int kIndex>
-inline uint64_t group_field(uint64_t w0, uint64_t w1) {
+FXP_GROUP_INLINE uint64_t group_field(uint64_t w0, uint64_t w1) {
   constexpr int kOffset = kIndex * kBits;
   if constexpr (kOffset + kBits <= 64) return w0 >> kOffset;
   else if constexpr (kOffset >= 64) return w1 >> (kOffset - 64);
@@ -75,13 +78,13 @@ inline uint64_t group_field(uint64_t w0, uint64_t w1) {
 
 // Code i's pattern placed in the group's word 0 (bytes 0-7) or word 1 (8-15).
 template <int kBits, int kIndex>
-inline uint64_t group_word0_part(uint64_t pattern) {
+FXP_GROUP_INLINE uint64_t group_word0_part(uint64_t pattern) {
   constexpr int kOffset = kIndex * kBits;
   return kOffset < 64 ? pattern << (kOffset % 64) : 0;
 }
 
 template <int kBits, int kIndex>
-inline uint64_t group_word1_part(uint64_t pattern) {
+FXP_GROUP_INLINE uint64_t group_word1_part(uint64_t pattern) {
   constexpr int kOffset = kIndex * kBits;
   if constexpr (kOffset + kBits <= 64) return 0;
   else if constexpr (kOffset >= 64) return pattern << (kOffset - 64);
@@ -89,41 +92,55 @@ inline uint64_t group_word1_part(uint64_t pattern) {
 }
 
 template <int kBits, typename scalar_t, int... kIndex>
-void pack_group_words(const scalar_t* c, uint8_t* out, std::integer_sequence<int, kIndex...>) {
+FXP_GROUP_INLINE void pack_group_words(const scalar_t* c, uint8_t* out, std::integer_sequence<int, kIndex...>) {
   // Both words in registers, as one expression each.
   const uint64_t w[2] = {(group_word0_part<kBits, kIndex>(code_pattern(static_cast<int64_t>(c[kIndex]), kBits)) | ...),
                          (group_word1_part<kBits, kIndex>(code_pattern(static_cast<int64_t>(c[kIndex]), kBits)) | ...)};
   std::memcpy(out, w, kBits);  // exactly the group's bytes: the next group may be another task's
 }
 
-template <int kBits, typename scalar_t>
-int64_t pack_full_groups(const scalar_t* codes, int64_t groups, int64_t lo, int64_t hi, uint8_t* out) {
+// The codes of [codes, codes + n) outside [lo, hi].
+template <typename scalar_t>
+int64_t count_outside(const scalar_t* codes, int64_t n, int64_t lo, int64_t hi) {
   // The range in scalar_t, clamped to its limits (a bound beyond them excludes
-  // nothing either way), so the test stays in the codes' width.
+  // nothing either way), so the test stays in the codes' width and vectorizes.
   using limits = std::numeric_limits<scalar_t>;
   const auto lo_t = static_cast<scalar_t>(std::max<int64_t>(lo, limits::min()));
   const auto hi_t = static_cast<scalar_t>(std::min<int64_t>(hi, limits::max()));
   int64_t outside = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    const scalar_t* c = codes + g * kGroupCodes;
-    int group_outside = 0;
-    for (int i = 0; i < kGroupCodes; ++i) group_outside += (c[i] < lo_t) | (c[i] > hi_t);
-    outside += group_outside;
-    pack_group_words<kBits>(c, out + g * kBits, std::make_integer_sequence<int, kGroupCodes>{});
+  for (int64_t block = 0; block < n; block += int64_t{1} << 20) {
+    int32_t in_block = 0;  // at most 2^20
+    for (int64_t i = block, end = std::min(n, block + (int64_t{1} << 20)); i < end; ++i) {
+      in_block += (codes[i] < lo_t) | (codes[i] > hi_t);
+    }
+    outside += in_block;
   }
   return outside;
 }
 
+template <int kBits, typename scalar_t>
+int64_t pack_full_groups(const scalar_t* codes, int64_t groups, int64_t lo, int64_t hi, uint8_t* out) {
+  // Counted in a loop of its own: inside the group loop it stayed scalar.
+  const int64_t outside = count_outside(codes, groups * kGroupCodes, lo, hi);
+  for (int64_t g = 0; g < groups; ++g) {
+    pack_group_words<kBits>(codes + g * kGroupCodes, out + g * kBits, std::make_integer_sequence<int, kGroupCodes>{});
+  }
+  return outside;
+}
+
+// A code from its pattern (the low kBits bits of field), sign-extended when kSigned.
+template <int kBits, bool kSigned, typename out_t>
+FXP_GROUP_INLINE out_t code_of_field(uint64_t field) {
+  if constexpr (kSigned) {
+    return static_cast<out_t>(static_cast<int64_t>(field << (64 - kBits)) >> (64 - kBits));
+  } else {
+    return static_cast<out_t>(field & code_mask(kBits));
+  }
+}
+
 template <int kBits, bool kSigned, typename out_t, int... kIndex>
-void unpack_group_words(uint64_t w0, uint64_t w1, out_t* out, std::integer_sequence<int, kIndex...>) {
-  const auto code = [](uint64_t field) {
-    if constexpr (kSigned) {  // sign-extend the low kBits bits
-      return static_cast<out_t>(static_cast<int64_t>(field << (64 - kBits)) >> (64 - kBits));
-    } else {
-      return static_cast<out_t>(field & code_mask(kBits));
-    }
-  };
-  ((out[kIndex] = code(group_field<kBits, kIndex>(w0, w1))), ...);
+FXP_GROUP_INLINE void unpack_group_words(uint64_t w0, uint64_t w1, out_t* out, std::integer_sequence<int, kIndex...>) {
+  ((out[kIndex] = code_of_field<kBits, kSigned, out_t>(group_field<kBits, kIndex>(w0, w1))), ...);
 }
 
 // Note [Unpacking with whole-word loads]
