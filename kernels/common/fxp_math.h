@@ -253,22 +253,23 @@ FXP_HOST_DEVICE T round_to_code(T t, uint32_t random_bits) {
 
 // Note [Wrap without fmod]
 // The two's-complement wrap of an integer q into B bits, for any magnitude:
-// low = q - floor(q * 2^-B) * 2^B is q mod 2^B in [0, 2^B), then low - 2^B
-// where low >= 2^(B-1). Every step is exact: q * 2^-B scales by a power of
-// two; its floor times 2^B is a multiple of 2^B within 2^B of q (or q itself
-// once q * 2^-B is an integer, so nothing overflows); low is q's bits below
-// 2^B, which a float holds, and so is 2^B - low, both multiples of q's ulp,
-// which is at least 2^(B-24) (2^(B-53) in float64) for a q outside the range.
-// It is a few multiplies and selects, so loops that wrap still vectorize
-// (std::fmod did not). half_range is 2^(B-1).
+// low = q - rint(q * 2^-B) * 2^B lies in [-2^(B-1), 2^(B-1)] and differs from
+// q by a multiple of 2^B; low = 2^(B-1) then steps to -2^(B-1). Every step is
+// exact: q * 2^-B scales by a power of two; rint of it times 2^B is a
+// multiple of 2^B within 2^(B-1) of q (or q itself once q * 2^-B is an
+// integer, so nothing overflows); and low is q's own bits below 2^B (a
+// multiple of q's ulp, of at most 2^(B-1) in magnitude), which the type
+// holds. A q in the range gives rint 0 and low = q. It is a few multiplies
+// and selects, so loops that wrap vectorize (std::fmod did not).
+// half_range is 2^(B-1).
 template <typename T>
 FXP_HOST_DEVICE T wrap_into(T q, T half_range) {
   const T modulus = T(2) * half_range;
-  const T low = q - round_floor(q * (T(0.5) / half_range)) * modulus;
+  const T low = q - round_half_even(q * (T(0.5) / half_range)) * modulus;
   return low >= half_range ? low - modulus : low;
 }
 
-// Two's-complement wrap of an out-of-range integer code into B bits.
+// Two's-complement wrap of an integer code into B bits (Note [Wrap without fmod]).
 template <typename T>
 FXP_HOST_DEVICE T wrap_code(T q, int total_bits) {
   return wrap_into(q, exp2_int<T>(total_bits - 1));

@@ -136,6 +136,21 @@ def test_unpack_at_every_length_around_the_whole_word_loads(bits):
             assert torch.equal(unpack_bits(padded[: packed.numel()], bits, [n], is_signed, torch.int64), codes), n
 
 
+def test_codes_of_a_type_narrower_than_the_range_are_counted_right():
+    """The whole-group path tests the range in the codes' own type, clamped to
+    it: int8 codes at 12 bits and uint8 codes at 3 signed bits, 8 codes or more
+    (whole groups), give the reference bytes and count exactly the codes outside."""
+    int8_codes = torch.tensor([-128, -1, 0, 1, 127, 100, -100, 5] * 3, dtype=torch.int8)
+    packed = pack_bits(int8_codes, 12)  # all inside [-2048, 2047]
+    assert np.array_equal(packed.numpy(), numpy_stream(int8_codes.numpy().astype(np.int64), 12))
+    assert torch.equal(unpack_bits(packed, 12, [24], dtype=torch.int64), int8_codes.long())
+    uint8_codes = torch.tensor([0, 1, 2, 3, 4, 200, 255, 3] * 2, dtype=torch.uint8)  # 4, 200, 255 outside [-4, 3]
+    with pytest.raises(RuntimeError, match="6 codes lie outside"):
+        pack_bits(uint8_codes, 3)
+    inside = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0] * 2, dtype=torch.uint8)
+    assert np.array_equal(pack_bits(inside, 3).numpy(), numpy_stream(inside.numpy().astype(np.int64), 3))
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8])
 def test_every_code_dtype_gives_the_same_bytes(dtype):
     for bits, is_signed in ((3, True), (7, False), (8, False), (8, True), (1, False)):

@@ -99,9 +99,11 @@ def _wrapped_codes(values: np.ndarray, total_bits: int) -> list[int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_wrap_matches_integer_arithmetic_at_every_width_and_magnitude(dtype):
     """Note [Wrap without fmod]: floor(x) wrapped into B bits equals the wrap of
-    the exact integer, for B from 2 to 32 and integers from 0 to 2^100 in
-    magnitude, many of them just past the range's ends (through the vectorized
-    loop and its scalar tail), in quantize and in pack."""
+    the exact integer, for B from 2 to 32 and integers from 0 to 2^101 and the
+    type's largest in magnitude, many of them at the range's ends and at odd
+    multiples of 2^(B-1) (rint's ties), through the vectorized loop and its
+    scalar tail, in quantize and in pack. (The other CPU builds run a few of
+    these in test_every_cpu_build_gives_the_same_bits.)"""
     gen = np.random.default_rng(0)
     digits = 24 if dtype == torch.float32 else 53
     for total_bits in (2, 3, 7, 8, 9, 15, 16, 17, 24, 25, 26, 31, 32):
@@ -109,8 +111,9 @@ def test_wrap_matches_integer_arithmetic_at_every_width_and_magnitude(dtype):
         exponents = gen.integers(0, 101, 3000)
         mantissas = gen.integers(0, 2**digits, 3000, dtype=np.uint64).astype(np.float64)
         far = np.ldexp(mantissas, exponents - digits + 1)  # magnitudes up to 2^101, any ulp
+        top = float(torch.finfo(dtype).max)
         near = np.concatenate([half + np.arange(-3, 4), -half + np.arange(-3, 4), 2 * half + np.arange(-3, 4),
-                               np.ldexp(1.0, np.arange(0, 100))])
+                               3 * half + np.arange(-3, 4), np.ldexp(1.0, np.arange(0, 100)), [top, top / 3]])
         values = np.concatenate([far, near])
         values = values * gen.choice([-1.0, 1.0], values.size)
         x = torch.from_numpy(values).to(dtype)
@@ -656,6 +659,12 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
                 codes = fxp.pack_seeded(x.nan_to_num(0.0, float("inf"), -float("inf")), b, f, rounding, seed=-3,
                                         offset=7, overflow=overflow)
                 outs += [codes.view(torch.uint8), fxp.unpack(codes, b, f, dtype=dtype).view(torch.uint8)]
+# wrap at large magnitudes (Note [Wrap without fmod]; the default build emulates rint)
+for dtype in (torch.float32, torch.float64):
+    big = torch.ldexp(torch.rand(4096, dtype=torch.float64) + 1, torch.randint(0, 127, (4096,)))
+    big = (big * torch.where(torch.rand(4096) < 0.5, -1.0, 1.0).double()).to(dtype).floor()
+    for b in (3, 8, 17, 25, 32):
+        outs += [fxp.quantize(big, b, 0, "floor", "wrap").view(torch.uint8), fxp.pack(big, b, 0, "floor", "wrap").view(torch.uint8)]
 for dtype in (torch.float32, torch.float64):
     for rounding in ("nearest_even", "stochastic"):
         for form, momentum in (("standard", 0.9), ("paper_eq6", 0.9), ("standard", 0.0)):
