@@ -105,11 +105,9 @@ def methods(fmt: fxp.FxpFormat, qtorch_fpq):
 
 
 def bytes_moved(name: str, x, codes) -> int:
-    """Bytes read plus written by one call of ``name`` on ``x``."""
-    if name.startswith("fxp pack"):
+    """Bytes read plus written by one call of ``name`` on ``x``: pack and unpack move a float and a code."""
+    if name.startswith("fxp pack") or name == "fxp unpack":
         return x.numel() * (x.element_size() + codes.element_size())
-    if name == "fxp unpack":
-        return x.numel() * (codes.element_size() + x.element_size())
     return 2 * x.numel() * x.element_size()
 
 
@@ -135,7 +133,7 @@ def main() -> None:
     for n in args.sizes:
         x = torch.randn(n, device=args.device)
         codes = fxp.pack(x, fmt)
-        fns_n = dict(fns, **{"fxp unpack": lambda _x: fxp.unpack(codes, fmt)})
+        fns_n = {**fns, "fxp unpack": lambda _x: fxp.unpack(codes, fmt)}
         times = {name: time_one(fn, x, args.min_run_time) for name, fn in fns_n.items()}
         rows = []
         for name, t in times.items():

@@ -30,8 +30,9 @@ namespace fxp::kernels {
 // the codes (contiguous, an integer dtype), as the note says. With
 // count_outside, returns the number of codes outside [min_code, max_code]
 // (their low bits are still written), which CUDA reads back (a sync); without
-// it, returns 0 and nothing is read back (codes that fxp's own ops made are in
-// range by construction; the CPU kernel counts anyway, for free).
+// it, returns 0 and nothing is read back or counted (codes that fxp's own ops
+// made are in range by construction; on CPU the count is a second pass over
+// the codes, and only the last partial group counts anyway).
 int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed, bool count_outside);
 int64_t pack_bits_cuda(const at::Tensor& codes, int bits, bool is_signed, const at::Tensor& packed, bool count_outside);
 

@@ -62,14 +62,11 @@ void unpack_group(const uint8_t* in, int64_t count, int bits, bool is_signed, ou
 // last, partial group.
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define FXP_BIT_PACK_WORDS 1
-// Forced: with 16 widths in one function (with_bits), GCC otherwise calls
-// some widths' group helpers once per group.
-#define FXP_GROUP_INLINE inline __attribute__((always_inline))
 
 // Code i's pattern (the low kBits bits of the result; higher bits are
 // garbage) from the group's words w0 (bytes 0-7) and w1 (bytes 8-15).
 template <int kBits, int kIndex>
-FXP_GROUP_INLINE uint64_t group_field(uint64_t w0, uint64_t w1) {
+FXP_FORCE_INLINE uint64_t group_field(uint64_t w0, uint64_t w1) {
   constexpr int kOffset = kIndex * kBits;
   if constexpr (kOffset + kBits <= 64) return w0 >> kOffset;
   else if constexpr (kOffset >= 64) return w1 >> (kOffset - 64);
@@ -78,13 +75,14 @@ FXP_GROUP_INLINE uint64_t group_field(uint64_t w0, uint64_t w1) {
 
 // Code i's pattern placed in the group's word 0 (bytes 0-7) or word 1 (8-15).
 template <int kBits, int kIndex>
-FXP_GROUP_INLINE uint64_t group_word0_part(uint64_t pattern) {
+FXP_FORCE_INLINE uint64_t group_word0_part(uint64_t pattern) {
   constexpr int kOffset = kIndex * kBits;
-  return kOffset < 64 ? pattern << (kOffset % 64) : 0;
+  if constexpr (kOffset >= 64) return 0;
+  else return pattern << kOffset;
 }
 
 template <int kBits, int kIndex>
-FXP_GROUP_INLINE uint64_t group_word1_part(uint64_t pattern) {
+FXP_FORCE_INLINE uint64_t group_word1_part(uint64_t pattern) {
   constexpr int kOffset = kIndex * kBits;
   if constexpr (kOffset + kBits <= 64) return 0;
   else if constexpr (kOffset >= 64) return pattern << (kOffset - 64);
@@ -92,7 +90,7 @@ FXP_GROUP_INLINE uint64_t group_word1_part(uint64_t pattern) {
 }
 
 template <int kBits, typename scalar_t, int... kIndex>
-FXP_GROUP_INLINE void pack_group_words(const scalar_t* c, uint8_t* out, std::integer_sequence<int, kIndex...>) {
+FXP_FORCE_INLINE void pack_group_words(const scalar_t* c, uint8_t* out, std::integer_sequence<int, kIndex...>) {
   // Both words in registers, as one expression each.
   const uint64_t w[2] = {(group_word0_part<kBits, kIndex>(code_pattern(static_cast<int64_t>(c[kIndex]), kBits)) | ...),
                          (group_word1_part<kBits, kIndex>(code_pattern(static_cast<int64_t>(c[kIndex]), kBits)) | ...)};
@@ -101,7 +99,7 @@ FXP_GROUP_INLINE void pack_group_words(const scalar_t* c, uint8_t* out, std::int
 
 // The codes of [codes, codes + n) outside [lo, hi].
 template <typename scalar_t>
-int64_t count_outside(const scalar_t* codes, int64_t n, int64_t lo, int64_t hi) {
+int64_t codes_outside(const scalar_t* codes, int64_t n, int64_t lo, int64_t hi) {
   // The range in scalar_t, clamped to its limits (a bound beyond them excludes
   // nothing either way), so the test stays in the codes' width and vectorizes.
   using limits = std::numeric_limits<scalar_t>;
@@ -118,19 +116,23 @@ int64_t count_outside(const scalar_t* codes, int64_t n, int64_t lo, int64_t hi) 
   return outside;
 }
 
+// Counts the codes outside [lo, hi] only when asked (fxp's own codes are in
+// range, and the count is a second pass over them).
 template <int kBits, typename scalar_t>
-int64_t pack_full_groups(const scalar_t* codes, int64_t groups, int64_t lo, int64_t hi, uint8_t* out) {
+int64_t pack_full_groups(const scalar_t* codes, int64_t groups, int64_t lo, int64_t hi, bool count, uint8_t* out) {
   // Counted in a loop of its own: inside the group loop it stayed scalar.
-  const int64_t outside = count_outside(codes, groups * kGroupCodes, lo, hi);
+  const int64_t outside = count ? codes_outside(codes, groups * kGroupCodes, lo, hi) : 0;
   for (int64_t g = 0; g < groups; ++g) {
     pack_group_words<kBits>(codes + g * kGroupCodes, out + g * kBits, std::make_integer_sequence<int, kGroupCodes>{});
   }
   return outside;
 }
 
-// A code from its pattern (the low kBits bits of field), sign-extended when kSigned.
+// code_from_pattern on a group's 64-bit field, with the width and signedness
+// constants: two 64-bit shifts sign-extend it. (Calling code_from_pattern here,
+// through a 32-bit pattern, made whole-group unpacking 10-15% slower.)
 template <int kBits, bool kSigned, typename out_t>
-FXP_GROUP_INLINE out_t code_of_field(uint64_t field) {
+FXP_FORCE_INLINE out_t code_of_field(uint64_t field) {
   if constexpr (kSigned) {
     return static_cast<out_t>(static_cast<int64_t>(field << (64 - kBits)) >> (64 - kBits));
   } else {
@@ -139,7 +141,7 @@ FXP_GROUP_INLINE out_t code_of_field(uint64_t field) {
 }
 
 template <int kBits, bool kSigned, typename out_t, int... kIndex>
-FXP_GROUP_INLINE void unpack_group_words(uint64_t w0, uint64_t w1, out_t* out, std::integer_sequence<int, kIndex...>) {
+FXP_FORCE_INLINE void unpack_group_words(uint64_t w0, uint64_t w1, out_t* out, std::integer_sequence<int, kIndex...>) {
   ((out[kIndex] = code_of_field<kBits, kSigned, out_t>(group_field<kBits, kIndex>(w0, w1))), ...);
 }
 
@@ -188,14 +190,14 @@ void with_bits(int bits, F&& f) {
 // Packs groups [begin, end) of the n codes: whole groups word by word, a partial last one code by code.
 template <typename scalar_t>
 int64_t pack_groups(const scalar_t* in, int64_t n, int64_t begin, int64_t end, int bits, int64_t lo, int64_t hi,
-                    uint8_t* out) {
+                    bool count, uint8_t* out) {
   const int64_t full_end = std::min(end, n / kGroupCodes);
   int64_t outside = 0;
   int64_t g = begin;
 #ifdef FXP_BIT_PACK_WORDS
   if (full_end > begin) {
     with_bits(bits, [&](auto b) {
-      outside += pack_full_groups<decltype(b)::value>(in + begin * kGroupCodes, full_end - begin, lo, hi,
+      outside += pack_full_groups<decltype(b)::value>(in + begin * kGroupCodes, full_end - begin, lo, hi, count,
                                                       out + begin * bits);
     });
     g = full_end;
@@ -244,7 +246,7 @@ int64_t pack_bits_cpu(const at::Tensor& codes, int bits, bool is_signed, const a
   AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "fxp::pack_bits", [&] {
     const scalar_t* in = codes.const_data_ptr<scalar_t>();
     at::parallel_for(0, (n + kGroupCodes - 1) / kGroupCodes, kGrainGroups, [&](int64_t begin, int64_t end) {
-      outside += pack_groups(in, n, begin, end, bits, lo, hi, out);
+      outside += pack_groups(in, n, begin, end, bits, lo, hi, count_outside, out);
     });
   });
   return count_outside ? outside.load() : 0;

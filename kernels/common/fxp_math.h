@@ -15,6 +15,15 @@
 #define FXP_HOST_DEVICE inline
 #endif
 
+// Always inlined on the host too, as FXP_HOST_DEVICE is on the device: for
+// helpers in element loops of large units, where GCC stops inlining and a call
+// stops the loop vectorizing (Note [Inlining the QPU element]).
+#if defined(__CUDACC__)
+#define FXP_FORCE_INLINE FXP_HOST_DEVICE
+#else
+#define FXP_FORCE_INLINE inline __attribute__((always_inline))
+#endif
+
 // Note [One copy of the math per instruction set]
 // The CPU kernels are compiled once per capability (baseline, AVX2, AVX-512;
 // see CMakeLists.txt) and the CUDA sources once more by nvcc. An inline
@@ -263,16 +272,10 @@ FXP_HOST_DEVICE T round_to_code(T t, uint32_t random_bits) {
 // and selects, so loops that wrap vectorize (std::fmod did not).
 // half_range is 2^(B-1).
 template <typename T>
-FXP_HOST_DEVICE T wrap_into(T q, T half_range) {
+FXP_HOST_DEVICE T wrap_code(T q, T half_range) {
   const T modulus = T(2) * half_range;
   const T low = q - round_half_even(q * (T(0.5) / half_range)) * modulus;
   return low >= half_range ? low - modulus : low;
-}
-
-// Two's-complement wrap of an integer code into B bits (Note [Wrap without fmod]).
-template <typename T>
-FXP_HOST_DEVICE T wrap_code(T q, int total_bits) {
-  return wrap_into(q, exp2_int<T>(total_bits - 1));
 }
 
 // The integer code (as a T) that x quantizes to: rounded, then clamped or
@@ -295,7 +298,7 @@ FXP_HOST_DEVICE T quantize_code(T x, const FxpSpec<T>& spec, uint32_t random_bit
     // ulp, at least 2^74 there, so of 2^B: its code wraps to 0. Only an
     // infinite x saturates.
     // Selects, not a branch, so the loop vectorizes (Note [Wrap without fmod]).
-    const T wrapped = fxp_abs(q) == T(INFINITY) ? T(0) : wrap_into(q, -spec.code_min);
+    const T wrapped = fxp_abs(q) == T(INFINITY) ? T(0) : wrap_code(q, -spec.code_min);
     c = ((above | below) & (fxp_abs(x) != T(INFINITY))) ? wrapped : c;
   }
   return c;

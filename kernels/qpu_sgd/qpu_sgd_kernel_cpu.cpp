@@ -22,7 +22,7 @@ struct Counts {
 
 // Element i of a list stored as S, as its value in T.
 template <typename T, typename S>
-FXP_QPU_INLINE T load_value(const S* p, int64_t i, T inv_scale) {
+FXP_FORCE_INLINE T load_value(const S* p, int64_t i, T inv_scale) {
   if constexpr (std::is_floating_point_v<S>) {
     return p[i];
   } else {
@@ -34,7 +34,7 @@ FXP_QPU_INLINE T load_value(const S* p, int64_t i, T inv_scale) {
 // Returned whole, not assigned into a local, so GCC keeps it in registers
 // (a partly assigned struct stays in memory and stops the loop vectorizing).
 template <typename I, typename T, typename S>
-FXP_QPU_INLINE ExactSplit<T, I> param_code(const S* p, int64_t i, T value, const QpuConstants<T>& c) {
+FXP_FORCE_INLINE ExactSplit<T, I> param_code(const S* p, int64_t i, T value, const QpuConstants<T>& c) {
   if constexpr (std::is_floating_point_v<S>) {
     return split_exact<I>(value * c.scale, c.param_limit);
   } else {
@@ -46,7 +46,7 @@ FXP_QPU_INLINE ExactSplit<T, I> param_code(const S* p, int64_t i, T value, const
 // or, as a code cannot hold it, the old code (packed; Note [Packed QPU
 // step]). The caller counts the NaNs.
 template <typename T, typename S, typename I>
-FXP_QPU_INLINE void store_code(S* p, int64_t i, I code, I old_code, bool nan, T inv_scale) {
+FXP_FORCE_INLINE void store_code(S* p, int64_t i, I code, I old_code, bool nan, T inv_scale) {
   if constexpr (std::is_floating_point_v<S>) {
     p[i] = nan ? quiet_nan<S>() : code_to_float<S>(code) * inv_scale;
   } else if constexpr (std::is_floating_point_v<I>) {

@@ -11,12 +11,7 @@
 // The CPU kernel instantiates the element loop for every storage and form; in
 // so large a unit GCC stops inlining these helpers, and a call in the loop
 // body stops it vectorizing (its memory effects are unknown). So they are
-// always inlined, as CUDA's __forceinline__ does on the device.
-#if defined(__CUDACC__)
-#define FXP_QPU_INLINE FXP_HOST_DEVICE
-#else
-#define FXP_QPU_INLINE inline __attribute__((always_inline))
-#endif
+// always inlined (FXP_FORCE_INLINE), as CUDA's __forceinline__ does on the device.
 
 namespace fxp {
 
@@ -93,9 +88,9 @@ struct QpuElementResult {
 
 inline namespace FXP_ISA {
 
-FXP_QPU_INLINE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
+FXP_FORCE_INLINE bool is_packed(Storage s) { return s != Storage::Float32 && s != Storage::Float64; }
 
-FXP_QPU_INLINE CodeBounds code_bounds(int total_bits, Storage storage) {
+FXP_FORCE_INLINE CodeBounds code_bounds(int total_bits, Storage storage) {
   const int64_t half = int64_t{1} << (total_bits - 1);
   // Float32 storage above 25 bits: the largest float32 integer below 2^(B-1).
   const int64_t max = storage == Storage::Float32 && total_bits > 25 ? half - (int64_t{1} << (total_bits - 25))
@@ -105,7 +100,7 @@ FXP_QPU_INLINE CodeBounds code_bounds(int total_bits, Storage storage) {
 
 // An integer-valued float f (|f| <= 2^33) as code type I.
 template <typename I, typename T>
-FXP_QPU_INLINE I to_code(T f) {
+FXP_FORCE_INLINE I to_code(T f) {
   if constexpr (std::is_floating_point_v<I>) {
     return static_cast<I>(f);
   } else {
@@ -123,7 +118,7 @@ FXP_QPU_INLINE I to_code(T f) {
 
 // 1 if the integer a is odd, else 0.
 template <typename I>
-FXP_QPU_INLINE I odd(I a) {
+FXP_FORCE_INLINE I odd(I a) {
   if constexpr (std::is_floating_point_v<I>) {
     return a - I(2) * round_floor(a * I(0.5));  // every step exact
   } else {
@@ -134,7 +129,7 @@ FXP_QPU_INLINE I odd(I a) {
 // A saturated code (|code| <= 2^31, so it fits int32 on the way, which AVX2
 // converts) as float type S: rounded once, to nearest even.
 template <typename S, typename I>
-FXP_QPU_INLINE S code_to_float(I code) {
+FXP_FORCE_INLINE S code_to_float(I code) {
   if constexpr (std::is_floating_point_v<I>) {
     return static_cast<S>(code);
   } else {
@@ -144,7 +139,7 @@ FXP_QPU_INLINE S code_to_float(I code) {
 
 // t clamped to +-limit (Note [QPU code arithmetic]); a NaN passes both clamps.
 template <typename T>
-FXP_QPU_INLINE T clamp_to_limit(T t, T limit) {
+FXP_FORCE_INLINE T clamp_to_limit(T t, T limit) {
   const T c = t > limit ? limit : t;
   return c < -limit ? -limit : c;
 }
@@ -157,7 +152,7 @@ FXP_QPU_INLINE T clamp_to_limit(T t, T limit) {
 // part, and a whole that is 0 for integer I and NaN for float I; every caller
 // flags a NaN t and stores no code computed from it.
 template <typename I, typename T>
-FXP_QPU_INLINE ExactSplit<T, I> split_exact(T t, T limit) {
+FXP_FORCE_INLINE ExactSplit<T, I> split_exact(T t, T limit) {
   const T c = clamp_to_limit(t, limit);
   const T f = round_trunc(c);
   if constexpr (std::is_floating_point_v<I>) {
@@ -180,7 +175,7 @@ FXP_QPU_INLINE ExactSplit<T, I> split_exact(T t, T limit) {
 // up to the 2^-32 resolution of u (uniform_below), however small d is against
 // w and whatever its sign.
 template <Rounding R, typename T, typename I>
-FXP_QPU_INLINE I rounding_step(T magnitude, I candidate, uint32_t random_bits) {
+FXP_FORCE_INLINE I rounding_step(T magnitude, I candidate, uint32_t random_bits) {
   if constexpr (R == Rounding::Stochastic) {
     return uniform_below(random_bits, magnitude) ? I(1) : I(0);
   } else {
@@ -192,13 +187,13 @@ FXP_QPU_INLINE I rounding_step(T magnitude, I candidate, uint32_t random_bits) {
 }
 
 template <Rounding R, typename T, typename I>
-FXP_QPU_INLINE I round_value(const ExactSplit<T, I>& s, uint32_t random_bits) {
+FXP_FORCE_INLINE I round_value(const ExactSplit<T, I>& s, uint32_t random_bits) {
   const I step = rounding_step<R>(fxp_abs(s.part), s.whole, random_bits);
   return s.whole + (s.part < T(0) ? -step : step);
 }
 
 template <Rounding R, typename T, typename I>
-FXP_QPU_INLINE I round_difference(I base, const ExactSplit<T, I>& s, uint32_t random_bits) {
+FXP_FORCE_INLINE I round_difference(I base, const ExactSplit<T, I>& s, uint32_t random_bits) {
   const I a = base - s.whole;
   const I step = rounding_step<R>(fxp_abs(s.part), a, random_bits);
   return a - (s.part < T(0) ? -step : step);
@@ -218,7 +213,7 @@ FXP_QPU_INLINE I round_difference(I base, const ExactSplit<T, I>& s, uint32_t ra
 
 // A value x (the momentum, delta) rounded to its code, before saturation.
 template <Rounding R, typename I, typename T>
-FXP_QPU_INLINE I round_value_code(T x, T limit, uint32_t random_bits) {
+FXP_FORCE_INLINE I round_value_code(T x, T limit, uint32_t random_bits) {
   if constexpr (R == Rounding::NearestEven && std::is_floating_point_v<I>) {
     return round_half_even(x);
   } else {
@@ -228,7 +223,7 @@ FXP_QPU_INLINE I round_value_code(T x, T limit, uint32_t random_bits) {
 
 // The parameter's new code, before saturation: base - t rounded.
 template <Rounding R, typename I, typename T>
-FXP_QPU_INLINE I round_difference_code(I base, T t, T limit, uint32_t random_bits) {
+FXP_FORCE_INLINE I round_difference_code(I base, T t, T limit, uint32_t random_bits) {
   if constexpr (R == Rounding::NearestEven && std::is_floating_point_v<I>) {
     const T c = clamp_to_limit(t, limit);
     const T n = round_half_even(c);
@@ -242,7 +237,7 @@ FXP_QPU_INLINE I round_difference_code(I base, T t, T limit, uint32_t random_bit
 
 // code clamped to the bounds; + 0 turns a float code's -0 into +0, as int64 has it.
 template <typename I>
-FXP_QPU_INLINE I saturate(I code, const CodeBounds& b) {
+FXP_FORCE_INLINE I saturate(I code, const CodeBounds& b) {
   const I lo = static_cast<I>(b.min), hi = static_cast<I>(b.max);
   const I c = code > hi ? hi : code;
   return (c < lo ? lo : c) + I(0);
@@ -268,7 +263,7 @@ FXP_QPU_INLINE I saturate(I code, const CodeBounds& b) {
 // The only rounding before the fixed-point one is T's rounding of lr d (of
 // delta), relative to the update, not to the weight.
 template <Rounding R, MomentumForm Form, bool kMomentum, bool kNesterov, bool kFloatParam, typename T, typename I>
-FXP_QPU_INLINE QpuElementResult<I> qpu_update_element(T w, const ExactSplit<T, I> w_code, T g, T v,
+FXP_FORCE_INLINE QpuElementResult<I> qpu_update_element(T w, const ExactSplit<T, I> w_code, T g, T v,
                                                       const QpuConstants<T>& c, uint32_t param_bits,
                                                       uint32_t momentum_bits) {
   // Locals, built into the result at the end: a result struct assigned

@@ -56,12 +56,12 @@ TEST(FxpMath, SpecBounds) {
 }
 
 TEST(FxpMath, WrapIsTwosComplement) {
-  EXPECT_EQ(fxp::wrap_code(128.0f, 8), -128.0f);
-  EXPECT_EQ(fxp::wrap_code(-129.0f, 8), 127.0f);
-  EXPECT_EQ(fxp::wrap_code(300.0, 8), 44.0);
-  EXPECT_EQ(fxp::wrap_code(2147483648.0f, 32), -2147483648.0f);
-  EXPECT_EQ(fxp::wrap_code(std::ldexp(1.0, 70) + std::ldexp(1.0, 20), 32), std::ldexp(1.0, 20));
-  EXPECT_EQ(fxp::wrap_code(1e30f, 8), 0.0f);  // a multiple of 2^8
+  EXPECT_EQ(fxp::wrap_code(128.0f, 128.0f), -128.0f);
+  EXPECT_EQ(fxp::wrap_code(-129.0f, 128.0f), 127.0f);
+  EXPECT_EQ(fxp::wrap_code(300.0, 128.0), 44.0);
+  EXPECT_EQ(fxp::wrap_code(2147483648.0f, 2147483648.0f), -2147483648.0f);
+  EXPECT_EQ(fxp::wrap_code(std::ldexp(1.0, 70) + std::ldexp(1.0, 20), std::ldexp(1.0, 31)), std::ldexp(1.0, 20));
+  EXPECT_EQ(fxp::wrap_code(1e30f, 128.0f), 0.0f);  // a multiple of 2^8
 }
 
 // SR's decision is exactly r < p * 2^32.
